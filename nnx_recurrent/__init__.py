@@ -1,0 +1,44 @@
+"""nnx_recurrent: recurrent layers for Flax NNX.
+
+Cells hold their parameters and sizes; :class:`RNN` scans any cell over a
+sequence with masked carry selection; :class:`Bidirectional` runs two RNNs.
+``nnx_recurrent.compat`` offers the same machinery as flax.linen modules, and
+``nnx_recurrent.interop`` converts PyTorch modules (imports torch on use).
+"""
+
+from nnx_recurrent._base import DropoutMasks as DropoutMasks
+from nnx_recurrent._base import RNNCellBase as RNNCellBase
+from nnx_recurrent._conv_lstm import ConvLSTMCell as ConvLSTMCell
+from nnx_recurrent._gru import GRUCell as GRUCell
+from nnx_recurrent._lstm import LSTMCell as LSTMCell
+from nnx_recurrent._lstm import OptimizedLSTMCell as OptimizedLSTMCell
+from nnx_recurrent._mgu import MGUCell as MGUCell
+from nnx_recurrent._rnn import RNN as RNN
+from nnx_recurrent._rnn import Bidirectional as Bidirectional
+from nnx_recurrent._rnn import flip_sequences as flip_sequences
+from nnx_recurrent._simple import SimpleCell as SimpleCell
+
+__version__ = '0.1.0'
+
+__all__ = [
+  'RNNCellBase',
+  'SimpleCell',
+  'LSTMCell',
+  'OptimizedLSTMCell',
+  'GRUCell',
+  'MGUCell',
+  'ConvLSTMCell',
+  'DropoutMasks',
+  'RNN',
+  'Bidirectional',
+  'flip_sequences',
+]
+
+
+def __getattr__(name):
+  # Submodules with optional dependencies load on first use.
+  if name in ('interop', 'compat'):
+    import importlib
+
+    return importlib.import_module(f'nnx_recurrent.{name}')
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

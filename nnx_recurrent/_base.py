@@ -1,0 +1,274 @@
+"""The cell contract: ``RNNCellBase`` and what every cell shares.
+
+A cell is an ``nnx.Module`` that holds its parameters and sizes. It knows one
+time step and nothing about sequences: ``cell(carry, x_t) -> (carry, y_t)``.
+Sequences are the business of :mod:`nnx_recurrent._scan`.
+
+Cells implement ``_step(carry, x, recurrent_mask)`` and say what their carry
+looks like (``_carry_leaves``: how many arrays of the output shape it holds);
+``initialize_carry``, input checks and variational dropout live here, once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import initializers
+from flax.typing import Dtype, Initializer
+
+from nnx_recurrent import _checks
+
+Array = jax.Array
+Carry = Any
+RngsLike = nnx.Rngs | nnx.RngStream | jax.Array | None
+
+default_kernel_init = initializers.lecun_normal()
+default_recurrent_kernel_init = initializers.orthogonal()
+default_bias_init = initializers.zeros_init()
+_NO_METADATA: Mapping[str, Any] = MappingProxyType({})
+
+
+class DropoutMasks(NamedTuple):
+  """Variational dropout masks, already scaled by ``1 / (1 - rate)``.
+
+  ``input`` multiplies the step input, ``recurrent`` the hidden state that is
+  fed back into the recurrent matmul. Either may be ``None``.
+  """
+
+  input: Array | None
+  recurrent: Array | None
+
+
+def _key_from(rngs: RngsLike, stream: str) -> Array:
+  """One PRNG key from an ``Rngs`` (named stream), an ``RngStream`` or a key."""
+  if isinstance(rngs, nnx.Rngs):
+    return rngs[stream]()
+  if isinstance(rngs, nnx.RngStream):
+    return rngs()
+  if isinstance(rngs, jax.Array):
+    return rngs
+  raise TypeError(
+    f'`rngs` expected an nnx.Rngs, nnx.RngStream or a PRNG key, got {type(rngs).__name__}.'
+  )
+
+
+def _scaled_keep_mask(key: Array, rate: float, shape: tuple[int, ...], dtype) -> Array:
+  keep = jax.random.bernoulli(key, 1.0 - rate, shape)
+  return keep.astype(dtype) / jnp.asarray(1.0 - rate, dtype)
+
+
+def lstm_update(c: Array, i: Array, f: Array, g: Array, o: Array, gate_fn, activation_fn):
+  """The LSTM state update shared by every LSTM-family cell and fused layer."""
+  new_c = gate_fn(f) * c + gate_fn(i) * activation_fn(g)
+  new_h = gate_fn(o) * activation_fn(new_c)
+  return new_c, new_h
+
+
+class RNNCellBase(nnx.Module):
+  """Base class of every recurrent cell.
+
+  Contract (the one flax.linen designed): ``__call__(carry, inputs) ->
+  (new_carry, output)``, :meth:`initialize_carry` and :attr:`num_feature_axes`.
+  Subclasses set ``in_features`` and ``hidden_features``, implement
+  ``_step(carry, inputs, recurrent_mask)`` and, when their carry is not a
+  single array, set ``_carry_leaves`` (2 for ``(c, h)``).
+
+  Cells that want variational dropout call :meth:`_init_common` in their
+  constructor; a user-defined cell may instead override ``__call__`` directly
+  (as in flax) and everything that scans cells still works.
+  """
+
+  _carry_leaves: int = 1
+
+  in_features: int
+  hidden_features: int
+
+  # -- construction helpers ---------------------------------------------------
+  def _init_common(
+    self,
+    where: str,
+    in_features: int,
+    hidden_features: int,
+    *,
+    dtype: Dtype | None,
+    param_dtype: Dtype,
+    dropout_rate: float,
+    recurrent_dropout_rate: float,
+    rngs: nnx.Rngs | None,
+  ) -> None:
+    self.in_features = _checks.check_positive_int(where, 'in_features', in_features)
+    self.hidden_features = _checks.check_positive_int(where, 'hidden_features', hidden_features)
+    if not isinstance(rngs, nnx.Rngs):
+      raise TypeError(f'{where}: `rngs` expected an nnx.Rngs, got {type(rngs).__name__}.')
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.dropout_rate = _checks.check_rate(where, 'dropout_rate', dropout_rate)
+    self.recurrent_dropout_rate = _checks.check_rate(
+      where, 'recurrent_dropout_rate', recurrent_dropout_rate
+    )
+    self.deterministic = False
+    # No PRNG state unless dropout needs it (flax keeps a stream by default,
+    # which breaks checkpoints: flax#4509).
+    if self.dropout_rate or self.recurrent_dropout_rate:
+      self.rngs = rngs['dropout'].fork()
+    else:
+      self.rngs = nnx.data(None)
+
+  def _linear(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    use_bias: bool,
+    kernel_init: Initializer,
+    bias_init: Initializer = default_bias_init,
+    kernel_metadata: Mapping[str, Any] = _NO_METADATA,
+    bias_metadata: Mapping[str, Any] = _NO_METADATA,
+    rngs: nnx.Rngs,
+  ) -> nnx.Linear:
+    """The one factory for the dense layers of every cell."""
+    return nnx.Linear(
+      in_features,
+      out_features,
+      use_bias=use_bias,
+      kernel_init=kernel_init,
+      bias_init=bias_init,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_metadata=kernel_metadata,
+      bias_metadata=bias_metadata,
+      rngs=rngs,
+    )
+
+  # -- the contract -----------------------------------------------------------
+  @property
+  def num_feature_axes(self) -> int:
+    """Number of trailing feature axes of one step's input (1 for vectors)."""
+    return 1
+
+  def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of one step's output (and of each carry array) for ``input_shape``."""
+    return tuple(input_shape[: -self.num_feature_axes]) + (self.hidden_features,)
+
+  def _check_input_shape(self, where: str, arg: str, shape: tuple[int, ...]) -> None:
+    nfa = self.num_feature_axes
+    if len(shape) < nfa:
+      _checks.fail(where, arg, f'at least {nfa} feature axes', f'shape {tuple(shape)}')
+    in_features = getattr(self, 'in_features', None)
+    if in_features is not None and shape[-1] != in_features:
+      _checks.fail(
+        where, arg, f"last axis of size {in_features} (the cell's in_features)",
+        f'shape {tuple(shape)}',
+      )
+
+  def initialize_carry(
+    self,
+    input_shape: tuple[int, ...],
+    rngs: RngsLike = None,
+    carry_init: Initializer | None = None,
+  ) -> Carry:
+    """Returns the initial carry for one step's input of shape ``input_shape``.
+
+    Args:
+      input_shape: shape of one step's input, without the time axis:
+        ``(*batch, *features)``.
+      rngs: only needed with a random ``carry_init``: an ``nnx.Rngs`` (its
+        ``carry`` stream is used), an ``nnx.RngStream`` or a PRNG key.
+      carry_init: an initializer ``(key, shape, dtype) -> array``; default zeros.
+
+    Returns:
+      The carry: one array of shape ``output_shape(input_shape)``, or a tuple
+      of them (``(c, h)`` for LSTM cells), in ``param_dtype``.
+    """
+    name = type(self).__name__
+    input_shape = tuple(int(d) for d in input_shape)
+    self._check_input_shape(f'{name}.initialize_carry', 'input_shape', input_shape)
+    shape = self.output_shape(input_shape)
+    dtype = getattr(self, 'param_dtype', jnp.float32)
+    n = self._carry_leaves
+    if carry_init is None:
+      leaves = [jnp.zeros(shape, dtype) for _ in range(n)]
+    else:
+      if rngs is None:
+        raise ValueError(
+          f'{name}.initialize_carry: `rngs` expected a PRNG source because `carry_init` '
+          'is given, got None.'
+        )
+      key = _key_from(rngs, 'carry')
+      keys = [key] if n == 1 else list(jax.random.split(key, n))
+      leaves = [carry_init(k, shape, dtype) for k in keys]
+    return leaves[0] if n == 1 else tuple(leaves)
+
+  def dropout_masks(
+    self, input_shape: tuple[int, ...], rngs: RngsLike = None, dtype=None
+  ) -> DropoutMasks | None:
+    """Samples the variational dropout masks for one sequence batch.
+
+    One mask per batch row, to be shared by every time step (Gal & Ghahramani).
+    Returns ``None`` when dropout is off: both rates 0, or ``deterministic``.
+    """
+    rate_in = getattr(self, 'dropout_rate', 0.0)
+    rate_rec = getattr(self, 'recurrent_dropout_rate', 0.0)
+    if getattr(self, 'deterministic', True) or not (rate_in or rate_rec):
+      return None
+    rngs = rngs if rngs is not None else getattr(self, 'rngs', None)
+    if rngs is None:
+      raise ValueError(
+        f'{type(self).__name__}: `rngs` expected a PRNG source for dropout in training mode, '
+        'got None (pass rngs=nnx.Rngs(...) at construction or call time, or call .eval()).'
+      )
+    key_in, key_rec = jax.random.split(_key_from(rngs, 'dropout'))
+    dtype = dtype or jnp.result_type(getattr(self, 'dtype', None) or jnp.float32)
+    input_shape = tuple(input_shape)
+    return DropoutMasks(
+      _scaled_keep_mask(key_in, rate_in, input_shape, dtype) if rate_in else None,
+      _scaled_keep_mask(key_rec, rate_rec, self.output_shape(input_shape), dtype)
+      if rate_rec else None,
+    )
+
+  def __call__(
+    self,
+    carry: Carry,
+    inputs: Array,
+    *,
+    dropout_masks: DropoutMasks | None = None,
+    rngs: RngsLike = None,
+  ) -> tuple[Carry, Array]:
+    """Runs one time step.
+
+    Args:
+      carry: the state, as returned by :meth:`initialize_carry`.
+      inputs: one step's input ``(*batch, *features)``.
+      dropout_masks: masks from :meth:`dropout_masks` (what ``RNN`` passes so
+        that every step shares them); sampled afresh when ``None`` and dropout
+        is on.
+      rngs: overrides the construction-time dropout RNG.
+
+    Returns:
+      ``(new_carry, output)``.
+    """
+    self._check_input_shape(type(self).__name__, 'inputs', tuple(inputs.shape))
+    if dropout_masks is None:
+      dropout_masks = self.dropout_masks(inputs.shape, rngs, inputs.dtype)
+    recurrent_mask = None
+    if dropout_masks is not None:
+      if dropout_masks.input is not None:
+        inputs = inputs * dropout_masks.input
+      recurrent_mask = dropout_masks.recurrent
+    return self._step(carry, inputs, recurrent_mask)
+
+  def _step(self, carry: Carry, inputs: Array, recurrent_mask: Array | None):
+    raise NotImplementedError(f'{type(self).__name__} must implement _step or __call__.')
+
+
+def masked(h: Array, mask: Array | None) -> Array:
+  """``h * mask`` for the recurrent input, or ``h`` when there is no mask."""
+  return h if mask is None else h * mask.astype(h.dtype)
+
+
+CellFactory = Callable[..., RNNCellBase]

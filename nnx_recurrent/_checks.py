@@ -1,0 +1,83 @@
+"""Input validation shared by every front door, with one message template.
+
+Every check raises ``ValueError`` (or ``TypeError`` for a wrong kind of
+object) whose message names the module, the argument, what was expected and
+what was received, e.g.::
+
+    RNN: `inputs` expected last axis of size 32 (the cell's in_features), got shape (4, 7, 16).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def fail(where: str, arg: str, expected: str, got: Any, exc: type[Exception] = ValueError):
+  """Raises ``exc`` with the project's one message template."""
+  raise exc(f'{where}: `{arg}` expected {expected}, got {got}.')
+
+
+def is_concrete(x: Any) -> bool:
+  """True when ``x`` holds values known at trace time (not a tracer)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def check_rate(where: str, arg: str, rate: float) -> float:
+  if not isinstance(rate, (int, float)) or not 0.0 <= float(rate) < 1.0:
+    fail(where, arg, 'a float in [0, 1)', repr(rate))
+  return float(rate)
+
+
+def check_positive_int(where: str, arg: str, value: Any) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    fail(where, arg, 'a positive int', repr(value),
+         TypeError if not isinstance(value, (int, np.integer)) else ValueError)
+  return int(value)
+
+
+def check_array(where: str, arg: str, x: Any) -> jax.Array:
+  if not hasattr(x, 'shape') or not hasattr(x, 'dtype'):
+    fail(where, arg, 'an array', type(x).__name__, TypeError)
+  return x
+
+
+def check_integer_array(where: str, arg: str, x: Any, shape: tuple[int, ...], shape_doc: str):
+  """Checks an integer array (``seq_lengths``, ``segment_ids``) and its shape."""
+  if not hasattr(x, 'shape') or not hasattr(x, 'dtype'):
+    x = np.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    fail(where, arg, f'an integer array of shape {shape_doc}', f'dtype {x.dtype}', TypeError)
+  if tuple(x.shape) != tuple(shape):
+    fail(where, arg, f'shape {shape_doc} = {tuple(shape)}', f'shape {tuple(x.shape)}')
+  return jnp.asarray(x)
+
+
+def check_seq_lengths(where: str, seq_lengths: Any, batch_shape: tuple[int, ...], time: int):
+  """Checks ``seq_lengths``; values are range-checked only when concrete.
+
+  Under ``jit`` the values are not known; there a length above ``time`` acts as
+  ``time`` and a negative length as ``0``.
+  """
+  seq_lengths = check_integer_array(where, 'seq_lengths', seq_lengths, batch_shape, 'batch shape')
+  if is_concrete(seq_lengths) and seq_lengths.size:
+    lo, hi = int(jnp.min(seq_lengths)), int(jnp.max(seq_lengths))
+    if lo < 0 or hi > time:
+      fail(where, 'seq_lengths', f'values in [0, {time}] (the time axis length)',
+           f'values in [{lo}, {hi}]')
+  return seq_lengths
+
+
+def check_tree_matches(where: str, arg: str, given: Any, expected: Any):
+  """Checks that ``given`` has the structure and leaf shapes of ``expected``."""
+  g_leaves, g_def = jax.tree_util.tree_flatten(given)
+  e_leaves, e_def = jax.tree_util.tree_flatten(expected)
+  if g_def != e_def:
+    fail(where, arg, f'a pytree with structure {e_def}', f'structure {g_def}')
+  for g, e in zip(g_leaves, e_leaves):
+    if not hasattr(g, 'shape') or tuple(g.shape) != tuple(e.shape):
+      got = [tuple(getattr(leaf, 'shape', ())) for leaf in g_leaves]
+      fail(where, arg, f'leaf shapes {[tuple(leaf.shape) for leaf in e_leaves]}', f'{got}')

@@ -1,0 +1,186 @@
+"""LSTM cells: ``LSTMCell`` (one dense layer per gate) and ``OptimizedLSTMCell``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+from flax.typing import Dtype, Initializer
+
+from nnx_recurrent._base import (
+  _NO_METADATA,
+  Array,
+  RNNCellBase,
+  default_bias_init,
+  default_kernel_init,
+  default_recurrent_kernel_init,
+  lstm_update,
+  masked,
+)
+
+_GATES = ('i', 'f', 'g', 'o')
+
+
+class _LSTMBase(RNNCellBase):
+  _carry_leaves = 2
+
+  def __init__(
+    self,
+    in_features: int,
+    hidden_features: int,
+    *,
+    gate_fn: Callable[..., Any] = nnx.sigmoid,
+    activation_fn: Callable[..., Any] = nnx.tanh,
+    kernel_init: Initializer = default_kernel_init,
+    recurrent_kernel_init: Initializer = default_recurrent_kernel_init,
+    bias_init: Initializer = default_bias_init,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    dropout_rate: float = 0.0,
+    recurrent_dropout_rate: float = 0.0,
+    kernel_metadata: Mapping[str, Any] = _NO_METADATA,
+    recurrent_kernel_metadata: Mapping[str, Any] = _NO_METADATA,
+    bias_metadata: Mapping[str, Any] = _NO_METADATA,
+    rngs: nnx.Rngs,
+  ):
+    self._init_common(
+      type(self).__name__, in_features, hidden_features, dtype=dtype, param_dtype=param_dtype,
+      dropout_rate=dropout_rate, recurrent_dropout_rate=recurrent_dropout_rate, rngs=rngs,
+    )
+    self.gate_fn = gate_fn
+    self.activation_fn = activation_fn
+    self._make_params(
+      dict(use_bias=False, kernel_init=kernel_init, kernel_metadata=kernel_metadata, rngs=rngs),
+      dict(use_bias=True, kernel_init=recurrent_kernel_init, bias_init=bias_init,
+           kernel_metadata=recurrent_kernel_metadata, bias_metadata=bias_metadata, rngs=rngs),
+    )
+
+  def _make_params(self, input_kw: dict, hidden_kw: dict) -> None:
+    raise NotImplementedError
+
+  def _gates(self, inputs: Array, h: Array) -> tuple[Array, Array, Array, Array]:
+    raise NotImplementedError
+
+  def _step(self, carry, inputs, recurrent_mask):
+    c, h = carry
+    i, f, g, o = self._gates(inputs, masked(h, recurrent_mask))
+    new_c, new_h = lstm_update(c, i, f, g, o, self.gate_fn, self.activation_fn)
+    return (new_c, new_h), new_h
+
+
+_LSTM_MATH = r"""
+
+  .. math::
+
+      \begin{array}{ll}
+      i = \sigma(W_{ii} x + W_{hi} h + b_{hi}) \\
+      f = \sigma(W_{if} x + W_{hf} h + b_{hf}) \\
+      g = \tanh(W_{ig} x + W_{hg} h + b_{hg}) \\
+      o = \sigma(W_{io} x + W_{ho} h + b_{ho}) \\
+      c' = f * c + i * g \\
+      h' = o * \tanh(c')
+      \end{array}
+
+  The carry is ``(c, h)`` (flax.linen's order); the output is ``h'``.
+  ``sigma`` is ``gate_fn`` and ``tanh`` is ``activation_fn``.
+"""
+
+_LSTM_ARGS = """
+  Args:
+    in_features: size of the last input axis.
+    hidden_features: size of ``c`` and ``h``.
+    gate_fn: gate nonlinearity (default ``sigmoid``).
+    activation_fn: candidate and output nonlinearity (default ``tanh``).
+    kernel_init: initializer of the input kernels (default lecun normal).
+    recurrent_kernel_init: initializer of the hidden kernels (default orthogonal).
+    bias_init: initializer of the biases (default zeros).
+    dtype: computation dtype (default: inferred from inputs and params).
+    param_dtype: parameter and carry dtype (default float32).
+    dropout_rate: variational dropout on the step input.
+    recurrent_dropout_rate: variational dropout on ``h`` fed to the recurrent kernel.
+    kernel_metadata, recurrent_kernel_metadata, bias_metadata: metadata of the
+      parameters, e.g. ``{'sharding_names': (None, 'model')}``.
+    rngs: ``nnx.Rngs`` for the parameters (and the ``dropout`` stream).
+"""
+
+
+class LSTMCell(_LSTMBase):
+  __doc__ = (
+    r"""LSTM cell with one dense layer per gate (flax.nnx's and flax.linen's layout).
+"""
+    + _LSTM_MATH
+    + """
+  Parameters: ``ii, if_, ig, io`` (input kernels, no bias) and ``hi, hf, hg,
+  ho`` (hidden kernels with the bias); the same ``nnx.state`` as
+  ``flax.nnx.LSTMCell``.
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import nnx_recurrent as nr
+    >>> cell = nr.LSTMCell(3, 4, rngs=nnx.Rngs(0))
+    >>> x = jnp.ones((2, 3))
+    >>> carry = cell.initialize_carry(x.shape)
+    >>> (c, h), y = cell(carry, x)
+    >>> c.shape, h.shape, y.shape
+    ((2, 4), (2, 4), (2, 4))
+"""
+    + _LSTM_ARGS
+  )
+
+  def _make_params(self, input_kw, hidden_kw):
+    i, h = self.in_features, self.hidden_features
+    # Same creation order as flax.nnx.LSTMCell, so equal Rngs give equal params.
+    self.ii = self._linear(i, h, **input_kw)
+    self.if_ = self._linear(i, h, **input_kw)
+    self.ig = self._linear(i, h, **input_kw)
+    self.io = self._linear(i, h, **input_kw)
+    self.hi = self._linear(h, h, **hidden_kw)
+    self.hf = self._linear(h, h, **hidden_kw)
+    self.hg = self._linear(h, h, **hidden_kw)
+    self.ho = self._linear(h, h, **hidden_kw)
+
+  def _gates(self, inputs, h):
+    return (
+      self.ii(inputs) + self.hi(h),
+      self.if_(inputs) + self.hf(h),
+      self.ig(inputs) + self.hg(h),
+      self.io(inputs) + self.ho(h),
+    )
+
+
+class OptimizedLSTMCell(_LSTMBase):
+  __doc__ = (
+    r"""LSTM cell with the four gates in one input and one hidden matmul.
+"""
+    + _LSTM_MATH
+    + """
+  Parameters: ``dense_i`` (kernel ``(in, 4 * hidden)``, no bias) and
+  ``dense_h`` (kernel ``(hidden, 4 * hidden)`` and bias), gate order
+  ``i, f, g, o``; the same ``nnx.state`` as ``flax.nnx.OptimizedLSTMCell``.
+  (flax.linen's ``OptimizedLSTMCell`` stores per-gate kernels instead;
+  ``nnx_recurrent.compat`` converts.)
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import nnx_recurrent as nr
+    >>> cell = nr.OptimizedLSTMCell(3, 4, rngs=nnx.Rngs(0))
+    >>> carry, y = cell(cell.initialize_carry((2, 3)), jnp.ones((2, 3)))
+    >>> y.shape
+    (2, 4)
+"""
+    + _LSTM_ARGS
+  )
+
+  def _make_params(self, input_kw, hidden_kw):
+    i, h = self.in_features, self.hidden_features
+    self.dense_i = self._linear(i, 4 * h, **input_kw)
+    self.dense_h = self._linear(h, 4 * h, **hidden_kw)
+
+  def _gates(self, inputs, h):
+    return tuple(jnp.split(self.dense_i(inputs) + self.dense_h(h), 4, axis=-1))

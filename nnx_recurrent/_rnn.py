@@ -1,0 +1,242 @@
+"""Sequence layers over any cell: ``RNN``, ``Bidirectional``, ``flip_sequences``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nnx_recurrent import _checks, _scan
+from nnx_recurrent._base import Array, Carry, RngsLike
+
+
+def _check_cell(where: str, cell: Any) -> None:
+  if not (isinstance(cell, nnx.Module) and hasattr(cell, 'initialize_carry')
+          and hasattr(cell, 'num_feature_axes')):
+    _checks.fail(where, 'cell', 'an RNNCellBase (an nnx.Module with initialize_carry and '
+                 'num_feature_axes)', type(cell).__name__, TypeError)
+
+
+def _first(*values):
+  return next(v for v in values if v is not None)
+
+
+class RNN(nnx.Module):
+  """Applies a cell over a sequence with :func:`flax.nnx.scan`, masking padding.
+
+  Inputs are ``(*batch, time, *features)`` (any number of batch axes, and as
+  many feature axes as the cell's ``num_feature_axes``), or
+  ``(time, *batch, *features)`` with ``time_major=True``.
+
+  Variable lengths: ``seq_lengths`` (integers, shape ``batch``) marks steps
+  ``t >= seq_lengths`` as padding. At a padding step the carry is *kept*
+  (carry selection inside the scan), so the returned carry is the carry after
+  each row's last valid step — the initial carry for a length-0 row — and the
+  outputs at padding positions are zero. Packed sequences: ``segment_ids``
+  (integers shaped like the batch and time axes, ``0`` = padding) reset the
+  carry to the initial carry at the first step of every segment.
+
+  ``reverse=True`` processes each row (each segment) from its last valid step
+  to its first, leaving padding at the end; outputs come in processing order
+  unless ``keep_order=True`` puts them back in input order.
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import nnx_recurrent as nr
+    >>> rnn = nr.RNN(nr.LSTMCell(3, 5, rngs=nnx.Rngs(0)))
+    >>> x = jnp.ones((2, 4, 3))  # (batch, time, features)
+    >>> rnn(x).shape
+    (2, 4, 5)
+    >>> (c, h), y = rnn(x, seq_lengths=jnp.array([4, 2]), return_carry=True)
+    >>> bool((h[1] == y[1, 1]).all()), bool((y[1, 2:] == 0).all())
+    (True, True)
+
+  Args:
+    cell: the cell, an :class:`RNNCellBase`.
+    time_major: inputs are ``(time, *batch, *features)``.
+    return_carry: return ``(carry, outputs)`` instead of ``outputs``.
+    reverse: process sequences backwards (see above).
+    keep_order: with ``reverse``, return outputs in input order.
+    unroll: scan steps unrolled per loop iteration.
+    remat: rematerialise each step in the backward pass: training memory holds
+      only the carries, at the cost of recomputing each step once.
+  """
+
+  def __init__(self, cell, *, time_major: bool = False, return_carry: bool = False,
+               reverse: bool = False, keep_order: bool = False, unroll: int = 1,
+               remat: bool = False):
+    _check_cell('RNN', cell)
+    self.cell = cell
+    self.time_major = time_major
+    self.return_carry = return_carry
+    self.reverse = reverse
+    self.keep_order = keep_order
+    self.unroll = _checks.check_positive_int('RNN', 'unroll', unroll)
+    self.remat = remat
+
+  def __call__(
+    self,
+    inputs: Array,
+    *,
+    initial_carry: Carry | None = None,
+    seq_lengths: Array | None = None,
+    segment_ids: Array | None = None,
+    return_carry: bool | None = None,
+    time_major: bool | None = None,
+    reverse: bool | None = None,
+    keep_order: bool | None = None,
+    rngs: RngsLike = None,
+  ):
+    """Runs the cell over ``inputs``.
+
+    Args:
+      inputs: ``(*batch, time, *features)`` (or time first).
+      initial_carry: default ``cell.initialize_carry`` (zeros).
+      seq_lengths: integer ``(*batch)`` lengths; steps at or past a row's
+        length are padding. Concrete values must be in ``[0, time]``; under
+        ``jit`` they cannot be checked: larger values act as ``time``,
+        negative ones as ``0``.
+      segment_ids: integer ids shaped like the batch and time axes for packed
+        sequences (``0`` = padding); not together with ``seq_lengths``.
+      return_carry, time_major, reverse, keep_order: override the attributes.
+      rngs: dropout RNG, overriding the cell's.
+
+    Returns:
+      ``outputs``, or ``(final_carry, outputs)`` with ``return_carry``.
+    """
+    return_carry = _first(return_carry, self.return_carry)
+    time_major = _first(time_major, self.time_major)
+    reverse = _first(reverse, self.reverse)
+    keep_order = _first(keep_order, self.keep_order)
+    cell = self.cell
+    seq = _scan.prepare(
+      'RNN', inputs, num_feature_axes=cell.num_feature_axes,
+      in_features=getattr(cell, 'in_features', None), time_major=time_major,
+      seq_lengths=seq_lengths, segment_ids=segment_ids,
+    )
+    step_shape = tuple(seq.xs.shape[1:])
+    if initial_carry is None:
+      initial_carry = cell.initialize_carry(step_shape)
+    else:
+      _scan.check_carry('RNN', cell, initial_carry, step_shape)
+    xs, idx = seq.xs, None
+    if reverse:
+      idx = _scan.reverse_indices(seq.time, seq.batch_shape, seq.seq_lengths, seq.segment_ids)
+      xs = _scan.take_time(xs, idx)
+    dropout_masks = None
+    if hasattr(cell, 'dropout_masks'):
+      dropout_masks = cell.dropout_masks(step_shape, rngs, xs.dtype)
+    carry, ys = _scan.masked_scan(
+      cell, initial_carry, xs, seq.masks, dropout_masks=dropout_masks,
+      unroll=self.unroll, remat=self.remat,
+    )
+    if reverse and keep_order:
+      ys = jax.tree_util.tree_map(lambda y: _scan.take_time(y, idx), ys)
+    ys = _scan.restore_layout(ys, time_major, len(seq.batch_shape))
+    return (carry, ys) if return_carry else ys
+
+
+def _concatenate(a: Array, b: Array) -> Array:
+  return jnp.concatenate([a, b], axis=-1)
+
+
+class Bidirectional(nnx.Module):
+  """Runs one RNN forwards and another backwards, and merges their outputs.
+
+  The backward RNN reverses each row within its valid length (or each packed
+  segment), so both directions see real data first and padding stays padding;
+  its outputs are put back in input order before ``merge_fn`` (default:
+  concatenate on the last axis).
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import nnx_recurrent as nr
+    >>> rngs = nnx.Rngs(0)
+    >>> bi = nr.Bidirectional(nr.RNN(nr.GRUCell(3, 4, rngs=rngs)),
+    ...                       nr.RNN(nr.GRUCell(3, 4, rngs=rngs)))
+    >>> x = jnp.ones((2, 5, 3))
+    >>> bi(x, seq_lengths=jnp.array([5, 3])).shape
+    (2, 5, 8)
+    >>> (h_fwd, h_bwd), y = bi(x, return_carry=True)
+    >>> h_fwd.shape, h_bwd.shape
+    ((2, 4), (2, 4))
+
+  Args:
+    forward_rnn, backward_rnn: ``RNN`` layers (or any layer with ``RNN``'s call).
+    merge_fn: ``(forward_outputs, backward_outputs) -> outputs``.
+    time_major, return_carry: defaults for the call.
+  """
+
+  def __init__(self, forward_rnn, backward_rnn, *,
+               merge_fn: Callable[[Array, Array], Array] = _concatenate,
+               time_major: bool = False, return_carry: bool = False):
+    self.forward_rnn = forward_rnn
+    self.backward_rnn = backward_rnn
+    self.merge_fn = merge_fn
+    self.time_major = time_major
+    self.return_carry = return_carry
+
+  def __call__(
+    self,
+    inputs: Array,
+    *,
+    initial_carry: tuple[Carry, Carry] | None = None,
+    seq_lengths: Array | None = None,
+    segment_ids: Array | None = None,
+    return_carry: bool | None = None,
+    time_major: bool | None = None,
+    rngs: RngsLike = None,
+  ):
+    """Returns merged outputs, or ``((carry_fwd, carry_bwd), outputs)``."""
+    return_carry = _first(return_carry, self.return_carry)
+    time_major = _first(time_major, self.time_major)
+    carry_f = carry_b = None
+    if initial_carry is not None:
+      if not isinstance(initial_carry, (tuple, list)) or len(initial_carry) != 2:
+        _checks.fail('Bidirectional', 'initial_carry',
+                     'a pair (forward_carry, backward_carry)', type(initial_carry).__name__)
+      carry_f, carry_b = initial_carry
+    common = dict(seq_lengths=seq_lengths, segment_ids=segment_ids, return_carry=True,
+                  time_major=time_major, rngs=rngs)
+    carry_f, out_f = self.forward_rnn(inputs, initial_carry=carry_f, reverse=False, **common)
+    carry_b, out_b = self.backward_rnn(inputs, initial_carry=carry_b, reverse=True,
+                                       keep_order=True, **common)
+    outputs = jax.tree_util.tree_map(self.merge_fn, out_f, out_b)
+    return ((carry_f, carry_b), outputs) if return_carry else outputs
+
+
+def flip_sequences(inputs: Array, seq_lengths: Array | None, num_batch_dims: int,
+                   time_major: bool) -> Array:
+  """Flips each sequence along time, keeping padding at the end (flax's semantics).
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> import nnx_recurrent as nr
+    >>> x = jnp.array([[1, 0, 0], [2, 3, 0], [4, 5, 6]])
+    >>> nr.flip_sequences(x, jnp.array([1, 2, 3]), num_batch_dims=1, time_major=False)
+    Array([[1, 0, 0],
+           [3, 2, 0],
+           [6, 5, 4]], dtype=int32)
+
+  Args:
+    inputs: ``(*batch, time, ...)`` or ``(time, *batch, ...)``.
+    seq_lengths: integer ``(*batch)`` lengths, or ``None`` to flip everything.
+    num_batch_dims: number of batch axes.
+    time_major: whether time is the first axis.
+  """
+  time_axis = 0 if time_major else num_batch_dims
+  xs = jnp.moveaxis(inputs, time_axis, 0)
+  batch_shape = tuple(xs.shape[1: 1 + num_batch_dims])
+  if seq_lengths is not None:
+    seq_lengths = _checks.check_integer_array('flip_sequences', 'seq_lengths', seq_lengths,
+                                              batch_shape, 'batch shape')
+  idx = _scan.reverse_indices(xs.shape[0], batch_shape, seq_lengths)
+  return jnp.moveaxis(_scan.take_time(xs, idx), 0, time_axis)

@@ -28,7 +28,14 @@ Carry = Any
 RngsLike = nnx.Rngs | nnx.RngStream | jax.Array | None
 
 default_kernel_init = initializers.lecun_normal()
-default_recurrent_kernel_init = initializers.orthogonal()
+_orthogonal = initializers.orthogonal()
+
+
+def default_recurrent_kernel_init(key, shape, dtype=jnp.float32):
+  """Orthogonal, computed in float32 and cast (CPU QR has no half precision)."""
+  return _orthogonal(key, shape, jnp.float32).astype(dtype)
+
+
 default_bias_init = initializers.zeros_init()
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 
@@ -151,8 +158,14 @@ class RNNCellBase(nnx.Module):
     """Number of trailing feature axes of one step's input (1 for vectors)."""
     return 1
 
+  # The public shape-taking methods delegate to private hooks, which is what
+  # the library calls internally: tools that wrap every public method in a
+  # trace (``nnx.tabulate``) would otherwise turn the shape tuples into tracers.
   def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of one step's output (and of each carry array) for ``input_shape``."""
+    return self._output_shape(tuple(input_shape))
+
+  def _output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(input_shape[: -self.num_feature_axes]) + (self.hidden_features,)
 
   def _check_input_shape(self, where: str, arg: str, shape: tuple[int, ...]) -> None:
@@ -185,10 +198,13 @@ class RNNCellBase(nnx.Module):
       The carry: one array of shape ``output_shape(input_shape)``, or a tuple
       of them (``(c, h)`` for LSTM cells), in ``param_dtype``.
     """
+    return self._initialize_carry(input_shape, rngs, carry_init)
+
+  def _initialize_carry(self, input_shape, rngs=None, carry_init=None) -> Carry:
     name = type(self).__name__
     input_shape = tuple(int(d) for d in input_shape)
     self._check_input_shape(f'{name}.initialize_carry', 'input_shape', input_shape)
-    shape = self.output_shape(input_shape)
+    shape = self._output_shape(input_shape)
     dtype = getattr(self, 'param_dtype', jnp.float32)
     n = self._carry_leaves
     if carry_init is None:
@@ -204,6 +220,15 @@ class RNNCellBase(nnx.Module):
       leaves = [carry_init(k, shape, dtype) for k in keys]
     return leaves[0] if n == 1 else tuple(leaves)
 
+  def set_view(self, deterministic: bool | None = None):
+    """Used by ``nnx.view(model, deterministic=...)``, as for ``nnx.Dropout``.
+
+    Args:
+      deterministic: if True, disables variational dropout.
+    """
+    if deterministic is not None:
+      self.deterministic = deterministic
+
   def dropout_masks(
     self, input_shape: tuple[int, ...], rngs: RngsLike = None, dtype=None
   ) -> DropoutMasks | None:
@@ -212,6 +237,9 @@ class RNNCellBase(nnx.Module):
     One mask per batch row, to be shared by every time step (Gal & Ghahramani).
     Returns ``None`` when dropout is off: both rates 0, or ``deterministic``.
     """
+    return self._dropout_masks(tuple(input_shape), rngs, dtype)
+
+  def _dropout_masks(self, input_shape, rngs=None, dtype=None) -> DropoutMasks | None:
     rate_in = getattr(self, 'dropout_rate', 0.0)
     rate_rec = getattr(self, 'recurrent_dropout_rate', 0.0)
     if getattr(self, 'deterministic', True) or not (rate_in or rate_rec):
@@ -227,7 +255,7 @@ class RNNCellBase(nnx.Module):
     input_shape = tuple(input_shape)
     return DropoutMasks(
       _scaled_keep_mask(key_in, rate_in, input_shape, dtype) if rate_in else None,
-      _scaled_keep_mask(key_rec, rate_rec, self.output_shape(input_shape), dtype)
+      _scaled_keep_mask(key_rec, rate_rec, self._output_shape(input_shape), dtype)
       if rate_rec else None,
     )
 
@@ -254,7 +282,7 @@ class RNNCellBase(nnx.Module):
     """
     self._check_input_shape(type(self).__name__, 'inputs', tuple(inputs.shape))
     if dropout_masks is None:
-      dropout_masks = self.dropout_masks(inputs.shape, rngs, inputs.dtype)
+      dropout_masks = self._dropout_masks(tuple(inputs.shape), rngs, inputs.dtype)
     recurrent_mask = None
     if dropout_masks is not None:
       if dropout_masks.input is not None:

@@ -45,12 +45,13 @@ def check_array(where: str, arg: str, x: Any) -> jax.Array:
   return x
 
 
-def check_integer_array(where: str, arg: str, x: Any, shape: tuple[int, ...], shape_doc: str):
+def check_integer_array(where: str, arg: str, x: Any, shape: tuple[int, ...], shape_doc: str,
+                        dtype_error: type[Exception] = TypeError):
   """Checks an integer array (``seq_lengths``, ``segment_ids``) and its shape."""
   if not hasattr(x, 'shape') or not hasattr(x, 'dtype'):
     x = np.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.integer):
-    fail(where, arg, f'an integer array of shape {shape_doc}', f'dtype {x.dtype}', TypeError)
+    fail(where, arg, f'an integer array of shape {shape_doc}', f'dtype {x.dtype}', dtype_error)
   if tuple(x.shape) != tuple(shape):
     fail(where, arg, f'shape {shape_doc} = {tuple(shape)}', f'shape {tuple(x.shape)}')
   return jnp.asarray(x)
@@ -64,7 +65,8 @@ def check_seq_lengths(where: str, seq_lengths: Any, batch_shape: tuple[int, ...]
   """
   seq_lengths = check_integer_array(where, 'seq_lengths', seq_lengths, batch_shape, 'batch shape')
   if is_concrete(seq_lengths) and seq_lengths.size:
-    lo, hi = int(jnp.min(seq_lengths)), int(jnp.max(seq_lengths))
+    host = np.asarray(seq_lengths)  # host values: jnp reductions would trace under jit
+    lo, hi = int(host.min()), int(host.max())
     if lo < 0 or hi > time:
       fail(where, 'seq_lengths', f'values in [0, {time}] (the time axis length)',
            f'values in [{lo}, {hi}]')

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +11,7 @@ from flax import nnx
 from flax.typing import Dtype, PaddingLike
 
 from nnx_recurrent import _checks
-from nnx_recurrent._base import RNNCellBase, lstm_update, masked
-
+from nnx_recurrent._base import _NO_METADATA, RNNCellBase, lstm_update, masked
 
 
 class ConvLSTMCell(RNNCellBase):
@@ -55,6 +55,9 @@ class ConvLSTMCell(RNNCellBase):
     use_bias: add biases (default True).
     dtype, param_dtype: computation and parameter dtypes.
     dropout_rate, recurrent_dropout_rate: variational dropout rates.
+    kernel_metadata: metadata of the ``ih`` kernel (e.g. sharding names).
+    recurrent_kernel_metadata: metadata of the ``hh`` kernel.
+    bias_metadata: metadata of both biases.
     rngs: ``nnx.Rngs``.
   """
 
@@ -73,6 +76,9 @@ class ConvLSTMCell(RNNCellBase):
     param_dtype: Dtype = jnp.float32,
     dropout_rate: float = 0.0,
     recurrent_dropout_rate: float = 0.0,
+    kernel_metadata: Mapping[str, Any] = _NO_METADATA,
+    recurrent_kernel_metadata: Mapping[str, Any] = _NO_METADATA,
+    bias_metadata: Mapping[str, Any] = _NO_METADATA,
     rngs: nnx.Rngs,
   ):
     where = 'ConvLSTMCell'
@@ -96,19 +102,23 @@ class ConvLSTMCell(RNNCellBase):
     self.use_bias = use_bias
     conv = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.ih = nnx.Conv(self.in_features, 4 * self.hidden_features, self.kernel_size,
-                       strides=self.strides, padding=padding, **conv)
+                       strides=self.strides, padding=padding, kernel_metadata=kernel_metadata,
+                       bias_metadata=bias_metadata, **conv)
     self.hh = nnx.Conv(self.hidden_features, 4 * self.hidden_features, self.kernel_size,
-                       padding='SAME', **conv)
+                       padding='SAME', kernel_metadata=recurrent_kernel_metadata,
+                       bias_metadata=bias_metadata, **conv)
 
   @property
   def num_feature_axes(self) -> int:
     return len(self.kernel_size) + 1
 
-  def output_shape(self, input_shape):
+  def _output_shape(self, input_shape):
     n = len(self.kernel_size)
     batch = tuple(input_shape[: -(n + 1)])
     probe = jax.ShapeDtypeStruct((1, *input_shape[-(n + 1):]), jnp.float32)
-    spatial = jax.eval_shape(self.ih, probe).shape[1:-1]
+    # Through split/merge so abstract parameters (nnx.eval_shape) work too.
+    graphdef, state = nnx.split(self.ih)
+    spatial = jax.eval_shape(lambda st, x: nnx.merge(graphdef, st)(x), state, probe).shape[1:-1]
     return batch + tuple(spatial) + (self.hidden_features,)
 
   def _step(self, carry, inputs, recurrent_mask):

@@ -76,7 +76,9 @@ class _GatedUnit(RNNCellBase):
     n = self.num_gates + 1
     xs = jnp.split(self.dense_i(inputs), n, axis=-1)
     hs = jnp.split(self.dense_h(h), n, axis=-1)
-    hn = hs[-1] if self.bias_hn is None else hs[-1] + self.bias_hn[...].astype(hs[-1].dtype)
+    hn = hs[-1]
+    if self.bias_hn is not None:  # explicit reshape: no implicit rank promotion
+      hn = hn + self.bias_hn[...].astype(hn.dtype).reshape((1,) * (hn.ndim - 1) + (-1,))
     return xs, hs[:-1], hn
 
 

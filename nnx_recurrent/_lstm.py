@@ -101,7 +101,7 @@ _LSTM_ARGS = """
     dropout_rate: variational dropout on the step input.
     recurrent_dropout_rate: variational dropout on ``h`` fed to the recurrent kernel.
     kernel_metadata, recurrent_kernel_metadata, bias_metadata: metadata of the
-      parameters, e.g. ``{'sharding_names': (None, 'model')}``.
+      parameters, e.g. ``{'out_sharding': (None, 'model')}`` (flax 0.12's key).
     rngs: ``nnx.Rngs`` for the parameters (and the ``dropout`` stream).
 """
 

@@ -36,8 +36,13 @@ class RNN(nnx.Module):
   (carry selection inside the scan), so the returned carry is the carry after
   each row's last valid step — the initial carry for a length-0 row — and the
   outputs at padding positions are zero. Packed sequences: ``segment_ids``
-  (integers shaped like the batch and time axes, ``0`` = padding) reset the
-  carry to the initial carry at the first step of every segment.
+  (integers shaped like the batch and time axes, ``0`` = padding; consecutive
+  equal ids form one segment) reset the carry to the initial carry at the
+  first step of every segment, so each segment's outputs equal a run on that
+  segment alone. The returned carry of a packed row is the carry after its
+  last valid step: the end of its last segment (in processing order); the
+  other segments' last outputs are in the outputs (see
+  :func:`unpack_sequences`).
 
   ``reverse=True`` processes each row (each segment) from its last valid step
   to its first, leaving padding at the end; outputs come in processing order
@@ -120,17 +125,12 @@ class RNN(nnx.Module):
       seq_lengths=seq_lengths, segment_ids=segment_ids,
     )
     step_shape = tuple(seq.xs.shape[1:])
-    if initial_carry is None:
-      initial_carry = cell.initialize_carry(step_shape)
-    else:
-      _scan.check_carry('RNN', cell, initial_carry, step_shape)
+    initial_carry = _scan.initial_carry('RNN', cell, initial_carry, step_shape)
     xs, idx = seq.xs, None
     if reverse:
       idx = _scan.reverse_indices(seq.time, seq.batch_shape, seq.seq_lengths, seq.segment_ids)
       xs = _scan.take_time(xs, idx)
-    dropout_masks = None
-    if hasattr(cell, 'dropout_masks'):
-      dropout_masks = cell.dropout_masks(step_shape, rngs, xs.dtype)
+    dropout_masks = _scan.cell_dropout_masks(cell, step_shape, rngs, xs.dtype)
     carry, ys = _scan.masked_scan(
       cell, initial_carry, xs, seq.masks, dropout_masks=dropout_masks,
       unroll=self.unroll, remat=self.remat,
@@ -204,10 +204,14 @@ class Bidirectional(nnx.Module):
                      'a pair (forward_carry, backward_carry)', type(initial_carry).__name__)
       carry_f, carry_b = initial_carry
     common = dict(seq_lengths=seq_lengths, segment_ids=segment_ids, return_carry=True,
-                  time_major=time_major, rngs=rngs)
-    carry_f, out_f = self.forward_rnn(inputs, initial_carry=carry_f, reverse=False, **common)
+                  time_major=time_major)
+    rngs_f = rngs_b = rngs
+    if isinstance(rngs, jax.Array):  # one key would give both directions the same masks
+      rngs_f, rngs_b = jax.random.split(rngs)
+    carry_f, out_f = self.forward_rnn(inputs, initial_carry=carry_f, reverse=False,
+                                      rngs=rngs_f, **common)
     carry_b, out_b = self.backward_rnn(inputs, initial_carry=carry_b, reverse=True,
-                                       keep_order=True, **common)
+                                       keep_order=True, rngs=rngs_b, **common)
     outputs = jax.tree_util.tree_map(self.merge_fn, out_f, out_b)
     return ((carry_f, carry_b), outputs) if return_carry else outputs
 

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from nnx_recurrent import _checks
@@ -75,6 +76,8 @@ def reverse_indices(time: int, batch_shape: tuple[int, ...], seq_lengths=None,
     end = jax.lax.cummin(jnp.where(end_mask, tt, time - 1), axis=0, reverse=True)
     return jnp.where(valid, start + end - tt, tt)
   if seq_lengths is not None:
+    # Clip: under jit unchecked lengths > time must act as time (and < 0 as 0).
+    seq_lengths = jnp.clip(seq_lengths, 0, time)
     return (time - 1 - t + seq_lengths[None]) % time
   return None
 
@@ -138,10 +141,25 @@ def masked_scan(
   return scan(cell, carry, (xs, masks.valid, masks.reset), (dropout_masks, reset_carry))
 
 
-def check_carry(where: str, cell, initial_carry: Any, step_shape: tuple[int, ...]) -> None:
-  """Checks ``initial_carry`` against the carry the cell would create."""
-  expected = jax.eval_shape(lambda: cell.initialize_carry(step_shape))
+def default_carry(cell, step_shape: tuple[int, ...]) -> Any:
+  """The cell's default initial carry (through the private hook when it has one)."""
+  init = getattr(cell, '_initialize_carry', None)
+  return init(step_shape) if init is not None else cell.initialize_carry(step_shape)
+
+
+def cell_dropout_masks(cell, step_shape: tuple[int, ...], rngs, dtype) -> Any:
+  """The cell's variational dropout masks for one batch, or ``None``."""
+  masks = getattr(cell, '_dropout_masks', None)
+  return None if masks is None else masks(step_shape, rngs, dtype)
+
+
+def initial_carry(where: str, cell, initial_carry: Any, step_shape: tuple[int, ...]) -> Any:
+  """``initial_carry`` checked against the cell's own carry, or that default."""
+  if initial_carry is None:
+    return default_carry(cell, step_shape)
+  expected = jax.eval_shape(lambda: default_carry(cell, step_shape))
   _checks.check_tree_matches(where, 'initial_carry', initial_carry, expected)
+  return initial_carry
 
 
 # -- front-door helpers ---------------------------------------------------------
@@ -181,7 +199,13 @@ def prepare(where: str, inputs: Any, *, num_feature_axes: int, in_features: int 
   if segment_ids is not None:
     layout = '(time, *batch)' if time_major else '(*batch, time)'
     shape = (time, *batch_shape) if time_major else (*batch_shape, time)
-    segment_ids = _checks.check_integer_array(where, 'segment_ids', segment_ids, shape, layout)
+    # A ValueError for the dtype too, as the packing issue specifies.
+    segment_ids = _checks.check_integer_array(where, 'segment_ids', segment_ids, shape, layout,
+                                              dtype_error=ValueError)
+    if _checks.is_concrete(segment_ids) and segment_ids.size:
+      lowest = int(np.asarray(segment_ids).min())  # on the host: no compiled reduction
+      if lowest < 0:
+        _checks.fail(where, 'segment_ids', 'non-negative ids (0 = padding)', f'minimum {lowest}')
     if not time_major:
       segment_ids = jnp.moveaxis(segment_ids, -1, 0)
     masks = segments_to_masks(segment_ids)

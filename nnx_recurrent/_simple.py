@@ -45,8 +45,9 @@ class SimpleCell(RNNCellBase):
     activation_fn: nonlinearity (default tanh).
     residual: add ``h`` inside the nonlinearity.
     kernel_init, recurrent_kernel_init, bias_init: initializers.
-    dtype, param_dtype, dropout_rate, recurrent_dropout_rate, *_metadata,
-    rngs: as for :class:`LSTMCell`.
+    dtype, param_dtype, dropout_rate, recurrent_dropout_rate: as for :class:`LSTMCell`.
+    kernel_metadata, recurrent_kernel_metadata, bias_metadata, rngs: as for
+      :class:`LSTMCell`.
   """
 
   def __init__(

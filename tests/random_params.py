@@ -1,0 +1,43 @@
+"""Modules with random parameters, built without running (compiling) initializers.
+
+Tests that do not care how parameters are initialised (checkpoints, sharding,
+interop) build the module abstractly with ``nnx.eval_shape`` and fill every
+parameter from NumPy: no XLA compilation per parameter shape, which dominates
+the run time of small tests on CPU. Biases get random values too, so a
+conversion that drops one cannot pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def random_module(factory: Callable[[], nnx.Module], seed: int = 0, scale: float = 0.5,
+                  sharding: Callable[[nnx.State], object] | None = None):
+  """``factory()`` with normal(0, ``scale``) parameters drawn by NumPy from ``seed``.
+
+  Non-parameter state (dropout RNG streams) gets key ``seed`` and count 0.
+  ``sharding(abstract_state)``, if given, returns shardings (a matching tree or
+  one sharding) to ``jax.device_put`` the state with.
+  """
+  graphdef, state = nnx.split(nnx.eval_shape(factory))
+  rng = np.random.default_rng(seed)
+
+  def fill(leaf):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      return jax.random.key(seed)
+    if not jnp.issubdtype(leaf.dtype, jnp.floating):  # RNG counts
+      return np.zeros(leaf.shape, leaf.dtype)
+    return np.asarray(scale * rng.standard_normal(leaf.shape), leaf.dtype)
+
+  values = jax.tree_util.tree_map(fill, state)
+  if sharding is not None:
+    values = jax.device_put(values, sharding(state))
+  else:
+    values = jax.tree_util.tree_map(jnp.asarray, values)
+  return nnx.merge(graphdef, values)

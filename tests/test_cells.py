@@ -1,0 +1,240 @@
+"""Cells against their NumPy formula, flax.linen and flax.nnx; ``initialize_carry``."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import nnx_recurrent as nr
+from tests import reference as ref
+
+ATOL = RTOL = 1e-5
+
+
+def _assert_tree_close(got, want, atol=ATOL, rtol=RTOL):
+  got_leaves, want_leaves = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
+  assert len(got_leaves) == len(want_leaves)
+  for g, w in zip(got_leaves, want_leaves):
+    assert g.shape == w.shape
+    np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w, np.float64),
+                               atol=atol, rtol=rtol)
+
+
+def _to_np(tree):
+  return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree)
+
+
+# -- the formula ----------------------------------------------------------------
+# Every cell with one batch axis; one of each family with two.
+REFERENCE_CASES = [(name, (2,)) for name in ref.CELLS] + [
+  (name, (2, 3)) for name in ('simple_residual', 'optimized_lstm', 'gru', 'mgu_no_reset',
+                              'conv_lstm_2d_s2')]
+
+
+@pytest.mark.parametrize('name, batch', REFERENCE_CASES)
+def test_cell_matches_numpy_reference(name, batch):
+  cell, features = ref.make_cell(name)
+  p = ref.cell_params(cell)
+  if 'b_hn' in p and p['b_hn'] is not None:
+    assert np.abs(p['b_hn']).max() > 0.1  # the bias inside r * (...) must matter
+  xs = ref.normal((3, *batch, *features), seed=2)
+  carry = ref.random_carry(cell, xs.shape[1:])
+  carry_ref = _to_np(carry)
+  step = nnx.jit(lambda cell, carry, x: cell(carry, x))  # one compile, not one per op
+  for x in xs:  # a few steps, each compared
+    carry, y = step(cell, carry, x)
+    carry_ref, y_ref = ref.step(p, carry_ref, np.asarray(x))
+    _assert_tree_close(carry, carry_ref)
+    _assert_tree_close(y, y_ref)
+
+
+def test_conv_reference_padding_matches_lax():
+  # The reference convolution itself, against lax, for odd/even kernels and strides.
+  x = np.random.default_rng(0).normal(size=(2, 7, 6, 3))
+  w = np.random.default_rng(1).normal(size=(3, 2, 3, 5))
+  for strides in [(1, 1), (2, 1), (2, 3)]:
+    want = jax.lax.conv_general_dilated(
+      jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), strides, 'SAME',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    np.testing.assert_allclose(ref.conv_same(x, w, strides), want, atol=1e-4)
+
+
+# -- flax.linen -----------------------------------------------------------------
+LINEN = {
+  'simple': lambda: nn.SimpleCell(features=4),
+  'simple_residual': lambda: nn.SimpleCell(features=4, residual=True),
+  'lstm': lambda: nn.LSTMCell(features=4),
+  'optimized_lstm': lambda: nn.OptimizedLSTMCell(features=4),
+  'gru': lambda: nn.GRUCell(features=4),
+  'mgu': lambda: nn.MGUCell(features=4),
+  'mgu_no_reset': lambda: nn.MGUCell(features=4, reset_gate=False),
+  # flax.linen applies the strides to the hidden conv too (and crashes): stride 1 only.
+  'conv_lstm_2d': lambda: nn.ConvLSTMCell(features=3, kernel_size=(3, 3)),
+  'conv_lstm_3d': lambda: nn.ConvLSTMCell(features=2, kernel_size=(2, 2, 2)),
+}
+
+
+@pytest.mark.parametrize('name', list(LINEN))
+def test_cell_matches_flax_linen(name):
+  cell, features = ref.make_cell(name)
+  linen_cell = LINEN[name]()
+  xs = ref.normal((3, 2, 3, *features), seed=3)
+  carry = ref.random_carry(cell, xs.shape[1:])
+  variables = ref.linen_variables(ref.cell_params(cell))
+  # Our mapping yields exactly linen's variable tree (names, shapes).
+  init = linen_cell.init(jax.random.key(0), carry, xs[0])
+  assert jax.tree_util.tree_structure(init) == jax.tree_util.tree_structure(variables)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_equal(a.shape, b.shape), init, variables)
+  carry_linen = carry
+  step = nnx.jit(lambda cell, carry, x: cell(carry, x))
+  linen_step = jax.jit(linen_cell.apply)
+  for x in xs:
+    carry, y = step(cell, carry, x)
+    carry_linen, y_linen = linen_step(variables, carry_linen, x)
+    _assert_tree_close(carry, carry_linen)
+    _assert_tree_close(y, y_linen)
+
+
+# -- flax.nnx drop-ins ----------------------------------------------------------
+FLAX_NNX = {
+  'simple': (nr.SimpleCell, nnx.SimpleCell),
+  'lstm': (nr.LSTMCell, nnx.LSTMCell),
+  'optimized_lstm': (nr.OptimizedLSTMCell, nnx.OptimizedLSTMCell),
+}
+
+
+def _state_signature(module):
+  flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
+  return {path: (type(v), v[...].shape, v[...].dtype) for path, v in flat}
+
+
+@pytest.mark.parametrize('param_dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('name', list(FLAX_NNX))
+def test_drop_in_for_flax_nnx_state(name, param_dtype):
+  ours_cls, theirs_cls = FLAX_NNX[name]
+  kw = dict(param_dtype=param_dtype)
+  if param_dtype == jnp.bfloat16 and name != 'lstm':
+    # flax.nnx's SimpleCell and OptimizedLSTMCell use a plain orthogonal init:
+    # no bfloat16 QR on CPU (its LSTMCell and ours compute it in float32).
+    kw['recurrent_kernel_init'] = nnx.initializers.lecun_normal()
+  ours = ours_cls(3, 4, **kw, rngs=nnx.Rngs(0))
+  theirs = theirs_cls(3, 4, **kw, rngs=nnx.Rngs(0))
+  assert _state_signature(ours) == _state_signature(theirs)
+  # Same creation order and initializers: equal Rngs give equal parameters.
+  jax.tree_util.tree_map(np.testing.assert_array_equal,
+                         nnx.state(ours, nnx.Param), nnx.state(theirs, nnx.Param))
+
+
+@pytest.mark.parametrize('name', list(FLAX_NNX))
+def test_drop_in_for_flax_nnx_outputs(name):
+  ours_cls, theirs_cls = FLAX_NNX[name]
+  theirs = ref.randomize(theirs_cls(3, 4, rngs=nnx.Rngs(1)), seed=5)
+  ours = ours_cls(3, 4, rngs=nnx.Rngs(0))
+  nnx.update(ours, nnx.state(theirs, nnx.Param))
+  x = ref.normal((2, 5, 3), seed=4)
+  carry = ref.random_carry(ours, (2, 3))
+  # One step.
+  _assert_tree_close(ours(carry, x[:, 0]), theirs(carry, x[:, 0]), atol=1e-6, rtol=1e-6)
+  # flax.nnx.RNN over flax's cell vs nr.RNN over ours (no masking).
+  c_theirs, y_theirs = nnx.RNN(theirs, return_carry=True, rngs=False)(x, initial_carry=carry)
+  c_ours, y_ours = nr.RNN(ours, return_carry=True)(x, initial_carry=carry)
+  _assert_tree_close((c_ours, y_ours), (c_theirs, y_theirs), atol=1e-6, rtol=1e-6)
+
+
+# -- initialize_carry -----------------------------------------------------------
+@pytest.mark.parametrize('param_dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('name', ['simple', 'lstm', 'gru', 'mgu', 'conv_lstm_2d'])
+def test_initialize_carry_zeros_without_rngs(name, param_dtype):
+  factory, features = ref.CELLS[name]
+  cell = nnx.eval_shape(lambda: factory(nnx.Rngs(0)))
+  cell = ref.build(lambda: type(cell)(**_ctor_kwargs(cell), param_dtype=param_dtype,
+                                      rngs=nnx.Rngs(0)))
+  carry = cell.initialize_carry((2, 3, *features))  # no rngs: zeros need none
+  leaves = jax.tree_util.tree_leaves(carry)
+  n_leaves = 2 if isinstance(cell, (nr.LSTMCell, nr.ConvLSTMCell)) else 1
+  assert len(leaves) == n_leaves
+  expected_shape = (2, 3, *features[:-1], cell.hidden_features)
+  for leaf in leaves:
+    assert leaf.shape == expected_shape
+    assert leaf.dtype == param_dtype
+    assert not np.asarray(leaf, np.float32).any()
+
+
+def _ctor_kwargs(cell):
+  if isinstance(cell, nr.ConvLSTMCell):
+    return dict(in_features=cell.in_features, hidden_features=cell.hidden_features,
+                kernel_size=cell.kernel_size)
+  return dict(in_features=cell.in_features, hidden_features=cell.hidden_features)
+
+
+def _expected_random_carry(key, shape, n, init):
+  keys = [key] if n == 1 else list(jax.random.split(key, n))
+  leaves = [np.asarray(init(k, shape, jnp.float32)) for k in keys]
+  return leaves[0] if n == 1 else tuple(leaves)
+
+
+@pytest.mark.parametrize('source', ['key', 'rngs', 'stream'])
+@pytest.mark.parametrize('name', ['lstm', 'gru'])
+def test_initialize_carry_with_carry_init(name, source):
+  cell, _ = ref.make_cell(name)
+  init = jax.nn.initializers.normal(1.0)
+  if source == 'key':
+    rngs, key = jax.random.key(7), jax.random.key(7)
+  elif source == 'rngs':
+    rngs, key = nnx.Rngs(carry=7), nnx.Rngs(carry=7).carry()
+  else:
+    rngs, key = nnx.RngStream(7, tag='carry'), nnx.RngStream(7, tag='carry')()
+  carry = cell.initialize_carry((2, 3), rngs=rngs, carry_init=init)
+  # LSTM follows flax.linen's convention: key1, key2 = split(key) for (c, h).
+  n = 2 if name == 'lstm' else 1
+  expected = _expected_random_carry(key, (2, 4), n, init)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, _to_np(carry), _to_np(expected))
+  if n == 2:
+    assert not np.allclose(carry[0], carry[1])
+
+
+@pytest.mark.parametrize('strides, spatial, expected', [
+  ((2, 2), (7, 6), (4, 3)),
+  ((2, 1), (7, 6), (4, 6)),
+  ((1, 3), (5, 5), (5, 2)),
+])
+def test_conv_lstm_carry_shape_with_strides(strides, spatial, expected):
+  cell = ref.build(lambda: nr.ConvLSTMCell(3, 4, (3, 3), strides=strides, rngs=nnx.Rngs(0)))
+  c, h = cell.initialize_carry((2, *spatial, 3))
+  assert c.shape == h.shape == (2, *expected, 4)
+  # The carry fits the cell's own output.
+  x = jnp.ones((2, *spatial, 3))
+  (c2, h2), y = cell((c, h), x)
+  assert c2.shape == y.shape == (2, *expected, 4)
+
+
+def test_mgu_forget_bias_init():
+  cell = nr.MGUCell(3, 4, rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(cell.dense_i.bias[...][:4], 1.0)  # b_if
+  np.testing.assert_array_equal(cell.dense_i.bias[...][4:], 0.0)  # b_in
+  np.testing.assert_array_equal(cell.bias_hn[...], 0.0)
+
+
+# -- no PRNG state by default ---------------------------------------------------
+def _rng_variables(module):
+  flat = nnx.to_flat_state(nnx.state(module))
+  return [path for path, v in flat if isinstance(v, (nnx.RngKey, nnx.RngCount))]
+
+
+@pytest.mark.parametrize('name', list(ref.CELLS))
+def test_no_prng_state_by_default(name):
+  factory = ref.CELLS[name][0]
+  cell = nnx.eval_shape(lambda: factory(nnx.Rngs(0)))  # the state's structure is all we need
+  assert _rng_variables(cell) == []
+  assert _rng_variables(nr.RNN(cell)) == []
+  bi = nr.Bidirectional(nr.RNN(cell), nr.RNN(nnx.eval_shape(lambda: factory(nnx.Rngs(1)))))
+  assert _rng_variables(bi) == []
+
+
+def test_prng_state_only_with_dropout():
+  # The other side of the check above: with dropout the stream is kept, so the
+  # helper does find RNG variables when they exist.
+  cell = nnx.eval_shape(lambda: nr.LSTMCell(3, 4, dropout_rate=0.5, rngs=nnx.Rngs(0)))
+  assert _rng_variables(cell)

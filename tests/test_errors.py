@@ -1,0 +1,193 @@
+"""Bad input gets a ValueError/TypeError naming the argument, not an XLA trace."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import nnx_recurrent as nr
+from tests import reference as ref
+
+
+@pytest.fixture(scope='module')
+def lstm():
+  return nr.LSTMCell(3, 4, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope='module')
+def conv():
+  return nr.ConvLSTMCell(2, 3, (3, 3), rngs=nnx.Rngs(0))
+
+
+X = jnp.ones((2, 5, 3))
+
+
+def m(*parts):
+  """A regex matching the literal message fragments in order."""
+  return '.*'.join(re.escape(p) for p in parts)
+
+
+# -- inputs ---------------------------------------------------------------------
+def test_rnn_last_axis_not_in_features(lstm):
+  with pytest.raises(ValueError, match=m('RNN: `inputs` expected last axis of size 3',
+                                         'got shape (2, 5, 4)')):
+    nr.RNN(lstm)(jnp.ones((2, 5, 4)))
+
+
+def test_cell_last_axis_not_in_features(lstm):
+  with pytest.raises(ValueError, match=m('LSTMCell: `inputs` expected last axis of size 3',
+                                         'got shape (2, 4)')):
+    lstm(lstm.initialize_carry((2, 3)), jnp.ones((2, 4)))
+
+
+def test_initialize_carry_last_axis_not_in_features(lstm):
+  with pytest.raises(ValueError, match=m('`input_shape` expected last axis of size 3',
+                                         'got shape (2, 5)')):
+    lstm.initialize_carry((2, 5))
+
+
+def test_too_few_axes(lstm, conv):
+  with pytest.raises(ValueError, match=m('`inputs` expected at least 2 axes', 'got shape (5,)')):
+    nr.RNN(lstm)(jnp.ones((5,)))
+  with pytest.raises(ValueError, match=m('`inputs` expected at least 4 axes',
+                                         'got shape (5, 4, 2)')):
+    nr.RNN(conv)(jnp.ones((5, 4, 2)))
+  with pytest.raises(ValueError, match=m('ConvLSTMCell: `inputs` expected at least 3 feature',
+                                         'got shape (4, 2)')):
+    conv(conv.initialize_carry((1, 4, 4, 2)), jnp.ones((4, 2)))
+
+
+def test_inputs_not_an_array(lstm):
+  with pytest.raises(TypeError, match=m('RNN: `inputs` expected an array', 'got str')):
+    nr.RNN(lstm)('abc')
+
+
+# -- seq_lengths ----------------------------------------------------------------
+def test_seq_lengths_shape_not_batch_shape(lstm):
+  with pytest.raises(ValueError, match=m('RNN: `seq_lengths` expected shape batch shape',
+                                         '(2,)', 'got shape (3,)')):
+    nr.RNN(lstm)(X, seq_lengths=jnp.array([1, 2, 3]))
+  with pytest.raises(ValueError, match=m('`seq_lengths` expected shape', '(2, 3)',
+                                         'got shape (2,)')):
+    nr.RNN(lstm)(jnp.ones((2, 3, 5, 3)), seq_lengths=jnp.array([1, 2]))
+  with pytest.raises(ValueError, match=m('`seq_lengths` expected shape', 'got shape (2, 1)')):
+    nr.RNN(lstm)(X, seq_lengths=jnp.array([[1], [2]]))
+
+
+@pytest.mark.parametrize('lengths', [jnp.array([1.0, 2.0]), np.array([True, False])])
+def test_seq_lengths_not_integer(lstm, lengths):
+  with pytest.raises((TypeError, ValueError), match=m('`seq_lengths` expected an integer array',
+                                                      f'got dtype {lengths.dtype}')):
+    nr.RNN(lstm)(X, seq_lengths=lengths)
+
+
+@pytest.mark.parametrize('lengths, got', [([1, 6], '[1, 6]'), ([-1, 2], '[-1, 2]')])
+def test_seq_lengths_out_of_range_when_concrete(lstm, lengths, got):
+  with pytest.raises(ValueError, match=m('`seq_lengths` expected values in [0, 5]',
+                                         f'got values in {got}')):
+    nr.RNN(lstm)(X, seq_lengths=jnp.array(lengths))
+
+
+@pytest.mark.parametrize('reverse, keep_order', [(False, False), (True, False), (True, True)])
+def test_seq_lengths_out_of_range_under_jit(reverse, keep_order):
+  # Documented (check_seq_lengths, RNN.__call__): under jit values cannot be
+  # checked; a length above time acts as time and a negative one as 0.
+  cell, _ = ref.make_cell('gru')
+  rnn = nr.RNN(cell, return_carry=True, reverse=reverse, keep_order=keep_order)
+  x = ref.normal((3, 4, 3), seed=3)
+
+  @nnx.jit
+  def run(rnn, x, lengths):
+    return rnn(x, seq_lengths=lengths)
+
+  carry0 = cell.initialize_carry((3, 3))
+  got_carry, got_y = run(rnn, x, jnp.array([9, -3, 2]))
+  want_carry, want_y = run(rnn, x, jnp.array([4, 0, 2]))
+  np.testing.assert_array_equal(got_y, want_y)
+  np.testing.assert_array_equal(got_carry, want_carry)
+  np.testing.assert_array_equal(got_carry[1], carry0[1])  # like a length-0 row
+  assert np.asarray(got_y[0]).all()  # like a full row
+
+
+def test_shape_errors_still_raise_under_jit(lstm):
+  @nnx.jit
+  def run(rnn, x, lengths):
+    return rnn(x, seq_lengths=lengths)
+
+  with pytest.raises(ValueError, match=m('`seq_lengths` expected shape', 'got shape (3,)')):
+    run(nr.RNN(lstm), X, jnp.array([1, 2, 3]))
+
+
+def test_flip_sequences_seq_lengths_shape():
+  with pytest.raises(ValueError, match=m('flip_sequences: `seq_lengths` expected shape',
+                                         'got shape (3,)')):
+    nr.flip_sequences(X, jnp.array([1, 2, 3]), num_batch_dims=1, time_major=False)
+
+
+# -- initial_carry --------------------------------------------------------------
+def test_initial_carry_wrong_structure(lstm):
+  with pytest.raises(ValueError, match=m('RNN: `initial_carry` expected a pytree with structure',
+                                         'got structure')):
+    nr.RNN(lstm)(X, initial_carry=jnp.zeros((2, 4)))
+  with pytest.raises(ValueError, match=m('`initial_carry` expected a pytree', 'got structure')):
+    nr.RNN(lstm)(X, initial_carry=(jnp.zeros((2, 4)),) * 3)
+
+
+def test_initial_carry_wrong_shapes(lstm):
+  with pytest.raises(ValueError, match=m('RNN: `initial_carry` expected leaf shapes',
+                                         '[(2, 4), (2, 4)]', 'got [(2, 4), (2, 5)]')):
+    nr.RNN(lstm)(X, initial_carry=(jnp.zeros((2, 4)), jnp.zeros((2, 5))))
+  with pytest.raises(ValueError, match=m('`initial_carry` expected leaf shapes',
+                                         'got [(4,), (4,)]')):
+    nr.RNN(lstm)(X, initial_carry=(jnp.zeros((4,)), jnp.zeros((4,))))
+
+
+def test_bidirectional_initial_carry_not_a_pair(lstm):
+  bi = nr.Bidirectional(nr.RNN(lstm), nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(1))))
+  with pytest.raises(ValueError, match=m('Bidirectional: `initial_carry` expected a pair')):
+    bi(X, initial_carry=jnp.zeros((2, 4)))
+  good_f = lstm.initialize_carry((2, 3))
+  with pytest.raises(ValueError, match=m('`initial_carry` expected leaf shapes')):
+    bi(X, initial_carry=(good_f, jnp.zeros((2, 5))))
+
+
+def test_initialize_carry_needs_rngs_for_carry_init(lstm):
+  with pytest.raises(ValueError, match=m('`rngs` expected a PRNG source', 'got None')):
+    lstm.initialize_carry((2, 3), carry_init=jax.nn.initializers.normal())
+  with pytest.raises(TypeError, match=m('`rngs` expected an nnx.Rngs, nnx.RngStream or a PRNG key',
+                                        'got int')):
+    lstm.initialize_carry((2, 3), rngs=3, carry_init=jax.nn.initializers.normal())
+
+
+# -- constructors ---------------------------------------------------------------
+@pytest.mark.parametrize('ctor, exc, msg', [
+  (lambda: nr.LSTMCell(3, 0, rngs=nnx.Rngs(0)), ValueError,
+   m('LSTMCell: `hidden_features` expected a positive int, got 0')),
+  (lambda: nr.SimpleCell(3, 2.5, rngs=nnx.Rngs(0)), TypeError,
+   m('SimpleCell: `hidden_features` expected a positive int, got 2.5')),
+  (lambda: nr.GRUCell(0, 4, rngs=nnx.Rngs(0)), ValueError,
+   m('GRUCell: `in_features` expected a positive int, got 0')),
+  (lambda: nr.MGUCell(3, 4, dropout_rate=1.5, rngs=nnx.Rngs(0)), ValueError,
+   m('MGUCell: `dropout_rate` expected a float in [0, 1), got 1.5')),
+  (lambda: nr.OptimizedLSTMCell(3, 4, recurrent_dropout_rate=-0.1, rngs=nnx.Rngs(0)),
+   ValueError, m('`recurrent_dropout_rate` expected a float in [0, 1), got -0.1')),
+  (lambda: nr.ConvLSTMCell(2, 3, (3, 3), strides=(1, 2, 1), rngs=nnx.Rngs(0)), ValueError,
+   m('ConvLSTMCell: `strides` expected 2 ints (one per kernel axis), got (1, 2, 1)')),
+  (lambda: nr.ConvLSTMCell(2, 3, (3, 3), strides=(0, 1), rngs=nnx.Rngs(0)), ValueError,
+   m('ConvLSTMCell: `strides` expected a positive int, got 0')),
+  (lambda: nr.ConvLSTMCell(2, 3, 3, rngs=nnx.Rngs(0)), ValueError,
+   m('ConvLSTMCell: `kernel_size` expected a sequence of 1 to 3 ints, got 3')),
+  (lambda: nr.ConvLSTMCell(2, 3, (3, 3, 3, 3), rngs=nnx.Rngs(0)), ValueError,
+   m('`kernel_size` expected a sequence of 1 to 3 ints')),
+  (lambda: nr.LSTMCell(3, 4, rngs=0), TypeError, m('LSTMCell: `rngs` expected an nnx.Rngs')),
+  (lambda: nr.RNN(lambda c, x: (c, x)), TypeError, m('RNN: `cell` expected an RNNCellBase')),
+  (lambda: nr.RNN(nr.LSTMCell(3, 4, rngs=nnx.Rngs(0)), unroll=0), ValueError,
+   m('RNN: `unroll` expected a positive int, got 0')),
+], ids=['hidden0', 'hidden_float', 'in0', 'dropout', 'recurrent_dropout', 'strides_len',
+        'strides0', 'kernel_int', 'kernel_4d', 'rngs', 'cell', 'unroll'])
+def test_bad_constructor_args(ctor, exc, msg):
+  with pytest.raises(exc, match=msg):
+    ctor()

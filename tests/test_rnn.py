@@ -1,0 +1,236 @@
+"""RNN and Bidirectional against the NumPy reference, step loops, lax.scan and unpadded runs."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import nnx_recurrent as nr
+from tests import reference as ref
+
+ATOL = RTOL = 1e-5
+
+# Lengths for a (2, 3) batch with time 5: empty, one step, full, and between.
+LENGTHS = np.array([[0, 1, 5], [3, 5, 2]], np.int32)
+BATCH, TIME = LENGTHS.shape, 5
+
+
+def _close(got, want, atol=ATOL, rtol=RTOL):
+  g_leaves, w_leaves = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
+  assert len(g_leaves) == len(w_leaves)
+  for g, w in zip(g_leaves, w_leaves):
+    assert tuple(g.shape) == tuple(w.shape)
+    np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w, np.float64),
+                               atol=atol, rtol=rtol)
+
+
+def _inputs(features, time_major, batch=BATCH, time=TIME, seed=0):
+  shape = (time, *batch, *features) if time_major else (*batch, time, *features)
+  return ref.normal(shape, seed=seed)
+
+
+@nnx.jit
+def jitted(module, x, initial_carry=None, seq_lengths=None):
+  """``module(x, ...)`` under nnx.jit: one compile instead of one per eager op.
+
+  (Most tests run jitted for speed; eager calls are covered by the tests that
+  call the module directly.)
+  """
+  return module(x, initial_carry=initial_carry, seq_lengths=seq_lengths)
+
+
+def _padding_mask(lengths, time, time_major):
+  """Boolean ``(*batch, time)`` (or time first): True at padding steps."""
+  pad = np.arange(time) >= np.asarray(lengths)[..., None]
+  return np.moveaxis(pad, -1, 0) if time_major else pad
+
+
+# (cell, time_major, reverse, keep_order): every mode and layout for LSTMCell;
+# for the other cells the modes and layouts in turn (every cell is reversed once
+# in one layout or the other; the ConvLSTMs, with spatial carries, twice).
+MODES = [(False, False), (True, False), (True, True)]  # (reverse, keep_order)
+FWD, REV, REV_KEEP = MODES
+CASES = [('lstm', tm, rev, keep) for tm in (False, True) for rev, keep in MODES]
+CASES += [(name, tm, *mode) for name, tm, mode in [
+  ('simple', True, FWD), ('simple_residual', False, REV_KEEP),
+  ('optimized_lstm', True, REV), ('gru', False, REV_KEEP), ('gru', True, REV),
+  ('mgu', True, REV_KEEP), ('mgu_no_reset', False, REV),
+  ('conv_lstm_1d_s2', True, REV_KEEP), ('conv_lstm_1d_s2', False, REV),
+  ('conv_lstm_2d_s2', False, FWD), ('conv_lstm_2d_s2', True, REV_KEEP),
+]]
+
+
+@pytest.mark.parametrize('name, time_major, reverse, keep_order', CASES)
+def test_masked_rnn_matches_reference(name, time_major, reverse, keep_order):
+  cell, features = ref.make_cell(name)
+  x = _inputs(features, time_major)
+  carry0 = ref.random_carry(cell, (*BATCH, *features))  # non-zero: length-0 rows show it
+  rnn = nr.RNN(cell, time_major=time_major, reverse=reverse, keep_order=keep_order,
+               return_carry=True)
+  carry, y = jitted(rnn, x, carry0, jnp.asarray(LENGTHS))
+  carry_ref, y_ref = ref.rnn(ref.cell_params(cell), x, LENGTHS, carry0, num_batch_dims=2,
+                             time_major=time_major, reverse=reverse, keep_order=keep_order)
+  _close(y, y_ref)
+  _close(carry, carry_ref)
+  # Padding outputs are exactly zero, and a length-0 row keeps its initial carry exactly.
+  y = np.asarray(y)
+  assert not y[_padding_mask(LENGTHS, TIME, time_major)].any()
+  assert y[~_padding_mask(LENGTHS, TIME, time_major)].all()
+  for leaf, leaf0 in zip(jax.tree_util.tree_leaves(carry), jax.tree_util.tree_leaves(carry0)):
+    np.testing.assert_array_equal(leaf[0, 0], leaf0[0, 0])
+
+
+@pytest.mark.parametrize('name, time_major, reverse, keep_order', [
+  ('lstm', False, False, False),
+  ('gru', True, True, True),
+  ('conv_lstm_2d', False, True, False),
+])
+def test_unmasked_rnn_matches_reference(name, time_major, reverse, keep_order):
+  cell, features = ref.make_cell(name)
+  x = _inputs(features, time_major, batch=(2,), time=4)
+  carry, y = nr.RNN(cell, return_carry=True)(
+    x, time_major=time_major, reverse=reverse, keep_order=keep_order)
+  carry_ref, y_ref = ref.rnn(ref.cell_params(cell), x, None, cell.initialize_carry(
+    (2, *features)), num_batch_dims=1, time_major=time_major, reverse=reverse,
+    keep_order=keep_order)
+  _close(y, y_ref)
+  _close(carry, carry_ref)
+
+
+@pytest.mark.parametrize('reverse', [False, True])
+@pytest.mark.parametrize('name', ['lstm', 'mgu'])
+def test_single_time_step(name, reverse):
+  cell, features = ref.make_cell(name)
+  lengths = np.array([0, 1], np.int32)
+  x = _inputs(features, False, batch=(2,), time=1)
+  carry0 = ref.random_carry(cell, (2, *features))
+  rnn = nr.RNN(cell, return_carry=True, reverse=reverse, keep_order=reverse)
+  carry, y = jitted(rnn, x, carry0, jnp.asarray(lengths))
+  carry_ref, y_ref = ref.rnn(ref.cell_params(cell), x, lengths, carry0, num_batch_dims=1,
+                             reverse=reverse, keep_order=reverse)
+  _close(y, y_ref)
+  _close(carry, carry_ref)
+  assert not np.asarray(y[0]).any()
+
+
+@pytest.mark.parametrize('name', ['lstm', 'mgu', 'conv_lstm_2d_s2'])
+def test_rnn_matches_python_step_loop(name):
+  cell, features = ref.make_cell(name)
+  x = _inputs(features, False, batch=(2, 3), time=4)
+  carry0 = ref.random_carry(cell, (2, 3, *features))
+  carry, y = nr.RNN(cell, return_carry=True)(x, initial_carry=carry0)
+  loop_carry, ys = carry0, []
+  for t in range(x.shape[2]):
+    loop_carry, y_t = cell(loop_carry, x[:, :, t])
+    ys.append(y_t)
+  _close(y, jnp.stack(ys, axis=2), atol=1e-6, rtol=1e-6)
+  _close(carry, loop_carry, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['gru', 'optimized_lstm'])
+def test_masked_rnn_matches_lax_scan(name):
+  # Masking written out here: keep the carry and zero the output at padding.
+  cell, features = ref.make_cell(name)
+  x = _inputs(features, True)  # time major
+  carry0 = ref.random_carry(cell, (*BATCH, *features))
+  graphdef, state = nnx.split(cell)
+  valid = ~_padding_mask(LENGTHS, TIME, time_major=True)
+
+  def body(carry, inputs):
+    x_t, valid_t = inputs
+    new_carry, y = nnx.merge(graphdef, state)(carry, x_t)
+    keep = lambda new, old: jnp.where(valid_t[..., None], new, old)  # noqa: E731
+    return jax.tree_util.tree_map(keep, new_carry, carry), keep(y, jnp.zeros_like(y))
+
+  carry_scan, y_scan = jax.lax.scan(body, carry0, (x, jnp.asarray(valid)))
+  carry, y = jitted(nr.RNN(cell, time_major=True, return_carry=True), x, carry0,
+                    jnp.asarray(LENGTHS))
+  _close(y, y_scan, atol=1e-6, rtol=1e-6)
+  _close(carry, carry_scan, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize('reverse, keep_order', MODES)
+def test_masked_rnn_matches_unpadded_rows(reverse, keep_order):
+  cell, features = ref.make_cell('lstm')
+  lengths = np.array([[0, 1], [3, 5]], np.int32)
+  x = _inputs(features, False, batch=(2, 2))
+  carry0 = ref.random_carry(cell, (2, 2, *features))
+  rnn = nr.RNN(cell, return_carry=True, reverse=reverse, keep_order=keep_order)
+  carry, y = jitted(rnn, x, carry0, jnp.asarray(lengths))
+
+  for b in np.ndindex(lengths.shape):
+    n = int(lengths[b])
+    carry_row0 = jax.tree_util.tree_map(lambda c, b=b: c[b][None], carry0)
+    got_carry = jax.tree_util.tree_map(lambda c, b=b: c[b][None], carry)
+    assert not np.asarray(y[b][n:]).any()  # padding outputs are exactly zero
+    if n == 0:  # nothing to run: the carry is the initial one, exactly
+      jax.tree_util.tree_map(np.testing.assert_array_equal, got_carry, carry_row0)
+      continue
+    row_carry, row_y = jitted(rnn, x[b][None, :n], carry_row0)
+    _close(y[b][None, :n], row_y, atol=1e-6, rtol=1e-6)
+    _close(got_carry, row_carry, atol=1e-6, rtol=1e-6)
+
+
+def test_return_carry_several_batch_axes_default_carry():
+  # flax raises for return_carry with seq_lengths and more than one batch axis.
+  cell, features = ref.make_cell('gru')
+  x = _inputs(features, False)
+  carry, y = nr.RNN(cell, return_carry=True)(x, seq_lengths=jnp.asarray(LENGTHS))
+  carry_ref, y_ref = ref.rnn(ref.cell_params(cell), x, LENGTHS, np.zeros((*BATCH, 4)),
+                             num_batch_dims=2)
+  _close(carry, carry_ref)
+  _close(y, y_ref)
+  assert not np.asarray(carry[0, 0]).any()  # zeros for the length-0 row
+
+
+# -- Bidirectional --------------------------------------------------------------
+def _bidirectional(merge_fn=None, **kw):
+  fwd, features = ref.make_cell('lstm', seed=0)
+  bwd, _ = ref.make_cell('gru', seed=1)
+  extra = {} if merge_fn is None else dict(merge_fn=merge_fn)
+  return nr.Bidirectional(nr.RNN(fwd), nr.RNN(bwd), **extra, **kw), fwd, bwd, features
+
+
+@pytest.mark.parametrize('time_major', [False, True])
+def test_bidirectional_matches_reference(time_major):
+  bi, fwd, bwd, features = _bidirectional(time_major=time_major, return_carry=True)
+  x = _inputs(features, time_major)
+  c0_f = ref.random_carry(fwd, (*BATCH, *features), seed=1)
+  c0_b = ref.random_carry(bwd, (*BATCH, *features), seed=5)
+  (carry_f, carry_b), y = jitted(bi, x, (c0_f, c0_b), jnp.asarray(LENGTHS))
+  common = dict(num_batch_dims=2, time_major=time_major)
+  ref_cf, ref_yf = ref.rnn(ref.cell_params(fwd), x, LENGTHS, c0_f, **common)
+  ref_cb, ref_yb = ref.rnn(ref.cell_params(bwd), x, LENGTHS, c0_b, reverse=True,
+                           keep_order=True, **common)
+  _close(y, np.concatenate([ref_yf, ref_yb], axis=-1))
+  _close(carry_f, ref_cf)
+  _close(carry_b, ref_cb)
+
+
+def test_bidirectional_merge_fn_and_defaults():
+  bi, fwd, bwd, features = _bidirectional(merge_fn=lambda a, b: a - 2.0 * b)
+  lengths = np.array([4, 0, 2], np.int32)
+  x = _inputs(features, False, batch=(3,), time=4)
+  y = bi(x, seq_lengths=jnp.asarray(lengths))  # default: zero carries, outputs only
+  _, ref_yf = ref.rnn(ref.cell_params(fwd), x, lengths, (np.zeros((3, 4)),) * 2,
+                      num_batch_dims=1)
+  _, ref_yb = ref.rnn(ref.cell_params(bwd), x, lengths, np.zeros((3, 4)), num_batch_dims=1,
+                      reverse=True, keep_order=True)
+  _close(y, ref_yf - 2.0 * ref_yb)
+
+
+# -- flip_sequences -------------------------------------------------------------
+@pytest.mark.parametrize('with_lengths', [False, True])
+@pytest.mark.parametrize('time_major', [False, True])
+@pytest.mark.parametrize('batch', [(3,), (2, 3)])
+def test_flip_sequences_matches_flax_linen(batch, time_major, with_lengths):
+  x = _inputs((2,), time_major, batch=batch, time=4)
+  lengths = (jnp.asarray(np.arange(int(np.prod(batch))).reshape(batch) % 5, jnp.int32)
+             if with_lengths else None)
+  got = nr.flip_sequences(x, lengths, num_batch_dims=len(batch), time_major=time_major)
+  want = nn.recurrent.flip_sequences(x, lengths, num_batch_dims=len(batch),
+                                     time_major=time_major)
+  np.testing.assert_array_equal(got, want)
+  assert not np.array_equal(got, x)

@@ -1,0 +1,1 @@
+"""Benchmarks against flax.nnx, flax.linen and PyTorch: ``python -m benchmarks.run``."""

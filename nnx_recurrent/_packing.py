@@ -1,0 +1,209 @@
+"""Packing variable-length sequences into rows: ``pack_sequences`` / ``unpack_sequences``.
+
+This is data preparation and runs on the host with NumPy (it decides a
+layout, which jit cannot do with data-dependent shapes). Pack once per batch
+in the input pipeline, then feed the packed batch and its segment ids to
+``RNN`` / ``Bidirectional`` / ``StackedRNN`` as ``segment_ids``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nnx_recurrent import _checks
+
+
+def _first_fit(lengths: np.ndarray, max_length: int, sort_by_length: bool):
+  """Greedy first-fit bin packing: ``(row, offset)`` of every sequence."""
+  order = np.argsort(-lengths, kind='stable') if sort_by_length else np.arange(len(lengths))
+  free = np.zeros(0, np.int64)  # free space left in each opened row
+  row = np.full(len(lengths), -1, np.int64)
+  offset = np.zeros(len(lengths), np.int64)
+  for i in order:
+    n = lengths[i]
+    if n == 0:
+      continue
+    fits = np.flatnonzero(free >= n)
+    if fits.size:
+      r = fits[0]
+    else:
+      r = free.size
+      free = np.append(free, max_length)
+    row[i], offset[i] = r, max_length - free[r]
+    free[r] -= n
+  return row, offset, free.size
+
+
+def pack_sequences(
+  sequences: Sequence[np.ndarray | jax.Array],
+  max_length: int | None = None,
+  num_rows: int | None = None,
+  *,
+  sort_by_length: bool = True,
+  pad_value=0,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Packs variable-length sequences into the rows of one batch.
+
+  Greedy first-fit bin packing: sequences (longest first, unless
+  ``sort_by_length=False`` keeps the given order) go into the first row with
+  room left, a new row is opened when none has room. Sequence ``i`` gets the
+  segment id ``i + 1`` (ids are unique in the whole batch, so
+  :func:`unpack_sequences` can restore the original order); free positions get
+  id ``0`` (padding) and ``pad_value``.
+
+  Runs on the host with NumPy and returns NumPy arrays: it is data
+  preparation, to be done in the input pipeline, not inside ``jit``.
+
+  A packed segment computes what it would alone, with one exception in
+  training: variational dropout samples one mask per *row*, so the segments
+  packed into one row share their dropout masks.
+
+  Example::
+
+    >>> import numpy as np
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import nnx_recurrent as nr
+    >>> seqs = [np.ones((n, 3), np.float32) for n in (5, 2, 3, 1)]
+    >>> x, ids = nr.pack_sequences(seqs, max_length=6)
+    >>> x.shape, ids
+    ((2, 6, 3), array([[1, 1, 1, 1, 1, 4],
+           [3, 3, 3, 2, 2, 0]], dtype=int32))
+    >>> rnn = nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0)))
+    >>> ys = nr.unpack_sequences(rnn(x, segment_ids=ids), ids)
+    >>> [y.shape for y in ys]
+    [(5, 4), (2, 4), (3, 4), (1, 4)]
+    >>> bool(jnp.allclose(ys[1], rnn(seqs[1][None])[0]))  # as if run alone
+    True
+
+  Args:
+    sequences: arrays shaped ``(length, *features)`` with equal ``features``
+      (``length`` may be 0; ``features`` may be empty, e.g. token ids).
+    max_length: the time axis of the packed batch (default: the longest
+      sequence). A longer sequence is an error.
+    num_rows: rows of the packed batch (default: as many as needed); extra
+      rows are all padding, too few is an error.
+    sort_by_length: place the longest sequences first (first-fit decreasing,
+      fewer rows); ``False`` places them in the given order.
+    pad_value: value of the padding positions.
+
+  Returns:
+    ``(packed, segment_ids)``: ``packed`` is ``(rows, max_length, *features)``
+    in the sequences' common dtype; ``segment_ids`` is int32
+    ``(rows, max_length)``.
+
+  Raises:
+    ValueError: no sequences, mismatched feature shapes, a sequence longer
+      than ``max_length``, or more rows needed than ``num_rows``.
+  """
+  where = 'pack_sequences'
+  if isinstance(sequences, (np.ndarray, jax.Array)) or not isinstance(sequences, Sequence):
+    _checks.fail(where, 'sequences', 'a list of arrays', type(sequences).__name__, TypeError)
+  if not sequences:
+    _checks.fail(where, 'sequences', 'at least one array', 'an empty sequence')
+  arrays = [np.asarray(s) for s in sequences]
+  features = arrays[0].shape[1:]
+  for i, a in enumerate(arrays):
+    if a.ndim < 1 or a.shape[1:] != features:
+      _checks.fail(where, f'sequences[{i}]', f'shape (length, *{features}) like sequences[0]',
+                   f'shape {a.shape}')
+  lengths = np.array([a.shape[0] for a in arrays], np.int64)
+  longest = int(lengths.max())
+  if max_length is None:
+    max_length = max(longest, 1)
+  max_length = _checks.check_positive_int(where, 'max_length', max_length)
+  if longest > max_length:
+    _checks.fail(where, 'max_length', f'at least the longest sequence ({longest})', max_length)
+  row, offset, needed = _first_fit(lengths, max_length, sort_by_length)
+  if num_rows is None:
+    num_rows = max(needed, 1)
+  num_rows = _checks.check_positive_int(where, 'num_rows', num_rows)
+  if needed > num_rows:
+    _checks.fail(where, 'num_rows', f'at least the {needed} rows the sequences need '
+                 f'at max_length={max_length}', num_rows)
+  dtype = np.result_type(*arrays)
+  packed = np.full((num_rows, max_length, *features), pad_value, dtype)
+  ids = np.zeros((num_rows, max_length), np.int32)
+  for i, a in enumerate(arrays):
+    if lengths[i]:
+      span = slice(offset[i], offset[i] + lengths[i])
+      packed[row[i], span] = a
+      ids[row[i], span] = i + 1
+  return packed, ids
+
+
+def unpack_sequences(
+  outputs: np.ndarray | jax.Array,
+  segment_ids: np.ndarray | jax.Array,
+  num_sequences: int | None = None,
+) -> list:
+  """Splits a packed batch back into its sequences, in their original order.
+
+  The inverse of :func:`pack_sequences`: sequence ``i`` is the span of id
+  ``i + 1``. The ids are read on the host; the values are gathered from
+  ``outputs`` with one indexing operation, so a ``jax.Array`` stays a
+  ``jax.Array`` (and differentiable), a NumPy array a NumPy array.
+
+  Example::
+
+    >>> import numpy as np
+    >>> import nnx_recurrent as nr
+    >>> seqs = [np.arange(n) for n in (3, 0, 2)]
+    >>> packed, ids = nr.pack_sequences(seqs, max_length=5)
+    >>> packed, ids
+    (array([[0, 1, 2, 0, 1]]), array([[1, 1, 1, 3, 3]], dtype=int32))
+    >>> nr.unpack_sequences(packed, ids, num_sequences=3)
+    [array([0, 1, 2]), array([], dtype=int64), array([0, 1])]
+
+  Args:
+    outputs: ``(rows, time, *features)``, e.g. a layer's outputs on the
+      packed batch.
+    segment_ids: ``(rows, time)`` integers as made by :func:`pack_sequences`
+      (each positive id one contiguous span of one row, ``0`` padding).
+    num_sequences: how many sequences to return (default: the largest id);
+      sequences whose id does not occur (length 0) come back empty.
+
+  Returns:
+    A list of ``(length, *features)`` arrays.
+
+  Raises:
+    ValueError: mismatched shapes, or an id that is negative or not one
+      contiguous span of one row.
+  """
+  where = 'unpack_sequences'
+  outputs = _checks.check_array(where, 'outputs', outputs)
+  ids = np.asarray(segment_ids)
+  if not np.issubdtype(ids.dtype, np.integer):
+    _checks.fail(where, 'segment_ids', 'an integer array', f'dtype {ids.dtype}', TypeError)
+  if ids.ndim != 2 or tuple(outputs.shape[:2]) != ids.shape:
+    _checks.fail(where, 'segment_ids', f'shape (rows, time) = {tuple(outputs.shape[:2])} '
+                 "(the first two axes of `outputs`)", f'shape {ids.shape}')
+  if ids.size and ids.min() < 0:
+    _checks.fail(where, 'segment_ids', 'non-negative ids', f'minimum {ids.min()}')
+  rows, cols = np.nonzero(ids)  # row-major: time order within each row
+  vals = ids[rows, cols]
+  order = np.argsort(vals, kind='stable')
+  rows, cols, vals = rows[order], cols[order], vals[order]
+  same = vals[1:] == vals[:-1]
+  broken = same & ((rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1] + 1))
+  if broken.any():
+    bad = int(vals[1:][broken][0])
+    _checks.fail(where, 'segment_ids', 'each positive id in one contiguous span of one row '
+                 '(ids from pack_sequences)', f'id {bad} in several spans')
+  largest = int(vals[-1]) if vals.size else 0
+  if num_sequences is None:
+    num_sequences = largest
+  elif isinstance(num_sequences, bool) or not isinstance(num_sequences, (int, np.integer)) \
+      or num_sequences < largest:
+    _checks.fail(where, 'num_sequences', f'an int of at least the largest id ({largest})',
+                 repr(num_sequences))
+  if num_sequences == 0:
+    return []
+  counts = np.bincount(vals, minlength=num_sequences + 1)[1:]
+  xp = jnp if isinstance(outputs, jax.Array) else np
+  flat = outputs[rows, cols]
+  return list(xp.split(flat, np.cumsum(counts)[:-1], axis=0))

@@ -1,0 +1,123 @@
+"""``StackedRNN``: sequence layers applied one after another."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from nnx_recurrent import _checks
+from nnx_recurrent._base import Array, Carry, RngsLike
+from nnx_recurrent._rnn import RNN, Bidirectional, _first
+
+
+class StackedRNN(nnx.Module):
+  """A stack of ``RNN`` and ``Bidirectional`` layers (mixed freely).
+
+  Each layer reads the previous layer's outputs. ``seq_lengths``,
+  ``segment_ids`` and ``time_major`` go to every layer, so padding stays
+  padding (zero) and packed segments stay separate through the whole stack;
+  the stack's ``time_major`` and ``return_carry`` override the layers' own
+  (``time_major`` defaults to the first layer's).
+  With ``dropout_rate > 0`` an ``nnx.Dropout`` is applied to the outputs of
+  every layer but the last (plain per-element dropout, as ``torch.nn.LSTM``'s
+  ``dropout``; the cells' own ``dropout_rate`` / ``recurrent_dropout_rate``
+  are the variational kind). It follows ``nnx.Dropout``'s conventions: on
+  unless ``deterministic`` (``model.eval()``, ``nnx.view(model,
+  deterministic=True)``), RNG from the ``dropout`` stream of ``rngs`` given
+  here or at call time.
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import nnx_recurrent as nr
+    >>> rngs = nnx.Rngs(0)
+    >>> stack = nr.StackedRNN(
+    ...   nr.Bidirectional(nr.RNN(nr.LSTMCell(3, 4, rngs=rngs)),
+    ...                    nr.RNN(nr.LSTMCell(3, 4, rngs=rngs))),
+    ...   nr.RNN(nr.GRUCell(8, 5, rngs=rngs)),
+    ...   dropout_rate=0.1, rngs=rngs)
+    >>> x = jnp.ones((2, 6, 3))
+    >>> stack(x, seq_lengths=jnp.array([6, 4])).shape
+    (2, 6, 5)
+    >>> ((fwd, bwd), h), y = stack(x, return_carry=True)  # one carry per layer
+    >>> fwd[1].shape, h.shape
+    ((2, 4), (2, 5))
+
+  Args:
+    *layers: ``RNN`` or ``Bidirectional`` layers, first to last.
+    dropout_rate: dropout between layers (not after the last).
+    time_major: inputs are ``(time, *batch, *features)`` (default: the first
+      layer's ``time_major``).
+    return_carry: return ``(carries, outputs)``, ``carries`` a tuple with
+      one carry per layer (a ``(forward, backward)`` pair for a
+      ``Bidirectional``).
+    rngs: ``nnx.Rngs`` for the between-layer dropout (only with
+      ``dropout_rate > 0``; may also be given at call time).
+  """
+
+  def __init__(self, *layers, dropout_rate: float = 0.0, time_major: bool | None = None,
+               return_carry: bool = False, rngs: nnx.Rngs | None = None):
+    if not layers:
+      _checks.fail('StackedRNN', 'layers', 'at least one layer', 'none')
+    for i, layer in enumerate(layers):
+      if not isinstance(layer, (RNN, Bidirectional)):
+        _checks.fail('StackedRNN', f'layers[{i}]', 'an RNN or Bidirectional layer',
+                     type(layer).__name__, TypeError)
+    self.layers = nnx.List(layers)
+    self.dropout_rate = _checks.check_rate('StackedRNN', 'dropout_rate', dropout_rate)
+    self.time_major = layers[0].time_major if time_major is None else bool(time_major)
+    self.return_carry = return_carry
+    # No RNG state without dropout (flax#4509).
+    self.dropout = nnx.Dropout(self.dropout_rate, rngs=rngs) if self.dropout_rate else None
+
+  def __call__(
+    self,
+    inputs: Array,
+    *,
+    initial_carry: tuple[Carry | None, ...] | None = None,
+    seq_lengths: Array | None = None,
+    segment_ids: Array | None = None,
+    return_carry: bool | None = None,
+    time_major: bool | None = None,
+    rngs: RngsLike = None,
+  ):
+    """Runs the layers in turn.
+
+    Args:
+      inputs: ``(*batch, time, *features)`` (or time first).
+      initial_carry: a tuple with one entry per layer: that layer's initial
+        carry, or ``None`` for its default.
+      seq_lengths, segment_ids: as for :class:`RNN`, passed to every layer.
+      return_carry, time_major: override the attributes.
+      rngs: dropout RNG for the cells and the between-layer dropout,
+        overriding theirs (a PRNG key is split, one per use).
+
+    Returns:
+      ``outputs``, or ``(carries, outputs)`` with ``return_carry``.
+    """
+    n = len(self.layers)
+    return_carry = _first(return_carry, self.return_carry)
+    time_major = _first(time_major, self.time_major)
+    if initial_carry is None:
+      initial_carry = (None,) * n
+    elif not isinstance(initial_carry, (tuple, list)) or len(initial_carry) != n:
+      got = (f'{type(initial_carry).__name__} of length {len(initial_carry)}'
+             if isinstance(initial_carry, (tuple, list)) else type(initial_carry).__name__)
+      _checks.fail('StackedRNN', 'initial_carry',
+                   f'a tuple of {n} carries (one per layer, None for the default)', got)
+    # A raw key would give every layer the same masks: split it, one per use.
+    layer_rngs = dropout_rngs = (rngs,) * n
+    if isinstance(rngs, jax.Array):
+      keys = jax.random.split(rngs, 2 * n)
+      layer_rngs, dropout_rngs = tuple(keys[:n]), tuple(keys[n:])
+    carries = []
+    x = inputs
+    for i, layer in enumerate(self.layers):
+      carry, x = layer(x, initial_carry=initial_carry[i], seq_lengths=seq_lengths,
+                       segment_ids=segment_ids, return_carry=True, time_major=time_major,
+                       rngs=layer_rngs[i])
+      carries.append(carry)
+      if self.dropout is not None and i < n - 1:
+        x = jax.tree_util.tree_map(lambda a, r=dropout_rngs[i]: self.dropout(a, rngs=r), x)
+    return (tuple(carries), x) if return_carry else x

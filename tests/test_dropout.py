@@ -1,0 +1,212 @@
+"""Variational dropout (``dropout_rate`` / ``recurrent_dropout_rate``) on every cell.
+
+References: the cell without dropout (same parameters) for evaluation mode;
+the masks observed through cells built to expose them (identity weights); and
+the NumPy formula of LSTM and GRU with the masks applied (tests/reference.py).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import nnx_recurrent as nr
+from tests import reference
+
+ATOL = 2e-5
+B, T, IN, H = 3, 5, 4, 6
+_Z = dict(kernel_init=nnx.initializers.zeros_init(),
+          recurrent_kernel_init=nnx.initializers.zeros_init())
+CELLS = {
+  'SimpleCell': lambda **kw: nr.SimpleCell(IN, H, **_Z, **kw),
+  'LSTMCell': lambda **kw: nr.LSTMCell(IN, H, **_Z, **kw),
+  'OptimizedLSTMCell': lambda **kw: nr.OptimizedLSTMCell(IN, H, **_Z, **kw),
+  'GRUCell': lambda **kw: nr.GRUCell(IN, H, **_Z, **kw),
+  'MGUCell': lambda **kw: nr.MGUCell(IN, H, **_Z, **kw),
+  'ConvLSTMCell': lambda **kw: nr.ConvLSTMCell(IN, H, (3,), strides=2, **kw),
+}
+RATES = dict(dropout_rate=0.3, recurrent_dropout_rate=0.4)
+
+
+def _randomize(cell, seed=0):
+  """Random normal parameters drawn with NumPy (no compilation)."""
+  rng = np.random.default_rng(seed)
+  nnx.update(cell, jax.tree_util.tree_map(
+    lambda v: jnp.asarray(0.5 * rng.normal(size=v.shape), v.dtype), nnx.state(cell, nnx.Param)))
+  return cell
+
+
+def _x(cell, seed=1):
+  spatial = (6,) if isinstance(cell, nr.ConvLSTMCell) else ()
+  return np.random.default_rng(seed).normal(size=(B, T, *spatial, IN)).astype(np.float32)
+
+
+def _pair(name):
+  """A cell with dropout and the same cell without it, with equal parameters."""
+  drop = _randomize(CELLS[name](**RATES, rngs=nnx.Rngs(params=0, dropout=1)))
+  plain = CELLS[name](rngs=nnx.Rngs(params=0))
+  nnx.update(plain, nnx.state(drop, nnx.Param))
+  return nr.RNN(drop), nr.RNN(plain)
+
+
+@pytest.mark.parametrize('name', list(CELLS))
+def test_eval_equals_dropout_free_cell(name):
+  rnn, plain = _pair(name)
+  x = _x(rnn.cell)
+  run = nnx.jit(lambda m, x: m(x))
+  want = np.asarray(run(plain, x))
+  view = nnx.view(rnn, deterministic=True)
+  np.testing.assert_allclose(run(view, x), want, atol=ATOL)
+  # The view does not change the model, which is still training.
+  assert rnn.cell.deterministic is False
+  assert np.abs(np.asarray(run(rnn, x)) - want).max() > 1e-3
+  rnn.eval()
+  np.testing.assert_allclose(run(rnn, x), want, atol=ATOL)
+  rnn.train()
+  assert np.abs(np.asarray(run(rnn, x)) - want).max() > 1e-3
+
+
+def test_eval_reaches_cells_inside_bidirectional_and_stacks():
+  rngs = nnx.Rngs(0)
+  cells = [nr.GRUCell(IN, H, **RATES, rngs=rngs), nr.GRUCell(IN, H, **RATES, rngs=rngs),
+           nr.LSTMCell(2 * H, H, **RATES, rngs=rngs)]
+  stack = nr.StackedRNN(nr.Bidirectional(nr.RNN(cells[0]), nr.RNN(cells[1])),
+                        nr.RNN(cells[2]), dropout_rate=0.5, rngs=rngs)
+  view = nnx.view(stack, deterministic=True)
+  assert [c.deterministic for c in cells] == [False] * 3
+  assert all(c.deterministic for c in (view.layers[0].forward_rnn.cell,
+                                       view.layers[0].backward_rnn.cell,
+                                       view.layers[1].cell, view.dropout))
+  stack.eval()
+  assert all(c.deterministic for c in cells) and stack.dropout.deterministic
+
+
+def test_masks_observed_constant_across_time_and_different_across_rows():
+  rows, time, width = 16, 6, 8
+  ident = dict(activation_fn=lambda a: a, kernel_init=nnx.initializers.zeros_init(),
+               recurrent_kernel_init=nnx.initializers.zeros_init())
+  # Input mask: h_t = W_i (m * x_t) with W_i = I, W_h = 0, so y_t = m for x = 1.
+  cell = nr.SimpleCell(width, width, dropout_rate=0.5, **ident, rngs=nnx.Rngs(0))
+  cell.dense_i.kernel[...] = jnp.eye(width)
+  y = np.asarray(nr.RNN(cell)(jnp.ones((rows, time, width))))
+  m = y[:, 0]
+  np.testing.assert_array_equal(y, np.broadcast_to(m[:, None], y.shape))  # same every step
+  assert set(np.unique(m)) == {0.0, 2.0}  # inverted scaling 1 / (1 - 0.5)
+  assert len({tuple(r) for r in m}) > rows // 2  # rows get their own masks
+  assert 0.3 < (m > 0).mean() < 0.7
+  # Recurrent mask: h_t = 1 + W_h (m * h_{t-1}) with b_i = 1, W_h = I.
+  cell = nr.SimpleCell(width, width, recurrent_dropout_rate=0.5, **ident, rngs=nnx.Rngs(1))
+  cell.dense_i.bias[...] = jnp.ones(width)
+  cell.dense_h.kernel[...] = jnp.eye(width)
+  y = np.asarray(nr.RNN(cell)(jnp.zeros((rows, time, width))))
+  m = y[:, 1] - 1.0  # h_1 = 1 + m * 1
+  want = np.cumsum(m[:, None] ** np.arange(time)[None, :, None], axis=1)  # 1 + m + m^2 ...
+  np.testing.assert_allclose(y, want, rtol=1e-6)  # one mask for every step
+  assert set(np.unique(m)) == {0.0, 2.0}
+  assert len({tuple(r) for r in m}) > rows // 2
+  assert 0.3 < (m > 0).mean() < 0.7
+
+
+def test_bidirectional_directions_get_their_own_masks_from_one_key():
+  width = 8
+  ident = dict(activation_fn=lambda a: a, kernel_init=nnx.initializers.zeros_init(),
+               recurrent_kernel_init=nnx.initializers.zeros_init())
+  rnns = []
+  for seed in (0, 1):
+    cell = nr.SimpleCell(width, width, dropout_rate=0.5, **ident, rngs=nnx.Rngs(seed))
+    cell.dense_i.kernel[...] = jnp.eye(width)
+    rnns.append(nr.RNN(cell))
+  y = np.asarray(nr.Bidirectional(*rnns)(jnp.ones((4, 3, width)), rngs=jax.random.key(0)))
+  fwd, bwd = y[..., :width], y[..., width:]  # the input masks, one per row and direction
+  np.testing.assert_array_equal(fwd, np.broadcast_to(fwd[:, :1], fwd.shape))
+  np.testing.assert_array_equal(bwd, np.broadcast_to(bwd[:, :1], bwd.shape))
+  assert not np.array_equal(fwd, bwd)
+
+
+def _gru_masked(p, h, x, mh):
+  """GRU step with the recurrent mask on the matmul input only (h itself is kept)."""
+  hm = h * mh
+  r = reference.sigmoid(x @ p['W_ir'] + p['b_ir'] + hm @ p['W_hr'])
+  z = reference.sigmoid(x @ p['W_iz'] + p['b_iz'] + hm @ p['W_hz'])
+  n = np.tanh(x @ p['W_in'] + p['b_in'] + r * (hm @ p['W_hn'] + p['b_hn']))
+  return (1.0 - z) * n + z * h
+
+
+@pytest.mark.parametrize('name', ['LSTMCell', 'GRUCell'])
+def test_numpy_reference_given_the_masks(name):
+  cell = _randomize(CELLS[name](**RATES, rngs=nnx.Rngs(0)))
+  x = _x(cell)
+  key = jax.random.key(7)
+  ys = np.asarray(nr.RNN(cell)(x, rngs=key))  # a key at call time overrides the stream
+  mi, mh = (np.asarray(m, np.float64) for m in cell.dropout_masks(x[:, 0].shape, key))
+  assert mi.shape == (B, IN) and mh.shape == (B, H)
+  p = reference.cell_params(cell)
+  h, c = np.zeros((B, H)), np.zeros((B, H))
+  for t in range(T):
+    xt = x[:, t] * mi
+    if name == 'LSTMCell':  # h only enters the matmuls: masking it there is the whole story
+      (c, h), _ = reference.step(p, (c, h * mh), xt)
+    else:
+      h = _gru_masked(p, h, xt, mh)
+    np.testing.assert_allclose(ys[:, t], h, atol=ATOL)
+
+
+def test_training_calls_differ_and_the_stream_advances():
+  rnn, _ = _pair('LSTMCell')
+  x = _x(rnn.cell)
+  count = lambda: int(nnx.state(rnn, nnx.RngCount)['cell']['rngs']['count'][...])  # noqa: E731
+  c0 = count()
+  eager_twin = nnx.clone(rnn)
+  run = nnx.jit(lambda m, x: m(x))
+  a, b = np.asarray(run(rnn, x)), np.asarray(run(rnn, x))
+  assert count() == c0 + 2  # the stream advanced inside jit, once per call
+  assert np.abs(a - b).max() > 1e-3
+  # Same stream state, same masks: jit and eager agree.
+  np.testing.assert_allclose(eager_twin(x), a, atol=ATOL)
+  # rngs at call time: reproducible, and the cell's own stream is left alone.
+  c1 = count()
+  r1 = rnn(x, rngs=nnx.Rngs(dropout=3))
+  r2 = rnn(x, rngs=nnx.Rngs(dropout=3))
+  np.testing.assert_array_equal(r1, r2)
+  assert count() == c1
+  assert np.abs(np.asarray(r1) - a).max() > 1e-3
+
+
+def test_gradients_finite_under_jit():
+  rnn, _ = _pair('GRUCell')
+  x = _x(rnn.cell)
+
+  @nnx.jit
+  def grad_step(m, x):
+    return nnx.value_and_grad(lambda m: jnp.mean(m(x) ** 2))(m)
+
+  (l1, g1), (l2, _) = grad_step(rnn, x), grad_step(rnn, x)
+  leaves = jax.tree_util.tree_leaves(g1)
+  assert leaves and all(bool(jnp.isfinite(g).all()) for g in leaves)
+  assert any(float(jnp.abs(g).max()) > 0 for g in leaves)
+  assert float(l1) != float(l2)  # fresh masks on the second step
+
+
+def test_rates_zero_need_no_rng():
+  cell = CELLS['GRUCell'](rngs=nnx.Rngs(0))
+  assert not jax.tree_util.tree_leaves(nnx.state(cell, nnx.RngState))
+  assert cell.dropout_masks((B, IN)) is None
+  rnn = nr.RNN(cell)
+  x = _x(cell)
+  y = rnn(x)  # training mode, no rngs anywhere
+  rnn.eval()
+  np.testing.assert_array_equal(rnn(x), y)
+  stack = nr.StackedRNN(rnn, nr.RNN(nr.GRUCell(H, H, rngs=nnx.Rngs(1))))
+  assert not jax.tree_util.tree_leaves(nnx.state(stack, nnx.RngState))
+
+
+def test_rate_errors():
+  with pytest.raises(ValueError, match=r'GRUCell: `dropout_rate` expected a float in \[0, 1\), '
+                     r'got 1.0'):
+    nr.GRUCell(IN, H, dropout_rate=1.0, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r'LSTMCell: `recurrent_dropout_rate` expected a float in '
+                     r'\[0, 1\), got -0.1'):
+    nr.LSTMCell(IN, H, recurrent_dropout_rate=-0.1, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r'StackedRNN: `dropout_rate` expected a float in \[0, 1\)'):
+    nr.StackedRNN(nr.RNN(nr.GRUCell(IN, H, rngs=nnx.Rngs(0))), dropout_rate=2.0)

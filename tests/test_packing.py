@@ -1,0 +1,293 @@
+"""Packed sequences (``segment_ids``) and ``pack_sequences`` / ``unpack_sequences``.
+
+The references: every segment run alone — through the NumPy formula of the cell
+(tests/reference.py) and through ``nr.RNN`` on a padded batch with one segment
+per row (``seq_lengths``, itself checked against NumPy elsewhere).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import nnx_recurrent as nr
+from tests import reference
+
+ATOL = 2e-5
+IN, H = 3, 4
+# Two rows of 9 steps: segments of length 1..4, padding between and at the
+# end, and equal ids that are *not* consecutive (1 after 0): two segments.
+IDS = np.array([
+  [1, 1, 1, 2, 0, 1, 1, 3, 3],
+  [7, 7, 7, 7, 5, 5, 5, 0, 0],
+], np.int32)
+
+
+def _segments(ids):
+  """``(row, start, end)`` of every segment of a ``(rows, time)`` id array."""
+  out = []
+  for r, row in enumerate(np.asarray(ids)):
+    t = 0
+    while t < len(row):
+      if row[t] == 0:
+        t += 1
+        continue
+      s = t
+      while t < len(row) and row[t] == row[s]:
+        t += 1
+      out.append((r, s, t))
+  return out
+
+
+# Zero initializers: the real values come from _randomize, and the default
+# ones (orthogonal...) cost a compilation per shape.
+_Z = dict(kernel_init=nnx.initializers.zeros_init(),
+          recurrent_kernel_init=nnx.initializers.zeros_init())
+CELLS = {
+  'SimpleCell': lambda rngs: nr.SimpleCell(IN, H, **_Z, rngs=rngs),
+  'LSTMCell': lambda rngs: nr.LSTMCell(IN, H, **_Z, rngs=rngs),
+  'OptimizedLSTMCell': lambda rngs: nr.OptimizedLSTMCell(IN, H, **_Z, rngs=rngs),
+  'GRUCell': lambda rngs: nr.GRUCell(IN, H, **_Z, rngs=rngs),
+  'MGUCell': lambda rngs: nr.MGUCell(IN, H, **_Z, rngs=rngs),
+  'ConvLSTMCell': lambda rngs: nr.ConvLSTMCell(IN, H, (3,), rngs=rngs),
+}
+
+
+def _randomize(cell, seed=0):
+  """Random normal parameters (biases too), drawn with NumPy: no compilation."""
+  rng = np.random.default_rng(seed)
+  state = nnx.state(cell, nnx.Param)
+  nnx.update(cell, jax.tree_util.tree_map(
+    lambda v: jnp.asarray(0.5 * rng.normal(size=v.shape), v.dtype), state))
+  return cell
+
+
+_MADE = {}
+
+
+def _rnn(name):
+  """One randomised ``RNN`` per cell kind for the whole module (building cells compiles)."""
+  if name not in _MADE:
+    _MADE[name] = nr.RNN(_randomize(CELLS[name](nnx.Rngs(0))))
+  return _MADE[name]
+
+
+MODES = ((False, False), (True, False), (True, True))  # (reverse, keep_order)
+
+
+@nnx.jit
+def _run_modes(rnn, x, initial_carry, segment_ids=None, seq_lengths=None):
+  """``(carry, outputs)`` for every mode in ``MODES``, in one compilation."""
+  return [rnn(x, initial_carry=initial_carry, segment_ids=segment_ids, seq_lengths=seq_lengths,
+              reverse=rev, keep_order=keep, return_carry=True) for rev, keep in MODES]
+
+
+def _inputs(cell, rows, time, seed=1):
+  spatial = (5,) if isinstance(cell, nr.ConvLSTMCell) else ()
+  return np.random.default_rng(seed).normal(size=(rows, time, *spatial, IN)).astype(np.float32)
+
+
+def _alone(rnn, x, ids, carry0):
+  """Every segment as its own row of a padded batch, for every mode."""
+  segs = _segments(ids)
+  longest = max(e - s for _, s, e in segs)
+  batch = np.zeros((len(segs), longest) + x.shape[2:], np.float32)
+  for k, (r, s, e) in enumerate(segs):
+    batch[k, : e - s] = x[r, s:e]
+  c0 = jax.tree_util.tree_map(lambda c: c[np.array([r for r, _, _ in segs])], carry0)
+  return _run_modes(rnn, batch, c0, seq_lengths=jnp.array([e - s for _, s, e in segs]))
+
+
+@pytest.mark.parametrize('name', list(CELLS))
+def test_packed_equals_segments_run_alone(name):
+  rnn = _rnn(name)
+  cell = rnn.cell
+  x = _inputs(cell, *IDS.shape)
+  step_shape = x[:, 0].shape
+  # A random initial carry: every segment must restart from it.
+  rng = np.random.default_rng(5)
+  carry0 = jax.tree_util.tree_map(lambda c: rng.normal(size=c.shape).astype(np.float32),
+                                  cell.initialize_carry(step_shape))
+  packed = _run_modes(rnn, x, carry0, segment_ids=IDS)
+  # Through nr.RNN too, for two cells (each call compiles: keep the suite fast).
+  alone = _alone(rnn, x, IDS, carry0) if name in ('LSTMCell', 'GRUCell') else None
+  p = reference.cell_params(cell)
+  for m, (reverse, keep_order) in enumerate(MODES):
+    carry, ys = jax.tree_util.tree_map(np.asarray, packed[m])
+    last = {}
+    for k, (r, s, e) in enumerate(_segments(IDS)):
+      if alone:
+        np.testing.assert_allclose(ys[r, s:e], alone[m][1][k, : e - s], atol=ATOL)
+      # The NumPy formula on the segment alone.
+      seq = x[r, s:e][::-1] if reverse else x[r, s:e]
+      c, ref = reference.run_sequence(p, jax.tree_util.tree_map(lambda a, r=r: a[r], carry0),
+                                      seq)
+      if reverse and keep_order:
+        ref = ref[::-1]
+      np.testing.assert_allclose(ys[r, s:e], np.stack(ref), atol=ATOL)
+      last[r] = (k, c)
+    # Padding outputs are zero.
+    np.testing.assert_array_equal(ys[IDS == 0], 0)
+    # The returned carry: the end of each row's last segment (in processing order).
+    for r, (k, c) in last.items():
+      for i, (got, want) in enumerate(zip(jax.tree_util.tree_leaves(carry),
+                                          jax.tree_util.tree_leaves(c))):
+        np.testing.assert_allclose(got[r], want, atol=ATOL)
+        if alone:
+          np.testing.assert_allclose(got[r], jax.tree_util.tree_leaves(alone[m][0])[i][k],
+                                     atol=ATOL)
+
+
+def test_consecutive_equal_ids_form_one_segment():
+  # [1 1 2 2] is two segments, [1 1 1 1] one: the second half differs.
+  rnn = _rnn('GRUCell')
+  x = np.tile(_inputs(rnn.cell, 1, 2), (1, 2, 1))
+  two = rnn(x, segment_ids=np.array([[1, 1, 2, 2]]))
+  one = rnn(x, segment_ids=np.array([[1, 1, 1, 1]]))
+  np.testing.assert_allclose(two[0, 2:], two[0, :2], atol=ATOL)  # restarted
+  assert np.abs(np.asarray(one[0, 2:] - two[0, 2:])).min() > 1e-4  # continued
+
+
+@pytest.mark.parametrize('time_major', [False, True])
+def test_bidirectional_reverses_within_segments(time_major):
+  bi = nr.Bidirectional(_rnn('LSTMCell'), _rnn('GRUCell'))
+  x = _inputs(bi.forward_rnn.cell, *IDS.shape)
+  xt, idt = (np.swapaxes(x, 0, 1), IDS.T) if time_major else (x, IDS)
+  (cf, cb), ys = bi(xt, segment_ids=idt, time_major=time_major, return_carry=True)
+  if time_major:
+    ys = jnp.swapaxes(ys, 0, 1)
+  pf = reference.cell_params(bi.forward_rnn.cell)
+  pb = reference.cell_params(bi.backward_rnn.cell)
+  zeros = np.zeros(H)
+  for r, s, e in _segments(IDS):
+    hf = np.stack(reference.run_sequence(pf, (zeros, zeros), x[r, s:e])[1])
+    hb = np.stack(reference.run_sequence(pb, zeros, x[r, s:e][::-1])[1])[::-1]
+    np.testing.assert_allclose(ys[r, s:e], np.concatenate([hf, hb], -1), atol=ATOL)
+  np.testing.assert_array_equal(np.asarray(ys)[IDS == 0], 0)
+  # Row 1 ends with segment 5 at [4, 7): its backward carry saw x[1, 6..4].
+  hb_last = reference.run_sequence(pb, zeros, x[1, 4:7][::-1])[0]
+  np.testing.assert_allclose(cb[1], hb_last, atol=ATOL)
+
+
+def test_several_batch_axes_and_jit():
+  rnn = nr.RNN(_rnn('SimpleCell').cell, reverse=True)
+  ids = np.stack([IDS, IDS[::-1]])  # (2, 2, time)
+  x = _inputs(rnn.cell, 4, IDS.shape[1]).reshape(2, 2, IDS.shape[1], IN)
+  ys = nnx.jit(lambda m, x, ids: m(x, segment_ids=ids))(rnn, x, ids)
+  flat = rnn(x.reshape(4, -1, IN), segment_ids=ids.reshape(4, -1))
+  np.testing.assert_allclose(ys.reshape(4, -1, H), flat, atol=ATOL)
+  p = reference.cell_params(rnn.cell)
+  for r, s, e in _segments(ids.reshape(4, -1)):
+    ref = np.stack(reference.run_sequence(p, np.zeros(H), x.reshape(4, -1, IN)[r, s:e][::-1])[1])
+    np.testing.assert_allclose(flat[r, s:e], ref, atol=ATOL)
+
+
+def test_segment_id_errors():
+  rnn = _rnn('SimpleCell')
+  x = jnp.ones((2, 9, IN))
+  with pytest.raises(ValueError, match=r'RNN: `segment_ids` expected None when seq_lengths'):
+    rnn(x, segment_ids=IDS, seq_lengths=jnp.array([9, 9]))
+  with pytest.raises(ValueError, match=r'RNN: `segment_ids` expected shape \(\*batch, time\) '
+                     r'= \(2, 9\), got shape \(9, 2\)'):
+    rnn(x, segment_ids=IDS.T)
+  with pytest.raises(ValueError, match=r'RNN: `segment_ids` expected shape \(time, \*batch\) '
+                     r'= \(9, 2\), got shape \(2, 9\)'):
+    rnn(jnp.swapaxes(x, 0, 1), segment_ids=IDS, time_major=True)
+  with pytest.raises(ValueError, match=r'RNN: `segment_ids` expected an integer array .* '
+                     r'got dtype float32'):
+    rnn(x, segment_ids=IDS.astype(np.float32))
+  with pytest.raises(ValueError, match=r'`segment_ids` expected non-negative .* got minimum -7'):
+    rnn(x, segment_ids=-IDS)
+  bi = nr.Bidirectional(_rnn('SimpleCell'), _rnn('SimpleCell'))
+  with pytest.raises(ValueError, match=r'`segment_ids` expected an integer array'):
+    bi(x, segment_ids=IDS == 1)
+
+
+# -- pack_sequences / unpack_sequences ------------------------------------------
+def test_pack_first_fit_layout():
+  seqs = [np.full((n, 2), i, np.float32) for i, n in enumerate((2, 5, 3, 1, 4))]
+  x, ids = nr.pack_sequences(seqs, max_length=6)
+  # Longest first: 5 -> row 0; 4 -> row 1; 3 -> row 2; 2 -> row 1; 1 -> row 0.
+  np.testing.assert_array_equal(ids, [[2, 2, 2, 2, 2, 4],
+                                      [5, 5, 5, 5, 1, 1],
+                                      [3, 3, 3, 0, 0, 0]])
+  assert x.dtype == np.float32 and x.shape == (3, 6, 2)
+  np.testing.assert_array_equal(x[..., 0], np.where(ids > 0, ids - 1, 0))
+  _, ids = nr.pack_sequences(seqs, max_length=6, sort_by_length=False, num_rows=4)
+  np.testing.assert_array_equal(ids, [[1, 1, 3, 3, 3, 4],
+                                      [2, 2, 2, 2, 2, 0],
+                                      [5, 5, 5, 5, 0, 0],
+                                      [0, 0, 0, 0, 0, 0]])
+
+
+def test_pack_unpack_round_trip():
+  rng = np.random.default_rng(0)
+  lengths = list(rng.integers(0, 12, size=40)) + [12, 0]
+  seqs = [rng.normal(size=(n, 2, 3)) for n in lengths]
+  x, ids = nr.pack_sequences(seqs, pad_value=-1.0)
+  assert x.shape[1] == 12 and ids.dtype == np.int32
+  assert -(-sum(lengths) // 12) <= x.shape[0] < len(lengths)
+  assert (ids > 0).sum() == sum(lengths)
+  assert (x[ids == 0] == -1).all()
+  # Every id is one contiguous span of one row with the sequence's length.
+  for r, s, e in _segments(ids):
+    np.testing.assert_array_equal(x[r, s:e], seqs[ids[r, s] - 1])
+  back = nr.unpack_sequences(x, ids, num_sequences=len(seqs))
+  assert len(back) == len(seqs)
+  for a, b in zip(back, seqs):
+    np.testing.assert_array_equal(a, b)
+  # Token ids: no feature axes.
+  toks = [np.arange(n) for n in (3, 1, 2)]
+  packed, tids = nr.pack_sequences(toks, max_length=3)
+  np.testing.assert_array_equal(packed, [[0, 1, 2], [0, 1, 0]])
+  np.testing.assert_array_equal(tids, [[1, 1, 1], [3, 3, 2]])
+  assert [list(t) for t in nr.unpack_sequences(packed, tids)] == [[0, 1, 2], [0], [0, 1]]
+
+
+def test_pack_rnn_unpack_equals_separate_runs():
+  rnn = _rnn('OptimizedLSTMCell')
+  cell = rnn.cell
+  rng = np.random.default_rng(2)
+  seqs = [rng.normal(size=(n, IN)).astype(np.float32) for n in (6, 1, 3, 4, 2, 5)]
+  x, ids = nr.pack_sequences(seqs, max_length=8)
+  ys = nr.unpack_sequences(nnx.jit(lambda m, x, i: m(x, segment_ids=i))(rnn, x, ids), ids)
+  assert all(isinstance(y, jax.Array) for y in ys)
+  p = reference.cell_params(cell)
+  zeros = np.zeros(H)
+  for y, seq in zip(ys, seqs):
+    np.testing.assert_allclose(y, np.stack(reference.run_sequence(p, (zeros, zeros), seq)[1]),
+                               atol=ATOL)
+
+  # unpack keeps gradients flowing into the packed outputs.
+  def loss(out):
+    return nr.unpack_sequences(out, ids)[2].sum()
+
+  g = jax.grad(loss)(jnp.ones(x.shape[:2] + (H,)))
+  np.testing.assert_array_equal(g[..., 0], (ids == 3).astype(np.float32))
+
+
+def test_pack_unpack_errors():
+  seqs = [np.ones((3, 2)), np.ones((5, 2))]
+  with pytest.raises(ValueError, match=r'pack_sequences: `max_length` expected at least the '
+                     r'longest sequence \(5\), got 4'):
+    nr.pack_sequences(seqs, max_length=4)
+  with pytest.raises(ValueError, match=r'`num_rows` expected at least the 2 rows .* got 1'):
+    nr.pack_sequences(seqs, max_length=5, num_rows=1)
+  with pytest.raises(ValueError, match=r'`sequences\[1\]` expected shape \(length, \*\(2,\)\) '
+                     r'like sequences\[0\], got shape \(5, 3\)'):
+    nr.pack_sequences([np.ones((3, 2)), np.ones((5, 3))])
+  with pytest.raises(ValueError, match=r'`sequences` expected at least one array'):
+    nr.pack_sequences([])
+  with pytest.raises(TypeError, match=r'`sequences` expected a list of arrays, got ndarray'):
+    nr.pack_sequences(np.ones((2, 3)))
+  out = np.zeros((2, 4, 3))
+  with pytest.raises(ValueError, match=r'unpack_sequences: `segment_ids` expected each positive '
+                     r'id in one contiguous span of one row .* got id 1 in several spans'):
+    nr.unpack_sequences(out, np.array([[1, 1, 2, 2], [1, 1, 0, 0]]))
+  with pytest.raises(ValueError, match=r'`segment_ids` expected shape \(rows, time\) = '
+                     r'\(2, 4\) .* got shape \(4, 2\)'):
+    nr.unpack_sequences(out, np.zeros((4, 2), np.int32))
+  with pytest.raises(ValueError, match=r'`num_sequences` expected an int of at least the largest '
+                     r'id \(2\), got 1'):
+    nr.unpack_sequences(out, np.array([[1, 1, 2, 2], [0, 0, 0, 0]]), num_sequences=1)

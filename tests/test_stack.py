@@ -1,0 +1,127 @@
+"""``StackedRNN``: equal to composing its layers by hand, and to the NumPy formula."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import nnx_recurrent as nr
+from tests import reference
+
+ATOL = 2e-5
+B, T, IN, H = 3, 6, 4, 5
+LENGTHS = np.array([6, 0, 3])
+IDS = np.array([[1, 1, 2, 2, 2, 0], [3, 3, 3, 3, 3, 3], [0, 4, 0, 5, 5, 6]], np.int32)
+_Z = dict(kernel_init=nnx.initializers.zeros_init(),
+          recurrent_kernel_init=nnx.initializers.zeros_init())
+
+
+def _randomize(module, seed=0):
+  """Random normal parameters drawn with NumPy (no compilation)."""
+  rng = np.random.default_rng(seed)
+  nnx.update(module, jax.tree_util.tree_map(
+    lambda v: jnp.asarray(0.5 * rng.normal(size=v.shape), v.dtype),
+    nnx.state(module, nnx.Param)))
+  return module
+
+
+def _stack(time_major=False):
+  rngs = nnx.Rngs(0)
+  bi = nr.Bidirectional(nr.RNN(nr.LSTMCell(IN, H, **_Z, rngs=rngs)),
+                        nr.RNN(nr.GRUCell(IN, H, **_Z, rngs=rngs)))
+  top = nr.RNN(nr.GRUCell(2 * H, H, **_Z, rngs=rngs), time_major=time_major)
+  return _randomize(nr.StackedRNN(bi, top, time_major=time_major))
+
+
+def _x(seed=1):
+  return np.random.default_rng(seed).normal(size=(B, T, IN)).astype(np.float32)
+
+
+@pytest.mark.parametrize('mask', ['none', 'seq_lengths', 'segment_ids'])
+def test_equals_manual_composition(mask):
+  stack = _stack()
+  x = _x()
+  kw = {'none': {}, 'seq_lengths': dict(seq_lengths=LENGTHS),
+        'segment_ids': dict(segment_ids=IDS)}[mask]
+  rng = np.random.default_rng(3)
+  c_top = rng.normal(size=(B, H)).astype(np.float32)
+
+  @nnx.jit
+  def both(stack, x, c_top):
+    got = stack(x, initial_carry=(None, c_top), return_carry=True, **kw)
+    bi, top = stack.layers
+    c1, y1 = bi(x, return_carry=True, **kw)
+    c2, y2 = top(y1, initial_carry=c_top, return_carry=True, **kw)
+    return got, ((c1, c2), y2)
+
+  got, want = both(stack, x, c_top)
+  for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_allclose(g, w, atol=ATOL)
+  (c_bi, _), ys = got
+  assert len(got[0]) == 2 and len(c_bi) == 2  # one carry per layer, a pair for Bidirectional
+  if mask == 'seq_lengths':
+    np.testing.assert_array_equal(np.asarray(ys)[np.arange(T)[None] >= LENGTHS[:, None]], 0)
+  if mask == 'segment_ids':
+    np.testing.assert_array_equal(np.asarray(ys)[IDS == 0], 0)
+
+
+def test_numpy_reference_two_layers_time_major():
+  rngs = nnx.Rngs(0)
+  stack = _randomize(nr.StackedRNN(
+    nr.RNN(nr.SimpleCell(IN, H, **_Z, rngs=rngs), time_major=True),
+    nr.RNN(nr.MGUCell(H, H, **_Z, rngs=rngs), time_major=True),
+  ))
+  assert stack.time_major  # taken from the first layer
+  x = _x()
+  (c1, c2), ys = stack(np.swapaxes(x, 0, 1), seq_lengths=LENGTHS, return_carry=True)
+  p1, p2 = (reference.cell_params(layer.cell) for layer in stack.layers)
+  zeros = np.zeros((B, H))
+  r1, y1 = reference.rnn(p1, x, LENGTHS, zeros, num_batch_dims=1)
+  r2, y2 = reference.rnn(p2, y1, LENGTHS, zeros, num_batch_dims=1)
+  np.testing.assert_allclose(jnp.swapaxes(ys, 0, 1), y2, atol=ATOL)
+  np.testing.assert_allclose(c1, r1, atol=ATOL)
+  np.testing.assert_allclose(c2, r2, atol=ATOL)
+
+
+def test_dropout_between_layers_only():
+  # Identity layers (h = W_i x, W_i = I, W_h = 0): the output is the input after
+  # the between-layer dropout: 0 or 1 / (1 - 0.5) per element, never 4.
+  ident = dict(activation_fn=lambda a: a, **_Z)
+  rngs = nnx.Rngs(0)
+  layers = [nr.RNN(nr.SimpleCell(H, H, **ident, rngs=rngs)) for _ in range(2)]
+  for layer in layers:
+    layer.cell.dense_i.kernel[...] = jnp.eye(H)
+  stack = nr.StackedRNN(*layers, dropout_rate=0.5, rngs=nnx.Rngs(dropout=1))
+  x = jnp.ones((8, T, H))
+  y = np.asarray(stack(x, seq_lengths=np.array([T] * 7 + [2])))
+  assert set(np.unique(y[:7])) == {0.0, 2.0}
+  assert len({tuple(y[0, t]) for t in range(T)}) > 1  # plain dropout: a new mask every step
+  np.testing.assert_array_equal(y[7, 2:], 0)  # padding stays zero
+  assert not np.array_equal(y, np.asarray(stack(x, seq_lengths=np.array([T] * 7 + [2]))))
+  # One layer: nothing after the last layer.
+  np.testing.assert_array_equal(
+    nr.StackedRNN(layers[0], dropout_rate=0.5, rngs=nnx.Rngs(dropout=1))(x), x)
+  # Evaluation: the plain composition; a key at call time is reproducible.
+  k = jax.random.key(0)
+  np.testing.assert_array_equal(stack(x, rngs=k), stack(x, rngs=k))
+  stack.eval()
+  np.testing.assert_array_equal(stack(x), x)
+
+
+def test_errors():
+  stack = _stack()
+  x = _x()
+  with pytest.raises(ValueError, match=r'StackedRNN: `initial_carry` expected a tuple of 2 '
+                     r'carries \(one per layer, None for the default\), got tuple of length 1'):
+    stack(x, initial_carry=(None,))
+  with pytest.raises(ValueError, match=r'`initial_carry` expected a tuple of 2 carries .* '
+                     r'got ndarray'):
+    stack(x, initial_carry=np.zeros((B, H)))
+  with pytest.raises(ValueError, match=r'StackedRNN: `layers` expected at least one layer'):
+    nr.StackedRNN()
+  with pytest.raises(TypeError, match=r'StackedRNN: `layers\[1\]` expected an RNN or '
+                     r'Bidirectional layer, got GRUCell'):
+    nr.StackedRNN(stack.layers[0], nr.GRUCell(2 * H, H, rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match=r'RNN: `initial_carry` expected'):
+    stack(x, initial_carry=(None, np.zeros((B, H + 1))))

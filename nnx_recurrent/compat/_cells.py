@@ -1,0 +1,459 @@
+"""flax.linen cells whose math runs on the nnx_recurrent cells.
+
+Each class is a genuine ``flax.linen.Module`` with the fields, defaults, call
+signature and parameters of the flax.linen class of the same name. Its
+``__call__`` declares flax.linen's parameters (names, shapes, dtypes and
+initial values), hands them to :mod:`nnx_recurrent.compat._convert`, which
+builds the nnx_recurrent cell holding them, and runs that cell's step. The
+math exists once, in the nnx_recurrent cells.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.core import meta
+from flax.typing import Dtype, Initializer
+
+from nnx_recurrent import _checks
+from nnx_recurrent.compat import _convert
+
+# flax.linen's defaults, exactly (the same functions give the same initial values).
+default_kernel_init = nn.initializers.lecun_normal()
+default_recurrent_kernel_init = nn.initializers.orthogonal()
+default_bias_init = _zeros = nn.initializers.zeros_init()
+_ones = nn.initializers.ones_init()
+
+
+class RNNCellBase(nn.RNNCellBase):
+  """Base class of recurrent cells: flax.linen's contract, unchanged.
+
+  A subclass of ``flax.linen.RNNCellBase``: a cell holds its sizes as fields,
+  implements ``__call__(carry, inputs) -> (carry, output)``,
+  ``initialize_carry(rng, input_shape)`` and ``num_feature_axes``. Your own
+  cells work with :class:`RNN` and :class:`Bidirectional` as in flax.linen.
+
+  Example (a user-defined cell)::
+
+    >>> import flax.linen as nn
+    >>> import jax, jax.numpy as jnp
+    >>> from nnx_recurrent import compat
+    >>> class Accumulator(compat.RNNCellBase):
+    ...   features: int
+    ...   @nn.compact
+    ...   def __call__(self, carry, x):
+    ...     carry = carry + nn.Dense(self.features)(x)
+    ...     return carry, carry
+    ...   @nn.nowrap
+    ...   def initialize_carry(self, rng, input_shape):
+    ...     return jnp.zeros((*input_shape[:-1], self.features))
+    ...   @property
+    ...   def num_feature_axes(self):
+    ...     return 1
+    >>> rnn = compat.RNN(Accumulator(2))
+    >>> x = jnp.ones((1, 3, 4))
+    >>> y, variables = rnn.init_with_output(jax.random.key(0), x)
+    >>> bool(jnp.allclose(y[:, 2], 3 * y[:, 0]))
+    True
+  """
+
+
+class _ParamGroup(nn.Module):
+  """Declares one flax.linen ``Dense``/``Conv`` group: ``kernel``, then ``bias``."""
+
+  kernel_shape: tuple[int, ...]
+  kernel_init: Initializer
+  bias_init: Initializer | None
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self) -> dict:
+    out = {'kernel': self.param('kernel', self.kernel_init, self.kernel_shape, self.param_dtype)}
+    if self.bias_init is not None:
+      out['bias'] = self.param('bias', self.bias_init, self.kernel_shape[-1:], self.param_dtype)
+    return out
+
+
+class _Cell(RNNCellBase):
+  """The shared machinery: linen parameters -> nnx_recurrent cell -> one step."""
+
+  _layout_name = ''  # the key of this class in _convert.LAYOUTS (not a field)
+
+  @nn.compact
+  def __call__(self, carry, inputs):
+    """Runs one time step: ``(carry, inputs) -> (new_carry, output)``.
+
+    Args:
+      carry: the state, from :meth:`initialize_carry`.
+      inputs: one step's input ``(*batch, *features)``.
+
+    Returns:
+      ``(new_carry, output)``.
+
+    Raises:
+      ValueError: ``carry`` does not have the structure and shapes
+        :meth:`initialize_carry` gives for ``inputs``, or the parameters
+        (a checkpoint) were made for another input or feature size.
+    """
+    layout = _convert.LAYOUTS[self._layout_name]
+    where = layout.name
+    inputs = _checks.check_array(where, 'inputs', inputs)
+    if inputs.ndim < self.num_feature_axes:
+      _checks.fail(where, 'inputs', f'at least {self.num_feature_axes} feature axes',
+                   f'shape {tuple(inputs.shape)}')
+    in_features = int(inputs.shape[-1])
+    self._check_checkpoint(layout, in_features, tuple(inputs.shape))
+    params = {
+      g.name: _ParamGroup(_convert.kernel_shape(layout, self, g, in_features), g.kernel_init,
+                          g.bias_init, self.param_dtype, name=g.name)()
+      for g in layout.groups(self)
+    }
+    cell = _convert.build_nnx(layout, self, in_features, params)
+    expected = jax.eval_shape(lambda: cell.initialize_carry(tuple(inputs.shape)))
+    if isinstance(expected, tuple) and isinstance(carry, list):
+      carry = tuple(carry)  # flax.linen unpacks lists too
+    _checks.check_tree_matches(where, 'carry', carry, expected)
+    return cell(carry, inputs)
+
+  def _check_checkpoint(self, layout, in_features: int, input_shape: tuple[int, ...]) -> None:
+    existing = meta.unbox(self.variables.get('params', {}))
+    if not existing:
+      return  # being initialised
+    first = next(g.name for g in layout.groups(self) if g.reads == 'input')
+    group = existing.get(first)
+    kernel = group.get('kernel') if isinstance(group, Mapping) else None
+    if hasattr(kernel, 'shape') and len(kernel.shape) >= 2 and kernel.shape[-2] != in_features:
+      _checks.fail(layout.name, 'inputs',
+                   f"last axis of size {kernel.shape[-2]} (the parameter '{first}/kernel' "
+                   f'has shape {tuple(kernel.shape)})', f'shape {input_shape}')
+    _convert.check_params(layout.name, layout, self, existing, in_features)
+
+  @nn.nowrap
+  def initialize_carry(self, rng, input_shape: tuple[int, ...]):
+    """Returns the initial carry for one step's input of shape ``input_shape``.
+
+    Args:
+      rng: PRNG key passed to ``carry_init`` (split in two for ``(c, h)``).
+      input_shape: ``(*batch, *features)`` of one step's input.
+
+    Returns:
+      The carry, in ``param_dtype``: ``(c, h)`` for LSTM cells, else ``h``.
+    """
+    layout = _convert.LAYOUTS[self._layout_name]
+    input_shape = tuple(int(d) for d in input_shape)
+    if len(input_shape) < self.num_feature_axes:
+      _checks.fail(f'{layout.name}.initialize_carry', 'input_shape',
+                   f'at least {self.num_feature_axes} feature axes', f'{input_shape}')
+    if rng is None:
+      _checks.fail(f'{layout.name}.initialize_carry', 'rng', 'a PRNG key', 'None', TypeError)
+    cell = _convert.build_nnx(layout, self, input_shape[-1])
+    rng = rng if isinstance(rng, jax.Array) else jnp.asarray(rng)
+    return cell.initialize_carry(input_shape, rngs=rng, carry_init=self.carry_init)
+
+  @property
+  def num_feature_axes(self) -> int:
+    """Number of trailing feature axes of one step's input."""
+    return 1
+
+
+_COMMON_ATTRS = """
+  Attributes:
+    features: number of output features (size of the carry).
+    gate_fn: gate nonlinearity (default sigmoid).
+    activation_fn: candidate and output nonlinearity (default tanh).
+    kernel_init: initializer of the input kernels (default lecun normal).
+    recurrent_kernel_init: initializer of the hidden kernels (default orthogonal).
+    bias_init: initializer of the biases (default zeros).
+    dtype: computation dtype (default: inferred from inputs and params).
+    param_dtype: parameter and carry dtype (default float32).
+    carry_init: initializer of the carry (default zeros).
+"""
+
+
+class LSTMCell(_Cell):
+  __doc__ = r"""LSTM cell: ``flax.linen.LSTMCell``, computed by ``nnx_recurrent.LSTMCell``.
+
+  .. math::
+
+      \begin{array}{ll}
+      i = \sigma(W_{ii} x + W_{hi} h + b_{hi}) \\
+      f = \sigma(W_{if} x + W_{hf} h + b_{hf}) \\
+      g = \tanh(W_{ig} x + W_{hg} h + b_{hg}) \\
+      o = \sigma(W_{io} x + W_{ho} h + b_{ho}) \\
+      c' = f * c + i * g \\
+      h' = o * \tanh(c')
+      \end{array}
+
+  The carry is ``(c, h)``. Parameters as flax.linen: ``ii, if, ig, io``
+  (``kernel``) and ``hi, hf, hg, ho`` (``kernel``, ``bias``).
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from nnx_recurrent import compat
+    >>> x = jax.random.normal(jax.random.key(0), (2, 3))
+    >>> layer = compat.LSTMCell(features=4)
+    >>> carry = layer.initialize_carry(jax.random.key(1), x.shape)
+    >>> variables = layer.init(jax.random.key(2), carry, x)
+    >>> jax.tree.map(jnp.shape, variables['params']['hi'])
+    {'bias': (4,), 'kernel': (4, 4)}
+    >>> (c, h), y = layer.apply(variables, carry, x)
+    >>> y.shape, bool((y == h).all())
+    ((2, 4), True)
+""" + _COMMON_ATTRS
+
+  _layout_name = 'LSTMCell'
+
+  features: int
+  gate_fn: Callable[..., Any] = nn.sigmoid
+  activation_fn: Callable[..., Any] = nn.tanh
+  kernel_init: Initializer = default_kernel_init
+  recurrent_kernel_init: Initializer = default_recurrent_kernel_init
+  bias_init: Initializer = default_bias_init
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  carry_init: Initializer = _zeros
+
+
+class OptimizedLSTMCell(_Cell):
+  __doc__ = r"""LSTM cell with fused matmuls: ``flax.linen.OptimizedLSTMCell``.
+
+  The math and the parameters (per gate: ``ii, if, ig, io, hi, hf, hg, ho``)
+  are those of :class:`LSTMCell`, as in flax.linen; the step runs on
+  ``nnx_recurrent.OptimizedLSTMCell``, whose fused kernels are the per-gate
+  kernels concatenated in the order ``i, f, g, o``.
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from nnx_recurrent import compat
+    >>> x = jnp.ones((2, 3))
+    >>> layer = compat.OptimizedLSTMCell(features=4)
+    >>> carry = layer.initialize_carry(jax.random.key(1), x.shape)
+    >>> variables = layer.init(jax.random.key(2), carry, x)
+    >>> sorted(variables['params'])
+    ['hf', 'hg', 'hi', 'ho', 'if', 'ig', 'ii', 'io']
+    >>> (c, h), y = layer.apply(variables, carry, x)
+    >>> y.shape
+    (2, 4)
+""" + _COMMON_ATTRS
+
+  _layout_name = 'OptimizedLSTMCell'
+
+  features: int
+  gate_fn: Callable[..., Any] = nn.sigmoid
+  activation_fn: Callable[..., Any] = nn.tanh
+  kernel_init: Initializer = default_kernel_init
+  recurrent_kernel_init: Initializer = default_recurrent_kernel_init
+  bias_init: Initializer = default_bias_init
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  carry_init: Initializer = _zeros
+
+
+class GRUCell(_Cell):
+  __doc__ = r"""GRU cell: ``flax.linen.GRUCell``, computed by ``nnx_recurrent.GRUCell``.
+
+  .. math::
+
+      \begin{array}{ll}
+      r = \sigma(W_{ir} x + b_{ir} + W_{hr} h) \\
+      z = \sigma(W_{iz} x + b_{iz} + W_{hz} h) \\
+      n = \tanh(W_{in} x + b_{in} + r * (W_{hn} h + b_{hn})) \\
+      h' = (1 - z) * n + z * h
+      \end{array}
+
+  Parameters as flax.linen: ``ir, iz, in`` (``kernel``, ``bias``), ``hr, hz``
+  (``kernel``) and ``hn`` (``kernel``, ``bias``).
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from nnx_recurrent import compat
+    >>> x = jnp.ones((2, 3))
+    >>> layer = compat.GRUCell(features=4)
+    >>> h0 = layer.initialize_carry(jax.random.key(1), x.shape)
+    >>> (h, y), variables = layer.init_with_output(jax.random.key(2), h0, x)
+    >>> sorted(variables['params']['hn'])
+    ['bias', 'kernel']
+    >>> h.shape
+    (2, 4)
+""" + _COMMON_ATTRS
+
+  _layout_name = 'GRUCell'
+
+  features: int
+  gate_fn: Callable[..., Any] = nn.sigmoid
+  activation_fn: Callable[..., Any] = nn.tanh
+  kernel_init: Initializer = default_kernel_init
+  recurrent_kernel_init: Initializer = default_recurrent_kernel_init
+  bias_init: Initializer = default_bias_init
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  carry_init: Initializer = _zeros
+
+
+class MGUCell(_Cell):
+  r"""Minimal gated unit: ``flax.linen.MGUCell``, computed by ``nnx_recurrent.MGUCell``.
+
+  .. math::
+
+      \begin{array}{ll}
+      f = \sigma(W_{if} x + b_{if} + W_{hf} h) \\
+      n = \tanh(W_{in} x + b_{in} + f * (W_{hn} h + b_{hn})) \\
+      h' = (1 - f) * n + f * h
+      \end{array}
+
+  With ``reset_gate=False``: ``n = tanh(W_in x + b_in + W_hn h)`` and ``hn``
+  has no bias. Parameters as flax.linen: ``if, in`` (``kernel``, ``bias``),
+  ``hf`` (``kernel``), ``hn`` (``kernel`` and, with the reset gate, ``bias``).
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from nnx_recurrent import compat
+    >>> x = jnp.ones((2, 3))
+    >>> layer = compat.MGUCell(features=4, reset_gate=False)
+    >>> h0 = layer.initialize_carry(jax.random.key(1), x.shape)
+    >>> (h, y), variables = layer.init_with_output(jax.random.key(2), h0, x)
+    >>> sorted(variables['params']['hn']), variables['params']['if']['bias'].tolist()
+    (['kernel'], [1.0, 1.0, 1.0, 1.0])
+
+  Attributes:
+    features: number of output features.
+    gate_fn, activation_fn: nonlinearities (default sigmoid, tanh).
+    kernel_init, recurrent_kernel_init: kernel initializers (lecun normal, orthogonal).
+    forget_bias_init: initializer of ``b_if`` (default ones).
+    activation_bias_init: initializer of ``b_in`` and ``b_hn`` (default zeros).
+    dtype, param_dtype: computation dtype (inferred) and parameter dtype (float32).
+    carry_init: initializer of the carry (default zeros).
+    reset_gate: apply ``f`` to the hidden candidate term (default True).
+  """
+
+  _layout_name = 'MGUCell'
+
+  features: int
+  gate_fn: Callable[..., Any] = nn.sigmoid
+  activation_fn: Callable[..., Any] = nn.tanh
+  kernel_init: Initializer = default_kernel_init
+  recurrent_kernel_init: Initializer = default_recurrent_kernel_init
+  forget_bias_init: Initializer = _ones
+  activation_bias_init: Initializer = _zeros
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  carry_init: Initializer = _zeros
+  reset_gate: bool = True
+
+
+class SimpleCell(_Cell):
+  r"""Elman cell: ``flax.linen.SimpleCell``, computed by ``nnx_recurrent.SimpleCell``.
+
+  :math:`h' = \tanh(W_i x + b_i + W_h h)`, plus ``h`` inside the ``tanh``
+  with ``residual=True``. Parameters as flax.linen: ``i`` (``kernel``,
+  ``bias``) and ``h`` (``kernel``).
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from nnx_recurrent import compat
+    >>> x = jnp.ones((2, 3))
+    >>> layer = compat.SimpleCell(features=4, residual=True)
+    >>> h0 = layer.initialize_carry(jax.random.key(1), x.shape)
+    >>> variables = layer.init(jax.random.key(2), h0, x)
+    >>> jax.tree.map(jnp.shape, variables['params'])
+    {'h': {'kernel': (4, 4)}, 'i': {'bias': (4,), 'kernel': (3, 4)}}
+    >>> h, y = layer.apply(variables, h0, x)
+    >>> y.shape
+    (2, 4)
+
+  Attributes:
+    features: number of output features.
+    activation_fn: nonlinearity (default tanh).
+    kernel_init, recurrent_kernel_init, bias_init: initializers (lecun normal,
+      orthogonal, zeros).
+    dtype, param_dtype: computation dtype (inferred) and parameter dtype (float32).
+    carry_init: initializer of the carry (default zeros).
+    residual: pre-activation residual connection (default False).
+  """
+
+  _layout_name = 'SimpleCell'
+
+  features: int
+  activation_fn: Callable[..., Any] = nn.tanh
+  kernel_init: Initializer = default_kernel_init
+  recurrent_kernel_init: Initializer = default_recurrent_kernel_init
+  bias_init: Initializer = default_bias_init
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  carry_init: Initializer = _zeros
+  residual: bool = False
+
+
+class ConvLSTMCell(_Cell):
+  r"""Convolutional LSTM: ``flax.linen.ConvLSTMCell``, computed by ``nnx_recurrent.ConvLSTMCell``.
+
+  .. math::
+
+     \begin{array}{ll}
+     i = \sigma(W_{ii} * x + W_{hi} * h + b_i) \\
+     f = \sigma(W_{if} * x + W_{hf} * h + b_f + 1) \\
+     g = \tanh(W_{ig} * x + W_{hg} * h + b_g) \\
+     o = \sigma(W_{io} * x + W_{ho} * h + b_o) \\
+     c' = f c + i g \qquad h' = o \tanh(c')
+     \end{array}
+
+  with ``*`` a convolution. Parameters as flax.linen: ``ih`` and ``hh``
+  (``kernel`` of shape ``(*kernel_size, channels, 4 * features)``, ``bias``),
+  gate order ``i, g, f, o``. Inputs are ``(*batch, *spatial, channels)``.
+
+  One deliberate difference: the hidden-to-hidden convolution always uses
+  stride 1 and zero ``'SAME'`` padding, so the state keeps its shape; flax.linen
+  applies ``strides`` and ``padding`` to it too, which fails for
+  ``strides > 1`` and differs for a padding such as ``'CIRCULAR'``. With the
+  default ``strides`` and ``padding`` the two are the same; with strides the
+  carry has the input convolution's output shape.
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from nnx_recurrent import compat
+    >>> x = jnp.ones((2, 4, 4, 3))  # (batch, *image_shape, channels)
+    >>> lstm = compat.ConvLSTMCell(features=6, kernel_size=(3, 3))
+    >>> carry = lstm.initialize_carry(jax.random.key(1), input_shape=x.shape)
+    >>> (carry, y), variables = lstm.init_with_output(jax.random.key(2), carry, x)
+    >>> y.shape, variables['params']['hh']['kernel'].shape, lstm.num_feature_axes
+    ((2, 4, 4, 6), (3, 3, 6, 24), 3)
+
+  Attributes:
+    features: number of convolution filters (channels of the state).
+    kernel_size: shape of the convolution kernel (1 to 3 ints).
+    strides: strides of the input convolution (default 1).
+    padding: padding of the input convolution (default ``'SAME'``).
+    use_bias: add biases (default True).
+    dtype, param_dtype: computation dtype (inferred) and parameter dtype (float32).
+    carry_init: initializer of the carry (default zeros).
+  """
+
+  _layout_name = 'ConvLSTMCell'
+
+  features: int
+  kernel_size: Sequence[int]
+  strides: Sequence[int] | None = None
+  padding: str | Sequence[tuple[int, int]] = 'SAME'
+  use_bias: bool = True
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  carry_init: Initializer = _zeros
+
+  @property
+  def num_feature_axes(self) -> int:
+    """Spatial axes plus the channel axis: ``len(kernel_size) + 1``."""
+    return len(self.kernel_size) + 1
+
+
+CELLS = {cls._layout_name: cls for cls in
+         (LSTMCell, OptimizedLSTMCell, GRUCell, MGUCell, SimpleCell, ConvLSTMCell)}

@@ -1,0 +1,358 @@
+"""flax.linen <-> nnx_recurrent parameters: the one place that knows both layouts.
+
+Every compat cell, :func:`~nnx_recurrent.compat.to_nnx` and
+:func:`~nnx_recurrent.compat.from_nnx` go through this module. A flax.linen
+cell stores one ``Dense`` (or ``Conv``) parameter group per gate, named as in
+the table; the nnx_recurrent cell of the same name stores what its math uses.
+``[a | b]`` is concatenation on the last axis (``in`` = input features,
+``H`` = ``features``, ``k`` = ``kernel_size``)::
+
+  LSTMCell           linen  ii, if, ig, io: kernel (in, H); hi, hf, hg, ho: kernel (H, H), bias
+                     nnx    the same groups; ``if`` is spelled ``if_``
+  OptimizedLSTMCell  linen  as LSTMCell
+                     nnx    dense_i.kernel = [ii | if | ig | io]             (in, 4H)
+                            dense_h.kernel = [hi | hf | hg | ho]             (H, 4H)
+                            dense_h.bias   = [hi | hf | hg | ho].bias        (4H,)
+  GRUCell            linen  ir, iz, in: kernel (in, H), bias; hr, hz: kernel (H, H);
+                            hn: kernel (H, H), bias
+                     nnx    dense_i.kernel = [ir | iz | in], dense_i.bias = [ir | iz | in].bias
+                            dense_h.kernel = [hr | hz | hn]                  (H, 3H)
+                            bias_hn = hn.bias
+  MGUCell            linen  if, in: kernel (in, H), bias; hf: kernel (H, H);
+                            hn: kernel (H, H), and a bias only with reset_gate
+                     nnx    dense_i.kernel = [if | in], dense_i.bias = [if | in].bias
+                            dense_h.kernel = [hf | hn]                       (H, 2H)
+                            bias_hn = hn.bias (only with reset_gate)
+  SimpleCell         linen  i: kernel (in, H), bias; h: kernel (H, H)
+                     nnx    dense_i = i, dense_h = h
+  ConvLSTMCell       linen  ih: kernel (*k, in, 4H), hh: kernel (*k, H, 4H), each with a bias
+                            (4H,) when use_bias; gate order i, g, f, o
+                     nnx    the same
+  RNN                both   cell/...
+  Bidirectional      both   forward_rnn/cell/..., backward_rnn/cell/...
+
+flax.linen creates each group's ``kernel`` and then its ``bias`` inside a
+submodule of that name, and derives a submodule's PRNG key from its name, so
+declaring the same groups (``Layout.groups``) reproduces flax.linen's initial
+values exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import meta
+from flax.typing import Initializer
+
+from nnx_recurrent import _checks
+from nnx_recurrent._conv_lstm import ConvLSTMCell as _NnxConvLSTMCell
+from nnx_recurrent._gru import GRUCell as _NnxGRUCell
+from nnx_recurrent._lstm import LSTMCell as _NnxLSTMCell
+from nnx_recurrent._lstm import OptimizedLSTMCell as _NnxOptimizedLSTMCell
+from nnx_recurrent._mgu import MGUCell as _NnxMGUCell
+from nnx_recurrent._simple import SimpleCell as _NnxSimpleCell
+
+Path = tuple[str, ...]
+
+
+class Group(NamedTuple):
+  """One flax.linen ``Dense``/``Conv`` parameter group of a cell."""
+
+  name: str  # the linen submodule name: 'ii', 'hn', 'ih', ...
+  reads: str  # 'input' or 'hidden': what the kernel multiplies
+  kernel_init: Initializer
+  bias_init: Initializer | None  # None: the group has no bias
+
+
+class Layout(NamedTuple):
+  """How one cell family is stored by flax.linen and by nnx_recurrent."""
+
+  name: str  # the class name shared by flax.linen, compat and nnx_recurrent
+  nnx_cls: type
+  math_fields: tuple[str, ...]  # module fields the nnx constructor takes as they are
+  conv: bool  # kernels are (*kernel_size, C, 4H) instead of (C, H)
+  groups: Callable[[Any], tuple[Group, ...]]
+  rules: Callable[[Any], tuple[tuple[Path, tuple[Path, ...]], ...]]  # nnx leaf <- linen leaves
+
+
+def _cat(nnx_path: Path, names: tuple[str, ...], leaf: str):
+  return (nnx_path, tuple((n, leaf) for n in names))
+
+
+_LSTM_I, _LSTM_H = ('ii', 'if', 'ig', 'io'), ('hi', 'hf', 'hg', 'ho')
+
+
+def _lstm_groups(m):
+  return tuple(Group(n, 'input', m.kernel_init, None) for n in _LSTM_I) + tuple(
+    Group(n, 'hidden', m.recurrent_kernel_init, m.bias_init) for n in _LSTM_H
+  )
+
+
+def _lstm_rules(m):
+  # nnx spells the gate `if_` (a keyword in Python).
+  rules = tuple(_cat(('if_' if n == 'if' else n, 'kernel'), (n,), 'kernel') for n in _LSTM_I)
+  return rules + tuple(
+    _cat((n, leaf), (n,), leaf) for n in _LSTM_H for leaf in ('kernel', 'bias')
+  )
+
+
+def _optimized_lstm_rules(m):
+  return (
+    _cat(('dense_i', 'kernel'), _LSTM_I, 'kernel'),
+    _cat(('dense_h', 'kernel'), _LSTM_H, 'kernel'),
+    _cat(('dense_h', 'bias'), _LSTM_H, 'bias'),
+  )
+
+
+def _gru_groups(m):
+  return (
+    Group('ir', 'input', m.kernel_init, m.bias_init),
+    Group('iz', 'input', m.kernel_init, m.bias_init),
+    Group('in', 'input', m.kernel_init, m.bias_init),
+    Group('hr', 'hidden', m.recurrent_kernel_init, None),
+    Group('hz', 'hidden', m.recurrent_kernel_init, None),
+    Group('hn', 'hidden', m.recurrent_kernel_init, m.bias_init),
+  )
+
+
+def _gru_rules(m):
+  return (
+    _cat(('dense_i', 'kernel'), ('ir', 'iz', 'in'), 'kernel'),
+    _cat(('dense_i', 'bias'), ('ir', 'iz', 'in'), 'bias'),
+    _cat(('dense_h', 'kernel'), ('hr', 'hz', 'hn'), 'kernel'),
+    _cat(('bias_hn',), ('hn',), 'bias'),
+  )
+
+
+def _mgu_groups(m):
+  return (
+    Group('if', 'input', m.kernel_init, m.forget_bias_init),
+    Group('in', 'input', m.kernel_init, m.activation_bias_init),
+    Group('hf', 'hidden', m.recurrent_kernel_init, None),
+    Group('hn', 'hidden', m.recurrent_kernel_init,
+          m.activation_bias_init if m.reset_gate else None),
+  )
+
+
+def _mgu_rules(m):
+  rules = (
+    _cat(('dense_i', 'kernel'), ('if', 'in'), 'kernel'),
+    _cat(('dense_i', 'bias'), ('if', 'in'), 'bias'),
+    _cat(('dense_h', 'kernel'), ('hf', 'hn'), 'kernel'),
+  )
+  return rules + ((_cat(('bias_hn',), ('hn',), 'bias'),) if m.reset_gate else ())
+
+
+def _simple_groups(m):
+  return (
+    Group('i', 'input', m.kernel_init, m.bias_init),
+    Group('h', 'hidden', m.recurrent_kernel_init, None),
+  )
+
+
+def _simple_rules(m):
+  return (
+    _cat(('dense_i', 'kernel'), ('i',), 'kernel'),
+    _cat(('dense_i', 'bias'), ('i',), 'bias'),
+    _cat(('dense_h', 'kernel'), ('h',), 'kernel'),
+  )
+
+
+# flax.linen's ConvLSTMCell uses Conv's default initializers.
+_CONV_KERNEL_INIT = nn.initializers.lecun_normal()
+_CONV_BIAS_INIT = nn.initializers.zeros_init()
+
+
+def _conv_lstm_groups(m):
+  bias = _CONV_BIAS_INIT if m.use_bias else None
+  return (Group('ih', 'input', _CONV_KERNEL_INIT, bias),
+          Group('hh', 'hidden', _CONV_KERNEL_INIT, bias))
+
+
+def _conv_lstm_rules(m):
+  leaves = ('kernel', 'bias') if m.use_bias else ('kernel',)
+  return tuple(_cat((n, leaf), (n,), leaf) for n in ('ih', 'hh') for leaf in leaves)
+
+
+_GATED = ('gate_fn', 'activation_fn', 'dtype', 'param_dtype')
+
+LAYOUTS: dict[str, Layout] = {
+  layout.name: layout
+  for layout in (
+    Layout('LSTMCell', _NnxLSTMCell, _GATED, False, _lstm_groups, _lstm_rules),
+    Layout('OptimizedLSTMCell', _NnxOptimizedLSTMCell, _GATED, False, _lstm_groups,
+           _optimized_lstm_rules),
+    Layout('GRUCell', _NnxGRUCell, _GATED, False, _gru_groups, _gru_rules),
+    Layout('MGUCell', _NnxMGUCell, (*_GATED, 'reset_gate'), False, _mgu_groups, _mgu_rules),
+    Layout('SimpleCell', _NnxSimpleCell, ('activation_fn', 'residual', 'dtype', 'param_dtype'),
+           False, _simple_groups, _simple_rules),
+    Layout('ConvLSTMCell', _NnxConvLSTMCell,
+           ('kernel_size', 'strides', 'padding', 'use_bias', 'dtype', 'param_dtype'),
+           True, _conv_lstm_groups, _conv_lstm_rules),
+  )
+}
+
+
+# -- which layout -------------------------------------------------------------------
+def layout_of(module: Any) -> Layout | None:
+  """The layout of a compat cell or of a genuine flax.linen cell, else ``None``."""
+  name = getattr(type(module), '_layout_name', None)
+  if name is None:
+    name = next((n for n in LAYOUTS if isinstance(module, getattr(nn, n))), None)
+  return None if name is None else LAYOUTS[name]
+
+
+def layout_of_nnx(module: Any) -> Layout | None:
+  """The layout of an nnx_recurrent cell, else ``None``."""
+  return next((lay for lay in LAYOUTS.values() if isinstance(module, lay.nnx_cls)), None)
+
+
+# -- shapes ------------------------------------------------------------------------
+def kernel_shape(layout: Layout, module: Any, group: Group, in_features: int) -> tuple[int, ...]:
+  """The flax.linen kernel shape of ``group``."""
+  rows = in_features if group.reads == 'input' else module.features
+  if layout.conv:
+    return (*tuple(module.kernel_size), rows, 4 * module.features)
+  return (rows, module.features)
+
+
+def expected_shapes(layout: Layout, module: Any, in_features: int) -> dict[str, dict]:
+  """``{group: {'kernel': shape, 'bias': shape}}`` of the flax.linen parameters."""
+  out = {}
+  for g in layout.groups(module):
+    k = kernel_shape(layout, module, g, in_features)
+    out[g.name] = {'kernel': k} if g.bias_init is None else {'kernel': k, 'bias': (k[-1],)}
+  return out
+
+
+def _describe(module: Any, in_features: int) -> str:
+  return f'in_features={in_features}, features={module.features}'
+
+
+def check_params(where: str, layout: Layout, module: Any, params: Mapping, in_features: int,
+                 *, partial: bool = False) -> None:
+  """Checks linen ``params`` against the layout: names and shapes.
+
+  With ``partial`` only the groups present are checked (a cell being
+  initialised has created some of them).
+  """
+  expected = expected_shapes(layout, module, in_features)
+  if not isinstance(params, Mapping):
+    _checks.fail(where, 'params', 'a mapping of parameter groups', type(params).__name__,
+                 TypeError)
+  if not partial:
+    missing = sorted(set(expected) - set(params))
+    extra = sorted(set(params) - set(expected))
+    if missing or extra:
+      _checks.fail(where, 'params', f'the groups {sorted(expected)} of a {layout.name}',
+                   f'missing {missing}, unexpected {extra}')
+  for name, leaves in expected.items():
+    group = params.get(name)
+    if group is None:
+      continue
+    if not isinstance(group, Mapping) or set(group) != set(leaves):
+      got = sorted(group) if isinstance(group, Mapping) else type(group).__name__
+      _checks.fail(where, 'params', f"'{name}' with leaves {sorted(leaves)}", got)
+    for leaf, shape in leaves.items():
+      got = tuple(getattr(group[leaf], 'shape', ()))
+      if got != tuple(shape):
+        _checks.fail(where, 'params',
+                     f"'{name}/{leaf}' of shape {tuple(shape)} ({_describe(module, in_features)})",
+                     f'shape {got}')
+
+
+def in_features_from(where: str, layout: Layout, module: Any, params: Mapping) -> int:
+  """Reads the input feature size off the first input kernel of ``params``."""
+  name = next(g.name for g in layout.groups(module) if g.reads == 'input')
+  try:
+    shape = params[name]['kernel'].shape
+  except (KeyError, TypeError, AttributeError):
+    got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+    _checks.fail(where, 'params', f"a {layout.name} checkpoint with '{name}/kernel'", got)
+  if len(shape) < 2:
+    _checks.fail(where, 'params', f"'{name}/kernel' with at least 2 axes", f'shape {shape}')
+  return int(shape[-2])
+
+
+# -- conversions -------------------------------------------------------------------
+def _get(tree: Mapping, path: Path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _set(tree: dict, path: Path, value) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def linen_to_nnx(layout: Layout, module: Any, params: Mapping) -> dict:
+  """flax.linen cell params -> the nnx cell's pure param dict (``nnx.to_pure_dict``)."""
+  out: dict = {}
+  for nnx_path, linen_paths in layout.rules(module):
+    parts = [jnp.asarray(_get(params, p)) for p in linen_paths]
+    _set(out, nnx_path, parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1))
+  return out
+
+
+def nnx_to_linen(layout: Layout, module: Any, pure: Mapping) -> dict:
+  """The nnx cell's pure param dict -> flax.linen cell params (inverse of the above)."""
+  out: dict = {}
+  for nnx_path, linen_paths in layout.rules(module):
+    value = jnp.asarray(_get(pure, nnx_path))
+    parts = jnp.split(value, len(linen_paths), axis=-1) if len(linen_paths) > 1 else [value]
+    for p, part in zip(linen_paths, parts):
+      _set(out, p, part)
+  return out
+
+
+def nnx_kwargs(layout: Layout, module: Any) -> dict:
+  """The nnx constructor's keyword arguments from a linen/compat module's fields."""
+  kwargs = {f: getattr(module, f) for f in layout.math_fields}
+  if layout.conv:
+    kwargs['kernel_size'] = tuple(kwargs['kernel_size'])
+    if kwargs['strides'] is not None and not isinstance(kwargs['strides'], int):
+      kwargs['strides'] = tuple(kwargs['strides'])
+    if not isinstance(kwargs['padding'], str) and kwargs['padding'] is not None:
+      kwargs['padding'] = tuple(
+        tuple(p) if isinstance(p, (list, tuple)) else p for p in kwargs['padding']
+      )
+  return kwargs
+
+
+def _abstract(nnx_cls: type, in_features: int, features: int, kwargs: tuple):
+  cell = nnx.eval_shape(lambda: nnx_cls(in_features, features, **dict(kwargs),
+                                        rngs=nnx.Rngs(0)))
+  return nnx.split(cell, nnx.Param, ...)
+
+
+_abstract_cached = functools.lru_cache(maxsize=256)(_abstract)
+
+
+def build_nnx(layout: Layout, module: Any, in_features: int, params: Mapping | None = None):
+  """The nnx_recurrent cell of ``module``'s configuration holding linen ``params``.
+
+  The cell's structure comes from ``nnx.eval_shape`` (cached per
+  configuration), so nothing is initialised; ``params=None`` fills zeros (for
+  shape queries such as ``initialize_carry``).
+  """
+  kwargs = tuple(sorted(nnx_kwargs(layout, module).items()))
+  args = (layout.nnx_cls, int(in_features), int(module.features), kwargs)
+  try:
+    graphdef, abstract, rest = _abstract_cached(*args)
+  except TypeError:  # an unhashable field value: build without the cache
+    graphdef, abstract, rest = _abstract(*args)
+  if params is None:
+    pure = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nnx.to_pure_dict(abstract))
+  else:
+    pure = linen_to_nnx(layout, module, meta.unbox(params))
+  state = jax.tree.map(lambda v: v, abstract)  # a fresh State to fill
+  nnx.replace_by_pure_dict(state, pure)
+  return nnx.merge(graphdef, state, rest)

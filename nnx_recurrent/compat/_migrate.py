@@ -1,0 +1,176 @@
+"""Migration both ways: flax.linen / compat modules <-> nnx_recurrent modules."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+from flax import nnx
+from flax.core import meta, unfreeze
+from flax.core.scope import in_filter
+
+from nnx_recurrent import _checks
+from nnx_recurrent._rnn import RNN as _NnxRNN
+from nnx_recurrent._rnn import Bidirectional as _NnxBidirectional
+from nnx_recurrent.compat import _convert
+from nnx_recurrent.compat._cells import CELLS
+from nnx_recurrent.compat._rnn import RNN, Bidirectional
+
+_KNOWN = ('LSTMCell, OptimizedLSTMCell, GRUCell, MGUCell, SimpleCell, ConvLSTMCell, RNN or '
+          'Bidirectional')
+
+
+def _params_of(where: str, variables: Any) -> dict:
+  if not isinstance(variables, Mapping):
+    _checks.fail(where, 'variables', "a dict with a 'params' collection (what init returns)",
+                 type(variables).__name__, TypeError)
+  if set(variables) != {'params'}:
+    _checks.fail(where, 'variables', "exactly one collection, 'params'", sorted(variables))
+  return meta.unbox(unfreeze(variables['params']))
+
+
+def _sub(where: str, params: Mapping, name: str, owner: str) -> Mapping:
+  if not isinstance(params, Mapping) or name not in params:
+    got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+    _checks.fail(where, 'variables', f"'{name}' in the parameters of the {owner}", got)
+  return params[name]
+
+
+def _to_nnx(module: Any, params: Mapping, where: str):
+  layout = _convert.layout_of(module)
+  if layout is not None:
+    in_features = _convert.in_features_from(f'{where} ({layout.name})', layout, module, params)
+    _convert.check_params(f'{where} ({layout.name})', layout, module, params, in_features)
+    return _convert.build_nnx(layout, module, in_features, params)
+  if isinstance(module, (RNN, nn.RNN)):
+    per_step = any(in_filter(f, 'params') for f in module.variable_axes)
+    if per_step or not in_filter(module.variable_broadcast, 'params'):
+      _checks.fail(where, 'module', "an RNN whose 'params' are broadcast over time "
+                   "(variable_broadcast='params', the default): nnx_recurrent.RNN shares one "
+                   'set of parameters across steps',
+                   f'variable_axes={dict(module.variable_axes)}, '
+                   f'variable_broadcast={module.variable_broadcast!r}')
+    cell = _to_nnx(module.cell, _sub(where, params, 'cell', 'RNN'), where)
+    return _NnxRNN(cell, time_major=module.time_major, return_carry=module.return_carry,
+                   reverse=module.reverse, keep_order=module.keep_order, unroll=module.unroll)
+  if isinstance(module, (Bidirectional, nn.Bidirectional)):
+    return _NnxBidirectional(
+      _to_nnx(module.forward_rnn, _sub(where, params, 'forward_rnn', 'Bidirectional'), where),
+      _to_nnx(module.backward_rnn, _sub(where, params, 'backward_rnn', 'Bidirectional'), where),
+      merge_fn=module.merge_fn, time_major=module.time_major, return_carry=module.return_carry,
+    )
+  _checks.fail(where, 'module', f'a flax.linen or compat {_KNOWN}',
+               f'{type(module).__module__}.{type(module).__name__}', TypeError)
+
+
+def to_nnx(module: nn.Module, variables: Mapping[str, Any]):
+  """Converts a flax.linen (or compat) recurrent module and its variables to NNX.
+
+  ``module`` is a compat module or a genuine ``flax.linen`` one: a cell,
+  ``RNN`` or ``Bidirectional`` (nested as you like); ``variables`` is what its
+  ``init`` returned (``{'params': ...}``), e.g. a restored Linen checkpoint.
+  The result is the ``nnx_recurrent`` module of the same name holding those
+  parameters (converted as in :mod:`nnx_recurrent.compat._convert`), with
+  ``in_features`` read off the kernels; its outputs equal flax.linen's.
+
+  Not carried over (NNX cells do not store them): ``kernel_init``-style
+  initializers (only used to create parameters) and ``carry_init`` (pass
+  ``carry_init=`` to ``initialize_carry``); the scan options of ``RNN``.
+
+  Example::
+
+    >>> import flax.linen as nn
+    >>> import jax, jax.numpy as jnp
+    >>> from nnx_recurrent import compat
+    >>> x = jnp.ones((2, 5, 3))
+    >>> linen_rnn = nn.RNN(nn.GRUCell(4))
+    >>> variables = linen_rnn.init(jax.random.key(0), x)
+    >>> rnn = compat.to_nnx(linen_rnn, variables)
+    >>> type(rnn).__name__, type(rnn.cell).__name__, rnn.cell.in_features
+    ('RNN', 'GRUCell', 3)
+    >>> bool(jnp.allclose(rnn(x), linen_rnn.apply(variables, x), atol=1e-6))
+    True
+
+  Args:
+    module: the Linen-side module.
+    variables: its variables, ``{'params': ...}``.
+
+  Returns:
+    An ``nnx_recurrent`` cell, ``RNN`` or ``Bidirectional``.
+
+  Raises:
+    TypeError: ``module`` is not a recurrent module this knows.
+    ValueError: the variables do not fit the module (names, shapes), or the
+      RNN has per-step parameters.
+  """
+  return _to_nnx(module, _params_of('to_nnx', variables), 'to_nnx')
+
+
+def _from_nnx(module: Any, where: str):
+  if isinstance(module, _NnxRNN):
+    cell, params = _from_nnx(module.cell, where)
+    rnn = RNN(cell, time_major=module.time_major, return_carry=module.return_carry,
+              reverse=module.reverse, keep_order=module.keep_order, unroll=module.unroll)
+    return rnn, {'cell': params}
+  if isinstance(module, _NnxBidirectional):
+    fwd, p_fwd = _from_nnx(module.forward_rnn, where)
+    bwd, p_bwd = _from_nnx(module.backward_rnn, where)
+    bi = Bidirectional(fwd, bwd, merge_fn=module.merge_fn, time_major=module.time_major,
+                       return_carry=module.return_carry)
+    return bi, {'forward_rnn': p_fwd, 'backward_rnn': p_bwd}
+  layout = _convert.layout_of_nnx(module)
+  if layout is None:
+    _checks.fail(where, 'module', f'an nnx_recurrent {_KNOWN}',
+                 f'{type(module).__module__}.{type(module).__name__}', TypeError)
+  if getattr(module, 'dropout_rate', 0.0) or getattr(module, 'recurrent_dropout_rate', 0.0):
+    warnings.warn(f'{where}: flax.linen cells have no dropout; the dropout rates of the '
+                  f'{layout.name} are not carried over (the parameters and the '
+                  'evaluation-mode outputs are).', stacklevel=3)
+  kwargs = {f: getattr(module, f) for f in layout.math_fields}
+  cell = CELLS[layout.name](features=module.hidden_features, **kwargs)
+  pure = nnx.to_pure_dict(nnx.state(module, nnx.Param))
+  return cell, _convert.nnx_to_linen(layout, cell, pure)
+
+
+def from_nnx(module: nnx.Module) -> tuple[nn.Module, dict]:
+  """Converts an ``nnx_recurrent`` module to a compat module and Linen variables.
+
+  Returns ``(compat_module, variables)``; ``compat_module.apply(variables, ...)``
+  computes what ``module(...)`` does, and ``variables`` also load into
+  flax.linen's own module of that name (``flax.linen.LSTMCell`` for a
+  ``LSTMCell``, ...). Dropout rates (Linen cells have none; a warning says so)
+  and ``RNN.remat`` are not carried over; initializers are the defaults.
+
+  Example::
+
+    >>> import flax.linen as nn
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import nnx_recurrent as nr
+    >>> from nnx_recurrent import compat
+    >>> cell = nr.OptimizedLSTMCell(3, 4, rngs=nnx.Rngs(0))
+    >>> layer, variables = compat.from_nnx(cell)
+    >>> type(layer).__module__, type(layer).__name__, layer.features
+    ('nnx_recurrent.compat._cells', 'OptimizedLSTMCell', 4)
+    >>> jax.tree.map(jnp.shape, variables['params']['hi'])  # flax.linen's layout
+    {'bias': (4,), 'kernel': (4, 4)}
+    >>> x = jnp.ones((2, 3))
+    >>> carry = cell.initialize_carry(x.shape)
+    >>> _, y_linen = nn.OptimizedLSTMCell(4).apply(variables, carry, x)
+    >>> bool(jnp.allclose(cell(carry, x)[1], y_linen, atol=1e-6))
+    True
+
+  Args:
+    module: an ``nnx_recurrent`` cell, ``RNN`` (of such a cell) or
+      ``Bidirectional`` (of two such RNNs).
+
+  Returns:
+    ``(compat_module, {'params': ...})``.
+
+  Raises:
+    TypeError: ``module`` is not one of those.
+  """
+  compat_module, params = _from_nnx(module, 'from_nnx')
+  return compat_module, {'params': params}

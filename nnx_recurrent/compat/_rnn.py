@@ -1,0 +1,253 @@
+"""flax.linen ``RNN`` and ``Bidirectional`` on the nnx_recurrent scan core.
+
+``RNN`` keeps flax.linen's variable handling: it lifts the cell with
+``flax.linen.scan`` and forwards ``variable_axes``, ``variable_broadcast``,
+``variable_carry``, ``split_rngs`` and ``unroll`` exactly as flax.linen does,
+so parameters (broadcast by default, without a time axis) and any other
+collections behave as they do there. Everything else is the core's: input
+validation and the time-major layout (``_scan.prepare``), per-row reversal
+(``_scan.reverse_indices`` / ``take_time``), and the step of the masked scan
+(``_scan._step``: carry selection at padding, zero outputs at padding,
+segment resets), which is the function ``flax.linen.scan`` runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+from flax.core import FrozenDict
+from flax.core.scope import CollectionFilter, PRNGSequenceFilter
+from flax.typing import InOutScanAxis
+
+from nnx_recurrent import _checks, _scan
+from nnx_recurrent._rnn import _concatenate, _first
+from nnx_recurrent._rnn import flip_sequences as flip_sequences
+
+
+class _Never:
+  def __repr__(self) -> str:
+    return '<not given>'
+
+
+_NEVER = _Never()
+
+
+class RNN(nn.Module):
+  """Applies a cell over a sequence: ``flax.linen.RNN`` on the nnx_recurrent scan.
+
+  Inputs are ``(*batch, time, *features)``, or ``(time, *batch, *features)``
+  with ``time_major=True``; the cell is any flax.linen ``RNNCellBase`` (a
+  compat cell, a flax.linen cell or your own). Fields, defaults and the call
+  signature are flax.linen's, and the scan options are forwarded to
+  ``flax.linen.scan`` unchanged.
+
+  Two deliberate differences from flax.linen, both at padding
+  (``seq_lengths``):
+
+  * outputs at padding positions are **zero** (flax.linen leaves whatever the
+    cell computed on the padding there);
+  * the carry of a row of length 0 is the **initial carry** (flax.linen returns
+    the carry after the last time step, because it indexes step ``-1``).
+
+  Valid outputs and the carries of rows with length >= 1 are flax.linen's.
+  Extension: ``segment_ids`` (packed sequences, as ``nnx_recurrent.RNN``).
+
+  The ``cell_size`` argument of the old signature raises a ``TypeError``: the
+  cell holds its size now (``RNN(LSTMCell(features=64))``).
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from nnx_recurrent import compat
+    >>> x = jnp.ones((2, 5, 3))  # (batch, time, features)
+    >>> rnn = compat.RNN(compat.LSTMCell(4), return_carry=True)
+    >>> variables = rnn.init(jax.random.key(0), x)
+    >>> jax.tree.map(jnp.shape, variables['params']['cell']['hi'])  # no time axis
+    {'bias': (4,), 'kernel': (4, 4)}
+    >>> (c, h), y = rnn.apply(variables, x, seq_lengths=jnp.array([5, 2]))
+    >>> bool((h[1] == y[1, 1]).all()), bool((y[1, 2:] == 0).all())
+    (True, True)
+
+  Attributes:
+    cell: the cell, an ``RNNCellBase``.
+    cell_size: removed; passing it raises ``TypeError``.
+    time_major: inputs are ``(time, *batch, *features)``.
+    return_carry: return ``(carry, outputs)``.
+    reverse: process each sequence from its last valid step to its first
+      (padding stays at the end); outputs in processing order.
+    keep_order: with ``reverse``, return outputs in input order.
+    unroll: scan iterations unrolled per loop iteration.
+    variable_axes, variable_broadcast, variable_carry, split_rngs: forwarded
+      to ``flax.linen.scan``.
+  """
+
+  cell: nn.RNNCellBase
+  cell_size: Any = _NEVER
+  time_major: bool = False
+  return_carry: bool = False
+  reverse: bool = False
+  keep_order: bool = False
+  unroll: int = 1
+  variable_axes: Mapping[CollectionFilter, InOutScanAxis] = FrozenDict()
+  variable_broadcast: CollectionFilter = 'params'
+  variable_carry: CollectionFilter = False
+  split_rngs: Mapping[PRNGSequenceFilter, bool] = FrozenDict({'params': False})
+
+  def __post_init__(self):
+    if self.cell_size is not _NEVER:
+      raise TypeError(
+        f'RNN: `cell_size` is no longer an argument (got {self.cell_size!r}); the cell holds '
+        'its size: write RNN(LSTMCell(features=...)) and drop cell_size (the carry comes from '
+        'cell.initialize_carry(rng, input_shape)).'
+      )
+    if not isinstance(self.cell, nn.Module):
+      _checks.fail('RNN', 'cell', 'a flax.linen RNNCellBase (for an nnx_recurrent cell use '
+                   'nnx_recurrent.RNN, or convert it with compat.from_nnx)',
+                   type(self.cell).__name__, TypeError)
+    super().__post_init__()
+
+  def __call__(
+    self,
+    inputs: jax.Array,
+    *,
+    initial_carry: Any = None,
+    init_key: jax.Array | None = None,
+    seq_lengths: jax.Array | None = None,
+    return_carry: bool | None = None,
+    time_major: bool | None = None,
+    reverse: bool | None = None,
+    keep_order: bool | None = None,
+    segment_ids: jax.Array | None = None,
+  ):
+    """Applies the RNN to ``inputs``.
+
+    Args:
+      inputs: ``(*batch, time, *features)`` (time first with ``time_major``).
+      initial_carry: default ``cell.initialize_carry(init_key, step_shape)``.
+      init_key: key for ``initialize_carry`` (default ``jax.random.key(0)``).
+      seq_lengths: integer ``(*batch)`` lengths; later steps are padding.
+      return_carry, time_major, reverse, keep_order: override the attributes.
+      segment_ids: packed sequences (extension, not in flax.linen): integer
+        ids shaped like the batch and time axes, ``0`` = padding; the carry is
+        reset to the initial carry at the start of every segment.
+
+    Returns:
+      ``outputs``, or ``(carry, outputs)`` with ``return_carry``.
+    """
+    return_carry = _first(return_carry, self.return_carry)
+    time_major = _first(time_major, self.time_major)
+    reverse = _first(reverse, self.reverse)
+    keep_order = _first(keep_order, self.keep_order)
+    seq = _scan.prepare('RNN', inputs, num_feature_axes=self.cell.num_feature_axes,
+                        in_features=None, time_major=time_major, seq_lengths=seq_lengths,
+                        segment_ids=segment_ids)
+    step_shape = tuple(seq.xs.shape[1:])
+    default_carry = self.cell.initialize_carry(
+      jax.random.key(0) if init_key is None else init_key, step_shape)
+    if initial_carry is None:
+      initial_carry = default_carry
+    else:
+      _checks.check_tree_matches('RNN', 'initial_carry', initial_carry, default_carry)
+    xs, idx = seq.xs, None
+    if reverse:
+      idx = _scan.reverse_indices(seq.time, seq.batch_shape, seq.seq_lengths, seq.segment_ids)
+      xs = _scan.take_time(xs, idx)
+    reset_carry = initial_carry if seq.masks.reset is not None else None
+    scan = nn.scan(
+      _scan._step,
+      variable_axes=self.variable_axes,
+      variable_broadcast=self.variable_broadcast,
+      variable_carry=self.variable_carry,
+      split_rngs=self.split_rngs,
+      in_axes=(0, nn.broadcast),
+      out_axes=0,
+      unroll=self.unroll,
+    )
+    carry, ys = scan(self.cell, initial_carry, (xs, seq.masks.valid, seq.masks.reset),
+                     (None, reset_carry))
+    if reverse and keep_order:
+      ys = jax.tree_util.tree_map(lambda y: _scan.take_time(y, idx), ys)
+    ys = _scan.restore_layout(ys, time_major, len(seq.batch_shape))
+    return (carry, ys) if return_carry else ys
+
+
+class Bidirectional(nn.Module):
+  """Runs one RNN forwards and one backwards: ``flax.linen.Bidirectional``.
+
+  The backward RNN reverses each row within its valid length and its outputs
+  are put back in input order before ``merge_fn`` (default: concatenate on the
+  last axis). ``reverse`` and ``keep_order`` are accepted and ignored, as in
+  flax.linen; ``init_key`` is split between the two RNNs.
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> from nnx_recurrent import compat
+    >>> layer = compat.Bidirectional(compat.RNN(compat.GRUCell(4)),
+    ...                              compat.RNN(compat.GRUCell(4)))
+    >>> x = jnp.ones((2, 5, 3))
+    >>> variables = layer.init(jax.random.key(0), x)
+    >>> sorted(variables['params'])
+    ['backward_rnn', 'forward_rnn']
+    >>> (h_fwd, h_bwd), y = layer.apply(variables, x, return_carry=True)
+    >>> y.shape, h_bwd.shape
+    ((2, 5, 8), (2, 4))
+
+  Attributes:
+    forward_rnn, backward_rnn: ``RNN`` modules (compat or flax.linen).
+    merge_fn: ``(forward_outputs, backward_outputs) -> outputs``.
+    time_major, return_carry: defaults for the call.
+  """
+
+  forward_rnn: Any
+  backward_rnn: Any
+  merge_fn: Callable[[jax.Array, jax.Array], jax.Array] = _concatenate
+  time_major: bool = False
+  return_carry: bool = False
+
+  def __call__(
+    self,
+    inputs: jax.Array,
+    *,
+    initial_carry: Any = None,
+    init_key: jax.Array | None = None,
+    seq_lengths: jax.Array | None = None,
+    return_carry: bool | None = None,
+    time_major: bool | None = None,
+    reverse: bool | None = None,
+    keep_order: bool | None = None,
+    segment_ids: jax.Array | None = None,
+  ):
+    """Returns merged outputs, or ``((carry_forward, carry_backward), outputs)``.
+
+    Args:
+      inputs, seq_lengths, time_major, return_carry: as for :class:`RNN`.
+      initial_carry: a pair ``(forward_carry, backward_carry)``.
+      init_key: split in two, one key per direction.
+      reverse, keep_order: ignored (flax.linen's signature).
+      segment_ids: packed sequences (extension; needs compat ``RNN`` layers).
+    """
+    del reverse, keep_order  # flax.linen accepts and ignores them too
+    time_major = _first(time_major, self.time_major)
+    return_carry = _first(return_carry, self.return_carry)
+    key_f = key_b = None
+    if init_key is not None:
+      key_f, key_b = jax.random.split(init_key)
+    carry_f = carry_b = None
+    if initial_carry is not None:
+      if not isinstance(initial_carry, (tuple, list)) or len(initial_carry) != 2:
+        _checks.fail('Bidirectional', 'initial_carry',
+                     'a pair (forward_carry, backward_carry)', type(initial_carry).__name__)
+      carry_f, carry_b = initial_carry
+    common: dict = dict(seq_lengths=seq_lengths, return_carry=True, time_major=time_major)
+    if segment_ids is not None:
+      common['segment_ids'] = segment_ids
+    carry_f, out_f = self.forward_rnn(inputs, initial_carry=carry_f, init_key=key_f,
+                                      reverse=False, **common)
+    carry_b, out_b = self.backward_rnn(inputs, initial_carry=carry_b, init_key=key_b,
+                                       reverse=True, keep_order=True, **common)
+    outputs = jax.tree_util.tree_map(self.merge_fn, out_f, out_b)
+    return ((carry_f, carry_b), outputs) if return_carry else outputs

@@ -1,0 +1,532 @@
+"""nnx_recurrent.compat against flax.linen itself.
+
+Every numerical check compares with the genuine ``flax.linen`` module of the
+same name (or with an ``nnx_recurrent`` module whose parameters went through
+the converter, against flax.linen's output).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import nnx_recurrent as nr
+from nnx_recurrent import compat
+
+NORMAL = nn.initializers.normal(1.0)
+
+
+def _assert_same_tree(a, b):
+  """Same names, shapes, dtypes and exactly the same values."""
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.shape == y.shape and x.dtype == y.dtype
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _assert_close(a, b, atol=1e-6):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+
+
+def _valid(y, seq_lengths):
+  """Zeroes batch-major outputs ``(batch, time, ...)`` at padding positions."""
+  mask = np.arange(y.shape[1])[None] < np.asarray(seq_lengths)[:, None]
+  return np.where(mask.reshape(mask.shape + (1,) * (y.ndim - 2)), np.asarray(y), 0.0)
+
+
+# -- the dataclass contract ---------------------------------------------------------
+def _fields(cls):
+  out = []
+  for f in dataclasses.fields(cls):
+    if f.name in ('parent', 'name'):
+      continue
+    d = f.default
+    out.append((f.name, getattr(d, '__qualname__', d) if callable(d) else d))
+  return out
+
+
+@pytest.mark.parametrize('name', ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'MGUCell',
+                                  'SimpleCell', 'ConvLSTMCell', 'RNN', 'Bidirectional'])
+def test_fields_and_defaults_are_linens(name):
+  ours, theirs = _fields(getattr(compat, name)), _fields(getattr(nn, name))
+  if name == 'RNN':  # the documented signature keeps `cell_size` (to reject it clearly)
+    assert ours.pop(1)[0] == 'cell_size'
+  assert ours == theirs
+  assert issubclass(getattr(compat, name), nn.Module)
+  if name.endswith('Cell'):
+    assert issubclass(getattr(compat, name), nn.RNNCellBase)
+
+
+def test_cell_size_gives_a_clear_error():
+  with pytest.raises(TypeError, match=r'RNN: `cell_size` is no longer an argument.*'
+                     r'RNN\(LSTMCell\(features=\.\.\.\)\)'):
+    compat.RNN(compat.LSTMCell(4), cell_size=4)
+  with pytest.raises(TypeError, match='cell_size'):
+    compat.RNN(compat.LSTMCell(4), 4)  # positional, as in the old signature
+
+
+# -- cells --------------------------------------------------------------------------
+# Inits run eagerly, so that XLA compiles each initializer once per shape for the
+# whole file (threefry compiles are the slowest part here); the applies, which hold
+# the scans, run in one jit per test.
+B, T, IN, H = 3, 5, 3, 4
+LENGTHS = jnp.array([5, 2, 1])
+CELLS = [
+  ('LSTMCell', {}, (B, IN)),
+  ('OptimizedLSTMCell', {}, (B, IN)),
+  ('GRUCell', {}, (B, IN)),
+  ('MGUCell', {}, (B, IN)),
+  ('MGUCell', {'reset_gate': False}, (B, IN)),
+  ('SimpleCell', {'residual': True}, (B, IN)),
+  ('SimpleCell', {'param_dtype': jnp.bfloat16, 'recurrent_kernel_init': NORMAL}, (B, IN)),
+  ('ConvLSTMCell', {'kernel_size': (3, 3)}, (B, 5, 5, IN)),
+  ('ConvLSTMCell', {'kernel_size': (3,), 'use_bias': False}, (B, 6, IN)),
+]
+
+
+def _det_init(key, shape, dtype=jnp.float32):
+  """A deterministic, non-constant initializer (cheap to compile)."""
+  n = int(np.prod(shape))
+  return (0.5 * jnp.sin(0.7 * jnp.arange(n) + n)).reshape(shape).astype(dtype)
+
+
+@pytest.mark.parametrize('name,kwargs,shape', CELLS)
+def test_cell_init_and_apply_match_linen(name, kwargs, shape):
+  theirs = getattr(nn, name)(features=H, carry_init=NORMAL, **kwargs)
+  ours = getattr(compat, name)(features=H, carry_init=NORMAL, **kwargs)
+  assert ours.num_feature_axes == theirs.num_feature_axes
+  x = jax.random.normal(jax.random.key(0), shape)
+  carry_t = theirs.initialize_carry(jax.random.key(1), x.shape)
+  carry_o = ours.initialize_carry(jax.random.key(1), x.shape)
+  _assert_same_tree(carry_o, carry_t)  # same carry_init keys
+  v_t, v_o = theirs.init(jax.random.key(2), carry_t, x), ours.init(jax.random.key(2), carry_t, x)
+  _assert_same_tree(v_o, v_t)  # same parameter names, shapes, dtypes and values
+  out_t, out_o = jax.jit(lambda v: (theirs.apply(v, carry_t, x), ours.apply(v, carry_t, x)))(v_t)
+  _assert_close(out_o, out_t, atol=1e-6)
+
+
+# -- RNN ----------------------------------------------------------------------------
+def test_rnn_matches_linen_over_layouts_directions_and_unroll():
+  x = jax.random.normal(jax.random.key(0), (B, T, IN))
+  theirs, ours = nn.RNN(nn.LSTMCell(H)), compat.RNN(compat.LSTMCell(H))
+  v_t, v_o = theirs.init(jax.random.key(1), x), ours.init(jax.random.key(1), x)
+  _assert_same_tree(v_o, v_t)
+  configs = [dict(time_major=tm, reverse=rev, keep_order=ko, seq_lengths=True)
+             for tm, rev, ko in itertools.product([False, True], repeat=3)]
+  configs += [dict(seq_lengths=False), dict(reverse=True, seq_lengths=False),
+              dict(reverse=True, keep_order=True, time_major=True, seq_lengths=False),
+              dict(reverse=True, keep_order=True, seq_lengths=True, unroll=2),
+              dict(seq_lengths=True, unroll=3)]
+
+  def run(v, x, lengths):
+    outs = []
+    for cfg in configs:
+      cfg = dict(cfg)
+      tm, unroll = cfg.get('time_major', False), cfg.pop('unroll', 1)
+      sl = lengths if cfg.pop('seq_lengths') else None
+      xx = x.swapaxes(0, 1) if tm else x
+      pair = []
+      for m in (theirs.clone(unroll=unroll), ours.clone(unroll=unroll)):
+        carry, y = m.apply(v, xx, seq_lengths=sl, return_carry=True, **cfg)
+        pair.append((carry, y.swapaxes(0, 1) if tm else y))
+      outs.append(pair)
+    return outs, ours.apply(v, x, seq_lengths=lengths)  # return_carry=False
+
+  outs, no_carry = jax.jit(run)(v_t, x, LENGTHS)
+  for cfg, ((c_t, y_t), (c_o, y_o)) in zip(configs, outs):
+    sl = LENGTHS if cfg['seq_lengths'] else jnp.full((B,), T)
+    _assert_close(c_o, c_t)
+    np.testing.assert_allclose(_valid(y_o, sl), _valid(y_t, sl), atol=1e-6)
+  np.testing.assert_array_equal(no_carry, outs[0][1][1])
+
+
+def test_rnn_multiple_batch_axes_and_conv_cell_match_linen():
+  x = jax.random.normal(jax.random.key(0), (2, B, T, 6, IN))  # (b1, b2, time, width, ch)
+  lengths = np.array([[5, 3, 0], [1, 2, 4]])
+  theirs = nn.RNN(nn.ConvLSTMCell(H, kernel_size=(3,)), return_carry=True)
+  ours = compat.RNN(compat.ConvLSTMCell(H, kernel_size=(3,)), return_carry=True)
+  v_t, v_o = theirs.init(jax.random.key(1), x), ours.init(jax.random.key(1), x)
+  _assert_same_tree(v_o, v_t)
+
+  def run(v):
+    # flax.linen's seq_lengths carry gather handles one batch axis only: compare ours
+    # with seq_lengths against flax.linen on each row cut to its length.
+    rows = [theirs.apply(v, x[i, j, None, :lengths[i, j]])
+            for i, j in np.ndindex(2, B) if lengths[i, j]]
+    return (ours.apply(v, x, reverse=True), theirs.apply(v, x, reverse=True),
+            ours.apply(v, x, seq_lengths=jnp.asarray(lengths)), rows)
+
+  (c_o, y_o), (c_t, y_t), (c_m, y_m), rows = jax.jit(run)(v_t)
+  _assert_close(c_o, c_t)
+  _assert_close(y_o, y_t)
+  for (i, j), (c_ref, y_ref) in zip([ij for ij in np.ndindex(2, B) if lengths[ij]], rows):
+    n = int(lengths[i, j])
+    np.testing.assert_allclose(y_m[i, j, :n], y_ref[0], atol=1e-6)
+    _assert_close(jax.tree.map(lambda c, i=i, j=j: c[i, j], c_m),
+                  jax.tree.map(lambda c: c[0], c_ref))
+
+
+class _CountingCell(nn.RNNCellBase):
+  """A user cell with a carried collection, a dropout RNG and its own params."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, carry, x):
+    count = self.variable('counter', 'n', lambda: jnp.zeros((), jnp.int32))
+    count.value += 1
+    h = nn.tanh(nn.Dense(self.features)(x) + carry)
+    h = nn.Dropout(0.5, deterministic=False)(h)
+    return h, h * count.value
+
+  @nn.nowrap
+  def initialize_carry(self, rng, input_shape):
+    return jnp.zeros((*input_shape[:-1], self.features))
+
+  @property
+  def num_feature_axes(self):
+    return 1
+
+
+def test_rnn_per_step_params_match_linen():
+  x = jax.random.normal(jax.random.key(0), (B, T, IN))
+  options = dict(variable_axes={'params': 0}, variable_broadcast=False,
+                 split_rngs={'params': True})
+  theirs = nn.RNN(nn.SimpleCell(H, kernel_init=_det_init), **options)
+  ours = compat.RNN(compat.SimpleCell(H, kernel_init=_det_init), **options)
+  v_t, v_o = theirs.init(jax.random.key(1), x), ours.init(jax.random.key(1), x)
+  _assert_same_tree(v_o, v_t)  # per-step recurrent kernels from split keys
+  assert v_o['params']['cell']['h']['kernel'].shape == (T, H, H)
+  out_t, out_o = jax.jit(lambda v: (theirs.apply(v, x), ours.apply(v, x)))(v_t)
+  _assert_close(out_o, out_t)
+
+
+def test_rnn_variable_carry_and_split_rngs_match_linen():
+  x = jax.random.normal(jax.random.key(0), (B, T, IN))
+  # A carried collection must exist before the scan: build the variables by hand.
+  cell_vars = _CountingCell(H).init({'params': jax.random.key(1), 'dropout': jax.random.key(2)},
+                                    jnp.zeros((B, H)), x[:, 0])
+  variables = {'params': {'cell': cell_vars['params']}, 'counter': {'cell': {'n': 0}}}
+  kw = {'rngs': {'dropout': jax.random.key(3)}, 'mutable': ['counter']}
+
+  def run(v):
+    outs = []
+    for split in (True, False):
+      options = dict(variable_carry='counter', split_rngs={'params': False, 'dropout': split})
+      for ns in (nn, compat):
+        outs.append(ns.RNN(_CountingCell(H), **options).apply(v, x, **kw))
+    return outs
+
+  (t_split, o_split, t_same, o_same) = jax.jit(run)(variables)
+  for ours, theirs in ((o_split, t_split), (o_same, t_same)):
+    assert int(ours[1]['counter']['cell']['n']) == T
+    _assert_close(ours, theirs)
+  zero_t = np.asarray(o_same[0] == 0)  # one dropout mask for every step
+  assert (zero_t == zero_t[:, :1]).all() and not (np.asarray(o_split[0] == 0) == zero_t).all()
+
+
+def test_deliberate_differences_at_padding():
+  """Padding outputs are zero; a length-0 row keeps its initial carry."""
+  x = jax.random.normal(jax.random.key(0), (B, T, IN))
+  lengths = jnp.array([5, 0, 2])
+  theirs = nn.RNN(nn.GRUCell(H, carry_init=NORMAL), return_carry=True)
+  ours = compat.RNN(compat.GRUCell(H, carry_init=NORMAL), return_carry=True)
+  v = theirs.init(jax.random.key(1), x)
+  (c_t, y_t), (c_o, y_o), (c_full, _) = jax.jit(lambda v: (
+    theirs.apply(v, x, seq_lengths=lengths), ours.apply(v, x, seq_lengths=lengths),
+    theirs.apply(v, x)))(v)
+  pad = ~(np.arange(T)[None] < np.asarray(lengths)[:, None])
+  assert np.all(np.asarray(y_o)[pad] == 0)  # ours: zeros at padding
+  assert np.all(np.abs(np.asarray(y_t)[pad]) > 0)  # flax.linen: the cell's values
+  h0 = compat.GRUCell(H, carry_init=NORMAL).initialize_carry(jax.random.key(0), (B, IN))
+  np.testing.assert_array_equal(c_o[1], h0[1])  # ours: the initial carry
+  np.testing.assert_allclose(c_t[1], c_full[1], atol=1e-6)  # flax.linen: after step -1
+  np.testing.assert_allclose(np.asarray(c_o)[::2], np.asarray(c_t)[::2], atol=1e-6)
+
+
+def test_conv_lstm_strides_work_where_linen_fails():
+  """Deliberate difference: the hidden convolution keeps stride 1 and 'SAME'."""
+  x = jax.random.normal(jax.random.key(0), (B, 8, IN))
+  ours = compat.ConvLSTMCell(H, kernel_size=(3,), strides=(2,), carry_init=NORMAL)
+  carry = ours.initialize_carry(jax.random.key(1), x.shape)
+  assert jax.tree.map(jnp.shape, carry) == ((B, 4, H), (B, 4, H))
+  v = ours.init(jax.random.key(2), carry, x)
+  (c, h), y = ours.apply(v, carry, x)
+  # Reference from flax.linen's Conv and the cell's formula.
+  p = v['params']
+  gates = (nn.Conv(4 * H, (3,), strides=(2,)).apply({'params': p['ih']}, x)
+           + nn.Conv(4 * H, (3,)).apply({'params': p['hh']}, carry[1]))
+  i, g, f, o = jnp.split(gates, 4, axis=-1)
+  c_ref = jax.nn.sigmoid(f + 1) * carry[0] + jax.nn.sigmoid(i) * jnp.tanh(g)
+  np.testing.assert_allclose(c, c_ref, atol=1e-6)
+  np.testing.assert_allclose(y, jax.nn.sigmoid(o) * jnp.tanh(c_ref), atol=1e-6)
+  theirs = nn.ConvLSTMCell(H, kernel_size=(3,), strides=(2,))
+  with pytest.raises((TypeError, ValueError)):  # flax.linen's carry has the input's width
+    theirs.init(jax.random.key(2), theirs.initialize_carry(jax.random.key(1), x.shape), x)
+
+
+def test_rnn_segment_ids_extension_matches_linen_per_segment():
+  x = jax.random.normal(jax.random.key(0), (1, 6, IN))
+  segment_ids = jnp.array([[1, 1, 1, 2, 2, 0]])
+  theirs, ours = nn.RNN(nn.SimpleCell(H)), compat.RNN(compat.SimpleCell(H))
+  v = theirs.init(jax.random.key(1), x)
+
+  def run(v, segment_ids):
+    out = []
+    for reverse in (False, True):
+      kw = dict(reverse=reverse, keep_order=True)
+      out.append((ours.apply(v, x, segment_ids=segment_ids, **kw),
+                  [theirs.apply(v, x[:, lo:hi], **kw) for lo, hi in ((0, 3), (3, 5))]))
+    return out
+
+  for y, refs in jax.jit(run)(v, segment_ids):
+    np.testing.assert_allclose(y[:, 0:3], refs[0], atol=1e-6)
+    np.testing.assert_allclose(y[:, 3:5], refs[1], atol=1e-6)
+    assert float(jnp.abs(y[:, 5]).max()) == 0.0
+
+
+def test_flip_sequences_matches_linen():
+  from flax.linen.recurrent import flip_sequences as linen_flip
+
+  x = jnp.arange(2 * 4 * 3).reshape(4, 2, 3)
+  lengths = jnp.array([4, 1])
+  for tm, sl in itertools.product([False, True], [lengths, None]):
+    xx = x if tm else x.swapaxes(0, 1)
+    np.testing.assert_array_equal(compat.flip_sequences(xx, sl, 1, tm),
+                                  linen_flip(xx, sl, 1, tm))
+
+
+# -- Bidirectional -----------------------------------------------------------------
+def test_bidirectional_matches_linen():
+  x = jax.random.normal(jax.random.key(0), (B, T, IN))
+  merge = lambda a, b: jnp.concatenate([a, 2 * b], axis=-1)  # noqa: E731
+
+  def make(ns, rnn):
+    return ns.Bidirectional(rnn(ns.LSTMCell(H, carry_init=NORMAL)),
+                            rnn(ns.GRUCell(H, carry_init=NORMAL)), merge_fn=merge)
+
+  theirs, ours = make(nn, nn.RNN), make(compat, compat.RNN)
+  # compat's Bidirectional over flax.linen RNNs, too
+  mixed = compat.Bidirectional(nn.RNN(nn.LSTMCell(H, carry_init=NORMAL)),
+                               nn.RNN(nn.GRUCell(H, carry_init=NORMAL)), merge_fn=merge)
+  v_t, v_o = theirs.init(jax.random.key(1), x), ours.init(jax.random.key(1), x)
+  _assert_same_tree(v_o, v_t)
+  configs = list(itertools.product([False, True], [True, False]))  # time_major, seq_lengths
+
+  def run(v, lengths):
+    outs = []
+    for tm, use_sl in configs:
+      xx = x.swapaxes(0, 1) if tm else x
+      kw = dict(seq_lengths=lengths if use_sl else None, time_major=tm, return_carry=True,
+                init_key=jax.random.key(4))
+      for m in (theirs, ours, mixed):
+        c, y = m.apply(v, xx, **kw)
+        outs.append((c, y.swapaxes(0, 1) if tm else y))
+    return outs
+
+  outs = jax.jit(run)(v_t, LENGTHS)
+  for k, (_, use_sl) in enumerate(configs):
+    (c_t, y_t), *rest = outs[3 * k: 3 * k + 3]
+    sl = LENGTHS if use_sl else jnp.full((B,), T)
+    for c_o, y_o in rest:
+      _assert_close(c_o, c_t)
+      np.testing.assert_allclose(_valid(y_o, sl), _valid(y_t, sl), atol=1e-6)
+
+
+# -- inside user modules and lifted transforms -------------------------------------
+def _user_model(ns):
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, carry, xs):
+      carry, y1 = nn.jit(ns.GRUCell)(H, name='jitted')(carry, xs[:, 0])
+      carry, y2 = nn.remat(ns.GRUCell)(H, name='remat')(carry, xs[:, 1])
+      vmapped = nn.vmap(ns.GRUCell, in_axes=0, out_axes=0, variable_axes={'params': 0},
+                        split_rngs={'params': True})(H, name='vmap')
+      _, y3 = vmapped(jnp.stack([carry, carry]), jnp.stack([xs[:, 2], xs[:, 3]]))
+      scanned = nn.scan(ns.OptimizedLSTMCell, variable_broadcast='params', in_axes=1,
+                        out_axes=1, split_rngs={'params': False})(H, name='scan')
+      lstm_carry = ns.OptimizedLSTMCell(H, parent=None).initialize_carry(
+        jax.random.key(0), xs[:, 0].shape)
+      _, y4 = scanned(lstm_carry, xs)
+      return y1, y2, y3, y4
+
+  return Model()
+
+
+def test_compat_cells_under_linen_transforms_match_linen():
+  xs = jax.random.normal(jax.random.key(0), (B, T, IN))
+  carry = jax.random.normal(jax.random.key(1), (B, H))
+  theirs, ours = _user_model(nn), _user_model(compat)
+  v_t, v_o = theirs.init(jax.random.key(2), carry, xs), ours.init(jax.random.key(2), carry, xs)
+  # Under nn.jit the initializers compile into two different programs: equal up to
+  # float rounding (exactly equal with XLA's default optimisation level).
+  _assert_close(v_o, v_t, atol=1e-6)
+  assert v_o['params']['vmap']['hn']['kernel'].shape == (2, H, H)
+  out_t, out_o = jax.jit(lambda v: (theirs.apply(v, carry, xs), ours.apply(v, carry, xs)))(v_t)
+  _assert_close(out_o, out_t, atol=1e-6)
+
+
+# -- migration ---------------------------------------------------------------------
+@pytest.mark.parametrize('name,kwargs,shape', CELLS)
+def test_to_nnx_from_linen_cell(name, kwargs, shape):
+  linen_cell = getattr(nn, name)(features=H, **kwargs)
+  x = jax.random.normal(jax.random.key(0), shape)
+  carry = linen_cell.initialize_carry(jax.random.key(1), x.shape)
+  carry = jax.tree.map(lambda c: c + 0.5, carry)  # a non-zero state
+  variables = linen_cell.init(jax.random.key(2), carry, x)
+  cell = compat.to_nnx(linen_cell, variables)
+  assert type(cell) is getattr(nr, name)
+  assert (cell.in_features, cell.hidden_features) == (IN, H)
+  _assert_close(cell(carry, x), linen_cell.apply(variables, carry, x), atol=1e-6)
+  # ...and back: the same variables, which load into flax.linen's own class.
+  layer, back = compat.from_nnx(cell)
+  assert type(layer) is getattr(compat, name)
+  _assert_same_tree(back, variables)
+
+
+NNX_CELLS = [('LSTMCell', ()), ('OptimizedLSTMCell', ()), ('GRUCell', ()), ('MGUCell', ()),
+             ('SimpleCell', ()), ('ConvLSTMCell', ((3,),))]
+
+
+@pytest.mark.parametrize('name,args', NNX_CELLS)
+def test_from_nnx_cell_loads_into_linen(name, args):
+  kw = {} if name == 'ConvLSTMCell' else dict(kernel_init=_det_init,
+                                               recurrent_kernel_init=_det_init)
+  cell = getattr(nr, name)(IN, H, *args, **kw, rngs=nnx.Rngs(0))
+  for path, p in nnx.to_flat_state(nnx.state(cell, nnx.Param)):  # non-zero biases too
+    p.set_value(p.get_value() + 0.1 * len(path))
+  layer, variables = compat.from_nnx(cell)
+  x = jax.random.normal(jax.random.key(0), (B, 6, IN) if args else (B, IN))
+  carry = jax.tree.map(lambda c: c + 0.5, cell.initialize_carry(x.shape))
+  expected = cell(carry, x)
+  _assert_close(getattr(nn, name)(H, *args).apply(variables, carry, x), expected, atol=1e-6)
+  _assert_close(layer.apply(variables, carry, x), expected, atol=1e-6)
+
+
+def test_from_nnx_warns_about_dropout():
+  with pytest.warns(UserWarning, match='from_nnx: flax.linen cells have no dropout'):
+    compat.from_nnx(nr.GRUCell(IN, H, dropout_rate=0.1, kernel_init=_det_init,
+                               recurrent_kernel_init=_det_init, rngs=nnx.Rngs(0)))
+
+
+def test_to_nnx_and_from_nnx_rnn_and_bidirectional():
+  x = jax.random.normal(jax.random.key(0), (B, T, IN))
+  linen_bi = nn.Bidirectional(nn.RNN(nn.LSTMCell(H)), nn.RNN(compat.GRUCell(H)),
+                              return_carry=True)
+  variables = linen_bi.init(jax.random.key(1), x)
+  bi = compat.to_nnx(linen_bi, variables)
+  assert type(bi) is nr.Bidirectional and type(bi.backward_rnn.cell) is nr.GRUCell
+  layer, back = compat.from_nnx(bi)
+  _assert_same_tree(back, variables)
+  linen_rnn = nn.RNN(nn.OptimizedLSTMCell(H), reverse=True, keep_order=True, time_major=True)
+  xt = x.swapaxes(0, 1)
+  v_rnn = linen_rnn.init(jax.random.key(1), xt)
+  rnn = compat.to_nnx(linen_rnn, v_rnn)
+  assert (rnn.reverse, rnn.keep_order, rnn.time_major) == (True, True, True)
+  rnn_layer, v_back = compat.from_nnx(rnn)
+  assert isinstance(rnn_layer, compat.RNN) and rnn_layer.reverse and rnn_layer.time_major
+  _assert_same_tree(v_back, v_rnn)
+
+  @nnx.jit
+  def run(bi, rnn, lengths):
+    return (linen_bi.apply(variables, x, seq_lengths=lengths), bi(x, seq_lengths=lengths),
+            layer.apply(back, x, seq_lengths=lengths), linen_rnn.apply(v_rnn, xt), rnn(xt),
+            rnn_layer.apply(v_back, xt))
+
+  (c_t, y_t), (c_o, y_o), (c_b, y_b), r_t, r_o, r_b = run(bi, rnn, LENGTHS)
+  for c, y in ((c_o, y_o), (c_b, y_b)):
+    _assert_close(c, c_t)
+    np.testing.assert_allclose(_valid(y, LENGTHS), _valid(y_t, LENGTHS), atol=1e-6)
+  _assert_close(r_o, r_t)
+  _assert_close(r_b, r_t)
+
+
+# -- bad input ---------------------------------------------------------------------
+def test_bad_input_errors():
+  x = jnp.ones((B, IN))
+  lstm = compat.LSTMCell(H)
+  carry = lstm.initialize_carry(jax.random.key(0), x.shape)
+  variables = lstm.init(jax.random.key(1), carry, x)
+  with pytest.raises(ValueError, match=r'LSTMCell: `carry` expected a pytree with structure'):
+    lstm.apply(variables, carry[0], x)  # h only, not (c, h)
+  with pytest.raises(ValueError, match=r'LSTMCell: `carry` expected leaf shapes \[\(3, 4\), '):
+    lstm.apply(variables, (carry[0][:, :3], carry[1][:, :3]), x)
+  with pytest.raises(ValueError, match=r"LSTMCell: `inputs` expected last axis of size 3 \(the "
+                     r"parameter 'ii/kernel' has shape \(3, 4\)\), got shape \(3, 5\)"):
+    lstm.apply(variables, carry, jnp.ones((B, 5)))
+  with pytest.raises(ValueError, match=r"LSTMCell: `params` expected 'ii/kernel' of shape "
+                     r'\(3, 8\) \(in_features=3, features=8\), got shape \(3, 4\)'):
+    compat.LSTMCell(8).apply(variables, compat.LSTMCell(8).initialize_carry(
+      jax.random.key(0), x.shape), x)
+  rnn = compat.RNN(compat.LSTMCell(H))
+  xs = jnp.ones((B, T, IN))
+  v_rnn = rnn.init(jax.random.key(0), xs)
+  with pytest.raises(ValueError, match=r'RNN: `initial_carry` expected a pytree'):
+    rnn.apply(v_rnn, xs, initial_carry=jnp.zeros((B, H)))
+  with pytest.raises(ValueError, match=r'RNN: `seq_lengths` expected shape'):
+    rnn.apply(v_rnn, xs, seq_lengths=jnp.array([1, 2]))
+  with pytest.raises(TypeError, match=r'RNN: `cell` expected a flax.linen RNNCellBase.*'
+                     r'got LSTMCell'):
+    compat.RNN(nr.LSTMCell(IN, H, kernel_init=_det_init, recurrent_kernel_init=_det_init,
+                           rngs=nnx.Rngs(0)))
+  bi = compat.Bidirectional(compat.RNN(compat.GRUCell(H)), compat.RNN(compat.GRUCell(H)))
+  v_bi = bi.init(jax.random.key(0), xs)
+  with pytest.raises(ValueError, match=r'Bidirectional: `initial_carry` expected a pair'):
+    bi.apply(v_bi, xs, initial_carry=jnp.zeros((B, H)))
+
+
+def test_migration_errors():
+  x = jnp.ones((B, IN))
+  with pytest.raises(TypeError, match=r'to_nnx: `module` expected a flax.linen or compat '
+                     r'LSTMCell, .*got flax.linen.linear.Dense'):
+    compat.to_nnx(nn.Dense(H), nn.Dense(H).init(jax.random.key(0), x))
+  cell = nn.GRUCell(H)
+  variables = cell.init(jax.random.key(0), cell.initialize_carry(jax.random.key(0), x.shape), x)
+  with pytest.raises(ValueError, match=r"to_nnx \(LSTMCell\): `params` expected a LSTMCell "
+                     r"checkpoint with 'ii/kernel'"):
+    compat.to_nnx(nn.LSTMCell(H), variables)  # a GRU checkpoint for an LSTM
+  with pytest.raises(ValueError, match=r"to_nnx \(GRUCell\): `params` expected 'ir/kernel' of "
+                     r'shape \(3, 5\) \(in_features=3, features=5\), got shape \(3, 4\)'):
+    compat.to_nnx(nn.GRUCell(5), variables)
+  with pytest.raises(ValueError, match=r"to_nnx: `variables` expected exactly one collection, "
+                     r"'params', got \['batch_stats', 'params'\]"):
+    compat.to_nnx(cell, {**variables, 'batch_stats': {}})
+  per_step = nn.RNN(nn.GRUCell(H, kernel_init=_det_init, recurrent_kernel_init=_det_init),
+                    variable_axes={'params': 0}, variable_broadcast=False,
+                    split_rngs={'params': True})
+  v = per_step.init(jax.random.key(0), jnp.ones((B, T, IN)))
+  with pytest.raises(ValueError, match=r"to_nnx: `module` expected an RNN whose 'params' are "
+                     r'broadcast over time'):
+    compat.to_nnx(per_step, v)
+  with pytest.raises(TypeError, match=r'from_nnx: `module` expected an nnx_recurrent LSTMCell, '
+                     r'.*got flax.nnx.nn.linear.Linear'):
+    compat.from_nnx(nnx.Linear(IN, H, kernel_init=_det_init, rngs=nnx.Rngs(0)))
+
+
+# -- the import surface ------------------------------------------------------------
+def test_compat_is_lazy_and_falls_through_to_linen():
+  code = ('import sys, nnx_recurrent; '
+          "assert 'nnx_recurrent.compat' not in sys.modules; "
+          'nnx_recurrent.compat.LSTMCell; '
+          "assert 'nnx_recurrent.compat' in sys.modules")
+  root = str(Path(nr.__file__).resolve().parents[1])
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join([root, os.environ.get('PYTHONPATH', '')])}
+  subprocess.run([sys.executable, '-c', code], check=True, env=env)
+  assert compat.Module is nn.Module and compat.compact is nn.compact
+  assert compat.transforms is nn.transforms and compat.Dense is nn.Dense
+  assert compat.RNN is not nn.RNN and set(compat.__all__) >= {'RNN', 'to_nnx', 'from_nnx'}
+  with pytest.raises(AttributeError, match='nor has flax.linen'):
+    compat.NoSuchThing  # noqa: B018

@@ -1,0 +1,450 @@
+"""PyTorch <-> nnx_recurrent: every conversion in one table.
+
+PyTorch is optional: ``torch`` is imported inside the functions only, so
+``import nnx_recurrent`` (and ``import nnx_recurrent.interop``) never loads it.
+
+Modules::
+
+  torch.nn.LSTM      <-> nr.LSTM               (fused layer; any num_layers, bidirectional)
+  torch.nn.GRU       <-> nr.GRU
+  torch.nn.RNN       <-> nr.RNN(nr.SimpleCell)  (1 layer)
+                         nr.Bidirectional       (bidirectional, 1 layer)
+                         nr.StackedRNN          (num_layers > 1)
+  torch.nn.LSTMCell  <-> nr.OptimizedLSTMCell   (to_torch also takes nr.LSTMCell)
+  torch.nn.GRUCell   <-> nr.GRUCell
+  torch.nn.RNNCell   <-> nr.SimpleCell          (nonlinearity 'tanh' or 'relu')
+
+``batch_first`` is ``not time_major``; ``dropout`` (between layers) is
+``dropout_rate``. to_torch also accepts ``nr.RNN``, ``nr.Bidirectional`` and
+``nr.StackedRNN`` over LSTM and GRU cells.
+
+Parameters (PyTorch stores ``W`` as ``(gates * H, in)``, rows in gate order;
+nnx kernels are ``(in, gates * H)``, columns in the same order)::
+
+  LSTM (gates i, f, g, o)
+    dense_i.kernel = W_ih.T
+    dense_h.kernel = W_hh.T
+    dense_h.bias   = b_ih + b_hh          back: b_ih = dense_h.bias, b_hh = 0
+  GRU (gates r, z, n)
+    dense_i.kernel = W_ih.T
+    dense_i.bias   = b_ih + (b_hr, b_hz, 0)
+    dense_h.kernel = W_hh.T
+    bias_hn        = b_hn                 back: b_ih = dense_i.bias, b_hh = (0, 0, bias_hn)
+  RNN
+    dense_i.kernel = W_ih.T
+    dense_i.bias   = b_ih + b_hh          back: b_ih = dense_i.bias, b_hh = 0
+    dense_h.kernel = W_hh.T
+
+Every sum is exact in the forward direction up to float rounding: PyTorch adds
+``b_ih`` and ``b_hh`` everywhere except GRU's ``b_hn``, which sits inside
+``r * (W_hn h + b_hn)`` and so stays its own parameter. Modules built with
+``bias=False`` convert with zero biases; to_torch always builds ``bias=True``.
+
+Not convertible (``ValueError``): LSTM with ``proj_size > 0``; cells whose
+``gate_fn`` / ``activation_fn`` differ from PyTorch's fixed ones;
+``SimpleCell(residual=True)``; a reversed ``nr.RNN``; a ``Bidirectional``
+with a custom ``merge_fn``. Cells without a PyTorch counterpart (MGU,
+ConvLSTM) raise ``TypeError``. Variational (per-cell) dropout has no PyTorch
+counterpart and is not carried over (it does not change eval-mode outputs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import nnx_recurrent as nr
+from nnx_recurrent import _checks, _rnn
+
+Params = dict[str, np.ndarray]  # 'dense_i.kernel' -> value
+TorchWeights = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # w_ih, w_hh, b_ih, b_hh
+
+
+# -- the table --------------------------------------------------------------------
+def _lstm_to_nnx(w_ih, w_hh, b_ih, b_hh) -> Params:
+  return {'dense_i.kernel': w_ih.T, 'dense_h.kernel': w_hh.T, 'dense_h.bias': b_ih + b_hh}
+
+
+def _lstm_to_torch(p: Params) -> TorchWeights:
+  b = p['dense_h.bias']
+  return p['dense_i.kernel'].T, p['dense_h.kernel'].T, b, np.zeros_like(b)
+
+
+def _gru_to_nnx(w_ih, w_hh, b_ih, b_hh) -> Params:
+  b_hr, b_hz, b_hn = np.split(b_hh, 3)
+  return {
+    'dense_i.kernel': w_ih.T,
+    'dense_i.bias': b_ih + np.concatenate([b_hr, b_hz, np.zeros_like(b_hn)]),
+    'dense_h.kernel': w_hh.T,
+    'bias_hn': b_hn,
+  }
+
+
+def _gru_to_torch(p: Params) -> TorchWeights:
+  b_hn = p['bias_hn']
+  zero = np.zeros_like(b_hn)
+  return (p['dense_i.kernel'].T, p['dense_h.kernel'].T, p['dense_i.bias'],
+          np.concatenate([zero, zero, b_hn]))
+
+
+def _rnn_to_nnx(w_ih, w_hh, b_ih, b_hh) -> Params:
+  return {'dense_i.kernel': w_ih.T, 'dense_i.bias': b_ih + b_hh, 'dense_h.kernel': w_hh.T}
+
+
+def _rnn_to_torch(p: Params) -> TorchWeights:
+  b = p['dense_i.bias']
+  return p['dense_i.kernel'].T, p['dense_h.kernel'].T, b, np.zeros_like(b)
+
+
+class _Family(NamedTuple):
+  torch_layer: str  # class name in torch.nn
+  torch_cell: str
+  make_cell: Callable[..., nr.RNNCellBase]  # (in, hidden, activation_fn, **kw) -> cell
+  to_nnx: Callable[..., Params]  # torch weights -> nnx params
+  to_torch: Callable[[Params], TorchWeights]
+  fused: str | None  # the nr fused layer for the torch layer, or None (RNN / Bidirectional)
+
+
+_FAMILIES = {
+  'LSTM': _Family('LSTM', 'LSTMCell', lambda i, h, act, **kw: nr.OptimizedLSTMCell(i, h, **kw),
+                  _lstm_to_nnx, _lstm_to_torch, 'LSTM'),
+  'GRU': _Family('GRU', 'GRUCell', lambda i, h, act, **kw: nr.GRUCell(i, h, **kw),
+                 _gru_to_nnx, _gru_to_torch, 'GRU'),
+  'RNN': _Family('RNN', 'RNNCell',
+                 lambda i, h, act, **kw: nr.SimpleCell(i, h, activation_fn=act, **kw),
+                 _rnn_to_nnx, _rnn_to_torch, None),
+}
+_ACTIVATIONS = {'tanh': jax.nn.tanh, 'relu': jax.nn.relu}
+
+
+# -- helpers ----------------------------------------------------------------------
+def _import_torch():
+  try:
+    import torch
+  except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+      'nnx_recurrent.interop needs PyTorch: pip install "nnx-recurrent[torch]".'
+    ) from e
+  return torch
+
+
+def _numpy(t) -> np.ndarray:
+  t = t.detach().cpu()
+  if str(t.dtype) == 'torch.bfloat16':
+    return t.float().numpy().astype(jnp.bfloat16)
+  return t.numpy().copy()
+
+
+def _variable(module: nnx.Module, path: str) -> nnx.Variable:
+  obj = module
+  for name in path.split('.'):
+    obj = getattr(obj, name)
+  return obj
+
+
+def _load(cell: nr.RNNCellBase, params: Params) -> nr.RNNCellBase:
+  for path, value in params.items():
+    var = _variable(cell, path)
+    if tuple(var.shape) != tuple(value.shape):  # pragma: no cover - sizes come from torch
+      raise AssertionError(f'{path}: {var.shape} != {value.shape}')
+    var[...] = jnp.asarray(np.asarray(value, var.dtype))
+  return cell
+
+
+def _torch_weights(module, suffix: str = '') -> TorchWeights:
+  """``(w_ih, w_hh, b_ih, b_hh)`` of a torch cell (``suffix=''``) or one layer of a
+  torch layer (``suffix='_l0'``, ``'_l1_reverse'``, ...); zeros when ``bias=False``."""
+  w_ih = _numpy(getattr(module, f'weight_ih{suffix}'))
+  w_hh = _numpy(getattr(module, f'weight_hh{suffix}'))
+  b_ih = getattr(module, f'bias_ih{suffix}', None)
+  b_hh = getattr(module, f'bias_hh{suffix}', None)
+  zeros = np.zeros(w_ih.shape[:1], w_ih.dtype)
+  return (w_ih, w_hh, zeros if b_ih is None else _numpy(b_ih),
+          zeros if b_hh is None else _numpy(b_hh))
+
+
+def _torch_family(torch, module) -> tuple[_Family, bool]:
+  """The family of a torch module, and whether it is a cell."""
+  for family in _FAMILIES.values():
+    if isinstance(module, getattr(torch.nn, family.torch_layer)):
+      return family, False
+    if isinstance(module, getattr(torch.nn, family.torch_cell)):
+      return family, True
+  names = ', '.join(f'torch.nn.{n}' for f in _FAMILIES.values()
+                    for n in (f.torch_layer, f.torch_cell))
+  _checks.fail('from_torch', 'module', f'one of {names}', type(module).__name__, TypeError)
+
+
+def _torch_activation(module) -> Callable:
+  nonlinearity = getattr(module, 'nonlinearity', 'tanh')
+  if nonlinearity not in _ACTIVATIONS:  # pragma: no cover - torch validates it
+    _checks.fail('from_torch', 'module.nonlinearity', "'tanh' or 'relu'", repr(nonlinearity))
+  return _ACTIVATIONS[nonlinearity]
+
+
+# -- from_torch -------------------------------------------------------------------
+def from_torch(module: Any, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
+  """Returns the nnx_recurrent module equivalent to a PyTorch recurrent module.
+
+  The weights are copied (see the module docstring for the table); the result
+  gives PyTorch's outputs, and with ``seq_lengths`` the outputs and final
+  state of PyTorch's packed sequences (``pack_padded_sequence`` /
+  ``pad_packed_sequence``): padding outputs are zero on both sides and the
+  carry is each row's state after its last valid step.
+
+  Call conventions differ: PyTorch layers return ``(output, h_n)`` (LSTM:
+  ``(output, (h_n, c_n))``) with states stacked over layers and directions;
+  nnx layers return the outputs, or ``(carry, outputs)`` with
+  ``return_carry=True``, where an LSTM carry is ``(c, h)``, and several
+  layers / directions give a tuple over layers of ``carry`` or
+  ``(carry_fwd, carry_bwd)``. A module in ``eval()`` mode converts to one in
+  eval mode.
+
+  Example::
+
+    >>> import numpy as np, torch, jax.numpy as jnp
+    >>> import nnx_recurrent as nr
+    >>> _ = torch.manual_seed(0)
+    >>> lstm = torch.nn.LSTMCell(3, 4)
+    >>> cell = nr.interop.from_torch(lstm)
+    >>> type(cell).__name__
+    'OptimizedLSTMCell'
+    >>> x = np.ones((2, 3), np.float32)
+    >>> (c, h), y = cell(cell.initialize_carry(x.shape), jnp.asarray(x))
+    >>> h_t, c_t = lstm(torch.from_numpy(x))
+    >>> bool(np.allclose(h, h_t.detach().numpy(), atol=1e-6))
+    True
+
+  Args:
+    module: ``torch.nn.LSTM``, ``GRU``, ``RNN``, ``LSTMCell``, ``GRUCell`` or
+      ``RNNCell``.
+    rngs: ``nnx.Rngs`` whose ``dropout`` stream drives the between-layer
+      dropout of layers with ``dropout > 0`` (default ``nnx.Rngs(0)``).
+
+  Returns:
+    The nnx module with the weights loaded.
+
+  Raises:
+    TypeError: for any other module.
+    ValueError: for options without an equivalent (``proj_size > 0``).
+  """
+  torch = _import_torch()
+  family, is_cell = _torch_family(torch, module)
+  rngs = nnx.Rngs(0) if rngs is None else rngs
+  act = _torch_activation(module)
+  w_ih = getattr(module, 'weight_ih' if is_cell else 'weight_ih_l0')
+  # Zero initializers: every parameter is overwritten, so draw no random numbers.
+  zeros = nnx.initializers.zeros_init()
+  kw = dict(kernel_init=zeros, recurrent_kernel_init=zeros, bias_init=zeros,
+            param_dtype=jnp.dtype(_numpy(w_ih).dtype), rngs=rngs)
+  if is_cell:
+    cell = family.make_cell(module.input_size, module.hidden_size, act, **kw)
+    result = _load(cell, family.to_nnx(*_torch_weights(module)))
+  else:
+    result = _from_torch_layer(family, module, act, kw)
+  if not module.training:
+    result.eval()
+  return result
+
+
+def _from_torch_layer(family: _Family, module, act, kw) -> nnx.Module:
+  if getattr(module, 'proj_size', 0):
+    _checks.fail('from_torch', 'module.proj_size', '0 (LSTM projections are not supported)',
+                 module.proj_size)
+  num_layers, hidden = module.num_layers, module.hidden_size
+  dirs = ('', '_reverse') if module.bidirectional else ('',)
+  time_major = not module.batch_first
+
+  def in_features(layer):
+    return module.input_size if layer == 0 else hidden * len(dirs)
+
+  def params(layer, d):
+    return family.to_nnx(*_torch_weights(module, f'_l{layer}{dirs[d]}'))
+
+  if family.fused is not None:
+    fused = getattr(nr, family.fused, None)
+    if fused is None:  # pragma: no cover - until the fused layers exist
+      raise NotImplementedError(f'from_torch: nr.{family.fused} is not available.')
+    model = fused(module.input_size, hidden, num_layers=num_layers,
+                  bidirectional=module.bidirectional, dropout_rate=float(module.dropout),
+                  time_major=time_major, **kw)
+    for layer in range(num_layers):
+      for d, cells in enumerate((model.forward, model.backward)[: len(dirs)]):
+        _load(cells[layer], params(layer, d))
+    return model
+
+  layers = []
+  for layer in range(num_layers):
+    rnns = [
+      nr.RNN(_load(family.make_cell(in_features(layer), hidden, act, **kw), params(layer, d)),
+             time_major=time_major)
+      for d in range(len(dirs))
+    ]
+    layers.append(rnns[0] if len(rnns) == 1 else nr.Bidirectional(*rnns, time_major=time_major))
+  if num_layers == 1:
+    return layers[0]
+  return nr.StackedRNN(*layers, dropout_rate=float(module.dropout), rngs=kw['rngs'])
+
+
+# -- to_torch ---------------------------------------------------------------------
+def _cell_family(cell: Any) -> tuple[_Family, str | None]:
+  """The family of an nnx cell and its torch ``nonlinearity`` (RNN family only)."""
+  where = 'to_torch'
+  if isinstance(cell, (nr.OptimizedLSTMCell, nr.LSTMCell, nr.GRUCell)):
+    if cell.gate_fn is not jax.nn.sigmoid or cell.activation_fn is not jax.nn.tanh:
+      _checks.fail(where, 'module', 'cells with gate_fn=sigmoid and activation_fn=tanh '
+                   "(PyTorch's fixed nonlinearities)", f'{type(cell).__name__} with '
+                   f'{getattr(cell.gate_fn, "__name__", cell.gate_fn)}, '
+                   f'{getattr(cell.activation_fn, "__name__", cell.activation_fn)}')
+    return _FAMILIES['GRU' if isinstance(cell, nr.GRUCell) else 'LSTM'], None
+  if isinstance(cell, nr.SimpleCell):
+    names = [n for n, f in _ACTIVATIONS.items() if cell.activation_fn is f]
+    if not names or cell.residual:
+      _checks.fail(where, 'module', 'a SimpleCell with activation_fn tanh or relu and '
+                   'residual=False', f'activation_fn={cell.activation_fn}, '
+                   f'residual={cell.residual}')
+    return _FAMILIES['RNN'], names[0]
+  _checks.fail(where, 'module', 'an OptimizedLSTMCell, LSTMCell, GRUCell or SimpleCell '
+               '(or a layer of them)', type(cell).__name__, TypeError)
+
+
+def _cell_params(cell) -> Params:
+  """The cell's parameters by path; ``LSTMCell``'s per-gate layers are concatenated."""
+  if isinstance(cell, nr.LSTMCell):
+    def cat(names, attr):
+      parts = [np.asarray(getattr(getattr(cell, n), attr)[...]) for n in names]
+      return np.concatenate(parts, axis=-1)
+
+    return {'dense_i.kernel': cat(('ii', 'if_', 'ig', 'io'), 'kernel'),
+            'dense_h.kernel': cat(('hi', 'hf', 'hg', 'ho'), 'kernel'),
+            'dense_h.bias': cat(('hi', 'hf', 'hg', 'ho'), 'bias')}
+  paths = {'LSTM': ('dense_i.kernel', 'dense_h.kernel', 'dense_h.bias'),
+           'GRU': ('dense_i.kernel', 'dense_i.bias', 'dense_h.kernel', 'bias_hn'),
+           'RNN': ('dense_i.kernel', 'dense_i.bias', 'dense_h.kernel')}
+  family = _cell_family(cell)[0].torch_layer
+  return {p: np.asarray(_variable(cell, p)[...]) for p in paths[family]}
+
+
+def _layer_cells(module) -> tuple[list[list[Any]], bool, float]:
+  """``(cells[layer][direction], time_major, dropout)`` of an nnx sequence layer."""
+  where = 'to_torch'
+  fused = tuple(getattr(nr, n) for n in ('LSTM', 'GRU') if hasattr(nr, n))
+  if fused and isinstance(module, fused):
+    directions = [module.forward] + ([module.backward] if module.bidirectional else [])
+    cells = [[d[layer] for d in directions] for layer in range(module.num_layers)]
+    return cells, module.time_major, float(module.dropout_rate)
+  if isinstance(module, nr.RNN):
+    if module.reverse:
+      _checks.fail(where, 'module', 'an RNN with reverse=False (PyTorch has no reversed '
+                   'unidirectional layer)', 'reverse=True')
+    return [[module.cell]], module.time_major, 0.0
+  if isinstance(module, nr.Bidirectional):
+    if module.merge_fn is not _rnn._concatenate:
+      _checks.fail(where, 'module', 'a Bidirectional with the default merge_fn (concatenate)',
+                   f'merge_fn={module.merge_fn}')
+    rnns = (module.forward_rnn, module.backward_rnn)
+    if not all(isinstance(r, nr.RNN) for r in rnns):
+      _checks.fail(where, 'module', 'a Bidirectional of two nr.RNN layers',
+                   ', '.join(type(r).__name__ for r in rnns), TypeError)
+    return [[r.cell for r in rnns]], module.time_major, 0.0
+  stacked = getattr(nr, 'StackedRNN', None)
+  if stacked is not None and isinstance(module, stacked):
+    # The stack passes its time_major to every layer.
+    cells = [row for layer in module.layers for row in _layer_cells(layer)[0]]
+    return cells, module.time_major, float(module.dropout_rate)
+  _checks.fail(where, 'module', 'an nnx_recurrent cell, RNN, Bidirectional, StackedRNN, '
+               'LSTM or GRU', type(module).__name__, TypeError)
+
+
+def to_torch(module: nnx.Module):
+  """Returns the PyTorch module equivalent to an nnx_recurrent module.
+
+  The reverse of :func:`from_torch` (see the module docstring for the table):
+  cells become ``torch.nn.LSTMCell`` / ``GRUCell`` / ``RNNCell``; ``nr.LSTM``,
+  ``nr.GRU`` and ``RNN`` / ``Bidirectional`` / ``StackedRNN`` layers of one
+  cell family become ``torch.nn.LSTM`` / ``GRU`` / ``RNN`` with
+  ``batch_first = not time_major`` and ``dropout`` = the stack's
+  ``dropout_rate``. The torch module is in training mode, as PyTorch creates
+  it; call ``.eval()`` for inference when it has dropout.
+
+  Example::
+
+    >>> import numpy as np, torch
+    >>> from flax import nnx
+    >>> import nnx_recurrent as nr
+    >>> rnn = nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0)))
+    >>> gru = nr.interop.to_torch(rnn)
+    >>> gru
+    GRU(3, 4, batch_first=True)
+    >>> x = np.ones((2, 5, 3), np.float32)
+    >>> y_torch, h_n = gru(torch.from_numpy(x))
+    >>> bool(np.allclose(rnn(x), y_torch.detach().numpy(), atol=1e-6))
+    True
+
+  Args:
+    module: an ``OptimizedLSTMCell``, ``LSTMCell``, ``GRUCell``, ``SimpleCell``
+      (tanh or relu), or ``nr.LSTM`` / ``nr.GRU`` / ``RNN`` / ``Bidirectional`` /
+      ``StackedRNN`` over such cells.
+
+  Returns:
+    The ``torch.nn`` module with the weights copied.
+
+  Raises:
+    TypeError: for modules without a PyTorch counterpart.
+    ValueError: for options PyTorch lacks (see the module docstring).
+  """
+  torch = _import_torch()
+  where = 'to_torch'
+  if isinstance(module, nr.RNNCellBase):
+    family, nonlinearity = _cell_family(module)
+    dtype = _cell_params(module)['dense_i.kernel'].dtype
+    kw = {} if nonlinearity is None else {'nonlinearity': nonlinearity}
+    result = getattr(torch.nn, family.torch_cell)(
+      module.in_features, module.hidden_features, **kw, dtype=_torch_dtype(torch, dtype))
+    _copy_into(torch, result, family.to_torch(_cell_params(module)), '')
+    return result
+
+  cells, time_major, dropout = _layer_cells(module)
+  families = {(_cell_family(c)[0].torch_layer, _cell_family(c)[1]) for row in cells for c in row}
+  if len(families) != 1:
+    _checks.fail(where, 'module', 'cells of one family (all LSTM, all GRU or all SimpleCell '
+                 'with one activation)', sorted(str(f) for f in families))
+  (name, nonlinearity), = families
+  family = _FAMILIES[name]
+  num_dirs, hidden = len(cells[0]), cells[0][0].hidden_features
+  for layer, row in enumerate(cells):
+    expected_in = cells[0][0].in_features if layer == 0 else hidden * num_dirs
+    if (len(row) != num_dirs or any(c.hidden_features != hidden for c in row)
+        or any(c.in_features != expected_in for c in row)):
+      _checks.fail(where, 'module', f'layers with {num_dirs} direction(s) of hidden size '
+                   f'{hidden}, layer {layer} taking {expected_in} features',
+                   f'layer {layer} with cells ' + ', '.join(
+                     f'({c.in_features}->{c.hidden_features})' for c in row))
+  params = [[_cell_params(c) for c in row] for row in cells]
+  kw = {} if nonlinearity is None else {'nonlinearity': nonlinearity}
+  result = getattr(torch.nn, family.torch_layer)(
+    cells[0][0].in_features, hidden, num_layers=len(cells), batch_first=not time_major,
+    dropout=dropout if len(cells) > 1 else 0.0, bidirectional=num_dirs == 2, **kw,
+    dtype=_torch_dtype(torch, params[0][0]['dense_i.kernel'].dtype))
+  for layer, row in enumerate(params):
+    for d, p in enumerate(row):
+      _copy_into(torch, result, family.to_torch(p), f'_l{layer}' + ('_reverse' if d else ''))
+  return result
+
+
+def _torch_dtype(torch, dtype):
+  return torch.bfloat16 if dtype == jnp.bfloat16 else getattr(torch, np.dtype(dtype).name)
+
+
+def _copy_into(torch, module, weights: TorchWeights, suffix: str) -> None:
+  names = ('weight_ih', 'weight_hh', 'bias_ih', 'bias_hh')
+  with torch.no_grad():
+    for name, value in zip(names, weights):
+      param = getattr(module, name + suffix)
+      value = np.asarray(value, np.float32) if value.dtype == jnp.bfloat16 else value
+      param.copy_(torch.from_numpy(np.array(value)))

@@ -1,0 +1,296 @@
+"""nr.interop against PyTorch itself: from_torch / to_torch give PyTorch's numbers.
+
+PyTorch is the independent reference: every test runs the torch module and the
+converted (or original) nnx module on the same inputs and compares outputs and
+final states, plain and packed (``pack_padded_sequence`` / ``pad_packed_sequence``).
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import nnx_recurrent as nr
+from tests.random_params import random_module
+
+torch = pytest.importorskip('torch')
+from torch.nn.utils import rnn as torch_rnn  # noqa: E402
+
+ATOL = 1e-5
+B, T, IN, H = 3, 5, 4, 6
+LENGTHS = np.array([5, 2, 4])  # >= 1: PyTorch cannot pack empty rows
+
+
+def _np(t):
+  return t.detach().numpy()
+
+
+def _inputs(batch_first, seed=0):
+  x = np.random.default_rng(seed).normal(size=(B, T, IN)).astype(np.float32)
+  return x if batch_first else np.swapaxes(x, 0, 1).copy()
+
+
+def _torch_run(module, x, lengths=None):
+  """PyTorch's output ``(outputs, h_n, c_n or None)``, packed when ``lengths`` is given."""
+  xt = torch.from_numpy(x)
+  with torch.no_grad():
+    if lengths is None:
+      out, state = module(xt)
+    else:
+      packed = torch_rnn.pack_padded_sequence(
+        xt, torch.from_numpy(lengths), batch_first=module.batch_first, enforce_sorted=False)
+      out, state = module(packed)
+      out, _ = torch_rnn.pad_packed_sequence(out, batch_first=module.batch_first,
+                                             total_length=T)
+  h_n, c_n = state if isinstance(state, tuple) else (state, None)
+  return _np(out), _np(h_n), None if c_n is None else _np(c_n)
+
+
+def _torch_state(carry, lstm):
+  """Our carry as PyTorch's ``(h_n, c_n)``: its leaves are already in PyTorch's
+  (layer-major, direction-minor) order; an LSTM cell's carry is ``(c, h)``."""
+  leaves = jax.tree_util.tree_leaves(carry)
+  if lstm:
+    return np.stack(leaves[1::2]), np.stack(leaves[0::2])
+  return np.stack(leaves), None
+
+
+def _assert_same(ours, theirs):
+  (carry, y), (y_t, h_t, c_t) = ours, theirs
+  np.testing.assert_allclose(np.asarray(y), y_t, atol=ATOL, rtol=0)
+  h, c = _torch_state(carry, c_t is not None)
+  np.testing.assert_allclose(h, h_t, atol=ATOL, rtol=0)
+  if c_t is not None:
+    np.testing.assert_allclose(c, c_t, atol=ATOL, rtol=0)
+
+
+def _torch_layer(kind, num_layers, bidirectional, batch_first, bias=True, dropout=0.0):
+  torch.manual_seed(num_layers * 10 + bidirectional)
+  kw = dict(num_layers=num_layers, bidirectional=bidirectional, batch_first=batch_first,
+            bias=bias, dropout=dropout)
+  if kind.startswith('RNN'):
+    return torch.nn.RNN(IN, H, nonlinearity=kind.split('_')[1], **kw)
+  return getattr(torch.nn, kind)(IN, H, **kw)
+
+
+@nnx.jit
+def _run(model, x, lengths):
+  """One compiled call per model, with and without padding (lengths all ``T``)."""
+  return model(x, seq_lengths=lengths, return_carry=True)
+
+
+def _check_against_torch(model, module):
+  """Plain and packed runs of ``module`` equal ``model``'s, padding zero on both sides."""
+  x = _inputs(module.batch_first)
+  _assert_same(_run(model, x, jnp.full((B,), T)), _torch_run(module, x))
+  ours = _run(model, x, jnp.asarray(LENGTHS))
+  _assert_same(ours, _torch_run(module, x, LENGTHS))
+  y = np.asarray(ours[1]) if module.batch_first else np.swapaxes(np.asarray(ours[1]), 0, 1)
+  assert (y[1, 2:] == 0).all() and np.abs(y[1, :2]).max() > 0
+
+
+LAYER_CASES = [
+  # kind, num_layers, bidirectional, batch_first, bias, dropout
+  ('LSTM', 1, False, True, True, 0.0),
+  ('LSTM', 2, True, False, False, 0.5),
+  ('GRU', 1, True, False, True, 0.0),
+  ('GRU', 3, False, True, False, 0.5),
+  ('RNN_tanh', 1, False, False, True, 0.0),
+  ('RNN_tanh', 2, True, True, True, 0.0),
+  ('RNN_relu', 1, True, True, False, 0.0),
+  ('RNN_relu', 3, False, False, True, 0.5),
+]
+
+
+@pytest.mark.parametrize('kind,num_layers,bidirectional,batch_first,bias,dropout', LAYER_CASES)
+def test_from_torch_layer(kind, num_layers, bidirectional, batch_first, bias, dropout):
+  module = _torch_layer(kind, num_layers, bidirectional, batch_first, bias, dropout).eval()
+  model = nr.interop.from_torch(module)
+  expected_type = {'LSTM': 'LSTM', 'GRU': 'GRU'}.get(
+    kind, 'StackedRNN' if num_layers > 1 else 'Bidirectional' if bidirectional else 'RNN')
+  assert type(model).__name__ == expected_type
+  assert model.time_major == (not batch_first)
+  if num_layers > 1:
+    assert model.dropout_rate == dropout
+  # An eval-mode torch module converts to an eval-mode model: dropout is off.
+  _check_against_torch(model, module)
+
+
+def _rand_carry(seed=1):
+  rng = np.random.default_rng(seed)
+  h = rng.normal(size=(B, H)).astype(np.float32)
+  c = rng.normal(size=(B, H)).astype(np.float32)
+  return h, c
+
+
+@pytest.mark.parametrize('kind,bias', [('LSTMCell', True), ('LSTMCell', False),
+                                       ('GRUCell', True), ('GRUCell', False),
+                                       ('RNNCell_tanh', True), ('RNNCell_relu', True)])
+def test_from_torch_cell(kind, bias):
+  torch.manual_seed(0)
+  name, _, nonlinearity = kind.partition('_')
+  kw = {'nonlinearity': nonlinearity} if nonlinearity else {}
+  module = getattr(torch.nn, name)(IN, H, bias=bias, **kw)
+  cell = nr.interop.from_torch(module)
+  assert type(cell).__name__ == {'LSTMCell': 'OptimizedLSTMCell', 'GRUCell': 'GRUCell',
+                                 'RNNCell': 'SimpleCell'}[name]
+  h, c = _rand_carry()
+  carry = (jnp.asarray(c), jnp.asarray(h)) if name == 'LSTMCell' else jnp.asarray(h)
+  state = (torch.from_numpy(h), torch.from_numpy(c)) if name == 'LSTMCell' else \
+      torch.from_numpy(h)
+  for t, x_t in enumerate(_inputs(True)[:, :3].transpose(1, 0, 2)):  # three steps
+    carry, y = cell(carry, jnp.asarray(x_t))
+    with torch.no_grad():
+      state = module(torch.from_numpy(x_t), state)
+    h_t = state[0] if name == 'LSTMCell' else state
+    np.testing.assert_allclose(np.asarray(y), _np(h_t), atol=ATOL, rtol=0, err_msg=f'step {t}')
+    if name == 'LSTMCell':
+      np.testing.assert_allclose(np.asarray(carry[0]), _np(state[1]), atol=ATOL, rtol=0)
+
+
+# -- to_torch ---------------------------------------------------------------------
+def _cell(kind, n_in, rngs, **kw):
+  if kind == 'RNN_relu':
+    return nr.SimpleCell(n_in, H, activation_fn=nnx.relu, rngs=rngs, **kw)
+  if kind == 'RNN_tanh':
+    return nr.SimpleCell(n_in, H, rngs=rngs, **kw)
+  return getattr(nr, kind)(n_in, H, rngs=rngs, **kw)
+
+
+def _bidirectional(kind, n_in, rngs):
+  return nr.Bidirectional(nr.RNN(_cell(kind, n_in, rngs)), nr.RNN(_cell(kind, n_in, rngs)))
+
+
+NNX_MODELS = {  # rngs -> model
+  'RNN(LSTMCell) time major': lambda rngs: nr.RNN(_cell('LSTMCell', IN, rngs), time_major=True),
+  'Bidirectional(GRUCell)': lambda rngs: _bidirectional('GRUCell', IN, rngs),
+  'LSTM 2 layers bidirectional': lambda rngs: nr.LSTM(IN, H, num_layers=2, bidirectional=True,
+                                                      rngs=rngs),
+  'GRU 2 layers time major': lambda rngs: nr.GRU(IN, H, num_layers=2, time_major=True,
+                                                 rngs=rngs),
+  'StackedRNN of Bidirectional(SimpleCell relu)': lambda rngs: nr.StackedRNN(
+    _bidirectional('RNN_relu', IN, rngs), _bidirectional('RNN_relu', 2 * H, rngs),
+    dropout_rate=0.25, rngs=rngs),
+  'StackedRNN of RNN(OptimizedLSTMCell) time major': lambda rngs: nr.StackedRNN(
+    nr.RNN(_cell('OptimizedLSTMCell', IN, rngs)), nr.RNN(_cell('OptimizedLSTMCell', H, rngs)),
+    time_major=True),
+}
+
+
+@pytest.mark.parametrize('name', list(NNX_MODELS))
+def test_to_torch_layer(name):
+  model = random_module(lambda: NNX_MODELS[name](nnx.Rngs(0)))
+  model.eval()
+  _check_against_torch(model, nr.interop.to_torch(model).eval())
+
+
+@pytest.mark.parametrize('kind', ['OptimizedLSTMCell', 'LSTMCell', 'GRUCell', 'RNN_tanh',
+                                  'RNN_relu'])
+def test_to_torch_cell(kind):
+  cell = random_module(lambda: _cell(kind, IN, nnx.Rngs(0)))
+  module = nr.interop.to_torch(cell)
+  lstm = 'LSTM' in kind
+  assert type(module).__name__ == ('LSTMCell' if lstm else 'GRUCell' if kind == 'GRUCell'
+                                   else 'RNNCell')
+  h, c = _rand_carry()
+  x = _inputs(True)[:, 0]
+  carry, y = cell((jnp.asarray(c), jnp.asarray(h)) if lstm else jnp.asarray(h), jnp.asarray(x))
+  with torch.no_grad():
+    state = module(torch.from_numpy(x), (torch.from_numpy(h), torch.from_numpy(c)) if lstm
+                   else torch.from_numpy(h))
+  np.testing.assert_allclose(np.asarray(y), _np(state[0] if lstm else state), atol=ATOL, rtol=0)
+  if lstm:
+    np.testing.assert_allclose(np.asarray(carry[0]), _np(state[1]), atol=ATOL, rtol=0)
+
+
+def test_round_trip_keeps_parameters():
+  module = _torch_layer('GRU', 2, True, True)
+  back = nr.interop.to_torch(nr.interop.from_torch(module))
+  ours, theirs = dict(back.named_parameters()), dict(module.named_parameters())
+  assert sorted(ours) == sorted(theirs)
+  # Weights survive exactly; b_hr, b_hz move into bias_ih (their sum survives), b_in and
+  # b_hn stay where they were.
+  for layer in ('_l0', '_l1', '_l0_reverse', '_l1_reverse'):
+    for w in ('weight_ih', 'weight_hh'):
+      np.testing.assert_array_equal(_np(ours[w + layer]), _np(theirs[w + layer]))
+    b_ih, b_hh = _np(theirs['bias_ih' + layer]), _np(theirs['bias_hh' + layer])
+    r_ih, r_hh = _np(ours['bias_ih' + layer]), _np(ours['bias_hh' + layer])
+    np.testing.assert_allclose(r_ih[:2 * H] + r_hh[:2 * H], b_ih[:2 * H] + b_hh[:2 * H],
+                               atol=1e-6)
+    np.testing.assert_array_equal(r_ih[2 * H:], b_ih[2 * H:])  # b_in
+    np.testing.assert_array_equal(r_hh[2 * H:], b_hh[2 * H:])  # b_hn
+
+
+def test_from_torch_keeps_training_mode():
+  module = _torch_layer('LSTM', 2, False, True, dropout=0.5)  # training mode
+  model = nr.interop.from_torch(module, rngs=nnx.Rngs(0))
+  x = _inputs(True)
+  forward = nnx.jit(lambda model, x: model(x))
+  assert not np.allclose(forward(model, x), forward(model, x))  # dropout is on
+  model.eval()
+  np.testing.assert_allclose(np.asarray(forward(model, x)), _torch_run(module.eval(), x)[0],
+                             atol=ATOL, rtol=0)
+
+
+# -- errors -----------------------------------------------------------------------
+def test_from_torch_errors():
+  with pytest.raises(ValueError, match=r'from_torch: `module.proj_size` expected 0'):
+    nr.interop.from_torch(torch.nn.LSTM(IN, H, proj_size=2))
+  with pytest.raises(TypeError, match=r'from_torch: `module` expected one of torch.nn.LSTM.*'
+                                      r'got Linear'):
+    nr.interop.from_torch(torch.nn.Linear(2, 3))
+
+
+def _abstract(factory):
+  """The module without parameter values (to_torch checks structure before values)."""
+  return nnx.eval_shape(lambda: factory(nnx.Rngs(0)))
+
+
+def _gru_rnn(rngs, hidden=H):
+  return nr.RNN(nr.GRUCell(IN, hidden, rngs=rngs))
+
+
+TO_TORCH_ERRORS = [
+  (lambda r: nr.MGUCell(IN, H, rngs=r), TypeError,
+   r'to_torch: `module` expected an OptimizedLSTMCell.*got MGUCell'),
+  (lambda r: nr.SimpleCell(IN, IN, residual=True, rngs=r), ValueError,
+   r'to_torch: `module` expected a SimpleCell with activation_fn tanh or relu.*residual=True'),
+  (lambda r: nr.GRUCell(IN, H, gate_fn=jax.nn.hard_sigmoid, rngs=r), ValueError,
+   r'expected cells with gate_fn=sigmoid.*hard_sigmoid'),
+  (lambda r: nr.RNN(nr.GRUCell(IN, H, rngs=r), reverse=True), ValueError,
+   r'expected an RNN with reverse=False.*got reverse=True'),
+  (lambda r: nr.Bidirectional(_gru_rnn(r), _gru_rnn(r), merge_fn=lambda a, b: a + b),
+   ValueError, r'expected a Bidirectional with the default merge_fn'),
+  (lambda r: nr.Bidirectional(_gru_rnn(r), nr.RNN(nr.OptimizedLSTMCell(IN, H, rngs=r))),
+   ValueError, r'expected cells of one family'),
+  (lambda r: nr.Bidirectional(_gru_rnn(r), _gru_rnn(r, H + 1)), ValueError,
+   r'expected layers with 2 direction\(s\) of hidden size 6'),
+  (lambda r: nnx.Linear(2, 3, rngs=r), TypeError,
+   r'to_torch: `module` expected an nnx_recurrent cell'),
+]
+
+
+@pytest.mark.parametrize('factory,error,match', TO_TORCH_ERRORS)
+def test_to_torch_errors(factory, error, match):
+  with pytest.raises(error, match=match):
+    nr.interop.to_torch(_abstract(factory))
+
+
+def test_import_does_not_load_torch():
+  code = ('import sys, nnx_recurrent, nnx_recurrent.interop; '
+          "assert 'torch' not in sys.modules, 'torch imported'; "
+          'assert callable(nnx_recurrent.interop.from_torch)')
+  subprocess.run([sys.executable, '-c', code], check=True, env=_subprocess_env())
+
+
+def _subprocess_env():
+  env = dict(os.environ)
+  root = str(pathlib.Path(__file__).resolve().parents[1])
+  env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
+  return env

@@ -9,14 +9,19 @@ sequence with masked carry selection; :class:`Bidirectional` runs two RNNs.
 from nnx_recurrent._base import DropoutMasks as DropoutMasks
 from nnx_recurrent._base import RNNCellBase as RNNCellBase
 from nnx_recurrent._conv_lstm import ConvLSTMCell as ConvLSTMCell
+from nnx_recurrent._fused import GRU as GRU
+from nnx_recurrent._fused import LSTM as LSTM
 from nnx_recurrent._gru import GRUCell as GRUCell
 from nnx_recurrent._lstm import LSTMCell as LSTMCell
 from nnx_recurrent._lstm import OptimizedLSTMCell as OptimizedLSTMCell
 from nnx_recurrent._mgu import MGUCell as MGUCell
+from nnx_recurrent._packing import pack_sequences as pack_sequences
+from nnx_recurrent._packing import unpack_sequences as unpack_sequences
 from nnx_recurrent._rnn import RNN as RNN
 from nnx_recurrent._rnn import Bidirectional as Bidirectional
 from nnx_recurrent._rnn import flip_sequences as flip_sequences
 from nnx_recurrent._simple import SimpleCell as SimpleCell
+from nnx_recurrent._stack import StackedRNN as StackedRNN
 
 __version__ = '0.1.0'
 
@@ -31,7 +36,12 @@ __all__ = [
   'DropoutMasks',
   'RNN',
   'Bidirectional',
+  'LSTM',
+  'GRU',
   'flip_sequences',
+  'StackedRNN',
+  'pack_sequences',
+  'unpack_sequences',
 ]
 
 

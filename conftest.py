@@ -1,4 +1,4 @@
-"""Test-session settings shared by every test module."""
+"""Test-session settings shared by every test and doctest (tests/, compat/, docs/, the package)."""
 
 import os
 

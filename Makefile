@@ -1,0 +1,49 @@
+# Every target works on a fresh checkout: it creates .venv itself.
+# Stamp files inside .venv make repeated invocations fast; they depend on
+# pyproject.toml, so changing dependencies triggers a reinstall.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+
+DEMO_OUT ?= out/demo
+DEMO_ARGS ?=
+BENCH_ARGS ?=
+# Two workers: compiling dominates the suite and XLA:CPU compiles on one thread.
+TEST_WORKERS ?= 2
+# Test suites plus doctests in the package, the README and docs/ (whichever exist).
+TEST_PATHS := $(wildcard tests compat) nnx_recurrent $(wildcard README.md docs)
+
+.PHONY: venv install-test install-examples install-docs test demo bench docs clean
+
+venv: $(VENV)/.created
+
+$(VENV)/.created:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	touch $@
+
+install-test: $(VENV)/.test-installed
+install-examples: $(VENV)/.examples-installed
+install-docs: $(VENV)/.docs-installed
+
+$(VENV)/.%-installed: pyproject.toml $(VENV)/.created
+	$(PIP) install -e '.[$*]'
+	touch $@
+
+test: install-test
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --doctest-modules --doctest-glob='*.md' $(TEST_PATHS)
+
+demo: install-examples
+	$(PY) -m examples.japanese_vowels --out $(DEMO_OUT) $(DEMO_ARGS)
+
+bench: install-test
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+docs: install-docs
+	$(PY) -m sphinx -W docs docs/_build/html
+
+clean:
+	rm -rf out docs/_build build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,471 @@
+"""Step-time benchmark: nnx_recurrent vs flax.nnx, flax.linen and PyTorch (CPU).
+
+Usage::
+
+  python -m benchmarks.run                 # full suite (~5-10 min on 2 cores)
+  python -m benchmarks.run --quick         # smoke mode (< 1 min)
+  python -m benchmarks.run --shapes 8x500x64x128 --impls 'LSTM' --json out.json --plot out.png
+
+For every shape ``(B, T, I, H)`` and implementation it measures, in this one
+process:
+
+* ``fwd``: the jitted forward pass (PyTorch: ``torch.no_grad()`` forward);
+* ``train``: the jitted forward + backward, ``loss = mean(outputs ** 2)`` and
+  its gradients w.r.t. the parameters (PyTorch: ``loss.backward()``);
+* ``compile``: seconds to lower and compile each JAX function (PyTorch: the
+  first call), and ``temp MB``: the compiled training step's
+  ``memory_analysis().temp_size_in_bytes`` (not measured for PyTorch: n/a);
+* ``GFLOP/s``: the model's matmul FLOPs (``2 * B * T * (I + H) * G * H`` per
+  forward with ``G`` = 4 for LSTM, 3 for GRU; training counts 3x) over the
+  median time, and that as a share of the measured peak of one large jitted
+  ``float32`` matmul.
+
+All implementations of a shape are interleaved in the same loop (round ``r``
+times each of them once, in turn) and the reported time is the median over
+rounds, which is robust to other processes on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FULL_SHAPES = ((8, 500, 64, 128), (64, 100, 128, 256), (1, 1000, 32, 64), (256, 50, 256, 512))
+QUICK_SHAPES = ((4, 50, 16, 32),)
+
+TORCH_THREADS = 2
+
+
+# -- what we compare ------------------------------------------------------------
+@dataclass
+class Impl:
+  name: str
+  family: str  # 'lstm' or 'gru'
+  library: str  # 'ours', 'flax.nnx', 'flax.linen', 'torch'
+  build: Callable  # (B, T, I, H, key) -> Runner
+
+
+@dataclass
+class Runner:
+  fwd: Callable[[], object]
+  train: Callable[[], object]
+  compile_s: float | None
+  temp_mb: float | None
+
+
+def _jax_runner(fwd, train, args) -> Runner:
+  """AOT-compiles ``fwd(*args)`` and ``train(*args)``; records compile time and memory."""
+  t0 = time.perf_counter()
+  fwd_c = jax.jit(fwd).lower(*args).compile()
+  train_c = jax.jit(train).lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  mem = train_c.memory_analysis()
+  temp_mb = None if mem is None else mem.temp_size_in_bytes / 2**20
+  return Runner(lambda: fwd_c(*args), lambda: train_c(*args), compile_s, temp_mb)
+
+
+def _nnx_builder(make_model, call=lambda model, x: model(x)):
+  """Runner for an NNX module ``make_model(I, H, rngs)`` applied as ``call(model, x)``."""
+  from flax import nnx
+
+  def build(B, T, I, H, key):
+    model = make_model(I, H, nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    x = jax.random.normal(key, (B, T, I), jnp.float32)
+
+    def fwd(params, rest, x):
+      return call(nnx.merge(graphdef, params, rest), x)
+
+    def train(params, rest, x):
+      def loss(p):
+        return jnp.mean(call(nnx.merge(graphdef, p, rest), x) ** 2)
+
+      return jax.value_and_grad(loss)(params)
+
+    return _jax_runner(fwd, train, (params, rest, x))
+
+  return build
+
+
+def _linen_builder(cell_name):
+  def build(B, T, I, H, key):
+    import flax.linen as nn
+
+    model = nn.RNN(getattr(nn, cell_name)(H))
+    x = jax.random.normal(key, (B, T, I), jnp.float32)
+    params = model.init(jax.random.key(0), x)
+
+    def fwd(params, x):
+      return model.apply(params, x)
+
+    def train(params, x):
+      return jax.value_and_grad(lambda p: jnp.mean(model.apply(p, x) ** 2))(params)
+
+    return _jax_runner(fwd, train, (params, x))
+
+  return build
+
+
+def _torch_builder(module_name):
+  def build(B, T, I, H, key):
+    import torch
+
+    torch.set_num_threads(TORCH_THREADS)
+    torch.manual_seed(0)
+    module = getattr(torch.nn, module_name)(I, H, batch_first=True)
+    x = torch.from_numpy(np.array(jax.random.normal(key, (B, T, I), jnp.float32)))
+
+    def fwd():
+      with torch.no_grad():
+        return module(x)[0]
+
+    def train():
+      module.zero_grad(set_to_none=True)
+      loss = (module(x)[0] ** 2).mean()
+      loss.backward()
+      return loss
+
+    t0 = time.perf_counter()
+    fwd()
+    train()
+    return Runner(fwd, train, time.perf_counter() - t0, None)
+
+  return build
+
+
+def _impls() -> list[Impl]:
+  from flax import nnx
+
+  import nnx_recurrent as nr
+
+  def ours_rnn(cell):
+    return lambda I, H, rngs: nr.RNN(getattr(nr, cell)(I, H, rngs=rngs))
+
+  def flax_rnn(cell):
+    return lambda I, H, rngs: nnx.RNN(getattr(nnx, cell)(I, H, rngs=rngs))
+
+  def flax_call(model, x):
+    # flax.nnx.RNN draws from an RngStream to build even a zero carry, and mutating
+    # the stream it stores fails under jax.grad (TraceContextError); a fresh stream
+    # per call is what a user of raw jax transforms has to pass.
+    return model(x, rngs=nnx.Rngs(carry=0))
+
+  impls = []
+  for cell, fam in (('OptimizedLSTMCell', 'lstm'), ('LSTMCell', 'lstm'), ('GRUCell', 'gru')):
+    impls.append(Impl(f'nr.RNN({cell})', fam, 'ours', _nnx_builder(ours_rnn(cell))))
+    impls.append(Impl(f'nnx.RNN({cell})', fam, 'flax.nnx',
+                      _nnx_builder(flax_rnn(cell), flax_call)))
+    impls.append(Impl(f'linen.RNN({cell})', fam, 'flax.linen', _linen_builder(cell)))
+  impls.append(Impl('nr.LSTM', 'lstm', 'ours',
+                    _nnx_builder(lambda I, H, rngs: nr.LSTM(I, H, rngs=rngs))))
+  impls.append(Impl('nr.GRU', 'gru', 'ours',
+                    _nnx_builder(lambda I, H, rngs: nr.GRU(I, H, rngs=rngs))))
+  impls.append(Impl('torch.nn.LSTM', 'lstm', 'torch', _torch_builder('LSTM')))
+  impls.append(Impl('torch.nn.GRU', 'gru', 'torch', _torch_builder('GRU')))
+  return impls
+
+
+# (ours, theirs, target for fwd or None, target for train or None)
+COMPARISONS = (
+  ('nr.RNN(OptimizedLSTMCell)', 'nnx.RNN(OptimizedLSTMCell)', 1.10, 1.10),
+  ('nr.RNN(LSTMCell)', 'nnx.RNN(LSTMCell)', None, None),
+  ('nr.RNN(GRUCell)', 'nnx.RNN(GRUCell)', None, None),
+  ('nr.RNN(OptimizedLSTMCell)', 'linen.RNN(OptimizedLSTMCell)', None, None),
+  ('nr.LSTM', 'nnx.RNN(OptimizedLSTMCell)', 1.0, 0.75),
+  ('nr.LSTM', 'linen.RNN(OptimizedLSTMCell)', None, None),
+  ('nr.LSTM', 'torch.nn.LSTM', None, 1.25),
+  ('nr.GRU', 'nnx.RNN(GRUCell)', 1.0, 0.75),
+  ('nr.GRU', 'linen.RNN(GRUCell)', None, None),
+  ('nr.GRU', 'torch.nn.GRU', None, 1.25),
+)
+
+
+def model_flops(family: str, B: int, T: int, I: int, H: int) -> float:
+  """Matmul FLOPs of one forward pass (the pointwise work is not counted)."""
+  gates = 4 if family == 'lstm' else 3
+  return 2.0 * B * T * (I + H) * gates * H
+
+
+# -- measuring ------------------------------------------------------------------
+def _call(fn):
+  out = fn()
+  if hasattr(out, 'block_until_ready') or isinstance(out, (tuple, list, dict)):
+    jax.block_until_ready(out)
+  return out
+
+
+def _sample(fn, number: int) -> float:
+  t0 = time.perf_counter()
+  for _ in range(number):
+    _call(fn)
+  return (time.perf_counter() - t0) / number
+
+
+def measure_peak(n: int, repeats: int) -> float:
+  """GFLOP/s of the best of ``repeats`` jitted ``n x n`` float32 matmuls."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  _call(lambda: f(a))
+  best = min(_sample(lambda: f(a), 1) for _ in range(repeats))
+  return 2.0 * n**3 / best / 1e9
+
+
+@dataclass
+class Result:
+  shape: tuple[int, int, int, int]
+  impl: str
+  family: str
+  library: str
+  fwd_ms: float | None = None
+  train_ms: float | None = None
+  fwd_samples: list = field(default_factory=list)
+  train_samples: list = field(default_factory=list)
+  compile_s: float | None = None
+  temp_mb: float | None = None
+  gflops_fwd: float | None = None
+  gflops_train: float | None = None
+  error: str | None = None
+
+
+def bench_shape(shape, impls, *, rounds: int, min_sample_s: float, budget_s: float, log):
+  B, T, I, H = shape
+  key = jax.random.key(1)
+  runners, results = {}, {}
+  for impl in impls:
+    res = results[impl.name] = Result(shape, impl.name, impl.family, impl.library)
+    try:
+      runner = impl.build(B, T, I, H, key)
+      # Warm-up (the first calls also calibrate the number of calls per sample).
+      t_f = max(_sample(runner.fwd, 1), _sample(runner.fwd, 1))
+      t_t = max(_sample(runner.train, 1), _sample(runner.train, 1))
+    except Exception as e:  # noqa: BLE001 - a failing impl must not kill the suite
+      res.error = f'{type(e).__name__}: {e}'
+      log(f'  {impl.name}: FAILED {res.error}')
+      continue
+    res.compile_s, res.temp_mb = runner.compile_s, runner.temp_mb
+    runners[impl.name] = (runner, max(1, math.ceil(min_sample_s / t_f)),
+                          max(1, math.ceil(min_sample_s / t_t)), t_f + t_t)
+  # Rounds: every implementation once per round, interleaved.
+  # As many rounds as asked, but fewer (at least 3) when one round exceeds the budget share.
+  per_round = sum(est for *_, est in runners.values())
+  n_rounds = min(rounds, max(3, int(budget_s / max(per_round, 1e-9))))
+  for _ in range(n_rounds):
+    for name, (runner, n_f, n_t, _) in runners.items():
+      results[name].fwd_samples.append(_sample(runner.fwd, n_f) * 1e3)
+      results[name].train_samples.append(_sample(runner.train, n_t) * 1e3)
+  for res in results.values():
+    if res.error:
+      continue
+    res.fwd_ms = statistics.median(res.fwd_samples)
+    res.train_ms = statistics.median(res.train_samples)
+    flops = model_flops(res.family, B, T, I, H)
+    res.gflops_fwd = flops / res.fwd_ms / 1e6
+    res.gflops_train = 3 * flops / res.train_ms / 1e6
+  log(f'  ({n_rounds} rounds)')
+  return list(results.values())
+
+
+# -- reporting ------------------------------------------------------------------
+def _fmt(v, spec='.2f', none='n/a'):
+  return none if v is None else format(v, spec)
+
+
+def results_table(results: list[Result], peak: float) -> str:
+  lines = ['| shape (B,T,I,H) | implementation | fwd ms | train ms | fwd GFLOP/s (% peak) '
+           '| train GFLOP/s (% peak) | compile s | train temp MB |',
+           '|---|---|---:|---:|---:|---:|---:|---:|']
+  for r in results:
+    if r.error:
+      lines.append(f'| {r.shape} | {r.impl} | failed: {r.error} ||||||')
+      continue
+    lines.append(
+      f'| {r.shape} | {r.impl} | {r.fwd_ms:.2f} | {r.train_ms:.2f} '
+      f'| {r.gflops_fwd:.1f} ({100 * r.gflops_fwd / peak:.0f}%) '
+      f'| {r.gflops_train:.1f} ({100 * r.gflops_train / peak:.0f}%) '
+      f'| {_fmt(r.compile_s)} | {_fmt(r.temp_mb, ".1f")} |'
+    )
+  return '\n'.join(lines)
+
+
+def ratios(results: list[Result]) -> list[dict]:
+  by = {(r.shape, r.impl): r for r in results if not r.error}
+  out = []
+  for shape in dict.fromkeys(r.shape for r in results):
+    for ours, theirs, t_fwd, t_train in COMPARISONS:
+      a, b = by.get((shape, ours)), by.get((shape, theirs))
+      if a is None or b is None:
+        continue
+      rf, rt = a.fwd_ms / b.fwd_ms, a.train_ms / b.train_ms
+      out.append(dict(
+        shape=shape, ours=ours, theirs=theirs, fwd_ratio=rf, train_ratio=rt,
+        fwd_target=t_fwd, train_target=t_train,
+        fwd_met=None if t_fwd is None else rf <= t_fwd,
+        train_met=None if t_train is None else rt <= t_train,
+      ))
+  return out
+
+
+def ratio_table(rows: list[dict]) -> str:
+  def cell(r, t, met):
+    if t is None:
+      return f'{r:.2f}'
+    return f'{r:.2f} (<= {t:.2f} {"met" if met else "MISSED"})'
+
+  lines = ['| shape | ours / theirs | fwd ratio | train ratio |', '|---|---|---:|---:|']
+  for row in rows:
+    lines.append(
+      f'| {row["shape"]} | {row["ours"]} / {row["theirs"]} '
+      f'| {cell(row["fwd_ratio"], row["fwd_target"], row["fwd_met"])} '
+      f'| {cell(row["train_ratio"], row["train_target"], row["train_met"])} |'
+    )
+  return '\n'.join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  rows = [r for r in rows if r['fwd_target'] is not None or r['train_target'] is not None]
+  shapes = list(dict.fromkeys(r['shape'] for r in rows))
+  pairs = list(dict.fromkeys((r['ours'], r['theirs']) for r in rows))
+  fig, axes = plt.subplots(1, 2, figsize=(14, 1.2 + 0.5 * len(pairs) * len(shapes) / 2),
+                           sharey=True)
+  for ax, kind in zip(axes, ('fwd', 'train')):
+    labels, values, targets = [], [], []
+    for shape in shapes:
+      for ours, theirs in pairs:
+        row = next((r for r in rows if r['shape'] == shape and r['ours'] == ours
+                    and r['theirs'] == theirs), None)
+        if row is None:
+          continue
+        labels.append(f'{"x".join(map(str, shape))}  {ours} / {theirs}')
+        values.append(row[f'{kind}_ratio'])
+        targets.append(row[f'{kind}_target'])
+    y = np.arange(len(values))
+    colors = ['tab:gray' if t is None else ('tab:green' if v <= t else 'tab:red')
+              for v, t in zip(values, targets)]
+    ax.barh(y, values, color=colors)
+    for yi, t in zip(y, targets):
+      if t is not None:
+        ax.plot([t, t], [yi - 0.4, yi + 0.4], 'k-', lw=2)
+    ax.axvline(1.0, color='k', lw=0.5, ls='--')
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_title(f'{kind}: time ratio ours / theirs (black tick = target, lower is better)')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def machine_info() -> dict:
+  model = platform.processor() or 'unknown'
+  try:
+    out = subprocess.run(['lscpu'], capture_output=True, text=True, check=False).stdout
+    m = re.search(r'Model name:\s*(.+)', out)
+    model = m.group(1).strip() if m else model
+  except OSError:
+    pass
+  import flax
+
+  versions = dict(python=platform.python_version(), jax=jax.__version__,
+                  jaxlib=jax.lib.__version__ if hasattr(jax.lib, '__version__') else '?',
+                  flax=flax.__version__, numpy=np.__version__)
+  try:
+    import jaxlib
+
+    versions['jaxlib'] = jaxlib.__version__
+  except ImportError:
+    pass
+  try:
+    import torch
+
+    versions['torch'] = torch.__version__
+  except ImportError:
+    versions['torch'] = 'not installed'
+  return dict(cpu=model, cores=os.cpu_count(), jax_devices=[str(d) for d in jax.devices()],
+              versions=versions, xla_flags=os.environ.get('XLA_FLAGS', ''))
+
+
+def _parse_shapes(text: str):
+  shapes = []
+  for part in text.split(','):
+    dims = tuple(int(v) for v in part.lower().split('x'))
+    if len(dims) != 4:
+      raise argparse.ArgumentTypeError(f'`--shapes` expected BxTxIxH items, got {part!r}')
+    shapes.append(dims)
+  return tuple(shapes)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog='python -m benchmarks.run', description=__doc__.split('\n')[0])
+  p.add_argument('--quick', action='store_true', help='smoke mode: one small shape, 3 rounds')
+  p.add_argument('--shapes', type=_parse_shapes, help='comma-separated BxTxIxH, e.g. 8x500x64x128')
+  p.add_argument('--impls', default='', help='regex: only implementations whose name matches')
+  p.add_argument('--rounds', type=int, help='interleaved rounds per shape (default 7; quick 3)')
+  p.add_argument('--json', metavar='PATH', help='write all results as JSON')
+  p.add_argument('--plot', metavar='PATH', nargs='?', const='benchmarks/ratios.png',
+                 help='draw the ratios as a PNG (default benchmarks/ratios.png)')
+  args = p.parse_args(argv)
+
+  def log(msg=''):
+    print(msg, flush=True)
+
+  shapes = args.shapes or (QUICK_SHAPES if args.quick else FULL_SHAPES)
+  rounds = args.rounds or (3 if args.quick else 7)
+  impls = [i for i in _impls() if re.search(args.impls, i.name)]
+  info = machine_info()
+  load_start = os.getloadavg()
+  log(f'machine: {info["cpu"]}, {info["cores"]} cores; {info["versions"]}')
+  log(f'load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}')
+  t_start = time.perf_counter()
+  peak = measure_peak(1024 if args.quick else 2048, 3 if args.quick else 5)
+  log(f'measured float32 matmul peak: {peak:.1f} GFLOP/s')
+
+  results = []
+  for shape in shapes:
+    log(f'shape (B, T, I, H) = {shape}')
+    budget = 20.0 if args.quick else 90.0
+    results += bench_shape(shape, impls, rounds=rounds, min_sample_s=0.02 if args.quick else 0.05,
+                           budget_s=budget, log=log)
+  rows = ratios(results)
+  load_end = os.getloadavg()
+  elapsed = time.perf_counter() - t_start
+  log()
+  log(results_table(results, peak))
+  log()
+  log(ratio_table(rows))
+  log()
+  log(f'load average at end: {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}; '
+      f'total {elapsed:.0f} s')
+  if args.json:
+    payload = dict(command='python -m benchmarks.run ' + ' '.join(sys.argv[1:] if argv is None
+                                                                 else argv),
+                   machine=info, peak_gflops=peak, load_start=load_start, load_end=load_end,
+                   elapsed_s=elapsed, torch_threads=TORCH_THREADS,
+                   results=[asdict(r) for r in results], ratios=rows)
+    with open(args.json, 'w') as f:
+      json.dump(payload, f, indent=1)
+    log(f'wrote {args.json}')
+  if args.plot:
+    plot(rows, args.plot)
+    log(f'wrote {args.plot}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,1 @@
+"""Runnable examples for nnx_recurrent (``python -m examples.<name>``)."""

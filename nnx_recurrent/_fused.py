@@ -1,0 +1,525 @@
+"""Fused multi-layer ``LSTM`` and ``GRU`` layers with a hand-written backward pass.
+
+The generic :class:`~nnx_recurrent.RNN` scans any cell and lets JAX
+differentiate the scan. For the two cells that matter most this module does the
+work a cuDNN/oneDNN kernel does, in plain JAX:
+
+* The input projection ``x @ W_i`` of every time step is ONE matmul over the
+  whole (time-major) sequence, hoisted out of the loop; only ``h @ W_h`` stays
+  inside (the bias is added in the loop's elementwise step, which costs
+  nothing there and saves a pass over ``(time, batch, gates)``).
+* The recurrence, input projection included, is a :func:`jax.custom_vjp`. Its
+  forward scan saves one residual per step: the activated gates and the carry
+  that entered the step. Its backward is one reverse :func:`jax.lax.scan`
+  doing one matmul per step (``dgates @ W_h^T``, with ``W_h^T`` transposed
+  once before the loop); the weight gradients ``dW_h = h_prev_all^T @
+  dgates_all`` and ``dW_i = x_all^T @ dgates_all`` are ONE large matmul each
+  after the loop, and so is the input gradient.
+* Padding (``seq_lengths``) is carry selection inside both scans
+  (``where(valid, new, old)``): no extra passes over the sequence.
+* Each step's slice of the sequence arrives through the loop carry, fetched
+  one step ahead (:func:`_prefetch_scan`): XLA's CPU backend emits scalar code
+  for an elementwise fusion that reads a dynamic slice, so the gate math of a
+  plain ``scan`` over ``xs`` runs several times slower than it has to.
+* The reverse direction goes through :func:`_scan.reverse_indices` /
+  :func:`_scan.take_time`, validation and layout through :func:`_scan.prepare`:
+  the same core as ``RNN`` and ``Bidirectional``; the LSTM cell update is
+  :func:`_base.lstm_update`, the cells' own.
+
+The parameters live in ordinary cells (:class:`OptimizedLSTMCell`,
+:class:`GRUCell`), so the layout is that of the cells and the fused layer is
+numerically the composition of ``RNN`` / ``Bidirectional`` over them (the
+tests check values and gradients against it, and against NumPy). The gate
+nonlinearities are the cells' defaults (sigmoid, tanh), whose derivatives the
+backward pass hard-codes.
+
+Backends: :meth:`_FusedBase._run_direction` is the single place that turns one
+cell and one direction into ``(final_carry, outputs)``; a cuDNN path through
+``jax.experimental.rnn`` (GPU only, LSTM only, its own packed weight layout)
+would be a second branch there, selected when ``jax.default_backend() == 'gpu'``
+and the configuration is one it supports. It is not implemented: no GPU was
+available to test it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.typing import Dtype, Initializer
+
+from nnx_recurrent import _checks, _scan
+from nnx_recurrent._base import (
+  Array,
+  RngsLike,
+  default_bias_init,
+  default_kernel_init,
+  default_recurrent_kernel_init,
+  lstm_update,
+)
+from nnx_recurrent._gru import GRUCell
+from nnx_recurrent._lstm import OptimizedLSTMCell
+
+# Steps unrolled per loop iteration in both scans (measured in benchmarks/).
+_UNROLL = 1
+_PREFETCH = True
+_HOIST = True
+
+
+def _row(v: Array, ndim: int) -> Array:
+  """A ``(features,)`` vector reshaped to broadcast against ``ndim`` axes."""
+  return v.reshape((1,) * (ndim - 1) + (-1,))
+
+
+def _dot(a: Array, b: Array) -> Array:
+  """``a @ b`` contracting the last axis of ``a`` with the first of ``b``."""
+  return jax.lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())))
+
+
+def _shift(first: Array, seq: Array) -> Array:
+  """``[first, seq[0], ..., seq[T-2]]``: the value entering each step."""
+  return jnp.concatenate([first[None], seq], axis=0)[: seq.shape[0]]
+
+
+def _flat_dot_t(a: Array, b: Array) -> Array:
+  """``sum over all leading axes of a^T b``: ``(..., m), (..., n) -> (m, n)``."""
+  a2 = a.reshape(-1, a.shape[-1])
+  b2 = b.reshape(-1, b.shape[-1])
+  return jax.lax.dot_general(a2, b2, (((0,), (0,)), ((), ())))
+
+
+# -- pointwise math of one step, forward and backward ---------------------------
+# Each step saves ONE residual array ``(*batch, 5 * H)`` holding everything its
+# backward needs (activated gates and the carry that entered the step), so the
+# backward scan fetches one slice per step and recomputes nothing but a tanh.
+class _LSTMMath:
+  """LSTM step given ``xp = x W_i`` and ``hp = h W_h``; gates ``i, f, g, o``."""
+
+  @staticmethod
+  def params(cell):
+    """``(W_i, b, W_h, extra)`` of an :class:`OptimizedLSTMCell`."""
+    return cell.dense_i.kernel[...], cell.dense_h.bias[...], cell.dense_h.kernel[...], None
+
+  @staticmethod
+  def h(carry):
+    return carry[1]
+
+  @staticmethod
+  def step(carry, xp_t, hp_t, b, extra):
+    """Returns ``(new_carry, residual [i, f, g, o, c_prev])``."""
+    del extra
+    c, _ = carry
+    zi, zf, zg, zo = jnp.split(xp_t + hp_t + _row(b, hp_t.ndim), 4, axis=-1)
+    new_c, new_h = lstm_update(c, zi, zf, zg, zo, jax.nn.sigmoid, jnp.tanh)
+    # The activated gates again: XLA computes them once, shared with lstm_update's.
+    res = jnp.concatenate(
+      [jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jnp.tanh(zg), jax.nn.sigmoid(zo), c], axis=-1
+    )
+    return (new_c, new_h), res
+
+  @staticmethod
+  def step_bwd(res_t, dcarry, dy_t):
+    """Returns ``(d carry_prev except via hp, what the scan stacks, d hp_t)``."""
+    i, f, g, o, c_prev = jnp.split(res_t, 5, axis=-1)
+    dc, dh = dcarry
+    dh = dh + dy_t
+    tc = jnp.tanh(f * c_prev + i * g)
+    dc = dc + dh * o * (1.0 - tc * tc)
+    dz = jnp.concatenate(
+      [dc * g * i * (1.0 - i), dc * c_prev * f * (1.0 - f), dc * i * (1.0 - g * g),
+       dh * tc * o * (1.0 - o)],
+      axis=-1,
+    )
+    return (dc * f, jnp.zeros_like(dh)), dz, dz
+
+  @staticmethod
+  def add_h(dcarry, dh):
+    return (dcarry[0], dcarry[1] + dh)
+
+  @staticmethod
+  def grads(dz, res, carry0, ys, extra):
+    """``(dW_h, d xp, d extra)`` from the stacked outputs of the backward scan."""
+    del res, extra
+    # h entering step t is ys[t - 1] (valid steps are a prefix), h0 for t = 0.
+    return _flat_dot_t(_shift(carry0[1], ys), dz), dz, None
+
+
+class _GRUMath:
+  """GRU step given ``xp = x W_i`` and ``hp = h W_h``; gates ``r, z, n``."""
+
+  @staticmethod
+  def params(cell):
+    """``(W_i, b_i, W_h, b_hn)`` of a :class:`GRUCell`."""
+    return (cell.dense_i.kernel[...], cell.dense_i.bias[...], cell.dense_h.kernel[...],
+            cell.bias_hn[...])
+
+  @staticmethod
+  def h(carry):
+    return carry
+
+  @staticmethod
+  def step(h, xp_t, hp_t, b, b_hn):
+    """Returns ``(new_h, residual [r, z, n, W_hn h + b_hn, h_prev])``."""
+    xr, xz, xn = jnp.split(xp_t + _row(b, xp_t.ndim), 3, axis=-1)
+    hr, hz, hn = jnp.split(hp_t, 3, axis=-1)
+    hn = hn + _row(b_hn, hn.ndim)
+    r = jax.nn.sigmoid(xr + hr)
+    z = jax.nn.sigmoid(xz + hz)
+    n = jnp.tanh(xn + r * hn)
+    new_h = (1.0 - z) * n + z * h
+    return new_h, jnp.concatenate([r, z, n, hn, h], axis=-1)
+
+  @staticmethod
+  def step_bwd(res_t, dh, dy_t):
+    r, z, n, hn, h_prev = jnp.split(res_t, 5, axis=-1)
+    dh = dh + dy_t
+    dan = dh * (1.0 - z) * (1.0 - n * n)  # d of n's pre-activation
+    dhp = jnp.concatenate(
+      [dan * hn * r * (1.0 - r), dh * (h_prev - n) * z * (1.0 - z), dan * r], axis=-1
+    )
+    return dh * z, (dhp, dan), dhp
+
+  @staticmethod
+  def add_h(dcarry, dh):
+    return dcarry + dh
+
+  @staticmethod
+  def grads(d_all, res, carry0, ys, b_hn):
+    del carry0, ys
+    dhp, dan = d_all
+    h = b_hn.shape[-1]
+    dw_h = _flat_dot_t(res[..., 4 * h:], dhp)
+    dxp = jnp.concatenate([dhp[..., : 2 * h], dan], axis=-1)
+    db_hn = dhp[..., 2 * h:].reshape(-1, h).sum(axis=0)
+    return dw_h, dxp, db_hn
+
+
+# -- the scans ------------------------------------------------------------------
+def _prefetch_scan(step, carry, xs, *, length: int, reverse: bool, unroll: int):
+  """``lax.scan`` over time whose step ``t`` receives ``xs[t]`` in its carry.
+
+  Step ``t`` fetches ``xs[t + 1]`` (``xs[t - 1]`` in reverse) for the next step.
+  Then no elementwise fusion of the step reads a dynamic slice: XLA's CPU
+  backend does not vectorise a loop fusion that contains one (it reloads the
+  index for every element), which made the gate math several times slower.
+  """
+
+  if not _PREFETCH:
+    return jax.lax.scan(step, carry, xs, reverse=reverse, unroll=unroll)
+
+  def fetch(t):
+    return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, t, 0, False), xs)
+
+  step_dir = -1 if reverse else 1
+
+  def body(state, t):
+    c, cur = state
+    nxt = fetch(jnp.clip(t + step_dir, 0, length - 1))
+    c, y = step(c, cur)
+    return (c, nxt), y
+
+  first = length - 1 if reverse else 0
+  (carry, _), ys = jax.lax.scan(body, (carry, fetch(first)), jnp.arange(length),
+                                reverse=reverse, unroll=unroll)
+  return carry, ys
+
+
+def _forward_scan(math, unroll, params, xs, carry0, valid):
+  w_i, b, w_h, extra = params
+  if _HOIST:
+    seq, project = _dot(xs, w_i), lambda xp_t: xp_t  # every step's projection in one matmul
+  else:
+    seq, project = xs, lambda x_t: _dot(x_t, w_i)
+
+  def step(carry, inp):
+    x_t, v_t = inp
+    new_carry, res = math.step(carry, project(x_t), _dot(math.h(carry), w_h), b, extra)
+    y = math.h(new_carry)
+    if v_t is not None:
+      new_carry = _scan.select(v_t, new_carry, carry)
+      y = _scan.select(v_t, y, jnp.zeros_like(y))
+    return new_carry, (y, res)
+
+  carry, (ys, res) = _prefetch_scan(step, carry0, (seq, valid), length=xs.shape[0],
+                                    reverse=False, unroll=unroll)
+  return carry, ys, res
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _recurrence(math, unroll, params, xs, carry0, valid):
+  """``(final_carry, ys)`` of one cell over time-major ``xs``.
+
+  ``params`` is ``(W_i, b, W_h, extra)`` (``extra``: the GRU's ``b_hn``).
+  ``valid`` (``(time, *batch)`` booleans or ``None``) must be a prefix mask
+  (what ``seq_lengths`` gives): the LSTM backward reads ``h_prev`` off ``ys``.
+  """
+  carry, ys, _ = _forward_scan(math, unroll, params, xs, carry0, valid)
+  return carry, ys
+
+
+def _recurrence_fwd(math, unroll, params, xs, carry0, valid):
+  carry, ys, res = _forward_scan(math, unroll, params, xs, carry0, valid)
+  return (carry, ys), (params, xs, carry0, ys, res, valid)
+
+
+def _recurrence_bwd(math, unroll, saved, cotangents):
+  (w_i, b, w_h, extra), xs, carry0, ys, res, valid = saved
+  dcarry_final, dys = cotangents
+  w_h_t = w_h.T  # transposed once, outside the loop
+
+  def step(dcarry, inp):
+    res_t, dy_t, v_t = inp
+    d_direct, d_t, dhp = math.step_bwd(res_t, dcarry, dy_t)
+    d_prev = math.add_h(d_direct, _dot(dhp, w_h_t))
+    if v_t is not None:  # a padding step passed the carry through unchanged
+      d_prev = _scan.select(v_t, d_prev, dcarry)
+      d_t = jax.tree_util.tree_map(lambda d: _scan.select(v_t, d, jnp.zeros_like(d)), d_t)
+    return d_prev, d_t
+
+  dcarry0, d_all = _prefetch_scan(step, dcarry_final, (res, dys, valid), length=xs.shape[0],
+                                  reverse=True, unroll=unroll)
+  # The weight gradients: one large matmul each, for the whole sequence.
+  dw_h, dxp, dextra = math.grads(d_all, res, carry0, ys, extra)
+  dw_i = _flat_dot_t(xs, dxp)
+  db = dxp.reshape(-1, dxp.shape[-1]).sum(axis=0)
+  dxs = _dot(dxp, w_i.T)  # XLA drops it when the inputs need no gradient
+  return (dw_i, db, dw_h, dextra), dxs, dcarry0, None
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+# -- the layers -----------------------------------------------------------------
+def _first(*values):
+  return next(v for v in values if v is not None)
+
+
+class _FusedBase(nnx.Module):
+  _cell_type: type
+  _math: Any
+
+  def __init__(
+    self,
+    in_features: int,
+    hidden_features: int,
+    *,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    dropout_rate: float = 0.0,
+    time_major: bool = False,
+    return_carry: bool = False,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    kernel_init: Initializer = default_kernel_init,
+    recurrent_kernel_init: Initializer = default_recurrent_kernel_init,
+    bias_init: Initializer = default_bias_init,
+    rngs: nnx.Rngs,
+  ):
+    where = type(self).__name__
+    self.in_features = _checks.check_positive_int(where, 'in_features', in_features)
+    self.hidden_features = _checks.check_positive_int(where, 'hidden_features', hidden_features)
+    self.num_layers = _checks.check_positive_int(where, 'num_layers', num_layers)
+    self.dropout_rate = _checks.check_rate(where, 'dropout_rate', dropout_rate)
+    if not isinstance(rngs, nnx.Rngs):
+      _checks.fail(where, 'rngs', 'an nnx.Rngs', type(rngs).__name__, TypeError)
+    self.bidirectional = bool(bidirectional)
+    self.time_major = time_major
+    self.return_carry = return_carry
+    kw = dict(kernel_init=kernel_init, recurrent_kernel_init=recurrent_kernel_init,
+              bias_init=bias_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    width = hidden_features * self.num_directions
+    forward, backward = [], []
+    for layer in range(self.num_layers):
+      n_in = self.in_features if layer == 0 else width
+      forward.append(self._cell_type(n_in, self.hidden_features, **kw))
+      if self.bidirectional:
+        backward.append(self._cell_type(n_in, self.hidden_features, **kw))
+    self.forward = nnx.List(forward)
+    self.backward = nnx.List(backward) if self.bidirectional else nnx.data(None)
+    # Between layers only; no PRNG state unless it is needed.
+    self.dropout = nnx.Dropout(self.dropout_rate, rngs=rngs if self.dropout_rate else None)
+
+  @property
+  def num_directions(self) -> int:
+    return 2 if self.bidirectional else 1
+
+  def _cells(self, layer: int) -> list:
+    return [self.forward[layer]] + ([self.backward[layer]] if self.bidirectional else [])
+
+  def _default_carry(self, batch_shape: tuple[int, ...]):
+    per_layer = []
+    for layer in range(self.num_layers):
+      carries = [cell.initialize_carry(batch_shape + (cell.in_features,))
+                 for cell in self._cells(layer)]
+      per_layer.append(carries[0] if len(carries) == 1 else tuple(carries))
+    return self._public_carry(per_layer)
+
+  def _public_carry(self, per_layer: list):
+    if self.num_layers == 1 and not self.bidirectional:
+      return per_layer[0]
+    return tuple(per_layer)
+
+  def _run_direction(self, cell, xs: Array, carry, valid: Array | None):
+    """One cell over time-major ``xs``: ``(final_carry, ys)`` (the backend switch)."""
+    params = self._math.params(cell)
+    # The cell's dtype rule (nnx.Linear's promotion): inputs and parameters.
+    dtype = cell.dtype or jnp.result_type(xs.dtype, *jax.tree_util.tree_leaves(params))
+    params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
+    carry_in = jax.tree_util.tree_map(lambda a: a.astype(dtype), carry)
+    if xs.shape[0] == 0:  # nothing to scan: the carry passes through
+      return carry, jnp.zeros(xs.shape[:-1] + (self.hidden_features,), dtype)
+    final, ys = _recurrence(self._math, _UNROLL, params, xs.astype(dtype), carry_in, valid)
+    final = jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), final, carry)
+    return final, ys
+
+  def __call__(
+    self,
+    inputs: Array,
+    *,
+    initial_carry: Any = None,
+    seq_lengths: Array | None = None,
+    return_carry: bool | None = None,
+    time_major: bool | None = None,
+    rngs: RngsLike = None,
+  ):
+    """Runs the stack over ``inputs``.
+
+    Args:
+      inputs: ``(*batch, time, in_features)`` (or time first).
+      initial_carry: in the structure described in the class docstring;
+        default zeros.
+      seq_lengths: integer ``(*batch)`` lengths; steps at or past a row's
+        length are padding (zero outputs, carry unchanged).
+      return_carry, time_major: override the attributes.
+      rngs: dropout RNG (an ``nnx.Rngs``, ``RngStream`` or key), overriding
+        the one given at construction.
+
+    Returns:
+      ``outputs``, or ``(final_carry, outputs)`` with ``return_carry``.
+    """
+    where = type(self).__name__
+    return_carry = _first(return_carry, self.return_carry)
+    time_major = _first(time_major, self.time_major)
+    seq = _scan.prepare(where, inputs, num_feature_axes=1, in_features=self.in_features,
+                        time_major=time_major, seq_lengths=seq_lengths)
+    if initial_carry is None:
+      initial_carry = self._default_carry(seq.batch_shape)
+    else:
+      expected = jax.eval_shape(lambda: self._default_carry(seq.batch_shape))
+      _checks.check_tree_matches(where, 'initial_carry', initial_carry, expected)
+    if self.num_layers == 1 and not self.bidirectional:
+      initial_carry = (initial_carry,)
+    idx = None
+    if self.bidirectional:
+      idx = _scan.reverse_indices(seq.time, seq.batch_shape, seq.seq_lengths)
+    valid = seq.masks.valid
+    xs = seq.xs
+    finals = []
+    for layer in range(self.num_layers):
+      if layer:
+        xs = self.dropout(xs, rngs=rngs)
+      layer_carry = initial_carry[layer]
+      if not self.bidirectional:
+        final, xs = self._run_direction(self.forward[layer], xs, layer_carry, valid)
+        finals.append(final)
+        continue
+      final_f, ys_f = self._run_direction(self.forward[layer], xs, layer_carry[0], valid)
+      final_b, ys_b = self._run_direction(self.backward[layer], _scan.take_time(xs, idx),
+                                          layer_carry[1], valid)
+      xs = jnp.concatenate([ys_f, _scan.take_time(ys_b, idx)], axis=-1)
+      finals.append((final_f, final_b))
+    ys = _scan.restore_layout(xs, time_major, len(seq.batch_shape))
+    return (self._public_carry(finals), ys) if return_carry else ys
+
+
+_LAYER_DOC = """
+  Same call convention as :class:`~nnx_recurrent.RNN`: inputs ``(*batch,
+  time, in_features)`` (or time first with ``time_major``), ``seq_lengths``
+  marks padding, whose outputs are zero and which leaves the carry unchanged.
+  Outputs are ``(*batch, time, hidden_features * num_directions)``, the
+  forward and backward directions concatenated on the last axis; the backward
+  direction reverses each row within its valid length.
+
+  Carry (``initial_carry`` in, ``return_carry`` out):
+
+  * ``num_layers == 1`` and not ``bidirectional``: the cell's carry, exactly as
+    ``nr.RNN`` over that cell returns it ({carry}).
+  * otherwise: a tuple with one entry per layer; each entry is the cell's
+    carry, or ``(carry_forward, carry_backward)`` when ``bidirectional``.
+
+  Parameters live in ordinary cells: ``forward`` is an ``nnx.List`` of one
+  :class:`~nnx_recurrent.{cell}` per layer and ``backward`` the same for the
+  backward direction (``None`` unless ``bidirectional``). Layer ``l > 0`` has
+  ``in_features = hidden_features * num_directions``. The layer computes
+  exactly what ``RNN`` / ``Bidirectional`` stacked over these cells compute
+  (up to float rounding), with dropout between layers (not after the last),
+  but faster: see the module docstring of ``nnx_recurrent._fused``.
+
+  Args:
+    in_features: size of the last input axis.
+    hidden_features: size of each direction's hidden state.
+    num_layers: number of stacked layers.
+    bidirectional: run a backward direction too and concatenate.
+    dropout_rate: dropout on the inputs of layers ``1 .. num_layers - 1``
+      (an ``nnx.Dropout`` in ``.dropout``: ``.eval()`` turns it off; it draws
+      from the ``dropout`` stream, and holds no PRNG state when the rate is 0).
+    time_major: inputs are ``(time, *batch, features)``.
+    return_carry: return ``(carry, outputs)`` instead of ``outputs``.
+    dtype: computation dtype (default: inferred from inputs and parameters).
+    param_dtype: parameter and carry dtype.
+    kernel_init, recurrent_kernel_init, bias_init: initializers of the cells.
+    rngs: ``nnx.Rngs`` for the parameters (and dropout).
+"""
+
+
+class LSTM(_FusedBase):
+  __doc__ = (
+    """Multi-layer LSTM with a fused, hand-differentiated recurrence.
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import nnx_recurrent as nr
+    >>> lstm = nr.LSTM(3, 5, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0))
+    >>> x = jnp.ones((2, 7, 3))
+    >>> carry, y = lstm(x, seq_lengths=jnp.array([7, 4]), return_carry=True)
+    >>> y.shape, bool((y[1, 4:] == 0).all())
+    ((2, 7, 10), True)
+    >>> (c_fwd, h_fwd), (c_bwd, h_bwd) = carry[1]  # last layer
+    >>> h_fwd.shape
+    (2, 5)
+    >>> single = nr.LSTM(3, 5, rngs=nnx.Rngs(0))
+    >>> (c, h), y = single(x, return_carry=True)  # as nr.RNN(OptimizedLSTMCell)
+    >>> bool((h == y[:, -1]).all())
+    True
+"""
+    + _LAYER_DOC.format(carry='``(c, h)``', cell='OptimizedLSTMCell')
+  )
+
+  _cell_type = OptimizedLSTMCell
+  _math = _LSTMMath
+
+
+class GRU(_FusedBase):
+  __doc__ = (
+    """Multi-layer GRU with a fused, hand-differentiated recurrence.
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import nnx_recurrent as nr
+    >>> gru = nr.GRU(3, 4, num_layers=2, rngs=nnx.Rngs(0))
+    >>> h_per_layer, y = gru(jnp.ones((2, 6, 3)), return_carry=True)
+    >>> y.shape, len(h_per_layer), h_per_layer[1].shape
+    ((2, 6, 4), 2, (2, 4))
+"""
+    + _LAYER_DOC.format(carry='``h``', cell='GRUCell')
+  )
+
+  _cell_type = GRUCell
+  _math = _GRUMath

@@ -1,0 +1,249 @@
+"""Fused ``LSTM`` / ``GRU`` against the generic RNN composition and a NumPy loop.
+
+The fused layers differentiate their recurrence by hand (``jax.custom_vjp``);
+the generic ``RNN`` / ``Bidirectional`` stack over the *same cells* is
+differentiated by JAX, and ``tests.reference`` runs the documented formulas in
+float64 NumPy, one row at a time on its unpadded part.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.test_util import check_grads
+
+import nnx_recurrent as nr
+from tests import reference as ref
+
+B, T, I, H = 3, 5, 3, 4
+LENGTHS = np.array([5, 2, 0], np.int32)
+
+
+def make(cls, num_layers=1, bidirectional=False, seed=0, **kw):
+  layer = cls(I, H, num_layers=num_layers, bidirectional=bidirectional, rngs=nnx.Rngs(seed),
+              **kw)
+  return ref.randomize(layer, seed=seed)  # random biases too: a dropped bias cannot pass
+
+
+def random_carry(layer, batch_shape=(B,), seed=1):
+  """A non-zero initial carry in the layer's public structure."""
+  template = layer._default_carry(batch_shape)
+  leaves, treedef = jax.tree_util.tree_flatten(template)
+  return jax.tree_util.tree_unflatten(
+    treedef, [ref.normal(leaf.shape, seed + k, 0.5) for k, leaf in enumerate(leaves)])
+
+
+def generic(layer, x, *, seq_lengths=None, initial_carry=None, time_major=False):
+  """The same computation with ``RNN`` / ``Bidirectional`` over the layer's cells."""
+  single = layer.num_layers == 1 and not layer.bidirectional
+  carries = (initial_carry,) if single else initial_carry
+  finals = []
+  for k in range(layer.num_layers):
+    rnn = nr.RNN(layer.forward[k])
+    if layer.bidirectional:
+      rnn = nr.Bidirectional(rnn, nr.RNN(layer.backward[k]))
+    carry, x = rnn(x, seq_lengths=seq_lengths, return_carry=True, time_major=time_major,
+                   initial_carry=None if carries is None else carries[k])
+    finals.append(carry)
+  return (finals[0] if single else tuple(finals)), x
+
+
+def call(layer, x, dropout_seed=None, run=None, **kw):
+  """``layer(x, **kw)`` (or ``run(layer, x)``) under ``jax.jit``: one compilation."""
+  graphdef, state = nnx.split(layer)
+
+  @jax.jit
+  def f(state, x):
+    module = nnx.merge(graphdef, state)
+    if run is not None:
+      return run(module, x)
+    rngs = None if dropout_seed is None else nnx.Rngs(dropout=dropout_seed)
+    return module(x, rngs=rngs, **kw)
+
+  return f(state, x)
+
+
+def weighted_loss(out):
+  """A loss that weighs every output and carry entry differently."""
+  leaves = jax.tree_util.tree_leaves(out)
+  return sum(jnp.sum(leaf * ref.normal(leaf.shape, 100 + k)) for k, leaf in enumerate(leaves))
+
+
+def assert_trees_close(a, b, atol=1e-5, rtol=1e-5):
+  la, ta = jax.tree_util.tree_flatten(a)
+  lb, tb = jax.tree_util.tree_flatten(b)
+  assert ta == tb
+  for x, y in zip(la, lb):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol)
+
+
+def values_and_grads(layer, x, carry, run):
+  """``run(layer, x, carry)`` and the gradients of a weighted loss of it, jitted."""
+  graphdef, params = nnx.split(layer)
+
+  def f(params, x, carry):
+    return run(nnx.merge(graphdef, params), x, carry)
+
+  @jax.jit
+  def both(params, x, carry):
+    out, vjp = jax.vjp(f, params, x, carry)
+    _, loss_vjp = jax.vjp(weighted_loss, out)
+    return out, vjp(loss_vjp(jnp.ones(()))[0])
+
+  return both(params, x, carry)
+
+
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+@pytest.mark.parametrize('num_layers,bidirectional,lengths', [
+  (1, False, None), (1, True, LENGTHS), (2, False, LENGTHS), (2, True, None),
+], ids=['1-uni-full', '1-bi-lengths', '2-uni-lengths', '2-bi-full'])
+def test_matches_generic_values_and_grads(cls, num_layers, bidirectional, lengths):
+  layer = make(cls, num_layers, bidirectional)
+  x = ref.normal((B, T, I), seed=7)
+  carry0 = random_carry(layer)
+  out, grads = values_and_grads(
+    layer, x, carry0,
+    lambda m, x, c: m(x, initial_carry=c, seq_lengths=lengths, return_carry=True))
+  out_g, grads_g = values_and_grads(
+    layer, x, carry0, lambda m, x, c: generic(m, x, seq_lengths=lengths, initial_carry=c))
+  assert_trees_close(out, out_g)
+  assert_trees_close(grads, grads_g)
+  if lengths is not None:  # padding is zero and a length-0 row keeps its initial carry
+    assert not np.asarray(out[1][1, 2:]).any() and not np.asarray(out[1][2]).any()
+    first = out[0] if num_layers == 1 else out[0][0]
+    first0 = carry0 if num_layers == 1 else carry0[0]
+    assert_trees_close(jax.tree_util.tree_map(lambda a: a[2], first),
+                       jax.tree_util.tree_map(lambda a: a[2], first0), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_time_major_and_several_batch_axes(cls):
+  layer = make(cls, 1, True, time_major=True)
+  x = ref.normal((T, 2, 2, I), seed=3)  # (time, batch, batch, features)
+  lengths = jnp.array([[5, 1], [3, 0]])
+  carry0 = random_carry(layer, (2, 2))
+  out, grads = values_and_grads(
+    layer, x, carry0,
+    lambda m, x, c: m(x, initial_carry=c, seq_lengths=lengths, return_carry=True))
+  out_g, grads_g = values_and_grads(
+    layer, x, carry0,
+    lambda m, x, c: generic(m, x, seq_lengths=lengths, initial_carry=c, time_major=True))
+  assert out[1].shape == (T, 2, 2, 2 * H)
+  assert_trees_close(out, out_g)
+  assert_trees_close(grads, grads_g)
+
+
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_matches_numpy_reference(cls):
+  """Two bidirectional layers with padding against the float64 formulas."""
+  layer = make(cls, 2, True, seed=4)
+  x = ref.normal((B, T, I), seed=5)
+  carry0 = random_carry(layer, seed=6)
+  carry, y = layer(x, seq_lengths=LENGTHS, initial_carry=carry0, return_carry=True)
+  xs, expected_carry = np.asarray(x, np.float64), []
+  for k in range(2):
+    c_f, y_f = ref.rnn(ref.cell_params(layer.forward[k]), xs, LENGTHS, carry0[k][0],
+                       num_batch_dims=1)
+    c_b, y_b = ref.rnn(ref.cell_params(layer.backward[k]), xs, LENGTHS, carry0[k][1],
+                       num_batch_dims=1, reverse=True, keep_order=True)
+    xs = np.concatenate([y_f, y_b], axis=-1)
+    expected_carry.append((c_f, c_b))
+  np.testing.assert_allclose(np.asarray(y), xs, atol=2e-5)
+  assert_trees_close(carry, tuple(expected_carry), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_check_grads_float64(cls):
+  """Finite differences of the hand-written VJP, in float64."""
+  with jax.enable_x64(True):
+    layer = cls(2, 3, bidirectional=True, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    ref.randomize(layer)
+    graphdef, params = nnx.split(layer)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 2)))
+    carry0 = jax.tree_util.tree_map(lambda a: a + 0.3, layer._default_carry((2,)))
+    lengths = jnp.array([3, 2])
+
+    @jax.jit
+    def f(params, x, carry0):
+      return nnx.merge(graphdef, params)(x, initial_carry=carry0, seq_lengths=lengths,
+                                         return_carry=True)
+
+    check_grads(f, (params, x, carry0), order=1, modes=('rev',), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_single_layer_carry_is_the_cells(cls):
+  """One unidirectional layer: the carry of ``nr.RNN`` over the cell, time step 1 and 0."""
+  layer = make(cls)
+  x = ref.normal((B, 1, I), seed=2)
+  carry, y = layer(x, return_carry=True)
+  carry_g, y_g = nr.RNN(layer.forward[0])(x, return_carry=True)
+  assert_trees_close((carry, y), (carry_g, y_g))
+  empty = jnp.zeros((B, 0, I))
+  carry0 = random_carry(layer)
+  carry, y = layer(empty, initial_carry=carry0, return_carry=True)
+  assert y.shape == (B, 0, H)
+  assert_trees_close(carry, carry0, atol=0, rtol=0)
+
+
+def test_parameter_layout():
+  lstm = nr.LSTM(3, 4, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0))
+  assert isinstance(lstm.forward[1], nr.OptimizedLSTMCell)
+  assert lstm.forward[0].dense_i.kernel.shape == (3, 16)
+  assert lstm.backward[1].dense_i.kernel.shape == (8, 16)
+  assert lstm.forward[1].dense_h.bias.shape == (16,)
+  gru = nr.GRU(3, 4, num_layers=2, rngs=nnx.Rngs(0))
+  assert gru.backward is None and isinstance(gru.forward[1], nr.GRUCell)
+  assert gru.forward[1].dense_i.kernel.shape == (4, 12)
+  assert gru.forward[0].bias_hn.shape == (4,)
+  # No PRNG state without dropout (checkpoints stay plain parameters).
+  assert not jax.tree_util.tree_leaves(nnx.state(gru, nnx.RngState))
+
+
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_dropout_between_layers(cls):
+  layer = make(cls, 2, dropout_rate=0.5)
+  x = ref.normal((B, T, I), seed=1)
+  plain = call(layer, x, run=lambda m, x: generic(m, x)[1])
+  train_a = call(layer, x, dropout_seed=3)
+  train_b = call(layer, x, dropout_seed=3)
+  np.testing.assert_array_equal(np.asarray(train_a), np.asarray(train_b))
+  assert not np.allclose(np.asarray(train_a), np.asarray(plain), atol=1e-3)
+  layer.eval()
+  np.testing.assert_allclose(np.asarray(call(layer, x)), np.asarray(plain), atol=1e-5)
+  # One layer: nothing between layers, so training mode changes nothing.
+  single = make(cls, 1, dropout_rate=0.5)
+  np.testing.assert_allclose(np.asarray(call(single, x, dropout_seed=3)),
+                             np.asarray(nr.RNN(single.forward[0])(x)), atol=1e-5)
+
+
+def test_bfloat16_computation():
+  layer = make(nr.LSTM, dtype=jnp.bfloat16)
+  x = ref.normal((B, T, I), seed=1)
+  carry, y = call(layer, x, return_carry=True)
+  assert y.dtype == jnp.bfloat16 and carry[0].dtype == jnp.float32
+  expected = nr.RNN(make(nr.LSTM).forward[0])(x)  # the float32 computation
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(expected), atol=5e-2)
+
+
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_errors(cls):
+  name = cls.__name__
+  with pytest.raises(ValueError, match=rf'{name}: `in_features` expected a positive int, got 0'):
+    cls(0, 4, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match=rf'{name}: `hidden_features` expected a positive int'):
+    cls(3, 4.0, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=rf'{name}: `num_layers` expected a positive int, got 0'):
+    cls(3, 4, num_layers=0, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=rf'{name}: `dropout_rate` expected a float in \[0, 1\)'):
+    cls(3, 4, dropout_rate=1.0, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match=rf'{name}: `rngs` expected an nnx.Rngs, got int'):
+    cls(3, 4, rngs=0)
+  layer = cls(3, 4, num_layers=2, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=rf'{name}: `inputs` expected last axis of size 3'):
+    layer(jnp.ones((2, 5, 7)))
+  with pytest.raises(ValueError, match=rf'{name}: `seq_lengths` expected values in \[0, 5\]'):
+    layer(jnp.ones((2, 5, 3)), seq_lengths=jnp.array([6, 1]))
+  with pytest.raises(ValueError, match=rf'{name}: `initial_carry` expected a pytree'):
+    layer(jnp.ones((2, 5, 3)), initial_carry=layer.forward[0].initialize_carry((2, 3)))

@@ -238,6 +238,7 @@ class Result:
   temp_mb: float | None = None
   gflops_fwd: float | None = None
   gflops_train: float | None = None
+  peak_gflops: float | None = None
   error: str | None = None
 
 
@@ -344,7 +345,7 @@ def plot(rows: list[dict], path: str) -> None:
   rows = [r for r in rows if r['fwd_target'] is not None or r['train_target'] is not None]
   shapes = list(dict.fromkeys(r['shape'] for r in rows))
   pairs = list(dict.fromkeys((r['ours'], r['theirs']) for r in rows))
-  fig, axes = plt.subplots(1, 2, figsize=(14, 1.2 + 0.5 * len(pairs) * len(shapes) / 2),
+  fig, axes = plt.subplots(1, 2, figsize=(14, 1.5 + 0.28 * len(pairs) * len(shapes)),
                            sharey=True)
   for ax, kind in zip(axes, ('fwd', 'train')):
     labels, values, targets = [], [], []
@@ -366,10 +367,33 @@ def plot(rows: list[dict], path: str) -> None:
         ax.plot([t, t], [yi - 0.4, yi + 0.4], 'k-', lw=2)
     ax.axvline(1.0, color='k', lw=0.5, ls='--')
     ax.set_yticks(y, labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_title(f'{kind}: time ratio ours / theirs (black tick = target, lower is better)')
+    ax.set_title(f'{kind}: time ours / theirs (tick: target; lower is better)', fontsize=9)
+  axes[0].invert_yaxis()  # first row on top (the axes share y: invert once)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
+
+
+def markdown_report(info, command, peak, load_start, loads, load_end, elapsed, busy, results,
+                    rows) -> str:
+  v = info['versions']
+  lines = [
+    f'Machine: {info["cpu"]}, {info["cores"]} cores (JAX devices: '
+    f'{", ".join(info["jax_devices"])}); XLA_FLAGS={info["xla_flags"] or "(unset)"}; '
+    f'torch threads: {TORCH_THREADS}.',
+    f'Versions: python {v["python"]}, jax {v["jax"]}, jaxlib {v["jaxlib"]}, flax {v["flax"]}, '
+    f'numpy {v["numpy"]}, torch {v["torch"]}.',
+    f'Command: `{command}` ({elapsed:.0f} s).',
+    f'Measured float32 matmul peak: {peak:.1f} GFLOP/s.',
+    f'Load average (1 min): start {load_start[0]:.2f}, per shape '
+    + ', '.join(f'{k}: {x:.2f}' for k, x in loads.items()) + f', end {load_end[0]:.2f}.'
+    + (' **Busy machine: timings unreliable.**' if busy else ''),
+    '',
+    results_table(results, peak),
+    '',
+    ratio_table(rows),
+    '',
+  ]
+  return '\n'.join(lines)
 
 
 def machine_info() -> dict:
@@ -418,6 +442,8 @@ def main(argv=None) -> int:
   p.add_argument('--impls', default='', help='regex: only implementations whose name matches')
   p.add_argument('--rounds', type=int, help='interleaved rounds per shape (default 7; quick 3)')
   p.add_argument('--json', metavar='PATH', help='write all results as JSON')
+  p.add_argument('--markdown', metavar='PATH',
+                 help='write machine, versions, command and tables as Markdown')
   p.add_argument('--plot', metavar='PATH', nargs='?', const='benchmarks/ratios.png',
                  help='draw the ratios as a PNG (default benchmarks/ratios.png)')
   args = p.parse_args(argv)
@@ -434,16 +460,22 @@ def main(argv=None) -> int:
   log(f'load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}')
   t_start = time.perf_counter()
   peak = measure_peak(1024 if args.quick else 2048, 3 if args.quick else 5)
-  log(f'measured float32 matmul peak: {peak:.1f} GFLOP/s')
+  log(f'measured float32 matmul peak: {peak:.1f} GFLOP/s (measured again at the end)')
 
-  results = []
+  results, loads = [], {}
   for shape in shapes:
-    log(f'shape (B, T, I, H) = {shape}')
+    log(f'shape (B, T, I, H) = {shape}; load average {os.getloadavg()[0]:.2f}')
     budget = 20.0 if args.quick else 90.0
     results += bench_shape(shape, impls, rounds=rounds, min_sample_s=0.02 if args.quick else 0.05,
                            budget_s=budget, log=log)
+    loads['x'.join(map(str, shape))] = os.getloadavg()[0]
+  # The peak again: the larger of the two is the better estimate on a shared machine.
+  peak = max(peak, measure_peak(1024 if args.quick else 2048, 3 if args.quick else 5))
+  for r in results:
+    r.peak_gflops = peak
   rows = ratios(results)
   load_end = os.getloadavg()
+  command = ' '.join(['python -m benchmarks.run', *(sys.argv[1:] if argv is None else argv)])
   elapsed = time.perf_counter() - t_start
   log()
   log(results_table(results, peak))
@@ -451,12 +483,24 @@ def main(argv=None) -> int:
   log(ratio_table(rows))
   log()
   log(f'load average at end: {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}; '
-      f'total {elapsed:.0f} s')
+      f'total {elapsed:.0f} s; matmul peak (best of start and end) {peak:.1f} GFLOP/s')
+  # This process alone keeps about one runnable thread per core; more means competition.
+  cores = os.cpu_count() or 1
+  busy = load_start[0] > 0.75 * cores or max(loads.values(), default=0) > 1.5 * cores
+  if busy:
+    log('WARNING: the load average shows other processes competing for the cores: the '
+        'timings (PyTorch\'s spinning OpenMP threads above all) are not reliable. Re-run on '
+        'a quiet machine.')
+  if args.markdown:
+    with open(args.markdown, 'w') as f:
+      f.write(markdown_report(info, command, peak, load_start, loads, load_end, elapsed, busy,
+                              results, rows))
+    log(f'wrote {args.markdown}')
   if args.json:
-    payload = dict(command='python -m benchmarks.run ' + ' '.join(sys.argv[1:] if argv is None
-                                                                 else argv),
+    payload = dict(command=command,
                    machine=info, peak_gflops=peak, load_start=load_start, load_end=load_end,
-                   elapsed_s=elapsed, torch_threads=TORCH_THREADS,
+                   elapsed_s=elapsed, torch_threads=TORCH_THREADS, load_per_shape=loads,
+                   busy=busy,
                    results=[asdict(r) for r in results], ratios=rows)
     with open(args.json, 'w') as f:
       json.dump(payload, f, indent=1)

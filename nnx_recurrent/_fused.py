@@ -4,10 +4,15 @@ The generic :class:`~nnx_recurrent.RNN` scans any cell and lets JAX
 differentiate the scan. For the two cells that matter most this module does the
 work a cuDNN/oneDNN kernel does, in plain JAX:
 
-* The input projection ``x @ W_i`` of every time step is ONE matmul over the
-  whole (time-major) sequence, hoisted out of the loop; only ``h @ W_h`` stays
-  inside (the bias is added in the loop's elementwise step, which costs
-  nothing there and saves a pass over ``(time, batch, gates)``).
+* For small batches the input projection ``x @ W_i`` of every time step is
+  ONE matmul over the whole (time-major) sequence, hoisted out of the loop;
+  only ``h @ W_h`` stays inside (the bias is added in the loop's elementwise
+  step, which costs nothing there and saves a pass over ``(time, batch,
+  gates)``). For batches of ``_HOIST_MAX_ROWS`` rows or more the per-step
+  matmuls already run at the matmul peak and the hoisted array only costs
+  memory traffic, so ``x_t @ W_i`` stays in the loop; tiny steps are scanned
+  like the generic RNN's (see :func:`_plan`; all measured, see
+  ``benchmarks/RESULTS.md``). The backward pass is the same in every case.
 * The recurrence, input projection included, is a :func:`jax.custom_vjp`. Its
   forward scan saves one residual per step: the activated gates and the carry
   that entered the step. Its backward is one reverse :func:`jax.lax.scan`
@@ -44,10 +49,12 @@ available to test it.
 from __future__ import annotations
 
 import functools
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.typing import Dtype, Initializer
 
@@ -63,10 +70,39 @@ from nnx_recurrent._base import (
 from nnx_recurrent._gru import GRUCell
 from nnx_recurrent._lstm import OptimizedLSTMCell
 
-# Steps unrolled per loop iteration in both scans (measured in benchmarks/).
-_UNROLL = 1
-_PREFETCH = True
-_HOIST = True
+# How a direction is scanned, chosen from the shapes of one step (measured on 2
+# CPU cores, see benchmarks/RESULTS.md):
+# * The input projection of every step is one matmul before the loop when a
+#   step has fewer rows (batch elements) than _HOIST_MAX_ROWS: then the
+#   per-step matmuls are too small to use both cores. With more rows they run
+#   at the matmul peak inside the loop, and the hoisted (time, batch, gates)
+#   array only costs memory traffic and page faults (20% slower forward at
+#   batch 256).
+# * A step with fewer gate pre-activations (rows * gates * H) than _TINY_STEP
+#   is run like the generic RNN's (input matmul in the loop, plain scan) and
+#   unrolled _TINY_UNROLL times: there the number of operations per step
+#   dominates, and the tricks above add some (1.5x slower forward at batch 1,
+#   H = 64). Otherwise scans are not unrolled: an unrolled step reads the next
+#   step's slice straight from the sequence again (see _prefetch_scan), and 2,
+#   4 or 8 were slower.
+_HOIST_MAX_ROWS = 32
+_TINY_STEP = 1024
+_TINY_UNROLL = 2
+
+
+class _Plan(NamedTuple):
+  hoist: bool  # one input-projection matmul before the loop
+  prefetch: bool  # forward scan fetches the next step's input in the carry
+  unroll: int
+
+
+def _plan(rows: int, gate_width: int) -> _Plan:
+  if rows * gate_width < _TINY_STEP:
+    return _Plan(hoist=False, prefetch=False, unroll=_TINY_UNROLL)
+  hoist = rows < _HOIST_MAX_ROWS
+  # Prefetching is for the hoisted projections, which feed the gate math; an
+  # input step feeds the matmul, whose operand XLA copies out anyway.
+  return _Plan(hoist=hoist, prefetch=hoist, unroll=1)
 
 
 def _row(v: Array, ndim: int) -> Array:
@@ -92,6 +128,36 @@ def _flat_dot_t(a: Array, b: Array) -> Array:
 
 
 # -- pointwise math of one step, forward and backward ---------------------------
+_LSTM_SIGMOID_GATES = (True, True, False, True)  # i, f, g, o: g is the tanh one
+
+
+def _identity(a):
+  return a
+
+
+def _gate_columns(width: int, sigmoid: tuple[bool, ...]) -> Array:
+  """Per-column booleans over ``width`` columns: True in the sigmoid gate blocks."""
+  return jnp.asarray(np.repeat(np.asarray(sigmoid), width // len(sigmoid)))
+
+
+def _gate_activations(z: Array, sigmoid: tuple[bool, ...]) -> Array:
+  """sigmoid or tanh per gate block, as ONE elementwise op over all gates.
+
+  ``sigmoid(x) = 0.5 + 0.5 * tanh(x / 2)``: one tanh per element, so XLA
+  emits a single loop over ``(batch, gates * H)`` instead of one per gate.
+  """
+  is_sig = _row(_gate_columns(z.shape[-1], sigmoid), z.ndim)
+  half = jnp.asarray(0.5, z.dtype)
+  t = jnp.tanh(jnp.where(is_sig, half * z, z))
+  return jnp.where(is_sig, half + half * t, t)
+
+
+def _gate_derivatives(act: Array, sigmoid: tuple[bool, ...]) -> Array:
+  """``d act / d z`` from the activations: ``a (1 - a)`` or ``1 - a^2`` per block."""
+  is_sig = _row(_gate_columns(act.shape[-1], sigmoid), act.ndim)
+  return jnp.where(is_sig, act * (1.0 - act), 1.0 - act * act)
+
+
 # Each step saves ONE residual array ``(*batch, 5 * H)`` holding everything its
 # backward needs (activated gates and the carry that entered the step), so the
 # backward scan fetches one slice per step and recomputes nothing but a tanh.
@@ -109,16 +175,15 @@ class _LSTMMath:
 
   @staticmethod
   def step(carry, xp_t, hp_t, b, extra):
-    """Returns ``(new_carry, residual [i, f, g, o, c_prev])``."""
+    """Returns ``(new_carry, residual [i, f, g, o, c_prev])`` (activated gates)."""
     del extra
     c, _ = carry
-    zi, zf, zg, zo = jnp.split(xp_t + hp_t + _row(b, hp_t.ndim), 4, axis=-1)
-    new_c, new_h = lstm_update(c, zi, zf, zg, zo, jax.nn.sigmoid, jnp.tanh)
-    # The activated gates again: XLA computes them once, shared with lstm_update's.
-    res = jnp.concatenate(
-      [jax.nn.sigmoid(zi), jax.nn.sigmoid(zf), jnp.tanh(zg), jax.nn.sigmoid(zo), c], axis=-1
-    )
-    return (new_c, new_h), res
+    z = xp_t + hp_t + _row(b, hp_t.ndim)
+    act = _gate_activations(z, _LSTM_SIGMOID_GATES)
+    i, f, _, o = jnp.split(act, 4, axis=-1)
+    # The cells' update (identity gate_fn: i, f, o are activated already).
+    new_c, new_h = lstm_update(c, i, f, jnp.split(z, 4, axis=-1)[2], o, _identity, jnp.tanh)
+    return (new_c, new_h), jnp.concatenate([act, c], axis=-1)
 
   @staticmethod
   def step_bwd(res_t, dcarry, dy_t):
@@ -128,11 +193,9 @@ class _LSTMMath:
     dh = dh + dy_t
     tc = jnp.tanh(f * c_prev + i * g)
     dc = dc + dh * o * (1.0 - tc * tc)
-    dz = jnp.concatenate(
-      [dc * g * i * (1.0 - i), dc * c_prev * f * (1.0 - f), dc * i * (1.0 - g * g),
-       dh * tc * o * (1.0 - o)],
-      axis=-1,
-    )
+    upstream = jnp.concatenate([dc * g, dc * c_prev, dc * i, dh * tc], axis=-1)
+    act = res_t[..., : 4 * i.shape[-1]]
+    dz = upstream * _gate_derivatives(act, _LSTM_SIGMOID_GATES)  # d of i, f, g, o's inputs
     return (dc * f, jnp.zeros_like(dh)), dz, dz
 
   @staticmethod
@@ -198,16 +261,18 @@ class _GRUMath:
 
 
 # -- the scans ------------------------------------------------------------------
-def _prefetch_scan(step, carry, xs, *, length: int, reverse: bool, unroll: int):
+def _prefetch_scan(step, carry, xs, *, length: int, reverse: bool, unroll: int,
+                   prefetch: bool = True):
   """``lax.scan`` over time whose step ``t`` receives ``xs[t]`` in its carry.
 
   Step ``t`` fetches ``xs[t + 1]`` (``xs[t - 1]`` in reverse) for the next step.
   Then no elementwise fusion of the step reads a dynamic slice: XLA's CPU
   backend does not vectorise a loop fusion that contains one (it reloads the
   index for every element), which made the gate math several times slower.
+  ``prefetch=False`` is a plain ``lax.scan`` (fewer operations per step, which
+  wins when a step is tiny).
   """
-
-  if not _PREFETCH:
+  if not prefetch:
     return jax.lax.scan(step, carry, xs, reverse=reverse, unroll=unroll)
 
   def fetch(t):
@@ -227,62 +292,62 @@ def _prefetch_scan(step, carry, xs, *, length: int, reverse: bool, unroll: int):
   return carry, ys
 
 
-def _forward_scan(math, unroll, params, xs, carry0, valid):
+def _forward_scan(cell_math, plan, params, xs, carry0, valid):
   w_i, b, w_h, extra = params
-  if _HOIST:
+  if plan.hoist:
     seq, project = _dot(xs, w_i), lambda xp_t: xp_t  # every step's projection in one matmul
   else:
     seq, project = xs, lambda x_t: _dot(x_t, w_i)
 
   def step(carry, inp):
     x_t, v_t = inp
-    new_carry, res = math.step(carry, project(x_t), _dot(math.h(carry), w_h), b, extra)
-    y = math.h(new_carry)
+    new_carry, res = cell_math.step(carry, project(x_t), _dot(cell_math.h(carry), w_h), b, extra)
+    y = cell_math.h(new_carry)
     if v_t is not None:
       new_carry = _scan.select(v_t, new_carry, carry)
       y = _scan.select(v_t, y, jnp.zeros_like(y))
     return new_carry, (y, res)
 
   carry, (ys, res) = _prefetch_scan(step, carry0, (seq, valid), length=xs.shape[0],
-                                    reverse=False, unroll=unroll)
+                                    reverse=False, unroll=plan.unroll, prefetch=plan.prefetch)
   return carry, ys, res
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _recurrence(math, unroll, params, xs, carry0, valid):
+def _recurrence(cell_math, plan, params, xs, carry0, valid):
   """``(final_carry, ys)`` of one cell over time-major ``xs``.
 
   ``params`` is ``(W_i, b, W_h, extra)`` (``extra``: the GRU's ``b_hn``).
   ``valid`` (``(time, *batch)`` booleans or ``None``) must be a prefix mask
   (what ``seq_lengths`` gives): the LSTM backward reads ``h_prev`` off ``ys``.
   """
-  carry, ys, _ = _forward_scan(math, unroll, params, xs, carry0, valid)
+  carry, ys, _ = _forward_scan(cell_math, plan, params, xs, carry0, valid)
   return carry, ys
 
 
-def _recurrence_fwd(math, unroll, params, xs, carry0, valid):
-  carry, ys, res = _forward_scan(math, unroll, params, xs, carry0, valid)
+def _recurrence_fwd(cell_math, plan, params, xs, carry0, valid):
+  carry, ys, res = _forward_scan(cell_math, plan, params, xs, carry0, valid)
   return (carry, ys), (params, xs, carry0, ys, res, valid)
 
 
-def _recurrence_bwd(math, unroll, saved, cotangents):
+def _recurrence_bwd(cell_math, plan, saved, cotangents):
   (w_i, b, w_h, extra), xs, carry0, ys, res, valid = saved
   dcarry_final, dys = cotangents
   w_h_t = w_h.T  # transposed once, outside the loop
 
   def step(dcarry, inp):
     res_t, dy_t, v_t = inp
-    d_direct, d_t, dhp = math.step_bwd(res_t, dcarry, dy_t)
-    d_prev = math.add_h(d_direct, _dot(dhp, w_h_t))
+    d_direct, d_t, dhp = cell_math.step_bwd(res_t, dcarry, dy_t)
+    d_prev = cell_math.add_h(d_direct, _dot(dhp, w_h_t))
     if v_t is not None:  # a padding step passed the carry through unchanged
       d_prev = _scan.select(v_t, d_prev, dcarry)
       d_t = jax.tree_util.tree_map(lambda d: _scan.select(v_t, d, jnp.zeros_like(d)), d_t)
     return d_prev, d_t
 
   dcarry0, d_all = _prefetch_scan(step, dcarry_final, (res, dys, valid), length=xs.shape[0],
-                                  reverse=True, unroll=unroll)
+                                  reverse=True, unroll=plan.unroll)
   # The weight gradients: one large matmul each, for the whole sequence.
-  dw_h, dxp, dextra = math.grads(d_all, res, carry0, ys, extra)
+  dw_h, dxp, dextra = cell_math.grads(d_all, res, carry0, ys, extra)
   dw_i = _flat_dot_t(xs, dxp)
   db = dxp.reshape(-1, dxp.shape[-1]).sum(axis=0)
   dxs = _dot(dxp, w_i.T)  # XLA drops it when the inputs need no gradient
@@ -371,7 +436,8 @@ class _FusedBase(nnx.Module):
     carry_in = jax.tree_util.tree_map(lambda a: a.astype(dtype), carry)
     if xs.shape[0] == 0:  # nothing to scan: the carry passes through
       return carry, jnp.zeros(xs.shape[:-1] + (self.hidden_features,), dtype)
-    final, ys = _recurrence(self._math, _UNROLL, params, xs.astype(dtype), carry_in, valid)
+    plan = _plan(math.prod(xs.shape[1:-1]), params[2].shape[-1])
+    final, ys = _recurrence(self._math, plan, params, xs.astype(dtype), carry_in, valid)
     final = jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), final, carry)
     return final, ys
 

@@ -14,10 +14,23 @@ from flax import nnx
 from jax.test_util import check_grads
 
 import nnx_recurrent as nr
+from nnx_recurrent import _fused
 from tests import reference as ref
 
 B, T, I, H = 3, 5, 3, 4
 LENGTHS = np.array([5, 2, 0], np.int32)
+
+
+def use_path(monkeypatch, path):
+  """Selects the forward strategy (chosen from the shapes otherwise; tests are tiny).
+
+  'plain': input matmul in the loop, plain scan unrolled twice (tiny steps);
+  'hoisted': one input matmul before the loop, prefetching scan; 'in_loop':
+  input matmul in the loop, plain scan (large batches). The backward pass is
+  the same for all three.
+  """
+  monkeypatch.setattr(_fused, '_TINY_STEP', 10**9 if path == 'plain' else 0)
+  monkeypatch.setattr(_fused, '_HOIST_MAX_ROWS', 10**9 if path == 'hoisted' else 0)
 
 
 def make(cls, num_layers=1, bidirectional=False, seed=0, **kw):
@@ -95,10 +108,13 @@ def values_and_grads(layer, x, carry, run):
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
-@pytest.mark.parametrize('num_layers,bidirectional,lengths', [
-  (1, False, None), (1, True, LENGTHS), (2, False, LENGTHS), (2, True, None),
+@pytest.mark.parametrize('num_layers,bidirectional,lengths,path', [
+  (1, False, None, 'plain'), (1, True, LENGTHS, 'hoisted'), (2, False, LENGTHS, 'in_loop'),
+  (2, True, None, 'hoisted'),
 ], ids=['1-uni-full', '1-bi-lengths', '2-uni-lengths', '2-bi-full'])
-def test_matches_generic_values_and_grads(cls, num_layers, bidirectional, lengths):
+def test_matches_generic_values_and_grads(cls, num_layers, bidirectional, lengths, path,
+                                          monkeypatch):
+  use_path(monkeypatch, path)
   layer = make(cls, num_layers, bidirectional)
   x = ref.normal((B, T, I), seed=7)
   carry0 = random_carry(layer)
@@ -118,7 +134,8 @@ def test_matches_generic_values_and_grads(cls, num_layers, bidirectional, length
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
-def test_time_major_and_several_batch_axes(cls):
+def test_time_major_and_several_batch_axes(cls, monkeypatch):
+  use_path(monkeypatch, 'in_loop')
   layer = make(cls, 1, True, time_major=True)
   x = ref.normal((T, 2, 2, I), seed=3)  # (time, batch, batch, features)
   lengths = jnp.array([[5, 1], [3, 0]])
@@ -153,9 +170,10 @@ def test_matches_numpy_reference(cls):
   assert_trees_close(carry, tuple(expected_carry), atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
-def test_check_grads_float64(cls):
+@pytest.mark.parametrize('cls,path', [(nr.LSTM, 'hoisted'), (nr.GRU, 'in_loop')])
+def test_check_grads_float64(cls, path, monkeypatch):
   """Finite differences of the hand-written VJP, in float64."""
+  use_path(monkeypatch, path)
   with jax.enable_x64(True):
     layer = cls(2, 3, bidirectional=True, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
     ref.randomize(layer)

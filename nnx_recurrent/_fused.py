@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -60,6 +61,7 @@ from flax.typing import Dtype, Initializer
 
 from nnx_recurrent import _checks, _scan
 from nnx_recurrent._base import (
+  _NO_METADATA,
   Array,
   RngsLike,
   default_bias_init,
@@ -381,6 +383,9 @@ class _FusedBase(nnx.Module):
     kernel_init: Initializer = default_kernel_init,
     recurrent_kernel_init: Initializer = default_recurrent_kernel_init,
     bias_init: Initializer = default_bias_init,
+    kernel_metadata: Mapping[str, Any] = _NO_METADATA,
+    recurrent_kernel_metadata: Mapping[str, Any] = _NO_METADATA,
+    bias_metadata: Mapping[str, Any] = _NO_METADATA,
     rngs: nnx.Rngs,
   ):
     where = type(self).__name__
@@ -394,7 +399,9 @@ class _FusedBase(nnx.Module):
     self.time_major = time_major
     self.return_carry = return_carry
     kw = dict(kernel_init=kernel_init, recurrent_kernel_init=recurrent_kernel_init,
-              bias_init=bias_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+              bias_init=bias_init, dtype=dtype, param_dtype=param_dtype,
+              kernel_metadata=kernel_metadata, recurrent_kernel_metadata=recurrent_kernel_metadata,
+              bias_metadata=bias_metadata, rngs=rngs)
     width = hidden_features * self.num_directions
     forward, backward = [], []
     for layer in range(self.num_layers):
@@ -537,6 +544,8 @@ _LAYER_DOC = """
     dtype: computation dtype (default: inferred from inputs and parameters).
     param_dtype: parameter and carry dtype.
     kernel_init, recurrent_kernel_init, bias_init: initializers of the cells.
+    kernel_metadata, recurrent_kernel_metadata, bias_metadata: metadata of every
+      cell's parameters (e.g. ``{{'out_sharding': (None, 'model')}}``), as for the cells.
     rngs: ``nnx.Rngs`` for the parameters (and dropout).
 """
 

@@ -265,3 +265,16 @@ def test_errors(cls):
     layer(jnp.ones((2, 5, 3)), seq_lengths=jnp.array([6, 1]))
   with pytest.raises(ValueError, match=rf'{name}: `initial_carry` expected a pytree'):
     layer(jnp.ones((2, 5, 3)), initial_carry=layer.forward[0].initialize_carry((2, 3)))
+
+
+@pytest.mark.parametrize('layer', [nr.LSTM, nr.GRU])
+def test_parameter_metadata_reaches_every_cell(layer):
+  """kernel/recurrent/bias metadata (e.g. sharding names) land on every cell's params."""
+  model = nnx.eval_shape(lambda: layer(
+    3, 4, num_layers=2, bidirectional=True, kernel_metadata={'tag': 'k'},
+    recurrent_kernel_metadata={'tag': 'r'}, bias_metadata={'tag': 'b'}, rngs=nnx.Rngs(0)))
+  for cell in [*model.forward, *model.backward]:
+    assert cell.dense_i.kernel.get_metadata()['tag'] == 'k'
+    assert cell.dense_h.kernel.get_metadata()['tag'] == 'r'
+    bias = cell.dense_h.bias if layer is nr.LSTM else cell.bias_hn
+    assert bias.get_metadata()['tag'] == 'b'

@@ -174,7 +174,21 @@ _COMMON_ATTRS = """
 """
 
 
-class LSTMCell(_Cell):
+class _GatedCell(_Cell):
+  """The fields shared by flax.linen's LSTMCell, OptimizedLSTMCell and GRUCell."""
+
+  features: int
+  gate_fn: Callable[..., Any] = nn.sigmoid
+  activation_fn: Callable[..., Any] = nn.tanh
+  kernel_init: Initializer = default_kernel_init
+  recurrent_kernel_init: Initializer = default_recurrent_kernel_init
+  bias_init: Initializer = default_bias_init
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  carry_init: Initializer = _zeros
+
+
+class LSTMCell(_GatedCell):
   __doc__ = r"""LSTM cell: ``flax.linen.LSTMCell``, computed by ``nnx_recurrent.LSTMCell``.
 
   .. math::
@@ -208,18 +222,8 @@ class LSTMCell(_Cell):
 
   _layout_name = 'LSTMCell'
 
-  features: int
-  gate_fn: Callable[..., Any] = nn.sigmoid
-  activation_fn: Callable[..., Any] = nn.tanh
-  kernel_init: Initializer = default_kernel_init
-  recurrent_kernel_init: Initializer = default_recurrent_kernel_init
-  bias_init: Initializer = default_bias_init
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-  carry_init: Initializer = _zeros
 
-
-class OptimizedLSTMCell(_Cell):
+class OptimizedLSTMCell(_GatedCell):
   __doc__ = r"""LSTM cell with fused matmuls: ``flax.linen.OptimizedLSTMCell``.
 
   The math and the parameters (per gate: ``ii, if, ig, io, hi, hf, hg, ho``)
@@ -244,18 +248,8 @@ class OptimizedLSTMCell(_Cell):
 
   _layout_name = 'OptimizedLSTMCell'
 
-  features: int
-  gate_fn: Callable[..., Any] = nn.sigmoid
-  activation_fn: Callable[..., Any] = nn.tanh
-  kernel_init: Initializer = default_kernel_init
-  recurrent_kernel_init: Initializer = default_recurrent_kernel_init
-  bias_init: Initializer = default_bias_init
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-  carry_init: Initializer = _zeros
 
-
-class GRUCell(_Cell):
+class GRUCell(_GatedCell):
   __doc__ = r"""GRU cell: ``flax.linen.GRUCell``, computed by ``nnx_recurrent.GRUCell``.
 
   .. math::
@@ -285,16 +279,6 @@ class GRUCell(_Cell):
 """ + _COMMON_ATTRS
 
   _layout_name = 'GRUCell'
-
-  features: int
-  gate_fn: Callable[..., Any] = nn.sigmoid
-  activation_fn: Callable[..., Any] = nn.tanh
-  kernel_init: Initializer = default_kernel_init
-  recurrent_kernel_init: Initializer = default_recurrent_kernel_init
-  bias_init: Initializer = default_bias_init
-  dtype: Dtype | None = None
-  param_dtype: Dtype = jnp.float32
-  carry_init: Initializer = _zeros
 
 
 class MGUCell(_Cell):

@@ -41,3 +41,19 @@ def random_module(factory: Callable[[], nnx.Module], seed: int = 0, scale: float
   else:
     values = jax.tree_util.tree_map(jnp.asarray, values)
   return nnx.merge(graphdef, values)
+
+
+# Zero kernel initializers for tests that overwrite the parameters anyway: the
+# default ones (orthogonal...) cost one compilation per parameter shape.
+ZERO_INIT = dict(kernel_init=nnx.initializers.zeros_init(),
+                 recurrent_kernel_init=nnx.initializers.zeros_init())
+
+
+def randomize_params(module: nnx.Module, seed: int = 0, scale: float = 0.5) -> nnx.Module:
+  """Overwrites every ``nnx.Param`` of ``module`` (biases too) with normal(0, ``scale``) values
+  drawn by NumPy from ``seed``, in place, and returns the module."""
+  rng = np.random.default_rng(seed)
+  nnx.update(module, jax.tree_util.tree_map(
+    lambda v: jnp.asarray(scale * rng.normal(size=v.shape), v.dtype),
+    nnx.state(module, nnx.Param)))
+  return module

@@ -13,11 +13,11 @@ from flax import nnx
 
 import nnx_recurrent as nr
 from tests import reference
+from tests.random_params import ZERO_INIT as _Z
+from tests.random_params import randomize_params as _randomize
 
 ATOL = 2e-5
 B, T, IN, H = 3, 5, 4, 6
-_Z = dict(kernel_init=nnx.initializers.zeros_init(),
-          recurrent_kernel_init=nnx.initializers.zeros_init())
 CELLS = {
   'SimpleCell': lambda **kw: nr.SimpleCell(IN, H, **_Z, **kw),
   'LSTMCell': lambda **kw: nr.LSTMCell(IN, H, **_Z, **kw),
@@ -27,14 +27,6 @@ CELLS = {
   'ConvLSTMCell': lambda **kw: nr.ConvLSTMCell(IN, H, (3,), strides=2, **kw),
 }
 RATES = dict(dropout_rate=0.3, recurrent_dropout_rate=0.4)
-
-
-def _randomize(cell, seed=0):
-  """Random normal parameters drawn with NumPy (no compilation)."""
-  rng = np.random.default_rng(seed)
-  nnx.update(cell, jax.tree_util.tree_map(
-    lambda v: jnp.asarray(0.5 * rng.normal(size=v.shape), v.dtype), nnx.state(cell, nnx.Param)))
-  return cell
 
 
 def _x(cell, seed=1):

@@ -13,6 +13,8 @@ from flax import nnx
 
 import nnx_recurrent as nr
 from tests import reference
+from tests.random_params import ZERO_INIT as _Z
+from tests.random_params import randomize_params as _randomize
 
 ATOL = 2e-5
 IN, H = 3, 4
@@ -40,10 +42,6 @@ def _segments(ids):
   return out
 
 
-# Zero initializers: the real values come from _randomize, and the default
-# ones (orthogonal...) cost a compilation per shape.
-_Z = dict(kernel_init=nnx.initializers.zeros_init(),
-          recurrent_kernel_init=nnx.initializers.zeros_init())
 CELLS = {
   'SimpleCell': lambda rngs: nr.SimpleCell(IN, H, **_Z, rngs=rngs),
   'LSTMCell': lambda rngs: nr.LSTMCell(IN, H, **_Z, rngs=rngs),
@@ -52,15 +50,6 @@ CELLS = {
   'MGUCell': lambda rngs: nr.MGUCell(IN, H, **_Z, rngs=rngs),
   'ConvLSTMCell': lambda rngs: nr.ConvLSTMCell(IN, H, (3,), rngs=rngs),
 }
-
-
-def _randomize(cell, seed=0):
-  """Random normal parameters (biases too), drawn with NumPy: no compilation."""
-  rng = np.random.default_rng(seed)
-  state = nnx.state(cell, nnx.Param)
-  nnx.update(cell, jax.tree_util.tree_map(
-    lambda v: jnp.asarray(0.5 * rng.normal(size=v.shape), v.dtype), state))
-  return cell
 
 
 _MADE = {}

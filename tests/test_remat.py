@@ -11,18 +11,10 @@ import pytest
 from flax import nnx
 
 import nnx_recurrent as nr
+from tests.random_params import ZERO_INIT as _Z
+from tests.random_params import randomize_params as _randomize
 
 B, T, IN, H = 3, 7, 4, 5
-_Z = dict(kernel_init=nnx.initializers.zeros_init(),
-          recurrent_kernel_init=nnx.initializers.zeros_init())
-
-
-def _randomize(module, seed=0):
-  rng = np.random.default_rng(seed)
-  nnx.update(module, jax.tree_util.tree_map(
-    lambda v: jnp.asarray(0.5 * rng.normal(size=v.shape), v.dtype),
-    nnx.state(module, nnx.Param)))
-  return module
 
 
 def _lstm_scan(cell, x):

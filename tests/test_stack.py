@@ -8,22 +8,13 @@ from flax import nnx
 
 import nnx_recurrent as nr
 from tests import reference
+from tests.random_params import ZERO_INIT as _Z
+from tests.random_params import randomize_params as _randomize
 
 ATOL = 2e-5
 B, T, IN, H = 3, 6, 4, 5
 LENGTHS = np.array([6, 0, 3])
 IDS = np.array([[1, 1, 2, 2, 2, 0], [3, 3, 3, 3, 3, 3], [0, 4, 0, 5, 5, 6]], np.int32)
-_Z = dict(kernel_init=nnx.initializers.zeros_init(),
-          recurrent_kernel_init=nnx.initializers.zeros_init())
-
-
-def _randomize(module, seed=0):
-  """Random normal parameters drawn with NumPy (no compilation)."""
-  rng = np.random.default_rng(seed)
-  nnx.update(module, jax.tree_util.tree_map(
-    lambda v: jnp.asarray(0.5 * rng.normal(size=v.shape), v.dtype),
-    nnx.state(module, nnx.Param)))
-  return module
 
 
 def _stack(time_major=False):

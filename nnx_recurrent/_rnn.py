@@ -126,18 +126,13 @@ class RNN(nnx.Module):
     )
     step_shape = tuple(seq.xs.shape[1:])
     initial_carry = _scan.initial_carry('RNN', cell, initial_carry, step_shape)
-    xs, idx = seq.xs, None
-    if reverse:
-      idx = _scan.reverse_indices(seq.time, seq.batch_shape, seq.seq_lengths, seq.segment_ids)
-      xs = _scan.take_time(xs, idx)
+    xs, idx = _scan.processing_order(seq, reverse)
     dropout_masks = _scan.cell_dropout_masks(cell, step_shape, rngs, xs.dtype)
     carry, ys = _scan.masked_scan(
       cell, initial_carry, xs, seq.masks, dropout_masks=dropout_masks,
       unroll=self.unroll, remat=self.remat,
     )
-    if reverse and keep_order:
-      ys = jax.tree_util.tree_map(lambda y: _scan.take_time(y, idx), ys)
-    ys = _scan.restore_layout(ys, time_major, len(seq.batch_shape))
+    ys = _scan.output_order(ys, seq, reverse, idx, keep_order, time_major)
     return (carry, ys) if return_carry else ys
 
 

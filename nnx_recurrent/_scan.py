@@ -212,6 +212,24 @@ def prepare(where: str, inputs: Any, *, num_feature_axes: int, in_features: int 
   return Sequence(xs, batch_shape, time, masks, seq_lengths, segment_ids)
 
 
+def processing_order(seq: Sequence, reverse: bool) -> tuple[Array, Array | None]:
+  """``(xs, idx)``: the time-major inputs in processing order, and the
+  per-row reversal indices (``None``: not reversed, or a plain flip)."""
+  if not reverse:
+    return seq.xs, None
+  idx = reverse_indices(seq.time, seq.batch_shape, seq.seq_lengths, seq.segment_ids)
+  return take_time(seq.xs, idx), idx
+
+
+def output_order(ys: Any, seq: Sequence, reverse: bool, idx: Array | None, keep_order: bool,
+                 time_major: bool) -> Any:
+  """Scan outputs back to input order (``reverse`` with ``keep_order``; ``idx``
+  from :func:`processing_order`) and to the caller's layout."""
+  if reverse and keep_order:
+    ys = jax.tree_util.tree_map(lambda y: take_time(y, idx), ys)
+  return restore_layout(ys, time_major, len(seq.batch_shape))
+
+
 def restore_layout(ys: Any, time_major: bool, num_batch_dims: int) -> Any:
   """Moves the time axis of time-major outputs back to the caller's layout."""
   if time_major:

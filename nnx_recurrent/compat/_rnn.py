@@ -151,10 +151,7 @@ class RNN(nn.Module):
       initial_carry = default_carry
     else:
       _checks.check_tree_matches('RNN', 'initial_carry', initial_carry, default_carry)
-    xs, idx = seq.xs, None
-    if reverse:
-      idx = _scan.reverse_indices(seq.time, seq.batch_shape, seq.seq_lengths, seq.segment_ids)
-      xs = _scan.take_time(xs, idx)
+    xs, idx = _scan.processing_order(seq, reverse)
     reset_carry = initial_carry if seq.masks.reset is not None else None
     scan = nn.scan(
       _scan._step,
@@ -168,9 +165,7 @@ class RNN(nn.Module):
     )
     carry, ys = scan(self.cell, initial_carry, (xs, seq.masks.valid, seq.masks.reset),
                      (None, reset_carry))
-    if reverse and keep_order:
-      ys = jax.tree_util.tree_map(lambda y: _scan.take_time(y, idx), ys)
-    ys = _scan.restore_layout(ys, time_major, len(seq.batch_shape))
+    ys = _scan.output_order(ys, seq, reverse, idx, keep_order, time_major)
     return (carry, ys) if return_carry else ys
 
 

@@ -10,9 +10,13 @@ work a cuDNN/oneDNN kernel does, in plain JAX:
   step, which costs nothing there and saves a pass over ``(time, batch,
   gates)``). For batches of ``_HOIST_MAX_ROWS`` rows or more the per-step
   matmuls already run at the matmul peak and the hoisted array only costs
-  memory traffic, so ``x_t @ W_i`` stays in the loop; tiny steps are scanned
-  like the generic RNN's (see :func:`_plan`; all measured, see
-  ``benchmarks/RESULTS.md``). The backward pass is the same in every case.
+  memory traffic, so ``x_t @ W_i`` stays in the loop, and the LSTM does one
+  matmul of ``[x_t, h]`` against ``[W_i; W_h]`` per step (below
+  ``_JOINT_MAX_ROWS`` rows, and for tiny steps, whose time is their number of
+  operations). The forward under a gradient (which
+  also saves residuals) may be scanned differently from the plain forward (see
+  :func:`_plan`; all measured, see ``benchmarks/RESULTS.md``). The backward
+  pass is the same in every case.
 * The recurrence, input projection included, is a :func:`jax.custom_vjp`. Its
   forward scan saves one residual per step: the activated gates and the carry
   that entered the step. Its backward is one reverse :func:`jax.lax.scan`
@@ -74,37 +78,59 @@ from nnx_recurrent._lstm import OptimizedLSTMCell
 
 # How a direction is scanned, chosen from the shapes of one step (measured on 2
 # CPU cores, see benchmarks/RESULTS.md):
-# * The input projection of every step is one matmul before the loop when a
-#   step has fewer rows (batch elements) than _HOIST_MAX_ROWS: then the
-#   per-step matmuls are too small to use both cores. With more rows they run
-#   at the matmul peak inside the loop, and the hoisted (time, batch, gates)
-#   array only costs memory traffic and page faults (20% slower forward at
-#   batch 256).
+# * 'hoisted': the input projection of every step is one matmul before the
+#   loop. For steps with fewer rows (batch elements) than _HOIST_MAX_ROWS:
+#   then the per-step matmuls are too small to use both cores. With more rows
+#   they run at the matmul peak inside the loop ('loop'), and the hoisted
+#   (time, batch, gates) array only costs memory traffic and page faults (20%
+#   slower forward at batch 256).
 # * A step with fewer gate pre-activations (rows * gates * H) than _TINY_STEP
-#   is run like the generic RNN's (input matmul in the loop, plain scan) and
-#   unrolled _TINY_UNROLL times: there the number of operations per step
-#   dominates, and the tricks above add some (1.5x slower forward at batch 1,
-#   H = 64). Otherwise scans are not unrolled: an unrolled step reads the next
-#   step's slice straight from the sequence again (see _prefetch_scan), and 2,
-#   4 or 8 were slower.
+#   costs its number of operations, not its arithmetic (a (1, 64) x (64, 256)
+#   matmul is ~0.6 us of call overhead). Without a gradient such a step does
+#   ONE matmul, [x_t, h] against the stacked weights ('joint'; 1.49 vs 1.83 ms
+#   for two matmuls unrolled twice at (1, 1000, 32, 64)). Not for the GRU,
+#   whose joint weight needs a zero block for ``h W_hn`` (1.41 vs 1.21 ms for
+#   two matmuls, the same as flax's). Under a gradient, whose forward also
+#   writes residuals, hoisting and unrolling twice was fastest (training step
+#   5.6 vs 6.6 ms in the loop, 7.0 joint).
+# * The joint matmul also won for the LSTM at 64 rows (64, 100, 128, 256):
+#   forward 0.81-1.02x flax's vs 1.00-1.12x for two matmuls, training step
+#   0.93-0.96x vs 1.00-1.04x; at 256 rows it made no difference (0.98-1.13x
+#   both), so it stops at _JOINT_MAX_ROWS.
+# * Otherwise scans are not unrolled: an unrolled step reads the next step's
+#   slice straight from the sequence again (see _prefetch_scan), and 2, 4 or 8
+#   were slower.
 _HOIST_MAX_ROWS = 32
+_JOINT_MAX_ROWS = 128
 _TINY_STEP = 1024
-_TINY_UNROLL = 2
 
 
-class _Plan(NamedTuple):
-  hoist: bool  # one input-projection matmul before the loop
-  prefetch: bool  # forward scan fetches the next step's input in the carry
+class _ScanPlan(NamedTuple):
+  """How one forward scan computes its gate pre-activations."""
+
+  inputs: str  # 'hoisted', 'loop' or 'joint' (see above)
+  prefetch: bool  # the scan fetches the next step's input in the carry
   unroll: int
 
 
-def _plan(rows: int, gate_width: int) -> _Plan:
+class _Plan(NamedTuple):
+  primal: _ScanPlan  # the forward pass when no gradient is taken
+  train: _ScanPlan  # the forward pass under a gradient (it saves residuals)
+  bwd_unroll: int = 1  # the backward scan's (which always prefetches)
+
+
+def _plan(cell_math, rows: int, gate_width: int) -> _Plan:
+  in_loop = 'joint' if cell_math.joint else 'loop'
   if rows * gate_width < _TINY_STEP:
-    return _Plan(hoist=False, prefetch=False, unroll=_TINY_UNROLL)
-  hoist = rows < _HOIST_MAX_ROWS
-  # Prefetching is for the hoisted projections, which feed the gate math; an
-  # input step feeds the matmul, whose operand XLA copies out anyway.
-  return _Plan(hoist=hoist, prefetch=hoist, unroll=1)
+    return _Plan(primal=_ScanPlan(in_loop, prefetch=False, unroll=1),
+                 train=_ScanPlan('hoisted', prefetch=False, unroll=2))
+  if rows < _HOIST_MAX_ROWS:
+    # Prefetching is for the hoisted projections, which feed the gate math; an
+    # input step feeds the matmul, whose operand XLA copies out anyway.
+    scan = _ScanPlan('hoisted', prefetch=True, unroll=1)
+  else:
+    scan = _ScanPlan(in_loop if rows < _JOINT_MAX_ROWS else 'loop', prefetch=False, unroll=1)
+  return _Plan(primal=scan, train=scan)
 
 
 def _row(v: Array, ndim: int) -> Array:
@@ -166,6 +192,8 @@ def _gate_derivatives(act: Array, sigmoid: tuple[bool, ...]) -> Array:
 class _LSTMMath:
   """LSTM step given ``xp = x W_i`` and ``hp = h W_h``; gates ``i, f, g, o``."""
 
+  joint = True  # has joint_weight / split_joint: one matmul per step (see _plan)
+
   @staticmethod
   def params(cell):
     """``(W_i, b, W_h, extra)`` of an :class:`OptimizedLSTMCell`."""
@@ -176,11 +204,21 @@ class _LSTMMath:
     return carry[1]
 
   @staticmethod
+  def joint_weight(w_i, w_h):
+    """``[W_i; W_h]``: ``[x, h]`` times it is ``x W_i + h W_h``."""
+    return jnp.concatenate([w_i, w_h], axis=0)
+
+  @staticmethod
+  def split_joint(z):
+    """``(xp, hp)`` for :meth:`step` from ``[x, h] joint_weight``."""
+    return z, None
+
+  @staticmethod
   def step(carry, xp_t, hp_t, b, extra):
     """Returns ``(new_carry, residual [i, f, g, o, c_prev])`` (activated gates)."""
     del extra
     c, _ = carry
-    z = xp_t + hp_t + _row(b, hp_t.ndim)
+    z = xp_t + _row(b, xp_t.ndim) if hp_t is None else xp_t + hp_t + _row(b, xp_t.ndim)
     act = _gate_activations(z, _LSTM_SIGMOID_GATES)
     i, f, _, o = jnp.split(act, 4, axis=-1)
     # The cells' update (identity gate_fn: i, f, o are activated already).
@@ -214,6 +252,8 @@ class _LSTMMath:
 
 class _GRUMath:
   """GRU step given ``xp = x W_i`` and ``hp = h W_h``; gates ``r, z, n``."""
+
+  joint = False  # a joint weight would need a zero block for h W_hn: measured slower
 
   @staticmethod
   def params(cell):
@@ -294,16 +334,27 @@ def _prefetch_scan(step, carry, xs, *, length: int, reverse: bool, unroll: int,
   return carry, ys
 
 
-def _forward_scan(cell_math, plan, params, xs, carry0, valid):
+def _forward_scan(cell_math, plan: _ScanPlan, params, xs, carry0, valid):
   w_i, b, w_h, extra = params
-  if plan.hoist:
-    seq, project = _dot(xs, w_i), lambda xp_t: xp_t  # every step's projection in one matmul
+  if plan.inputs == 'hoisted':  # every step's projection in one matmul
+    seq = _dot(xs, w_i)
+
+    def preactivations(xp_t, h):
+      return xp_t, _dot(h, w_h)
+  elif plan.inputs == 'joint':  # one matmul per step: [x_t, h] [W_i; W_h]
+    seq, w_joint = xs, cell_math.joint_weight(w_i, w_h)
+
+    def preactivations(x_t, h):
+      return cell_math.split_joint(_dot(jnp.concatenate([x_t, h], axis=-1), w_joint))
   else:
-    seq, project = xs, lambda x_t: _dot(x_t, w_i)
+    seq = xs
+
+    def preactivations(x_t, h):
+      return _dot(x_t, w_i), _dot(h, w_h)
 
   def step(carry, inp):
     x_t, v_t = inp
-    new_carry, res = cell_math.step(carry, project(x_t), _dot(cell_math.h(carry), w_h), b, extra)
+    new_carry, res = cell_math.step(carry, *preactivations(x_t, cell_math.h(carry)), b, extra)
     y = cell_math.h(new_carry)
     if v_t is not None:
       new_carry = _scan.select(v_t, new_carry, carry)
@@ -323,12 +374,12 @@ def _recurrence(cell_math, plan, params, xs, carry0, valid):
   ``valid`` (``(time, *batch)`` booleans or ``None``) must be a prefix mask
   (what ``seq_lengths`` gives): the LSTM backward reads ``h_prev`` off ``ys``.
   """
-  carry, ys, _ = _forward_scan(cell_math, plan, params, xs, carry0, valid)
+  carry, ys, _ = _forward_scan(cell_math, plan.primal, params, xs, carry0, valid)
   return carry, ys
 
 
 def _recurrence_fwd(cell_math, plan, params, xs, carry0, valid):
-  carry, ys, res = _forward_scan(cell_math, plan, params, xs, carry0, valid)
+  carry, ys, res = _forward_scan(cell_math, plan.train, params, xs, carry0, valid)
   return (carry, ys), (params, xs, carry0, ys, res, valid)
 
 
@@ -347,7 +398,7 @@ def _recurrence_bwd(cell_math, plan, saved, cotangents):
     return d_prev, d_t
 
   dcarry0, d_all = _prefetch_scan(step, dcarry_final, (res, dys, valid), length=xs.shape[0],
-                                  reverse=True, unroll=plan.unroll)
+                                  reverse=True, unroll=plan.bwd_unroll)
   # The weight gradients: one large matmul each, for the whole sequence.
   dw_h, dxp, dextra = cell_math.grads(d_all, res, carry0, ys, extra)
   dw_i = _flat_dot_t(xs, dxp)
@@ -443,7 +494,7 @@ class _FusedBase(nnx.Module):
     carry_in = jax.tree_util.tree_map(lambda a: a.astype(dtype), carry)
     if xs.shape[0] == 0:  # nothing to scan: the carry passes through
       return carry, jnp.zeros(xs.shape[:-1] + (self.hidden_features,), dtype)
-    plan = _plan(math.prod(xs.shape[1:-1]), params[2].shape[-1])
+    plan = _plan(self._math, math.prod(xs.shape[1:-1]), params[2].shape[-1])
     final, ys = _recurrence(self._math, plan, params, xs.astype(dtype), carry_in, valid)
     final = jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), final, carry)
     return final, ys

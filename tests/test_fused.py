@@ -21,16 +21,26 @@ B, T, I, H = 3, 5, 3, 4
 LENGTHS = np.array([5, 2, 0], np.int32)
 
 
-def use_path(monkeypatch, path):
-  """Selects the forward strategy (chosen from the shapes otherwise; tests are tiny).
+_S = _fused._ScanPlan
+PATHS = {  # forward strategies; 'joint' exists for the LSTM only
+  'loop': _fused._Plan(_S('loop', False, 1), _S('loop', False, 1)),
+  'hoisted': _fused._Plan(_S('hoisted', True, 1), _S('hoisted', True, 1)),
+  'unrolled': _fused._Plan(_S('hoisted', False, 2), _S('loop', False, 2), bwd_unroll=2),
+  'joint': _fused._Plan(_S('joint', False, 2), _S('joint', True, 1)),
+}
 
-  'plain': input matmul in the loop, plain scan unrolled twice (tiny steps);
-  'hoisted': one input matmul before the loop, prefetching scan; 'in_loop':
-  input matmul in the loop, plain scan (large batches). The backward pass is
-  the same for all three.
+
+def use_path(monkeypatch, path):
+  """Forces a strategy (chosen from the shapes otherwise: tests are tiny).
+
+  'default': what ``_plan`` picks for these tiny shapes; 'loop': input matmul
+  in the loop (large batches); 'hoisted': one input matmul before the loop,
+  prefetching scan; 'unrolled': unrolled twice, forward and backward; 'joint':
+  one matmul over ``[x_t, h]`` (prefetched under a gradient). The backward
+  pass is the same for all of them.
   """
-  monkeypatch.setattr(_fused, '_TINY_STEP', 10**9 if path == 'plain' else 0)
-  monkeypatch.setattr(_fused, '_HOIST_MAX_ROWS', 10**9 if path == 'hoisted' else 0)
+  if path != 'default':
+    monkeypatch.setattr(_fused, '_plan', lambda cell_math, rows, width: PATHS[path])
 
 
 def make(cls, num_layers=1, bidirectional=False, seed=0, **kw):
@@ -109,8 +119,8 @@ def values_and_grads(layer, x, carry, run):
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
 @pytest.mark.parametrize('num_layers,bidirectional,lengths,path', [
-  (1, False, None, 'in_loop'), (1, True, LENGTHS, 'hoisted'), (2, False, LENGTHS, 'plain'),
-  (2, True, None, 'hoisted'),
+  (1, False, None, 'loop'), (1, True, LENGTHS, 'hoisted'), (2, False, LENGTHS, 'default'),
+  (2, True, None, 'unrolled'),
 ], ids=['1-uni-full', '1-bi-lengths', '2-uni-lengths', '2-bi-full'])
 def test_matches_generic_values_and_grads(cls, num_layers, bidirectional, lengths, path,
                                           monkeypatch):
@@ -135,7 +145,7 @@ def test_matches_generic_values_and_grads(cls, num_layers, bidirectional, length
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
 def test_time_major_and_several_batch_axes(cls, monkeypatch):
-  use_path(monkeypatch, 'in_loop')
+  use_path(monkeypatch, 'loop')
   layer = make(cls, 1, True, time_major=True)
   x = ref.normal((T, 2, 2, I), seed=3)  # (time, batch, batch, features)
   lengths = jnp.array([[5, 1], [3, 0]])
@@ -149,6 +159,20 @@ def test_time_major_and_several_batch_axes(cls, monkeypatch):
   assert out[1].shape == (T, 2, 2, 2 * H)
   assert_trees_close(out, out_g)
   assert_trees_close(grads, grads_g)
+
+
+@pytest.mark.parametrize('cls,path', [
+  (nr.LSTM, 'default'), (nr.GRU, 'default'), (nr.LSTM, 'loop'), (nr.GRU, 'hoisted'),
+  (nr.LSTM, 'unrolled'), (nr.LSTM, 'joint'),
+])
+def test_forward_without_gradient_matches_generic(cls, path, monkeypatch):
+  """The primal forward (no gradient taken) has its own strategy; check each."""
+  use_path(monkeypatch, path)
+  layer = make(cls, 1, True)
+  x = ref.normal((B, T, I), seed=8)
+  carry0 = random_carry(layer, seed=9)
+  out = call(layer, x, initial_carry=carry0, seq_lengths=LENGTHS, return_carry=True)
+  assert_trees_close(out, generic(layer, x, seq_lengths=LENGTHS, initial_carry=carry0))
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
@@ -170,7 +194,7 @@ def test_matches_numpy_reference(cls):
   assert_trees_close(carry, tuple(expected_carry), atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('cls,path', [(nr.LSTM, 'hoisted'), (nr.GRU, 'in_loop')])
+@pytest.mark.parametrize('cls,path', [(nr.LSTM, 'hoisted'), (nr.GRU, 'loop'), (nr.LSTM, 'joint')])
 def test_check_grads_float64(cls, path, monkeypatch):
   """Finite differences of the hand-written VJP, in float64."""
   use_path(monkeypatch, path)

@@ -21,8 +21,11 @@ process:
   ``float32`` matmul.
 
 All implementations of a shape are interleaved in the same loop (round ``r``
-times each of them once, in turn) and the reported time is the median over
-rounds, which is robust to other processes on the machine.
+times each of them once, in turn, starting one implementation later each
+round) and the reported time is the median over rounds, which is robust to
+other processes on the machine. Ratios ours / theirs are the ratios of those
+medians; the ratio table adds their range over rounds (ours and theirs timed
+in the same round), which shows how far a single measurement can move.
 """
 
 from __future__ import annotations
@@ -208,7 +211,15 @@ def _call(fn):
   return out
 
 
-def _sample(fn, number: int) -> float:
+def _sample(fn, number: int, warm: bool = False) -> float:
+  """Seconds per call of ``fn``, over ``number`` calls.
+
+  ``warm``: one untimed call first when a sample has several calls (short
+  functions), so every sample starts with the function's own data in cache and
+  the thread pools awake, whatever ran before it.
+  """
+  if warm and number > 1:
+    _call(fn)
   t0 = time.perf_counter()
   for _ in range(number):
     _call(fn)
@@ -264,10 +275,15 @@ def bench_shape(shape, impls, *, rounds: int, min_sample_s: float, budget_s: flo
   # As many rounds as asked, but fewer (at least 3) when one round exceeds the budget share.
   per_round = sum(est for *_, est in runners.values())
   n_rounds = min(rounds, max(3, int(budget_s / max(per_round, 1e-9))))
-  for _ in range(n_rounds):
-    for name, (runner, n_f, n_t, _) in runners.items():
-      results[name].fwd_samples.append(_sample(runner.fwd, n_f) * 1e3)
-      results[name].train_samples.append(_sample(runner.train, n_t) * 1e3)
+  # Each round starts one implementation later than the previous one: whatever
+  # runs first after the previous round's last (PyTorch's spinning OpenMP threads,
+  # or JAX's thread pool going idle) is not always the same implementation.
+  order = list(runners)
+  for r in range(n_rounds):
+    for name in order[r % len(order):] + order[: r % len(order)]:
+      runner, n_f, n_t, _ = runners[name]
+      results[name].fwd_samples.append(_sample(runner.fwd, n_f, warm=True) * 1e3)
+      results[name].train_samples.append(_sample(runner.train, n_t, warm=True) * 1e3)
   for res in results.values():
     if res.error:
       continue
@@ -302,6 +318,17 @@ def results_table(results: list[Result], peak: float) -> str:
   return '\n'.join(lines)
 
 
+def _round_ratios(ours: list, theirs: list) -> list[float]:
+  """``[min, median, max]`` over rounds of ours / theirs timed in the same round.
+
+  Both were timed within seconds of each other, so the spread shows how much a
+  single ratio moves with the machine's load; the headline ratio stays the
+  ratio of the medians.
+  """
+  per_round = [a / b for a, b in zip(ours, theirs)]
+  return [min(per_round), statistics.median(per_round), max(per_round)]
+
+
 def ratios(results: list[Result]) -> list[dict]:
   by = {(r.shape, r.impl): r for r in results if not r.error}
   out = []
@@ -313,6 +340,8 @@ def ratios(results: list[Result]) -> list[dict]:
       rf, rt = a.fwd_ms / b.fwd_ms, a.train_ms / b.train_ms
       out.append(dict(
         shape=shape, ours=ours, theirs=theirs, fwd_ratio=rf, train_ratio=rt,
+        fwd_round_ratios=_round_ratios(a.fwd_samples, b.fwd_samples),
+        train_round_ratios=_round_ratios(a.train_samples, b.train_samples),
         fwd_target=t_fwd, train_target=t_train,
         fwd_met=None if t_fwd is None else rf <= t_fwd,
         train_met=None if t_train is None else rt <= t_train,
@@ -321,18 +350,32 @@ def ratios(results: list[Result]) -> list[dict]:
 
 
 def ratio_table(rows: list[dict]) -> str:
-  def cell(r, t, met):
-    if t is None:
-      return f'{r:.2f}'
-    return f'{r:.2f} (<= {t:.2f} {"met" if met else "MISSED"})'
+  def cell(row, kind):
+    r, t, met = row[f'{kind}_ratio'], row[f'{kind}_target'], row[f'{kind}_met']
+    lo, _, hi = row[f'{kind}_round_ratios']
+    text = f'{r:.2f} [{lo:.2f}-{hi:.2f}]'
+    return text if t is None else f'{text} (<= {t:.2f} {"met" if met else "MISSED"})'
 
-  lines = ['| shape | ours / theirs | fwd ratio | train ratio |', '|---|---|---:|---:|']
+  lines = ['| shape | ours / theirs | fwd ratio [per-round range] '
+           '| train ratio [per-round range] |', '|---|---|---:|---:|']
   for row in rows:
-    lines.append(
-      f'| {row["shape"]} | {row["ours"]} / {row["theirs"]} '
-      f'| {cell(row["fwd_ratio"], row["fwd_target"], row["fwd_met"])} '
-      f'| {cell(row["train_ratio"], row["train_target"], row["train_met"])} |'
-    )
+    lines.append(f'| {row["shape"]} | {row["ours"]} / {row["theirs"]} '
+                 f'| {cell(row, "fwd")} | {cell(row, "train")} |')
+  return '\n'.join(lines)
+
+
+README_COLUMNS = ('nr.RNN(OptimizedLSTMCell)', 'nnx.RNN(OptimizedLSTMCell)', 'nr.LSTM',
+                  'torch.nn.LSTM', 'nr.RNN(GRUCell)', 'nnx.RNN(GRUCell)', 'nr.GRU', 'torch.nn.GRU')
+
+
+def readme_table(results: list[dict]) -> str:
+  """The README's table: training-step milliseconds, from a ``--json`` file's results."""
+  by = {(tuple(r['shape']), r['impl']): r for r in results}
+  lines = ['| (B, T, I, H) | ' + ' | '.join(f'`{c}`' for c in README_COLUMNS) + ' |',
+           '|---|' + '---:|' * len(README_COLUMNS)]
+  for shape in dict.fromkeys(tuple(r['shape']) for r in results):
+    cells = [by.get((shape, c), {}).get('train_ms') for c in README_COLUMNS]
+    lines.append(f'| {shape} | ' + ' | '.join(_fmt(v, '.1f') for v in cells) + ' |')
   return '\n'.join(lines)
 
 
@@ -446,7 +489,13 @@ def main(argv=None) -> int:
                  help='write machine, versions, command and tables as Markdown')
   p.add_argument('--plot', metavar='PATH', nargs='?', const='benchmarks/ratios.png',
                  help='draw the ratios as a PNG (default benchmarks/ratios.png)')
+  p.add_argument('--readme-table', metavar='JSON',
+                 help='measure nothing: print the README table from a --json file')
   args = p.parse_args(argv)
+  if args.readme_table:
+    with open(args.readme_table) as f:
+      print(readme_table(json.load(f)['results']))
+    return 0
 
   def log(msg=''):
     print(msg, flush=True)

@@ -1,0 +1,45 @@
+"""The benchmark suite's bookkeeping (no timing: synthetic samples in, numbers out)."""
+
+import pytest
+
+from benchmarks import run
+
+
+def result(impl, fwd, train, shape=(2, 3, 4, 5), library='ours'):
+  r = run.Result(shape, impl, 'lstm', library, fwd_samples=list(fwd), train_samples=list(train))
+  r.fwd_ms, r.train_ms = sorted(fwd)[len(fwd) // 2], sorted(train)[len(train) // 2]
+  return r
+
+
+def test_ratios_are_ratios_of_medians_with_the_per_round_range():
+  ours = result('nr.LSTM', [2.0, 4.0, 3.0], [10.0, 30.0, 20.0])
+  theirs = result('nnx.RNN(OptimizedLSTMCell)', [4.0, 4.0, 6.0], [20.0, 20.0, 80.0],
+                  library='flax.nnx')
+  (row,) = run.ratios([ours, theirs])
+  assert row['fwd_ratio'] == pytest.approx(3.0 / 4.0)
+  assert row['train_ratio'] == pytest.approx(20.0 / 20.0)
+  # per round: fwd 0.5, 1.0, 0.5; train 0.5, 1.5, 0.25
+  assert row['fwd_round_ratios'] == pytest.approx([0.5, 0.5, 1.0])
+  assert row['train_round_ratios'] == pytest.approx([0.25, 0.5, 1.5])
+  assert (row['fwd_target'], row['train_target']) == (1.0, 0.75)
+  assert row['fwd_met'] and not row['train_met']
+  table = run.ratio_table([row])
+  assert '| 0.75 [0.50-1.00] (<= 1.00 met) | 1.00 [0.25-1.50] (<= 0.75 MISSED) |' in table
+
+
+def test_pairs_missing_an_implementation_are_left_out():
+  assert run.ratios([result('nr.LSTM', [1.0], [1.0])]) == []
+
+
+def test_readme_table_from_json_results():
+  results = [dict(shape=[8, 500, 64, 128], impl='nr.LSTM', train_ms=34.04),
+             dict(shape=[8, 500, 64, 128], impl='torch.nn.LSTM', train_ms=25.5)]
+  lines = run.readme_table(results).splitlines()
+  assert lines[0].startswith('| (B, T, I, H) | `nr.RNN(OptimizedLSTMCell)` |')
+  assert lines[2] == '| (8, 500, 64, 128) | n/a | n/a | 34.0 | 25.5 | n/a | n/a | n/a | n/a |'
+
+
+def test_model_flops():
+  # 2 * B * T * (I + H) * gates * H
+  assert run.model_flops('lstm', 2, 3, 4, 5) == 2 * 2 * 3 * 9 * 4 * 5
+  assert run.model_flops('gru', 2, 3, 4, 5) == 2 * 2 * 3 * 9 * 3 * 5

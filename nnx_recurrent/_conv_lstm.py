@@ -13,6 +13,20 @@ from flax.typing import Dtype, PaddingLike
 from nnx_recurrent import _checks
 from nnx_recurrent._base import _NO_METADATA, RNNCellBase, lstm_update, masked
 
+_SHAPE_KEEPING = ('SAME', 'CIRCULAR', 'REFLECT', 'CAUSAL')
+
+
+def _shape_keeping(padding: PaddingLike, kernel_size: tuple[int, ...]) -> PaddingLike:
+  """``padding`` if a stride-1 convolution with it keeps the spatial shape, else ``'SAME'``."""
+  if isinstance(padding, str):
+    return padding if padding.upper() in _SHAPE_KEEPING else 'SAME'
+  pads = [padding] * len(kernel_size) if isinstance(padding, int) else list(padding)
+  pads = [(p, p) if isinstance(p, int) else tuple(p) for p in pads]
+  if len(pads) == len(kernel_size) and all(
+      lo + hi == k - 1 for (lo, hi), k in zip(pads, kernel_size)):
+    return padding
+  return 'SAME'
+
 
 class ConvLSTMCell(RNNCellBase):
   r"""Convolutional LSTM cell (Shi et al., 2015), flax.linen's formulation.
@@ -28,9 +42,12 @@ class ConvLSTMCell(RNNCellBase):
      \end{array}
 
   where ``*`` is convolution. The input-to-hidden convolution ``ih`` uses
-  ``strides`` and ``padding``; the hidden-to-hidden convolution ``hh`` always
-  uses stride 1 and ``'SAME'`` padding so the state keeps its spatial shape
-  (flax.linen applies the strides to both and crashes for strides > 1). Gate
+  ``strides`` and ``padding``; the hidden-to-hidden convolution ``hh`` uses
+  stride 1 so the state keeps its spatial shape (flax.linen applies the
+  strides to both and crashes for strides > 1), and ``padding`` too where it
+  keeps the shape at stride 1 (``'SAME'``, ``'CIRCULAR'``, ``'REFLECT'``,
+  ``'CAUSAL'``, or explicit pads summing to ``kernel_size - 1``; as in
+  flax.linen), ``'SAME'`` otherwise (``'VALID'``, where flax.linen crashes). Gate
   order in the kernels is ``i, g, f, o``. Inputs are
   ``(*batch, *spatial, in_features)`` with ``len(kernel_size)`` spatial axes,
   so ``num_feature_axes == len(kernel_size) + 1``; the carry is ``(c, h)``.
@@ -51,7 +68,8 @@ class ConvLSTMCell(RNNCellBase):
     hidden_features: channels of the state (convolution filters).
     kernel_size: 1 to 3 ints.
     strides: strides of the input convolution (default 1).
-    padding: padding of the input convolution (as ``nnx.Conv``).
+    padding: padding of the input convolution (as ``nnx.Conv``), and of the
+      hidden one where it keeps the shape (see above).
     use_bias: add biases (default True).
     dtype, param_dtype: computation and parameter dtypes.
     dropout_rate, recurrent_dropout_rate: variational dropout rates.
@@ -105,7 +123,8 @@ class ConvLSTMCell(RNNCellBase):
                        strides=self.strides, padding=padding, kernel_metadata=kernel_metadata,
                        bias_metadata=bias_metadata, **conv)
     self.hh = nnx.Conv(self.hidden_features, 4 * self.hidden_features, self.kernel_size,
-                       padding='SAME', kernel_metadata=recurrent_kernel_metadata,
+                       padding=_shape_keeping(padding, self.kernel_size),
+                       kernel_metadata=recurrent_kernel_metadata,
                        bias_metadata=bias_metadata, **conv)
 
   @property

@@ -238,3 +238,27 @@ def test_prng_state_only_with_dropout():
   # helper does find RNG variables when they exist.
   cell = nnx.eval_shape(lambda: nr.LSTMCell(3, 4, dropout_rate=0.5, rngs=nnx.Rngs(0)))
   assert _rng_variables(cell)
+
+
+@pytest.mark.parametrize('padding,hh_padding,width', [
+  ('VALID', 'SAME', 4), ('CIRCULAR', 'CIRCULAR', 6), (((2, 0),), ((2, 0),), 6),
+  (((1, 0),), 'SAME', 5),
+])
+def test_conv_lstm_hidden_padding(padding, hh_padding, width):
+  """The hidden conv takes ``padding`` where it keeps the state's shape, else 'SAME'.
+
+  Reference: flax.linen's ``Conv`` with the expected paddings and the cell's formula.
+  """
+  cell = nr.ConvLSTMCell(2, 3, (3,), padding=padding, rngs=nnx.Rngs(0))
+  ref.randomize(cell)
+  x = ref.normal((2, 6, 2), seed=1)
+  carry = ref.random_carry(cell, x.shape)
+  (c, h), y = cell(carry, x)
+  p = nnx.to_pure_dict(nnx.state(cell, nnx.Param))
+  gates = (nn.Conv(12, (3,), padding=padding).apply({'params': p['ih']}, x)
+           + nn.Conv(12, (3,), padding=hh_padding).apply({'params': p['hh']}, carry[1]))
+  i, g, f, o = jnp.split(gates, 4, axis=-1)
+  c_ref = jax.nn.sigmoid(f + 1) * carry[0] + jax.nn.sigmoid(i) * jnp.tanh(g)
+  np.testing.assert_allclose(c, c_ref, atol=1e-5)
+  np.testing.assert_allclose(y, jax.nn.sigmoid(o) * jnp.tanh(c_ref), atol=1e-5)
+  assert c.shape == (2, width, 3)  # the input conv's output width

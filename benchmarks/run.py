@@ -16,7 +16,8 @@ process:
   first call), and ``temp MB``: the compiled training step's
   ``memory_analysis().temp_size_in_bytes`` (not measured for PyTorch: n/a);
 * ``GFLOP/s``: the model's matmul FLOPs (``2 * B * T * (I + H) * G * H`` per
-  forward with ``G`` = 4 for LSTM, 3 for GRU; training counts 3x) over the
+  forward with ``G`` = 4 for LSTM, 3 for GRU; a training step
+  ``2 * B * T * G * H * (2 * I + 3 * H)``: see ``model_flops``) over the
   median time, and that as a share of the measured peak of one large jitted
   ``float32`` matmul.
 
@@ -197,10 +198,19 @@ COMPARISONS = (
 )
 
 
-def model_flops(family: str, B: int, T: int, I: int, H: int) -> float:
-  """Matmul FLOPs of one forward pass (the pointwise work is not counted)."""
+def model_flops(family: str, B: int, T: int, I: int, H: int, train: bool = False) -> float:
+  """Matmul FLOPs of one forward pass, or of one training step (the pointwise work
+  is not counted).
+
+  Forward: ``x W_i`` and ``h W_h`` per step, ``2 B T (I + H) G H``. A training
+  step adds the backward's ``dgates W_h^T`` per step (``2 B T H G H``) and the
+  weight gradients (``2 B T (I + H) G H``); the input gradient ``dgates W_i^T``
+  is not needed (the inputs are constants) and JAX does not compute it (a
+  fused PyTorch kernel may, in which case its GFLOP/s understate its work). So
+  a training step is ``2 B T G H (2 I + 3 H)``.
+  """
   gates = 4 if family == 'lstm' else 3
-  return 2.0 * B * T * (I + H) * gates * H
+  return 2.0 * B * T * gates * H * ((2 * I + 3 * H) if train else (I + H))
 
 
 # -- measuring ------------------------------------------------------------------
@@ -289,9 +299,8 @@ def bench_shape(shape, impls, *, rounds: int, min_sample_s: float, budget_s: flo
       continue
     res.fwd_ms = statistics.median(res.fwd_samples)
     res.train_ms = statistics.median(res.train_samples)
-    flops = model_flops(res.family, B, T, I, H)
-    res.gflops_fwd = flops / res.fwd_ms / 1e6
-    res.gflops_train = 3 * flops / res.train_ms / 1e6
+    res.gflops_fwd = model_flops(res.family, B, T, I, H) / res.fwd_ms / 1e6
+    res.gflops_train = model_flops(res.family, B, T, I, H, train=True) / res.train_ms / 1e6
   log(f'  ({n_rounds} rounds)')
   return list(results.values())
 
@@ -361,6 +370,28 @@ def ratio_table(rows: list[dict]) -> str:
   for row in rows:
     lines.append(f'| {row["shape"]} | {row["ours"]} / {row["theirs"]} '
                  f'| {cell(row, "fwd")} | {cell(row, "train")} |')
+  return '\n'.join(lines)
+
+
+def summary_table(runs: list[list[dict]]) -> str:
+  """Targets across several runs (``--json`` files): each run's ratio and the median."""
+  def key(row):
+    return (tuple(row['shape']), row['ours'], row['theirs'])
+
+  by_run = [{key(row): row for row in rows} for rows in runs]
+  lines = ['| shape | ours / theirs | step | target | ratio in each run | median | met in |',
+           '|---|---|---|---:|---|---:|---:|']
+  for k in dict.fromkeys(key(row) for rows in runs for row in rows):
+    for kind in ('fwd', 'train'):
+      found = [run[k] for run in by_run if k in run]
+      target = found[0][f'{kind}_target']
+      if target is None:
+        continue
+      values = [row[f'{kind}_ratio'] for row in found]
+      met = sum(v <= target for v in values)
+      lines.append(f'| {k[0]} | {k[1]} / {k[2]} | {kind} | {target:.2f} | '
+                   + ', '.join(f'{v:.2f}' for v in values)
+                   + f' | {statistics.median(values):.2f} | {met}/{len(values)} |')
   return '\n'.join(lines)
 
 
@@ -491,10 +522,19 @@ def main(argv=None) -> int:
                  help='draw the ratios as a PNG (default benchmarks/ratios.png)')
   p.add_argument('--readme-table', metavar='JSON',
                  help='measure nothing: print the README table from a --json file')
+  p.add_argument('--summarize', metavar='JSON', nargs='+',
+                 help='measure nothing: the targets across several --json files')
   args = p.parse_args(argv)
   if args.readme_table:
     with open(args.readme_table) as f:
       print(readme_table(json.load(f)['results']))
+    return 0
+  if args.summarize:
+    runs = []
+    for path in args.summarize:
+      with open(path) as f:
+        runs.append(json.load(f)['ratios'])
+    print(summary_table(runs))
     return 0
 
   def log(msg=''):
@@ -534,8 +574,10 @@ def main(argv=None) -> int:
   log(f'load average at end: {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}; '
       f'total {elapsed:.0f} s; matmul peak (best of start and end) {peak:.1f} GFLOP/s')
   # This process alone keeps about one runnable thread per core; more means competition.
+  # (The load at the start is not used: the 1-minute average still counts whatever ran
+  # just before, e.g. a previous run of this suite.)
   cores = os.cpu_count() or 1
-  busy = load_start[0] > 0.75 * cores or max(loads.values(), default=0) > 1.5 * cores
+  busy = max(loads.values(), default=0) > 1.25 * cores
   if busy:
     log('WARNING: the load average shows other processes competing for the cores: the '
         'timings (PyTorch\'s spinning OpenMP threads above all) are not reliable. Re-run on '

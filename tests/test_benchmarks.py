@@ -40,6 +40,22 @@ def test_readme_table_from_json_results():
 
 
 def test_model_flops():
-  # 2 * B * T * (I + H) * gates * H
-  assert run.model_flops('lstm', 2, 3, 4, 5) == 2 * 2 * 3 * 9 * 4 * 5
-  assert run.model_flops('gru', 2, 3, 4, 5) == 2 * 2 * 3 * 9 * 3 * 5
+  B, T, I, H = 2, 3, 4, 5
+  for family, G in (('lstm', 4), ('gru', 3)):
+    forward = B * T * (I * G * H + H * G * H) * 2  # x W_i, h W_h
+    backward = B * T * (G * H * H + I * G * H + H * G * H) * 2  # dgates W_h^T, dW_i, dW_h
+    assert run.model_flops(family, B, T, I, H) == forward
+    assert run.model_flops(family, B, T, I, H, train=True) == forward + backward
+
+
+def test_summary_across_runs():
+  def row(fwd, train):
+    return dict(shape=[1, 2, 3, 4], ours='nr.GRU', theirs='nnx.RNN(GRUCell)', fwd_ratio=fwd,
+                train_ratio=train, fwd_target=1.0, train_target=0.75)
+
+  table = run.summary_table([[row(0.9, 0.8)], [row(1.1, 0.7)], [row(0.95, 0.74)]])
+  lines = table.splitlines()
+  assert lines[2] == ('| (1, 2, 3, 4) | nr.GRU / nnx.RNN(GRUCell) | fwd | 1.00 | 0.90, 1.10, 0.95 '
+                      '| 0.95 | 2/3 |')
+  assert lines[3] == ('| (1, 2, 3, 4) | nr.GRU / nnx.RNN(GRUCell) | train | 0.75 '
+                      '| 0.80, 0.70, 0.74 | 0.74 | 2/3 |')

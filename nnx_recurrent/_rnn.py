@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -165,6 +166,8 @@ class Bidirectional(nnx.Module):
 
   Args:
     forward_rnn, backward_rnn: ``RNN`` layers (or any layer with ``RNN``'s call).
+      Passing the same object twice shares its parameters between the two
+      directions (and warns, as flax does).
     merge_fn: ``(forward_outputs, backward_outputs) -> outputs``.
     time_major, return_carry: defaults for the call.
   """
@@ -172,6 +175,10 @@ class Bidirectional(nnx.Module):
   def __init__(self, forward_rnn, backward_rnn, *,
                merge_fn: Callable[[Array, Array], Array] = _concatenate,
                time_major: bool = False, return_carry: bool = False):
+    if forward_rnn is backward_rnn:
+      warnings.warn('Bidirectional: `forward_rnn` and `backward_rnn` are the same object, so '
+                    'both directions share its parameters; pass two RNNs unless that is '
+                    'intended.', stacklevel=2)
     self.forward_rnn = forward_rnn
     self.backward_rnn = backward_rnn
     self.merge_fn = merge_fn

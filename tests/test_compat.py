@@ -313,6 +313,16 @@ def test_flip_sequences_matches_linen():
 
 
 # -- Bidirectional -----------------------------------------------------------------
+def test_bidirectional_same_rnn_twice_logs_linens_warning(caplog):
+  x = jnp.ones((B, T, IN))
+  for ns in (nn, compat):
+    rnn = ns.RNN(ns.GRUCell(H))
+    caplog.clear()
+    ns.Bidirectional(rnn, rnn).init(jax.random.key(0), x)
+    assert [r.getMessage() for r in caplog.records if r.levelname == 'WARNING'] == [
+      'forward_rnn and backward_rnn is the same object, so they will share parameters.'], ns
+
+
 def test_bidirectional_matches_linen():
   x = jax.random.normal(jax.random.key(0), (B, T, IN))
   merge = lambda a, b: jnp.concatenate([a, 2 * b], axis=-1)  # noqa: E731

@@ -221,6 +221,20 @@ def test_bidirectional_merge_fn_and_defaults():
   _close(y, ref_yf - 2.0 * ref_yb)
 
 
+def test_bidirectional_with_one_rnn_twice_warns_and_shares_it():
+  rnn = nr.RNN(ref.make_cell('gru')[0])
+  with pytest.warns(UserWarning, match='`forward_rnn` and `backward_rnn` are the same object'):
+    bi = nr.Bidirectional(rnn, rnn)
+  x = _inputs(ref.make_cell('gru')[1], False, batch=(2,), time=3)
+  lengths = np.array([3, 2], np.int32)
+  y = bi(x, seq_lengths=jnp.asarray(lengths))
+  params = ref.cell_params(rnn.cell)
+  _, ref_yf = ref.rnn(params, x, lengths, np.zeros((2, 4)), num_batch_dims=1)
+  _, ref_yb = ref.rnn(params, x, lengths, np.zeros((2, 4)), num_batch_dims=1, reverse=True,
+                      keep_order=True)
+  _close(y, np.concatenate([ref_yf, ref_yb], axis=-1))
+
+
 # -- flip_sequences -------------------------------------------------------------
 @pytest.mark.parametrize('with_lengths', [False, True])
 @pytest.mark.parametrize('time_major', [False, True])

@@ -18,6 +18,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+from absl import logging
 from flax.core import FrozenDict
 from flax.core.scope import CollectionFilter, PRNGSequenceFilter
 from flax.typing import InOutScanAxis
@@ -226,6 +227,9 @@ class Bidirectional(nn.Module):
       segment_ids: packed sequences (extension; needs compat ``RNN`` layers).
     """
     del reverse, keep_order  # flax.linen accepts and ignores them too
+    if self.forward_rnn is self.backward_rnn:  # flax.linen's warning, word for word
+      logging.warning('forward_rnn and backward_rnn is the same object, so '
+                      'they will share parameters.')
     time_major = _first(time_major, self.time_major)
     return_carry = _first(return_carry, self.return_carry)
     key_f = key_b = None

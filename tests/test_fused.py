@@ -25,7 +25,7 @@ _S = _fused._ScanPlan
 PATHS = {  # forward strategies; 'joint' exists for the LSTM only
   'loop': _fused._Plan(_S('loop', False, 1), _S('loop', False, 1)),
   'hoisted': _fused._Plan(_S('hoisted', True, 1), _S('hoisted', True, 1)),
-  'unrolled': _fused._Plan(_S('hoisted', False, 2), _S('loop', False, 2), bwd_unroll=2),
+  'unrolled': _fused._Plan(_S('hoisted', False, 2), _S('loop', False, 2)),
   'joint': _fused._Plan(_S('joint', False, 2), _S('joint', True, 1)),
 }
 
@@ -35,7 +35,7 @@ def use_path(monkeypatch, path):
 
   'default': what ``_plan`` picks for these tiny shapes; 'loop': input matmul
   in the loop (large batches); 'hoisted': one input matmul before the loop,
-  prefetching scan; 'unrolled': unrolled twice, forward and backward; 'joint':
+  prefetching scan; 'unrolled': forward scans unrolled twice; 'joint':
   one matmul over ``[x_t, h]`` (prefetched under a gradient). The backward
   pass is the same for all of them.
   """

@@ -42,12 +42,15 @@ tests check values and gradients against it, and against NumPy). The gate
 nonlinearities are the cells' defaults (sigmoid, tanh), whose derivatives the
 backward pass hard-codes.
 
-Backends: :meth:`_FusedBase._run_direction` is the single place that turns one
-cell and one direction into ``(final_carry, outputs)``; a cuDNN path through
-``jax.experimental.rnn`` (GPU only, LSTM only, its own packed weight layout)
-would be a second branch there, selected when ``jax.default_backend() == 'gpu'``
-and the configuration is one it supports. It is not implemented: no GPU was
-available to test it.
+Backends: :meth:`_FusedBase._run_layer` is the single place that turns one
+layer (one or both directions) into ``(final_carries, outputs)``. With
+``implementation='cudnn'`` (LSTM, CUDA GPU, float32) a layer goes through cuDNN
+(:func:`_cudnn_layer`, via ``jax.experimental.rnn.lstm``: both directions in
+one call, the weights packed into cuDNN's flat layout on the fly, so the
+parameters and their gradients stay the cells'). Otherwise, and by default
+(``'auto'``: cuDNN through JAX measured slower than the scans on an H200), the
+scans above. Dropout between layers is this module's in both cases, so the two
+backends compute the same function.
 """
 
 from __future__ import annotations
@@ -427,6 +430,110 @@ def _recurrence_bwd(cell_math, plan, saved, cotangents):
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
+# -- cuDNN (jax.experimental.rnn) -------------------------------------------------
+IMPLEMENTATIONS = ('auto', 'xla', 'cudnn')
+
+
+@functools.cache
+def _cuda_backend() -> bool:
+  """True when JAX's default backend is an NVIDIA GPU (ROCm's MIOpen packs
+  the gates in another order and is not supported)."""
+  try:
+    device = jax.devices()[0]
+    return device.platform == 'gpu' and 'rocm' not in device.client.platform_version.lower()
+  except RuntimeError:  # no backend at all
+    return False
+
+
+def _cudnn_unsupported(dtype) -> str | None:
+  """Why cuDNN cannot run this computation (``None``: it can)."""
+  if not _cuda_backend():
+    return f'needs a CUDA GPU, and the default backend is {jax.default_backend()!r}'
+  if jnp.dtype(dtype) != jnp.float32:
+    return f'runs float32 only, and the computation dtype is {jnp.dtype(dtype).name}'
+  precision = jax.config.jax_default_matmul_precision
+  if precision is not None and str(precision).lower() not in _CUDNN_PRECISIONS:
+    return f'has no matmul precision {precision!r} (jax_default_matmul_precision)'
+  return None
+
+
+# Names of lax.Precision.HIGH and HIGHEST (TF32 on or off: the two cuDNN modes).
+_CUDNN_PRECISIONS = ('high', 'bfloat16_3x', 'tensorfloat32', 'highest', 'float32')
+
+
+def _cudnn_lstm(x, h0, c0, weights, lengths, *, input_size, hidden_size, bidirectional):
+  """``jax.experimental.rnn.lstm`` for one layer: ``(y, h_n, c_n)``, batch-major.
+
+  Tests replace this with ``jax.experimental.rnn.lstm_ref`` (the same function
+  in plain JAX) to check everything around it on the CPU.
+  """
+  from jax.experimental import rnn
+
+  return rnn.lstm(x, h0, c0, weights, lengths, input_size=input_size, hidden_size=hidden_size,
+                  num_layers=1, dropout=0.0, bidirectional=bidirectional)
+
+
+def _cudnn_weights(cells, dtype) -> Array:
+  """The cells' parameters in cuDNN's flat layout (see ``jax.experimental.rnn``):
+  ``W_ih, W_hh`` of each direction, then ``b_ih, b_hh`` of each. Gates ``i, f,
+  g, o`` are cuDNN's order already; our one bias is ``b_ih`` and ``b_hh`` is
+  zero (its gradient, equal to ``b_ih``'s, is dropped)."""
+  mats, biases = [], []
+  for cell in cells:
+    w_i, b, w_h, _ = _LSTMMath.params(cell)
+    mats += [w_i.T.reshape(-1), w_h.T.reshape(-1)]  # (4H, I) and (4H, H), row-major
+    biases += [b, jnp.zeros_like(b)]
+  return jnp.concatenate([a.astype(dtype) for a in mats + biases])
+
+
+def _row_major(*arrays: Array) -> list[Array]:
+  """The arrays in row-major memory layout, and their cotangents too.
+
+  cuDNN's custom calls (``jax.experimental.rnn``) read their operands as
+  row-major but do not tell XLA so: under ``jit`` XLA may turn the transpose
+  that makes ``x`` batch-major into a layout change, and cuDNN then reads
+  time-major memory as batch-major (wrong results, no error: measured on an
+  H200 with jax 0.11.2; jax-ml/jax#19177). A layout constraint is linear, so
+  its transpose constrains the cotangents that the backward call reads.
+  """
+  from jax.experimental.layout import Layout, with_layout_constraint
+
+  return [with_layout_constraint(a, Layout(tuple(range(a.ndim)))) for a in arrays]
+
+
+def _cudnn_layer(cells, xs: Array, carries, seq_lengths: Array | None, dtype):
+  """One LSTM layer, one or both directions, through cuDNN.
+
+  ``xs`` is time-major ``(time, *batch, features)``, ``carries`` one ``(c, h)``
+  per direction. Returns ``(finals, ys)`` as the scans do: ``ys`` time-major,
+  the backward direction's outputs in input order after the forward's.
+  """
+  time, batch, features = xs.shape[0], xs.shape[1:-1], xs.shape[-1]
+  n, hidden = math.prod(batch), cells[0].hidden_features
+  x = jnp.swapaxes(xs.reshape(time, n, features), 0, 1).astype(dtype)
+  c0 = jnp.stack([c.reshape(n, hidden) for c, _ in carries]).astype(dtype)
+  h0 = jnp.stack([h.reshape(n, hidden) for _, h in carries]).astype(dtype)
+  if seq_lengths is None:
+    lengths = jnp.full((n,), time, jnp.int32)
+  else:  # out-of-range lengths act as the scans treat them (see _checks.check_seq_lengths)
+    lengths = jnp.clip(seq_lengths.reshape(n), 0, time).astype(jnp.int32)
+  # cuDNN fails on zero lengths (jax-ml/jax#17966): run one step, then undo it.
+  x, h0, c0 = _row_major(x, h0, c0)
+  out = _cudnn_lstm(x, h0, c0, _cudnn_weights(cells, dtype), jnp.maximum(lengths, 1),
+                    input_size=features, hidden_size=hidden, bidirectional=len(cells) == 2)
+  y, h_n, c_n = _row_major(*out)  # and their cotangents, the backward call's operands
+  if seq_lengths is not None:
+    empty = lengths == 0
+    y = jnp.where(empty[:, None, None], jnp.zeros_like(y), y)
+    c_n = jnp.where(empty[None, :, None], c0, c_n)
+    h_n = jnp.where(empty[None, :, None], h0, h_n)
+  ys = jnp.swapaxes(y, 0, 1).reshape(time, *batch, y.shape[-1])
+  finals = [(c_n[d].reshape(*batch, hidden).astype(c.dtype),
+             h_n[d].reshape(*batch, hidden).astype(h.dtype))
+            for d, (c, h) in enumerate(carries)]
+  return finals, ys
+
+
 # -- the layers -----------------------------------------------------------------
 def _first(*values):
   return next(v for v in values if v is not None)
@@ -435,6 +542,7 @@ def _first(*values):
 class _FusedBase(nnx.Module):
   _cell_type: type
   _math: Any
+  _cudnn: bool  # has a cuDNN path (_cudnn_layer)
 
   def __init__(
     self,
@@ -454,9 +562,16 @@ class _FusedBase(nnx.Module):
     kernel_metadata: Mapping[str, Any] = _NO_METADATA,
     recurrent_kernel_metadata: Mapping[str, Any] = _NO_METADATA,
     bias_metadata: Mapping[str, Any] = _NO_METADATA,
+    implementation: str = 'auto',
     rngs: nnx.Rngs,
   ):
     where = type(self).__name__
+    supported = IMPLEMENTATIONS if self._cudnn else ('auto', 'xla')
+    if implementation not in supported:
+      why = '' if self._cudnn else ' (jax.experimental.rnn has a cuDNN LSTM only)'
+      _checks.fail(where, 'implementation', ' or '.join(map(repr, supported)) + why,
+                   repr(implementation))
+    self.implementation = implementation
     self.in_features = _checks.check_positive_int(where, 'in_features', in_features)
     self.hidden_features = _checks.check_positive_int(where, 'hidden_features', hidden_features)
     self.num_layers = _checks.check_positive_int(where, 'num_layers', num_layers)
@@ -502,11 +617,37 @@ class _FusedBase(nnx.Module):
       return per_layer[0]
     return tuple(per_layer)
 
-  def _run_direction(self, cell, xs: Array, carry, valid: Array | None):
-    """One cell over time-major ``xs``: ``(final_carry, ys)`` (the backend switch)."""
+  def _dtype(self, cell, xs: Array):
+    """The cell's computation dtype (nnx.Linear's promotion of inputs and parameters)."""
     params = self._math.params(cell)
-    # The cell's dtype rule (nnx.Linear's promotion): inputs and parameters.
-    dtype = cell.dtype or jnp.result_type(xs.dtype, *jax.tree_util.tree_leaves(params))
+    return cell.dtype or jnp.result_type(xs.dtype, *jax.tree_util.tree_leaves(params))
+
+  def _run_layer(self, layer: int, xs: Array, carries, valid, idx, seq_lengths):
+    """One layer over time-major ``xs``: ``(finals, ys)``, one final carry per
+    direction (the backend switch: cuDNN or the scans)."""
+    cells = self._cells(layer)
+    dtype = self._dtype(cells[0], xs)
+    # 'auto' is the scans everywhere: through jax.experimental.rnn, cuDNN measured
+    # slower than them on an H200 at three of the four benchmark shapes and
+    # level at the fourth (benchmarks/RESULTS.md, "GPU").
+    if self.implementation == 'cudnn' and xs.size:
+      reason = _cudnn_unsupported(dtype)
+      if reason is not None:
+        _checks.fail(type(self).__name__, 'implementation',
+                     f"'auto' or 'xla' here (cuDNN {reason})", "'cudnn'")
+      return _cudnn_layer(cells, xs, carries, seq_lengths, dtype)
+    finals, ys = [], []
+    for d, cell in enumerate(cells):
+      x = xs if d == 0 else _scan.take_time(xs, idx)  # the backward direction: each row reversed
+      final, y = self._run_direction(cell, x, carries[d], valid)
+      finals.append(final)
+      ys.append(y if d == 0 else _scan.take_time(y, idx))
+    return finals, (ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=-1))
+
+  def _run_direction(self, cell, xs: Array, carry, valid: Array | None):
+    """One cell over time-major ``xs``: ``(final_carry, ys)`` with the scans."""
+    params = self._math.params(cell)
+    dtype = self._dtype(cell, xs)
     params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
     carry_in = jax.tree_util.tree_map(lambda a: a.astype(dtype), carry)
     if xs.shape[0] == 0:  # nothing to scan: the carry passes through
@@ -563,15 +704,9 @@ class _FusedBase(nnx.Module):
       if layer:
         xs = self.dropout(xs, rngs=rngs)
       layer_carry = initial_carry[layer]
-      if not self.bidirectional:
-        final, xs = self._run_direction(self.forward[layer], xs, layer_carry, valid)
-        finals.append(final)
-        continue
-      final_f, ys_f = self._run_direction(self.forward[layer], xs, layer_carry[0], valid)
-      final_b, ys_b = self._run_direction(self.backward[layer], _scan.take_time(xs, idx),
-                                          layer_carry[1], valid)
-      xs = jnp.concatenate([ys_f, _scan.take_time(ys_b, idx)], axis=-1)
-      finals.append((final_f, final_b))
+      carries = tuple(layer_carry) if self.bidirectional else (layer_carry,)
+      final, xs = self._run_layer(layer, xs, carries, valid, idx, seq.seq_lengths)
+      finals.append(tuple(final) if self.bidirectional else final[0])
     ys = _scan.restore_layout(xs, time_major, len(seq.batch_shape))
     return (self._public_carry(finals), ys) if return_carry else ys
 
@@ -614,6 +749,7 @@ _LAYER_DOC = """
     kernel_init, recurrent_kernel_init, bias_init: initializers of the cells.
     kernel_metadata, recurrent_kernel_metadata, bias_metadata: metadata of every
       cell's parameters (e.g. ``{{'out_sharding': (None, 'model')}}``), as for the cells.
+    implementation: {implementation}
     rngs: ``nnx.Rngs`` for the parameters (and dropout).
 """
 
@@ -640,11 +776,19 @@ class LSTM(_FusedBase):
     >>> bool((h == y[:, -1]).all())
     True
 """
-    + _LAYER_DOC.format(carry='``(c, h)``', cell='OptimizedLSTMCell')
+    + _LAYER_DOC.format(carry='``(c, h)``', cell='OptimizedLSTMCell', implementation="""``'auto'``
+      (default) or ``'xla'``: the XLA scans, on every backend (on an H200 they
+      were faster than cuDNN through ``jax.experimental.rnn`` at three of the
+      four benchmark shapes, and level at the fourth); ``'cudnn'``: cuDNN via
+      ``jax.experimental.rnn`` (CUDA GPU, float32 only; a ``ValueError``
+      elsewhere; not under ``jax.vmap``, which its primitives do not support).
+      Both compute the same function; on GPU both follow
+      ``jax_default_matmul_precision`` (TF32 matmuls unless it is ``'highest'``).""")
   )
 
   _cell_type = OptimizedLSTMCell
   _math = _LSTMMath
+  _cudnn = True
 
 
 class GRU(_FusedBase):
@@ -661,8 +805,10 @@ class GRU(_FusedBase):
     >>> y.shape, len(h_per_layer), h_per_layer[1].shape
     ((2, 6, 4), 2, (2, 4))
 """
-    + _LAYER_DOC.format(carry='``h``', cell='GRUCell')
+    + _LAYER_DOC.format(carry='``h``', cell='GRUCell', implementation="""``'auto'`` or
+      ``'xla'``: the XLA scans (``jax.experimental.rnn`` has no cuDNN GRU).""")
   )
 
   _cell_type = GRUCell
   _math = _GRUMath
+  _cudnn = False

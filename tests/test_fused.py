@@ -94,11 +94,12 @@ def weighted_loss(out):
 
 
 def assert_trees_close(a, b, atol=1e-5, rtol=1e-5):
-  la, ta = jax.tree_util.tree_flatten(a)
+  la, ta = jax.tree_util.tree_flatten_with_path(a)
   lb, tb = jax.tree_util.tree_flatten(b)
   assert ta == tb
-  for x, y in zip(la, lb):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol)
+  for (path, x), y in zip(la, lb):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol,
+                               err_msg=f'leaf {jax.tree_util.keystr(path)}')
 
 
 def values_and_grads(layer, x, carry, run):

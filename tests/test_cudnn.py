@@ -1,0 +1,160 @@
+"""The fused LSTM's cuDNN path (``implementation='cudnn'``).
+
+On the CPU the cuDNN call itself is replaced by ``jax.experimental.rnn.lstm_ref``,
+JAX's plain-JAX reference of the same function with the same packed weight
+layout (unpacked by JAX's ``unpack_lstm_weights``): that checks everything
+around the call (weight packing, carries, layouts, zero lengths, dropout
+between layers, gradients to the cells' parameters) against the generic
+``RNN`` / ``Bidirectional`` composition. On a CUDA GPU the last test runs
+cuDNN itself against it.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.experimental import rnn
+
+import nnx_recurrent as nr
+from nnx_recurrent import _fused
+from tests import reference as ref
+from tests.test_fused import (
+  LENGTHS,
+  B,
+  I,
+  T,
+  assert_trees_close,
+  generic,
+  random_carry,
+  values_and_grads,
+)
+
+ON_GPU = _fused._cuda_backend()
+
+
+def reference_lstm(x, h0, c0, weights, lengths, *, input_size, hidden_size, bidirectional):
+  unpacked = rnn.unpack_lstm_weights(weights, input_size, hidden_size, 1, bidirectional)
+  return rnn.lstm_ref(x, h0, c0, *unpacked, lengths, input_size, hidden_size, 1, 0.0,
+                      bidirectional)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+  """cuDNN 'available', run by the reference; counts the calls."""
+  calls = []
+
+  def lstm(*args, **kw):
+    calls.append(kw)
+    out = reference_lstm(*args, **kw)
+    broken = jnp.any(args[4] < 1)  # cuDNN fails on zero lengths: poison the result
+    return jax.tree_util.tree_map(lambda a: jnp.where(broken, jnp.nan, a), out)
+
+  monkeypatch.setattr(_fused, '_cuda_backend', lambda: True)
+  monkeypatch.setattr(_fused, '_cudnn_lstm', lstm)
+  return calls
+
+
+def make(num_layers=1, bidirectional=False, seed=0, **kw):
+  layer = nr.LSTM(I, 4, num_layers=num_layers, bidirectional=bidirectional, rngs=nnx.Rngs(seed),
+                  **kw)
+  return ref.randomize(layer, seed=seed)
+
+
+@pytest.mark.parametrize('num_layers,bidirectional,lengths', [
+  (1, False, None), (1, True, LENGTHS), (2, False, LENGTHS), (2, True, LENGTHS),
+], ids=['1-uni-full', '1-bi-lengths', '2-uni-lengths', '2-bi-lengths'])
+def test_matches_generic_values_and_grads(num_layers, bidirectional, lengths, fake_gpu):
+  layer = make(num_layers, bidirectional, implementation='cudnn')
+  x = ref.normal((B, T, I), seed=7)
+  carry0 = random_carry(layer)
+  out, grads = values_and_grads(
+    layer, x, carry0,
+    lambda m, x, c: m(x, initial_carry=c, seq_lengths=lengths, return_carry=True))
+  out_g, grads_g = values_and_grads(
+    layer, x, carry0, lambda m, x, c: generic(m, x, seq_lengths=lengths, initial_carry=c))
+  assert len(fake_gpu) == num_layers  # one call per layer, both directions in it
+  assert all(kw['bidirectional'] == bidirectional for kw in fake_gpu)
+  assert_trees_close(out, out_g)
+  assert_trees_close(grads, grads_g)
+  if lengths is not None:  # the zero-length row: zero outputs, initial carry
+    final = out[0] if num_layers == 1 else out[0][-1]
+    assert float(jnp.abs(out[1][2]).max()) == 0.0
+    assert_trees_close(jax.tree_util.tree_map(lambda a: a[2], final),
+                       jax.tree_util.tree_map(lambda a: a[2], carry0 if num_layers == 1
+                                              else carry0[-1]))
+
+
+def test_time_major_several_batch_axes_and_dropout(fake_gpu):
+  """Layouts go through the flattening and back; dropout between layers is ours,
+  so the same key drops the same units as the scans do."""
+  layer = make(2, True, dropout_rate=0.5, implementation='cudnn')
+  x = ref.normal((T, 2, 3, I), seed=3)
+  lengths = jnp.array([[5, 0, 3], [1, 4, 2]], jnp.int32)
+  y = layer(x, seq_lengths=lengths, time_major=True, rngs=nnx.Rngs(dropout=4))
+  layer.implementation = 'xla'
+  y_xla = layer(x, seq_lengths=lengths, time_major=True, rngs=nnx.Rngs(dropout=4))
+  assert len(fake_gpu) == 2
+  np.testing.assert_allclose(np.asarray(y), np.asarray(y_xla), atol=1e-5, rtol=1e-5)
+  assert float(jnp.abs(y[:, 0, 1]).max()) == 0.0  # length 0
+
+
+def test_auto_and_xla_use_the_scans(fake_gpu):
+  """cuDNN through JAX measured slower than the scans: only 'cudnn' picks it."""
+  x = ref.normal((B, T, I), seed=1)
+  make()(x)
+  make(implementation='xla')(x)
+  assert not fake_gpu
+  make(implementation='cudnn')(x)
+  assert len(fake_gpu) == 1
+
+
+@pytest.mark.skipif(ON_GPU, reason='checks the CPU message')
+def test_errors():
+  with pytest.raises(ValueError, match=r"LSTM: `implementation` expected 'auto' or 'xla' or "
+                                       r"'cudnn', got 'cuda'"):
+    nr.LSTM(3, 4, implementation='cuda', rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"GRU: `implementation` expected 'auto' or 'xla' \(jax."
+                                       r"experimental.rnn has a cuDNN LSTM only\), got 'cudnn'"):
+    nr.GRU(3, 4, implementation='cudnn', rngs=nnx.Rngs(0))
+  layer = nr.LSTM(3, 4, implementation='cudnn', rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"LSTM: `implementation` expected 'auto' or 'xla' here "
+                                       r"\(cuDNN needs a CUDA GPU, and the default backend is "
+                                       r"'cpu'\), got 'cudnn'"):
+    layer(jnp.ones((2, 5, 3)))
+
+
+def test_unsupported_on_gpu_errors(fake_gpu):
+  layer = nr.LSTM(3, 4, implementation='cudnn', dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r'cuDNN runs float32 only, and the computation dtype is '
+                                       r'bfloat16\), got .cudnn.'):
+    layer(jnp.ones((2, 5, 3)))
+  layer = nr.LSTM(3, 4, implementation='cudnn', rngs=nnx.Rngs(0))
+  with jax.default_matmul_precision('bfloat16'):
+    with pytest.raises(ValueError, match=r"cuDNN has no matmul precision 'bfloat16' "
+                                         r'\(jax_default_matmul_precision\)\), got .cudnn.'):
+      layer(jnp.ones((2, 5, 3)))
+  assert not fake_gpu
+
+
+@pytest.mark.skipif(not ON_GPU, reason='needs a CUDA GPU')
+@pytest.mark.parametrize('bidirectional,time_major', [(False, False), (True, False), (True, True)])
+def test_real_cudnn_matches_generic(bidirectional, time_major):
+  """cuDNN itself, in full float32 (TF32 off), against the generic RNN.
+
+  Time-major inputs are transposed for cuDNN inside the jitted function: the
+  case where XLA would hand cuDNN a transposed memory layout (see
+  ``_fused._row_major``); unsorted lengths over two batch axes.
+  """
+  lengths = jnp.array([[5, 1], [3, 0]], jnp.int32)
+  shape = (T, 2, 2, I) if time_major else (2, 2, T, I)
+  with jax.default_matmul_precision('highest'):
+    layer = make(2, bidirectional, implementation='cudnn', time_major=time_major)
+    x = ref.normal(shape, seed=7)
+    carry0 = random_carry(layer, (2, 2))
+    run = lambda m, x, c: m(x, initial_carry=c, seq_lengths=lengths, return_carry=True)  # noqa: E731
+    out, grads = values_and_grads(layer, x, carry0, run)
+    out_g, grads_g = values_and_grads(layer, x, carry0, lambda m, x, c: generic(
+      m, x, seq_lengths=lengths, initial_carry=c, time_major=time_major))
+  assert_trees_close(out, out_g, atol=1e-5, rtol=1e-4)
+  assert_trees_close(grads, grads_g, atol=1e-5, rtol=1e-4)

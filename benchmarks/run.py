@@ -1,4 +1,9 @@
-"""Step-time benchmark: nnx_recurrent vs flax.nnx, flax.linen and PyTorch (CPU).
+"""Step-time benchmark: nnx_recurrent vs flax.nnx, flax.linen and PyTorch.
+
+On a machine whose JAX default backend is a GPU, PyTorch runs on the GPU too
+(each call synchronises), the matmul peak is measured at 8192^2, and
+``nr.LSTM[cudnn]`` (the fused LSTM's opt-in cuDNN path) joins the comparison;
+``benchmarks/gpu.sh`` runs the GPU checks and this suite in one go.
 
 Usage::
 

@@ -635,7 +635,14 @@ class _FusedBase(nnx.Module):
       if reason is not None:
         _checks.fail(type(self).__name__, 'implementation',
                      f"'auto' or 'xla' here (cuDNN {reason})", "'cudnn'")
-      return _cudnn_layer(cells, xs, carries, seq_lengths, dtype)
+      try:
+        return _cudnn_layer(cells, xs, carries, seq_lengths, dtype)
+      except NotImplementedError as e:  # jax.vmap: the primitives have no batching rule
+        if 'Batching rule' not in str(e):
+          raise
+        _checks.fail(type(self).__name__, 'implementation',
+                     "'auto' or 'xla' under jax.vmap (jax.experimental.rnn's cuDNN "
+                     'primitives have no batching rule)', "'cudnn'")
     finals, ys = [], []
     for d, cell in enumerate(cells):
       x = xs if d == 0 else _scan.take_time(xs, idx)  # the backward direction: each row reversed

@@ -137,6 +137,17 @@ def test_unsupported_on_gpu_errors(fake_gpu):
   assert not fake_gpu
 
 
+def test_vmap_error(monkeypatch):
+  """The real primitive under jax.vmap (its batching rule is looked up before
+  anything runs, so this needs no GPU): a clear message, not JAX's."""
+  monkeypatch.setattr(_fused, '_cuda_backend', lambda: True)
+  layer = nr.LSTM(3, 4, implementation='cudnn', rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"LSTM: `implementation` expected 'auto' or 'xla' under "
+                                       r"jax.vmap \(jax.experimental.rnn's cuDNN primitives have "
+                                       r"no batching rule\), got 'cudnn'"):
+    jax.vmap(layer)(jnp.ones((2, 5, 7, 3)))
+
+
 @pytest.mark.skipif(not ON_GPU, reason='needs a CUDA GPU')
 @pytest.mark.parametrize('bidirectional,time_major', [(False, False), (True, False), (True, True)])
 def test_real_cudnn_matches_generic(bidirectional, time_major):

@@ -2,6 +2,7 @@
 
 import pytest
 
+import nnx_recurrent as nr
 from benchmarks import run
 
 
@@ -59,3 +60,23 @@ def test_summary_across_runs():
                       '| 0.95 | 2/3 |')
   assert lines[3] == ('| (1, 2, 3, 4) | nr.GRU / nnx.RNN(GRUCell) | train | 0.75 '
                       '| 0.80, 0.70, 0.74 | 0.74 | 2/3 |')
+
+
+def test_gpu_plans_forces_and_restores_the_plan(monkeypatch):
+  from benchmarks import gpu_plans
+  from nnx_recurrent import _fused
+
+  seen = []
+  monkeypatch.setattr(_fused, '_prefetch_scan',
+                      lambda step, carry, xs, *, length, reverse, unroll, prefetch=True:
+                      seen.append((reverse, unroll, prefetch)))
+  original = _fused._plan
+  with gpu_plans.forced('joint/4/2'):
+    plan = _fused._plan(_fused._LSTMMath, 8, 512)
+    _fused._prefetch_scan(None, None, None, length=3, reverse=False, unroll=4, prefetch=False)
+    _fused._prefetch_scan(None, None, None, length=3, reverse=True, unroll=1)
+  assert plan.primal == plan.train == _fused._ScanPlan('joint', prefetch=False, unroll=4)
+  assert seen == [(False, 4, False), (True, 2, True)]  # the backward scan: unroll 2
+  assert _fused._plan is original
+  assert gpu_plans.plans(nr.GRU) == ['default', 'hoisted/1/1', 'hoisted/4/4', 'hoisted/8/8',
+                                     'loop/1/1', 'loop/4/4', 'loop/8/8']

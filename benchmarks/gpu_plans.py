@@ -1,0 +1,148 @@
+"""Which scan plan is fastest for the fused layers on this machine (made for GPUs).
+
+``nnx_recurrent._fused._plan`` picks how a direction is scanned from the
+shape of one step; its thresholds were measured on a 2-core CPU. On an H200
+every JAX scan at batch 1-8 cost 6.7-9 us per step (XLA's per-iteration cost,
+see benchmarks/RESULTS.md, "GPU"), so unrolling, which the CPU plans avoid,
+may pay there. This script times ``nr.LSTM`` / ``nr.GRU`` (the XLA scans) with
+each plan forced, forward and training step, interleaved, and prints the
+median times and the best plan per shape::
+
+  python -m benchmarks.gpu_plans [--shapes 8x500x64x128,...] [--rounds 5] [--json out.json]
+
+A plan is ``inputs/unroll/backward-unroll``: ``inputs`` is 'hoisted', 'loop'
+or 'joint' (LSTM only; see ``_fused._plan``), the forward scans (with and
+without a gradient) are unrolled ``unroll`` times, without the CPU's
+prefetching, and the backward scan ``backward-unroll`` times. 'default' is
+what ``_plan`` picks. Nothing here changes the library: the plan is patched
+in for the measurement only. Each plan's forward output is compared with the
+default's (``|y - y_default|``). Written without a GPU at hand (run on a CPU
+only, at a toy shape); on a GPU, expect a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import nnx_recurrent as nr
+from nnx_recurrent import _fused
+
+SHAPES = ((8, 500, 64, 128), (64, 100, 128, 256), (1, 1000, 32, 64), (256, 50, 256, 512))
+
+
+def plans(cls):
+  inputs = ('hoisted', 'loop', 'joint') if cls is nr.LSTM else ('hoisted', 'loop')
+  out = ['default']
+  for inp in inputs:
+    for unroll in (1, 4, 8):
+      out.append(f'{inp}/{unroll}/{unroll}')
+  return out
+
+
+@contextlib.contextmanager
+def forced(plan: str):
+  """Patches ``_fused._plan`` (and the backward scan's unroll) for ``plan``."""
+  if plan == 'default':
+    yield
+    return
+  inputs, unroll, back = plan.split('/')
+  scan = _fused._ScanPlan(inputs, prefetch=False, unroll=int(unroll))
+  original_plan, original_scan = _fused._plan, _fused._prefetch_scan
+
+  def prefetch_scan(step, carry, xs, *, length, reverse, unroll, prefetch=True):
+    if reverse:  # only the backward pass scans in reverse
+      unroll = int(back)
+    return original_scan(step, carry, xs, length=length, reverse=reverse, unroll=unroll,
+                         prefetch=prefetch)
+
+  _fused._plan = lambda cell_math, rows, width: _fused._Plan(scan, scan)
+  _fused._prefetch_scan = prefetch_scan
+  try:
+    yield
+  finally:
+    _fused._plan, _fused._prefetch_scan = original_plan, original_scan
+
+
+def build(cls, shape, plan):
+  B, T, I, H = shape
+  model = cls(I, H, implementation='xla', rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  x = jax.random.normal(jax.random.key(1), (B, T, I))
+
+  def fwd(params, x):
+    return nnx.merge(graphdef, params)(x)
+
+  def train(params, x):
+    return jax.value_and_grad(lambda p: jnp.mean(fwd(p, x) ** 2))(params)
+
+  with forced(plan):  # the plan is read while tracing: compile inside the patch
+    f = jax.jit(fwd).lower(params, x).compile()
+    t = jax.jit(train).lower(params, x).compile()
+  return (lambda: f(params, x)), (lambda: t(params, x))
+
+
+def sample_ms(fn, n):
+  jax.block_until_ready(fn())
+  t0 = time.perf_counter()
+  for _ in range(n):
+    jax.block_until_ready(fn())
+  return (time.perf_counter() - t0) / n * 1e3
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog='python -m benchmarks.gpu_plans')
+  p.add_argument('--shapes', default=','.join('x'.join(map(str, s)) for s in SHAPES))
+  p.add_argument('--rounds', type=int, default=3)
+  p.add_argument('--calls', type=int, default=5, help='calls per sample')
+  p.add_argument('--json', metavar='PATH')
+  args = p.parse_args(argv)
+  shapes = [tuple(int(v) for v in s.split('x')) for s in args.shapes.split(',')]
+  print(f'devices {jax.devices()}; jax {jax.__version__}', flush=True)
+  rows = []
+  for shape in shapes:
+    for cls in (nr.LSTM, nr.GRU):
+      fns = {plan: build(cls, shape, plan) for plan in plans(cls)}
+      y_default = fns['default'][0]()
+      errors = {plan: float(jnp.abs(f() - y_default).max()) for plan, (f, _) in fns.items()}
+      times = {plan: ([], []) for plan in fns}
+      order = list(fns)
+      for r in range(args.rounds):
+        for plan in order[r % len(order):] + order[: r % len(order)]:
+          f, t = fns[plan]
+          times[plan][0].append(sample_ms(f, args.calls))
+          times[plan][1].append(sample_ms(t, args.calls))
+      default = [statistics.median(v) for v in times['default']]
+      for plan, (tf, tt) in times.items():
+        row = dict(shape=shape, layer=cls.__name__, plan=plan, fwd_ms=statistics.median(tf),
+                   train_ms=statistics.median(tt), max_abs_diff_vs_default=errors[plan])
+        row['fwd_vs_default'] = row['fwd_ms'] / default[0]
+        row['train_vs_default'] = row['train_ms'] / default[1]
+        rows.append(row)
+        print(f'{shape} {cls.__name__:4} {plan:>12}: fwd {row["fwd_ms"]:8.3f} ms '
+              f'({row["fwd_vs_default"]:.2f}x default)  train {row["train_ms"]:8.3f} ms '
+              f'({row["train_vs_default"]:.2f}x)  |y - y_default| {errors[plan]:.1e}', flush=True)
+  print('\nbest plan per shape and layer (fwd | train):')
+  for shape in shapes:
+    for layer in ('LSTM', 'GRU'):
+      mine = [r for r in rows if r['shape'] == shape and r['layer'] == layer]
+      bf = min(mine, key=lambda r: r['fwd_ms'])
+      bt = min(mine, key=lambda r: r['train_ms'])
+      print(f'{shape} {layer:4}: {bf["plan"]} {bf["fwd_vs_default"]:.2f}x | '
+            f'{bt["plan"]} {bt["train_vs_default"]:.2f}x')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(dict(devices=[str(d) for d in jax.devices()], jax=jax.__version__, rows=rows), f,
+                indent=1)
+  return 0
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())

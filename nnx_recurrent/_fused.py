@@ -628,8 +628,8 @@ class _FusedBase(nnx.Module):
     cells = self._cells(layer)
     dtype = self._dtype(cells[0], xs)
     # 'auto' is the scans everywhere: through jax.experimental.rnn, cuDNN measured
-    # slower than them on an H200 at three of the four benchmark shapes and
-    # level at the fourth (benchmarks/RESULTS.md, "GPU").
+    # slower than them on an H200 at three of the four benchmark shapes and at
+    # most 13% faster at the fourth (benchmarks/RESULTS.md, "GPU").
     if self.implementation == 'cudnn' and xs.size:
       reason = _cudnn_unsupported(dtype)
       if reason is not None:
@@ -784,9 +784,9 @@ class LSTM(_FusedBase):
     True
 """
     + _LAYER_DOC.format(carry='``(c, h)``', cell='OptimizedLSTMCell', implementation="""``'auto'``
-      (default) or ``'xla'``: the XLA scans, on every backend (on an H200 they
-      were faster than cuDNN through ``jax.experimental.rnn`` at three of the
-      four benchmark shapes, and level at the fourth); ``'cudnn'``: cuDNN via
+      (default) or ``'xla'``: the XLA scans, on every backend (on an H200,
+      cuDNN through ``jax.experimental.rnn`` took 1.24-1.43x their training
+      step at three of the four benchmark shapes, 0.87-0.99x at batch 256); ``'cudnn'``: cuDNN via
       ``jax.experimental.rnn`` (CUDA GPU, float32 only; a ``ValueError``
       elsewhere; not under ``jax.vmap``, which its primitives do not support).
       Both compute the same function; on GPU both follow

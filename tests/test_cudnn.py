@@ -25,9 +25,8 @@ from tests.test_fused import (
   I,
   T,
   assert_trees_close,
-  generic,
+  check_against_generic,
   random_carry,
-  values_and_grads,
 )
 
 ON_GPU = _fused._cuda_backend()
@@ -68,15 +67,9 @@ def test_matches_generic_values_and_grads(num_layers, bidirectional, lengths, fa
   layer = make(num_layers, bidirectional, implementation='cudnn')
   x = ref.normal((B, T, I), seed=7)
   carry0 = random_carry(layer)
-  out, grads = values_and_grads(
-    layer, x, carry0,
-    lambda m, x, c: m(x, initial_carry=c, seq_lengths=lengths, return_carry=True))
-  out_g, grads_g = values_and_grads(
-    layer, x, carry0, lambda m, x, c: generic(m, x, seq_lengths=lengths, initial_carry=c))
+  out = check_against_generic(layer, x, carry0, lengths)
   assert len(fake_gpu) == num_layers  # one call per layer, both directions in it
   assert all(kw['bidirectional'] == bidirectional for kw in fake_gpu)
-  assert_trees_close(out, out_g)
-  assert_trees_close(grads, grads_g)
   if lengths is not None:  # the zero-length row: zero outputs, initial carry
     final = out[0] if num_layers == 1 else out[0][-1]
     assert float(jnp.abs(out[1][2]).max()) == 0.0
@@ -162,10 +155,5 @@ def test_real_cudnn_matches_generic(bidirectional, time_major):
   with jax.default_matmul_precision('highest'):
     layer = make(2, bidirectional, implementation='cudnn', time_major=time_major)
     x = ref.normal(shape, seed=7)
-    carry0 = random_carry(layer, (2, 2))
-    run = lambda m, x, c: m(x, initial_carry=c, seq_lengths=lengths, return_carry=True)  # noqa: E731
-    out, grads = values_and_grads(layer, x, carry0, run)
-    out_g, grads_g = values_and_grads(layer, x, carry0, lambda m, x, c: generic(
-      m, x, seq_lengths=lengths, initial_carry=c, time_major=time_major))
-  assert_trees_close(out, out_g, atol=1e-5, rtol=1e-4)
-  assert_trees_close(grads, grads_g, atol=1e-5, rtol=1e-4)
+    check_against_generic(layer, x, random_carry(layer, (2, 2)), lengths, time_major=time_major,
+                          atol=1e-5, rtol=1e-4)

@@ -118,6 +118,18 @@ def values_and_grads(layer, x, carry, run):
   return both(params, x, carry)
 
 
+def check_against_generic(layer, x, carry0, lengths, time_major=False, **tolerances):
+  """Values and gradients (parameters, inputs, initial carry) of ``layer`` against
+  :func:`generic` over its cells; returns the layer's ``(carry, outputs)``."""
+  out, grads = values_and_grads(layer, x, carry0, lambda m, x, c: m(
+    x, initial_carry=c, seq_lengths=lengths, return_carry=True, time_major=time_major))
+  out_g, grads_g = values_and_grads(layer, x, carry0, lambda m, x, c: generic(
+    m, x, seq_lengths=lengths, initial_carry=c, time_major=time_major))
+  assert_trees_close(out, out_g, **tolerances)
+  assert_trees_close(grads, grads_g, **tolerances)
+  return out
+
+
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
 @pytest.mark.parametrize('num_layers,bidirectional,lengths,path', [
   (1, False, None, 'loop'), (1, True, LENGTHS, 'hoisted'), (2, False, LENGTHS, 'default'),
@@ -129,13 +141,7 @@ def test_matches_generic_values_and_grads(cls, num_layers, bidirectional, length
   layer = make(cls, num_layers, bidirectional)
   x = ref.normal((B, T, I), seed=7)
   carry0 = random_carry(layer)
-  out, grads = values_and_grads(
-    layer, x, carry0,
-    lambda m, x, c: m(x, initial_carry=c, seq_lengths=lengths, return_carry=True))
-  out_g, grads_g = values_and_grads(
-    layer, x, carry0, lambda m, x, c: generic(m, x, seq_lengths=lengths, initial_carry=c))
-  assert_trees_close(out, out_g)
-  assert_trees_close(grads, grads_g)
+  out = check_against_generic(layer, x, carry0, lengths)
   if lengths is not None:  # padding is zero and a length-0 row keeps its initial carry
     assert not np.asarray(out[1][1, 2:]).any() and not np.asarray(out[1][2]).any()
     first = out[0] if num_layers == 1 else out[0][0]
@@ -151,13 +157,7 @@ def test_weight_gradients_through_materialised_transposes(cls, monkeypatch):
   monkeypatch.setattr(cls._math, 'transpose_dw', True)
   layer = make(cls, 1, True)
   x = ref.normal((B, T, I), seed=11)
-  carry0 = random_carry(layer, seed=12)
-  run = lambda m, x, c: m(x, initial_carry=c, seq_lengths=LENGTHS, return_carry=True)  # noqa: E731
-  out, grads = values_and_grads(layer, x, carry0, run)
-  out_g, grads_g = values_and_grads(
-    layer, x, carry0, lambda m, x, c: generic(m, x, seq_lengths=LENGTHS, initial_carry=c))
-  assert_trees_close(out, out_g)
-  assert_trees_close(grads, grads_g)
+  check_against_generic(layer, x, random_carry(layer, seed=12), LENGTHS)
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
@@ -166,16 +166,8 @@ def test_time_major_and_several_batch_axes(cls, monkeypatch):
   layer = make(cls, 1, True, time_major=True)
   x = ref.normal((T, 2, 2, I), seed=3)  # (time, batch, batch, features)
   lengths = jnp.array([[5, 1], [3, 0]])
-  carry0 = random_carry(layer, (2, 2))
-  out, grads = values_and_grads(
-    layer, x, carry0,
-    lambda m, x, c: m(x, initial_carry=c, seq_lengths=lengths, return_carry=True))
-  out_g, grads_g = values_and_grads(
-    layer, x, carry0,
-    lambda m, x, c: generic(m, x, seq_lengths=lengths, initial_carry=c, time_major=True))
+  out = check_against_generic(layer, x, random_carry(layer, (2, 2)), lengths, time_major=True)
   assert out[1].shape == (T, 2, 2, 2 * H)
-  assert_trees_close(out, out_g)
-  assert_trees_close(grads, grads_g)
 
 
 @pytest.mark.parametrize('cls,path', [

@@ -517,8 +517,8 @@ def _cudnn_layer(cells, xs: Array, carries, seq_lengths: Array | None, dtype):
     lengths = jnp.full((n,), time, jnp.int32)
   else:  # out-of-range lengths act as the scans treat them (see _checks.check_seq_lengths)
     lengths = jnp.clip(seq_lengths.reshape(n), 0, time).astype(jnp.int32)
-  # cuDNN fails on zero lengths (jax-ml/jax#17966): run one step, then undo it.
   x, h0, c0 = _row_major(x, h0, c0)
+  # cuDNN fails on zero lengths (jax-ml/jax#17966): run one step, then undo it.
   out = _cudnn_lstm(x, h0, c0, _cudnn_weights(cells, dtype), jnp.maximum(lengths, 1),
                     input_size=features, hidden_size=hidden, bidirectional=len(cells) == 2)
   y, h_n, c_n = _row_major(*out)  # and their cotangents, the backward call's operands
@@ -786,9 +786,10 @@ class LSTM(_FusedBase):
     + _LAYER_DOC.format(carry='``(c, h)``', cell='OptimizedLSTMCell', implementation="""``'auto'``
       (default) or ``'xla'``: the XLA scans, on every backend (on an H200,
       cuDNN through ``jax.experimental.rnn`` took 1.24-1.43x their training
-      step at three of the four benchmark shapes, 0.87-0.99x at batch 256); ``'cudnn'``: cuDNN via
-      ``jax.experimental.rnn`` (CUDA GPU, float32 only; a ``ValueError``
-      elsewhere; not under ``jax.vmap``, which its primitives do not support).
+      step at three of the four benchmark shapes, 0.87-0.99x at batch 256);
+      ``'cudnn'``: cuDNN via ``jax.experimental.rnn`` (CUDA GPU, float32 only;
+      a ``ValueError`` elsewhere, and under ``jax.vmap``, which its primitives
+      do not support).
       Both compute the same function; on GPU both follow
       ``jax_default_matmul_precision`` (TF32 matmuls unless it is ``'highest'``).""")
   )

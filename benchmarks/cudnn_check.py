@@ -30,27 +30,14 @@ from nnx_recurrent import _fused
 
 
 def numpy_lstm(layer, x, lengths):
-  """Float64 outputs of a one-layer, one-direction ``nr.LSTM``, zero carry."""
+  """Float64 outputs of a one-layer, one-direction ``nr.LSTM`` from zero carries,
+  by the test suite's NumPy reference (``tests/reference.py``)."""
+  from tests import reference
+
   cell = layer.forward[0]
-  w_i = np.asarray(cell.dense_i.kernel[...], np.float64)
-  w_h = np.asarray(cell.dense_h.kernel[...], np.float64)
-  b = np.asarray(cell.dense_h.bias[...], np.float64)
-  x = np.asarray(x, np.float64)
-  batch, time_, _ = x.shape
-  hidden = w_h.shape[0]
-  c = np.zeros((batch, hidden))
-  h = np.zeros((batch, hidden))
-  ys = np.zeros((batch, time_, hidden))
-  sig = lambda v: 1.0 / (1.0 + np.exp(-v))  # noqa: E731
-  for t in range(time_):
-    z = x[:, t] @ w_i + h @ w_h + b
-    i, f, g, o = np.split(z, 4, axis=-1)
-    c_new = sig(f) * c + sig(i) * np.tanh(g)
-    h_new = sig(o) * np.tanh(c_new)
-    valid = (t < lengths)[:, None]
-    c, h = np.where(valid, c_new, c), np.where(valid, h_new, h)
-    ys[:, t] = np.where(valid, h_new, 0.0)
-  return ys
+  zeros = np.zeros((x.shape[0], cell.hidden_features))
+  return reference.rnn(reference.cell_params(cell), x, lengths, (zeros, zeros),
+                       num_batch_dims=1)[1]
 
 
 def step_fns(layer):

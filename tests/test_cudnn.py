@@ -9,6 +9,8 @@ between layers, gradients to the cells' parameters) against the generic
 cuDNN itself against it.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +21,7 @@ from jax.experimental import rnn
 import nnx_recurrent as nr
 from nnx_recurrent import _fused
 from tests import reference as ref
+from tests import test_fused
 from tests.test_fused import (
   LENGTHS,
   B,
@@ -54,10 +57,7 @@ def fake_gpu(monkeypatch):
   return calls
 
 
-def make(num_layers=1, bidirectional=False, seed=0, **kw):
-  layer = nr.LSTM(I, 4, num_layers=num_layers, bidirectional=bidirectional, rngs=nnx.Rngs(seed),
-                  **kw)
-  return ref.randomize(layer, seed=seed)
+make = functools.partial(test_fused.make, nr.LSTM)  # a randomised nr.LSTM(I, H, ...)
 
 
 @pytest.mark.parametrize('num_layers,bidirectional,lengths', [

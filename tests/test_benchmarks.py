@@ -80,3 +80,76 @@ def test_gpu_plans_forces_and_restores_the_plan(monkeypatch):
   assert _fused._plan is original
   assert gpu_plans.plans(nr.GRU) == ['default', 'hoisted/1/1', 'hoisted/4/4', 'hoisted/8/8',
                                      'loop/1/1', 'loop/4/4', 'loop/8/8']
+
+
+def numpy_skeleton(w_i, w_h, xs):
+  """The matmul skeleton of benchmarks/bound.py, step by step in float64."""
+  import numpy as np
+
+  w_i, w_h, xs = (np.asarray(a, np.float64) for a in (w_i, w_h, xs))
+  T, B, _ = xs.shape
+  H = w_h.shape[0]
+  h, ys, zs = np.zeros((B, H)), [], []
+  for t in range(T):
+    z = xs[t] @ w_i + h @ w_h
+    h = z[:, :H]
+    ys.append(h)
+    zs.append(z)
+  dh, dzs = np.zeros((B, H)), [None] * T
+  for t in reversed(range(T)):
+    dz = zs[t].copy()
+    dz[:, :H] += dh
+    dh = dz @ w_h.T
+    dzs[t] = dz
+  h_prev = [np.zeros((B, H))] + ys[:-1]
+  dw_i = sum(xs[t].T @ dzs[t] for t in range(T))
+  dw_h = sum(h_prev[t].T @ dzs[t] for t in range(T))
+  return np.stack(ys), dw_i, dw_h
+
+
+@pytest.mark.parametrize('family, inputs', [('lstm', 'joint'), ('lstm', 'loop'),
+                                            ('lstm', 'hoisted'), ('gru', 'loop'),
+                                            ('gru', 'hoisted')])
+def test_bound_skeleton_does_the_training_steps_matmuls(family, inputs):
+  import jax
+  import numpy as np
+
+  from benchmarks import bound
+
+  B, T, I, H = 3, 6, 4, 5
+  args = bound.skeleton_args(family, B, T, I, H, jax.random.key(0))
+  assert args[1].shape == (H, bound.GATES[family] * H)
+  fwd, train = bound.skeleton(family, inputs, H)
+  ys, dw_i, dw_h = numpy_skeleton(*args)
+  np.testing.assert_allclose(jax.jit(fwd)(*args), ys, rtol=1e-4, atol=1e-5)
+  got_i, got_h = jax.jit(train)(*args)
+  np.testing.assert_allclose(got_i, dw_i, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(got_h, dw_h, rtol=1e-4, atol=1e-4)
+
+
+def test_bound_rejects_an_unknown_inputs_mode():
+  from benchmarks import bound
+
+  with pytest.raises(ValueError, match=r"`inputs` must be one of \('loop', 'hoisted'\) for "
+                                       r"'gru', got 'joint'"):
+    bound.skeleton('gru', 'joint', 4)
+
+
+def test_bound_rows_pick_the_best_skeleton_and_flag_targets_below_it():
+  from benchmarks import bound
+
+  shape = (2, 3, 4, 5)
+  results = [result('nnx.RNN(OptimizedLSTMCell)', [10.0], [100.0], shape, 'flax.nnx'),
+             result('nr.LSTM', [9.0], [90.0], shape),
+             result('torch.nn.LSTM', [8.0], [60.0], shape, 'torch'),
+             result('skeleton.LSTM[joint]', [7.0], [80.0], shape, 'skeleton'),
+             result('skeleton.LSTM[loop]', [6.0], [78.0], shape, 'skeleton'),
+             result('skeleton.LSTM[hoisted]', [8.5], [79.0], shape, 'skeleton')]
+  (row,) = bound.bound_rows(results)  # no GRU results: no GRU row
+  assert (row['skeleton_train'], row['skeleton_fwd']) == ('skeleton.LSTM[loop]',) * 2
+  assert row['skeleton_train_vs_flax'] == pytest.approx(0.78)
+  assert row['skeleton_train_vs_torch'] == pytest.approx(1.3)
+  assert row['flax_0.75x_below_bound'] and row['torch_1.25x_below_bound']
+  line = bound.bound_table([row]).splitlines()[2]
+  assert line == ('| (2, 3, 4, 5) | LSTM | 100.0 / 90.0 / 60.0 / 78.0 (loop) | 0.780 **> 0.75** '
+                  '| 1.300 **> 1.25** | 10.0 / 9.0 / 6.0 | 0.600 |')

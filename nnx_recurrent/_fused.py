@@ -23,7 +23,9 @@ work a cuDNN/oneDNN kernel does, in plain JAX:
   doing one matmul per step (``dgates @ W_h^T``, with ``W_h^T`` transposed
   once before the loop); the weight gradients ``dW_h = h_prev_all^T @
   dgates_all`` and ``dW_i = x_all^T @ dgates_all`` are ONE large matmul each
-  after the loop, and so is the input gradient.
+  after the loop, and so is the input gradient. (On the CPU a GRU step of
+  ``_GRU_AUTODIFF_MIN_ROWS`` rows or more is differentiated by JAX instead:
+  measured faster there, see :func:`_plan`.)
 * Padding (``seq_lengths``) is carry selection inside both scans
   (``where(valid, new, old)``): no extra passes over the sequence.
 * Each step's slice of the sequence arrives through the loop carry, fetched
@@ -103,10 +105,22 @@ from nnx_recurrent._lstm import OptimizedLSTMCell
 # * Otherwise scans are not unrolled: an unrolled step reads the next step's
 #   slice straight from the sequence again (see _prefetch_scan), and 2, 4 or 8
 #   were slower.
+# * On the CPU, a GRU step of _GRU_AUTODIFF_MIN_ROWS rows or more is
+#   differentiated by JAX (the forward scan without the custom VJP):
+#   training step 0.90-0.92x the custom backward's at 128 and 256 rows (both
+#   after the same forward; at 64 rows the two were equal, at 8 the custom
+#   one is 0.5x). With that many rows the per-step weight-gradient matmuls
+#   JAX does inside its backward loop run near the peak, and the custom
+#   backward's stacked gate gradients and their concatenation (78 MB each at
+#   (256, 50, 256, 512)) cost more than they save. Not for the LSTM (its
+#   custom backward, with transposed weight-gradient matmuls, is 0.91x flax's
+#   at 256 rows where JAX's is 1.05x), nor on a GPU (there the fused GRU's
+#   training step took 0.72x flax's at 256 rows, the generic one 1.06x).
 _HOIST_MAX_ROWS = 32
 _JOINT_MAX_ROWS = 128
 _TINY_STEP = 1024
 _TRANSPOSE_MIN_MACS = 2**32  # see _flat_dot_t
+_GRU_AUTODIFF_MIN_ROWS = 128
 
 
 class _ScanPlan(NamedTuple):
@@ -121,9 +135,15 @@ class _Plan(NamedTuple):
   primal: _ScanPlan  # the forward pass when no gradient is taken
   train: _ScanPlan  # the forward pass under a gradient (it saves residuals)
   # The backward scan always prefetches and is not unrolled (2 was not faster).
+  # False: no custom VJP, JAX differentiates the ``primal`` forward scan.
+  custom_vjp: bool = True
 
 
 def _plan(cell_math, rows: int, gate_width: int) -> _Plan:
+  if cell_math.autodiff_min_rows is not None and rows >= cell_math.autodiff_min_rows \
+      and _cpu_backend():
+    scan = _ScanPlan('loop', prefetch=False, unroll=1)
+    return _Plan(primal=scan, train=scan, custom_vjp=False)
   in_loop = 'joint' if cell_math.joint else 'loop'
   if rows * gate_width < _TINY_STEP:
     return _Plan(primal=_ScanPlan(in_loop, prefetch=False, unroll=1),
@@ -211,6 +231,7 @@ class _LSTMMath:
 
   joint = True  # has joint_weight / split_joint: one matmul per step (see _plan)
   transpose_dw = True  # weight gradients through a materialised transpose (_flat_dot_t)
+  autodiff_min_rows = None  # always the custom VJP (see _plan)
 
   @staticmethod
   def params(cell):
@@ -274,6 +295,7 @@ class _GRUMath:
 
   joint = False  # a joint weight would need a zero block for h W_hn: measured slower
   transpose_dw = False
+  autodiff_min_rows = _GRU_AUTODIFF_MIN_ROWS  # on the CPU (see _plan)
 
   @staticmethod
   def params(cell):
@@ -432,6 +454,12 @@ _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 # -- cuDNN (jax.experimental.rnn) -------------------------------------------------
 IMPLEMENTATIONS = ('auto', 'xla', 'cudnn')
+
+
+@functools.cache
+def _cpu_backend() -> bool:
+  """True when JAX's default backend is the CPU (``_plan``'s measurements)."""
+  return jax.default_backend() == 'cpu'
 
 
 @functools.cache
@@ -660,7 +688,11 @@ class _FusedBase(nnx.Module):
     if xs.shape[0] == 0:  # nothing to scan: the carry passes through
       return carry, jnp.zeros(xs.shape[:-1] + (self.hidden_features,), dtype)
     plan = _plan(self._math, math.prod(xs.shape[1:-1]), params[2].shape[-1])
-    final, ys = _recurrence(self._math, plan, params, xs.astype(dtype), carry_in, valid)
+    if plan.custom_vjp:
+      final, ys = _recurrence(self._math, plan, params, xs.astype(dtype), carry_in, valid)
+    else:  # JAX differentiates the forward scan (its unused residuals are dropped)
+      final, ys, _ = _forward_scan(self._math, plan.primal, params, xs.astype(dtype), carry_in,
+                                   valid)
     final = jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), final, carry)
     return final, ys
 

@@ -27,6 +27,7 @@ PATHS = {  # forward strategies; 'joint' exists for the LSTM only
   'hoisted': _fused._Plan(_S('hoisted', True, 1), _S('hoisted', True, 1)),
   'unrolled': _fused._Plan(_S('hoisted', False, 2), _S('loop', False, 2)),
   'joint': _fused._Plan(_S('joint', False, 2), _S('joint', True, 1)),
+  'autodiff': _fused._Plan(_S('loop', False, 1), _S('loop', False, 1), custom_vjp=False),
 }
 
 
@@ -37,7 +38,8 @@ def use_path(monkeypatch, path):
   in the loop (large batches); 'hoisted': one input matmul before the loop,
   prefetching scan; 'unrolled': forward scans unrolled twice; 'joint':
   one matmul over ``[x_t, h]`` (prefetched under a gradient). The backward
-  pass is the same for all of them.
+  pass is the same for all of them but 'autodiff' (no custom VJP: JAX
+  differentiates the forward scan; the CPU's choice for large GRU batches).
   """
   if path != 'default':
     monkeypatch.setattr(_fused, '_plan', lambda cell_math, rows, width: PATHS[path])
@@ -133,8 +135,8 @@ def check_against_generic(layer, x, carry0, lengths, time_major=False, **toleran
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
 @pytest.mark.parametrize('num_layers,bidirectional,lengths,path', [
   (1, False, None, 'loop'), (1, True, LENGTHS, 'hoisted'), (2, False, LENGTHS, 'default'),
-  (2, True, None, 'unrolled'),
-], ids=['1-uni-full', '1-bi-lengths', '2-uni-lengths', '2-bi-full'])
+  (2, True, None, 'unrolled'), (2, True, LENGTHS, 'autodiff'),
+], ids=['1-uni-full', '1-bi-lengths', '2-uni-lengths', '2-bi-full', '2-bi-autodiff'])
 def test_matches_generic_values_and_grads(cls, num_layers, bidirectional, lengths, path,
                                           monkeypatch):
   use_path(monkeypatch, path)
@@ -158,6 +160,25 @@ def test_weight_gradients_through_materialised_transposes(cls, monkeypatch):
   layer = make(cls, 1, True)
   x = ref.normal((B, T, I), seed=11)
   check_against_generic(layer, x, random_carry(layer, seed=12), LENGTHS)
+
+
+def test_plan_differentiates_large_gru_batches_with_jax_on_the_cpu(monkeypatch):
+  plan = _fused._plan
+  gru, lstm = _fused._GRUMath, _fused._LSTMMath
+  rows = _fused._GRU_AUTODIFF_MIN_ROWS
+  assert plan(gru, rows, 384) == PATHS['autodiff']
+  assert plan(gru, rows - 1, 384).custom_vjp and plan(lstm, 4 * rows, 512).custom_vjp
+  monkeypatch.setattr(_fused, '_cpu_backend', lambda: False)  # e.g. a GPU
+  assert plan(gru, rows, 384).custom_vjp
+
+
+def test_large_gru_batch_matches_generic():
+  """Two batch axes of 2 x 64 rows: ``_plan`` picks JAX's differentiation."""
+  layer = make(nr.GRU, 1, True, seed=13)
+  assert _fused._plan(nr.GRU._math, 2 * 64, 3 * H).custom_vjp is False
+  x = ref.normal((2, 64, T, I), seed=14)
+  lengths = jnp.asarray(np.random.default_rng(15).integers(0, T + 1, (2, 64)))
+  check_against_generic(layer, x, random_carry(layer, (2, 64), seed=16), lengths)
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])

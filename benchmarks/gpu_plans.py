@@ -57,11 +57,11 @@ def forced(plan: str):
   scan = _fused._ScanPlan(inputs, prefetch=False, unroll=int(unroll))
   original_plan, original_scan = _fused._plan, _fused._prefetch_scan
 
-  def prefetch_scan(step, carry, xs, *, length, reverse, unroll, prefetch=True):
+  def prefetch_scan(step, carry, xs, *, length, reverse, unroll, prefetch=True, pairs=False):
     if reverse:  # only the backward pass scans in reverse
-      unroll = int(back)
+      unroll, pairs = int(back), False
     return original_scan(step, carry, xs, length=length, reverse=reverse, unroll=unroll,
-                         prefetch=prefetch)
+                         prefetch=prefetch, pairs=pairs)
 
   _fused._plan = lambda cell_math, rows, width: _fused._Plan(scan, scan)
   _fused._prefetch_scan = prefetch_scan

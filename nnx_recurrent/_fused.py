@@ -97,7 +97,10 @@ from nnx_recurrent._lstm import OptimizedLSTMCell
 #   whose joint weight needs a zero block for ``h W_hn`` (1.41 vs 1.21 ms for
 #   two matmuls, the same as flax's). Under a gradient, whose forward also
 #   writes residuals, hoisting and unrolling twice was fastest (training step
-#   5.6 vs 6.6 ms in the loop, 7.0 joint).
+#   5.6 vs 6.6 ms in the loop, 7.0 joint). Their backward scan runs two
+#   steps per iteration (_prefetch_scan's ``pairs``): LSTM training step
+#   0.88-0.90x at (1, 1000, 32, 64) in three A/B runs, the GRU's within
+#   0.97-1.02x; at (8, 500, 64, 128) it made no difference.
 # * At 64 rows (64, 100, 128, 256) the joint matmul made the LSTM's training
 #   step 0.96x flax's vs 1.00x for two matmuls, the forward the same (quiet
 #   A/B runs; noisier ones had favoured it by ~10%). At 256 rows it made no
@@ -137,6 +140,8 @@ class _Plan(NamedTuple):
   # The backward scan always prefetches and is not unrolled (2 was not faster).
   # False: no custom VJP, JAX differentiates the ``primal`` forward scan.
   custom_vjp: bool = True
+  # The backward scan runs two steps per iteration (``_prefetch_scan``'s ``pairs``).
+  backward_pairs: bool = False
 
 
 def _plan(cell_math, rows: int, gate_width: int) -> _Plan:
@@ -147,7 +152,7 @@ def _plan(cell_math, rows: int, gate_width: int) -> _Plan:
   in_loop = 'joint' if cell_math.joint else 'loop'
   if rows * gate_width < _TINY_STEP:
     return _Plan(primal=_ScanPlan(in_loop, prefetch=False, unroll=1),
-                 train=_ScanPlan('hoisted', prefetch=False, unroll=2))
+                 train=_ScanPlan('hoisted', prefetch=False, unroll=2), backward_pairs=True)
   if rows < _HOIST_MAX_ROWS:
     # Prefetching is for the hoisted projections, which feed the gate math; an
     # input step feeds the matmul, whose operand XLA copies out anyway.
@@ -346,7 +351,7 @@ class _GRUMath:
 
 # -- the scans ------------------------------------------------------------------
 def _prefetch_scan(step, carry, xs, *, length: int, reverse: bool, unroll: int,
-                   prefetch: bool = True):
+                   prefetch: bool = True, pairs: bool = False):
   """``lax.scan`` over time whose step ``t`` receives ``xs[t]`` in its carry.
 
   Step ``t`` fetches ``xs[t + 1]`` (``xs[t - 1]`` in reverse) for the next step.
@@ -354,10 +359,15 @@ def _prefetch_scan(step, carry, xs, *, length: int, reverse: bool, unroll: int,
   backend does not vectorise a loop fusion that contains one (it reloads the
   index for every element), which made the gate math several times slower.
   ``prefetch=False`` is a plain ``lax.scan`` (fewer operations per step, which
-  wins when a step is tiny).
+  wins when a step is tiny). ``pairs`` (with ``prefetch``, for an even
+  ``length``): each iteration runs two steps on the pair of slices fetched by
+  the previous one, so the loop's own operations (the carried slices' copies,
+  the index) are paid once per two steps; ``unroll`` is then not used.
   """
   if not prefetch:
     return jax.lax.scan(step, carry, xs, reverse=reverse, unroll=unroll)
+  if pairs and length % 2 == 0:
+    return _pair_scan(step, carry, xs, length=length, reverse=reverse)
 
   def fetch(t):
     return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, t, 0, False), xs)
@@ -374,6 +384,28 @@ def _prefetch_scan(step, carry, xs, *, length: int, reverse: bool, unroll: int,
   (carry, _), ys = jax.lax.scan(body, (carry, fetch(first)), jnp.arange(length),
                                 reverse=reverse, unroll=unroll)
   return carry, ys
+
+
+def _pair_scan(step, carry, xs, *, length: int, reverse: bool):
+  """:func:`_prefetch_scan` two steps per iteration (``length`` even)."""
+  n = length // 2
+
+  def fetch(j):  # steps 2j and 2j + 1, one dynamic slice per array
+    return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_slice_in_dim(a, 2 * j, 2, 0), xs)
+
+  order = (1, 0) if reverse else (0, 1)
+
+  def body(state, j):
+    c, pair = state
+    nxt = fetch(jnp.clip(j + (-1 if reverse else 1), 0, n - 1))
+    ys = [None, None]
+    for k in order:  # static slices of the pair: no dynamic slice in the step's fusions
+      c, ys[k] = step(c, jax.tree_util.tree_map(lambda a, k=k: a[k], pair))
+    return (c, nxt), jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), *ys)
+
+  (carry, _), ys = jax.lax.scan(body, (carry, fetch(n - 1 if reverse else 0)), jnp.arange(n),
+                                reverse=reverse)
+  return carry, jax.tree_util.tree_map(lambda a: a.reshape((length,) + a.shape[2:]), ys)
 
 
 def _forward_scan(cell_math, plan: _ScanPlan, params, xs, carry0, valid):
@@ -440,7 +472,7 @@ def _recurrence_bwd(cell_math, plan, saved, cotangents):
     return d_prev, d_t
 
   dcarry0, d_all = _prefetch_scan(step, dcarry_final, (res, dys, valid), length=xs.shape[0],
-                                  reverse=True, unroll=1)
+                                  reverse=True, unroll=1, pairs=plan.backward_pairs)
   # The weight gradients: one large matmul each, for the whole sequence.
   dw_h, dxp, dextra = cell_math.grads(d_all, res, carry0, ys, extra)
   dw_i = _flat_dot_t(xs, dxp, cell_math.transpose_dw)

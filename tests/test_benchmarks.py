@@ -68,15 +68,16 @@ def test_gpu_plans_forces_and_restores_the_plan(monkeypatch):
 
   seen = []
   monkeypatch.setattr(_fused, '_prefetch_scan',
-                      lambda step, carry, xs, *, length, reverse, unroll, prefetch=True:
-                      seen.append((reverse, unroll, prefetch)))
+                      lambda step, carry, xs, *, length, reverse, unroll, prefetch=True,
+                      pairs=False: seen.append((reverse, unroll, prefetch, pairs)))
   original = _fused._plan
   with gpu_plans.forced('joint/4/2'):
     plan = _fused._plan(_fused._LSTMMath, 8, 512)
     _fused._prefetch_scan(None, None, None, length=3, reverse=False, unroll=4, prefetch=False)
-    _fused._prefetch_scan(None, None, None, length=3, reverse=True, unroll=1)
+    _fused._prefetch_scan(None, None, None, length=4, reverse=True, unroll=1, pairs=True)
   assert plan.primal == plan.train == _fused._ScanPlan('joint', prefetch=False, unroll=4)
-  assert seen == [(False, 4, False), (True, 2, True)]  # the backward scan: unroll 2
+  # the backward scan: unrolled 2, one step per iteration
+  assert seen == [(False, 4, False, False), (True, 2, True, False)]
   assert _fused._plan is original
   assert gpu_plans.plans(nr.GRU) == ['default', 'hoisted/1/1', 'hoisted/4/4', 'hoisted/8/8',
                                      'loop/1/1', 'loop/4/4', 'loop/8/8']

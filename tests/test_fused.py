@@ -162,6 +162,33 @@ def test_weight_gradients_through_materialised_transposes(cls, monkeypatch):
   check_against_generic(layer, x, random_carry(layer, seed=12), LENGTHS)
 
 
+@pytest.mark.parametrize('length', [6, 5])
+@pytest.mark.parametrize('reverse', [False, True])
+def test_prefetch_scan_in_pairs_is_lax_scan(length, reverse):
+  """Two steps per iteration (odd lengths: one) against ``jax.lax.scan``."""
+  xs = (ref.normal((length, 2, 3), seed=20), jnp.arange(length) % 3 == 0)
+
+  def step(c, inp):
+    x, flag = inp
+    c = jnp.tanh(c * 0.9 + x) + jnp.where(flag, 1.0, 0.0)
+    return c, (c.sum(-1), c * 2.0)
+
+  c0 = ref.normal((2, 3), seed=21)
+  want = jax.lax.scan(step, c0, xs, reverse=reverse)
+  got = _fused._prefetch_scan(step, c0, xs, length=length, reverse=reverse, unroll=1,
+                              pairs=True)
+  assert_trees_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_tiny_steps_even_length_backward_in_pairs(cls):
+  """The default plan for tiny steps scans the backward two steps at a time."""
+  assert _fused._plan(cls._math, B, 4 * H).backward_pairs
+  layer = make(cls, 2, True, seed=17)
+  x = ref.normal((B, 6, I), seed=18)
+  check_against_generic(layer, x, random_carry(layer, seed=19), jnp.array([6, 3, 0]))
+
+
 def test_plan_differentiates_large_gru_batches_with_jax_on_the_cpu(monkeypatch):
   plan = _fused._plan
   gru, lstm = _fused._GRUMath, _fused._LSTMMath

@@ -99,8 +99,8 @@ from nnx_recurrent._lstm import OptimizedLSTMCell
 #   writes residuals, hoisting and unrolling twice was fastest (training step
 #   5.6 vs 6.6 ms in the loop, 7.0 joint). Their backward scan runs two
 #   steps per iteration (_prefetch_scan's ``pairs``): LSTM training step
-#   0.88-0.90x at (1, 1000, 32, 64) in three A/B runs, the GRU's within
-#   0.97-1.02x; at (8, 500, 64, 128) it made no difference.
+#   0.88-0.94x at (1, 1000, 32, 64) in four A/B runs, the GRU's 0.90-1.02x;
+#   at (8, 500, 64, 128) it made no difference.
 # * At 64 rows (64, 100, 128, 256) the joint matmul made the LSTM's training
 #   step 0.96x flax's vs 1.00x for two matmuls, the forward the same (quiet
 #   A/B runs; noisier ones had favoured it by ~10%). At 256 rows it made no

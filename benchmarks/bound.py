@@ -63,7 +63,7 @@ def skeleton(family: str, inputs: str, H: int):
 
   def forward(w_i, w_h, xs):
     seq = _fused._dot(xs, w_i) if inputs == 'hoisted' else xs
-    w_joint = jnp.concatenate([w_i, w_h], axis=0)
+    w_joint = jnp.concatenate([w_i, w_h], axis=0) if inputs == 'joint' else None
 
     def step(h, s_t):
       if inputs == 'joint':

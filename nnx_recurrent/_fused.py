@@ -720,11 +720,11 @@ class _FusedBase(nnx.Module):
     if xs.shape[0] == 0:  # nothing to scan: the carry passes through
       return carry, jnp.zeros(xs.shape[:-1] + (self.hidden_features,), dtype)
     plan = _plan(self._math, math.prod(xs.shape[1:-1]), params[2].shape[-1])
+    xs = xs.astype(dtype)
     if plan.custom_vjp:
-      final, ys = _recurrence(self._math, plan, params, xs.astype(dtype), carry_in, valid)
+      final, ys = _recurrence(self._math, plan, params, xs, carry_in, valid)
     else:  # JAX differentiates the forward scan (its unused residuals are dropped)
-      final, ys, _ = _forward_scan(self._math, plan.primal, params, xs.astype(dtype), carry_in,
-                                   valid)
+      final, ys, _ = _forward_scan(self._math, plan.primal, params, xs, carry_in, valid)
     final = jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), final, carry)
     return final, ys
 

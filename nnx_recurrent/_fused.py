@@ -11,9 +11,9 @@ work a cuDNN/oneDNN kernel does, in plain JAX:
   gates)``). For batches of ``_HOIST_MAX_ROWS`` rows or more the per-step
   matmuls already run at the matmul peak and the hoisted array only costs
   memory traffic, so ``x_t @ W_i`` stays in the loop, and the LSTM does one
-  matmul of ``[x_t, h]`` against ``[W_i; W_h]`` per step (below
-  ``_JOINT_MAX_ROWS`` rows, and for tiny steps, whose time is their number of
-  operations). The forward under a gradient (which also saves residuals) may
+  matmul of ``[x_t, h]`` against ``[W_i; W_h]`` per step (under a gradient
+  below ``_JOINT_MAX_ROWS`` rows, and for tiny steps, whose time is their
+  number of operations). The forward under a gradient (which also saves residuals) may
   be scanned differently from the plain forward (see :func:`_plan`; all
   measured, see ``benchmarks/RESULTS.md``). The backward pass is the same in
   every case.
@@ -102,9 +102,15 @@ from nnx_recurrent._lstm import OptimizedLSTMCell
 #   0.88-0.94x at (1, 1000, 32, 64) in four A/B runs, the GRU's 0.90-1.02x;
 #   at (8, 500, 64, 128) it made no difference.
 # * At 64 rows (64, 100, 128, 256) the joint matmul made the LSTM's training
-#   step 0.96x flax's vs 1.00x for two matmuls, the forward the same (quiet
-#   A/B runs; noisier ones had favoured it by ~10%). At 256 rows it made no
-#   difference (0.98-1.13x both), so it stops at _JOINT_MAX_ROWS.
+#   step 0.96x flax's vs 1.00x for two matmuls. At 256 rows it made no
+#   difference (0.98-1.13x both), so it stops at _JOINT_MAX_ROWS. The forward
+#   without a gradient uses two matmuls from _HOIST_MAX_ROWS rows on: with the
+#   per-gate activations below it is then flax's own loop body, and it took
+#   0.93x the joint forward's time at 64 rows (31 interleaved rounds).
+# * Without a gradient the LSTM step activates each gate on its own
+#   (``_LSTMMath.step``'s ``save``) instead of the one-tanh form, which writes
+#   all four activations out as residuals need: forward 0.94-0.98x at all four
+#   benchmark shapes (A/B runs of 9-21 rounds).
 # * Otherwise scans are not unrolled: an unrolled step reads the next step's
 #   slice straight from the sequence again (see _prefetch_scan), and 2, 4 or 8
 #   were slower.
@@ -145,10 +151,10 @@ class _Plan(NamedTuple):
 
 
 def _plan(cell_math, rows: int, gate_width: int) -> _Plan:
+  loop = _ScanPlan('loop', prefetch=False, unroll=1)
   if cell_math.autodiff_min_rows is not None and rows >= cell_math.autodiff_min_rows \
       and _cpu_backend():
-    scan = _ScanPlan('loop', prefetch=False, unroll=1)
-    return _Plan(primal=scan, train=scan, custom_vjp=False)
+    return _Plan(primal=loop, train=loop, custom_vjp=False)
   in_loop = 'joint' if cell_math.joint else 'loop'
   if rows * gate_width < _TINY_STEP:
     return _Plan(primal=_ScanPlan(in_loop, prefetch=False, unroll=1),
@@ -157,9 +163,10 @@ def _plan(cell_math, rows: int, gate_width: int) -> _Plan:
     # Prefetching is for the hoisted projections, which feed the gate math; an
     # input step feeds the matmul, whose operand XLA copies out anyway.
     scan = _ScanPlan('hoisted', prefetch=True, unroll=1)
-  else:
-    scan = _ScanPlan(in_loop if rows < _JOINT_MAX_ROWS else 'loop', prefetch=False, unroll=1)
-  return _Plan(primal=scan, train=scan)
+    return _Plan(primal=scan, train=scan)
+  if rows < _JOINT_MAX_ROWS:  # the joint matmul pays under a gradient only
+    return _Plan(primal=loop, train=_ScanPlan(in_loop, prefetch=False, unroll=1))
+  return _Plan(primal=loop, train=loop)
 
 
 def _row(v: Array, ndim: int) -> Array:
@@ -258,12 +265,18 @@ class _LSTMMath:
     return z, None
 
   @staticmethod
-  def step(carry, xp_t, hp_t, b, extra):
-    """Returns ``(new_carry, residual [i, f, g, o, c_prev])`` (activated gates)."""
+  def step(carry, xp_t, hp_t, b, extra, save: bool = True):
+    """Returns ``(new_carry, residual [i, f, g, o, c_prev])`` (activated gates;
+    ``None`` without ``save``)."""
     del extra
     c, _ = carry
     z = xp_t if hp_t is None else xp_t + hp_t  # None: xp_t came from the joint matmul
     z = z + _row(b, z.ndim)
+    if not save:
+      # Nothing to save: each gate's activation fuses into the op that uses it,
+      # as in the cell (the one-tanh form materialises all four, see _plan).
+      i, f, g, o = jnp.split(z, 4, axis=-1)
+      return lstm_update(c, i, f, g, o, jax.nn.sigmoid, jnp.tanh), None
     act = _gate_activations(z, _LSTM_SIGMOID_GATES)
     i, f, _, o = jnp.split(act, 4, axis=-1)
     # The cells' update (identity gate_fn: i, f, o are activated already).
@@ -313,8 +326,10 @@ class _GRUMath:
     return carry
 
   @staticmethod
-  def step(h, xp_t, hp_t, b, b_hn):
-    """Returns ``(new_h, residual [r, z, n, W_hn h + b_hn, h_prev])``."""
+  def step(h, xp_t, hp_t, b, b_hn, save: bool = True):
+    """Returns ``(new_h, residual [r, z, n, W_hn h + b_hn, h_prev])`` (the
+    same without ``save``: the scan drops the unused residual)."""
+    del save
     xr, xz, xn = jnp.split(xp_t + _row(b, xp_t.ndim), 3, axis=-1)
     hr, hz, hn = jnp.split(hp_t, 3, axis=-1)
     hn = hn + _row(b_hn, hn.ndim)
@@ -408,7 +423,8 @@ def _pair_scan(step, carry, xs, *, length: int, reverse: bool):
   return carry, jax.tree_util.tree_map(lambda a: a.reshape((length,) + a.shape[2:]), ys)
 
 
-def _forward_scan(cell_math, plan: _ScanPlan, params, xs, carry0, valid):
+def _forward_scan(cell_math, plan: _ScanPlan, params, xs, carry0, valid, save: bool = False):
+  """``(final_carry, ys, residuals)``; the residuals only with ``save``."""
   w_i, b, w_h, extra = params
   if plan.inputs == 'hoisted':  # every step's projection in one matmul
     seq = _dot(xs, w_i)
@@ -428,7 +444,8 @@ def _forward_scan(cell_math, plan: _ScanPlan, params, xs, carry0, valid):
 
   def step(carry, inp):
     x_t, v_t = inp
-    new_carry, res = cell_math.step(carry, *preactivations(x_t, cell_math.h(carry)), b, extra)
+    new_carry, res = cell_math.step(carry, *preactivations(x_t, cell_math.h(carry)), b, extra,
+                                    save)
     y = cell_math.h(new_carry)
     if v_t is not None:
       new_carry = _scan.select(v_t, new_carry, carry)
@@ -453,7 +470,7 @@ def _recurrence(cell_math, plan, params, xs, carry0, valid):
 
 
 def _recurrence_fwd(cell_math, plan, params, xs, carry0, valid):
-  carry, ys, res = _forward_scan(cell_math, plan.train, params, xs, carry0, valid)
+  carry, ys, res = _forward_scan(cell_math, plan.train, params, xs, carry0, valid, save=True)
   return (carry, ys), (params, xs, carry0, ys, res, valid)
 
 

@@ -220,7 +220,7 @@ def test_time_major_and_several_batch_axes(cls, monkeypatch):
 
 @pytest.mark.parametrize('cls,path', [
   (nr.LSTM, 'default'), (nr.GRU, 'default'), (nr.LSTM, 'loop'), (nr.GRU, 'hoisted'),
-  (nr.LSTM, 'unrolled'), (nr.LSTM, 'joint'),
+  (nr.LSTM, 'hoisted'), (nr.LSTM, 'unrolled'), (nr.LSTM, 'joint'),
 ])
 def test_forward_without_gradient_matches_generic(cls, path, monkeypatch):
   """The primal forward (no gradient taken) has its own strategy; check each."""

@@ -13,9 +13,9 @@ work a cuDNN/oneDNN kernel does, in plain JAX:
   memory traffic, so ``x_t @ W_i`` stays in the loop, and the LSTM does one
   matmul of ``[x_t, h]`` against ``[W_i; W_h]`` per step (under a gradient
   below ``_JOINT_MAX_ROWS`` rows, and for tiny steps, whose time is their
-  number of operations). The forward under a gradient (which also saves residuals) may
-  be scanned differently from the plain forward (see :func:`_plan`; all
-  measured, see ``benchmarks/RESULTS.md``). The backward pass is the same in
+  number of operations). The forward under a gradient (which also saves
+  residuals) may be scanned differently from the plain forward (see
+  :func:`_plan`; all measured, see ``benchmarks/RESULTS.md``). The backward pass is the same in
   every case.
 * The recurrence, input projection included, is a :func:`jax.custom_vjp`. Its
   forward scan saves one residual per step: the activated gates and the carry
@@ -265,7 +265,7 @@ class _LSTMMath:
     return z, None
 
   @staticmethod
-  def step(carry, xp_t, hp_t, b, extra, save: bool = True):
+  def step(carry, xp_t, hp_t, b, extra, save: bool):
     """Returns ``(new_carry, residual [i, f, g, o, c_prev])`` (activated gates;
     ``None`` without ``save``)."""
     del extra
@@ -326,7 +326,7 @@ class _GRUMath:
     return carry
 
   @staticmethod
-  def step(h, xp_t, hp_t, b, b_hn, save: bool = True):
+  def step(h, xp_t, hp_t, b, b_hn, save: bool):
     """Returns ``(new_h, residual [r, z, n, W_hn h + b_hn, h_prev])`` (the
     same without ``save``: the scan drops the unused residual)."""
     del save

@@ -15,8 +15,8 @@ work a cuDNN/oneDNN kernel does, in plain JAX:
   below ``_JOINT_MAX_ROWS`` rows, and for tiny steps, whose time is their
   number of operations). The forward under a gradient (which also saves
   residuals) may be scanned differently from the plain forward (see
-  :func:`_plan`; all measured, see ``benchmarks/RESULTS.md``). The backward pass is the same in
-  every case.
+  :func:`_plan`; all measured, see ``benchmarks/RESULTS.md``). The backward
+  pass is the same in every case.
 * The recurrence, input projection included, is a :func:`jax.custom_vjp`. Its
   forward scan saves one residual per step: the activated gates and the carry
   that entered the step. Its backward is one reverse :func:`jax.lax.scan`

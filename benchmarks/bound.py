@@ -17,7 +17,7 @@ pointwise work (gate activations, the cell update, masking, the loss):
   first ``H`` columns, ``dh = dz_t W_h^T``; ``dz_t`` is stacked;
 * weight gradients after the loop: ``dW_i = X^T dZ`` and
   ``dW_h = H_prev^T dZ`` as two large matmuls (materialised transposes above
-  ``_fused._TRANSPOSE_MIN_MACS``, as in the fused LSTM).
+  ``internal.TRANSPOSE_MIN_MACS``, as in the fused LSTM).
 
 Its matmul FLOPs are the training step's, ``2 B T G H (2 I + 3 H)``. So
 if the skeleton's best variant takes longer than ``0.75x`` flax's whole
@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import run
-from nnx_recurrent import _fused
+from nnx_recurrent._fused import internal
 
 GATES = {'lstm': 4, 'gru': 3}
 INPUTS = {'lstm': ('joint', 'loop', 'hoisted'), 'gru': ('loop', 'hoisted')}
@@ -72,16 +72,16 @@ def skeleton(family: str, inputs: str, H: int):
     raise ValueError(f'`inputs` must be one of {INPUTS[family]} for {family!r}, got {inputs!r}')
 
   def forward(w_i, w_h, xs):
-    seq = _fused._dot(xs, w_i) if inputs == 'hoisted' else xs
+    seq = internal.dot(xs, w_i) if inputs == 'hoisted' else xs
     w_joint = jnp.concatenate([w_i, w_h], axis=0) if inputs == 'joint' else None
 
     def step(h, s_t):
       if inputs == 'joint':
-        z = _fused._dot(jnp.concatenate([s_t, h], axis=-1), w_joint)
+        z = internal.dot(jnp.concatenate([s_t, h], axis=-1), w_joint)
       elif inputs == 'loop':
-        z = _fused._dot(s_t, w_i) + _fused._dot(h, w_h)
+        z = internal.dot(s_t, w_i) + internal.dot(h, w_h)
       else:
-        z = s_t + _fused._dot(h, w_h)
+        z = s_t + internal.dot(h, w_h)
       return z[:, :H], (z[:, :H], z)
 
     h0 = jnp.zeros((xs.shape[1], H), xs.dtype)
@@ -97,12 +97,12 @@ def skeleton(family: str, inputs: str, H: int):
 
     def step(dh, z_t):
       dz = z_t.at[:, :H].add(dh)
-      return _fused._dot(dz, w_h_t), dz
+      return internal.dot(dz, w_h_t), dz
 
     _, dzs = jax.lax.scan(step, jnp.zeros_like(ys[0]), zs, reverse=True)
-    h_prev = _fused._shift(jnp.zeros_like(ys[0]), ys)
-    return (_fused._flat_dot_t(xs, dzs, transpose=True),
-            _fused._flat_dot_t(h_prev, dzs, transpose=True))
+    h_prev = internal.shift(jnp.zeros_like(ys[0]), ys)
+    return (internal.flat_dot_t(xs, dzs, transpose=True),
+            internal.flat_dot_t(h_prev, dzs, transpose=True))
 
   return fwd, train
 

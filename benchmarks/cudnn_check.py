@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 import nnx_recurrent as nr
-from nnx_recurrent import _fused
+from nnx_recurrent._fused import internal
 
 
 def numpy_lstm(layer, x, lengths):
@@ -116,24 +116,7 @@ def timings(shape, num_layers, bidirectional, log):
               xla_fwd_ms=out['xla'][0], xla_train_ms=out['xla'][1])
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog='python -m benchmarks.cudnn_check')
-  p.add_argument('--json', metavar='PATH')
-  p.add_argument('--dry', action='store_true',
-                 help='no GPU: jax.experimental.rnn.lstm_ref stands in for cuDNN')
-  args = p.parse_args(argv)
-
-  def log(msg=''):
-    print(msg, flush=True)
-
-  if args.dry:
-    from tests.test_cudnn import reference_lstm
-
-    _fused._cuda_backend = lambda: True
-    _fused._cudnn_lstm = reference_lstm
-  elif not _fused._cuda_backend():
-    log(f'no CUDA GPU (default backend {jax.default_backend()!r}); use --dry')
-    return 1
+def _check(args, log) -> int:
   log(f'devices {jax.devices()}; jax {jax.__version__}')
   log('accuracy (one layer, random lengths incl. 0 and T):')
   acc = []
@@ -149,6 +132,27 @@ def main(argv=None) -> int:
                      accuracy=acc, timings=times), f, indent=1)
     log(f'wrote {args.json}')
   return 0
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog='python -m benchmarks.cudnn_check')
+  p.add_argument('--json', metavar='PATH')
+  p.add_argument('--dry', action='store_true',
+                 help='no GPU: jax.experimental.rnn.lstm_ref stands in for cuDNN')
+  args = p.parse_args(argv)
+
+  def log(msg=''):
+    print(msg, flush=True)
+
+  if args.dry:
+    from tests.test_cudnn import reference_lstm
+
+    with internal.fake_cuda(reference_lstm):
+      return _check(args, log)
+  if not internal.cuda_backend():
+    log(f'no CUDA GPU (default backend {jax.default_backend()!r}); use --dry')
+    return 1
+  return _check(args, log)
 
 
 if __name__ == '__main__':

@@ -8,7 +8,7 @@
    time-major caller does): XLA turns the transpose into a layout change that
    the custom call does not see (jax-ml/jax#19177). A reshape round trip and
    an optimization barrier do not help; ``with_layout_constraint`` does (it is
-   what ``nnx_recurrent._fused._row_major`` uses).
+   what ``nnx_recurrent._fused._cudnn._row_major`` uses).
 3. The raw forward call against ``torch.nn.LSTM`` on the same GPU.
 
 Output recorded in ``benchmarks/gpu/`` (see RESULTS.md, "GPU").

@@ -1,23 +1,24 @@
 """Which scan plan is fastest for the fused layers on this machine (made for GPUs).
 
-``nnx_recurrent._fused._plan`` picks how a direction is scanned from the
-shape of one step; its thresholds were measured on a 2-core CPU. On an H200
-every JAX scan at batch 1-8 cost 6.7-9 us per step (XLA's per-iteration cost,
-see benchmarks/RESULTS.md, "GPU"), so unrolling, which the CPU plans avoid,
-may pay there. This script times ``nr.LSTM`` / ``nr.GRU`` (the XLA scans) with
-each plan forced, forward and training step, interleaved, and prints the
-median times and the best plan per shape::
+The fused layers pick how a direction is scanned from the shape of one step
+(``nnx_recurrent/_fused/_plans.py``); its thresholds were measured on a 2-core
+CPU. On an H200 every JAX scan at batch 1-8 cost 6.7-9 us per step (XLA's
+per-iteration cost, see benchmarks/RESULTS.md, "GPU"), so unrolling, which the
+CPU plans avoid, may pay there. This script times ``nr.LSTM`` / ``nr.GRU`` (the
+XLA scans) with each plan forced, forward and training step, interleaved, and
+prints the median times and the best plan per shape::
 
   python -m benchmarks.gpu_plans [--shapes 8x500x64x128,...] [--rounds 5] [--json out.json]
 
 A plan is ``inputs/unroll/backward-unroll``: ``inputs`` is 'hoisted', 'loop'
-or 'joint' (LSTM only; see ``_fused._plan``), the forward scans (with and
+or 'joint' (LSTM only; see ``_fused/_plans.py``), the forward scans (with and
 without a gradient) are unrolled ``unroll`` times, without the CPU's
 prefetching, and the backward scan ``backward-unroll`` times. 'default' is
-what ``_plan`` picks. Nothing here changes the library: the plan is patched
-in for the measurement only. Each plan's forward output is compared with the
-default's (``|y - y_default|``). Written without a GPU at hand (run on a CPU
-only, at a toy shape); on a GPU, expect a few minutes.
+what the layers pick. Nothing here changes the library: the plan is forced
+(``nnx_recurrent._fused.internal.forced_plan``) for the measurement only. Each
+plan's forward output is compared with the default's (``|y - y_default|``).
+Written without a GPU at hand (run on a CPU only, at a toy shape); on a GPU,
+expect a few minutes.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import nnx_recurrent as nr
-from nnx_recurrent import _fused
+from nnx_recurrent._fused import internal
 
 SHAPES = ((8, 500, 64, 128), (64, 100, 128, 256), (1, 1000, 32, 64), (256, 50, 256, 512))
 
@@ -49,26 +50,16 @@ def plans(cls):
 
 @contextlib.contextmanager
 def forced(plan: str):
-  """Patches ``_fused._plan`` (and the backward scan's unroll) for ``plan``."""
+  """Forces ``plan`` on the fused layers traced inside (the forward scans and
+  the backward scan's unroll, one step per iteration); yields the
+  ``internal.Plan`` (``None`` for 'default')."""
   if plan == 'default':
-    yield
+    yield None
     return
   inputs, unroll, back = plan.split('/')
-  scan = _fused._ScanPlan(inputs, prefetch=False, unroll=int(unroll))
-  original_plan, original_scan = _fused._plan, _fused._prefetch_scan
-
-  def prefetch_scan(step, carry, xs, *, length, reverse, unroll, prefetch=True, pairs=False):
-    if reverse:  # only the backward pass scans in reverse
-      unroll, pairs = int(back), False
-    return original_scan(step, carry, xs, length=length, reverse=reverse, unroll=unroll,
-                         prefetch=prefetch, pairs=pairs)
-
-  _fused._plan = lambda cell_math, rows, width: _fused._Plan(scan, scan)
-  _fused._prefetch_scan = prefetch_scan
-  try:
-    yield
-  finally:
-    _fused._plan, _fused._prefetch_scan = original_plan, original_scan
+  scan = internal.ScanPlan(inputs, prefetch=False, unroll=int(unroll))
+  with internal.forced_plan(internal.Plan(scan, scan, backward_unroll=int(back))) as forced:
+    yield forced
 
 
 def build(cls, shape, plan):

@@ -62,23 +62,34 @@ def test_summary_across_runs():
                       '| 0.80, 0.70, 0.74 | 0.74 | 2/3 |')
 
 
-def test_gpu_plans_forces_and_restores_the_plan(monkeypatch):
-  from benchmarks import gpu_plans
-  from nnx_recurrent import _fused
+def test_gpu_plans_forces_and_restores_the_plan():
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
 
-  seen = []
-  monkeypatch.setattr(_fused, '_prefetch_scan',
-                      lambda step, carry, xs, *, length, reverse, unroll, prefetch=True,
-                      pairs=False: seen.append((reverse, unroll, prefetch, pairs)))
-  original = _fused._plan
-  with gpu_plans.forced('joint/4/2'):
-    plan = _fused._plan(_fused._LSTMMath, 8, 512)
-    _fused._prefetch_scan(None, None, None, length=3, reverse=False, unroll=4, prefetch=False)
-    _fused._prefetch_scan(None, None, None, length=4, reverse=True, unroll=1, pairs=True)
-  assert plan.primal == plan.train == _fused._ScanPlan('joint', prefetch=False, unroll=4)
-  # the backward scan: unrolled 2, one step per iteration
-  assert seen == [(False, 4, False, False), (True, 2, True, False)]
-  assert _fused._plan is original
+  from benchmarks import gpu_plans
+  from nnx_recurrent._fused import internal
+
+  default = internal.plan_for(nr.LSTM, 8, 512)
+  layer = nr.LSTM(3, 4, rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 3)), jnp.float32)
+  def grad_x(module):  # the backward scan too (unrolled twice under the plan)
+    graphdef, state = nnx.split(module)
+    # (with respect to the parameters too: nnx.scan refuses constant modules under jax.grad)
+    loss = lambda x, state: (nnx.merge(graphdef, state)(x) ** 2).sum()
+    return jax.grad(loss, argnums=(0, 1))(x, state)[0]
+
+  with gpu_plans.forced('joint/4/2') as plan:
+    assert internal.plan_for(nr.LSTM, 8, 512) == plan
+    y, dx = layer(x), grad_x(layer)  # traced with the forced plan
+  scan = internal.ScanPlan('joint', prefetch=False, unroll=4)
+  assert plan == internal.Plan(scan, scan, backward_unroll=2)
+  assert internal.plan_for(nr.LSTM, 8, 512) == default
+  # The same function, scanned another way.
+  generic = nr.RNN(layer.forward[0])
+  np.testing.assert_allclose(np.asarray(y), np.asarray(generic(x)), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dx), np.asarray(grad_x(generic)), atol=1e-5)
   assert gpu_plans.plans(nr.GRU) == ['default', 'hoisted/1/1', 'hoisted/4/4', 'hoisted/8/8',
                                      'loop/1/1', 'loop/4/4', 'loop/8/8']
 

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.experimental import rnn
 
 import nnx_recurrent as nr
-from nnx_recurrent import _fused
+from nnx_recurrent._fused import internal
 from tests import reference as ref
 from tests import test_fused
 from tests.test_fused import (
@@ -32,7 +32,7 @@ from tests.test_fused import (
   random_carry,
 )
 
-ON_GPU = _fused._cuda_backend()
+ON_GPU = internal.cuda_backend()
 
 
 def reference_lstm(x, h0, c0, weights, lengths, *, input_size, hidden_size, bidirectional):
@@ -42,7 +42,7 @@ def reference_lstm(x, h0, c0, weights, lengths, *, input_size, hidden_size, bidi
 
 
 @pytest.fixture
-def fake_gpu(monkeypatch):
+def fake_gpu():
   """cuDNN 'available', run by the reference; counts the calls."""
   calls = []
 
@@ -52,9 +52,8 @@ def fake_gpu(monkeypatch):
     broken = jnp.any(args[4] < 1)  # cuDNN fails on zero lengths: poison the result
     return jax.tree_util.tree_map(lambda a: jnp.where(broken, jnp.nan, a), out)
 
-  monkeypatch.setattr(_fused, '_cuda_backend', lambda: True)
-  monkeypatch.setattr(_fused, '_cudnn_lstm', lstm)
-  return calls
+  with internal.fake_cuda(lstm):
+    yield calls
 
 
 make = functools.partial(test_fused.make, nr.LSTM)  # a randomised nr.LSTM(I, H, ...)
@@ -130,14 +129,13 @@ def test_unsupported_on_gpu_errors(fake_gpu):
   assert not fake_gpu
 
 
-def test_vmap_error(monkeypatch):
+def test_vmap_error():
   """The real primitive under jax.vmap (its batching rule is looked up before
   anything runs, so this needs no GPU): a clear message, not JAX's."""
-  monkeypatch.setattr(_fused, '_cuda_backend', lambda: True)
   layer = nr.LSTM(3, 4, implementation='cudnn', rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"LSTM: `implementation` expected 'auto' or 'xla' under "
-                                       r"jax.vmap \(jax.experimental.rnn's cuDNN primitives have "
-                                       r"no batching rule\), got 'cudnn'"):
+  message = (r"LSTM: `implementation` expected 'auto' or 'xla' under jax.vmap "
+             r"\(jax.experimental.rnn's cuDNN primitives have no batching rule\), got 'cudnn'")
+  with internal.fake_cuda(), pytest.raises(ValueError, match=message):
     jax.vmap(layer)(jnp.ones((2, 5, 7, 3)))
 
 
@@ -148,7 +146,7 @@ def test_real_cudnn_matches_generic(bidirectional, time_major):
 
   Time-major inputs are transposed for cuDNN inside the jitted function: the
   case where XLA would hand cuDNN a transposed memory layout (see
-  ``_fused._row_major``); unsorted lengths over two batch axes.
+  ``_cudnn._row_major``); unsorted lengths over two batch axes.
   """
   lengths = jnp.array([[5, 1], [3, 0]], jnp.int32)
   shape = (T, 2, 2, I) if time_major else (2, 2, T, I)

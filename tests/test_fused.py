@@ -6,6 +6,8 @@ differentiated by JAX, and ``tests.reference`` runs the documented formulas in
 float64 NumPy, one row at a time on its unpadded part.
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,25 +16,25 @@ from flax import nnx
 from jax.test_util import check_grads
 
 import nnx_recurrent as nr
-from nnx_recurrent import _fused
+from nnx_recurrent._fused import _plans, _xla, internal
 from tests import reference as ref
 
 B, T, I, H = 3, 5, 3, 4
 LENGTHS = np.array([5, 2, 0], np.int32)
 
 
-_S = _fused._ScanPlan
+_S, _P = internal.ScanPlan, internal.Plan
 PATHS = {  # forward strategies; 'joint' exists for the LSTM only
-  'loop': _fused._Plan(_S('loop', False, 1), _S('loop', False, 1)),
-  'hoisted': _fused._Plan(_S('hoisted', True, 1), _S('hoisted', True, 1)),
-  'unrolled': _fused._Plan(_S('hoisted', False, 2), _S('loop', False, 2)),
-  'joint': _fused._Plan(_S('joint', False, 2), _S('joint', True, 1)),
-  'autodiff': _fused._Plan(_S('loop', False, 1), _S('loop', False, 1), custom_vjp=False),
+  'loop': _P(_S('loop', False, 1), _S('loop', False, 1)),
+  'hoisted': _P(_S('hoisted', True, 1), _S('hoisted', True, 1)),
+  'unrolled': _P(_S('hoisted', False, 2), _S('loop', False, 2)),
+  'joint': _P(_S('joint', False, 2), _S('joint', True, 1)),
+  'autodiff': _P(_S('loop', False, 1), _S('loop', False, 1), custom_vjp=False),
 }
 
 
-def use_path(monkeypatch, path):
-  """Forces a strategy (chosen from the shapes otherwise: tests are tiny).
+def use_path(path):
+  """A context that forces a strategy (chosen from the shapes otherwise: tests are tiny).
 
   'default': what ``_plan`` picks for these tiny shapes; 'loop': input matmul
   in the loop (large batches); 'hoisted': one input matmul before the loop,
@@ -40,9 +42,16 @@ def use_path(monkeypatch, path):
   one matmul over ``[x_t, h]`` (prefetched under a gradient). The backward
   pass is the same for all of them but 'autodiff' (no custom VJP: JAX
   differentiates the forward scan; the CPU's choice for large GRU batches).
+  The plan is read while tracing: call (and compile) the layer inside.
   """
-  if path != 'default':
-    monkeypatch.setattr(_fused, '_plan', lambda cell_math, rows, width: PATHS[path])
+  return contextlib.nullcontext() if path == 'default' else internal.forced_plan(PATHS[path])
+
+
+@pytest.fixture
+def force_path():
+  """``force_path(path)`` forces a strategy until the test ends (see :func:`use_path`)."""
+  with contextlib.ExitStack() as stack:
+    yield lambda path: stack.enter_context(use_path(path))
 
 
 def make(cls, num_layers=1, bidirectional=False, seed=0, **kw):
@@ -138,8 +147,8 @@ def check_against_generic(layer, x, carry0, lengths, time_major=False, **toleran
   (2, True, None, 'unrolled'), (2, True, LENGTHS, 'autodiff'),
 ], ids=['1-uni-full', '1-bi-lengths', '2-uni-lengths', '2-bi-full', '2-bi-autodiff'])
 def test_matches_generic_values_and_grads(cls, num_layers, bidirectional, lengths, path,
-                                          monkeypatch):
-  use_path(monkeypatch, path)
+                                          force_path):
+  force_path(path)
   layer = make(cls, num_layers, bidirectional)
   x = ref.normal((B, T, I), seed=7)
   carry0 = random_carry(layer)
@@ -154,8 +163,8 @@ def test_matches_generic_values_and_grads(cls, num_layers, bidirectional, length
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
 def test_weight_gradients_through_materialised_transposes(cls, monkeypatch):
-  """Large weight-gradient dots take another path (_flat_dot_t); force it here."""
-  monkeypatch.setattr(_fused, '_TRANSPOSE_MIN_MACS', 0)
+  """Large weight-gradient dots take another path (flat_dot_t); force it here."""
+  monkeypatch.setattr(_plans, 'TRANSPOSE_MIN_MACS', 0)
   monkeypatch.setattr(cls._math, 'transpose_dw', True)
   layer = make(cls, 1, True)
   x = ref.normal((B, T, I), seed=11)
@@ -175,42 +184,40 @@ def test_prefetch_scan_in_pairs_is_lax_scan(length, reverse):
 
   c0 = ref.normal((2, 3), seed=21)
   want = jax.lax.scan(step, c0, xs, reverse=reverse)
-  got = _fused._prefetch_scan(step, c0, xs, length=length, reverse=reverse, unroll=1,
-                              pairs=True)
+  got = _xla.prefetch_scan(step, c0, xs, length=length, reverse=reverse, unroll=1, pairs=True)
   assert_trees_close(got, want, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
 def test_tiny_steps_even_length_backward_in_pairs(cls):
   """The default plan for tiny steps scans the backward two steps at a time."""
-  assert _fused._plan(cls._math, B, 4 * H).backward_pairs
+  assert internal.plan_for(cls, B, 4 * H).backward_pairs
   layer = make(cls, 2, True, seed=17)
   x = ref.normal((B, 6, I), seed=18)
   check_against_generic(layer, x, random_carry(layer, seed=19), jnp.array([6, 3, 0]))
 
 
 def test_plan_differentiates_large_gru_batches_with_jax_on_the_cpu(monkeypatch):
-  plan = _fused._plan
-  gru, lstm = _fused._GRUMath, _fused._LSTMMath
-  rows = _fused._GRU_AUTODIFF_MIN_ROWS
-  assert plan(gru, rows, 384) == PATHS['autodiff']
-  assert plan(gru, rows - 1, 384).custom_vjp and plan(lstm, 4 * rows, 512).custom_vjp
-  monkeypatch.setattr(_fused, '_cpu_backend', lambda: False)  # e.g. a GPU
-  assert plan(gru, rows, 384).custom_vjp
+  plan = internal.plan_for
+  rows = _plans.GRU_AUTODIFF_MIN_ROWS
+  assert plan(nr.GRU, rows, 384) == PATHS['autodiff']
+  assert plan(nr.GRU, rows - 1, 384).custom_vjp and plan(nr.LSTM, 4 * rows, 512).custom_vjp
+  monkeypatch.setattr(_plans, 'cpu_backend', lambda: False)  # e.g. a GPU
+  assert plan(nr.GRU, rows, 384).custom_vjp
 
 
 def test_large_gru_batch_matches_generic():
-  """Two batch axes of 2 x 64 rows: ``_plan`` picks JAX's differentiation."""
+  """Two batch axes of 2 x 64 rows: the plan is JAX's differentiation."""
   layer = make(nr.GRU, 1, True, seed=13)
-  assert _fused._plan(nr.GRU._math, 2 * 64, 3 * H).custom_vjp is False
+  assert internal.plan_for(nr.GRU, 2 * 64, 3 * H).custom_vjp is False
   x = ref.normal((2, 64, T, I), seed=14)
   lengths = jnp.asarray(np.random.default_rng(15).integers(0, T + 1, (2, 64)))
   check_against_generic(layer, x, random_carry(layer, (2, 64), seed=16), lengths)
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
-def test_time_major_and_several_batch_axes(cls, monkeypatch):
-  use_path(monkeypatch, 'loop')
+def test_time_major_and_several_batch_axes(cls, force_path):
+  force_path('loop')
   layer = make(cls, 1, True, time_major=True)
   x = ref.normal((T, 2, 2, I), seed=3)  # (time, batch, batch, features)
   lengths = jnp.array([[5, 1], [3, 0]])
@@ -222,9 +229,9 @@ def test_time_major_and_several_batch_axes(cls, monkeypatch):
   (nr.LSTM, 'default'), (nr.GRU, 'default'), (nr.LSTM, 'loop'), (nr.GRU, 'hoisted'),
   (nr.LSTM, 'hoisted'), (nr.LSTM, 'unrolled'), (nr.LSTM, 'joint'),
 ])
-def test_forward_without_gradient_matches_generic(cls, path, monkeypatch):
+def test_forward_without_gradient_matches_generic(cls, path, force_path):
   """The primal forward (no gradient taken) has its own strategy; check each."""
-  use_path(monkeypatch, path)
+  force_path(path)
   layer = make(cls, 1, True)
   x = ref.normal((B, T, I), seed=8)
   carry0 = random_carry(layer, seed=9)
@@ -252,9 +259,9 @@ def test_matches_numpy_reference(cls):
 
 
 @pytest.mark.parametrize('cls,path', [(nr.LSTM, 'hoisted'), (nr.GRU, 'loop'), (nr.LSTM, 'joint')])
-def test_check_grads_float64(cls, path, monkeypatch):
+def test_check_grads_float64(cls, path, force_path):
   """Finite differences of the hand-written VJP, in float64."""
-  use_path(monkeypatch, path)
+  force_path(path)
   with jax.enable_x64(True):
     layer = cls(2, 3, bidirectional=True, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
     ref.randomize(layer)

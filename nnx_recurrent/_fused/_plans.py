@@ -1,0 +1,138 @@
+"""How the XLA scans run a direction, chosen from the shape of one step.
+
+For small batches the input projection ``x @ W_i`` of every time step is ONE
+matmul over the whole (time-major) sequence, hoisted out of the loop; only
+``h @ W_h`` stays inside (the bias is added in the loop's elementwise step,
+which costs nothing there and saves a pass over ``(time, batch, gates)``). For
+batches of ``HOIST_MAX_ROWS`` rows or more the per-step matmuls already run at
+the matmul peak and the hoisted array only costs memory traffic, so ``x_t @
+W_i`` stays in the loop, and the LSTM does one matmul of ``[x_t, h]`` against
+``[W_i; W_h]`` per step (under a gradient below ``JOINT_MAX_ROWS`` rows, and
+for tiny steps, whose time is their number of operations). The forward under a
+gradient (which also saves residuals) may be scanned differently from the
+plain forward (see :func:`plan`; all measured, see ``benchmarks/RESULTS.md``).
+The backward pass is the same in every case.
+
+This module also holds the machine probes the backends are chosen with.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+
+# How a direction is scanned, chosen from the shapes of one step (measured on 2
+# CPU cores, see benchmarks/RESULTS.md):
+# * 'hoisted': the input projection of every step is one matmul before the
+#   loop. For steps with fewer rows (batch elements) than HOIST_MAX_ROWS:
+#   then the per-step matmuls are too small to use both cores. With more rows
+#   they run at the matmul peak inside the loop ('loop'), and the hoisted
+#   (time, batch, gates) array only costs memory traffic and page faults (20%
+#   slower forward at batch 256).
+# * A step with fewer gate pre-activations (rows * gates * H) than TINY_STEP
+#   costs its number of operations, not its arithmetic (a (1, 64) x (64, 256)
+#   matmul is ~0.6 us of call overhead). Without a gradient such a step does
+#   ONE matmul, [x_t, h] against the stacked weights ('joint'; 1.49 vs 1.83 ms
+#   for two matmuls unrolled twice at (1, 1000, 32, 64)). Not for the GRU,
+#   whose joint weight needs a zero block for ``h W_hn`` (1.41 vs 1.21 ms for
+#   two matmuls, the same as flax's). Under a gradient, whose forward also
+#   writes residuals, hoisting and unrolling twice was fastest (training step
+#   5.6 vs 6.6 ms in the loop, 7.0 joint). Their backward scan runs two
+#   steps per iteration (_xla.prefetch_scan's ``pairs``): LSTM training step
+#   0.88-0.94x at (1, 1000, 32, 64) in four A/B runs, the GRU's 0.90-1.02x;
+#   at (8, 500, 64, 128) it made no difference.
+# * At 64 rows (64, 100, 128, 256) the joint matmul made the LSTM's training
+#   step 0.96x flax's vs 1.00x for two matmuls. At 256 rows it made no
+#   difference (0.98-1.13x both), so it stops at JOINT_MAX_ROWS. The forward
+#   without a gradient uses two matmuls from HOIST_MAX_ROWS rows on: with the
+#   per-gate activations below it is then flax's own loop body, and it took
+#   0.93x the joint forward's time at 64 rows (31 interleaved rounds).
+# * Without a gradient the LSTM step activates each gate on its own
+#   (``LSTMMath.step``'s ``save``) instead of the one-tanh form, which writes
+#   all four activations out as residuals need: forward 0.94-0.98x at all four
+#   benchmark shapes (A/B runs of 9-21 rounds).
+# * Otherwise scans are not unrolled: an unrolled step reads the next step's
+#   slice straight from the sequence again (see _xla.prefetch_scan), and 2, 4
+#   or 8 were slower.
+# * On the CPU, a GRU step of GRU_AUTODIFF_MIN_ROWS rows or more is
+#   differentiated by JAX (the forward scan without the custom VJP):
+#   training step 0.90-0.92x the custom backward's at 128 and 256 rows (both
+#   after the same forward; at 64 rows the two were equal, at 8 the custom
+#   one is 0.5x). With that many rows the per-step weight-gradient matmuls
+#   JAX does inside its backward loop run near the peak, and the custom
+#   backward's stacked gate gradients and their concatenation (78 MB each at
+#   (256, 50, 256, 512)) cost more than they save. Not for the LSTM (its
+#   custom backward, with transposed weight-gradient matmuls, is 0.91x flax's
+#   at 256 rows where JAX's is 1.05x), nor on a GPU (there the fused GRU's
+#   training step took 0.72x flax's at 256 rows, the generic one 1.06x).
+HOIST_MAX_ROWS = 32
+JOINT_MAX_ROWS = 128
+TINY_STEP = 1024
+TRANSPOSE_MIN_MACS = 2**32  # see _step_math.flat_dot_t
+GRU_AUTODIFF_MIN_ROWS = 128
+
+
+class ScanPlan(NamedTuple):
+  """How one forward scan computes its gate pre-activations."""
+
+  inputs: str  # 'hoisted', 'loop' or 'joint' (see above)
+  prefetch: bool  # the scan fetches the next step's input in the carry
+  unroll: int
+
+
+class Plan(NamedTuple):
+  primal: ScanPlan  # the forward pass when no gradient is taken
+  train: ScanPlan  # the forward pass under a gradient (it saves residuals)
+  # The backward scan always prefetches and is not unrolled (2 was not faster).
+  # False: no custom VJP, JAX differentiates the ``primal`` forward scan.
+  custom_vjp: bool = True
+  # The backward scan runs two steps per iteration (``_xla.prefetch_scan``'s ``pairs``).
+  backward_pairs: bool = False
+  # Steps of the backward scan per loop iteration (1 everywhere; other values
+  # only through ``internal.forced_plan``, for benchmarks/gpu_plans.py).
+  backward_unroll: int = 1
+
+
+# Set by ``internal.forced_plan`` (benchmarks and tests); None: measured choice.
+_forced: Plan | None = None
+
+
+def plan(cell_math, rows: int, gate_width: int) -> Plan:
+  if _forced is not None:
+    return _forced
+  loop = ScanPlan('loop', prefetch=False, unroll=1)
+  if cell_math.autodiff_min_rows is not None and rows >= cell_math.autodiff_min_rows \
+      and cpu_backend():
+    return Plan(primal=loop, train=loop, custom_vjp=False)
+  in_loop = 'joint' if cell_math.joint else 'loop'
+  if rows * gate_width < TINY_STEP:
+    return Plan(primal=ScanPlan(in_loop, prefetch=False, unroll=1),
+                train=ScanPlan('hoisted', prefetch=False, unroll=2), backward_pairs=True)
+  if rows < HOIST_MAX_ROWS:
+    # Prefetching is for the hoisted projections, which feed the gate math; an
+    # input step feeds the matmul, whose operand XLA copies out anyway.
+    scan = ScanPlan('hoisted', prefetch=True, unroll=1)
+    return Plan(primal=scan, train=scan)
+  if rows < JOINT_MAX_ROWS:  # the joint matmul pays under a gradient only
+    return Plan(primal=loop, train=ScanPlan(in_loop, prefetch=False, unroll=1))
+  return Plan(primal=loop, train=loop)
+
+
+# -- the machine ----------------------------------------------------------------
+@functools.cache
+def cpu_backend() -> bool:
+  """True when JAX's default backend is the CPU (``plan``'s measurements)."""
+  return jax.default_backend() == 'cpu'
+
+
+@functools.cache
+def cuda_backend() -> bool:
+  """True when JAX's default backend is an NVIDIA GPU (ROCm's MIOpen packs
+  the gates in another order and is not supported)."""
+  try:
+    device = jax.devices()[0]
+    return device.platform == 'gpu' and 'rocm' not in device.client.platform_version.lower()
+  except RuntimeError:  # no backend at all
+    return False

@@ -1,0 +1,80 @@
+"""The fused layers' internals for ``benchmarks/`` and the tests. NOT public API.
+
+Everything here may change without notice; it exists so that benchmark and
+diagnostic scripts reach the package through one documented door instead of
+through its modules' private helpers. It offers exactly:
+
+* ``dot(a, b)``, ``shift(first, seq)``, ``flat_dot_t(a, b, transpose)``: the
+  matmul helpers of the fused training step (``benchmarks/bound.py`` builds
+  its matmul skeleton from them), and ``TRANSPOSE_MIN_MACS``, the size from
+  which ``flat_dot_t(..., transpose=True)`` materialises the transpose;
+* ``ScanPlan``, ``Plan``: how the XLA scans run one direction;
+  ``plan_for(layer_cls, rows, gate_width)``: the plan ``nr.LSTM`` / ``nr.GRU``
+  picks for one step of ``rows`` batch rows; ``forced_plan(plan)``: a context
+  manager under which every fused layer traced uses ``plan``
+  (``benchmarks/gpu_plans.py``, the tests);
+* ``cuda_backend()``: whether the default backend is a CUDA GPU;
+  ``fake_cuda(cudnn_lstm=None)``: a context manager under which the cuDNN
+  path's CUDA check passes and, given ``cudnn_lstm``, that function runs in
+  place of ``jax.experimental.rnn.lstm`` (same signature as the call in
+  ``_cudnn._lstm``; ``benchmarks/cudnn_check.py --dry`` and the tests pass
+  ``jax.experimental.rnn.lstm_ref``).
+
+The plan and the cuDNN substitute are read while a layer is traced: trace
+(``jax.jit(...).lower``, or call) inside the ``with`` block. Neither context
+manager is thread-safe.
+
+Example::
+
+  >>> import jax.numpy as jnp
+  >>> from flax import nnx
+  >>> import nnx_recurrent as nr
+  >>> from nnx_recurrent._fused import internal
+  >>> loop = internal.ScanPlan('loop', prefetch=False, unroll=1)
+  >>> layer = nr.LSTM(3, 4, rngs=nnx.Rngs(0))
+  >>> with internal.forced_plan(internal.Plan(loop, loop)):
+  ...   y = layer(jnp.ones((2, 5, 3)))
+  >>> internal.plan_for(nr.LSTM, 2, 16).train.inputs  # the measured choice again
+  'hoisted'
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from nnx_recurrent._fused import _cudnn, _plans
+from nnx_recurrent._fused._plans import TRANSPOSE_MIN_MACS, Plan, ScanPlan, cuda_backend
+from nnx_recurrent._fused._step_math import dot, flat_dot_t, shift
+
+__all__ = [
+  'dot', 'shift', 'flat_dot_t', 'TRANSPOSE_MIN_MACS', 'ScanPlan', 'Plan', 'plan_for',
+  'forced_plan', 'cuda_backend', 'fake_cuda',
+]
+
+
+def plan_for(layer_cls, rows: int, gate_width: int) -> Plan:
+  """The plan ``layer_cls`` (``nr.LSTM`` or ``nr.GRU``) uses for a step of
+  ``rows`` batch rows and ``gate_width`` (gates times hidden) columns."""
+  return _plans.plan(layer_cls._math, rows, gate_width)
+
+
+@contextlib.contextmanager
+def forced_plan(plan: Plan):
+  """Every fused layer traced inside the block scans with ``plan``."""
+  previous, _plans._forced = _plans._forced, plan
+  try:
+    yield plan
+  finally:
+    _plans._forced = previous
+
+
+@contextlib.contextmanager
+def fake_cuda(cudnn_lstm=None):
+  """Inside the block ``implementation='cudnn'`` passes its CUDA check, and
+  ``cudnn_lstm`` (when given) runs in place of ``jax.experimental.rnn.lstm``."""
+  previous = _cudnn._fake_cuda, _cudnn._substitute
+  _cudnn._fake_cuda, _cudnn._substitute = True, cudnn_lstm
+  try:
+    yield
+  finally:
+    _cudnn._fake_cuda, _cudnn._substitute = previous

@@ -68,13 +68,16 @@ def random_carry(layer, batch_shape=(B,), seed=1):
     treedef, [ref.normal(leaf.shape, seed + k, 0.5) for k, leaf in enumerate(leaves)])
 
 
-def generic(layer, x, *, seq_lengths=None, initial_carry=None, time_major=False):
-  """The same computation with ``RNN`` / ``Bidirectional`` over the layer's cells."""
+def generic(layer, x, *, seq_lengths=None, initial_carry=None, time_major=False, reverse=False,
+            keep_order=False):
+  """The same computation with ``RNN`` / ``Bidirectional`` over the layer's cells
+  (``reverse``: every layer reversed, in input order between layers)."""
   single = layer.num_layers == 1 and not layer.bidirectional
   carries = (initial_carry,) if single else initial_carry
   finals = []
   for k in range(layer.num_layers):
-    rnn = nr.RNN(layer.forward[k])
+    last = k == layer.num_layers - 1
+    rnn = nr.RNN(layer.forward[k], reverse=reverse, keep_order=keep_order or not last)
     if layer.bidirectional:
       rnn = nr.Bidirectional(rnn, nr.RNN(layer.backward[k]))
     carry, x = rnn(x, seq_lengths=seq_lengths, return_carry=True, time_major=time_major,
@@ -225,6 +228,56 @@ def test_time_major_and_several_batch_axes(cls, force_path):
   assert out[1].shape == (T, 2, 2, 2 * H)
 
 
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+@pytest.mark.parametrize('num_layers,keep_order', [(1, False), (1, True), (2, False)])
+def test_reverse_matches_generic(cls, num_layers, keep_order):
+  """``reverse`` / ``keep_order`` of a one-direction layer are ``nr.RNN``'s: each row
+  from its last valid step to its first, outputs in processing order unless kept."""
+  layer = make(cls, num_layers, seed=21)
+  x = ref.normal((B, T, I), seed=22)
+  carry0 = random_carry(layer, seed=23)
+  kw = dict(seq_lengths=LENGTHS, reverse=True, keep_order=keep_order)
+  out, grads = values_and_grads(layer, x, carry0, lambda m, x, c: m(
+    x, initial_carry=c, return_carry=True, **kw))
+  out_g, grads_g = values_and_grads(layer, x, carry0, lambda m, x, c: generic(
+    m, x, initial_carry=c, **kw))
+  assert_trees_close(out, out_g)
+  assert_trees_close(grads, grads_g)
+  # The attributes are the defaults of the call.
+  layer.reverse, layer.keep_order = True, keep_order
+  assert_trees_close(call(layer, x, initial_carry=carry0, seq_lengths=LENGTHS), out[1])
+
+
+def cell_grads(grads, *path):
+  """The gradient leaves of the cells under ``path`` in an ``nnx.State``."""
+  for key in path:
+    grads = grads[key]
+  return jax.tree_util.tree_leaves(grads)
+
+
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_bidirectional_of_two_fused_layers_is_the_bidirectional_layer(cls):
+  """``nr.Bidirectional(nr.LSTM(...), nr.LSTM(...))`` with the cells of
+  ``nr.LSTM(..., bidirectional=True)``: the same values and gradients."""
+  both = make(cls, 1, True, seed=24)
+  fwd, bwd = cls(I, H, rngs=nnx.Rngs(0)), cls(I, H, rngs=nnx.Rngs(1))
+  nnx.update(fwd.forward[0], nnx.state(both.forward[0]))
+  nnx.update(bwd.forward[0], nnx.state(both.backward[0]))
+  pair = nr.Bidirectional(fwd, bwd)
+  x = ref.normal((B, T, I), seed=25)
+  carry0 = random_carry(both, seed=26)  # ((carry_f, carry_b),): one layer
+  out, grads = values_and_grads(both, x, carry0, lambda m, x, c: m(
+    x, initial_carry=c, seq_lengths=LENGTHS, return_carry=True))
+  out_p, grads_p = values_and_grads(pair, x, carry0[0], lambda m, x, c: m(
+    x, initial_carry=c, seq_lengths=LENGTHS, return_carry=True))
+  assert_trees_close((out[0][0], out[1]), out_p)
+  assert_trees_close((grads[1], grads[2][0]), grads_p[1:])  # inputs, initial carries
+  for a, b in ((('forward',), ('forward_rnn', 'forward')),
+               (('backward',), ('backward_rnn', 'forward'))):
+    for ga, gb in zip(cell_grads(grads[0], *a), cell_grads(grads_p[0], *b)):
+      np.testing.assert_allclose(np.asarray(ga), np.asarray(gb), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize('cls,path', [
   (nr.LSTM, 'default'), (nr.GRU, 'default'), (nr.LSTM, 'loop'), (nr.GRU, 'hoisted'),
   (nr.LSTM, 'hoisted'), (nr.LSTM, 'unrolled'), (nr.LSTM, 'joint'),
@@ -353,6 +406,16 @@ def test_errors(cls):
     layer(jnp.ones((2, 5, 3)), seq_lengths=jnp.array([6, 1]))
   with pytest.raises(ValueError, match=rf'{name}: `initial_carry` expected a pytree'):
     layer(jnp.ones((2, 5, 3)), initial_carry=layer.forward[0].initialize_carry((2, 3)))
+  with pytest.raises(ValueError, match=rf'{name}: `segment_ids` expected None \(packed sequences '
+                                       rf'are not supported by nr.{name} yet; use nr.RNN\), got '
+                                       r'an array of shape \(2, 5\)'):
+    layer(jnp.ones((2, 5, 3)), segment_ids=jnp.ones((2, 5), jnp.int32))
+  reverse = rf'{name}: `reverse` expected False for a bidirectional layer \(it runs both ' \
+            r'directions already\), got True'
+  with pytest.raises(ValueError, match=reverse):
+    cls(3, 4, bidirectional=True, reverse=True, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=reverse):
+    cls(3, 4, bidirectional=True, rngs=nnx.Rngs(0))(jnp.ones((2, 5, 3)), reverse=True)
 
 
 @pytest.mark.parametrize('layer', [nr.LSTM, nr.GRU])

@@ -42,6 +42,18 @@ def _first(*values):
   return next(v for v in values if v is not None)
 
 
+def _describe(x) -> str:
+  shape = getattr(x, 'shape', None)
+  return f'an array of shape {tuple(shape)}' if shape is not None else type(x).__name__
+
+
+def _zero_padding(xs: Array, valid: Array | None) -> Array:
+  """Time-major ``xs`` with zeros where ``valid`` (``(time, *batch)``) is False."""
+  if valid is None:
+    return xs
+  return jnp.where(valid.reshape(valid.shape + (1,)), xs, jnp.zeros((), xs.dtype))
+
+
 class _FusedBase(nnx.Module):
   _cell_type: type
   _math: Any
@@ -57,6 +69,8 @@ class _FusedBase(nnx.Module):
     dropout_rate: float = 0.0,
     time_major: bool = False,
     return_carry: bool = False,
+    reverse: bool = False,
+    keep_order: bool = False,
     dtype: Dtype | None = None,
     param_dtype: Dtype = jnp.float32,
     kernel_init: Initializer = default_kernel_init,
@@ -82,8 +96,11 @@ class _FusedBase(nnx.Module):
     if not isinstance(rngs, nnx.Rngs):
       _checks.fail(where, 'rngs', 'an nnx.Rngs', type(rngs).__name__, TypeError)
     self.bidirectional = bool(bidirectional)
+    self._check_reverse(reverse)
     self.time_major = time_major
     self.return_carry = return_carry
+    self.reverse = reverse
+    self.keep_order = keep_order
     kw = dict(kernel_init=kernel_init, recurrent_kernel_init=recurrent_kernel_init,
               bias_init=bias_init, dtype=dtype, param_dtype=param_dtype,
               kernel_metadata=kernel_metadata, recurrent_kernel_metadata=recurrent_kernel_metadata,
@@ -103,6 +120,11 @@ class _FusedBase(nnx.Module):
   @property
   def num_directions(self) -> int:
     return 2 if self.bidirectional else 1
+
+  def _check_reverse(self, reverse: bool):
+    if reverse and self.bidirectional:
+      _checks.fail(type(self).__name__, 'reverse', 'False for a bidirectional layer (it runs '
+                   'both directions already)', repr(reverse))
 
   def _cells(self, layer: int) -> list:
     return [self.forward[layer]] + ([self.backward[layer]] if self.bidirectional else [])
@@ -177,8 +199,11 @@ class _FusedBase(nnx.Module):
     *,
     initial_carry: Any = None,
     seq_lengths: Array | None = None,
+    segment_ids: Array | None = None,
     return_carry: bool | None = None,
     time_major: bool | None = None,
+    reverse: bool | None = None,
+    keep_order: bool | None = None,
     rngs: RngsLike = None,
   ):
     """Runs the stack over ``inputs``.
@@ -188,8 +213,12 @@ class _FusedBase(nnx.Module):
       initial_carry: in the structure described in the class docstring;
         default zeros.
       seq_lengths: integer ``(*batch)`` lengths; steps at or past a row's
-        length are padding (zero outputs, carry unchanged).
-      return_carry, time_major: override the attributes.
+        length are padding (zero outputs, carry unchanged; whatever the
+        inputs hold there reaches no output and no gradient).
+      segment_ids: must be ``None`` (packed sequences: use ``nr.RNN``); here
+        so that the layer takes ``nr.RNN``'s call, e.g. inside
+        ``nr.Bidirectional``.
+      return_carry, time_major, reverse, keep_order: override the attributes.
       rngs: dropout RNG (an ``nnx.Rngs``, ``RngStream`` or key), overriding
         the one given at construction.
 
@@ -199,6 +228,12 @@ class _FusedBase(nnx.Module):
     where = type(self).__name__
     return_carry = _first(return_carry, self.return_carry)
     time_major = _first(time_major, self.time_major)
+    reverse = _first(reverse, self.reverse)
+    keep_order = _first(keep_order, self.keep_order)
+    self._check_reverse(reverse)
+    if segment_ids is not None:
+      _checks.fail(where, 'segment_ids', f'None (packed sequences are not supported by '
+                   f'nr.{where} yet; use nr.RNN)', _describe(segment_ids))
     seq = _scan.prepare(where, inputs, num_feature_axes=1, in_features=self.in_features,
                         time_major=time_major, seq_lengths=seq_lengths)
     if initial_carry is None:
@@ -209,10 +244,16 @@ class _FusedBase(nnx.Module):
     if self.num_layers == 1 and not self.bidirectional:
       initial_carry = (initial_carry,)
     idx = None
-    if self.bidirectional:
+    if self.bidirectional or reverse:
       idx = _scan.reverse_indices(seq.time, seq.batch_shape, seq.seq_lengths)
     valid = seq.masks.valid
-    xs = seq.xs
+    # Zeros at padding, once: the projections and steps there then compute on
+    # zeros, whose values carry selection discards and whose gradients are 0
+    # (garbage would give NaN * 0 = NaN). Later layers read outputs that are 0
+    # at padding (and dropout keeps them 0).
+    xs = _zero_padding(seq.xs, valid)
+    if reverse:  # each row from its last valid step to its first; padding stays last
+      xs = _scan.take_time(xs, idx)
     finals = []
     for layer in range(self.num_layers):
       if layer:
@@ -221,6 +262,8 @@ class _FusedBase(nnx.Module):
       carries = tuple(layer_carry) if self.bidirectional else (layer_carry,)
       final, xs = self._run_layer(layer, xs, carries, valid, idx, seq.seq_lengths)
       finals.append(tuple(final) if self.bidirectional else final[0])
+    if reverse and keep_order:
+      xs = _scan.take_time(xs, idx)
     ys = _scan.restore_layout(xs, time_major, len(seq.batch_shape))
     return (self._public_carry(finals), ys) if return_carry else ys
 
@@ -231,7 +274,12 @@ _LAYER_DOC = """
   marks padding, whose outputs are zero and which leaves the carry unchanged.
   Outputs are ``(*batch, time, hidden_features * num_directions)``, the
   forward and backward directions concatenated on the last axis; the backward
-  direction reverses each row within its valid length.
+  direction reverses each row within its valid length. Whatever the inputs
+  hold at padding (even NaN or inf) reaches no output and no gradient: the
+  gradient there is zero. A one-direction layer takes ``reverse`` and
+  ``keep_order`` as ``RNN`` does, so two of them make a
+  ``nr.Bidirectional``; ``segment_ids`` (packed sequences) are not supported
+  yet.
 
   Carry (``initial_carry`` in, ``return_carry`` out):
 
@@ -258,6 +306,10 @@ _LAYER_DOC = """
       from the ``dropout`` stream, and holds no PRNG state when the rate is 0).
     time_major: inputs are ``(time, *batch, features)``.
     return_carry: return ``(carry, outputs)`` instead of ``outputs``.
+    reverse: process each row from its last valid step to its first (padding
+      stays at the end), all layers; outputs come in processing order unless
+      ``keep_order``. Not for a ``bidirectional`` layer (a ``ValueError``).
+    keep_order: with ``reverse``, return the outputs in input order.
     dtype: computation dtype (default: inferred from inputs and parameters).
     param_dtype: parameter and carry dtype.
     kernel_init, recurrent_kernel_init, bias_init: initializers of the cells.

@@ -1,0 +1,96 @@
+"""Garbage at padding is inert in ``nr.LSTM`` / ``nr.GRU``, on every implementation path.
+
+NaN, inf or 1e30 in the inputs at padded positions (``seq_lengths``) must
+change no output, no final carry and no gradient: the gradient with respect to
+the padded inputs is exactly zero, and every other value and gradient equals
+(bit for bit) that of the same batch padded with zeros. A ``where`` that
+discards a value computed on garbage does not discard its gradient (NaN * 0 is
+NaN), so each path is forced here: the XLA scans' plans (the custom VJP and
+the JAX-differentiated GRU plan), cuDNN (run by ``jax.experimental.rnn``'s
+reference on the CPU), and the Pallas kernels (interpret mode on the CPU).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import nnx_recurrent as nr
+from nnx_recurrent._fused import internal
+from tests import reference as ref
+from tests.test_cudnn import reference_lstm
+from tests.test_fused import PATHS, B, I, T, make, random_carry, use_path, weighted_loss
+
+LENGTHS = np.array([5, 1, 0], np.int32)  # full, one step, empty
+GARBAGE = (np.nan, np.inf, -np.inf, 1e30)
+
+
+def with_padding(x, fill):
+  """``x`` with ``fill`` at every padded position (``LENGTHS``)."""
+  pad = np.arange(T)[None, :] >= LENGTHS[:, None]
+  return jnp.where(jnp.asarray(pad)[..., None], jnp.asarray(fill, x.dtype), x)
+
+
+def context(path):
+  if path == 'cudnn':
+    return internal.fake_cuda(reference_lstm)
+  return use_path(path)
+
+
+def runs(layer, fills, dropout_seed=None):
+  """``(outputs, final carry)`` and the gradients (parameters, inputs) of a
+  weighted loss, for the inputs padded with each of ``fills``, compiled once."""
+  graphdef, params = nnx.split(layer)
+  x = ref.normal((B, T, I), seed=3)
+  carry0 = random_carry(layer, seed=4)
+
+  @jax.jit
+  def both(params, x):
+    def f(params, x):
+      rngs = None if dropout_seed is None else nnx.Rngs(dropout=dropout_seed)
+      return nnx.merge(graphdef, params)(x, initial_carry=carry0, seq_lengths=LENGTHS,
+                                         return_carry=True, rngs=rngs)
+
+    out, vjp = jax.vjp(f, params, x)
+    _, loss_vjp = jax.vjp(weighted_loss, out)
+    return out, vjp(loss_vjp(jnp.ones(()))[0])
+
+  return [both(params, with_padding(x, fill)) for fill in fills]
+
+
+def assert_inert(results):
+  (out0, (dparams0, dx0)), *garbage = results
+  pad = np.arange(T)[None, :] >= LENGTHS[:, None]
+  assert np.all(np.asarray(dx0)[pad] == 0)
+  for fill, (out, (dparams, dx)) in zip(GARBAGE, garbage):
+    for a, b in zip(jax.tree_util.tree_leaves((out0, dparams0, dx0)),
+                    jax.tree_util.tree_leaves((out, dparams, dx))):
+      np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=f'padding {fill}')
+
+
+LSTM_PATHS = ['default', 'loop', 'hoisted', 'unrolled', 'joint', 'autodiff', 'cudnn']
+GRU_PATHS = ['default', 'loop', 'hoisted', 'autodiff']
+
+
+@pytest.mark.parametrize('cls,path', [(nr.LSTM, p) for p in LSTM_PATHS]
+                         + [(nr.GRU, p) for p in GRU_PATHS])
+def test_garbage_padding_is_inert(cls, path):
+  """Two bidirectional layers, lengths 5, 1 and 0."""
+  implementation = 'cudnn' if path == 'cudnn' else 'auto'
+  layer = make(cls, 2, True, implementation=implementation)
+  with context(path):
+    results = runs(layer, (0.0, *GARBAGE))
+  assert_inert(results)
+  assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree_util.tree_leaves(results))
+
+
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_garbage_padding_is_inert_with_dropout_and_reverse(cls):
+  """Dropout between layers (the same key in every run), one direction, reversed."""
+  layer = make(cls, 2, dropout_rate=0.5, reverse=True)
+  assert_inert(runs(layer, (0.0, *GARBAGE), dropout_seed=5))
+
+
+def test_paths_cover_the_plans():
+  assert set(LSTM_PATHS) - {'default', 'cudnn'} == set(PATHS)

@@ -22,8 +22,20 @@ def fail(where: str, arg: str, expected: str, got: Any, exc: type[Exception] = V
 
 
 def is_concrete(x: Any) -> bool:
-  """True when ``x`` holds values known at trace time (not a tracer)."""
-  return not isinstance(x, jax.core.Tracer)
+  """True when this process can read ``x``'s values on the host: the guard of
+  every check on values.
+
+  False for a tracer (under ``jit``), and for a ``jax.Array`` spanning other
+  processes' devices (a global array under ``jax.distributed``) unless it is
+  fully replicated with a copy here: fetching one raises a ``RuntimeError``,
+  and checking only this process's shards would let processes disagree on
+  whether to raise (the others then wait in their next collective forever).
+  """
+  if isinstance(x, jax.core.Tracer):
+    return False
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return x.is_fully_replicated and x.sharding.has_addressable_devices
+  return True
 
 
 def check_rate(where: str, arg: str, rate: float) -> float:
@@ -60,8 +72,9 @@ def check_integer_array(where: str, arg: str, x: Any, shape: tuple[int, ...], sh
 def check_seq_lengths(where: str, seq_lengths: Any, batch_shape: tuple[int, ...], time: int):
   """Checks ``seq_lengths``; values are range-checked only when concrete.
 
-  Under ``jit`` the values are not known; there a length above ``time`` acts as
-  ``time`` and a negative length as ``0``.
+  Under ``jit``, and for a global array with shards on other processes, the
+  values are not checked (see :func:`is_concrete`); there a length above
+  ``time`` acts as ``time`` and a negative length as ``0``.
   """
   seq_lengths = check_integer_array(where, 'seq_lengths', seq_lengths, batch_shape, 'batch shape')
   if is_concrete(seq_lengths) and seq_lengths.size:

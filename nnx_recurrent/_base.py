@@ -11,6 +11,7 @@ looks like (``_carry_leaves``: how many arrays of the output shape it holds);
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -18,8 +19,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx.nn import initializers
-from flax.typing import Dtype, Initializer
+from flax.nnx.nn import dtypes, initializers
+from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
 from nnx_recurrent import _checks
 
@@ -37,7 +38,19 @@ def default_recurrent_kernel_init(key, shape, dtype=jnp.float32):
 
 
 default_bias_init = initializers.zeros_init()
+default_promote_dtype: PromoteDtypeFn = dtypes.promote_dtype
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
+
+# flax.nnx's warnings, word for word, so that filters written for flax match ours.
+_CARRY_INIT_WARNING = (
+  'carry_init is provided in __init__. '
+  'Please, use carry_init argument in `initialize_carry` method instead to initialize the carry. '
+  'Otherwise, two instances with same configuration but different carry_init '
+  'functions will have different graphdefs.'
+)
+_KEEP_RNGS_WARNING = (
+  'keep_rngs argument is deprecated. Please use rngs argument in __call__ instead '
+)
 
 
 class DropoutMasks(NamedTuple):
@@ -51,17 +64,33 @@ class DropoutMasks(NamedTuple):
   recurrent: Array | None
 
 
+def _check_rngs(rngs: RngsLike) -> None:
+  if not isinstance(rngs, (nnx.Rngs, nnx.RngStream, jax.Array)):
+    raise TypeError(
+      f'`rngs` expected an nnx.Rngs, nnx.RngStream or a PRNG key, got {type(rngs).__name__}.'
+    )
+
+
 def _key_from(rngs: RngsLike, stream: str) -> Array:
   """One PRNG key from an ``Rngs`` (named stream), an ``RngStream`` or a key."""
+  _check_rngs(rngs)
   if isinstance(rngs, nnx.Rngs):
     return rngs[stream]()
   if isinstance(rngs, nnx.RngStream):
     return rngs()
-  if isinstance(rngs, jax.Array):
-    return rngs
-  raise TypeError(
-    f'`rngs` expected an nnx.Rngs, nnx.RngStream or a PRNG key, got {type(rngs).__name__}.'
-  )
+  return rngs
+
+
+def _keys_from(rngs: RngsLike, stream: str, n: int) -> list[Array]:
+  """``n`` PRNG keys, drawn as flax.nnx draws them: one call of the stream per
+  key (an ``Rngs``'s named stream or an ``RngStream``); a raw key is split
+  (flax.linen's convention; one key is used as it is)."""
+  _check_rngs(rngs)
+  if isinstance(rngs, nnx.Rngs):
+    rngs = rngs[stream]
+  if isinstance(rngs, nnx.RngStream):
+    return [rngs() for _ in range(n)]
+  return [rngs] if n == 1 else list(jax.random.split(rngs, n))
 
 
 def _scaled_keep_mask(key: Array, rate: float, shape: tuple[int, ...], dtype) -> Array:
@@ -107,6 +136,9 @@ class RNNCellBase(nnx.Module):
     dropout_rate: float,
     recurrent_dropout_rate: float,
     rngs: nnx.Rngs | None,
+    carry_init: Initializer | None = None,
+    promote_dtype: PromoteDtypeFn = default_promote_dtype,
+    keep_rngs: bool = False,
   ) -> None:
     self.in_features = _checks.check_positive_int(where, 'in_features', in_features)
     self.hidden_features = _checks.check_positive_int(where, 'hidden_features', hidden_features)
@@ -118,11 +150,20 @@ class RNNCellBase(nnx.Module):
     self.recurrent_dropout_rate = _checks.check_rate(
       where, 'recurrent_dropout_rate', recurrent_dropout_rate
     )
+    self.promote_dtype = promote_dtype
     self.deterministic = False
-    # No PRNG state unless dropout needs it (flax keeps a stream by default,
-    # which breaks checkpoints: flax#4509).
+    if carry_init is not None:
+      warnings.warn(_CARRY_INIT_WARNING, stacklevel=3)
+    self.carry_init = carry_init
+    if keep_rngs:
+      warnings.warn(_KEEP_RNGS_WARNING, stacklevel=3)
+    # No PRNG state unless something random needs it (flax keeps a stream by
+    # default, which breaks checkpoints: flax#4509): dropout, or flax.nnx's
+    # deprecated keep_rngs (a stream for initialize_carry). One stream serves both.
     if self.dropout_rate or self.recurrent_dropout_rate:
       self.rngs = rngs['dropout'].fork()
+    elif keep_rngs:
+      self.rngs = rngs['carry'].fork()
     else:
       self.rngs = nnx.data(None)
 
@@ -147,6 +188,7 @@ class RNNCellBase(nnx.Module):
       bias_init=bias_init,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
+      promote_dtype=getattr(self, 'promote_dtype', default_promote_dtype),
       kernel_metadata=kernel_metadata,
       bias_metadata=bias_metadata,
       rngs=rngs,
@@ -191,8 +233,12 @@ class RNNCellBase(nnx.Module):
       input_shape: shape of one step's input, without the time axis:
         ``(*batch, *features)``.
       rngs: only needed with a random ``carry_init``: an ``nnx.Rngs`` (its
-        ``carry`` stream is used), an ``nnx.RngStream`` or a PRNG key.
-      carry_init: an initializer ``(key, shape, dtype) -> array``; default zeros.
+        ``carry`` stream is called once per carry array, as flax.nnx does), an
+        ``nnx.RngStream`` (likewise) or a PRNG key (split, one per array, as
+        flax.linen does). Default: the cell's own stream, if it keeps one
+        (``keep_rngs`` or dropout).
+      carry_init: an initializer ``(key, shape, dtype) -> array``; default the
+        ``carry_init`` given at construction, else zeros (which need no RNG).
 
     Returns:
       The carry: one array of shape ``output_shape(input_shape)``, or a tuple
@@ -208,17 +254,23 @@ class RNNCellBase(nnx.Module):
     dtype = getattr(self, 'param_dtype', jnp.float32)
     n = self._carry_leaves
     if carry_init is None:
+      carry_init = getattr(self, 'carry_init', None)
+    if carry_init is None:
       leaves = [jnp.zeros(shape, dtype) for _ in range(n)]
     else:
+      if rngs is None:
+        rngs = getattr(self, 'rngs', None)
       if rngs is None:
         raise ValueError(
           f'{name}.initialize_carry: `rngs` expected a PRNG source because `carry_init` '
           'is given, got None.'
         )
-      key = _key_from(rngs, 'carry')
-      keys = [key] if n == 1 else list(jax.random.split(key, n))
-      leaves = [carry_init(k, shape, dtype) for k in keys]
+      leaves = [carry_init(k, shape, dtype) for k in _keys_from(rngs, 'carry', n)]
     return leaves[0] if n == 1 else tuple(leaves)
+
+  def _needs_carry_rngs(self) -> bool:
+    """Whether the default carry draws randomness it has no source for."""
+    return getattr(self, 'carry_init', None) is not None and getattr(self, 'rngs', None) is None
 
   def set_view(self, deterministic: bool | None = None):
     """Used by ``nnx.view(model, deterministic=...)``, as for ``nnx.Dropout``.

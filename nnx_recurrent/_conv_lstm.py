@@ -8,10 +8,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.typing import Dtype, PaddingLike
+from flax.typing import Dtype, Initializer, PaddingLike, PromoteDtypeFn
 
 from nnx_recurrent import _checks
-from nnx_recurrent._base import _NO_METADATA, RNNCellBase, lstm_update, masked
+from nnx_recurrent._base import (
+  _NO_METADATA,
+  RNNCellBase,
+  default_promote_dtype,
+  lstm_update,
+  masked,
+)
 
 _SHAPE_KEEPING = ('SAME', 'CIRCULAR', 'REFLECT', 'CAUSAL')
 
@@ -94,6 +100,9 @@ class ConvLSTMCell(RNNCellBase):
     param_dtype: Dtype = jnp.float32,
     dropout_rate: float = 0.0,
     recurrent_dropout_rate: float = 0.0,
+    carry_init: Initializer | None = None,
+    promote_dtype: PromoteDtypeFn = default_promote_dtype,
+    keep_rngs: bool = False,
     kernel_metadata: Mapping[str, Any] = _NO_METADATA,
     recurrent_kernel_metadata: Mapping[str, Any] = _NO_METADATA,
     bias_metadata: Mapping[str, Any] = _NO_METADATA,
@@ -103,6 +112,7 @@ class ConvLSTMCell(RNNCellBase):
     self._init_common(
       where, in_features, hidden_features, dtype=dtype, param_dtype=param_dtype,
       dropout_rate=dropout_rate, recurrent_dropout_rate=recurrent_dropout_rate, rngs=rngs,
+      carry_init=carry_init, promote_dtype=promote_dtype, keep_rngs=keep_rngs,
     )
     if isinstance(kernel_size, int) or not 1 <= len(kernel_size) <= 3:
       _checks.fail(where, 'kernel_size', 'a sequence of 1 to 3 ints', repr(kernel_size))
@@ -118,7 +128,8 @@ class ConvLSTMCell(RNNCellBase):
     self.strides = tuple(_checks.check_positive_int(where, 'strides', s) for s in strides)
     self.padding = padding
     self.use_bias = use_bias
-    conv = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    conv = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                promote_dtype=promote_dtype, rngs=rngs)
     self.ih = nnx.Conv(self.in_features, 4 * self.hidden_features, self.kernel_size,
                        strides=self.strides, padding=padding, kernel_metadata=kernel_metadata,
                        bias_metadata=bias_metadata, **conv)

@@ -7,13 +7,14 @@ from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
-from flax.typing import Dtype, Initializer
+from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
 from nnx_recurrent._base import (
   _NO_METADATA,
   RNNCellBase,
   default_bias_init,
   default_kernel_init,
+  default_promote_dtype,
   default_recurrent_kernel_init,
   masked,
 )
@@ -49,10 +50,14 @@ class _GatedUnit(RNNCellBase):
     recurrent_kernel_metadata: Mapping[str, Any],
     bias_metadata: Mapping[str, Any],
     rngs: nnx.Rngs,
+    carry_init: Initializer | None,
+    promote_dtype: PromoteDtypeFn,
+    keep_rngs: bool,
   ) -> None:
     self._init_common(
       type(self).__name__, in_features, hidden_features, dtype=dtype, param_dtype=param_dtype,
       dropout_rate=dropout_rate, recurrent_dropout_rate=recurrent_dropout_rate, rngs=rngs,
+      carry_init=carry_init, promote_dtype=promote_dtype, keep_rngs=keep_rngs,
     )
     self.gate_fn = gate_fn
     self.activation_fn = activation_fn
@@ -138,6 +143,9 @@ class GRUCell(_GatedUnit):
     param_dtype: Dtype = jnp.float32,
     dropout_rate: float = 0.0,
     recurrent_dropout_rate: float = 0.0,
+    carry_init: Initializer | None = None,
+    promote_dtype: PromoteDtypeFn = default_promote_dtype,
+    keep_rngs: bool = False,
     kernel_metadata: Mapping[str, Any] = _NO_METADATA,
     recurrent_kernel_metadata: Mapping[str, Any] = _NO_METADATA,
     bias_metadata: Mapping[str, Any] = _NO_METADATA,
@@ -150,6 +158,7 @@ class GRUCell(_GatedUnit):
       dropout_rate=dropout_rate, recurrent_dropout_rate=recurrent_dropout_rate,
       kernel_metadata=kernel_metadata, recurrent_kernel_metadata=recurrent_kernel_metadata,
       bias_metadata=bias_metadata, rngs=rngs,
+      carry_init=carry_init, promote_dtype=promote_dtype, keep_rngs=keep_rngs,
     )
 
   def _step(self, carry, inputs, recurrent_mask):

@@ -7,7 +7,7 @@ from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
-from flax.typing import Dtype, Initializer
+from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
 from nnx_recurrent._base import (
   _NO_METADATA,
@@ -15,6 +15,7 @@ from nnx_recurrent._base import (
   RNNCellBase,
   default_bias_init,
   default_kernel_init,
+  default_promote_dtype,
   default_recurrent_kernel_init,
   lstm_update,
   masked,
@@ -40,6 +41,9 @@ class _LSTMBase(RNNCellBase):
     param_dtype: Dtype = jnp.float32,
     dropout_rate: float = 0.0,
     recurrent_dropout_rate: float = 0.0,
+    carry_init: Initializer | None = None,
+    promote_dtype: PromoteDtypeFn = default_promote_dtype,
+    keep_rngs: bool = False,
     kernel_metadata: Mapping[str, Any] = _NO_METADATA,
     recurrent_kernel_metadata: Mapping[str, Any] = _NO_METADATA,
     bias_metadata: Mapping[str, Any] = _NO_METADATA,
@@ -48,6 +52,7 @@ class _LSTMBase(RNNCellBase):
     self._init_common(
       type(self).__name__, in_features, hidden_features, dtype=dtype, param_dtype=param_dtype,
       dropout_rate=dropout_rate, recurrent_dropout_rate=recurrent_dropout_rate, rngs=rngs,
+      carry_init=carry_init, promote_dtype=promote_dtype, keep_rngs=keep_rngs,
     )
     self.gate_fn = gate_fn
     self.activation_fn = activation_fn

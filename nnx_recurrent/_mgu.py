@@ -9,11 +9,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import initializers
-from flax.typing import Dtype, Initializer
+from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
 from nnx_recurrent._base import (
   _NO_METADATA,
   default_kernel_init,
+  default_promote_dtype,
   default_recurrent_kernel_init,
   masked,
 )
@@ -90,6 +91,9 @@ class MGUCell(_GatedUnit):
     param_dtype: Dtype = jnp.float32,
     dropout_rate: float = 0.0,
     recurrent_dropout_rate: float = 0.0,
+    carry_init: Initializer | None = None,
+    promote_dtype: PromoteDtypeFn = default_promote_dtype,
+    keep_rngs: bool = False,
     kernel_metadata: Mapping[str, Any] = _NO_METADATA,
     recurrent_kernel_metadata: Mapping[str, Any] = _NO_METADATA,
     bias_metadata: Mapping[str, Any] = _NO_METADATA,
@@ -105,6 +109,7 @@ class MGUCell(_GatedUnit):
       dropout_rate=dropout_rate, recurrent_dropout_rate=recurrent_dropout_rate,
       kernel_metadata=kernel_metadata, recurrent_kernel_metadata=recurrent_kernel_metadata,
       bias_metadata=bias_metadata, rngs=rngs,
+      carry_init=carry_init, promote_dtype=promote_dtype, keep_rngs=keep_rngs,
     )
 
   def _step(self, carry, inputs, recurrent_mask):

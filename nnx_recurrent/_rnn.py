@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -23,6 +23,34 @@ def _check_cell(where: str, cell: Any) -> None:
 
 def _first(*values):
   return next(v for v in values if v is not None)
+
+
+def _carry_stream(where: str, rngs: Any, needed: bool) -> nnx.RngStream | None:
+  """flax.nnx's ``rngs`` constructor argument of ``RNN`` / ``Bidirectional``.
+
+  flax keeps an ``RngStream`` (``RngStream(0)`` for ``True``) to build the
+  default carry. Zeros need none, and a stored key breaks checkpoints
+  (flax#4509), so it is kept only when ``needed``: a cell whose default carry
+  may draw from it.
+  """
+  if not (isinstance(rngs, (bool, nnx.Rngs, nnx.RngStream))):
+    _checks.fail(where, 'rngs', 'True, False, an nnx.Rngs or an nnx.RngStream',
+                 type(rngs).__name__, TypeError)
+  if rngs is False or not needed:
+    return None
+  if rngs is True:
+    return nnx.RngStream(0, tag='carry')
+  return (rngs.carry if isinstance(rngs, nnx.Rngs) else rngs).fork()
+
+
+def _call_carry_rngs(rngs: Any, stored: Any):
+  """The RNG an RNN passes to ``initialize_carry``: flax.nnx's choice (the
+  call's ``rngs``, else the stored stream; an ``nnx.Rngs`` gives a fork of its
+  ``carry`` stream)."""
+  rngs = rngs if rngs is not None else stored
+  if isinstance(rngs, nnx.Rngs):
+    return rngs.carry.fork()
+  return rngs
 
 
 class RNN(nnx.Module):
@@ -71,11 +99,28 @@ class RNN(nnx.Module):
     unroll: scan steps unrolled per loop iteration.
     remat: rematerialise each step in the backward pass: training memory holds
       only the carries, at the cost of recomputing each step once.
+    state_axes: as flax.nnx's: how the cell's state goes through the scan, a
+      mapping from state filters to ``nnx.Carry`` (threaded from step to step:
+      the default, ``{...: nnx.Carry}``), ``None`` (broadcast: changes are
+      dropped) or an axis. With the default, every Variable the cell changes
+      (a step counter, its own RNG streams) keeps its changes after the call.
+    broadcast_rngs: as flax.nnx's: a filter of RNG stream names (e.g.
+      ``'recurrent_dropout'``) held fixed over the steps of one call, so that
+      a cell's ``nnx.Dropout`` applies one mask to every step (variational
+      dropout); the streams still advance once per call.
+    rngs: as flax.nnx's (``True``, ``False``, an ``nnx.Rngs`` or an
+      ``nnx.RngStream``): the source of the RNG passed to the cell's
+      ``initialize_carry``. Unlike flax, a stream is kept in the module's
+      state only when the cell may draw from it: never for this package's
+      cells (their zero carry needs none) unless built with a ``carry_init``;
+      always for other cells (flax.nnx's own, or yours), whose
+      ``initialize_carry(input_shape, rngs)`` gets it as in flax.nnx.
   """
 
   def __init__(self, cell, *, time_major: bool = False, return_carry: bool = False,
                reverse: bool = False, keep_order: bool = False, unroll: int = 1,
-               remat: bool = False):
+               remat: bool = False, state_axes: Any = None, broadcast_rngs: Any = None,
+               rngs: Any = True):
     _check_cell('RNN', cell)
     self.cell = cell
     self.time_major = time_major
@@ -84,6 +129,12 @@ class RNN(nnx.Module):
     self.keep_order = keep_order
     self.unroll = _checks.check_positive_int('RNN', 'unroll', unroll)
     self.remat = remat
+    if state_axes is not None and not isinstance(state_axes, Mapping):
+      _checks.fail('RNN', 'state_axes', 'None or a mapping from state filters to nnx.Carry, '
+                   'None or an axis', type(state_axes).__name__, TypeError)
+    self.state_axes = state_axes
+    self.broadcast_rngs = broadcast_rngs
+    self.rngs = nnx.data(_carry_stream('RNN', rngs, _scan.needs_carry_rngs(cell)))
 
   def __call__(
     self,
@@ -110,7 +161,11 @@ class RNN(nnx.Module):
       segment_ids: integer ids shaped like the batch and time axes for packed
         sequences (``0`` = padding); not together with ``seq_lengths``.
       return_carry, time_major, reverse, keep_order: override the attributes.
-      rngs: dropout RNG, overriding the cell's.
+      rngs: an ``nnx.Rngs``, ``nnx.RngStream`` or PRNG key. As in flax.nnx,
+        the RNG for the cell's ``initialize_carry`` (an ``nnx.Rngs``'s
+        ``carry`` stream), overriding the stored one; and for this package's
+        cells, the variational dropout RNG (its ``dropout`` stream),
+        overriding the cell's.
 
     Returns:
       ``outputs``, or ``(final_carry, outputs)`` with ``return_carry``.
@@ -126,12 +181,16 @@ class RNN(nnx.Module):
       seq_lengths=seq_lengths, segment_ids=segment_ids,
     )
     step_shape = tuple(seq.xs.shape[1:])
-    initial_carry = _scan.initial_carry('RNN', cell, initial_carry, step_shape)
+    carry_rngs = None
+    if initial_carry is None and _scan.needs_carry_rngs(cell):
+      carry_rngs = _call_carry_rngs(rngs, self.rngs)
+    initial_carry = _scan.initial_carry('RNN', cell, initial_carry, step_shape, carry_rngs)
     xs, idx = _scan.processing_order(seq, reverse)
     dropout_masks = _scan.cell_dropout_masks(cell, step_shape, rngs, xs.dtype)
     carry, ys = _scan.masked_scan(
       cell, initial_carry, xs, seq.masks, dropout_masks=dropout_masks,
-      unroll=self.unroll, remat=self.remat,
+      unroll=self.unroll, remat=self.remat, state_axes=self.state_axes,
+      broadcast_rngs=self.broadcast_rngs,
     )
     ys = _scan.output_order(ys, seq, reverse, idx, keep_order, time_major)
     return (carry, ys) if return_carry else ys
@@ -165,16 +224,30 @@ class Bidirectional(nnx.Module):
     ((2, 4), (2, 4))
 
   Args:
-    forward_rnn, backward_rnn: ``RNN`` layers (or any layer with ``RNN``'s call).
-      Passing the same object twice shares its parameters between the two
-      directions (and warns, as flax does).
+    forward_rnn, backward_rnn: sequence layers of this package: ``RNN``, a
+      unidirectional fused ``LSTM`` / ``GRU``, a ``StackedRNN`` (or any layer
+      with ``RNN``'s call, ``reverse`` and ``keep_order`` included). Refused at
+      construction: a ``Bidirectional`` or a fused layer with
+      ``bidirectional=True`` (each already runs both directions). Passing the
+      same object twice shares its parameters between the two directions
+      (and warns, as flax does).
     merge_fn: ``(forward_outputs, backward_outputs) -> outputs``.
     time_major, return_carry: defaults for the call.
+    rngs: as flax.nnx's (``True``, ``False``, an ``nnx.Rngs`` or an
+      ``nnx.RngStream``): the RNG passed to both directions' calls for their
+      default carries. A given ``Rngs`` / ``RngStream`` is kept (forked) only
+      when a direction's cell may draw from it (see :class:`RNN`'s ``rngs``);
+      with ``True`` (the default) each ``RNN`` uses its own.
   """
 
   def __init__(self, forward_rnn, backward_rnn, *,
                merge_fn: Callable[[Array, Array], Array] = _concatenate,
-               time_major: bool = False, return_carry: bool = False):
+               time_major: bool = False, return_carry: bool = False, rngs: Any = True):
+    for arg, layer in (('forward_rnn', forward_rnn), ('backward_rnn', backward_rnn)):
+      if isinstance(layer, Bidirectional) or getattr(layer, 'bidirectional', False) is True:
+        _checks.fail('Bidirectional', arg, 'a one-direction sequence layer (RNN, LSTM or GRU '
+                     'with bidirectional=False, StackedRNN)',
+                     f'{type(layer).__name__}, which already runs both directions', TypeError)
     if forward_rnn is backward_rnn:
       warnings.warn('Bidirectional: `forward_rnn` and `backward_rnn` are the same object, so '
                     'both directions share its parameters; pass two RNNs unless that is '
@@ -184,6 +257,10 @@ class Bidirectional(nnx.Module):
     self.merge_fn = merge_fn
     self.time_major = time_major
     self.return_carry = return_carry
+    needed = any(isinstance(layer, RNN) and _scan.needs_carry_rngs(layer.cell)
+                 for layer in (forward_rnn, backward_rnn))
+    self.rngs = nnx.data(
+      _carry_stream('Bidirectional', rngs, needed and not isinstance(rngs, bool)))
 
   def __call__(
     self,
@@ -195,8 +272,20 @@ class Bidirectional(nnx.Module):
     return_carry: bool | None = None,
     time_major: bool | None = None,
     rngs: RngsLike = None,
+    reverse: bool | None = None,
+    keep_order: bool | None = None,
   ):
-    """Returns merged outputs, or ``((carry_fwd, carry_bwd), outputs)``."""
+    """Returns merged outputs, or ``((carry_fwd, carry_bwd), outputs)``.
+
+    Args:
+      inputs, seq_lengths, segment_ids, return_carry, time_major: as for
+        :class:`RNN`.
+      initial_carry: a pair ``(forward_carry, backward_carry)``.
+      rngs: passed to both directions (a PRNG key is split in two, so that
+        their dropout masks differ); default the stored stream, if any.
+      reverse, keep_order: accepted and ignored, as in flax.nnx.
+    """
+    del reverse, keep_order  # flax.nnx's signature; both directions are fixed
     return_carry = _first(return_carry, self.return_carry)
     time_major = _first(time_major, self.time_major)
     carry_f = carry_b = None
@@ -207,6 +296,7 @@ class Bidirectional(nnx.Module):
       carry_f, carry_b = initial_carry
     common = dict(seq_lengths=seq_lengths, segment_ids=segment_ids, return_carry=True,
                   time_major=time_major)
+    rngs = rngs if rngs is not None else self.rngs
     rngs_f = rngs_b = rngs
     if isinstance(rngs, jax.Array):  # one key would give both directions the same masks
       rngs_f, rngs_b = jax.random.split(rngs)

@@ -90,21 +90,98 @@ def take_time(x: Array, idx: Array | None) -> Array:
 
 
 # -- the scan -------------------------------------------------------------------
+def _call_cell(cell, carry, x_t, dropout_masks):
+  if dropout_masks is None:
+    return cell(carry, x_t)
+  return cell(carry, x_t, dropout_masks=dropout_masks)
+
+
+def _remat_call_cell(cell, carry, x_t, dropout_masks):
+  """:func:`_call_cell` under ``jax.checkpoint``: the backward pass recomputes it.
+
+  The cell's state is a scan carry (:func:`nnx_state_axes`), but parameters
+  the step does not write must come out of the step as the very values that
+  went in: then JAX sees them loop-invariant and saves them once, not once
+  per step (``nnx.remat`` returns every Variable, which made the scan store
+  the parameters at every step: 17x the memory of no remat at all). Whether
+  the cell wrote a parameter is known when the step is traced.
+  """
+  graphdef, params, rest = nnx.split(cell, nnx.Param, ...)
+
+  def pure(params, rest, carry, x_t, dropout_masks):
+    before = jax.tree_util.tree_leaves(params)  # the arrays (merge shares the Variables)
+    c = nnx.merge(graphdef, params, rest)
+    new_carry, y = _call_cell(c, carry, x_t, dropout_masks)
+    _, new_params, new_rest = nnx.split(c, nnx.Param, ...)
+    unchanged = all(a is b for a, b in zip(jax.tree_util.tree_leaves(new_params), before))
+    return new_carry, y, (None if unchanged else new_params), new_rest
+
+  new_carry, y, new_params, new_rest = jax.checkpoint(pure)(params, rest, carry, x_t,
+                                                            dropout_masks)
+  nnx.update(cell, new_rest)
+  if new_params is not None:
+    nnx.update(cell, new_params)
+  return new_carry, y
+
+
 def _step(cell, carry, xs, extras):
+  """One masked step: padding keeps the carry and outputs zeros."""
+  return _masked_step(_call_cell, cell, carry, xs, extras)
+
+
+def _remat_step(cell, carry, xs, extras):
+  """:func:`_step` whose cell call is recomputed in the backward pass."""
+  return _masked_step(_remat_call_cell, cell, carry, xs, extras)
+
+
+def _masked_step(call, cell, carry, xs, extras):
   x_t, valid_t, reset_t = xs
   dropout_masks, reset_carry = extras
   if reset_t is not None:
     carry = select(reset_t, reset_carry, carry)
-  if dropout_masks is None:
-    new_carry, y = cell(carry, x_t)
-  else:
-    new_carry, y = cell(carry, x_t, dropout_masks=dropout_masks)
+  new_carry, y = call(cell, carry, x_t, dropout_masks)
   # Cells may compute in a lower dtype than the carry is stored in.
   new_carry = jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), new_carry, carry)
   if valid_t is not None:
     new_carry = select(valid_t, new_carry, carry)
     y = jax.tree_util.tree_map(lambda a: jnp.where(_bcast(valid_t, a), a, 0), y)
   return new_carry, y
+
+
+def _linen_step(cell, carry, xs, extras):
+  """flax.linen's step: the cell runs on padding too and its outputs stay.
+
+  ``carry`` is ``(running, last_valid)``: ``running`` is flax.linen's carry,
+  which goes on through the padding; ``last_valid`` is selected as in
+  :func:`_step`, so the final carry is each row's last valid one without a
+  carry history.
+  """
+  x_t, valid_t, _ = xs
+  del extras
+  running, last_valid = carry
+  new, y = cell(running, x_t)
+  new = jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), new, running)
+  return (new, select(valid_t, new, last_valid)), y
+
+
+def clean_padding(xs: Array, valid: Array | None) -> Array:
+  """Zeros at padding: what a cell sees there is never garbage (NaN, inf).
+
+  Carry selection discards the values a cell computes at padding, but not
+  their gradients: NaN at padding times a zero cotangent is NaN (the JAX FAQ's
+  "double where"). One ``where`` over the sequence, before the scan.
+  """
+  if valid is None:
+    return xs
+  return jnp.where(_bcast(valid, xs), xs, jnp.zeros((), xs.dtype))
+
+
+def nnx_state_axes(state_axes: Any = None, broadcast_rngs: Any = None) -> nnx.StateAxes:
+  """flax.nnx's ``RNN`` state axes: the cell's whole state is a scan carry
+  (mutations and RNG streams advance step by step), except the RNG streams
+  named by ``broadcast_rngs``, held fixed over the steps of one call."""
+  axes = state_axes if state_axes is not None else {...: nnx.Carry}
+  return nnx.StateAxes({nnx.All(nnx.RngState, broadcast_rngs): None, **axes})
 
 
 def masked_scan(
@@ -117,8 +194,15 @@ def masked_scan(
   reset_carry: Any = None,
   unroll: int | bool = 1,
   remat: bool = False,
+  state_axes: Any = None,
+  broadcast_rngs: Any = None,
 ) -> tuple[Any, Any]:
   """Scans ``cell`` over time-major ``xs`` with carry selection.
+
+  The cell's state is threaded through the scan as flax.nnx's ``RNN`` does
+  (:func:`nnx_state_axes`): Variables the cell changes and its RNG streams
+  persist after the call. At padding the cell sees zeros
+  (:func:`clean_padding`), so garbage there reaches no output or gradient.
 
   Args:
     cell: any cell: ``cell(carry, x_t) -> (carry, y_t)``.
@@ -129,22 +213,54 @@ def masked_scan(
     reset_carry: the carry a ``reset`` step starts from (default ``carry``).
     unroll: steps unrolled per loop iteration.
     remat: rematerialise each step in the backward pass (memory ~ carries only).
+    state_axes, broadcast_rngs: as for flax.nnx's ``RNN``.
 
   Returns:
     ``(final_carry, ys)`` with ``ys`` time-major; ``ys`` is zero where not valid.
   """
   if masks.reset is not None and reset_carry is None:
     reset_carry = carry
-  step = nnx.remat(_step) if remat else _step
-  scan = nnx.scan(step, in_axes=(None, nnx.Carry, 0, None), out_axes=(nnx.Carry, 0),
+  xs = clean_padding(xs, masks.valid)
+  step = _remat_step if remat else _step
+  axes = nnx_state_axes(state_axes, broadcast_rngs)
+  scan = nnx.scan(step, in_axes=(axes, nnx.Carry, 0, None), out_axes=(nnx.Carry, 0),
                   unroll=unroll)
+  if broadcast_rngs is not None:
+    # One split per call: the broadcast streams give new randomness each call.
+    scan = nnx.split_rngs(splits=1, only=broadcast_rngs, squeeze=True)(scan)
   return scan(cell, carry, (xs, masks.valid, masks.reset), (dropout_masks, reset_carry))
 
 
-def default_carry(cell, step_shape: tuple[int, ...]) -> Any:
-  """The cell's default initial carry (through the private hook when it has one)."""
-  init = getattr(cell, '_initialize_carry', None)
-  return init(step_shape) if init is not None else cell.initialize_carry(step_shape)
+def default_carry(cell, step_shape: tuple[int, ...], rngs: Any = None) -> Any:
+  """The cell's default initial carry.
+
+  This package's cells build it through their private hook (zeros need no
+  RNG); any other cell's ``initialize_carry(input_shape, rngs)`` gets
+  ``rngs`` as flax.nnx's ``RNN`` passes it (``None`` when there is none).
+  """
+  if uses_base_initialize_carry(cell):
+    return cell._initialize_carry(step_shape, rngs)
+  return cell.initialize_carry(step_shape, rngs)
+
+
+def uses_base_initialize_carry(cell) -> bool:
+  """True for cells whose ``initialize_carry`` is :class:`RNNCellBase`'s own."""
+  from nnx_recurrent._base import RNNCellBase
+
+  return (isinstance(cell, RNNCellBase)
+          and type(cell).initialize_carry is RNNCellBase.initialize_carry)
+
+
+def needs_carry_rngs(cell) -> bool:
+  """Whether a layer over ``cell`` must supply an RNG for its default carry.
+
+  This package's cells need none (zeros) unless built with a ``carry_init``
+  and no stream of their own; any other cell's ``initialize_carry`` takes an
+  RNG and may draw from it, so it gets one, as in flax.nnx.
+  """
+  if uses_base_initialize_carry(cell):
+    return cell._needs_carry_rngs()
+  return True
 
 
 def cell_dropout_masks(cell, step_shape: tuple[int, ...], rngs, dtype) -> Any:
@@ -153,12 +269,21 @@ def cell_dropout_masks(cell, step_shape: tuple[int, ...], rngs, dtype) -> Any:
   return None if masks is None else masks(step_shape, rngs, dtype)
 
 
-def initial_carry(where: str, cell, initial_carry: Any, step_shape: tuple[int, ...]) -> Any:
-  """``initial_carry`` checked against the cell's own carry, or that default."""
+def initial_carry(where: str, cell, initial_carry: Any, step_shape: tuple[int, ...],
+                  rngs: Any = None) -> Any:
+  """``initial_carry`` checked against the cell's own carry, or that default.
+
+  The check needs the cell's carry structure, which only this package's cells
+  give without side effects; another cell's ``initialize_carry`` is never
+  called when ``initial_carry`` is given (it may need an RNG, or not exist).
+  """
   if initial_carry is None:
-    return default_carry(cell, step_shape)
-  expected = jax.eval_shape(lambda: default_carry(cell, step_shape))
-  _checks.check_tree_matches(where, 'initial_carry', initial_carry, expected)
+    return default_carry(cell, step_shape, rngs)
+  if uses_base_initialize_carry(cell):
+    zeros = nnx.initializers.zeros_init()  # the structure, without drawing from a stream
+    expected = jax.eval_shape(
+      lambda: cell._initialize_carry(step_shape, jax.random.key(0), zeros))
+    _checks.check_tree_matches(where, 'initial_carry', initial_carry, expected)
   return initial_carry
 
 

@@ -7,13 +7,14 @@ from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
-from flax.typing import Dtype, Initializer
+from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
 from nnx_recurrent._base import (
   _NO_METADATA,
   RNNCellBase,
   default_bias_init,
   default_kernel_init,
+  default_promote_dtype,
   default_recurrent_kernel_init,
   masked,
 )
@@ -45,7 +46,9 @@ class SimpleCell(RNNCellBase):
     activation_fn: nonlinearity (default tanh).
     residual: add ``h`` inside the nonlinearity.
     kernel_init, recurrent_kernel_init, bias_init: initializers.
-    dtype, param_dtype, dropout_rate, recurrent_dropout_rate: as for :class:`LSTMCell`.
+    dtype: computation dtype, default float32 (flax.nnx's default for this
+      cell; ``None`` infers it from the inputs and parameters).
+    param_dtype, dropout_rate, recurrent_dropout_rate: as for :class:`LSTMCell`.
     kernel_metadata, recurrent_kernel_metadata, bias_metadata, rngs: as for
       :class:`LSTMCell`.
   """
@@ -60,10 +63,13 @@ class SimpleCell(RNNCellBase):
     kernel_init: Initializer = default_kernel_init,
     recurrent_kernel_init: Initializer = default_recurrent_kernel_init,
     bias_init: Initializer = default_bias_init,
-    dtype: Dtype | None = None,
+    dtype: Dtype | None = jnp.float32,
     param_dtype: Dtype = jnp.float32,
     dropout_rate: float = 0.0,
     recurrent_dropout_rate: float = 0.0,
+    carry_init: Initializer | None = None,
+    promote_dtype: PromoteDtypeFn = default_promote_dtype,
+    keep_rngs: bool = False,
     kernel_metadata: Mapping[str, Any] = _NO_METADATA,
     recurrent_kernel_metadata: Mapping[str, Any] = _NO_METADATA,
     bias_metadata: Mapping[str, Any] = _NO_METADATA,
@@ -72,6 +78,7 @@ class SimpleCell(RNNCellBase):
     self._init_common(
       'SimpleCell', in_features, hidden_features, dtype=dtype, param_dtype=param_dtype,
       dropout_rate=dropout_rate, recurrent_dropout_rate=recurrent_dropout_rate, rngs=rngs,
+      carry_init=carry_init, promote_dtype=promote_dtype, keep_rngs=keep_rngs,
     )
     self.activation_fn = activation_fn
     self.residual = bool(residual)

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from nnx_recurrent import _checks
+from nnx_recurrent import _checks, _scan
 from nnx_recurrent._base import Array, Carry, RngsLike
 from nnx_recurrent._rnn import RNN, Bidirectional, _first
 
 
+def _feature_axes(layer) -> int:
+  """The number of feature axes a layer's inputs have (1 for the fused layers)."""
+  while isinstance(layer, Bidirectional):
+    layer = layer.forward_rnn
+  cell = getattr(layer, 'cell', None)
+  return cell.num_feature_axes if cell is not None else 1
+
+
 class StackedRNN(nnx.Module):
-  """A stack of ``RNN`` and ``Bidirectional`` layers (mixed freely).
+  """A stack of sequence layers: ``RNN``, ``Bidirectional``, fused ``LSTM`` / ``GRU``
+  (mixed freely).
 
   Each layer reads the previous layer's outputs. ``seq_lengths``,
   ``segment_ids`` and ``time_major`` go to every layer, so padding stays
@@ -44,8 +54,13 @@ class StackedRNN(nnx.Module):
     >>> fwd[1].shape, h.shape
     ((2, 4), (2, 5))
 
+  ``reverse=True`` runs the whole stack on each row reversed within its
+  valid length (each packed segment within its span), which is what
+  ``Bidirectional`` asks of its backward layer; outputs come in processing
+  order unless ``keep_order=True``.
+
   Args:
-    *layers: ``RNN`` or ``Bidirectional`` layers, first to last.
+    *layers: ``RNN``, ``Bidirectional``, ``LSTM`` or ``GRU`` layers, first to last.
     dropout_rate: dropout between layers (not after the last).
     time_major: inputs are ``(time, *batch, *features)`` (default: the first
       layer's ``time_major``).
@@ -60,9 +75,11 @@ class StackedRNN(nnx.Module):
                return_carry: bool = False, rngs: nnx.Rngs | None = None):
     if not layers:
       _checks.fail('StackedRNN', 'layers', 'at least one layer', 'none')
+    from nnx_recurrent._fused import GRU, LSTM  # the fused layers import this package's core
+
     for i, layer in enumerate(layers):
-      if not isinstance(layer, (RNN, Bidirectional)):
-        _checks.fail('StackedRNN', f'layers[{i}]', 'an RNN or Bidirectional layer',
+      if not isinstance(layer, (RNN, Bidirectional, LSTM, GRU)):
+        _checks.fail('StackedRNN', f'layers[{i}]', 'an RNN, Bidirectional, LSTM or GRU layer',
                      type(layer).__name__, TypeError)
     self.layers = nnx.List(layers)
     self.dropout_rate = _checks.check_rate('StackedRNN', 'dropout_rate', dropout_rate)
@@ -81,6 +98,8 @@ class StackedRNN(nnx.Module):
     return_carry: bool | None = None,
     time_major: bool | None = None,
     rngs: RngsLike = None,
+    reverse: bool = False,
+    keep_order: bool = False,
   ):
     """Runs the layers in turn.
 
@@ -92,6 +111,8 @@ class StackedRNN(nnx.Module):
       return_carry, time_major: override the attributes.
       rngs: dropout RNG for the cells and the between-layer dropout,
         overriding theirs (a PRNG key is split, one per use).
+      reverse: run the stack on each row reversed within its valid length.
+      keep_order: with ``reverse``, return outputs in input order.
 
     Returns:
       ``outputs``, or ``(carries, outputs)`` with ``return_carry``.
@@ -111,8 +132,11 @@ class StackedRNN(nnx.Module):
     if isinstance(rngs, jax.Array):
       keys = jax.random.split(rngs, 2 * n)
       layer_rngs, dropout_rngs = tuple(keys[:n]), tuple(keys[n:])
-    carries = []
+    idx = None
     x = inputs
+    if reverse:
+      x, idx, batch_dims = self._reverse(inputs, None, time_major, seq_lengths, segment_ids)
+    carries = []
     for i, layer in enumerate(self.layers):
       carry, x = layer(x, initial_carry=initial_carry[i], seq_lengths=seq_lengths,
                        segment_ids=segment_ids, return_carry=True, time_major=time_major,
@@ -120,4 +144,20 @@ class StackedRNN(nnx.Module):
       carries.append(carry)
       if self.dropout is not None and i < n - 1:
         x = jax.tree_util.tree_map(lambda a, r=dropout_rngs[i]: self.dropout(a, rngs=r), x)
+    if reverse and keep_order:
+      x, _, _ = self._reverse(x, idx, time_major, seq_lengths, segment_ids, batch_dims)
     return (tuple(carries), x) if return_carry else x
+
+  def _reverse(self, x, idx, time_major, seq_lengths, segment_ids, batch_dims=None):
+    """Each row of ``x`` reversed within its valid part (an involution):
+    ``(x, idx, batch_dims)``, ``idx`` the per-row time indices."""
+    if batch_dims is None:
+      seq = _scan.prepare('StackedRNN', x, num_feature_axes=_feature_axes(self.layers[0]),
+                          in_features=None,
+                          time_major=time_major, seq_lengths=seq_lengths,
+                          segment_ids=segment_ids)
+      batch_dims = len(seq.batch_shape)
+      xs, idx = _scan.processing_order(seq, True)
+    else:
+      xs = _scan.take_time(jnp.moveaxis(x, 0 if time_major else batch_dims, 0), idx)
+    return _scan.restore_layout(xs, time_major, batch_dims), idx, batch_dims

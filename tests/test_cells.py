@@ -169,27 +169,25 @@ def _ctor_kwargs(cell):
   return dict(in_features=cell.in_features, hidden_features=cell.hidden_features)
 
 
-def _expected_random_carry(key, shape, n, init):
-  keys = [key] if n == 1 else list(jax.random.split(key, n))
-  leaves = [np.asarray(init(k, shape, jnp.float32)) for k in keys]
-  return leaves[0] if n == 1 else tuple(leaves)
-
-
 @pytest.mark.parametrize('source', ['key', 'rngs', 'stream'])
 @pytest.mark.parametrize('name', ['lstm', 'gru'])
 def test_initialize_carry_with_carry_init(name, source):
   cell, _ = ref.make_cell(name)
   init = jax.nn.initializers.normal(1.0)
-  if source == 'key':
-    rngs, key = jax.random.key(7), jax.random.key(7)
-  elif source == 'rngs':
-    rngs, key = nnx.Rngs(carry=7), nnx.Rngs(carry=7).carry()
-  else:
-    rngs, key = nnx.RngStream(7, tag='carry'), nnx.RngStream(7, tag='carry')()
-  carry = cell.initialize_carry((2, 3), rngs=rngs, carry_init=init)
-  # LSTM follows flax.linen's convention: key1, key2 = split(key) for (c, h).
   n = 2 if name == 'lstm' else 1
-  expected = _expected_random_carry(key, (2, 4), n, init)
+  if source == 'key':
+    # A raw key (an extension): split, one key per carry array, as flax.linen does.
+    carry = cell.initialize_carry((2, 3), rngs=jax.random.key(7), carry_init=init)
+    keys = [jax.random.key(7)] if n == 1 else list(jax.random.split(jax.random.key(7), n))
+    leaves = [np.asarray(init(k, (2, 4), jnp.float32)) for k in keys]
+    expected = leaves[0] if n == 1 else tuple(leaves)
+  else:
+    # An Rngs or RngStream: drawn from as flax.nnx draws (once per carry array).
+    make = ((lambda: nnx.Rngs(carry=7)) if source == 'rngs'
+            else (lambda: nnx.RngStream(7, tag='carry')))
+    carry = cell.initialize_carry((2, 3), rngs=make(), carry_init=init)
+    theirs = (nnx.LSTMCell if n == 2 else nnx.GRUCell)(3, 4, rngs=nnx.Rngs(0))
+    expected = theirs.initialize_carry((2, 3), make(), carry_init=init)
   jax.tree_util.tree_map(np.testing.assert_array_equal, _to_np(carry), _to_np(expected))
   if n == 2:
     assert not np.allclose(carry[0], carry[1])

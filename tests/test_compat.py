@@ -149,10 +149,9 @@ def test_rnn_matches_linen_over_layouts_directions_and_unroll():
     return outs, ours.apply(v, x, seq_lengths=lengths)  # return_carry=False
 
   outs, no_carry = jax.jit(run)(v_t, x, LENGTHS)
-  for cfg, ((c_t, y_t), (c_o, y_o)) in zip(configs, outs):
-    sl = LENGTHS if cfg['seq_lengths'] else jnp.full((B,), T)
-    _assert_close(c_o, c_t)
-    np.testing.assert_allclose(_valid(y_o, sl), _valid(y_t, sl), atol=1e-6)
+  for (c_t, y_t), (c_o, y_o) in outs:
+    _assert_close(c_o, c_t)  # the last valid carry, by carry selection
+    np.testing.assert_allclose(y_o, y_t, atol=1e-6)  # padded steps included
   np.testing.assert_array_equal(no_carry, outs[0][1][1])
 
 
@@ -241,8 +240,64 @@ def test_rnn_variable_carry_and_split_rngs_match_linen():
   assert (zero_t == zero_t[:, :1]).all() and not (np.asarray(o_split[0] == 0) == zero_t).all()
 
 
-def test_deliberate_differences_at_padding():
-  """Padding outputs are zero; a length-0 row keeps its initial carry."""
+def _noisy_cell(base):
+  """A user cell in flax's examples' style: no initialize_carry, a per-step RNG
+  (``make_rng``), a carried collection and its own parameters."""
+
+  class NoisyCell(base):
+    features: int
+
+    @nn.compact
+    def __call__(self, carry, x):
+      total = self.variable('stats', 'total', lambda: jnp.zeros((), jnp.float32))
+      total.value += jnp.sum(x)
+      noise = jax.random.normal(self.make_rng('noise'), carry.shape)
+      h = nn.tanh(nn.Dense(self.features)(x) + carry + 0.1 * noise)
+      return h, h
+
+    @property
+    def num_feature_axes(self):
+      return 1
+
+  return NoisyCell
+
+
+@pytest.mark.parametrize('base', ['linen', 'compat'])
+def test_user_cell_without_initialize_carry_matches_linen(base):
+  cell_type = _noisy_cell(nn.RNNCellBase if base == 'linen' else compat.RNNCellBase)
+  x = jax.random.normal(jax.random.key(0), (B, T, IN))
+  h0 = jax.random.normal(jax.random.key(5), (B, H))
+  options = dict(variable_broadcast='params', variable_carry='stats',
+                 split_rngs={'params': False, 'noise': True})
+  theirs, ours = nn.RNN(cell_type(H), **options), compat.RNN(cell_type(H), **options)
+  rngs = {'params': jax.random.key(1), 'noise': jax.random.key(2)}
+  cell_vars = cell_type(H).init(rngs, h0, x[:, 0])
+  variables = {'params': {'cell': cell_vars['params']}, 'stats': {'cell': {'total': 0.0}}}
+  modes = [dict(), dict(seq_lengths=LENGTHS), dict(seq_lengths=LENGTHS, reverse=True),
+           dict(seq_lengths=LENGTHS, reverse=True, keep_order=True, time_major=True)]
+
+  def run(v):
+    outs = []
+    for m in modes:
+      xx = x.swapaxes(0, 1) if m.get('time_major') else x
+      for layer in (theirs, ours):
+        outs.append(layer.apply(v, xx, initial_carry=h0, return_carry=True,
+                                rngs={'noise': jax.random.key(3)}, mutable=['stats'], **m))
+    return outs
+
+  outs = jax.jit(run)(variables)
+  for k in range(len(modes)):
+    ((c_t, y_t), v_t), ((c_o, y_o), v_o) = outs[2 * k], outs[2 * k + 1]
+    np.testing.assert_allclose(y_o, y_t, atol=1e-6)
+    np.testing.assert_allclose(c_o, c_t, atol=1e-6)
+    np.testing.assert_allclose(v_o['stats']['cell']['total'], v_t['stats']['cell']['total'],
+                               rtol=1e-6)
+  with pytest.raises(NotImplementedError):  # no initial_carry: initialize_carry is needed
+    ours.apply(variables, x, rngs={'noise': jax.random.key(3)}, mutable=['stats'])
+
+
+def test_padding_values_are_linens_and_length_zero_keeps_the_initial_carry():
+  """flax.linen's outputs at padding; the one difference: a length-0 row's carry."""
   x = jax.random.normal(jax.random.key(0), (B, T, IN))
   lengths = jnp.array([5, 0, 2])
   theirs = nn.RNN(nn.GRUCell(H, carry_init=NORMAL), return_carry=True)
@@ -252,12 +307,35 @@ def test_deliberate_differences_at_padding():
     theirs.apply(v, x, seq_lengths=lengths), ours.apply(v, x, seq_lengths=lengths),
     theirs.apply(v, x)))(v)
   pad = ~(np.arange(T)[None] < np.asarray(lengths)[:, None])
-  assert np.all(np.asarray(y_o)[pad] == 0)  # ours: zeros at padding
-  assert np.all(np.abs(np.asarray(y_t)[pad]) > 0)  # flax.linen: the cell's values
+  assert np.all(np.abs(np.asarray(y_o)[pad]) > 0)  # the cell's values, as flax.linen's
+  np.testing.assert_allclose(y_o, y_t, atol=1e-6)
   h0 = compat.GRUCell(H, carry_init=NORMAL).initialize_carry(jax.random.key(0), (B, IN))
   np.testing.assert_array_equal(c_o[1], h0[1])  # ours: the initial carry
   np.testing.assert_allclose(c_t[1], c_full[1], atol=1e-6)  # flax.linen: after step -1
   np.testing.assert_allclose(np.asarray(c_o)[::2], np.asarray(c_t)[::2], atol=1e-6)
+
+
+@pytest.mark.parametrize('cell', ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'MGUCell',
+                                  'SimpleCell'])
+def test_padding_values_match_linen_with_several_batch_axes(cell):
+  """Two batch axes, every direction mode: flax.linen's values on the flattened batch."""
+  x = jax.random.normal(jax.random.key(0), (2, B, T, IN))
+  lengths = jnp.array([[5, 3, 0], [1, 2, 4]])
+  theirs = nn.RNN(getattr(nn, cell)(H), return_carry=True)
+  ours = compat.RNN(getattr(compat, cell)(H), return_carry=True)
+  v = theirs.init(jax.random.key(1), x[0])
+  modes = [dict(), dict(reverse=True), dict(reverse=True, keep_order=True)]
+
+  def run(v):
+    flat_x, flat_l = x.reshape(2 * B, T, IN), lengths.reshape(-1)
+    return [(ours.apply(v, x, seq_lengths=lengths, **m),
+             theirs.apply(v, flat_x, seq_lengths=flat_l, **m)) for m in modes]
+
+  keep = np.asarray(lengths).reshape(-1) > 0  # flax.linen indexes step -1 at length 0
+  for (c_o, y_o), (c_t, y_t) in jax.jit(run)(v):
+    np.testing.assert_allclose(np.asarray(y_o).reshape(y_t.shape), y_t, atol=1e-6)
+    flat = jax.tree.map(lambda c: np.asarray(c).reshape((2 * B,) + c.shape[2:]), c_o)
+    _assert_close(jax.tree.map(lambda c: c[keep], flat), jax.tree.map(lambda c: c[keep], c_t))
 
 
 def test_conv_lstm_strides_work_where_linen_fails():
@@ -351,12 +429,11 @@ def test_bidirectional_matches_linen():
     return outs
 
   outs = jax.jit(run)(v_t, LENGTHS)
-  for k, (_, use_sl) in enumerate(configs):
+  for k in range(len(configs)):
     (c_t, y_t), *rest = outs[3 * k: 3 * k + 3]
-    sl = LENGTHS if use_sl else jnp.full((B,), T)
     for c_o, y_o in rest:
       _assert_close(c_o, c_t)
-      np.testing.assert_allclose(_valid(y_o, sl), _valid(y_t, sl), atol=1e-6)
+      np.testing.assert_allclose(y_o, y_t, atol=1e-6)  # padded steps included
 
 
 # -- inside user modules and lifted transforms -------------------------------------
@@ -460,9 +537,10 @@ def test_to_nnx_and_from_nnx_rnn_and_bidirectional():
             rnn_layer.apply(v_back, xt))
 
   (c_t, y_t), (c_o, y_o), (c_b, y_b), r_t, r_o, r_b = run(bi, rnn, LENGTHS)
-  for c, y in ((c_o, y_o), (c_b, y_b)):
+  for c in (c_o, c_b):
     _assert_close(c, c_t)
-    np.testing.assert_allclose(_valid(y, LENGTHS), _valid(y_t, LENGTHS), atol=1e-6)
+  np.testing.assert_allclose(y_b, y_t, atol=1e-6)  # compat: flax.linen's values at padding
+  np.testing.assert_allclose(y_o, _valid(y_t, LENGTHS), atol=1e-6)  # nr: zeros there
   _assert_close(r_o, r_t)
   _assert_close(r_b, r_t)
 

@@ -111,8 +111,8 @@ def test_errors():
     stack(x, initial_carry=np.zeros((B, H)))
   with pytest.raises(ValueError, match=r'StackedRNN: `layers` expected at least one layer'):
     nr.StackedRNN()
-  with pytest.raises(TypeError, match=r'StackedRNN: `layers\[1\]` expected an RNN or '
-                     r'Bidirectional layer, got GRUCell'):
+  with pytest.raises(TypeError, match=r'StackedRNN: `layers\[1\]` expected an RNN, '
+                     r'Bidirectional, LSTM or GRU layer, got GRUCell'):
     nr.StackedRNN(stack.layers[0], nr.GRUCell(2 * H, H, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match=r'RNN: `initial_carry` expected'):
     stack(x, initial_carry=(None, np.zeros((B, H + 1))))

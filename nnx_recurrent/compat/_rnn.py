@@ -26,6 +26,7 @@ from flax.typing import InOutScanAxis
 from nnx_recurrent import _checks, _scan
 from nnx_recurrent._rnn import _concatenate, _first
 from nnx_recurrent._rnn import flip_sequences as flip_sequences
+from nnx_recurrent.compat._cells import _Cell
 
 
 class _Never:
@@ -45,16 +46,15 @@ class RNN(nn.Module):
   signature are flax.linen's, and the scan options are forwarded to
   ``flax.linen.scan`` unchanged.
 
-  Two deliberate differences from flax.linen, both at padding
-  (``seq_lengths``):
-
-  * outputs at padding positions are **zero** (flax.linen leaves whatever the
-    cell computed on the padding there);
-  * the carry of a row of length 0 is the **initial carry** (flax.linen returns
-    the carry after the last time step, because it indexes step ``-1``).
-
-  Valid outputs and the carries of rows with length >= 1 are flax.linen's.
-  Extension: ``segment_ids`` (packed sequences, as ``nnx_recurrent.RNN``).
+  At padding (``seq_lengths``) the values are flax.linen's: the cell runs on
+  and its outputs stay. The returned carry is each row's last valid carry, as
+  flax.linen's, but selected step by step in a second carry instead of
+  gathered from the history of every carry. One deliberate difference: the
+  carry of a row of length 0 is the **initial carry** (flax.linen returns the
+  carry after the last time step, because it indexes step ``-1``).
+  Extension: ``segment_ids`` (packed sequences, as ``nnx_recurrent.RNN``:
+  padding outputs zero there). Unlike ``nnx_recurrent.RNN``, garbage (NaN)
+  in padding reaches the outputs there and the gradients, as in flax.linen.
 
   The ``cell_size`` argument of the old signature raises a ``TypeError``: the
   cell holds its size now (``RNN(LSTMCell(features=64))``).
@@ -69,7 +69,7 @@ class RNN(nn.Module):
     >>> jax.tree.map(jnp.shape, variables['params']['cell']['hi'])  # no time axis
     {'bias': (4,), 'kernel': (4, 4)}
     >>> (c, h), y = rnn.apply(variables, x, seq_lengths=jnp.array([5, 2]))
-    >>> bool((h[1] == y[1, 1]).all()), bool((y[1, 2:] == 0).all())
+    >>> bool((h[1] == y[1, 1]).all()), bool((y[1, 2:] != 0).all())  # flax.linen's padding
     (True, True)
 
   Attributes:
@@ -146,16 +146,22 @@ class RNN(nn.Module):
                         in_features=None, time_major=time_major, seq_lengths=seq_lengths,
                         segment_ids=segment_ids)
     step_shape = tuple(seq.xs.shape[1:])
-    default_carry = self.cell.initialize_carry(
-      jax.random.key(0) if init_key is None else init_key, step_shape)
-    if initial_carry is None:
-      initial_carry = default_carry
-    else:
-      _checks.check_tree_matches('RNN', 'initial_carry', initial_carry, default_carry)
+    if initial_carry is None:  # as flax.linen: only then is initialize_carry needed
+      initial_carry = self.cell.initialize_carry(
+        jax.random.key(0) if init_key is None else init_key, step_shape)
+    elif isinstance(self.cell, _Cell):  # this package's cells give their carry for free
+      expected = jax.eval_shape(lambda: self.cell.initialize_carry(jax.random.key(0),
+                                                                   step_shape))
+      _checks.check_tree_matches('RNN', 'initial_carry', initial_carry, expected)
     xs, idx = _scan.processing_order(seq, reverse)
+    # flax.linen's values at padding: the cell runs on, its outputs stay, and a
+    # second carry keeps each row's last valid one (the returned carry).
+    # Packed sequences (an extension) are masked as in nnx_recurrent.RNN.
+    linen = seq.masks.valid is not None and seq.masks.reset is None
+    carry = (initial_carry, initial_carry) if linen else initial_carry
     reset_carry = initial_carry if seq.masks.reset is not None else None
     scan = nn.scan(
-      _scan._step,
+      _scan._linen_step if linen else _scan._step,
       variable_axes=self.variable_axes,
       variable_broadcast=self.variable_broadcast,
       variable_carry=self.variable_carry,
@@ -164,8 +170,10 @@ class RNN(nn.Module):
       out_axes=0,
       unroll=self.unroll,
     )
-    carry, ys = scan(self.cell, initial_carry, (xs, seq.masks.valid, seq.masks.reset),
+    carry, ys = scan(self.cell, carry, (xs, seq.masks.valid, seq.masks.reset),
                      (None, reset_carry))
+    if linen:
+      carry = carry[1]
     ys = _scan.output_order(ys, seq, reverse, idx, keep_order, time_major)
     return (carry, ys) if return_carry else ys
 

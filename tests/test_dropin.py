@@ -1,0 +1,362 @@
+"""Drop-in fidelity with flax.nnx: signatures, cell state threaded through the
+scan, RNG streams, custom cells, composition; and garbage in padding.
+
+Every numerical check runs the same module (or an ``nnx.clone`` of it) under
+``flax.nnx.RNN`` / ``flax.nnx.Bidirectional`` and compares, or compares a
+garbage-padded run with a zero-padded one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import nnx_recurrent as nr
+
+B, T, IN, H = 3, 5, 4, 6
+LENGTHS = jnp.array([5, 2, 0])
+
+
+def _x(shape=(B, T, IN), seed=0):
+  return jax.random.normal(jax.random.key(seed), shape)
+
+
+def _np(a):
+  if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+    a = jax.random.key_data(a)
+  return np.asarray(a)
+
+
+def _close(a, b, atol=1e-6):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(_np(u), _np(v), atol=atol, rtol=0)
+
+
+def m(*parts):
+  return '.*'.join(re.escape(p) for p in parts)
+
+
+# -- 1. every flax.nnx argument is accepted --------------------------------------------
+_NAMES = ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell', 'RNN', 'Bidirectional']
+
+
+def _params(fn):
+  return {name: p for name, p in inspect.signature(fn).parameters.items() if name != 'self'}
+
+
+@pytest.mark.parametrize('name', _NAMES)
+def test_signatures_accept_every_flax_nnx_parameter(name):
+  theirs, ours = getattr(nnx, name), getattr(nr, name)
+  for method in ('__init__', '__call__', 'initialize_carry'):
+    if not hasattr(theirs, method) or method == 'initialize_carry' and name in (
+        'RNN', 'Bidirectional'):
+      continue
+    t, o = _params(getattr(theirs, method)), _params(getattr(ours, method))
+    missing = sorted(set(t) - set(o))
+    assert not missing, (name, method, missing)
+    for arg, p in t.items():  # the same kind (keyword-only stays keyword-only) and default
+      assert o[arg].kind == p.kind or p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD, arg
+      if p.default is not inspect.Parameter.empty and arg not in (
+          'recurrent_kernel_init', 'kernel_init', 'bias_init', 'promote_dtype', 'merge_fn'):
+        assert o[arg].default == p.default, (name, method, arg, o[arg].default, p.default)
+
+
+# -- 2. cell options: carry_init, promote_dtype, keep_rngs -------------------------------
+@pytest.mark.parametrize('name', ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell'])
+def test_cell_options_carry_init_keep_rngs_as_flax(name):
+  init = jax.nn.initializers.normal(1.0)
+  kw = dict(carry_init=init, keep_rngs=True)
+  with warnings.catch_warnings(record=True) as ours_w:
+    warnings.simplefilter('always')
+    ours = getattr(nr, name)(IN, H, rngs=nnx.Rngs(0), **kw)
+  with warnings.catch_warnings(record=True) as theirs_w:
+    warnings.simplefilter('always')
+    theirs = getattr(nnx, name)(IN, H, rngs=nnx.Rngs(0), **kw)
+  # flax.nnx's messages (its SimpleCell's lacks the others' trailing space)
+  assert (sorted(str(w.message).strip() for w in ours_w)
+          == sorted(str(w.message).strip() for w in theirs_w))
+  assert len(ours_w) == 2
+  # The kept stream and the constructor's carry_init: no rngs needed, flax's draws.
+  _close(nnx.state(ours, nnx.RngState), nnx.state(theirs, nnx.RngState))
+  _close(ours.initialize_carry((B, IN)), theirs.initialize_carry((B, IN)))
+  _close(ours.initialize_carry((B, IN)), theirs.initialize_carry((B, IN)))  # streams advanced
+  # An explicit Rngs is drawn from as flax.nnx draws (its carry stream, once per leaf).
+  _close(ours.initialize_carry((B, IN), nnx.Rngs(carry=3)),
+         theirs.initialize_carry((B, IN), nnx.Rngs(carry=3)))
+
+
+def test_cells_without_keep_rngs_hold_no_prng_state():
+  for name in ('LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell', 'MGUCell'):
+    cell = getattr(nr, name)(IN, H, rngs=nnx.Rngs(0), keep_rngs=False)
+    assert not jax.tree.leaves(nnx.state(cell, nnx.RngState)), name
+
+
+def test_promote_dtype_is_used_as_in_flax():
+  calls = []
+
+  def promote(arrays, dtype=None, **kwargs):  # rounds everything through bfloat16
+    calls.append(len(arrays))
+    return tuple(None if a is None else jnp.asarray(a, jnp.bfloat16) for a in arrays)
+
+  ours = nr.OptimizedLSTMCell(IN, H, promote_dtype=promote, rngs=nnx.Rngs(0))
+  theirs = nnx.OptimizedLSTMCell(IN, H, promote_dtype=promote, rngs=nnx.Rngs(0))
+  plain = nr.OptimizedLSTMCell(IN, H, rngs=nnx.Rngs(0))
+  carry = ours.initialize_carry((B, IN))
+  out_o = ours(carry, _x((B, IN)))
+  n_ours = len(calls)
+  out_t = theirs(carry, _x((B, IN)))
+  assert n_ours == len(calls) - n_ours == 2  # both dense layers promote through it
+  _close(out_o, out_t, atol=0)
+  assert not np.allclose(out_o[1], plain(carry, _x((B, IN)))[1], atol=1e-4)  # it mattered
+
+
+# -- 3. a stateful cell: its state goes through the scan as in flax.nnx -----------------
+class CountingDropoutCell(nnx.Module):
+  """A user cell that counts its steps and holds its own nnx.Dropout (own stream)."""
+
+  def __init__(self, rngs, rate=0.5, stream='dropout'):
+    self.cell = nnx.OptimizedLSTMCell(IN, H, rngs=rngs)
+    self.steps = nnx.Variable(jnp.zeros((), jnp.int32))
+    self.drop = nnx.Dropout(rate, rng_collection=stream, rngs=rngs)
+
+  @property
+  def num_feature_axes(self):
+    return 1
+
+  def initialize_carry(self, input_shape, rngs):  # flax.nnx's style: rngs required
+    del rngs
+    return (jnp.zeros((*input_shape[:-1], H)),) * 2
+
+  def __call__(self, carry, x):
+    self.steps[...] += 1
+    carry, y = self.cell(carry, x)
+    return carry, self.drop(y)
+
+
+def _flax_cell(rngs, **kw):
+  """The same cell class over flax.nnx's own OptimizedLSTMCell (equal params)."""
+  cell = CountingDropoutCell(rngs, **kw)
+  theirs = nnx.OptimizedLSTMCell(IN, H, rngs=nnx.Rngs(0))
+  nnx.update(theirs, nnx.state(cell.cell, nnx.Param))
+  cell.cell = theirs
+  return cell
+
+
+@pytest.mark.parametrize('jit', [False, True])
+def test_cell_state_and_rng_streams_persist_as_in_flax(jit):
+  ours = nr.RNN(CountingDropoutCell(nnx.Rngs(0, dropout=1)))
+  theirs = nnx.RNN(_flax_cell(nnx.Rngs(0, dropout=1)))
+  x = _x()
+  call = nnx.jit(lambda rnn, x: rnn(x)) if jit else (lambda rnn, x: rnn(x))
+  outs = []
+  for _ in range(2):
+    y_o, y_t = call(ours, x), call(theirs, x)
+    _close(y_o, y_t)  # the same dropout masks: the stream advanced the same way
+    outs.append(y_o)
+  assert int(ours.cell.steps[...]) == int(theirs.cell.steps[...]) == 2 * T
+  assert int(ours.cell.drop.rngs.count[...]) == int(theirs.cell.drop.rngs.count[...]) == 2 * T
+  assert not np.array_equal(np.asarray(outs[0] == 0), np.asarray(outs[1] == 0))  # new masks
+  zeros = np.asarray(outs[0] == 0)
+  assert not (zeros == zeros[:, :1]).all()  # and a new mask at every step
+
+
+def test_broadcast_rngs_gives_one_mask_per_call_as_flax():
+  kw = dict(stream='recurrent_dropout')
+  ours = nr.RNN(CountingDropoutCell(nnx.Rngs(0, recurrent_dropout=1), **kw),
+                broadcast_rngs='recurrent_dropout')
+  theirs = nnx.RNN(_flax_cell(nnx.Rngs(0, recurrent_dropout=1), **kw),
+                   broadcast_rngs='recurrent_dropout')
+  x = jnp.ones((B, T, IN))
+  masks = []
+  for _ in range(2):
+    y_o, y_t = ours(x), theirs(x)
+    _close(y_o, y_t)
+    zeros = np.asarray(y_o == 0)
+    assert (zeros == zeros[:, :1]).all() and zeros.any()  # one mask for every step
+    masks.append(zeros[:, 0])
+  assert not np.array_equal(*masks)  # still new per call
+  assert int(ours.cell.steps[...]) == 2 * T
+
+
+def test_state_axes_as_flax():
+  # Broadcast state is read-only in the scan: the counter's changes are dropped, as in flax.
+  axes = {nnx.Param: None, 'steps': None, ...: nnx.Carry}
+  ours = nr.RNN(CountingDropoutCell(nnx.Rngs(0, dropout=1), rate=0.0),
+                state_axes=nnx.StateAxes({nnx.Param: None, nnx.RngState: nnx.Carry,
+                                          ...: None}))
+  theirs = nnx.RNN(_flax_cell(nnx.Rngs(0, dropout=1), rate=0.0),
+                   state_axes=nnx.StateAxes({nnx.Param: None, nnx.RngState: nnx.Carry,
+                                             ...: None}))
+  x = _x()
+  _close(ours(x), theirs(x))
+  assert int(ours.cell.steps[...]) == int(theirs.cell.steps[...]) == 0
+  with pytest.raises(TypeError, match=m('RNN: `state_axes` expected None or a mapping',
+                                        'got int')):
+    nr.RNN(nr.GRUCell(IN, H, rngs=nnx.Rngs(0)), state_axes=0)
+  del axes
+
+
+class ParamWritingCell(nr.SimpleCell):
+  """Writes to its own parameter at every step (an unusual cell, a real contract)."""
+
+  def __call__(self, carry, x):
+    self.dense_i.bias[...] += 1.0
+    return super().__call__(carry, x)
+
+
+@pytest.mark.parametrize('remat', [False, True])
+def test_a_cell_writing_its_parameters_keeps_the_writes(remat):
+  ours = nr.RNN(ParamWritingCell(IN, H, rngs=nnx.Rngs(0)), remat=remat)
+  theirs = nnx.RNN(ParamWritingCell(IN, H, rngs=nnx.Rngs(0)))
+  x = _x()
+  _close(ours(x), theirs(x), atol=1e-5)
+  np.testing.assert_array_equal(ours.cell.dense_i.bias[...], np.full((H,), float(T)))
+  _close(nnx.state(ours.cell), nnx.state(theirs.cell))
+
+
+# -- 4. flax.nnx-style custom cells, rngs arguments ------------------------------------
+def test_custom_cell_with_required_rngs_in_rnn_and_bidirectional():
+  cell_o = CountingDropoutCell(nnx.Rngs(0, dropout=1), rate=0.0)
+  cell_t = _flax_cell(nnx.Rngs(0, dropout=1), rate=0.0)
+  x = _x()
+  for kw in (dict(), dict(seq_lengths=LENGTHS)):
+    _close(nr.RNN(cell_o)(x, **kw)[:2, :2], nnx.RNN(cell_t)(x, **kw)[:2, :2])
+    carry = cell_o.initialize_carry((B, IN), None)
+    _close(nr.RNN(cell_o)(x, initial_carry=carry), nnx.RNN(cell_t)(x, initial_carry=carry))
+  back_o = CountingDropoutCell(nnx.Rngs(2), rate=0.0)
+  back_t = _flax_cell(nnx.Rngs(2), rate=0.0)
+  bi_o = nr.Bidirectional(nr.RNN(cell_o), nr.RNN(back_o), rngs=nnx.Rngs(5))
+  bi_t = nnx.Bidirectional(nnx.RNN(cell_t), nnx.RNN(back_t), rngs=nnx.Rngs(5))
+  _close(bi_o(x), bi_t(x))
+
+
+def test_rngs_arguments_hold_a_stream_only_when_a_cell_may_draw():
+  builtin = nr.GRUCell(IN, H, rngs=nnx.Rngs(0))
+  for rngs in (True, nnx.Rngs(0), nnx.RngStream(0, tag='carry'), False):
+    rnn = nr.RNN(builtin, rngs=rngs)
+    assert not jax.tree.leaves(nnx.state(rnn, nnx.RngState))  # checkpoint-safe
+    bi = nr.Bidirectional(nr.RNN(builtin), nr.RNN(builtin), rngs=rngs)
+    assert not jax.tree.leaves(nnx.state(bi, nnx.RngState))
+  custom = CountingDropoutCell(nnx.Rngs(0), rate=0.0)
+  rnn = nr.RNN(custom, rngs=nnx.Rngs(3))
+  assert rnn.rngs is not None  # flax.nnx's stream: the custom cell's initialize_carry gets it
+  assert nr.RNN(custom, rngs=False).rngs is None
+  # A built-in cell with a random carry_init draws from the stored stream, as in flax.nnx.
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    noisy = nr.GRUCell(IN, H, carry_init=jax.nn.initializers.normal(), rngs=nnx.Rngs(0))
+    flax_noisy = nnx.GRUCell(IN, H, carry_init=jax.nn.initializers.normal(), rngs=nnx.Rngs(0))
+  ours, theirs = nr.RNN(noisy, rngs=nnx.Rngs(4)), nnx.RNN(flax_noisy, rngs=nnx.Rngs(4))
+  x = _x()
+  ours_1, theirs_1 = ours(x, return_carry=True)[0], theirs(x, return_carry=True)[0]
+  ours_2 = ours(x, return_carry=True)[0]
+  assert not np.allclose(ours_1, ours_2)  # a new random carry each call
+  for bad in (3, 'carry'):
+    with pytest.raises(TypeError, match=m('RNN: `rngs` expected True, False, an nnx.Rngs',
+                                          f'got {type(bad).__name__}')):
+      nr.RNN(builtin, rngs=bad)
+  with pytest.raises(TypeError, match=m('Bidirectional: `rngs` expected True, False')):
+    nr.Bidirectional(nr.RNN(builtin), nr.RNN(builtin), rngs=1.5)
+  del theirs_1
+
+
+def test_call_rngs_draw_the_carry_as_flax():
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    ours = nr.RNN(nr.LSTMCell(IN, H, carry_init=jax.nn.initializers.normal(),
+                              rngs=nnx.Rngs(0)), rngs=False)
+    theirs = nnx.RNN(nnx.LSTMCell(IN, H, carry_init=jax.nn.initializers.normal(),
+                                  rngs=nnx.Rngs(0)), rngs=False)
+  x = _x()
+  _close(ours(x, rngs=nnx.Rngs(carry=7), return_carry=True),
+         theirs(x, rngs=nnx.Rngs(carry=7), return_carry=True), atol=1e-5)
+
+
+# -- 5. composition: Bidirectional over every sequence layer ----------------------------
+def test_bidirectional_over_stacks_and_refusals():
+  rngs = nnx.Rngs(0)
+  f1, f2 = nr.LSTMCell(IN, H, rngs=rngs), nr.GRUCell(H, H, rngs=rngs)
+  b1, b2 = nr.LSTMCell(IN, H, rngs=rngs), nr.GRUCell(H, H, rngs=rngs)
+  x = _x()
+  bi = nr.Bidirectional(nr.StackedRNN(nr.RNN(f1), nr.RNN(f2)),
+                        nr.StackedRNN(nr.RNN(b1), nr.RNN(b2)))
+  (carry_f, carry_b), y = bi(x, seq_lengths=LENGTHS, return_carry=True)
+  # The backward stack: each row reversed within its length, through both layers, back.
+  flip = lambda a: nr.flip_sequences(a, LENGTHS, num_batch_dims=1, time_major=False)  # noqa: E731
+  ref_c1, h1 = nr.RNN(b1)(flip(x), seq_lengths=LENGTHS, return_carry=True)
+  ref_c2, h2 = nr.RNN(b2)(h1, seq_lengths=LENGTHS, return_carry=True)
+  fwd = nr.RNN(f2)(nr.RNN(f1)(x, seq_lengths=LENGTHS), seq_lengths=LENGTHS)
+  _close(y, jnp.concatenate([fwd, flip(h2)], axis=-1), atol=1e-5)
+  _close(carry_b, (ref_c1, ref_c2), atol=1e-5)
+  for bad in (nr.Bidirectional(nr.RNN(f1), nr.RNN(b1)),
+              nr.LSTM(IN, H, bidirectional=True, rngs=rngs)):
+    with pytest.raises(TypeError, match=m('Bidirectional: `forward_rnn` expected a '
+                                          'one-direction sequence layer',
+                                          f'got {type(bad).__name__}, which already runs')):
+      nr.Bidirectional(bad, nr.RNN(b1))
+
+
+def test_bidirectional_accepts_and_ignores_reverse_and_keep_order_as_flax():
+  rngs = nnx.Rngs(0)
+  bi = nr.Bidirectional(nr.RNN(nr.GRUCell(IN, H, rngs=rngs)),
+                        nr.RNN(nr.GRUCell(IN, H, rngs=rngs)))
+  x = _x()
+  np.testing.assert_array_equal(bi(x, reverse=True, keep_order=True), bi(x))
+
+
+# -- 6. garbage in padding is inert ----------------------------------------------------
+def _garbage(x, valid, value):
+  return jnp.where(valid[..., None], x, value)
+
+
+def _layers():
+  rngs = nnx.Rngs(0)
+  return {
+    'RNN': nr.RNN(nr.LSTMCell(IN, H, rngs=rngs)),
+    'RNN_reverse_remat': nr.RNN(nr.GRUCell(IN, H, rngs=rngs), reverse=True,
+                                keep_order=True, remat=True),
+    'Bidirectional': nr.Bidirectional(nr.RNN(nr.OptimizedLSTMCell(IN, H, rngs=rngs)),
+                                      nr.RNN(nr.MGUCell(IN, H, rngs=rngs))),
+    'StackedRNN': nr.StackedRNN(nr.RNN(nr.SimpleCell(IN, H, rngs=rngs)),
+                                nr.Bidirectional(nr.RNN(nr.GRUCell(H, H, rngs=rngs)),
+                                                 nr.RNN(nr.GRUCell(H, H, rngs=rngs)))),
+    'RNN_dropout': nr.RNN(nr.LSTMCell(IN, H, dropout_rate=0.3, recurrent_dropout_rate=0.3,
+                                      rngs=rngs)),
+  }
+
+
+@pytest.mark.parametrize('value', [np.nan, np.inf, 1e30])
+@pytest.mark.parametrize('mode', ['seq_lengths', 'segment_ids'])
+def test_garbage_in_padding_changes_no_output_carry_or_gradient(mode, value):
+  x = _x()
+  if mode == 'seq_lengths':
+    kw = dict(seq_lengths=LENGTHS)
+    valid = jnp.arange(T)[None] < LENGTHS[:, None]
+  else:
+    ids = jnp.array([[1, 1, 2, 2, 0], [0, 3, 3, 0, 0], [0, 0, 0, 0, 0]])
+    kw = dict(segment_ids=ids)
+    valid = ids != 0
+  clean, dirty = _garbage(x, valid, 0.0), _garbage(x, valid, value)
+  for name, layer in _layers().items():
+    def loss(layer, x):
+      carry, y = layer(x, return_carry=True, rngs=jax.random.key(1), **kw)
+      return jnp.sum(y ** 2) + sum(jnp.sum(c) for c in jax.tree.leaves(carry)), (carry, y)
+
+    grad = nnx.jit(nnx.grad(loss, argnums=(0, 1), has_aux=True))
+    (gp_c, gx_c), aux_c = grad(layer, clean)
+    (gp_d, gx_d), aux_d = grad(layer, dirty)
+    for tree in (aux_d, gp_d, gx_d):
+      assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(tree)), name
+    _close(aux_d, aux_c, atol=0)
+    _close(gp_d, gp_c, atol=0)
+    _close(gx_d, gx_c, atol=0)
+    assert not np.asarray(gx_d)[~np.asarray(valid)].any(), name  # padding: zero gradient
+    assert any(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(gp_d)), name

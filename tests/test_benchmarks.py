@@ -165,3 +165,14 @@ def test_bound_rows_pick_the_best_skeleton_and_flag_targets_below_it():
   line = bound.bound_table([row]).splitlines()[2]
   assert line == ('| (2, 3, 4, 5) | LSTM | 100.0 / 90.0 / 60.0 / 78.0 (loop) | 0.780 **> 0.75** '
                   '| 1.300 **> 1.25** | 10.0 / 9.0 / 6.0 | 0.600 |')
+
+
+def test_pallas_rows_on_a_gpu_only(monkeypatch):
+  """The Pallas kernels are timed on a GPU only (interpreted on a CPU: too slow)."""
+  names = [i.name for i in run._impls()]
+  assert not any('pallas' in n for n in names)
+  monkeypatch.setattr(run, '_on_gpu', lambda: True)
+  pallas = [(i.name, i.family) for i in run._impls() if 'pallas' in i.name]
+  assert pallas == [('nr.LSTM[pallas]', 'lstm'), ('nr.GRU[pallas]', 'gru')]
+  assert {('nr.LSTM[pallas]', 'torch.nn.LSTM'), ('nr.GRU[pallas]', 'nr.GRU')} <= {
+    c[:2] for c in run.COMPARISONS}

@@ -104,10 +104,11 @@ def test_auto_and_xla_use_the_scans(fake_gpu):
 @pytest.mark.skipif(ON_GPU, reason='checks the CPU message')
 def test_errors():
   with pytest.raises(ValueError, match=r"LSTM: `implementation` expected 'auto' or 'xla' or "
-                                       r"'cudnn', got 'cuda'"):
+                                       r"'cudnn' or 'pallas', got 'cuda'"):
     nr.LSTM(3, 4, implementation='cuda', rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"GRU: `implementation` expected 'auto' or 'xla' \(jax."
-                                       r"experimental.rnn has a cuDNN LSTM only\), got 'cudnn'"):
+  with pytest.raises(ValueError, match=r"GRU: `implementation` expected 'auto' or 'xla' or "
+                                       r"'pallas' \(jax.experimental.rnn has a cuDNN LSTM only\), "
+                                       r"got 'cudnn'"):
     nr.GRU(3, 4, implementation='cudnn', rngs=nnx.Rngs(0))
   layer = nr.LSTM(3, 4, implementation='cudnn', rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"LSTM: `implementation` expected 'auto' or 'xla' here "

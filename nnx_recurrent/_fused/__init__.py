@@ -12,6 +12,8 @@ side, one per module, each choosing nothing:
   activations, the cell update, the weight gradients), shared by the backends;
 * ``_xla``: the scans and the ``jax.custom_vjp`` recurrence (the default);
 * ``_cudnn``: cuDNN through ``jax.experimental.rnn`` (LSTM, CUDA, opt-in);
+* ``_pallas``: one Pallas kernel per direction and pass (Triton on a GPU,
+  interpreted on the CPU; opt-in until measured on a GPU);
 * ``_layers``: :class:`LSTM` and :class:`GRU`, and the one place that picks a
   backend (``implementation``);
 * ``internal``: the one entry point for ``benchmarks/`` and the tests (not

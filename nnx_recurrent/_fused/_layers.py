@@ -30,12 +30,12 @@ from nnx_recurrent._base import (
   default_kernel_init,
   default_recurrent_kernel_init,
 )
-from nnx_recurrent._fused import _cudnn, _plans, _xla
+from nnx_recurrent._fused import _cudnn, _pallas, _plans, _xla
 from nnx_recurrent._fused._step_math import GRUMath, LSTMMath
 from nnx_recurrent._gru import GRUCell
 from nnx_recurrent._lstm import OptimizedLSTMCell
 
-IMPLEMENTATIONS = ('auto', 'xla', 'cudnn')
+IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'pallas')
 
 
 def _first(*values):
@@ -83,7 +83,7 @@ class _FusedBase(nnx.Module):
     rngs: nnx.Rngs,
   ):
     where = type(self).__name__
-    supported = IMPLEMENTATIONS if self._cudnn else ('auto', 'xla')
+    supported = IMPLEMENTATIONS if self._cudnn else ('auto', 'xla', 'pallas')
     if implementation not in supported:
       why = '' if self._cudnn else ' (jax.experimental.rnn has a cuDNN LSTM only)'
       _checks.fail(where, 'implementation', ' or '.join(map(repr, supported)) + why,
@@ -147,19 +147,34 @@ class _FusedBase(nnx.Module):
     params = self._math.params(cell)
     return cell.dtype or jnp.result_type(xs.dtype, *jax.tree_util.tree_leaves(params))
 
+  def _backend(self, dtype, rows: int) -> str:
+    """The one place that picks a layer's backend: 'xla', 'cudnn' or 'pallas'.
+
+    'auto' is the XLA scans, but where the Pallas kernels measured faster on
+    this GPU (``_plans.PALLAS_FASTER``: no shape yet). Through
+    jax.experimental.rnn, cuDNN measured slower than the scans on an H200 at
+    three of the four benchmark shapes and at most 13% faster at the fourth
+    (benchmarks/RESULTS.md, "GPU"): only 'cudnn' picks it.
+    """
+    where, chosen = type(self).__name__, self.implementation
+    reason = {'cudnn': lambda: _cudnn.unsupported(dtype), 'pallas': _pallas.unsupported}.get(
+      chosen, lambda: None)()
+    if reason is not None:
+      name = {'cudnn': 'cuDNN', 'pallas': 'Pallas'}[chosen]
+      _checks.fail(where, 'implementation', f"'auto' or 'xla' here ({name} {reason})",
+                   repr(chosen))
+    if chosen == 'auto':
+      faster = _plans.pallas_measured_faster(self._math, rows, self.hidden_features)
+      return 'pallas' if faster else 'xla'
+    return chosen
+
   def _run_layer(self, layer: int, xs: Array, carries, valid, idx, seq_lengths):
     """One layer over time-major ``xs``: ``(finals, ys)``, one final carry per
-    direction (the backend switch: cuDNN or the scans)."""
+    direction, through the backend :meth:`_backend` picks."""
     cells = self._cells(layer)
     dtype = self._dtype(cells[0], xs)
-    # 'auto' is the scans everywhere: through jax.experimental.rnn, cuDNN measured
-    # slower than them on an H200 at three of the four benchmark shapes and at
-    # most 13% faster at the fourth (benchmarks/RESULTS.md, "GPU").
-    if self.implementation == 'cudnn' and xs.size:
-      reason = _cudnn.unsupported(dtype)
-      if reason is not None:
-        _checks.fail(type(self).__name__, 'implementation',
-                     f"'auto' or 'xla' here (cuDNN {reason})", "'cudnn'")
+    backend = self._backend(dtype, math.prod(xs.shape[1:-1])) if xs.size else 'xla'
+    if backend == 'cudnn':  # both directions in one call
       try:
         return _cudnn.layer(cells, xs, carries, seq_lengths, dtype)
       except NotImplementedError as e:  # jax.vmap: the primitives have no batching rule
@@ -171,25 +186,33 @@ class _FusedBase(nnx.Module):
     finals, ys = [], []
     for d, cell in enumerate(cells):
       x = xs if d == 0 else _scan.take_time(xs, idx)  # the backward direction: each row reversed
-      final, y = self._run_direction(cell, x, carries[d], valid)
+      final, y = self._run_direction(cell, x, carries[d], valid, seq_lengths, backend)
       finals.append(final)
       ys.append(y if d == 0 else _scan.take_time(y, idx))
     return finals, (ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=-1))
 
-  def _run_direction(self, cell, xs: Array, carry, valid: Array | None):
-    """One cell over time-major ``xs``: ``(final_carry, ys)`` with the scans."""
+  def _run_direction(self, cell, xs: Array, carry, valid: Array | None,
+                     seq_lengths: Array | None, backend: str):
+    """One cell over time-major ``xs``: ``(final_carry, ys)`` with the XLA scans
+    or the Pallas kernels."""
     params = self._math.params(cell)
     dtype = self._dtype(cell, xs)
     params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
     carry_in = jax.tree_util.tree_map(lambda a: a.astype(dtype), carry)
-    if xs.shape[0] == 0:  # nothing to scan: the carry passes through
+    time = xs.shape[0]
+    if time == 0:  # nothing to scan: the carry passes through
       return carry, jnp.zeros(xs.shape[:-1] + (self.hidden_features,), dtype)
-    plan = _plans.plan(self._math, math.prod(xs.shape[1:-1]), params[2].shape[-1])
     xs = xs.astype(dtype)
-    if plan.custom_vjp:
-      final, ys = _xla.recurrence(self._math, plan, params, xs, carry_in, valid)
-    else:  # JAX differentiates the forward scan (its unused residuals are dropped)
-      final, ys, _ = _xla.forward_scan(self._math, plan.primal, params, xs, carry_in, valid)
+    if backend == 'pallas':
+      lengths = (jnp.full(xs.shape[1:-1], time, jnp.int32) if seq_lengths is None
+                 else jnp.clip(seq_lengths, 0, time))  # as the scans treat unchecked lengths
+      final, ys = _pallas.recurrence(self._math, params, xs, carry_in, lengths)
+    else:
+      plan = _plans.plan(self._math, math.prod(xs.shape[1:-1]), params[2].shape[-1])
+      if plan.custom_vjp:
+        final, ys = _xla.recurrence(self._math, plan, params, xs, carry_in, valid)
+      else:  # JAX differentiates the forward scan (its unused residuals are dropped)
+        final, ys, _ = _xla.forward_scan(self._math, plan.primal, params, xs, carry_in, valid)
     final = jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), final, carry)
     return final, ys
 
@@ -320,6 +343,12 @@ _LAYER_DOC = """
 """
 
 
+_PALLAS_DOC = """one Pallas kernel per direction for the forward
+      recurrence and one for the backward (Triton on a GPU; interpreted on the
+      CPU, for tests; a ``ValueError`` elsewhere). Not yet compiled nor measured
+      on a GPU: ``'auto'`` does not pick it (see docs/performance.md)."""
+
+
 class LSTM(_FusedBase):
   __doc__ = (
     """Multi-layer LSTM with a fused, hand-differentiated recurrence.
@@ -348,8 +377,8 @@ class LSTM(_FusedBase):
       step at three of the four benchmark shapes, 0.87-0.99x at batch 256);
       ``'cudnn'``: cuDNN via ``jax.experimental.rnn`` (CUDA GPU, float32 only;
       a ``ValueError`` elsewhere, and under ``jax.vmap``, which its primitives
-      do not support).
-      Both compute the same function; on GPU both follow
+      do not support); ``'pallas'``: """ + _PALLAS_DOC + """
+      All compute the same function; on GPU all follow
       ``jax_default_matmul_precision`` (TF32 matmuls unless it is ``'highest'``).""")
   )
 
@@ -373,7 +402,8 @@ class GRU(_FusedBase):
     ((2, 6, 4), 2, (2, 4))
 """
     + _LAYER_DOC.format(carry='``h``', cell='GRUCell', implementation="""``'auto'`` or
-      ``'xla'``: the XLA scans (``jax.experimental.rnn`` has no cuDNN GRU).""")
+      ``'xla'``: the XLA scans (``jax.experimental.rnn`` has no cuDNN GRU);
+      ``'pallas'``: """ + _PALLAS_DOC)
   )
 
   _cell_type = GRUCell

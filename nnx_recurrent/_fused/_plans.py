@@ -13,7 +13,9 @@ gradient (which also saves residuals) may be scanned differently from the
 plain forward (see :func:`plan`; all measured, see ``benchmarks/RESULTS.md``).
 The backward pass is the same in every case.
 
-This module also holds the machine probes the backends are chosen with.
+This module also holds the machine probes the backends are chosen with, and
+(:data:`PALLAS_FASTER`) the one table that lets ``implementation='auto'`` pick
+the Pallas kernels.
 """
 
 from __future__ import annotations
@@ -118,6 +120,36 @@ def plan(cell_math, rows: int, gate_width: int) -> Plan:
   if rows < JOINT_MAX_ROWS:  # the joint matmul pays under a gradient only
     return Plan(primal=loop, train=ScanPlan(in_loop, prefetch=False, unroll=1))
   return Plan(primal=loop, train=loop)
+
+
+# -- the Pallas kernels under implementation='auto' ------------------------------
+class PallasRegion(NamedTuple):
+  """Shapes at which the Pallas kernels measured faster than the XLA scans
+  (forward and training step), on one kind of GPU."""
+
+  layer: str  # 'LSTM' or 'GRU'
+  rows: tuple[int, int]  # batch rows (all batch axes), inclusive
+  hidden: tuple[int, int]  # hidden_features, inclusive
+  device: str  # part of jax.devices()[0].device_kind, e.g. 'H200'
+
+
+# Where implementation='auto' picks the Pallas kernels: EMPTY, because they
+# have never run on a GPU (written and tested in interpret mode on a CPU). The
+# next session with a GPU: `bash benchmarks/gpu.sh` times nr.LSTM[pallas] and
+# nr.GRU[pallas] next to the scans; enter here the (layer, rows, hidden,
+# device) regions where both the forward and the training step were faster,
+# with the numbers and the commit in a comment (and benchmarks/RESULTS.md).
+PALLAS_FASTER: tuple[PallasRegion, ...] = ()
+
+
+def pallas_measured_faster(cell_math, rows: int, hidden: int) -> bool:
+  """Whether ``implementation='auto'`` runs a layer with the Pallas kernels."""
+  if not PALLAS_FASTER or not cuda_backend():
+    return False
+  kind = jax.devices()[0].device_kind
+  return any(r.layer == cell_math.name and r.rows[0] <= rows <= r.rows[1]
+             and r.hidden[0] <= hidden <= r.hidden[1] and r.device in kind
+             for r in PALLAS_FASTER)
 
 
 # -- the machine ----------------------------------------------------------------

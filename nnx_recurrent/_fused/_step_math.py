@@ -91,6 +91,8 @@ def gate_derivatives(act: Array, sigmoid: tuple[bool, ...]) -> Array:
 class LSTMMath:
   """LSTM step given ``xp = x W_i`` and ``hp = h W_h``; gates ``i, f, g, o``."""
 
+  name = 'LSTM'
+  gates = 4
   joint = True  # has joint_weight / split_joint: one matmul per step (see _plans.plan)
   transpose_dw = True  # weight gradients through a materialised transpose (flat_dot_t)
   autodiff_min_rows = None  # always the custom VJP (see _plans.plan)
@@ -147,6 +149,17 @@ class LSTMMath:
     return (dc * f, jnp.zeros_like(dh)), dz, dz
 
   @staticmethod
+  def gate_step_bwd(i, f, g, o, c_prev, dc, dh):
+    """:meth:`step_bwd`'s formulas gate by gate (activated gates ``i, f, g, o``;
+    ``dh`` includes the step's output cotangent): ``(dz_i, dz_f, dz_g, dz_o,
+    dc_prev)``. For kernels that cannot slice or concatenate values (Triton);
+    the XLA scan keeps the one-op form above."""
+    tc = jnp.tanh(f * c_prev + i * g)
+    dc = dc + dh * o * (1.0 - tc * tc)
+    return (dc * g * (i * (1.0 - i)), dc * c_prev * (f * (1.0 - f)), dc * i * (1.0 - g * g),
+            dh * tc * (o * (1.0 - o)), dc * f)
+
+  @staticmethod
   def add_h(dcarry, dh):
     return (dcarry[0], dcarry[1] + dh)
 
@@ -161,6 +174,8 @@ class LSTMMath:
 class GRUMath:
   """GRU step given ``xp = x W_i`` and ``hp = h W_h``; gates ``r, z, n``."""
 
+  name = 'GRU'
+  gates = 3
   joint = False  # a joint weight would need a zero block for h W_hn: measured slower
   transpose_dw = False
   autodiff_min_rows = _plans.GRU_AUTODIFF_MIN_ROWS  # on the CPU (see _plans.plan)
@@ -183,21 +198,33 @@ class GRUMath:
     xr, xz, xn = jnp.split(xp_t + row(b, xp_t.ndim), 3, axis=-1)
     hr, hz, hn = jnp.split(hp_t, 3, axis=-1)
     hn = hn + row(b_hn, hn.ndim)
+    new_h, r, z, n = GRUMath.gate_step(h, xr, xz, xn, hr, hz, hn)
+    return new_h, jnp.concatenate([r, z, n, hn, h], axis=-1)
+
+  @staticmethod
+  def gate_step(h, xr, xz, xn, hr, hz, hn):
+    """The GRU update from each gate's pre-activations (``xr = x W_ir + b_ir``
+    ..., ``hn = h W_hn + b_hn``): ``(new_h, r, z, n)``."""
     r = jax.nn.sigmoid(xr + hr)
     z = jax.nn.sigmoid(xz + hz)
     n = jnp.tanh(xn + r * hn)
     new_h = (1.0 - z) * n + z * h
-    return new_h, jnp.concatenate([r, z, n, hn, h], axis=-1)
+    return new_h, r, z, n
 
   @staticmethod
   def step_bwd(res_t, dh, dy_t):
     r, z, n, hn, h_prev = jnp.split(res_t, 5, axis=-1)
-    dh = dh + dy_t
+    dr, dz, dhn, dan, d_direct = GRUMath.gate_step_bwd(r, z, n, hn, h_prev, dh + dy_t)
+    dhp = jnp.concatenate([dr, dz, dhn], axis=-1)
+    return d_direct, (dhp, dan), dhp
+
+  @staticmethod
+  def gate_step_bwd(r, z, n, hn, h_prev, dh):
+    """The backward of :meth:`gate_step` (``dh`` includes the step's output
+    cotangent): ``(d r's pre-activation, d z's, d hn, d n's pre-activation,
+    dh_prev except via h W_h)``."""
     dan = dh * (1.0 - z) * (1.0 - n * n)  # d of n's pre-activation
-    dhp = jnp.concatenate(
-      [dan * hn * r * (1.0 - r), dh * (h_prev - n) * z * (1.0 - z), dan * r], axis=-1
-    )
-    return dh * z, (dhp, dan), dhp
+    return dan * hn * r * (1.0 - r), dh * (h_prev - n) * z * (1.0 - z), dan * r, dan, dh * z
 
   @staticmethod
   def add_h(dcarry, dh):
@@ -212,3 +239,15 @@ class GRUMath:
     dxp = jnp.concatenate([dhp[..., : 2 * h], dan], axis=-1)
     db_hn = dhp[..., 2 * h:].reshape(-1, h).sum(axis=0)
     return dw_h, dxp, db_hn
+
+
+def grads_after_loop(cell_math, d_all, res, params, xs, carry0, ys):
+  """The gradients of the parameters and inputs from the stacked outputs of a
+  backward recurrence (``d_all``, as ``cell_math.step_bwd`` stacks them), each
+  one large matmul over the whole sequence: ``((dW_i, db, dW_h, d extra), dxs)``."""
+  w_i, _, _, extra = params
+  dw_h, dxp, dextra = cell_math.grads(d_all, res, carry0, ys, extra)
+  dw_i = flat_dot_t(xs, dxp, cell_math.transpose_dw)
+  db = dxp.reshape(-1, dxp.shape[-1]).sum(axis=0)
+  dxs = dot(dxp, w_i.T)  # XLA drops it when the inputs need no gradient
+  return (dw_i, db, dw_h, dextra), dxs

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from nnx_recurrent import _scan
 from nnx_recurrent._fused._plans import ScanPlan
-from nnx_recurrent._fused._step_math import dot, flat_dot_t
+from nnx_recurrent._fused._step_math import dot, grads_after_loop
 
 
 def prefetch_scan(step, carry, xs, *, length: int, reverse: bool, unroll: int,
@@ -142,9 +142,9 @@ def _recurrence_fwd(cell_math, plan, params, xs, carry0, valid):
 
 
 def _recurrence_bwd(cell_math, plan, saved, cotangents):
-  (w_i, b, w_h, extra), xs, carry0, ys, res, valid = saved
+  params, xs, carry0, ys, res, valid = saved
   dcarry_final, dys = cotangents
-  w_h_t = w_h.T  # transposed once, outside the loop
+  w_h_t = params[2].T  # W_h, transposed once, outside the loop
 
   def step(dcarry, inp):
     res_t, dy_t, v_t = inp
@@ -159,11 +159,8 @@ def _recurrence_bwd(cell_math, plan, saved, cotangents):
                                  reverse=True, unroll=plan.backward_unroll,
                                  pairs=plan.backward_pairs)
   # The weight gradients: one large matmul each, for the whole sequence.
-  dw_h, dxp, dextra = cell_math.grads(d_all, res, carry0, ys, extra)
-  dw_i = flat_dot_t(xs, dxp, cell_math.transpose_dw)
-  db = dxp.reshape(-1, dxp.shape[-1]).sum(axis=0)
-  dxs = dot(dxp, w_i.T)  # XLA drops it when the inputs need no gradient
-  return (dw_i, db, dw_h, dextra), dxs, dcarry0, None
+  dparams, dxs = grads_after_loop(cell_math, d_all, res, params, xs, carry0, ys)
+  return dparams, dxs, dcarry0, None
 
 
 recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)

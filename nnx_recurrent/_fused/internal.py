@@ -18,11 +18,15 @@ through its modules' private helpers. It offers exactly:
   path's CUDA check passes and, given ``cudnn_lstm``, that function runs in
   place of ``jax.experimental.rnn.lstm`` (same signature as the call in
   ``_cudnn._lstm``; ``benchmarks/cudnn_check.py --dry`` and the tests pass
-  ``jax.experimental.rnn.lstm_ref``).
+  ``jax.experimental.rnn.lstm_ref``);
+* ``triton_lowering()``: a context manager under which the Pallas kernels
+  (``implementation='pallas'``) lower for a GPU through Triton even when the
+  default backend is the CPU, so that ``jax.export(..., platforms=['cuda'])``
+  checks their Triton lowering on a machine without a GPU (the tests).
 
-The plan and the cuDNN substitute are read while a layer is traced: trace
-(``jax.jit(...).lower``, or call) inside the ``with`` block. Neither context
-manager is thread-safe.
+The plan, the cuDNN substitute and the Triton lowering are read while a layer
+is traced: trace (``jax.jit(...).lower``, or call) inside the ``with`` block.
+None of the context managers is thread-safe.
 
 Example::
 
@@ -42,13 +46,13 @@ from __future__ import annotations
 
 import contextlib
 
-from nnx_recurrent._fused import _cudnn, _plans
+from nnx_recurrent._fused import _cudnn, _pallas, _plans
 from nnx_recurrent._fused._plans import TRANSPOSE_MIN_MACS, Plan, ScanPlan, cuda_backend
 from nnx_recurrent._fused._step_math import dot, flat_dot_t, shift
 
 __all__ = [
   'dot', 'shift', 'flat_dot_t', 'TRANSPOSE_MIN_MACS', 'ScanPlan', 'Plan', 'plan_for',
-  'forced_plan', 'cuda_backend', 'fake_cuda',
+  'forced_plan', 'cuda_backend', 'fake_cuda', 'triton_lowering',
 ]
 
 
@@ -78,3 +82,14 @@ def fake_cuda(cudnn_lstm=None):
     yield
   finally:
     _cudnn._fake_cuda, _cudnn._substitute = previous
+
+
+@contextlib.contextmanager
+def triton_lowering():
+  """Inside the block the Pallas kernels lower through Triton, whatever the
+  default backend (running them then needs a GPU)."""
+  previous, _pallas._force_triton = _pallas._force_triton, True
+  try:
+    yield
+  finally:
+    _pallas._force_triton = previous

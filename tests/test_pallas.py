@@ -1,0 +1,190 @@
+"""The fused layers' Pallas kernels (``implementation='pallas'``), in interpret mode.
+
+On the CPU the kernels run in Pallas' interpret mode: the same kernels a GPU
+lowers through Triton, run as XLA code (slow to compile, so the shapes are
+tiny and each test compiles once). Values and gradients (parameters, inputs,
+initial carry) are checked against the XLA scans (``implementation='xla'``,
+themselves tested against the generic ``RNN`` composition) and the values
+against the float64 NumPy formulas of ``tests.reference``. Garbage at padding:
+``tests/test_fused_padding.py``.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import export
+from jax.test_util import check_grads
+
+import nnx_recurrent as nr
+from nnx_recurrent._fused import _pallas, _plans, internal
+from tests import reference as ref
+from tests.test_fused import (
+  LENGTHS,
+  B,
+  H,
+  I,
+  T,
+  assert_trees_close,
+  call,
+  make,
+  random_carry,
+  values_and_grads,
+)
+
+
+def run(m, x, c):
+  return m(x, initial_carry=c, seq_lengths=LENGTHS, return_carry=True)
+
+
+def with_implementation(layer, implementation):
+  layer.implementation = implementation
+  return layer
+
+
+def numpy_stack(layer, x, carry0):
+  """Two bidirectional layers in float64 NumPy: ``(carry, outputs)``."""
+  xs, carries = np.asarray(x, np.float64), []
+  for k in range(layer.num_layers):
+    c_f, y_f = ref.rnn(ref.cell_params(layer.forward[k]), xs, LENGTHS, carry0[k][0],
+                       num_batch_dims=1)
+    c_b, y_b = ref.rnn(ref.cell_params(layer.backward[k]), xs, LENGTHS, carry0[k][1],
+                       num_batch_dims=1, reverse=True, keep_order=True)
+    xs = np.concatenate([y_f, y_b], axis=-1)
+    carries.append((c_f, c_b))
+  return tuple(carries), xs
+
+
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_matches_xla_and_numpy(cls):
+  """Two bidirectional layers, lengths 5, 1 and 0, a random initial carry,
+  ``return_carry``: values and gradients against the XLA scans, values against
+  NumPy."""
+  layer = make(cls, 2, True, seed=31, implementation='pallas')
+  x = ref.normal((B, T, I), seed=32)
+  carry0 = random_carry(layer, seed=33)
+  out, grads = values_and_grads(layer, x, carry0, run)
+  out_x, grads_x = values_and_grads(with_implementation(layer, 'xla'), x, carry0, run)
+  assert_trees_close(out, out_x)
+  assert_trees_close(grads, grads_x)
+  assert_trees_close(out, numpy_stack(layer, x, carry0), atol=2e-5)
+  assert not np.asarray(out[1][2]).any()  # the length-0 row: zero outputs, initial carry
+  assert_trees_close(jax.tree_util.tree_map(lambda a: a[2], out[0]),
+                     jax.tree_util.tree_map(lambda a: a[2], carry0), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_bfloat16_computation(cls):
+  """bfloat16 matmuls and residuals (float32 state in the kernel) against the
+  float32 XLA scans: values and gradients, at bfloat16's tolerance."""
+  layer = make(cls, 1, False, seed=34, implementation='pallas', dtype=jnp.bfloat16)
+  full = make(cls, 1, False, seed=34, implementation='xla')
+  x = ref.normal((B, T, I), seed=35)
+  carry0 = random_carry(layer, seed=36)
+  out, grads = values_and_grads(layer, x, carry0, run)
+  assert out[1].dtype == jnp.bfloat16 and jax.tree_util.tree_leaves(out[0])[0].dtype == jnp.float32
+  out_f, grads_f = values_and_grads(full, x, carry0, run)
+  out = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), out)
+  grads = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), grads)
+  assert_trees_close(out, out_f, atol=3e-2, rtol=3e-2)
+  assert_trees_close(grads, grads_f, atol=1e-1, rtol=5e-2)
+
+
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_check_grads_float64(cls):
+  """Finite differences of the kernels' hand-written VJP, in float64 (both
+  directions, lengths 3 and 1, a non-zero initial carry)."""
+  with jax.enable_x64(True):
+    layer = cls(2, 3, bidirectional=True, param_dtype=jnp.float64, implementation='pallas',
+                rngs=nnx.Rngs(0))
+    ref.randomize(layer)
+    graphdef, params = nnx.split(layer)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 2)))
+    carry0 = jax.tree_util.tree_map(lambda a: a + 0.3, layer._default_carry((2,)))
+    lengths = jnp.array([3, 1])
+
+    @jax.jit
+    def f(params, x, carry0):
+      return nnx.merge(graphdef, params)(x, initial_carry=carry0, seq_lengths=lengths,
+                                         return_carry=True)
+
+    check_grads(f, (params, x, carry0), order=1, modes=('rev',), atol=1e-6, rtol=1e-6)
+
+
+def test_batch_blocks_and_batch_axes(monkeypatch):
+  """More rows than one program takes (a grid of batch blocks, padded rows),
+  two batch axes, time-major, one direction, the forward without a gradient,
+  the recurrent weights loaded at each step (as for large hidden sizes)."""
+  monkeypatch.setattr(_pallas, '_HOLD_WEIGHTS_MAX_BYTES', 0)
+  layer = make(nr.GRU, 1, False, seed=37, implementation='pallas', time_major=True)
+  x = ref.normal((T, 2, 40, I), seed=38)
+  lengths = jnp.asarray(np.random.default_rng(39).integers(0, T + 1, (2, 40)))
+  carry = random_carry(layer, (2, 40), seed=40)
+  kw = dict(initial_carry=carry, seq_lengths=lengths, return_carry=True)
+  out = call(layer, x, **kw)
+  assert_trees_close(out, call(with_implementation(layer, 'xla'), x, **kw))
+
+
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+@pytest.mark.parametrize('dtype,hold', [(jnp.float32, True), (jnp.bfloat16, False)])
+def test_kernels_lower_through_triton(cls, dtype, hold, monkeypatch):
+  """Without a GPU: the training step exported for CUDA holds the kernels
+  (forward with residuals, backward; both directions) as Triton calls, so the
+  Triton lowering of Pallas accepts them (block shapes, dots, loads and stores;
+  Triton's own compiler, which runs on a GPU only, is not reached). The
+  recurrent weights held in the kernel across steps, or loaded at each step."""
+  monkeypatch.setattr(_pallas, '_HOLD_WEIGHTS_MAX_BYTES', 2**30 if hold else 0)
+  layer = cls(I, 64, bidirectional=True, implementation='pallas', dtype=dtype, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(layer)
+  lengths = jnp.array([T, 1, 0])
+
+  def loss(params, x):
+    y = nnx.merge(graphdef, params)(x, seq_lengths=lengths)
+    return jnp.sum(y.astype(jnp.float32) ** 2)
+
+  triton = '__gpu$xla.gpu.triton'
+  unchecked = [export.DisabledSafetyCheck.custom_call(triton)]
+  with internal.triton_lowering():
+    exported = export.export(jax.jit(jax.grad(loss)), platforms=['cuda'],
+                             disabled_checks=unchecked)(params, jnp.ones((B, T, I)))
+  calls = re.findall(r'stablehlo\.custom_call @([^(]+)\(.*name = "(nr_\w+)"',
+                     exported.mlir_module())
+  name = cls.__name__.lower()
+  assert sorted(calls) == ([(triton, f'nr_{name}_backward')] * 2
+                           + [(triton, f'nr_{name}_forward')] * 2)
+
+
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_auto_picks_pallas_only_where_measured_faster(cls, monkeypatch):
+  """The one table (``_plans.PALLAS_FASTER``, empty: no GPU numbers yet)."""
+  x = jnp.ones((B, T, I))
+
+  def uses_pallas(layer):
+    return 'pallas_call' in str(jax.make_jaxpr(lambda x: layer(x))(x))
+
+  assert uses_pallas(make(cls, implementation='pallas'))
+  assert not uses_pallas(make(cls))  # 'auto'
+  monkeypatch.setattr(_plans, 'cuda_backend', lambda: True)  # as on a GPU
+  assert not uses_pallas(make(cls))
+  region = _plans.PallasRegion(cls.__name__, rows=(1, 8), hidden=(H, H), device='')
+  monkeypatch.setattr(_plans, 'PALLAS_FASTER', (region,))
+  assert uses_pallas(make(cls))
+  assert not uses_pallas(make(cls, implementation='xla'))
+  assert not uses_pallas(cls(I, 2 * H, rngs=nnx.Rngs(0)))  # outside the region
+  other = 'GRU' if cls is nr.LSTM else 'LSTM'
+  monkeypatch.setattr(_plans, 'PALLAS_FASTER', (region._replace(layer=other),))
+  assert not uses_pallas(make(cls))
+
+
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_errors(cls, monkeypatch):
+  layer = make(cls, implementation='pallas')
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
+  name = cls.__name__
+  with pytest.raises(ValueError, match=rf"{name}: `implementation` expected 'auto' or 'xla' here "
+                                       r'\(Pallas runs on a GPU \(Triton\) or, interpreted, on '
+                                       r"the CPU; the default backend is 'tpu'\), got 'pallas'"):
+    layer(jnp.ones((B, T, I)))

@@ -139,6 +139,7 @@ class RNNCellBase(nnx.Module):
     carry_init: Initializer | None = None,
     promote_dtype: PromoteDtypeFn = default_promote_dtype,
     keep_rngs: bool = False,
+    zoneout_rate: float = 0.0,
   ) -> None:
     self.in_features = _checks.check_positive_int(where, 'in_features', in_features)
     self.hidden_features = _checks.check_positive_int(where, 'hidden_features', hidden_features)
@@ -150,6 +151,7 @@ class RNNCellBase(nnx.Module):
     self.recurrent_dropout_rate = _checks.check_rate(
       where, 'recurrent_dropout_rate', recurrent_dropout_rate
     )
+    self.zoneout_rate = _checks.check_rate(where, 'zoneout_rate', zoneout_rate)
     self.promote_dtype = promote_dtype
     self.deterministic = False
     if carry_init is not None:
@@ -159,8 +161,8 @@ class RNNCellBase(nnx.Module):
       warnings.warn(_KEEP_RNGS_WARNING, stacklevel=3)
     # No PRNG state unless something random needs it (flax keeps a stream by
     # default, which breaks checkpoints: flax#4509): dropout, or flax.nnx's
-    # deprecated keep_rngs (a stream for initialize_carry). One stream serves both.
-    if self.dropout_rate or self.recurrent_dropout_rate:
+    # deprecated keep_rngs (a stream for initialize_carry). One stream serves all.
+    if self.dropout_rate or self.recurrent_dropout_rate or self.zoneout_rate:
       self.rngs = rngs['dropout'].fork()
     elif keep_rngs:
       self.rngs = rngs['carry'].fork()
@@ -327,7 +329,8 @@ class RNNCellBase(nnx.Module):
       dropout_masks: masks from :meth:`dropout_masks` (what ``RNN`` passes so
         that every step shares them); sampled afresh when ``None`` and dropout
         is on.
-      rngs: overrides the construction-time dropout RNG.
+      rngs: overrides the construction-time dropout RNG (variational dropout
+        masks when sampled here, and zoneout).
 
     Returns:
       ``(new_carry, output)``.
@@ -340,7 +343,27 @@ class RNNCellBase(nnx.Module):
       if dropout_masks.input is not None:
         inputs = inputs * dropout_masks.input
       recurrent_mask = dropout_masks.recurrent
-    return self._step(carry, inputs, recurrent_mask)
+    new_carry, y = self._step(carry, inputs, recurrent_mask)
+    if getattr(self, 'zoneout_rate', 0.0):
+      new_carry = self._zoneout(carry, new_carry, rngs)
+    return new_carry, y
+
+  def _zoneout(self, carry: Carry, new_carry: Carry, rngs: RngsLike) -> Carry:
+    """Zoneout (Krueger et al. 2017): each unit of each carry array keeps its
+    previous value with probability ``zoneout_rate`` (a new mask at every step,
+    from the ``dropout`` stream); deterministic: the expectation."""
+    rate = self.zoneout_rate
+    old_leaves, treedef = jax.tree_util.tree_flatten(carry)
+    new_leaves = treedef.flatten_up_to(new_carry)
+    if self.deterministic:
+      mixed = [n + jnp.asarray(rate, n.dtype) * (o.astype(n.dtype) - n)
+               for o, n in zip(old_leaves, new_leaves)]
+    else:
+      rngs = rngs if rngs is not None else self.rngs
+      keys = _keys_from(rngs, 'dropout', len(new_leaves))
+      mixed = [jnp.where(jax.random.bernoulli(k, rate, n.shape), o.astype(n.dtype), n)
+               for k, o, n in zip(keys, old_leaves, new_leaves)]
+    return treedef.unflatten(mixed)
 
   def _step(self, carry: Carry, inputs: Array, recurrent_mask: Array | None):
     raise NotImplementedError(f'{type(self).__name__} must implement _step or __call__.')

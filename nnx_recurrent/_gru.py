@@ -53,11 +53,13 @@ class _GatedUnit(RNNCellBase):
     carry_init: Initializer | None,
     promote_dtype: PromoteDtypeFn,
     keep_rngs: bool,
+    zoneout_rate: float,
   ) -> None:
     self._init_common(
       type(self).__name__, in_features, hidden_features, dtype=dtype, param_dtype=param_dtype,
       dropout_rate=dropout_rate, recurrent_dropout_rate=recurrent_dropout_rate, rngs=rngs,
       carry_init=carry_init, promote_dtype=promote_dtype, keep_rngs=keep_rngs,
+      zoneout_rate=zoneout_rate,
     )
     self.gate_fn = gate_fn
     self.activation_fn = activation_fn
@@ -146,6 +148,7 @@ class GRUCell(_GatedUnit):
     carry_init: Initializer | None = None,
     promote_dtype: PromoteDtypeFn = default_promote_dtype,
     keep_rngs: bool = False,
+    zoneout_rate: float = 0.0,
     kernel_metadata: Mapping[str, Any] = _NO_METADATA,
     recurrent_kernel_metadata: Mapping[str, Any] = _NO_METADATA,
     bias_metadata: Mapping[str, Any] = _NO_METADATA,
@@ -159,6 +162,7 @@ class GRUCell(_GatedUnit):
       kernel_metadata=kernel_metadata, recurrent_kernel_metadata=recurrent_kernel_metadata,
       bias_metadata=bias_metadata, rngs=rngs,
       carry_init=carry_init, promote_dtype=promote_dtype, keep_rngs=keep_rngs,
+      zoneout_rate=zoneout_rate,
     )
 
   def _step(self, carry, inputs, recurrent_mask):

@@ -94,6 +94,7 @@ class MGUCell(_GatedUnit):
     carry_init: Initializer | None = None,
     promote_dtype: PromoteDtypeFn = default_promote_dtype,
     keep_rngs: bool = False,
+    zoneout_rate: float = 0.0,
     kernel_metadata: Mapping[str, Any] = _NO_METADATA,
     recurrent_kernel_metadata: Mapping[str, Any] = _NO_METADATA,
     bias_metadata: Mapping[str, Any] = _NO_METADATA,
@@ -110,6 +111,7 @@ class MGUCell(_GatedUnit):
       kernel_metadata=kernel_metadata, recurrent_kernel_metadata=recurrent_kernel_metadata,
       bias_metadata=bias_metadata, rngs=rngs,
       carry_init=carry_init, promote_dtype=promote_dtype, keep_rngs=keep_rngs,
+      zoneout_rate=zoneout_rate,
     )
 
   def _step(self, carry, inputs, recurrent_mask):

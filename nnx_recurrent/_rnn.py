@@ -108,6 +108,14 @@ class RNN(nnx.Module):
       ``'recurrent_dropout'``) held fixed over the steps of one call, so that
       a cell's ``nnx.Dropout`` applies one mask to every step (variational
       dropout); the streams still advance once per call.
+    learn_initial_carry: make the initial carry a parameter: one
+      ``nnx.Param`` per carry array, of the shape of one row's carry (one
+      value per feature, zeros at first), broadcast over the batch (and, for
+      convolutional cells, over positions, which keeps them translation
+      equivariant) and trained like any parameter. It is the carry a
+      length-0 row returns and the carry every packed segment starts from;
+      an explicit ``initial_carry`` still wins. The parameters are the
+      attribute ``initial_carry`` (``None`` otherwise).
     rngs: as flax.nnx's (``True``, ``False``, an ``nnx.Rngs`` or an
       ``nnx.RngStream``): the source of the RNG passed to the cell's
       ``initialize_carry``. Unlike flax, a stream is kept in the module's
@@ -120,7 +128,7 @@ class RNN(nnx.Module):
   def __init__(self, cell, *, time_major: bool = False, return_carry: bool = False,
                reverse: bool = False, keep_order: bool = False, unroll: int = 1,
                remat: bool = False, state_axes: Any = None, broadcast_rngs: Any = None,
-               rngs: Any = True):
+               learn_initial_carry: bool = False, rngs: Any = True):
     _check_cell('RNN', cell)
     self.cell = cell
     self.time_major = time_major
@@ -135,6 +143,7 @@ class RNN(nnx.Module):
     self.state_axes = state_axes
     self.broadcast_rngs = broadcast_rngs
     self.rngs = nnx.data(_carry_stream('RNN', rngs, _scan.needs_carry_rngs(cell)))
+    self.initial_carry = nnx.data(_learned_carry(cell) if learn_initial_carry else None)
 
   def __call__(
     self,
@@ -181,6 +190,8 @@ class RNN(nnx.Module):
       seq_lengths=seq_lengths, segment_ids=segment_ids,
     )
     step_shape = tuple(seq.xs.shape[1:])
+    if initial_carry is None and self.initial_carry is not None:
+      initial_carry = _broadcast_carry(cell, self.initial_carry, step_shape)
     carry_rngs = None
     if initial_carry is None and _scan.needs_carry_rngs(cell):
       carry_rngs = _call_carry_rngs(rngs, self.rngs)
@@ -190,10 +201,39 @@ class RNN(nnx.Module):
     carry, ys = _scan.masked_scan(
       cell, initial_carry, xs, seq.masks, dropout_masks=dropout_masks,
       unroll=self.unroll, remat=self.remat, state_axes=self.state_axes,
-      broadcast_rngs=self.broadcast_rngs,
+      broadcast_rngs=self.broadcast_rngs, step_rngs=_scan.cell_step_rngs(cell, rngs, seq.time),
     )
     ys = _scan.output_order(ys, seq, reverse, idx, keep_order, time_major)
     return (carry, ys) if return_carry else ys
+
+
+def _carry_shapes(cell, step_shape: tuple[int, ...]):
+  """The cell's default carry as ``ShapeDtypeStruct`` leaves, drawing nothing."""
+  if _scan.uses_base_initialize_carry(cell):
+    zeros = nnx.initializers.zeros_init()
+    return jax.eval_shape(lambda: cell._initialize_carry(step_shape, jax.random.key(0), zeros))
+  return jax.eval_shape(lambda: cell.initialize_carry(step_shape, nnx.Rngs(0)))
+
+
+def _learned_carry(cell):
+  """One zero ``nnx.Param`` per carry leaf, shaped ``(features,)``."""
+  in_features = getattr(cell, 'in_features', None)
+  if not isinstance(in_features, int):
+    _checks.fail('RNN', 'learn_initial_carry', 'a cell with an int in_features (to build its '
+                 'carry)', f'{type(cell).__name__} without one', TypeError)
+  step_shape = (1,) * cell.num_feature_axes + (in_features,)
+  return jax.tree_util.tree_map(
+    lambda leaf: nnx.Param(jnp.zeros(leaf.shape[-1:], leaf.dtype)),
+    _carry_shapes(cell, step_shape))
+
+
+def _broadcast_carry(cell, learned, step_shape: tuple[int, ...]):
+  """The learned carry broadcast to the carry of a step of shape ``step_shape``."""
+  shapes = _carry_shapes(cell, step_shape)
+  params = jax.tree_util.tree_leaves(learned, is_leaf=lambda v: isinstance(v, nnx.Variable))
+  leaves, treedef = jax.tree_util.tree_flatten(shapes)
+  return treedef.unflatten([jnp.broadcast_to(p[...].astype(s.dtype), s.shape)
+                            for p, s in zip(params, leaves)])
 
 
 def _concatenate(a: Array, b: Array) -> Array:

@@ -90,13 +90,16 @@ def take_time(x: Array, idx: Array | None) -> Array:
 
 
 # -- the scan -------------------------------------------------------------------
-def _call_cell(cell, carry, x_t, dropout_masks):
-  if dropout_masks is None:
-    return cell(carry, x_t)
-  return cell(carry, x_t, dropout_masks=dropout_masks)
+def _call_cell(cell, carry, x_t, dropout_masks, rng_t=None):
+  kwargs = {}
+  if dropout_masks is not None:
+    kwargs['dropout_masks'] = dropout_masks
+  if rng_t is not None:  # this package's cells only: a per-step key (zoneout)
+    kwargs['rngs'] = rng_t
+  return cell(carry, x_t, **kwargs)
 
 
-def _remat_call_cell(cell, carry, x_t, dropout_masks):
+def _remat_call_cell(cell, carry, x_t, dropout_masks, rng_t=None):
   """:func:`_call_cell` under ``jax.checkpoint``: the backward pass recomputes it.
 
   The cell's state is a scan carry (:func:`nnx_state_axes`), but parameters
@@ -108,16 +111,16 @@ def _remat_call_cell(cell, carry, x_t, dropout_masks):
   """
   graphdef, params, rest = nnx.split(cell, nnx.Param, ...)
 
-  def pure(params, rest, carry, x_t, dropout_masks):
+  def pure(params, rest, carry, x_t, dropout_masks, rng_t):
     before = jax.tree_util.tree_leaves(params)  # the arrays (merge shares the Variables)
     c = nnx.merge(graphdef, params, rest)
-    new_carry, y = _call_cell(c, carry, x_t, dropout_masks)
+    new_carry, y = _call_cell(c, carry, x_t, dropout_masks, rng_t)
     _, new_params, new_rest = nnx.split(c, nnx.Param, ...)
     unchanged = all(a is b for a, b in zip(jax.tree_util.tree_leaves(new_params), before))
     return new_carry, y, (None if unchanged else new_params), new_rest
 
   new_carry, y, new_params, new_rest = jax.checkpoint(pure)(params, rest, carry, x_t,
-                                                            dropout_masks)
+                                                            dropout_masks, rng_t)
   nnx.update(cell, new_rest)
   if new_params is not None:
     nnx.update(cell, new_params)
@@ -135,11 +138,11 @@ def _remat_step(cell, carry, xs, extras):
 
 
 def _masked_step(call, cell, carry, xs, extras):
-  x_t, valid_t, reset_t = xs
+  x_t, valid_t, reset_t, rng_t = xs
   dropout_masks, reset_carry = extras
   if reset_t is not None:
     carry = select(reset_t, reset_carry, carry)
-  new_carry, y = call(cell, carry, x_t, dropout_masks)
+  new_carry, y = call(cell, carry, x_t, dropout_masks, rng_t)
   # Cells may compute in a lower dtype than the carry is stored in.
   new_carry = jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), new_carry, carry)
   if valid_t is not None:
@@ -156,7 +159,7 @@ def _linen_step(cell, carry, xs, extras):
   :func:`_step`, so the final carry is each row's last valid one without a
   carry history.
   """
-  x_t, valid_t, _ = xs
+  x_t, valid_t, _, _ = xs
   del extras
   running, last_valid = carry
   new, y = cell(running, x_t)
@@ -196,6 +199,7 @@ def masked_scan(
   remat: bool = False,
   state_axes: Any = None,
   broadcast_rngs: Any = None,
+  step_rngs: Array | None = None,
 ) -> tuple[Any, Any]:
   """Scans ``cell`` over time-major ``xs`` with carry selection.
 
@@ -214,6 +218,8 @@ def masked_scan(
     unroll: steps unrolled per loop iteration.
     remat: rematerialise each step in the backward pass (memory ~ carries only).
     state_axes, broadcast_rngs: as for flax.nnx's ``RNN``.
+    step_rngs: one PRNG key per step ``(time,)``, passed to the cell as
+      ``rngs`` (this package's cells: zoneout), or ``None``.
 
   Returns:
     ``(final_carry, ys)`` with ``ys`` time-major; ``ys`` is zero where not valid.
@@ -228,7 +234,8 @@ def masked_scan(
   if broadcast_rngs is not None:
     # One split per call: the broadcast streams give new randomness each call.
     scan = nnx.split_rngs(splits=1, only=broadcast_rngs, squeeze=True)(scan)
-  return scan(cell, carry, (xs, masks.valid, masks.reset), (dropout_masks, reset_carry))
+  return scan(cell, carry, (xs, masks.valid, masks.reset, step_rngs),
+              (dropout_masks, reset_carry))
 
 
 def default_carry(cell, step_shape: tuple[int, ...], rngs: Any = None) -> Any:
@@ -261,6 +268,18 @@ def needs_carry_rngs(cell) -> bool:
   if uses_base_initialize_carry(cell):
     return cell._needs_carry_rngs()
   return True
+
+
+def cell_step_rngs(cell, rngs: Any, time: int) -> Array | None:
+  """Per-step keys for a cell's zoneout when the call overrides its RNG
+  (``rngs`` given), else ``None`` (the cell draws from its own stream)."""
+  from nnx_recurrent._base import _key_from
+
+  if rngs is None or not getattr(cell, 'zoneout_rate', 0.0) or getattr(cell, 'deterministic',
+                                                                       True):
+    return None
+  # fold_in: keys apart from the ones the dropout masks draw from the same source.
+  return jax.random.split(jax.random.fold_in(_key_from(rngs, 'dropout'), 1), time)
 
 
 def cell_dropout_masks(cell, step_shape: tuple[int, ...], rngs, dtype) -> Any:

@@ -70,6 +70,7 @@ class SimpleCell(RNNCellBase):
     carry_init: Initializer | None = None,
     promote_dtype: PromoteDtypeFn = default_promote_dtype,
     keep_rngs: bool = False,
+    zoneout_rate: float = 0.0,
     kernel_metadata: Mapping[str, Any] = _NO_METADATA,
     recurrent_kernel_metadata: Mapping[str, Any] = _NO_METADATA,
     bias_metadata: Mapping[str, Any] = _NO_METADATA,
@@ -79,6 +80,7 @@ class SimpleCell(RNNCellBase):
       'SimpleCell', in_features, hidden_features, dtype=dtype, param_dtype=param_dtype,
       dropout_rate=dropout_rate, recurrent_dropout_rate=recurrent_dropout_rate, rngs=rngs,
       carry_init=carry_init, promote_dtype=promote_dtype, keep_rngs=keep_rngs,
+      zoneout_rate=zoneout_rate,
     )
     self.activation_fn = activation_fn
     self.residual = bool(residual)

@@ -110,6 +110,9 @@ def to_nnx(module: nn.Module, variables: Mapping[str, Any]):
 
 def _from_nnx(module: Any, where: str):
   if isinstance(module, _NnxRNN):
+    if module.initial_carry is not None:
+      _checks.fail(where, 'module', 'an RNN without learn_initial_carry (flax.linen has no '
+                   'learned initial carry)', 'an RNN with learn_initial_carry=True')
     cell, params = _from_nnx(module.cell, where)
     rnn = RNN(cell, time_major=module.time_major, return_carry=module.return_carry,
               reverse=module.reverse, keep_order=module.keep_order, unroll=module.unroll)

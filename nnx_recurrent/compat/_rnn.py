@@ -170,7 +170,7 @@ class RNN(nn.Module):
       out_axes=0,
       unroll=self.unroll,
     )
-    carry, ys = scan(self.cell, carry, (xs, seq.masks.valid, seq.masks.reset),
+    carry, ys = scan(self.cell, carry, (xs, seq.masks.valid, seq.masks.reset, None),
                      (None, reset_carry))
     if linen:
       carry = carry[1]

@@ -1,0 +1,70 @@
+"""Streaming: a sequence run in chunks, each chunk starting from the carry the
+previous one returned (with each chunk's own lengths), equals one call on the
+whole sequence: outputs and final carry, for every sequence layer that runs
+forwards."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import nnx_recurrent as nr
+from tests import reference as ref
+
+B, T, IN, H = 3, 7, 3, 4
+LENGTHS = np.array([7, 4, 0])
+SPLITS = [(1, 6), (3, 3, 1), (2, 1, 2, 2)]
+
+
+def _layers():
+  rngs = nnx.Rngs(0)
+  layers = {
+    'RNN(LSTMCell)': nr.RNN(nr.LSTMCell(IN, H, rngs=rngs)),
+    'RNN(GRUCell, zoneout, eval)': nr.RNN(nr.GRUCell(IN, H, zoneout_rate=0.3, rngs=rngs)),
+    'RNN(MGUCell, learned carry)': nr.RNN(nr.MGUCell(IN, H, rngs=rngs),
+                                          learn_initial_carry=True),
+    'StackedRNN': nr.StackedRNN(nr.RNN(nr.SimpleCell(IN, H, rngs=rngs)),
+                                nr.RNN(nr.OptimizedLSTMCell(H, H, rngs=rngs)),
+                                dropout_rate=0.2, rngs=rngs),
+    'LSTM(2 layers)': nr.LSTM(IN, H, num_layers=2, dropout_rate=0.2, rngs=rngs),
+    'GRU': nr.GRU(IN, H, rngs=rngs),
+  }
+  for layer in layers.values():
+    ref.randomize(layer, 3)
+  return layers
+
+
+def _chunks(layer, x, lengths, split):
+  """Runs ``x`` chunk by chunk, carrying the carry over; returns ``(carry, y)``."""
+  carry, ys, start = None, [], 0
+  for size in split:
+    chunk_lengths = jnp.asarray(np.clip(lengths - start, 0, size))
+    carry, y = layer(x[:, start:start + size], seq_lengths=chunk_lengths, initial_carry=carry,
+                     return_carry=True)
+    ys.append(y)
+    start += size
+  return carry, jnp.concatenate(ys, axis=1)
+
+
+@pytest.mark.parametrize('name', list(_layers()))
+def test_chunks_equal_one_call(name):
+  layer = _layers()[name]
+  layer.eval()  # dropout and zoneout draw per call: streaming is an inference tool
+  if name.startswith('RNN(MGUCell'):
+    layer.initial_carry[...] = ref.normal((H,), 9)
+  x = ref.normal((B, T, IN), 1)
+  carry, y = layer(x, seq_lengths=jnp.asarray(LENGTHS), return_carry=True)
+
+  @nnx.jit(static_argnums=2)
+  def streamed(layer, x, split):
+    return _chunks(layer, x, LENGTHS, split)
+
+  for split in SPLITS:
+    c_s, y_s = streamed(layer, x, split)
+    np.testing.assert_allclose(y_s, y, atol=1e-5, err_msg=str(split))
+    jax.tree.map(lambda a, b, s=split: np.testing.assert_allclose(a, b, atol=1e-5,
+                                                                  err_msg=str(s)), c_s, carry)
+  assert np.abs(np.asarray(y)).max() > 0

@@ -47,13 +47,6 @@ def _describe(x) -> str:
   return f'an array of shape {tuple(shape)}' if shape is not None else type(x).__name__
 
 
-def _zero_padding(xs: Array, valid: Array | None) -> Array:
-  """Time-major ``xs`` with zeros where ``valid`` (``(time, *batch)``) is False."""
-  if valid is None:
-    return xs
-  return jnp.where(valid.reshape(valid.shape + (1,)), xs, jnp.zeros((), xs.dtype))
-
-
 class _FusedBase(nnx.Module):
   _cell_type: type
   _math: Any
@@ -274,7 +267,7 @@ class _FusedBase(nnx.Module):
     # zeros, whose values carry selection discards and whose gradients are 0
     # (garbage would give NaN * 0 = NaN). Later layers read outputs that are 0
     # at padding (and dropout keeps them 0).
-    xs = _zero_padding(seq.xs, valid)
+    xs = _scan.clean_padding(seq.xs, valid)  # as nr.RNN's scan does
     if reverse:  # each row from its last valid step to its first; padding stays last
       xs = _scan.take_time(xs, idx)
     finals = []

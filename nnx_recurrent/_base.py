@@ -252,13 +252,13 @@ class RNNCellBase(nnx.Module):
     name = type(self).__name__
     input_shape = tuple(int(d) for d in input_shape)
     self._check_input_shape(f'{name}.initialize_carry', 'input_shape', input_shape)
-    shape = self._output_shape(input_shape)
+    shapes = self._carry_shapes(input_shape)
     dtype = getattr(self, 'param_dtype', jnp.float32)
-    n = self._carry_leaves
+    n = len(shapes)
     if carry_init is None:
       carry_init = getattr(self, 'carry_init', None)
     if carry_init is None:
-      leaves = [jnp.zeros(shape, dtype) for _ in range(n)]
+      leaves = [jnp.zeros(shape, dtype) for shape in shapes]
     else:
       if rngs is None:
         rngs = getattr(self, 'rngs', None)
@@ -267,8 +267,13 @@ class RNNCellBase(nnx.Module):
           f'{name}.initialize_carry: `rngs` expected a PRNG source because `carry_init` '
           'is given, got None.'
         )
-      leaves = [carry_init(k, shape, dtype) for k in _keys_from(rngs, 'carry', n)]
+      leaves = [carry_init(k, shape, dtype)
+                for k, shape in zip(_keys_from(rngs, 'carry', n), shapes)]
     return leaves[0] if n == 1 else tuple(leaves)
+
+  def _carry_shapes(self, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The shape of each carry array: ``_carry_leaves`` of the output's shape."""
+    return [self._output_shape(input_shape)] * self._carry_leaves
 
   def _needs_carry_rngs(self) -> bool:
     """Whether the default carry draws randomness it has no source for."""

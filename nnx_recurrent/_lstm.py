@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
+from nnx_recurrent import _checks
 from nnx_recurrent._base import (
   _NO_METADATA,
   Array,
@@ -45,11 +46,16 @@ class _LSTMBase(RNNCellBase):
     promote_dtype: PromoteDtypeFn = default_promote_dtype,
     keep_rngs: bool = False,
     zoneout_rate: float = 0.0,
+    proj_features: int | None = None,
+    proj_kernel_init: Initializer = default_kernel_init,
     kernel_metadata: Mapping[str, Any] = _NO_METADATA,
     recurrent_kernel_metadata: Mapping[str, Any] = _NO_METADATA,
     bias_metadata: Mapping[str, Any] = _NO_METADATA,
+    proj_kernel_metadata: Mapping[str, Any] = _NO_METADATA,
     rngs: nnx.Rngs,
   ):
+    self.proj_features = (None if proj_features is None else _checks.check_positive_int(
+      type(self).__name__, 'proj_features', proj_features))
     self._init_common(
       type(self).__name__, in_features, hidden_features, dtype=dtype, param_dtype=param_dtype,
       dropout_rate=dropout_rate, recurrent_dropout_rate=recurrent_dropout_rate, rngs=rngs,
@@ -63,6 +69,21 @@ class _LSTMBase(RNNCellBase):
       dict(use_bias=True, kernel_init=recurrent_kernel_init, bias_init=bias_init,
            kernel_metadata=recurrent_kernel_metadata, bias_metadata=bias_metadata, rngs=rngs),
     )
+    # Last, so that without a projection equal Rngs give flax.nnx's parameters.
+    self.proj = nnx.data(None) if self.proj_features is None else self._linear(
+      self.hidden_features, self.proj_features, use_bias=False, kernel_init=proj_kernel_init,
+      kernel_metadata=proj_kernel_metadata, rngs=rngs)
+
+  @property
+  def _h_features(self) -> int:
+    """Size of ``h`` (and of the output): ``proj_features`` or ``hidden_features``."""
+    return self.proj_features or self.hidden_features
+
+  def _output_shape(self, input_shape):
+    return tuple(input_shape[:-1]) + (self._h_features,)
+
+  def _carry_shapes(self, input_shape):
+    return [tuple(input_shape[:-1]) + (self.hidden_features,), self._output_shape(input_shape)]
 
   def _make_params(self, input_kw: dict, hidden_kw: dict) -> None:
     raise NotImplementedError
@@ -74,6 +95,8 @@ class _LSTMBase(RNNCellBase):
     c, h = carry
     i, f, g, o = self._gates(inputs, masked(h, recurrent_mask))
     new_c, new_h = lstm_update(c, i, f, g, o, self.gate_fn, self.activation_fn)
+    if self.proj is not None:
+      new_h = self.proj(new_h)
     return (new_c, new_h), new_h
 
 
@@ -89,6 +112,13 @@ _LSTM_MATH = r"""
       c' = f * c + i * g \\
       h' = o * \tanh(c')
       \end{array}
+
+  With ``proj_features=P`` (PyTorch's ``proj_size``; the LSTMP of Sak et al.,
+  2014) the hidden state is projected: :math:`h' = W_{hr} (o * \tanh(c'))`,
+  so ``h`` and the output have ``P`` features, ``c`` keeps
+  ``hidden_features``, and the recurrent kernels read the projected ``h``
+  (they are ``(P, hidden)`` per gate). ``W_hr`` is the parameter ``proj``
+  (a kernel ``(hidden, P)``, no bias).
 
   The carry is ``(c, h)`` (flax.linen's order); the output is ``h'``.
   ``sigma`` is ``gate_fn`` and ``tanh`` is ``activation_fn``.
@@ -107,8 +137,14 @@ _LSTM_ARGS = """
     param_dtype: parameter and carry dtype (default float32).
     dropout_rate: variational dropout on the step input.
     recurrent_dropout_rate: variational dropout on ``h`` fed to the recurrent kernel.
-    kernel_metadata, recurrent_kernel_metadata, bias_metadata: metadata of the
-      parameters, e.g. ``{'out_sharding': (None, 'model')}`` (flax 0.12's key).
+    zoneout_rate: zoneout on ``c`` and ``h`` (see :class:`RNNCellBase`).
+    carry_init, promote_dtype, keep_rngs: as flax.nnx's (``carry_init`` and
+      ``keep_rngs`` warn, as there).
+    proj_features: size of the projected ``h`` (default: no projection).
+    proj_kernel_init: initializer of ``W_hr`` (default lecun normal).
+    kernel_metadata, recurrent_kernel_metadata, bias_metadata,
+      proj_kernel_metadata: metadata of the parameters, e.g.
+      ``{'out_sharding': (None, 'model')}`` (flax 0.12's key).
     rngs: ``nnx.Rngs`` for the parameters (and the ``dropout`` stream).
 """
 
@@ -139,16 +175,16 @@ class LSTMCell(_LSTMBase):
   )
 
   def _make_params(self, input_kw, hidden_kw):
-    i, h = self.in_features, self.hidden_features
+    i, h, r = self.in_features, self.hidden_features, self._h_features
     # Same creation order as flax.nnx.LSTMCell, so equal Rngs give equal params.
     self.ii = self._linear(i, h, **input_kw)
     self.if_ = self._linear(i, h, **input_kw)
     self.ig = self._linear(i, h, **input_kw)
     self.io = self._linear(i, h, **input_kw)
-    self.hi = self._linear(h, h, **hidden_kw)
-    self.hf = self._linear(h, h, **hidden_kw)
-    self.hg = self._linear(h, h, **hidden_kw)
-    self.ho = self._linear(h, h, **hidden_kw)
+    self.hi = self._linear(r, h, **hidden_kw)
+    self.hf = self._linear(r, h, **hidden_kw)
+    self.hg = self._linear(r, h, **hidden_kw)
+    self.ho = self._linear(r, h, **hidden_kw)
 
   def _gates(self, inputs, h):
     return (
@@ -187,7 +223,7 @@ class OptimizedLSTMCell(_LSTMBase):
   def _make_params(self, input_kw, hidden_kw):
     i, h = self.in_features, self.hidden_features
     self.dense_i = self._linear(i, 4 * h, **input_kw)
-    self.dense_h = self._linear(h, 4 * h, **hidden_kw)
+    self.dense_h = self._linear(self._h_features, 4 * h, **hidden_kw)
 
   def _gates(self, inputs, h):
     return tuple(jnp.split(self.dense_i(inputs) + self.dense_h(h), 4, axis=-1))

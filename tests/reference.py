@@ -41,6 +41,7 @@ def cell_params(cell) -> dict:
     for g in 'ifgo':
       lin = getattr(cell, f'h{g}')
       p[f'W_h{g}'], p[f'b_{g}'] = _np(lin.kernel), _np(lin.bias)
+    p['W_hr'] = None if cell.proj is None else _np(cell.proj.kernel)
     return p
   if isinstance(cell, nr.OptimizedLSTMCell):
     p = dict(kind='lstm')
@@ -48,6 +49,7 @@ def cell_params(cell) -> dict:
                  _split(cell.dense_h.bias, 4))
     for k, g in enumerate('ifgo'):
       p[f'W_i{g}'], p[f'W_h{g}'], p[f'b_{g}'] = wi[k], wh[k], b[k]
+    p['W_hr'] = None if cell.proj is None else _np(cell.proj.kernel)
     return p
   if isinstance(cell, nr.GRUCell):
     wi, bi, wh = (_split(cell.dense_i.kernel, 3), _split(cell.dense_i.bias, 3),
@@ -71,7 +73,32 @@ def cell_params(cell) -> dict:
       W_x=_np(cell.ih.kernel), b_x=_np(cell.ih.bias) if cell.use_bias else zeros,
       W_h=_np(cell.hh.kernel), b_h=_np(cell.hh.bias) if cell.use_bias else zeros,
     )
+  if isinstance(cell, (nr.LayerNormLSTMCell, nr.LayerNormGRUCell)):
+    return _layer_norm_cell_params(cell)
+  if isinstance(cell, nr.ConvGRUCell):
+    zeros = np.zeros(3 * cell.hidden_features)
+    return dict(
+      kind='convgru', strides=cell.strides,
+      W_x=_np(cell.ih.kernel), b_x=_np(cell.ih.bias) if cell.use_bias else zeros,
+      W_h=_np(cell.hh.kernel), b_h=_np(cell.hh.bias) if cell.use_bias else zeros,
+    )
   raise TypeError(type(cell).__name__)
+
+
+def _layer_norm_cell_params(cell) -> dict:
+  """LayerNormLSTMCell / LayerNormGRUCell: whole (stacked) kernels, norm scales ``g_*``
+  and biases; absent scales are ones and absent biases zeros (``use_scale`` / ``use_bias``)."""
+  h = cell.hidden_features
+  width = cell.num_parts * h
+  scale = lambda ln, n: _np(ln.scale) if cell.use_scale else np.ones(n)  # noqa: E731
+  bias = lambda v, n: _np(v) if cell.use_bias else np.zeros(n)  # noqa: E731
+  p = dict(eps=cell.epsilon, W_i=_np(cell.dense_i.kernel), W_h=_np(cell.dense_h.kernel),
+           g_i=scale(cell.ln_i, width), g_h=scale(cell.ln_h, width),
+           b=bias(cell.bias, width))
+  if isinstance(cell, nr.LayerNormLSTMCell):
+    return dict(p, kind='lnlstm', g_c=scale(cell.ln_c, h),
+                b_c=_np(cell.ln_c.bias) if cell.use_bias else np.zeros(h))
+  return dict(p, kind='lngru', b_hn=bias(cell.bias_hn, h))
 
 
 def normal(shape, seed: int = 0, scale: float = 1.0, dtype=np.float32) -> jax.Array:
@@ -92,6 +119,13 @@ def randomize(cell, seed: int = 0, scale: float = 0.5):
 # -- the formulas ---------------------------------------------------------------
 def sigmoid(x):
   return 1.0 / (1.0 + np.exp(-x))
+
+
+def layer_norm(v: np.ndarray, gamma: np.ndarray, beta, eps: float) -> np.ndarray:
+  """``gamma * (v - mean) / sqrt(var + eps) + beta`` over the last axis (biased variance)."""
+  mean = v.mean(axis=-1, keepdims=True)
+  var = ((v - mean) ** 2).mean(axis=-1, keepdims=True)
+  return gamma * (v - mean) / np.sqrt(var + eps) + beta
 
 
 def conv_same(x: np.ndarray, w: np.ndarray, strides) -> np.ndarray:
@@ -138,6 +172,8 @@ def step(p: dict, carry, x: np.ndarray):
     o = sigmoid(x @ p['W_io'] + h @ p['W_ho'] + p['b_o'])
     c = f * c + i * g
     h = o * np.tanh(c)
+    if p.get('W_hr') is not None:  # LSTMP: the projected hidden state
+      h = h @ p['W_hr']
     return (c, h), h
   if kind == 'gru':
     h = carry
@@ -164,7 +200,42 @@ def step(p: dict, carry, x: np.ndarray):
     c = sigmoid(f + 1.0) * c + sigmoid(i) * np.tanh(g)
     h = sigmoid(o) * np.tanh(c)
     return (c, h), h
+  if kind in ('lnlstm', 'lngru', 'convgru'):
+    return step_with_recurrent_mask(p, carry, x, None)
   raise ValueError(kind)
+
+
+def step_with_recurrent_mask(p: dict, carry, x: np.ndarray, mask):
+  """One step of a LayerNormLSTMCell, LayerNormGRUCell or ConvGRUCell (``p['kind']``
+  ``'lnlstm'``, ``'lngru'``, ``'convgru'``), with the recurrent dropout ``mask`` (or ``None``)
+  on the ``h`` that enters the recurrent matmul or convolution only."""
+  x = np.asarray(x, np.float64)
+  kind = p['kind']
+  c, h = carry if kind == 'lnlstm' else (None, carry)
+  hm = h if mask is None else h * np.asarray(mask, np.float64)
+  if kind == 'lnlstm':
+    pre = (layer_norm(x @ p['W_i'], p['g_i'], 0.0, p['eps'])
+           + layer_norm(hm @ p['W_h'], p['g_h'], 0.0, p['eps']) + p['b'])
+    i, f, g, o = np.split(pre, 4, axis=-1)
+    c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+    h = sigmoid(o) * np.tanh(layer_norm(c, p['g_c'], p['b_c'], p['eps']))
+    return (c, h), h
+  if kind == 'lngru':
+    xr, xz, xn = np.split(layer_norm(x @ p['W_i'], p['g_i'], 0.0, p['eps']) + p['b'], 3, axis=-1)
+    hr, hz, hn = np.split(layer_norm(hm @ p['W_h'], p['g_h'], 0.0, p['eps']), 3, axis=-1)
+    b_hn = p['b_hn']
+  elif kind == 'convgru':
+    n_sp = p['W_x'].ndim - 2
+    xr, xz, xn = np.split(conv_same(x, p['W_x'], p['strides']) + p['b_x'], 3, axis=-1)
+    hr, hz, hn = np.split(conv_same(hm, p['W_h'], (1,) * n_sp) + p['b_h'], 3, axis=-1)
+    b_hn = 0.0  # the n part of b_h, already in hn
+  else:
+    raise ValueError(kind)
+  r = sigmoid(xr + hr)
+  z = sigmoid(xz + hz)
+  n = np.tanh(xn + r * (hn + b_hn))
+  h = (1.0 - z) * n + z * h
+  return h, h
 
 
 # -- sequences ------------------------------------------------------------------
@@ -286,6 +357,9 @@ CELLS = {
   'conv_lstm_2d_s2': (lambda r: nr.ConvLSTMCell(2, 3, (3, 2), strides=(2, 1), rngs=r),
                       (5, 4, 2)),
   'conv_lstm_3d': (lambda r: nr.ConvLSTMCell(2, 2, (2, 2, 2), rngs=r), (3, 3, 3, 2)),
+  'layernorm_lstm': (lambda r: nr.LayerNormLSTMCell(3, 4, rngs=r), (3,)),
+  'layernorm_gru': (lambda r: nr.LayerNormGRUCell(3, 4, rngs=r), (3,)),
+  'conv_gru_2d_s2': (lambda r: nr.ConvGRUCell(2, 3, (3, 2), strides=(2, 1), rngs=r), (5, 4, 2)),
 }
 
 

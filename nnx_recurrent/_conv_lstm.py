@@ -5,36 +5,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer, PaddingLike, PromoteDtypeFn
 
-from nnx_recurrent import _checks
 from nnx_recurrent._base import (
   _NO_METADATA,
-  RNNCellBase,
   default_promote_dtype,
   lstm_update,
   masked,
 )
-
-_SHAPE_KEEPING = ('SAME', 'CIRCULAR', 'REFLECT', 'CAUSAL')
-
-
-def _shape_keeping(padding: PaddingLike, kernel_size: tuple[int, ...]) -> PaddingLike:
-  """``padding`` if a stride-1 convolution with it keeps the spatial shape, else ``'SAME'``."""
-  if isinstance(padding, str):
-    return padding if padding.upper() in _SHAPE_KEEPING else 'SAME'
-  pads = [padding] * len(kernel_size) if isinstance(padding, int) else list(padding)
-  pads = [(p, p) if isinstance(p, int) else tuple(p) for p in pads]
-  if len(pads) == len(kernel_size) and all(
-      lo + hi == k - 1 for (lo, hi), k in zip(pads, kernel_size)):
-    return padding
-  return 'SAME'
+from nnx_recurrent._conv import _ConvCell, default_conv_bias_init, default_conv_kernel_init
 
 
-class ConvLSTMCell(RNNCellBase):
+class ConvLSTMCell(_ConvCell):
   r"""Convolutional LSTM cell (Shi et al., 2015), flax.linen's formulation.
 
   .. math::
@@ -77,8 +61,13 @@ class ConvLSTMCell(RNNCellBase):
     padding: padding of the input convolution (as ``nnx.Conv``), and of the
       hidden one where it keeps the shape (see above).
     use_bias: add biases (default True).
+    kernel_init, recurrent_kernel_init, bias_init: initializers of the ``ih``
+      and ``hh`` kernels and of the biases (default lecun normal, lecun normal,
+      zeros: ``nnx.Conv``'s and flax.linen's).
     dtype, param_dtype: computation and parameter dtypes.
     dropout_rate, recurrent_dropout_rate: variational dropout rates.
+    zoneout_rate: zoneout on the carry (see :class:`RNNCellBase`).
+    carry_init, promote_dtype, keep_rngs: as for :class:`LSTMCell` (flax.nnx's options).
     kernel_metadata: metadata of the ``ih`` kernel (e.g. sharding names).
     recurrent_kernel_metadata: metadata of the ``hh`` kernel.
     bias_metadata: metadata of both biases.
@@ -86,6 +75,7 @@ class ConvLSTMCell(RNNCellBase):
   """
 
   _carry_leaves = 2
+  num_parts = 4
 
   def __init__(
     self,
@@ -96,6 +86,9 @@ class ConvLSTMCell(RNNCellBase):
     strides: int | Sequence[int] | None = None,
     padding: PaddingLike = 'SAME',
     use_bias: bool = True,
+    kernel_init: Initializer = default_conv_kernel_init,
+    recurrent_kernel_init: Initializer = default_conv_kernel_init,
+    bias_init: Initializer = default_conv_bias_init,
     dtype: Dtype | None = None,
     param_dtype: Dtype = jnp.float32,
     dropout_rate: float = 0.0,
@@ -103,53 +96,21 @@ class ConvLSTMCell(RNNCellBase):
     carry_init: Initializer | None = None,
     promote_dtype: PromoteDtypeFn = default_promote_dtype,
     keep_rngs: bool = False,
+    zoneout_rate: float = 0.0,
     kernel_metadata: Mapping[str, Any] = _NO_METADATA,
     recurrent_kernel_metadata: Mapping[str, Any] = _NO_METADATA,
     bias_metadata: Mapping[str, Any] = _NO_METADATA,
     rngs: nnx.Rngs,
   ):
-    where = 'ConvLSTMCell'
-    self._init_common(
-      where, in_features, hidden_features, dtype=dtype, param_dtype=param_dtype,
-      dropout_rate=dropout_rate, recurrent_dropout_rate=recurrent_dropout_rate, rngs=rngs,
-      carry_init=carry_init, promote_dtype=promote_dtype, keep_rngs=keep_rngs,
+    self._build(
+      in_features, hidden_features, kernel_size, strides=strides, padding=padding,
+      use_bias=use_bias, kernel_init=kernel_init, recurrent_kernel_init=recurrent_kernel_init,
+      bias_init=bias_init, dtype=dtype, param_dtype=param_dtype, dropout_rate=dropout_rate,
+      recurrent_dropout_rate=recurrent_dropout_rate, carry_init=carry_init,
+      promote_dtype=promote_dtype, keep_rngs=keep_rngs, zoneout_rate=zoneout_rate,
+      kernel_metadata=kernel_metadata, recurrent_kernel_metadata=recurrent_kernel_metadata,
+      bias_metadata=bias_metadata, rngs=rngs,
     )
-    if isinstance(kernel_size, int) or not 1 <= len(kernel_size) <= 3:
-      _checks.fail(where, 'kernel_size', 'a sequence of 1 to 3 ints', repr(kernel_size))
-    self.kernel_size = tuple(_checks.check_positive_int(where, 'kernel_size', k)
-                             for k in kernel_size)
-    n = len(self.kernel_size)
-    if strides is None:
-      strides = (1,) * n
-    elif isinstance(strides, int):
-      strides = (strides,) * n
-    if len(strides) != n:
-      _checks.fail(where, 'strides', f'{n} ints (one per kernel axis)', repr(strides))
-    self.strides = tuple(_checks.check_positive_int(where, 'strides', s) for s in strides)
-    self.padding = padding
-    self.use_bias = use_bias
-    conv = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                promote_dtype=promote_dtype, rngs=rngs)
-    self.ih = nnx.Conv(self.in_features, 4 * self.hidden_features, self.kernel_size,
-                       strides=self.strides, padding=padding, kernel_metadata=kernel_metadata,
-                       bias_metadata=bias_metadata, **conv)
-    self.hh = nnx.Conv(self.hidden_features, 4 * self.hidden_features, self.kernel_size,
-                       padding=_shape_keeping(padding, self.kernel_size),
-                       kernel_metadata=recurrent_kernel_metadata,
-                       bias_metadata=bias_metadata, **conv)
-
-  @property
-  def num_feature_axes(self) -> int:
-    return len(self.kernel_size) + 1
-
-  def _output_shape(self, input_shape):
-    n = len(self.kernel_size)
-    batch = tuple(input_shape[: -(n + 1)])
-    probe = jax.ShapeDtypeStruct((1, *input_shape[-(n + 1):]), jnp.float32)
-    # Through split/merge so abstract parameters (nnx.eval_shape) work too.
-    graphdef, state = nnx.split(self.ih)
-    spatial = jax.eval_shape(lambda st, x: nnx.merge(graphdef, st)(x), state, probe).shape[1:-1]
-    return batch + tuple(spatial) + (self.hidden_features,)
 
   def _step(self, carry, inputs, recurrent_mask):
     c, h = carry

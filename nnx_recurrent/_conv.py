@@ -1,0 +1,132 @@
+"""What the convolutional cells share: their two convolutions, shapes and padding rule.
+
+``ConvLSTMCell`` and ``ConvGRUCell`` are the LSTM and GRU with convolutions for
+the dense layers: an input convolution ``ih`` (with ``strides`` and
+``padding``) and a hidden convolution ``hh`` (stride 1, shape-keeping), each
+with ``num_parts * hidden_features`` output channels. This module builds them,
+checks ``kernel_size`` and ``strides`` once, and says the step's shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import initializers
+from flax.typing import Dtype, Initializer, PaddingLike, PromoteDtypeFn
+
+from nnx_recurrent import _checks
+from nnx_recurrent._base import RNNCellBase
+
+# nnx.Conv's own defaults (and flax.linen's ConvLSTMCell's), for both convolutions.
+default_conv_kernel_init = initializers.lecun_normal()
+default_conv_bias_init = initializers.zeros_init()
+
+_SHAPE_KEEPING = ('SAME', 'CIRCULAR', 'REFLECT', 'CAUSAL')
+
+
+def _shape_keeping(padding: PaddingLike, kernel_size: tuple[int, ...]) -> PaddingLike:
+  """``padding`` if a stride-1 convolution with it keeps the spatial shape, else ``'SAME'``."""
+  if isinstance(padding, str):
+    return padding if padding.upper() in _SHAPE_KEEPING else 'SAME'
+  pads = [padding] * len(kernel_size) if isinstance(padding, int) else list(padding)
+  pads = [(p, p) if isinstance(p, int) else tuple(p) for p in pads]
+  if len(pads) == len(kernel_size) and all(
+      lo + hi == k - 1 for (lo, hi), k in zip(pads, kernel_size)):
+    return padding
+  return 'SAME'
+
+
+class _ConvCell(RNNCellBase):
+  """A cell whose dense layers are the convolutions ``ih`` (input) and ``hh`` (hidden).
+
+  Subclasses set ``num_parts`` (gates plus candidate: 4 for the LSTM, 3 for the
+  GRU), call :meth:`_build` in their constructor and implement ``_step``.
+  """
+
+  num_parts: int
+
+  def _build(
+    self,
+    in_features: int,
+    hidden_features: int,
+    kernel_size: Sequence[int],
+    *,
+    strides: int | Sequence[int] | None,
+    padding: PaddingLike,
+    use_bias: bool,
+    kernel_init: Initializer,
+    recurrent_kernel_init: Initializer,
+    bias_init: Initializer,
+    dtype: Dtype | None,
+    param_dtype: Dtype,
+    dropout_rate: float,
+    recurrent_dropout_rate: float,
+    carry_init: Initializer | None,
+    promote_dtype: PromoteDtypeFn,
+    keep_rngs: bool,
+    zoneout_rate: float,
+    kernel_metadata: Mapping[str, Any],
+    recurrent_kernel_metadata: Mapping[str, Any],
+    bias_metadata: Mapping[str, Any],
+    rngs: nnx.Rngs,
+  ) -> None:
+    where = type(self).__name__
+    self._init_common(
+      where, in_features, hidden_features, dtype=dtype, param_dtype=param_dtype,
+      dropout_rate=dropout_rate, recurrent_dropout_rate=recurrent_dropout_rate, rngs=rngs,
+      carry_init=carry_init, promote_dtype=promote_dtype, keep_rngs=keep_rngs,
+      zoneout_rate=zoneout_rate,
+    )
+    if isinstance(kernel_size, int) or not 1 <= len(kernel_size) <= 3:
+      _checks.fail(where, 'kernel_size', 'a sequence of 1 to 3 ints', repr(kernel_size))
+    self.kernel_size = tuple(_checks.check_positive_int(where, 'kernel_size', k)
+                             for k in kernel_size)
+    n = len(self.kernel_size)
+    if strides is None:
+      strides = (1,) * n
+    elif isinstance(strides, int):
+      strides = (strides,) * n
+    if len(strides) != n:
+      _checks.fail(where, 'strides', f'{n} ints (one per kernel axis)', repr(strides))
+    self.strides = tuple(_checks.check_positive_int(where, 'strides', s) for s in strides)
+    self.padding = padding
+    self.use_bias = use_bias
+    width = self.num_parts * self.hidden_features
+    self.ih = self._conv(
+      self.in_features, width, strides=self.strides, padding=padding, kernel_init=kernel_init,
+      bias_init=bias_init, kernel_metadata=kernel_metadata, bias_metadata=bias_metadata,
+      rngs=rngs,
+    )
+    self.hh = self._conv(
+      self.hidden_features, width, strides=1,
+      padding=_shape_keeping(padding, self.kernel_size), kernel_init=recurrent_kernel_init,
+      bias_init=bias_init, kernel_metadata=recurrent_kernel_metadata,
+      bias_metadata=bias_metadata, rngs=rngs,
+    )
+
+  def _conv(self, in_features: int, out_features: int, *, strides, padding, kernel_init,
+            bias_init, kernel_metadata, bias_metadata, rngs) -> nnx.Conv:
+    """The one factory for the convolutions of every convolutional cell."""
+    return nnx.Conv(
+      in_features, out_features, self.kernel_size, strides=strides, padding=padding,
+      use_bias=self.use_bias, kernel_init=kernel_init, bias_init=bias_init, dtype=self.dtype,
+      param_dtype=self.param_dtype, promote_dtype=self.promote_dtype,
+      kernel_metadata=kernel_metadata, bias_metadata=bias_metadata, rngs=rngs,
+    )
+
+  @property
+  def num_feature_axes(self) -> int:
+    return len(self.kernel_size) + 1
+
+  def _output_shape(self, input_shape):
+    n = len(self.kernel_size)
+    batch = tuple(input_shape[: -(n + 1)])
+    probe = jax.ShapeDtypeStruct((1, *input_shape[-(n + 1):]), jnp.float32)
+    # Through split/merge so abstract parameters (nnx.eval_shape) work too.
+    graphdef, state = nnx.split(self.ih)
+    spatial = jax.eval_shape(lambda st, x: nnx.merge(graphdef, st)(x), state, probe).shape[1:-1]
+    return batch + tuple(spatial) + (self.hidden_features,)

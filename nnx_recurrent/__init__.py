@@ -8,10 +8,13 @@ sequence with masked carry selection; :class:`Bidirectional` runs two RNNs.
 
 from nnx_recurrent._base import DropoutMasks as DropoutMasks
 from nnx_recurrent._base import RNNCellBase as RNNCellBase
+from nnx_recurrent._conv_gru import ConvGRUCell as ConvGRUCell
 from nnx_recurrent._conv_lstm import ConvLSTMCell as ConvLSTMCell
 from nnx_recurrent._fused import GRU as GRU
 from nnx_recurrent._fused import LSTM as LSTM
 from nnx_recurrent._gru import GRUCell as GRUCell
+from nnx_recurrent._layernorm import LayerNormGRUCell as LayerNormGRUCell
+from nnx_recurrent._layernorm import LayerNormLSTMCell as LayerNormLSTMCell
 from nnx_recurrent._lstm import LSTMCell as LSTMCell
 from nnx_recurrent._lstm import OptimizedLSTMCell as OptimizedLSTMCell
 from nnx_recurrent._mgu import MGUCell as MGUCell
@@ -33,6 +36,9 @@ __all__ = [
   'GRUCell',
   'MGUCell',
   'ConvLSTMCell',
+  'ConvGRUCell',
+  'LayerNormLSTMCell',
+  'LayerNormGRUCell',
   'DropoutMasks',
   'RNN',
   'Bidirectional',

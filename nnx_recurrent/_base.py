@@ -78,6 +78,7 @@ def _key_from(rngs: RngsLike, stream: str) -> Array:
     return rngs[stream]()
   if isinstance(rngs, nnx.RngStream):
     return rngs()
+  assert isinstance(rngs, jax.Array)  # _check_rngs
   return rngs
 
 
@@ -90,6 +91,7 @@ def _keys_from(rngs: RngsLike, stream: str, n: int) -> list[Array]:
     rngs = rngs[stream]
   if isinstance(rngs, nnx.RngStream):
     return [rngs() for _ in range(n)]
+  assert isinstance(rngs, jax.Array)  # _check_rngs
   return [rngs] if n == 1 else list(jax.random.split(rngs, n))
 
 
@@ -358,6 +360,7 @@ class RNNCellBase(nnx.Module):
     previous value with probability ``zoneout_rate`` (a new mask at every step,
     from the ``dropout`` stream); deterministic: the expectation."""
     rate = self.zoneout_rate
+    treedef: Any  # jax's PyTreeDef (untyped for mypy)
     old_leaves, treedef = jax.tree_util.tree_flatten(carry)
     new_leaves = treedef.flatten_up_to(new_carry)
     if self.deterministic:

@@ -9,14 +9,15 @@ what was received, e.g.::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-def fail(where: str, arg: str, expected: str, got: Any, exc: type[Exception] = ValueError):
+def fail(where: str, arg: str, expected: str, got: Any,
+         exc: type[Exception] = ValueError) -> NoReturn:
   """Raises ``exc`` with the project's one message template."""
   raise exc(f'{where}: `{arg}` expected {expected}, got {got}.')
 
@@ -88,6 +89,8 @@ def check_seq_lengths(where: str, seq_lengths: Any, batch_shape: tuple[int, ...]
 
 def check_tree_matches(where: str, arg: str, given: Any, expected: Any):
   """Checks that ``given`` has the structure and leaf shapes of ``expected``."""
+  g_def: Any  # jax's PyTreeDef (untyped for mypy)
+  e_def: Any
   g_leaves, g_def = jax.tree_util.tree_flatten(given)
   e_leaves, e_def = jax.tree_util.tree_flatten(expected)
   if g_def != e_def:

@@ -231,6 +231,7 @@ def _broadcast_carry(cell, learned, step_shape: tuple[int, ...]):
   """The learned carry broadcast to the carry of a step of shape ``step_shape``."""
   shapes = _carry_shapes(cell, step_shape)
   params = jax.tree_util.tree_leaves(learned, is_leaf=lambda v: isinstance(v, nnx.Variable))
+  treedef: Any  # jax's PyTreeDef (untyped for mypy)
   leaves, treedef = jax.tree_util.tree_flatten(shapes)
   return treedef.unflatten([jnp.broadcast_to(p[...].astype(s.dtype), s.shape)
                             for p, s in zip(params, leaves)])

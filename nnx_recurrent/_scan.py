@@ -51,9 +51,13 @@ def lengths_to_valid(seq_lengths: Array, time: int) -> Array:
 
 def segments_to_masks(segment_ids: Array) -> StepMasks:
   """Valid and reset masks from time-major segment ids (0 = padding)."""
+  return StepMasks(*_segment_masks(segment_ids))
+
+
+def _segment_masks(segment_ids: Array) -> tuple[Array, Array]:
   valid = segment_ids != 0
   prev = jnp.concatenate([jnp.zeros_like(segment_ids[:1]), segment_ids[:-1]], axis=0)
-  return StepMasks(valid=valid, reset=valid & (segment_ids != prev))
+  return valid, valid & (segment_ids != prev)
 
 
 # -- reversal -------------------------------------------------------------------
@@ -68,7 +72,7 @@ def reverse_indices(time: int, batch_shape: tuple[int, ...], seq_lengths=None,
   """
   t = jnp.arange(time).reshape((time,) + (1,) * len(batch_shape))
   if segment_ids is not None:
-    valid, start_mask = segments_to_masks(segment_ids)
+    valid, start_mask = _segment_masks(segment_ids)
     tt = jnp.broadcast_to(t, segment_ids.shape)
     start = jax.lax.cummax(jnp.where(start_mask, tt, 0), axis=0)
     nxt = jnp.concatenate([segment_ids[1:], jnp.zeros_like(segment_ids[:1])], axis=0)

@@ -142,8 +142,9 @@ class StackedRNN(nnx.Module):
                        segment_ids=segment_ids, return_carry=True, time_major=time_major,
                        rngs=layer_rngs[i])
       carries.append(carry)
-      if self.dropout is not None and i < n - 1:
-        x = jax.tree_util.tree_map(lambda a, r=dropout_rngs[i]: self.dropout(a, rngs=r), x)
+      dropout = self.dropout
+      if dropout is not None and i < n - 1:
+        x = jax.tree_util.tree_map(lambda a, r=dropout_rngs[i], d=dropout: d(a, rngs=r), x)
     if reverse and keep_order:
       x, _, _ = self._reverse(x, idx, time_major, seq_lengths, segment_ids, batch_dims)
     return (tuple(carries), x) if return_carry else x

@@ -125,7 +125,7 @@ class _Cell(RNNCellBase):
       return  # being initialised
     first = next(g.name for g in layout.groups(self) if g.reads == 'input')
     group = existing.get(first)
-    kernel = group.get('kernel') if isinstance(group, Mapping) else None
+    kernel: Any = group.get('kernel') if isinstance(group, Mapping) else None
     if hasattr(kernel, 'shape') and len(kernel.shape) >= 2 and kernel.shape[-2] != in_features:
       _checks.fail(layout.name, 'inputs',
                    f"last axis of size {kernel.shape[-2]} (the parameter '{first}/kernel' "

@@ -260,11 +260,11 @@ def check_params(where: str, layout: Layout, module: Any, params: Mapping, in_fe
       got = sorted(group) if isinstance(group, Mapping) else type(group).__name__
       _checks.fail(where, 'params', f"'{name}' with leaves {sorted(leaves)}", got)
     for leaf, shape in leaves.items():
-      got = tuple(getattr(group[leaf], 'shape', ()))
-      if got != tuple(shape):
+      got_shape = tuple(getattr(group[leaf], 'shape', ()))
+      if got_shape != tuple(shape):
         _checks.fail(where, 'params',
                      f"'{name}/{leaf}' of shape {tuple(shape)} ({_describe(module, in_features)})",
-                     f'shape {got}')
+                     f'shape {got_shape}')
 
 
 def in_features_from(where: str, layout: Layout, module: Any, params: Mapping) -> int:

@@ -141,7 +141,7 @@ def _numpy(t) -> np.ndarray:
 
 
 def _variable(module: nnx.Module, path: str) -> nnx.Variable:
-  obj = module
+  obj: Any = module
   for name in path.split('.'):
     obj = getattr(obj, name)
   return obj
@@ -242,6 +242,7 @@ def from_torch(module: Any, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
   zeros = nnx.initializers.zeros_init()
   kw = dict(kernel_init=zeros, recurrent_kernel_init=zeros, bias_init=zeros,
             param_dtype=jnp.dtype(_numpy(w_ih).dtype), rngs=rngs)
+  result: nnx.Module
   if is_cell:
     cell = family.make_cell(module.input_size, module.hidden_size, act, **kw)
     result = _load(cell, family.to_nnx(*_torch_weights(module)))

@@ -316,18 +316,21 @@ def test_padding_values_are_linens_and_length_zero_keeps_the_initial_carry():
 
 
 @pytest.mark.parametrize('cell', ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'MGUCell',
-                                  'SimpleCell'])
+                                  'SimpleCell', 'ConvLSTMCell'])
 def test_padding_values_match_linen_with_several_batch_axes(cell):
   """Two batch axes, every direction mode: flax.linen's values on the flattened batch."""
-  x = jax.random.normal(jax.random.key(0), (2, B, T, IN))
+  conv = cell == 'ConvLSTMCell'
+  features = (6, IN) if conv else (IN,)  # a 1-D signal of width 6 for the conv cell
+  x = jax.random.normal(jax.random.key(0), (2, B, T, *features))
   lengths = jnp.array([[5, 3, 0], [1, 2, 4]])
-  theirs = nn.RNN(getattr(nn, cell)(H), return_carry=True)
-  ours = compat.RNN(getattr(compat, cell)(H), return_carry=True)
+  kw = dict(kernel_size=(3,)) if conv else {}
+  theirs = nn.RNN(getattr(nn, cell)(H, **kw), return_carry=True)
+  ours = compat.RNN(getattr(compat, cell)(H, **kw), return_carry=True)
   v = theirs.init(jax.random.key(1), x[0])
   modes = [dict(), dict(reverse=True), dict(reverse=True, keep_order=True)]
 
   def run(v):
-    flat_x, flat_l = x.reshape(2 * B, T, IN), lengths.reshape(-1)
+    flat_x, flat_l = x.reshape(2 * B, T, *features), lengths.reshape(-1)
     return [(ours.apply(v, x, seq_lengths=lengths, **m),
              theirs.apply(v, flat_x, seq_lengths=flat_l, **m)) for m in modes]
 

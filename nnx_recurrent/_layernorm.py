@@ -144,18 +144,19 @@ _LN = r"""
   where, for a vector :math:`v` of :math:`m` units,
   :math:`\mathrm{LN}(v; \gamma, \beta) = \gamma * (v - \mu) / \sqrt{s^2 + \epsilon} + \beta`
   with :math:`\mu` and :math:`s^2` the mean and (biased) variance of all
-  :math:`m` units of :math:`v`, and :math:`\beta = 0` where no :math:`\beta` is written."""
+  :math:`m` units of :math:`v`, and :math:`\beta = 0` where no :math:`\beta` is written.
+"""
 
 _JOINT = """
   **All gates jointly.** ``W_i x`` and ``W_h h`` are each normalized over all
-  their {m} units at once, as in the paper's equations (its ``LN(W_h h; α1,
-  β1)`` normalizes the stacked pre-activations of every gate; so do haste's
-  and PyTorch's benchmark layer-normalized LSTMs); normalizing each gate on its
-  own (TensorFlow's ``LayerNormBasicLSTMCell``) is a different model, not
-  offered here.
+  their ``{m}`` units at once, as in the paper's equations (its
+  ``LN(W_h h; α1, β1)`` normalizes the stacked pre-activations of every gate;
+  so do haste's and PyTorch's benchmark layer-normalized LSTMs); normalizing
+  each gate on its own (TensorFlow's ``LayerNormBasicLSTMCell``) is a
+  different model, not offered here.
 
   **One bias.** The paper's ``β1``, ``β2`` and ``b`` are only ever summed, so
-  one vector ``b`` stands for them (haste's parameters): the two norms have a
+  one vector ``{b}`` stands for them (haste's parameters): the two norms have a
   scale and no bias of their own.
 
   **Scale of the inputs.** Every term that depends on ``x`` passes through a
@@ -203,13 +204,14 @@ class LayerNormLSTMCell(_LayerNormCell):
       \end{array}
 """
     + _LN
-    + """ The carry is ``(c', h')`` (``c'`` stored before its norm; flax.linen's
+    + """
+  The carry is ``(c', h')`` (``c'`` stored before its norm; flax.linen's
   ``(c, h)`` order) and the output is ``h'``; ``sigma`` is ``gate_fn`` and
   ``tanh`` is ``activation_fn``. The gate order ``i, f, g, o`` is
   :class:`OptimizedLSTMCell`'s (the paper writes ``f, i, o, g``; a joint norm
   does not depend on the order of the units).
 """
-    + _JOINT.replace('{m}', '4 * hidden_features')
+    + _JOINT.replace('{m}', '4 * hidden_features').replace('{b}', 'b')
     + """
 
   Parameters: ``dense_i`` (kernel ``W_i`` ``(in, 4 * hidden)``, no bias),
@@ -305,11 +307,13 @@ class LayerNormGRUCell(_LayerNormCell):
       \end{array}
 """
     + _LN
-    + """ The carry and the output are ``h'``. As in :class:`GRUCell`
+    + """
+  The carry and the output are ``h'``. As in :class:`GRUCell`
   (flax.linen's, PyTorch's and cuDNN's GRU), the candidate's hidden bias
-  ``b_hn`` sits inside the reset product, after the norm; gate order ``r, z, n``.
+  ``b_hn`` sits inside the reset product, after the norm (so it is not summed
+  with the other biases); gate order ``r, z, n``.
 """
-    + _JOINT.replace('{m}', '3 * hidden_features')
+    + _JOINT.replace('{m}', '3 * hidden_features').replace('{b}', 'b_i')
     + """
 
   Parameters: ``dense_i`` (kernel ``W_i`` ``(in, 3 * hidden)``, no bias),

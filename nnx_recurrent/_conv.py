@@ -32,8 +32,9 @@ def _shape_keeping(padding: PaddingLike, kernel_size: tuple[int, ...]) -> Paddin
   """``padding`` if a stride-1 convolution with it keeps the spatial shape, else ``'SAME'``."""
   if isinstance(padding, str):
     return padding if padding.upper() in _SHAPE_KEEPING else 'SAME'
-  pads = [padding] * len(kernel_size) if isinstance(padding, int) else list(padding)
-  pads = [(p, p) if isinstance(p, int) else tuple(p) for p in pads]
+  entries: Sequence[int | Sequence[int]] = (
+    [padding] * len(kernel_size) if isinstance(padding, int) else list(padding))
+  pads = [(p, p) if isinstance(p, int) else tuple(p) for p in entries]
   if len(pads) == len(kernel_size) and all(
       lo + hi == k - 1 for (lo, hi), k in zip(pads, kernel_size)):
     return padding

@@ -18,6 +18,7 @@ from nnx_recurrent._base import (
   default_recurrent_kernel_init,
   masked,
 )
+from nnx_recurrent._updates import gru_update
 
 
 class _GatedUnit(RNNCellBase):
@@ -168,8 +169,5 @@ class GRUCell(_GatedUnit):
   def _step(self, carry, inputs, recurrent_mask):
     h = carry
     (xr, xz, xn), (hr, hz), hn = self._projections(inputs, masked(h, recurrent_mask))
-    r = self.gate_fn(xr + hr)
-    z = self.gate_fn(xz + hz)
-    n = self.activation_fn(xn + r * hn)
-    new_h = (1.0 - z) * n + z * h
+    new_h = gru_update(h, xr, xz, xn, hr, hz, hn, self.gate_fn, self.activation_fn)
     return new_h, new_h

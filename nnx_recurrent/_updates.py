@@ -1,7 +1,6 @@
-"""The GRU state update, shared by ``LayerNormGRUCell`` and ``ConvGRUCell``.
+"""The GRU state update, shared by ``GRUCell``, ``LayerNormGRUCell`` and ``ConvGRUCell``.
 
-(The LSTM's is :func:`nnx_recurrent._base.lstm_update`; ``GRUCell`` computes the
-same lines as :func:`gru_update` in its own ``_step``.)
+(The LSTM's is :func:`nnx_recurrent._base.lstm_update`.)
 """
 
 from __future__ import annotations

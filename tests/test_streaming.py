@@ -20,19 +20,22 @@ SPLITS = [(1, 6), (3, 3, 1), (2, 1, 2, 2)]
 
 
 def _layers():
+  """name -> (layer, features of one step)."""
   rngs = nnx.Rngs(0)
   layers = {
-    'RNN(LSTMCell)': nr.RNN(nr.LSTMCell(IN, H, rngs=rngs)),
-    'RNN(GRUCell, zoneout, eval)': nr.RNN(nr.GRUCell(IN, H, zoneout_rate=0.3, rngs=rngs)),
-    'RNN(MGUCell, learned carry)': nr.RNN(nr.MGUCell(IN, H, rngs=rngs),
-                                          learn_initial_carry=True),
-    'StackedRNN': nr.StackedRNN(nr.RNN(nr.SimpleCell(IN, H, rngs=rngs)),
-                                nr.RNN(nr.OptimizedLSTMCell(H, H, rngs=rngs)),
-                                dropout_rate=0.2, rngs=rngs),
-    'LSTM(2 layers)': nr.LSTM(IN, H, num_layers=2, dropout_rate=0.2, rngs=rngs),
-    'GRU': nr.GRU(IN, H, rngs=rngs),
+    'RNN(LayerNormLSTMCell)': (nr.RNN(nr.LayerNormLSTMCell(IN, H, rngs=rngs)), (IN,)),
+    'RNN(GRUCell, zoneout, eval)': (nr.RNN(nr.GRUCell(IN, H, zoneout_rate=0.3, rngs=rngs)),
+                                    (IN,)),
+    'RNN(LayerNormGRUCell, learned carry)': (
+      nr.RNN(nr.LayerNormGRUCell(IN, H, rngs=rngs), learn_initial_carry=True), (IN,)),
+    'RNN(ConvGRUCell)': (nr.RNN(nr.ConvGRUCell(IN, H, (3,), rngs=rngs)), (5, IN)),
+    'StackedRNN': (nr.StackedRNN(nr.RNN(nr.SimpleCell(IN, H, rngs=rngs)),
+                                 nr.RNN(nr.OptimizedLSTMCell(H, H, rngs=rngs)),
+                                 dropout_rate=0.2, rngs=rngs), (IN,)),
+    'LSTM(2 layers)': (nr.LSTM(IN, H, num_layers=2, dropout_rate=0.2, rngs=rngs), (IN,)),
+    'GRU': (nr.GRU(IN, H, rngs=rngs), (IN,)),
   }
-  for layer in layers.values():
+  for layer, _ in layers.values():
     ref.randomize(layer, 3)
   return layers
 
@@ -51,11 +54,11 @@ def _chunks(layer, x, lengths, split):
 
 @pytest.mark.parametrize('name', list(_layers()))
 def test_chunks_equal_one_call(name):
-  layer = _layers()[name]
+  layer, features = _layers()[name]
   layer.eval()  # dropout and zoneout draw per call: streaming is an inference tool
-  if name.startswith('RNN(MGUCell'):
+  if 'learned carry' in name:
     layer.initial_carry[...] = ref.normal((H,), 9)
-  x = ref.normal((B, T, IN), 1)
+  x = ref.normal((B, T, *features), 1)
   carry, y = layer(x, seq_lengths=jnp.asarray(LENGTHS), return_carry=True)
 
   @nnx.jit(static_argnums=2)

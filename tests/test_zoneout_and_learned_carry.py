@@ -53,7 +53,8 @@ def _np(tree):
   return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
 
 
-@pytest.mark.parametrize('name', ['simple', 'lstm', 'optimized_lstm', 'gru', 'mgu'])
+@pytest.mark.parametrize('name', ['simple', 'lstm', 'optimized_lstm', 'gru', 'mgu',
+                                  'conv_lstm_1d_s2'])
 def test_zoneout_step_against_the_formula(name):
   rate = 0.4
   cell, plain, features = _zoned(name, rate)

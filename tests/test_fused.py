@@ -68,8 +68,8 @@ def random_carry(layer, batch_shape=(B,), seed=1):
     treedef, [ref.normal(leaf.shape, seed + k, 0.5) for k, leaf in enumerate(leaves)])
 
 
-def generic(layer, x, *, seq_lengths=None, initial_carry=None, time_major=False, reverse=False,
-            keep_order=False):
+def generic(layer, x, *, seq_lengths=None, segment_ids=None, initial_carry=None,
+            time_major=False, reverse=False, keep_order=False):
   """The same computation with ``RNN`` / ``Bidirectional`` over the layer's cells
   (``reverse``: every layer reversed, in input order between layers)."""
   single = layer.num_layers == 1 and not layer.bidirectional
@@ -80,8 +80,8 @@ def generic(layer, x, *, seq_lengths=None, initial_carry=None, time_major=False,
     rnn = nr.RNN(layer.forward[k], reverse=reverse, keep_order=keep_order or not last)
     if layer.bidirectional:
       rnn = nr.Bidirectional(rnn, nr.RNN(layer.backward[k]))
-    carry, x = rnn(x, seq_lengths=seq_lengths, return_carry=True, time_major=time_major,
-                   initial_carry=None if carries is None else carries[k])
+    carry, x = rnn(x, seq_lengths=seq_lengths, segment_ids=segment_ids, return_carry=True,
+                   time_major=time_major, initial_carry=None if carries is None else carries[k])
     finals.append(carry)
   return (finals[0] if single else tuple(finals)), x
 
@@ -116,32 +116,95 @@ def assert_trees_close(a, b, atol=1e-5, rtol=1e-5):
                                err_msg=f'leaf {jax.tree_util.keystr(path)}')
 
 
-def values_and_grads(layer, x, carry, run):
-  """``run(layer, x, carry)`` and the gradients of a weighted loss of it, jitted."""
+def values_and_grads(layer, x, carry, run, *more_runs):
+  """``run(layer, x, carry)`` and the gradients of a weighted loss of it, jitted;
+  with ``more_runs``, a list of those for each run, all in ONE compilation."""
   graphdef, params = nnx.split(layer)
 
-  def f(params, x, carry):
-    return run(nnx.merge(graphdef, params), x, carry)
-
   @jax.jit
-  def both(params, x, carry):
+  def every_run(params, x, carry):
+    results = []
+    for r in (run, *more_runs):
+      def f(params, x, carry, r=r):
+        return r(nnx.merge(graphdef, params), x, carry)
+
+      out, vjp = jax.vjp(f, params, x, carry)
+      _, loss_vjp = jax.vjp(weighted_loss, out)
+      results.append((out, vjp(loss_vjp(jnp.ones(()))[0])))
+    return results
+
+  results = every_run(params, x, carry)
+  return results if more_runs else results[0]
+
+
+def check_against_generic(layer, x, carry0, lengths, time_major=False, segment_ids=None,
+                          **tolerances):
+  """Values and gradients (parameters, inputs, initial carry) of ``layer`` against
+  :func:`generic` over its cells; returns the layer's ``(carry, outputs)``."""
+  masks = dict(seq_lengths=lengths, segment_ids=segment_ids, time_major=time_major)
+  (out, grads), (out_g, grads_g) = values_and_grads(
+    layer, x, carry0, lambda m, x, c: m(x, initial_carry=c, return_carry=True, **masks),
+    lambda m, x, c: generic(m, x, initial_carry=c, **masks))
+  assert_trees_close(out, out_g, **tolerances)
+  assert_trees_close(grads, grads_g, **tolerances)
+  return out
+
+
+# Bit for bit on the CPU; a GPU may add in another order from one run to the next.
+BITWISE_ON_CPU = (dict(rtol=0, atol=0) if jax.default_backend() == 'cpu'
+                  else dict(rtol=1e-6, atol=1e-7))
+
+
+def plans_and_generic(layer, paths, **masks):
+  """ONE jitted function ``(x, carry0) -> (results, expected)``: the values and
+  gradients (parameters, inputs, initial carry) of ``layer`` forced to each of
+  ``paths`` (``results[path]``; the plan is read while tracing) and of
+  :func:`generic` over its cells (``expected``). One compilation serves every
+  input (e.g. garbage at padding)."""
+  graphdef, params = nnx.split(layer)
+
+  def both(params, x, carry, run):
+    f = lambda params, x, carry: run(nnx.merge(graphdef, params), x, carry)  # noqa: E731
     out, vjp = jax.vjp(f, params, x, carry)
     _, loss_vjp = jax.vjp(weighted_loss, out)
     return out, vjp(loss_vjp(jnp.ones(()))[0])
 
-  return both(params, x, carry)
+  @jax.jit
+  def every_path(params, x, carry):
+    results = {}
+    for path in paths:
+      with use_path(path):
+        results[path] = both(params, x, carry, lambda m, x, c: m(
+          x, initial_carry=c, return_carry=True, **masks))
+    return results, both(params, x, carry, lambda m, x, c: generic(
+      m, x, initial_carry=c, **masks))
+
+  return lambda x, carry: every_path(params, x, carry)
 
 
-def check_against_generic(layer, x, carry0, lengths, time_major=False, **tolerances):
-  """Values and gradients (parameters, inputs, initial carry) of ``layer`` against
-  :func:`generic` over its cells; returns the layer's ``(carry, outputs)``."""
-  out, grads = values_and_grads(layer, x, carry0, lambda m, x, c: m(
-    x, initial_carry=c, seq_lengths=lengths, return_carry=True, time_major=time_major))
-  out_g, grads_g = values_and_grads(layer, x, carry0, lambda m, x, c: generic(
-    m, x, seq_lengths=lengths, initial_carry=c, time_major=time_major))
-  assert_trees_close(out, out_g, **tolerances)
-  assert_trees_close(grads, grads_g, **tolerances)
-  return out
+def check_plans_against_generic(layer, x, carry0, paths, padding=None, **masks):
+  """Every path of :func:`plans_and_generic` against the generic composition;
+  with ``padding`` (a boolean ``(*batch, time)`` mask), garbage (NaN, inf,
+  1e30) there changes nothing, bit for bit on the CPU, and the inputs'
+  gradient there is zero. Returns ``{path: ((carry, outputs), grads)}``."""
+  run = plans_and_generic(layer, paths, **masks)
+  results, expected = run(x, carry0)
+  for path, got in results.items():
+    try:
+      assert_trees_close(got, expected)
+    except AssertionError as e:
+      raise AssertionError(f'path {path!r}: {e}') from None
+  if padding is not None:
+    pad = jnp.asarray(padding)[..., None]
+    for path, (_, (_, dx, _)) in {**results, 'generic': expected}.items():
+      assert not np.asarray(dx)[np.asarray(padding)].any(), path
+    for fill in (np.nan, np.inf, -np.inf, 1e30):
+      garbage = run(jnp.where(pad, jnp.asarray(fill, x.dtype), x), carry0)
+      for a, b in zip(jax.tree_util.tree_leaves((results, expected)),
+                      jax.tree_util.tree_leaves(garbage)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), **BITWISE_ON_CPU,
+                                   err_msg=f'padding {fill}')
+  return results
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
@@ -237,10 +300,9 @@ def test_reverse_matches_generic(cls, num_layers, keep_order):
   x = ref.normal((B, T, I), seed=22)
   carry0 = random_carry(layer, seed=23)
   kw = dict(seq_lengths=LENGTHS, reverse=True, keep_order=keep_order)
-  out, grads = values_and_grads(layer, x, carry0, lambda m, x, c: m(
-    x, initial_carry=c, return_carry=True, **kw))
-  out_g, grads_g = values_and_grads(layer, x, carry0, lambda m, x, c: generic(
-    m, x, initial_carry=c, **kw))
+  (out, grads), (out_g, grads_g) = values_and_grads(
+    layer, x, carry0, lambda m, x, c: m(x, initial_carry=c, return_carry=True, **kw),
+    lambda m, x, c: generic(m, x, initial_carry=c, **kw))
   assert_trees_close(out, out_g)
   assert_trees_close(grads, grads_g)
   # The attributes are the defaults of the call.
@@ -406,10 +468,6 @@ def test_errors(cls):
     layer(jnp.ones((2, 5, 3)), seq_lengths=jnp.array([6, 1]))
   with pytest.raises(ValueError, match=rf'{name}: `initial_carry` expected a pytree'):
     layer(jnp.ones((2, 5, 3)), initial_carry=layer.forward[0].initialize_carry((2, 3)))
-  with pytest.raises(ValueError, match=rf'{name}: `segment_ids` expected None \(packed sequences '
-                                       rf'are not supported by nr.{name} yet; use nr.RNN\), got '
-                                       r'an array of shape \(2, 5\)'):
-    layer(jnp.ones((2, 5, 3)), segment_ids=jnp.ones((2, 5), jnp.int32))
   reverse = rf'{name}: `reverse` expected False for a bidirectional layer \(it runs both ' \
             r'directions already\), got True'
   with pytest.raises(ValueError, match=reverse):

@@ -5,8 +5,9 @@ lowers through Triton, run as XLA code (slow to compile, so the shapes are
 tiny and each test compiles once). Values and gradients (parameters, inputs,
 initial carry) are checked against the XLA scans (``implementation='xla'``,
 themselves tested against the generic ``RNN`` composition) and the values
-against the float64 NumPy formulas of ``tests.reference``. Garbage at padding:
-``tests/test_fused_padding.py``.
+against the float64 NumPy formulas of ``tests.reference``; packed sequences
+and the LSTM projection against the generic ``RNN`` composition. Garbage at
+padding: ``tests/test_fused_padding.py`` (and here with packed sequences).
 """
 
 import re
@@ -30,10 +31,12 @@ from tests.test_fused import (
   T,
   assert_trees_close,
   call,
+  check_plans_against_generic,
   make,
   random_carry,
   values_and_grads,
 )
+from tests.test_fused_packing import IDS
 
 
 def run(m, x, c):
@@ -66,14 +69,28 @@ def test_matches_xla_and_numpy(cls):
   layer = make(cls, 2, True, seed=31, implementation='pallas')
   x = ref.normal((B, T, I), seed=32)
   carry0 = random_carry(layer, seed=33)
-  out, grads = values_and_grads(layer, x, carry0, run)
-  out_x, grads_x = values_and_grads(with_implementation(layer, 'xla'), x, carry0, run)
+  (out, grads), (out_x, grads_x) = values_and_grads(  # one compilation
+    layer, x, carry0, run, lambda m, x, c: run(with_implementation(m, 'xla'), x, c))
   assert_trees_close(out, out_x)
   assert_trees_close(grads, grads_x)
   assert_trees_close(out, numpy_stack(layer, x, carry0), atol=2e-5)
   assert not np.asarray(out[1][2]).any()  # the length-0 row: zero outputs, initial carry
   assert_trees_close(jax.tree_util.tree_map(lambda a: a[2], out[0]),
                      jax.tree_util.tree_map(lambda a: a[2], carry0), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_packed_sequences_and_projection(cls):
+  """The kernels' per-step flags (``segment_ids``: a segment's first step
+  restarts from the initial carry, whose cotangent the backward kernel
+  collects) and, for the LSTM, the projection (``m W_hr`` forward, ``dh
+  W_hr^T`` backward): one bidirectional layer, values and gradients against
+  the generic composition, garbage at padding inert."""
+  layer = make(cls, 1, True, seed=48, implementation='pallas',
+               **(dict(proj_features=3) if cls is nr.LSTM else {}))
+  x = ref.normal((B, IDS.shape[1], I), seed=49)
+  carry0 = random_carry(layer, seed=50)
+  check_plans_against_generic(layer, x, carry0, ['default'], padding=IDS == 0, segment_ids=IDS)
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
@@ -129,20 +146,25 @@ def test_batch_blocks_and_batch_axes(monkeypatch):
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
-@pytest.mark.parametrize('dtype,hold', [(jnp.float32, True), (jnp.bfloat16, False)])
-def test_kernels_lower_through_triton(cls, dtype, hold, monkeypatch):
+@pytest.mark.parametrize('dtype,hold,packed', [(jnp.float32, True, False),
+                                               (jnp.bfloat16, False, True)])
+def test_kernels_lower_through_triton(cls, dtype, hold, packed, monkeypatch):
   """Without a GPU: the training step exported for CUDA holds the kernels
   (forward with residuals, backward; both directions) as Triton calls, so the
   Triton lowering of Pallas accepts them (block shapes, dots, loads and stores;
   Triton's own compiler, which runs on a GPU only, is not reached). The
-  recurrent weights held in the kernel across steps, or loaded at each step."""
+  recurrent weights held in the kernel across steps, or loaded at each step;
+  lengths, or packed sequences' flags (and then the LSTM projected)."""
   monkeypatch.setattr(_pallas, '_HOLD_WEIGHTS_MAX_BYTES', 2**30 if hold else 0)
-  layer = cls(I, 64, bidirectional=True, implementation='pallas', dtype=dtype, rngs=nnx.Rngs(0))
+  proj = dict(proj_features=24) if packed and cls is nr.LSTM else {}
+  layer = cls(I, 64, bidirectional=True, implementation='pallas', dtype=dtype, rngs=nnx.Rngs(0),
+              **proj)
   graphdef, params = nnx.split(layer)
-  lengths = jnp.array([T, 1, 0])
+  masks = dict(segment_ids=jnp.array([[1, 1, 2, 2, 0], [1, 0, 0, 0, 0], [0] * T])) if packed \
+    else dict(seq_lengths=jnp.array([T, 1, 0]))
 
   def loss(params, x):
-    y = nnx.merge(graphdef, params)(x, seq_lengths=lengths)
+    y = nnx.merge(graphdef, params)(x, **masks)
     return jnp.sum(y.astype(jnp.float32) ** 2)
 
   triton = '__gpu$xla.gpu.triton'

@@ -13,16 +13,21 @@ side, one per module, each choosing nothing:
 * ``_xla``: the scans and the ``jax.custom_vjp`` recurrence (the default);
 * ``_cudnn``: cuDNN through ``jax.experimental.rnn`` (LSTM, CUDA, opt-in);
 * ``_pallas``: one Pallas kernel per direction and pass (Triton on a GPU,
-  interpreted on the CPU; opt-in until measured on a GPU);
-* ``_layers``: :class:`LSTM` and :class:`GRU`, and the one place that picks a
-  backend (``implementation``);
+  interpreted on the CPU; opt-in until measured on a GPU), the kernels
+  themselves in ``_pallas_kernels``;
+* ``_core``: what the layers do (construction, the call, packed sequences,
+  the projection's sizes) and the one place that picks a backend
+  (``implementation``);
+* ``_layers``: :class:`LSTM` and :class:`GRU`: their cells, math and docs;
 * ``internal``: the one entry point for ``benchmarks/`` and the tests (not
   public API).
 
 The parameters live in ordinary cells (:class:`OptimizedLSTMCell`,
 :class:`GRUCell`), so the layout is that of the cells and the fused layer is
 numerically the composition of ``RNN`` / ``Bidirectional`` over them (the
-tests check values and gradients against it, and against NumPy). The gate
+tests check values and gradients against it, and against NumPy), with padding
+(``seq_lengths``) or packed sequences (``segment_ids``), and the LSTM cells'
+projection (``proj_features``) on the XLA and Pallas backends. The gate
 nonlinearities are the cells' defaults (sigmoid, tanh), whose derivatives the
 backward pass hard-codes.
 """

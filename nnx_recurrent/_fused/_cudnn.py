@@ -12,6 +12,7 @@ function.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,8 @@ def unsupported(dtype) -> str | None:
     return f'needs a CUDA GPU, and the default backend is {jax.default_backend()!r}'
   if jnp.dtype(dtype) != jnp.float32:
     return f'runs float32 only, and the computation dtype is {jnp.dtype(dtype).name}'
-  precision = jax.config.jax_default_matmul_precision
+  config: Any = jax.config  # its flags are attributes set at runtime, unknown to the stubs
+  precision = config.jax_default_matmul_precision
   if precision is not None and str(precision).lower() not in _PRECISIONS:
     return f'has no matmul precision {precision!r} (jax_default_matmul_precision)'
   return None

@@ -88,8 +88,15 @@ def gate_derivatives(act: Array, sigmoid: tuple[bool, ...]) -> Array:
 # Each step saves ONE residual array ``(*batch, 5 * H)`` holding everything its
 # backward needs (activated gates and the carry that entered the step), so the
 # backward scan fetches one slice per step and recomputes nothing but a tanh.
+# (With an LSTM projection the same: ``m = o * tanh(c')``, which ``dW_hr``
+# reads, is recomputed from it after the loop, for all steps at once.)
 class LSTMMath:
-  """LSTM step given ``xp = x W_i`` and ``hp = h W_h``; gates ``i, f, g, o``."""
+  """LSTM step given ``xp = x W_i`` and ``hp = h W_h``; gates ``i, f, g, o``.
+
+  With ``proj_features`` (``W_hr``, the ``extra`` parameter) the new ``h`` is
+  ``(o * tanh(c')) W_hr``: one more matmul per step forward (``dh W_hr^T``
+  backward); without it the step is the unprojected one, op for op.
+  """
 
   name = 'LSTM'
   gates = 4
@@ -99,8 +106,22 @@ class LSTMMath:
 
   @staticmethod
   def params(cell):
-    """``(W_i, b, W_h, extra)`` of an :class:`OptimizedLSTMCell`."""
-    return cell.dense_i.kernel[...], cell.dense_h.bias[...], cell.dense_h.kernel[...], None
+    """``(W_i, b, W_h, W_hr)`` of an :class:`OptimizedLSTMCell`; ``W_hr`` is the
+    projection's kernel ``(H, P)`` (``proj_features``), or ``None``."""
+    w_hr = None if cell.proj is None else cell.proj.kernel[...]
+    return cell.dense_i.kernel[...], cell.dense_h.bias[...], cell.dense_h.kernel[...], w_hr
+
+  @staticmethod
+  def project(m, w_hr):
+    """The new ``h`` from ``m = o * tanh(c')``: ``m W_hr``, or ``m`` itself."""
+    return m if w_hr is None else dot(m, w_hr)
+
+  @staticmethod
+  def backward_extra(params):
+    """What :meth:`step_bwd` needs of the parameters, made once before the loop:
+    ``W_hr^T`` (``None`` without a projection)."""
+    w_hr = params[3]
+    return None if w_hr is None else w_hr.T
 
   @staticmethod
   def h(carry):
@@ -117,10 +138,9 @@ class LSTMMath:
     return z, None
 
   @staticmethod
-  def step(carry, xp_t, hp_t, b, extra, save: bool):
+  def step(carry, xp_t, hp_t, b, w_hr, save: bool):
     """Returns ``(new_carry, residual [i, f, g, o, c_prev])`` (activated gates;
-    ``None`` without ``save``)."""
-    del extra
+    ``None`` without ``save``). ``w_hr``: the projection, or ``None``."""
     c, _ = carry
     z = xp_t if hp_t is None else xp_t + hp_t  # None: xp_t came from the joint matmul
     z = z + row(b, z.ndim)
@@ -128,25 +148,31 @@ class LSTMMath:
       # Nothing to save: each gate's activation fuses into the op that uses it,
       # as in the cell (the one-tanh form materialises all four, see _plans.plan).
       i, f, g, o = jnp.split(z, 4, axis=-1)
-      return lstm_update(c, i, f, g, o, jax.nn.sigmoid, jnp.tanh), None
+      new_c, m = lstm_update(c, i, f, g, o, jax.nn.sigmoid, jnp.tanh)
+      return (new_c, LSTMMath.project(m, w_hr)), None
     act = gate_activations(z, LSTM_SIGMOID_GATES)
     i, f, _, o = jnp.split(act, 4, axis=-1)
     # The cells' update (identity gate_fn: i, f, o are activated already).
-    new_c, new_h = lstm_update(c, i, f, jnp.split(z, 4, axis=-1)[2], o, identity, jnp.tanh)
-    return (new_c, new_h), jnp.concatenate([act, c], axis=-1)
+    new_c, m = lstm_update(c, i, f, jnp.split(z, 4, axis=-1)[2], o, identity, jnp.tanh)
+    return (new_c, LSTMMath.project(m, w_hr)), jnp.concatenate([act, c], axis=-1)
 
   @staticmethod
-  def step_bwd(res_t, dcarry, dy_t):
-    """Returns ``(d carry_prev except via hp, what the scan stacks, d hp_t)``."""
+  def step_bwd(res_t, dcarry, dy_t, w_hr_t):
+    """Returns ``(d carry_prev except via hp, what the scan stacks, d hp_t)``.
+
+    With a projection (``w_hr_t = W_hr^T``) ``dm = dh W_hr^T`` is the
+    cotangent of ``m = o * tanh(c')``, and the scan also stacks ``dh`` (for
+    ``dW_hr``, one matmul after the loop: :meth:`grads`)."""
     i, f, g, o, c_prev = jnp.split(res_t, 5, axis=-1)
     dc, dh = dcarry
     dh = dh + dy_t
+    dm = dh if w_hr_t is None else dot(dh, w_hr_t)
     tc = jnp.tanh(f * c_prev + i * g)
-    dc = dc + dh * o * (1.0 - tc * tc)
-    upstream = jnp.concatenate([dc * g, dc * c_prev, dc * i, dh * tc], axis=-1)
+    dc = dc + dm * o * (1.0 - tc * tc)
+    upstream = jnp.concatenate([dc * g, dc * c_prev, dc * i, dm * tc], axis=-1)
     act = res_t[..., : 4 * i.shape[-1]]
     dz = upstream * gate_derivatives(act, LSTM_SIGMOID_GATES)  # d of i, f, g, o's inputs
-    return (dc * f, jnp.zeros_like(dh)), dz, dz
+    return (dc * f, jnp.zeros_like(dh)), (dz if w_hr_t is None else (dz, dh)), dz
 
   @staticmethod
   def gate_step_bwd(i, f, g, o, c_prev, dc, dh):
@@ -164,11 +190,26 @@ class LSTMMath:
     return (dcarry[0], dcarry[1] + dh)
 
   @staticmethod
-  def grads(dz, res, carry0, ys, extra):
-    """``(dW_h, d xp, d extra)`` from the stacked outputs of the backward scan."""
-    del res, extra
-    # h entering step t is ys[t - 1] (valid steps are a prefix), h0 for t = 0.
-    return flat_dot_t(shift(carry0[1], ys), dz, LSTMMath.transpose_dw), dz, None
+  def cell_outputs(res):
+    """``m = o * tanh(c')`` of every step, from the residuals (what ``W_hr`` reads)."""
+    i, f, g, o, c_prev = jnp.split(res, 5, axis=-1)
+    return o * jnp.tanh(f * c_prev + i * g)
+
+  @staticmethod
+  def grads(d_all, res, carry0, ys, w_hr, reset):
+    """``(dW_h, d xp, dW_hr)`` from the stacked outputs of the backward scan
+    (``dW_hr`` is ``None`` without a projection)."""
+    dz, dh = (d_all, None) if w_hr is None else d_all
+    # h entering step t is ys[t - 1] (a valid step follows a valid one or
+    # starts a segment), h0 for t = 0 and at a segment's first step (``reset``).
+    h0 = carry0[1]
+    h_prev = shift(h0, ys)
+    if reset is not None:
+      h_prev = jnp.where(reset[..., None], h0[None], h_prev)
+    dw_h = flat_dot_t(h_prev, dz, LSTMMath.transpose_dw)
+    if w_hr is None:
+      return dw_h, dz, None
+    return dw_h, dz, flat_dot_t(LSTMMath.cell_outputs(res), dh, LSTMMath.transpose_dw)
 
 
 class GRUMath:
@@ -179,6 +220,11 @@ class GRUMath:
   joint = False  # a joint weight would need a zero block for h W_hn: measured slower
   transpose_dw = False
   autodiff_min_rows = _plans.GRU_AUTODIFF_MIN_ROWS  # on the CPU (see _plans.plan)
+
+  @staticmethod
+  def backward_extra(params):
+    del params
+    return None
 
   @staticmethod
   def params(cell):
@@ -212,7 +258,8 @@ class GRUMath:
     return new_h, r, z, n
 
   @staticmethod
-  def step_bwd(res_t, dh, dy_t):
+  def step_bwd(res_t, dh, dy_t, extra_t):
+    del extra_t
     r, z, n, hn, h_prev = jnp.split(res_t, 5, axis=-1)
     dr, dz, dhn, dan, d_direct = GRUMath.gate_step_bwd(r, z, n, hn, h_prev, dh + dy_t)
     dhp = jnp.concatenate([dr, dz, dhn], axis=-1)
@@ -231,8 +278,8 @@ class GRUMath:
     return dcarry + dh
 
   @staticmethod
-  def grads(d_all, res, carry0, ys, b_hn):
-    del carry0, ys
+  def grads(d_all, res, carry0, ys, b_hn, reset):
+    del carry0, ys, reset  # h_prev is in the residuals
     dhp, dan = d_all
     h = b_hn.shape[-1]
     dw_h = flat_dot_t(res[..., 4 * h:], dhp)
@@ -241,12 +288,13 @@ class GRUMath:
     return dw_h, dxp, db_hn
 
 
-def grads_after_loop(cell_math, d_all, res, params, xs, carry0, ys):
+def grads_after_loop(cell_math, d_all, res, params, xs, carry0, ys, reset):
   """The gradients of the parameters and inputs from the stacked outputs of a
   backward recurrence (``d_all``, as ``cell_math.step_bwd`` stacks them), each
-  one large matmul over the whole sequence: ``((dW_i, db, dW_h, d extra), dxs)``."""
+  one large matmul over the whole sequence: ``((dW_i, db, dW_h, d extra), dxs)``.
+  ``reset``: the steps that start a packed segment (``(time, *batch)``), or ``None``."""
   w_i, _, _, extra = params
-  dw_h, dxp, dextra = cell_math.grads(d_all, res, carry0, ys, extra)
+  dw_h, dxp, dextra = cell_math.grads(d_all, res, carry0, ys, extra, reset)
   dw_i = flat_dot_t(xs, dxp, cell_math.transpose_dw)
   db = dxp.reshape(-1, dxp.shape[-1]).sum(axis=0)
   dxs = dot(dxp, w_i.T)  # XLA drops it when the inputs need no gradient

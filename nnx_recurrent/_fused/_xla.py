@@ -13,7 +13,14 @@
 * How the forward computes its gate pre-activations (hoisted, in the loop, or
   one joint matmul) is the :class:`_plans.ScanPlan` it is given.
 * Padding (``seq_lengths``) is carry selection inside both scans
-  (``where(valid, new, old)``): no extra passes over the sequence.
+  (``where(valid, new, old)``): no extra passes over the sequence. Packed
+  sequences (``segment_ids``) add a reset: a segment's first step starts from
+  the initial carry, and in the backward scan the carry cotangent of that step
+  goes to the initial carry (summed over the segments) instead of flowing on
+  into the previous segment.
+* An LSTM projection (``proj_features``) adds ``m W_hr`` to the forward step
+  and ``dh W_hr^T`` to the backward step; ``dW_hr`` is one large matmul after
+  the loop too.
 * Each step's slice of the sequence arrives through the loop carry, fetched
   one step ahead (:func:`prefetch_scan`): XLA's CPU backend emits scalar code
   for an elementwise fusion that reads a dynamic slice, so the gate math of a
@@ -90,8 +97,13 @@ def pair_scan(step, carry, xs, *, length: int, reverse: bool):
   return carry, jax.tree_util.tree_map(lambda a: a.reshape((length,) + a.shape[2:]), ys)
 
 
-def forward_scan(cell_math, plan: ScanPlan, params, xs, carry0, valid, save: bool = False):
-  """``(final_carry, ys, residuals)``; the residuals only with ``save``."""
+def forward_scan(cell_math, plan: ScanPlan, params, xs, carry0, valid, reset,
+                 save: bool = False):
+  """``(final_carry, ys, residuals)``; the residuals only with ``save``.
+
+  ``valid`` / ``reset``: ``(time, *batch)`` booleans or ``None``; a ``reset``
+  step (a packed segment's first) starts from ``carry0`` again.
+  """
   w_i, b, w_h, extra = params
   if plan.inputs == 'hoisted':  # every step's projection in one matmul
     seq = dot(xs, w_i)
@@ -110,7 +122,9 @@ def forward_scan(cell_math, plan: ScanPlan, params, xs, carry0, valid, save: boo
       return dot(x_t, w_i), dot(h, w_h)
 
   def step(carry, inp):
-    x_t, v_t = inp
+    x_t, v_t, r_t = inp
+    if r_t is not None:
+      carry = _scan.select(r_t, carry0, carry)
     new_carry, res = cell_math.step(carry, *preactivations(x_t, cell_math.h(carry)), b, extra,
                                     save)
     y = cell_math.h(new_carry)
@@ -119,48 +133,64 @@ def forward_scan(cell_math, plan: ScanPlan, params, xs, carry0, valid, save: boo
       y = _scan.select(v_t, y, jnp.zeros_like(y))
     return new_carry, (y, res)
 
-  carry, (ys, res) = prefetch_scan(step, carry0, (seq, valid), length=xs.shape[0],
+  carry, (ys, res) = prefetch_scan(step, carry0, (seq, valid, reset), length=xs.shape[0],
                                    reverse=False, unroll=plan.unroll, prefetch=plan.prefetch)
   return carry, ys, res
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def recurrence(cell_math, plan, params, xs, carry0, valid):
+def recurrence(cell_math, plan, params, xs, carry0, valid, reset):
   """``(final_carry, ys)`` of one cell over time-major ``xs``.
 
-  ``params`` is ``(W_i, b, W_h, extra)`` (``extra``: the GRU's ``b_hn``).
-  ``valid`` (``(time, *batch)`` booleans or ``None``) must be a prefix mask
-  (what ``seq_lengths`` gives): the LSTM backward reads ``h_prev`` off ``ys``.
+  ``params`` is ``(W_i, b, W_h, extra)`` (``extra``: the GRU's ``b_hn``, the
+  LSTM's projection ``W_hr`` or ``None``). ``valid`` and ``reset``
+  (``(time, *batch)`` booleans or ``None``): padding, and the first step of
+  each packed segment, which starts from ``carry0``. A valid step must follow
+  a valid one or start a segment (what ``seq_lengths`` and ``segment_ids``
+  give): the LSTM backward reads ``h_prev`` off ``ys``.
   """
-  carry, ys, _ = forward_scan(cell_math, plan.primal, params, xs, carry0, valid)
+  carry, ys, _ = forward_scan(cell_math, plan.primal, params, xs, carry0, valid, reset)
   return carry, ys
 
 
-def _recurrence_fwd(cell_math, plan, params, xs, carry0, valid):
-  carry, ys, res = forward_scan(cell_math, plan.train, params, xs, carry0, valid, save=True)
-  return (carry, ys), (params, xs, carry0, ys, res, valid)
+def _recurrence_fwd(cell_math, plan, params, xs, carry0, valid, reset):
+  carry, ys, res = forward_scan(cell_math, plan.train, params, xs, carry0, valid, reset,
+                                save=True)
+  return (carry, ys), (params, xs, carry0, ys, res, valid, reset)
 
 
 def _recurrence_bwd(cell_math, plan, saved, cotangents):
-  params, xs, carry0, ys, res, valid = saved
+  params, xs, carry0, ys, res, valid, reset = saved
   dcarry_final, dys = cotangents
   w_h_t = params[2].T  # W_h, transposed once, outside the loop
+  extra_t = cell_math.backward_extra(params)
+  packed = reset is not None
 
-  def step(dcarry, inp):
-    res_t, dy_t, v_t = inp
-    d_direct, d_t, dhp = cell_math.step_bwd(res_t, dcarry, dy_t)
+  def step(state, inp):
+    res_t, dy_t, v_t, r_t = inp
+    dcarry, d_reset = state if packed else (state, None)
+    d_direct, d_t, dhp = cell_math.step_bwd(res_t, dcarry, dy_t, extra_t)
     d_prev = cell_math.add_h(d_direct, dot(dhp, w_h_t))
     if v_t is not None:  # a padding step passed the carry through unchanged
       d_prev = _scan.select(v_t, d_prev, dcarry)
       d_t = jax.tree_util.tree_map(lambda d: _scan.select(v_t, d, jnp.zeros_like(d)), d_t)
-    return d_prev, d_t
+    if r_t is None:
+      return d_prev, d_t
+    # A segment's first step read carry0, not the previous step's carry: its
+    # cotangent goes to carry0 and none flows on into the previous segment.
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, d_prev)
+    d_reset = jax.tree_util.tree_map(jnp.add, d_reset, _scan.select(r_t, d_prev, zeros))
+    return (_scan.select(r_t, zeros, d_prev), d_reset), d_t
 
-  dcarry0, d_all = prefetch_scan(step, dcarry_final, (res, dys, valid), length=xs.shape[0],
-                                 reverse=True, unroll=plan.backward_unroll,
-                                 pairs=plan.backward_pairs)
+  init = (dcarry_final, jax.tree_util.tree_map(jnp.zeros_like, dcarry_final)) if packed \
+    else dcarry_final
+  state, d_all = prefetch_scan(step, init, (res, dys, valid, reset), length=xs.shape[0],
+                               reverse=True, unroll=plan.backward_unroll,
+                               pairs=plan.backward_pairs)
+  dcarry0 = jax.tree_util.tree_map(jnp.add, *state) if packed else state
   # The weight gradients: one large matmul each, for the whole sequence.
-  dparams, dxs = grads_after_loop(cell_math, d_all, res, params, xs, carry0, ys)
-  return dparams, dxs, dcarry0, None
+  dparams, dxs = grads_after_loop(cell_math, d_all, res, params, xs, carry0, ys, reset)
+  return dparams, dxs, dcarry0, None, None
 
 
 recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)

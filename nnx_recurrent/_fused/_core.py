@@ -1,0 +1,302 @@
+"""The machinery of the fused layers: construction, the call, and the one place
+that picks a backend.
+
+:meth:`_FusedBase._run_layer` turns one layer (one or both directions) into
+``(final_carries, outputs)``: through cuDNN (:mod:`._cudnn`) with
+``implementation='cudnn'``, otherwise, and by default (``'auto'``: cuDNN through
+JAX measured slower than the scans on an H200), the XLA scans (:mod:`._xla`)
+or the Pallas kernels (:mod:`._pallas`) one direction at a time, the backward
+direction on each row's valid part (each packed segment) reversed
+(:func:`_scan.reverse_indices` / :func:`_scan.take_time`, the same core as
+``RNN`` and ``Bidirectional``; validation, layout and the padding and reset
+masks through :func:`_scan.prepare`). Dropout between layers is this module's
+in every case. :class:`~nnx_recurrent.LSTM` and :class:`~nnx_recurrent.GRU`
+(:mod:`._layers`) only name their cell and its math.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.typing import Dtype, Initializer
+
+from nnx_recurrent import _checks, _scan
+from nnx_recurrent._base import (
+  _NO_METADATA,
+  Array,
+  RngsLike,
+  default_bias_init,
+  default_kernel_init,
+  default_recurrent_kernel_init,
+)
+from nnx_recurrent._fused import _cudnn, _pallas, _plans, _xla
+
+IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'pallas')
+
+
+def _first(*values):
+  return next(v for v in values if v is not None)
+
+
+class _FusedBase(nnx.Module):
+  _cell_type: type
+  _math: Any
+  _cudnn: bool  # has a cuDNN path (_cudnn.layer)
+
+  def __init__(
+    self,
+    in_features: int,
+    hidden_features: int,
+    *,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    dropout_rate: float = 0.0,
+    time_major: bool = False,
+    return_carry: bool = False,
+    reverse: bool = False,
+    keep_order: bool = False,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    kernel_init: Initializer = default_kernel_init,
+    recurrent_kernel_init: Initializer = default_recurrent_kernel_init,
+    bias_init: Initializer = default_bias_init,
+    kernel_metadata: Mapping[str, Any] = _NO_METADATA,
+    recurrent_kernel_metadata: Mapping[str, Any] = _NO_METADATA,
+    bias_metadata: Mapping[str, Any] = _NO_METADATA,
+    implementation: str = 'auto',
+    rngs: nnx.Rngs,
+    _cell_options: Mapping[str, Any] = _NO_METADATA,
+  ):
+    where = type(self).__name__
+    supported = IMPLEMENTATIONS if self._cudnn else ('auto', 'xla', 'pallas')
+    if implementation not in supported:
+      why = '' if self._cudnn else ' (jax.experimental.rnn has a cuDNN LSTM only)'
+      _checks.fail(where, 'implementation', ' or '.join(map(repr, supported)) + why,
+                   repr(implementation))
+    self.implementation = implementation
+    self.in_features = _checks.check_positive_int(where, 'in_features', in_features)
+    self.hidden_features = _checks.check_positive_int(where, 'hidden_features', hidden_features)
+    self.num_layers = _checks.check_positive_int(where, 'num_layers', num_layers)
+    self.dropout_rate = _checks.check_rate(where, 'dropout_rate', dropout_rate)
+    if not isinstance(rngs, nnx.Rngs):
+      _checks.fail(where, 'rngs', 'an nnx.Rngs', type(rngs).__name__, TypeError)
+    # The size of each direction's h and outputs: proj_features (an LSTM's, set
+    # before this runs), else hidden_features.
+    self.out_features: int = getattr(self, 'proj_features', None) or self.hidden_features
+    self._check_options(implementation, packed=False)
+    self.bidirectional = bool(bidirectional)
+    self._check_reverse(reverse)
+    self.time_major = time_major
+    self.return_carry = return_carry
+    self.reverse = reverse
+    self.keep_order = keep_order
+    kw = dict(kernel_init=kernel_init, recurrent_kernel_init=recurrent_kernel_init,
+              bias_init=bias_init, dtype=dtype, param_dtype=param_dtype,
+              kernel_metadata=kernel_metadata, recurrent_kernel_metadata=recurrent_kernel_metadata,
+              bias_metadata=bias_metadata, rngs=rngs, **_cell_options)
+    width = self.out_features * self.num_directions
+    forward, backward = [], []
+    for layer in range(self.num_layers):
+      n_in = self.in_features if layer == 0 else width
+      forward.append(self._cell_type(n_in, self.hidden_features, **kw))
+      if self.bidirectional:
+        backward.append(self._cell_type(n_in, self.hidden_features, **kw))
+    self.forward = nnx.List(forward)
+    self.backward = nnx.List(backward) if self.bidirectional else nnx.data(None)
+    # Between layers only; no PRNG state unless it is needed.
+    self.dropout = nnx.Dropout(self.dropout_rate, rngs=rngs if self.dropout_rate else None)
+
+  @property
+  def num_directions(self) -> int:
+    return 2 if self.bidirectional else 1
+
+  def _check_reverse(self, reverse: bool):
+    if reverse and self.bidirectional:
+      _checks.fail(type(self).__name__, 'reverse', 'False for a bidirectional layer (it runs '
+                   'both directions already)', repr(reverse))
+
+  def _check_options(self, implementation: str, packed: bool):
+    """cuDNN (jax.experimental.rnn) has neither projections nor packed sequences."""
+    if implementation != 'cudnn':
+      return
+    what, why = (('proj_features', 'has no projection') if getattr(self, 'proj_features', None)
+                 else ('segment_ids', 'takes seq_lengths only') if packed else (None, None))
+    if what is not None:
+      _checks.fail(type(self).__name__, 'implementation', f"'auto', 'xla' or 'pallas' with "
+                   f"{what} (jax.experimental.rnn's cuDNN LSTM {why})", repr(implementation))
+
+  def _cells(self, layer: int) -> list:
+    backward = self.backward
+    return [self.forward[layer]] + ([backward[layer]] if backward is not None else [])
+
+  def _default_carry(self, batch_shape: tuple[int, ...]):
+    per_layer = []
+    for layer in range(self.num_layers):
+      carries = [cell.initialize_carry(batch_shape + (cell.in_features,))
+                 for cell in self._cells(layer)]
+      per_layer.append(carries[0] if len(carries) == 1 else tuple(carries))
+    return self._public_carry(per_layer)
+
+  def _public_carry(self, per_layer: list):
+    if self.num_layers == 1 and not self.bidirectional:
+      return per_layer[0]
+    return tuple(per_layer)
+
+  def _dtype(self, cell, xs: Array):
+    """The cell's computation dtype (nnx.Linear's promotion of inputs and parameters)."""
+    params = self._math.params(cell)
+    return cell.dtype or jnp.result_type(xs.dtype, *jax.tree_util.tree_leaves(params))
+
+  def _backend(self, dtype, rows: int, packed: bool) -> str:
+    """The one place that picks a layer's backend: 'xla', 'cudnn' or 'pallas'.
+
+    'auto' is the XLA scans, but where the Pallas kernels measured faster on
+    this GPU (``_plans.PALLAS_FASTER``: no shape yet). Through
+    jax.experimental.rnn, cuDNN measured slower than the scans on an H200 at
+    three of the four benchmark shapes and at most 13% faster at the fourth
+    (benchmarks/RESULTS.md, "GPU"): only 'cudnn' picks it.
+    """
+    where, chosen = type(self).__name__, self.implementation
+    self._check_options(chosen, packed)
+    reason = {'cudnn': lambda: _cudnn.unsupported(dtype), 'pallas': _pallas.unsupported}.get(
+      chosen, lambda: None)()
+    if reason is not None:
+      name = {'cudnn': 'cuDNN', 'pallas': 'Pallas'}[chosen]
+      _checks.fail(where, 'implementation', f"'auto' or 'xla' here ({name} {reason})",
+                   repr(chosen))
+    if chosen == 'auto':
+      faster = _plans.pallas_measured_faster(self._math, rows, self.hidden_features)
+      return 'pallas' if faster else 'xla'
+    return chosen
+
+  def _run_layer(self, layer: int, xs: Array, carries, masks: _scan.StepMasks, idx,
+                 seq_lengths):
+    """One layer over time-major ``xs``: ``(finals, ys)``, one final carry per
+    direction, through the backend :meth:`_backend` picks."""
+    cells = self._cells(layer)
+    dtype = self._dtype(cells[0], xs)
+    packed = masks.reset is not None
+    backend = self._backend(dtype, math.prod(xs.shape[1:-1]), packed) if xs.size else 'xla'
+    if backend == 'cudnn':  # both directions in one call
+      try:
+        return _cudnn.layer(cells, xs, carries, seq_lengths, dtype)
+      except NotImplementedError as e:  # jax.vmap: the primitives have no batching rule
+        if 'Batching rule' not in str(e):
+          raise
+        _checks.fail(type(self).__name__, 'implementation',
+                     "'auto' or 'xla' under jax.vmap (jax.experimental.rnn's cuDNN "
+                     'primitives have no batching rule)', "'cudnn'")
+    finals, ys = [], []
+    for d, cell in enumerate(cells):
+      # The backward direction: each row (each segment) reversed; the masks stay as they are.
+      x = xs if d == 0 else _scan.take_time(xs, idx)
+      final, y = self._run_direction(cell, x, carries[d], masks, seq_lengths, backend)
+      finals.append(final)
+      ys.append(y if d == 0 else _scan.take_time(y, idx))
+    return finals, (ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=-1))
+
+  def _run_direction(self, cell, xs: Array, carry, masks: _scan.StepMasks,
+                     seq_lengths: Array | None, backend: str):
+    """One cell over time-major ``xs``: ``(final_carry, ys)`` with the XLA scans
+    or the Pallas kernels."""
+    params = self._math.params(cell)
+    dtype = self._dtype(cell, xs)
+    params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
+    carry_in = jax.tree_util.tree_map(lambda a: a.astype(dtype), carry)
+    time = xs.shape[0]
+    if time == 0:  # nothing to scan: the carry passes through
+      return carry, jnp.zeros(xs.shape[:-1] + (self.out_features,), dtype)
+    xs = xs.astype(dtype)
+    if backend == 'pallas':
+      valid, reset = masks
+      if valid is not None and reset is not None:  # per step: 0 padding, 1 valid, 2 reset
+        steps = valid.astype(jnp.int32) + reset.astype(jnp.int32)
+      else:  # as the scans treat unchecked lengths
+        steps = (jnp.full(xs.shape[1:-1], time, jnp.int32) if seq_lengths is None
+                 else jnp.clip(seq_lengths, 0, time))
+      final, ys = _pallas.recurrence(self._math, reset is not None, params, xs, carry_in, steps)
+    else:
+      plan = _plans.plan(self._math, math.prod(xs.shape[1:-1]), params[2].shape[-1])
+      if plan.custom_vjp:
+        final, ys = _xla.recurrence(self._math, plan, params, xs, carry_in, *masks)
+      else:  # JAX differentiates the forward scan (its unused residuals are dropped)
+        final, ys, _ = _xla.forward_scan(self._math, plan.primal, params, xs, carry_in, *masks)
+    final = jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), final, carry)
+    return final, ys
+
+  def __call__(
+    self,
+    inputs: Array,
+    *,
+    initial_carry: Any = None,
+    seq_lengths: Array | None = None,
+    segment_ids: Array | None = None,
+    return_carry: bool | None = None,
+    time_major: bool | None = None,
+    reverse: bool | None = None,
+    keep_order: bool | None = None,
+    rngs: RngsLike = None,
+  ):
+    """Runs the stack over ``inputs``.
+
+    Args:
+      inputs: ``(*batch, time, in_features)`` (or time first).
+      initial_carry: in the structure described in the class docstring;
+        default zeros.
+      seq_lengths: integer ``(*batch)`` lengths; steps at or past a row's
+        length are padding (zero outputs, carry unchanged; whatever the
+        inputs hold there reaches no output and no gradient).
+      segment_ids: packed sequences, as for ``nr.RNN``: integer ids shaped
+        like the batch and time axes, ``0`` = padding; every layer and
+        direction restarts from its initial carry at each segment's first
+        step, and the backward direction reverses each segment within its
+        span. Not together with ``seq_lengths``.
+      return_carry, time_major, reverse, keep_order: override the attributes.
+      rngs: dropout RNG (an ``nnx.Rngs``, ``RngStream`` or key), overriding
+        the one given at construction.
+
+    Returns:
+      ``outputs``, or ``(final_carry, outputs)`` with ``return_carry``.
+    """
+    where = type(self).__name__
+    return_carry = _first(return_carry, self.return_carry)
+    time_major = _first(time_major, self.time_major)
+    reverse = _first(reverse, self.reverse)
+    keep_order = _first(keep_order, self.keep_order)
+    self._check_reverse(reverse)
+    seq = _scan.prepare(where, inputs, num_feature_axes=1, in_features=self.in_features,
+                        time_major=time_major, seq_lengths=seq_lengths, segment_ids=segment_ids)
+    if initial_carry is None:
+      initial_carry = self._default_carry(seq.batch_shape)
+    else:
+      expected = jax.eval_shape(lambda: self._default_carry(seq.batch_shape))
+      _checks.check_tree_matches(where, 'initial_carry', initial_carry, expected)
+    if self.num_layers == 1 and not self.bidirectional:
+      initial_carry = (initial_carry,)
+    idx = None
+    if self.bidirectional or reverse:
+      idx = _scan.reverse_indices(seq.time, seq.batch_shape, seq.seq_lengths, seq.segment_ids)
+    # Zeros at padding, once: the projections and steps there then compute on
+    # zeros, whose values carry selection discards and whose gradients are 0
+    # (garbage would give NaN * 0 = NaN). Later layers read outputs that are 0
+    # at padding (and dropout keeps them 0).
+    xs = _scan.clean_padding(seq.xs, seq.masks.valid)  # as nr.RNN's scan does
+    if reverse:  # each row (segment) from its last valid step to its first; padding stays
+      xs = _scan.take_time(xs, idx)
+    finals = []
+    for layer in range(self.num_layers):
+      if layer:
+        xs = self.dropout(xs, rngs=rngs)
+      layer_carry = initial_carry[layer]
+      carries = tuple(layer_carry) if self.bidirectional else (layer_carry,)
+      final, xs = self._run_layer(layer, xs, carries, seq.masks, idx, seq.seq_lengths)
+      finals.append(tuple(final) if self.bidirectional else final[0])
+    if reverse and keep_order:
+      xs = _scan.take_time(xs, idx)
+    ys = _scan.restore_layout(xs, time_major, len(seq.batch_shape))
+    return (self._public_carry(finals), ys) if return_carry else ys

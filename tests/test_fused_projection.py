@@ -1,0 +1,89 @@
+"""``nr.LSTM(..., proj_features=P)`` (PyTorch's ``proj_size``) on the XLA paths.
+
+The fused layer's hand-written backward covers the projection ``h = W_hr (o *
+tanh(c'))``; here its values and gradients (``W_hr`` included, inputs,
+initial carries) are checked against the generic ``RNN`` / ``Bidirectional``
+composition over the same ``OptimizedLSTMCell(..., proj_features=P)`` cells,
+differentiated by JAX, for every forced XLA plan. Packed sequences with a
+projection: ``tests/test_fused_packing.py``; the Pallas kernels:
+``tests/test_pallas.py``; PyTorch's ``proj_size``: ``tests/test_interop_torch.py``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import nnx_recurrent as nr
+from tests import reference as ref
+from tests.test_fused import (
+  PATHS,
+  B,
+  H,
+  I,
+  T,
+  assert_trees_close,
+  check_plans_against_generic,
+  random_carry,
+  values_and_grads,
+)
+
+P = 3
+LENGTHS = np.array([5, 1, 0], np.int32)
+
+
+def make_projected(num_layers=2, bidirectional=True, seed=0, **kw):
+  layer = nr.LSTM(I, H, proj_features=P, num_layers=num_layers, bidirectional=bidirectional,
+                  rngs=nnx.Rngs(seed), **kw)
+  return ref.randomize(layer, seed=seed)
+
+
+def test_every_plan_matches_generic():
+  """A bidirectional layer, lengths 5, 1 and 0, every plan: values and
+  gradients, garbage at padding inert, zeros at padding, the length-0 row's
+  carry. (Two projected layers, every plan: the packed test.)"""
+  layer = make_projected(1, seed=1)
+  assert layer.out_features == P and layer.forward[0].proj.kernel.shape == (H, P)
+  assert layer.forward[0].dense_h.kernel.shape == (P, 4 * H)  # the recurrent kernel reads h
+  x = ref.normal((B, T, I), seed=2)
+  carry0 = random_carry(layer, seed=3)
+  padding = np.arange(T)[None, :] >= LENGTHS[:, None]  # garbage there changes nothing
+  results = check_plans_against_generic(layer, x, carry0, ['default', *PATHS], padding,
+                                        seq_lengths=LENGTHS)
+  (carry, y), grads = results['default']
+  assert y.shape == (B, T, 2 * P) and not np.asarray(y[1, 1:]).any()
+  assert [a.shape for a in carry[0][0]] == [(B, H), (B, P)]
+  assert_trees_close(jax.tree_util.tree_map(lambda a: a[2], carry),
+                     jax.tree_util.tree_map(lambda a: a[2], carry0), atol=0, rtol=0)
+  assert np.abs(np.asarray(grads[0]['forward'][0]['proj']['kernel'][...])).max() > 0
+
+
+def test_one_layer_is_the_projected_cell():
+  """One direction, no padding, and zero time steps: ``nr.RNN`` over the cell."""
+  layer = make_projected(1, False, seed=4)
+  x = ref.normal((B, T, I), seed=5)
+  carry0 = random_carry(layer, seed=6)
+  (out, grads), (out_g, grads_g) = values_and_grads(
+    layer, x, carry0, lambda m, x, c: m(x, initial_carry=c, return_carry=True),
+    lambda m, x, c: nr.RNN(m.forward[0])(x, initial_carry=c, return_carry=True))
+  assert_trees_close(out, out_g)
+  assert_trees_close(grads, grads_g)
+  carry, y = layer(x[:, :0], initial_carry=carry0, return_carry=True)
+  assert y.shape == (B, 0, P)
+  assert_trees_close(carry, carry0, atol=0, rtol=0)
+
+
+def test_errors():
+  with pytest.raises(ValueError, match=r'LSTM: `proj_features` expected a positive int, got 0'):
+    nr.LSTM(I, H, proj_features=0, rngs=nnx.Rngs(0))
+  cudnn = (r"LSTM: `implementation` expected 'auto', 'xla' or 'pallas' with proj_features "
+           r"\(jax.experimental.rnn's cuDNN LSTM has no projection\), got 'cudnn'")
+  with pytest.raises(ValueError, match=cudnn):
+    nr.LSTM(I, H, proj_features=2, implementation='cudnn', rngs=nnx.Rngs(0))
+  layer = make_projected(1, False)
+  layer.implementation = 'cudnn'  # changed after construction: the call checks again
+  with pytest.raises(ValueError, match=cudnn):
+    layer(jnp.ones((B, T, I)))
+  with pytest.raises(TypeError, match='proj_features'):
+    nr.GRU(I, H, proj_features=2, rngs=nnx.Rngs(0))

@@ -227,6 +227,42 @@ def test_round_trip_keeps_parameters():
     np.testing.assert_array_equal(r_hh[2 * H:], b_hh[2 * H:])  # b_hn
 
 
+P = 2  # proj_size: PyTorch requires proj_size < hidden_size
+
+
+@pytest.mark.filterwarnings('ignore:LSTM with projections is not supported with oneDNN')
+def test_projected_lstm_both_ways():
+  """``torch.nn.LSTM(proj_size=P)``, two bidirectional layers, time-major:
+  from_torch gives ``nr.LSTM(proj_features=P)`` with PyTorch's outputs and
+  ``(h_n, c_n)`` (h of P features, c of H), plain and packed; to_torch gives
+  the weights back exactly. And to_torch of a stack of ``nr.RNN``s over
+  projected cells of both kinds, against PyTorch."""
+  torch.manual_seed(3)
+  module = torch.nn.LSTM(IN, H, proj_size=P, num_layers=2, bidirectional=True).eval()
+  model = nr.interop.from_torch(module)
+  assert type(model).__name__ == 'LSTM' and model.proj_features == P
+  assert model.forward[1].dense_i.kernel.shape == (2 * P, 4 * H)
+  _check_against_torch(model, module)
+  back = nr.interop.to_torch(model)
+  assert back.proj_size == P
+  theirs = dict(module.named_parameters())
+  for name, value in back.named_parameters():
+    if not name.startswith('bias'):  # the biases: b_ih + b_hh moves into b_ih (as above)
+      np.testing.assert_array_equal(_np(value), _np(theirs[name]), err_msg=name)
+
+  def projected(kind, n_in, rngs):
+    return nr.RNN(getattr(nr, kind)(n_in, H, proj_features=P, rngs=rngs))
+
+  stack = random_module(lambda: nr.StackedRNN(
+    nr.Bidirectional(projected('OptimizedLSTMCell', IN, nnx.Rngs(0)),
+                     projected('LSTMCell', IN, nnx.Rngs(1))),
+    nr.Bidirectional(projected('LSTMCell', 2 * P, nnx.Rngs(2)),
+                     projected('OptimizedLSTMCell', 2 * P, nnx.Rngs(3)))))
+  exported = nr.interop.to_torch(stack).eval()
+  assert (exported.proj_size, exported.num_layers, exported.bidirectional) == (P, 2, True)
+  _check_against_torch(stack, exported)
+
+
 def test_from_torch_keeps_training_mode():
   module = _torch_layer('LSTM', 2, False, True, dropout=0.5)  # training mode
   model = nr.interop.from_torch(module, rngs=nnx.Rngs(0))
@@ -240,8 +276,6 @@ def test_from_torch_keeps_training_mode():
 
 # -- errors -----------------------------------------------------------------------
 def test_from_torch_errors():
-  with pytest.raises(ValueError, match=r'from_torch: `module.proj_size` expected 0'):
-    nr.interop.from_torch(torch.nn.LSTM(IN, H, proj_size=2))
   with pytest.raises(TypeError, match=r'from_torch: `module` expected one of torch.nn.LSTM.*'
                                       r'got Linear'):
     nr.interop.from_torch(torch.nn.Linear(2, 3))
@@ -273,6 +307,16 @@ TO_TORCH_ERRORS = [
    r'expected layers with 2 direction\(s\) of hidden size 6'),
   (lambda r: nnx.Linear(2, 3, rngs=r), TypeError,
    r'to_torch: `module` expected an nnx_recurrent cell'),
+  (lambda r: nr.OptimizedLSTMCell(IN, H, proj_features=2, rngs=r), ValueError,
+   r'to_torch: `module` expected a cell without proj_features \(torch.nn.LSTMCell has no '
+   r'projection; .*got OptimizedLSTMCell with proj_features=2'),
+  (lambda r: nr.LSTM(IN, H, proj_features=H, rngs=r), ValueError,
+   r"expected proj_features < hidden_features \(PyTorch's proj_size < hidden_size\), got "
+   r'proj_features=6, hidden_features=6'),
+  (lambda r: nr.StackedRNN(nr.RNN(nr.LSTMCell(IN, H, proj_features=2, rngs=r)),
+                           nr.RNN(nr.LSTMCell(2, H, rngs=r))), ValueError,
+   r'expected layers with 1 direction\(s\) of hidden size 6 projected to 2, layer 1 taking 2 '
+   r'features, got layer 1 with cells \(2->6\)'),
 ]
 
 

@@ -25,6 +25,8 @@ nnx kernels are ``(in, gates * H)``, columns in the same order)::
     dense_i.kernel = W_ih.T
     dense_h.kernel = W_hh.T
     dense_h.bias   = b_ih + b_hh          back: b_ih = dense_h.bias, b_hh = 0
+    proj.kernel    = W_hr.T               (proj_size = proj_features = P: W_hr is
+                                           weight_hr_l{k}, (P, H); W_hh is (4H, P))
   GRU (gates r, z, n)
     dense_i.kernel = W_ih.T
     dense_i.bias   = b_ih + (b_hr, b_hz, 0)
@@ -40,10 +42,16 @@ Every sum is exact in the forward direction up to float rounding: PyTorch adds
 ``r * (W_hn h + b_hn)`` and so stays its own parameter. Modules built with
 ``bias=False`` convert with zero biases; to_torch always builds ``bias=True``.
 
-Not convertible (``ValueError``): LSTM with ``proj_size > 0``; cells whose
-``gate_fn`` / ``activation_fn`` differ from PyTorch's fixed ones;
-``SimpleCell(residual=True)``; a reversed ``nr.RNN``; a ``Bidirectional``
-with a custom ``merge_fn``. Cells without a PyTorch counterpart (MGU,
+LSTM projections (PyTorch's ``proj_size``, this package's ``proj_features``)
+convert in both directions for layers: ``torch.nn.LSTM(..., proj_size=P)``
+is ``nr.LSTM(..., proj_features=P)`` (any ``num_layers``, bidirectional).
+
+Not convertible (``ValueError``): to_torch of a projected LSTM cell alone
+(``torch.nn.LSTMCell`` has no projection: put it in an ``nr.RNN``) or of
+``proj_features >= hidden_features`` (PyTorch requires ``proj_size <
+hidden_size``); cells whose ``gate_fn`` / ``activation_fn`` differ from
+PyTorch's fixed ones; ``SimpleCell(residual=True)``; a reversed ``nr.RNN``;
+a ``Bidirectional`` with a custom ``merge_fn``. Cells without a PyTorch counterpart (MGU,
 ConvLSTM) raise ``TypeError``. Variational (per-cell) dropout has no PyTorch
 counterpart and is not carried over (it does not change eval-mode outputs).
 """
@@ -73,6 +81,14 @@ def _lstm_to_nnx(w_ih, w_hh, b_ih, b_hh) -> Params:
 def _lstm_to_torch(p: Params) -> TorchWeights:
   b = p['dense_h.bias']
   return p['dense_i.kernel'].T, p['dense_h.kernel'].T, b, np.zeros_like(b)
+
+
+def _proj_to_nnx(w_hr: np.ndarray) -> Params:
+  return {'proj.kernel': w_hr.T}
+
+
+def _proj_to_torch(p: Params) -> np.ndarray:
+  return p['proj.kernel'].T
 
 
 def _gru_to_nnx(w_ih, w_hh, b_ih, b_hh) -> Params:
@@ -231,7 +247,6 @@ def from_torch(module: Any, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
 
   Raises:
     TypeError: for any other module.
-    ValueError: for options without an equivalent (``proj_size > 0``).
   """
   torch = _import_torch()
   family, is_cell = _torch_family(torch, module)
@@ -254,9 +269,7 @@ def from_torch(module: Any, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
 
 
 def _from_torch_layer(family: _Family, module, act, kw) -> nnx.Module:
-  if getattr(module, 'proj_size', 0):
-    _checks.fail('from_torch', 'module.proj_size', '0 (LSTM projections are not supported)',
-                 module.proj_size)
+  proj = getattr(module, 'proj_size', 0)  # torch.nn.LSTM's only
   num_layers, hidden = module.num_layers, module.hidden_size
   dirs = ('', '_reverse') if module.bidirectional else ('',)
   time_major = not module.batch_first
@@ -265,15 +278,20 @@ def _from_torch_layer(family: _Family, module, act, kw) -> nnx.Module:
     return module.input_size if layer == 0 else hidden * len(dirs)
 
   def params(layer, d):
-    return family.to_nnx(*_torch_weights(module, f'_l{layer}{dirs[d]}'))
+    suffix = f'_l{layer}{dirs[d]}'
+    p = family.to_nnx(*_torch_weights(module, suffix))
+    if proj:
+      p.update(_proj_to_nnx(_numpy(getattr(module, f'weight_hr{suffix}'))))
+    return p
 
   if family.fused is not None:
     fused = getattr(nr, family.fused, None)
     if fused is None:  # pragma: no cover - until the fused layers exist
       raise NotImplementedError(f'from_torch: nr.{family.fused} is not available.')
+    options = dict(proj_features=proj, proj_kernel_init=kw['kernel_init']) if proj else {}
     model = fused(module.input_size, hidden, num_layers=num_layers,
                   bidirectional=module.bidirectional, dropout_rate=float(module.dropout),
-                  time_major=time_major, **kw)
+                  time_major=time_major, **options, **kw)
     for layer in range(num_layers):
       for d, cells in enumerate((model.forward, model.backward)[: len(dirs)]):
         _load(cells[layer], params(layer, d))
@@ -321,14 +339,23 @@ def _cell_params(cell) -> Params:
       parts = [np.asarray(getattr(getattr(cell, n), attr)[...]) for n in names]
       return np.concatenate(parts, axis=-1)
 
-    return {'dense_i.kernel': cat(('ii', 'if_', 'ig', 'io'), 'kernel'),
-            'dense_h.kernel': cat(('hi', 'hf', 'hg', 'ho'), 'kernel'),
-            'dense_h.bias': cat(('hi', 'hf', 'hg', 'ho'), 'bias')}
-  paths = {'LSTM': ('dense_i.kernel', 'dense_h.kernel', 'dense_h.bias'),
-           'GRU': ('dense_i.kernel', 'dense_i.bias', 'dense_h.kernel', 'bias_hn'),
-           'RNN': ('dense_i.kernel', 'dense_i.bias', 'dense_h.kernel')}
-  family = _cell_family(cell)[0].torch_layer
-  return {p: np.asarray(_variable(cell, p)[...]) for p in paths[family]}
+    params = {'dense_i.kernel': cat(('ii', 'if_', 'ig', 'io'), 'kernel'),
+              'dense_h.kernel': cat(('hi', 'hf', 'hg', 'ho'), 'kernel'),
+              'dense_h.bias': cat(('hi', 'hf', 'hg', 'ho'), 'bias')}
+  else:
+    paths = {'LSTM': ('dense_i.kernel', 'dense_h.kernel', 'dense_h.bias'),
+             'GRU': ('dense_i.kernel', 'dense_i.bias', 'dense_h.kernel', 'bias_hn'),
+             'RNN': ('dense_i.kernel', 'dense_i.bias', 'dense_h.kernel')}
+    family = _cell_family(cell)[0].torch_layer
+    params = {p: np.asarray(_variable(cell, p)[...]) for p in paths[family]}
+  if _proj_features(cell):
+    params['proj.kernel'] = np.asarray(cell.proj.kernel[...])
+  return params
+
+
+def _proj_features(cell) -> int:
+  """An LSTM cell's ``proj_features`` (PyTorch's ``proj_size``), 0 without one."""
+  return getattr(cell, 'proj_features', None) or 0
 
 
 def _layer_cells(module) -> tuple[list[list[Any]], bool, float]:
@@ -403,10 +430,14 @@ def to_torch(module: nnx.Module):
   where = 'to_torch'
   if isinstance(module, nr.RNNCellBase):
     family, nonlinearity = _cell_family(module)
+    if _proj_features(module):
+      _checks.fail(where, 'module', 'a cell without proj_features (torch.nn.LSTMCell has no '
+                   'projection; an nr.RNN over the cell converts to torch.nn.LSTM(proj_size))',
+                   f'{type(module).__name__} with proj_features={_proj_features(module)}')
     dtype = _cell_params(module)['dense_i.kernel'].dtype
-    kw = {} if nonlinearity is None else {'nonlinearity': nonlinearity}
+    cell_kw = {} if nonlinearity is None else {'nonlinearity': nonlinearity}
     result = getattr(torch.nn, family.torch_cell)(
-      module.in_features, module.hidden_features, **kw, dtype=_torch_dtype(torch, dtype))
+      module.in_features, module.hidden_features, **cell_kw, dtype=_torch_dtype(torch, dtype))
     _copy_into(torch, result, family.to_torch(_cell_params(module)), '')
     return result
 
@@ -418,23 +449,35 @@ def to_torch(module: nnx.Module):
   (name, nonlinearity), = families
   family = _FAMILIES[name]
   num_dirs, hidden = len(cells[0]), cells[0][0].hidden_features
+  proj = _proj_features(cells[0][0])
   for layer, row in enumerate(cells):
-    expected_in = cells[0][0].in_features if layer == 0 else hidden * num_dirs
+    expected_in = cells[0][0].in_features if layer == 0 else (proj or hidden) * num_dirs
     if (len(row) != num_dirs or any(c.hidden_features != hidden for c in row)
-        or any(c.in_features != expected_in for c in row)):
+        or any(c.in_features != expected_in for c in row)
+        or any(_proj_features(c) != proj for c in row)):
       _checks.fail(where, 'module', f'layers with {num_dirs} direction(s) of hidden size '
-                   f'{hidden}, layer {layer} taking {expected_in} features',
-                   f'layer {layer} with cells ' + ', '.join(
-                     f'({c.in_features}->{c.hidden_features})' for c in row))
+                   f'{hidden}' + (f' projected to {proj}' if proj else '') + f', layer {layer} '
+                   f'taking {expected_in} features', f'layer {layer} with cells ' + ', '.join(
+                     f'({c.in_features}->{c.hidden_features}'
+                     + (f', proj {_proj_features(c)}' if _proj_features(c) else '') + ')'
+                     for c in row))
+  if proj >= hidden:
+    _checks.fail(where, 'module', "proj_features < hidden_features (PyTorch's proj_size < "
+                 'hidden_size)', f'proj_features={proj}, hidden_features={hidden}')
   params = [[_cell_params(c) for c in row] for row in cells]
-  kw = {} if nonlinearity is None else {'nonlinearity': nonlinearity}
+  kw: dict[str, Any] = {} if nonlinearity is None else {'nonlinearity': nonlinearity}
+  if proj:
+    kw['proj_size'] = proj
   result = getattr(torch.nn, family.torch_layer)(
     cells[0][0].in_features, hidden, num_layers=len(cells), batch_first=not time_major,
     dropout=dropout if len(cells) > 1 else 0.0, bidirectional=num_dirs == 2, **kw,
     dtype=_torch_dtype(torch, params[0][0]['dense_i.kernel'].dtype))
   for layer, row in enumerate(params):
     for d, p in enumerate(row):
-      _copy_into(torch, result, family.to_torch(p), f'_l{layer}' + ('_reverse' if d else ''))
+      suffix = f'_l{layer}' + ('_reverse' if d else '')
+      _copy_into(torch, result, family.to_torch(p), suffix)
+      if proj:
+        _copy_param(torch, getattr(result, f'weight_hr{suffix}'), _proj_to_torch(p))
   return result
 
 
@@ -444,8 +487,11 @@ def _torch_dtype(torch, dtype):
 
 def _copy_into(torch, module, weights: TorchWeights, suffix: str) -> None:
   names = ('weight_ih', 'weight_hh', 'bias_ih', 'bias_hh')
+  for name, value in zip(names, weights):
+    _copy_param(torch, getattr(module, name + suffix), value)
+
+
+def _copy_param(torch, param, value: np.ndarray) -> None:
+  value = np.asarray(value, np.float32) if value.dtype == jnp.bfloat16 else value
   with torch.no_grad():
-    for name, value in zip(names, weights):
-      param = getattr(module, name + suffix)
-      value = np.asarray(value, np.float32) if value.dtype == jnp.bfloat16 else value
-      param.copy_(torch.from_numpy(np.array(value)))
+    param.copy_(torch.from_numpy(np.array(value)))

@@ -34,6 +34,7 @@ $(VENV)/.%-installed: pyproject.toml $(VENV)/.created
 
 test: install-test
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --doctest-modules --doctest-glob='*.md' $(TEST_PATHS)
 
 demo: install-examples
@@ -46,4 +47,4 @@ docs: install-docs
 	$(PY) -m sphinx -W docs docs/_build/html
 
 clean:
-	rm -rf out docs/_build build *.egg-info .pytest_cache .ruff_cache
+	rm -rf out docs/_build build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -70,32 +70,33 @@ def test_every_plan_matches_generic_and_separate_runs(cls):
 
 
 def test_stack_of_fused_layers():
-  """``StackedRNN(Bidirectional(LSTM, LSTM), GRU)`` with ``segment_ids``: the
-  one-direction fused layers reverse within each segment (``reverse`` /
-  ``keep_order``); values and gradients against the same stack of ``nr.RNN``s
-  over the fused layers' cells."""
+  """``StackedRNN(Bidirectional(LSTM, LSTM), GRU)`` with ``segment_ids``, time
+  major: the one-direction fused layers reverse within each segment
+  (``reverse`` / ``keep_order``); values and gradients against the same stack
+  of ``nr.RNN``s over the fused layers' cells."""
   rngs = nnx.Rngs(44)
   stack = nr.StackedRNN(
     nr.Bidirectional(nr.LSTM(I, H, proj_features=P, rngs=rngs),
                      nr.LSTM(I, H, proj_features=P, rngs=rngs)),
-    nr.GRU(2 * P, H, rngs=rngs))
+    nr.GRU(2 * P, H, rngs=rngs), time_major=True)
   ref.randomize(stack, seed=45)
-  x = ref.normal((B, T, I), seed=46)
-  template = jax.eval_shape(lambda: stack(x, segment_ids=IDS, return_carry=True)[0])
+  x = ref.normal((T, B, I), seed=46)
+  ids = IDS.T  # (time, batch)
+  template = jax.eval_shape(lambda: stack(x, segment_ids=ids, return_carry=True)[0])
   carry0 = jax.tree_util.tree_map(lambda s: ref.normal(s.shape, 47, 0.5), template)
 
   def generic(m, x, c):
     bi = m.layers[0]
     same = nr.StackedRNN(nr.Bidirectional(nr.RNN(bi.forward_rnn.forward[0]),
                                           nr.RNN(bi.backward_rnn.forward[0])),
-                         nr.RNN(m.layers[1].forward[0]))
-    return same(x, segment_ids=IDS, initial_carry=c, return_carry=True)
+                         nr.RNN(m.layers[1].forward[0]), time_major=True)
+    return same(x, segment_ids=ids, initial_carry=c, return_carry=True)
 
   (out, grads), (out_g, grads_g) = values_and_grads(stack, x, carry0, lambda m, x, c: m(
-    x, segment_ids=IDS, initial_carry=c, return_carry=True), generic)
+    x, segment_ids=ids, initial_carry=c, return_carry=True), generic)
   assert_trees_close(out, out_g)
   assert_trees_close(grads, grads_g)
-  assert out[1].shape == (B, T, H) and not np.asarray(out[1])[IDS == 0].any()
+  assert out[1].shape == (T, B, H) and not np.asarray(out[1])[ids == 0].any()
 
 
 def test_errors():

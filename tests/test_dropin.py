@@ -333,9 +333,8 @@ def _layers():
   }
 
 
-@pytest.mark.parametrize('value', [np.nan, np.inf, 1e30])
 @pytest.mark.parametrize('mode', ['seq_lengths', 'segment_ids'])
-def test_garbage_in_padding_changes_no_output_carry_or_gradient(mode, value):
+def test_garbage_in_padding_changes_no_output_carry_or_gradient(mode):
   x = _x()
   if mode == 'seq_lengths':
     kw = dict(seq_lengths=LENGTHS)
@@ -344,19 +343,20 @@ def test_garbage_in_padding_changes_no_output_carry_or_gradient(mode, value):
     ids = jnp.array([[1, 1, 2, 2, 0], [0, 3, 3, 0, 0], [0, 0, 0, 0, 0]])
     kw = dict(segment_ids=ids)
     valid = ids != 0
-  clean, dirty = _garbage(x, valid, 0.0), _garbage(x, valid, value)
+  clean = _garbage(x, valid, 0.0)
   for name, layer in _layers().items():
     def loss(layer, x):
       carry, y = layer(x, return_carry=True, rngs=jax.random.key(1), **kw)
       return jnp.sum(y ** 2) + sum(jnp.sum(c) for c in jax.tree.leaves(carry)), (carry, y)
 
-    grad = nnx.jit(nnx.grad(loss, argnums=(0, 1), has_aux=True))
+    grad = nnx.jit(nnx.grad(loss, argnums=(0, 1), has_aux=True))  # one compile per layer
     (gp_c, gx_c), aux_c = grad(layer, clean)
-    (gp_d, gx_d), aux_d = grad(layer, dirty)
-    for tree in (aux_d, gp_d, gx_d):
-      assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(tree)), name
-    _close(aux_d, aux_c, atol=0)
-    _close(gp_d, gp_c, atol=0)
-    _close(gx_d, gx_c, atol=0)
-    assert not np.asarray(gx_d)[~np.asarray(valid)].any(), name  # padding: zero gradient
-    assert any(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(gp_d)), name
+    assert any(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(gp_c)), name
+    for value in (np.nan, np.inf, -np.inf, 1e30):
+      (gp_d, gx_d), aux_d = grad(layer, _garbage(x, valid, value))
+      for tree in (aux_d, gp_d, gx_d):
+        assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(tree)), (name, value)
+      _close(aux_d, aux_c, atol=0)
+      _close(gp_d, gp_c, atol=0)
+      _close(gx_d, gx_c, atol=0)
+      assert not np.asarray(gx_d)[~np.asarray(valid)].any(), name  # padding: zero gradient

@@ -12,7 +12,9 @@ import pytest
 from flax import nnx
 
 import nnx_recurrent as nr
+from nnx_recurrent._fused import internal
 from tests import reference as ref
+from tests import test_cudnn
 
 B, T, IN, H = 3, 7, 3, 4
 LENGTHS = np.array([7, 4, 0])
@@ -37,6 +39,8 @@ def _layers():
     # The Pallas kernels, interpreted on the CPU, and the projected carry (c: H, h: P).
     'LSTM(pallas, projected)': (nr.LSTM(IN, H, proj_features=2, implementation='pallas',
                                         rngs=rngs), (IN,)),
+    # cuDNN's path, its primitive run by jax.experimental.rnn's reference (no GPU here).
+    'LSTM(cudnn)': (nr.LSTM(IN, H, implementation='cudnn', rngs=rngs), (IN,)),
   }
   for layer, _ in layers.values():
     ref.randomize(layer, 3)
@@ -55,8 +59,27 @@ def _chunks(layer, x, lengths, split):
   return carry, jnp.concatenate(ys, axis=1)
 
 
+_CUDNN_CALLS = []
+
+
+def _cudnn_reference(*args, **kw):
+  _CUDNN_CALLS.append(kw)
+  out = test_cudnn.reference_lstm(*args, **kw)
+  broken = jnp.any(args[4] < 1)  # cuDNN fails on zero lengths: poison the result, as it would
+  return jax.tree_util.tree_map(lambda a: jnp.where(broken, jnp.nan, a), out)
+
+
 @pytest.mark.parametrize('name', list(_layers()))
 def test_chunks_equal_one_call(name):
+  if 'cudnn' in name:
+    with internal.fake_cuda(_cudnn_reference):
+      _check_chunks(name)
+    assert _CUDNN_CALLS  # the layer went through the cuDNN path
+  else:
+    _check_chunks(name)
+
+
+def _check_chunks(name):
   layer, features = _layers()[name]
   layer.eval()  # dropout and zoneout draw per call: streaming is an inference tool
   if 'learned carry' in name:

@@ -62,6 +62,32 @@ def runs(layer, fills, dropout_seed=None):
   return [both(params, with_padding(x, fill)) for fill in fills]
 
 
+def runs_every_path(layers, fills):
+  """:func:`runs` for several layers, ``{path: layer}``, each traced under its
+  path (:func:`context`), all in ONE jitted function: ``{path: results}``."""
+  split = {path: nnx.split(layer) for path, layer in layers.items()}
+  carries = {path: random_carry(layer, seed=4) for path, layer in layers.items()}
+  x = ref.normal((B, T, I), seed=3)
+
+  @jax.jit
+  def every_path(params, x):
+    results = {}
+    for path, (graphdef, _) in split.items():
+      def f(params, x, graphdef=graphdef, carry0=carries[path]):
+        return nnx.merge(graphdef, params)(x, initial_carry=carry0, seq_lengths=LENGTHS,
+                                           return_carry=True)
+
+      with context(path):
+        out, vjp = jax.vjp(f, params[path], x)
+      _, loss_vjp = jax.vjp(weighted_loss, out)
+      results[path] = out, vjp(loss_vjp(jnp.ones(()))[0])
+    return results
+
+  params = {path: state for path, (_, state) in split.items()}
+  per_fill = [every_path(params, with_padding(x, fill)) for fill in fills]
+  return {path: [r[path] for r in per_fill] for path in layers}
+
+
 def assert_inert(results):
   (out0, (dparams0, dx0)), *garbage = results
   pad = np.arange(T)[None, :] >= LENGTHS[:, None]
@@ -80,19 +106,22 @@ LSTM_PATHS = ['default', 'loop', 'hoisted', 'unrolled', 'joint', 'autodiff', 'cu
 GRU_PATHS = ['default', 'loop', 'hoisted', 'autodiff', 'pallas']
 
 
-@pytest.mark.parametrize('cls,path', [(nr.LSTM, p) for p in LSTM_PATHS]
-                         + [(nr.GRU, p) for p in GRU_PATHS])
-def test_garbage_padding_is_inert(cls, path):
-  """Bidirectional, lengths 5, 1 and 0; two layers on the default path (the
-  second reads the first's outputs, zero at padding), one elsewhere (the
-  inputs are zeroed at padding before any backend runs: one layer is where
-  garbage would enter)."""
-  implementation = path if path in ('cudnn', 'pallas') else 'auto'
-  layer = make(cls, 2 if path == 'default' else 1, True, implementation=implementation)
-  with context(path):
-    results = runs(layer, (0.0, *GARBAGE))
-  assert_inert(results)
-  assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree_util.tree_leaves(results))
+@pytest.mark.parametrize('cls,paths', [(nr.LSTM, LSTM_PATHS), (nr.GRU, GRU_PATHS)])
+def test_garbage_padding_is_inert(cls, paths):
+  """Every path (compiled together), bidirectional, lengths 5, 1 and 0; two
+  layers on the default path (the second reads the first's outputs, zero at
+  padding), one elsewhere (the inputs are zeroed at padding before any backend
+  runs: one layer is where garbage would enter)."""
+  layers = {path: make(cls, 2 if path == 'default' else 1, True,
+                       implementation=path if path in ('cudnn', 'pallas') else 'auto')
+            for path in paths}
+  for path, results in runs_every_path(layers, (0.0, *GARBAGE)).items():
+    try:
+      assert_inert(results)
+    except AssertionError as e:
+      raise AssertionError(f'path {path!r}: {e}') from None
+    assert all(np.isfinite(np.asarray(leaf)).all()
+               for leaf in jax.tree_util.tree_leaves(results)), path
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])

@@ -315,8 +315,9 @@ def test_padding_values_are_linens_and_length_zero_keeps_the_initial_carry():
   np.testing.assert_allclose(np.asarray(c_o)[::2], np.asarray(c_t)[::2], atol=1e-6)
 
 
-@pytest.mark.parametrize('cell', ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'MGUCell',
-                                  'SimpleCell', 'ConvLSTMCell'])
+# The step that runs on at padding is cell-agnostic: one cell per kind of carry here
+# (LSTMCell, GRUCell and SimpleCell in every mode: the tests above and below).
+@pytest.mark.parametrize('cell', ['OptimizedLSTMCell', 'MGUCell', 'ConvLSTMCell'])
 def test_padding_values_match_linen_with_several_batch_axes(cell):
   """Two batch axes, every direction mode: flax.linen's values on the flattened batch."""
   conv = cell == 'ConvLSTMCell'

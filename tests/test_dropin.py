@@ -70,7 +70,7 @@ def test_signatures_accept_every_flax_nnx_parameter(name):
 
 
 # -- 2. cell options: carry_init, promote_dtype, keep_rngs -------------------------------
-@pytest.mark.parametrize('name', ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell'])
+@pytest.mark.parametrize('name', ['LSTMCell', 'SimpleCell'])  # (c, h) and h; one base class
 def test_cell_options_carry_init_keep_rngs_as_flax(name):
   init = jax.nn.initializers.normal(1.0)
   kw = dict(carry_init=init, keep_rngs=True)
@@ -95,7 +95,8 @@ def test_cell_options_carry_init_keep_rngs_as_flax(name):
 
 def test_cells_without_keep_rngs_hold_no_prng_state():
   for name in ('LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell', 'MGUCell'):
-    cell = getattr(nr, name)(IN, H, rngs=nnx.Rngs(0), keep_rngs=False)
+    cell = nnx.eval_shape(lambda name=name: getattr(nr, name)(IN, H, rngs=nnx.Rngs(0),
+                                                              keep_rngs=False))
     assert not jax.tree.leaves(nnx.state(cell, nnx.RngState)), name
 
 

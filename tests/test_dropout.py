@@ -42,7 +42,8 @@ def _pair(name):
   return nr.RNN(drop), nr.RNN(plain)
 
 
-@pytest.mark.parametrize('name', list(CELLS))
+# The dropout and its views live in the base class: one LSTM, gated and conv cell.
+@pytest.mark.parametrize('name', ['LSTMCell', 'GRUCell', 'ConvLSTMCell'])
 def test_eval_equals_dropout_free_cell(name):
   rnn, plain = _pair(name)
   x = _x(rnn.cell)

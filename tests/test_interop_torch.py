@@ -101,10 +101,8 @@ LAYER_CASES = [
   ('LSTM', 2, True, False, False, 0.5),
   ('GRU', 1, True, False, True, 0.0),
   ('GRU', 3, False, True, False, 0.5),
-  ('RNN_tanh', 1, False, False, True, 0.0),
   ('RNN_tanh', 2, True, True, True, 0.0),
-  ('RNN_relu', 1, True, True, False, 0.0),
-  ('RNN_relu', 3, False, False, True, 0.5),
+  ('RNN_relu', 3, False, False, False, 0.5),
 ]
 
 

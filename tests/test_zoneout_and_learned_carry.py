@@ -53,8 +53,7 @@ def _np(tree):
   return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
 
 
-@pytest.mark.parametrize('name', ['simple', 'lstm', 'optimized_lstm', 'gru', 'mgu',
-                                  'conv_lstm_1d_s2'])
+@pytest.mark.parametrize('name', ['simple', 'lstm', 'gru', 'conv_lstm_1d_s2'])
 def test_zoneout_step_against_the_formula(name):
   rate = 0.4
   cell, plain, features = _zoned(name, rate)
@@ -84,8 +83,8 @@ def test_zoneout_step_against_the_formula(name):
 
 
 def test_zoneout_keeps_units_at_the_rate():
-  cell = nr.GRUCell(8, 500, zoneout_rate=0.3, rngs=nnx.Rngs(0))
-  h = jnp.full((40, 500), 7.0)  # far from anything a step computes
+  cell = nr.GRUCell(8, 250, zoneout_rate=0.3, rngs=nnx.Rngs(0))
+  h = jnp.full((40, 250), 7.0)  # far from anything a step computes: 10,000 units
   new, _ = cell(h, jnp.ones((40, 8)))
   frac = float(jnp.mean(new == 7.0))
   assert abs(frac - 0.3) < 0.01, frac

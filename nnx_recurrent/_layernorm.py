@@ -55,34 +55,34 @@ class _LayerNormCell(RNNCellBase):
 
   num_parts: int
 
-  def _build(
+  def __init__(
     self,
     in_features: int,
     hidden_features: int,
     *,
-    gate_fn: Callable[..., Any],
-    activation_fn: Callable[..., Any],
-    kernel_init: Initializer,
-    recurrent_kernel_init: Initializer,
-    bias_init: Initializer,
-    scale_init: Initializer,
-    epsilon: float,
-    use_scale: bool,
-    use_bias: bool,
-    dtype: Dtype | None,
-    param_dtype: Dtype,
-    dropout_rate: float,
-    recurrent_dropout_rate: float,
-    carry_init: Initializer | None,
-    promote_dtype: PromoteDtypeFn,
-    keep_rngs: bool,
-    zoneout_rate: float,
-    kernel_metadata: Mapping[str, Any],
-    recurrent_kernel_metadata: Mapping[str, Any],
-    bias_metadata: Mapping[str, Any],
-    scale_metadata: Mapping[str, Any],
+    gate_fn: Callable[..., Any] = nnx.sigmoid,
+    activation_fn: Callable[..., Any] = nnx.tanh,
+    kernel_init: Initializer = default_kernel_init,
+    recurrent_kernel_init: Initializer = default_recurrent_kernel_init,
+    bias_init: Initializer = default_bias_init,
+    scale_init: Initializer = default_scale_init,
+    epsilon: float = 1e-6,
+    use_scale: bool = True,
+    use_bias: bool = True,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    dropout_rate: float = 0.0,
+    recurrent_dropout_rate: float = 0.0,
+    carry_init: Initializer | None = None,
+    promote_dtype: PromoteDtypeFn = default_promote_dtype,
+    keep_rngs: bool = False,
+    zoneout_rate: float = 0.0,
+    kernel_metadata: Mapping[str, Any] = _NO_METADATA,
+    recurrent_kernel_metadata: Mapping[str, Any] = _NO_METADATA,
+    bias_metadata: Mapping[str, Any] = _NO_METADATA,
+    scale_metadata: Mapping[str, Any] = _NO_METADATA,
     rngs: nnx.Rngs,
-  ) -> None:
+  ):
     where = type(self).__name__
     self._init_common(
       where, in_features, hidden_features, dtype=dtype, param_dtype=param_dtype,
@@ -240,45 +240,6 @@ class LayerNormLSTMCell(_LayerNormCell):
   _carry_leaves = 2
   num_parts = 4
 
-  def __init__(
-    self,
-    in_features: int,
-    hidden_features: int,
-    *,
-    gate_fn: Callable[..., Any] = nnx.sigmoid,
-    activation_fn: Callable[..., Any] = nnx.tanh,
-    kernel_init: Initializer = default_kernel_init,
-    recurrent_kernel_init: Initializer = default_recurrent_kernel_init,
-    bias_init: Initializer = default_bias_init,
-    scale_init: Initializer = default_scale_init,
-    epsilon: float = 1e-6,
-    use_scale: bool = True,
-    use_bias: bool = True,
-    dtype: Dtype | None = None,
-    param_dtype: Dtype = jnp.float32,
-    dropout_rate: float = 0.0,
-    recurrent_dropout_rate: float = 0.0,
-    carry_init: Initializer | None = None,
-    promote_dtype: PromoteDtypeFn = default_promote_dtype,
-    keep_rngs: bool = False,
-    zoneout_rate: float = 0.0,
-    kernel_metadata: Mapping[str, Any] = _NO_METADATA,
-    recurrent_kernel_metadata: Mapping[str, Any] = _NO_METADATA,
-    bias_metadata: Mapping[str, Any] = _NO_METADATA,
-    scale_metadata: Mapping[str, Any] = _NO_METADATA,
-    rngs: nnx.Rngs,
-  ):
-    self._build(
-      in_features, hidden_features, gate_fn=gate_fn, activation_fn=activation_fn,
-      kernel_init=kernel_init, recurrent_kernel_init=recurrent_kernel_init,
-      bias_init=bias_init, scale_init=scale_init, epsilon=epsilon, use_scale=use_scale,
-      use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, dropout_rate=dropout_rate,
-      recurrent_dropout_rate=recurrent_dropout_rate, carry_init=carry_init,
-      promote_dtype=promote_dtype, keep_rngs=keep_rngs, zoneout_rate=zoneout_rate,
-      kernel_metadata=kernel_metadata, recurrent_kernel_metadata=recurrent_kernel_metadata,
-      bias_metadata=bias_metadata, scale_metadata=scale_metadata, rngs=rngs,
-    )
-
   def _more_params(self, make_norm, make_bias):
     self.ln_c = make_norm(self.hidden_features, use_bias=self.use_bias)
 
@@ -338,45 +299,6 @@ class LayerNormGRUCell(_LayerNormCell):
   )
 
   num_parts = 3
-
-  def __init__(
-    self,
-    in_features: int,
-    hidden_features: int,
-    *,
-    gate_fn: Callable[..., Any] = nnx.sigmoid,
-    activation_fn: Callable[..., Any] = nnx.tanh,
-    kernel_init: Initializer = default_kernel_init,
-    recurrent_kernel_init: Initializer = default_recurrent_kernel_init,
-    bias_init: Initializer = default_bias_init,
-    scale_init: Initializer = default_scale_init,
-    epsilon: float = 1e-6,
-    use_scale: bool = True,
-    use_bias: bool = True,
-    dtype: Dtype | None = None,
-    param_dtype: Dtype = jnp.float32,
-    dropout_rate: float = 0.0,
-    recurrent_dropout_rate: float = 0.0,
-    carry_init: Initializer | None = None,
-    promote_dtype: PromoteDtypeFn = default_promote_dtype,
-    keep_rngs: bool = False,
-    zoneout_rate: float = 0.0,
-    kernel_metadata: Mapping[str, Any] = _NO_METADATA,
-    recurrent_kernel_metadata: Mapping[str, Any] = _NO_METADATA,
-    bias_metadata: Mapping[str, Any] = _NO_METADATA,
-    scale_metadata: Mapping[str, Any] = _NO_METADATA,
-    rngs: nnx.Rngs,
-  ):
-    self._build(
-      in_features, hidden_features, gate_fn=gate_fn, activation_fn=activation_fn,
-      kernel_init=kernel_init, recurrent_kernel_init=recurrent_kernel_init,
-      bias_init=bias_init, scale_init=scale_init, epsilon=epsilon, use_scale=use_scale,
-      use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, dropout_rate=dropout_rate,
-      recurrent_dropout_rate=recurrent_dropout_rate, carry_init=carry_init,
-      promote_dtype=promote_dtype, keep_rngs=keep_rngs, zoneout_rate=zoneout_rate,
-      kernel_metadata=kernel_metadata, recurrent_kernel_metadata=recurrent_kernel_metadata,
-      bias_metadata=bias_metadata, scale_metadata=scale_metadata, rngs=rngs,
-    )
 
   def _more_params(self, make_norm, make_bias):
     self.bias_hn = make_bias(self.hidden_features)

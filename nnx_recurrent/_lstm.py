@@ -142,9 +142,9 @@ _LSTM_ARGS = """
       ``keep_rngs`` warn, as there).
     proj_features: size of the projected ``h`` (default: no projection).
     proj_kernel_init: initializer of ``W_hr`` (default lecun normal).
-    kernel_metadata, recurrent_kernel_metadata, bias_metadata,
-      proj_kernel_metadata: metadata of the parameters, e.g.
-      ``{'out_sharding': (None, 'model')}`` (flax 0.12's key).
+    kernel_metadata, recurrent_kernel_metadata, bias_metadata: metadata of the
+      parameters, e.g. ``{'out_sharding': (None, 'model')}`` (flax 0.12's key).
+    proj_kernel_metadata: metadata of ``W_hr``, likewise.
     rngs: ``nnx.Rngs`` for the parameters (and the ``dropout`` stream).
 """
 

@@ -19,7 +19,7 @@ from flax.nnx.nn import initializers
 from flax.typing import Dtype, Initializer, PaddingLike, PromoteDtypeFn
 
 from nnx_recurrent import _checks
-from nnx_recurrent._base import RNNCellBase
+from nnx_recurrent._base import _NO_METADATA, RNNCellBase, default_promote_dtype
 
 # nnx.Conv's own defaults (and flax.linen's ConvLSTMCell's), for both convolutions.
 default_conv_kernel_init = initializers.lecun_normal()
@@ -45,34 +45,34 @@ class _ConvCell(RNNCellBase):
   """A cell whose dense layers are the convolutions ``ih`` (input) and ``hh`` (hidden).
 
   Subclasses set ``num_parts`` (gates plus candidate: 4 for the LSTM, 3 for the
-  GRU), call :meth:`_build` in their constructor and implement ``_step``.
+  GRU) and implement ``_step``; the constructor is this class's.
   """
 
   num_parts: int
 
-  def _build(
+  def __init__(
     self,
     in_features: int,
     hidden_features: int,
     kernel_size: Sequence[int],
     *,
-    strides: int | Sequence[int] | None,
-    padding: PaddingLike,
-    use_bias: bool,
-    kernel_init: Initializer,
-    recurrent_kernel_init: Initializer,
-    bias_init: Initializer,
-    dtype: Dtype | None,
-    param_dtype: Dtype,
-    dropout_rate: float,
-    recurrent_dropout_rate: float,
-    carry_init: Initializer | None,
-    promote_dtype: PromoteDtypeFn,
-    keep_rngs: bool,
-    zoneout_rate: float,
-    kernel_metadata: Mapping[str, Any],
-    recurrent_kernel_metadata: Mapping[str, Any],
-    bias_metadata: Mapping[str, Any],
+    strides: int | Sequence[int] | None = None,
+    padding: PaddingLike = 'SAME',
+    use_bias: bool = True,
+    kernel_init: Initializer = default_conv_kernel_init,
+    recurrent_kernel_init: Initializer = default_conv_kernel_init,
+    bias_init: Initializer = default_conv_bias_init,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    dropout_rate: float = 0.0,
+    recurrent_dropout_rate: float = 0.0,
+    carry_init: Initializer | None = None,
+    promote_dtype: PromoteDtypeFn = default_promote_dtype,
+    keep_rngs: bool = False,
+    zoneout_rate: float = 0.0,
+    kernel_metadata: Mapping[str, Any] = _NO_METADATA,
+    recurrent_kernel_metadata: Mapping[str, Any] = _NO_METADATA,
+    bias_metadata: Mapping[str, Any] = _NO_METADATA,
     rngs: nnx.Rngs,
   ) -> None:
     where = type(self).__name__

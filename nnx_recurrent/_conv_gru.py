@@ -107,7 +107,7 @@ class ConvGRUCell(_ConvCell):
     bias_metadata: Mapping[str, Any] = _NO_METADATA,
     rngs: nnx.Rngs,
   ):
-    self._build(
+    super().__init__(
       in_features, hidden_features, kernel_size, strides=strides, padding=padding,
       use_bias=use_bias, kernel_init=kernel_init, recurrent_kernel_init=recurrent_kernel_init,
       bias_init=bias_init, dtype=dtype, param_dtype=param_dtype, dropout_rate=dropout_rate,

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
-
 import jax.numpy as jnp
 from flax import nnx
-from flax.typing import Dtype, Initializer, PaddingLike, PromoteDtypeFn
 
 from nnx_recurrent._base import (
-  _NO_METADATA,
-  default_promote_dtype,
   lstm_update,
   masked,
 )
-from nnx_recurrent._conv import _ConvCell, default_conv_bias_init, default_conv_kernel_init
+from nnx_recurrent._conv import _ConvCell
 
 
 class ConvLSTMCell(_ConvCell):
@@ -76,41 +70,6 @@ class ConvLSTMCell(_ConvCell):
 
   _carry_leaves = 2
   num_parts = 4
-
-  def __init__(
-    self,
-    in_features: int,
-    hidden_features: int,
-    kernel_size: Sequence[int],
-    *,
-    strides: int | Sequence[int] | None = None,
-    padding: PaddingLike = 'SAME',
-    use_bias: bool = True,
-    kernel_init: Initializer = default_conv_kernel_init,
-    recurrent_kernel_init: Initializer = default_conv_kernel_init,
-    bias_init: Initializer = default_conv_bias_init,
-    dtype: Dtype | None = None,
-    param_dtype: Dtype = jnp.float32,
-    dropout_rate: float = 0.0,
-    recurrent_dropout_rate: float = 0.0,
-    carry_init: Initializer | None = None,
-    promote_dtype: PromoteDtypeFn = default_promote_dtype,
-    keep_rngs: bool = False,
-    zoneout_rate: float = 0.0,
-    kernel_metadata: Mapping[str, Any] = _NO_METADATA,
-    recurrent_kernel_metadata: Mapping[str, Any] = _NO_METADATA,
-    bias_metadata: Mapping[str, Any] = _NO_METADATA,
-    rngs: nnx.Rngs,
-  ):
-    self._build(
-      in_features, hidden_features, kernel_size, strides=strides, padding=padding,
-      use_bias=use_bias, kernel_init=kernel_init, recurrent_kernel_init=recurrent_kernel_init,
-      bias_init=bias_init, dtype=dtype, param_dtype=param_dtype, dropout_rate=dropout_rate,
-      recurrent_dropout_rate=recurrent_dropout_rate, carry_init=carry_init,
-      promote_dtype=promote_dtype, keep_rngs=keep_rngs, zoneout_rate=zoneout_rate,
-      kernel_metadata=kernel_metadata, recurrent_kernel_metadata=recurrent_kernel_metadata,
-      bias_metadata=bias_metadata, rngs=rngs,
-    )
 
   def _step(self, carry, inputs, recurrent_mask):
     c, h = carry

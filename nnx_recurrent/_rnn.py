@@ -207,14 +207,6 @@ class RNN(nnx.Module):
     return (carry, ys) if return_carry else ys
 
 
-def _carry_shapes(cell, step_shape: tuple[int, ...]):
-  """The cell's default carry as ``ShapeDtypeStruct`` leaves, drawing nothing."""
-  if _scan.uses_base_initialize_carry(cell):
-    zeros = nnx.initializers.zeros_init()
-    return jax.eval_shape(lambda: cell._initialize_carry(step_shape, jax.random.key(0), zeros))
-  return jax.eval_shape(lambda: cell.initialize_carry(step_shape, nnx.Rngs(0)))
-
-
 def _learned_carry(cell):
   """One zero ``nnx.Param`` per carry leaf, shaped ``(features,)``."""
   in_features = getattr(cell, 'in_features', None)
@@ -224,12 +216,12 @@ def _learned_carry(cell):
   step_shape = (1,) * cell.num_feature_axes + (in_features,)
   return jax.tree_util.tree_map(
     lambda leaf: nnx.Param(jnp.zeros(leaf.shape[-1:], leaf.dtype)),
-    _carry_shapes(cell, step_shape))
+    _scan.carry_shapes(cell, step_shape))
 
 
 def _broadcast_carry(cell, learned, step_shape: tuple[int, ...]):
   """The learned carry broadcast to the carry of a step of shape ``step_shape``."""
-  shapes = _carry_shapes(cell, step_shape)
+  shapes = _scan.carry_shapes(cell, step_shape)
   params = jax.tree_util.tree_leaves(learned, is_leaf=lambda v: isinstance(v, nnx.Variable))
   treedef: Any  # jax's PyTreeDef (untyped for mypy)
   leaves, treedef = jax.tree_util.tree_flatten(shapes)

@@ -303,11 +303,18 @@ def initial_carry(where: str, cell, initial_carry: Any, step_shape: tuple[int, .
   if initial_carry is None:
     return default_carry(cell, step_shape, rngs)
   if uses_base_initialize_carry(cell):
-    zeros = nnx.initializers.zeros_init()  # the structure, without drawing from a stream
-    expected = jax.eval_shape(
-      lambda: cell._initialize_carry(step_shape, jax.random.key(0), zeros))
-    _checks.check_tree_matches(where, 'initial_carry', initial_carry, expected)
+    _checks.check_tree_matches(where, 'initial_carry', initial_carry,
+                               carry_shapes(cell, step_shape))
   return initial_carry
+
+
+def carry_shapes(cell, step_shape: tuple[int, ...]) -> Any:
+  """The cell's default carry as ``ShapeDtypeStruct`` leaves, drawing nothing from
+  its streams (another library's cell gets a fresh ``Rngs`` inside ``eval_shape``)."""
+  if uses_base_initialize_carry(cell):
+    zeros = nnx.initializers.zeros_init()
+    return jax.eval_shape(lambda: cell._initialize_carry(step_shape, jax.random.key(0), zeros))
+  return jax.eval_shape(lambda: cell.initialize_carry(step_shape, nnx.Rngs(0)))
 
 
 # -- front-door helpers ---------------------------------------------------------

@@ -189,7 +189,6 @@ def test_broadcast_rngs_gives_one_mask_per_call_as_flax():
 
 def test_state_axes_as_flax():
   # Broadcast state is read-only in the scan: the counter's changes are dropped, as in flax.
-  axes = {nnx.Param: None, 'steps': None, ...: nnx.Carry}
   ours = nr.RNN(CountingDropoutCell(nnx.Rngs(0, dropout=1), rate=0.0),
                 state_axes=nnx.StateAxes({nnx.Param: None, nnx.RngState: nnx.Carry,
                                           ...: None}))
@@ -202,7 +201,6 @@ def test_state_axes_as_flax():
   with pytest.raises(TypeError, match=m('RNN: `state_axes` expected None or a mapping',
                                         'got int')):
     nr.RNN(nr.GRUCell(IN, H, rngs=nnx.Rngs(0)), state_axes=0)
-  del axes
 
 
 class ParamWritingCell(nr.SimpleCell):
@@ -258,6 +256,7 @@ def test_rngs_arguments_hold_a_stream_only_when_a_cell_may_draw():
   ours, theirs = nr.RNN(noisy, rngs=nnx.Rngs(4)), nnx.RNN(flax_noisy, rngs=nnx.Rngs(4))
   x = _x()
   ours_1, theirs_1 = ours(x, return_carry=True)[0], theirs(x, return_carry=True)[0]
+  _close(ours_1, theirs_1, atol=1e-5)  # flax.nnx's stream, drawn as flax.nnx draws it
   ours_2 = ours(x, return_carry=True)[0]
   assert not np.allclose(ours_1, ours_2)  # a new random carry each call
   for bad in (3, 'carry'):
@@ -266,7 +265,6 @@ def test_rngs_arguments_hold_a_stream_only_when_a_cell_may_draw():
       nr.RNN(builtin, rngs=bad)
   with pytest.raises(TypeError, match=m('Bidirectional: `rngs` expected True, False')):
     nr.Bidirectional(nr.RNN(builtin), nr.RNN(builtin), rngs=1.5)
-  del theirs_1
 
 
 def test_call_rngs_draw_the_carry_as_flax():

@@ -10,12 +10,15 @@ PIP := $(PY) -m pip
 DEMO_OUT ?= out/demo
 DEMO_ARGS ?=
 BENCH_ARGS ?=
+TRITON_ARGS ?=
+# triton (1 GB) for `make triton-check` only, in its own environment.
+TRITON_VENV ?= .venv-triton
 # Two workers: compiling dominates the suite and XLA:CPU compiles on one thread.
 TEST_WORKERS ?= 2
 # Test suites plus doctests in the package, the README and docs/ (whichever exist).
 TEST_PATHS := $(wildcard tests compat) nnx_recurrent $(wildcard README.md docs)
 
-.PHONY: venv install-test install-examples install-docs test demo bench docs clean
+.PHONY: venv install-test install-examples install-docs test demo bench triton-check docs clean
 
 venv: $(VENV)/.created
 
@@ -45,6 +48,16 @@ demo: install-examples
 
 bench: install-test
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# The Pallas kernels compiled by Triton for an H200, without a GPU: shared
+# memory, registers, spills (benchmarks/triton_resources.py).
+triton-check: install-test $(TRITON_VENV)/.created
+	$(PY) -m benchmarks.triton_resources --triton-python $(TRITON_VENV)/bin/python $(TRITON_ARGS)
+
+$(TRITON_VENV)/.created:
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install triton==3.9.0
+	touch $@
 
 docs: install-docs
 	$(PY) -m sphinx -W docs docs/_build/html

@@ -1,0 +1,53 @@
+"""Child of ``benchmarks/triton_resources.py``: compiles Triton IR files with
+Triton's own compiler for a Hopper GPU (no GPU needed) and prints one JSON
+line per file: shared memory, registers and spilled bytes (from ``ptxas -v``),
+or the error. Runs in an environment with the ``triton`` package::
+
+  python benchmarks/_triton_compile.py NUM_WARPS NUM_STAGES FILE.ttir ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+
+def main(argv):
+  os.environ.setdefault('TRITON_DEFAULT_FP_FUSION', '1')  # Triton 3.9's default, silenced
+  import triton
+  from triton.backends.compiler import GPUTarget
+
+  num_warps, num_stages, files = int(argv[0]), int(argv[1]), argv[2:]
+  bin_dir = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin')
+  ptxas = next(os.path.join(bin_dir, name) for name in ('ptxas-blackwell', 'ptxas')
+               if os.path.exists(os.path.join(bin_dir, name)))
+  for path in files:
+    start, row = time.perf_counter(), {'file': os.path.basename(path)}
+    noise = io.StringIO()  # Triton prints a whole reproducer on a failure
+    try:
+      with contextlib.redirect_stdout(noise):
+        kernel = triton.compile(path, target=GPUTarget('cuda', 90, 32),
+                                options=dict(num_warps=num_warps, num_stages=num_stages))
+      ptx = path[:-len('.ttir')] + '.ptx'
+      with open(ptx, 'w') as f:
+        f.write(kernel.asm['ptx'])
+      log = subprocess.run([ptxas, '-arch=sm_90a', '-v', ptx, '-o', os.devnull],
+                           capture_output=True, text=True).stderr
+      row.update(ok=True, shared=kernel.metadata.shared,
+                 registers=int(re.findall(r'Used (\d+) registers', log)[-1]),
+                 spill_bytes=int(re.findall(r'(\d+) bytes spill stores', log)[-1]))
+    except Exception as e:  # noqa: BLE001 - any compiler failure is a result here
+      lines = [x for x in str(e).splitlines() if 'fatal' in x or 'rror' in x]
+      row.update(ok=False, error=f'{type(e).__name__}: ' + ' | '.join(lines[:2])[:300])
+    row['seconds'] = round(time.perf_counter() - start, 1)
+    print(json.dumps(row), flush=True)
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

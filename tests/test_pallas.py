@@ -21,7 +21,7 @@ from jax import export
 from jax.test_util import check_grads
 
 import nnx_recurrent as nr
-from nnx_recurrent._fused import _pallas, _plans, internal
+from nnx_recurrent._fused import _plans, internal
 from tests import reference as ref
 from tests.test_fused import (
   LENGTHS,
@@ -79,7 +79,8 @@ def test_matches_xla_and_numpy(cls):
                      jax.tree_util.tree_map(lambda a: a[2], carry0), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+# The GRU's packed sequences: in several column chunks, below.
+@pytest.mark.parametrize('cls', [nr.LSTM])
 def test_packed_sequences_and_projection(cls):
   """The kernels' per-step flags (``segment_ids``: a segment's first step
   restarts from the initial carry, whose cotangent the backward kernel
@@ -91,6 +92,26 @@ def test_packed_sequences_and_projection(cls):
   x = ref.normal((B, IDS.shape[1], I), seed=49)
   carry0 = random_carry(layer, seed=50)
   check_plans_against_generic(layer, x, carry0, ['default'], padding=IDS == 0, segment_ids=IDS)
+
+
+@pytest.mark.parametrize('cls,masks', [(nr.LSTM, dict(seq_lengths=LENGTHS)),
+                                        (nr.GRU, dict(segment_ids=IDS))])
+def test_column_chunks_and_partly_held_weights(cls, masks):
+  """Hidden sizes of several column chunks (16 wide here, 64 on a GPU): the
+  state as pieces, ``h W_h`` as a sum of tile products, ``h`` of another
+  width than ``c`` (the LSTM projected, 40 to 20: 4 and 2 chunks), and
+  weight tiles partly held across steps and partly loaded at each step (the
+  budget ends inside a gate's block): values and gradients against the
+  generic composition (float32 sums in another order over 40 columns: to
+  3e-5), both directions, lengths or packed sequences."""
+  proj = dict(proj_features=20) if cls is nr.LSTM else {}
+  layer = ref.randomize(cls(I, 40, bidirectional=True, implementation='pallas',
+                            rngs=nnx.Rngs(51), **proj), seed=51)
+  x = ref.normal((B, IDS.shape[1], I), seed=52)
+  padding = IDS == 0 if 'segment_ids' in masks else np.arange(x.shape[1]) >= LENGTHS[:, None]
+  with internal.pallas_settings(chunk=16, hold_bytes=5 * 16 * 16 * 4):  # 5 of 16 or 12 tiles
+    check_plans_against_generic(layer, x, random_carry(layer, seed=53), ['default'],
+                                padding=padding, tol=3e-5, **masks)
 
 
 @pytest.mark.parametrize('cls', [nr.GRU])  # the LSTM's bfloat16 kernels: Triton lowering below
@@ -131,30 +152,30 @@ def test_check_grads_float64(cls):
     check_grads(f, (params, x, carry0), order=1, modes=('rev',), atol=1e-6, rtol=1e-6)
 
 
-def test_batch_blocks_and_batch_axes(monkeypatch):
+def test_batch_blocks_and_batch_axes():
   """More rows than one program takes (a grid of batch blocks, padded rows),
   two batch axes, time-major, one direction, the forward without a gradient,
   the recurrent weights loaded at each step (as for large hidden sizes)."""
-  monkeypatch.setattr(_pallas, '_HOLD_WEIGHTS_MAX_BYTES', 0)
   layer = make(nr.GRU, 1, False, seed=37, implementation='pallas', time_major=True)
   x = ref.normal((T, 2, 40, I), seed=38)
   lengths = jnp.asarray(np.random.default_rng(39).integers(0, T + 1, (2, 40)))
   carry = random_carry(layer, (2, 40), seed=40)
   kw = dict(initial_carry=carry, seq_lengths=lengths, return_carry=True)
-  out = call(layer, x, **kw)
+  with internal.pallas_settings(hold_bytes=0):
+    out = call(layer, x, **kw)
   assert_trees_close(out, call(with_implementation(layer, 'xla'), x, **kw))
 
 
 @pytest.mark.parametrize('cls,dtype,hold,packed', [(nr.GRU, jnp.float32, True, False),
                                                    (nr.LSTM, jnp.bfloat16, False, True)])
-def test_kernels_lower_through_triton(cls, dtype, hold, packed, monkeypatch):
+def test_kernels_lower_through_triton(cls, dtype, hold, packed):
   """Without a GPU: the training step exported for CUDA holds the kernels
   (forward with residuals, backward; both directions) as Triton calls, so the
-  Triton lowering of Pallas accepts them (block shapes, dots, loads and stores;
-  Triton's own compiler, which runs on a GPU only, is not reached). The
-  recurrent weights held in the kernel across steps, or loaded at each step;
-  lengths, or packed sequences' flags (and then the LSTM projected)."""
-  monkeypatch.setattr(_pallas, '_HOLD_WEIGHTS_MAX_BYTES', 2**30 if hold else 0)
+  Triton lowering of Pallas accepts them (block shapes, dots, loads and stores
+  of column chunks and weight tiles; Triton's own compiler is not reached
+  here: ``benchmarks/triton_resources.py``). The recurrent weights held in the
+  kernel across steps, or loaded at each step; lengths, or packed sequences'
+  flags (and then the LSTM projected)."""
   proj = dict(proj_features=24) if packed and cls is nr.LSTM else {}
   layer = cls(I, 64, bidirectional=True, implementation='pallas', dtype=dtype, rngs=nnx.Rngs(0),
               **proj)
@@ -168,7 +189,8 @@ def test_kernels_lower_through_triton(cls, dtype, hold, packed, monkeypatch):
 
   triton = '__gpu$xla.gpu.triton'
   unchecked = [export.DisabledSafetyCheck.custom_call(triton)]
-  with internal.triton_lowering():
+  with internal.triton_lowering(), internal.pallas_settings(chunk=32,
+                                                           hold_bytes=2**30 if hold else 0):
     exported = export.export(jax.jit(jax.grad(loss)), platforms=['cuda'],
                              disabled_checks=unchecked)(params, jnp.ones((B, T, I)))
   calls = re.findall(r'stablehlo\.custom_call @([^(]+)\(.*name = "(nr_\w+)"',

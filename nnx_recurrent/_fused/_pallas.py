@@ -32,26 +32,22 @@ On a GPU the kernels lower through Triton; elsewhere (the CPU) they run in
 Pallas' interpret mode (slow: for tests). They have NOT run on a GPU yet. The
 tests export a training step for CUDA on the CPU (``internal.triton_lowering``),
 so Pallas' Triton lowering accepts the kernels (float32 and bfloat16, weights
-held or loaded per step, projected and packed); Triton's own compiler, which
-needs a GPU, has not seen them, and nothing is known of their speed
+held or loaded per step, projected and packed); ``benchmarks/triton_resources.py``
+compiles them further, with Triton's own compiler for an H200 (``sm_90a``), and
+reports their shared memory, registers and spills (the sizes in
+:class:`Settings` come from it). Nothing is known of their speed
 (``implementation='auto'`` does not pick them: see ``_plans.PALLAS_FASTER``).
 On NVIDIA GPUs jax 0.10 lowers a ``pallas_call`` through Mosaic GPU unless it
 gets Triton's compiler parameters; Mosaic GPU rejects these kernels (found by
 exporting for CUDA: "Only copies transferring a number of bytes divisible by
 the warpgroup size are supported"), so every call passes them.
-
-Unknown until compiled and measured on a GPU: whether a ``(Hp, Hp)`` dot
-operand fits Triton's shared memory at large ``H`` (256 x 256 float32 is
-256 KiB; an H200 multiprocessor has 228 KiB), where holding the recurrent
-weights across steps stops paying (``_HOLD_WEIGHTS_MAX_BYTES``), and the best
-rows per program (``_MAX_BLOCK_ROWS``) and ``num_warps``.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,12 +62,33 @@ from nnx_recurrent._fused._step_math import LSTMMath, dot, grads_after_loop
 
 _MIN_ROWS = 16  # Triton's dot: at least 16 rows
 _MIN_HIDDEN = 16  # ... and contraction / output sizes of at least 16
-_MAX_BLOCK_ROWS = 64  # rows per program; more rows: a grid over batch blocks (unmeasured)
-# The recurrent weights (G * Pp * Hp elements, and W_hr's Hp * Pp) stay in the
-# kernel's registers across steps up to this size, and are loaded again at
-# every step (from L1/L2) above it, where holding them would spill. A guess,
-# not measured.
-_HOLD_WEIGHTS_MAX_BYTES = 64 * 1024
+
+
+class Settings(NamedTuple):
+  """The kernels' sizes and Triton parameters (``internal.pallas_settings``
+  changes them, for measurements). Chosen by compiling the kernels with Triton
+  for an H200 (``sm_90a``) on a CPU, ``benchmarks/triton_resources.py``, so
+  that shared memory (227 KiB a block) suffices and registers rarely spill at
+  the suite's shapes; not yet timed on a GPU."""
+
+  chunk: int = 64
+  """Column chunks of this width, weight tiles of this size squared."""
+  hold_bytes: int = 176 * 1024
+  """Bytes of recurrent weight tiles loaded once, before the time loop, and
+  held in shared memory across steps; the tiles beyond are loaded at each step
+  (from L2). The rest of the 227 KiB is for the tile staged per step, ``h``
+  and Triton's layout conversions."""
+  state_elements: int = 4096
+  """Rows per program: at most this over ``max(Hp, Pp)`` (the state is held in
+  registers: 32 rows at ``H = 128``, 16 from 256 on), and at most 64."""
+  num_warps: int = 8
+  num_stages: int = 1
+  """No software pipelining of the loop's loads: it would multi-buffer the
+  weight tiles loaded per step, in shared memory."""
+
+
+_MAX_BLOCK_ROWS = 64  # more rows: a grid over batch blocks
+_settings = Settings()
 
 # Set by ``internal.triton_lowering``: the kernels lower for a GPU (Triton)
 # even when the default backend is the CPU, for ``jax.export`` to 'cuda'.
@@ -103,14 +120,18 @@ class _Layout:
     self.time, self.rows, self.hidden, self.dtype = time, rows, hidden, jnp.dtype(dtype)
     self.out, self.proj, self.packed = out, proj, packed
     self.gates = cell_math.gates
-    self.block = min(_pow2(max(rows, _MIN_ROWS)), _MAX_BLOCK_ROWS)
-    self.padded_rows = max(1, -(-rows // self.block)) * self.block
     self.hp = _pow2(max(hidden, _MIN_HIDDEN))
     self.pp = _pow2(max(out, _MIN_HIDDEN))
+    self.settings = settings = _settings
+    most = max(_MIN_ROWS, min(_MAX_BLOCK_ROWS, settings.state_elements // max(self.hp, self.pp)))
+    self.block = min(_pow2(max(rows, _MIN_ROWS)), _pow2(most))
+    self.padded_rows = max(1, -(-rows // self.block)) * self.block
+    chunk = _pow2(max(settings.chunk, _MIN_HIDDEN))
+    self.ch, self.cp = min(chunk, self.hp), min(chunk, self.pp)  # chunk widths
+    self.nh, self.np = self.hp // self.ch, self.pp // self.cp  # chunks of Hp, of Pp
+    self.hold_bytes = settings.hold_bytes
     self.state = jnp.promote_types(dtype, jnp.float32)  # the kernels' h, c and gate math
     self.interpret = not (_force_triton or jax.default_backend() == 'gpu')
-    weights = self.gates * self.pp * self.hp + (self.hp * self.pp if proj else 0)
-    self.hold_weights = weights * self.dtype.itemsize <= _HOLD_WEIGHTS_MAX_BYTES
 
   def pad_rows(self, a, axis: int):
     pad = [(0, 0)] * a.ndim
@@ -167,8 +188,9 @@ class _Layout:
       out_specs=[spec(shape, axis) for (shape, _), axis in outputs],
       interpret=self.interpret,
       name=name,
-      # Triton's parameters (its defaults) select the Triton lowering: see above.
-      compiler_params=pl_triton.CompilerParams(),
+      # Triton's parameters select the Triton lowering: see above.
+      compiler_params=pl_triton.CompilerParams(num_warps=self.settings.num_warps,
+                                               num_stages=self.settings.num_stages),
     )(*(a for a, _ in inputs))
 
 

@@ -6,6 +6,17 @@ recurrence and its backward, for the LSTM (projected or not) and the GRU.
 program owns one block of batch rows for the whole sequence: a ``fori_loop``
 over time with the state in the loop's carry.
 
+Everything of width ``H`` or ``P`` is handled in column chunks (``lay.ch`` of
+``Hp``, ``lay.cp`` of ``Pp``): the state is a tuple of ``(rows, chunk)``
+pieces, ``h W_h`` is a sum of ``(rows, cp) x (cp, ch)`` tile products, and
+each chunk's gate math runs as soon as its pre-activations are summed, so what
+is live at once stays small: the old ``h``, the new ``h``, one chunk of ``c``
+and of the gates, one weight tile. Unchunked, Triton staged every gate's whole
+``(Hp, Hp)`` block at once: 520 KiB of shared memory for an LSTM at ``H = 128``
+in float32 (an H200 block has 227 KiB) and 255 registers with spills, found by
+compiling the kernels with Triton for ``sm_90a`` on a CPU
+(``benchmarks/triton_resources.py``).
+
 Triton's constraints (read from ``jax/_src/pallas/triton/lowering.py``, jax
 0.10.2), and what the kernels do about them:
 
@@ -13,14 +24,14 @@ Triton's constraints (read from ``jax/_src/pallas/triton/lowering.py``, jax
   elements: the batch block and the hidden size are padded to powers of two
   (``H`` to ``Hp`` within each gate, the projected size ``P`` to ``Pp``; the
   padded weight rows and columns are zero, so padded columns stay zero and
-  never reach the real ones).
+  never reach the real ones); chunks are powers of two.
 * ``dot`` needs at least 16 rows, and contraction and output sizes of at least
   16 (Triton's smallest tile; the lowering checks it for float64): batch
-  blocks have 16 rows or more (padding rows have length 0), ``Hp, Pp >= 16``.
+  blocks have 16 rows or more (padding rows have length 0), chunks are 16
+  wide or more.
 * Values cannot be sliced (``lax.slice`` has no lowering) nor concatenated
-  (only ``[..., 1]`` pieces) nor split into 3: each gate is its own
-  ``(rows, Hp)`` load, matmul and store; arrays are ``(time, rows, gates,
-  Hp)`` and the kernels index the gate axis of the refs.
+  (only ``[..., 1]`` pieces) nor split into 3: chunks and gates are read from
+  and written to the refs (``pl.ds`` windows), never cut out of values.
 * No scratch buffers and no scalar prefetch: the lengths (or the per-step
   flags of packed sequences) are an ordinary input block, the state lives in
   the loop's carry.
@@ -31,12 +42,12 @@ Triton's constraints (read from ``jax/_src/pallas/triton/lowering.py``, jax
 
 from __future__ import annotations
 
-import functools
-import operator
+import itertools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from nnx_recurrent._base import lstm_update
 from nnx_recurrent._fused._step_math import GRUMath, LSTMMath, identity
@@ -51,10 +62,59 @@ def _dot(a, b, dtype):
                              preferred_element_type=dtype)
 
 
-def _weights(w_ref, lay, held=None):
-  """The gate blocks of the recurrent weights: ``held`` (loaded once, before
-  the loop, when ``lay.hold_weights``) or loaded now."""
-  return held if held is not None else [w_ref[k] for k in range(lay.gates)]
+def _add(total, term):
+  return term if total is None else total + term
+
+
+class _Tiles:
+  """A weight ref's last two axes as ``(rows, cols)`` tiles, indexed ``(*lead,
+  row chunk, column chunk)``. The first tiles that fit ``budget[0]`` bytes
+  (shared with the kernel's other weights, and consumed) are loaded once,
+  before the time loop, and stay on chip across steps; the others are loaded
+  at each use (from L2 on a GPU)."""
+
+  def __init__(self, ref, rows: int, cols: int, budget: list[int]):
+    self.ref, self.rows, self.cols = ref, rows, cols
+    size = rows * cols * jnp.dtype(ref.dtype).itemsize
+    counts = tuple(ref.shape[:-2]) + (ref.shape[-2] // rows, ref.shape[-1] // cols)
+    self.held = {}
+    for key in itertools.product(*map(range, counts)):
+      if budget[0] < size:
+        break
+      budget[0] -= size
+      self.held[key] = self._load(key)
+
+  def _load(self, key):
+    *lead, r, c = key
+    return self.ref[(*lead, pl.ds(r * self.rows, self.rows), pl.ds(c * self.cols, self.cols))]
+
+  def __call__(self, *key):
+    return self.held[key] if key in self.held else self._load(key)
+
+
+def _column(pieces, tiles, lead, j, dtype):
+  """Column chunk ``j`` of ``concat(pieces) @ W``: ``pieces`` are the column
+  chunks of the left operand, ``tiles(*lead, i, j)`` the tiles of ``W``."""
+  total = None
+  for i, p in enumerate(pieces):
+    total = _add(total, _dot(p, tiles(*lead, i, j), dtype))
+  return total
+
+
+def _matmul(pieces, tiles, lead, n_out, dtype):
+  """``concat(pieces) @ W`` as its ``n_out`` column chunks."""
+  return [_column(pieces, tiles, lead, j, dtype) for j in range(n_out)]
+
+
+def _read(ref, lead, n, width, dtype):
+  """``ref[lead]`` as ``n`` chunks of ``width`` columns (its last axis)."""
+  return [ref[(*lead, pl.ds(j * width, width))].astype(dtype) for j in range(n)]
+
+
+def _write(ref, lead, pieces, width):
+  """``ref[lead]`` from its column chunks ``pieces``, each ``width`` wide."""
+  for j, a in enumerate(pieces):
+    ref[(*lead, pl.ds(j * width, width))] = a.astype(ref.dtype)
 
 
 def _masks(steps_ref, t, lay, lengths):
@@ -65,6 +125,25 @@ def _masks(steps_ref, t, lay, lengths):
     return (t < lengths)[:, None], None
   flags = steps_ref[t]
   return (flags > 0)[:, None], (flags > 1)[:, None]
+
+
+def _select(mask, new, old):
+  return jax.tree_util.tree_map(lambda a, b: jnp.where(mask, a, b), new, old)
+
+
+def _carry_widths(lay, lstm: bool):
+  """The chunk width of each carry leaf's pieces: ``c`` (``ch``), ``h`` (``cp``)."""
+  return (lay.ch, lay.cp) if lstm else (lay.cp,)
+
+
+def _load_carry(refs, lay, lstm: bool):
+  return tuple(tuple(_read(r, (slice(None),), r.shape[-1] // w, w, lay.state))
+               for r, w in zip(refs, _carry_widths(lay, lstm)))
+
+
+def _store_carry(refs, carry, lay, lstm: bool):
+  for r, pieces, w in zip(refs, carry, _carry_widths(lay, lstm)):
+    _write(r, (slice(None),), pieces, w)
 
 
 def forward_kernel(*all_refs: Any, lay, lstm: bool, save: bool):
@@ -80,38 +159,46 @@ def forward_kernel(*all_refs: Any, lay, lstm: bool, save: bool):
   carry_refs, refs = refs[:n_carry], refs[n_carry:]
   ys_ref, final_refs, res_refs = refs[0], refs[1: 1 + n_carry], refs[1 + n_carry:]
   lengths = None if lay.packed else steps_ref[...]
-  w = _weights(w_ref, lay) if lay.hold_weights else None
-  w_hr = None if wr_ref is None else wr_ref[...]
-  b_hn = None if bhn_ref is None else bhn_ref[...].astype(lay.state)[None, :]
-  carry0 = tuple(r[...].astype(lay.state) for r in carry_refs)
+  budget = [lay.hold_bytes]
+  w = _Tiles(w_ref, lay.cp, lay.ch, budget)
+  w_hr = None if wr_ref is None else _Tiles(wr_ref, lay.ch, lay.cp, budget)
+  b_hn = None if bhn_ref is None else [
+    bhn_ref[pl.ds(j * lay.ch, lay.ch)].astype(lay.state)[None, :] for j in range(lay.nh)]
+  carry0 = _load_carry(carry_refs, lay, lstm)
 
   def body(t, carry):
     valid, reset = _masks(steps_ref, t, lay, lengths)
     if reset is not None:  # a packed segment starts from the initial carry
-      carry = tuple(jnp.where(reset, a0, a) for a0, a in zip(carry0, carry))
+      carry = _select(reset, carry0, carry)
     h = carry[-1]
-    hp = [_dot(h, w_k, lay.state) for w_k in _weights(w_ref, lay, w)]
-    xp = [xp_ref[t, :, k, :].astype(lay.state) for k in range(lay.gates)]
-    if lstm:
-      c = carry[0]
-      i, f, o = (jax.nn.sigmoid(xp[k] + hp[k]) for k in (0, 1, 3))
-      zg = xp[2] + hp[2]
-      new_c, m = lstm_update(c, i, f, zg, o, identity, jnp.tanh)
-      new = (new_c, m if w_hr is None else _dot(m, w_hr, lay.state))
-      res = (i, f, jnp.tanh(zg), o, c)
-    else:
-      hn = hp[2] + b_hn
-      new_h, r, z, n = GRUMath.gate_step(h, *xp, hp[0], hp[1], hn)
-      new, res = (new_h,), (r, z, n, hn, h)
-    ys_ref[t] = jnp.where(valid, new[-1], 0).astype(ys_ref.dtype)
-    if save:
-      for k, a in enumerate(res):
-        res_refs[0][t, :, k, :] = a.astype(res_refs[0].dtype)
-    return tuple(jnp.where(valid, a, old) for a, old in zip(new, carry))
+    cs, outs = [], []
+    for j in range(lay.nh):  # the gates of hidden chunk j
+      cols = pl.ds(j * lay.ch, lay.ch)
+      xp = [xp_ref[t, :, k, cols].astype(lay.state) for k in range(lay.gates)]
+      hp = [_column(h, w, (k,), j, lay.state) for k in range(lay.gates)]
+      if lstm:
+        c = carry[0][j]
+        i, f, o = (jax.nn.sigmoid(xp[k] + hp[k]) for k in (0, 1, 3))
+        zg = xp[2] + hp[2]
+        new_c, m = lstm_update(c, i, f, zg, o, identity, jnp.tanh)
+        cs.append(new_c)
+        outs.append(m)
+        res = (i, f, jnp.tanh(zg), o, c)
+      else:
+        hn = hp[2] + b_hn[j]
+        new_h, r, z, n = GRUMath.gate_step(h[j], *xp, hp[0], hp[1], hn)
+        outs.append(new_h)
+        res = (r, z, n, hn, h[j])
+      if save:
+        for k, a in enumerate(res):
+          res_refs[0][t, :, k, cols] = a.astype(res_refs[0].dtype)
+    if w_hr is not None:  # h = m W_hr
+      outs = _matmul(outs, w_hr, (), lay.np, lay.state)
+    _write(ys_ref, (t, slice(None)), [jnp.where(valid, a, 0) for a in outs], lay.cp)
+    new = (tuple(cs), tuple(outs)) if lstm else (tuple(outs),)
+    return _select(valid, new, carry)
 
-  carry = jax.lax.fori_loop(0, lay.time, body, carry0)
-  for r, a in zip(final_refs, carry):
-    r[...] = a.astype(r.dtype)
+  _store_carry(final_refs, jax.lax.fori_loop(0, lay.time, body, carry0), lay, lstm)
 
 
 def backward_kernel(*all_refs: Any, lay, lstm: bool):
@@ -127,40 +214,47 @@ def backward_kernel(*all_refs: Any, lay, lstm: bool):
   dfinal_refs, refs = refs[:n_carry], refs[n_carry:]
   dg_ref, dcarry0_refs, dh_ref = refs[0], refs[1: 1 + n_carry], refs[1 + n_carry:]
   lengths = None if lay.packed else steps_ref[...]
-  wt = _weights(wt_ref, lay) if lay.hold_weights else None  # W_h's gate blocks, transposed
-  w_hr_t = None if wrt_ref is None else wrt_ref[...]
+  budget = [lay.hold_bytes]
+  wt = _Tiles(wt_ref, lay.ch, lay.cp, budget)  # W_h's gate blocks, transposed
+  w_hr_t = None if wrt_ref is None else _Tiles(wrt_ref, lay.cp, lay.ch, budget)
 
   def body(s, state):
     t = lay.time - 1 - s
     dcarry, d_reset = state[:n_carry], state[n_carry:]
     valid, reset = _masks(steps_ref, t, lay, lengths)
-    res = [res_ref[t, :, k, :].astype(lay.state) for k in range(RESIDUALS)]
-    dh = dcarry[-1] + dys_ref[t].astype(lay.state)
-    if lstm:
-      dm = dh if w_hr_t is None else _dot(dh, w_hr_t, lay.state)
-      *stored, dc_prev = LSTMMath.gate_step_bwd(*res, dcarry[0], dm)
-    else:
-      *stored, d_direct = GRUMath.gate_step_bwd(*res, dh)  # d r, d z, d hn, d n
-    stored = [jnp.where(valid, d, 0) for d in stored]
-    for k, d in enumerate(stored):
-      dg_ref[t, :, k, :] = d.astype(dg_ref.dtype)
+    dys = _read(dys_ref, (t, slice(None)), lay.np, lay.cp, lay.state)
+    dh = [a + d for a, d in zip(dcarry[-1], dys)]
     if dh_ref:
-      dh_ref[0][t] = jnp.where(valid, dh, 0).astype(dh_ref[0].dtype)
-    dh_prev = functools.reduce(operator.add, [
-      _dot(d, w_k, lay.state) for d, w_k in zip(stored, _weights(wt_ref, lay, wt))])
-    new = (dc_prev, dh_prev) if lstm else (d_direct + dh_prev,)
-    new = tuple(jnp.where(valid, a, old) for a, old in zip(new, dcarry))
+      _write(dh_ref[0], (t, slice(None)), [jnp.where(valid, a, 0) for a in dh], lay.cp)
+    dm = dh if w_hr_t is None else _matmul(dh, w_hr_t, (), lay.nh, lay.state)
+    firsts, dh_prev = [], [None] * lay.np
+    for j in range(lay.nh):  # hidden chunk j's gate gradients, and their dh_prev terms
+      cols = pl.ds(j * lay.ch, lay.ch)
+      res = [res_ref[t, :, k, cols].astype(lay.state) for k in range(RESIDUALS)]
+      if lstm:  # d of i, f, g, o's pre-activations, dc_prev
+        *stored, first = LSTMMath.gate_step_bwd(*res, dcarry[0][j], dm[j])
+      else:  # d of r's, z's, of hn, of n's; dh_prev except via h W_h
+        *stored, first = GRUMath.gate_step_bwd(*res, dh[j])
+      stored = [jnp.where(valid, d, 0) for d in stored]
+      for k, d in enumerate(stored):
+        dg_ref[t, :, k, cols] = d.astype(dg_ref.dtype)
+      firsts.append(first)
+      for k in range(lay.gates):
+        for i in range(lay.np):
+          dh_prev[i] = _add(dh_prev[i], _dot(stored[k], wt(k, j, i), lay.state))
+    new = (tuple(firsts), tuple(dh_prev)) if lstm else (
+      tuple(a + b for a, b in zip(firsts, dh_prev)),)
+    new = _select(valid, new, dcarry)
     if reset is None:
       return new
     # A segment's first step read the initial carry: its cotangent goes there.
-    d_reset = tuple(acc + jnp.where(reset, a, 0) for acc, a in zip(d_reset, new))
-    return tuple(jnp.where(reset, 0, a) for a in new) + d_reset
+    d_reset = jax.tree_util.tree_map(lambda acc, a: acc + jnp.where(reset, a, 0), d_reset, new)
+    return _select(reset, jax.tree_util.tree_map(jnp.zeros_like, new), new) + d_reset
 
-  dcarry = tuple(r[...].astype(lay.state) for r in dfinal_refs)
+  dcarry = _load_carry(dfinal_refs, lay, lstm)
   if lay.packed:
-    dcarry += tuple(jnp.zeros_like(a) for a in dcarry)
+    dcarry += jax.tree_util.tree_map(jnp.zeros_like, dcarry)
   state = jax.lax.fori_loop(0, lay.time, body, dcarry)
   if lay.packed:
-    state = tuple(a + b for a, b in zip(state[:n_carry], state[n_carry:]))
-  for r, a in zip(dcarry0_refs, state):
-    r[...] = a.astype(r.dtype)
+    state = jax.tree_util.tree_map(jnp.add, state[:n_carry], state[n_carry:])
+  _store_carry(dcarry0_refs, state, lay, lstm)

@@ -19,12 +19,17 @@ through its modules' private helpers. It offers exactly:
   place of ``jax.experimental.rnn.lstm`` (same signature as the call in
   ``_cudnn._lstm``; ``benchmarks/cudnn_check.py --dry`` and the tests pass
   ``jax.experimental.rnn.lstm_ref``);
+* ``pallas_settings(**changes)``: a context manager under which the Pallas
+  kernels are traced with other sizes or Triton parameters
+  (:class:`PallasSettings`: column chunk, bytes of weights held on chip,
+  state size per program, ``num_warps``, ``num_stages``); for measurements.
 * ``triton_lowering()``: a context manager under which the Pallas kernels
   (``implementation='pallas'``) lower for a GPU through Triton even when the
   default backend is the CPU, so that ``jax.export(..., platforms=['cuda'])``
   checks their Triton lowering on a machine without a GPU (the tests).
 
-The plan, the cuDNN substitute and the Triton lowering are read while a layer
+The plan, the cuDNN substitute, the Pallas settings and the Triton lowering are
+read while a layer
 is traced: trace (``jax.jit(...).lower``, or call) inside the ``with`` block.
 None of the context managers is thread-safe.
 
@@ -47,12 +52,14 @@ from __future__ import annotations
 import contextlib
 
 from nnx_recurrent._fused import _cudnn, _pallas, _plans
+from nnx_recurrent._fused._pallas import Settings as PallasSettings
 from nnx_recurrent._fused._plans import TRANSPOSE_MIN_MACS, Plan, ScanPlan, cuda_backend
 from nnx_recurrent._fused._step_math import dot, flat_dot_t, shift
 
 __all__ = [
   'dot', 'shift', 'flat_dot_t', 'TRANSPOSE_MIN_MACS', 'ScanPlan', 'Plan', 'plan_for',
-  'forced_plan', 'cuda_backend', 'fake_cuda', 'triton_lowering',
+  'forced_plan', 'cuda_backend', 'fake_cuda', 'triton_lowering', 'pallas_settings',
+  'PallasSettings',
 ]
 
 
@@ -93,3 +100,16 @@ def triton_lowering():
     yield
   finally:
     _pallas._force_triton = previous
+
+
+@contextlib.contextmanager
+def pallas_settings(**changes):
+  """Inside the block the Pallas kernels are traced with ``changes`` to the
+  current :class:`PallasSettings` (their names: ``chunk``, ``hold_bytes``,
+  ``state_elements``, ``num_warps``, ``num_stages``); yields the settings."""
+  previous = _pallas._settings
+  _pallas._settings = previous._replace(**changes)
+  try:
+    yield _pallas._settings
+  finally:
+    _pallas._settings = previous

@@ -1,23 +1,56 @@
 #!/usr/bin/env bash
-# GPU checks and benchmarks, one run: the fused layers' tests on the GPU (the
-# cuDNN path, and the Pallas kernels compiled by Triton for the first time
-# here), the cuDNN accuracy/timing check, and the benchmark suite (flax.nnx,
-# PyTorch on cuDNN, ours: the scans, cuDNN, and nr.LSTM[pallas] /
-# nr.GRU[pallas]). Writes to ${OUT:-out/gpu}.
-#   bash benchmarks/gpu.sh
+# GPU checks and benchmarks in ONE device call (the device tool allows 600 s a
+# call and 15 minutes a session, start-up included; the steps' limits add up
+# to 530 s, and the last GPU run took about 100 s in all):
+#   1. the fused layers' tests on the GPU: cuDNN, the XLA scans, and the Pallas
+#      kernels, compiled by XLA's Triton for the first time here;
+#   2. the benchmark suite without the Pallas rows (flax.nnx, PyTorch on cuDNN,
+#      the scans, cuDNN) at its four shapes;
+#   3. the Pallas rows (nr.LSTM[pallas], nr.GRU[pallas]) beside PyTorch and the
+#      scans at the three shapes up to H = 256 (issue 14's targets), then at
+#      (256, 50, 256, 512) on their own: a kernel there took Triton over 4
+#      minutes to compile on a 2-core CPU (benchmarks/triton_resources.py);
+#   4. the cuDNN accuracy/timing check;
+#   5. the Pallas kernels' size variants at (8, 500, 64, 128) (benchmarks/
+#      gpu_plans.py --pallas: weights held or not, warps, chunk), to choose
+#      internal.PallasSettings' defaults.
+# Each step writes as it goes, so a step cut off by its limit loses only
+# itself. Everything lands in ${OUT:-out/gpu}, in at most 8 files (what the
+# device tool brings back): log.txt and one JSON per step.
+#   bash benchmarks/gpu.sh     (device tool: command "bash benchmarks/gpu.sh", timeout_s 570)
 set -uo pipefail
 out=${OUT:-out/gpu}
 mkdir -p "$out"
+log="$out/log.txt"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 PY=${PY:-python3}
+step() { echo "=== $* ($(date +%T))" | tee -a "$log"; }
+step environment
 { nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv
+  git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -20
   $PY -c "import jax, flax, torch; d = jax.devices()[0]; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, d, d.device_kind, d.client.platform_version)"
-} 2>&1 | tee "$out/env.txt"
-# Tests in full float32: they compare against float64 references at 1e-5.
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout 240 $PY -m pytest -q -p no:cacheprovider -n 4 \
-  tests/test_cudnn.py tests/test_fused.py tests/test_pallas.py tests/test_fused_padding.py \
-  2>&1 | tail -40 | tee "$out/pytest.txt"
-timeout 150 $PY -m benchmarks.cudnn_check --json "$out/cudnn_check.json" 2>&1 | tee "$out/cudnn_check.txt"
-timeout 450 $PY -m benchmarks.run --rounds 5 --json "$out/gpu_results.json" \
-  --impls '^(nr\.(LSTM|GRU|RNN\((Opt|GRU))|nnx\.RNN\((Opt|GRU)|torch)' 2>&1 \
-  | tee "$out/bench.txt" | tail -70
+} 2>&1 | tee -a "$log"
+step tests
+# In full float32: they compare against float64 references at 1e-5.
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout 90 $PY -m pytest -q -p no:cacheprovider -n 4 \
+  tests/test_pallas.py tests/test_cudnn.py tests/test_fused.py tests/test_fused_padding.py \
+  2>&1 | tail -40 | tee -a "$log"
+step suite without the Pallas rows
+timeout 100 $PY -m benchmarks.run --rounds 5 --json "$out/gpu_results.json" \
+  --impls '^(nr\.(LSTM|GRU)$|nr\.LSTM\[cudnn\]|nr\.RNN\((Opt|GRU)|nnx\.RNN\((Opt|GRU)|torch)' \
+  2>&1 | tail -60 | tee -a "$log"
+step Pallas rows up to H = 256
+timeout 150 $PY -m benchmarks.run --rounds 5 --json "$out/pallas_results.json" \
+  --shapes 1x1000x32x64,8x500x64x128,64x100x128x256 \
+  --impls '^(nr\.(LSTM|GRU)(\[pallas\])?$|torch)' 2>&1 | tail -40 | tee -a "$log"
+step Pallas rows at H = 512
+timeout 45 $PY -m benchmarks.run --rounds 3 --json "$out/pallas_large.json" \
+  --shapes 256x50x256x512 --impls '^(nr\.(LSTM|GRU)(\[pallas\])?$|torch)' 2>&1 | tail -20 \
+  | tee -a "$log"
+step cuDNN check
+timeout 45 $PY -m benchmarks.cudnn_check --json "$out/cudnn_check.json" 2>&1 | tail -30 \
+  | tee -a "$log"
+step Pallas size variants
+timeout 100 $PY -m benchmarks.gpu_plans --pallas --shapes 8x500x64x128 --rounds 3 \
+  --json "$out/pallas_sweep.json" 2>&1 | tail -20 | tee -a "$log"
+step done

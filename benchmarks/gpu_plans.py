@@ -19,6 +19,13 @@ what the layers pick. Nothing here changes the library: the plan is forced
 plan's forward output is compared with the default's (``|y - y_default|``).
 Written without a GPU at hand (run on a CPU only, at a toy shape); on a GPU,
 expect a few minutes.
+
+With ``--pallas`` it times the Pallas kernels (``implementation='pallas'``)
+instead, with each variant of their sizes (``internal.pallas_settings``:
+``pallas/hold_bytes=0`` reads every weight tile at each step, ``num_warps``,
+``chunk``), against the scans' default::
+
+  python -m benchmarks.gpu_plans --pallas --shapes 8x500x64x128 --rounds 3
 """
 
 from __future__ import annotations
@@ -39,7 +46,13 @@ from nnx_recurrent._fused import internal
 SHAPES = ((8, 500, 64, 128), (64, 100, 128, 256), (1, 1000, 32, 64), (256, 50, 256, 512))
 
 
-def plans(cls):
+PALLAS_VARIANTS = ('pallas', 'pallas/hold_bytes=0', 'pallas/hold_bytes=98304',
+                   'pallas/num_warps=4', 'pallas/chunk=32', 'pallas/chunk=128,hold_bytes=131072')
+
+
+def plans(cls, pallas=False):
+  if pallas:
+    return ['default', *PALLAS_VARIANTS]
   inputs = ('hoisted', 'loop', 'joint') if cls is nr.LSTM else ('hoisted', 'loop')
   out = ['default']
   for inp in inputs:
@@ -56,6 +69,11 @@ def forced(plan: str):
   if plan == 'default':
     yield None
     return
+  if plan.startswith('pallas'):
+    changes = plan.split('/')[1].split(',') if '/' in plan else []
+    with internal.pallas_settings(**{k: int(v) for k, v in (c.split('=') for c in changes)}):
+      yield None
+    return
   inputs, unroll, back = plan.split('/')
   scan = internal.ScanPlan(inputs, prefetch=False, unroll=int(unroll))
   with internal.forced_plan(internal.Plan(scan, scan, backward_unroll=int(back))) as forced:
@@ -64,7 +82,8 @@ def forced(plan: str):
 
 def build(cls, shape, plan):
   B, T, I, H = shape
-  model = cls(I, H, implementation='xla', rngs=nnx.Rngs(0))
+  implementation = 'pallas' if plan.startswith('pallas') else 'xla'
+  model = cls(I, H, implementation=implementation, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(model)
   x = jax.random.normal(jax.random.key(1), (B, T, I))
 
@@ -93,6 +112,8 @@ def main(argv=None) -> int:
   p.add_argument('--shapes', default=','.join('x'.join(map(str, s)) for s in SHAPES))
   p.add_argument('--rounds', type=int, default=3)
   p.add_argument('--calls', type=int, default=5, help='calls per sample')
+  p.add_argument('--pallas', action='store_true',
+                 help="time the Pallas kernels' size variants instead of the scan plans")
   p.add_argument('--json', metavar='PATH')
   args = p.parse_args(argv)
   shapes = [tuple(int(v) for v in s.split('x')) for s in args.shapes.split(',')]
@@ -100,7 +121,7 @@ def main(argv=None) -> int:
   rows = []
   for shape in shapes:
     for cls in (nr.LSTM, nr.GRU):
-      fns = {plan: build(cls, shape, plan) for plan in plans(cls)}
+      fns = {plan: build(cls, shape, plan) for plan in plans(cls, args.pallas)}
       y_default = fns['default'][0]()
       errors = {plan: float(jnp.abs(f() - y_default).max()) for plan, (f, _) in fns.items()}
       times = {plan: ([], []) for plan in fns}

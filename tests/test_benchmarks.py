@@ -92,6 +92,11 @@ def test_gpu_plans_forces_and_restores_the_plan():
   np.testing.assert_allclose(np.asarray(dx), np.asarray(grad_x(generic)), atol=1e-5)
   assert gpu_plans.plans(nr.GRU) == ['default', 'hoisted/1/1', 'hoisted/4/4', 'hoisted/8/8',
                                      'loop/1/1', 'loop/4/4', 'loop/8/8']
+  # The Pallas kernels' size variants: set inside, restored after.
+  with gpu_plans.forced('pallas/num_warps=4,chunk=32'), internal.pallas_settings() as inside:
+    assert (inside.num_warps, inside.chunk) == (4, 32)
+  with internal.pallas_settings() as after:
+    assert after == internal.PallasSettings()
 
 
 def numpy_skeleton(w_i, w_h, xs):

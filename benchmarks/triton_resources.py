@@ -62,7 +62,7 @@ DEFAULT_CASES = [
 @contextlib.contextmanager
 def _captured_triton_ir():
   """Every Pallas kernel lowered to Triton inside the block, as MLIR text.
-  (Reads jax's private lowering function: written for jax 0.10.)"""
+  (Reads jax's private lowering function: jax 0.10 and 0.11.)"""
   from jax._src.pallas.triton import pallas_call_registration as registration
 
   modules, lower = [], registration.lowering.lower_jaxpr_to_triton_module
@@ -99,9 +99,10 @@ def triton_ir(cls, batch, inputs, hidden, dtype, proj, packed):
     return jnp.sum(y.astype(jnp.float32) ** 2)
 
   unchecked = [export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')]
+  x = jnp.ones((batch, TIME, inputs))  # outside: no eager computation for an abstract GPU
   with _captured_triton_ir() as modules, internal.triton_lowering():
     export.export(jax.jit(jax.grad(loss)), platforms=['cuda'], disabled_checks=unchecked)(
-      params, jnp.ones((batch, TIME, inputs)))
+      params, x)
   if len(modules) != 2:
     raise RuntimeError(f'expected a forward and a backward kernel, captured {len(modules)}')
   return dict(zip(('forward', 'backward'), modules))

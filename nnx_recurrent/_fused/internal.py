@@ -51,6 +51,8 @@ from __future__ import annotations
 
 import contextlib
 
+import jax
+
 from nnx_recurrent._fused import _cudnn, _pallas, _plans
 from nnx_recurrent._fused._pallas import Settings as PallasSettings
 from nnx_recurrent._fused._plans import TRANSPOSE_MIN_MACS, Plan, ScanPlan, cuda_backend
@@ -94,12 +96,25 @@ def fake_cuda(cudnn_lstm=None):
 @contextlib.contextmanager
 def triton_lowering():
   """Inside the block the Pallas kernels lower through Triton, whatever the
-  default backend (running them then needs a GPU)."""
+  default backend (running them then needs a GPU). Without a GPU, jax 0.11
+  and later lower for an H200 (they ask for an abstract device; jax 0.10 takes
+  compute capability 9.0 itself; then compute nothing eagerly inside the
+  block: only traced code may run under the abstract device)."""
   previous, _pallas._force_triton = _pallas._force_triton, True
   try:
-    yield
+    with _abstract_gpu():
+      yield
   finally:
     _pallas._force_triton = previous
+
+
+def _abstract_gpu():
+  sharding = jax.sharding
+  if jax.default_backend() == 'gpu' or not hasattr(sharding, 'AbstractDevice'):
+    return contextlib.nullcontext()
+  h200 = sharding.AbstractDevice(device_kind='NVIDIA H200', num_cores=None, platform='cuda')
+  return sharding.use_abstract_mesh(sharding.AbstractMesh((1,), ('device',),
+                                                          abstract_device=h200))
 
 
 @contextlib.contextmanager

@@ -181,3 +181,16 @@ def test_pallas_rows_on_a_gpu_only(monkeypatch):
   assert pallas == [('nr.LSTM[pallas]', 'lstm'), ('nr.GRU[pallas]', 'gru')]
   assert {('nr.LSTM[pallas]', 'torch.nn.LSTM'), ('nr.GRU[pallas]', 'nr.GRU')} <= {
     c[:2] for c in run.COMPARISONS}
+
+
+def test_triton_resources_captures_the_kernels_triton_ir():
+  """``benchmarks/triton_resources.py`` reads jax's private lowering function:
+  it still hands over each kernel's Triton IR (a forward with its dots, a
+  backward) for Triton's compiler, which is not installed here."""
+  from benchmarks import triton_resources
+
+  ir = triton_resources.triton_ir('GRU', 1, 3, 16, 'float32', None, False)
+  assert sorted(ir) == ['backward', 'forward']
+  for kernel, text in ir.items():
+    assert f'tt.func public @nr_gru_{kernel}' in text
+    assert text.count('tt.dot') == 3  # h W_h: one tile per gate (backward: dh_prev's terms)

@@ -129,7 +129,6 @@ class _Layout:
     chunk = _pow2(max(settings.chunk, _MIN_HIDDEN))
     self.ch, self.cp = min(chunk, self.hp), min(chunk, self.pp)  # chunk widths
     self.nh, self.np = self.hp // self.ch, self.pp // self.cp  # chunks of Hp, of Pp
-    self.hold_bytes = settings.hold_bytes
     self.state = jnp.promote_types(dtype, jnp.float32)  # the kernels' h, c and gate math
     self.interpret = not (_force_triton or jax.default_backend() == 'gpu')
 

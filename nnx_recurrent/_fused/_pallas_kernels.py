@@ -159,7 +159,7 @@ def forward_kernel(*all_refs: Any, lay, lstm: bool, save: bool):
   carry_refs, refs = refs[:n_carry], refs[n_carry:]
   ys_ref, final_refs, res_refs = refs[0], refs[1: 1 + n_carry], refs[1 + n_carry:]
   lengths = None if lay.packed else steps_ref[...]
-  budget = [lay.hold_bytes]
+  budget = [lay.settings.hold_bytes]
   w = _Tiles(w_ref, lay.cp, lay.ch, budget)
   w_hr = None if wr_ref is None else _Tiles(wr_ref, lay.ch, lay.cp, budget)
   b_hn = None if bhn_ref is None else [
@@ -214,7 +214,7 @@ def backward_kernel(*all_refs: Any, lay, lstm: bool):
   dfinal_refs, refs = refs[:n_carry], refs[n_carry:]
   dg_ref, dcarry0_refs, dh_ref = refs[0], refs[1: 1 + n_carry], refs[1 + n_carry:]
   lengths = None if lay.packed else steps_ref[...]
-  budget = [lay.hold_bytes]
+  budget = [lay.settings.hold_bytes]
   wt = _Tiles(wt_ref, lay.ch, lay.cp, budget)  # W_h's gate blocks, transposed
   w_hr_t = None if wrt_ref is None else _Tiles(wrt_ref, lay.cp, lay.ch, budget)
 

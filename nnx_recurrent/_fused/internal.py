@@ -29,8 +29,8 @@ through its modules' private helpers. It offers exactly:
   checks their Triton lowering on a machine without a GPU (the tests).
 
 The plan, the cuDNN substitute, the Pallas settings and the Triton lowering are
-read while a layer
-is traced: trace (``jax.jit(...).lower``, or call) inside the ``with`` block.
+read while a layer is traced: trace (``jax.jit(...).lower``, or call) inside
+the ``with`` block.
 None of the context managers is thread-safe.
 
 Example::

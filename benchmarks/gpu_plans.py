@@ -121,7 +121,14 @@ def main(argv=None) -> int:
   rows = []
   for shape in shapes:
     for cls in (nr.LSTM, nr.GRU):
-      fns = {plan: build(cls, shape, plan) for plan in plans(cls, args.pallas)}
+      fns = {}
+      for plan in plans(cls, args.pallas):
+        try:  # a variant that fails to compile (e.g. too much shared memory) is reported, skipped
+          fns[plan] = build(cls, shape, plan)
+        except Exception as e:  # noqa: BLE001
+          print(f'{shape} {cls.__name__:4} {plan:>12}: FAILED {type(e).__name__}: '
+                f'{str(e).splitlines()[0][:300] if str(e) else ""}', flush=True)
+          rows.append(dict(shape=shape, layer=cls.__name__, plan=plan, error=str(e)[:2000]))
       y_default = fns['default'][0]()
       errors = {plan: float(jnp.abs(f() - y_default).max()) for plan, (f, _) in fns.items()}
       times = {plan: ([], []) for plan in fns}
@@ -141,19 +148,24 @@ def main(argv=None) -> int:
         print(f'{shape} {cls.__name__:4} {plan:>12}: fwd {row["fwd_ms"]:8.3f} ms '
               f'({row["fwd_vs_default"]:.2f}x default)  train {row["train_ms"]:8.3f} ms '
               f'({row["train_vs_default"]:.2f}x)  |y - y_default| {errors[plan]:.1e}', flush=True)
+      write(args.json, rows)  # so far: a run cut off by its time limit keeps what it measured
   print('\nbest plan per shape and layer (fwd | train):')
   for shape in shapes:
     for layer in ('LSTM', 'GRU'):
-      mine = [r for r in rows if r['shape'] == shape and r['layer'] == layer]
+      mine = [r for r in rows if r['shape'] == shape and r['layer'] == layer and 'error' not in r]
       bf = min(mine, key=lambda r: r['fwd_ms'])
       bt = min(mine, key=lambda r: r['train_ms'])
       print(f'{shape} {layer:4}: {bf["plan"]} {bf["fwd_vs_default"]:.2f}x | '
             f'{bt["plan"]} {bt["train_vs_default"]:.2f}x')
-  if args.json:
-    with open(args.json, 'w') as f:
+  write(args.json, rows)
+  return 0
+
+
+def write(path, rows):
+  if path:
+    with open(path, 'w') as f:
       json.dump(dict(devices=[str(d) for d in jax.devices()], jax=jax.__version__, rows=rows), f,
                 indent=1)
-  return 0
 
 
 if __name__ == '__main__':

@@ -34,23 +34,23 @@ step tests
 # In full float32: they compare against float64 references at 1e-5.
 JAX_DEFAULT_MATMUL_PRECISION=highest timeout 90 $PY -m pytest -q -p no:cacheprovider -n 4 \
   tests/test_pallas.py tests/test_cudnn.py tests/test_fused.py tests/test_fused_padding.py \
-  2>&1 | tail -40 | tee -a "$log"
+  2>&1 | tee -a "$log"
 step suite without the Pallas rows
 timeout 100 $PY -m benchmarks.run --rounds 5 --json "$out/gpu_results.json" \
   --impls '^(nr\.(LSTM|GRU)$|nr\.LSTM\[cudnn\]|nr\.RNN\((Opt|GRU)|nnx\.RNN\((Opt|GRU)|torch)' \
-  2>&1 | tail -60 | tee -a "$log"
+  2>&1 | tee -a "$log"
 step Pallas rows up to H = 256
 timeout 150 $PY -m benchmarks.run --rounds 5 --json "$out/pallas_results.json" \
   --shapes 1x1000x32x64,8x500x64x128,64x100x128x256 \
-  --impls '^(nr\.(LSTM|GRU)(\[pallas\])?$|torch)' 2>&1 | tail -40 | tee -a "$log"
+  --impls '^(nr\.(LSTM|GRU)(\[pallas\])?$|torch)' 2>&1 | tee -a "$log"
 step Pallas rows at H = 512
 timeout 45 $PY -m benchmarks.run --rounds 3 --json "$out/pallas_large.json" \
-  --shapes 256x50x256x512 --impls '^(nr\.(LSTM|GRU)(\[pallas\])?$|torch)' 2>&1 | tail -20 \
+  --shapes 256x50x256x512 --impls '^(nr\.(LSTM|GRU)(\[pallas\])?$|torch)' 2>&1 \
   | tee -a "$log"
 step cuDNN check
-timeout 45 $PY -m benchmarks.cudnn_check --json "$out/cudnn_check.json" 2>&1 | tail -30 \
+timeout 45 $PY -m benchmarks.cudnn_check --json "$out/cudnn_check.json" 2>&1 \
   | tee -a "$log"
 step Pallas size variants
 timeout 100 $PY -m benchmarks.gpu_plans --pallas --shapes 8x500x64x128 --rounds 3 \
-  --json "$out/pallas_sweep.json" 2>&1 | tail -20 | tee -a "$log"
+  --json "$out/pallas_sweep.json" 2>&1 | tee -a "$log"
 step done

@@ -112,7 +112,10 @@ def _abstract_gpu():
   sharding = jax.sharding
   if jax.default_backend() == 'gpu' or not hasattr(sharding, 'AbstractDevice'):
     return contextlib.nullcontext()
-  h200 = sharding.AbstractDevice(device_kind='NVIDIA H200', num_cores=None, platform='cuda')
+  try:
+    h200 = sharding.AbstractDevice(device_kind='NVIDIA H200', num_cores=None, platform='cuda')
+  except TypeError:  # jax 0.10.0: no `platform`, and no abstract device needed
+    return contextlib.nullcontext()
   return sharding.use_abstract_mesh(sharding.AbstractMesh((1,), ('device',),
                                                           abstract_device=h200))
 

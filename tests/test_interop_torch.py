@@ -297,6 +297,15 @@ TO_TORCH_ERRORS = [
    r'expected cells with gate_fn=sigmoid.*hard_sigmoid'),
   (lambda r: nr.RNN(nr.GRUCell(IN, H, rngs=r), reverse=True), ValueError,
    r'expected an RNN with reverse=False.*got reverse=True'),
+  (lambda r: nr.GRU(IN, H, reverse=True, keep_order=True, rngs=r), ValueError,
+   r'expected an nr.GRU with reverse=False.*got reverse=True'),
+  (lambda r: nr.RNN(nr.GRUCell(IN, H, rngs=r), learn_initial_carry=True), ValueError,
+   r"expected an RNN starting from zeros \(PyTorch's layers do\), got learn_initial_carry=True"),
+  (lambda r: nr.Bidirectional(_gru_rnn(r), nr.RNN(nr.GRUCell(
+    IN, H, carry_init=jax.nn.initializers.normal(), rngs=r))), ValueError,
+   r'expected an RNN starting from zeros.*got a cell with a carry_init'),
+  (lambda r: nr.OptimizedLSTMCell(IN, H, zoneout_rate=0.5, rngs=r), ValueError,
+   r'expected cells without zoneout.*got OptimizedLSTMCell with zoneout_rate=0.5'),
   (lambda r: nr.Bidirectional(_gru_rnn(r), _gru_rnn(r), merge_fn=lambda a, b: a + b),
    ValueError, r'expected a Bidirectional with the default merge_fn'),
   (lambda r: nr.Bidirectional(_gru_rnn(r), nr.RNN(nr.OptimizedLSTMCell(IN, H, rngs=r))),
@@ -318,6 +327,7 @@ TO_TORCH_ERRORS = [
 ]
 
 
+@pytest.mark.filterwarnings('ignore:carry_init is provided in __init__')
 @pytest.mark.parametrize('factory,error,match', TO_TORCH_ERRORS)
 def test_to_torch_errors(factory, error, match):
   with pytest.raises(error, match=match):

@@ -50,10 +50,13 @@ Not convertible (``ValueError``): to_torch of a projected LSTM cell alone
 (``torch.nn.LSTMCell`` has no projection: put it in an ``nr.RNN``) or of
 ``proj_features >= hidden_features`` (PyTorch requires ``proj_size <
 hidden_size``); cells whose ``gate_fn`` / ``activation_fn`` differ from
-PyTorch's fixed ones; ``SimpleCell(residual=True)``; a reversed ``nr.RNN``;
-a ``Bidirectional`` with a custom ``merge_fn``. Cells without a PyTorch counterpart (MGU,
-ConvLSTM) raise ``TypeError``. Variational (per-cell) dropout has no PyTorch
-counterpart and is not carried over (it does not change eval-mode outputs).
+PyTorch's fixed ones; ``SimpleCell(residual=True)``; a reversed ``nr.RNN``,
+``nr.LSTM`` or ``nr.GRU``; a ``Bidirectional`` with a custom ``merge_fn``;
+cells with zoneout (it changes eval-mode outputs); layers that do not start
+from zeros as PyTorch's do (``learn_initial_carry``, a cell's ``carry_init``).
+Cells without a PyTorch counterpart (MGU, ConvLSTM) raise ``TypeError``.
+Variational (per-cell) dropout has no PyTorch counterpart and is not carried
+over (it does not change eval-mode outputs).
 """
 
 from __future__ import annotations
@@ -311,6 +314,13 @@ def _from_torch_layer(family: _Family, module, act, kw) -> nnx.Module:
 
 
 # -- to_torch ---------------------------------------------------------------------
+def _check_no_zoneout(cell) -> None:
+  if cell.zoneout_rate:
+    _checks.fail('to_torch', 'module', 'cells without zoneout (PyTorch has none, and it changes '
+                 'eval-mode outputs)',
+                 f'{type(cell).__name__} with zoneout_rate={cell.zoneout_rate}')
+
+
 def _cell_family(cell: Any) -> tuple[_Family, str | None]:
   """The family of an nnx cell and its torch ``nonlinearity`` (RNN family only)."""
   where = 'to_torch'
@@ -320,8 +330,10 @@ def _cell_family(cell: Any) -> tuple[_Family, str | None]:
                    "(PyTorch's fixed nonlinearities)", f'{type(cell).__name__} with '
                    f'{getattr(cell.gate_fn, "__name__", cell.gate_fn)}, '
                    f'{getattr(cell.activation_fn, "__name__", cell.activation_fn)}')
+    _check_no_zoneout(cell)
     return _FAMILIES['GRU' if isinstance(cell, nr.GRUCell) else 'LSTM'], None
   if isinstance(cell, nr.SimpleCell):
+    _check_no_zoneout(cell)
     names = [n for n, f in _ACTIVATIONS.items() if cell.activation_fn is f]
     if not names or cell.residual:
       _checks.fail(where, 'module', 'a SimpleCell with activation_fn tanh or relu and '
@@ -358,11 +370,23 @@ def _proj_features(cell) -> int:
   return getattr(cell, 'proj_features', None) or 0
 
 
+def _check_zero_start(rnn) -> None:
+  """An ``nr.RNN`` whose default carry is PyTorch's zeros."""
+  why = ('learn_initial_carry=True' if rnn.initial_carry is not None
+         else 'a cell with a carry_init' if getattr(rnn.cell, 'carry_init', None) is not None
+         else None)
+  if why:
+    _checks.fail('to_torch', 'module', "an RNN starting from zeros (PyTorch's layers do)", why)
+
+
 def _layer_cells(module) -> tuple[list[list[Any]], bool, float]:
   """``(cells[layer][direction], time_major, dropout)`` of an nnx sequence layer."""
   where = 'to_torch'
   fused = tuple(getattr(nr, n) for n in ('LSTM', 'GRU') if hasattr(nr, n))
   if fused and isinstance(module, fused):
+    if module.reverse:
+      _checks.fail(where, 'module', f'an nr.{type(module).__name__} with reverse=False (PyTorch '
+                   'has no reversed unidirectional layer)', 'reverse=True')
     directions = [module.forward] + ([module.backward] if module.bidirectional else [])
     cells = [[d[layer] for d in directions] for layer in range(module.num_layers)]
     return cells, module.time_major, float(module.dropout_rate)
@@ -370,6 +394,7 @@ def _layer_cells(module) -> tuple[list[list[Any]], bool, float]:
     if module.reverse:
       _checks.fail(where, 'module', 'an RNN with reverse=False (PyTorch has no reversed '
                    'unidirectional layer)', 'reverse=True')
+    _check_zero_start(module)
     return [[module.cell]], module.time_major, 0.0
   if isinstance(module, nr.Bidirectional):
     if module.merge_fn is not _rnn._concatenate:
@@ -379,6 +404,8 @@ def _layer_cells(module) -> tuple[list[list[Any]], bool, float]:
     if not all(isinstance(r, nr.RNN) for r in rnns):
       _checks.fail(where, 'module', 'a Bidirectional of two nr.RNN layers',
                    ', '.join(type(r).__name__ for r in rnns), TypeError)
+    for r in rnns:
+      _check_zero_start(r)
     return [[r.cell for r in rnns]], module.time_major, 0.0
   stacked = getattr(nr, 'StackedRNN', None)
   if stacked is not None and isinstance(module, stacked):

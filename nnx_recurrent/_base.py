@@ -95,6 +95,14 @@ def _keys_from(rngs: RngsLike, stream: str, n: int) -> list[Array]:
   return [rngs] if n == 1 else list(jax.random.split(rngs, n))
 
 
+def key_beside(stream: nnx.RngStream, tag: int) -> Array:
+  """A key for a parameter that flax.nnx's cell does not have, which leaves
+  ``stream`` as it was: the stream's next key folded with ``tag``. Drawing it
+  instead would shift every later layer built from the same ``Rngs`` away
+  from flax.nnx's initialization."""
+  return jax.random.fold_in(jax.random.fold_in(stream.key[...], stream.count[...]), tag)
+
+
 def _scaled_keep_mask(key: Array, rate: float, shape: tuple[int, ...], dtype) -> Array:
   keep = jax.random.bernoulli(key, 1.0 - rate, shape)
   return keep.astype(dtype) / jnp.asarray(1.0 - rate, dtype)
@@ -260,6 +268,11 @@ class RNNCellBase(nnx.Module):
     if carry_init is None:
       carry_init = getattr(self, 'carry_init', None)
     if carry_init is None:
+      # flax.nnx draws one key per carry array from a given stream even for
+      # zeros; so do we, so that the stream's later draws (a dropout mask,
+      # say) are flax's. (The cell's own stream, which serves dropout, is left.)
+      if isinstance(rngs, (nnx.Rngs, nnx.RngStream)):
+        _keys_from(rngs, 'carry', n)
       leaves = [jnp.zeros(shape, dtype) for shape in shapes]
     else:
       if rngs is None:

@@ -16,6 +16,7 @@ from nnx_recurrent._base import (
   default_kernel_init,
   default_promote_dtype,
   default_recurrent_kernel_init,
+  key_beside,
   masked,
 )
 from nnx_recurrent._updates import gru_update
@@ -77,7 +78,9 @@ class _GatedUnit(RNNCellBase):
     if hn_bias_init is None:
       self.bias_hn = nnx.data(None)
     else:
-      self.bias_hn = nnx.Param(hn_bias_init(rngs.params(), (h,), param_dtype), **bias_metadata)
+      # flax.nnx's GRUCell has no b_hn: its key must not come from the stream.
+      key = key_beside(rngs.params, 0x686E)
+      self.bias_hn = nnx.Param(hn_bias_init(key, (h,), param_dtype), **bias_metadata)
 
   def _projections(self, inputs, h):
     """Input and hidden projections split into ``num_gates + 1`` parts each."""

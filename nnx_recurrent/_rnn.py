@@ -15,10 +15,10 @@ from nnx_recurrent._base import Array, Carry, RngsLike
 
 
 def _check_cell(where: str, cell: Any) -> None:
-  if not (isinstance(cell, nnx.Module) and hasattr(cell, 'initialize_carry')
-          and hasattr(cell, 'num_feature_axes')):
-    _checks.fail(where, 'cell', 'an RNNCellBase (an nnx.Module with initialize_carry and '
-                 'num_feature_axes)', type(cell).__name__, TypeError)
+  # As flax.nnx: `initialize_carry` is needed only for a default carry.
+  if not (isinstance(cell, nnx.Module) and hasattr(cell, 'num_feature_axes')):
+    _checks.fail(where, 'cell', 'an RNNCellBase (an nnx.Module with num_feature_axes and '
+                 'initialize_carry)', type(cell).__name__, TypeError)
 
 
 def _first(*values):
@@ -36,20 +36,31 @@ def _carry_stream(where: str, rngs: Any, needed: bool) -> nnx.RngStream | None:
   if not (isinstance(rngs, (bool, nnx.Rngs, nnx.RngStream))):
     _checks.fail(where, 'rngs', 'True, False, an nnx.Rngs or an nnx.RngStream',
                  type(rngs).__name__, TypeError)
+  if isinstance(rngs, nnx.Rngs):
+    # flax.nnx forks the carry stream whether or not the fork is kept, so the
+    # layers built after this one from the same `rngs` get flax's numbers.
+    fork = _carry_fork(rngs)
+    return fork if needed else None
   if rngs is False or not needed:
     return None
   if rngs is True:
     return nnx.RngStream(0, tag='carry')
-  return (rngs.carry if isinstance(rngs, nnx.Rngs) else rngs).fork()
+  return rngs.fork()
+
+
+def _carry_fork(rngs: nnx.Rngs) -> nnx.RngStream | None:
+  """``rngs.carry.fork()`` (its ``default`` stream without a ``carry`` one),
+  or ``None`` when it has neither."""
+  return rngs.carry.fork() if 'carry' in rngs or 'default' in rngs else None
 
 
 def _call_carry_rngs(rngs: Any, stored: Any):
   """The RNG an RNN passes to ``initialize_carry``: flax.nnx's choice (the
   call's ``rngs``, else the stored stream; an ``nnx.Rngs`` gives a fork of its
-  ``carry`` stream)."""
+  ``carry`` stream, drawn at every call as flax.nnx draws it)."""
   rngs = rngs if rngs is not None else stored
   if isinstance(rngs, nnx.Rngs):
-    return rngs.carry.fork()
+    return _carry_fork(rngs)
   return rngs
 
 
@@ -96,7 +107,8 @@ class RNN(nnx.Module):
     return_carry: return ``(carry, outputs)`` instead of ``outputs``.
     reverse: process sequences backwards (see above).
     keep_order: with ``reverse``, return outputs in input order.
-    unroll: scan steps unrolled per loop iteration.
+    unroll: scan steps unrolled per loop iteration; as in ``jax.lax.scan``,
+      ``True`` unrolls every step and ``False`` none.
     remat: rematerialise each step in the backward pass: training memory holds
       only the carries, at the cost of recomputing each step once.
     state_axes: as flax.nnx's: how the cell's state goes through the scan, a
@@ -126,7 +138,7 @@ class RNN(nnx.Module):
   """
 
   def __init__(self, cell, *, time_major: bool = False, return_carry: bool = False,
-               reverse: bool = False, keep_order: bool = False, unroll: int = 1,
+               reverse: bool = False, keep_order: bool = False, unroll: int | bool = 1,
                remat: bool = False, state_axes: Any = None, broadcast_rngs: Any = None,
                learn_initial_carry: bool = False, rngs: Any = True):
     _check_cell('RNN', cell)
@@ -135,7 +147,9 @@ class RNN(nnx.Module):
     self.return_carry = return_carry
     self.reverse = reverse
     self.keep_order = keep_order
-    self.unroll = _checks.check_positive_int('RNN', 'unroll', unroll)
+    if not isinstance(unroll, bool):  # a bool as in jax.lax.scan: True unrolls every step
+      unroll = _checks.check_positive_int('RNN', 'unroll', unroll)
+    self.unroll = unroll
     self.remat = remat
     if state_axes is not None and not isinstance(state_axes, Mapping):
       _checks.fail('RNN', 'state_axes', 'None or a mapping from state filters to nnx.Carry, '
@@ -192,9 +206,7 @@ class RNN(nnx.Module):
     step_shape = tuple(seq.xs.shape[1:])
     if initial_carry is None and self.initial_carry is not None:
       initial_carry = _broadcast_carry(cell, self.initial_carry, step_shape)
-    carry_rngs = None
-    if initial_carry is None and _scan.needs_carry_rngs(cell):
-      carry_rngs = _call_carry_rngs(rngs, self.rngs)
+    carry_rngs = _call_carry_rngs(rngs, self.rngs)
     initial_carry = _scan.initial_carry('RNN', cell, initial_carry, step_shape, carry_rngs)
     xs, idx = _scan.processing_order(seq, reverse)
     dropout_masks = _scan.cell_dropout_masks(cell, step_shape, rngs, xs.dtype)
@@ -210,9 +222,10 @@ class RNN(nnx.Module):
 def _learned_carry(cell):
   """One zero ``nnx.Param`` per carry leaf, shaped ``(features,)``."""
   in_features = getattr(cell, 'in_features', None)
-  if not isinstance(in_features, int):
-    _checks.fail('RNN', 'learn_initial_carry', 'a cell with an int in_features (to build its '
-                 'carry)', f'{type(cell).__name__} without one', TypeError)
+  if not isinstance(in_features, int) or not hasattr(cell, 'initialize_carry'):
+    _checks.fail('RNN', 'learn_initial_carry', 'a cell with an int in_features and '
+                 'initialize_carry (to build its carry)', f'{type(cell).__name__} without one',
+                 TypeError)
   step_shape = (1,) * cell.num_feature_axes + (in_features,)
   return jax.tree_util.tree_map(
     lambda leaf: nnx.Param(jnp.zeros(leaf.shape[-1:], leaf.dtype)),

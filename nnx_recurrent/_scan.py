@@ -301,6 +301,9 @@ def initial_carry(where: str, cell, initial_carry: Any, step_shape: tuple[int, .
   called when ``initial_carry`` is given (it may need an RNG, or not exist).
   """
   if initial_carry is None:
+    if not hasattr(cell, 'initialize_carry'):
+      _checks.fail(where, 'initial_carry', f'a carry, since the cell {type(cell).__name__} has '
+                   'no initialize_carry to build one', 'None')
     return default_carry(cell, step_shape, rngs)
   if uses_base_initialize_carry(cell):
     _checks.check_tree_matches(where, 'initial_carry', initial_carry,

@@ -279,6 +279,86 @@ def test_call_rngs_draw_the_carry_as_flax():
          theirs(x, rngs=nnx.Rngs(carry=7), return_carry=True), atol=1e-5)
 
 
+def _count(rngs, stream='default'):
+  return int(rngs[stream].count[...])
+
+
+@pytest.mark.parametrize('name', ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell'])
+def test_shared_rngs_advance_as_in_flax(name):
+  """Everything built or run after our layers from the same Rngs gets flax's numbers."""
+  x = _x()
+
+  def build(lib):
+    rngs = nnx.Rngs(0)
+    cell = getattr(lib, name)(IN, H, rngs=rngs)
+    rnn = lib.RNN(cell, rngs=rngs)
+    lib.Bidirectional(lib.RNN(getattr(lib, name)(IN, H, rngs=rngs)),  # draws from rngs too
+                      lib.RNN(getattr(lib, name)(IN, H, rngs=rngs)), rngs=rngs)
+    head = nnx.Linear(H, 2, rngs=rngs)
+    built = _count(rngs)
+    # flax forks a call's Rngs once per RNN call and draws one key per carry
+    # array from a given stream, zeros or not: a dropout mask drawn next matches.
+    rnn(x, rngs=rngs)
+    carry = cell.initialize_carry((B, IN), rngs)
+    mask = nnx.Dropout(0.5)(jnp.ones((B, H)), rngs=rngs)
+    return cell, head, built, carry, mask, _count(rngs)
+
+  cell_o, head_o, built_o, carry_o, mask_o, count_o = build(nr)
+  cell_t, head_t, built_t, carry_t, mask_t, count_t = build(nnx)
+  assert (built_o, count_o) == (built_t, count_t)
+  _close(head_o.kernel[...], head_t.kernel[...])
+  _close(carry_o, carry_t)
+  _close(mask_o, mask_t)
+  if name == 'GRUCell':  # our GRU's b_hn (flax.nnx has none) takes no key from the stream
+    np.testing.assert_array_equal(cell_o.bias_hn[...], 0.0)
+    state_t = nnx.state(cell_t, nnx.Param)
+    nnx.update(cell_o, state_t)
+    _close(nnx.state(cell_o, nnx.Param)['dense_h'], state_t['dense_h'])
+
+
+def test_gru_bias_hn_with_a_random_init_differs_between_cells():
+  rngs = nnx.Rngs(0)
+  normal = jax.nn.initializers.normal(1.0)
+  a, b = (nr.GRUCell(IN, H, bias_init=normal, rngs=rngs) for _ in range(2))
+  assert not np.allclose(a.bias_hn[...], b.bias_hn[...])
+  assert not np.allclose(a.bias_hn[...], a.dense_i.bias[...][2 * H:])
+
+
+@pytest.mark.parametrize('unroll', [True, False, 3])
+def test_unroll_takes_a_bool_as_flax(unroll):
+  rngs_o, rngs_t = nnx.Rngs(0), nnx.Rngs(0)
+  ours = nr.RNN(nr.LSTMCell(IN, H, rngs=rngs_o), unroll=unroll)
+  theirs = nnx.RNN(nnx.LSTMCell(IN, H, rngs=rngs_t), unroll=unroll)
+  x = _x()
+  _close(ours(x, return_carry=True), theirs(x, return_carry=True), atol=1e-6)
+  with pytest.raises(ValueError, match=m('RNN: `unroll` expected a positive int', 'got 0')):
+    nr.RNN(nr.LSTMCell(IN, H, rngs=rngs_o), unroll=0)
+
+
+class _NoInitCell(nnx.Module):
+  """A cell as flax.nnx allows it: no initialize_carry, so the call passes the carry."""
+
+  def __init__(self, rngs):
+    self.linear = nnx.Linear(IN + H, H, rngs=rngs)
+
+  @property
+  def num_feature_axes(self):
+    return 1
+
+  def __call__(self, h, x):
+    h = jnp.tanh(self.linear(jnp.concatenate([x, h], -1)))
+    return h, h
+
+
+def test_a_cell_without_initialize_carry_runs_with_an_initial_carry():
+  ours, theirs = nr.RNN(_NoInitCell(nnx.Rngs(0))), nnx.RNN(_NoInitCell(nnx.Rngs(0)))
+  x, h0 = _x(), jnp.ones((B, H))
+  _close(ours(x, initial_carry=h0), theirs(x, initial_carry=h0))
+  with pytest.raises(ValueError, match=m('RNN: `initial_carry` expected a carry, since the cell '
+                                         '_NoInitCell has no initialize_carry', 'got None')):
+    ours(x)
+
+
 # -- 5. composition: Bidirectional over every sequence layer ----------------------------
 def test_bidirectional_over_stacks_and_refusals():
   rngs = nnx.Rngs(0)

@@ -155,8 +155,8 @@ class RNNCellBase(nnx.Module):
     self.hidden_features = _checks.check_positive_int(where, 'hidden_features', hidden_features)
     if not isinstance(rngs, nnx.Rngs):
       raise TypeError(f'{where}: `rngs` expected an nnx.Rngs, got {type(rngs).__name__}.')
-    self.dtype = dtype
-    self.param_dtype = param_dtype
+    self.dtype = _checks.check_dtype(where, 'dtype', dtype, allow_none=True)
+    self.param_dtype = _checks.check_dtype(where, 'param_dtype', param_dtype)
     self.dropout_rate = _checks.check_rate(where, 'dropout_rate', dropout_rate)
     self.recurrent_dropout_rate = _checks.check_rate(
       where, 'recurrent_dropout_rate', recurrent_dropout_rate
@@ -260,6 +260,9 @@ class RNNCellBase(nnx.Module):
 
   def _initialize_carry(self, input_shape, rngs=None, carry_init=None) -> Carry:
     name = type(self).__name__
+    _checks.check_shape(f'{name}.initialize_carry', 'input_shape', input_shape,
+                        '(the arguments are (input_shape, rngs); flax.linen\'s (rng, '
+                        'input_shape) is nnx_recurrent.compat\'s)')
     input_shape = tuple(int(d) for d in input_shape)
     self._check_input_shape(f'{name}.initialize_carry', 'input_shape', input_shape)
     shapes = self._carry_shapes(input_shape)
@@ -355,7 +358,12 @@ class RNNCellBase(nnx.Module):
     Returns:
       ``(new_carry, output)``.
     """
-    self._check_input_shape(type(self).__name__, 'inputs', tuple(inputs.shape))
+    where = type(self).__name__
+    if not hasattr(inputs, 'shape') or not hasattr(inputs, 'dtype'):
+      _checks.fail(where, 'inputs', 'an array (a cell is called as cell(carry, inputs))',
+                   type(inputs).__name__, TypeError)
+    self._check_input_shape(where, 'inputs', tuple(inputs.shape))
+    carry = self._check_carry(where, carry, tuple(inputs.shape))
     if dropout_masks is None:
       dropout_masks = self._dropout_masks(tuple(inputs.shape), rngs, inputs.dtype)
     recurrent_mask = None
@@ -367,6 +375,19 @@ class RNNCellBase(nnx.Module):
     if getattr(self, 'zoneout_rate', 0.0):
       new_carry = self._zoneout(carry, new_carry, rngs)
     return new_carry, y
+
+  def _check_carry(self, where: str, carry: Carry, input_shape: tuple[int, ...]) -> Carry:
+    """``carry`` checked against :meth:`initialize_carry`'s for ``input_shape``
+    (leaves that broadcast to it pass, as they compute; a list is a tuple, as
+    flax unpacks it)."""
+    shapes = self._carry_shapes(input_shape)
+    dtype = getattr(self, 'param_dtype', jnp.float32)
+    leaves = [jax.ShapeDtypeStruct(shape, dtype) for shape in shapes]
+    if isinstance(carry, list) and len(leaves) > 1:
+      carry = tuple(carry)
+    _checks.check_tree_matches(where, 'carry', carry,
+                               leaves[0] if len(leaves) == 1 else tuple(leaves), broadcast=True)
+    return carry
 
   def _zoneout(self, carry: Carry, new_carry: Carry, rngs: RngsLike) -> Carry:
     """Zoneout (Krueger et al. 2017): each unit of each carry array keeps its

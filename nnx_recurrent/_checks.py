@@ -9,6 +9,7 @@ what was received, e.g.::
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, NoReturn
 
 import jax
@@ -40,7 +41,12 @@ def is_concrete(x: Any) -> bool:
 
 
 def check_rate(where: str, arg: str, rate: float) -> float:
-  if not isinstance(rate, (int, float)) or not 0.0 <= float(rate) < 1.0:
+  """A rate in ``[0, 1)``: a Python or NumPy number, or a concrete 0-d array."""
+  dtype = getattr(rate, 'dtype', None)
+  number = (isinstance(rate, numbers.Real) and not isinstance(rate, bool)) or (
+    dtype is not None and tuple(getattr(rate, 'shape', (1,))) == () and is_concrete(rate)
+    and jnp.issubdtype(dtype, jnp.floating))
+  if not number or not 0.0 <= float(rate) < 1.0:
     fail(where, arg, 'a float in [0, 1)', repr(rate))
   return float(rate)
 
@@ -50,6 +56,33 @@ def check_positive_int(where: str, arg: str, value: Any) -> int:
     fail(where, arg, 'a positive int', repr(value),
          TypeError if not isinstance(value, (int, np.integer)) else ValueError)
   return int(value)
+
+
+def check_shape(where: str, arg: str, shape: Any, hint: str = '') -> tuple[int, ...]:
+  """A shape: a tuple (or list) of non-negative ints."""
+  if not isinstance(shape, (tuple, list)) or not all(
+      isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if hasattr(shape, 'dtype'):
+      got = f'an array of dtype {shape.dtype}'
+    else:
+      got = repr(shape) if isinstance(shape, (tuple, list, int, float)) else type(shape).__name__
+    fail(where, arg, f'a tuple of ints{" " + hint if hint else ""}', got, TypeError)
+  return tuple(int(d) for d in shape)
+
+
+def check_dtype(where: str, arg: str, dtype: Any, allow_none: bool = False) -> Any:
+  """A floating (or complex) dtype, as given; ``None`` too with ``allow_none``."""
+  if dtype is None and allow_none:
+    return None
+  try:
+    ok = jnp.issubdtype(jnp.dtype(dtype), jnp.inexact)
+  except TypeError:
+    ok = False
+  if not ok:
+    fail(where, arg, 'a floating dtype (e.g. jnp.float32, jnp.bfloat16'
+         f'{", or None to infer it" if allow_none else ""})',
+         dtype.__name__ if isinstance(dtype, type) else repr(dtype), TypeError)
+  return dtype
 
 
 def check_array(where: str, arg: str, x: Any) -> jax.Array:
@@ -87,8 +120,11 @@ def check_seq_lengths(where: str, seq_lengths: Any, batch_shape: tuple[int, ...]
   return seq_lengths
 
 
-def check_tree_matches(where: str, arg: str, given: Any, expected: Any):
-  """Checks that ``given`` has the structure and leaf shapes of ``expected``."""
+def check_tree_matches(where: str, arg: str, given: Any, expected: Any,
+                       broadcast: bool = False):
+  """Checks that ``given`` has the structure and leaf shapes of ``expected``
+  (with ``broadcast``: shapes that broadcast to them), and floating leaves
+  where ``expected`` has them (an integer carry would be truncated)."""
   g_def: Any  # jax's PyTreeDef (untyped for mypy)
   e_def: Any
   g_leaves, g_def = jax.tree_util.tree_flatten(given)
@@ -96,6 +132,19 @@ def check_tree_matches(where: str, arg: str, given: Any, expected: Any):
   if g_def != e_def:
     fail(where, arg, f'a pytree with structure {e_def}', f'structure {g_def}')
   for g, e in zip(g_leaves, e_leaves):
-    if not hasattr(g, 'shape') or tuple(g.shape) != tuple(e.shape):
+    if not hasattr(g, 'shape') or not _shape_fits(tuple(g.shape), tuple(e.shape), broadcast):
       got = [tuple(getattr(leaf, 'shape', ())) for leaf in g_leaves]
-      fail(where, arg, f'leaf shapes {[tuple(leaf.shape) for leaf in e_leaves]}', f'{got}')
+      fail(where, arg, f'leaf shapes {"broadcasting to " if broadcast else ""}'
+           f'{[tuple(leaf.shape) for leaf in e_leaves]}', f'{got}')
+  for g, e in zip(g_leaves, e_leaves):
+    if (hasattr(g, 'dtype') and jnp.issubdtype(e.dtype, jnp.inexact)
+        and not jnp.issubdtype(g.dtype, jnp.inexact)):
+      fail(where, arg, f'floating leaves (dtype {e.dtype})',
+           f'dtypes {[str(getattr(leaf, "dtype", "?")) for leaf in g_leaves]}', TypeError)
+
+
+def _shape_fits(given: tuple[int, ...], expected: tuple[int, ...], broadcast: bool) -> bool:
+  if not broadcast:
+    return given == expected
+  return len(given) <= len(expected) and all(
+    g in (1, e) for g, e in zip(given[::-1], expected[::-1]))

@@ -176,6 +176,9 @@ def unpack_sequences(
   """
   where = 'unpack_sequences'
   outputs = _checks.check_array(where, 'outputs', outputs)
+  if not _checks.is_concrete(segment_ids):
+    _checks.fail(where, 'segment_ids', 'concrete values (it splits on the host: call it outside '
+                 'jax.jit)', 'a traced array', TypeError)
   ids = np.asarray(segment_ids)
   if not np.issubdtype(ids.dtype, np.integer):
     _checks.fail(where, 'segment_ids', 'an integer array', f'dtype {ids.dtype}', TypeError)

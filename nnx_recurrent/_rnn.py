@@ -8,10 +8,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from nnx_recurrent import _checks, _scan
-from nnx_recurrent._base import Array, Carry, RngsLike
+from nnx_recurrent._base import Array, Carry, RngsLike, RNNCellBase
 
 
 def _check_cell(where: str, cell: Any) -> None:
@@ -290,6 +291,12 @@ class Bidirectional(nnx.Module):
                merge_fn: Callable[[Array, Array], Array] = _concatenate,
                time_major: bool = False, return_carry: bool = False, rngs: Any = True):
     for arg, layer in (('forward_rnn', forward_rnn), ('backward_rnn', backward_rnn)):
+      if isinstance(layer, (type, RNNCellBase, nnx.RNNCellBase)) or not callable(layer):
+        got = (f'the class {layer.__name__}' if isinstance(layer, type) else type(layer).__name__)
+        if isinstance(layer, (RNNCellBase, nnx.RNNCellBase)):
+          got += ', a cell (wrap it: nr.RNN(cell))'
+        _checks.fail('Bidirectional', arg, 'a sequence layer instance (RNN, LSTM, GRU, '
+                     'StackedRNN, or a layer with their call)', got, TypeError)
       if isinstance(layer, Bidirectional) or getattr(layer, 'bidirectional', False) is True:
         _checks.fail('Bidirectional', arg, 'a one-direction sequence layer (RNN, LSTM or GRU '
                      'with bidirectional=False, StackedRNN)',
@@ -374,11 +381,18 @@ def flip_sequences(inputs: Array, seq_lengths: Array | None, num_batch_dims: int
     num_batch_dims: number of batch axes.
     time_major: whether time is the first axis.
   """
+  inputs = _checks.check_array('flip_sequences', 'inputs', inputs)
+  if (isinstance(num_batch_dims, bool) or not isinstance(num_batch_dims, (int, np.integer))
+      or not 0 <= num_batch_dims < inputs.ndim):
+    _checks.fail('flip_sequences', 'num_batch_dims',
+                 f'an int in [0, {inputs.ndim - 1}] (inputs have {inputs.ndim} axes, one of '
+                 'them time)', repr(num_batch_dims),
+                 TypeError if not isinstance(num_batch_dims, (int, np.integer)) else ValueError)
   time_axis = 0 if time_major else num_batch_dims
   xs = jnp.moveaxis(inputs, time_axis, 0)
   batch_shape = tuple(xs.shape[1: 1 + num_batch_dims])
   if seq_lengths is not None:
-    seq_lengths = _checks.check_integer_array('flip_sequences', 'seq_lengths', seq_lengths,
-                                              batch_shape, 'batch shape')
+    seq_lengths = _checks.check_seq_lengths('flip_sequences', seq_lengths, batch_shape,
+                                            xs.shape[0])
   idx = _scan.reverse_indices(xs.shape[0], batch_shape, seq_lengths)
   return jnp.moveaxis(_scan.take_time(xs, idx), 0, time_axis)

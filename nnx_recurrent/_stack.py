@@ -132,6 +132,12 @@ class StackedRNN(nnx.Module):
     if isinstance(rngs, jax.Array):
       keys = jax.random.split(rngs, 2 * n)
       layer_rngs, dropout_rngs = tuple(keys[:n]), tuple(keys[n:])
+    dropout = self.dropout
+    if (dropout is not None and n > 1 and not dropout.deterministic and rngs is None
+        and dropout.rngs is None):
+      _checks.fail('StackedRNN', 'rngs', 'a PRNG source for the dropout between layers in '
+                   'training mode', 'None (pass rngs=nnx.Rngs(...) at construction or call '
+                   'time, or call .eval())')
     idx = None
     x = inputs
     if reverse:
@@ -142,7 +148,6 @@ class StackedRNN(nnx.Module):
                        segment_ids=segment_ids, return_carry=True, time_major=time_major,
                        rngs=layer_rngs[i])
       carries.append(carry)
-      dropout = self.dropout
       if dropout is not None and i < n - 1:
         x = jax.tree_util.tree_map(lambda a, r=dropout_rngs[i], d=dropout: d(a, rngs=r), x)
     if reverse and keep_order:

@@ -191,3 +191,125 @@ def test_initialize_carry_needs_rngs_for_carry_init(lstm):
 def test_bad_constructor_args(ctor, exc, msg):
   with pytest.raises(exc, match=msg):
     ctor()
+
+
+# -- constructors: dtypes, rates, layers given where sequence layers go ------------------
+@pytest.mark.parametrize('ctor, exc, msg', [
+  (lambda: nr.LSTMCell(3, 4, dtype='bf16', rngs=nnx.Rngs(0)), TypeError,
+   m("LSTMCell: `dtype` expected a floating dtype", "got 'bf16'")),
+  (lambda: nr.GRUCell(3, 4, param_dtype=jnp.int32, rngs=nnx.Rngs(0)), TypeError,
+   m('GRUCell: `param_dtype` expected a floating dtype', 'got int32')),
+  (lambda: nr.LSTM(3, 4, param_dtype='bf16', rngs=nnx.Rngs(0)), TypeError,
+   m("LSTM: `param_dtype` expected a floating dtype", "got 'bf16'")),
+  (lambda: nr.Bidirectional(nr.LSTMCell(3, 4, rngs=nnx.Rngs(0)),
+                            nr.RNN(nr.LSTMCell(3, 4, rngs=nnx.Rngs(0)))), TypeError,
+   m('Bidirectional: `forward_rnn` expected a sequence layer instance',
+     'got LSTMCell, a cell (wrap it: nr.RNN(cell))')),
+  (lambda: nr.Bidirectional(nr.RNN(nr.LSTMCell(3, 4, rngs=nnx.Rngs(0))), nr.RNN), TypeError,
+   m('Bidirectional: `backward_rnn` expected a sequence layer instance', 'got the class RNN')),
+], ids=['dtype', 'param_dtype_int', 'fused_param_dtype', 'bidirectional_cell',
+        'bidirectional_class'])
+def test_bad_constructor_args_beyond_sizes(ctor, exc, msg):
+  with pytest.raises(exc, match=msg):
+    ctor()
+
+
+def test_rates_accept_numpy_and_jax_scalars():
+  for rate in (np.float32(0.25), jnp.array(0.25), 0):
+    cell = nr.LSTMCell(3, 4, dropout_rate=rate, rngs=nnx.Rngs(0))
+    assert cell.dropout_rate == float(rate)
+  with pytest.raises(ValueError, match=m('`dropout_rate` expected a float in [0, 1)', 'got True')):
+    nr.LSTMCell(3, 4, dropout_rate=True, rngs=nnx.Rngs(0))
+
+
+# -- a cell's own call and initialize_carry --------------------------------------------
+@pytest.mark.parametrize('carry, exc, msg', [
+  (jnp.zeros((2, 4)), ValueError, m('LSTMCell: `carry` expected a pytree with structure')),
+  ((jnp.zeros((2, 5)),) * 2, ValueError,
+   m('`carry` expected leaf shapes broadcasting to [(2, 4), (2, 4)], got [(2, 5), (2, 5)]')),
+  ((jnp.zeros((3, 4)),) * 2, ValueError, m('got [(3, 4), (3, 4)]')),
+  (None, ValueError, m('LSTMCell: `carry` expected a pytree')),
+  ((jnp.zeros((2, 4), jnp.int32),) * 2, TypeError,
+   m('`carry` expected floating leaves (dtype float32)', "got dtypes ['int32', 'int32']")),
+], ids=['one_array', 'features', 'batch', 'none', 'int'])
+def test_cell_call_checks_the_carry(lstm, carry, exc, msg):
+  with pytest.raises(exc, match=msg):
+    lstm(carry, X[:, 0])
+
+
+def test_cell_call_carry_that_broadcasts_and_lists_as_in_flax(lstm):
+  x = X[:, 0]
+  ref_carry, ref_y = lstm((jnp.zeros((2, 4)), jnp.zeros((2, 4))), x)
+  carry, y = lstm([jnp.zeros((1, 4)), jnp.zeros((1, 4))], x)  # broadcasts, as it computes
+  np.testing.assert_array_equal(y, ref_y)
+  np.testing.assert_array_equal(carry[0], ref_carry[0])
+
+
+def test_cell_call_in_pytorch_argument_order(lstm):
+  with pytest.raises(TypeError, match=m('LSTMCell: `inputs` expected an array (a cell is called '
+                                        'as cell(carry, inputs))', 'got tuple')):
+    lstm(X[:, 0], lstm.initialize_carry((2, 3)))
+
+
+@pytest.mark.parametrize('args, got', [
+  ((jax.random.key(0), (2, 3)), 'got an array of dtype key<fry>'),
+  ((2,), 'got 2'),
+  (((2.5, 3),), 'got (2.5, 3)'),
+], ids=['linen_order', 'int', 'float_dims'])
+def test_initialize_carry_input_shape(lstm, args, got):
+  with pytest.raises(TypeError, match=m('LSTMCell.initialize_carry: `input_shape` expected a '
+                                        'tuple of ints', "flax.linen's (rng, input_shape)", got)):
+    lstm.initialize_carry(*args)
+
+
+def test_rnn_initial_carry_of_integers(lstm):
+  carry = tuple(jnp.zeros((2, 4), jnp.int32) for _ in range(2))
+  with pytest.raises(TypeError, match=m('RNN: `initial_carry` expected floating leaves')):
+    nr.RNN(lstm)(X, initial_carry=carry)
+  with pytest.raises(TypeError, match=m('LSTM: `initial_carry` expected floating leaves')):
+    nr.LSTM(3, 4, rngs=nnx.Rngs(0))(X, initial_carry=carry)
+
+
+def test_stacked_dropout_without_rngs():
+  stack = nr.StackedRNN(nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0))),
+                        nr.RNN(nr.GRUCell(4, 4, rngs=nnx.Rngs(1))), dropout_rate=0.5)
+  with pytest.raises(ValueError, match=m('StackedRNN: `rngs` expected a PRNG source for the '
+                                         'dropout between layers in training mode', 'got None')):
+    stack(X)
+  train = stack(X, rngs=nnx.Rngs(2))
+  stack.eval()
+  assert not np.allclose(train, stack(X))  # the call's rngs did drop units
+
+
+@pytest.mark.parametrize('kw, exc, msg', [
+  (dict(num_batch_dims=5), ValueError, m('`num_batch_dims` expected an int in [0, 2]', 'got 5')),
+  (dict(num_batch_dims=-1), ValueError, m('`num_batch_dims` expected an int in [0, 2]', 'got -1')),
+  (dict(num_batch_dims=1.0), TypeError, m('`num_batch_dims` expected an int', 'got 1.0')),
+  (dict(num_batch_dims=1, seq_lengths=jnp.array([6, 1])), ValueError,
+   m('`seq_lengths` expected values in [0, 5]', 'got values in [1, 6]')),
+], ids=['too_many', 'negative', 'float', 'too_long'])
+def test_flip_sequences_arguments(kw, exc, msg):
+  kw.setdefault('seq_lengths', None)
+  with pytest.raises(exc, match=m('flip_sequences: ') + '.*' + msg):
+    nr.flip_sequences(X, time_major=False, **kw)
+
+
+def test_unpack_sequences_under_jit():
+  ids = jnp.array([[1, 1, 2, 2, 0]])
+  with pytest.raises(TypeError, match=m('unpack_sequences: `segment_ids` expected concrete '
+                                        'values', 'got a traced array')):
+    jax.jit(lambda y, s: nr.unpack_sequences(y, s)[0])(jnp.ones((1, 5, 3)), ids)
+
+
+def test_compat_construction_and_carry_arguments():
+  from nnx_recurrent import compat
+
+  with pytest.raises(TypeError, match=m('LSTMCell: `features` expected a positive int, got 4.0')):
+    compat.LSTMCell(4.0)
+  with pytest.raises(TypeError, match=m('LSTMCell.initialize_carry: `input_shape` expected a '
+                                        "tuple of ints (the arguments are flax.linen's (rng, "
+                                        'input_shape))')):
+    compat.LSTMCell(4).initialize_carry((2, 3), jax.random.key(0))
+  with pytest.raises(TypeError, match=m('Bidirectional: `forward_rnn` expected an RNN module',
+                                        'got GRUCell, a cell (wrap it: RNN(cell))')):
+    compat.Bidirectional(compat.GRUCell(4), compat.RNN(compat.GRUCell(4)))

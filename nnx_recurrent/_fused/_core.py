@@ -83,6 +83,8 @@ class _FusedBase(nnx.Module):
     self.hidden_features = _checks.check_positive_int(where, 'hidden_features', hidden_features)
     self.num_layers = _checks.check_positive_int(where, 'num_layers', num_layers)
     self.dropout_rate = _checks.check_rate(where, 'dropout_rate', dropout_rate)
+    _checks.check_dtype(where, 'dtype', dtype, allow_none=True)
+    _checks.check_dtype(where, 'param_dtype', param_dtype)
     if not isinstance(rngs, nnx.Rngs):
       _checks.fail(where, 'rngs', 'an nnx.Rngs', type(rngs).__name__, TypeError)
     # The size of each direction's h and outputs: proj_features (an LSTM's, set

@@ -83,6 +83,10 @@ class _Cell(RNNCellBase):
 
   _layout_name = ''  # the key of this class in _convert.LAYOUTS (not a field)
 
+  def __post_init__(self):
+    _checks.check_positive_int(type(self).__name__, 'features', self.features)
+    super().__post_init__()
+
   @nn.compact
   def __call__(self, carry, inputs):
     """Runs one time step: ``(carry, inputs) -> (new_carry, output)``.
@@ -144,7 +148,9 @@ class _Cell(RNNCellBase):
       The carry, in ``param_dtype``: ``(c, h)`` for LSTM cells, else ``h``.
     """
     layout = _convert.LAYOUTS[self._layout_name]
-    input_shape = tuple(int(d) for d in input_shape)
+    input_shape = _checks.check_shape(f'{layout.name}.initialize_carry', 'input_shape',
+                                      input_shape, "(the arguments are flax.linen's (rng, "
+                                      'input_shape))')
     if len(input_shape) < self.num_feature_axes:
       _checks.fail(f'{layout.name}.initialize_carry', 'input_shape',
                    f'at least {self.num_feature_axes} feature axes', f'{input_shape}')

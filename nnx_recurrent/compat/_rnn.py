@@ -212,6 +212,17 @@ class Bidirectional(nn.Module):
   time_major: bool = False
   return_carry: bool = False
 
+  def __post_init__(self):
+    for arg in ('forward_rnn', 'backward_rnn'):
+      layer = getattr(self, arg)
+      if isinstance(layer, (type, nn.RNNCellBase)) or not callable(layer):
+        got = f'the class {layer.__name__}' if isinstance(layer, type) else type(layer).__name__
+        if isinstance(layer, nn.RNNCellBase):
+          got += ', a cell (wrap it: RNN(cell))'
+        _checks.fail('Bidirectional', arg, 'an RNN module (compat or flax.linen)', got,
+                     TypeError)
+    super().__post_init__()
+
   def __call__(
     self,
     inputs: jax.Array,

@@ -282,9 +282,10 @@ class Bidirectional(nnx.Module):
     time_major, return_carry: defaults for the call.
     rngs: as flax.nnx's (``True``, ``False``, an ``nnx.Rngs`` or an
       ``nnx.RngStream``): the RNG passed to both directions' calls for their
-      default carries. A given ``Rngs`` / ``RngStream`` is kept (forked) only
-      when a direction's cell may draw from it (see :class:`RNN`'s ``rngs``);
-      with ``True`` (the default) each ``RNN`` uses its own.
+      default carries (``True``: ``RngStream(0)``). It is kept only when a
+      direction's cell may draw from it (see :class:`RNN`'s ``rngs``); with
+      ``True``, and a direction that draws dropout from its call's RNG, each
+      ``RNN`` uses its own streams instead.
   """
 
   def __init__(self, forward_rnn, backward_rnn, *,
@@ -312,8 +313,20 @@ class Bidirectional(nnx.Module):
     self.return_carry = return_carry
     needed = any(isinstance(layer, RNN) and _scan.needs_carry_rngs(layer.cell)
                  for layer in (forward_rnn, backward_rnn))
+    # flax.nnx's stream for both directions' carries (RngStream(0) for True),
+    # unless a direction also draws dropout from the call's RNG: a stream
+    # shared by every such layer would give them all one mask sequence.
+    shared = self._carries_only()
     self.rngs = nnx.data(
-      _carry_stream('Bidirectional', rngs, needed and not isinstance(rngs, bool)))
+      _carry_stream('Bidirectional', rngs, needed and (shared or not isinstance(rngs, bool))))
+
+  def _carries_only(self) -> bool:
+    """Whether the call's RNG serves only the directions' default carries (as
+    in flax.nnx): both are ``RNN`` layers whose cells draw no dropout from it."""
+    return all(isinstance(layer, RNN) and not any(
+      getattr(layer.cell, rate, 0.0) for rate in
+      ('dropout_rate', 'recurrent_dropout_rate', 'zoneout_rate'))
+      for layer in (self.forward_rnn, self.backward_rnn))
 
   def __call__(
     self,
@@ -335,7 +348,9 @@ class Bidirectional(nnx.Module):
         :class:`RNN`.
       initial_carry: a pair ``(forward_carry, backward_carry)``.
       rngs: passed to both directions (a PRNG key is split in two, so that
-        their dropout masks differ); default the stored stream, if any.
+        their dropout masks differ); default the stored stream, if any. As
+        in flax.nnx, an ``nnx.Rngs`` gives both directions its ``carry``
+        stream itself, unless a direction draws dropout from it.
       reverse, keep_order: accepted and ignored, as in flax.nnx.
     """
     del reverse, keep_order  # flax.nnx's signature; both directions are fixed
@@ -350,6 +365,9 @@ class Bidirectional(nnx.Module):
     common = dict(seq_lengths=seq_lengths, segment_ids=segment_ids, return_carry=True,
                   time_major=time_major)
     rngs = rngs if rngs is not None else self.rngs
+    if (isinstance(rngs, nnx.Rngs) and ('carry' in rngs or 'default' in rngs)
+        and self._carries_only()):
+      rngs = rngs.carry  # as flax.nnx: both directions draw their carries from it, unforked
     rngs_f = rngs_b = rngs
     if isinstance(rngs, jax.Array):  # one key would give both directions the same masks
       rngs_f, rngs_b = jax.random.split(rngs)

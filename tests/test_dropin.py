@@ -359,6 +359,44 @@ def test_a_cell_without_initialize_carry_runs_with_an_initial_carry():
     ours(x)
 
 
+def test_bidirectional_random_carries_as_flax():
+  """flax.nnx's Bidirectional feeds both directions' carries from one stream."""
+  normal = jax.nn.initializers.normal(1.0)
+  x = _x()
+
+  def build(lib, **kw):
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')
+      rnns = [lib.RNN(lib.LSTMCell(IN, H, carry_init=normal, rngs=nnx.Rngs(s))) for s in (0, 1)]
+    return lib.Bidirectional(*rnns, return_carry=True, **kw)
+
+  for kw in ({}, {'rngs': 3}):
+    ours, theirs = ((build(lib, rngs=nnx.Rngs(kw['rngs'])) if kw else build(lib))
+                    for lib in (nr, nnx))
+    for _ in range(2):  # the stored stream advances as flax's does
+      (carry_o, y_o), (carry_t, y_t) = ours(x), theirs(x)
+      _close(y_o, y_t, atol=1e-5)
+      _close(carry_o, carry_t, atol=1e-5)
+  ours, theirs = build(nr, rngs=False), build(nnx, rngs=False)
+  call_o, call_t = nnx.Rngs(carry=5), nnx.Rngs(carry=5)
+  _close(ours(x, rngs=call_o), theirs(x, rngs=call_t), atol=1e-5)
+  assert _count(call_o, 'carry') == _count(call_t, 'carry') == 4  # (c, h) per direction
+  (fwd, bwd), _ = build(nr)(x[:, :0])  # length 0: the initial carries
+  assert not np.allclose(fwd[0], bwd[0])  # one stream: the directions draw different carries
+
+
+def test_bidirectional_with_dropout_cells_keeps_their_streams():
+  rnns = [nr.RNN(nr.GRUCell(IN, H, dropout_rate=0.5, rngs=nnx.Rngs(s))) for s in (0, 1)]
+  bi = nr.Bidirectional(*rnns)
+  assert bi.rngs is None
+  x = _x()
+  a, b = bi(x), bi(x)
+  assert not np.allclose(a, b)  # each direction's own dropout stream advances
+  call = nnx.Rngs(dropout=4)
+  bi(x, rngs=call)  # a call's Rngs drives dropout from its dropout stream
+  assert _count(call, 'dropout') == 2
+
+
 # -- 5. composition: Bidirectional over every sequence layer ----------------------------
 def test_bidirectional_over_stacks_and_refusals():
   rngs = nnx.Rngs(0)

@@ -184,6 +184,8 @@ class RNN(nnx.Module):
         negative ones as ``0``.
       segment_ids: integer ids shaped like the batch and time axes for packed
         sequences (``0`` = padding); not together with ``seq_lengths``.
+        Concrete ids must be non-negative; under ``jit`` a negative id is
+        not caught and acts as one more segment.
       return_carry, time_major, reverse, keep_order: override the attributes.
       rngs: an ``nnx.Rngs``, ``nnx.RngStream`` or PRNG key. As in flax.nnx,
         the RNG for the cell's ``initialize_carry`` (an ``nnx.Rngs``'s

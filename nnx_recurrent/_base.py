@@ -11,6 +11,7 @@ looks like (``_carry_leaves``: how many arrays of the output shape it holds);
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -19,6 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.errors import TraceContextError
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
@@ -274,8 +276,10 @@ class RNNCellBase(nnx.Module):
       # flax.nnx draws one key per carry array from a given stream even for
       # zeros; so do we, so that the stream's later draws (a dropout mask,
       # say) are flax's. (The cell's own stream, which serves dropout, is left.)
-      if isinstance(rngs, (nnx.Rngs, nnx.RngStream)):
-        _keys_from(rngs, 'carry', n)
+      if isinstance(rngs, nnx.RngStream) or (
+          isinstance(rngs, nnx.Rngs) and ('carry' in rngs or 'default' in rngs)):
+        with contextlib.suppress(TraceContextError):  # where flax.nnx raises instead
+          _keys_from(rngs, 'carry', n)
       leaves = [jnp.zeros(shape, dtype) for shape in shapes]
     else:
       if rngs is None:
@@ -364,6 +368,9 @@ class RNNCellBase(nnx.Module):
                    type(inputs).__name__, TypeError)
     self._check_input_shape(where, 'inputs', tuple(inputs.shape))
     carry = self._check_carry(where, carry, tuple(inputs.shape))
+    if dropout_masks is not None and not isinstance(dropout_masks, DropoutMasks):
+      _checks.fail(where, 'dropout_masks', 'None or the DropoutMasks of dropout_masks()',
+                   type(dropout_masks).__name__, TypeError)
     if dropout_masks is None:
       dropout_masks = self._dropout_masks(tuple(inputs.shape), rngs, inputs.dtype)
     recurrent_mask = None
@@ -378,8 +385,12 @@ class RNNCellBase(nnx.Module):
 
   def _check_carry(self, where: str, carry: Carry, input_shape: tuple[int, ...]) -> Carry:
     """``carry`` checked against :meth:`initialize_carry`'s for ``input_shape``
-    (leaves that broadcast to it pass, as they compute; a list is a tuple, as
-    flax unpacks it)."""
+    (leaves that broadcast with it pass, as they compute; a list is a tuple,
+    as flax unpacks it). A subclass with its own ``initialize_carry`` has its
+    own carry: it is not checked."""
+    if (type(self).initialize_carry is not RNNCellBase.initialize_carry
+        or type(self)._initialize_carry is not RNNCellBase._initialize_carry):
+      return carry
     shapes = self._carry_shapes(input_shape)
     dtype = getattr(self, 'param_dtype', jnp.float32)
     leaves = [jax.ShapeDtypeStruct(shape, dtype) for shape in shapes]

@@ -60,8 +60,9 @@ def check_positive_int(where: str, arg: str, value: Any) -> int:
 
 def check_shape(where: str, arg: str, shape: Any, hint: str = '') -> tuple[int, ...]:
   """A shape: a tuple (or list) of non-negative ints."""
-  if not isinstance(shape, (tuple, list)) or not all(
-      isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in shape):
+  if isinstance(shape, np.ndarray) and shape.ndim == 1 and np.issubdtype(shape.dtype, np.integer):
+    shape = shape.tolist()  # a NumPy shape array (a jax.Array may be a PRNG key: refused)
+  if not isinstance(shape, (tuple, list)) or not all(_is_dim(d) for d in shape):
     if hasattr(shape, 'dtype'):
       got = f'an array of dtype {shape.dtype}'
     else:
@@ -83,6 +84,17 @@ def check_dtype(where: str, arg: str, dtype: Any, allow_none: bool = False) -> A
          f'{", or None to infer it" if allow_none else ""})',
          dtype.__name__ if isinstance(dtype, type) else repr(dtype), TypeError)
   return dtype
+
+
+def _is_dim(d: Any) -> bool:
+  """A non-negative int: Python's, NumPy's or a concrete 0-d integer array."""
+  if isinstance(d, bool):
+    return False
+  if not isinstance(d, (int, np.integer)):
+    if not (hasattr(d, 'dtype') and tuple(getattr(d, 'shape', (1,))) == ()
+            and jnp.issubdtype(d.dtype, jnp.integer) and is_concrete(d)):
+      return False
+  return int(d) >= 0
 
 
 def check_array(where: str, arg: str, x: Any) -> jax.Array:
@@ -132,9 +144,11 @@ def check_tree_matches(where: str, arg: str, given: Any, expected: Any,
   if g_def != e_def:
     fail(where, arg, f'a pytree with structure {e_def}', f'structure {g_def}')
   for g, e in zip(g_leaves, e_leaves):
-    if not hasattr(g, 'shape') or not _shape_fits(tuple(g.shape), tuple(e.shape), broadcast):
+    scalar = broadcast and isinstance(g, (int, float)) and not isinstance(g, bool)
+    if not scalar and (not hasattr(g, 'shape')
+                       or not _shape_fits(tuple(g.shape), tuple(e.shape), broadcast)):
       got = [tuple(getattr(leaf, 'shape', ())) for leaf in g_leaves]
-      fail(where, arg, f'leaf shapes {"broadcasting to " if broadcast else ""}'
+      fail(where, arg, f'leaf shapes {"that broadcast with " if broadcast else ""}'
            f'{[tuple(leaf.shape) for leaf in e_leaves]}', f'{got}')
   for g, e in zip(g_leaves, e_leaves):
     if (hasattr(g, 'dtype') and jnp.issubdtype(e.dtype, jnp.inexact)
@@ -144,7 +158,8 @@ def check_tree_matches(where: str, arg: str, given: Any, expected: Any,
 
 
 def _shape_fits(given: tuple[int, ...], expected: tuple[int, ...], broadcast: bool) -> bool:
+  """Equal shapes, or with ``broadcast`` shapes that broadcast together either
+  way (a carry for 8 rows stepped on one shared input row computes)."""
   if not broadcast:
     return given == expected
-  return len(given) <= len(expected) and all(
-    g in (1, e) for g, e in zip(given[::-1], expected[::-1]))
+  return all(g == e or 1 in (g, e) for g, e in zip(given[::-1], expected[::-1]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.errors import TraceContextError
 
 from nnx_recurrent import _checks, _scan
 from nnx_recurrent._base import Array, Carry, RngsLike, RNNCellBase
@@ -55,13 +57,19 @@ def _carry_fork(rngs: nnx.Rngs) -> nnx.RngStream | None:
   return rngs.carry.fork() if 'carry' in rngs or 'default' in rngs else None
 
 
-def _call_carry_rngs(rngs: Any, stored: Any):
+def _call_carry_rngs(rngs: Any, stored: Any, needed: bool):
   """The RNG an RNN passes to ``initialize_carry``: flax.nnx's choice (the
   call's ``rngs``, else the stored stream; an ``nnx.Rngs`` gives a fork of its
-  ``carry`` stream, drawn at every call as flax.nnx draws it)."""
+  ``carry`` stream, drawn at every call as flax.nnx draws it). When the carry
+  is not ``needed`` from it, a fork that the trace cannot draw (an ``Rngs``
+  closed over by ``jax.jit``, where flax.nnx raises) is skipped."""
   rngs = rngs if rngs is not None else stored
   if isinstance(rngs, nnx.Rngs):
-    return _carry_fork(rngs)
+    if needed:
+      return _carry_fork(rngs)
+    with contextlib.suppress(TraceContextError):
+      return _carry_fork(rngs)
+    return None
   return rngs
 
 
@@ -209,7 +217,8 @@ class RNN(nnx.Module):
     step_shape = tuple(seq.xs.shape[1:])
     if initial_carry is None and self.initial_carry is not None:
       initial_carry = _broadcast_carry(cell, self.initial_carry, step_shape)
-    carry_rngs = _call_carry_rngs(rngs, self.rngs)
+    carry_rngs = _call_carry_rngs(
+      rngs, self.rngs, initial_carry is None and _scan.needs_carry_rngs(cell))
     initial_carry = _scan.initial_carry('RNN', cell, initial_carry, step_shape, carry_rngs)
     xs, idx = _scan.processing_order(seq, reverse)
     dropout_masks = _scan.cell_dropout_masks(cell, step_shape, rngs, xs.dtype)
@@ -304,6 +313,9 @@ class Bidirectional(nnx.Module):
         _checks.fail('Bidirectional', arg, 'a one-direction sequence layer (RNN, LSTM or GRU '
                      'with bidirectional=False, StackedRNN)',
                      f'{type(layer).__name__}, which already runs both directions', TypeError)
+    if not callable(merge_fn):
+      _checks.fail('Bidirectional', 'merge_fn', 'a function (forward_outputs, backward_outputs) '
+                   '-> outputs', repr(merge_fn), TypeError)
     if forward_rnn is backward_rnn:
       warnings.warn('Bidirectional: `forward_rnn` and `backward_rnn` are the same object, so '
                     'both directions share its parameters; pass two RNNs unless that is '
@@ -412,7 +424,7 @@ def flip_sequences(inputs: Array, seq_lengths: Array | None, num_batch_dims: int
   xs = jnp.moveaxis(inputs, time_axis, 0)
   batch_shape = tuple(xs.shape[1: 1 + num_batch_dims])
   if seq_lengths is not None:
-    seq_lengths = _checks.check_seq_lengths('flip_sequences', seq_lengths, batch_shape,
-                                            xs.shape[0])
+    seq_lengths = _checks.check_integer_array('flip_sequences', 'seq_lengths', seq_lengths,
+                                              batch_shape, 'batch shape')
   idx = _scan.reverse_indices(xs.shape[0], batch_shape, seq_lengths)
   return jnp.moveaxis(_scan.take_time(xs, idx), 0, time_axis)

@@ -316,6 +316,13 @@ def test_shared_rngs_advance_as_in_flax(name):
     _close(nnx.state(cell_o, nnx.Param)['dense_h'], state_t['dense_h'])
 
 
+def test_call_rngs_closed_over_by_jit_when_the_carry_needs_none():
+  rnn = nr.RNN(nr.GRUCell(IN, H, rngs=nnx.Rngs(0)))
+  rngs, x = nnx.Rngs(0), _x()
+  np.testing.assert_array_equal(nnx.jit(lambda m, x: m(x, rngs=rngs))(rnn, x), rnn(x))
+  assert _count(rngs) == 0  # not drawn: the trace cannot advance it (flax.nnx raises)
+
+
 def test_gru_bias_hn_with_a_random_init_differs_between_cells():
   rngs = nnx.Rngs(0)
   normal = jax.nn.initializers.normal(1.0)

@@ -226,7 +226,7 @@ def test_rates_accept_numpy_and_jax_scalars():
 @pytest.mark.parametrize('carry, exc, msg', [
   (jnp.zeros((2, 4)), ValueError, m('LSTMCell: `carry` expected a pytree with structure')),
   ((jnp.zeros((2, 5)),) * 2, ValueError,
-   m('`carry` expected leaf shapes broadcasting to [(2, 4), (2, 4)], got [(2, 5), (2, 5)]')),
+   m('`carry` expected leaf shapes that broadcast with [(2, 4), (2, 4)], got [(2, 5), (2, 5)]')),
   ((jnp.zeros((3, 4)),) * 2, ValueError, m('got [(3, 4), (3, 4)]')),
   (None, ValueError, m('LSTMCell: `carry` expected a pytree')),
   ((jnp.zeros((2, 4), jnp.int32),) * 2, TypeError,
@@ -240,15 +240,57 @@ def test_cell_call_checks_the_carry(lstm, carry, exc, msg):
 def test_cell_call_carry_that_broadcasts_and_lists_as_in_flax(lstm):
   x = X[:, 0]
   ref_carry, ref_y = lstm((jnp.zeros((2, 4)), jnp.zeros((2, 4))), x)
-  carry, y = lstm([jnp.zeros((1, 4)), jnp.zeros((1, 4))], x)  # broadcasts, as it computes
-  np.testing.assert_array_equal(y, ref_y)
-  np.testing.assert_array_equal(carry[0], ref_carry[0])
+  for carry in ([jnp.zeros((1, 4)), jnp.zeros((1, 4))], (0.0, jnp.zeros((2, 4)))):
+    new_carry, y = lstm(carry, x)  # broadcasts (and a list unpacks), as it computes
+    np.testing.assert_array_equal(y, ref_y)
+    np.testing.assert_array_equal(new_carry[0], ref_carry[0])
+  # One shared input row stepped against a batch of carries (beam search).
+  beams = tuple(jax.random.normal(jax.random.key(i), (5, 4)) for i in range(2))
+  _, y_shared = lstm(beams, x[:1])
+  _, y_tiled = lstm(beams, jnp.broadcast_to(x[:1], (5, 3)))
+  np.testing.assert_allclose(y_shared, y_tiled, atol=1e-6)
+
+
+def test_cell_with_its_own_initialize_carry_is_not_checked_against_the_base():
+  class Counted(nr.GRUCell):
+    def initialize_carry(self, input_shape, rngs=None, carry_init=None):
+      return super().initialize_carry(input_shape, rngs), jnp.zeros(input_shape[:-1])
+
+    def _step(self, carry, x, mask):
+      h, n = carry
+      h, y = super()._step(h, x, mask)
+      return (h, n + 1), y
+
+  counted = Counted(3, 4, rngs=nnx.Rngs(0))
+  plain = nr.GRUCell(3, 4, rngs=nnx.Rngs(0))
+  (h, n), y = nr.RNN(counted)(X, return_carry=True)
+  np.testing.assert_array_equal(y, nr.RNN(plain)(X))
+  np.testing.assert_array_equal(n, [5.0, 5.0])
+
+
+def test_dropout_masks_and_merge_fn_of_the_wrong_kind(lstm):
+  with pytest.raises(TypeError, match=m('LSTMCell: `dropout_masks` expected None or the '
+                                        'DropoutMasks', 'got tuple')):
+    lstm(lstm.initialize_carry((2, 3)), X[:, 0], dropout_masks=(None, None))
+  with pytest.raises(TypeError, match=m('Bidirectional: `merge_fn` expected a function',
+                                        "got 'concat'")):
+    nr.Bidirectional(nr.RNN(lstm), nr.RNN(lstm), merge_fn='concat')
 
 
 def test_cell_call_in_pytorch_argument_order(lstm):
   with pytest.raises(TypeError, match=m('LSTMCell: `inputs` expected an array (a cell is called '
                                         'as cell(carry, inputs))', 'got tuple')):
     lstm(X[:, 0], lstm.initialize_carry((2, 3)))
+
+
+def test_initialize_carry_takes_numpy_shapes_and_rngs_without_a_carry_stream(lstm):
+  want = lstm.initialize_carry((2, 3))
+  for shape in (np.array([2, 3]), (jnp.array(2), np.int64(3))):
+    for a, b in zip(lstm.initialize_carry(shape), want):
+      np.testing.assert_array_equal(a, b)
+  rngs = nnx.Rngs(dropout=1)  # no carry or default stream: the zeros need none
+  np.testing.assert_array_equal(lstm.initialize_carry((2, 3), rngs)[1], want[1])
+  assert int(rngs['dropout'].count[...]) == 0
 
 
 @pytest.mark.parametrize('args, got', [
@@ -285,9 +327,9 @@ def test_stacked_dropout_without_rngs():
   (dict(num_batch_dims=5), ValueError, m('`num_batch_dims` expected an int in [0, 2]', 'got 5')),
   (dict(num_batch_dims=-1), ValueError, m('`num_batch_dims` expected an int in [0, 2]', 'got -1')),
   (dict(num_batch_dims=1.0), TypeError, m('`num_batch_dims` expected an int', 'got 1.0')),
-  (dict(num_batch_dims=1, seq_lengths=jnp.array([6, 1])), ValueError,
-   m('`seq_lengths` expected values in [0, 5]', 'got values in [1, 6]')),
-], ids=['too_many', 'negative', 'float', 'too_long'])
+  (dict(num_batch_dims=1, seq_lengths=jnp.array([[6, 1]])), ValueError,
+   m('`seq_lengths` expected shape batch shape = (2,)', 'got shape (1, 2)')),
+], ids=['too_many', 'negative', 'float', 'lengths_shape'])
 def test_flip_sequences_arguments(kw, exc, msg):
   kw.setdefault('seq_lengths', None)
   with pytest.raises(exc, match=m('flip_sequences: ') + '.*' + msg):

@@ -73,7 +73,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument('--label-smoothing', type=float, default=0.1, help='label smoothing')
   p.add_argument('--pool', choices=('mean', 'meanmax'), default='meanmax', help='time pooling')
   p.add_argument('--no-progress', action='store_true', help='disable the progress bar')
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if not 0 <= args.warmup_epochs < args.epochs:
+    p.error(f'--warmup-epochs must be in [0, --epochs) = [0, {args.epochs}), '
+            f'got {args.warmup_epochs}')
+  return args
 
 
 # --------------------------------------------------------------------------- data

@@ -167,3 +167,11 @@ def test_bfloat16_params_and_carry(name):
   c32, y32 = nr.RNN(cell32, return_carry=True)(x, seq_lengths=lengths)
   assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree_util.tree_leaves(c16))
   np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=3e-2, rtol=3e-2)
+
+
+def test_demo_refuses_warmup_not_below_epochs(capsys):
+  demo = pytest.importorskip('examples.japanese_vowels')  # needs the examples extra
+  with pytest.raises(SystemExit):
+    demo.parse_args(['--epochs', '3'])
+  assert '--warmup-epochs must be in [0, --epochs) = [0, 3), got 3' in capsys.readouterr().err
+  assert demo.parse_args(['--epochs', '4', '--warmup-epochs', '1']).warmup_epochs == 1

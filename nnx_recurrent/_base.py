@@ -15,7 +15,7 @@ import contextlib
 import warnings
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -95,6 +95,12 @@ def _keys_from(rngs: RngsLike, stream: str, n: int) -> list[Array]:
     return [rngs() for _ in range(n)]
   assert isinstance(rngs, jax.Array)  # _check_rngs
   return [rngs] if n == 1 else list(jax.random.split(rngs, n))
+
+
+def has_carry_stream(rngs: Any) -> TypeGuard[nnx.Rngs]:
+  """Whether ``rngs`` is an ``nnx.Rngs`` that ``rngs.carry`` can draw from (its
+  ``carry`` stream, else its ``default`` one)."""
+  return isinstance(rngs, nnx.Rngs) and ('carry' in rngs or 'default' in rngs)
 
 
 def key_beside(stream: nnx.RngStream, tag: int) -> Array:
@@ -276,8 +282,7 @@ class RNNCellBase(nnx.Module):
       # flax.nnx draws one key per carry array from a given stream even for
       # zeros; so do we, so that the stream's later draws (a dropout mask,
       # say) are flax's. (The cell's own stream, which serves dropout, is left.)
-      if isinstance(rngs, nnx.RngStream) or (
-          isinstance(rngs, nnx.Rngs) and ('carry' in rngs or 'default' in rngs)):
+      if isinstance(rngs, nnx.RngStream) or has_carry_stream(rngs):
         with contextlib.suppress(TraceContextError):  # where flax.nnx raises instead
           _keys_from(rngs, 'carry', n)
       leaves = [jnp.zeros(shape, dtype) for shape in shapes]

@@ -14,7 +14,7 @@ from flax import nnx
 from flax.errors import TraceContextError
 
 from nnx_recurrent import _checks, _scan
-from nnx_recurrent._base import Array, Carry, RngsLike, RNNCellBase
+from nnx_recurrent._base import Array, Carry, RngsLike, RNNCellBase, has_carry_stream
 
 
 def _check_cell(where: str, cell: Any) -> None:
@@ -54,7 +54,7 @@ def _carry_stream(where: str, rngs: Any, needed: bool) -> nnx.RngStream | None:
 def _carry_fork(rngs: nnx.Rngs) -> nnx.RngStream | None:
   """``rngs.carry.fork()`` (its ``default`` stream without a ``carry`` one),
   or ``None`` when it has neither."""
-  return rngs.carry.fork() if 'carry' in rngs or 'default' in rngs else None
+  return rngs.carry.fork() if has_carry_stream(rngs) else None
 
 
 def _call_carry_rngs(rngs: Any, stored: Any, needed: bool):
@@ -379,8 +379,7 @@ class Bidirectional(nnx.Module):
     common = dict(seq_lengths=seq_lengths, segment_ids=segment_ids, return_carry=True,
                   time_major=time_major)
     rngs = rngs if rngs is not None else self.rngs
-    if (isinstance(rngs, nnx.Rngs) and ('carry' in rngs or 'default' in rngs)
-        and self._carries_only()):
+    if has_carry_stream(rngs) and self._carries_only():
       rngs = rngs.carry  # as flax.nnx: both directions draw their carries from it, unforked
     rngs_f = rngs_b = rngs
     if isinstance(rngs, jax.Array):  # one key would give both directions the same masks

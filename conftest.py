@@ -1,16 +1,42 @@
 """Test-session settings shared by every test and doctest (tests/, compat/, docs/, the package)."""
 
 import os
+import subprocess
+import sys
 
 # The tests compile many tiny programs; XLA:CPU's optimising backend passes
 # dominate their run time (seconds per scan on 2 cores) and buy nothing at
-# these sizes. Must be set before the first computation; a user's own setting
-# of the level wins.
+# these sizes. Beyond the optimisation level: XLA:CPU's MLIR fusion emitters
+# compile a small scan's gradient in 2-3x the time of the classic emitters,
+# and splitting codegen over threads only contends with the other xdist
+# worker on 2 cores (0.35 s -> 0.12 s per program; the suite 294-340 s ->
+# 236 s, benchmarks/RESULTS.md "Test-suite time"). Users' programs keep XLA's
+# defaults; the suite checks values, which both emitters compute to rounding.
+#
+# Must be set before the first computation. A user's own setting of the level
+# wins, and so do the flags inherited by xdist workers from the controlling
+# process. XLA aborts the process on a flag it does not know (jaxlib 0.11
+# dropped the emitter switch), so the optional flags are tried in a child
+# process first (about a second, once per run).
+_BASE_FLAGS = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+_OPTIONAL_FLAGS = (
+  '--xla_cpu_use_fusion_emitters=false',
+  '--xla_cpu_parallel_codegen_split_count=1',
+)
+
+
+def _xla_accepts(flags: str) -> bool:
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS='cpu')
+  probe = 'import jax; jax.devices()'
+  return subprocess.run([sys.executable, '-c', probe], env=env, capture_output=True).returncode == 0
+
+
 if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (
-    os.environ.get('XLA_FLAGS', '')
-    + ' --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
-  ).strip()
+  _flags = (os.environ.get('XLA_FLAGS', '') + ' ' + _BASE_FLAGS).strip()
+  _optional = list(_OPTIONAL_FLAGS)
+  if not _xla_accepts(' '.join([_flags, *_optional])):
+    _optional = [flag for flag in _optional if _xla_accepts(f'{_flags} {flag}')]
+  os.environ['XLA_FLAGS'] = ' '.join([_flags, *_optional])
 
 import jax  # noqa: E402
 

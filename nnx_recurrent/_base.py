@@ -170,6 +170,9 @@ class RNNCellBase(nnx.Module):
       where, 'recurrent_dropout_rate', recurrent_dropout_rate
     )
     self.zoneout_rate = _checks.check_rate(where, 'zoneout_rate', zoneout_rate)
+    _checks.check_callables(where, promote_dtype=promote_dtype)
+    if carry_init is not None:
+      _checks.check_callables(where, carry_init=carry_init)
     self.promote_dtype = promote_dtype
     self.deterministic = False
     if carry_init is not None:
@@ -287,6 +290,7 @@ class RNNCellBase(nnx.Module):
           _keys_from(rngs, 'carry', n)
       leaves = [jnp.zeros(shape, dtype) for shape in shapes]
     else:
+      _checks.check_callables(f'{name}.initialize_carry', carry_init=carry_init)
       if rngs is None:
         rngs = getattr(self, 'rngs', None)
       if rngs is None:
@@ -373,10 +377,9 @@ class RNNCellBase(nnx.Module):
                    type(inputs).__name__, TypeError)
     self._check_input_shape(where, 'inputs', tuple(inputs.shape))
     carry = self._check_carry(where, carry, tuple(inputs.shape))
-    if dropout_masks is not None and not isinstance(dropout_masks, DropoutMasks):
-      _checks.fail(where, 'dropout_masks', 'None or the DropoutMasks of dropout_masks()',
-                   type(dropout_masks).__name__, TypeError)
-    if dropout_masks is None:
+    if dropout_masks is not None:
+      self._check_dropout_masks(where, dropout_masks, tuple(inputs.shape))
+    else:
       dropout_masks = self._dropout_masks(tuple(inputs.shape), rngs, inputs.dtype)
     recurrent_mask = None
     if dropout_masks is not None:
@@ -387,6 +390,19 @@ class RNNCellBase(nnx.Module):
     if getattr(self, 'zoneout_rate', 0.0):
       new_carry = self._zoneout(carry, new_carry, rngs)
     return new_carry, y
+
+  def _check_dropout_masks(self, where: str, masks: Any, input_shape: tuple[int, ...]) -> None:
+    """Masks as :meth:`dropout_masks` makes them for ``input_shape``: each
+    broadcasts to the step input (``input``) or to ``h`` (``recurrent``)."""
+    if not isinstance(masks, DropoutMasks):
+      _checks.fail(where, 'dropout_masks', 'None or the DropoutMasks of dropout_masks()',
+                   type(masks).__name__, TypeError)
+    if masks.input is not None:
+      _checks.check_broadcasts_to(where, 'dropout_masks.input', masks.input, input_shape,
+                                  'the inputs\' shape')
+    if masks.recurrent is not None:
+      _checks.check_broadcasts_to(where, 'dropout_masks.recurrent', masks.recurrent,
+                                  self._output_shape(input_shape), 'the shape of h')
 
   def _check_carry(self, where: str, carry: Carry, input_shape: tuple[int, ...]) -> Carry:
     """``carry`` checked against :meth:`initialize_carry`'s for ``input_shape``

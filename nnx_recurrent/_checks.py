@@ -58,6 +58,25 @@ def check_positive_int(where: str, arg: str, value: Any) -> int:
   return int(value)
 
 
+def check_callables(where: str, **named: Any) -> None:
+  """Each of ``named`` (a nonlinearity, an initializer...) callable: a string
+  such as ``'relu'`` or an array would fail only when the cell first runs,
+  inside the scan, naming nothing."""
+  for arg, fn in named.items():
+    if not callable(fn):
+      plain = fn is None or isinstance(fn, (str, int, float))
+      fail(where, arg, 'a callable', repr(fn) if plain else type(fn).__name__, TypeError)
+
+
+def check_broadcasts_to(where: str, arg: str, x: Any, shape: tuple[int, ...], doc: str) -> None:
+  """``x`` an array whose shape broadcasts to ``shape`` (not beyond it)."""
+  given = tuple(x.shape) if hasattr(x, 'shape') and hasattr(x, 'dtype') else None
+  if given is None or len(given) > len(shape) or not all(
+      g in (1, e) for g, e in zip(given[::-1], shape[::-1])):
+    fail(where, arg, f'an array that broadcasts to {doc} {tuple(shape)}',
+         type(x).__name__ if given is None else f'shape {given}')
+
+
 def check_shape(where: str, arg: str, shape: Any, hint: str = '') -> tuple[int, ...]:
   """A shape: a tuple (or list) of non-negative ints."""
   if isinstance(shape, np.ndarray) and shape.ndim == 1 and np.issubdtype(shape.dtype, np.integer):

@@ -76,6 +76,8 @@ class _ConvCell(RNNCellBase):
     rngs: nnx.Rngs,
   ) -> None:
     where = type(self).__name__
+    _checks.check_callables(where, kernel_init=kernel_init,
+                            recurrent_kernel_init=recurrent_kernel_init, bias_init=bias_init)
     self._init_common(
       where, in_features, hidden_features, dtype=dtype, param_dtype=param_dtype,
       dropout_rate=dropout_rate, recurrent_dropout_rate=recurrent_dropout_rate, rngs=rngs,

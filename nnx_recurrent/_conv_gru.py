@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer, PaddingLike, PromoteDtypeFn
 
+from nnx_recurrent import _checks
 from nnx_recurrent._base import _NO_METADATA, default_promote_dtype, masked
 from nnx_recurrent._conv import _ConvCell, default_conv_bias_init, default_conv_kernel_init
 from nnx_recurrent._updates import gru_update
@@ -107,6 +108,7 @@ class ConvGRUCell(_ConvCell):
     bias_metadata: Mapping[str, Any] = _NO_METADATA,
     rngs: nnx.Rngs,
   ):
+    _checks.check_callables('ConvGRUCell', gate_fn=gate_fn, activation_fn=activation_fn)
     super().__init__(
       in_features, hidden_features, kernel_size, strides=strides, padding=padding,
       use_bias=use_bias, kernel_init=kernel_init, recurrent_kernel_init=recurrent_kernel_init,

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
+from nnx_recurrent import _checks
 from nnx_recurrent._base import (
   _NO_METADATA,
   RNNCellBase,
@@ -57,6 +58,9 @@ class _GatedUnit(RNNCellBase):
     keep_rngs: bool,
     zoneout_rate: float,
   ) -> None:
+    _checks.check_callables(
+      type(self).__name__, gate_fn=gate_fn, activation_fn=activation_fn, kernel_init=kernel_init,
+      recurrent_kernel_init=recurrent_kernel_init)
     self._init_common(
       type(self).__name__, in_features, hidden_features, dtype=dtype, param_dtype=param_dtype,
       dropout_rate=dropout_rate, recurrent_dropout_rate=recurrent_dropout_rate, rngs=rngs,
@@ -158,6 +162,7 @@ class GRUCell(_GatedUnit):
     bias_metadata: Mapping[str, Any] = _NO_METADATA,
     rngs: nnx.Rngs,
   ):
+    _checks.check_callables('GRUCell', bias_init=bias_init)
     self._build(
       in_features, hidden_features, gate_fn=gate_fn, activation_fn=activation_fn,
       kernel_init=kernel_init, recurrent_kernel_init=recurrent_kernel_init,

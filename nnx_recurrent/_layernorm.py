@@ -84,6 +84,9 @@ class _LayerNormCell(RNNCellBase):
     rngs: nnx.Rngs,
   ):
     where = type(self).__name__
+    _checks.check_callables(
+      where, gate_fn=gate_fn, activation_fn=activation_fn, kernel_init=kernel_init,
+      recurrent_kernel_init=recurrent_kernel_init, bias_init=bias_init, scale_init=scale_init)
     self._init_common(
       where, in_features, hidden_features, dtype=dtype, param_dtype=param_dtype,
       dropout_rate=dropout_rate, recurrent_dropout_rate=recurrent_dropout_rate, rngs=rngs,

@@ -56,6 +56,10 @@ class _LSTMBase(RNNCellBase):
   ):
     self.proj_features = (None if proj_features is None else _checks.check_positive_int(
       type(self).__name__, 'proj_features', proj_features))
+    _checks.check_callables(
+      type(self).__name__, gate_fn=gate_fn, activation_fn=activation_fn, kernel_init=kernel_init,
+      recurrent_kernel_init=recurrent_kernel_init, bias_init=bias_init,
+      proj_kernel_init=proj_kernel_init)
     self._init_common(
       type(self).__name__, in_features, hidden_features, dtype=dtype, param_dtype=param_dtype,
       dropout_rate=dropout_rate, recurrent_dropout_rate=recurrent_dropout_rate, rngs=rngs,

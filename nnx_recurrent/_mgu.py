@@ -11,6 +11,7 @@ from flax import nnx
 from flax.nnx.nn import initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
+from nnx_recurrent import _checks
 from nnx_recurrent._base import (
   _NO_METADATA,
   default_kernel_init,
@@ -100,6 +101,8 @@ class MGUCell(_GatedUnit):
     bias_metadata: Mapping[str, Any] = _NO_METADATA,
     rngs: nnx.Rngs,
   ):
+    _checks.check_callables('MGUCell', forget_bias_init=forget_bias_init,
+                            activation_bias_init=activation_bias_init)
     self.reset_gate = bool(reset_gate)
     self._build(
       in_features, hidden_features, gate_fn=gate_fn, activation_fn=activation_fn,

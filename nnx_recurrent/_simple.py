@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
+from nnx_recurrent import _checks
 from nnx_recurrent._base import (
   _NO_METADATA,
   RNNCellBase,
@@ -76,6 +77,9 @@ class SimpleCell(RNNCellBase):
     bias_metadata: Mapping[str, Any] = _NO_METADATA,
     rngs: nnx.Rngs,
   ):
+    _checks.check_callables(
+      'SimpleCell', activation_fn=activation_fn, kernel_init=kernel_init,
+      recurrent_kernel_init=recurrent_kernel_init, bias_init=bias_init)
     self._init_common(
       'SimpleCell', in_features, hidden_features, dtype=dtype, param_dtype=param_dtype,
       dropout_rate=dropout_rate, recurrent_dropout_rate=recurrent_dropout_rate, rngs=rngs,

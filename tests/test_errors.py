@@ -214,6 +214,40 @@ def test_bad_constructor_args_beyond_sizes(ctor, exc, msg):
     ctor()
 
 
+# Functions given as strings or values (Keras spells them 'tanh'): refused when
+# the cell is built, not when the scan first calls them.
+@pytest.mark.parametrize('ctor, msg', [
+  (lambda r: nr.LSTMCell(3, 4, gate_fn='sigmoid', rngs=r),
+   m("LSTMCell: `gate_fn` expected a callable, got 'sigmoid'")),
+  (lambda r: nr.GRUCell(3, 4, activation_fn='tanh', rngs=r),
+   m("GRUCell: `activation_fn` expected a callable, got 'tanh'")),
+  (lambda r: nr.SimpleCell(3, 4, activation_fn=None, rngs=r),
+   m('SimpleCell: `activation_fn` expected a callable, got None')),
+  (lambda r: nr.ConvGRUCell(2, 3, (3,), gate_fn='hard_sigmoid', rngs=r),
+   m("ConvGRUCell: `gate_fn` expected a callable, got 'hard_sigmoid'")),
+  (lambda r: nr.GRUCell(3, 4, bias_init=jnp.zeros(12), rngs=r),
+   m('GRUCell: `bias_init` expected a callable, got ArrayImpl')),
+  (lambda r: nr.MGUCell(3, 4, forget_bias_init=1.0, rngs=r),
+   m('MGUCell: `forget_bias_init` expected a callable, got 1.0')),
+  (lambda r: nr.LayerNormLSTMCell(3, 4, scale_init=1, rngs=r),
+   m('LayerNormLSTMCell: `scale_init` expected a callable, got 1')),
+  (lambda r: nr.LSTMCell(3, 4, proj_features=2, proj_kernel_init='orthogonal', rngs=r),
+   m("LSTMCell: `proj_kernel_init` expected a callable, got 'orthogonal'")),
+  (lambda r: nr.OptimizedLSTMCell(3, 4, carry_init='zeros', rngs=r),
+   m("OptimizedLSTMCell: `carry_init` expected a callable, got 'zeros'")),
+  (lambda r: nr.ConvLSTMCell(2, 3, (3,), promote_dtype=jnp.float32, rngs=r), None),
+  (lambda r: nr.LSTM(3, 4, recurrent_kernel_init='orthogonal', rngs=r),
+   m("LSTM: `recurrent_kernel_init` expected a callable, got 'orthogonal'")),
+], ids=['gate_fn', 'activation_fn', 'none', 'conv_gate_fn', 'array_init', 'mgu_bias',
+        'scale_init', 'proj_init', 'carry_init', 'promote_dtype_a_dtype_is_callable', 'fused'])
+def test_functions_that_are_not_callable(ctor, msg):
+  if msg is None:  # a dtype is callable (jnp.float32(x)): only the call can tell
+    ctor(nnx.Rngs(0))
+    return
+  with pytest.raises(TypeError, match=msg):
+    ctor(nnx.Rngs(0))
+
+
 def test_rates_accept_numpy_and_jax_scalars():
   for rate in (np.float32(0.25), jnp.array(0.25), 0):
     cell = nr.LSTMCell(3, 4, dropout_rate=rate, rngs=nnx.Rngs(0))
@@ -275,6 +309,32 @@ def test_dropout_masks_and_merge_fn_of_the_wrong_kind(lstm):
   with pytest.raises(TypeError, match=m('Bidirectional: `merge_fn` expected a function',
                                         "got 'concat'")):
     nr.Bidirectional(nr.RNN(lstm), nr.RNN(lstm), merge_fn='concat')
+
+
+def test_dropout_masks_of_the_wrong_shape_and_carry_init_at_call_time():
+  cell = nr.LSTMCell(3, 4, dropout_rate=0.5, recurrent_dropout_rate=0.5, rngs=nnx.Rngs(0))
+  x = X[:, 0]
+  carry = cell.initialize_carry(x.shape)
+  good = cell.dropout_masks(x.shape)
+  for masks, msg in [
+    (good._replace(input=jnp.ones((2, 4))), m('LSTMCell: `dropout_masks.input` expected an array '
+                                              "that broadcasts to the inputs' shape (2, 3)",
+                                              'got shape (2, 4)')),
+    (good._replace(input=jnp.ones((5, 2, 3))), m('got shape (5, 2, 3)')),
+    (good._replace(recurrent=good.input), m('`dropout_masks.recurrent` expected an array that '
+                                            'broadcasts to the shape of h (2, 4)',
+                                            'got shape (2, 3)')),
+  ]:
+    with pytest.raises(ValueError, match=msg):
+      cell(carry, x, dropout_masks=masks)
+  # Masks that broadcast (one row shared by the batch) are applied, as they compute.
+  shared = nr.DropoutMasks(jnp.array([[0.0, 2.0, 2.0]]), None)
+  _, y = cell(carry, x, dropout_masks=shared)
+  _, y_ref = cell(carry, x * shared.input, dropout_masks=nr.DropoutMasks(None, None))
+  np.testing.assert_allclose(y, y_ref, atol=1e-6)
+  with pytest.raises(TypeError, match=m("LSTMCell.initialize_carry: `carry_init` expected a "
+                                        "callable, got 'normal'")):
+    cell.initialize_carry(x.shape, rngs=nnx.Rngs(0), carry_init='normal')
 
 
 def test_cell_call_in_pytorch_argument_order(lstm):

@@ -85,6 +85,8 @@ class _FusedBase(nnx.Module):
     self.dropout_rate = _checks.check_rate(where, 'dropout_rate', dropout_rate)
     _checks.check_dtype(where, 'dtype', dtype, allow_none=True)
     _checks.check_dtype(where, 'param_dtype', param_dtype)
+    _checks.check_callables(where, kernel_init=kernel_init,
+                            recurrent_kernel_init=recurrent_kernel_init, bias_init=bias_init)
     if not isinstance(rngs, nnx.Rngs):
       _checks.fail(where, 'rngs', 'an nnx.Rngs', type(rngs).__name__, TypeError)
     # The size of each direction's h and outputs: proj_features (an LSTM's, set

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -514,6 +515,30 @@ def test_from_nnx_warns_about_dropout():
   with pytest.warns(UserWarning, match='from_nnx: flax.linen cells have no dropout'):
     compat.from_nnx(nr.GRUCell(IN, H, dropout_rate=0.1, kernel_init=_det_init,
                                recurrent_kernel_init=_det_init, rngs=nnx.Rngs(0)))
+
+
+@pytest.mark.filterwarnings('ignore:carry_init is provided in __init__')
+def test_from_nnx_refuses_what_linen_cannot_compute_and_keeps_carry_init():
+  for module, got in [
+    (nr.GRUCell(IN, H, zoneout_rate=0.3, rngs=nnx.Rngs(0)), 'a GRUCell with zoneout_rate=0.3'),
+    (nr.LSTMCell(IN, H, proj_features=2, rngs=nnx.Rngs(0)), 'a LSTMCell with proj_features=2'),
+    (nr.RNN(nr.OptimizedLSTMCell(IN, H, proj_features=2, rngs=nnx.Rngs(0))),
+     'a OptimizedLSTMCell with proj_features=2'),
+  ]:
+    with pytest.raises(ValueError, match=r'from_nnx: `module` expected a cell without '
+                       r'.*, got ' + re.escape(got)):
+      compat.from_nnx(module)
+  # A random initial carry, drawn by Linen's own RNN from the carry_init carried over.
+  init = jax.nn.initializers.normal(1.0)
+  rnn = nr.RNN(nr.LSTMCell(IN, H, carry_init=init, kernel_init=_det_init,
+                           recurrent_kernel_init=_det_init, rngs=nnx.Rngs(0)))
+  layer, variables = compat.from_nnx(rnn)
+  assert layer.cell.carry_init is init
+  x = jax.random.normal(jax.random.key(0), (B, T, IN))
+  rng = {'params': jax.random.key(1), 'carry': jax.random.key(2)}
+  expected = nn.RNN(nn.LSTMCell(H, carry_init=init)).apply(variables, x, rngs=rng)
+  assert float(jnp.abs(expected - nn.RNN(nn.LSTMCell(H)).apply(variables, x)).max()) > 1e-2
+  _assert_close(layer.apply(variables, x, rngs=rng), expected, atol=1e-6)
 
 
 def test_to_nnx_and_from_nnx_rnn_and_bidirectional():

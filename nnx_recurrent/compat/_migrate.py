@@ -73,11 +73,15 @@ def to_nnx(module: nn.Module, variables: Mapping[str, Any]):
   ``init`` returned (``{'params': ...}``), e.g. a restored Linen checkpoint.
   The result is the ``nnx_recurrent`` module of the same name holding those
   parameters (converted as in :mod:`nnx_recurrent.compat._convert`), with
-  ``in_features`` read off the kernels; its outputs equal flax.linen's.
+  ``in_features`` read off the kernels; its outputs equal flax.linen's at every
+  valid step (with ``seq_lengths``, ``nr.RNN`` gives zeros at padded steps
+  where Linen's keeps computing, and a length-0 row's carry is the initial one).
 
   Not carried over (NNX cells do not store them): ``kernel_init``-style
   initializers (only used to create parameters) and ``carry_init`` (pass
-  ``carry_init=`` to ``initialize_carry``); the scan options of ``RNN``.
+  ``carry_init=`` to ``initialize_carry``); of ``RNN``'s scan options
+  ``variable_axes``, ``variable_broadcast``, ``variable_carry`` and
+  ``split_rngs`` (``unroll`` is).
 
   Example::
 
@@ -127,11 +131,22 @@ def _from_nnx(module: Any, where: str):
   if layout is None:
     _checks.fail(where, 'module', f'an nnx_recurrent {_KNOWN}',
                  f'{type(module).__module__}.{type(module).__name__}', TypeError)
+  # What flax.linen's cells cannot compute is refused; dropout (no-op in
+  # evaluation) is dropped with a warning; carry_init is a compat field.
+  if getattr(module, 'zoneout_rate', 0.0):
+    _checks.fail(where, 'module', 'a cell without zoneout (flax.linen cells have none, and '
+                 'zoneout changes evaluation-mode outputs too)',
+                 f'a {layout.name} with zoneout_rate={module.zoneout_rate}')
+  if getattr(module, 'proj_features', None) is not None:
+    _checks.fail(where, 'module', 'a cell without proj_features (flax.linen has no projected '
+                 'LSTM)', f'a {layout.name} with proj_features={module.proj_features}')
   if getattr(module, 'dropout_rate', 0.0) or getattr(module, 'recurrent_dropout_rate', 0.0):
     warnings.warn(f'{where}: flax.linen cells have no dropout; the dropout rates of the '
                   f'{layout.name} are not carried over (the parameters and the '
                   'evaluation-mode outputs are).', stacklevel=3)
   kwargs = {f: getattr(module, f) for f in layout.math_fields}
+  if getattr(module, 'carry_init', None) is not None:
+    kwargs['carry_init'] = module.carry_init
   cell = CELLS[layout.name](features=module.hidden_features, **kwargs)
   pure = nnx.to_pure_dict(nnx.state(module, nnx.Param))
   return cell, _convert.nnx_to_linen(layout, cell, pure)
@@ -141,10 +156,12 @@ def from_nnx(module: nnx.Module) -> tuple[nn.Module, dict]:
   """Converts an ``nnx_recurrent`` module to a compat module and Linen variables.
 
   Returns ``(compat_module, variables)``; ``compat_module.apply(variables, ...)``
-  computes what ``module(...)`` does, and ``variables`` also load into
-  flax.linen's own module of that name (``flax.linen.LSTMCell`` for a
-  ``LSTMCell``, ...). Dropout rates (Linen cells have none; a warning says so)
-  and ``RNN.remat`` are not carried over; initializers are the defaults.
+  computes what ``module(...)`` does in evaluation mode (except at padded steps:
+  Linen's ``RNN`` keeps its outputs there, ``nr.RNN`` gives zeros), and
+  ``variables`` also load into flax.linen's own module of that name
+  (``flax.linen.LSTMCell`` for a ``LSTMCell``, ...). A cell's ``carry_init``
+  is carried over; dropout rates (Linen cells have none; a warning says so)
+  and ``RNN.remat`` are not; initializers are the defaults.
 
   Example::
 
@@ -174,6 +191,8 @@ def from_nnx(module: nnx.Module) -> tuple[nn.Module, dict]:
 
   Raises:
     TypeError: ``module`` is not one of those.
+    ValueError: it computes what flax.linen cannot: a cell with
+      ``zoneout_rate`` or ``proj_features``, an RNN with ``learn_initial_carry``.
   """
   compat_module, params = _from_nnx(module, 'from_nnx')
   return compat_module, {'params': params}

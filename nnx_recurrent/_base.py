@@ -326,6 +326,12 @@ class RNNCellBase(nnx.Module):
 
     One mask per batch row, to be shared by every time step (Gal & Ghahramani).
     Returns ``None`` when dropout is off: both rates 0, or ``deterministic``.
+
+    Args:
+      input_shape: one step's input shape ``(*batch, *features)``.
+      rngs: the PRNG source (an ``nnx.Rngs``, whose ``dropout`` stream is
+        drawn, an ``nnx.RngStream`` or a key); default the cell's own stream.
+      dtype: the masks' dtype (default the cell's ``dtype``, else float32).
     """
     return self._dropout_masks(tuple(input_shape), rngs, dtype)
 

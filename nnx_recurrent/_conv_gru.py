@@ -71,7 +71,7 @@ class ConvGRUCell(_ConvCell):
     dtype, param_dtype: computation dtype (inferred) and parameter and carry
       dtype (float32).
     dropout_rate, recurrent_dropout_rate: variational dropout rates.
-    zoneout_rate: zoneout on the carry (see :class:`RNNCellBase`).
+    zoneout_rate: zoneout on the carry (docs/dropout.md, "Zoneout").
     carry_init, promote_dtype, keep_rngs: flax.nnx's cell options.
     kernel_metadata: metadata of the ``ih`` kernel (e.g. sharding names).
     recurrent_kernel_metadata: metadata of the ``hh`` kernel.

@@ -60,7 +60,7 @@ class ConvLSTMCell(_ConvCell):
       zeros: ``nnx.Conv``'s and flax.linen's).
     dtype, param_dtype: computation and parameter dtypes.
     dropout_rate, recurrent_dropout_rate: variational dropout rates.
-    zoneout_rate: zoneout on the carry (see :class:`RNNCellBase`).
+    zoneout_rate: zoneout on the carry (docs/dropout.md, "Zoneout").
     carry_init, promote_dtype, keep_rngs: as for :class:`LSTMCell` (flax.nnx's options).
     kernel_metadata: metadata of the ``ih`` kernel (e.g. sharding names).
     recurrent_kernel_metadata: metadata of the ``hh`` kernel.

@@ -133,6 +133,9 @@ class GRUCell(_GatedUnit):
       orthogonal, zeros).
     dtype, param_dtype: computation dtype (inferred) and parameter dtype (float32).
     dropout_rate, recurrent_dropout_rate: variational dropout rates.
+    zoneout_rate: zoneout on ``h`` (docs/dropout.md, "Zoneout").
+    carry_init, promote_dtype, keep_rngs: as flax.nnx's (``carry_init`` and
+      ``keep_rngs`` warn, as there).
     kernel_metadata, recurrent_kernel_metadata, bias_metadata: parameter metadata.
     rngs: ``nnx.Rngs``.
   """

@@ -185,7 +185,7 @@ _ARGS = """
     param_dtype: parameter and carry dtype (default float32).
     dropout_rate: variational dropout on the step input.
     recurrent_dropout_rate: variational dropout on ``h`` fed to ``W_h``.
-    zoneout_rate: zoneout on the carry (see :class:`RNNCellBase`).
+    zoneout_rate: zoneout on the carry (docs/dropout.md, "Zoneout").
     carry_init, promote_dtype, keep_rngs: flax.nnx's cell options.
     kernel_metadata, recurrent_kernel_metadata, bias_metadata, scale_metadata:
       metadata of ``W_i``, ``W_h``, the biases and the scales, e.g.

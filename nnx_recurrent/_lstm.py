@@ -141,7 +141,7 @@ _LSTM_ARGS = """
     param_dtype: parameter and carry dtype (default float32).
     dropout_rate: variational dropout on the step input.
     recurrent_dropout_rate: variational dropout on ``h`` fed to the recurrent kernel.
-    zoneout_rate: zoneout on ``c`` and ``h`` (see :class:`RNNCellBase`).
+    zoneout_rate: zoneout on ``c`` and ``h`` (docs/dropout.md, "Zoneout").
     carry_init, promote_dtype, keep_rngs: as flax.nnx's (``carry_init`` and
       ``keep_rngs`` warn, as there).
     proj_features: size of the projected ``h`` (default: no projection).

@@ -82,8 +82,9 @@ _LAYER_DOC = """
 
 _PALLAS_DOC = """one Pallas kernel per direction for the forward
       recurrence and one for the backward (Triton on a GPU; interpreted on the
-      CPU, for tests; a ``ValueError`` elsewhere). Not yet compiled nor measured
-      on a GPU: ``'auto'`` does not pick it (see docs/performance.md)."""
+      CPU, for tests; a ``ValueError`` elsewhere). Compiled for an H200 by
+      Triton on a CPU (``make triton-check``) but not yet run or timed on a
+      GPU: ``'auto'`` does not pick it (see docs/performance.md)."""
 
 
 class LSTM(_FusedBase):

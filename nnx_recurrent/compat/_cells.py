@@ -401,11 +401,12 @@ class ConvLSTMCell(_Cell):
   gate order ``i, g, f, o``. Inputs are ``(*batch, *spatial, channels)``.
 
   One deliberate difference: the hidden-to-hidden convolution always uses
-  stride 1 and zero ``'SAME'`` padding, so the state keeps its shape; flax.linen
-  applies ``strides`` and ``padding`` to it too, which fails for
-  ``strides > 1`` and differs for a padding such as ``'CIRCULAR'``. With the
-  default ``strides`` and ``padding`` the two are the same; with strides the
-  carry has the input convolution's output shape.
+  stride 1, so the state keeps its shape (flax.linen applies ``strides`` to it
+  too, which fails for ``strides > 1``); with strides the carry has the input
+  convolution's output shape. It uses ``padding`` where a stride-1 convolution
+  with it keeps the shape (``'SAME'``, ``'CIRCULAR'``, ``'REFLECT'``,
+  ``'CAUSAL'``, explicit pads summing to ``kernel_size - 1``), else ``'SAME'``.
+  With stride 1 the two are the same.
 
   Example::
 

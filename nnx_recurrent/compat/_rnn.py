@@ -7,8 +7,11 @@ so parameters (broadcast by default, without a time axis) and any other
 collections behave as they do there. Everything else is the core's: input
 validation and the time-major layout (``_scan.prepare``), per-row reversal
 (``_scan.reverse_indices`` / ``take_time``), and the step of the masked scan
-(``_scan._step``: carry selection at padding, zero outputs at padding,
-segment resets), which is the function ``flax.linen.scan`` runs.
+(``_scan._linen_step`` with ``seq_lengths``: the cell runs on through the
+padding and its outputs stay, as in flax.linen, while a second carry keeps each
+row's last valid one; ``_scan._step`` for packed sequences: carry selection and
+zero outputs at padding, segment resets), which is the function
+``flax.linen.scan`` runs.
 """
 
 from __future__ import annotations

@@ -228,7 +228,6 @@ def test_round_trip_keeps_parameters():
 P = 2  # proj_size: PyTorch requires proj_size < hidden_size
 
 
-@pytest.mark.filterwarnings('ignore:LSTM with projections is not supported with oneDNN')
 def test_projected_lstm_both_ways():
   """``torch.nn.LSTM(proj_size=P)``, two bidirectional layers, time-major:
   from_torch gives ``nr.LSTM(proj_features=P)`` with PyTorch's outputs and

@@ -46,7 +46,6 @@ def test_projected_cell_and_rnn_match_the_formula(kind):
   np.testing.assert_allclose(h, h_r, atol=1e-5)
 
 
-@pytest.mark.filterwarnings('ignore:LSTM with projections is not supported with oneDNN')
 def test_projected_lstm_matches_pytorch():
   torch = pytest.importorskip('torch')
   torch.manual_seed(0)

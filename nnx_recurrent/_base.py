@@ -12,6 +12,7 @@ looks like (``_carry_leaves``: how many arrays of the output shape it holds);
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
@@ -95,6 +96,16 @@ def _keys_from(rngs: RngsLike, stream: str, n: int) -> list[Array]:
     return [rngs() for _ in range(n)]
   assert isinstance(rngs, jax.Array)  # _check_rngs
   return [rngs] if n == 1 else list(jax.random.split(rngs, n))
+
+
+def overrides(cell: Any, name: str) -> bool:
+  """Whether ``cell``'s class defines its own method ``name`` instead of
+  :class:`RNNCellBase`'s. Wrappers made with ``functools.wraps`` are seen
+  through: ``nnx.tabulate`` wraps every public method of the classes it
+  traces, and the base's ``initialize_carry`` must still be known for what it
+  is there (else it is called as another library's, with an ``Rngs`` that
+  tabulate cannot print)."""
+  return inspect.unwrap(getattr(type(cell), name)) is not getattr(RNNCellBase, name)
 
 
 def has_carry_stream(rngs: Any) -> TypeGuard[nnx.Rngs]:
@@ -415,8 +426,7 @@ class RNNCellBase(nnx.Module):
     (leaves that broadcast with it pass, as they compute; a list is a tuple,
     as flax unpacks it). A subclass with its own ``initialize_carry`` has its
     own carry: it is not checked."""
-    if (type(self).initialize_carry is not RNNCellBase.initialize_carry
-        or type(self)._initialize_carry is not RNNCellBase._initialize_carry):
+    if overrides(self, 'initialize_carry') or overrides(self, '_initialize_carry'):
       return carry
     shapes = self._carry_shapes(input_shape)
     dtype = getattr(self, 'param_dtype', jnp.float32)

@@ -20,6 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+# flax's graph-mode transforms, which flax.nnx's RNN scans with too: under a
+# user's nnx.set_graph_mode(False) or set_graph_updates(False), plain nnx.scan
+# refuses the StateAxes that thread the cell's state through the scan.
+from flax.nnx import compat as graph_nnx
+
 from nnx_recurrent import _checks
 
 Array = jax.Array
@@ -113,13 +118,13 @@ def _remat_call_cell(cell, carry, x_t, dropout_masks, rng_t=None):
   the parameters at every step: 17x the memory of no remat at all). Whether
   the cell wrote a parameter is known when the step is traced.
   """
-  graphdef, params, rest = nnx.split(cell, nnx.Param, ...)
+  graphdef, params, rest = graph_nnx.split(cell, nnx.Param, ...)
 
   def pure(params, rest, carry, x_t, dropout_masks, rng_t):
     before = jax.tree_util.tree_leaves(params)  # the arrays (merge shares the Variables)
     c = nnx.merge(graphdef, params, rest)
     new_carry, y = _call_cell(c, carry, x_t, dropout_masks, rng_t)
-    _, new_params, new_rest = nnx.split(c, nnx.Param, ...)
+    _, new_params, new_rest = graph_nnx.split(c, nnx.Param, ...)
     unchanged = all(a is b for a, b in zip(jax.tree_util.tree_leaves(new_params), before))
     return new_carry, y, (None if unchanged else new_params), new_rest
 
@@ -233,11 +238,11 @@ def masked_scan(
   xs = clean_padding(xs, masks.valid)
   step = _remat_step if remat else _step
   axes = nnx_state_axes(state_axes, broadcast_rngs)
-  scan = nnx.scan(step, in_axes=(axes, nnx.Carry, 0, None), out_axes=(nnx.Carry, 0),
+  scan = graph_nnx.scan(step, in_axes=(axes, nnx.Carry, 0, None), out_axes=(nnx.Carry, 0),
                   unroll=unroll)
   if broadcast_rngs is not None:
     # One split per call: the broadcast streams give new randomness each call.
-    scan = nnx.split_rngs(splits=1, only=broadcast_rngs, squeeze=True)(scan)
+    scan = graph_nnx.split_rngs(splits=1, only=broadcast_rngs, squeeze=True)(scan)
   return scan(cell, carry, (xs, masks.valid, masks.reset, step_rngs),
               (dropout_masks, reset_carry))
 
@@ -256,10 +261,9 @@ def default_carry(cell, step_shape: tuple[int, ...], rngs: Any = None) -> Any:
 
 def uses_base_initialize_carry(cell) -> bool:
   """True for cells whose ``initialize_carry`` is :class:`RNNCellBase`'s own."""
-  from nnx_recurrent._base import RNNCellBase
+  from nnx_recurrent._base import RNNCellBase, overrides
 
-  return (isinstance(cell, RNNCellBase)
-          and type(cell).initialize_carry is RNNCellBase.initialize_carry)
+  return isinstance(cell, RNNCellBase) and not overrides(cell, 'initialize_carry')
 
 
 def needs_carry_rngs(cell) -> bool:

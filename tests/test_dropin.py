@@ -8,6 +8,7 @@ garbage-padded run with a zero-padded one.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 import warnings
@@ -151,15 +152,23 @@ def _flax_cell(rngs, **kw):
   return cell
 
 
+# flax 0.12's tree mode (nnx.set_graph_mode(False), set_graph_updates(False)):
+# flax.nnx's RNN scans with graph-mode transforms there, and so do we.
+MODES = {'graph': lambda: contextlib.nullcontext(), 'tree': lambda: nnx.set_graph_mode(False),
+         'no_graph_updates': lambda: nnx.set_graph_updates(False)}
+
+
 @pytest.mark.parametrize('jit', [False, True])
-def test_cell_state_and_rng_streams_persist_as_in_flax(jit):
+@pytest.mark.parametrize('mode', MODES)
+def test_cell_state_and_rng_streams_persist_as_in_flax(jit, mode):
   ours = nr.RNN(CountingDropoutCell(nnx.Rngs(0, dropout=1)))
   theirs = nnx.RNN(_flax_cell(nnx.Rngs(0, dropout=1)))
   x = _x()
   call = nnx.jit(lambda rnn, x: rnn(x)) if jit else (lambda rnn, x: rnn(x))
   outs = []
   for _ in range(2):
-    y_o, y_t = call(ours, x), call(theirs, x)
+    with MODES[mode]():
+      y_o, y_t = call(ours, x), call(theirs, x)
     _close(y_o, y_t)  # the same dropout masks: the stream advanced the same way
     outs.append(y_o)
   assert int(ours.cell.steps[...]) == int(theirs.cell.steps[...]) == 2 * T
@@ -167,6 +176,30 @@ def test_cell_state_and_rng_streams_persist_as_in_flax(jit):
   assert not np.array_equal(np.asarray(outs[0] == 0), np.asarray(outs[1] == 0))  # new masks
   zeros = np.asarray(outs[0] == 0)
   assert not (zeros == zeros[:, :1]).all()  # and a new mask at every step
+
+
+@pytest.mark.parametrize('mode', ['tree', 'no_graph_updates'])
+def test_layers_in_tree_mode_as_in_graph_mode(mode):
+  x, lengths = _x(), jnp.array([T, 2, 0][:B])
+  rngs = lambda: nnx.Rngs(0, dropout=1)  # noqa: E731
+  layers = lambda: [  # noqa: E731
+    nr.RNN(nr.LSTMCell(IN, H, dropout_rate=0.3, zoneout_rate=0.2, rngs=rngs()), remat=True),
+    nr.RNN(nr.GRUCell(IN, H, rngs=rngs()), learn_initial_carry=True),
+    nr.Bidirectional(nr.RNN(nr.LSTMCell(IN, H, rngs=rngs())),
+                     nr.RNN(nr.MGUCell(IN, H, recurrent_dropout_rate=0.3, rngs=rngs()))),
+    nr.StackedRNN(nr.RNN(nr.SimpleCell(IN, H, rngs=rngs())),
+                  nr.RNN(nr.GRUCell(H, H, rngs=rngs())), dropout_rate=0.3, rngs=rngs()),
+  ]
+  for graph, tree in zip(layers(), layers()):
+    for _ in range(2):  # the second call: the streams advanced alike
+      expected = graph(x, seq_lengths=lengths)
+      with MODES[mode]():
+        _close(tree(x, seq_lengths=lengths), expected)
+  with MODES[mode]():  # and it trains there, as flax.nnx's RNN does
+    rnn = nr.RNN(nr.LSTMCell(IN, H, rngs=nnx.Rngs(0)))
+    grads = nnx.jit(nnx.grad(lambda m: (m(x, seq_lengths=lengths) ** 2).sum()))(rnn)
+  expected = nnx.grad(lambda m: (m(x, seq_lengths=lengths) ** 2).sum())(rnn)
+  _close(nnx.state(grads, nnx.Param), expected)  # tree mode's grads come as a module
 
 
 def test_broadcast_rngs_gives_one_mask_per_call_as_flax():

@@ -248,3 +248,25 @@ def test_flip_sequences_matches_flax_linen(batch, time_major, with_lengths):
                                      time_major=time_major)
   np.testing.assert_array_equal(got, want)
   assert not np.array_equal(got, x)
+
+
+@pytest.mark.filterwarnings('ignore:carry_init is provided in __init__')
+def test_tabulate_layers_whose_carry_is_learned_or_drawn():
+  # nnx.tabulate wraps every public method of the traced classes (and leaves
+  # the wrappers in place if anything raises): the base initialize_carry must
+  # still be recognised, or it is called with an Rngs tabulate cannot print.
+  x = jnp.ones((2, 5, 3))
+  layers = [
+    nr.RNN(nr.LSTMCell(3, 4, rngs=nnx.Rngs(0)), learn_initial_carry=True),
+    nr.RNN(nr.GRUCell(3, 4, carry_init=jax.nn.initializers.normal(), rngs=nnx.Rngs(0))),
+    nr.Bidirectional(nr.RNN(nr.LSTMCell(3, 4, rngs=nnx.Rngs(0)), learn_initial_carry=True),
+                     nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0)))),
+  ]
+  for layer in layers:
+    n = sum(v.size for v in jax.tree.leaves(nnx.state(layer)))  # tabulate counts RNG state too
+    assert f'Total Parameters: {n} ' in nnx.tabulate(layer, x)
+  # The classes are left as they were: a new layer computes the reference.
+  plain = nr.RNN(nr.LSTMCell(3, 4, rngs=nnx.Rngs(0)))
+  carry0 = plain.cell.initialize_carry((2, 3))
+  _, y_ref = ref.rnn(ref.cell_params(plain.cell), x, None, carry0, num_batch_dims=1)
+  np.testing.assert_allclose(plain(x), y_ref, atol=1e-5)

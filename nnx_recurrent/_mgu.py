@@ -69,8 +69,8 @@ class MGUCell(_GatedUnit):
     forget_bias_init: initializer of ``b_if`` (default ones).
     activation_bias_init: initializer of ``b_in`` and ``b_hn`` (default zeros).
     reset_gate: apply ``f`` to the hidden candidate term (default True).
-    dtype, param_dtype, dropout_rate, recurrent_dropout_rate, zoneout_rate,
-      carry_init, promote_dtype, keep_rngs: as for :class:`GRUCell`.
+    dtype, param_dtype, dropout_rate, recurrent_dropout_rate: as for :class:`GRUCell`.
+    zoneout_rate, carry_init, promote_dtype, keep_rngs: as for :class:`GRUCell`.
     kernel_metadata, recurrent_kernel_metadata, bias_metadata, rngs: as for
       :class:`GRUCell`.
   """

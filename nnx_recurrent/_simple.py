@@ -49,8 +49,8 @@ class SimpleCell(RNNCellBase):
     kernel_init, recurrent_kernel_init, bias_init: initializers.
     dtype: computation dtype, default float32 (flax.nnx's default for this
       cell; ``None`` infers it from the inputs and parameters).
-    param_dtype, dropout_rate, recurrent_dropout_rate, zoneout_rate, carry_init,
-      promote_dtype, keep_rngs: as for :class:`LSTMCell`.
+    param_dtype, dropout_rate, recurrent_dropout_rate: as for :class:`LSTMCell`.
+    zoneout_rate, carry_init, promote_dtype, keep_rngs: as for :class:`LSTMCell`.
     kernel_metadata, recurrent_kernel_metadata, bias_metadata, rngs: as for
       :class:`LSTMCell`.
   """

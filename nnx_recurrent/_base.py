@@ -182,11 +182,10 @@ class RNNCellBase(nnx.Module):
     )
     self.zoneout_rate = _checks.check_rate(where, 'zoneout_rate', zoneout_rate)
     _checks.check_callables(where, promote_dtype=promote_dtype)
-    if carry_init is not None:
-      _checks.check_callables(where, carry_init=carry_init)
     self.promote_dtype = promote_dtype
     self.deterministic = False
     if carry_init is not None:
+      _checks.check_callables(where, carry_init=carry_init)
       warnings.warn(_CARRY_INIT_WARNING, stacklevel=3)
     self.carry_init = carry_init
     if keep_rngs:

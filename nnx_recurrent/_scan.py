@@ -239,7 +239,7 @@ def masked_scan(
   step = _remat_step if remat else _step
   axes = nnx_state_axes(state_axes, broadcast_rngs)
   scan = graph_nnx.scan(step, in_axes=(axes, nnx.Carry, 0, None), out_axes=(nnx.Carry, 0),
-                  unroll=unroll)
+                        unroll=unroll)
   if broadcast_rngs is not None:
     # One split per call: the broadcast streams give new randomness each call.
     scan = graph_nnx.split_rngs(splits=1, only=broadcast_rngs, squeeze=True)(scan)

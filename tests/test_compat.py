@@ -63,8 +63,8 @@ def _fields(cls):
                                   'SimpleCell', 'ConvLSTMCell', 'RNN', 'Bidirectional'])
 def test_fields_and_defaults_are_linens(name):
   ours, theirs = _fields(getattr(compat, name)), _fields(getattr(nn, name))
-  if name == 'RNN':  # the documented signature keeps `cell_size` (to reject it clearly)
-    assert ours.pop(1)[0] == 'cell_size'
+  if name == 'RNN':  # `cell_size` is kept, last (to reject it clearly)
+    assert ours.pop()[0] == 'cell_size'
   assert ours == theirs
   assert issubclass(getattr(compat, name), nn.Module)
   if name.endswith('Cell'):
@@ -75,8 +75,17 @@ def test_cell_size_gives_a_clear_error():
   with pytest.raises(TypeError, match=r'RNN: `cell_size` is no longer an argument.*'
                      r'RNN\(LSTMCell\(features=\.\.\.\)\)'):
     compat.RNN(compat.LSTMCell(4), cell_size=4)
-  with pytest.raises(TypeError, match='cell_size'):
-    compat.RNN(compat.LSTMCell(4), 4)  # positional, as in the old signature
+  with pytest.raises(TypeError, match=r'`cell_size` is no longer an argument \(got 64\)'):
+    compat.RNN(compat.LSTMCell(4), 64)  # positional, as in the old signature
+  # flax.linen's own positional fields: RNN(cell, time_major, return_carry).
+  x = jnp.ones((5, 2, 3))
+  rnn = compat.RNN(compat.LSTMCell(4), True, True)
+  (c, h), y = rnn.init_with_output(jax.random.key(0), x)[0]
+  (c_ref, h_ref), y_ref = nn.RNN(nn.LSTMCell(4), True, True).init_with_output(
+    jax.random.key(0), x)[0]
+  np.testing.assert_allclose(y, y_ref, atol=1e-6)
+  np.testing.assert_allclose(h, h_ref, atol=1e-6)
+  assert y.shape == (5, 2, 4)  # time-major
 
 
 # -- cells --------------------------------------------------------------------------
@@ -541,6 +550,36 @@ def test_from_nnx_refuses_what_linen_cannot_compute_and_keeps_carry_init():
   _assert_close(layer.apply(variables, x, rngs=rng), expected, atol=1e-6)
 
 
+def _layer_normed_gru(lib):
+  class LayerNormedGRU(lib.GRUCell):  # a user's subclass with a submodule of its own
+    @nn.compact
+    def __call__(self, carry, inputs):
+      return super().__call__(carry, nn.LayerNorm()(inputs))
+  return LayerNormedGRU
+
+
+def test_cell_patterns_that_flax_linen_accepts():
+  x = jax.random.normal(jax.random.key(0), (B, T, IN))
+  # A subclass adding parameters: init and apply, and Linen's variables load.
+  ours, theirs = compat.RNN(_layer_normed_gru(compat)(H)), nn.RNN(_layer_normed_gru(nn)(H))
+  variables = theirs.init(jax.random.key(1), x)
+  assert 'LayerNorm_0' in variables['params']['cell']
+  _assert_same_tree(ours.init(jax.random.key(1), x), variables)
+  variables = jax.tree.map(lambda p: p + 0.1, variables)
+  _assert_close(ours.apply(variables, x), theirs.apply(variables, x), atol=1e-6)
+  # A carry that broadcasts against the batch: a learned (features,) h0, one row.
+  h0 = jax.random.normal(jax.random.key(2), (H,))
+  with jax.numpy_rank_promotion('allow'):  # flax.linen's GRUCell promotes the (H,) carry
+    cell_vars = nn.GRUCell(H).init(jax.random.key(3), h0, x[:, 0])
+    for carry in (h0, h0[None]):
+      _assert_close(compat.GRUCell(H).apply(cell_vars, carry, x[:, 0]),
+                    nn.GRUCell(H).apply(cell_vars, carry, x[:, 0]), atol=1e-6)
+  # initialize_carry(None, shape): the zeros carry_init takes no key.
+  for name in ('GRUCell', 'MGUCell', 'SimpleCell'):
+    ours_c = getattr(compat, name)(H).initialize_carry(None, (B, IN))
+    _assert_close(ours_c, getattr(nn, name)(H).initialize_carry(None, (B, IN)), atol=0)
+
+
 def test_to_nnx_and_from_nnx_rnn_and_bidirectional():
   x = jax.random.normal(jax.random.key(0), (B, T, IN))
   linen_bi = nn.Bidirectional(nn.RNN(nn.LSTMCell(H)), nn.RNN(compat.GRUCell(H)),
@@ -582,7 +621,8 @@ def test_bad_input_errors():
   variables = lstm.init(jax.random.key(1), carry, x)
   with pytest.raises(ValueError, match=r'LSTMCell: `carry` expected a pytree with structure'):
     lstm.apply(variables, carry[0], x)  # h only, not (c, h)
-  with pytest.raises(ValueError, match=r'LSTMCell: `carry` expected leaf shapes \[\(3, 4\), '):
+  with pytest.raises(ValueError, match=r'LSTMCell: `carry` expected leaf shapes that broadcast '
+                     r'with \[\(3, 4\), '):
     lstm.apply(variables, (carry[0][:, :3], carry[1][:, :3]), x)
   with pytest.raises(ValueError, match=r"LSTMCell: `inputs` expected last axis of size 3 \(the "
                      r"parameter 'ii/kernel' has shape \(3, 4\)\), got shape \(3, 5\)"):

@@ -120,13 +120,14 @@ class _Cell(RNNCellBase):
     expected = jax.eval_shape(lambda: cell.initialize_carry(tuple(inputs.shape)))
     if isinstance(expected, tuple) and isinstance(carry, list):
       carry = tuple(carry)  # flax.linen unpacks lists too
-    _checks.check_tree_matches(where, 'carry', carry, expected)
+    # Leaves that broadcast pass, as in flax.linen (a learned (features,) h0).
+    _checks.check_tree_matches(where, 'carry', carry, expected, broadcast=True)
     return cell(carry, inputs)
 
   def _check_checkpoint(self, layout, in_features: int, input_shape: tuple[int, ...]) -> None:
     existing = meta.unbox(self.variables.get('params', {}))
-    if not existing:
-      return  # being initialised
+    if not existing or self.is_initializing():
+      return  # being initialised (a subclass's own submodules may exist already)
     first = next(g.name for g in layout.groups(self) if g.reads == 'input')
     group = existing.get(first)
     kernel: Any = group.get('kernel') if isinstance(group, Mapping) else None
@@ -134,14 +135,17 @@ class _Cell(RNNCellBase):
       _checks.fail(layout.name, 'inputs',
                    f"last axis of size {kernel.shape[-2]} (the parameter '{first}/kernel' "
                    f'has shape {tuple(kernel.shape)})', f'shape {input_shape}')
-    _convert.check_params(layout.name, layout, self, existing, in_features)
+    # Groups beyond the cell's own are a subclass's submodules (or entries a
+    # checkpoint carries besides): flax.linen's cells ignore them, so do we.
+    _convert.check_params(layout.name, layout, self, existing, in_features, allow_extra=True)
 
   @nn.nowrap
   def initialize_carry(self, rng, input_shape: tuple[int, ...]):
     """Returns the initial carry for one step's input of shape ``input_shape``.
 
     Args:
-      rng: PRNG key passed to ``carry_init`` (split in two for ``(c, h)``).
+      rng: PRNG key passed to ``carry_init`` (split in two for ``(c, h)``);
+        ``None`` with a ``carry_init`` that takes none, such as the default zeros.
       input_shape: ``(*batch, *features)`` of one step's input.
 
     Returns:
@@ -154,9 +158,13 @@ class _Cell(RNNCellBase):
     if len(input_shape) < self.num_feature_axes:
       _checks.fail(f'{layout.name}.initialize_carry', 'input_shape',
                    f'at least {self.num_feature_axes} feature axes', f'{input_shape}')
-    if rng is None:
-      _checks.fail(f'{layout.name}.initialize_carry', 'rng', 'a PRNG key', 'None', TypeError)
     cell = _convert.build_nnx(layout, self, input_shape[-1])
+    if rng is None:
+      # flax.linen hands carry_init the key as given: None suits zeros, the
+      # default (a random carry_init fails in it, as in flax.linen).
+      given = self.carry_init
+      return cell.initialize_carry(input_shape, rngs=jax.random.key(0),
+                                   carry_init=lambda _, shape, dtype: given(None, shape, dtype))
     rng = rng if isinstance(rng, jax.Array) else jnp.asarray(rng)
     return cell.initialize_carry(input_shape, rngs=rng, carry_init=self.carry_init)
 

@@ -236,11 +236,12 @@ def _describe(module: Any, in_features: int) -> str:
 
 
 def check_params(where: str, layout: Layout, module: Any, params: Mapping, in_features: int,
-                 *, partial: bool = False) -> None:
+                 *, partial: bool = False, allow_extra: bool = False) -> None:
   """Checks linen ``params`` against the layout: names and shapes.
 
   With ``partial`` only the groups present are checked (a cell being
-  initialised has created some of them).
+  initialised has created some of them); with ``allow_extra`` groups beyond
+  the layout's pass (a subclass's own submodules, as flax.linen allows).
   """
   expected = expected_shapes(layout, module, in_features)
   if not isinstance(params, Mapping):
@@ -248,7 +249,7 @@ def check_params(where: str, layout: Layout, module: Any, params: Mapping, in_fe
                  TypeError)
   if not partial:
     missing = sorted(set(expected) - set(params))
-    extra = sorted(set(params) - set(expected))
+    extra = [] if allow_extra else sorted(set(params) - set(expected))
     if missing or extra:
       _checks.fail(where, 'params', f'the groups {sorted(expected)} of a {layout.name}',
                    f'missing {missing}, unexpected {extra}')

@@ -21,6 +21,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 from absl import logging
 from flax.core import FrozenDict
 from flax.core.scope import CollectionFilter, PRNGSequenceFilter
@@ -77,7 +78,6 @@ class RNN(nn.Module):
 
   Attributes:
     cell: the cell, an ``RNNCellBase``.
-    cell_size: removed; passing it raises ``TypeError``.
     time_major: inputs are ``(time, *batch, *features)``.
     return_carry: return ``(carry, outputs)``.
     reverse: process each sequence from its last valid step to its first
@@ -86,10 +86,11 @@ class RNN(nn.Module):
     unroll: scan iterations unrolled per loop iteration.
     variable_axes, variable_broadcast, variable_carry, split_rngs: forwarded
       to ``flax.linen.scan``.
+    cell_size: removed; passing it raises ``TypeError`` (as the old signature's
+      second positional argument does).
   """
 
   cell: nn.RNNCellBase
-  cell_size: Any = _NEVER
   time_major: bool = False
   return_carry: bool = False
   reverse: bool = False
@@ -99,11 +100,18 @@ class RNN(nn.Module):
   variable_broadcast: CollectionFilter = 'params'
   variable_carry: CollectionFilter = False
   split_rngs: Mapping[PRNGSequenceFilter, bool] = FrozenDict({'params': False})
+  # Last, so that flax.linen's positional fields keep their places; the old
+  # signature's positional cell_size lands on time_major, caught below.
+  cell_size: Any = _NEVER
 
   def __post_init__(self):
-    if self.cell_size is not _NEVER:
+    old_positional = (isinstance(self.time_major, (int, np.integer))
+                      and not isinstance(self.time_major, (bool, np.bool_))
+                      and self.time_major > 1)
+    if self.cell_size is not _NEVER or old_positional:
+      got = self.cell_size if self.cell_size is not _NEVER else self.time_major
       raise TypeError(
-        f'RNN: `cell_size` is no longer an argument (got {self.cell_size!r}); the cell holds '
+        f'RNN: `cell_size` is no longer an argument (got {got!r}); the cell holds '
         'its size: write RNN(LSTMCell(features=...)) and drop cell_size (the carry comes from '
         'cell.initialize_carry(rng, input_shape)).'
       )

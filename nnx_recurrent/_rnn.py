@@ -165,7 +165,9 @@ class RNN(nnx.Module):
     if state_axes is not None and not isinstance(state_axes, Mapping):
       _checks.fail('RNN', 'state_axes', 'None or a mapping from state filters to nnx.Carry, '
                    'None or an axis', type(state_axes).__name__, TypeError)
-    self.state_axes = state_axes
+    # As flax.nnx's: an empty or no mapping is the whole state as a carry.
+    whole_state: dict[Any, Any] = {...: nnx.Carry}
+    self.state_axes = state_axes or nnx.StateAxes(whole_state)
     self.broadcast_rngs = broadcast_rngs
     self.rngs = nnx.data(_carry_stream('RNN', rngs, _scan.needs_carry_rngs(cell)))
     self.initial_carry = nnx.data(_learned_carry(cell) if learn_initial_carry else None)

@@ -192,7 +192,7 @@ def nnx_state_axes(state_axes: Any = None, broadcast_rngs: Any = None) -> nnx.St
   """flax.nnx's ``RNN`` state axes: the cell's whole state is a scan carry
   (mutations and RNG streams advance step by step), except the RNG streams
   named by ``broadcast_rngs``, held fixed over the steps of one call."""
-  axes = state_axes if state_axes is not None else {...: nnx.Carry}
+  axes = state_axes or {...: nnx.Carry}
   return nnx.StateAxes({nnx.All(nnx.RngState, broadcast_rngs): None, **axes})
 
 

@@ -234,6 +234,14 @@ def test_state_axes_as_flax():
   with pytest.raises(TypeError, match=m('RNN: `state_axes` expected None or a mapping',
                                         'got int')):
     nr.RNN(nr.GRUCell(IN, H, rngs=nnx.Rngs(0)), state_axes=0)
+  # The attribute, as flax.nnx's: the default (also for an empty mapping) spelled out,
+  # under which the counter's changes persist.
+  for axes in (None, {}):
+    counted = nr.RNN(CountingDropoutCell(nnx.Rngs(0, dropout=1), rate=0.0), state_axes=axes)
+    flax_default = nnx.RNN(_flax_cell(nnx.Rngs(0, dropout=1), rate=0.0), state_axes=axes)
+    assert repr(counted.state_axes) == repr(flax_default.state_axes)
+    counted(x)
+    assert int(counted.cell.steps[...]) == T
 
 
 class ParamWritingCell(nr.SimpleCell):

@@ -190,8 +190,8 @@ class RNN(nnx.Module):
     Args:
       inputs: ``(*batch, time, *features)`` (or time first).
       initial_carry: default ``cell.initialize_carry`` (zeros).
-      seq_lengths: integer ``(*batch)`` lengths; steps at or past a row's
-        length are padding. Concrete values must be in ``[0, time]``; under
+      seq_lengths: integer ``(*batch)`` lengths (a scalar: every row's);
+        steps at or past a row's length are padding. Concrete values must be in ``[0, time]``; under
         ``jit`` they cannot be checked: larger values act as ``time``,
         negative ones as ``0``.
       segment_ids: integer ids shaped like the batch and time axes for packed

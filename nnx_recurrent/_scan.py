@@ -356,6 +356,8 @@ def prepare(where: str, inputs: Any, *, num_feature_axes: int, in_features: int 
                  'both')
   masks = StepMasks(None, None)
   if seq_lengths is not None:
+    if np.ndim(seq_lengths) == 0 and batch_shape:  # one length for every row, as flax broadcasts it
+      seq_lengths = jnp.broadcast_to(jnp.asarray(seq_lengths), batch_shape)
     seq_lengths = _checks.check_seq_lengths(where, seq_lengths, batch_shape, time)
     masks = StepMasks(lengths_to_valid(seq_lengths, time), None)
   if segment_ids is not None:

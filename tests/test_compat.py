@@ -574,6 +574,11 @@ def test_cell_patterns_that_flax_linen_accepts():
     for carry in (h0, h0[None]):
       _assert_close(compat.GRUCell(H).apply(cell_vars, carry, x[:, 0]),
                     nn.GRUCell(H).apply(cell_vars, carry, x[:, 0]), atol=1e-6)
+  # One scalar length for every row (flax.linen broadcasts it).
+  rnn, rnn_ref = compat.RNN(compat.LSTMCell(H)), nn.RNN(nn.LSTMCell(H))
+  v = rnn_ref.init(jax.random.key(4), x)
+  _assert_close(rnn.apply(v, x, seq_lengths=jnp.array(3), return_carry=True),
+                rnn_ref.apply(v, x, seq_lengths=jnp.array(3), return_carry=True), atol=1e-6)
   # initialize_carry(None, shape): the zeros carry_init takes no key.
   for name in ('GRUCell', 'MGUCell', 'SimpleCell'):
     ours_c = getattr(compat, name)(H).initialize_carry(None, (B, IN))

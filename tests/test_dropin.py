@@ -202,6 +202,22 @@ def test_layers_in_tree_mode_as_in_graph_mode(mode):
   _close(nnx.state(grads, nnx.Param), expected)  # tree mode's grads come as a module
 
 
+def test_a_scalar_seq_lengths_is_every_rows_length_as_in_flax():
+  x = _x()
+  ours = nr.RNN(nr.LSTMCell(IN, H, rngs=nnx.Rngs(0)), return_carry=True)
+  theirs = nnx.RNN(nnx.LSTMCell(IN, H, rngs=nnx.Rngs(0)), return_carry=True)
+  carry, y = ours(x, seq_lengths=3)
+  carry_t, y_t = theirs(x, seq_lengths=jnp.array(3))
+  _close(carry, carry_t)
+  _close(y[:, :3], y_t[:, :3])
+  assert not np.asarray(y[:, 3:]).any()  # padding: zeros (ours), flax.nnx's runs on
+  # Reversed too (where flax.nnx raises), and in the fused layer: each row of length 3.
+  rows = jnp.full((B,), 3)
+  _close(ours(x, seq_lengths=3, reverse=True), ours(x, seq_lengths=rows, reverse=True))
+  fused = nr.LSTM(IN, H, rngs=nnx.Rngs(0))
+  _close(fused(x, seq_lengths=jnp.array(3)), fused(x, seq_lengths=rows))
+
+
 def test_broadcast_rngs_gives_one_mask_per_call_as_flax():
   kw = dict(stream='recurrent_dropout')
   ours = nr.RNN(CountingDropoutCell(nnx.Rngs(0, recurrent_dropout=1), **kw),

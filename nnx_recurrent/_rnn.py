@@ -191,9 +191,9 @@ class RNN(nnx.Module):
       inputs: ``(*batch, time, *features)`` (or time first).
       initial_carry: default ``cell.initialize_carry`` (zeros).
       seq_lengths: integer ``(*batch)`` lengths (a scalar: every row's);
-        steps at or past a row's length are padding. Concrete values must be in ``[0, time]``; under
-        ``jit`` they cannot be checked: larger values act as ``time``,
-        negative ones as ``0``.
+        steps at or past a row's length are padding. Concrete values must be
+        in ``[0, time]``; under ``jit`` they cannot be checked: larger values
+        act as ``time``, negative ones as ``0``.
       segment_ids: integer ids shaped like the batch and time axes for packed
         sequences (``0`` = padding); not together with ``seq_lengths``.
         Concrete ids must be non-negative; under ``jit`` a negative id is

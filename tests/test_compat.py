@@ -83,8 +83,7 @@ def test_cell_size_gives_a_clear_error():
   (c, h), y = rnn.init_with_output(jax.random.key(0), x)[0]
   (c_ref, h_ref), y_ref = nn.RNN(nn.LSTMCell(4), True, True).init_with_output(
     jax.random.key(0), x)[0]
-  np.testing.assert_allclose(y, y_ref, atol=1e-6)
-  np.testing.assert_allclose(h, h_ref, atol=1e-6)
+  _assert_close(((c, h), y), ((c_ref, h_ref), y_ref), atol=1e-6)
   assert y.shape == (5, 2, 4)  # time-major
 
 

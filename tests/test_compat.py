@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import flax.linen as nn
@@ -40,6 +41,14 @@ def _assert_close(a, b, atol=1e-6):
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+
+
+def _paths(tree) -> list[str]:
+  """The leaves' paths in the mappings' own order (jax.tree sorts keys)."""
+  if isinstance(tree, Mapping):
+    return [f'{k}/{p}' for k, v in tree.items() for p in _paths(v)]
+  return [''] if not isinstance(tree, tuple) else [f'{i}/{p}' for i, v in enumerate(tree)
+                                                   for p in _paths(v)]
 
 
 def _valid(y, seq_lengths):
@@ -115,6 +124,8 @@ def _det_init(key, shape, dtype=jnp.float32):
   return (0.5 * jnp.sin(0.7 * jnp.arange(n) + n)).reshape(shape).astype(dtype)
 
 
+# flax.linen's tabulate warns so for its own cells too (jnp.shape of a module field).
+@pytest.mark.filterwarnings('ignore:shape requires ndarray:DeprecationWarning')
 @pytest.mark.parametrize('name,kwargs,shape', CELLS)
 def test_cell_init_and_apply_match_linen(name, kwargs, shape):
   theirs = getattr(nn, name)(features=H, carry_init=NORMAL, **kwargs)
@@ -126,8 +137,18 @@ def test_cell_init_and_apply_match_linen(name, kwargs, shape):
   _assert_same_tree(carry_o, carry_t)  # same carry_init keys
   v_t, v_o = theirs.init(jax.random.key(2), carry_t, x), ours.init(jax.random.key(2), carry_t, x)
   _assert_same_tree(v_o, v_t)  # same parameter names, shapes, dtypes and values
-  out_t, out_o = jax.jit(lambda v: (theirs.apply(v, carry_t, x), ours.apply(v, carry_t, x)))(v_t)
+  assert _paths(v_o) == _paths(v_t)  # created in flax.linen's order (what print shows)
+
+  def run(cell, v):
+    return cell.apply(v, carry_t, x, capture_intermediates=True, mutable=['intermediates'])
+
+  out_t, out_o = jax.jit(lambda v: (run(theirs, v), run(ours, v)))(v_t)
+  # The outputs, and the intermediates: each Dense's (Conv's; OptimizedLSTMCell's
+  # DenseParams') output under flax.linen's names, besides the cell's own.
+  assert _paths(out_o[1]) == _paths(out_t[1])
   _assert_close(out_o, out_t, atol=1e-6)
+  assert nn.tabulate(ours, jax.random.key(2))(carry_t, x) == \
+    nn.tabulate(theirs, jax.random.key(2))(carry_t, x)
 
 
 # -- RNN ----------------------------------------------------------------------------
@@ -517,6 +538,9 @@ def test_from_nnx_cell_loads_into_linen(name, args):
   expected = cell(carry, x)
   _assert_close(getattr(nn, name)(H, *args).apply(variables, carry, x), expected, atol=1e-6)
   _assert_close(layer.apply(variables, carry, x), expected, atol=1e-6)
+  # The groups and leaves in the order flax.linen's init creates them.
+  linen_vars = getattr(nn, name)(H, *args).init(jax.random.key(0), carry, x)
+  assert _paths(variables) == _paths(linen_vars)
 
 
 def test_from_nnx_warns_about_dropout():

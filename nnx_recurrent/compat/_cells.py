@@ -2,10 +2,13 @@
 
 Each class is a genuine ``flax.linen.Module`` with the fields, defaults, call
 signature and parameters of the flax.linen class of the same name. Its
-``__call__`` declares flax.linen's parameters (names, shapes, dtypes and
-initial values), hands them to :mod:`nnx_recurrent.compat._convert`, which
-builds the nnx_recurrent cell holding them, and runs that cell's step. The
-math exists once, in the nnx_recurrent cells.
+``__call__`` runs flax.linen's own layers (``Dense``, ``Conv`` or
+``DenseParams``, by name and in order, as the flax.linen cell does), which
+create its parameters (names, shapes, dtypes, initial values) and show in
+``capture_intermediates`` and ``tabulate``; it hands the parameters to
+:mod:`nnx_recurrent.compat._convert`, which builds the nnx_recurrent cell
+holding them, and runs that cell's step. The math exists once, in the
+nnx_recurrent cells.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.core import meta
+from flax.linen.recurrent import DenseParams
 from flax.typing import Dtype, Initializer
 
 from nnx_recurrent import _checks
+from nnx_recurrent._conv import _shape_keeping
 from nnx_recurrent.compat import _convert
 
 # flax.linen's defaults, exactly (the same functions give the same initial values).
@@ -62,22 +67,6 @@ class RNNCellBase(nn.RNNCellBase):
   """
 
 
-class _ParamGroup(nn.Module):
-  """Declares one flax.linen ``Dense``/``Conv`` group: ``kernel``, then ``bias``."""
-
-  kernel_shape: tuple[int, ...]
-  kernel_init: Initializer
-  bias_init: Initializer | None
-  param_dtype: Dtype
-
-  @nn.compact
-  def __call__(self) -> dict:
-    out = {'kernel': self.param('kernel', self.kernel_init, self.kernel_shape, self.param_dtype)}
-    if self.bias_init is not None:
-      out['bias'] = self.param('bias', self.bias_init, self.kernel_shape[-1:], self.param_dtype)
-    return out
-
-
 class _Cell(RNNCellBase):
   """The shared machinery: linen parameters -> nnx_recurrent cell -> one step."""
 
@@ -111,18 +100,30 @@ class _Cell(RNNCellBase):
                    f'shape {tuple(inputs.shape)}')
     in_features = int(inputs.shape[-1])
     self._check_checkpoint(layout, in_features, tuple(inputs.shape))
-    params = {
-      g.name: _ParamGroup(_convert.kernel_shape(layout, self, g, in_features), g.kernel_init,
-                          g.bias_init, self.param_dtype, name=g.name)()
-      for g in layout.groups(self)
-    }
-    cell = _convert.build_nnx(layout, self, in_features, params)
-    expected = jax.eval_shape(lambda: cell.initialize_carry(tuple(inputs.shape)))
+    shape = tuple(inputs.shape)
+    expected = jax.eval_shape(
+      lambda: _convert.build_nnx(layout, self, in_features).initialize_carry(shape))
     if isinstance(expected, tuple) and isinstance(carry, list):
       carry = tuple(carry)  # flax.linen unpacks lists too
     # Leaves that broadcast pass, as in flax.linen (a learned (features,) h0).
     _checks.check_tree_matches(where, 'carry', carry, expected, broadcast=True)
+    # flax.linen's own layers, in its order, on what they read: they create the
+    # parameters, and `capture_intermediates` and `tabulate` see them as in
+    # flax.linen. The step itself runs on the nnx cell (fused matmuls), so
+    # their outputs go unused and jit drops them.
+    hidden = carry[-1] if isinstance(carry, tuple) else carry  # (c, h) or h
+    for g in layout.groups(self):
+      self._linen_layer(g)(inputs if g.reads == 'input' else hidden)
+    params = self.variables['params']
+    cell = _convert.build_nnx(layout, self, in_features,
+                              {g.name: params[g.name] for g in layout.groups(self)})
     return cell(carry, inputs)
+
+  def _linen_layer(self, group: _convert.Group) -> nn.Module:
+    """The ``Dense`` flax.linen's cell runs for ``group`` (``Conv``, ``DenseParams``: overrides)."""
+    return nn.Dense(self.features, use_bias=group.bias_init is not None, dtype=self.dtype,
+                    param_dtype=self.param_dtype, kernel_init=group.kernel_init,
+                    bias_init=group.bias_init or _zeros, name=group.name)
 
   def _check_checkpoint(self, layout, in_features: int, input_shape: tuple[int, ...]) -> None:
     existing = meta.unbox(self.variables.get('params', {}))
@@ -261,6 +262,13 @@ class OptimizedLSTMCell(_GatedCell):
 """ + _COMMON_ATTRS
 
   _layout_name = 'OptimizedLSTMCell'
+
+  def _linen_layer(self, group: _convert.Group) -> nn.Module:
+    # flax.linen's OptimizedLSTMCell only declares the parameters (and
+    # returns them); it multiplies the concatenated kernels itself.
+    return DenseParams(self.features, use_bias=group.bias_init is not None,
+                       param_dtype=self.param_dtype, kernel_init=group.kernel_init,
+                       bias_init=self.bias_init, name=group.name)
 
 
 class GRUCell(_GatedCell):
@@ -447,6 +455,17 @@ class ConvLSTMCell(_Cell):
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
   carry_init: Initializer = _zeros
+
+  def _linen_layer(self, group: _convert.Group) -> nn.Module:
+    # The hidden convolution as nnx_recurrent's: stride 1, shape-keeping padding.
+    hidden = group.reads == 'hidden'
+    return nn.Conv(4 * self.features, tuple(self.kernel_size),
+                   strides=None if hidden else self.strides,
+                   padding=_shape_keeping(self.padding, tuple(self.kernel_size)) if hidden
+                   else self.padding,
+                   use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                   kernel_init=group.kernel_init, bias_init=group.bias_init or _zeros,
+                   name=group.name)
 
   @property
   def num_feature_axes(self) -> int:

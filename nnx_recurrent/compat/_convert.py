@@ -89,8 +89,11 @@ _LSTM_I, _LSTM_H = ('ii', 'if', 'ig', 'io'), ('hi', 'hf', 'hg', 'ho')
 
 
 def _lstm_groups(m):
-  return tuple(Group(n, 'input', m.kernel_init, None) for n in _LSTM_I) + tuple(
-    Group(n, 'hidden', m.recurrent_kernel_init, m.bias_init) for n in _LSTM_H
+  # In flax.linen's order of creation: ii, hi, if, hf, ig, hg, io, ho.
+  return tuple(
+    g for i, h in zip(_LSTM_I, _LSTM_H)
+    for g in (Group(i, 'input', m.kernel_init, None),
+              Group(h, 'hidden', m.recurrent_kernel_init, m.bias_init))
   )
 
 
@@ -113,10 +116,10 @@ def _optimized_lstm_rules(m):
 def _gru_groups(m):
   return (
     Group('ir', 'input', m.kernel_init, m.bias_init),
-    Group('iz', 'input', m.kernel_init, m.bias_init),
-    Group('in', 'input', m.kernel_init, m.bias_init),
     Group('hr', 'hidden', m.recurrent_kernel_init, None),
+    Group('iz', 'input', m.kernel_init, m.bias_init),
     Group('hz', 'hidden', m.recurrent_kernel_init, None),
+    Group('in', 'input', m.kernel_init, m.bias_init),
     Group('hn', 'hidden', m.recurrent_kernel_init, m.bias_init),
   )
 
@@ -133,10 +136,10 @@ def _gru_rules(m):
 def _mgu_groups(m):
   return (
     Group('if', 'input', m.kernel_init, m.forget_bias_init),
-    Group('in', 'input', m.kernel_init, m.activation_bias_init),
     Group('hf', 'hidden', m.recurrent_kernel_init, None),
     Group('hn', 'hidden', m.recurrent_kernel_init,
           m.activation_bias_init if m.reset_gate else None),
+    Group('in', 'input', m.kernel_init, m.activation_bias_init),
   )
 
 
@@ -311,7 +314,7 @@ def nnx_to_linen(layout: Layout, module: Any, pure: Mapping) -> dict:
     parts = jnp.split(value, len(linen_paths), axis=-1) if len(linen_paths) > 1 else [value]
     for p, part in zip(linen_paths, parts):
       _set(out, p, part)
-  return out
+  return {g.name: out[g.name] for g in layout.groups(module)}  # flax.linen's order
 
 
 def nnx_kwargs(layout: Layout, module: Any) -> dict:

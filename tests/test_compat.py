@@ -608,6 +608,35 @@ def test_cell_patterns_that_flax_linen_accepts():
     _assert_close(ours_c, getattr(nn, name)(H).initialize_carry(None, (B, IN)), atol=0)
 
 
+@pytest.mark.parametrize('name', ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'MGUCell',
+                                  'SimpleCell'])
+def test_dense_cells_take_their_size_from_the_carry_as_linen(name):
+  # flax.linen's Dense cells read the hidden size off the carry; `features`
+  # only sizes initialize_carry. flax's seq2seq example relies on it (an
+  # LSTMCell(vocab_size) stepped on the encoder's wider carry).
+  wide = H + 3
+  x = jax.random.normal(jax.random.key(0), (B, T, IN))
+  carry = jax.tree.map(lambda c: c + 0.5,
+                       getattr(nn, name)(wide).initialize_carry(jax.random.key(1), (B, IN)))
+  theirs, ours = getattr(nn, name)(H), getattr(compat, name)(H)
+  variables = theirs.init(jax.random.key(2), carry, x[:, 0])
+  assert variables['params'][next(iter(variables['params']))]['kernel'].shape == (IN, wide)
+  _assert_same_tree(ours.init(jax.random.key(2), carry, x[:, 0]), variables)
+  _assert_close(ours.apply(variables, carry, x[:, 0]), theirs.apply(variables, carry, x[:, 0]),
+                atol=1e-6)
+  # to_nnx gives the NNX cell of the size the parameters hold.
+  converted = compat.to_nnx(theirs, variables)
+  assert converted.hidden_features == wide
+  _assert_close(converted(carry, x[:, 0]), theirs.apply(variables, carry, x[:, 0]), atol=1e-6)
+  # Over a sequence, with that carry as the initial one.
+  rnn_t, rnn_o = nn.RNN(getattr(nn, name)(H)), compat.RNN(getattr(compat, name)(H))
+  v = rnn_t.init(jax.random.key(3), x, initial_carry=carry)
+  _assert_same_tree(rnn_o.init(jax.random.key(3), x, initial_carry=carry), v)
+  _assert_close(rnn_o.apply(v, x, initial_carry=carry, seq_lengths=LENGTHS, return_carry=True),
+                rnn_t.apply(v, x, initial_carry=carry, seq_lengths=LENGTHS, return_carry=True),
+                atol=1e-6)
+
+
 def test_to_nnx_and_from_nnx_rnn_and_bidirectional():
   x = jax.random.normal(jax.random.key(0), (B, T, IN))
   linen_bi = nn.Bidirectional(nn.RNN(nn.LSTMCell(H)), nn.RNN(compat.GRUCell(H)),
@@ -649,9 +678,13 @@ def test_bad_input_errors():
   variables = lstm.init(jax.random.key(1), carry, x)
   with pytest.raises(ValueError, match=r'LSTMCell: `carry` expected a pytree with structure'):
     lstm.apply(variables, carry[0], x)  # h only, not (c, h)
+  with pytest.raises(ValueError, match=r"LSTMCell: `carry` expected a last axis of size 4 \(the "
+                     r"parameter 'hi/kernel' has shape \(4, 4\); flax.linen's cells take their "
+                     r'size from the carry\), got size 3'):
+    lstm.apply(variables, (carry[0][:, :3], carry[1][:, :3]), x)
   with pytest.raises(ValueError, match=r'LSTMCell: `carry` expected leaf shapes that broadcast '
                      r'with \[\(3, 4\), '):
-    lstm.apply(variables, (carry[0][:, :3], carry[1][:, :3]), x)
+    lstm.apply(variables, (carry[0][:, :3], carry[1]), x)  # c and h disagree
   with pytest.raises(ValueError, match=r"LSTMCell: `inputs` expected last axis of size 3 \(the "
                      r"parameter 'ii/kernel' has shape \(3, 4\)\), got shape \(3, 5\)"):
     lstm.apply(variables, carry, jnp.ones((B, 5)))
@@ -686,9 +719,14 @@ def test_migration_errors():
   with pytest.raises(ValueError, match=r"to_nnx \(LSTMCell\): `params` expected a LSTMCell "
                      r"checkpoint with 'ii/kernel'"):
     compat.to_nnx(nn.LSTMCell(H), variables)  # a GRU checkpoint for an LSTM
-  with pytest.raises(ValueError, match=r"to_nnx \(GRUCell\): `params` expected 'ir/kernel' of "
-                     r'shape \(3, 5\) \(in_features=3, features=5\), got shape \(3, 4\)'):
-    compat.to_nnx(nn.GRUCell(5), variables)
+  # The size is the parameters' (flax.linen sizes these cells by the carry),
+  # and every group must agree with it.
+  assert compat.to_nnx(nn.GRUCell(5), variables).hidden_features == H
+  bad = jax.tree.map(lambda p: p, variables)
+  bad['params']['hr']['kernel'] = jnp.zeros((5, 5))
+  with pytest.raises(ValueError, match=r"to_nnx \(GRUCell\): `params` expected 'hr/kernel' of "
+                     r'shape \(4, 4\) \(in_features=3, features=4\), got shape \(5, 5\)'):
+    compat.to_nnx(nn.GRUCell(5), bad)
   with pytest.raises(ValueError, match=r"to_nnx: `variables` expected exactly one collection, "
                      r"'params', got \['batch_stats', 'params'\]"):
     compat.to_nnx(cell, {**variables, 'batch_stats': {}})

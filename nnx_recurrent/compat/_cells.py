@@ -99,10 +99,11 @@ class _Cell(RNNCellBase):
       _checks.fail(where, 'inputs', f'at least {self.num_feature_axes} feature axes',
                    f'shape {tuple(inputs.shape)}')
     in_features = int(inputs.shape[-1])
-    self._check_checkpoint(layout, in_features, tuple(inputs.shape))
+    sized = self._sized_by(carry)
+    self._check_checkpoint(sized, layout, in_features, tuple(inputs.shape))
     shape = tuple(inputs.shape)
     expected = jax.eval_shape(
-      lambda: _convert.build_nnx(layout, self, in_features).initialize_carry(shape))
+      lambda: _convert.build_nnx(layout, sized, in_features).initialize_carry(shape))
     if isinstance(expected, tuple) and isinstance(carry, list):
       carry = tuple(carry)  # flax.linen unpacks lists too
     # Leaves that broadcast pass, as in flax.linen (a learned (features,) h0).
@@ -112,33 +113,58 @@ class _Cell(RNNCellBase):
     # flax.linen. The step itself runs on the nnx cell (fused matmuls), so
     # their outputs go unused and jit drops them.
     hidden = carry[-1] if isinstance(carry, tuple) else carry  # (c, h) or h
-    for g in layout.groups(self):
-      self._linen_layer(g)(inputs if g.reads == 'input' else hidden)
+    for g in layout.groups(sized):
+      self._linen_layer(sized, g)(inputs if g.reads == 'input' else hidden)
     params = self.variables['params']
-    cell = _convert.build_nnx(layout, self, in_features,
-                              {g.name: params[g.name] for g in layout.groups(self)})
+    cell = _convert.build_nnx(layout, sized, in_features,
+                              {g.name: params[g.name] for g in layout.groups(sized)})
     return cell(carry, inputs)
 
-  def _linen_layer(self, group: _convert.Group) -> nn.Module:
+  def _sized_by(self, carry) -> _Cell:
+    """This cell with flax.linen's hidden size: the carry's, not ``features``.
+
+    flax.linen's ``Dense`` cells read the size off the carry's ``h``
+    (``features`` only sizes ``initialize_carry``), and programs rely on it
+    (flax's seq2seq example steps an ``LSTMCell(vocab_size)`` on a wider
+    carry). A field copy, unbound; ``ConvLSTMCell`` keeps ``features``.
+    """
+    hidden = carry[-1] if isinstance(carry, (tuple, list)) else carry
+    shape: tuple[int, ...] = tuple(getattr(hidden, 'shape', ()))
+    if len(shape) == 0 or shape[-1] == self.features:
+      return self
+    return self.clone(parent=None, features=int(shape[-1]))
+
+  def _linen_layer(self, sized: _Cell, group: _convert.Group) -> nn.Module:
     """The ``Dense`` flax.linen's cell runs for ``group`` (``Conv``, ``DenseParams``: overrides)."""
-    return nn.Dense(self.features, use_bias=group.bias_init is not None, dtype=self.dtype,
+    return nn.Dense(sized.features, use_bias=group.bias_init is not None, dtype=self.dtype,
                     param_dtype=self.param_dtype, kernel_init=group.kernel_init,
                     bias_init=group.bias_init or _zeros, name=group.name)
 
-  def _check_checkpoint(self, layout, in_features: int, input_shape: tuple[int, ...]) -> None:
+  def _check_checkpoint(self, sized: _Cell, layout, in_features: int,
+                        input_shape: tuple[int, ...]) -> None:
     existing = meta.unbox(self.variables.get('params', {}))
     if not existing or self.is_initializing():
       return  # being initialised (a subclass's own submodules may exist already)
-    first = next(g.name for g in layout.groups(self) if g.reads == 'input')
+    first = next(g.name for g in layout.groups(sized) if g.reads == 'input')
     group = existing.get(first)
     kernel: Any = group.get('kernel') if isinstance(group, Mapping) else None
     if hasattr(kernel, 'shape') and len(kernel.shape) >= 2 and kernel.shape[-2] != in_features:
       _checks.fail(layout.name, 'inputs',
                    f"last axis of size {kernel.shape[-2]} (the parameter '{first}/kernel' "
                    f'has shape {tuple(kernel.shape)})', f'shape {input_shape}')
+    if sized is not self:  # sized by the carry: a mismatch is the carry's
+      name = next(g.name for g in layout.groups(sized) if g.reads == 'hidden')
+      group = existing.get(name)
+      kernel = group.get('kernel') if isinstance(group, Mapping) else None
+      if hasattr(kernel, 'shape') and len(kernel.shape) >= 2 and \
+          kernel.shape[-2] != sized.features:
+        _checks.fail(layout.name, 'carry',
+                     f"a last axis of size {kernel.shape[-2]} (the parameter '{name}/kernel' "
+                     f"has shape {tuple(kernel.shape)}; flax.linen's cells take their size "
+                     'from the carry)', f'size {sized.features}')
     # Groups beyond the cell's own are a subclass's submodules (or entries a
     # checkpoint carries besides): flax.linen's cells ignore them, so do we.
-    _convert.check_params(layout.name, layout, self, existing, in_features, allow_extra=True)
+    _convert.check_params(layout.name, layout, sized, existing, in_features, allow_extra=True)
 
   @nn.nowrap
   def initialize_carry(self, rng, input_shape: tuple[int, ...]):
@@ -177,7 +203,9 @@ class _Cell(RNNCellBase):
 
 _COMMON_ATTRS = """
   Attributes:
-    features: number of output features (size of the carry).
+    features: number of output features: the size of the carry
+      ``initialize_carry`` makes (a step takes its size from the carry it is
+      given, as in flax.linen).
     gate_fn: gate nonlinearity (default sigmoid).
     activation_fn: candidate and output nonlinearity (default tanh).
     kernel_init: initializer of the input kernels (default lecun normal).
@@ -263,10 +291,10 @@ class OptimizedLSTMCell(_GatedCell):
 
   _layout_name = 'OptimizedLSTMCell'
 
-  def _linen_layer(self, group: _convert.Group) -> nn.Module:
+  def _linen_layer(self, sized: _Cell, group: _convert.Group) -> nn.Module:
     # flax.linen's OptimizedLSTMCell only declares the parameters (and
     # returns them); it multiplies the concatenated kernels itself.
-    return DenseParams(self.features, use_bias=group.bias_init is not None,
+    return DenseParams(sized.features, use_bias=group.bias_init is not None,
                        param_dtype=self.param_dtype, kernel_init=group.kernel_init,
                        bias_init=self.bias_init, name=group.name)
 
@@ -330,7 +358,9 @@ class MGUCell(_Cell):
     (['kernel'], [1.0, 1.0, 1.0, 1.0])
 
   Attributes:
-    features: number of output features.
+    features: number of output features: the size of the carry
+      ``initialize_carry`` makes (a step takes its size from the carry it is
+      given, as in flax.linen).
     gate_fn, activation_fn: nonlinearities (default sigmoid, tanh).
     kernel_init, recurrent_kernel_init: kernel initializers (lecun normal, orthogonal).
     forget_bias_init: initializer of ``b_if`` (default ones).
@@ -377,7 +407,9 @@ class SimpleCell(_Cell):
     (2, 4)
 
   Attributes:
-    features: number of output features.
+    features: number of output features: the size of the carry
+      ``initialize_carry`` makes (a step takes its size from the carry it is
+      given, as in flax.linen).
     activation_fn: nonlinearity (default tanh).
     kernel_init, recurrent_kernel_init, bias_init: initializers (lecun normal,
       orthogonal, zeros).
@@ -456,7 +488,10 @@ class ConvLSTMCell(_Cell):
   param_dtype: Dtype = jnp.float32
   carry_init: Initializer = _zeros
 
-  def _linen_layer(self, group: _convert.Group) -> nn.Module:
+  def _sized_by(self, carry) -> _Cell:
+    return self  # flax.linen's ConvLSTMCell sizes its convolutions by `features`
+
+  def _linen_layer(self, sized: _Cell, group: _convert.Group) -> nn.Module:
     # The hidden convolution as nnx_recurrent's: stride 1, shape-keeping padding.
     hidden = group.reads == 'hidden'
     return nn.Conv(4 * self.features, tuple(self.kernel_size),

@@ -284,6 +284,20 @@ def in_features_from(where: str, layout: Layout, module: Any, params: Mapping) -
   return int(shape[-2])
 
 
+def sized_by_params(layout: Layout, module: Any, params: Mapping) -> Any:
+  """``module`` with the hidden size its ``params`` hold (after ``in_features_from``).
+
+  flax.linen's ``Dense`` cells compute with the carry's size, not ``features``
+  (which only sizes ``initialize_carry``), so their parameters may hold
+  another; ``ConvLSTMCell``'s convolutions are sized by ``features``.
+  """
+  if layout.conv:
+    return module
+  name = next(g.name for g in layout.groups(module) if g.reads == 'input')
+  hidden = int(params[name]['kernel'].shape[-1])
+  return module if hidden == module.features else module.clone(parent=None, features=hidden)
+
+
 # -- conversions -------------------------------------------------------------------
 def _get(tree: Mapping, path: Path):
   for key in path:

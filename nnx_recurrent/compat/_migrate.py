@@ -42,6 +42,7 @@ def _to_nnx(module: Any, params: Mapping, where: str):
   layout = _convert.layout_of(module)
   if layout is not None:
     in_features = _convert.in_features_from(f'{where} ({layout.name})', layout, module, params)
+    module = _convert.sized_by_params(layout, module, params)
     _convert.check_params(f'{where} ({layout.name})', layout, module, params, in_features)
     return _convert.build_nnx(layout, module, in_features, params)
   if isinstance(module, (RNN, nn.RNN)):

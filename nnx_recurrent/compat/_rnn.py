@@ -161,8 +161,8 @@ class RNN(nn.Module):
       initial_carry = self.cell.initialize_carry(
         jax.random.key(0) if init_key is None else init_key, step_shape)
     elif isinstance(self.cell, _Cell):  # this package's cells give their carry for free
-      expected = jax.eval_shape(lambda: self.cell.initialize_carry(jax.random.key(0),
-                                                                   step_shape))
+      sized = self.cell._sized_by(initial_carry)  # as flax.linen: of the carry's size
+      expected = jax.eval_shape(lambda: sized.initialize_carry(jax.random.key(0), step_shape))
       _checks.check_tree_matches('RNN', 'initial_carry', initial_carry, expected)
     xs, idx = _scan.processing_order(seq, reverse)
     # flax.linen's values at padding: the cell runs on, its outputs stay, and a

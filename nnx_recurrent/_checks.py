@@ -116,15 +116,33 @@ def _is_dim(d: Any) -> bool:
   return int(d) >= 0
 
 
+def kind(x: Any) -> str:
+  """What ``x`` is, for a message: ``'tuple of length 1'``, ``'dict'``..."""
+  if isinstance(x, (tuple, list)):
+    return f'{type(x).__name__} of length {len(x)}'
+  return type(x).__name__
+
+
+def _foreign(where: str, arg: str, x: Any) -> None:
+  """A PyTorch or TensorFlow tensor has ``shape`` and ``dtype`` but fails
+  deep inside numpy/JAX (``Cannot interpret 'torch.int64' as a data type``)."""
+  cls = type(x)
+  if cls.__module__.split('.')[0] in ('torch', 'tensorflow'):
+    fail(where, arg, 'a JAX or NumPy array (convert a tensor first, e.g. x.numpy())',
+         f'{cls.__module__}.{cls.__name__}', TypeError)
+
+
 def check_array(where: str, arg: str, x: Any) -> jax.Array:
   if not hasattr(x, 'shape') or not hasattr(x, 'dtype'):
     fail(where, arg, 'an array', type(x).__name__, TypeError)
+  _foreign(where, arg, x)
   return x
 
 
 def check_integer_array(where: str, arg: str, x: Any, shape: tuple[int, ...], shape_doc: str,
                         dtype_error: type[Exception] = TypeError):
   """Checks an integer array (``seq_lengths``, ``segment_ids``) and its shape."""
+  _foreign(where, arg, x)
   if not hasattr(x, 'shape') or not hasattr(x, 'dtype'):
     x = np.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.integer):

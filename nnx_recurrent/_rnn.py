@@ -378,7 +378,7 @@ class Bidirectional(nnx.Module):
     if initial_carry is not None:
       if not isinstance(initial_carry, (tuple, list)) or len(initial_carry) != 2:
         _checks.fail('Bidirectional', 'initial_carry',
-                     'a pair (forward_carry, backward_carry)', type(initial_carry).__name__)
+                     'a pair (forward_carry, backward_carry)', _checks.kind(initial_carry))
       carry_f, carry_b = initial_carry
     common = dict(seq_lengths=seq_lengths, segment_ids=segment_ids, return_carry=True,
                   time_major=time_major)

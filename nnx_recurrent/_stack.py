@@ -123,10 +123,9 @@ class StackedRNN(nnx.Module):
     if initial_carry is None:
       initial_carry = (None,) * n
     elif not isinstance(initial_carry, (tuple, list)) or len(initial_carry) != n:
-      got = (f'{type(initial_carry).__name__} of length {len(initial_carry)}'
-             if isinstance(initial_carry, (tuple, list)) else type(initial_carry).__name__)
       _checks.fail('StackedRNN', 'initial_carry',
-                   f'a tuple of {n} carries (one per layer, None for the default)', got)
+                   f'a tuple of {n} carries (one per layer, None for the default)',
+                   _checks.kind(initial_carry))
     # A raw key would give every layer the same masks: split it, one per use.
     layer_rngs = dropout_rngs = (rngs,) * n
     if isinstance(rngs, jax.Array):

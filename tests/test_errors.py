@@ -150,6 +150,10 @@ def test_bidirectional_initial_carry_not_a_pair(lstm):
   with pytest.raises(ValueError, match=m('Bidirectional: `initial_carry` expected a pair')):
     bi(X, initial_carry=jnp.zeros((2, 4)))
   good_f = lstm.initialize_carry((2, 3))
+  # nr.LSTM's one-layer nesting ((fwd, bwd),) given to a Bidirectional.
+  with pytest.raises(ValueError, match=m('expected a pair (forward_carry, backward_carry), '
+                                         'got tuple of length 1.')):
+    bi(X, initial_carry=((good_f, jnp.zeros((2, 4))),))
   with pytest.raises(ValueError, match=m('`initial_carry` expected leaf shapes')):
     bi(X, initial_carry=(good_f, jnp.zeros((2, 5))))
 

@@ -271,11 +271,77 @@ def test_from_torch_keeps_training_mode():
                              atol=ATOL, rtol=0)
 
 
+def test_to_torch_keeps_eval_mode():
+  model = nr.interop.from_torch(_torch_layer('GRU', 2, False, True, dropout=0.5))
+  assert nr.interop.to_torch(model).training
+  model.eval()
+  exported = nr.interop.to_torch(model)
+  assert not exported.training  # dropout off, as in the model
+  x = _inputs(True)
+  np.testing.assert_allclose(_torch_run(exported, x)[0], np.asarray(model(x)), atol=ATOL,
+                             rtol=0)
+
+
+@pytest.mark.parametrize('make', [
+  lambda: torch.nn.GRU(IN, H, num_layers=2, bidirectional=True, bias=False),
+  lambda: torch.nn.LSTM(IN, H, proj_size=2, bias=False, batch_first=True),
+  lambda: torch.nn.RNN(IN, H, nonlinearity='relu', bias=False),
+  lambda: torch.nn.LSTMCell(IN, H, bias=False),
+  lambda: torch.nn.GRUCell(IN, H, bias=False),
+])
+def test_bias_false_round_trip(make):
+  torch.manual_seed(0)
+  module = make()
+  model = nr.interop.from_torch(module)
+  back = nr.interop.to_torch(model, bias=False)
+  theirs, ours = module.state_dict(), back.state_dict()
+  assert sorted(ours) == sorted(theirs)  # no bias keys: load_state_dict works both ways
+  for k in theirs:
+    np.testing.assert_array_equal(_np(ours[k]), _np(theirs[k]), err_msg=k)
+  module.load_state_dict(ours)
+  # A bias that is not zero (a trained one) cannot be dropped silently.
+  first = next(p for path, p in nnx.to_flat_state(nnx.state(model, nnx.Param))
+               if str(path[-1]).startswith('bias'))
+  first.set_value(first.get_value() + 0.5)
+  with pytest.raises(ValueError, match=r'to_torch: `bias` expected True: .* has a non-zero '
+                     r'bias_(ih|hh) \(bias=False exports only modules whose biases are all '
+                     r'zero\), got False \(largest \|bias_(ih|hh)\| = 0.5\)'):
+    nr.interop.to_torch(model, bias=False)
+
+
+def test_simple_cells_compute_in_the_torch_modules_dtype():
+  # SimpleCell's own default dtype is float32 (flax.nnx's); converted from
+  # PyTorch it computes in the parameters' dtype, as LSTM and GRU do.
+  torch.manual_seed(0)
+  module = torch.nn.RNN(IN, H, batch_first=True, dtype=torch.bfloat16)
+  model = nr.interop.from_torch(module)
+  x = _inputs(True)
+  y = model(jnp.asarray(x, jnp.bfloat16))
+  assert y.dtype == jnp.bfloat16
+  with torch.no_grad():
+    y_torch = module(torch.from_numpy(x).to(torch.bfloat16))[0].float().numpy()
+  np.testing.assert_allclose(np.asarray(y, np.float32), y_torch, atol=3e-2, rtol=0)
+
+
 # -- errors -----------------------------------------------------------------------
 def test_from_torch_errors():
   with pytest.raises(TypeError, match=r'from_torch: `module` expected one of torch.nn.LSTM.*'
                                       r'got Linear'):
     nr.interop.from_torch(torch.nn.Linear(2, 3))
+
+
+def test_torch_tensors_get_a_clear_error():
+  model = nr.interop.from_torch(torch.nn.GRU(IN, H, batch_first=True))
+  x = _inputs(True)
+  with pytest.raises(TypeError, match=r'GRU: `inputs` expected a JAX or NumPy array \(convert a '
+                     r'tensor first, e.g. x.numpy\(\)\), got torch.Tensor'):
+    model(torch.from_numpy(x))
+  with pytest.raises(TypeError, match=r'GRU: `seq_lengths` expected a JAX or NumPy array .*'
+                     r'got torch.Tensor'):
+    model(x, seq_lengths=torch.from_numpy(LENGTHS))
+  rnn = nr.interop.from_torch(torch.nn.RNN(IN, H, batch_first=True))
+  with pytest.raises(TypeError, match=r'RNN: `seq_lengths` expected a JAX or NumPy array'):
+    rnn(x, seq_lengths=torch.from_numpy(LENGTHS))
 
 
 def _abstract(factory):

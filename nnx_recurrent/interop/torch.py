@@ -40,7 +40,9 @@ nnx kernels are ``(in, gates * H)``, columns in the same order)::
 Every sum is exact in the forward direction up to float rounding: PyTorch adds
 ``b_ih`` and ``b_hh`` everywhere except GRU's ``b_hn``, which sits inside
 ``r * (W_hn h + b_hn)`` and so stays its own parameter. Modules built with
-``bias=False`` convert with zero biases; to_torch always builds ``bias=True``.
+``bias=False`` convert with zero biases (trainable: leave them out of the
+optimizer to keep them zero); ``to_torch(..., bias=False)`` exports them back
+without biases.
 
 LSTM projections (PyTorch's ``proj_size``, this package's ``proj_features``)
 convert in both directions for layers: ``torch.nn.LSTM(..., proj_size=P)``
@@ -135,7 +137,9 @@ _FAMILIES = {
   'GRU': _Family('GRU', 'GRUCell', lambda i, h, act, **kw: nr.GRUCell(i, h, **kw),
                  _gru_to_nnx, _gru_to_torch, 'GRU'),
   'RNN': _Family('RNN', 'RNNCell',
-                 lambda i, h, act, **kw: nr.SimpleCell(i, h, activation_fn=act, **kw),
+                 # dtype inferred as for LSTM / GRU (SimpleCell's default is float32)
+                 lambda i, h, act, **kw: nr.SimpleCell(i, h, activation_fn=act, dtype=None,
+                                                       **kw),
                  _rnn_to_nnx, _rnn_to_torch, None),
 }
 _ACTIVATIONS = {'tanh': jax.nn.tanh, 'relu': jax.nn.relu}
@@ -416,7 +420,7 @@ def _layer_cells(module) -> tuple[list[list[Any]], bool, float]:
                'LSTM or GRU', type(module).__name__, TypeError)
 
 
-def to_torch(module: nnx.Module):
+def to_torch(module: nnx.Module, *, bias: bool = True):
   """Returns the PyTorch module equivalent to an nnx_recurrent module.
 
   The reverse of :func:`from_torch` (see the module docstring for the table):
@@ -425,7 +429,12 @@ def to_torch(module: nnx.Module):
   cell family become ``torch.nn.LSTM`` / ``GRU`` / ``RNN`` with
   ``batch_first = not time_major`` and ``dropout`` = the stack's
   ``dropout_rate``. The torch module is in training mode, as PyTorch creates
-  it; call ``.eval()`` for inference when it has dropout.
+  it, unless ``module`` is in eval mode (its between-layer dropout turned off
+  by ``.eval()``).
+
+  ``bias=False`` builds PyTorch's ``bias=False`` module, for a model imported
+  from one (whose biases, zero, stayed zero): the round trip then gives back
+  the module's ``state_dict`` keys. Any non-zero bias raises.
 
   Example::
 
@@ -445,16 +454,21 @@ def to_torch(module: nnx.Module):
     module: an ``OptimizedLSTMCell``, ``LSTMCell``, ``GRUCell``, ``SimpleCell``
       (tanh or relu), or ``nr.LSTM`` / ``nr.GRU`` / ``RNN`` / ``Bidirectional`` /
       ``StackedRNN`` over such cells.
+    bias: build the PyTorch module with biases (PyTorch's default); ``False``
+      for one without, when every bias of ``module`` is zero.
 
   Returns:
     The ``torch.nn`` module with the weights copied.
 
   Raises:
     TypeError: for modules without a PyTorch counterpart.
-    ValueError: for options PyTorch lacks (see the module docstring).
+    ValueError: for options PyTorch lacks (see the module docstring), or
+      ``bias=False`` with a non-zero bias.
   """
   torch = _import_torch()
   where = 'to_torch'
+  if not isinstance(bias, bool):
+    _checks.fail(where, 'bias', 'a bool', repr(bias), TypeError)
   if isinstance(module, nr.RNNCellBase):
     family, nonlinearity = _cell_family(module)
     if _proj_features(module):
@@ -463,9 +477,13 @@ def to_torch(module: nnx.Module):
                    f'{type(module).__name__} with proj_features={_proj_features(module)}')
     dtype = _cell_params(module)['dense_i.kernel'].dtype
     cell_kw = {} if nonlinearity is None else {'nonlinearity': nonlinearity}
+    weights = family.to_torch(_cell_params(module))
+    if not bias:
+      _check_zero_biases(weights, type(module).__name__)
     result = getattr(torch.nn, family.torch_cell)(
-      module.in_features, module.hidden_features, **cell_kw, dtype=_torch_dtype(torch, dtype))
-    _copy_into(torch, result, family.to_torch(_cell_params(module)), '')
+      module.in_features, module.hidden_features, bias=bias, **cell_kw,
+      dtype=_torch_dtype(torch, dtype))
+    _copy_into(torch, result, weights, '')
     return result
 
   cells, time_major, dropout = _layer_cells(module)
@@ -492,12 +510,16 @@ def to_torch(module: nnx.Module):
     _checks.fail(where, 'module', "proj_features < hidden_features (PyTorch's proj_size < "
                  'hidden_size)', f'proj_features={proj}, hidden_features={hidden}')
   params = [[_cell_params(c) for c in row] for row in cells]
+  if not bias:
+    for layer, row in enumerate(params):
+      for d, p in enumerate(row):
+        _check_zero_biases(family.to_torch(p), f'layer {layer}' + (' (backward)' if d else ''))
   kw: dict[str, Any] = {} if nonlinearity is None else {'nonlinearity': nonlinearity}
   if proj:
     kw['proj_size'] = proj
   result = getattr(torch.nn, family.torch_layer)(
     cells[0][0].in_features, hidden, num_layers=len(cells), batch_first=not time_major,
-    dropout=dropout if len(cells) > 1 else 0.0, bidirectional=num_dirs == 2, **kw,
+    dropout=dropout if len(cells) > 1 else 0.0, bidirectional=num_dirs == 2, bias=bias, **kw,
     dtype=_torch_dtype(torch, params[0][0]['dense_i.kernel'].dtype))
   for layer, row in enumerate(params):
     for d, p in enumerate(row):
@@ -505,6 +527,9 @@ def to_torch(module: nnx.Module):
       _copy_into(torch, result, family.to_torch(p), suffix)
       if proj:
         _copy_param(torch, getattr(result, f'weight_hr{suffix}'), _proj_to_torch(p))
+  drop = getattr(module, 'dropout', None)  # nr.LSTM / GRU / StackedRNN's nnx.Dropout
+  if isinstance(drop, nnx.Dropout) and drop.deterministic:
+    result.eval()
   return result
 
 
@@ -515,7 +540,18 @@ def _torch_dtype(torch, dtype):
 def _copy_into(torch, module, weights: TorchWeights, suffix: str) -> None:
   names = ('weight_ih', 'weight_hh', 'bias_ih', 'bias_hh')
   for name, value in zip(names, weights):
+    if getattr(module, name + suffix, None) is None:  # bias=False: checked zero
+      continue
     _copy_param(torch, getattr(module, name + suffix), value)
+
+
+def _check_zero_biases(weights: TorchWeights, where: str) -> None:
+  for name, value in zip(('bias_ih', 'bias_hh'), weights[2:]):
+    value = np.asarray(value, np.float32)
+    if value.any():
+      _checks.fail('to_torch', 'bias', f'True: {where} has a non-zero {name} (bias=False '
+                   'exports only modules whose biases are all zero)',
+                   f'False (largest |{name}| = {float(np.abs(value).max()):.3g})')
 
 
 def _copy_param(torch, param, value: np.ndarray) -> None:

@@ -197,6 +197,7 @@ class RNNCellBase(nnx.Module):
       self.rngs = rngs['dropout'].fork()
     elif keep_rngs:
       self.rngs = rngs['carry'].fork()
+      self._rngs_is_carry_stream = True  # flax.nnx's: initialize_carry draws from it
     else:
       self.rngs = nnx.data(None)
 
@@ -243,10 +244,13 @@ class RNNCellBase(nnx.Module):
   def _output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(input_shape[: -self.num_feature_axes]) + (self.hidden_features,)
 
-  def _check_input_shape(self, where: str, arg: str, shape: tuple[int, ...]) -> None:
+  def _check_input_shape(self, where: str, arg: str, shape: tuple[int, ...],
+                         sizes: bool = True) -> None:
     nfa = self.num_feature_axes
     if len(shape) < nfa:
       _checks.fail(where, arg, f'at least {nfa} feature axes', f'shape {tuple(shape)}')
+    if not sizes:
+      return
     in_features = getattr(self, 'in_features', None)
     if in_features is not None and shape[-1] != in_features:
       _checks.fail(
@@ -285,7 +289,10 @@ class RNNCellBase(nnx.Module):
                         '(the arguments are (input_shape, rngs); flax.linen\'s (rng, '
                         'input_shape) is nnx_recurrent.compat\'s)')
     input_shape = tuple(int(d) for d in input_shape)
-    self._check_input_shape(f'{name}.initialize_carry', 'input_shape', input_shape)
+    # The feature axes' sizes do not matter, as in flax.nnx (code calls
+    # initialize_carry((batch, hidden_features))): only their number.
+    self._check_input_shape(f'{name}.initialize_carry', 'input_shape', input_shape,
+                            sizes=False)
     shapes = self._carry_shapes(input_shape)
     dtype = getattr(self, 'param_dtype', jnp.float32)
     n = len(shapes)
@@ -294,7 +301,10 @@ class RNNCellBase(nnx.Module):
     if carry_init is None:
       # flax.nnx draws one key per carry array from a given stream even for
       # zeros; so do we, so that the stream's later draws (a dropout mask,
-      # say) are flax's. (The cell's own stream, which serves dropout, is left.)
+      # say) are flax's. Without one, flax.nnx draws from the stream
+      # keep_rngs keeps, and so do we; a stream kept for dropout is left.
+      if rngs is None and getattr(self, '_rngs_is_carry_stream', False):
+        rngs = self.rngs
       if isinstance(rngs, nnx.RngStream) or has_carry_stream(rngs):
         with contextlib.suppress(TraceContextError):  # where flax.nnx raises instead
           _keys_from(rngs, 'carry', n)
@@ -365,32 +375,40 @@ class RNNCellBase(nnx.Module):
       if rate_rec else None,
     )
 
-  def __call__(
-    self,
-    carry: Carry,
-    inputs: Array,
-    *,
-    dropout_masks: DropoutMasks | None = None,
-    rngs: RngsLike = None,
-  ) -> tuple[Carry, Array]:
+  def __call__(self, carry: Carry, inputs: Array, **options: Any) -> tuple[Carry, Array]:
     """Runs one time step.
+
+    The signature is flax.nnx's ``(carry, inputs)``, with the options as
+    ``**options``: flax's transforms take a cell itself (``nnx.scan(cell,
+    in_axes=(nnx.Carry, 0), ...)``, ``nnx.vmap(cell)``) only when it has no
+    keyword-only arguments with defaults.
 
     Args:
       carry: the state, as returned by :meth:`initialize_carry`.
       inputs: one step's input ``(*batch, *features)``.
-      dropout_masks: masks from :meth:`dropout_masks` (what ``RNN`` passes so
-        that every step shares them); sampled afresh when ``None`` and dropout
-        is on.
-      rngs: overrides the construction-time dropout RNG (variational dropout
+      **options: keywords only. ``dropout_masks``: masks from
+        :meth:`dropout_masks` (what ``RNN`` passes so that every step shares
+        them); sampled afresh when absent and dropout is on. ``rngs``:
+        overrides the construction-time dropout RNG (variational dropout
         masks when sampled here, and zoneout).
 
     Returns:
       ``(new_carry, output)``.
+
+    Raises:
+      TypeError: an option other than ``dropout_masks`` and ``rngs``.
     """
     where = type(self).__name__
+    unknown = sorted(set(options) - {'dropout_masks', 'rngs'})
+    if unknown:
+      _checks.fail(where, 'options', 'only the keywords dropout_masks and rngs', unknown,
+                   TypeError)
+    dropout_masks: DropoutMasks | None = options.get('dropout_masks')
+    rngs: RngsLike = options.get('rngs')
     if not hasattr(inputs, 'shape') or not hasattr(inputs, 'dtype'):
       _checks.fail(where, 'inputs', 'an array (a cell is called as cell(carry, inputs))',
                    type(inputs).__name__, TypeError)
+    _checks.check_not_foreign(where, 'inputs', inputs)
     self._check_input_shape(where, 'inputs', tuple(inputs.shape))
     carry = self._check_carry(where, carry, tuple(inputs.shape))
     if dropout_masks is not None:

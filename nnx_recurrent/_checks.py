@@ -123,7 +123,7 @@ def kind(x: Any) -> str:
   return type(x).__name__
 
 
-def _foreign(where: str, arg: str, x: Any) -> None:
+def check_not_foreign(where: str, arg: str, x: Any) -> None:
   """A PyTorch or TensorFlow tensor has ``shape`` and ``dtype`` but fails
   deep inside numpy/JAX (``Cannot interpret 'torch.int64' as a data type``)."""
   cls = type(x)
@@ -135,14 +135,14 @@ def _foreign(where: str, arg: str, x: Any) -> None:
 def check_array(where: str, arg: str, x: Any) -> jax.Array:
   if not hasattr(x, 'shape') or not hasattr(x, 'dtype'):
     fail(where, arg, 'an array', type(x).__name__, TypeError)
-  _foreign(where, arg, x)
+  check_not_foreign(where, arg, x)
   return x
 
 
 def check_integer_array(where: str, arg: str, x: Any, shape: tuple[int, ...], shape_doc: str,
                         dtype_error: type[Exception] = TypeError):
   """Checks an integer array (``seq_lengths``, ``segment_ids``) and its shape."""
-  _foreign(where, arg, x)
+  check_not_foreign(where, arg, x)
   if not hasattr(x, 'shape') or not hasattr(x, 'dtype'):
     x = np.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.integer):

@@ -43,10 +43,10 @@ def test_cell_last_axis_not_in_features(lstm):
     lstm(lstm.initialize_carry((2, 3)), jnp.ones((2, 4)))
 
 
-def test_initialize_carry_last_axis_not_in_features(lstm):
-  with pytest.raises(ValueError, match=m('`input_shape` expected last axis of size 3',
-                                         'got shape (2, 5)')):
-    lstm.initialize_carry((2, 5))
+def test_cell_options_other_than_dropout_masks_and_rngs(lstm):
+  with pytest.raises(TypeError, match=m("LSTMCell: `options` expected only the keywords "
+                                        "dropout_masks and rngs, got ['mask']")):
+    lstm(lstm.initialize_carry((2, 3)), jnp.ones((2, 3)), mask=None)
 
 
 def test_too_few_axes(lstm, conv):

@@ -113,7 +113,9 @@ class GRUCell(_GatedUnit):
   ``(in, 3 * hidden)`` for ``r, z, n`` and bias ``b_i``), ``dense_h`` (kernel
   ``(hidden, 3 * hidden)``, no bias) and ``bias_hn``. Unlike
   ``flax.nnx.GRUCell``, which drops ``b_hn``, this is flax.linen's and
-  PyTorch's formula (PyTorch's extra ``b_hr, b_hz`` fold into ``b_ir, b_iz``).
+  PyTorch's formula (PyTorch's extra ``b_hr, b_hz`` fold into ``b_ir, b_iz``);
+  ``use_bias_hn=False`` drops it, for flax.nnx's cell exactly (its state,
+  checkpoints and training).
 
   Example::
 
@@ -131,6 +133,8 @@ class GRUCell(_GatedUnit):
     gate_fn, activation_fn: nonlinearities (default sigmoid, tanh).
     kernel_init, recurrent_kernel_init, bias_init: initializers (lecun normal,
       orthogonal, zeros).
+    use_bias_hn: keep ``b_hn`` (default; flax.linen's, PyTorch's and cuDNN's
+      GRU); ``False`` for flax.nnx's GRU, which has none.
     dtype, param_dtype: computation dtype (inferred) and parameter dtype (float32).
     dropout_rate, recurrent_dropout_rate: variational dropout rates.
     zoneout_rate: zoneout on ``h`` (docs/dropout.md, "Zoneout").
@@ -152,6 +156,7 @@ class GRUCell(_GatedUnit):
     kernel_init: Initializer = default_kernel_init,
     recurrent_kernel_init: Initializer = default_recurrent_kernel_init,
     bias_init: Initializer = default_bias_init,
+    use_bias_hn: bool = True,
     dtype: Dtype | None = None,
     param_dtype: Dtype = jnp.float32,
     dropout_rate: float = 0.0,
@@ -166,10 +171,13 @@ class GRUCell(_GatedUnit):
     rngs: nnx.Rngs,
   ):
     _checks.check_callables('GRUCell', bias_init=bias_init)
+    if not isinstance(use_bias_hn, bool):
+      _checks.fail('GRUCell', 'use_bias_hn', 'a bool', repr(use_bias_hn), TypeError)
     self._build(
       in_features, hidden_features, gate_fn=gate_fn, activation_fn=activation_fn,
       kernel_init=kernel_init, recurrent_kernel_init=recurrent_kernel_init,
-      input_bias_init=bias_init, hn_bias_init=bias_init, dtype=dtype, param_dtype=param_dtype,
+      input_bias_init=bias_init, hn_bias_init=bias_init if use_bias_hn else None, dtype=dtype,
+      param_dtype=param_dtype,
       dropout_rate=dropout_rate, recurrent_dropout_rate=recurrent_dropout_rate,
       kernel_metadata=kernel_metadata, recurrent_kernel_metadata=recurrent_kernel_metadata,
       bias_metadata=bias_metadata, rngs=rngs,

@@ -543,6 +543,16 @@ def test_from_nnx_cell_loads_into_linen(name, args):
   assert _paths(variables) == _paths(linen_vars)
 
 
+def test_from_nnx_gru_without_bias_hn():
+  cell = nr.GRUCell(IN, H, use_bias_hn=False, kernel_init=_det_init,
+                    recurrent_kernel_init=_det_init, rngs=nnx.Rngs(0))
+  layer, variables = compat.from_nnx(cell)
+  np.testing.assert_array_equal(variables['params']['hn']['bias'], np.zeros(H))
+  x = jax.random.normal(jax.random.key(0), (B, IN))
+  h = jnp.full((B, H), 0.5)
+  _assert_close(nn.GRUCell(H).apply(variables, h, x), cell(h, x), atol=1e-6)
+
+
 def test_from_nnx_warns_about_dropout():
   with pytest.warns(UserWarning, match='from_nnx: flax.linen cells have no dropout'):
     compat.from_nnx(nr.GRUCell(IN, H, dropout_rate=0.1, kernel_init=_det_init,

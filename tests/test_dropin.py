@@ -141,6 +141,34 @@ def test_flax_transforms_take_a_cell_itself(name):
   _close(nnx.remat(ours)(carry, xs[0]), nnx.remat(theirs)(carry, xs[0]))
 
 
+def test_gru_without_bias_hn_is_flax_nnx_gru_in_state_and_training():
+  optax = pytest.importorskip('optax')
+  ours = nr.GRUCell(IN, H, use_bias_hn=False, rngs=nnx.Rngs(0))
+  theirs = nnx.GRUCell(IN, H, rngs=nnx.Rngs(0))
+  _close(nnx.state(ours), nnx.state(theirs), atol=0)  # the same paths, types and values
+  x = _x()
+
+  def train(model):
+    opt = nnx.Optimizer(model, optax.adam(0.1), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt):
+      loss, grads = nnx.value_and_grad(lambda m: jnp.sum(m(x) ** 2))(model)
+      opt.update(model, grads)
+      return loss
+
+    return [step(model, opt) for _ in range(3)]
+
+  _close(train(nr.RNN(ours)), train(nnx.RNN(theirs)), atol=1e-5)
+  _close(nnx.state(ours), nnx.state(theirs), atol=1e-5)
+  # With b_hn (the default) the same start trains b_hn too.
+  with_hn = nr.GRUCell(IN, H, rngs=nnx.Rngs(0))
+  train(nr.RNN(with_hn))
+  assert float(jnp.abs(with_hn.bias_hn[...]).max()) > 0.01
+  with pytest.raises(TypeError, match=m('GRUCell: `use_bias_hn` expected a bool', "got 'no'")):
+    nr.GRUCell(IN, H, use_bias_hn='no', rngs=nnx.Rngs(0))
+
+
 def test_cells_without_keep_rngs_hold_no_prng_state():
   for name in ('LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell', 'MGUCell'):
     cell = nnx.eval_shape(lambda name=name: getattr(nr, name)(IN, H, rngs=nnx.Rngs(0),

@@ -207,6 +207,18 @@ def test_to_torch_cell(kind):
     np.testing.assert_allclose(np.asarray(carry[0]), _np(state[1]), atol=ATOL, rtol=0)
 
 
+def test_gru_cell_without_bias_hn_exports_with_zero_b_hn():
+  cell = random_module(lambda: nr.GRUCell(IN, H, use_bias_hn=False, rngs=nnx.Rngs(0)))
+  module = nr.interop.to_torch(cell)
+  np.testing.assert_array_equal(_np(module.bias_hh)[2 * H:], 0)
+  h, _ = _rand_carry()
+  x = _inputs(True)[:, 0]
+  with torch.no_grad():
+    expected = _np(module(torch.from_numpy(x), torch.from_numpy(h)))
+  np.testing.assert_allclose(np.asarray(cell(jnp.asarray(h), jnp.asarray(x))[1]), expected,
+                             atol=ATOL, rtol=0)
+
+
 def test_round_trip_keeps_parameters():
   module = _torch_layer('GRU', 2, True, True)
   back = nr.interop.to_torch(nr.interop.from_torch(module))

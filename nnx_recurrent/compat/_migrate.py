@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax.numpy as jnp
 from flax import nnx
 from flax.core import meta, unfreeze
 from flax.core.scope import in_filter
@@ -150,6 +151,8 @@ def _from_nnx(module: Any, where: str):
     kwargs['carry_init'] = module.carry_init
   cell = CELLS[layout.name](features=module.hidden_features, **kwargs)
   pure = nnx.to_pure_dict(nnx.state(module, nnx.Param))
+  if layout.name == 'GRUCell' and module.bias_hn is None:  # use_bias_hn=False: b_hn = 0
+    pure['bias_hn'] = jnp.zeros_like(pure['dense_i']['bias'][:module.hidden_features])
   return cell, _convert.nnx_to_linen(layout, cell, pure)
 
 

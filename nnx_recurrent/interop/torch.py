@@ -363,7 +363,11 @@ def _cell_params(cell) -> Params:
              'GRU': ('dense_i.kernel', 'dense_i.bias', 'dense_h.kernel', 'bias_hn'),
              'RNN': ('dense_i.kernel', 'dense_i.bias', 'dense_h.kernel')}
     family = _cell_family(cell)[0].torch_layer
-    params = {p: np.asarray(_variable(cell, p)[...]) for p in paths[family]}
+    no_hn = family == 'GRU' and cell.bias_hn is None  # use_bias_hn=False: b_hn = 0
+    params = {p: np.asarray(_variable(cell, p)[...]) for p in paths[family]
+              if not (no_hn and p == 'bias_hn')}
+    if no_hn:
+      params['bias_hn'] = np.zeros_like(params['dense_i.bias'][:cell.hidden_features])
   if _proj_features(cell):
     params['proj.kernel'] = np.asarray(cell.proj.kernel[...])
   return params

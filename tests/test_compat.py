@@ -115,6 +115,7 @@ CELLS = [
   # flax.linen pads the hidden convolution like the input one
   ('ConvLSTMCell', {'kernel_size': (3,), 'padding': 'CIRCULAR'}, (B, 6, IN)),
   ('ConvLSTMCell', {'kernel_size': (2, 3), 'padding': ((1, 0), (0, 2))}, (B, 4, 5, IN)),
+  ('ConvLSTMCell', {'kernel_size': (3, 3), 'padding': 1}, (B, 5, 5, IN)),  # an int, as Conv
 ]
 
 
@@ -688,6 +689,10 @@ def test_bad_input_errors():
   variables = lstm.init(jax.random.key(1), carry, x)
   with pytest.raises(ValueError, match=r'LSTMCell: `carry` expected a pytree with structure'):
     lstm.apply(variables, carry[0], x)  # h only, not (c, h)
+  # flax < 0.7.1's class-method call (still in RL code): flax.linen fails obscurely.
+  with pytest.raises(TypeError, match=r'initialize_carry: `self` expected a cell instance: the '
+                     r'old class-method call .* got \w+\.'):
+    compat.GRUCell.initialize_carry(jax.random.key(0), (4,), 8)
   with pytest.raises(ValueError, match=r"LSTMCell: `carry` expected a last axis of size 4 \(the "
                      r"parameter 'hi/kernel' has shape \(4, 4\); flax.linen's cells take their "
                      r'size from the carry\), got size 3'):

@@ -178,6 +178,11 @@ class _Cell(RNNCellBase):
     Returns:
       The carry, in ``param_dtype``: ``(c, h)`` for LSTM cells, else ``h``.
     """
+    if not isinstance(self, _Cell):  # the class-method call of flax < 0.7.1
+      _checks.fail('initialize_carry', 'self', 'a cell instance: the old class-method call '
+                   'Cell.initialize_carry(rng, batch_dims, size) is now '
+                   'Cell(features=size).initialize_carry(rng, (*batch_dims, in_features))',
+                   type(self).__name__, TypeError)
     layout = _convert.LAYOUTS[self._layout_name]
     input_shape = _checks.check_shape(f'{layout.name}.initialize_carry', 'input_shape',
                                       input_shape, "(the arguments are flax.linen's (rng, "

@@ -338,7 +338,7 @@ def nnx_kwargs(layout: Layout, module: Any) -> dict:
     kwargs['kernel_size'] = tuple(kwargs['kernel_size'])
     if kwargs['strides'] is not None and not isinstance(kwargs['strides'], int):
       kwargs['strides'] = tuple(kwargs['strides'])
-    if not isinstance(kwargs['padding'], str) and kwargs['padding'] is not None:
+    if not isinstance(kwargs['padding'], (str, int)) and kwargs['padding'] is not None:
       kwargs['padding'] = tuple(
         tuple(p) if isinstance(p, (list, tuple)) else p for p in kwargs['padding']
       )

@@ -61,7 +61,9 @@ class RNN(nn.Module):
   in padding reaches the outputs there and the gradients, as in flax.linen.
 
   The ``cell_size`` argument of the old signature raises a ``TypeError``: the
-  cell holds its size now (``RNN(LSTMCell(features=64))``).
+  cell holds its size now (``RNN(LSTMCell(features=64))``). So does the old
+  positional form ``RNN(cell, 64)``, where flax.linen (0.12) silently takes
+  the 64 for ``time_major`` (an int above 1 is no time-major flag).
 
   Example::
 
@@ -86,8 +88,9 @@ class RNN(nn.Module):
     unroll: scan iterations unrolled per loop iteration.
     variable_axes, variable_broadcast, variable_carry, split_rngs: forwarded
       to ``flax.linen.scan``.
-    cell_size: removed; passing it raises ``TypeError`` (as the old signature's
-      second positional argument does).
+    cell_size: removed; passing it raises ``TypeError``, as does an int above
+      1 in ``time_major``'s place (the old signature's second positional
+      argument; flax.linen takes it for ``time_major``).
   """
 
   cell: nn.RNNCellBase

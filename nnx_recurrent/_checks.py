@@ -152,6 +152,26 @@ def check_integer_array(where: str, arg: str, x: Any, shape: tuple[int, ...], sh
   return jnp.asarray(x)
 
 
+def whole_lengths(where: str, seq_lengths: Any) -> Any:
+  """Float lengths (``mask.sum(-1)`` of a float mask) as ``int32``.
+
+  flax runs with them where it ignores them, so code passes them; their
+  values must be whole numbers (checked when concrete; under ``jit`` the cast
+  truncates). Other dtypes pass through to the integer check.
+  """
+  check_not_foreign(where, 'seq_lengths', seq_lengths)
+  dtype = getattr(seq_lengths, 'dtype', None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    return seq_lengths
+  if is_concrete(seq_lengths):
+    host = np.asarray(seq_lengths)
+    bad = host[~np.isfinite(host) | (host != np.round(host))]
+    if bad.size:
+      fail(where, 'seq_lengths', 'whole numbers (an integer array, or floats such as the sum '
+           'of a float mask)', f'{bad.ravel()[:3].tolist()} among them')
+  return jnp.asarray(seq_lengths).astype(jnp.int32)
+
+
 def check_seq_lengths(where: str, seq_lengths: Any, batch_shape: tuple[int, ...], time: int):
   """Checks ``seq_lengths``; values are range-checked only when concrete.
 
@@ -159,7 +179,8 @@ def check_seq_lengths(where: str, seq_lengths: Any, batch_shape: tuple[int, ...]
   values are not checked (see :func:`is_concrete`); there a length above
   ``time`` acts as ``time`` and a negative length as ``0``.
   """
-  seq_lengths = check_integer_array(where, 'seq_lengths', seq_lengths, batch_shape, 'batch shape')
+  seq_lengths = check_integer_array(where, 'seq_lengths', whole_lengths(where, seq_lengths),
+                                    batch_shape, 'batch shape')
   if is_concrete(seq_lengths) and seq_lengths.size:
     host = np.asarray(seq_lengths)  # host values: jnp reductions would trace under jit
     lo, hi = int(host.min()), int(host.max())

@@ -190,8 +190,9 @@ class RNN(nnx.Module):
     Args:
       inputs: ``(*batch, time, *features)`` (or time first).
       initial_carry: default ``cell.initialize_carry`` (zeros).
-      seq_lengths: integer ``(*batch)`` lengths (a scalar: every row's);
-        steps at or past a row's length are padding. Concrete values must be
+      seq_lengths: integer ``(*batch)`` lengths (a scalar: every row's;
+        whole-number floats, such as a float mask's sum, are cast); steps at
+        or past a row's length are padding. Concrete values must be
         in ``[0, time]``; under ``jit`` they cannot be checked: larger values
         act as ``time``, negative ones as ``0``.
       segment_ids: integer ids shaped like the batch and time axes for packed
@@ -427,7 +428,8 @@ def flip_sequences(inputs: Array, seq_lengths: Array | None, num_batch_dims: int
   xs = jnp.moveaxis(inputs, time_axis, 0)
   batch_shape = tuple(xs.shape[1: 1 + num_batch_dims])
   if seq_lengths is not None:
-    seq_lengths = _checks.check_integer_array('flip_sequences', 'seq_lengths', seq_lengths,
-                                              batch_shape, 'batch shape')
+    seq_lengths = _checks.check_integer_array(
+      'flip_sequences', 'seq_lengths', _checks.whole_lengths('flip_sequences', seq_lengths),
+      batch_shape, 'batch shape')
   idx = _scan.reverse_indices(xs.shape[0], batch_shape, seq_lengths)
   return jnp.moveaxis(_scan.take_time(xs, idx), 0, time_axis)

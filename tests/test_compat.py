@@ -613,6 +613,13 @@ def test_cell_patterns_that_flax_linen_accepts():
   v = rnn_ref.init(jax.random.key(4), x)
   _assert_close(rnn.apply(v, x, seq_lengths=jnp.array(3), return_carry=True),
                 rnn_ref.apply(v, x, seq_lengths=jnp.array(3), return_carry=True), atol=1e-6)
+  # Float lengths (a float mask's sum): flax.linen runs where it ignores them;
+  # here they are the lengths, so the outputs are flax.linen's and the carry too.
+  float_lengths = LENGTHS.astype(jnp.float32)
+  _assert_close(rnn.apply(v, x, seq_lengths=float_lengths),
+                rnn_ref.apply(v, x, seq_lengths=float_lengths), atol=1e-6)
+  _assert_close(rnn.apply(v, x, seq_lengths=float_lengths, return_carry=True),
+                rnn_ref.apply(v, x, seq_lengths=LENGTHS, return_carry=True), atol=1e-6)
   # initialize_carry(None, shape): the zeros carry_init takes no key.
   for name in ('GRUCell', 'MGUCell', 'SimpleCell'):
     ours_c = getattr(compat, name)(H).initialize_carry(None, (B, IN))

@@ -293,6 +293,22 @@ def test_a_scalar_seq_lengths_is_every_rows_length_as_in_flax():
   _close(fused(x, seq_lengths=jnp.array(3)), fused(x, seq_lengths=rows))
 
 
+def test_float_seq_lengths_are_lengths():
+  # flax.nnx runs with float lengths where it ignores them (no carry, forward),
+  # so code passes them (the sum of a float mask); here they are the lengths.
+  x = _x()
+  lengths = jnp.array([5, 2, 3])
+  ours = nr.RNN(nr.GRUCell(IN, H, rngs=nnx.Rngs(0)))
+  theirs = nnx.RNN(nnx.GRUCell(IN, H, rngs=nnx.Rngs(0)))
+  nnx.update(ours, nnx.state(theirs, nnx.Param))
+  y, y_t = ours(x, seq_lengths=lengths.astype(jnp.float32)), theirs(x, seq_lengths=lengths)
+  valid = (jnp.arange(T)[None] < lengths[:, None])[..., None]
+  _close(jnp.where(valid, y, 0), jnp.where(valid, y_t, 0))
+  assert not np.asarray(jnp.where(valid, 0, y)).any()  # zeros at padding, as with int lengths
+  fused = nr.GRU(IN, H, rngs=nnx.Rngs(0))
+  _close(fused(x, seq_lengths=lengths.astype(jnp.float32)), fused(x, seq_lengths=lengths))
+
+
 def test_broadcast_rngs_gives_one_mask_per_call_as_flax():
   kw = dict(stream='recurrent_dropout')
   ours = nr.RNN(CountingDropoutCell(nnx.Rngs(0, recurrent_dropout=1), **kw),

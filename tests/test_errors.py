@@ -77,11 +77,21 @@ def test_seq_lengths_shape_not_batch_shape(lstm):
     nr.RNN(lstm)(X, seq_lengths=jnp.array([[1], [2]]))
 
 
-@pytest.mark.parametrize('lengths', [jnp.array([1.0, 2.0]), np.array([True, False])])
+@pytest.mark.parametrize('lengths', [np.array([True, False]), jnp.array([1 + 0j, 2])])
 def test_seq_lengths_not_integer(lstm, lengths):
   with pytest.raises((TypeError, ValueError), match=m('`seq_lengths` expected an integer array',
                                                       f'got dtype {lengths.dtype}')):
     nr.RNN(lstm)(X, seq_lengths=lengths)
+
+
+@pytest.mark.parametrize('lengths, got', [([1.0, 2.5], '[2.5]'), ([np.nan, 2.0], '[nan]')])
+def test_float_seq_lengths_not_whole(lstm, lengths, got):
+  # Whole-number floats are lengths (the sum of a float mask); others are not.
+  with pytest.raises(ValueError, match=m('`seq_lengths` expected whole numbers', f'got {got} '
+                                         'among them')):
+    nr.RNN(lstm)(X, seq_lengths=jnp.array(lengths))
+  with pytest.raises(ValueError, match=m('flip_sequences: `seq_lengths` expected whole numbers')):
+    nr.flip_sequences(X, jnp.array(lengths), num_batch_dims=1, time_major=False)
 
 
 @pytest.mark.parametrize('lengths, got', [([1, 6], '[1, 6]'), ([-1, 2], '[-1, 2]')])

@@ -143,7 +143,8 @@ class RNN(nn.Module):
       inputs: ``(*batch, time, *features)`` (time first with ``time_major``).
       initial_carry: default ``cell.initialize_carry(init_key, step_shape)``.
       init_key: key for ``initialize_carry`` (default ``jax.random.key(0)``).
-      seq_lengths: integer ``(*batch)`` lengths; later steps are padding.
+      seq_lengths: integer ``(*batch)`` lengths (whole-number floats are
+        cast); later steps are padding.
       return_carry, time_major, reverse, keep_order: override the attributes.
       segment_ids: packed sequences (extension, not in flax.linen): integer
         ids shaped like the batch and time axes, ``0`` = padding; the carry is

@@ -8,6 +8,7 @@ the converter, against flax.linen's output).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 import re
@@ -502,6 +503,38 @@ def test_compat_cells_under_linen_transforms_match_linen():
   assert v_o['params']['vmap']['hn']['kernel'].shape == (2, H, H)
   out_t, out_o = jax.jit(lambda v: (theirs.apply(v, carry, xs), ours.apply(v, carry, xs)))(v_t)
   _assert_close(out_o, out_t, atol=1e-6)
+
+
+def _scanned_rnn(ns):
+  # The RL pattern (purejaxrl, JaxMARL, Stoix's ScannedRNN): nn.scan over a
+  # compact step that builds the cell, resetting the carry where an episode ends.
+  class ScannedRNN(nn.Module):
+    @functools.partial(nn.scan, variable_broadcast='params', in_axes=0, out_axes=0,
+                       split_rngs={'params': False})
+    @nn.compact
+    def __call__(self, carry, x):
+      ins, resets = x
+      fresh = ns.GRUCell(H, parent=None).initialize_carry(jax.random.key(0), ins.shape)
+      carry = jnp.where(resets[:, None], fresh, carry)
+      return ns.GRUCell(features=H)(carry, ins)
+
+  return ScannedRNN()
+
+
+def test_scanned_rnn_rl_pattern_matches_linen():
+  xs = jax.random.normal(jax.random.key(0), (T, B, IN))  # time first, as in RL rollouts
+  resets = jax.random.bernoulli(jax.random.key(1), 0.3, (T, B))
+  carry = jax.random.normal(jax.random.key(2), (B, H))
+  theirs, ours = _scanned_rnn(nn), _scanned_rnn(compat)
+  v = theirs.init(jax.random.key(3), carry, (xs, resets))
+  _assert_same_tree(ours.init(jax.random.key(3), carry, (xs, resets)), v)
+
+  def loss(model, v):
+    new_carry, ys = model.apply(v, carry, (xs, resets))
+    return jnp.sum(ys ** 2) + jnp.sum(new_carry)
+
+  got = jax.jit(jax.value_and_grad(lambda v: loss(ours, v)))(v)
+  _assert_close(got, jax.jit(jax.value_and_grad(lambda v: loss(theirs, v)))(v), atol=1e-5)
 
 
 # -- migration ---------------------------------------------------------------------

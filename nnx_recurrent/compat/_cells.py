@@ -67,6 +67,11 @@ class RNNCellBase(nn.RNNCellBase):
   """
 
 
+def _hidden(carry):
+  """The ``h`` of a carry: ``(c, h)`` (a tuple or a list) or ``h``."""
+  return carry[-1] if isinstance(carry, (tuple, list)) else carry
+
+
 class _Cell(RNNCellBase):
   """The shared machinery: linen parameters -> nnx_recurrent cell -> one step."""
 
@@ -112,7 +117,7 @@ class _Cell(RNNCellBase):
     # parameters, and `capture_intermediates` and `tabulate` see them as in
     # flax.linen. The step itself runs on the nnx cell (fused matmuls), so
     # their outputs go unused and jit drops them.
-    hidden = carry[-1] if isinstance(carry, tuple) else carry  # (c, h) or h
+    hidden = _hidden(carry)
     for g in layout.groups(sized):
       self._linen_layer(sized, g)(inputs if g.reads == 'input' else hidden)
     params = self.variables['params']
@@ -128,8 +133,7 @@ class _Cell(RNNCellBase):
     (flax's seq2seq example steps an ``LSTMCell(vocab_size)`` on a wider
     carry). A field copy, unbound; ``ConvLSTMCell`` keeps ``features``.
     """
-    hidden = carry[-1] if isinstance(carry, (tuple, list)) else carry
-    shape: tuple[int, ...] = tuple(getattr(hidden, 'shape', ()))
+    shape: tuple[int, ...] = tuple(getattr(_hidden(carry), 'shape', ()))
     if len(shape) == 0 or shape[-1] == self.features:
       return self
     return self.clone(parent=None, features=int(shape[-1]))

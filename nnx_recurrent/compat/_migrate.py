@@ -152,7 +152,7 @@ def _from_nnx(module: Any, where: str):
   cell = CELLS[layout.name](features=module.hidden_features, **kwargs)
   pure = nnx.to_pure_dict(nnx.state(module, nnx.Param))
   if layout.name == 'GRUCell' and module.bias_hn is None:  # use_bias_hn=False: b_hn = 0
-    pure['bias_hn'] = jnp.zeros_like(pure['dense_i']['bias'][:module.hidden_features])
+    pure['bias_hn'] = jnp.zeros(module.hidden_features, pure['dense_i']['bias'].dtype)
   return cell, _convert.nnx_to_linen(layout, cell, pure)
 
 

@@ -367,7 +367,7 @@ def _cell_params(cell) -> Params:
     params = {p: np.asarray(_variable(cell, p)[...]) for p in paths[family]
               if not (no_hn and p == 'bias_hn')}
     if no_hn:
-      params['bias_hn'] = np.zeros_like(params['dense_i.bias'][:cell.hidden_features])
+      params['bias_hn'] = np.zeros(cell.hidden_features, params['dense_i.bias'].dtype)
   if _proj_features(cell):
     params['proj.kernel'] = np.asarray(cell.proj.kernel[...])
   return params

@@ -1,8 +1,12 @@
-"""The masked scan: the one sequence engine behind every front door.
+"""The masked scan: the sequence engine behind every front door.
 
 Everything here works on *time-major* arrays ``(time, *batch, *features)``;
-the front doors (``RNN``, ``Bidirectional``, the fused layers, compat) move
-the time axis and call in.
+the front doors move the time axis and call in. ``RNN`` (hence
+``Bidirectional`` and ``StackedRNN``) scans with :func:`masked_scan`, compat's
+``RNN`` runs :func:`step` / :func:`linen_step` under ``flax.linen.scan``, and
+the fused layers' hand-differentiated scans (``_fused._xla``) use the same
+input checks (:func:`prepare`), cleaning (:func:`clean_padding`) and carry
+selection (:func:`keep_at_padding`).
 
 Masking is *carry selection*: at a padding step the new carry is discarded
 (``where(valid, new, old)``) and the output is zero, so the carry that comes
@@ -136,13 +140,28 @@ def _remat_call_cell(cell, carry, x_t, dropout_masks, rng_t=None):
   return new_carry, y
 
 
-def _step(cell, carry, xs, extras):
-  """One masked step: padding keeps the carry and outputs zeros."""
+def keep_at_padding(valid_t: Array | None, new_carry: Any, carry: Any, y: Any):
+  """Carry selection at one step: ``(carry, zeros)`` where ``valid_t`` is
+  False, ``(new_carry, y)`` where it is True (everywhere when ``None``)."""
+  if valid_t is None:
+    return new_carry, y
+  y = jax.tree_util.tree_map(lambda a: jnp.where(_bcast(valid_t, a), a, 0), y)
+  return select(valid_t, new_carry, carry), y
+
+
+def step(cell, carry, xs, extras):
+  """One masked step: padding keeps the carry and outputs zeros.
+
+  ``xs`` is ``(x_t, valid_t, reset_t, rng_t)`` and ``extras`` is
+  ``(dropout_masks, reset_carry)``; a ``reset_t`` step (a packed segment's
+  first) starts from ``reset_carry``. Inputs at padding must be clean
+  (:func:`clean_padding`) for their gradients to be.
+  """
   return _masked_step(_call_cell, cell, carry, xs, extras)
 
 
 def _remat_step(cell, carry, xs, extras):
-  """:func:`_step` whose cell call is recomputed in the backward pass."""
+  """:func:`step` whose cell call is recomputed in the backward pass."""
   return _masked_step(_remat_call_cell, cell, carry, xs, extras)
 
 
@@ -154,18 +173,15 @@ def _masked_step(call, cell, carry, xs, extras):
   new_carry, y = call(cell, carry, x_t, dropout_masks, rng_t)
   # Cells may compute in a lower dtype than the carry is stored in.
   new_carry = jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), new_carry, carry)
-  if valid_t is not None:
-    new_carry = select(valid_t, new_carry, carry)
-    y = jax.tree_util.tree_map(lambda a: jnp.where(_bcast(valid_t, a), a, 0), y)
-  return new_carry, y
+  return keep_at_padding(valid_t, new_carry, carry, y)
 
 
-def _linen_step(cell, carry, xs, extras):
+def linen_step(cell, carry, xs, extras):
   """flax.linen's step: the cell runs on padding too and its outputs stay.
 
   ``carry`` is ``(running, last_valid)``: ``running`` is flax.linen's carry,
   which goes on through the padding; ``last_valid`` is selected as in
-  :func:`_step`, so the final carry is each row's last valid one without a
+  :func:`step`, so the final carry is each row's last valid one without a
   carry history.
   """
   x_t, valid_t, _, _ = xs
@@ -203,7 +219,6 @@ def masked_scan(
   masks: StepMasks = StepMasks(None, None),
   *,
   dropout_masks: Any = None,
-  reset_carry: Any = None,
   unroll: int | bool = 1,
   remat: bool = False,
   state_axes: Any = None,
@@ -223,7 +238,6 @@ def masked_scan(
     xs: ``(time, *batch, *features)``.
     masks: per-step ``valid`` and ``reset`` booleans ``(time, *batch)``.
     dropout_masks: passed to every step (shared across time).
-    reset_carry: the carry a ``reset`` step starts from (default ``carry``).
     unroll: steps unrolled per loop iteration.
     remat: rematerialise each step in the backward pass (memory ~ carries only).
     state_axes, broadcast_rngs: as for flax.nnx's ``RNN``.
@@ -233,12 +247,11 @@ def masked_scan(
   Returns:
     ``(final_carry, ys)`` with ``ys`` time-major; ``ys`` is zero where not valid.
   """
-  if masks.reset is not None and reset_carry is None:
-    reset_carry = carry
+  reset_carry = carry if masks.reset is not None else None  # a segment starts from `carry`
   xs = clean_padding(xs, masks.valid)
-  step = _remat_step if remat else _step
+  step_fn = _remat_step if remat else step
   axes = nnx_state_axes(state_axes, broadcast_rngs)
-  scan = graph_nnx.scan(step, in_axes=(axes, nnx.Carry, 0, None), out_axes=(nnx.Carry, 0),
+  scan = graph_nnx.scan(step_fn, in_axes=(axes, nnx.Carry, 0, None), out_axes=(nnx.Carry, 0),
                         unroll=unroll)
   if broadcast_rngs is not None:
     # One split per call: the broadcast streams give new randomness each call.

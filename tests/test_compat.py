@@ -415,6 +415,30 @@ def test_rnn_segment_ids_extension_matches_linen_per_segment():
     assert float(jnp.abs(y[:, 5]).max()) == 0.0
 
 
+def test_rnn_segment_ids_garbage_at_padding_reaches_no_gradient():
+  """Packed sequences are masked as in nr.RNN: NaN at padding (id 0) changes no
+  output and no gradient, which equal flax.linen's on the valid steps alone."""
+  x = jax.random.normal(jax.random.key(0), (1, 5, IN))
+  segment_ids = jnp.array([[1, 1, 2, 0, 0]])
+  garbage = x.at[:, 3:].set(jnp.nan)
+  theirs, ours = nn.RNN(nn.GRUCell(H)), compat.RNN(compat.GRUCell(H))
+  v = theirs.init(jax.random.key(1), x)
+
+  def loss_ours(v, x):
+    return jnp.sum(ours.apply(v, x, segment_ids=segment_ids) ** 2)
+
+  def loss_linen(v, x):
+    return sum(jnp.sum(theirs.apply(v, x[:, lo:hi]) ** 2) for lo, hi in ((0, 2), (2, 3)))
+
+  value, grads = jax.value_and_grad(loss_ours, argnums=(0, 1))(v, garbage)
+  want_value, want = jax.value_and_grad(loss_linen, argnums=(0, 1))(v, x)
+  np.testing.assert_allclose(value, want_value, rtol=1e-6)
+  for g, w in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(want[0])):
+    np.testing.assert_allclose(g, w, atol=1e-6)
+  np.testing.assert_allclose(grads[1][:, :3], want[1][:, :3], atol=1e-6)
+  np.testing.assert_array_equal(grads[1][:, 3:], 0)
+
+
 def test_flip_sequences_matches_linen():
   from flax.linen.recurrent import flip_sequences as linen_flip
 

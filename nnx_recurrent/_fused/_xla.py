@@ -127,10 +127,7 @@ def forward_scan(cell_math, plan: ScanPlan, params, xs, carry0, valid, reset,
       carry = _scan.select(r_t, carry0, carry)
     new_carry, res = cell_math.step(carry, *preactivations(x_t, cell_math.h(carry)), b, extra,
                                     save)
-    y = cell_math.h(new_carry)
-    if v_t is not None:
-      new_carry = _scan.select(v_t, new_carry, carry)
-      y = _scan.select(v_t, y, jnp.zeros_like(y))
+    new_carry, y = _scan.keep_at_padding(v_t, new_carry, carry, cell_math.h(new_carry))
     return new_carry, (y, res)
 
   carry, (ys, res) = prefetch_scan(step, carry0, (seq, valid, reset), length=xs.shape[0],

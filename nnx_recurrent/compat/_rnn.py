@@ -7,9 +7,9 @@ so parameters (broadcast by default, without a time axis) and any other
 collections behave as they do there. Everything else is the core's: input
 validation and the time-major layout (``_scan.prepare``), per-row reversal
 (``_scan.reverse_indices`` / ``take_time``), and the step of the masked scan
-(``_scan._linen_step`` with ``seq_lengths``: the cell runs on through the
+(``_scan.linen_step`` with ``seq_lengths``: the cell runs on through the
 padding and its outputs stay, as in flax.linen, while a second carry keeps each
-row's last valid one; ``_scan._step`` for packed sequences: carry selection and
+row's last valid one; ``_scan.step`` for packed sequences: carry selection and
 zero outputs at padding, segment resets), which is the function
 ``flax.linen.scan`` runs.
 """
@@ -171,12 +171,15 @@ class RNN(nn.Module):
     xs, idx = _scan.processing_order(seq, reverse)
     # flax.linen's values at padding: the cell runs on, its outputs stay, and a
     # second carry keeps each row's last valid one (the returned carry).
-    # Packed sequences (an extension) are masked as in nnx_recurrent.RNN.
+    # Packed sequences (an extension) are masked as in nnx_recurrent.RNN,
+    # garbage at padding included (no gradient reaches it).
     linen = seq.masks.valid is not None and seq.masks.reset is None
+    if not linen:
+      xs = _scan.clean_padding(xs, seq.masks.valid)
     carry = (initial_carry, initial_carry) if linen else initial_carry
     reset_carry = initial_carry if seq.masks.reset is not None else None
     scan = nn.scan(
-      _scan._linen_step if linen else _scan._step,
+      _scan.linen_step if linen else _scan.step,
       variable_axes=self.variable_axes,
       variable_broadcast=self.variable_broadcast,
       variable_carry=self.variable_carry,

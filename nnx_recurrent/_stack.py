@@ -12,9 +12,12 @@ from nnx_recurrent._rnn import RNN, Bidirectional, _first
 
 
 def _feature_axes(layer) -> int:
-  """The number of feature axes a layer's inputs have (1 for the fused layers)."""
-  while isinstance(layer, Bidirectional):
-    layer = layer.forward_rnn
+  """The number of feature axes a layer's inputs have (1 for the fused layers),
+  through any nesting of ``Bidirectional`` and ``StackedRNN``."""
+  if isinstance(layer, Bidirectional):
+    return _feature_axes(layer.forward_rnn)
+  if isinstance(layer, StackedRNN):
+    return _feature_axes(layer.layers[0])
   cell = getattr(layer, 'cell', None)
   return cell.num_feature_axes if cell is not None else 1
 

@@ -116,3 +116,23 @@ def test_errors():
     nr.StackedRNN(stack.layers[0], nr.GRUCell(2 * H, H, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match=r'RNN: `initial_carry` expected'):
     stack(x, initial_carry=(None, np.zeros((B, H + 1))))
+
+
+def test_reverse_through_nested_convolutional_stacks():
+  """``reverse`` finds the time axis through Bidirectional and StackedRNN nesting:
+  a stack of convolutional cells (inputs ``(batch, time, width, channels)``) run
+  in reverse equals the stack run on each row reversed within its length."""
+  rngs = nnx.Rngs(0)
+  inner = lambda: nr.StackedRNN(nr.RNN(nr.ConvLSTMCell(2, 2, (3,), rngs=rngs)))
+  stack = _randomize(nr.StackedRNN(nr.Bidirectional(inner(), inner())))
+  x = np.random.default_rng(0).normal(size=(2, 4, 6, 2)).astype(np.float32)
+  lengths = np.array([4, 3])
+  flipped = x.copy()
+  for b, n in enumerate(lengths):
+    flipped[b, :n] = x[b, :n][::-1]
+  got = np.asarray(stack(x, seq_lengths=lengths, reverse=True))  # processing order
+  want = np.asarray(stack(flipped, seq_lengths=lengths))
+  assert got.shape == (2, 4, 6, 4)
+  np.testing.assert_allclose(got, want, atol=ATOL)
+  assert not np.allclose(got, np.asarray(stack(x, seq_lengths=lengths)), atol=1e-3)
+  np.testing.assert_array_equal(got[1, 3:], 0)

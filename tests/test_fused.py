@@ -7,6 +7,7 @@ float64 NumPy, one row at a time on its unpadded part.
 """
 
 import contextlib
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -488,3 +489,16 @@ def test_parameter_metadata_reaches_every_cell(layer):
     assert cell.dense_h.kernel.get_metadata()['tag'] == 'r'
     bias = cell.dense_h.bias if layer is nr.LSTM else cell.bias_hn
     assert bias.get_metadata()['tag'] == 'b'
+
+
+def test_constructor_signatures_are_spelled_out():
+  """help(), IDEs and typos see every option under the public class's name."""
+  lstm = inspect.signature(nr.LSTM.__init__).parameters
+  gru = inspect.signature(nr.GRU.__init__).parameters
+  assert set(gru) <= set(lstm)
+  assert set(lstm) - set(gru) == {'proj_features', 'proj_kernel_init', 'proj_kernel_metadata'}
+  for params in (lstm, gru):
+    assert not [n for n in params if n.startswith('_')]
+    assert not [p for p in params.values() if p.kind is p.VAR_KEYWORD]
+  with pytest.raises(TypeError, match=r'LSTM\.__init__\(\) got an unexpected keyword .*foo'):
+    nr.LSTM(3, 4, foo=1, rngs=nnx.Rngs(0))

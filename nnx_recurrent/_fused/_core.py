@@ -35,12 +35,9 @@ from nnx_recurrent._base import (
   default_recurrent_kernel_init,
 )
 from nnx_recurrent._fused import _cudnn, _pallas, _plans, _xla
+from nnx_recurrent._rnn import _first
 
 IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'pallas')
-
-
-def _first(*values):
-  return next(v for v in values if v is not None)
 
 
 class _FusedBase(nnx.Module):
@@ -70,7 +67,6 @@ class _FusedBase(nnx.Module):
     bias_metadata: Mapping[str, Any] = _NO_METADATA,
     implementation: str = 'auto',
     rngs: nnx.Rngs,
-    _cell_options: Mapping[str, Any] = _NO_METADATA,
   ):
     where = type(self).__name__
     supported = IMPLEMENTATIONS if self._cudnn else ('auto', 'xla', 'pallas')
@@ -102,7 +98,7 @@ class _FusedBase(nnx.Module):
     kw = dict(kernel_init=kernel_init, recurrent_kernel_init=recurrent_kernel_init,
               bias_init=bias_init, dtype=dtype, param_dtype=param_dtype,
               kernel_metadata=kernel_metadata, recurrent_kernel_metadata=recurrent_kernel_metadata,
-              bias_metadata=bias_metadata, rngs=rngs, **_cell_options)
+              bias_metadata=bias_metadata, rngs=rngs, **self._cell_options())
     width = self.out_features * self.num_directions
     forward, backward = [], []
     for layer in range(self.num_layers):
@@ -114,6 +110,10 @@ class _FusedBase(nnx.Module):
     self.backward = nnx.List(backward) if self.bidirectional else nnx.data(None)
     # Between layers only; no PRNG state unless it is needed.
     self.dropout = nnx.Dropout(self.dropout_rate, rngs=rngs if self.dropout_rate else None)
+
+  def _cell_options(self) -> Mapping[str, Any]:
+    """Options of the cells beyond the shared ones (the LSTM's projection)."""
+    return {}
 
   @property
   def num_directions(self) -> int:

@@ -11,10 +11,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from flax.typing import Initializer
+import jax.numpy as jnp
+from flax import nnx
+from flax.typing import Dtype, Initializer
 
 from nnx_recurrent import _checks
-from nnx_recurrent._base import _NO_METADATA, default_kernel_init
+from nnx_recurrent._base import (
+  _NO_METADATA,
+  default_bias_init,
+  default_kernel_init,
+  default_recurrent_kernel_init,
+)
 from nnx_recurrent._fused._core import _FusedBase
 from nnx_recurrent._fused._step_math import GRUMath, LSTMMath
 from nnx_recurrent._gru import GRUCell
@@ -145,16 +152,47 @@ class LSTM(_FusedBase):
   _math = LSTMMath
   _cudnn = True
 
-  def __init__(self, in_features: int, hidden_features: int, *,
-               proj_features: int | None = None,
-               proj_kernel_init: Initializer = default_kernel_init,
-               proj_kernel_metadata: Mapping[str, Any] = _NO_METADATA, **kwargs: Any):
+  def __init__(
+    self,
+    in_features: int,
+    hidden_features: int,
+    *,
+    proj_features: int | None = None,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    dropout_rate: float = 0.0,
+    time_major: bool = False,
+    return_carry: bool = False,
+    reverse: bool = False,
+    keep_order: bool = False,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    kernel_init: Initializer = default_kernel_init,
+    recurrent_kernel_init: Initializer = default_recurrent_kernel_init,
+    bias_init: Initializer = default_bias_init,
+    proj_kernel_init: Initializer = default_kernel_init,
+    kernel_metadata: Mapping[str, Any] = _NO_METADATA,
+    recurrent_kernel_metadata: Mapping[str, Any] = _NO_METADATA,
+    bias_metadata: Mapping[str, Any] = _NO_METADATA,
+    proj_kernel_metadata: Mapping[str, Any] = _NO_METADATA,
+    implementation: str = 'auto',
+    rngs: nnx.Rngs,
+  ):
     self.proj_features = None if proj_features is None else _checks.check_positive_int(
       type(self).__name__, 'proj_features', proj_features)
-    options = {} if self.proj_features is None else dict(
+    self._proj_options = {} if self.proj_features is None else dict(
       proj_features=self.proj_features, proj_kernel_init=proj_kernel_init,
       proj_kernel_metadata=proj_kernel_metadata)
-    super().__init__(in_features, hidden_features, _cell_options=options, **kwargs)
+    super().__init__(
+      in_features, hidden_features, num_layers=num_layers, bidirectional=bidirectional,
+      dropout_rate=dropout_rate, time_major=time_major, return_carry=return_carry,
+      reverse=reverse, keep_order=keep_order, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=kernel_init, recurrent_kernel_init=recurrent_kernel_init, bias_init=bias_init,
+      kernel_metadata=kernel_metadata, recurrent_kernel_metadata=recurrent_kernel_metadata,
+      bias_metadata=bias_metadata, implementation=implementation, rngs=rngs)
+
+  def _cell_options(self) -> Mapping[str, Any]:
+    return self._proj_options
 
 
 class GRU(_FusedBase):

@@ -5,7 +5,8 @@ time step and nothing about sequences: ``cell(carry, x_t) -> (carry, y_t)``.
 Sequences are the business of :mod:`nnx_recurrent._scan`.
 
 Cells implement ``_step(carry, x, recurrent_mask)`` and say what their carry
-looks like (``_carry_leaves``: how many arrays of the output shape it holds);
+looks like (``_carry_leaves``: how many arrays of the output shape it holds,
+or ``_carry_shapes`` where they differ: a projected LSTM's ``c``);
 ``initialize_carry``, input checks and variational dropout live here, once.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple, TypeGuard
 
@@ -128,7 +129,9 @@ def _scaled_keep_mask(key: Array, rate: float, shape: tuple[int, ...], dtype) ->
 
 
 def lstm_update(c: Array, i: Array, f: Array, g: Array, o: Array, gate_fn, activation_fn):
-  """The LSTM state update shared by every LSTM-family cell and fused layer."""
+  """The LSTM state update of the LSTM cells, ``ConvLSTMCell`` and the fused
+  layers (``LayerNormLSTMCell`` normalizes ``c`` before its output
+  activation, so writes its own)."""
   new_c = gate_fn(f) * c + gate_fn(i) * activation_fn(g)
   new_h = gate_fn(o) * activation_fn(new_c)
   return new_c, new_h
@@ -238,7 +241,8 @@ class RNNCellBase(nnx.Module):
   # the library calls internally: tools that wrap every public method in a
   # trace (``nnx.tabulate``) would otherwise turn the shape tuples into tracers.
   def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape of one step's output (and of each carry array) for ``input_shape``."""
+    """Shape of one step's output (and of ``h``, the carry's every array but a
+    projected LSTM's ``c``, which has ``hidden_features``) for ``input_shape``."""
     return self._output_shape(tuple(input_shape))
 
   def _output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -279,7 +283,8 @@ class RNNCellBase(nnx.Module):
 
     Returns:
       The carry: one array of shape ``output_shape(input_shape)``, or a tuple
-      of them (``(c, h)`` for LSTM cells), in ``param_dtype``.
+      of arrays (``(c, h)`` for LSTM cells; with ``proj_features``, ``c`` has
+      ``hidden_features`` and ``h`` ``proj_features``), in ``param_dtype``.
     """
     return self._initialize_carry(input_shape, rngs, carry_init)
 
@@ -480,5 +485,3 @@ def masked(h: Array, mask: Array | None) -> Array:
   """``h * mask`` for the recurrent input, or ``h`` when there is no mask."""
   return h if mask is None else h * mask.astype(h.dtype)
 
-
-CellFactory = Callable[..., RNNCellBase]

@@ -22,8 +22,6 @@ from nnx_recurrent._base import (
   masked,
 )
 
-_GATES = ('i', 'f', 'g', 'o')
-
 
 class _LSTMBase(RNNCellBase):
   _carry_leaves = 2

@@ -5,8 +5,8 @@ both directions in one call, the weights packed into cuDNN's flat layout on
 the fly, so the parameters and their gradients stay the cells'. It runs on a
 CUDA GPU in float32 only, and is opt-in: through JAX it measured slower than
 the XLA scans on an H200 at three of the four benchmark shapes. Dropout between
-layers is the layer's (``_layers``), so every backend computes the same
-function.
+layers is the layer's (``_core._FusedBase.__call__``), so every backend
+computes the same function.
 """
 
 from __future__ import annotations

@@ -292,9 +292,7 @@ def _from_torch_layer(family: _Family, module, act, kw) -> nnx.Module:
     return p
 
   if family.fused is not None:
-    fused = getattr(nr, family.fused, None)
-    if fused is None:  # pragma: no cover - until the fused layers exist
-      raise NotImplementedError(f'from_torch: nr.{family.fused} is not available.')
+    fused = getattr(nr, family.fused)
     options = dict(proj_features=proj, proj_kernel_init=kw['kernel_init']) if proj else {}
     model = fused(module.input_size, hidden, num_layers=num_layers,
                   bidirectional=module.bidirectional, dropout_rate=float(module.dropout),
@@ -390,8 +388,7 @@ def _check_zero_start(rnn) -> None:
 def _layer_cells(module) -> tuple[list[list[Any]], bool, float]:
   """``(cells[layer][direction], time_major, dropout)`` of an nnx sequence layer."""
   where = 'to_torch'
-  fused = tuple(getattr(nr, n) for n in ('LSTM', 'GRU') if hasattr(nr, n))
-  if fused and isinstance(module, fused):
+  if isinstance(module, (nr.LSTM, nr.GRU)):
     if module.reverse:
       _checks.fail(where, 'module', f'an nr.{type(module).__name__} with reverse=False (PyTorch '
                    'has no reversed unidirectional layer)', 'reverse=True')
@@ -415,8 +412,7 @@ def _layer_cells(module) -> tuple[list[list[Any]], bool, float]:
     for r in rnns:
       _check_zero_start(r)
     return [[r.cell for r in rnns]], module.time_major, 0.0
-  stacked = getattr(nr, 'StackedRNN', None)
-  if stacked is not None and isinstance(module, stacked):
+  if isinstance(module, nr.StackedRNN):
     # The stack passes its time_major to every layer.
     cells = [row for layer in module.layers for row in _layer_cells(layer)[0]]
     return cells, module.time_major, float(module.dropout_rate)

@@ -283,6 +283,20 @@ def test_from_torch_keeps_training_mode():
                              atol=ATOL, rtol=0)
 
 
+def test_to_torch_warns_that_variational_dropout_is_left_out():
+  """The torch module would train without the cells' dropout: say so. The
+  eval-mode outputs are the model's."""
+  model = random_module(lambda: nr.RNN(_cell('GRUCell', IN, nnx.Rngs(0), dropout_rate=0.3,
+                                             recurrent_dropout_rate=0.2)))
+  with pytest.warns(UserWarning, match=r'to_torch: PyTorch has no variational dropout.*0\.3 / '
+                    r'0\.2 are not carried over'):
+    module = nr.interop.to_torch(model)
+  model.eval()
+  _check_against_torch(model, module.eval())
+  with pytest.warns(UserWarning, match='0.3 / 0.0'):
+    nr.interop.to_torch(_cell('LSTMCell', IN, nnx.Rngs(0), dropout_rate=0.3))
+
+
 def test_to_torch_keeps_eval_mode():
   model = nr.interop.from_torch(_torch_layer('GRU', 2, False, True, dropout=0.5))
   assert nr.interop.to_torch(model).training

@@ -58,11 +58,12 @@ cells with zoneout (it changes eval-mode outputs); layers that do not start
 from zeros as PyTorch's do (``learn_initial_carry``, a cell's ``carry_init``).
 Cells without a PyTorch counterpart (MGU, ConvLSTM) raise ``TypeError``.
 Variational (per-cell) dropout has no PyTorch counterpart and is not carried
-over (it does not change eval-mode outputs).
+over, with a warning (it does not change eval-mode outputs).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -323,6 +324,17 @@ def _check_no_zoneout(cell) -> None:
                  f'{type(cell).__name__} with zoneout_rate={cell.zoneout_rate}')
 
 
+def _warn_dropped_dropout(cells: list[Any]) -> None:
+  """Variational dropout has no PyTorch counterpart: dropped, with a warning
+  (as compat.from_nnx does), since the torch module then trains without it."""
+  rates = sorted({(c.dropout_rate, c.recurrent_dropout_rate) for c in cells
+                  if c.dropout_rate or c.recurrent_dropout_rate})
+  if rates:
+    warnings.warn('to_torch: PyTorch has no variational dropout; the cells\' dropout_rate / '
+                  f'recurrent_dropout_rate {", ".join(f"{d} / {r}" for d, r in rates)} are not '
+                  'carried over (the parameters and the eval-mode outputs are).', stacklevel=3)
+
+
 def _cell_family(cell: Any) -> tuple[_Family, str | None]:
   """The family of an nnx cell and its torch ``nonlinearity`` (RNN family only)."""
   where = 'to_torch'
@@ -471,6 +483,7 @@ def to_torch(module: nnx.Module, *, bias: bool = True):
     _checks.fail(where, 'bias', 'a bool', repr(bias), TypeError)
   if isinstance(module, nr.RNNCellBase):
     family, nonlinearity = _cell_family(module)
+    _warn_dropped_dropout([module])
     if _proj_features(module):
       _checks.fail(where, 'module', 'a cell without proj_features (torch.nn.LSTMCell has no '
                    'projection; an nr.RNN over the cell converts to torch.nn.LSTM(proj_size))',
@@ -492,6 +505,7 @@ def to_torch(module: nnx.Module, *, bias: bool = True):
     _checks.fail(where, 'module', 'cells of one family (all LSTM, all GRU or all SimpleCell '
                  'with one activation)', sorted(str(f) for f in families))
   (name, nonlinearity), = families
+  _warn_dropped_dropout([c for row in cells for c in row])
   family = _FAMILIES[name]
   num_dirs, hidden = len(cells[0]), cells[0][0].hidden_features
   proj = _proj_features(cells[0][0])

@@ -425,7 +425,8 @@ class RNNCellBase(nnx.Module):
       if dropout_masks.input is not None:
         inputs = inputs * dropout_masks.input
       recurrent_mask = dropout_masks.recurrent
-    new_carry, y = self._step(carry, inputs, recurrent_mask)
+    with jax.named_scope(f'nr.{where}'):  # names the step in profiles and HLO dumps
+      new_carry, y = self._step(carry, inputs, recurrent_mask)
     if getattr(self, 'zoneout_rate', 0.0):
       new_carry = self._zoneout(carry, new_carry, rngs)
     return new_carry, y

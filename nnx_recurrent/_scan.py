@@ -256,8 +256,9 @@ def masked_scan(
   if broadcast_rngs is not None:
     # One split per call: the broadcast streams give new randomness each call.
     scan = graph_nnx.split_rngs(splits=1, only=broadcast_rngs, squeeze=True)(scan)
-  return scan(cell, carry, (xs, masks.valid, masks.reset, step_rngs),
-              (dropout_masks, reset_carry))
+  with jax.named_scope(f'nr.RNN/{type(cell).__name__}'):  # for profiles and HLO dumps
+    return scan(cell, carry, (xs, masks.valid, masks.reset, step_rngs),
+                (dropout_masks, reset_carry))
 
 
 def default_carry(cell, step_shape: tuple[int, ...], rngs: Any = None) -> Any:

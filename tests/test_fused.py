@@ -502,3 +502,23 @@ def test_constructor_signatures_are_spelled_out():
     assert not [p for p in params.values() if p.kind is p.VAR_KEYWORD]
   with pytest.raises(TypeError, match=r'LSTM\.__init__\(\) got an unexpected keyword .*foo'):
     nr.LSTM(3, 4, foo=1, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_scans_are_named_for_profiles(cls):
+  """Profiles and HLO dumps name the work: the layers' forward and backward
+  scans, nr.RNN's scan and the cells' steps (CONVENTIONS: named scopes)."""
+  layer = cls(I, H, rngs=nnx.Rngs(0))
+  rnn = nr.RNN(nr.LSTMCell(I, H, rngs=nnx.Rngs(0)))
+  x = jnp.ones((B, T, I))
+
+  def names(module):
+    graph, state = nnx.split(module)
+    loss = lambda s: (nnx.merge(graph, s)(x, seq_lengths=jnp.array([T, 2, 0])) ** 2).sum()
+    return jax.jit(jax.grad(loss)).lower(state).as_text(debug_info=True)
+
+  text = names(layer)
+  for scope in ('forward', 'backward'):
+    assert f'nr.{cls.__name__}/{scope}' in text
+  text = names(rnn)
+  assert 'nr.RNN/LSTMCell' in text and 'nr.LSTMCell/dot' in text

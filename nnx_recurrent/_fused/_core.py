@@ -229,7 +229,9 @@ class _FusedBase(nnx.Module):
       if plan.custom_vjp:
         final, ys = _xla.recurrence(self._math, plan, params, xs, carry_in, *masks)
       else:  # JAX differentiates the forward scan (its unused residuals are dropped)
-        final, ys, _ = _xla.forward_scan(self._math, plan.primal, params, xs, carry_in, *masks)
+        with jax.named_scope(f'nr.{self._math.name}/forward'):
+          final, ys, _ = _xla.forward_scan(self._math, plan.primal, params, xs, carry_in,
+                                           *masks)
     final = jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), final, carry)
     return final, ys
 

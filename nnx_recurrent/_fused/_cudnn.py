@@ -106,8 +106,9 @@ def layer(cells, xs: Array, carries, seq_lengths: Array | None, dtype):
     lengths = jnp.clip(seq_lengths.reshape(n), 0, time).astype(jnp.int32)
   x, h0, c0 = _row_major(x, h0, c0)
   # cuDNN fails on zero lengths (jax-ml/jax#17966): run one step, then undo it.
-  out = _lstm(x, h0, c0, _weights(cells, dtype), jnp.maximum(lengths, 1),
-                    input_size=features, hidden_size=hidden, bidirectional=len(cells) == 2)
+  with jax.named_scope('nr.LSTM/cudnn'):
+    out = _lstm(x, h0, c0, _weights(cells, dtype), jnp.maximum(lengths, 1),
+                input_size=features, hidden_size=hidden, bidirectional=len(cells) == 2)
   y, h_n, c_n = _row_major(*out)  # and their cotangents, the backward call's operands
   if seq_lengths is not None:
     empty = lengths == 0

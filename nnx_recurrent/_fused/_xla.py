@@ -146,17 +146,24 @@ def recurrence(cell_math, plan, params, xs, carry0, valid, reset):
   a valid one or start a segment (what ``seq_lengths`` and ``segment_ids``
   give): the LSTM backward reads ``h_prev`` off ``ys``.
   """
-  carry, ys, _ = forward_scan(cell_math, plan.primal, params, xs, carry0, valid, reset)
+  with jax.named_scope(f'nr.{cell_math.name}/forward'):
+    carry, ys, _ = forward_scan(cell_math, plan.primal, params, xs, carry0, valid, reset)
   return carry, ys
 
 
 def _recurrence_fwd(cell_math, plan, params, xs, carry0, valid, reset):
-  carry, ys, res = forward_scan(cell_math, plan.train, params, xs, carry0, valid, reset,
-                                save=True)
+  with jax.named_scope(f'nr.{cell_math.name}/forward'):
+    carry, ys, res = forward_scan(cell_math, plan.train, params, xs, carry0, valid, reset,
+                                  save=True)
   return (carry, ys), (params, xs, carry0, ys, res, valid, reset)
 
 
 def _recurrence_bwd(cell_math, plan, saved, cotangents):
+  with jax.named_scope(f'nr.{cell_math.name}/backward'):
+    return _backward(cell_math, plan, saved, cotangents)
+
+
+def _backward(cell_math, plan, saved, cotangents):
   params, xs, carry0, ys, res, valid, reset = saved
   dcarry_final, dys = cotangents
   w_h_t = params[2].T  # W_h, transposed once, outside the loop

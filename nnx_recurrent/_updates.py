@@ -1,4 +1,5 @@
-"""The GRU state update, shared by ``GRUCell``, ``LayerNormGRUCell`` and ``ConvGRUCell``.
+"""The GRU state update, shared by ``GRUCell``, ``LayerNormGRUCell``, ``ConvGRUCell``
+and the fused ``GRU``'s step math (XLA scans and Pallas kernels).
 
 (The LSTM's is :func:`nnx_recurrent._base.lstm_update`.)
 """
@@ -8,11 +9,18 @@ from __future__ import annotations
 from nnx_recurrent._base import Array
 
 
-def gru_update(h: Array, xr: Array, xz: Array, xn: Array, hr: Array, hz: Array, hn: Array,
-               gate_fn, activation_fn) -> Array:
-  """``h' = (1 - z) * n + z * h`` with ``r = gate(xr + hr)``, ``z = gate(xz + hz)`` and
-  ``n = act(xn + r * hn)``; ``hn`` already holds ``b_hn`` (inside the reset product)."""
+def gru_gates(h: Array, xr: Array, xz: Array, xn: Array, hr: Array, hz: Array, hn: Array,
+              gate_fn, activation_fn) -> tuple[Array, Array, Array, Array]:
+  """``(h', r, z, n)``: ``h' = (1 - z) * n + z * h`` with ``r = gate(xr + hr)``,
+  ``z = gate(xz + hz)`` and ``n = act(xn + r * hn)``; ``hn`` already holds ``b_hn``
+  (inside the reset product)."""
   r = gate_fn(xr + hr)
   z = gate_fn(xz + hz)
   n = activation_fn(xn + r * hn)
-  return (1.0 - z) * n + z * h
+  return (1.0 - z) * n + z * h, r, z, n
+
+
+def gru_update(h: Array, xr: Array, xz: Array, xn: Array, hr: Array, hz: Array, hn: Array,
+               gate_fn, activation_fn) -> Array:
+  """``h'`` of :func:`gru_gates`."""
+  return gru_gates(h, xr, xz, xn, hr, hz, hn, gate_fn, activation_fn)[0]

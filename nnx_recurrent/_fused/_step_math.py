@@ -6,7 +6,7 @@ from the saved residual) and how the stacked gate gradients become weight
 gradients; the helpers below are the matmuls and gate activations they use.
 The gate nonlinearities are the cells' defaults (sigmoid, tanh), whose
 derivatives the backward step hard-codes; the LSTM cell update is
-:func:`_base.lstm_update`, the cells' own.
+:func:`_base.lstm_update` and the GRU's :func:`_updates.gru_gates`, the cells' own.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 
 from nnx_recurrent._base import Array, lstm_update
 from nnx_recurrent._fused import _plans
+from nnx_recurrent._updates import gru_gates
 
 
 def row(v: Array, ndim: int) -> Array:
@@ -251,11 +252,7 @@ class GRUMath:
   def gate_step(h, xr, xz, xn, hr, hz, hn):
     """The GRU update from each gate's pre-activations (``xr = x W_ir + b_ir``
     ..., ``hn = h W_hn + b_hn``): ``(new_h, r, z, n)``."""
-    r = jax.nn.sigmoid(xr + hr)
-    z = jax.nn.sigmoid(xz + hz)
-    n = jnp.tanh(xn + r * hn)
-    new_h = (1.0 - z) * n + z * h
-    return new_h, r, z, n
+    return gru_gates(h, xr, xz, xn, hr, hz, hn, jax.nn.sigmoid, jnp.tanh)
 
   @staticmethod
   def step_bwd(res_t, dh, dy_t, extra_t):

@@ -482,6 +482,14 @@ class RNNCellBase(nnx.Module):
     raise NotImplementedError(f'{type(self).__name__} must implement _step or __call__.')
 
 
+def add_bias(z: Array, param: nnx.Param | None) -> Array:
+  """``z + param`` over the last axis, or ``z`` without ``param`` (explicit
+  reshape: no implicit rank promotion)."""
+  if param is None:
+    return z
+  return z + param[...].astype(z.dtype).reshape((1,) * (z.ndim - 1) + (-1,))
+
+
 def masked(h: Array, mask: Array | None) -> Array:
   """``h * mask`` for the recurrent input, or ``h`` when there is no mask."""
   return h if mask is None else h * mask.astype(h.dtype)

@@ -13,6 +13,7 @@ from nnx_recurrent import _checks
 from nnx_recurrent._base import (
   _NO_METADATA,
   RNNCellBase,
+  add_bias,
   default_bias_init,
   default_kernel_init,
   default_promote_dtype,
@@ -91,10 +92,7 @@ class _GatedUnit(RNNCellBase):
     n = self.num_gates + 1
     xs = jnp.split(self.dense_i(inputs), n, axis=-1)
     hs = jnp.split(self.dense_h(h), n, axis=-1)
-    hn = hs[-1]
-    if self.bias_hn is not None:  # explicit reshape: no implicit rank promotion
-      hn = hn + self.bias_hn[...].astype(hn.dtype).reshape((1,) * (hn.ndim - 1) + (-1,))
-    return xs, hs[:-1], hn
+    return xs, hs[:-1], add_bias(hs[-1], self.bias_hn)
 
 
 class GRUCell(_GatedUnit):

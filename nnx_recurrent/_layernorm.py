@@ -23,6 +23,7 @@ from nnx_recurrent._base import (
   _NO_METADATA,
   Array,
   RNNCellBase,
+  add_bias,
   default_bias_init,
   default_kernel_init,
   default_promote_dtype,
@@ -40,13 +41,6 @@ def _check_epsilon(where: str, epsilon: Any) -> float:
   if not epsilon > 0:
     _checks.fail(where, 'epsilon', 'a positive float', repr(epsilon))
   return float(epsilon)
-
-
-def _plus(z: Array, param: nnx.Param | None) -> Array:
-  """``z + param`` over the last axis (explicit reshape: no implicit rank promotion)."""
-  if param is None:
-    return z
-  return z + param[...].astype(z.dtype).reshape((1,) * (z.ndim - 1) + (-1,))
 
 
 class _LayerNormCell(RNNCellBase):
@@ -138,7 +132,7 @@ class _LayerNormCell(RNNCellBase):
 
   def _normalized(self, inputs: Array, h: Array) -> tuple[list[Array], list[Array]]:
     """``LN(W_i x) + b`` and ``LN(W_h h)``, each split into ``num_parts`` parts."""
-    xs = _plus(self.ln_i(self.dense_i(inputs)), self.bias)
+    xs = add_bias(self.ln_i(self.dense_i(inputs)), self.bias)
     hs = self.ln_h(self.dense_h(h))
     return jnp.split(xs, self.num_parts, axis=-1), jnp.split(hs, self.num_parts, axis=-1)
 
@@ -309,6 +303,6 @@ class LayerNormGRUCell(_LayerNormCell):
   def _step(self, carry, inputs, recurrent_mask):
     h = carry
     (xr, xz, xn), (hr, hz, hn) = self._normalized(inputs, masked(h, recurrent_mask))
-    new_h = gru_update(h, xr, xz, xn, hr, hz, _plus(hn, self.bias_hn), self.gate_fn,
+    new_h = gru_update(h, xr, xz, xn, hr, hz, add_bias(hn, self.bias_hn), self.gate_fn,
                        self.activation_fn)
     return new_h, new_h

@@ -123,6 +123,16 @@ def kind(x: Any) -> str:
   return type(x).__name__
 
 
+def carry_pair(where: str, initial_carry: Any) -> tuple[Any, Any]:
+  """A bidirectional layer's ``initial_carry``: ``(forward, backward)``, or
+  ``(None, None)`` when it is ``None``."""
+  if initial_carry is None:
+    return None, None
+  if not isinstance(initial_carry, (tuple, list)) or len(initial_carry) != 2:
+    fail(where, 'initial_carry', 'a pair (forward_carry, backward_carry)', kind(initial_carry))
+  return initial_carry[0], initial_carry[1]
+
+
 def check_not_foreign(where: str, arg: str, x: Any) -> None:
   """A PyTorch or TensorFlow tensor has ``shape`` and ``dtype`` but fails
   deep inside numpy/JAX (``Cannot interpret 'torch.int64' as a data type``)."""

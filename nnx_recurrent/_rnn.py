@@ -375,12 +375,7 @@ class Bidirectional(nnx.Module):
     del reverse, keep_order  # flax.nnx's signature; both directions are fixed
     return_carry = _first(return_carry, self.return_carry)
     time_major = _first(time_major, self.time_major)
-    carry_f = carry_b = None
-    if initial_carry is not None:
-      if not isinstance(initial_carry, (tuple, list)) or len(initial_carry) != 2:
-        _checks.fail('Bidirectional', 'initial_carry',
-                     'a pair (forward_carry, backward_carry)', _checks.kind(initial_carry))
-      carry_f, carry_b = initial_carry
+    carry_f, carry_b = _checks.carry_pair('Bidirectional', initial_carry)
     common = dict(seq_lengths=seq_lengths, segment_ids=segment_ids, return_carry=True,
                   time_major=time_major)
     rngs = rngs if rngs is not None else self.rngs

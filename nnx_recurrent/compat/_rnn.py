@@ -272,12 +272,7 @@ class Bidirectional(nn.Module):
     key_f = key_b = None
     if init_key is not None:
       key_f, key_b = jax.random.split(init_key)
-    carry_f = carry_b = None
-    if initial_carry is not None:
-      if not isinstance(initial_carry, (tuple, list)) or len(initial_carry) != 2:
-        _checks.fail('Bidirectional', 'initial_carry',
-                     'a pair (forward_carry, backward_carry)', _checks.kind(initial_carry))
-      carry_f, carry_b = initial_carry
+    carry_f, carry_b = _checks.carry_pair('Bidirectional', initial_carry)
     common: dict = dict(seq_lengths=seq_lengths, return_carry=True, time_major=time_major)
     if segment_ids is not None:
       common['segment_ids'] = segment_ids

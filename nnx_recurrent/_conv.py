@@ -96,7 +96,8 @@ class _ConvCell(RNNCellBase):
     if len(strides) != n:
       _checks.fail(where, 'strides', f'{n} ints (one per kernel axis)', repr(strides))
     self.strides = tuple(_checks.check_positive_int(where, 'strides', s) for s in strides)
-    self.padding = padding
+    # Checked here: a padding nnx.Conv does not take fails only at the first call, in jax.
+    self.padding = padding = _checks.check_padding(where, padding, n)
     self.use_bias = use_bias
     width = self.num_parts * self.hidden_features
     self.ih = self._conv(

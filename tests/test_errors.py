@@ -425,3 +425,42 @@ def test_compat_construction_and_carry_arguments():
   with pytest.raises(TypeError, match=m('Bidirectional: `forward_rnn` expected an RNN module',
                                         'got GRUCell, a cell (wrap it: RNN(cell))')):
     compat.Bidirectional(compat.GRUCell(4), compat.RNN(compat.GRUCell(4)))
+
+
+# -- convolutional cells: padding -----------------------------------------------------
+_PADDINGS = ("one of 'SAME', 'SAME_LOWER', 'VALID', 'CIRCULAR', 'REFLECT', 'CAUSAL' "
+             "('CAUSAL' for 1-D kernels only), an int, or a sequence of 2 ints or (low, high) "
+             'tuples (one per kernel axis)')
+
+
+@pytest.mark.parametrize('padding, exc, got', [
+  ('BOGUS', ValueError, "got 'BOGUS'"),
+  ('circular', ValueError, "got 'circular'"),  # flax compares its own modes in upper case
+  ((1,), ValueError, 'got (1,)'),
+  (((1, 1), [1, 1]), ValueError, 'got ((1, 1), [1, 1])'),  # flax takes pairs as tuples only
+  ((1, 1.5), ValueError, 'got (1, 1.5)'),
+  (1.5, TypeError, 'got 1.5'),
+  (None, TypeError, 'got None'),
+], ids=['unknown', 'lower_case_flax_mode', 'too_few', 'list_pair', 'float_entry', 'float',
+        'none'])
+def test_conv_padding_refused_at_construction(padding, exc, got):
+  for cls in (nr.ConvLSTMCell, nr.ConvGRUCell):
+    with pytest.raises(exc, match=m(f'{cls.__name__}: `padding` expected {_PADDINGS}', got)):
+      cls(2, 3, (3, 3), padding=padding, rngs=nnx.Rngs(0))
+
+
+def test_conv_causal_padding_needs_a_1d_kernel():
+  with pytest.raises(ValueError, match=m("ConvLSTMCell: `padding` expected a padding other than "
+                                         "'CAUSAL' for a kernel of 2 axes", "got 'CAUSAL'")):
+    nr.ConvLSTMCell(2, 3, (3, 3), padding='CAUSAL', rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('kernel_size, padding, spatial', [
+  ((3, 3), 'same', (6, 6)), ((3, 3), 'VALID', (4, 4)), ((3, 3), 'SAME_LOWER', (6, 6)),
+  ((3, 3), 'REFLECT', (6, 6)), ((3, 3), (1, (0, 2)), (6, 6)), ((3, 3), 0, (4, 4)),
+  ((3,), 'CAUSAL', (6,)), ((3,), [1], (6,)),
+])
+def test_conv_paddings_flax_takes_still_run(kernel_size, padding, spatial):
+  cell = nr.ConvLSTMCell(2, 3, kernel_size, padding=padding, rngs=nnx.Rngs(0))
+  y = nr.RNN(cell)(jnp.ones((1, 2, *(6,) * len(kernel_size), 2)))
+  assert y.shape == (1, 2, *spatial, 3)

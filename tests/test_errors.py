@@ -192,8 +192,9 @@ def test_initialize_carry_needs_rngs_for_carry_init(lstm):
    m('ConvLSTMCell: `strides` expected 2 ints (one per kernel axis), got (1, 2, 1)')),
   (lambda: nr.ConvLSTMCell(2, 3, (3, 3), strides=(0, 1), rngs=nnx.Rngs(0)), ValueError,
    m('ConvLSTMCell: `strides` expected a positive int, got 0')),
-  (lambda: nr.ConvLSTMCell(2, 3, 3, rngs=nnx.Rngs(0)), ValueError,
-   m('ConvLSTMCell: `kernel_size` expected a sequence of 1 to 3 ints, got 3')),
+  (lambda: nr.ConvLSTMCell(2, 3, 3, rngs=nnx.Rngs(0)), TypeError,
+   m('ConvLSTMCell: `kernel_size` expected a sequence of 1 to 3 ints (one per spatial axis), '
+     'got 3')),
   (lambda: nr.ConvLSTMCell(2, 3, (3, 3, 3, 3), rngs=nnx.Rngs(0)), ValueError,
    m('`kernel_size` expected a sequence of 1 to 3 ints')),
   (lambda: nr.LSTMCell(3, 4, rngs=0), TypeError, m('LSTMCell: `rngs` expected an nnx.Rngs')),
@@ -464,3 +465,41 @@ def test_conv_paddings_flax_takes_still_run(kernel_size, padding, spatial):
   cell = nr.ConvLSTMCell(2, 3, kernel_size, padding=padding, rngs=nnx.Rngs(0))
   y = nr.RNN(cell)(jnp.ones((1, 2, *(6,) * len(kernel_size), 2)))
   assert y.shape == (1, 2, *spatial, 3)
+
+
+@pytest.mark.parametrize('kw, exc, msg', [
+  (dict(kernel_size=3), TypeError,
+   m('ConvLSTMCell: `kernel_size` expected a sequence of 1 to 3 ints (one per spatial axis), '
+     'got 3.')),
+  (dict(kernel_size=(3, 3), strides=2.0), TypeError,
+   m('ConvLSTMCell: `strides` expected None, an int or 2 ints (one per kernel axis), got 2.0.')),
+  (dict(kernel_size=(3, 3), strides=(1, 1, 1)), ValueError,
+   m('ConvLSTMCell: `strides` expected 2 ints (one per kernel axis), got (1, 1, 1).')),
+  (dict(kernel_size=(3, 3), padding='BOGUS'), ValueError,
+   m('ConvLSTMCell: `padding` expected one of', "got 'BOGUS'.")),
+], ids=['int_kernel', 'float_strides', 'strides_len', 'padding'])
+def test_compat_conv_geometry(kw, exc, msg):
+  # flax.linen's ConvLSTMCell fails on an int kernel_size too (len() of an int):
+  # a TypeError naming it, when the module is built.
+  from nnx_recurrent import compat
+
+  with pytest.raises(exc, match=msg):
+    compat.ConvLSTMCell(4, **kw)
+
+
+def test_compat_conv_takes_what_linen_takes():
+  from nnx_recurrent import compat
+
+  for kw in (dict(kernel_size=[3, 3], strides=1, padding=1), dict(kernel_size=(3,), strides=None,
+                                                                   padding='CAUSAL')):
+    cell = compat.ConvLSTMCell(4, **kw)
+    x = jnp.ones((2, *(6,) * len(kw['kernel_size']), 3))
+    carry = cell.initialize_carry(jax.random.key(0), x.shape)
+    (_, y), _ = cell.init_with_output(jax.random.key(1), carry, x)
+    assert y.shape == x.shape[:-1] + (4,)
+
+
+def test_nnx_conv_strides_of_the_wrong_kind():
+  with pytest.raises(TypeError, match=m('ConvGRUCell: `strides` expected None, an int or 2 ints',
+                                        "got '2'")):
+    nr.ConvGRUCell(2, 3, (3, 3), strides='2', rngs=nnx.Rngs(0))

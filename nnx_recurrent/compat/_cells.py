@@ -24,7 +24,7 @@ from flax.linen.recurrent import DenseParams
 from flax.typing import Dtype, Initializer
 
 from nnx_recurrent import _checks
-from nnx_recurrent._conv import _shape_keeping
+from nnx_recurrent._conv import _shape_keeping, check_geometry
 from nnx_recurrent.compat import _convert
 
 # flax.linen's defaults, exactly (the same functions give the same initial values).
@@ -496,6 +496,12 @@ class ConvLSTMCell(_Cell):
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
   carry_init: Initializer = _zeros
+
+  def __post_init__(self):
+    # flax.linen's takes what its Conv takes but fails on an int kernel_size
+    # (len() of an int) and on a bad padding only at the first step, in jax.
+    check_geometry('ConvLSTMCell', self.kernel_size, self.strides, self.padding)
+    super().__post_init__()
 
   def _sized_by(self, carry) -> _Cell:
     return self  # flax.linen's ConvLSTMCell sizes its convolutions by `features`

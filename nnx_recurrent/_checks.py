@@ -274,17 +274,24 @@ def check_seq_lengths(where: str, seq_lengths: Any, batch_shape: tuple[int, ...]
   return seq_lengths
 
 
+def check_tree_structure(where: str, arg: str, given: Any, expected: Any) -> None:
+  """Checks that ``given`` has the pytree structure of ``expected`` (leaves aside)."""
+  g_def: Any  # jax's PyTreeDef (untyped for mypy)
+  e_def: Any
+  g_def = jax.tree_util.tree_structure(given)
+  e_def = jax.tree_util.tree_structure(expected)
+  if g_def != e_def:
+    fail(where, arg, f'a pytree with structure {e_def}', f'structure {g_def}')
+
+
 def check_tree_matches(where: str, arg: str, given: Any, expected: Any,
                        broadcast: bool = False):
   """Checks that ``given`` has the structure and leaf shapes of ``expected``
   (with ``broadcast``: shapes that broadcast to them), and floating leaves
   where ``expected`` has them (an integer carry would be truncated)."""
-  g_def: Any  # jax's PyTreeDef (untyped for mypy)
-  e_def: Any
-  g_leaves, g_def = jax.tree_util.tree_flatten(given)
-  e_leaves, e_def = jax.tree_util.tree_flatten(expected)
-  if g_def != e_def:
-    fail(where, arg, f'a pytree with structure {e_def}', f'structure {g_def}')
+  check_tree_structure(where, arg, given, expected)
+  g_leaves = jax.tree_util.tree_leaves(given)
+  e_leaves = jax.tree_util.tree_leaves(expected)
   for g, e in zip(g_leaves, e_leaves):
     scalar = broadcast and isinstance(g, (int, float)) and not isinstance(g, bool)
     if not scalar and (not hasattr(g, 'shape')

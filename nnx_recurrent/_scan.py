@@ -300,19 +300,35 @@ def initial_carry(where: str, cell, initial_carry: Any, step_shape: tuple[int, .
                   rngs: Any = None) -> Any:
   """``initial_carry`` checked against the cell's own carry, or that default.
 
-  The check needs the cell's carry structure, which only this package's cells
-  give without side effects; another cell's ``initialize_carry`` is never
-  called when ``initial_carry`` is given (it may need an RNG, or not exist).
+  The check compares structure and leaf shapes with the carry the cell's
+  ``initialize_carry`` would give: this package's cells say it without side
+  effects; another cell's (flax.nnx's, yours) is traced with ``jax.eval_shape``
+  and a fresh ``nnx.Rngs``, so nothing runs and none of its streams advance.
+  A cell without ``initialize_carry``, or whose ``initialize_carry`` cannot be
+  traced so, is not checked.
   """
   if initial_carry is None:
     if not hasattr(cell, 'initialize_carry'):
       _checks.fail(where, 'initial_carry', f'a carry, since the cell {type(cell).__name__} has '
                    'no initialize_carry to build one', 'None')
     return default_carry(cell, step_shape, rngs)
-  if uses_base_initialize_carry(cell):
-    _checks.check_tree_matches(where, 'initial_carry', initial_carry,
-                               carry_shapes(cell, step_shape))
+  expected = (carry_shapes(cell, step_shape) if uses_base_initialize_carry(cell)
+              else foreign_carry_shapes(cell, step_shape))
+  if expected is not None:
+    _checks.check_tree_matches(where, 'initial_carry', initial_carry, expected)
   return initial_carry
+
+
+def foreign_carry_shapes(cell, step_shape: tuple[int, ...]) -> Any:
+  """:func:`carry_shapes` of another library's cell, or ``None`` when it has
+  no ``initialize_carry`` or that cannot be traced abstractly (it wants other
+  arguments, or writes the cell's state): then its carry is not checked."""
+  if not hasattr(cell, 'initialize_carry'):
+    return None
+  try:
+    return carry_shapes(cell, step_shape)
+  except Exception:  # any failure only means: no carry to check against
+    return None
 
 
 def carry_shapes(cell, step_shape: tuple[int, ...]) -> Any:

@@ -503,3 +503,50 @@ def test_nnx_conv_strides_of_the_wrong_kind():
   with pytest.raises(TypeError, match=m('ConvGRUCell: `strides` expected None, an int or 2 ints',
                                         "got '2'")):
     nr.ConvGRUCell(2, 3, (3, 3), strides='2', rngs=nnx.Rngs(0))
+
+
+# -- initial_carry of other libraries' cells --------------------------------------------
+def test_flax_nnx_cell_initial_carry_checked_against_its_initialize_carry():
+  cell = nnx.LSTMCell(3, 4, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=m('RNN: `initial_carry` expected leaf shapes '
+                                         '[(2, 4), (2, 4)]', 'got [(2, 5), (2, 5)]')):
+    nr.RNN(cell)(X, initial_carry=(jnp.zeros((2, 5)),) * 2)
+  with pytest.raises(ValueError, match=m('RNN: `initial_carry` expected a pytree with structure',
+                                         'got structure')):
+    nr.RNN(cell)(X, initial_carry=jnp.zeros((2, 4)))
+  # A carry that fits runs, and the check draws nothing from the cell's streams.
+  with pytest.warns(UserWarning, match='keep_rngs argument is deprecated'):
+    kept = nnx.LSTMCell(3, 4, keep_rngs=True, rngs=nnx.Rngs(0))
+  count = int(kept.rngs.count[...])
+  y = nr.RNN(kept)(X, initial_carry=(jnp.zeros((2, 4)),) * 2)
+  assert y.shape == (2, 5, 4) and int(kept.rngs.count[...]) == count
+
+
+def test_cell_whose_initialize_carry_cannot_be_traced_is_not_checked():
+  class NeedsTwo(nnx.Module):  # initialize_carry with a signature of its own
+    def __init__(self):
+      self.num_feature_axes = 1
+
+    def initialize_carry(self, input_shape, rngs, scale):
+      return jnp.full(input_shape[:-1] + (3,), scale)
+
+    def __call__(self, carry, x):
+      return carry + x, carry
+
+  y = nr.RNN(NeedsTwo())(X, initial_carry=jnp.zeros((2, 3)))
+  np.testing.assert_array_equal(y[:, -1], jnp.full((2, 3), 4.0))
+
+
+def test_compat_rnn_linen_cell_initial_carry_structure():
+  import flax.linen as nn
+
+  from nnx_recurrent import compat
+
+  rnn = compat.RNN(nn.LSTMCell(4))
+  with pytest.raises(ValueError, match=m('RNN: `initial_carry` expected a pytree with structure '
+                                         'PyTreeDef((*, *))', 'got structure PyTreeDef(*)')):
+    rnn.init(jax.random.key(0), X, initial_carry=jnp.zeros((2, 4)))
+  # flax.linen's Dense cells take their size from the carry: a wider one runs.
+  wide = (jnp.zeros((2, 6)),) * 2
+  y, _ = rnn.init_with_output(jax.random.key(0), X, initial_carry=wide)
+  assert y.shape == (2, 5, 6)

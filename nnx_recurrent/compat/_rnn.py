@@ -168,6 +168,10 @@ class RNN(nn.Module):
       sized = self.cell._sized_by(initial_carry)  # as flax.linen: of the carry's size
       expected = jax.eval_shape(lambda: sized.initialize_carry(jax.random.key(0), step_shape))
       _checks.check_tree_matches('RNN', 'initial_carry', initial_carry, expected)
+    else:  # another cell: its carry's structure (flax.linen's take their size from the carry)
+      expected = _carry_structure(self.cell, step_shape)
+      if expected is not None:
+        _checks.check_tree_structure('RNN', 'initial_carry', initial_carry, expected)
     xs, idx = _scan.processing_order(seq, reverse)
     # flax.linen's values at padding: the cell runs on, its outputs stay, and a
     # second carry keeps each row's last valid one (the returned carry).
@@ -191,6 +195,17 @@ class RNN(nn.Module):
       carry = carry[1]
     ys = _scan.output_order(ys, seq, reverse, idx, keep_order, time_major)
     return (carry, ys) if return_carry else ys
+
+
+def _carry_structure(cell: nn.Module, step_shape: tuple[int, ...]) -> Any:
+  """The abstract carry of a cell's ``initialize_carry`` (``jax.eval_shape``,
+  on an unbound copy, so no variable is read or made), or ``None`` when it
+  cannot be had so: then the carry is not checked."""
+  try:
+    unbound = cell.clone(parent=None)
+    return jax.eval_shape(lambda: unbound.initialize_carry(jax.random.key(0), step_shape))
+  except Exception:  # any failure only means: nothing to check against
+    return None
 
 
 class Bidirectional(nn.Module):

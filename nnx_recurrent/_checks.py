@@ -236,6 +236,31 @@ def check_integer_array(where: str, arg: str, x: Any, shape: tuple[int, ...], sh
   return jnp.asarray(x)
 
 
+def numeric_array(where: str, arg: str, x: Any, expected: str) -> Any:
+  """``x`` as an array of numbers (or bools, for the dtype check that follows):
+  an array as it is, a list or a Python number through ``np.asarray`` (so a
+  list of floats is what the same ``jnp.array`` is). Strings, ragged lists and
+  other objects, and arrays of no number dtype, are a ``TypeError`` here, before
+  any jax operation fails on them."""
+  check_not_foreign(where, arg, x)
+  if not (hasattr(x, 'shape') and hasattr(x, 'dtype')):
+    try:
+      converted = np.asarray(x)
+    except (TypeError, ValueError):  # a ragged list
+      converted = None
+    if converted is None or converted.dtype == object or not (
+        np.issubdtype(converted.dtype, np.number) or converted.dtype == np.bool_):
+      fail(where, arg, expected, repr(x) if isinstance(x, str) else kind(x), TypeError)
+    x = converted
+  try:
+    numeric = jnp.issubdtype(x.dtype, np.number) or x.dtype == np.bool_
+  except TypeError:  # a dtype jax does not know (a string array's)
+    numeric = False
+  if not numeric:
+    fail(where, arg, expected, f'dtype {x.dtype}', TypeError)
+  return x
+
+
 def whole_lengths(where: str, seq_lengths: Any) -> Any:
   """Float lengths (``mask.sum(-1)`` of a float mask) as ``int32``.
 
@@ -243,9 +268,10 @@ def whole_lengths(where: str, seq_lengths: Any) -> Any:
   values must be whole numbers (checked when concrete; under ``jit`` the cast
   truncates). Other dtypes pass through to the integer check.
   """
-  check_not_foreign(where, 'seq_lengths', seq_lengths)
-  dtype = getattr(seq_lengths, 'dtype', None)
-  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+  seq_lengths = numeric_array(where, 'seq_lengths', seq_lengths, 'an integer array of shape '
+                              'batch shape')
+  dtype = seq_lengths.dtype
+  if not jnp.issubdtype(dtype, jnp.floating):
     return seq_lengths
   if is_concrete(seq_lengths):
     host = np.asarray(seq_lengths)

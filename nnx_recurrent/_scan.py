@@ -372,6 +372,7 @@ def prepare(where: str, inputs: Any, *, num_feature_axes: int, in_features: int 
                  'both')
   masks = StepMasks(None, None)
   if seq_lengths is not None:
+    seq_lengths = _checks.whole_lengths(where, seq_lengths)  # an array of numbers, from here
     if np.ndim(seq_lengths) == 0 and batch_shape:  # one length for every row, as flax broadcasts it
       seq_lengths = jnp.broadcast_to(jnp.asarray(seq_lengths), batch_shape)
     seq_lengths = _checks.check_seq_lengths(where, seq_lengths, batch_shape, time)

@@ -550,3 +550,31 @@ def test_compat_rnn_linen_cell_initial_carry_structure():
   wide = (jnp.zeros((2, 6)),) * 2
   y, _ = rnn.init_with_output(jax.random.key(0), X, initial_carry=wide)
   assert y.shape == (2, 5, 6)
+
+
+# -- seq_lengths given as Python objects -------------------------------------------------
+@pytest.mark.parametrize('lengths, got', [
+  ('ab', "got 'ab'."), ([[1], [2, 3]], 'got list of length 2.'), ([None, 1], 'got list of '
+                                                                   'length 2.'),
+  (np.array(['a', 'b']), 'got dtype <U1.'), (jax.random.key(0), 'got dtype key<fry>.'),
+], ids=['str', 'ragged', 'none_entry', 'str_array', 'prng_key'])
+def test_seq_lengths_that_are_no_numbers(lstm, lengths, got):
+  # Checked before a scalar is broadcast to the batch (jax refused a string there).
+  for layer in (nr.RNN(lstm), nr.LSTM(3, 4, rngs=nnx.Rngs(0))):
+    where = type(layer).__name__
+    with pytest.raises(TypeError, match=m(f'{where}: `seq_lengths` expected an integer array of '
+                                          'shape batch shape', got)):
+      layer(X, seq_lengths=lengths)
+
+
+def test_seq_lengths_list_is_the_array_it_spells(lstm):
+  rnn = nr.RNN(lstm)
+  want = rnn(X, seq_lengths=jnp.array([5, 2]))
+  for lengths in ([5.0, 2.0], [5, 2], (5, 2), jnp.array([5.0, 2.0])):
+    np.testing.assert_array_equal(rnn(X, seq_lengths=lengths), want)
+  with pytest.raises(ValueError, match=m('RNN: `seq_lengths` expected whole numbers',
+                                         'got [2.5] among them')):
+    rnn(X, seq_lengths=[5.0, 2.5])
+  np.testing.assert_array_equal(
+    nr.flip_sequences(X, [5.0, 2.0], num_batch_dims=1, time_major=False),
+    nr.flip_sequences(X, jnp.array([5, 2]), num_batch_dims=1, time_major=False))

@@ -93,9 +93,7 @@ def check_rngs(where: str, rngs: Any, arg: str = 'rngs', allow_none: bool = True
     return
   if not isinstance(rngs, (nnx.Rngs, nnx.RngStream, jax.Array)):
     fail(where, arg, 'an nnx.Rngs, nnx.RngStream or a PRNG key'
-         f'{" (or None)" if allow_none else ""}',
-         repr(rngs) if isinstance(rngs, (str, int, float)) else type(rngs).__name__,
-         TypeError)
+         f'{" (or None)" if allow_none else ""}', type(rngs).__name__, TypeError)
 
 
 # Strings nnx.Conv and flax.linen's Conv take: jax.lax's (any case) and flax's own

@@ -209,6 +209,7 @@ class RNN(nnx.Module):
     Returns:
       ``outputs``, or ``(final_carry, outputs)`` with ``return_carry``.
     """
+    _checks.check_rngs('RNN', rngs)
     return_carry = _first(return_carry, self.return_carry)
     time_major = _first(time_major, self.time_major)
     reverse = _first(reverse, self.reverse)
@@ -373,6 +374,7 @@ class Bidirectional(nnx.Module):
       reverse, keep_order: accepted and ignored, as in flax.nnx.
     """
     del reverse, keep_order  # flax.nnx's signature; both directions are fixed
+    _checks.check_rngs('Bidirectional', rngs)
     return_carry = _first(return_carry, self.return_carry)
     time_major = _first(time_major, self.time_major)
     carry_f = carry_b = None

@@ -287,7 +287,8 @@ def cell_step_rngs(cell, rngs: Any, time: int) -> Array | None:
                                                                        True):
     return None
   # fold_in: keys apart from the ones the dropout masks draw from the same source.
-  return jax.random.split(jax.random.fold_in(_key_from(rngs, 'dropout'), 1), time)
+  return jax.random.split(jax.random.fold_in(_key_from(type(cell).__name__, rngs, 'dropout'), 1),
+                          time)
 
 
 def cell_dropout_masks(cell, step_shape: tuple[int, ...], rngs, dtype) -> Any:

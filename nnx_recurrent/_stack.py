@@ -117,6 +117,7 @@ class StackedRNN(nnx.Module):
     Returns:
       ``outputs``, or ``(carries, outputs)`` with ``return_carry``.
     """
+    _checks.check_rngs('StackedRNN', rngs)
     n = len(self.layers)
     return_carry = _first(return_carry, self.return_carry)
     time_major = _first(time_major, self.time_major)

@@ -578,3 +578,28 @@ def test_seq_lengths_list_is_the_array_it_spells(lstm):
   np.testing.assert_array_equal(
     nr.flip_sequences(X, [5.0, 2.0], num_batch_dims=1, time_major=False),
     nr.flip_sequences(X, jnp.array([5, 2]), num_batch_dims=1, time_major=False))
+
+
+# -- call-time rngs --------------------------------------------------------------------
+_RNGS = 'expected an nnx.Rngs, nnx.RngStream or a PRNG key (or None)'
+
+
+@pytest.mark.parametrize('call, where, got', [
+  (lambda c, r: nr.RNN(c)(X, rngs=r), 'RNN', 'int'),
+  (lambda c, r: c(c.initialize_carry((2, 3)), X[:, 0], rngs=r), 'LSTMCell', 'int'),
+  (lambda c, r: c.initialize_carry((2, 3), rngs=r), 'LSTMCell.initialize_carry', 'int'),
+  (lambda c, r: nr.Bidirectional(nr.RNN(c), nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(1))))(
+    X, rngs=r), 'Bidirectional', 'int'),
+  (lambda c, r: nr.LSTM(3, 4, num_layers=2, dropout_rate=0.5, rngs=nnx.Rngs(0))(X, rngs=r),
+   'LSTM', 'int'),
+  (lambda c, r: nr.GRU(3, 4, num_layers=2, dropout_rate=0.5, rngs=nnx.Rngs(0))(X, rngs=r),
+   'GRU', 'int'),
+  (lambda c, r: nr.StackedRNN(nr.RNN(c), nr.RNN(nr.GRUCell(4, 4, rngs=nnx.Rngs(1))),
+                              dropout_rate=0.5)(X, rngs=r), 'StackedRNN', 'int'),
+], ids=['rnn', 'cell', 'initialize_carry', 'bidirectional', 'lstm', 'gru', 'stacked'])
+def test_call_rngs_of_the_wrong_kind_name_the_module(call, where, got):
+  cell = nr.LSTMCell(3, 4, dropout_rate=0.5, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match=m(f'{where}: `rngs` {_RNGS}, got {got}.')):
+    call(cell, 0)
+  with pytest.raises(TypeError, match=m(f'{where}: `rngs` {_RNGS}, got str.')):
+    call(cell, 'a')

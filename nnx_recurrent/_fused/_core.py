@@ -268,6 +268,7 @@ class _FusedBase(nnx.Module):
       ``outputs``, or ``(final_carry, outputs)`` with ``return_carry``.
     """
     where = type(self).__name__
+    _checks.check_rngs(where, rngs)
     return_carry = _first(return_carry, self.return_carry)
     time_major = _first(time_major, self.time_major)
     reverse = _first(reverse, self.reverse)

@@ -34,14 +34,6 @@ from nnx_recurrent._updates import gru_update
 default_scale_init = initializers.ones_init()
 
 
-def _check_epsilon(where: str, epsilon: Any) -> float:
-  if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
-    _checks.fail(where, 'epsilon', 'a positive float', repr(epsilon), TypeError)
-  if not epsilon > 0:
-    _checks.fail(where, 'epsilon', 'a positive float', repr(epsilon))
-  return float(epsilon)
-
-
 def _plus(z: Array, param: nnx.Param | None) -> Array:
   """``z + param`` over the last axis (explicit reshape: no implicit rank promotion)."""
   if param is None:
@@ -93,7 +85,7 @@ class _LayerNormCell(RNNCellBase):
       carry_init=carry_init, promote_dtype=promote_dtype, keep_rngs=keep_rngs,
       zoneout_rate=zoneout_rate,
     )
-    self.epsilon = _check_epsilon(where, epsilon)
+    self.epsilon = _checks.check_positive_float(where, 'epsilon', epsilon)
     self.use_scale = bool(use_scale)
     self.use_bias = bool(use_bias)
     self.gate_fn = gate_fn

@@ -603,3 +603,13 @@ def test_call_rngs_of_the_wrong_kind_name_the_module(call, where, got):
     call(cell, 0)
   with pytest.raises(TypeError, match=m(f'{where}: `rngs` {_RNGS}, got str.')):
     call(cell, 'a')
+
+
+def test_epsilon_accepts_numpy_and_jax_scalars():
+  for eps in (np.float32(1e-5), np.float64(1e-5), jnp.array(1e-5), 1):
+    cell = nr.LayerNormLSTMCell(3, 4, epsilon=eps, rngs=nnx.Rngs(0))
+    assert cell.epsilon == float(eps)
+  for eps, exc in ((True, TypeError), (jnp.array([1e-5]), TypeError), (np.inf, ValueError),
+                   (-1e-5, ValueError)):
+    with pytest.raises(exc, match=m('LayerNormGRUCell: `epsilon` expected a positive float')):
+      nr.LayerNormGRUCell(3, 4, epsilon=eps, rngs=nnx.Rngs(0))

@@ -181,7 +181,7 @@ class RNNCellBase(nnx.Module):
       _checks.check_callables(where, carry_init=carry_init)
       warnings.warn(_CARRY_INIT_WARNING, stacklevel=3)
     self.carry_init = carry_init
-    if keep_rngs:
+    if _checks.check_bool(where, 'keep_rngs', keep_rngs):
       warnings.warn(_KEEP_RNGS_WARNING, stacklevel=3)
     # No PRNG state unless something random needs it (flax keeps a stream by
     # default, which breaks checkpoints: flax#4509): dropout, or flax.nnx's

@@ -117,7 +117,7 @@ class _ConvCell(RNNCellBase):
     self.kernel_size, self.strides, padding = check_geometry(where, kernel_size, strides,
                                                              padding)
     self.padding = padding
-    self.use_bias = use_bias
+    self.use_bias = _checks.check_bool(where, 'use_bias', use_bias)
     width = self.num_parts * self.hidden_features
     self.ih = self._conv(
       self.in_features, width, strides=self.strides, padding=padding, kernel_init=kernel_init,

@@ -86,8 +86,8 @@ class _LayerNormCell(RNNCellBase):
       zoneout_rate=zoneout_rate,
     )
     self.epsilon = _checks.check_positive_float(where, 'epsilon', epsilon)
-    self.use_scale = bool(use_scale)
-    self.use_bias = bool(use_bias)
+    self.use_scale = _checks.check_bool(where, 'use_scale', use_scale)
+    self.use_bias = _checks.check_bool(where, 'use_bias', use_bias)
     self.gate_fn = gate_fn
     self.activation_fn = activation_fn
     width = self.num_parts * self.hidden_features

@@ -154,14 +154,15 @@ class RNN(nnx.Module):
                learn_initial_carry: bool = False, rngs: Any = True):
     _check_cell('RNN', cell)
     self.cell = cell
-    self.time_major = time_major
-    self.return_carry = return_carry
-    self.reverse = reverse
-    self.keep_order = keep_order
+    self.time_major = _checks.check_bool('RNN', 'time_major', time_major)
+    self.return_carry = _checks.check_bool('RNN', 'return_carry', return_carry)
+    self.reverse = _checks.check_bool('RNN', 'reverse', reverse)
+    self.keep_order = _checks.check_bool('RNN', 'keep_order', keep_order)
     if not isinstance(unroll, bool):  # a bool as in jax.lax.scan: True unrolls every step
       unroll = _checks.check_positive_int('RNN', 'unroll', unroll)
     self.unroll = unroll
-    self.remat = remat
+    self.remat = _checks.check_bool('RNN', 'remat', remat)
+    learn_initial_carry = _checks.check_bool('RNN', 'learn_initial_carry', learn_initial_carry)
     if state_axes is not None and not isinstance(state_axes, Mapping):
       _checks.fail('RNN', 'state_axes', 'None or a mapping from state filters to nnx.Carry, '
                    'None or an axis', type(state_axes).__name__, TypeError)
@@ -210,6 +211,8 @@ class RNN(nnx.Module):
       ``outputs``, or ``(final_carry, outputs)`` with ``return_carry``.
     """
     _checks.check_rngs('RNN', rngs)
+    _checks.check_optional_bools('RNN', return_carry=return_carry, time_major=time_major,
+                                 reverse=reverse, keep_order=keep_order)
     return_carry = _first(return_carry, self.return_carry)
     time_major = _first(time_major, self.time_major)
     reverse = _first(reverse, self.reverse)
@@ -329,8 +332,8 @@ class Bidirectional(nnx.Module):
     self.forward_rnn = forward_rnn
     self.backward_rnn = backward_rnn
     self.merge_fn = merge_fn
-    self.time_major = time_major
-    self.return_carry = return_carry
+    self.time_major = _checks.check_bool('Bidirectional', 'time_major', time_major)
+    self.return_carry = _checks.check_bool('Bidirectional', 'return_carry', return_carry)
     needed = any(isinstance(layer, RNN) and _scan.needs_carry_rngs(layer.cell)
                  for layer in (forward_rnn, backward_rnn))
     # flax.nnx's stream for both directions' carries (RngStream(0) for True),
@@ -375,6 +378,8 @@ class Bidirectional(nnx.Module):
     """
     del reverse, keep_order  # flax.nnx's signature; both directions are fixed
     _checks.check_rngs('Bidirectional', rngs)
+    _checks.check_optional_bools('Bidirectional', return_carry=return_carry,
+                                 time_major=time_major)
     return_carry = _first(return_carry, self.return_carry)
     time_major = _first(time_major, self.time_major)
     carry_f = carry_b = None
@@ -426,7 +431,8 @@ def flip_sequences(inputs: Array, seq_lengths: Array | None, num_batch_dims: int
                  f'an int in [0, {inputs.ndim - 1}] (inputs have {inputs.ndim} axes, one of '
                  'them time)', repr(num_batch_dims),
                  TypeError if not isinstance(num_batch_dims, (int, np.integer)) else ValueError)
-  time_axis = 0 if time_major else num_batch_dims
+  time_axis = 0 if _checks.check_bool('flip_sequences', 'time_major', time_major) else \
+    num_batch_dims
   xs = jnp.moveaxis(inputs, time_axis, 0)
   batch_shape = tuple(xs.shape[1: 1 + num_batch_dims])
   if seq_lengths is not None:

@@ -83,8 +83,9 @@ class StackedRNN(nnx.Module):
                      type(layer).__name__, TypeError)
     self.layers = nnx.List(layers)
     self.dropout_rate = _checks.check_rate('StackedRNN', 'dropout_rate', dropout_rate)
-    self.time_major = layers[0].time_major if time_major is None else bool(time_major)
-    self.return_carry = return_carry
+    self.time_major = (layers[0].time_major if time_major is None
+                       else _checks.check_bool('StackedRNN', 'time_major', time_major))
+    self.return_carry = _checks.check_bool('StackedRNN', 'return_carry', return_carry)
     # No RNG state without dropout (flax#4509).
     self.dropout = nnx.Dropout(self.dropout_rate, rngs=rngs) if self.dropout_rate else None
 
@@ -118,6 +119,8 @@ class StackedRNN(nnx.Module):
       ``outputs``, or ``(carries, outputs)`` with ``return_carry``.
     """
     _checks.check_rngs('StackedRNN', rngs)
+    _checks.check_optional_bools('StackedRNN', return_carry=return_carry, time_major=time_major,
+                                 reverse=reverse, keep_order=keep_order)
     n = len(self.layers)
     return_carry = _first(return_carry, self.return_carry)
     time_major = _first(time_major, self.time_major)

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import nnx_recurrent as nr
+from nnx_recurrent import compat
 from tests import reference as ref
 
 
@@ -613,3 +614,65 @@ def test_epsilon_accepts_numpy_and_jax_scalars():
                    (-1e-5, ValueError)):
     with pytest.raises(exc, match=m('LayerNormGRUCell: `epsilon` expected a positive float')):
       nr.LayerNormGRUCell(3, 4, epsilon=eps, rngs=nnx.Rngs(0))
+
+
+# -- boolean flags ---------------------------------------------------------------------
+def _cell(r=None):
+  return nr.LSTMCell(3, 4, rngs=r or nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('make, where, flag', [
+  (lambda v, r: nr.MGUCell(3, 4, reset_gate=v, rngs=r), 'MGUCell', 'reset_gate'),
+  (lambda v, r: nr.SimpleCell(3, 4, residual=v, rngs=r), 'SimpleCell', 'residual'),
+  (lambda v, r: nr.GRUCell(3, 4, use_bias_hn=v, rngs=r), 'GRUCell', 'use_bias_hn'),
+  (lambda v, r: nr.LSTMCell(3, 4, keep_rngs=v, rngs=r), 'LSTMCell', 'keep_rngs'),
+  (lambda v, r: nr.LayerNormLSTMCell(3, 4, use_scale=v, rngs=r), 'LayerNormLSTMCell',
+   'use_scale'),
+  (lambda v, r: nr.LayerNormGRUCell(3, 4, use_bias=v, rngs=r), 'LayerNormGRUCell', 'use_bias'),
+  (lambda v, r: nr.ConvGRUCell(2, 3, (3,), use_bias=v, rngs=r), 'ConvGRUCell', 'use_bias'),
+  (lambda v, r: nr.RNN(_cell(r), time_major=v), 'RNN', 'time_major'),
+  (lambda v, r: nr.RNN(_cell(r), return_carry=v), 'RNN', 'return_carry'),
+  (lambda v, r: nr.RNN(_cell(r), reverse=v), 'RNN', 'reverse'),
+  (lambda v, r: nr.RNN(_cell(r), keep_order=v), 'RNN', 'keep_order'),
+  (lambda v, r: nr.RNN(_cell(r), remat=v), 'RNN', 'remat'),
+  (lambda v, r: nr.RNN(_cell(r), learn_initial_carry=v), 'RNN', 'learn_initial_carry'),
+  (lambda v, r: nr.Bidirectional(nr.RNN(_cell(r)), nr.RNN(_cell(r)), time_major=v),
+   'Bidirectional', 'time_major'),
+  (lambda v, r: nr.StackedRNN(nr.RNN(_cell(r)), return_carry=v), 'StackedRNN', 'return_carry'),
+  (lambda v, r: nr.StackedRNN(nr.RNN(_cell(r)), time_major=v), 'StackedRNN', 'time_major'),
+  (lambda v, r: nr.LSTM(3, 4, bidirectional=v, rngs=r), 'LSTM', 'bidirectional'),
+  (lambda v, r: nr.GRU(3, 4, keep_order=v, rngs=r), 'GRU', 'keep_order'),
+  (lambda v, r: nr.RNN(_cell(r))(X, reverse=v), 'RNN', 'reverse'),
+  (lambda v, r: nr.RNN(_cell(r))(X, time_major=v), 'RNN', 'time_major'),
+  (lambda v, r: nr.Bidirectional(nr.RNN(_cell(r)), nr.RNN(_cell(r)))(X, return_carry=v),
+   'Bidirectional', 'return_carry'),
+  (lambda v, r: nr.StackedRNN(nr.RNN(_cell(r)))(X, keep_order=v), 'StackedRNN', 'keep_order'),
+  (lambda v, r: nr.LSTM(3, 4, rngs=r)(X, return_carry=v), 'LSTM', 'return_carry'),
+  (lambda v, r: nr.flip_sequences(X, None, 1, time_major=v), 'flip_sequences', 'time_major'),
+  (lambda v, r: nr.pack_sequences([np.ones((2, 3))], sort_by_length=v), 'pack_sequences',
+   'sort_by_length'),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_boolean_flags_refuse_what_is_no_bool(make, where, flag):
+  # A string is truthy: reverse='no' reversed. NumPy's bool_ is a bool.
+  for value, got in (('no', "got 'no'."), (1, 'got 1.'), (1.0, 'got 1.0.')):
+    with pytest.raises(TypeError, match=m(f'{where}: `{flag}` expected a bool', got)):
+      make(value, nnx.Rngs(0))
+  make(np.bool_(False), nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('make, where, flag', [
+  (lambda v: compat.MGUCell(4, reset_gate=v), 'MGUCell', 'reset_gate'),
+  (lambda v: compat.SimpleCell(4, residual=v), 'SimpleCell', 'residual'),
+  (lambda v: compat.ConvLSTMCell(4, (3,), use_bias=v), 'ConvLSTMCell', 'use_bias'),
+  (lambda v: compat.RNN(compat.GRUCell(4), reverse=v), 'RNN', 'reverse'),
+  (lambda v: compat.RNN(compat.GRUCell(4), return_carry=v), 'RNN', 'return_carry'),
+  (lambda v: compat.Bidirectional(compat.RNN(compat.GRUCell(4)), compat.RNN(compat.GRUCell(4)),
+                                  time_major=v), 'Bidirectional', 'time_major'),
+  (lambda v: compat.RNN(compat.GRUCell(4)).init(jax.random.key(0), X, keep_order=v), 'RNN',
+   'keep_order'),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_compat_boolean_flags_refuse_what_is_no_bool(make, where, flag):
+  for value, got in (('no', "got 'no'."), (0, 'got 0.')):
+    with pytest.raises(TypeError, match=m(f'{where}: `{flag}` expected a bool', got)):
+      make(value)
+  make(np.bool_(True))

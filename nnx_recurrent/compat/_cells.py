@@ -78,7 +78,11 @@ class _Cell(RNNCellBase):
   _layout_name = ''  # the key of this class in _convert.LAYOUTS (not a field)
 
   def __post_init__(self):
-    _checks.check_positive_int(type(self).__name__, 'features', self.features)
+    where = type(self).__name__
+    _checks.check_positive_int(where, 'features', self.features)
+    for flag in ('reset_gate', 'residual', 'use_bias'):  # the flags some cells have
+      if flag in self.__dataclass_fields__:
+        _checks.check_bool(where, flag, getattr(self, flag))
     super().__post_init__()
 
   @nn.compact

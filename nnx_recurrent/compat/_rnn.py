@@ -122,6 +122,8 @@ class RNN(nn.Module):
       _checks.fail('RNN', 'cell', 'a flax.linen RNNCellBase (for an nnx_recurrent cell use '
                    'nnx_recurrent.RNN, or convert it with compat.from_nnx)',
                    type(self.cell).__name__, TypeError)
+    for flag in ('time_major', 'return_carry', 'reverse', 'keep_order'):
+      _checks.check_bool('RNN', flag, getattr(self, flag))
     super().__post_init__()
 
   def __call__(
@@ -153,6 +155,8 @@ class RNN(nn.Module):
     Returns:
       ``outputs``, or ``(carry, outputs)`` with ``return_carry``.
     """
+    _checks.check_optional_bools('RNN', return_carry=return_carry, time_major=time_major,
+                                 reverse=reverse, keep_order=keep_order)
     return_carry = _first(return_carry, self.return_carry)
     time_major = _first(time_major, self.time_major)
     reverse = _first(reverse, self.reverse)
@@ -251,6 +255,8 @@ class Bidirectional(nn.Module):
           got += ', a cell (wrap it: RNN(cell))'
         _checks.fail('Bidirectional', arg, 'an RNN module (compat or flax.linen)', got,
                      TypeError)
+    for flag in ('time_major', 'return_carry'):
+      _checks.check_bool('Bidirectional', flag, getattr(self, flag))
     super().__post_init__()
 
   def __call__(
@@ -279,6 +285,8 @@ class Bidirectional(nn.Module):
     if self.forward_rnn is self.backward_rnn:  # flax.linen's warning, word for word
       logging.warning('forward_rnn and backward_rnn is the same object, so '
                       'they will share parameters.')
+    _checks.check_optional_bools('Bidirectional', return_carry=return_carry,
+                                 time_major=time_major)
     time_major = _first(time_major, self.time_major)
     return_carry = _first(return_carry, self.return_carry)
     key_f = key_b = None

@@ -421,8 +421,15 @@ def flip_sequences(inputs: Array, seq_lengths: Array | None, num_batch_dims: int
   Args:
     inputs: ``(*batch, time, ...)`` or ``(time, *batch, ...)``.
     seq_lengths: integer ``(*batch)`` lengths, or ``None`` to flip everything.
+      Concrete lengths must be in ``[0, time]``, as for :class:`RNN` (flax's
+      ``flip_sequences`` wraps a longer one around the time axis); under
+      ``jit`` they cannot be checked: a larger value acts as ``time``, a
+      negative one as ``0``.
     num_batch_dims: number of batch axes.
     time_major: whether time is the first axis.
+
+  Raises:
+    ValueError: concrete ``seq_lengths`` outside ``[0, time]``.
   """
   inputs = _checks.check_array('flip_sequences', 'inputs', inputs)
   if (isinstance(num_batch_dims, bool) or not isinstance(num_batch_dims, (int, np.integer))
@@ -436,8 +443,7 @@ def flip_sequences(inputs: Array, seq_lengths: Array | None, num_batch_dims: int
   xs = jnp.moveaxis(inputs, time_axis, 0)
   batch_shape = tuple(xs.shape[1: 1 + num_batch_dims])
   if seq_lengths is not None:
-    seq_lengths = _checks.check_integer_array(
-      'flip_sequences', 'seq_lengths', _checks.whole_lengths('flip_sequences', seq_lengths),
-      batch_shape, 'batch shape')
+    seq_lengths = _checks.check_seq_lengths('flip_sequences', seq_lengths, batch_shape,
+                                            xs.shape[0])
   idx = _scan.reverse_indices(xs.shape[0], batch_shape, seq_lengths)
   return jnp.moveaxis(_scan.take_time(xs, idx), 0, time_axis)

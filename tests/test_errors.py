@@ -676,3 +676,20 @@ def test_compat_boolean_flags_refuse_what_is_no_bool(make, where, flag):
     with pytest.raises(TypeError, match=m(f'{where}: `{flag}` expected a bool', got)):
       make(value)
   make(np.bool_(True))
+
+
+# -- flip_sequences: lengths beyond the time axis ------------------------------------------
+@pytest.mark.parametrize('lengths, got', [([5, 1], '[1, 5]'), ([-1, 2], '[-1, 2]')])
+def test_flip_sequences_lengths_out_of_range(lengths, got):
+  # As RNN raises for them; flax.linen's flip_sequences wraps a length > T around
+  # (its row [0, 1, 2] with length 5 comes back [1, 0, 2]).
+  x = jnp.arange(6).reshape(2, 3)
+  with pytest.raises(ValueError, match=m('flip_sequences: `seq_lengths` expected values in '
+                                         '[0, 3] (the time axis length)', f'got values in {got}')):
+    nr.flip_sequences(x, jnp.array(lengths), 1, False)
+
+
+def test_flip_sequences_lengths_out_of_range_under_jit_clip():
+  x = jnp.arange(6).reshape(2, 3)
+  flip = jax.jit(lambda x, s: nr.flip_sequences(x, s, 1, False))
+  np.testing.assert_array_equal(flip(x, jnp.array([5, -1])), flip(x, jnp.array([3, 0])))

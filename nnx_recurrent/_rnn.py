@@ -325,6 +325,11 @@ class Bidirectional(nnx.Module):
     if not callable(merge_fn):
       _checks.fail('Bidirectional', 'merge_fn', 'a function (forward_outputs, backward_outputs) '
                    '-> outputs', repr(merge_fn), TypeError)
+    from nnx_recurrent._stack import _in_features, check_reads  # _stack imports this module
+
+    # Both read the same inputs: sizes that differ would fail at the first call.
+    check_reads('Bidirectional', 'backward_rnn', backward_rnn, _in_features(forward_rnn),
+                "forward_rnn's in_features: both directions read the same inputs")
     if forward_rnn is backward_rnn:
       warnings.warn('Bidirectional: `forward_rnn` and `backward_rnn` are the same object, so '
                     'both directions share its parameters; pass two RNNs unless that is '

@@ -693,3 +693,45 @@ def test_flip_sequences_lengths_out_of_range_under_jit_clip():
   x = jnp.arange(6).reshape(2, 3)
   flip = jax.jit(lambda x, s: nr.flip_sequences(x, s, 1, False))
   np.testing.assert_array_equal(flip(x, jnp.array([5, -1])), flip(x, jnp.array([3, 0])))
+
+
+# -- layers that do not chain ---------------------------------------------------------------
+def test_stacked_layers_that_do_not_chain_are_refused_at_construction():
+  r = nnx.Rngs(0)
+  bi = nr.Bidirectional(nr.RNN(nr.LSTMCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(3, 2, rngs=r)))
+  for layers, i, size, source, got in [
+    ((nr.RNN(nr.LSTMCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(5, 5, rngs=r))), 1, 4,
+     'the output size of layers[0], RNN', 'RNN with in_features 5'),
+    ((bi, nr.RNN(nr.GRUCell(4, 5, rngs=r))), 1, 6, 'the output size of layers[0], Bidirectional',
+     'RNN with in_features 4'),
+    ((nr.LSTM(3, 4, bidirectional=True, rngs=r), nr.GRU(4, 4, rngs=r)), 1, 8,
+     'the output size of layers[0], LSTM', 'GRU with in_features 4'),
+    ((nr.RNN(nr.LSTMCell(3, 4, proj_features=2, rngs=r)), nr.RNN(nr.GRUCell(2, 5, rngs=r)),
+      nr.RNN(nr.GRUCell(4, 5, rngs=r))), 2, 5, 'the output size of layers[1], RNN',
+     'RNN with in_features 4'),
+  ]:
+    with pytest.raises(ValueError, match=m(f'StackedRNN: `layers[{i}]` expected a layer reading '
+                                           f'{size} features ({source})', f'got {got}.')):
+      nr.StackedRNN(*layers)
+
+
+def test_stacked_layers_of_unknown_sizes_are_left_to_the_call():
+  r = nnx.Rngs(0)
+  # flax.nnx's cell has in_features (read) but its outputs are not known here; a
+  # merge_fn of one's own gives outputs of a size known only when it runs.
+  stack = nr.StackedRNN(nr.RNN(nnx.GRUCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(4, 5, rngs=r)))
+  assert stack(X).shape == (2, 5, 5)
+  summed = nr.Bidirectional(nr.RNN(nr.GRUCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(3, 4, rngs=r)),
+                            merge_fn=lambda a, b: a + b)
+  assert nr.StackedRNN(summed, nr.RNN(nr.GRUCell(4, 5, rngs=r)))(X).shape == (2, 5, 5)
+
+
+def test_bidirectional_directions_that_read_different_sizes():
+  r = nnx.Rngs(0)
+  with pytest.raises(ValueError, match=m('Bidirectional: `backward_rnn` expected a layer reading 3 '
+                                         "features (forward_rnn's in_features: both directions "
+                                         'read the same inputs), got RNN with in_features 5.')):
+    nr.Bidirectional(nr.RNN(nr.LSTMCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(5, 5, rngs=r)))
+  with pytest.raises(ValueError, match=m('`backward_rnn` expected a layer reading 3 features',
+                                         'got GRU with in_features 4.')):
+    nr.Bidirectional(nr.LSTM(3, 4, rngs=r), nr.GRU(4, 4, rngs=r))

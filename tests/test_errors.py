@@ -735,3 +735,21 @@ def test_bidirectional_directions_that_read_different_sizes():
   with pytest.raises(ValueError, match=m('`backward_rnn` expected a layer reading 3 features',
                                          'got GRU with in_features 4.')):
     nr.Bidirectional(nr.LSTM(3, 4, rngs=r), nr.GRU(4, 4, rngs=r))
+
+
+@pytest.mark.parametrize('rng, got', [
+  (0, 'got 0 (a seed: pass jax.random.key(0)).'), ('key', "got 'key'."),
+  (jnp.zeros(2), 'got an array of dtype float32 and shape (2,).'),
+], ids=['int', 'str', 'float_array'])
+def test_compat_initialize_carry_rng_that_is_no_key(rng, got):
+  # flax.linen splits the rng whatever the carry_init, and fails in jax alike
+  # ('invalid PRNG key data').
+  with pytest.raises(TypeError, match=m('LSTMCell.initialize_carry: `rng` expected a PRNG key '
+                                        '(jax.random.key(seed)) or None', got)):
+    compat.LSTMCell(4).initialize_carry(rng, (2, 3))
+
+
+def test_compat_initialize_carry_takes_typed_and_raw_keys_and_none():
+  want = compat.GRUCell(4).initialize_carry(None, (2, 3))
+  for rng in (jax.random.key(0), jax.random.PRNGKey(0), np.array([0, 1], np.uint32)):
+    np.testing.assert_array_equal(compat.GRUCell(4).initialize_carry(rng, (2, 3)), want)

@@ -19,6 +19,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.core import meta
 from flax.linen.recurrent import DenseParams
 from flax.typing import Dtype, Initializer
@@ -65,6 +66,25 @@ class RNNCellBase(nn.RNNCellBase):
     >>> bool(jnp.allclose(y[:, 2], 3 * y[:, 0]))
     True
   """
+
+
+def _check_rng(where: str, rng: Any) -> None:
+  """``rng`` a PRNG key (typed, or raw ``uint32`` data) or ``None``: flax.linen
+  splits it whatever the ``carry_init``, and jax's own error says only
+  'invalid PRNG key data'."""
+  if rng is None:
+    return
+  dtype = getattr(rng, 'dtype', None)
+  if isinstance(rng, (jax.Array, np.ndarray)) and (
+      jnp.issubdtype(dtype, jax.dtypes.prng_key) or (dtype == np.uint32 and rng.ndim >= 1)):
+    return
+  if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+    got = f'{rng!r} (a seed: pass jax.random.key({int(rng)}))'
+  elif dtype is not None:
+    got = f'an array of dtype {dtype} and shape {tuple(rng.shape)}'
+  else:
+    got = repr(rng) if isinstance(rng, (str, float, bool)) else type(rng).__name__
+  _checks.fail(where, 'rng', 'a PRNG key (jax.random.key(seed)) or None', got, TypeError)
 
 
 def _hidden(carry):
@@ -198,6 +218,7 @@ class _Cell(RNNCellBase):
     if len(input_shape) < self.num_feature_axes:
       _checks.fail(f'{layout.name}.initialize_carry', 'input_shape',
                    f'at least {self.num_feature_axes} feature axes', f'{input_shape}')
+    _check_rng(f'{layout.name}.initialize_carry', rng)
     cell = _convert.build_nnx(layout, self, input_shape[-1])
     if rng is None:
       # flax.linen hands carry_init the key as given: None suits zeros, the

@@ -753,3 +753,18 @@ def test_compat_initialize_carry_takes_typed_and_raw_keys_and_none():
   want = compat.GRUCell(4).initialize_carry(None, (2, 3))
   for rng in (jax.random.key(0), jax.random.PRNGKey(0), np.array([0, 1], np.uint32)):
     np.testing.assert_array_equal(compat.GRUCell(4).initialize_carry(rng, (2, 3)), want)
+
+
+def test_compat_to_nnx_checkpoint_group_that_is_no_mapping():
+  cell = compat.LSTMCell(4)
+  x = jnp.ones((2, 3))
+  params = dict(cell.init(jax.random.key(0), cell.initialize_carry(None, x.shape), x)['params'])
+  where = m("to_nnx (LSTMCell): `params` expected a LSTMCell checkpoint with 'ii/kernel'")
+  for group, got in ((3, "got 'ii' of type int."),
+                     ({'bias': jnp.zeros(4)}, "got 'ii' with the leaves ['bias'].")):
+    with pytest.raises(ValueError, match=where + '.*' + m("('ii' a mapping with a 'kernel')", got)):
+      compat.to_nnx(cell, {'params': {**params, 'ii': group}})
+  with pytest.raises(ValueError, match=where + '.*' + m("got 'ii/kernel' of type int.")):
+    compat.to_nnx(cell, {'params': {**params, 'ii': {'kernel': 3}}})
+  with pytest.raises(ValueError, match=where + '.*' + m("got the groups ['hf', 'hg'")):
+    compat.to_nnx(cell, {'params': {k: v for k, v in params.items() if k != 'ii'}})

@@ -46,10 +46,10 @@ def _out_features(layer) -> int | None:
       return cell.hidden_features
     return cell._output_shape((cell.in_features,))[-1]  # proj_features where there are some
   if isinstance(layer, Bidirectional):
-    sizes = _out_features(layer.forward_rnn), _out_features(layer.backward_rnn)
-    if layer.merge_fn is not _concatenate or None in sizes:
+    forward, backward = _out_features(layer.forward_rnn), _out_features(layer.backward_rnn)
+    if layer.merge_fn is not _concatenate or forward is None or backward is None:
       return None
-    return sizes[0] + sizes[1]
+    return forward + backward
   if isinstance(layer, StackedRNN):
     return _out_features(layer.layers[-1])
   out, directions = getattr(layer, 'out_features', None), getattr(layer, 'num_directions', None)

@@ -76,7 +76,7 @@ def _check_rng(where: str, rng: Any) -> None:
     return
   dtype = getattr(rng, 'dtype', None)
   if isinstance(rng, (jax.Array, np.ndarray)) and (
-      jnp.issubdtype(dtype, jax.dtypes.prng_key) or (dtype == np.uint32 and rng.ndim >= 1)):
+      jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) or (dtype == np.uint32 and rng.ndim >= 1)):
     return
   if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
     got = f'{rng!r} (a seed: pass jax.random.key({int(rng)}))'

@@ -68,34 +68,27 @@ class DropoutMasks(NamedTuple):
   recurrent: Array | None
 
 
-def _check_rngs(rngs: RngsLike) -> None:
-  if not isinstance(rngs, (nnx.Rngs, nnx.RngStream, jax.Array)):
-    raise TypeError(
-      f'`rngs` expected an nnx.Rngs, nnx.RngStream or a PRNG key, got {type(rngs).__name__}.'
-    )
-
-
-def _key_from(rngs: RngsLike, stream: str) -> Array:
+def _key_from(where: str, rngs: RngsLike, stream: str) -> Array:
   """One PRNG key from an ``Rngs`` (named stream), an ``RngStream`` or a key."""
-  _check_rngs(rngs)
+  _checks.check_rngs(where, rngs, allow_none=False)
   if isinstance(rngs, nnx.Rngs):
     return rngs[stream]()
   if isinstance(rngs, nnx.RngStream):
     return rngs()
-  assert isinstance(rngs, jax.Array)  # _check_rngs
+  assert isinstance(rngs, jax.Array)  # check_rngs
   return rngs
 
 
-def _keys_from(rngs: RngsLike, stream: str, n: int) -> list[Array]:
+def _keys_from(where: str, rngs: RngsLike, stream: str, n: int) -> list[Array]:
   """``n`` PRNG keys, drawn as flax.nnx draws them: one call of the stream per
   key (an ``Rngs``'s named stream or an ``RngStream``); a raw key is split
   (flax.linen's convention; one key is used as it is)."""
-  _check_rngs(rngs)
+  _checks.check_rngs(where, rngs, allow_none=False)
   if isinstance(rngs, nnx.Rngs):
     rngs = rngs[stream]
   if isinstance(rngs, nnx.RngStream):
     return [rngs() for _ in range(n)]
-  assert isinstance(rngs, jax.Array)  # _check_rngs
+  assert isinstance(rngs, jax.Array)  # check_rngs
   return [rngs] if n == 1 else list(jax.random.split(rngs, n))
 
 
@@ -191,7 +184,7 @@ class RNNCellBase(nnx.Module):
       _checks.check_callables(where, carry_init=carry_init)
       warnings.warn(_CARRY_INIT_WARNING, stacklevel=3)
     self.carry_init = carry_init
-    if keep_rngs:
+    if _checks.check_bool(where, 'keep_rngs', keep_rngs):
       warnings.warn(_KEEP_RNGS_WARNING, stacklevel=3)
     # No PRNG state unless something random needs it (flax keeps a stream by
     # default, which breaks checkpoints: flax#4509): dropout, or flax.nnx's
@@ -294,6 +287,7 @@ class RNNCellBase(nnx.Module):
                         '(the arguments are (input_shape, rngs); flax.linen\'s (rng, '
                         'input_shape) is nnx_recurrent.compat\'s)')
     input_shape = tuple(int(d) for d in input_shape)
+    _checks.check_rngs(f'{name}.initialize_carry', rngs)  # zeros ignore it: checked all the same
     # The feature axes' sizes do not matter, as in flax.nnx (code calls
     # initialize_carry((batch, hidden_features))): only their number.
     self._check_input_shape(f'{name}.initialize_carry', 'input_shape', input_shape,
@@ -312,7 +306,7 @@ class RNNCellBase(nnx.Module):
         rngs = self.rngs
       if isinstance(rngs, nnx.RngStream) or has_carry_stream(rngs):
         with contextlib.suppress(TraceContextError):  # where flax.nnx raises instead
-          _keys_from(rngs, 'carry', n)
+          _keys_from(f'{name}.initialize_carry', rngs, 'carry', n)
       leaves = [jnp.zeros(shape, dtype) for shape in shapes]
     else:
       _checks.check_callables(f'{name}.initialize_carry', carry_init=carry_init)
@@ -324,7 +318,8 @@ class RNNCellBase(nnx.Module):
           'is given, got None.'
         )
       leaves = [carry_init(k, shape, dtype)
-                for k, shape in zip(_keys_from(rngs, 'carry', n), shapes)]
+                for k, shape in zip(_keys_from(f'{name}.initialize_carry', rngs, 'carry', n),
+                                    shapes)]
     return leaves[0] if n == 1 else tuple(leaves)
 
   def _carry_shapes(self, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -371,7 +366,7 @@ class RNNCellBase(nnx.Module):
         f'{type(self).__name__}: `rngs` expected a PRNG source for dropout in training mode, '
         'got None (pass rngs=nnx.Rngs(...) at construction or call time, or call .eval()).'
       )
-    key_in, key_rec = jax.random.split(_key_from(rngs, 'dropout'))
+    key_in, key_rec = jax.random.split(_key_from(type(self).__name__, rngs, 'dropout'))
     dtype = dtype or jnp.result_type(getattr(self, 'dtype', None) or jnp.float32)
     input_shape = tuple(input_shape)
     return DropoutMasks(
@@ -410,6 +405,7 @@ class RNNCellBase(nnx.Module):
                    TypeError)
     dropout_masks: DropoutMasks | None = options.get('dropout_masks')
     rngs: RngsLike = options.get('rngs')
+    _checks.check_rngs(where, rngs)
     if not hasattr(inputs, 'shape') or not hasattr(inputs, 'dtype'):
       _checks.fail(where, 'inputs', 'an array (a cell is called as cell(carry, inputs))',
                    type(inputs).__name__, TypeError)
@@ -473,7 +469,7 @@ class RNNCellBase(nnx.Module):
                for o, n in zip(old_leaves, new_leaves)]
     else:
       rngs = rngs if rngs is not None else self.rngs
-      keys = _keys_from(rngs, 'dropout', len(new_leaves))
+      keys = _keys_from(type(self).__name__, rngs, 'dropout', len(new_leaves))
       mixed = [jnp.where(jax.random.bernoulli(k, rate, n.shape), o.astype(n.dtype), n)
                for k, o, n in zip(keys, old_leaves, new_leaves)]
     return treedef.unflatten(mixed)

@@ -40,15 +40,97 @@ def is_concrete(x: Any) -> bool:
   return True
 
 
+def _is_real(x: Any) -> bool:
+  """A Python or NumPy real number (not a bool), or a concrete 0-d floating array."""
+  dtype = getattr(x, 'dtype', None)
+  return (isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))) or (
+    dtype is not None and tuple(getattr(x, 'shape', (1,))) == () and is_concrete(x)
+    and jnp.issubdtype(dtype, jnp.floating))
+
+
 def check_rate(where: str, arg: str, rate: float) -> float:
   """A rate in ``[0, 1)``: a Python or NumPy number, or a concrete 0-d array."""
-  dtype = getattr(rate, 'dtype', None)
-  number = (isinstance(rate, numbers.Real) and not isinstance(rate, bool)) or (
-    dtype is not None and tuple(getattr(rate, 'shape', (1,))) == () and is_concrete(rate)
-    and jnp.issubdtype(dtype, jnp.floating))
-  if not number or not 0.0 <= float(rate) < 1.0:
+  if not _is_real(rate) or not 0.0 <= float(rate) < 1.0:
     fail(where, arg, 'a float in [0, 1)', repr(rate))
   return float(rate)
+
+
+def check_positive_float(where: str, arg: str, value: Any) -> float:
+  """A finite number above 0 (``epsilon``): a Python or NumPy real, or a
+  concrete 0-d floating array; a ``TypeError`` for anything else (a bool, a
+  string), a ``ValueError`` for a number out of range."""
+  if not _is_real(value):
+    fail(where, arg, 'a positive float', repr(value), TypeError)
+  if not 0.0 < float(value) < float('inf'):
+    fail(where, arg, 'a positive float', repr(value))
+  return float(value)
+
+
+def check_bool(where: str, arg: str, value: Any) -> bool:
+  """A flag: a Python ``bool`` or a NumPy ``bool_`` (returned as ``bool``).
+
+  Anything else is refused rather than read as truthy (``reverse='no'``).
+  """
+  if not isinstance(value, (bool, np.bool_)):
+    fail(where, arg, 'a bool', repr(value) if isinstance(value, (str, int, float)) or
+         value is None else type(value).__name__, TypeError)
+  return bool(value)
+
+
+def check_optional_bools(where: str, **flags: Any) -> None:
+  """Call-time overrides: each ``None`` (the attribute's value) or a bool."""
+  for arg, value in flags.items():
+    if value is not None:
+      check_bool(where, arg, value)
+
+
+def check_rngs(where: str, rngs: Any, arg: str = 'rngs', allow_none: bool = True) -> None:
+  """A call's PRNG source: an ``nnx.Rngs``, an ``nnx.RngStream`` or a PRNG key
+  (with ``allow_none``, also ``None``: the module's own)."""
+  from flax import nnx  # flax imports nothing of this package; kept local all the same
+
+  if rngs is None and allow_none:
+    return
+  if not isinstance(rngs, (nnx.Rngs, nnx.RngStream, jax.Array)):
+    fail(where, arg, 'an nnx.Rngs, nnx.RngStream or a PRNG key'
+         f'{" (or None)" if allow_none else ""}', type(rngs).__name__, TypeError)
+
+
+# Strings nnx.Conv and flax.linen's Conv take: jax.lax's (any case) and flax's own
+# (upper case only: flax compares them as they are; 'CAUSAL' is for 1-D kernels).
+_LAX_PADDINGS = ('SAME', 'SAME_LOWER', 'VALID')
+_FLAX_PADDINGS = ('CIRCULAR', 'REFLECT', 'CAUSAL')
+
+
+def check_padding(where: str, padding: Any, rank: int, arg: str = 'padding') -> Any:
+  """A convolution's ``padding`` as flax's ``Conv`` takes it, for a kernel of
+  ``rank`` axes: one of its strings, an int, or ``rank`` entries each an int
+  or a ``(low, high)`` tuple of ints. Returned as given."""
+  expected = (f"one of {', '.join(map(repr, _LAX_PADDINGS + _FLAX_PADDINGS))} ('CAUSAL' for "
+              f'1-D kernels only), an int, or a sequence of {rank} ints or (low, high) tuples '
+              '(one per kernel axis)')
+  if isinstance(padding, str):
+    if padding.upper() not in _LAX_PADDINGS and padding not in _FLAX_PADDINGS:
+      fail(where, arg, expected, repr(padding))
+    if padding == 'CAUSAL' and rank != 1:
+      fail(where, arg, f"a padding other than 'CAUSAL' for a kernel of {rank} axes (flax "
+           "implements 'CAUSAL' for 1-D convolutions only)", repr(padding))
+    return padding
+  if isinstance(padding, int) and not isinstance(padding, bool):
+    return padding
+  if not isinstance(padding, (tuple, list)):
+    fail(where, arg, expected, repr(padding) if padding is None or isinstance(padding, float)
+         else type(padding).__name__, TypeError)
+
+  def whole(p: Any) -> bool:
+    return isinstance(p, int) and not isinstance(p, bool)
+
+  def entry(p: Any) -> bool:  # flax takes a pair as a tuple only
+    return whole(p) or (isinstance(p, tuple) and len(p) == 2 and all(map(whole, p)))
+
+  if len(padding) != rank or not all(map(entry, padding)):
+    fail(where, arg, expected, repr(padding))
+  return padding
 
 
 def check_positive_int(where: str, arg: str, value: Any) -> int:
@@ -162,6 +244,31 @@ def check_integer_array(where: str, arg: str, x: Any, shape: tuple[int, ...], sh
   return jnp.asarray(x)
 
 
+def numeric_array(where: str, arg: str, x: Any, expected: str) -> Any:
+  """``x`` as an array of numbers (or bools, for the dtype check that follows):
+  an array as it is, a list or a Python number through ``np.asarray`` (so a
+  list of floats is what the same ``jnp.array`` is). Strings, ragged lists and
+  other objects, and arrays of no number dtype, are a ``TypeError`` here, before
+  any jax operation fails on them."""
+  check_not_foreign(where, arg, x)
+  if not (hasattr(x, 'shape') and hasattr(x, 'dtype')):
+    try:
+      converted = np.asarray(x)
+    except (TypeError, ValueError):  # a ragged list
+      converted = None
+    if converted is None or converted.dtype == object or not (
+        np.issubdtype(converted.dtype, np.number) or converted.dtype == np.bool_):
+      fail(where, arg, expected, repr(x) if isinstance(x, str) else kind(x), TypeError)
+    x = converted
+  try:
+    numeric = jnp.issubdtype(x.dtype, np.number) or x.dtype == np.bool_
+  except TypeError:  # a dtype jax does not know (a string array's)
+    numeric = False
+  if not numeric:
+    fail(where, arg, expected, f'dtype {x.dtype}', TypeError)
+  return x
+
+
 def whole_lengths(where: str, seq_lengths: Any) -> Any:
   """Float lengths (``mask.sum(-1)`` of a float mask) as ``int32``.
 
@@ -169,9 +276,10 @@ def whole_lengths(where: str, seq_lengths: Any) -> Any:
   values must be whole numbers (checked when concrete; under ``jit`` the cast
   truncates). Other dtypes pass through to the integer check.
   """
-  check_not_foreign(where, 'seq_lengths', seq_lengths)
-  dtype = getattr(seq_lengths, 'dtype', None)
-  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+  seq_lengths = numeric_array(where, 'seq_lengths', seq_lengths, 'an integer array of shape '
+                              'batch shape')
+  dtype = seq_lengths.dtype
+  if not jnp.issubdtype(dtype, jnp.floating):
     return seq_lengths
   if is_concrete(seq_lengths):
     host = np.asarray(seq_lengths)
@@ -200,17 +308,24 @@ def check_seq_lengths(where: str, seq_lengths: Any, batch_shape: tuple[int, ...]
   return seq_lengths
 
 
+def check_tree_structure(where: str, arg: str, given: Any, expected: Any) -> None:
+  """Checks that ``given`` has the pytree structure of ``expected`` (leaves aside)."""
+  g_def: Any  # jax's PyTreeDef (untyped for mypy)
+  e_def: Any
+  g_def = jax.tree_util.tree_structure(given)
+  e_def = jax.tree_util.tree_structure(expected)
+  if g_def != e_def:
+    fail(where, arg, f'a pytree with structure {e_def}', f'structure {g_def}')
+
+
 def check_tree_matches(where: str, arg: str, given: Any, expected: Any,
                        broadcast: bool = False):
   """Checks that ``given`` has the structure and leaf shapes of ``expected``
   (with ``broadcast``: shapes that broadcast to them), and floating leaves
   where ``expected`` has them (an integer carry would be truncated)."""
-  g_def: Any  # jax's PyTreeDef (untyped for mypy)
-  e_def: Any
-  g_leaves, g_def = jax.tree_util.tree_flatten(given)
-  e_leaves, e_def = jax.tree_util.tree_flatten(expected)
-  if g_def != e_def:
-    fail(where, arg, f'a pytree with structure {e_def}', f'structure {g_def}')
+  check_tree_structure(where, arg, given, expected)
+  g_leaves = jax.tree_util.tree_leaves(given)
+  e_leaves = jax.tree_util.tree_leaves(expected)
   for g, e in zip(g_leaves, e_leaves):
     scalar = broadcast and isinstance(g, (int, float)) and not isinstance(g, bool)
     if not scalar and (not hasattr(g, 'shape')

@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.nnx.nn import initializers
 from flax.typing import Dtype, Initializer, PaddingLike, PromoteDtypeFn
@@ -39,6 +40,35 @@ def _shape_keeping(padding: PaddingLike, kernel_size: tuple[int, ...]) -> Paddin
       lo + hi == k - 1 for (lo, hi), k in zip(pads, kernel_size)):
     return padding
   return 'SAME'
+
+
+def check_geometry(where: str, kernel_size: Any, strides: Any,
+                   padding: Any) -> tuple[tuple[int, ...], tuple[int, ...], PaddingLike]:
+  """``(kernel_size, strides, padding)`` of a convolutional cell, checked:
+  ``kernel_size`` 1 to 3 positive ints; ``strides`` ``None`` (1), one
+  positive int or one per kernel axis; ``padding`` as flax's ``Conv`` takes it
+  (:func:`_checks.check_padding`). Strides come back one per axis."""
+  if not isinstance(kernel_size, (tuple, list)):
+    _checks.fail(where, 'kernel_size', 'a sequence of 1 to 3 ints (one per spatial axis)',
+                 repr(kernel_size) if isinstance(kernel_size, (int, float, str))
+                 or kernel_size is None else type(kernel_size).__name__, TypeError)
+  if not 1 <= len(kernel_size) <= 3:
+    _checks.fail(where, 'kernel_size', 'a sequence of 1 to 3 ints', repr(kernel_size))
+  kernel = tuple(_checks.check_positive_int(where, 'kernel_size', k) for k in kernel_size)
+  n = len(kernel)
+  if strides is None:
+    strides = (1,) * n
+  elif isinstance(strides, (int, np.integer)) and not isinstance(strides, bool):
+    strides = (strides,) * n
+  elif not isinstance(strides, (tuple, list)):
+    _checks.fail(where, 'strides', f'None, an int or {n} ints (one per kernel axis)',
+                 repr(strides) if isinstance(strides, (bool, float, str))
+                 else type(strides).__name__, TypeError)
+  if len(strides) != n:
+    _checks.fail(where, 'strides', f'{n} ints (one per kernel axis)', repr(strides))
+  strides = tuple(_checks.check_positive_int(where, 'strides', s) for s in strides)
+  # Checked here: a padding nnx.Conv does not take fails only at the first call, in jax.
+  return kernel, strides, _checks.check_padding(where, padding, n)
 
 
 class _ConvCell(RNNCellBase):
@@ -84,20 +114,10 @@ class _ConvCell(RNNCellBase):
       carry_init=carry_init, promote_dtype=promote_dtype, keep_rngs=keep_rngs,
       zoneout_rate=zoneout_rate,
     )
-    if isinstance(kernel_size, int) or not 1 <= len(kernel_size) <= 3:
-      _checks.fail(where, 'kernel_size', 'a sequence of 1 to 3 ints', repr(kernel_size))
-    self.kernel_size = tuple(_checks.check_positive_int(where, 'kernel_size', k)
-                             for k in kernel_size)
-    n = len(self.kernel_size)
-    if strides is None:
-      strides = (1,) * n
-    elif isinstance(strides, int):
-      strides = (strides,) * n
-    if len(strides) != n:
-      _checks.fail(where, 'strides', f'{n} ints (one per kernel axis)', repr(strides))
-    self.strides = tuple(_checks.check_positive_int(where, 'strides', s) for s in strides)
+    self.kernel_size, self.strides, padding = check_geometry(where, kernel_size, strides,
+                                                             padding)
     self.padding = padding
-    self.use_bias = use_bias
+    self.use_bias = _checks.check_bool(where, 'use_bias', use_bias)
     width = self.num_parts * self.hidden_features
     self.ih = self._conv(
       self.in_features, width, strides=self.strides, padding=padding, kernel_init=kernel_init,

@@ -169,8 +169,7 @@ class GRUCell(_GatedUnit):
     rngs: nnx.Rngs,
   ):
     _checks.check_callables('GRUCell', bias_init=bias_init)
-    if not isinstance(use_bias_hn, bool):
-      _checks.fail('GRUCell', 'use_bias_hn', 'a bool', repr(use_bias_hn), TypeError)
+    use_bias_hn = _checks.check_bool('GRUCell', 'use_bias_hn', use_bias_hn)
     self._build(
       in_features, hidden_features, gate_fn=gate_fn, activation_fn=activation_fn,
       kernel_init=kernel_init, recurrent_kernel_init=recurrent_kernel_init,

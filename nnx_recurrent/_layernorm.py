@@ -35,14 +35,6 @@ from nnx_recurrent._updates import gru_update
 default_scale_init = initializers.ones_init()
 
 
-def _check_epsilon(where: str, epsilon: Any) -> float:
-  if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
-    _checks.fail(where, 'epsilon', 'a positive float', repr(epsilon), TypeError)
-  if not epsilon > 0:
-    _checks.fail(where, 'epsilon', 'a positive float', repr(epsilon))
-  return float(epsilon)
-
-
 class _LayerNormCell(RNNCellBase):
   """``LN(W_i x; scale) + b`` and ``LN(W_h h; scale)``, each over its ``num_parts * hidden``
   units jointly; subclasses set ``num_parts`` and add what their formula needs."""
@@ -87,9 +79,9 @@ class _LayerNormCell(RNNCellBase):
       carry_init=carry_init, promote_dtype=promote_dtype, keep_rngs=keep_rngs,
       zoneout_rate=zoneout_rate,
     )
-    self.epsilon = _check_epsilon(where, epsilon)
-    self.use_scale = bool(use_scale)
-    self.use_bias = bool(use_bias)
+    self.epsilon = _checks.check_positive_float(where, 'epsilon', epsilon)
+    self.use_scale = _checks.check_bool(where, 'use_scale', use_scale)
+    self.use_bias = _checks.check_bool(where, 'use_bias', use_bias)
     self.gate_fn = gate_fn
     self.activation_fn = activation_fn
     width = self.num_parts * self.hidden_features

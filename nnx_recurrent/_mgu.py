@@ -104,7 +104,7 @@ class MGUCell(_GatedUnit):
   ):
     _checks.check_callables('MGUCell', forget_bias_init=forget_bias_init,
                             activation_bias_init=activation_bias_init)
-    self.reset_gate = bool(reset_gate)
+    self.reset_gate = _checks.check_bool('MGUCell', 'reset_gate', reset_gate)
     self._build(
       in_features, hidden_features, gate_fn=gate_fn, activation_fn=activation_fn,
       kernel_init=kernel_init, recurrent_kernel_init=recurrent_kernel_init,

@@ -118,6 +118,7 @@ def pack_sequences(
   max_length = _checks.check_positive_int(where, 'max_length', max_length)
   if longest > max_length:
     _checks.fail(where, 'max_length', f'at least the longest sequence ({longest})', max_length)
+  sort_by_length = _checks.check_bool(where, 'sort_by_length', sort_by_length)
   row, offset, needed = _first_fit(lengths, max_length, sort_by_length)
   if num_rows is None:
     num_rows = max(needed, 1)

@@ -154,14 +154,15 @@ class RNN(nnx.Module):
                learn_initial_carry: bool = False, rngs: Any = True):
     _check_cell('RNN', cell)
     self.cell = cell
-    self.time_major = time_major
-    self.return_carry = return_carry
-    self.reverse = reverse
-    self.keep_order = keep_order
+    self.time_major = _checks.check_bool('RNN', 'time_major', time_major)
+    self.return_carry = _checks.check_bool('RNN', 'return_carry', return_carry)
+    self.reverse = _checks.check_bool('RNN', 'reverse', reverse)
+    self.keep_order = _checks.check_bool('RNN', 'keep_order', keep_order)
     if not isinstance(unroll, bool):  # a bool as in jax.lax.scan: True unrolls every step
       unroll = _checks.check_positive_int('RNN', 'unroll', unroll)
     self.unroll = unroll
-    self.remat = remat
+    self.remat = _checks.check_bool('RNN', 'remat', remat)
+    learn_initial_carry = _checks.check_bool('RNN', 'learn_initial_carry', learn_initial_carry)
     if state_axes is not None and not isinstance(state_axes, Mapping):
       _checks.fail('RNN', 'state_axes', 'None or a mapping from state filters to nnx.Carry, '
                    'None or an axis', type(state_axes).__name__, TypeError)
@@ -209,6 +210,9 @@ class RNN(nnx.Module):
     Returns:
       ``outputs``, or ``(final_carry, outputs)`` with ``return_carry``.
     """
+    _checks.check_rngs('RNN', rngs)
+    _checks.check_optional_bools('RNN', return_carry=return_carry, time_major=time_major,
+                                 reverse=reverse, keep_order=keep_order)
     return_carry = _first(return_carry, self.return_carry)
     time_major = _first(time_major, self.time_major)
     reverse = _first(reverse, self.reverse)
@@ -321,6 +325,11 @@ class Bidirectional(nnx.Module):
     if not callable(merge_fn):
       _checks.fail('Bidirectional', 'merge_fn', 'a function (forward_outputs, backward_outputs) '
                    '-> outputs', repr(merge_fn), TypeError)
+    from nnx_recurrent._stack import _in_features, check_reads  # _stack imports this module
+
+    # Both read the same inputs: sizes that differ would fail at the first call.
+    check_reads('Bidirectional', 'backward_rnn', backward_rnn, _in_features(forward_rnn),
+                "forward_rnn's in_features: both directions read the same inputs")
     if forward_rnn is backward_rnn:
       warnings.warn('Bidirectional: `forward_rnn` and `backward_rnn` are the same object, so '
                     'both directions share its parameters; pass two RNNs unless that is '
@@ -328,8 +337,8 @@ class Bidirectional(nnx.Module):
     self.forward_rnn = forward_rnn
     self.backward_rnn = backward_rnn
     self.merge_fn = merge_fn
-    self.time_major = time_major
-    self.return_carry = return_carry
+    self.time_major = _checks.check_bool('Bidirectional', 'time_major', time_major)
+    self.return_carry = _checks.check_bool('Bidirectional', 'return_carry', return_carry)
     needed = any(isinstance(layer, RNN) and _scan.needs_carry_rngs(layer.cell)
                  for layer in (forward_rnn, backward_rnn))
     # flax.nnx's stream for both directions' carries (RngStream(0) for True),
@@ -373,6 +382,9 @@ class Bidirectional(nnx.Module):
       reverse, keep_order: accepted and ignored, as in flax.nnx.
     """
     del reverse, keep_order  # flax.nnx's signature; both directions are fixed
+    _checks.check_rngs('Bidirectional', rngs)
+    _checks.check_optional_bools('Bidirectional', return_carry=return_carry,
+                                 time_major=time_major)
     return_carry = _first(return_carry, self.return_carry)
     time_major = _first(time_major, self.time_major)
     carry_f, carry_b = _checks.carry_pair('Bidirectional', initial_carry)
@@ -409,8 +421,15 @@ def flip_sequences(inputs: Array, seq_lengths: Array | None, num_batch_dims: int
   Args:
     inputs: ``(*batch, time, ...)`` or ``(time, *batch, ...)``.
     seq_lengths: integer ``(*batch)`` lengths, or ``None`` to flip everything.
+      Concrete lengths must be in ``[0, time]``, as for :class:`RNN` (flax's
+      ``flip_sequences`` wraps a longer one around the time axis); under
+      ``jit`` they cannot be checked: a larger value acts as ``time``, a
+      negative one as ``0``.
     num_batch_dims: number of batch axes.
     time_major: whether time is the first axis.
+
+  Raises:
+    ValueError: concrete ``seq_lengths`` outside ``[0, time]``.
   """
   inputs = _checks.check_array('flip_sequences', 'inputs', inputs)
   if (isinstance(num_batch_dims, bool) or not isinstance(num_batch_dims, (int, np.integer))
@@ -419,12 +438,12 @@ def flip_sequences(inputs: Array, seq_lengths: Array | None, num_batch_dims: int
                  f'an int in [0, {inputs.ndim - 1}] (inputs have {inputs.ndim} axes, one of '
                  'them time)', repr(num_batch_dims),
                  TypeError if not isinstance(num_batch_dims, (int, np.integer)) else ValueError)
-  time_axis = 0 if time_major else num_batch_dims
+  time_axis = 0 if _checks.check_bool('flip_sequences', 'time_major', time_major) else \
+    num_batch_dims
   xs = jnp.moveaxis(inputs, time_axis, 0)
   batch_shape = tuple(xs.shape[1: 1 + num_batch_dims])
   if seq_lengths is not None:
-    seq_lengths = _checks.check_integer_array(
-      'flip_sequences', 'seq_lengths', _checks.whole_lengths('flip_sequences', seq_lengths),
-      batch_shape, 'batch shape')
+    seq_lengths = _checks.check_seq_lengths('flip_sequences', seq_lengths, batch_shape,
+                                            xs.shape[0])
   idx = _scan.reverse_indices(xs.shape[0], batch_shape, seq_lengths)
   return jnp.moveaxis(_scan.take_time(xs, idx), 0, time_axis)

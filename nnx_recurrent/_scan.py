@@ -301,7 +301,8 @@ def cell_step_rngs(cell, rngs: Any, time: int) -> Array | None:
                                                                        True):
     return None
   # fold_in: keys apart from the ones the dropout masks draw from the same source.
-  return jax.random.split(jax.random.fold_in(_key_from(rngs, 'dropout'), 1), time)
+  return jax.random.split(jax.random.fold_in(_key_from(type(cell).__name__, rngs, 'dropout'), 1),
+                          time)
 
 
 def cell_dropout_masks(cell, step_shape: tuple[int, ...], rngs, dtype) -> Any:
@@ -314,19 +315,35 @@ def initial_carry(where: str, cell, initial_carry: Any, step_shape: tuple[int, .
                   rngs: Any = None) -> Any:
   """``initial_carry`` checked against the cell's own carry, or that default.
 
-  The check needs the cell's carry structure, which only this package's cells
-  give without side effects; another cell's ``initialize_carry`` is never
-  called when ``initial_carry`` is given (it may need an RNG, or not exist).
+  The check compares structure and leaf shapes with the carry the cell's
+  ``initialize_carry`` would give: this package's cells say it without side
+  effects; another cell's (flax.nnx's, yours) is traced with ``jax.eval_shape``
+  and a fresh ``nnx.Rngs``, so nothing runs and none of its streams advance.
+  A cell without ``initialize_carry``, or whose ``initialize_carry`` cannot be
+  traced so, is not checked.
   """
   if initial_carry is None:
     if not hasattr(cell, 'initialize_carry'):
       _checks.fail(where, 'initial_carry', f'a carry, since the cell {type(cell).__name__} has '
                    'no initialize_carry to build one', 'None')
     return default_carry(cell, step_shape, rngs)
-  if uses_base_initialize_carry(cell):
-    _checks.check_tree_matches(where, 'initial_carry', initial_carry,
-                               carry_shapes(cell, step_shape))
+  expected = (carry_shapes(cell, step_shape) if uses_base_initialize_carry(cell)
+              else foreign_carry_shapes(cell, step_shape))
+  if expected is not None:
+    _checks.check_tree_matches(where, 'initial_carry', initial_carry, expected)
   return initial_carry
+
+
+def foreign_carry_shapes(cell, step_shape: tuple[int, ...]) -> Any:
+  """:func:`carry_shapes` of another library's cell, or ``None`` when it has
+  no ``initialize_carry`` or that cannot be traced abstractly (it wants other
+  arguments, or writes the cell's state): then its carry is not checked."""
+  if not hasattr(cell, 'initialize_carry'):
+    return None
+  try:
+    return carry_shapes(cell, step_shape)
+  except Exception:  # any failure only means: no carry to check against
+    return None
 
 
 def carry_shapes(cell, step_shape: tuple[int, ...]) -> Any:
@@ -370,6 +387,7 @@ def prepare(where: str, inputs: Any, *, num_feature_axes: int, in_features: int 
                  'both')
   masks = StepMasks(None, None)
   if seq_lengths is not None:
+    seq_lengths = _checks.whole_lengths(where, seq_lengths)  # an array of numbers, from here
     if np.ndim(seq_lengths) == 0 and batch_shape:  # one length for every row, as flax broadcasts it
       seq_lengths = jnp.broadcast_to(jnp.asarray(seq_lengths), batch_shape)
     seq_lengths = _checks.check_seq_lengths(where, seq_lengths, batch_shape, time)

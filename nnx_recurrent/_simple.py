@@ -88,7 +88,7 @@ class SimpleCell(RNNCellBase):
       zoneout_rate=zoneout_rate,
     )
     self.activation_fn = activation_fn
-    self.residual = bool(residual)
+    self.residual = _checks.check_bool('SimpleCell', 'residual', residual)
     # Creation order as flax.nnx.SimpleCell.
     self.dense_h = self._linear(
       self.hidden_features, self.hidden_features, use_bias=False,

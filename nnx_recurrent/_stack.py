@@ -7,8 +7,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nnx_recurrent import _checks, _scan
-from nnx_recurrent._base import Array, Carry, RngsLike
-from nnx_recurrent._rnn import RNN, Bidirectional, _first
+from nnx_recurrent._base import Array, Carry, RngsLike, RNNCellBase
+from nnx_recurrent._rnn import RNN, Bidirectional, _concatenate, _first
 
 
 def _feature_axes(layer) -> int:
@@ -20,6 +20,51 @@ def _feature_axes(layer) -> int:
     return _feature_axes(layer.layers[0])
   cell = getattr(layer, 'cell', None)
   return cell.num_feature_axes if cell is not None else 1
+
+
+def _in_features(layer) -> int | None:
+  """The size of the last input axis a sequence layer reads, or ``None`` when
+  it does not say (another library's cell without an int ``in_features``)."""
+  if isinstance(layer, RNN):
+    size = getattr(layer.cell, 'in_features', None)
+  elif isinstance(layer, Bidirectional):
+    size = _in_features(layer.forward_rnn)
+  elif isinstance(layer, StackedRNN):
+    size = _in_features(layer.layers[0])
+  else:  # the fused LSTM / GRU
+    size = getattr(layer, 'in_features', None)
+  return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def _out_features(layer) -> int | None:
+  """The size of the last output axis of a sequence layer, or ``None`` when
+  it is not known before a call: a cell of another library, a ``Bidirectional``
+  with its own ``merge_fn``."""
+  if isinstance(layer, RNN):
+    cell = layer.cell
+    if not isinstance(cell, RNNCellBase) or not all(
+        isinstance(getattr(cell, size, None), int) for size in ('in_features', 'hidden_features')):
+      return None
+    if cell.num_feature_axes > 1:  # convolutional: channels of the state
+      return cell.hidden_features
+    return cell._output_shape((cell.in_features,))[-1]  # proj_features where there are some
+  if isinstance(layer, Bidirectional):
+    forward, backward = _out_features(layer.forward_rnn), _out_features(layer.backward_rnn)
+    if layer.merge_fn is not _concatenate or forward is None or backward is None:
+      return None
+    return forward + backward
+  if isinstance(layer, StackedRNN):
+    return _out_features(layer.layers[-1])
+  out, directions = getattr(layer, 'out_features', None), getattr(layer, 'num_directions', None)
+  return out * directions if isinstance(out, int) and isinstance(directions, int) else None
+
+
+def check_reads(where: str, arg: str, layer, size: int | None, source: str) -> None:
+  """``layer`` reads inputs of last axis ``size`` (what ``source`` gives), where both are known."""
+  wanted = _in_features(layer)
+  if size is not None and wanted is not None and wanted != size:
+    _checks.fail(where, arg, f'a layer reading {size} features ({source})',
+                 f'{type(layer).__name__} with in_features {wanted}')
 
 
 class StackedRNN(nnx.Module):
@@ -84,10 +129,16 @@ class StackedRNN(nnx.Module):
       if not isinstance(layer, (RNN, Bidirectional, LSTM, GRU)):
         _checks.fail('StackedRNN', f'layers[{i}]', 'an RNN, Bidirectional, LSTM or GRU layer',
                      type(layer).__name__, TypeError)
+    # Each layer reads the previous one's outputs: a size that does not chain
+    # would fail at the first call, naming neither layer.
+    for i in range(1, len(layers)):
+      check_reads('StackedRNN', f'layers[{i}]', layers[i], _out_features(layers[i - 1]),
+                  f'the output size of layers[{i - 1}], {type(layers[i - 1]).__name__}')
     self.layers = nnx.List(layers)
     self.dropout_rate = _checks.check_rate('StackedRNN', 'dropout_rate', dropout_rate)
-    self.time_major = layers[0].time_major if time_major is None else bool(time_major)
-    self.return_carry = return_carry
+    self.time_major = (layers[0].time_major if time_major is None
+                       else _checks.check_bool('StackedRNN', 'time_major', time_major))
+    self.return_carry = _checks.check_bool('StackedRNN', 'return_carry', return_carry)
     # No RNG state without dropout (flax#4509).
     self.dropout = nnx.Dropout(self.dropout_rate, rngs=rngs) if self.dropout_rate else None
 
@@ -120,6 +171,9 @@ class StackedRNN(nnx.Module):
     Returns:
       ``outputs``, or ``(carries, outputs)`` with ``return_carry``.
     """
+    _checks.check_rngs('StackedRNN', rngs)
+    _checks.check_optional_bools('StackedRNN', return_carry=return_carry, time_major=time_major,
+                                 reverse=reverse, keep_order=keep_order)
     n = len(self.layers)
     return_carry = _first(return_carry, self.return_carry)
     time_major = _first(time_major, self.time_major)

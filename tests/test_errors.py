@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 import nnx_recurrent as nr
+from nnx_recurrent import compat
 from tests import reference as ref
 
 
@@ -192,8 +193,9 @@ def test_initialize_carry_needs_rngs_for_carry_init(lstm):
    m('ConvLSTMCell: `strides` expected 2 ints (one per kernel axis), got (1, 2, 1)')),
   (lambda: nr.ConvLSTMCell(2, 3, (3, 3), strides=(0, 1), rngs=nnx.Rngs(0)), ValueError,
    m('ConvLSTMCell: `strides` expected a positive int, got 0')),
-  (lambda: nr.ConvLSTMCell(2, 3, 3, rngs=nnx.Rngs(0)), ValueError,
-   m('ConvLSTMCell: `kernel_size` expected a sequence of 1 to 3 ints, got 3')),
+  (lambda: nr.ConvLSTMCell(2, 3, 3, rngs=nnx.Rngs(0)), TypeError,
+   m('ConvLSTMCell: `kernel_size` expected a sequence of 1 to 3 ints (one per spatial axis), '
+     'got 3')),
   (lambda: nr.ConvLSTMCell(2, 3, (3, 3, 3, 3), rngs=nnx.Rngs(0)), ValueError,
    m('`kernel_size` expected a sequence of 1 to 3 ints')),
   (lambda: nr.LSTMCell(3, 4, rngs=0), TypeError, m('LSTMCell: `rngs` expected an nnx.Rngs')),
@@ -425,3 +427,344 @@ def test_compat_construction_and_carry_arguments():
   with pytest.raises(TypeError, match=m('Bidirectional: `forward_rnn` expected an RNN module',
                                         'got GRUCell, a cell (wrap it: RNN(cell))')):
     compat.Bidirectional(compat.GRUCell(4), compat.RNN(compat.GRUCell(4)))
+
+
+# -- convolutional cells: padding -----------------------------------------------------
+_PADDINGS = ("one of 'SAME', 'SAME_LOWER', 'VALID', 'CIRCULAR', 'REFLECT', 'CAUSAL' "
+             "('CAUSAL' for 1-D kernels only), an int, or a sequence of 2 ints or (low, high) "
+             'tuples (one per kernel axis)')
+
+
+@pytest.mark.parametrize('padding, exc, got', [
+  ('BOGUS', ValueError, "got 'BOGUS'"),
+  ('circular', ValueError, "got 'circular'"),  # flax compares its own modes in upper case
+  ((1,), ValueError, 'got (1,)'),
+  (((1, 1), [1, 1]), ValueError, 'got ((1, 1), [1, 1])'),  # flax takes pairs as tuples only
+  ((1, 1.5), ValueError, 'got (1, 1.5)'),
+  (1.5, TypeError, 'got 1.5'),
+  (None, TypeError, 'got None'),
+], ids=['unknown', 'lower_case_flax_mode', 'too_few', 'list_pair', 'float_entry', 'float',
+        'none'])
+def test_conv_padding_refused_at_construction(padding, exc, got):
+  for cls in (nr.ConvLSTMCell, nr.ConvGRUCell):
+    with pytest.raises(exc, match=m(f'{cls.__name__}: `padding` expected {_PADDINGS}', got)):
+      cls(2, 3, (3, 3), padding=padding, rngs=nnx.Rngs(0))
+
+
+def test_conv_causal_padding_needs_a_1d_kernel():
+  with pytest.raises(ValueError, match=m("ConvLSTMCell: `padding` expected a padding other than "
+                                         "'CAUSAL' for a kernel of 2 axes", "got 'CAUSAL'")):
+    nr.ConvLSTMCell(2, 3, (3, 3), padding='CAUSAL', rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('kernel_size, padding, spatial', [
+  ((3, 3), 'same', (6, 6)), ((3, 3), 'VALID', (4, 4)), ((3, 3), 'SAME_LOWER', (6, 6)),
+  ((3, 3), 'REFLECT', (6, 6)), ((3, 3), (1, (0, 2)), (6, 6)), ((3, 3), 0, (4, 4)),
+  ((3,), 'CAUSAL', (6,)), ((3,), [1], (6,)),
+])
+def test_conv_paddings_flax_takes_still_run(kernel_size, padding, spatial):
+  cell = nr.ConvLSTMCell(2, 3, kernel_size, padding=padding, rngs=nnx.Rngs(0))
+  y = nr.RNN(cell)(jnp.ones((1, 2, *(6,) * len(kernel_size), 2)))
+  assert y.shape == (1, 2, *spatial, 3)
+
+
+@pytest.mark.parametrize('kw, exc, msg', [
+  (dict(kernel_size=3), TypeError,
+   m('ConvLSTMCell: `kernel_size` expected a sequence of 1 to 3 ints (one per spatial axis), '
+     'got 3.')),
+  (dict(kernel_size=(3, 3), strides=2.0), TypeError,
+   m('ConvLSTMCell: `strides` expected None, an int or 2 ints (one per kernel axis), got 2.0.')),
+  (dict(kernel_size=(3, 3), strides=(1, 1, 1)), ValueError,
+   m('ConvLSTMCell: `strides` expected 2 ints (one per kernel axis), got (1, 1, 1).')),
+  (dict(kernel_size=(3, 3), padding='BOGUS'), ValueError,
+   m('ConvLSTMCell: `padding` expected one of', "got 'BOGUS'.")),
+], ids=['int_kernel', 'float_strides', 'strides_len', 'padding'])
+def test_compat_conv_geometry(kw, exc, msg):
+  # flax.linen's ConvLSTMCell fails on an int kernel_size too (len() of an int):
+  # a TypeError naming it, when the module is built.
+  from nnx_recurrent import compat
+
+  with pytest.raises(exc, match=msg):
+    compat.ConvLSTMCell(4, **kw)
+
+
+def test_compat_conv_takes_what_linen_takes():
+  from nnx_recurrent import compat
+
+  for kw in (dict(kernel_size=[3, 3], strides=1, padding=1), dict(kernel_size=(3,), strides=None,
+                                                                   padding='CAUSAL')):
+    cell = compat.ConvLSTMCell(4, **kw)
+    x = jnp.ones((2, *(6,) * len(kw['kernel_size']), 3))
+    carry = cell.initialize_carry(jax.random.key(0), x.shape)
+    (_, y), _ = cell.init_with_output(jax.random.key(1), carry, x)
+    assert y.shape == x.shape[:-1] + (4,)
+
+
+def test_nnx_conv_strides_of_the_wrong_kind():
+  with pytest.raises(TypeError, match=m('ConvGRUCell: `strides` expected None, an int or 2 ints',
+                                        "got '2'")):
+    nr.ConvGRUCell(2, 3, (3, 3), strides='2', rngs=nnx.Rngs(0))
+
+
+# -- initial_carry of other libraries' cells --------------------------------------------
+def test_flax_nnx_cell_initial_carry_checked_against_its_initialize_carry():
+  cell = nnx.LSTMCell(3, 4, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=m('RNN: `initial_carry` expected leaf shapes '
+                                         '[(2, 4), (2, 4)]', 'got [(2, 5), (2, 5)]')):
+    nr.RNN(cell)(X, initial_carry=(jnp.zeros((2, 5)),) * 2)
+  with pytest.raises(ValueError, match=m('RNN: `initial_carry` expected a pytree with structure',
+                                         'got structure')):
+    nr.RNN(cell)(X, initial_carry=jnp.zeros((2, 4)))
+  # A carry that fits runs, and the check draws nothing from the cell's streams.
+  with pytest.warns(UserWarning, match='keep_rngs argument is deprecated'):
+    kept = nnx.LSTMCell(3, 4, keep_rngs=True, rngs=nnx.Rngs(0))
+  count = int(kept.rngs.count[...])
+  y = nr.RNN(kept)(X, initial_carry=(jnp.zeros((2, 4)),) * 2)
+  assert y.shape == (2, 5, 4) and int(kept.rngs.count[...]) == count
+
+
+def test_cell_whose_initialize_carry_cannot_be_traced_is_not_checked():
+  class NeedsTwo(nnx.Module):  # initialize_carry with a signature of its own
+    def __init__(self):
+      self.num_feature_axes = 1
+
+    def initialize_carry(self, input_shape, rngs, scale):
+      return jnp.full(input_shape[:-1] + (3,), scale)
+
+    def __call__(self, carry, x):
+      return carry + x, carry
+
+  y = nr.RNN(NeedsTwo())(X, initial_carry=jnp.zeros((2, 3)))
+  np.testing.assert_array_equal(y[:, -1], jnp.full((2, 3), 4.0))
+
+
+def test_compat_rnn_linen_cell_initial_carry_structure():
+  import flax.linen as nn
+
+  from nnx_recurrent import compat
+
+  rnn = compat.RNN(nn.LSTMCell(4))
+  with pytest.raises(ValueError, match=m('RNN: `initial_carry` expected a pytree with structure '
+                                         'PyTreeDef((*, *))', 'got structure PyTreeDef(*)')):
+    rnn.init(jax.random.key(0), X, initial_carry=jnp.zeros((2, 4)))
+  # flax.linen's Dense cells take their size from the carry: a wider one runs.
+  wide = (jnp.zeros((2, 6)),) * 2
+  y, _ = rnn.init_with_output(jax.random.key(0), X, initial_carry=wide)
+  assert y.shape == (2, 5, 6)
+
+
+# -- seq_lengths given as Python objects -------------------------------------------------
+@pytest.mark.parametrize('lengths, got', [
+  ('ab', "got 'ab'."), ([[1], [2, 3]], 'got list of length 2.'), ([None, 1], 'got list of '
+                                                                   'length 2.'),
+  (np.array(['a', 'b']), 'got dtype <U1.'), (jax.random.key(0), 'got dtype key<fry>.'),
+], ids=['str', 'ragged', 'none_entry', 'str_array', 'prng_key'])
+def test_seq_lengths_that_are_no_numbers(lstm, lengths, got):
+  # Checked before a scalar is broadcast to the batch (jax refused a string there).
+  for layer in (nr.RNN(lstm), nr.LSTM(3, 4, rngs=nnx.Rngs(0))):
+    where = type(layer).__name__
+    with pytest.raises(TypeError, match=m(f'{where}: `seq_lengths` expected an integer array of '
+                                          'shape batch shape', got)):
+      layer(X, seq_lengths=lengths)
+
+
+def test_seq_lengths_list_is_the_array_it_spells(lstm):
+  rnn = nr.RNN(lstm)
+  want = rnn(X, seq_lengths=jnp.array([5, 2]))
+  for lengths in ([5.0, 2.0], [5, 2], (5, 2), jnp.array([5.0, 2.0])):
+    np.testing.assert_array_equal(rnn(X, seq_lengths=lengths), want)
+  with pytest.raises(ValueError, match=m('RNN: `seq_lengths` expected whole numbers',
+                                         'got [2.5] among them')):
+    rnn(X, seq_lengths=[5.0, 2.5])
+  np.testing.assert_array_equal(
+    nr.flip_sequences(X, [5.0, 2.0], num_batch_dims=1, time_major=False),
+    nr.flip_sequences(X, jnp.array([5, 2]), num_batch_dims=1, time_major=False))
+
+
+# -- call-time rngs --------------------------------------------------------------------
+_RNGS = 'expected an nnx.Rngs, nnx.RngStream or a PRNG key (or None)'
+
+
+@pytest.mark.parametrize('call, where, got', [
+  (lambda c, r: nr.RNN(c)(X, rngs=r), 'RNN', 'int'),
+  (lambda c, r: c(c.initialize_carry((2, 3)), X[:, 0], rngs=r), 'LSTMCell', 'int'),
+  (lambda c, r: c.initialize_carry((2, 3), rngs=r), 'LSTMCell.initialize_carry', 'int'),
+  (lambda c, r: nr.Bidirectional(nr.RNN(c), nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(1))))(
+    X, rngs=r), 'Bidirectional', 'int'),
+  (lambda c, r: nr.LSTM(3, 4, num_layers=2, dropout_rate=0.5, rngs=nnx.Rngs(0))(X, rngs=r),
+   'LSTM', 'int'),
+  (lambda c, r: nr.GRU(3, 4, num_layers=2, dropout_rate=0.5, rngs=nnx.Rngs(0))(X, rngs=r),
+   'GRU', 'int'),
+  (lambda c, r: nr.StackedRNN(nr.RNN(c), nr.RNN(nr.GRUCell(4, 4, rngs=nnx.Rngs(1))),
+                              dropout_rate=0.5)(X, rngs=r), 'StackedRNN', 'int'),
+], ids=['rnn', 'cell', 'initialize_carry', 'bidirectional', 'lstm', 'gru', 'stacked'])
+def test_call_rngs_of_the_wrong_kind_name_the_module(call, where, got):
+  cell = nr.LSTMCell(3, 4, dropout_rate=0.5, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match=m(f'{where}: `rngs` {_RNGS}, got {got}.')):
+    call(cell, 0)
+  with pytest.raises(TypeError, match=m(f'{where}: `rngs` {_RNGS}, got str.')):
+    call(cell, 'a')
+
+
+def test_epsilon_accepts_numpy_and_jax_scalars():
+  for eps in (np.float32(1e-5), np.float64(1e-5), jnp.array(1e-5), 1):
+    cell = nr.LayerNormLSTMCell(3, 4, epsilon=eps, rngs=nnx.Rngs(0))
+    assert cell.epsilon == float(eps)
+  for eps, exc in ((True, TypeError), (jnp.array([1e-5]), TypeError), (np.inf, ValueError),
+                   (-1e-5, ValueError)):
+    with pytest.raises(exc, match=m('LayerNormGRUCell: `epsilon` expected a positive float')):
+      nr.LayerNormGRUCell(3, 4, epsilon=eps, rngs=nnx.Rngs(0))
+
+
+# -- boolean flags ---------------------------------------------------------------------
+def _cell(r=None):
+  return nr.LSTMCell(3, 4, rngs=r or nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('make, where, flag', [
+  (lambda v, r: nr.MGUCell(3, 4, reset_gate=v, rngs=r), 'MGUCell', 'reset_gate'),
+  (lambda v, r: nr.SimpleCell(3, 4, residual=v, rngs=r), 'SimpleCell', 'residual'),
+  (lambda v, r: nr.GRUCell(3, 4, use_bias_hn=v, rngs=r), 'GRUCell', 'use_bias_hn'),
+  (lambda v, r: nr.LSTMCell(3, 4, keep_rngs=v, rngs=r), 'LSTMCell', 'keep_rngs'),
+  (lambda v, r: nr.LayerNormLSTMCell(3, 4, use_scale=v, rngs=r), 'LayerNormLSTMCell',
+   'use_scale'),
+  (lambda v, r: nr.LayerNormGRUCell(3, 4, use_bias=v, rngs=r), 'LayerNormGRUCell', 'use_bias'),
+  (lambda v, r: nr.ConvGRUCell(2, 3, (3,), use_bias=v, rngs=r), 'ConvGRUCell', 'use_bias'),
+  (lambda v, r: nr.RNN(_cell(r), time_major=v), 'RNN', 'time_major'),
+  (lambda v, r: nr.RNN(_cell(r), return_carry=v), 'RNN', 'return_carry'),
+  (lambda v, r: nr.RNN(_cell(r), reverse=v), 'RNN', 'reverse'),
+  (lambda v, r: nr.RNN(_cell(r), keep_order=v), 'RNN', 'keep_order'),
+  (lambda v, r: nr.RNN(_cell(r), remat=v), 'RNN', 'remat'),
+  (lambda v, r: nr.RNN(_cell(r), learn_initial_carry=v), 'RNN', 'learn_initial_carry'),
+  (lambda v, r: nr.Bidirectional(nr.RNN(_cell(r)), nr.RNN(_cell(r)), time_major=v),
+   'Bidirectional', 'time_major'),
+  (lambda v, r: nr.StackedRNN(nr.RNN(_cell(r)), return_carry=v), 'StackedRNN', 'return_carry'),
+  (lambda v, r: nr.StackedRNN(nr.RNN(_cell(r)), time_major=v), 'StackedRNN', 'time_major'),
+  (lambda v, r: nr.LSTM(3, 4, bidirectional=v, rngs=r), 'LSTM', 'bidirectional'),
+  (lambda v, r: nr.GRU(3, 4, keep_order=v, rngs=r), 'GRU', 'keep_order'),
+  (lambda v, r: nr.RNN(_cell(r))(X, reverse=v), 'RNN', 'reverse'),
+  (lambda v, r: nr.RNN(_cell(r))(X, time_major=v), 'RNN', 'time_major'),
+  (lambda v, r: nr.Bidirectional(nr.RNN(_cell(r)), nr.RNN(_cell(r)))(X, return_carry=v),
+   'Bidirectional', 'return_carry'),
+  (lambda v, r: nr.StackedRNN(nr.RNN(_cell(r)))(X, keep_order=v), 'StackedRNN', 'keep_order'),
+  (lambda v, r: nr.LSTM(3, 4, rngs=r)(X, return_carry=v), 'LSTM', 'return_carry'),
+  (lambda v, r: nr.flip_sequences(X, None, 1, time_major=v), 'flip_sequences', 'time_major'),
+  (lambda v, r: nr.pack_sequences([np.ones((2, 3))], sort_by_length=v), 'pack_sequences',
+   'sort_by_length'),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_boolean_flags_refuse_what_is_no_bool(make, where, flag):
+  # A string is truthy: reverse='no' reversed. NumPy's bool_ is a bool.
+  for value, got in (('no', "got 'no'."), (1, 'got 1.'), (1.0, 'got 1.0.')):
+    with pytest.raises(TypeError, match=m(f'{where}: `{flag}` expected a bool', got)):
+      make(value, nnx.Rngs(0))
+  make(np.bool_(False), nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('make, where, flag', [
+  (lambda v: compat.MGUCell(4, reset_gate=v), 'MGUCell', 'reset_gate'),
+  (lambda v: compat.SimpleCell(4, residual=v), 'SimpleCell', 'residual'),
+  (lambda v: compat.ConvLSTMCell(4, (3,), use_bias=v), 'ConvLSTMCell', 'use_bias'),
+  (lambda v: compat.RNN(compat.GRUCell(4), reverse=v), 'RNN', 'reverse'),
+  (lambda v: compat.RNN(compat.GRUCell(4), return_carry=v), 'RNN', 'return_carry'),
+  (lambda v: compat.Bidirectional(compat.RNN(compat.GRUCell(4)), compat.RNN(compat.GRUCell(4)),
+                                  time_major=v), 'Bidirectional', 'time_major'),
+  (lambda v: compat.RNN(compat.GRUCell(4)).init(jax.random.key(0), X, keep_order=v), 'RNN',
+   'keep_order'),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_compat_boolean_flags_refuse_what_is_no_bool(make, where, flag):
+  for value, got in (('no', "got 'no'."), (0, 'got 0.')):
+    with pytest.raises(TypeError, match=m(f'{where}: `{flag}` expected a bool', got)):
+      make(value)
+  make(np.bool_(True))
+
+
+# -- flip_sequences: lengths beyond the time axis ------------------------------------------
+@pytest.mark.parametrize('lengths, got', [([5, 1], '[1, 5]'), ([-1, 2], '[-1, 2]')])
+def test_flip_sequences_lengths_out_of_range(lengths, got):
+  # As RNN raises for them; flax.linen's flip_sequences wraps a length > T around
+  # (its row [0, 1, 2] with length 5 comes back [1, 0, 2]).
+  x = jnp.arange(6).reshape(2, 3)
+  with pytest.raises(ValueError, match=m('flip_sequences: `seq_lengths` expected values in '
+                                         '[0, 3] (the time axis length)', f'got values in {got}')):
+    nr.flip_sequences(x, jnp.array(lengths), 1, False)
+
+
+def test_flip_sequences_lengths_out_of_range_under_jit_clip():
+  x = jnp.arange(6).reshape(2, 3)
+  flip = jax.jit(lambda x, s: nr.flip_sequences(x, s, 1, False))
+  np.testing.assert_array_equal(flip(x, jnp.array([5, -1])), flip(x, jnp.array([3, 0])))
+
+
+# -- layers that do not chain ---------------------------------------------------------------
+def test_stacked_layers_that_do_not_chain_are_refused_at_construction():
+  r = nnx.Rngs(0)
+  bi = nr.Bidirectional(nr.RNN(nr.LSTMCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(3, 2, rngs=r)))
+  for layers, i, size, source, got in [
+    ((nr.RNN(nr.LSTMCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(5, 5, rngs=r))), 1, 4,
+     'the output size of layers[0], RNN', 'RNN with in_features 5'),
+    ((bi, nr.RNN(nr.GRUCell(4, 5, rngs=r))), 1, 6, 'the output size of layers[0], Bidirectional',
+     'RNN with in_features 4'),
+    ((nr.LSTM(3, 4, bidirectional=True, rngs=r), nr.GRU(4, 4, rngs=r)), 1, 8,
+     'the output size of layers[0], LSTM', 'GRU with in_features 4'),
+    ((nr.RNN(nr.LSTMCell(3, 4, proj_features=2, rngs=r)), nr.RNN(nr.GRUCell(2, 5, rngs=r)),
+      nr.RNN(nr.GRUCell(4, 5, rngs=r))), 2, 5, 'the output size of layers[1], RNN',
+     'RNN with in_features 4'),
+  ]:
+    with pytest.raises(ValueError, match=m(f'StackedRNN: `layers[{i}]` expected a layer reading '
+                                           f'{size} features ({source})', f'got {got}.')):
+      nr.StackedRNN(*layers)
+
+
+def test_stacked_layers_of_unknown_sizes_are_left_to_the_call():
+  r = nnx.Rngs(0)
+  # flax.nnx's cell has in_features (read) but its outputs are not known here; a
+  # merge_fn of one's own gives outputs of a size known only when it runs.
+  stack = nr.StackedRNN(nr.RNN(nnx.GRUCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(4, 5, rngs=r)))
+  assert stack(X).shape == (2, 5, 5)
+  summed = nr.Bidirectional(nr.RNN(nr.GRUCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(3, 4, rngs=r)),
+                            merge_fn=lambda a, b: a + b)
+  assert nr.StackedRNN(summed, nr.RNN(nr.GRUCell(4, 5, rngs=r)))(X).shape == (2, 5, 5)
+
+
+def test_bidirectional_directions_that_read_different_sizes():
+  r = nnx.Rngs(0)
+  with pytest.raises(ValueError, match=m('Bidirectional: `backward_rnn` expected a layer reading 3 '
+                                         "features (forward_rnn's in_features: both directions "
+                                         'read the same inputs), got RNN with in_features 5.')):
+    nr.Bidirectional(nr.RNN(nr.LSTMCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(5, 5, rngs=r)))
+  with pytest.raises(ValueError, match=m('`backward_rnn` expected a layer reading 3 features',
+                                         'got GRU with in_features 4.')):
+    nr.Bidirectional(nr.LSTM(3, 4, rngs=r), nr.GRU(4, 4, rngs=r))
+
+
+@pytest.mark.parametrize('rng, got', [
+  (0, 'got 0 (a seed: pass jax.random.key(0)).'), ('key', "got 'key'."),
+  (jnp.zeros(2), 'got an array of dtype float32 and shape (2,).'),
+], ids=['int', 'str', 'float_array'])
+def test_compat_initialize_carry_rng_that_is_no_key(rng, got):
+  # flax.linen splits the rng whatever the carry_init, and fails in jax alike
+  # ('invalid PRNG key data').
+  with pytest.raises(TypeError, match=m('LSTMCell.initialize_carry: `rng` expected a PRNG key '
+                                        '(jax.random.key(seed)) or None', got)):
+    compat.LSTMCell(4).initialize_carry(rng, (2, 3))
+
+
+def test_compat_initialize_carry_takes_typed_and_raw_keys_and_none():
+  want = compat.GRUCell(4).initialize_carry(None, (2, 3))
+  for rng in (jax.random.key(0), jax.random.PRNGKey(0), np.array([0, 1], np.uint32)):
+    np.testing.assert_array_equal(compat.GRUCell(4).initialize_carry(rng, (2, 3)), want)
+
+
+def test_compat_to_nnx_checkpoint_group_that_is_no_mapping():
+  cell = compat.LSTMCell(4)
+  x = jnp.ones((2, 3))
+  params = dict(cell.init(jax.random.key(0), cell.initialize_carry(None, x.shape), x)['params'])
+  where = m("to_nnx (LSTMCell): `params` expected a LSTMCell checkpoint with 'ii/kernel'")
+  for group, got in ((3, "got 'ii' of type int."),
+                     ({'bias': jnp.zeros(4)}, "got 'ii' with the leaves ['bias'].")):
+    with pytest.raises(ValueError, match=where + '.*' + m("('ii' a mapping with a 'kernel')", got)):
+      compat.to_nnx(cell, {'params': {**params, 'ii': group}})
+  with pytest.raises(ValueError, match=where + '.*' + m("got 'ii/kernel' of type int.")):
+    compat.to_nnx(cell, {'params': {**params, 'ii': {'kernel': 3}}})
+  with pytest.raises(ValueError, match=where + '.*' + m("got the groups ['hf', 'hg'")):
+    compat.to_nnx(cell, {'params': {k: v for k, v in params.items() if k != 'ii'}})

@@ -444,8 +444,9 @@ def test_no_prng_state_without_dropout_and_carry_options():
    ValueError, r'LayerNormLSTMCell: `recurrent_dropout_rate` expected a float in \[0, 1\)'),
   (lambda: nr.LayerNormGRUCell(3, 4, rngs=None), TypeError,
    r'LayerNormGRUCell: `rngs` expected an nnx.Rngs, got NoneType\.'),
-  (lambda: nr.ConvGRUCell(2, 3, 3, rngs=nnx.Rngs(0)), ValueError,
-   r'ConvGRUCell: `kernel_size` expected a sequence of 1 to 3 ints, got 3\.'),
+  (lambda: nr.ConvGRUCell(2, 3, 3, rngs=nnx.Rngs(0)), TypeError,
+   r'ConvGRUCell: `kernel_size` expected a sequence of 1 to 3 ints \(one per spatial axis\), '
+   r'got 3\.'),
   (lambda: nr.ConvGRUCell(2, 3, (3, 3, 3, 3), rngs=nnx.Rngs(0)), ValueError,
    r'ConvGRUCell: `kernel_size` expected a sequence of 1 to 3 ints, got \(3, 3, 3, 3\)\.'),
   (lambda: nr.ConvGRUCell(2, 3, (3, 0), rngs=nnx.Rngs(0)), ValueError,

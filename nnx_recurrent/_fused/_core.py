@@ -89,12 +89,12 @@ class _FusedBase(nnx.Module):
     # before this runs), else hidden_features.
     self.out_features: int = getattr(self, 'proj_features', None) or self.hidden_features
     self._check_options(implementation, packed=False)
-    self.bidirectional = bool(bidirectional)
-    self._check_reverse(reverse)
-    self.time_major = time_major
-    self.return_carry = return_carry
-    self.reverse = reverse
-    self.keep_order = keep_order
+    self.bidirectional = _checks.check_bool(where, 'bidirectional', bidirectional)
+    self.time_major = _checks.check_bool(where, 'time_major', time_major)
+    self.return_carry = _checks.check_bool(where, 'return_carry', return_carry)
+    self.reverse = _checks.check_bool(where, 'reverse', reverse)
+    self.keep_order = _checks.check_bool(where, 'keep_order', keep_order)
+    self._check_reverse(self.reverse)
     kw = dict(kernel_init=kernel_init, recurrent_kernel_init=recurrent_kernel_init,
               bias_init=bias_init, dtype=dtype, param_dtype=param_dtype,
               kernel_metadata=kernel_metadata, recurrent_kernel_metadata=recurrent_kernel_metadata,
@@ -270,6 +270,9 @@ class _FusedBase(nnx.Module):
       ``outputs``, or ``(final_carry, outputs)`` with ``return_carry``.
     """
     where = type(self).__name__
+    _checks.check_rngs(where, rngs)
+    _checks.check_optional_bools(where, return_carry=return_carry, time_major=time_major,
+                                 reverse=reverse, keep_order=keep_order)
     return_carry = _first(return_carry, self.return_carry)
     time_major = _first(time_major, self.time_major)
     reverse = _first(reverse, self.reverse)

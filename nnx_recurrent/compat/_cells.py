@@ -19,12 +19,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.core import meta
 from flax.linen.recurrent import DenseParams
 from flax.typing import Dtype, Initializer
 
 from nnx_recurrent import _checks
-from nnx_recurrent._conv import _shape_keeping
+from nnx_recurrent._conv import _shape_keeping, check_geometry
 from nnx_recurrent.compat import _convert
 
 # flax.linen's defaults, exactly (the same functions give the same initial values).
@@ -67,6 +68,25 @@ class RNNCellBase(nn.RNNCellBase):
   """
 
 
+def _check_rng(where: str, rng: Any) -> None:
+  """``rng`` a PRNG key (typed, or raw ``uint32`` data) or ``None``: flax.linen
+  splits it whatever the ``carry_init``, and jax's own error says only
+  'invalid PRNG key data'."""
+  if rng is None:
+    return
+  dtype = getattr(rng, 'dtype', None)
+  if isinstance(rng, (jax.Array, np.ndarray)) and (
+      jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) or (dtype == np.uint32 and rng.ndim >= 1)):
+    return
+  if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+    got = f'{rng!r} (a seed: pass jax.random.key({int(rng)}))'
+  elif dtype is not None:
+    got = f'an array of dtype {dtype} and shape {tuple(rng.shape)}'
+  else:
+    got = repr(rng) if isinstance(rng, (str, float, bool)) else type(rng).__name__
+  _checks.fail(where, 'rng', 'a PRNG key (jax.random.key(seed)) or None', got, TypeError)
+
+
 def _hidden(carry):
   """The ``h`` of a carry: ``(c, h)`` (a tuple or a list) or ``h``."""
   return carry[-1] if isinstance(carry, (tuple, list)) else carry
@@ -78,7 +98,11 @@ class _Cell(RNNCellBase):
   _layout_name = ''  # the key of this class in _convert.LAYOUTS (not a field)
 
   def __post_init__(self):
-    _checks.check_positive_int(type(self).__name__, 'features', self.features)
+    where = type(self).__name__
+    _checks.check_positive_int(where, 'features', self.features)
+    for flag in ('reset_gate', 'residual', 'use_bias'):  # the flags some cells have
+      if flag in self.__dataclass_fields__:
+        _checks.check_bool(where, flag, getattr(self, flag))
     super().__post_init__()
 
   @nn.compact
@@ -194,6 +218,7 @@ class _Cell(RNNCellBase):
     if len(input_shape) < self.num_feature_axes:
       _checks.fail(f'{layout.name}.initialize_carry', 'input_shape',
                    f'at least {self.num_feature_axes} feature axes', f'{input_shape}')
+    _check_rng(f'{layout.name}.initialize_carry', rng)
     cell = _convert.build_nnx(layout, self, input_shape[-1])
     if rng is None:
       # flax.linen hands carry_init the key as given: None suits zeros, the
@@ -496,6 +521,12 @@ class ConvLSTMCell(_Cell):
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
   carry_init: Initializer = _zeros
+
+  def __post_init__(self):
+    # flax.linen's takes what its Conv takes but fails on an int kernel_size
+    # (len() of an int) and on a bad padding only at the first step, in jax.
+    check_geometry('ConvLSTMCell', self.kernel_size, self.strides, self.padding)
+    super().__post_init__()
 
   def _sized_by(self, carry) -> _Cell:
     return self  # flax.linen's ConvLSTMCell sizes its convolutions by `features`

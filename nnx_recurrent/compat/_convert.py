@@ -274,11 +274,20 @@ def check_params(where: str, layout: Layout, module: Any, params: Mapping, in_fe
 def in_features_from(where: str, layout: Layout, module: Any, params: Mapping) -> int:
   """Reads the input feature size off the first input kernel of ``params``."""
   name = next(g.name for g in layout.groups(module) if g.reads == 'input')
-  try:
-    shape = params[name]['kernel'].shape
-  except (KeyError, TypeError, AttributeError):
-    got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
-    _checks.fail(where, 'params', f"a {layout.name} checkpoint with '{name}/kernel'", got)
+  expected = f"a {layout.name} checkpoint with '{name}/kernel'"
+  if not isinstance(params, Mapping):
+    _checks.fail(where, 'params', expected, type(params).__name__, TypeError)
+  if name not in params:
+    _checks.fail(where, 'params', expected, f'the groups {sorted(params)}')
+  group = params[name]
+  if not isinstance(group, Mapping) or 'kernel' not in group:
+    got = (f"'{name}' with the leaves {sorted(group)}" if isinstance(group, Mapping)
+           else f"'{name}' of type {type(group).__name__}")
+    _checks.fail(where, 'params', f"{expected} ('{name}' a mapping with a 'kernel')", got)
+  shape = getattr(group['kernel'], 'shape', None)
+  if shape is None:
+    _checks.fail(where, 'params', f"{expected}, an array",
+                 f"'{name}/kernel' of type {type(group['kernel']).__name__}")
   if len(shape) < 2:
     _checks.fail(where, 'params', f"'{name}/kernel' with at least 2 axes", f'shape {shape}')
   return int(shape[-2])

@@ -122,6 +122,8 @@ class RNN(nn.Module):
       _checks.fail('RNN', 'cell', 'a flax.linen RNNCellBase (for an nnx_recurrent cell use '
                    'nnx_recurrent.RNN, or convert it with compat.from_nnx)',
                    type(self.cell).__name__, TypeError)
+    for flag in ('time_major', 'return_carry', 'reverse', 'keep_order'):
+      _checks.check_bool('RNN', flag, getattr(self, flag))
     super().__post_init__()
 
   def __call__(
@@ -153,6 +155,8 @@ class RNN(nn.Module):
     Returns:
       ``outputs``, or ``(carry, outputs)`` with ``return_carry``.
     """
+    _checks.check_optional_bools('RNN', return_carry=return_carry, time_major=time_major,
+                                 reverse=reverse, keep_order=keep_order)
     return_carry = _first(return_carry, self.return_carry)
     time_major = _first(time_major, self.time_major)
     reverse = _first(reverse, self.reverse)
@@ -168,6 +172,10 @@ class RNN(nn.Module):
       sized = self.cell._sized_by(initial_carry)  # as flax.linen: of the carry's size
       expected = jax.eval_shape(lambda: sized.initialize_carry(jax.random.key(0), step_shape))
       _checks.check_tree_matches('RNN', 'initial_carry', initial_carry, expected)
+    else:  # another cell: its carry's structure (flax.linen's take their size from the carry)
+      expected = _carry_structure(self.cell, step_shape)
+      if expected is not None:
+        _checks.check_tree_structure('RNN', 'initial_carry', initial_carry, expected)
     xs, idx = _scan.processing_order(seq, reverse)
     # flax.linen's values at padding: the cell runs on, its outputs stay, and a
     # second carry keeps each row's last valid one (the returned carry).
@@ -194,6 +202,17 @@ class RNN(nn.Module):
       carry = carry[1]
     ys = _scan.output_order(ys, seq, reverse, idx, keep_order, time_major)
     return (carry, ys) if return_carry else ys
+
+
+def _carry_structure(cell: nn.Module, step_shape: tuple[int, ...]) -> Any:
+  """The abstract carry of a cell's ``initialize_carry`` (``jax.eval_shape``,
+  on an unbound copy, so no variable is read or made), or ``None`` when it
+  cannot be had so: then the carry is not checked."""
+  try:
+    unbound = cell.clone(parent=None)
+    return jax.eval_shape(lambda: unbound.initialize_carry(jax.random.key(0), step_shape))
+  except Exception:  # any failure only means: nothing to check against
+    return None
 
 
 class Bidirectional(nn.Module):
@@ -239,6 +258,8 @@ class Bidirectional(nn.Module):
           got += ', a cell (wrap it: RNN(cell))'
         _checks.fail('Bidirectional', arg, 'an RNN module (compat or flax.linen)', got,
                      TypeError)
+    for flag in ('time_major', 'return_carry'):
+      _checks.check_bool('Bidirectional', flag, getattr(self, flag))
     super().__post_init__()
 
   def __call__(
@@ -267,6 +288,8 @@ class Bidirectional(nn.Module):
     if self.forward_rnn is self.backward_rnn:  # flax.linen's warning, word for word
       logging.warning('forward_rnn and backward_rnn is the same object, so '
                       'they will share parameters.')
+    _checks.check_optional_bools('Bidirectional', return_carry=return_carry,
+                                 time_major=time_major)
     time_major = _first(time_major, self.time_major)
     return_carry = _first(return_carry, self.return_carry)
     key_f = key_b = None

@@ -653,11 +653,13 @@ def _cell(r=None):
    'sort_by_length'),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_boolean_flags_refuse_what_is_no_bool(make, where, flag):
-  # A string is truthy: reverse='no' reversed. NumPy's bool_ is a bool.
-  for value, got in (('no', "got 'no'."), (1, 'got 1.'), (1.0, 'got 1.0.')):
+  # A string is truthy: reverse='no' reversed. NumPy's bool_ is a bool, and so
+  # are the integers 0 and 1 (flags written the C way, which flax takes).
+  for value, got in (('no', "got 'no'."), (2, 'got 2.'), (1.0, 'got 1.0.')):
     with pytest.raises(TypeError, match=m(f'{where}: `{flag}` expected a bool', got)):
       make(value, nnx.Rngs(0))
   make(np.bool_(False), nnx.Rngs(0))
+  make(0, nnx.Rngs(0))
 
 
 @pytest.mark.parametrize('make, where, flag', [
@@ -672,10 +674,12 @@ def test_boolean_flags_refuse_what_is_no_bool(make, where, flag):
    'keep_order'),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_compat_boolean_flags_refuse_what_is_no_bool(make, where, flag):
-  for value, got in (('no', "got 'no'."), (0, 'got 0.')):
+  # flax.linen reads the old RNN(cell, 64) as time_major=64: refused; 0 and 1 are flags.
+  for value, got in (('no', "got 'no'."), (64, 'got 64.')):
     with pytest.raises(TypeError, match=m(f'{where}: `{flag}` expected a bool', got)):
       make(value)
   make(np.bool_(True))
+  make(1)
 
 
 # -- flip_sequences: lengths beyond the time axis ------------------------------------------

@@ -218,6 +218,20 @@ def carry_pair(where: str, initial_carry: Any) -> tuple[Any, Any]:
   return initial_carry[0], initial_carry[1]
 
 
+def public_name(obj: Any) -> str:
+  """The name a user knows ``obj``'s class by: ``nr.LSTM``, ``compat.RNN``, or
+  its module path for other libraries' classes (``flax.nnx.nn.linear.Linear``)."""
+  import nnx_recurrent
+  from nnx_recurrent import compat
+
+  cls = type(obj)
+  if cls.__module__.split('.')[0] == 'nnx_recurrent':  # compat falls through to flax.linen
+    for prefix, namespace in (('nr', nnx_recurrent), ('compat', compat)):
+      if getattr(namespace, cls.__name__, None) is cls:
+        return f'{prefix}.{cls.__name__}'
+  return f'{cls.__module__}.{cls.__name__}'
+
+
 def check_not_foreign(where: str, arg: str, x: Any) -> None:
   """A PyTorch or TensorFlow tensor has ``shape`` and ``dtype`` but fails
   deep inside numpy/JAX (``Cannot interpret 'torch.int64' as a data type``)."""
@@ -326,6 +340,8 @@ def check_tree_matches(where: str, arg: str, given: Any, expected: Any,
   """Checks that ``given`` has the structure and leaf shapes of ``expected``
   (with ``broadcast``: shapes that broadcast to them), and floating leaves
   where ``expected`` has them (an integer carry would be truncated)."""
+  for leaf in jax.tree_util.tree_leaves(given):
+    check_not_foreign(where, arg, leaf)
   check_tree_structure(where, arg, given, expected)
   g_leaves = jax.tree_util.tree_leaves(given)
   e_leaves = jax.tree_util.tree_leaves(expected)

@@ -819,6 +819,9 @@ def test_migration_errors():
   with pytest.raises(TypeError, match=r'from_nnx: `module` expected an nnx_recurrent LSTMCell, '
                      r'.*got flax.nnx.nn.linear.Linear'):
     compat.from_nnx(nnx.Linear(IN, H, kernel_init=_det_init, rngs=nnx.Rngs(0)))
+  with pytest.raises(TypeError, match=r'got nr.LSTM \(a fused layer: convert its cells, '
+                     r'layer.forward\[i\] and layer.backward\[i\]\)'):
+    compat.from_nnx(nr.LSTM(IN, H, rngs=nnx.Rngs(0)))
 
 
 # -- the import surface ------------------------------------------------------------

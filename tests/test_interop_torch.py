@@ -368,6 +368,16 @@ def test_torch_tensors_get_a_clear_error():
   rnn = nr.interop.from_torch(torch.nn.RNN(IN, H, batch_first=True))
   with pytest.raises(TypeError, match=r'RNN: `seq_lengths` expected a JAX or NumPy array'):
     rnn(x, seq_lengths=torch.from_numpy(LENGTHS))
+  # A carry kept in torch (h0, c0 from PyTorch code) is named too.
+  h0 = torch.zeros(B, H)
+  with pytest.raises(TypeError, match=r'GRU: `initial_carry` expected a JAX or NumPy array .*'
+                     r'got torch.Tensor'):
+    model(x, initial_carry=h0)
+  lstm = nr.RNN(nr.LSTMCell(IN, H, rngs=nnx.Rngs(0)))
+  with pytest.raises(TypeError, match=r'RNN: `initial_carry` expected a JAX or NumPy array'):
+    lstm(x, initial_carry=(h0, h0))
+  with pytest.raises(TypeError, match=r'LSTMCell: `carry` expected a JAX or NumPy array'):
+    lstm.cell((h0, h0), x[:, 0])
 
 
 def _abstract(factory):

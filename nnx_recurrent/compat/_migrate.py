@@ -63,8 +63,8 @@ def _to_nnx(module: Any, params: Mapping, where: str):
       _to_nnx(module.backward_rnn, _sub(where, params, 'backward_rnn', 'Bidirectional'), where),
       merge_fn=module.merge_fn, time_major=module.time_major, return_carry=module.return_carry,
     )
-  _checks.fail(where, 'module', f'a flax.linen or compat {_KNOWN}',
-               f'{type(module).__module__}.{type(module).__name__}', TypeError)
+  _checks.fail(where, 'module', f'a flax.linen or compat {_KNOWN}', _checks.public_name(module),
+               TypeError)
 
 
 def to_nnx(module: nn.Module, variables: Mapping[str, Any]):
@@ -131,8 +131,10 @@ def _from_nnx(module: Any, where: str):
     return bi, {'forward_rnn': p_fwd, 'backward_rnn': p_bwd}
   layout = _convert.layout_of_nnx(module)
   if layout is None:
-    _checks.fail(where, 'module', f'an nnx_recurrent {_KNOWN}',
-                 f'{type(module).__module__}.{type(module).__name__}', TypeError)
+    got = _checks.public_name(module)
+    if got in ('nr.LSTM', 'nr.GRU'):
+      got += " (a fused layer: convert its cells, layer.forward[i] and layer.backward[i])"
+    _checks.fail(where, 'module', f'an nnx_recurrent {_KNOWN}', got, TypeError)
   # What flax.linen's cells cannot compute is refused; dropout (no-op in
   # evaluation) is dropped with a warning; carry_init is a compat field.
   if getattr(module, 'zoneout_rate', 0.0):

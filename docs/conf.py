@@ -130,7 +130,11 @@ def _module_signature(app, what, name, obj, options, signature, return_annotatio
     params = [_public_default(p, init.__globals__) for p in sig.parameters.values()]
     sig = sig.replace(parameters=params)
   short = app.config.autodoc_typehints_format == 'short'
-  annotations = app.env.current_document.autodoc_annotations[name] = {}
+  try:
+    recorded = app.env.current_document.autodoc_annotations
+  except AttributeError:  # Sphinx < 8.2 keeps them here
+    recorded = app.env.temp_data.setdefault('annotations', {})
+  annotations = recorded[name] = {}
   for param in sig.parameters.values():
     if param.annotation is not param.empty:
       annotations[param.name] = stringify_annotation(

@@ -1,9 +1,12 @@
 """Sphinx configuration: MyST markdown pages plus autodoc of the public API.
 
-Build with ``make docs`` (``sphinx -W``: warnings are errors). Every code block
-in the pages is a doctest that ``make test`` runs (``--doctest-glob='*.md'``).
+Build with ``make docs`` (``sphinx -W``: warnings are errors). Every ``>>>``
+example in the pages is a doctest that ``make test`` runs
+(``--doctest-glob='*.md'``); blocks without prompts (shell commands, scripts) are
+not run.
 """
 
+import inspect
 import shutil
 import sys
 from pathlib import Path
@@ -11,6 +14,8 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))
+
+from flax import nnx  # noqa: E402
 
 import nnx_recurrent  # noqa: E402
 
@@ -33,6 +38,8 @@ myst_heading_anchors = 3
 
 autodoc_member_order = 'bysource'
 autodoc_typehints = 'description'
+# Defaults as written in the source (``nnx.sigmoid``, not ``<PjitFunction ...>``).
+autodoc_preserve_defaults = True
 autodoc_default_options = {'members': True, 'show-inheritance': False}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
@@ -85,6 +92,64 @@ def _benchmark_page(app) -> None:
   (out / 'benchmarks.md').write_text(text)
 
 
+def _public_default(param: inspect.Parameter, namespace: dict) -> inspect.Parameter:
+  """A default written as a private name (``_NO_METADATA``) shown as its value."""
+  from sphinx.ext.autodoc.preserve_defaults import DefaultValue
+
+  text = str(param.default)
+  if isinstance(param.default, DefaultValue) and text.startswith('_') and text in namespace:
+    return param.replace(default=namespace[text])
+  return param
+
+
+def _module_signature(app, what, name, obj, options, signature, return_annotation):
+  """An ``nnx.Module`` class's signature and parameter types from its ``__init__``.
+
+  autodoc takes a class's signature from its metaclass's ``__call__`` when there
+  is one, and flax's (``PytreeMeta.__call__(*args, **kwargs)``) would make every
+  module ``Class(*args, **kwargs)`` with ``args (Any)`` and ``kwargs (Any)`` as
+  its parameters. This replaces both with ``__init__``'s, less ``self``. (Setting
+  ``__signature__`` on the classes instead would change
+  ``inspect.signature(module)``, which must stay ``__call__``'s: ``nnx.scan(cell,
+  ...)`` reads it.) Sphinx is imported here, at build time: the test suite
+  imports this file without it.
+  """
+  from sphinx.ext.autodoc.preserve_defaults import update_defvalue
+  from sphinx.util.inspect import signature as sphinx_signature
+  from sphinx.util.inspect import stringify_signature
+  from sphinx.util.typing import stringify_annotation
+
+  if what != 'class' or not (isinstance(obj, type) and issubclass(obj, nnx.Module)):
+    return None
+  init = obj.__init__
+  if init is object.__init__:  # no __init__ of its own (RNNCellBase)
+    sig = inspect.Signature()
+  else:
+    update_defvalue(app, init, False)  # autodoc_preserve_defaults for __init__ too
+    sig = sphinx_signature(init, bound_method=True, type_aliases=app.config.autodoc_type_aliases)
+    params = [_public_default(p, init.__globals__) for p in sig.parameters.values()]
+    sig = sig.replace(parameters=params)
+  short = app.config.autodoc_typehints_format == 'short'
+  try:
+    recorded = app.env.current_document.autodoc_annotations
+  except AttributeError:  # Sphinx < 8.2 keeps them here
+    recorded = app.env.temp_data.setdefault('annotations', {})
+  annotations = recorded[name] = {}
+  for param in sig.parameters.values():
+    if param.annotation is not param.empty:
+      annotations[param.name] = stringify_annotation(
+        param.annotation, 'smart' if short else 'fully-qualified'
+      )
+  args = stringify_signature(
+    sig,
+    show_annotation=app.config.autodoc_typehints not in ('none', 'description'),
+    show_return_annotation=False,
+    unqualified_typehints=short,
+  )
+  return args, None
+
+
 def setup(app):
   # At build time only: importing this file (pytest collects docs/) writes nothing.
   app.connect('builder-inited', _benchmark_page)
+  app.connect('autodoc-process-signature', _module_signature)

@@ -32,9 +32,13 @@ Run it:
 
 * under SLURM (``srun``), Open MPI (``mpirun``), on Cloud TPU VMs or GKE,
   without arguments: ``jax.distributed.initialize()`` reads the coordinator,
-  the number of processes and each process's id from the environment::
+  the number of processes and each process's id from the environment. Under
+  SLURM and Open MPI on GPUs each process takes one GPU by default (the one
+  numbered by its local process id among those it sees), so start one task
+  per GPU, each seeing all of its node's GPUs, e.g. on four nodes of 8 GPUs
+  (docs/multihost.md)::
 
-    srun --nodes 4 --ntasks-per-node 1 python -m examples.multihost
+    srun --nodes 4 --ntasks-per-node 8 --gpus-per-node 8 python -m examples.multihost
 
 ``--batch-size`` is the global batch: each process loads ``batch_size /
 process_count`` rows of it, and it must divide evenly over all devices.

@@ -116,8 +116,9 @@ def test_errors():
                                        r"got 'cudnn'"):
     nr.GRU(3, 4, implementation='cudnn', rngs=nnx.Rngs(0))
   layer = nr.LSTM(3, 4, implementation='cudnn', rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"LSTM: `implementation` expected 'auto' or 'xla' here "
-                                       r"\(cuDNN needs a CUDA GPU, and the default backend is "
+  with pytest.raises(ValueError, match=r"LSTM: `implementation` expected 'auto', 'xla' or "
+                                       r"'pallas' here \(cuDNN needs a CUDA GPU, and the default "
+                                       r"backend is "
                                        r"'cpu'\), got 'cudnn'"):
     layer(jnp.ones((2, 5, 3)))
 

@@ -171,8 +171,9 @@ class _FusedBase(nnx.Module):
       chosen, lambda: None)()
     if reason is not None:
       name = {'cudnn': 'cuDNN', 'pallas': 'Pallas'}[chosen]
-      _checks.fail(where, 'implementation', f"'auto' or 'xla' here ({name} {reason})",
-                   repr(chosen))
+      usable = "'auto', 'xla' or 'pallas'" if chosen == 'cudnn' and _pallas.unsupported() is None \
+        else "'auto' or 'xla'"
+      _checks.fail(where, 'implementation', f'{usable} here ({name} {reason})', repr(chosen))
     if chosen == 'auto':
       faster = _plans.pallas_measured_faster(self._math, rows, self.hidden_features)
       return 'pallas' if faster else 'xla'

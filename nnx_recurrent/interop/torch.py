@@ -404,8 +404,7 @@ def _layer_cells(module) -> tuple[list[list[Any]], bool, float]:
     if module.reverse:
       _checks.fail(where, 'module', f'an nr.{type(module).__name__} with reverse=False (PyTorch '
                    'has no reversed unidirectional layer)', 'reverse=True')
-    directions = [module.forward] + ([module.backward] if module.bidirectional else [])
-    cells = [[d[layer] for d in directions] for layer in range(module.num_layers)]
+    cells = [module._cells(layer) for layer in range(module.num_layers)]  # [forward, backward]
     return cells, module.time_major, float(module.dropout_rate)
   if isinstance(module, nr.RNN):
     if module.reverse:

@@ -48,7 +48,9 @@ def _carry_stream(where: str, rngs: Any, needed: bool) -> nnx.RngStream | None:
     return None
   if rngs is True:
     return nnx.RngStream(0, tag='carry')
-  return rngs.fork()
+  # flax.nnx keeps the given stream itself; a copy (same key and count) draws
+  # flax's numbers without sharing the caller's stream with this module.
+  return nnx.clone(rngs)
 
 
 def _carry_fork(rngs: nnx.Rngs) -> nnx.RngStream | None:

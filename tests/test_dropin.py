@@ -415,6 +415,26 @@ def test_rngs_arguments_hold_a_stream_only_when_a_cell_may_draw():
     nr.Bidirectional(nr.RNN(builtin), nr.RNN(builtin), rngs=1.5)
 
 
+def test_bidirectional_given_a_stream_draws_flax_nnx_carries():
+  """flax.nnx's Bidirectional keeps a given RngStream and draws its random
+  carries from it: ours draws the same numbers, call after call, from a copy
+  (the caller's stream does not advance)."""
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    make = lambda lib, seed: lib.RNN(lib.SimpleCell(  # noqa: E731
+      IN, H, carry_init=jax.nn.initializers.normal(1.0), rngs=nnx.Rngs(seed)))
+    stream_o, stream_t = nnx.RngStream(11, tag='carry'), nnx.RngStream(11, tag='carry')
+    stream_o(), stream_t()  # a stream that has drawn before
+    ours = nr.Bidirectional(make(nr, 0), make(nr, 1), rngs=stream_o)
+    theirs = nnx.Bidirectional(make(nnx, 0), make(nnx, 1), rngs=stream_t)
+  x = _x()
+  first = ours(x)
+  _close(first, theirs(x), atol=1e-5)
+  _close(ours(x), theirs(x), atol=1e-5)  # the second call's draws too
+  assert not np.allclose(first, ours(x))
+  assert int(stream_o.count[...]) == 1  # the caller's stream is left as it was
+
+
 def test_call_rngs_draw_the_carry_as_flax():
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')

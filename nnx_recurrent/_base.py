@@ -4,8 +4,8 @@ A cell is an ``nnx.Module`` that holds its parameters and sizes. It knows one
 time step and nothing about sequences: ``cell(carry, x_t) -> (carry, y_t)``.
 Sequences are the business of :mod:`nnx_recurrent._scan`.
 
-Cells implement ``_step(carry, x, recurrent_mask)`` and say what their carry
-looks like (``_carry_leaves``: how many arrays of the output shape it holds,
+Cells implement ``step(carry, x, recurrent_mask)`` and say what their carry
+looks like (``num_carry_arrays``: how many arrays of the output shape it holds,
 or ``_carry_shapes`` where they differ: a projected LSTM's ``c``);
 ``initialize_carry``, input checks and variational dropout live here, once.
 """
@@ -17,7 +17,7 @@ import inspect
 import warnings
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, NamedTuple, TypeGuard
+from typing import Any, ClassVar, NamedTuple, TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -135,37 +135,71 @@ class RNNCellBase(nnx.Module):
 
   Contract (the one flax.linen designed): ``__call__(carry, inputs) ->
   (new_carry, output)``, :meth:`initialize_carry` and :attr:`num_feature_axes`.
-  Subclasses set ``in_features`` and ``hidden_features``, implement
-  ``_step(carry, inputs, recurrent_mask)`` and, when their carry is not a
-  single array, set ``_carry_leaves`` (2 for ``(c, h)``).
 
-  Cells that want variational dropout call :meth:`_init_common` in their
-  constructor; a user-defined cell may instead override ``__call__`` directly
-  (as in flax) and everything that scans cells still works.
+  To write a cell, subclass it, call ``super().__init__(in_features,
+  hidden_features, rngs=rngs, ...)`` in the constructor (it checks the sizes
+  and adds the dtype, dropout and carry options), implement :meth:`step`, and
+  set :attr:`num_carry_arrays` when the carry is not a single array (2 for
+  ``(c, h)``). The base class then provides ``__call__`` (input and carry
+  checks, variational dropout, zoneout), :meth:`initialize_carry` and
+  :meth:`dropout_masks`. A cell written in flax's style, overriding
+  ``__call__`` and ``initialize_carry`` itself, also works: ``super().__init__()``
+  without arguments does nothing.
+
+  Args:
+    in_features: the size of one step's input's last axis.
+    hidden_features: the size of the carry and output.
+    rngs: an ``nnx.Rngs``; the cell forks one stream from it, and only when
+      something random needs it (dropout, zoneout or ``keep_rngs``).
+    dtype: the computation dtype (``None``: inferred from inputs and
+      parameters), read by the cell's layers.
+    param_dtype: the parameters' and carry's dtype.
+    dropout_rate, recurrent_dropout_rate: variational dropout on the inputs
+      and on ``h`` as the recurrent input (one mask per sequence).
+    zoneout_rate: the probability that a carry unit keeps its value at a step.
+    carry_init: flax.nnx's (deprecated there) default carry initializer.
+    promote_dtype: flax.nnx's dtype promotion function.
+    keep_rngs: flax.nnx's deprecated option: keep a ``carry`` stream for
+      :meth:`initialize_carry`.
   """
 
-  _carry_leaves: int = 1
+  num_carry_arrays: ClassVar[int] = 1
+  """How many arrays of the output's shape the carry holds (2 for ``(c, h)``)."""
 
   in_features: int
   hidden_features: int
 
-  # -- construction helpers ---------------------------------------------------
-  def _init_common(
+  def __init_subclass__(cls, **kwargs: Any) -> None:
+    super().__init_subclass__(**kwargs)
+    # ``__call__`` runs the ``step`` each class defines through this private
+    # reference, as the library calls every public method internally:
+    # ``nnx.tabulate`` wraps public methods and would list each step as a row.
+    if 'step' in cls.__dict__:
+      cls._step_impl = cls.__dict__['step']
+
+  def __init__(
     self,
-    where: str,
-    in_features: int,
-    hidden_features: int,
+    in_features: int | None = None,
+    hidden_features: int | None = None,
     *,
-    dtype: Dtype | None,
-    param_dtype: Dtype,
-    dropout_rate: float,
-    recurrent_dropout_rate: float,
-    rngs: nnx.Rngs | None,
+    rngs: nnx.Rngs | None = None,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    dropout_rate: float = 0.0,
+    recurrent_dropout_rate: float = 0.0,
+    zoneout_rate: float = 0.0,
     carry_init: Initializer | None = None,
     promote_dtype: PromoteDtypeFn = default_promote_dtype,
     keep_rngs: bool = False,
-    zoneout_rate: float = 0.0,
   ) -> None:
+    where = type(self).__name__
+    options_given = (
+      rngs is not None or dtype is not None or param_dtype is not jnp.float32
+      or dropout_rate or recurrent_dropout_rate or zoneout_rate or carry_init is not None
+      or promote_dtype is not default_promote_dtype or keep_rngs
+    )
+    if in_features is None and hidden_features is None and not options_given:
+      return  # a cell in flax's style, with its own __call__ and initialize_carry
     self.in_features = _checks.check_positive_int(where, 'in_features', in_features)
     self.hidden_features = _checks.check_positive_int(where, 'hidden_features', hidden_features)
     if not isinstance(rngs, nnx.Rngs):
@@ -197,6 +231,7 @@ class RNNCellBase(nnx.Module):
     else:
       self.rngs = nnx.data(None)
 
+  # -- construction helpers ---------------------------------------------------
   def _linear(
     self,
     in_features: int,
@@ -323,8 +358,8 @@ class RNNCellBase(nnx.Module):
     return leaves[0] if n == 1 else tuple(leaves)
 
   def _carry_shapes(self, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """The shape of each carry array: ``_carry_leaves`` of the output's shape."""
-    return [self._output_shape(input_shape)] * self._carry_leaves
+    """The shape of each carry array: ``num_carry_arrays`` of the output's shape."""
+    return [self._output_shape(input_shape)] * self.num_carry_arrays
 
   def _needs_carry_rngs(self) -> bool:
     """Whether the default carry draws randomness it has no source for."""
@@ -399,6 +434,13 @@ class RNNCellBase(nnx.Module):
       TypeError: an option other than ``dropout_masks`` and ``rngs``.
     """
     where = type(self).__name__
+    if type(self)._step_impl is RNNCellBase._step_impl:
+      self.step(carry, inputs, None)  # raises: neither step nor __call__ is defined
+    if not hasattr(self, 'hidden_features'):
+      raise TypeError(
+        f'{where}: the cell has no `hidden_features`; its constructor must call '
+        'super().__init__(in_features, hidden_features, rngs=rngs, ...) (or set them).'
+      )
     unknown = sorted(set(options) - {'dropout_masks', 'rngs'})
     if unknown:
       _checks.fail(where, 'options', 'only the keywords dropout_masks and rngs', unknown,
@@ -422,7 +464,7 @@ class RNNCellBase(nnx.Module):
         inputs = inputs * dropout_masks.input
       recurrent_mask = dropout_masks.recurrent
     with jax.named_scope(f'nr.{where}'):  # names the step in profiles and HLO dumps
-      new_carry, y = self._step(carry, inputs, recurrent_mask)
+      new_carry, y = self._step_impl(carry, inputs, recurrent_mask)
     if getattr(self, 'zoneout_rate', 0.0):
       new_carry = self._zoneout(carry, new_carry, rngs)
     return new_carry, y
@@ -474,8 +516,31 @@ class RNNCellBase(nnx.Module):
                for k, o, n in zip(keys, old_leaves, new_leaves)]
     return treedef.unflatten(mixed)
 
-  def _step(self, carry: Carry, inputs: Array, recurrent_mask: Array | None):
-    raise NotImplementedError(f'{type(self).__name__} must implement _step or __call__.')
+  def step(
+    self, carry: Carry, inputs: Array, recurrent_mask: Array | None
+  ) -> tuple[Carry, Array]:
+    """One time step's math: what a cell written on this base implements.
+
+    ``__call__`` calls it after checking the inputs and the carry and applying
+    the input dropout mask, and applies zoneout to the carry it returns; call
+    the cell, not this method.
+
+    Args:
+      carry: the carry, as :meth:`initialize_carry` makes it.
+      inputs: one step's input ``(*batch, *features)``, input dropout applied.
+      recurrent_mask: the recurrent dropout mask for ``h`` (broadcasts to the
+        output's shape), or ``None`` when recurrent dropout is off. Multiply
+        the carry's ``h`` by it where it enters the recurrent product.
+
+    Returns:
+      ``(new_carry, output)``.
+    """
+    raise NotImplementedError(
+      f'{type(self).__name__} must implement step(carry, inputs, recurrent_mask), '
+      'or __call__ and initialize_carry as in flax.'
+    )
+
+  _step_impl = step
 
 
 def add_bias(z: Array, param: nnx.Param | None) -> Array:

@@ -75,7 +75,7 @@ class _ConvCell(RNNCellBase):
   """A cell whose dense layers are the convolutions ``ih`` (input) and ``hh`` (hidden).
 
   Subclasses set ``num_parts`` (gates plus candidate: 4 for the LSTM, 3 for the
-  GRU) and implement ``_step``; the constructor is this class's.
+  GRU) and implement ``step``; the constructor is this class's.
   """
 
   num_parts: int
@@ -108,8 +108,8 @@ class _ConvCell(RNNCellBase):
     where = type(self).__name__
     _checks.check_callables(where, kernel_init=kernel_init,
                             recurrent_kernel_init=recurrent_kernel_init, bias_init=bias_init)
-    self._init_common(
-      where, in_features, hidden_features, dtype=dtype, param_dtype=param_dtype,
+    super().__init__(
+      in_features, hidden_features, dtype=dtype, param_dtype=param_dtype,
       dropout_rate=dropout_rate, recurrent_dropout_rate=recurrent_dropout_rate, rngs=rngs,
       carry_init=carry_init, promote_dtype=promote_dtype, keep_rngs=keep_rngs,
       zoneout_rate=zoneout_rate,

@@ -121,7 +121,7 @@ class ConvGRUCell(_ConvCell):
     self.gate_fn = gate_fn
     self.activation_fn = activation_fn
 
-  def _step(self, carry, inputs, recurrent_mask):
+  def step(self, carry, inputs, recurrent_mask):
     h = carry
     xr, xz, xn = jnp.split(self.ih(inputs), 3, axis=-1)
     hr, hz, hn = jnp.split(self.hh(masked(h, recurrent_mask)), 3, axis=-1)

@@ -68,10 +68,10 @@ class ConvLSTMCell(_ConvCell):
     rngs: ``nnx.Rngs``.
   """
 
-  _carry_leaves = 2
+  num_carry_arrays = 2
   num_parts = 4
 
-  def _step(self, carry, inputs, recurrent_mask):
+  def step(self, carry, inputs, recurrent_mask):
     c, h = carry
     gates = self.ih(inputs) + self.hh(masked(h, recurrent_mask))
     i, g, f, o = jnp.split(gates, 4, axis=-1)

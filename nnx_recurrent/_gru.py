@@ -62,8 +62,8 @@ class _GatedUnit(RNNCellBase):
     _checks.check_callables(
       type(self).__name__, gate_fn=gate_fn, activation_fn=activation_fn, kernel_init=kernel_init,
       recurrent_kernel_init=recurrent_kernel_init)
-    self._init_common(
-      type(self).__name__, in_features, hidden_features, dtype=dtype, param_dtype=param_dtype,
+    super().__init__(
+      in_features, hidden_features, dtype=dtype, param_dtype=param_dtype,
       dropout_rate=dropout_rate, recurrent_dropout_rate=recurrent_dropout_rate, rngs=rngs,
       carry_init=carry_init, promote_dtype=promote_dtype, keep_rngs=keep_rngs,
       zoneout_rate=zoneout_rate,
@@ -182,7 +182,7 @@ class GRUCell(_GatedUnit):
       zoneout_rate=zoneout_rate,
     )
 
-  def _step(self, carry, inputs, recurrent_mask):
+  def step(self, carry, inputs, recurrent_mask):
     h = carry
     (xr, xz, xn), (hr, hz), hn = self._projections(inputs, masked(h, recurrent_mask))
     new_h = gru_update(h, xr, xz, xn, hr, hz, hn, self.gate_fn, self.activation_fn)

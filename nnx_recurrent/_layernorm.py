@@ -73,8 +73,8 @@ class _LayerNormCell(RNNCellBase):
     _checks.check_callables(
       where, gate_fn=gate_fn, activation_fn=activation_fn, kernel_init=kernel_init,
       recurrent_kernel_init=recurrent_kernel_init, bias_init=bias_init, scale_init=scale_init)
-    self._init_common(
-      where, in_features, hidden_features, dtype=dtype, param_dtype=param_dtype,
+    super().__init__(
+      in_features, hidden_features, dtype=dtype, param_dtype=param_dtype,
       dropout_rate=dropout_rate, recurrent_dropout_rate=recurrent_dropout_rate, rngs=rngs,
       carry_init=carry_init, promote_dtype=promote_dtype, keep_rngs=keep_rngs,
       zoneout_rate=zoneout_rate,
@@ -226,13 +226,13 @@ class LayerNormLSTMCell(_LayerNormCell):
     + _ARGS.replace('{bias}', '``b``').replace('{biases}', '``b`` and ``β_c``')
   )
 
-  _carry_leaves = 2
+  num_carry_arrays = 2
   num_parts = 4
 
   def _more_params(self, make_norm, make_bias):
     self.ln_c = make_norm(self.hidden_features, use_bias=self.use_bias)
 
-  def _step(self, carry, inputs, recurrent_mask):
+  def step(self, carry, inputs, recurrent_mask):
     c, h = carry
     xs, hs = self._normalized(inputs, masked(h, recurrent_mask))
     i, f, g, o = (x + y for x, y in zip(xs, hs))
@@ -292,7 +292,7 @@ class LayerNormGRUCell(_LayerNormCell):
   def _more_params(self, make_norm, make_bias):
     self.bias_hn = make_bias(self.hidden_features)
 
-  def _step(self, carry, inputs, recurrent_mask):
+  def step(self, carry, inputs, recurrent_mask):
     h = carry
     (xr, xz, xn), (hr, hz, hn) = self._normalized(inputs, masked(h, recurrent_mask))
     new_h = gru_update(h, xr, xz, xn, hr, hz, add_bias(hn, self.bias_hn), self.gate_fn,

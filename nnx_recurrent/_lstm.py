@@ -24,7 +24,7 @@ from nnx_recurrent._base import (
 
 
 class _LSTMBase(RNNCellBase):
-  _carry_leaves = 2
+  num_carry_arrays = 2
 
   def __init__(
     self,
@@ -58,8 +58,8 @@ class _LSTMBase(RNNCellBase):
       type(self).__name__, gate_fn=gate_fn, activation_fn=activation_fn, kernel_init=kernel_init,
       recurrent_kernel_init=recurrent_kernel_init, bias_init=bias_init,
       proj_kernel_init=proj_kernel_init)
-    self._init_common(
-      type(self).__name__, in_features, hidden_features, dtype=dtype, param_dtype=param_dtype,
+    super().__init__(
+      in_features, hidden_features, dtype=dtype, param_dtype=param_dtype,
       dropout_rate=dropout_rate, recurrent_dropout_rate=recurrent_dropout_rate, rngs=rngs,
       carry_init=carry_init, promote_dtype=promote_dtype, keep_rngs=keep_rngs,
       zoneout_rate=zoneout_rate,
@@ -93,7 +93,7 @@ class _LSTMBase(RNNCellBase):
   def _gates(self, inputs: Array, h: Array) -> tuple[Array, Array, Array, Array]:
     raise NotImplementedError
 
-  def _step(self, carry, inputs, recurrent_mask):
+  def step(self, carry, inputs, recurrent_mask):
     c, h = carry
     i, f, g, o = self._gates(inputs, masked(h, recurrent_mask))
     new_c, new_h = lstm_update(c, i, f, g, o, self.gate_fn, self.activation_fn)

@@ -118,7 +118,7 @@ class MGUCell(_GatedUnit):
       zoneout_rate=zoneout_rate,
     )
 
-  def _step(self, carry, inputs, recurrent_mask):
+  def step(self, carry, inputs, recurrent_mask):
     h = carry
     (xf, xn), (hf,), hn = self._projections(inputs, masked(h, recurrent_mask))
     f = self.gate_fn(xf + hf)

@@ -81,8 +81,8 @@ class SimpleCell(RNNCellBase):
     _checks.check_callables(
       'SimpleCell', activation_fn=activation_fn, kernel_init=kernel_init,
       recurrent_kernel_init=recurrent_kernel_init, bias_init=bias_init)
-    self._init_common(
-      'SimpleCell', in_features, hidden_features, dtype=dtype, param_dtype=param_dtype,
+    super().__init__(
+      in_features, hidden_features, dtype=dtype, param_dtype=param_dtype,
       dropout_rate=dropout_rate, recurrent_dropout_rate=recurrent_dropout_rate, rngs=rngs,
       carry_init=carry_init, promote_dtype=promote_dtype, keep_rngs=keep_rngs,
       zoneout_rate=zoneout_rate,
@@ -100,7 +100,7 @@ class SimpleCell(RNNCellBase):
       rngs=rngs,
     )
 
-  def _step(self, carry, inputs, recurrent_mask):
+  def step(self, carry, inputs, recurrent_mask):
     pre = self.dense_i(inputs) + self.dense_h(masked(carry, recurrent_mask))
     if self.residual:
       pre = pre + carry

@@ -260,3 +260,122 @@ def test_conv_lstm_hidden_padding(padding, hh_padding, width):
   np.testing.assert_allclose(c, c_ref, atol=1e-5)
   np.testing.assert_allclose(y, jax.nn.sigmoid(o) * jnp.tanh(c_ref), atol=1e-5)
   assert c.shape == (2, width, 3)  # the input conv's output width
+
+
+# -- writing a cell on RNNCellBase ------------------------------------------------
+class _MinimalLSTM(nr.RNNCellBase):
+  """A user's two-array cell: c' = f c + (1 - f) tanh(W x + U h), h' = tanh(c')."""
+
+  num_carry_arrays = 2
+
+  def __init__(self, in_features, hidden_features, *, rngs, **options):
+    super().__init__(in_features, hidden_features, rngs=rngs, **options)
+    self.w = nnx.Linear(in_features, 2 * hidden_features, rngs=rngs)
+    self.u = nnx.Linear(hidden_features, 2 * hidden_features, use_bias=False, rngs=rngs)
+    self.calls = nnx.Variable(jnp.zeros((), jnp.int32))  # the cell's own state
+
+  def step(self, carry, inputs, recurrent_mask):
+    c, h = carry
+    h_in = h if recurrent_mask is None else h * recurrent_mask
+    f, g = jnp.split(self.w(inputs) + self.u(h_in), 2, axis=-1)
+    f = jax.nn.sigmoid(f)
+    new_c = f * c + (1 - f) * jnp.tanh(g)
+    self.calls[...] += 1
+    return (new_c, jnp.tanh(new_c)), jnp.tanh(new_c)
+
+
+def _minimal_lstm_numpy(cell, xs, lengths, recurrent_mask=None):
+  w, b, u = (np.asarray(v[...], np.float64) for v in (cell.w.kernel, cell.w.bias, cell.u.kernel))
+  batch, steps, _ = xs.shape
+  c = h = np.zeros((batch, cell.hidden_features))
+  ys = np.zeros((batch, steps, cell.hidden_features))
+  for t in range(steps):
+    h_in = h if recurrent_mask is None else h * recurrent_mask
+    f, g = np.split(xs[:, t] @ w + b + h_in @ u, 2, axis=-1)
+    f = ref.sigmoid(f)
+    new_c = f * c + (1 - f) * np.tanh(g)
+    valid = (t < lengths)[:, None]
+    c, h = np.where(valid, new_c, c), np.where(valid, np.tanh(new_c), h)
+    ys[:, t] = np.where(valid, h, 0.0)
+  return (c, h), ys
+
+
+def test_cell_written_on_the_base_class_runs_its_step_with_masking():
+  cell = _MinimalLSTM(3, 4, rngs=nnx.Rngs(0))
+  xs = np.asarray(ref.normal((2, 6, 3), seed=3), np.float64)
+  lengths = np.array([6, 2])
+  (c, h), y = nr.RNN(cell)(jnp.asarray(xs, jnp.float32), seq_lengths=jnp.asarray(lengths),
+                           return_carry=True)
+  (c_ref, h_ref), y_ref = _minimal_lstm_numpy(cell, xs, lengths)
+  _assert_tree_close((c, h, y), (c_ref, h_ref, y_ref))
+  assert int(cell.calls[...]) == 6  # the cell's own state advanced once per step, kept
+  assert cell.initialize_carry((5, 3))[0].shape == (5, 4)  # num_carry_arrays arrays of (5, 4)
+  assert len(cell.initialize_carry((5, 3))) == 2
+
+
+def test_cell_written_on_the_base_class_gets_the_base_class_dropout():
+  cell = _MinimalLSTM(3, 4, recurrent_dropout_rate=0.5, rngs=nnx.Rngs(0, dropout=1))
+  masks = cell.dropout_masks((2, 3))
+  assert masks.input is None
+  mask = np.asarray(masks.recurrent, np.float64)
+  assert set(np.unique(mask)) <= {0.0, 2.0} and mask.shape == (2, 4)
+  xs = np.asarray(ref.normal((2, 1, 3), seed=4), np.float64)
+  h0 = np.asarray(ref.normal((2, 4), seed=5), np.float64)
+  carry = (jnp.zeros((2, 4)), jnp.asarray(h0, jnp.float32))
+  (_, h), _ = cell(carry, jnp.asarray(xs[:, 0], jnp.float32), dropout_masks=masks)
+  w, b, u = (np.asarray(v[...], np.float64) for v in (cell.w.kernel, cell.w.bias, cell.u.kernel))
+  f, g = np.split(xs[:, 0] @ w + b + (h0 * mask) @ u, 2, axis=-1)
+  np.testing.assert_allclose(h, np.tanh((1 - ref.sigmoid(f)) * np.tanh(g)), atol=1e-5)
+  cell.eval()
+  assert cell.dropout_masks((2, 3)) is None
+
+
+def test_cell_in_flax_style_calls_the_base_constructor_without_arguments():
+  class Counter(nr.RNNCellBase):
+    def __init__(self):
+      super().__init__()
+      self.n = nnx.Variable(jnp.zeros(()))
+
+    def __call__(self, carry, inputs):
+      self.n[...] += 1
+      return carry + inputs.sum(-1, keepdims=True), carry
+
+    def initialize_carry(self, input_shape, rngs=None):
+      return jnp.zeros(input_shape[:-1] + (1,))
+
+    @property
+    def num_feature_axes(self):
+      return 1
+
+  cell = Counter()
+  y = nr.RNN(cell)(jnp.ones((2, 4, 3)), seq_lengths=jnp.array([4, 1]))
+  np.testing.assert_array_equal(y[..., 0], [[0, 3, 6, 9], [0, 0, 0, 0]])
+  assert float(cell.n[...]) == 4
+
+
+def test_cell_on_the_base_class_without_step_or_constructor_says_what_is_missing():
+  class NoStep(nr.RNNCellBase):
+    def __init__(self):
+      super().__init__(3, 4, rngs=nnx.Rngs(0))
+
+  with pytest.raises(NotImplementedError,
+                     match=r'NoStep must implement step\(carry, inputs, recurrent_mask\)'):
+    NoStep()(jnp.zeros((2, 4)), jnp.ones((2, 3)))
+
+  class NoInit(nr.RNNCellBase):
+    def step(self, carry, inputs, recurrent_mask):
+      return carry, carry
+
+  with pytest.raises(TypeError, match=r'NoInit: the cell has no `hidden_features`; its '
+                                      r'constructor must call super\(\).__init__'):
+    NoInit()(jnp.zeros((2, 4)), jnp.ones((2, 3)))
+  with pytest.raises(TypeError, match='NoInit: `hidden_features` expected a positive int, '
+                                      'got None'):
+    nr.RNNCellBase.__init__(NoInit(), 3, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match='NoInit: `in_features` expected a positive int, got None'):
+    nr.RNNCellBase.__init__(NoInit(), dropout_rate=0.5)
+
+
+def test_tabulate_lists_a_cell_once_not_its_step():
+  table = nnx.tabulate(nr.RNN(_MinimalLSTM(3, 4, rngs=nnx.Rngs(0))), jnp.ones((2, 5, 3)))
+  assert 'cell/step' not in table and 'cell/w' in table

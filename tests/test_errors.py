@@ -302,9 +302,9 @@ def test_cell_with_its_own_initialize_carry_is_not_checked_against_the_base():
     def initialize_carry(self, input_shape, rngs=None, carry_init=None):
       return super().initialize_carry(input_shape, rngs), jnp.zeros(input_shape[:-1])
 
-    def _step(self, carry, x, mask):
+    def step(self, carry, x, mask):
       h, n = carry
-      h, y = super()._step(h, x, mask)
+      h, y = super().step(h, x, mask)
       return (h, n + 1), y
 
   counted = Counted(3, 4, rngs=nnx.Rngs(0))

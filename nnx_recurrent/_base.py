@@ -535,8 +535,10 @@ class RNNCellBase(nnx.Module):
     Returns:
       ``(new_carry, output)``.
     """
+    renamed = (' (earlier versions of nnx_recurrent called it _step: rename it step)'
+               if hasattr(type(self), '_step') else '')
     raise NotImplementedError(
-      f'{type(self).__name__} must implement step(carry, inputs, recurrent_mask), '
+      f'{type(self).__name__} must implement step(carry, inputs, recurrent_mask){renamed}, '
       'or __call__ and initialize_carry as in flax.'
     )
 

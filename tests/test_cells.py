@@ -362,6 +362,17 @@ def test_cell_on_the_base_class_without_step_or_constructor_says_what_is_missing
                      match=r'NoStep must implement step\(carry, inputs, recurrent_mask\)'):
     NoStep()(jnp.zeros((2, 4)), jnp.ones((2, 3)))
 
+  class OldHook(nr.RNNCellBase):
+    def __init__(self):
+      super().__init__(3, 4, rngs=nnx.Rngs(0))
+
+    def _step(self, carry, inputs, recurrent_mask):
+      return carry, carry
+
+  with pytest.raises(NotImplementedError,
+                     match=r'called it _step: rename it step\)'):
+    OldHook()(jnp.zeros((2, 4)), jnp.ones((2, 3)))
+
   class NoInit(nr.RNNCellBase):
     def step(self, carry, inputs, recurrent_mask):
       return carry, carry

@@ -318,10 +318,10 @@ class RNNCellBase(nnx.Module):
 
   def _initialize_carry(self, input_shape, rngs=None, carry_init=None) -> Carry:
     name = type(self).__name__
-    _checks.check_shape(f'{name}.initialize_carry', 'input_shape', input_shape,
-                        '(the arguments are (input_shape, rngs); flax.linen\'s (rng, '
-                        'input_shape) is nnx_recurrent.compat\'s)')
-    input_shape = tuple(int(d) for d in input_shape)
+    input_shape = _checks.check_shape(
+      f'{name}.initialize_carry', 'input_shape', input_shape,
+      '(the arguments are (input_shape, rngs); flax.linen\'s (rng, input_shape) is '
+      'nnx_recurrent.compat\'s)')
     _checks.check_rngs(f'{name}.initialize_carry', rngs)  # zeros ignore it: checked all the same
     # The feature axes' sizes do not matter, as in flax.nnx (code calls
     # initialize_carry((batch, hidden_features))): only their number.

@@ -10,7 +10,7 @@ what was received, e.g.::
 from __future__ import annotations
 
 import numbers
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import jax
 import jax.numpy as jnp
@@ -163,7 +163,8 @@ def check_broadcasts_to(where: str, arg: str, x: Any, shape: tuple[int, ...], do
 
 
 def check_shape(where: str, arg: str, shape: Any, hint: str = '') -> tuple[int, ...]:
-  """A shape: a tuple (or list) of non-negative ints."""
+  """A shape: a tuple (or list) of non-negative ints (or jax.export's symbolic
+  dimensions, which stay as they are)."""
   if isinstance(shape, np.ndarray) and shape.ndim == 1 and np.issubdtype(shape.dtype, np.integer):
     shape = shape.tolist()  # a NumPy shape array (a jax.Array may be a PRNG key: refused)
   if not isinstance(shape, (tuple, list)) or not all(_is_dim(d) for d in shape):
@@ -172,7 +173,8 @@ def check_shape(where: str, arg: str, shape: Any, hint: str = '') -> tuple[int, 
     else:
       got = repr(shape) if isinstance(shape, (tuple, list, int, float)) else type(shape).__name__
     fail(where, arg, f'a tuple of ints{" " + hint if hint else ""}', got, TypeError)
-  return tuple(int(d) for d in shape)
+  # jax.export's symbolic dimensions act as ints (jax types shapes so too).
+  return tuple(cast(int, d) if jax.export.is_symbolic_dim(d) else int(d) for d in shape)
 
 
 def check_dtype(where: str, arg: str, dtype: Any, allow_none: bool = False) -> Any:
@@ -194,6 +196,8 @@ def _is_dim(d: Any) -> bool:
   """A non-negative int: Python's, NumPy's or a concrete 0-d integer array."""
   if isinstance(d, bool):
     return False
+  if jax.export.is_symbolic_dim(d):  # jax.export's shape polymorphism: non-negative by construction
+    return True
   if not isinstance(d, (int, np.integer)):
     if not (hasattr(d, 'dtype') and tuple(getattr(d, 'shape', (1,))) == ()
             and jnp.issubdtype(d.dtype, jnp.integer) and is_concrete(d)):

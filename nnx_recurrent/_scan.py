@@ -212,6 +212,29 @@ def nnx_state_axes(state_axes: Any = None, broadcast_rngs: Any = None) -> nnx.St
   return nnx.StateAxes({nnx.All(nnx.RngState, broadcast_rngs): None, **axes})
 
 
+def _varying(x: Any) -> frozenset:
+  """The mesh axes ``x`` varies over inside ``shard_map`` (empty outside)."""
+  aval = jax.typeof(x)
+  axes = getattr(aval, 'vma', None)  # where JAX names them so
+  if axes is None:
+    axes = getattr(getattr(aval, 'manual_axis_type', None), 'varying', None)
+  return frozenset(axes or ())
+
+
+def vary_like(carry: Any, *arrays: Any) -> Any:
+  """``carry`` cast to vary over every mesh axis ``arrays`` vary over.
+
+  Inside ``shard_map`` (with ``check_vma``, its default) a zero initial carry
+  is replicated while each step's output varies with the sharded inputs, and
+  ``scan`` needs its carry's type unchanged. Outside ``shard_map``: ``carry``.
+  """
+  axes = frozenset().union(*map(_varying, arrays))
+  def cast(c):
+    missing = tuple(sorted(axes - _varying(c)))
+    return jax.lax.pcast(c, missing, to='varying') if missing else c
+  return jax.tree_util.tree_map(cast, carry) if axes else carry
+
+
 def masked_scan(
   cell: nnx.Module,
   carry: Any,
@@ -247,6 +270,7 @@ def masked_scan(
   Returns:
     ``(final_carry, ys)`` with ``ys`` time-major; ``ys`` is zero where not valid.
   """
+  carry = vary_like(carry, xs, *[m for m in masks if m is not None])  # shard_map's check_vma
   reset_carry = carry if masks.reset is not None else None  # a segment starts from `carry`
   xs = clean_padding(xs, masks.valid)
   step_fn = _remat_step if remat else step

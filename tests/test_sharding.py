@@ -12,6 +12,9 @@ one of every module, runs it unsharded on one device (the reference), then
 
 and checks that the outputs and carries equal the reference and that every
 output leaf is still split over the batch: each device holds ``batch / 4`` rows.
+Last, the sequence layers under ``jax.shard_map`` over the batch (one row per
+device, ``check_vma`` on), forward and parameter gradients, and ``compat.RNN``
+against flax.linen.
 """
 
 import os
@@ -19,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import numpy as np
 from flax import nnx
@@ -26,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import nnx_recurrent as nr
+from nnx_recurrent import compat
 from tests.random_params import random_module
 
 B, T, IN, H = 8, 5, 4, 8
@@ -42,7 +47,8 @@ def test_modules_under_jit_on_a_mesh_of_8_devices():
   result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
                           timeout=300)
   assert result.returncode == 0, result.stdout + result.stderr
-  assert 'sharding checks passed: data parallel 11, model parallel 11' in result.stdout, (
+  assert 'sharding checks passed: data parallel 11, model parallel 11, shard_map 6' in (
+    result.stdout), (
     result.stdout + result.stderr)
 
 
@@ -86,6 +92,45 @@ def _apply(zoo, x, conv_x, lengths):
   return out
 
 
+def check_shard_map(zoo, x, lengths):
+  """The sequence layers under ``jax.shard_map`` over the batch, with its default
+  ``check_vma=True``: outputs, carries and parameter gradients (summed over the
+  mesh by JAX) equal the single-device run's."""
+  mesh = Mesh(np.array(jax.devices()), ('data',))  # one row per device
+  names = ('rnn', 'bidirectional', 'stack', 'lstm', 'gru')
+  for name in names:
+    graphdef, state = nnx.split(zoo[name])
+
+    def forward(state, x, lengths, graphdef=graphdef):
+      return nnx.merge(graphdef, state)(x, seq_lengths=lengths, return_carry=True)
+
+    sharded = jax.jit(jax.shard_map(forward, mesh=mesh, in_specs=(P(), P('data'), P('data')),
+                                    out_specs=P('data')))
+    for got, want in zip(jax.tree_util.tree_leaves(sharded(state, x, lengths)),
+                         jax.tree_util.tree_leaves(forward(state, x, lengths))):
+      np.testing.assert_allclose(got, want, atol=ATOL, rtol=0, err_msg=f'shard_map {name}')
+
+    def loss(state, run):
+      _, y = run(state, x, lengths)
+      return jax.numpy.sum(y ** 2)
+
+    grads = jax.grad(loss)(state, sharded)
+    for got, want in zip(jax.tree_util.tree_leaves(grads),
+                         jax.tree_util.tree_leaves(jax.grad(loss)(state, forward))):
+      np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5,
+                                 err_msg=f'shard_map gradient {name}')
+
+  # compat.RNN too (flax.linen's own RNN fails there), against flax.linen unsharded.
+  variables = nn.RNN(nn.GRUCell(H)).init(jax.random.key(0), x)
+  sharded = jax.jit(jax.shard_map(
+    lambda v, x, lengths: compat.RNN(compat.GRUCell(H)).apply(v, x, seq_lengths=lengths),
+    mesh=mesh, in_specs=(P(), P('data'), P('data')), out_specs=P('data')))
+  np.testing.assert_allclose(sharded(variables, x, lengths),
+                             nn.RNN(nn.GRUCell(H)).apply(variables, x, seq_lengths=lengths),
+                             atol=ATOL, rtol=0, err_msg='shard_map compat.RNN')
+  return len(names) + 1
+
+
 def _main():
   assert jax.device_count() == 8, jax.devices()
   rng = np.random.default_rng(0)
@@ -112,6 +157,7 @@ def _main():
 
   # Data parallel: batch over 'data', parameters replicated.
   n_data = check(apply(zoo, *args), 'data parallel')
+  n_shard_map = check_shard_map(zoo, x, lengths)
 
   # Data + model parallel: the same parameter values, placed as the cells'
   # sharding metadata says (the usual abstract-model recipe); the fused layers'
@@ -129,7 +175,8 @@ def _main():
   assert kernel.sharding.spec == P(None, 'model'), kernel.sharding
   assert zoo['lstm'].forward[0].dense_h.kernel[...].sharding.spec == P(None, 'model')
   n_model = check(apply(zoo, *args), 'model parallel')
-  print(f'sharding checks passed: data parallel {n_data}, model parallel {n_model}')
+  print(f'sharding checks passed: data parallel {n_data}, model parallel {n_model}, '
+        f'shard_map {n_shard_map}')
 
 
 if __name__ == '__main__':

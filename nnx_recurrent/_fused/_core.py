@@ -213,6 +213,9 @@ class _FusedBase(nnx.Module):
     dtype = self._dtype(cell, xs)
     params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
     carry_in = jax.tree_util.tree_map(lambda a: a.astype(dtype), carry)
+    # shard_map (check_vma): replicated parameters enter the custom VJP varying
+    # like the inputs, so the transpose of the cast sums their gradients over the mesh.
+    params = _scan.vary_like(params, xs)
     time = xs.shape[0]
     if time == 0:  # nothing to scan: the carry passes through
       return carry, jnp.zeros(xs.shape[:-1] + (self.out_features,), dtype)
@@ -286,6 +289,8 @@ class _FusedBase(nnx.Module):
     else:
       expected = jax.eval_shape(lambda: self._default_carry(seq.batch_shape))
       _checks.check_tree_matches(where, 'initial_carry', initial_carry, expected)
+    initial_carry = _scan.vary_like(initial_carry, seq.xs,
+                                    *[m for m in seq.masks if m is not None])
     if self.num_layers == 1 and not self.bidirectional:
       initial_carry = (initial_carry,)
     idx = None

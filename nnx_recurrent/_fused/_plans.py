@@ -105,6 +105,8 @@ def plan(cell_math, rows: int, gate_width: int) -> Plan:
   if _forced is not None:
     return _forced
   loop = ScanPlan('loop', prefetch=False, unroll=1)
+  if not isinstance(rows, int):  # a symbolic batch (jax.export): no measured choice applies
+    return Plan(primal=loop, train=loop)
   if cell_math.autodiff_min_rows is not None and rows >= cell_math.autodiff_min_rows \
       and cpu_backend():
     return Plan(primal=loop, train=loop, custom_vjp=False)
@@ -144,8 +146,8 @@ PALLAS_FASTER: tuple[PallasRegion, ...] = ()
 
 def pallas_measured_faster(cell_math, rows: int, hidden: int) -> bool:
   """Whether ``implementation='auto'`` runs a layer with the Pallas kernels."""
-  if not PALLAS_FASTER or not cuda_backend():
-    return False
+  if not PALLAS_FASTER or not cuda_backend() or not isinstance(rows, int):
+    return False  # a symbolic batch (jax.export) has no measured rows
   kind = jax.devices()[0].device_kind
   return any(r.layer == cell_math.name and r.rows[0] <= rows <= r.rows[1]
              and r.hidden[0] <= hidden <= r.hidden[1] and r.device in kind

@@ -50,7 +50,8 @@ def flat_dot_t(a: Array, b: Array, transpose: bool = False) -> Array:
   """
   a2 = a.reshape(-1, a.shape[-1])
   b2 = b.reshape(-1, b.shape[-1])
-  if transpose and a2.shape[0] * a2.shape[1] * b2.shape[1] >= _plans.TRANSPOSE_MIN_MACS:
+  macs = a2.shape[0] * a2.shape[1] * b2.shape[1]
+  if transpose and isinstance(macs, int) and macs >= _plans.TRANSPOSE_MIN_MACS:
     return dot(jax.lax.optimization_barrier(a2.T), b2)
   return jax.lax.dot_general(a2, b2, (((0,), (0,)), ((), ())))
 

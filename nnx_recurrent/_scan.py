@@ -212,7 +212,7 @@ def nnx_state_axes(state_axes: Any = None, broadcast_rngs: Any = None) -> nnx.St
   return nnx.StateAxes({nnx.All(nnx.RngState, broadcast_rngs): None, **axes})
 
 
-def _varying(x: Any) -> frozenset:
+def varying_axes(x: Any) -> frozenset:
   """The mesh axes ``x`` varies over inside ``shard_map`` (empty outside)."""
   aval = jax.typeof(x)
   axes = getattr(aval, 'vma', None)  # where JAX names them so
@@ -228,9 +228,9 @@ def vary_like(carry: Any, *arrays: Any) -> Any:
   is replicated while each step's output varies with the sharded inputs, and
   ``scan`` needs its carry's type unchanged. Outside ``shard_map``: ``carry``.
   """
-  axes = frozenset().union(*map(_varying, arrays))
+  axes = frozenset().union(*map(varying_axes, arrays))
   def cast(c):
-    missing = tuple(sorted(axes - _varying(c)))
+    missing = tuple(sorted(axes - varying_axes(c)))
     return jax.lax.pcast(c, missing, to='varying') if missing else c
   return jax.tree_util.tree_map(cast, carry) if axes else carry
 

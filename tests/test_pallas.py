@@ -232,3 +232,36 @@ def test_errors(cls, monkeypatch):
                                        r'\(Pallas runs on a GPU \(Triton\) or, interpreted, on '
                                        r"the CPU; the default backend is 'tpu'\), got 'pallas'"):
     layer(jnp.ones((B, T, I)))
+
+
+def test_pallas_under_shard_map_runs_without_check_vma_and_says_so_with_it():
+  from jax.sharding import Mesh
+  from jax.sharding import PartitionSpec as P
+
+  layer = make(nr.LSTM, bidirectional=True, implementation='pallas')
+  graphdef, state = nnx.split(layer)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(B, T, I)), jnp.float32)
+
+  def forward(state, x, lengths):
+    return nnx.merge(graphdef, state)(x, seq_lengths=lengths)
+
+  mesh = Mesh(np.array(jax.devices()[:1]), ('data',))
+  specs = dict(mesh=mesh, in_specs=(P(), P('data'), P('data')), out_specs=P('data'))
+  with pytest.raises(ValueError, match=r"LSTM: `implementation` expected 'auto' or 'xla' inside "
+                                       r"jax.shard_map with check_vma=True \('pallas' runs there "
+                                       r"with check_vma=False\), got 'pallas'"):
+    jax.shard_map(forward, **specs)(state, x, LENGTHS)
+  layer.implementation = 'xla'
+  want = layer(x, seq_lengths=LENGTHS)
+  np.testing.assert_allclose(jax.shard_map(forward, check_vma=False, **specs)(state, x, LENGTHS),
+                             want, atol=1e-5)
+
+
+def test_pallas_with_a_symbolic_batch_says_to_use_the_scans():
+  layer = make(nr.GRU, implementation='pallas')
+  graphdef, state = nnx.split(layer)
+  b, t = export.symbolic_shape('b, t')
+  with pytest.raises(ValueError, match=r"GRU: `implementation` expected 'auto' or 'xla' for a "
+                                       r'symbolic batch or time size \(jax.export\)'):
+    export.export(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)))(
+      state, jax.ShapeDtypeStruct((b, t, I), jnp.float32))

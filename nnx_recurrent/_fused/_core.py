@@ -156,7 +156,7 @@ class _FusedBase(nnx.Module):
     params = self._math.params(cell)
     return cell.dtype or jnp.result_type(xs.dtype, *jax.tree_util.tree_leaves(params))
 
-  def _backend(self, dtype, rows: int, packed: bool) -> str:
+  def _backend(self, dtype, xs: Array, packed: bool) -> str:
     """The one place that picks a layer's backend: 'xla', 'cudnn' or 'pallas'.
 
     'auto' is the XLA scans, but where the Pallas kernels measured faster on
@@ -174,6 +174,15 @@ class _FusedBase(nnx.Module):
       usable = "'auto', 'xla' or 'pallas'" if chosen == 'cudnn' and _pallas.unsupported() is None \
         else "'auto' or 'xla'"
       _checks.fail(where, 'implementation', f'{usable} here ({name} {reason})', repr(chosen))
+    if chosen == 'pallas':
+      if not all(isinstance(d, int) for d in xs.shape):
+        _checks.fail(where, 'implementation', "'auto' or 'xla' for a symbolic batch or time "
+                     "size (jax.export): the Pallas kernels' blocks are fixed when traced",
+                     repr(chosen))
+      if _scan.varying_axes(xs):
+        _checks.fail(where, 'implementation', "'auto' or 'xla' inside jax.shard_map with "
+                     "check_vma=True ('pallas' runs there with check_vma=False)", repr(chosen))
+    rows = math.prod(xs.shape[1:-1])
     if chosen == 'auto':
       faster = _plans.pallas_measured_faster(self._math, rows, self.hidden_features)
       return 'pallas' if faster else 'xla'
@@ -186,7 +195,7 @@ class _FusedBase(nnx.Module):
     cells = self._cells(layer)
     dtype = self._dtype(cells[0], xs)
     packed = masks.reset is not None
-    backend = self._backend(dtype, math.prod(xs.shape[1:-1]), packed) if xs.size else 'xla'
+    backend = self._backend(dtype, xs, packed) if xs.size else 'xla'
     if backend == 'cudnn':  # both directions in one call
       try:
         return _cudnn.layer(cells, xs, carries, seq_lengths, dtype)

@@ -140,11 +140,12 @@ class RNNCellBase(nnx.Module):
   hidden_features, rngs=rngs, ...)`` in the constructor (it checks the sizes
   and adds the dtype, dropout and carry options), implement :meth:`step`, and
   set :attr:`num_carry_arrays` when the carry is not a single array (2 for
-  ``(c, h)``). The base class then provides ``__call__`` (input and carry
-  checks, variational dropout, zoneout), :meth:`initialize_carry` and
-  :meth:`dropout_masks`. A cell written in flax's style, overriding
-  ``__call__`` and ``initialize_carry`` itself, also works: ``super().__init__()``
-  without arguments does nothing.
+  ``(c, h)``). The base class then provides ``__call__`` (checks of the
+  inputs, the carry and what ``step`` returns; variational dropout; zoneout),
+  :meth:`initialize_carry` (zeros shaped like the output: the input's shape
+  with ``hidden_features`` last) and :meth:`dropout_masks`. A cell written in
+  flax's style, overriding ``__call__`` and ``initialize_carry`` itself, also
+  works: ``super().__init__()`` without arguments does nothing.
 
   Args:
     in_features: the size of one step's input's last axis.
@@ -171,11 +172,13 @@ class RNNCellBase(nnx.Module):
 
   def __init_subclass__(cls, **kwargs: Any) -> None:
     super().__init_subclass__(**kwargs)
-    # ``__call__`` runs the ``step`` each class defines through this private
-    # reference, as the library calls every public method internally:
-    # ``nnx.tabulate`` wraps public methods and would list each step as a row.
-    if 'step' in cls.__dict__:
-      cls._step_impl = cls.__dict__['step']
+    if 'num_carry_arrays' in cls.__dict__:
+      _checks.check_positive_int(cls.__name__, 'num_carry_arrays', cls.num_carry_arrays)
+    # ``__call__`` runs the class's ``step`` (its own or a base's, a mixin's
+    # too) through this private reference, as the library calls its public
+    # methods internally: ``nnx.tabulate`` wraps public methods on the classes
+    # it traces and would list each step as a row.
+    cls._step_impl = cls.step
 
   def __init__(
     self,
@@ -274,7 +277,16 @@ class RNNCellBase(nnx.Module):
     return self._output_shape(tuple(input_shape))
 
   def _output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(input_shape[: -self.num_feature_axes]) + (self.hidden_features,)
+    return tuple(input_shape[:-1]) + (self._hidden_features(),)
+
+  def _hidden_features(self) -> int:
+    hidden = getattr(self, 'hidden_features', None)
+    if hidden is None:
+      raise TypeError(
+        f'{type(self).__name__}: the cell has no `hidden_features`; its constructor must call '
+        'super().__init__(in_features, hidden_features, rngs=rngs, ...) (or set them).'
+      )
+    return hidden
 
   def _check_input_shape(self, where: str, arg: str, shape: tuple[int, ...],
                          sizes: bool = True) -> None:
@@ -434,13 +446,14 @@ class RNNCellBase(nnx.Module):
       TypeError: an option other than ``dropout_masks`` and ``rngs``.
     """
     where = type(self).__name__
-    if type(self)._step_impl is RNNCellBase._step_impl:
-      self.step(carry, inputs, None)  # raises: neither step nor __call__ is defined
-    if not hasattr(self, 'hidden_features'):
-      raise TypeError(
-        f'{where}: the cell has no `hidden_features`; its constructor must call '
-        'super().__init__(in_features, hidden_features, rngs=rngs, ...) (or set them).'
-      )
+    step = type(self)._step_impl
+    if step is RNNCellBase.step:  # none when the class was made: one assigned since?
+      step = inspect.unwrap(type(self).step)
+      if step is RNNCellBase.step:
+        RNNCellBase.step(self, carry, inputs, None)  # raises: neither step nor __call__
+    if not callable(step):
+      _checks.fail(where, 'step', 'a method step(carry, inputs, recurrent_mask)',
+                   type(step).__name__, TypeError)
     unknown = sorted(set(options) - {'dropout_masks', 'rngs'})
     if unknown:
       _checks.fail(where, 'options', 'only the keywords dropout_masks and rngs', unknown,
@@ -464,7 +477,13 @@ class RNNCellBase(nnx.Module):
         inputs = inputs * dropout_masks.input
       recurrent_mask = dropout_masks.recurrent
     with jax.named_scope(f'nr.{where}'):  # names the step in profiles and HLO dumps
-      new_carry, y = self._step_impl(carry, inputs, recurrent_mask)
+      result = step(self, carry, inputs, recurrent_mask)
+    if not (isinstance(result, tuple) and len(result) == 2):
+      _checks.fail(f'{where}.step', 'return value', 'a pair (new_carry, output)',
+                   f'{type(result).__name__} of length {len(result)}'
+                   if isinstance(result, (tuple, list)) else type(result).__name__, TypeError)
+    new_carry, y = result
+    new_carry = self._check_carry(f'{where}.step', new_carry, tuple(inputs.shape), 'new_carry')
     if getattr(self, 'zoneout_rate', 0.0):
       new_carry = self._zoneout(carry, new_carry, rngs)
     return new_carry, y
@@ -482,11 +501,13 @@ class RNNCellBase(nnx.Module):
       _checks.check_broadcasts_to(where, 'dropout_masks.recurrent', masks.recurrent,
                                   self._output_shape(input_shape), 'the shape of h')
 
-  def _check_carry(self, where: str, carry: Carry, input_shape: tuple[int, ...]) -> Carry:
-    """``carry`` checked against :meth:`initialize_carry`'s for ``input_shape``
-    (leaves that broadcast with it pass, as they compute; a list is a tuple,
-    as flax unpacks it). A subclass with its own ``initialize_carry`` has its
-    own carry: it is not checked."""
+  def _check_carry(self, where: str, carry: Carry, input_shape: tuple[int, ...],
+                   arg: str = 'carry') -> Carry:
+    """``carry`` (the one given, or the one :meth:`step` returned) checked
+    against :meth:`initialize_carry`'s for ``input_shape`` (leaves that
+    broadcast with it pass, as they compute; a list is a tuple, as flax unpacks
+    it). A subclass with its own ``initialize_carry`` has its own carry: it is
+    not checked."""
     if overrides(self, 'initialize_carry') or overrides(self, '_initialize_carry'):
       return carry
     shapes = self._carry_shapes(input_shape)
@@ -494,8 +515,16 @@ class RNNCellBase(nnx.Module):
     leaves = [jax.ShapeDtypeStruct(shape, dtype) for shape in shapes]
     if isinstance(carry, list) and len(leaves) > 1:
       carry = tuple(carry)
-    _checks.check_tree_matches(where, 'carry', carry,
-                               leaves[0] if len(leaves) == 1 else tuple(leaves), broadcast=True)
+    try:
+      _checks.check_tree_matches(where, arg, carry,
+                                 leaves[0] if len(leaves) == 1 else tuple(leaves), broadcast=True)
+    except (TypeError, ValueError) as e:
+      if arg == 'carry':
+        raise
+      # A cell's own step: say what the carry should be and where that is set.
+      raise type(e)(f'{str(e)[:-1]} (the carry is num_carry_arrays = {len(shapes)} '
+                    f'array(s) of shapes {", ".join(map(str, shapes))}, as initialize_carry '
+                    'makes it).') from None
     return carry
 
   def _zoneout(self, carry: Carry, new_carry: Carry, rngs: RngsLike) -> Carry:

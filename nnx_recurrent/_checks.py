@@ -139,7 +139,8 @@ def check_padding(where: str, padding: Any, rank: int, arg: str = 'padding') -> 
 def check_positive_int(where: str, arg: str, value: Any) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
     fail(where, arg, 'a positive int', repr(value),
-         TypeError if not isinstance(value, (int, np.integer)) else ValueError)
+         TypeError if isinstance(value, bool) or not isinstance(value, (int, np.integer))
+         else ValueError)
   return int(value)
 
 
@@ -178,7 +179,8 @@ def check_shape(where: str, arg: str, shape: Any, hint: str = '') -> tuple[int, 
 
 
 def check_dtype(where: str, arg: str, dtype: Any, allow_none: bool = False) -> Any:
-  """A floating (or complex) dtype, as given; ``None`` too with ``allow_none``."""
+  """A floating (or complex) dtype, as given; ``None`` too with ``allow_none``
+  (where not, ``None`` passes as flax takes it: JAX's default float dtype)."""
   if dtype is None and allow_none:
     return None
   try:
@@ -225,15 +227,44 @@ def carry_pair(where: str, initial_carry: Any) -> tuple[Any, Any]:
 def public_name(obj: Any) -> str:
   """The name a user knows ``obj``'s class by: ``nr.LSTM``, ``compat.RNN``, or
   its module path for other libraries' classes (``flax.nnx.nn.linear.Linear``)."""
+  return public_class_name(type(obj))
+
+
+def public_class_name(cls: type) -> str:
+  """:func:`public_name` of a class."""
   import nnx_recurrent
   from nnx_recurrent import compat
 
-  cls = type(obj)
   if cls.__module__.split('.')[0] == 'nnx_recurrent':  # compat falls through to flax.linen
     for prefix, namespace in (('nr', nnx_recurrent), ('compat', compat)):
       if getattr(namespace, cls.__name__, None) is cls:
         return f'{prefix}.{cls.__name__}'
   return f'{cls.__module__}.{cls.__name__}'
+
+
+# What every class body has, or a metaclass (flax's, abc's) or RNNCellBase adds.
+_CLASS_PLUMBING = frozenset({
+  '__init__', '__module__', '__qualname__', '__doc__', '__annotations__', '__dict__',
+  '__weakref__', '__abstractmethods__', '_abc_impl', '__firstlineno__', '__static_attributes__',
+  '__orig_bases__', '__parameters__', '_step_impl',
+})
+
+
+def check_computes_as_builtin(where: str, module: Any) -> None:
+  """Refuses a subclass of one of this package's modules that redefines
+  anything of it (``step``, ``__call__``, a class attribute), as converters to
+  other libraries must: they rebuild what the built-in class computes. A new
+  ``__init__`` (other defaults) and new members are fine."""
+  cls = type(module)
+  builtin = next(k for k in cls.__mro__ if k.__module__.split('.')[0] == 'nnx_recurrent')
+  redefined = sorted({name for k in cls.__mro__[:cls.__mro__.index(builtin)] for name in vars(k)
+                      if name not in _CLASS_PLUMBING and not name.startswith('_pytree__')
+                      and hasattr(builtin, name)})
+  if redefined:
+    fail(where, 'module', f'{public_class_name(builtin)} computing as the built-in one (a '
+         'subclass may change __init__ or add members: the conversion rebuilds the built-in '
+         'computation)', f'{cls.__name__}, a subclass that redefines {", ".join(redefined)}',
+         TypeError)
 
 
 def check_not_foreign(where: str, arg: str, x: Any) -> None:
@@ -294,8 +325,9 @@ def whole_lengths(where: str, seq_lengths: Any) -> Any:
   """Float lengths (``mask.sum(-1)`` of a float mask) as ``int32``.
 
   flax runs with them where it ignores them, so code passes them; their
-  values must be whole numbers (checked when concrete; under ``jit`` the cast
-  truncates). Other dtypes pass through to the integer check.
+  values must be whole numbers (checked when concrete; under ``jit`` they are
+  rounded to the nearest, so that a sum computed a rounding error below a
+  length is that length). Other dtypes pass through to the integer check.
   """
   seq_lengths = numeric_array(where, 'seq_lengths', seq_lengths, 'an integer array of shape '
                               'batch shape')
@@ -308,7 +340,7 @@ def whole_lengths(where: str, seq_lengths: Any) -> Any:
     if bad.size:
       fail(where, 'seq_lengths', 'whole numbers (an integer array, or floats such as the sum '
            'of a float mask)', f'{bad.ravel()[:3].tolist()} among them')
-  return jnp.asarray(seq_lengths).astype(jnp.int32)
+  return jnp.round(jnp.asarray(seq_lengths)).astype(jnp.int32)
 
 
 def check_seq_lengths(where: str, seq_lengths: Any, batch_shape: tuple[int, ...], time: int):

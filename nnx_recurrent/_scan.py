@@ -351,8 +351,10 @@ def initial_carry(where: str, cell, initial_carry: Any, step_shape: tuple[int, .
       _checks.fail(where, 'initial_carry', f'a carry, since the cell {type(cell).__name__} has '
                    'no initialize_carry to build one', 'None')
     return default_carry(cell, step_shape, rngs)
-  expected = (carry_shapes(cell, step_shape) if uses_base_initialize_carry(cell)
-              else foreign_carry_shapes(cell, step_shape))
+  ours = uses_base_initialize_carry(cell)
+  expected = carry_shapes(cell, step_shape) if ours else foreign_carry_shapes(cell, step_shape)
+  if ours and isinstance(initial_carry, list) and isinstance(expected, tuple):
+    initial_carry = tuple(initial_carry)  # a list is a tuple, as the cell reads it
   if expected is not None:
     _checks.check_tree_matches(where, 'initial_carry', initial_carry, expected)
   return initial_carry

@@ -390,3 +390,120 @@ def test_cell_on_the_base_class_without_step_or_constructor_says_what_is_missing
 def test_tabulate_lists_a_cell_once_not_its_step():
   table = nnx.tabulate(nr.RNN(_MinimalLSTM(3, 4, rngs=nnx.Rngs(0))), jnp.ones((2, 5, 3)))
   assert 'cell/step' not in table and 'cell/w' in table
+
+
+class _LeakyMixin:
+  def step(self, carry, inputs, recurrent_mask):
+    new_h = 0.5 * carry + 0.5 * jnp.tanh(self.w(inputs))
+    return new_h, new_h
+
+
+class _MixedInLeaky(_LeakyMixin, nr.RNNCellBase):
+  def __init__(self, rngs):
+    super().__init__(3, 4, rngs=rngs)
+    self.w = nnx.Linear(3, 4, rngs=rngs)
+
+
+def test_step_from_a_mixin_or_assigned_later_is_the_cells_step():
+  cell = _MixedInLeaky(nnx.Rngs(0))
+  x = np.asarray(ref.normal((2, 3), seed=2), np.float64)
+  h, _ = cell(jnp.ones((2, 4)), jnp.asarray(x, jnp.float32))
+  w, b = (np.asarray(v[...], np.float64) for v in (cell.w.kernel, cell.w.bias))
+  np.testing.assert_allclose(h, 0.5 + 0.5 * np.tanh(x @ w + b), atol=1e-6)
+
+  class Late(nr.RNNCellBase):
+    def __init__(self):
+      super().__init__(3, 4, rngs=nnx.Rngs(0))
+
+  Late.step = lambda self, carry, inputs, mask: (carry + 1, carry)
+  np.testing.assert_array_equal(Late()(jnp.zeros((2, 4)), jnp.ones((2, 3)))[0], 1.0)
+
+
+def test_what_step_returns_is_checked_against_the_carry():
+  class ForgotTwoArrays(nr.RNNCellBase):  # a (c, h) carry without num_carry_arrays = 2
+    def __init__(self):
+      super().__init__(3, 4, rngs=nnx.Rngs(0))
+
+    def step(self, carry, inputs, recurrent_mask):
+      c, h = carry  # unpacks the batch axis of the one-array carry
+      return (c, h), h
+
+  with pytest.raises(ValueError, match=r'ForgotTwoArrays.step: `new_carry` expected a pytree '
+                                       r'with structure PyTreeDef\(\*\), got structure '
+                                       r'PyTreeDef\(\(\*, \*\)\) \(the carry is num_carry_arrays '
+                                       r'= 1 array\(s\) of shapes \(2, 4\)'):
+    nr.RNN(ForgotTwoArrays())(jnp.ones((2, 5, 3)))
+
+  class WrongWidth(nr.RNNCellBase):
+    def __init__(self):
+      super().__init__(3, 4, rngs=nnx.Rngs(0))
+
+    def step(self, carry, inputs, recurrent_mask):
+      return jnp.concatenate([carry, carry], -1), carry
+
+  with pytest.raises(ValueError, match=r'WrongWidth.step: `new_carry` expected leaf shapes that '
+                                       r'broadcast with \[\(2, 4\)\], got \[\(2, 8\)\]'):
+    WrongWidth()(jnp.zeros((2, 4)), jnp.ones((2, 3)))
+
+  class OnlyCarry(WrongWidth):
+    def step(self, carry, inputs, recurrent_mask):
+      return carry
+
+  with pytest.raises(TypeError, match=r'OnlyCarry.step: `return value` expected a pair '
+                                      r'\(new_carry, output\), got ArrayImpl'):
+    OnlyCarry()(jnp.zeros((2, 4)), jnp.ones((2, 3)))
+
+
+@pytest.mark.parametrize('value, error', [(0, ValueError), (2.0, TypeError), (True, TypeError)])
+def test_num_carry_arrays_is_checked_when_the_class_is_made(value, error):
+  with pytest.raises(error, match=rf'Cell: `num_carry_arrays` expected a positive int, '
+                                  rf'got {value!r}'):
+    type('Cell', (nr.RNNCellBase,), {'num_carry_arrays': value})
+
+
+def test_forgotten_base_constructor_is_named_by_every_entry_point():
+  class NoSuper(nr.RNNCellBase):
+    def __init__(self):
+      self.w = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+
+    def step(self, carry, inputs, recurrent_mask):
+      return carry, carry
+
+  message = (r'NoSuper: the cell has no `hidden_features`; its constructor must call '
+             r'super\(\).__init__\(in_features, hidden_features, rngs=rngs, ...\)')
+  with pytest.raises(TypeError, match=message):
+    nr.RNN(NoSuper())(jnp.ones((2, 5, 3)))
+  with pytest.raises(TypeError, match=message):
+    NoSuper().initialize_carry((2, 3))
+
+
+def test_cell_with_two_feature_axes_keeps_them_in_its_carry():
+  class PerPosition(nr.RNNCellBase):  # a dense step at each of the positions
+    def __init__(self):
+      super().__init__(3, 4, rngs=nnx.Rngs(0))
+      self.w = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+
+    @property
+    def num_feature_axes(self):
+      return 2
+
+    def step(self, carry, inputs, recurrent_mask):
+      new_h = jnp.tanh(self.w(inputs) + carry)
+      return new_h, new_h
+
+  cell = PerPosition()
+  assert cell.initialize_carry((2, 5, 3)).shape == (2, 5, 4)
+  x = np.asarray(ref.normal((2, 6, 5, 3), seed=3), np.float64)
+  y = nr.RNN(cell)(jnp.asarray(x, jnp.float32), seq_lengths=jnp.array([6, 2]))
+  w, b = (np.asarray(v[...], np.float64) for v in (cell.w.kernel, cell.w.bias))
+  h = np.zeros((2, 5, 4))
+  for t in range(2):
+    h = np.tanh(x[:, t] @ w + b + h)
+  np.testing.assert_allclose(y[:, 1], h, atol=1e-5)
+
+
+def test_rnn_reads_a_list_as_a_two_array_initial_carry():
+  rnn = nr.RNN(nr.LSTMCell(3, 4, rngs=nnx.Rngs(0)))
+  c, h = (ref.normal((2, 4), seed=s) for s in (1, 2))
+  x = ref.normal((2, 5, 3), seed=3)
+  np.testing.assert_array_equal(rnn(x, initial_carry=[c, h]), rnn(x, initial_carry=(c, h)))

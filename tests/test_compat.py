@@ -611,6 +611,18 @@ def test_from_nnx_gru_without_bias_hn():
   _assert_close(nn.GRUCell(H).apply(variables, h, x), cell(h, x), atol=1e-6)
 
 
+def test_from_nnx_refuses_a_cell_subclass_that_computes_otherwise():
+  class DampedGRU(nr.GRUCell):
+    def step(self, carry, inputs, recurrent_mask):
+      new_h, y = super().step(carry, inputs, recurrent_mask)
+      return 0.8 * new_h, y
+
+  with pytest.raises(TypeError, match=r'from_nnx: `module` expected nr.GRUCell computing as the '
+                                      r'built-in one .*got DampedGRU, a subclass that redefines '
+                                      r'step'):
+    compat.from_nnx(nr.RNN(DampedGRU(IN, H, rngs=nnx.Rngs(0))))
+
+
 def test_from_nnx_warns_about_dropout():
   with pytest.warns(UserWarning, match='from_nnx: flax.linen cells have no dropout'):
     compat.from_nnx(nr.GRUCell(IN, H, dropout_rate=0.1, kernel_init=_det_init,

@@ -307,6 +307,11 @@ def test_float_seq_lengths_are_lengths():
   assert not np.asarray(jnp.where(valid, 0, y)).any()  # zeros at padding, as with int lengths
   fused = nr.GRU(IN, H, rngs=nnx.Rngs(0))
   _close(fused(x, seq_lengths=lengths.astype(jnp.float32)), fused(x, seq_lengths=lengths))
+  # Under jit (unchecked) a length computed a rounding error off is that length.
+  off = lengths.astype(jnp.float32) + jnp.array([-4e-7, 2e-7, -2e-7])
+  assert bool((off != lengths).any())
+  _close(nnx.jit(lambda m, x, n: m(x, seq_lengths=n))(ours, x, off), y)
+  _close(nnx.jit(lambda m, x, n: m(x, seq_lengths=n))(fused, x, off), fused(x, seq_lengths=lengths))
 
 
 def test_broadcast_rngs_gives_one_mask_per_call_as_flax():

@@ -389,7 +389,26 @@ def _gru_rnn(rngs, hidden=H):
   return nr.RNN(nr.GRUCell(IN, hidden, rngs=rngs))
 
 
+class _DampedGRU(nr.GRUCell):  # a user's GRU: PyTorch's GRU computes something else
+  def step(self, carry, inputs, recurrent_mask):
+    new_h, y = super().step(carry, inputs, recurrent_mask)
+    return 0.8 * new_h, y
+
+
+class _LoggedRNN(nr.RNN):
+  def __call__(self, *args, **kwargs):
+    return super().__call__(*args, **kwargs)
+
+
 TO_TORCH_ERRORS = [
+  (lambda r: _DampedGRU(IN, H, rngs=r), TypeError,
+   r'to_torch: `module` expected nr.GRUCell computing as the built-in one \(a subclass may '
+   r'change __init__ or add members.*got _DampedGRU, a subclass that redefines step'),
+  (lambda r: nr.RNN(_DampedGRU(IN, H, rngs=r)), TypeError,
+   r'got _DampedGRU, a subclass that redefines step'),
+  (lambda r: _LoggedRNN(nr.GRUCell(IN, H, rngs=r)), TypeError,
+   r'expected nr.RNN computing as the built-in one.*got _LoggedRNN, a subclass that redefines '
+   r'__call__'),
   (lambda r: nr.MGUCell(IN, H, rngs=r), TypeError,
    r'to_torch: `module` expected an OptimizedLSTMCell.*got MGUCell'),
   (lambda r: nr.SimpleCell(IN, IN, residual=True, rngs=r), ValueError,
@@ -433,6 +452,22 @@ TO_TORCH_ERRORS = [
 def test_to_torch_errors(factory, error, match):
   with pytest.raises(error, match=match):
     nr.interop.to_torch(_abstract(factory))
+
+
+def test_to_torch_converts_a_subclass_that_only_changes_defaults():
+  class GRUWithoutHn(nr.GRUCell):
+    def __init__(self, in_features, hidden_features, *, rngs):
+      super().__init__(in_features, hidden_features, use_bias_hn=False, rngs=rngs)
+
+    def describe(self):  # new members are fine
+      return 'a GRU'
+
+  cell = random_module(lambda: GRUWithoutHn(IN, H, rngs=nnx.Rngs(0)))
+  x = np.random.default_rng(0).normal(size=(B, IN)).astype(np.float32)
+  h = np.random.default_rng(1).normal(size=(B, H)).astype(np.float32)
+  with torch.no_grad():
+    want = nr.interop.to_torch(cell)(torch.from_numpy(x), torch.from_numpy(h)).numpy()
+  np.testing.assert_allclose(cell(jnp.asarray(h), jnp.asarray(x))[1], want, atol=1e-5)
 
 
 def test_import_does_not_load_torch():

@@ -140,7 +140,8 @@ class StackedRNN(nnx.Module):
                        else _checks.check_bool('StackedRNN', 'time_major', time_major))
     self.return_carry = _checks.check_bool('StackedRNN', 'return_carry', return_carry)
     # No RNG state without dropout (flax#4509).
-    self.dropout = nnx.Dropout(self.dropout_rate, rngs=rngs) if self.dropout_rate else None
+    self.dropout = nnx.data(nnx.Dropout(self.dropout_rate, rngs=rngs) if self.dropout_rate
+                            else None)
 
   def __call__(
     self,

@@ -123,6 +123,17 @@ def test_errors():
     layer(jnp.ones((2, 5, 3)))
 
 
+def test_implementation_set_after_construction_is_checked_at_the_call(fake_gpu):
+  gru = nr.GRU(3, 4, rngs=nnx.Rngs(0))
+  for value in ('cudnn', 'bogus'):
+    gru.implementation = value  # the constructor refuses both; so does the call
+    with pytest.raises(ValueError, match=r"GRU: `implementation` expected 'auto' or 'xla' or "
+                                         rf"'pallas' \(jax.experimental.rnn has a cuDNN LSTM "
+                                         rf"only\), got '{value}'"):
+      gru(jnp.ones((2, 5, 3)))
+  assert not fake_gpu
+
+
 def test_unsupported_on_gpu_errors(fake_gpu):
   layer = nr.LSTM(3, 4, implementation='cudnn', dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r'cuDNN runs float32 only, and the computation dtype is '

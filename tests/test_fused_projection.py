@@ -9,6 +9,8 @@ projection: ``tests/test_fused_packing.py``; the Pallas kernels:
 ``tests/test_pallas.py``; PyTorch's ``proj_size``: ``tests/test_interop_torch.py``.
 """
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -87,3 +89,14 @@ def test_errors():
     layer(jnp.ones((B, T, I)))
   with pytest.raises(TypeError, match='proj_features'):
     nr.GRU(I, H, proj_features=2, rngs=nnx.Rngs(0))
+
+
+def test_projected_layer_has_a_hashable_graphdef_and_copies():
+  # The functional pattern: the graphdef as a static argument of jax.jit.
+  layer = make_projected(num_layers=1, bidirectional=False)
+  graphdef, state = nnx.split(layer)
+  x = ref.normal((B, T, I), seed=1)
+  run = jax.jit(lambda g, s, x: nnx.merge(g, s)(x, seq_lengths=LENGTHS), static_argnums=0)
+  want = layer(x, seq_lengths=LENGTHS)
+  np.testing.assert_array_equal(run(graphdef, state, x), want)
+  np.testing.assert_array_equal(copy.deepcopy(layer)(x, seq_lengths=LENGTHS), want)

@@ -136,3 +136,15 @@ def test_reverse_through_nested_convolutional_stacks():
   np.testing.assert_allclose(got, want, atol=ATOL)
   assert not np.allclose(got, np.asarray(stack(x, seq_lengths=lengths)), atol=1e-3)
   np.testing.assert_array_equal(got[1, 3:], 0)
+
+
+def test_dropout_between_layers_can_be_attached_after_construction():
+  # The slot holds nnx.data(None) without dropout, as flax's optional submodules do.
+  stack = nr.StackedRNN(nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0))),
+                        nr.RNN(nr.GRUCell(4, 4, rngs=nnx.Rngs(1))))
+  x = jnp.ones((2, 5, 3))
+  plain = stack(x)
+  stack.dropout = nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=2))
+  assert not np.allclose(stack(x), plain)
+  stack.eval()
+  np.testing.assert_array_equal(stack(x), plain)

@@ -69,11 +69,7 @@ class _FusedBase(nnx.Module):
     rngs: nnx.Rngs,
   ):
     where = type(self).__name__
-    supported = IMPLEMENTATIONS if self._cudnn else ('auto', 'xla', 'pallas')
-    if implementation not in supported:
-      why = '' if self._cudnn else ' (jax.experimental.rnn has a cuDNN LSTM only)'
-      _checks.fail(where, 'implementation', ' or '.join(map(repr, supported)) + why,
-                   repr(implementation))
+    self._check_implementation(implementation)
     self.implementation = implementation
     self.in_features = _checks.check_positive_int(where, 'in_features', in_features)
     self.hidden_features = _checks.check_positive_int(where, 'hidden_features', hidden_features)
@@ -124,8 +120,17 @@ class _FusedBase(nnx.Module):
       _checks.fail(type(self).__name__, 'reverse', 'False for a bidirectional layer (it runs '
                    'both directions already)', repr(reverse))
 
+  def _check_implementation(self, implementation: Any) -> None:
+    supported = IMPLEMENTATIONS if self._cudnn else ('auto', 'xla', 'pallas')
+    if implementation not in supported:
+      why = '' if self._cudnn else ' (jax.experimental.rnn has a cuDNN LSTM only)'
+      _checks.fail(type(self).__name__, 'implementation', ' or '.join(map(repr, supported)) + why,
+                   repr(implementation))
+
   def _check_options(self, implementation: str, packed: bool):
-    """cuDNN (jax.experimental.rnn) has neither projections nor packed sequences."""
+    """``implementation`` (set when built, or since); cuDNN (jax.experimental.rnn)
+    has neither projections nor packed sequences."""
+    self._check_implementation(implementation)
     if implementation != 'cudnn':
       return
     what, why = (('proj_features', 'has no projection') if getattr(self, 'proj_features', None)

@@ -180,6 +180,8 @@ class LSTM(_FusedBase):
   ):
     self.proj_features = None if proj_features is None else _checks.check_positive_int(
       type(self).__name__, 'proj_features', proj_features)
+    # For _cell_options while the cells are built; not kept (a dict is an
+    # unhashable static field of the graphdef, and a mappingproxy no deepcopy).
     self._proj_options = {} if self.proj_features is None else dict(
       proj_features=self.proj_features, proj_kernel_init=proj_kernel_init,
       proj_kernel_metadata=proj_kernel_metadata)
@@ -190,6 +192,7 @@ class LSTM(_FusedBase):
       kernel_init=kernel_init, recurrent_kernel_init=recurrent_kernel_init, bias_init=bias_init,
       kernel_metadata=kernel_metadata, recurrent_kernel_metadata=recurrent_kernel_metadata,
       bias_metadata=bias_metadata, implementation=implementation, rngs=rngs)
+    del self._proj_options
 
   def _cell_options(self) -> Mapping[str, Any]:
     return self._proj_options

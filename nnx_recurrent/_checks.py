@@ -256,7 +256,9 @@ def check_computes_as_builtin(where: str, module: Any) -> None:
   other libraries must: they rebuild what the built-in class computes. A new
   ``__init__`` (other defaults) and new members are fine."""
   cls = type(module)
-  builtin = next(k for k in cls.__mro__ if k.__module__.split('.')[0] == 'nnx_recurrent')
+  builtin = next((k for k in cls.__mro__ if k.__module__.split('.')[0] == 'nnx_recurrent'), None)
+  if builtin is None or builtin is cls or builtin.__name__ == 'RNNCellBase':
+    return  # not ours, ours, or a cell of the user's own (refused as such by the caller)
   redefined = sorted({name for k in cls.__mro__[:cls.__mro__.index(builtin)] for name in vars(k)
                       if name not in _CLASS_PLUMBING and not name.startswith('_pytree__')
                       and hasattr(builtin, name)})

@@ -115,9 +115,7 @@ def to_nnx(module: nn.Module, variables: Mapping[str, Any]):
 
 
 def _from_nnx(module: Any, where: str):
-  if type(module).__module__.split('.')[0] != 'nnx_recurrent' and any(
-      k.__module__.split('.')[0] == 'nnx_recurrent' for k in type(module).__mro__):
-    _checks.check_computes_as_builtin(where, module)  # a user's subclass
+  _checks.check_computes_as_builtin(where, module)  # a user's subclass may compute otherwise
   if isinstance(module, _NnxRNN):
     if module.initial_carry is not None:
       _checks.fail(where, 'module', 'an RNN without learn_initial_carry (flax.linen has no '

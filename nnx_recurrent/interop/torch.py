@@ -338,8 +338,7 @@ def _warn_dropped_dropout(cells: list[Any]) -> None:
 def _cell_family(cell: Any) -> tuple[_Family, str | None]:
   """The family of an nnx cell and its torch ``nonlinearity`` (RNN family only)."""
   where = 'to_torch'
-  if isinstance(cell, nr.RNNCellBase):
-    _checks.check_computes_as_builtin(where, cell)
+  _checks.check_computes_as_builtin(where, cell)
   if isinstance(cell, (nr.OptimizedLSTMCell, nr.LSTMCell, nr.GRUCell)):
     if cell.gate_fn is not jax.nn.sigmoid or cell.activation_fn is not jax.nn.tanh:
       _checks.fail(where, 'module', 'cells with gate_fn=sigmoid and activation_fn=tanh '
@@ -402,8 +401,7 @@ def _check_zero_start(rnn) -> None:
 def _layer_cells(module) -> tuple[list[list[Any]], bool, float]:
   """``(cells[layer][direction], time_major, dropout)`` of an nnx sequence layer."""
   where = 'to_torch'
-  if isinstance(module, (nr.LSTM, nr.GRU, nr.RNN, nr.Bidirectional, nr.StackedRNN)):
-    _checks.check_computes_as_builtin(where, module)
+  _checks.check_computes_as_builtin(where, module)
   if isinstance(module, (nr.LSTM, nr.GRU)):
     if module.reverse:
       _checks.fail(where, 'module', f'an nr.{type(module).__name__} with reverse=False (PyTorch '

@@ -238,7 +238,7 @@ def test_pallas_under_shard_map_runs_without_check_vma_and_says_so_with_it():
   from jax.sharding import Mesh
   from jax.sharding import PartitionSpec as P
 
-  layer = make(nr.LSTM, bidirectional=True, implementation='pallas')
+  layer = make(nr.LSTM, implementation='pallas')
   graphdef, state = nnx.split(layer)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(B, T, I)), jnp.float32)
 

@@ -47,7 +47,7 @@ def test_modules_under_jit_on_a_mesh_of_8_devices():
   result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
                           timeout=300)
   assert result.returncode == 0, result.stdout + result.stderr
-  assert 'sharding checks passed: data parallel 11, model parallel 11, shard_map 6' in (
+  assert 'sharding checks passed: data parallel 11, model parallel 11, shard_map 4' in (
     result.stdout), (
     result.stdout + result.stderr)
 
@@ -97,7 +97,7 @@ def check_shard_map(zoo, x, lengths):
   ``check_vma=True``: outputs, carries and parameter gradients (summed over the
   mesh by JAX) equal the single-device run's."""
   mesh = Mesh(np.array(jax.devices()), ('data',))  # one row per device
-  names = ('rnn', 'bidirectional', 'stack', 'lstm', 'gru')
+  names = ('rnn', 'stack', 'lstm')  # the masked scan, composed, and the fused layers' custom VJP
   for name in names:
     graphdef, state = nnx.split(zoo[name])
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from flax.linen.recurrent import DenseParams
 
 import nnx_recurrent as nr
 from nnx_recurrent import compat
@@ -151,6 +152,42 @@ def test_cell_init_and_apply_match_linen(name, kwargs, shape):
   _assert_close(out_o, out_t, atol=1e-6)
   assert nn.tabulate(ours, jax.random.key(2))(carry_t, x) == \
     nn.tabulate(theirs, jax.random.key(2))(carry_t, x)
+
+
+def _patch_inner_layers(next_fun, args, kwargs, context):
+  """An interceptor as LoRA patches and fake quantization are: it changes what a
+  cell's inner layers return (Dense and Conv outputs; DenseParams' kernels)."""
+  out = next_fun(*args, **kwargs)
+  if context.method_name != '__call__':
+    return out
+  if isinstance(context.module, (nn.Dense, nn.Conv)):
+    return 0.5 * out
+  if isinstance(context.module, DenseParams):
+    kernel, bias = out
+    return jnp.round(kernel * 4) / 4, bias
+  return out
+
+
+@pytest.mark.parametrize('name,kwargs,shape', CELLS)
+def test_interceptors_on_the_inner_layers_reach_the_step_as_in_linen(name, kwargs, shape):
+  theirs = getattr(nn, name)(features=H, **kwargs)
+  ours = getattr(compat, name)(features=H, **kwargs)
+  x = jax.random.normal(jax.random.key(0), shape)
+  carry = jax.tree_util.tree_map(lambda a: a + 0.3, theirs.initialize_carry(jax.random.key(1),
+                                                                            x.shape))
+  variables = theirs.init(jax.random.key(2), carry, x)
+  with nn.intercept_methods(_patch_inner_layers):
+    patched_t, patched_o = theirs.apply(variables, carry, x), ours.apply(variables, carry, x)
+  _assert_close(patched_o, patched_t, atol=1e-6)
+  assert not np.allclose(patched_t[1], theirs.apply(variables, carry, x)[1])  # it did patch
+  if 'param_dtype' in kwargs:
+    return  # flax.linen's RNN refuses the bfloat16 carry turning float32 (compat's does not)
+  rnn_t, rnn_o = nn.RNN(theirs), compat.RNN(ours)
+  xs = jax.random.normal(jax.random.key(3), (B, T) + shape[1:])
+  rnn_vars = {'params': {'cell': variables['params']}}
+  with nn.intercept_methods(_patch_inner_layers):
+    _assert_close(rnn_o.apply(rnn_vars, xs, seq_lengths=jnp.array([5, 2, 0])),
+                  rnn_t.apply(rnn_vars, xs, seq_lengths=jnp.array([5, 2, 0])), atol=1e-5)
 
 
 # -- RNN ----------------------------------------------------------------------------

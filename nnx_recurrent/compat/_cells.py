@@ -13,6 +13,7 @@ nnx_recurrent cells.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -21,12 +22,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
+from flax.linen import module as _linen_module
 from flax.linen.recurrent import DenseParams
 from flax.typing import Dtype, Initializer
 
 from nnx_recurrent import _checks
 from nnx_recurrent._conv import _shape_keeping, check_geometry
 from nnx_recurrent.compat import _convert
+
+# flax.linen's stack of nn.intercept_methods interceptors (empty: none active).
+_INTERCEPTORS = _linen_module._global_interceptor_stack
 
 # flax.linen's defaults, exactly (the same functions give the same initial values).
 default_kernel_init = nn.initializers.lecun_normal()
@@ -137,6 +142,10 @@ class _Cell(RNNCellBase):
       carry = tuple(carry)  # flax.linen unpacks lists too
     # Leaves that broadcast pass, as in flax.linen (a learned (features,) h0).
     _checks.check_tree_matches(where, 'carry', carry, expected, broadcast=True)
+    if len(_INTERCEPTORS):
+      # Under nn.intercept_methods (LoRA patches, fake quantization, tabulate)
+      # what the inner layers return is the step's input: flax.linen's own step.
+      return inspect.unwrap(getattr(nn, layout.name).__call__)(self, carry, inputs)
     # flax.linen's own layers, in its order, on what they read: they create the
     # parameters, and `capture_intermediates` and `tabulate` see them as in
     # flax.linen. The step itself runs on the nnx cell (fused matmuls), so

@@ -466,7 +466,8 @@ class RNNCellBase(nnx.Module):
                    type(inputs).__name__, TypeError)
     _checks.check_not_foreign(where, 'inputs', inputs)
     self._check_input_shape(where, 'inputs', tuple(inputs.shape))
-    carry = self._check_carry(where, carry, tuple(inputs.shape))
+    shapes = self._checked_carry_shapes(tuple(inputs.shape))
+    carry = self._check_carry(where, carry, shapes)
     if dropout_masks is not None:
       self._check_dropout_masks(where, dropout_masks, tuple(inputs.shape))
     else:
@@ -483,7 +484,7 @@ class RNNCellBase(nnx.Module):
                    f'{type(result).__name__} of length {len(result)}'
                    if isinstance(result, (tuple, list)) else type(result).__name__, TypeError)
     new_carry, y = result
-    new_carry = self._check_carry(f'{where}.step', new_carry, tuple(inputs.shape), 'new_carry')
+    new_carry = self._check_carry(f'{where}.step', new_carry, shapes, 'new_carry')
     if getattr(self, 'zoneout_rate', 0.0):
       new_carry = self._zoneout(carry, new_carry, rngs)
     return new_carry, y
@@ -501,16 +502,21 @@ class RNNCellBase(nnx.Module):
       _checks.check_broadcasts_to(where, 'dropout_masks.recurrent', masks.recurrent,
                                   self._output_shape(input_shape), 'the shape of h')
 
-  def _check_carry(self, where: str, carry: Carry, input_shape: tuple[int, ...],
+  def _checked_carry_shapes(self, input_shape: tuple[int, ...]) -> list[tuple[int, ...]] | None:
+    """:meth:`_carry_shapes` for the carry checks, or ``None``: a subclass with
+    its own ``initialize_carry`` has its own carry, not checked."""
+    if overrides(self, 'initialize_carry') or overrides(self, '_initialize_carry'):
+      return None
+    return self._carry_shapes(input_shape)
+
+  def _check_carry(self, where: str, carry: Carry, shapes: list[tuple[int, ...]] | None,
                    arg: str = 'carry') -> Carry:
     """``carry`` (the one given, or the one :meth:`step` returned) checked
-    against :meth:`initialize_carry`'s for ``input_shape`` (leaves that
-    broadcast with it pass, as they compute; a list is a tuple, as flax unpacks
-    it). A subclass with its own ``initialize_carry`` has its own carry: it is
-    not checked."""
-    if overrides(self, 'initialize_carry') or overrides(self, '_initialize_carry'):
+    against the carry of ``shapes`` that :meth:`initialize_carry` makes (leaves
+    that broadcast with it pass, as they compute; a list is a tuple, as flax
+    unpacks it); ``None``: not checked."""
+    if shapes is None:
       return carry
-    shapes = self._carry_shapes(input_shape)
     dtype = getattr(self, 'param_dtype', jnp.float32)
     leaves = [jax.ShapeDtypeStruct(shape, dtype) for shape in shapes]
     if isinstance(carry, list) and len(leaves) > 1:

@@ -222,13 +222,14 @@ def varying_axes(x: Any) -> frozenset:
 
 
 def vary_like(carry: Any, *arrays: Any) -> Any:
-  """``carry`` cast to vary over every mesh axis ``arrays`` vary over.
+  """``carry`` cast to vary over every mesh axis ``arrays`` (``None``s skipped)
+  vary over.
 
   Inside ``shard_map`` (with ``check_vma``, its default) a zero initial carry
   is replicated while each step's output varies with the sharded inputs, and
   ``scan`` needs its carry's type unchanged. Outside ``shard_map``: ``carry``.
   """
-  axes = frozenset().union(*map(varying_axes, arrays))
+  axes = frozenset().union(*(varying_axes(a) for a in arrays if a is not None))
   def cast(c):
     missing = tuple(sorted(axes - varying_axes(c)))
     return jax.lax.pcast(c, missing, to='varying') if missing else c
@@ -270,7 +271,7 @@ def masked_scan(
   Returns:
     ``(final_carry, ys)`` with ``ys`` time-major; ``ys`` is zero where not valid.
   """
-  carry = vary_like(carry, xs, *[m for m in masks if m is not None])  # shard_map's check_vma
+  carry = vary_like(carry, xs, *masks)  # shard_map's check_vma
   reset_carry = carry if masks.reset is not None else None  # a segment starts from `carry`
   xs = clean_padding(xs, masks.valid)
   step_fn = _remat_step if remat else step

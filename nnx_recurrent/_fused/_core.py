@@ -69,8 +69,7 @@ class _FusedBase(nnx.Module):
     rngs: nnx.Rngs,
   ):
     where = type(self).__name__
-    self._check_implementation(implementation)
-    self.implementation = implementation
+    self.implementation = implementation  # checked below, with the options (_check_options)
     self.in_features = _checks.check_positive_int(where, 'in_features', in_features)
     self.hidden_features = _checks.check_positive_int(where, 'hidden_features', hidden_features)
     self.num_layers = _checks.check_positive_int(where, 'num_layers', num_layers)
@@ -303,8 +302,7 @@ class _FusedBase(nnx.Module):
     else:
       expected = jax.eval_shape(lambda: self._default_carry(seq.batch_shape))
       _checks.check_tree_matches(where, 'initial_carry', initial_carry, expected)
-    initial_carry = _scan.vary_like(initial_carry, seq.xs,
-                                    *[m for m in seq.masks if m is not None])
+    initial_carry = _scan.vary_like(initial_carry, seq.xs, *seq.masks)
     if self.num_layers == 1 and not self.bidirectional:
       initial_carry = (initial_carry,)
     idx = None

@@ -178,7 +178,7 @@ class RNN(nn.Module):
         _checks.check_tree_structure('RNN', 'initial_carry', initial_carry, expected)
     xs, idx = _scan.processing_order(seq, reverse)
     # Under shard_map the carry varies like the inputs (flax.linen's fails there).
-    initial_carry = _scan.vary_like(initial_carry, xs, *[m for m in seq.masks if m is not None])
+    initial_carry = _scan.vary_like(initial_carry, xs, *seq.masks)
     # flax.linen's values at padding: the cell runs on, its outputs stay, and a
     # second carry keeps each row's last valid one (the returned carry).
     # Packed sequences (an extension) are masked as in nnx_recurrent.RNN,

@@ -45,6 +45,8 @@ def _out_features(layer) -> int | None:
     if not isinstance(cell, RNNCellBase) or not all(
         isinstance(getattr(cell, size, None), int) for size in ('in_features', 'hidden_features')):
       return None
+    if type(cell).__module__.split('.')[0] != 'nnx_recurrent':
+      return _traced_out_features(cell)  # the user's own step may read out another width
     if cell.num_feature_axes > 1:  # convolutional: channels of the state
       return cell.hidden_features
     return cell._output_shape((cell.in_features,))[-1]  # proj_features where there are some
@@ -57,6 +59,27 @@ def _out_features(layer) -> int | None:
     return _out_features(layer.layers[-1])
   out, directions = getattr(layer, 'out_features', None), getattr(layer, 'num_directions', None)
   return out * directions if isinstance(out, int) and isinstance(directions, int) else None
+
+
+def _traced_out_features(cell: RNNCellBase) -> int | None:
+  """The output width of a cell of the user's own, from one step traced on a
+  copy (``nnx.eval_shape``: no parameter or RNG stream changes), since its
+  ``step`` may return a readout other than ``h``; ``None`` where that does not
+  trace (more feature axes than one, dropout without a stream, ...): the
+  call itself will say what is wrong."""
+  if cell.num_feature_axes != 1:
+    return None
+  shape = (1, cell.in_features)
+
+  def one_step(cell):
+    dtype = getattr(cell, 'dtype', None) or getattr(cell, 'param_dtype', jnp.float32)
+    return cell(cell.initialize_carry(shape), jnp.zeros(shape, dtype))[1]
+
+  try:
+    y = nnx.eval_shape(one_step, cell)
+  except Exception:  # noqa: BLE001 -- a check made early where it can be; the call raises
+    return None
+  return y.shape[-1] if isinstance(y, jax.ShapeDtypeStruct) and y.ndim >= 1 else None
 
 
 def check_reads(where: str, arg: str, layer, size: int | None, source: str) -> None:

@@ -148,3 +148,48 @@ def test_dropout_between_layers_can_be_attached_after_construction():
   assert not np.allclose(stack(x), plain)
   stack.eval()
   np.testing.assert_array_equal(stack(x), plain)
+
+
+class _Readout(nr.RNNCellBase):
+  """A cell of the user's own whose output (a readout of ``h``) is not ``h``."""
+
+  def __init__(self, in_features, hidden_features, out_features, *, rngs, **options):
+    super().__init__(in_features, hidden_features, rngs=rngs, **options)
+    self.gru = nr.GRUCell(in_features, hidden_features, **_Z, rngs=rngs)
+    self.readout = nnx.Linear(hidden_features, out_features, rngs=rngs)
+
+  def step(self, carry, inputs, recurrent_mask):
+    h, _ = self.gru(carry, inputs)
+    return h, self.readout(h)
+
+
+def test_a_cell_whose_output_is_a_readout_chains_by_its_output_width():
+  # The sizes that chain are what step returns (R = 7 here), not hidden_features,
+  # found by tracing one step on a copy: the cell's RNG stream does not move.
+  R = 7
+  rngs = nnx.Rngs(0)
+  cells = [_randomize(_Readout(IN, H, R, rngs=rngs, dropout_rate=0.5)) for _ in range(2)]
+  counts = [int(c.rngs.count[...]) for c in cells]
+  bi = nr.Bidirectional(nr.RNN(cells[0]), nr.RNN(cells[1]))
+  top = _randomize(nr.RNN(nr.SimpleCell(2 * R, H, **_Z, rngs=rngs)))
+  stack = nr.StackedRNN(bi, top)
+  assert [int(c.rngs.count[...]) for c in cells] == counts
+  with pytest.raises(ValueError, match=r'StackedRNN: `layers\[1\]` expected a layer reading '
+                     r'14 features \(the output size of layers\[0\], Bidirectional\), got RNN '
+                     r'with in_features 10'):
+    nr.StackedRNN(bi, nr.RNN(nr.SimpleCell(2 * H, H, rngs=rngs)))
+
+  stack.eval()
+  x = _x()
+  got = np.asarray(stack(x, seq_lengths=LENGTHS))
+  zeros = np.zeros((B, H))
+  valid = (np.arange(T)[None] < LENGTHS[:, None])[..., None]
+  halves = []
+  for cell, rev in zip(cells, (False, True)):
+    _, ys = reference.rnn(reference.cell_params(cell.gru), x, LENGTHS, zeros, num_batch_dims=1,
+                          reverse=rev, keep_order=rev)
+    w, b = np.asarray(cell.readout.kernel[...]), np.asarray(cell.readout.bias[...])
+    halves.append((ys @ w + b) * valid)
+  _, want = reference.rnn(reference.cell_params(top.cell), np.concatenate(halves, -1), LENGTHS,
+                          zeros, num_batch_dims=1)
+  np.testing.assert_allclose(got, want, atol=ATOL)

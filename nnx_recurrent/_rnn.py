@@ -88,12 +88,14 @@ class RNN(nnx.Module):
   each row's last valid step — the initial carry for a length-0 row — and the
   outputs at padding positions are zero. Packed sequences: ``segment_ids``
   (integers shaped like the batch and time axes, ``0`` = padding; consecutive
-  equal ids form one segment) reset the carry to the initial carry at the
-  first step of every segment, so each segment's outputs equal a run on that
-  segment alone. The returned carry of a packed row is the carry after its
-  last valid step: the end of its last segment (in processing order); the
-  other segments' last outputs are in the outputs (see
-  :func:`unpack_sequences`).
+  equal ids form one segment): a row's first segment starts from
+  ``initial_carry``, every later one from the default initial carry (zeros,
+  or the learned one), so each segment's outputs equal a run on that segment
+  alone; a chunk's carry passed on as ``initial_carry`` goes on into the next
+  chunk's first segment (docs/streaming.md). The returned carry of a packed
+  row is the carry after its last valid step: the end of its last segment
+  (in processing order); the other segments' last outputs are in the
+  outputs (see :func:`unpack_sequences`).
 
   ``reverse=True`` processes each row (each segment) from its last valid step
   to its first, leaving padding at the end; outputs come in processing order
@@ -137,7 +139,7 @@ class RNN(nnx.Module):
       convolutional cells, over positions, which keeps them translation
       equivariant) and trained like any parameter. It is the carry a
       length-0 row returns and the carry every packed segment starts from;
-      an explicit ``initial_carry`` still wins. The parameters are the
+      an explicit ``initial_carry`` still wins (for a row's first segment). The parameters are the
       attribute ``initial_carry`` (``None`` otherwise).
     rngs: as flax.nnx's (``True``, ``False``, an ``nnx.Rngs`` or an
       ``nnx.RngStream``): the source of the RNG passed to the cell's
@@ -226,17 +228,27 @@ class RNN(nnx.Module):
       seq_lengths=seq_lengths, segment_ids=segment_ids,
     )
     step_shape = tuple(seq.xs.shape[1:])
+    # Packed segments after a row's first start from the default carry, the
+    # first from an initial_carry given (a chunk's carry passed on goes on).
+    reset_from_default = initial_carry is not None and seq.masks.reset is not None
     if initial_carry is None and self.initial_carry is not None:
       initial_carry = _broadcast_carry(cell, self.initial_carry, step_shape)
     carry_rngs = _call_carry_rngs(
-      rngs, self.rngs, initial_carry is None and _scan.needs_carry_rngs(cell))
+      rngs, self.rngs,
+      (initial_carry is None or reset_from_default) and _scan.needs_carry_rngs(cell))
     initial_carry = _scan.initial_carry('RNN', cell, initial_carry, step_shape, carry_rngs)
+    reset_carry = None
+    if reset_from_default:
+      reset_carry = (_broadcast_carry(cell, self.initial_carry, step_shape)
+                     if self.initial_carry is not None
+                     else _scan.default_carry(cell, step_shape, carry_rngs))
     xs, idx = _scan.processing_order(seq, reverse)
     dropout_masks = _scan.cell_dropout_masks(cell, step_shape, rngs, xs.dtype)
     carry, ys = _scan.masked_scan(
       cell, initial_carry, xs, seq.masks, dropout_masks=dropout_masks,
       unroll=self.unroll, remat=self.remat, state_axes=self.state_axes,
       broadcast_rngs=self.broadcast_rngs, step_rngs=_scan.cell_step_rngs(cell, rngs, seq.time),
+      reset_carry=reset_carry,
     )
     ys = _scan.output_order(ys, seq, reverse, idx, keep_order, time_major)
     return (carry, ys) if return_carry else ys

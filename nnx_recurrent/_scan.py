@@ -12,7 +12,9 @@ Masking is *carry selection*: at a padding step the new carry is discarded
 (``where(valid, new, old)``) and the output is zero, so the carry that comes
 out of the scan is the one after each row's last valid step without storing
 the carry history. Packed sequences add a *reset*: at the first step of each
-segment the carry is replaced by the initial carry.
+segment but a row's first, the carry is replaced by the default initial carry
+(the row's first segment goes on from the carry the call starts from, so a
+chunk's carry passed on continues it).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class StepMasks(NamedTuple):
   """Per-step booleans, time-major ``(time, *batch)``; ``None`` means all-true/false."""
 
   valid: Array | None  # step is real data (not padding)
-  reset: Array | None  # step starts a new segment: carry <- initial carry
+  reset: Array | None  # step starts a segment after the row's first: carry <- reset carry
 
 
 def _bcast(m: Array, x: Array) -> Array:
@@ -59,8 +61,15 @@ def lengths_to_valid(seq_lengths: Array, time: int) -> Array:
 
 
 def segments_to_masks(segment_ids: Array) -> StepMasks:
-  """Valid and reset masks from time-major segment ids (0 = padding)."""
-  return StepMasks(*_segment_masks(segment_ids))
+  """Valid and reset masks from time-major segment ids (0 = padding): a
+  reset at each segment's first step but the row's first segment's."""
+  valid, starts = _segment_masks(segment_ids)
+  return StepMasks(valid, starts & earlier_valid(valid))
+
+
+def earlier_valid(valid: Array) -> Array:
+  """``(time, *batch)``: whether a valid step came before step ``t`` in the row."""
+  return jnp.cumsum(valid, axis=0, dtype=jnp.int32) > valid
 
 
 def _segment_masks(segment_ids: Array) -> tuple[Array, Array]:
@@ -153,8 +162,8 @@ def step(cell, carry, xs, extras):
   """One masked step: padding keeps the carry and outputs zeros.
 
   ``xs`` is ``(x_t, valid_t, reset_t, rng_t)`` and ``extras`` is
-  ``(dropout_masks, reset_carry)``; a ``reset_t`` step (a packed segment's
-  first) starts from ``reset_carry``. Inputs at padding must be clean
+  ``(dropout_masks, reset_carry)``; a ``reset_t`` step (the first of a packed
+  segment after the row's first) starts from ``reset_carry``. Inputs at padding must be clean
   (:func:`clean_padding`) for their gradients to be.
   """
   return _masked_step(_call_cell, cell, carry, xs, extras)
@@ -248,6 +257,7 @@ def masked_scan(
   state_axes: Any = None,
   broadcast_rngs: Any = None,
   step_rngs: Array | None = None,
+  reset_carry: Any = None,
 ) -> tuple[Any, Any]:
   """Scans ``cell`` over time-major ``xs`` with carry selection.
 
@@ -267,12 +277,18 @@ def masked_scan(
     state_axes, broadcast_rngs: as for flax.nnx's ``RNN``.
     step_rngs: one PRNG key per step ``(time,)``, passed to the cell as
       ``rngs`` (this package's cells: zoneout), or ``None``.
+    reset_carry: where the packed segments after a row's first start
+      (``masks.reset``); default ``carry``.
 
   Returns:
     ``(final_carry, ys)`` with ``ys`` time-major; ``ys`` is zero where not valid.
   """
   carry = vary_like(carry, xs, *masks)  # shard_map's check_vma
-  reset_carry = carry if masks.reset is not None else None  # a segment starts from `carry`
+  if masks.reset is None:
+    reset_carry = None
+  else:  # cast as the steps cast the carry they return
+    reset_carry = carry if reset_carry is None else jax.tree_util.tree_map(
+      lambda r, c: r.astype(c.dtype), vary_like(reset_carry, xs), carry)
   xs = clean_padding(xs, masks.valid)
   step_fn = _remat_step if remat else step
   axes = nnx_state_axes(state_axes, broadcast_rngs)

@@ -452,6 +452,24 @@ def test_rnn_segment_ids_extension_matches_linen_per_segment():
     assert float(jnp.abs(y[:, 5]).max()) == 0.0
 
 
+def test_rnn_segment_ids_initial_carry_starts_each_rows_first_segment_only():
+  # As nr.RNN: the first segment of a row goes on from initial_carry (a chunk's
+  # carry passed on), the later ones start from initialize_carry (zeros).
+  x = jax.random.normal(jax.random.key(0), (2, 6, IN))
+  ids = jnp.array([[1, 1, 1, 2, 2, 0], [0, 3, 3, 3, 4, 4]])
+  c0 = jax.random.normal(jax.random.key(2), (2, H))
+  theirs, ours = nn.RNN(nn.GRUCell(H), return_carry=True), compat.RNN(compat.GRUCell(H))
+  v = theirs.init(jax.random.key(1), x)
+  carry, y = ours.apply(v, x, segment_ids=ids, initial_carry=c0, return_carry=True)
+  zeros = jnp.zeros((1, H))
+  for row, segments in ((0, ((0, 3, c0[:1]), (3, 5, zeros))), (1, ((1, 4, c0[1:]), (4, 6, zeros)))):
+    for lo, hi, start in segments:
+      want_carry, want = theirs.apply(v, x[row:row + 1, lo:hi], initial_carry=start)
+      np.testing.assert_allclose(y[row, lo:hi], want[0], atol=1e-6)
+    np.testing.assert_allclose(carry[row], want_carry[0], atol=1e-6)  # the last segment's
+  assert float(jnp.abs(y[0, 5]).max()) == 0.0 and float(jnp.abs(y[1, 0]).max()) == 0.0
+
+
 def test_rnn_segment_ids_garbage_at_padding_reaches_no_gradient():
   """Packed sequences are masked as in nr.RNN: NaN at padding (id 0) changes no
   output and no gradient, which equal flax.linen's on the valid steps alone."""

@@ -1,7 +1,8 @@
 """Packed sequences (``segment_ids``) in the fused ``nr.LSTM`` / ``nr.GRU``.
 
-As in ``nr.RNN``: ``0`` is padding, every layer and direction starts again
-from its initial carry at each segment's first step, and the backward
+As in ``nr.RNN``: ``0`` is padding, every layer and direction starts a row's
+first segment from its initial carry and every later segment from zeros (at
+the segment's first step), and the backward
 direction reverses each segment within its span. Checked against the generic
 ``RNN`` / ``Bidirectional`` composition over the same cells with the same
 ``segment_ids`` (values and gradients, every forced XLA plan, garbage at
@@ -32,10 +33,11 @@ from tests.test_fused import (
 )
 
 T = 6
-# Two segments back to back; a one-step segment, a gap, a segment and padding;
-# an empty row. Ids unique in the batch (as pack_sequences makes them).
-IDS = np.array([[1, 1, 1, 2, 2, 2], [3, 0, 0, 4, 4, 0], [0, 0, 0, 0, 0, 0]], np.int32)
+# Two segments back to back; padding, a one-step segment, a gap, a segment and
+# padding; an empty row. Ids unique in the batch (as pack_sequences makes them).
+IDS = np.array([[1, 1, 1, 2, 2, 2], [0, 3, 0, 4, 4, 0], [0, 0, 0, 0, 0, 0]], np.int32)
 SEGMENT_ROWS = np.array([0, 0, 1, 1])  # the row of each segment, by id
+FIRST_IN_ROW = np.array([1, 0, 1, 0])  # starts from the initial carry (the others: zeros)
 P = 3
 
 
@@ -44,7 +46,7 @@ def test_every_plan_matches_generic_and_separate_runs(cls):
   """Two bidirectional layers (the LSTM projected), every plan: values and
   gradients against the generic composition, garbage at padding inert; the
   outputs of each segment and the final carries are those of the segments run
-  alone (as the rows of a padded batch, from their row's initial carry)."""
+  alone (as the rows of a padded batch, from their row's initial carry or zeros)."""
   layer = make(cls, 2, True, seed=41, **(dict(proj_features=P) if cls is nr.LSTM else {}))
   x = ref.normal((B, T, I), seed=42)
   carry0 = random_carry(layer, seed=43)
@@ -59,8 +61,8 @@ def test_every_plan_matches_generic_and_separate_runs(cls):
   for k, s in enumerate(segments):
     alone[k, : len(s)] = s
   carry_alone, y_alone = call(layer, jnp.asarray(alone), seq_lengths=lengths, return_carry=True,
-                              initial_carry=jax.tree_util.tree_map(lambda a: a[SEGMENT_ROWS],
-                                                                   carry0))
+                              initial_carry=jax.tree_util.tree_map(
+                                lambda a: a[SEGMENT_ROWS] * FIRST_IN_ROW[:, None], carry0))
   for k, y_k in enumerate(nr.unpack_sequences(np.asarray(y), IDS)):
     np.testing.assert_allclose(y_k, y_alone[k, : lengths[k]], atol=1e-5, err_msg=f'id {k + 1}')
   # A packed row's carry: its last segment's (forward; backward: after reading

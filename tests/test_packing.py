@@ -18,11 +18,11 @@ from tests.random_params import randomize_params as _randomize
 
 ATOL = 2e-5
 IN, H = 3, 4
-# Two rows of 9 steps: segments of length 1..4, padding between and at the
-# end, and equal ids that are *not* consecutive (1 after 0): two segments.
+# Rows of 9 steps: segments of length 1..4, padding before, between and at
+# the end, and equal ids that are *not* consecutive (1 after 0): two segments.
 IDS = np.array([
   [1, 1, 1, 2, 0, 1, 1, 3, 3],
-  [7, 7, 7, 7, 5, 5, 5, 0, 0],
+  [0, 0, 7, 7, 5, 5, 5, 5, 0],
 ], np.int32)
 
 
@@ -77,6 +77,13 @@ def _inputs(cell, rows, time, seed=1):
   return np.random.default_rng(seed).normal(size=(rows, time, *spatial, IN)).astype(np.float32)
 
 
+def _start_carry(carry0, ids, r, s):
+  """Where the segment of row ``r`` starting at ``s`` starts: the initial carry
+  for the row's first segment, zeros (the default carry) for the others."""
+  first = s == int(np.flatnonzero(np.asarray(ids)[r])[0])
+  return jax.tree_util.tree_map(lambda a: np.asarray(a[r]) * first, carry0)
+
+
 def _alone(rnn, x, ids, carry0):
   """Every segment as its own row of a padded batch, for every mode."""
   segs = _segments(ids)
@@ -84,7 +91,8 @@ def _alone(rnn, x, ids, carry0):
   batch = np.zeros((len(segs), longest) + x.shape[2:], np.float32)
   for k, (r, s, e) in enumerate(segs):
     batch[k, : e - s] = x[r, s:e]
-  c0 = jax.tree_util.tree_map(lambda c: c[np.array([r for r, _, _ in segs])], carry0)
+  c0 = jax.tree_util.tree_map(lambda *a: np.stack(a),
+                              *[_start_carry(carry0, ids, r, s) for r, s, _ in segs])
   return _run_modes(rnn, batch, c0, seq_lengths=jnp.array([e - s for _, s, e in segs]))
 
 
@@ -94,7 +102,7 @@ def test_packed_equals_segments_run_alone(name):
   cell = rnn.cell
   x = _inputs(cell, *IDS.shape)
   step_shape = x[:, 0].shape
-  # A random initial carry: every segment must restart from it.
+  # A random initial carry: the row's first segment starts from it, the others from zeros.
   rng = np.random.default_rng(5)
   carry0 = jax.tree_util.tree_map(lambda c: rng.normal(size=c.shape).astype(np.float32),
                                   cell.initialize_carry(step_shape))
@@ -110,8 +118,7 @@ def test_packed_equals_segments_run_alone(name):
         np.testing.assert_allclose(ys[r, s:e], alone[m][1][k, : e - s], atol=ATOL)
       # The NumPy formula on the segment alone.
       seq = x[r, s:e][::-1] if reverse else x[r, s:e]
-      c, ref = reference.run_sequence(p, jax.tree_util.tree_map(lambda a, r=r: a[r], carry0),
-                                      seq)
+      c, ref = reference.run_sequence(p, _start_carry(carry0, IDS, r, s), seq)
       if reverse and keep_order:
         ref = ref[::-1]
       np.testing.assert_allclose(ys[r, s:e], np.stack(ref), atol=ATOL)
@@ -154,8 +161,8 @@ def test_bidirectional_reverses_within_segments(time_major):
     hb = np.stack(reference.run_sequence(pb, zeros, x[r, s:e][::-1])[1])[::-1]
     np.testing.assert_allclose(ys[r, s:e], np.concatenate([hf, hb], -1), atol=ATOL)
   np.testing.assert_array_equal(np.asarray(ys)[IDS == 0], 0)
-  # Row 1 ends with segment 5 at [4, 7): its backward carry saw x[1, 6..4].
-  hb_last = reference.run_sequence(pb, zeros, x[1, 4:7][::-1])[0]
+  # Row 1 ends with segment 5 at [4, 8): its backward carry saw x[1, 7..4].
+  hb_last = reference.run_sequence(pb, zeros, x[1, 4:8][::-1])[0]
   np.testing.assert_allclose(cb[1], hb_last, atol=ATOL)
 
 

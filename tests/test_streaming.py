@@ -99,3 +99,45 @@ def _check_chunks(name):
     jax.tree.map(lambda a, b, s=split: np.testing.assert_allclose(a, b, atol=1e-5,
                                                                   err_msg=str(s)), c_s, carry)
   assert np.abs(np.asarray(y)).max() > 0
+
+
+# Packed rows in chunks of 3, 3 and 1 steps: a segment going on into a chunk
+# and one starting within it (row 0, steps 3 and 4), a segment starting at a
+# chunk boundary (row 0, step 6), a chunk opening with padding before a new
+# segment (row 1, step 3), a chunk of padding only (row 1, step 6), and one
+# segment across every chunk (row 2).
+IDS = np.array([[1, 1, 1, 1, 2, 2, 6], [0, 3, 3, 0, 4, 4, 0], [5] * 7], np.int32)
+PACKED = ('RNN(LayerNormGRUCell, learned carry)', 'StackedRNN', 'LSTM(2 layers)',
+          'LSTM(pallas, projected)')
+
+
+@pytest.mark.parametrize('name', PACKED)
+def test_packed_chunks_equal_one_call(name):
+  """A chunk's first segment goes on from the carry passed in, every later one
+  starts from the default carry; where a chunk's first segment is new (its id
+  is not the one the previous chunk ended with), the caller resets those rows."""
+  layer, features = _layers()[name]
+  layer.eval()
+  learned = 'learned carry' in name
+  if learned:
+    layer.initial_carry[...] = ref.normal((H,), 9)
+  default = layer.initial_carry[...] if learned else 0.0
+  x = ref.normal((B, T, *features), 1)
+  carry, y = layer(x, segment_ids=IDS, return_carry=True)
+
+  @nnx.jit
+  def streamed(layer, x):
+    carry, ys = None, []
+    for start, size in ((0, 3), (3, 3), (6, 1)):
+      ids = IDS[:, start:start + size]
+      if start:
+        new = ((ids[:, 0] == 0) | (ids[:, 0] != IDS[:, start - 1])) & (ids != 0).any(1)
+        carry = jax.tree.map(lambda c, new=new: jnp.where(new[:, None], default, c), carry)
+      carry, y = layer(x[:, start:start + size], segment_ids=ids, initial_carry=carry,
+                       return_carry=True)
+      ys.append(y)
+    return carry, jnp.concatenate(ys, axis=1)
+
+  c_s, y_s = streamed(layer, x)
+  np.testing.assert_allclose(y_s, y, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), c_s, carry)

@@ -69,7 +69,7 @@ def carry_over_padding(path: Path) -> None:
   top.set_title('seq_lengths: at a padding step the carry is kept (grey) and the output is 0',
                 fontsize=10, loc='left')
 
-  # (b) packing: segment ids 1 1 1 2 2 3 0; the carry resets at each segment start.
+  # (b) packing: segment ids 1 1 1 2 2 3 0; the carry resets at each later segment's start.
   ids = [1, 1, 1, 2, 2, 3, 0]
   _box(bottom, -S, 0, INIT, 'white')
   for t, s in enumerate(ids):
@@ -77,13 +77,13 @@ def carry_over_padding(path: Path) -> None:
     color = PAD if s == 0 else (RESET if start else VALID)
     _box(bottom, t * S, 0, f'seg {s}' if s else 'pad', color)
     if start and t:
-      bottom.annotate(INIT, xy=(t * S - 0.3, 0.32), xytext=(t * S - 1.0, 0.95), fontsize=8,
+      bottom.annotate('$0$', xy=(t * S - 0.3, 0.32), xytext=(t * S - 1.0, 0.95), fontsize=8,
                       arrowprops=dict(arrowstyle='->', color='#b45f06', lw=1.2))
     elif t or start:
       _arrow(bottom, (t - 1) * S, t * S, 0, kept=s == 0)
   bottom.text(-1.9 * S, 0, 'packed row', ha='right', va='center', fontsize=9)
-  bottom.set_title('segment_ids: each segment starts again from the initial carry (orange)',
-                   fontsize=10, loc='left')
+  bottom.set_title("segment_ids: a row's first segment starts from the initial carry, each "
+                   'later one from the default, zeros (orange)', fontsize=10, loc='left')
 
   for ax in (top, bottom):
     ax.set_xlim(-2.6 * S, T * S + 1.9)

@@ -276,8 +276,8 @@ class _FusedBase(nnx.Module):
         inputs hold there reaches no output and no gradient).
       segment_ids: packed sequences, as for ``nr.RNN``: integer ids shaped
         like the batch and time axes, ``0`` = padding; every layer and
-        direction restarts from its initial carry at each segment's first
-        step, and the backward direction reverses each segment within its
+        direction starts a row's first segment from its initial carry and
+        every later one from zeros, and the backward direction reverses each segment within its
         span. Not together with ``seq_lengths``.
       return_carry, time_major, reverse, keep_order: override the attributes.
       rngs: dropout RNG (an ``nnx.Rngs``, ``RngStream`` or key), overriding

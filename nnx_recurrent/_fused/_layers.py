@@ -40,9 +40,9 @@ _LAYER_DOC = """
   so two of them make a ``nr.Bidirectional``.
 
   Packed sequences: ``segment_ids`` (instead of ``seq_lengths``) as for
-  ``RNN``: ``0`` is padding, and at the first step of each segment every
-  layer and direction starts again from its initial carry, so each segment's
-  outputs are those of a separate run on it (see
+  ``RNN``: ``0`` is padding, and every layer and direction starts a row's
+  first segment from its initial carry and every later segment from zeros,
+  so each segment's outputs are those of a separate run on it (see
   :func:`~nnx_recurrent.pack_sequences`); the backward direction reverses
   each segment within its span. The returned carry of a packed row is the
   carry after its last valid step (in processing order).{cudnn_packed}

@@ -12,14 +12,14 @@ with the XLA scans' contract (``_xla.recurrence``); the kernels are
   projection, ``m W_hr`` too). Padding (``seq_lengths``) is carry selection
   inside the kernel: a row's steps at or past its length keep the carry and
   write zeros (a length-0 row returns its initial carry). Packed sequences
-  (``segment_ids``) come as per-step flags instead of lengths, and a
-  segment's first step starts from the initial carry. Under a gradient the
+  (``segment_ids``) come as per-step flags instead of lengths, and the first
+  step of a segment after the row's first starts from zeros. Under a gradient the
   kernel also writes each step's residuals (the activated gates and the carry
   entering the step, as the XLA scans save them).
 * Backward: a second kernel runs the reverse recurrence: each step's gate
   gradients, ``dh`` / ``dc`` carried on chip, one ``dgates W_h^T`` per gate
   and step (and ``dh W_hr^T`` with a projection, whose ``dh`` it writes out);
-  at a segment's first step the carry cotangent goes to the initial carry.
+  at such a step no carry cotangent flows on into the previous segment.
   The weight and input gradients are then one large matmul each, outside the
   kernels (:func:`_step_math.grads_after_loop`, the XLA scans' own).
 
@@ -298,9 +298,9 @@ def _recurrence_bwd(cell_math, packed: bool, saved, cotangents) -> tuple[Any, An
         d_all = (d_all, lay.unpad(out[-1], batch, 1, lay.out).astype(xs.dtype))
     else:  # those of h W_h (r, z, n), and of n's pre-activation (x W_in's)
       d_all = (dg[..., :3, :].reshape(flat + (3 * h,)), dg[..., 3, :])
-    reset = (steps == 2) if packed else None
+    masks = (steps > 0, steps == 2) if packed else None  # (valid, reset)
     # The weight and input gradients: one large matmul each.
-    dparams, dxs = grads_after_loop(cell_math, d_all, res_flat, params, xs, carry0, ys, reset)
+    dparams, dxs = grads_after_loop(cell_math, d_all, res_flat, params, xs, carry0, ys, masks)
   return dparams, dxs, dcarry0, None
 
 

@@ -120,7 +120,8 @@ def _write(ref, lead, pieces, width):
 def _masks(steps_ref, t, lay, lengths):
   """``(valid, reset)`` of step ``t`` as ``(rows, 1)`` booleans (``reset`` is
   ``None`` without packed sequences). ``steps_ref``: the lengths ``(rows,)``,
-  or per step ``(time, rows)``: 0 padding, 1 valid, 2 a segment's first step."""
+  or per step ``(time, rows)``: 0 padding, 1 valid, 2 the first step of a
+  segment after the row's first (it starts from zeros)."""
   if not lay.packed:
     return (t < lengths)[:, None], None
   flags = steps_ref[t]
@@ -168,8 +169,8 @@ def forward_kernel(*all_refs: Any, lay, lstm: bool, save: bool):
 
   def body(t, carry):
     valid, reset = _masks(steps_ref, t, lay, lengths)
-    if reset is not None:  # a packed segment starts from the initial carry
-      carry = _select(reset, carry0, carry)
+    if reset is not None:  # a packed segment after the row's first starts from zeros
+      carry = _select(reset, jax.tree_util.tree_map(jnp.zeros_like, carry), carry)
     h = carry[-1]
     cs, outs = [], []
     for j in range(lay.nh):  # the gates of hidden chunk j
@@ -218,9 +219,8 @@ def backward_kernel(*all_refs: Any, lay, lstm: bool):
   wt = _Tiles(wt_ref, lay.ch, lay.cp, budget)  # W_h's gate blocks, transposed
   w_hr_t = None if wrt_ref is None else _Tiles(wrt_ref, lay.cp, lay.ch, budget)
 
-  def body(s, state):
+  def body(s, dcarry):
     t = lay.time - 1 - s
-    dcarry, d_reset = state[:n_carry], state[n_carry:]
     valid, reset = _masks(steps_ref, t, lay, lengths)
     dys = _read(dys_ref, (t, slice(None)), lay.np, lay.cp, lay.state)
     dh = [a + d for a, d in zip(dcarry[-1], dys)]
@@ -247,14 +247,8 @@ def backward_kernel(*all_refs: Any, lay, lstm: bool):
     new = _select(valid, new, dcarry)
     if reset is None:
       return new
-    # A segment's first step read the initial carry: its cotangent goes there.
-    d_reset = jax.tree_util.tree_map(lambda acc, a: acc + jnp.where(reset, a, 0), d_reset, new)
-    return _select(reset, jax.tree_util.tree_map(jnp.zeros_like, new), new) + d_reset
+    # A later segment's first step read zeros: nothing flows on before it.
+    return _select(reset, jax.tree_util.tree_map(jnp.zeros_like, new), new)
 
-  dcarry = _load_carry(dfinal_refs, lay, lstm)
-  if lay.packed:
-    dcarry += jax.tree_util.tree_map(jnp.zeros_like, dcarry)
-  state = jax.lax.fori_loop(0, lay.time, body, dcarry)
-  if lay.packed:
-    state = jax.tree_util.tree_map(jnp.add, state[:n_carry], state[n_carry:])
+  state = jax.lax.fori_loop(0, lay.time, body, _load_carry(dfinal_refs, lay, lstm))
   _store_carry(dcarry0_refs, state, lay, lstm)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nnx_recurrent import _scan
 from nnx_recurrent._base import Array, lstm_update
 from nnx_recurrent._fused import _plans
 from nnx_recurrent._updates import gru_gates
@@ -198,16 +199,19 @@ class LSTMMath:
     return o * jnp.tanh(f * c_prev + i * g)
 
   @staticmethod
-  def grads(d_all, res, carry0, ys, w_hr, reset):
+  def grads(d_all, res, carry0, ys, w_hr, packed):
     """``(dW_h, d xp, dW_hr)`` from the stacked outputs of the backward scan
     (``dW_hr`` is ``None`` without a projection)."""
     dz, dh = (d_all, None) if w_hr is None else d_all
-    # h entering step t is ys[t - 1] (a valid step follows a valid one or
-    # starts a segment), h0 for t = 0 and at a segment's first step (``reset``).
+    # h entering step t is ys[t - 1] where step t - 1 was valid: always with
+    # seq_lengths. Packed rows: zeros at a later segment's first step
+    # (``reset``), h0 after the row's leading padding.
     h0 = carry0[1]
     h_prev = shift(h0, ys)
-    if reset is not None:
-      h_prev = jnp.where(reset[..., None], h0[None], h_prev)
+    if packed is not None:
+      valid, reset = packed
+      h_prev = jnp.where(reset[..., None], jnp.zeros_like(h_prev), h_prev)
+      h_prev = jnp.where(_scan.earlier_valid(valid)[..., None], h_prev, h0[None])
     dw_h = flat_dot_t(h_prev, dz, LSTMMath.transpose_dw)
     if w_hr is None:
       return dw_h, dz, None
@@ -276,8 +280,8 @@ class GRUMath:
     return dcarry + dh
 
   @staticmethod
-  def grads(d_all, res, carry0, ys, b_hn, reset):
-    del carry0, ys, reset  # h_prev is in the residuals
+  def grads(d_all, res, carry0, ys, b_hn, packed):
+    del carry0, ys, packed  # h_prev is in the residuals
     dhp, dan = d_all
     h = b_hn.shape[-1]
     dw_h = flat_dot_t(res[..., 4 * h:], dhp)
@@ -286,13 +290,13 @@ class GRUMath:
     return dw_h, dxp, db_hn
 
 
-def grads_after_loop(cell_math, d_all, res, params, xs, carry0, ys, reset):
+def grads_after_loop(cell_math, d_all, res, params, xs, carry0, ys, packed):
   """The gradients of the parameters and inputs from the stacked outputs of a
   backward recurrence (``d_all``, as ``cell_math.step_bwd`` stacks them), each
   one large matmul over the whole sequence: ``((dW_i, db, dW_h, d extra), dxs)``.
-  ``reset``: the steps that start a packed segment (``(time, *batch)``), or ``None``."""
+  ``packed``: ``(valid, reset)`` of packed rows (``StepMasks``), or ``None``."""
   w_i, _, _, extra = params
-  dw_h, dxp, dextra = cell_math.grads(d_all, res, carry0, ys, extra, reset)
+  dw_h, dxp, dextra = cell_math.grads(d_all, res, carry0, ys, extra, packed)
   dw_i = flat_dot_t(xs, dxp, cell_math.transpose_dw)
   db = dxp.reshape(-1, dxp.shape[-1]).sum(axis=0)
   dxs = dot(dxp, w_i.T)  # XLA drops it when the inputs need no gradient

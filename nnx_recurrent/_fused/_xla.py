@@ -14,10 +14,9 @@
   one joint matmul) is the :class:`_plans.ScanPlan` it is given.
 * Padding (``seq_lengths``) is carry selection inside both scans
   (``where(valid, new, old)``): no extra passes over the sequence. Packed
-  sequences (``segment_ids``) add a reset: a segment's first step starts from
-  the initial carry, and in the backward scan the carry cotangent of that step
-  goes to the initial carry (summed over the segments) instead of flowing on
-  into the previous segment.
+  sequences (``segment_ids``) add a reset: the first step of each segment after
+  a row's first starts from zeros, and in the backward scan no carry cotangent
+  flows from that step into the previous segment.
 * An LSTM projection (``proj_features``) adds ``m W_hr`` to the forward step
   and ``dh W_hr^T`` to the backward step; ``dW_hr`` is one large matmul after
   the loop too.
@@ -102,7 +101,7 @@ def forward_scan(cell_math, plan: ScanPlan, params, xs, carry0, valid, reset,
   """``(final_carry, ys, residuals)``; the residuals only with ``save``.
 
   ``valid`` / ``reset``: ``(time, *batch)`` booleans or ``None``; a ``reset``
-  step (a packed segment's first) starts from ``carry0`` again.
+  step (the first of a packed segment after the row's first) starts from zeros.
   """
   w_i, b, w_h, extra = params
   if plan.inputs == 'hoisted':  # every step's projection in one matmul
@@ -124,7 +123,7 @@ def forward_scan(cell_math, plan: ScanPlan, params, xs, carry0, valid, reset,
   def step(carry, inp):
     x_t, v_t, r_t = inp
     if r_t is not None:
-      carry = _scan.select(r_t, carry0, carry)
+      carry = _scan.select(r_t, jax.tree_util.tree_map(jnp.zeros_like, carry), carry)
     new_carry, res = cell_math.step(carry, *preactivations(x_t, cell_math.h(carry)), b, extra,
                                     save)
     new_carry, y = _scan.keep_at_padding(v_t, new_carry, carry, cell_math.h(new_carry))
@@ -142,9 +141,9 @@ def recurrence(cell_math, plan, params, xs, carry0, valid, reset):
   ``params`` is ``(W_i, b, W_h, extra)`` (``extra``: the GRU's ``b_hn``, the
   LSTM's projection ``W_hr`` or ``None``). ``valid`` and ``reset``
   (``(time, *batch)`` booleans or ``None``): padding, and the first step of
-  each packed segment, which starts from ``carry0``. A valid step must follow
-  a valid one or start a segment (what ``seq_lengths`` and ``segment_ids``
-  give): the LSTM backward reads ``h_prev`` off ``ys``.
+  each packed segment after a row's first, which starts from zeros (the first
+  segment goes on from ``carry0``). The LSTM backward reads ``h_prev`` off
+  ``ys`` (:meth:`LSTMMath.grads` says where that does not hold).
   """
   with jax.named_scope(f'nr.{cell_math.name}/forward'):
     carry, ys, _ = forward_scan(cell_math, plan.primal, params, xs, carry0, valid, reset)
@@ -168,32 +167,24 @@ def _backward(cell_math, plan, saved, cotangents):
   dcarry_final, dys = cotangents
   w_h_t = params[2].T  # W_h, transposed once, outside the loop
   extra_t = cell_math.backward_extra(params)
-  packed = reset is not None
 
-  def step(state, inp):
+  def step(dcarry, inp):
     res_t, dy_t, v_t, r_t = inp
-    dcarry, d_reset = state if packed else (state, None)
     d_direct, d_t, dhp = cell_math.step_bwd(res_t, dcarry, dy_t, extra_t)
     d_prev = cell_math.add_h(d_direct, dot(dhp, w_h_t))
     if v_t is not None:  # a padding step passed the carry through unchanged
       d_prev = _scan.select(v_t, d_prev, dcarry)
       d_t = jax.tree_util.tree_map(lambda d: _scan.select(v_t, d, jnp.zeros_like(d)), d_t)
-    if r_t is None:
-      return d_prev, d_t
-    # A segment's first step read carry0, not the previous step's carry: its
-    # cotangent goes to carry0 and none flows on into the previous segment.
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, d_prev)
-    d_reset = jax.tree_util.tree_map(jnp.add, d_reset, _scan.select(r_t, d_prev, zeros))
-    return (_scan.select(r_t, zeros, d_prev), d_reset), d_t
+    if r_t is not None:  # a segment's first step read zeros: nothing flows on before it
+      d_prev = _scan.select(r_t, jax.tree_util.tree_map(jnp.zeros_like, d_prev), d_prev)
+    return d_prev, d_t
 
-  init = (dcarry_final, jax.tree_util.tree_map(jnp.zeros_like, dcarry_final)) if packed \
-    else dcarry_final
-  state, d_all = prefetch_scan(step, init, (res, dys, valid, reset), length=xs.shape[0],
-                               reverse=True, unroll=plan.backward_unroll,
-                               pairs=plan.backward_pairs)
-  dcarry0 = jax.tree_util.tree_map(jnp.add, *state) if packed else state
+  dcarry0, d_all = prefetch_scan(step, dcarry_final, (res, dys, valid, reset),
+                                 length=xs.shape[0], reverse=True,
+                                 unroll=plan.backward_unroll, pairs=plan.backward_pairs)
   # The weight gradients: one large matmul each, for the whole sequence.
-  dparams, dxs = grads_after_loop(cell_math, d_all, res, params, xs, carry0, ys, reset)
+  packed = None if reset is None else (valid, reset)
+  dparams, dxs = grads_after_loop(cell_math, d_all, res, params, xs, carry0, ys, packed)
   return dparams, dxs, dcarry0, None, None
 
 

@@ -149,8 +149,9 @@ class RNN(nn.Module):
         cast); later steps are padding.
       return_carry, time_major, reverse, keep_order: override the attributes.
       segment_ids: packed sequences (extension, not in flax.linen): integer
-        ids shaped like the batch and time axes, ``0`` = padding; the carry is
-        reset to the initial carry at the start of every segment.
+        ids shaped like the batch and time axes, ``0`` = padding; each
+        segment after a row's first starts from the cell's ``initialize_carry``
+        (the first, from ``initial_carry``), as in ``nnx_recurrent.RNN``.
 
     Returns:
       ``outputs``, or ``(carry, outputs)`` with ``return_carry``.
@@ -165,9 +166,14 @@ class RNN(nn.Module):
                         in_features=None, time_major=time_major, seq_lengths=seq_lengths,
                         segment_ids=segment_ids)
     step_shape = tuple(seq.xs.shape[1:])
+    init_key = jax.random.key(0) if init_key is None else init_key
+    # Packed segments after a row's first start from the default carry, the
+    # first from an initial_carry given (a chunk's carry passed on goes on).
+    reset_carry = None
     if initial_carry is None:  # as flax.linen: only then is initialize_carry needed
-      initial_carry = self.cell.initialize_carry(
-        jax.random.key(0) if init_key is None else init_key, step_shape)
+      initial_carry = self.cell.initialize_carry(init_key, step_shape)
+    elif seq.masks.reset is not None:
+      reset_carry = self.cell.initialize_carry(init_key, step_shape)
     elif isinstance(self.cell, _Cell):  # this package's cells give their carry for free
       sized = self.cell._sized_by(initial_carry)  # as flax.linen: of the carry's size
       expected = jax.eval_shape(lambda: sized.initialize_carry(jax.random.key(0), step_shape))
@@ -187,7 +193,9 @@ class RNN(nn.Module):
     if not linen:
       xs = _scan.clean_padding(xs, seq.masks.valid)
     carry = (initial_carry, initial_carry) if linen else initial_carry
-    reset_carry = initial_carry if seq.masks.reset is not None else None
+    if seq.masks.reset is not None:  # cast as the steps cast the carry they return
+      reset_carry = initial_carry if reset_carry is None else jax.tree_util.tree_map(
+        lambda r, c: r.astype(c.dtype), _scan.vary_like(reset_carry, xs), initial_carry)
     scan = nn.scan(
       _scan.linen_step if linen else _scan.step,
       variable_axes=self.variable_axes,

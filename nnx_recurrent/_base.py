@@ -37,8 +37,18 @@ _orthogonal = initializers.orthogonal()
 
 
 def default_recurrent_kernel_init(key, shape, dtype=jnp.float32):
-  """Orthogonal, computed in float32 and cast (CPU QR has no half precision)."""
+  """Orthogonal, as flax's ``initializers.orthogonal()``: computed in
+  ``dtype`` (float64 stays orthogonal to float64 precision); a half-precision
+  ``dtype`` in float32 and cast, since CPU QR has none (where flax fails)."""
+  if jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+    return _orthogonal(key, shape, dtype)
   return _orthogonal(key, shape, jnp.float32).astype(dtype)
+
+
+def modified_orthogonal(key, shape, dtype=jnp.float32):
+  """flax.nnx's ``LSTMCell`` default: orthogonal in JAX's default float type
+  (float64 under ``jax_enable_x64``), cast to ``dtype``."""
+  return _orthogonal(key, shape).astype(dtype)
 
 
 default_bias_init = initializers.zeros_init()
@@ -398,7 +408,8 @@ class RNNCellBase(nnx.Module):
       input_shape: one step's input shape ``(*batch, *features)``.
       rngs: the PRNG source (an ``nnx.Rngs``, whose ``dropout`` stream is
         drawn, an ``nnx.RngStream`` or a key); default the cell's own stream.
-      dtype: the masks' dtype (default the cell's ``dtype``, else float32).
+      dtype: the masks' dtype (default, and for an integer ``dtype``, the
+        cell's ``dtype``, else float32).
     """
     return self._dropout_masks(tuple(input_shape), rngs, dtype)
 
@@ -414,7 +425,8 @@ class RNNCellBase(nnx.Module):
         'got None (pass rngs=nnx.Rngs(...) at construction or call time, or call .eval()).'
       )
     key_in, key_rec = jax.random.split(_key_from(type(self).__name__, rngs, 'dropout'))
-    dtype = dtype or jnp.result_type(getattr(self, 'dtype', None) or jnp.float32)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):  # integer inputs: not theirs
+      dtype = jnp.result_type(getattr(self, 'dtype', None) or jnp.float32)
     input_shape = tuple(input_shape)
     return DropoutMasks(
       _scaled_keep_mask(key_in, rate_in, input_shape, dtype) if rate_in else None,
@@ -440,11 +452,19 @@ class RNNCellBase(nnx.Module):
         masks when sampled here, and zoneout).
 
     Returns:
-      ``(new_carry, output)``.
+      ``(new_carry, output)``; the new carry in the dtypes of ``carry`` (a
+      bfloat16 carry of bfloat16 parameters, computed in float32, is rounded
+      back), as over ``RNN``'s steps.
 
     Raises:
       TypeError: an option other than ``dropout_masks`` and ``rngs``.
     """
+    return self._call(carry, inputs, options, keep_carry_dtype=True)
+
+  def _call(self, carry: Carry, inputs: Array, options: dict[str, Any],
+            keep_carry_dtype: bool) -> tuple[Carry, Array]:
+    """:meth:`__call__`; without ``keep_carry_dtype`` the new carry comes in
+    the dtypes the step computed (flax.linen's cells, for compat)."""
     where = type(self).__name__
     step = type(self)._step_impl
     if step is RNNCellBase.step:  # none when the class was made: one assigned since?
@@ -487,6 +507,11 @@ class RNNCellBase(nnx.Module):
     new_carry = self._check_carry(f'{where}.step', new_carry, shapes, 'new_carry')
     if getattr(self, 'zoneout_rate', 0.0):
       new_carry = self._zoneout(carry, new_carry, rngs)
+    if keep_carry_dtype and shapes is not None:
+      # As over RNN's steps, so that a cell stepped by hand equals RNN and a
+      # lax.scan over it keeps its carry type (a Python number leaf: as computed).
+      new_carry = jax.tree_util.tree_map(
+        lambda n, o: n.astype(o.dtype) if hasattr(o, 'dtype') else n, new_carry, carry)
     return new_carry, y
 
   def _check_dropout_masks(self, where: str, masks: Any, input_shape: tuple[int, ...]) -> None:

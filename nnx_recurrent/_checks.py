@@ -360,7 +360,20 @@ def check_seq_lengths(where: str, seq_lengths: Any, batch_shape: tuple[int, ...]
     if lo < 0 or hi > time:
       fail(where, 'seq_lengths', f'values in [0, {time}] (the time axis length)',
            f'values in [{lo}, {hi}]')
-  return seq_lengths
+  return as_int32(seq_lengths)
+
+
+def as_int32(lengths: Any) -> Any:
+  """Integer lengths as ``int32``, which holds every time index: the lengths'
+  own dtype may not (``clip(uint8 lengths, 0, 300)`` wraps 300 to 44); wider
+  ones are first capped at int32's maximum (unchecked values above ``time``
+  act as ``time``)."""
+  dtype = jnp.dtype(lengths.dtype)
+  if dtype == jnp.int32:
+    return lengths
+  if dtype.itemsize >= 4:
+    lengths = jnp.minimum(lengths, np.array(np.iinfo(np.int32).max).astype(dtype))
+  return jnp.asarray(lengths).astype(jnp.int32)
 
 
 def check_tree_structure(where: str, arg: str, given: Any, expected: Any) -> None:

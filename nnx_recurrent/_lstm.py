@@ -20,6 +20,7 @@ from nnx_recurrent._base import (
   default_recurrent_kernel_init,
   lstm_update,
   masked,
+  modified_orthogonal,
 )
 
 
@@ -178,6 +179,9 @@ class LSTMCell(_LSTMBase):
 
   def _make_params(self, input_kw, hidden_kw):
     i, h, r = self.in_features, self.hidden_features, self._h_features
+    if hidden_kw['kernel_init'] is default_recurrent_kernel_init:
+      # flax.nnx.LSTMCell's default, which differs under jax_enable_x64.
+      hidden_kw = dict(hidden_kw, kernel_init=modified_orthogonal)
     # Same creation order as flax.nnx.LSTMCell, so equal Rngs give equal params.
     self.ii = self._linear(i, h, **input_kw)
     self.if_ = self._linear(i, h, **input_kw)

@@ -71,6 +71,25 @@ def test_signatures_accept_every_flax_nnx_parameter(name):
 
 
 # -- 2. cell options: carry_init, promote_dtype, keep_rngs -------------------------------
+@pytest.mark.parametrize('param_dtype', [jnp.float32, jnp.float64])
+def test_equal_rngs_give_flax_nnx_parameters_under_x64(param_dtype):
+  # flax.nnx.LSTMCell draws its recurrent kernels in JAX's default float type
+  # (float64 under x64) and casts; the other cells draw in param_dtype.
+  with jax.enable_x64(True):
+    for name in ('LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell'):
+      ours, theirs = (dict(nnx.to_flat_state(nnx.state(
+        getattr(lib, name)(3, 4, param_dtype=param_dtype, rngs=nnx.Rngs(0)), nnx.Param)))
+        for lib in (nr, nnx))
+      for path in theirs:  # ours has GRUCell's bias_hn besides
+        np.testing.assert_array_equal(ours[path][...], theirs[path][...], err_msg=f'{name} {path}')
+        assert ours[path][...].dtype == param_dtype
+    # Orthogonal to the parameters' precision (it was computed in float32).
+    kernel = np.asarray(nr.GRUCell(4, 4, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+                        .dense_h.kernel[...])  # (4, 12): orthonormal rows
+    np.testing.assert_allclose(kernel @ kernel.T, np.eye(4),
+                               atol=1e-12 if param_dtype == jnp.float64 else 1e-5)
+
+
 @pytest.mark.parametrize('name', ['LSTMCell', 'SimpleCell'])  # (c, h) and h; one base class
 def test_cell_options_carry_init_keep_rngs_as_flax(name):
   init = jax.nn.initializers.normal(1.0)

@@ -145,6 +145,19 @@ def test_numpy_reference_given_the_masks(name):
     np.testing.assert_allclose(ys[:, t], h, atol=ATOL)
 
 
+def test_integer_inputs_get_float_masks():
+  # Masks in the inputs' dtype divided by 0 for int32 inputs (keep / int(1 - rate)):
+  # NaN and inf outputs. Int inputs are the float inputs of the same values, masks included.
+  rnn, _ = _pair('LSTMCell')
+  x = np.round(_x(rnn.cell) * 3)
+  key = jax.random.key(7)
+  got = np.asarray(rnn(x.astype(np.int32), rngs=key))
+  assert np.isfinite(got).all()
+  np.testing.assert_array_equal(got, rnn(x, rngs=key))
+  masks = rnn.cell.dropout_masks(x[:, 0].shape, key, jnp.int32)
+  assert {m.dtype for m in masks} == {jnp.dtype(jnp.float32)}
+
+
 def test_training_calls_differ_and_the_stream_advances():
   rnn, _ = _pair('LSTMCell')
   x = _x(rnn.cell)

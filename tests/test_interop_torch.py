@@ -349,6 +349,20 @@ def test_simple_cells_compute_in_the_torch_modules_dtype():
   np.testing.assert_allclose(np.asarray(y, np.float32), y_torch, atol=3e-2, rtol=0)
 
 
+@pytest.mark.filterwarnings('error')  # JAX's "will be truncated to float32" on each call
+def test_a_float64_module_converts_to_float32_without_x64():
+  torch.manual_seed(0)
+  module = torch.nn.LSTM(IN, H, batch_first=True, dtype=torch.float64)
+  model = nr.interop.from_torch(module)
+  assert model.forward[0].param_dtype == jnp.float32  # what the parameters hold
+  assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {
+    jnp.dtype(jnp.float32)}
+  x = _inputs(True)
+  with torch.no_grad():
+    y_torch = module(torch.from_numpy(x).double())[0].numpy()
+  np.testing.assert_allclose(model(x), y_torch, atol=1e-5)
+
+
 # -- errors -----------------------------------------------------------------------
 def test_from_torch_errors():
   with pytest.raises(TypeError, match=r'from_torch: `module` expected one of torch.nn.LSTM.*'

@@ -270,3 +270,23 @@ def test_tabulate_layers_whose_carry_is_learned_or_drawn():
   carry0 = plain.cell.initialize_carry((2, 3))
   _, y_ref = ref.rnn(ref.cell_params(plain.cell), x, None, carry0, num_batch_dims=1)
   np.testing.assert_allclose(plain(x), y_ref, atol=1e-5)
+
+
+def test_narrow_integer_lengths_on_a_long_time_axis():
+  # clip(lengths, 0, time) in uint8 wraps a time of 300 to 44: the lengths are
+  # taken as int32 first (flax.linen's flip_sequences is the reference).
+  time = 300
+  x = np.random.default_rng(0).normal(size=(2, time, 2)).astype(np.float32)
+  wide = np.array([120, 255], np.int32)
+  for dtype in (np.uint8, np.int16, np.uint32, np.int64):
+    narrow = jnp.asarray(wide.astype(dtype))
+    np.testing.assert_array_equal(nr.flip_sequences(x, narrow, num_batch_dims=1, time_major=False),
+                                  nn.recurrent.flip_sequences(x, wide, num_batch_dims=1,
+                                                              time_major=False))
+  rnn = nr.RNN(nr.SimpleCell(2, 3, rngs=nnx.Rngs(0)), reverse=True, keep_order=True)
+  np.testing.assert_array_equal(rnn(x, seq_lengths=jnp.asarray(wide.astype(np.uint8))),
+                                rnn(x, seq_lengths=wide))
+  lstm = nr.LSTM(2, 3, implementation='pallas', rngs=nnx.Rngs(0))
+  short = np.array([127, 5], np.int8)  # int8 holds no time of 130
+  np.testing.assert_array_equal(lstm(x[:, :130], seq_lengths=jnp.asarray(short)),
+                                lstm(x[:, :130], seq_lengths=short.astype(np.int32)))

@@ -141,3 +141,18 @@ def test_packed_chunks_equal_one_call(name):
   c_s, y_s = streamed(layer, x)
   np.testing.assert_allclose(y_s, y, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), c_s, carry)
+
+
+@pytest.mark.parametrize('make', [nr.GRUCell, nr.LSTMCell])
+def test_a_cell_stepped_by_hand_keeps_its_carry_dtype(make):
+  # bf16 parameters, float32 inputs: each step computes in float32 (promotion)
+  # and rounds the bf16 carry back, as RNN does over its steps, so a lax.scan
+  # over the cell keeps its carry type and equals RNN.
+  cell = make(IN, H, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  x = ref.normal((B, T, IN), 1)
+  want_carry, want = nr.RNN(cell, return_carry=True)(x)
+  carry, ys = jax.lax.scan(lambda c, x_t: cell(c, x_t), cell.initialize_carry((B, IN)),
+                           jnp.swapaxes(x, 0, 1))
+  assert {leaf.dtype for leaf in jax.tree.leaves(carry)} == {jnp.dtype(jnp.bfloat16)}
+  np.testing.assert_array_equal(jnp.swapaxes(ys, 0, 1), want)
+  jax.tree.map(np.testing.assert_array_equal, carry, want_carry)

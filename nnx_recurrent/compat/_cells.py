@@ -156,7 +156,7 @@ class _Cell(RNNCellBase):
     params = self.variables['params']
     cell = _convert.build_nnx(layout, sized, in_features,
                               {g.name: params[g.name] for g in layout.groups(sized)})
-    return cell(carry, inputs)
+    return cell._call(carry, inputs, {}, keep_carry_dtype=False)  # flax.linen's carry dtype
 
   def _sized_by(self, carry) -> _Cell:
     """This cell with flax.linen's hidden size: the carry's, not ``features``.

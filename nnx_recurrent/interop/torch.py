@@ -264,7 +264,7 @@ def from_torch(module: Any, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
   # Zero initializers: every parameter is overwritten, so draw no random numbers.
   zeros = nnx.initializers.zeros_init()
   kw = dict(kernel_init=zeros, recurrent_kernel_init=zeros, bias_init=zeros,
-            param_dtype=jnp.dtype(_numpy(w_ih).dtype), rngs=rngs)
+            param_dtype=_jax_dtype(_numpy(w_ih).dtype), rngs=rngs)
   result: nnx.Module
   if is_cell:
     cell = family.make_cell(module.input_size, module.hidden_size, act, **kw)
@@ -546,6 +546,12 @@ def to_torch(module: nnx.Module, *, bias: bool = True):
   if isinstance(drop, nnx.Dropout) and drop.deterministic:
     result.eval()
   return result
+
+
+def _jax_dtype(dtype):
+  """The dtype JAX gives an array of ``dtype``: float64 is float32 unless
+  ``jax_enable_x64`` (the parameters say what they hold)."""
+  return jax.dtypes.canonicalize_dtype(dtype)
 
 
 def _torch_dtype(torch, dtype):

@@ -14,6 +14,8 @@ TRITON_ARGS ?=
 # triton (1 GB) for `make triton-check` only, in its own environment.
 TRITON_VENV ?= .venv-triton
 # Two workers: compiling dominates the suite and XLA:CPU compiles on one thread.
+# --dist worksteal: an idle worker takes tests queued for the other, so the
+# long tests (a subprocess on 8 simulated devices, the docs) do not leave one idle.
 TEST_WORKERS ?= 2
 # Test suites plus doctests in the package, the README and docs/ (whichever exist).
 TEST_PATHS := $(wildcard tests compat) nnx_recurrent $(wildcard README.md docs)
@@ -39,7 +41,7 @@ $(VENV)/.%-installed: pyproject.toml $(VENV)/.created
 test: install-test
 	$(VENV)/bin/ruff check .
 	@$(VENV)/bin/mypy > .mypy.log 2>&1 & mypy=$$!; \
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --doctest-modules --doctest-glob='*.md' $(TEST_PATHS); \
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --doctest-modules --doctest-glob='*.md' $(TEST_PATHS); \
 	tests=$$?; wait $$mypy; types=$$?; echo "mypy:"; cat .mypy.log; rm -f .mypy.log; \
 	exit $$((tests || types))
 

@@ -139,8 +139,9 @@ class RNN(nnx.Module):
       convolutional cells, over positions, which keeps them translation
       equivariant) and trained like any parameter. It is the carry a
       length-0 row returns and the carry every packed segment starts from;
-      an explicit ``initial_carry`` still wins (for a row's first segment). The parameters are the
-      attribute ``initial_carry`` (``None`` otherwise).
+      an explicit ``initial_carry`` still wins (for a row's first segment).
+      The parameters are the attribute ``initial_carry`` (``None``
+      otherwise).
     rngs: as flax.nnx's (``True``, ``False``, an ``nnx.Rngs`` or an
       ``nnx.RngStream``): the source of the RNG passed to the cell's
       ``initialize_carry``. Unlike flax, a stream is kept in the module's

@@ -163,8 +163,8 @@ def step(cell, carry, xs, extras):
 
   ``xs`` is ``(x_t, valid_t, reset_t, rng_t)`` and ``extras`` is
   ``(dropout_masks, reset_carry)``; a ``reset_t`` step (the first of a packed
-  segment after the row's first) starts from ``reset_carry``. Inputs at padding must be clean
-  (:func:`clean_padding`) for their gradients to be.
+  segment after the row's first) starts from ``reset_carry``. Inputs at
+  padding must be clean (:func:`clean_padding`) for their gradients to be.
   """
   return _masked_step(_call_cell, cell, carry, xs, extras)
 

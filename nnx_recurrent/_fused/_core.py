@@ -277,8 +277,8 @@ class _FusedBase(nnx.Module):
       segment_ids: packed sequences, as for ``nr.RNN``: integer ids shaped
         like the batch and time axes, ``0`` = padding; every layer and
         direction starts a row's first segment from its initial carry and
-        every later one from zeros, and the backward direction reverses each segment within its
-        span. Not together with ``seq_lengths``.
+        every later one from zeros, and the backward direction reverses each
+        segment within its span. Not together with ``seq_lengths``.
       return_carry, time_major, reverse, keep_order: override the attributes.
       rngs: dropout RNG (an ``nnx.Rngs``, ``RngStream`` or key), overriding
         the one given at construction.

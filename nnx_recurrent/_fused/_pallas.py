@@ -13,9 +13,9 @@ with the XLA scans' contract (``_xla.recurrence``); the kernels are
   inside the kernel: a row's steps at or past its length keep the carry and
   write zeros (a length-0 row returns its initial carry). Packed sequences
   (``segment_ids``) come as per-step flags instead of lengths, and the first
-  step of a segment after the row's first starts from zeros. Under a gradient the
-  kernel also writes each step's residuals (the activated gates and the carry
-  entering the step, as the XLA scans save them).
+  step of a segment after the row's first starts from zeros. Under a gradient
+  the kernel also writes each step's residuals (the activated gates and the
+  carry entering the step, as the XLA scans save them).
 * Backward: a second kernel runs the reverse recurrence: each step's gate
   gradients, ``dh`` / ``dc`` carried on chip, one ``dgates W_h^T`` per gate
   and step (and ``dh W_hr^T`` with a projection, whose ``dh`` it writes out);

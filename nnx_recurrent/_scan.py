@@ -284,11 +284,7 @@ def masked_scan(
     ``(final_carry, ys)`` with ``ys`` time-major; ``ys`` is zero where not valid.
   """
   carry = vary_like(carry, xs, *masks)  # shard_map's check_vma
-  if masks.reset is None:
-    reset_carry = None
-  else:  # cast as the steps cast the carry they return
-    reset_carry = carry if reset_carry is None else jax.tree_util.tree_map(
-      lambda r, c: r.astype(c.dtype), vary_like(reset_carry, xs), carry)
+  reset_carry = segment_start(masks, carry, reset_carry, xs)
   xs = clean_padding(xs, masks.valid)
   step_fn = _remat_step if remat else step
   axes = nnx_state_axes(state_axes, broadcast_rngs)
@@ -300,6 +296,18 @@ def masked_scan(
   with jax.named_scope(f'nr.RNN/{type(cell).__name__}'):  # for profiles and HLO dumps
     return scan(cell, carry, (xs, masks.valid, masks.reset, step_rngs),
                 (dropout_masks, reset_carry))
+
+
+def segment_start(masks: StepMasks, carry: Any, reset_carry: Any, xs: Array) -> Any:
+  """Where the packed segments after a row's first start: ``reset_carry``
+  (default ``carry``, the scan's initial one) in the carry's dtypes, as the
+  steps cast what they return, and varying like ``xs`` under ``shard_map``;
+  ``None`` without packed sequences."""
+  if masks.reset is None:
+    return None
+  if reset_carry is None:
+    return carry
+  return jax.tree_util.tree_map(lambda r, c: r.astype(c.dtype), vary_like(reset_carry, xs), carry)
 
 
 def default_carry(cell, step_shape: tuple[int, ...], rngs: Any = None) -> Any:

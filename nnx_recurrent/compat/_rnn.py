@@ -193,9 +193,7 @@ class RNN(nn.Module):
     if not linen:
       xs = _scan.clean_padding(xs, seq.masks.valid)
     carry = (initial_carry, initial_carry) if linen else initial_carry
-    if seq.masks.reset is not None:  # cast as the steps cast the carry they return
-      reset_carry = initial_carry if reset_carry is None else jax.tree_util.tree_map(
-        lambda r, c: r.astype(c.dtype), _scan.vary_like(reset_carry, xs), initial_carry)
+    reset_carry = _scan.segment_start(seq.masks, initial_carry, reset_carry, xs)
     scan = nn.scan(
       _scan.linen_step if linen else _scan.step,
       variable_axes=self.variable_axes,

@@ -83,7 +83,7 @@ def test_equal_rngs_give_flax_nnx_parameters_under_x64(param_dtype):
       for path in theirs:  # ours has GRUCell's bias_hn besides
         np.testing.assert_array_equal(ours[path][...], theirs[path][...], err_msg=f'{name} {path}')
         assert ours[path][...].dtype == param_dtype
-    # Orthogonal to the parameters' precision (it was computed in float32).
+    # Orthogonal to the parameters' precision (float64 kernels used to be computed in float32).
     kernel = np.asarray(nr.GRUCell(4, 4, param_dtype=param_dtype, rngs=nnx.Rngs(0))
                         .dense_h.kernel[...])  # (4, 12): orthonormal rows
     np.testing.assert_allclose(kernel @ kernel.T, np.eye(4),

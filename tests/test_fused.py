@@ -396,6 +396,22 @@ def test_check_grads_float64(cls, path, force_path):
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_second_order_float64(cls):
+  """Second order (a gradient of the gradient, as ``jax.hessian`` needs)
+  differentiates the hand-written backward scan: finite differences of it, in
+  float64, both directions and a padded row. Pallas says it has none
+  (``tests/test_pallas.py``)."""
+  with jax.enable_x64(True):
+    layer = cls(2, 3, bidirectional=True, param_dtype=jnp.float64, implementation='xla',
+                rngs=nnx.Rngs(0))
+    ref.randomize(layer)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 3, 2)))
+    lengths = jnp.array([3, 2])
+    check_grads(jax.jit(lambda x: layer(x, seq_lengths=lengths)), (x,), order=2,
+                modes=('rev',), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
 def test_single_layer_carry_is_the_cells(cls):
   """One unidirectional layer: the carry of ``nr.RNN`` over the cell, time step 1 and 0."""
   layer = make(cls)

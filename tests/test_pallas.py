@@ -234,6 +234,26 @@ def test_errors(cls, monkeypatch):
     layer(jnp.ones((B, T, I)))
 
 
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_second_order_says_to_use_the_scans(cls):
+  """The kernels have no derivative of their own: ``jax.hessian`` and a
+  gradient of a gradient fail with our message, not inside JAX (where the
+  first said "safe_map() argument 3 is longer than argument 1"). The scans'
+  second order: ``tests/test_fused.py``."""
+  layer = make(cls, implementation='pallas')
+  x = jnp.ones((1, 2, I))
+
+  def loss(x):
+    return (layer(x) ** 2).sum()
+
+  message = (r"implementation='pallas' has no second-order derivatives \(jax.hessian, a "
+             r"gradient of a gradient, a jvp of a gradient\).*Use implementation='xla'")
+  with pytest.raises(NotImplementedError, match=message):
+    jax.hessian(loss)(x)
+  with pytest.raises(NotImplementedError, match=message):
+    jax.grad(lambda x: jax.grad(loss)(x).sum())(x)
+
+
 def test_pallas_under_shard_map_runs_without_check_vma_and_says_so_with_it():
   from jax.sharding import Mesh
   from jax.sharding import PartitionSpec as P

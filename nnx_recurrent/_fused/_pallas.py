@@ -179,7 +179,7 @@ class _Layout:
       return pl.BlockSpec(shape, lambda b: tuple(b if k == row_axis else 0
                                                   for k in range(len(shape))))
 
-    return pl.pallas_call(
+    return _first_order_only(pl.pallas_call(
       kernel,
       out_shape=[jax.ShapeDtypeStruct(shape, dtype) for (shape, dtype), _ in outputs],
       grid=(self.padded_rows // self.block,),
@@ -190,7 +190,27 @@ class _Layout:
       # Triton's parameters select the Triton lowering: see above.
       compiler_params=pl_triton.CompilerParams(num_warps=self.settings.num_warps,
                                                num_stages=self.settings.num_stages),
-    )(*(a for a, _ in inputs))
+    ))(*(a for a, _ in inputs))
+
+
+SECOND_ORDER = (
+  "implementation='pallas' has no second-order derivatives (jax.hessian, a "
+  "gradient of a gradient, a jvp of a gradient): its kernels have no derivative "
+  "of their own. Use implementation='xla' for them.")
+
+
+def _first_order_only(kernel):
+  """``kernel`` with a JVP rule that says why, where JAX's own attempt to
+  differentiate a ``pallas_call`` fails with an unrelated error. A first-order
+  gradient never differentiates the kernels (``recurrence``'s ``custom_vjp``
+  calls them), so only a second order reaches the rule."""
+  guarded = jax.custom_jvp(kernel)
+
+  def no_jvp(primals, tangents):
+    raise NotImplementedError(SECOND_ORDER)
+
+  guarded.defjvp(no_jvp)
+  return guarded
 
 
 def _layout(cell_math, params, xs, packed: bool) -> _Layout:

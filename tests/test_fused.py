@@ -412,6 +412,30 @@ def test_second_order_float64(cls):
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_float64_initial_carry_computes_in_float64(cls):
+  """Under x64 a float64 ``initial_carry`` into a float32 layer computes in
+  float64, as the cells' own steps promote ``h W_h`` (and flax.nnx's do): the
+  outputs and carry are float64 and equal the float64 NumPy formulas (they
+  were float32, 1e-7 off)."""
+  with jax.enable_x64(True):
+    layer = cls(I, H, bidirectional=True, rngs=nnx.Rngs(0))
+    ref.randomize(layer)
+    x = ref.normal((B, T, I), seed=1)
+    carry0 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
+                                    random_carry(layer, seed=2))
+    carry, y = layer(x, initial_carry=carry0, seq_lengths=LENGTHS, return_carry=True)
+    xs = np.asarray(x, np.float64)
+    (f0, b0), = carry0  # one layer, two directions
+    c_f, y_f = ref.rnn(ref.cell_params(layer.forward[0]), xs, LENGTHS, f0, num_batch_dims=1)
+    c_b, y_b = ref.rnn(ref.cell_params(layer.backward[0]), xs, LENGTHS, b0, num_batch_dims=1,
+                       reverse=True, keep_order=True)
+  assert y.dtype == jnp.float64
+  assert {a.dtype for a in jax.tree_util.tree_leaves(carry)} == {jnp.dtype(jnp.float64)}
+  np.testing.assert_allclose(np.asarray(y), np.concatenate([y_f, y_b], -1), atol=1e-12)
+  assert_trees_close(carry, ((c_f, c_b),), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
 def test_single_layer_carry_is_the_cells(cls):
   """One unidirectional layer: the carry of ``nr.RNN`` over the cell, time step 1 and 0."""
   layer = make(cls)

@@ -155,10 +155,14 @@ class _FusedBase(nnx.Module):
       return per_layer[0]
     return tuple(per_layer)
 
-  def _dtype(self, cell, xs: Array):
-    """The cell's computation dtype (nnx.Linear's promotion of inputs and parameters)."""
-    params = self._math.params(cell)
-    return cell.dtype or jnp.result_type(xs.dtype, *jax.tree_util.tree_leaves(params))
+  def _dtype(self, cell, xs: Array, carry):
+    """The cell's computation dtype: ``dtype``, or nnx.Linear's promotion of
+    the inputs, the parameters and the carry (as the cell's own step promotes
+    ``h W_h``: a float64 ``initial_carry`` under x64 gives float64 outputs)."""
+    if cell.dtype:
+      return cell.dtype
+    leaves = jax.tree_util.tree_leaves((self._math.params(cell), carry))
+    return jnp.result_type(xs.dtype, *leaves)
 
   def _backend(self, dtype, xs: Array, packed: bool) -> str:
     """The one place that picks a layer's backend: 'xla', 'cudnn' or 'pallas'.
@@ -197,7 +201,7 @@ class _FusedBase(nnx.Module):
     """One layer over time-major ``xs``: ``(finals, ys)``, one final carry per
     direction, through the backend :meth:`_backend` picks."""
     cells = self._cells(layer)
-    dtype = self._dtype(cells[0], xs)
+    dtype = self._dtype(cells[0], xs, carries)
     packed = masks.reset is not None
     backend = self._backend(dtype, xs, packed) if xs.size else 'xla'
     if backend == 'cudnn':  # both directions in one call
@@ -223,7 +227,7 @@ class _FusedBase(nnx.Module):
     """One cell over time-major ``xs``: ``(final_carry, ys)`` with the XLA scans
     or the Pallas kernels."""
     params = self._math.params(cell)
-    dtype = self._dtype(cell, xs)
+    dtype = self._dtype(cell, xs, carry)
     params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
     carry_in = jax.tree_util.tree_map(lambda a: a.astype(dtype), carry)
     # shard_map (check_vma): replicated parameters enter the custom VJP varying

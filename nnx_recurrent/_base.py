@@ -102,6 +102,12 @@ def _keys_from(where: str, rngs: RngsLike, stream: str, n: int) -> list[Array]:
   return [rngs] if n == 1 else list(jax.random.split(rngs, n))
 
 
+def is_package_cell(cell: Any) -> bool:
+  """Whether ``cell`` is one of this package's own cells (not a user's
+  subclass, not another library's)."""
+  return type(cell).__module__.split('.')[0] == 'nnx_recurrent'
+
+
 def overrides(cell: Any, name: str) -> bool:
   """Whether ``cell``'s class defines its own method ``name`` instead of
   :class:`RNNCellBase`'s. Wrappers made with ``functools.wraps`` are seen
@@ -384,7 +390,12 @@ class RNNCellBase(nnx.Module):
     return [self._output_shape(input_shape)] * self.num_carry_arrays
 
   def _needs_carry_rngs(self) -> bool:
-    """Whether the default carry draws randomness it has no source for."""
+    """Whether a layer must pass an RNG to the default carry: a random one
+    with no stream of the cell's to draw from, or a cell that keeps a stream
+    for its carry (``keep_rngs``), which flax.nnx's ``RNN`` never draws: it
+    passes its own."""
+    if getattr(self, '_rngs_is_carry_stream', False):
+      return True
     return getattr(self, 'carry_init', None) is not None and getattr(self, 'rngs', None) is None
 
   def set_view(self, deterministic: bool | None = None):

@@ -237,7 +237,8 @@ class RNN(nnx.Module):
     carry_rngs = _call_carry_rngs(
       rngs, self.rngs,
       (initial_carry is None or reset_from_default) and _scan.needs_carry_rngs(cell))
-    initial_carry = _scan.initial_carry('RNN', cell, initial_carry, step_shape, carry_rngs)
+    initial_carry = _scan.initial_carry('RNN', cell, initial_carry, step_shape, carry_rngs,
+                                        seq.xs.dtype)
     reset_carry = None
     if reset_from_default:
       reset_carry = (_broadcast_carry(cell, self.initial_carry, step_shape)
@@ -366,10 +367,8 @@ class Bidirectional(nnx.Module):
   def _carries_only(self) -> bool:
     """Whether the call's RNG serves only the directions' default carries (as
     in flax.nnx): both are ``RNN`` layers whose cells draw no dropout from it."""
-    return all(isinstance(layer, RNN) and not any(
-      getattr(layer.cell, rate, 0.0) for rate in
-      ('dropout_rate', 'recurrent_dropout_rate', 'zoneout_rate'))
-      for layer in (self.forward_rnn, self.backward_rnn))
+    return all(isinstance(layer, RNN) and not _scan.draws_call_rngs(layer.cell)
+               for layer in (self.forward_rnn, self.backward_rnn))
 
   def __call__(
     self,
@@ -403,8 +402,9 @@ class Bidirectional(nnx.Module):
     return_carry = _first(return_carry, self.return_carry)
     time_major = _first(time_major, self.time_major)
     carry_f, carry_b = _checks.carry_pair('Bidirectional', initial_carry)
-    common = dict(seq_lengths=seq_lengths, segment_ids=segment_ids, return_carry=True,
-                  time_major=time_major)
+    common = dict(seq_lengths=seq_lengths, return_carry=True, time_major=time_major)
+    if segment_ids is not None:  # a layer with flax.nnx's call (RNNBase) takes none
+      common['segment_ids'] = segment_ids
     rngs = rngs if rngs is not None else self.rngs
     if has_carry_stream(rngs) and self._carries_only():
       rngs = rngs.carry  # as flax.nnx: both directions draw their carries from it, unforked

@@ -19,6 +19,7 @@ chunk's carry passed on continues it).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, NamedTuple
 
 import jax
@@ -341,13 +342,36 @@ def needs_carry_rngs(cell) -> bool:
   return True
 
 
+def takes_step_options(cell) -> bool:
+  """Whether the cell steps through :class:`RNNCellBase`'s ``__call__`` (or an
+  override that takes ``**options`` on): only such a cell gets this package's
+  per-call options (``dropout_masks``, a step's zoneout key). Another cell's
+  ``dropout_rate`` or ``zoneout_rate`` attribute is its own business, as in
+  flax.nnx, whose ``RNN`` calls every cell as ``cell(carry, x)``."""
+  from nnx_recurrent._base import RNNCellBase, overrides
+
+  if not isinstance(cell, RNNCellBase):
+    return False
+  if not overrides(cell, '__call__'):
+    return True
+  parameters = inspect.signature(type(cell).__call__).parameters.values()
+  return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def draws_call_rngs(cell) -> bool:
+  """Whether a call's RNG feeds the cell's dropout or zoneout."""
+  return takes_step_options(cell) and any(
+    getattr(cell, rate, 0.0) for rate in ('dropout_rate', 'recurrent_dropout_rate',
+                                          'zoneout_rate'))
+
+
 def cell_step_rngs(cell, rngs: Any, time: int) -> Array | None:
   """Per-step keys for a cell's zoneout when the call overrides its RNG
   (``rngs`` given), else ``None`` (the cell draws from its own stream)."""
   from nnx_recurrent._base import _key_from
 
-  if rngs is None or not getattr(cell, 'zoneout_rate', 0.0) or getattr(cell, 'deterministic',
-                                                                       True):
+  if (rngs is None or not takes_step_options(cell) or not getattr(cell, 'zoneout_rate', 0.0)
+      or getattr(cell, 'deterministic', True)):
     return None
   # fold_in: keys apart from the ones the dropout masks draw from the same source.
   return jax.random.split(jax.random.fold_in(_key_from(type(cell).__name__, rngs, 'dropout'), 1),
@@ -356,12 +380,12 @@ def cell_step_rngs(cell, rngs: Any, time: int) -> Array | None:
 
 def cell_dropout_masks(cell, step_shape: tuple[int, ...], rngs, dtype) -> Any:
   """The cell's variational dropout masks for one batch, or ``None``."""
-  masks = getattr(cell, '_dropout_masks', None)
+  masks = getattr(cell, '_dropout_masks', None) if takes_step_options(cell) else None
   return None if masks is None else masks(step_shape, rngs, dtype)
 
 
 def initial_carry(where: str, cell, initial_carry: Any, step_shape: tuple[int, ...],
-                  rngs: Any = None) -> Any:
+                  rngs: Any = None, inputs_dtype: Any = jnp.float32) -> Any:
   """``initial_carry`` checked against the cell's own carry, or that default.
 
   The check compares structure and leaf shapes with the carry the cell's
@@ -369,20 +393,47 @@ def initial_carry(where: str, cell, initial_carry: Any, step_shape: tuple[int, .
   effects; another cell's (flax.nnx's, yours) is traced with ``jax.eval_shape``
   and a fresh ``nnx.Rngs``, so nothing runs and none of its streams advance.
   A cell without ``initialize_carry``, or whose ``initialize_carry`` cannot be
-  traced so, is not checked.
+  traced so, is not checked. flax.nnx never calls ``initialize_carry`` when a
+  carry is given, so a carry that a user's cell takes but its
+  ``initialize_carry`` does not describe (more batch axes than it builds, an
+  integer counter) passes when one step of the cell, traced, keeps it.
   """
   if initial_carry is None:
     if not hasattr(cell, 'initialize_carry'):
       _checks.fail(where, 'initial_carry', f'a carry, since the cell {type(cell).__name__} has '
                    'no initialize_carry to build one', 'None')
     return default_carry(cell, step_shape, rngs)
-  ours = uses_base_initialize_carry(cell)
-  expected = carry_shapes(cell, step_shape) if ours else foreign_carry_shapes(cell, step_shape)
-  if ours and isinstance(initial_carry, list) and isinstance(expected, tuple):
+  from nnx_recurrent._base import is_package_cell
+
+  package = is_package_cell(cell)
+  expected = carry_shapes(cell, step_shape) if package else foreign_carry_shapes(cell, step_shape)
+  if uses_base_initialize_carry(cell) and isinstance(initial_carry, list) \
+      and isinstance(expected, tuple):
     initial_carry = tuple(initial_carry)  # a list is a tuple, as the cell reads it
   if expected is not None:
-    _checks.check_tree_matches(where, 'initial_carry', initial_carry, expected)
+    try:
+      _checks.check_tree_matches(where, 'initial_carry', initial_carry, expected)
+    except (ValueError, TypeError):
+      if package or not step_keeps_carry(cell, initial_carry, step_shape, inputs_dtype):
+        raise
   return initial_carry
+
+
+def step_keeps_carry(cell, carry: Any, step_shape: tuple[int, ...], inputs_dtype: Any) -> bool:
+  """Whether one step of ``cell``, traced on a copy (``nnx.eval_shape``: no
+  parameter or stream changes), takes ``carry`` and returns a carry of its
+  structure and leaf shapes, as the scan needs."""
+  def one_step(cell, carry):
+    return _call_cell(cell, carry, jnp.zeros(step_shape, inputs_dtype), None)[0]
+
+  try:
+    new = nnx.eval_shape(one_step, cell, carry)
+  except Exception:  # noqa: BLE001 -- only a yes or no: the check's own error says what is wrong
+    return False
+  leaves, treedef = jax.tree_util.tree_flatten(carry)
+  new_leaves, new_treedef = jax.tree_util.tree_flatten(new)
+  return treedef == new_treedef and all(
+    jnp.shape(a) == jnp.shape(b) for a, b in zip(leaves, new_leaves))
 
 
 def foreign_carry_shapes(cell, step_shape: tuple[int, ...]) -> Any:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nnx_recurrent import _checks, _scan
-from nnx_recurrent._base import Array, Carry, RngsLike, RNNCellBase
+from nnx_recurrent._base import Array, Carry, RngsLike, RNNCellBase, is_package_cell
 from nnx_recurrent._rnn import RNN, Bidirectional, _concatenate, _first
 
 
@@ -45,7 +45,7 @@ def _out_features(layer) -> int | None:
     if not isinstance(cell, RNNCellBase) or not all(
         isinstance(getattr(cell, size, None), int) for size in ('in_features', 'hidden_features')):
       return None
-    if type(cell).__module__.split('.')[0] != 'nnx_recurrent':
+    if not is_package_cell(cell):
       return _traced_out_features(cell)  # the user's own step may read out another width
     if cell.num_feature_axes > 1:  # convolutional: channels of the state
       return cell.hidden_features

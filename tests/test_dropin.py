@@ -558,6 +558,131 @@ def test_a_cell_without_initialize_carry_runs_with_an_initial_carry():
     ours(x)
 
 
+class _SelfRatedCell(nnx.Module):
+  """A cell in flax's style whose own attributes bear this package's option
+  names: ``dropout_rate`` (its ``nnx.Dropout``), ``zoneout_rate`` and
+  ``deterministic`` (its own zoneout, from its own stream); a random carry."""
+
+  def __init__(self, rngs, rate=0.3):
+    self.gru = nnx.GRUCell(IN, H, rngs=rngs)
+    self.dropout_rate = self.zoneout_rate = rate
+    self.deterministic = False
+    self.drop = nnx.Dropout(rate, rngs=rngs)
+    self.noise = nnx.Rngs(zone=7)
+
+  @property
+  def num_feature_axes(self):
+    return 1
+
+  def initialize_carry(self, input_shape, rngs):
+    return jax.random.normal(rngs(), input_shape[:-1] + (H,))
+
+  def __call__(self, h, x):
+    new, y = self.gru(h, x)
+    keep = jax.random.bernoulli(self.noise.zone(), self.zoneout_rate, new.shape)
+    return jnp.where(keep, h, new), self.drop(y)
+
+
+def test_a_cells_own_rate_attributes_are_its_own_business():
+  """``RNN`` passed such a cell this package's options (``rngs=`` per step:
+  a TypeError) and ``Bidirectional`` kept no carry stream for it (other
+  carries than flax.nnx's): only this package's cells take them."""
+  x = _x()
+
+  def build(lib, layer):
+    rnns = [lib.RNN(_SelfRatedCell(nnx.Rngs(s))) for s in (0, 1)]
+    return rnns[0] if layer == 'RNN' else lib.Bidirectional(*rnns)
+
+  for layer in ('RNN', 'Bidirectional'):
+    ours, theirs = build(nr, layer), build(nnx, layer)
+    _close(ours(x), theirs(x), atol=1e-5)  # the stored streams
+    _close(ours(x, rngs=nnx.Rngs(3)), theirs(x, rngs=nnx.Rngs(3)), atol=1e-5)
+    _close(nnx.state(ours, nnx.RngState), nnx.state(theirs, nnx.RngState), atol=0)
+
+
+class _CountingCell(_NoInitCell):
+  """flax's style, with an integer step counter in the carry and an
+  ``initialize_carry`` written for one batch axis and a float carry."""
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return jnp.zeros((input_shape[0], H)), jnp.zeros((input_shape[0],))
+
+  def __call__(self, carry, x):
+    h, steps = carry
+    new, y = super().__call__(h, x)
+    return (new, steps + 1), y
+
+
+def test_an_initial_carry_its_cells_initialize_carry_does_not_describe():
+  """flax.nnx never calls ``initialize_carry`` when the carry is given: a carry
+  the cell's step keeps passes the check (two batch axes, an int32 counter);
+  one it does not keep is refused with the check's message."""
+  for x in (_x(), _x((2, B, T, IN))):
+    batch = x.shape[:-2]
+    carry = (jnp.ones(batch + (H,)), jnp.zeros(batch, jnp.int32))
+    ours, theirs = nr.RNN(_CountingCell(nnx.Rngs(0))), nnx.RNN(_CountingCell(nnx.Rngs(0)))
+    out_o = ours(x, initial_carry=carry, seq_lengths=jnp.full(batch, T), return_carry=True)
+    _close(out_o, theirs(x, initial_carry=carry, return_carry=True))
+    assert out_o[0][1].dtype == jnp.int32
+  with pytest.raises(ValueError, match=m('RNN: `initial_carry` expected leaf shapes',
+                                         f'got [({B}, {H + 1}), ({B},)]')):
+    ours(_x(), initial_carry=(jnp.ones((B, H + 1)), jnp.zeros((B,), jnp.int32)))
+
+
+class _NoInitSubclass(nr.RNNCellBase):
+  """A subclass of this package's base in flax's style, without
+  ``initialize_carry``: the caller always passes the carry."""
+
+  def __init__(self, rngs):
+    super().__init__()
+    self.linear = nnx.Linear(IN + H, H, rngs=rngs)
+
+  @property
+  def num_feature_axes(self):
+    return 1
+
+  def __call__(self, h, x):
+    h = jnp.tanh(self.linear(jnp.concatenate([x, h], -1)))
+    return h, h
+
+
+def test_a_base_subclass_without_sizes_runs_with_an_initial_carry():
+  """Its carry was checked against the base's ``initialize_carry``, which
+  needs sizes it does not have ("the cell has no hidden_features")."""
+  x, h0 = _x(), jnp.ones((B, H))
+  theirs = nnx.RNN(_NoInitSubclass(nnx.Rngs(0)))  # flax.nnx's RNN over the same cell
+  _close(nr.RNN(_NoInitSubclass(nnx.Rngs(0)))(x, initial_carry=h0),
+         theirs(x, initial_carry=h0))
+
+
+@pytest.mark.parametrize('carry_init', [None, jax.nn.initializers.normal(1.0)])
+def test_keep_rngs_cells_draw_their_carry_from_the_layers_stream_as_flax(carry_init):
+  """flax.nnx's ``RNN`` and ``Bidirectional`` pass their own stream to
+  ``initialize_carry``, so a ``keep_rngs`` cell's stream is never drawn."""
+  x = _x()
+
+  def build(lib, layer):
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')
+      rnns = [lib.RNN(lib.LSTMCell(IN, H, keep_rngs=True, carry_init=carry_init,
+                                   rngs=nnx.Rngs(s))) for s in (0, 1)]
+    return rnns[0] if layer == 'RNN' else lib.Bidirectional(*rnns)
+
+  for layer in ('RNN', 'Bidirectional'):
+    ours, theirs = build(nr, layer), build(nnx, layer)
+    for _ in range(2):
+      _close(ours(x, return_carry=True), theirs(x, return_carry=True), atol=1e-5)
+    _close(nnx.state(ours, nnx.RngState), nnx.state(theirs, nnx.RngState), atol=0)
+
+
+def test_bidirectional_over_flax_nnx_layers():
+  """flax.nnx's ``RNN`` (``RNNBase``'s call, without ``segment_ids``) in both directions."""
+  x = _x()
+  rnns = [nnx.RNN(nnx.GRUCell(IN, H, rngs=nnx.Rngs(s))) for s in (0, 1)]
+  _close(nr.Bidirectional(*rnns)(x, seq_lengths=LENGTHS),
+         nnx.Bidirectional(*rnns)(x, seq_lengths=LENGTHS), atol=1e-5)
+
+
 def test_bidirectional_random_carries_as_flax():
   """flax.nnx's Bidirectional feeds both directions' carries from one stream."""
   normal = jax.nn.initializers.normal(1.0)

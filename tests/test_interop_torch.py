@@ -297,6 +297,19 @@ def test_to_torch_warns_that_variational_dropout_is_left_out():
     nr.interop.to_torch(_cell('LSTMCell', IN, nnx.Rngs(0), dropout_rate=0.3))
 
 
+@pytest.mark.parametrize('kind,num_layers,bidirectional', [
+  ('RNN_tanh', 1, False), ('RNN_relu', 1, True), ('RNN_tanh', 2, False), ('LSTM', 1, False),
+  ('GRU', 2, True)])
+def test_a_round_trip_keeps_the_mode(kind, num_layers, bidirectional):
+  """Without between-layer dropout the mode lives in the cells: it came back
+  in training mode for torch.nn.RNN and its stacks (they were)."""
+  for train in (False, True):
+    module = _torch_layer(kind, num_layers, bidirectional, True).train(train)
+    assert nr.interop.to_torch(nr.interop.from_torch(module)).training is train
+  cell = torch.nn.GRUCell(IN, H).eval()
+  assert not nr.interop.to_torch(nr.interop.from_torch(cell)).training
+
+
 def test_to_torch_keeps_eval_mode():
   model = nr.interop.from_torch(_torch_layer('GRU', 2, False, True, dropout=0.5))
   assert nr.interop.to_torch(model).training

@@ -442,8 +442,8 @@ def to_torch(module: nnx.Module, *, bias: bool = True):
   cell family become ``torch.nn.LSTM`` / ``GRU`` / ``RNN`` with
   ``batch_first = not time_major`` and ``dropout`` = the stack's
   ``dropout_rate``. The torch module is in training mode, as PyTorch creates
-  it, unless ``module`` is in eval mode (its between-layer dropout turned off
-  by ``.eval()``).
+  it, unless ``module`` is in eval mode (``.eval()``, or ``from_torch`` of an
+  eval-mode module), so a round trip keeps the mode.
 
   ``bias=False`` builds PyTorch's ``bias=False`` module, for a model imported
   from one (whose biases, zero, stayed zero): the round trip then gives back
@@ -498,6 +498,8 @@ def to_torch(module: nnx.Module, *, bias: bool = True):
       module.in_features, module.hidden_features, bias=bias, **cell_kw,
       dtype=_torch_dtype(torch, dtype))
     _copy_into(torch, result, weights, '')
+    if _in_eval_mode(module, [module]):
+      result.eval()
     return result
 
   cells, time_major, dropout = _layer_cells(module)
@@ -542,10 +544,20 @@ def to_torch(module: nnx.Module, *, bias: bool = True):
       _copy_into(torch, result, family.to_torch(p), suffix)
       if proj:
         _copy_param(torch, getattr(result, f'weight_hr{suffix}'), _proj_to_torch(p))
-  drop = getattr(module, 'dropout', None)  # nr.LSTM / GRU / StackedRNN's nnx.Dropout
-  if isinstance(drop, nnx.Dropout) and drop.deterministic:
+  if _in_eval_mode(module, [c for row in cells for c in row]):
     result.eval()
   return result
+
+
+def _in_eval_mode(module: nnx.Module, cells: list) -> bool:
+  """Whether ``module`` is in eval mode: its between-layer dropout (``nr.LSTM``
+  / ``GRU`` / ``StackedRNN``'s ``nnx.Dropout``) is off, or, without one, its
+  cells' dropout is (``.eval()`` turns off both, ``from_torch`` of an
+  eval-mode module gives them)."""
+  drop = getattr(module, 'dropout', None)
+  if isinstance(drop, nnx.Dropout):
+    return bool(drop.deterministic)
+  return all(getattr(cell, 'deterministic', False) for cell in cells)
 
 
 def _jax_dtype(dtype):

@@ -75,8 +75,12 @@ def check_bool(where: str, arg: str, value: Any) -> bool:
   """
   is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
   if not (isinstance(value, (bool, np.bool_)) or (is_int and value in (0, 1))):
-    fail(where, arg, 'a bool', repr(value) if isinstance(value, (str, int, float)) or
-         value is None else type(value).__name__, TypeError)
+    got = (repr(value) if isinstance(value, (str, int, float)) or value is None
+           else type(value).__name__)
+    if isinstance(value, jax.core.Tracer):  # a flag passed through a transform as an array
+      got += (' (a traced value: a transform such as jax.jit or nn.remat took the flag as '
+              'an array argument; mark it static, e.g. static_argnums)')
+    fail(where, arg, 'a bool', got, TypeError)
   return bool(value)
 
 

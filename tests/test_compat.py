@@ -591,6 +591,45 @@ def test_compat_cells_under_linen_transforms_match_linen():
   _assert_close(out_o, out_t, atol=1e-6)
 
 
+def test_rnn_initial_carries_that_broadcast_match_linen():
+  """``RNN`` checked a given carry against the inputs' batch exactly, and
+  refused what flax.linen runs: an ``nn.vmap``'d ensemble of cells (a carry per
+  member over shared inputs), beams over shared inputs, one input row shared
+  by every carry row."""
+  x, x1 = (jax.random.normal(jax.random.key(0), (b, T, IN)) for b in (B, 1))
+
+  def ensemble(ns):
+    cells = ns.vmap(ns.LSTMCell, variable_axes={'params': 0}, split_rngs={'params': True},
+                    in_axes=(0, None), out_axes=0, axis_size=3)
+    return ns.RNN(cells(H))
+
+  def beams(n):
+    return tuple(jax.random.normal(jax.random.key(k), (n, B, H)) for k in (1, 2))
+
+  cases = [(ensemble, x, beams(3)), (lambda ns: ns.RNN(ns.LSTMCell(H)), x, beams(2)),
+           (lambda ns: ns.RNN(ns.GRUCell(H)), x1, jax.random.normal(jax.random.key(3), (B, H)))]
+  for build, inputs, carry in cases:
+    theirs, ours = build(nn), build(compat)
+    with jax.numpy_rank_promotion('allow'):  # beams: (B, 4H) + (beams, B, 4H) in both
+      v = theirs.init(jax.random.key(4), inputs, initial_carry=carry)
+      _assert_same_tree(ours.init(jax.random.key(4), inputs, initial_carry=carry), v)
+      _assert_close(ours.apply(v, inputs, initial_carry=carry, return_carry=True),
+                    theirs.apply(v, inputs, initial_carry=carry, return_carry=True), atol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['GRUCell', 'SimpleCell', 'MGUCell'])
+def test_a_one_array_carry_takes_a_seed_as_linen(name):
+  """flax.linen hands a one-array carry's ``carry_init`` the rng as given, so
+  a seed suits the default zeros there (the LSTM cells split it, and refuse
+  one: ``tests/test_errors.py``)."""
+  x = jax.random.normal(jax.random.key(0), (B, T, IN))
+  _assert_same_tree(getattr(compat, name)(H).initialize_carry(0, (B, IN)),
+                    getattr(nn, name)(H).initialize_carry(0, (B, IN)))
+  theirs, ours = nn.RNN(getattr(nn, name)(H)), compat.RNN(getattr(compat, name)(H))
+  v = theirs.init(jax.random.key(1), x, init_key=0)
+  _assert_close(ours.apply(v, x, init_key=0), theirs.apply(v, x, init_key=0))
+
+
 def _scanned_rnn(ns):
   # The RL pattern (purejaxrl, JaxMARL, Stoix's ScannedRNN): nn.scan over a
   # compact step that builds the cell, resetting the carry where an episode ends.

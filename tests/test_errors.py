@@ -2,6 +2,7 @@
 
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -772,3 +773,21 @@ def test_compat_to_nnx_checkpoint_group_that_is_no_mapping():
     compat.to_nnx(cell, {'params': {**params, 'ii': {'kernel': 3}}})
   with pytest.raises(ValueError, match=where + '.*' + m("got the groups ['hf', 'hg'")):
     compat.to_nnx(cell, {'params': {k: v for k, v in params.items() if k != 'ii'}})
+
+
+
+def test_a_flag_traced_by_a_transform_says_to_mark_it_static():
+  """``jax.jit`` or ``nn.remat`` turn a call's flag into a tracer: say so."""
+  rnn = nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0)))
+  with pytest.raises(TypeError, match=m('RNN: `return_carry` expected a bool, got '
+                                        'DynamicJaxprTracer (a traced value', 'static_argnums')):
+    jax.jit(lambda flag: rnn(jnp.ones((2, 5, 3)), return_carry=flag))(True)
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.remat(compat.RNN)(compat.GRUCell(4))(x, return_carry=True)
+
+  with pytest.raises(TypeError, match=m('RNN: `return_carry` expected a bool', 'a traced value',
+                                        'static_argnums')):
+    Model().init(jax.random.key(0), jnp.ones((2, 5, 3)))

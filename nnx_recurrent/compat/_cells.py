@@ -75,8 +75,8 @@ class RNNCellBase(nn.RNNCellBase):
 
 def _check_rng(where: str, rng: Any) -> None:
   """``rng`` a PRNG key (typed, or raw ``uint32`` data) or ``None``: flax.linen
-  splits it whatever the ``carry_init``, and jax's own error says only
-  'invalid PRNG key data'."""
+  splits it for a two-array carry whatever the ``carry_init``, and jax's own
+  error says only 'invalid PRNG key data'."""
   if rng is None:
     return
   dtype = getattr(rng, 'dtype', None)
@@ -90,6 +90,10 @@ def _check_rng(where: str, rng: Any) -> None:
   else:
     got = repr(rng) if isinstance(rng, (str, float, bool)) else type(rng).__name__
   _checks.fail(where, 'rng', 'a PRNG key (jax.random.key(seed)) or None', got, TypeError)
+
+
+def _is_seed(rng: Any) -> bool:
+  return isinstance(rng, (int, np.integer)) and not isinstance(rng, bool)
 
 
 def _hidden(carry):
@@ -209,7 +213,9 @@ class _Cell(RNNCellBase):
 
     Args:
       rng: PRNG key passed to ``carry_init`` (split in two for ``(c, h)``);
-        ``None`` with a ``carry_init`` that takes none, such as the default zeros.
+        ``None`` (or, for a one-array carry, a seed, which flax.linen passes
+        on as given) with a ``carry_init`` that takes none, such as the
+        default zeros.
       input_shape: ``(*batch, *features)`` of one step's input.
 
     Returns:
@@ -227,14 +233,15 @@ class _Cell(RNNCellBase):
     if len(input_shape) < self.num_feature_axes:
       _checks.fail(f'{layout.name}.initialize_carry', 'input_shape',
                    f'at least {self.num_feature_axes} feature axes', f'{input_shape}')
-    _check_rng(f'{layout.name}.initialize_carry', rng)
     cell = _convert.build_nnx(layout, self, input_shape[-1])
-    if rng is None:
-      # flax.linen hands carry_init the key as given: None suits zeros, the
-      # default (a random carry_init fails in it, as in flax.linen).
+    # flax.linen splits the key for (c, h); a one-array carry gets it as given,
+    # so there a seed or None suits the default zeros (and fails in a random
+    # carry_init, as in flax.linen).
+    if rng is None or (cell.num_carry_arrays == 1 and _is_seed(rng)):
       given = self.carry_init
       return cell.initialize_carry(input_shape, rngs=jax.random.key(0),
-                                   carry_init=lambda _, shape, dtype: given(None, shape, dtype))
+                                   carry_init=lambda _, shape, dtype: given(rng, shape, dtype))
+    _check_rng(f'{layout.name}.initialize_carry', rng)
     rng = rng if isinstance(rng, jax.Array) else jnp.asarray(rng)
     return cell.initialize_carry(input_shape, rngs=rng, carry_init=self.carry_init)
 

@@ -177,7 +177,10 @@ class RNN(nn.Module):
     elif isinstance(self.cell, _Cell):  # this package's cells give their carry for free
       sized = self.cell._sized_by(initial_carry)  # as flax.linen: of the carry's size
       expected = jax.eval_shape(lambda: sized.initialize_carry(jax.random.key(0), step_shape))
-      _checks.check_tree_matches('RNN', 'initial_carry', initial_carry, expected)
+      # Leaves that broadcast pass, as in flax.linen (a carry per beam or per
+      # nn.vmap'd cell over shared inputs); what cannot work fails in the scan.
+      _checks.check_tree_matches('RNN', 'initial_carry', initial_carry, expected,
+                                 broadcast=True)
     else:  # another cell: its carry's structure (flax.linen's take their size from the carry)
       expected = _carry_structure(self.cell, step_shape)
       if expected is not None:

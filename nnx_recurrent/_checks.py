@@ -391,10 +391,11 @@ def check_tree_structure(where: str, arg: str, given: Any, expected: Any) -> Non
 
 
 def check_tree_matches(where: str, arg: str, given: Any, expected: Any,
-                       broadcast: bool = False):
+                       broadcast: bool | str = False):
   """Checks that ``given`` has the structure and leaf shapes of ``expected``
-  (with ``broadcast``: shapes that broadcast to them), and floating leaves
-  where ``expected`` has them (an integer carry would be truncated)."""
+  (with ``broadcast``: shapes that broadcast with them; ``'given'``: shapes
+  they broadcast to, which a step keeps), and floating leaves where
+  ``expected`` has them (an integer carry would be truncated)."""
   for leaf in jax.tree_util.tree_leaves(given):
     check_not_foreign(where, arg, leaf)
   check_tree_structure(where, arg, given, expected)
@@ -405,8 +406,10 @@ def check_tree_matches(where: str, arg: str, given: Any, expected: Any,
     if not scalar and (not hasattr(g, 'shape')
                        or not _shape_fits(tuple(g.shape), tuple(e.shape), broadcast)):
       got = [tuple(getattr(leaf, 'shape', ())) for leaf in g_leaves]
-      fail(where, arg, f'leaf shapes {"that broadcast with " if broadcast else ""}'
-           f'{[tuple(leaf.shape) for leaf in e_leaves]}', f'{got}')
+      shapes = [tuple(leaf.shape) for leaf in e_leaves]
+      wanted = (f'leaf shapes {shapes} (or shapes they broadcast to)' if broadcast == 'given'
+                else f'leaf shapes {"that broadcast with " if broadcast else ""}{shapes}')
+      fail(where, arg, wanted, f'{got}')
   for g, e in zip(g_leaves, e_leaves):
     if (hasattr(g, 'dtype') and jnp.issubdtype(e.dtype, jnp.inexact)
         and not jnp.issubdtype(g.dtype, jnp.inexact)):
@@ -414,9 +417,15 @@ def check_tree_matches(where: str, arg: str, given: Any, expected: Any,
            f'dtypes {[str(getattr(leaf, "dtype", "?")) for leaf in g_leaves]}', TypeError)
 
 
-def _shape_fits(given: tuple[int, ...], expected: tuple[int, ...], broadcast: bool) -> bool:
+def _shape_fits(given: tuple[int, ...], expected: tuple[int, ...],
+                broadcast: bool | str) -> bool:
   """Equal shapes, or with ``broadcast`` shapes that broadcast together either
-  way (a carry for 8 rows stepped on one shared input row computes)."""
+  way (a carry for 8 rows stepped on one shared input row computes); with
+  ``'given'``, ``given`` is what ``expected`` broadcasts to (a carry of beams
+  over shared inputs: more leading axes, or rows where ``expected`` has one)."""
   if not broadcast:
     return given == expected
+  if broadcast == 'given':
+    return len(given) >= len(expected) and all(
+      g == e or e == 1 for g, e in zip(given[::-1], expected[::-1]))
   return all(g == e or 1 in (g, e) for g, e in zip(given[::-1], expected[::-1]))

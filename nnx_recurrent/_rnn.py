@@ -238,7 +238,7 @@ class RNN(nnx.Module):
       rngs, self.rngs,
       (initial_carry is None or reset_from_default) and _scan.needs_carry_rngs(cell))
     initial_carry = _scan.initial_carry('RNN', cell, initial_carry, step_shape, carry_rngs,
-                                        seq.xs.dtype)
+                                        seq.xs.dtype, masked=seq.masks.valid is not None)
     reset_carry = None
     if reset_from_default:
       reset_carry = (_broadcast_carry(cell, self.initial_carry, step_shape)

@@ -385,7 +385,8 @@ def cell_dropout_masks(cell, step_shape: tuple[int, ...], rngs, dtype) -> Any:
 
 
 def initial_carry(where: str, cell, initial_carry: Any, step_shape: tuple[int, ...],
-                  rngs: Any = None, inputs_dtype: Any = jnp.float32) -> Any:
+                  rngs: Any = None, inputs_dtype: Any = jnp.float32,
+                  masked: bool = False) -> Any:
   """``initial_carry`` checked against the cell's own carry, or that default.
 
   The check compares structure and leaf shapes with the carry the cell's
@@ -396,7 +397,10 @@ def initial_carry(where: str, cell, initial_carry: Any, step_shape: tuple[int, .
   traced so, is not checked. flax.nnx never calls ``initialize_carry`` when a
   carry is given, so a carry that a user's cell takes but its
   ``initialize_carry`` does not describe (more batch axes than it builds, an
-  integer counter) passes when one step of the cell, traced, keeps it.
+  integer counter) passes when one step of the cell, traced, keeps it. A
+  carry the cell's broadcasts to (beams over shared inputs) passes too, as in
+  flax.nnx; with more leading axes it runs unmasked only (``masked``: padding
+  or packing, whose per-row masks would align with the wrong axes).
   """
   if initial_carry is None:
     if not hasattr(cell, 'initialize_carry'):
@@ -411,11 +415,19 @@ def initial_carry(where: str, cell, initial_carry: Any, step_shape: tuple[int, .
       and isinstance(expected, tuple):
     initial_carry = tuple(initial_carry)  # a list is a tuple, as the cell reads it
   if expected is not None:
-    try:
-      _checks.check_tree_matches(where, 'initial_carry', initial_carry, expected)
+    try:  # beams over shared inputs, as flax.nnx runs them: the carry's shape stays
+      _checks.check_tree_matches(where, 'initial_carry', initial_carry, expected,
+                                 broadcast='given')
     except (ValueError, TypeError):
       if package or not step_keeps_carry(cell, initial_carry, step_shape, inputs_dtype):
         raise
+      return initial_carry  # the step's carry, which initialize_carry does not describe
+    given, wanted = (jax.tree_util.tree_leaves(t) for t in (initial_carry, expected))
+    if masked and any(jnp.ndim(g) > len(e.shape) for g, e in zip(given, wanted)):
+      _checks.fail(where, 'initial_carry', f'leaf shapes {[e.shape for e in wanted]} with '
+                   'seq_lengths or segment_ids (a carry with more leading axes than the '
+                   'inputs, beams say, runs without them)',
+                   f'{[tuple(jnp.shape(g)) for g in given]}')
   return initial_carry
 
 
@@ -427,13 +439,14 @@ def step_keeps_carry(cell, carry: Any, step_shape: tuple[int, ...], inputs_dtype
     return _call_cell(cell, carry, jnp.zeros(step_shape, inputs_dtype), None)[0]
 
   try:
-    new = nnx.eval_shape(one_step, cell, carry)
+    new: Any = nnx.eval_shape(one_step, cell, carry)
   except Exception:  # noqa: BLE001 -- only a yes or no: the check's own error says what is wrong
     return False
-  leaves, treedef = jax.tree_util.tree_flatten(carry)
-  new_leaves, new_treedef = jax.tree_util.tree_flatten(new)
-  return treedef == new_treedef and all(
-    jnp.shape(a) == jnp.shape(b) for a, b in zip(leaves, new_leaves))
+  before: Any = jax.tree_util.tree_structure(carry)  # jax's PyTreeDef (untyped for mypy)
+  if before != jax.tree_util.tree_structure(new):
+    return False
+  return all(jnp.shape(a) == jnp.shape(b)
+             for a, b in zip(jax.tree_util.tree_leaves(carry), jax.tree_util.tree_leaves(new)))
 
 
 def foreign_carry_shapes(cell, step_shape: tuple[int, ...]) -> Any:

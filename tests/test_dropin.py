@@ -683,6 +683,36 @@ def test_bidirectional_over_flax_nnx_layers():
          nnx.Bidirectional(*rnns)(x, seq_lengths=LENGTHS), atol=1e-5)
 
 
+def test_carries_that_broadcast_over_shared_inputs_as_flax():
+  """flax.nnx runs a carry its cell's broadcasts to: beams (a leading axis)
+  over shared inputs, and carry rows over one shared input row (with its
+  length too). ``RNN`` compared shapes exactly and refused both."""
+  x, x1 = _x(), _x((1, T, IN), seed=1)
+  beams = tuple(_x((2, B, H), seed=k) for k in (2, 3))
+  rows = tuple(_x((B, H), seed=k) for k in (4, 5))
+
+  def pair(lib, seed=0):
+    return lib.RNN(lib.LSTMCell(IN, H, rngs=nnx.Rngs(seed)), return_carry=True)
+
+  with jax.numpy_rank_promotion('allow'):  # (B, 4H) + (beams, B, 4H), in both
+    _close(pair(nr)(x, initial_carry=beams), pair(nnx)(x, initial_carry=beams), atol=1e-5)
+    ours, theirs = (lib.Bidirectional(pair(lib), pair(lib, 1), return_carry=True)
+                    for lib in (nr, nnx))
+    _close(ours(x, initial_carry=(beams, beams)), theirs(x, initial_carry=(beams, beams)),
+           atol=1e-5)
+    with pytest.raises(ValueError, match=m(
+        f'RNN: `initial_carry` expected leaf shapes [({B}, {H}), ({B}, {H})] with seq_lengths '
+        'or segment_ids (a carry with more leading axes than the inputs, beams say, runs '
+        f'without them), got [(2, {B}, {H}), (2, {B}, {H})]')):
+      pair(nr)(x, initial_carry=beams, seq_lengths=LENGTHS)
+  lengths = jnp.array([3])
+  carry_o, y_o = pair(nr)(x1, initial_carry=rows, seq_lengths=lengths)
+  carry_t, y_t = pair(nnx)(x1, initial_carry=rows, seq_lengths=lengths)
+  _close((carry_o, y_o[:, :3]), (carry_t, y_t[:, :3]), atol=1e-5)
+  with pytest.raises(ValueError, match=m('expected leaf shapes', f'got [({B}, {H + 1})')):
+    pair(nr)(x1, initial_carry=tuple(_x((B, H + 1), seed=k) for k in (4, 5)))
+
+
 def test_bidirectional_random_carries_as_flax():
   """flax.nnx's Bidirectional feeds both directions' carries from one stream."""
   normal = jax.nn.initializers.normal(1.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -404,6 +405,11 @@ class Bidirectional(nnx.Module):
     carry_f, carry_b = _checks.carry_pair('Bidirectional', initial_carry)
     common = dict(seq_lengths=seq_lengths, return_carry=True, time_major=time_major)
     if segment_ids is not None:  # a layer with flax.nnx's call (RNNBase) takes none
+      for arg, layer in (('forward_rnn', self.forward_rnn), ('backward_rnn', self.backward_rnn)):
+        if not _takes_keyword(layer, 'segment_ids'):
+          _checks.fail('Bidirectional', 'segment_ids', f'None, since {arg} '
+                       f'({_checks.public_name(layer)}) takes no segment_ids (packed '
+                       "sequences need this package's layers)", 'ids', TypeError)
       common['segment_ids'] = segment_ids
     rngs = rngs if rngs is not None else self.rngs
     if has_carry_stream(rngs) and self._carries_only():
@@ -417,6 +423,11 @@ class Bidirectional(nnx.Module):
                                        keep_order=True, rngs=rngs_b, **common)
     outputs = jax.tree_util.tree_map(self.merge_fn, out_f, out_b)
     return ((carry_f, carry_b), outputs) if return_carry else outputs
+
+
+def _takes_keyword(layer, name: str) -> bool:
+  parameters = inspect.signature(layer.__call__).parameters.values()
+  return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def flip_sequences(inputs: Array, seq_lengths: Array | None, num_batch_dims: int,

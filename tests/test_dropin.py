@@ -681,6 +681,10 @@ def test_bidirectional_over_flax_nnx_layers():
   rnns = [nnx.RNN(nnx.GRUCell(IN, H, rngs=nnx.Rngs(s))) for s in (0, 1)]
   _close(nr.Bidirectional(*rnns)(x, seq_lengths=LENGTHS),
          nnx.Bidirectional(*rnns)(x, seq_lengths=LENGTHS), atol=1e-5)
+  with pytest.raises(TypeError, match=m('Bidirectional: `segment_ids` expected None, since '
+                                        'forward_rnn (flax.nnx.nn.recurrent.RNN) takes no '
+                                        'segment_ids', 'got ids.')):
+    nr.Bidirectional(*rnns)(x, segment_ids=jnp.ones((B, T), jnp.int32))
 
 
 def test_carries_that_broadcast_over_shared_inputs_as_flax():

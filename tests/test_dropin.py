@@ -629,21 +629,9 @@ def test_an_initial_carry_its_cells_initialize_carry_does_not_describe():
     ours(_x(), initial_carry=(jnp.ones((B, H + 1)), jnp.zeros((B,), jnp.int32)))
 
 
-class _NoInitSubclass(nr.RNNCellBase):
-  """A subclass of this package's base in flax's style, without
-  ``initialize_carry``: the caller always passes the carry."""
-
-  def __init__(self, rngs):
-    super().__init__()
-    self.linear = nnx.Linear(IN + H, H, rngs=rngs)
-
-  @property
-  def num_feature_axes(self):
-    return 1
-
-  def __call__(self, h, x):
-    h = jnp.tanh(self.linear(jnp.concatenate([x, h], -1)))
-    return h, h
+class _NoInitSubclass(_NoInitCell, nr.RNNCellBase):
+  """That cell on this package's base, in flax's style: no sizes, and no
+  ``initialize_carry`` of its own (the base's needs sizes)."""
 
 
 def test_a_base_subclass_without_sizes_runs_with_an_initial_carry():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -406,7 +405,7 @@ class Bidirectional(nnx.Module):
     common = dict(seq_lengths=seq_lengths, return_carry=True, time_major=time_major)
     if segment_ids is not None:  # a layer with flax.nnx's call (RNNBase) takes none
       for arg, layer in (('forward_rnn', self.forward_rnn), ('backward_rnn', self.backward_rnn)):
-        if not _takes_keyword(layer, 'segment_ids'):
+        if not _scan.takes_keyword(layer.__call__, 'segment_ids'):
           _checks.fail('Bidirectional', 'segment_ids', f'None, since {arg} '
                        f'({_checks.public_name(layer)}) takes no segment_ids (packed '
                        "sequences need this package's layers)", 'ids', TypeError)
@@ -423,11 +422,6 @@ class Bidirectional(nnx.Module):
                                        keep_order=True, rngs=rngs_b, **common)
     outputs = jax.tree_util.tree_map(self.merge_fn, out_f, out_b)
     return ((carry_f, carry_b), outputs) if return_carry else outputs
-
-
-def _takes_keyword(layer, name: str) -> bool:
-  parameters = inspect.signature(layer.__call__).parameters.values()
-  return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def flip_sequences(inputs: Array, seq_lengths: Array | None, num_batch_dims: int,

@@ -352,10 +352,13 @@ def takes_step_options(cell) -> bool:
 
   if not isinstance(cell, RNNCellBase):
     return False
-  if not overrides(cell, '__call__'):
-    return True
-  parameters = inspect.signature(type(cell).__call__).parameters.values()
-  return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+  return not overrides(cell, '__call__') or takes_keyword(type(cell).__call__)
+
+
+def takes_keyword(fn, name: str | None = None) -> bool:
+  """Whether ``fn`` takes the keyword ``name`` (``None``: any, by ``**kwargs``)."""
+  return any(p.kind is inspect.Parameter.VAR_KEYWORD or (name is not None and p.name == name)
+             for p in inspect.signature(fn).parameters.values())
 
 
 def draws_call_rngs(cell) -> bool:

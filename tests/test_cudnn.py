@@ -97,12 +97,13 @@ def test_time_major_several_batch_axes_and_dropout(fake_gpu):
 
 
 def test_auto_and_xla_use_the_scans(fake_gpu):
-  """cuDNN through JAX measured slower than the scans: only 'cudnn' picks it."""
+  """cuDNN through JAX measured slower than the scans: only 'cudnn' picks it
+  (the backend is picked while tracing: traced only, nothing compiles)."""
   x = ref.normal((B, T, I), seed=1)
-  make()(x)
-  make(implementation='xla')(x)
+  jax.eval_shape(make(), x)
+  jax.eval_shape(make(implementation='xla'), x)
   assert not fake_gpu
-  make(implementation='cudnn')(x)
+  jax.eval_shape(make(implementation='cudnn'), x)
   assert len(fake_gpu) == 1
 
 
@@ -115,7 +116,7 @@ def test_errors():
                                        r"'pallas' \(jax.experimental.rnn has a cuDNN LSTM only\), "
                                        r"got 'cudnn'"):
     nr.GRU(3, 4, implementation='cudnn', rngs=nnx.Rngs(0))
-  layer = nr.LSTM(3, 4, implementation='cudnn', rngs=nnx.Rngs(0))
+  layer = test_fused.build(lambda: nr.LSTM(3, 4, implementation='cudnn', rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match=r"LSTM: `implementation` expected 'auto', 'xla' or "
                                        r"'pallas' here \(cuDNN needs a CUDA GPU, and the default "
                                        r"backend is "
@@ -124,37 +125,38 @@ def test_errors():
 
 
 def test_implementation_set_after_construction_is_checked_at_the_call(fake_gpu):
-  gru = nr.GRU(3, 4, rngs=nnx.Rngs(0))
+  gru = test_fused.build(lambda: nr.GRU(3, 4, rngs=nnx.Rngs(0)))
   for value in ('cudnn', 'bogus'):
     gru.implementation = value  # the constructor refuses both; so does the call
     with pytest.raises(ValueError, match=r"GRU: `implementation` expected 'auto' or 'xla' or "
                                          rf"'pallas' \(jax.experimental.rnn has a cuDNN LSTM "
                                          rf"only\), got '{value}'"):
-      gru(jnp.ones((2, 5, 3)))
+      jax.eval_shape(gru, jnp.ones((2, 5, 3)))  # raised while tracing: nothing compiles
   assert not fake_gpu
 
 
 def test_unsupported_on_gpu_errors(fake_gpu):
-  layer = nr.LSTM(3, 4, implementation='cudnn', dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  """Raised while tracing: traced only, nothing compiles."""
+  layer = make(implementation='cudnn', dtype=jnp.bfloat16)
   with pytest.raises(ValueError, match=r'cuDNN runs float32 only, and the computation dtype is '
                                        r'bfloat16\), got .cudnn.'):
-    layer(jnp.ones((2, 5, 3)))
-  layer = nr.LSTM(3, 4, implementation='cudnn', rngs=nnx.Rngs(0))
+    jax.eval_shape(layer, jnp.ones((2, 5, 3)))
+  layer = make(implementation='cudnn')
   with jax.default_matmul_precision('bfloat16'):
     with pytest.raises(ValueError, match=r"cuDNN has no matmul precision 'bfloat16' "
                                          r'\(jax_default_matmul_precision\)\), got .cudnn.'):
-      layer(jnp.ones((2, 5, 3)))
+      jax.eval_shape(layer, jnp.ones((2, 5, 3)))
   assert not fake_gpu
 
 
 def test_vmap_error():
   """The real primitive under jax.vmap (its batching rule is looked up before
   anything runs, so this needs no GPU): a clear message, not JAX's."""
-  layer = nr.LSTM(3, 4, implementation='cudnn', rngs=nnx.Rngs(0))
+  layer = make(implementation='cudnn')
   message = (r"LSTM: `implementation` expected 'auto' or 'xla' under jax.vmap "
              r"\(jax.experimental.rnn's cuDNN primitives have no batching rule\), got 'cudnn'")
   with internal.fake_cuda(), pytest.raises(ValueError, match=message):
-    jax.vmap(layer)(jnp.ones((2, 5, 7, 3)))
+    jax.eval_shape(jax.vmap(layer), jnp.ones((2, 5, 7, 3)))  # traced only
 
 
 @pytest.mark.skipif(not ON_GPU, reason='needs a CUDA GPU')

@@ -55,15 +55,30 @@ def force_path():
     yield lambda path: stack.enter_context(use_path(path))
 
 
+def build(factory, seed=0):
+  """``factory()`` with ``ref.randomize(..., seed)``'s parameters (random biases too:
+  a dropped bias cannot pass), built abstractly (``nnx.eval_shape``): no
+  initializer runs, and each would compile once per parameter shape. Dropout
+  RNG streams get key ``seed`` and count 0 (the tests pass their own keys)."""
+  graphdef, params, rest = nnx.split(nnx.eval_shape(factory), nnx.Param, ...)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  params = jax.tree_util.tree_unflatten(
+    treedef, [ref.normal(leaf.shape, seed + k, 0.5, leaf.dtype) for k, leaf in enumerate(leaves)])
+  rest = jax.tree_util.tree_map(
+    lambda leaf: jax.random.key(seed) if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+    else jnp.asarray(np.zeros(leaf.shape, leaf.dtype)), rest)
+  return nnx.merge(graphdef, params, rest)
+
+
 def make(cls, num_layers=1, bidirectional=False, seed=0, **kw):
-  layer = cls(I, H, num_layers=num_layers, bidirectional=bidirectional, rngs=nnx.Rngs(seed),
-              **kw)
-  return ref.randomize(layer, seed=seed)  # random biases too: a dropped bias cannot pass
+  """A randomised ``cls(I, H, ...)`` (:func:`build`)."""
+  return build(lambda: cls(I, H, num_layers=num_layers, bidirectional=bidirectional,
+                           rngs=nnx.Rngs(seed), **kw), seed)
 
 
 def random_carry(layer, batch_shape=(B,), seed=1):
   """A non-zero initial carry in the layer's public structure."""
-  template = layer._default_carry(batch_shape)
+  template = jax.eval_shape(lambda: layer._default_carry(batch_shape))
   leaves, treedef = jax.tree_util.tree_flatten(template)
   return jax.tree_util.tree_unflatten(
     treedef, [ref.normal(leaf.shape, seed + k, 0.5) for k, leaf in enumerate(leaves)])
@@ -88,12 +103,15 @@ def generic(layer, x, *, seq_lengths=None, segment_ids=None, initial_carry=None,
 
 
 def call(layer, x, dropout_seed=None, run=None, **kw):
-  """``layer(x, **kw)`` (or ``run(layer, x)``) under ``jax.jit``: one compilation."""
-  graphdef, state = nnx.split(layer)
+  """``layer(x, **kw)`` (or ``run(layer, x)``) under ``jax.jit``: one compilation.
+  ``layer`` may be a tuple of modules (for ``run`` only)."""
+  graphdef, state = nnx.split(layer) if not isinstance(layer, tuple) else \
+    zip(*map(nnx.split, layer))
 
   @jax.jit
   def f(state, x):
-    module = nnx.merge(graphdef, state)
+    module = nnx.merge(graphdef, state) if not isinstance(layer, tuple) else \
+      tuple(map(nnx.merge, graphdef, state))
     if run is not None:
       return run(module, x)
     rngs = None if dropout_seed is None else nnx.Rngs(dropout=dropout_seed)
@@ -197,11 +215,11 @@ def check_plans_against_generic(layer, x, carry0, paths, padding=None, tol=1e-5,
     except AssertionError as e:
       raise AssertionError(f'path {path!r}: {e}') from None
   if padding is not None:
-    pad = jnp.asarray(padding)[..., None]
+    pad = np.asarray(padding)[..., None]
     for path, (_, (_, dx, _)) in {**results, 'generic': expected}.items():
       assert not np.asarray(dx)[np.asarray(padding)].any(), path
-    for fill in (np.nan, np.inf, -np.inf, 1e30):
-      garbage = run(jnp.where(pad, jnp.asarray(fill, x.dtype), x), carry0)
+    for fill in (np.nan, np.inf, -np.inf, 1e30):  # NumPy: nothing to compile
+      garbage = run(jnp.asarray(np.where(pad, np.asarray(fill, x.dtype), np.asarray(x))), carry0)
       for a, b in zip(jax.tree_util.tree_leaves((results, expected)),
                       jax.tree_util.tree_leaves(garbage)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), **BITWISE_ON_CPU,
@@ -210,24 +228,29 @@ def check_plans_against_generic(layer, x, carry0, paths, padding=None, tol=1e-5,
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
-# Every plan with lengths is also checked against the generic composition in
-# test_fused_padding (with garbage at padding), packed in test_fused_packing.
-@pytest.mark.parametrize('num_layers,bidirectional,lengths,path', [
-  (1, False, None, 'loop'), (2, True, LENGTHS, 'autodiff'),
-], ids=['1-uni-full', '2-bi-autodiff'])
-def test_matches_generic_values_and_grads(cls, num_layers, bidirectional, lengths, path,
-                                          force_path):
-  force_path(path)
+# Every plan with lengths: against the generic composition in test_fused_projection
+# (the LSTM projected), garbage at padding in test_fused_padding; packed in
+# test_fused_packing.
+@pytest.mark.parametrize('num_layers,bidirectional,time,lengths,paths', [
+  (1, False, T, None, ['loop']),
+  (2, True, 6, np.array([6, 3, 0], np.int32), ['autodiff', 'default']),
+], ids=['1-uni-full', '2-bi-lengths'])
+def test_matches_generic_values_and_grads(cls, num_layers, bidirectional, time, lengths, paths):
+  """Values and gradients against the generic composition, each path forced
+  (one compilation). Two bidirectional layers with lengths: JAX's
+  differentiation of the forward scan, and the default plan for tiny steps,
+  whose backward scans two steps at a time (an even length)."""
+  if 'default' in paths:
+    assert internal.plan_for(cls, B, 4 * H).backward_pairs and time % 2 == 0
   layer = make(cls, num_layers, bidirectional)
-  x = ref.normal((B, T, I), seed=7)
+  x = ref.normal((B, time, I), seed=7)
   carry0 = random_carry(layer)
-  out = check_against_generic(layer, x, carry0, lengths)
+  results = check_plans_against_generic(layer, x, carry0, paths, seq_lengths=lengths)
   if lengths is not None:  # padding is zero and a length-0 row keeps its initial carry
-    assert not np.asarray(out[1][1, 2:]).any() and not np.asarray(out[1][2]).any()
-    first = out[0] if num_layers == 1 else out[0][0]
-    first0 = carry0 if num_layers == 1 else carry0[0]
-    assert_trees_close(jax.tree_util.tree_map(lambda a: a[2], first),
-                       jax.tree_util.tree_map(lambda a: a[2], first0), atol=0, rtol=0)
+    for path, (out, _) in results.items():
+      assert not np.asarray(out[1][1, 3:]).any() and not np.asarray(out[1][2]).any(), path
+      assert_trees_close(jax.tree_util.tree_map(lambda a: a[2], out[0][0]),
+                         jax.tree_util.tree_map(lambda a: a[2], carry0[0]), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
@@ -252,18 +275,10 @@ def test_prefetch_scan_in_pairs_is_lax_scan(length, reverse):
     return c, (c.sum(-1), c * 2.0)
 
   c0 = ref.normal((2, 3), seed=21)
-  want = jax.lax.scan(step, c0, xs, reverse=reverse)
-  got = _xla.prefetch_scan(step, c0, xs, length=length, reverse=reverse, unroll=1, pairs=True)
+  got, want = jax.jit(lambda c0, xs: (  # one compilation
+    _xla.prefetch_scan(step, c0, xs, length=length, reverse=reverse, unroll=1, pairs=True),
+    jax.lax.scan(step, c0, xs, reverse=reverse)))(c0, xs)
   assert_trees_close(got, want, atol=1e-6, rtol=1e-6)
-
-
-@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
-def test_tiny_steps_even_length_backward_in_pairs(cls):
-  """The default plan for tiny steps scans the backward two steps at a time."""
-  assert internal.plan_for(cls, B, 4 * H).backward_pairs
-  layer = make(cls, 2, True, seed=17)
-  x = ref.normal((B, 6, I), seed=18)
-  check_against_generic(layer, x, random_carry(layer, seed=19), jnp.array([6, 3, 0]))
 
 
 def test_plan_differentiates_large_gru_batches_with_jax_on_the_cpu(monkeypatch):
@@ -324,7 +339,7 @@ def test_bidirectional_of_two_fused_layers_is_the_bidirectional_layer(cls):
   """``nr.Bidirectional(nr.LSTM(...), nr.LSTM(...))`` with the cells of
   ``nr.LSTM(..., bidirectional=True)``: the same values and gradients."""
   both = make(cls, 1, True, seed=24)
-  fwd, bwd = cls(I, H, rngs=nnx.Rngs(0)), cls(I, H, rngs=nnx.Rngs(1))
+  fwd, bwd = make(cls, seed=0), make(cls, seed=1)
   nnx.update(fwd.forward[0], nnx.state(both.forward[0]))
   nnx.update(bwd.forward[0], nnx.state(both.backward[0]))
   pair = nr.Bidirectional(fwd, bwd)
@@ -342,18 +357,30 @@ def test_bidirectional_of_two_fused_layers_is_the_bidirectional_layer(cls):
       np.testing.assert_allclose(np.asarray(ga), np.asarray(gb), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('cls,path', [
-  (nr.LSTM, 'default'), (nr.GRU, 'default'), (nr.LSTM, 'loop'), (nr.GRU, 'hoisted'),
-  (nr.LSTM, 'hoisted'), (nr.LSTM, 'unrolled'), (nr.LSTM, 'joint'),
-])
-def test_forward_without_gradient_matches_generic(cls, path, force_path):
-  """The primal forward (no gradient taken) has its own strategy; check each."""
-  force_path(path)
+@pytest.mark.parametrize('cls,paths', [
+  (nr.LSTM, ['default', 'loop', 'hoisted', 'unrolled', 'joint']), (nr.GRU, ['default', 'hoisted']),
+], ids=['LSTM', 'GRU'])
+def test_forward_without_gradient_matches_generic(cls, paths):
+  """The primal forward (no gradient taken) has its own strategy; check each
+  (all forced in one compilation, with the generic composition)."""
   layer = make(cls, 1, True)
   x = ref.normal((B, T, I), seed=8)
   carry0 = random_carry(layer, seed=9)
-  out = call(layer, x, initial_carry=carry0, seq_lengths=LENGTHS, return_carry=True)
-  assert_trees_close(out, generic(layer, x, seq_lengths=LENGTHS, initial_carry=carry0))
+  kw = dict(initial_carry=carry0, seq_lengths=LENGTHS)
+
+  def every_path(m, x):
+    outs = {}
+    for path in paths:
+      with use_path(path):  # read while tracing
+        outs[path] = m(x, return_carry=True, **kw)
+    return outs, generic(m, x, **kw)
+
+  outs, expected = call(layer, x, run=every_path)
+  for path, out in outs.items():
+    try:
+      assert_trees_close(out, expected)
+    except AssertionError as e:
+      raise AssertionError(f'path {path!r}: {e}') from None
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
@@ -362,7 +389,7 @@ def test_matches_numpy_reference(cls):
   layer = make(cls, 2, True, seed=4)
   x = ref.normal((B, T, I), seed=5)
   carry0 = random_carry(layer, seed=6)
-  carry, y = layer(x, seq_lengths=LENGTHS, initial_carry=carry0, return_carry=True)
+  carry, y = call(layer, x, seq_lengths=LENGTHS, initial_carry=carry0, return_carry=True)
   xs, expected_carry = np.asarray(x, np.float64), []
   for k in range(2):
     c_f, y_f = ref.rnn(ref.cell_params(layer.forward[k]), xs, LENGTHS, carry0[k][0],
@@ -375,24 +402,41 @@ def test_matches_numpy_reference(cls):
   assert_trees_close(carry, tuple(expected_carry), atol=2e-5, rtol=1e-5)
 
 
+def check_grads_of_vector(layer, x, carry0, lengths):
+  """``check_grads`` (first order, reverse mode) of ``layer``'s ``(carry,
+  outputs)`` with respect to its parameters, ``x`` and ``carry0`` together,
+  passed as ONE vector: the random directions and steps are drawn over all of
+  them as over separate arguments, but the eager arithmetic of the check
+  compiles once, not once per parameter shape."""
+  graphdef, params = nnx.split(layer)
+  leaves, treedef = jax.tree_util.tree_flatten((params, x, carry0))
+  shapes = [np.shape(leaf) for leaf in leaves]
+  vector = jnp.asarray(np.concatenate([np.ravel(leaf) for leaf in leaves]))
+  ends = np.cumsum([int(np.prod(shape)) for shape in shapes])
+
+  @jax.jit
+  def f(vector):
+    parts = [vector[end - int(np.prod(shape)):end].reshape(shape)
+             for shape, end in zip(shapes, ends)]
+    params, x, carry0 = jax.tree_util.tree_unflatten(treedef, parts)
+    return nnx.merge(graphdef, params)(x, initial_carry=carry0, seq_lengths=lengths,
+                                       return_carry=True)
+
+  check_grads(f, (vector,), order=1, modes=('rev',), atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize('cls,path', [(nr.LSTM, 'joint'), (nr.GRU, 'loop')])
 def test_check_grads_float64(cls, path, force_path):
-  """Finite differences of the hand-written VJP, in float64."""
+  """Finite differences of the hand-written VJP, in float64 (parameters,
+  inputs and initial carry: :func:`check_grads_of_vector`)."""
   force_path(path)
   with jax.enable_x64(True):
-    layer = cls(2, 3, bidirectional=True, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
-    ref.randomize(layer)
-    graphdef, params = nnx.split(layer)
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 2)))
-    carry0 = jax.tree_util.tree_map(lambda a: a + 0.3, layer._default_carry((2,)))
-    lengths = jnp.array([3, 2])
-
-    @jax.jit
-    def f(params, x, carry0):
-      return nnx.merge(graphdef, params)(x, initial_carry=carry0, seq_lengths=lengths,
-                                         return_carry=True)
-
-    check_grads(f, (params, x, carry0), order=1, modes=('rev',), atol=1e-6, rtol=1e-6)
+    layer = build(lambda: cls(2, 3, bidirectional=True, param_dtype=jnp.float64,
+                              rngs=nnx.Rngs(0)))
+    x = np.random.default_rng(0).standard_normal((2, 3, 2))
+    carry0 = jax.tree_util.tree_map(lambda a: np.full(a.shape, 0.3, a.dtype),
+                                    jax.eval_shape(lambda: layer._default_carry((2,))))
+    check_grads_of_vector(layer, x, carry0, jnp.array([3, 2]))
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
@@ -402,9 +446,8 @@ def test_second_order_float64(cls):
   float64, both directions and a padded row. Pallas says it has none
   (``tests/test_pallas.py``)."""
   with jax.enable_x64(True):
-    layer = cls(2, 3, bidirectional=True, param_dtype=jnp.float64, implementation='xla',
-                rngs=nnx.Rngs(0))
-    ref.randomize(layer)
+    layer = build(lambda: cls(2, 3, bidirectional=True, param_dtype=jnp.float64,
+                              implementation='xla', rngs=nnx.Rngs(0)))
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 3, 2)))
     lengths = jnp.array([3, 2])
     check_grads(jax.jit(lambda x: layer(x, seq_lengths=lengths)), (x,), order=2,
@@ -418,12 +461,11 @@ def test_float64_initial_carry_computes_in_float64(cls):
   outputs and carry are float64 and equal the float64 NumPy formulas (they
   were float32, 1e-7 off)."""
   with jax.enable_x64(True):
-    layer = cls(I, H, bidirectional=True, rngs=nnx.Rngs(0))
-    ref.randomize(layer)
+    layer = build(lambda: cls(I, H, bidirectional=True, rngs=nnx.Rngs(0)))
     x = ref.normal((B, T, I), seed=1)
-    carry0 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
+    carry0 = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a, np.float64)),
                                     random_carry(layer, seed=2))
-    carry, y = layer(x, initial_carry=carry0, seq_lengths=LENGTHS, return_carry=True)
+    carry, y = call(layer, x, initial_carry=carry0, seq_lengths=LENGTHS, return_carry=True)
     xs = np.asarray(x, np.float64)
     (f0, b0), = carry0  # one layer, two directions
     c_f, y_f = ref.rnn(ref.cell_params(layer.forward[0]), xs, LENGTHS, f0, num_batch_dims=1)
@@ -437,26 +479,26 @@ def test_float64_initial_carry_computes_in_float64(cls):
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
 def test_single_layer_carry_is_the_cells(cls):
-  """One unidirectional layer: the carry of ``nr.RNN`` over the cell, time step 1 and 0."""
+  """One unidirectional layer: the carry of ``nr.RNN`` over the cell, time step 1 and 0
+  (one compilation)."""
   layer = make(cls)
   x = ref.normal((B, 1, I), seed=2)
-  carry, y = layer(x, return_carry=True)
-  carry_g, y_g = nr.RNN(layer.forward[0])(x, return_carry=True)
-  assert_trees_close((carry, y), (carry_g, y_g))
-  empty = jnp.zeros((B, 0, I))
   carry0 = random_carry(layer)
-  carry, y = layer(empty, initial_carry=carry0, return_carry=True)
-  assert y.shape == (B, 0, H)
-  assert_trees_close(carry, carry0, atol=0, rtol=0)
+  (carry, y), (carry_g, y_g), (carry_0, y_0) = call(layer, x, run=lambda m, x: (
+    m(x, return_carry=True), nr.RNN(m.forward[0])(x, return_carry=True),
+    m(x[:, :0], initial_carry=carry0, return_carry=True)))
+  assert_trees_close((carry, y), (carry_g, y_g))
+  assert y_0.shape == (B, 0, H)
+  assert_trees_close(carry_0, carry0, atol=0, rtol=0)
 
 
 def test_parameter_layout():
-  lstm = nr.LSTM(3, 4, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0))
+  lstm = nnx.eval_shape(lambda: nr.LSTM(3, 4, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0)))
   assert isinstance(lstm.forward[1], nr.OptimizedLSTMCell)
   assert lstm.forward[0].dense_i.kernel.shape == (3, 16)
   assert lstm.backward[1].dense_i.kernel.shape == (8, 16)
   assert lstm.forward[1].dense_h.bias.shape == (16,)
-  gru = nr.GRU(3, 4, num_layers=2, rngs=nnx.Rngs(0))
+  gru = nnx.eval_shape(lambda: nr.GRU(3, 4, num_layers=2, rngs=nnx.Rngs(0)))
   assert gru.backward is None and isinstance(gru.forward[1], nr.GRUCell)
   assert gru.forward[1].dense_i.kernel.shape == (4, 12)
   assert gru.forward[0].bias_hn.shape == (4,)
@@ -466,27 +508,35 @@ def test_parameter_layout():
 
 @pytest.mark.parametrize('cls', [nr.GRU])  # the dropout between layers is shared by both
 def test_dropout_between_layers(cls):
-  layer = make(cls, 2, dropout_rate=0.5)
+  """Two layers in training mode: the same key drops the same units, and drops
+  some; in eval mode (set inside: read while tracing) the generic composition.
+  One layer: nothing between layers, so training mode changes nothing. One
+  compilation."""
   x = ref.normal((B, T, I), seed=1)
-  plain = call(layer, x, run=lambda m, x: generic(m, x)[1])
-  train_a = call(layer, x, dropout_seed=3)
-  train_b = call(layer, x, dropout_seed=3)
+
+  def run(layers, x):
+    layer, single = layers
+    plain = generic(layer, x)[1]
+    train_a, train_b = (layer(x, rngs=nnx.Rngs(dropout=3)) for _ in range(2))
+    single_train, single_plain = single(x, rngs=nnx.Rngs(dropout=3)), nr.RNN(single.forward[0])(x)
+    layer.eval()
+    return plain, train_a, train_b, layer(x), single_train, single_plain
+
+  plain, train_a, train_b, evaluated, single_train, single_plain = call(
+    (make(cls, 2, dropout_rate=0.5), make(cls, 1, dropout_rate=0.5)), x, run=run)
   np.testing.assert_array_equal(np.asarray(train_a), np.asarray(train_b))
   assert not np.allclose(np.asarray(train_a), np.asarray(plain), atol=1e-3)
-  layer.eval()
-  np.testing.assert_allclose(np.asarray(call(layer, x)), np.asarray(plain), atol=1e-5)
-  # One layer: nothing between layers, so training mode changes nothing.
-  single = make(cls, 1, dropout_rate=0.5)
-  np.testing.assert_allclose(np.asarray(call(single, x, dropout_seed=3)),
-                             np.asarray(nr.RNN(single.forward[0])(x)), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(evaluated), np.asarray(plain), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(single_train), np.asarray(single_plain), atol=1e-5)
 
 
 def test_bfloat16_computation():
   layer = make(nr.LSTM, dtype=jnp.bfloat16)
+  full = make(nr.LSTM)  # the same parameters, the float32 computation
   x = ref.normal((B, T, I), seed=1)
-  carry, y = call(layer, x, return_carry=True)
+  (carry, y), expected = call((layer, full), x, run=lambda m, x: (
+    m[0](x, return_carry=True), nr.RNN(m[1].forward[0])(x)))
   assert y.dtype == jnp.bfloat16 and carry[0].dtype == jnp.float32
-  expected = nr.RNN(make(nr.LSTM).forward[0])(x)  # the float32 computation
   np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(expected), atol=5e-2)
 
 
@@ -503,7 +553,7 @@ def test_errors(cls):
     cls(3, 4, dropout_rate=1.0, rngs=nnx.Rngs(0))
   with pytest.raises(TypeError, match=rf'{name}: `rngs` expected an nnx.Rngs, got int'):
     cls(3, 4, rngs=0)
-  layer = cls(3, 4, num_layers=2, rngs=nnx.Rngs(0))
+  layer = build(lambda: cls(3, 4, num_layers=2, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match=rf'{name}: `inputs` expected last axis of size 3'):
     layer(jnp.ones((2, 5, 7)))
   with pytest.raises(ValueError, match=rf'{name}: `seq_lengths` expected values in \[0, 5\]'):
@@ -515,7 +565,8 @@ def test_errors(cls):
   with pytest.raises(ValueError, match=reverse):
     cls(3, 4, bidirectional=True, reverse=True, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=reverse):
-    cls(3, 4, bidirectional=True, rngs=nnx.Rngs(0))(jnp.ones((2, 5, 3)), reverse=True)
+    build(lambda: cls(3, 4, bidirectional=True, rngs=nnx.Rngs(0)))(jnp.ones((2, 5, 3)),
+                                                                   reverse=True)
 
 
 @pytest.mark.parametrize('layer', [nr.LSTM, nr.GRU])
@@ -548,8 +599,8 @@ def test_constructor_signatures_are_spelled_out():
 def test_scans_are_named_for_profiles(cls):
   """Profiles and HLO dumps name the work: the layers' forward and backward
   scans, nr.RNN's scan and the cells' steps (CONVENTIONS: named scopes)."""
-  layer = cls(I, H, rngs=nnx.Rngs(0))
-  rnn = nr.RNN(nr.LSTMCell(I, H, rngs=nnx.Rngs(0)))
+  layer = build(lambda: cls(I, H, rngs=nnx.Rngs(0)))
+  rnn = build(lambda: nr.RNN(nr.LSTMCell(I, H, rngs=nnx.Rngs(0))))
   x = jnp.ones((B, T, I))
 
   def names(module):

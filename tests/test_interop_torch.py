@@ -85,6 +85,13 @@ def _run(model, x, lengths):
   return model(x, seq_lengths=lengths, return_carry=True)
 
 
+@nnx.jit
+def _call(model, *args):
+  """``model(*args)`` compiled once per model and shapes (eagerly, each
+  operation compiles once per shape, and a scan at every call)."""
+  return model(*args)
+
+
 def _check_against_torch(model, module):
   """Plain and packed runs of ``module`` equal ``model``'s, padding zero on both sides."""
   x = _inputs(module.batch_first)
@@ -143,7 +150,7 @@ def test_from_torch_cell(kind, bias):
   state = (torch.from_numpy(h), torch.from_numpy(c)) if name == 'LSTMCell' else \
       torch.from_numpy(h)
   for t, x_t in enumerate(_inputs(True)[:, :3].transpose(1, 0, 2)):  # three steps
-    carry, y = cell(carry, jnp.asarray(x_t))
+    carry, y = _call(cell, carry, jnp.asarray(x_t))
     with torch.no_grad():
       state = module(torch.from_numpy(x_t), state)
     h_t = state[0] if name == 'LSTMCell' else state
@@ -198,7 +205,8 @@ def test_to_torch_cell(kind):
                                    else 'RNNCell')
   h, c = _rand_carry()
   x = _inputs(True)[:, 0]
-  carry, y = cell((jnp.asarray(c), jnp.asarray(h)) if lstm else jnp.asarray(h), jnp.asarray(x))
+  carry, y = _call(cell, (jnp.asarray(c), jnp.asarray(h)) if lstm else jnp.asarray(h),
+                    jnp.asarray(x))
   with torch.no_grad():
     state = module(torch.from_numpy(x), (torch.from_numpy(h), torch.from_numpy(c)) if lstm
                    else torch.from_numpy(h))
@@ -215,7 +223,7 @@ def test_gru_cell_without_bias_hn_exports_with_zero_b_hn():
   x = _inputs(True)[:, 0]
   with torch.no_grad():
     expected = _np(module(torch.from_numpy(x), torch.from_numpy(h)))
-  np.testing.assert_allclose(np.asarray(cell(jnp.asarray(h), jnp.asarray(x))[1]), expected,
+  np.testing.assert_allclose(np.asarray(_call(cell, jnp.asarray(h), jnp.asarray(x))[1]), expected,
                              atol=ATOL, rtol=0)
 
 
@@ -294,7 +302,8 @@ def test_to_torch_warns_that_variational_dropout_is_left_out():
   model.eval()
   _check_against_torch(model, module.eval())
   with pytest.warns(UserWarning, match='0.3 / 0.0'):
-    nr.interop.to_torch(_cell('LSTMCell', IN, nnx.Rngs(0), dropout_rate=0.3))
+    nr.interop.to_torch(random_module(lambda: _cell('LSTMCell', IN, nnx.Rngs(0),
+                                                    dropout_rate=0.3)))
 
 
 @pytest.mark.parametrize('kind,num_layers,bidirectional', [
@@ -317,7 +326,7 @@ def test_to_torch_keeps_eval_mode():
   exported = nr.interop.to_torch(model)
   assert not exported.training  # dropout off, as in the model
   x = _inputs(True)
-  np.testing.assert_allclose(_torch_run(exported, x)[0], np.asarray(model(x)), atol=ATOL,
+  np.testing.assert_allclose(_torch_run(exported, x)[0], np.asarray(_call(model, x)), atol=ATOL,
                              rtol=0)
 
 
@@ -355,7 +364,7 @@ def test_simple_cells_compute_in_the_torch_modules_dtype():
   module = torch.nn.RNN(IN, H, batch_first=True, dtype=torch.bfloat16)
   model = nr.interop.from_torch(module)
   x = _inputs(True)
-  y = model(jnp.asarray(x, jnp.bfloat16))
+  y = _call(model, jnp.asarray(x, jnp.bfloat16))
   assert y.dtype == jnp.bfloat16
   with torch.no_grad():
     y_torch = module(torch.from_numpy(x).to(torch.bfloat16))[0].float().numpy()
@@ -373,7 +382,7 @@ def test_a_float64_module_converts_to_float32_without_x64():
   x = _inputs(True)
   with torch.no_grad():
     y_torch = module(torch.from_numpy(x).double())[0].numpy()
-  np.testing.assert_allclose(model(x), y_torch, atol=1e-5)
+  np.testing.assert_allclose(_call(model, x), y_torch, atol=1e-5)
 
 
 # -- errors -----------------------------------------------------------------------
@@ -400,7 +409,7 @@ def test_torch_tensors_get_a_clear_error():
   with pytest.raises(TypeError, match=r'GRU: `initial_carry` expected a JAX or NumPy array .*'
                      r'got torch.Tensor'):
     model(x, initial_carry=h0)
-  lstm = nr.RNN(nr.LSTMCell(IN, H, rngs=nnx.Rngs(0)))
+  lstm = random_module(lambda: nr.RNN(nr.LSTMCell(IN, H, rngs=nnx.Rngs(0))))
   with pytest.raises(TypeError, match=r'RNN: `initial_carry` expected a JAX or NumPy array'):
     lstm(x, initial_carry=(h0, h0))
   with pytest.raises(TypeError, match=r'LSTMCell: `carry` expected a JAX or NumPy array'):
@@ -494,7 +503,7 @@ def test_to_torch_converts_a_subclass_that_only_changes_defaults():
   h = np.random.default_rng(1).normal(size=(B, H)).astype(np.float32)
   with torch.no_grad():
     want = nr.interop.to_torch(cell)(torch.from_numpy(x), torch.from_numpy(h)).numpy()
-  np.testing.assert_allclose(cell(jnp.asarray(h), jnp.asarray(x))[1], want, atol=1e-5)
+  np.testing.assert_allclose(_call(cell, jnp.asarray(h), jnp.asarray(x))[1], want, atol=1e-5)
 
 
 def test_import_does_not_load_torch():

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax import export
-from jax.test_util import check_grads
 
 import nnx_recurrent as nr
 from nnx_recurrent._fused import _plans, internal
@@ -30,7 +29,9 @@ from tests.test_fused import (
   I,
   T,
   assert_trees_close,
+  build,
   call,
+  check_grads_of_vector,
   check_plans_against_generic,
   make,
   random_carry,
@@ -99,14 +100,16 @@ def test_packed_sequences_and_projection(cls):
 def test_column_chunks_and_partly_held_weights(cls, masks):
   """Hidden sizes of several column chunks (16 wide here, 64 on a GPU): the
   state as pieces, ``h W_h`` as a sum of tile products, ``h`` of another
-  width than ``c`` (the LSTM projected, 40 to 20: 4 and 2 chunks), and
-  weight tiles partly held across steps and partly loaded at each step (the
-  budget ends inside a gate's block): values and gradients against the
+  width than ``c`` (the LSTM projected, 40 to 20: 4 and 2 chunks, the last of
+  ``c``'s all padding; the GRU's 20: 2 chunks, each ``h W_h`` a sum of two),
+  and weight tiles partly held across steps and partly loaded at each step
+  (the budget ends inside a gate's block): values and gradients against the
   generic composition (float32 sums in another order over 40 columns: to
-  3e-5), both directions, lengths or packed sequences."""
-  proj = dict(proj_features=20) if cls is nr.LSTM else {}
-  layer = ref.randomize(cls(I, 40, bidirectional=True, implementation='pallas',
-                            rngs=nnx.Rngs(51), **proj), seed=51)
+  3e-5), lengths or packed sequences. One direction: the backward one runs the
+  same kernels on each row reversed (both directions: the tests above)."""
+  hidden, proj = (40, dict(proj_features=20)) if cls is nr.LSTM else (20, {})
+  layer = build(lambda: cls(I, hidden, implementation='pallas', rngs=nnx.Rngs(51), **proj),
+                seed=51)
   x = ref.normal((B, IDS.shape[1], I), seed=52)
   padding = IDS == 0 if 'segment_ids' in masks else np.arange(x.shape[1]) >= LENGTHS[:, None]
   with internal.pallas_settings(chunk=16, hold_bytes=5 * 16 * 16 * 4):  # 5 of 16 or 12 tiles
@@ -136,20 +139,12 @@ def test_check_grads_float64(cls):
   """Finite differences of the kernels' hand-written VJP, in float64 (both
   directions, lengths 3 and 1, a non-zero initial carry)."""
   with jax.enable_x64(True):
-    layer = cls(2, 3, bidirectional=True, param_dtype=jnp.float64, implementation='pallas',
-                rngs=nnx.Rngs(0))
-    ref.randomize(layer)
-    graphdef, params = nnx.split(layer)
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 2)))
-    carry0 = jax.tree_util.tree_map(lambda a: a + 0.3, layer._default_carry((2,)))
-    lengths = jnp.array([3, 1])
-
-    @jax.jit
-    def f(params, x, carry0):
-      return nnx.merge(graphdef, params)(x, initial_carry=carry0, seq_lengths=lengths,
-                                         return_carry=True)
-
-    check_grads(f, (params, x, carry0), order=1, modes=('rev',), atol=1e-6, rtol=1e-6)
+    layer = build(lambda: cls(2, 3, bidirectional=True, param_dtype=jnp.float64,
+                              implementation='pallas', rngs=nnx.Rngs(0)))
+    x = np.random.default_rng(0).standard_normal((2, 3, 2))
+    carry0 = jax.tree_util.tree_map(lambda a: np.full(a.shape, 0.3, a.dtype),
+                                    jax.eval_shape(lambda: layer._default_carry((2,))))
+    check_grads_of_vector(layer, x, carry0, jnp.array([3, 1]))
 
 
 def test_batch_blocks_and_batch_axes():
@@ -161,9 +156,14 @@ def test_batch_blocks_and_batch_axes():
   lengths = jnp.asarray(np.random.default_rng(39).integers(0, T + 1, (2, 40)))
   carry = random_carry(layer, (2, 40), seed=40)
   kw = dict(initial_carry=carry, seq_lengths=lengths, return_carry=True)
-  with internal.pallas_settings(hold_bytes=0):
-    out = call(layer, x, **kw)
-  assert_trees_close(out, call(with_implementation(layer, 'xla'), x, **kw))
+
+  def both(m, x):  # one compilation: the kernels (traced with the settings) and the scans
+    with internal.pallas_settings(hold_bytes=0):
+      out = m(x, **kw)
+    return out, with_implementation(m, 'xla')(x, **kw)
+
+  out, want = call(layer, x, run=both)
+  assert_trees_close(out, want)
 
 
 @pytest.mark.parametrize('cls,dtype,hold,packed', [(nr.GRU, jnp.float32, True, False),
@@ -177,8 +177,8 @@ def test_kernels_lower_through_triton(cls, dtype, hold, packed):
   kernel across steps, or loaded at each step; lengths, or packed sequences'
   flags (and then the LSTM projected)."""
   proj = dict(proj_features=24) if packed and cls is nr.LSTM else {}
-  layer = cls(I, 64, bidirectional=True, implementation='pallas', dtype=dtype, rngs=nnx.Rngs(0),
-              **proj)
+  layer = build(lambda: cls(I, 64, bidirectional=True, implementation='pallas', dtype=dtype,
+                            rngs=nnx.Rngs(0), **proj))
   graphdef, params = nnx.split(layer)
   masks = dict(segment_ids=jnp.array([[1, 1, 2, 2, 0], [1, 0, 0, 0, 0], [0] * T])) if packed \
     else dict(seq_lengths=jnp.array([T, 1, 0]))
@@ -217,7 +217,7 @@ def test_auto_picks_pallas_only_where_measured_faster(cls, monkeypatch):
   monkeypatch.setattr(_plans, 'PALLAS_FASTER', (region,))
   assert uses_pallas(make(cls))
   assert not uses_pallas(make(cls, implementation='xla'))
-  assert not uses_pallas(cls(I, 2 * H, rngs=nnx.Rngs(0)))  # outside the region
+  assert not uses_pallas(build(lambda: cls(I, 2 * H, rngs=nnx.Rngs(0))))  # outside the region
   other = 'GRU' if cls is nr.LSTM else 'LSTM'
   monkeypatch.setattr(_plans, 'PALLAS_FASTER', (region._replace(layer=other),))
   assert not uses_pallas(make(cls))
@@ -248,10 +248,11 @@ def test_second_order_says_to_use_the_scans(cls):
 
   message = (r"implementation='pallas' has no second-order derivatives \(jax.hessian, a "
              r"gradient of a gradient, a jvp of a gradient\).*Use implementation='xla'")
+  # Raised while tracing (the JVP rule of the kernels): traced only, nothing compiles.
   with pytest.raises(NotImplementedError, match=message):
-    jax.hessian(loss)(x)
+    jax.eval_shape(jax.hessian(loss), x)
   with pytest.raises(NotImplementedError, match=message):
-    jax.grad(lambda x: jax.grad(loss)(x).sum())(x)
+    jax.eval_shape(jax.grad(lambda x: jax.grad(loss)(x).sum()), x)
 
 
 def test_pallas_under_shard_map_runs_without_check_vma_and_says_so_with_it():
@@ -270,11 +271,11 @@ def test_pallas_under_shard_map_runs_without_check_vma_and_says_so_with_it():
   with pytest.raises(ValueError, match=r"LSTM: `implementation` expected 'auto' or 'xla' inside "
                                        r"jax.shard_map with check_vma=True \('pallas' runs there "
                                        r"with check_vma=False\), got 'pallas'"):
-    jax.shard_map(forward, **specs)(state, x, LENGTHS)
+    jax.eval_shape(jax.shard_map(forward, **specs), state, x, LENGTHS)  # raised while tracing
   layer.implementation = 'xla'
-  want = layer(x, seq_lengths=LENGTHS)
-  np.testing.assert_allclose(jax.shard_map(forward, check_vma=False, **specs)(state, x, LENGTHS),
-                             want, atol=1e-5)
+  want = call(layer, x, seq_lengths=LENGTHS)
+  got = jax.jit(jax.shard_map(forward, check_vma=False, **specs))(state, x, LENGTHS)
+  np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_pallas_with_a_symbolic_batch_says_to_use_the_scans():

@@ -15,36 +15,39 @@ import nnx_recurrent as nr
 from nnx_recurrent._fused import internal
 from tests import reference as ref
 from tests import test_cudnn
+from tests.test_fused import build
 
 B, T, IN, H = 3, 7, 3, 4
 LENGTHS = np.array([7, 4, 0])
 SPLITS = [(1, 6), (3, 3, 1)]  # chunks of 1 to 6 steps; rows ending mid-chunk
 
 
-def _layers():
-  """name -> (layer, features of one step)."""
-  rngs = nnx.Rngs(0)
-  layers = {
-    'RNN(LayerNormLSTMCell)': (nr.RNN(nr.LayerNormLSTMCell(IN, H, rngs=rngs)), (IN,)),
-    'RNN(GRUCell, zoneout, eval)': (nr.RNN(nr.GRUCell(IN, H, zoneout_rate=0.3, rngs=rngs)),
-                                    (IN,)),
-    'RNN(LayerNormGRUCell, learned carry)': (
-      nr.RNN(nr.LayerNormGRUCell(IN, H, rngs=rngs), learn_initial_carry=True), (IN,)),
-    'RNN(ConvGRUCell)': (nr.RNN(nr.ConvGRUCell(IN, H, (3,), rngs=rngs)), (5, IN)),
-    'StackedRNN': (nr.StackedRNN(nr.RNN(nr.SimpleCell(IN, H, rngs=rngs)),
-                                 nr.RNN(nr.OptimizedLSTMCell(H, H, rngs=rngs)),
-                                 dropout_rate=0.2, rngs=rngs), (IN,)),
-    'LSTM(2 layers)': (nr.LSTM(IN, H, num_layers=2, dropout_rate=0.2, rngs=rngs), (IN,)),
-    'GRU': (nr.GRU(IN, H, rngs=rngs), (IN,)),
-    # The Pallas kernels, interpreted on the CPU, and the projected carry (c: H, h: P).
-    'LSTM(pallas, projected)': (nr.LSTM(IN, H, proj_features=2, implementation='pallas',
-                                        rngs=rngs), (IN,)),
-    # cuDNN's path, its primitive run by jax.experimental.rnn's reference (no GPU here).
-    'LSTM(cudnn)': (nr.LSTM(IN, H, implementation='cudnn', rngs=rngs), (IN,)),
-  }
-  for layer, _ in layers.values():
-    ref.randomize(layer, 3)
-  return layers
+LAYERS = {  # name -> (rngs -> layer, features of one step)
+  'RNN(LayerNormLSTMCell)': (lambda rngs: nr.RNN(nr.LayerNormLSTMCell(IN, H, rngs=rngs)), (IN,)),
+  'RNN(GRUCell, zoneout, eval)': (
+    lambda rngs: nr.RNN(nr.GRUCell(IN, H, zoneout_rate=0.3, rngs=rngs)), (IN,)),
+  'RNN(LayerNormGRUCell, learned carry)': (
+    lambda rngs: nr.RNN(nr.LayerNormGRUCell(IN, H, rngs=rngs), learn_initial_carry=True), (IN,)),
+  'RNN(ConvGRUCell)': (lambda rngs: nr.RNN(nr.ConvGRUCell(IN, H, (3,), rngs=rngs)), (5, IN)),
+  'StackedRNN': (lambda rngs: nr.StackedRNN(nr.RNN(nr.SimpleCell(IN, H, rngs=rngs)),
+                                            nr.RNN(nr.OptimizedLSTMCell(H, H, rngs=rngs)),
+                                            dropout_rate=0.2, rngs=rngs), (IN,)),
+  'LSTM(2 layers)': (lambda rngs: nr.LSTM(IN, H, num_layers=2, dropout_rate=0.2, rngs=rngs),
+                     (IN,)),
+  'GRU': (lambda rngs: nr.GRU(IN, H, rngs=rngs), (IN,)),
+  # The Pallas kernels, interpreted on the CPU, and the projected carry (c: H, h: P).
+  'LSTM(pallas, projected)': (lambda rngs: nr.LSTM(IN, H, proj_features=2,
+                                                   implementation='pallas', rngs=rngs), (IN,)),
+  # cuDNN's path, its primitive run by jax.experimental.rnn's reference (no GPU here).
+  'LSTM(cudnn)': (lambda rngs: nr.LSTM(IN, H, implementation='cudnn', rngs=rngs), (IN,)),
+}
+
+
+def _layer(name):
+  """``(layer, features of one step)``, the layer with random parameters, built
+  abstractly (no initializer compiles)."""
+  factory, features = LAYERS[name]
+  return build(lambda: factory(nnx.Rngs(0)), 3), features
 
 
 def _chunks(layer, x, lengths, split):
@@ -69,7 +72,7 @@ def _cudnn_reference(*args, **kw):
   return jax.tree_util.tree_map(lambda a: jnp.where(broken, jnp.nan, a), out)
 
 
-@pytest.mark.parametrize('name', list(_layers()))
+@pytest.mark.parametrize('name', list(LAYERS))
 def test_chunks_equal_one_call(name):
   if 'cudnn' in name:
     with internal.fake_cuda(_cudnn_reference):
@@ -80,21 +83,21 @@ def test_chunks_equal_one_call(name):
 
 
 def _check_chunks(name):
-  layer, features = _layers()[name]
+  layer, features = _layer(name)
   layer.eval()  # dropout and zoneout draw per call: streaming is an inference tool
   if 'learned carry' in name:
     layer.initial_carry[...] = ref.normal((H,), 9)
   x = ref.normal((B, T, *features), 1)
-  carry, y = layer(x, seq_lengths=jnp.asarray(LENGTHS), return_carry=True)
-
-  @nnx.jit(static_argnums=2)
-  def streamed(layer, x, split):
-    return _chunks(layer, x, LENGTHS, split)
-
-  # Every chunking for two layers, one for the others (each chunking compiles anew).
+  # Every chunking for two layers, one for the others.
   splits = SPLITS if name in ('RNN(LayerNormLSTMCell)', 'LSTM(2 layers)') else SPLITS[1:]
-  for split in splits:
-    c_s, y_s = streamed(layer, x, split)
+
+  @nnx.jit
+  def one_call_and_streamed(layer, x):  # one compilation
+    one_call = layer(x, seq_lengths=jnp.asarray(LENGTHS), return_carry=True)
+    return one_call, [_chunks(layer, x, LENGTHS, split) for split in splits]
+
+  (carry, y), streamed = one_call_and_streamed(layer, x)
+  for split, (c_s, y_s) in zip(splits, streamed):
     np.testing.assert_allclose(y_s, y, atol=1e-5, err_msg=str(split))
     jax.tree.map(lambda a, b, s=split: np.testing.assert_allclose(a, b, atol=1e-5,
                                                                   err_msg=str(s)), c_s, carry)
@@ -116,17 +119,17 @@ def test_packed_chunks_equal_one_call(name):
   """A chunk's first segment goes on from the carry passed in, every later one
   starts from the default carry; where a chunk's first segment is new (its id
   is not the one the previous chunk ended with), the caller resets those rows."""
-  layer, features = _layers()[name]
+  layer, features = _layer(name)
   layer.eval()
   learned = 'learned carry' in name
   if learned:
     layer.initial_carry[...] = ref.normal((H,), 9)
   default = layer.initial_carry[...] if learned else 0.0
   x = ref.normal((B, T, *features), 1)
-  carry, y = layer(x, segment_ids=IDS, return_carry=True)
 
   @nnx.jit
-  def streamed(layer, x):
+  def one_call_and_streamed(layer, x):  # one compilation
+    one_call = layer(x, segment_ids=IDS, return_carry=True)
     carry, ys = None, []
     for start, size in ((0, 3), (3, 3), (6, 1)):
       ids = IDS[:, start:start + size]
@@ -136,9 +139,9 @@ def test_packed_chunks_equal_one_call(name):
       carry, y = layer(x[:, start:start + size], segment_ids=ids, initial_carry=carry,
                        return_carry=True)
       ys.append(y)
-    return carry, jnp.concatenate(ys, axis=1)
+    return one_call, (carry, jnp.concatenate(ys, axis=1))
 
-  c_s, y_s = streamed(layer, x)
+  (carry, y), (c_s, y_s) = one_call_and_streamed(layer, x)
   np.testing.assert_allclose(y_s, y, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), c_s, carry)
 
@@ -148,11 +151,15 @@ def test_a_cell_stepped_by_hand_keeps_its_carry_dtype(make):
   # bf16 parameters, float32 inputs: each step computes in float32 (promotion)
   # and rounds the bf16 carry back, as RNN does over its steps, so a lax.scan
   # over the cell keeps its carry type and equals RNN.
-  cell = make(IN, H, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  cell = build(lambda: make(IN, H, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
   x = ref.normal((B, T, IN), 1)
-  want_carry, want = nr.RNN(cell, return_carry=True)(x)
-  carry, ys = jax.lax.scan(lambda c, x_t: cell(c, x_t), cell.initialize_carry((B, IN)),
-                           jnp.swapaxes(x, 0, 1))
+
+  @nnx.jit
+  def both(cell, x):  # one compilation
+    return nr.RNN(cell, return_carry=True)(x), jax.lax.scan(
+      lambda c, x_t: cell(c, x_t), cell.initialize_carry((B, IN)), jnp.swapaxes(x, 0, 1))
+
+  (want_carry, want), (carry, ys) = both(cell, x)
   assert {leaf.dtype for leaf in jax.tree.leaves(carry)} == {jnp.dtype(jnp.bfloat16)}
   np.testing.assert_array_equal(jnp.swapaxes(ys, 0, 1), want)
   jax.tree.map(np.testing.assert_array_equal, carry, want_carry)

@@ -43,7 +43,7 @@ def test_cell_matches_numpy_reference(name, batch):
   carry = ref.random_carry(cell, xs.shape[1:])
   carry_ref = _to_np(carry)
   step = nnx.jit(lambda cell, carry, x: cell(carry, x))  # one compile, not one per op
-  for x in xs:  # a few steps, each compared
+  for x in np.asarray(xs):  # a few steps, each compared
     carry, y = step(cell, carry, x)
     carry_ref, y_ref = ref.step(p, carry_ref, np.asarray(x))
     _assert_tree_close(carry, carry_ref)
@@ -83,14 +83,14 @@ def test_cell_matches_flax_linen(name):
   xs = ref.normal((3, 2, 3, *features), seed=3)
   carry = ref.random_carry(cell, xs.shape[1:])
   variables = ref.linen_variables(ref.cell_params(cell))
-  # Our mapping yields exactly linen's variable tree (names, shapes).
-  init = linen_cell.init(jax.random.key(0), carry, xs[0])
+  # Our mapping yields exactly linen's variable tree (names, shapes); traced, not run.
+  init = jax.eval_shape(linen_cell.init, jax.random.key(0), carry, xs[0])
   assert jax.tree_util.tree_structure(init) == jax.tree_util.tree_structure(variables)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_equal(a.shape, b.shape), init, variables)
   carry_linen = carry
   step = nnx.jit(lambda cell, carry, x: cell(carry, x))
   linen_step = jax.jit(linen_cell.apply)
-  for x in xs:
+  for x in np.asarray(xs):
     carry, y = step(cell, carry, x)
     carry_linen, y_linen = linen_step(variables, carry_linen, x)
     _assert_tree_close(carry, carry_linen)
@@ -130,17 +130,20 @@ def test_drop_in_for_flax_nnx_state(name, param_dtype):
 @pytest.mark.parametrize('name', list(FLAX_NNX))
 def test_drop_in_for_flax_nnx_outputs(name):
   ours_cls, theirs_cls = FLAX_NNX[name]
-  theirs = ref.randomize(theirs_cls(3, 4, rngs=nnx.Rngs(1)), seed=5)
-  ours = ours_cls(3, 4, rngs=nnx.Rngs(0))
+  # Random parameters, built without running initializers.
+  theirs = ref.build(lambda: theirs_cls(3, 4, rngs=nnx.Rngs(1)), seed=5)
+  ours = nnx.eval_shape(lambda: ours_cls(3, 4, rngs=nnx.Rngs(0)))
   nnx.update(ours, nnx.state(theirs, nnx.Param))
   x = ref.normal((2, 5, 3), seed=4)
   carry = ref.random_carry(ours, (2, 3))
-  # One step.
-  _assert_tree_close(ours(carry, x[:, 0]), theirs(carry, x[:, 0]), atol=1e-6, rtol=1e-6)
+
+  def runs(lib):  # one step, then the RNN of the library over the cell: one program
+    kw = dict(rngs=False) if lib is nnx else {}
+    return nnx.jit(lambda cell: (cell(carry, x[:, 0]), lib.RNN(cell, return_carry=True, **kw)(
+      x, initial_carry=carry)))
+
   # flax.nnx.RNN over flax's cell vs nr.RNN over ours (no masking).
-  c_theirs, y_theirs = nnx.RNN(theirs, return_carry=True, rngs=False)(x, initial_carry=carry)
-  c_ours, y_ours = nr.RNN(ours, return_carry=True)(x, initial_carry=carry)
-  _assert_tree_close((c_ours, y_ours), (c_theirs, y_theirs), atol=1e-6, rtol=1e-6)
+  _assert_tree_close(runs(nr)(ours), runs(nnx)(theirs), atol=1e-6, rtol=1e-6)
 
 
 # -- initialize_carry -----------------------------------------------------------
@@ -202,9 +205,9 @@ def test_conv_lstm_carry_shape_with_strides(strides, spatial, expected):
   cell = ref.build(lambda: nr.ConvLSTMCell(3, 4, (3, 3), strides=strides, rngs=nnx.Rngs(0)))
   c, h = cell.initialize_carry((2, *spatial, 3))
   assert c.shape == h.shape == (2, *expected, 4)
-  # The carry fits the cell's own output.
+  # The carry fits the cell's own output (traced: shapes are the point).
   x = jnp.ones((2, *spatial, 3))
-  (c2, h2), y = cell((c, h), x)
+  (c2, h2), y = nnx.eval_shape(lambda cell: cell((c, h), x), cell)
   assert c2.shape == y.shape == (2, *expected, 4)
 
 
@@ -247,18 +250,23 @@ def test_conv_lstm_hidden_padding(padding, hh_padding, width):
 
   Reference: flax.linen's ``Conv`` with the expected paddings and the cell's formula.
   """
-  cell = nr.ConvLSTMCell(2, 3, (3,), padding=padding, rngs=nnx.Rngs(0))
-  ref.randomize(cell)
+  cell = ref.build(lambda: nr.ConvLSTMCell(2, 3, (3,), padding=padding, rngs=nnx.Rngs(0)))
   x = ref.normal((2, 6, 2), seed=1)
   carry = ref.random_carry(cell, x.shape)
-  (c, h), y = cell(carry, x)
+  (c, h), y = nnx.jit(lambda cell: cell(carry, x))(cell)
   p = nnx.to_pure_dict(nnx.state(cell, nnx.Param))
-  gates = (nn.Conv(12, (3,), padding=padding).apply({'params': p['ih']}, x)
-           + nn.Conv(12, (3,), padding=hh_padding).apply({'params': p['hh']}, carry[1]))
-  i, g, f, o = jnp.split(gates, 4, axis=-1)
-  c_ref = jax.nn.sigmoid(f + 1) * carry[0] + jax.nn.sigmoid(i) * jnp.tanh(g)
+
+  @jax.jit  # the reference in one program
+  def reference(p):
+    gates = (nn.Conv(12, (3,), padding=padding).apply({'params': p['ih']}, x)
+             + nn.Conv(12, (3,), padding=hh_padding).apply({'params': p['hh']}, carry[1]))
+    i, g, f, o = jnp.split(gates, 4, axis=-1)
+    c_ref = jax.nn.sigmoid(f + 1) * carry[0] + jax.nn.sigmoid(i) * jnp.tanh(g)
+    return c_ref, jax.nn.sigmoid(o) * jnp.tanh(c_ref)
+
+  c_ref, y_ref = reference(p)
   np.testing.assert_allclose(c, c_ref, atol=1e-5)
-  np.testing.assert_allclose(y, jax.nn.sigmoid(o) * jnp.tanh(c_ref), atol=1e-5)
+  np.testing.assert_allclose(y, y_ref, atol=1e-5)
   assert c.shape == (2, width, 3)  # the input conv's output width
 
 
@@ -322,7 +330,8 @@ def test_cell_written_on_the_base_class_gets_the_base_class_dropout():
   xs = np.asarray(ref.normal((2, 1, 3), seed=4), np.float64)
   h0 = np.asarray(ref.normal((2, 4), seed=5), np.float64)
   carry = (jnp.zeros((2, 4)), jnp.asarray(h0, jnp.float32))
-  (_, h), _ = cell(carry, jnp.asarray(xs[:, 0], jnp.float32), dropout_masks=masks)
+  x = jnp.asarray(xs[:, 0], jnp.float32)
+  (_, h), _ = nnx.jit(lambda cell: cell(carry, x, dropout_masks=masks))(cell)
   w, b, u = (np.asarray(v[...], np.float64) for v in (cell.w.kernel, cell.w.bias, cell.u.kernel))
   f, g = np.split(xs[:, 0] @ w + b + (h0 * mask) @ u, 2, axis=-1)
   np.testing.assert_allclose(h, np.tanh((1 - ref.sigmoid(f)) * np.tanh(g)), atol=1e-5)
@@ -494,7 +503,8 @@ def test_cell_with_two_feature_axes_keeps_them_in_its_carry():
   cell = PerPosition()
   assert cell.initialize_carry((2, 5, 3)).shape == (2, 5, 4)
   x = np.asarray(ref.normal((2, 6, 5, 3), seed=3), np.float64)
-  y = nr.RNN(cell)(jnp.asarray(x, jnp.float32), seq_lengths=jnp.array([6, 2]))
+  y = nnx.jit(lambda cell: nr.RNN(cell)(jnp.asarray(x, jnp.float32),
+                                        seq_lengths=jnp.array([6, 2])))(cell)
   w, b = (np.asarray(v[...], np.float64) for v in (cell.w.kernel, cell.w.bias))
   h = np.zeros((2, 5, 4))
   for t in range(2):

@@ -26,7 +26,8 @@ LENGTHS = jnp.array([5, 2, 0])
 
 
 def _x(shape=(B, T, IN), seed=0):
-  return jax.random.normal(jax.random.key(seed), shape)
+  """Random normal inputs, drawn by NumPy (nothing to compile per shape)."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
 def _np(a):
@@ -148,16 +149,16 @@ def test_flax_transforms_take_a_cell_itself(name):
   theirs = getattr(nnx, name)(IN, H, rngs=nnx.Rngs(0))
   xs = _x((T, B, IN))
   carry = theirs.initialize_carry((B, IN), nnx.Rngs(0))
-
-  def scanned(cell):
-    return nnx.scan(cell, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(carry, xs)
-
-  _close(scanned(ours), scanned(theirs))
   batched = jax.tree.map(lambda c: jnp.stack([c, c + 1.0]), carry)
   xb = jnp.stack([xs[0], xs[1]])
-  vmapped = [nnx.vmap(c, in_axes=(0, 0), out_axes=0)(batched, xb) for c in (ours, theirs)]
-  _close(*vmapped)
-  _close(nnx.remat(ours)(carry, xs[0]), nnx.remat(theirs)(carry, xs[0]))
+
+  @nnx.jit  # the three transforms of the cell object, in one program per library
+  def transformed(cell):
+    scanned = nnx.scan(cell, in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(carry, xs)
+    vmapped = nnx.vmap(cell, in_axes=(0, 0), out_axes=0)(batched, xb)
+    return scanned, vmapped, nnx.remat(cell)(carry, xs[0])
+
+  _close(transformed(ours), transformed(theirs))
 
 
 def test_gru_without_bias_hn_is_flax_nnx_gru_in_state_and_training():
@@ -205,13 +206,21 @@ def test_promote_dtype_is_used_as_in_flax():
   ours = nr.OptimizedLSTMCell(IN, H, promote_dtype=promote, rngs=nnx.Rngs(0))
   theirs = nnx.OptimizedLSTMCell(IN, H, promote_dtype=promote, rngs=nnx.Rngs(0))
   plain = nr.OptimizedLSTMCell(IN, H, rngs=nnx.Rngs(0))
-  carry = ours.initialize_carry((B, IN))
-  out_o = ours(carry, _x((B, IN)))
-  n_ours = len(calls)
-  out_t = theirs(carry, _x((B, IN)))
-  assert n_ours == len(calls) - n_ours == 2  # both dense layers promote through it
+  carry, x = ours.initialize_carry((B, IN)), _x((B, IN))
+  counts = []
+
+  @nnx.jit  # one program; promote runs (and counts) as the trace calls the cells
+  def steps(ours, theirs, plain):
+    out_o = ours(carry, x)
+    counts.append(len(calls))
+    out_t = theirs(carry, x)
+    counts.append(len(calls))
+    return out_o, out_t, plain(carry, x)
+
+  out_o, out_t, out_p = steps(ours, theirs, plain)
+  assert counts == [2, 4]  # both dense layers promote through it, in each library
   _close(out_o, out_t, atol=0)
-  assert not np.allclose(out_o[1], plain(carry, _x((B, IN)))[1], atol=1e-4)  # it mattered
+  assert not np.allclose(out_o[1], out_p[1], atol=1e-4)  # it mattered
 
 
 # -- 3. a stateful cell: its state goes through the scan as in flax.nnx -----------------
@@ -284,15 +293,20 @@ def test_layers_in_tree_mode_as_in_graph_mode(mode):
     nr.StackedRNN(nr.RNN(nr.SimpleCell(IN, H, rngs=rngs())),
                   nr.RNN(nr.GRUCell(H, H, rngs=rngs())), dropout_rate=0.3, rngs=rngs()),
   ]
+  # The graph-mode expectations under graph mode's nnx.jit (it carries the
+  # streams' updates out: its second call is the same program); the calls under
+  # test are eager, in the mode.
+  graph_call = nnx.jit(lambda layer: layer(x, seq_lengths=lengths))
   for graph, tree in zip(layers(), layers()):
     for _ in range(2):  # the second call: the streams advanced alike
-      expected = graph(x, seq_lengths=lengths)
+      expected = graph_call(graph)
       with MODES[mode]():
         _close(tree(x, seq_lengths=lengths), expected)
+  loss = lambda m: (m(x, seq_lengths=lengths) ** 2).sum()  # noqa: E731
   with MODES[mode]():  # and it trains there, as flax.nnx's RNN does
     rnn = nr.RNN(nr.LSTMCell(IN, H, rngs=nnx.Rngs(0)))
-    grads = nnx.jit(nnx.grad(lambda m: (m(x, seq_lengths=lengths) ** 2).sum()))(rnn)
-  expected = nnx.grad(lambda m: (m(x, seq_lengths=lengths) ** 2).sum())(rnn)
+    grads = nnx.jit(nnx.grad(loss))(rnn)
+  expected = nnx.jit(nnx.grad(loss))(rnn)  # graph mode's
   _close(nnx.state(grads, nnx.Param), expected)  # tree mode's grads come as a module
 
 
@@ -300,16 +314,22 @@ def test_a_scalar_seq_lengths_is_every_rows_length_as_in_flax():
   x = _x()
   ours = nr.RNN(nr.LSTMCell(IN, H, rngs=nnx.Rngs(0)), return_carry=True)
   theirs = nnx.RNN(nnx.LSTMCell(IN, H, rngs=nnx.Rngs(0)), return_carry=True)
-  carry, y = ours(x, seq_lengths=3)
-  carry_t, y_t = theirs(x, seq_lengths=jnp.array(3))
+  carry, y = ours(x, seq_lengths=3)  # eager: the scalar is checked as given
+  three, rows = jnp.array(3), jnp.full((B,), 3)
+
+  @nnx.jit  # the rest in one program (the lengths are constants of the trace, as given)
+  def others(ours, theirs, fused):
+    return (theirs(x, seq_lengths=three),
+            # Reversed too (where flax.nnx raises), and in the fused layer: each row of length 3.
+            (ours(x, seq_lengths=3, reverse=True), ours(x, seq_lengths=rows, reverse=True)),
+            (fused(x, seq_lengths=three), fused(x, seq_lengths=rows)))
+
+  (carry_t, y_t), reversed_, fused_ = others(ours, theirs, nr.LSTM(IN, H, rngs=nnx.Rngs(0)))
   _close(carry, carry_t)
   _close(y[:, :3], y_t[:, :3])
   assert not np.asarray(y[:, 3:]).any()  # padding: zeros (ours), flax.nnx's runs on
-  # Reversed too (where flax.nnx raises), and in the fused layer: each row of length 3.
-  rows = jnp.full((B,), 3)
-  _close(ours(x, seq_lengths=3, reverse=True), ours(x, seq_lengths=rows, reverse=True))
-  fused = nr.LSTM(IN, H, rngs=nnx.Rngs(0))
-  _close(fused(x, seq_lengths=jnp.array(3)), fused(x, seq_lengths=rows))
+  _close(*reversed_)
+  _close(*fused_)
 
 
 def test_float_seq_lengths_are_lengths():
@@ -320,17 +340,26 @@ def test_float_seq_lengths_are_lengths():
   ours = nr.RNN(nr.GRUCell(IN, H, rngs=nnx.Rngs(0)))
   theirs = nnx.RNN(nnx.GRUCell(IN, H, rngs=nnx.Rngs(0)))
   nnx.update(ours, nnx.state(theirs, nnx.Param))
-  y, y_t = ours(x, seq_lengths=lengths.astype(jnp.float32)), theirs(x, seq_lengths=lengths)
-  valid = (jnp.arange(T)[None] < lengths[:, None])[..., None]
-  _close(jnp.where(valid, y, 0), jnp.where(valid, y_t, 0))
-  assert not np.asarray(jnp.where(valid, 0, y)).any()  # zeros at padding, as with int lengths
   fused = nr.GRU(IN, H, rngs=nnx.Rngs(0))
-  _close(fused(x, seq_lengths=lengths.astype(jnp.float32)), fused(x, seq_lengths=lengths))
+  floats = lengths.astype(jnp.float32)  # as the sum of a float mask is
+  # Eager (their values checked): the float lengths under test.
+  y, y_fused = ours(x, seq_lengths=floats), fused(x, seq_lengths=floats)
+  call = nnx.jit(lambda m, n: m(x, seq_lengths=n))
   # Under jit (unchecked) a length computed a rounding error off is that length.
-  off = lengths.astype(jnp.float32) + jnp.array([-4e-7, 2e-7, -2e-7])
+  off = floats + jnp.array([-4e-7, 2e-7, -2e-7])
   assert bool((off != lengths).any())
-  _close(nnx.jit(lambda m, x, n: m(x, seq_lengths=n))(ours, x, off), y)
-  _close(nnx.jit(lambda m, x, n: m(x, seq_lengths=n))(fused, x, off), fused(x, seq_lengths=lengths))
+
+  @nnx.jit  # the integer-length references, in one program
+  def references(theirs, fused):
+    return theirs(x, seq_lengths=lengths), fused(x, seq_lengths=lengths)
+
+  y_t, y_fused_int = references(theirs, fused)
+  valid = (np.arange(T)[None] < np.asarray(lengths)[:, None])[..., None]
+  _close(np.where(valid, y, 0), np.where(valid, y_t, 0))
+  assert not np.where(valid, 0, y).any()  # zeros at padding, as with int lengths
+  _close(y_fused, y_fused_int)
+  _close(call(ours, off), y)
+  _close(call(fused, off), y_fused_int)
 
 
 def test_broadcast_rngs_gives_one_mask_per_call_as_flax():
@@ -340,9 +369,10 @@ def test_broadcast_rngs_gives_one_mask_per_call_as_flax():
   theirs = nnx.RNN(_flax_cell(nnx.Rngs(0, recurrent_dropout=1), **kw),
                    broadcast_rngs='recurrent_dropout')
   x = jnp.ones((B, T, IN))
+  call = nnx.jit(lambda rnn: rnn(x))  # one program per library; it carries the state out
   masks = []
   for _ in range(2):
-    y_o, y_t = ours(x), theirs(x)
+    y_o, y_t = call(ours), call(theirs)
     _close(y_o, y_t)
     zeros = np.asarray(y_o == 0)
     assert (zeros == zeros[:, :1]).all() and zeros.any()  # one mask for every step
@@ -398,15 +428,20 @@ def test_custom_cell_with_required_rngs_in_rnn_and_bidirectional():
   cell_o = CountingDropoutCell(nnx.Rngs(0, dropout=1), rate=0.0)
   cell_t = _flax_cell(nnx.Rngs(0, dropout=1), rate=0.0)
   x = _x()
-  for kw in (dict(), dict(seq_lengths=LENGTHS)):
-    _close(nr.RNN(cell_o)(x, **kw)[:2, :2], nnx.RNN(cell_t)(x, **kw)[:2, :2])
-    carry = cell_o.initialize_carry((B, IN), None)
-    _close(nr.RNN(cell_o)(x, initial_carry=carry), nnx.RNN(cell_t)(x, initial_carry=carry))
-  back_o = CountingDropoutCell(nnx.Rngs(2), rate=0.0)
-  back_t = _flax_cell(nnx.Rngs(2), rate=0.0)
-  bi_o = nr.Bidirectional(nr.RNN(cell_o), nr.RNN(back_o), rngs=nnx.Rngs(5))
-  bi_t = nnx.Bidirectional(nnx.RNN(cell_t), nnx.RNN(back_t), rngs=nnx.Rngs(5))
-  _close(bi_o(x), bi_t(x))
+  carry = cell_o.initialize_carry((B, IN), None)
+
+  def runs(lib):  # one program per library: RNN's three calls and Bidirectional's
+    @nnx.jit
+    def run(cell, back):
+      outs = [lib.RNN(cell)(x, **kw)[:2, :2] for kw in (dict(), dict(seq_lengths=LENGTHS))]
+      outs.append(lib.RNN(cell)(x, initial_carry=carry))
+      outs.append(lib.Bidirectional(lib.RNN(cell), lib.RNN(back), rngs=nnx.Rngs(5))(x))
+      return outs
+
+    return run
+
+  _close(runs(nr)(cell_o, CountingDropoutCell(nnx.Rngs(2), rate=0.0)),
+         runs(nnx)(cell_t, _flax_cell(nnx.Rngs(2), rate=0.0)))
 
 
 def test_rngs_arguments_hold_a_stream_only_when_a_cell_may_draw():
@@ -452,10 +487,11 @@ def test_bidirectional_given_a_stream_draws_flax_nnx_carries():
     ours = nr.Bidirectional(make(nr, 0), make(nr, 1), rngs=stream_o)
     theirs = nnx.Bidirectional(make(nnx, 0), make(nnx, 1), rngs=stream_t)
   x = _x()
-  first = ours(x)
-  _close(first, theirs(x), atol=1e-5)
-  _close(ours(x), theirs(x), atol=1e-5)  # the second call's draws too
-  assert not np.allclose(first, ours(x))
+  call = nnx.jit(lambda bi: bi(x))  # one program per library; it carries the draws out
+  first = call(ours)
+  _close(first, call(theirs), atol=1e-5)
+  _close(call(ours), call(theirs), atol=1e-5)  # the second call's draws too
+  assert not np.allclose(first, call(ours))
   assert int(stream_o.count[...]) == 1  # the caller's stream is left as it was
 
 
@@ -620,9 +656,16 @@ def test_an_initial_carry_its_cells_initialize_carry_does_not_describe():
   for x in (_x(), _x((2, B, T, IN))):
     batch = x.shape[:-2]
     carry = (jnp.ones(batch + (H,)), jnp.zeros(batch, jnp.int32))
+    lengths = jnp.full(batch, T)
     ours, theirs = nr.RNN(_CountingCell(nnx.Rngs(0))), nnx.RNN(_CountingCell(nnx.Rngs(0)))
-    out_o = ours(x, initial_carry=carry, seq_lengths=jnp.full(batch, T), return_carry=True)
-    _close(out_o, theirs(x, initial_carry=carry, return_carry=True))
+
+    @nnx.jit  # both libraries' in one program (the carry and lengths as given: constants)
+    def runs(ours, theirs, x=x, carry=carry, lengths=lengths):
+      return (ours(x, initial_carry=carry, seq_lengths=lengths, return_carry=True),
+              theirs(x, initial_carry=carry, return_carry=True))
+
+    out_o, out_t = runs(ours, theirs)
+    _close(out_o, out_t)
     assert out_o[0][1].dtype == jnp.int32
   with pytest.raises(ValueError, match=m('RNN: `initial_carry` expected leaf shapes',
                                          f'got [({B}, {H + 1}), ({B},)]')):
@@ -656,10 +699,11 @@ def test_keep_rngs_cells_draw_their_carry_from_the_layers_stream_as_flax(carry_i
                                    rngs=nnx.Rngs(s))) for s in (0, 1)]
     return rnns[0] if layer == 'RNN' else lib.Bidirectional(*rnns)
 
+  call = nnx.jit(lambda layer: layer(x, return_carry=True))  # carries the streams' updates out
   for layer in ('RNN', 'Bidirectional'):
     ours, theirs = build(nr, layer), build(nnx, layer)
-    for _ in range(2):
-      _close(ours(x, return_carry=True), theirs(x, return_carry=True), atol=1e-5)
+    for _ in range(2):  # the second call: the same programs, the streams advanced
+      _close(call(ours), call(theirs), atol=1e-5)
     _close(nnx.state(ours, nnx.RngState), nnx.state(theirs, nnx.RngState), atol=0)
 
 
@@ -667,8 +711,9 @@ def test_bidirectional_over_flax_nnx_layers():
   """flax.nnx's ``RNN`` (``RNNBase``'s call, without ``segment_ids``) in both directions."""
   x = _x()
   rnns = [nnx.RNN(nnx.GRUCell(IN, H, rngs=nnx.Rngs(s))) for s in (0, 1)]
-  _close(nr.Bidirectional(*rnns)(x, seq_lengths=LENGTHS),
-         nnx.Bidirectional(*rnns)(x, seq_lengths=LENGTHS), atol=1e-5)
+  # Both libraries' in one program.
+  _close(*nnx.jit(lambda f, b: [lib.Bidirectional(f, b)(x, seq_lengths=LENGTHS)
+                                for lib in (nr, nnx)])(*rnns), atol=1e-5)
   with pytest.raises(TypeError, match=m('Bidirectional: `segment_ids` expected None, since '
                                         'forward_rnn (flax.nnx.nn.recurrent.RNN) takes no '
                                         'segment_ids', 'got ids.')):
@@ -686,20 +731,24 @@ def test_carries_that_broadcast_over_shared_inputs_as_flax():
   def pair(lib, seed=0):
     return lib.RNN(lib.LSTMCell(IN, H, rngs=nnx.Rngs(seed)), return_carry=True)
 
+  @nnx.jit  # one program per library
+  def beam_runs(rnn, bi):
+    return rnn(x, initial_carry=beams), bi(x, initial_carry=(beams, beams))
+
   with jax.numpy_rank_promotion('allow'):  # (B, 4H) + (beams, B, 4H), in both
-    _close(pair(nr)(x, initial_carry=beams), pair(nnx)(x, initial_carry=beams), atol=1e-5)
-    ours, theirs = (lib.Bidirectional(pair(lib), pair(lib, 1), return_carry=True)
+    ours, theirs = (beam_runs(pair(lib), lib.Bidirectional(pair(lib), pair(lib, 1),
+                                                             return_carry=True))
                     for lib in (nr, nnx))
-    _close(ours(x, initial_carry=(beams, beams)), theirs(x, initial_carry=(beams, beams)),
-           atol=1e-5)
+    _close(ours, theirs, atol=1e-5)
     with pytest.raises(ValueError, match=m(
         f'RNN: `initial_carry` expected leaf shapes [({B}, {H}), ({B}, {H})] with seq_lengths '
         'or segment_ids (a carry with more leading axes than the inputs, beams say, runs '
         f'without them), got [(2, {B}, {H}), (2, {B}, {H})]')):
       pair(nr)(x, initial_carry=beams, seq_lengths=LENGTHS)
   lengths = jnp.array([3])
-  carry_o, y_o = pair(nr)(x1, initial_carry=rows, seq_lengths=lengths)
-  carry_t, y_t = pair(nnx)(x1, initial_carry=rows, seq_lengths=lengths)
+  row_runs = nnx.jit(lambda rnn: rnn(x1, initial_carry=rows, seq_lengths=lengths))
+  carry_o, y_o = row_runs(pair(nr))
+  carry_t, y_t = row_runs(pair(nnx))
   _close((carry_o, y_o[:, :3]), (carry_t, y_t[:, :3]), atol=1e-5)
   with pytest.raises(ValueError, match=m('expected leaf shapes', f'got [({B}, {H + 1})')):
     pair(nr)(x1, initial_carry=tuple(_x((B, H + 1), seed=k) for k in (4, 5)))
@@ -716,16 +765,17 @@ def test_bidirectional_random_carries_as_flax():
       rnns = [lib.RNN(lib.LSTMCell(IN, H, carry_init=normal, rngs=nnx.Rngs(s))) for s in (0, 1)]
     return lib.Bidirectional(*rnns, return_carry=True, **kw)
 
+  call = nnx.jit(lambda bi, rngs=None: bi(x, rngs=rngs))  # carries the streams' updates out
   for kw in ({}, {'rngs': 3}):
     ours, theirs = ((build(lib, rngs=nnx.Rngs(kw['rngs'])) if kw else build(lib))
                     for lib in (nr, nnx))
     for _ in range(2):  # the stored stream advances as flax's does
-      (carry_o, y_o), (carry_t, y_t) = ours(x), theirs(x)
+      (carry_o, y_o), (carry_t, y_t) = call(ours), call(theirs)
       _close(y_o, y_t, atol=1e-5)
       _close(carry_o, carry_t, atol=1e-5)
   ours, theirs = build(nr, rngs=False), build(nnx, rngs=False)
   call_o, call_t = nnx.Rngs(carry=5), nnx.Rngs(carry=5)
-  _close(ours(x, rngs=call_o), theirs(x, rngs=call_t), atol=1e-5)
+  _close(call(ours, call_o), call(theirs, call_t), atol=1e-5)
   assert _count(call_o, 'carry') == _count(call_t, 'carry') == 4  # (c, h) per direction
   (fwd, bwd), _ = build(nr)(x[:, :0])  # length 0: the initial carries
   assert not np.allclose(fwd[0], bwd[0])  # one stream: the directions draw different carries
@@ -736,7 +786,8 @@ def test_bidirectional_with_dropout_cells_keeps_their_streams():
   bi = nr.Bidirectional(*rnns)
   assert bi.rngs is None
   x = _x()
-  a, b = bi(x), bi(x)
+  run = nnx.jit(lambda bi: bi(x))  # one program; it carries the streams' updates out
+  a, b = run(bi), run(bi)
   assert not np.allclose(a, b)  # each direction's own dropout stream advances
   call = nnx.Rngs(dropout=4)
   bi(x, rngs=call)  # a call's Rngs drives dropout from its dropout stream
@@ -751,14 +802,20 @@ def test_bidirectional_over_stacks_and_refusals():
   x = _x()
   bi = nr.Bidirectional(nr.StackedRNN(nr.RNN(f1), nr.RNN(f2)),
                         nr.StackedRNN(nr.RNN(b1), nr.RNN(b2)))
-  (carry_f, carry_b), y = bi(x, seq_lengths=LENGTHS, return_carry=True)
-  # The backward stack: each row reversed within its length, through both layers, back.
   flip = lambda a: nr.flip_sequences(a, LENGTHS, num_batch_dims=1, time_major=False)  # noqa: E731
-  ref_c1, h1 = nr.RNN(b1)(flip(x), seq_lengths=LENGTHS, return_carry=True)
-  ref_c2, h2 = nr.RNN(b2)(h1, seq_lengths=LENGTHS, return_carry=True)
-  fwd = nr.RNN(f2)(nr.RNN(f1)(x, seq_lengths=LENGTHS), seq_lengths=LENGTHS)
-  _close(y, jnp.concatenate([fwd, flip(h2)], axis=-1), atol=1e-5)
-  _close(carry_b, (ref_c1, ref_c2), atol=1e-5)
+
+  @nnx.jit  # the layer and its reference in one program
+  def run(bi, f1, f2, b1, b2):
+    # The backward stack: each row reversed within its length, through both layers, back.
+    ref_c1, h1 = nr.RNN(b1)(flip(x), seq_lengths=LENGTHS, return_carry=True)
+    ref_c2, h2 = nr.RNN(b2)(h1, seq_lengths=LENGTHS, return_carry=True)
+    fwd = nr.RNN(f2)(nr.RNN(f1)(x, seq_lengths=LENGTHS), seq_lengths=LENGTHS)
+    return (bi(x, seq_lengths=LENGTHS, return_carry=True),
+            (jnp.concatenate([fwd, flip(h2)], axis=-1), (ref_c1, ref_c2)))
+
+  ((carry_f, carry_b), y), (y_ref, carry_ref) = run(bi, f1, f2, b1, b2)
+  _close(y, y_ref, atol=1e-5)
+  _close(carry_b, carry_ref, atol=1e-5)
   for bad in (nr.Bidirectional(nr.RNN(f1), nr.RNN(b1)),
               nr.LSTM(IN, H, bidirectional=True, rngs=rngs)):
     with pytest.raises(TypeError, match=m('Bidirectional: `forward_rnn` expected a '

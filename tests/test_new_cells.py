@@ -93,13 +93,13 @@ def test_rnn_matches_numpy_reference(name, reverse):
 def test_masked_rows_equal_unpadded_runs():
   """The module itself on one row's unpadded part gives that row's outputs and carry."""
   cell, _ = _make('ln_gru')
-  x = ref.normal((2, TIME, 3), seed=3)
+  x = np.asarray(ref.normal((2, TIME, 3), seed=3))  # sliced on the host
   rnn = nr.RNN(cell)
-  carry, y = _run(rnn, x, None, jnp.array([TIME, 2]))
+  carry, y = (np.asarray(a) for a in _run(rnn, x, None, jnp.array([TIME, 2])))
   carry_1, y_1 = _run(rnn, x[1:, :2], None, None)
   _close(y[1:, :2], y_1, atol=1e-6, rtol=1e-6)
   _close(carry[1:], carry_1, atol=1e-6, rtol=1e-6)
-  assert not np.asarray(y[1, 2:]).any()
+  assert not y[1, 2:].any()
 
 
 def test_bidirectional_and_stacked_layer_norm_cells():
@@ -245,8 +245,9 @@ def test_outputs_do_not_depend_on_the_scale_of_the_inputs(name):
   carry0 = ref.random_carry(cell, (3, *features))
   rnn = nr.RNN(cell)
   carry, y = _run(rnn, x, carry0, lengths)
+  x = np.asarray(x)  # scaled on the host
   for scale in (100.0, 0.01):
-    carry_s, y_s = _run(rnn, x * scale, carry0, lengths)
+    carry_s, y_s = _run(rnn, (x * scale).astype(np.float32), carry0, lengths)
     _close(y_s, y, atol=1e-4, rtol=1e-4)
     _close(carry_s, carry, atol=1e-4, rtol=1e-4)
   # A negative scale flips LN(W_i x): the outputs change (the check has teeth).
@@ -263,22 +264,22 @@ def test_conv_gru_circular_padding_is_translation_equivariant(kernel_size, strid
                                                               shift, out_shift):
   cell = ref.build(lambda: nr.ConvGRUCell(2, 3, kernel_size, strides=strides,
                                           padding='CIRCULAR', rngs=nnx.Rngs(0)), 11)
-  x = ref.normal((2, TIME, *spatial, 2), seed=12)
+  x = np.asarray(ref.normal((2, TIME, *spatial, 2), seed=12))  # rolled on the host
   lengths = jnp.array([TIME, 3])
   rnn = nr.RNN(cell)
   axes = tuple(range(2, 2 + len(spatial)))
-  carry, y = _run(rnn, x, None, lengths)
-  carry_r, y_r = _run(rnn, jnp.roll(x, shift, axes), None, lengths)
-  _close(y_r, jnp.roll(y, out_shift, axes), atol=1e-6, rtol=1e-6)
-  _close(carry_r, jnp.roll(carry, out_shift, tuple(a - 1 for a in axes)), atol=1e-6, rtol=1e-6)
+  carry, y = (np.asarray(a) for a in _run(rnn, x, None, lengths))
+  carry_r, y_r = _run(rnn, np.roll(x, shift, axes), None, lengths)
+  _close(y_r, np.roll(y, out_shift, axes), atol=1e-6, rtol=1e-6)
+  _close(carry_r, np.roll(carry, out_shift, tuple(a - 1 for a in axes)), atol=1e-6, rtol=1e-6)
   if strides == 1:  # zero padding ('SAME') breaks it: the state differs near the border
     same = nr.RNN(ref.build(lambda: nr.ConvGRUCell(2, 3, kernel_size, rngs=nnx.Rngs(0)), 11))
     _, y_s = _run(same, x, None, lengths)
-    _, y_sr = _run(same, jnp.roll(x, shift, axes), None, lengths)
-    assert np.abs(np.asarray(y_sr) - np.asarray(jnp.roll(y_s, out_shift, axes))).max() > 1e-2
+    _, y_sr = _run(same, np.roll(x, shift, axes), None, lengths)
+    assert np.abs(np.asarray(y_sr) - np.roll(np.asarray(y_s), out_shift, axes)).max() > 1e-2
   else:  # a shift by less than the stride is no shift of the state
-    _, y_1 = _run(rnn, jnp.roll(x, 1, axes), None, lengths)
-    assert np.abs(np.asarray(y_1) - np.asarray(y)).max() > 1e-2
+    _, y_1 = _run(rnn, np.roll(x, 1, axes), None, lengths)
+    assert np.abs(np.asarray(y_1) - y).max() > 1e-2
 
 
 # -- bfloat16 compute ----------------------------------------------------------------------

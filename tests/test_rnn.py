@@ -9,6 +9,7 @@ from flax import nnx
 
 import nnx_recurrent as nr
 from tests import reference as ref
+from tests.random_params import random_module
 
 ATOL = RTOL = 1e-5
 
@@ -120,12 +121,18 @@ def test_rnn_matches_python_step_loop(name):
   cell, features = ref.make_cell(name)
   x = _inputs(features, False, batch=(2, 3), time=4)
   carry0 = ref.random_carry(cell, (2, 3, *features))
-  carry, y = nr.RNN(cell, return_carry=True)(x, initial_carry=carry0)
-  loop_carry, ys = carry0, []
-  for t in range(x.shape[2]):
-    loop_carry, y_t = cell(loop_carry, x[:, :, t])
-    ys.append(y_t)
-  _close(y, jnp.stack(ys, axis=2), atol=1e-6, rtol=1e-6)
+  carry, y = nr.RNN(cell, return_carry=True)(x, initial_carry=carry0)  # eager
+
+  @nnx.jit  # the reference loop, traced step by step into one program
+  def loop(cell, loop_carry):
+    ys = []
+    for t in range(x.shape[2]):
+      loop_carry, y_t = cell(loop_carry, x[:, :, t])
+      ys.append(y_t)
+    return loop_carry, jnp.stack(ys, axis=2)
+
+  loop_carry, loop_y = loop(cell, carry0)
+  _close(y, loop_y, atol=1e-6, rtol=1e-6)
   _close(carry, loop_carry, atol=1e-6, rtol=1e-6)
 
 
@@ -158,17 +165,19 @@ def test_masked_rnn_matches_unpadded_rows(reverse, keep_order):
   x = _inputs(features, False, batch=(2, 2))
   carry0 = ref.random_carry(cell, (2, 2, *features))
   rnn = nr.RNN(cell, return_carry=True, reverse=reverse, keep_order=keep_order)
-  carry, y = jitted(rnn, x, carry0, jnp.asarray(lengths))
+  carry, y = jax.tree_util.tree_map(np.asarray, jitted(rnn, x, carry0, jnp.asarray(lengths)))
+  x, carry0 = jax.tree_util.tree_map(np.asarray, (x, carry0))  # rows sliced on the host
 
   for b in np.ndindex(lengths.shape):
     n = int(lengths[b])
     carry_row0 = jax.tree_util.tree_map(lambda c, b=b: c[b][None], carry0)
     got_carry = jax.tree_util.tree_map(lambda c, b=b: c[b][None], carry)
-    assert not np.asarray(y[b][n:]).any()  # padding outputs are exactly zero
+    assert not y[b][n:].any()  # padding outputs are exactly zero
     if n == 0:  # nothing to run: the carry is the initial one, exactly
       jax.tree_util.tree_map(np.testing.assert_array_equal, got_carry, carry_row0)
       continue
-    row_carry, row_y = jitted(rnn, x[b][None, :n], carry_row0)
+    row_carry, row_y = jitted(rnn, jnp.asarray(x[b][None, :n]),
+                              jax.tree_util.tree_map(jnp.asarray, carry_row0))
     _close(y[b][None, :n], row_y, atol=1e-6, rtol=1e-6)
     _close(got_carry, row_carry, atol=1e-6, rtol=1e-6)
 
@@ -213,7 +222,7 @@ def test_bidirectional_merge_fn_and_defaults():
   bi, fwd, bwd, features = _bidirectional(merge_fn=lambda a, b: a - 2.0 * b)
   lengths = np.array([4, 0, 2], np.int32)
   x = _inputs(features, False, batch=(3,), time=4)
-  y = bi(x, seq_lengths=jnp.asarray(lengths))  # default: zero carries, outputs only
+  y = jitted(bi, x, None, jnp.asarray(lengths))  # default: zero carries, outputs only
   _, ref_yf = ref.rnn(ref.cell_params(fwd), x, lengths, (np.zeros((3, 4)),) * 2,
                       num_batch_dims=1)
   _, ref_yb = ref.rnn(ref.cell_params(bwd), x, lengths, np.zeros((3, 4)), num_batch_dims=1,
@@ -243,9 +252,10 @@ def test_flip_sequences_matches_flax_linen(batch, time_major, with_lengths):
   x = _inputs((2,), time_major, batch=batch, time=4)
   lengths = (jnp.asarray(np.arange(int(np.prod(batch))).reshape(batch) % 5, jnp.int32)
              if with_lengths else None)
-  got = nr.flip_sequences(x, lengths, num_batch_dims=len(batch), time_major=time_major)
-  want = nn.recurrent.flip_sequences(x, lengths, num_batch_dims=len(batch),
-                                     time_major=time_major)
+  kw = dict(num_batch_dims=len(batch), time_major=time_major)
+  # Each under jax.jit: one program instead of one compile per eager op.
+  got = jax.jit(lambda x, n: nr.flip_sequences(x, n, **kw))(x, lengths)
+  want = jax.jit(lambda x, n: nn.recurrent.flip_sequences(x, n, **kw))(x, lengths)
   np.testing.assert_array_equal(got, want)
   assert not np.array_equal(got, x)
 
@@ -256,17 +266,18 @@ def test_tabulate_layers_whose_carry_is_learned_or_drawn():
   # the wrappers in place if anything raises): the base initialize_carry must
   # still be recognised, or it is called with an Rngs tabulate cannot print.
   x = jnp.ones((2, 5, 3))
-  layers = [
-    nr.RNN(nr.LSTMCell(3, 4, rngs=nnx.Rngs(0)), learn_initial_carry=True),
-    nr.RNN(nr.GRUCell(3, 4, carry_init=jax.nn.initializers.normal(), rngs=nnx.Rngs(0))),
-    nr.Bidirectional(nr.RNN(nr.LSTMCell(3, 4, rngs=nnx.Rngs(0)), learn_initial_carry=True),
-                     nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0)))),
-  ]
+  layers = [random_module(make) for make in (  # built without running initializers
+    lambda: nr.RNN(nr.LSTMCell(3, 4, rngs=nnx.Rngs(0)), learn_initial_carry=True),
+    lambda: nr.RNN(nr.GRUCell(3, 4, carry_init=jax.nn.initializers.normal(), rngs=nnx.Rngs(0))),
+    lambda: nr.Bidirectional(nr.RNN(nr.LSTMCell(3, 4, rngs=nnx.Rngs(0)),
+                                    learn_initial_carry=True),
+                             nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0)))),
+  )]
   for layer in layers:
     n = sum(v.size for v in jax.tree.leaves(nnx.state(layer)))  # tabulate counts RNG state too
     assert f'Total Parameters: {n} ' in nnx.tabulate(layer, x)
   # The classes are left as they were: a new layer computes the reference.
-  plain = nr.RNN(nr.LSTMCell(3, 4, rngs=nnx.Rngs(0)))
+  plain = nr.RNN(ref.make_cell('lstm')[0])
   carry0 = plain.cell.initialize_carry((2, 3))
   _, y_ref = ref.rnn(ref.cell_params(plain.cell), x, None, carry0, num_batch_dims=1)
   np.testing.assert_allclose(plain(x), y_ref, atol=1e-5)
@@ -278,11 +289,16 @@ def test_narrow_integer_lengths_on_a_long_time_axis():
   time = 300
   x = np.random.default_rng(0).normal(size=(2, time, 2)).astype(np.float32)
   wide = np.array([120, 255], np.int32)
-  for dtype in (np.uint8, np.int16, np.uint32, np.int64):
-    narrow = jnp.asarray(wide.astype(dtype))
-    np.testing.assert_array_equal(nr.flip_sequences(x, narrow, num_batch_dims=1, time_major=False),
-                                  nn.recurrent.flip_sequences(x, wide, num_batch_dims=1,
-                                                              time_major=False))
-  rnn = nr.RNN(nr.SimpleCell(2, 3, rngs=nnx.Rngs(0)), reverse=True, keep_order=True)
-  np.testing.assert_array_equal(rnn(x, seq_lengths=jnp.asarray(wide.astype(np.uint8))),
-                                rnn(x, seq_lengths=wide))
+  want = nn.recurrent.flip_sequences(x, wide, num_batch_dims=1, time_major=False)
+  dtypes = (np.uint8, np.int16, np.uint32, np.int64)
+  # Every dtype in one program (the lengths are constants of the trace, as given).
+  flips = jax.jit(lambda x: [nr.flip_sequences(x, jnp.asarray(wide.astype(dtype)),
+                                               num_batch_dims=1, time_major=False)
+                             for dtype in dtypes])(x)
+  for dtype, got in zip(dtypes, flips):
+    np.testing.assert_array_equal(got, want, err_msg=str(dtype))
+  rnn = ref.build(lambda: nr.RNN(nr.SimpleCell(2, 3, rngs=nnx.Rngs(0)), reverse=True,
+                                 keep_order=True))
+  narrow, wide = jnp.asarray(wide.astype(np.uint8)), jnp.asarray(wide)
+  np.testing.assert_array_equal(*nnx.jit(lambda rnn: [rnn(x, seq_lengths=narrow),
+                                                      rnn(x, seq_lengths=wide)])(rnn))

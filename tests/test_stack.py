@@ -9,6 +9,7 @@ from flax import nnx
 import nnx_recurrent as nr
 from tests import reference
 from tests.random_params import ZERO_INIT as _Z
+from tests.random_params import random_module
 from tests.random_params import randomize_params as _randomize
 
 ATOL = 2e-5
@@ -18,11 +19,14 @@ IDS = np.array([[1, 1, 2, 2, 2, 0], [3, 3, 3, 3, 3, 3], [0, 4, 0, 5, 5, 6]], np.
 
 
 def _stack(time_major=False):
-  rngs = nnx.Rngs(0)
-  bi = nr.Bidirectional(nr.RNN(nr.LSTMCell(IN, H, **_Z, rngs=rngs)),
-                        nr.RNN(nr.GRUCell(IN, H, **_Z, rngs=rngs)))
-  top = nr.RNN(nr.GRUCell(2 * H, H, **_Z, rngs=rngs), time_major=time_major)
-  return _randomize(nr.StackedRNN(bi, top, time_major=time_major))
+  def make():
+    rngs = nnx.Rngs(0)
+    bi = nr.Bidirectional(nr.RNN(nr.LSTMCell(IN, H, rngs=rngs)),
+                          nr.RNN(nr.GRUCell(IN, H, rngs=rngs)))
+    top = nr.RNN(nr.GRUCell(2 * H, H, rngs=rngs), time_major=time_major)
+    return nr.StackedRNN(bi, top, time_major=time_major)
+
+  return random_module(make)  # random parameters, no initializer run
 
 
 def _x(seed=1):
@@ -58,19 +62,19 @@ def test_equals_manual_composition(mask):
 
 
 def test_numpy_reference_two_layers_time_major():
-  rngs = nnx.Rngs(0)
-  stack = _randomize(nr.StackedRNN(
-    nr.RNN(nr.SimpleCell(IN, H, **_Z, rngs=rngs), time_major=True),
-    nr.RNN(nr.MGUCell(H, H, **_Z, rngs=rngs), time_major=True),
+  stack = random_module(lambda: nr.StackedRNN(
+    nr.RNN(nr.SimpleCell(IN, H, rngs=nnx.Rngs(0)), time_major=True),
+    nr.RNN(nr.MGUCell(H, H, rngs=nnx.Rngs(1)), time_major=True),
   ))
   assert stack.time_major  # taken from the first layer
   x = _x()
-  (c1, c2), ys = stack(np.swapaxes(x, 0, 1), seq_lengths=LENGTHS, return_carry=True)
+  (c1, c2), ys = nnx.jit(lambda stack: stack(np.swapaxes(x, 0, 1), seq_lengths=LENGTHS,
+                                             return_carry=True))(stack)
   p1, p2 = (reference.cell_params(layer.cell) for layer in stack.layers)
   zeros = np.zeros((B, H))
   r1, y1 = reference.rnn(p1, x, LENGTHS, zeros, num_batch_dims=1)
   r2, y2 = reference.rnn(p2, y1, LENGTHS, zeros, num_batch_dims=1)
-  np.testing.assert_allclose(jnp.swapaxes(ys, 0, 1), y2, atol=ATOL)
+  np.testing.assert_allclose(np.swapaxes(ys, 0, 1), y2, atol=ATOL)
   np.testing.assert_allclose(c1, r1, atol=ATOL)
   np.testing.assert_allclose(c2, r2, atol=ATOL)
 
@@ -85,19 +89,24 @@ def test_dropout_between_layers_only():
     layer.cell.dense_i.kernel[...] = jnp.eye(H)
   stack = nr.StackedRNN(*layers, dropout_rate=0.5, rngs=nnx.Rngs(dropout=1))
   x = jnp.ones((8, T, H))
-  y = np.asarray(stack(x, seq_lengths=np.array([T] * 7 + [2])))
+  lengths = np.array([T] * 7 + [2])
+  # Under nnx.jit, which carries the streams' updates out: a repeated call is
+  # the same program.
+  masked = nnx.jit(lambda stack: stack(x, seq_lengths=lengths))
+  plain = nnx.jit(lambda stack, rngs=None: stack(x, rngs=rngs))
+  y = np.asarray(masked(stack))
   assert set(np.unique(y[:7])) == {0.0, 2.0}
   assert len({tuple(y[0, t]) for t in range(T)}) > 1  # plain dropout: a new mask every step
   np.testing.assert_array_equal(y[7, 2:], 0)  # padding stays zero
-  assert not np.array_equal(y, np.asarray(stack(x, seq_lengths=np.array([T] * 7 + [2]))))
+  assert not np.array_equal(y, np.asarray(masked(stack)))
   # One layer: nothing after the last layer.
   np.testing.assert_array_equal(
-    nr.StackedRNN(layers[0], dropout_rate=0.5, rngs=nnx.Rngs(dropout=1))(x), x)
+    plain(nr.StackedRNN(layers[0], dropout_rate=0.5, rngs=nnx.Rngs(dropout=1))), x)
   # Evaluation: the plain composition; a key at call time is reproducible.
   k = jax.random.key(0)
-  np.testing.assert_array_equal(stack(x, rngs=k), stack(x, rngs=k))
+  np.testing.assert_array_equal(plain(stack, k), plain(stack, k))
   stack.eval()
-  np.testing.assert_array_equal(stack(x), x)
+  np.testing.assert_array_equal(plain(stack), x)
 
 
 def test_errors():
@@ -113,7 +122,7 @@ def test_errors():
     nr.StackedRNN()
   with pytest.raises(TypeError, match=r'StackedRNN: `layers\[1\]` expected an RNN, '
                      r'Bidirectional, LSTM or GRU layer, got GRUCell'):
-    nr.StackedRNN(stack.layers[0], nr.GRUCell(2 * H, H, rngs=nnx.Rngs(0)))
+    nr.StackedRNN(stack.layers[0], nnx.eval_shape(lambda: nr.GRUCell(2 * H, H, rngs=nnx.Rngs(0))))
   with pytest.raises(ValueError, match=r'RNN: `initial_carry` expected'):
     stack(x, initial_carry=(None, np.zeros((B, H + 1))))
 
@@ -123,31 +132,37 @@ def test_reverse_through_nested_convolutional_stacks():
   a stack of convolutional cells (inputs ``(batch, time, width, channels)``) run
   in reverse equals the stack run on each row reversed within its length."""
   rngs = nnx.Rngs(0)
-  inner = lambda: nr.StackedRNN(nr.RNN(nr.ConvLSTMCell(2, 2, (3,), rngs=rngs)))
+  inner = lambda: nr.StackedRNN(nr.RNN(nr.ConvLSTMCell(2, 2, (3,), **_Z, rngs=rngs)))
   stack = _randomize(nr.StackedRNN(nr.Bidirectional(inner(), inner())))
   x = np.random.default_rng(0).normal(size=(2, 4, 6, 2)).astype(np.float32)
   lengths = np.array([4, 3])
   flipped = x.copy()
   for b, n in enumerate(lengths):
     flipped[b, :n] = x[b, :n][::-1]
-  got = np.asarray(stack(x, seq_lengths=lengths, reverse=True))  # processing order
-  want = np.asarray(stack(flipped, seq_lengths=lengths))
+
+  @nnx.jit  # the three runs in one program
+  def runs(stack):
+    return (stack(x, seq_lengths=lengths, reverse=True),  # processing order
+            stack(flipped, seq_lengths=lengths), stack(x, seq_lengths=lengths))
+
+  got, want, forward = (np.asarray(a) for a in runs(stack))
   assert got.shape == (2, 4, 6, 4)
   np.testing.assert_allclose(got, want, atol=ATOL)
-  assert not np.allclose(got, np.asarray(stack(x, seq_lengths=lengths)), atol=1e-3)
+  assert not np.allclose(got, forward, atol=1e-3)
   np.testing.assert_array_equal(got[1, 3:], 0)
 
 
 def test_dropout_between_layers_can_be_attached_after_construction():
   # The slot holds nnx.data(None) without dropout, as flax's optional submodules do.
-  stack = nr.StackedRNN(nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0))),
-                        nr.RNN(nr.GRUCell(4, 4, rngs=nnx.Rngs(1))))
+  stack = random_module(lambda: nr.StackedRNN(nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0))),
+                                              nr.RNN(nr.GRUCell(4, 4, rngs=nnx.Rngs(1)))))
   x = jnp.ones((2, 5, 3))
-  plain = stack(x)
+  call = nnx.jit(lambda stack: stack(x))  # a program per structure: plain, dropout, eval
+  plain = call(stack)
   stack.dropout = nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=2))
-  assert not np.allclose(stack(x), plain)
+  assert not np.allclose(call(stack), plain)
   stack.eval()
-  np.testing.assert_array_equal(stack(x), plain)
+  np.testing.assert_array_equal(call(stack), plain)
 
 
 class _Readout(nr.RNNCellBase):
@@ -167,21 +182,22 @@ def test_a_cell_whose_output_is_a_readout_chains_by_its_output_width():
   # The sizes that chain are what step returns (R = 7 here), not hidden_features,
   # found by tracing one step on a copy: the cell's RNG stream does not move.
   R = 7
-  rngs = nnx.Rngs(0)
-  cells = [_randomize(_Readout(IN, H, R, rngs=rngs, dropout_rate=0.5)) for _ in range(2)]
+  # Random parameters, no initializer run.
+  cells = [random_module(lambda: _Readout(IN, H, R, rngs=nnx.Rngs(0), dropout_rate=0.5), seed)
+           for seed in (0, 1)]
   counts = [int(c.rngs.count[...]) for c in cells]
   bi = nr.Bidirectional(nr.RNN(cells[0]), nr.RNN(cells[1]))
-  top = _randomize(nr.RNN(nr.SimpleCell(2 * R, H, **_Z, rngs=rngs)))
+  top = random_module(lambda: nr.RNN(nr.SimpleCell(2 * R, H, rngs=nnx.Rngs(0))), 2)
   stack = nr.StackedRNN(bi, top)
   assert [int(c.rngs.count[...]) for c in cells] == counts
   with pytest.raises(ValueError, match=r'StackedRNN: `layers\[1\]` expected a layer reading '
                      r'14 features \(the output size of layers\[0\], Bidirectional\), got RNN '
                      r'with in_features 10'):
-    nr.StackedRNN(bi, nr.RNN(nr.SimpleCell(2 * H, H, rngs=rngs)))
+    nr.StackedRNN(bi, nr.RNN(nnx.eval_shape(lambda: nr.SimpleCell(2 * H, H, rngs=nnx.Rngs(0)))))
 
   stack.eval()
   x = _x()
-  got = np.asarray(stack(x, seq_lengths=LENGTHS))
+  got = np.asarray(nnx.jit(lambda stack: stack(x, seq_lengths=LENGTHS))(stack))
   zeros = np.zeros((B, H))
   valid = (np.arange(T)[None] < LENGTHS[:, None])[..., None]
   halves = []

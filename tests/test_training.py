@@ -104,7 +104,7 @@ def test_gradient_is_zero_at_padding(kind):
     return (y ** 2).sum() + sum((c ** 2).sum() for c in jax.tree_util.tree_leaves(carry))
 
   # (A closure over the module under plain jax.grad is refused by nnx.scan: use nnx.grad.)
-  g = np.asarray(nnx.grad(loss, argnums=1)(module, x))
+  g = np.asarray(nnx.jit(nnx.grad(loss, argnums=1))(module, x))
   padding = np.arange(5) >= lengths[..., None]
   assert not g[padding].any()  # exactly zero
   assert np.abs(g[~padding]).min(axis=-1).all()  # and non-zero where the data is
@@ -118,8 +118,8 @@ def test_bfloat16_compute(name):
   nnx.update(cell16, nnx.state(cell32, nnx.Param))
   lengths = jnp.array([4, 1], jnp.int32)
   x = ref.normal((2, 4, *features), seed=4)
-  c32, y32 = nr.RNN(cell32, return_carry=True)(x, seq_lengths=lengths)
-  c16, y16 = nr.RNN(cell16, return_carry=True)(x, seq_lengths=lengths)
+  run = lambda cell: nr.RNN(cell, return_carry=True)(x, seq_lengths=lengths)  # noqa: E731
+  (c32, y32), (c16, y16) = nnx.jit(lambda a, b: (run(a), run(b)))(cell32, cell16)
   for leaf in jax.tree_util.tree_leaves(c16):
     assert leaf.dtype == jnp.float32  # the carry stays in param_dtype
   # The matmuls ran in bfloat16 (results differ), yet stay within its precision.
@@ -132,9 +132,10 @@ def test_bfloat16_compute(name):
 
 
 def test_bfloat16_gradients_finite():
-  cell = nr.LSTMCell(3, 4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  cell = ref.build(lambda: nr.LSTMCell(3, 4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
   x, lengths = ref.normal((2, 4, 3), seed=4), jnp.array([4, 1], jnp.int32)
-  grads = nnx.grad(lambda c: nr.RNN(c)(x, seq_lengths=lengths).astype(jnp.float32).sum())(cell)
+  grads = nnx.jit(nnx.grad(
+    lambda c: nr.RNN(c)(x, seq_lengths=lengths).astype(jnp.float32).sum()))(cell)
   leaves = jax.tree_util.tree_leaves(grads)
   assert all(g.dtype == jnp.float32 for g in leaves)  # param_dtype
   assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
@@ -163,8 +164,8 @@ def test_bfloat16_params_and_carry(name):
                                             nnx.state(cell16, nnx.Param)))
   lengths = jnp.array([4, 1], jnp.int32)
   x = ref.normal((2, 4, *features), seed=4)
-  c16, y16 = nr.RNN(cell16, return_carry=True)(x, seq_lengths=lengths)
-  c32, y32 = nr.RNN(cell32, return_carry=True)(x, seq_lengths=lengths)
+  run = lambda cell: nr.RNN(cell, return_carry=True)(x, seq_lengths=lengths)  # noqa: E731
+  (c16, y16), (c32, y32) = nnx.jit(lambda a, b: (run(a), run(b)))(cell16, cell32)
   assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree_util.tree_leaves(c16))
   np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=3e-2, rtol=3e-2)
 

@@ -18,6 +18,7 @@ from flax import nnx
 
 import nnx_recurrent as nr
 from tests import reference as ref
+from tests.random_params import random_module
 
 B, T = 3, 6
 
@@ -63,10 +64,16 @@ def test_zoneout_step_against_the_formula(name):
   new_ref, y_ref = ref.step(p, _np(carry), np.asarray(x))
   # Training: each unit keeps its old value where the mask (one key per carry array) says.
   key = jax.random.key(5)
-  new, y = cell(carry, x, rngs=key)
   leaves = jax.tree.leaves(carry)
-  keys = [key] if len(leaves) == 1 else list(jax.random.split(key, len(leaves)))
-  keep = [np.asarray(jax.random.bernoulli(k, rate, a.shape)) for k, a in zip(keys, leaves)]
+
+  @nnx.jit  # the step and the masks the key gives, in one program
+  def training(cell):
+    keys = [key] if len(leaves) == 1 else list(jax.random.split(key, len(leaves)))
+    return cell(carry, x, rngs=key), [jax.random.bernoulli(k, rate, a.shape)
+                                      for k, a in zip(keys, leaves)]
+
+  (new, y), keep = training(cell)
+  keep = [np.asarray(k) for k in keep]
   want = [np.where(k, o, n) for k, o, n in
           zip(keep, jax.tree.leaves(_np(carry)), jax.tree.leaves(new_ref))]
   for got, w in zip(jax.tree.leaves(new), want):
@@ -75,7 +82,7 @@ def test_zoneout_step_against_the_formula(name):
   assert 0 < np.mean(np.concatenate([k.ravel() for k in keep])) < 1
   # Deterministic: the expectation.
   cell.eval()
-  new, y = cell(carry, x)
+  new, y = nnx.jit(lambda cell: cell(carry, x))(cell)
   for got, o, n in zip(jax.tree.leaves(new), jax.tree.leaves(_np(carry)),
                        jax.tree.leaves(new_ref)):
     np.testing.assert_allclose(got, rate * o + (1 - rate) * n, atol=1e-5)
@@ -83,36 +90,49 @@ def test_zoneout_step_against_the_formula(name):
 
 
 def test_zoneout_keeps_units_at_the_rate():
-  cell = nr.GRUCell(8, 250, zoneout_rate=0.3, rngs=nnx.Rngs(0))
+  # Small random parameters (no initializer to compile): no gate saturates, so
+  # no unit keeps its value but by zoneout.
+  cell = random_module(lambda: nr.GRUCell(8, 250, zoneout_rate=0.3, rngs=nnx.Rngs(0)),
+                       scale=0.01)
   h = jnp.full((40, 250), 7.0)  # far from anything a step computes: 10,000 units
-  new, _ = cell(h, jnp.ones((40, 8)))
+  new, _ = nnx.jit(lambda cell: cell(h, jnp.ones((40, 8))))(cell)
   frac = float(jnp.mean(new == 7.0))
   assert abs(frac - 0.3) < 0.01, frac
 
 
 def test_zoneout_in_rnn_new_mask_every_step_and_call_padding_keeps_the_carry():
-  cell = nr.LSTMCell(3, 16, zoneout_rate=0.5, rngs=nnx.Rngs(0, dropout=1))
+  cell = random_module(lambda: nr.LSTMCell(3, 16, zoneout_rate=0.5,
+                                           rngs=nnx.Rngs(0, dropout=1)))
   rnn = nr.RNN(cell, return_carry=True)
   x = ref.normal((B, T, 3), 4)
   lengths = jnp.array([T, 3, 0])
+  # nnx.jit carries the stream's updates out; its second call is the same program.
+  call = nnx.jit(lambda rnn, rngs=None: rnn(x, seq_lengths=lengths, rngs=rngs))
   count = int(cell.rngs.count[...])
-  (c1, h1), y1 = rnn(x, seq_lengths=lengths)
+  (c1, h1), y1 = call(rnn)
   assert int(cell.rngs.count[...]) == count + 2 * T  # one key per carry array per step
-  (c2, h2), y2 = rnn(x, seq_lengths=lengths)
+  (c2, h2), y2 = call(rnn)
   assert not np.allclose(y1[0], y2[0])  # new masks each call
   # The scan against a loop over the cell with the keys the call's rngs give each step.
   key = jax.random.key(9)
-  (c, h), y = rnn(x, seq_lengths=lengths, rngs=key)
-  step_keys = jax.random.split(jax.random.fold_in(key, 1), T)
-  carry = cell.initialize_carry((B, 3))
-  ys, kept = [], []
-  for t in range(T):
-    new, y_t = cell(carry, x[:, t], rngs=step_keys[t])
-    valid = (t < lengths)[:, None]
-    kept.append(np.asarray(new[0] == carry[0]))
-    carry = jax.tree.map(lambda n, o, valid=valid: jnp.where(valid, n, o), new, carry)
-    ys.append(jnp.where(valid, y_t, 0))
-  np.testing.assert_allclose(y, jnp.stack(ys, 1), atol=1e-6)
+  (c, h), y = call(rnn, key)
+
+  @nnx.jit  # the loop, traced step by step into one program
+  def loop(cell):
+    step_keys = jax.random.split(jax.random.fold_in(key, 1), T)
+    carry = cell.initialize_carry((B, 3))
+    ys, kept = [], []
+    for t in range(T):
+      new, y_t = cell(carry, x[:, t], rngs=step_keys[t])
+      valid = (t < lengths)[:, None]
+      kept.append(new[0] == carry[0])
+      carry = jax.tree.map(lambda n, o, valid=valid: jnp.where(valid, n, o), new, carry)
+      ys.append(jnp.where(valid, y_t, 0))
+    return carry, jnp.stack(ys, 1), kept
+
+  carry, ys, kept = loop(cell)
+  kept = [np.asarray(k) for k in kept]
+  np.testing.assert_allclose(y, ys, atol=1e-6)
   np.testing.assert_allclose(c, carry[0], atol=1e-6)
   np.testing.assert_allclose(h, carry[1], atol=1e-6)
   assert not (kept[1] == kept[2]).all()  # a new mask at every step
@@ -120,14 +140,15 @@ def test_zoneout_in_rnn_new_mask_every_step_and_call_padding_keeps_the_carry():
 
 
 def test_zoneout_deterministic_packed_segments_equal_separate_runs():
-  cell = nr.GRUCell(3, 5, zoneout_rate=0.25, rngs=nnx.Rngs(0))
-  ref.randomize(cell, 2)
+  cell = random_module(lambda: nr.GRUCell(3, 5, zoneout_rate=0.25, rngs=nnx.Rngs(0)), 2)
   rnn = nnx.view(nr.RNN(cell), deterministic=True)
   x = ref.normal((1, T, 3), 6)
   ids = jnp.array([[1, 1, 1, 2, 2, 0]])
-  y = rnn(x, segment_ids=ids)
-  np.testing.assert_allclose(y[:, :3], rnn(x[:, :3]), atol=1e-6)
-  np.testing.assert_allclose(y[:, 3:5], rnn(x[:, 3:5]), atol=1e-6)
+  # The packed run and the separate ones, in one program.
+  y, first, second = nnx.jit(lambda rnn: (rnn(x, segment_ids=ids), rnn(x[:, :3]),
+                                          rnn(x[:, 3:5])))(rnn)
+  np.testing.assert_allclose(y[:, :3], first, atol=1e-6)
+  np.testing.assert_allclose(y[:, 3:5], second, atol=1e-6)
   np.testing.assert_array_equal(y[:, 5], 0.0)
 
 
@@ -135,15 +156,15 @@ def test_zoneout_rate_is_checked():
   with pytest.raises(ValueError, match=m('GRUCell: `zoneout_rate` expected a float in [0, 1)',
                                          'got 1.0')):
     nr.GRUCell(3, 4, zoneout_rate=1.0, rngs=nnx.Rngs(0))
-  # No PRNG state without randomness; a stream with zoneout.
-  assert nr.GRUCell(3, 4, rngs=nnx.Rngs(0)).rngs is None
-  assert nr.GRUCell(3, 4, zoneout_rate=0.1, rngs=nnx.Rngs(0)).rngs is not None
+  # No PRNG state without randomness; a stream with zoneout (built abstractly).
+  assert nnx.eval_shape(lambda: nr.GRUCell(3, 4, rngs=nnx.Rngs(0))).rngs is None
+  assert nnx.eval_shape(lambda: nr.GRUCell(3, 4, zoneout_rate=0.1,
+                                           rngs=nnx.Rngs(0))).rngs is not None
 
 
 # -- learned initial carry ---------------------------------------------------------
 def _lstm_rnn(seed=0, **kw):
-  cell = nr.LSTMCell(3, 4, rngs=nnx.Rngs(seed))
-  ref.randomize(cell, seed)
+  cell = ref.build(lambda: nr.LSTMCell(3, 4, rngs=nnx.Rngs(seed)), seed)  # no initializers
   return nr.RNN(cell, learn_initial_carry=True, return_carry=True, **kw)
 
 
@@ -153,7 +174,7 @@ def test_learned_carry_starts_at_zero_and_is_one_row_per_leaf():
   assert [tuple(v.shape) for v in jax.tree.leaves(leaves)] == [(4,), (4,)]
   x = ref.normal((B, T, 3), 1)
   plain = nr.RNN(rnn.cell, return_carry=True)
-  jax.tree.map(np.testing.assert_array_equal, rnn(x), plain(x))
+  jax.tree.map(np.testing.assert_array_equal, *nnx.jit(lambda a, b: (a(x), b(x)))(rnn, plain))
 
 
 def test_learned_carry_is_the_default_carry_for_rows_segments_and_empty_rows():
@@ -164,20 +185,22 @@ def test_learned_carry_is_the_default_carry_for_rows_segments_and_empty_rows():
   x = ref.normal((B, T, 3), 1)
   explicit = (jnp.broadcast_to(c0, (B, 4)), jnp.broadcast_to(h0, (B, 4)))
   lengths = jnp.array([T, 2, 0])
-  got = rnn(x, seq_lengths=lengths)
-  want = rnn(x, seq_lengths=lengths, initial_carry=explicit)
+  ids = jnp.array([[1, 1, 2, 2, 2, 0]] * B)
+  zeros = rnn.cell.initialize_carry((B, 3))
+
+  @nnx.jit  # every run in one program
+  def runs(rnn, plain):
+    return ((rnn(x, seq_lengths=lengths), rnn(x, seq_lengths=lengths, initial_carry=explicit)),
+            (rnn(x, segment_ids=ids)[1], rnn(x[:, 2:5], initial_carry=explicit)[1]),
+            (rnn(x, initial_carry=zeros), plain(x)))
+
+  (got, want), (y, y2), (given, plain) = runs(rnn, nr.RNN(rnn.cell, return_carry=True))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got, want)
   np.testing.assert_allclose(got[0][1][2], h0, atol=0)  # the length-0 row returns it
   # Packed: every segment starts from the learned carry.
-  ids = jnp.array([[1, 1, 2, 2, 2, 0]] * B)
-  _, y = rnn(x, segment_ids=ids)
-  _, y2 = rnn(x[:, 2:5], initial_carry=explicit)
   np.testing.assert_allclose(y[:, 2:5], y2, atol=1e-6)
   # An explicit initial carry wins.
-  zeros = rnn.cell.initialize_carry((B, 3))
-  plain = nr.RNN(rnn.cell, return_carry=True)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
-               rnn(x, initial_carry=zeros), plain(x))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), given, plain)
 
 
 def test_learned_carry_gradient_and_training():
@@ -189,45 +212,54 @@ def test_learned_carry_gradient_and_training():
     (c, h), y = rnn(x, seq_lengths=lengths)
     return jnp.sum(y ** 2) + jnp.sum(h)
 
-  grads = nnx.grad(loss)(rnn)
+  grads = nnx.jit(nnx.grad(loss))(rnn)
   # Independent: the gradient w.r.t. an explicit, per-row initial carry, summed over rows.
   def loss_explicit(cell, carry):
     (c, h), y = nr.RNN(cell, return_carry=True)(x, seq_lengths=lengths, initial_carry=carry)
     return jnp.sum(y ** 2) + jnp.sum(h)
 
-  g_rows = nnx.grad(loss_explicit, argnums=1)(rnn.cell, rnn.cell.initialize_carry((B, 3)))
+  g_rows = nnx.jit(nnx.grad(loss_explicit, argnums=1))(rnn.cell,
+                                                       rnn.cell.initialize_carry((B, 3)))
   for got, rows in zip(jax.tree.leaves(grads['initial_carry']), g_rows):
     np.testing.assert_allclose(got, rows.sum(0), atol=1e-5)
   optimizer = nnx.Optimizer(rnn, optax.sgd(0.5), wrt=nnx.Param)
   before = np.asarray(rnn.initial_carry[1][...])
-  optimizer.update(rnn, grads)
+  nnx.jit(lambda optimizer, rnn, grads: optimizer.update(rnn, grads))(optimizer, rnn, grads)
   assert not np.allclose(rnn.initial_carry[1][...], before)  # trained like any parameter
 
 
 def test_learned_carry_through_bidirectional_stacks_and_conv_cells():
-  rngs = nnx.Rngs(0)
-  fwd = nr.RNN(nr.GRUCell(3, 4, rngs=rngs), learn_initial_carry=True)
-  bwd = nr.RNN(nr.GRUCell(3, 4, rngs=rngs), learn_initial_carry=True)
+  # Random parameters built without running initializers.
+  fwd = nr.RNN(ref.make_cell('gru', 0)[0], learn_initial_carry=True)
+  bwd = nr.RNN(ref.make_cell('gru', 1)[0], learn_initial_carry=True)
   fwd.initial_carry[...] = ref.normal((4,), 2)
   bwd.initial_carry[...] = ref.normal((4,), 3)
   stack = nr.StackedRNN(nr.Bidirectional(fwd, bwd))
   x = ref.normal((B, T, 3), 1)
   lengths = jnp.array([T, 2, 0])
-  ((h_f, h_b),), y = stack(x, seq_lengths=lengths, return_carry=True)
+
+  @nnx.jit  # the run and the gradient in one program
+  def run(stack):
+    return (stack(x, seq_lengths=lengths, return_carry=True),
+            nnx.grad(lambda s: jnp.sum(s(x, seq_lengths=lengths) ** 2))(stack))
+
+  (((h_f, h_b),), y), grads = run(stack)
   np.testing.assert_allclose(h_f[2], fwd.initial_carry[...], atol=0)
   np.testing.assert_allclose(h_b[2], bwd.initial_carry[...], atol=0)
-  grads = nnx.grad(lambda s: jnp.sum(s(x, seq_lengths=lengths) ** 2))(stack)
   for g in jax.tree.leaves(grads):
     assert np.isfinite(np.asarray(g)).all()
   flat = nnx.to_flat_state(grads)
   assert any('initial_carry' in path and np.abs(v[...]).max() > 0 for path, v in flat)
   # A convolutional cell: one value per channel, broadcast over positions.
-  conv = nr.RNN(nr.ConvLSTMCell(2, 3, (3,), padding='CIRCULAR', rngs=rngs),
+  conv = nr.RNN(ref.build(lambda: nr.ConvLSTMCell(2, 3, (3,), padding='CIRCULAR',
+                                                   rngs=nnx.Rngs(0))),
                 learn_initial_carry=True)
   conv.initial_carry[1][...] = ref.normal((3,), 4)
   xc = ref.normal((2, T, 5, 2), 5)
-  np.testing.assert_allclose(jnp.roll(conv(xc), 2, axis=2), conv(jnp.roll(xc, 2, axis=2)),
-                             atol=1e-5)  # still translation equivariant
+  rolled_after, rolled_before = nnx.jit(lambda conv: (jnp.roll(conv(xc), 2, axis=2),
+                                                      conv(jnp.roll(xc, 2, axis=2))))(conv)
+  # Still translation equivariant.
+  np.testing.assert_allclose(rolled_after, rolled_before, atol=1e-5)
 
 
 def test_learned_carry_errors():

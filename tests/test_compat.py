@@ -27,6 +27,8 @@ from flax.linen.recurrent import DenseParams
 
 import nnx_recurrent as nr
 from nnx_recurrent import compat
+from tests.random_params import random_module
+from tests.reference import normal
 
 NORMAL = nn.initializers.normal(1.0)
 
@@ -51,6 +53,12 @@ def _paths(tree) -> list[str]:
     return [f'{k}/{p}' for k, v in tree.items() for p in _paths(v)]
   return [''] if not isinstance(tree, tuple) else [f'{i}/{p}' for i, v in enumerate(tree)
                                                    for p in _paths(v)]
+
+
+def _numpy(tree):
+  """``tree`` with NumPy leaves: indexing them compiles nothing (eager jax indexing
+  compiles a program per shape)."""
+  return jax.tree.map(np.asarray, tree)
 
 
 def _valid(y, seq_lengths):
@@ -89,7 +97,7 @@ def test_cell_size_gives_a_clear_error():
   with pytest.raises(TypeError, match=r'`cell_size` is no longer an argument \(got 64\)'):
     compat.RNN(compat.LSTMCell(4), 64)  # positional, as in the old signature
   # flax.linen's own positional fields: RNN(cell, time_major, return_carry).
-  x = jnp.ones((5, 2, 3))
+  x = np.ones((5, 2, 3), np.float32)
   rnn = compat.RNN(compat.LSTMCell(4), True, True)
   (c, h), y = rnn.init_with_output(jax.random.key(0), x)[0]
   (c_ref, h_ref), y_ref = nn.RNN(nn.LSTMCell(4), True, True).init_with_output(
@@ -99,9 +107,12 @@ def test_cell_size_gives_a_clear_error():
 
 
 # -- cells --------------------------------------------------------------------------
-# Inits run eagerly, so that XLA compiles each initializer once per shape for the
-# whole file (threefry compiles are the slowest part here); the applies, which hold
-# the scans, run in one jit per test.
+# Inputs come from NumPy (jax.random compiles per shape). Inits of the gated cells
+# run eagerly, so that XLA compiles each initializer once per shape for the whole
+# file (threefry compiles are the slowest part here: an LSTM's initializers inside
+# a jit cost about a second to compile); the applies, which hold the scans, run in
+# one jit per test, and so do the RNN inits of cells with few initializers
+# (SimpleCell, a strided ConvLSTMCell, user cells): one program costs less there.
 B, T, IN, H = 3, 5, 3, 4
 LENGTHS = jnp.array([5, 2, 1])
 CELLS = [
@@ -122,9 +133,9 @@ CELLS = [
 
 
 def _det_init(key, shape, dtype=jnp.float32):
-  """A deterministic, non-constant initializer (cheap to compile)."""
+  """A deterministic, non-constant initializer (NumPy: nothing to compile)."""
   n = int(np.prod(shape))
-  return (0.5 * jnp.sin(0.7 * jnp.arange(n) + n)).reshape(shape).astype(dtype)
+  return jnp.asarray((0.5 * np.sin(0.7 * np.arange(n) + n)).reshape(shape).astype(dtype))
 
 
 # flax.linen's tabulate warns so for its own cells too (jnp.shape of a module field).
@@ -134,21 +145,24 @@ def test_cell_init_and_apply_match_linen(name, kwargs, shape):
   theirs = getattr(nn, name)(features=H, carry_init=NORMAL, **kwargs)
   ours = getattr(compat, name)(features=H, carry_init=NORMAL, **kwargs)
   assert ours.num_feature_axes == theirs.num_feature_axes
-  x = jax.random.normal(jax.random.key(0), shape)
+  x = normal(shape)
   carry_t = theirs.initialize_carry(jax.random.key(1), x.shape)
   carry_o = ours.initialize_carry(jax.random.key(1), x.shape)
   _assert_same_tree(carry_o, carry_t)  # same carry_init keys
   v_t, v_o = theirs.init(jax.random.key(2), carry_t, x), ours.init(jax.random.key(2), carry_t, x)
   _assert_same_tree(v_o, v_t)  # same parameter names, shapes, dtypes and values
   assert _paths(v_o) == _paths(v_t)  # created in flax.linen's order (what print shows)
+  intermediates = []  # their paths as created (jit's outputs have their keys sorted)
 
   def run(cell, v):
-    return cell.apply(v, carry_t, x, capture_intermediates=True, mutable=['intermediates'])
+    out = cell.apply(v, carry_t, x, capture_intermediates=True, mutable=['intermediates'])
+    intermediates.append(_paths(out[1]))
+    return out
 
   out_t, out_o = jax.jit(lambda v: (run(theirs, v), run(ours, v)))(v_t)
   # The outputs, and the intermediates: each Dense's (Conv's; OptimizedLSTMCell's
   # DenseParams') output under flax.linen's names, besides the cell's own.
-  assert _paths(out_o[1]) == _paths(out_t[1])
+  assert intermediates[1] == intermediates[0]
   _assert_close(out_o, out_t, atol=1e-6)
   assert nn.tabulate(ours, jax.random.key(2))(carry_t, x) == \
     nn.tabulate(theirs, jax.random.key(2))(carry_t, x)
@@ -172,36 +186,48 @@ def _patch_inner_layers(next_fun, args, kwargs, context):
 def test_interceptors_on_the_inner_layers_reach_the_step_as_in_linen(name, kwargs, shape):
   theirs = getattr(nn, name)(features=H, **kwargs)
   ours = getattr(compat, name)(features=H, **kwargs)
-  x = jax.random.normal(jax.random.key(0), shape)
-  carry = jax.tree_util.tree_map(lambda a: a + 0.3, theirs.initialize_carry(jax.random.key(1),
-                                                                            x.shape))
+  x, xs = normal(shape), normal((B, T) + shape[1:], seed=3)
+  # flax.linen's RNN refuses the bfloat16 carry turning float32 (compat's does not)
+  over_time = 'param_dtype' not in kwargs
+  carry = jax.tree.map(lambda a: a + 0.3, theirs.initialize_carry(jax.random.key(1), x.shape))
   variables = theirs.init(jax.random.key(2), carry, x)
-  with nn.intercept_methods(_patch_inner_layers):
-    patched_t, patched_o = theirs.apply(variables, carry, x), ours.apply(variables, carry, x)
+
+  @jax.jit
+  def run():
+    rnn_vars = {'params': {'cell': variables['params']}}
+    lengths = jnp.array([5, 2, 0])
+    with nn.intercept_methods(_patch_inner_layers):
+      patched = [cell.apply(variables, carry, x) for cell in (theirs, ours)]
+      rnns = [rnn.apply(rnn_vars, xs, seq_lengths=lengths)
+              for rnn in (nn.RNN(theirs), compat.RNN(ours))] if over_time else None
+    return theirs.apply(variables, carry, x), patched, rnns
+
+  unpatched, (patched_t, patched_o), rnns = run()
   _assert_close(patched_o, patched_t, atol=1e-6)
-  assert not np.allclose(patched_t[1], theirs.apply(variables, carry, x)[1])  # it did patch
-  if 'param_dtype' in kwargs:
-    return  # flax.linen's RNN refuses the bfloat16 carry turning float32 (compat's does not)
-  rnn_t, rnn_o = nn.RNN(theirs), compat.RNN(ours)
-  xs = jax.random.normal(jax.random.key(3), (B, T) + shape[1:])
-  rnn_vars = {'params': {'cell': variables['params']}}
-  with nn.intercept_methods(_patch_inner_layers):
-    _assert_close(rnn_o.apply(rnn_vars, xs, seq_lengths=jnp.array([5, 2, 0])),
-                  rnn_t.apply(rnn_vars, xs, seq_lengths=jnp.array([5, 2, 0])), atol=1e-5)
+  assert not np.allclose(patched_t[1], unpatched[1])  # it did patch
+  if over_time:
+    _assert_close(rnns[1], rnns[0], atol=1e-5)
 
 
 # -- RNN ----------------------------------------------------------------------------
 def test_rnn_matches_linen_over_layouts_directions_and_unroll():
-  x = jax.random.normal(jax.random.key(0), (B, T, IN))
+  x = normal((B, T, IN))
   theirs, ours = nn.RNN(nn.LSTMCell(H)), compat.RNN(compat.LSTMCell(H))
-  v_t, v_o = theirs.init(jax.random.key(1), x), ours.init(jax.random.key(1), x)
-  _assert_same_tree(v_o, v_t)
+  # Layout and direction are separate steps (_scan.prepare moves time first,
+  # processing_order reverses, output_order restores the order and then the
+  # layout): every direction batch-major, keep_order without reverse (which
+  # changes nothing) included, and time-major with and without the reorderings.
   configs = [dict(time_major=tm, reverse=rev, keep_order=ko, seq_lengths=True)
-             for tm, rev, ko in itertools.product([False, True], repeat=3)]
+             for tm, rev, ko in [(False, False, False), (False, False, True),
+                                 (False, True, False), (False, True, True),
+                                 (True, False, False), (True, True, True)]]
   configs += [dict(seq_lengths=False), dict(reverse=True, seq_lengths=False),
               dict(reverse=True, keep_order=True, time_major=True, seq_lengths=False),
-              dict(reverse=True, keep_order=True, seq_lengths=True, unroll=2),
-              dict(seq_lengths=True, unroll=3)]
+              # unroll goes to nn.scan as is: one value, which does not divide T
+              dict(reverse=True, keep_order=True, seq_lengths=True, unroll=2)]
+
+  v_t, v_o = theirs.init(jax.random.key(1), x), ours.init(jax.random.key(1), x)
+  _assert_same_tree(v_o, v_t)
 
   def run(v, x, lengths):
     outs = []
@@ -225,7 +251,7 @@ def test_rnn_matches_linen_over_layouts_directions_and_unroll():
 
 
 def test_rnn_multiple_batch_axes_and_conv_cell_match_linen():
-  x = jax.random.normal(jax.random.key(0), (2, B, T, 6, IN))  # (b1, b2, time, width, ch)
+  x = normal((2, B, T, 6, IN))  # (b1, b2, time, width, ch)
   lengths = np.array([[5, 3, 0], [1, 2, 4]])
   theirs = nn.RNN(nn.ConvLSTMCell(H, kernel_size=(3,)), return_carry=True)
   ours = compat.RNN(compat.ConvLSTMCell(H, kernel_size=(3,)), return_carry=True)
@@ -240,7 +266,7 @@ def test_rnn_multiple_batch_axes_and_conv_cell_match_linen():
     return (ours.apply(v, x, reverse=True), theirs.apply(v, x, reverse=True),
             ours.apply(v, x, seq_lengths=jnp.asarray(lengths)), rows)
 
-  (c_o, y_o), (c_t, y_t), (c_m, y_m), rows = jax.jit(run)(v_t)
+  (c_o, y_o), (c_t, y_t), (c_m, y_m), rows = _numpy(jax.jit(run)(v_t))
   _assert_close(c_o, c_t)
   _assert_close(y_o, y_t)
   for (i, j), (c_ref, y_ref) in zip([ij for ij in np.ndindex(2, B) if lengths[ij]], rows):
@@ -273,27 +299,32 @@ class _CountingCell(nn.RNNCellBase):
 
 
 def test_rnn_per_step_params_match_linen():
-  x = jax.random.normal(jax.random.key(0), (B, T, IN))
+  x = normal((B, T, IN))
   options = dict(variable_axes={'params': 0}, variable_broadcast=False,
                  split_rngs={'params': True})
   theirs = nn.RNN(nn.SimpleCell(H, kernel_init=_det_init), **options)
   ours = compat.RNN(compat.SimpleCell(H, kernel_init=_det_init), **options)
-  v_t, v_o = theirs.init(jax.random.key(1), x), ours.init(jax.random.key(1), x)
+
+  @jax.jit
+  def run():
+    v_t, v_o = theirs.init(jax.random.key(1), x), ours.init(jax.random.key(1), x)
+    return v_t, v_o, theirs.apply(v_t, x), ours.apply(v_t, x)
+
+  v_t, v_o, out_t, out_o = run()
   _assert_same_tree(v_o, v_t)  # per-step recurrent kernels from split keys
   assert v_o['params']['cell']['h']['kernel'].shape == (T, H, H)
-  out_t, out_o = jax.jit(lambda v: (theirs.apply(v, x), ours.apply(v, x)))(v_t)
   _assert_close(out_o, out_t)
 
 
 def test_rnn_variable_carry_and_split_rngs_match_linen():
-  x = jax.random.normal(jax.random.key(0), (B, T, IN))
-  # A carried collection must exist before the scan: build the variables by hand.
-  cell_vars = _CountingCell(H).init({'params': jax.random.key(1), 'dropout': jax.random.key(2)},
-                                    jnp.zeros((B, H)), x[:, 0])
-  variables = {'params': {'cell': cell_vars['params']}, 'counter': {'cell': {'n': 0}}}
-  kw = {'rngs': {'dropout': jax.random.key(3)}, 'mutable': ['counter']}
+  x = normal((B, T, IN))
 
-  def run(v):
+  def run():
+    # A carried collection must exist before the scan: build the variables by hand.
+    cell_vars = _CountingCell(H).init({'params': jax.random.key(1),
+                                       'dropout': jax.random.key(2)}, jnp.zeros((B, H)), x[:, 0])
+    v = {'params': {'cell': cell_vars['params']}, 'counter': {'cell': {'n': 0}}}
+    kw = {'rngs': {'dropout': jax.random.key(3)}, 'mutable': ['counter']}
     outs = []
     for split in (True, False):
       options = dict(variable_carry='counter', split_rngs={'params': False, 'dropout': split})
@@ -301,7 +332,7 @@ def test_rnn_variable_carry_and_split_rngs_match_linen():
         outs.append(ns.RNN(_CountingCell(H), **options).apply(v, x, **kw))
     return outs
 
-  (t_split, o_split, t_same, o_same) = jax.jit(run)(variables)
+  (t_split, o_split, t_same, o_same) = jax.jit(run)()
   for ours, theirs in ((o_split, t_split), (o_same, t_same)):
     assert int(ours[1]['counter']['cell']['n']) == T
     _assert_close(ours, theirs)
@@ -334,19 +365,18 @@ def _noisy_cell(base):
 @pytest.mark.parametrize('base', ['linen', 'compat'])
 def test_user_cell_without_initialize_carry_matches_linen(base):
   cell_type = _noisy_cell(nn.RNNCellBase if base == 'linen' else compat.RNNCellBase)
-  x = jax.random.normal(jax.random.key(0), (B, T, IN))
-  h0 = jax.random.normal(jax.random.key(5), (B, H))
+  x, h0 = normal((B, T, IN)), normal((B, H), seed=5)
   options = dict(variable_broadcast='params', variable_carry='stats',
                  split_rngs={'params': False, 'noise': True})
   theirs, ours = nn.RNN(cell_type(H), **options), compat.RNN(cell_type(H), **options)
   rngs = {'params': jax.random.key(1), 'noise': jax.random.key(2)}
-  cell_vars = cell_type(H).init(rngs, h0, x[:, 0])
-  variables = {'params': {'cell': cell_vars['params']}, 'stats': {'cell': {'total': 0.0}}}
   modes = [dict(), dict(seq_lengths=LENGTHS), dict(seq_lengths=LENGTHS, reverse=True),
            dict(seq_lengths=LENGTHS, reverse=True, keep_order=True, time_major=True)]
 
-  def run(v):
-    outs = []
+  def run():
+    cell_vars = cell_type(H).init(rngs, h0, x[:, 0])
+    v = {'params': {'cell': cell_vars['params']}, 'stats': {'cell': {'total': 0.0}}}
+    outs = [v]
     for m in modes:
       xx = x.swapaxes(0, 1) if m.get('time_major') else x
       for layer in (theirs, ours):
@@ -354,7 +384,7 @@ def test_user_cell_without_initialize_carry_matches_linen(base):
                                 rngs={'noise': jax.random.key(3)}, mutable=['stats'], **m))
     return outs
 
-  outs = jax.jit(run)(variables)
+  variables, *outs = jax.jit(run)()
   for k in range(len(modes)):
     ((c_t, y_t), v_t), ((c_o, y_o), v_o) = outs[2 * k], outs[2 * k + 1]
     np.testing.assert_allclose(y_o, y_t, atol=1e-6)
@@ -367,18 +397,18 @@ def test_user_cell_without_initialize_carry_matches_linen(base):
 
 def test_padding_values_are_linens_and_length_zero_keeps_the_initial_carry():
   """flax.linen's outputs at padding; the one difference: a length-0 row's carry."""
-  x = jax.random.normal(jax.random.key(0), (B, T, IN))
+  x = normal((B, T, IN))
   lengths = jnp.array([5, 0, 2])
   theirs = nn.RNN(nn.GRUCell(H, carry_init=NORMAL), return_carry=True)
   ours = compat.RNN(compat.GRUCell(H, carry_init=NORMAL), return_carry=True)
   v = theirs.init(jax.random.key(1), x)
-  (c_t, y_t), (c_o, y_o), (c_full, _) = jax.jit(lambda v: (
+  (c_t, y_t), (c_o, y_o), (c_full, _) = _numpy(jax.jit(lambda v: (
     theirs.apply(v, x, seq_lengths=lengths), ours.apply(v, x, seq_lengths=lengths),
-    theirs.apply(v, x)))(v)
-  pad = ~(np.arange(T)[None] < np.asarray(lengths)[:, None])
-  assert np.all(np.abs(np.asarray(y_o)[pad]) > 0)  # the cell's values, as flax.linen's
-  np.testing.assert_allclose(y_o, y_t, atol=1e-6)
+    theirs.apply(v, x)))(v))
   h0 = compat.GRUCell(H, carry_init=NORMAL).initialize_carry(jax.random.key(0), (B, IN))
+  pad = ~(np.arange(T)[None] < np.asarray(lengths)[:, None])
+  assert np.all(np.abs(y_o[pad]) > 0)  # the cell's values, as flax.linen's
+  np.testing.assert_allclose(y_o, y_t, atol=1e-6)
   np.testing.assert_array_equal(c_o[1], h0[1])  # ours: the initial carry
   np.testing.assert_allclose(c_t[1], c_full[1], atol=1e-6)  # flax.linen: after step -1
   np.testing.assert_allclose(np.asarray(c_o)[::2], np.asarray(c_t)[::2], atol=1e-6)
@@ -391,7 +421,7 @@ def test_padding_values_match_linen_with_several_batch_axes(cell):
   """Two batch axes, every direction mode: flax.linen's values on the flattened batch."""
   conv = cell == 'ConvLSTMCell'
   features = (6, IN) if conv else (IN,)  # a 1-D signal of width 6 for the conv cell
-  x = jax.random.normal(jax.random.key(0), (2, B, T, *features))
+  x = normal((2, B, T, *features))
   lengths = jnp.array([[5, 3, 0], [1, 2, 4]])
   kw = dict(kernel_size=(3,)) if conv else {}
   theirs = nn.RNN(getattr(nn, cell)(H, **kw), return_carry=True)
@@ -405,40 +435,46 @@ def test_padding_values_match_linen_with_several_batch_axes(cell):
              theirs.apply(v, flat_x, seq_lengths=flat_l, **m)) for m in modes]
 
   keep = np.asarray(lengths).reshape(-1) > 0  # flax.linen indexes step -1 at length 0
-  for (c_o, y_o), (c_t, y_t) in jax.jit(run)(v):
-    np.testing.assert_allclose(np.asarray(y_o).reshape(y_t.shape), y_t, atol=1e-6)
-    flat = jax.tree.map(lambda c: np.asarray(c).reshape((2 * B,) + c.shape[2:]), c_o)
+  for (c_o, y_o), (c_t, y_t) in _numpy(jax.jit(run)(v)):
+    np.testing.assert_allclose(y_o.reshape(y_t.shape), y_t, atol=1e-6)
+    flat = jax.tree.map(lambda c: c.reshape((2 * B,) + c.shape[2:]), c_o)
     _assert_close(jax.tree.map(lambda c: c[keep], flat), jax.tree.map(lambda c: c[keep], c_t))
 
 
 def test_conv_lstm_strides_work_where_linen_fails():
   """Deliberate difference: the hidden convolution keeps stride 1 and 'SAME'."""
-  x = jax.random.normal(jax.random.key(0), (B, 8, IN))
+  x = normal((B, 8, IN))
   ours = compat.ConvLSTMCell(H, kernel_size=(3,), strides=(2,), carry_init=NORMAL)
-  carry = ours.initialize_carry(jax.random.key(1), x.shape)
+
+  @jax.jit
+  def run():
+    carry = ours.initialize_carry(jax.random.key(1), x.shape)
+    v = ours.init(jax.random.key(2), carry, x)
+    (c, _), y = ours.apply(v, carry, x)
+    # Reference from flax.linen's Conv and the cell's formula.
+    p = v['params']
+    gates = (nn.Conv(4 * H, (3,), strides=(2,)).apply({'params': p['ih']}, x)
+             + nn.Conv(4 * H, (3,)).apply({'params': p['hh']}, carry[1]))
+    i, g, f, o = jnp.split(gates, 4, axis=-1)
+    c_ref = jax.nn.sigmoid(f + 1) * carry[0] + jax.nn.sigmoid(i) * jnp.tanh(g)
+    return carry, (c, y), (c_ref, jax.nn.sigmoid(o) * jnp.tanh(c_ref))
+
+  carry, got, want = run()
   assert jax.tree.map(jnp.shape, carry) == ((B, 4, H), (B, 4, H))
-  v = ours.init(jax.random.key(2), carry, x)
-  (c, h), y = ours.apply(v, carry, x)
-  # Reference from flax.linen's Conv and the cell's formula.
-  p = v['params']
-  gates = (nn.Conv(4 * H, (3,), strides=(2,)).apply({'params': p['ih']}, x)
-           + nn.Conv(4 * H, (3,)).apply({'params': p['hh']}, carry[1]))
-  i, g, f, o = jnp.split(gates, 4, axis=-1)
-  c_ref = jax.nn.sigmoid(f + 1) * carry[0] + jax.nn.sigmoid(i) * jnp.tanh(g)
-  np.testing.assert_allclose(c, c_ref, atol=1e-6)
-  np.testing.assert_allclose(y, jax.nn.sigmoid(o) * jnp.tanh(c_ref), atol=1e-6)
+  _assert_close(got, want)
   theirs = nn.ConvLSTMCell(H, kernel_size=(3,), strides=(2,))
   with pytest.raises((TypeError, ValueError)):  # flax.linen's carry has the input's width
-    theirs.init(jax.random.key(2), theirs.initialize_carry(jax.random.key(1), x.shape), x)
+    jax.eval_shape(lambda: theirs.init(
+      jax.random.key(2), theirs.initialize_carry(jax.random.key(1), x.shape), x))
 
 
 def test_rnn_segment_ids_extension_matches_linen_per_segment():
-  x = jax.random.normal(jax.random.key(0), (1, 6, IN))
+  x = normal((1, 6, IN))
   segment_ids = jnp.array([[1, 1, 1, 2, 2, 0]])
   theirs, ours = nn.RNN(nn.SimpleCell(H)), compat.RNN(compat.SimpleCell(H))
-  v = theirs.init(jax.random.key(1), x)
 
-  def run(v, segment_ids):
+  def run(segment_ids):
+    v = theirs.init(jax.random.key(1), x)
     out = []
     for reverse in (False, True):
       kw = dict(reverse=reverse, keep_order=True)
@@ -446,21 +482,21 @@ def test_rnn_segment_ids_extension_matches_linen_per_segment():
                   [theirs.apply(v, x[:, lo:hi], **kw) for lo, hi in ((0, 3), (3, 5))]))
     return out
 
-  for y, refs in jax.jit(run)(v, segment_ids):
+  for y, refs in _numpy(jax.jit(run)(segment_ids)):
     np.testing.assert_allclose(y[:, 0:3], refs[0], atol=1e-6)
     np.testing.assert_allclose(y[:, 3:5], refs[1], atol=1e-6)
-    assert float(jnp.abs(y[:, 5]).max()) == 0.0
+    assert float(np.abs(y[:, 5]).max()) == 0.0
 
 
 def test_rnn_segment_ids_initial_carry_starts_each_rows_first_segment_only():
   # As nr.RNN: the first segment of a row goes on from initial_carry (a chunk's
   # carry passed on), the later ones start from initialize_carry (zeros).
-  x = jax.random.normal(jax.random.key(0), (2, 6, IN))
+  x = normal((2, 6, IN))
   ids = jnp.array([[1, 1, 1, 2, 2, 0], [0, 3, 3, 3, 4, 4]])
-  c0 = jax.random.normal(jax.random.key(2), (2, H))
+  c0 = np.asarray(normal((2, H), seed=2))
   theirs, ours = nn.RNN(nn.GRUCell(H), return_carry=True), compat.RNN(compat.GRUCell(H))
   v = theirs.init(jax.random.key(1), x)
-  zeros = jnp.zeros((1, H))
+  zeros = np.zeros((1, H), np.float32)
   segments = {0: ((0, 3, c0[:1]), (3, 5, zeros)), 1: ((1, 4, c0[1:]), (4, 6, zeros))}
 
   @jax.jit
@@ -469,22 +505,22 @@ def test_rnn_segment_ids_initial_carry_starts_each_rows_first_segment_only():
       row: [theirs.apply(v, x[row:row + 1, lo:hi], initial_carry=start)
             for lo, hi, start in segs] for row, segs in segments.items()}
 
-  (carry, y), refs = run(v, x, c0)
+  (carry, y), refs = _numpy(run(v, x, c0))
   for row, segs in segments.items():
     for (lo, hi, _), (_, want) in zip(segs, refs[row]):
       np.testing.assert_allclose(y[row, lo:hi], want[0], atol=1e-6)
     np.testing.assert_allclose(carry[row], refs[row][-1][0][0], atol=1e-6)  # the last segment's
-  assert float(jnp.abs(y[0, 5]).max()) == 0.0 and float(jnp.abs(y[1, 0]).max()) == 0.0
+  assert float(np.abs(y[0, 5]).max()) == 0.0 and float(np.abs(y[1, 0]).max()) == 0.0
 
 
 def test_rnn_segment_ids_garbage_at_padding_reaches_no_gradient():
   """Packed sequences are masked as in nr.RNN: NaN at padding (id 0) changes no
   output and no gradient, which equal flax.linen's on the valid steps alone."""
-  x = jax.random.normal(jax.random.key(0), (1, 5, IN))
+  x = np.asarray(normal((1, 5, IN)))
   segment_ids = jnp.array([[1, 1, 2, 0, 0]])
-  garbage = x.at[:, 3:].set(jnp.nan)
+  garbage = x.copy()
+  garbage[:, 3:] = np.nan
   theirs, ours = nn.RNN(nn.GRUCell(H)), compat.RNN(compat.GRUCell(H))
-  v = theirs.init(jax.random.key(1), x)
 
   def loss_ours(v, x):
     return jnp.sum(ours.apply(v, x, segment_ids=segment_ids) ** 2)
@@ -492,8 +528,10 @@ def test_rnn_segment_ids_garbage_at_padding_reaches_no_gradient():
   def loss_linen(v, x):
     return sum(jnp.sum(theirs.apply(v, x[:, lo:hi]) ** 2) for lo, hi in ((0, 2), (2, 3)))
 
-  value, grads = jax.value_and_grad(loss_ours, argnums=(0, 1))(v, garbage)
-  want_value, want = jax.value_and_grad(loss_linen, argnums=(0, 1))(v, x)
+  v = theirs.init(jax.random.key(1), x)
+  (value, grads), (want_value, want) = _numpy(jax.jit(lambda v: (
+    jax.value_and_grad(loss_ours, argnums=(0, 1))(v, garbage),
+    jax.value_and_grad(loss_linen, argnums=(0, 1))(v, x)))(v))
   np.testing.assert_allclose(value, want_value, rtol=1e-6)
   for g, w in zip(jax.tree_util.tree_leaves(grads[0]), jax.tree_util.tree_leaves(want[0])):
     np.testing.assert_allclose(g, w, atol=1e-6)
@@ -504,27 +542,28 @@ def test_rnn_segment_ids_garbage_at_padding_reaches_no_gradient():
 def test_flip_sequences_matches_linen():
   from flax.linen.recurrent import flip_sequences as linen_flip
 
-  x = jnp.arange(2 * 4 * 3).reshape(4, 2, 3)
+  x = np.arange(2 * 4 * 3, dtype=np.int32).reshape(4, 2, 3)
   lengths = jnp.array([4, 1])
-  for tm, sl in itertools.product([False, True], [lengths, None]):
-    xx = x if tm else x.swapaxes(0, 1)
-    np.testing.assert_array_equal(compat.flip_sequences(xx, sl, 1, tm),
-                                  linen_flip(xx, sl, 1, tm))
+  cases = list(itertools.product([False, True], [lengths, None]))
+  flips = jax.jit(lambda: [(compat.flip_sequences(xx, sl, 1, tm), linen_flip(xx, sl, 1, tm))
+                           for tm, sl in cases for xx in [x if tm else x.swapaxes(0, 1)]])()
+  for ours, theirs in flips:
+    np.testing.assert_array_equal(ours, theirs)
 
 
 # -- Bidirectional -----------------------------------------------------------------
 def test_bidirectional_same_rnn_twice_logs_linens_warning(caplog):
-  x = jnp.ones((B, T, IN))
+  x = np.ones((B, T, IN), np.float32)
   for ns in (nn, compat):
     rnn = ns.RNN(ns.GRUCell(H))
     caplog.clear()
-    ns.Bidirectional(rnn, rnn).init(jax.random.key(0), x)
+    jax.eval_shape(lambda rnn=rnn, ns=ns: ns.Bidirectional(rnn, rnn).init(jax.random.key(0), x))
     assert [r.getMessage() for r in caplog.records if r.levelname == 'WARNING'] == [
       'forward_rnn and backward_rnn is the same object, so they will share parameters.'], ns
 
 
 def test_bidirectional_matches_linen():
-  x = jax.random.normal(jax.random.key(0), (B, T, IN))
+  x = normal((B, T, IN))
   merge = lambda a, b: jnp.concatenate([a, 2 * b], axis=-1)  # noqa: E731
 
   def make(ns, rnn):
@@ -532,7 +571,8 @@ def test_bidirectional_matches_linen():
                             rnn(ns.GRUCell(H, carry_init=NORMAL)), merge_fn=merge)
 
   theirs, ours = make(nn, nn.RNN), make(compat, compat.RNN)
-  # compat's Bidirectional over flax.linen RNNs, too
+  # compat's Bidirectional over flax.linen RNNs, too: with every option and with
+  # none (it forwards time_major and seq_lengths as they come, whatever they are).
   mixed = compat.Bidirectional(nn.RNN(nn.LSTMCell(H, carry_init=NORMAL)),
                                nn.RNN(nn.GRUCell(H, carry_init=NORMAL)), merge_fn=merge)
   v_t, v_o = theirs.init(jax.random.key(1), x), ours.init(jax.random.key(1), x)
@@ -545,14 +585,16 @@ def test_bidirectional_matches_linen():
       xx = x.swapaxes(0, 1) if tm else x
       kw = dict(seq_lengths=lengths if use_sl else None, time_major=tm, return_carry=True,
                 init_key=jax.random.key(4))
-      for m in (theirs, ours, mixed):
+      models = (theirs, ours, mixed) if tm == use_sl else (theirs, ours)
+      outs.append([])
+      for m in models:
         c, y = m.apply(v, xx, **kw)
-        outs.append((c, y.swapaxes(0, 1) if tm else y))
+        outs[-1].append((c, y.swapaxes(0, 1) if tm else y))
     return outs
 
   outs = jax.jit(run)(v_t, LENGTHS)
-  for k in range(len(configs)):
-    (c_t, y_t), *rest = outs[3 * k: 3 * k + 3]
+  assert [len(out) for out in outs] == [2, 3, 3, 2]  # mixed: (False, False), (True, True)
+  for (c_t, y_t), *rest in outs:
     for c_o, y_o in rest:
       _assert_close(c_o, c_t)
       np.testing.assert_allclose(y_o, y_t, atol=1e-6)  # padded steps included
@@ -579,8 +621,7 @@ def _user_model(ns):
 
 
 def test_compat_cells_under_linen_transforms_match_linen():
-  xs = jax.random.normal(jax.random.key(0), (B, T, IN))
-  carry = jax.random.normal(jax.random.key(1), (B, H))
+  xs, carry = normal((B, T, IN)), normal((B, H), seed=1)
   theirs, ours = _user_model(nn), _user_model(compat)
   v_t, v_o = theirs.init(jax.random.key(2), carry, xs), ours.init(jax.random.key(2), carry, xs)
   # Under nn.jit the initializers compile into two different programs: equal up to
@@ -596,7 +637,7 @@ def test_rnn_initial_carries_that_broadcast_match_linen():
   refused what flax.linen runs: an ``nn.vmap``'d ensemble of cells (a carry per
   member over shared inputs), beams over shared inputs, one input row shared
   by every carry row."""
-  x, x1 = (jax.random.normal(jax.random.key(0), (b, T, IN)) for b in (B, 1))
+  x, x1 = normal((B, T, IN)), normal((1, T, IN))
 
   def ensemble(ns):
     cells = ns.vmap(ns.LSTMCell, variable_axes={'params': 0}, split_rngs={'params': True},
@@ -604,17 +645,21 @@ def test_rnn_initial_carries_that_broadcast_match_linen():
     return ns.RNN(cells(H))
 
   def beams(n):
-    return tuple(jax.random.normal(jax.random.key(k), (n, B, H)) for k in (1, 2))
+    return tuple(normal((n, B, H), seed=k) for k in (1, 2))
 
   cases = [(ensemble, x, beams(3)), (lambda ns: ns.RNN(ns.LSTMCell(H)), x, beams(2)),
-           (lambda ns: ns.RNN(ns.GRUCell(H)), x1, jax.random.normal(jax.random.key(3), (B, H)))]
-  for build, inputs, carry in cases:
-    theirs, ours = build(nn), build(compat)
-    with jax.numpy_rank_promotion('allow'):  # beams: (B, 4H) + (beams, B, 4H) in both
-      v = theirs.init(jax.random.key(4), inputs, initial_carry=carry)
-      _assert_same_tree(ours.init(jax.random.key(4), inputs, initial_carry=carry), v)
-      _assert_close(ours.apply(v, inputs, initial_carry=carry, return_carry=True),
-                    theirs.apply(v, inputs, initial_carry=carry, return_carry=True), atol=1e-5)
+           (lambda ns: ns.RNN(ns.GRUCell(H)), x1, normal((B, H), seed=3))]
+  layers = [(build(nn), build(compat)) for build, _, _ in cases]
+  with jax.numpy_rank_promotion('allow'):  # beams: (B, 4H) + (beams, B, 4H) in both
+    variables = []
+    for (theirs, ours), (_, inputs, carry) in zip(layers, cases):
+      variables.append(theirs.init(jax.random.key(4), inputs, initial_carry=carry))
+      _assert_same_tree(ours.init(jax.random.key(4), inputs, initial_carry=carry), variables[-1])
+    outs = jax.jit(lambda variables: [
+      [m.apply(v, inputs, initial_carry=carry, return_carry=True) for m in pair]
+      for pair, v, (_, inputs, carry) in zip(layers, variables, cases)])(variables)
+  for out_t, out_o in outs:
+    _assert_close(out_o, out_t, atol=1e-5)
 
 
 @pytest.mark.parametrize('name', ['GRUCell', 'SimpleCell', 'MGUCell'])
@@ -622,12 +667,13 @@ def test_a_one_array_carry_takes_a_seed_as_linen(name):
   """flax.linen hands a one-array carry's ``carry_init`` the rng as given, so
   a seed suits the default zeros there (the LSTM cells split it, and refuse
   one: ``tests/test_errors.py``)."""
-  x = jax.random.normal(jax.random.key(0), (B, T, IN))
+  x = normal((B, T, IN))
   _assert_same_tree(getattr(compat, name)(H).initialize_carry(0, (B, IN)),
                     getattr(nn, name)(H).initialize_carry(0, (B, IN)))
   theirs, ours = nn.RNN(getattr(nn, name)(H)), compat.RNN(getattr(compat, name)(H))
   v = theirs.init(jax.random.key(1), x, init_key=0)
-  _assert_close(ours.apply(v, x, init_key=0), theirs.apply(v, x, init_key=0))
+  _assert_close(*jax.jit(lambda v: (ours.apply(v, x, init_key=0),
+                                    theirs.apply(v, x, init_key=0)))(v))
 
 
 def _scanned_rnn(ns):
@@ -647,26 +693,28 @@ def _scanned_rnn(ns):
 
 
 def test_scanned_rnn_rl_pattern_matches_linen():
-  xs = jax.random.normal(jax.random.key(0), (T, B, IN))  # time first, as in RL rollouts
-  resets = jax.random.bernoulli(jax.random.key(1), 0.3, (T, B))
-  carry = jax.random.normal(jax.random.key(2), (B, H))
+  xs = normal((T, B, IN))  # time first, as in RL rollouts
+  resets = np.random.default_rng(1).random((T, B)) < 0.3
+  carry = normal((B, H), seed=2)
   theirs, ours = _scanned_rnn(nn), _scanned_rnn(compat)
-  v = theirs.init(jax.random.key(3), carry, (xs, resets))
-  _assert_same_tree(ours.init(jax.random.key(3), carry, (xs, resets)), v)
 
   def loss(model, v):
     new_carry, ys = model.apply(v, carry, (xs, resets))
     return jnp.sum(ys ** 2) + jnp.sum(new_carry)
 
-  got = jax.jit(jax.value_and_grad(lambda v: loss(ours, v)))(v)
-  _assert_close(got, jax.jit(jax.value_and_grad(lambda v: loss(theirs, v)))(v), atol=1e-5)
+  v = theirs.init(jax.random.key(3), carry, (xs, resets))
+  _assert_same_tree(ours.init(jax.random.key(3), carry, (xs, resets)), v)
+  assert resets.any() and not resets.all()
+  got, want = jax.jit(lambda v: [jax.value_and_grad(lambda v, m=m: loss(m, v))(v)
+                                 for m in (ours, theirs)])(v)
+  _assert_close(got, want, atol=1e-5)
 
 
 # -- migration ---------------------------------------------------------------------
 @pytest.mark.parametrize('name,kwargs,shape', CELLS)
 def test_to_nnx_from_linen_cell(name, kwargs, shape):
   linen_cell = getattr(nn, name)(features=H, **kwargs)
-  x = jax.random.normal(jax.random.key(0), shape)
+  x = normal(shape)
   carry = linen_cell.initialize_carry(jax.random.key(1), x.shape)
   carry = jax.tree.map(lambda c: c + 0.5, carry)  # a non-zero state
   variables = linen_cell.init(jax.random.key(2), carry, x)
@@ -690,20 +738,26 @@ NNX_CELLS = [('LSTMCell', ()), ('OptimizedLSTMCell', ()), ('GRUCell', ()), ('MGU
 
 @pytest.mark.parametrize('name,args', NNX_CELLS)
 def test_from_nnx_cell_loads_into_linen(name, args):
-  kw = {} if name == 'ConvLSTMCell' else dict(kernel_init=_det_init,
-                                               recurrent_kernel_init=_det_init)
-  cell = getattr(nr, name)(IN, H, *args, **kw, rngs=nnx.Rngs(0))
-  for path, p in nnx.to_flat_state(nnx.state(cell, nnx.Param)):  # non-zero biases too
-    p.set_value(p.get_value() + 0.1 * len(path))
+  # Random parameters from NumPy, biases included (no initializer to compile).
+  cell = random_module(lambda: getattr(nr, name)(IN, H, *args, rngs=nnx.Rngs(0)))
   layer, variables = compat.from_nnx(cell)
-  x = jax.random.normal(jax.random.key(0), (B, 6, IN) if args else (B, IN))
-  carry = jax.tree.map(lambda c: c + 0.5, cell.initialize_carry(x.shape))
-  expected = cell(carry, x)
-  _assert_close(getattr(nn, name)(H, *args).apply(variables, carry, x), expected, atol=1e-6)
-  _assert_close(layer.apply(variables, carry, x), expected, atol=1e-6)
-  # The groups and leaves in the order flax.linen's init creates them.
-  linen_vars = getattr(nn, name)(H, *args).init(jax.random.key(0), carry, x)
-  assert _paths(variables) == _paths(linen_vars)
+  x = normal((B, 6, IN) if args else (B, IN))
+
+  @nnx.jit
+  def run(cell):
+    carry = jax.tree.map(lambda c: c + 0.5, cell.initialize_carry(x.shape))
+    return (carry, cell(carry, x), getattr(nn, name)(H, *args).apply(variables, carry, x),
+            layer.apply(variables, carry, x))
+
+  carry, expected, linen_out, layer_out = run(cell)
+  _assert_close(linen_out, expected, atol=1e-6)
+  _assert_close(layer_out, expected, atol=1e-6)
+  # The groups and leaves in the order flax.linen's init creates them (read as it
+  # traces: eval_shape's output has its keys sorted).
+  linen_paths = []
+  jax.eval_shape(lambda: linen_paths.extend(_paths(getattr(nn, name)(H, *args).init(
+    jax.random.key(0), carry, x))))
+  assert _paths(variables) == linen_paths
 
 
 def test_from_nnx_gru_without_bias_hn():
@@ -711,7 +765,7 @@ def test_from_nnx_gru_without_bias_hn():
                     recurrent_kernel_init=_det_init, rngs=nnx.Rngs(0))
   layer, variables = compat.from_nnx(cell)
   np.testing.assert_array_equal(variables['params']['hn']['bias'], np.zeros(H))
-  x = jax.random.normal(jax.random.key(0), (B, IN))
+  x = normal((B, IN))
   h = jnp.full((B, H), 0.5)
   _assert_close(nn.GRUCell(H).apply(variables, h, x), cell(h, x), atol=1e-6)
 
@@ -725,7 +779,7 @@ def test_from_nnx_refuses_a_cell_subclass_that_computes_otherwise():
   with pytest.raises(TypeError, match=r'from_nnx: `module` expected nr.GRUCell computing as the '
                                       r'built-in one .*got DampedGRU, a subclass that redefines '
                                       r'step'):
-    compat.from_nnx(nr.RNN(DampedGRU(IN, H, rngs=nnx.Rngs(0))))
+    compat.from_nnx(nnx.eval_shape(lambda: nr.RNN(DampedGRU(IN, H, rngs=nnx.Rngs(0)))))
 
 
 def test_from_nnx_warns_about_dropout():
@@ -736,26 +790,30 @@ def test_from_nnx_warns_about_dropout():
 
 @pytest.mark.filterwarnings('ignore:carry_init is provided in __init__')
 def test_from_nnx_refuses_what_linen_cannot_compute_and_keeps_carry_init():
-  for module, got in [
-    (nr.GRUCell(IN, H, zoneout_rate=0.3, rngs=nnx.Rngs(0)), 'a GRUCell with zoneout_rate=0.3'),
-    (nr.LSTMCell(IN, H, proj_features=2, rngs=nnx.Rngs(0)), 'a LSTMCell with proj_features=2'),
-    (nr.RNN(nr.OptimizedLSTMCell(IN, H, proj_features=2, rngs=nnx.Rngs(0))),
+  for make, got in [  # abstract modules (nothing to initialize): refused on their settings
+    (lambda: nr.GRUCell(IN, H, zoneout_rate=0.3, rngs=nnx.Rngs(0)),
+     'a GRUCell with zoneout_rate=0.3'),
+    (lambda: nr.LSTMCell(IN, H, proj_features=2, rngs=nnx.Rngs(0)),
+     'a LSTMCell with proj_features=2'),
+    (lambda: nr.RNN(nr.OptimizedLSTMCell(IN, H, proj_features=2, rngs=nnx.Rngs(0))),
      'a OptimizedLSTMCell with proj_features=2'),
   ]:
     with pytest.raises(ValueError, match=r'from_nnx: `module` expected a cell without '
                        r'.*, got ' + re.escape(got)):
-      compat.from_nnx(module)
+      compat.from_nnx(nnx.eval_shape(make))
   # A random initial carry, drawn by Linen's own RNN from the carry_init carried over.
   init = jax.nn.initializers.normal(1.0)
   rnn = nr.RNN(nr.LSTMCell(IN, H, carry_init=init, kernel_init=_det_init,
                            recurrent_kernel_init=_det_init, rngs=nnx.Rngs(0)))
   layer, variables = compat.from_nnx(rnn)
   assert layer.cell.carry_init is init
-  x = jax.random.normal(jax.random.key(0), (B, T, IN))
+  x = normal((B, T, IN))
   rng = {'params': jax.random.key(1), 'carry': jax.random.key(2)}
-  expected = nn.RNN(nn.LSTMCell(H, carry_init=init)).apply(variables, x, rngs=rng)
-  assert float(jnp.abs(expected - nn.RNN(nn.LSTMCell(H)).apply(variables, x)).max()) > 1e-2
-  _assert_close(layer.apply(variables, x, rngs=rng), expected, atol=1e-6)
+  expected, zero_carry, got = _numpy(jax.jit(lambda: (
+    nn.RNN(nn.LSTMCell(H, carry_init=init)).apply(variables, x, rngs=rng),
+    nn.RNN(nn.LSTMCell(H)).apply(variables, x), layer.apply(variables, x, rngs=rng)))())
+  assert float(np.abs(expected - zero_carry).max()) > 1e-2
+  _assert_close(got, expected, atol=1e-6)
 
 
 def _layer_normed_gru(lib):
@@ -767,37 +825,47 @@ def _layer_normed_gru(lib):
 
 
 def test_cell_patterns_that_flax_linen_accepts():
-  x = jax.random.normal(jax.random.key(0), (B, T, IN))
+  x = np.asarray(normal((B, T, IN)))
+  h0 = np.asarray(normal((H,), seed=2))
   # A subclass adding parameters: init and apply, and Linen's variables load.
   ours, theirs = compat.RNN(_layer_normed_gru(compat)(H)), nn.RNN(_layer_normed_gru(nn)(H))
   variables = theirs.init(jax.random.key(1), x)
   assert 'LayerNorm_0' in variables['params']['cell']
   _assert_same_tree(ours.init(jax.random.key(1), x), variables)
-  variables = jax.tree.map(lambda p: p + 0.1, variables)
-  _assert_close(ours.apply(variables, x), theirs.apply(variables, x), atol=1e-6)
-  # A carry that broadcasts against the batch: a learned (features,) h0, one row.
-  h0 = jax.random.normal(jax.random.key(2), (H,))
   with jax.numpy_rank_promotion('allow'):  # flax.linen's GRUCell promotes the (H,) carry
     cell_vars = nn.GRUCell(H).init(jax.random.key(3), h0, x[:, 0])
-    for carry in (h0, h0[None]):
-      _assert_close(compat.GRUCell(H).apply(cell_vars, carry, x[:, 0]),
-                    nn.GRUCell(H).apply(cell_vars, carry, x[:, 0]), atol=1e-6)
-  # One scalar length for every row (flax.linen broadcasts it).
   rnn, rnn_ref = compat.RNN(compat.LSTMCell(H)), nn.RNN(nn.LSTMCell(H))
   v = rnn_ref.init(jax.random.key(4), x)
-  _assert_close(rnn.apply(v, x, seq_lengths=jnp.array(3), return_carry=True),
-                rnn_ref.apply(v, x, seq_lengths=jnp.array(3), return_carry=True), atol=1e-6)
-  # Float lengths (a float mask's sum): flax.linen runs where it ignores them;
-  # here they are the lengths, so the outputs are flax.linen's and the carry too.
-  float_lengths = LENGTHS.astype(jnp.float32)
-  _assert_close(rnn.apply(v, x, seq_lengths=float_lengths),
-                rnn_ref.apply(v, x, seq_lengths=float_lengths), atol=1e-6)
-  _assert_close(rnn.apply(v, x, seq_lengths=float_lengths, return_carry=True),
-                rnn_ref.apply(v, x, seq_lengths=LENGTHS, return_carry=True), atol=1e-6)
-  # initialize_carry(None, shape): the zeros carry_init takes no key.
-  for name in ('GRUCell', 'MGUCell', 'SimpleCell'):
-    ours_c = getattr(compat, name)(H).initialize_carry(None, (B, IN))
-    _assert_close(ours_c, getattr(nn, name)(H).initialize_carry(None, (B, IN)), atol=0)
+  float_lengths = np.asarray(LENGTHS, np.float32)
+
+  @jax.jit
+  def run(variables, cell_vars, v):
+    variables = jax.tree.map(lambda p: p + 0.1, variables)
+    subclass = (ours.apply(variables, x), theirs.apply(variables, x))
+    # A carry that broadcasts against the batch: a learned (features,) h0, one row.
+    with jax.numpy_rank_promotion('allow'):
+      broadcast = [(compat.GRUCell(H).apply(cell_vars, carry, x[:, 0]),
+                    nn.GRUCell(H).apply(cell_vars, carry, x[:, 0])) for carry in (h0, h0[None])]
+    lengths = [
+      # One scalar length for every row (flax.linen broadcasts it).
+      (rnn.apply(v, x, seq_lengths=jnp.array(3), return_carry=True),
+       rnn_ref.apply(v, x, seq_lengths=jnp.array(3), return_carry=True)),
+      # Float lengths (a float mask's sum): flax.linen runs where it ignores them;
+      # here they are the lengths, so the outputs are flax.linen's and the carry too.
+      (rnn.apply(v, x, seq_lengths=float_lengths),
+       rnn_ref.apply(v, x, seq_lengths=float_lengths)),
+      (rnn.apply(v, x, seq_lengths=float_lengths, return_carry=True),
+       rnn_ref.apply(v, x, seq_lengths=LENGTHS, return_carry=True))]
+    # initialize_carry(None, shape): the zeros carry_init takes no key.
+    zeros = [tuple(getattr(ns, name)(H).initialize_carry(None, (B, IN)) for ns in (compat, nn))
+             for name in ('GRUCell', 'MGUCell', 'SimpleCell')]
+    return subclass, broadcast, lengths, zeros
+
+  subclass, broadcast, lengths, zeros = run(variables, cell_vars, v)
+  for got, want in [subclass] + broadcast + lengths:
+    _assert_close(got, want, atol=1e-6)
+  for got, want in zeros:
+    _assert_close(got, want, atol=0)
 
 
 @pytest.mark.parametrize('name', ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'MGUCell',
@@ -807,40 +875,46 @@ def test_dense_cells_take_their_size_from_the_carry_as_linen(name):
   # only sizes initialize_carry. flax's seq2seq example relies on it (an
   # LSTMCell(vocab_size) stepped on the encoder's wider carry).
   wide = H + 3
-  x = jax.random.normal(jax.random.key(0), (B, T, IN))
+  x = np.asarray(normal((B, T, IN)))
+  x0 = x[:, 0]
   carry = jax.tree.map(lambda c: c + 0.5,
                        getattr(nn, name)(wide).initialize_carry(jax.random.key(1), (B, IN)))
   theirs, ours = getattr(nn, name)(H), getattr(compat, name)(H)
-  variables = theirs.init(jax.random.key(2), carry, x[:, 0])
+  variables = theirs.init(jax.random.key(2), carry, x0)
   assert variables['params'][next(iter(variables['params']))]['kernel'].shape == (IN, wide)
-  _assert_same_tree(ours.init(jax.random.key(2), carry, x[:, 0]), variables)
-  _assert_close(ours.apply(variables, carry, x[:, 0]), theirs.apply(variables, carry, x[:, 0]),
-                atol=1e-6)
+  _assert_same_tree(ours.init(jax.random.key(2), carry, x0), variables)
   # to_nnx gives the NNX cell of the size the parameters hold.
   converted = compat.to_nnx(theirs, variables)
   assert converted.hidden_features == wide
-  _assert_close(converted(carry, x[:, 0]), theirs.apply(variables, carry, x[:, 0]), atol=1e-6)
   # Over a sequence, with that carry as the initial one.
   rnn_t, rnn_o = nn.RNN(getattr(nn, name)(H)), compat.RNN(getattr(compat, name)(H))
   v = rnn_t.init(jax.random.key(3), x, initial_carry=carry)
   _assert_same_tree(rnn_o.init(jax.random.key(3), x, initial_carry=carry), v)
-  _assert_close(rnn_o.apply(v, x, initial_carry=carry, seq_lengths=LENGTHS, return_carry=True),
-                rnn_t.apply(v, x, initial_carry=carry, seq_lengths=LENGTHS, return_carry=True),
-                atol=1e-6)
+
+  @nnx.jit
+  def run(converted):
+    return ((ours.apply(variables, carry, x0), theirs.apply(variables, carry, x0),
+             converted(carry, x0)),
+            [m.apply(v, x, initial_carry=carry, seq_lengths=LENGTHS, return_carry=True)
+             for m in (rnn_o, rnn_t)])
+
+  (step_o, step_t, step_nnx), (seq_o, seq_t) = run(converted)
+  _assert_close(step_o, step_t, atol=1e-6)
+  _assert_close(step_nnx, step_t, atol=1e-6)
+  _assert_close(seq_o, seq_t, atol=1e-6)
 
 
 def test_to_nnx_and_from_nnx_rnn_and_bidirectional():
-  x = jax.random.normal(jax.random.key(0), (B, T, IN))
+  x = np.asarray(normal((B, T, IN)))
+  xt = x.swapaxes(0, 1)
   linen_bi = nn.Bidirectional(nn.RNN(nn.LSTMCell(H)), nn.RNN(compat.GRUCell(H)),
                               return_carry=True)
-  variables = linen_bi.init(jax.random.key(1), x)
+  linen_rnn = nn.RNN(nn.OptimizedLSTMCell(H), reverse=True, keep_order=True, time_major=True)
+  variables, v_rnn = linen_bi.init(jax.random.key(1), x), linen_rnn.init(jax.random.key(1), xt)
   bi = compat.to_nnx(linen_bi, variables)
   assert type(bi) is nr.Bidirectional and type(bi.backward_rnn.cell) is nr.GRUCell
   layer, back = compat.from_nnx(bi)
   _assert_same_tree(back, variables)
-  linen_rnn = nn.RNN(nn.OptimizedLSTMCell(H), reverse=True, keep_order=True, time_major=True)
-  xt = x.swapaxes(0, 1)
-  v_rnn = linen_rnn.init(jax.random.key(1), xt)
   rnn = compat.to_nnx(linen_rnn, v_rnn)
   assert (rnn.reverse, rnn.keep_order, rnn.time_major) == (True, True, True)
   rnn_layer, v_back = compat.from_nnx(rnn)
@@ -864,10 +938,13 @@ def test_to_nnx_and_from_nnx_rnn_and_bidirectional():
 
 # -- bad input ---------------------------------------------------------------------
 def test_bad_input_errors():
-  x = jnp.ones((B, IN))
+  x, xs = np.ones((B, IN), np.float32), np.ones((B, T, IN), np.float32)
   lstm = compat.LSTMCell(H)
-  carry = lstm.initialize_carry(jax.random.key(0), x.shape)
+  rnn = compat.RNN(compat.LSTMCell(H))
+  bi = compat.Bidirectional(compat.RNN(compat.GRUCell(H)), compat.RNN(compat.GRUCell(H)))
+  carry = _numpy(lstm.initialize_carry(jax.random.key(0), x.shape))
   variables = lstm.init(jax.random.key(1), carry, x)
+  v_rnn, v_bi = rnn.init(jax.random.key(0), xs), bi.init(jax.random.key(0), xs)
   with pytest.raises(ValueError, match=r'LSTMCell: `carry` expected a pytree with structure'):
     lstm.apply(variables, carry[0], x)  # h only, not (c, h)
   # flax < 0.7.1's class-method call (still in RL code): flax.linen fails obscurely.
@@ -883,35 +960,34 @@ def test_bad_input_errors():
     lstm.apply(variables, (carry[0][:, :3], carry[1]), x)  # c and h disagree
   with pytest.raises(ValueError, match=r"LSTMCell: `inputs` expected last axis of size 3 \(the "
                      r"parameter 'ii/kernel' has shape \(3, 4\)\), got shape \(3, 5\)"):
-    lstm.apply(variables, carry, jnp.ones((B, 5)))
+    lstm.apply(variables, carry, np.ones((B, 5), np.float32))
   with pytest.raises(ValueError, match=r"LSTMCell: `params` expected 'ii/kernel' of shape "
                      r'\(3, 8\) \(in_features=3, features=8\), got shape \(3, 4\)'):
-    compat.LSTMCell(8).apply(variables, compat.LSTMCell(8).initialize_carry(
-      jax.random.key(0), x.shape), x)
-  rnn = compat.RNN(compat.LSTMCell(H))
-  xs = jnp.ones((B, T, IN))
-  v_rnn = rnn.init(jax.random.key(0), xs)
+    jax.eval_shape(lambda: compat.LSTMCell(8).apply(variables, compat.LSTMCell(8).initialize_carry(
+      jax.random.key(0), x.shape), x))
   with pytest.raises(ValueError, match=r'RNN: `initial_carry` expected a pytree'):
-    rnn.apply(v_rnn, xs, initial_carry=jnp.zeros((B, H)))
+    rnn.apply(v_rnn, xs, initial_carry=np.zeros((B, H), np.float32))
   with pytest.raises(ValueError, match=r'RNN: `seq_lengths` expected shape'):
     rnn.apply(v_rnn, xs, seq_lengths=jnp.array([1, 2]))
   with pytest.raises(TypeError, match=r'RNN: `cell` expected a flax.linen RNNCellBase.*'
                      r'got LSTMCell'):
-    compat.RNN(nr.LSTMCell(IN, H, kernel_init=_det_init, recurrent_kernel_init=_det_init,
-                           rngs=nnx.Rngs(0)))
-  bi = compat.Bidirectional(compat.RNN(compat.GRUCell(H)), compat.RNN(compat.GRUCell(H)))
-  v_bi = bi.init(jax.random.key(0), xs)
+    compat.RNN(nnx.eval_shape(lambda: nr.LSTMCell(IN, H, rngs=nnx.Rngs(0))))
   with pytest.raises(ValueError, match=r'Bidirectional: `initial_carry` expected a pair'):
-    bi.apply(v_bi, xs, initial_carry=jnp.zeros((B, H)))
+    bi.apply(v_bi, xs, initial_carry=np.zeros((B, H), np.float32))
 
 
 def test_migration_errors():
-  x = jnp.ones((B, IN))
+  x = np.ones((B, IN), np.float32)
+  cell = nn.GRUCell(H)
+  per_step = nn.RNN(nn.GRUCell(H, kernel_init=_det_init, recurrent_kernel_init=_det_init),
+                    variable_axes={'params': 0}, variable_broadcast=False,
+                    split_rngs={'params': True})
+  dense_vars = nn.Dense(H).init(jax.random.key(0), x)
+  variables = cell.init(jax.random.key(0), cell.initialize_carry(jax.random.key(0), x.shape), x)
+  v = per_step.init(jax.random.key(0), np.ones((B, T, IN), np.float32))
   with pytest.raises(TypeError, match=r'to_nnx: `module` expected a flax.linen or compat '
                      r'LSTMCell, .*got flax.linen.linear.Dense'):
-    compat.to_nnx(nn.Dense(H), nn.Dense(H).init(jax.random.key(0), x))
-  cell = nn.GRUCell(H)
-  variables = cell.init(jax.random.key(0), cell.initialize_carry(jax.random.key(0), x.shape), x)
+    compat.to_nnx(nn.Dense(H), dense_vars)
   with pytest.raises(ValueError, match=r"to_nnx \(LSTMCell\): `params` expected a LSTMCell "
                      r"checkpoint with 'ii/kernel'"):
     compat.to_nnx(nn.LSTMCell(H), variables)  # a GRU checkpoint for an LSTM
@@ -919,26 +995,22 @@ def test_migration_errors():
   # and every group must agree with it.
   assert compat.to_nnx(nn.GRUCell(5), variables).hidden_features == H
   bad = jax.tree.map(lambda p: p, variables)
-  bad['params']['hr']['kernel'] = jnp.zeros((5, 5))
+  bad['params']['hr']['kernel'] = np.zeros((5, 5), np.float32)
   with pytest.raises(ValueError, match=r"to_nnx \(GRUCell\): `params` expected 'hr/kernel' of "
                      r'shape \(4, 4\) \(in_features=3, features=4\), got shape \(5, 5\)'):
     compat.to_nnx(nn.GRUCell(5), bad)
   with pytest.raises(ValueError, match=r"to_nnx: `variables` expected exactly one collection, "
                      r"'params', got \['batch_stats', 'params'\]"):
     compat.to_nnx(cell, {**variables, 'batch_stats': {}})
-  per_step = nn.RNN(nn.GRUCell(H, kernel_init=_det_init, recurrent_kernel_init=_det_init),
-                    variable_axes={'params': 0}, variable_broadcast=False,
-                    split_rngs={'params': True})
-  v = per_step.init(jax.random.key(0), jnp.ones((B, T, IN)))
   with pytest.raises(ValueError, match=r"to_nnx: `module` expected an RNN whose 'params' are "
                      r'broadcast over time'):
     compat.to_nnx(per_step, v)
   with pytest.raises(TypeError, match=r'from_nnx: `module` expected an nnx_recurrent LSTMCell, '
                      r'.*got flax.nnx.nn.linear.Linear'):
-    compat.from_nnx(nnx.Linear(IN, H, kernel_init=_det_init, rngs=nnx.Rngs(0)))
+    compat.from_nnx(nnx.eval_shape(lambda: nnx.Linear(IN, H, rngs=nnx.Rngs(0))))
   with pytest.raises(TypeError, match=r'got nr.LSTM \(a fused layer: convert its cells, '
                      r'layer.forward\[i\] and layer.backward\[i\]\)'):
-    compat.from_nnx(nr.LSTM(IN, H, rngs=nnx.Rngs(0)))
+    compat.from_nnx(nnx.eval_shape(lambda: nr.LSTM(IN, H, rngs=nnx.Rngs(0))))
 
 
 # -- the import surface ------------------------------------------------------------

@@ -14,14 +14,15 @@ from nnx_recurrent import compat
 from tests import reference as ref
 
 
+# Random parameters from NumPy: no initializer to compile (the values do not matter here).
 @pytest.fixture(scope='module')
 def lstm():
-  return nr.LSTMCell(3, 4, rngs=nnx.Rngs(0))
+  return ref.build(lambda: nr.LSTMCell(3, 4, rngs=nnx.Rngs(0)))
 
 
 @pytest.fixture(scope='module')
 def conv():
-  return nr.ConvLSTMCell(2, 3, (3, 3), rngs=nnx.Rngs(0))
+  return ref.build(lambda: nr.ConvLSTMCell(2, 3, (3, 3), rngs=nnx.Rngs(0)))
 
 
 X = jnp.ones((2, 5, 3))
@@ -30,6 +31,13 @@ X = jnp.ones((2, 5, 3))
 def m(*parts):
   """A regex matching the literal message fragments in order."""
   return '.*'.join(re.escape(p) for p in parts)
+
+
+def abstractly(fn):
+  """Runs ``fn()`` under ``nnx.eval_shape``: modules it builds get abstract
+  parameters and its computations are traced, not compiled. The argument
+  checks are Python's: they raise, or pass, alike."""
+  nnx.eval_shape(lambda: (fn(), None)[1])
 
 
 # -- inputs ---------------------------------------------------------------------
@@ -158,7 +166,7 @@ def test_initial_carry_wrong_shapes(lstm):
 
 
 def test_bidirectional_initial_carry_not_a_pair(lstm):
-  bi = nr.Bidirectional(nr.RNN(lstm), nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(1))))
+  bi = nr.Bidirectional(nr.RNN(lstm), nr.RNN(ref.build(lambda: nr.GRUCell(3, 4, rngs=nnx.Rngs(1)))))
   with pytest.raises(ValueError, match=m('Bidirectional: `initial_carry` expected a pair')):
     bi(X, initial_carry=jnp.zeros((2, 4)))
   good_f = lstm.initialize_carry((2, 3))
@@ -285,16 +293,21 @@ def test_cell_call_checks_the_carry(lstm, carry, exc, msg):
 
 
 def test_cell_call_carry_that_broadcasts_and_lists_as_in_flax(lstm):
-  x = X[:, 0]
-  ref_carry, ref_y = lstm((jnp.zeros((2, 4)), jnp.zeros((2, 4))), x)
-  for carry in ([jnp.zeros((1, 4)), jnp.zeros((1, 4))], (0.0, jnp.zeros((2, 4)))):
-    new_carry, y = lstm(carry, x)  # broadcasts (and a list unpacks), as it computes
+  x = np.ones((2, 3), np.float32)
+  zeros = np.zeros((2, 4), np.float32)
+  carries = ([np.zeros((1, 4), np.float32)] * 2, (0.0, zeros))
+  # One shared input row stepped against a batch of carries (beam search).
+  beams = tuple(ref.normal((5, 4), seed=i) for i in range(2))
+
+  @nnx.jit  # one program for all the calls
+  def run(lstm):
+    return (lstm((zeros, zeros), x), [lstm(carry, x) for carry in carries],
+            lstm(beams, x[:1])[1], lstm(beams, jnp.broadcast_to(x[:1], (5, 3)))[1])
+
+  (ref_carry, ref_y), outs, y_shared, y_tiled = run(lstm)
+  for new_carry, y in outs:  # broadcasts (and a list unpacks), as it computes
     np.testing.assert_array_equal(y, ref_y)
     np.testing.assert_array_equal(new_carry[0], ref_carry[0])
-  # One shared input row stepped against a batch of carries (beam search).
-  beams = tuple(jax.random.normal(jax.random.key(i), (5, 4)) for i in range(2))
-  _, y_shared = lstm(beams, x[:1])
-  _, y_tiled = lstm(beams, jnp.broadcast_to(x[:1], (5, 3)))
   np.testing.assert_allclose(y_shared, y_tiled, atol=1e-6)
 
 
@@ -378,11 +391,11 @@ def test_initialize_carry_input_shape(lstm, args, got):
 
 
 def test_rnn_initial_carry_of_integers(lstm):
-  carry = tuple(jnp.zeros((2, 4), jnp.int32) for _ in range(2))
+  carry = tuple(np.zeros((2, 4), np.int32) for _ in range(2))
   with pytest.raises(TypeError, match=m('RNN: `initial_carry` expected floating leaves')):
     nr.RNN(lstm)(X, initial_carry=carry)
   with pytest.raises(TypeError, match=m('LSTM: `initial_carry` expected floating leaves')):
-    nr.LSTM(3, 4, rngs=nnx.Rngs(0))(X, initial_carry=carry)
+    abstractly(lambda: nr.LSTM(3, 4, rngs=nnx.Rngs(0))(X, initial_carry=carry))
 
 
 def test_stacked_dropout_without_rngs():
@@ -464,8 +477,10 @@ def test_conv_causal_padding_needs_a_1d_kernel():
   ((3,), 'CAUSAL', (6,)), ((3,), [1], (6,)),
 ])
 def test_conv_paddings_flax_takes_still_run(kernel_size, padding, spatial):
-  cell = nr.ConvLSTMCell(2, 3, kernel_size, padding=padding, rngs=nnx.Rngs(0))
-  y = nr.RNN(cell)(jnp.ones((1, 2, *(6,) * len(kernel_size), 2)))
+  # Traced only (nnx.eval_shape): the padding is applied as the scan is traced.
+  x = np.ones((1, 2, *(6,) * len(kernel_size), 2), np.float32)
+  y = nnx.eval_shape(lambda: nr.RNN(nr.ConvLSTMCell(2, 3, kernel_size, padding=padding,
+                                                    rngs=nnx.Rngs(0)))(x))
   assert y.shape == (1, 2, *spatial, 3)
 
 
@@ -495,9 +510,9 @@ def test_compat_conv_takes_what_linen_takes():
   for kw in (dict(kernel_size=[3, 3], strides=1, padding=1), dict(kernel_size=(3,), strides=None,
                                                                    padding='CAUSAL')):
     cell = compat.ConvLSTMCell(4, **kw)
-    x = jnp.ones((2, *(6,) * len(kw['kernel_size']), 3))
-    carry = cell.initialize_carry(jax.random.key(0), x.shape)
-    (_, y), _ = cell.init_with_output(jax.random.key(1), carry, x)
+    x = np.ones((2, *(6,) * len(kw['kernel_size']), 3), np.float32)
+    (_, y), _ = jax.eval_shape(lambda cell=cell, x=x: cell.init_with_output(
+      jax.random.key(1), cell.initialize_carry(jax.random.key(0), x.shape), x))
     assert y.shape == x.shape[:-1] + (4,)
 
 
@@ -549,8 +564,8 @@ def test_compat_rnn_linen_cell_initial_carry_structure():
                                          'PyTreeDef((*, *))', 'got structure PyTreeDef(*)')):
     rnn.init(jax.random.key(0), X, initial_carry=jnp.zeros((2, 4)))
   # flax.linen's Dense cells take their size from the carry: a wider one runs.
-  wide = (jnp.zeros((2, 6)),) * 2
-  y, _ = rnn.init_with_output(jax.random.key(0), X, initial_carry=wide)
+  wide = (np.zeros((2, 6), np.float32),) * 2
+  y, _ = jax.eval_shape(lambda: rnn.init_with_output(jax.random.key(0), X, initial_carry=wide))
   assert y.shape == (2, 5, 6)
 
 
@@ -571,15 +586,21 @@ def test_seq_lengths_that_are_no_numbers(lstm, lengths, got):
 
 def test_seq_lengths_list_is_the_array_it_spells(lstm):
   rnn = nr.RNN(lstm)
-  want = rnn(X, seq_lengths=jnp.array([5, 2]))
-  for lengths in ([5.0, 2.0], [5, 2], (5, 2), jnp.array([5.0, 2.0])):
-    np.testing.assert_array_equal(rnn(X, seq_lengths=lengths), want)
+  spellings = ([5.0, 2.0], [5, 2], (5, 2), jnp.array([5.0, 2.0]))
+
+  @nnx.jit  # one program; the lengths are constants in it, as concrete as in an eager call
+  def run(rnn):
+    return (rnn(X, seq_lengths=jnp.array([5, 2])), [rnn(X, seq_lengths=s) for s in spellings],
+            nr.flip_sequences(X, [5.0, 2.0], num_batch_dims=1, time_major=False),
+            nr.flip_sequences(X, jnp.array([5, 2]), num_batch_dims=1, time_major=False))
+
+  want, outs, flipped, flipped_want = run(rnn)
+  for y in outs:
+    np.testing.assert_array_equal(y, want)
+  np.testing.assert_array_equal(flipped, flipped_want)
   with pytest.raises(ValueError, match=m('RNN: `seq_lengths` expected whole numbers',
                                          'got [2.5] among them')):
     rnn(X, seq_lengths=[5.0, 2.5])
-  np.testing.assert_array_equal(
-    nr.flip_sequences(X, [5.0, 2.0], num_batch_dims=1, time_major=False),
-    nr.flip_sequences(X, jnp.array([5, 2]), num_batch_dims=1, time_major=False))
 
 
 # -- call-time rngs --------------------------------------------------------------------
@@ -643,12 +664,15 @@ def _cell(r=None):
   (lambda v, r: nr.StackedRNN(nr.RNN(_cell(r)), time_major=v), 'StackedRNN', 'time_major'),
   (lambda v, r: nr.LSTM(3, 4, bidirectional=v, rngs=r), 'LSTM', 'bidirectional'),
   (lambda v, r: nr.GRU(3, 4, keep_order=v, rngs=r), 'GRU', 'keep_order'),
-  (lambda v, r: nr.RNN(_cell(r))(X, reverse=v), 'RNN', 'reverse'),
-  (lambda v, r: nr.RNN(_cell(r))(X, time_major=v), 'RNN', 'time_major'),
-  (lambda v, r: nr.Bidirectional(nr.RNN(_cell(r)), nr.RNN(_cell(r)))(X, return_carry=v),
-   'Bidirectional', 'return_carry'),
-  (lambda v, r: nr.StackedRNN(nr.RNN(_cell(r)))(X, keep_order=v), 'StackedRNN', 'keep_order'),
-  (lambda v, r: nr.LSTM(3, 4, rngs=r)(X, return_carry=v), 'LSTM', 'return_carry'),
+  # Calls run abstractly: the flags are checked as they are traced.
+  (lambda v, r: abstractly(lambda: nr.RNN(_cell())(X, reverse=v)), 'RNN', 'reverse'),
+  (lambda v, r: abstractly(lambda: nr.RNN(_cell())(X, time_major=v)), 'RNN', 'time_major'),
+  (lambda v, r: abstractly(lambda: nr.Bidirectional(nr.RNN(_cell()), nr.RNN(_cell()))(
+    X, return_carry=v)), 'Bidirectional', 'return_carry'),
+  (lambda v, r: abstractly(lambda: nr.StackedRNN(nr.RNN(_cell()))(X, keep_order=v)),
+   'StackedRNN', 'keep_order'),
+  (lambda v, r: abstractly(lambda: nr.LSTM(3, 4, rngs=nnx.Rngs(0))(X, return_carry=v)), 'LSTM',
+   'return_carry'),
   (lambda v, r: nr.flip_sequences(X, None, 1, time_major=v), 'flip_sequences', 'time_major'),
   (lambda v, r: nr.pack_sequences([np.ones((2, 3))], sort_by_length=v), 'pack_sequences',
    'sort_by_length'),
@@ -671,8 +695,8 @@ def test_boolean_flags_refuse_what_is_no_bool(make, where, flag):
   (lambda v: compat.RNN(compat.GRUCell(4), return_carry=v), 'RNN', 'return_carry'),
   (lambda v: compat.Bidirectional(compat.RNN(compat.GRUCell(4)), compat.RNN(compat.GRUCell(4)),
                                   time_major=v), 'Bidirectional', 'time_major'),
-  (lambda v: compat.RNN(compat.GRUCell(4)).init(jax.random.key(0), X, keep_order=v), 'RNN',
-   'keep_order'),
+  (lambda v: jax.eval_shape(lambda: compat.RNN(compat.GRUCell(4)).init(
+    jax.random.key(0), X, keep_order=v)), 'RNN', 'keep_order'),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_compat_boolean_flags_refuse_what_is_no_bool(make, where, flag):
   # flax.linen reads the old RNN(cell, 64) as time_major=64: refused; 0 and 1 are flags.
@@ -702,6 +726,10 @@ def test_flip_sequences_lengths_out_of_range_under_jit_clip():
 
 # -- layers that do not chain ---------------------------------------------------------------
 def test_stacked_layers_that_do_not_chain_are_refused_at_construction():
+  abstractly(_stacked_layers_that_do_not_chain)  # refused on sizes: no parameter is needed
+
+
+def _stacked_layers_that_do_not_chain():
   r = nnx.Rngs(0)
   bi = nr.Bidirectional(nr.RNN(nr.LSTMCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(3, 2, rngs=r)))
   for layers, i, size, source, got in [
@@ -721,17 +749,23 @@ def test_stacked_layers_that_do_not_chain_are_refused_at_construction():
 
 
 def test_stacked_layers_of_unknown_sizes_are_left_to_the_call():
-  r = nnx.Rngs(0)
-  # flax.nnx's cell has in_features (read) but its outputs are not known here; a
-  # merge_fn of one's own gives outputs of a size known only when it runs.
-  stack = nr.StackedRNN(nr.RNN(nnx.GRUCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(4, 5, rngs=r)))
-  assert stack(X).shape == (2, 5, 5)
-  summed = nr.Bidirectional(nr.RNN(nr.GRUCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(3, 4, rngs=r)),
-                            merge_fn=lambda a, b: a + b)
-  assert nr.StackedRNN(summed, nr.RNN(nr.GRUCell(4, 5, rngs=r)))(X).shape == (2, 5, 5)
+  def shapes():  # traced (nnx.eval_shape): the sizes meet as the layers are traced
+    r = nnx.Rngs(0)
+    # flax.nnx's cell has in_features (read) but its outputs are not known here; a
+    # merge_fn of one's own gives outputs of a size known only when it runs.
+    stack = nr.StackedRNN(nr.RNN(nnx.GRUCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(4, 5, rngs=r)))
+    summed = nr.Bidirectional(nr.RNN(nr.GRUCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(3, 4, rngs=r)),
+                              merge_fn=lambda a, b: a + b)
+    return stack(X), nr.StackedRNN(summed, nr.RNN(nr.GRUCell(4, 5, rngs=r)))(X)
+
+  assert [y.shape for y in nnx.eval_shape(shapes)] == [(2, 5, 5)] * 2
 
 
 def test_bidirectional_directions_that_read_different_sizes():
+  abstractly(_bidirectional_directions_that_read_different_sizes)  # refused on sizes
+
+
+def _bidirectional_directions_that_read_different_sizes():
   r = nnx.Rngs(0)
   with pytest.raises(ValueError, match=m('Bidirectional: `backward_rnn` expected a layer reading 3 '
                                          "features (forward_rnn's in_features: both directions "

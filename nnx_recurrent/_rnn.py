@@ -300,11 +300,9 @@ class Bidirectional(nnx.Module):
     >>> bi = nr.Bidirectional(nr.RNN(nr.GRUCell(3, 4, rngs=rngs)),
     ...                       nr.RNN(nr.GRUCell(3, 4, rngs=rngs)))
     >>> x = jnp.ones((2, 5, 3))
-    >>> bi(x, seq_lengths=jnp.array([5, 3])).shape
-    (2, 5, 8)
-    >>> (h_fwd, h_bwd), y = bi(x, return_carry=True)
-    >>> h_fwd.shape, h_bwd.shape
-    ((2, 4), (2, 4))
+    >>> (h_fwd, h_bwd), y = bi(x, seq_lengths=jnp.array([5, 3]), return_carry=True)
+    >>> y.shape, h_fwd.shape, h_bwd.shape
+    ((2, 5, 8), (2, 4), (2, 4))
 
   Args:
     forward_rnn, backward_rnn: sequence layers of this package: ``RNN``, a

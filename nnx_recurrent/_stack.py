@@ -119,11 +119,9 @@ class StackedRNN(nnx.Module):
     ...   nr.RNN(nr.GRUCell(8, 5, rngs=rngs)),
     ...   dropout_rate=0.1, rngs=rngs)
     >>> x = jnp.ones((2, 6, 3))
-    >>> stack(x, seq_lengths=jnp.array([6, 4])).shape
-    (2, 6, 5)
-    >>> ((fwd, bwd), h), y = stack(x, return_carry=True)  # one carry per layer
-    >>> fwd[1].shape, h.shape
-    ((2, 4), (2, 5))
+    >>> ((fwd, bwd), h), y = stack(x, seq_lengths=jnp.array([6, 4]), return_carry=True)
+    >>> y.shape, fwd[1].shape, h.shape  # one carry per layer
+    ((2, 6, 5), (2, 4), (2, 5))
 
   ``reverse=True`` runs the whole stack on each row reversed within its
   valid length (each packed segment within its span), which is what

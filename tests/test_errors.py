@@ -749,16 +749,15 @@ def _stacked_layers_that_do_not_chain():
 
 
 def test_stacked_layers_of_unknown_sizes_are_left_to_the_call():
-  def shapes():  # traced (nnx.eval_shape): the sizes meet as the layers are traced
-    r = nnx.Rngs(0)
-    # flax.nnx's cell has in_features (read) but its outputs are not known here; a
-    # merge_fn of one's own gives outputs of a size known only when it runs.
-    stack = nr.StackedRNN(nr.RNN(nnx.GRUCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(4, 5, rngs=r)))
-    summed = nr.Bidirectional(nr.RNN(nr.GRUCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(3, 4, rngs=r)),
-                              merge_fn=lambda a, b: a + b)
-    return stack(X), nr.StackedRNN(summed, nr.RNN(nr.GRUCell(4, 5, rngs=r)))(X)
-
-  assert [y.shape for y in nnx.eval_shape(shapes)] == [(2, 5, 5)] * 2
+  r = nnx.Rngs(0)
+  # flax.nnx's cell has in_features (read) but its outputs are not known here; a
+  # merge_fn of one's own gives outputs of a size known only when it runs.
+  stack = nr.StackedRNN(nr.RNN(nnx.GRUCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(4, 5, rngs=r)))
+  summed = nr.Bidirectional(nr.RNN(nr.GRUCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(3, 4, rngs=r)),
+                            merge_fn=lambda a, b: a + b)
+  stacks = (stack, nr.StackedRNN(summed, nr.RNN(nr.GRUCell(4, 5, rngs=r))))
+  # The calls traced (nnx.eval_shape): the sizes meet there.
+  assert [nnx.eval_shape(lambda s: s(X), s).shape for s in stacks] == [(2, 5, 5)] * 2
 
 
 def test_bidirectional_directions_that_read_different_sizes():

@@ -907,7 +907,7 @@ def test_dense_cells_take_their_size_from_the_carry_as_linen(name):
 def test_to_nnx_and_from_nnx_rnn_and_bidirectional():
   x = np.asarray(normal((B, T, IN)))
   xt = x.swapaxes(0, 1)
-  linen_bi = nn.Bidirectional(nn.RNN(nn.LSTMCell(H)), nn.RNN(compat.GRUCell(H)),
+  linen_bi = nn.Bidirectional(nn.RNN(nn.LSTMCell(H)), nn.RNN(nn.GRUCell(H)),
                               return_carry=True)
   linen_rnn = nn.RNN(nn.OptimizedLSTMCell(H), reverse=True, keep_order=True, time_major=True)
   variables, v_rnn = linen_bi.init(jax.random.key(1), x), linen_rnn.init(jax.random.key(1), xt)

@@ -292,6 +292,8 @@ class _FusedBase(nnx.Module):
     """
     where = type(self).__name__
     _checks.check_rngs(where, rngs)
+    # Before any array work: `implementation` may have been set since construction.
+    self._check_options(self.implementation, packed=segment_ids is not None)
     _checks.check_optional_bools(where, return_carry=return_carry, time_major=time_major,
                                  reverse=reverse, keep_order=keep_order)
     return_carry = _first(return_carry, self.return_carry)

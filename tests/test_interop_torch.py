@@ -371,6 +371,27 @@ def test_simple_cells_compute_in_the_torch_modules_dtype():
   np.testing.assert_allclose(np.asarray(y, np.float32), y_torch, atol=3e-2, rtol=0)
 
 
+@pytest.mark.parametrize('torch_dtype', ['bfloat16', 'float16'])
+@pytest.mark.parametrize('family', ['LSTM', 'GRU'])
+def test_half_precision_layers_match_torch_in_their_dtype(family, torch_dtype):
+  # The converted layer keeps the module's dtype (parameters and computation);
+  # its outputs match PyTorch's in that dtype up to half-precision rounding.
+  torch.manual_seed(0)
+  dtype = getattr(torch, torch_dtype)
+  module = getattr(torch.nn, family)(IN, H, num_layers=2, batch_first=True, bidirectional=True,
+                                     dtype=dtype)
+  model = nr.interop.from_torch(module)
+  assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))} == {
+    jnp.dtype(torch_dtype)}
+  x = _inputs(True)
+  y = _call(model, jnp.asarray(x, torch_dtype))
+  assert y.dtype == jnp.dtype(torch_dtype)
+  with torch.no_grad():
+    y_torch = module(torch.from_numpy(x).to(dtype))[0].float().numpy()
+  atol = 2e-2 if torch_dtype == 'bfloat16' else 3e-3  # measured: 4e-3 and 5e-4
+  np.testing.assert_allclose(np.asarray(y, np.float32), y_torch, atol=atol, rtol=0)
+
+
 @pytest.mark.filterwarnings('error')  # JAX's "will be truncated to float32" on each call
 def test_a_float64_module_converts_to_float32_without_x64():
   torch.manual_seed(0)

@@ -530,6 +530,31 @@ def test_dropout_between_layers(cls):
   np.testing.assert_allclose(np.asarray(single_train), np.asarray(single_plain), atol=1e-5)
 
 
+def test_a_raw_key_gives_each_gap_between_layers_its_own_mask():
+  """As StackedRNN: a PRNG key given at call time is split, one key per gap
+  between layers (the key itself gave every gap the same mask)."""
+  masks = []
+
+  class Recorder(nnx.Module):  # the layer's dropout between layers, observed
+    def __init__(self):
+      self.inner = nnx.Dropout(0.5)
+
+    def __call__(self, x, rngs=None):
+      y = self.inner(x, rngs=rngs)
+      masks.append(np.asarray(y == 0))
+      return y
+
+  layer = nr.GRU(I, H, num_layers=3, dropout_rate=0.5, rngs=nnx.Rngs(0))
+  layer.dropout = Recorder()
+  x = ref.normal((B, T, I), seed=1)
+  for _ in range(2):
+    layer(x, rngs=jax.random.key(0))
+  first, second, again, _ = masks
+  assert 0.3 < first.mean() < 0.7 and 0.3 < second.mean() < 0.7
+  assert 0.3 < (first == second).mean() < 0.7  # independent masks
+  np.testing.assert_array_equal(again, first)  # the same key, the same masks
+
+
 def test_bfloat16_computation():
   layer = make(nr.LSTM, dtype=jnp.bfloat16)
   full = make(nr.LSTM)  # the same parameters, the float32 computation

@@ -235,6 +235,23 @@ def test_layer_norm_lstm_normalizes_all_gates_jointly():
   assert np.abs(c_gate - c_joint).max() > 1e-2
 
 
+
+def test_layer_norm_of_a_large_cell_state_with_a_small_spread():
+  """Zero kernels and biases: every gate is sigmoid(0) = 1/2 and ``c' = c / 2``, here
+  ``50 + 0.005 * noise``; its norm needs the two-pass variance (``E[c'^2] - mean^2``
+  cancels in float32 at this mean: 2500 * 6e-8 >> the variance 2.5e-5)."""
+  zeros = nnx.initializers.zeros_init()
+  cell = nr.LayerNormLSTMCell(3, 8, kernel_init=zeros, recurrent_kernel_init=zeros,
+                              rngs=nnx.Rngs(0))
+  c = (100.0 + 0.01 * ref.normal((2, 8), seed=11)).astype(jnp.float32)
+  carry, x = (c, jnp.zeros((2, 8))), ref.normal((2, 3), seed=12)
+  (new_c, h), _ = nnx.jit(lambda cell: cell(carry, x))(cell)
+  (c_ref, h_ref), _ = ref.step(ref.cell_params(cell), tuple(np.asarray(a, np.float64)
+                                                           for a in carry), np.asarray(x))
+  np.testing.assert_allclose(new_c, c_ref, rtol=1e-6)
+  assert np.abs(h_ref).max() > 0.3  # the normalized spread reaches the output
+  np.testing.assert_allclose(h, h_ref, atol=5e-3)
+
 @pytest.mark.parametrize('name', ['ln_lstm', 'ln_gru'])
 def test_outputs_do_not_depend_on_the_scale_of_the_inputs(name):
   """With ``epsilon=1e-10`` (``a² var(W_i x) >> epsilon`` for these inputs and scales), inputs

@@ -135,6 +135,27 @@ def test_packed_equals_segments_run_alone(name):
                                      atol=ATOL)
 
 
+
+def test_a_lower_precision_initial_carry_keeps_its_dtype_across_segment_resets():
+  # A bfloat16 carry for a float32 cell: the later segments restart from the
+  # default (float32) carry cast to the carry's dtype, as each step rounds it.
+  rnn = _rnn('GRUCell')
+  x = _inputs(rnn.cell, *IDS.shape)
+  carry0 = np.random.default_rng(5).normal(size=(IDS.shape[0], H)).astype(np.float32)
+  carry, ys = nnx.jit(lambda rnn: rnn(x, initial_carry=jnp.asarray(carry0, jnp.bfloat16),
+                                      segment_ids=IDS, return_carry=True))(rnn)
+  assert carry.dtype == jnp.bfloat16
+  bf16 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)  # noqa: E731
+  p = reference.cell_params(rnn.cell)
+  for r, s, e in _segments(IDS):
+    h = bf16(_start_carry(carry0, IDS, r, s))
+    for t in range(s, e):  # the NumPy formula, the carry rounded at every step
+      new, y = reference.step(p, h, x[r, t])
+      np.testing.assert_allclose(ys[r, t], y, atol=2e-2)
+      h = bf16(new)
+  np.testing.assert_array_equal(np.asarray(ys)[IDS == 0], 0)
+  np.testing.assert_allclose(np.asarray(carry, np.float64)[1], h, atol=2e-2)
+
 def test_consecutive_equal_ids_form_one_segment():
   # [1 1 2 2] is two segments, [1 1 1 1] one: the second half differs.
   rnn = _rnn('GRUCell')
@@ -171,7 +192,7 @@ def test_bidirectional_reverses_within_segments(time_major):
 
 def test_several_batch_axes_and_jit():
   rnn = nr.RNN(_rnn('SimpleCell').cell, reverse=True)
-  ids = np.stack([IDS, IDS[::-1]])  # (2, 2, time)
+  ids = np.stack([IDS, IDS[::-1, ::-1]])  # (2, 2, time); not symmetric in its batch axes
   x = _inputs(rnn.cell, 4, IDS.shape[1]).reshape(2, 2, IDS.shape[1], IN)
   ys = nnx.jit(lambda m, x, ids: m(x, segment_ids=ids))(rnn, x, ids)
   flat = rnn(x.reshape(4, -1, IN), segment_ids=ids.reshape(4, -1))
@@ -284,6 +305,8 @@ def test_pack_unpack_errors():
   with pytest.raises(ValueError, match=r'unpack_sequences: `segment_ids` expected each positive '
                      r'id in one contiguous span of one row .* got id 1 in several spans'):
     nr.unpack_sequences(out, np.array([[1, 1, 2, 2], [1, 1, 0, 0]]))
+  with pytest.raises(ValueError, match=r'got id 1 in several spans'):  # two spans of one row
+    nr.unpack_sequences(out, np.array([[1, 0, 1, 2], [0, 0, 0, 0]]))
   with pytest.raises(ValueError, match=r'`segment_ids` expected shape \(rows, time\) = '
                      r'\(2, 4\) .* got shape \(4, 2\)'):
     nr.unpack_sequences(out, np.zeros((4, 2), np.int32))

@@ -194,6 +194,17 @@ def test_return_carry_several_batch_axes_default_carry():
   assert not np.asarray(carry[0, 0]).any()  # zeros for the length-0 row
 
 
+
+def test_a_list_initial_carry_is_read_as_the_tuple():
+  # As the cell reads a list carry (flax's cells unpack it): [c, h] is (c, h).
+  cell, features = ref.make_cell('lstm')
+  x = _inputs(features, False)
+  carry0 = ref.random_carry(cell, (*BATCH, *features))
+  carry, y = jitted(nr.RNN(cell, return_carry=True), x, list(carry0), jnp.asarray(LENGTHS))
+  carry_ref, y_ref = ref.rnn(ref.cell_params(cell), x, LENGTHS, carry0, num_batch_dims=2)
+  _close(carry, carry_ref)
+  _close(y, y_ref)
+
 # -- Bidirectional --------------------------------------------------------------
 def _bidirectional(merge_fn=None, **kw):
   fwd, features = ref.make_cell('lstm', seed=0)

@@ -152,6 +152,19 @@ def test_zoneout_deterministic_packed_segments_equal_separate_runs():
   np.testing.assert_array_equal(y[:, 5], 0.0)
 
 
+
+def test_evaluation_draws_nothing_from_the_calls_rngs():
+  # Deterministic zoneout is the expectation: no keys, so an nnx.Rngs passed to an
+  # evaluation call is left as it was, as flax's nnx.Dropout in evaluation leaves it.
+  cell = random_module(lambda: nr.GRUCell(3, 5, zoneout_rate=0.3, dropout_rate=0.2,
+                                          rngs=nnx.Rngs(0)), 2)
+  rnn = nnx.view(nr.RNN(cell), deterministic=True)
+  ours, theirs = nnx.Rngs(dropout=3), nnx.Rngs(dropout=3)
+  x = ref.normal((B, T, 3), 6)
+  nnx.jit(lambda rnn, rngs: rnn(x, rngs=rngs))(rnn, ours)
+  nnx.Dropout(0.5, deterministic=True)(x, rngs=theirs)
+  assert int(ours.dropout.count[...]) == int(theirs.dropout.count[...]) == 0
+
 def test_zoneout_rate_is_checked():
   with pytest.raises(ValueError, match=m('GRUCell: `zoneout_rate` expected a float in [0, 1)',
                                          'got 1.0')):

@@ -49,9 +49,22 @@ def _bcast(m: Array, x: Array) -> Array:
   return m.reshape(m.shape + (1,) * (x.ndim - m.ndim))
 
 
-def select(mask: Array, new: Any, old: Any) -> Any:
-  """``where(mask, new, old)`` over matching pytrees, mask broadcast on the right."""
-  return jax.tree_util.tree_map(lambda n, o: jnp.where(_bcast(mask, n), n, o), new, old)
+def _per_row(mask: Array, x: Any) -> bool:
+  """Whether ``x`` has the batch axes of a ``(*batch)`` mask: a leaf with fewer
+  (a step counter shared by every row, a scalar per step) is not per row, so
+  no row's mask applies to it; it goes on as in flax, which masks nothing."""
+  return jnp.ndim(x) >= mask.ndim
+
+
+def select(mask: Array, new: Any, old: Any, shared: str = 'new') -> Any:
+  """``where(mask, new, old)`` over matching pytrees, mask broadcast on the
+  right; leaves without the batch axes (:func:`_per_row`) take ``new``, or
+  ``old`` with ``shared='old'``."""
+  def one(n, o):
+    if _per_row(mask, n):
+      return jnp.where(_bcast(mask, n), n, o)
+    return n if shared == 'new' else o
+  return jax.tree_util.tree_map(one, new, old)
 
 
 # -- building the masks ---------------------------------------------------------
@@ -155,7 +168,8 @@ def keep_at_padding(valid_t: Array | None, new_carry: Any, carry: Any, y: Any):
   False, ``(new_carry, y)`` where it is True (everywhere when ``None``)."""
   if valid_t is None:
     return new_carry, y
-  y = jax.tree_util.tree_map(lambda a: jnp.where(_bcast(valid_t, a), a, 0), y)
+  y = jax.tree_util.tree_map(
+    lambda a: jnp.where(_bcast(valid_t, a), a, 0) if _per_row(valid_t, a) else a, y)
   return select(valid_t, new_carry, carry), y
 
 
@@ -179,7 +193,7 @@ def _masked_step(call, cell, carry, xs, extras):
   x_t, valid_t, reset_t, rng_t = xs
   dropout_masks, reset_carry = extras
   if reset_t is not None:
-    carry = select(reset_t, reset_carry, carry)
+    carry = select(reset_t, reset_carry, carry, shared='old')  # a shared counter goes on
   new_carry, y = call(cell, carry, x_t, dropout_masks, rng_t)
   # Cells may compute in a lower dtype than the carry is stored in.
   new_carry = jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), new_carry, carry)

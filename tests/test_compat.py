@@ -362,6 +362,41 @@ def _noisy_cell(base):
   return NoisyCell
 
 
+def _shared_counter_cell(nn):
+  """A cell carrying a step counter shared by every row (shape ``()``)."""
+
+  class SharedCounterCell(nn.RNNCellBase):
+    @nn.compact
+    def __call__(self, carry, x):
+      h, t = carry
+      h = nn.tanh(nn.Dense(5)(jnp.concatenate([x, h], -1))) + 0.1 * t
+      return (h, t + 1), h
+
+    def initialize_carry(self, rng, input_shape):
+      return jnp.zeros(input_shape[:-1] + (5,)), jnp.zeros((), jnp.int32)
+
+    @property
+    def num_feature_axes(self):
+      return 1
+
+  return nn.RNN(SharedCounterCell())
+
+
+def test_a_carry_leaf_shared_by_the_rows_runs_with_seq_lengths_as_linen():
+  """flax.linen masks nothing inside its scan: a carry leaf without the batch
+  axes goes on through every step (the last-valid carry selection failed on it
+  with a scan carry-type error)."""
+  x, seq_lengths = normal((3, 6, 4)), jnp.array([6, 4, 0])
+  v = _shared_counter_cell(nn).init(jax.random.key(0), x)
+  y_t = _shared_counter_cell(nn).apply(v, x, seq_lengths=seq_lengths)
+  y, ((h, t), _) = jax.jit(lambda v: (
+    _shared_counter_cell(compat).apply(v, x, seq_lengths=seq_lengths),
+    _shared_counter_cell(compat).clone(return_carry=True).apply(v, x, seq_lengths=seq_lengths)))(v)
+  _assert_close(y, y_t)  # padding included, as flax.linen's
+  assert t.shape == () and int(t) == 6
+  _assert_close(h[:2], np.asarray(y_t)[[0, 1], [5, 3]])
+
+
 @pytest.mark.parametrize('base', ['linen', 'compat'])
 def test_user_cell_without_initialize_carry_matches_linen(base):
   cell_type = _noisy_cell(nn.RNNCellBase if base == 'linen' else compat.RNNCellBase)

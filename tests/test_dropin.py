@@ -708,6 +708,55 @@ def test_an_initial_carry_its_cells_initialize_carry_does_not_describe():
     ours(_x(), initial_carry=(jnp.ones((B, H + 1)), jnp.zeros((B,), jnp.int32)))
 
 
+class _SharedCounterCell(nnx.Module):
+  """flax.nnx's style, with a carry leaf shared by every row (a step counter of
+  shape ``()``); with ``scalar_output``, a per-step output of shape ``()``
+  besides ``h``."""
+
+  num_feature_axes = 1
+
+  def __init__(self, rngs, scalar_output=False):
+    self.dense = nnx.Linear(IN + H, H, rngs=rngs)
+    self.scalar_output = scalar_output
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return jnp.zeros(input_shape[:-1] + (H,)), jnp.zeros((), jnp.int32)
+
+  def __call__(self, carry, x):
+    h, t = carry
+    h = jnp.tanh(self.dense(jnp.concatenate([x, h], -1))) + 0.1 * t
+    return (h, t + 1), ((h, h.mean()) if self.scalar_output else h)
+
+
+def test_a_carry_leaf_shared_by_the_rows_runs_with_seq_lengths_as_flax():
+  """flax.nnx masks nothing inside its scan, so a carry leaf without the batch
+  axes (a step counter) runs with ``seq_lengths``: it goes on through every
+  step; the per-row parts are masked. (The carry selection failed on it with a
+  scan carry-type error, and zeroed a time-major ``()`` output into ``(B,)``.)"""
+  x = _x()
+  ours, theirs = nr.RNN(_SharedCounterCell(nnx.Rngs(0))), nnx.RNN(_SharedCounterCell(nnx.Rngs(0)))
+  valid = (jnp.arange(T)[None] < LENGTHS[:, None])[..., None]
+
+  @nnx.jit
+  def runs(ours, theirs, x):
+    return ours(x, seq_lengths=LENGTHS, return_carry=True), theirs(x, seq_lengths=LENGTHS)
+
+  ((h, t), y), y_t = runs(ours, theirs, x)
+  _close(y, jnp.where(valid, y_t, 0))
+  assert t.shape == () and int(t) == T
+  _close(h[0], y_t[0, -1])  # full row: its last step
+  # Time-major: a () output per step stays (T,), as flax.nnx returns it.
+  ys = nr.RNN(_SharedCounterCell(nnx.Rngs(0), True), time_major=True)(
+    jnp.swapaxes(x, 0, 1), seq_lengths=LENGTHS)
+  ys_t = nnx.RNN(_SharedCounterCell(nnx.Rngs(0), True), time_major=True)(jnp.swapaxes(x, 0, 1))
+  assert ys[1].shape == ys_t[1].shape == (T,)
+  _close(ys[0], jnp.where(jnp.swapaxes(valid, 0, 1), ys_t[0], 0))
+  # Packed sequences: the counter is not reset at segment starts.
+  seg = jnp.array([[1, 1, 2, 2, 2], [1, 2, 0, 0, 0], [0, 0, 0, 0, 0]])
+  _, t_packed = nr.RNN(_SharedCounterCell(nnx.Rngs(0)))(x, segment_ids=seg, return_carry=True)[0]
+  assert int(t_packed) == T
+
+
 class _NoInitSubclass(_NoInitCell, nr.RNNCellBase):
   """That cell on this package's base, in flax's style: no sizes, and no
   ``initialize_carry`` of its own (the base's needs sizes)."""

@@ -48,9 +48,9 @@ def _carry_stream(where: str, rngs: Any, needed: bool) -> nnx.RngStream | None:
     return None
   if rngs is True:
     return nnx.RngStream(0, tag='carry')
-  # flax.nnx keeps the given stream itself; a copy (same key and count) draws
-  # flax's numbers without sharing the caller's stream with this module.
-  return nnx.clone(rngs)
+  # As flax.nnx: the given stream itself, shared with the caller, so layers
+  # given one stream draw in turn.
+  return rngs
 
 
 def _carry_fork(rngs: nnx.Rngs) -> nnx.RngStream | None:

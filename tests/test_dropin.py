@@ -511,24 +511,26 @@ def test_rngs_arguments_hold_a_stream_only_when_a_cell_may_draw():
 
 
 def test_bidirectional_given_a_stream_draws_flax_nnx_carries():
-  """flax.nnx's Bidirectional keeps a given RngStream and draws its random
-  carries from it: ours draws the same numbers, call after call, from a copy
-  (the caller's stream does not advance)."""
+  """flax.nnx's Bidirectional keeps a given RngStream itself and draws its
+  random carries from it: ours draws the same numbers, call after call, and
+  two layers given one stream draw in turn from it, as flax.nnx's do."""
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
     make = lambda lib, seed: lib.RNN(lib.SimpleCell(  # noqa: E731
       IN, H, carry_init=jax.nn.initializers.normal(1.0), rngs=nnx.Rngs(seed)))
     stream_o, stream_t = nnx.RngStream(11, tag='carry'), nnx.RngStream(11, tag='carry')
     stream_o(), stream_t()  # a stream that has drawn before
-    ours = nr.Bidirectional(make(nr, 0), make(nr, 1), rngs=stream_o)
-    theirs = nnx.Bidirectional(make(nnx, 0), make(nnx, 1), rngs=stream_t)
+    ours = [nr.Bidirectional(make(nr, s), make(nr, s + 1), rngs=stream_o) for s in (0, 2)]
+    theirs = [nnx.Bidirectional(make(nnx, s), make(nnx, s + 1), rngs=stream_t) for s in (0, 2)]
   x = _x()
-  call = nnx.jit(lambda bi: bi(x))  # one program per library; it carries the draws out
+  call = nnx.jit(lambda bis: [bi(x) for bi in bis])  # one program per library
   first = call(ours)
   _close(first, call(theirs), atol=1e-5)
-  _close(call(ours), call(theirs), atol=1e-5)  # the second call's draws too
-  assert not np.allclose(first, call(ours))
-  assert int(stream_o.count[...]) == 1  # the caller's stream is left as it was
+  second = call(ours)
+  _close(second, call(theirs), atol=1e-5)  # the second call's draws too
+  assert not np.allclose(first[0], second[0])
+  assert not np.allclose(first[0], first[1])  # the two layers' carries differ
+  assert int(stream_o.count[...]) == int(stream_t.count[...]) == 9  # 1 + 2 calls x 2 x 2
 
 
 def test_call_rngs_draw_the_carry_as_flax():

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import warnings
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, ClassVar, NamedTuple, TypeGuard
@@ -235,10 +234,10 @@ class RNNCellBase(nnx.Module):
     self.deterministic = False
     if carry_init is not None:
       _checks.check_callables(where, carry_init=carry_init)
-      warnings.warn(_CARRY_INIT_WARNING, stacklevel=3)
+      _checks.warn(_CARRY_INIT_WARNING)
     self.carry_init = carry_init
     if _checks.check_bool(where, 'keep_rngs', keep_rngs):
-      warnings.warn(_KEEP_RNGS_WARNING, stacklevel=3)
+      _checks.warn(_KEEP_RNGS_WARNING)
     # No PRNG state unless something random needs it (flax keeps a stream by
     # default, which breaks checkpoints: flax#4509): dropout, or flax.nnx's
     # deprecated keep_rngs (a stream for initialize_carry). One stream serves all.

@@ -10,17 +10,37 @@ what was received, e.g.::
 from __future__ import annotations
 
 import numbers
+import os
+import sys
+import warnings
+from types import FrameType
 from typing import Any, NoReturn, cast
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# Frames in these directories are not the user's: a warning points past them.
+_INTERNAL_DIRS = tuple(os.path.dirname(str(m.__file__)) + os.sep
+                       for m in (sys.modules[__package__], flax, jax))
 
 
 def fail(where: str, arg: str, expected: str, got: Any,
          exc: type[Exception] = ValueError) -> NoReturn:
   """Raises ``exc`` with the project's one message template."""
   raise exc(f'{where}: `{arg}` expected {expected}, got {got}.')
+
+
+def warn(message: str) -> None:
+  """``warnings.warn`` pointing at the user's line: the first frame outside
+  this package, flax and jax (an nnx module's constructor runs inside flax's
+  metaclass, a varying number of frames deep)."""
+  frame: FrameType | None = sys._getframe(1)
+  level = 2
+  while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+    frame, level = frame.f_back, level + 1
+  warnings.warn(message, stacklevel=level)
 
 
 def is_concrete(x: Any) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,6 +21,25 @@ def _check_cell(where: str, cell: Any) -> None:
   if not (isinstance(cell, nnx.Module) and hasattr(cell, 'num_feature_axes')):
     _checks.fail(where, 'cell', 'an RNNCellBase (an nnx.Module with num_feature_axes and '
                  'initialize_carry)', type(cell).__name__, TypeError)
+
+
+def _warn_if_step_options_dropped(cell: Any) -> None:
+  """A subclass of this package's cells whose ``__call__`` takes no
+  ``**options`` still has dropout or zoneout, but ``RNN`` cannot hand it the
+  per-sequence masks or a call's RNG (:func:`_scan.takes_step_options`): say
+  so once, when the layer is built, rather than change the masks silently."""
+  if not isinstance(cell, RNNCellBase) or _scan.takes_step_options(cell):
+    return
+  rates = [f'{r}={getattr(cell, r)}' for r in ('dropout_rate', 'recurrent_dropout_rate',
+                                               'zoneout_rate') if getattr(cell, r, 0.0)]
+  if rates:
+    name = type(cell).__name__
+    _checks.warn(
+      f'RNN: {name}.__call__ overrides RNNCellBase.__call__ without taking **options, so RNN '
+      f"cannot pass it one dropout mask per sequence or a call's `rngs` ({', '.join(rates)}): "
+      f'the cell draws new masks from its own stream at every step. Define '
+      f'`__call__(self, carry, inputs, **options)` and pass **options on to '
+      f'super().__call__ to keep them.')
 
 
 def _first(*values):
@@ -158,6 +176,7 @@ class RNN(nnx.Module):
                remat: bool = False, state_axes: Any = None, broadcast_rngs: Any = None,
                learn_initial_carry: bool = False, rngs: Any = True):
     _check_cell('RNN', cell)
+    _warn_if_step_options_dropped(cell)
     self.cell = cell
     self.time_major = _checks.check_bool('RNN', 'time_major', time_major)
     self.return_carry = _checks.check_bool('RNN', 'return_carry', return_carry)
@@ -345,9 +364,9 @@ class Bidirectional(nnx.Module):
     check_reads('Bidirectional', 'backward_rnn', backward_rnn, _in_features(forward_rnn),
                 "forward_rnn's in_features: both directions read the same inputs")
     if forward_rnn is backward_rnn:
-      warnings.warn('Bidirectional: `forward_rnn` and `backward_rnn` are the same object, so '
-                    'both directions share its parameters; pass two RNNs unless that is '
-                    'intended.', stacklevel=4)  # the caller, past nnx's constructor
+      _checks.warn('Bidirectional: `forward_rnn` and `backward_rnn` are the same object, so '
+                   'both directions share its parameters; pass two RNNs unless that is '
+                   'intended.')
     self.forward_rnn = forward_rnn
     self.backward_rnn = backward_rnn
     self.merge_fn = merge_fn

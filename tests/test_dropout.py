@@ -5,6 +5,8 @@ the masks observed through cells built to expose them (identity weights); and
 the NumPy formula of LSTM and GRU with the masks applied (tests/reference.py).
 """
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,6 +109,60 @@ def test_masks_observed_constant_across_time_and_different_across_rows():
   assert set(np.unique(m)) == {0.0, 2.0}
   assert len({tuple(r) for r in m}) > rows // 2
   assert 0.3 < (m > 0).mean() < 0.7
+
+
+def test_input_and_recurrent_masks_are_drawn_independently():
+  # Equal rates and widths: masks drawn from one key would be the same mask.
+  rows, width = 16, 8
+  cell = nr.SimpleCell(width, width, **_Z, dropout_rate=0.5, recurrent_dropout_rate=0.5,
+                       rngs=nnx.Rngs(0))
+  masks = cell.dropout_masks((rows, width), rngs=jax.random.key(3))
+  m_in, m_rec = np.asarray(masks.input) > 0, np.asarray(masks.recurrent) > 0
+  assert 0.3 < m_in.mean() < 0.7 and 0.3 < m_rec.mean() < 0.7
+  assert 0.3 < (m_in == m_rec).mean() < 0.7  # as for two independent masks (128 units)
+
+
+class _Passes(nr.SimpleCell):
+  """A subclass that overrides ``__call__`` and passes the options on."""
+
+  def __call__(self, carry, inputs, **options):
+    return super().__call__(carry, inputs, **options)
+
+
+class _Drops(nr.SimpleCell):
+  """A subclass whose ``__call__`` takes no options: RNN cannot hand it masks."""
+
+  def __call__(self, carry, inputs):
+    return super().__call__(carry, inputs)
+
+
+def test_a_subclass_whose_call_takes_no_options_is_warned_about_its_masks():
+  rows, time, width = 16, 6, 8
+  ident = dict(activation_fn=lambda a: a, kernel_init=nnx.initializers.zeros_init(),
+               recurrent_kernel_init=nnx.initializers.zeros_init())
+  run = nnx.jit(lambda rnn, x: rnn(x))
+  x = jnp.ones((rows, time, width))
+  ys = {}
+  for cls in (_Passes, _Drops):  # y_t is the input mask of step t (W_i = I, W_h = 0)
+    cell = cls(width, width, dropout_rate=0.5, **ident, rngs=nnx.Rngs(0))
+    cell.dense_i.kernel[...] = jnp.eye(width)
+    if cls is _Drops:
+      with pytest.warns(UserWarning, match=(
+          r"RNN: _Drops.__call__ overrides RNNCellBase.__call__ without taking \*\*options, "
+          r"so RNN cannot pass it one dropout mask per sequence or a call's `rngs` "
+          r'\(dropout_rate=0.5\): the cell draws new masks from its own stream at every step. '
+          r'Define `__call__\(self, carry, inputs, \*\*options\)`')) as record:
+        rnn = nr.RNN(cell)
+      assert record[0].filename == __file__  # the caller's line, past flax's constructor
+    else:
+      with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        rnn = nr.RNN(cell)  # takes the options: nothing to warn about
+    ys[cls] = np.asarray(run(rnn, x))
+  y = ys[_Passes]
+  np.testing.assert_array_equal(y, np.broadcast_to(y[:, :1], y.shape))  # one mask per row
+  y = ys[_Drops]
+  assert (y != y[:, :1]).any(axis=(0, 2)).sum() == time - 1  # a new mask at every step
 
 
 def test_bidirectional_directions_get_their_own_masks_from_one_key():

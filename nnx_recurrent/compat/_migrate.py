@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -146,9 +145,9 @@ def _from_nnx(module: Any, where: str):
     _checks.fail(where, 'module', 'a cell without proj_features (flax.linen has no projected '
                  'LSTM)', f'a {layout.name} with proj_features={module.proj_features}')
   if getattr(module, 'dropout_rate', 0.0) or getattr(module, 'recurrent_dropout_rate', 0.0):
-    warnings.warn(f'{where}: flax.linen cells have no dropout; the dropout rates of the '
+    _checks.warn(f'{where}: flax.linen cells have no dropout; the dropout rates of the '
                   f'{layout.name} are not carried over (the parameters and the '
-                  'evaluation-mode outputs are).', stacklevel=3)
+                  'evaluation-mode outputs are).')
   kwargs = {f: getattr(module, f) for f in layout.math_fields}
   if getattr(module, 'carry_init', None) is not None:
     kwargs['carry_init'] = module.carry_init

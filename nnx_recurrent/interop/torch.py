@@ -63,7 +63,6 @@ over, with a warning (it does not change eval-mode outputs).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -330,9 +329,9 @@ def _warn_dropped_dropout(cells: list[Any]) -> None:
   rates = sorted({(c.dropout_rate, c.recurrent_dropout_rate) for c in cells
                   if c.dropout_rate or c.recurrent_dropout_rate})
   if rates:
-    warnings.warn('to_torch: PyTorch has no variational dropout; the cells\' dropout_rate / '
+    _checks.warn('to_torch: PyTorch has no variational dropout; the cells\' dropout_rate / '
                   f'recurrent_dropout_rate {", ".join(f"{d} / {r}" for d, r in rates)} are not '
-                  'carried over (the parameters and the eval-mode outputs are).', stacklevel=3)
+                  'carried over (the parameters and the eval-mode outputs are).')
 
 
 def _cell_family(cell: Any) -> tuple[_Family, str | None]:

@@ -107,16 +107,16 @@ def check_shard_map(zoo, x, lengths):
     sharded = jax.jit(jax.shard_map(forward, mesh=mesh, in_specs=(P(), P('data'), P('data')),
                                     out_specs=P('data')))
     for got, want in zip(jax.tree_util.tree_leaves(sharded(state, x, lengths)),
-                         jax.tree_util.tree_leaves(forward(state, x, lengths))):
+                         jax.tree_util.tree_leaves(jax.jit(forward)(state, x, lengths))):
       np.testing.assert_allclose(got, want, atol=ATOL, rtol=0, err_msg=f'shard_map {name}')
 
     def loss(state, run):
       _, y = run(state, x, lengths)
       return jax.numpy.sum(y ** 2)
 
-    grads = jax.grad(loss)(state, sharded)
-    for got, want in zip(jax.tree_util.tree_leaves(grads),
-                         jax.tree_util.tree_leaves(jax.grad(loss)(state, forward))):
+    grad = jax.jit(jax.grad(loss), static_argnums=1)  # one program each (eager: op by op)
+    for got, want in zip(jax.tree_util.tree_leaves(grad(state, sharded)),
+                         jax.tree_util.tree_leaves(grad(state, forward))):
       np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5,
                                  err_msg=f'shard_map gradient {name}')
 
@@ -125,8 +125,8 @@ def check_shard_map(zoo, x, lengths):
   sharded = jax.jit(jax.shard_map(
     lambda v, x, lengths: compat.RNN(compat.GRUCell(H)).apply(v, x, seq_lengths=lengths),
     mesh=mesh, in_specs=(P(), P('data'), P('data')), out_specs=P('data')))
-  np.testing.assert_allclose(sharded(variables, x, lengths),
-                             nn.RNN(nn.GRUCell(H)).apply(variables, x, seq_lengths=lengths),
+  linen = jax.jit(lambda v: nn.RNN(nn.GRUCell(H)).apply(v, x, seq_lengths=lengths))
+  np.testing.assert_allclose(sharded(variables, x, lengths), linen(variables),
                              atol=ATOL, rtol=0, err_msg='shard_map compat.RNN')
   return len(names) + 1
 

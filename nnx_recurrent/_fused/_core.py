@@ -285,7 +285,8 @@ class _FusedBase(nnx.Module):
         segment within its span. Not together with ``seq_lengths``.
       return_carry, time_major, reverse, keep_order: override the attributes.
       rngs: dropout RNG (an ``nnx.Rngs``, ``RngStream`` or key), overriding
-        the one given at construction.
+        the one given at construction; a key is split, one per gap between
+        layers.
 
     Returns:
       ``outputs``, or ``(final_carry, outputs)`` with ``return_carry``.

@@ -146,8 +146,8 @@ def _from_nnx(module: Any, where: str):
                  'LSTM)', f'a {layout.name} with proj_features={module.proj_features}')
   if getattr(module, 'dropout_rate', 0.0) or getattr(module, 'recurrent_dropout_rate', 0.0):
     _checks.warn(f'{where}: flax.linen cells have no dropout; the dropout rates of the '
-                  f'{layout.name} are not carried over (the parameters and the '
-                  'evaluation-mode outputs are).')
+                 f'{layout.name} are not carried over (the parameters and the '
+                 'evaluation-mode outputs are).')
   kwargs = {f: getattr(module, f) for f in layout.math_fields}
   if getattr(module, 'carry_init', None) is not None:
     kwargs['carry_init'] = module.carry_init

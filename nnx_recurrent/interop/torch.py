@@ -330,8 +330,8 @@ def _warn_dropped_dropout(cells: list[Any]) -> None:
                   if c.dropout_rate or c.recurrent_dropout_rate})
   if rates:
     _checks.warn('to_torch: PyTorch has no variational dropout; the cells\' dropout_rate / '
-                  f'recurrent_dropout_rate {", ".join(f"{d} / {r}" for d, r in rates)} are not '
-                  'carried over (the parameters and the eval-mode outputs are).')
+                 f'recurrent_dropout_rate {", ".join(f"{d} / {r}" for d, r in rates)} are not '
+                 'carried over (the parameters and the eval-mode outputs are).')
 
 
 def _cell_family(cell: Any) -> tuple[_Family, str | None]:

@@ -281,7 +281,6 @@ def test_cell_state_and_rng_streams_persist_as_in_flax(jit, mode):
   assert not (zeros == zeros[:, :1]).all()  # and a new mask at every step
 
 
-
 def test_cell_state_and_rng_streams_persist_under_remat_as_in_flax():
   # remat recomputes each step in the backward pass; the forward pass still
   # threads the cell's counter and dropout stream from step to step.
@@ -292,6 +291,7 @@ def test_cell_state_and_rng_streams_persist_under_remat_as_in_flax():
   _close(y_o, y_t)
   assert int(ours.cell.steps[...]) == int(theirs.cell.steps[...]) == T
   assert int(ours.cell.drop.rngs.count[...]) == int(theirs.cell.drop.rngs.count[...]) == T
+
 
 @pytest.mark.parametrize('mode', ['tree', 'no_graph_updates'])
 def test_layers_in_tree_mode_as_in_graph_mode(mode):
@@ -344,7 +344,6 @@ def test_a_scalar_seq_lengths_is_every_rows_length_as_in_flax():
   _close(*fused_)
 
 
-
 def test_a_flax_cell_computing_in_a_lower_dtype_keeps_the_carrys_dtype():
   # flax.nnx.SimpleCell(dtype=bfloat16) returns a bfloat16 h for its float32
   # carry (flax.nnx's RNN fails on the scan's carry type): each step's carry is
@@ -367,6 +366,7 @@ def test_a_flax_cell_computing_in_a_lower_dtype_keeps_the_carrys_dtype():
   assert carry.dtype == jnp.float32 and y.dtype == jnp.bfloat16
   _close(carry, h, atol=0)
   _close(y.astype(jnp.float32), ys.astype(jnp.float32), atol=0)
+
 
 def test_float_seq_lengths_are_lengths():
   # flax.nnx runs with float lengths where it ignores them (no carry, forward),

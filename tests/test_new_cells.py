@@ -235,7 +235,6 @@ def test_layer_norm_lstm_normalizes_all_gates_jointly():
   assert np.abs(c_gate - c_joint).max() > 1e-2
 
 
-
 def test_layer_norm_of_a_large_cell_state_with_a_small_spread():
   """Zero kernels and biases: every gate is sigmoid(0) = 1/2 and ``c' = c / 2``, here
   ``50 + 0.005 * noise``; its norm needs the two-pass variance (``E[c'^2] - mean^2``
@@ -251,6 +250,7 @@ def test_layer_norm_of_a_large_cell_state_with_a_small_spread():
   np.testing.assert_allclose(new_c, c_ref, rtol=1e-6)
   assert np.abs(h_ref).max() > 0.3  # the normalized spread reaches the output
   np.testing.assert_allclose(h, h_ref, atol=5e-3)
+
 
 @pytest.mark.parametrize('name', ['ln_lstm', 'ln_gru'])
 def test_outputs_do_not_depend_on_the_scale_of_the_inputs(name):

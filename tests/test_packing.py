@@ -135,7 +135,6 @@ def test_packed_equals_segments_run_alone(name):
                                      atol=ATOL)
 
 
-
 def test_a_lower_precision_initial_carry_keeps_its_dtype_across_segment_resets():
   # A bfloat16 carry for a float32 cell: the later segments restart from the
   # default (float32) carry cast to the carry's dtype, as each step rounds it.
@@ -155,6 +154,7 @@ def test_a_lower_precision_initial_carry_keeps_its_dtype_across_segment_resets()
       h = bf16(new)
   np.testing.assert_array_equal(np.asarray(ys)[IDS == 0], 0)
   np.testing.assert_allclose(np.asarray(carry, np.float64)[1], h, atol=2e-2)
+
 
 def test_consecutive_equal_ids_form_one_segment():
   # [1 1 2 2] is two segments, [1 1 1 1] one: the second half differs.

@@ -194,7 +194,6 @@ def test_return_carry_several_batch_axes_default_carry():
   assert not np.asarray(carry[0, 0]).any()  # zeros for the length-0 row
 
 
-
 def test_a_list_initial_carry_is_read_as_the_tuple():
   # As the cell reads a list carry (flax's cells unpack it): [c, h] is (c, h).
   cell, features = ref.make_cell('lstm')
@@ -204,6 +203,7 @@ def test_a_list_initial_carry_is_read_as_the_tuple():
   carry_ref, y_ref = ref.rnn(ref.cell_params(cell), x, LENGTHS, carry0, num_batch_dims=2)
   _close(carry, carry_ref)
   _close(y, y_ref)
+
 
 # -- Bidirectional --------------------------------------------------------------
 def _bidirectional(merge_fn=None, **kw):

@@ -152,7 +152,6 @@ def test_zoneout_deterministic_packed_segments_equal_separate_runs():
   np.testing.assert_array_equal(y[:, 5], 0.0)
 
 
-
 def test_evaluation_draws_nothing_from_the_calls_rngs():
   # Deterministic zoneout is the expectation: no keys, so an nnx.Rngs passed to an
   # evaluation call is left as it was, as flax's nnx.Dropout in evaluation leaves it.
@@ -164,6 +163,7 @@ def test_evaluation_draws_nothing_from_the_calls_rngs():
   nnx.jit(lambda rnn, rngs: rnn(x, rngs=rngs))(rnn, ours)
   nnx.Dropout(0.5, deterministic=True)(x, rngs=theirs)
   assert int(ours.dropout.count[...]) == int(theirs.dropout.count[...]) == 0
+
 
 def test_zoneout_rate_is_checked():
   with pytest.raises(ValueError, match=m('GRUCell: `zoneout_rate` expected a float in [0, 1)',

@@ -382,6 +382,16 @@ def draws_call_rngs(cell) -> bool:
                                           'zoneout_rate'))
 
 
+def per_use_rngs(rngs: Any, n: int) -> tuple:
+  """A call's ``rngs`` for ``n`` uses (layers, gaps between layers): a raw
+  key is split, one per use (the key itself would give each use the same
+  masks); an ``nnx.Rngs`` or stream, which advances as it draws, or ``None``
+  serves every use."""
+  if isinstance(rngs, jax.Array) and n:
+    return tuple(jax.random.split(rngs, n))
+  return (rngs,) * n
+
+
 def cell_step_rngs(cell, rngs: Any, time: int) -> Array | None:
   """Per-step keys for a cell's zoneout when the call overrides its RNG
   (``rngs`` given), else ``None`` (the cell draws from its own stream)."""

@@ -205,11 +205,8 @@ class StackedRNN(nnx.Module):
       _checks.fail('StackedRNN', 'initial_carry',
                    f'a tuple of {n} carries (one per layer, None for the default)',
                    _checks.kind(initial_carry))
-    # A raw key would give every layer the same masks: split it, one per use.
-    layer_rngs = dropout_rngs = (rngs,) * n
-    if isinstance(rngs, jax.Array):
-      keys = jax.random.split(rngs, 2 * n)
-      layer_rngs, dropout_rngs = tuple(keys[:n]), tuple(keys[n:])
+    uses = _scan.per_use_rngs(rngs, 2 * n)  # the layers', then the dropouts' between them
+    layer_rngs, dropout_rngs = uses[:n], uses[n:]
     dropout = self.dropout
     if (dropout is not None and n > 1 and not dropout.deterministic and rngs is None
         and dropout.rngs is None):

@@ -322,14 +322,11 @@ class _FusedBase(nnx.Module):
     xs = _scan.clean_padding(seq.xs, seq.masks.valid)  # as nr.RNN's scan does
     if reverse:  # each row (segment) from its last valid step to its first; padding stays
       xs = _scan.take_time(xs, idx)
-    # A raw key would give every gap between layers the same mask: one key each.
-    dropout_rngs = (rngs,) * self.num_layers
-    if isinstance(rngs, jax.Array) and self.num_layers > 1:
-      dropout_rngs = (None, *jax.random.split(rngs, self.num_layers - 1))
+    dropout_rngs = _scan.per_use_rngs(rngs, self.num_layers - 1)  # one per gap between layers
     finals = []
     for layer in range(self.num_layers):
       if layer:
-        xs = self.dropout(xs, rngs=dropout_rngs[layer])
+        xs = self.dropout(xs, rngs=dropout_rngs[layer - 1])
       layer_carry = initial_carry[layer]
       carries = tuple(layer_carry) if self.bidirectional else (layer_carry,)
       final, xs = self._run_layer(layer, xs, carries, seq.masks, idx, seq.seq_lengths)

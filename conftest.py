@@ -38,8 +38,11 @@ if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
     _optional = [flag for flag in _optional if _xla_accepts(f'{_flags} {flag}')]
   os.environ['XLA_FLAGS'] = ' '.join([_flags, *_optional])
 
-import jax  # noqa: E402
-
 # Implicit rank promotion hides broadcasting bugs (a (batch,) mask against a
-# (batch, features) array...); make it an error everywhere in the suite.
-jax.config.update('jax_numpy_rank_promotion', 'raise')
+# (batch, features) array...); make it an error everywhere in the suite, the
+# child processes of the subprocess tests included. Set through the
+# environment, read by jax at its import: the controlling xdist process then
+# never imports jax (2.5 s before the workers start).
+os.environ['JAX_NUMPY_RANK_PROMOTION'] = 'raise'
+if 'jax' in sys.modules:  # imported already (a plugin): the environment is read
+  sys.modules['jax'].config.update('jax_numpy_rank_promotion', 'raise')

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import itertools
-import os
 import re
-import subprocess
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -27,6 +25,7 @@ from flax.linen.recurrent import DenseParams
 
 import nnx_recurrent as nr
 from nnx_recurrent import compat
+from tests.fresh_import import fresh_package
 from tests.random_params import random_module
 from tests.reference import normal
 
@@ -59,6 +58,14 @@ def _numpy(tree):
   """``tree`` with NumPy leaves: indexing them compiles nothing (eager jax indexing
   compiles a program per shape)."""
   return jax.tree.map(np.asarray, tree)
+
+
+def _random_variables(module, *args, **kwargs):
+  """The variables ``module.init`` makes, with normal(0, 0.5) values from NumPy: for
+  tests that compare applies only (an init runs op by op and compiles a scan)."""
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda s: np.asarray(0.5 * rng.standard_normal(s.shape), s.dtype), shapes)
 
 
 def _valid(y, seq_lengths):
@@ -187,8 +194,11 @@ def test_interceptors_on_the_inner_layers_reach_the_step_as_in_linen(name, kwarg
   theirs = getattr(nn, name)(features=H, **kwargs)
   ours = getattr(compat, name)(features=H, **kwargs)
   x, xs = normal(shape), normal((B, T) + shape[1:], seed=3)
+  # Over time for the first configuration of each class only: the patched step is
+  # compared in every configuration (below), and the scan only calls it.
+  over_time = kwargs == next(kw for n, kw, _ in CELLS if n == name)
   # flax.linen's RNN refuses the bfloat16 carry turning float32 (compat's does not)
-  over_time = 'param_dtype' not in kwargs
+  over_time = over_time and 'param_dtype' not in kwargs
   carry = jax.tree.map(lambda a: a + 0.3, theirs.initialize_carry(jax.random.key(1), x.shape))
   variables = theirs.init(jax.random.key(2), carry, x)
 
@@ -212,7 +222,12 @@ def test_interceptors_on_the_inner_layers_reach_the_step_as_in_linen(name, kwarg
 # -- RNN ----------------------------------------------------------------------------
 def test_rnn_matches_linen_over_layouts_directions_and_unroll():
   x = normal((B, T, IN))
-  theirs, ours = nn.RNN(nn.LSTMCell(H)), compat.RNN(compat.LSTMCell(H))
+  # Deterministic kernels, so that the inits run in the applies' program at little
+  # cost (initializers compile slowly inside a jit). RNN's inits with the default
+  # initializers: test_cell_patterns_that_flax_linen_accepts (a GRUCell subclass),
+  # test_rnn_multiple_batch_axes_and_conv_cell_match_linen (ConvLSTMCell).
+  det = dict(kernel_init=_det_init, recurrent_kernel_init=_det_init)
+  theirs, ours = nn.RNN(nn.LSTMCell(H, **det)), compat.RNN(compat.LSTMCell(H, **det))
   # Layout and direction are separate steps (_scan.prepare moves time first,
   # processing_order reverses, output_order restores the order and then the
   # layout): every direction batch-major, keep_order without reverse (which
@@ -226,28 +241,32 @@ def test_rnn_matches_linen_over_layouts_directions_and_unroll():
               # unroll goes to nn.scan as is: one value, which does not divide T
               dict(reverse=True, keep_order=True, seq_lengths=True, unroll=2)]
 
-  v_t, v_o = theirs.init(jax.random.key(1), x), ours.init(jax.random.key(1), x)
-  _assert_same_tree(v_o, v_t)
-
-  def run(v, x, lengths):
-    outs = []
+  def run(x, lengths):
+    v, v_o = theirs.init(jax.random.key(1), x), ours.init(jax.random.key(1), x)
+    refs, outs = {}, []
     for cfg in configs:
       cfg = dict(cfg)
       tm, unroll = cfg.get('time_major', False), cfg.pop('unroll', 1)
-      sl = lengths if cfg.pop('seq_lengths') else None
+      use_sl = cfg.pop('seq_lengths')
+      sl = lengths if use_sl else None
+      # flax.linen's values depend neither on the layout (time_major only moves
+      # the time axis) nor on unroll, and its keep_order acts with reverse only:
+      # one flax.linen reference (batch-major) per distinct computation.
+      rev = cfg.get('reverse', False)
+      key = (rev, rev and cfg.get('keep_order', False), use_sl)
+      if key not in refs:
+        refs[key] = theirs.apply(v, x, seq_lengths=sl, return_carry=True, reverse=key[0],
+                                 keep_order=key[1])
       xx = x.swapaxes(0, 1) if tm else x
-      pair = []
-      for m in (theirs.clone(unroll=unroll), ours.clone(unroll=unroll)):
-        carry, y = m.apply(v, xx, seq_lengths=sl, return_carry=True, **cfg)
-        pair.append((carry, y.swapaxes(0, 1) if tm else y))
-      outs.append(pair)
-    return outs, ours.apply(v, x, seq_lengths=lengths)  # return_carry=False
+      carry, y = ours.clone(unroll=unroll).apply(v, xx, seq_lengths=sl, return_carry=True, **cfg)
+      outs.append((refs[key], (carry, y.swapaxes(0, 1) if tm else y)))
+    return v, v_o, outs
 
-  outs, no_carry = jax.jit(run)(v_t, x, LENGTHS)
+  v_t, v_o, outs = jax.jit(run)(x, LENGTHS)
+  _assert_same_tree(v_o, v_t)
   for (c_t, y_t), (c_o, y_o) in outs:
     _assert_close(c_o, c_t)  # the last valid carry, by carry selection
     np.testing.assert_allclose(y_o, y_t, atol=1e-6)  # padded steps included
-  np.testing.assert_array_equal(no_carry, outs[0][1][1])
 
 
 def test_rnn_multiple_batch_axes_and_conv_cell_match_linen():
@@ -387,7 +406,7 @@ def test_a_carry_leaf_shared_by_the_rows_runs_with_seq_lengths_as_linen():
   axes goes on through every step (the last-valid carry selection failed on it
   with a scan carry-type error)."""
   x, seq_lengths = normal((3, 6, 4)), jnp.array([6, 4, 0])
-  v = _shared_counter_cell(nn).init(jax.random.key(0), x)
+  v = _random_variables(_shared_counter_cell(nn), x)
   y_t = _shared_counter_cell(nn).apply(v, x, seq_lengths=seq_lengths)
   y, ((h, t), _) = jax.jit(lambda v: (
     _shared_counter_cell(compat).apply(v, x, seq_lengths=seq_lengths),
@@ -397,6 +416,10 @@ def test_a_carry_leaf_shared_by_the_rows_runs_with_seq_lengths_as_linen():
   _assert_close(h[:2], np.asarray(y_t)[[0, 1], [5, 3]])
 
 
+# Two modes, with every option and (the linen base) with none: the other directions
+# and layouts are the cell-agnostic scan's (each of them:
+# test_rnn_matches_linen_over_layouts_directions_and_unroll). compat.RNNCellBase is
+# flax.linen's, subclassed with nothing added: the first mode only.
 @pytest.mark.parametrize('base', ['linen', 'compat'])
 def test_user_cell_without_initialize_carry_matches_linen(base):
   cell_type = _noisy_cell(nn.RNNCellBase if base == 'linen' else compat.RNNCellBase)
@@ -405,8 +428,9 @@ def test_user_cell_without_initialize_carry_matches_linen(base):
                  split_rngs={'params': False, 'noise': True})
   theirs, ours = nn.RNN(cell_type(H), **options), compat.RNN(cell_type(H), **options)
   rngs = {'params': jax.random.key(1), 'noise': jax.random.key(2)}
-  modes = [dict(), dict(seq_lengths=LENGTHS), dict(seq_lengths=LENGTHS, reverse=True),
-           dict(seq_lengths=LENGTHS, reverse=True, keep_order=True, time_major=True)]
+  modes = [dict(seq_lengths=LENGTHS, reverse=True, keep_order=True, time_major=True)]
+  if base == 'linen':
+    modes.append(dict())
 
   def run():
     cell_vars = cell_type(H).init(rngs, h0, x[:, 0])
@@ -436,7 +460,7 @@ def test_padding_values_are_linens_and_length_zero_keeps_the_initial_carry():
   lengths = jnp.array([5, 0, 2])
   theirs = nn.RNN(nn.GRUCell(H, carry_init=NORMAL), return_carry=True)
   ours = compat.RNN(compat.GRUCell(H, carry_init=NORMAL), return_carry=True)
-  v = theirs.init(jax.random.key(1), x)
+  v = _random_variables(theirs, x)
   (c_t, y_t), (c_o, y_o), (c_full, _) = _numpy(jax.jit(lambda v: (
     theirs.apply(v, x, seq_lengths=lengths), ours.apply(v, x, seq_lengths=lengths),
     theirs.apply(v, x)))(v))
@@ -449,9 +473,11 @@ def test_padding_values_are_linens_and_length_zero_keeps_the_initial_carry():
   np.testing.assert_allclose(np.asarray(c_o)[::2], np.asarray(c_t)[::2], atol=1e-6)
 
 
-# The step that runs on at padding is cell-agnostic: one cell per kind of carry here
-# (LSTMCell, GRUCell and SimpleCell in every mode: the tests above and below).
-@pytest.mark.parametrize('cell', ['OptimizedLSTMCell', 'MGUCell', 'ConvLSTMCell'])
+# The step that runs on at padding is cell-agnostic: one cell per kind of carry here,
+# an array (MGUCell) and a tuple with feature axes of its own (ConvLSTMCell; LSTMCell,
+# GRUCell and SimpleCell in every mode: the tests above and below; OptimizedLSTMCell
+# over time: the interceptor test and test_to_nnx_and_from_nnx_rnn_and_bidirectional).
+@pytest.mark.parametrize('cell', ['MGUCell', 'ConvLSTMCell'])
 def test_padding_values_match_linen_with_several_batch_axes(cell):
   """Two batch axes, every direction mode: flax.linen's values on the flattened batch."""
   conv = cell == 'ConvLSTMCell'
@@ -461,7 +487,7 @@ def test_padding_values_match_linen_with_several_batch_axes(cell):
   kw = dict(kernel_size=(3,)) if conv else {}
   theirs = nn.RNN(getattr(nn, cell)(H, **kw), return_carry=True)
   ours = compat.RNN(getattr(compat, cell)(H, **kw), return_carry=True)
-  v = theirs.init(jax.random.key(1), x[0])
+  v = _random_variables(theirs, x[0])
   modes = [dict(), dict(reverse=True), dict(reverse=True, keep_order=True)]
 
   def run(v):
@@ -507,9 +533,9 @@ def test_rnn_segment_ids_extension_matches_linen_per_segment():
   x = normal((1, 6, IN))
   segment_ids = jnp.array([[1, 1, 1, 2, 2, 0]])
   theirs, ours = nn.RNN(nn.SimpleCell(H)), compat.RNN(compat.SimpleCell(H))
+  v = _random_variables(theirs, x)
 
   def run(segment_ids):
-    v = theirs.init(jax.random.key(1), x)
     out = []
     for reverse in (False, True):
       kw = dict(reverse=reverse, keep_order=True)
@@ -530,7 +556,7 @@ def test_rnn_segment_ids_initial_carry_starts_each_rows_first_segment_only():
   ids = jnp.array([[1, 1, 1, 2, 2, 0], [0, 3, 3, 3, 4, 4]])
   c0 = np.asarray(normal((2, H), seed=2))
   theirs, ours = nn.RNN(nn.GRUCell(H), return_carry=True), compat.RNN(compat.GRUCell(H))
-  v = theirs.init(jax.random.key(1), x)
+  v = _random_variables(theirs, x)
   zeros = np.zeros((1, H), np.float32)
   segments = {0: ((0, 3, c0[:1]), (3, 5, zeros)), 1: ((1, 4, c0[1:]), (4, 6, zeros))}
 
@@ -563,7 +589,7 @@ def test_rnn_segment_ids_garbage_at_padding_reaches_no_gradient():
   def loss_linen(v, x):
     return sum(jnp.sum(theirs.apply(v, x[:, lo:hi]) ** 2) for lo, hi in ((0, 2), (2, 3)))
 
-  v = theirs.init(jax.random.key(1), x)
+  v = _random_variables(theirs, x)
   (value, grads), (want_value, want) = _numpy(jax.jit(lambda v: (
     jax.value_and_grad(loss_ours, argnums=(0, 1))(v, garbage),
     jax.value_and_grad(loss_linen, argnums=(0, 1))(v, x)))(v))
@@ -601,34 +627,41 @@ def test_bidirectional_matches_linen():
   x = normal((B, T, IN))
   merge = lambda a, b: jnp.concatenate([a, 2 * b], axis=-1)  # noqa: E731
 
+  # Deterministic kernels, so that the inits run in the applies' program at little
+  # cost (initializers compile slowly inside a jit; their values under RNN:
+  # test_rnn_multiple_batch_axes_and_conv_cell_match_linen).
+  cell_kw = dict(carry_init=NORMAL, kernel_init=_det_init, recurrent_kernel_init=_det_init)
+
   def make(ns, rnn):
-    return ns.Bidirectional(rnn(ns.LSTMCell(H, carry_init=NORMAL)),
-                            rnn(ns.GRUCell(H, carry_init=NORMAL)), merge_fn=merge)
+    return ns.Bidirectional(rnn(ns.LSTMCell(H, **cell_kw)), rnn(ns.GRUCell(H, **cell_kw)),
+                            merge_fn=merge)
 
   theirs, ours = make(nn, nn.RNN), make(compat, compat.RNN)
   # compat's Bidirectional over flax.linen RNNs, too: with every option and with
   # none (it forwards time_major and seq_lengths as they come, whatever they are).
-  mixed = compat.Bidirectional(nn.RNN(nn.LSTMCell(H, carry_init=NORMAL)),
-                               nn.RNN(nn.GRUCell(H, carry_init=NORMAL)), merge_fn=merge)
-  v_t, v_o = theirs.init(jax.random.key(1), x), ours.init(jax.random.key(1), x)
-  _assert_same_tree(v_o, v_t)
-  configs = list(itertools.product([False, True], [True, False]))  # time_major, seq_lengths
+  # Those two configurations only: Bidirectional passes both options on without
+  # reading them, and RNN's own time_major x seq_lengths combinations are checked
+  # in test_rnn_matches_linen_over_layouts_directions_and_unroll (batch-major with
+  # seq_lengths, through Bidirectional: test_to_nnx_and_from_nnx_rnn_and_bidirectional).
+  mixed = compat.Bidirectional(nn.RNN(nn.LSTMCell(H, **cell_kw)),
+                               nn.RNN(nn.GRUCell(H, **cell_kw)), merge_fn=merge)
+  configs = [(False, False), (True, True)]  # time_major, seq_lengths
 
-  def run(v, lengths):
-    outs = []
+  def run(lengths):
+    v, v_o = theirs.init(jax.random.key(1), x), ours.init(jax.random.key(1), x)
+    outs = [v_o, v]
     for tm, use_sl in configs:
       xx = x.swapaxes(0, 1) if tm else x
       kw = dict(seq_lengths=lengths if use_sl else None, time_major=tm, return_carry=True,
                 init_key=jax.random.key(4))
-      models = (theirs, ours, mixed) if tm == use_sl else (theirs, ours)
       outs.append([])
-      for m in models:
+      for m in (theirs, ours, mixed):
         c, y = m.apply(v, xx, **kw)
         outs[-1].append((c, y.swapaxes(0, 1) if tm else y))
     return outs
 
-  outs = jax.jit(run)(v_t, LENGTHS)
-  assert [len(out) for out in outs] == [2, 3, 3, 2]  # mixed: (False, False), (True, True)
+  v_o, v_t, *outs = jax.jit(run)(LENGTHS)
+  _assert_same_tree(v_o, v_t)
   for (c_t, y_t), *rest in outs:
     for c_o, y_o in rest:
       _assert_close(c_o, c_t)
@@ -640,7 +673,11 @@ def _user_model(ns):
   class Model(nn.Module):
     @nn.compact
     def __call__(self, carry, xs):
-      carry, y1 = nn.jit(ns.GRUCell)(H, name='jitted')(carry, xs[:, 0])
+      # Deterministic kernels under nn.jit: initializers compile slowly inside a jit
+      # (the default ones' values: the other transforms, test_cell_init_and_apply_match_linen).
+      jitted = nn.jit(ns.GRUCell)(H, name='jitted', kernel_init=_det_init,
+                                  recurrent_kernel_init=_det_init)
+      carry, y1 = jitted(carry, xs[:, 0])
       carry, y2 = nn.remat(ns.GRUCell)(H, name='remat')(carry, xs[:, 1])
       vmapped = nn.vmap(ns.GRUCell, in_axes=0, out_axes=0, variable_axes={'params': 0},
                         split_rngs={'params': True})(H, name='vmap')
@@ -674,26 +711,37 @@ def test_rnn_initial_carries_that_broadcast_match_linen():
   by every carry row."""
   x, x1 = normal((B, T, IN)), normal((1, T, IN))
 
+  det = dict(kernel_init=_det_init, recurrent_kernel_init=_det_init)
+
   def ensemble(ns):
     cells = ns.vmap(ns.LSTMCell, variable_axes={'params': 0}, split_rngs={'params': True},
                     in_axes=(0, None), out_axes=0, axis_size=3)
-    return ns.RNN(cells(H))
+    return ns.RNN(cells(H, **det))
 
   def beams(n):
     return tuple(normal((n, B, H), seed=k) for k in (1, 2))
 
-  cases = [(ensemble, x, beams(3)), (lambda ns: ns.RNN(ns.LSTMCell(H)), x, beams(2)),
-           (lambda ns: ns.RNN(ns.GRUCell(H)), x1, normal((B, H), seed=3))]
+  cases = [(ensemble, x, beams(3)), (lambda ns: ns.RNN(ns.LSTMCell(H, **det)), x, beams(2)),
+           (lambda ns: ns.RNN(ns.GRUCell(H, **det)), x1, normal((B, H), seed=3))]
   layers = [(build(nn), build(compat)) for build, _, _ in cases]
+
+  # Deterministic kernels, so that the inits run in the applies' program at little
+  # cost (initializers compile slowly inside a jit). The default initializers' values:
+  # test_cell_init_and_apply_match_linen; under nn.vmap with split rngs:
+  # test_compat_cells_under_linen_transforms_match_linen.
+  @jax.jit
+  def run():
+    outs = []
+    for pair, (_, inputs, carry) in zip(layers, cases):
+      inits = [m.init(jax.random.key(4), inputs, initial_carry=carry) for m in pair]
+      outs.append((inits, [m.apply(inits[0], inputs, initial_carry=carry, return_carry=True)
+                           for m in pair]))
+    return outs
+
   with jax.numpy_rank_promotion('allow'):  # beams: (B, 4H) + (beams, B, 4H) in both
-    variables = []
-    for (theirs, ours), (_, inputs, carry) in zip(layers, cases):
-      variables.append(theirs.init(jax.random.key(4), inputs, initial_carry=carry))
-      _assert_same_tree(ours.init(jax.random.key(4), inputs, initial_carry=carry), variables[-1])
-    outs = jax.jit(lambda variables: [
-      [m.apply(v, inputs, initial_carry=carry, return_carry=True) for m in pair]
-      for pair, v, (_, inputs, carry) in zip(layers, variables, cases)])(variables)
-  for out_t, out_o in outs:
+    outs = run()
+  for (v_t, v_o), (out_t, out_o) in outs:
+    _assert_same_tree(v_o, v_t)
     _assert_close(out_o, out_t, atol=1e-5)
 
 
@@ -706,7 +754,7 @@ def test_a_one_array_carry_takes_a_seed_as_linen(name):
   _assert_same_tree(getattr(compat, name)(H).initialize_carry(0, (B, IN)),
                     getattr(nn, name)(H).initialize_carry(0, (B, IN)))
   theirs, ours = nn.RNN(getattr(nn, name)(H)), compat.RNN(getattr(compat, name)(H))
-  v = theirs.init(jax.random.key(1), x, init_key=0)
+  v = _random_variables(theirs, x, init_key=0)
   _assert_close(*jax.jit(lambda v: (ours.apply(v, x, init_key=0),
                                     theirs.apply(v, x, init_key=0)))(v))
 
@@ -867,10 +915,9 @@ def test_cell_patterns_that_flax_linen_accepts():
   variables = theirs.init(jax.random.key(1), x)
   assert 'LayerNorm_0' in variables['params']['cell']
   _assert_same_tree(ours.init(jax.random.key(1), x), variables)
-  with jax.numpy_rank_promotion('allow'):  # flax.linen's GRUCell promotes the (H,) carry
-    cell_vars = nn.GRUCell(H).init(jax.random.key(3), h0, x[:, 0])
+  cell_vars = _random_variables(nn.GRUCell(H), h0[None], x[:, 0])
   rnn, rnn_ref = compat.RNN(compat.LSTMCell(H)), nn.RNN(nn.LSTMCell(H))
-  v = rnn_ref.init(jax.random.key(4), x)
+  v = _random_variables(rnn_ref, x)
   float_lengths = np.asarray(LENGTHS, np.float32)
 
   @jax.jit
@@ -881,16 +928,15 @@ def test_cell_patterns_that_flax_linen_accepts():
     with jax.numpy_rank_promotion('allow'):
       broadcast = [(compat.GRUCell(H).apply(cell_vars, carry, x[:, 0]),
                     nn.GRUCell(H).apply(cell_vars, carry, x[:, 0])) for carry in (h0, h0[None])]
+    float_out = rnn.apply(v, x, seq_lengths=float_lengths, return_carry=True)
     lengths = [
       # One scalar length for every row (flax.linen broadcasts it).
       (rnn.apply(v, x, seq_lengths=jnp.array(3), return_carry=True),
        rnn_ref.apply(v, x, seq_lengths=jnp.array(3), return_carry=True)),
       # Float lengths (a float mask's sum): flax.linen runs where it ignores them;
       # here they are the lengths, so the outputs are flax.linen's and the carry too.
-      (rnn.apply(v, x, seq_lengths=float_lengths),
-       rnn_ref.apply(v, x, seq_lengths=float_lengths)),
-      (rnn.apply(v, x, seq_lengths=float_lengths, return_carry=True),
-       rnn_ref.apply(v, x, seq_lengths=LENGTHS, return_carry=True))]
+      (float_out[1], rnn_ref.apply(v, x, seq_lengths=float_lengths)),
+      (float_out, rnn_ref.apply(v, x, seq_lengths=LENGTHS, return_carry=True))]
     # initialize_carry(None, shape): the zeros carry_init takes no key.
     zeros = [tuple(getattr(ns, name)(H).initialize_carry(None, (B, IN)) for ns in (compat, nn))
              for name in ('GRUCell', 'MGUCell', 'SimpleCell')]
@@ -921,22 +967,35 @@ def test_dense_cells_take_their_size_from_the_carry_as_linen(name):
   # to_nnx gives the NNX cell of the size the parameters hold.
   converted = compat.to_nnx(theirs, variables)
   assert converted.hidden_features == wide
-  # Over a sequence, with that carry as the initial one.
-  rnn_t, rnn_o = nn.RNN(getattr(nn, name)(H)), compat.RNN(getattr(compat, name)(H))
-  v = rnn_t.init(jax.random.key(3), x, initial_carry=carry)
-  _assert_same_tree(rnn_o.init(jax.random.key(3), x, initial_carry=carry), v)
+  # Over a sequence, with that carry as the initial one: RNN sizes the cell by
+  # the carry whatever the cell (_Cell._sized_by, the step above): one cell per
+  # kind of carry, a tuple (LSTMCell) and an array (GRUCell).
+  # Deterministic kernels there, so that the RNNs' inits run in the applies' program
+  # at little cost (initializers compile slowly inside a jit).
+  over_time = name in ('LSTMCell', 'GRUCell')
+  det = dict(kernel_init=_det_init, recurrent_kernel_init=_det_init)
+  rnn_t, rnn_o = (nn.RNN(getattr(nn, name)(H, **det)),
+                  compat.RNN(getattr(compat, name)(H, **det)))
 
   @nnx.jit
   def run(converted):
-    return ((ours.apply(variables, carry, x0), theirs.apply(variables, carry, x0),
-             converted(carry, x0)),
-            [m.apply(v, x, initial_carry=carry, seq_lengths=LENGTHS, return_carry=True)
-             for m in (rnn_o, rnn_t)])
+    seqs = None
+    if over_time:
+      v_t, v_o = [m.init(jax.random.key(3), x, initial_carry=carry) for m in (rnn_t, rnn_o)]
+      seqs = v_t, v_o, [m.apply(v_t, x, initial_carry=carry, seq_lengths=LENGTHS,
+                                return_carry=True) for m in (rnn_t, rnn_o)]
+    return (ours.apply(variables, carry, x0), theirs.apply(variables, carry, x0),
+            converted(carry, x0)), seqs
 
-  (step_o, step_t, step_nnx), (seq_o, seq_t) = run(converted)
+  (step_o, step_t, step_nnx), seqs = run(converted)
   _assert_close(step_o, step_t, atol=1e-6)
   _assert_close(step_nnx, step_t, atol=1e-6)
-  _assert_close(seq_o, seq_t, atol=1e-6)
+  if over_time:
+    (v_t, v_o, (seq_t, seq_o)) = seqs
+    hidden_kernel = v_t['params']['cell']['hi' if name == 'LSTMCell' else 'hr']['kernel']
+    assert hidden_kernel.shape == (wide, wide)
+    _assert_same_tree(v_o, v_t)
+    _assert_close(seq_o, seq_t, atol=1e-6)
 
 
 def test_to_nnx_and_from_nnx_rnn_and_bidirectional():
@@ -945,7 +1004,7 @@ def test_to_nnx_and_from_nnx_rnn_and_bidirectional():
   linen_bi = nn.Bidirectional(nn.RNN(nn.LSTMCell(H)), nn.RNN(nn.GRUCell(H)),
                               return_carry=True)
   linen_rnn = nn.RNN(nn.OptimizedLSTMCell(H), reverse=True, keep_order=True, time_major=True)
-  variables, v_rnn = linen_bi.init(jax.random.key(1), x), linen_rnn.init(jax.random.key(1), xt)
+  variables, v_rnn = _random_variables(linen_bi, x), _random_variables(linen_rnn, xt)
   bi = compat.to_nnx(linen_bi, variables)
   assert type(bi) is nr.Bidirectional and type(bi.backward_rnn.cell) is nr.GRUCell
   layer, back = compat.from_nnx(bi)
@@ -1050,13 +1109,12 @@ def test_migration_errors():
 
 # -- the import surface ------------------------------------------------------------
 def test_compat_is_lazy_and_falls_through_to_linen():
-  code = ('import sys, nnx_recurrent; '
-          "assert 'nnx_recurrent.compat' not in sys.modules; "
-          'nnx_recurrent.compat.LSTMCell; '
-          "assert 'nnx_recurrent.compat' in sys.modules")
-  root = str(Path(nr.__file__).resolve().parents[1])
-  env = {**os.environ, 'PYTHONPATH': os.pathsep.join([root, os.environ.get('PYTHONPATH', '')])}
-  subprocess.run([sys.executable, '-c', code], check=True, env=env)
+  with fresh_package():  # a fresh import in this process (tests/fresh_import.py)
+    fresh = importlib.import_module('nnx_recurrent')
+    assert fresh is not nr and 'nnx_recurrent.compat' not in sys.modules
+    fresh.compat.LSTMCell  # noqa: B018
+    assert 'nnx_recurrent.compat' in sys.modules and fresh.compat is not compat
+  assert sys.modules['nnx_recurrent'] is nr and sys.modules['nnx_recurrent.compat'] is compat
   assert compat.Module is nn.Module and compat.compact is nn.compact
   assert compat.transforms is nn.transforms and compat.Dense is nn.Dense
   assert compat.RNN is not nn.RNN and set(compat.__all__) >= {'RNN', 'to_nnx', 'from_nnx'}

@@ -5,9 +5,7 @@ converted (or original) nnx module on the same inputs and compares outputs and
 final states, plain and packed (``pack_padded_sequence`` / ``pad_packed_sequence``).
 """
 
-import os
-import pathlib
-import subprocess
+import importlib
 import sys
 
 import jax
@@ -17,6 +15,7 @@ import pytest
 from flax import nnx
 
 import nnx_recurrent as nr
+from tests.fresh_import import fresh_package
 from tests.random_params import random_module
 
 torch = pytest.importorskip('torch')
@@ -95,7 +94,9 @@ def _call(model, *args):
 def _check_against_torch(model, module):
   """Plain and packed runs of ``module`` equal ``model``'s, padding zero on both sides."""
   x = _inputs(module.batch_first)
-  _assert_same(_run(model, x, jnp.full((B,), T)), _torch_run(module, x))
+  # int32 lengths, as the packed call's: a weak-typed jnp.full((B,), T) would
+  # compile the model a second time.
+  _assert_same(_run(model, x, jnp.asarray(np.full(B, T, np.int32))), _torch_run(module, x))
   ours = _run(model, x, jnp.asarray(LENGTHS))
   _assert_same(ours, _torch_run(module, x, LENGTHS))
   y = np.asarray(ours[1]) if module.batch_first else np.swapaxes(np.asarray(ours[1]), 0, 1)
@@ -371,8 +372,10 @@ def test_simple_cells_compute_in_the_torch_modules_dtype():
   np.testing.assert_allclose(np.asarray(y, np.float32), y_torch, atol=3e-2, rtol=0)
 
 
-@pytest.mark.parametrize('torch_dtype', ['bfloat16', 'float16'])
-@pytest.mark.parametrize('family', ['LSTM', 'GRU'])
+# Each family once and each half dtype once: the dtype is read from the weights
+# (bfloat16 through its own NumPy conversion, float16 NumPy's) the same way for
+# every family, and each family's cells compute in the parameters' dtype.
+@pytest.mark.parametrize('family,torch_dtype', [('LSTM', 'bfloat16'), ('GRU', 'float16')])
 def test_half_precision_layers_match_torch_in_their_dtype(family, torch_dtype):
   # The converted layer keeps the module's dtype (parameters and computation);
   # its outputs match PyTorch's in that dtype up to half-precision rounding.
@@ -528,14 +531,13 @@ def test_to_torch_converts_a_subclass_that_only_changes_defaults():
 
 
 def test_import_does_not_load_torch():
-  code = ('import sys, nnx_recurrent, nnx_recurrent.interop; '
-          "assert 'torch' not in sys.modules, 'torch imported'; "
-          'assert callable(nnx_recurrent.interop.from_torch)')
-  subprocess.run([sys.executable, '-c', code], check=True, env=_subprocess_env())
+  # A fresh import of the package with torch unloaded and blocked
+  # (tests/fresh_import.py): an import of torch on the way is recorded.
+  with fresh_package(blocked=('torch',)) as attempts:
+    fresh = importlib.import_module('nnx_recurrent')
+    importlib.import_module('nnx_recurrent.interop')
+    assert callable(fresh.interop.from_torch) and fresh is not nr
+    assert 'torch' not in sys.modules
+  assert attempts == [], f'torch imported: {attempts}'
+  assert sys.modules['torch'] is torch and sys.modules['nnx_recurrent'] is nr
 
-
-def _subprocess_env():
-  env = dict(os.environ)
-  root = str(pathlib.Path(__file__).resolve().parents[1])
-  env['PYTHONPATH'] = root + os.pathsep + env.get('PYTHONPATH', '')
-  return env

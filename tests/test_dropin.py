@@ -9,6 +9,7 @@ garbage-padded run with a zero-padded one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import re
 import warnings
@@ -23,6 +24,11 @@ import nnx_recurrent as nr
 
 B, T, IN, H = 3, 5, 4, 6
 LENGTHS = jnp.array([5, 2, 0])
+
+
+# A random carry_init for the layers compiled below: uniform, the cheapest
+# random initializer to compile (every draw is inlined in a jitted program).
+RANDOM_CARRY = jax.nn.initializers.uniform(1.0)
 
 
 def _x(shape=(B, T, IN), seed=0):
@@ -168,22 +174,23 @@ def test_gru_without_bias_hn_is_flax_nnx_gru_in_state_and_training():
   _close(nnx.state(ours), nnx.state(theirs), atol=0)  # the same paths, types and values
   x = _x()
 
-  def train(model):
-    opt = nnx.Optimizer(model, optax.adam(0.1), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, opt):
-      loss, grads = nnx.value_and_grad(lambda m: jnp.sum(m(x) ** 2))(model)
-      opt.update(model, grads)
-      return loss
-
-    return [step(model, opt) for _ in range(3)]
-
-  _close(train(nr.RNN(ours)), train(nnx.RNN(theirs)), atol=1e-5)
-  _close(nnx.state(ours), nnx.state(theirs), atol=1e-5)
   # With b_hn (the default) the same start trains b_hn too.
   with_hn = nr.GRUCell(IN, H, rngs=nnx.Rngs(0))
-  train(nr.RNN(with_hn))
+  models = [nr.RNN(ours), nnx.RNN(theirs), nr.RNN(with_hn)]
+  opts = [nnx.Optimizer(model, optax.adam(0.1), wrt=nnx.Param) for model in models]
+
+  @nnx.jit  # the three models' steps in one program
+  def step(models, opts):
+    losses = []
+    for model, opt in zip(models, opts):
+      loss, grads = nnx.value_and_grad(lambda m: jnp.sum(m(x) ** 2))(model)
+      opt.update(model, grads)
+      losses.append(loss)
+    return losses
+
+  losses = [step(models, opts) for _ in range(3)]
+  _close([ls[0] for ls in losses], [ls[1] for ls in losses], atol=1e-5)
+  _close(nnx.state(ours), nnx.state(theirs), atol=1e-5)
   assert float(jnp.abs(with_hn.bias_hn[...]).max()) > 0.01
   with pytest.raises(TypeError, match=m('GRUCell: `use_bias_hn` expected a bool', "got 'no'")):
     nr.GRUCell(IN, H, use_bias_hn='no', rngs=nnx.Rngs(0))
@@ -261,21 +268,33 @@ MODES = {'graph': lambda: contextlib.nullcontext(), 'tree': lambda: nnx.set_grap
          'no_graph_updates': lambda: nnx.set_graph_updates(False)}
 
 
+@functools.cache  # the reference of every mode, jit or not, and remat below: computed once
+def _flax_counting_runs():
+  """flax.nnx.RNN's outputs at two calls over the counting cell, and its
+  counter and dropout stream's count after each call."""
+  theirs = nnx.RNN(_flax_cell(nnx.Rngs(0, dropout=1)))
+  call = nnx.jit(lambda rnn: rnn(_x()))  # it carries the state's updates out
+  runs = []
+  for _ in range(2):
+    y = call(theirs)
+    runs.append((y, int(theirs.cell.steps[...]), int(theirs.cell.drop.rngs.count[...])))
+  return runs
+
+
 @pytest.mark.parametrize('jit', [False, True])
 @pytest.mark.parametrize('mode', MODES)
 def test_cell_state_and_rng_streams_persist_as_in_flax(jit, mode):
   ours = nr.RNN(CountingDropoutCell(nnx.Rngs(0, dropout=1)))
-  theirs = nnx.RNN(_flax_cell(nnx.Rngs(0, dropout=1)))
   x = _x()
   call = nnx.jit(lambda rnn, x: rnn(x)) if jit else (lambda rnn, x: rnn(x))
   outs = []
-  for _ in range(2):
+  for y_t, steps, count in _flax_counting_runs():
     with MODES[mode]():
-      y_o, y_t = call(ours, x), call(theirs, x)
+      y_o = call(ours, x)
     _close(y_o, y_t)  # the same dropout masks: the stream advanced the same way
+    assert int(ours.cell.steps[...]) == steps and int(ours.cell.drop.rngs.count[...]) == count
     outs.append(y_o)
-  assert int(ours.cell.steps[...]) == int(theirs.cell.steps[...]) == 2 * T
-  assert int(ours.cell.drop.rngs.count[...]) == int(theirs.cell.drop.rngs.count[...]) == 2 * T
+  assert steps == count == 2 * T  # flax.nnx's, after the second call
   assert not np.array_equal(np.asarray(outs[0] == 0), np.asarray(outs[1] == 0))  # new masks
   zeros = np.asarray(outs[0] == 0)
   assert not (zeros == zeros[:, :1]).all()  # and a new mask at every step
@@ -285,19 +304,16 @@ def test_cell_state_and_rng_streams_persist_under_remat_as_in_flax():
   # remat recomputes each step in the backward pass; the forward pass still
   # threads the cell's counter and dropout stream from step to step.
   ours = nr.RNN(CountingDropoutCell(nnx.Rngs(0, dropout=1)), remat=True)
-  theirs = nnx.RNN(_flax_cell(nnx.Rngs(0, dropout=1)))
   x = _x()
-  y_o, y_t = nnx.jit(lambda ours, theirs: (ours(x), theirs(x)))(ours, theirs)
-  _close(y_o, y_t)
-  assert int(ours.cell.steps[...]) == int(theirs.cell.steps[...]) == T
-  assert int(ours.cell.drop.rngs.count[...]) == int(theirs.cell.drop.rngs.count[...]) == T
+  y_t, steps, count = _flax_counting_runs()[0]  # flax.nnx's first call
+  _close(nnx.jit(lambda ours: ours(x))(ours), y_t)
+  assert int(ours.cell.steps[...]) == steps == T
+  assert int(ours.cell.drop.rngs.count[...]) == count == T
 
 
-@pytest.mark.parametrize('mode', ['tree', 'no_graph_updates'])
-def test_layers_in_tree_mode_as_in_graph_mode(mode):
-  x, lengths = _x(), jnp.array([T, 2, 0][:B])
+def _mode_layers():
   rngs = lambda: nnx.Rngs(0, dropout=1)  # noqa: E731
-  layers = lambda: [  # noqa: E731
+  return [
     nr.RNN(nr.LSTMCell(IN, H, dropout_rate=0.3, zoneout_rate=0.2, rngs=rngs()), remat=True),
     nr.RNN(nr.GRUCell(IN, H, rngs=rngs()), learn_initial_carry=True),
     nr.Bidirectional(nr.RNN(nr.LSTMCell(IN, H, rngs=rngs())),
@@ -305,21 +321,41 @@ def test_layers_in_tree_mode_as_in_graph_mode(mode):
     nr.StackedRNN(nr.RNN(nr.SimpleCell(IN, H, rngs=rngs())),
                   nr.RNN(nr.GRUCell(H, H, rngs=rngs())), dropout_rate=0.3, rngs=rngs()),
   ]
-  # The graph-mode expectations under graph mode's nnx.jit (it carries the
-  # streams' updates out: its second call is the same program); the calls under
-  # test are eager, in the mode.
+
+
+def _mode_loss(m):
+  return (m(_x(), seq_lengths=jnp.array([T, 2, 0][:B])) ** 2).sum()
+
+
+def _mode_rnn():
+  return nr.RNN(nr.LSTMCell(IN, H, rngs=nnx.Rngs(0)))
+
+
+@functools.cache  # the graph-mode expectations, computed once for both modes
+def _graph_mode_expectations():
+  # Under graph mode's nnx.jit (it carries the streams' updates out: its second
+  # call is the same program).
+  x, lengths = _x(), jnp.array([T, 2, 0][:B])
   graph_call = nnx.jit(lambda layer: layer(x, seq_lengths=lengths))
-  for graph, tree in zip(layers(), layers()):
-    for _ in range(2):  # the second call: the streams advanced alike
-      expected = graph_call(graph)
+  # Two calls (the second: the streams advanced alike), but one for the GRU
+  # layer, which holds no stream (its second call would be its first again).
+  outs = [[graph_call(layer) for _ in range(calls)]
+          for layer, calls in zip(_mode_layers(), (2, 1, 2, 2))]
+  return outs, nnx.jit(nnx.grad(_mode_loss))(_mode_rnn())
+
+
+@pytest.mark.parametrize('mode', ['tree', 'no_graph_updates'])
+def test_layers_in_tree_mode_as_in_graph_mode(mode):
+  x, lengths = _x(), jnp.array([T, 2, 0][:B])
+  outs, expected_grads = _graph_mode_expectations()
+  # The calls under test are eager, in the mode.
+  for tree, expected in zip(_mode_layers(), outs):
+    for expected_call in expected:
       with MODES[mode]():
-        _close(tree(x, seq_lengths=lengths), expected)
-  loss = lambda m: (m(x, seq_lengths=lengths) ** 2).sum()  # noqa: E731
+        _close(tree(x, seq_lengths=lengths), expected_call)
   with MODES[mode]():  # and it trains there, as flax.nnx's RNN does
-    rnn = nr.RNN(nr.LSTMCell(IN, H, rngs=nnx.Rngs(0)))
-    grads = nnx.jit(nnx.grad(loss))(rnn)
-  expected = nnx.jit(nnx.grad(loss))(rnn)  # graph mode's
-  _close(nnx.state(grads, nnx.Param), expected)  # tree mode's grads come as a module
+    grads = nnx.jit(nnx.grad(_mode_loss))(_mode_rnn())
+  _close(nnx.state(grads, nnx.Param), expected_grads)  # tree mode's grads come as a module
 
 
 def test_a_scalar_seq_lengths_is_every_rows_length_as_in_flax():
@@ -517,17 +553,17 @@ def test_bidirectional_given_a_stream_draws_flax_nnx_carries():
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
     make = lambda lib, seed: lib.RNN(lib.SimpleCell(  # noqa: E731
-      IN, H, carry_init=jax.nn.initializers.normal(1.0), rngs=nnx.Rngs(seed)))
+      IN, H, carry_init=RANDOM_CARRY, rngs=nnx.Rngs(seed)))
     stream_o, stream_t = nnx.RngStream(11, tag='carry'), nnx.RngStream(11, tag='carry')
     stream_o(), stream_t()  # a stream that has drawn before
     ours = [nr.Bidirectional(make(nr, s), make(nr, s + 1), rngs=stream_o) for s in (0, 2)]
     theirs = [nnx.Bidirectional(make(nnx, s), make(nnx, s + 1), rngs=stream_t) for s in (0, 2)]
   x = _x()
-  call = nnx.jit(lambda bis: [bi(x) for bi in bis])  # one program per library
-  first = call(ours)
-  _close(first, call(theirs), atol=1e-5)
-  second = call(ours)
-  _close(second, call(theirs), atol=1e-5)  # the second call's draws too
+  call = nnx.jit(lambda *libs: [[bi(x) for bi in bis] for bis in libs])  # both libraries'
+  first, first_t = call(ours, theirs)
+  _close(first, first_t, atol=1e-5)
+  second, second_t = call(ours, theirs)
+  _close(second, second_t, atol=1e-5)  # the second call's draws too
   assert not np.allclose(first[0], second[0])
   assert not np.allclose(first[0], first[1])  # the two layers' carries differ
   assert int(stream_o.count[...]) == int(stream_t.count[...]) == 9  # 1 + 2 calls x 2 x 2
@@ -638,7 +674,7 @@ class _SelfRatedCell(nnx.Module):
   ``deterministic`` (its own zoneout, from its own stream); a random carry."""
 
   def __init__(self, rngs, rate=0.3):
-    self.gru = nnx.GRUCell(IN, H, rngs=rngs)
+    self.inner = nnx.SimpleCell(IN, H, rngs=rngs)  # the step itself: any cell
     self.dropout_rate = self.zoneout_rate = rate
     self.deterministic = False
     self.drop = nnx.Dropout(rate, rngs=rngs)
@@ -652,7 +688,7 @@ class _SelfRatedCell(nnx.Module):
     return jax.random.normal(rngs(), input_shape[:-1] + (H,))
 
   def __call__(self, h, x):
-    new, y = self.gru(h, x)
+    new, y = self.inner(h, x)
     keep = jax.random.bernoulli(self.noise.zone(), self.zoneout_rate, new.shape)
     return jnp.where(keep, h, new), self.drop(y)
 
@@ -773,7 +809,7 @@ def test_a_base_subclass_without_sizes_runs_with_an_initial_carry():
          theirs(x, initial_carry=h0))
 
 
-@pytest.mark.parametrize('carry_init', [None, jax.nn.initializers.normal(1.0)])
+@pytest.mark.parametrize('carry_init', [None, RANDOM_CARRY])
 def test_keep_rngs_cells_draw_their_carry_from_the_layers_stream_as_flax(carry_init):
   """flax.nnx's ``RNN`` and ``Bidirectional`` pass their own stream to
   ``initialize_carry``, so a ``keep_rngs`` cell's stream is never drawn."""
@@ -786,11 +822,12 @@ def test_keep_rngs_cells_draw_their_carry_from_the_layers_stream_as_flax(carry_i
                                    rngs=nnx.Rngs(s))) for s in (0, 1)]
     return rnns[0] if layer == 'RNN' else lib.Bidirectional(*rnns)
 
-  call = nnx.jit(lambda layer: layer(x, return_carry=True))  # carries the streams' updates out
+  # Both libraries' layers in one program; it carries the streams' updates out.
+  call = nnx.jit(lambda ours, theirs: [layer(x, return_carry=True) for layer in (ours, theirs)])
   for layer in ('RNN', 'Bidirectional'):
     ours, theirs = build(nr, layer), build(nnx, layer)
     for _ in range(2):  # the second call: the same programs, the streams advanced
-      _close(call(ours), call(theirs), atol=1e-5)
+      _close(*call(ours, theirs), atol=1e-5)
     _close(nnx.state(ours, nnx.RngState), nnx.state(theirs, nnx.RngState), atol=0)
 
 
@@ -822,20 +859,22 @@ def test_carries_that_broadcast_over_shared_inputs_as_flax():
   def beam_runs(rnn, bi):
     return rnn(x, initial_carry=beams), bi(x, initial_carry=(beams, beams))
 
+  # Built outside the context (its setting would recompile every eager op of the build).
+  layers = [(pair(lib), lib.Bidirectional(pair(lib), pair(lib, 1), return_carry=True))
+            for lib in (nr, nnx)]
+  refused = pair(nr)
   with jax.numpy_rank_promotion('allow'):  # (B, 4H) + (beams, B, 4H), in both
-    ours, theirs = (beam_runs(pair(lib), lib.Bidirectional(pair(lib), pair(lib, 1),
-                                                             return_carry=True))
-                    for lib in (nr, nnx))
+    ours, theirs = (beam_runs(*layer_pair) for layer_pair in layers)
     _close(ours, theirs, atol=1e-5)
     with pytest.raises(ValueError, match=m(
         f'RNN: `initial_carry` expected leaf shapes [({B}, {H}), ({B}, {H})] with seq_lengths '
         'or segment_ids (a carry with more leading axes than the inputs, beams say, runs '
         f'without them), got [(2, {B}, {H}), (2, {B}, {H})]')):
-      pair(nr)(x, initial_carry=beams, seq_lengths=LENGTHS)
+      refused(x, initial_carry=beams, seq_lengths=LENGTHS)
   lengths = jnp.array([3])
-  row_runs = nnx.jit(lambda rnn: rnn(x1, initial_carry=rows, seq_lengths=lengths))
-  carry_o, y_o = row_runs(pair(nr))
-  carry_t, y_t = row_runs(pair(nnx))
+  row_runs = nnx.jit(lambda *rnns: [rnn(x1, initial_carry=rows, seq_lengths=lengths)
+                                    for rnn in rnns])  # both libraries' in one program
+  (carry_o, y_o), (carry_t, y_t) = row_runs(pair(nr), pair(nnx))
   _close((carry_o, y_o[:, :3]), (carry_t, y_t[:, :3]), atol=1e-5)
   with pytest.raises(ValueError, match=m('expected leaf shapes', f'got [({B}, {H + 1})')):
     pair(nr)(x1, initial_carry=tuple(_x((B, H + 1), seed=k) for k in (4, 5)))
@@ -843,26 +882,28 @@ def test_carries_that_broadcast_over_shared_inputs_as_flax():
 
 def test_bidirectional_random_carries_as_flax():
   """flax.nnx's Bidirectional feeds both directions' carries from one stream."""
-  normal = jax.nn.initializers.normal(1.0)
   x = _x()
 
   def build(lib, **kw):
     with warnings.catch_warnings():
       warnings.simplefilter('ignore')
-      rnns = [lib.RNN(lib.LSTMCell(IN, H, carry_init=normal, rngs=nnx.Rngs(s))) for s in (0, 1)]
+      rnns = [lib.RNN(lib.LSTMCell(IN, H, carry_init=RANDOM_CARRY, rngs=nnx.Rngs(s)))
+              for s in (0, 1)]
     return lib.Bidirectional(*rnns, return_carry=True, **kw)
 
-  call = nnx.jit(lambda bi, rngs=None: bi(x, rngs=rngs))  # carries the streams' updates out
-  for kw in ({}, {'rngs': 3}):
-    ours, theirs = ((build(lib, rngs=nnx.Rngs(kw['rngs'])) if kw else build(lib))
-                    for lib in (nr, nnx))
-    for _ in range(2):  # the stored stream advances as flax's does
-      (carry_o, y_o), (carry_t, y_t) = call(ours), call(theirs)
-      _close(y_o, y_t, atol=1e-5)
-      _close(carry_o, carry_t, atol=1e-5)
+  # Both libraries' layers in one program; it carries the streams' updates out.
+  call = nnx.jit(lambda ours, theirs, rngs_o=None, rngs_t=None: (ours(x, rngs=rngs_o),
+                                                                  theirs(x, rngs=rngs_t)))
+  # The stream forked from a given Rngs. (The default one, RngStream(0), feeds
+  # these carries too in test_keep_rngs_cells_draw_their_carry_from_the_layers_stream_as_flax.)
+  ours, theirs = (build(lib, rngs=nnx.Rngs(3)) for lib in (nr, nnx))
+  for _ in range(2):  # the stored stream advances as flax's does
+    (carry_o, y_o), (carry_t, y_t) = call(ours, theirs)
+    _close(y_o, y_t, atol=1e-5)
+    _close(carry_o, carry_t, atol=1e-5)
   ours, theirs = build(nr, rngs=False), build(nnx, rngs=False)
   call_o, call_t = nnx.Rngs(carry=5), nnx.Rngs(carry=5)
-  _close(call(ours, call_o), call(theirs, call_t), atol=1e-5)
+  _close(*call(ours, theirs, call_o, call_t), atol=1e-5)
   assert _count(call_o, 'carry') == _count(call_t, 'carry') == 4  # (c, h) per direction
   (fwd, bwd), _ = build(nr)(x[:, :0])  # length 0: the initial carries
   assert not np.allclose(fwd[0], bwd[0])  # one stream: the directions draw different carries
@@ -927,16 +968,17 @@ def _garbage(x, valid, value):
 def _layers():
   rngs = nnx.Rngs(0)
   return {
-    'RNN': nr.RNN(nr.LSTMCell(IN, H, rngs=rngs)),
-    'RNN_reverse_remat': nr.RNN(nr.GRUCell(IN, H, rngs=rngs), reverse=True,
-                                keep_order=True, remat=True),
-    'Bidirectional': nr.Bidirectional(nr.RNN(nr.OptimizedLSTMCell(IN, H, rngs=rngs)),
-                                      nr.RNN(nr.MGUCell(IN, H, rngs=rngs))),
-    'StackedRNN': nr.StackedRNN(nr.RNN(nr.SimpleCell(IN, H, rngs=rngs)),
-                                nr.Bidirectional(nr.RNN(nr.GRUCell(H, H, rngs=rngs)),
-                                                 nr.RNN(nr.GRUCell(H, H, rngs=rngs)))),
-    'RNN_dropout': nr.RNN(nr.LSTMCell(IN, H, dropout_rate=0.3, recurrent_dropout_rate=0.3,
-                                      rngs=rngs)),
+    # A stack whose first layer, a Bidirectional, reads the garbage (its forward
+    # direction: a plain RNN, tuple carry, no dropout; its backward one a
+    # single-array carry), and returns its carry among the stack's; the second
+    # layer reads the first's padding.
+    'StackedRNN_Bidirectional': nr.StackedRNN(
+      nr.Bidirectional(nr.RNN(nr.OptimizedLSTMCell(IN, H, rngs=rngs)),
+                       nr.RNN(nr.MGUCell(IN, H, rngs=rngs))),
+      nr.RNN(nr.SimpleCell(2 * H, H, rngs=rngs))),
+    'RNN_reverse_remat_dropout': nr.RNN(
+      nr.LSTMCell(IN, H, dropout_rate=0.3, recurrent_dropout_rate=0.3, rngs=rngs),
+      reverse=True, keep_order=True, remat=True),
   }
 
 

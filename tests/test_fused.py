@@ -174,13 +174,15 @@ BITWISE_ON_CPU = (dict(rtol=0, atol=0) if jax.default_backend() == 'cpu'
                   else dict(rtol=1e-6, atol=1e-7))
 
 
-def plans_and_generic(layer, paths, **masks):
+def plans_and_generic(layer, paths, reference=None, **masks):
   """ONE jitted function ``(x, carry0) -> (results, expected)``: the values and
   gradients (parameters, inputs, initial carry) of ``layer`` forced to each of
   ``paths`` (``results[path]``; the plan is read while tracing) and of
-  :func:`generic` over its cells (``expected``). One compilation serves every
-  input (e.g. garbage at padding)."""
+  :func:`generic` over its cells (``expected``; or of ``reference(m, x,
+  carry0)``). One compilation serves every input (e.g. garbage at padding)."""
   graphdef, params = nnx.split(layer)
+  if reference is None:
+    reference = lambda m, x, c: generic(m, x, initial_carry=c, **masks)  # noqa: E731
 
   def both(params, x, carry, run):
     f = lambda params, x, carry: run(nnx.merge(graphdef, params), x, carry)  # noqa: E731
@@ -195,19 +197,20 @@ def plans_and_generic(layer, paths, **masks):
       with use_path(path):
         results[path] = both(params, x, carry, lambda m, x, c: m(
           x, initial_carry=c, return_carry=True, **masks))
-    return results, both(params, x, carry, lambda m, x, c: generic(
-      m, x, initial_carry=c, **masks))
+    return results, both(params, x, carry, reference)
 
   return lambda x, carry: every_path(params, x, carry)
 
 
-def check_plans_against_generic(layer, x, carry0, paths, padding=None, tol=1e-5, **masks):
+def check_plans_against_generic(layer, x, carry0, paths, padding=None, tol=1e-5, reference=None,
+                                **masks):
   """Every path of :func:`plans_and_generic` against the generic composition
-  (to ``tol``, absolute and relative);
+  (or ``reference``; to ``tol``, absolute and relative);
   with ``padding`` (a boolean ``(*batch, time)`` mask), garbage (NaN, inf,
-  1e30) there changes nothing, bit for bit on the CPU, and the inputs'
-  gradient there is zero. Returns ``{path: ((carry, outputs), grads)}``."""
-  run = plans_and_generic(layer, paths, **masks)
+  1e30) there changes nothing, bit for bit on the CPU, the inputs'
+  gradient there is zero and every value and gradient is finite. Returns
+  ``{path: ((carry, outputs), grads)}``."""
+  run = plans_and_generic(layer, paths, reference, **masks)
   results, expected = run(x, carry0)
   for path, got in results.items():
     try:
@@ -216,8 +219,10 @@ def check_plans_against_generic(layer, x, carry0, paths, padding=None, tol=1e-5,
       raise AssertionError(f'path {path!r}: {e}') from None
   if padding is not None:
     pad = np.asarray(padding)[..., None]
-    for path, (_, (_, dx, _)) in {**results, 'generic': expected}.items():
-      assert not np.asarray(dx)[np.asarray(padding)].any(), path
+    for path, got in {**results, 'generic': expected}.items():
+      assert not np.asarray(got[1][1])[np.asarray(padding)].any(), path  # d inputs
+      assert all(np.isfinite(np.asarray(leaf)).all()
+                 for leaf in jax.tree_util.tree_leaves(got)), path
     for fill in (np.nan, np.inf, -np.inf, 1e30):  # NumPy: nothing to compile
       garbage = run(jnp.asarray(np.where(pad, np.asarray(fill, x.dtype), np.asarray(x))), carry0)
       for a, b in zip(jax.tree_util.tree_leaves((results, expected)),
@@ -227,26 +232,45 @@ def check_plans_against_generic(layer, x, carry0, paths, padding=None, tol=1e-5,
   return results
 
 
+def numpy_layers(layer, x, lengths, carry0):
+  """``layer``'s bidirectional layers in float64 NumPy (``tests.reference``):
+  ``(carry, outputs)``."""
+  xs, carries = np.asarray(x, np.float64), []
+  for k in range(layer.num_layers):
+    c_f, y_f = ref.rnn(ref.cell_params(layer.forward[k]), xs, lengths, carry0[k][0],
+                       num_batch_dims=1)
+    c_b, y_b = ref.rnn(ref.cell_params(layer.backward[k]), xs, lengths, carry0[k][1],
+                       num_batch_dims=1, reverse=True, keep_order=True)
+    xs = np.concatenate([y_f, y_b], axis=-1)
+    carries.append((c_f, c_b))
+  return tuple(carries), xs
+
+
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
-# Every plan with lengths: against the generic composition in test_fused_projection
-# (the LSTM projected), garbage at padding in test_fused_padding; packed in
-# test_fused_packing.
+# Every other plan with lengths (one layer: a plan only sets how one direction's
+# scan runs), garbage at padding: test_fused_padding; the LSTM projected:
+# test_fused_projection; packed: test_fused_packing.
 @pytest.mark.parametrize('num_layers,bidirectional,time,lengths,paths', [
   (1, False, T, None, ['loop']),
-  (2, True, 6, np.array([6, 3, 0], np.int32), ['autodiff', 'default']),
+  (2, True, 6, np.array([6, 3, 0], np.int32), ['default']),
 ], ids=['1-uni-full', '2-bi-lengths'])
 def test_matches_generic_values_and_grads(cls, num_layers, bidirectional, time, lengths, paths):
   """Values and gradients against the generic composition, each path forced
-  (one compilation). Two bidirectional layers with lengths: JAX's
-  differentiation of the forward scan, and the default plan for tiny steps,
-  whose backward scans two steps at a time (an even length)."""
+  (one compilation). Two bidirectional layers with lengths: the default plan
+  for tiny steps, whose backward scans two steps at a time (an even length);
+  garbage at padding inert (the second layer reads the first's outputs, zero
+  at padding); the values against the float64 formulas."""
   if 'default' in paths:
     assert internal.plan_for(cls, B, 4 * H).backward_pairs and time % 2 == 0
   layer = make(cls, num_layers, bidirectional)
   x = ref.normal((B, time, I), seed=7)
   carry0 = random_carry(layer)
-  results = check_plans_against_generic(layer, x, carry0, paths, seq_lengths=lengths)
-  if lengths is not None:  # padding is zero and a length-0 row keeps its initial carry
+  padding = None if lengths is None else np.arange(time)[None, :] >= lengths[:, None]
+  results = check_plans_against_generic(layer, x, carry0, paths, padding, seq_lengths=lengths)
+  if lengths is not None:  # the float64 formulas; padding is zero and a length-0 row
+    # keeps its initial carry
+    assert_trees_close(results['default'][0], numpy_layers(layer, x, lengths, carry0),
+                       atol=2e-5, rtol=1e-5)
     for path, (out, _) in results.items():
       assert not np.asarray(out[1][1, 3:]).any() and not np.asarray(out[1][2]).any(), path
       assert_trees_close(jax.tree_util.tree_map(lambda a: a[2], out[0][0]),
@@ -291,12 +315,15 @@ def test_plan_differentiates_large_gru_batches_with_jax_on_the_cpu(monkeypatch):
 
 
 def test_large_gru_batch_matches_generic():
-  """Two batch axes of 2 x 64 rows: the plan is JAX's differentiation."""
+  """Two batch axes of 2 x 64 rows: the plan is JAX's differentiation (garbage
+  at padding inert)."""
   layer = make(nr.GRU, 1, True, seed=13)
   assert internal.plan_for(nr.GRU, 2 * 64, 3 * H).custom_vjp is False
   x = ref.normal((2, 64, T, I), seed=14)
-  lengths = jnp.asarray(np.random.default_rng(15).integers(0, T + 1, (2, 64)))
-  check_against_generic(layer, x, random_carry(layer, (2, 64), seed=16), lengths)
+  lengths = np.random.default_rng(15).integers(0, T + 1, (2, 64))
+  padding = np.arange(T) >= lengths[..., None]  # garbage there changes nothing
+  check_plans_against_generic(layer, x, random_carry(layer, (2, 64), seed=16), ['default'],
+                              padding, seq_lengths=jnp.asarray(lengths))
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM])  # the masks and layout code is shared by both
@@ -381,25 +408,6 @@ def test_forward_without_gradient_matches_generic(cls, paths):
       assert_trees_close(out, expected)
     except AssertionError as e:
       raise AssertionError(f'path {path!r}: {e}') from None
-
-
-@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
-def test_matches_numpy_reference(cls):
-  """Two bidirectional layers with padding against the float64 formulas."""
-  layer = make(cls, 2, True, seed=4)
-  x = ref.normal((B, T, I), seed=5)
-  carry0 = random_carry(layer, seed=6)
-  carry, y = call(layer, x, seq_lengths=LENGTHS, initial_carry=carry0, return_carry=True)
-  xs, expected_carry = np.asarray(x, np.float64), []
-  for k in range(2):
-    c_f, y_f = ref.rnn(ref.cell_params(layer.forward[k]), xs, LENGTHS, carry0[k][0],
-                       num_batch_dims=1)
-    c_b, y_b = ref.rnn(ref.cell_params(layer.backward[k]), xs, LENGTHS, carry0[k][1],
-                       num_batch_dims=1, reverse=True, keep_order=True)
-    xs = np.concatenate([y_f, y_b], axis=-1)
-    expected_carry.append((c_f, c_b))
-  np.testing.assert_allclose(np.asarray(y), xs, atol=2e-5)
-  assert_trees_close(carry, tuple(expected_carry), atol=2e-5, rtol=1e-5)
 
 
 def check_grads_of_vector(layer, x, carry0, lengths):
@@ -533,7 +541,7 @@ def test_dropout_between_layers(cls):
 def test_a_raw_key_gives_each_gap_between_layers_its_own_mask():
   """As StackedRNN: a PRNG key given at call time is split, one key per gap
   between layers (the key itself gave every gap the same mask)."""
-  masks = []
+  masks = []  # traced, returned by the one compilation
 
   class Recorder(nnx.Module):  # the layer's dropout between layers, observed
     def __init__(self):
@@ -541,15 +549,20 @@ def test_a_raw_key_gives_each_gap_between_layers_its_own_mask():
 
     def __call__(self, x, rngs=None):
       y = self.inner(x, rngs=rngs)
-      masks.append(np.asarray(y == 0))
+      masks.append(y == 0)
       return y
 
-  layer = nr.GRU(I, H, num_layers=3, dropout_rate=0.5, rngs=nnx.Rngs(0))
+  def run(m, x):
+    for _ in range(2):
+      m(x, rngs=jax.random.key(0))
+    recorded = list(masks)
+    masks.clear()
+    return recorded
+
+  layer = build(lambda: nr.GRU(I, H, num_layers=3, dropout_rate=0.5, rngs=nnx.Rngs(0)))
   layer.dropout = Recorder()
   x = ref.normal((B, T, I), seed=1)
-  for _ in range(2):
-    layer(x, rngs=jax.random.key(0))
-  first, second, again, _ = masks
+  first, second, again, _ = map(np.asarray, call(layer, x, run=run))
   assert 0.3 < first.mean() < 0.7 and 0.3 < second.mean() < 0.7
   assert 0.3 < (first == second).mean() < 0.7  # independent masks
   np.testing.assert_array_equal(again, first)  # the same key, the same masks

@@ -5,10 +5,16 @@ change no output, no final carry and no gradient: the gradient with respect to
 the padded inputs is exactly zero, and every other value and gradient equals
 that of the same batch padded with zeros (bit for bit on the CPU). A ``where``
 that discards a value computed on garbage does not discard its gradient
-(NaN * 0 is NaN), so each path is forced here: the XLA scans' plans (the
-custom VJP and the JAX-differentiated GRU plan), cuDNN (run by
-``jax.experimental.rnn``'s reference on the CPU), and the Pallas kernels
-(interpret mode on the CPU).
+(NaN * 0 is NaN), so each path is forced: here the XLA scans' plans (the
+custom VJP and the JAX-differentiated plan; also against the generic
+composition), with dropout, reversed. The default plan with two layers:
+``tests/test_fused.py::test_matches_generic_values_and_grads`` (and JAX's
+differentiation of a large GRU batch: ``test_large_gru_batch_matches_generic``);
+cuDNN (run by ``jax.experimental.rnn``'s reference on the CPU):
+``tests/test_cudnn.py::test_matches_generic_values_and_grads``; the Pallas
+kernels (interpret mode on the CPU): ``tests/test_pallas.py``; the LSTM
+projected: ``tests/test_fused_projection.py``; packed sequences:
+``tests/test_fused_packing.py``.
 """
 
 import jax
@@ -18,10 +24,17 @@ import pytest
 from flax import nnx
 
 import nnx_recurrent as nr
-from nnx_recurrent._fused import internal
 from tests import reference as ref
-from tests.test_cudnn import reference_lstm
-from tests.test_fused import PATHS, B, I, T, make, random_carry, use_path, weighted_loss
+from tests.test_fused import (
+  PATHS,
+  B,
+  I,
+  T,
+  check_plans_against_generic,
+  make,
+  random_carry,
+  weighted_loss,
+)
 
 LENGTHS = np.array([5, 1, 0], np.int32)  # full, one step, empty
 GARBAGE = (np.nan, np.inf, -np.inf, 1e30)
@@ -33,12 +46,6 @@ def with_padding(x, fill):
   """``x`` with ``fill`` at every padded position (``LENGTHS``); NumPy: nothing to compile."""
   pad = np.arange(T)[None, :] >= LENGTHS[:, None]
   return jnp.asarray(np.where(pad[..., None], np.asarray(fill, x.dtype), np.asarray(x)))
-
-
-def context(path):
-  if path == 'cudnn':
-    return internal.fake_cuda(reference_lstm)
-  return use_path('default' if path == 'pallas' else path)
 
 
 def runs(layer, fills, dropout_seed=None):
@@ -62,32 +69,6 @@ def runs(layer, fills, dropout_seed=None):
   return [both(params, with_padding(x, fill)) for fill in fills]
 
 
-def runs_every_path(layers, fills):
-  """:func:`runs` for several layers, ``{path: layer}``, each traced under its
-  path (:func:`context`), all in ONE jitted function: ``{path: results}``."""
-  split = {path: nnx.split(layer) for path, layer in layers.items()}
-  carries = {path: random_carry(layer, seed=4) for path, layer in layers.items()}
-  x = ref.normal((B, T, I), seed=3)
-
-  @jax.jit
-  def every_path(params, x):
-    results = {}
-    for path, (graphdef, _) in split.items():
-      def f(params, x, graphdef=graphdef, carry0=carries[path]):
-        return nnx.merge(graphdef, params)(x, initial_carry=carry0, seq_lengths=LENGTHS,
-                                           return_carry=True)
-
-      with context(path):
-        out, vjp = jax.vjp(f, params[path], x)
-      _, loss_vjp = jax.vjp(weighted_loss, out)
-      results[path] = out, vjp(loss_vjp(jnp.ones(()))[0])
-    return results
-
-  params = {path: state for path, (_, state) in split.items()}
-  per_fill = [every_path(params, with_padding(x, fill)) for fill in fills]
-  return {path: [r[path] for r in per_fill] for path in layers}
-
-
 def assert_inert(results):
   (out0, (dparams0, dx0)), *garbage = results
   pad = np.arange(T)[None, :] >= LENGTHS[:, None]
@@ -102,29 +83,26 @@ def assert_inert(results):
       np.testing.assert_allclose(b, a, **TOLERANCE, err_msg=f'padding {fill}')
 
 
-LSTM_PATHS = ['default', 'loop', 'hoisted', 'unrolled', 'joint', 'autodiff', 'cudnn', 'pallas']
-GRU_PATHS = ['default', 'loop', 'hoisted', 'autodiff', 'pallas']
+LSTM_PATHS = ['loop', 'hoisted', 'unrolled', 'joint', 'autodiff']
+GRU_PATHS = ['loop', 'hoisted', 'autodiff']
 
 
 @pytest.mark.parametrize('cls,paths', [(nr.LSTM, LSTM_PATHS), (nr.GRU, GRU_PATHS)])
 def test_garbage_padding_is_inert(cls, paths):
-  """Every path (compiled together), bidirectional, lengths 5, 1 and 0; two
-  layers on the default path (the second reads the first's outputs, zero at
-  padding), one elsewhere (the inputs are zeroed at padding before any backend
-  runs: one layer is where garbage would enter)."""
-  layers = {path: make(cls, 2 if path == 'default' else 1, True,
-                       implementation=path if path in ('cudnn', 'pallas') else 'auto')
-            for path in paths}
-  for path, results in runs_every_path(layers, (0.0, *GARBAGE)).items():
-    try:
-      assert_inert(results)
-    except AssertionError as e:
-      raise AssertionError(f'path {path!r}: {e}') from None
-    assert all(np.isfinite(np.asarray(leaf)).all()
-               for leaf in jax.tree_util.tree_leaves(results)), path
+  """Every XLA plan but the default (compiled together, with the generic
+  composition, which they match in values and gradients), one bidirectional
+  layer, lengths 5, 1 and 0 (the inputs are zeroed at padding before any
+  backend runs: one layer is where garbage would enter)."""
+  layer = make(cls, 1, True)
+  x = ref.normal((B, T, I), seed=3)
+  padding = np.arange(T)[None, :] >= LENGTHS[:, None]
+  check_plans_against_generic(layer, x, random_carry(layer, seed=4), paths, padding,
+                              seq_lengths=LENGTHS)  # finite, too
 
 
-@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+# The dropout between layers and the reversal are the layers' own code, shared
+# by both (as in tests/test_fused.py::test_dropout_between_layers).
+@pytest.mark.parametrize('cls', [nr.GRU])
 def test_garbage_padding_is_inert_with_dropout_and_reverse(cls):
   """Dropout between layers (the same key in every run), one direction, reversed."""
   layer = make(cls, 2, dropout_rate=0.5, reverse=True)
@@ -132,4 +110,4 @@ def test_garbage_padding_is_inert_with_dropout_and_reverse(cls):
 
 
 def test_paths_cover_the_plans():
-  assert set(LSTM_PATHS) - {'default', 'cudnn', 'pallas'} == set(PATHS)
+  assert set(LSTM_PATHS) == set(PATHS)

@@ -88,11 +88,13 @@ def test_cell_matches_flax_linen(name):
   assert jax.tree_util.tree_structure(init) == jax.tree_util.tree_structure(variables)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_equal(a.shape, b.shape), init, variables)
   carry_linen = carry
-  step = nnx.jit(lambda cell, carry, x: cell(carry, x))
-  linen_step = jax.jit(linen_cell.apply)
+
+  @nnx.jit  # both libraries' steps in one program (one compile, not two)
+  def steps(cell, carry, carry_linen, x):
+    return cell(carry, x), linen_cell.apply(variables, carry_linen, x)
+
   for x in np.asarray(xs):
-    carry, y = step(cell, carry, x)
-    carry_linen, y_linen = linen_step(variables, carry_linen, x)
+    (carry, y), (carry_linen, y_linen) = steps(cell, carry, carry_linen, x)
     _assert_tree_close(carry, carry_linen)
     _assert_tree_close(y, y_linen)
 
@@ -137,13 +139,13 @@ def test_drop_in_for_flax_nnx_outputs(name):
   x = ref.normal((2, 5, 3), seed=4)
   carry = ref.random_carry(ours, (2, 3))
 
-  def runs(lib):  # one step, then the RNN of the library over the cell: one program
+  def runs(lib, cell):  # one step, then the RNN of the library over the cell
     kw = dict(rngs=False) if lib is nnx else {}
-    return nnx.jit(lambda cell: (cell(carry, x[:, 0]), lib.RNN(cell, return_carry=True, **kw)(
-      x, initial_carry=carry)))
+    return cell(carry, x[:, 0]), lib.RNN(cell, return_carry=True, **kw)(x, initial_carry=carry)
 
-  # flax.nnx.RNN over flax's cell vs nr.RNN over ours (no masking).
-  _assert_tree_close(runs(nr)(ours), runs(nnx)(theirs), atol=1e-6, rtol=1e-6)
+  # flax.nnx.RNN over flax's cell vs nr.RNN over ours (no masking): one program.
+  got, want = nnx.jit(lambda ours, theirs: (runs(nr, ours), runs(nnx, theirs)))(ours, theirs)
+  _assert_tree_close(got, want, atol=1e-6, rtol=1e-6)
 
 
 # -- initialize_carry -----------------------------------------------------------

@@ -215,7 +215,7 @@ def test_initialize_carry_needs_rngs_for_carry_init(lstm):
         'strides0', 'kernel_int', 'kernel_4d', 'rngs', 'cell', 'unroll'])
 def test_bad_constructor_args(ctor, exc, msg):
   with pytest.raises(exc, match=msg):
-    ctor()
+    abstractly(ctor)  # no initializer runs: the arguments are checked in Python alike
 
 
 # -- constructors: dtypes, rates, layers given where sequence layers go ------------------
@@ -321,10 +321,12 @@ def test_cell_with_its_own_initialize_carry_is_not_checked_against_the_base():
       h, y = super().step(h, x, mask)
       return (h, n + 1), y
 
-  counted = Counted(3, 4, rngs=nnx.Rngs(0))
-  plain = nr.GRUCell(3, 4, rngs=nnx.Rngs(0))
-  (h, n), y = nr.RNN(counted)(X, return_carry=True)
-  np.testing.assert_array_equal(y, nr.RNN(plain)(X))
+  # Equal parameters (the same structure filled from the same seed), no initializer run.
+  counted = ref.build(lambda: Counted(3, 4, rngs=nnx.Rngs(0)))
+  plain = ref.build(lambda: nr.GRUCell(3, 4, rngs=nnx.Rngs(0)))
+  ((h, n), y), y_plain = nnx.jit(lambda counted, plain: (  # one program
+    nr.RNN(counted)(X, return_carry=True), nr.RNN(plain)(X)))(counted, plain)
+  np.testing.assert_array_equal(y, y_plain)
   np.testing.assert_array_equal(n, [5.0, 5.0])
 
 
@@ -355,8 +357,9 @@ def test_dropout_masks_of_the_wrong_shape_and_carry_init_at_call_time():
       cell(carry, x, dropout_masks=masks)
   # Masks that broadcast (one row shared by the batch) are applied, as they compute.
   shared = nr.DropoutMasks(jnp.array([[0.0, 2.0, 2.0]]), None)
-  _, y = cell(carry, x, dropout_masks=shared)
-  _, y_ref = cell(carry, x * shared.input, dropout_masks=nr.DropoutMasks(None, None))
+  y, y_ref = nnx.jit(lambda cell: (  # one program for both calls
+    cell(carry, x, dropout_masks=shared)[1],
+    cell(carry, x * shared.input, dropout_masks=nr.DropoutMasks(None, None))[1]))(cell)
   np.testing.assert_allclose(y, y_ref, atol=1e-6)
   with pytest.raises(TypeError, match=m("LSTMCell.initialize_carry: `carry_init` expected a "
                                         "callable, got 'normal'")):
@@ -399,14 +402,16 @@ def test_rnn_initial_carry_of_integers(lstm):
 
 
 def test_stacked_dropout_without_rngs():
-  stack = nr.StackedRNN(nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0))),
-                        nr.RNN(nr.GRUCell(4, 4, rngs=nnx.Rngs(1))), dropout_rate=0.5)
+  stack = ref.build(lambda: nr.StackedRNN(nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0))),
+                                          nr.RNN(nr.GRUCell(4, 4, rngs=nnx.Rngs(1))),
+                                          dropout_rate=0.5))
   with pytest.raises(ValueError, match=m('StackedRNN: `rngs` expected a PRNG source for the '
                                          'dropout between layers in training mode', 'got None')):
     stack(X)
-  train = stack(X, rngs=nnx.Rngs(2))
+  call = nnx.jit(lambda stack, rngs=None: stack(X, rngs=rngs))  # a compile, not eager ops
+  train = call(stack, nnx.Rngs(2))
   stack.eval()
-  assert not np.allclose(train, stack(X))  # the call's rngs did drop units
+  assert not np.allclose(train, call(stack))  # the call's rngs did drop units
 
 
 @pytest.mark.parametrize('kw, exc, msg', [
@@ -680,11 +685,12 @@ def _cell(r=None):
 def test_boolean_flags_refuse_what_is_no_bool(make, where, flag):
   # A string is truthy: reverse='no' reversed. NumPy's bool_ is a bool, and so
   # are the integers 0 and 1 (flags written the C way, which flax takes).
+  # Built abstractly (no initializer runs): the flags are checked in Python alike.
   for value, got in (('no', "got 'no'."), (2, 'got 2.'), (1.0, 'got 1.0.')):
     with pytest.raises(TypeError, match=m(f'{where}: `{flag}` expected a bool', got)):
-      make(value, nnx.Rngs(0))
-  make(np.bool_(False), nnx.Rngs(0))
-  make(0, nnx.Rngs(0))
+      abstractly(lambda value=value: make(value, nnx.Rngs(0)))
+  abstractly(lambda: make(np.bool_(False), nnx.Rngs(0)))
+  abstractly(lambda: make(0, nnx.Rngs(0)))
 
 
 @pytest.mark.parametrize('make, where, flag', [
@@ -749,15 +755,21 @@ def _stacked_layers_that_do_not_chain():
 
 
 def test_stacked_layers_of_unknown_sizes_are_left_to_the_call():
-  r = nnx.Rngs(0)
-  # flax.nnx's cell has in_features (read) but its outputs are not known here; a
-  # merge_fn of one's own gives outputs of a size known only when it runs.
-  stack = nr.StackedRNN(nr.RNN(nnx.GRUCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(4, 5, rngs=r)))
-  summed = nr.Bidirectional(nr.RNN(nr.GRUCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(3, 4, rngs=r)),
-                            merge_fn=lambda a, b: a + b)
-  stacks = (stack, nr.StackedRNN(summed, nr.RNN(nr.GRUCell(4, 5, rngs=r))))
-  # The calls traced (nnx.eval_shape): the sizes meet there.
-  assert [nnx.eval_shape(lambda s: s(X), s).shape for s in stacks] == [(2, 5, 5)] * 2
+  shapes = []
+
+  def build_and_call():
+    r = nnx.Rngs(0)
+    # flax.nnx's cell has in_features (read) but its outputs are not known here; a
+    # merge_fn of one's own gives outputs of a size known only when it runs.
+    stack = nr.StackedRNN(nr.RNN(nnx.GRUCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(4, 5, rngs=r)))
+    summed = nr.Bidirectional(nr.RNN(nr.GRUCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(3, 4, rngs=r)),
+                              merge_fn=lambda a, b: a + b)
+    stacks = (stack, nr.StackedRNN(summed, nr.RNN(nr.GRUCell(4, 5, rngs=r))))
+    shapes.extend(s(X).shape for s in stacks)
+
+  # Built and called abstractly (traced): the sizes meet in the calls.
+  abstractly(build_and_call)
+  assert shapes == [(2, 5, 5)] * 2
 
 
 def test_bidirectional_directions_that_read_different_sizes():

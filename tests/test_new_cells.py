@@ -240,11 +240,16 @@ def test_layer_norm_of_a_large_cell_state_with_a_small_spread():
   ``50 + 0.005 * noise``; its norm needs the two-pass variance (``E[c'^2] - mean^2``
   cancels in float32 at this mean: 2500 * 6e-8 >> the variance 2.5e-5)."""
   zeros = nnx.initializers.zeros_init()
-  cell = nr.LayerNormLSTMCell(3, 8, kernel_init=zeros, recurrent_kernel_init=zeros,
-                              rngs=nnx.Rngs(0))
-  c = (100.0 + 0.01 * ref.normal((2, 8), seed=11)).astype(jnp.float32)
+  c = jnp.asarray(100.0 + 0.01 * np.asarray(ref.normal((2, 8), seed=11)), jnp.float32)
   carry, x = (c, jnp.zeros((2, 8))), ref.normal((2, 3), seed=12)
-  (new_c, h), _ = nnx.jit(lambda cell: cell(carry, x))(cell)
+
+  @nnx.jit  # built (its own initializers) and stepped in one program
+  def build_and_step():
+    cell = nr.LayerNormLSTMCell(3, 8, kernel_init=zeros, recurrent_kernel_init=zeros,
+                                rngs=nnx.Rngs(0))
+    return cell, cell(carry, x)
+
+  cell, ((new_c, h), _) = build_and_step()
   (c_ref, h_ref), _ = ref.step(ref.cell_params(cell), tuple(np.asarray(a, np.float64)
                                                            for a in carry), np.asarray(x))
   np.testing.assert_allclose(new_c, c_ref, rtol=1e-6)

@@ -48,18 +48,18 @@ def _padding_mask(lengths, time, time_major):
   return np.moveaxis(pad, -1, 0) if time_major else pad
 
 
-# (cell, time_major, reverse, keep_order): every mode and layout for LSTMCell;
-# for the other cells the modes and layouts in turn (every cell is reversed once
-# in one layout or the other; the ConvLSTMs, with spatial carries, twice).
+# (cell, time_major, reverse, keep_order): every mode and layout for LSTMCell
+# (a two-array carry); then one single-array carry (GRUCell) and the strided
+# ConvLSTMs, whose carries are spatial and smaller than the inputs, in a mode
+# and layout each. The scan, its masking and its flips are the same code for
+# every cell: each cell's own step is checked against the NumPy formula in
+# tests/test_cells.py (test_cell_matches_numpy_reference: every cell of
+# ref.CELLS) and the MGU and OptimizedLSTM cells run through RNN below as well.
 MODES = [(False, False), (True, False), (True, True)]  # (reverse, keep_order)
 FWD, REV, REV_KEEP = MODES
 CASES = [('lstm', tm, rev, keep) for tm in (False, True) for rev, keep in MODES]
 CASES += [(name, tm, *mode) for name, tm, mode in [
-  ('simple', True, FWD), ('simple_residual', False, REV_KEEP),
-  ('optimized_lstm', True, REV), ('gru', False, REV_KEEP), ('gru', True, REV),
-  ('mgu', True, REV_KEEP), ('mgu_no_reset', False, REV),
-  ('conv_lstm_1d_s2', True, REV_KEEP), ('conv_lstm_1d_s2', False, REV),
-  ('conv_lstm_2d_s2', False, FWD), ('conv_lstm_2d_s2', True, REV_KEEP),
+  ('gru', False, REV_KEEP), ('conv_lstm_1d_s2', True, REV_KEEP), ('conv_lstm_2d_s2', False, FWD),
 ]]
 
 
@@ -100,8 +100,9 @@ def test_unmasked_rnn_matches_reference(name, time_major, reverse, keep_order):
   _close(carry, carry_ref)
 
 
-@pytest.mark.parametrize('reverse', [False, True])
-@pytest.mark.parametrize('name', ['lstm', 'mgu'])
+# A two-array carry forwards and a one-array carry reversed: one step with a
+# length-0 and a length-1 row is the scan's case, not the cell's.
+@pytest.mark.parametrize('name, reverse', [('lstm', False), ('mgu', True)])
 def test_single_time_step(name, reverse):
   cell, features = ref.make_cell(name)
   lengths = np.array([0, 1], np.int32)
@@ -116,7 +117,9 @@ def test_single_time_step(name, reverse):
   assert not np.asarray(y[0]).any()
 
 
-@pytest.mark.parametrize('name', ['lstm', 'mgu', 'conv_lstm_2d_s2'])
+# A two-array carry and a spatial one; a one-array carry's scan is written out
+# in test_masked_rnn_matches_lax_scan[gru].
+@pytest.mark.parametrize('name', ['lstm', 'conv_lstm_2d_s2'])
 def test_rnn_matches_python_step_loop(name):
   cell, features = ref.make_cell(name)
   x = _inputs(features, False, batch=(2, 3), time=4)
@@ -158,10 +161,14 @@ def test_masked_rnn_matches_lax_scan(name):
   _close(carry, carry_scan, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize('reverse, keep_order', MODES)
+# The reversed modes, where padding meets the flips; forwards, the rows of
+# test_masked_rnn_matches_reference[lstm-False-False-False] are each run on
+# their unpadded part by the NumPy reference.
+@pytest.mark.parametrize('reverse, keep_order', [REV, REV_KEEP])
 def test_masked_rnn_matches_unpadded_rows(reverse, keep_order):
   cell, features = ref.make_cell('lstm')
-  lengths = np.array([[0, 1], [3, 5]], np.int32)
+  # Empty, partial and full rows; the two partial rows share one compiled row run.
+  lengths = np.array([[0, 3], [5, 3]], np.int32)
   x = _inputs(features, False, batch=(2, 2))
   carry0 = ref.random_carry(cell, (2, 2, *features))
   rnn = nr.RNN(cell, return_carry=True, reverse=reverse, keep_order=keep_order)
@@ -264,9 +271,9 @@ def test_flip_sequences_matches_flax_linen(batch, time_major, with_lengths):
   lengths = (jnp.asarray(np.arange(int(np.prod(batch))).reshape(batch) % 5, jnp.int32)
              if with_lengths else None)
   kw = dict(num_batch_dims=len(batch), time_major=time_major)
-  # Each under jax.jit: one program instead of one compile per eager op.
-  got = jax.jit(lambda x, n: nr.flip_sequences(x, n, **kw))(x, lengths)
-  want = jax.jit(lambda x, n: nn.recurrent.flip_sequences(x, n, **kw))(x, lengths)
+  # Both under one jax.jit: one program instead of one compile per eager op.
+  got, want = jax.jit(lambda x, n: (nr.flip_sequences(x, n, **kw),
+                                    nn.recurrent.flip_sequences(x, n, **kw)))(x, lengths)
   np.testing.assert_array_equal(got, want)
   assert not np.array_equal(got, x)
 
@@ -291,7 +298,7 @@ def test_tabulate_layers_whose_carry_is_learned_or_drawn():
   plain = nr.RNN(ref.make_cell('lstm')[0])
   carry0 = plain.cell.initialize_carry((2, 3))
   _, y_ref = ref.rnn(ref.cell_params(plain.cell), x, None, carry0, num_batch_dims=1)
-  np.testing.assert_allclose(plain(x), y_ref, atol=1e-5)
+  np.testing.assert_allclose(nnx.jit(lambda plain: plain(x))(plain), y_ref, atol=1e-5)
 
 
 def test_narrow_integer_lengths_on_a_long_time_axis():

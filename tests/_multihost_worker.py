@@ -52,16 +52,21 @@ def segment_ids(x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def build():
-  """The example's classifier with an SGD optimizer, a GRU ``nr.RNN``, the training step."""
+  """The example's classifier with an SGD optimizer, a GRU ``nr.RNN``, the training step.
+
+  The parameters are random, drawn by NumPy from the seed: the same in every
+  process, and no initializer to compile (one program per parameter shape)."""
   import optax
   from flax import nnx
 
   import nnx_recurrent as nr
   from examples import multihost
+  from tests.random_params import random_module
 
-  model = multihost.Classifier(HIDDEN, rngs=nnx.Rngs(SEED))
+  model = random_module(lambda: multihost.Classifier(HIDDEN, rngs=nnx.Rngs(SEED)), SEED)
   optimizer = nnx.Optimizer(model, optax.sgd(LEARNING_RATE), wrt=nnx.Param)
-  rnn = nr.RNN(nr.GRUCell(multihost.IN_FEATURES, HIDDEN, rngs=nnx.Rngs(SEED + 1)))
+  rnn = random_module(
+    lambda: nr.RNN(nr.GRUCell(multihost.IN_FEATURES, HIDDEN, rngs=nnx.Rngs(SEED))), SEED + 1)
   return model, optimizer, rnn, multihost.train_step
 
 
@@ -74,17 +79,26 @@ def params(model) -> dict[str, np.ndarray]:
 
 def reference() -> dict[str, np.ndarray]:
   """One process, the whole batch: what every worker must have written (its own rows)."""
+  from flax import nnx
+
   model, optimizer, rnn, train_step = build()
   initial = params(model)
   losses = [float(train_step(model, optimizer, *global_batch(step))) for step in range(STEPS)]
   x, lengths, _ = global_batch(STEPS)
+
+  @nnx.jit  # here no need to run outside jit: both in one program
+  def outputs(model, rnn):
+    # Out of range acts as the time axis (here checked: clipped by hand).
+    return (model.lstm(x, seq_lengths=np.minimum(eager_lengths(lengths), MAX_LEN)),
+            rnn(x, segment_ids=segment_ids(x, lengths)))
+
+  lstm, rnn_out = outputs(model, rnn)
   return {
     **{'initial/' + k: v for k, v in initial.items()},
     **{'params/' + k: v for k, v in params(model).items()},
     'losses': np.asarray(losses),
-    # Out of range acts as the time axis (here checked: clipped by hand).
-    'lstm': np.asarray(model.lstm(x, seq_lengths=np.minimum(eager_lengths(lengths), MAX_LEN))),
-    'rnn': np.asarray(rnn(x, segment_ids=segment_ids(x, lengths))),
+    'lstm': np.asarray(lstm),
+    'rnn': np.asarray(rnn_out),
   }
 
 

@@ -70,26 +70,31 @@ def test_gpu_plans_forces_and_restores_the_plan():
 
   from benchmarks import gpu_plans
   from nnx_recurrent._fused import internal
+  from tests.random_params import random_module
 
   default = internal.plan_for(nr.LSTM, 8, 512)
-  layer = nr.LSTM(3, 4, rngs=nnx.Rngs(0))
+  layer = random_module(lambda: nr.LSTM(3, 4, rngs=nnx.Rngs(0)))  # no initializer compiles
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 3)), jnp.float32)
-  def grad_x(module):  # the backward scan too (unrolled twice under the plan)
+
+  def run(module):
+    """The output and the input gradient, in one program traced now (a new function each
+    call): the backward scan too (unrolled twice under the plan)."""
     graphdef, state = nnx.split(module)
     # (with respect to the parameters too: nnx.scan refuses constant modules under jax.grad)
-    loss = lambda x, state: (nnx.merge(graphdef, state)(x) ** 2).sum()
-    return jax.grad(loss, argnums=(0, 1))(x, state)[0]
+    loss = lambda x, state: (nnx.merge(graphdef, state)(x) ** 2).sum()  # noqa: E731
+    return jax.jit(lambda x, state: (nnx.merge(graphdef, state)(x),
+                                     jax.grad(loss, argnums=(0, 1))(x, state)[0]))(x, state)
 
   with gpu_plans.forced('joint/4/2') as plan:
     assert internal.plan_for(nr.LSTM, 8, 512) == plan
-    y, dx = layer(x), grad_x(layer)  # traced with the forced plan
+    y, dx = run(layer)  # traced with the forced plan
   scan = internal.ScanPlan('joint', prefetch=False, unroll=4)
   assert plan == internal.Plan(scan, scan, backward_unroll=2)
   assert internal.plan_for(nr.LSTM, 8, 512) == default
   # The same function, scanned another way.
-  generic = nr.RNN(layer.forward[0])
-  np.testing.assert_allclose(np.asarray(y), np.asarray(generic(x)), atol=1e-5)
-  np.testing.assert_allclose(np.asarray(dx), np.asarray(grad_x(generic)), atol=1e-5)
+  y_generic, dx_generic = run(nr.RNN(layer.forward[0]))
+  np.testing.assert_allclose(np.asarray(y), np.asarray(y_generic), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(dx), np.asarray(dx_generic), atol=1e-5)
   assert gpu_plans.plans(nr.GRU) == ['default', 'hoisted/1/1', 'hoisted/4/4', 'hoisted/8/8',
                                      'loop/1/1', 'loop/4/4', 'loop/8/8']
   # The Pallas kernels' size variants: set inside, restored after.
@@ -134,12 +139,17 @@ def test_bound_skeleton_does_the_training_steps_matmuls(family, inputs):
   from benchmarks import bound
 
   B, T, I, H = 3, 6, 4, 5
-  args = bound.skeleton_args(family, B, T, I, H, jax.random.key(0))
-  assert args[1].shape == (H, bound.GATES[family] * H)
   fwd, train = bound.skeleton(family, inputs, H)
+
+  @jax.jit  # the arguments, the forward and the training step in one program
+  def run(key):
+    args = bound.skeleton_args(family, B, T, I, H, key)
+    return args, fwd(*args), train(*args)
+
+  args, got_ys, (got_i, got_h) = run(jax.random.key(0))
+  assert args[1].shape == (H, bound.GATES[family] * H)
   ys, dw_i, dw_h = numpy_skeleton(*args)
-  np.testing.assert_allclose(jax.jit(fwd)(*args), ys, rtol=1e-4, atol=1e-5)
-  got_i, got_h = jax.jit(train)(*args)
+  np.testing.assert_allclose(got_ys, ys, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(got_i, dw_i, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(got_h, dw_h, rtol=1e-4, atol=1e-4)
 

@@ -219,10 +219,12 @@ def test_integer_inputs_get_float_masks():
   rnn, _ = _pair('LSTMCell')
   x = np.round(_x(rnn.cell) * 3)
   key = jax.random.key(7)
-  got = np.asarray(rnn(x.astype(np.int32), rngs=key))
+  got, want, masks = nnx.jit(lambda rnn: (  # one program
+    rnn(x.astype(np.int32), rngs=key), rnn(x, rngs=key),
+    rnn.cell.dropout_masks(x[:, 0].shape, key, jnp.int32)))(rnn)
+  got = np.asarray(got)
   assert np.isfinite(got).all()
-  np.testing.assert_array_equal(got, rnn(x, rngs=key))
-  masks = rnn.cell.dropout_masks(x[:, 0].shape, key, jnp.int32)
+  np.testing.assert_array_equal(got, want)
   assert {m.dtype for m in masks} == {jnp.dtype(jnp.float32)}
 
 
@@ -240,8 +242,8 @@ def test_training_calls_differ_and_the_stream_advances():
   np.testing.assert_allclose(eager_twin(x), a, atol=ATOL)
   # rngs at call time: reproducible, and the cell's own stream is left alone.
   c1 = count()
-  r1 = rnn(x, rngs=nnx.Rngs(dropout=3))
-  r2 = rnn(x, rngs=nnx.Rngs(dropout=3))
+  r1, r2 = nnx.jit(lambda m, x, a, b: (m(x, rngs=a), m(x, rngs=b)))(  # one program
+    rnn, x, nnx.Rngs(dropout=3), nnx.Rngs(dropout=3))
   np.testing.assert_array_equal(r1, r2)
   assert count() == c1
   assert np.abs(np.asarray(r1) - a).max() > 1e-3

@@ -54,7 +54,10 @@ def _np(tree):
   return jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
 
 
-@pytest.mark.parametrize('name', ['simple', 'lstm', 'gru', 'conv_lstm_1d_s2'])
+# Zoneout lives in the base class, over the carry's arrays: a tuple carry (LSTM), a single
+# array (GRU; SimpleCell and MGUCell alike) and a conv cell's. Each cell's step against
+# NumPy: tests/test_cells.py; that each constructor passes the rate on: the last test below.
+@pytest.mark.parametrize('name', ['lstm', 'gru', 'conv_lstm_1d_s2'])
 def test_zoneout_step_against_the_formula(name):
   rate = 0.4
   cell, plain, features = _zoned(name, rate)
@@ -115,10 +118,11 @@ def test_zoneout_in_rnn_new_mask_every_step_and_call_padding_keeps_the_carry():
   assert not np.allclose(y1[0], y2[0])  # new masks each call
   # The scan against a loop over the cell with the keys the call's rngs give each step.
   key = jax.random.key(9)
-  (c, h), y = call(rnn, key)
 
-  @nnx.jit  # the loop, traced step by step into one program
-  def loop(cell):
+  @nnx.jit  # the call and the loop, traced step by step, in one program
+  def loop(rnn):
+    cell = rnn.cell
+    scanned = rnn(x, seq_lengths=lengths, rngs=key)
     step_keys = jax.random.split(jax.random.fold_in(key, 1), T)
     carry = cell.initialize_carry((B, 3))
     ys, kept = [], []
@@ -128,9 +132,9 @@ def test_zoneout_in_rnn_new_mask_every_step_and_call_padding_keeps_the_carry():
       kept.append(new[0] == carry[0])
       carry = jax.tree.map(lambda n, o, valid=valid: jnp.where(valid, n, o), new, carry)
       ys.append(jnp.where(valid, y_t, 0))
-    return carry, jnp.stack(ys, 1), kept
+    return scanned, carry, jnp.stack(ys, 1), kept
 
-  carry, ys, kept = loop(cell)
+  ((c, h), y), carry, ys, kept = loop(rnn)
   kept = [np.asarray(k) for k in kept]
   np.testing.assert_allclose(y, ys, atol=1e-6)
   np.testing.assert_allclose(c, carry[0], atol=1e-6)
@@ -173,6 +177,10 @@ def test_zoneout_rate_is_checked():
   assert nnx.eval_shape(lambda: nr.GRUCell(3, 4, rngs=nnx.Rngs(0))).rngs is None
   assert nnx.eval_shape(lambda: nr.GRUCell(3, 4, zoneout_rate=0.1,
                                            rngs=nnx.Rngs(0))).rngs is not None
+  # Every built-in cell's constructor hands the rate to the base class, which applies it.
+  for name in ('simple', 'optimized_lstm', 'mgu', 'mgu_no_reset'):
+    cell = nnx.eval_shape(lambda name=name: _with_zoneout(ref.CELLS[name][0], 0.3))
+    assert cell.zoneout_rate == 0.3 and cell.rngs is not None, name
 
 
 # -- learned initial carry ---------------------------------------------------------

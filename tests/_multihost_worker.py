@@ -86,7 +86,7 @@ def reference() -> dict[str, np.ndarray]:
   losses = [float(train_step(model, optimizer, *global_batch(step))) for step in range(STEPS)]
   x, lengths, _ = global_batch(STEPS)
 
-  @nnx.jit  # here no need to run outside jit: both in one program
+  @nnx.jit  # the reference in one program (the workers call outside jit: the point)
   def outputs(model, rnn):
     # Out of range acts as the time axis (here checked: clipped by hand).
     return (model.lstm(x, seq_lengths=np.minimum(eager_lengths(lengths), MAX_LEN)),

@@ -43,6 +43,16 @@ def random_module(factory: Callable[[], nnx.Module], seed: int = 0, scale: float
   return nnx.merge(graphdef, values)
 
 
+def random_linen_variables(module, *args, seed: int = 0, scale: float = 0.5, **kwargs):
+  """The variables flax.linen's ``module.init(key, *args, **kwargs)`` makes, with
+  normal(0, ``scale``) values drawn by NumPy from ``seed`` (its initializers, run
+  op by op, would compile per shape; an init also compiles the scan)."""
+  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+    lambda s: np.asarray(scale * rng.standard_normal(s.shape), s.dtype), shapes)
+
+
 # Zero kernel initializers for tests that overwrite the parameters anyway: the
 # default ones (orthogonal...) cost one compilation per parameter shape.
 ZERO_INIT = dict(kernel_init=nnx.initializers.zeros_init(),

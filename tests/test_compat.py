@@ -26,7 +26,7 @@ from flax.linen.recurrent import DenseParams
 import nnx_recurrent as nr
 from nnx_recurrent import compat
 from tests.fresh_import import fresh_package
-from tests.random_params import random_module
+from tests.random_params import random_linen_variables, random_module
 from tests.reference import normal
 
 NORMAL = nn.initializers.normal(1.0)
@@ -58,14 +58,6 @@ def _numpy(tree):
   """``tree`` with NumPy leaves: indexing them compiles nothing (eager jax indexing
   compiles a program per shape)."""
   return jax.tree.map(np.asarray, tree)
-
-
-def _random_variables(module, *args, **kwargs):
-  """The variables ``module.init`` makes, with normal(0, 0.5) values from NumPy: for
-  tests that compare applies only (an init runs op by op and compiles a scan)."""
-  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
-  rng = np.random.default_rng(0)
-  return jax.tree.map(lambda s: np.asarray(0.5 * rng.standard_normal(s.shape), s.dtype), shapes)
 
 
 def _valid(y, seq_lengths):
@@ -406,7 +398,7 @@ def test_a_carry_leaf_shared_by_the_rows_runs_with_seq_lengths_as_linen():
   axes goes on through every step (the last-valid carry selection failed on it
   with a scan carry-type error)."""
   x, seq_lengths = normal((3, 6, 4)), jnp.array([6, 4, 0])
-  v = _random_variables(_shared_counter_cell(nn), x)
+  v = random_linen_variables(_shared_counter_cell(nn), x)
   y_t = _shared_counter_cell(nn).apply(v, x, seq_lengths=seq_lengths)
   y, ((h, t), _) = jax.jit(lambda v: (
     _shared_counter_cell(compat).apply(v, x, seq_lengths=seq_lengths),
@@ -460,7 +452,7 @@ def test_padding_values_are_linens_and_length_zero_keeps_the_initial_carry():
   lengths = jnp.array([5, 0, 2])
   theirs = nn.RNN(nn.GRUCell(H, carry_init=NORMAL), return_carry=True)
   ours = compat.RNN(compat.GRUCell(H, carry_init=NORMAL), return_carry=True)
-  v = _random_variables(theirs, x)
+  v = random_linen_variables(theirs, x)
   (c_t, y_t), (c_o, y_o), (c_full, _) = _numpy(jax.jit(lambda v: (
     theirs.apply(v, x, seq_lengths=lengths), ours.apply(v, x, seq_lengths=lengths),
     theirs.apply(v, x)))(v))
@@ -487,7 +479,7 @@ def test_padding_values_match_linen_with_several_batch_axes(cell):
   kw = dict(kernel_size=(3,)) if conv else {}
   theirs = nn.RNN(getattr(nn, cell)(H, **kw), return_carry=True)
   ours = compat.RNN(getattr(compat, cell)(H, **kw), return_carry=True)
-  v = _random_variables(theirs, x[0])
+  v = random_linen_variables(theirs, x[0])
   modes = [dict(), dict(reverse=True), dict(reverse=True, keep_order=True)]
 
   def run(v):
@@ -533,7 +525,7 @@ def test_rnn_segment_ids_extension_matches_linen_per_segment():
   x = normal((1, 6, IN))
   segment_ids = jnp.array([[1, 1, 1, 2, 2, 0]])
   theirs, ours = nn.RNN(nn.SimpleCell(H)), compat.RNN(compat.SimpleCell(H))
-  v = _random_variables(theirs, x)
+  v = random_linen_variables(theirs, x)
 
   def run(segment_ids):
     out = []
@@ -556,7 +548,7 @@ def test_rnn_segment_ids_initial_carry_starts_each_rows_first_segment_only():
   ids = jnp.array([[1, 1, 1, 2, 2, 0], [0, 3, 3, 3, 4, 4]])
   c0 = np.asarray(normal((2, H), seed=2))
   theirs, ours = nn.RNN(nn.GRUCell(H), return_carry=True), compat.RNN(compat.GRUCell(H))
-  v = _random_variables(theirs, x)
+  v = random_linen_variables(theirs, x)
   zeros = np.zeros((1, H), np.float32)
   segments = {0: ((0, 3, c0[:1]), (3, 5, zeros)), 1: ((1, 4, c0[1:]), (4, 6, zeros))}
 
@@ -589,7 +581,7 @@ def test_rnn_segment_ids_garbage_at_padding_reaches_no_gradient():
   def loss_linen(v, x):
     return sum(jnp.sum(theirs.apply(v, x[:, lo:hi]) ** 2) for lo, hi in ((0, 2), (2, 3)))
 
-  v = _random_variables(theirs, x)
+  v = random_linen_variables(theirs, x)
   (value, grads), (want_value, want) = _numpy(jax.jit(lambda v: (
     jax.value_and_grad(loss_ours, argnums=(0, 1))(v, garbage),
     jax.value_and_grad(loss_linen, argnums=(0, 1))(v, x)))(v))
@@ -754,7 +746,7 @@ def test_a_one_array_carry_takes_a_seed_as_linen(name):
   _assert_same_tree(getattr(compat, name)(H).initialize_carry(0, (B, IN)),
                     getattr(nn, name)(H).initialize_carry(0, (B, IN)))
   theirs, ours = nn.RNN(getattr(nn, name)(H)), compat.RNN(getattr(compat, name)(H))
-  v = _random_variables(theirs, x, init_key=0)
+  v = random_linen_variables(theirs, x, init_key=0)
   _assert_close(*jax.jit(lambda v: (ours.apply(v, x, init_key=0),
                                     theirs.apply(v, x, init_key=0)))(v))
 
@@ -915,9 +907,9 @@ def test_cell_patterns_that_flax_linen_accepts():
   variables = theirs.init(jax.random.key(1), x)
   assert 'LayerNorm_0' in variables['params']['cell']
   _assert_same_tree(ours.init(jax.random.key(1), x), variables)
-  cell_vars = _random_variables(nn.GRUCell(H), h0[None], x[:, 0])
+  cell_vars = random_linen_variables(nn.GRUCell(H), h0[None], x[:, 0])
   rnn, rnn_ref = compat.RNN(compat.LSTMCell(H)), nn.RNN(nn.LSTMCell(H))
-  v = _random_variables(rnn_ref, x)
+  v = random_linen_variables(rnn_ref, x)
   float_lengths = np.asarray(LENGTHS, np.float32)
 
   @jax.jit
@@ -1004,7 +996,7 @@ def test_to_nnx_and_from_nnx_rnn_and_bidirectional():
   linen_bi = nn.Bidirectional(nn.RNN(nn.LSTMCell(H)), nn.RNN(nn.GRUCell(H)),
                               return_carry=True)
   linen_rnn = nn.RNN(nn.OptimizedLSTMCell(H), reverse=True, keep_order=True, time_major=True)
-  variables, v_rnn = _random_variables(linen_bi, x), _random_variables(linen_rnn, xt)
+  variables, v_rnn = random_linen_variables(linen_bi, x), random_linen_variables(linen_rnn, xt)
   bi = compat.to_nnx(linen_bi, variables)
   assert type(bi) is nr.Bidirectional and type(bi.backward_rnn.cell) is nr.GRUCell
   layer, back = compat.from_nnx(bi)

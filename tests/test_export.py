@@ -16,6 +16,7 @@ from jax import export
 
 import nnx_recurrent as nr
 from nnx_recurrent import compat
+from tests.random_params import random_linen_variables
 from tests.test_fused import build
 
 IN, H = 3, 4
@@ -71,11 +72,7 @@ def test_rnn_exports_for_any_batch_and_time_as_flax_nnx():
 
 def test_compat_rnn_exports_for_any_batch_and_time_as_flax_linen():
   ours, theirs = compat.RNN(compat.GRUCell(H)), nn.RNN(nn.GRUCell(H))
-  # Random variables from NumPy, in flax.linen's structure (its initializers would compile).
-  rng = np.random.default_rng(0)
-  variables = jax.tree_util.tree_map(
-    lambda a: jnp.asarray(0.5 * rng.standard_normal(a.shape), a.dtype),
-    jax.eval_shape(theirs.init, jax.random.key(0), jnp.ones((2, 5, IN))))
+  variables = random_linen_variables(theirs, jnp.ones((2, 5, IN)))  # flax.linen's structure
   exported = export.export(jax.jit(lambda v, x, lengths: ours.apply(v, x, seq_lengths=lengths)))(
     variables, X_SPEC, LENGTHS_SPEC)
   run = _together(lambda x, lengths: exported.call(variables, x, lengths),

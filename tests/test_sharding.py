@@ -31,7 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 import nnx_recurrent as nr
 from nnx_recurrent import compat
-from tests.random_params import random_module
+from tests.random_params import random_linen_variables, random_module
 
 B, T, IN, H = 8, 5, 4, 8
 DATA, MODEL = 4, 2
@@ -120,11 +120,7 @@ def reference(zoo, x, conv_x, lengths):
   graphdef, state = nnx.split(zoo)
   layers = {name: nnx.split(zoo[name]) for name in SHARD_MAP}
 
-  # flax.linen's variables, random from NumPy (its initializers would compile).
-  rng = np.random.default_rng(1)
-  variables = jax.tree_util.tree_map(
-    lambda a: (0.5 * rng.standard_normal(a.shape)).astype(a.dtype),
-    jax.eval_shape(_linen_rnn().init, jax.random.key(0), x))
+  variables = random_linen_variables(_linen_rnn(), x, seed=1)  # flax.linen's, from NumPy
 
   @jax.jit
   def run(state, layer_states, x, conv_x, lengths, variables):

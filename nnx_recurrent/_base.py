@@ -327,7 +327,8 @@ class RNNCellBase(nnx.Module):
 
     Args:
       input_shape: shape of one step's input, without the time axis:
-        ``(*batch, *features)``.
+        ``(*batch, *features)``; only the number of feature axes is read, not
+        their sizes. As in flax, ``()`` stands for one unbatched vector step.
       rngs: only needed with a random ``carry_init``: an ``nnx.Rngs`` (its
         ``carry`` stream is called once per carry array, as flax.nnx does), an
         ``nnx.RngStream`` (likewise) or a PRNG key (split, one per array, as
@@ -351,9 +352,11 @@ class RNNCellBase(nnx.Module):
       'nnx_recurrent.compat\'s)')
     _checks.check_rngs(f'{name}.initialize_carry', rngs)  # zeros ignore it: checked all the same
     # The feature axes' sizes do not matter, as in flax.nnx (code calls
-    # initialize_carry((batch, hidden_features))): only their number.
-    self._check_input_shape(f'{name}.initialize_carry', 'input_shape', input_shape,
-                            sizes=False)
+    # initialize_carry((batch, hidden_features))): only their number. flax
+    # also reads `()` as one unbatched step without its feature axis.
+    if input_shape or self.num_feature_axes != 1:
+      self._check_input_shape(f'{name}.initialize_carry', 'input_shape', input_shape,
+                              sizes=False)
     shapes = self._carry_shapes(input_shape)
     dtype = getattr(self, 'param_dtype', jnp.float32)
     n = len(shapes)

@@ -751,6 +751,18 @@ def test_a_one_array_carry_takes_a_seed_as_linen(name):
                                     theirs.apply(v, x, init_key=0)))(v))
 
 
+@pytest.mark.parametrize('name', ['LSTMCell', 'GRUCell'])
+def test_initialize_carry_reads_the_batch_axes_only_as_linen(name):
+  # flax.linen takes the carry's shape from input_shape[:-1]: `()` and
+  # `(IN,)` both give one unbatched carry, and the feature axis's size is unread.
+  init = jax.nn.initializers.normal(1.0)
+  ours = getattr(compat, name)(H, carry_init=init)
+  theirs = getattr(nn, name)(H, carry_init=init)
+  for shape in ((), (IN,), (B, H + 3)):
+    _assert_same_tree(ours.initialize_carry(jax.random.key(1), shape),
+                      theirs.initialize_carry(jax.random.key(1), shape))
+
+
 def _scanned_rnn(ns):
   # The RL pattern (purejaxrl, JaxMARL, Stoix's ScannedRNN): nn.scan over a
   # compact step that builds the cell, resetting the carry where an episode ends.

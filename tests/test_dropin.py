@@ -138,11 +138,11 @@ def test_a_zeros_carry_draws_from_the_kept_stream_as_flax(name):
 @pytest.mark.parametrize('name', ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell'])
 def test_initialize_carry_reads_the_batch_axes_only_as_flax(name):
   # Code calls initialize_carry((batch, hidden_features)): flax.nnx ignores the
-  # feature axis's size.
+  # feature axis's size, and reads `()` as one unbatched step.
   ours = getattr(nr, name)(IN, H, rngs=nnx.Rngs(0))
   theirs = getattr(nnx, name)(IN, H, rngs=nnx.Rngs(0))
   init = jax.nn.initializers.normal(1.0)
-  for shape in ((B, IN), (B, H + 3), (2, B, 1)):
+  for shape in ((B, IN), (B, H + 3), (2, B, 1), ()):
     _close(ours.initialize_carry(shape, nnx.Rngs(carry=1), carry_init=init),
            theirs.initialize_carry(shape, nnx.Rngs(carry=1), carry_init=init), atol=0)
 

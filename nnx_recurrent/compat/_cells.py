@@ -216,7 +216,8 @@ class _Cell(RNNCellBase):
         ``None`` (or, for a one-array carry, a seed, which flax.linen passes
         on as given) with a ``carry_init`` that takes none, such as the
         default zeros.
-      input_shape: ``(*batch, *features)`` of one step's input.
+      input_shape: ``(*batch, *features)`` of one step's input; as in
+        flax.linen, ``()`` stands for one unbatched vector step.
 
     Returns:
       The carry, in ``param_dtype``: ``(c, h)`` for LSTM cells, else ``h``.
@@ -230,10 +231,12 @@ class _Cell(RNNCellBase):
     input_shape = _checks.check_shape(f'{layout.name}.initialize_carry', 'input_shape',
                                       input_shape, "(the arguments are flax.linen's (rng, "
                                       'input_shape))')
-    if len(input_shape) < self.num_feature_axes:
+    # flax.linen reads `()` as one unbatched step without its feature axis;
+    # the feature axis's size does not matter (any stands in for it).
+    if len(input_shape) < self.num_feature_axes and (input_shape or self.num_feature_axes != 1):
       _checks.fail(f'{layout.name}.initialize_carry', 'input_shape',
                    f'at least {self.num_feature_axes} feature axes', f'{input_shape}')
-    cell = _convert.build_nnx(layout, self, input_shape[-1])
+    cell = _convert.build_nnx(layout, self, input_shape[-1] if input_shape else 1)
     # flax.linen splits the key for (c, h); a one-array carry gets it as given,
     # so there a seed or None suits the default zeros (and fails in a random
     # carry_init, as in flax.linen).

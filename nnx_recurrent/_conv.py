@@ -9,6 +9,7 @@ checks ``kernel_size`` and ``strides`` once, and says the step's shapes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -148,8 +149,19 @@ class _ConvCell(RNNCellBase):
   def _output_shape(self, input_shape):
     n = len(self.kernel_size)
     batch = tuple(input_shape[: -(n + 1)])
-    probe = jax.ShapeDtypeStruct((1, *input_shape[-(n + 1):]), jnp.float32)
-    # Through split/merge so abstract parameters (nnx.eval_shape) work too.
-    graphdef, state = nnx.split(self.ih)
-    spatial = jax.eval_shape(lambda st, x: nnx.merge(graphdef, st)(x), state, probe).shape[1:-1]
-    return batch + tuple(spatial) + (self.hidden_features,)
+    padding = self.padding if isinstance(self.padding, (str, int)) else tuple(self.padding)
+    spatial = _conv_spatial_shape(tuple(input_shape[-(n + 1):-1]), self.kernel_size,
+                                  self.strides, padding)
+    return batch + spatial + (self.hidden_features,)
+
+
+@functools.lru_cache(maxsize=1024)
+def _conv_spatial_shape(spatial: tuple[int, ...], kernel_size: tuple[int, ...],
+                        strides: tuple[int, ...], padding: PaddingLike) -> tuple[int, ...]:
+  """The spatial shape ``nnx.Conv`` gives (by its own padding rules) for an
+  input of spatial shape ``spatial``: traced once per geometry, as every
+  eager step and ``initialize_carry`` asks."""
+  def conv(x):
+    return nnx.Conv(1, 1, kernel_size, strides=strides, padding=padding, rngs=nnx.Rngs(0))(x)
+  probe = jax.ShapeDtypeStruct((1, *spatial, 1), jnp.float32)
+  return tuple(jax.eval_shape(conv, probe).shape[1:-1])

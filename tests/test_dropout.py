@@ -165,21 +165,39 @@ def test_a_subclass_whose_call_takes_no_options_is_warned_about_its_masks():
   assert (y != y[:, :1]).any(axis=(0, 2)).sum() == time - 1  # a new mask at every step
 
 
-def test_bidirectional_directions_get_their_own_masks_from_one_key():
-  width = 8
+def _identity_rnns(width, n):
+  """``n`` RNNs whose SimpleCell outputs its input after its input dropout mask."""
   ident = dict(activation_fn=lambda a: a, kernel_init=nnx.initializers.zeros_init(),
                recurrent_kernel_init=nnx.initializers.zeros_init())
   rnns = []
-  for seed in (0, 1):
+  for seed in range(n):
     cell = nr.SimpleCell(width, width, dropout_rate=0.5, **ident, rngs=nnx.Rngs(seed))
     cell.dense_i.kernel[...] = jnp.eye(width)
     rnns.append(nr.RNN(cell))
+  return rnns
+
+
+def test_bidirectional_directions_get_their_own_masks_from_one_key():
+  width = 8
   y = np.asarray(nnx.jit(lambda bi: bi(jnp.ones((4, 3, width)), rngs=jax.random.key(0)))(
-    nr.Bidirectional(*rnns)))
+    nr.Bidirectional(*_identity_rnns(width, 2))))
   fwd, bwd = y[..., :width], y[..., width:]  # the input masks, one per row and direction
   np.testing.assert_array_equal(fwd, np.broadcast_to(fwd[:, :1], fwd.shape))
   np.testing.assert_array_equal(bwd, np.broadcast_to(bwd[:, :1], bwd.shape))
   assert not np.array_equal(fwd, bwd)
+
+
+def test_stacked_layers_get_their_own_masks_from_one_key():
+  # A key at call time is split, one per layer: the second layer's mask is
+  # not the first's again (which would keep exactly the first's zeros).
+  width = 8
+  (h1, h2), y = nnx.jit(lambda s: s(jnp.ones((4, 3, width)), rngs=jax.random.key(0),
+                                    return_carry=True))(
+    nr.StackedRNN(*_identity_rnns(width, 2)))
+  h1, h2 = np.asarray(h1), np.asarray(h2)
+  assert set(np.unique(h1)) == {0.0, 2.0} and set(np.unique(h2)) == {0.0, 4.0}
+  np.testing.assert_array_equal(np.asarray(y)[:, -1], h2)
+  assert ((h1 != 0) & (h2 == 0)).any()  # a unit the first layer kept, the second dropped
 
 
 def _gru_masked(p, h, x, mh):

@@ -217,9 +217,9 @@ class RNN(nnx.Module):
       initial_carry: default ``cell.initialize_carry`` (zeros).
       seq_lengths: integer ``(*batch)`` lengths (a scalar: every row's;
         whole-number floats, such as a float mask's sum, are cast); steps at
-        or past a row's length are padding. Concrete values must be
-        in ``[0, time]``; under ``jit`` they cannot be checked: larger values
-        act as ``time``, negative ones as ``0``.
+        or past a row's length are padding. A length above ``time`` acts as
+        ``time``, as in flax. Concrete lengths must not be negative; under
+        ``jit`` they cannot be checked, and a negative one acts as ``0``.
       segment_ids: integer ids shaped like the batch and time axes for packed
         sequences (``0`` = padding); not together with ``seq_lengths``.
         Concrete ids must be non-negative; under ``jit`` a negative id is
@@ -458,15 +458,14 @@ def flip_sequences(inputs: Array, seq_lengths: Array | None, num_batch_dims: int
   Args:
     inputs: ``(*batch, time, ...)`` or ``(time, *batch, ...)``.
     seq_lengths: integer ``(*batch)`` lengths, or ``None`` to flip everything.
-      Concrete lengths must be in ``[0, time]``, as for :class:`RNN` (flax's
-      ``flip_sequences`` wraps a longer one around the time axis); under
-      ``jit`` they cannot be checked: a larger value acts as ``time``, a
-      negative one as ``0``.
+      As for :class:`RNN`, a length above ``time`` acts as ``time`` (flax's
+      ``flip_sequences`` wraps it around the time axis instead), and concrete
+      lengths must not be negative; under ``jit`` a negative one acts as ``0``.
     num_batch_dims: number of batch axes.
     time_major: whether time is the first axis.
 
   Raises:
-    ValueError: concrete ``seq_lengths`` outside ``[0, time]``.
+    ValueError: a concrete negative length in ``seq_lengths``.
   """
   inputs = _checks.check_array('flip_sequences', 'inputs', inputs)
   if (isinstance(num_batch_dims, bool) or not isinstance(num_batch_dims, (int, np.integer))
@@ -480,7 +479,6 @@ def flip_sequences(inputs: Array, seq_lengths: Array | None, num_batch_dims: int
   xs = jnp.moveaxis(inputs, time_axis, 0)
   batch_shape = tuple(xs.shape[1: 1 + num_batch_dims])
   if seq_lengths is not None:
-    seq_lengths = _checks.check_seq_lengths('flip_sequences', seq_lengths, batch_shape,
-                                            xs.shape[0])
+    seq_lengths = _checks.check_seq_lengths('flip_sequences', seq_lengths, batch_shape)
   idx = _scan.reverse_indices(xs.shape[0], batch_shape, seq_lengths)
   return jnp.moveaxis(_scan.take_time(xs, idx), 0, time_axis)

@@ -532,7 +532,7 @@ def prepare(where: str, inputs: Any, *, num_feature_axes: int, in_features: int 
     seq_lengths = _checks.whole_lengths(where, seq_lengths)  # an array of numbers, from here
     if np.ndim(seq_lengths) == 0 and batch_shape:  # one length for every row, as flax broadcasts it
       seq_lengths = jnp.broadcast_to(jnp.asarray(seq_lengths), batch_shape)
-    seq_lengths = _checks.check_seq_lengths(where, seq_lengths, batch_shape, time)
+    seq_lengths = _checks.check_seq_lengths(where, seq_lengths, batch_shape)
     masks = StepMasks(lengths_to_valid(seq_lengths, time), None)
   if segment_ids is not None:
     layout = '(time, *batch)' if time_major else '(*batch, time)'

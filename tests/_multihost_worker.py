@@ -40,8 +40,9 @@ def global_batch(step: int):
 
 
 def eager_lengths(lengths: np.ndarray) -> np.ndarray:
-  """The lengths of the calls outside jit: each process's first row past the time axis."""
-  return np.where(np.arange(len(lengths)) % ROWS == 0, MAX_LEN + 5, lengths).astype(np.int32)
+  """The lengths of the calls outside jit: each process's first row negative,
+  which a check would refuse (unchecked, it acts as 0)."""
+  return np.where(np.arange(len(lengths)) % ROWS == 0, -1, lengths).astype(np.int32)
 
 
 def segment_ids(x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -88,8 +89,8 @@ def reference() -> dict[str, np.ndarray]:
 
   @nnx.jit  # the reference in one program (the workers call outside jit: the point)
   def outputs(model, rnn):
-    # Out of range acts as the time axis (here checked: clipped by hand).
-    return (model.lstm(x, seq_lengths=np.minimum(eager_lengths(lengths), MAX_LEN)),
+    # Negative acts as 0 (here checked: clipped by hand).
+    return (model.lstm(x, seq_lengths=np.maximum(eager_lengths(lengths), 0)),
             rnn(x, segment_ids=segment_ids(x, lengths)))
 
   lstm, rnn_out = outputs(model, rnn)
@@ -134,7 +135,7 @@ def main(port: str, process: int, out_dir: str) -> None:
   lstm_out = local(model.lstm(x, seq_lengths=lengths))
   rnn_out = local(rnn(x, segment_ids=ids))
   replicated = jax.make_array_from_process_local_data(
-    NamedSharding(mesh, P()), np.full(ROWS * PROCESSES, MAX_LEN + 5, np.int32))
+    NamedSharding(mesh, P()), np.full(ROWS * PROCESSES, -1, np.int32))
   try:
     model.lstm(x, seq_lengths=replicated)
     error = ''

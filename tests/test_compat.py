@@ -447,9 +447,10 @@ def test_user_cell_without_initialize_carry_matches_linen(base):
 
 
 def test_padding_values_are_linens_and_length_zero_keeps_the_initial_carry():
-  """flax.linen's outputs at padding; the one difference: a length-0 row's carry."""
+  """flax.linen's outputs at padding; the one difference: a length-0 row's carry.
+  A length past the time axis acts as the time axis, in both."""
   x = normal((B, T, IN))
-  lengths = jnp.array([5, 0, 2])
+  lengths = jnp.array([T + 4, 0, 2])
   theirs = nn.RNN(nn.GRUCell(H, carry_init=NORMAL), return_carry=True)
   ours = compat.RNN(compat.GRUCell(H, carry_init=NORMAL), return_carry=True)
   v = random_linen_variables(theirs, x)

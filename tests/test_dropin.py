@@ -434,6 +434,22 @@ def test_float_seq_lengths_are_lengths():
   _close(call(fused, off), y_fused_int)
 
 
+def test_lengths_past_the_time_axis_act_as_it_as_in_flax():
+  # Code that cuts its inputs to a maximum length and keeps each row's own
+  # length runs in flax.nnx, each such row to the end; here too, eagerly
+  # (concrete lengths are checked for sign only), in the scan and the fused layer.
+  x = _x()
+  lengths = jnp.array([T + 4, T, T + 1])
+  theirs = nnx.RNN(nnx.GRUCell(IN, H, rngs=nnx.Rngs(0)), return_carry=True)
+  ours = nr.RNN(nr.GRUCell(IN, H, rngs=nnx.Rngs(0)), return_carry=True)
+  fused = nr.GRU(IN, H, return_carry=True, rngs=nnx.Rngs(0))
+  nnx.update(ours, nnx.state(theirs, nnx.Param))
+  nnx.update(fused.forward[0], nnx.state(theirs.cell, nnx.Param))
+  expected = theirs(x, seq_lengths=lengths)
+  _close(ours(x, seq_lengths=lengths), expected)
+  _close(fused(x, seq_lengths=lengths), expected)
+
+
 def test_broadcast_rngs_gives_one_mask_per_call_as_flax():
   kw = dict(stream='recurrent_dropout')
   ours = nr.RNN(CountingDropoutCell(nnx.Rngs(0, recurrent_dropout=1), **kw),

@@ -594,8 +594,9 @@ def test_errors(cls):
   layer = build(lambda: cls(3, 4, num_layers=2, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match=rf'{name}: `inputs` expected last axis of size 3'):
     layer(jnp.ones((2, 5, 7)))
-  with pytest.raises(ValueError, match=rf'{name}: `seq_lengths` expected values in \[0, 5\]'):
-    layer(jnp.ones((2, 5, 3)), seq_lengths=jnp.array([6, 1]))
+  with pytest.raises(ValueError, match=rf'{name}: `seq_lengths` expected non-negative lengths, '
+                     r'got minimum -1\.'):
+    layer(jnp.ones((2, 5, 3)), seq_lengths=jnp.array([6, -1]))
   with pytest.raises(ValueError, match=rf'{name}: `initial_carry` expected a pytree'):
     layer(jnp.ones((2, 5, 3)), initial_carry=layer.forward[0].initialize_carry((2, 3)))
   reverse = rf'{name}: `reverse` expected False for a bidirectional layer \(it runs both ' \

@@ -375,6 +375,7 @@ def check_seq_lengths(where: str, seq_lengths: Any, batch_shape: tuple[int, ...]
   A length above the time axis acts as the time axis, as in flax (code that
   truncates its inputs and keeps the original lengths runs): every reader of
   the lengths clips them to it.
+
   Under ``jit``, and for a global array with shards on other processes, the
   values are not checked (see :func:`is_concrete`); there a negative length
   acts as ``0``.

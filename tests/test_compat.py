@@ -764,6 +764,14 @@ def test_initialize_carry_reads_the_batch_axes_only_as_linen(name):
                       theirs.initialize_carry(jax.random.key(1), shape))
 
 
+def test_conv_initialize_carry_refuses_too_few_feature_axes():
+  # flax.linen returns a carry of the wrong rank for it, which fails at the call.
+  with pytest.raises(ValueError, match=re.escape(
+      'ConvLSTMCell.initialize_carry: `input_shape` expected at least 3 feature axes, '
+      'got shape (5, 3).')):
+    compat.ConvLSTMCell(H, kernel_size=(3, 3)).initialize_carry(jax.random.key(0), (5, 3))
+
+
 def _scanned_rnn(ns):
   # The RL pattern (purejaxrl, JaxMARL, Stoix's ScannedRNN): nn.scan over a
   # compact step that builds the cell, resetting the carry where an episode ends.

@@ -231,11 +231,8 @@ class _Cell(RNNCellBase):
     input_shape = _checks.check_shape(f'{layout.name}.initialize_carry', 'input_shape',
                                       input_shape, "(the arguments are flax.linen's (rng, "
                                       'input_shape))')
-    # flax.linen reads `()` as one unbatched step without its feature axis;
-    # the feature axis's size does not matter (any stands in for it).
-    if len(input_shape) < self.num_feature_axes and (input_shape or self.num_feature_axes != 1):
-      _checks.fail(f'{layout.name}.initialize_carry', 'input_shape',
-                   f'at least {self.num_feature_axes} feature axes', f'{input_shape}')
+    # The nnx cell checks the number of feature axes (and takes `()`, as
+    # flax.linen does); the feature axis's size does not matter here.
     cell = _convert.build_nnx(layout, self, input_shape[-1] if input_shape else 1)
     # flax.linen splits the key for (c, h); a one-array carry gets it as given,
     # so there a seed or None suits the default zeros (and fails in a random

@@ -25,6 +25,7 @@ from tests import test_fused
 from tests.test_fused import (
   LENGTHS,
   B,
+  H,
   I,
   T,
   assert_trees_close,
@@ -85,20 +86,23 @@ def test_matches_generic_values_and_grads(num_layers, bidirectional, lengths, fa
 
 def test_time_major_several_batch_axes_and_dropout(fake_gpu):
   """Layouts go through the flattening and back; dropout between layers is ours,
-  so the same key drops the same units as the scans do."""
+  so the same key drops the same units as the scans do. Out-of-range lengths
+  (traced: unchecked) act as 0 and ``time``, as in the scans."""
   layer = make(2, True, dropout_rate=0.5, implementation='cudnn')
   x = ref.normal((T, 2, 3, I), seed=3)
-  lengths = jnp.array([[5, 0, 3], [1, 4, 2]], jnp.int32)
+  lengths = jnp.array([[5, -2, 3], [1, 4, T + 4]], jnp.int32)
 
-  def both(m, x):  # one compilation: cuDNN (by its reference) and the scans
+  def both(m, x_and_lengths):  # one compilation: cuDNN (by its reference) and the scans
+    x, lengths = x_and_lengths
     y = m(x, seq_lengths=lengths, time_major=True, rngs=nnx.Rngs(dropout=4))
     m.implementation = 'xla'
     return y, m(x, seq_lengths=lengths, time_major=True, rngs=nnx.Rngs(dropout=4))
 
-  y, y_xla = call(layer, x, run=both)
+  y, y_xla = call(layer, (x, lengths), run=both)
   assert len(fake_gpu) == 2
+  assert y.shape == (T, 2, 3, 2 * H)
   np.testing.assert_allclose(np.asarray(y), np.asarray(y_xla), atol=1e-5, rtol=1e-5)
-  assert float(jnp.abs(y[:, 0, 1]).max()) == 0.0  # length 0
+  assert float(jnp.abs(y[:, 0, 1]).max()) == 0.0  # length -2: as 0
 
 
 def test_auto_and_xla_use_the_scans(fake_gpu):
@@ -109,6 +113,8 @@ def test_auto_and_xla_use_the_scans(fake_gpu):
   jax.eval_shape(make(implementation='xla'), x)
   assert not fake_gpu
   jax.eval_shape(make(implementation='cudnn'), x)
+  assert len(fake_gpu) == 1
+  jax.eval_shape(make(implementation='cudnn'), x[:, :0])  # no step: nothing for cuDNN to run
   assert len(fake_gpu) == 1
 
 
@@ -141,17 +147,23 @@ def test_implementation_set_after_construction_is_checked_at_the_call(fake_gpu):
 
 
 def test_unsupported_on_gpu_errors(fake_gpu):
-  """Raised while tracing: traced only, nothing compiles."""
-  layer = make(implementation='cudnn', dtype=jnp.bfloat16)
-  with pytest.raises(ValueError, match=r'cuDNN runs float32 only, and the computation dtype is '
-                                       r'bfloat16\), got .cudnn.'):
-    jax.eval_shape(layer, jnp.ones((2, 5, 3)))
+  """Raised while tracing: traced only, nothing compiles. The two precisions
+  cuDNN has (TF32 on or off) run."""
+  for dtype in (jnp.bfloat16, jnp.float16):
+    layer = make(implementation='cudnn', dtype=dtype)
+    with pytest.raises(ValueError, match=r'cuDNN runs float32 only, and the computation dtype '
+                                         rf'is {jnp.dtype(dtype).name}\), got .cudnn.'):
+      jax.eval_shape(layer, jnp.ones((2, 5, 3)))
   layer = make(implementation='cudnn')
   with jax.default_matmul_precision('bfloat16'):
     with pytest.raises(ValueError, match=r"cuDNN has no matmul precision 'bfloat16' "
                                          r'\(jax_default_matmul_precision\)\), got .cudnn.'):
       jax.eval_shape(layer, jnp.ones((2, 5, 3)))
   assert not fake_gpu
+  for precision in ('tensorfloat32', 'highest'):
+    with jax.default_matmul_precision(precision):
+      jax.eval_shape(layer, jnp.ones((2, 5, 3)))
+  assert len(fake_gpu) == 2
 
 
 def test_vmap_error():

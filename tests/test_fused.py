@@ -314,6 +314,21 @@ def test_plan_differentiates_large_gru_batches_with_jax_on_the_cpu(monkeypatch):
   assert plan(nr.GRU, rows, 384).custom_vjp
 
 
+def test_plan_regions_at_their_bounds():
+  """The measured regions of ``_plans.plan`` (no values change between them,
+  only the speed: ``benchmarks/RESULTS.md``), at their bounds."""
+  plan, S = internal.plan_for, internal.ScanPlan
+  tiny = _plans.TINY_STEP // (4 * H)  # rows of a step at the tiny bound
+  assert plan(nr.LSTM, tiny - 1, 4 * H).backward_pairs
+  assert not plan(nr.LSTM, tiny, 4 * H).backward_pairs
+  hoist, joint = _plans.HOIST_MAX_ROWS, _plans.JOINT_MAX_ROWS
+  assert plan(nr.LSTM, hoist - 1, 512).train == S('hoisted', True, 1)
+  assert plan(nr.LSTM, hoist, 512) == internal.Plan(S('loop', False, 1), S('joint', False, 1))
+  assert plan(nr.LSTM, joint - 1, 512).train.inputs == 'joint'
+  assert plan(nr.LSTM, joint, 512).train.inputs == 'loop'
+  assert plan(nr.GRU, hoist, 384).train.inputs == 'loop'  # no joint matmul
+
+
 def test_large_gru_batch_matches_generic():
   """Two batch axes of 2 x 64 rows: the plan is JAX's differentiation (garbage
   at padding inert)."""
@@ -389,7 +404,9 @@ def test_bidirectional_of_two_fused_layers_is_the_bidirectional_layer(cls):
 ], ids=['LSTM', 'GRU'])
 def test_forward_without_gradient_matches_generic(cls, paths):
   """The primal forward (no gradient taken) has its own strategy; check each
-  (all forced in one compilation, with the generic composition)."""
+  (all forced in one compilation, with the generic composition). ``keep_order``
+  without ``reverse`` changes nothing (a bidirectional layer's outputs stay in
+  input order)."""
   layer = make(cls, 1, True)
   x = ref.normal((B, T, I), seed=8)
   carry0 = random_carry(layer, seed=9)
@@ -399,7 +416,7 @@ def test_forward_without_gradient_matches_generic(cls, paths):
     outs = {}
     for path in paths:
       with use_path(path):  # read while tracing
-        outs[path] = m(x, return_carry=True, **kw)
+        outs[path] = m(x, return_carry=True, keep_order=True, **kw)
     return outs, generic(m, x, **kw)
 
   outs, expected = call(layer, x, run=every_path)
@@ -488,16 +505,23 @@ def test_float64_initial_carry_computes_in_float64(cls):
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
 def test_single_layer_carry_is_the_cells(cls):
   """One unidirectional layer: the carry of ``nr.RNN`` over the cell, time step 1 and 0
-  (one compilation)."""
+  (one compilation); with 0 steps the carry passes through, its gradient too."""
   layer = make(cls)
   x = ref.normal((B, 1, I), seed=2)
   carry0 = random_carry(layer)
-  (carry, y), (carry_g, y_g), (carry_0, y_0) = call(layer, x, run=lambda m, x: (
+
+  def carry_sum(m, c):
+    return sum(a.sum() for a in jax.tree_util.tree_leaves(
+      m(x[:, :0], initial_carry=c, return_carry=True)[0]))
+
+  (carry, y), (carry_g, y_g), (carry_0, y_0), dcarry_0 = call(layer, x, run=lambda m, x: (
     m(x, return_carry=True), nr.RNN(m.forward[0])(x, return_carry=True),
-    m(x[:, :0], initial_carry=carry0, return_carry=True)))
+    m(x[:, :0], initial_carry=carry0, return_carry=True),
+    jax.grad(lambda c: carry_sum(m, c))(carry0)))
   assert_trees_close((carry, y), (carry_g, y_g))
   assert y_0.shape == (B, 0, H)
   assert_trees_close(carry_0, carry0, atol=0, rtol=0)
+  assert_trees_close(dcarry_0, jax.tree_util.tree_map(np.ones_like, carry0), atol=0, rtol=0)
 
 
 def test_parameter_layout():
@@ -506,8 +530,11 @@ def test_parameter_layout():
   assert lstm.forward[0].dense_i.kernel.shape == (3, 16)
   assert lstm.backward[1].dense_i.kernel.shape == (8, 16)
   assert lstm.forward[1].dense_h.bias.shape == (16,)
-  gru = nnx.eval_shape(lambda: nr.GRU(3, 4, num_layers=2, rngs=nnx.Rngs(0)))
+  gru = nnx.eval_shape(lambda: nr.GRU(3, 4, num_layers=2, param_dtype=jnp.bfloat16,
+                                      rngs=nnx.Rngs(0)))
   assert gru.backward is None and isinstance(gru.forward[1], nr.GRUCell)
+  assert {p.dtype for p in jax.tree_util.tree_leaves(nnx.state(gru, nnx.Param))} == {
+    jnp.dtype(jnp.bfloat16)}
   assert gru.forward[1].dense_i.kernel.shape == (4, 12)
   assert gru.forward[0].bias_hn.shape == (4,)
   # No PRNG state without dropout (checkpoints stay plain parameters).
@@ -609,16 +636,37 @@ def test_errors(cls):
 
 
 @pytest.mark.parametrize('layer', [nr.LSTM, nr.GRU])
-def test_parameter_metadata_reaches_every_cell(layer):
-  """kernel/recurrent/bias metadata (e.g. sharding names) land on every cell's params."""
+def test_parameter_metadata_and_initializers_reach_every_cell(layer):
+  """kernel/recurrent/bias (and the LSTM's projection) metadata (e.g. sharding
+  names) land on every cell's params, and each initializer initialises its
+  parameters (traced only: ``nnx.eval_shape``)."""
+  calls = []
+
+  def init(tag):
+    def f(key, shape, dtype=jnp.float32):
+      calls.append((tag, tuple(shape)))
+      return jnp.zeros(shape, dtype)
+    return f
+
+  proj = dict(proj_features=2, proj_kernel_init=init('p'),
+              proj_kernel_metadata={'tag': 'p'}) if layer is nr.LSTM else {}
   model = nnx.eval_shape(lambda: layer(
     3, 4, num_layers=2, bidirectional=True, kernel_metadata={'tag': 'k'},
-    recurrent_kernel_metadata={'tag': 'r'}, bias_metadata={'tag': 'b'}, rngs=nnx.Rngs(0)))
+    recurrent_kernel_metadata={'tag': 'r'}, bias_metadata={'tag': 'b'}, kernel_init=init('k'),
+    recurrent_kernel_init=init('r'), bias_init=init('b'), rngs=nnx.Rngs(0), **proj))
   for cell in [*model.forward, *model.backward]:
     assert cell.dense_i.kernel.get_metadata()['tag'] == 'k'
     assert cell.dense_h.kernel.get_metadata()['tag'] == 'r'
     bias = cell.dense_h.bias if layer is nr.LSTM else cell.bias_hn
     assert bias.get_metadata()['tag'] == 'b'
+    if layer is nr.LSTM:
+      assert cell.proj.kernel.get_metadata()['tag'] == 'p'
+  per_layer = (  # (tag, shape) per cell of layer 0 and 1 (in_features 3, then 2 directions)
+    [('k', (3, 16)), ('r', (2, 16)), ('b', (16,)), ('p', (4, 2))],
+    [('k', (4, 16)), ('r', (2, 16)), ('b', (16,)), ('p', (4, 2))]) if layer is nr.LSTM else (
+    [('k', (3, 12)), ('b', (12,)), ('r', (4, 12)), ('b', (4,))],
+    [('k', (8, 12)), ('b', (12,)), ('r', (4, 12)), ('b', (4,))])
+  assert sorted(calls) == sorted(2 * (per_layer[0] + per_layer[1]))
 
 
 def test_constructor_signatures_are_spelled_out():

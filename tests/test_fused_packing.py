@@ -118,10 +118,12 @@ def test_stack_of_fused_layers():
 def test_errors():
   x = jnp.ones((B, T, I))
   lstm = build(lambda: nr.LSTM(I, H, implementation='cudnn', rngs=nnx.Rngs(0)))
-  with pytest.raises(ValueError, match=r"LSTM: `implementation` expected 'auto', 'xla' or "
-                                       r"'pallas' with segment_ids \(jax.experimental.rnn's "
-                                       r"cuDNN LSTM takes seq_lengths only\), got 'cudnn'"):
+  cudnn = (r"LSTM: `implementation` expected 'auto', 'xla' or 'pallas' with segment_ids "
+           r"\(jax.experimental.rnn's cuDNN LSTM takes seq_lengths only\), got 'cudnn'")
+  with pytest.raises(ValueError, match=cudnn):
     jax.eval_shape(lambda: lstm(x, segment_ids=IDS))  # the masks before it: traced, not run
+  with pytest.raises(ValueError, match=cudnn):  # no step to run: refused all the same
+    jax.eval_shape(lambda: lstm(x[:, :0], segment_ids=IDS[:, :0]))
   gru = build(lambda: nr.GRU(I, H, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match=r'GRU: `segment_ids` expected None when seq_lengths is '
                                        r'given \(use one of them\), got both'):

@@ -194,23 +194,30 @@ def test_kernels_lower_through_triton(cls, dtype, hold, packed):
 
 @pytest.mark.parametrize('cls', [nr.GRU])  # one table for both layers: the other's row below
 def test_auto_picks_pallas_only_where_measured_faster(cls, monkeypatch):
-  """The one table (``_plans.PALLAS_FASTER``, empty: no GPU numbers yet)."""
-  x = jnp.ones((B, T, I))
-
-  def uses_pallas(layer):
+  """The one table (``_plans.PALLAS_FASTER``, empty: no GPU numbers yet); a
+  region's rows are those of all batch axes, bounds included; only on a CUDA
+  GPU whose device kind names the region's device."""
+  def uses_pallas(layer, x=jnp.ones((B, T, I))):
     return 'pallas_call' in str(jax.make_jaxpr(lambda x: layer(x))(x))
 
   assert uses_pallas(make(cls, implementation='pallas'))
   assert not uses_pallas(make(cls))  # 'auto'
   monkeypatch.setattr(_plans, 'cuda_backend', lambda: True)  # as on a GPU
   assert not uses_pallas(make(cls))
-  region = _plans.PallasRegion(cls.__name__, rows=(1, 8), hidden=(H, H), device='')
+  region = _plans.PallasRegion(cls.__name__, rows=(B, B), hidden=(H, H), device='')
   monkeypatch.setattr(_plans, 'PALLAS_FASTER', (region,))
   assert uses_pallas(make(cls))
+  assert uses_pallas(make(cls), jnp.ones((1, B, T, I)))  # B rows over two batch axes
+  assert not uses_pallas(make(cls), jnp.ones((B, 2, T, I)))
   assert not uses_pallas(make(cls, implementation='xla'))
   assert not uses_pallas(build(lambda: cls(I, 2 * H, rngs=nnx.Rngs(0))))  # outside the region
   other = 'GRU' if cls is nr.LSTM else 'LSTM'
   monkeypatch.setattr(_plans, 'PALLAS_FASTER', (region._replace(layer=other),))
+  assert not uses_pallas(make(cls))
+  monkeypatch.setattr(_plans, 'PALLAS_FASTER', (region._replace(device='no such device'),))
+  assert not uses_pallas(make(cls))
+  monkeypatch.setattr(_plans, 'PALLAS_FASTER', (region,))
+  monkeypatch.setattr(_plans, 'cuda_backend', lambda: False)  # the CPU: the table is a GPU's
   assert not uses_pallas(make(cls))
 
 

@@ -314,21 +314,6 @@ def test_plan_differentiates_large_gru_batches_with_jax_on_the_cpu(monkeypatch):
   assert plan(nr.GRU, rows, 384).custom_vjp
 
 
-def test_plan_regions_at_their_bounds():
-  """The measured regions of ``_plans.plan`` (no values change between them,
-  only the speed: ``benchmarks/RESULTS.md``), at their bounds."""
-  plan, S = internal.plan_for, internal.ScanPlan
-  tiny = _plans.TINY_STEP // (4 * H)  # rows of a step at the tiny bound
-  assert plan(nr.LSTM, tiny - 1, 4 * H).backward_pairs
-  assert not plan(nr.LSTM, tiny, 4 * H).backward_pairs
-  hoist, joint = _plans.HOIST_MAX_ROWS, _plans.JOINT_MAX_ROWS
-  assert plan(nr.LSTM, hoist - 1, 512).train == S('hoisted', True, 1)
-  assert plan(nr.LSTM, hoist, 512) == internal.Plan(S('loop', False, 1), S('joint', False, 1))
-  assert plan(nr.LSTM, joint - 1, 512).train.inputs == 'joint'
-  assert plan(nr.LSTM, joint, 512).train.inputs == 'loop'
-  assert plan(nr.GRU, hoist, 384).train.inputs == 'loop'  # no joint matmul
-
-
 def test_large_gru_batch_matches_generic():
   """Two batch axes of 2 x 64 rows: the plan is JAX's differentiation (garbage
   at padding inert)."""

@@ -155,10 +155,12 @@ def test_unsupported_on_gpu_errors(fake_gpu):
                                          rf'is {jnp.dtype(dtype).name}\), got .cudnn.'):
       jax.eval_shape(layer, jnp.ones((2, 5, 3)))
   layer = make(implementation='cudnn')
-  with jax.default_matmul_precision('bfloat16'):
-    with pytest.raises(ValueError, match=r"cuDNN has no matmul precision 'bfloat16' "
-                                         r'\(jax_default_matmul_precision\)\), got .cudnn.'):
-      jax.eval_shape(layer, jnp.ones((2, 5, 3)))
+  # A dot-algorithm preset too: jax.experimental.rnn would run it as TF32.
+  for precision in ('bfloat16', 'F32_F32_F32'):
+    with jax.default_matmul_precision(precision):
+      with pytest.raises(ValueError, match=rf"cuDNN has no matmul precision '{precision}' "
+                                           r'\(jax_default_matmul_precision\)\), got .cudnn.'):
+        jax.eval_shape(layer, jnp.ones((2, 5, 3)))
   assert not fake_gpu
   for precision in ('tensorfloat32', 'highest'):
     with jax.default_matmul_precision(precision):

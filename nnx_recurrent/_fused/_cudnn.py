@@ -41,7 +41,9 @@ def unsupported(dtype) -> str | None:
 
 
 # Names of lax.Precision.HIGH and HIGHEST (TF32 on or off: the two cuDNN modes).
-_PRECISIONS = ('high', 'bfloat16_3x', 'tensorfloat32', 'highest', 'float32')
+# Not the dot-algorithm presets ('F32_F32_F32', ...): jax.experimental.rnn reads
+# those as no precision at all and runs TF32, whatever the preset says.
+_PRECISIONS = ('high', 'tensorfloat32', 'highest', 'float32')
 
 
 def _lstm(x, h0, c0, weights, lengths, *, input_size, hidden_size, bidirectional):

@@ -97,7 +97,7 @@ def test_cell_size_gives_a_clear_error():
     compat.RNN(compat.LSTMCell(4), 64)  # positional, as in the old signature
   # flax.linen's own positional fields: RNN(cell, time_major, return_carry).
   x = np.ones((5, 2, 3), np.float32)
-  rnn = compat.RNN(compat.LSTMCell(4), True, True)
+  rnn = compat.RNN(compat.LSTMCell(4), 1, True)  # 0 and 1 are flags (no cell_size)
   (c, h), y = rnn.init_with_output(jax.random.key(0), x)[0]
   (c_ref, h_ref), y_ref = nn.RNN(nn.LSTMCell(4), True, True).init_with_output(
     jax.random.key(0), x)[0]
@@ -879,9 +879,10 @@ def test_from_nnx_refuses_a_cell_subclass_that_computes_otherwise():
 
 
 def test_from_nnx_warns_about_dropout():
-  with pytest.warns(UserWarning, match='from_nnx: flax.linen cells have no dropout'):
-    compat.from_nnx(nr.GRUCell(IN, H, dropout_rate=0.1, kernel_init=_det_init,
-                               recurrent_kernel_init=_det_init, rngs=nnx.Rngs(0)))
+  for rates in ({'dropout_rate': 0.1}, {'recurrent_dropout_rate': 0.1}):
+    with pytest.warns(UserWarning, match='from_nnx: flax.linen cells have no dropout'):
+      compat.from_nnx(nr.GRUCell(IN, H, **rates, kernel_init=_det_init,
+                                 recurrent_kernel_init=_det_init, rngs=nnx.Rngs(0)))
 
 
 @pytest.mark.filterwarnings('ignore:carry_init is provided in __init__')
@@ -893,8 +894,10 @@ def test_from_nnx_refuses_what_linen_cannot_compute_and_keeps_carry_init():
      'a LSTMCell with proj_features=2'),
     (lambda: nr.RNN(nr.OptimizedLSTMCell(IN, H, proj_features=2, rngs=nnx.Rngs(0))),
      'a OptimizedLSTMCell with proj_features=2'),
+    (lambda: nr.RNN(nr.GRUCell(IN, H, rngs=nnx.Rngs(0)), learn_initial_carry=True),
+     'an RNN with learn_initial_carry=True'),
   ]:
-    with pytest.raises(ValueError, match=r'from_nnx: `module` expected a cell without '
+    with pytest.raises(ValueError, match=r'from_nnx: `module` expected an? (cell|RNN) without '
                        r'.*, got ' + re.escape(got)):
       compat.from_nnx(nnx.eval_shape(make))
   # A random initial carry, drawn by Linen's own RNN from the carry_init carried over.
@@ -1014,18 +1017,25 @@ def test_dense_cells_take_their_size_from_the_carry_as_linen(name):
 def test_to_nnx_and_from_nnx_rnn_and_bidirectional():
   x = np.asarray(normal((B, T, IN)))
   xt = x.swapaxes(0, 1)
-  linen_bi = nn.Bidirectional(nn.RNN(nn.LSTMCell(H)), nn.RNN(nn.GRUCell(H)),
+  merge = lambda a, b: jnp.concatenate([a, 2 * b], axis=-1)  # noqa: E731
+  linen_bi = nn.Bidirectional(nn.RNN(nn.LSTMCell(H)), nn.RNN(nn.GRUCell(H)), merge_fn=merge,
                               return_carry=True)
-  linen_rnn = nn.RNN(nn.OptimizedLSTMCell(H), reverse=True, keep_order=True, time_major=True)
+  linen_rnn = nn.RNN(nn.OptimizedLSTMCell(H), reverse=True, keep_order=True, time_major=True,
+                     return_carry=True, unroll=2)
   variables, v_rnn = random_linen_variables(linen_bi, x), random_linen_variables(linen_rnn, xt)
   bi = compat.to_nnx(linen_bi, variables)
   assert type(bi) is nr.Bidirectional and type(bi.backward_rnn.cell) is nr.GRUCell
   layer, back = compat.from_nnx(bi)
   _assert_same_tree(back, variables)
+  # A time-major Bidirectional stays one both ways (the values: test_bidirectional_matches_linen).
+  bi_t = compat.to_nnx(linen_bi.clone(time_major=True), variables)
+  assert bi_t.time_major and compat.from_nnx(bi_t)[0].time_major
   rnn = compat.to_nnx(linen_rnn, v_rnn)
-  assert (rnn.reverse, rnn.keep_order, rnn.time_major) == (True, True, True)
+  options = ('reverse', 'keep_order', 'time_major', 'return_carry', 'unroll')
+  assert tuple(getattr(rnn, o) for o in options) == (True, True, True, True, 2)
   rnn_layer, v_back = compat.from_nnx(rnn)
-  assert isinstance(rnn_layer, compat.RNN) and rnn_layer.reverse and rnn_layer.time_major
+  assert isinstance(rnn_layer, compat.RNN)
+  assert tuple(getattr(rnn_layer, o) for o in options) == (True, True, True, True, 2)
   _assert_same_tree(v_back, v_rnn)
 
   @nnx.jit
@@ -1106,6 +1116,11 @@ def test_migration_errors():
   with pytest.raises(ValueError, match=r"to_nnx \(GRUCell\): `params` expected 'hr/kernel' of "
                      r'shape \(4, 4\) \(in_features=3, features=4\), got shape \(5, 5\)'):
     compat.to_nnx(nn.GRUCell(5), bad)
+  extra = {'params': {**variables['params'], 'Dense_0': dense_vars['params']}}
+  with pytest.raises(ValueError, match=r"to_nnx \(GRUCell\): `params` expected the groups "
+                     r"\['hn', 'hr', 'hz', 'in', 'ir', 'iz'\] of a GRUCell, got missing \[\], "
+                     r"unexpected \['Dense_0'\]"):
+    compat.to_nnx(cell, extra)  # a subclass's checkpoint (a group more) for the cell
   with pytest.raises(ValueError, match=r"to_nnx: `variables` expected exactly one collection, "
                      r"'params', got \['batch_stats', 'params'\]"):
     compat.to_nnx(cell, {**variables, 'batch_stats': {}})

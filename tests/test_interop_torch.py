@@ -110,6 +110,7 @@ LAYER_CASES = [
   ('GRU', 1, True, False, True, 0.0),
   ('GRU', 3, False, True, False, 0.5),
   ('RNN_tanh', 2, True, True, True, 0.0),
+  ('RNN_tanh', 1, True, False, True, 0.0),  # one nr.Bidirectional, time-major
   ('RNN_relu', 3, False, False, False, 0.5),
 ]
 
@@ -193,7 +194,9 @@ NNX_MODELS = {  # rngs -> model
 def test_to_torch_layer(name):
   model = random_module(lambda: NNX_MODELS[name](nnx.Rngs(0)))
   model.eval()
-  _check_against_torch(model, nr.interop.to_torch(model).eval())
+  module = nr.interop.to_torch(model)
+  assert module.dropout == getattr(model, 'dropout_rate', 0.0)  # 0.25 for the stack of two
+  _check_against_torch(model, module.eval())
 
 
 @pytest.mark.parametrize('kind', ['OptimizedLSTMCell', 'LSTMCell', 'GRUCell', 'RNN_tanh',
@@ -263,10 +266,15 @@ def test_projected_lstm_both_ways():
   _check_against_torch(model, module)
   back = nr.interop.to_torch(model)
   assert back.proj_size == P
-  theirs = dict(module.named_parameters())
-  for name, value in back.named_parameters():
-    if not name.startswith('bias'):  # the biases: b_ih + b_hh moves into b_ih (as above)
+  theirs, ours = dict(module.named_parameters()), dict(back.named_parameters())
+  for name, value in ours.items():
+    if not name.startswith('bias'):
       np.testing.assert_array_equal(_np(value), _np(theirs[name]), err_msg=name)
+    elif name.startswith('bias_ih'):  # b_ih + b_hh moves into b_ih, b_hh is zero
+      b_hh = name.replace('bias_ih', 'bias_hh')
+      np.testing.assert_allclose(_np(value), _np(theirs[name]) + _np(theirs[b_hh]), atol=1e-6,
+                                 rtol=0, err_msg=name)
+      np.testing.assert_array_equal(_np(ours[b_hh]), 0, err_msg=b_hh)
 
   def projected(kind, n_in, rngs):
     return nr.RNN(getattr(nr, kind)(n_in, H, proj_features=P, rngs=rngs))
@@ -305,6 +313,9 @@ def test_to_torch_warns_that_variational_dropout_is_left_out():
   with pytest.warns(UserWarning, match='0.3 / 0.0'):
     nr.interop.to_torch(random_module(lambda: _cell('LSTMCell', IN, nnx.Rngs(0),
                                                     dropout_rate=0.3)))
+  with pytest.warns(UserWarning, match='0.0 / 0.2'):
+    nr.interop.to_torch(random_module(lambda: _cell('RNN_tanh', IN, nnx.Rngs(0),
+                                                    recurrent_dropout_rate=0.2)))
 
 
 @pytest.mark.parametrize('kind,num_layers,bidirectional', [
@@ -326,6 +337,7 @@ def test_to_torch_keeps_eval_mode():
   model.eval()
   exported = nr.interop.to_torch(model)
   assert not exported.training  # dropout off, as in the model
+  assert exported.dropout == 0.5
   x = _inputs(True)
   np.testing.assert_allclose(_torch_run(exported, x)[0], np.asarray(_call(model, x)), atol=ATOL,
                              rtol=0)
@@ -393,6 +405,12 @@ def test_half_precision_layers_match_torch_in_their_dtype(family, torch_dtype):
     y_torch = module(torch.from_numpy(x).to(dtype))[0].float().numpy()
   atol = 2e-2 if torch_dtype == 'bfloat16' else 3e-3  # measured: 4e-3 and 5e-4
   np.testing.assert_allclose(np.asarray(y, np.float32), y_torch, atol=atol, rtol=0)
+  # ...and back: to_torch builds modules of that dtype (a layer and a cell).
+  back, cell = nr.interop.to_torch(model), nr.interop.to_torch(model.forward[0])
+  assert {p.dtype for m in (back, cell) for p in m.parameters()} == {dtype}
+  with torch.no_grad():
+    y_back = back(torch.from_numpy(x).to(dtype))[0].float().numpy()
+  np.testing.assert_allclose(y_back, y_torch, atol=atol, rtol=0)
 
 
 @pytest.mark.filterwarnings('error')  # JAX's "will be truncated to float32" on each call
@@ -475,6 +493,9 @@ TO_TORCH_ERRORS = [
    r'to_torch: `module` expected a SimpleCell with activation_fn tanh or relu.*residual=True'),
   (lambda r: nr.GRUCell(IN, H, gate_fn=jax.nn.hard_sigmoid, rngs=r), ValueError,
    r'expected cells with gate_fn=sigmoid.*hard_sigmoid'),
+  (lambda r: nr.OptimizedLSTMCell(IN, H, activation_fn=jax.nn.relu, rngs=r), ValueError,
+   r'expected cells with gate_fn=sigmoid and activation_fn=tanh .*got OptimizedLSTMCell with '
+   r'sigmoid, relu'),
   (lambda r: nr.RNN(nr.GRUCell(IN, H, rngs=r), reverse=True), ValueError,
    r'expected an RNN with reverse=False.*got reverse=True'),
   (lambda r: nr.GRU(IN, H, reverse=True, keep_order=True, rngs=r), ValueError,
@@ -486,12 +507,18 @@ TO_TORCH_ERRORS = [
    r'expected an RNN starting from zeros.*got a cell with a carry_init'),
   (lambda r: nr.OptimizedLSTMCell(IN, H, zoneout_rate=0.5, rngs=r), ValueError,
    r'expected cells without zoneout.*got OptimizedLSTMCell with zoneout_rate=0.5'),
+  (lambda r: nr.RNN(nr.SimpleCell(IN, H, zoneout_rate=0.5, rngs=r)), ValueError,
+   r'expected cells without zoneout.*got SimpleCell with zoneout_rate=0.5'),
   (lambda r: nr.Bidirectional(_gru_rnn(r), _gru_rnn(r), merge_fn=lambda a, b: a + b),
    ValueError, r'expected a Bidirectional with the default merge_fn'),
   (lambda r: nr.Bidirectional(_gru_rnn(r), nr.RNN(nr.OptimizedLSTMCell(IN, H, rngs=r))),
    ValueError, r'expected cells of one family'),
   (lambda r: nr.Bidirectional(_gru_rnn(r), _gru_rnn(r, H + 1)), ValueError,
    r'expected layers with 2 direction\(s\) of hidden size 6'),
+  (lambda r: nr.StackedRNN(nr.Bidirectional(_gru_rnn(r), _gru_rnn(r)),
+                           nr.RNN(nr.GRUCell(2 * H, H, rngs=r))), ValueError,
+   r'expected layers with 2 direction\(s\) of hidden size 6, layer 1 taking 12 features, got '
+   r'layer 1 with cells \(12->6\)'),
   (lambda r: nnx.Linear(2, 3, rngs=r), TypeError,
    r'to_torch: `module` expected an nnx_recurrent cell'),
   (lambda r: nr.OptimizedLSTMCell(IN, H, proj_features=2, rngs=r), ValueError,
@@ -512,6 +539,13 @@ TO_TORCH_ERRORS = [
 def test_to_torch_errors(factory, error, match):
   with pytest.raises(error, match=match):
     nr.interop.to_torch(_abstract(factory))
+
+
+def test_to_torch_bias_is_a_bool():
+  # A truthy non-bool would build a module with biases, a falsy one drop them.
+  for value in (0, 'no'):
+    with pytest.raises(TypeError, match=rf'to_torch: `bias` expected a bool, got {value!r}'):
+      nr.interop.to_torch(_abstract(_gru_rnn), bias=value)
 
 
 def test_to_torch_converts_a_subclass_that_only_changes_defaults():

@@ -208,8 +208,10 @@ def step(p: dict, carry, x: np.ndarray):
 def step_with_recurrent_mask(p: dict, carry, x: np.ndarray, mask):
   """One step of a LayerNormLSTMCell, LayerNormGRUCell or ConvGRUCell (``p['kind']``
   ``'lnlstm'``, ``'lngru'``, ``'convgru'``), with the recurrent dropout ``mask`` (or ``None``)
-  on the ``h`` that enters the recurrent matmul or convolution only."""
+  on the ``h`` that enters the recurrent matmul or convolution only; NumPy gate and
+  activation functions in ``p['gate_fn']``, ``p['activation_fn']`` (default sigmoid, tanh)."""
   x = np.asarray(x, np.float64)
+  sig, act = p.get('gate_fn', sigmoid), p.get('activation_fn', np.tanh)
   kind = p['kind']
   c, h = carry if kind == 'lnlstm' else (None, carry)
   hm = h if mask is None else h * np.asarray(mask, np.float64)
@@ -217,8 +219,8 @@ def step_with_recurrent_mask(p: dict, carry, x: np.ndarray, mask):
     pre = (layer_norm(x @ p['W_i'], p['g_i'], 0.0, p['eps'])
            + layer_norm(hm @ p['W_h'], p['g_h'], 0.0, p['eps']) + p['b'])
     i, f, g, o = np.split(pre, 4, axis=-1)
-    c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
-    h = sigmoid(o) * np.tanh(layer_norm(c, p['g_c'], p['b_c'], p['eps']))
+    c = sig(f) * c + sig(i) * act(g)
+    h = sig(o) * act(layer_norm(c, p['g_c'], p['b_c'], p['eps']))
     return (c, h), h
   if kind == 'lngru':
     xr, xz, xn = np.split(layer_norm(x @ p['W_i'], p['g_i'], 0.0, p['eps']) + p['b'], 3, axis=-1)
@@ -231,9 +233,9 @@ def step_with_recurrent_mask(p: dict, carry, x: np.ndarray, mask):
     b_hn = 0.0  # the n part of b_h, already in hn
   else:
     raise ValueError(kind)
-  r = sigmoid(xr + hr)
-  z = sigmoid(xz + hz)
-  n = np.tanh(xn + r * (hn + b_hn))
+  r = sig(xr + hr)
+  z = sig(xz + hz)
+  n = act(xn + r * (hn + b_hn))
   h = (1.0 - z) * n + z * h
   return h, h
 

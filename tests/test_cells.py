@@ -127,6 +127,14 @@ def test_drop_in_for_flax_nnx_state(name, param_dtype):
   # Same creation order and initializers: equal Rngs give equal parameters.
   jax.tree_util.tree_map(np.testing.assert_array_equal,
                          nnx.state(ours, nnx.Param), nnx.state(theirs, nnx.Param))
+  # Same default computation dtype: the step's output dtype, for inputs of either dtype
+  # (traced only; the new carry keeps the carry's dtype in ours, by design).
+  carry = ours.initialize_carry((2, 3))
+  for dtype in (jnp.bfloat16, jnp.float32):
+    x = jax.ShapeDtypeStruct((2, 3), dtype)
+    y_ours, y_theirs = (nnx.eval_shape(lambda cell, x: cell(carry, x)[1], cell, x)
+                        for cell in (ours, theirs))
+    assert y_ours.dtype == y_theirs.dtype, dtype
 
 
 @pytest.mark.parametrize('name', list(FLAX_NNX))
@@ -202,6 +210,7 @@ def test_initialize_carry_with_carry_init(name, source):
   ((2, 2), (7, 6), (4, 3)),
   ((2, 1), (7, 6), (4, 6)),
   ((1, 3), (5, 5), (5, 2)),
+  (np.int64(2), (7, 6), (4, 3)),  # one NumPy int for every axis
 ])
 def test_conv_lstm_carry_shape_with_strides(strides, spatial, expected):
   cell = ref.build(lambda: nr.ConvLSTMCell(3, 4, (3, 3), strides=strides, rngs=nnx.Rngs(0)))
@@ -218,6 +227,12 @@ def test_mgu_forget_bias_init():
   np.testing.assert_array_equal(cell.dense_i.bias[...][:4], 1.0)  # b_if
   np.testing.assert_array_equal(cell.dense_i.bias[...][4:], 0.0)  # b_in
   np.testing.assert_array_equal(cell.bias_hn[...], 0.0)
+  # Random initializers for both halves draw from their own keys: b_if and b_in differ.
+  normal = nnx.initializers.normal(1.0)
+  cell = nr.MGUCell(3, 4, forget_bias_init=normal, activation_bias_init=normal,
+                    rngs=nnx.Rngs(0))
+  b_if, b_in = np.split(np.asarray(cell.dense_i.bias[...]), 2)
+  assert np.abs(b_if - b_in).max() > 0.1
 
 
 # -- no PRNG state by default ---------------------------------------------------
@@ -245,7 +260,7 @@ def test_prng_state_only_with_dropout():
 
 @pytest.mark.parametrize('padding,hh_padding,width', [
   ('VALID', 'SAME', 4), ('CIRCULAR', 'CIRCULAR', 6), (((2, 0),), ((2, 0),), 6),
-  (((1, 0),), 'SAME', 5),
+  (((1, 0),), 'SAME', 5), ('CAUSAL', 'CAUSAL', 6), ('REFLECT', 'REFLECT', 6),
 ])
 def test_conv_lstm_hidden_padding(padding, hh_padding, width):
   """The hidden conv takes ``padding`` where it keeps the state's shape, else 'SAME'.

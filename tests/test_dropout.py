@@ -209,9 +209,21 @@ def _gru_masked(p, h, x, mh):
   return (1.0 - z) * n + z * h
 
 
-@pytest.mark.parametrize('name', ['LSTMCell', 'GRUCell'])
+def _mgu_masked(p, h, x, mh):
+  """MGU step with the recurrent mask on the matmul input only (h itself is kept)."""
+  hm = h * mh
+  f = reference.sigmoid(x @ p['W_if'] + p['b_if'] + hm @ p['W_hf'])
+  n = np.tanh(x @ p['W_in'] + p['b_in'] + f * (hm @ p['W_hn'] + p['b_hn']))
+  return (1.0 - f) * n + f * h
+
+
+@pytest.mark.parametrize('name', ['LSTMCell', 'GRUCell', 'SimpleCell', 'MGUCell',
+                                  'ConvLSTMCell'])
 def test_numpy_reference_given_the_masks(name):
-  cell = _randomize(CELLS[name](**RATES, rngs=nnx.Rngs(0)))
+  # SimpleCell with residual=True: the residual h is the carry itself, not the masked h.
+  extra = dict(residual=True) if name == 'SimpleCell' else {}
+  cell = _randomize(nnx.eval_shape(lambda: CELLS[name](**RATES, **extra, rngs=nnx.Rngs(0))))
+  cell.rngs = nnx.RngStream(0, tag='dropout')  # eval_shape left it abstract
   x = _x(cell)
   key = jax.random.key(7)
   # A key at call time overrides the stream; the masks it gives, in the same program.
@@ -219,15 +231,20 @@ def test_numpy_reference_given_the_masks(name):
                                     cell.dropout_masks(x[:, 0].shape, key)))(cell)
   ys = np.asarray(ys)
   mi, mh = (np.asarray(m, np.float64) for m in masks)
-  assert mi.shape == (B, IN) and mh.shape == (B, H)
+  assert mi.shape == x[:, 0].shape and mh.shape == cell.output_shape(x[:, 0].shape)
   p = reference.cell_params(cell)
-  h, c = np.zeros((B, H)), np.zeros((B, H))
+  h = np.zeros(mh.shape)
+  c = np.zeros(mh.shape)
   for t in range(T):
     xt = x[:, t] * mi
-    if name == 'LSTMCell':  # h only enters the matmuls: masking it there is the whole story
+    if name in ('LSTMCell', 'ConvLSTMCell'):  # h only enters the matmuls (convolutions)
       (c, h), _ = reference.step(p, (c, h * mh), xt)
-    else:
+    elif name == 'GRUCell':
       h = _gru_masked(p, h, xt, mh)
+    elif name == 'MGUCell':
+      h = _mgu_masked(p, h, xt, mh)
+    else:
+      h = np.tanh(xt @ p['W_i'] + p['b_i'] + (h * mh) @ p['W_h'] + h)
     np.testing.assert_allclose(ys[:, t], h, atol=ATOL)
 
 

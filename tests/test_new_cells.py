@@ -155,6 +155,21 @@ def test_bidirectional_and_stacked_conv_gru():
   _close((c_bi, c_top), ((crop(c_f), crop(c_b)), crop(c_t)))
 
 
+@pytest.mark.parametrize('name', ['ln_lstm', 'conv_gru_1d_s2'])
+def test_gate_and_activation_functions_are_the_ones_given(name):
+  """``gate_fn=hard_sigmoid``, ``activation_fn=soft_sign``: one step against the NumPy formula
+  with the same functions (written in NumPy)."""
+  cell, features = _make(name, gate_fn=nnx.hard_sigmoid, activation_fn=nnx.soft_sign)
+  x = ref.normal((2, *features), seed=17, scale=3.0)  # beyond hard_sigmoid's linear part
+  carry = ref.random_carry(cell, (2, *features))
+  new, y = nnx.jit(lambda cell, carry, x: cell(carry, x))(cell, carry, x)
+  p = dict(ref.cell_params(cell), gate_fn=lambda v: np.clip(v + 3.0, 0.0, 6.0) / 6.0,
+           activation_fn=lambda v: v / (1.0 + np.abs(v)))
+  want, y_want = ref.step(p, jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), carry),
+                          np.asarray(x))
+  _close((new, y), (want, y_want))
+
+
 # -- gradients -------------------------------------------------------------------------
 def test_gradients_match_finite_differences():
   """One check (parameters and inputs) through nr.RNN with lengths, on the layer-normalized
@@ -420,6 +435,11 @@ def test_initializers_dtypes_and_metadata_reach_their_parameters():
           nnx.to_flat_state(nnx.state(cell, nnx.Param))}
   assert tags == {('dense_i', 'kernel'): 'k', ('dense_h', 'kernel'): 'rk', ('bias',): 'b',
                   ('bias_hn',): 'b', ('ln_i', 'scale'): 's', ('ln_h', 'scale'): 's'}
+  lstm_tags = {path: v.get_metadata().get('tag') for path, v in nnx.to_flat_state(nnx.state(
+    nnx.eval_shape(lambda: nr.LayerNormLSTMCell(3, 4, bias_metadata={'tag': 'b'},
+                                                scale_metadata={'tag': 's'}, rngs=nnx.Rngs(0))),
+    nnx.Param))}
+  assert lstm_tags[('ln_c', 'scale')] == 's' and lstm_tags[('ln_c', 'bias')] == 'b'
   assert {v.get_value().dtype for _, v in nnx.to_flat_state(nnx.state(cell, nnx.Param))} == {
     jnp.dtype(jnp.bfloat16)}
   init = nnx.initializers.constant(0.25)

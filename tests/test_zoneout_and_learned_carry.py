@@ -212,14 +212,19 @@ def test_learned_carry_is_the_default_carry_for_rows_segments_and_empty_rows():
   @nnx.jit  # every run in one program
   def runs(rnn, plain):
     return ((rnn(x, seq_lengths=lengths), rnn(x, seq_lengths=lengths, initial_carry=explicit)),
-            (rnn(x, segment_ids=ids)[1], rnn(x[:, 2:5], initial_carry=explicit)[1]),
+            (rnn(x, segment_ids=ids)[1], rnn(x[:, 2:5], initial_carry=explicit)[1],
+             rnn(x, segment_ids=ids, initial_carry=zeros)[1]),
             (rnn(x, initial_carry=zeros), plain(x)))
 
-  (got, want), (y, y2), (given, plain) = runs(rnn, nr.RNN(rnn.cell, return_carry=True))
+  (got, want), (y, y2, y_given), (given, plain) = runs(rnn, nr.RNN(rnn.cell, return_carry=True))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), got, want)
   np.testing.assert_allclose(got[0][1][2], h0, atol=0)  # the length-0 row returns it
   # Packed: every segment starts from the learned carry.
   np.testing.assert_allclose(y[:, 2:5], y2, atol=1e-6)
+  # An explicit initial carry starts each row's first segment only; the later ones start
+  # from the learned carry.
+  np.testing.assert_allclose(y_given[:, 2:5], y2, atol=1e-6)
+  assert np.abs(np.asarray(y_given[:, :2]) - np.asarray(y[:, :2])).max() > 1e-3
   # An explicit initial carry wins.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), given, plain)
 

@@ -93,8 +93,9 @@ def test_cell_size_gives_a_clear_error():
   with pytest.raises(TypeError, match=r'RNN: `cell_size` is no longer an argument.*'
                      r'RNN\(LSTMCell\(features=\.\.\.\)\)'):
     compat.RNN(compat.LSTMCell(4), cell_size=4)
-  with pytest.raises(TypeError, match=r'`cell_size` is no longer an argument \(got 64\)'):
-    compat.RNN(compat.LSTMCell(4), 64)  # positional, as in the old signature
+  for size in (2, 64):  # positional, as in the old signature
+    with pytest.raises(TypeError, match=rf'`cell_size` is no longer an argument \(got {size}\)'):
+      compat.RNN(compat.LSTMCell(4), size)
   # flax.linen's own positional fields: RNN(cell, time_major, return_carry).
   x = np.ones((5, 2, 3), np.float32)
   rnn = compat.RNN(compat.LSTMCell(4), 1, True)  # 0 and 1 are flags (no cell_size)
@@ -116,10 +117,10 @@ B, T, IN, H = 3, 5, 3, 4
 LENGTHS = jnp.array([5, 2, 1])
 CELLS = [
   ('LSTMCell', {}, (B, IN)),
-  ('OptimizedLSTMCell', {}, (B, IN)),
+  ('OptimizedLSTMCell', {'bias_init': NORMAL}, (B, IN)),
   ('GRUCell', {}, (B, IN)),
   ('MGUCell', {}, (B, IN)),
-  ('MGUCell', {'reset_gate': False}, (B, IN)),
+  ('MGUCell', {'reset_gate': False, 'dtype': jnp.bfloat16}, (B, IN)),
   ('SimpleCell', {'residual': True}, (B, IN)),
   ('SimpleCell', {'param_dtype': jnp.bfloat16, 'recurrent_kernel_init': NORMAL}, (B, IN)),
   ('ConvLSTMCell', {'kernel_size': (3, 3)}, (B, 5, 5, IN)),
@@ -504,14 +505,17 @@ def test_conv_lstm_strides_work_where_linen_fails():
   def run():
     carry = ours.initialize_carry(jax.random.key(1), x.shape)
     v = ours.init(jax.random.key(2), carry, x)
-    (c, _), y = ours.apply(v, carry, x)
+    ((c, _), y), state = ours.apply(v, carry, x, capture_intermediates=True,
+                                    mutable=['intermediates'])
     # Reference from flax.linen's Conv and the cell's formula.
     p = v['params']
-    gates = (nn.Conv(4 * H, (3,), strides=(2,)).apply({'params': p['ih']}, x)
-             + nn.Conv(4 * H, (3,)).apply({'params': p['hh']}, carry[1]))
+    hh = nn.Conv(4 * H, (3,)).apply({'params': p['hh']}, carry[1])
+    gates = nn.Conv(4 * H, (3,), strides=(2,)).apply({'params': p['ih']}, x) + hh
     i, g, f, o = jnp.split(gates, 4, axis=-1)
     c_ref = jax.nn.sigmoid(f + 1) * carry[0] + jax.nn.sigmoid(i) * jnp.tanh(g)
-    return carry, (c, y), (c_ref, jax.nn.sigmoid(o) * jnp.tanh(c_ref))
+    # capture_intermediates shows the hidden convolution the step runs (stride 1)
+    return carry, (c, y, state['intermediates']['hh']['__call__'][0]), (
+      c_ref, jax.nn.sigmoid(o) * jnp.tanh(c_ref), hh)
 
   carry, got, want = run()
   assert jax.tree.map(jnp.shape, carry) == ((B, 4, H), (B, 4, H))
@@ -527,6 +531,11 @@ def test_rnn_segment_ids_extension_matches_linen_per_segment():
   segment_ids = jnp.array([[1, 1, 1, 2, 2, 0]])
   theirs, ours = nn.RNN(nn.SimpleCell(H)), compat.RNN(compat.SimpleCell(H))
   v = random_linen_variables(theirs, x)
+  # Bidirectional passes segment_ids on to both RNNs.
+  bi_t, bi_o = (ns.Bidirectional(ns.RNN(ns.SimpleCell(H)), ns.RNN(ns.SimpleCell(H)))
+                for ns in (nn, compat))
+  v_bi = {'params': {'forward_rnn': v['params'],
+                     'backward_rnn': random_linen_variables(theirs, x, seed=1)['params']}}
 
   def run(segment_ids):
     out = []
@@ -534,6 +543,8 @@ def test_rnn_segment_ids_extension_matches_linen_per_segment():
       kw = dict(reverse=reverse, keep_order=True)
       out.append((ours.apply(v, x, segment_ids=segment_ids, **kw),
                   [theirs.apply(v, x[:, lo:hi], **kw) for lo, hi in ((0, 3), (3, 5))]))
+    out.append((bi_o.apply(v_bi, x, segment_ids=segment_ids),
+                [bi_t.apply(v_bi, x[:, lo:hi]) for lo, hi in ((0, 3), (3, 5))]))
     return out
 
   for y, refs in _numpy(jax.jit(run)(segment_ids)):
@@ -638,7 +649,8 @@ def test_bidirectional_matches_linen():
   # seq_lengths, through Bidirectional: test_to_nnx_and_from_nnx_rnn_and_bidirectional).
   mixed = compat.Bidirectional(nn.RNN(nn.LSTMCell(H, **cell_kw)),
                                nn.RNN(nn.GRUCell(H, **cell_kw)), merge_fn=merge)
-  configs = [(False, False), (True, True)]  # time_major, seq_lengths
+  configs = [(False, False), (True, True)]  # time_major, seq_lengths (and initial_carry)
+  carries = ((normal((B, H), seed=1), normal((B, H), seed=2)), normal((B, H), seed=3))
 
   def run(lengths):
     v, v_o = theirs.init(jax.random.key(1), x), ours.init(jax.random.key(1), x)
@@ -646,7 +658,7 @@ def test_bidirectional_matches_linen():
     for tm, use_sl in configs:
       xx = x.swapaxes(0, 1) if tm else x
       kw = dict(seq_lengths=lengths if use_sl else None, time_major=tm, return_carry=True,
-                init_key=jax.random.key(4))
+                init_key=jax.random.key(4), initial_carry=carries if use_sl else None)
       outs.append([])
       for m in (theirs, ours, mixed):
         c, y = m.apply(v, xx, **kw)
@@ -746,6 +758,11 @@ def test_a_one_array_carry_takes_a_seed_as_linen(name):
   x = normal((B, T, IN))
   _assert_same_tree(getattr(compat, name)(H).initialize_carry(0, (B, IN)),
                     getattr(nn, name)(H).initialize_carry(0, (B, IN)))
+  # a seed or None goes to a carry_init that takes no key, as in flax.linen
+  ones = nn.initializers.ones_init()
+  for rng in (0, None):
+    _assert_same_tree(getattr(compat, name)(H, carry_init=ones).initialize_carry(rng, (B, IN)),
+                      getattr(nn, name)(H, carry_init=ones).initialize_carry(rng, (B, IN)))
   theirs, ours = nn.RNN(getattr(nn, name)(H)), compat.RNN(getattr(compat, name)(H))
   v = random_linen_variables(theirs, x, init_key=0)
   _assert_close(*jax.jit(lambda v: (ours.apply(v, x, init_key=0),
@@ -762,6 +779,11 @@ def test_initialize_carry_reads_the_batch_axes_only_as_linen(name):
   for shape in ((), (IN,), (B, H + 3)):
     _assert_same_tree(ours.initialize_carry(jax.random.key(1), shape),
                       theirs.initialize_carry(jax.random.key(1), shape))
+  # and an unbatched step (one feature axis, no batch axis) runs as flax.linen's
+  x = normal((IN,))
+  carry = theirs.initialize_carry(jax.random.key(1), x.shape)
+  v = random_linen_variables(theirs, carry, x)
+  _assert_close(*jax.jit(lambda v: (ours.apply(v, carry, x), theirs.apply(v, carry, x)))(v))
 
 
 def test_conv_initialize_carry_refuses_too_few_feature_axes():
@@ -1000,12 +1022,16 @@ def test_dense_cells_take_their_size_from_the_carry_as_linen(name):
       v_t, v_o = [m.init(jax.random.key(3), x, initial_carry=carry) for m in (rnn_t, rnn_o)]
       seqs = v_t, v_o, [m.apply(v_t, x, initial_carry=carry, seq_lengths=LENGTHS,
                                 return_carry=True) for m in (rnn_t, rnn_o)]
+    # (c, h) as a list, which flax.linen's cells unpack too
+    listed = ours.apply(variables, list(carry), x0) if isinstance(carry, tuple) else None
     return (ours.apply(variables, carry, x0), theirs.apply(variables, carry, x0),
-            converted(carry, x0)), seqs
+            converted(carry, x0), listed), seqs
 
-  (step_o, step_t, step_nnx), seqs = run(converted)
+  (step_o, step_t, step_nnx, step_listed), seqs = run(converted)
   _assert_close(step_o, step_t, atol=1e-6)
   _assert_close(step_nnx, step_t, atol=1e-6)
+  if step_listed is not None:
+    _assert_close(step_listed, step_t, atol=1e-6)
   if over_time:
     (v_t, v_o, (seq_t, seq_o)) = seqs
     hidden_kernel = v_t['params']['cell']['hi' if name == 'LSTMCell' else 'hr']['kernel']

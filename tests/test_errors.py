@@ -698,6 +698,7 @@ def test_boolean_flags_refuse_what_is_no_bool(make, where, flag):
   (lambda v: compat.ConvLSTMCell(4, (3,), use_bias=v), 'ConvLSTMCell', 'use_bias'),
   (lambda v: compat.RNN(compat.GRUCell(4), reverse=v), 'RNN', 'reverse'),
   (lambda v: compat.RNN(compat.GRUCell(4), return_carry=v), 'RNN', 'return_carry'),
+  (lambda v: compat.RNN(compat.GRUCell(4), keep_order=v), 'RNN', 'keep_order'),
   (lambda v: compat.Bidirectional(compat.RNN(compat.GRUCell(4)), compat.RNN(compat.GRUCell(4)),
                                   time_major=v), 'Bidirectional', 'time_major'),
   (lambda v: jax.eval_shape(lambda: compat.RNN(compat.GRUCell(4)).init(

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 # The tests compile many tiny programs; XLA:CPU's optimising backend passes
 # dominate their run time (seconds per scan on 2 cores) and buy nothing at
 # these sizes. Beyond the optimisation level: XLA:CPU's MLIR fusion emitters
@@ -17,7 +19,8 @@ import sys
 # wins, and so do the flags inherited by xdist workers from the controlling
 # process. XLA aborts the process on a flag it does not know (jaxlib 0.11
 # dropped the emitter switch), so the optional flags are tried in a child
-# process first (about a second, once per run).
+# process first, once per run: 0.3 s when it only starts jaxlib's CPU client
+# (where XLA reads the flags), 3 s when it must import jax.
 _BASE_FLAGS = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 _OPTIONAL_FLAGS = (
   '--xla_cpu_use_fusion_emitters=false',
@@ -27,7 +30,8 @@ _OPTIONAL_FLAGS = (
 
 def _xla_accepts(flags: str) -> bool:
   env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS='cpu')
-  probe = 'import jax; jax.devices()'
+  probe = ('try:\n  from jaxlib import _jax; _jax.get_tfrt_cpu_client()\n'
+           'except (ImportError, AttributeError, TypeError):\n  import jax; jax.devices()')
   return subprocess.run([sys.executable, '-c', probe], env=env, capture_output=True).returncode == 0
 
 
@@ -46,3 +50,19 @@ if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
 os.environ['JAX_NUMPY_RANK_PROMOTION'] = 'raise'
 if 'jax' in sys.modules:  # imported already (a plugin): the environment is read
   sys.modules['jax'].config.update('jax_numpy_rank_promotion', 'raise')
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+  """End an xdist worker as soon as its session is over.
+
+  By now the worker has sent every report to the controlling process; what is
+  left is freeing the thousands of programs it compiled and the interpreter's
+  teardown, 6-10 s at the end of the suite, which the controller waits for.
+  Failures and crashes in tests are reported before this point; only the
+  process's own teardown is skipped.
+  """
+  if hasattr(config, 'workerinput'):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

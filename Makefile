@@ -18,7 +18,9 @@ TRITON_VENV ?= .venv-triton
 # long tests (a subprocess on 8 simulated devices, the docs) do not leave one idle.
 TEST_WORKERS ?= 2
 # Test suites plus doctests in the package, the README and docs/ (whichever exist).
-TEST_PATHS := $(wildcard tests compat) nnx_recurrent $(wildcard README.md docs)
+# The doc pages (2-15 s each) first: the workers then end on short tests, within
+# a second of each other (they ended 7 s apart when the pages came last).
+TEST_PATHS := $(wildcard docs README.md) nnx_recurrent $(wildcard compat tests)
 
 .PHONY: venv install-test install-examples install-docs test demo bench triton-check docs clean
 

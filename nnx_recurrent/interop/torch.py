@@ -16,7 +16,7 @@ Modules::
 
 ``batch_first`` is ``not time_major``; ``dropout`` (between layers) is
 ``dropout_rate``. to_torch also accepts ``nr.RNN``, ``nr.Bidirectional`` and
-``nr.StackedRNN`` over LSTM and GRU cells.
+``nr.StackedRNN`` over LSTM, GRU and simple cells.
 
 Parameters (PyTorch stores ``W`` as ``(gates * H, in)``, rows in gate order;
 nnx kernels are ``(in, gates * H)``, columns in the same order)::
@@ -55,8 +55,10 @@ hidden_size``); cells whose ``gate_fn`` / ``activation_fn`` differ from
 PyTorch's fixed ones; ``SimpleCell(residual=True)``; a reversed ``nr.RNN``,
 ``nr.LSTM`` or ``nr.GRU``; a ``Bidirectional`` with a custom ``merge_fn``;
 cells with zoneout (it changes eval-mode outputs); layers that do not start
-from zeros as PyTorch's do (``learn_initial_carry``, a cell's ``carry_init``).
-Cells without a PyTorch counterpart (MGU, ConvLSTM) raise ``TypeError``.
+from zeros as PyTorch's do (``learn_initial_carry``, a cell's ``carry_init``;
+a cell alone converts, since a PyTorch cell takes its state from the caller).
+Cells without a PyTorch counterpart (MGU, the convolutional and the
+layer-normalized cells) raise ``TypeError``.
 Variational (per-cell) dropout has no PyTorch counterpart and is not carried
 over, with a warning (it does not change eval-mode outputs).
 """

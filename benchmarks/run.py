@@ -324,7 +324,7 @@ def bench_shape(shape, impls, *, rounds: int, min_sample_s: float, budget_s: flo
   # runs first after the previous round's last (PyTorch's spinning OpenMP threads,
   # or JAX's thread pool going idle) is not always the same implementation.
   order = list(runners)
-  for r in range(n_rounds):
+  for r in range(n_rounds if order else 0):  # every implementation failed: no rounds
     for name in order[r % len(order):] + order[: r % len(order)]:
       runner, n_f, n_t, _ = runners[name]
       results[name].fwd_samples.append(_sample(runner.fwd, n_f, warm=True) * 1e3)
@@ -336,7 +336,7 @@ def bench_shape(shape, impls, *, rounds: int, min_sample_s: float, budget_s: flo
     res.train_ms = statistics.median(res.train_samples)
     res.gflops_fwd = model_flops(res.family, B, T, I, H) / res.fwd_ms / 1e6
     res.gflops_train = model_flops(res.family, B, T, I, H, train=True) / res.train_ms / 1e6
-  log(f'  ({n_rounds} rounds)')
+  log(f'  ({n_rounds if order else 0} rounds)')
   return list(results.values())
 
 
@@ -528,6 +528,9 @@ def machine_info() -> dict:
     import torch
 
     versions['torch'] = torch.__version__
+    # Where the PyTorch rows run (_torch_builder): on a GPU machine whose PyTorch sees no
+    # CUDA they fall back to the CPU, and their times are no GPU comparison.
+    versions['torch_device'] = 'cuda' if _on_gpu() and torch.cuda.is_available() else 'cpu'
   except ImportError:
     versions['torch'] = 'not installed'
   return dict(cpu=model, cores=os.cpu_count(), jax_devices=[str(d) for d in jax.devices()],
@@ -587,6 +590,18 @@ def main(argv=None) -> int:
   peak = measure_peak(peak_n, 3 if args.quick else 5)
   log(f'measured float32 matmul peak: {peak:.1f} GFLOP/s (measured again at the end)')
 
+  command = ' '.join(['python -m benchmarks.run', *(sys.argv[1:] if argv is None else argv)])
+
+  def write_json(peak, results, rows, load_end, elapsed, busy, complete):
+    payload = dict(command=command, complete=complete,
+                   machine=info, peak_gflops=peak, load_start=load_start, load_end=load_end,
+                   elapsed_s=elapsed, torch_threads=TORCH_THREADS, load_per_shape=loads,
+                   busy=busy,
+                   results=[asdict(r) for r in results], ratios=rows)
+    with open(args.json + '.tmp', 'w') as f:  # whole or not at all, if killed while writing
+      json.dump(payload, f, indent=1)
+    os.replace(args.json + '.tmp', args.json)
+
   results, loads = [], {}
   for shape in shapes:
     log(f'shape (B, T, I, H) = {shape}; load average {os.getloadavg()[0]:.2f}')
@@ -594,13 +609,17 @@ def main(argv=None) -> int:
     results += bench_shape(shape, impls, rounds=rounds, min_sample_s=0.02 if args.quick else 0.05,
                            budget_s=budget, log=log)
     loads['x'.join(map(str, shape))] = os.getloadavg()[0]
+    if args.json:  # the shapes so far (`complete` false): a run cut off by a time limit keeps them
+      for r in results:
+        r.peak_gflops = peak
+      write_json(peak, results, ratios(results), os.getloadavg(), time.perf_counter() - t_start,
+                 None, complete=False)
   # The peak again: the larger of the two is the better estimate on a shared machine.
   peak = max(peak, measure_peak(peak_n, 3 if args.quick else 5))
   for r in results:
     r.peak_gflops = peak
   rows = ratios(results)
   load_end = os.getloadavg()
-  command = ' '.join(['python -m benchmarks.run', *(sys.argv[1:] if argv is None else argv)])
   elapsed = time.perf_counter() - t_start
   log()
   log(results_table(results, peak))
@@ -624,13 +643,7 @@ def main(argv=None) -> int:
                               results, rows))
     log(f'wrote {args.markdown}')
   if args.json:
-    payload = dict(command=command,
-                   machine=info, peak_gflops=peak, load_start=load_start, load_end=load_end,
-                   elapsed_s=elapsed, torch_threads=TORCH_THREADS, load_per_shape=loads,
-                   busy=busy,
-                   results=[asdict(r) for r in results], ratios=rows)
-    with open(args.json, 'w') as f:
-      json.dump(payload, f, indent=1)
+    write_json(peak, results, rows, load_end, elapsed, busy, complete=True)
     log(f'wrote {args.json}')
   if args.plot:
     plot(rows, args.plot)

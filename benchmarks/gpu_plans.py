@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import time
 
@@ -123,12 +124,17 @@ def main(argv=None) -> int:
     for cls in (nr.LSTM, nr.GRU):
       fns = {}
       for plan in plans(cls, args.pallas):
-        try:  # a variant that fails to compile (e.g. too much shared memory) is reported, skipped
-          fns[plan] = build(cls, shape, plan)
+        try:  # a variant that fails to compile or run (e.g. too much shared memory) is skipped
+          fns[plan] = f, t = build(cls, shape, plan)
+          jax.block_until_ready((f(), t()))  # a Triton kernel may fail at its first launch
         except Exception as e:  # noqa: BLE001
+          fns.pop(plan, None)
           print(f'{shape} {cls.__name__:4} {plan:>12}: FAILED {type(e).__name__}: '
                 f'{str(e).splitlines()[0][:300] if str(e) else ""}', flush=True)
           rows.append(dict(shape=shape, layer=cls.__name__, plan=plan, error=str(e)[:2000]))
+      if 'default' not in fns:  # nothing to compare with
+        write(args.json, rows)
+        continue
       y_default = fns['default'][0]()
       errors = {plan: float(jnp.abs(f() - y_default).max()) for plan, (f, _) in fns.items()}
       times = {plan: ([], []) for plan in fns}
@@ -153,6 +159,9 @@ def main(argv=None) -> int:
   for shape in shapes:
     for layer in ('LSTM', 'GRU'):
       mine = [r for r in rows if r['shape'] == shape and r['layer'] == layer and 'error' not in r]
+      if not mine:
+        print(f'{shape} {layer:4}: none ran')
+        continue
       bf = min(mine, key=lambda r: r['fwd_ms'])
       bt = min(mine, key=lambda r: r['train_ms'])
       print(f'{shape} {layer:4}: {bf["plan"]} {bf["fwd_vs_default"]:.2f}x | '
@@ -163,9 +172,10 @@ def main(argv=None) -> int:
 
 def write(path, rows):
   if path:
-    with open(path, 'w') as f:
+    with open(path + '.tmp', 'w') as f:  # whole or not at all, if killed while writing
       json.dump(dict(devices=[str(d) for d in jax.devices()], jax=jax.__version__, rows=rows), f,
                 indent=1)
+    os.replace(path + '.tmp', path)
 
 
 if __name__ == '__main__':

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -116,20 +117,35 @@ def timings(shape, num_layers, bidirectional, log):
               xla_fwd_ms=out['xla'][0], xla_train_ms=out['xla'][1])
 
 
+ACCURACY_SHAPES = ((16, 50, 32, 64), (64, 100, 128, 256))
+# (shape, num_layers, bidirectional)
+TIMINGS = tuple((s, 1, False) for s in
+                 ((8, 500, 64, 128), (64, 100, 128, 256), (1, 1000, 32, 64), (256, 50, 256, 512)))
+TIMINGS += (((64, 100, 128, 256), 2, True),)
+
+
 def _check(args, log) -> int:
   log(f'devices {jax.devices()}; jax {jax.__version__}')
+  acc, times = [], []
+
+  def write(complete):
+    # After each part, whole or not at all: a run cut off by a time limit keeps what it measured.
+    if args.json:
+      with open(args.json + '.tmp', 'w') as f:
+        json.dump(dict(devices=[str(d) for d in jax.devices()], jax=jax.__version__,
+                       complete=complete, accuracy=acc, timings=times), f, indent=1)
+      os.replace(args.json + '.tmp', args.json)
+
   log('accuracy (one layer, random lengths incl. 0 and T):')
-  acc = []
-  for shape in ((16, 50, 32, 64), (64, 100, 128, 256)):
+  for shape in ACCURACY_SHAPES:
     acc += accuracy(shape, log)
+    write(False)
   log('timings (default precision, full lengths):')
-  times = [timings(s, 1, False, log) for s in
-           ((8, 500, 64, 128), (64, 100, 128, 256), (1, 1000, 32, 64), (256, 50, 256, 512))]
-  times.append(timings((64, 100, 128, 256), 2, True, log))
+  for shape, num_layers, bidirectional in TIMINGS:
+    times.append(timings(shape, num_layers, bidirectional, log))
+    write(False)
+  write(True)
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(dict(devices=[str(d) for d in jax.devices()], jax=jax.__version__,
-                     accuracy=acc, timings=times), f, indent=1)
     log(f'wrote {args.json}')
   return 0
 

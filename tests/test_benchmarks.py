@@ -204,3 +204,105 @@ def test_triton_resources_captures_the_kernels_triton_ir():
   for kernel, text in ir.items():
     assert f'tt.func public @nr_gru_{kernel}' in text
     assert text.count('tt.dot') == 3  # h W_h: one tile per gate (backward: dh_prev's terms)
+
+
+def _gpu_sh_commands():
+  """``benchmarks/gpu.sh``'s commands, continuation lines joined."""
+  import pathlib
+
+  text = (pathlib.Path(__file__).parents[1] / 'benchmarks' / 'gpu.sh').read_text()
+  return [line for line in text.replace('\\\n', ' ').splitlines()
+          if line.strip() and not line.lstrip().startswith('#')]
+
+
+def test_gpu_sh_selects_the_rows_it_says_and_fits_its_call(monkeypatch):
+  """Its ``--impls`` regexes on a GPU's implementations: the suite without the
+  Pallas rows, then the Pallas rows beside the scans and PyTorch; its limits
+  within the one 570 s device call, and one JSON per step."""
+  import re
+  import shlex
+
+  monkeypatch.setattr(run, '_on_gpu', lambda: True)
+  names = [i.name for i in run._impls()]
+  runs = [shlex.split(line.split('2>&1')[0]) for line in _gpu_sh_commands()
+          if 'benchmarks.run' in line]
+  selected = [[n for n in names if re.search(args[args.index('--impls') + 1], n)]
+              for args in runs]
+  assert selected == [
+    ['nr.RNN(OptimizedLSTMCell)', 'nnx.RNN(OptimizedLSTMCell)', 'nr.RNN(GRUCell)',
+     'nnx.RNN(GRUCell)', 'nr.LSTM', 'nr.GRU', 'nr.LSTM[cudnn]', 'torch.nn.LSTM', 'torch.nn.GRU'],
+    ['nr.LSTM', 'nr.GRU', 'nr.LSTM[pallas]', 'nr.GRU[pallas]', 'torch.nn.LSTM', 'torch.nn.GRU'],
+  ]
+  limits = [int(m) for line in _gpu_sh_commands() for m in re.findall(r'\btimeout (\d+)', line)]
+  assert len(limits) == 5 and sum(limits) <= 540
+  jsons = [m for line in _gpu_sh_commands() for m in re.findall(r'--json "([^"]+)"', line)]
+  assert len(jsons) == len(set(jsons)) == 4
+
+
+def test_suite_json_keeps_the_shapes_done_when_cut_off(monkeypatch, tmp_path):
+  """``--json`` is written after each shape: a run killed by ``gpu.sh``'s
+  ``timeout`` during the second shape keeps the first (it wrote nothing before)."""
+  import json
+
+  def build(B, T, I, H, key):
+    return run.Runner(lambda: None, lambda: None, 0.5, None)
+
+  monkeypatch.setattr(run, '_impls', lambda: [run.Impl('nr.LSTM', 'lstm', 'ours', build)])
+  monkeypatch.setattr(run, 'measure_peak', lambda n, repeats: 100.0)
+  monkeypatch.setattr(run, 'machine_info', lambda: dict(cpu='cpu', cores=1, versions={}))
+  bench = run.bench_shape
+
+  def bench_shape(shape, *args, **kwargs):
+    if shape == (5, 6, 7, 8):
+      raise KeyboardInterrupt  # the second shape: killed
+    return bench(shape, *args, **kwargs)
+
+  monkeypatch.setattr(run, 'bench_shape', bench_shape)
+  path = tmp_path / 'out.json'
+  with pytest.raises(KeyboardInterrupt):
+    run.main(['--shapes', '1x2x3x4,5x6x7x8', '--rounds', '1', '--json', str(path)])
+  saved = json.loads(path.read_text())
+  assert saved['complete'] is False
+  assert [(r['shape'], r['impl'], r['compile_s']) for r in saved['results']] == [
+    ([1, 2, 3, 4], 'nr.LSTM', 0.5)]
+  assert len(saved['results'][0]['fwd_samples']) == 1
+  assert not list(tmp_path.glob('*.tmp'))
+
+
+def test_a_shape_where_every_implementation_fails_is_reported():
+  def build(B, T, I, H, key):
+    raise RuntimeError('no kernel')
+
+  (res,) = run.bench_shape((1, 2, 3, 4), [run.Impl('nr.LSTM[pallas]', 'lstm', 'ours', build)],
+                           rounds=2, min_sample_s=0.001, budget_s=1.0, log=lambda msg: None)
+  assert res.error == 'RuntimeError: no kernel' and res.fwd_ms is None
+
+
+def test_gpu_plans_skips_a_variant_that_fails_at_its_first_call(monkeypatch, tmp_path):
+  """A kernel may compile and fail at launch (e.g. out of shared memory): that
+  variant is reported and the others are timed (before, the run crashed)."""
+  import json
+
+  import jax.numpy as jnp
+
+  from benchmarks import gpu_plans
+
+  def build(cls, shape, plan):
+    if plan == 'bad':
+      def fail():
+        raise RuntimeError('launch failed')
+
+      return fail, fail
+    value = jnp.full(3, 2.0 if plan == 'good' else 1.5)
+    return (lambda: value), (lambda: value)
+
+  monkeypatch.setattr(gpu_plans, 'build', build)
+  monkeypatch.setattr(gpu_plans, 'plans', lambda cls, pallas: ['default', 'bad', 'good'])
+  path = tmp_path / 'sweep.json'
+  assert gpu_plans.main(['--shapes', '1x2x3x4', '--rounds', '1', '--calls', '1',
+                         '--json', str(path)]) == 0
+  rows = json.loads(path.read_text())['rows']
+  assert [(r['layer'], r['plan'], r.get('error')) for r in rows] == [
+    ('LSTM', 'bad', 'launch failed'), ('LSTM', 'default', None), ('LSTM', 'good', None),
+    ('GRU', 'bad', 'launch failed'), ('GRU', 'default', None), ('GRU', 'good', None)]
+  assert rows[2]['max_abs_diff_vs_default'] == 0.5

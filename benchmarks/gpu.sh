@@ -16,8 +16,9 @@
 #   4. the cuDNN accuracy/timing check;
 #   5. the Pallas kernels' size variants at (8, 500, 64, 128) (benchmarks/
 #      gpu_plans.py --pallas: weights held or not, warps, chunk), to choose
-#      internal.PallasSettings' defaults: 6 variants of 3 kernels for each
-#      layer, about 70 s of Triton compiles on a 2-core CPU.
+#      internal.PallasSettings' defaults: 5 variants of 3 kernels for each
+#      layer, about 77 s of Triton compiles on a 2-core CPU (triton 3.6.0;
+#      benchmarks/RESULTS.md, "Pallas kernels").
 # Each step writes its JSON as it goes (after each shape; gpu_plans after each
 # layer), so a step cut off by its limit loses only what it had not finished.
 # Everything lands in ${OUT:-out/gpu}, in at most 8 files (what the device tool

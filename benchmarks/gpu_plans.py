@@ -47,8 +47,13 @@ from nnx_recurrent._fused import internal
 SHAPES = ((8, 500, 64, 128), (64, 100, 128, 256), (1, 1000, 32, 64), (256, 50, 256, 512))
 
 
+# Not 'pallas/chunk=32': at (8, ., 64, 128) its LSTM kernels took Triton 22.7 s (forward) and
+# 17.7 s (backward) to compile on a 2-core CPU (triton 3.6.0, benchmarks/triton_resources.py
+# --settings chunk=32), about 63 s for the layer's three kernels, where all the variants below
+# take about 77 s for both layers together: with it, gpu.sh's step would be cut off in the LSTM
+# before writing anything.
 PALLAS_VARIANTS = ('pallas', 'pallas/hold_bytes=0', 'pallas/hold_bytes=98304',
-                   'pallas/num_warps=4', 'pallas/chunk=32', 'pallas/chunk=128,hold_bytes=131072')
+                   'pallas/num_warps=4', 'pallas/chunk=128,hold_bytes=131072')
 
 
 def plans(cls, pallas=False):

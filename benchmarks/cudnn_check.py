@@ -16,8 +16,6 @@ the scans for a one-layer and a two-layer bidirectional LSTM.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 
@@ -27,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 import nnx_recurrent as nr
+from benchmarks import write_json
 from nnx_recurrent._fused import internal
 
 
@@ -131,10 +130,8 @@ def _check(args, log) -> int:
   def write(complete):
     # After each part, whole or not at all: a run cut off by a time limit keeps what it measured.
     if args.json:
-      with open(args.json + '.tmp', 'w') as f:
-        json.dump(dict(devices=[str(d) for d in jax.devices()], jax=jax.__version__,
-                       complete=complete, accuracy=acc, timings=times), f, indent=1)
-      os.replace(args.json + '.tmp', args.json)
+      write_json(args.json, dict(devices=[str(d) for d in jax.devices()], jax=jax.__version__,
+                                 complete=complete, accuracy=acc, timings=times))
 
   log('accuracy (one layer, random lengths incl. 0 and T):')
   for shape in ACCURACY_SHAPES:

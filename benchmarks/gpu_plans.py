@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
 import statistics
 import time
 
@@ -42,6 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import nnx_recurrent as nr
+from benchmarks import write_json
 from nnx_recurrent._fused import internal
 
 SHAPES = ((8, 500, 64, 128), (64, 100, 128, 256), (1, 1000, 32, 64), (256, 50, 256, 512))
@@ -177,10 +176,8 @@ def main(argv=None) -> int:
 
 def write(path, rows):
   if path:
-    with open(path + '.tmp', 'w') as f:  # whole or not at all, if killed while writing
-      json.dump(dict(devices=[str(d) for d in jax.devices()], jax=jax.__version__, rows=rows), f,
-                indent=1)
-    os.replace(path + '.tmp', path)
+    write_json(path, dict(devices=[str(d) for d in jax.devices()], jax=jax.__version__,
+                          rows=rows))
 
 
 if __name__ == '__main__':

@@ -55,6 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import write_json
+
 FULL_SHAPES = ((8, 500, 64, 128), (64, 100, 128, 256), (1, 1000, 32, 64), (256, 50, 256, 512))
 QUICK_SHAPES = ((4, 50, 16, 32),)
 
@@ -592,15 +594,13 @@ def main(argv=None) -> int:
 
   command = ' '.join(['python -m benchmarks.run', *(sys.argv[1:] if argv is None else argv)])
 
-  def write_json(peak, results, rows, load_end, elapsed, busy, complete):
+  def save(peak, results, rows, load_end, elapsed, busy, complete):
     payload = dict(command=command, complete=complete,
                    machine=info, peak_gflops=peak, load_start=load_start, load_end=load_end,
                    elapsed_s=elapsed, torch_threads=TORCH_THREADS, load_per_shape=loads,
                    busy=busy,
                    results=[asdict(r) for r in results], ratios=rows)
-    with open(args.json + '.tmp', 'w') as f:  # whole or not at all, if killed while writing
-      json.dump(payload, f, indent=1)
-    os.replace(args.json + '.tmp', args.json)
+    write_json(args.json, payload)
 
   results, loads = [], {}
   for shape in shapes:
@@ -612,8 +612,8 @@ def main(argv=None) -> int:
     if args.json:  # the shapes so far (`complete` false): a run cut off by a time limit keeps them
       for r in results:
         r.peak_gflops = peak
-      write_json(peak, results, ratios(results), os.getloadavg(), time.perf_counter() - t_start,
-                 None, complete=False)
+      save(peak, results, ratios(results), os.getloadavg(), time.perf_counter() - t_start,
+           None, complete=False)
   # The peak again: the larger of the two is the better estimate on a shared machine.
   peak = max(peak, measure_peak(peak_n, 3 if args.quick else 5))
   for r in results:
@@ -643,7 +643,7 @@ def main(argv=None) -> int:
                               results, rows))
     log(f'wrote {args.markdown}')
   if args.json:
-    write_json(peak, results, rows, load_end, elapsed, busy, complete=True)
+    save(peak, results, rows, load_end, elapsed, busy, complete=True)
     log(f'wrote {args.json}')
   if args.plot:
     plot(rows, args.plot)

@@ -22,7 +22,7 @@ TEST_WORKERS ?= 2
 # a second of each other (they ended 7 s apart when the pages came last).
 TEST_PATHS := $(wildcard docs README.md) nnx_recurrent $(wildcard compat tests)
 
-.PHONY: venv install-test install-examples install-docs test demo bench triton-check docs clean
+.PHONY: venv install-test install-examples install-docs test test-newest demo bench triton-check docs clean
 
 venv: $(VENV)/.created
 
@@ -46,6 +46,25 @@ test: install-test
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --doctest-modules --doctest-glob='*.md' $(TEST_PATHS); \
 	tests=$$?; wait $$mypy; types=$$?; echo "mypy:"; cat .mypy.log; rm -f .mypy.log; \
 	exit $$((tests || types))
+
+# The suite on the newest jax and flax that pip installs for another Python (jax 0.11
+# needs Python 3.12 or later), in its own environment, without the PyTorch tests
+# (PyPI's torch==2.13.0 is the CUDA build). Remove $(NEWEST_VENV) to take newer releases;
+# with pyenv: make test-newest NEWEST_PYTHON=$$(pyenv root)/versions/3.12.1/bin/python3.12
+NEWEST_PYTHON ?= python3.12
+NEWEST_VENV ?= .venv-newest
+NO_TORCH := --ignore=tests/test_interop_torch.py --ignore=docs/migrating_from_pytorch.md \
+	--ignore=nnx_recurrent/interop/torch.py
+test-newest: $(NEWEST_VENV)/.created
+	$(NEWEST_VENV)/bin/python -c "import jax, flax, numpy; print('jax', jax.__version__, 'flax', flax.__version__, 'numpy', numpy.__version__)"
+	PYTHONPATH=$(CURDIR) $(NEWEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal \
+	  --doctest-modules --doctest-glob='*.md' $(TEST_PATHS) $(NO_TORCH)
+
+$(NEWEST_VENV)/.created:
+	test -x $(NEWEST_VENV)/bin/python || $(NEWEST_PYTHON) -m venv $(NEWEST_VENV)
+	$(NEWEST_VENV)/bin/python -m pip install --upgrade pip jax jaxlib flax numpy optax \
+	  orbax-checkpoint pytest pytest-xdist tqdm
+	touch $@
 
 demo: install-examples
 	$(PY) -m examples.japanese_vowels --out $(DEMO_OUT) $(DEMO_ARGS)

@@ -21,6 +21,7 @@ TEST_WORKERS ?= 2
 # The doc pages (2-15 s each) first: the workers then end on short tests, within
 # a second of each other (they ended 7 s apart when the pages came last).
 TEST_PATHS := $(wildcard docs README.md) nnx_recurrent $(wildcard compat tests)
+PYTEST_ARGS = -q -n $(TEST_WORKERS) --dist worksteal --doctest-modules --doctest-glob='*.md' $(TEST_PATHS)
 
 .PHONY: venv install-test install-examples install-docs test test-newest demo bench triton-check docs clean
 
@@ -43,7 +44,7 @@ $(VENV)/.%-installed: pyproject.toml $(VENV)/.created
 test: install-test
 	$(VENV)/bin/ruff check .
 	@$(VENV)/bin/mypy > .mypy.log 2>&1 & mypy=$$!; \
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --doctest-modules --doctest-glob='*.md' $(TEST_PATHS); \
+	$(PY) -m pytest $(PYTEST_ARGS); \
 	tests=$$?; wait $$mypy; types=$$?; echo "mypy:"; cat .mypy.log; rm -f .mypy.log; \
 	exit $$((tests || types))
 
@@ -57,8 +58,7 @@ NO_TORCH := --ignore=tests/test_interop_torch.py --ignore=docs/migrating_from_py
 	--ignore=nnx_recurrent/interop/torch.py
 test-newest: $(NEWEST_VENV)/.created
 	$(NEWEST_VENV)/bin/python -c "import jax, flax, numpy; print('jax', jax.__version__, 'flax', flax.__version__, 'numpy', numpy.__version__)"
-	PYTHONPATH=$(CURDIR) $(NEWEST_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal \
-	  --doctest-modules --doctest-glob='*.md' $(TEST_PATHS) $(NO_TORCH)
+	PYTHONPATH=$(CURDIR) $(NEWEST_VENV)/bin/python -m pytest $(PYTEST_ARGS) $(NO_TORCH)
 
 $(NEWEST_VENV)/.created:
 	test -x $(NEWEST_VENV)/bin/python || $(NEWEST_PYTHON) -m venv $(NEWEST_VENV)

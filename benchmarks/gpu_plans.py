@@ -23,7 +23,8 @@ expect a few minutes.
 With ``--pallas`` it times the Pallas kernels (``implementation='pallas'``)
 instead, with each variant of their sizes (``internal.pallas_settings``:
 ``pallas/hold_bytes=0`` reads every weight tile at each step, ``num_warps``,
-``chunk``), against the scans' default::
+``chunk``, ``unrolled_chunks=0`` loops over the column chunks), against the
+scans' default::
 
   python -m benchmarks.gpu_plans --pallas --shapes 8x500x64x128 --rounds 3
 """
@@ -51,8 +52,11 @@ SHAPES = ((8, 500, 64, 128), (64, 100, 128, 256), (1, 1000, 32, 64), (256, 50, 2
 # --settings chunk=32), about 63 s for the layer's three kernels, where all the variants below
 # take about 77 s for both layers together: with it, gpu.sh's step would be cut off in the LSTM
 # before writing anything.
+# 'pallas/unrolled_chunks=0': a loop over the column chunks, as the kernels run from H = 512 on
+# (1-2 s a kernel to compile here).
 PALLAS_VARIANTS = ('pallas', 'pallas/hold_bytes=0', 'pallas/hold_bytes=98304',
-                   'pallas/num_warps=4', 'pallas/chunk=128,hold_bytes=131072')
+                   'pallas/num_warps=4', 'pallas/chunk=128,hold_bytes=131072',
+                   'pallas/unrolled_chunks=0')
 
 
 def plans(cls, pallas=False):

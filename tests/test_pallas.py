@@ -86,24 +86,28 @@ def test_packed_sequences_and_projection(cls):
   check_plans_against_generic(layer, x, carry0, ['default'], padding=IDS == 0, segment_ids=IDS)
 
 
+@pytest.mark.parametrize('rolled', [False, True], ids=['unrolled', 'rolled'])
 @pytest.mark.parametrize('cls,masks', [(nr.LSTM, dict(seq_lengths=LENGTHS)),
                                         (nr.GRU, dict(segment_ids=IDS))])
-def test_column_chunks_and_partly_held_weights(cls, masks):
+def test_column_chunks_and_partly_held_weights(cls, masks, rolled):
   """Hidden sizes of several column chunks (16 wide here, 64 on a GPU): the
   state as pieces, ``h W_h`` as a sum of tile products, ``h`` of another
   width than ``c`` (the LSTM projected, 40 to 20: 4 and 2 chunks, the last of
   ``c``'s all padding; the GRU's 20: 2 chunks, each ``h W_h`` a sum of two),
   and weight tiles partly held across steps and partly loaded at each step
-  (the budget ends inside a gate's block): values and gradients against the
-  generic composition (float32 sums in another order over 40 columns: to
-  3e-5), lengths or packed sequences. One direction: the backward one runs the
-  same kernels on each row reversed (both directions: the tests above)."""
+  (the budget ends inside a gate's block); or ``rolled``, as from ``H = 512``
+  on a GPU: a loop over the chunks (each piece of the state picked and put by
+  the loop's index), no weight held. Values and gradients against the generic
+  composition (float32 sums in another order over 40 columns: to 3e-5),
+  lengths or packed sequences. One direction: the backward one runs the same
+  kernels on each row reversed (both directions: the tests above)."""
   hidden, proj = (40, dict(proj_features=20)) if cls is nr.LSTM else (20, {})
   layer = build(lambda: cls(I, hidden, implementation='pallas', rngs=nnx.Rngs(51), **proj),
                 seed=51)
   x = ref.normal((B, IDS.shape[1], I), seed=52)
   padding = IDS == 0 if 'segment_ids' in masks else np.arange(x.shape[1]) >= LENGTHS[:, None]
-  with internal.pallas_settings(chunk=16, hold_bytes=5 * 16 * 16 * 4):  # 5 of 16 or 12 tiles
+  with internal.pallas_settings(chunk=16, hold_bytes=5 * 16 * 16 * 4,  # 5 of 16 or 12 tiles
+                                unrolled_chunks=1 if rolled else 4):
     check_plans_against_generic(layer, x, random_carry(layer, seed=53), ['default'],
                                 padding=padding, tol=3e-5, **masks)
 
@@ -157,16 +161,18 @@ def test_batch_blocks_and_batch_axes():
   assert_trees_close(out, want)
 
 
-@pytest.mark.parametrize('cls,dtype,hold,packed', [(nr.GRU, jnp.float32, True, False),
-                                                   (nr.LSTM, jnp.bfloat16, False, True)])
-def test_kernels_lower_through_triton(cls, dtype, hold, packed):
+@pytest.mark.parametrize('cls,dtype,weights,packed', [(nr.GRU, jnp.float32, 'held', False),
+                                                      (nr.LSTM, jnp.bfloat16, 'loaded', True),
+                                                      (nr.LSTM, jnp.float32, 'rolled', True)])
+def test_kernels_lower_through_triton(cls, dtype, weights, packed):
   """Without a GPU: the training step exported for CUDA holds the kernels
   (forward with residuals, backward; both directions) as Triton calls, so the
   Triton lowering of Pallas accepts them (block shapes, dots, loads and stores
   of column chunks and weight tiles; Triton's own compiler is not reached
   here: ``benchmarks/triton_resources.py``). The recurrent weights held in the
-  kernel across steps, or loaded at each step; lengths, or packed sequences'
-  flags (and then the LSTM projected)."""
+  kernel across steps, or loaded at each step, or a loop over the column
+  chunks (as from ``H = 512`` on); lengths, or packed sequences' flags (and
+  then the LSTM projected)."""
   proj = dict(proj_features=24) if packed and cls is nr.LSTM else {}
   layer = build(lambda: cls(I, 64, bidirectional=True, implementation='pallas', dtype=dtype,
                             rngs=nnx.Rngs(0), **proj))
@@ -181,8 +187,9 @@ def test_kernels_lower_through_triton(cls, dtype, hold, packed):
   triton = '__gpu$xla.gpu.triton'
   unchecked = [export.DisabledSafetyCheck.custom_call(triton)]
   x = jnp.ones((B, T, I))  # outside: no eager computation under jax 0.11's abstract GPU
-  with internal.triton_lowering(), internal.pallas_settings(chunk=32,
-                                                           hold_bytes=2**30 if hold else 0):
+  sizes = dict(chunk=32, hold_bytes=2**30 if weights == 'held' else 0,
+               unrolled_chunks=1 if weights == 'rolled' else 4)
+  with internal.triton_lowering(), internal.pallas_settings(**sizes):
     exported = export.export(jax.jit(jax.grad(loss)), platforms=['cuda'],
                              disabled_checks=unchecked)(params, x)
   calls = re.findall(r'stablehlo\.custom_call @([^(]+)\(.*name = "(nr_\w+)"',

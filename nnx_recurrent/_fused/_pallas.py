@@ -81,6 +81,12 @@ class Settings(NamedTuple):
   state_elements: int = 4096
   """Rows per program: at most this over ``max(Hp, Pp)`` (the state is held in
   registers: 32 rows at ``H = 128``, 16 from 256 on), and at most 64."""
+  unrolled_chunks: int = 4
+  """The kernels write out each hidden chunk's code (weight tiles then held
+  across steps) up to this many chunks of ``Hp``; with more (``H > 256`` at
+  chunk 64) they loop over the chunks, one chunk's code for all, and load every
+  weight tile at each step (at ``H = 512`` the budget above would hold 4% of
+  ``W_h``): Triton took 251 s to compile the unrolled GRU backward there."""
   num_warps: int = 8
   num_stages: int = 1
   """No software pipelining of the loop's loads: it would multi-buffer the
@@ -129,6 +135,7 @@ class _Layout:
     chunk = _pow2(max(settings.chunk, _MIN_HIDDEN))
     self.ch, self.cp = min(chunk, self.hp), min(chunk, self.pp)  # chunk widths
     self.nh, self.np = self.hp // self.ch, self.pp // self.cp  # chunks of Hp, of Pp
+    self.rolled = self.nh > settings.unrolled_chunks  # a loop over Hp's chunks
     self.state = jnp.promote_types(dtype, jnp.float32)  # the kernels' h, c and gate math
     self.interpret = not (_force_triton or jax.default_backend() == 'gpu')
 

@@ -17,6 +17,14 @@ in float32 (an H200 block has 227 KiB) and 255 registers with spills, found by
 compiling the kernels with Triton for ``sm_90a`` on a CPU
 (``benchmarks/triton_resources.py``).
 
+Up to ``settings.unrolled_chunks`` chunks of ``Hp``, the loop over them is
+written out (static indices: weight tiles can be held across steps); beyond,
+(``lay.rolled``) it is a ``fori_loop`` whose index picks and puts the state's
+pieces by selects (values cannot be indexed) and places the loads and stores;
+no weight tile is held. Written out at ``H = 512``, Triton took 4.4 and 12
+minutes to compile the LSTM's forward and backward kernels (spilling 11 KiB
+and 0.7 KiB); looped, 14 and 17 s (2 KiB and 0.4 KiB).
+
 Triton's constraints (read from ``jax/_src/pallas/triton/lowering.py``, jax
 0.10.2), and what the kernels do about them:
 
@@ -89,7 +97,8 @@ class _Tiles:
     return self.ref[(*lead, pl.ds(r * self.rows, self.rows), pl.ds(c * self.cols, self.cols))]
 
   def __call__(self, *key):
-    return self.held[key] if key in self.held else self._load(key)
+    # Nothing is held when a key is traced (a loop over chunks): no hashing.
+    return self.held[key] if self.held and key in self.held else self._load(key)
 
 
 def _column(pieces, tiles, lead, j, dtype):
@@ -104,6 +113,43 @@ def _column(pieces, tiles, lead, j, dtype):
 def _matmul(pieces, tiles, lead, n_out, dtype):
   """``concat(pieces) @ W`` as its ``n_out`` column chunks."""
   return [_column(pieces, tiles, lead, j, dtype) for j in range(n_out)]
+
+
+def _pick(pieces, j):
+  """``pieces[j]``; for a traced ``j`` (a loop over chunks) one select per piece,
+  since values cannot be indexed."""
+  if isinstance(j, int):
+    return pieces[j]
+  out = pieces[0]
+  for k in range(1, len(pieces)):
+    out = jnp.where(j == k, pieces[k], out)
+  return out
+
+
+def _put(pieces, j, value):
+  """``pieces`` with piece ``j`` replaced by ``value`` (see :func:`_pick`)."""
+  if isinstance(j, int):
+    return pieces[:j] + (value,) + pieces[j + 1:]
+  return tuple(jnp.where(j == k, value, p) for k, p in enumerate(pieces))
+
+
+def _empty(lay, n, width):
+  """``n`` pieces ``width`` wide, to be :func:`_put` in a loop over chunks:
+  unrolled nothing yet, rolled zeros (a loop's carry has one type)."""
+  if not lay.rolled:
+    return (None,) * n
+  return tuple(jnp.zeros((lay.block, width), lay.state) for _ in range(n))
+
+
+def _over_chunks(lay, chunk, acc):
+  """``acc`` through ``chunk(j, acc)`` for each hidden chunk ``j``: unrolled
+  (each chunk's code written out), or with ``lay.rolled`` a loop (one chunk's
+  code: Triton took minutes to compile an unrolled kernel at ``H = 512``)."""
+  if lay.rolled:
+    return jax.lax.fori_loop(0, lay.nh, chunk, acc)
+  for j in range(lay.nh):
+    acc = chunk(j, acc)
+  return acc
 
 
 def _read(ref, lead, n, width, dtype):
@@ -160,11 +206,11 @@ def forward_kernel(*all_refs: Any, lay, lstm: bool, save: bool):
   carry_refs, refs = refs[:n_carry], refs[n_carry:]
   ys_ref, final_refs, res_refs = refs[0], refs[1: 1 + n_carry], refs[1 + n_carry:]
   lengths = None if lay.packed else steps_ref[...]
-  budget = [lay.settings.hold_bytes]
+  budget = [0 if lay.rolled else lay.settings.hold_bytes]
   w = _Tiles(w_ref, lay.cp, lay.ch, budget)
   w_hr = None if wr_ref is None else _Tiles(wr_ref, lay.ch, lay.cp, budget)
-  b_hn = None if bhn_ref is None else [
-    bhn_ref[pl.ds(j * lay.ch, lay.ch)].astype(lay.state)[None, :] for j in range(lay.nh)]
+  b_hn = None if bhn_ref is None else tuple(
+    bhn_ref[pl.ds(j * lay.ch, lay.ch)].astype(lay.state)[None, :] for j in range(lay.nh))
   carry0 = _load_carry(carry_refs, lay, lstm)
 
   def body(t, carry):
@@ -172,32 +218,35 @@ def forward_kernel(*all_refs: Any, lay, lstm: bool, save: bool):
     if reset is not None:  # a packed segment after the row's first starts from zeros
       carry = _select(reset, jax.tree_util.tree_map(jnp.zeros_like, carry), carry)
     h = carry[-1]
-    cs, outs = [], []
-    for j in range(lay.nh):  # the gates of hidden chunk j
+
+    def chunk(j, new):  # the gates of hidden chunk j: its new c and h (m) pieces
       cols = pl.ds(j * lay.ch, lay.ch)
       xp = [xp_ref[t, :, k, cols].astype(lay.state) for k in range(lay.gates)]
       hp = [_column(h, w, (k,), j, lay.state) for k in range(lay.gates)]
       if lstm:
-        c = carry[0][j]
+        c = _pick(carry[0], j)
         i, f, o = (jax.nn.sigmoid(xp[k] + hp[k]) for k in (0, 1, 3))
         zg = xp[2] + hp[2]
         new_c, m = lstm_update(c, i, f, zg, o, identity, jnp.tanh)
-        cs.append(new_c)
-        outs.append(m)
+        new = (_put(new[0], j, new_c), _put(new[1], j, m))
         res = (i, f, jnp.tanh(zg), o, c)
       else:
-        hn = hp[2] + b_hn[j]
-        new_h, r, z, n = GRUMath.gate_step(h[j], *xp, hp[0], hp[1], hn)
-        outs.append(new_h)
-        res = (r, z, n, hn, h[j])
+        hn = hp[2] + _pick(b_hn, j)
+        h_j = _pick(h, j)
+        new_h, r, z, n = GRUMath.gate_step(h_j, *xp, hp[0], hp[1], hn)
+        new = (_put(new[0], j, new_h),)
+        res = (r, z, n, hn, h_j)
       if save:
         for k, a in enumerate(res):
           res_refs[0][t, :, k, cols] = a.astype(res_refs[0].dtype)
+      return new
+
+    new = _over_chunks(lay, chunk, (_empty(lay, lay.nh, lay.ch),) * len(carry))
+    outs = new[-1]
     if w_hr is not None:  # h = m W_hr
-      outs = _matmul(outs, w_hr, (), lay.np, lay.state)
+      outs = tuple(_matmul(outs, w_hr, (), lay.np, lay.state))
     _write(ys_ref, (t, slice(None)), [jnp.where(valid, a, 0) for a in outs], lay.cp)
-    new = (tuple(cs), tuple(outs)) if lstm else (tuple(outs),)
-    return _select(valid, new, carry)
+    return _select(valid, new[:-1] + (outs,), carry)
 
   _store_carry(final_refs, jax.lax.fori_loop(0, lay.time, body, carry0), lay, lstm)
 
@@ -215,7 +264,7 @@ def backward_kernel(*all_refs: Any, lay, lstm: bool):
   dfinal_refs, refs = refs[:n_carry], refs[n_carry:]
   dg_ref, dcarry0_refs, dh_ref = refs[0], refs[1: 1 + n_carry], refs[1 + n_carry:]
   lengths = None if lay.packed else steps_ref[...]
-  budget = [lay.settings.hold_bytes]
+  budget = [0 if lay.rolled else lay.settings.hold_bytes]
   wt = _Tiles(wt_ref, lay.ch, lay.cp, budget)  # W_h's gate blocks, transposed
   w_hr_t = None if wrt_ref is None else _Tiles(wrt_ref, lay.cp, lay.ch, budget)
 
@@ -226,24 +275,27 @@ def backward_kernel(*all_refs: Any, lay, lstm: bool):
     dh = [a + d for a, d in zip(dcarry[-1], dys)]
     if dh_ref:
       _write(dh_ref[0], (t, slice(None)), [jnp.where(valid, a, 0) for a in dh], lay.cp)
-    dm = dh if w_hr_t is None else _matmul(dh, w_hr_t, (), lay.nh, lay.state)
-    firsts, dh_prev = [], [None] * lay.np
-    for j in range(lay.nh):  # hidden chunk j's gate gradients, and their dh_prev terms
+    dm = tuple(dh if w_hr_t is None else _matmul(dh, w_hr_t, (), lay.nh, lay.state))
+
+    def chunk(j, acc):  # hidden chunk j's gate gradients, and their dh_prev terms
+      firsts, dh_prev = acc
       cols = pl.ds(j * lay.ch, lay.ch)
       res = [res_ref[t, :, k, cols].astype(lay.state) for k in range(RESIDUALS)]
       if lstm:  # d of i, f, g, o's pre-activations, dc_prev
-        *stored, first = LSTMMath.gate_step_bwd(*res, dcarry[0][j], dm[j])
+        *stored, first = LSTMMath.gate_step_bwd(*res, _pick(dcarry[0], j), _pick(dm, j))
       else:  # d of r's, z's, of hn, of n's; dh_prev except via h W_h
-        *stored, first = GRUMath.gate_step_bwd(*res, dh[j])
+        *stored, first = GRUMath.gate_step_bwd(*res, _pick(dm, j))
       stored = [jnp.where(valid, d, 0) for d in stored]
       for k, d in enumerate(stored):
         dg_ref[t, :, k, cols] = d.astype(dg_ref.dtype)
-      firsts.append(first)
       for k in range(lay.gates):
-        for i in range(lay.np):
-          dh_prev[i] = _add(dh_prev[i], _dot(stored[k], wt(k, j, i), lay.state))
-    new = (tuple(firsts), tuple(dh_prev)) if lstm else (
-      tuple(a + b for a, b in zip(firsts, dh_prev)),)
+        dh_prev = tuple(_add(p, _dot(stored[k], wt(k, j, i), lay.state))
+                        for i, p in enumerate(dh_prev))
+      return _put(firsts, j, first), dh_prev
+
+    firsts, dh_prev = _over_chunks(lay, chunk, (_empty(lay, lay.nh, lay.ch),
+                                                _empty(lay, lay.np, lay.cp)))
+    new = (firsts, dh_prev) if lstm else (tuple(a + b for a, b in zip(firsts, dh_prev)),)
     new = _select(valid, new, dcarry)
     if reset is None:
       return new

@@ -22,7 +22,8 @@ through its modules' private helpers. It offers exactly:
 * ``pallas_settings(**changes)``: a context manager under which the Pallas
   kernels are traced with other sizes or Triton parameters
   (:class:`PallasSettings`: column chunk, bytes of weights held on chip,
-  state size per program, ``num_warps``, ``num_stages``); for measurements.
+  state size per program, chunks unrolled, ``num_warps``, ``num_stages``);
+  for measurements.
 * ``triton_lowering()``: a context manager under which the Pallas kernels
   (``implementation='pallas'``) lower for a GPU through Triton even when the
   default backend is the CPU, so that ``jax.export(..., platforms=['cuda'])``
@@ -124,7 +125,8 @@ def _abstract_gpu():
 def pallas_settings(**changes):
   """Inside the block the Pallas kernels are traced with ``changes`` to the
   current :class:`PallasSettings` (their names: ``chunk``, ``hold_bytes``,
-  ``state_elements``, ``num_warps``, ``num_stages``); yields the settings."""
+  ``state_elements``, ``unrolled_chunks``, ``num_warps``, ``num_stages``);
+  yields the settings."""
   previous = _pallas._settings
   _pallas._settings = previous._replace(**changes)
   try:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks in ONE device call (the device tool allows 600 s a
-# call and 15 minutes a session, start-up included; the steps' limits add up
-# to 530 s, and the last GPU run took about 100 s in all):
+# call and 15 minutes a session, start-up included; the first five steps'
+# limits add up to 530 s, every step ends by the call's budget, BUDGET_S = 560 s
+# from the start, and the last GPU run took about 100 s in all):
 #   1. the fused layers' tests on the GPU: cuDNN, the XLA scans, and the Pallas
 #      kernels, compiled by XLA's Triton for the first time here;
 #   2. the benchmark suite without the Pallas rows (flax.nnx, PyTorch on cuDNN,
@@ -10,15 +11,17 @@
 #      scans at the three shapes up to H = 256 (issue 14's targets). Their
 #      Triton compiles alone took about 105 s on a 2-core CPU (the `seconds`
 #      of benchmarks/gpu/triton_resources_jax0.11.2_triton3.6.0.json, three
-#      kernels a layer and shape; 90 s of it at H = 256). Not at
-#      (256, 50, 256, 512): one kernel there (the GRU backward) took Triton
-#      251 s to compile, far past any limit this call can give a step;
+#      kernels a layer and shape; 90 s of it at H = 256);
 #   4. the cuDNN accuracy/timing check;
 #   5. the Pallas kernels' size variants at (8, 500, 64, 128) (benchmarks/
 #      gpu_plans.py --pallas: weights held or not, warps, chunk), to choose
 #      internal.PallasSettings' defaults: 5 variants of 3 kernels for each
 #      layer, about 77 s of Triton compiles on a 2-core CPU (triton 3.6.0;
-#      benchmarks/RESULTS.md, "Pallas kernels").
+#      benchmarks/RESULTS.md, "Pallas kernels"), and the loop over column
+#      chunks (unrolled_chunks=0, about 11 s more);
+#   6. the Pallas rows at (256, 50, 256, 512), in whatever time is left: there
+#      the kernels loop over their column chunks (unrolled, one kernel took
+#      Triton 12 minutes to compile on a 2-core CPU; looped, 5-17 s a kernel).
 # Each step writes its JSON as it goes (after each shape; gpu_plans after each
 # layer), so a step cut off by its limit loses only what it had not finished.
 # Everything lands in ${OUT:-out/gpu}, in at most 8 files (what the device tool
@@ -30,7 +33,10 @@ mkdir -p "$out"
 log="$out/log.txt"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 PY=${PY:-python3}
+deadline=$(( $(date +%s) + ${BUDGET_S:-560} ))
 step() { echo "=== $* ($(date +%T))" | tee -a "$log"; }
+# A step's limit: N seconds, or what is left of the budget if less.
+limit() { local left=$(( deadline - $(date +%s) )); echo $(( left < $1 ? (left > 1 ? left : 1) : $1 )); }
 step environment
 { nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv
   git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -20
@@ -38,22 +44,26 @@ step environment
 } 2>&1 | tee -a "$log"
 step tests
 # In full float32: they compare against float64 references at 1e-5.
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout 90 $PY -m pytest -q -p no:cacheprovider -n 4 \
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout $(limit 90) $PY -m pytest -q -p no:cacheprovider -n 4 \
   tests/test_pallas.py tests/test_cudnn.py tests/test_fused.py tests/test_fused_padding.py \
   2>&1 | tee -a "$log"
 step suite without the Pallas rows
-timeout 100 $PY -m benchmarks.run --rounds 5 --json "$out/gpu_results.json" \
+timeout $(limit 100) $PY -m benchmarks.run --rounds 5 --json "$out/gpu_results.json" \
   --impls '^(nr\.(LSTM|GRU)$|nr\.LSTM\[cudnn\]|nr\.RNN\((Opt|GRU)|nnx\.RNN\((Opt|GRU)|torch)' \
   2>&1 | tee -a "$log"
 step Pallas rows up to H = 256
-timeout 180 $PY -m benchmarks.run --rounds 5 --json "$out/pallas_results.json" \
+timeout $(limit 180) $PY -m benchmarks.run --rounds 5 --json "$out/pallas_results.json" \
   --shapes 1x1000x32x64,8x500x64x128,64x100x128x256 \
   --impls '^(nr\.(LSTM|GRU)(\[pallas\])?$|torch)' 2>&1 | tee -a "$log"
 step cuDNN check
-timeout 45 $PY -m benchmarks.cudnn_check --json "$out/cudnn_check.json" 2>&1 \
+timeout $(limit 45) $PY -m benchmarks.cudnn_check --json "$out/cudnn_check.json" 2>&1 \
   | tee -a "$log"
 step Pallas size variants
-timeout 115 $PY -m benchmarks.gpu_plans --pallas --shapes 8x500x64x128 --rounds 3 \
+timeout $(limit 115) $PY -m benchmarks.gpu_plans --pallas --shapes 8x500x64x128 --rounds 3 \
   --json "$out/pallas_sweep.json" 2>&1 | tee -a "$log"
+step Pallas rows at H = 512, in the time left
+timeout $(limit 600) $PY -m benchmarks.run --rounds 5 --json "$out/pallas_large.json" \
+  --shapes 256x50x256x512 \
+  --impls '^(nr\.(LSTM|GRU)(\[pallas\])?$|torch)' 2>&1 | tee -a "$log"
 rm -f "$out"/*.tmp  # a JSON being written when its step was cut off (the whole one stays)
 step done

@@ -1,5 +1,7 @@
 """The benchmark suite's bookkeeping (no timing: synthetic samples in, numbers out)."""
 
+import subprocess
+
 import pytest
 
 import nnx_recurrent as nr
@@ -217,8 +219,10 @@ def _gpu_sh_commands():
 
 def test_gpu_sh_selects_the_rows_it_says_and_fits_its_call(monkeypatch):
   """Its ``--impls`` regexes on a GPU's implementations: the suite without the
-  Pallas rows, then the Pallas rows beside the scans and PyTorch; its limits
-  within the one 570 s device call, and one JSON per step."""
+  Pallas rows, then the Pallas rows beside the scans and PyTorch (up to
+  ``H = 256``, then at ``H = 512``); the first five steps' limits within the
+  one 570 s device call, every step's limit cut to the budget left, which ends
+  within the call; and one JSON per step."""
   import re
   import shlex
 
@@ -228,15 +232,25 @@ def test_gpu_sh_selects_the_rows_it_says_and_fits_its_call(monkeypatch):
           if 'benchmarks.run' in line]
   selected = [[n for n in names if re.search(args[args.index('--impls') + 1], n)]
               for args in runs]
+  pallas_rows = ['nr.LSTM', 'nr.GRU', 'nr.LSTM[pallas]', 'nr.GRU[pallas]', 'torch.nn.LSTM',
+                 'torch.nn.GRU']
   assert selected == [
     ['nr.RNN(OptimizedLSTMCell)', 'nnx.RNN(OptimizedLSTMCell)', 'nr.RNN(GRUCell)',
      'nnx.RNN(GRUCell)', 'nr.LSTM', 'nr.GRU', 'nr.LSTM[cudnn]', 'torch.nn.LSTM', 'torch.nn.GRU'],
-    ['nr.LSTM', 'nr.GRU', 'nr.LSTM[pallas]', 'nr.GRU[pallas]', 'torch.nn.LSTM', 'torch.nn.GRU'],
-  ]
-  limits = [int(m) for line in _gpu_sh_commands() for m in re.findall(r'\btimeout (\d+)', line)]
-  assert len(limits) == 5 and sum(limits) <= 540
-  jsons = [m for line in _gpu_sh_commands() for m in re.findall(r'--json "([^"]+)"', line)]
-  assert len(jsons) == len(set(jsons)) == 4
+    pallas_rows, pallas_rows]
+  commands = _gpu_sh_commands()
+  assert sum('timeout' in line for line in commands) == 6
+  limits = [int(m) for line in commands for m in re.findall(r'\btimeout \$\(limit (\d+)\)', line)]
+  assert len(limits) == 6 and sum(limits[:5]) <= 540
+  budget, = [int(m) for line in commands for m in re.findall(r'BUDGET_S:-(\d+)', line)]
+  assert budget <= 560
+  limit, = [line for line in commands if line.startswith('limit()')]
+  left = subprocess.run(['bash', '-c', f'deadline=$(( $(date +%s) + 50 )); {limit}; limit 90; '
+                         f'limit 30; deadline=$(( $(date +%s) - 5 )); limit 90'],
+                        capture_output=True, text=True, check=True).stdout.split()
+  assert left[0] in ('49', '50') and left[1:] == ['30', '1']
+  jsons = [m for line in commands for m in re.findall(r'--json "([^"]+)"', line)]
+  assert len(jsons) == len(set(jsons)) == 5
 
 
 def test_suite_json_keeps_the_shapes_done_when_cut_off(monkeypatch, tmp_path):

@@ -27,6 +27,11 @@
 # Everything lands in ${OUT:-out/gpu}, in at most 8 files (what the device tool
 # brings back): log.txt and one JSON per step.
 #   bash benchmarks/gpu.sh     (device tool: command "bash benchmarks/gpu.sh", timeout_s 570)
+# Then, on any machine (JSON only): the issue's targets, the table
+# implementation='auto' reads (_fused/_plans.py, PALLAS_FASTER) and the best
+# size variant, for internal.PallasSettings' defaults:
+#   python -m benchmarks.pallas_verdict OUT/pallas_results.json OUT/pallas_large.json \
+#       --sweep OUT/pallas_sweep.json --commit SHA
 set -uo pipefail
 out=${OUT:-out/gpu}
 mkdir -p "$out"
@@ -34,7 +39,7 @@ log="$out/log.txt"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 PY=${PY:-python3}
 deadline=$(( $(date +%s) + ${BUDGET_S:-560} ))
-step() { echo "=== $* ($(date +%T))" | tee -a "$log"; }
+step() { printf '\n=== %s (%s)\n' "$*" "$(date +%T)" | tee -a "$log"; }
 # A step's limit: N seconds, or what is left of the budget if less.
 limit() { local left=$(( deadline - $(date +%s) )); echo $(( left < $1 ? (left > 1 ? left : 1) : $1 )); }
 step environment

@@ -536,7 +536,8 @@ def machine_info() -> dict:
   except ImportError:
     versions['torch'] = 'not installed'
   return dict(cpu=model, cores=os.cpu_count(), jax_devices=[str(d) for d in jax.devices()],
-              versions=versions, xla_flags=os.environ.get('XLA_FLAGS', ''))
+              device_kind=jax.devices()[0].device_kind, versions=versions,
+              xla_flags=os.environ.get('XLA_FLAGS', ''))
 
 
 def _parse_shapes(text: str):

@@ -320,3 +320,74 @@ def test_gpu_plans_skips_a_variant_that_fails_at_its_first_call(monkeypatch, tmp
     ('LSTM', 'bad', 'launch failed'), ('LSTM', 'default', None), ('LSTM', 'good', None),
     ('GRU', 'bad', 'launch failed'), ('GRU', 'default', None), ('GRU', 'good', None)]
   assert rows[2]['max_abs_diff_vs_default'] == 0.5
+
+
+def _pallas_run(shape, times, kind='NVIDIA H200'):
+  """A ``benchmarks.run`` JSON payload: ``times`` maps an implementation to
+  its (fwd, train) ms, the same in each of three rounds."""
+  family = {'LSTM': 'lstm', 'GRU': 'gru'}
+  results = [result(impl, [fwd] * 3, [train] * 3, shape=shape)
+             for impl, (fwd, train) in times.items()]
+  for r in results:
+    r.family = family['LSTM' if 'LSTM' in r.impl else 'GRU']
+  return dict(machine=dict(device_kind=kind), ratios=run.ratios(results))
+
+
+def test_pallas_verdict_targets_and_the_table_auto_reads(monkeypatch):
+  """Issue 14's targets per batch size (PyTorch at batch 1-8, the scans from
+  64 on), and ``PALLAS_FASTER``'s entries only where the kernels beat the scans
+  forward and training step; the printed entries are Python that
+  ``implementation='auto'`` then follows on that GPU, at that shape only."""
+  from benchmarks import pallas_verdict
+  from nnx_recurrent._fused import _plans
+
+  small = _pallas_run((1, 20, 3, 16), {  # LSTM: 1.4x / 1.9x PyTorch, faster than the scans
+    'nr.LSTM[pallas]': (1.9, 2.8), 'torch.nn.LSTM': (1.0, 2.0), 'nr.LSTM': (4.0, 6.0),
+    'nr.GRU[pallas]': (2.1, 2.0), 'torch.nn.GRU': (1.0, 2.0), 'nr.GRU': (1.0, 6.0)})
+  large = _pallas_run((256, 50, 256, 512), {  # GRU: train 1.1x the scans
+    'nr.LSTM[pallas]': (1.0, 1.0), 'nr.LSTM': (1.0, 1.0), 'torch.nn.LSTM': (1.0, 1.0),
+    'nr.GRU[pallas]': (0.5, 1.1), 'nr.GRU': (1.0, 1.0)})
+  rows = pallas_verdict.verdicts([small, large])
+  got = [(r['shape'], r['layer'], r['met'], r['faster']) for r in rows]
+  assert got == [((1, 20, 3, 16), 'LSTM', True, True),
+                 ((1, 20, 3, 16), 'GRU', False, False),  # fwd 2.1x PyTorch; slower fwd than scans
+                 ((256, 50, 256, 512), 'LSTM', True, False),  # as fast: target met, not picked
+                 ((256, 50, 256, 512), 'GRU', False, False)]
+  assert '| (1, 20, 3, 16) | LSTM | 1.90 [1.90-1.90] | 1.40 [1.40-1.40] | 0.47 [0.47-0.47] |' \
+    in pallas_verdict.table(rows)
+  text = pallas_verdict.regions(rows, pallas_verdict.device_name([small, large]), 'abc1234')
+  assert text.count('PallasRegion(') == 1 and 'train 0.47x the scans (abc1234)' in text
+  namespace = dict(PallasRegion=_plans.PallasRegion)
+  exec(text.replace('tuple[PallasRegion, ...]', 'tuple'), namespace)
+  table = namespace['PALLAS_FASTER']
+  assert table == (_plans.PallasRegion('LSTM', rows=(1, 1), hidden=(16, 16), device='H200'),)
+
+  class H200:
+    device_kind = 'NVIDIA H200'
+
+  monkeypatch.setattr(_plans, 'PALLAS_FASTER', table)
+  monkeypatch.setattr(_plans, 'cuda_backend', lambda: True)
+  monkeypatch.setattr(_plans.jax, 'devices', lambda: [H200()])
+  picks = [(layer, b, h) for layer in (nr.LSTM, nr.GRU) for b in (1, 2) for h in (16, 32)
+           if _plans.pallas_measured_faster(layer._math, b, h)]
+  assert picks == [(nr.LSTM, 1, 16)]
+  with pytest.raises(ValueError, match=r"expected runs on one kind of device, got device kinds "
+                                       r"\['NVIDIA A100', 'NVIDIA H200'\]"):
+    pallas_verdict.device_name([small, _pallas_run((8, 2, 3, 16), {}, kind='NVIDIA A100')])
+
+
+def test_pallas_verdict_ranks_the_size_variants():
+  """The geometric mean of each variant's training step over the default
+  settings', over the layers where both ran; a failed variant is left out."""
+  from benchmarks import pallas_verdict
+
+  def row(layer, plan, train_ms, **extra):
+    return dict(shape=[8, 500, 64, 128], layer=layer, plan=plan, train_ms=train_ms, **extra)
+
+  sweep = dict(rows=[row('LSTM', 'default', 9.0), row('LSTM', 'pallas', 10.0),
+                     row('LSTM', 'pallas/a=1', 5.0), row('LSTM', 'pallas/b=1', 8.0),
+                     row('GRU', 'pallas', 10.0), row('GRU', 'pallas/a=1', 30.0),
+                     row('GRU', 'pallas/b=1', None, error='out of shared memory')])
+  assert pallas_verdict.sweep_ranking(sweep) == [
+    ('pallas/b=1', pytest.approx(0.8), 1), ('pallas', 1.0, 2),
+    ('pallas/a=1', pytest.approx(1.5 ** 0.5), 2)]

@@ -138,9 +138,11 @@ class PallasRegion(NamedTuple):
 # Where implementation='auto' picks the Pallas kernels: EMPTY, because they
 # have never run on a GPU (written and tested in interpret mode on a CPU). The
 # next session with a GPU: `bash benchmarks/gpu.sh` times nr.LSTM[pallas] and
-# nr.GRU[pallas] next to the scans; enter here the (layer, rows, hidden,
-# device) regions where both the forward and the training step were faster,
-# with the numbers and the commit in a comment (and benchmarks/RESULTS.md).
+# nr.GRU[pallas] next to the scans; `python -m benchmarks.pallas_verdict
+# out/gpu/pallas_results.json out/gpu/pallas_large.json --commit <sha>` prints
+# the (layer, rows, hidden, device) regions where both the forward and the
+# training step were faster, with the numbers and the commit in a comment, to
+# paste here (and its table, for benchmarks/RESULTS.md).
 PALLAS_FASTER: tuple[PallasRegion, ...] = ()
 
 

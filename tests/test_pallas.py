@@ -239,6 +239,42 @@ def test_errors(cls, monkeypatch):
     layer(jnp.ones((B, T, I)))
 
 
+def test_a_jax_without_pallas_triton_backend(monkeypatch):
+  """jax 0.11 deprecated Pallas' Triton backend, and a later jax removes it:
+  then the kernels still run interpreted on the CPU (values against the
+  scans), 'pallas' on a GPU says why it cannot run (not an ImportError, nor
+  Mosaic GPU's rejection of the kernels), and 'auto' keeps the scans even where
+  the kernels were measured faster."""
+  from nnx_recurrent._fused import _pallas
+
+  triton = _pallas._triton
+  monkeypatch.setattr(_pallas, '_triton', lambda: None)
+  layer = make(nr.GRU, seed=41, implementation='pallas')
+  x = ref.normal((B, T, I), seed=42)
+  out, want = call(layer, x, run=lambda m, x: (m(x), with_implementation(m, 'xla')(x)))
+  assert_trees_close(out, want)
+  with pytest.raises(RuntimeError, match='has no Pallas Triton backend'):
+    with internal.triton_lowering():
+      pass
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  with pytest.raises(ValueError, match=r"GRU: `implementation` expected 'auto' or 'xla' here "
+                                       r"\(Pallas lowers through Pallas' Triton backend, which "
+                                       r"jax [\d.]+ no longer has "
+                                       r"\(jax.experimental.pallas.triton\)\), got 'pallas'"):
+    with_implementation(layer, 'pallas')(x)
+  monkeypatch.setattr(_plans, 'cuda_backend', lambda: True)
+  region = _plans.PallasRegion('GRU', rows=(B, B), hidden=(H, H), device='')
+  monkeypatch.setattr(_plans, 'PALLAS_FASTER', (region,))
+  with_implementation(layer, 'auto')
+
+  def uses_pallas():  # a new function each time: make_jaxpr caches a function's trace
+    return 'pallas_call' in str(jax.make_jaxpr(lambda x: layer(x))(x))
+
+  assert not uses_pallas()
+  monkeypatch.setattr(_pallas, '_triton', triton)  # with the backend: the same region picks it
+  assert uses_pallas()
+
+
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
 def test_second_order_says_to_use_the_scans(cls):
   """The kernels have no derivative of their own: ``jax.hessian`` and a

@@ -193,7 +193,7 @@ class _FusedBase(nnx.Module):
     rows = math.prod(xs.shape[1:-1])
     if chosen == 'auto':
       faster = _plans.pallas_measured_faster(self._math, rows, self.hidden_features)
-      return 'pallas' if faster else 'xla'
+      return 'pallas' if faster and _pallas.unsupported() is None else 'xla'
     return chosen
 
   def _run_layer(self, layer: int, xs: Array, carries, masks: _scan.StepMasks, idx,

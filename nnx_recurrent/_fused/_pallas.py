@@ -101,9 +101,22 @@ _settings = Settings()
 _force_triton = False
 
 
+def _triton():
+  """Pallas' Triton backend (``jax.experimental.pallas.triton``), or ``None``:
+  deprecated since jax 0.11, to be removed in a later jax."""
+  try:
+    from jax.experimental.pallas import triton
+  except ImportError:
+    return None
+  return triton
+
+
 def unsupported() -> str | None:
   """Why the Pallas kernels cannot run here (``None``: they can)."""
   backend = jax.default_backend()
+  if backend == 'gpu' and _triton() is None:
+    return (f"lowers through Pallas' Triton backend, which jax {jax.__version__} no longer "
+            "has (jax.experimental.pallas.triton)")
   if backend in ('gpu', 'cpu'):
     return None
   return f'runs on a GPU (Triton) or, interpreted, on the CPU; the default backend is {backend!r}'
@@ -179,7 +192,6 @@ class _Layout:
     (shape, dtype), row axis or None)``, block = the whole array but ``block``
     rows on the row axis."""
     from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as pl_triton
 
     def spec(shape, row_axis):
       shape = tuple(self.block if k == row_axis else d for k, d in enumerate(shape))
@@ -194,10 +206,18 @@ class _Layout:
       out_specs=[spec(shape, axis) for (shape, _), axis in outputs],
       interpret=self.interpret,
       name=name,
-      # Triton's parameters select the Triton lowering: see above.
-      compiler_params=pl_triton.CompilerParams(num_warps=self.settings.num_warps,
-                                               num_stages=self.settings.num_stages),
+      compiler_params=self._compiler_params(),
     ))(*(a for a, _ in inputs))
+
+  def _compiler_params(self):
+    """Triton's parameters, which select the Triton lowering (see above); none
+    when interpreted with a jax that has no Triton backend (``unsupported``
+    refuses a GPU then)."""
+    triton = _triton()
+    if triton is None:
+      return None
+    return triton.CompilerParams(num_warps=self.settings.num_warps,
+                                 num_stages=self.settings.num_stages)
 
 
 SECOND_ORDER = (

@@ -101,6 +101,9 @@ def triton_lowering():
   and later lower for an H200 (they ask for an abstract device; jax 0.10 takes
   compute capability 9.0 itself; then compute nothing eagerly inside the
   block: only traced code may run under the abstract device)."""
+  if _pallas._triton() is None:
+    raise RuntimeError(f"jax {jax.__version__} has no Pallas Triton backend "
+                       "(jax.experimental.pallas.triton) to lower the kernels with")
   previous, _pallas._force_triton = _pallas._force_triton, True
   try:
     with _abstract_gpu():

@@ -200,12 +200,19 @@ def test_triton_resources_captures_the_kernels_triton_ir():
   it still hands over each kernel's Triton IR (a forward with its dots, a
   backward) for Triton's compiler, which is not installed here."""
   from benchmarks import triton_resources
+  from nnx_recurrent._fused import internal
 
   ir = triton_resources.triton_ir('GRU', 1, 3, 16, 'float32', None, False)
   assert sorted(ir) == ['backward', 'forward']
   for kernel, text in ir.items():
     assert f'tt.func public @nr_gru_{kernel}' in text
     assert text.count('tt.dot') == 3  # h W_h: one tile per gate (backward: dh_prev's terms)
+  # Two column chunks of 16: written out, 3 gates x 2 x 2 tiles; looped over
+  # the chunks (as from H = 512 on), one chunk's 3 x 2 inside a second loop.
+  for unrolled, dots, loops in ((2, 12, 1), (1, 6, 2)):
+    with internal.pallas_settings(chunk=16, unrolled_chunks=unrolled):
+      ir = triton_resources.triton_ir('GRU', 1, 3, 32, 'float32', None, False)
+    assert [(t.count('tt.dot'), t.count('scf.for')) for t in ir.values()] == [(dots, loops)] * 2
 
 
 def _gpu_sh_commands():

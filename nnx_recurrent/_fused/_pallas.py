@@ -86,7 +86,8 @@ class Settings(NamedTuple):
   across steps) up to this many chunks of ``Hp``; with more (``H > 256`` at
   chunk 64) they loop over the chunks, one chunk's code for all, and load every
   weight tile at each step (at ``H = 512`` the budget above would hold 4% of
-  ``W_h``): Triton took 251 s to compile the unrolled GRU backward there."""
+  ``W_h``): written out there, each kernel took Triton 2-12 minutes to compile
+  on 2 cores, looped 5-17 s (``benchmarks/RESULTS.md``, "Pallas kernels")."""
   num_warps: int = 8
   num_stages: int = 1
   """No software pipelining of the loop's loads: it would multi-buffer the

@@ -138,6 +138,9 @@ def main(argv=None) -> int:
     with open(path) as f:
       runs.append(json.load(f))
   rows = verdicts(runs)
+  if not rows:  # not "faster nowhere": nothing was measured
+    p.error(f'no nr.LSTM[pallas] / nr.GRU[pallas] ratios in {", ".join(args.runs)} (expected '
+            "gpu.sh's pallas_results.json or pallas_large.json, run on a GPU)")
   print(table(rows), '\n')
   print(regions(rows, device_name(runs), args.commit))
   if args.sweep:

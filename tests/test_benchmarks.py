@@ -1,5 +1,6 @@
 """The benchmark suite's bookkeeping (no timing: synthetic samples in, numbers out)."""
 
+import json
 import subprocess
 
 import pytest
@@ -381,6 +382,18 @@ def test_pallas_verdict_targets_and_the_table_auto_reads(monkeypatch):
   with pytest.raises(ValueError, match=r"expected runs on one kind of device, got device kinds "
                                        r"\['NVIDIA A100', 'NVIDIA H200'\]"):
     pallas_verdict.device_name([small, _pallas_run((8, 2, 3, 16), {}, kind='NVIDIA A100')])
+
+
+def test_pallas_verdict_refuses_runs_without_pallas_rows(tmp_path, capsys):
+  """A CPU run (no Pallas rows) is not read as "faster nowhere"."""
+  from benchmarks import pallas_verdict
+
+  path = tmp_path / 'cpu.json'
+  path.write_text(json.dumps(_pallas_run((2, 5, 3, 4), {'nr.LSTM': (1, 1), 'torch.nn.LSTM': (1, 1)},
+                                         kind='cpu')))
+  with pytest.raises(SystemExit):
+    pallas_verdict.main([str(path)])
+  assert f'no nr.LSTM[pallas] / nr.GRU[pallas] ratios in {path}' in capsys.readouterr().err
 
 
 def test_pallas_verdict_ranks_the_size_variants():

@@ -333,11 +333,8 @@ def test_gpu_plans_skips_a_variant_that_fails_at_its_first_call(monkeypatch, tmp
 def _pallas_run(shape, times, kind='NVIDIA H200'):
   """A ``benchmarks.run`` JSON payload: ``times`` maps an implementation to
   its (fwd, train) ms, the same in each of three rounds."""
-  family = {'LSTM': 'lstm', 'GRU': 'gru'}
   results = [result(impl, [fwd] * 3, [train] * 3, shape=shape)
              for impl, (fwd, train) in times.items()]
-  for r in results:
-    r.family = family['LSTM' if 'LSTM' in r.impl else 'GRU']
   return dict(machine=dict(device_kind=kind), ratios=run.ratios(results))
 
 

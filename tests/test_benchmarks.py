@@ -1,6 +1,7 @@
 """The benchmark suite's bookkeeping (no timing: synthetic samples in, numbers out)."""
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -208,6 +209,9 @@ def test_triton_resources_captures_the_kernels_triton_ir():
   for kernel, text in ir.items():
     assert f'tt.func public @nr_gru_{kernel}' in text
     assert text.count('tt.dot') == 3  # h W_h: one tile per gate (backward: dh_prev's terms)
+    # Triton's dot needs 16 rows and columns at least: the one batch row padded to a block of 16.
+    dims = re.findall(r'tt\.dot .*: tensor<(\d+)x(\d+)x\w+> \* tensor<(\d+)x(\d+)x', text)
+    assert len(dims) == 3 and min(int(d) for d in sum(dims, ())) >= 16, dims
   # Two column chunks of 16: written out, 3 gates x 2 x 2 tiles; looped over
   # the chunks (as from H = 512 on), one chunk's 3 x 2 inside a second loop.
   for unrolled, dots, loops in ((2, 12, 1), (1, 6, 2)):

@@ -74,11 +74,12 @@ def test_matches_xla_and_numpy(cls):
 # The GRU's packed sequences: in several column chunks, below.
 @pytest.mark.parametrize('cls', [nr.LSTM])
 def test_packed_sequences_and_projection(cls):
-  """The kernels' per-step flags (``segment_ids``: a segment's first step
-  restarts from the initial carry, whose cotangent the backward kernel
-  collects) and, for the LSTM, the projection (``m W_hr`` forward, ``dh
-  W_hr^T`` backward): one bidirectional layer, values and gradients against
-  the generic composition, garbage at padding inert."""
+  """The kernels' per-step flags (``segment_ids``: a row's first segment
+  starts from the initial carry, whose cotangent the backward kernel
+  collects, each later segment from zeros) and, for the LSTM, the projection
+  (``m W_hr`` forward, ``dh W_hr^T`` backward): one bidirectional layer,
+  values and gradients against the generic composition, garbage at padding
+  inert."""
   layer = make(cls, 1, True, seed=48, implementation='pallas',
                **(dict(proj_features=3) if cls is nr.LSTM else {}))
   x = ref.normal((B, IDS.shape[1], I), seed=49)
@@ -122,6 +123,9 @@ def test_bfloat16_computation(cls):
   carry0 = random_carry(layer, seed=36)
   out, grads = values_and_grads(layer, x, carry0, run)
   assert out[1].dtype == jnp.bfloat16 and jax.tree_util.tree_leaves(out[0])[0].dtype == jnp.float32
+  # The final carry is the computation dtype's, rounded (as the scans' bfloat16 carry is).
+  final = np.asarray(out[0])
+  np.testing.assert_array_equal(final, final.astype(jnp.bfloat16).astype(np.float32))
   out_f, grads_f = values_and_grads(full, x, carry0, run)
   out = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), out)
   grads = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), grads)
@@ -161,10 +165,10 @@ def test_batch_blocks_and_batch_axes():
   assert_trees_close(out, want)
 
 
-@pytest.mark.parametrize('cls,dtype,weights,packed', [(nr.GRU, jnp.float32, 'held', False),
-                                                      (nr.LSTM, jnp.bfloat16, 'loaded', True),
-                                                      (nr.LSTM, jnp.float32, 'rolled', True)])
-def test_kernels_lower_through_triton(cls, dtype, weights, packed):
+@pytest.mark.parametrize('cls,dtype,weights,packed,gpu', [
+  (nr.GRU, jnp.float32, 'held', False, True), (nr.LSTM, jnp.bfloat16, 'loaded', True, False),
+  (nr.LSTM, jnp.float32, 'rolled', True, False)])
+def test_kernels_lower_through_triton(cls, dtype, weights, packed, gpu, monkeypatch):
   """Without a GPU: the training step exported for CUDA holds the kernels
   (forward with residuals, backward; both directions) as Triton calls, so the
   Triton lowering of Pallas accepts them (block shapes, dots, loads and stores
@@ -172,7 +176,8 @@ def test_kernels_lower_through_triton(cls, dtype, weights, packed):
   here: ``benchmarks/triton_resources.py``). The recurrent weights held in the
   kernel across steps, or loaded at each step, or a loop over the column
   chunks (as from ``H = 512`` on); lengths, or packed sequences' flags (and
-  then the LSTM projected)."""
+  then the LSTM projected). Told to (``internal.triton_lowering``), or (``gpu``)
+  where jax's default backend is a GPU."""
   proj = dict(proj_features=24) if packed and cls is nr.LSTM else {}
   layer = build(lambda: cls(I, 64, bidirectional=True, implementation='pallas', dtype=dtype,
                             rngs=nnx.Rngs(0), **proj))
@@ -189,7 +194,12 @@ def test_kernels_lower_through_triton(cls, dtype, weights, packed):
   x = jnp.ones((B, T, I))  # outside: no eager computation under jax 0.11's abstract GPU
   sizes = dict(chunk=32, hold_bytes=2**30 if weights == 'held' else 0,
                unrolled_chunks=1 if weights == 'rolled' else 4)
-  with internal.triton_lowering(), internal.pallas_settings(**sizes):
+  if gpu:
+    lowering = internal._abstract_gpu()  # made while the CPU is the default backend
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  else:
+    lowering = internal.triton_lowering()
+  with lowering, internal.pallas_settings(**sizes):
     exported = export.export(jax.jit(jax.grad(loss)), platforms=['cuda'],
                              disabled_checks=unchecked)(params, x)
   calls = re.findall(r'stablehlo\.custom_call @([^(]+)\(.*name = "(nr_\w+)"',
@@ -218,6 +228,13 @@ def test_auto_picks_pallas_only_where_measured_faster(cls, monkeypatch):
   assert not uses_pallas(make(cls), jnp.ones((B, 2, T, I)))
   assert not uses_pallas(make(cls, implementation='xla'))
   assert not uses_pallas(build(lambda: cls(I, 2 * H, rngs=nnx.Rngs(0))))  # outside the region
+  assert not uses_pallas(build(lambda: cls(I, H // 2, rngs=nnx.Rngs(0))))  # below it
+  assert not uses_pallas(make(cls), jnp.ones((B - 1, T, I)))
+  # A symbolic batch (jax.export) has no measured rows: the scans, traced only.
+  graphdef, state = nnx.split(make(cls))
+  symbolic = jax.ShapeDtypeStruct(export.symbolic_shape(f'b, {T}, {I}'), jnp.float32)
+  assert 'pallas_call' not in str(jax.make_jaxpr(
+    lambda s, x: nnx.merge(graphdef, s)(x))(state, symbolic))
   other = 'GRU' if cls is nr.LSTM else 'LSTM'
   monkeypatch.setattr(_plans, 'PALLAS_FASTER', (region._replace(layer=other),))
   assert not uses_pallas(make(cls))

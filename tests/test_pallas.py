@@ -133,6 +133,40 @@ def test_bfloat16_computation(cls):
   assert_trees_close(grads, grads_f, atol=1e-1, rtol=5e-2)
 
 
+def test_bfloat16_state_stays_float32_in_the_kernel():
+  """docs/performance.md: with ``dtype=bfloat16`` the kernels hold ``c`` and
+  ``h`` in float32 between steps, the XLA scans in bfloat16. An LSTM whose
+  gates are its biases (zero weights) adds ``i * g`` (about 0.002) to
+  ``c = 1`` at each step, less than half of bfloat16's spacing at 1: in
+  float32 the sum grows (NumPy), in bfloat16 it rounds back to 1 every step."""
+  layer = build(lambda: nr.LSTM(I, H, dtype=jnp.bfloat16, implementation='pallas',
+                                rngs=nnx.Rngs(0)))
+  graphdef, params = nnx.split(layer)
+  bias = np.repeat(np.array([10.0, 10.0, 0.002, 0.0], np.float32), H)  # gates i, f, g, o
+  params = jax.tree_util.tree_map_with_path(
+    lambda path, a: jnp.asarray(bias) if 'bias' in jax.tree_util.keystr(path)
+    else jnp.zeros_like(a), params)
+  carry0 = (jnp.ones((B, H)), jnp.zeros((B, H)))  # (c, h)
+  x = ref.normal((B, T, I), seed=37)
+
+  @jax.jit
+  def final_c(params):
+    def run(implementation):
+      m = with_implementation(nnx.merge(graphdef, params), implementation)
+      return m(x, initial_carry=carry0, return_carry=True)[0][0]
+    return run('pallas'), run('xla')
+
+  pallas, scans = final_c(params)
+  b = bias.astype(jnp.bfloat16).astype(np.float64)  # the pre-activations, in bfloat16
+  i, f, g = 1 / (1 + np.exp(-b[0])), 1 / (1 + np.exp(-b[H])), np.tanh(b[2 * H])
+  c = 1.0
+  for _ in range(T):
+    c = f * c + i * g
+  assert c > 1.008  # the float32 sum is at least one bfloat16 step above 1
+  np.testing.assert_array_equal(np.asarray(pallas), np.float32(np.float32(c).astype(jnp.bfloat16)))
+  np.testing.assert_array_equal(np.asarray(scans), 1.0)
+
+
 @pytest.mark.parametrize('cls', [nr.LSTM])  # the GRU's VJP: against the XLA scans above
 def test_check_grads_float64(cls):
   """Finite differences of the kernels' hand-written VJP, in float64 (both

@@ -157,7 +157,7 @@ def test_bfloat16_state_stays_float32_in_the_kernel():
     return run('pallas'), run('xla')
 
   pallas, scans = final_c(params)
-  b = bias.astype(jnp.bfloat16).astype(np.float64)  # the pre-activations, in bfloat16
+  b = bias.astype(jnp.bfloat16).astype(np.float64)  # rounded or not: the same bfloat16 carry
   i, f, g = 1 / (1 + np.exp(-b[0])), 1 / (1 + np.exp(-b[H])), np.tanh(b[2 * H])
   c = 1.0
   for _ in range(T):

@@ -383,6 +383,37 @@ def test_pallas_verdict_targets_and_the_table_auto_reads(monkeypatch):
   with pytest.raises(ValueError, match=r"expected runs on one kind of device, got device kinds "
                                        r"\['NVIDIA A100', 'NVIDIA H200'\]"):
     pallas_verdict.device_name([small, _pallas_run((8, 2, 3, 16), {}, kind='NVIDIA A100')])
+  with pytest.raises(ValueError, match=r"got device kinds \[\] .*since 2026-12-02"):
+    pallas_verdict.device_name([dict(ratios=[])])  # a run from before device_kind was recorded
+  namespace = dict(PallasRegion=_plans.PallasRegion)
+  exec(pallas_verdict.regions([], 'H200', 'x').replace('tuple[PallasRegion, ...]', 'tuple'),
+       namespace)
+  assert namespace['PALLAS_FASTER'] == ()
+
+
+def test_pallas_verdict_edges_of_the_targets():
+  """Batch 8 is judged against PyTorch (1.5x / 2x are met), batch 64 against the
+  scans; 'faster' means strictly faster both ways; a region names its batch; a
+  later run's shape replaces an earlier one's."""
+  from benchmarks import pallas_verdict
+
+  stale = _pallas_run((8, 5, 3, 16), {
+    'nr.GRU[pallas]': (9.0, 9.0), 'nr.GRU': (1.0, 1.0), 'torch.nn.GRU': (1.0, 1.0)})
+  b8 = _pallas_run((8, 5, 3, 16), {  # LSTM: exactly 2x / 1.5x PyTorch, 4x / 3x the scans
+    'nr.LSTM[pallas]': (4.0, 3.0), 'torch.nn.LSTM': (2.0, 2.0), 'nr.LSTM': (1.0, 1.0),
+    'nr.GRU[pallas]': (1.0, 1.0), 'torch.nn.GRU': (1.0, 1.0), 'nr.GRU': (2.0, 2.0)})
+  b64 = _pallas_run((64, 5, 3, 32), {  # LSTM: 1.2x the scans and PyTorch; GRU: fwd as fast
+    'nr.LSTM[pallas]': (1.2, 1.2), 'torch.nn.LSTM': (1.0, 1.0), 'nr.LSTM': (1.0, 1.0),
+    'nr.GRU[pallas]': (1.0, 0.5), 'nr.GRU': (1.0, 1.0)})
+  b128 = _pallas_run((128, 5, 3, 32), {  # LSTM: train as fast; GRU: no scans
+    'nr.LSTM[pallas]': (0.5, 1.0), 'nr.LSTM': (1.0, 1.0),
+    'nr.GRU[pallas]': (1.0, 1.0), 'torch.nn.GRU': (1.0, 1.0)})
+  rows = pallas_verdict.verdicts([stale, b128, b64, b8])
+  assert [(r['shape'][0], r['layer'], r['met'], r['faster']) for r in rows] == [
+    (8, 'LSTM', True, False), (8, 'GRU', True, True), (64, 'LSTM', False, False),
+    (64, 'GRU', True, False), (128, 'LSTM', True, False), (128, 'GRU', None, False)]
+  assert 'PallasRegion(\'GRU\', rows=(8, 8), hidden=(16, 16), device=\'H200\')' in \
+    pallas_verdict.regions(rows, 'H200', 'x')
 
 
 def test_pallas_verdict_refuses_runs_without_pallas_rows(tmp_path, capsys):
@@ -397,6 +428,23 @@ def test_pallas_verdict_refuses_runs_without_pallas_rows(tmp_path, capsys):
   assert f'no nr.LSTM[pallas] / nr.GRU[pallas] ratios in {path}' in capsys.readouterr().err
 
 
+def test_pallas_verdict_main_prints_the_entries_and_ranking(tmp_path, capsys):
+  from benchmarks import pallas_verdict
+
+  path, sweep = tmp_path / 'pallas.json', tmp_path / 'sweep.json'
+  path.write_text(json.dumps(_pallas_run((2, 5, 3, 4), {
+    'nr.LSTM[pallas]': (1.0, 1.0), 'nr.LSTM': (2.0, 2.0), 'torch.nn.LSTM': (1.0, 1.0)})))
+  sweep.write_text(json.dumps(dict(rows=[
+    dict(shape=[2, 5, 3, 4], layer='LSTM', plan=plan, train_ms=ms)
+    for plan, ms in (('pallas', 2.0), ('pallas/a=1', 1.0))])))
+  assert pallas_verdict.main([str(path), '--sweep', str(sweep), '--commit', 'abc1234']) == 0
+  out = capsys.readouterr().out
+  assert "PallasRegion('LSTM', rows=(2, 2), hidden=(4, 4), device='H200'),  # (2, 5, 3, 4): " \
+         'fwd 0.50x, train 0.50x the scans (abc1234)' in out
+  assert out.splitlines()[-2:] == [f'  {"pallas/a=1":40s} 0.500x (1 layer)',
+                                   f'  {"pallas":40s} 1.000x (1 layer)']
+
+
 def test_pallas_verdict_ranks_the_size_variants():
   """The geometric mean of each variant's training step over the default
   settings', over the layers where both ran; a failed variant is left out."""
@@ -408,7 +456,9 @@ def test_pallas_verdict_ranks_the_size_variants():
   sweep = dict(rows=[row('LSTM', 'default', 9.0), row('LSTM', 'pallas', 10.0),
                      row('LSTM', 'pallas/a=1', 5.0), row('LSTM', 'pallas/b=1', 8.0),
                      row('GRU', 'pallas', 10.0), row('GRU', 'pallas/a=1', 30.0),
-                     row('GRU', 'pallas/b=1', None, error='out of shared memory')])
+                     row('GRU', 'pallas/b=1', None, error='out of shared memory'),
+                     dict(row('GRU', 'pallas', None, error='failed'), shape=[1, 2, 3, 4]),
+                     dict(row('GRU', 'pallas/a=1', 1.0), shape=[1, 2, 3, 4])])
   assert pallas_verdict.sweep_ranking(sweep) == [
     ('pallas/b=1', pytest.approx(0.8), 1), ('pallas', 1.0, 2),
     ('pallas/a=1', pytest.approx(1.5 ** 0.5), 2)]

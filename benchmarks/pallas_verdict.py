@@ -39,16 +39,18 @@ def verdicts(runs: list[dict]) -> list[dict]:
   """One row per shape and layer that has Pallas ratios in ``runs`` (the
   ``ratios`` of ``benchmarks.run``'s JSON; a later run's shape replaces an
   earlier one's)."""
-  ratios = {}
+  by_shape: dict[tuple, dict] = {}
   for run in runs:
+    latest: dict[tuple, dict] = {}
     for r in run.get('ratios', []):
-      ratios[(tuple(r['shape']), r['ours'], r['theirs'])] = r
+      latest.setdefault(tuple(r['shape']), {})[(r['ours'], r['theirs'])] = r
+    by_shape.update(latest)  # the whole shape: no comparison left over from an earlier run
   rows = []
-  for shape in sorted({k[0] for k in ratios}):
+  for shape in sorted(by_shape):
     for layer in ('LSTM', 'GRU'):
       pallas = f'nr.{layer}[pallas]'
-      scans = ratios.get((shape, pallas, f'nr.{layer}'))
-      torch = ratios.get((shape, pallas, f'torch.nn.{layer}'))
+      scans = by_shape[shape].get((pallas, f'nr.{layer}'))
+      torch = by_shape[shape].get((pallas, f'torch.nn.{layer}'))
       if scans is None and torch is None:
         continue
       row = dict(shape=shape, layer=layer, vs_scans=scans, vs_torch=torch,
@@ -89,10 +91,11 @@ def table(rows: list[dict]) -> str:
 
 def device_name(runs: list[dict]) -> str:
   """The part of ``device_kind`` a region names ('NVIDIA H200' -> 'H200')."""
-  kinds = {run.get('machine', {}).get('device_kind') for run in runs} - {None}
-  if len(kinds) != 1:
-    raise ValueError(f'expected runs on one kind of device, got device kinds {sorted(kinds)} '
-                     '(benchmarks.run records `machine.device_kind` since 2026-12-02)')
+  kinds = {run.get('machine', {}).get('device_kind') for run in runs}
+  if len(kinds) != 1 or None in kinds:  # a run without one may have been on another GPU
+    raise ValueError(f'expected runs on one recorded kind of device, got device kinds '
+                     f'{sorted(kinds, key=str)} (benchmarks.run records `machine.device_kind` '
+                     'since 2026-12-02)')
   kind, = kinds
   return kind.removeprefix('NVIDIA ').strip()
 

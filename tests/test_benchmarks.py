@@ -380,11 +380,13 @@ def test_pallas_verdict_targets_and_the_table_auto_reads(monkeypatch):
   picks = [(layer, b, h) for layer in (nr.LSTM, nr.GRU) for b in (1, 2) for h in (16, 32)
            if _plans.pallas_measured_faster(layer._math, b, h)]
   assert picks == [(nr.LSTM, 1, 16)]
-  with pytest.raises(ValueError, match=r"expected runs on one kind of device, got device kinds "
-                                       r"\['NVIDIA A100', 'NVIDIA H200'\]"):
+  with pytest.raises(ValueError, match=r"expected runs on one recorded kind of device, got "
+                                       r"device kinds \['NVIDIA A100', 'NVIDIA H200'\]"):
     pallas_verdict.device_name([small, _pallas_run((8, 2, 3, 16), {}, kind='NVIDIA A100')])
-  with pytest.raises(ValueError, match=r"got device kinds \[\] .*since 2026-12-02"):
+  with pytest.raises(ValueError, match=r"got device kinds \[None\] .*since 2026-12-02"):
     pallas_verdict.device_name([dict(ratios=[])])  # a run from before device_kind was recorded
+  with pytest.raises(ValueError, match=r"got device kinds \['NVIDIA H200', None\]"):
+    pallas_verdict.device_name([small, dict(ratios=[])])  # not labelled with the other's GPU
   namespace = dict(PallasRegion=_plans.PallasRegion)
   exec(pallas_verdict.regions([], 'H200', 'x').replace('tuple[PallasRegion, ...]', 'tuple'),
        namespace)
@@ -414,6 +416,11 @@ def test_pallas_verdict_edges_of_the_targets():
     (64, 'GRU', True, False), (128, 'LSTM', True, False), (128, 'GRU', None, False)]
   assert 'PallasRegion(\'GRU\', rows=(8, 8), hidden=(16, 16), device=\'H200\')' in \
     pallas_verdict.regions(rows, 'H200', 'x')
+  # The later run replaces the whole shape: no PyTorch ratio left over from the stale run.
+  rows = pallas_verdict.verdicts([stale, _pallas_run((8, 5, 3, 16), {
+    'nr.GRU[pallas]': (0.5, 0.5), 'nr.GRU': (1.0, 1.0)})])
+  assert [(r['layer'], r['vs_torch'], r['met'], r['faster']) for r in rows] == [
+    ('GRU', None, None, True)]
 
 
 def test_pallas_verdict_refuses_runs_without_pallas_rows(tmp_path, capsys):

@@ -113,7 +113,7 @@ def test_column_chunks_and_partly_held_weights(cls, masks, rolled):
                                 padding=padding, tol=3e-5, **masks)
 
 
-@pytest.mark.parametrize('cls', [nr.GRU])  # the LSTM's bfloat16 kernels: Triton lowering below
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
 def test_bfloat16_computation(cls):
   """bfloat16 matmuls and residuals (float32 state in the kernel) against the
   float32 XLA scans: values and gradients, at bfloat16's tolerance."""

@@ -878,6 +878,16 @@ def test_from_nnx_cell_loads_into_linen(name, args):
   assert _paths(variables) == linen_paths
 
 
+def test_to_nnx_unboxes_partitioned_params():
+  # A checkpoint of parameters made with nn.with_partitioning: nn.Partitioned boxes.
+  cell = nn.GRUCell(H)
+  x, h = normal((B, IN)), jnp.full((B, H), 0.5)
+  variables = random_linen_variables(cell, h, x)
+  boxed = jax.tree.map(lambda a: nn.Partitioned(a, names=(None,) * a.ndim), variables)
+  assert isinstance(boxed['params']['hr']['kernel'], nn.Partitioned)
+  _assert_close(compat.to_nnx(cell, boxed)(h, x), cell.apply(variables, h, x), atol=1e-6)
+
+
 def test_from_nnx_gru_without_bias_hn():
   cell = nr.GRUCell(IN, H, use_bias_hn=False, kernel_init=_det_init,
                     recurrent_kernel_init=_det_init, rngs=nnx.Rngs(0))
@@ -1153,6 +1163,18 @@ def test_migration_errors():
   with pytest.raises(ValueError, match=r"to_nnx: `module` expected an RNN whose 'params' are "
                      r'broadcast over time'):
     compat.to_nnx(per_step, v)
+  # A plain RNN's checkpoint for an RNN that scans 'params' per step, or broadcasts nothing.
+  rnn_vars = {'params': {'cell': variables['params']}}
+  for options, got in [({'variable_axes': {'params': 0}}, r"variable_axes=\{'params': 0\}, "
+                        r"variable_broadcast='params'"),
+                       ({'variable_broadcast': False}, r'variable_axes=\{\}, '
+                        r'variable_broadcast=False')]:
+    with pytest.raises(ValueError, match=r"to_nnx: `module` expected an RNN whose 'params' are "
+                       r'broadcast over time .* got ' + got):
+      compat.to_nnx(nn.RNN(cell, **options), rnn_vars)
+  with pytest.raises(ValueError, match=r"to_nnx: `variables` expected 'cell' in the parameters "
+                     r"of the RNN, got \['hn', 'hr', 'hz', 'in', 'ir', 'iz'\]"):
+    compat.to_nnx(nn.RNN(cell), variables)  # the cell's checkpoint for an RNN
   with pytest.raises(TypeError, match=r'from_nnx: `module` expected an nnx_recurrent LSTMCell, '
                      r'.*got flax.nnx.nn.linear.Linear'):
     compat.from_nnx(nnx.eval_shape(lambda: nnx.Linear(IN, H, rngs=nnx.Rngs(0))))

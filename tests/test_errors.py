@@ -756,6 +756,29 @@ def _stacked_layers_that_do_not_chain():
       nr.StackedRNN(*layers)
 
 
+def test_nested_stacks_chain_by_their_first_input_and_last_output():
+  abstractly(_nested_stacks_chain_by_their_first_input_and_last_output)  # sizes only
+
+
+def _nested_stacks_chain_by_their_first_input_and_last_output():
+  r = nnx.Rngs(0)
+  # An inner stack reads 4 features (its first layer) and gives 2 (its last).
+  inner = lambda: nr.StackedRNN(nr.RNN(nr.GRUCell(4, 6, rngs=r)),  # noqa: E731
+                                nr.RNN(nr.GRUCell(6, 2, rngs=r)))
+  stack = nr.StackedRNN(nr.RNN(nr.GRUCell(3, 4, rngs=r)), nr.Bidirectional(inner(), inner()),
+                        nr.RNN(nr.GRUCell(4, 5, rngs=r)))  # 3 -> 4 -> 2 + 2 -> 5
+  assert stack(X).shape == (2, 5, 5)
+  bi = nr.Bidirectional(inner(), inner())
+  with pytest.raises(ValueError, match=m('StackedRNN: `layers[1]` expected a layer reading 6 '
+                                         'features (the output size of layers[0], RNN)',
+                                         'got Bidirectional with in_features 4.')):
+    nr.StackedRNN(nr.RNN(nr.GRUCell(3, 6, rngs=r)), bi)
+  with pytest.raises(ValueError, match=m('StackedRNN: `layers[1]` expected a layer reading 4 '
+                                         'features (the output size of layers[0], Bidirectional)',
+                                         'got RNN with in_features 6.')):
+    nr.StackedRNN(bi, nr.RNN(nr.GRUCell(6, 5, rngs=r)))
+
+
 def test_stacked_layers_of_unknown_sizes_are_left_to_the_call():
   shapes = []
 

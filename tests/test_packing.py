@@ -292,6 +292,21 @@ def test_pack_rnn_unpack_equals_separate_runs():
   np.testing.assert_array_equal(g[..., 0], (ids == 3).astype(np.float32))
 
 
+def test_pack_only_empty_sequences_and_mixed_dtypes():
+  # Only empty sequences: one row of length 1, all padding; unpack gives them back empty.
+  x, ids = nr.pack_sequences([np.zeros((0, 2), np.float32)] * 2, pad_value=7)
+  np.testing.assert_array_equal(x, np.full((1, 1, 2), 7, np.float32))
+  np.testing.assert_array_equal(ids, [[0]])
+  back = nr.unpack_sequences(x, ids, num_sequences=2)
+  assert [b.shape for b in back] == [(0, 2), (0, 2)]
+  assert nr.unpack_sequences(x, ids) == []  # no id occurs: no sequence
+  # The common dtype of all sequences, not the first one's: no value is truncated.
+  x, ids = nr.pack_sequences([np.arange(2), np.array([0.5, 1.5])], max_length=4)
+  assert x.dtype == np.float64
+  np.testing.assert_array_equal(x, [[0, 1, 0.5, 1.5]])
+  np.testing.assert_array_equal(ids, [[1, 1, 2, 2]])
+
+
 def test_pack_unpack_errors():
   seqs = [np.ones((3, 2)), np.ones((5, 2))]
   with pytest.raises(ValueError, match=r'pack_sequences: `max_length` expected at least the '
@@ -306,15 +321,35 @@ def test_pack_unpack_errors():
     nr.pack_sequences([])
   with pytest.raises(TypeError, match=r'`sequences` expected a list of arrays, got ndarray'):
     nr.pack_sequences(np.ones((2, 3)))
+  with pytest.raises(ValueError, match=r'`sequences\[1\]` expected shape \(length, \*\(\)\) '
+                     r'like sequences\[0\], got shape \(\)'):
+    nr.pack_sequences([np.arange(3), np.float32(1)])  # a scalar has no length
+  with pytest.raises(ValueError, match=r'pack_sequences: `max_length` expected a positive int, '
+                     r'got 0'):
+    nr.pack_sequences([np.ones((0, 2))], max_length=0)  # fits, but no time axis of size 0
+  with pytest.raises(TypeError, match=r'pack_sequences: `num_rows` expected a positive int, '
+                     r'got True'):
+    nr.pack_sequences(seqs[:1], num_rows=True)
   out = np.zeros((2, 4, 3))
   with pytest.raises(ValueError, match=r'unpack_sequences: `segment_ids` expected each positive '
                      r'id in one contiguous span of one row .* got id 1 in several spans'):
     nr.unpack_sequences(out, np.array([[1, 1, 2, 2], [1, 1, 0, 0]]))
   with pytest.raises(ValueError, match=r'got id 1 in several spans'):  # two spans of one row
     nr.unpack_sequences(out, np.array([[1, 0, 1, 2], [0, 0, 0, 0]]))
+  with pytest.raises(ValueError, match=r'got id 2 in several spans'):  # rows 0 and 1, columns 1, 2
+    nr.unpack_sequences(out, np.array([[1, 2, 0, 0], [0, 0, 2, 0]]))
+  with pytest.raises(TypeError, match=r'unpack_sequences: `segment_ids` expected an integer '
+                     r'array, got dtype float32'):
+    nr.unpack_sequences(out, np.array([[1, 1, 2, 2], [0, 0, 0, 0]], np.float32))
+  with pytest.raises(ValueError, match=r'unpack_sequences: `segment_ids` expected non-negative '
+                     r'ids, got minimum -1'):
+    nr.unpack_sequences(out, np.array([[1, 1, -1, 0], [0, 0, 0, 0]]))
   with pytest.raises(ValueError, match=r'`segment_ids` expected shape \(rows, time\) = '
                      r'\(2, 4\) .* got shape \(4, 2\)'):
     nr.unpack_sequences(out, np.zeros((4, 2), np.int32))
   with pytest.raises(ValueError, match=r'`num_sequences` expected an int of at least the largest '
                      r'id \(2\), got 1'):
     nr.unpack_sequences(out, np.array([[1, 1, 2, 2], [0, 0, 0, 0]]), num_sequences=1)
+  with pytest.raises(ValueError, match=r'`num_sequences` expected an int of at least the largest '
+                     r'id \(1\), got True'):
+    nr.unpack_sequences(out, np.array([[1, 1, 0, 0], [0, 0, 0, 0]]), num_sequences=True)

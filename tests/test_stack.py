@@ -62,32 +62,36 @@ def test_equals_manual_composition(mask):
 
 
 def test_numpy_reference_two_layers_time_major():
+  # Only the first layer is time major: the stack takes its time_major from the
+  # first layer and passes it to every layer; a call's time_major overrides it.
   stack = random_module(lambda: nr.StackedRNN(
     nr.RNN(nr.SimpleCell(IN, H, rngs=nnx.Rngs(0)), time_major=True),
-    nr.RNN(nr.MGUCell(H, H, rngs=nnx.Rngs(1)), time_major=True),
+    nr.RNN(nr.MGUCell(H, H, rngs=nnx.Rngs(1))),
   ))
   assert stack.time_major  # taken from the first layer
   x = _x()
-  (c1, c2), ys = nnx.jit(lambda stack: stack(np.swapaxes(x, 0, 1), seq_lengths=LENGTHS,
-                                             return_carry=True))(stack)
+  ((c1, c2), ys), batch_major = nnx.jit(lambda stack: (
+    stack(np.swapaxes(x, 0, 1), seq_lengths=LENGTHS, return_carry=True),
+    stack(x, seq_lengths=LENGTHS, time_major=False)))(stack)
   p1, p2 = (reference.cell_params(layer.cell) for layer in stack.layers)
   zeros = np.zeros((B, H))
   r1, y1 = reference.rnn(p1, x, LENGTHS, zeros, num_batch_dims=1)
   r2, y2 = reference.rnn(p2, y1, LENGTHS, zeros, num_batch_dims=1)
   np.testing.assert_allclose(np.swapaxes(ys, 0, 1), y2, atol=ATOL)
+  np.testing.assert_allclose(batch_major, y2, atol=ATOL)
   np.testing.assert_allclose(c1, r1, atol=ATOL)
   np.testing.assert_allclose(c2, r2, atol=ATOL)
 
 
 def test_dropout_between_layers_only():
   # Identity layers (h = W_i x, W_i = I, W_h = 0): the output is the input after
-  # the between-layer dropout: 0 or 1 / (1 - 0.5) per element, never 4.
+  # the between-layer dropout: 0 or 1 / (1 - 0.25) per element.
   ident = dict(activation_fn=lambda a: a, **_Z)
   rngs = nnx.Rngs(0)
   layers = [nr.RNN(nr.SimpleCell(H, H, **ident, rngs=rngs)) for _ in range(2)]
   for layer in layers:
     layer.cell.dense_i.kernel[...] = jnp.eye(H)
-  stack = nr.StackedRNN(*layers, dropout_rate=0.5, rngs=nnx.Rngs(dropout=1))
+  stack = nr.StackedRNN(*layers, dropout_rate=0.25, rngs=nnx.Rngs(dropout=1))
   x = jnp.ones((8, T, H))
   lengths = np.array([T] * 7 + [2])
   # Under nnx.jit, which carries the streams' updates out: a repeated call is
@@ -95,13 +99,13 @@ def test_dropout_between_layers_only():
   masked = nnx.jit(lambda stack: stack(x, seq_lengths=lengths))
   plain = nnx.jit(lambda stack, rngs=None: stack(x, rngs=rngs))
   y = np.asarray(masked(stack))
-  assert set(np.unique(y[:7])) == {0.0, 2.0}
+  np.testing.assert_allclose(np.unique(y[:7]), [0, 1 / 0.75], rtol=1e-6)
+  assert 0.15 < (y[:7] == 0).mean() < 0.35  # a quarter dropped
   assert len({tuple(y[0, t]) for t in range(T)}) > 1  # plain dropout: a new mask every step
   np.testing.assert_array_equal(y[7, 2:], 0)  # padding stays zero
   assert not np.array_equal(y, np.asarray(masked(stack)))
-  # One layer: nothing after the last layer.
-  np.testing.assert_array_equal(
-    plain(nr.StackedRNN(layers[0], dropout_rate=0.5, rngs=nnx.Rngs(dropout=1))), x)
+  # One layer: nothing after the last layer, so no RNG is needed in training.
+  np.testing.assert_array_equal(plain(nr.StackedRNN(layers[0], dropout_rate=0.5)), x)
   # Evaluation: the plain composition; a key at call time is reproducible.
   k = jax.random.key(0)
   np.testing.assert_array_equal(plain(stack, k), plain(stack, k))
@@ -115,6 +119,9 @@ def test_errors():
   with pytest.raises(ValueError, match=r'StackedRNN: `initial_carry` expected a tuple of 2 '
                      r'carries \(one per layer, None for the default\), got tuple of length 1'):
     stack(x, initial_carry=(None,))
+  with pytest.raises(ValueError, match=r'`initial_carry` expected a tuple of 2 carries .* '
+                     r'got tuple of length 3'):
+    stack(x, initial_carry=(None, None, None))
   with pytest.raises(ValueError, match=r'`initial_carry` expected a tuple of 2 carries .* '
                      r'got ndarray'):
     stack(x, initial_carry=np.zeros((B, H)))
@@ -151,6 +158,41 @@ def test_reverse_through_nested_convolutional_stacks():
   np.testing.assert_allclose(got, want, atol=ATOL)
   assert not np.allclose(got, forward, atol=1e-3)
   np.testing.assert_array_equal(got[1, 3:], 0)
+
+
+def test_reverse_and_keep_order_with_a_fused_first_layer():
+  """A fused GRU (no ``cell``: one feature axis) first: ``reverse`` runs the stack on
+  each row reversed within its length; against the NumPy formula of its cell."""
+  stack = random_module(lambda: nr.StackedRNN(nr.GRU(IN, H, rngs=nnx.Rngs(0)),
+                                              nr.RNN(nr.SimpleCell(H, H, rngs=nnx.Rngs(1)))))
+  x = _x()
+  got, kept = nnx.jit(lambda stack: [stack(x, seq_lengths=LENGTHS, reverse=True, keep_order=k)
+                                     for k in (False, True)])(stack)
+  zeros = np.zeros((B, H))
+  p1, p2 = reference.cell_params(stack.layers[0].forward[0]), reference.cell_params(
+    stack.layers[1].cell)
+  _, y1 = reference.rnn(p1, x, LENGTHS, zeros, num_batch_dims=1, reverse=True)
+  _, y2 = reference.rnn(p2, y1, LENGTHS, zeros, num_batch_dims=1)  # processing order
+  np.testing.assert_allclose(got, y2, atol=ATOL)
+  in_order = y2.copy()
+  for b, n in enumerate(LENGTHS):
+    in_order[b, :n] = y2[b, :n][::-1]
+  np.testing.assert_allclose(kept, in_order, atol=ATOL)
+
+
+def test_a_key_at_call_time_gives_each_gap_its_own_mask():
+  # Three identity layers, dropout 0.5 in the two gaps: an element survives both
+  # gaps (value 1 / 0.5**2 = 4) with probability 1/4 when their masks are
+  # independent, 1/2 when they are the same mask.
+  ident = dict(activation_fn=lambda a: a, **_Z)
+  layers = [nr.RNN(nr.SimpleCell(H, H, **ident, rngs=nnx.Rngs(0))) for _ in range(3)]
+  for layer in layers:
+    layer.cell.dense_i.kernel[...] = jnp.eye(H)
+  stack = nr.StackedRNN(*layers, dropout_rate=0.5)
+  y = np.asarray(nnx.jit(lambda stack: stack(jnp.ones((8, T, H)), rngs=jax.random.key(3)))(
+    stack))
+  np.testing.assert_array_equal(np.unique(y), [0, 4])
+  assert 0.15 < (y == 4).mean() < 0.35
 
 
 def test_dropout_between_layers_can_be_attached_after_construction():

@@ -26,7 +26,8 @@ from typing import NamedTuple
 import jax
 
 # How a direction is scanned, chosen from the shapes of one step (measured on 2
-# CPU cores, see benchmarks/RESULTS.md):
+# cores of the AMD EPYC development machine, see benchmarks/RESULTS.md; its
+# "On the Intel machine" says which choices read differently on the other kind):
 # * 'hoisted': the input projection of every step is one matmul before the
 #   loop. For steps with fewer rows (batch elements) than HOIST_MAX_ROWS:
 #   then the per-step matmuls are too small to use both cores. With more rows
@@ -67,7 +68,8 @@ import jax
 #   backward's stacked gate gradients and their concatenation (78 MB each at
 #   (256, 50, 256, 512)) cost more than they save. Not for the LSTM (its
 #   custom backward, with transposed weight-gradient matmuls, is 0.91x flax's
-#   at 256 rows where JAX's is 1.05x), nor on a GPU (there the fused GRU's
+#   at 256 rows where JAX's is 1.05x; on the Intel machine it is 1.06x JAX's
+#   own), nor on a GPU (there the fused GRU's
 #   training step took 0.72x flax's at 256 rows, the generic one 1.06x).
 HOIST_MAX_ROWS = 32
 JOINT_MAX_ROWS = 128

@@ -925,6 +925,47 @@ def test_bidirectional_random_carries_as_flax():
   assert not np.allclose(fwd[0], bwd[0])  # one stream: the directions draw different carries
 
 
+def test_bidirectional_keeps_flax_stream_when_one_direction_draws():
+  """A zero-carry direction beside one whose cell draws its carry: the
+  Bidirectional keeps flax.nnx's RngStream(0), the drawing direction's only
+  source (its RNN keeps none), and both libraries draw the same carries."""
+  def build(lib):
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')
+      return lib.Bidirectional(
+        lib.RNN(lib.SimpleCell(IN, H, rngs=nnx.Rngs(0))),
+        lib.RNN(lib.SimpleCell(IN, H, carry_init=RANDOM_CARRY, rngs=nnx.Rngs(1)), rngs=False),
+        return_carry=True)
+
+  x = _x()
+  ours, theirs = build(nr), build(nnx)
+  assert ours.rngs is not None
+  call = nnx.jit(lambda ours, theirs: (ours(x), theirs(x)))  # both in one program
+  for _ in range(2):  # the stream advances as flax's does
+    got, want = call(ours, theirs)
+    _close(got, want, atol=1e-5)
+
+
+def test_bidirectional_with_a_dropout_direction_runs_each_rnn_as_alone():
+  """One direction's cell draws its carry, the other its dropout masks, from
+  the call's RNG: with rngs=True the Bidirectional keeps no stream (one shared
+  by both would feed them one sequence of masks), so each direction runs as
+  its RNN alone does, from its own streams."""
+  def build():
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')
+      return nr.Bidirectional(
+        nr.RNN(nr.GRUCell(IN, H, dropout_rate=0.5, rngs=nnx.Rngs(0))),
+        nr.RNN(nr.GRUCell(IN, H, carry_init=RANDOM_CARRY, rngs=nnx.Rngs(1))))
+
+  x = _x()
+  bi, alone = build(), build()
+  assert bi.rngs is None
+  y, y_f, y_b = nnx.jit(lambda bi, alone: (
+    bi(x), alone.forward_rnn(x), alone.backward_rnn(x, reverse=True, keep_order=True)))(bi, alone)
+  _close(y, jnp.concatenate([y_f, y_b], axis=-1), atol=1e-6)
+
+
 def test_bidirectional_with_dropout_cells_keeps_their_streams():
   rnns = [nr.RNN(nr.GRUCell(IN, H, dropout_rate=0.5, rngs=nnx.Rngs(s))) for s in (0, 1)]
   bi = nr.Bidirectional(*rnns)

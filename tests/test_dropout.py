@@ -165,6 +165,13 @@ def test_a_subclass_whose_call_takes_no_options_is_warned_about_its_masks():
   assert (y != y[:, :1]).any(axis=(0, 2)).sum() == time - 1  # a new mask at every step
 
 
+def test_a_subclass_dropping_options_is_warned_about_zoneout_alone():
+  # Zoneout's per-step keys come from the call's RNG as the dropout masks do.
+  cell = random_module(lambda: _Drops(4, 4, zoneout_rate=0.25, rngs=nnx.Rngs(0)))
+  with pytest.warns(UserWarning, match=r'RNN: _Drops.__call__ overrides .*\(zoneout_rate=0.25\)'):
+    nr.RNN(cell)
+
+
 def _identity_rnns(width, n):
   """``n`` RNNs whose SimpleCell outputs its input after its input dropout mask."""
   ident = dict(activation_fn=lambda a: a, kernel_init=nnx.initializers.zeros_init(),

@@ -208,10 +208,17 @@ def test_initialize_carry_needs_rngs_for_carry_init(lstm):
    m('`kernel_size` expected a sequence of 1 to 3 ints')),
   (lambda: nr.LSTMCell(3, 4, rngs=0), TypeError, m('LSTMCell: `rngs` expected an nnx.Rngs')),
   (lambda: nr.RNN(lambda c, x: (c, x)), TypeError, m('RNN: `cell` expected an RNNCellBase')),
+  (lambda: nr.RNN(nnx.Linear(3, 4, rngs=nnx.Rngs(0))), TypeError,
+   m('RNN: `cell` expected an RNNCellBase', 'got Linear')),  # a module, but not a cell
+  (lambda: nr.Bidirectional(nr.LSTM(3, 4, bidirectional=True, rngs=nnx.Rngs(0)),
+                            nr.RNN(nr.LSTMCell(3, 4, rngs=nnx.Rngs(0)))), TypeError,
+   m('Bidirectional: `forward_rnn` expected a one-direction sequence layer',
+     'got LSTM, which already runs both directions')),
   (lambda: nr.RNN(nr.LSTMCell(3, 4, rngs=nnx.Rngs(0)), unroll=0), ValueError,
    m('RNN: `unroll` expected a positive int, got 0')),
 ], ids=['hidden0', 'hidden_float', 'in0', 'dropout', 'recurrent_dropout', 'strides_len',
-        'strides0', 'kernel_int', 'kernel_4d', 'rngs', 'cell', 'unroll'])
+        'strides0', 'kernel_int', 'kernel_4d', 'rngs', 'cell', 'cell_module',
+        'bidirectional_twice', 'unroll'])
 def test_bad_constructor_args(ctor, exc, msg):
   with pytest.raises(exc, match=msg):
     abstractly(ctor)  # no initializer runs: the arguments are checked in Python alike
@@ -415,11 +422,12 @@ def test_stacked_dropout_without_rngs():
 
 @pytest.mark.parametrize('kw, exc, msg', [
   (dict(num_batch_dims=5), ValueError, m('`num_batch_dims` expected an int in [0, 2]', 'got 5')),
+  (dict(num_batch_dims=3), ValueError, m('`num_batch_dims` expected an int in [0, 2]', 'got 3')),
   (dict(num_batch_dims=-1), ValueError, m('`num_batch_dims` expected an int in [0, 2]', 'got -1')),
   (dict(num_batch_dims=1.0), TypeError, m('`num_batch_dims` expected an int', 'got 1.0')),
   (dict(num_batch_dims=1, seq_lengths=jnp.array([[6, 1]])), ValueError,
    m('`seq_lengths` expected shape batch shape = (2,)', 'got shape (1, 2)')),
-], ids=['too_many', 'negative', 'float', 'lengths_shape'])
+], ids=['too_many', 'no_time_axis', 'negative', 'float', 'lengths_shape'])
 def test_flip_sequences_arguments(kw, exc, msg):
   kw.setdefault('seq_lengths', None)
   with pytest.raises(exc, match=m('flip_sequences: ') + '.*' + msg):

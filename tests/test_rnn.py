@@ -262,6 +262,22 @@ def test_bidirectional_with_one_rnn_twice_warns_and_shares_it():
   _close(y, np.concatenate([ref_yf, ref_yb], axis=-1))
 
 
+def test_bidirectional_fixes_each_directions_order_as_flax():
+  # As flax.nnx: the forward RNN runs forwards and the backward one reversed,
+  # back in input order, whatever `reverse` / `keep_order` they were built with.
+  fwd, features = ref.make_cell('gru', seed=0)
+  bwd, _ = ref.make_cell('gru', seed=1)
+  bi = nr.Bidirectional(nr.RNN(fwd, reverse=True, keep_order=True), nr.RNN(bwd))
+  lengths = np.array([4, 0, 2], np.int32)
+  x = _inputs(features, False, batch=(3,), time=4)
+  y = jitted(bi, x, None, jnp.asarray(lengths))
+  zeros = np.zeros((3, 4))
+  _, ref_yf = ref.rnn(ref.cell_params(fwd), x, lengths, zeros, num_batch_dims=1)
+  _, ref_yb = ref.rnn(ref.cell_params(bwd), x, lengths, zeros, num_batch_dims=1, reverse=True,
+                      keep_order=True)
+  _close(y, np.concatenate([ref_yf, ref_yb], axis=-1))
+
+
 # -- flip_sequences -------------------------------------------------------------
 @pytest.mark.parametrize('with_lengths', [False, True])
 @pytest.mark.parametrize('time_major', [False, True])

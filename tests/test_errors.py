@@ -94,7 +94,8 @@ def test_seq_lengths_not_integer(lstm, lengths):
     nr.RNN(lstm)(X, seq_lengths=lengths)
 
 
-@pytest.mark.parametrize('lengths, got', [([1.0, 2.5], '[2.5]'), ([np.nan, 2.0], '[nan]')])
+@pytest.mark.parametrize('lengths, got', [([1.0, 2.5], '[2.5]'), ([np.nan, 2.0], '[nan]'),
+                                          ([np.inf, 2.0], '[inf]')])  # inf == round(inf)
 def test_float_seq_lengths_not_whole(lstm, lengths, got):
   # Whole-number floats are lengths (the sum of a float mask); others are not.
   with pytest.raises(ValueError, match=m('`seq_lengths` expected whole numbers', f'got {got} '
@@ -162,6 +163,11 @@ def test_initial_carry_wrong_shapes(lstm):
   with pytest.raises(ValueError, match=m('`initial_carry` expected leaf shapes',
                                          'got [(4,), (4,)]')):
     nr.RNN(lstm)(X, initial_carry=(jnp.zeros((4,)), jnp.zeros((4,))))
+  # A carry may have more rows than the inputs (beams), not fewer: one row for a
+  # batch of 2 would change the carry's shape after the first step.
+  with pytest.raises(ValueError, match=m('`initial_carry` expected leaf shapes [(2, 4), (2, 4)] '
+                                         '(or shapes they broadcast to), got [(1, 4), (1, 4)]')):
+    nr.RNN(lstm)(X, initial_carry=(jnp.zeros((1, 4)),) * 2)
 
 
 def test_bidirectional_initial_carry_not_a_pair(lstm):
@@ -283,6 +289,43 @@ def test_rates_accept_numpy_and_jax_scalars():
     nr.LSTMCell(3, 4, dropout_rate=True, rngs=nnx.Rngs(0))
 
 
+def test_rates_and_epsilon_of_other_kinds():
+  # (Their bounds, a rate of 1 and an epsilon of 0: test_new_cells, test_dropout.)
+  # 0-d arrays are taken when floating, as documented (_checks._is_real); an
+  # integer one is refused (a Python or NumPy int is taken).
+  with pytest.raises(ValueError, match=m('`dropout_rate` expected a float in [0, 1)',
+                                         'got Array(0, dtype=int32')):
+    nr.LSTMCell(3, 4, dropout_rate=jnp.array(0), rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match=m('`epsilon` expected a positive float',
+                                        'got Array(1, dtype=int32')):
+    nr.LayerNormGRUCell(3, 4, epsilon=jnp.array(1), rngs=nnx.Rngs(0))
+  # A traced value cannot be read on the host: a message naming the argument,
+  # not jax's ConcretizationTypeError. Raised before any initializer is traced.
+  with pytest.raises(ValueError, match=m('LSTMCell: `dropout_rate` expected a float in [0, 1), '
+                                         'got JitTracer')):
+    jax.jit(lambda r: nr.LSTMCell(3, 4, dropout_rate=r, rngs=nnx.Rngs(0)) and 0)(0.25)
+  with pytest.raises(TypeError, match=m('LayerNormGRUCell: `epsilon` expected a positive float, '
+                                        'got JitTracer')):
+    jax.jit(lambda e: nr.LayerNormGRUCell(3, 4, epsilon=e, rngs=nnx.Rngs(0)) and 0)(1e-5)
+
+
+def test_numpy_ints_as_sizes_and_flags():
+  # NumPy integers are ints (sizes read from arrays' shapes); stored as Python
+  # ints, and the parameters are those of the same Python sizes. A bool is no size.
+  cell = nr.LSTMCell(np.int64(3), np.int32(4), rngs=nnx.Rngs(0))
+  assert (type(cell.in_features), type(cell.hidden_features)) == (int, int)
+  assert cell.in_features == 3 and cell.hidden_features == 4
+  want = nr.LSTMCell(3, 4, rngs=nnx.Rngs(0))
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(cell, nnx.Param),
+               nnx.state(want, nnx.Param))
+  with pytest.raises(TypeError, match=m('LSTMCell: `hidden_features` expected a positive int, '
+                                        'got True.')):
+    nr.LSTMCell(3, True, rngs=nnx.Rngs(0))
+  # Flags: NumPy's 0 and 1 as Python's, read as bools.
+  assert nr.RNN(want, reverse=np.int64(1)).reverse is True
+  assert nr.MGUCell(3, 4, reset_gate=np.int32(0), rngs=nnx.Rngs(0)).reset_gate is False
+
+
 # -- a cell's own call and initialize_carry --------------------------------------------
 @pytest.mark.parametrize('carry, exc, msg', [
   (jnp.zeros((2, 4)), ValueError, m('LSTMCell: `carry` expected a pytree with structure')),
@@ -292,7 +335,9 @@ def test_rates_accept_numpy_and_jax_scalars():
   (None, ValueError, m('LSTMCell: `carry` expected a pytree')),
   ((jnp.zeros((2, 4), jnp.int32),) * 2, TypeError,
    m('`carry` expected floating leaves (dtype float32)', "got dtypes ['int32', 'int32']")),
-], ids=['one_array', 'features', 'batch', 'none', 'int'])
+  # A Python number broadcasts as a leaf, a bool does not (it would step as 1.0).
+  ((True, jnp.zeros((2, 4))), ValueError, m('got [(), (2, 4)]')),
+], ids=['one_array', 'features', 'batch', 'none', 'int', 'bool'])
 def test_cell_call_checks_the_carry(lstm, carry, exc, msg):
   with pytest.raises(exc, match=msg):
     lstm(carry, X[:, 0])
@@ -383,6 +428,7 @@ def test_initialize_carry_takes_numpy_shapes_and_rngs_without_a_carry_stream(lst
   for shape in (np.array([2, 3]), (jnp.array(2), np.int64(3))):
     for a, b in zip(lstm.initialize_carry(shape), want):
       np.testing.assert_array_equal(a, b)
+  assert [a.shape for a in lstm.initialize_carry((0, 3))] == [(0, 4)] * 2  # an empty batch
   rngs = nnx.Rngs(dropout=1)  # no carry or default stream: the zeros need none
   np.testing.assert_array_equal(lstm.initialize_carry((2, 3), rngs)[1], want[1])
   assert int(rngs['dropout'].count[...]) == 0
@@ -392,7 +438,10 @@ def test_initialize_carry_takes_numpy_shapes_and_rngs_without_a_carry_stream(lst
   ((jax.random.key(0), (2, 3)), 'got an array of dtype key<fry>'),
   ((2,), 'got 2'),
   (((2.5, 3),), 'got (2.5, 3)'),
-], ids=['linen_order', 'int', 'float_dims'])
+  (((-1, 3),), 'got (-1, 3)'),
+  (((True, 3),), 'got (True, 3)'),
+  (((jnp.array(2.0), 3),), 'got (Array(2., dtype=float32'),  # a 0-d array: an integer one only
+], ids=['linen_order', 'int', 'float_dims', 'negative', 'bool', 'float_array'])
 def test_initialize_carry_input_shape(lstm, args, got):
   with pytest.raises(TypeError, match=m('LSTMCell.initialize_carry: `input_shape` expected a '
                                         'tuple of ints', "flax.linen's (rng, input_shape)", got)):
@@ -469,8 +518,11 @@ _PADDINGS = ("one of 'SAME', 'SAME_LOWER', 'VALID', 'CIRCULAR', 'REFLECT', 'CAUS
   ((1, 1.5), ValueError, 'got (1, 1.5)'),
   (1.5, TypeError, 'got 1.5'),
   (None, TypeError, 'got None'),
+  (True, TypeError, 'got bool'),  # flax would read True as 1
+  ((True, 1), ValueError, 'got (True, 1)'),
+  (((1, 1, 1), 1), ValueError, 'got ((1, 1, 1), 1)'),  # a pair has two entries
 ], ids=['unknown', 'lower_case_flax_mode', 'too_few', 'list_pair', 'float_entry', 'float',
-        'none'])
+        'none', 'bool', 'bool_entry', 'triple'])
 def test_conv_padding_refused_at_construction(padding, exc, got):
   for cls in (nr.ConvLSTMCell, nr.ConvGRUCell):
     with pytest.raises(exc, match=m(f'{cls.__name__}: `padding` expected {_PADDINGS}', got)):
@@ -615,6 +667,14 @@ def test_seq_lengths_list_is_the_array_it_spells(lstm):
     rnn(X, seq_lengths=[5.0, 2.5])
 
 
+def test_fused_initial_carry_leaves_must_have_the_carry_shapes():
+  # The fused layers take no broadcasting carry (flax.nnx's LSTM neither): a
+  # number for a leaf is refused, as a leaf of another shape.
+  with pytest.raises(ValueError, match=m('LSTM: `initial_carry` expected leaf shapes '
+                                         '[(2, 4), (2, 4)], got [(), ()].')):
+    abstractly(lambda: nr.LSTM(3, 4, rngs=nnx.Rngs(0))(X, initial_carry=(0.0, 0.0)))
+
+
 # -- call-time rngs --------------------------------------------------------------------
 _RNGS = 'expected an nnx.Rngs, nnx.RngStream or a PRNG key (or None)'
 
@@ -638,6 +698,17 @@ def test_call_rngs_of_the_wrong_kind_name_the_module(call, where, got):
     call(cell, 0)
   with pytest.raises(TypeError, match=m(f'{where}: `rngs` {_RNGS}, got str.')):
     call(cell, 'a')
+
+
+def test_zoneout_set_after_construction_without_a_stream_names_rngs(lstm):
+  # A cell built without a rate keeps no stream; a zoneout rate set later in
+  # training mode needs a call's rngs: a TypeError naming them, not an assert.
+  cell = nr.LSTMCell(3, 4, rngs=nnx.Rngs(0))
+  cell.zoneout_rate = 0.5
+  cell.train()
+  with pytest.raises(TypeError, match=m('LSTMCell: `rngs` expected an nnx.Rngs, nnx.RngStream or '
+                                        'a PRNG key, got NoneType.')):
+    abstractly(lambda: cell(cell.initialize_carry((2, 3)), X[:, 0]))
 
 
 def test_epsilon_accepts_numpy_and_jax_scalars():
@@ -732,6 +803,17 @@ def test_flip_sequences_lengths_out_of_range():
   with pytest.raises(ValueError, match=m('flip_sequences: `seq_lengths` expected non-negative '
                                          'lengths, got minimum -1.')):
     nr.flip_sequences(x, jnp.array([-1, 2]), 1, False)
+
+
+def test_uint32_lengths_above_int32_and_an_empty_batch(lstm):
+  # uint32 lengths above int32's maximum act as the time axis: read as int32
+  # uncapped they would wrap to negative lengths, acting as 0 (the initial carry).
+  rnn = nr.RNN(lstm, return_carry=True)
+  got, _ = rnn(X, seq_lengths=np.array([2**32 - 1, 2], np.uint32))
+  want, _ = rnn(X, seq_lengths=np.array([5, 2]))
+  np.testing.assert_array_equal(got, want)
+  # No rows: nothing to check (NumPy's min of an empty array raises).
+  assert nr.flip_sequences(jnp.ones((0, 3)), np.zeros((0,), np.int32), 1, False).shape == (0, 3)
 
 
 def test_flip_sequences_lengths_out_of_range_under_jit_clip():

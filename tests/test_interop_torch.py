@@ -6,6 +6,7 @@ final states, plain and packed (``pack_padded_sequence`` / ``pad_packed_sequence
 """
 
 import importlib
+import re
 import sys
 
 import jax
@@ -575,3 +576,19 @@ def test_import_does_not_load_torch():
   assert attempts == [], f'torch imported: {attempts}'
   assert sys.modules['torch'] is torch and sys.modules['nnx_recurrent'] is nr
 
+
+
+@pytest.mark.parametrize('call, where, arg', [
+  (lambda c, x: nr.RNN(c)(x, segment_ids=torch.ones(2, 5, dtype=torch.int32)), 'RNN',
+   'segment_ids'),
+  (lambda c, x: c((torch.zeros(2, 4),) * 2, x[:, 0]), 'LSTMCell', 'carry'),
+], ids=['segment_ids', 'cell_carry'])
+def test_torch_tensors_get_a_clear_error_where_checked_alone(call, where, arg):
+  # As test_torch_tensors_get_a_clear_error, for the arguments whose checks
+  # see a tensor first (segment_ids: no seq_lengths' number check before;
+  # a cell's carry: a broadcasting one, checked leaf by leaf).
+  cell = nr.LSTMCell(3, 4, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match=re.escape(
+      f'{where}: `{arg}` expected a JAX or NumPy array (convert a tensor first, e.g. '
+      'x.numpy()), got torch.Tensor.')):
+    call(cell, jnp.ones((2, 5, 3)))

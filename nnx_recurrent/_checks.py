@@ -61,11 +61,12 @@ def is_concrete(x: Any) -> bool:
 
 
 def _is_real(x: Any) -> bool:
-  """A Python or NumPy real number (not a bool), or a concrete 0-d floating array."""
+  """A Python or NumPy real number (not a bool), or a concrete 0-d floating or
+  integer array (as a Python int is taken, ``jnp.array(0)`` is; a bool is not)."""
   dtype = getattr(x, 'dtype', None)
   return (isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))) or (
     dtype is not None and tuple(getattr(x, 'shape', (1,))) == () and is_concrete(x)
-    and jnp.issubdtype(dtype, jnp.floating))
+    and (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)))
 
 
 def check_rate(where: str, arg: str, rate: float) -> float:
@@ -77,7 +78,7 @@ def check_rate(where: str, arg: str, rate: float) -> float:
 
 def check_positive_float(where: str, arg: str, value: Any) -> float:
   """A finite number above 0 (``epsilon``): a Python or NumPy real, or a
-  concrete 0-d floating array; a ``TypeError`` for anything else (a bool, a
+  concrete 0-d floating or integer array; a ``TypeError`` for anything else (a bool, a
   string), a ``ValueError`` for a number out of range."""
   if not _is_real(value):
     fail(where, arg, 'a positive float', repr(value), TypeError)

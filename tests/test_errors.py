@@ -291,14 +291,18 @@ def test_rates_accept_numpy_and_jax_scalars():
 
 def test_rates_and_epsilon_of_other_kinds():
   # (Their bounds, a rate of 1 and an epsilon of 0: test_new_cells, test_dropout.)
-  # 0-d arrays are taken when floating, as documented (_checks._is_real); an
-  # integer one is refused (a Python or NumPy int is taken).
+  # 0-d floating and integer arrays are numbers, as Python and NumPy ints are
+  # (_checks._is_real), stored as Python floats; a 0-d bool array is refused.
+  cell = nr.LSTMCell(3, 4, dropout_rate=jnp.array(0), rngs=nnx.Rngs(0))
+  assert type(cell.dropout_rate) is float and cell.dropout_rate == 0.0
+  cell = nr.LayerNormGRUCell(3, 4, epsilon=jnp.array(1), rngs=nnx.Rngs(0))
+  assert type(cell.epsilon) is float and cell.epsilon == 1.0
   with pytest.raises(ValueError, match=m('`dropout_rate` expected a float in [0, 1)',
-                                         'got Array(0, dtype=int32')):
-    nr.LSTMCell(3, 4, dropout_rate=jnp.array(0), rngs=nnx.Rngs(0))
+                                         'got Array(False, dtype=bool')):
+    nr.LSTMCell(3, 4, dropout_rate=jnp.array(False), rngs=nnx.Rngs(0))
   with pytest.raises(TypeError, match=m('`epsilon` expected a positive float',
-                                        'got Array(1, dtype=int32')):
-    nr.LayerNormGRUCell(3, 4, epsilon=jnp.array(1), rngs=nnx.Rngs(0))
+                                        'got Array(True, dtype=bool')):
+    nr.LayerNormGRUCell(3, 4, epsilon=jnp.array(True), rngs=nnx.Rngs(0))
   # A traced value cannot be read on the host: a message naming the argument,
   # not jax's ConcretizationTypeError. Raised before any initializer is traced.
   with pytest.raises(ValueError, match=m('LSTMCell: `dropout_rate` expected a float in [0, 1), '

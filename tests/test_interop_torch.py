@@ -577,7 +577,6 @@ def test_import_does_not_load_torch():
   assert sys.modules['torch'] is torch and sys.modules['nnx_recurrent'] is nr
 
 
-
 @pytest.mark.parametrize('call, where, arg', [
   (lambda c, x: nr.RNN(c)(x, segment_ids=torch.ones(2, 5, dtype=torch.int32)), 'RNN',
    'segment_ids'),

@@ -579,14 +579,20 @@ class RNNCellBase(nnx.Module):
     treedef: Any  # jax's PyTreeDef (untyped for mypy)
     old_leaves, treedef = jax.tree_util.tree_flatten(carry)
     new_leaves = treedef.flatten_up_to(new_carry)
+    # Mixed in the wider of the two dtypes: a float32 carry stepped in bfloat16
+    # keeps its units exactly (the caller casts back to the carry's dtype; a
+    # Python number leaf stays as computed).
+    def wider(o: Any, n: Array) -> Any:
+      return jnp.promote_types(o.dtype, n.dtype) if hasattr(o, 'dtype') else n.dtype
+    pairs = [(jnp.asarray(o, wider(o, n)), n.astype(wider(o, n)))
+             for o, n in zip(old_leaves, new_leaves)]
     if self.deterministic:
-      mixed = [n + jnp.asarray(rate, n.dtype) * (o.astype(n.dtype) - n)
-               for o, n in zip(old_leaves, new_leaves)]
+      mixed = [n + jnp.asarray(rate, n.dtype) * (o - n) for o, n in pairs]
     else:
       rngs = rngs if rngs is not None else self.rngs
       keys = _keys_from(type(self).__name__, rngs, 'dropout', len(new_leaves))
-      mixed = [jnp.where(jax.random.bernoulli(k, rate, n.shape), o.astype(n.dtype), n)
-               for k, o, n in zip(keys, old_leaves, new_leaves)]
+      mixed = [jnp.where(jax.random.bernoulli(k, rate, n.shape), o, n)
+               for k, (o, n) in zip(keys, pairs)]
     return treedef.unflatten(mixed)
 
   def step(

@@ -103,6 +103,32 @@ def test_zoneout_keeps_units_at_the_rate():
   assert abs(frac - 0.3) < 0.01, frac
 
 
+def test_zoneout_keeps_a_float32_carry_exactly_under_bfloat16_computation():
+  # A float32 carry stepped in bfloat16 (SimpleCell's new carry is bfloat16;
+  # the gated cells' mix in the old float32 carry): the units zoneout keeps are
+  # the old float32 values, not their bfloat16 rounding (7.0001 -> 7.0), and the
+  # expectation is taken in float32.
+  def make(rate):
+    return random_module(lambda: nr.SimpleCell(8, 250, dtype=jnp.bfloat16, zoneout_rate=rate,
+                                            rngs=nnx.Rngs(0)), scale=0.01)
+  cell, plain = make(0.3), make(0.0)  # the same seed: the same parameters
+  h = jnp.asarray(7.0001 + np.linspace(0, 1e-3, 250, dtype=np.float32)[None].repeat(40, 0))
+  x = jnp.ones((40, 8))
+
+  @nnx.jit
+  def steps(cell, plain):
+    return cell(h, x)[0], plain(h, x)[0], nnx.view(cell, deterministic=True)(h, x)[0]
+
+  new, plain_new, expected = (np.asarray(a) for a in steps(cell, plain))
+  assert new.dtype == expected.dtype == np.float32
+  frac = np.mean(new == np.asarray(h))
+  assert abs(frac - 0.3) < 0.01, frac
+  others = new != np.asarray(h)
+  np.testing.assert_array_equal(new[others], plain_new[others])
+  np.testing.assert_allclose(expected, 0.3 * np.float64(h) + 0.7 * np.float64(plain_new),
+                             rtol=1e-6)
+
+
 def test_zoneout_in_rnn_new_mask_every_step_and_call_padding_keeps_the_carry():
   cell = random_module(lambda: nr.LSTMCell(3, 16, zoneout_rate=0.5,
                                            rngs=nnx.Rngs(0, dropout=1)))

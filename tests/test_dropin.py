@@ -97,6 +97,25 @@ def test_equal_rngs_give_flax_nnx_parameters_under_x64(param_dtype):
                                atol=1e-12 if param_dtype == jnp.float64 else 1e-5)
 
 
+def test_half_precision_recurrent_kernels_are_orthogonal_in_their_dtype():
+  # flax's orthogonal has no bfloat16 QR on the CPU: computed in float32 and cast.
+  kernel = nr.GRUCell(4, 4, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)).dense_h.kernel[...]
+  assert kernel.dtype == jnp.bfloat16
+  k = np.asarray(kernel, np.float64)  # (4, 12): orthonormal rows, to bfloat16's precision
+  np.testing.assert_allclose(k @ k.T, np.eye(4), atol=2e-2)
+
+
+def test_a_bfloat16_gru_steps_a_bfloat16_carry_in_bfloat16_as_flax():
+  # float32 parameters (b_hn among them, which flax.nnx's cell lacks), bfloat16
+  # compute and carry: b_hn is added in bfloat16, not promoting the step.
+  kw = dict(dtype=jnp.bfloat16)
+  ours = nnx.eval_shape(lambda: nr.GRUCell(IN, H, **kw, rngs=nnx.Rngs(0)))
+  theirs = nnx.eval_shape(lambda: nnx.GRUCell(IN, H, **kw, rngs=nnx.Rngs(0)))
+  x, h = jnp.ones((B, IN)), jnp.zeros((B, H), jnp.bfloat16)
+  dtypes = [nnx.eval_shape(lambda cell: cell(h, x)[1], cell).dtype for cell in (ours, theirs)]
+  assert dtypes == [jnp.dtype(jnp.bfloat16)] * 2
+
+
 @pytest.mark.parametrize('name', ['LSTMCell', 'SimpleCell'])  # (c, h) and h; one base class
 def test_cell_options_carry_init_keep_rngs_as_flax(name):
   init = jax.nn.initializers.normal(1.0)
@@ -133,6 +152,28 @@ def test_a_zeros_carry_draws_from_the_kept_stream_as_flax(name):
   init = jax.nn.initializers.normal(1.0)
   _close(ours.initialize_carry((B, IN), carry_init=init),
          theirs.initialize_carry((B, IN), carry_init=init), atol=0)
+
+
+@pytest.mark.parametrize('name', ['LSTMCell', 'GRUCell'])
+def test_a_zeros_carry_draws_from_a_default_stream_as_flax(name):
+  # An Rngs with a default stream only: flax.nnx's rngs.carry falls back to it and
+  # draws once per carry array even for zeros; the stream's later keys must be flax's.
+  streams = [nnx.Rngs(5), nnx.Rngs(5)]
+  for lib, rngs in zip((nr, nnx), streams):
+    getattr(lib, name)(IN, H, rngs=nnx.Rngs(1)).initialize_carry((B, IN), rngs)
+  assert int(streams[0].default.count[...]) == int(streams[1].default.count[...]) > 0
+  np.testing.assert_array_equal(jax.random.key_data(streams[0].default()),
+                                jax.random.key_data(streams[1].default()))
+
+
+def test_keep_rngs_forks_the_carry_stream_as_flax():
+  # With carry and dropout streams told apart: the kept stream is the carry one.
+  init = jax.nn.initializers.normal(1.0)
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    ours, theirs = (lib.LSTMCell(IN, H, keep_rngs=True, carry_init=init,
+                                 rngs=nnx.Rngs(params=0, carry=3, dropout=7)) for lib in (nr, nnx))
+  _close(ours.initialize_carry((B, IN)), theirs.initialize_carry((B, IN)), atol=0)
 
 
 @pytest.mark.parametrize('name', ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell'])

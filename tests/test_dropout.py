@@ -111,6 +111,51 @@ def test_masks_observed_constant_across_time_and_different_across_rows():
   assert 0.3 < (m > 0).mean() < 0.7
 
 
+def test_masks_keep_units_with_probability_one_minus_the_rate():
+  # Rates away from 0.5, where rate and 1 - rate tell apart: 20,000 units per mask.
+  cell = nnx.eval_shape(lambda: nr.SimpleCell(100, 100, dropout_rate=0.2,
+                                              recurrent_dropout_rate=0.7, rngs=nnx.Rngs(0)))
+  masks = cell.dropout_masks((200, 100), rngs=jax.random.key(0))
+  for mask, rate in ((masks.input, 0.2), (masks.recurrent, 0.7)):
+    mask = np.asarray(mask)
+    assert mask.dtype == np.float32
+    np.testing.assert_allclose(np.unique(mask), [0.0, 1.0 / (1.0 - rate)], rtol=1e-6)
+    assert abs((mask > 0).mean() - (1.0 - rate)) < 0.015, rate
+
+
+def test_masks_come_in_the_requested_or_the_cells_float_dtype():
+  cell = nnx.eval_shape(lambda: nr.GRUCell(IN, H, dropout_rate=0.25, recurrent_dropout_rate=0.5,
+                                           dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+  key = jax.random.key(0)
+  # No dtype or an integer one: the cell's; a float one: that.
+  for dtype, want in ((None, jnp.bfloat16), (jnp.int32, jnp.bfloat16),
+                      (jnp.float16, jnp.float16)):
+    masks = cell.dropout_masks((B, IN), key, dtype)
+    assert [mk.dtype for mk in masks] == [jnp.dtype(want)] * 2, dtype
+    assert set(np.unique(np.asarray(masks.input, np.float32))) <= {
+      0.0, float(jnp.asarray(1 / 0.75, want))}  # 1 / (1 - rate) rounded to the dtype
+    assert set(np.unique(np.asarray(masks.recurrent, np.float32))) <= {0.0, 2.0}
+
+
+def test_a_bfloat16_cell_with_dropout_steps_in_bfloat16_as_flax():
+  # Masks sampled by the call come in the inputs' dtype, and a recurrent mask
+  # given in float32 (dropout_masks' default for a cell without a dtype) is
+  # cast to h's: neither promotes the step, which flax.nnx's cell runs in bfloat16.
+  kw = dict(param_dtype=jnp.bfloat16, recurrent_kernel_init=nnx.initializers.lecun_normal())
+  theirs = nnx.eval_shape(lambda: nnx.GRUCell(IN, H, **kw, rngs=nnx.Rngs(0)))
+  x, h = jnp.ones((B, IN), jnp.bfloat16), jnp.ones((B, H), jnp.bfloat16)
+  want = nnx.eval_shape(lambda cell: cell(h, x)[1], theirs).dtype
+  assert want == jnp.bfloat16
+  both = random_module(lambda: nr.GRUCell(IN, H, **kw, **RATES, rngs=nnx.Rngs(0)))
+  rec = random_module(lambda: nr.GRUCell(IN, H, **kw, recurrent_dropout_rate=0.4,
+                                         rngs=nnx.Rngs(0)))
+  masks = rec.dropout_masks((B, IN), jax.random.key(1))
+  assert masks.input is None and masks.recurrent.dtype == jnp.float32
+  ys = nnx.jit(lambda both, rec: (both(h, x)[1], rec(h, x, dropout_masks=masks)[1]))(both, rec)
+  assert [y.dtype for y in ys] == [want] * 2
+  assert all(np.isfinite(np.asarray(y, np.float32)).all() for y in ys)
+
+
 def test_input_and_recurrent_masks_are_drawn_independently():
   # Equal rates and widths: masks drawn from one key would be the same mask.
   rows, width = 16, 8
@@ -317,6 +362,33 @@ def test_rates_zero_need_no_rng():
   np.testing.assert_array_equal(rnn(x), y)
   stack = nr.StackedRNN(rnn, nr.RNN(nnx.eval_shape(lambda: nr.GRUCell(H, H, rngs=nnx.Rngs(1)))))
   assert not jax.tree_util.tree_leaves(nnx.state(stack, nnx.RngState))
+
+
+def test_a_view_of_other_modules_options_leaves_the_cells_mode():
+  # nnx.view(model, use_running_average=...) calls every set_view, ours without
+  # deterministic: a cell in evaluation must stay deterministic (no dropout).
+  cell = random_module(lambda: nr.GRUCell(IN, H, **RATES, rngs=nnx.Rngs(0)))
+  model = nnx.List([nr.RNN(cell), nnx.BatchNorm(H, rngs=nnx.Rngs(0))])
+  model.eval()
+  view = nnx.view(model, use_running_average=False)
+  assert view[0].cell.deterministic is True and view[1].use_running_average is False
+  x = _x(cell)
+  np.testing.assert_array_equal(view[0](x), view[0](x))  # no masks: the same output
+
+
+def test_a_random_carry_init_draws_from_the_cells_own_dropout_stream():
+  # A cell with a stream of its own needs no carry stream from its layer:
+  # the RNN keeps no PRNG state, and the carry's key comes from the cell's stream.
+  with pytest.warns(UserWarning, match='carry_init is provided in __init__'):
+    cell = random_module(lambda: nr.GRUCell(IN, H, dropout_rate=0.3,
+                                            carry_init=jax.nn.initializers.normal(1.0),
+                                            rngs=nnx.Rngs(0)))
+  rnn = nr.RNN(cell, rngs=nnx.Rngs(5))
+  paths = [path for path, _ in nnx.to_flat_state(nnx.state(rnn, nnx.RngState))]
+  assert paths and all(path[0] == 'cell' for path in paths), paths
+  count = int(cell.rngs.count[...])
+  rnn(_x(cell))
+  assert int(cell.rngs.count[...]) == count + 2  # the carry's key and the masks'
 
 
 def test_rate_errors():

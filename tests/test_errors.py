@@ -70,6 +70,14 @@ def test_too_few_axes(lstm, conv):
     conv(conv.initialize_carry((1, 4, 4, 2)), jnp.ones((4, 2)))
 
 
+@pytest.mark.parametrize('input_shape', [(), (5,)])
+def test_conv_initialize_carry_needs_the_spatial_axes(conv, input_shape):
+  # `()` is one unbatched vector step for dense cells only.
+  with pytest.raises(ValueError, match=m('ConvLSTMCell.initialize_carry: `input_shape` expected '
+                                         'at least 3 feature axes', f'got shape {input_shape}')):
+    conv.initialize_carry(input_shape)
+
+
 def test_inputs_not_an_array(lstm):
   with pytest.raises(TypeError, match=m('RNN: `inputs` expected an array', 'got str')):
     nr.RNN(lstm)('abc')
@@ -230,6 +238,18 @@ def test_bad_constructor_args(ctor, exc, msg):
     abstractly(ctor)  # no initializer runs: the arguments are checked in Python alike
 
 
+@pytest.mark.parametrize('option', [dict(zoneout_rate=0.2), dict(keep_rngs=True)])
+def test_a_subclass_giving_options_without_sizes_is_refused(option):
+  # Only a bare super().__init__() is a cell in flax's style; any option needs the sizes.
+  class Cell(nr.RNNCellBase):
+    def __init__(self):
+      super().__init__(**option)
+
+  with pytest.raises(TypeError, match=m('Cell: `in_features` expected a positive int',
+                                        'got None')):
+    Cell()
+
+
 # -- constructors: dtypes, rates, layers given where sequence layers go ------------------
 @pytest.mark.parametrize('ctor, exc, msg', [
   (lambda: nr.LSTMCell(3, 4, dtype='bf16', rngs=nnx.Rngs(0)), TypeError,
@@ -345,6 +365,13 @@ def test_numpy_ints_as_sizes_and_flags():
 def test_cell_call_checks_the_carry(lstm, carry, exc, msg):
   with pytest.raises(exc, match=msg):
     lstm(carry, X[:, 0])
+
+
+def test_a_given_carry_of_the_wrong_shape_is_not_blamed_on_step(lstm):
+  # The pointer to num_carry_arrays is for a step's new carry, not for the caller's.
+  with pytest.raises(ValueError, match=r'LSTMCell: `carry` expected .* got \[\(2, 5\), '
+                     r'\(2, 5\)\]\.$'):
+    lstm((jnp.zeros((2, 5)),) * 2, jnp.ones((2, 3)))
 
 
 def test_cell_call_carry_that_broadcasts_and_lists_as_in_flax(lstm):

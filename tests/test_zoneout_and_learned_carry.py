@@ -182,6 +182,17 @@ def test_zoneout_deterministic_packed_segments_equal_separate_runs():
   np.testing.assert_array_equal(y[:, 5], 0.0)
 
 
+def test_zoneout_draws_from_the_dropout_stream_of_a_calls_rngs():
+  cell = random_module(lambda: nr.GRUCell(3, 50, zoneout_rate=0.5, rngs=nnx.Rngs(0)),
+                       scale=0.01)  # no gate saturates: only zoneout keeps a unit
+  h = jnp.full((4, 50), 7.0)  # far from anything a step computes: the kept units are the mask
+  rngs = nnx.Rngs(dropout=3, carry=4)
+  new, _ = cell(h, jnp.ones((4, 3)), rngs=rngs)
+  assert int(rngs.dropout.count[...]) == 1 and int(rngs.carry.count[...]) == 0
+  keep = jax.random.bernoulli(nnx.Rngs(dropout=3).dropout(), 0.5, (4, 50))  # flax's first key
+  np.testing.assert_array_equal(np.asarray(new) == 7.0, np.asarray(keep))
+
+
 def test_evaluation_draws_nothing_from_the_calls_rngs():
   # Deterministic zoneout is the expectation: no keys, so an nnx.Rngs passed to an
   # evaluation call is left as it was, as flax's nnx.Dropout in evaluation leaves it.

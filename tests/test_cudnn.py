@@ -115,6 +115,16 @@ def test_auto_and_xla_use_the_scans(fake_gpu):
   jax.eval_shape(make(implementation='cudnn'), x)
   assert len(fake_gpu) == 1
   jax.eval_shape(make(implementation='cudnn'), x[:, :0])  # no step: nothing for cuDNN to run
+  jax.eval_shape(make(implementation='cudnn'), x[:0])  # no row either
+  assert len(fake_gpu) == 1
+
+
+def test_fake_cuda_restores_what_it_replaced(fake_gpu):
+  """A nested ``internal.fake_cuda`` leaves the outer one's substitute in place."""
+  layer = make(implementation='cudnn')
+  with internal.fake_cuda():
+    pass
+  jax.eval_shape(layer, jnp.ones((B, T, I)))
   assert len(fake_gpu) == 1
 
 
@@ -133,6 +143,17 @@ def test_errors():
                                        r"backend is "
                                        r"'cpu'\), got 'cudnn'"):
     layer(jnp.ones((2, 5, 3)))
+
+
+@pytest.mark.skipif(ON_GPU, reason='checks the CPU message')
+def test_error_on_a_backend_without_pallas_names_the_scans_only(monkeypatch):
+  """Where the Pallas kernels cannot run either (a TPU), 'pallas' is not offered."""
+  layer = make(implementation='cudnn')
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')
+  with pytest.raises(ValueError, match=r"LSTM: `implementation` expected 'auto' or 'xla' here "
+                                       r"\(cuDNN needs a CUDA GPU, and the default backend is "
+                                       r"'tpu'\), got 'cudnn'"):
+    jax.eval_shape(layer, jnp.ones((B, T, I)))
 
 
 def test_implementation_set_after_construction_is_checked_at_the_call(fake_gpu):

@@ -8,12 +8,14 @@ float64 NumPy, one row at a time on its unpadded part.
 
 import contextlib
 import inspect
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax import export
 from jax.test_util import check_grads
 
 import nnx_recurrent as nr
@@ -310,8 +312,72 @@ def test_plan_differentiates_large_gru_batches_with_jax_on_the_cpu(monkeypatch):
   rows = _plans.GRU_AUTODIFF_MIN_ROWS
   assert plan(nr.GRU, rows, 384) == PATHS['autodiff']
   assert plan(nr.GRU, rows - 1, 384).custom_vjp and plan(nr.LSTM, 4 * rows, 512).custom_vjp
+  layer = build(lambda: nr.GRU(I, H, rngs=nnx.Rngs(0)))
+
+  def custom_vjp(batch_shape):  # the rows are those of all batch axes
+    jaxpr = jax.make_jaxpr(lambda x: layer(x))(jnp.ones((*batch_shape, T, I)))
+    return 'custom_vjp_call' in str(jaxpr)
+
+  assert custom_vjp((2, rows // 2 - 1)) and not custom_vjp((2, rows // 2))
   monkeypatch.setattr(_plans, 'cpu_backend', lambda: False)  # e.g. a GPU
   assert plan(nr.GRU, rows, 384).custom_vjp
+
+
+def test_plan_follows_the_measured_choices(monkeypatch):
+  """The scans ``_plans.plan`` picks per step (its module docstring): tiny
+  steps (rows * gates * hidden under 1024) one matmul per step without a
+  gradient (the LSTM's joint one), hoisted and unrolled twice under one, the
+  backward two steps at a time; under 32 rows the input projections hoisted
+  and prefetched; under 128 the joint matmul under a gradient; the loop from
+  there on. A symbolic batch (jax.export) gets the loop."""
+  monkeypatch.setattr(_plans, 'cpu_backend', lambda: False)  # the GRU's custom VJP throughout
+  plan, loop, hoisted = internal.plan_for, _S('loop', False, 1), _S('hoisted', True, 1)
+  for cls, in_loop in ((nr.LSTM, 'joint'), (nr.GRU, 'loop')):
+    tiny = _P(_S(in_loop, False, 1), _S('hoisted', False, 2), backward_pairs=True)
+    assert plan(cls, 1, 1023) == plan(cls, 31, 33) == tiny, cls
+    assert plan(cls, 1, 1024) == plan(cls, 4, 256) == plan(cls, 31, 512) == _P(hoisted, hoisted)
+    assert plan(cls, 32, 512) == plan(cls, 127, 512) == _P(loop, _S(in_loop, False, 1)), cls
+    assert plan(cls, 128, 512) == plan(cls, 1024, 16) == _P(loop, loop), cls
+    rows, = export.symbolic_shape('b')
+    assert plan(cls, rows, 512) == _P(loop, loop), cls
+
+
+def test_machine_probes(monkeypatch):
+  """``cuda_backend``: an NVIDIA GPU only (not ROCm, whose MIOpen packs the
+  gates in another order; not without any backend); ``cpu_backend``: the CPU
+  only (the plans' measurements). Uncached here."""
+  def gpu(version, platform='gpu'):
+    return types.SimpleNamespace(platform=platform,
+                                 client=types.SimpleNamespace(platform_version=version))
+
+  for version, cuda in (('cuda 12080', True), ('rocm 60302 (ROCm 6.3.2)', False),
+                        ('PJRT C API', True)):
+    monkeypatch.setattr(jax, 'devices', lambda version=version: [gpu(version)])
+    assert internal.cuda_backend.__wrapped__() is cuda, version
+  monkeypatch.setattr(jax, 'devices', lambda: [gpu('cpu', platform='cpu')])
+  assert internal.cuda_backend.__wrapped__() is False
+
+  def no_backend():
+    raise RuntimeError('Unable to initialize backend')
+
+  monkeypatch.setattr(jax, 'devices', no_backend)
+  assert internal.cuda_backend.__wrapped__() is False
+  for backend, cpu in (('cpu', True), ('gpu', False), ('tpu', False)):
+    monkeypatch.setattr(jax, 'default_backend', lambda backend=backend: backend)
+    assert _plans.cpu_backend.__wrapped__() is cpu, backend
+
+
+def test_forced_plans_nest_and_restore():
+  default = internal.plan_for(nr.LSTM, B, 4 * H)
+  with internal.forced_plan(PATHS['loop']) as outer:
+    assert outer == PATHS['loop']
+    with internal.forced_plan(PATHS['hoisted']):
+      assert internal.plan_for(nr.GRU, 1024, 16) == PATHS['hoisted']
+    assert internal.plan_for(nr.LSTM, B, 4 * H) == outer
+  assert internal.plan_for(nr.LSTM, B, 4 * H) == default
+  with pytest.raises(ZeroDivisionError), internal.forced_plan(PATHS['loop']):
+    1 / 0
+  assert internal.plan_for(nr.LSTM, B, 4 * H) == default
 
 
 def test_large_gru_batch_matches_generic():
@@ -588,6 +654,8 @@ def test_bfloat16_computation():
     m[0](x, return_carry=True), nr.RNN(m[1].forward[0])(x)))
   assert y.dtype == jnp.bfloat16 and carry[0].dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(expected), atol=5e-2)
+  no_step = jax.eval_shape(lambda x: layer(x, return_carry=True), x[:, :0])  # as with steps
+  assert no_step[1].dtype == jnp.bfloat16 and no_step[0][0].dtype == jnp.float32
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])

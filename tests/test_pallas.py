@@ -10,6 +10,7 @@ and the LSTM projection against the generic ``RNN`` composition. Garbage at
 padding: ``tests/test_fused_padding.py`` (and here with packed sequences).
 """
 
+import contextlib
 import re
 
 import jax
@@ -111,6 +112,18 @@ def test_column_chunks_and_partly_held_weights(cls, masks, rolled):
                                 unrolled_chunks=1 if rolled else 4):
     check_plans_against_generic(layer, x, random_carry(layer, seed=53), ['default'],
                                 padding=padding, tol=3e-5, **masks)
+
+
+def test_pallas_settings_yield_the_changes_and_nest():
+  default = internal.PallasSettings()
+  with internal.pallas_settings(chunk=16) as outer:
+    assert outer == default._replace(chunk=16)
+    with internal.pallas_settings(num_warps=2) as inner:
+      assert inner == outer._replace(num_warps=2)
+    with internal.pallas_settings() as now:
+      assert now == outer
+  with internal.pallas_settings() as now:
+    assert now == default
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
@@ -264,6 +277,10 @@ def test_auto_picks_pallas_only_where_measured_faster(cls, monkeypatch):
   assert not uses_pallas(build(lambda: cls(I, 2 * H, rngs=nnx.Rngs(0))))  # outside the region
   assert not uses_pallas(build(lambda: cls(I, H // 2, rngs=nnx.Rngs(0))))  # below it
   assert not uses_pallas(make(cls), jnp.ones((B - 1, T, I)))
+  projected = build(lambda: nr.LSTM(I, H, proj_features=H // 2, rngs=nnx.Rngs(0)))
+  monkeypatch.setattr(_plans, 'PALLAS_FASTER', (region._replace(layer='LSTM'),))
+  assert uses_pallas(projected)  # the region's hidden is hidden_features, not proj_features
+  monkeypatch.setattr(_plans, 'PALLAS_FASTER', (region,))
   # A symbolic batch (jax.export) has no measured rows: the scans, traced only.
   graphdef, state = nnx.split(make(cls))
   symbolic = jax.ShapeDtypeStruct(export.symbolic_shape(f'b, {T}, {I}'), jnp.float32)
@@ -288,6 +305,20 @@ def test_errors(cls, monkeypatch):
                                        r'\(Pallas runs on a GPU \(Triton\) or, interpreted, on '
                                        r"the CPU; the default backend is 'tpu'\), got 'pallas'"):
     layer(jnp.ones((B, T, I)))
+
+
+def test_triton_lowering_nests_and_asks_for_an_abstract_gpu_only_without_one(monkeypatch):
+  """A nested ``internal.triton_lowering`` leaves the outer one in force; on a
+  GPU no abstract device is needed (the kernels lower for the GPU there)."""
+  from nnx_recurrent._fused import _pallas
+
+  with internal.triton_lowering():
+    with internal.triton_lowering():
+      pass
+    assert _pallas._force_triton
+  assert not _pallas._force_triton
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert isinstance(internal._abstract_gpu(), contextlib.nullcontext)
 
 
 def test_a_jax_without_pallas_triton_backend(monkeypatch):

@@ -292,6 +292,7 @@ def test_suite_json_keeps_the_shapes_done_when_cut_off(monkeypatch, tmp_path):
   assert [(r['shape'], r['impl'], r['compile_s']) for r in saved['results']] == [
     ([1, 2, 3, 4], 'nr.LSTM', 0.5)]
   assert len(saved['results'][0]['fwd_samples']) == 1
+  assert saved['results'][0]['peak_gflops'] == 100.0  # the peak so far, in each result
   assert not list(tmp_path.glob('*.tmp'))
 
 
@@ -469,3 +470,228 @@ def test_pallas_verdict_ranks_the_size_variants():
   assert pallas_verdict.sweep_ranking(sweep) == [
     ('pallas/b=1', pytest.approx(0.8), 1), ('pallas', 1.0, 2),
     ('pallas/a=1', pytest.approx(1.5 ** 0.5), 2)]
+
+
+# -- the runner's bookkeeping under a fake clock (mutation audit) ---------------------------
+class FakeClock:
+  """``time.perf_counter`` for ``benchmarks.run``: only the fake runners move it."""
+
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self):
+    return self.now
+
+
+def fake_impl(clock, name, fwd_s, train_s, calls, compile_s=None, temp_mb=None, library='ours'):
+  """An ``Impl`` whose calls take ``fwd_s`` / ``train_s`` (iterables of seconds) on ``clock``
+  and append ``(name, kind)`` to ``calls``."""
+  fwd_s, train_s = iter(fwd_s), iter(train_s)
+
+  def step(kind, durations):
+    def call():
+      calls.append((name, kind))
+      clock.now += next(durations)
+    return call
+
+  def build(B, T, I, H, key):
+    return run.Runner(step('fwd', fwd_s), step('train', train_s), compile_s, temp_mb)
+
+  return run.Impl(name, 'lstm', library, build)
+
+
+def test_bench_shape_rounds_rotate_and_report_medians(monkeypatch):
+  """One call per sample (no warm-up call), at least 3 rounds whatever the budget, each
+  round starting one implementation later; medians, GFLOP/s, compile time and memory."""
+  import itertools
+  import types
+
+  clock = FakeClock()
+  monkeypatch.setattr(run, 'time', types.SimpleNamespace(perf_counter=clock))
+  calls, logged = [], []
+  # Two warm-up calls each, then one per round (seconds): medians 2 ms / 30 ms and 4 / 40 ms.
+  a = fake_impl(clock, 'a', [1, 1, 0.001, 0.005, 0.002], [1, 1, 0.030, 0.010, 0.090], calls,
+                compile_s=0.5, temp_mb=0.0)
+  b = fake_impl(clock, 'b', [1, 1, 0.004, 0.004, 0.004], [1, 1, 0.040, 0.040, 0.040], calls,
+                compile_s=1.25, library='torch')
+
+  def broken(B, T, I, H, key):
+    raise ValueError('bad shape')
+
+  shape = (1000, 100, 3, 4)
+  got = run.bench_shape(shape, [a, run.Impl('c', 'gru', 'ours', broken), b], rounds=5,
+                        min_sample_s=1e-9, budget_s=0.0, log=logged.append)
+  assert logged == ['  c: FAILED ValueError: bad shape', '  (3 rounds)']
+  warm = [('a', 'fwd'), ('a', 'fwd'), ('a', 'train'), ('a', 'train'),
+          ('b', 'fwd'), ('b', 'fwd'), ('b', 'train'), ('b', 'train')]
+  a_round, b_round = [('a', 'fwd'), ('a', 'train')], [('b', 'fwd'), ('b', 'train')]
+  assert calls == warm + list(itertools.chain(a_round, b_round, b_round, a_round,
+                                              a_round, b_round))
+  ra, rc, rb = got
+  assert (rc.impl, rc.error, rc.fwd_ms, rc.fwd_samples) == ('c', 'ValueError: bad shape', None, [])
+  assert ra.fwd_samples == pytest.approx([1.0, 5.0, 2.0])
+  assert ra.train_samples == pytest.approx([30.0, 10.0, 90.0])
+  assert (ra.fwd_ms, ra.train_ms) == pytest.approx((2.0, 30.0))
+  assert (rb.fwd_ms, rb.train_ms) == pytest.approx((4.0, 40.0))
+  assert (ra.compile_s, ra.temp_mb, rb.compile_s, rb.temp_mb) == (0.5, 0.0, 1.25, None)
+  # LSTM (1000, 100, 3, 4): forward 2 * 1e5 * 4 * 4 * (3 + 4) = 22.4e6 FLOPs, training
+  # 2 * 1e5 * 4 * 4 * (6 + 12) = 57.6e6.
+  assert (ra.gflops_fwd, ra.gflops_train) == pytest.approx((11.2, 1.92))
+  assert (rb.gflops_fwd, rb.gflops_train) == pytest.approx((5.6, 1.44))
+  # The results table: % of the peak, compile s and temp MB (0.0 is a value, None is n/a).
+  lines = run.results_table(got, peak=40.0).splitlines()
+  assert lines[2:] == [
+    '| (1000, 100, 3, 4) | a | 2.00 | 30.00 | 11.2 (28%) | 1.9 (5%) | 0.50 | 0.0 |',
+    '| (1000, 100, 3, 4) | c | failed: ValueError: bad shape ||||||',
+    '| (1000, 100, 3, 4) | b | 4.00 | 40.00 | 5.6 (14%) | 1.4 (4%) | 1.25 | n/a |']
+
+
+def test_bench_shape_calls_per_sample_from_the_slower_warm_up(monkeypatch):
+  """Calls per sample: ``ceil(min_sample_s / t)``, ``t`` the slower of the two warm-up
+  calls; a sample of several calls starts with one untimed call and is their mean."""
+  import types
+
+  clock = FakeClock()
+  monkeypatch.setattr(run, 'time', types.SimpleNamespace(perf_counter=clock))
+  calls = []
+  # fwd: warm-ups 7 ms and 4 ms -> ceil(30 / 7) = 5 calls; train: 11 ms -> ceil(30 / 11) = 3.
+  impl = fake_impl(clock, 'a', [0.007] + [0.004] * 20, [0.011] * 20, calls)
+  (res,) = run.bench_shape((1, 2, 3, 4), [impl], rounds=1, min_sample_s=0.03, budget_s=100.0,
+                           log=lambda msg: None)
+  assert calls.count(('a', 'fwd')) == 2 + 1 + 5 and calls.count(('a', 'train')) == 2 + 1 + 3
+  assert res.fwd_samples == pytest.approx([4.0]) and res.train_samples == pytest.approx([11.0])
+
+
+def test_jax_runner_records_compile_time_and_temp_memory(monkeypatch):
+  import types
+
+  clock = FakeClock()
+  monkeypatch.setattr(run, 'time', types.SimpleNamespace(perf_counter=clock))
+
+  class Compiled:
+    def __init__(self, fn, mem):
+      self.fn, self.mem = fn, mem
+
+    def __call__(self, *args):
+      return self.fn(*args)
+
+    def memory_analysis(self):
+      return self.mem
+
+  def fake_jax(mem):
+    def jit(fn):
+      def lower(*args):
+        clock.now += 1.5  # compiling takes 1.5 s per function
+        return types.SimpleNamespace(compile=lambda: Compiled(fn, mem))
+      return types.SimpleNamespace(lower=lower)
+    return types.SimpleNamespace(jit=jit)
+
+  monkeypatch.setattr(run, 'jax', fake_jax(types.SimpleNamespace(temp_size_in_bytes=3 * 2**19)))
+  runner = run._jax_runner(lambda a, b: a + b, lambda a, b: a * b, (3, 4))
+  assert (runner.fwd(), runner.train(), runner.compile_s, runner.temp_mb) == (7, 12, 3.0, 1.5)
+  monkeypatch.setattr(run, 'jax', fake_jax(None))
+  assert run._jax_runner(lambda a: a, lambda a: a, (1,)).temp_mb is None
+
+
+def test_measure_peak_is_the_best_of_the_repeats(monkeypatch):
+  times = iter([0.5, 0.25, 1.0])
+  monkeypatch.setattr(run, '_sample', lambda fn, number: next(times))
+  assert run.measure_peak(2, 3) == pytest.approx(2 * 2**3 / 0.25 / 1e9)
+
+
+def test_ratios_skip_failed_results_and_meet_a_target_at_equality():
+  ours = result('nr.GRU', [3.0], [3.0])
+  theirs = result('nnx.RNN(GRUCell)', [3.0], [4.0], library='flax.nnx')
+  failed = run.Result((2, 3, 4, 5), 'torch.nn.GRU', 'gru', 'torch', error='RuntimeError: x')
+  rows = run.ratios([ours, theirs, failed])
+  assert [(r['theirs'], r['fwd_ratio'], r['fwd_met'], r['train_met']) for r in rows] == [
+    ('nnx.RNN(GRUCell)', 1.0, True, True)]  # fwd 1.0 <= 1.0, train 0.75 <= 0.75
+
+
+def test_summary_of_a_train_only_target_met_at_equality():
+  row = dict(shape=[1, 2, 3, 4], ours='nr.GRU', theirs='torch.nn.GRU', fwd_ratio=2.0,
+             train_ratio=1.25, fwd_target=None, train_target=1.25)
+  lines = run.summary_table([[row]]).splitlines()
+  assert lines[2:] == [
+    '| (1, 2, 3, 4) | nr.GRU / torch.nn.GRU | train | 1.25 | 1.25 | 1.25 | 1/1 |']
+
+
+def test_readme_table_has_a_row_per_shape():
+  results = [dict(shape=[1, 2, 3, 4], impl='nr.GRU', train_ms=1.0),
+             dict(shape=[5, 6, 7, 8], impl='nr.GRU', train_ms=2.0)]
+  assert run.readme_table(results).splitlines()[2:] == [
+    '| (1, 2, 3, 4) | n/a | n/a | n/a | n/a | n/a | n/a | 1.0 | n/a |',
+    '| (5, 6, 7, 8) | n/a | n/a | n/a | n/a | n/a | n/a | 2.0 | n/a |']
+
+
+def test_parse_shapes():
+  import argparse
+
+  assert run._parse_shapes('8X500x64x128,1x2x3x4') == ((8, 500, 64, 128), (1, 2, 3, 4))
+  with pytest.raises(argparse.ArgumentTypeError, match=r"expected BxTxIxH items, got '1x2x3'"):
+    run._parse_shapes('1x2x3x4,1x2x3')
+  with pytest.raises(argparse.ArgumentTypeError, match=r"got '1x2x3x4x5'"):
+    run._parse_shapes('1x2x3x4x5')
+
+
+def test_main_selects_times_and_writes_json_and_markdown(monkeypatch, tmp_path, capsys):
+  """``main`` end to end on fake implementations and a fake clock: ``--impls`` is a search,
+  7 rounds by default, the larger of the two peaks, a busy machine flagged (load above
+  1.25 x the cores), the final JSON complete; ``--summarize`` reads every file."""
+  import os
+  import types
+
+  clock = FakeClock()
+  monkeypatch.setattr(run, 'time', types.SimpleNamespace(perf_counter=clock))
+  impls = [fake_impl(clock, 'nr.LSTM', [0.1] * 9, [0.2] * 9, [], compile_s=1.0),  # one call
+           fake_impl(clock, 'torch.nn.LSTM', [0.05] * 9, [0.25] * 9, [], library='torch'),
+           fake_impl(clock, 'nr.GRU', [], [], [])]  # not selected: never called
+  monkeypatch.setattr(run, '_impls', lambda: impls)
+  peaks = iter([100.0, 80.0])
+  monkeypatch.setattr(run, 'measure_peak', lambda n, repeats: next(peaks))
+  monkeypatch.setattr(run, 'machine_info', lambda: dict(
+    cpu='Fake CPU', cores=2, jax_devices=['cpu:0'], xla_flags='', versions=dict(
+      python='3', jax='j', jaxlib='jl', flax='f', numpy='n', torch='t')))
+  monkeypatch.setattr(os, 'getloadavg', lambda: (2.6, 1.0, 0.5))
+  monkeypatch.setattr(os, 'cpu_count', lambda: 2)
+  path, md = tmp_path / 'out.json', tmp_path / 'out.md'
+  assert run.main(['--shapes', '1x2x3x4', '--impls', 'LSTM', '--json', str(path),
+                   '--markdown', str(md)]) == 0
+  saved = json.loads(path.read_text())
+  assert (saved['complete'], saved['busy'], saved['peak_gflops']) == (True, True, 100.0)
+  assert [(r['impl'], len(r['fwd_samples']), r['peak_gflops']) for r in saved['results']] == [
+    ('nr.LSTM', 7, 100.0), ('torch.nn.LSTM', 7, 100.0)]
+  assert [r['fwd_ms'] for r in saved['results']] == pytest.approx([100.0, 50.0])
+  (row,) = saved['ratios']
+  assert (row['fwd_ratio'], row['train_ratio']) == pytest.approx((2.0, 0.8))
+  assert row['train_met'] is True
+  text = md.read_text()
+  assert 'Load average (1 min): start 2.60, per shape 1x2x3x4: 2.60, end 2.60. **Busy machine: ' \
+         'timings unreliable.**' in text
+  assert '| (1, 2, 3, 4) | nr.LSTM / torch.nn.LSTM | 2.00 [2.00-2.00] | 0.80 [0.80-0.80] ' \
+         '(<= 1.25 met) |' in text
+  capsys.readouterr()
+  # Several runs summarised: each run's ratio.
+  other = tmp_path / 'other.json'
+  other.write_text(json.dumps(dict(ratios=[dict(row, train_ratio=1.5)])))
+  assert run.main(['--summarize', str(path), str(other)]) == 0
+  assert capsys.readouterr().out.splitlines()[2] == (
+    '| (1, 2, 3, 4) | nr.LSTM / torch.nn.LSTM | train | 1.25 | 0.80, 1.50 | 1.15 | 1/2 |')
+
+
+def test_main_is_not_busy_at_the_load_limit(monkeypatch, tmp_path):
+  import os
+  import types
+
+  clock = FakeClock()
+  monkeypatch.setattr(run, 'time', types.SimpleNamespace(perf_counter=clock))
+  monkeypatch.setattr(run, '_impls', lambda: [fake_impl(clock, 'nr.LSTM', [0.05] * 5,
+                                                        [0.05] * 5, [])])
+  monkeypatch.setattr(run, 'measure_peak', lambda n, repeats: 100.0)
+  monkeypatch.setattr(run, 'machine_info', lambda: dict(cpu='cpu', cores=2, versions={}))
+  monkeypatch.setattr(os, 'getloadavg', lambda: (2.5, 1.0, 0.5))  # 1.25 x 2 cores: not more
+  monkeypatch.setattr(os, 'cpu_count', lambda: 2)
+  path = tmp_path / 'out.json'
+  assert run.main(['--quick', '--json', str(path)]) == 0
+  saved = json.loads(path.read_text())
+  assert saved['busy'] is False and len(saved['results'][0]['fwd_samples']) == 3

@@ -695,3 +695,25 @@ def test_main_is_not_busy_at_the_load_limit(monkeypatch, tmp_path):
   assert run.main(['--quick', '--json', str(path)]) == 0
   saved = json.loads(path.read_text())
   assert saved['busy'] is False and len(saved['results'][0]['fwd_samples']) == 3
+
+
+def test_main_reports_from_json_files_without_measuring(monkeypatch, tmp_path, capsys):
+  """``--readme-table`` and ``--summarize`` read every row of their files and measure
+  nothing."""
+  monkeypatch.setattr(run, '_impls', lambda: pytest.fail('measured'))
+  monkeypatch.setattr(run, 'measure_peak', lambda n, repeats: pytest.fail('measured'))
+  path = tmp_path / 'run.json'
+
+  def row(ours, theirs):
+    return dict(shape=[1, 2, 3, 4], ours=ours, theirs=theirs, fwd_ratio=0.5, train_ratio=0.5,
+                fwd_target=1.0, train_target=None)
+
+  path.write_text(json.dumps(dict(
+    results=[dict(shape=[1, 2, 3, 4], impl='nr.GRU', train_ms=2.0, fwd_ms=1.0)],
+    ratios=[row('nr.GRU', 'nnx.RNN(GRUCell)'), row('nr.LSTM', 'nnx.RNN(OptimizedLSTMCell)')])))
+  assert run.main(['--readme-table', str(path)]) == 0
+  table = capsys.readouterr().out
+  assert '| (1, 2, 3, 4) | n/a | n/a | n/a | n/a | n/a | n/a | 2.0 | n/a |' in table
+  assert run.main(['--summarize', str(path), str(path)]) == 0
+  assert [line.split(' | ')[1] for line in capsys.readouterr().out.splitlines()[2:]] == [
+    'nr.GRU / nnx.RNN(GRUCell)', 'nr.LSTM / nnx.RNN(OptimizedLSTMCell)']

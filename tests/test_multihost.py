@@ -309,3 +309,33 @@ def test_main_spawns_without_a_coordinator_and_exits_with_a_failure(monkeypatch)
   with pytest.raises(Joined, match=r"\('host0:1234', 2, None\)"):
     multihost.main(['--coordinator', 'host0:1234', '--num-processes', '2'])
   assert procs == []
+
+
+def test_main_as_the_second_of_two_processes_loads_its_share_and_logs_nothing(monkeypatch,
+                                                                               capsys):
+  """Process 1 of 2 (collectives, sharding and training faked): it joins with its id, draws
+  batch_size / 2 rows of every batch as process 1, and leaves the log to process 0."""
+  import jax.numpy as jnp
+
+  from examples import multihost
+
+  joined, drawn = [], []
+  monkeypatch.setattr(multihost, 'initialize', lambda *a: joined.append(a))
+  monkeypatch.setattr(multihost.jax, 'process_index', lambda: 1)
+  monkeypatch.setattr(multihost.jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(multihost.jax, 'device_count', lambda: 2)
+  monkeypatch.setattr(multihost, 'data_mesh', lambda: None)
+  monkeypatch.setattr(multihost, 'replicate', lambda mesh, *modules: None)
+  monkeypatch.setattr(multihost, 'shard_rows', lambda mesh, *local: local)
+  monkeypatch.setattr(multihost, 'train_step', lambda model, opt, *batch: jnp.float32(0.5))
+  monkeypatch.setattr(multihost, 'accuracy', lambda model, *batch: jnp.float32(0.25))
+  batch = multihost.synthetic_batch
+  monkeypatch.setattr(multihost, 'synthetic_batch',
+                      lambda *args: drawn.append(args) or batch(*args))
+  monkeypatch.setattr(multihost, 'Classifier', lambda hidden, rngs: None)
+  monkeypatch.setattr(multihost.nnx, 'Optimizer', lambda model, tx, wrt: None)
+  assert multihost.main(['--coordinator', 'h:1', '--num-processes', '2', '--process-id', '1',
+                         '--steps', '2', '--batch-size', '6', '--seed', '3']) == 0.25
+  assert joined == [('h:1', 2, 1)]
+  assert drawn == [(3, 0, 1, 3, 32), (3, 1, 1, 3, 32), (4, 0, 1, 3, 32)]
+  assert capsys.readouterr().out == ''

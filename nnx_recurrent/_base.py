@@ -582,10 +582,10 @@ class RNNCellBase(nnx.Module):
     # Mixed in the wider of the two dtypes: a float32 carry stepped in bfloat16
     # keeps its units exactly (the caller casts back to the carry's dtype; a
     # Python number leaf stays as computed).
-    def wider(o: Any, n: Array) -> Any:
-      return jnp.promote_types(o.dtype, n.dtype) if hasattr(o, 'dtype') else n.dtype
-    pairs = [(jnp.asarray(o, wider(o, n)), n.astype(wider(o, n)))
-             for o, n in zip(old_leaves, new_leaves)]
+    pairs = []
+    for o, n in zip(old_leaves, new_leaves):
+      dtype = jnp.promote_types(o.dtype, n.dtype) if hasattr(o, 'dtype') else n.dtype
+      pairs.append((jnp.asarray(o, dtype), n.astype(dtype)))
     if self.deterministic:
       mixed = [n + jnp.asarray(rate, n.dtype) * (o - n) for o, n in pairs]
     else:

@@ -3,6 +3,7 @@
 import json
 import re
 import subprocess
+import types
 
 import pytest
 
@@ -483,6 +484,14 @@ class FakeClock:
     return self.now
 
 
+@pytest.fixture
+def clock(monkeypatch):
+  """A ``FakeClock`` in place of ``benchmarks.run``'s ``time.perf_counter``."""
+  fake = FakeClock()
+  monkeypatch.setattr(run, 'time', types.SimpleNamespace(perf_counter=fake))
+  return fake
+
+
 def fake_impl(clock, name, fwd_s, train_s, calls, compile_s=None, temp_mb=None, library='ours'):
   """An ``Impl`` whose calls take ``fwd_s`` / ``train_s`` (iterables of seconds) on ``clock``
   and append ``(name, kind)`` to ``calls``."""
@@ -500,14 +509,11 @@ def fake_impl(clock, name, fwd_s, train_s, calls, compile_s=None, temp_mb=None, 
   return run.Impl(name, 'lstm', library, build)
 
 
-def test_bench_shape_rounds_rotate_and_report_medians(monkeypatch):
+def test_bench_shape_rounds_rotate_and_report_medians(clock):
   """One call per sample (no warm-up call), at least 3 rounds whatever the budget, each
   round starting one implementation later; medians, GFLOP/s, compile time and memory."""
   import itertools
-  import types
 
-  clock = FakeClock()
-  monkeypatch.setattr(run, 'time', types.SimpleNamespace(perf_counter=clock))
   calls, logged = [], []
   # Two warm-up calls each, then one per round (seconds): medians 2 ms / 30 ms and 4 / 40 ms.
   a = fake_impl(clock, 'a', [1, 1, 0.001, 0.005, 0.002], [1, 1, 0.030, 0.010, 0.090], calls,
@@ -546,13 +552,9 @@ def test_bench_shape_rounds_rotate_and_report_medians(monkeypatch):
     '| (1000, 100, 3, 4) | b | 4.00 | 40.00 | 5.6 (14%) | 1.4 (4%) | 1.25 | n/a |']
 
 
-def test_bench_shape_calls_per_sample_from_the_slower_warm_up(monkeypatch):
+def test_bench_shape_calls_per_sample_from_the_slower_warm_up(clock):
   """Calls per sample: ``ceil(min_sample_s / t)``, ``t`` the slower of the two warm-up
   calls; a sample of several calls starts with one untimed call and is their mean."""
-  import types
-
-  clock = FakeClock()
-  monkeypatch.setattr(run, 'time', types.SimpleNamespace(perf_counter=clock))
   calls = []
   # fwd: warm-ups 7 ms and 4 ms -> ceil(30 / 7) = 5 calls; train: 11 ms -> ceil(30 / 11) = 3.
   impl = fake_impl(clock, 'a', [0.007] + [0.004] * 20, [0.011] * 20, calls)
@@ -562,12 +564,7 @@ def test_bench_shape_calls_per_sample_from_the_slower_warm_up(monkeypatch):
   assert res.fwd_samples == pytest.approx([4.0]) and res.train_samples == pytest.approx([11.0])
 
 
-def test_jax_runner_records_compile_time_and_temp_memory(monkeypatch):
-  import types
-
-  clock = FakeClock()
-  monkeypatch.setattr(run, 'time', types.SimpleNamespace(perf_counter=clock))
-
+def test_jax_runner_records_compile_time_and_temp_memory(monkeypatch, clock):
   class Compiled:
     def __init__(self, fn, mem):
       self.fn, self.mem = fn, mem
@@ -634,15 +631,12 @@ def test_parse_shapes():
     run._parse_shapes('1x2x3x4x5')
 
 
-def test_main_selects_times_and_writes_json_and_markdown(monkeypatch, tmp_path, capsys):
+def test_main_selects_times_and_writes_json_and_markdown(monkeypatch, tmp_path, capsys, clock):
   """``main`` end to end on fake implementations and a fake clock: ``--impls`` is a search,
   7 rounds by default, the larger of the two peaks, a busy machine flagged (load above
   1.25 x the cores), the final JSON complete; ``--summarize`` reads every file."""
   import os
-  import types
 
-  clock = FakeClock()
-  monkeypatch.setattr(run, 'time', types.SimpleNamespace(perf_counter=clock))
   impls = [fake_impl(clock, 'nr.LSTM', [0.1] * 9, [0.2] * 9, [], compile_s=1.0),  # one call
            fake_impl(clock, 'torch.nn.LSTM', [0.05] * 9, [0.25] * 9, [], library='torch'),
            fake_impl(clock, 'nr.GRU', [], [], [])]  # not selected: never called
@@ -679,12 +673,9 @@ def test_main_selects_times_and_writes_json_and_markdown(monkeypatch, tmp_path, 
     '| (1, 2, 3, 4) | nr.LSTM / torch.nn.LSTM | train | 1.25 | 0.80, 1.50 | 1.15 | 1/2 |')
 
 
-def test_main_is_not_busy_at_the_load_limit(monkeypatch, tmp_path):
+def test_main_is_not_busy_at_the_load_limit(monkeypatch, tmp_path, clock):
   import os
-  import types
 
-  clock = FakeClock()
-  monkeypatch.setattr(run, 'time', types.SimpleNamespace(perf_counter=clock))
   monkeypatch.setattr(run, '_impls', lambda: [fake_impl(clock, 'nr.LSTM', [0.05] * 5,
                                                         [0.05] * 5, [])])
   monkeypatch.setattr(run, 'measure_peak', lambda n, repeats: 100.0)

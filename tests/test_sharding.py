@@ -12,9 +12,10 @@ one of every module, runs it unsharded on one device (the reference), then
 
 and checks that the outputs and carries equal the reference and that every
 output leaf is still split over the batch: each device holds ``batch / 4`` rows.
-Last, the sequence layers under ``jax.shard_map`` over the batch (one row per
+Then the sequence layers under ``jax.shard_map`` over the batch (one row per
 device, ``check_vma`` on), forward and parameter gradients, and ``compat.RNN``
-against flax.linen.
+against flax.linen. Last, ``examples/multihost.py``'s ``shard_rows`` with 8 devices in one
+process: the global batch is the process's rows, one eighth on each device.
 """
 
 import os
@@ -173,6 +174,20 @@ def check_shard_map(zoo, x, lengths, ref, ref_grads, variables, linen):
   return len(SHARD_MAP) + 1
 
 
+def check_shard_rows(x, lengths):
+  """examples/multihost.py's batch sharding with several devices in one process: the global
+  batch is this process's rows (not one copy per device), split evenly over the devices."""
+  from examples import multihost
+
+  mesh = multihost.data_mesh()
+  gx, glengths = multihost.shard_rows(mesh, x, lengths)
+  assert gx.shape == x.shape and glengths.shape == lengths.shape, (gx.shape, glengths.shape)
+  np.testing.assert_array_equal(np.asarray(gx), x)
+  np.testing.assert_array_equal(np.asarray(glengths), lengths)
+  rows = [(shard.device, shard.data.shape[0]) for shard in gx.addressable_shards]
+  assert {n for _, n in rows} == {B // 8} and len(rows) == 8, rows
+
+
 def _main():
   assert jax.device_count() == 8, jax.devices()
   rng = np.random.default_rng(0)
@@ -218,6 +233,7 @@ def _main():
   assert kernel.sharding.spec == P(None, 'model'), kernel.sharding
   assert zoo['lstm'].forward[0].dense_h.kernel[...].sharding.spec == P(None, 'model')
   n_model = check(apply(zoo, *args), 'model parallel')
+  check_shard_rows(x, lengths)
   print(f'sharding checks passed: data parallel {n_data}, model parallel {n_model}, '
         f'shard_map {n_shard_map}')
 

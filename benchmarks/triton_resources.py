@@ -153,6 +153,12 @@ def main(argv=None):
       results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{')]
       if not results:
         raise RuntimeError(f'the Triton compiler child failed:\n{done.stderr[-2000:]}')
+      # One line a file, as it goes: a child killed on a file (an LLVM ERROR aborts it)
+      # left that file and the next without one, failures (not left out of the report).
+      tail = (done.stderr.strip().splitlines() or [''])[-1][:300]
+      results += [dict(file=os.path.basename(path), ok=False, seconds=0.0,
+                       error=f'no result: the compiler child exited with {done.returncode}: {tail}')
+                  for path in paths[len(results):]]
       for r in results:
         r['kernel'] = r.pop('file')[:-len('.ttir')]
         r['fits'] = r['ok'] and r['shared'] <= SHARED_LIMIT

@@ -567,6 +567,30 @@ def test_triton_resources_main_reports_a_failed_child(monkeypatch):
     triton_resources.main(['--shapes', '1x2x3'])
 
 
+def test_triton_resources_a_child_that_dies_fails_the_rest(monkeypatch, tmp_path):
+  """The child prints a line per file as it compiles; one killed on a file (an LLVM
+  ERROR aborts the process) leaves that file and the next without a line: they are
+  failed kernels, not missing ones (before: left out, and the run exit 0)."""
+  monkeypatch.setattr(triton_resources, 'triton_ir', lambda *case: dict(forward='f', backward='b'))
+
+  def run(argv, **kwargs):
+    first = json.dumps(dict(file=os.path.basename(argv[4]), ok=True, shared=1024, registers=40,
+                            spill_bytes=0, seconds=1.0))
+    return types.SimpleNamespace(stdout=first + '\n', returncode=-6,
+                                 stderr='a warning\nLLVM ERROR: Failed to compute parent layout\n')
+
+  monkeypatch.setattr(triton_resources, 'subprocess', types.SimpleNamespace(run=run))
+  path = tmp_path / 'res.json'
+  assert triton_resources.main(['--shapes', '1x2x3', '--json', str(path)]) == 1
+  error = ('no result: the compiler child exited with -6: '
+           'LLVM ERROR: Failed to compute parent layout')
+  assert [(r['kernel'], r['ok'], r['fits'], r.get('error')) for r in
+          json.loads(path.read_text())['kernels']] == [
+    (f'{cls}_B1_I2_H3_float32_{kernel}', kernel == 'forward', kernel == 'forward',
+     None if kernel == 'forward' else error) for cls in ('LSTM', 'GRU')
+    for kernel in ('forward', 'backward')]
+
+
 def test_triton_resources_ir_follows_the_case(monkeypatch):
   """A projection adds a dot to each kernel, bfloat16 shows in the IR, packed sequences
   change it; the private lowering function is restored after; a lowering that

@@ -304,10 +304,21 @@ def check_not_foreign(where: str, arg: str, x: Any) -> None:
 
 
 def check_array(where: str, arg: str, x: Any) -> jax.Array:
+  """An array of numbers (or bools): a string or object array, or PRNG keys,
+  are a ``TypeError`` naming ``arg`` here, not jax's when it first computes."""
   if not hasattr(x, 'shape') or not hasattr(x, 'dtype'):
     fail(where, arg, 'an array', type(x).__name__, TypeError)
   check_not_foreign(where, arg, x)
+  if not _numeric_dtype(x.dtype):
+    fail(where, arg, 'an array of numbers', f'dtype {x.dtype}', TypeError)
   return x
+
+
+def _numeric_dtype(dtype: Any) -> bool:
+  try:
+    return bool(jnp.issubdtype(dtype, np.number) or dtype == np.bool_)
+  except TypeError:  # a dtype jax does not know (a string array's)
+    return False
 
 
 def check_integer_array(where: str, arg: str, x: Any, shape: tuple[int, ...], shape_doc: str,
@@ -339,11 +350,7 @@ def numeric_array(where: str, arg: str, x: Any, expected: str) -> Any:
         np.issubdtype(converted.dtype, np.number) or converted.dtype == np.bool_):
       fail(where, arg, expected, repr(x) if isinstance(x, str) else kind(x), TypeError)
     x = converted
-  try:
-    numeric = jnp.issubdtype(x.dtype, np.number) or x.dtype == np.bool_
-  except TypeError:  # a dtype jax does not know (a string array's)
-    numeric = False
-  if not numeric:
+  if not _numeric_dtype(x.dtype):
     fail(where, arg, expected, f'dtype {x.dtype}', TypeError)
   return x
 

@@ -83,6 +83,19 @@ def test_inputs_not_an_array(lstm):
     nr.RNN(lstm)('abc')
 
 
+@pytest.mark.parametrize('inputs, got', [
+  (np.full((2, 5, 3), 'a'), 'got dtype <U1.'), (np.empty((2, 5, 3), object), 'got dtype object.'),
+  (jax.random.split(jax.random.key(0), (2, 5, 3)), 'got dtype key<fry>.'),
+], ids=['str_array', 'object_array', 'prng_keys'])
+def test_inputs_of_no_numbers(lstm, inputs, got):
+  # Found by differential fuzzing: jax's own TypeError ("Value ... with dtype
+  # <U1 is not a valid JAX array type"), naming no argument, came first.
+  for layer in (nr.RNN(lstm), nr.LSTM(3, 4, rngs=nnx.Rngs(0)), nr.GRU(3, 4, rngs=nnx.Rngs(0))):
+    where = type(layer).__name__
+    with pytest.raises(TypeError, match=m(f'{where}: `inputs` expected an array of numbers', got)):
+      layer(inputs)
+
+
 # -- seq_lengths ----------------------------------------------------------------
 def test_seq_lengths_shape_not_batch_shape(lstm):
   with pytest.raises(ValueError, match=m('RNN: `seq_lengths` expected shape batch shape',

@@ -388,8 +388,15 @@ def check_seq_lengths(where: str, seq_lengths: Any, batch_shape: tuple[int, ...]
   values are not checked (see :func:`is_concrete`); there a negative length
   acts as ``0``.
   """
-  seq_lengths = check_integer_array(where, 'seq_lengths', whole_lengths(where, seq_lengths),
-                                    batch_shape, 'batch shape')
+  seq_lengths = whole_lengths(where, seq_lengths)
+  shape, batch_shape = tuple(np.shape(seq_lengths)), tuple(batch_shape)
+  if shape != batch_shape and len(shape) <= len(batch_shape) and all(
+      s in (1, b) for s, b in zip(shape[::-1], batch_shape[::-1])):
+    # Lengths that broadcast to the batch (a scalar or shape (1,): every row's),
+    # as flax.nnx and flax.linen broadcast them.
+    seq_lengths = jnp.broadcast_to(jnp.asarray(seq_lengths), batch_shape)
+  seq_lengths = check_integer_array(where, 'seq_lengths', seq_lengths, batch_shape,
+                                    'batch shape')
   if is_concrete(seq_lengths) and seq_lengths.size:
     lowest = int(np.asarray(seq_lengths).min())  # on the host: jnp would compile a reduction
     if lowest < 0:

@@ -215,7 +215,8 @@ class RNN(nnx.Module):
     Args:
       inputs: ``(*batch, time, *features)`` (or time first).
       initial_carry: default ``cell.initialize_carry`` (zeros).
-      seq_lengths: integer ``(*batch)`` lengths (a scalar: every row's;
+      seq_lengths: integer ``(*batch)`` lengths (a scalar, or a shape that
+        broadcasts to ``batch`` such as ``(1,)``, is broadcast as in flax;
         whole-number floats, such as a float mask's sum, are cast); steps at
         or past a row's length are padding. A length above ``time`` acts as
         ``time``, as in flax. Concrete lengths must not be negative; under
@@ -458,9 +459,11 @@ def flip_sequences(inputs: Array, seq_lengths: Array | None, num_batch_dims: int
   Args:
     inputs: ``(*batch, time, ...)`` or ``(time, *batch, ...)``.
     seq_lengths: integer ``(*batch)`` lengths, or ``None`` to flip everything.
-      As for :class:`RNN`, a length above ``time`` acts as ``time`` (flax's
-      ``flip_sequences`` wraps it around the time axis instead), and concrete
-      lengths must not be negative; under ``jit`` a negative one acts as ``0``.
+      As for :class:`RNN`, lengths that broadcast to the batch shape (a
+      scalar, ``(1,)``) are broadcast, as flax does; a length above ``time``
+      acts as ``time`` (flax's ``flip_sequences`` wraps it around the time
+      axis instead), and concrete lengths must not be negative; under ``jit``
+      a negative one acts as ``0``.
     num_batch_dims: number of batch axes.
     time_major: whether time is the first axis.
 

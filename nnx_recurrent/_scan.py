@@ -529,9 +529,8 @@ def prepare(where: str, inputs: Any, *, num_feature_axes: int, in_features: int 
                  'both')
   masks = StepMasks(None, None)
   if seq_lengths is not None:
-    seq_lengths = _checks.whole_lengths(where, seq_lengths)  # an array of numbers, from here
-    if np.ndim(seq_lengths) == 0 and batch_shape:  # one length for every row, as flax broadcasts it
-      seq_lengths = jnp.broadcast_to(jnp.asarray(seq_lengths), batch_shape)
+    # One length for every row (a scalar, or any shape that broadcasts) is
+    # broadcast to the batch, as flax broadcasts it.
     seq_lengths = _checks.check_seq_lengths(where, seq_lengths, batch_shape)
     masks = StepMasks(lengths_to_valid(seq_lengths, time), None)
   if segment_ids is not None:

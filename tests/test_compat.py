@@ -616,6 +616,17 @@ def test_flip_sequences_matches_linen():
     np.testing.assert_array_equal(ours, theirs)
 
 
+
+def test_seq_lengths_of_shape_one_broadcast_as_in_linen():
+  # flax.linen broadcasts lengths of shape (1,) over the batch (carry gather and flips).
+  x = normal((B, T, IN))
+  kw = dict(return_carry=True, reverse=True, keep_order=True)
+  variables = nn.RNN(nn.GRUCell(H), **kw).init(jax.random.key(0), x)
+  one = jnp.array([3])
+  ours, theirs = jax.jit(lambda v: [ns.RNN(ns.GRUCell(H), **kw).apply(v, x, seq_lengths=one)
+                                    for ns in (compat, nn)])(variables)
+  _assert_close(ours, theirs)
+
 # -- Bidirectional -----------------------------------------------------------------
 def test_bidirectional_same_rnn_twice_logs_linens_warning(caplog):
   x = np.ones((B, T, IN), np.float32)

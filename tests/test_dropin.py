@@ -421,6 +421,32 @@ def test_a_scalar_seq_lengths_is_every_rows_length_as_in_flax():
   _close(*fused_)
 
 
+def test_seq_lengths_that_broadcast_to_the_batch_as_in_flax():
+  # flax.nnx broadcasts lengths of shape (1,) in its carry gather and its
+  # flip_sequences, and a scalar in flip_sequences over time-major inputs.
+  from flax.nnx.nn.recurrent import flip_sequences as nnx_flip
+  x, one = _x(), jnp.array([3])
+  kw = dict(return_carry=True, reverse=True, keep_order=True)
+  ours = nr.RNN(nr.LSTMCell(IN, H, rngs=nnx.Rngs(0)), **kw)
+  theirs = nnx.RNN(nnx.LSTMCell(IN, H, rngs=nnx.Rngs(0)), **kw)
+
+  @nnx.jit
+  def run(ours, theirs):
+    return ours(x, seq_lengths=one), theirs(x, seq_lengths=one)
+
+  (carry, y), (carry_t, y_t) = run(ours, theirs)
+  _close(carry, carry_t)
+  _close(y[:, :3], y_t[:, :3])
+  assert not np.asarray(y[:, 3:]).any()
+  # Lengths of shape () and (2, 1) for batch (2, 3) time-major, (1,) for batch (4,) batch-major.
+  xs = jnp.arange(4 * 2 * 3).reshape(4, 2, 3)
+  cases = ((jnp.array(3), 2, True), (jnp.array([2]), 1, False), (jnp.array([[3], [1]]), 2, True))
+  for lengths, nb, tm in cases:
+    with jax.numpy_rank_promotion('allow'):  # flax's flip promotes the lengths' rank
+      want = nnx_flip(xs, lengths, nb, tm)
+    np.testing.assert_array_equal(nr.flip_sequences(xs, lengths, nb, tm), want)
+
+
 def test_a_flax_cell_computing_in_a_lower_dtype_keeps_the_carrys_dtype():
   # flax.nnx.SimpleCell(dtype=bfloat16) returns a bfloat16 h for its float32
   # carry (flax.nnx's RNN fails on the scan's carry type): each step's carry is

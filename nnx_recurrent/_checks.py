@@ -169,6 +169,17 @@ def check_positive_int(where: str, arg: str, value: Any) -> int:
   return int(value)
 
 
+def check_unroll(where: str, unroll: Any) -> int | bool:
+  """``jax.lax.scan``'s ``unroll``: a bool, or an int >= 0 (``True`` and ``0``
+  unroll every step)."""
+  if isinstance(unroll, bool):
+    return unroll
+  if not isinstance(unroll, (int, np.integer)) or unroll < 0:
+    fail(where, 'unroll', 'a bool or a non-negative int', repr(unroll),
+         ValueError if isinstance(unroll, (int, np.integer)) else TypeError)
+  return int(unroll)
+
+
 def check_callables(where: str, **named: Any) -> None:
   """Each of ``named`` (a nonlinearity, an initializer...) callable: a string
   such as ``'relu'`` or an array would fail only when the cell first runs,

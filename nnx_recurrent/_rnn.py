@@ -139,7 +139,7 @@ class RNN(nnx.Module):
     reverse: process sequences backwards (see above).
     keep_order: with ``reverse``, return outputs in input order.
     unroll: scan steps unrolled per loop iteration; as in ``jax.lax.scan``,
-      ``True`` unrolls every step and ``False`` none.
+      ``True`` (or ``0``) unrolls every step and ``False`` none.
     remat: rematerialise each step in the backward pass: training memory holds
       only the carries, at the cost of recomputing each step once.
     state_axes: as flax.nnx's: how the cell's state goes through the scan, a
@@ -182,9 +182,7 @@ class RNN(nnx.Module):
     self.return_carry = _checks.check_bool('RNN', 'return_carry', return_carry)
     self.reverse = _checks.check_bool('RNN', 'reverse', reverse)
     self.keep_order = _checks.check_bool('RNN', 'keep_order', keep_order)
-    if not isinstance(unroll, bool):  # a bool as in jax.lax.scan: True unrolls every step
-      unroll = _checks.check_positive_int('RNN', 'unroll', unroll)
-    self.unroll = unroll
+    self.unroll = _checks.check_unroll('RNN', unroll)
     self.remat = _checks.check_bool('RNN', 'remat', remat)
     learn_initial_carry = _checks.check_bool('RNN', 'learn_initial_carry', learn_initial_carry)
     if state_axes is not None and not isinstance(state_axes, Mapping):

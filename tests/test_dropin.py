@@ -716,15 +716,17 @@ def test_gru_bias_hn_with_a_random_init_differs_between_cells():
   assert not np.allclose(a.bias_hn[...], a.dense_i.bias[...][2 * H:])
 
 
-@pytest.mark.parametrize('unroll', [True, False, 3])
-def test_unroll_takes_a_bool_as_flax(unroll):
+@pytest.mark.parametrize('unroll', [True, False, 3, 0])
+def test_unroll_takes_a_bool_and_zero_as_flax(unroll):
+  # unroll=0 unrolls every step in jax.lax.scan, which flax.nnx passes it to.
   rngs_o, rngs_t = nnx.Rngs(0), nnx.Rngs(0)
   ours = nr.RNN(nr.LSTMCell(IN, H, rngs=rngs_o), unroll=unroll)
   theirs = nnx.RNN(nnx.LSTMCell(IN, H, rngs=rngs_t), unroll=unroll)
   x = _x()
   _close(ours(x, return_carry=True), theirs(x, return_carry=True), atol=1e-6)
-  with pytest.raises(ValueError, match=m('RNN: `unroll` expected a positive int', 'got 0')):
-    nr.RNN(nr.LSTMCell(IN, H, rngs=rngs_o), unroll=0)
+  with pytest.raises(ValueError, match=m('RNN: `unroll` expected a bool or a non-negative int',
+                                         'got -1')):
+    nr.RNN(nr.LSTMCell(IN, H, rngs=rngs_o), unroll=-1)
 
 
 class _NoInitCell(nnx.Module):

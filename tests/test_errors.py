@@ -241,8 +241,8 @@ def test_initialize_carry_needs_rngs_for_carry_init(lstm):
                             nr.RNN(nr.LSTMCell(3, 4, rngs=nnx.Rngs(0)))), TypeError,
    m('Bidirectional: `forward_rnn` expected a one-direction sequence layer',
      'got LSTM, which already runs both directions')),
-  (lambda: nr.RNN(nr.LSTMCell(3, 4, rngs=nnx.Rngs(0)), unroll=0), ValueError,
-   m('RNN: `unroll` expected a positive int, got 0')),
+  (lambda: nr.RNN(nr.LSTMCell(3, 4, rngs=nnx.Rngs(0)), unroll=-1), ValueError,
+   m('RNN: `unroll` expected a bool or a non-negative int, got -1')),
 ], ids=['hidden0', 'hidden_float', 'in0', 'dropout', 'recurrent_dropout', 'strides_len',
         'strides0', 'kernel_int', 'kernel_4d', 'rngs', 'cell', 'cell_module',
         'bidirectional_twice', 'unroll'])

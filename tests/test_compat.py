@@ -616,7 +616,6 @@ def test_flip_sequences_matches_linen():
     np.testing.assert_array_equal(ours, theirs)
 
 
-
 def test_seq_lengths_of_shape_one_broadcast_as_in_linen():
   # flax.linen broadcasts lengths of shape (1,) over the batch (carry gather and flips).
   x = normal((B, T, IN))

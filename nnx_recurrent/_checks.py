@@ -450,9 +450,12 @@ def check_tree_matches(where: str, arg: str, given: Any, expected: Any,
   g_leaves = jax.tree_util.tree_leaves(given)
   e_leaves = jax.tree_util.tree_leaves(expected)
   for g, e in zip(g_leaves, e_leaves):
-    scalar = broadcast and isinstance(g, (int, float)) and not isinstance(g, bool)
-    if not scalar and (not hasattr(g, 'shape')
-                       or not _shape_fits(tuple(g.shape), tuple(e.shape), broadcast)):
+    # A Python number broadcasts with any leaf; as a scan's carry, which must
+    # keep its shape, it is a leaf of shape () ('given').
+    number = isinstance(g, (int, float)) and not isinstance(g, bool)
+    shape = getattr(g, 'shape', () if number else None)
+    if not (number and broadcast is True) and (
+        shape is None or not _shape_fits(tuple(shape), tuple(e.shape), broadcast)):
       got = [tuple(getattr(leaf, 'shape', ())) for leaf in g_leaves]
       shapes = [tuple(leaf.shape) for leaf in e_leaves]
       wanted = (f'leaf shapes {shapes} (or shapes they broadcast to)' if broadcast == 'given'

@@ -1130,6 +1130,13 @@ def test_bad_input_errors():
       jax.random.key(0), x.shape), x))
   with pytest.raises(ValueError, match=r'RNN: `initial_carry` expected a pytree'):
     rnn.apply(v_rnn, xs, initial_carry=np.zeros((B, H), np.float32))
+  # A carry smaller than the cell's (a scalar, one (H,) row): flax.linen's scan
+  # refuses the step's carry of another shape with a TypeError naming nothing.
+  for small, got in [(1.0, r'\(\)'), (np.zeros((H,), np.float32), rf'\({H},\)')]:
+    with pytest.raises(ValueError, match=r'RNN: `initial_carry` expected leaf shapes '
+                       rf'\[\({B}, {H}\), \({B}, {H}\)\] \(or shapes they broadcast to\), '
+                       rf'got \[\({B}, {H}\), {got}\]'):
+      rnn.apply(v_rnn, xs, initial_carry=(carry[0], small))
   with pytest.raises(ValueError, match=r'RNN: `seq_lengths` expected shape'):
     rnn.apply(v_rnn, xs, seq_lengths=jnp.array([1, 2]))
   with pytest.raises(TypeError, match=r'RNN: `cell` expected a flax.linen RNNCellBase.*'

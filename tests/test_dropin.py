@@ -878,6 +878,12 @@ def test_a_carry_leaf_shared_by_the_rows_runs_with_seq_lengths_as_flax():
   seg = jnp.array([[1, 1, 2, 2, 2], [1, 2, 0, 0, 0], [0, 0, 0, 0, 0]])
   _, t_packed = nr.RNN(_SharedCounterCell(nnx.Rngs(0)))(x, segment_ids=seg, return_carry=True)[0]
   assert int(t_packed) == T
+  # The counter given as a Python number, as flax.nnx takes it (a leaf of shape ()).
+  start = (jnp.zeros((B, H)), 2)
+  (_, t_o), y_o = ours(x, initial_carry=start, return_carry=True)
+  (_, t_t), y_t = theirs(x, initial_carry=start, return_carry=True)
+  _close(y_o, y_t)
+  assert int(t_o) == int(t_t) == T + 2 and t_o.dtype == t_t.dtype
 
 
 class _NoInitSubclass(_NoInitCell, nr.RNNCellBase):

@@ -177,10 +177,12 @@ class RNN(nn.Module):
     elif isinstance(self.cell, _Cell):  # this package's cells give their carry for free
       sized = self.cell._sized_by(initial_carry)  # as flax.linen: of the carry's size
       expected = jax.eval_shape(lambda: sized.initialize_carry(jax.random.key(0), step_shape))
-      # Leaves that broadcast pass, as in flax.linen (a carry per beam or per
-      # nn.vmap'd cell over shared inputs); what cannot work fails in the scan.
+      # Leaves the cell's carry broadcasts to pass, as in flax.linen (a carry
+      # per beam over shared inputs); a smaller one (a scalar, a (features,)
+      # h0) fails: the step would return a carry of another shape, which
+      # flax.linen's scan refuses with a TypeError that names no argument.
       _checks.check_tree_matches('RNN', 'initial_carry', initial_carry, expected,
-                                 broadcast=True)
+                                 broadcast='given')
     else:  # another cell: its carry's structure (flax.linen's take their size from the carry)
       expected = _carry_structure(self.cell, step_shape)
       if expected is not None:

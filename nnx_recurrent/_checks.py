@@ -339,7 +339,12 @@ def check_integer_array(where: str, arg: str, x: Any, shape: tuple[int, ...], sh
   if not hasattr(x, 'shape') or not hasattr(x, 'dtype'):
     x = np.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.integer):
-    fail(where, arg, f'an integer array of shape {shape_doc}', f'dtype {x.dtype}', dtype_error)
+    # A boolean mask given as lengths: flax reads each row's True/False as a
+    # length of 1/0, which is never what was meant.
+    hint = (' (lengths, not a mask: a boolean mask of shape (*batch, time) gives them as '
+            'mask.sum(-1))' if x.dtype == np.bool_ and arg == 'seq_lengths' else '')
+    fail(where, arg, f'an integer array of shape {shape_doc}{hint}', f'dtype {x.dtype}',
+         dtype_error)
   if tuple(x.shape) != tuple(shape):
     fail(where, arg, f'shape {shape_doc} = {tuple(shape)}', f'shape {tuple(x.shape)}')
   return jnp.asarray(x)

@@ -115,6 +115,25 @@ def test_seq_lengths_not_integer(lstm, lengths):
     nr.RNN(lstm)(X, seq_lengths=lengths)
 
 
+def test_boolean_seq_lengths_say_they_are_not_a_mask(lstm):
+  # flax.nnx and flax.linen read [True, False] as lengths [1, 0]: a mask passed
+  # by mistake runs there, so the message says what to pass instead.
+  from nnx_recurrent import compat
+  mask = np.ones((2, 5), bool)
+  rnn = compat.RNN(compat.LSTMCell(4))
+  v = rnn.init(jax.random.key(0), X)
+  calls = [lambda lengths: nr.RNN(lstm)(X, seq_lengths=lengths),
+           lambda lengths: nr.LSTM(3, 4, rngs=nnx.Rngs(0))(X, seq_lengths=lengths),
+           lambda lengths: rnn.apply(v, X, seq_lengths=lengths)]
+  for call, where in zip(calls, ('RNN', 'LSTM', 'RNN')):
+    with pytest.raises(TypeError, match=m(
+        f'{where}: `seq_lengths` expected an integer array of shape batch shape (lengths, not '
+        'a mask: a boolean mask of shape (*batch, time) gives them as mask.sum(-1)), got '
+        'dtype bool.')):
+      call(mask[:, 0])
+    np.testing.assert_allclose(call(mask.sum(-1)), call(None), atol=1e-6)  # all True: in full
+
+
 @pytest.mark.parametrize('lengths, got', [([1.0, 2.5], '[2.5]'), ([np.nan, 2.0], '[nan]'),
                                           ([np.inf, 2.0], '[inf]')])  # inf == round(inf)
 def test_float_seq_lengths_not_whole(lstm, lengths, got):

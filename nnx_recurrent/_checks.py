@@ -32,6 +32,16 @@ def fail(where: str, arg: str, expected: str, got: Any,
   raise exc(f'{where}: `{arg}` expected {expected}, got {got}.')
 
 
+class CarrySizeError(ValueError):
+  """A carry whose size disagrees with the cell's parameters (compat's cells,
+  as flax.linen's, take their size from the carry): an ``RNN`` given the
+  carry re-raises it naming its own ``initial_carry``."""
+
+  def __init__(self, where: str, expected: str, got: str):
+    super().__init__(f'{where}: `carry` expected {expected}, got {got}.')
+    self.expected, self.got = expected, got
+
+
 def warn(message: str) -> None:
   """``warnings.warn`` pointing at the user's line: the first frame outside
   this package, flax and jax (an nnx module's constructor runs inside flax's

@@ -93,9 +93,12 @@ def test_cell_size_gives_a_clear_error():
   with pytest.raises(TypeError, match=r'RNN: `cell_size` is no longer an argument.*'
                      r'RNN\(LSTMCell\(features=\.\.\.\)\)'):
     compat.RNN(compat.LSTMCell(4), cell_size=4)
-  for size in (2, 64):  # positional, as in the old signature
-    with pytest.raises(TypeError, match=rf'`cell_size` is no longer an argument \(got {size}\)'):
-      compat.RNN(compat.LSTMCell(4), size)
+  for size in (2, 64):  # positional, as in the old signature; or a bad time_major
+    for args, kw in [((size,), {}), ((), {'time_major': size})]:
+      with pytest.raises(TypeError, match=rf'RNN: `time_major` expected a bool, got {size} '
+                         rf'\(RNN\(cell, {size}\), the old call with a cell size, sets '
+                         r'time_major: `cell_size` is no longer an argument\); the cell holds'):
+        compat.RNN(compat.LSTMCell(4), *args, **kw)
   # flax.linen's own positional fields: RNN(cell, time_major, return_carry).
   x = np.ones((5, 2, 3), np.float32)
   rnn = compat.RNN(compat.LSTMCell(4), 1, True)  # 0 and 1 are flags (no cell_size)
@@ -1137,6 +1140,13 @@ def test_bad_input_errors():
                        rf'\[\({B}, {H}\), \({B}, {H}\)\] \(or shapes they broadcast to\), '
                        rf'got \[\({B}, {H}\), {got}\]'):
       rnn.apply(v_rnn, xs, initial_carry=(carry[0], small))
+  # A narrower carry sizes flax.linen's cell (it takes its size from the carry):
+  # against the checkpoint's parameters, the error names the RNN's argument.
+  narrow = tuple(c[:, :H - 1] for c in carry)
+  with pytest.raises(ValueError, match=r'RNN: `initial_carry` expected a last axis of size '
+                     rf"{H} \(the parameter 'h\w/kernel' has shape \({H}, {H}\); flax.linen's "
+                     rf'cells take their size from the carry\), got size {H - 1}\.'):
+    rnn.apply(v_rnn, xs, initial_carry=narrow)
   with pytest.raises(ValueError, match=r'RNN: `seq_lengths` expected shape'):
     rnn.apply(v_rnn, xs, seq_lengths=jnp.array([1, 2]))
   with pytest.raises(TypeError, match=r'RNN: `cell` expected a flax.linen RNNCellBase.*'

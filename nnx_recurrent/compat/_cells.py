@@ -199,10 +199,10 @@ class _Cell(RNNCellBase):
       kernel = group.get('kernel') if isinstance(group, Mapping) else None
       if hasattr(kernel, 'shape') and len(kernel.shape) >= 2 and \
           kernel.shape[-2] != sized.features:
-        _checks.fail(layout.name, 'carry',
-                     f"a last axis of size {kernel.shape[-2]} (the parameter '{name}/kernel' "
-                     f"has shape {tuple(kernel.shape)}; flax.linen's cells take their size "
-                     'from the carry)', f'size {sized.features}')
+        raise _checks.CarrySizeError(
+          layout.name, f"a last axis of size {kernel.shape[-2]} (the parameter '{name}/kernel' "
+          f"has shape {tuple(kernel.shape)}; flax.linen's cells take their size from the "
+          'carry)', f'size {sized.features}')
     # Groups beyond the cell's own are a subclass's submodules (or entries a
     # checkpoint carries besides): flax.linen's cells ignore them, so do we.
     _convert.check_params(layout.name, layout, sized, existing, in_features, allow_extra=True)

@@ -112,12 +112,15 @@ class RNN(nn.Module):
                       and not isinstance(self.time_major, (bool, np.bool_))
                       and self.time_major > 1)
     if self.cell_size is not _NEVER or old_positional:
-      got = self.cell_size if self.cell_size is not _NEVER else self.time_major
-      raise TypeError(
-        f'RNN: `cell_size` is no longer an argument (got {got!r}); the cell holds '
-        'its size: write RNN(LSTMCell(features=...)) and drop cell_size (the carry comes from '
-        'cell.initialize_carry(rng, input_shape)).'
-      )
+      fix = ('the cell holds its size: write RNN(LSTMCell(features=...)) and drop cell_size '
+             '(the carry comes from cell.initialize_carry(rng, input_shape)).')
+      if self.cell_size is not _NEVER:
+        raise TypeError(f'RNN: `cell_size` is no longer an argument (got {self.cell_size!r}); '
+                        + fix)
+      # RNN(cell, 64) or RNN(cell, time_major=2): the same field, either mistake.
+      raise TypeError(f'RNN: `time_major` expected a bool, got {self.time_major!r} (RNN(cell, '
+                      f'{self.time_major!r}), the old call with a cell size, sets time_major: '
+                      '`cell_size` is no longer an argument); ' + fix)
     if not isinstance(self.cell, nn.Module):
       _checks.fail('RNN', 'cell', 'a flax.linen RNNCellBase (for an nnx_recurrent cell use '
                    'nnx_recurrent.RNN, or convert it with compat.from_nnx)',
@@ -166,6 +169,7 @@ class RNN(nn.Module):
                         in_features=None, time_major=time_major, seq_lengths=seq_lengths,
                         segment_ids=segment_ids)
     step_shape = tuple(seq.xs.shape[1:])
+    given_carry = initial_carry is not None
     init_key = jax.random.key(0) if init_key is None else init_key
     # Packed segments after a row's first start from the default carry, the
     # first from an initial_carry given (a chunk's carry passed on goes on).
@@ -209,8 +213,13 @@ class RNN(nn.Module):
       out_axes=0,
       unroll=self.unroll,
     )
-    carry, ys = scan(self.cell, carry, (xs, seq.masks.valid, seq.masks.reset, None),
-                     (None, reset_carry))
+    try:
+      carry, ys = scan(self.cell, carry, (xs, seq.masks.valid, seq.masks.reset, None),
+                       (None, reset_carry))
+    except _checks.CarrySizeError as e:  # the carry is the one given here
+      if given_carry:
+        _checks.fail('RNN', 'initial_carry', e.expected, e.got)
+      raise
     if linen:
       carry = carry[1]
     ys = _scan.output_order(ys, seq, reverse, idx, keep_order, time_major)

@@ -470,6 +470,26 @@ def test_padding_values_are_linens_and_length_zero_keeps_the_initial_carry():
   np.testing.assert_allclose(np.asarray(c_o)[::2], np.asarray(c_t)[::2], atol=1e-6)
 
 
+def test_a_length_past_the_time_axis_keeps_the_gradient_through_its_carry():
+  """flax.linen gathers such a row's carry at an index out of bounds, whose
+  gradient is dropped: the reference is flax.linen with the lengths cut to the
+  time axis, which gives the same values."""
+  x = normal((B, T, IN))
+  lengths = jnp.array([T + 4, T, 2])
+  theirs, ours = nn.RNN(nn.GRUCell(H), return_carry=True), compat.RNN(compat.GRUCell(H),
+                                                                      return_carry=True)
+  v = random_linen_variables(theirs, x)
+
+  def grad(module, lengths):
+    return jax.grad(lambda v, x: module.apply(v, x, seq_lengths=lengths)[0].sum(),
+                    argnums=(0, 1))(v, x)
+
+  (gv_t, dx_t), (gv_o, dx_o) = grad(theirs, jnp.minimum(lengths, T)), grad(ours, lengths)
+  assert not np.allclose(grad(theirs, lengths)[1][0], dx_t[0])  # flax.linen's loss
+  np.testing.assert_allclose(dx_o, dx_t, atol=1e-6)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6), gv_o, gv_t)
+
+
 # The step that runs on at padding is cell-agnostic: one cell per kind of carry here,
 # an array (MGUCell) and a tuple with feature axes of its own (ConvLSTMCell; LSTMCell,
 # GRUCell and SimpleCell in every mode: the tests above and below; OptimizedLSTMCell

@@ -515,6 +515,22 @@ def test_lengths_past_the_time_axis_act_as_it_as_in_flax():
   expected = theirs(x, seq_lengths=lengths)
   _close(ours(x, seq_lengths=lengths), expected)
   _close(fused(x, seq_lengths=lengths), expected)
+  # The gradient through such a row's carry too: flax.nnx's is lost (its carry
+  # is gathered at index length - 1, out of bounds, whose gradient is dropped),
+  # so the reference is flax.nnx with the lengths cut to the time axis.
+  zeros = jnp.zeros((x.shape[0], H))
+
+  def carry_sum(model, x, lengths):
+    return model(x, seq_lengths=lengths, initial_carry=zeros)[0].sum()
+
+  grad = nnx.grad(carry_sum, argnums=(0, 1))
+  g_theirs, dx_theirs = grad(theirs, x, jnp.minimum(lengths, T))
+  assert not np.allclose(grad(theirs, x, lengths)[1], dx_theirs)  # flax.nnx's loss
+  for model in (ours, fused):
+    _close(grad(model, x, lengths)[1], dx_theirs)
+  g_ours = nnx.to_pure_dict(grad(ours, x, lengths)[0])
+  del g_ours['cell']['bias_hn']  # nr.GRUCell's one more parameter
+  _close(g_ours, nnx.to_pure_dict(g_theirs))
 
 
 def test_broadcast_rngs_gives_one_mask_per_call_as_flax():

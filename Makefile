@@ -23,7 +23,7 @@ TEST_WORKERS ?= 2
 TEST_PATHS := $(wildcard docs README.md) nnx_recurrent $(wildcard compat tests)
 PYTEST_ARGS = -q -n $(TEST_WORKERS) --dist worksteal --doctest-modules --doctest-glob='*.md' $(TEST_PATHS)
 
-.PHONY: venv install-test install-examples install-docs test test-newest demo bench triton-check docs clean
+.PHONY: venv install-test install-examples install-docs test test-newest demo bench fuzz triton-check docs clean
 
 venv: $(VENV)/.created
 
@@ -71,6 +71,15 @@ demo: install-examples
 
 bench: install-test
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# Differential fuzzing against flax.nnx, flax.linen and PyTorch (fuzz/): not in
+# `make test`; 200 cases per family take about 28 minutes on 2 cores. A failure
+# prints the command that replays its case.
+FUZZ_FAMILY ?= all
+FUZZ_CASES ?= 200
+FUZZ_SEED ?= 0
+fuzz: install-test
+	$(PY) -m fuzz --family $(FUZZ_FAMILY) --cases $(FUZZ_CASES) --seed $(FUZZ_SEED) --out out/fuzz.json
 
 # The Pallas kernels compiled by Triton for an H200, without a GPU: shared
 # memory, registers, spills (benchmarks/triton_resources.py).

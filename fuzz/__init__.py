@@ -1,0 +1,20 @@
+"""Differential fuzzing of nnx_recurrent against flax.nnx, flax.linen and PyTorch.
+
+Each case draws a configuration (layer, sizes, batch axes, lengths, options)
+from its own seed, runs this package and the reference library on the same
+parameters and inputs, and compares what users read: outputs, carries,
+gradients, and for bad arguments the error raised. A failure names its case
+seed, which replays the case alone::
+
+  python -m fuzz --family nnx --cases 200 --seed 0
+  python -m fuzz --family nnx --replay 123456789
+
+Families: ``nnx`` (nr.RNN, nr.Bidirectional and the cells against flax.nnx),
+``linen`` (compat against flax.linen), ``torch`` (nr.LSTM / nr.GRU against
+torch.nn.LSTM / GRU, through ``nnx_recurrent.interop.torch``; the Pallas
+kernels in interpret mode too) and ``errors`` (bad arguments get a
+``ValueError`` or ``TypeError`` naming the argument). The deliberate
+differences from flax (docs/migrating_from_nnx.md, compat/README.md) are
+compared with what the docs promise instead: zeros at padding, the initial
+carry for a row of length 0, each row's own carry with several batch axes.
+"""

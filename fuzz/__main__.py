@@ -1,0 +1,57 @@
+"""``python -m fuzz``: see the package docstring."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+from fuzz._core import case_seed, run_cases
+
+FAMILIES = ['nnx', 'linen', 'torch', 'errors']
+
+
+def family(name: str):
+  return importlib.import_module(f'fuzz.{name}_family').run
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m fuzz', description=__doc__)
+  parser.add_argument('--family', choices=[*FAMILIES, 'all'], default='all')
+  parser.add_argument('--cases', type=int, default=100, help='cases per family')
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--replay', type=int, help='run the one case of this case seed')
+  parser.add_argument('--out', help='write the report as JSON here')
+  args = parser.parse_args(argv)
+  names = FAMILIES if args.family == 'all' else [args.family]
+  if args.replay is not None and len(names) != 1:
+    parser.error('--replay needs one --family')
+  reports = []
+  for name in names:
+    try:
+      run = family(name)
+    except ImportError as e:  # torch is an extra
+      print(f'{name}: skipped ({e})')
+      continue
+    seeds = ([args.replay] if args.replay is not None
+             else [case_seed(args.seed, i) for i in range(args.cases)])
+    report = run_cases(name, run, seeds, progress=lambda line: print(line, flush=True))
+    reports.append(report)
+    errors = ', '.join(f'{k} {v:.2g}' for k, v in report['largest_abs_error'].items())
+    errors = f'; largest |ours - theirs|: {errors}' if errors else ''
+    print(f"{name}: {report['cases']} cases, {len(report['failures'])} failures, "
+          f"{report['seconds']} s{errors}", flush=True)
+    for failure in report['failures']:
+      print(f"  replay: python -m fuzz --family {name} --replay {failure['seed']}\n"
+            f"    {failure['error']}\n    config: {failure['config']}")
+  if args.out:
+    os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
+    with open(args.out, 'w') as f:
+      json.dump(reports, f, indent=1)
+  return 1 if any(r['failures'] for r in reports) else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

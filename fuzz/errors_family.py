@@ -1,0 +1,125 @@
+"""Bad arguments get a ValueError or TypeError that names the argument.
+
+Each case builds a layer (nr.RNN over a cell, the fused nr.LSTM / nr.GRU, or
+compat.RNN) and calls it, or builds one, with one argument drawn bad. The
+error must be a ``ValueError`` or ``TypeError`` whose message names the
+argument in backquotes; jax's own errors (a shape mismatch deep in a scan),
+another exception, or a call that runs, are findings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import nnx_recurrent as nr
+from fuzz._core import Case, Mismatch
+from nnx_recurrent import compat
+
+B, T, IN, H = 2, 4, 3, 5
+
+
+def _bad_lengths(case: Case) -> Any:
+  return case.pick('bad', [
+    np.array([1, 2, 3]), np.array([[1], [2]]), np.array([[1, 2], [3, 4]]), np.array([1.5, 2.0]),
+    np.array([True, False]), np.array([-1, 2]), 'ab', [[1], [2, 3]], np.array(['a', 'b']),
+    jax.random.key(0), np.array([1 + 1j, 2]), np.array([np.nan, 1.0]), None.__class__,
+  ])
+
+
+def _bad_carry(case: Case, lstm: bool) -> Any:
+  good = jnp.zeros((B, H))
+  options = [good[:, :-1] if H > 1 else good[:1], jnp.zeros((B + 1, H)), jnp.zeros((1, H)),
+             jnp.zeros((H,)), 1.0, 'carry', jnp.zeros((B, H), jnp.int32),
+             (good, good, good), [good] * 3, {'h': good}]
+  options += [(good, jnp.zeros((B, H + 1))), (1.0, good), good] if lstm else [(good, good)]
+  return case.pick('bad', options)
+
+
+def _bad_inputs(case: Case) -> Any:
+  return case.pick('bad', [
+    np.ones((B, T, IN + 1), np.float32), np.ones((IN,), np.float32), np.array([['a']]),
+    'inputs', np.ones((B, T, IN), object), jax.random.key(0), [[1, 2], [3]],
+  ])
+
+
+def _calls(case: Case) -> tuple[str, Callable[[], Any]]:
+  """The argument drawn bad and the call that must refuse it."""
+  front = case.pick('front', ['nr.RNN', 'nr.LSTM', 'nr.GRU', 'compat.RNN'])
+  arg = case.pick('argument', ['seq_lengths', 'initial_carry', 'inputs'])
+  x = np.ones((B, T, IN), np.float32)
+  kind = case.pick('cell', ['LSTMCell', 'GRUCell'])
+  lstm = kind == 'LSTMCell' if front in ('nr.RNN', 'compat.RNN') else front == 'nr.LSTM'
+  if front == 'nr.RNN':
+    model = nr.RNN(getattr(nr, kind)(IN, H, rngs=nnx.Rngs(0)))
+  elif front == 'compat.RNN':
+    linen = compat.RNN(getattr(compat, kind)(H))
+    variables = linen.init(jax.random.key(0), x)
+    model = lambda *a, **k: linen.apply(variables, *a, **k)  # noqa: E731
+  else:
+    model = getattr(nr, front.split('.')[1])(IN, H, rngs=nnx.Rngs(0))
+    if arg == 'initial_carry':  # the fused layers' carry: one per layer
+      good = jnp.zeros((B, H))
+      bad = case.pick('bad', [(jnp.zeros((B, H + 1)),) * (1 + lstm), (good, good, good),
+                              ((good, good[:1]),) if lstm else (good[:1],), 1.0])
+      return arg, lambda: model(x, initial_carry=bad)
+  if arg == 'seq_lengths':
+    bad = _bad_lengths(case)
+    return arg, lambda: model(x, seq_lengths=bad)
+  if arg == 'initial_carry':
+    bad = _bad_carry(case, lstm)
+    return arg, lambda: model(x, initial_carry=bad)
+  return arg, lambda: model(_bad_inputs(case))
+
+
+def _constructors(case: Case) -> tuple[str, Callable[[], Any]]:
+  """A constructor given one bad size or option."""
+  target = case.pick('constructor', ['cell', 'LSTM', 'RNN', 'compat'])
+  if target == 'cell':
+    arg = case.pick('argument', ['in_features', 'hidden_features'])
+    bad = case.pick('bad', [0, -1, 2.5, '4', None, True, np.zeros(2)])
+    sizes = {'in_features': IN, 'hidden_features': H, arg: bad}
+    kind = case.pick('cell', ['LSTMCell', 'GRUCell', 'SimpleCell', 'MGUCell'])
+    return arg, lambda: getattr(nr, kind)(sizes['in_features'], sizes['hidden_features'],
+                                          rngs=nnx.Rngs(0))
+  if target == 'LSTM':
+    arg = case.pick('argument', ['num_layers', 'dropout_rate', 'implementation',
+                                 'hidden_features'])
+    bad = {'num_layers': case.pick('bad', [0, -2, 1.5, '2']),
+           'dropout_rate': case.pick('bad', [-0.1, 1.0, 1.5, 'x']),
+           'implementation': case.pick('bad', ['fast', 3, None]),
+           'hidden_features': case.pick('bad', [0, -3, 2.0])}[arg]
+    kw = {'num_layers': 1, 'hidden_features': H, arg: bad}
+    return arg, lambda: nr.LSTM(IN, kw.pop('hidden_features'), **kw, rngs=nnx.Rngs(0))
+  if target == 'RNN':
+    arg = case.pick('argument', ['unroll', 'time_major', 'cell'])
+    bad = {'unroll': case.pick('bad', [-1, 1.5, '2']),
+           'time_major': case.pick('bad', [2, 'yes', None]),
+           'cell': case.pick('bad', [None, 3, nnx.Linear(2, 3, rngs=nnx.Rngs(0))])}[arg]
+    cell = nr.GRUCell(IN, H, rngs=nnx.Rngs(0))
+    if arg == 'cell':
+      return arg, lambda: nr.RNN(bad)(np.ones((B, T, IN), np.float32))
+    return arg, lambda: nr.RNN(cell, **{arg: bad})
+  arg = case.pick('argument', ['features', 'time_major'])
+  bad = case.pick('bad', [0, -1, 2.5]) if arg == 'features' else case.pick('bad', [2, 'yes'])
+  x = np.ones((B, T, IN), np.float32)
+  if arg == 'features':
+    return arg, lambda: compat.RNN(compat.GRUCell(bad)).init(jax.random.key(0), x)
+  return arg, lambda: compat.RNN(compat.GRUCell(H), time_major=bad).init(jax.random.key(0), x)
+
+
+def run(case: Case) -> None:
+  arg, call = (_calls if case.pick('kind', ['call', 'call', 'constructor']) == 'call'
+               else _constructors)(case)
+  try:
+    call()
+  except (ValueError, TypeError) as e:
+    if f'`{arg}`' not in str(e):
+      raise Mismatch(f'{type(e).__name__} does not name `{arg}`: {str(e)[:300]}') from None
+    return
+  raise Mismatch(f'the bad `{arg}` ran')

@@ -1,0 +1,163 @@
+"""nr.RNN, nr.Bidirectional and the cells against flax.nnx's.
+
+Where nr differs on purpose (docs/migrating_from_nnx.md, "Three behaviours
+differ"), the case checks what the docs promise: zero outputs at padding
+(flax.nnx returns what the cell computed on the padding), the initial carry
+for a row of length 0 (flax.nnx: the carry of its last computed step), and
+with two or more batch axes each row's own carry (flax.nnx's carry then gains
+an axis: the reference runs on the flattened batch). Padding holds NaN, inf
+or 1e30 for nr and clean numbers for flax.nnx: nr's valid values must not
+change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import nnx_recurrent as nr
+from fuzz._common import draw_lengths, flat, garbage, params, tree_rows, unflat, valid_steps
+from fuzz._core import Case
+
+CELLS = ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell']
+
+
+def _cells(case: Case, in_features: int, hidden: int, seed: int) -> tuple[Any, Any]:
+  """flax.nnx's cell and ours from the same ``nnx.Rngs``: the same parameters."""
+  kind = case.config['cell']
+  theirs = getattr(nnx, kind)(in_features, hidden, rngs=nnx.Rngs(seed))
+  # nr.GRUCell's one more parameter, bias_hn, starts at zero and so gives
+  # flax.nnx's numbers; use_bias_hn=False is flax.nnx's cell exactly
+  # (docs/migrating_from_nnx.md, "GRUCell has one more parameter").
+  kw = {'use_bias_hn': case.pick('use_bias_hn', [False, True])} if kind == 'GRUCell' else {}
+  ours = getattr(nr, kind)(in_features, hidden, **kw, rngs=nnx.Rngs(seed))
+  mine, reference = params(ours), params(theirs)
+  if kw.get('use_bias_hn'):
+    case.close('init bias_hn (zeros)', mine.pop('bias_hn'), np.zeros(hidden))
+  case.close(f'init {kind}', mine, reference, atol=1e-7, rtol=1e-6)
+  return ours, theirs
+
+
+def _common(grads: Any, reference: Any) -> Any:
+  """``grads`` on the parameters flax.nnx's cells have (bias_hn aside)."""
+  if isinstance(grads, dict):
+    return {k: _common(grads[k], v) for k, v in reference.items()}
+  return grads
+
+
+def _random_carry(case: Case, cell: Any, shape: tuple[int, ...]) -> Any:
+  return jax.tree.map(lambda a: jnp.asarray(case.normal(a.shape)),
+                      cell.initialize_carry(shape, rngs=nnx.Rngs(0)))
+
+
+def cell_case(case: Case) -> None:
+  kind = case.pick('cell', CELLS)
+  in_f, hidden = case.integer('in_features', 1, 5), case.integer('hidden', 1, 6)
+  batch = tuple(case.integer(f'batch{i}', 1, 3) for i in range(case.integer('batch_axes', 0, 2)))
+  ours, theirs = _cells(case, in_f, hidden, case.integer('init_seed', 0, 9))
+  shape = (*batch, in_f)
+  case.close('initialize_carry', ours.initialize_carry(shape),
+             theirs.initialize_carry(shape, rngs=nnx.Rngs(0)))
+  carry, x = _random_carry(case, theirs, shape), jnp.asarray(case.normal(shape))
+  case.close(f'{kind} step', ours(carry, x), theirs(carry, x))
+
+
+def _call(model: Any, x: Any, carry: Any, lengths: Any) -> Any:
+  kw = {} if lengths is None else {'seq_lengths': jnp.asarray(lengths)}
+  return model(x, initial_carry=carry, **kw)
+
+
+def _loss_weights(case: Case, out: Any) -> Any:
+  return jax.tree.map(lambda a: jnp.asarray(case.normal(a.shape)), out)
+
+
+def rnn_case(case: Case, bidirectional: bool) -> None:
+  case.pick('cell', CELLS)
+  in_f, hidden = case.integer('in_features', 1, 5), case.integer('hidden', 1, 6)
+  batch = tuple(case.integer(f'batch{i}', 1, 3)
+                for i in range(case.pick('batch_axes', [0, 1, 1, 1, 2, 2])))
+  time = case.integer('time', 1, 6)
+  time_major = bool(case.pick('time_major', [False, True]))
+  lengths = draw_lengths(case, batch, time)
+  kw: dict[str, Any] = dict(time_major=time_major, return_carry=True)
+  if not bidirectional:
+    kw['reverse'] = case.pick('reverse', [False, True])
+    kw['keep_order'] = case.pick('keep_order', [False, True])
+    kw['unroll'] = case.pick('unroll', [1, 1, 2, 0])
+  seed = case.integer('init_seed', 0, 9)
+  pairs = [_cells(case, in_f, hidden, seed + i) for i in range(1 + bidirectional)]
+  if bidirectional:
+    ours = nr.Bidirectional(*(nr.RNN(o) for o, _ in pairs), **kw)
+    theirs = nnx.Bidirectional(*(nnx.RNN(t) for _, t in pairs), **kw)
+  else:
+    ours, theirs = nr.RNN(pairs[0][0], **kw), nnx.RNN(pairs[0][1], **kw)
+  time_axis = 0 if time_major else len(batch)
+  x = case.normal((time, *batch, in_f) if time_major else (*batch, time, in_f))
+  carries = [_random_carry(case, t, (*batch, in_f)) if case.pick('initial_carry', [0, 1])
+             else None for _, t in pairs]
+  carry = (tuple(carries) if None not in carries else None) if bidirectional else carries[0]
+  # flax.nnx draws its default carry from its stream, which it cannot do
+  # inside nnx.grad (a TraceContextError): it gets the zeros explicitly.
+  zeros = [jax.tree.map(jnp.zeros_like, t.initialize_carry((*batch, in_f), rngs=nnx.Rngs(0)))
+           for _, t in pairs]
+  given = carry if carry is not None else (tuple(zeros) if bidirectional else zeros[0])
+  valid = valid_steps(lengths, batch, time)
+  x_ours = garbage(case, x, valid, time_axis) if lengths is not None else x
+  # flax.nnx's carry with two batch axes and lengths gains an axis: flatten.
+  merge = len(batch) == 2 and lengths is not None
+  lead = 1 if time_major else 0
+  # flax.nnx gets lengths clipped to the time axis, which is what both say a
+  # longer length means; flax.nnx's own reading of one differs in two ways
+  # (docs/migrating_from_nnx.md): reversed, it wraps the row around, and its
+  # gradient through such a row's carry is lost (an out-of-bounds gather).
+  clipped = None if lengths is None else np.minimum(np.broadcast_to(lengths, batch), time)
+  x_t, carry_t, lengths_t = ((flat(x, lead, 2), flat(given, 0, 2), clipped.reshape(-1))
+                             if merge else (x, given, clipped))
+
+  def ours_loss(model, weights):
+    new_carry, y = _call(model, jnp.asarray(x_ours), carry, lengths)
+    return _masked_loss(new_carry, y, weights), (new_carry, y)
+
+  def theirs_loss(model, weights):
+    new_carry, y = _call(model, jnp.asarray(x_t), carry_t, lengths_t)
+    if merge:
+      new_carry, y = unflat(new_carry, 0, batch), unflat(y, lead, batch)
+    return _masked_loss(new_carry, y, weights), (new_carry, y)
+
+  def _masked_loss(new_carry, y, weights):
+    w_carry, w_y = weights
+    y = jnp.moveaxis(y, time_axis, len(batch)) if time_major else y
+    ends = jnp.asarray(valid[..., 0] if valid.size else np.zeros(batch, bool))
+    loss = jnp.sum(jnp.where(jnp.asarray(valid)[..., None], y * w_y, 0))
+    for c, w in zip(jax.tree.leaves(new_carry), jax.tree.leaves(w_carry)):
+      loss += jnp.sum(jnp.where(ends[..., None], c * w, 0))  # rows of length 0 aside
+    return loss
+
+  weights = _loss_weights(case, (given, np.zeros((*batch, time, hidden * (1 + bidirectional)))))
+  grad_ours, (c_ours, y_ours) = nnx.grad(ours_loss, has_aux=True)(ours, weights)
+  grad_theirs, (c_theirs, y_theirs) = nnx.grad(theirs_loss, has_aux=True)(theirs, weights)
+
+  y_ours, y_theirs = (np.moveaxis(np.asarray(y), time_axis, len(batch))
+                      for y in (y_ours, y_theirs))
+  case.close('outputs at valid steps', y_ours[valid], y_theirs[valid])
+  case.close('outputs at padding (zeros)', y_ours[~valid], np.zeros_like(y_ours[~valid]))
+  ends = valid[..., 0] if valid.size else np.zeros(batch, bool)
+  case.close('carry (rows of length > 0)', tree_rows(c_ours, ends), tree_rows(c_theirs, ends))
+  if lengths is not None:
+    case.close('carry (rows of length 0: the initial carry)', tree_rows(c_ours, ~ends),
+               tree_rows(given, ~ends))
+  reference = nnx.to_pure_dict(grad_theirs)
+  case.close('parameter gradients', _common(nnx.to_pure_dict(grad_ours), reference), reference,
+             atol=1e-4, rtol=1e-4)
+
+
+def run(case: Case) -> None:
+  mode = case.pick('mode', ['rnn', 'rnn', 'rnn', 'bidirectional', 'cell'])
+  if mode == 'cell':
+    cell_case(case)
+  else:
+    rnn_case(case, mode == 'bidirectional')

@@ -1,0 +1,74 @@
+"""The differential fuzzer (fuzz/, ``make fuzz``): every family runs a few
+cases clean, and the harness catches a planted bug with a seed that replays it.
+The campaigns themselves run outside the suite (``make fuzz``)."""
+
+import json
+
+import jax.numpy as jnp
+import pytest
+
+from fuzz import _core, errors_family, linen_family, nnx_family
+from fuzz.__main__ import main
+from nnx_recurrent import _base, _checks
+
+
+def _seeds(n, seed=0):
+  return [_core.case_seed(seed, i) for i in range(n)]
+
+
+@pytest.mark.parametrize('family', [nnx_family, linen_family, errors_family],
+                         ids=['nnx', 'linen', 'errors'])
+def test_families_run_clean(family):
+  report = _core.run_cases('smoke', family.run, _seeds(3))
+  assert report['cases'] == 3
+  assert report['failures'] == []
+  if family is not errors_family:  # the differential families compared numbers
+    assert report['largest_abs_error'], report
+    assert max(report['largest_abs_error'].values()) < 1e-4
+
+
+def test_torch_family_runs_clean():
+  pytest.importorskip('torch')
+  from fuzz import torch_family
+
+  report = _core.run_cases('torch', torch_family.run, _seeds(2, seed=1))
+  assert report['failures'] == []
+  assert 'gradient of weight_ih' in report['largest_abs_error']
+
+
+def _off_by(delta):
+  """A cell step whose output is ``delta`` off: a bug to be found."""
+  call = _base.RNNCellBase._call
+
+  def wrong(self, carry, inputs, options, keep_carry_dtype):
+    carry, y = call(self, carry, inputs, options, keep_carry_dtype)
+    return carry, y + delta
+
+  return wrong
+
+
+def test_a_wrong_output_is_found_and_replays(monkeypatch):
+  monkeypatch.setattr(_base.RNNCellBase, '_call', _off_by(1e-3))
+  report = _core.run_cases('nnx', nnx_family.cell_case, _seeds(2))
+  assert len(report['failures']) == 2
+  failure = report['failures'][0]
+  assert failure['error'].startswith('Mismatch: ') and 'step' in failure['error']
+  assert 'cell' in failure['config'] and 'hidden' in failure['config']
+  replay = _core.run_cases('nnx', nnx_family.cell_case, [failure['seed']])
+  assert replay['failures'][0]['config'] == failure['config']  # the same case again
+  monkeypatch.undo()
+  assert _core.run_cases('nnx', nnx_family.cell_case, [failure['seed']])['failures'] == []
+
+
+def test_an_unchecked_argument_is_found(monkeypatch, tmp_path, capsys):
+  # seq_lengths unchecked: bad lengths reach jax (or run), which the family reports.
+  monkeypatch.setattr(_checks, 'check_integer_array', lambda where, arg, x, *a, **k:
+                      jnp.asarray(x))
+  out = tmp_path / 'sub' / 'report.json'
+  code = main(['--family', 'errors', '--cases', '40', '--seed', '0', '--out', str(out)])
+  assert code == 1
+  [report] = json.loads(out.read_text())
+  assert report['failures'], report
+  assert all("'seq_lengths'" in f['config']['argument'] for f in report['failures'])
+  printed = capsys.readouterr().out
+  assert f"python -m fuzz --family errors --replay {report['failures'][0]['seed']}" in printed

@@ -9,7 +9,8 @@ seed, which replays the case alone::
   python -m fuzz --family nnx --cases 200 --seed 0
   python -m fuzz --family nnx --replay 123456789
 
-Families: ``nnx`` (nr.RNN, nr.Bidirectional and the cells against flax.nnx),
+Families: ``nnx`` (nr.RNN, nr.Bidirectional and the cells against flax.nnx,
+and the fused nr.LSTM / nr.GRU against flax.nnx's RNNs stacked by hand),
 ``linen`` (compat against flax.linen), ``torch`` (nr.LSTM / nr.GRU against
 torch.nn.LSTM / GRU, through ``nnx_recurrent.interop.torch``; the Pallas
 kernels in interpret mode too) and ``errors`` (bad arguments get a

@@ -1,4 +1,5 @@
-"""nr.RNN, nr.Bidirectional and the cells against flax.nnx's.
+"""nr.RNN, nr.Bidirectional and the cells against flax.nnx's, and the fused
+nr.LSTM / nr.GRU (every implementation) against flax.nnx's RNNs stacked by hand.
 
 Where nr differs on purpose (docs/migrating_from_nnx.md, "Three behaviours
 differ"), the case checks what the docs promise: zero outputs at padding
@@ -75,6 +76,40 @@ def _loss_weights(case: Case, out: Any) -> Any:
   return jax.tree.map(lambda a: jnp.asarray(case.normal(a.shape)), out)
 
 
+def _ends(valid: np.ndarray) -> np.ndarray:
+  """The rows with at least one valid step (``valid``: ``(*batch, time)``)."""
+  return valid[..., 0] if valid.size else np.zeros(valid.shape[:-1], bool)
+
+
+def _masked_loss(new_carry: Any, y: Any, weights: Any, valid: np.ndarray, time_axis: int) -> Any:
+  """A weighted sum of the outputs at valid steps and of the carries of the
+  rows of length > 0: what flax.nnx and nr must agree on, and its gradient."""
+  w_carry, w_y = weights
+  y = jnp.moveaxis(y, time_axis, valid.ndim - 1)
+  ends = jnp.asarray(_ends(valid))
+  loss = jnp.sum(jnp.where(jnp.asarray(valid)[..., None], y * w_y, 0))
+  for c, w in zip(jax.tree.leaves(new_carry), jax.tree.leaves(w_carry)):
+    loss += jnp.sum(jnp.where(ends[..., None], c * w, 0))  # rows of length 0 aside
+  return loss
+
+
+def _compare(case: Case, ours: Any, theirs: Any, given: Any, valid: np.ndarray,
+             lengths: np.ndarray | None, time_axis: int) -> None:
+  """Outputs and carries, ``(carry, outputs)`` each, as the docs promise:
+  flax.nnx's at valid steps and rows, zeros at padding, the initial carry for
+  a row of length 0."""
+  (c_ours, y_ours), (c_theirs, y_theirs) = ours, theirs
+  y_ours, y_theirs = (np.moveaxis(np.asarray(y), time_axis, valid.ndim - 1)
+                      for y in (y_ours, y_theirs))
+  case.close('outputs at valid steps', y_ours[valid], y_theirs[valid])
+  case.close('outputs at padding (zeros)', y_ours[~valid], np.zeros_like(y_ours[~valid]))
+  ends = _ends(valid)
+  case.close('carry (rows of length > 0)', tree_rows(c_ours, ends), tree_rows(c_theirs, ends))
+  if lengths is not None:
+    case.close('carry (rows of length 0: the initial carry)', tree_rows(c_ours, ~ends),
+               tree_rows(given, ~ends))
+
+
 def rnn_case(case: Case, bidirectional: bool) -> None:
   case.pick('cell', CELLS)
   in_f, hidden = case.integer('in_features', 1, 5), case.integer('hidden', 1, 6)
@@ -120,44 +155,119 @@ def rnn_case(case: Case, bidirectional: bool) -> None:
 
   def ours_loss(model, weights):
     new_carry, y = _call(model, jnp.asarray(x_ours), carry, lengths)
-    return _masked_loss(new_carry, y, weights), (new_carry, y)
+    return _masked_loss(new_carry, y, weights, valid, time_axis), (new_carry, y)
 
   def theirs_loss(model, weights):
     new_carry, y = _call(model, jnp.asarray(x_t), carry_t, lengths_t)
     if merge:
       new_carry, y = unflat(new_carry, 0, batch), unflat(y, lead, batch)
-    return _masked_loss(new_carry, y, weights), (new_carry, y)
-
-  def _masked_loss(new_carry, y, weights):
-    w_carry, w_y = weights
-    y = jnp.moveaxis(y, time_axis, len(batch)) if time_major else y
-    ends = jnp.asarray(valid[..., 0] if valid.size else np.zeros(batch, bool))
-    loss = jnp.sum(jnp.where(jnp.asarray(valid)[..., None], y * w_y, 0))
-    for c, w in zip(jax.tree.leaves(new_carry), jax.tree.leaves(w_carry)):
-      loss += jnp.sum(jnp.where(ends[..., None], c * w, 0))  # rows of length 0 aside
-    return loss
+    return _masked_loss(new_carry, y, weights, valid, time_axis), (new_carry, y)
 
   weights = _loss_weights(case, (given, np.zeros((*batch, time, hidden * (1 + bidirectional)))))
   grad_ours, (c_ours, y_ours) = nnx.grad(ours_loss, has_aux=True)(ours, weights)
   grad_theirs, (c_theirs, y_theirs) = nnx.grad(theirs_loss, has_aux=True)(theirs, weights)
 
-  y_ours, y_theirs = (np.moveaxis(np.asarray(y), time_axis, len(batch))
-                      for y in (y_ours, y_theirs))
-  case.close('outputs at valid steps', y_ours[valid], y_theirs[valid])
-  case.close('outputs at padding (zeros)', y_ours[~valid], np.zeros_like(y_ours[~valid]))
-  ends = valid[..., 0] if valid.size else np.zeros(batch, bool)
-  case.close('carry (rows of length > 0)', tree_rows(c_ours, ends), tree_rows(c_theirs, ends))
-  if lengths is not None:
-    case.close('carry (rows of length 0: the initial carry)', tree_rows(c_ours, ~ends),
-               tree_rows(given, ~ends))
+  _compare(case, (c_ours, y_ours), (c_theirs, y_theirs), given, valid, lengths, time_axis)
   reference = nnx.to_pure_dict(grad_theirs)
   case.close('parameter gradients', _common(nnx.to_pure_dict(grad_ours), reference), reference,
              atol=1e-4, rtol=1e-4)
 
 
+FUSED = {'LSTM': 'OptimizedLSTMCell', 'GRU': 'GRUCell'}
+
+
+def fused_case(case: Case) -> None:
+  """nr.LSTM / nr.GRU (layers, directions, every implementation; Pallas in
+  interpret mode at small shapes) against flax.nnx's RNNs stacked by hand:
+  each layer an ``nnx.RNN`` (or ``nnx.Bidirectional``) over the same cell,
+  its outputs the next layer's inputs; reversed, every layer runs reversed
+  and the inner layers keep their order."""
+  kind = case.pick('layer', ['LSTM', 'GRU'])
+  implementation = case.pick('implementation', ['xla', 'xla', 'auto', 'pallas'])
+  pallas = implementation == 'pallas'
+  in_f, hidden = case.integer('in_features', 1, 5), case.integer('hidden', 1, 6)
+  layers = case.integer('num_layers', 1, 2)
+  bidirectional = bool(case.pick('bidirectional', [False, True]))
+  batch = tuple(case.integer(f'batch{i}', 1, 3)
+                for i in range(case.pick('batch_axes', [0, 1, 1, 2])))
+  time = case.integer('time', 1, 4 if pallas else 6)
+  time_major = bool(case.pick('time_major', [False, True]))
+  lengths = draw_lengths(case, batch, time)
+  order: dict[str, Any] = {}
+  if not bidirectional:
+    order = dict(reverse=bool(case.pick('reverse', [False, True])),
+                 keep_order=bool(case.pick('keep_order', [False, True])))
+  seed = case.integer('init_seed', 0, 9)
+  ours = getattr(nr, kind)(in_f, hidden, num_layers=layers, bidirectional=bidirectional,
+                           time_major=time_major, return_carry=True,
+                           implementation=implementation, **order, rngs=nnx.Rngs(seed))
+  d = 1 + bidirectional
+  cells = [[getattr(nnx, FUSED[kind])(in_f if l == 0 else d * hidden, hidden,
+                                      rngs=nnx.Rngs(10 * seed + d * l + k)) for k in range(d)]
+           for l in range(layers)]
+  for l, pair in enumerate(cells):  # flax.nnx's parameters into ours (bias_hn stays 0)
+    for direction, cell in zip([ours.forward, ours.backward], pair):
+      nnx.update(direction[l], nnx.state(cell, nnx.Param))
+  kw = dict(time_major=time_major, return_carry=True)
+  theirs = nnx.List([
+    nnx.Bidirectional(nnx.RNN(pair[0]), nnx.RNN(pair[1]), **kw) if bidirectional else
+    nnx.RNN(pair[0], **kw, reverse=order['reverse'],
+            keep_order=order['keep_order'] if l == layers - 1 else True)
+    for l, pair in enumerate(cells)])
+  shape = (*batch, in_f)
+  zero = [[jax.tree.map(jnp.zeros_like, c.initialize_carry(shape, rngs=nnx.Rngs(0)))
+           for c in pair] for pair in cells]
+  random = case.pick('initial_carry', [0, 1])
+  per_layer = [tuple(_random_carry(case, c, shape) if random else z
+                     for c, z in zip(pair, zeros))
+               for pair, zeros in zip(cells, zero)]
+  given = tuple(p if bidirectional else p[0] for p in per_layer)
+  given = given[0] if layers == 1 and not bidirectional else given
+  carry = given if random else None
+
+  time_axis = 0 if time_major else len(batch)
+  x = case.normal((time, *batch, in_f) if time_major else (*batch, time, in_f))
+  valid = valid_steps(lengths, batch, time)
+  x_ours = garbage(case, x, valid, time_axis) if lengths is not None else x
+  merge, lead = len(batch) == 2, 1 if time_major else 0
+  clipped = None if lengths is None else np.minimum(np.broadcast_to(lengths, batch), time)
+  layer_carries = [p if bidirectional else p[0] for p in per_layer]
+  x_t, carries_t, lengths_t = ((flat(x, lead, 2), flat(layer_carries, 0, 2),
+                                clipped.reshape(-1) if clipped is not None else None)
+                               if merge else (x, layer_carries, clipped))
+
+  def ours_loss(model, weights):
+    new_carry, y = _call(model, jnp.asarray(x_ours), carry, lengths)
+    return _masked_loss(new_carry, y, weights, valid, time_axis), (new_carry, y)
+
+  def theirs_loss(stack, weights):
+    y, new = jnp.asarray(x_t), []
+    for layer, c in zip(stack, carries_t):
+      c, y = _call(layer, y, c, lengths_t)
+      new.append(c)
+    new_carry = new[0] if layers == 1 and not bidirectional else tuple(new)
+    if merge:
+      new_carry, y = unflat(new_carry, 0, batch), unflat(y, lead, batch)
+    return _masked_loss(new_carry, y, weights, valid, time_axis), (new_carry, y)
+
+  weights = _loss_weights(case, (given, np.zeros((*batch, time, hidden * d))))
+  grad_ours, out_ours = nnx.grad(ours_loss, has_aux=True)(ours, weights)
+  grad_theirs, out_theirs = nnx.grad(theirs_loss, has_aux=True)(theirs, weights)
+  _compare(case, out_ours, out_theirs, given, valid, lengths, time_axis)
+  mine, reference = nnx.to_pure_dict(grad_ours), nnx.to_pure_dict(grad_theirs)
+  for l in range(layers):
+    rnns = ([reference[l]['forward_rnn'], reference[l]['backward_rnn']] if bidirectional
+            else [reference[l]])
+    for name, rnn in zip(['forward', 'backward'], rnns):
+      case.close(f'{name} layer {l} gradients', _common(mine[name][l], rnn['cell']),
+                 rnn['cell'], atol=1e-4, rtol=1e-4)
+
+
 def run(case: Case) -> None:
-  mode = case.pick('mode', ['rnn', 'rnn', 'rnn', 'bidirectional', 'cell'])
+  mode = case.pick('mode', ['rnn', 'rnn', 'rnn', 'bidirectional', 'cell', 'fused', 'fused'])
   if mode == 'cell':
     cell_case(case)
+  elif mode == 'fused':
+    fused_case(case)
   else:
     rnn_case(case, mode == 'bidirectional')

@@ -27,6 +27,12 @@ def test_families_run_clean(family):
     assert max(report['largest_abs_error'].values()) < 1e-4
 
 
+def test_fused_layers_against_flax_stacks_run_clean():
+  report = _core.run_cases('fused', nnx_family.fused_case, _seeds(2))
+  assert report['failures'] == []
+  assert 'forward layer 0 gradients' in report['largest_abs_error']
+
+
 def test_torch_family_runs_clean():
   pytest.importorskip('torch')
   from fuzz import torch_family

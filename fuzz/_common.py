@@ -60,3 +60,18 @@ def flat(tree: Any, lead: int, n: int) -> Any:
 def unflat(tree: Any, lead: int, batch: tuple[int, ...]) -> Any:
   """``flat``'s inverse: the merged axis at ``lead`` back to ``batch``."""
   return jax.tree.map(lambda a: a.reshape(a.shape[:lead] + batch + a.shape[lead + 1:]), tree)
+
+
+def reference_inputs(x: np.ndarray, carry: Any, lengths: np.ndarray | None,
+                     batch: tuple[int, ...], time: int, time_major: bool
+                     ) -> tuple[np.ndarray, Any, np.ndarray | None, bool]:
+  """flax's inputs, initial carry and lengths, and whether its batch axes are
+  merged. Its lengths are cut to the time axis, which is what a longer length
+  means to both (flax's own reading of one: reversed, it wraps the row around,
+  and the gradient through the row's carry is lost, docs/migrating_from_nnx.md).
+  With two batch axes and lengths its carry gains an axis: it runs on the
+  batch flattened (``unflat`` restores its results)."""
+  clipped = None if lengths is None else np.minimum(np.broadcast_to(lengths, batch), time)
+  if len(batch) != 2 or clipped is None:
+    return x, carry, clipped, False
+  return flat(x, int(time_major), 2), flat(carry, 0, 2), clipped.reshape(-1), True

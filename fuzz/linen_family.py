@@ -18,10 +18,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax.linen import recurrent as linen_recurrent
 
-from fuzz._common import draw_lengths, flat, tree_rows, unflat, valid_steps
+from fuzz._common import draw_lengths, reference_inputs, tree_rows, unflat, valid_steps
 from fuzz._core import Case
 from nnx_recurrent import compat
 
@@ -89,10 +88,7 @@ def rnn_case(case: Case, bidirectional: bool) -> None:
   carries = [_random_carry(case, cell, (*batch, in_f)) for _ in range(1 + bidirectional)]
   carry = (tuple(carries) if bidirectional else carries[0]) \
       if case.pick('initial_carry', [0, 1]) else None
-  merge = len(batch) == 2 and lengths is not None
-  clipped = None if lengths is None else np.minimum(np.broadcast_to(lengths, batch), time)
-  x_t, carry_t, lengths_t = ((flat(x, lead, 2), flat(carry, 0, 2), clipped.reshape(-1))
-                             if merge else (x, carry, clipped))
+  x_t, carry_t, lengths_t, merge = reference_inputs(x, carry, lengths, batch, time, time_major)
   out_features = hidden * (1 + bidirectional)
   w_y = jnp.asarray(case.normal((*batch, time, out_features)))
   w_c = jax.tree.map(lambda a: jnp.asarray(case.normal(a.shape)), carries[0])

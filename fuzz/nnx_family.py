@@ -21,7 +21,15 @@ import numpy as np
 from flax import nnx
 
 import nnx_recurrent as nr
-from fuzz._common import draw_lengths, flat, garbage, params, tree_rows, unflat, valid_steps
+from fuzz._common import (
+  draw_lengths,
+  garbage,
+  params,
+  reference_inputs,
+  tree_rows,
+  unflat,
+  valid_steps,
+)
 from fuzz._core import Case
 
 CELLS = ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell']
@@ -142,16 +150,8 @@ def rnn_case(case: Case, bidirectional: bool) -> None:
   given = carry if carry is not None else (tuple(zeros) if bidirectional else zeros[0])
   valid = valid_steps(lengths, batch, time)
   x_ours = garbage(case, x, valid, time_axis) if lengths is not None else x
-  # flax.nnx's carry with two batch axes and lengths gains an axis: flatten.
-  merge = len(batch) == 2 and lengths is not None
   lead = 1 if time_major else 0
-  # flax.nnx gets lengths clipped to the time axis, which is what both say a
-  # longer length means; flax.nnx's own reading of one differs in two ways
-  # (docs/migrating_from_nnx.md): reversed, it wraps the row around, and its
-  # gradient through such a row's carry is lost (an out-of-bounds gather).
-  clipped = None if lengths is None else np.minimum(np.broadcast_to(lengths, batch), time)
-  x_t, carry_t, lengths_t = ((flat(x, lead, 2), flat(given, 0, 2), clipped.reshape(-1))
-                             if merge else (x, given, clipped))
+  x_t, carry_t, lengths_t, merge = reference_inputs(x, given, lengths, batch, time, time_major)
 
   def ours_loss(model, weights):
     new_carry, y = _call(model, jnp.asarray(x_ours), carry, lengths)
@@ -229,12 +229,9 @@ def fused_case(case: Case) -> None:
   x = case.normal((time, *batch, in_f) if time_major else (*batch, time, in_f))
   valid = valid_steps(lengths, batch, time)
   x_ours = garbage(case, x, valid, time_axis) if lengths is not None else x
-  merge, lead = len(batch) == 2, 1 if time_major else 0
-  clipped = None if lengths is None else np.minimum(np.broadcast_to(lengths, batch), time)
-  layer_carries = [p if bidirectional else p[0] for p in per_layer]
-  x_t, carries_t, lengths_t = ((flat(x, lead, 2), flat(layer_carries, 0, 2),
-                                clipped.reshape(-1) if clipped is not None else None)
-                               if merge else (x, layer_carries, clipped))
+  lead = 1 if time_major else 0
+  x_t, carries_t, lengths_t, merge = reference_inputs(
+    x, [p if bidirectional else p[0] for p in per_layer], lengths, batch, time, time_major)
 
   def ours_loss(model, weights):
     new_carry, y = _call(model, jnp.asarray(x_ours), carry, lengths)

@@ -60,9 +60,10 @@ def _carry(model: Any, x: np.ndarray, state: list[np.ndarray], lstm: bool) -> An
   return jax.tree.unflatten(structure, [jnp.asarray(a) for a in leaves])
 
 
-def _stacked(carry: Any, lstm: bool) -> list[np.ndarray]:
-  leaves = [np.asarray(a) for a in jax.tree.leaves(carry)]
-  return [np.stack(leaves[1::2]), np.stack(leaves[0::2])] if lstm else [np.stack(leaves)]
+def _stacked(carry: Any, lstm: bool) -> list[Any]:
+  """Our carry as PyTorch's stacked ``(h_n, c_n)`` (or ``h_n``): ``_carry``'s inverse."""
+  leaves = jax.tree.leaves(carry)
+  return [jnp.stack(leaves[1::2]), jnp.stack(leaves[0::2])] if lstm else [jnp.stack(leaves)]
 
 
 def run(case: Case) -> None:
@@ -104,7 +105,7 @@ def run(case: Case) -> None:
   def loss(model, x, carry):
     kw = {} if lengths is None else {'seq_lengths': jnp.asarray(lengths, jnp.int32)}
     new_carry, y = model(x, initial_carry=carry, return_carry=True, **kw)
-    ours = [y, *_stacked_jnp(new_carry, lstm)]
+    ours = [y, *_stacked(new_carry, lstm)]
     return sum(jnp.sum(r * w) for r, w in zip(ours, weights)), ours
 
   (_, ours), (g_model, g_x, g_carry) = _value_and_grads(loss, model, jnp.asarray(x), carry)
@@ -129,11 +130,6 @@ def run(case: Case) -> None:
       continue
     case.close(f'gradient of {name.split("_l")[0]}', value, grads[f'param {name}'],
                atol=1e-4, rtol=1e-4)
-
-
-def _stacked_jnp(carry: Any, lstm: bool) -> list[Any]:
-  leaves = jax.tree.leaves(carry)
-  return [jnp.stack(leaves[1::2]), jnp.stack(leaves[0::2])] if lstm else [jnp.stack(leaves)]
 
 
 def _value_and_grads(loss, model, x, carry):

@@ -92,7 +92,8 @@ def check_reads(where: str, arg: str, layer, size: int | None, source: str) -> N
 
 class StackedRNN(nnx.Module):
   """A stack of sequence layers: ``RNN``, ``Bidirectional``, fused ``LSTM`` / ``GRU``
-  (mixed freely).
+  and ``StackedRNN`` (mixed freely; a stack in a stack is one layer, with a
+  tuple of carries).
 
   Each layer reads the previous layer's outputs. ``seq_lengths``,
   ``segment_ids`` and ``time_major`` go to every layer, so padding stays
@@ -129,7 +130,8 @@ class StackedRNN(nnx.Module):
   order unless ``keep_order=True``.
 
   Args:
-    *layers: ``RNN``, ``Bidirectional``, ``LSTM`` or ``GRU`` layers, first to last.
+    *layers: ``RNN``, ``Bidirectional``, ``LSTM``, ``GRU`` or ``StackedRNN``
+      layers, first to last.
     dropout_rate: dropout between layers (not after the last).
     time_major: inputs are ``(time, *batch, *features)`` (default: the first
       layer's ``time_major``).
@@ -147,8 +149,9 @@ class StackedRNN(nnx.Module):
     from nnx_recurrent._fused import GRU, LSTM  # the fused layers import this package's core
 
     for i, layer in enumerate(layers):
-      if not isinstance(layer, (RNN, Bidirectional, LSTM, GRU)):
-        _checks.fail('StackedRNN', f'layers[{i}]', 'an RNN, Bidirectional, LSTM or GRU layer',
+      if not isinstance(layer, (RNN, Bidirectional, LSTM, GRU, StackedRNN)):
+        _checks.fail('StackedRNN', f'layers[{i}]',
+                     'an RNN, Bidirectional, LSTM, GRU or StackedRNN layer',
                      type(layer).__name__, TypeError)
     # Each layer reads the previous one's outputs: a size that does not chain
     # would fail at the first call, naming neither layer.

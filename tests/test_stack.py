@@ -128,11 +128,63 @@ def test_errors():
   with pytest.raises(ValueError, match=r'StackedRNN: `layers` expected at least one layer'):
     nr.StackedRNN()
   with pytest.raises(TypeError, match=r'StackedRNN: `layers\[1\]` expected an RNN, '
-                     r'Bidirectional, LSTM or GRU layer, got GRUCell'):
+                     r'Bidirectional, LSTM, GRU or StackedRNN layer, got GRUCell'):
     nr.StackedRNN(stack.layers[0], nnx.eval_shape(lambda: nr.GRUCell(2 * H, H, rngs=nnx.Rngs(0))))
   with pytest.raises(ValueError, match=r'RNN: `initial_carry` expected'):
     # Traced only (eagerly the first layer would run): the check is on shapes.
     nnx.jit(lambda stack: stack(x, initial_carry=(None, np.zeros((B, H + 1)))))(stack)
+
+
+def test_a_stack_in_a_stack_is_one_layer_with_a_tuple_of_carries():
+  """``StackedRNN(StackedRNN(a, b), c)``, against flax.nnx's ``RNN`` chained by
+  hand on flax.nnx's cells: the outputs (zeros at padding), each layer's carry
+  nested as the stacks are, an inner ``None`` initial carry taking that layer's
+  default, and the gradients of every cell."""
+  rngs = nnx.Rngs(0)
+  theirs = [nnx.LSTMCell(IN, H, rngs=rngs), nnx.GRUCell(H, H, rngs=rngs),
+            nnx.SimpleCell(H, 3, rngs=rngs)]
+  ours = [nr.LSTMCell(IN, H, rngs=nnx.Rngs(0)), nr.GRUCell(H, H, use_bias_hn=False, rngs=rngs),
+          nr.SimpleCell(H, 3, rngs=rngs)]
+  for mine, cell in zip(ours, theirs):
+    nnx.update(mine, nnx.state(_randomize(cell), nnx.Param))
+  stack = nr.StackedRNN(nr.StackedRNN(nr.RNN(ours[0]), nr.RNN(ours[1])), nr.RNN(ours[2]))
+  chain = nnx.List([nnx.RNN(cell, return_carry=True) for cell in theirs])
+  x = _x()
+  rng = np.random.default_rng(2)
+  c_a = tuple(rng.normal(size=(B, H)).astype(np.float32) for _ in range(2))
+  c_c = rng.normal(size=(B, 3)).astype(np.float32)
+  zeros = np.zeros((B, H), np.float32)
+  valid = np.arange(T)[None] < LENGTHS[:, None]
+  rows = LENGTHS > 0  # flax.nnx's carry of a length-0 row is not the initial carry
+
+  def ours_loss(stack):
+    carries, y = stack(x, initial_carry=((c_a, None), c_c), seq_lengths=LENGTHS,
+                       return_carry=True)
+    return jnp.sum(jnp.where(valid[..., None], y, 0) ** 2), (carries, y)
+
+  def theirs_loss(chain):
+    y, carries = x, []
+    for rnn, c in zip(chain, [c_a, zeros, c_c]):
+      c, y = rnn(y, initial_carry=c, seq_lengths=LENGTHS)
+      carries.append(c)
+    return jnp.sum(jnp.where(valid[..., None], y, 0) ** 2), (carries, y)
+
+  g_ours, ((inner, c_top), y) = nnx.grad(ours_loss, has_aux=True)(stack)
+  g_theirs, (carries, y_ref) = nnx.grad(theirs_loss, has_aux=True)(chain)
+  np.testing.assert_allclose(np.asarray(y)[valid], np.asarray(y_ref)[valid], atol=ATOL)
+  np.testing.assert_array_equal(np.asarray(y)[~valid], 0)
+  assert len(inner) == 2 and isinstance(inner[0], tuple)  # (c, h) of the LSTM, h of the GRU
+  for got, want in zip(jax.tree.leaves((inner, c_top)), jax.tree.leaves(carries)):
+    np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want)[rows], atol=ATOL)
+  got = nnx.to_pure_dict(g_ours)['layers']
+  want = nnx.to_pure_dict(g_theirs)
+  per_layer = [got[0]['layers'][0]['cell'], got[0]['layers'][1]['cell'], got[1]['cell']]
+  for l, mine in enumerate(per_layer):
+    for path, leaf in nnx.to_flat_state(nnx.State(want[l]['cell'])):
+      mine_leaf = mine
+      for key in path:
+        mine_leaf = mine_leaf[key]
+      np.testing.assert_allclose(mine_leaf, leaf, atol=1e-4, err_msg=f'layer {l} {path}')
 
 
 def test_reverse_through_nested_convolutional_stacks():

@@ -48,10 +48,25 @@ def _bad_inputs(case: Case) -> Any:
   ])
 
 
+def _bad_ids(case: Case) -> Any:
+  return case.pick('bad', [
+    np.ones((B, T + 1), np.int32), np.ones((B,), np.int32), np.ones((T, B), np.int32),
+    np.full((B, T), 1.5), np.array([[1, 1, -1, 2]] * B), 'ids', np.ones((B, T), bool),
+    np.array([['a'] * T] * B), np.ones((B, T, 1), np.int32), [[1, 1], [2]],
+  ])
+
+
+def _bad_order(case: Case) -> tuple[str, dict[str, Any]]:
+  """A call's ``reverse`` or ``keep_order`` drawn bad."""
+  arg = case.pick('order', ['reverse', 'keep_order'])
+  return arg, {arg: case.pick('bad', [2, 'yes', np.array([True, False]), 1.0])}
+
+
 def _calls(case: Case) -> tuple[str, Callable[[], Any]]:
   """The argument drawn bad and the call that must refuse it."""
   front = case.pick('front', ['nr.RNN', 'nr.LSTM', 'nr.GRU', 'compat.RNN'])
-  arg = case.pick('argument', ['seq_lengths', 'initial_carry', 'inputs'])
+  arg = case.pick('argument', ['seq_lengths', 'initial_carry', 'inputs', 'segment_ids',
+                               'order'])
   x = np.ones((B, T, IN), np.float32)
   kind = case.pick('cell', ['LSTMCell', 'GRUCell'])
   lstm = kind == 'LSTMCell' if front in ('nr.RNN', 'compat.RNN') else front == 'nr.LSTM'
@@ -62,8 +77,12 @@ def _calls(case: Case) -> tuple[str, Callable[[], Any]]:
     variables = linen.init(jax.random.key(0), x)
     model = lambda *a, **k: linen.apply(variables, *a, **k)  # noqa: E731
   else:
-    model = getattr(nr, front.split('.')[1])(IN, H, rngs=nnx.Rngs(0))
-    if arg == 'initial_carry':  # the fused layers' carry: one per layer
+    bidirectional = bool(case.pick('bidirectional', [False, True]))
+    model = getattr(nr, front.split('.')[1])(IN, H, bidirectional=bidirectional,
+                                             rngs=nnx.Rngs(0))
+    if arg == 'order' and bidirectional and case.pick('reverse_both', [False, True]):
+      return 'reverse', lambda: model(x, reverse=True)  # both directions run already
+    if arg == 'initial_carry' and not bidirectional:  # the fused layers' carry: one per layer
       good = jnp.zeros((B, H))
       bad = case.pick('bad', [(jnp.zeros((B, H + 1)),) * (1 + lstm), (good, good, good),
                               ((good, good[:1]),) if lstm else (good[:1],), 1.0])
@@ -74,6 +93,15 @@ def _calls(case: Case) -> tuple[str, Callable[[], Any]]:
   if arg == 'initial_carry':
     bad = _bad_carry(case, lstm)
     return arg, lambda: model(x, initial_carry=bad)
+  if arg == 'segment_ids':
+    ids = _bad_ids(case)
+    if case.pick('with_lengths', [False, False, True]):  # both: refused, naming segment_ids
+      ids = np.ones((B, T), np.int32)
+      return arg, lambda: model(x, segment_ids=ids, seq_lengths=np.array([T, T]))
+    return arg, lambda: model(x, segment_ids=ids)
+  if arg == 'order':
+    arg, kw = _bad_order(case)
+    return arg, lambda: model(x, **kw)
   return arg, lambda: model(_bad_inputs(case))
 
 

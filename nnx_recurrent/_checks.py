@@ -347,7 +347,11 @@ def check_integer_array(where: str, arg: str, x: Any, shape: tuple[int, ...], sh
   """Checks an integer array (``seq_lengths``, ``segment_ids``) and its shape."""
   check_not_foreign(where, arg, x)
   if not hasattr(x, 'shape') or not hasattr(x, 'dtype'):
-    x = np.asarray(x)
+    try:
+      x = np.asarray(x)
+    except (TypeError, ValueError):  # a ragged list: numpy's message names nothing
+      fail(where, arg, f'an integer array of shape {shape_doc}', f'a ragged {kind(x)}',
+           dtype_error)
   if not jnp.issubdtype(x.dtype, jnp.integer):
     # A boolean mask given as lengths: flax reads each row's True/False as a
     # length of 1/0, which is never what was meant.

@@ -720,6 +720,24 @@ def test_seq_lengths_that_are_no_numbers(lstm, lengths, got):
       layer(X, seq_lengths=lengths)
 
 
+@pytest.mark.parametrize('ids, got', [
+  ([[1, 1], [2]], 'got a ragged list of length 2.'), ('ids', "got dtype <U3."),
+  ([['a'] * 5] * 2, 'got dtype <U1.'), ([[1.5] * 5] * 2, 'got dtype float64.'),
+], ids=['ragged', 'str', 'str_list', 'float_list'])
+def test_segment_ids_that_are_no_integers(lstm, ids, got):
+  # Found by differential fuzzing: a ragged list raised numpy's own ValueError
+  # ("setting an array element with a sequence"), naming no argument.
+  from nnx_recurrent import compat
+
+  linen = compat.RNN(compat.LSTMCell(4))
+  variables = linen.init(jax.random.key(0), X)
+  for where, call in (('RNN', nr.RNN(lstm)), ('GRU', nr.GRU(3, 4, rngs=nnx.Rngs(0))),
+                      ('RNN', lambda x, **kw: linen.apply(variables, x, **kw))):
+    with pytest.raises(ValueError, match=m(f'{where}: `segment_ids` expected an integer array '
+                                           'of shape (*batch, time)', got)):
+      call(X, segment_ids=ids)
+
+
 def test_seq_lengths_list_is_the_array_it_spells(lstm):
   rnn = nr.RNN(lstm)
   spellings = ([5.0, 2.0], [5, 2], (5, 2), jnp.array([5.0, 2.0]))

@@ -11,6 +11,9 @@ seed, which replays the case alone::
 
 Families: ``nnx`` (nr.RNN, nr.Bidirectional and the cells against flax.nnx,
 and the fused nr.LSTM / nr.GRU against flax.nnx's RNNs stacked by hand),
+``layers`` (random trees of nested layers -- StackedRNN, Bidirectional,
+fused, RNN with remat, unroll and learned carries -- with lengths or packed
+``segment_ids``, against Python loops of cells over each sequence alone),
 ``linen`` (compat against flax.linen), ``torch`` (nr.LSTM / nr.GRU against
 torch.nn.LSTM / GRU, through ``nnx_recurrent.interop.torch``; the Pallas
 kernels in interpret mode too) and ``errors`` (bad arguments get a

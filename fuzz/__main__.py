@@ -10,7 +10,7 @@ import sys
 
 from fuzz._core import case_seed, run_cases
 
-FAMILIES = ['nnx', 'linen', 'torch', 'errors']
+FAMILIES = ['nnx', 'layers', 'linen', 'torch', 'errors']
 
 
 def family(name: str):

@@ -19,23 +19,25 @@ class Mismatch(AssertionError):
 @dataclass
 class Case:
   """One case: its seed, the generator its configuration is drawn from, the
-  configuration (for the report) and the largest errors it measured."""
+  configuration (for the report), the largest errors it measured, and the
+  choices ``force``d (by name, instead of drawn: a test's narrower search)."""
 
   seed: int
   rng: np.random.Generator
   config: dict[str, Any] = field(default_factory=dict)
   errors: dict[str, float] = field(default_factory=dict)
+  force: dict[str, Any] = field(default_factory=dict)
 
   def pick(self, name: str, options: Any) -> Any:
     """One of ``options``, drawn and recorded under ``name``."""
     value = options[int(self.rng.integers(len(options)))]
-    self.config[name] = value
+    self.config[name] = value = self.force.get(name, value)
     return value
 
   def integer(self, name: str, low: int, high: int) -> int:
     """An int in ``[low, high]``, drawn and recorded under ``name``."""
     value = int(self.rng.integers(low, high + 1))
-    self.config[name] = value
+    self.config[name] = value = self.force.get(name, value)
     return value
 
   def normal(self, shape: tuple[int, ...], scale: float = 1.0) -> np.ndarray:
@@ -72,14 +74,16 @@ def case_seed(seed: int, index: int) -> int:
 
 
 def run_cases(name: str, family: Family, seeds: list[int],
-              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+              progress: Callable[[str], None] | None = None,
+              force: dict[str, Any] | None = None) -> dict[str, Any]:
   """Runs ``family`` on each seed; returns the family's report: the case
-  count, the largest error per compared quantity, each failure, the time."""
+  count, the largest error per compared quantity, each failure, the time.
+  ``force``: choices made instead of drawn (see :class:`Case`)."""
   start = time.perf_counter()
   largest: dict[str, float] = {}
   failures = []
   for i, seed in enumerate(seeds):
-    case = Case(seed, np.random.default_rng(seed))
+    case = Case(seed, np.random.default_rng(seed), force=dict(force or {}))
     try:
       family(case)
     except Exception as e:  # noqa: BLE001 -- every failure is reported with its seed

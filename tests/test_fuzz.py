@@ -7,9 +7,9 @@ import json
 import jax.numpy as jnp
 import pytest
 
-from fuzz import _core, errors_family, linen_family, nnx_family
+from fuzz import _core, errors_family, layers_family, linen_family, nnx_family
 from fuzz.__main__ import main
-from nnx_recurrent import _base, _checks
+from nnx_recurrent import _base, _checks, _scan
 
 
 def _seeds(n, seed=0):
@@ -31,6 +31,29 @@ def test_fused_layers_against_flax_stacks_run_clean():
   report = _core.run_cases('fused', nnx_family.fused_case, _seeds(2))
   assert report['failures'] == []
   assert 'forward layer 0 gradients' in report['largest_abs_error']
+
+
+# Packed rows of 4 steps: segments, padding between them, a stack of layers.
+SMALL = dict(masking='segments', batch_axes=1, batch0=2, time=4)
+
+
+def test_nested_layers_against_step_loops_run_clean():
+  report = _core.run_cases('layers', layers_family.run, _seeds(1),
+                           force={**SMALL, 'top.kind': 'stacked'})
+  assert report['failures'] == []
+  assert report['largest_abs_error']['input gradients at padding (zeros)'] == 0
+  assert {'outputs (segments)', 'carry', 'cell 0 gradients'} <= set(report['largest_abs_error'])
+
+
+def test_a_carry_leaking_into_the_next_segment_is_found(monkeypatch):
+  # No resets: a row's later segments go on from the carry of the one before.
+  monkeypatch.setattr(_scan, 'segments_to_masks', lambda ids: _scan.StepMasks(
+    ids != 0, jnp.zeros_like(ids, bool)))
+  force = {**SMALL, 'batch0': 3, 'time': 6, 'top.kind': 'rnn'}
+  report = _core.run_cases('layers', layers_family.run, _seeds(2), force=force)
+  assert len(report['failures']) == 2, report
+  assert all(f['error'].startswith('Mismatch: outputs (segments)')
+             for f in report['failures'])
 
 
 def test_torch_family_runs_clean():
@@ -67,7 +90,8 @@ def test_a_wrong_output_is_found_and_replays(monkeypatch):
 
 
 def test_an_unchecked_argument_is_found(monkeypatch, tmp_path, capsys):
-  # seq_lengths unchecked: bad lengths reach jax (or run), which the family reports.
+  # seq_lengths and segment_ids unchecked: bad ones reach jax (or run), which the
+  # family reports.
   monkeypatch.setattr(_checks, 'check_integer_array', lambda where, arg, x, *a, **k:
                       jnp.asarray(x))
   out = tmp_path / 'sub' / 'report.json'
@@ -75,6 +99,7 @@ def test_an_unchecked_argument_is_found(monkeypatch, tmp_path, capsys):
   assert code == 1
   [report] = json.loads(out.read_text())
   assert report['failures'], report
-  assert all("'seq_lengths'" in f['config']['argument'] for f in report['failures'])
+  assert {f['config']['argument'] for f in report['failures']} <= {"'seq_lengths'",
+                                                                   "'segment_ids'"}
   printed = capsys.readouterr().out
   assert f"python -m fuzz --family errors --replay {report['failures'][0]['seed']}" in printed

@@ -1,0 +1,442 @@
+"""Every sequence layer, nested, against a step-by-step reference.
+
+A case builds a random tree of this package's sequence layers: ``RNN`` (any
+cell, ``reverse`` / ``keep_order``, ``unroll``, ``remat``, a learned initial
+carry), ``Bidirectional`` (of ``RNN``, unidirectional fused layers or
+stacks), the fused ``LSTM`` / ``GRU`` (layers, directions, the XLA scans or the
+Pallas kernels interpreted) and ``StackedRNN`` of any of them (``reverse`` /
+``keep_order`` too), and runs it on a batch with no masking, ``seq_lengths``
+or packed ``segment_ids`` (padding between segments, ids reused after it), with
+NaN, inf or 1e30 at the padding.
+
+The reference knows nothing of masks, scans or packing: a Python loop of
+cells over each sequence *alone* (one segment of one row, cut out with
+NumPy), reversed by NumPy where a layer runs backwards, layers chained by
+hand. flax.nnx's cells are the reference cells wherever flax.nnx has the cell
+(the fused layers are given flax.nnx's parameters); for the cells flax.nnx
+lacks (MGU, the layer-normalized ones), the loop runs a copy of this
+package's cell: their step is checked against NumPy in the test suite, and
+here the sequence machinery around it is.
+
+What the docs promise is what is compared: each segment's outputs equal a run
+on the segment alone; a row's first segment starts from the row's initial
+carry (a stack's ``None`` entries: that layer's default), every later one
+from the default (zeros, or the learned carry); the returned carry is the
+carry after the row's last segment (the initial carry for a row with none);
+outputs at padding are zeros; and gradients: the parameters' (the learned
+carries' too), and the inputs' (zero at padding).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import nnx_recurrent as nr
+from fuzz._common import garbage, params
+from fuzz._core import Case
+
+STANDARD = ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell']  # flax.nnx has them
+OWN = ['MGUCell', 'LayerNormLSTMCell', 'LayerNormGRUCell']
+FUSED = {'LSTM': 'OptimizedLSTMCell', 'GRU': 'GRUCell'}
+
+
+# -- the reference: loops over one sequence (time, 1, features) --------------
+class Loop(nnx.Module):
+  """A cell looped over one sequence; backwards with ``reverse`` (outputs in
+  processing order unless ``keep_order``). The reference of ``nr.RNN``."""
+
+  def __init__(self, cell: Any, in_features: int, learned: Any = None, reverse: bool = False,
+               keep_order: bool = False):
+    self.cell, self.in_features = cell, in_features
+    self.learned = nnx.data(learned)  # nnx.Params, one per carry leaf, or None
+    self.reverse, self.keep_order = reverse, keep_order
+
+  def default(self) -> Any:
+    zeros = jax.tree.map(jnp.zeros_like,
+                         self.cell.initialize_carry((1, self.in_features), rngs=nnx.Rngs(0)))
+    if self.learned is None:
+      return zeros
+    leaves, treedef = jax.tree.flatten(zeros)
+    return treedef.unflatten([jnp.broadcast_to(p[...], z.shape)
+                              for p, z in zip(self.learned, leaves)])
+
+  def fill(self, carry: Any) -> Any:
+    return self.default() if carry is None else carry
+
+  def cells(self) -> list[Any]:
+    return [self.cell]
+
+  def __call__(self, xs: jax.Array, carry: Any) -> tuple[Any, jax.Array]:
+    carry, ys = self.fill(carry), []
+    for x in (xs[::-1] if self.reverse else xs):
+      carry, y = self.cell(carry, x)
+      ys.append(y)
+    out = jnp.stack(ys)
+    return carry, (out[::-1] if self.reverse and self.keep_order else out)
+
+
+class Pair(nnx.Module):
+  """Forward and backward references, outputs concatenated: the reference of
+  ``nr.Bidirectional`` and of one bidirectional fused layer."""
+
+  def __init__(self, forward: Any, backward: Any):
+    self.forward, self.backward = forward, backward
+
+  def default(self) -> Any:
+    return (self.forward.default(), self.backward.default())
+
+  def fill(self, carry: Any) -> Any:
+    carry = (None, None) if carry is None else carry
+    return (self.forward.fill(carry[0]), self.backward.fill(carry[1]))
+
+  def cells(self) -> list[Any]:
+    return self.forward.cells() + self.backward.cells()
+
+  def __call__(self, xs: jax.Array, carry: Any) -> tuple[Any, jax.Array]:
+    carry = self.fill(carry)
+    c_f, y_f = self.forward(xs, carry[0])
+    c_b, y_b = self.backward(xs, carry[1])
+    return (c_f, c_b), jnp.concatenate([y_f, y_b], axis=-1)
+
+
+class Chain(nnx.Module):
+  """References applied one after another, on the sequence reversed with
+  ``reverse``: the reference of ``nr.StackedRNN`` and of the fused layers
+  (``single``: one carry, not a tuple of one, for a fused layer of one
+  unidirectional layer)."""
+
+  def __init__(self, layers: list[Any], reverse: bool = False, keep_order: bool = False,
+               single: bool = False):
+    self.layers = nnx.List(layers)
+    self.reverse, self.keep_order, self.single = reverse, keep_order, single
+
+  def _per_layer(self, carry: Any) -> tuple[Any, ...]:
+    if carry is None:
+      return (None,) * len(self.layers)
+    return (carry,) if self.single else tuple(carry)
+
+  def _out(self, carries: list[Any]) -> Any:
+    return carries[0] if self.single else tuple(carries)
+
+  def default(self) -> Any:
+    return self._out([layer.default() for layer in self.layers])
+
+  def fill(self, carry: Any) -> Any:
+    return self._out([layer.fill(c) for layer, c in zip(self.layers, self._per_layer(carry))])
+
+  def cells(self) -> list[Any]:
+    return [cell for layer in self.layers for cell in layer.cells()]
+
+  def __call__(self, xs: jax.Array, carry: Any) -> tuple[Any, jax.Array]:
+    seq, carries = xs[::-1] if self.reverse else xs, []
+    for layer, c in zip(self.layers, self._per_layer(carry)):
+      c, seq = layer(seq, c)
+      carries.append(c)
+    return self._out(carries), (seq[::-1] if self.reverse and self.keep_order else seq)
+
+
+# -- the layers under test and their references --------------------------------
+def nr_cells(layer: Any) -> list[Any]:
+  """A layer's cells in the order of its reference's ``cells()``."""
+  if isinstance(layer, _Oriented):
+    return nr_cells(layer.stack)
+  if isinstance(layer, nr.RNN):
+    return [layer.cell]
+  if isinstance(layer, nr.Bidirectional):
+    return nr_cells(layer.forward_rnn) + nr_cells(layer.backward_rnn)
+  if isinstance(layer, nr.StackedRNN):
+    return [cell for sub in layer.layers for cell in nr_cells(sub)]
+  return [cell for l in range(layer.num_layers)  # fused
+          for cell in ([layer.forward[l], layer.backward[l]] if layer.bidirectional
+                       else [layer.forward[l]])]
+
+
+def nr_learned(layer: Any) -> list[Any]:
+  """The learned initial carries (``nnx.Param`` leaves), in reference order."""
+  if isinstance(layer, _Oriented):
+    return nr_learned(layer.stack)
+  if isinstance(layer, nr.RNN):
+    return [] if layer.initial_carry is None else jax.tree.leaves(
+      layer.initial_carry, is_leaf=lambda v: isinstance(v, nnx.Variable))
+  if isinstance(layer, nr.Bidirectional):
+    return nr_learned(layer.forward_rnn) + nr_learned(layer.backward_rnn)
+  if isinstance(layer, nr.StackedRNN):
+    return [p for sub in layer.layers for p in nr_learned(sub)]
+  return []
+
+
+def ref_learned(ref: Any) -> list[Any]:
+  if isinstance(ref, Loop):
+    return [] if ref.learned is None else list(ref.learned)
+  if isinstance(ref, Pair):
+    return ref_learned(ref.forward) + ref_learned(ref.backward)
+  return [p for sub in ref.layers for p in ref_learned(sub)]
+
+
+class Builder:
+  """Draws a tree of layers and builds it with its reference."""
+
+  def __init__(self, case: Case, time: int):
+    self.case, self.time, self.count = case, time, 0
+
+  def seed(self) -> int:
+    self.count += 1
+    return 100 * self.case.config['init_seed'] + self.count
+
+  def cell(self, name: str, in_f: int, hidden: int) -> tuple[Any, Any]:
+    """Ours and the reference cell, with the same parameters."""
+    case = self.case
+    kind = case.pick(f'{name}.cell', STANDARD + OWN)
+    seed = self.seed()
+    if kind in OWN:
+      ours = getattr(nr, kind)(in_f, hidden, rngs=nnx.Rngs(seed))
+      return ours, nnx.clone(ours)
+    # nr.GRUCell's bias_hn starts at zero: flax.nnx's cell computes the same.
+    kw = {'use_bias_hn': case.pick(f'{name}.use_bias_hn', [False, True])} \
+        if kind == 'GRUCell' else {}
+    return (getattr(nr, kind)(in_f, hidden, **kw, rngs=nnx.Rngs(seed)),
+            getattr(nnx, kind)(in_f, hidden, rngs=nnx.Rngs(seed)))
+
+  def rnn(self, name: str, in_f: int) -> tuple[Any, Any, int]:
+    case = self.case
+    hidden = case.integer(f'{name}.hidden', 1, 5)
+    ours_cell, ref_cell = self.cell(name, in_f, hidden)
+    reverse = bool(case.pick(f'{name}.reverse', [False, True]))
+    keep_order = bool(case.pick(f'{name}.keep_order', [False, True]))
+    learn = bool(case.pick(f'{name}.learn_initial_carry', [False, False, True]))
+    ours = nr.RNN(ours_cell, reverse=reverse, keep_order=keep_order,
+                  unroll=case.pick(f'{name}.unroll', [1, 1, 2, 0]),
+                  remat=bool(case.pick(f'{name}.remat', [False, False, True])),
+                  learn_initial_carry=learn)
+    learned = None
+    if learn:  # a random learned carry, so that where it is used shows
+      learned = []
+      for p in nr_learned(ours):
+        p[...] = jnp.asarray(case.normal(p[...].shape))
+        learned.append(nnx.Param(p[...]))
+      learned = nnx.List(learned)
+    return ours, Loop(ref_cell, in_f, learned, reverse, keep_order), hidden
+
+  def fused(self, name: str, in_f: int, bidirectional: bool) -> tuple[Any, Any, int]:
+    case = self.case
+    kind = case.pick(f'{name}.layer', ['LSTM', 'GRU'])
+    implementation = case.pick(f'{name}.implementation', ['xla', 'xla', 'auto', 'pallas']
+                               if self.time <= 4 else ['xla', 'auto'])
+    hidden = case.integer(f'{name}.hidden', 1, 5)
+    layers = case.integer(f'{name}.num_layers', 1, 2)
+    order = {}
+    if not bidirectional:
+      order = dict(reverse=bool(case.pick(f'{name}.reverse', [False, True])),
+                   keep_order=bool(case.pick(f'{name}.keep_order', [False, True])))
+    ours = getattr(nr, kind)(in_f, hidden, num_layers=layers, bidirectional=bidirectional,
+                             implementation=implementation, **order, rngs=nnx.Rngs(self.seed()))
+    d = 1 + bidirectional
+    refs = []
+    for l in range(layers):
+      size = in_f if l == 0 else d * hidden
+      pair = []
+      for direction in (ours.forward, ours.backward)[:d]:
+        cell = getattr(nnx, FUSED[kind])(size, hidden, rngs=nnx.Rngs(self.seed()))
+        nnx.update(direction[l], nnx.state(cell, nnx.Param))  # flax.nnx's parameters in ours
+        pair.append(cell)
+      refs.append(Pair(Loop(pair[0], size), Loop(pair[1], size, reverse=True, keep_order=True))
+                  if bidirectional else Loop(pair[0], size))
+    ref = Chain(refs, **order, single=layers == 1 and not bidirectional)
+    return ours, ref, d * hidden
+
+  def layer(self, name: str, in_f: int, depth: int, role: str = 'top') -> tuple[Any, Any, int]:
+    """One layer of a kind drawn. ``role``: ``'top'`` (the model), ``'inner'``
+    (a layer of a stack) or ``'direction'`` (of a Bidirectional: unidirectional
+    layers only, their ``reverse`` / ``keep_order`` set by the Bidirectional)."""
+    kinds = ['rnn', 'rnn', 'fused']
+    if role != 'direction':
+      kinds += ['bidirectional', 'fused_bidirectional']
+    if depth < 2:
+      kinds += ['stacked']
+    kind = self.case.pick(f'{name}.kind', kinds)
+    if kind == 'rnn':
+      return self.rnn(name, in_f)
+    if kind.startswith('fused'):
+      return self.fused(name, in_f, kind == 'fused_bidirectional')
+    if kind == 'bidirectional':
+      f, f_ref, f_out = self.layer(f'{name}.f', in_f, depth + 1, 'direction')
+      b, b_ref, b_out = self.layer(f'{name}.b', in_f, depth + 1, 'direction')
+      f_ref.reverse, f_ref.keep_order = False, False
+      b_ref.reverse, b_ref.keep_order = True, True
+      return nr.Bidirectional(f, b), Pair(f_ref, b_ref), f_out + b_out
+    ours, refs, size = [], [], in_f
+    for i in range(self.case.integer(f'{name}.num_layers', 1, 3 - depth)):
+      layer, ref, size = self.layer(f'{name}.{i}', size, depth + 1, 'inner')
+      ours.append(layer)
+      refs.append(ref)
+    stack: Any = nr.StackedRNN(*ours)
+    order = dict(reverse=False, keep_order=False)
+    if role == 'top':  # a stack takes them at call time; as a layer or direction, its caller's
+      order = dict(reverse=bool(self.case.pick(f'{name}.reverse', [False, True])),
+                   keep_order=bool(self.case.pick(f'{name}.keep_order', [False, True])))
+      stack = _Oriented(stack, **order)
+    return stack, Chain(refs, **order), size
+
+
+class _Oriented(nnx.Module):
+  """A top-level ``StackedRNN`` called with ``reverse`` / ``keep_order``."""
+
+  def __init__(self, stack: Any, reverse: bool, keep_order: bool):
+    self.stack, self.reverse, self.keep_order = stack, reverse, keep_order
+
+  def __call__(self, x: Any, **kw: Any) -> Any:
+    return self.stack(x, reverse=self.reverse, keep_order=self.keep_order, **kw)
+
+
+# -- the case ------------------------------------------------------------------
+def draw_segments(case: Case, rows: int, time: int) -> tuple[np.ndarray, list[list[tuple]]]:
+  """Packed ids ``(rows, time)`` and each row's segments ``(start, end)``:
+  segments of 1-4 steps, padding runs before, between and after them, an id
+  sometimes reused after padding (a new segment all the same)."""
+  ids = np.zeros((rows, time), np.int32)
+  for r in range(rows):
+    t, next_id, last = 0, 1, 0
+    while t < time:
+      if case.rng.random() < 0.25:
+        t += int(case.rng.integers(1, 3))
+        continue
+      n = int(case.rng.integers(1, 5))
+      reuse = last and ids[r, t - 1] == 0 and case.rng.random() < 0.5
+      ids[r, t:t + n] = last if reuse else next_id
+      last, next_id, t = ids[r, t], next_id + 1, t + n
+  return ids, [_runs(row) for row in ids]
+
+
+def _runs(ids: np.ndarray) -> list[tuple[int, int]]:
+  """The maximal runs of one non-zero id: ``(start, end)`` each."""
+  runs, t = [], 0
+  while t < len(ids):
+    if ids[t] == 0:
+      t += 1
+      continue
+    start = t
+    while t < len(ids) and ids[t] == ids[start]:
+      t += 1
+    runs.append((start, t))
+  return runs
+
+
+def _rows(a: Any, batch: tuple[int, ...], time_major: bool) -> np.ndarray:
+  """``(*batch, time, ...)`` or ``(time, *batch, ...)`` as ``(rows, time, ...)``."""
+  a = np.asarray(a)
+  if time_major:
+    a = np.moveaxis(a, 0, len(batch))
+  return a.reshape((math.prod(batch), *a.shape[len(batch):]))
+
+
+def _random_carry(case: Case, ref: Any, batch: tuple[int, ...], stack: bool) -> Any:
+  """A random initial carry for the batch; a stack's entries may be ``None``."""
+  def one(tree):
+    return jax.tree.map(lambda a: jnp.asarray(case.normal((*batch, *a.shape[1:]))), tree)
+  if stack and isinstance(ref, Chain):
+    return tuple(None if case.rng.random() < 0.3 else one(layer.default())
+                 for layer in ref.layers)
+  return one(ref.default())
+
+
+def _carry_rows(carry: Any, rows: int) -> Any:
+  return jax.tree.map(lambda a: jnp.reshape(a, (rows, *a.shape[-1:])), carry)
+
+
+def run(case: Case) -> None:
+  in_f = case.integer('in_features', 1, 4)
+  batch = tuple(case.integer(f'batch{i}', 1, 3)
+                for i in range(case.pick('batch_axes', [0, 1, 1, 2])))
+  time = case.integer('time', 1, 6)
+  time_major = bool(case.pick('time_major', [False, True]))
+  case.integer('init_seed', 0, 9)
+  ours, ref, out_f = Builder(case, time).layer('top', in_f, 0)
+  rows = math.prod(batch)
+
+  masking = case.pick('masking', ['none', 'lengths', 'segments', 'segments'])
+  kw: dict[str, Any] = {}
+  if masking == 'segments':
+    ids, segments = draw_segments(case, rows, time)
+    case.config['segment_ids'] = ids.tolist()
+    ids_b = ids.reshape((*batch, time))
+    kw['segment_ids'] = jnp.asarray(np.moveaxis(ids_b, -1, 0) if time_major else ids_b)
+  elif masking == 'lengths':
+    lengths = np.asarray(case.rng.choice([0, 1, time, time + 2, *range(time + 1)], size=batch))
+    case.config['lengths'] = lengths.tolist()
+    segments = [[(0, min(int(n), time))] if n else [] for n in lengths.reshape(-1)]
+    kw['seq_lengths'] = jnp.asarray(lengths, jnp.int32)
+  else:
+    segments = [[(0, time)]] * rows
+  valid = np.zeros((rows, time), bool)
+  for r, segs in enumerate(segments):
+    for s, e in segs:
+      valid[r, s:e] = True
+
+  given = (_random_carry(case, ref, batch, isinstance(ours, _Oriented))
+           if case.pick('initial_carry', [0, 1]) else None)
+  x = case.normal((time, *batch, in_f) if time_major else (*batch, time, in_f))
+  time_axis = 0 if time_major else len(batch)
+  valid_b = valid.reshape((*batch, time))
+  x_ours = garbage(case, x, valid_b, time_axis) if masking != 'none' else x
+  w_y = case.normal((rows, time, out_f))
+  w_c = [case.normal((rows, *leaf.shape[1:])) for leaf in jax.tree.leaves(ref.default())]
+
+  def carry_loss(carry_rows):
+    return sum(jnp.sum(c * w) for c, w in zip(jax.tree.leaves(carry_rows), w_c))
+
+  def ours_loss(model, x):
+    carry, y = model(x, initial_carry=given, return_carry=True, time_major=time_major, **kw)
+    y_rows = jnp.moveaxis(y, 0, len(batch)) if time_major else y
+    y_rows = jnp.reshape(y_rows, (rows, time, out_f))
+    carry_rows = _carry_rows(carry, rows)
+    loss = jnp.sum(jnp.where(valid[..., None], y_rows * w_y, 0)) + carry_loss(carry_rows)
+    return loss, (carry_rows, y_rows)
+
+  given_rows = None if given is None else _carry_rows(given, rows)
+
+  def ref_loss(ref, x_rows):
+    loss, outputs, carries = 0.0, [], []
+    for r in range(rows):
+      first = None if given_rows is None else jax.tree.map(lambda a, r=r: a[r:r + 1], given_rows)
+      carry = ref.fill(first)  # a row without segments returns it
+      for k, (s, e) in enumerate(segments[r]):
+        carry, y = ref(x_rows[r, s:e, None], ref.fill(first) if k == 0 else ref.default())
+        loss += jnp.sum(y[:, 0] * w_y[r, s:e])
+        outputs.append(y[:, 0])
+      carries.append(carry)
+    carry_rows = jax.tree.map(lambda *a: jnp.concatenate(a), *carries)
+    return loss + carry_loss(carry_rows), (carry_rows, outputs)
+
+  grad = nnx.grad(ours_loss, argnums=(0, 1), has_aux=True)
+  (g_ours, dx_ours), (c_ours, y_ours) = grad(ours, jnp.asarray(x_ours))
+  grad = nnx.grad(ref_loss, argnums=(0, 1), has_aux=True)
+  (g_ref, dx_ref), (c_ref, y_ref) = grad(ref, jnp.asarray(_rows(x, batch, time_major)))
+
+  y_ours = np.asarray(y_ours)
+  expected = np.concatenate(y_ref) if y_ref else np.zeros((0, out_f), np.float32)
+  order = [(r, t) for r, segs in enumerate(segments) for s, e in segs for t in range(s, e)]
+  at = tuple(np.array(i, int) for i in zip(*order)) if order else (np.zeros(0, int),) * 2
+  case.close('outputs (segments)', y_ours[at], expected)
+  case.close('outputs at padding (zeros)', y_ours[~valid], np.zeros_like(y_ours[~valid]))
+  case.close('carry', c_ours, c_ref)
+
+  dx_ours = _rows(dx_ours, batch, time_major)
+  case.close('input gradients', dx_ours[valid], np.asarray(dx_ref)[valid], atol=1e-4, rtol=1e-4)
+  case.close('input gradients at padding (zeros)', dx_ours[~valid],
+             np.zeros_like(dx_ours[~valid]), atol=0, rtol=0)
+
+  g_model, g_refs = nnx.clone(ours), nnx.clone(ref)
+  nnx.update(g_model, g_ours)
+  nnx.update(g_refs, g_ref)
+  for i, (mine, theirs) in enumerate(zip(nr_cells(g_model), g_refs.cells(), strict=True)):
+    mine, theirs = params(mine), params(theirs)
+    case.close(f'cell {i} gradients', {k: mine[k] for k in theirs}, theirs,
+               atol=1e-4, rtol=1e-4)
+  case.close('learned carry gradients', [p[...] for p in nr_learned(g_model)],
+             [p[...] for p in ref_learned(g_refs)], atol=1e-4, rtol=1e-4)

@@ -1,7 +1,9 @@
-"""What several families draw: batch shapes, lengths, valid-step masks."""
+"""What several families draw: batch shapes, lengths, packed segment ids,
+valid-step masks."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -75,3 +77,43 @@ def reference_inputs(x: np.ndarray, carry: Any, lengths: np.ndarray | None,
   if len(batch) != 2 or clipped is None:
     return x, carry, clipped, False
   return flat(x, int(time_major), 2), flat(carry, 0, 2), clipped.reshape(-1), True
+
+
+def draw_segments(case: Case, rows: int, time: int) -> tuple[np.ndarray, list[list[tuple]]]:
+  """Packed ids ``(rows, time)`` and each row's segments ``(start, end)``:
+  segments of 1-4 steps, padding runs before, between and after them, an id
+  sometimes reused after padding (a new segment all the same)."""
+  ids = np.zeros((rows, time), np.int32)
+  for r in range(rows):
+    t, next_id, last = 0, 1, 0
+    while t < time:
+      if case.rng.random() < 0.25:
+        t += int(case.rng.integers(1, 3))
+        continue
+      n = int(case.rng.integers(1, 5))
+      reuse = last and ids[r, t - 1] == 0 and case.rng.random() < 0.5
+      ids[r, t:t + n] = last if reuse else next_id
+      last, next_id, t = ids[r, t], next_id + 1, t + n
+  return ids, [runs(row) for row in ids]
+
+
+def runs(ids: np.ndarray) -> list[tuple[int, int]]:
+  """The maximal runs of one non-zero id: ``(start, end)`` each."""
+  found, t = [], 0
+  while t < len(ids):
+    if ids[t] == 0:
+      t += 1
+      continue
+    start = t
+    while t < len(ids) and ids[t] == ids[start]:
+      t += 1
+    found.append((start, t))
+  return found
+
+
+def as_rows(a: Any, batch: tuple[int, ...], time_major: bool) -> np.ndarray:
+  """``(*batch, time, ...)`` or ``(time, *batch, ...)`` as ``(rows, time, ...)``."""
+  a = np.asarray(a)
+  if time_major:
+    a = np.moveaxis(a, 0, len(batch))
+  return a.reshape((math.prod(batch), *a.shape[len(batch):]))

@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 import nnx_recurrent as nr
-from fuzz._common import garbage, params
+from fuzz._common import as_rows, draw_segments, garbage, params
 from fuzz._core import Case
 
 STANDARD = ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell']  # flax.nnx has them
@@ -295,46 +295,6 @@ class _Oriented(nnx.Module):
 
 
 # -- the case ------------------------------------------------------------------
-def draw_segments(case: Case, rows: int, time: int) -> tuple[np.ndarray, list[list[tuple]]]:
-  """Packed ids ``(rows, time)`` and each row's segments ``(start, end)``:
-  segments of 1-4 steps, padding runs before, between and after them, an id
-  sometimes reused after padding (a new segment all the same)."""
-  ids = np.zeros((rows, time), np.int32)
-  for r in range(rows):
-    t, next_id, last = 0, 1, 0
-    while t < time:
-      if case.rng.random() < 0.25:
-        t += int(case.rng.integers(1, 3))
-        continue
-      n = int(case.rng.integers(1, 5))
-      reuse = last and ids[r, t - 1] == 0 and case.rng.random() < 0.5
-      ids[r, t:t + n] = last if reuse else next_id
-      last, next_id, t = ids[r, t], next_id + 1, t + n
-  return ids, [_runs(row) for row in ids]
-
-
-def _runs(ids: np.ndarray) -> list[tuple[int, int]]:
-  """The maximal runs of one non-zero id: ``(start, end)`` each."""
-  runs, t = [], 0
-  while t < len(ids):
-    if ids[t] == 0:
-      t += 1
-      continue
-    start = t
-    while t < len(ids) and ids[t] == ids[start]:
-      t += 1
-    runs.append((start, t))
-  return runs
-
-
-def _rows(a: Any, batch: tuple[int, ...], time_major: bool) -> np.ndarray:
-  """``(*batch, time, ...)`` or ``(time, *batch, ...)`` as ``(rows, time, ...)``."""
-  a = np.asarray(a)
-  if time_major:
-    a = np.moveaxis(a, 0, len(batch))
-  return a.reshape((math.prod(batch), *a.shape[len(batch):]))
-
-
 def _random_carry(case: Case, ref: Any, batch: tuple[int, ...], stack: bool) -> Any:
   """A random initial carry for the batch; a stack's entries may be ``None``."""
   def one(tree):
@@ -416,7 +376,7 @@ def run(case: Case) -> None:
   grad = nnx.grad(ours_loss, argnums=(0, 1), has_aux=True)
   (g_ours, dx_ours), (c_ours, y_ours) = grad(ours, jnp.asarray(x_ours))
   grad = nnx.grad(ref_loss, argnums=(0, 1), has_aux=True)
-  (g_ref, dx_ref), (c_ref, y_ref) = grad(ref, jnp.asarray(_rows(x, batch, time_major)))
+  (g_ref, dx_ref), (c_ref, y_ref) = grad(ref, jnp.asarray(as_rows(x, batch, time_major)))
 
   y_ours = np.asarray(y_ours)
   expected = np.concatenate(y_ref) if y_ref else np.zeros((0, out_f), np.float32)
@@ -426,7 +386,7 @@ def run(case: Case) -> None:
   case.close('outputs at padding (zeros)', y_ours[~valid], np.zeros_like(y_ours[~valid]))
   case.close('carry', c_ours, c_ref)
 
-  dx_ours = _rows(dx_ours, batch, time_major)
+  dx_ours = as_rows(dx_ours, batch, time_major)
   case.close('input gradients', dx_ours[valid], np.asarray(dx_ref)[valid], atol=1e-4, rtol=1e-4)
   case.close('input gradients at padding (zeros)', dx_ours[~valid],
              np.zeros_like(dx_ours[~valid]), atol=0, rtol=0)

@@ -1,5 +1,6 @@
 """nnx_recurrent.compat against flax.linen: RNN, Bidirectional, the cells,
-flip_sequences; one variables dict into both.
+flip_sequences; one variables dict into both. Packed ``segment_ids`` (an
+extension) against flax.linen's cell looped over each segment alone.
 
 compat gives flax.linen's values everywhere, padded outputs included, except
 where compat/README.md ("Deliberate differences") says otherwise; there the
@@ -18,9 +19,19 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.linen import recurrent as linen_recurrent
 
-from fuzz._common import draw_lengths, reference_inputs, tree_rows, unflat, valid_steps
+from fuzz._common import (
+  as_rows,
+  draw_lengths,
+  draw_segments,
+  garbage,
+  reference_inputs,
+  tree_rows,
+  unflat,
+  valid_steps,
+)
 from fuzz._core import Case
 from nnx_recurrent import compat
 
@@ -120,10 +131,106 @@ def rnn_case(case: Case, bidirectional: bool) -> None:
 
 
 def run(case: Case) -> None:
-  mode = case.pick('mode', ['rnn', 'rnn', 'rnn', 'bidirectional', 'cell', 'flip_sequences'])
-  if mode == 'cell':
+  mode = case.pick('mode', ['rnn', 'rnn', 'rnn', 'bidirectional', 'cell', 'flip_sequences',
+                           'packed', 'packed'])
+  if mode == 'packed':
+    packed_case(case)
+  elif mode == 'cell':
     cell_case(case)
   elif mode == 'flip_sequences':
     flip_case(case)
   else:
     rnn_case(case, mode == 'bidirectional')
+
+
+def packed_case(case: Case) -> None:
+  """compat.RNN / compat.Bidirectional with packed ``segment_ids`` (an
+  extension flax.linen lacks: masked as in nr.RNN, zeros at padding) against
+  flax.linen's cell looped over each segment alone, from the row's initial
+  carry for its first segment and from zeros for the others."""
+  kind = case.pick('cell', CELLS)
+  in_f, hidden = case.integer('in_features', 1, 4), case.integer('hidden', 1, 5)
+  batch = tuple(case.integer(f'batch{i}', 1, 3) for i in range(case.pick('batch_axes', [1, 2])))
+  time = case.integer('time', 1, 6)
+  time_major = bool(case.pick('time_major', [False, True]))
+  bidirectional = bool(case.pick('bidirectional', [False, True]))
+  reverse = keep_order = False
+  if bidirectional:
+    ours = compat.Bidirectional(compat.RNN(getattr(compat, kind)(hidden)),
+                                compat.RNN(getattr(compat, kind)(hidden)), return_carry=True)
+  else:
+    reverse = bool(case.pick('reverse', [False, True]))
+    keep_order = bool(case.pick('keep_order', [False, True]))
+    ours = compat.RNN(getattr(compat, kind)(hidden), return_carry=True, reverse=reverse,
+                      keep_order=keep_order, unroll=case.pick('unroll', [1, 1, 2]))
+  rows = int(np.prod(batch))
+  ids, segments = draw_segments(case, rows, time)
+  case.config['segment_ids'] = ids.tolist()
+  ids_b = ids.reshape((*batch, time))
+  valid = ids != 0
+  x = case.normal((time, *batch, in_f) if time_major else (*batch, time, in_f))
+  time_axis = 0 if time_major else len(batch)
+  x_ours = garbage(case, x, valid.reshape((*batch, time)), time_axis)
+  cell = getattr(nn, kind)(hidden)
+  given = [_random_carry(case, cell, (*batch, in_f)) if case.pick('initial_carry', [0, 1])
+           else None for _ in range(1 + bidirectional)]
+  if bidirectional and None in given:  # a pair or nothing
+    given = [None, None]
+  carry = tuple(given) if bidirectional and given[0] is not None else given[0]
+  variables = ours.init(jax.random.key(case.integer('init_seed', 0, 9)), x)
+  out_f = hidden * (1 + bidirectional)
+  w_y = case.normal((rows, time, out_f))
+  zero = jax.tree.map(jnp.zeros_like, cell.initialize_carry(jax.random.key(0), (1, in_f)))
+  w_c = [[case.normal((rows, *a.shape[1:])) for a in jax.tree.leaves(zero)]
+         for _ in range(1 + bidirectional)]
+
+  def carry_loss(carries):
+    return sum(jnp.sum(c * w) for carry, ws in zip(carries, w_c)
+               for c, w in zip(jax.tree.leaves(carry), ws))
+
+  def ours_loss(v):
+    c, y = ours.apply(v, jnp.asarray(x_ours), initial_carry=carry, time_major=time_major,
+                      segment_ids=jnp.asarray(np.moveaxis(ids_b, -1, 0) if time_major else ids_b))
+    y = jnp.reshape(jnp.moveaxis(y, 0, len(batch)) if time_major else y, (rows, time, out_f))
+    c = [jax.tree.map(lambda a: a.reshape((rows, *a.shape[len(batch):])), d)
+         for d in (c if bidirectional else [c])]
+    return jnp.sum(jnp.where(valid[..., None], y * w_y, 0)) + carry_loss(c), (c, y)
+
+  x_rows = jnp.asarray(as_rows(x, batch, time_major))
+  starts = [None if g is None else jax.tree.map(lambda a: a.reshape((rows, *a.shape[-1:])), g)
+            for g in given]
+
+  def loop(p, xs, c, backwards):
+    ys = []
+    for x_t in (xs[::-1] if backwards else xs):
+      c, y = cell.apply({'params': p}, c, x_t)
+      ys.append(y)
+    return c, jnp.stack(ys[::-1] if backwards and (keep_order or bidirectional) else ys)
+
+  def ref_loss(v):
+    params = v['params']
+    directions = ([(params['forward_rnn']['cell'], False), (params['backward_rnn']['cell'], True)]
+                  if bidirectional else [(params['cell'], reverse)])
+    y = jnp.zeros((rows, time, out_f))
+    carries = [[] for _ in directions]
+    for r in range(rows):
+      outs = []
+      for d, (p, backwards) in enumerate(directions):
+        first = zero if starts[d] is None else jax.tree.map(lambda a, r=r: a[r:r + 1], starts[d])
+        c, out = first, []
+        for k, (s, e) in enumerate(segments[r]):
+          c, seg = loop(p, x_rows[r, s:e, None], first if k == 0 else zero, backwards)
+          out.append((s, e, seg[:, 0]))
+        carries[d].append(c)
+        outs.append(out)
+      for parts in zip(*outs):
+        s, e = parts[0][:2]
+        y = y.at[r, s:e].set(jnp.concatenate([seg for _, _, seg in parts], -1))
+    c = [jax.tree.map(lambda *a: jnp.concatenate(a), *cs) for cs in carries]
+    return jnp.sum(y * w_y) + carry_loss(c), (c, y)
+
+  g_ours, (c_ours, y_ours) = jax.grad(ours_loss, has_aux=True)(variables)
+  g_ref, (c_ref, y_ref) = jax.grad(ref_loss, has_aux=True)(variables)
+  case.close('packed outputs (zeros at padding)', y_ours, y_ref)
+  case.close('packed carry', c_ours, c_ref)
+  case.close('packed gradients', g_ours, g_ref, atol=1e-4, rtol=1e-4)

@@ -45,6 +45,14 @@ def test_nested_layers_against_step_loops_run_clean():
   assert {'outputs (segments)', 'carry', 'cell 0 gradients'} <= set(report['largest_abs_error'])
 
 
+def test_compat_packed_against_linen_loops_runs_clean():
+  report = _core.run_cases('packed', linen_family.packed_case, _seeds(1),
+                           force=dict(batch_axes=1, batch0=2, time=4))
+  assert report['failures'] == []
+  assert set(report['largest_abs_error']) == {
+    'packed outputs (zeros at padding)', 'packed carry', 'packed gradients'}
+
+
 def test_a_carry_leaking_into_the_next_segment_is_found(monkeypatch):
   # No resets: a row's later segments go on from the carry of the one before.
   monkeypatch.setattr(_scan, 'segments_to_masks', lambda ids: _scan.StepMasks(

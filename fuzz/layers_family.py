@@ -14,9 +14,10 @@ cells over each sequence *alone* (one segment of one row, cut out with
 NumPy), reversed by NumPy where a layer runs backwards, layers chained by
 hand. flax.nnx's cells are the reference cells wherever flax.nnx has the cell
 (the fused layers are given flax.nnx's parameters); for the cells flax.nnx
-lacks (MGU, the layer-normalized ones), the loop runs a copy of this
-package's cell: their step is checked against NumPy in the test suite, and
-here the sequence machinery around it is.
+lacks (MGU, the layer-normalized ones, a user's own cell whose outputs are a
+readout of another width) and for flax.nnx's cells run by ``nr.RNN`` itself,
+the loop runs a copy of the cell: their step is checked elsewhere, and here
+the sequence machinery around it is.
 
 What the docs promise is what is compared: each segment's outputs equal a run
 on the segment alone; a row's first segment starts from the row's initial
@@ -141,6 +142,22 @@ class Chain(nnx.Module):
     return self._out(carries), (seq[::-1] if self.reverse and self.keep_order else seq)
 
 
+class ReadoutCell(nr.RNNCellBase):
+  """A user's cell (docs/cells.md, "Writing your own cell"): a leaky tanh
+  state, and outputs that are a readout of another width."""
+
+  def __init__(self, in_features: int, hidden_features: int, readout: int, *, rngs: nnx.Rngs):
+    super().__init__(in_features, hidden_features, rngs=rngs)
+    self.dense_i = nnx.Linear(in_features, hidden_features, rngs=rngs)
+    self.dense_h = nnx.Linear(hidden_features, hidden_features, use_bias=False, rngs=rngs)
+    self.readout = nnx.Linear(hidden_features, readout, rngs=rngs)
+
+  def step(self, carry: Any, inputs: Any, recurrent_mask: Any) -> tuple[Any, Any]:
+    h_in = carry if recurrent_mask is None else carry * recurrent_mask
+    new_h = 0.5 * carry + 0.5 * jnp.tanh(self.dense_i(inputs) + self.dense_h(h_in))
+    return new_h, self.readout(new_h)
+
+
 # -- the layers under test and their references --------------------------------
 def nr_cells(layer: Any) -> list[Any]:
   """A layer's cells in the order of its reference's ``cells()``."""
@@ -189,24 +206,31 @@ class Builder:
     self.count += 1
     return 100 * self.case.config['init_seed'] + self.count
 
-  def cell(self, name: str, in_f: int, hidden: int) -> tuple[Any, Any]:
-    """Ours and the reference cell, with the same parameters."""
+  def cell(self, name: str, in_f: int, hidden: int) -> tuple[Any, Any, int]:
+    """Ours and the reference cell, with the same parameters, and the width
+    of its outputs."""
     case = self.case
-    kind = case.pick(f'{name}.cell', STANDARD + OWN)
+    kind = case.pick(f'{name}.cell', STANDARD + OWN + ['ReadoutCell'])
     seed = self.seed()
+    if kind == 'ReadoutCell':
+      ours = ReadoutCell(in_f, hidden, case.integer(f'{name}.readout', 1, 4), rngs=nnx.Rngs(seed))
+      return ours, nnx.clone(ours), ours.readout.out_features
     if kind in OWN:
       ours = getattr(nr, kind)(in_f, hidden, rngs=nnx.Rngs(seed))
-      return ours, nnx.clone(ours)
+      return ours, nnx.clone(ours), hidden
+    if case.pick(f'{name}.source', ['nr', 'nr', 'flax.nnx']) == 'flax.nnx':
+      ours = getattr(nnx, kind)(in_f, hidden, rngs=nnx.Rngs(seed))  # flax.nnx's cell in nr.RNN
+      return ours, nnx.clone(ours), hidden
     # nr.GRUCell's bias_hn starts at zero: flax.nnx's cell computes the same.
     kw = {'use_bias_hn': case.pick(f'{name}.use_bias_hn', [False, True])} \
         if kind == 'GRUCell' else {}
     return (getattr(nr, kind)(in_f, hidden, **kw, rngs=nnx.Rngs(seed)),
-            getattr(nnx, kind)(in_f, hidden, rngs=nnx.Rngs(seed)))
+            getattr(nnx, kind)(in_f, hidden, rngs=nnx.Rngs(seed)), hidden)
 
   def rnn(self, name: str, in_f: int) -> tuple[Any, Any, int]:
     case = self.case
     hidden = case.integer(f'{name}.hidden', 1, 5)
-    ours_cell, ref_cell = self.cell(name, in_f, hidden)
+    ours_cell, ref_cell, out_f = self.cell(name, in_f, hidden)
     reverse = bool(case.pick(f'{name}.reverse', [False, True]))
     keep_order = bool(case.pick(f'{name}.keep_order', [False, True]))
     learn = bool(case.pick(f'{name}.learn_initial_carry', [False, False, True]))
@@ -221,7 +245,7 @@ class Builder:
         p[...] = jnp.asarray(case.normal(p[...].shape))
         learned.append(nnx.Param(p[...]))
       learned = nnx.List(learned)
-    return ours, Loop(ref_cell, in_f, learned, reverse, keep_order), hidden
+    return ours, Loop(ref_cell, in_f, learned, reverse, keep_order), out_f
 
   def fused(self, name: str, in_f: int, bidirectional: bool) -> tuple[Any, Any, int]:
     case = self.case

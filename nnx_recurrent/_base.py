@@ -569,6 +569,15 @@ class RNNCellBase(nnx.Module):
       raise type(e)(f'{str(e)[:-1]} (the carry is num_carry_arrays = {len(shapes)} '
                     f'array(s) of shapes {", ".join(map(str, shapes))}, as initialize_carry '
                     'makes it).') from None
+    if arg == 'carry' and is_package_cell(self):
+      # The last array is h, which the recurrent product reads: a scalar or a
+      # narrower h broadcasts with the carry above, then fails in the product
+      # with jax's dot_general error (in flax.nnx's cells too).
+      n = self.num_feature_axes
+      h, want = jnp.shape(jax.tree_util.tree_leaves(carry)[-1]), tuple(shapes[-1][-n:])
+      if len(h) < n or tuple(h[-n:]) != want:
+        _checks.fail(where, arg, f'its last array (h, which the recurrent product reads) to '
+                     f'end in the feature axes {want}', f'shape {h}')
     return carry
 
   def _zoneout(self, carry: Carry, new_carry: Carry, rngs: RngsLike) -> Carry:

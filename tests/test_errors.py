@@ -408,6 +408,25 @@ def test_cell_call_checks_the_carry(lstm, carry, exc, msg):
     lstm(carry, X[:, 0])
 
 
+@pytest.mark.parametrize('cell, carry, got', [
+  ('LSTMCell', (jnp.zeros((2, 4)), 1.0), 'got shape ().'),
+  ('LSTMCell', (jnp.zeros((2, 4)), jnp.zeros((2, 1))), 'got shape (2, 1).'),
+  ('GRUCell', jnp.float32(0.0), 'got shape ().'),
+  ('MGUCell', jnp.zeros((1,)), 'got shape (1,).'),
+], ids=['lstm_scalar_h', 'lstm_h_of_width_1', 'gru_scalar', 'mgu_width_1'])
+def test_cell_call_h_that_broadcasts_but_cannot_enter_the_recurrent_product(cell, carry, got):
+  # These pass the broadcast check (as a scalar c computes, they would), then
+  # failed with jax's "dot_general requires ..." TypeError, naming nothing.
+  # flax.nnx's cells fail too: no call that runs in flax is refused.
+  ours = getattr(nr, cell)(3, 4, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=m(f'{cell}: `carry` expected its last array (h, which '
+                                         'the recurrent product reads) to end in the feature '
+                                         'axes (4,)', got)):
+    ours(carry, X[:, 0])
+  with pytest.raises(TypeError, match='dot_general'):
+    getattr(nnx, cell if cell != 'MGUCell' else 'GRUCell')(3, 4, rngs=nnx.Rngs(0))(carry, X[:, 0])
+
+
 def test_a_given_carry_of_the_wrong_shape_is_not_blamed_on_step(lstm):
   # The pointer to num_carry_arrays is for a step's new carry, not for the caller's.
   with pytest.raises(ValueError, match=r'LSTMCell: `carry` expected .* got \[\(2, 5\), '

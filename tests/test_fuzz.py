@@ -6,8 +6,9 @@ import json
 
 import jax.numpy as jnp
 import pytest
+from flax import nnx
 
-from fuzz import _core, errors_family, layers_family, linen_family, nnx_family
+from fuzz import _core, errors_family, layers_family, linen_family, nnx_family, state_family
 from fuzz.__main__ import main
 from nnx_recurrent import _base, _checks, _scan
 
@@ -61,6 +62,26 @@ def test_a_carry_leaking_into_the_next_segment_is_found(monkeypatch):
   report = _core.run_cases('layers', layers_family.run, _seeds(2), force=force)
   assert len(report['failures']) == 2, report
   assert all(f['error'].startswith('Mismatch: outputs (segments)')
+             for f in report['failures'])
+
+
+def test_stateful_user_cells_against_flax_nnx_run_clean():
+  report = _core.run_cases('state', state_family.run, _seeds(2),
+                           force=dict(counter=True, running_mean=True, call='grad'))
+  assert report['failures'] == []
+  assert report['largest_abs_error']['call 1: cell 0 state'] == 0  # bit for bit
+
+
+def test_a_dropout_stream_not_held_over_the_steps_is_found(monkeypatch):
+  # broadcast_rngs ignored: the cell's nnx.Dropout draws a new mask at every
+  # step where flax.nnx holds one per call.
+  monkeypatch.setattr(_scan, 'nnx_state_axes', lambda state_axes=None, broadcast_rngs=None:
+                      nnx.StateAxes(state_axes or {...: nnx.Carry}))
+  force = dict(dropout_rate=0.5, broadcast_rngs=True, bidirectional=False, call='eager',
+               batch_axes=1, time=4)
+  report = _core.run_cases('state', state_family.run, _seeds(2), force=force)
+  assert len(report['failures']) == 2, report
+  assert all(f['error'].startswith('Mismatch: call 0: outputs at valid steps')
              for f in report['failures'])
 
 

@@ -12,11 +12,14 @@ seed, which replays the case alone::
 Families: ``nnx`` (nr.RNN, nr.Bidirectional and the cells against flax.nnx,
 and the fused nr.LSTM / nr.GRU against flax.nnx's RNNs stacked by hand),
 ``layers`` (random trees of nested layers -- StackedRNN, Bidirectional,
-fused, RNN with remat, unroll and learned carries -- with lengths or packed
-``segment_ids``, against Python loops of cells over each sequence alone),
+fused, RNN with remat, unroll and learned carries, over this package's
+cells, flax.nnx's and a user's -- with lengths or packed ``segment_ids``,
+against Python loops of cells over each sequence alone),
 ``state`` (a user's stateful flax.nnx cell -- step counter, its own dropout
 stream, a running mean -- in nr.RNN against flax.nnx.RNN: outputs, gradients
-and every Variable of the cell after each call, bit for bit), ``linen`` (compat against flax.linen), ``torch`` (nr.LSTM / nr.GRU against
+and every Variable of the cell after each call, bit for bit), ``linen``
+(compat against flax.linen; its packed ``segment_ids`` against flax.linen's
+cell looped over each segment), ``torch`` (nr.LSTM / nr.GRU against
 torch.nn.LSTM / GRU, through ``nnx_recurrent.interop.torch``; the Pallas
 kernels in interpret mode too) and ``errors`` (bad arguments get a
 ``ValueError`` or ``TypeError`` naming the argument). The deliberate

@@ -9,10 +9,12 @@ what was received, e.g.::
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any, NoReturn, cast
 
@@ -258,6 +260,22 @@ def kind(x: Any) -> str:
   if isinstance(x, (tuple, list)):
     return f'{type(x).__name__} of length {len(x)}'
   return type(x).__name__
+
+
+@contextlib.contextmanager
+def blame_entry(where: str, entry: str, layer: str, given: Any) -> Iterator[None]:
+  """Names the entry of a composite ``initial_carry`` (a stack's per-layer
+  tuple, a Bidirectional's pair) in the error a layer raises about its own
+  ``initial_carry``: ``StackedRNN: `initial_carry[1]`, the carry of layers[1]
+  (GRU): GRU: `initial_carry` expected ...``. ``given``: the entry (``None``,
+  the layer's default: nothing to blame)."""
+  try:
+    yield
+  except (TypeError, ValueError) as e:
+    if given is None or '`initial_carry`' not in str(e):
+      raise
+    cls = TypeError if isinstance(e, TypeError) else ValueError
+    raise cls(f'{where}: `initial_carry{entry}`, the carry of {layer}: {e}') from None
 
 
 def carry_pair(where: str, initial_carry: Any) -> tuple[Any, Any]:

@@ -432,10 +432,14 @@ class Bidirectional(nnx.Module):
     rngs_f = rngs_b = rngs
     if isinstance(rngs, jax.Array):  # one key would give both directions the same masks
       rngs_f, rngs_b = jax.random.split(rngs)
-    carry_f, out_f = self.forward_rnn(inputs, initial_carry=carry_f, reverse=False,
-                                      rngs=rngs_f, **common)
-    carry_b, out_b = self.backward_rnn(inputs, initial_carry=carry_b, reverse=True,
-                                       keep_order=True, rngs=rngs_b, **common)
+    with _checks.blame_entry('Bidirectional', '[0]',
+                             f'forward_rnn ({type(self.forward_rnn).__name__})', carry_f):
+      carry_f, out_f = self.forward_rnn(inputs, initial_carry=carry_f, reverse=False,
+                                        rngs=rngs_f, **common)
+    with _checks.blame_entry('Bidirectional', '[1]',
+                             f'backward_rnn ({type(self.backward_rnn).__name__})', carry_b):
+      carry_b, out_b = self.backward_rnn(inputs, initial_carry=carry_b, reverse=True,
+                                         keep_order=True, rngs=rngs_b, **common)
     outputs = jax.tree_util.tree_map(self.merge_fn, out_f, out_b)
     return ((carry_f, carry_b), outputs) if return_carry else outputs
 

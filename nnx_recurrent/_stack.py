@@ -222,9 +222,11 @@ class StackedRNN(nnx.Module):
       x, idx, batch_dims = self._reverse(inputs, None, time_major, seq_lengths, segment_ids)
     carries = []
     for i, layer in enumerate(self.layers):
-      carry, x = layer(x, initial_carry=initial_carry[i], seq_lengths=seq_lengths,
-                       segment_ids=segment_ids, return_carry=True, time_major=time_major,
-                       rngs=layer_rngs[i])
+      with _checks.blame_entry('StackedRNN', f'[{i}]', f'layers[{i}] ({type(layer).__name__})',
+                               initial_carry[i]):
+        carry, x = layer(x, initial_carry=initial_carry[i], seq_lengths=seq_lengths,
+                         segment_ids=segment_ids, return_carry=True, time_major=time_major,
+                         rngs=layer_rngs[i])
       carries.append(carry)
       if dropout is not None and i < n - 1:
         x = jax.tree_util.tree_map(lambda a, r=dropout_rngs[i], d=dropout: d(a, rngs=r), x)

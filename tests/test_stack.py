@@ -130,9 +130,32 @@ def test_errors():
   with pytest.raises(TypeError, match=r'StackedRNN: `layers\[1\]` expected an RNN, '
                      r'Bidirectional, LSTM, GRU or StackedRNN layer, got GRUCell'):
     nr.StackedRNN(stack.layers[0], nnx.eval_shape(lambda: nr.GRUCell(2 * H, H, rngs=nnx.Rngs(0))))
-  with pytest.raises(ValueError, match=r'RNN: `initial_carry` expected'):
+  with pytest.raises(ValueError, match=r'StackedRNN: `initial_carry\[1\]`, the carry of '
+                     r'layers\[1\] \(RNN\): RNN: `initial_carry` expected leaf shapes '
+                     r'\[\(3, 5\)\] .*got \[\(3, 6\)\]'):
     # Traced only (eagerly the first layer would run): the check is on shapes.
     nnx.jit(lambda stack: stack(x, initial_carry=(None, np.zeros((B, H + 1)))))(stack)
+
+
+def test_a_wrong_carry_entry_is_named_by_its_index():
+  # Found by the errors fuzz family: the layer's own error named `initial_carry`,
+  # not which of the stack's (or the pair's) entries was wrong.
+  stack, x = _stack(), _x()
+  bi = stack.layers[0]
+  zeros = np.zeros((B, H), np.float32)
+  with pytest.raises(ValueError, match=r'^StackedRNN: `initial_carry\[0\]`, the carry of '
+                     r'layers\[0\] \(Bidirectional\): Bidirectional: `initial_carry` '
+                     r'expected a pair'):
+    stack(x, initial_carry=(zeros, None))
+  with pytest.raises(ValueError, match=r'^Bidirectional: `initial_carry\[0\]`, the carry of '
+                     r'forward_rnn \(RNN\): RNN: `initial_carry` expected a pytree with '
+                     r'structure PyTreeDef\(\(\*, \*\)\), got structure PyTreeDef\(\*\)'):
+    bi(x, initial_carry=(zeros, zeros))
+  with pytest.raises(ValueError, match=r'^StackedRNN: `initial_carry\[0\]`, the carry of '
+                     r'layers\[0\] \(Bidirectional\): Bidirectional: `initial_carry\[1\]`, '
+                     r'the carry of backward_rnn \(RNN\): RNN: `initial_carry` expected leaf '
+                     r'shapes \[\(3, 5\)\]'):
+    stack(x, initial_carry=(((zeros, zeros), zeros[:, :2]), None))
 
 
 def test_a_stack_in_a_stack_is_one_layer_with_a_tuple_of_carries():

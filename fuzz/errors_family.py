@@ -64,14 +64,34 @@ def _bad_order(case: Case) -> tuple[str, dict[str, Any]]:
 
 def _calls(case: Case) -> tuple[str, Callable[[], Any]]:
   """The argument drawn bad and the call that must refuse it."""
-  front = case.pick('front', ['nr.RNN', 'nr.LSTM', 'nr.GRU', 'compat.RNN'])
+  front = case.pick('front', ['nr.RNN', 'nr.LSTM', 'nr.GRU', 'compat.RNN', 'nr.StackedRNN',
+                             'nr.Bidirectional'])
   arg = case.pick('argument', ['seq_lengths', 'initial_carry', 'inputs', 'segment_ids',
                                'order'])
   x = np.ones((B, T, IN), np.float32)
   kind = case.pick('cell', ['LSTMCell', 'GRUCell'])
-  lstm = kind == 'LSTMCell' if front in ('nr.RNN', 'compat.RNN') else front == 'nr.LSTM'
+  lstm = front == 'nr.LSTM' if front in ('nr.LSTM', 'nr.GRU') else kind == 'LSTMCell'
   if front == 'nr.RNN':
     model = nr.RNN(getattr(nr, kind)(IN, H, rngs=nnx.Rngs(0)))
+  elif front in ('nr.StackedRNN', 'nr.Bidirectional'):
+    first = nr.RNN(getattr(nr, kind)(IN, H, rngs=nnx.Rngs(0)))
+    good = jnp.zeros((B, H))
+    carry = (good, good) if lstm else good
+    if front == 'nr.StackedRNN':
+      model = nr.StackedRNN(first, nr.GRU(H, H, rngs=nnx.Rngs(1)))
+      options = [(carry,), (carry, good, good), good, (carry, good[:, :-1]), (None, 1.0),
+                 [carry, jnp.zeros((B + 1, H))]]
+    else:
+      model = nr.Bidirectional(first, nr.RNN(getattr(nr, kind)(IN, H, rngs=nnx.Rngs(1))))
+      options = [(carry,), (carry, carry, carry), good[None], {'f': carry, 'b': carry}]
+      if arg == 'order':  # accepted and ignored, as flax.nnx's Bidirectional does
+        arg = 'inputs'
+    if arg == 'initial_carry':
+      if case.pick('inner', [False, True]):  # one layer's or direction's carry bad
+        bad = (_bad_carry(case, lstm), None)
+      else:
+        bad = case.pick('bad', options)
+      return arg, lambda: model(x, initial_carry=bad)
   elif front == 'compat.RNN':
     linen = compat.RNN(getattr(compat, kind)(H))
     variables = linen.init(jax.random.key(0), x)

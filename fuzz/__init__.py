@@ -17,7 +17,7 @@ cells, flax.nnx's and a user's -- with lengths or packed ``segment_ids``,
 against Python loops of cells over each sequence alone),
 ``state`` (a user's stateful flax.nnx cell -- step counter, its own dropout
 stream, a running mean -- in nr.RNN against flax.nnx.RNN: outputs, gradients
-and every Variable of the cell after each call, bit for bit), ``linen``
+and every Variable of the cell after each call), ``linen``
 (compat against flax.linen; its packed ``segment_ids`` against flax.linen's
 cell looped over each segment), ``torch`` (nr.LSTM / nr.GRU against
 torch.nn.LSTM / GRU, through ``nnx_recurrent.interop.torch``; the Pallas

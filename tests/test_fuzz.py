@@ -61,7 +61,8 @@ def test_a_carry_leaking_into_the_next_segment_is_found(monkeypatch):
   force = {**SMALL, 'batch0': 3, 'time': 6, 'top.kind': 'rnn'}
   report = _core.run_cases('layers', layers_family.run, _seeds(2), force=force)
   assert len(report['failures']) == 2, report
-  assert all(f['error'].startswith('Mismatch: outputs (segments)')
+  # (The carry, where the outputs cannot show it: a layer-normalized cell of one unit.)
+  assert all(f['error'].startswith(('Mismatch: outputs (segments)', 'Mismatch: carry'))
              for f in report['failures'])
 
 
@@ -69,7 +70,7 @@ def test_stateful_user_cells_against_flax_nnx_run_clean():
   report = _core.run_cases('state', state_family.run, _seeds(2),
                            force=dict(counter=True, running_mean=True, call='grad'))
   assert report['failures'] == []
-  assert report['largest_abs_error']['call 1: cell 0 state'] == 0  # bit for bit
+  assert report['largest_abs_error']['call 1: cell 0 state'] < 1e-6  # compared, to rounding
 
 
 def test_a_dropout_stream_not_held_over_the_steps_is_found(monkeypatch):

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 import nnx_recurrent as nr
+from fuzz._common import runs
 from tests import reference
 from tests.random_params import random_module
 
@@ -27,18 +28,7 @@ IDS = np.array([
 
 def _segments(ids):
   """``(row, start, end)`` of every segment of a ``(rows, time)`` id array."""
-  out = []
-  for r, row in enumerate(np.asarray(ids)):
-    t = 0
-    while t < len(row):
-      if row[t] == 0:
-        t += 1
-        continue
-      s = t
-      while t < len(row) and row[t] == row[s]:
-        t += 1
-      out.append((r, s, t))
-  return out
+  return [(r, s, e) for r, row in enumerate(np.asarray(ids)) for s, e in runs(row)]
 
 
 CELLS = {

@@ -114,6 +114,47 @@ PACKED = ('RNN(LayerNormGRUCell, learned carry)', 'StackedRNN', 'LSTM(2 layers)'
           'LSTM(pallas, projected)')
 
 
+def _reset_new_segments(carry, ids, start, size, default, after_a_valid_step=True):
+  """docs/streaming.md's reset: the rows whose chunk ``ids[:, start:start + size]``
+  opens a new segment after a valid step in an earlier chunk start from ``default``."""
+  chunk = ids[:, start:start + size]
+  new = ((chunk[:, 0] == 0) | (chunk[:, 0] != ids[:, start - 1])) & (chunk != 0).any(1)
+  if after_a_valid_step:
+    new &= (ids[:, :start] != 0).any(1)
+  return jax.tree.map(lambda c: jnp.where(new[:, None], default, c), carry)
+
+
+def test_a_rows_first_segment_after_chunks_of_padding_goes_on_from_the_initial_carry():
+  # Found by the streaming fuzz family: a row whose first segment opens a later
+  # chunk (only padding before it) starts from the initial carry in one call, so
+  # the caller's reset skips it; docs/streaming.md's recipe reset it to zeros.
+  layer = build(lambda: nr.RNN(nr.GRUCell(IN, H, rngs=nnx.Rngs(0))))
+  ids = np.array([[1, 1, 1, 2], [0, 0, 3, 3]], np.int32)
+  x, carry0 = ref.normal((2, 4, IN), 1), ref.normal((2, H), 2)
+
+  @nnx.jit
+  def runs(layer, x, carry0):  # one compilation
+    one_call = layer(x, segment_ids=ids, initial_carry=carry0, return_carry=True)
+    streamed = []
+    for after_a_valid_step in (True, False):
+      carry, ys = carry0, []
+      for start in (0, 2):
+        if start:
+          carry = _reset_new_segments(carry, ids, start, 2, 0.0, after_a_valid_step)
+        carry, y = layer(x[:, start:start + 2], segment_ids=ids[:, start:start + 2],
+                         initial_carry=carry, return_carry=True)
+        ys.append(y)
+      streamed.append((carry, jnp.concatenate(ys, axis=1)))
+    return one_call, streamed
+
+  (carry, y), [(c_s, y_s), (c_old, y_old)] = runs(layer, x, carry0)
+  np.testing.assert_allclose(y_s, y, atol=1e-5)
+  np.testing.assert_allclose(c_s, carry, atol=1e-5)
+  # Reset without the condition, row 1's segment starts from zeros, not carry0.
+  np.testing.assert_allclose(y_old[0], y[0], atol=1e-5)
+  assert not np.allclose(y_old[1, 2:], y[1, 2:], atol=1e-3)
+
+
 @pytest.mark.parametrize('name', PACKED)
 def test_packed_chunks_equal_one_call(name):
   """A chunk's first segment goes on from the carry passed in, every later one
@@ -134,8 +175,7 @@ def test_packed_chunks_equal_one_call(name):
     for start, size in ((0, 3), (3, 3), (6, 1)):
       ids = IDS[:, start:start + size]
       if start:
-        new = ((ids[:, 0] == 0) | (ids[:, 0] != IDS[:, start - 1])) & (ids != 0).any(1)
-        carry = jax.tree.map(lambda c, new=new: jnp.where(new[:, None], default, c), carry)
+        carry = _reset_new_segments(carry, IDS, start, size, default)
       carry, y = layer(x[:, start:start + size], segment_ids=ids, initial_carry=carry,
                        return_carry=True)
       ys.append(y)

@@ -14,7 +14,9 @@ and the fused nr.LSTM / nr.GRU against flax.nnx's RNNs stacked by hand),
 ``layers`` (random trees of nested layers -- StackedRNN, Bidirectional,
 fused, RNN with remat, unroll and learned carries, over this package's
 cells, flax.nnx's and a user's -- with lengths or packed ``segment_ids``,
-against Python loops of cells over each sequence alone),
+against Python loops of cells over each sequence alone), ``streaming``
+(those of them that stream, run in chunks with each chunk's carry passed on,
+against the same loops),
 ``state`` (a user's stateful flax.nnx cell -- step counter, its own dropout
 stream, a running mean -- in nr.RNN against flax.nnx.RNN: outputs, gradients
 and every Variable of the cell after each call), ``linen``

@@ -10,7 +10,7 @@ import sys
 
 from fuzz._core import case_seed, run_cases
 
-FAMILIES = ['nnx', 'layers', 'state', 'linen', 'torch', 'errors']
+FAMILIES = ['nnx', 'layers', 'streaming', 'state', 'linen', 'torch', 'errors']
 
 
 def family(name: str):

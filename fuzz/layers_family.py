@@ -199,8 +199,11 @@ def ref_learned(ref: Any) -> list[Any]:
 class Builder:
   """Draws a tree of layers and builds it with its reference."""
 
-  def __init__(self, case: Case, time: int):
+  def __init__(self, case: Case, time: int, streaming: bool = False, learn: bool = True):
+    """``streaming``: layers that can run in chunks only (nothing backwards);
+    ``learn``: learned initial carries may be drawn."""
     self.case, self.time, self.count = case, time, 0
+    self.streaming, self.learn = streaming, learn
 
   def seed(self) -> int:
     self.count += 1
@@ -231,9 +234,11 @@ class Builder:
     case = self.case
     hidden = case.integer(f'{name}.hidden', 1, 5)
     ours_cell, ref_cell, out_f = self.cell(name, in_f, hidden)
-    reverse = bool(case.pick(f'{name}.reverse', [False, True]))
-    keep_order = bool(case.pick(f'{name}.keep_order', [False, True]))
-    learn = bool(case.pick(f'{name}.learn_initial_carry', [False, False, True]))
+    reverse = keep_order = False
+    if not self.streaming:
+      reverse = bool(case.pick(f'{name}.reverse', [False, True]))
+      keep_order = bool(case.pick(f'{name}.keep_order', [False, True]))
+    learn = self.learn and bool(case.pick(f'{name}.learn_initial_carry', [False, False, True]))
     ours = nr.RNN(ours_cell, reverse=reverse, keep_order=keep_order,
                   unroll=case.pick(f'{name}.unroll', [1, 1, 2, 0]),
                   remat=bool(case.pick(f'{name}.remat', [False, False, True])),
@@ -255,7 +260,7 @@ class Builder:
     hidden = case.integer(f'{name}.hidden', 1, 5)
     layers = case.integer(f'{name}.num_layers', 1, 2)
     order = {}
-    if not bidirectional:
+    if not bidirectional and not self.streaming:
       order = dict(reverse=bool(case.pick(f'{name}.reverse', [False, True])),
                    keep_order=bool(case.pick(f'{name}.keep_order', [False, True])))
     ours = getattr(nr, kind)(in_f, hidden, num_layers=layers, bidirectional=bidirectional,
@@ -279,7 +284,7 @@ class Builder:
     (a layer of a stack) or ``'direction'`` (of a Bidirectional: unidirectional
     layers only, their ``reverse`` / ``keep_order`` set by the Bidirectional)."""
     kinds = ['rnn', 'rnn', 'fused']
-    if role != 'direction':
+    if role != 'direction' and not self.streaming:
       kinds += ['bidirectional', 'fused_bidirectional']
     if depth < 2:
       kinds += ['stacked']
@@ -301,7 +306,8 @@ class Builder:
       refs.append(ref)
     stack: Any = nr.StackedRNN(*ours)
     order = dict(reverse=False, keep_order=False)
-    if role == 'top':  # a stack takes them at call time; as a layer or direction, its caller's
+    # A stack takes them at call time; as a layer or direction, its caller's.
+    if role == 'top' and not self.streaming:
       order = dict(reverse=bool(self.case.pick(f'{name}.reverse', [False, True])),
                    keep_order=bool(self.case.pick(f'{name}.keep_order', [False, True])))
       stack = _Oriented(stack, **order)
@@ -333,17 +339,32 @@ def _carry_rows(carry: Any, rows: int) -> Any:
   return jax.tree.map(lambda a: jnp.reshape(a, (rows, *a.shape[-1:])), carry)
 
 
-def run(case: Case) -> None:
+def stream_case(case: Case) -> None:
+  """The layers that stream (nothing backwards) run in two or three chunks,
+  each chunk's carry the next one's ``initial_carry``, with each chunk's own
+  lengths, or its own ids (a row whose chunk opens a new segment reset to
+  the default carry, as docs/streaming.md says to): against the same loops
+  over each whole sequence."""
+  run(case, streaming=True)
+
+
+def run(case: Case, streaming: bool = False) -> None:
   in_f = case.integer('in_features', 1, 4)
   batch = tuple(case.integer(f'batch{i}', 1, 3)
                 for i in range(case.pick('batch_axes', [0, 1, 1, 2])))
-  time = case.integer('time', 1, 6)
+  time = case.integer('time', 1 + streaming, 6)
   time_major = bool(case.pick('time_major', [False, True]))
   case.integer('init_seed', 0, 9)
-  ours, ref, out_f = Builder(case, time).layer('top', in_f, 0)
+  masking = case.pick('masking', ['none', 'lengths', 'segments', 'segments']) if streaming \
+      else None
+  # A learned carry would reset a streamed segment to a value the reset below
+  # takes from the reference, outside ours' gradient: none with ids.
+  builder = Builder(case, time, streaming, learn=masking != 'segments')
+  ours, ref, out_f = builder.layer('top', in_f, 0)
   rows = math.prod(batch)
 
-  masking = case.pick('masking', ['none', 'lengths', 'segments', 'segments'])
+  if masking is None:
+    masking = case.pick('masking', ['none', 'lengths', 'segments', 'segments'])
   kw: dict[str, Any] = {}
   if masking == 'segments':
     ids, segments = draw_segments(case, rows, time)
@@ -374,8 +395,36 @@ def run(case: Case) -> None:
   def carry_loss(carry_rows):
     return sum(jnp.sum(c * w) for c, w in zip(jax.tree.leaves(carry_rows), w_c))
 
+  cuts = sorted({int(t) for t in case.rng.integers(1, time, size=case.integer('cuts', 1, 2))}) \
+      if streaming else []
+  case.config['chunks'] = [0, *cuts, time]
+
+  def chunked(model, x):
+    """``model`` over the chunks, each chunk's carry passed on."""
+    if not cuts:
+      return model(x, initial_carry=given, return_carry=True, time_major=time_major, **kw)
+    carry, ys, bounds = given, [], [0, *cuts, time]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+      chunk_kw: dict[str, Any] = {}
+      if masking == 'lengths':
+        chunk_kw['seq_lengths'] = jnp.asarray(np.clip(lengths - a, 0, b - a), jnp.int32)
+      elif masking == 'segments':
+        ids_c = ids[:, a:b]
+        if a:  # rows whose chunk opens a new segment, after an earlier one: the default
+          new = ((ids_c[:, 0] == 0) | (ids_c[:, 0] != ids[:, a - 1])) & (ids_c != 0).any(1)
+          new &= (ids[:, :a] != 0).any(1)
+          new = new.reshape(batch)[..., None]
+          carry = jax.tree.map(lambda c, d, new=new: jnp.where(new, d[0], c), carry,
+                               ref.default())
+        ids_c = ids_c.reshape((*batch, b - a))
+        chunk_kw['segment_ids'] = jnp.asarray(np.moveaxis(ids_c, -1, 0) if time_major else ids_c)
+      carry, y = model(jax.lax.slice_in_dim(x, a, b, axis=time_axis), initial_carry=carry,
+                       return_carry=True, time_major=time_major, **chunk_kw)
+      ys.append(y)
+    return carry, jnp.concatenate(ys, axis=time_axis)
+
   def ours_loss(model, x):
-    carry, y = model(x, initial_carry=given, return_carry=True, time_major=time_major, **kw)
+    carry, y = chunked(model, x)
     y_rows = jnp.moveaxis(y, 0, len(batch)) if time_major else y
     y_rows = jnp.reshape(y_rows, (rows, time, out_f))
     carry_rows = _carry_rows(carry, rows)

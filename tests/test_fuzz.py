@@ -8,7 +8,15 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from fuzz import _core, errors_family, layers_family, linen_family, nnx_family, state_family
+from fuzz import (
+  _core,
+  errors_family,
+  layers_family,
+  linen_family,
+  nnx_family,
+  state_family,
+  streaming_family,
+)
 from fuzz.__main__ import main
 from nnx_recurrent import _base, _checks, _scan
 
@@ -43,6 +51,13 @@ def test_nested_layers_against_step_loops_run_clean():
                            force={**SMALL, 'top.kind': 'stacked'})
   assert report['failures'] == []
   assert report['largest_abs_error']['input gradients at padding (zeros)'] == 0
+  assert {'outputs (segments)', 'carry', 'cell 0 gradients'} <= set(report['largest_abs_error'])
+
+
+def test_streamed_layers_against_step_loops_run_clean():
+  report = _core.run_cases('streaming', streaming_family.run, _seeds(1),
+                           force={**SMALL, 'initial_carry': 1, 'cuts': 2})
+  assert report['failures'] == []
   assert {'outputs (segments)', 'carry', 'cell 0 gradients'} <= set(report['largest_abs_error'])
 
 

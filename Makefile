@@ -73,8 +73,8 @@ bench: install-test
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 # Differential fuzzing against flax.nnx, flax.linen, PyTorch and step-by-step
-# loops (fuzz/): not in `make test`; 200 cases of each of the six families take
-# about 50 minutes on 2 cores. A failure prints the command that replays its case.
+# loops (fuzz/): not in `make test`; 200 cases of each of the seven families take
+# about an hour on 2 cores. A failure prints the command that replays its case.
 FUZZ_FAMILY ?= all
 FUZZ_CASES ?= 200
 FUZZ_SEED ?= 0

@@ -383,7 +383,7 @@ def run(case: Case, streaming: bool = False) -> None:
     for s, e in segs:
       valid[r, s:e] = True
 
-  given = (_random_carry(case, ref, batch, isinstance(ours, _Oriented))
+  given = (_random_carry(case, ref, batch, isinstance(ours, (_Oriented, nr.StackedRNN)))
            if case.pick('initial_carry', [0, 1]) else None)
   x = case.normal((time, *batch, in_f) if time_major else (*batch, time, in_f))
   time_axis = 0 if time_major else len(batch)

@@ -74,7 +74,9 @@ bench: install-test
 
 # Differential fuzzing against flax.nnx, flax.linen, PyTorch and step-by-step
 # loops (fuzz/): not in `make test`; 200 cases of each of the seven families take
-# about an hour on 2 cores. A failure prints the command that replays its case.
+# about 75 minutes on 2 cores (estimated from each family's campaign; reduced
+# precision and convolutional cases cost more). A failure prints the command
+# that replays its case.
 FUZZ_FAMILY ?= all
 FUZZ_CASES ?= 200
 FUZZ_SEED ?= 0

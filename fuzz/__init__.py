@@ -8,23 +8,27 @@ seed, which replays the case alone::
 
   python -m fuzz --family nnx --cases 200 --seed 0
   python -m fuzz --family nnx --replay 123456789
+  python -m fuzz --family layers --cases 50 --force "features='conv'"
 
 Families: ``nnx`` (nr.RNN, nr.Bidirectional and the cells against flax.nnx,
-and the fused nr.LSTM / nr.GRU against flax.nnx's RNNs stacked by hand),
-``layers`` (random trees of nested layers -- StackedRNN, Bidirectional,
-fused, RNN with remat, unroll and learned carries, over this package's
-cells, flax.nnx's and a user's -- with lengths or packed ``segment_ids``,
-against Python loops of cells over each sequence alone), ``streaming``
+in float32 or with bfloat16 / float16 compute, parameters or inputs, dtypes
+compared too; and the fused nr.LSTM / nr.GRU against flax.nnx's RNNs stacked
+by hand), ``layers`` (random trees of nested layers -- StackedRNN,
+Bidirectional, fused, RNN with remat, unroll and learned carries, over this
+package's cells, flax.nnx's and a user's, or convolutional cells over one or
+two spatial axes -- with lengths or packed ``segment_ids``, against Python
+loops of cells over each sequence alone), ``streaming``
 (those of them that stream, run in chunks with each chunk's carry passed on,
 against the same loops),
 ``state`` (a user's stateful flax.nnx cell -- step counter, its own dropout
 stream, a running mean -- in nr.RNN against flax.nnx.RNN: outputs, gradients
 and every Variable of the cell after each call), ``linen``
-(compat against flax.linen; its packed ``segment_ids`` against flax.linen's
-cell looped over each segment), ``torch`` (nr.LSTM / nr.GRU against
-torch.nn.LSTM / GRU, through ``nnx_recurrent.interop.torch``; the Pallas
-kernels in interpret mode too) and ``errors`` (bad arguments get a
-``ValueError`` or ``TypeError`` naming the argument). The deliberate
+(compat against flax.linen, dtypes drawn as for ``nnx``; its packed
+``segment_ids`` against flax.linen's cell looped over each segment),
+``torch`` (nr.LSTM / nr.GRU against torch.nn.LSTM / GRU, through
+``nnx_recurrent.interop.torch``; the Pallas kernels in interpret mode too)
+and ``errors`` (bad arguments get a ``ValueError`` or ``TypeError`` naming
+the argument). The deliberate
 differences from flax (docs/migrating_from_nnx.md, compat/README.md) are
 compared with what the docs promise instead: zeros at padding, the initial
 carry for a row of length 0, each row's own carry with several batch axes.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
 import json
 import os
@@ -24,7 +25,19 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--replay', type=int, help='run the one case of this case seed')
   parser.add_argument('--out', help='write the report as JSON here')
+  parser.add_argument('--force', action='append', default=[], metavar='NAME=VALUE',
+                      help="make a choice instead of drawing it, e.g. --force low_precision=True "
+                           "--force mode=\"'rnn'\" (VALUE: a Python literal; repeatable)")
   args = parser.parse_args(argv)
+  force = {}
+  for item in args.force:
+    name, sep, value = item.partition('=')
+    try:
+      force[name] = ast.literal_eval(value) if sep else None
+    except (ValueError, SyntaxError):
+      parser.error(f'--force expected NAME=VALUE with a Python literal VALUE, got {item!r}')
+    if not sep:
+      parser.error(f'--force expected NAME=VALUE, got {item!r}')
   names = FAMILIES if args.family == 'all' else [args.family]
   if args.replay is not None and len(names) != 1:
     parser.error('--replay needs one --family')
@@ -37,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
       continue
     seeds = ([args.replay] if args.replay is not None
              else [case_seed(args.seed, i) for i in range(args.cases)])
-    report = run_cases(name, run, seeds, progress=lambda line: print(line, flush=True))
+    report = run_cases(name, run, seeds, progress=lambda line: print(line, flush=True),
+                       force=force)
     reports.append(report)
     errors = ', '.join(f'{k} {v:.2g}' for k, v in report['largest_abs_error'].items())
     errors = f'; largest |ours - theirs|: {errors}' if errors else ''

@@ -1,16 +1,95 @@
 """What several families draw: batch shapes, lengths, packed segment ids,
-valid-step masks."""
+valid-step masks, floating-point types."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from fuzz._core import Case
+
+FLOATS = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+@dataclass(frozen=True)
+class Precision:
+  """A case's floating-point types: the cell's ``dtype`` (``None``: promoted
+  from the inputs and the parameters, as flax does) and ``param_dtype`` (the
+  carry's too), and the inputs' dtype."""
+
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  inputs: Any = jnp.float32
+
+  @property
+  def plain(self) -> bool:
+    """float32 throughout: the families' cases before dtypes were drawn."""
+    return (self.dtype in (None, jnp.float32) and self.param_dtype == jnp.float32
+            and self.inputs == jnp.float32)
+
+  @property
+  def lowest(self) -> Any:
+    """The least precise of the dtype computed in and the carry's dtype."""
+    compute = self.dtype if self.dtype is not None else jnp.result_type(self.inputs,
+                                                                      self.param_dtype)
+    return max((jnp.dtype(compute), jnp.dtype(self.param_dtype)),
+               key=lambda d: float(jnp.finfo(d).eps))
+
+  def close(self, case: Case, what: str, ours: Any, theirs: Any, atol: float = 1e-5,
+            rtol: float = 1e-5, sums: bool = False) -> None:
+    """``case.close`` with the same dtypes at every leaf. In a dtype less
+    precise than float32 the quantity is reported under the dtype's name,
+    within 2 of its epsilons of each value; ``sums`` (gradients, summed over
+    steps and rows in that dtype, in another order than flax's): within 8
+    epsilons of the largest value of the leaf."""
+    if self.plain:
+      case.close(what, ours, theirs, atol, rtol)
+      return
+    case.same_dtypes(what, ours, theirs)
+    low = self.lowest
+    if low == jnp.float32:
+      case.close(f'{what} [float32, low-precision inputs or dtype]', ours, theirs, atol, rtol)
+      return
+    eps, what = float(jnp.finfo(low).eps), f'{what} [{low.name}]'
+    if not sums:
+      case.close(what, ours, theirs, 2 * eps, 2 * eps)
+      return
+    for o, t in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+      scale = float(np.max(np.abs(np.asarray(t, np.float64)), initial=0.0))
+      case.close(what, o, t, 8 * eps * scale, 0.0)
+
+
+def wrap_cells(tree: Any) -> Any:
+  """An RNN's (or Bidirectional's) parameters for the same RNN over wrapped
+  cells: each ``'cell'`` entry one level deeper (``{'cell': {'cell': ...}}``)."""
+  if not isinstance(tree, dict):
+    return tree
+  return {k: {'cell': v} if k == 'cell' else wrap_cells(v) for k, v in tree.items()}
+
+
+def unwrap_cells(tree: Any) -> Any:
+  """``wrap_cells``'s inverse: an RNN's over wrapped cells at the bare cells' paths."""
+  if not isinstance(tree, dict):
+    return tree
+  return {k: v['cell'] if k == 'cell' else unwrap_cells(v) for k, v in tree.items()}
+
+
+def draw_precision(case: Case) -> Precision:
+  """float32 throughout in two cases of three; else the cell's ``dtype``,
+  ``param_dtype`` and the inputs' dtype each drawn from float32, bfloat16
+  and float16 (``dtype`` also ``None``)."""
+  if not case.pick('low_precision', [False, False, True]):
+    return Precision()
+  dtype = case.pick('dtype', [None, 'float32', 'bfloat16', 'float16'])
+  param_dtype = case.pick('param_dtype', ['float32', 'float32', 'bfloat16', 'float16'])
+  inputs = case.pick('inputs_dtype', ['float32', 'bfloat16', 'float16'])
+  return Precision(None if dtype is None else FLOATS[dtype], FLOATS[param_dtype], FLOATS[inputs])
 
 
 def params(module: nnx.Module) -> dict[str, np.ndarray]:
@@ -41,11 +120,14 @@ def valid_steps(lengths: np.ndarray | None, batch: tuple[int, ...], time: int) -
   return np.arange(time) < np.minimum(full, time)[..., None]
 
 
-def garbage(case: Case, x: np.ndarray, valid: np.ndarray, time_axis: int) -> np.ndarray:
-  """``x`` with NaN, inf or 1e30 at the padding steps."""
-  pad = ~np.moveaxis(valid, -1, time_axis)[..., None]
+def garbage(case: Case, x: np.ndarray, valid: np.ndarray, time_axis: int,
+            feature_axes: int = 1) -> np.ndarray:
+  """``x`` with NaN, inf or 1e30 (inf in float16) at the padding steps."""
+  pad = ~np.moveaxis(valid, -1, time_axis)
+  pad = pad.reshape(pad.shape + (1,) * feature_axes)
   value = case.pick('garbage', [np.nan, np.inf, -np.inf, 1e30])
-  return np.where(pad, np.float32(value), x)
+  with np.errstate(over='ignore'):
+    return np.where(pad, np.asarray(value, np.float32).astype(x.dtype), x)
 
 
 def tree_rows(tree: Any, keep: np.ndarray) -> Any:

@@ -65,6 +65,14 @@ class Case:
                        f'(atol {atol:g}, rtol {rtol:g})')
 
 
+  def same_dtypes(self, what: str, ours: Any, theirs: Any) -> None:
+    """The same tree structure with the same dtype at every leaf."""
+    ours_dtypes = jax.tree.map(lambda a: str(np.asarray(a).dtype), ours)
+    theirs_dtypes = jax.tree.map(lambda a: str(np.asarray(a).dtype), theirs)
+    if ours_dtypes != theirs_dtypes:
+      raise Mismatch(f'{what}: dtypes {ours_dtypes} != {theirs_dtypes}')
+
+
 Family = Callable[[Case], None]
 
 

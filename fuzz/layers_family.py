@@ -7,7 +7,10 @@ stacks), the fused ``LSTM`` / ``GRU`` (layers, directions, the XLA scans or the
 Pallas kernels interpreted) and ``StackedRNN`` of any of them (``reverse`` /
 ``keep_order`` too), and runs it on a batch with no masking, ``seq_lengths``
 or packed ``segment_ids`` (padding between segments, ids reused after it), with
-NaN, inf or 1e30 at the padding.
+NaN, inf or 1e30 at the padding. A quarter of the cases are convolutional:
+steps of ``(*spatial, channels)`` with one or two spatial axes, through
+``ConvLSTMCell`` / ``ConvGRUCell`` (kernels of 1-3, strides 1 or 2 outside a
+``Bidirectional``) in ``RNN``, ``Bidirectional`` and ``StackedRNN``.
 
 The reference knows nothing of masks, scans or packing: a Python loop of
 cells over each sequence *alone* (one segment of one row, cut out with
@@ -44,6 +47,7 @@ from fuzz._core import Case
 
 STANDARD = ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell']  # flax.nnx has them
 OWN = ['MGUCell', 'LayerNormLSTMCell', 'LayerNormGRUCell']
+CONV = ['ConvLSTMCell', 'ConvGRUCell']
 FUSED = {'LSTM': 'OptimizedLSTMCell', 'GRU': 'GRUCell'}
 
 
@@ -52,15 +56,15 @@ class Loop(nnx.Module):
   """A cell looped over one sequence; backwards with ``reverse`` (outputs in
   processing order unless ``keep_order``). The reference of ``nr.RNN``."""
 
-  def __init__(self, cell: Any, in_features: int, learned: Any = None, reverse: bool = False,
-               keep_order: bool = False):
-    self.cell, self.in_features = cell, in_features
+  def __init__(self, cell: Any, in_shape: tuple[int, ...], learned: Any = None,
+               reverse: bool = False, keep_order: bool = False):
+    self.cell, self.in_shape = cell, in_shape  # one step's features: (in_features,) or conv
     self.learned = nnx.data(learned)  # nnx.Params, one per carry leaf, or None
     self.reverse, self.keep_order = reverse, keep_order
 
   def default(self) -> Any:
     zeros = jax.tree.map(jnp.zeros_like,
-                         self.cell.initialize_carry((1, self.in_features), rngs=nnx.Rngs(0)))
+                         self.cell.initialize_carry((1, *self.in_shape), rngs=nnx.Rngs(0)))
     if self.learned is None:
       return zeros
     leaves, treedef = jax.tree.flatten(zeros)
@@ -199,41 +203,55 @@ def ref_learned(ref: Any) -> list[Any]:
 class Builder:
   """Draws a tree of layers and builds it with its reference."""
 
-  def __init__(self, case: Case, time: int, streaming: bool = False, learn: bool = True):
+  def __init__(self, case: Case, time: int, streaming: bool = False, learn: bool = True,
+               conv: bool = False):
     """``streaming``: layers that can run in chunks only (nothing backwards);
-    ``learn``: learned initial carries may be drawn."""
+    ``learn``: learned initial carries may be drawn; ``conv``: convolutional
+    cells (steps of ``(*spatial, channels)``)."""
     self.case, self.time, self.count = case, time, 0
-    self.streaming, self.learn = streaming, learn
+    self.streaming, self.learn, self.conv = streaming, learn, conv
+    self.in_bidirectional = 0  # > 0: building a Bidirectional's directions
 
   def seed(self) -> int:
     self.count += 1
     return 100 * self.case.config['init_seed'] + self.count
 
-  def cell(self, name: str, in_f: int, hidden: int) -> tuple[Any, Any, int]:
-    """Ours and the reference cell, with the same parameters, and the width
-    of its outputs."""
+  def cell(self, name: str, feat: tuple[int, ...], hidden: int, role: str
+           ) -> tuple[Any, Any, tuple[int, ...]]:
+    """Ours and the reference cell, with the same parameters, and the shape
+    of one step's outputs (``feat``: one step's input features)."""
     case = self.case
+    if self.conv:
+      kind = case.pick(f'{name}.cell', CONV)
+      # The directions of a Bidirectional must give outputs of one shape.
+      strides = 1 if self.in_bidirectional else case.pick(f'{name}.strides', [1, 1, 2])
+      kernel = tuple(case.integer(f'{name}.kernel{i}', 1, 3) for i in range(len(feat) - 1))
+      ours = getattr(nr, kind)(feat[-1], hidden, kernel, strides=strides,
+                               rngs=nnx.Rngs(self.seed()))
+      return ours, nnx.clone(ours), ours.output_shape((1, *feat))[1:]
+    in_f = feat[0]
     kind = case.pick(f'{name}.cell', STANDARD + OWN + ['ReadoutCell'])
     seed = self.seed()
     if kind == 'ReadoutCell':
       ours = ReadoutCell(in_f, hidden, case.integer(f'{name}.readout', 1, 4), rngs=nnx.Rngs(seed))
-      return ours, nnx.clone(ours), ours.readout.out_features
+      return ours, nnx.clone(ours), (ours.readout.out_features,)
     if kind in OWN:
       ours = getattr(nr, kind)(in_f, hidden, rngs=nnx.Rngs(seed))
-      return ours, nnx.clone(ours), hidden
+      return ours, nnx.clone(ours), (hidden,)
     if case.pick(f'{name}.source', ['nr', 'nr', 'flax.nnx']) == 'flax.nnx':
       ours = getattr(nnx, kind)(in_f, hidden, rngs=nnx.Rngs(seed))  # flax.nnx's cell in nr.RNN
-      return ours, nnx.clone(ours), hidden
+      return ours, nnx.clone(ours), (hidden,)
     # nr.GRUCell's bias_hn starts at zero: flax.nnx's cell computes the same.
     kw = {'use_bias_hn': case.pick(f'{name}.use_bias_hn', [False, True])} \
         if kind == 'GRUCell' else {}
     return (getattr(nr, kind)(in_f, hidden, **kw, rngs=nnx.Rngs(seed)),
-            getattr(nnx, kind)(in_f, hidden, rngs=nnx.Rngs(seed)), hidden)
+            getattr(nnx, kind)(in_f, hidden, rngs=nnx.Rngs(seed)), (hidden,))
 
-  def rnn(self, name: str, in_f: int) -> tuple[Any, Any, int]:
+  def rnn(self, name: str, feat: tuple[int, ...], role: str
+          ) -> tuple[Any, Any, tuple[int, ...]]:
     case = self.case
     hidden = case.integer(f'{name}.hidden', 1, 5)
-    ours_cell, ref_cell, out_f = self.cell(name, in_f, hidden)
+    ours_cell, ref_cell, out = self.cell(name, feat, hidden, role)
     reverse = keep_order = False
     if not self.streaming:
       reverse = bool(case.pick(f'{name}.reverse', [False, True]))
@@ -250,10 +268,11 @@ class Builder:
         p[...] = jnp.asarray(case.normal(p[...].shape))
         learned.append(nnx.Param(p[...]))
       learned = nnx.List(learned)
-    return ours, Loop(ref_cell, in_f, learned, reverse, keep_order), out_f
+    return ours, Loop(ref_cell, feat, learned, reverse, keep_order), out
 
-  def fused(self, name: str, in_f: int, bidirectional: bool) -> tuple[Any, Any, int]:
-    case = self.case
+  def fused(self, name: str, feat: tuple[int, ...], bidirectional: bool
+            ) -> tuple[Any, Any, tuple[int, ...]]:
+    case, (in_f,) = self.case, feat
     kind = case.pick(f'{name}.layer', ['LSTM', 'GRU'])
     implementation = case.pick(f'{name}.implementation', ['xla', 'xla', 'auto', 'pallas']
                                if self.time <= 4 else ['xla', 'auto'])
@@ -274,32 +293,38 @@ class Builder:
         cell = getattr(nnx, FUSED[kind])(size, hidden, rngs=nnx.Rngs(self.seed()))
         nnx.update(direction[l], nnx.state(cell, nnx.Param))  # flax.nnx's parameters in ours
         pair.append(cell)
-      refs.append(Pair(Loop(pair[0], size), Loop(pair[1], size, reverse=True, keep_order=True))
-                  if bidirectional else Loop(pair[0], size))
+      refs.append(Pair(Loop(pair[0], (size,)),
+                       Loop(pair[1], (size,), reverse=True, keep_order=True))
+                  if bidirectional else Loop(pair[0], (size,)))
     ref = Chain(refs, **order, single=layers == 1 and not bidirectional)
-    return ours, ref, d * hidden
+    return ours, ref, (d * hidden,)
 
-  def layer(self, name: str, in_f: int, depth: int, role: str = 'top') -> tuple[Any, Any, int]:
-    """One layer of a kind drawn. ``role``: ``'top'`` (the model), ``'inner'``
-    (a layer of a stack) or ``'direction'`` (of a Bidirectional: unidirectional
-    layers only, their ``reverse`` / ``keep_order`` set by the Bidirectional)."""
-    kinds = ['rnn', 'rnn', 'fused']
+  def layer(self, name: str, feat: tuple[int, ...], depth: int, role: str = 'top'
+            ) -> tuple[Any, Any, tuple[int, ...]]:
+    """One layer of a kind drawn, for steps of ``feat`` features; with the
+    shape of its outputs' features. ``role``: ``'top'`` (the model),
+    ``'inner'`` (a layer of a stack) or ``'direction'`` (of a Bidirectional:
+    unidirectional layers only, their ``reverse`` / ``keep_order`` set by the
+    Bidirectional). Convolutional cells have no fused layers."""
+    kinds = ['rnn', 'rnn'] if self.conv else ['rnn', 'rnn', 'fused']
     if role != 'direction' and not self.streaming:
-      kinds += ['bidirectional', 'fused_bidirectional']
+      kinds += ['bidirectional'] if self.conv else ['bidirectional', 'fused_bidirectional']
     if depth < 2:
       kinds += ['stacked']
     kind = self.case.pick(f'{name}.kind', kinds)
     if kind == 'rnn':
-      return self.rnn(name, in_f)
+      return self.rnn(name, feat, role)
     if kind.startswith('fused'):
-      return self.fused(name, in_f, kind == 'fused_bidirectional')
+      return self.fused(name, feat, kind == 'fused_bidirectional')
     if kind == 'bidirectional':
-      f, f_ref, f_out = self.layer(f'{name}.f', in_f, depth + 1, 'direction')
-      b, b_ref, b_out = self.layer(f'{name}.b', in_f, depth + 1, 'direction')
+      self.in_bidirectional += 1
+      f, f_ref, f_out = self.layer(f'{name}.f', feat, depth + 1, 'direction')
+      b, b_ref, b_out = self.layer(f'{name}.b', feat, depth + 1, 'direction')
+      self.in_bidirectional -= 1
       f_ref.reverse, f_ref.keep_order = False, False
       b_ref.reverse, b_ref.keep_order = True, True
-      return nr.Bidirectional(f, b), Pair(f_ref, b_ref), f_out + b_out
-    ours, refs, size = [], [], in_f
+      return nr.Bidirectional(f, b), Pair(f_ref, b_ref), (*f_out[:-1], f_out[-1] + b_out[-1])
+    ours, refs, size = [], [], feat
     for i in range(self.case.integer(f'{name}.num_layers', 1, 3 - depth)):
       layer, ref, size = self.layer(f'{name}.{i}', size, depth + 1, 'inner')
       ours.append(layer)
@@ -335,8 +360,8 @@ def _random_carry(case: Case, ref: Any, batch: tuple[int, ...], stack: bool) -> 
   return one(ref.default())
 
 
-def _carry_rows(carry: Any, rows: int) -> Any:
-  return jax.tree.map(lambda a: jnp.reshape(a, (rows, *a.shape[-1:])), carry)
+def _carry_rows(carry: Any, batch: tuple[int, ...]) -> Any:
+  return jax.tree.map(lambda a: jnp.reshape(a, (math.prod(batch), *a.shape[len(batch):])), carry)
 
 
 def stream_case(case: Case) -> None:
@@ -350,6 +375,10 @@ def stream_case(case: Case) -> None:
 
 def run(case: Case, streaming: bool = False) -> None:
   in_f = case.integer('in_features', 1, 4)
+  conv = case.pick('features', ['vector', 'vector', 'vector', 'conv']) == 'conv'
+  # Convolutional steps: 1 or 2 spatial axes of 1-5 points, then channels.
+  feat = (*(case.integer(f'spatial{i}', 1, 5) for i in range(case.integer('spatial_axes', 1, 2))),
+          in_f) if conv else (in_f,)
   batch = tuple(case.integer(f'batch{i}', 1, 3)
                 for i in range(case.pick('batch_axes', [0, 1, 1, 2])))
   time = case.integer('time', 1 + streaming, 6)
@@ -359,8 +388,8 @@ def run(case: Case, streaming: bool = False) -> None:
       else None
   # A learned carry would reset a streamed segment to a value the reset below
   # takes from the reference, outside ours' gradient: none with ids.
-  builder = Builder(case, time, streaming, learn=masking != 'segments')
-  ours, ref, out_f = builder.layer('top', in_f, 0)
+  builder = Builder(case, time, streaming, learn=masking != 'segments', conv=conv)
+  ours, ref, out = builder.layer('top', feat, 0)
   rows = math.prod(batch)
 
   if masking is None:
@@ -385,11 +414,12 @@ def run(case: Case, streaming: bool = False) -> None:
 
   given = (_random_carry(case, ref, batch, isinstance(ours, (_Oriented, nr.StackedRNN)))
            if case.pick('initial_carry', [0, 1]) else None)
-  x = case.normal((time, *batch, in_f) if time_major else (*batch, time, in_f))
+  x = case.normal((time, *batch, *feat) if time_major else (*batch, time, *feat))
   time_axis = 0 if time_major else len(batch)
   valid_b = valid.reshape((*batch, time))
-  x_ours = garbage(case, x, valid_b, time_axis) if masking != 'none' else x
-  w_y = case.normal((rows, time, out_f))
+  x_ours = garbage(case, x, valid_b, time_axis, len(feat)) if masking != 'none' else x
+  w_y = case.normal((rows, time, *out))
+  at_valid = valid.reshape((rows, time) + (1,) * len(out))
   w_c = [case.normal((rows, *leaf.shape[1:])) for leaf in jax.tree.leaves(ref.default())]
 
   def carry_loss(carry_rows):
@@ -413,9 +443,9 @@ def run(case: Case, streaming: bool = False) -> None:
         if a:  # rows whose chunk opens a new segment, after an earlier one: the default
           new = ((ids_c[:, 0] == 0) | (ids_c[:, 0] != ids[:, a - 1])) & (ids_c != 0).any(1)
           new &= (ids[:, :a] != 0).any(1)
-          new = new.reshape(batch)[..., None]
-          carry = jax.tree.map(lambda c, d, new=new: jnp.where(new, d[0], c), carry,
-                               ref.default())
+          carry = jax.tree.map(
+            lambda c, d, new=new: jnp.where(new.reshape(batch + (1,) * (c.ndim - len(batch))),
+                                            d[0], c), carry, ref.default())
         ids_c = ids_c.reshape((*batch, b - a))
         chunk_kw['segment_ids'] = jnp.asarray(np.moveaxis(ids_c, -1, 0) if time_major else ids_c)
       carry, y = model(jax.lax.slice_in_dim(x, a, b, axis=time_axis), initial_carry=carry,
@@ -426,12 +456,12 @@ def run(case: Case, streaming: bool = False) -> None:
   def ours_loss(model, x):
     carry, y = chunked(model, x)
     y_rows = jnp.moveaxis(y, 0, len(batch)) if time_major else y
-    y_rows = jnp.reshape(y_rows, (rows, time, out_f))
-    carry_rows = _carry_rows(carry, rows)
-    loss = jnp.sum(jnp.where(valid[..., None], y_rows * w_y, 0)) + carry_loss(carry_rows)
+    y_rows = jnp.reshape(y_rows, (rows, time, *out))
+    carry_rows = _carry_rows(carry, batch)
+    loss = jnp.sum(jnp.where(at_valid, y_rows * w_y, 0)) + carry_loss(carry_rows)
     return loss, (carry_rows, y_rows)
 
-  given_rows = None if given is None else _carry_rows(given, rows)
+  given_rows = None if given is None else _carry_rows(given, batch)
 
   def ref_loss(ref, x_rows):
     loss, outputs, carries = 0.0, [], []
@@ -452,7 +482,7 @@ def run(case: Case, streaming: bool = False) -> None:
   (g_ref, dx_ref), (c_ref, y_ref) = grad(ref, jnp.asarray(as_rows(x, batch, time_major)))
 
   y_ours = np.asarray(y_ours)
-  expected = np.concatenate(y_ref) if y_ref else np.zeros((0, out_f), np.float32)
+  expected = np.concatenate(y_ref) if y_ref else np.zeros((0, *out), np.float32)
   order = [(r, t) for r, segs in enumerate(segments) for s, e in segs for t in range(s, e)]
   at = tuple(np.array(i, int) for i in zip(*order)) if order else (np.zeros(0, int),) * 2
   case.close('outputs (segments)', y_ours[at], expected)

@@ -9,7 +9,10 @@ case checks what it promises instead: the initial carry for a row of length
 axis: the reference runs on the flattened batch), and a length above the time
 axis acting as the time axis (flax.linen gets the clipped lengths: reversed,
 it wraps such a row around, and its gradient through such a row's carry is
-lost).
+lost). A third of the cells and RNN cases run in reduced precision, as in
+the ``nnx`` family; where flax.linen's scan refuses a cell whose step changes
+the carry's dtype, compat casts it back (compat/README.md), and the reference
+is flax.linen's RNN over the cell wrapped in ``CastBack``.
 """
 
 from __future__ import annotations
@@ -23,14 +26,18 @@ import numpy as np
 from flax.linen import recurrent as linen_recurrent
 
 from fuzz._common import (
+  Precision,
   as_rows,
   draw_lengths,
+  draw_precision,
   draw_segments,
   garbage,
   reference_inputs,
   tree_rows,
   unflat,
+  unwrap_cells,
   valid_steps,
+  wrap_cells,
 )
 from fuzz._core import Case
 from nnx_recurrent import compat
@@ -39,22 +46,63 @@ CELLS = ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell', 'MGUCell']
 
 
 def _random_carry(case: Case, cell: Any, shape: tuple[int, ...]) -> Any:
-  return jax.tree.map(lambda a: jnp.asarray(case.normal(a.shape)),
+  return jax.tree.map(lambda a: jnp.asarray(case.normal(a.shape), a.dtype),
                       cell.initialize_carry(jax.random.key(0), shape))
+
+
+class CastBack(nn.RNNCellBase):
+  """flax.linen's cell with its new carry cast to the dtype of the carry it
+  was given: what compat's RNN does with a cell whose step changes the
+  carry's dtype (compat/README.md), which flax.linen's RNN refuses."""
+
+  cell: Any
+
+  def __call__(self, carry: Any, x: Any) -> tuple[Any, Any]:
+    new_carry, y = self.cell(carry, x)
+    return jax.tree.map(lambda n, o: n.astype(o.dtype), new_carry, carry), y
+
+  def initialize_carry(self, rng: Any, input_shape: tuple[int, ...]) -> Any:
+    return self.cell.initialize_carry(rng, input_shape)
+
+  @property
+  def num_feature_axes(self) -> int:
+    return self.cell.num_feature_axes
+
+
+def _dtypes(precision: Precision) -> dict[str, Any]:
+  """The cells' dtype arguments for ``precision``."""
+  return {} if precision.plain else dict(dtype=precision.dtype,
+                                         param_dtype=precision.param_dtype)
+
+
+def _cast(variables: Any, precision: Precision) -> Any:
+  """float32 variables in ``precision``'s ``param_dtype``: flax.linen cannot
+  initialize an orthogonal kernel in bfloat16 or float16 on the CPU (no QR);
+  compat's initialization in a low dtype is tested elsewhere (test_compat)."""
+  return jax.tree.map(lambda a: a.astype(precision.param_dtype), variables)
 
 
 def cell_case(case: Case) -> None:
   kind = case.pick('cell', CELLS)
   in_f, hidden = case.integer('in_features', 1, 5), case.integer('hidden', 1, 6)
   batch = tuple(case.integer(f'batch{i}', 1, 3) for i in range(case.integer('batch_axes', 0, 2)))
+  precision = draw_precision(case)
   theirs, ours = getattr(nn, kind)(hidden), getattr(compat, kind)(hidden)
   shape, key = (*batch, in_f), jax.random.key(case.integer('init_seed', 0, 9))
-  case.close('initialize_carry', ours.initialize_carry(key, shape),
-             theirs.initialize_carry(key, shape))
   carry, x = _random_carry(case, theirs, shape), jnp.asarray(case.normal(shape))
   variables = theirs.init(key, carry, x)
   case.close(f'init {kind}', ours.init(key, carry, x), variables, atol=1e-7, rtol=1e-6)
-  case.close(f'{kind} step', ours.apply(variables, carry, x), theirs.apply(variables, carry, x))
+  if not precision.plain:  # the same parameters, cast, in cells told the dtypes
+    theirs, ours = (getattr(lib, kind)(hidden, **_dtypes(precision)) for lib in (nn, compat))
+    variables = _cast(variables, precision)
+    carry = jax.tree.map(lambda a, b: a.astype(b.dtype), carry,
+                         theirs.initialize_carry(key, shape))
+    x = x.astype(precision.inputs)
+  precision.close(case, 'initialize_carry', ours.initialize_carry(key, shape),
+                  theirs.initialize_carry(key, shape))
+  # compat's cells return what flax.linen's compute, dtypes included.
+  precision.close(case, f'{kind} step', ours.apply(variables, carry, x),
+                  theirs.apply(variables, carry, x))
 
 
 def flip_case(case: Case) -> None:
@@ -82,20 +130,24 @@ def rnn_case(case: Case, bidirectional: bool) -> None:
     rnn_kw = dict(reverse=case.pick('reverse', [False, True]),
                   keep_order=case.pick('keep_order', [False, True]),
                   unroll=case.pick('unroll', [1, 1, 2]))
-  if bidirectional:
-    theirs = nn.Bidirectional(nn.RNN(getattr(nn, kind)(hidden)),
-                              nn.RNN(getattr(nn, kind)(hidden)), **kw)
-    ours = compat.Bidirectional(compat.RNN(getattr(compat, kind)(hidden)),
-                                compat.RNN(getattr(compat, kind)(hidden)), **kw)
-  else:
-    theirs = nn.RNN(getattr(nn, kind)(hidden), **kw, **rnn_kw)
-    ours = compat.RNN(getattr(compat, kind)(hidden), **kw, **rnn_kw)
+  precision = draw_precision(case)
+
+  def build(lib: Any, wrap: Any = lambda cell: cell, **dtypes: Any) -> Any:
+    if bidirectional:
+      return lib.Bidirectional(lib.RNN(wrap(getattr(lib, kind)(hidden, **dtypes))),
+                               lib.RNN(wrap(getattr(lib, kind)(hidden, **dtypes))), **kw)
+    return lib.RNN(wrap(getattr(lib, kind)(hidden, **dtypes)), **kw, **rnn_kw)
+
+  theirs, ours = build(nn), build(compat)
   time_axis, lead = (0, 1) if time_major else (len(batch), 0)
   x = case.normal((time, *batch, in_f) if time_major else (*batch, time, in_f))
   key = jax.random.key(case.integer('init_seed', 0, 9))
   variables = theirs.init(key, x)
   case.close('init', ours.init(key, x), variables, atol=1e-7, rtol=1e-6)
-  cell = getattr(nn, kind)(hidden)
+  if not precision.plain:  # the same parameters, cast, in cells told the dtypes
+    theirs, ours = build(nn, **_dtypes(precision)), build(compat, **_dtypes(precision))
+    variables, x = _cast(variables, precision), x.astype(precision.inputs)
+  cell = getattr(nn, kind)(hidden, **_dtypes(precision))
   carries = [_random_carry(case, cell, (*batch, in_f)) for _ in range(1 + bidirectional)]
   carry = (tuple(carries) if bidirectional else carries[0]) \
       if case.pick('initial_carry', [0, 1]) else None
@@ -106,7 +158,7 @@ def rnn_case(case: Case, bidirectional: bool) -> None:
   valid = valid_steps(lengths, batch, time)
   ends = valid[..., 0]
 
-  def loss(model, inputs, start, seq_lengths, unmerge):
+  def loss(model, inputs, start, seq_lengths, unmerge, variables=variables):
     def f(v):
       kw = {} if seq_lengths is None else {'seq_lengths': jnp.asarray(seq_lengths)}
       new_carry, y = model.apply(v, jnp.asarray(inputs), initial_carry=start, **kw)
@@ -120,14 +172,27 @@ def rnn_case(case: Case, bidirectional: bool) -> None:
     return jax.grad(f, has_aux=True)(variables)
 
   g_ours, (c_ours, y_ours) = loss(ours, x, carry, lengths, False)
-  g_theirs, (c_theirs, y_theirs) = loss(theirs, x_t, carry_t, lengths_t, merge)
-  case.close('outputs (padding included)', y_ours, y_theirs)
-  case.close('carry (rows of length > 0)', tree_rows(c_ours, ends), tree_rows(c_theirs, ends))
+  try:
+    g_theirs, (c_theirs, y_theirs) = loss(theirs, x_t, carry_t, lengths_t, merge)
+  except TypeError as e:
+    # A cell computing in another dtype than its carry's: flax.linen's scan
+    # refuses the changed carry; compat's RNN casts it back, as flax.linen's
+    # RNN over CastBack cells.
+    if precision.plain or 'must have equal types' not in str(e):
+      raise
+    case.config['flax.linen'] = 'refuses the carry dtype: CastBack'
+    theirs = build(nn, CastBack, **_dtypes(precision))
+    g_theirs, (c_theirs, y_theirs) = loss(theirs, x_t, carry_t, lengths_t, merge,
+                                          wrap_cells(variables))
+    g_theirs = unwrap_cells(g_theirs)
+  precision.close(case, 'outputs (padding included)', y_ours, y_theirs)
+  precision.close(case, 'carry (rows of length > 0)', tree_rows(c_ours, ends),
+                  tree_rows(c_theirs, ends))
   if lengths is not None:
     start = carry if carry is not None else jax.tree.map(jnp.zeros_like, c_ours)
     case.close('carry (rows of length 0: the initial carry)', tree_rows(c_ours, ~ends),
                tree_rows(start, ~ends))
-  case.close('gradients', g_ours, g_theirs, atol=1e-4, rtol=1e-4)
+  precision.close(case, 'gradients', g_ours, g_theirs, atol=1e-4, rtol=1e-4, sums=True)
 
 
 def run(case: Case) -> None:

@@ -9,6 +9,16 @@ with two or more batch axes each row's own carry (flax.nnx's carry then gains
 an axis: the reference runs on the flattened batch). Padding holds NaN, inf
 or 1e30 for nr and clean numbers for flax.nnx: nr's valid values must not
 change.
+
+A third of the cells and RNN cases run in reduced precision: the cells'
+``dtype`` (or ``None``) and ``param_dtype`` and the inputs' dtype drawn from
+float32, bfloat16 and float16 (the same float32 parameters, cast). The
+dtypes of outputs, carries and gradients must be flax.nnx's, and so must the
+values (within 2 epsilons of the dtype; gradients, summed in that dtype in
+another order, within 8 epsilons of the leaf's largest). Where flax.nnx's
+scan refuses a cell whose step changes the carry's dtype, nr.RNN casts it
+back (docs/migrating_from_nnx.md): the reference is then flax.nnx's RNN over
+the cell wrapped in ``CastBack``, which does that cast.
 """
 
 from __future__ import annotations
@@ -22,12 +32,15 @@ from flax import nnx
 
 import nnx_recurrent as nr
 from fuzz._common import (
+  Precision,
   draw_lengths,
+  draw_precision,
   garbage,
   params,
   reference_inputs,
   tree_rows,
   unflat,
+  unwrap_cells,
   valid_steps,
 )
 from fuzz._core import Case
@@ -35,8 +48,10 @@ from fuzz._core import Case
 CELLS = ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell']
 
 
-def _cells(case: Case, in_features: int, hidden: int, seed: int) -> tuple[Any, Any]:
-  """flax.nnx's cell and ours from the same ``nnx.Rngs``: the same parameters."""
+def _cells(case: Case, in_features: int, hidden: int, seed: int,
+           precision: Precision | None = None) -> tuple[Any, Any]:
+  """flax.nnx's cell and ours from the same ``nnx.Rngs``: the same parameters,
+  then both cast to ``precision``'s ``param_dtype`` and computing in its ``dtype``."""
   kind = case.config['cell']
   theirs = getattr(nnx, kind)(in_features, hidden, rngs=nnx.Rngs(seed))
   # nr.GRUCell's one more parameter, bias_hn, starts at zero and so gives
@@ -48,7 +63,47 @@ def _cells(case: Case, in_features: int, hidden: int, seed: int) -> tuple[Any, A
   if kw.get('use_bias_hn'):
     case.close('init bias_hn (zeros)', mine.pop('bias_hn'), np.zeros(hidden))
   case.close(f'init {kind}', mine, reference, atol=1e-7, rtol=1e-6)
-  return ours, theirs
+  if precision is None or precision.plain:
+    return ours, theirs
+  # The same float32 parameters, cast: flax.nnx cannot initialize an orthogonal
+  # kernel in bfloat16 or float16 on the CPU (no QR), and its initialization
+  # in a low dtype is tested elsewhere (test_dropin). Both are built with the
+  # dtypes, so that everything else reads them as a user's cell would.
+  dtypes = dict(dtype=precision.dtype, param_dtype=precision.param_dtype)
+  try:
+    low_theirs = getattr(nnx, kind)(in_features, hidden, **dtypes, rngs=nnx.Rngs(seed))
+  except NotImplementedError:  # the QR: built in float32, then told its param_dtype
+    low_theirs = getattr(nnx, kind)(in_features, hidden, dtype=precision.dtype,
+                                    rngs=nnx.Rngs(seed))
+    low_theirs.param_dtype = precision.param_dtype
+  low_ours = getattr(nr, kind)(in_features, hidden, **kw, **dtypes, rngs=nnx.Rngs(seed))
+  for low, high in ((low_theirs, theirs), (low_ours, ours)):
+    nnx.update(low, jax.tree.map(lambda a: a.astype(precision.param_dtype),
+                                 nnx.state(high, nnx.Param)))
+  reference = nnx.to_pure_dict(nnx.state(low_theirs, nnx.Param))
+  case.same_dtypes(f'{kind} parameters',
+                   _common(nnx.to_pure_dict(nnx.state(low_ours, nnx.Param)), reference), reference)
+  return low_ours, low_theirs
+
+
+class CastBack(nnx.Module):
+  """flax.nnx's cell with its new carry cast to the dtype of the carry it was
+  given: what nr.RNN does with a cell whose step changes the carry's dtype
+  (docs/migrating_from_nnx.md), which flax.nnx's RNN refuses."""
+
+  def __init__(self, cell: Any):
+    self.cell = cell
+
+  @property
+  def num_feature_axes(self) -> int:
+    return self.cell.num_feature_axes
+
+  def initialize_carry(self, *args: Any, **kwargs: Any) -> Any:
+    return self.cell.initialize_carry(*args, **kwargs)
+
+  def __call__(self, carry: Any, x: Any) -> tuple[Any, Any]:
+    new_carry, y = self.cell(carry, x)
+    return jax.tree.map(lambda n, o: n.astype(o.dtype), new_carry, carry), y
 
 
 def _common(grads: Any, reference: Any) -> Any:
@@ -59,7 +114,7 @@ def _common(grads: Any, reference: Any) -> Any:
 
 
 def _random_carry(case: Case, cell: Any, shape: tuple[int, ...]) -> Any:
-  return jax.tree.map(lambda a: jnp.asarray(case.normal(a.shape)),
+  return jax.tree.map(lambda a: jnp.asarray(case.normal(a.shape), a.dtype),
                       cell.initialize_carry(shape, rngs=nnx.Rngs(0)))
 
 
@@ -67,12 +122,18 @@ def cell_case(case: Case) -> None:
   kind = case.pick('cell', CELLS)
   in_f, hidden = case.integer('in_features', 1, 5), case.integer('hidden', 1, 6)
   batch = tuple(case.integer(f'batch{i}', 1, 3) for i in range(case.integer('batch_axes', 0, 2)))
-  ours, theirs = _cells(case, in_f, hidden, case.integer('init_seed', 0, 9))
+  precision = draw_precision(case)
+  ours, theirs = _cells(case, in_f, hidden, case.integer('init_seed', 0, 9), precision)
   shape = (*batch, in_f)
-  case.close('initialize_carry', ours.initialize_carry(shape),
-             theirs.initialize_carry(shape, rngs=nnx.Rngs(0)))
-  carry, x = _random_carry(case, theirs, shape), jnp.asarray(case.normal(shape))
-  case.close(f'{kind} step', ours(carry, x), theirs(carry, x))
+  precision.close(case, 'initialize_carry', ours.initialize_carry(shape),
+                  theirs.initialize_carry(shape, rngs=nnx.Rngs(0)))
+  carry = _random_carry(case, theirs, shape)
+  x = jnp.asarray(case.normal(shape), precision.inputs)
+  # docs/migrating_from_nnx.md: our step returns its carry in the given
+  # carry's dtype, where flax.nnx's returns the dtype it computed in.
+  new_carry, y = theirs(carry, x)
+  new_carry = jax.tree.map(lambda n, o: n.astype(o.dtype), new_carry, carry)
+  precision.close(case, f'{kind} step', ours(carry, x), (new_carry, y))
 
 
 def _call(model: Any, x: Any, carry: Any, lengths: Any) -> Any:
@@ -102,17 +163,19 @@ def _masked_loss(new_carry: Any, y: Any, weights: Any, valid: np.ndarray, time_a
 
 
 def _compare(case: Case, ours: Any, theirs: Any, given: Any, valid: np.ndarray,
-             lengths: np.ndarray | None, time_axis: int) -> None:
+             lengths: np.ndarray | None, time_axis: int,
+             precision: Precision = Precision()) -> None:
   """Outputs and carries, ``(carry, outputs)`` each, as the docs promise:
-  flax.nnx's at valid steps and rows, zeros at padding, the initial carry for
-  a row of length 0."""
+  flax.nnx's at valid steps and rows (and dtypes), zeros at padding, the
+  initial carry for a row of length 0."""
   (c_ours, y_ours), (c_theirs, y_theirs) = ours, theirs
   y_ours, y_theirs = (np.moveaxis(np.asarray(y), time_axis, valid.ndim - 1)
                       for y in (y_ours, y_theirs))
-  case.close('outputs at valid steps', y_ours[valid], y_theirs[valid])
+  precision.close(case, 'outputs at valid steps', y_ours[valid], y_theirs[valid])
   case.close('outputs at padding (zeros)', y_ours[~valid], np.zeros_like(y_ours[~valid]))
   ends = _ends(valid)
-  case.close('carry (rows of length > 0)', tree_rows(c_ours, ends), tree_rows(c_theirs, ends))
+  precision.close(case, 'carry (rows of length > 0)', tree_rows(c_ours, ends),
+                  tree_rows(c_theirs, ends))
   if lengths is not None:
     case.close('carry (rows of length 0: the initial carry)', tree_rows(c_ours, ~ends),
                tree_rows(given, ~ends))
@@ -132,14 +195,18 @@ def rnn_case(case: Case, bidirectional: bool) -> None:
     kw['keep_order'] = case.pick('keep_order', [False, True])
     kw['unroll'] = case.pick('unroll', [1, 1, 2, 0])
   seed = case.integer('init_seed', 0, 9)
-  pairs = [_cells(case, in_f, hidden, seed + i) for i in range(1 + bidirectional)]
-  if bidirectional:
-    ours = nr.Bidirectional(*(nr.RNN(o) for o, _ in pairs), **kw)
-    theirs = nnx.Bidirectional(*(nnx.RNN(t) for _, t in pairs), **kw)
-  else:
-    ours, theirs = nr.RNN(pairs[0][0], **kw), nnx.RNN(pairs[0][1], **kw)
+  precision = draw_precision(case)
+  pairs = [_cells(case, in_f, hidden, seed + i, precision) for i in range(1 + bidirectional)]
+
+  def build(library: Any, cells: list[Any]) -> Any:
+    if bidirectional:
+      return library.Bidirectional(*(library.RNN(c) for c in cells), **kw)
+    return library.RNN(cells[0], **kw)
+
+  ours, theirs = build(nr, [o for o, _ in pairs]), build(nnx, [t for _, t in pairs])
   time_axis = 0 if time_major else len(batch)
   x = case.normal((time, *batch, in_f) if time_major else (*batch, time, in_f))
+  x = x.astype(precision.inputs)
   carries = [_random_carry(case, t, (*batch, in_f)) if case.pick('initial_carry', [0, 1])
              else None for _, t in pairs]
   carry = (tuple(carries) if None not in carries else None) if bidirectional else carries[0]
@@ -165,12 +232,24 @@ def rnn_case(case: Case, bidirectional: bool) -> None:
 
   weights = _loss_weights(case, (given, np.zeros((*batch, time, hidden * (1 + bidirectional)))))
   grad_ours, (c_ours, y_ours) = nnx.grad(ours_loss, has_aux=True)(ours, weights)
-  grad_theirs, (c_theirs, y_theirs) = nnx.grad(theirs_loss, has_aux=True)(theirs, weights)
+  unwrap = lambda grads: grads  # noqa: E731
+  try:
+    grad_theirs, (c_theirs, y_theirs) = nnx.grad(theirs_loss, has_aux=True)(theirs, weights)
+  except TypeError as e:
+    # A cell whose step returns a carry in another dtype than it was given
+    # (flax.nnx's SimpleCell with a lower ``dtype``): flax.nnx's scan refuses
+    # it; nr.RNN casts the carry back, as flax.nnx's RNN over CastBack cells.
+    if precision.plain or 'carry input and carry output must have equal types' not in str(e):
+      raise
+    case.config['flax.nnx'] = 'refuses the carry dtype: CastBack'
+    theirs, unwrap = build(nnx, [CastBack(t) for _, t in pairs]), unwrap_cells
+    grad_theirs, (c_theirs, y_theirs) = nnx.grad(theirs_loss, has_aux=True)(theirs, weights)
 
-  _compare(case, (c_ours, y_ours), (c_theirs, y_theirs), given, valid, lengths, time_axis)
-  reference = nnx.to_pure_dict(grad_theirs)
-  case.close('parameter gradients', _common(nnx.to_pure_dict(grad_ours), reference), reference,
-             atol=1e-4, rtol=1e-4)
+  _compare(case, (c_ours, y_ours), (c_theirs, y_theirs), given, valid, lengths, time_axis,
+           precision)
+  reference = unwrap(nnx.to_pure_dict(grad_theirs))
+  precision.close(case, 'parameter gradients', _common(nnx.to_pure_dict(grad_ours), reference),
+                  reference, atol=1e-4, rtol=1e-4, sums=True)
 
 
 FUSED = {'LSTM': 'OptimizedLSTMCell', 'GRU': 'GRUCell'}

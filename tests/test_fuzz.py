@@ -5,6 +5,7 @@ The campaigns themselves run outside the suite (``make fuzz``)."""
 import json
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -123,15 +124,17 @@ def _off_by(delta):
 
 def test_a_wrong_output_is_found_and_replays(monkeypatch):
   monkeypatch.setattr(_base.RNNCellBase, '_call', _off_by(1e-3))
-  report = _core.run_cases('nnx', nnx_family.cell_case, _seeds(2))
+  plain = dict(low_precision=False)  # 1e-3 is within bfloat16's rounding
+  report = _core.run_cases('nnx', nnx_family.cell_case, _seeds(2), force=plain)
   assert len(report['failures']) == 2
   failure = report['failures'][0]
   assert failure['error'].startswith('Mismatch: ') and 'step' in failure['error']
   assert 'cell' in failure['config'] and 'hidden' in failure['config']
-  replay = _core.run_cases('nnx', nnx_family.cell_case, [failure['seed']])
+  replay = _core.run_cases('nnx', nnx_family.cell_case, [failure['seed']], force=plain)
   assert replay['failures'][0]['config'] == failure['config']  # the same case again
   monkeypatch.undo()
-  assert _core.run_cases('nnx', nnx_family.cell_case, [failure['seed']])['failures'] == []
+  assert _core.run_cases('nnx', nnx_family.cell_case, [failure['seed']],
+                         force=plain)['failures'] == []
 
 
 def test_an_unchecked_argument_is_found(monkeypatch, tmp_path, capsys):
@@ -148,3 +151,82 @@ def test_an_unchecked_argument_is_found(monkeypatch, tmp_path, capsys):
                                                                    "'segment_ids'"}
   printed = capsys.readouterr().out
   assert f"python -m fuzz --family errors --replay {report['failures'][0]['seed']}" in printed
+
+
+# Reduced precision: bfloat16 compute over float32 parameters and carry, the
+# cells flax.nnx and flax.linen run in it.
+LOW = dict(low_precision=True, dtype='bfloat16', param_dtype='float32', inputs_dtype='float32',
+           cell='LSTMCell', mode='rnn', batch_axes=1)
+
+
+@pytest.mark.parametrize('family', [nnx_family, linen_family], ids=['nnx', 'linen'])
+def test_low_precision_against_flax_runs_clean(family):
+  report = _core.run_cases('low', family.run, _seeds(1), force=LOW)
+  assert report['failures'] == []
+  compared = {k for k in report['largest_abs_error'] if k.endswith('[bfloat16]')}
+  assert {'outputs at valid steps [bfloat16]', 'parameter gradients [bfloat16]'} <= compared \
+      or {'outputs (padding included) [bfloat16]', 'gradients [bfloat16]'} <= compared, report
+
+
+@pytest.mark.parametrize('family', [nnx_family, linen_family], ids=['nnx', 'linen'])
+def test_a_cell_changing_its_carrys_dtype_is_compared_with_flax_casting_it_back(family):
+  # flax's SimpleCell(dtype=bfloat16) over a float32 carry returns a bfloat16
+  # one, which flax's RNN refuses and ours casts back: the reference is then
+  # flax's RNN over the cell wrapped in CastBack.
+  force = {**LOW, 'cell': 'SimpleCell', 'mode': 'bidirectional'}
+  case = _core.Case(_seeds(1)[0], np.random.default_rng(_seeds(1)[0]), force=force)
+  family.run(case)
+  assert case.config['flax.nnx' if family is nnx_family else 'flax.linen'].endswith('CastBack')
+  assert {k for k in case.errors if k.startswith(('outputs', 'carry (rows of length > 0)'))
+          and k.endswith('[bfloat16]')}, case.errors
+  assert any('gradients [bfloat16]' in k for k in case.errors), case.errors
+
+
+def test_outputs_in_another_dtype_than_flaxs_are_found(monkeypatch):
+  # A step whose outputs come back in float32: the same numbers, the wrong dtype.
+  call = _base.RNNCellBase._call
+
+  def upcast(self, carry, inputs, options, keep_carry_dtype):
+    carry, y = call(self, carry, inputs, options, keep_carry_dtype)
+    return carry, y.astype(jnp.float32)
+
+  monkeypatch.setattr(_base.RNNCellBase, '_call', upcast)
+  force = {**LOW, 'mode': 'cell', 'param_dtype': 'bfloat16', 'inputs_dtype': 'bfloat16'}
+  report = _core.run_cases('nnx', nnx_family.run, _seeds(2), force=force)
+  assert len(report['failures']) == 2, report
+  assert all(f['error'].startswith('Mismatch: LSTMCell step: dtypes') for f in report['failures'])
+
+
+# Convolutional cells: steps of (*spatial, channels).
+CONV = {**SMALL, 'features': 'conv', 'spatial_axes': 2}
+
+
+def test_convolutional_layers_against_step_loops_run_clean():
+  report = _core.run_cases('layers', layers_family.run, _seeds(1),
+                           force={**CONV, 'top.kind': 'stacked'})
+  assert report['failures'] == []
+  assert report['largest_abs_error']['input gradients at padding (zeros)'] == 0
+  assert {'outputs (segments)', 'carry', 'cell 0 gradients'} <= set(report['largest_abs_error'])
+
+
+def test_a_mask_broadcast_over_one_feature_axis_is_found_by_convolutional_cases(monkeypatch):
+  # Masks given one trailing axis: right for vector features, wrong for (h, w, c).
+  monkeypatch.setattr(_scan, '_bcast', lambda m, x: m[..., None])
+  force = {**CONV, 'top.kind': 'rnn'}
+  assert len(_core.run_cases('layers', layers_family.run, _seeds(2), force=force)['failures']) \
+      == 2
+  force['features'] = 'vector'
+  assert _core.run_cases('layers', layers_family.run, _seeds(1), force=force)['failures'] == []
+
+
+def test_choices_forced_from_the_command_line(tmp_path, capsys):
+  out = tmp_path / 'report.json'
+  argv = ['--family', 'nnx', '--cases', '2', '--out', str(out)]
+  assert main([*argv, '--force', "mode='cell'", '--force', "cell='GRUCell'"]) == 0
+  [report] = json.loads(out.read_text())
+  assert {k.split(' [')[0] for k in report['largest_abs_error']} <= {
+    'init GRUCell', 'init bias_hn (zeros)', 'initialize_carry', 'GRUCell step'}, report
+  for bad in ('mode', 'mode=cell'):  # no value; a value that is no Python literal
+    with pytest.raises(SystemExit):
+      main([*argv, '--force', bad])
+    assert '--force expected NAME=VALUE' in capsys.readouterr().err

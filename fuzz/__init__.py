@@ -16,8 +16,8 @@ compared too; and the fused nr.LSTM / nr.GRU against flax.nnx's RNNs stacked
 by hand), ``layers`` (random trees of nested layers -- StackedRNN,
 Bidirectional, fused, RNN with remat, unroll and learned carries, over this
 package's cells, flax.nnx's and a user's, or convolutional cells over one or
-two spatial axes -- with lengths or packed ``segment_ids``, against Python
-loops of cells over each sequence alone), ``streaming``
+two spatial axes; variational dropout -- with lengths or packed
+``segment_ids``, against Python loops of cells over each sequence alone), ``streaming``
 (those of them that stream, run in chunks with each chunk's carry passed on,
 against the same loops),
 ``state`` (a user's stateful flax.nnx cell -- step counter, its own dropout

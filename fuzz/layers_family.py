@@ -10,7 +10,12 @@ or packed ``segment_ids`` (padding between segments, ids reused after it), with
 NaN, inf or 1e30 at the padding. A quarter of the cases are convolutional:
 steps of ``(*spatial, channels)`` with one or two spatial axes, through
 ``ConvLSTMCell`` / ``ConvGRUCell`` (kernels of 1-3, strides 1 or 2 outside a
-``Bidirectional``) in ``RNN``, ``Bidirectional`` and ``StackedRNN``.
+``Bidirectional``) in ``RNN``, ``Bidirectional`` and ``StackedRNN``. A third
+of this package's own cells (MGU, the layer-normalized ones) drop out
+(variational dropout on the inputs and the recurrent state, from the cell's
+own stream) outside ``streaming``: the reference steps get the masks
+``dropout_masks`` draws from a copy of the stream, each row its own for all
+its steps and segments.
 
 The reference knows nothing of masks, scans or packing: a Python loop of
 cells over each sequence *alone* (one segment of one row, cut out with
@@ -52,15 +57,24 @@ FUSED = {'LSTM': 'OptimizedLSTMCell', 'GRU': 'GRUCell'}
 
 
 # -- the reference: loops over one sequence (time, 1, features) --------------
+# Variational dropout in the reference: each dropping cell's masks for the
+# whole batch, ``(rows, ...)`` (drawn by ``draw_dropout_masks`` as nr.RNN
+# draws them), by the Loop's ``dropout`` number, and the row being run.
+_DROPOUT: dict[str, Any] = {'masks': {}, 'row': 0}
+
+
 class Loop(nnx.Module):
   """A cell looped over one sequence; backwards with ``reverse`` (outputs in
-  processing order unless ``keep_order``). The reference of ``nr.RNN``."""
+  processing order unless ``keep_order``). The reference of ``nr.RNN``.
+  ``dropout``: with variational dropout, this Loop's number in ``_DROPOUT``:
+  every step of a row gets the row's masks, whatever segment it is in
+  (docs/masking.md: the segments of a row share their masks)."""
 
   def __init__(self, cell: Any, in_shape: tuple[int, ...], learned: Any = None,
-               reverse: bool = False, keep_order: bool = False):
+               reverse: bool = False, keep_order: bool = False, dropout: int | None = None):
     self.cell, self.in_shape = cell, in_shape  # one step's features: (in_features,) or conv
     self.learned = nnx.data(learned)  # nnx.Params, one per carry leaf, or None
-    self.reverse, self.keep_order = reverse, keep_order
+    self.reverse, self.keep_order, self.dropout = reverse, keep_order, dropout
 
   def default(self) -> Any:
     zeros = jax.tree.map(jnp.zeros_like,
@@ -78,9 +92,13 @@ class Loop(nnx.Module):
     return [self.cell]
 
   def __call__(self, xs: jax.Array, carry: Any) -> tuple[Any, jax.Array]:
-    carry, ys = self.fill(carry), []
+    carry, ys, kw = self.fill(carry), [], {}
+    if self.dropout is not None:
+      row = _DROPOUT['row']
+      kw['dropout_masks'] = jax.tree.map(lambda m: m[row:row + 1],
+                                         _DROPOUT['masks'][self.dropout])
     for x in (xs[::-1] if self.reverse else xs):
-      carry, y = self.cell(carry, x)
+      carry, y = self.cell(carry, x, **kw)
       ys.append(y)
     out = jnp.stack(ys)
     return carry, (out[::-1] if self.reverse and self.keep_order else out)
@@ -211,6 +229,7 @@ class Builder:
     self.case, self.time, self.count = case, time, 0
     self.streaming, self.learn, self.conv = streaming, learn, conv
     self.in_bidirectional = 0  # > 0: building a Bidirectional's directions
+    self.dropping: list[tuple[Any, Loop]] = []  # cells with variational dropout, their Loops
 
   def seed(self) -> int:
     self.count += 1
@@ -236,7 +255,14 @@ class Builder:
       ours = ReadoutCell(in_f, hidden, case.integer(f'{name}.readout', 1, 4), rngs=nnx.Rngs(seed))
       return ours, nnx.clone(ours), (ours.readout.out_features,)
     if kind in OWN:
-      ours = getattr(nr, kind)(in_f, hidden, rngs=nnx.Rngs(seed))
+      rates = {}
+      if not self.streaming and case.pick(f'{name}.dropout', [False, False, True]):
+        rates = dict(dropout_rate=case.pick(f'{name}.dropout_rate', [0.0, 0.3, 0.5]),
+                     recurrent_dropout_rate=case.pick(f'{name}.recurrent_dropout_rate',
+                                                      [0.3, 0.5]))
+      # Variational dropout from the cell's own stream: the masks do not
+      # depend on where the cell sits in the tree.
+      ours = getattr(nr, kind)(in_f, hidden, **rates, rngs=nnx.Rngs(seed, dropout=seed + 1))
       return ours, nnx.clone(ours), (hidden,)
     if case.pick(f'{name}.source', ['nr', 'nr', 'flax.nnx']) == 'flax.nnx':
       ours = getattr(nnx, kind)(in_f, hidden, rngs=nnx.Rngs(seed))  # flax.nnx's cell in nr.RNN
@@ -268,7 +294,23 @@ class Builder:
         p[...] = jnp.asarray(case.normal(p[...].shape))
         learned.append(nnx.Param(p[...]))
       learned = nnx.List(learned)
-    return ours, Loop(ref_cell, feat, learned, reverse, keep_order), out
+    dropout = None
+    if getattr(ours_cell, 'recurrent_dropout_rate', 0.0):
+      dropout = len(self.dropping)
+    loop = Loop(ref_cell, feat, learned, reverse, keep_order, dropout)
+    if dropout is not None:
+      self.dropping.append((ours_cell, loop))
+    return ours, loop, out
+
+  def draw_dropout_masks(self, batch: tuple[int, ...], dtype: Any) -> None:
+    """Each dropping cell's masks for the next call, drawn from a copy of its
+    stream as ``RNN`` draws them (``dropout_masks``, one call per layer call),
+    as ``(rows, ...)`` for the reference."""
+    _DROPOUT['masks'] = {}
+    for cell, loop in self.dropping:
+      masks = nnx.clone(cell).dropout_masks((*batch, *loop.in_shape), dtype=dtype)
+      _DROPOUT['masks'][loop.dropout] = jax.tree.map(
+        lambda m: m.reshape((math.prod(batch), *m.shape[len(batch):])), masks)
 
   def fused(self, name: str, feat: tuple[int, ...], bidirectional: bool
             ) -> tuple[Any, Any, tuple[int, ...]]:
@@ -466,6 +508,7 @@ def run(case: Case, streaming: bool = False) -> None:
   def ref_loss(ref, x_rows):
     loss, outputs, carries = 0.0, [], []
     for r in range(rows):
+      _DROPOUT['row'] = r
       first = None if given_rows is None else jax.tree.map(lambda a, r=r: a[r:r + 1], given_rows)
       carry = ref.fill(first)  # a row without segments returns it
       for k, (s, e) in enumerate(segments[r]):
@@ -476,6 +519,7 @@ def run(case: Case, streaming: bool = False) -> None:
     carry_rows = jax.tree.map(lambda *a: jnp.concatenate(a), *carries)
     return loss + carry_loss(carry_rows), (carry_rows, outputs)
 
+  builder.draw_dropout_masks(batch, x.dtype)  # before ours' call advances the streams
   grad = nnx.grad(ours_loss, argnums=(0, 1), has_aux=True)
   (g_ours, dx_ours), (c_ours, y_ours) = grad(ours, jnp.asarray(x_ours))
   grad = nnx.grad(ref_loss, argnums=(0, 1), has_aux=True)

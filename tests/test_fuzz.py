@@ -4,6 +4,7 @@ The campaigns themselves run outside the suite (``make fuzz``)."""
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -48,7 +49,8 @@ SMALL = dict(masking='segments', batch_axes=1, batch0=2, time=4)
 
 
 def test_nested_layers_against_step_loops_run_clean():
-  report = _core.run_cases('layers', layers_family.run, _seeds(1),
+  # (Seed 1 draws padding, where the input gradients must be 0.)
+  report = _core.run_cases('layers', layers_family.run, _seeds(1, seed=1),
                            force={**SMALL, 'top.kind': 'stacked'})
   assert report['failures'] == []
   assert report['largest_abs_error']['input gradients at padding (zeros)'] == 0
@@ -230,3 +232,32 @@ def test_choices_forced_from_the_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
       main([*argv, '--force', bad])
     assert '--force expected NAME=VALUE' in capsys.readouterr().err
+
+
+# Variational dropout (one mask per row, shared by its steps and segments) in
+# an RNN over a packed batch.
+DROPOUT = {**SMALL, 'features': 'vector', 'in_features': 4, 'top.kind': 'rnn',
+           'top.cell': 'MGUCell', 'top.hidden': 4, 'top.dropout': True, 'top.dropout_rate': 0.5,
+           'top.recurrent_dropout_rate': 0.5}
+
+
+def test_variational_dropout_against_step_loops_given_the_masks_runs_clean():
+  report = _core.run_cases('layers', layers_family.run, _seeds(1), force=DROPOUT)
+  assert report['failures'] == []
+  assert report['largest_abs_error']['input gradients at padding (zeros)'] == 0
+
+
+@pytest.mark.parametrize('bug', ['masks dropped', 'one mask for every row'])
+def test_dropout_masks_not_applied_per_row_are_found(monkeypatch, bug):
+  draw = _scan.cell_dropout_masks
+
+  def wrong(cell, step_shape, rngs, dtype):
+    if bug == 'masks dropped':
+      return None
+    masks = draw(cell, (1, *step_shape[1:]), rngs, dtype)  # the first row's, for all
+    return jax.tree.map(lambda m: jnp.broadcast_to(m, (step_shape[0], *m.shape[1:])), masks)
+
+  monkeypatch.setattr(_scan, 'cell_dropout_masks', wrong)
+  report = _core.run_cases('layers', layers_family.run, _seeds(2), force=DROPOUT)
+  assert len(report['failures']) == 2, report
+  assert all(f['error'].startswith('Mismatch: outputs (segments)') for f in report['failures'])

@@ -32,12 +32,12 @@ def main(argv: list[str] | None = None) -> int:
   force = {}
   for item in args.force:
     name, sep, value = item.partition('=')
-    try:
-      force[name] = ast.literal_eval(value) if sep else None
-    except (ValueError, SyntaxError):
-      parser.error(f'--force expected NAME=VALUE with a Python literal VALUE, got {item!r}')
     if not sep:
       parser.error(f'--force expected NAME=VALUE, got {item!r}')
+    try:
+      force[name] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      parser.error(f'--force expected NAME=VALUE with a Python literal VALUE, got {item!r}')
   names = FAMILIES if args.family == 'all' else [args.family]
   if args.replay is not None and len(names) != 1:
     parser.error('--replay needs one --family')

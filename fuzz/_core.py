@@ -64,7 +64,6 @@ class Case:
         raise Mismatch(f'{what}[{i}]: max |ours - theirs| = {diff:.3g} '
                        f'(atol {atol:g}, rtol {rtol:g})')
 
-
   def same_dtypes(self, what: str, ours: Any, theirs: Any) -> None:
     """The same tree structure with the same dtype at every leaf."""
     ours_dtypes = jax.tree.map(lambda a: str(np.asarray(a).dtype), ours)

@@ -9,8 +9,8 @@ case checks what it promises instead: the initial carry for a row of length
 axis: the reference runs on the flattened batch), and a length above the time
 axis acting as the time axis (flax.linen gets the clipped lengths: reversed,
 it wraps such a row around, and its gradient through such a row's carry is
-lost). A third of the cells and RNN cases run in reduced precision, as in
-the ``nnx`` family; where flax.linen's scan refuses a cell whose step changes
+lost). A third of the cells, RNN and packed cases run in reduced precision,
+as in the ``nnx`` family; where flax.linen's scan refuses a cell whose step changes
 the carry's dtype, compat casts it back (compat/README.md), and the reference
 is flax.linen's RNN over the cell wrapped in ``CastBack``.
 """
@@ -212,7 +212,9 @@ def packed_case(case: Case) -> None:
   """compat.RNN / compat.Bidirectional with packed ``segment_ids`` (an
   extension flax.linen lacks: masked as in nr.RNN, zeros at padding) against
   flax.linen's cell looped over each segment alone, from the row's initial
-  carry for its first segment and from zeros for the others."""
+  carry for its first segment and from zeros for the others. In reduced
+  precision the loop's cell is wrapped in ``CastBack``: compat keeps the
+  carry's dtype over the steps."""
   kind = case.pick('cell', CELLS)
   in_f, hidden = case.integer('in_features', 1, 4), case.integer('hidden', 1, 5)
   batch = tuple(case.integer(f'batch{i}', 1, 3) for i in range(case.pick('batch_axes', [1, 2])))
@@ -220,14 +222,21 @@ def packed_case(case: Case) -> None:
   time_major = bool(case.pick('time_major', [False, True]))
   bidirectional = bool(case.pick('bidirectional', [False, True]))
   reverse = keep_order = False
-  if bidirectional:
-    ours = compat.Bidirectional(compat.RNN(getattr(compat, kind)(hidden)),
-                                compat.RNN(getattr(compat, kind)(hidden)), return_carry=True)
-  else:
+  rnn_kw: dict[str, Any] = {}
+  if not bidirectional:
     reverse = bool(case.pick('reverse', [False, True]))
     keep_order = bool(case.pick('keep_order', [False, True]))
-    ours = compat.RNN(getattr(compat, kind)(hidden), return_carry=True, reverse=reverse,
-                      keep_order=keep_order, unroll=case.pick('unroll', [1, 1, 2]))
+    rnn_kw = dict(reverse=reverse, keep_order=keep_order, unroll=case.pick('unroll', [1, 1, 2]))
+  precision = draw_precision(case)
+
+  def build(**dtypes: Any) -> Any:
+    if bidirectional:
+      return compat.Bidirectional(compat.RNN(getattr(compat, kind)(hidden, **dtypes)),
+                                  compat.RNN(getattr(compat, kind)(hidden, **dtypes)),
+                                  return_carry=True)
+    return compat.RNN(getattr(compat, kind)(hidden, **dtypes), return_carry=True, **rnn_kw)
+
+  ours = build(**_dtypes(precision))
   rows = int(np.prod(batch))
   ids, segments = draw_segments(case, rows, time)
   case.config['segment_ids'] = ids.tolist()
@@ -235,14 +244,16 @@ def packed_case(case: Case) -> None:
   valid = ids != 0
   x = case.normal((time, *batch, in_f) if time_major else (*batch, time, in_f))
   time_axis = 0 if time_major else len(batch)
-  x_ours = garbage(case, x, valid.reshape((*batch, time)), time_axis)
-  cell = getattr(nn, kind)(hidden)
+  x_ours = garbage(case, x.astype(precision.inputs), valid.reshape((*batch, time)), time_axis)
+  cell = CastBack(getattr(nn, kind)(hidden, **_dtypes(precision)))
   given = [_random_carry(case, cell, (*batch, in_f)) if case.pick('initial_carry', [0, 1])
            else None for _ in range(1 + bidirectional)]
   if bidirectional and None in given:  # a pair or nothing
     given = [None, None]
   carry = tuple(given) if bidirectional and given[0] is not None else given[0]
-  variables = ours.init(jax.random.key(case.integer('init_seed', 0, 9)), x)
+  # float32 parameters, cast (see _cast)
+  variables = _cast(build().init(jax.random.key(case.integer('init_seed', 0, 9)), x), precision)
+  x = x.astype(precision.inputs)
   out_f = hidden * (1 + bidirectional)
   w_y = case.normal((rows, time, out_f))
   zero = jax.tree.map(jnp.zeros_like, cell.initialize_carry(jax.random.key(0), (1, in_f)))
@@ -268,7 +279,7 @@ def packed_case(case: Case) -> None:
   def loop(p, xs, c, backwards):
     ys = []
     for x_t in (xs[::-1] if backwards else xs):
-      c, y = cell.apply({'params': p}, c, x_t)
+      c, y = cell.apply({'params': {'cell': p}}, c, x_t)
       ys.append(y)
     return c, jnp.stack(ys[::-1] if backwards and (keep_order or bidirectional) else ys)
 
@@ -276,7 +287,9 @@ def packed_case(case: Case) -> None:
     params = v['params']
     directions = ([(params['forward_rnn']['cell'], False), (params['backward_rnn']['cell'], True)]
                   if bidirectional else [(params['cell'], reverse)])
-    y = jnp.zeros((rows, time, out_f))
+    _, y_step = jax.eval_shape(lambda: cell.apply({'params': {'cell': directions[0][0]}}, zero,
+                                                  x_rows[0, :1]))
+    y = jnp.zeros((rows, time, out_f), y_step.dtype)
     carries = [[] for _ in directions]
     for r in range(rows):
       outs = []
@@ -296,6 +309,6 @@ def packed_case(case: Case) -> None:
 
   g_ours, (c_ours, y_ours) = jax.grad(ours_loss, has_aux=True)(variables)
   g_ref, (c_ref, y_ref) = jax.grad(ref_loss, has_aux=True)(variables)
-  case.close('packed outputs (zeros at padding)', y_ours, y_ref)
-  case.close('packed carry', c_ours, c_ref)
-  case.close('packed gradients', g_ours, g_ref, atol=1e-4, rtol=1e-4)
+  precision.close(case, 'packed outputs (zeros at padding)', y_ours, y_ref)
+  precision.close(case, 'packed carry', c_ours, c_ref)
+  precision.close(case, 'packed gradients', g_ours, g_ref, atol=1e-4, rtol=1e-4, sums=True)

@@ -15,7 +15,7 @@ A third of the cells and RNN cases run in reduced precision: the cells'
 float32, bfloat16 and float16 (the same float32 parameters, cast). The
 dtypes of outputs, carries and gradients must be flax.nnx's, and so must the
 values (within 2 epsilons of the dtype; gradients, summed in that dtype in
-another order, within 8 epsilons of the leaf's largest). Where flax.nnx's
+another order, within 8 epsilons of the largest gradient). Where flax.nnx's
 scan refuses a cell whose step changes the carry's dtype, nr.RNN casts it
 back (docs/migrating_from_nnx.md): the reference is then flax.nnx's RNN over
 the cell wrapped in ``CastBack``, which does that cast.

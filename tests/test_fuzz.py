@@ -64,12 +64,17 @@ def test_streamed_layers_against_step_loops_run_clean():
   assert {'outputs (segments)', 'carry', 'cell 0 gradients'} <= set(report['largest_abs_error'])
 
 
-def test_compat_packed_against_linen_loops_runs_clean():
-  report = _core.run_cases('packed', linen_family.packed_case, _seeds(1),
-                           force=dict(batch_axes=1, batch0=2, time=4))
+@pytest.mark.parametrize('low', [False, True], ids=['float32', 'bfloat16'])
+def test_compat_packed_against_linen_loops_runs_clean(low):
+  force = dict(batch_axes=1, batch0=2, time=4, low_precision=low)
+  if low:  # bfloat16 compute over float32 parameters and carry
+    force.update(dtype='bfloat16', param_dtype='float32', inputs_dtype='float32', cell='LSTMCell')
+  report = _core.run_cases('packed', linen_family.packed_case, _seeds(1), force=force)
   assert report['failures'] == []
+  suffix = ' [bfloat16]' if low else ''
   assert set(report['largest_abs_error']) == {
-    'packed outputs (zeros at padding)', 'packed carry', 'packed gradients'}
+    f'packed outputs (zeros at padding){suffix}', f'packed carry{suffix}',
+    f'packed gradients{suffix}'}
 
 
 def test_a_carry_leaking_into_the_next_segment_is_found(monkeypatch):

@@ -235,7 +235,7 @@ class Builder:
     self.count += 1
     return 100 * self.case.config['init_seed'] + self.count
 
-  def cell(self, name: str, feat: tuple[int, ...], hidden: int, role: str
+  def cell(self, name: str, feat: tuple[int, ...], hidden: int
            ) -> tuple[Any, Any, tuple[int, ...]]:
     """Ours and the reference cell, with the same parameters, and the shape
     of one step's outputs (``feat``: one step's input features)."""
@@ -273,11 +273,10 @@ class Builder:
     return (getattr(nr, kind)(in_f, hidden, **kw, rngs=nnx.Rngs(seed)),
             getattr(nnx, kind)(in_f, hidden, rngs=nnx.Rngs(seed)), (hidden,))
 
-  def rnn(self, name: str, feat: tuple[int, ...], role: str
-          ) -> tuple[Any, Any, tuple[int, ...]]:
+  def rnn(self, name: str, feat: tuple[int, ...]) -> tuple[Any, Any, tuple[int, ...]]:
     case = self.case
     hidden = case.integer(f'{name}.hidden', 1, 5)
-    ours_cell, ref_cell, out = self.cell(name, feat, hidden, role)
+    ours_cell, ref_cell, out = self.cell(name, feat, hidden)
     reverse = keep_order = False
     if not self.streaming:
       reverse = bool(case.pick(f'{name}.reverse', [False, True]))
@@ -355,7 +354,7 @@ class Builder:
       kinds += ['stacked']
     kind = self.case.pick(f'{name}.kind', kinds)
     if kind == 'rnn':
-      return self.rnn(name, feat, role)
+      return self.rnn(name, feat)
     if kind.startswith('fused'):
       return self.fused(name, feat, kind == 'fused_bidirectional')
     if kind == 'bidirectional':

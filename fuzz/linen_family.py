@@ -69,6 +69,19 @@ class CastBack(nn.RNNCellBase):
     return self.cell.num_feature_axes
 
 
+def _model(lib: Any, kind: str, hidden: int, bidirectional: bool, kw: dict[str, Any],
+           rnn_kw: dict[str, Any], wrap: Any = None, **dtypes: Any) -> Any:
+  """An ``RNN`` (``rnn_kw``), or a ``Bidirectional`` of two, of ``lib``'s
+  (flax.linen's or compat's) cells ``kind`` built with ``dtypes``, each
+  wrapped by ``wrap``; ``kw``: the outer layer's options."""
+  def cell() -> Any:
+    made = getattr(lib, kind)(hidden, **dtypes)
+    return made if wrap is None else wrap(made)
+  if bidirectional:
+    return lib.Bidirectional(lib.RNN(cell()), lib.RNN(cell()), **kw)
+  return lib.RNN(cell(), **kw, **rnn_kw)
+
+
 def _dtypes(precision: Precision) -> dict[str, Any]:
   """The cells' dtype arguments for ``precision``."""
   return {} if precision.plain else dict(dtype=precision.dtype,
@@ -132,11 +145,8 @@ def rnn_case(case: Case, bidirectional: bool) -> None:
                   unroll=case.pick('unroll', [1, 1, 2]))
   precision = draw_precision(case)
 
-  def build(lib: Any, wrap: Any = lambda cell: cell, **dtypes: Any) -> Any:
-    if bidirectional:
-      return lib.Bidirectional(lib.RNN(wrap(getattr(lib, kind)(hidden, **dtypes))),
-                               lib.RNN(wrap(getattr(lib, kind)(hidden, **dtypes))), **kw)
-    return lib.RNN(wrap(getattr(lib, kind)(hidden, **dtypes)), **kw, **rnn_kw)
+  def build(lib: Any, wrap: Any = None, **dtypes: Any) -> Any:
+    return _model(lib, kind, hidden, bidirectional, kw, rnn_kw, wrap, **dtypes)
 
   theirs, ours = build(nn), build(compat)
   time_axis, lead = (0, 1) if time_major else (len(batch), 0)
@@ -230,11 +240,8 @@ def packed_case(case: Case) -> None:
   precision = draw_precision(case)
 
   def build(**dtypes: Any) -> Any:
-    if bidirectional:
-      return compat.Bidirectional(compat.RNN(getattr(compat, kind)(hidden, **dtypes)),
-                                  compat.RNN(getattr(compat, kind)(hidden, **dtypes)),
-                                  return_carry=True)
-    return compat.RNN(getattr(compat, kind)(hidden, **dtypes), return_carry=True, **rnn_kw)
+    return _model(compat, kind, hidden, bidirectional, dict(return_carry=True), rnn_kw,
+                  **dtypes)
 
   ours = build(**_dtypes(precision))
   rows = int(np.prod(batch))

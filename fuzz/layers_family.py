@@ -9,8 +9,9 @@ Pallas kernels interpreted) and ``StackedRNN`` of any of them (``reverse`` /
 or packed ``segment_ids`` (padding between segments, ids reused after it), with
 NaN, inf or 1e30 at the padding. A quarter of the cases are convolutional:
 steps of ``(*spatial, channels)`` with one or two spatial axes, through
-``ConvLSTMCell`` / ``ConvGRUCell`` (kernels of 1-3, strides 1 or 2 outside a
-``Bidirectional``) in ``RNN``, ``Bidirectional`` and ``StackedRNN``. A third
+``ConvLSTMCell`` / ``ConvGRUCell`` (kernels of 1-3, strides 1 or 2 and any
+padding flax's ``Conv`` takes outside a ``Bidirectional``, there only those
+that keep the shape) in ``RNN``, ``Bidirectional`` and ``StackedRNN``. A third
 of this package's own cells (MGU, the layer-normalized ones) drop out
 (variational dropout on the inputs and the recurrent state, from the cell's
 own stream) outside ``streaming``: the reference steps get the masks
@@ -245,7 +246,8 @@ class Builder:
       # The directions of a Bidirectional must give outputs of one shape.
       strides = 1 if self.in_bidirectional else case.pick(f'{name}.strides', [1, 1, 2])
       kernel = tuple(case.integer(f'{name}.kernel{i}', 1, 3) for i in range(len(feat) - 1))
-      ours = getattr(nr, kind)(feat[-1], hidden, kernel, strides=strides,
+      padding = _padding(case, name, kernel, feat[:-1], keep_shape=bool(self.in_bidirectional))
+      ours = getattr(nr, kind)(feat[-1], hidden, kernel, strides=strides, padding=padding,
                                rngs=nnx.Rngs(self.seed()))
       return ours, nnx.clone(ours), ours.output_shape((1, *feat))[1:]
     in_f = feat[0]
@@ -378,6 +380,33 @@ class Builder:
                    keep_order=bool(self.case.pick(f'{name}.keep_order', [False, True])))
       stack = _Oriented(stack, **order)
     return stack, Chain(refs, **order), size
+
+
+def _padding(case: Case, name: str, kernel: tuple[int, ...], spatial: tuple[int, ...],
+             keep_shape: bool) -> Any:
+  """A convolutional cell's ``padding``, in each form flax's ``Conv`` takes
+  (its strings, an int, ``(low, high)`` pairs), that leaves every spatial axis
+  at least one point; ``keep_shape``: one that keeps the spatial shape at
+  stride 1 (a Bidirectional's directions must give outputs of one shape)."""
+  forms = ['SAME', 'SAME', 'CIRCULAR', 'REFLECT', 'int', 'pairs']
+  forms += ['CAUSAL'] if len(kernel) == 1 else []
+  forms += [] if keep_shape else ['VALID']
+  form = case.pick(f'{name}.padding', forms)
+  if form == 'VALID':
+    return form if all(k <= s for k, s in zip(kernel, spatial)) else 'SAME'
+  if form == 'int':
+    if keep_shape:  # 2p = k - 1 on every axis
+      return kernel[0] // 2 if len(set(kernel)) == 1 and kernel[0] % 2 else 'SAME'
+    p = case.integer(f'{name}.padding_int', 0, 2)
+    return p if all(s + 2 * p >= k for k, s in zip(kernel, spatial)) else 'SAME'
+  if form == 'pairs':
+    pairs = []
+    for i, (k, s) in enumerate(zip(kernel, spatial)):
+      lo = case.integer(f'{name}.padding{i}_low', 0, k - 1 if keep_shape else 2)
+      hi = k - 1 - lo if keep_shape else case.integer(f'{name}.padding{i}_high', 0, 2)
+      pairs.append((lo, hi) if s + lo + hi >= k else ((k - 1) // 2, k // 2))
+    return tuple(pairs)
+  return form
 
 
 class _Oriented(nnx.Module):

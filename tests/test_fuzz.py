@@ -20,7 +20,7 @@ from fuzz import (
   streaming_family,
 )
 from fuzz.__main__ import main
-from nnx_recurrent import _base, _checks, _scan
+from nnx_recurrent import _base, _checks, _conv, _scan
 
 
 def _seeds(n, seed=0):
@@ -209,7 +209,9 @@ CONV = {**SMALL, 'features': 'conv', 'spatial_axes': 2}
 
 
 def test_convolutional_layers_against_step_loops_run_clean():
-  report = _core.run_cases('layers', layers_family.run, _seeds(1),
+  # (Seed 2 draws padding between segments, and paddings (low, high) pairs,
+  # 'REFLECT' in a Bidirectional and 'VALID'.)
+  report = _core.run_cases('layers', layers_family.run, _seeds(1, seed=2),
                            force={**CONV, 'top.kind': 'stacked'})
   assert report['failures'] == []
   assert report['largest_abs_error']['input gradients at padding (zeros)'] == 0
@@ -223,6 +225,22 @@ def test_a_mask_broadcast_over_one_feature_axis_is_found_by_convolutional_cases(
   assert len(_core.run_cases('layers', layers_family.run, _seeds(2), force=force)['failures']) \
       == 2
   force['features'] = 'vector'
+  assert _core.run_cases('layers', layers_family.run, _seeds(1), force=force)['failures'] == []
+
+
+def test_a_state_shape_that_ignores_the_padding_is_found(monkeypatch):
+  # The state's spatial shape computed as if the padding were 'SAME': right
+  # for 'SAME', wrong for 'VALID' (a 3x3 kernel over 4x4 points: 2x2 outputs).
+  shape = _conv._conv_spatial_shape
+  monkeypatch.setattr(_conv, '_conv_spatial_shape',
+                      lambda spatial, kernel, strides, padding: shape(spatial, kernel, strides,
+                                                                      'SAME'))
+  force = {**CONV, 'top.kind': 'rnn', 'spatial0': 4, 'spatial1': 4, 'top.strides': 1,
+           'top.kernel0': 3, 'top.kernel1': 3, 'top.padding': 'VALID'}
+  report = _core.run_cases('layers', layers_family.run, _seeds(1), force=force)
+  assert len(report['failures']) == 1, report
+  assert 'incompatible shapes' in report['failures'][0]['error']
+  force['top.padding'] = 'SAME'
   assert _core.run_cases('layers', layers_family.run, _seeds(1), force=force)['failures'] == []
 
 

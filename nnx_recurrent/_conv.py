@@ -150,8 +150,13 @@ class _ConvCell(RNNCellBase):
     n = len(self.kernel_size)
     batch = tuple(input_shape[: -(n + 1)])
     padding = self.padding if isinstance(self.padding, (str, int)) else tuple(self.padding)
-    spatial = _conv_spatial_shape(tuple(input_shape[-(n + 1):-1]), self.kernel_size,
-                                  self.strides, padding)
+    given = tuple(input_shape[-(n + 1):-1])
+    spatial = _conv_spatial_shape(given, self.kernel_size, self.strides, padding)
+    if 0 in spatial:  # nnx.Conv would give an empty state
+      _checks.fail(type(self).__name__, 'inputs', f'steps of a spatial shape that the input '
+                   f'convolution (kernel_size {self.kernel_size}, strides {self.strides}, '
+                   f'padding {padding!r}) leaves points of', f'spatial shape {given}, which it '
+                   f'takes to {spatial}')
     return batch + spatial + (self.hidden_features,)
 
 

@@ -301,6 +301,22 @@ def _concatenate(a: Array, b: Array) -> Array:
   return jnp.concatenate([a, b], axis=-1)
 
 
+def merge_directions(where: str, merge_fn: Callable[[Array, Array], Array], out_f: Any,
+                     out_b: Any) -> Any:
+  """``merge_fn`` over the two directions' outputs, leaf by leaf. With the
+  default merge (concatenation on the last axis), outputs that differ in
+  another axis (convolutional directions of other strides or paddings) fail
+  here, naming ``backward_rnn``, rather than in ``jnp.concatenate``."""
+  if merge_fn is _concatenate:
+    for a, b in zip(jax.tree_util.tree_leaves(out_f), jax.tree_util.tree_leaves(out_b)):
+      if a.shape[:-1] != b.shape[:-1]:
+        shape = ', '.join([*map(str, a.shape[:-1]), '_'])
+        _checks.fail(where, 'backward_rnn', "outputs of forward_rnn's shape but the last axis, "
+                     f'({shape}) (the default merge_fn concatenates them on it; pass a merge_fn '
+                     'for outputs of other shapes)', f'outputs of shape {tuple(b.shape)}')
+  return jax.tree_util.tree_map(merge_fn, out_f, out_b)
+
+
 class Bidirectional(nnx.Module):
   """Runs one RNN forwards and another backwards, and merges their outputs.
 
@@ -440,7 +456,7 @@ class Bidirectional(nnx.Module):
                              f'backward_rnn ({type(self.backward_rnn).__name__})', carry_b):
       carry_b, out_b = self.backward_rnn(inputs, initial_carry=carry_b, reverse=True,
                                          keep_order=True, rngs=rngs_b, **common)
-    outputs = jax.tree_util.tree_map(self.merge_fn, out_f, out_b)
+    outputs = merge_directions('Bidirectional', self.merge_fn, out_f, out_b)
     return ((carry_f, carry_b), outputs) if return_carry else outputs
 
 

@@ -481,6 +481,38 @@ def test_dropout_masks_and_merge_fn_of_the_wrong_kind(lstm):
     nr.Bidirectional(nr.RNN(lstm), nr.RNN(lstm), merge_fn='concat')
 
 
+# Convolutional directions whose outputs differ in a spatial axis (kernels 3
+# and 1, 'VALID': 3 and 5 points of 5): no concatenation on the last axis.
+X_CONV = jnp.ones((2, 4, 5, 2))
+UNEVEN = m("Bidirectional: `backward_rnn` expected outputs of forward_rnn's shape but the last "
+           'axis, (2, 4, 3, _) (the default merge_fn concatenates them on it; pass a merge_fn',
+           'got outputs of shape (2, 4, 5, 3).')
+
+
+def _uneven_directions(**kw):
+  return nr.Bidirectional(*(nr.RNN(nr.ConvLSTMCell(2, 3, (k,), padding='VALID',
+                                                   rngs=nnx.Rngs(k))) for k in (3, 1)), **kw)
+
+
+def test_directions_the_default_merge_cannot_concatenate():
+  with pytest.raises(ValueError, match=UNEVEN):
+    abstractly(lambda: _uneven_directions()(X_CONV))
+  linen = compat.Bidirectional(*(compat.RNN(compat.ConvLSTMCell(3, (k,), padding='VALID'))
+                                 for k in (3, 1)))
+  with pytest.raises(ValueError, match=UNEVEN):
+    jax.eval_shape(lambda: linen.init(jax.random.key(0), X_CONV))
+
+
+def test_directions_of_other_shapes_merge_with_a_merge_fn():
+  # Each direction's outputs averaged over its own spatial axis; their difference.
+  bi = _uneven_directions(merge_fn=lambda a, b: a.mean(-2) - b.mean(-2))
+  y, y_f, y_b = nnx.jit(lambda bi: (
+    bi(X_CONV), bi.forward_rnn(X_CONV),
+    bi.backward_rnn(X_CONV, reverse=True, keep_order=True)))(bi)
+  assert y_f.shape == (2, 4, 3, 3) and y_b.shape == (2, 4, 5, 3)
+  np.testing.assert_allclose(y, y_f.mean(-2) - y_b.mean(-2), rtol=1e-6, atol=1e-7)
+
+
 def test_dropout_masks_of_the_wrong_shape_and_carry_init_at_call_time():
   cell = nr.LSTMCell(3, 4, dropout_rate=0.5, recurrent_dropout_rate=0.5, rngs=nnx.Rngs(0))
   x = X[:, 0]
@@ -637,6 +669,38 @@ def test_conv_paddings_flax_takes_still_run(kernel_size, padding, spatial):
   y = nnx.eval_shape(lambda: nr.RNN(nr.ConvLSTMCell(2, 3, kernel_size, padding=padding,
                                                     rngs=nnx.Rngs(0)))(x))
   assert y.shape == (1, 2, *spatial, 3)
+
+
+def test_conv_inputs_the_convolution_leaves_no_point_of():
+  # 'VALID' with a kernel of 3 over 2 points (nnx.Conv gives 0), 3 x 1 points
+  # (0 on the second axis); explicit pads leave one point of 1.
+  for cls in (nr.ConvLSTMCell, nr.ConvGRUCell):
+    for kernel, padding, spatial, out in [((3,), 'VALID', (2,), (0,)),
+                                          ((3, 2), 'VALID', (3, 1), (1, 0)),
+                                          ((3,), ((0, 1),), (1,), (0,))]:
+      cell = cls(2, 3, kernel, padding=padding, rngs=nnx.Rngs(0))
+      msg = m(f'{cls.__name__}: `inputs` expected steps of a spatial shape that the input '
+              f'convolution (kernel_size {kernel}, strides {(1,) * len(kernel)}, padding '
+              f'{padding!r}) leaves points of, got spatial shape {spatial}, which it takes to '
+              f'{out}.')
+      x = np.ones((1, 2, *spatial, 2), np.float32)
+      with pytest.raises(ValueError, match=msg):
+        abstractly(lambda: nr.RNN(cell)(x))  # noqa: B023 (called at once)
+      with pytest.raises(ValueError, match=msg):
+        cell.initialize_carry(x[:, 0].shape)
+  # compat's cells (flax.linen's fails in a broadcast) and a stack's later layer.
+  with pytest.raises(ValueError, match=m('ConvLSTMCell: `inputs` expected', 'got spatial '
+                                         'shape (2,), which it takes to (0,).')):
+    jax.eval_shape(lambda: compat.RNN(compat.ConvLSTMCell(3, (3,), padding='VALID')).init(
+      jax.random.key(0), jnp.ones((1, 2, 2, 2))))
+  def stack(points):
+    return nr.StackedRNN(*(nr.RNN(nr.ConvLSTMCell(c, 3, (3,), padding='VALID', rngs=nnx.Rngs(0)))
+                           for c in (2, 3)))(np.ones((1, 2, points, 2), np.float32))
+
+  with pytest.raises(ValueError, match=m('ConvLSTMCell: `inputs` expected', 'got spatial shape '
+                                         '(2,), which it takes to (0,).')):
+    abstractly(lambda: stack(4))
+  assert nnx.eval_shape(lambda: stack(5)).shape == (1, 2, 1, 3)  # one point left: runs
 
 
 @pytest.mark.parametrize('kw, exc, msg', [

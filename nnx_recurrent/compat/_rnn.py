@@ -28,7 +28,7 @@ from flax.core.scope import CollectionFilter, PRNGSequenceFilter
 from flax.typing import InOutScanAxis
 
 from nnx_recurrent import _checks, _scan
-from nnx_recurrent._rnn import _concatenate, _first
+from nnx_recurrent._rnn import _concatenate, _first, merge_directions
 from nnx_recurrent._rnn import flip_sequences as flip_sequences
 from nnx_recurrent.compat._cells import _Cell
 
@@ -325,5 +325,5 @@ class Bidirectional(nn.Module):
                                       reverse=False, **common)
     carry_b, out_b = self.backward_rnn(inputs, initial_carry=carry_b, init_key=key_b,
                                        reverse=True, keep_order=True, **common)
-    outputs = jax.tree_util.tree_map(self.merge_fn, out_f, out_b)
+    outputs = merge_directions('Bidirectional', self.merge_fn, out_f, out_b)
     return ((carry_f, carry_b), outputs) if return_carry else outputs

@@ -281,7 +281,12 @@ def _learned_carry(cell):
     _checks.fail('RNN', 'learn_initial_carry', 'a cell with an int in_features and '
                  'initialize_carry (to build its carry)', f'{type(cell).__name__} without one',
                  TypeError)
-  step_shape = (1,) * cell.num_feature_axes + (in_features,)
+  # A step of one row; a convolutional cell's spatial axes as large as its
+  # kernel, which every padding leaves a point of ('VALID' too).
+  spatial = getattr(cell, 'kernel_size', None)
+  if not (isinstance(spatial, tuple) and len(spatial) == cell.num_feature_axes - 1):
+    spatial = (1,) * (cell.num_feature_axes - 1)
+  step_shape = (1, *spatial, in_features)
   return jax.tree_util.tree_map(
     lambda leaf: nnx.Param(jnp.zeros(leaf.shape[-1:], leaf.dtype)),
     _scan.carry_shapes(cell, step_shape))
@@ -373,9 +378,17 @@ class Bidirectional(nnx.Module):
     if not callable(merge_fn):
       _checks.fail('Bidirectional', 'merge_fn', 'a function (forward_outputs, backward_outputs) '
                    '-> outputs', repr(merge_fn), TypeError)
-    from nnx_recurrent._stack import _in_features, check_reads  # _stack imports this module
+    from nnx_recurrent._stack import (  # _stack imports this module
+      _in_features,
+      _reads_axes,
+      check_reads,
+      check_reads_axes,
+    )
 
-    # Both read the same inputs: sizes that differ would fail at the first call.
+    # Both read the same inputs: sizes that differ would fail at the first call;
+    # feature axes that differ would not (one would read the other's time axis).
+    check_reads_axes('Bidirectional', 'backward_rnn', backward_rnn, _reads_axes(forward_rnn),
+                     "forward_rnn's: both directions read the same inputs")
     check_reads('Bidirectional', 'backward_rnn', backward_rnn, _in_features(forward_rnn),
                 "forward_rnn's in_features: both directions read the same inputs")
     if forward_rnn is backward_rnn:

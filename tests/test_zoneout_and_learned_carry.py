@@ -318,11 +318,25 @@ def test_learned_carry_through_bidirectional_stacks_and_conv_cells():
                                                    rngs=nnx.Rngs(0))),
                 learn_initial_carry=True)
   conv.initial_carry[1][...] = ref.normal((3,), 4)
-  xc = ref.normal((2, T, 5, 2), 5)
+  xc = ref.normal((B, T, 5, 2), 5)
   rolled_after, rolled_before = nnx.jit(lambda conv: (jnp.roll(conv(xc), 2, axis=2),
                                                       conv(jnp.roll(xc, 2, axis=2))))(conv)
   # Still translation equivariant.
   np.testing.assert_allclose(rolled_after, rolled_before, atol=1e-5)
+  # 'VALID', kernel 2, stride 2: 5 positions give (5 - 2) // 2 + 1 = 2 for the
+  # state (a one-position probe would give none), each starting at the learned values.
+  valid = nr.RNN(ref.build(lambda: nr.ConvGRUCell(2, 3, (2,), strides=2, padding='VALID',
+                                                  rngs=nnx.Rngs(0))),
+                 learn_initial_carry=True, return_carry=True)
+  h0 = ref.normal((3,), 6)
+  valid.initial_carry[...] = h0
+  (h, y), (h_given, y_given) = nnx.jit(lambda rnn: (
+    rnn(xc, seq_lengths=lengths),
+    rnn(xc, seq_lengths=lengths, initial_carry=jnp.broadcast_to(h0, (B, 2, 3)))))(valid)
+  assert y.shape == (B, T, 2, 3)
+  np.testing.assert_allclose(h[2], np.broadcast_to(h0, (2, 3)), atol=0)  # the length-0 row
+  np.testing.assert_allclose(y, y_given, atol=1e-6)
+  np.testing.assert_allclose(h, h_given, atol=1e-6)
 
 
 def test_learned_carry_errors():

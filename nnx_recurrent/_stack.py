@@ -11,15 +11,61 @@ from nnx_recurrent._base import Array, Carry, RngsLike, RNNCellBase, is_package_
 from nnx_recurrent._rnn import RNN, Bidirectional, _concatenate, _first
 
 
-def _feature_axes(layer) -> int:
-  """The number of feature axes a layer's inputs have (1 for the fused layers),
-  through any nesting of ``Bidirectional`` and ``StackedRNN``."""
+def _reads_axes(layer) -> int | None:
+  """The number of feature axes a sequence layer's inputs have, where it
+  says: its cell's ``num_feature_axes`` (flax.nnx's ``RNN`` too), 1 for the
+  fused layers, through any nesting of ``Bidirectional`` and ``StackedRNN``;
+  ``None`` for another callable."""
+  from nnx_recurrent._fused import GRU, LSTM  # the fused layers import this package's core
+
   if isinstance(layer, Bidirectional):
-    return _feature_axes(layer.forward_rnn)
+    return _reads_axes(layer.forward_rnn)
   if isinstance(layer, StackedRNN):
-    return _feature_axes(layer.layers[0])
-  cell = getattr(layer, 'cell', None)
-  return cell.num_feature_axes if cell is not None else 1
+    return _reads_axes(layer.layers[0])
+  if isinstance(layer, (LSTM, GRU)):
+    return 1
+  try:
+    axes = getattr(getattr(layer, 'cell', None), 'num_feature_axes', None)
+  except NotImplementedError:  # flax.nnx's base class; the call will say
+    return None
+  return axes if isinstance(axes, int) and not isinstance(axes, bool) else None
+
+
+def _gives_axes(layer) -> int | None:
+  """The number of feature axes of a sequence layer's outputs, where it is
+  known before a call: this package's cells and flax.nnx's keep their
+  inputs' (a convolutional state keeps its spatial axes), the fused layers
+  give 1; ``None`` for a user's cell (its step may read out any shape) and a
+  ``Bidirectional`` with its own ``merge_fn``."""
+  if isinstance(layer, RNN):
+    cell = layer.cell
+    known = is_package_cell(cell) or type(cell) in (nnx.LSTMCell, nnx.OptimizedLSTMCell,
+                                                     nnx.GRUCell, nnx.SimpleCell)
+    return cell.num_feature_axes if known else None
+  if isinstance(layer, Bidirectional):
+    if layer.merge_fn is not _concatenate:
+      return None
+    forward, backward = _gives_axes(layer.forward_rnn), _gives_axes(layer.backward_rnn)
+    return forward if forward == backward else None
+  if isinstance(layer, StackedRNN):
+    return _gives_axes(layer.layers[-1])
+  return _reads_axes(layer)  # the fused layers: 1
+
+
+def _axes(n: int) -> str:
+  return f'{n} feature axis' if n == 1 else f'{n} feature axes'
+
+
+def check_reads_axes(where: str, arg: str, layer, axes: int | None, source: str) -> None:
+  """``layer`` reads steps of ``axes`` feature axes (what ``source`` gives),
+  where both are known: with another count it would read a feature axis as
+  time, or time as a batch axis, and run on without an error."""
+  wanted = _reads_axes(layer)
+  if axes is not None and wanted is not None and wanted != axes:
+    cell = getattr(layer, 'cell', None)
+    name = _checks.public_name(layer) + ('' if cell is None else f' of {type(cell).__name__}')
+    _checks.fail(where, arg, f'a layer reading steps of {_axes(axes)} ({source})',
+                 f'{name}, which reads {_axes(wanted)}')
 
 
 def _in_features(layer) -> int | None:
@@ -156,8 +202,11 @@ class StackedRNN(nnx.Module):
     # Each layer reads the previous one's outputs: a size that does not chain
     # would fail at the first call, naming neither layer.
     for i in range(1, len(layers)):
+      source = f'layers[{i - 1}], {type(layers[i - 1]).__name__}'
+      check_reads_axes('StackedRNN', f'layers[{i}]', layers[i], _gives_axes(layers[i - 1]),
+                       f'the outputs of {source}')
       check_reads('StackedRNN', f'layers[{i}]', layers[i], _out_features(layers[i - 1]),
-                  f'the output size of layers[{i - 1}], {type(layers[i - 1]).__name__}')
+                  f'the output size of {source}')
     self.layers = nnx.List(layers)
     self.dropout_rate = _checks.check_rate('StackedRNN', 'dropout_rate', dropout_rate)
     self.time_major = (layers[0].time_major if time_major is None
@@ -238,7 +287,7 @@ class StackedRNN(nnx.Module):
     """Each row of ``x`` reversed within its valid part (an involution):
     ``(x, idx, batch_dims)``, ``idx`` the per-row time indices."""
     if batch_dims is None:
-      seq = _scan.prepare('StackedRNN', x, num_feature_axes=_feature_axes(self.layers[0]),
+      seq = _scan.prepare('StackedRNN', x, num_feature_axes=_reads_axes(self.layers[0]) or 1,
                           in_features=None,
                           time_major=time_major, seq_lengths=seq_lengths,
                           segment_ids=segment_ids)

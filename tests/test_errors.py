@@ -671,6 +671,85 @@ def test_conv_paddings_flax_takes_still_run(kernel_size, padding, spatial):
   assert y.shape == (1, 2, *spatial, 3)
 
 
+# Layers reading steps of other feature-axis counts than they are given would
+# read a feature axis as time (or time as a batch axis) and run on silently.
+def _conv(r, in_features=3, axes=1):
+  return nr.RNN(nr.ConvLSTMCell(in_features, 4, (3,) * axes, rngs=r))
+
+
+@pytest.mark.parametrize('ctor, msg', [
+  (lambda r: nr.StackedRNN(_conv(r), nr.RNN(nr.GRUCell(4, 4, rngs=r))),
+   m('StackedRNN: `layers[1]` expected a layer reading steps of 2 feature axes (the outputs of '
+     'layers[0], RNN), got nr.RNN of GRUCell, which reads 1 feature axis.')),
+  (lambda r: nr.StackedRNN(_conv(r), nr.LSTM(4, 4, rngs=r)),
+   m('`layers[1]` expected a layer reading steps of 2 feature axes', 'got nr.LSTM, which reads '
+     '1 feature axis.')),
+  (lambda r: nr.StackedRNN(nr.RNN(nr.GRUCell(3, 4, rngs=r)), _conv(r, 4)),
+   m('`layers[1]` expected a layer reading steps of 1 feature axis (the outputs of layers[0], '
+     'RNN), got nr.RNN of ConvLSTMCell, which reads 2 feature axes.')),
+  (lambda r: nr.StackedRNN(_conv(r), _conv(r, 4, axes=2)),
+   m('`layers[1]` expected a layer reading steps of 2 feature axes', 'got nr.RNN of '
+     'ConvLSTMCell, which reads 3 feature axes.')),
+  (lambda r: nr.StackedRNN(nr.Bidirectional(_conv(r), _conv(r)), nr.RNN(nr.GRUCell(8, 4, rngs=r))),
+   m('(the outputs of layers[0], Bidirectional), got nr.RNN of GRUCell, which reads 1 feature '
+     'axis.')),
+  (lambda r: nr.Bidirectional(_conv(r), nr.RNN(nr.GRUCell(3, 4, rngs=r))),
+   m("Bidirectional: `backward_rnn` expected a layer reading steps of 2 feature axes "
+     "(forward_rnn's: both directions read the same inputs), got nr.RNN of GRUCell, which "
+     'reads 1 feature axis.')),
+  (lambda r: nr.Bidirectional(nnx.RNN(nnx.GRUCell(3, 4, rngs=r)), _conv(r)),
+   m('`backward_rnn` expected a layer reading steps of 1 feature axis', 'got nr.RNN of '
+     'ConvLSTMCell, which reads 2 feature axes.')),
+  (lambda r: nr.Bidirectional(_conv(r), nr.GRU(3, 4, rngs=r)),
+   m('`backward_rnn` expected a layer reading steps of 2 feature axes', 'got nr.GRU, which '
+     'reads 1 feature axis.')),
+], ids=['conv_then_cell', 'conv_then_fused', 'cell_then_conv', 'conv1d_then_conv2d',
+        'bidirectional_conv_then_cell', 'directions_conv_cell', 'directions_flax_conv',
+        'directions_conv_fused'])
+def test_layers_given_steps_of_another_number_of_feature_axes(ctor, msg):
+  with pytest.raises(ValueError, match=msg):
+    abstractly(lambda: ctor(nnx.Rngs(0)))
+
+
+def test_a_users_cell_may_give_steps_of_fewer_feature_axes_than_it_reads():
+  # A flax-style cell reading (points, channels) and giving a running sum of
+  # the flattened step; then a running sum of those: (t + 1) (t + 2) / 2.
+  class FlatSum(nr.RNNCellBase):
+    def __init__(self, axes):
+      super().__init__()
+      self.axes = axes
+
+    def __call__(self, carry, inputs):
+      new = carry + inputs.reshape(*inputs.shape[:inputs.ndim - self.axes], -1)
+      return new, new
+
+    def initialize_carry(self, input_shape, rngs=None):
+      return jnp.zeros(input_shape[:len(input_shape) - self.axes] + (6,))
+
+    @property
+    def num_feature_axes(self):
+      return self.axes
+
+  y = nr.StackedRNN(nr.RNN(FlatSum(2)), nr.RNN(FlatSum(1)))(jnp.ones((2, 4, 2, 3)))
+  t = np.arange(4)
+  np.testing.assert_array_equal(y, np.broadcast_to(((t + 1) * (t + 2) / 2)[None, :, None],
+                                                   (2, 4, 6)))
+
+  # A flax.nnx cell that leaves num_feature_axes to its base class (which
+  # raises NotImplementedError) in flax.nnx's RNN: built, and failing when
+  # called, as in flax.nnx.
+  class NoAxes(nnx.RNNCellBase):
+    def __call__(self, carry, inputs):
+      return carry + inputs, carry + inputs
+
+    def initialize_carry(self, input_shape, rngs=None):
+      return jnp.zeros(input_shape)
+
+  bi = nr.Bidirectional(nnx.RNN(NoAxes()), nnx.RNN(NoAxes()))
+  with pytest.raises(NotImplementedError):
+    bi(jnp.ones((2, 4, 3)))
+
+
 def test_conv_inputs_the_convolution_leaves_no_point_of():
   # 'VALID' with a kernel of 3 over 2 points (nnx.Conv gives 0), 3 x 1 points
   # (0 on the second axis); explicit pads leave one point of 1.

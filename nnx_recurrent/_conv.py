@@ -21,7 +21,7 @@ from flax.nnx.nn import initializers
 from flax.typing import Dtype, Initializer, PaddingLike, PromoteDtypeFn
 
 from nnx_recurrent import _checks
-from nnx_recurrent._base import _NO_METADATA, RNNCellBase, default_promote_dtype
+from nnx_recurrent._base import _NO_METADATA, Array, RNNCellBase, default_promote_dtype
 
 # nnx.Conv's own defaults (and flax.linen's ConvLSTMCell's), for both convolutions.
 default_conv_kernel_init = initializers.lecun_normal()
@@ -41,6 +41,23 @@ def _shape_keeping(padding: PaddingLike, kernel_size: tuple[int, ...]) -> Paddin
       lo + hi == k - 1 for (lo, hi), k in zip(pads, kernel_size)):
     return padding
   return 'SAME'
+
+
+def _beyond_kernel(padding: PaddingLike, kernel_size: tuple[int, ...]
+                   ) -> tuple[tuple[int, int], ...] | None:
+  """An explicit ``padding`` (an int, or ints and ``(low, high)`` pairs) as
+  ``(low, high)`` pairs, where a side pads more than ``kernel - 1`` points
+  (outputs from padding alone); else ``None``. XLA:CPU computes the input
+  gradient of such a convolution wrong (jax 0.10.2: values from memory it
+  never wrote, different at every call, for a low side of ``kernel`` points
+  or more at stride 1), so the cells pad those inputs themselves."""
+  if isinstance(padding, str):
+    return None
+  entries = [padding] * len(kernel_size) if isinstance(padding, int) else list(padding)
+  pads = tuple((p, p) if isinstance(p, int) else (int(p[0]), int(p[1])) for p in entries)
+  if any(max(pair) > k - 1 for pair, k in zip(pads, kernel_size)):
+    return pads
+  return None
 
 
 def check_geometry(where: str, kernel_size: Any, strides: Any,
@@ -120,8 +137,11 @@ class _ConvCell(RNNCellBase):
     self.padding = padding
     self.use_bias = _checks.check_bool(where, 'use_bias', use_bias)
     width = self.num_parts * self.hidden_features
+    # Pads beyond the kernel are applied by _input_conv, with jnp.pad.
+    self._input_pads = _beyond_kernel(padding, self.kernel_size)
     self.ih = self._conv(
-      self.in_features, width, strides=self.strides, padding=padding, kernel_init=kernel_init,
+      self.in_features, width, strides=self.strides,
+      padding='VALID' if self._input_pads else padding, kernel_init=kernel_init,
       bias_init=bias_init, kernel_metadata=kernel_metadata, bias_metadata=bias_metadata,
       rngs=rngs,
     )
@@ -131,6 +151,13 @@ class _ConvCell(RNNCellBase):
       bias_init=bias_init, kernel_metadata=recurrent_kernel_metadata,
       bias_metadata=bias_metadata, rngs=rngs,
     )
+
+  def _input_conv(self, inputs: Array) -> Array:
+    """``ih`` over ``inputs`` with the cell's ``padding``."""
+    if self._input_pads:
+      n = len(self._input_pads)
+      inputs = jnp.pad(inputs, [(0, 0)] * (inputs.ndim - n - 1) + [*self._input_pads, (0, 0)])
+    return self.ih(inputs)
 
   def _conv(self, in_features: int, out_features: int, *, strides, padding, kernel_init,
             bias_init, kernel_metadata, bias_metadata, rngs) -> nnx.Conv:

@@ -123,7 +123,7 @@ class ConvGRUCell(_ConvCell):
 
   def step(self, carry, inputs, recurrent_mask):
     h = carry
-    xr, xz, xn = jnp.split(self.ih(inputs), 3, axis=-1)
+    xr, xz, xn = jnp.split(self._input_conv(inputs), 3, axis=-1)
     hr, hz, hn = jnp.split(self.hh(masked(h, recurrent_mask)), 3, axis=-1)
     new_h = gru_update(h, xr, xz, xn, hr, hz, hn, self.gate_fn, self.activation_fn)
     return new_h, new_h

@@ -73,7 +73,7 @@ class ConvLSTMCell(_ConvCell):
 
   def step(self, carry, inputs, recurrent_mask):
     c, h = carry
-    gates = self.ih(inputs) + self.hh(masked(h, recurrent_mask))
+    gates = self._input_conv(inputs) + self.hh(masked(h, recurrent_mask))
     i, g, f, o = jnp.split(gates, 4, axis=-1)
     # lstm_update applies sigmoid to f; flax.linen adds 1 before it.
     new_c, new_h = lstm_update(c, i, f + 1.0, g, o, nnx.sigmoid, jnp.tanh)

@@ -261,6 +261,7 @@ def test_prng_state_only_with_dropout():
 @pytest.mark.parametrize('padding,hh_padding,width', [
   ('VALID', 'SAME', 4), ('CIRCULAR', 'CIRCULAR', 6), (((2, 0),), ((2, 0),), 6),
   (((1, 0),), 'SAME', 5), ('CAUSAL', 'CAUSAL', 6), ('REFLECT', 'REFLECT', 6),
+  (((4, 1),), 'SAME', 9),  # beyond the kernel: the cell pads the inputs itself (below)
 ])
 def test_conv_lstm_hidden_padding(padding, hh_padding, width):
   """The hidden conv takes ``padding`` where it keeps the state's shape, else 'SAME'.
@@ -285,6 +286,36 @@ def test_conv_lstm_hidden_padding(padding, hh_padding, width):
   np.testing.assert_allclose(c, c_ref, atol=1e-5)
   np.testing.assert_allclose(y, y_ref, atol=1e-5)
   assert c.shape == (2, width, 3)  # the input conv's output width
+
+
+@pytest.mark.parametrize('cls', [nr.ConvLSTMCell, nr.ConvGRUCell])
+def test_conv_input_gradient_with_padding_beyond_the_kernel(cls):
+  """XLA:CPU's input gradient of a convolution whose low padding reaches the
+  kernel's size reads memory it never wrote (jax 0.10.2: different values at
+  every call, up to 1e30); the cells pad such inputs themselves.
+
+  Reference: central differences of the step (its values are checked against
+  flax.linen's ``Conv`` above), over an RNN unrolled in one program.
+  """
+  cell = ref.build(lambda: cls(2, 3, (2,), padding=((2, 0),), rngs=nnx.Rngs(0)))
+  rnn = nr.RNN(cell, unroll=True)
+  x = np.asarray(ref.normal((2, 3, 1, 2), seed=1), np.float32)  # 1 point in, 2 out
+  w = ref.normal((2, 3, 2, 3), seed=2)
+
+  def loss(rnn, x):
+    return jnp.sum(rnn(x) * w)
+
+  @nnx.jit  # every perturbed input as a row of a second batch axis, in one program
+  def differences(rnn):
+    eye = np.eye(x.size, dtype=np.float32).reshape(-1, *x.shape) * 1e-2
+    up, down = (jnp.sum(rnn(x[None] + sign * eye) * w[None], axis=(1, 2, 3, 4))
+                for sign in (1, -1))
+    return ((up - down) / 2e-2).reshape(x.shape)
+
+  expected = differences(rnn)
+  grad = nnx.jit(nnx.grad(loss, argnums=1))
+  for _ in range(5):  # the wrong values change from call to call
+    np.testing.assert_allclose(grad(rnn, x), expected, atol=2e-3)
 
 
 # -- writing a cell on RNNCellBase ------------------------------------------------

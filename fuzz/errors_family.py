@@ -1,7 +1,11 @@
 """Bad arguments get a ValueError or TypeError that names the argument.
 
 Each case builds a layer (nr.RNN over a cell, the fused nr.LSTM / nr.GRU, or
-compat.RNN) and calls it, or builds one, with one argument drawn bad. The
+compat.RNN) and calls it, or builds one, with one argument drawn bad, or
+composes layers that do not fit (a StackedRNN's layer reading another size or
+number of feature axes than the one before gives; a Bidirectional's
+directions reading different inputs, or giving outputs the default merge
+cannot concatenate). The
 error must be a ``ValueError`` or ``TypeError`` whose message names the
 argument in backquotes; jax's own errors (a shape mismatch deep in a scan),
 another exception, or a call that runs, are findings.
@@ -127,7 +131,9 @@ def _calls(case: Case) -> tuple[str, Callable[[], Any]]:
 
 def _constructors(case: Case) -> tuple[str, Callable[[], Any]]:
   """A constructor given one bad size or option."""
-  target = case.pick('constructor', ['cell', 'LSTM', 'RNN', 'compat'])
+  target = case.pick('constructor', ['cell', 'LSTM', 'RNN', 'compat', 'composition'])
+  if target == 'composition':
+    return _composition(case)
   if target == 'cell':
     arg = case.pick('argument', ['in_features', 'hidden_features'])
     bad = case.pick('bad', [0, -1, 2.5, '4', None, True, np.zeros(2)])
@@ -159,6 +165,41 @@ def _constructors(case: Case) -> tuple[str, Callable[[], Any]]:
   if arg == 'features':
     return arg, lambda: compat.RNN(compat.GRUCell(bad)).init(jax.random.key(0), x)
   return arg, lambda: compat.RNN(compat.GRUCell(H), time_major=bad).init(jax.random.key(0), x)
+
+
+def _layer(case: Case, name: str, in_features: int, axes: int) -> Any:
+  """A sequence layer reading steps of ``axes`` feature axes (a fused or a
+  cell's layer for 1, a convolutional cell's for more)."""
+  if axes == 1:
+    if case.pick(f'{name}.fused', [False, True]):
+      return nr.LSTM(in_features, H, rngs=nnx.Rngs(0))
+    return nr.RNN(nr.GRUCell(in_features, H, rngs=nnx.Rngs(0)))
+  cell = case.pick(f'{name}.cell', [nr.ConvLSTMCell, nr.ConvGRUCell])
+  return nr.RNN(cell(in_features, H, (3,) * (axes - 1), rngs=nnx.Rngs(0)))
+
+
+def _composition(case: Case) -> tuple[str, Callable[[], Any]]:
+  """A StackedRNN whose second layer cannot read the first's outputs, or a
+  Bidirectional whose directions cannot read the same inputs or give
+  outputs the default merge cannot concatenate: other sizes, another number
+  of feature axes, or (called) convolutional outputs of other spatial shapes."""
+  layer = case.pick('composition', ['StackedRNN', 'Bidirectional'])
+  fault = case.pick('fault', ['size', 'axes', 'spatial'] if layer == 'Bidirectional'
+                    else ['size', 'axes'])
+  axes = case.integer('axes', 1, 3)
+  if fault == 'spatial':  # 'VALID' kernels of 3 and 1 over 5 positions: 3 and 5 of them
+    x = np.ones((B, T, *(5,) * axes, IN), np.float32)  # ``axes`` spatial axes here
+    directions = [nr.RNN(nr.ConvGRUCell(IN, H, (k,) * axes, padding='VALID',
+                                        rngs=nnx.Rngs(0))) for k in (3, 1)]
+    return 'backward_rnn', lambda: nr.Bidirectional(*directions)(x)
+  other = (axes % 3) + 1 if fault == 'axes' else axes  # another count of feature axes
+  if layer == 'StackedRNN':
+    first = _layer(case, 'first', IN, axes)
+    reads = H + 1 if fault == 'size' else H
+    return 'layers[1]', lambda: nr.StackedRNN(first, _layer(case, 'second', reads, other))
+  reads = IN + 1 if fault == 'size' else IN
+  return 'backward_rnn', lambda: nr.Bidirectional(_layer(case, 'forward', IN, axes),
+                                                  _layer(case, 'backward', reads, other))
 
 
 def run(case: Case) -> None:

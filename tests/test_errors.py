@@ -711,6 +711,18 @@ def test_layers_given_steps_of_another_number_of_feature_axes(ctor, msg):
     abstractly(lambda: ctor(nnx.Rngs(0)))
 
 
+def test_compat_directions_reading_another_number_of_feature_axes():
+  # flax.linen builds and runs it, the GRU reading the ConvLSTM's spatial axis as time.
+  with pytest.raises(ValueError, match=m(
+      "Bidirectional: `backward_rnn` expected a layer reading steps of 2 feature axes "
+      "(forward_rnn's: both directions read the same inputs), got compat.RNN of GRUCell, "
+      'which reads 1 feature axis.')):
+    compat.Bidirectional(compat.RNN(compat.ConvLSTMCell(4, (3,))), compat.RNN(compat.GRUCell(4)))
+  with pytest.raises(ValueError, match=m('got compat.RNN of ConvLSTMCell, which reads 3 feature '
+                                         'axes.')):
+    compat.Bidirectional(compat.RNN(nn.GRUCell(4)), compat.RNN(compat.ConvLSTMCell(4, (3, 3))))
+
+
 def test_a_users_cell_may_give_steps_of_fewer_feature_axes_than_it_reads():
   # A flax-style cell reading (points, channels) and giving a running sum of
   # the flattened step; then a running sum of those: (t + 1) (t + 2) / 2.

@@ -20,7 +20,7 @@ from fuzz import (
   streaming_family,
 )
 from fuzz.__main__ import main
-from nnx_recurrent import _base, _checks, _conv, _scan
+from nnx_recurrent import _base, _checks, _conv, _scan, _stack
 
 
 def _seeds(n, seed=0):
@@ -158,6 +158,18 @@ def test_an_unchecked_argument_is_found(monkeypatch, tmp_path, capsys):
                                                                    "'segment_ids'"}
   printed = capsys.readouterr().out
   assert f"python -m fuzz --family errors --replay {report['failures'][0]['seed']}" in printed
+
+
+def test_layers_composed_on_another_number_of_feature_axes_are_found(monkeypatch):
+  # The feature axes left unchecked: a StackedRNN or Bidirectional of layers
+  # that read different steps is built, and runs on.
+  force = {'kind': 'constructor', 'constructor': 'composition', 'fault': 'axes'}
+  assert _core.run_cases('errors', errors_family.run, _seeds(4), force=force)['failures'] == []
+  monkeypatch.setattr(_stack, 'check_reads_axes', lambda *a: None)
+  failures = _core.run_cases('errors', errors_family.run, _seeds(4), force=force)['failures']
+  assert len(failures) == 4
+  assert {f['error'] for f in failures} <= {'Mismatch: the bad `layers[1]` ran',
+                                            'Mismatch: the bad `backward_rnn` ran'}, failures
 
 
 # Reduced precision: bfloat16 compute over float32 parameters and carry, the

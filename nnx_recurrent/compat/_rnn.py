@@ -282,6 +282,13 @@ class Bidirectional(nn.Module):
                      TypeError)
     for flag in ('time_major', 'return_carry'):
       _checks.check_bool('Bidirectional', flag, getattr(self, flag))
+    from nnx_recurrent._stack import _reads_axes, check_reads_axes
+
+    # flax.linen runs a convolutional and a vector direction, the vector one
+    # reading a spatial axis as time.
+    check_reads_axes('Bidirectional', 'backward_rnn', self.backward_rnn,
+                     _reads_axes(self.forward_rnn),
+                     "forward_rnn's: both directions read the same inputs")
     super().__post_init__()
 
   def __call__(

@@ -7,6 +7,7 @@ import ast
 import importlib
 import json
 import os
+import shlex
 import sys
 
 from fuzz._core import case_seed, run_cases
@@ -16,6 +17,14 @@ FAMILIES = ['nnx', 'layers', 'streaming', 'state', 'linen', 'torch', 'errors']
 
 def family(name: str):
   return importlib.import_module(f'fuzz.{name}_family').run
+
+
+def _shell_word(item: str) -> str:
+  """``item`` as one word of a shell command: bare, else in double quotes
+  (``"mode='rnn'"``, as the help shows), else in shlex's quoting."""
+  if shlex.quote(item) == item:
+    return item
+  return f'"{item}"' if not set('"$`\\!') & set(item) else shlex.quote(item)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     errors = f'; largest |ours - theirs|: {errors}' if errors else ''
     print(f"{name}: {report['cases']} cases, {len(report['failures'])} failures, "
           f"{report['seconds']} s{errors}", flush=True)
+    # The forced choices are part of the case: the replay forces them too.
+    forced = ''.join(f' --force {_shell_word(item)}' for item in args.force)
     for failure in report['failures']:
-      print(f"  replay: python -m fuzz --family {name} --replay {failure['seed']}\n"
+      print(f"  replay: python -m fuzz --family {name} --replay {failure['seed']}{forced}\n"
             f"    {failure['error']}\n    config: {failure['config']}")
   if args.out:
     os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)

@@ -150,14 +150,17 @@ def test_an_unchecked_argument_is_found(monkeypatch, tmp_path, capsys):
   monkeypatch.setattr(_checks, 'check_integer_array', lambda where, arg, x, *a, **k:
                       jnp.asarray(x))
   out = tmp_path / 'sub' / 'report.json'
-  code = main(['--family', 'errors', '--cases', '40', '--seed', '0', '--out', str(out)])
+  code = main(['--family', 'errors', '--cases', '40', '--seed', '0', '--out', str(out),
+               '--force', "kind='call'"])
   assert code == 1
   [report] = json.loads(out.read_text())
   assert report['failures'], report
   assert {f['config']['argument'] for f in report['failures']} <= {"'seq_lengths'",
                                                                    "'segment_ids'"}
   printed = capsys.readouterr().out
-  assert f"python -m fuzz --family errors --replay {report['failures'][0]['seed']}" in printed
+  # The replay forces what the run forced: without it, another case.
+  assert (f"python -m fuzz --family errors --replay {report['failures'][0]['seed']} "
+          "--force \"kind='call'\"\n") in printed
 
 
 def test_layers_composed_on_another_number_of_feature_axes_are_found(monkeypatch):

@@ -30,34 +30,36 @@ default_conv_bias_init = initializers.zeros_init()
 _SHAPE_KEEPING = ('SAME', 'CIRCULAR', 'REFLECT', 'CAUSAL')
 
 
+def _pairs(padding: int | Sequence[int | Sequence[int]], rank: int
+           ) -> tuple[tuple[int, int], ...]:
+  """An explicit padding (an int, or ints and ``(low, high)`` pairs, as
+  checked by :func:`check_geometry`) as one ``(low, high)`` pair per axis."""
+  entries = [padding] * rank if isinstance(padding, int) else list(padding)
+  return tuple((p, p) if isinstance(p, int) else (int(p[0]), int(p[1])) for p in entries)
+
+
 def _shape_keeping(padding: PaddingLike, kernel_size: tuple[int, ...]) -> PaddingLike:
   """``padding`` if a stride-1 convolution with it keeps the spatial shape, else ``'SAME'``."""
   if isinstance(padding, str):
     return padding if padding.upper() in _SHAPE_KEEPING else 'SAME'
-  entries: Sequence[int | Sequence[int]] = (
-    [padding] * len(kernel_size) if isinstance(padding, int) else list(padding))
-  pads = [(p, p) if isinstance(p, int) else tuple(p) for p in entries]
-  if len(pads) == len(kernel_size) and all(
-      lo + hi == k - 1 for (lo, hi), k in zip(pads, kernel_size)):
+  if all(lo + hi == k - 1 for (lo, hi), k in zip(_pairs(padding, len(kernel_size)),
+                                                   kernel_size)):
     return padding
   return 'SAME'
 
 
 def _beyond_kernel(padding: PaddingLike, kernel_size: tuple[int, ...]
                    ) -> tuple[tuple[int, int], ...] | None:
-  """An explicit ``padding`` (an int, or ints and ``(low, high)`` pairs) as
-  ``(low, high)`` pairs, where a side pads more than ``kernel - 1`` points
-  (outputs from padding alone); else ``None``. XLA:CPU computes the input
-  gradient of such a convolution wrong (jax 0.10.2: values from memory it
-  never wrote, different at every call, for a low side of ``kernel`` points
-  or more at stride 1), so the cells pad those inputs themselves."""
+  """An explicit ``padding`` as ``(low, high)`` pairs where a side pads more
+  than ``kernel - 1`` points (outputs from padding alone), else ``None``.
+  XLA:CPU computes the input gradient of such a convolution wrong (jax
+  0.10.2: values from memory it never wrote, different at every call, for a
+  low side of ``kernel`` points or more at stride 1), so the cells pad those
+  inputs themselves."""
   if isinstance(padding, str):
     return None
-  entries = [padding] * len(kernel_size) if isinstance(padding, int) else list(padding)
-  pads = tuple((p, p) if isinstance(p, int) else (int(p[0]), int(p[1])) for p in entries)
-  if any(max(pair) > k - 1 for pair, k in zip(pads, kernel_size)):
-    return pads
-  return None
+  pads = _pairs(padding, len(kernel_size))
+  return pads if any(max(pair) > k - 1 for pair, k in zip(pads, kernel_size)) else None
 
 
 def check_geometry(where: str, kernel_size: Any, strides: Any,

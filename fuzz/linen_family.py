@@ -1,5 +1,6 @@
-"""nnx_recurrent.compat against flax.linen: RNN, Bidirectional, the cells,
-flip_sequences; one variables dict into both. Packed ``segment_ids`` (an
+"""nnx_recurrent.compat against flax.linen: RNN, Bidirectional, the cells
+(``ConvLSTMCell`` too, over one or two spatial axes, with the paddings
+flax.linen's cell runs), flip_sequences; one variables dict into both. Packed ``segment_ids`` (an
 extension) against flax.linen's cell looped over each segment alone.
 
 compat gives flax.linen's values everywhere, padded outputs included, except
@@ -70,16 +71,39 @@ class CastBack(nn.RNNCellBase):
 
 
 def _model(lib: Any, kind: str, hidden: int, bidirectional: bool, kw: dict[str, Any],
-           rnn_kw: dict[str, Any], wrap: Any = None, **dtypes: Any) -> Any:
+           rnn_kw: dict[str, Any], wrap: Any = None, cell_kw: dict[str, Any] | None = None,
+           **dtypes: Any) -> Any:
   """An ``RNN`` (``rnn_kw``), or a ``Bidirectional`` of two, of ``lib``'s
-  (flax.linen's or compat's) cells ``kind`` built with ``dtypes``, each
-  wrapped by ``wrap``; ``kw``: the outer layer's options."""
+  (flax.linen's or compat's) cells ``kind`` built with ``cell_kw`` and
+  ``dtypes``, each wrapped by ``wrap``; ``kw``: the outer layer's options."""
   def cell() -> Any:
-    made = getattr(lib, kind)(hidden, **dtypes)
+    made = getattr(lib, kind)(hidden, **(cell_kw or {}), **dtypes)
     return made if wrap is None else wrap(made)
   if bidirectional:
     return lib.Bidirectional(lib.RNN(cell()), lib.RNN(cell()), **kw)
   return lib.RNN(cell(), **kw, **rnn_kw)
+
+
+def _draw_cell(case: Case) -> tuple[str, dict[str, Any], tuple[int, ...]]:
+  """A cell kind, its keyword arguments past the size, and the spatial shape
+  of its steps: ``()`` for the vector cells; for ``ConvLSTMCell``, 1 or 2
+  axes of 1-4 points, kernels of 1-3 and a padding flax.linen's cell runs
+  (its hidden convolution takes the same padding, so one that keeps the
+  shape at stride 1, in each form its ``Conv`` takes)."""
+  kind = case.pick('cell', [*CELLS, 'ConvLSTMCell'])
+  if kind != 'ConvLSTMCell':
+    return kind, {}, ()
+  rank = case.integer('spatial_axes', 1, 2)
+  spatial = tuple(case.integer(f'spatial{i}', 1, 4) for i in range(rank))
+  kernel = tuple(case.integer(f'kernel{i}', 1, 3) for i in range(rank))
+  padding: Any = case.pick('padding', ['SAME', 'CIRCULAR', 'REFLECT', 'int', 'pairs']
+                           + (['CAUSAL'] if rank == 1 else []))
+  if padding == 'int':  # 2p = k - 1 on every axis, else 'SAME'
+    padding = kernel[0] // 2 if len(set(kernel)) == 1 and kernel[0] % 2 else 'SAME'
+  elif padding == 'pairs':
+    lows = [case.integer(f'padding{i}_low', 0, k - 1) for i, k in enumerate(kernel)]
+    padding = tuple((lo, k - 1 - lo) for lo, k in zip(lows, kernel))
+  return kind, dict(kernel_size=kernel, padding=padding), spatial
 
 
 def _dtypes(precision: Precision) -> dict[str, Any]:
@@ -96,17 +120,18 @@ def _cast(variables: Any, precision: Precision) -> Any:
 
 
 def cell_case(case: Case) -> None:
-  kind = case.pick('cell', CELLS)
+  kind, cell_kw, spatial = _draw_cell(case)
   in_f, hidden = case.integer('in_features', 1, 5), case.integer('hidden', 1, 6)
   batch = tuple(case.integer(f'batch{i}', 1, 3) for i in range(case.integer('batch_axes', 0, 2)))
   precision = draw_precision(case)
-  theirs, ours = getattr(nn, kind)(hidden), getattr(compat, kind)(hidden)
-  shape, key = (*batch, in_f), jax.random.key(case.integer('init_seed', 0, 9))
+  theirs, ours = (getattr(lib, kind)(hidden, **cell_kw) for lib in (nn, compat))
+  shape, key = (*batch, *spatial, in_f), jax.random.key(case.integer('init_seed', 0, 9))
   carry, x = _random_carry(case, theirs, shape), jnp.asarray(case.normal(shape))
   variables = theirs.init(key, carry, x)
   case.close(f'init {kind}', ours.init(key, carry, x), variables, atol=1e-7, rtol=1e-6)
   if not precision.plain:  # the same parameters, cast, in cells told the dtypes
-    theirs, ours = (getattr(lib, kind)(hidden, **_dtypes(precision)) for lib in (nn, compat))
+    theirs, ours = (getattr(lib, kind)(hidden, **cell_kw, **_dtypes(precision))
+                    for lib in (nn, compat))
     variables = _cast(variables, precision)
     carry = jax.tree.map(lambda a, b: a.astype(b.dtype), carry,
                          theirs.initialize_carry(key, shape))
@@ -130,7 +155,7 @@ def flip_case(case: Case) -> None:
 
 
 def rnn_case(case: Case, bidirectional: bool) -> None:
-  kind = case.pick('cell', CELLS)
+  kind, cell_kw, spatial = _draw_cell(case)
   in_f, hidden = case.integer('in_features', 1, 5), case.integer('hidden', 1, 6)
   batch = tuple(case.integer(f'batch{i}', 1, 3)
                 for i in range(case.pick('batch_axes', [1, 1, 1, 2, 2])))
@@ -146,24 +171,25 @@ def rnn_case(case: Case, bidirectional: bool) -> None:
   precision = draw_precision(case)
 
   def build(lib: Any, wrap: Any = None, **dtypes: Any) -> Any:
-    return _model(lib, kind, hidden, bidirectional, kw, rnn_kw, wrap, **dtypes)
+    return _model(lib, kind, hidden, bidirectional, kw, rnn_kw, wrap, cell_kw, **dtypes)
 
   theirs, ours = build(nn), build(compat)
   time_axis, lead = (0, 1) if time_major else (len(batch), 0)
-  x = case.normal((time, *batch, in_f) if time_major else (*batch, time, in_f))
+  step = (*spatial, in_f)
+  x = case.normal((time, *batch, *step) if time_major else (*batch, time, *step))
   key = jax.random.key(case.integer('init_seed', 0, 9))
   variables = theirs.init(key, x)
   case.close('init', ours.init(key, x), variables, atol=1e-7, rtol=1e-6)
   if not precision.plain:  # the same parameters, cast, in cells told the dtypes
     theirs, ours = build(nn, **_dtypes(precision)), build(compat, **_dtypes(precision))
     variables, x = _cast(variables, precision), x.astype(precision.inputs)
-  cell = getattr(nn, kind)(hidden, **_dtypes(precision))
-  carries = [_random_carry(case, cell, (*batch, in_f)) for _ in range(1 + bidirectional)]
+  cell = getattr(nn, kind)(hidden, **cell_kw, **_dtypes(precision))
+  carries = [_random_carry(case, cell, (*batch, *step)) for _ in range(1 + bidirectional)]
   carry = (tuple(carries) if bidirectional else carries[0]) \
       if case.pick('initial_carry', [0, 1]) else None
   x_t, carry_t, lengths_t, merge = reference_inputs(x, carry, lengths, batch, time, time_major)
   out_features = hidden * (1 + bidirectional)
-  w_y = jnp.asarray(case.normal((*batch, time, out_features)))
+  w_y = jnp.asarray(case.normal((*batch, time, *spatial, out_features)))
   w_c = jax.tree.map(lambda a: jnp.asarray(case.normal(a.shape)), carries[0])
   valid = valid_steps(lengths, batch, time)
   ends = valid[..., 0]
@@ -176,7 +202,8 @@ def rnn_case(case: Case, bidirectional: bool) -> None:
         new_carry, y = unflat(new_carry, 0, batch), unflat(y, lead, batch)
       y = jnp.moveaxis(y, time_axis, len(batch))
       first = jax.tree.leaves(new_carry if not bidirectional else new_carry[0])
-      total = jnp.sum(y * w_y) + sum(jnp.sum(jnp.where(jnp.asarray(ends)[..., None], c * w, 0))
+      at_ends = jnp.asarray(ends).reshape(ends.shape + (1,) * (1 + len(spatial)))
+      total = jnp.sum(y * w_y) + sum(jnp.sum(jnp.where(at_ends, c * w, 0))
                                      for c, w in zip(first, jax.tree.leaves(w_c)))
       return total, (new_carry, y)
     return jax.grad(f, has_aux=True)(variables)

@@ -21,6 +21,7 @@ from fuzz import (
 )
 from fuzz.__main__ import main
 from nnx_recurrent import _base, _checks, _conv, _scan, _stack
+from nnx_recurrent.compat import _convert
 
 
 def _seeds(n, seed=0):
@@ -173,6 +174,33 @@ def test_layers_composed_on_another_number_of_feature_axes_are_found(monkeypatch
   assert len(failures) == 4
   assert {f['error'] for f in failures} <= {'Mismatch: the bad `layers[1]` ran',
                                             'Mismatch: the bad `backward_rnn` ran'}, failures
+
+
+# compat's ConvLSTMCell in an RNN against flax.linen's: 'CIRCULAR' padding
+# over 4 points with a kernel of 3, which the hidden convolution keeps.
+CONV_LINEN = {'mode': 'rnn', 'cell': 'ConvLSTMCell', 'spatial_axes': 1, 'spatial0': 4,
+              'kernel0': 3, 'padding': 'CIRCULAR', 'low_precision': False}
+
+
+def test_compat_conv_lstm_against_flax_linen_runs_clean():
+  report = _core.run_cases('linen', linen_family.run, _seeds(2), force=CONV_LINEN)
+  assert report['failures'] == []
+  assert report['largest_abs_error']['outputs (padding included)'] == 0  # flax's own values
+
+
+def test_a_hidden_convolution_of_another_padding_is_found(monkeypatch):
+  # The hidden convolution given 'SAME' whatever the padding: flax.linen's
+  # takes 'CIRCULAR', as the input convolution does. compat caches the cells
+  # it builds per configuration: none built before the plant, or with it, is kept.
+  _convert._abstract_cached.cache_clear()
+  monkeypatch.setattr(_conv, '_shape_keeping', lambda padding, kernel_size: 'SAME')
+  try:
+    failures = _core.run_cases('linen', linen_family.run, _seeds(2),
+                               force=CONV_LINEN)['failures']
+  finally:
+    _convert._abstract_cached.cache_clear()
+  assert len(failures) == 2, failures
+  assert all('outputs (padding included)' in f['error'] for f in failures), failures
 
 
 # Reduced precision: bfloat16 compute over float32 parameters and carry, the

@@ -5,10 +5,10 @@ compat.RNN) and calls it, or builds one, with one argument drawn bad, or
 composes layers that do not fit (a StackedRNN's layer reading another size or
 number of feature axes than the one before gives; a Bidirectional's
 directions reading different inputs, or giving outputs the default merge
-cannot concatenate). The
-error must be a ``ValueError`` or ``TypeError`` whose message names the
-argument in backquotes; jax's own errors (a shape mismatch deep in a scan),
-another exception, or a call that runs, are findings.
+cannot concatenate). The error must be a ``ValueError`` or ``TypeError``
+whose message names the argument in backquotes; jax's own errors (a shape
+mismatch deep in a scan), another exception, or a call that runs, are
+findings.
 """
 
 from __future__ import annotations

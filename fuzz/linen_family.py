@@ -1,7 +1,8 @@
 """nnx_recurrent.compat against flax.linen: RNN, Bidirectional, the cells
 (``ConvLSTMCell`` too, over one or two spatial axes, with the paddings
-flax.linen's cell runs), flip_sequences; one variables dict into both. Packed ``segment_ids`` (an
-extension) against flax.linen's cell looped over each segment alone.
+flax.linen's cell runs), flip_sequences; one variables dict into both.
+Packed ``segment_ids`` (an extension) against flax.linen's cell looped over
+each segment alone.
 
 compat gives flax.linen's values everywhere, padded outputs included, except
 where compat/README.md ("Deliberate differences") says otherwise; there the

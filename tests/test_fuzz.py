@@ -49,13 +49,18 @@ def test_fused_layers_against_flax_stacks_run_clean():
 SMALL = dict(masking='segments', batch_axes=1, batch0=2, time=4)
 
 
-def test_nested_layers_against_step_loops_run_clean():
-  # (Seed 1 draws padding, where the input gradients must be 0.)
-  report = _core.run_cases('layers', layers_family.run, _seeds(1, seed=1),
-                           force={**SMALL, 'top.kind': 'stacked'})
+def _stack_runs_clean(force, seed):
+  """A stacked layer tree of one case: no failure, zero input gradients at
+  padding (the seeds here draw some), outputs, carries and gradients compared."""
+  report = _core.run_cases('layers', layers_family.run, _seeds(1, seed=seed),
+                           force={**force, 'top.kind': 'stacked'})
   assert report['failures'] == []
   assert report['largest_abs_error']['input gradients at padding (zeros)'] == 0
   assert {'outputs (segments)', 'carry', 'cell 0 gradients'} <= set(report['largest_abs_error'])
+
+
+def test_nested_layers_against_step_loops_run_clean():
+  _stack_runs_clean(SMALL, seed=1)  # (seed 1 draws padding)
 
 
 def test_streamed_layers_against_step_loops_run_clean():
@@ -254,11 +259,7 @@ CONV = {**SMALL, 'features': 'conv', 'spatial_axes': 2}
 def test_convolutional_layers_against_step_loops_run_clean():
   # (Seed 2 draws padding between segments, and paddings (low, high) pairs,
   # 'REFLECT' in a Bidirectional and 'VALID'.)
-  report = _core.run_cases('layers', layers_family.run, _seeds(1, seed=2),
-                           force={**CONV, 'top.kind': 'stacked'})
-  assert report['failures'] == []
-  assert report['largest_abs_error']['input gradients at padding (zeros)'] == 0
-  assert {'outputs (segments)', 'carry', 'cell 0 gradients'} <= set(report['largest_abs_error'])
+  _stack_runs_clean(CONV, seed=2)
 
 
 def test_a_mask_broadcast_over_one_feature_axis_is_found_by_convolutional_cases(monkeypatch):

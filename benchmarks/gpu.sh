@@ -27,6 +27,8 @@
 # Everything lands in ${OUT:-out/gpu}, in at most 8 files (what the device tool
 # brings back): log.txt and one JSON per step.
 #   bash benchmarks/gpu.sh     (device tool: command "bash benchmarks/gpu.sh", timeout_s 570)
+# A second, shorter call (the grid of shapes for the table, Triton variants):
+# benchmarks/gpu_grid.sh.
 # Then, on any machine (JSON only): the issue's targets, the table
 # implementation='auto' reads (_fused/_plans.py, PALLAS_FASTER) and the best
 # size variant, for internal.PallasSettings' defaults:

@@ -27,11 +27,21 @@ instead, with each variant of their sizes (``internal.pallas_settings``:
 scans' default::
 
   python -m benchmarks.gpu_plans --pallas --shapes 8x500x64x128 --rounds 3
+
+``--variants`` names the plans or variants to time beside 'default' (e.g.
+``pallas pallas/num_stages=2``; Pallas against the scans over a grid of shapes
+is ``--variants pallas``, what ``benchmarks.pallas_verdict --grid`` reads).
+``--jobs N`` compiles every variant of every shape first, in ``N`` threads,
+then times them: a GPU machine's cores compile in parallel (one at a time,
+compiling took most of ``gpu.sh``'s Pallas steps)::
+
+  python -m benchmarks.gpu_plans --variants pallas --jobs 12 --shapes 1x300x16x32,...
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import statistics
 import time
@@ -90,6 +100,15 @@ def forced(plan: str):
 
 
 def build(cls, shape, plan):
+  """The forward and the training step of ``cls`` at ``shape`` under ``plan``,
+  compiled: two functions of no arguments."""
+  return lower(cls, shape, plan)()
+
+
+def lower(cls, shape, plan):
+  """:func:`build` in two parts: traced and lowered now (the plan is read while
+  tracing), compiled when the returned function is called (XLA releases the
+  GIL while compiling: ``--jobs`` compiles in threads)."""
   B, T, I, H = shape
   implementation = 'pallas' if plan.startswith('pallas') else 'xla'
   model = cls(I, H, implementation=implementation, rngs=nnx.Rngs(0))
@@ -102,10 +121,44 @@ def build(cls, shape, plan):
   def train(params, x):
     return jax.value_and_grad(lambda p: jnp.mean(fwd(p, x) ** 2))(params)
 
-  with forced(plan):  # the plan is read while tracing: compile inside the patch
-    f = jax.jit(fwd).lower(params, x).compile()
-    t = jax.jit(train).lower(params, x).compile()
-  return (lambda: f(params, x)), (lambda: t(params, x))
+  with forced(plan):  # the plan is read while tracing: lower inside the patch
+    lf = jax.jit(fwd).lower(params, x)
+    lt = jax.jit(train).lower(params, x)
+
+  def compile_both():
+    f, t = lf.compile(), lt.compile()
+    return (lambda: f(params, x)), (lambda: t(params, x))
+
+  return compile_both
+
+
+def compile_ahead(tasks, jobs: int, timeout: float | None = None, log=print):
+  """Lowers each ``(cls, shape, plan)`` of ``tasks`` in turn, compiles them in
+  ``jobs`` threads, and returns once all are compiled, or after ``timeout``
+  seconds: ``{task: Future of build's pair}`` (a failed lowering or compile is
+  the future's exception; one still compiling then is reported as not compiled
+  in time, and left to finish in the background). Timing starts after, so no
+  compile competes with it for the CPU (the scans' loop is driven from the
+  host)."""
+  futures = {}
+  t0 = time.perf_counter()
+  pool = concurrent.futures.ThreadPoolExecutor(jobs)
+  for task in tasks:
+    try:
+      futures[task] = pool.submit(lower(*task))
+    except Exception as e:  # noqa: BLE001  (reported when the task is timed)
+      futures[task] = concurrent.futures.Future()
+      futures[task].set_exception(e)
+  done, late = concurrent.futures.wait(futures.values(), timeout=timeout)
+  pool.shutdown(wait=False, cancel_futures=True)
+  for task, future in futures.items():
+    if future in late:
+      stand_in = futures[task] = concurrent.futures.Future()
+      stand_in.set_exception(TimeoutError(f'not compiled within {timeout:g} s'))
+  compiled = sum(1 for f in done if f.exception() is None)
+  log(f'lowered and compiled {compiled} of {len(tasks)} variants in '
+      f'{time.perf_counter() - t0:.1f} s ({jobs} threads)', flush=True)
+  return futures
 
 
 def sample_ms(fn, n):
@@ -123,17 +176,37 @@ def main(argv=None) -> int:
   p.add_argument('--calls', type=int, default=5, help='calls per sample')
   p.add_argument('--pallas', action='store_true',
                  help="time the Pallas kernels' size variants instead of the scan plans")
+  p.add_argument('--variants', nargs='+', metavar='PLAN',
+                 help="time these plans or Pallas variants (e.g. 'pallas/num_stages=2') "
+                      "beside 'default' instead of the lists above")
+  p.add_argument('--jobs', type=int, default=1,
+                 help='compile every variant first, in this many threads (default: one '
+                      'at a time, each before it is timed)')
+  p.add_argument('--compile-timeout', type=float, metavar='S',
+                 help='with --jobs: time what compiled within S seconds, report the rest')
   p.add_argument('--json', metavar='PATH')
   args = p.parse_args(argv)
   shapes = [tuple(int(v) for v in s.split('x')) for s in args.shapes.split(',')]
   print(f'devices {jax.devices()}; jax {jax.__version__}', flush=True)
+
+  def variants(cls):
+    return ['default', *args.variants] if args.variants else plans(cls, args.pallas)
+
+  get = build
+  if args.jobs > 1:
+    ahead = compile_ahead([(cls, shape, plan) for shape in shapes for cls in (nr.LSTM, nr.GRU)
+                           for plan in variants(cls)], args.jobs, args.compile_timeout)
+
+    def get(cls, shape, plan):
+      return ahead[cls, shape, plan].result()
+
   rows = []
   for shape in shapes:
     for cls in (nr.LSTM, nr.GRU):
       fns = {}
-      for plan in plans(cls, args.pallas):
+      for plan in variants(cls):
         try:  # a variant that fails to compile or run (e.g. too much shared memory) is skipped
-          fns[plan] = f, t = build(cls, shape, plan)
+          fns[plan] = f, t = get(cls, shape, plan)
           jax.block_until_ready((f(), t()))  # a Triton kernel may fail at its first launch
         except Exception as e:  # noqa: BLE001
           fns.pop(plan, None)
@@ -180,7 +253,8 @@ def main(argv=None) -> int:
 
 def write(path, rows):
   if path:
-    write_json(path, dict(devices=[str(d) for d in jax.devices()], jax=jax.__version__,
+    write_json(path, dict(devices=[str(d) for d in jax.devices()],
+                          device_kind=jax.devices()[0].device_kind, jax=jax.__version__,
                           rows=rows))
 
 

@@ -432,6 +432,58 @@ def fake_variants(monkeypatch, outputs, samples, broken=(), stop=None):
   return calls
 
 
+def test_gpu_plans_jobs_compile_every_variant_before_timing(monkeypatch, tmp_path, capsys):
+  """``--jobs``: every variant of every shape is lowered in turn and compiled in
+  threads before the first sample (no compile competes with the timing); a
+  variant that fails to lower, or is still compiling after
+  ``--compile-timeout``, is reported and the others are timed; ``--variants``
+  replaces the plan lists, beside 'default'; the JSON records the device kind."""
+  import threading
+
+  events, release = [], threading.Event()
+
+  def lower(cls, shape, plan):
+    if plan == 'unlowerable':
+      raise RuntimeError('no lowering')
+    events.append(('lower', cls.__name__, plan))
+
+    def compile_both():
+      if plan == 'slow':
+        release.wait(30)  # still compiling when the timeout passes
+      events.append(('compile', cls.__name__, plan))
+      value = jnp.full(2, 1.0 if plan == 'default' else 1.5)
+      return (lambda: value), (lambda: value)
+
+    return compile_both
+
+  def sample_ms(fn, n):
+    events.append('sample')
+    fn()
+    return 2.0
+
+  monkeypatch.setattr(gpu_plans, 'lower', lower)
+  monkeypatch.setattr(gpu_plans, 'sample_ms', sample_ms)
+  path = tmp_path / 'grid.json'
+  try:
+    assert gpu_plans.main(['--shapes', '1x2x3x4', '--variants', 'pallas', 'unlowerable', 'slow',
+                           '--jobs', '3', '--compile-timeout', '0.5', '--rounds', '1',
+                           '--json', str(path)]) == 0
+  finally:
+    release.set()
+  first_sample = events.index('sample')
+  assert sorted(e for e in events[:first_sample]) == sorted(
+    [(step, layer, plan) for step in ('lower', 'compile') for layer in ('LSTM', 'GRU')
+     for plan in ('default', 'pallas')] + [('lower', 'LSTM', 'slow'), ('lower', 'GRU', 'slow')])
+  record = json.loads(path.read_text())
+  assert record['device_kind'] == jax.devices()[0].device_kind
+  assert [(r['layer'], r['plan'], r.get('error'), r.get('max_abs_diff_vs_default'))
+          for r in record['rows']] == [
+    (layer, plan, error, diff) for layer in ('LSTM', 'GRU') for plan, error, diff in (
+      ('unlowerable', 'no lowering', None), ('slow', 'not compiled within 0.5 s', None),
+      ('default', None, 0.0), ('pallas', None, 0.5))]
+  assert 'lowered and compiled 4 of 8 variants in' in capsys.readouterr().out
+
+
 def test_gpu_plans_main_rotates_and_compares_medians(monkeypatch, tmp_path, capsys):
   """Rounds rotate the plans; medians of the samples (5 calls each by default), ratios
   to the default's, ``max |y - y_default|``; the best per layer from the plans that ran."""

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# A second, shorter GPU call after benchmarks/gpu.sh (which measured issue 14's
+# four shapes): where the Pallas kernels beat the scans, for the table
+# implementation='auto' reads, and which Triton settings shorten their step.
+# Each step compiles all its programs first, in 12 threads (16 cores there),
+# then times them; every step ends by the call's budget (BUDGET_S = 350 s from
+# the start):
+#   1. the grid: nr.LSTM / nr.GRU with implementation='pallas' against the scans
+#      (forward and training step) at batch 1-64 and hidden 32-256, 300 steps;
+#   2. Triton variants of the kernels at issue 14's two small shapes: software
+#      pipelining of the loop's loads (num_stages 2, 3: a prefetch of the next
+#      step's input projections), fewer warps, 128-wide chunks;
+#   3. the tests that failed on the GPU in the first call of 2026-12-04 (they
+#      assumed the CPU's plan or interpreted kernels).
+#   bash benchmarks/gpu_grid.sh   (device tool: command "bash benchmarks/gpu_grid.sh", timeout_s 380)
+# Then: python -m benchmarks.pallas_verdict --grid OUT/pallas_grid.json --commit SHA
+set -uo pipefail
+out=${OUT:-out/gpu}
+mkdir -p "$out"
+log="$out/grid_log.txt"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+PY=${PY:-python3}
+deadline=$(( $(date +%s) + ${BUDGET_S:-350} ))
+step() { printf '\n=== %s (%s)\n' "$*" "$(date +%T)" | tee -a "$log"; }
+limit() { local left=$(( deadline - $(date +%s) )); echo $(( left < $1 ? (left > 1 ? left : 1) : $1 )); }
+step environment
+{ nvidia-smi -L; git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -20
+  $PY -c "import jax; d = jax.devices()[0]; print('jax', jax.__version__, d.device_kind)"
+} 2>&1 | tee -a "$log"
+shapes=""
+for H in 32 64 128 256; do
+  for B in 1 4 8 16 32 64; do
+    shapes="$shapes${shapes:+,}${B}x300x$(( H / 2 > 16 ? H / 2 : 16 ))x$H"
+  done
+done
+step grid
+timeout $(limit 170) $PY -m benchmarks.gpu_plans --variants pallas --jobs 12 --compile-timeout 100 \
+  --rounds 3 \
+  --shapes "$shapes" --json "$out/pallas_grid.json" 2>&1 | tee -a "$log"
+step Triton variants
+timeout $(limit 120) $PY -m benchmarks.gpu_plans --jobs 12 --compile-timeout 60 --rounds 3 \
+  --shapes 1x1000x32x64,8x500x64x128 --json "$out/pallas_variants.json" \
+  --variants pallas pallas/num_stages=2 pallas/num_stages=3 pallas/num_warps=4 \
+  pallas/num_warps=2 pallas/chunk=128,hold_bytes=131072 2>&1 | tee -a "$log"
+step tests
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout $(limit 60) $PY -m pytest -q -p no:cacheprovider \
+  tests/test_pallas.py::test_a_jax_without_pallas_triton_backend \
+  tests/test_fused.py::test_large_gru_batch_matches_generic \
+  tests/test_fused.py::test_plan_differentiates_large_gru_batches_with_jax_on_the_cpu \
+  2>&1 | tee -a "$log"
+rm -f "$out"/*.tmp
+step done

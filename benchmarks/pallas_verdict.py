@@ -12,8 +12,9 @@ reads them and prints, per shape and layer:
 * whether the kernels were faster than the scans, forward and training step
   (their medians): only there does ``'auto'`` pick them;
 * the ``PALLAS_FASTER`` entries to paste (one region per shape measured
-  faster: its batch rows and hidden size exactly, the device kind the run
-  recorded), with the numbers in a comment.
+  faster: its hidden size exactly, its batch rows up to those that run the
+  same kernel programs, the device kind the run recorded), with the numbers in
+  a comment.
 
 With ``--sweep`` (``pallas_sweep.json``, ``benchmarks/gpu_plans.py
 --pallas``) it also ranks the size variants by their training step, the
@@ -22,7 +23,15 @@ geometric mean over the layers, against the default settings::
   python -m benchmarks.pallas_verdict out/gpu/pallas_results.json out/gpu/pallas_large.json \\
       [--sweep out/gpu/pallas_sweep.json] [--commit abc1234]
 
-It reads JSON only: no JAX, no timing.
+With ``--grid`` (``benchmarks/gpu_plans.py --variants pallas`` over a grid of
+batch and hidden sizes; ``benchmarks/gpu_grid.sh``) the ``PALLAS_FASTER``
+entries come from the grid instead, one region per layer, hidden size and run
+of consecutive batch sizes measured faster, and it prints the grid's ratios::
+
+  python -m benchmarks.pallas_verdict --grid out/gpu/pallas_grid.json --commit abc1234
+
+It times nothing and needs no GPU: it reads JSON, and the package for the
+kernels' block sizes.
 """
 
 from __future__ import annotations
@@ -30,6 +39,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+
+from nnx_recurrent._fused import internal
 
 SMALL_BATCH = 8  # up to here: against PyTorch's cuDNN; above: against the scans
 TORCH_TRAIN, TORCH_FWD = 1.5, 2.0  # issue 14's targets at small batches
@@ -100,19 +111,97 @@ def device_name(runs: list[dict]) -> str:
   return kind.removeprefix('NVIDIA ').strip()
 
 
+def same_kernel_rows(rows: int, hidden: int) -> int:
+  """The most batch rows that run the kernels ``rows`` rows run (the batch
+  padded to whole blocks: 16 rows up to 16, ...), which therefore take the
+  kernels' measured time, while the scans do no less work with more rows: a
+  region measured faster at ``rows`` reaches that far, at the same ``hidden``."""
+  return internal.pallas_padded_rows(rows, hidden)
+
+
 def regions(rows: list[dict], device: str, commit: str) -> str:
-  """``PALLAS_FASTER``'s entries: the shapes where the kernels beat the scans."""
+  """``PALLAS_FASTER``'s entries: the shapes where the kernels beat the scans,
+  each up to the rows that run the same kernel programs."""
   lines = []
   for r in rows:
     if not r['faster']:
       continue
     (b, t, i, h), s = r['shape'], r['vs_scans']
-    lines.append(f"  PallasRegion({r['layer']!r}, rows=({b}, {b}), hidden=({h}, {h}), "
-                 f"device={device!r}),  # ({b}, {t}, {i}, {h}): fwd {s['fwd_ratio']:.2f}x, "
-                 f"train {s['train_ratio']:.2f}x the scans ({commit})")
+    lines.append(f"  # ({b}, {t}, {i}, {h}): fwd {s['fwd_ratio']:.2f}x, train "
+                 f"{s['train_ratio']:.2f}x the scans ({commit})")
+    lines.append(f"  PallasRegion({r['layer']!r}, rows=({b}, {same_kernel_rows(b, h)}), "
+                 f"hidden=({h}, {h}), device={device!r}),")
   if not lines:
     return 'PALLAS_FASTER: tuple[PallasRegion, ...] = ()  # faster nowhere'
   return 'PALLAS_FASTER: tuple[PallasRegion, ...] = (\n' + '\n'.join(lines) + '\n)'
+
+
+def grid_regions(grid: dict, commit: str) -> str:
+  """``PALLAS_FASTER``'s entries from a grid of shapes (``gpu_plans --variants
+  pallas``: each shape's ``'pallas'`` row, timed against the scans'
+  ``'default'``). Per layer and hidden size, each run of consecutive measured
+  batch sizes where the kernels were faster (forward and training step) is one
+  region, from its first measured batch to the rows that run the same kernels
+  as its last (:func:`same_kernel_rows`, short of the next measured batch):
+  batches in between are taken to be faster too (at small batches both sides'
+  step costs grow with the rows, the kernels' in steps at whole blocks); none at
+  other hidden sizes."""
+  kind = grid.get('device_kind')
+  if not kind:
+    raise ValueError('expected a grid with its `device_kind` (gpu_plans records it since '
+                     '2026-12-04), got none')
+  device = kind.removeprefix('NVIDIA ').strip()
+  runs: dict[tuple[str, int], list[tuple[int, bool, dict]]] = {}
+  for r in grid['rows']:
+    if r['plan'] != 'pallas':
+      continue
+    b, t, i, h = r['shape']
+    faster = 'error' not in r and r['fwd_vs_default'] < 1 and r['train_vs_default'] < 1
+    runs.setdefault((r['layer'], h), []).append((b, faster, r))
+  lines = []
+  for (layer, h), measured in sorted(runs.items()):
+    measured.sort(key=lambda m: m[0])
+    group: list[tuple[int, bool, dict]] = []
+    for m in measured + [(math.inf, False, {})]:  # a sentinel ends the last run
+      if m[1]:
+        group.append(m)
+        continue
+      if group:
+        ratios = ', '.join(f"{b}: {r['fwd_vs_default']:.2f}/{r['train_vs_default']:.2f}"
+                           for b, _, r in group)
+        t, i = group[0][2]['shape'][1:3]
+        last = min(same_kernel_rows(group[-1][0], h), m[0] - 1)
+        lines.append(f"  # T={t}, I={i}; batch: fwd/train x the scans {ratios} ({commit})")
+        lines.append(f"  PallasRegion({layer!r}, rows=({group[0][0]}, {last}), "
+                     f"hidden=({h}, {h}), device={device!r}),")
+      group = []
+  if not lines:
+    return 'PALLAS_FASTER: tuple[PallasRegion, ...] = ()  # faster nowhere'
+  return 'PALLAS_FASTER: tuple[PallasRegion, ...] = (\n' + '\n'.join(lines) + '\n)'
+
+
+def grid_table(grid: dict) -> str:
+  """Markdown: Pallas over the scans per layer, batch (rows) and hidden size
+  (columns), ``fwd / train``."""
+  cells = {(r['layer'], r['shape'][0], r['shape'][3]): r for r in grid['rows']
+           if r['plan'] == 'pallas'}
+  hs = sorted({k[2] for k in cells})
+  out = []
+  for layer in ('LSTM', 'GRU'):
+    bs = sorted({k[1] for k in cells if k[0] == layer})
+    if not bs:
+      continue
+    out += [f'| {layer}: batch \\ hidden | ' + ' | '.join(map(str, hs)) + ' |',
+            '|---|' + '---|' * len(hs)]
+    for b in bs:
+      row = []
+      for h in hs:
+        r = cells.get((layer, b, h))
+        row.append('' if r is None else 'failed' if 'error' in r else
+                   f"{r['fwd_vs_default']:.2f} / {r['train_vs_default']:.2f}")
+      out.append(f'| {b} | ' + ' | '.join(row) + ' |')
+    out.append('')
+  return '\n'.join(out)
 
 
 def sweep_ranking(sweep: dict) -> list[tuple[str, float, int]]:
@@ -132,20 +221,32 @@ def sweep_ranking(sweep: dict) -> list[tuple[str, float, int]]:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog='python -m benchmarks.pallas_verdict',
                               description=__doc__.splitlines()[0])
-  p.add_argument('runs', nargs='+', help="benchmarks.run JSON files with the Pallas rows")
+  p.add_argument('runs', nargs='*', help="benchmarks.run JSON files with the Pallas rows")
   p.add_argument('--sweep', help='gpu_plans --pallas JSON')
+  p.add_argument('--grid', help="gpu_plans --variants pallas JSON over a grid of shapes: "
+                                "PALLAS_FASTER from it instead of from the runs'")
   p.add_argument('--commit', default='the commit measured', help='named in the comments')
   args = p.parse_args(argv)
+  if not args.runs and not args.grid:
+    p.error('expected benchmarks.run JSON files, --grid, or both')
   runs = []
   for path in args.runs:
     with open(path) as f:
       runs.append(json.load(f))
   rows = verdicts(runs)
-  if not rows:  # not "faster nowhere": nothing was measured
+  if runs and not rows:  # not "faster nowhere": nothing was measured
     p.error(f'no nr.LSTM[pallas] / nr.GRU[pallas] ratios in {", ".join(args.runs)} (expected '
             "gpu.sh's pallas_results.json or pallas_large.json, run on a GPU)")
-  print(table(rows), '\n')
-  print(regions(rows, device_name(runs), args.commit))
+  if rows:
+    print(table(rows), '\n')
+  if args.grid:
+    with open(args.grid) as f:
+      grid = json.load(f)
+    print('Pallas over the scans, fwd / train:\n')
+    print(grid_table(grid))
+    print(grid_regions(grid, args.commit))
+  else:
+    print(regions(rows, device_name(runs), args.commit))
   if args.sweep:
     with open(args.sweep) as f:
       ranking = sweep_ranking(json.load(f))

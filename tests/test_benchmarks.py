@@ -371,7 +371,8 @@ def test_pallas_verdict_targets_and_the_table_auto_reads(monkeypatch):
   namespace = dict(PallasRegion=_plans.PallasRegion)
   exec(text.replace('tuple[PallasRegion, ...]', 'tuple'), namespace)
   table = namespace['PALLAS_FASTER']
-  assert table == (_plans.PallasRegion('LSTM', rows=(1, 1), hidden=(16, 16), device='H200'),)
+  # Up to 16 rows the kernels run one 16-row block: the same programs as at batch 1.
+  assert table == (_plans.PallasRegion('LSTM', rows=(1, 16), hidden=(16, 16), device='H200'),)
 
   class H200:
     device_kind = 'NVIDIA H200'
@@ -379,9 +380,9 @@ def test_pallas_verdict_targets_and_the_table_auto_reads(monkeypatch):
   monkeypatch.setattr(_plans, 'PALLAS_FASTER', table)
   monkeypatch.setattr(_plans, 'cuda_backend', lambda: True)
   monkeypatch.setattr(_plans.jax, 'devices', lambda: [H200()])
-  picks = [(layer, b, h) for layer in (nr.LSTM, nr.GRU) for b in (1, 2) for h in (16, 32)
+  picks = [(layer, b, h) for layer in (nr.LSTM, nr.GRU) for b in (1, 16, 17) for h in (16, 32)
            if _plans.pallas_measured_faster(layer._math, b, h)]
-  assert picks == [(nr.LSTM, 1, 16)]
+  assert picks == [(nr.LSTM, 1, 16), (nr.LSTM, 16, 16)]
   with pytest.raises(ValueError, match=r"expected runs on one recorded kind of device, got "
                                        r"device kinds \['NVIDIA A100', 'NVIDIA H200'\]"):
     pallas_verdict.device_name([small, _pallas_run((8, 2, 3, 16), {}, kind='NVIDIA A100')])
@@ -393,6 +394,56 @@ def test_pallas_verdict_targets_and_the_table_auto_reads(monkeypatch):
   exec(pallas_verdict.regions([], 'H200', 'x').replace('tuple[PallasRegion, ...]', 'tuple'),
        namespace)
   assert namespace['PALLAS_FASTER'] == ()
+
+
+def _grid(cells, kind='NVIDIA H200'):
+  """A ``gpu_plans --variants pallas`` payload: ``cells`` maps (layer, batch,
+  hidden) to Pallas over the scans (fwd, train), or to an error message."""
+  rows = []
+  for (layer, b, h), ratios in cells.items():
+    shape = [b, 300, max(16, h // 2), h]
+    rows.append(dict(shape=shape, layer=layer, plan='default', fwd_ms=1.0, train_ms=1.0,
+                     fwd_vs_default=1.0, train_vs_default=1.0))
+    if isinstance(ratios, str):
+      rows.append(dict(shape=shape, layer=layer, plan='pallas', error=ratios))
+    else:
+      rows.append(dict(shape=shape, layer=layer, plan='pallas', fwd_ms=ratios[0],
+                       train_ms=ratios[1], fwd_vs_default=ratios[0], train_vs_default=ratios[1]))
+  return dict(device_kind=kind, rows=rows)
+
+
+def test_pallas_verdict_regions_from_a_grid(monkeypatch):
+  """A grid's regions: per layer and hidden size, each run of consecutive
+  batches faster both ways, up to the rows that run the last one's kernels but
+  short of the next measured batch; an error or a tie ends a run. The printed
+  entries are the table 'auto' follows."""
+  from benchmarks import pallas_verdict
+  from nnx_recurrent._fused import _plans
+
+  grid = _grid({('LSTM', 1, 64): (0.4, 0.5), ('LSTM', 4, 64): (0.5, 0.6),
+                ('LSTM', 8, 64): (0.6, 0.7), ('LSTM', 16, 64): (1.1, 0.9),
+                ('LSTM', 32, 64): (0.9, 0.9), ('LSTM', 64, 64): 'out of shared memory',
+                ('GRU', 1, 64): (0.9, 1.0), ('GRU', 4, 64): (0.5, 0.5),
+                ('GRU', 33, 256): (0.8, 0.9)})
+  text = pallas_verdict.grid_regions(grid, 'abc1234')
+  namespace = dict(PallasRegion=_plans.PallasRegion)
+  exec(text.replace('tuple[PallasRegion, ...]', 'tuple'), namespace)
+  region = _plans.PallasRegion
+  assert namespace['PALLAS_FASTER'] == (
+    region('GRU', rows=(4, 16), hidden=(64, 64), device='H200'),
+    region('GRU', rows=(33, 48), hidden=(256, 256), device='H200'),  # 16-row blocks at H = 256
+    region('LSTM', rows=(1, 15), hidden=(64, 64), device='H200'),  # batch 16 was slower
+    region('LSTM', rows=(32, 32), hidden=(64, 64), device='H200'))  # batch 64 failed
+  assert '# T=300, I=32; batch: fwd/train x the scans 1: 0.40/0.50, 4: 0.50/0.60, 8: 0.60/0.70 ' \
+    '(abc1234)' in text
+  table = pallas_verdict.grid_table(grid)
+  assert '| LSTM: batch \\ hidden | 64 | 256 |' in table
+  assert '| 16 | 1.10 / 0.90 |  |' in table and '| 64 | failed |  |' in table
+  assert '| 33 |  | 0.80 / 0.90 |' in table
+  assert pallas_verdict.grid_regions(_grid({('GRU', 1, 64): (1.0, 0.5)}), 'x') == \
+    'PALLAS_FASTER: tuple[PallasRegion, ...] = ()  # faster nowhere'
+  with pytest.raises(ValueError, match=r'expected a grid with its `device_kind`'):
+    pallas_verdict.grid_regions(dict(rows=[]), 'x')
 
 
 def test_pallas_verdict_edges_of_the_targets():
@@ -416,7 +467,7 @@ def test_pallas_verdict_edges_of_the_targets():
   assert [(r['shape'][0], r['layer'], r['met'], r['faster']) for r in rows] == [
     (8, 'LSTM', True, False), (8, 'GRU', True, True), (64, 'LSTM', False, False),
     (64, 'GRU', True, False), (128, 'LSTM', True, False), (128, 'GRU', None, False)]
-  assert 'PallasRegion(\'GRU\', rows=(8, 8), hidden=(16, 16), device=\'H200\')' in \
+  assert 'PallasRegion(\'GRU\', rows=(8, 16), hidden=(16, 16), device=\'H200\')' in \
     pallas_verdict.regions(rows, 'H200', 'x')
   # The later run replaces the whole shape: no PyTorch ratio left over from the stale run.
   rows = pallas_verdict.verdicts([stale, _pallas_run((8, 5, 3, 16), {
@@ -448,10 +499,20 @@ def test_pallas_verdict_main_prints_the_entries_and_ranking(tmp_path, capsys):
     for plan, ms in (('pallas', 2.0), ('pallas/a=1', 1.0))])))
   assert pallas_verdict.main([str(path), '--sweep', str(sweep), '--commit', 'abc1234']) == 0
   out = capsys.readouterr().out
-  assert "PallasRegion('LSTM', rows=(2, 2), hidden=(4, 4), device='H200'),  # (2, 5, 3, 4): " \
-         'fwd 0.50x, train 0.50x the scans (abc1234)' in out
+  assert "  # (2, 5, 3, 4): fwd 0.50x, train 0.50x the scans (abc1234)\n" \
+         "  PallasRegion('LSTM', rows=(2, 16), hidden=(4, 4), device='H200'),\n" in out
   assert out.splitlines()[-2:] == [f'  {"pallas/a=1":40s} 0.500x (1 layer)',
                                    f'  {"pallas":40s} 1.000x (1 layer)']
+  grid = tmp_path / 'grid.json'  # --grid: its table and its regions instead of the runs'
+  grid.write_text(json.dumps(_grid({('GRU', 4, 64): (0.5, 0.25)})))
+  assert pallas_verdict.main([str(path), '--grid', str(grid), '--commit', 'c']) == 0
+  out = capsys.readouterr().out
+  assert '| (2, 5, 3, 4) | LSTM |' in out and '| 4 | 0.50 / 0.25 |' in out
+  assert "PallasRegion('GRU', rows=(4, 16), hidden=(64, 64), device='H200')" in out
+  assert 'PallasRegion(\'LSTM\'' not in out
+  with pytest.raises(SystemExit):
+    pallas_verdict.main([])
+  assert 'expected benchmarks.run JSON files, --grid, or both' in capsys.readouterr().err
 
 
 def test_pallas_verdict_ranks_the_size_variants():

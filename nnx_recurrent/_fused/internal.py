@@ -24,6 +24,11 @@ through its modules' private helpers. It offers exactly:
   (:class:`PallasSettings`: column chunk, bytes of weights held on chip,
   state size per program, chunks unrolled, ``num_warps``, ``num_stages``);
   for measurements.
+* ``pallas_padded_rows(rows, hidden)``: the batch rows the Pallas kernels run
+  for ``rows`` rows of a layer of ``hidden`` features (no projection), that is
+  the batch padded to whole blocks: every row count with the same padded rows
+  runs the same kernel programs (``benchmarks/pallas_verdict.py`` widens a
+  measured shape's region by it);
 * ``triton_lowering()``: a context manager under which the Pallas kernels
   (``implementation='pallas'``) lower for a GPU through Triton even when the
   default backend is the CPU, so that ``jax.export(..., platforms=['cuda'])``
@@ -53,16 +58,17 @@ from __future__ import annotations
 import contextlib
 
 import jax
+import jax.numpy as jnp
 
 from nnx_recurrent._fused import _cudnn, _pallas, _plans
 from nnx_recurrent._fused._pallas import Settings as PallasSettings
 from nnx_recurrent._fused._plans import TRANSPOSE_MIN_MACS, Plan, ScanPlan, cuda_backend
-from nnx_recurrent._fused._step_math import dot, flat_dot_t, shift
+from nnx_recurrent._fused._step_math import LSTMMath, dot, flat_dot_t, shift
 
 __all__ = [
   'dot', 'shift', 'flat_dot_t', 'TRANSPOSE_MIN_MACS', 'ScanPlan', 'Plan', 'plan_for',
   'forced_plan', 'cuda_backend', 'fake_cuda', 'triton_lowering', 'pallas_settings',
-  'PallasSettings',
+  'PallasSettings', 'pallas_padded_rows',
 ]
 
 
@@ -70,6 +76,14 @@ def plan_for(layer_cls, rows: int, gate_width: int) -> Plan:
   """The plan ``layer_cls`` (``nr.LSTM`` or ``nr.GRU``) uses for a step of
   ``rows`` batch rows and ``gate_width`` (gates times hidden) columns."""
   return _plans.plan(layer_cls._math, rows, gate_width)
+
+
+def pallas_padded_rows(rows: int, hidden: int) -> int:
+  """The batch rows the Pallas kernels run for ``rows`` batch rows of a layer
+  of ``hidden`` features without a projection (either layer: the block does
+  not depend on the gates), with the current :class:`PallasSettings`."""
+  return _pallas._Layout(LSTMMath, 1, rows, hidden, hidden, proj=False, packed=False,
+                         dtype=jnp.float32).padded_rows
 
 
 @contextlib.contextmanager

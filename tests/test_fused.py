@@ -308,6 +308,7 @@ def test_prefetch_scan_in_pairs_is_lax_scan(length, reverse):
 
 
 def test_plan_differentiates_large_gru_batches_with_jax_on_the_cpu(monkeypatch):
+  monkeypatch.setattr(_plans, 'cpu_backend', lambda: True)  # the CPU's choice, on any machine
   plan = internal.plan_for
   rows = _plans.GRU_AUTODIFF_MIN_ROWS
   assert plan(nr.GRU, rows, 384) == PATHS['autodiff']
@@ -385,9 +386,11 @@ def test_forced_plans_nest_and_restore():
   assert internal.plan_for(nr.LSTM, B, 4 * H) == default
 
 
-def test_large_gru_batch_matches_generic():
+def test_large_gru_batch_matches_generic(monkeypatch):
   """Two batch axes of 2 x 64 rows: the plan is JAX's differentiation (garbage
-  at padding inert)."""
+  at padding inert). The CPU's choice, on any machine (a GPU keeps the custom
+  VJP)."""
+  monkeypatch.setattr(_plans, 'cpu_backend', lambda: True)
   layer = make(nr.GRU, 1, True, seed=13)
   assert internal.plan_for(nr.GRU, 2 * 64, 3 * H).custom_vjp is False
   x = ref.normal((2, 64, T, I), seed=14)

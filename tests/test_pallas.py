@@ -258,7 +258,7 @@ def test_kernels_lower_through_triton(cls, dtype, weights, packed, gpu, monkeypa
 
 @pytest.mark.parametrize('cls', [nr.GRU])  # one table for both layers: the other's row below
 def test_auto_picks_pallas_only_where_measured_faster(cls, monkeypatch):
-  """The one table (``_plans.PALLAS_FASTER``, empty: no GPU numbers yet); a
+  """The one table (``_plans.PALLAS_FASTER``, replaced here by a test region); a
   region's rows are those of all batch axes, bounds included; only on a CUDA
   GPU whose device kind names the region's device."""
   def uses_pallas(layer, x=jnp.ones((B, T, I))):
@@ -333,8 +333,9 @@ def test_a_jax_without_pallas_triton_backend(monkeypatch):
   monkeypatch.setattr(_pallas, '_triton', lambda: None)
   layer = make(nr.GRU, seed=41, implementation='pallas')
   x = ref.normal((B, T, I), seed=42)
-  out, want = call(layer, x, run=lambda m, x: (m(x), with_implementation(m, 'xla')(x)))
-  assert_trees_close(out, want)
+  if jax.default_backend() == 'cpu':  # on a GPU the same layer is refused (below)
+    out, want = call(layer, x, run=lambda m, x: (m(x), with_implementation(m, 'xla')(x)))
+    assert_trees_close(out, want)
   with pytest.raises(RuntimeError, match='has no Pallas Triton backend'):
     with internal.triton_lowering():
       pass
@@ -409,3 +410,47 @@ def test_pallas_with_a_symbolic_batch_says_to_use_the_scans():
                                        r'symbolic batch or time size \(jax.export\)'):
     export.export(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)))(
       state, jax.ShapeDtypeStruct((b, t, I), jnp.float32))
+
+
+def _kernel_rows(layer, x):
+  """The batch rows the layer's first Pallas kernel runs (its lengths input)."""
+  def find(jaxpr):
+    for e in jaxpr.eqns:
+      if e.primitive.name == 'pallas_call':
+        return e.invars[0].aval.shape[0]
+      for p in e.params.values():
+        inner = getattr(p, 'jaxpr', p)  # a ClosedJaxpr's jaxpr, or a Jaxpr
+        if hasattr(inner, 'eqns') and (found := find(inner)) is not None:
+          return found
+    return None
+
+  return find(jax.make_jaxpr(lambda x: layer(x))(x).jaxpr)
+
+
+@pytest.mark.parametrize('rows,hidden,padded', [(1, 16, 16), (16, 16, 16), (17, 16, 32),
+                                                (3, 256, 16), (33, 256, 48)])
+def test_pallas_padded_rows_are_the_rows_the_kernels_run(rows, hidden, padded):
+  """``internal.pallas_padded_rows``, by which ``benchmarks/pallas_verdict`` widens a
+  measured region, is the batch the kernels actually run: 16-row blocks up to
+  64 rows, fewer rows a block from ``H = 256`` on (the state is held on chip)."""
+  layer = build(lambda: nr.GRU(I, hidden, implementation='pallas', rngs=nnx.Rngs(0)))
+  assert internal.pallas_padded_rows(rows, hidden) == padded
+  assert _kernel_rows(layer, jnp.ones((rows, 2, I))) == padded
+
+
+def test_the_measured_table_auto_follows(monkeypatch):
+  """The shipped ``PALLAS_FASTER`` (an H200's measurements): on an H200 'auto'
+  runs the kernels at batch 1-16 for hidden 64, 8-16 for 128, both layers, and
+  the scans elsewhere, e.g. batch 17, hidden 32 or 256; on another GPU never."""
+  class Device:
+    device_kind = 'NVIDIA H200'
+
+  monkeypatch.setattr(_plans, 'cuda_backend', lambda: True)
+  monkeypatch.setattr(_plans.jax, 'devices', lambda: [Device()])
+  picks = {(layer.name, b, h) for layer in (nr.LSTM._math, nr.GRU._math)
+           for b in (1, 4, 7, 8, 16, 17, 64) for h in (32, 64, 128, 256)
+           if _plans.pallas_measured_faster(layer, b, h)}
+  assert picks == {(name, b, h) for name in ('LSTM', 'GRU')
+                   for b, h in [(1, 64), (4, 64), (7, 64), (8, 64), (16, 64), (8, 128), (16, 128)]}
+  Device.device_kind = 'NVIDIA A100'
+  assert not _plans.pallas_measured_faster(nr.LSTM._math, 1, 64)

@@ -29,14 +29,16 @@ the function of the other backends; the tests check them against the generic
 ``RNN`` composition and a NumPy reference in interpret mode.
 
 On a GPU the kernels lower through Triton; elsewhere (the CPU) they run in
-Pallas' interpret mode (slow: for tests). They have NOT run on a GPU yet. The
-tests export a training step for CUDA on the CPU (``internal.triton_lowering``),
-so Pallas' Triton lowering accepts the kernels (float32 and bfloat16, weights
-held or loaded per step, projected and packed); ``benchmarks/triton_resources.py``
-compiles them further, with Triton's own compiler for an H200 (``sm_90a``), and
-reports their shared memory, registers and spills (the sizes in
-:class:`Settings` come from it). Nothing is known of their speed
-(``implementation='auto'`` does not pick them: see ``_plans.PALLAS_FASTER``).
+Pallas' interpret mode (slow: for tests). The tests export a training step for
+CUDA on the CPU (``internal.triton_lowering``), so Pallas' Triton lowering
+accepts the kernels (float32 and bfloat16, weights held or loaded per step,
+projected and packed); ``benchmarks/triton_resources.py`` compiles them
+further, with Triton's own compiler for an H200 (``sm_90a``), and reports their
+shared memory, registers and spills (the sizes in :class:`Settings` come from
+it). On an H200 (2026-12-04) the tests passed on the GPU, and the kernels took
+0.24-0.85x the scans' time at batch 1 and 8 (hidden 64 and 128) but 1.5-18x at
+batch 64 and 256 (hidden 256 and 512): ``implementation='auto'`` picks them only
+where measured faster (``_plans.PALLAS_FASTER``).
 On NVIDIA GPUs jax 0.10 lowers a ``pallas_call`` through Mosaic GPU unless it
 gets Triton's compiler parameters; Mosaic GPU rejects these kernels (found by
 exporting for CUDA: "Only copies transferring a number of bytes divisible by
@@ -69,7 +71,11 @@ class Settings(NamedTuple):
   changes them, for measurements). Chosen by compiling the kernels with Triton
   for an H200 (``sm_90a``) on a CPU, ``benchmarks/triton_resources.py``, so
   that shared memory (227 KiB a block) suffices and registers rarely spill at
-  the suite's shapes; not yet timed on a GPU."""
+  the suite's shapes. Timed on an H200 at (8, 500, 64, 128) against five
+  variants (``benchmarks/gpu_plans.py --pallas``): 128-wide chunks with 128 KiB
+  held trained faster (0.88x / 0.90x the LSTM's / GRU's step with these) but
+  ran the forward slower (1.03x / 1.06x), the others were slower both ways
+  (benchmarks/RESULTS.md, "Pallas kernels on the H200")."""
 
   chunk: int = 64
   """Column chunks of this width, weight tiles of this size squared."""

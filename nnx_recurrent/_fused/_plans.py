@@ -137,15 +137,27 @@ class PallasRegion(NamedTuple):
   device: str  # part of jax.devices()[0].device_kind, e.g. 'H200'
 
 
-# Where implementation='auto' picks the Pallas kernels: EMPTY, because they
-# have never run on a GPU (written and tested in interpret mode on a CPU). The
-# next session with a GPU: `bash benchmarks/gpu.sh` times nr.LSTM[pallas] and
-# nr.GRU[pallas] next to the scans; `python -m benchmarks.pallas_verdict
-# out/gpu/pallas_results.json out/gpu/pallas_large.json --commit <sha>` prints
-# the (layer, rows, hidden, device) regions where both the forward and the
-# training step were faster, with the numbers and the commit in a comment, to
-# paste here (and its table, for benchmarks/RESULTS.md).
-PALLAS_FASTER: tuple[PallasRegion, ...] = ()
+# Where implementation='auto' picks the Pallas kernels: the shapes where they
+# measured faster than the scans, forward and training step, on an H200
+# (2026-12-04, `bash benchmarks/gpu.sh` at fc499f2; benchmarks/RESULTS.md,
+# "Pallas kernels on the H200"), printed by `python -m benchmarks.pallas_verdict
+# out/gpu/pallas_results.json out/gpu/pallas_large.json --commit <sha>`. Each
+# region is one measured shape's hidden size, and its batch rows up to those
+# that run the same kernel programs (the batch padded to a 16-row block), which
+# take the kernels' measured time while the scans do no less work. At batch 64
+# (hidden 256) and 256 (hidden 512) the kernels were slower (1.5-18x): the scans
+# there. A grid of batch and hidden sizes (`benchmarks/gpu_grid.sh`, then
+# `pallas_verdict --grid`) is prepared to widen this table.
+PALLAS_FASTER: tuple[PallasRegion, ...] = (
+  # (1, 1000, 32, 64): fwd 0.36x, train 0.49x the scans (fc499f2)
+  PallasRegion('LSTM', rows=(1, 16), hidden=(64, 64), device='H200'),
+  # (1, 1000, 32, 64): fwd 0.24x, train 0.45x the scans (fc499f2)
+  PallasRegion('GRU', rows=(1, 16), hidden=(64, 64), device='H200'),
+  # (8, 500, 64, 128): fwd 0.76x, train 0.85x the scans (fc499f2)
+  PallasRegion('LSTM', rows=(8, 16), hidden=(128, 128), device='H200'),
+  # (8, 500, 64, 128): fwd 0.53x, train 0.63x the scans (fc499f2)
+  PallasRegion('GRU', rows=(8, 16), hidden=(128, 128), device='H200'),
+)
 
 
 def pallas_measured_faster(cell_math, rows: int, hidden: int) -> bool:

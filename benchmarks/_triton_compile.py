@@ -37,6 +37,8 @@ def main(argv):
       ptx = path[:-len('.ttir')] + '.ptx'
       with open(ptx, 'w') as f:
         f.write(kernel.asm['ptx'])
+      with open(path[:-len('.ttir')] + '.ttgir', 'w') as f:  # after Triton's layout passes
+        f.write(kernel.asm['ttgir'])
       log = subprocess.run([ptxas, '-arch=sm_90a', '-v', ptx, '-o', os.devnull],
                            capture_output=True, text=True).stderr
       row.update(ok=True, shared=kernel.metadata.shared,

@@ -19,7 +19,8 @@ interpreter with ``--triton-python`` (``make triton-check`` makes
 ``.venv-triton`` and runs this)::
 
   python -m benchmarks.triton_resources --triton-python .venv-triton/bin/python \\
-      [--shapes 1x32x64,8x64x128] [--settings chunk=64,hold_bytes=180224] [--json out.json]
+      [--shapes 1x32x64,8x64x128] [--settings chunk=64,hold_bytes=180224] [--json out.json] \\
+      [--dump DIR]
 
 A shape is ``batch x input x hidden``; the default is the benchmark suite's
 four in float32 (at ``H = 512`` the kernels loop over their column chunks:
@@ -131,12 +132,18 @@ def main(argv=None):
   parser.add_argument('--settings', default='',
                       help='changes to internal.PallasSettings, e.g. chunk=32,num_warps=4')
   parser.add_argument('--json', help='write the results here')
+  parser.add_argument('--dump', metavar='DIR',
+                      help="keep each kernel's Triton IR (.ttir), its form after Triton's "
+                           'layout passes (.ttgir) and its PTX (.ptx) in DIR')
   args = parser.parse_args(argv)
   cases = parse_shapes(args.shapes) if args.shapes else DEFAULT_CASES
   child = os.path.join(os.path.dirname(os.path.abspath(__file__)), '_triton_compile.py')
   rows = []
+  if args.dump:
+    os.makedirs(args.dump, exist_ok=True)
   with internal.pallas_settings(**parse_settings(args.settings)) as settings, \
-       tempfile.TemporaryDirectory() as tmp:
+       tempfile.TemporaryDirectory() as scratch:
+    tmp = args.dump or scratch
     print(f'settings: {settings._asdict()}', flush=True)
     print(f'{"kernel":52s} {"shared KiB":>10s} {"regs":>5s} {"spill B":>8s} {"compile s":>9s}')
     for case in cases:
@@ -146,7 +153,7 @@ def main(argv=None):
         paths.append(os.path.join(tmp, f'{name}_{kernel}.ttir'))
         with open(paths[-1], 'w') as f:
           f.write(text)
-      env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(tmp, 'cache'))  # compiled afresh
+      env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(scratch, 'cache'))  # compiled afresh
       done = subprocess.run([args.triton_python, child, str(settings.num_warps),
                              str(settings.num_stages), *paths], capture_output=True, text=True,
                             env=env)

@@ -608,6 +608,14 @@ def test_triton_resources_main_reports_each_kernel(monkeypatch, tmp_path, capsys
   assert 'GRU_B1_I2_H3_float32_forward' + ' ' * 24 + ' FAILED: PTXASError' in out
   fake_compiler(monkeypatch, [limit] * 4)  # everything fits
   assert triton_resources.main(['--shapes', '1x2x3']) == 0
+  dump = tmp_path / 'dump'  # --dump: the IR files (and the child's) kept there, not the cache
+  calls = fake_compiler(monkeypatch, [limit] * 4)
+  assert triton_resources.main(['--shapes', '1x2x3', '--dump', str(dump)]) == 0
+  assert {c[3] for c in calls} == {str(dump)}
+  assert not any(c[2].startswith(str(dump)) for c in calls)
+  assert sorted(os.listdir(dump)) == sorted(f'{cls}_B1_I2_H3_float32_{kernel}.ttir'
+                                            for cls in ('LSTM', 'GRU')
+                                            for kernel in ('forward', 'backward'))
 
 
 def test_triton_resources_main_reports_a_failed_child(monkeypatch):
@@ -697,7 +705,8 @@ def test_gpu_sh_arguments_reach_the_gpu_scripts(monkeypatch, tmp_path):
 
 def test_triton_compile_child_reports_each_file(monkeypatch, tmp_path, capsys):
   """``benchmarks/_triton_compile.py`` on a fake ``triton``: each file compiled for
-  Hopper (sm_90a) with the warps and stages given, its PTX through ``ptxas -v``; one
+  Hopper (sm_90a) with the warps and stages given, its PTX through ``ptxas -v``
+  and kept with its Triton GPU IR beside the file; one
   JSON line a file, a compiler error's lines summarised and its reproducer kept off
   stdout (where the parent reads every line starting with '{')."""
   from benchmarks import _triton_compile
@@ -714,7 +723,8 @@ def test_triton_compile_child_reports_each_file(monkeypatch, tmp_path, capsys):
       raise RuntimeError('PassManager::run failed\nk.ttir:3:5: error: failed to legalize\n'
                          'note: see current operation\nerror: out of resource: shared memory\n'
                          'error: a third')
-    return types.SimpleNamespace(asm=dict(ptx=f'ptx of {os.path.basename(path)}'),
+    return types.SimpleNamespace(asm=dict(ptx=f'ptx of {os.path.basename(path)}',
+                                          ttgir=f'ttgir of {os.path.basename(path)}'),
                                  metadata=types.SimpleNamespace(shared=4096))
 
   def run(argv, capture_output, text):
@@ -740,6 +750,9 @@ def test_triton_compile_child_reports_each_file(monkeypatch, tmp_path, capsys):
                       for f in files]
   assert ptxas == [([str(bin_dir / 'ptxas'), '-arch=sm_90a', '-v'], 'ptx of k_forward.ttir',
                     ['-o', os.devnull])]
+  # Kept beside the IR (triton_resources --dump): the form after Triton's layout passes.
+  assert (tmp_path / 'k_forward.ttgir').read_text() == 'ttgir of k_forward.ttir'
+  assert not (tmp_path / 'bad.ttgir').exists()
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert [{k: v for k, v in r.items() if k != 'seconds'} for r in rows] == [
     dict(file='k_forward.ttir', ok=True, shared=4096, registers=168, spill_bytes=24),

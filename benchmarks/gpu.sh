@@ -18,7 +18,8 @@
 #      internal.PallasSettings' defaults: 5 variants of 3 kernels for each
 #      layer, about 77 s of Triton compiles on a 2-core CPU (triton 3.6.0;
 #      benchmarks/RESULTS.md, "Pallas kernels"), and the loop over column
-#      chunks (unrolled_chunks=0, about 11 s more);
+#      chunks (unrolled_chunks=0, about 11 s more), and loads a step ahead
+#      (prefetch=1). The whole step took 44 s on the H200 on 2026-12-04;
 #   6. the Pallas rows at (256, 50, 256, 512), in whatever time is left: there
 #      the kernels loop over their column chunks (unrolled, one kernel took
 #      Triton 12 minutes to compile on a 2-core CPU; looped, 5-17 s a kernel).

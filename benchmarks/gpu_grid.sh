@@ -7,9 +7,10 @@
 # the start):
 #   1. the grid: nr.LSTM / nr.GRU with implementation='pallas' against the scans
 #      (forward and training step) at batch 1-64 and hidden 32-256, 300 steps;
-#   2. Triton variants of the kernels at issue 14's two small shapes: software
-#      pipelining of the loop's loads (num_stages 2, 3: a prefetch of the next
-#      step's input projections), fewer warps, 128-wide chunks;
+#   2. variants of the kernels at issue 14's two small shapes: the next step's
+#      loads issued a step ahead (PallasSettings.prefetch; Triton's own
+#      pipelining, num_stages=2, leaves the forward's loads alone and exceeds
+#      shared memory at H = 128), fewer warps, 128-wide chunks;
 #   3. the tests that failed on the GPU in the first call of 2026-12-04 (they
 #      assumed the CPU's plan or interpreted kernels).
 #   bash benchmarks/gpu_grid.sh   (device tool: command "bash benchmarks/gpu_grid.sh", timeout_s 380)
@@ -40,8 +41,8 @@ timeout $(limit 170) $PY -m benchmarks.gpu_plans --variants pallas --jobs 12 --c
 step Triton variants
 timeout $(limit 120) $PY -m benchmarks.gpu_plans --jobs 12 --compile-timeout 60 --rounds 3 \
   --shapes 1x1000x32x64,8x500x64x128 --json "$out/pallas_variants.json" \
-  --variants pallas pallas/num_stages=2 pallas/num_stages=3 pallas/num_warps=4 \
-  pallas/num_warps=2 pallas/chunk=128,hold_bytes=131072 2>&1 | tee -a "$log"
+  --variants pallas pallas/prefetch=1 pallas/prefetch=1,num_warps=4 pallas/num_stages=2 \
+  pallas/num_warps=4 pallas/num_warps=2 pallas/chunk=128,hold_bytes=131072 2>&1 | tee -a "$log"
 step tests
 JAX_DEFAULT_MATMUL_PRECISION=highest timeout $(limit 60) $PY -m pytest -q -p no:cacheprovider \
   tests/test_pallas.py::test_a_jax_without_pallas_triton_backend \

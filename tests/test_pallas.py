@@ -88,10 +88,10 @@ def test_packed_sequences_and_projection(cls):
   check_plans_against_generic(layer, x, carry0, ['default'], padding=IDS == 0, segment_ids=IDS)
 
 
-@pytest.mark.parametrize('rolled', [False, True], ids=['unrolled', 'rolled'])
+@pytest.mark.parametrize('mode', ['unrolled', 'rolled', 'prefetched'])
 @pytest.mark.parametrize('cls,masks', [(nr.LSTM, dict(seq_lengths=LENGTHS)),
                                         (nr.GRU, dict(segment_ids=IDS))])
-def test_column_chunks_and_partly_held_weights(cls, masks, rolled):
+def test_column_chunks_and_partly_held_weights(cls, masks, mode):
   """Hidden sizes of several column chunks (16 wide here, 64 on a GPU): the
   state as pieces, ``h W_h`` as a sum of tile products, ``h`` of another
   width than ``c`` (the LSTM projected, 40 to 20: 4 and 2 chunks, the last of
@@ -99,17 +99,21 @@ def test_column_chunks_and_partly_held_weights(cls, masks, rolled):
   and weight tiles partly held across steps and partly loaded at each step
   (the budget ends inside a gate's block); or ``rolled``, as from ``H = 512``
   on a GPU: a loop over the chunks (each piece of the state picked and put by
-  the loop's index), no weight held. Values and gradients against the generic
-  composition (float32 sums in another order over 40 columns: to 3e-5),
-  lengths or packed sequences. One direction: the backward one runs the same
-  kernels on each row reversed (both directions: the tests above)."""
+  the loop's index), no weight held; or ``prefetched``: the forward kernel
+  loads each step's input projections (every chunk's, every gate's) during the
+  step before (``PallasSettings.prefetch``). Values and gradients against the
+  generic composition (float32 sums in another order over 40 columns: to
+  3e-5), lengths (0 and 1 among them) or packed sequences. One direction: the
+  backward one runs the same kernels on each row reversed (both directions:
+  the tests above)."""
   hidden, proj = (40, dict(proj_features=20)) if cls is nr.LSTM else (20, {})
   layer = build(lambda: cls(I, hidden, implementation='pallas', rngs=nnx.Rngs(51), **proj),
                 seed=51)
   x = ref.normal((B, IDS.shape[1], I), seed=52)
   padding = IDS == 0 if 'segment_ids' in masks else np.arange(x.shape[1]) >= LENGTHS[:, None]
   with internal.pallas_settings(chunk=16, hold_bytes=5 * 16 * 16 * 4,  # 5 of 16 or 12 tiles
-                                unrolled_chunks=1 if rolled else 4):
+                                unrolled_chunks=1 if mode == 'rolled' else 4,
+                                prefetch=mode == 'prefetched'):
     check_plans_against_generic(layer, x, random_carry(layer, seed=53), ['default'],
                                 padding=padding, tol=3e-5, **masks)
 
@@ -224,7 +228,8 @@ def test_kernels_lower_through_triton(cls, dtype, weights, packed, gpu, monkeypa
   kernel across steps, or loaded at each step, or a loop over the column
   chunks (as from ``H = 512`` on); lengths, or packed sequences' flags (and
   then the LSTM projected). Told to (``internal.triton_lowering``), or (``gpu``)
-  where jax's default backend is a GPU."""
+  where jax's default backend is a GPU, and then with the next step's input
+  projections loaded ahead (``PallasSettings.prefetch``)."""
   proj = dict(proj_features=24) if packed and cls is nr.LSTM else {}
   layer = build(lambda: cls(I, 64, bidirectional=True, implementation='pallas', dtype=dtype,
                             rngs=nnx.Rngs(0), **proj))
@@ -240,7 +245,7 @@ def test_kernels_lower_through_triton(cls, dtype, weights, packed, gpu, monkeypa
   unchecked = [export.DisabledSafetyCheck.custom_call(triton)]
   x = jnp.ones((B, T, I))  # outside: no eager computation under jax 0.11's abstract GPU
   sizes = dict(chunk=32, hold_bytes=2**30 if weights == 'held' else 0,
-               unrolled_chunks=1 if weights == 'rolled' else 4)
+               unrolled_chunks=1 if weights == 'rolled' else 4, prefetch=gpu)
   if gpu:
     lowering = internal._abstract_gpu()  # made while the CPU is the default backend
     monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')

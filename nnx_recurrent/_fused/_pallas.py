@@ -98,6 +98,16 @@ class Settings(NamedTuple):
   num_stages: int = 1
   """No software pipelining of the loop's loads: it would multi-buffer the
   weight tiles loaded per step, in shared memory."""
+  prefetch: bool = False
+  """Each kernel loads the next step's inputs (the forward's input
+  projections, the backward's residuals and output cotangents) before the
+  current step's work and carries them over (written-out chunks only), so that
+  their latency overlaps it. ``num_stages > 1`` does not pipeline them in the
+  forward (Triton pipelines loads that feed a ``dot``), and it takes more
+  shared memory than a Hopper block has at ``H = 128``; seen in the kernels'
+  Triton GPU IR (``benchmarks/triton_resources.py --dump``). Compiled for
+  ``sm_90a``: no spill up to ``H = 128``, 0.6-1 KiB more at 256. Not yet timed
+  on a GPU (``benchmarks/gpu_grid.sh`` times it), so off."""
 
 
 _MAX_BLOCK_ROWS = 64  # more rows: a grid over batch blocks

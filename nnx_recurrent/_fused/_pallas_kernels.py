@@ -193,6 +193,25 @@ def _store_carry(refs, carry, lay, lstm: bool):
     _write(r, (slice(None),), pieces, w)
 
 
+def _time_loop(lay, step, load, init):
+  """``init`` through ``step(i, state, loaded)`` for each of the kernel's
+  ``lay.time`` iterations ``i``. With ``settings.prefetch`` (and written-out
+  chunks) ``loaded`` is ``load(i)``, issued during iteration ``i - 1`` before
+  its work and carried over, so that the loads' latency overlaps that work
+  (Triton's pipelining, ``num_stages > 1``, leaves loads that feed no ``dot``
+  alone); the last iteration reloads its own (no read past the sequence).
+  Otherwise ``loaded`` is ``None``: ``step`` loads what it needs itself."""
+  if not (lay.settings.prefetch and not lay.rolled):
+    return jax.lax.fori_loop(0, lay.time, lambda i, state: step(i, state, None), init)
+
+  def body(i, both):
+    state, loaded = both
+    ahead = load(jnp.minimum(i + 1, lay.time - 1))
+    return step(i, state, loaded), ahead
+
+  return jax.lax.fori_loop(0, lay.time, body, (init, load(0)))[0]
+
+
 def forward_kernel(*all_refs: Any, lay, lstm: bool, save: bool):
   """Inputs: steps, ``x W_i + b`` ``(time, rows, G, Hp)``, ``W_h``'s gate blocks
   ``(G, Pp, Hp)``, [GRU: ``b_hn``], [projection: ``W_hr`` ``(Hp, Pp)``], the
@@ -213,7 +232,13 @@ def forward_kernel(*all_refs: Any, lay, lstm: bool, save: bool):
     bhn_ref[pl.ds(j * lay.ch, lay.ch)].astype(lay.state)[None, :] for j in range(lay.nh))
   carry0 = _load_carry(carry_refs, lay, lstm)
 
-  def body(t, carry):
+  def load_xp(t):  # step t's input projections: per hidden chunk, per gate
+    return tuple(tuple(xp_ref[t, :, k, pl.ds(j * lay.ch, lay.ch)] for k in range(lay.gates))
+                 for j in range(lay.nh))
+
+  def step(t, carry, xps):
+    """Step ``t`` from ``carry``; ``xps``: its input projections, loaded ahead
+    (``settings.prefetch``), or ``None``: loaded here, per chunk."""
     valid, reset = _masks(steps_ref, t, lay, lengths)
     if reset is not None:  # a packed segment after the row's first starts from zeros
       carry = _select(reset, jax.tree_util.tree_map(jnp.zeros_like, carry), carry)
@@ -221,7 +246,8 @@ def forward_kernel(*all_refs: Any, lay, lstm: bool, save: bool):
 
     def chunk(j, new):  # the gates of hidden chunk j: its new c and h (m) pieces
       cols = pl.ds(j * lay.ch, lay.ch)
-      xp = [xp_ref[t, :, k, cols].astype(lay.state) for k in range(lay.gates)]
+      xp = [(xp_ref[t, :, k, cols] if xps is None else xps[j][k]).astype(lay.state)
+            for k in range(lay.gates)]
       hp = [_column(h, w, (k,), j, lay.state) for k in range(lay.gates)]
       if lstm:
         c = _pick(carry[0], j)
@@ -248,7 +274,7 @@ def forward_kernel(*all_refs: Any, lay, lstm: bool, save: bool):
     _write(ys_ref, (t, slice(None)), [jnp.where(valid, a, 0) for a in outs], lay.cp)
     return _select(valid, new[:-1] + (outs,), carry)
 
-  _store_carry(final_refs, jax.lax.fori_loop(0, lay.time, body, carry0), lay, lstm)
+  _store_carry(final_refs, _time_loop(lay, step, load_xp, carry0), lay, lstm)
 
 
 def backward_kernel(*all_refs: Any, lay, lstm: bool):
@@ -268,10 +294,19 @@ def backward_kernel(*all_refs: Any, lay, lstm: bool):
   wt = _Tiles(wt_ref, lay.ch, lay.cp, budget)  # W_h's gate blocks, transposed
   w_hr_t = None if wrt_ref is None else _Tiles(wrt_ref, lay.cp, lay.ch, budget)
 
-  def body(s, dcarry):
+  def load_step(s):  # iteration s's step: its residuals per chunk, its d ys pieces
+    t = lay.time - 1 - s
+    res = tuple(tuple(res_ref[t, :, k, pl.ds(j * lay.ch, lay.ch)] for k in range(RESIDUALS))
+                for j in range(lay.nh))
+    return res, tuple(dys_ref[t, :, pl.ds(j * lay.cp, lay.cp)] for j in range(lay.np))
+
+  def step(s, dcarry, loaded):
+    """Iteration ``s`` (step ``time - 1 - s``); ``loaded``: its ``load_step``,
+    loaded ahead (``settings.prefetch``), or ``None``: loaded here."""
     t = lay.time - 1 - s
     valid, reset = _masks(steps_ref, t, lay, lengths)
-    dys = _read(dys_ref, (t, slice(None)), lay.np, lay.cp, lay.state)
+    dys = _read(dys_ref, (t, slice(None)), lay.np, lay.cp, lay.state) if loaded is None else \
+      [a.astype(lay.state) for a in loaded[1]]
     dh = [a + d for a, d in zip(dcarry[-1], dys)]
     if dh_ref:
       _write(dh_ref[0], (t, slice(None)), [jnp.where(valid, a, 0) for a in dh], lay.cp)
@@ -280,7 +315,8 @@ def backward_kernel(*all_refs: Any, lay, lstm: bool):
     def chunk(j, acc):  # hidden chunk j's gate gradients, and their dh_prev terms
       firsts, dh_prev = acc
       cols = pl.ds(j * lay.ch, lay.ch)
-      res = [res_ref[t, :, k, cols].astype(lay.state) for k in range(RESIDUALS)]
+      res = [(res_ref[t, :, k, cols] if loaded is None else loaded[0][j][k]).astype(lay.state)
+             for k in range(RESIDUALS)]
       if lstm:  # d of i, f, g, o's pre-activations, dc_prev
         *stored, first = LSTMMath.gate_step_bwd(*res, _pick(dcarry[0], j), _pick(dm, j))
       else:  # d of r's, z's, of hn, of n's; dh_prev except via h W_h
@@ -302,5 +338,5 @@ def backward_kernel(*all_refs: Any, lay, lstm: bool):
     # A later segment's first step read zeros: nothing flows on before it.
     return _select(reset, jax.tree_util.tree_map(jnp.zeros_like, new), new)
 
-  state = jax.lax.fori_loop(0, lay.time, body, _load_carry(dfinal_refs, lay, lstm))
+  state = _time_loop(lay, step, load_step, _load_carry(dfinal_refs, lay, lstm))
   _store_carry(dcarry0_refs, state, lay, lstm)

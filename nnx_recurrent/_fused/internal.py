@@ -22,8 +22,8 @@ through its modules' private helpers. It offers exactly:
 * ``pallas_settings(**changes)``: a context manager under which the Pallas
   kernels are traced with other sizes or Triton parameters
   (:class:`PallasSettings`: column chunk, bytes of weights held on chip,
-  state size per program, chunks unrolled, ``num_warps``, ``num_stages``);
-  for measurements.
+  state size per program, chunks unrolled, ``num_warps``, ``num_stages``,
+  loads a step ahead); for measurements.
 * ``pallas_padded_rows(rows, hidden)``: the batch rows the Pallas kernels run
   for ``rows`` rows of a layer of ``hidden`` features (no projection), that is
   the batch padded to whole blocks: every row count with the same padded rows
@@ -142,7 +142,8 @@ def _abstract_gpu():
 def pallas_settings(**changes):
   """Inside the block the Pallas kernels are traced with ``changes`` to the
   current :class:`PallasSettings` (their names: ``chunk``, ``hold_bytes``,
-  ``state_elements``, ``unrolled_chunks``, ``num_warps``, ``num_stages``);
+  ``state_elements``, ``unrolled_chunks``, ``num_warps``, ``num_stages``,
+  ``prefetch``);
   yields the settings."""
   previous = _pallas._settings
   _pallas._settings = previous._replace(**changes)

@@ -100,6 +100,23 @@ def params(module: nnx.Module) -> dict[str, np.ndarray]:
           for path, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
 
 
+# The Pallas kernels' sizes a case runs them with (``internal.pallas_settings``):
+# the defaults; each step's loads issued a step ahead; 16-wide column chunks (so
+# several chunks from hidden 17 on) with two tiles held and the rest loaded at
+# each step, ahead or not; a loop over the chunks (as from H = 512 on a GPU).
+PALLAS_SETTINGS = ({}, {'prefetch': True},
+                   {'chunk': 16, 'hold_bytes': 2 * 16 * 16 * 4, 'prefetch': True},
+                   {'chunk': 16, 'hold_bytes': 2 * 16 * 16 * 4},
+                   {'chunk': 16, 'unrolled_chunks': 1})
+
+
+def draw_pallas_settings(case: Case) -> dict[str, Any]:
+  """The kernel settings of a case run with ``implementation='pallas'``: one of
+  ``PALLAS_SETTINGS``, for ``internal.pallas_settings(**settings)`` while the
+  layer is traced."""
+  return case.pick('pallas_settings', PALLAS_SETTINGS)
+
+
 def draw_lengths(case: Case, batch: tuple[int, ...], time: int) -> np.ndarray | None:
   """``None``, or lengths in ``[0, time + 2]`` of the batch shape or of shape
   ``(1,)`` (broadcast to the batch, as flax broadcasts it); lengths of 0, 1

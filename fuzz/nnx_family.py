@@ -34,6 +34,7 @@ import nnx_recurrent as nr
 from fuzz._common import (
   Precision,
   draw_lengths,
+  draw_pallas_settings,
   draw_precision,
   garbage,
   params,
@@ -44,6 +45,7 @@ from fuzz._common import (
   valid_steps,
 )
 from fuzz._core import Case
+from nnx_recurrent._fused import internal
 
 CELLS = ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell']
 
@@ -265,7 +267,10 @@ def fused_case(case: Case) -> None:
   kind = case.pick('layer', ['LSTM', 'GRU'])
   implementation = case.pick('implementation', ['xla', 'xla', 'auto', 'pallas'])
   pallas = implementation == 'pallas'
-  in_f, hidden = case.integer('in_features', 1, 5), case.integer('hidden', 1, 6)
+  settings = draw_pallas_settings(case) if pallas else {}
+  # With 16-wide chunks, hidden sizes of several chunks (40 is padded to 64: 4 chunks).
+  in_f = case.integer('in_features', 1, 5)
+  hidden = case.integer('hidden', 1, 40 if settings.get('chunk') else 6)
   layers = case.integer('num_layers', 1, 2)
   bidirectional = bool(case.pick('bidirectional', [False, True]))
   batch = tuple(case.integer(f'batch{i}', 1, 3)
@@ -328,7 +333,8 @@ def fused_case(case: Case) -> None:
     return _masked_loss(new_carry, y, weights, valid, time_axis), (new_carry, y)
 
   weights = _loss_weights(case, (given, np.zeros((*batch, time, hidden * d))))
-  grad_ours, out_ours = nnx.grad(ours_loss, has_aux=True)(ours, weights)
+  with internal.pallas_settings(**settings):  # read while the kernels are traced
+    grad_ours, out_ours = nnx.grad(ours_loss, has_aux=True)(ours, weights)
   grad_theirs, out_theirs = nnx.grad(theirs_loss, has_aux=True)(theirs, weights)
   _compare(case, out_ours, out_theirs, given, valid, lengths, time_axis)
   mine, reference = nnx.to_pure_dict(grad_ours), nnx.to_pure_dict(grad_theirs)

@@ -23,8 +23,10 @@ import torch
 from flax import nnx
 from torch.nn.utils import rnn as torch_rnn
 
+from fuzz._common import draw_pallas_settings
 from fuzz._core import Case
 from nnx_recurrent import interop
+from nnx_recurrent._fused import internal
 
 # PyTorch's note that proj_size runs without oneDNN, once per process.
 warnings.filterwarnings('ignore', 'LSTM with projections is not supported with oneDNN')
@@ -70,8 +72,11 @@ def run(case: Case) -> None:
   kind = case.pick('layer', ['LSTM', 'GRU'])
   lstm = kind == 'LSTM'
   pallas = case.pick('implementation', ['xla', 'xla', 'pallas']) == 'pallas'
+  settings = draw_pallas_settings(case) if pallas else {}
   small = 2 if pallas else 3
-  in_f, hidden = case.integer('in_features', 1, 5), case.integer('hidden', 2, 6)
+  # With 16-wide chunks, hidden sizes of several chunks (20 is padded to 32: 2 chunks).
+  in_f = case.integer('in_features', 1, 5)
+  hidden = case.integer('hidden', 2, 20 if settings.get('chunk') else 6)
   layers, batch = case.integer('num_layers', 1, small), case.integer('batch', 1, small + 1)
   time = case.integer('time', 1, 4 if pallas else 6)
   bidirectional = bool(case.pick('bidirectional', [False, True]))
@@ -108,7 +113,8 @@ def run(case: Case) -> None:
     ours = [y, *_stacked(new_carry, lstm)]
     return sum(jnp.sum(r * w) for r, w in zip(ours, weights)), ours
 
-  (_, ours), (g_model, g_x, g_carry) = _value_and_grads(loss, model, jnp.asarray(x), carry)
+  with internal.pallas_settings(**settings):  # read while the kernels are traced
+    (_, ours), (g_model, g_x, g_carry) = _value_and_grads(loss, model, jnp.asarray(x), carry)
   for name, o, t in zip(['outputs', 'h_n', 'c_n'], ours, results):
     case.close(name, o, t)
   case.close('gradient of the inputs', g_x, grads['inputs'], atol=1e-4, rtol=1e-4)

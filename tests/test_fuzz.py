@@ -45,6 +45,35 @@ def test_fused_layers_against_flax_stacks_run_clean():
   assert 'forward layer 0 gradients' in report['largest_abs_error']
 
 
+def test_a_bug_in_the_pallas_kernels_loads_ahead_is_found(monkeypatch):
+  """Pallas cases draw the kernels' settings (``fuzz._common.PALLAS_SETTINGS``):
+  a planted bug in the loads-ahead path (each step fed the next step's loads)
+  is found in the fused case against flax.nnx, and the same case with the
+  default settings, which the plant leaves alone, runs clean."""
+  from nnx_recurrent._fused import _pallas_kernels
+
+  time_loop = _pallas_kernels._time_loop
+
+  def one_step_late(lay, step, load, init):
+    if not lay.settings.prefetch:
+      return time_loop(lay, step, load, init)
+
+    def body(i, both):
+      ahead = load(jnp.minimum(i + 1, lay.time - 1))
+      return step(i, both[0], ahead), ahead  # the plant: the next step's loads
+
+    return jax.lax.fori_loop(0, lay.time, body, (init, load(0)))[0]
+
+  monkeypatch.setattr(_pallas_kernels, '_time_loop', one_step_late)
+  force = {'implementation': 'pallas', 'pallas_settings': {'prefetch': True}, 'time': 3,
+           'batch_axes': 0}
+  report = _core.run_cases('fused', nnx_family.fused_case, _seeds(1), force=force)
+  assert len(report['failures']) == 1 and report['failures'][0]['error'].startswith('Mismatch')
+  clean = _core.run_cases('fused', nnx_family.fused_case, _seeds(1),
+                          force={**force, 'pallas_settings': {}})
+  assert clean['failures'] == []
+
+
 # Packed rows of 4 steps: segments, padding between them, a stack of layers.
 SMALL = dict(masking='segments', batch_axes=1, batch0=2, time=4)
 

@@ -108,7 +108,24 @@ def device_name(runs: list[dict]) -> str:
                      f'{sorted(kinds, key=str)} (benchmarks.run records `machine.device_kind` '
                      'since 2026-12-02)')
   kind, = kinds
+  return _short(kind)
+
+
+def _short(kind: str) -> str:
   return kind.removeprefix('NVIDIA ').strip()
+
+
+def _entries(regions: list[tuple[str, str, tuple[int, int], int, str]]) -> str:
+  """``PALLAS_FASTER``'s source from ``(comment, layer, rows, hidden, device)``
+  regions, each with its numbers in a comment above it."""
+  if not regions:
+    return 'PALLAS_FASTER: tuple[PallasRegion, ...] = ()  # faster nowhere'
+  lines = []
+  for comment, layer, (lo, hi), h, device in regions:
+    lines += [f'  # {comment}',
+              f'  PallasRegion({layer!r}, rows=({lo}, {hi}), hidden=({h}, {h}), '
+              f'device={device!r}),']
+  return 'PALLAS_FASTER: tuple[PallasRegion, ...] = (\n' + '\n'.join(lines) + '\n)'
 
 
 def same_kernel_rows(rows: int, hidden: int) -> int:
@@ -122,18 +139,15 @@ def same_kernel_rows(rows: int, hidden: int) -> int:
 def regions(rows: list[dict], device: str, commit: str) -> str:
   """``PALLAS_FASTER``'s entries: the shapes where the kernels beat the scans,
   each up to the rows that run the same kernel programs."""
-  lines = []
+  found = []
   for r in rows:
     if not r['faster']:
       continue
     (b, t, i, h), s = r['shape'], r['vs_scans']
-    lines.append(f"  # ({b}, {t}, {i}, {h}): fwd {s['fwd_ratio']:.2f}x, train "
-                 f"{s['train_ratio']:.2f}x the scans ({commit})")
-    lines.append(f"  PallasRegion({r['layer']!r}, rows=({b}, {same_kernel_rows(b, h)}), "
-                 f"hidden=({h}, {h}), device={device!r}),")
-  if not lines:
-    return 'PALLAS_FASTER: tuple[PallasRegion, ...] = ()  # faster nowhere'
-  return 'PALLAS_FASTER: tuple[PallasRegion, ...] = (\n' + '\n'.join(lines) + '\n)'
+    found.append((f"({b}, {t}, {i}, {h}): fwd {s['fwd_ratio']:.2f}x, train "
+                  f"{s['train_ratio']:.2f}x the scans ({commit})", r['layer'],
+                  (b, same_kernel_rows(b, h)), h, device))
+  return _entries(found)
 
 
 def grid_regions(grid: dict, commit: str) -> str:
@@ -150,7 +164,7 @@ def grid_regions(grid: dict, commit: str) -> str:
   if not kind:
     raise ValueError('expected a grid with its `device_kind` (gpu_plans records it since '
                      '2026-12-04), got none')
-  device = kind.removeprefix('NVIDIA ').strip()
+  device = _short(kind)
   runs: dict[tuple[str, int], list[tuple[int, bool, dict]]] = {}
   for r in grid['rows']:
     if r['plan'] != 'pallas':
@@ -158,7 +172,7 @@ def grid_regions(grid: dict, commit: str) -> str:
     b, t, i, h = r['shape']
     faster = 'error' not in r and r['fwd_vs_default'] < 1 and r['train_vs_default'] < 1
     runs.setdefault((r['layer'], h), []).append((b, faster, r))
-  lines = []
+  found = []
   for (layer, h), measured in sorted(runs.items()):
     measured.sort(key=lambda m: m[0])
     group: list[tuple[int, bool, dict]] = []
@@ -171,13 +185,10 @@ def grid_regions(grid: dict, commit: str) -> str:
                            for b, _, r in group)
         t, i = group[0][2]['shape'][1:3]
         last = min(same_kernel_rows(group[-1][0], h), m[0] - 1)
-        lines.append(f"  # T={t}, I={i}; batch: fwd/train x the scans {ratios} ({commit})")
-        lines.append(f"  PallasRegion({layer!r}, rows=({group[0][0]}, {last}), "
-                     f"hidden=({h}, {h}), device={device!r}),")
+        found.append((f'T={t}, I={i}; batch: fwd/train x the scans {ratios} ({commit})',
+                      layer, (group[0][0], last), h, device))
       group = []
-  if not lines:
-    return 'PALLAS_FASTER: tuple[PallasRegion, ...] = ()  # faster nowhere'
-  return 'PALLAS_FASTER: tuple[PallasRegion, ...] = (\n' + '\n'.join(lines) + '\n)'
+  return _entries(found)
 
 
 def grid_table(grid: dict) -> str:

@@ -35,16 +35,7 @@
 # size variant, for internal.PallasSettings' defaults:
 #   python -m benchmarks.pallas_verdict OUT/pallas_results.json OUT/pallas_large.json \
 #       --sweep OUT/pallas_sweep.json --commit SHA
-set -uo pipefail
-out=${OUT:-out/gpu}
-mkdir -p "$out"
-log="$out/log.txt"
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-PY=${PY:-python3}
-deadline=$(( $(date +%s) + ${BUDGET_S:-560} ))
-step() { printf '\n=== %s (%s)\n' "$*" "$(date +%T)" | tee -a "$log"; }
-# A step's limit: N seconds, or what is left of the budget if less.
-limit() { local left=$(( deadline - $(date +%s) )); echo $(( left < $1 ? (left > 1 ? left : 1) : $1 )); }
+source "$(dirname "$0")/gpu_common.sh" log.txt 560
 step environment
 { nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv
   git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -20

@@ -15,15 +15,7 @@
 #      assumed the CPU's plan or interpreted kernels).
 #   bash benchmarks/gpu_grid.sh   (device tool: command "bash benchmarks/gpu_grid.sh", timeout_s 380)
 # Then: python -m benchmarks.pallas_verdict --grid OUT/pallas_grid.json --commit SHA
-set -uo pipefail
-out=${OUT:-out/gpu}
-mkdir -p "$out"
-log="$out/grid_log.txt"
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-PY=${PY:-python3}
-deadline=$(( $(date +%s) + ${BUDGET_S:-350} ))
-step() { printf '\n=== %s (%s)\n' "$*" "$(date +%T)" | tee -a "$log"; }
-limit() { local left=$(( deadline - $(date +%s) )); echo $(( left < $1 ? (left > 1 ? left : 1) : $1 )); }
+source "$(dirname "$0")/gpu_common.sh" grid_log.txt 350
 step environment
 { nvidia-smi -L; git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -20
   $PY -c "import jax; d = jax.devices()[0]; print('jax', jax.__version__, d.device_kind)"

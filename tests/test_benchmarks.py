@@ -221,13 +221,33 @@ def test_triton_resources_captures_the_kernels_triton_ir():
     assert [(t.count('tt.dot'), t.count('scf.for')) for t in ir.values()] == [(dots, loops)] * 2
 
 
-def _gpu_sh_commands():
-  """``benchmarks/gpu.sh``'s commands, continuation lines joined."""
+def _gpu_sh_commands(name='gpu.sh'):
+  """``benchmarks/<name>``'s commands, continuation lines joined."""
   import pathlib
 
-  text = (pathlib.Path(__file__).parents[1] / 'benchmarks' / 'gpu.sh').read_text()
+  text = (pathlib.Path(__file__).parents[1] / 'benchmarks' / name).read_text()
   return [line for line in text.replace('\\\n', ' ').splitlines()
           if line.strip() and not line.lstrip().startswith('#')]
+
+
+def _budget_and_limit(commands):
+  """A GPU script's default budget (its ``source gpu_common.sh LOG BUDGET``)
+  and the common ``limit`` function's definition."""
+  import re
+
+  budget, = [int(m) for line in commands
+             for m in re.findall(r'gpu_common\.sh" \S+ (\d+)$', line)]
+  limit, = [line for line in _gpu_sh_commands('gpu_common.sh') if line.startswith('limit()')]
+  return budget, limit
+
+
+def _limits_left(limit, *calls):
+  """What ``limit`` says 50 s before the deadline for each of ``calls``, then
+  5 s after it."""
+  return subprocess.run(['bash', '-c', f'deadline=$(( $(date +%s) + 50 )); {limit}; '
+                         + '; '.join(f'limit {c}' for c in calls)
+                         + '; deadline=$(( $(date +%s) - 5 )); limit 90'],
+                        capture_output=True, text=True, check=True).stdout.split()
 
 
 def test_gpu_sh_selects_the_rows_it_says_and_fits_its_call(monkeypatch):
@@ -255,15 +275,38 @@ def test_gpu_sh_selects_the_rows_it_says_and_fits_its_call(monkeypatch):
   assert sum('timeout' in line for line in commands) == 6
   limits = [int(m) for line in commands for m in re.findall(r'\btimeout \$\(limit (\d+)\)', line)]
   assert len(limits) == 6 and sum(limits[:5]) <= 540
-  budget, = [int(m) for line in commands for m in re.findall(r'BUDGET_S:-(\d+)', line)]
+  budget, limit = _budget_and_limit(commands)
   assert budget <= 560
-  limit, = [line for line in commands if line.startswith('limit()')]
-  left = subprocess.run(['bash', '-c', f'deadline=$(( $(date +%s) + 50 )); {limit}; limit 90; '
-                         f'limit 30; deadline=$(( $(date +%s) - 5 )); limit 90'],
-                        capture_output=True, text=True, check=True).stdout.split()
+  left = _limits_left(limit, 90, 30)
   assert left[0] in ('49', '50') and left[1:] == ['30', '1']
   jsons = [m for line in commands for m in re.findall(r'--json "([^"]+)"', line)]
   assert len(jsons) == len(set(jsons)) == 5
+
+
+def test_gpu_grid_sh_fits_its_call_and_times_what_it_says():
+  """``benchmarks/gpu_grid.sh`` (the second device call, ``timeout_s`` 380): its
+  steps' limits within its budget, which ends before the call's; the grid of
+  batch 1-64 x hidden 32-256 against the scans, and the named Triton
+  variants, each compiled in threads with a compile timeout inside its step."""
+  import re
+  import shlex
+
+  commands = _gpu_sh_commands('gpu_grid.sh')
+  budget, limit = _budget_and_limit(commands)
+  limits = [int(m) for line in commands for m in re.findall(r'\btimeout \$\(limit (\d+)\)', line)]
+  assert len(limits) == 3 and sum(limits) <= budget <= 360
+  assert _limits_left(limit, 170)[0] in ('49', '50')
+  plans = [shlex.split(line.split('2>&1')[0]) for line in commands if 'gpu_plans' in line]
+  for args, step in zip(plans, limits):
+    assert int(args[args.index('--jobs') + 1]) > 1
+    assert float(args[args.index('--compile-timeout') + 1]) < step
+  grid, variants = plans
+  assert grid[grid.index('--variants') + 1:][:1] == ['pallas']
+  assert grid[grid.index('--shapes') + 1] == '$shapes'
+  loop = [line for line in commands if line.startswith(('for', '  for', 'shapes='))]
+  assert loop[:3] == ['shapes=""', 'for H in 32 64 128 256; do', '  for B in 1 4 8 16 32 64; do']
+  chosen = variants[variants.index('--variants') + 1:variants.index('--variants') + 8]
+  assert 'pallas/prefetch=1' in chosen and chosen[0] == 'pallas'
 
 
 def test_suite_json_keeps_the_shapes_done_when_cut_off(monkeypatch, tmp_path):

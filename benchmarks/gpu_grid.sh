@@ -6,7 +6,9 @@
 # then times them; every step ends by the call's budget (BUDGET_S = 350 s from
 # the start):
 #   1. the grid: nr.LSTM / nr.GRU with implementation='pallas' against the scans
-#      (forward and training step) at batch 1-64 and hidden 32-256, 300 steps;
+#      (forward and training step) at batch 1-64 and hidden 32-256, 300 steps,
+#      with the default settings and with loads a step ahead (prefetch), so
+#      that one call gives the table for whichever becomes the default;
 #   2. variants of the kernels at issue 14's two small shapes: the next step's
 #      loads issued a step ahead (PallasSettings.prefetch; Triton's own
 #      pipelining, num_stages=2, leaves the forward's loads alone and exceeds
@@ -14,7 +16,8 @@
 #   3. the tests that failed on the GPU in the first call of 2026-12-04 (they
 #      assumed the CPU's plan or interpreted kernels).
 #   bash benchmarks/gpu_grid.sh   (device tool: command "bash benchmarks/gpu_grid.sh", timeout_s 380)
-# Then: python -m benchmarks.pallas_verdict --grid OUT/pallas_grid.json --commit SHA
+# Then: python -m benchmarks.pallas_verdict --grid OUT/pallas_grid.json --commit SHA \
+#   [--plan pallas/prefetch=1]
 source "$(dirname "$0")/gpu_common.sh" grid_log.txt 350
 step environment
 { nvidia-smi -L; git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -20
@@ -27,9 +30,9 @@ for H in 32 64 128 256; do
   done
 done
 step grid
-timeout $(limit 170) $PY -m benchmarks.gpu_plans --variants pallas --jobs 12 --compile-timeout 100 \
-  --rounds 3 \
-  --shapes "$shapes" --json "$out/pallas_grid.json" 2>&1 | tee -a "$log"
+timeout $(limit 170) $PY -m benchmarks.gpu_plans --variants pallas pallas/prefetch=1 --jobs 12 \
+  --compile-timeout 100 --rounds 3 --shapes "$shapes" --json "$out/pallas_grid.json" 2>&1 \
+  | tee -a "$log"
 step Triton variants
 timeout $(limit 120) $PY -m benchmarks.gpu_plans --jobs 12 --compile-timeout 60 --rounds 3 \
   --shapes 1x1000x32x64,8x500x64x128 --json "$out/pallas_variants.json" \

@@ -28,7 +28,12 @@ batch and hidden sizes; ``benchmarks/gpu_grid.sh``) the ``PALLAS_FASTER``
 entries come from the grid instead, one region per layer, hidden size and run
 of consecutive batch sizes measured faster, and it prints the grid's ratios::
 
-  python -m benchmarks.pallas_verdict --grid out/gpu/pallas_grid.json --commit abc1234
+  python -m benchmarks.pallas_verdict --grid out/gpu/pallas_grid.json --commit abc1234 \\
+      [--plan pallas/prefetch=1]
+
+``--plan`` picks the variant whose rows give the entries: the settings that
+are to be the defaults (the grid times the current defaults and the loads a
+step ahead).
 
 It times nothing and needs no GPU: it reads JSON, and the package for the
 kernels' block sizes.
@@ -150,16 +155,17 @@ def regions(rows: list[dict], device: str, commit: str) -> str:
   return _entries(found)
 
 
-def grid_regions(grid: dict, commit: str) -> str:
+def grid_regions(grid: dict, commit: str, plan: str = 'pallas') -> str:
   """``PALLAS_FASTER``'s entries from a grid of shapes (``gpu_plans --variants
-  pallas``: each shape's ``'pallas'`` row, timed against the scans'
-  ``'default'``). Per layer and hidden size, each run of consecutive measured
-  batch sizes where the kernels were faster (forward and training step) is one
-  region, from its first measured batch to the rows that run the same kernels
-  as its last (:func:`same_kernel_rows`, short of the next measured batch):
-  batches in between are taken to be faster too (at small batches both sides'
-  step costs grow with the rows, the kernels' in steps at whole blocks); none at
-  other hidden sizes."""
+  pallas ...``: each shape's ``plan`` row, the kernels with the settings that
+  are to be the defaults, timed against the scans' ``'default'``). Per layer
+  and hidden size, each run of consecutive measured batch sizes where the
+  kernels were faster (forward and training step) is one region, from its
+  first measured batch to the rows that run the same kernels as its last
+  (:func:`same_kernel_rows`, short of the next measured batch): batches in
+  between are taken to be faster too (at small batches both sides' step costs
+  grow with the rows, the kernels' in steps at whole blocks); none at other
+  hidden sizes."""
   kind = grid.get('device_kind')
   if not kind:
     raise ValueError('expected a grid with its `device_kind` (gpu_plans records it since '
@@ -167,7 +173,7 @@ def grid_regions(grid: dict, commit: str) -> str:
   device = _short(kind)
   runs: dict[tuple[str, int], list[tuple[int, bool, dict]]] = {}
   for r in grid['rows']:
-    if r['plan'] != 'pallas':
+    if r['plan'] != plan:
       continue
     b, t, i, h = r['shape']
     faster = 'error' not in r and r['fwd_vs_default'] < 1 and r['train_vs_default'] < 1
@@ -191,11 +197,11 @@ def grid_regions(grid: dict, commit: str) -> str:
   return _entries(found)
 
 
-def grid_table(grid: dict) -> str:
-  """Markdown: Pallas over the scans per layer, batch (rows) and hidden size
-  (columns), ``fwd / train``."""
+def grid_table(grid: dict, plan: str = 'pallas') -> str:
+  """Markdown: the ``plan`` rows (Pallas) over the scans per layer, batch
+  (rows) and hidden size (columns), ``fwd / train``."""
   cells = {(r['layer'], r['shape'][0], r['shape'][3]): r for r in grid['rows']
-           if r['plan'] == 'pallas'}
+           if r['plan'] == plan}
   hs = sorted({k[2] for k in cells})
   out = []
   for layer in ('LSTM', 'GRU'):
@@ -236,6 +242,10 @@ def main(argv=None) -> int:
   p.add_argument('--sweep', help='gpu_plans --pallas JSON')
   p.add_argument('--grid', help="gpu_plans --variants pallas JSON over a grid of shapes: "
                                 "PALLAS_FASTER from it instead of from the runs'")
+  p.add_argument('--plan', default='pallas',
+                 help="with --grid: the variant whose rows give the table, the settings "
+                      "that are to be the defaults (e.g. 'pallas/prefetch=1'; default "
+                      "'pallas', the current defaults); every variant's grid is printed")
   p.add_argument('--commit', default='the commit measured', help='named in the comments')
   args = p.parse_args(argv)
   if not args.runs and not args.grid:
@@ -253,9 +263,10 @@ def main(argv=None) -> int:
   if args.grid:
     with open(args.grid) as f:
       grid = json.load(f)
-    print('Pallas over the scans, fwd / train:\n')
-    print(grid_table(grid))
-    print(grid_regions(grid, args.commit))
+    for plan in dict.fromkeys(r['plan'] for r in grid['rows'] if r['plan'] != 'default'):
+      print(f'{plan} over the scans, fwd / train:\n')
+      print(grid_table(grid, plan))
+    print(grid_regions(grid, args.commit, args.plan))
   else:
     print(regions(rows, device_name(runs), args.commit))
   if args.sweep:

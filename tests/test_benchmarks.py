@@ -301,7 +301,7 @@ def test_gpu_grid_sh_fits_its_call_and_times_what_it_says():
     assert int(args[args.index('--jobs') + 1]) > 1
     assert float(args[args.index('--compile-timeout') + 1]) < step
   grid, variants = plans
-  assert grid[grid.index('--variants') + 1:][:1] == ['pallas']
+  assert grid[grid.index('--variants') + 1:][:2] == ['pallas', 'pallas/prefetch=1']
   assert grid[grid.index('--shapes') + 1] == '$shapes'
   loop = [line for line in commands if line.startswith(('for', '  for', 'shapes='))]
   assert loop[:3] == ['shapes=""', 'for H in 32 64 128 256; do', '  for B in 1 4 8 16 32 64; do']
@@ -483,6 +483,15 @@ def test_pallas_verdict_regions_from_a_grid(monkeypatch):
   assert '| LSTM: batch \\ hidden | 64 | 256 |' in table
   assert '| 16 | 1.10 / 0.90 |  |' in table and '| 64 | failed |  |' in table
   assert '| 33 |  | 0.80 / 0.90 |' in table
+  # --plan: another variant's rows (here the loads ahead, faster at batch 16 too).
+  ahead = dict(grid, rows=grid['rows'] + [dict(r, plan='pallas/prefetch=1') for r in _grid({
+    ('LSTM', 8, 64): (0.5, 0.5), ('LSTM', 16, 64): (0.9, 0.8)})['rows'] if r['plan'] == 'pallas'])
+  namespace = dict(PallasRegion=_plans.PallasRegion)
+  exec(pallas_verdict.grid_regions(ahead, 'x', 'pallas/prefetch=1').replace(
+    'tuple[PallasRegion, ...]', 'tuple'), namespace)
+  assert namespace['PALLAS_FASTER'] == (region('LSTM', rows=(8, 16), hidden=(64, 64),
+                                               device='H200'),)
+  assert '| 16 | 0.90 / 0.80 |' in pallas_verdict.grid_table(ahead, 'pallas/prefetch=1')
   assert pallas_verdict.grid_regions(_grid({('GRU', 1, 64): (1.0, 0.5)}), 'x') == \
     'PALLAS_FASTER: tuple[PallasRegion, ...] = ()  # faster nowhere'
   with pytest.raises(ValueError, match=r'expected a grid with its `device_kind`'):
@@ -546,13 +555,19 @@ def test_pallas_verdict_main_prints_the_entries_and_ranking(tmp_path, capsys):
          "  PallasRegion('LSTM', rows=(2, 16), hidden=(4, 4), device='H200'),\n" in out
   assert out.splitlines()[-2:] == [f'  {"pallas/a=1":40s} 0.500x (1 layer)',
                                    f'  {"pallas":40s} 1.000x (1 layer)']
-  grid = tmp_path / 'grid.json'  # --grid: its table and its regions instead of the runs'
-  grid.write_text(json.dumps(_grid({('GRU', 4, 64): (0.5, 0.25)})))
+  grid = tmp_path / 'grid.json'  # --grid: its tables and its regions instead of the runs'
+  cells = _grid({('GRU', 4, 64): (0.5, 0.25)})
+  cells['rows'] += [dict(r, plan='pallas/prefetch=1', fwd_vs_default=2.0)
+                    for r in cells['rows'] if r['plan'] == 'pallas']
+  grid.write_text(json.dumps(cells))
   assert pallas_verdict.main([str(path), '--grid', str(grid), '--commit', 'c']) == 0
   out = capsys.readouterr().out
   assert '| (2, 5, 3, 4) | LSTM |' in out and '| 4 | 0.50 / 0.25 |' in out
+  assert 'pallas/prefetch=1 over the scans' in out and '| 4 | 2.00 / 0.25 |' in out
   assert "PallasRegion('GRU', rows=(4, 16), hidden=(64, 64), device='H200')" in out
   assert 'PallasRegion(\'LSTM\'' not in out
+  assert pallas_verdict.main(['--grid', str(grid), '--plan', 'pallas/prefetch=1']) == 0
+  assert 'faster nowhere' in capsys.readouterr().out  # its forward was 2x the scans
   with pytest.raises(SystemExit):
     pallas_verdict.main([])
   assert 'expected benchmarks.run JSON files, --grid, or both' in capsys.readouterr().err

@@ -14,7 +14,10 @@
 #      pipelining, num_stages=2, leaves the forward's loads alone and exceeds
 #      shared memory at H = 128), fewer warps, 128-wide chunks;
 #   3. the tests that failed on the GPU in the first call of 2026-12-04 (they
-#      assumed the CPU's plan or interpreted kernels).
+#      assumed the CPU's plan or interpreted kernels);
+#   4. in the time left: the XLA scans' plans (hoisted, loop, joint; unrolled
+#      1, 4, 8), forced, at the suite's four shapes, never timed on a GPU
+#      (_fused/_plans.py's thresholds are the CPU's), written after each layer.
 #   bash benchmarks/gpu_grid.sh   (device tool: command "bash benchmarks/gpu_grid.sh", timeout_s 380)
 # Then: python -m benchmarks.pallas_verdict --grid OUT/pallas_grid.json --commit SHA \
 #   [--plan pallas/prefetch=1]
@@ -44,5 +47,8 @@ JAX_DEFAULT_MATMUL_PRECISION=highest timeout $(limit 60) $PY -m pytest -q -p no:
   tests/test_fused.py::test_large_gru_batch_matches_generic \
   tests/test_fused.py::test_plan_differentiates_large_gru_batches_with_jax_on_the_cpu \
   2>&1 | tee -a "$log"
+step scan plans, in the time left
+timeout $(limit 600) $PY -m benchmarks.gpu_plans --jobs 12 --compile-timeout 90 --rounds 3 \
+  --json "$out/scan_plans.json" 2>&1 | tee -a "$log"
 rm -f "$out"/*.tmp
 step done

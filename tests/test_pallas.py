@@ -286,11 +286,21 @@ def test_auto_picks_pallas_only_where_measured_faster(cls, monkeypatch):
   monkeypatch.setattr(_plans, 'PALLAS_FASTER', (region._replace(layer='LSTM'),))
   assert uses_pallas(projected)  # the region's hidden is hidden_features, not proj_features
   monkeypatch.setattr(_plans, 'PALLAS_FASTER', (region,))
-  # A symbolic batch (jax.export) has no measured rows: the scans, traced only.
+  # A symbolic batch (jax.export) has no measured rows: the scans, traced only;
+  # nor a symbolic time size, nor shard_map with check_vma=True, where an
+  # explicit 'pallas' is refused (their errors: below): the scans, not an error.
   graphdef, state = nnx.split(make(cls))
-  symbolic = jax.ShapeDtypeStruct(export.symbolic_shape(f'b, {T}, {I}'), jnp.float32)
-  assert 'pallas_call' not in str(jax.make_jaxpr(
-    lambda s, x: nnx.merge(graphdef, s)(x))(state, symbolic))
+  for shape in (f'b, {T}, {I}', f'{B}, t, {I}'):
+    symbolic = jax.ShapeDtypeStruct(export.symbolic_shape(shape), jnp.float32)
+    assert 'pallas_call' not in str(jax.make_jaxpr(
+      lambda s, x: nnx.merge(graphdef, s)(x))(state, symbolic))
+  from jax.sharding import Mesh
+  from jax.sharding import PartitionSpec as P
+
+  sharded = jax.shard_map(lambda s, x: nnx.merge(graphdef, s)(x),
+                          mesh=Mesh(np.array(jax.devices()[:1]), ('data',)),
+                          in_specs=(P(), P('data')), out_specs=P('data'))
+  assert 'pallas_call' not in str(jax.make_jaxpr(sharded)(state, jnp.ones((B, T, I))))
   other = 'GRU' if cls is nr.LSTM else 'LSTM'
   monkeypatch.setattr(_plans, 'PALLAS_FASTER', (region._replace(layer=other),))
   assert not uses_pallas(make(cls))
@@ -363,25 +373,40 @@ def test_a_jax_without_pallas_triton_backend(monkeypatch):
   assert uses_pallas()
 
 
-@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
-def test_second_order_says_to_use_the_scans(cls):
-  """The kernels have no derivative of their own: ``jax.hessian`` and a
-  gradient of a gradient fail with our message, not inside JAX (where the
-  first said "safe_map() argument 3 is longer than argument 1"). The scans'
-  second order: ``tests/test_fused.py``."""
-  layer = make(cls, implementation='pallas')
-  x = jnp.ones((1, 2, I))
+@pytest.mark.parametrize('cls,masks', [(nr.LSTM, 'lengths'), (nr.GRU, 'packed')])
+def test_second_order_equals_the_scans(cls, masks):
+  """The kernels have no derivative of their own: the custom VJP's two passes
+  are differentiated through the scans' passes. A gradient of a gradient (of
+  the parameters, the inputs and the initial carry: MAML's kind) and
+  ``jax.hessian`` (forward over reverse) equal the scans', one bidirectional
+  layer, lengths 5, 2 and 0 or packed segments, a random initial carry. The
+  scans' second order against finite differences: ``tests/test_fused.py``."""
+  layer = make(cls, 1, True, seed=61, implementation='pallas')
+  x = ref.normal((B, T, I), seed=62)
+  carry0 = random_carry(layer, seed=63)
+  kw = dict(seq_lengths=LENGTHS) if masks == 'lengths' else dict(segment_ids=IDS[:, :T])
 
-  def loss(x):
-    return (layer(x) ** 2).sum()
+  def second_order(layer):
+    graphdef, params = nnx.split(layer)
 
-  message = (r"implementation='pallas' has no second-order derivatives \(jax.hessian, a "
-             r"gradient of a gradient, a jvp of a gradient\).*Use implementation='xla'")
-  # Raised while tracing (the JVP rule of the kernels): traced only, nothing compiles.
-  with pytest.raises(NotImplementedError, match=message):
-    jax.eval_shape(jax.hessian(loss), x)
-  with pytest.raises(NotImplementedError, match=message):
-    jax.eval_shape(jax.grad(lambda x: jax.grad(loss)(x).sum()), x)
+    def loss(params, x, carry):
+      return jnp.sum(jnp.tanh(nnx.merge(graphdef, params)(x, initial_carry=carry, **kw)) ** 2)
+
+    def gradient_norm(params, x, carry):
+      grads = jax.grad(loss, argnums=(0, 1, 2))(params, x, carry)
+      return sum(jnp.sum(g ** 2) for g in jax.tree_util.tree_leaves(grads))
+
+    @jax.jit
+    def run(params, x, carry):
+      return (jax.grad(gradient_norm, argnums=(0, 1, 2))(params, x, carry),
+              jax.hessian(loss, argnums=1)(params, x, carry))
+
+    return run(params, x, carry0)
+
+  got = second_order(layer)
+  want = second_order(with_implementation(layer, 'xla'))
+  assert_trees_close(got, want, atol=2e-5, rtol=2e-5)
+  assert float(jnp.abs(got[1]).max()) > 1e-3  # the Hessian is not trivially zero
 
 
 def test_pallas_under_shard_map_runs_without_check_vma_and_says_so_with_it():

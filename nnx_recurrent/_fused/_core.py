@@ -183,17 +183,19 @@ class _FusedBase(nnx.Module):
       usable = "'auto', 'xla' or 'pallas'" if chosen == 'cudnn' and _pallas.unsupported() is None \
         else "'auto' or 'xla'"
       _checks.fail(where, 'implementation', f'{usable} here ({name} {reason})', repr(chosen))
-    if chosen == 'pallas':
-      if not all(isinstance(d, int) for d in xs.shape):
-        _checks.fail(where, 'implementation', "'auto' or 'xla' for a symbolic batch or time "
-                     "size (jax.export): the Pallas kernels' blocks are fixed when traced",
-                     repr(chosen))
-      if _scan.varying_axes(xs):
-        _checks.fail(where, 'implementation', "'auto' or 'xla' inside jax.shard_map with "
-                     "check_vma=True ('pallas' runs there with check_vma=False)", repr(chosen))
-    rows = math.prod(xs.shape[1:-1])
+    # Calls the kernels cannot take (where 'auto' keeps the scans, measured faster or not).
+    refusal = None
+    if not all(isinstance(d, int) for d in xs.shape):
+      refusal = ("'auto' or 'xla' for a symbolic batch or time size (jax.export): the Pallas "
+                 "kernels' blocks are fixed when traced")
+    elif _scan.varying_axes(xs):
+      refusal = ("'auto' or 'xla' inside jax.shard_map with check_vma=True ('pallas' runs "
+                 "there with check_vma=False)")
+    if chosen == 'pallas' and refusal is not None:
+      _checks.fail(where, 'implementation', refusal, repr(chosen))
     if chosen == 'auto':
-      faster = _plans.pallas_measured_faster(self._math, rows, self.hidden_features)
+      faster = refusal is None and _plans.pallas_measured_faster(
+        self._math, math.prod(xs.shape[1:-1]), self.hidden_features)
       return 'pallas' if faster and _pallas.unsupported() is None else 'xla'
     return chosen
 

@@ -54,6 +54,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from nnx_recurrent._fused import _plans, _xla
 from nnx_recurrent._fused._pallas_kernels import (
   GRADS,
   RESIDUALS,
@@ -215,7 +216,7 @@ class _Layout:
       return pl.BlockSpec(shape, lambda b: tuple(b if k == row_axis else 0
                                                   for k in range(len(shape))))
 
-    return _first_order_only(pl.pallas_call(
+    return pl.pallas_call(
       kernel,
       out_shape=[jax.ShapeDtypeStruct(shape, dtype) for (shape, dtype), _ in outputs],
       grid=(self.padded_rows // self.block,),
@@ -224,7 +225,7 @@ class _Layout:
       interpret=self.interpret,
       name=name,
       compiler_params=self._compiler_params(),
-    ))(*(a for a, _ in inputs))
+    )(*(a for a, _ in inputs))
 
   def _compiler_params(self):
     """Triton's parameters, which select the Triton lowering (see above); none
@@ -235,26 +236,6 @@ class _Layout:
       return None
     return triton.CompilerParams(num_warps=self.settings.num_warps,
                                  num_stages=self.settings.num_stages)
-
-
-SECOND_ORDER = (
-  "implementation='pallas' has no second-order derivatives (jax.hessian, a "
-  "gradient of a gradient, a jvp of a gradient): its kernels have no derivative "
-  "of their own. Use implementation='xla' for them.")
-
-
-def _first_order_only(kernel):
-  """``kernel`` with a JVP rule that says why, where JAX's own attempt to
-  differentiate a ``pallas_call`` fails with an unrelated error. A first-order
-  gradient never differentiates the kernels (``recurrence``'s ``custom_vjp``
-  calls them), so only a second order reaches the rule."""
-  guarded = jax.custom_jvp(kernel)
-
-  def no_jvp(primals, tangents):
-    raise NotImplementedError(SECOND_ORDER)
-
-  guarded.defjvp(no_jvp)
-  return guarded
 
 
 def _layout(cell_math, params, xs, packed: bool) -> _Layout:
@@ -323,12 +304,71 @@ def recurrence(cell_math, packed, params, xs, carry0, steps):
   return final, ys
 
 
+# Second order. The kernels have no derivative of their own, so the two passes
+# of the custom VJP are differentiated through the XLA scans' passes for the
+# same call (the same function, tested against them): a gradient of a gradient
+# or jax.hessian runs the kernels for the values and the scans for the
+# derivatives of the passes. The kernels' residuals get a zero tangent: only
+# the backward pass reads them, and its derivative recomputes everything from
+# the call's inputs (so it needs none).
+def _scans(cell_math, packed: bool, params, xs, steps):
+  """The XLA scans' plan and ``(valid, reset)`` masks for this call."""
+  if packed:
+    masks = (steps > 0, steps == 2)
+  else:
+    time = jnp.arange(xs.shape[0]).reshape((-1,) + (1,) * steps.ndim)
+    masks = (time < steps[None], None)
+  return _plans.plan(cell_math, math.prod(xs.shape[1:-1]), params[2].shape[-1]), masks
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _forward_pass(cell_math, packed, params, xs, carry0, steps):
+  """The custom VJP's forward pass: ``(final, ys, residuals)``."""
+  return _forward(cell_math, packed, params, xs, carry0, steps, save=True)
+
+
+@_forward_pass.defjvp
+def _forward_pass_jvp(cell_math, packed, primals, tangents):
+  params, xs, carry0, steps = primals
+  final, ys, res = _forward_pass(cell_math, packed, *primals)
+  plan, masks = _scans(cell_math, packed, params, xs, steps)
+  _, (dfinal, dys) = jax.jvp(
+    lambda p, x, c: _xla._recurrence_fwd(cell_math, plan, p, x, c, *masks)[0],
+    (params, xs, carry0), tangents[:3])
+  return (final, ys, res), (dfinal, dys, jnp.zeros_like(res))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _backward_pass(cell_math, packed, saved, cotangents):
+  """The custom VJP's backward pass: ``(d params, d xs, d carry0, None)``."""
+  return _kernels_backward(cell_math, packed, saved, cotangents)
+
+
+@_backward_pass.defjvp
+def _backward_pass_jvp(cell_math, packed, primals, tangents):
+  (params, xs, carry0, _, _, steps), cotangents = primals
+  (dparams, dxs, dcarry0, _, _, _), dcotangents = tangents
+  plan, masks = _scans(cell_math, packed, params, xs, steps)
+
+  def scans_backward(p, x, c, cot):
+    saved = _xla._recurrence_fwd(cell_math, plan, p, x, c, *masks)[1]
+    return _xla._backward(cell_math, plan, saved, cot)[:3]
+
+  out, tangent = jax.jvp(scans_backward, (params, xs, carry0, cotangents),
+                         (dparams, dxs, dcarry0, dcotangents))
+  return (*_backward_pass(cell_math, packed, *primals)[:3], None), (*tangent, None)
+
+
 def _recurrence_fwd(cell_math, packed, params, xs, carry0, steps):
-  final, ys, res = _forward(cell_math, packed, params, xs, carry0, steps, save=True)
+  final, ys, res = _forward_pass(cell_math, packed, params, xs, carry0, steps)
   return (final, ys), (params, xs, carry0, ys, res, steps)
 
 
-def _recurrence_bwd(cell_math, packed: bool, saved, cotangents) -> tuple[Any, Any, Any, None]:
+def _recurrence_bwd(cell_math, packed: bool, saved, cotangents):
+  return _backward_pass(cell_math, packed, saved, cotangents)
+
+
+def _kernels_backward(cell_math, packed: bool, saved, cotangents) -> tuple[Any, Any, Any, None]:
   params, xs, carry0, ys, res, steps = saved
   dfinal, dys = cotangents
   time, batch = xs.shape[0], xs.shape[1:-1]

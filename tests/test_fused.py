@@ -523,6 +523,53 @@ def test_check_grads_float64(cls, path, force_path):
     check_grads_of_vector(layer, x, carry0, jnp.array([3, 2]))
 
 
+@pytest.mark.parametrize('cls,implementation', [(nr.LSTM, 'xla'), (nr.GRU, 'pallas')])
+def test_vmap_over_examples_equals_each_example_alone(cls, implementation):
+  """``jax.vmap`` over a leading axis of examples (each a batch of rows with
+  its own lengths, 0 among them, and its own initial carry): outputs, final
+  carries and the gradients of the inputs, parameters and carries equal the
+  layer called on each example alone (batching rules of the scans and of
+  the Pallas kernels); garbage at padding inert."""
+  layer = make(cls, 1, True, seed=71, implementation=implementation)
+  graphdef, params = nnx.split(layer)
+  n = 3
+  x = np.stack([ref.normal((B, T, I), seed=72 + k) for k in range(n)])
+  lengths = np.array([[5, 2, 0], [1, 5, 3], [0, 0, 4]], np.int32)
+  x = np.where(np.arange(T)[None, None, :, None] < lengths[..., None, None], x, np.nan)
+  carries = [random_carry(layer, seed=80 + k) for k in range(n)]
+  carry = jax.tree_util.tree_map(lambda *a: np.stack(a), *carries)
+
+  def one(params, x, lengths, carry):
+    return nnx.merge(graphdef, params)(x, seq_lengths=lengths, initial_carry=carry,
+                                       return_carry=True)
+
+  def loss(params, x, carry, run):
+    final, y = run(params, x, carry)
+    return jnp.sum(jnp.tanh(y) ** 2) + sum(jnp.sum(a ** 3) for a in jax.tree_util.tree_leaves(
+      final)), (final, y)
+
+  def batched(params, x, carry):
+    return jax.vmap(one, in_axes=(None, 0, 0, 0))(params, x, jnp.asarray(lengths), carry)
+
+  def looped(params, x, carry):
+    outs = [one(params, x[k], jnp.asarray(lengths[k]), jax.tree_util.tree_map(
+      lambda a, k=k: a[k], carry)) for k in range(n)]
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
+
+  @jax.jit
+  def both(params, x, carry):
+    grad = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)
+    return grad(params, x, carry, batched), grad(params, x, carry, looped)
+
+  (g_vmap, out_vmap), (g_loop, out_loop) = both(params, x, carry)
+  assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree_util.tree_leaves(
+    (out_vmap, g_vmap)))
+  assert_trees_close(out_vmap, out_loop)
+  assert_trees_close(g_vmap, g_loop)
+  padding = np.arange(T)[None, None, :] >= lengths[..., None]
+  assert not np.asarray(g_vmap[1])[padding].any()  # the inputs' gradient: zero at padding
+
+
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
 def test_second_order_float64(cls):
   """Second order (a gradient of the gradient, as ``jax.hessian`` needs)

@@ -354,18 +354,14 @@ def _backward_pass_jvp(cell_math, packed, primals, tangents):
     saved = _xla._recurrence_fwd(cell_math, plan, p, x, c, *masks)[1]
     return _xla._backward(cell_math, plan, saved, cot)[:3]
 
-  out, tangent = jax.jvp(scans_backward, (params, xs, carry0, cotangents),
-                         (dparams, dxs, dcarry0, dcotangents))
+  _, tangent = jax.jvp(scans_backward, (params, xs, carry0, cotangents),
+                       (dparams, dxs, dcarry0, dcotangents))
   return (*_backward_pass(cell_math, packed, *primals)[:3], None), (*tangent, None)
 
 
 def _recurrence_fwd(cell_math, packed, params, xs, carry0, steps):
   final, ys, res = _forward_pass(cell_math, packed, params, xs, carry0, steps)
   return (final, ys), (params, xs, carry0, ys, res, steps)
-
-
-def _recurrence_bwd(cell_math, packed: bool, saved, cotangents):
-  return _backward_pass(cell_math, packed, saved, cotangents)
 
 
 def _kernels_backward(cell_math, packed: bool, saved, cotangents) -> tuple[Any, Any, Any, None]:
@@ -408,4 +404,4 @@ def _kernels_backward(cell_math, packed: bool, saved, cotangents) -> tuple[Any, 
   return dparams, dxs, dcarry0, None
 
 
-recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+recurrence.defvjp(_recurrence_fwd, _backward_pass)

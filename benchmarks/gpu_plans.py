@@ -17,8 +17,9 @@ prefetching, and the backward scan ``backward-unroll`` times. 'default' is
 what the layers pick. Nothing here changes the library: the plan is forced
 (``nnx_recurrent._fused.internal.forced_plan``) for the measurement only. Each
 plan's forward output is compared with the default's (``|y - y_default|``).
-Written without a GPU at hand (run on a CPU only, at a toy shape); on a GPU,
-expect a few minutes.
+The scan plans have not run on a GPU yet (on a CPU only, at a toy shape; the
+last step of ``benchmarks/gpu_grid.sh`` times them); ``--pallas`` ran on an H200
+on 2026-12-04 (44 s at one shape, ``benchmarks/gpu/2026-12-04/pallas_sweep.json``).
 
 With ``--pallas`` it times the Pallas kernels (``implementation='pallas'``)
 instead, with each variant of their sizes (``internal.pallas_settings``:

@@ -249,7 +249,7 @@ class _FusedBase(nnx.Module):
                  else jnp.clip(seq_lengths, 0, time))
       final, ys = _pallas.recurrence(self._math, reset is not None, params, xs, carry_in, steps)
     else:
-      plan = _plans.plan(self._math, math.prod(xs.shape[1:-1]), params[2].shape[-1])
+      plan = _plans.plan_for_call(self._math, params, xs)
       if plan.custom_vjp:
         final, ys = _xla.recurrence(self._math, plan, params, xs, carry_in, *masks)
       else:  # JAX differentiates the forward scan (its unused residuals are dropped)

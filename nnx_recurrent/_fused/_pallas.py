@@ -318,7 +318,7 @@ def _scans(cell_math, packed: bool, params, xs, steps):
   else:
     time = jnp.arange(xs.shape[0]).reshape((-1,) + (1,) * steps.ndim)
     masks = (time < steps[None], None)
-  return _plans.plan(cell_math, math.prod(xs.shape[1:-1]), params[2].shape[-1]), masks
+  return _plans.plan_for_call(cell_math, params, xs), masks
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))

@@ -21,6 +21,7 @@ the Pallas kernels.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -124,6 +125,12 @@ def plan(cell_math, rows: int, gate_width: int) -> Plan:
   if rows < JOINT_MAX_ROWS:  # the joint matmul pays under a gradient only
     return Plan(primal=loop, train=ScanPlan(in_loop, prefetch=False, unroll=1))
   return Plan(primal=loop, train=loop)
+
+
+def plan_for_call(cell_math, params, xs) -> Plan:
+  """:func:`plan` for one direction over time-major ``xs`` (``(time, *batch,
+  features)``) with ``params`` ``(W_i, b, W_h, extra)``."""
+  return plan(cell_math, math.prod(xs.shape[1:-1]), params[2].shape[-1])
 
 
 # -- the Pallas kernels under implementation='auto' ------------------------------

@@ -72,6 +72,27 @@ def test_matches_xla_and_numpy(cls):
                      jax.tree_util.tree_map(lambda a: a[2], carry0), atol=0, rtol=0)
 
 
+def test_directions_run_in_one_launch_unless_their_arrays_differ():
+  """A bidirectional layer runs both directions in one kernel launch (a grid
+  over the directions): one ``pallas_call`` in its program. If the directions'
+  arrays differ (here the initial carry: float32 forward, bfloat16 backward)
+  they run one after the other, each with its own carry, as the scans do."""
+  def launches(layer, carry0):
+    jaxpr = jax.make_jaxpr(lambda x, c: run(layer, x, c))(x, carry0)
+    return str(jaxpr).count('pallas_call')
+
+  layer = make(nr.GRU, 1, True, seed=41, implementation='pallas')
+  x = ref.normal((B, T, I), seed=42)
+  (fwd, bwd), = random_carry(layer, seed=43)
+  assert launches(layer, ((fwd, bwd),)) == 1
+  mixed = ((fwd, bwd.astype(jnp.bfloat16)),)
+  assert launches(layer, mixed) == 2
+  out = run(layer, x, mixed)
+  assert out[0][0][1].dtype == jnp.bfloat16
+  expected = run(with_implementation(nnx.clone(layer), 'xla'), x, mixed)
+  assert_trees_close(out, expected, atol=1e-5)
+
+
 # The GRU's packed sequences: in several column chunks, below.
 @pytest.mark.parametrize('cls', [nr.LSTM])
 def test_packed_sequences_and_projection(cls):
@@ -221,7 +242,8 @@ def test_batch_blocks_and_batch_axes():
   (nr.LSTM, jnp.float32, 'rolled', True, False)])
 def test_kernels_lower_through_triton(cls, dtype, weights, packed, gpu, monkeypatch):
   """Without a GPU: the training step exported for CUDA holds the kernels
-  (forward with residuals, backward; both directions) as Triton calls, so the
+  (forward with residuals, backward) as Triton calls, one each for both
+  directions (a grid over the directions and the batch blocks), so the
   Triton lowering of Pallas accepts them (block shapes, dots, loads and stores
   of column chunks and weight tiles; Triton's own compiler is not reached
   here: ``benchmarks/triton_resources.py``). The recurrent weights held in the
@@ -254,11 +276,12 @@ def test_kernels_lower_through_triton(cls, dtype, weights, packed, gpu, monkeypa
   with lowering, internal.pallas_settings(**sizes):
     exported = export.export(jax.jit(jax.grad(loss)), platforms=['cuda'],
                              disabled_checks=unchecked)(params, x)
-  calls = re.findall(r'stablehlo\.custom_call @([^(]+)\(.*name = "(nr_\w+)"',
-                     exported.mlir_module())
+  calls = re.findall(r'stablehlo\.custom_call @([^(]+)\(.*grid_x = (\d+) : i32, grid_y = '
+                     r'(\d+) : i32.*name = "(nr_\w+)"', exported.mlir_module())
   name = cls.__name__.lower()
-  assert sorted(calls) == ([(triton, f'nr_{name}_backward')] * 2
-                           + [(triton, f'nr_{name}_forward')] * 2)
+  # One launch per pass for both directions: a grid of (directions, batch blocks).
+  assert sorted(calls) == [(triton, '1', '2', f'nr_{name}_backward'),
+                           (triton, '1', '2', f'nr_{name}_forward')]
 
 
 @pytest.mark.parametrize('cls', [nr.GRU])  # one table for both layers: the other's row below

@@ -5,7 +5,8 @@ that picks a backend.
 ``(final_carries, outputs)``: through cuDNN (:mod:`._cudnn`) with
 ``implementation='cudnn'``, otherwise, and by default (``'auto'``: cuDNN through
 JAX measured slower than the scans on an H200), the XLA scans (:mod:`._xla`)
-or the Pallas kernels (:mod:`._pallas`) one direction at a time, the backward
+or the Pallas kernels (:mod:`._pallas`) one direction at a time (the kernels
+both directions in one launch, vmapped over them), the backward
 direction on each row's valid part (each packed segment) reversed
 (:func:`_scan.reverse_indices` / :func:`_scan.take_time`, the same core as
 ``RNN`` and ``Bidirectional``; validation, layout and the padding and reset
@@ -38,6 +39,12 @@ from nnx_recurrent._fused import _cudnn, _pallas, _plans, _xla
 from nnx_recurrent._rnn import _first
 
 IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'pallas')
+
+
+def _avals(tree) -> tuple:
+  """``tree``'s structure and its leaves' shapes and dtypes."""
+  leaves, structure = jax.tree_util.tree_flatten(tree)
+  return structure, [(jnp.shape(a), jnp.result_type(a)) for a in leaves]
 
 
 class _FusedBase(nnx.Module):
@@ -216,21 +223,31 @@ class _FusedBase(nnx.Module):
         _checks.fail(type(self).__name__, 'implementation',
                      "'auto' or 'xla' under jax.vmap (jax.experimental.rnn's cuDNN "
                      'primitives have no batching rule)', "'cudnn'")
-    finals, ys = [], []
-    for d, cell in enumerate(cells):
-      # The backward direction: each row (each segment) reversed; the masks stay as they are.
-      x = xs if d == 0 else _scan.take_time(xs, idx)
-      final, y = self._run_direction(cell, x, carries[d], masks, seq_lengths, backend)
-      finals.append(final)
-      ys.append(y if d == 0 else _scan.take_time(y, idx))
+    # The backward direction: each row (each segment) reversed; the masks stay as they are.
+    inputs = [(self._math.params(cell), xs if d == 0 else _scan.take_time(xs, idx), carries[d])
+              for d, cell in enumerate(cells)]
+    dtypes = [self._dtype(cell, xs, carries[d]) for d, cell in enumerate(cells)]
+    if backend == 'pallas' and len(inputs) == 2 and dtypes[0] == dtypes[1] and \
+        _avals(inputs[0]) == _avals(inputs[1]):
+      # Both directions in one kernel launch per pass: vmapped over the direction,
+      # each pallas_call gains a grid axis (the direction), so a GPU runs the two
+      # at once, where two calls ran one after the other.
+      stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *inputs)
+      outs = jax.vmap(lambda p, x, c: self._run_direction(p, x, c, masks, seq_lengths, backend,
+                                                          dtypes[0]))(*stacked)
+      outs = [jax.tree_util.tree_map(lambda a, d=d: a[d], outs) for d in range(2)]
+    else:
+      outs = [self._run_direction(p, x, c, masks, seq_lengths, backend, dt)
+              for (p, x, c), dt in zip(inputs, dtypes)]
+    finals = [final for final, _ in outs]
+    ys = [y if d == 0 else _scan.take_time(y, idx) for d, (_, y) in enumerate(outs)]
     return finals, (ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=-1))
 
-  def _run_direction(self, cell, xs: Array, carry, masks: _scan.StepMasks,
-                     seq_lengths: Array | None, backend: str):
-    """One cell over time-major ``xs``: ``(final_carry, ys)`` with the XLA scans
-    or the Pallas kernels."""
-    params = self._math.params(cell)
-    dtype = self._dtype(cell, xs, carry)
+  def _run_direction(self, params, xs: Array, carry, masks: _scan.StepMasks,
+                     seq_lengths: Array | None, backend: str, dtype):
+    """One direction over time-major ``xs``, given its cell's parameters
+    (``self._math.params``) and computation dtype (:meth:`_dtype`):
+    ``(final_carry, ys)`` with the XLA scans or the Pallas kernels."""
     params = jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
     carry_in = jax.tree_util.tree_map(lambda a: a.astype(dtype), carry)
     # shard_map (check_vma): replicated parameters enter the custom VJP varying

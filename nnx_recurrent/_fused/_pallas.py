@@ -2,7 +2,9 @@
 
 One direction of one layer is :func:`recurrence`, a :func:`jax.custom_vjp`
 with the XLA scans' contract (``_xla.recurrence``); the kernels are
-:mod:`._pallas_kernels`:
+:mod:`._pallas_kernels`. A bidirectional layer ``jax.vmap``s it over the two
+directions (``_core``): each ``pallas_call`` then has a grid axis over them (its
+batching rule), one launch per pass runs both at once.
 
 * Forward: the input projection of every step, ``x W_i + b``, is ONE matmul
   outside the kernel; then ONE Pallas kernel runs the whole recurrence: a

@@ -37,6 +37,10 @@ then times them: a GPU machine's cores compile in parallel (one at a time,
 compiling took most of ``gpu.sh``'s Pallas steps)::
 
   python -m benchmarks.gpu_plans --variants pallas --jobs 12 --shapes 1x300x16x32,...
+
+``--bidirectional`` times bidirectional layers (rows marked ``bidirectional``):
+the kernels run both directions in one launch, so on a GPU a bidirectional
+Pallas layer should take about a one-directional one's time.
 """
 
 from __future__ import annotations
@@ -101,19 +105,19 @@ def forced(plan: str):
     yield forced
 
 
-def build(cls, shape, plan):
-  """The forward and the training step of ``cls`` at ``shape`` under ``plan``,
-  compiled: two functions of no arguments."""
-  return lower(cls, shape, plan)()
+def build(cls, shape, plan, **options):
+  """The forward and the training step of ``cls(..., **options)`` at ``shape``
+  under ``plan``, compiled: two functions of no arguments."""
+  return lower(cls, shape, plan, **options)()
 
 
-def lower(cls, shape, plan):
+def lower(cls, shape, plan, **options):
   """:func:`build` in two parts: traced and lowered now (the plan is read while
   tracing), compiled when the returned function is called (XLA releases the
   GIL while compiling: ``--jobs`` compiles in threads)."""
   B, T, I, H = shape
   implementation = 'pallas' if plan.startswith('pallas') else 'xla'
-  model = cls(I, H, implementation=implementation, rngs=nnx.Rngs(0))
+  model = cls(I, H, implementation=implementation, rngs=nnx.Rngs(0), **options)
   graphdef, params = nnx.split(model)
   x = jax.random.normal(jax.random.key(1), (B, T, I))
 
@@ -134,7 +138,7 @@ def lower(cls, shape, plan):
   return compile_both
 
 
-def compile_ahead(tasks, jobs: int, timeout: float | None = None, log=print):
+def compile_ahead(tasks, jobs: int, timeout: float | None = None, log=print, **options):
   """Lowers each ``(cls, shape, plan)`` of ``tasks`` in turn, compiles them in
   ``jobs`` threads, and returns once all are compiled, or after ``timeout``
   seconds: ``{task: Future of build's pair}`` (a failed lowering or compile is
@@ -147,7 +151,7 @@ def compile_ahead(tasks, jobs: int, timeout: float | None = None, log=print):
   pool = concurrent.futures.ThreadPoolExecutor(jobs)
   for task in tasks:
     try:
-      futures[task] = pool.submit(lower(*task))
+      futures[task] = pool.submit(lower(*task, **options))
     except Exception as e:  # noqa: BLE001  (reported when the task is timed)
       futures[task] = concurrent.futures.Future()
       futures[task].set_exception(e)
@@ -186,18 +190,24 @@ def main(argv=None) -> int:
                       'at a time, each before it is timed)')
   p.add_argument('--compile-timeout', type=float, metavar='S',
                  help='with --jobs: time what compiled within S seconds, report the rest')
+  p.add_argument('--bidirectional', action='store_true',
+                 help='bidirectional layers (the kernels run both directions in one launch)')
   p.add_argument('--json', metavar='PATH')
   args = p.parse_args(argv)
+  options = dict(bidirectional=True) if args.bidirectional else {}
   shapes = [tuple(int(v) for v in s.split('x')) for s in args.shapes.split(',')]
   print(f'devices {jax.devices()}; jax {jax.__version__}', flush=True)
 
   def variants(cls):
     return ['default', *args.variants] if args.variants else plans(cls, args.pallas)
 
-  get = build
+  def get(cls, shape, plan):
+    return build(cls, shape, plan, **options)
+
   if args.jobs > 1:
     ahead = compile_ahead([(cls, shape, plan) for shape in shapes for cls in (nr.LSTM, nr.GRU)
-                           for plan in variants(cls)], args.jobs, args.compile_timeout)
+                           for plan in variants(cls)], args.jobs, args.compile_timeout,
+                          **options)
 
     def get(cls, shape, plan):
       return ahead[cls, shape, plan].result()
@@ -214,7 +224,8 @@ def main(argv=None) -> int:
           fns.pop(plan, None)
           print(f'{shape} {cls.__name__:4} {plan:>12}: FAILED {type(e).__name__}: '
                 f'{str(e).splitlines()[0][:300] if str(e) else ""}', flush=True)
-          rows.append(dict(shape=shape, layer=cls.__name__, plan=plan, error=str(e)[:2000]))
+          rows.append(dict(shape=shape, layer=cls.__name__, plan=plan, error=str(e)[:2000],
+                           **options))
       if 'default' not in fns:  # nothing to compare with
         write(args.json, rows)
         continue
@@ -230,7 +241,8 @@ def main(argv=None) -> int:
       default = [statistics.median(v) for v in times['default']]
       for plan, (tf, tt) in times.items():
         row = dict(shape=shape, layer=cls.__name__, plan=plan, fwd_ms=statistics.median(tf),
-                   train_ms=statistics.median(tt), max_abs_diff_vs_default=errors[plan])
+                   train_ms=statistics.median(tt), max_abs_diff_vs_default=errors[plan],
+                   **options)
         row['fwd_vs_default'] = row['fwd_ms'] / default[0]
         row['train_vs_default'] = row['train_ms'] / default[1]
         rows.append(row)

@@ -284,18 +284,18 @@ def test_gpu_sh_selects_the_rows_it_says_and_fits_its_call(monkeypatch):
 
 
 def test_gpu_grid_sh_fits_its_call_and_times_what_it_says():
-  """``benchmarks/gpu_grid.sh`` (the second device call, ``timeout_s`` 380): its
+  """``benchmarks/gpu_grid.sh`` (the next device call, ``timeout_s`` 430): its
   steps' limits within its budget, which ends before the call's; the grid of
   batch 1-64 x hidden 32-256 against the scans, the named Triton variants,
-  and in the time left the scans' plans, each compiled in threads with a
-  compile timeout inside its step."""
+  bidirectional layers, and in the time left the scans' plans, each compiled
+  in threads with a compile timeout inside its step."""
   import re
   import shlex
 
   commands = _gpu_sh_commands('gpu_grid.sh')
   budget, limit = _budget_and_limit(commands)
   limits = [int(m) for line in commands for m in re.findall(r'\btimeout \$\(limit (\d+)\)', line)]
-  assert len(limits) == 4 and sum(limits[:3]) <= budget <= 360  # the last: in the time left
+  assert len(limits) == 5 and sum(limits[:4]) <= budget <= 410  # the last: in the time left
   assert _limits_left(limit, 170)[0] in ('49', '50')
   lines = [line for line in commands if 'gpu_plans' in line]
   plans = [shlex.split(line.split('2>&1')[0]) for line in lines]
@@ -303,7 +303,8 @@ def test_gpu_grid_sh_fits_its_call_and_times_what_it_says():
     step, = re.findall(r'\$\(limit (\d+)\)', line)
     assert int(args[args.index('--jobs') + 1]) > 1
     assert float(args[args.index('--compile-timeout') + 1]) < int(step)
-  grid, variants, scans = plans
+  grid, variants, bidirectional, scans = plans
+  assert '--bidirectional' in bidirectional and '--bidirectional' not in grid + variants + scans
   assert '--variants' not in scans and '--pallas' not in scans  # every scan plan
   assert grid[grid.index('--variants') + 1:][:2] == ['pallas', 'pallas/prefetch=1']
   assert grid[grid.index('--shapes') + 1] == '$shapes'

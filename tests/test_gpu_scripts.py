@@ -759,3 +759,21 @@ def test_triton_compile_child_reports_each_file(monkeypatch, tmp_path, capsys):
     dict(file='bad.ttir', ok=False, error='RuntimeError: k.ttir:3:5: error: failed to legalize'
                                           ' | error: out of resource: shared memory')]
   assert all(isinstance(r['seconds'], float) for r in rows)
+
+
+def test_gpu_plans_bidirectional_times_both_directions_in_one_launch(tmp_path):
+  """``--bidirectional``: the layers timed are bidirectional (both directions'
+  features in the outputs compared), the Pallas kernels' equal to the scans'
+  (each direction's ``pallas_call`` run once per pass, both in it); rows marked."""
+  path = tmp_path / 'bidirectional.json'
+  assert gpu_plans.main(['--bidirectional', '--variants', 'pallas', '--shapes', '2x3x4x16',
+                         '--rounds', '1', '--calls', '1', '--json', str(path)]) == 0
+  rows = json.loads(path.read_text())['rows']
+  assert [(r['layer'], r['plan'], r['bidirectional']) for r in rows] == [
+    (layer, plan, True) for layer in ('LSTM', 'GRU') for plan in ('default', 'pallas')]
+  assert all(r['max_abs_diff_vs_default'] < 1e-5 for r in rows)
+  f, _ = gpu_plans.build(nr.GRU, (2, 3, 4, 16), 'pallas', bidirectional=True)
+  y = np.asarray(f())
+  single, _ = gpu_plans.build(nr.GRU, (2, 3, 4, 16), 'pallas')
+  assert y.shape == (2, 3, 32)
+  np.testing.assert_allclose(y[..., :16], np.asarray(single()), rtol=0, atol=1e-6)

@@ -761,10 +761,11 @@ def test_triton_compile_child_reports_each_file(monkeypatch, tmp_path, capsys):
   assert all(isinstance(r['seconds'], float) for r in rows)
 
 
-def test_gpu_plans_bidirectional_times_both_directions_in_one_launch(tmp_path):
+def test_gpu_plans_bidirectional_times_bidirectional_layers(tmp_path):
   """``--bidirectional``: the layers timed are bidirectional (both directions'
-  features in the outputs compared), the Pallas kernels' equal to the scans'
-  (each direction's ``pallas_call`` run once per pass, both in it); rows marked."""
+  features in the outputs, the forward half the one-directional layer's), the
+  Pallas kernels' outputs equal to the scans'; rows marked. (That the kernels
+  run both directions in one launch: ``tests/test_pallas.py``.)"""
   path = tmp_path / 'bidirectional.json'
   assert gpu_plans.main(['--bidirectional', '--variants', 'pallas', '--shapes', '2x3x4x16',
                          '--rounds', '1', '--calls', '1', '--json', str(path)]) == 0

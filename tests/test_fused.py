@@ -33,6 +33,7 @@ PATHS = {  # forward strategies; 'joint' exists for the LSTM only
   'unrolled': _P(_S('hoisted', False, 2), _S('loop', False, 2)),
   'joint': _P(_S('joint', False, 2), _S('joint', True, 1)),
   'autodiff': _P(_S('loop', False, 1), _S('loop', False, 1), custom_vjp=False),
+  'gpu': _P(_S('hoisted', False, 8), _S('hoisted', False, 8), backward_unroll=8),
 }
 
 
@@ -42,9 +43,11 @@ def use_path(path):
   'default': what ``_plan`` picks for these tiny shapes; 'loop': input matmul
   in the loop (large batches); 'hoisted': one input matmul before the loop,
   prefetching scan; 'unrolled': forward scans unrolled twice; 'joint':
-  one matmul over ``[x_t, h]`` (prefetched under a gradient). The backward
-  pass is the same for all of them but 'autodiff' (no custom VJP: JAX
-  differentiates the forward scan; the CPU's choice for large GRU batches).
+  one matmul over ``[x_t, h]`` (prefetched under a gradient); 'gpu': a
+  GPU's, every scan unrolled 8 times, the backward one too (longer than the
+  tests' sequences: wholly unrolled). The backward pass is the same for all
+  of them but 'autodiff' (no custom VJP: JAX differentiates the forward scan;
+  the CPU's choice for large GRU batches).
   The plan is read while tracing: call (and compile) the layer inside.
   """
   return contextlib.nullcontext() if path == 'default' else internal.forced_plan(PATHS[path])
@@ -334,6 +337,7 @@ def test_plan_follows_the_measured_choices(monkeypatch):
   (jax.export) gets the loop. The thresholds' values are speed-only (measured
   per machine): the test reads them, and checks the branches and their edges."""
   monkeypatch.setattr(_plans, 'cpu_backend', lambda: False)  # the GRU's custom VJP throughout
+  monkeypatch.setattr(_plans, 'gpu_backend', lambda: False)  # the CPU's plans, on any machine
   plan, loop, hoisted = internal.plan_for, _S('loop', False, 1), _S('hoisted', True, 1)
   tiny_step, hoist, joint = _plans.TINY_STEP, _plans.HOIST_MAX_ROWS, _plans.JOINT_MAX_ROWS
   assert 1 < hoist < joint
@@ -346,6 +350,25 @@ def test_plan_follows_the_measured_choices(monkeypatch):
     assert plan(cls, joint, tiny_step) == plan(cls, joint * tiny_step, 1) == _P(loop, loop), cls
     rows, = export.symbolic_shape('b')
     assert plan(cls, rows, tiny_step) == _P(loop, loop), cls
+
+
+def test_plan_on_a_gpu_unrolls_every_scan(monkeypatch):
+  """On a GPU (``_plans`` says what was measured): the input projections
+  hoisted and every scan unrolled ``GPU_UNROLL`` times, the backward one too,
+  at every shape, tiny steps included; the forward without a gradient 4 times
+  from ``GPU_UNROLL4_MIN_ROWS`` rows on; a symbolic batch keeps the loop. The
+  values: the 'gpu' path, forced in the tests of every plan."""
+  monkeypatch.setattr(_plans, 'gpu_backend', lambda: True)
+  monkeypatch.setattr(_plans, 'cpu_backend', lambda: False)
+  plan, gpu, rows4 = internal.plan_for, PATHS['gpu'], _plans.GPU_UNROLL4_MIN_ROWS
+  assert _plans.GPU_UNROLL == 8 and rows4 > _plans.HOIST_MAX_ROWS
+  for cls in (nr.LSTM, nr.GRU):
+    assert plan(cls, 1, 1) == plan(cls, rows4 - 1, _plans.TINY_STEP) == gpu, cls
+    four = gpu._replace(primal=_S('hoisted', False, 4))
+    assert plan(cls, rows4, 1) == plan(cls, 4 * _plans.GRU_AUTODIFF_MIN_ROWS, 4096) == four, cls
+    rows, = export.symbolic_shape('b')
+    loop = _S('loop', False, 1)
+    assert plan(cls, rows, 1) == _P(loop, loop), cls
 
 
 def test_machine_probes(monkeypatch):
@@ -371,6 +394,7 @@ def test_machine_probes(monkeypatch):
   for backend, cpu in (('cpu', True), ('gpu', False), ('tpu', False)):
     monkeypatch.setattr(jax, 'default_backend', lambda backend=backend: backend)
     assert _plans.cpu_backend.__wrapped__() is cpu, backend
+    assert _plans.gpu_backend() is (backend == 'gpu'), backend
 
 
 def test_forced_plans_nest_and_restore():
@@ -459,7 +483,8 @@ def test_bidirectional_of_two_fused_layers_is_the_bidirectional_layer(cls):
 
 
 @pytest.mark.parametrize('cls,paths', [
-  (nr.LSTM, ['default', 'loop', 'hoisted', 'unrolled', 'joint']), (nr.GRU, ['default', 'hoisted']),
+  (nr.LSTM, ['default', 'loop', 'hoisted', 'unrolled', 'joint', 'gpu']),
+  (nr.GRU, ['default', 'hoisted', 'gpu']),
 ], ids=['LSTM', 'GRU'])
 def test_forward_without_gradient_matches_generic(cls, paths):
   """The primal forward (no gradient taken) has its own strategy; check each

@@ -83,8 +83,8 @@ def assert_inert(results):
       np.testing.assert_allclose(b, a, **TOLERANCE, err_msg=f'padding {fill}')
 
 
-LSTM_PATHS = ['loop', 'hoisted', 'unrolled', 'joint', 'autodiff']
-GRU_PATHS = ['loop', 'hoisted', 'autodiff']
+LSTM_PATHS = ['loop', 'hoisted', 'unrolled', 'joint', 'autodiff', 'gpu']
+GRU_PATHS = ['loop', 'hoisted', 'autodiff', 'gpu']
 
 
 @pytest.mark.parametrize('cls,paths', [(nr.LSTM, LSTM_PATHS), (nr.GRU, GRU_PATHS)])

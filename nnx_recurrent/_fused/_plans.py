@@ -72,11 +72,25 @@ import jax
 #   at 256 rows where JAX's is 1.05x; on the Intel machine it is 1.06x JAX's
 #   own), nor on a GPU (there the fused GRU's
 #   training step took 0.72x flax's at 256 rows, the generic one 1.06x).
+# * On a GPU (XLA's while loop costs several kernel launches per iteration)
+#   the scans hoist the input projections and unroll every scan 8 times, the
+#   forward without a gradient 4 times from GPU_UNROLL4_MIN_ROWS rows on. On
+#   an H200 (2026-12-04, `benchmarks/gpu_plans.py` at the suite's four shapes,
+#   benchmarks/RESULTS.md, "Scan plans on the H200"), against the CPU's plans
+#   there: training step 0.55x at (8, 500, 64, 128), 0.66-0.69x at (64, 100,
+#   128, 256), 0.65-0.77x at (1, 1000, 32, 64), 0.84-0.86x at (256, 50, 256,
+#   512); forward 0.47-0.68x. Each is within 6% of the best of the 9 (LSTM)
+#   or 6 (GRU) plans timed at its shape (inputs hoisted, in the loop or joint;
+#   unrolled 1, 4 or 8 times), but for the GRU at 64 rows: training step 0.69x
+#   (the loop unrolled 4 times: 0.62x), forward 0.68x (unrolled 8: 0.58x).
+#   Three rounds each, in one call.
 HOIST_MAX_ROWS = 32
 JOINT_MAX_ROWS = 128
 TINY_STEP = 1024
 TRANSPOSE_MIN_MACS = 2**32  # see _step_math.flat_dot_t
 GRU_AUTODIFF_MIN_ROWS = 128
+GPU_UNROLL = 8
+GPU_UNROLL4_MIN_ROWS = 64
 
 
 class ScanPlan(NamedTuple):
@@ -113,6 +127,10 @@ def plan(cell_math, rows: int, gate_width: int) -> Plan:
   if cell_math.autodiff_min_rows is not None and rows >= cell_math.autodiff_min_rows \
       and cpu_backend():
     return Plan(primal=loop, train=loop, custom_vjp=False)
+  if gpu_backend():
+    unrolled = ScanPlan('hoisted', prefetch=False, unroll=GPU_UNROLL)
+    primal = unrolled if rows < GPU_UNROLL4_MIN_ROWS else unrolled._replace(unroll=4)
+    return Plan(primal=primal, train=unrolled, backward_unroll=GPU_UNROLL)
   in_loop = 'joint' if cell_math.joint else 'loop'
   if rows * gate_width < TINY_STEP:
     return Plan(primal=ScanPlan(in_loop, prefetch=False, unroll=1),
@@ -182,6 +200,13 @@ def pallas_measured_faster(cell_math, rows: int, hidden: int) -> bool:
 def cpu_backend() -> bool:
   """True when JAX's default backend is the CPU (``plan``'s measurements)."""
   return jax.default_backend() == 'cpu'
+
+
+def gpu_backend() -> bool:
+  """True when JAX's default backend is a GPU (``plan``'s GPU measurements).
+  Not cached: read at trace time only, it follows a patched
+  ``jax.default_backend`` (the tests' lowering for CUDA on a CPU)."""
+  return jax.default_backend() == 'gpu'
 
 
 @functools.cache

@@ -101,12 +101,13 @@ def params(module: nnx.Module) -> dict[str, np.ndarray]:
 
 
 # The Pallas kernels' sizes a case runs them with (``internal.pallas_settings``):
-# the defaults; each step's loads issued a step ahead; 16-wide column chunks (so
-# several chunks from hidden 17 on) with two tiles held and the rest loaded at
-# each step, ahead or not; a loop over the chunks (as from H = 512 on a GPU).
-PALLAS_SETTINGS = ({}, {'prefetch': True},
+# the defaults (each step's loads issued a step ahead); the loads not ahead;
+# 16-wide column chunks (so several chunks from hidden 17 on) with two tiles
+# held and the rest loaded at each step, ahead or not; a loop over the chunks
+# (as from H = 512 on a GPU).
+PALLAS_SETTINGS = ({}, {'prefetch': False},
                    {'chunk': 16, 'hold_bytes': 2 * 16 * 16 * 4, 'prefetch': True},
-                   {'chunk': 16, 'hold_bytes': 2 * 16 * 16 * 4},
+                   {'chunk': 16, 'hold_bytes': 2 * 16 * 16 * 4, 'prefetch': False},
                    {'chunk': 16, 'unrolled_chunks': 1})
 
 

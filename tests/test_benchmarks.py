@@ -283,35 +283,34 @@ def test_gpu_sh_selects_the_rows_it_says_and_fits_its_call(monkeypatch):
   assert len(jsons) == len(set(jsons)) == 5
 
 
-def test_gpu_grid_sh_fits_its_call_and_times_what_it_says():
+def test_gpu_grid_sh_fits_its_call_and_times_what_it_says(monkeypatch):
   """``benchmarks/gpu_grid.sh`` (the next device call, ``timeout_s`` 430): its
-  steps' limits within its budget, which ends before the call's; the grid of
-  batch 1-64 x hidden 32-256 against the scans, the named Triton variants,
-  bidirectional layers, and in the time left the scans' plans, each compiled
-  in threads with a compile timeout inside its step."""
+  steps' limits within its budget, which ends before the call's; issue 14's
+  record (the scans, the Pallas rows and PyTorch), the kernels' tests, then in
+  the time left the grid of batch 1-64 x hidden 32-256, 'pallas' against the
+  scans, compiled in threads with a compile timeout inside the time left."""
   import re
   import shlex
 
   commands = _gpu_sh_commands('gpu_grid.sh')
   budget, limit = _budget_and_limit(commands)
   limits = [int(m) for line in commands for m in re.findall(r'\btimeout \$\(limit (\d+)\)', line)]
-  assert len(limits) == 5 and sum(limits[:4]) <= budget <= 410  # the last: in the time left
-  assert _limits_left(limit, 170)[0] in ('49', '50')
-  lines = [line for line in commands if 'gpu_plans' in line]
-  plans = [shlex.split(line.split('2>&1')[0]) for line in lines]
-  for line, args in zip(lines, plans):
-    step, = re.findall(r'\$\(limit (\d+)\)', line)
-    assert int(args[args.index('--jobs') + 1]) > 1
-    assert float(args[args.index('--compile-timeout') + 1]) < int(step)
-  grid, variants, bidirectional, scans = plans
-  assert '--bidirectional' in bidirectional and '--bidirectional' not in grid + variants + scans
-  assert '--variants' not in scans and '--pallas' not in scans  # every scan plan
-  assert grid[grid.index('--variants') + 1:][:2] == ['pallas', 'pallas/prefetch=1']
+  assert len(limits) == 3 and sum(limits[:2]) + 150 <= budget <= 410  # the last: the time left
+  assert _limits_left(limit, 110)[0] in ('49', '50')
+  monkeypatch.setattr(run, '_on_gpu', lambda: True)
+  suite, = [shlex.split(line.split('2>&1')[0]) for line in commands if 'benchmarks.run' in line]
+  assert [i.name for i in run._impls() if re.search(suite[suite.index('--impls') + 1], i.name)] \
+    == ['nr.LSTM', 'nr.GRU', 'nr.LSTM[pallas]', 'nr.GRU[pallas]', 'torch.nn.LSTM', 'torch.nn.GRU']
+  tests, = [line for line in commands if 'pytest' in line]
+  assert 'tests/test_pallas.py tests/test_fused.py' in tests
+  grid, = [shlex.split(line.split('2>&1')[0]) for line in commands if 'gpu_plans' in line]
+  assert int(grid[grid.index('--jobs') + 1]) > 1
+  assert grid[grid.index('--variants') + 1:][:2] == ['pallas', '--jobs']
   assert grid[grid.index('--shapes') + 1] == '$shapes'
   loop = [line for line in commands if line.startswith(('for', '  for', 'shapes='))]
   assert loop[:3] == ['shapes=""', 'for H in 32 64 128 256; do', '  for B in 1 4 8 16 32 64; do']
-  chosen = variants[variants.index('--variants') + 1:variants.index('--variants') + 8]
-  assert 'pallas/prefetch=1' in chosen and chosen[0] == 'pallas'
+  jsons = [m for line in commands for m in re.findall(r'--json "([^"]+)"', line)]
+  assert len(jsons) == len(set(jsons)) == 2
 
 
 def test_suite_json_keeps_the_shapes_done_when_cut_off(monkeypatch, tmp_path):

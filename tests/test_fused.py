@@ -259,12 +259,15 @@ def numpy_layers(layer, x, lengths, carry0):
   (1, False, T, None, ['loop']),
   (2, True, 6, np.array([6, 3, 0], np.int32), ['default']),
 ], ids=['1-uni-full', '2-bi-lengths'])
-def test_matches_generic_values_and_grads(cls, num_layers, bidirectional, time, lengths, paths):
+def test_matches_generic_values_and_grads(cls, num_layers, bidirectional, time, lengths, paths,
+                                         monkeypatch):
   """Values and gradients against the generic composition, each path forced
-  (one compilation). Two bidirectional layers with lengths: the default plan
-  for tiny steps, whose backward scans two steps at a time (an even length);
-  garbage at padding inert (the second layer reads the first's outputs, zero
-  at padding); the values against the float64 formulas."""
+  (one compilation). Two bidirectional layers with lengths: the CPU's default
+  plan for tiny steps (on any machine: a GPU's is the 'gpu' path), whose
+  backward scans two steps at a time (an even length); garbage at padding
+  inert (the second layer reads the first's outputs, zero at padding); the
+  values against the float64 formulas."""
+  monkeypatch.setattr(_plans, 'gpu_backend', lambda: False)
   if 'default' in paths:
     assert internal.plan_for(cls, B, 4 * H).backward_pairs and time % 2 == 0
   layer = make(cls, num_layers, bidirectional)

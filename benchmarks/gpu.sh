@@ -53,7 +53,7 @@ timeout $(limit 100) $PY -m benchmarks.run --rounds 5 --json "$out/gpu_results.j
 step Pallas rows up to H = 256
 timeout $(limit 180) $PY -m benchmarks.run --rounds 5 --json "$out/pallas_results.json" \
   --shapes 1x1000x32x64,8x500x64x128,64x100x128x256 \
-  --impls '^(nr\.(LSTM|GRU)(\[pallas\])?$|torch)' 2>&1 | tee -a "$log"
+  --impls '^(nr\.(LSTM|GRU)(\[(pallas|xla)\])?$|torch)' 2>&1 | tee -a "$log"
 step cuDNN check
 timeout $(limit 45) $PY -m benchmarks.cudnn_check --json "$out/cudnn_check.json" 2>&1 \
   | tee -a "$log"
@@ -63,6 +63,6 @@ timeout $(limit 115) $PY -m benchmarks.gpu_plans --pallas --shapes 8x500x64x128 
 step Pallas rows at H = 512, in the time left
 timeout $(limit 600) $PY -m benchmarks.run --rounds 5 --json "$out/pallas_large.json" \
   --shapes 256x50x256x512 \
-  --impls '^(nr\.(LSTM|GRU)(\[pallas\])?$|torch)' 2>&1 | tee -a "$log"
+  --impls '^(nr\.(LSTM|GRU)(\[(pallas|xla)\])?$|torch)' 2>&1 | tee -a "$log"
 rm -f "$out"/*.tmp  # a JSON being written when its step was cut off (the whole one stays)
 step done

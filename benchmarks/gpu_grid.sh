@@ -22,7 +22,7 @@ step environment
 step suite rows up to H = 256
 timeout $(limit 110) $PY -m benchmarks.run --rounds 5 --json "$out/pallas_results.json" \
   --shapes 1x1000x32x64,8x500x64x128,64x100x128x256 \
-  --impls '^(nr\.(LSTM|GRU)(\[pallas\])?$|torch)' 2>&1 | tee -a "$log"
+  --impls '^(nr\.(LSTM|GRU)(\[(pallas|xla)\])?$|torch)' 2>&1 | tee -a "$log"
 step tests
 JAX_DEFAULT_MATMUL_PRECISION=highest timeout $(limit 60) $PY -m pytest -q -p no:cacheprovider -n 4 \
   tests/test_pallas.py tests/test_fused.py 2>&1 | tee -a "$log"

@@ -2,9 +2,10 @@
 ``implementation='auto'`` reads (``_fused._plans.PALLAS_FASTER``).
 
 ``gpu.sh`` times ``nr.LSTM[pallas]`` / ``nr.GRU[pallas]`` beside the scans
-(``nr.LSTM`` / ``nr.GRU``) and PyTorch on cuDNN, and writes the ratios of
-their medians (``pallas_results.json``, ``pallas_large.json``). This script
-reads them and prints, per shape and layer:
+(``nr.LSTM[xla]`` / ``nr.GRU[xla]``; ``nr.LSTM`` in older records) and
+PyTorch on cuDNN, and writes the ratios of their medians
+(``pallas_results.json``, ``pallas_large.json``). This script reads them and
+prints, per shape and layer:
 
 * the issue's target: at batch 1-8 the training step within 1.5x PyTorch's
   and the forward within 2x; from batch 64 on no slower than the scans
@@ -49,6 +50,7 @@ from nnx_recurrent._fused import internal
 
 SMALL_BATCH = 8  # up to here: against PyTorch's cuDNN; above: against the scans
 TORCH_TRAIN, TORCH_FWD = 1.5, 2.0  # issue 14's targets at small batches
+LINE_LENGTH = 100  # pyproject.toml's [tool.ruff] line-length
 
 
 def verdicts(runs: list[dict]) -> list[dict]:
@@ -65,7 +67,10 @@ def verdicts(runs: list[dict]) -> list[dict]:
   for shape in sorted(by_shape):
     for layer in ('LSTM', 'GRU'):
       pallas = f'nr.{layer}[pallas]'
-      scans = by_shape[shape].get((pallas, f'nr.{layer}'))
+      # The scans: nr.LSTM[xla]; records before 2026-12-04's second GPU session
+      # have only nr.LSTM, which 'auto' ran on the scans there.
+      scans = by_shape[shape].get((pallas, f'nr.{layer}[xla]'),
+                                  by_shape[shape].get((pallas, f'nr.{layer}')))
       torch = by_shape[shape].get((pallas, f'torch.nn.{layer}'))
       if scans is None and torch is None:
         continue
@@ -120,15 +125,30 @@ def _short(kind: str) -> str:
   return kind.removeprefix('NVIDIA ').strip()
 
 
+def _wrap(text: str, width: int) -> list[str]:
+  """``text`` in lines of at most ``width`` characters where it can be, broken
+  after the commas of its list (``1: 0.50/0.47, 4: ...``), never inside an item."""
+  lines = ['']
+  for item in text.split(', '):
+    joined = f'{lines[-1]}, {item}' if lines[-1] else item
+    if len(joined) + 1 > width and lines[-1]:  # + 1: the comma that ends the line
+      lines[-1] += ','
+      lines.append(item)
+    else:
+      lines[-1] = joined
+  return lines
+
+
 def _entries(regions: list[tuple[str, str, tuple[int, int], int, str]]) -> str:
   """``PALLAS_FASTER``'s source from ``(comment, layer, rows, hidden, device)``
-  regions, each with its numbers in a comment above it."""
+  regions, each with its numbers in a comment above it, wrapped within the
+  package's line length (``ruff``: 100), so that it pastes as printed."""
   if not regions:
     return 'PALLAS_FASTER: tuple[PallasRegion, ...] = ()  # faster nowhere'
   lines = []
   for comment, layer, (lo, hi), h, device in regions:
-    lines += [f'  # {comment}',
-              f'  PallasRegion({layer!r}, rows=({lo}, {hi}), hidden=({h}, {h}), '
+    lines += [f'  # {part}' for part in _wrap(comment, LINE_LENGTH - len('  # '))]
+    lines += [f'  PallasRegion({layer!r}, rows=({lo}, {hi}), hidden=({h}, {h}), '
               f'device={device!r}),']
   return 'PALLAS_FASTER: tuple[PallasRegion, ...] = (\n' + '\n'.join(lines) + '\n)'
 

@@ -192,9 +192,13 @@ def test_pallas_rows_on_a_gpu_only(monkeypatch):
   names = [i.name for i in run._impls()]
   assert not any('pallas' in n for n in names)
   monkeypatch.setattr(run, '_on_gpu', lambda: True)
-  pallas = [(i.name, i.family) for i in run._impls() if 'pallas' in i.name]
-  assert pallas == [('nr.LSTM[pallas]', 'lstm'), ('nr.GRU[pallas]', 'gru')]
-  assert {('nr.LSTM[pallas]', 'torch.nn.LSTM'), ('nr.GRU[pallas]', 'nr.GRU')} <= {
+  pallas = [(i.name, i.family) for i in run._impls() if '[' in i.name and 'cudnn' not in i.name]
+  assert pallas == [('nr.LSTM[pallas]', 'lstm'), ('nr.GRU[pallas]', 'gru'),
+                    ('nr.LSTM[xla]', 'lstm'), ('nr.GRU[xla]', 'gru')]
+  # Against the scans forced: where 'auto' picks the kernels, nr.GRU is them.
+  assert {('nr.LSTM[pallas]', 'torch.nn.LSTM'), ('nr.GRU[pallas]', 'nr.GRU[xla]')} <= {
+    c[:2] for c in run.COMPARISONS}
+  assert not {('nr.LSTM[pallas]', 'nr.LSTM'), ('nr.GRU[pallas]', 'nr.GRU')} & {
     c[:2] for c in run.COMPARISONS}
 
 
@@ -265,8 +269,8 @@ def test_gpu_sh_selects_the_rows_it_says_and_fits_its_call(monkeypatch):
           if 'benchmarks.run' in line]
   selected = [[n for n in names if re.search(args[args.index('--impls') + 1], n)]
               for args in runs]
-  pallas_rows = ['nr.LSTM', 'nr.GRU', 'nr.LSTM[pallas]', 'nr.GRU[pallas]', 'torch.nn.LSTM',
-                 'torch.nn.GRU']
+  pallas_rows = ['nr.LSTM', 'nr.GRU', 'nr.LSTM[pallas]', 'nr.GRU[pallas]', 'nr.LSTM[xla]',
+                 'nr.GRU[xla]', 'torch.nn.LSTM', 'torch.nn.GRU']
   assert selected == [
     ['nr.RNN(OptimizedLSTMCell)', 'nnx.RNN(OptimizedLSTMCell)', 'nr.RNN(GRUCell)',
      'nnx.RNN(GRUCell)', 'nr.LSTM', 'nr.GRU', 'nr.LSTM[cudnn]', 'torch.nn.LSTM', 'torch.nn.GRU'],
@@ -300,7 +304,8 @@ def test_gpu_grid_sh_fits_its_call_and_times_what_it_says(monkeypatch):
   monkeypatch.setattr(run, '_on_gpu', lambda: True)
   suite, = [shlex.split(line.split('2>&1')[0]) for line in commands if 'benchmarks.run' in line]
   assert [i.name for i in run._impls() if re.search(suite[suite.index('--impls') + 1], i.name)] \
-    == ['nr.LSTM', 'nr.GRU', 'nr.LSTM[pallas]', 'nr.GRU[pallas]', 'torch.nn.LSTM', 'torch.nn.GRU']
+    == ['nr.LSTM', 'nr.GRU', 'nr.LSTM[pallas]', 'nr.GRU[pallas]', 'nr.LSTM[xla]', 'nr.GRU[xla]',
+        'torch.nn.LSTM', 'torch.nn.GRU']
   tests, = [line for line in commands if 'pytest' in line]
   assert 'tests/test_pallas.py tests/test_fused.py' in tests
   grid, = [shlex.split(line.split('2>&1')[0]) for line in commands if 'gpu_plans' in line]
@@ -391,6 +396,20 @@ def _pallas_run(shape, times, kind='NVIDIA H200'):
   return dict(machine=dict(device_kind=kind), ratios=run.ratios(results))
 
 
+def test_pallas_verdict_reads_the_scans_of_older_records():
+  """Records before the ``[xla]`` rows compared the kernels with ``nr.LSTM``,
+  which 'auto' then ran on the scans: read as the scans where no ``[xla]``
+  ratio is there."""
+  from benchmarks import pallas_verdict
+
+  new = _pallas_run((1, 20, 3, 16), {'nr.LSTM[pallas]': (1.0, 2.0), 'nr.LSTM[xla]': (4.0, 4.0)})
+  old = dict(new, ratios=[dict(r, theirs='nr.LSTM') for r in new['ratios']])
+  for record in (new, old):
+    row, = pallas_verdict.verdicts([record])
+    assert (row['vs_scans']['fwd_ratio'], row['vs_scans']['train_ratio']) == (0.25, 0.5)
+  assert pallas_verdict.verdicts([dict(new, ratios=[])]) == []
+
+
 def test_pallas_verdict_targets_and_the_table_auto_reads(monkeypatch):
   """Issue 14's targets per batch size (PyTorch at batch 1-8, the scans from
   64 on), and ``PALLAS_FASTER``'s entries only where the kernels beat the scans
@@ -400,11 +419,11 @@ def test_pallas_verdict_targets_and_the_table_auto_reads(monkeypatch):
   from nnx_recurrent._fused import _plans
 
   small = _pallas_run((1, 20, 3, 16), {  # LSTM: 1.4x / 1.9x PyTorch, faster than the scans
-    'nr.LSTM[pallas]': (1.9, 2.8), 'torch.nn.LSTM': (1.0, 2.0), 'nr.LSTM': (4.0, 6.0),
-    'nr.GRU[pallas]': (2.1, 2.0), 'torch.nn.GRU': (1.0, 2.0), 'nr.GRU': (1.0, 6.0)})
+    'nr.LSTM[pallas]': (1.9, 2.8), 'torch.nn.LSTM': (1.0, 2.0), 'nr.LSTM[xla]': (4.0, 6.0),
+    'nr.GRU[pallas]': (2.1, 2.0), 'torch.nn.GRU': (1.0, 2.0), 'nr.GRU[xla]': (1.0, 6.0)})
   large = _pallas_run((256, 50, 256, 512), {  # GRU: train 1.1x the scans
-    'nr.LSTM[pallas]': (1.0, 1.0), 'nr.LSTM': (1.0, 1.0), 'torch.nn.LSTM': (1.0, 1.0),
-    'nr.GRU[pallas]': (0.5, 1.1), 'nr.GRU': (1.0, 1.0)})
+    'nr.LSTM[pallas]': (1.0, 1.0), 'nr.LSTM[xla]': (1.0, 1.0), 'torch.nn.LSTM': (1.0, 1.0),
+    'nr.GRU[pallas]': (0.5, 1.1), 'nr.GRU[xla]': (1.0, 1.0)})
   rows = pallas_verdict.verdicts([small, large])
   got = [(r['shape'], r['layer'], r['met'], r['faster']) for r in rows]
   assert got == [((1, 20, 3, 16), 'LSTM', True, True),
@@ -483,6 +502,11 @@ def test_pallas_verdict_regions_from_a_grid(monkeypatch):
     region('LSTM', rows=(32, 32), hidden=(64, 64), device='H200'))  # batch 64 failed
   assert '# T=300, I=32; batch: fwd/train x the scans 1: 0.40/0.50, 4: 0.50/0.60, 8: 0.60/0.70 ' \
     '(abc1234)' in text
+  # Longer comments wrap within ruff's line length: the entries paste as printed.
+  many = pallas_verdict.grid_regions(_grid({('GRU', b, 64): (0.5, 0.5) for b in (1, 2, 4, 8, 16)}),
+                                     'abc1234')
+  assert max(len(line) for line in many.splitlines()) <= 100
+  assert '4: 0.50/0.50,\n  # 8: 0.50/0.50, 16: 0.50/0.50 (abc1234)\n' in many  # after a comma
   table = pallas_verdict.grid_table(grid)
   assert '| LSTM: batch \\ hidden | 64 | 256 |' in table
   assert '| 16 | 1.10 / 0.90 |  |' in table and '| 64 | failed |  |' in table
@@ -509,15 +533,15 @@ def test_pallas_verdict_edges_of_the_targets():
   from benchmarks import pallas_verdict
 
   stale = _pallas_run((8, 5, 3, 16), {
-    'nr.GRU[pallas]': (9.0, 9.0), 'nr.GRU': (1.0, 1.0), 'torch.nn.GRU': (1.0, 1.0)})
+    'nr.GRU[pallas]': (9.0, 9.0), 'nr.GRU[xla]': (1.0, 1.0), 'torch.nn.GRU': (1.0, 1.0)})
   b8 = _pallas_run((8, 5, 3, 16), {  # LSTM: exactly 2x / 1.5x PyTorch, 4x / 3x the scans
-    'nr.LSTM[pallas]': (4.0, 3.0), 'torch.nn.LSTM': (2.0, 2.0), 'nr.LSTM': (1.0, 1.0),
-    'nr.GRU[pallas]': (1.0, 1.0), 'torch.nn.GRU': (1.0, 1.0), 'nr.GRU': (2.0, 2.0)})
+    'nr.LSTM[pallas]': (4.0, 3.0), 'torch.nn.LSTM': (2.0, 2.0), 'nr.LSTM[xla]': (1.0, 1.0),
+    'nr.GRU[pallas]': (1.0, 1.0), 'torch.nn.GRU': (1.0, 1.0), 'nr.GRU[xla]': (2.0, 2.0)})
   b64 = _pallas_run((64, 5, 3, 32), {  # LSTM: 1.2x the scans and PyTorch; GRU: fwd as fast
-    'nr.LSTM[pallas]': (1.2, 1.2), 'torch.nn.LSTM': (1.0, 1.0), 'nr.LSTM': (1.0, 1.0),
-    'nr.GRU[pallas]': (1.0, 0.5), 'nr.GRU': (1.0, 1.0)})
+    'nr.LSTM[pallas]': (1.2, 1.2), 'torch.nn.LSTM': (1.0, 1.0), 'nr.LSTM[xla]': (1.0, 1.0),
+    'nr.GRU[pallas]': (1.0, 0.5), 'nr.GRU[xla]': (1.0, 1.0)})
   b128 = _pallas_run((128, 5, 3, 32), {  # LSTM: train as fast; GRU: no scans
-    'nr.LSTM[pallas]': (0.5, 1.0), 'nr.LSTM': (1.0, 1.0),
+    'nr.LSTM[pallas]': (0.5, 1.0), 'nr.LSTM[xla]': (1.0, 1.0),
     'nr.GRU[pallas]': (1.0, 1.0), 'torch.nn.GRU': (1.0, 1.0)})
   rows = pallas_verdict.verdicts([stale, b128, b64, b8])
   assert [(r['shape'][0], r['layer'], r['met'], r['faster']) for r in rows] == [
@@ -527,7 +551,7 @@ def test_pallas_verdict_edges_of_the_targets():
     pallas_verdict.regions(rows, 'H200', 'x')
   # The later run replaces the whole shape: no PyTorch ratio left over from the stale run.
   rows = pallas_verdict.verdicts([stale, _pallas_run((8, 5, 3, 16), {
-    'nr.GRU[pallas]': (0.5, 0.5), 'nr.GRU': (1.0, 1.0)})])
+    'nr.GRU[pallas]': (0.5, 0.5), 'nr.GRU[xla]': (1.0, 1.0)})])
   assert [(r['layer'], r['vs_torch'], r['met'], r['faster']) for r in rows] == [
     ('GRU', None, None, True)]
 
@@ -537,7 +561,8 @@ def test_pallas_verdict_refuses_runs_without_pallas_rows(tmp_path, capsys):
   from benchmarks import pallas_verdict
 
   path = tmp_path / 'cpu.json'
-  path.write_text(json.dumps(_pallas_run((2, 5, 3, 4), {'nr.LSTM': (1, 1), 'torch.nn.LSTM': (1, 1)},
+  path.write_text(json.dumps(_pallas_run((2, 5, 3, 4),
+                                         {'nr.LSTM[xla]': (1, 1), 'torch.nn.LSTM': (1, 1)},
                                          kind='cpu')))
   with pytest.raises(SystemExit):
     pallas_verdict.main([str(path)])
@@ -549,7 +574,7 @@ def test_pallas_verdict_main_prints_the_entries_and_ranking(tmp_path, capsys):
 
   path, sweep = tmp_path / 'pallas.json', tmp_path / 'sweep.json'
   path.write_text(json.dumps(_pallas_run((2, 5, 3, 4), {
-    'nr.LSTM[pallas]': (1.0, 1.0), 'nr.LSTM': (2.0, 2.0), 'torch.nn.LSTM': (1.0, 1.0)})))
+    'nr.LSTM[pallas]': (1.0, 1.0), 'nr.LSTM[xla]': (2.0, 2.0), 'torch.nn.LSTM': (1.0, 1.0)})))
   sweep.write_text(json.dumps(dict(rows=[
     dict(shape=[2, 5, 3, 4], layer='LSTM', plan=plan, train_ms=ms)
     for plan, ms in (('pallas', 2.0), ('pallas/a=1', 1.0))])))

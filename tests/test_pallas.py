@@ -493,17 +493,19 @@ def test_pallas_padded_rows_are_the_rows_the_kernels_run(rows, hidden, padded):
 
 def test_the_measured_table_auto_follows(monkeypatch):
   """The shipped ``PALLAS_FASTER`` (an H200's measurements): on an H200 'auto'
-  runs the kernels at batch 1-16 for hidden 64, 8-16 for 128, both layers, and
-  the scans elsewhere, e.g. batch 17, hidden 32 or 256; on another GPU never."""
+  runs the kernels at batch 1-16 and 64 for hidden 32, 1-32 for hidden 64,
+  both layers, and the scans elsewhere, e.g. batch 17 or 33, hidden 128 or
+  256; on another GPU never."""
   class Device:
     device_kind = 'NVIDIA H200'
 
   monkeypatch.setattr(_plans, 'cuda_backend', lambda: True)
   monkeypatch.setattr(_plans.jax, 'devices', lambda: [Device()])
   picks = {(layer.name, b, h) for layer in (nr.LSTM._math, nr.GRU._math)
-           for b in (1, 4, 7, 8, 16, 17, 64) for h in (32, 64, 128, 256)
+           for b in (1, 4, 7, 8, 16, 17, 32, 33, 63, 64, 65) for h in (32, 64, 128, 256)
            if _plans.pallas_measured_faster(layer, b, h)}
   assert picks == {(name, b, h) for name in ('LSTM', 'GRU')
-                   for b, h in [(1, 64), (4, 64), (7, 64), (8, 64), (16, 64), (8, 128), (16, 128)]}
+                   for b, h in [(1, 32), (4, 32), (7, 32), (8, 32), (16, 32), (64, 32),
+                                (1, 64), (4, 64), (7, 64), (8, 64), (16, 64), (17, 64), (32, 64)]}
   Device.device_kind = 'NVIDIA A100'
   assert not _plans.pallas_measured_faster(nr.LSTM._math, 1, 64)

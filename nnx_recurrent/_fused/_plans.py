@@ -11,7 +11,9 @@ W_i`` stays in the loop, and the LSTM does one matmul of ``[x_t, h]`` against
 for tiny steps, whose time is their number of operations). The forward under a
 gradient (which also saves residuals) may be scanned differently from the
 plain forward (see :func:`plan`; all measured, see ``benchmarks/RESULTS.md``).
-The backward pass is the same in every case.
+The backward pass is the same in every case. That is the CPU's choice. On a
+GPU, where each loop iteration costs kernel launches, the projections are
+hoisted at every batch size and every scan, the backward one too, is unrolled.
 
 This module also holds the machine probes the backends are chosen with, and
 (:data:`PALLAS_FASTER`) the one table that lets ``implementation='auto'`` pick
@@ -57,7 +59,7 @@ import jax
 #   (``LSTMMath.step``'s ``save``) instead of the one-tanh form, which writes
 #   all four activations out as residuals need: forward 0.94-0.98x at all four
 #   benchmark shapes (A/B runs of 9-21 rounds).
-# * Otherwise scans are not unrolled: an unrolled step reads the next step's
+# * Otherwise scans are not unrolled on the CPU: an unrolled step reads the next step's
 #   slice straight from the sequence again (see _xla.prefetch_scan), and 2, 4
 #   or 8 were slower.
 # * On the CPU, a GRU step of GRU_AUTODIFF_MIN_ROWS rows or more is
@@ -76,8 +78,8 @@ import jax
 #   the scans hoist the input projections and unroll every scan 8 times, the
 #   forward without a gradient 4 times from GPU_UNROLL4_MIN_ROWS rows on. On
 #   an H200 (2026-12-04, `benchmarks/gpu_plans.py` at the suite's four shapes,
-#   benchmarks/RESULTS.md, "Scan plans on the H200"), against the CPU's plans
-#   there: training step 0.55x at (8, 500, 64, 128), 0.66-0.69x at (64, 100,
+#   benchmarks/RESULTS.md, "The H200 again"), against the CPU's plans
+#   there: training step 0.49-0.55x at (8, 500, 64, 128), 0.66-0.69x at (64, 100,
 #   128, 256), 0.65-0.77x at (1, 1000, 32, 64), 0.84-0.86x at (256, 50, 256,
 #   512); forward 0.47-0.68x. Each is within 6% of the best of the 9 (LSTM)
 #   or 6 (GRU) plans timed at its shape (inputs hoisted, in the loop or joint;
@@ -163,25 +165,32 @@ class PallasRegion(NamedTuple):
 
 
 # Where implementation='auto' picks the Pallas kernels: the shapes where they
-# measured faster than the scans, forward and training step, on an H200
-# (2026-12-04, `bash benchmarks/gpu.sh` at fc499f2; benchmarks/RESULTS.md,
-# "Pallas kernels on the H200"), printed by `python -m benchmarks.pallas_verdict
-# out/gpu/pallas_results.json out/gpu/pallas_large.json --commit <sha>`. Each
-# region is one measured shape's hidden size, and its batch rows up to those
-# that run the same kernel programs (the batch padded to a 16-row block), which
-# take the kernels' measured time while the scans do no less work. At batch 64
-# (hidden 256) and 256 (hidden 512) the kernels were slower (1.5-18x): the scans
-# there. A grid of batch and hidden sizes (`benchmarks/gpu_grid.sh`, then
-# `pallas_verdict --grid`) is prepared to widen this table.
+# measured faster than the XLA scans, forward and training step, on an H200
+# (2026-12-04, the second call of `bash benchmarks/gpu_grid.sh` at e639280: the
+# kernels with their loads a step ahead, the scans with the GPU plan above; 300
+# steps, batch 1-64 x hidden 32-256; benchmarks/RESULTS.md, "The H200
+# again"), printed by `python -m benchmarks.pallas_verdict --grid
+# out/gpu/pallas_grid.json --commit <sha>`. Each region is one hidden size and
+# a run of consecutive batch sizes measured faster, up to the rows that run the
+# same kernel programs (the batch padded to a block). From hidden 128 on the
+# scans, unrolled on a GPU, were faster at every batch (1.1-6x).
 PALLAS_FASTER: tuple[PallasRegion, ...] = (
-  # (1, 1000, 32, 64): fwd 0.36x, train 0.49x the scans (fc499f2)
-  PallasRegion('LSTM', rows=(1, 16), hidden=(64, 64), device='H200'),
-  # (1, 1000, 32, 64): fwd 0.24x, train 0.45x the scans (fc499f2)
-  PallasRegion('GRU', rows=(1, 16), hidden=(64, 64), device='H200'),
-  # (8, 500, 64, 128): fwd 0.76x, train 0.85x the scans (fc499f2)
-  PallasRegion('LSTM', rows=(8, 16), hidden=(128, 128), device='H200'),
-  # (8, 500, 64, 128): fwd 0.53x, train 0.63x the scans (fc499f2)
-  PallasRegion('GRU', rows=(8, 16), hidden=(128, 128), device='H200'),
+  # T=300, I=16; batch: fwd/train x the scans 1: 0.50/0.47, 4: 0.47/0.42, 8: 0.46/0.46,
+  # 16: 0.53/0.50 (e639280)
+  PallasRegion('GRU', rows=(1, 16), hidden=(32, 32), device='H200'),
+  # T=300, I=16; batch: fwd/train x the scans 64: 0.64/0.79 (e639280)
+  PallasRegion('GRU', rows=(64, 64), hidden=(32, 32), device='H200'),
+  # T=300, I=32; batch: fwd/train x the scans 1: 0.59/0.56, 4: 0.50/0.51, 8: 0.61/0.56,
+  # 16: 0.53/0.56, 32: 0.99/0.86 (e639280)
+  PallasRegion('GRU', rows=(1, 32), hidden=(64, 64), device='H200'),
+  # T=300, I=16; batch: fwd/train x the scans 1: 0.62/0.53, 4: 0.49/0.47, 8: 0.50/0.48,
+  # 16: 0.52/0.45 (e639280)
+  PallasRegion('LSTM', rows=(1, 16), hidden=(32, 32), device='H200'),
+  # T=300, I=16; batch: fwd/train x the scans 64: 0.82/0.72 (e639280)
+  PallasRegion('LSTM', rows=(64, 64), hidden=(32, 32), device='H200'),
+  # T=300, I=32; batch: fwd/train x the scans 1: 0.62/0.58, 4: 0.57/0.52, 8: 0.65/0.56,
+  # 16: 0.62/0.56, 32: 0.91/0.78 (e639280)
+  PallasRegion('LSTM', rows=(1, 32), hidden=(64, 64), device='H200'),
 )
 
 

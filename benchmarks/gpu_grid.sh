@@ -24,7 +24,7 @@ timeout $(limit 110) $PY -m benchmarks.run --rounds 5 --json "$out/pallas_result
   --shapes 1x1000x32x64,8x500x64x128,64x100x128x256 \
   --impls '^(nr\.(LSTM|GRU)(\[(pallas|xla)\])?$|torch)' 2>&1 | tee -a "$log"
 step tests
-JAX_DEFAULT_MATMUL_PRECISION=highest timeout $(limit 60) $PY -m pytest -q -p no:cacheprovider -n 4 \
+JAX_DEFAULT_MATMUL_PRECISION=highest timeout $(limit 60) $PY -m pytest -q -p no:cacheprovider -n 8 \
   tests/test_pallas.py tests/test_fused.py 2>&1 | tee -a "$log"
 shapes=""
 for H in 32 64 128 256; do

@@ -4,7 +4,7 @@ The fused layers pick how a direction is scanned from the shape of one step
 (``nnx_recurrent/_fused/_plans.py``); its thresholds were measured on a 2-core
 CPU. On an H200 every JAX scan at batch 1-8 cost 6.7-9 us per step (XLA's
 per-iteration cost, see benchmarks/RESULTS.md, "GPU"), so unrolling, which the
-CPU plans avoid, may pay there. This script times ``nr.LSTM`` / ``nr.GRU`` (the
+CPU plans avoid, pays there. This script times ``nr.LSTM`` / ``nr.GRU`` (the
 XLA scans) with each plan forced, forward and training step, interleaved, and
 prints the median times and the best plan per shape::
 
@@ -17,9 +17,10 @@ prefetching, and the backward scan ``backward-unroll`` times. 'default' is
 what the layers pick. Nothing here changes the library: the plan is forced
 (``nnx_recurrent._fused.internal.forced_plan``) for the measurement only. Each
 plan's forward output is compared with the default's (``|y - y_default|``).
-The scan plans have not run on a GPU yet (on a CPU only, at a toy shape; the
-last step of ``benchmarks/gpu_grid.sh`` times them); ``--pallas`` ran on an H200
-on 2026-12-04 (44 s at one shape, ``benchmarks/gpu/2026-12-04/pallas_sweep.json``).
+On an H200 (2026-12-04, session 34) the scan plans at the suite's four shapes
+chose the GPU plan of ``_fused/_plans.py``
+(``benchmarks/gpu/2026-12-04-s34/call1_scan_plans.json``); ``--pallas`` ran
+there too (44 s at one shape, ``benchmarks/gpu/2026-12-04/pallas_sweep.json``).
 
 With ``--pallas`` it times the Pallas kernels (``implementation='pallas'``)
 instead, with each variant of their sizes (``internal.pallas_settings``:

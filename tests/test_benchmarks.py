@@ -285,6 +285,8 @@ def test_gpu_sh_selects_the_rows_it_says_and_fits_its_call(monkeypatch):
   assert left[0] in ('49', '50') and left[1:] == ['30', '1']
   jsons = [m for line in commands for m in re.findall(r'--json "([^"]+)"', line)]
   assert len(jsons) == len(set(jsons)) == 5
+  assert any(line.startswith('timeout $(limit 60) $PY -m benchmarks.mosaic_probe --json')
+             for line in commands)
 
 
 def test_gpu_grid_sh_fits_its_call_and_times_what_it_says(monkeypatch):
@@ -856,3 +858,4 @@ def test_main_reports_from_json_files_without_measuring(monkeypatch, tmp_path, c
   assert run.main(['--summarize', str(path), str(path)]) == 0
   assert [line.split(' | ')[1] for line in capsys.readouterr().out.splitlines()[2:]] == [
     'nr.GRU / nnx.RNN(GRUCell)', 'nr.LSTM / nnx.RNN(OptimizedLSTMCell)']
+

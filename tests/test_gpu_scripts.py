@@ -675,9 +675,11 @@ def test_triton_resources_ir_follows_the_case(monkeypatch):
 
 # -- benchmarks/gpu.sh's calls ---------------------------------------------------------------
 def test_gpu_sh_arguments_reach_the_gpu_scripts(monkeypatch, tmp_path):
-  """``gpu.sh``'s own command lines for ``gpu_plans`` and ``cudnn_check``, parsed by the
-  scripts (faked below their argument parsing): the Pallas variants at one shape for
-  3 rounds, and the cuDNN check on a CUDA GPU, each writing its JSON."""
+  """``gpu.sh``'s own command lines for ``mosaic_probe`` and ``cudnn_check``, parsed by
+  the scripts: the probe at its shapes (a toy one here, on the CPU, where its kernel
+  does not compile: the row records the error and times the layer, interpreted), and
+  the cuDNN check on a CUDA GPU (faked below its argument parsing), each writing its
+  JSON."""
   import shlex
 
   from tests.test_benchmarks import _gpu_sh_commands
@@ -687,14 +689,13 @@ def test_gpu_sh_arguments_reach_the_gpu_scripts(monkeypatch, tmp_path):
     args = shlex.split(line.split('2>&1')[0].replace('"$out/', f'"{tmp_path}/'))
     return args[args.index(f'benchmarks.{module}') + 1:]
 
-  pallas = []
-  monkeypatch.setattr(gpu_plans, 'plans', lambda cls, p: pallas.append(p) or ['default'])
-  samples = {('default', k): [1.0] * 6 for k in ('fwd', 'train')}
-  calls = fake_variants(monkeypatch, dict(default=[1.0]), samples)
-  assert gpu_plans.main(argv('gpu_plans')) == 0
-  assert pallas == [True, True] and len(calls) == 2 * 3 * 2  # layers x rounds x (fwd, train)
-  rows = json.loads((tmp_path / 'pallas_sweep.json').read_text())['rows']
-  assert [r['shape'] for r in rows] == [[8, 500, 64, 128]] * 2
+  from benchmarks import mosaic_probe
+
+  monkeypatch.setattr(mosaic_probe, 'SHAPES', ((2, 3, 4, 64),))
+  assert mosaic_probe.main(argv('mosaic_probe') + ['--rounds', '1']) == 0
+  row, = json.loads((tmp_path / 'mosaic_probe.json').read_text())['rows']
+  assert row['shape'] == [2, 3, 4, 64] and row['layer'] == 'nr.LSTM[pallas]'
+  assert 'probe_error' in row and 'probe_ms' not in row and row['layer_ms'] > 0
 
   monkeypatch.setattr(internal, 'cuda_backend', lambda: True)
   seen = []

@@ -14,8 +14,9 @@ Families: ``nnx`` (nr.RNN, nr.Bidirectional and the cells against flax.nnx,
 in float32 or with bfloat16 / float16 compute, parameters or inputs, dtypes
 compared too; and the fused nr.LSTM / nr.GRU against flax.nnx's RNNs stacked
 by hand, the Pallas kernels in interpret mode with their sizes drawn: loads a
-step ahead, several column chunks with weights partly held, the loop over the
-chunks), ``layers`` (random trees of nested layers -- StackedRNN,
+step ahead or not, several column chunks with weights partly held, the loop
+over the chunks; the XLA scans with this machine's plan or a GPU's, every scan
+unrolled 8 times), ``layers`` (random trees of nested layers -- StackedRNN,
 Bidirectional, fused, RNN with remat, unroll and learned carries, over this
 package's cells, flax.nnx's and a user's, or convolutional cells over one or
 two spatial axes; variational dropout -- with lengths or packed
@@ -29,7 +30,7 @@ and every Variable of the cell after each call), ``linen``
 ``segment_ids`` against flax.linen's cell looped over each segment),
 ``torch`` (nr.LSTM / nr.GRU against torch.nn.LSTM / GRU, through
 ``nnx_recurrent.interop.torch``; the Pallas kernels in interpret mode too,
-their sizes drawn as for ``nnx``)
+their sizes and the scans' plan drawn as for ``nnx``)
 and ``errors`` (bad arguments get a ``ValueError`` or ``TypeError`` naming
 the argument). The deliberate
 differences from flax (docs/migrating_from_nnx.md, compat/README.md) are

@@ -3,6 +3,7 @@ valid-step masks, floating-point types."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -109,6 +110,18 @@ PALLAS_SETTINGS = ({}, {'prefetch': False},
                    {'chunk': 16, 'hold_bytes': 2 * 16 * 16 * 4, 'prefetch': True},
                    {'chunk': 16, 'hold_bytes': 2 * 16 * 16 * 4, 'prefetch': False},
                    {'chunk': 16, 'unrolled_chunks': 1})
+
+
+def scan_plan(case: Case, rows: int) -> contextlib.AbstractContextManager:
+  """The XLA scans' plan of a case run without the Pallas kernels, as a
+  context to trace the layer in: this machine's own choice, or a GPU's
+  (``internal.gpu_plan``: every scan unrolled, the backward one too; the
+  default on every GPU, run here on the CPU)."""
+  from nnx_recurrent._fused import internal
+
+  if case.pick('scan_plan', ['default', 'default', 'gpu']) == 'default':
+    return contextlib.nullcontext()
+  return internal.forced_plan(internal.gpu_plan(rows))
 
 
 def draw_pallas_settings(case: Case) -> dict[str, Any]:

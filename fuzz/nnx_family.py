@@ -23,6 +23,8 @@ the cell wrapped in ``CastBack``, which does that cast.
 
 from __future__ import annotations
 
+import contextlib
+import math
 from typing import Any
 
 import jax
@@ -39,6 +41,7 @@ from fuzz._common import (
   garbage,
   params,
   reference_inputs,
+  scan_plan,
   tree_rows,
   unflat,
   unwrap_cells,
@@ -333,7 +336,8 @@ def fused_case(case: Case) -> None:
     return _masked_loss(new_carry, y, weights, valid, time_axis), (new_carry, y)
 
   weights = _loss_weights(case, (given, np.zeros((*batch, time, hidden * d))))
-  with internal.pallas_settings(**settings):  # read while the kernels are traced
+  plan = contextlib.nullcontext() if pallas else scan_plan(case, math.prod(batch))
+  with internal.pallas_settings(**settings), plan:  # read while the layer is traced
     grad_ours, out_ours = nnx.grad(ours_loss, has_aux=True)(ours, weights)
   grad_theirs, out_theirs = nnx.grad(theirs_loss, has_aux=True)(theirs, weights)
   _compare(case, out_ours, out_theirs, given, valid, lengths, time_axis)

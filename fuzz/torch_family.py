@@ -13,6 +13,7 @@ holds only GRU's ``b_hn`` (our ``bias_hn``), compared in its ``n`` part.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 from flax import nnx
 from torch.nn.utils import rnn as torch_rnn
 
-from fuzz._common import draw_pallas_settings
+from fuzz._common import draw_pallas_settings, scan_plan
 from fuzz._core import Case
 from nnx_recurrent import interop
 from nnx_recurrent._fused import internal
@@ -113,7 +114,8 @@ def run(case: Case) -> None:
     ours = [y, *_stacked(new_carry, lstm)]
     return sum(jnp.sum(r * w) for r, w in zip(ours, weights)), ours
 
-  with internal.pallas_settings(**settings):  # read while the kernels are traced
+  plan = contextlib.nullcontext() if pallas else scan_plan(case, batch)
+  with internal.pallas_settings(**settings), plan:  # read while the layer is traced
     (_, ours), (g_model, g_x, g_carry) = _value_and_grads(loss, model, jnp.asarray(x), carry)
   for name, o, t in zip(['outputs', 'h_n', 'c_n'], ours, results):
     case.close(name, o, t)

@@ -365,6 +365,7 @@ def test_plan_on_a_gpu_unrolls_every_scan(monkeypatch):
   monkeypatch.setattr(_plans, 'cpu_backend', lambda: False)
   plan, gpu, rows4 = internal.plan_for, PATHS['gpu'], _plans.GPU_UNROLL4_MIN_ROWS
   assert _plans.GPU_UNROLL == 8 and rows4 > _plans.HOIST_MAX_ROWS
+  assert internal.gpu_plan(1) == gpu  # what the fuzzer forces
   for cls in (nr.LSTM, nr.GRU):
     assert plan(cls, 1, 1) == plan(cls, rows4 - 1, _plans.TINY_STEP) == gpu, cls
     four = gpu._replace(primal=_S('hoisted', False, 4))

@@ -74,6 +74,32 @@ def test_a_bug_in_the_pallas_kernels_loads_ahead_is_found(monkeypatch):
   assert clean['failures'] == []
 
 
+def test_a_bug_in_the_gpu_scan_plan_is_found(monkeypatch):
+  """XLA cases draw a GPU's scan plan too (``fuzz._common.scan_plan``: the
+  default on every GPU, run on the CPU): a planted bug in scans unrolled 8
+  times (each output 1% off) is found in the fused case against flax.nnx and
+  against PyTorch, and the same cases with the CPU's plan run clean."""
+  from fuzz import torch_family
+  from nnx_recurrent._fused import _xla
+
+  scan = _xla.prefetch_scan
+
+  def wrong_when_unrolled(step, carry, xs, **kw):
+    carry, ys = scan(step, carry, xs, **kw)
+    if kw['unroll'] == 8:
+      ys = jax.tree.map(lambda y: y * 1.01 if jnp.issubdtype(y.dtype, jnp.floating) else y, ys)
+    return carry, ys
+
+  monkeypatch.setattr(_xla, 'prefetch_scan', wrong_when_unrolled)
+  for family, case in (('fused', nnx_family.fused_case), ('torch', torch_family.run)):
+    force = {'implementation': 'xla', 'scan_plan': 'gpu', 'time': 3}
+    report = _core.run_cases(family, case, _seeds(1), force=force)
+    assert len(report['failures']) == 1, family
+    assert report['failures'][0]['error'].startswith('Mismatch'), report['failures'][0]
+    clean = _core.run_cases(family, case, _seeds(1), force={**force, 'scan_plan': 'default'})
+    assert clean['failures'] == [], family
+
+
 # Packed rows of 4 steps: segments, padding between them, a stack of layers.
 SMALL = dict(masking='segments', batch_axes=1, batch0=2, time=4)
 

@@ -10,9 +10,10 @@ through its modules' private helpers. It offers exactly:
   which ``flat_dot_t(..., transpose=True)`` materialises the transpose;
 * ``ScanPlan``, ``Plan``: how the XLA scans run one direction;
   ``plan_for(layer_cls, rows, gate_width)``: the plan ``nr.LSTM`` / ``nr.GRU``
-  picks for one step of ``rows`` batch rows; ``forced_plan(plan)``: a context
-  manager under which every fused layer traced uses ``plan``
-  (``benchmarks/gpu_plans.py``, the tests);
+  picks for one step of ``rows`` batch rows; ``gpu_plan(rows)``: the plan they
+  pick on a GPU; ``forced_plan(plan)``: a context manager under which every
+  fused layer traced uses ``plan`` (``benchmarks/gpu_plans.py``, the tests and
+  the fuzzer, which run a GPU's plan on the CPU);
 * ``cuda_backend()``: whether the default backend is a CUDA GPU;
   ``fake_cuda(cudnn_lstm=None)``: a context manager under which the cuDNN
   path's CUDA check passes and, given ``cudnn_lstm``, that function runs in
@@ -62,12 +63,18 @@ import jax.numpy as jnp
 
 from nnx_recurrent._fused import _cudnn, _pallas, _plans
 from nnx_recurrent._fused._pallas import Settings as PallasSettings
-from nnx_recurrent._fused._plans import TRANSPOSE_MIN_MACS, Plan, ScanPlan, cuda_backend
+from nnx_recurrent._fused._plans import (
+  TRANSPOSE_MIN_MACS,
+  Plan,
+  ScanPlan,
+  cuda_backend,
+  gpu_plan,
+)
 from nnx_recurrent._fused._step_math import LSTMMath, dot, flat_dot_t, shift
 
 __all__ = [
   'dot', 'shift', 'flat_dot_t', 'TRANSPOSE_MIN_MACS', 'ScanPlan', 'Plan', 'plan_for',
-  'forced_plan', 'cuda_backend', 'fake_cuda', 'triton_lowering', 'pallas_settings',
+  'gpu_plan', 'forced_plan', 'cuda_backend', 'fake_cuda', 'triton_lowering', 'pallas_settings',
   'PallasSettings', 'pallas_padded_rows',
 ]
 

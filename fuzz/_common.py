@@ -112,7 +112,7 @@ PALLAS_SETTINGS = ({}, {'prefetch': False},
                    {'chunk': 16, 'unrolled_chunks': 1})
 
 
-def scan_plan(case: Case, rows: int) -> contextlib.AbstractContextManager:
+def scan_plan(case: Case, layer_cls: type, rows: int) -> contextlib.AbstractContextManager:
   """The XLA scans' plan of a case run without the Pallas kernels, as a
   context to trace the layer in: this machine's own choice, or a GPU's
   (``internal.gpu_plan``: every scan unrolled, the backward one too; the
@@ -121,7 +121,7 @@ def scan_plan(case: Case, rows: int) -> contextlib.AbstractContextManager:
 
   if case.pick('scan_plan', ['default', 'default', 'gpu']) == 'default':
     return contextlib.nullcontext()
-  return internal.forced_plan(internal.gpu_plan(rows))
+  return internal.forced_plan(internal.gpu_plan(layer_cls, rows))
 
 
 def draw_pallas_settings(case: Case) -> dict[str, Any]:

@@ -336,7 +336,7 @@ def fused_case(case: Case) -> None:
     return _masked_loss(new_carry, y, weights, valid, time_axis), (new_carry, y)
 
   weights = _loss_weights(case, (given, np.zeros((*batch, time, hidden * d))))
-  plan = contextlib.nullcontext() if pallas else scan_plan(case, math.prod(batch))
+  plan = contextlib.nullcontext() if pallas else scan_plan(case, type(ours), math.prod(batch))
   with internal.pallas_settings(**settings), plan:  # read while the layer is traced
     grad_ours, out_ours = nnx.grad(ours_loss, has_aux=True)(ours, weights)
   grad_theirs, out_theirs = nnx.grad(theirs_loss, has_aux=True)(theirs, weights)

@@ -114,7 +114,7 @@ def run(case: Case) -> None:
     ours = [y, *_stacked(new_carry, lstm)]
     return sum(jnp.sum(r * w) for r, w in zip(ours, weights)), ours
 
-  plan = contextlib.nullcontext() if pallas else scan_plan(case, batch)
+  plan = contextlib.nullcontext() if pallas else scan_plan(case, type(model), batch)
   with internal.pallas_settings(**settings), plan:  # read while the layer is traced
     (_, ours), (g_model, g_x, g_carry) = _value_and_grads(loss, model, jnp.asarray(x), carry)
   for name, o, t in zip(['outputs', 'h_n', 'c_n'], ours, results):

@@ -358,18 +358,20 @@ def test_plan_follows_the_measured_choices(monkeypatch):
 def test_plan_on_a_gpu_unrolls_every_scan(monkeypatch):
   """On a GPU (``_plans`` says what was measured): the input projections
   hoisted and every scan unrolled ``GPU_UNROLL`` times, the backward one too,
-  at every shape, tiny steps included; the forward without a gradient 4 times
-  from ``GPU_UNROLL4_MIN_ROWS`` rows on; a symbolic batch keeps the loop. The
-  values: the 'gpu' path, forced in the tests of every plan."""
+  at every shape, tiny steps included; the LSTM's forward without a gradient 4
+  times from ``GPU_LSTM_UNROLL4_MIN_ROWS`` rows on; a symbolic batch keeps the
+  loop. The values: the 'gpu' path, forced in the tests of every plan."""
   monkeypatch.setattr(_plans, 'gpu_backend', lambda: True)
   monkeypatch.setattr(_plans, 'cpu_backend', lambda: False)
-  plan, gpu, rows4 = internal.plan_for, PATHS['gpu'], _plans.GPU_UNROLL4_MIN_ROWS
+  plan, gpu, rows4 = internal.plan_for, PATHS['gpu'], _plans.GPU_LSTM_UNROLL4_MIN_ROWS
   assert _plans.GPU_UNROLL == 8 and rows4 > _plans.HOIST_MAX_ROWS
-  assert internal.gpu_plan(1) == gpu  # what the fuzzer forces
+  four = gpu._replace(primal=_S('hoisted', False, 4))
   for cls in (nr.LSTM, nr.GRU):
     assert plan(cls, 1, 1) == plan(cls, rows4 - 1, _plans.TINY_STEP) == gpu, cls
-    four = gpu._replace(primal=_S('hoisted', False, 4))
-    assert plan(cls, rows4, 1) == plan(cls, 4 * _plans.GRU_AUTODIFF_MIN_ROWS, 4096) == four, cls
+    large = four if cls is nr.LSTM else gpu
+    assert plan(cls, rows4, 1) == plan(cls, 4 * _plans.GRU_AUTODIFF_MIN_ROWS, 4096) == large, cls
+    for rows in (1, rows4):  # what the fuzzer forces
+      assert internal.gpu_plan(cls, rows) == plan(cls, rows, 1), (cls, rows)
     rows, = export.symbolic_shape('b')
     loop = _S('loop', False, 1)
     assert plan(cls, rows, 1) == _P(loop, loop), cls

@@ -75,24 +75,25 @@ import jax
 #   own), nor on a GPU (there the fused GRU's
 #   training step took 0.72x flax's at 256 rows, the generic one 1.06x).
 # * On a GPU (XLA's while loop costs several kernel launches per iteration)
-#   the scans hoist the input projections and unroll every scan 8 times, the
-#   forward without a gradient 4 times from GPU_UNROLL4_MIN_ROWS rows on. On
+#   the scans hoist the input projections and unroll every scan 8 times; the
+#   LSTM's forward without a gradient 4 times from GPU_LSTM_UNROLL4_MIN_ROWS
+#   rows on (there 0.68 / 0.99 ms against 0.82 / 1.12 unrolled 8 at 64 / 256
+#   rows, where the GRU's took 0.97 / 0.93 against 0.82 / 0.95). On
 #   an H200 (2026-12-04, `benchmarks/gpu_plans.py` at the suite's four shapes,
 #   benchmarks/RESULTS.md, "The H200 again"), against the CPU's plans
 #   there: training step 0.49-0.55x at (8, 500, 64, 128), 0.66-0.69x at (64, 100,
 #   128, 256), 0.65-0.77x at (1, 1000, 32, 64), 0.84-0.86x at (256, 50, 256,
-#   512); forward 0.47-0.68x. Each is within 6% of the best of the 9 (LSTM)
+#   512); forward 0.47-0.65x. Each is within 6% of the best of the 9 (LSTM)
 #   or 6 (GRU) plans timed at its shape (inputs hoisted, in the loop or joint;
-#   unrolled 1, 4 or 8 times), but for the GRU at 64 rows: training step 0.69x
-#   (the loop unrolled 4 times: 0.62x), forward 0.68x (unrolled 8: 0.58x).
-#   Three rounds each, in one call.
+#   unrolled 1, 4 or 8 times), but the GRU's training step at 64 rows, 0.69x
+#   (the loop unrolled 4 times: 0.62x). Three rounds each, in one call.
 HOIST_MAX_ROWS = 32
 JOINT_MAX_ROWS = 128
 TINY_STEP = 1024
 TRANSPOSE_MIN_MACS = 2**32  # see _step_math.flat_dot_t
 GRU_AUTODIFF_MIN_ROWS = 128
 GPU_UNROLL = 8
-GPU_UNROLL4_MIN_ROWS = 64
+GPU_LSTM_UNROLL4_MIN_ROWS = 64
 
 
 class ScanPlan(NamedTuple):
@@ -130,7 +131,7 @@ def plan(cell_math, rows: int, gate_width: int) -> Plan:
       and cpu_backend():
     return Plan(primal=loop, train=loop, custom_vjp=False)
   if gpu_backend():
-    return gpu_plan(rows)
+    return gpu_plan(cell_math, rows)
   in_loop = 'joint' if cell_math.joint else 'loop'
   if rows * gate_width < TINY_STEP:
     return Plan(primal=ScanPlan(in_loop, prefetch=False, unroll=1),
@@ -145,12 +146,14 @@ def plan(cell_math, rows: int, gate_width: int) -> Plan:
   return Plan(primal=loop, train=loop)
 
 
-def gpu_plan(rows: int) -> Plan:
+def gpu_plan(cell_math, rows: int) -> Plan:
   """:func:`plan` on a GPU (measured on an H200, above): every scan unrolled
-  ``GPU_UNROLL`` times, the forward without a gradient 4 times from
-  ``GPU_UNROLL4_MIN_ROWS`` rows on."""
+  ``GPU_UNROLL`` times; the LSTM's forward without a gradient 4 times from
+  ``GPU_LSTM_UNROLL4_MIN_ROWS`` rows on."""
   unrolled = ScanPlan('hoisted', prefetch=False, unroll=GPU_UNROLL)
-  primal = unrolled if rows < GPU_UNROLL4_MIN_ROWS else unrolled._replace(unroll=4)
+  primal = unrolled
+  if cell_math.joint and rows >= GPU_LSTM_UNROLL4_MIN_ROWS:  # the LSTM
+    primal = unrolled._replace(unroll=4)
   return Plan(primal=primal, train=unrolled, backward_unroll=GPU_UNROLL)
 
 

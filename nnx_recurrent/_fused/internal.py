@@ -10,8 +10,8 @@ through its modules' private helpers. It offers exactly:
   which ``flat_dot_t(..., transpose=True)`` materialises the transpose;
 * ``ScanPlan``, ``Plan``: how the XLA scans run one direction;
   ``plan_for(layer_cls, rows, gate_width)``: the plan ``nr.LSTM`` / ``nr.GRU``
-  picks for one step of ``rows`` batch rows; ``gpu_plan(rows)``: the plan they
-  pick on a GPU; ``forced_plan(plan)``: a context manager under which every
+  picks for one step of ``rows`` batch rows; ``gpu_plan(layer_cls, rows)``: the
+  plan it picks on a GPU; ``forced_plan(plan)``: a context manager under which every
   fused layer traced uses ``plan`` (``benchmarks/gpu_plans.py``, the tests and
   the fuzzer, which run a GPU's plan on the CPU);
 * ``cuda_backend()``: whether the default backend is a CUDA GPU;
@@ -63,13 +63,7 @@ import jax.numpy as jnp
 
 from nnx_recurrent._fused import _cudnn, _pallas, _plans
 from nnx_recurrent._fused._pallas import Settings as PallasSettings
-from nnx_recurrent._fused._plans import (
-  TRANSPOSE_MIN_MACS,
-  Plan,
-  ScanPlan,
-  cuda_backend,
-  gpu_plan,
-)
+from nnx_recurrent._fused._plans import TRANSPOSE_MIN_MACS, Plan, ScanPlan, cuda_backend
 from nnx_recurrent._fused._step_math import LSTMMath, dot, flat_dot_t, shift
 
 __all__ = [
@@ -83,6 +77,12 @@ def plan_for(layer_cls, rows: int, gate_width: int) -> Plan:
   """The plan ``layer_cls`` (``nr.LSTM`` or ``nr.GRU``) uses for a step of
   ``rows`` batch rows and ``gate_width`` (gates times hidden) columns."""
   return _plans.plan(layer_cls._math, rows, gate_width)
+
+
+def gpu_plan(layer_cls, rows: int) -> Plan:
+  """The plan ``layer_cls`` (``nr.LSTM`` or ``nr.GRU``) uses on a GPU for a
+  step of ``rows`` batch rows (:func:`forced_plan` runs it anywhere)."""
+  return _plans.gpu_plan(layer_cls._math, rows)
 
 
 def pallas_padded_rows(rows: int, hidden: int) -> int:

@@ -4,10 +4,12 @@
 # step ahead (PallasSettings.prefetch), and the scans on a GPU hoist the input
 # projections and unroll 8 times (_fused/_plans.py). Every step ends by the
 # call's budget (BUDGET_S = 400 s from the start) and writes as it goes:
-#   1. issue 14's record: nr.LSTM / nr.GRU (the scans), their [pallas] rows and
-#      PyTorch (cuDNN) at the suite's three shapes up to H = 256;
-#   2. the Pallas and fused-layer tests under Triton (the kernels' loads ahead
-#      never ran there as a test), and the scans' GPU plans;
+#   1. issue 14's record: nr.LSTM / nr.GRU ('auto'), the scans forced ([xla]),
+#      the kernels ([pallas]) and PyTorch (cuDNN) at the suite's three shapes up
+#      to H = 256;
+#   2. the Pallas and fused-layer tests under Triton (with the kernels' loads
+#      ahead and the scans' GPU plan; cut off at 60 s in 4 processes in session
+#      34's second call, hence 8 now);
 #   3. the grid for the table implementation='auto' reads: 'pallas' against
 #      the scans (forward and training step) at batch 1-64 and hidden 32-256,
 #      300 steps, compiled first in 12 threads (16 cores there; 144 programs

@@ -78,7 +78,10 @@ class Settings(NamedTuple):
   variants (``benchmarks/gpu_plans.py --pallas``): 128-wide chunks with 128 KiB
   held trained faster (0.88x / 0.90x the LSTM's / GRU's step with these) but
   ran the forward slower (1.03x / 1.06x), the others were slower both ways
-  (benchmarks/RESULTS.md, "Pallas kernels on the H200")."""
+  (benchmarks/RESULTS.md, "Pallas kernels on the H200"). Timed again at both
+  small shapes with the loads a step ahead (session 34, "The H200 again"):
+  none of 4 or 2 warps, ``num_stages=2`` (out of shared memory at ``H = 128``)
+  or 128-wide chunks was faster at both."""
 
   chunk: int = 64
   """Column chunks of this width, weight tiles of this size squared."""

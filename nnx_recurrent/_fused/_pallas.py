@@ -79,9 +79,10 @@ class Settings(NamedTuple):
   held trained faster (0.88x / 0.90x the LSTM's / GRU's step with these) but
   ran the forward slower (1.03x / 1.06x), the others were slower both ways
   (benchmarks/RESULTS.md, "Pallas kernels on the H200"). Timed again at both
-  small shapes with the loads a step ahead (session 34, "The H200 again"):
-  none of 4 or 2 warps, ``num_stages=2`` (out of shared memory at ``H = 128``)
-  or 128-wide chunks was faster at both."""
+  small shapes (session 34, "The H200 again"): the loads a step ahead were
+  faster at both (now the default); no other variant beat them at both (4
+  warps with them, 4 or 2 warps, ``num_stages=2``, which ran out of shared
+  memory at ``H = 128``, 128-wide chunks)."""
 
   chunk: int = 64
   """Column chunks of this width, weight tiles of this size squared."""

@@ -183,7 +183,8 @@ class PallasRegion(NamedTuple):
 # out/gpu/pallas_grid.json --commit <sha>`. Each region is one hidden size and
 # a run of consecutive batch sizes measured faster, up to the rows that run the
 # same kernel programs (the batch padded to a block). From hidden 128 on the
-# scans, unrolled on a GPU, were faster at every batch (1.1-6x).
+# kernels were slower than the scans unrolled on a GPU, forward or training
+# step, at every batch (up to 6x).
 PALLAS_FASTER: tuple[PallasRegion, ...] = (
   # T=300, I=16; batch: fwd/train x the scans 1: 0.50/0.47, 4: 0.47/0.42, 8: 0.46/0.46,
   # 16: 0.53/0.50 (e639280)

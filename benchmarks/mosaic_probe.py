@@ -92,8 +92,7 @@ def _body(xw_gmem, wt_gmem, ys_gmem, w_smem, h_smem, xw_smem, y_smem, bar, *, ti
     h_smem[...] = h.astype(OPERAND)
     y_smem[slot] = h
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(y_smem.at[slot], ys_gmem.at[t])
-    plgpu.commit_smem_to_gmem_group()
+    plgpu.copy_smem_to_gmem(y_smem.at[slot], ys_gmem.at[t])  # its own group
 
     @pl.when(t + 2 < time_steps)
     def _():

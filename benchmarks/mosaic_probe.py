@@ -5,20 +5,22 @@ cuDNN").
 The Triton kernels (``implementation='pallas'``) spend a step on layout
 conversions that Triton chooses (2.1 us a forward step at (1, ., 32, 64) on an
 H200, against cuDNN's 0.67). This probe is the design RESULTS.md describes,
-reduced to the forward recurrence of one LSTM direction from a zero state, no
-lengths, batch up to 16: one warpgroup runs the time loop; the recurrent
+reduced to the forward pass of one LSTM direction without a gradient (the
+initial carry, lengths by carry selection, zeros at padding, the final carry),
+batch up to 16: one warpgroup runs the time loop; the recurrent
 weights stay in shared memory, one ``(H, H)`` tile per gate, transposed; each
 step computes ``gates^T = W_h^T h^T`` as four ``wgmma`` (M = H, the batch as N
 padded to 16), so the tiny batch is not padded to wgmma's 64 rows; ``h``
 goes back to shared memory as the next step's operand; the input projections
-``x W_i + b`` come in by TMA two steps ahead (double-buffered) and the outputs
-leave by TMA. The matmul operands are bfloat16 (float32 accumulation, state
-and gate math): in float32 (TF32) both operands must be K-major, ``h``
+``x W_i + b`` and each step's valid flags come in by TMA two steps ahead
+(double-buffered) and the outputs leave by TMA. The matmul operands are
+bfloat16 (float32 accumulation, state and gate math): in float32 (TF32) both
+operands must be K-major, ``h``
 transposed, which jax 0.10's GPU interpreter cannot run, while in 16-bit the
 kernel the interpreter checks is the kernel the GPU runs.
 
 It is not part of the package. On a CPU it runs in the Mosaic GPU interpreter
-(tests/test_benchmarks.py checks its values against NumPy) and lowers for CUDA
+(tests/test_mosaic_probe.py checks its values against NumPy) and lowers for CUDA
 (``jax.export``); on a GPU::
 
   python -m benchmarks.mosaic_probe [--shapes 1x1000x32x64,8x500x64x128] [--json out.json]
@@ -57,8 +59,8 @@ def _transforms(row_bytes: int, dtype):
           plgpu.SwizzleTransform(swizzle))
 
 
-def _body(xw_gmem, wt_gmem, ys_gmem, w_smem, h_smem, xw_smem, y_smem, bar, *, time_steps,
-          hidden, interpret):
+def _body(xw_gmem, valid_gmem, wt_gmem, carry_gmem, ys_gmem, carry_out_gmem, w_smem, h_smem,
+          xw_smem, valid_smem, y_smem, bar, *, time_steps, hidden, interpret):
   import jax.experimental.pallas as pl
   plgpu = _plgpu()
 
@@ -66,41 +68,57 @@ def _body(xw_gmem, wt_gmem, ys_gmem, w_smem, h_smem, xw_smem, y_smem, bar, *, ti
     return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA)
 
   plgpu.copy_gmem_to_smem(wt_gmem, w_smem, bar.at[2])
+  plgpu.copy_gmem_to_smem(carry_gmem, y_smem, bar.at[3])  # (c, h): y_smem's two slots
+  def fetch(t, slot):  # step t's inputs into a slot: barrier `slot` (x W_i + b), 4 + slot (flags)
+    plgpu.copy_gmem_to_smem(xw_gmem.at[t], xw_smem.at[slot], bar.at[slot])
+    plgpu.copy_gmem_to_smem(valid_gmem.at[t], valid_smem.at[slot], bar.at[4 + slot])
+
   for slot in range(2):
-    plgpu.copy_gmem_to_smem(xw_gmem.at[slot], xw_smem.at[slot], bar.at[slot])
+    fetch(slot, slot)
+  plgpu.barrier_wait(bar.at[3])
+  c, h = wgmma_layout(y_smem[0]), wgmma_layout(y_smem[1])
+  h_smem[...] = h.astype(OPERAND)
   plgpu.barrier_wait(bar.at[2])
-  zeros = wgmma_layout(jnp.zeros((hidden, BLOCK_ROWS), jnp.float32))
-  h_smem[...] = zeros.astype(OPERAND)
   plgpu.commit_smem()
 
-  def step(t, c):
+  def step(t, carry):
+    c, h = carry
     slot = t % 2
     plgpu.barrier_wait(bar.at[slot])
-    xs = [wgmma_layout(xw_smem[slot, g]) for g in range(4)]
+    plgpu.barrier_wait(bar.at[4 + slot])
+    # The step's x W_i + b, gate by gate, and whether it is valid (1) or padding (0).
+    i, f, g, o = [wgmma_layout(xw_smem[slot, k]) for k in range(4)]
+    valid = wgmma_layout(valid_smem[slot]).astype(jnp.float32)
 
     def products(*accs):
-      for g in range(4):
-        plgpu.wgmma(accs[g], w_smem.at[g], h_smem)
+      for k in range(4):
+        plgpu.wgmma(accs[k], w_smem.at[k], h_smem)
       plgpu.wgmma_wait(0)
       return tuple(acc[...] for acc in accs)
 
     pre = pl.run_scoped(products, *[plgpu.ACC((hidden, BLOCK_ROWS), jnp.float32)] * 4)
-    i, f, g, o = (a + x for a, x in zip(pre, xs))
-    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-    h = jax.nn.sigmoid(o) * jnp.tanh(c)
+    i, f, g, o = (a + x for a, x in zip(pre, (i, f, g, o)))
+    c_new = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    h_new = jax.nn.sigmoid(o) * jnp.tanh(c_new)
+    keep = valid > 0.5  # padding keeps the carry: the last valid step's is the final one
+    c, h = jnp.where(keep, c_new, c), jnp.where(keep, h_new, h)
     plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # y_smem[slot]'s copy of two steps ago
     h_smem[...] = h.astype(OPERAND)
-    y_smem[slot] = h
+    y_smem[slot] = jnp.where(keep, h_new, 0.0)  # zeros at padding, whatever its inputs
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(y_smem.at[slot], ys_gmem.at[t])  # its own group
 
     @pl.when(t + 2 < time_steps)
     def _():
-      plgpu.copy_gmem_to_smem(xw_gmem.at[t + 2], xw_smem.at[slot], bar.at[slot])
+      fetch(t + 2, slot)
 
-    return c
+    return c, h
 
-  jax.lax.fori_loop(0, time_steps, step, zeros)
+  c, h = jax.lax.fori_loop(0, time_steps, step, (c, h))
+  plgpu.wait_smem_to_gmem(0)
+  y_smem[0], y_smem[1] = c, h
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(y_smem, carry_out_gmem)
   plgpu.wait_smem_to_gmem(0)
 
 
@@ -113,22 +131,26 @@ def _kernel(time_steps: int, hidden: int, interpret: bool):
     params = InterpretGPUParams()
   row = _transforms(BLOCK_ROWS * 2, OPERAND)  # 32 bytes: every buffer wgmma reads
   row32 = _transforms(BLOCK_ROWS * 4, f32)
+  state = jax.ShapeDtypeStruct((2, hidden, BLOCK_ROWS), f32)  # (c, h), transposed
   return plgpu.kernel(
     functools.partial(_body, time_steps=time_steps, hidden=hidden, interpret=interpret),
-    out_type=jax.ShapeDtypeStruct((time_steps, hidden, BLOCK_ROWS), f32),
+    out_type=(jax.ShapeDtypeStruct((time_steps, hidden, BLOCK_ROWS), f32), state),
     scratch_types=[plgpu.SMEM((4, hidden, hidden), OPERAND, transforms=row),
                    plgpu.SMEM((hidden, BLOCK_ROWS), OPERAND, transforms=row),
                    plgpu.SMEM((2, 4, hidden, BLOCK_ROWS), f32, transforms=row32),
+                   plgpu.SMEM((2, hidden, BLOCK_ROWS), OPERAND, transforms=row),
                    plgpu.SMEM((2, hidden, BLOCK_ROWS), f32, transforms=row32),
-                   plgpu.Barrier(num_barriers=3)],
+                   plgpu.Barrier(num_barriers=6)],
     interpret=params)
 
 
-def lstm_forward(xw, w_h, *, interpret: bool = False):
-  """The outputs ``(time, batch, H)`` of an LSTM from a zero state, given the
-  input projections ``xw = x W_i + b`` (``(time, batch, 4H)`` float32, gates
-  i, f, g, o) and ``w_h`` ``(H, 4H)``. ``H`` a multiple of 64, batch at most
-  16, at least 2 steps."""
+def lstm_forward(xw, w_h, *, lengths=None, carry=None, interpret: bool = False):
+  """One LSTM direction over time-major inputs: ``(ys, (c, h))``, the outputs
+  ``(time, batch, H)`` (zeros at padding) and the final carry (the last valid
+  step's), given the input projections ``xw = x W_i + b`` (``(time, batch,
+  4H)`` float32, gates i, f, g, o), ``w_h`` ``(H, 4H)``, optional ``lengths``
+  ``(batch,)`` (padded steps keep the carry) and ``carry`` ``(c, h)`` (zeros
+  by default). ``H`` a multiple of 64, batch at most 16, at least 2 steps."""
   time_steps, batch, gates = xw.shape
   hidden = gates // 4
   if gates != 4 * hidden or hidden % 64 or w_h.shape != (hidden, gates):
@@ -137,11 +159,21 @@ def lstm_forward(xw, w_h, *, interpret: bool = False):
   if not 1 <= batch <= BLOCK_ROWS or time_steps < 2:
     raise ValueError(f'expected a batch of 1-{BLOCK_ROWS} and at least 2 steps, got '
                      f'{batch} and {time_steps}')
-  xw = jnp.pad(xw.astype(jnp.float32), ((0, 0), (0, BLOCK_ROWS - batch), (0, 0)))
-  xw = xw.reshape(time_steps, BLOCK_ROWS, 4, hidden).transpose(0, 2, 3, 1)  # (T, 4, H, rows)
+  rows = (0, BLOCK_ROWS - batch)
+  if lengths is None:
+    lengths = jnp.full((batch,), time_steps)
+  valid = jnp.arange(time_steps)[:, None] < jnp.asarray(lengths)[None, :]  # (T, batch)
+  valid = jnp.broadcast_to(jnp.pad(valid, ((0, 0), rows))[:, None, :].astype(OPERAND),
+                           (time_steps, hidden, BLOCK_ROWS))  # as h^T's tiles, 1 or 0
+  xw = xw.astype(jnp.float32).reshape(time_steps, batch, 4, hidden)
+  xw = jnp.pad(xw, ((0, 0), rows, (0, 0), (0, 0))).transpose(0, 2, 3, 1)  # (T, 4, H, rows)
+  if carry is None:
+    carry = (jnp.zeros((batch, hidden)),) * 2
+  state = jnp.pad(jnp.stack(carry).astype(jnp.float32), ((0, 0), rows, (0, 0))).transpose(0, 2, 1)
   wt = w_h.reshape(hidden, 4, hidden).transpose(1, 2, 0).astype(OPERAND)  # wt[g, u, k]
-  ys = _kernel(time_steps, hidden, interpret)(xw, wt)
-  return ys.transpose(0, 2, 1)[:, :batch]
+  ys, state = _kernel(time_steps, hidden, interpret)(xw, valid, wt, state)
+  state = state.transpose(0, 2, 1)[:, :batch]
+  return ys.transpose(0, 2, 1)[:, :batch], (state[0], state[1])
 
 
 def _median_ms(fn, *args, rounds: int, n: int = 20) -> float:
@@ -177,7 +209,7 @@ def main(argv=None) -> int:
     w_i, b, w_h = cell.dense_i.kernel[...], cell.dense_h.bias[...], cell.dense_h.kernel[...]
     x = jax.random.normal(jax.random.key(1), (B, T, I))
     probe = jax.jit(lambda x, w_i, b, w_h: lstm_forward(
-      jnp.einsum('bti,ig->tbg', x, w_i) + b, w_h, interpret=args.interpret))
+      jnp.einsum('bti,ig->tbg', x, w_i) + b, w_h, interpret=args.interpret)[0])
     kernels = nnx.jit(lambda layer, x: layer(x))  # the layer's forward
     try:
       y_probe = probe(x, w_i, b, w_h).transpose(1, 0, 2)
@@ -198,21 +230,26 @@ def main(argv=None) -> int:
   return 0
 
 
-def numpy_reference(xw, w_h) -> np.ndarray:
+def numpy_reference(xw, w_h, lengths=None, carry=None):
   """:func:`lstm_forward` in float64 NumPy, with its bfloat16 rounding of
   ``h`` and ``w_h`` before each product (for the tests)."""
   def bf16(a):
     return np.asarray(jnp.asarray(a, jnp.float32).astype(OPERAND).astype(jnp.float32), np.float64)
 
   xw, w = np.asarray(xw, np.float64), bf16(w_h)
-  h = c = np.zeros((xw.shape[1], w.shape[0]))
+  time_steps, batch = xw.shape[:2]
+  lengths = np.full(batch, time_steps) if lengths is None else np.asarray(lengths)
+  c, h = (np.zeros((batch, w.shape[0])),) * 2 if carry is None else (
+    np.asarray(a, np.float64) for a in carry)
   ys = []
-  for t in range(xw.shape[0]):
+  for t in range(time_steps):
     i, f, g, o = np.split(bf16(h) @ w + xw[t], 4, axis=-1)
-    c = c / (1 + np.exp(-f)) + np.tanh(g) / (1 + np.exp(-i))
-    h = np.tanh(c) / (1 + np.exp(-o))
-    ys.append(h)
-  return np.stack(ys)
+    c_new = c / (1 + np.exp(-f)) + np.tanh(g) / (1 + np.exp(-i))
+    h_new = np.tanh(c_new) / (1 + np.exp(-o))
+    valid = (t < lengths)[:, None]
+    c, h = np.where(valid, c_new, c), np.where(valid, h_new, h)
+    ys.append(np.where(valid, h_new, 0.0))
+  return np.stack(ys), (c, h)
 
 
 if __name__ == '__main__':

@@ -21,17 +21,27 @@ def _mosaic_gpu_interpreter():
 def test_mosaic_probe_is_an_lstm_in_the_gpu_interpreter(batch, time, hidden):
   """``benchmarks/mosaic_probe.py`` (issue 14's Mosaic GPU design, timed on a
   GPU only): its kernel, run by the Mosaic GPU interpreter, is an LSTM's
-  forward from a zero state against float64 NumPy with the same bfloat16
-  rounding of ``h`` and ``W_h``; more steps than its two input buffers (each
-  refilled two steps ahead), batch 3 padded to its 16 rows, and H = 128 (two
-  64-row wgmma tiles per gate)."""
+  forward against float64 NumPy with the same bfloat16 rounding of ``h`` and
+  ``W_h``: from zeros and full length, and from a random carry with lengths
+  (0, 1 and the whole sequence among them: padded steps keep the carry, output
+  zeros, and NaN in their inputs reaches nothing); more steps than its two
+  input buffers (each refilled two steps ahead), batch 3 padded to its 16
+  rows, and H = 128 (two 64-row wgmma tiles per gate)."""
   _mosaic_gpu_interpreter()
   rng = np.random.default_rng(hidden)
   xw = rng.normal(size=(time, batch, 4 * hidden)).astype(np.float32)
   w_h = (rng.normal(size=(hidden, 4 * hidden)) / 8).astype(np.float32)
-  got = mosaic_probe.lstm_forward(jnp.asarray(xw), jnp.asarray(w_h), interpret=True)
-  np.testing.assert_allclose(np.asarray(got), mosaic_probe.numpy_reference(xw, w_h),
-                             atol=2e-6, rtol=2e-6)
+  lengths = np.arange(batch) % (time + 1)
+  carry = tuple(rng.normal(size=(batch, hidden)).astype(np.float32) for _ in range(2))
+  garbage = np.where((np.arange(time)[:, None] >= lengths)[..., None], np.nan, xw)
+  for got, want in (
+      (mosaic_probe.lstm_forward(jnp.asarray(xw), jnp.asarray(w_h), interpret=True),
+       mosaic_probe.numpy_reference(xw, w_h)),
+      (mosaic_probe.lstm_forward(jnp.asarray(garbage), jnp.asarray(w_h), interpret=True,
+                                 lengths=jnp.asarray(lengths), carry=carry),
+       mosaic_probe.numpy_reference(xw, w_h, lengths, carry))):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(np.asarray(a), b, atol=2e-6, rtol=2e-6)
   with pytest.raises(ValueError, match=r'expected a batch of 1-16 and at least 2 steps, got 17'):
     mosaic_probe.lstm_forward(jnp.zeros((time, 17, 4 * hidden)), jnp.asarray(w_h))
   with pytest.raises(ValueError, match=r'H a multiple of 64, got \(2, 1, 128\)'):

@@ -107,13 +107,14 @@ class ScanPlan(NamedTuple):
 class Plan(NamedTuple):
   primal: ScanPlan  # the forward pass when no gradient is taken
   train: ScanPlan  # the forward pass under a gradient (it saves residuals)
-  # The backward scan always prefetches and is not unrolled (2 was not faster).
+  # The backward scan always prefetches; on the CPU it is not unrolled (2 was
+  # not faster).
   # False: no custom VJP, JAX differentiates the ``primal`` forward scan.
   custom_vjp: bool = True
   # The backward scan runs two steps per iteration (``_xla.prefetch_scan``'s ``pairs``).
   backward_pairs: bool = False
-  # Steps of the backward scan per loop iteration (1 everywhere; other values
-  # only through ``internal.forced_plan``, for benchmarks/gpu_plans.py).
+  # Steps of the backward scan per loop iteration (1 on the CPU, GPU_UNROLL on
+  # a GPU; any value through ``internal.forced_plan``, for benchmarks/gpu_plans.py).
   backward_unroll: int = 1
 
 

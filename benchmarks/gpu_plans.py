@@ -70,10 +70,11 @@ SHAPES = ((8, 500, 64, 128), (64, 100, 128, 256), (1, 1000, 32, 64), (256, 50, 2
 # before writing anything.
 # 'pallas/unrolled_chunks=0': a loop over the column chunks, as the kernels run from H = 512 on
 # (1-2 s a kernel to compile here).
-# 'pallas/prefetch=1': each step's loads issued during the step before (added 2026-12-04).
+# 'pallas/prefetch=0': each step's loads issued in the step itself (the loads a step ahead are
+# the default since session 34).
 PALLAS_VARIANTS = ('pallas', 'pallas/hold_bytes=0', 'pallas/hold_bytes=98304',
                    'pallas/num_warps=4', 'pallas/chunk=128,hold_bytes=131072',
-                   'pallas/unrolled_chunks=0', 'pallas/prefetch=1')
+                   'pallas/unrolled_chunks=0', 'pallas/prefetch=0')
 
 
 def plans(cls, pallas=False):

@@ -30,11 +30,11 @@ entries come from the grid instead, one region per layer, hidden size and run
 of consecutive batch sizes measured faster, and it prints the grid's ratios::
 
   python -m benchmarks.pallas_verdict --grid out/gpu/pallas_grid.json --commit abc1234 \\
-      [--plan pallas/prefetch=1]
+      [--plan pallas/state_elements=512]
 
 ``--plan`` picks the variant whose rows give the entries: the settings that
-are to be the defaults (the grid times the current defaults and the loads a
-step ahead).
+are to be the defaults (``gpu_grid.sh`` times 16-row kernel programs,
+``pallas/state_elements=512``, beside the current defaults).
 
 It times nothing and needs no GPU: it reads JSON, and the package for the
 kernels' block sizes.
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
                                 "PALLAS_FASTER from it instead of from the runs'")
   p.add_argument('--plan', default='pallas',
                  help="with --grid: the variant whose rows give the table, the settings "
-                      "that are to be the defaults (e.g. 'pallas/prefetch=1'; default "
+                      "that are to be the defaults (e.g. 'pallas/state_elements=512'; default "
                       "'pallas', the current defaults); every variant's grid is printed")
   p.add_argument('--commit', default='the commit measured', help='named in the comments')
   args = p.parse_args(argv)

@@ -109,7 +109,7 @@ def test_packed_sequences_and_projection(cls):
   check_plans_against_generic(layer, x, carry0, ['default'], padding=IDS == 0, segment_ids=IDS)
 
 
-@pytest.mark.parametrize('mode', ['unrolled', 'rolled', 'prefetched'])
+@pytest.mark.parametrize('mode', ['unrolled', 'rolled', 'prefetched', 'fma'])
 @pytest.mark.parametrize('cls,masks', [(nr.LSTM, dict(seq_lengths=LENGTHS)),
                                         (nr.GRU, dict(segment_ids=IDS))])
 def test_column_chunks_and_partly_held_weights(cls, masks, mode):
@@ -122,7 +122,10 @@ def test_column_chunks_and_partly_held_weights(cls, masks, mode):
   on a GPU: a loop over the chunks (each piece of the state picked and put by
   the loop's index), no weight held; or ``prefetched``: the forward kernel
   loads each step's input projections (every chunk's, every gate's) during the
-  step before (``PallasSettings.prefetch``). Values and gradients against the
+  step before (``PallasSettings.prefetch``); or ``fma``: the products as
+  broadcast multiplies summed over the contraction (``PallasSettings.matmul``),
+  one batch row a program (a grid over the rows, no padding to 16). Values and
+  gradients against the
   generic composition (float32 sums in another order over 40 columns: to
   3e-5), lengths (0 and 1 among them) or packed sequences. One direction: the
   backward one runs the same kernels on each row reversed (both directions:
@@ -132,9 +135,12 @@ def test_column_chunks_and_partly_held_weights(cls, masks, mode):
                 seed=51)
   x = ref.normal((B, IDS.shape[1], I), seed=52)
   padding = IDS == 0 if 'segment_ids' in masks else np.arange(x.shape[1]) >= LENGTHS[:, None]
+  fma = dict(matmul='fma', state_elements=16) if mode == 'fma' else {}
   with internal.pallas_settings(chunk=16, hold_bytes=5 * 16 * 16 * 4,  # 5 of 16 or 12 tiles
                                 unrolled_chunks=1 if mode == 'rolled' else 4,
-                                prefetch=mode == 'prefetched'):
+                                prefetch=mode in ('prefetched', 'fma'), **fma):
+    if fma:
+      assert internal.pallas_padded_rows(B, hidden) == B
     check_plans_against_generic(layer, x, random_carry(layer, seed=53), ['default'],
                                 padding=padding, tol=3e-5, **masks)
 
@@ -149,6 +155,9 @@ def test_pallas_settings_yield_the_changes_and_nest():
       assert now == outer
   with internal.pallas_settings() as now:
     assert now == default
+  with pytest.raises(ValueError, match="pallas_settings: matmul must be 'dot' or 'fma', "
+                     "got 'wgmma'"), internal.pallas_settings(matmul='wgmma'):
+    pass
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
@@ -237,10 +246,12 @@ def test_batch_blocks_and_batch_axes():
   assert_trees_close(out, want)
 
 
-@pytest.mark.parametrize('cls,dtype,weights,packed,gpu', [
-  (nr.GRU, jnp.float32, 'held', False, True), (nr.LSTM, jnp.bfloat16, 'loaded', True, False),
-  (nr.LSTM, jnp.float32, 'rolled', True, False)])
-def test_kernels_lower_through_triton(cls, dtype, weights, packed, gpu, monkeypatch):
+@pytest.mark.parametrize('cls,dtype,weights,packed,gpu,matmul', [
+  (nr.GRU, jnp.float32, 'held', False, True, 'dot'),
+  (nr.LSTM, jnp.bfloat16, 'loaded', True, False, 'dot'),
+  (nr.LSTM, jnp.float32, 'rolled', True, False, 'dot'),
+  (nr.LSTM, jnp.float32, 'held', False, False, 'fma')])
+def test_kernels_lower_through_triton(cls, dtype, weights, packed, gpu, matmul, monkeypatch):
   """Without a GPU: the training step exported for CUDA holds the kernels
   (forward with residuals, backward) as Triton calls, one each for both
   directions (a grid over the directions and the batch blocks), so the
@@ -251,7 +262,8 @@ def test_kernels_lower_through_triton(cls, dtype, weights, packed, gpu, monkeypa
   chunks (as from ``H = 512`` on); lengths, or packed sequences' flags (and
   then the LSTM projected). Told to (``internal.triton_lowering``), or (``gpu``)
   where jax's default backend is a GPU, and then with the next step's input
-  projections loaded ahead (``PallasSettings.prefetch``)."""
+  projections loaded ahead (``PallasSettings.prefetch``). With
+  ``matmul='fma'`` the products are broadcast multiplies and sums, no ``dot``."""
   proj = dict(proj_features=24) if packed and cls is nr.LSTM else {}
   layer = build(lambda: cls(I, 64, bidirectional=True, implementation='pallas', dtype=dtype,
                             rngs=nnx.Rngs(0), **proj))
@@ -267,7 +279,7 @@ def test_kernels_lower_through_triton(cls, dtype, weights, packed, gpu, monkeypa
   unchecked = [export.DisabledSafetyCheck.custom_call(triton)]
   x = jnp.ones((B, T, I))  # outside: no eager computation under jax 0.11's abstract GPU
   sizes = dict(chunk=32, hold_bytes=2**30 if weights == 'held' else 0,
-               unrolled_chunks=1 if weights == 'rolled' else 4, prefetch=gpu)
+               unrolled_chunks=1 if weights == 'rolled' else 4, prefetch=gpu, matmul=matmul)
   if gpu:
     lowering = internal._abstract_gpu()  # made while the CPU is the default backend
     monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')

@@ -93,7 +93,8 @@ class Settings(NamedTuple):
   and Triton's layout conversions."""
   state_elements: int = 4096
   """Rows per program: at most this over ``max(Hp, Pp)`` (the state is held in
-  registers: 32 rows at ``H = 128``, 16 from 256 on), and at most 64."""
+  registers: 32 rows at ``H = 128``, 16 from 256 on), and at most 64; at
+  least 16 with ``matmul='dot'``, one with ``'fma'``."""
   unrolled_chunks: int = 4
   """The kernels write out each hidden chunk's code (weight tiles then held
   across steps) up to this many chunks of ``Hp``; with more (``H > 256`` at
@@ -105,6 +106,18 @@ class Settings(NamedTuple):
   num_stages: int = 1
   """No software pipelining of the loop's loads: it would multi-buffer the
   weight tiles loaded per step, in shared memory."""
+  matmul: str = 'dot'
+  """How the kernels multiply by the recurrent weights: ``'dot'``, Triton's
+  ``dot`` (tensor cores; a program has at least 16 rows, the batch padded to
+  them), or ``'fma'``, broadcast products summed over the contraction, run as
+  multiply-adds in registers, with no row minimum (with a small
+  ``state_elements``, one or a few batch rows a program, programs side by
+  side). Compiled for ``sm_90a`` (``benchmarks/triton_resources.py``), one row
+  a program at ``(1, ., 32, 64)``: a step of the LSTM's forward kernel is 282
+  PTX instructions, 18 barriers and 12 shared-memory loads, against the
+  ``dot``'s 573, 22 and 84 (its 16 rows, 15 of them padding, and the weight
+  tiles read from shared memory at each step); at ``H = 128`` 108 barriers
+  against 54. Not yet timed on a GPU (benchmarks/RESULTS.md, session 35)."""
   prefetch: bool = True
   """Each kernel loads the next step's inputs (the forward's input
   projections, the backward's residuals and output cotangents) before the
@@ -168,8 +181,10 @@ class _Layout:
     self.hp = _pow2(max(hidden, _MIN_HIDDEN))
     self.pp = _pow2(max(out, _MIN_HIDDEN))
     self.settings = settings = _settings
-    most = max(_MIN_ROWS, min(_MAX_BLOCK_ROWS, settings.state_elements // max(self.hp, self.pp)))
-    self.block = min(_pow2(max(rows, _MIN_ROWS)), _pow2(most))
+    self.fma = settings.matmul == 'fma'
+    least = 1 if self.fma else _MIN_ROWS  # Triton's dot takes 16 rows or more
+    most = max(least, min(_MAX_BLOCK_ROWS, settings.state_elements // max(self.hp, self.pp)))
+    self.block = min(_pow2(max(rows, least)), _pow2(most))
     self.padded_rows = max(1, -(-rows // self.block)) * self.block
     chunk = _pow2(max(settings.chunk, _MIN_HIDDEN))
     self.ch, self.cp = min(chunk, self.hp), min(chunk, self.pp)  # chunk widths

@@ -36,7 +36,9 @@ Triton's constraints (read from ``jax/_src/pallas/triton/lowering.py``, jax
 * ``dot`` needs at least 16 rows, and contraction and output sizes of at least
   16 (Triton's smallest tile; the lowering checks it for float64): batch
   blocks have 16 rows or more (padding rows have length 0), chunks are 16
-  wide or more.
+  wide or more. With ``settings.matmul == 'fma'`` the products are
+  broadcast multiplies summed over ``K`` (no ``dot``), and a block may have
+  any power-of-two rows, one included.
 * Values cannot be sliced (``lax.slice`` has no lowering) nor concatenated
   (only ``[..., 1]`` pieces) nor split into 3: chunks and gates are read from
   and written to the refs (``pl.ds`` windows), never cut out of values.
@@ -64,8 +66,14 @@ RESIDUALS = 5  # per step: LSTM i, f, g, o, c_prev; GRU r, z, n, h W_hn + b_hn, 
 GRADS = 4  # per step: LSTM d of i, f, g, o's inputs; GRU d of r's, z's, of h W_hn, of n's
 
 
-def _dot(a, b, dtype):
-  """``a @ b`` of ``(rows, K) x (K, N)`` blocks, ``a`` cast to ``b``'s dtype."""
+def _dot(a, b, dtype, fma: bool):
+  """``a @ b`` of ``(rows, K) x (K, N)`` blocks, ``a`` cast to ``b``'s dtype:
+  a ``dot`` (tensor cores on a GPU; at least 16 rows), or with ``fma`` (the
+  ``matmul='fma'`` setting) a broadcast product summed over ``K`` in ``dtype``,
+  which Triton runs as multiply-adds on each thread's registers (any rows)."""
+  if fma:
+    return jnp.sum(a.astype(b.dtype).astype(dtype)[:, :, None] * b.astype(dtype)[None],
+                   axis=1)
   return jax.lax.dot_general(a.astype(b.dtype), b, (((1,), (0,)), ((), ())),
                              preferred_element_type=dtype)
 
@@ -81,8 +89,8 @@ class _Tiles:
   before the time loop, and stay on chip across steps; the others are loaded
   at each use (from L2 on a GPU)."""
 
-  def __init__(self, ref, rows: int, cols: int, budget: list[int]):
-    self.ref, self.rows, self.cols = ref, rows, cols
+  def __init__(self, ref, rows: int, cols: int, budget: list[int], fma: bool):
+    self.ref, self.rows, self.cols, self.fma = ref, rows, cols, fma
     size = rows * cols * jnp.dtype(ref.dtype).itemsize
     counts = tuple(ref.shape[:-2]) + (ref.shape[-2] // rows, ref.shape[-1] // cols)
     self.held = {}
@@ -106,7 +114,7 @@ def _column(pieces, tiles, lead, j, dtype):
   chunks of the left operand, ``tiles(*lead, i, j)`` the tiles of ``W``."""
   total = None
   for i, p in enumerate(pieces):
-    total = _add(total, _dot(p, tiles(*lead, i, j), dtype))
+    total = _add(total, _dot(p, tiles(*lead, i, j), dtype, tiles.fma))
   return total
 
 
@@ -226,8 +234,8 @@ def forward_kernel(*all_refs: Any, lay, lstm: bool, save: bool):
   ys_ref, final_refs, res_refs = refs[0], refs[1: 1 + n_carry], refs[1 + n_carry:]
   lengths = None if lay.packed else steps_ref[...]
   budget = [0 if lay.rolled else lay.settings.hold_bytes]
-  w = _Tiles(w_ref, lay.cp, lay.ch, budget)
-  w_hr = None if wr_ref is None else _Tiles(wr_ref, lay.ch, lay.cp, budget)
+  w = _Tiles(w_ref, lay.cp, lay.ch, budget, lay.fma)
+  w_hr = None if wr_ref is None else _Tiles(wr_ref, lay.ch, lay.cp, budget, lay.fma)
   b_hn = None if bhn_ref is None else tuple(
     bhn_ref[pl.ds(j * lay.ch, lay.ch)].astype(lay.state)[None, :] for j in range(lay.nh))
   carry0 = _load_carry(carry_refs, lay, lstm)
@@ -291,8 +299,8 @@ def backward_kernel(*all_refs: Any, lay, lstm: bool):
   dg_ref, dcarry0_refs, dh_ref = refs[0], refs[1: 1 + n_carry], refs[1 + n_carry:]
   lengths = None if lay.packed else steps_ref[...]
   budget = [0 if lay.rolled else lay.settings.hold_bytes]
-  wt = _Tiles(wt_ref, lay.ch, lay.cp, budget)  # W_h's gate blocks, transposed
-  w_hr_t = None if wrt_ref is None else _Tiles(wrt_ref, lay.cp, lay.ch, budget)
+  wt = _Tiles(wt_ref, lay.ch, lay.cp, budget, lay.fma)  # W_h's gate blocks, transposed
+  w_hr_t = None if wrt_ref is None else _Tiles(wrt_ref, lay.cp, lay.ch, budget, lay.fma)
 
   def load_step(s):  # iteration s's step: its residuals per chunk, its d ys pieces
     t = lay.time - 1 - s
@@ -325,7 +333,7 @@ def backward_kernel(*all_refs: Any, lay, lstm: bool):
       for k, d in enumerate(stored):
         dg_ref[t, :, k, cols] = d.astype(dg_ref.dtype)
       for k in range(lay.gates):
-        dh_prev = tuple(_add(p, _dot(stored[k], wt(k, j, i), lay.state))
+        dh_prev = tuple(_add(p, _dot(stored[k], wt(k, j, i), lay.state, lay.fma))
                         for i, p in enumerate(dh_prev))
       return _put(firsts, j, first), dh_prev
 

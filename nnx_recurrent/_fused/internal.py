@@ -24,7 +24,7 @@ through its modules' private helpers. It offers exactly:
   kernels are traced with other sizes or Triton parameters
   (:class:`PallasSettings`: column chunk, bytes of weights held on chip,
   state size per program, chunks unrolled, ``num_warps``, ``num_stages``,
-  loads a step ahead); for measurements.
+  loads a step ahead, ``dot`` or multiply-adds); for measurements.
 * ``pallas_padded_rows(rows, hidden)``: the batch rows the Pallas kernels run
   for ``rows`` rows of a layer of ``hidden`` features (no projection), that is
   the batch padded to whole blocks: every row count with the same padded rows
@@ -150,8 +150,10 @@ def pallas_settings(**changes):
   """Inside the block the Pallas kernels are traced with ``changes`` to the
   current :class:`PallasSettings` (their names: ``chunk``, ``hold_bytes``,
   ``state_elements``, ``unrolled_chunks``, ``num_warps``, ``num_stages``,
-  ``prefetch``);
+  ``prefetch``, ``matmul``);
   yields the settings."""
+  if changes.get('matmul', 'dot') not in ('dot', 'fma'):
+    raise ValueError(f"pallas_settings: matmul must be 'dot' or 'fma', got {changes['matmul']!r}")
   previous = _pallas._settings
   _pallas._settings = previous._replace(**changes)
   try:

@@ -1,7 +1,8 @@
 """Child of ``benchmarks/triton_resources.py``: compiles Triton IR files with
 Triton's own compiler for a Hopper GPU (no GPU needed) and prints one JSON
 line per file: shared memory, registers and spilled bytes (from ``ptxas -v``),
-or the error. Runs in an environment with the ``triton`` package::
+what one iteration of the kernel's time loop executes (:func:`loop_stats`), or
+the error. Runs in an environment with the ``triton`` package::
 
   python benchmarks/_triton_compile.py NUM_WARPS NUM_STAGES FILE.ttir ...
 """
@@ -16,6 +17,33 @@ import re
 import subprocess
 import sys
 import time
+
+
+def loop_stats(ptx: str) -> dict[str, int] | None:
+  """What one pass through the PTX's longest loop holds (the kernels' time
+  loop; a loop over column chunks inside it counts once): instructions,
+  barriers (``bar.sync``: each exchange of values between warps through shared
+  memory takes one or two), shared-memory loads and stores, and tensor-core
+  ``mma`` instructions. A static count per thread, for comparing kernel forms
+  on a CPU, not a time; ``None`` without a loop."""
+  lines = [line.split('//')[0].strip() for line in ptx.splitlines()]
+  labels = {m.group(1): i for i, line in enumerate(lines)
+            if (m := re.match(r'^(\$L__BB\d+_\d+):', line))}
+  loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+           if (m := re.search(r'\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+);', line))
+           and labels.get(m.group(1), i) < i]
+  if not loops:
+    return None
+  start, end = max(loops, key=lambda span: span[1] - span[0])
+  body = [line for line in lines[start:end + 1] if line.endswith(';') and not
+          line.startswith('.')]
+
+  def count(pattern):
+    return sum(1 for line in body if re.search(pattern, line))
+
+  return dict(instructions=len(body), barriers=count(r'\bbar\.sync\b|\bbarrier\.sync\b'),
+              shared_loads=count(r'\bld\.shared'), shared_stores=count(r'\bst\.shared'),
+              mma=count(r'\b(?:w?mma|wgmma)\.'))
 
 
 def main(argv):
@@ -43,7 +71,8 @@ def main(argv):
                            capture_output=True, text=True).stderr
       row.update(ok=True, shared=kernel.metadata.shared,
                  registers=int(re.findall(r'Used (\d+) registers', log)[-1]),
-                 spill_bytes=int(re.findall(r'(\d+) bytes spill stores', log)[-1]))
+                 spill_bytes=int(re.findall(r'(\d+) bytes spill stores', log)[-1]),
+                 loop=loop_stats(kernel.asm['ptx']))
     except Exception as e:  # noqa: BLE001 - any compiler failure is a result here
       lines = [x for x in str(e).splitlines() if 'fatal' in x or 'rror' in x]
       row.update(ok=False, error=f'{type(e).__name__}: ' + ' | '.join(lines[:2])[:300])

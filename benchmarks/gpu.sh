@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks in ONE device call (the device tool allows 600 s a
 # call and 15 minutes a session, start-up included; the first five steps'
-# limits add up to 505 s, every step ends by the call's budget, BUDGET_S = 560 s
+# limits add up to 525 s, every step ends by the call's budget, BUDGET_S = 560 s
 # from the start; session 34's two calls took 327 and 312 s, and a start about
 # 30 s):
 #   1. the fused layers' tests on the GPU: cuDNN, the XLA scans (the GPU plan,
@@ -16,24 +16,28 @@
 #      forced (nr.LSTM[xla], nr.GRU[xla]: nr.LSTM is the kernels where 'auto'
 #      picks them), 'auto' and PyTorch, at the three shapes up to H = 256
 #      (issue 14's record);
-#   4. the cuDNN accuracy/timing check;
+#   4. the kernels' products as multiply-adds (PallasSettings.matmul='fma',
+#      session 35: no 16-row minimum, half the PTX instructions of a step at
+#      (1, ., 32, 64), never timed) in programs of 1 row or 4-8, against the
+#      kernels' default and the scans, at issue 14's two small shapes, then
+#      batch 1 and 8 at hidden 32 and 64, compiled in 12 threads;
 #   5. benchmarks/mosaic_probe.py: the Mosaic GPU design of RESULTS.md ("Toward
 #      1.5x cuDNN"), an LSTM forward on wgmma, beside the Triton kernels'
 #      forward at issue 14's two small shapes. Never run on a GPU: it may fail
 #      to compile or run; the step records the error and times the kernels;
-#   6. the Pallas rows at (256, 50, 256, 512), in whatever time is left: there
-#      the kernels loop over their column chunks (unrolled, one kernel took
-#      Triton 12 minutes to compile on a 2-core CPU; looped, 5-17 s a kernel).
+#   6. the cuDNN accuracy/timing check, in whatever time is left (the Pallas
+#      rows at H = 512 it replaces: 'auto' runs the scans from hidden 128 on).
 # Each step writes its JSON as it goes (after each shape), so a step cut off by
 # its limit loses only what it had not finished. Everything lands in
 # ${OUT:-out/gpu}, in at most 8 files (what the device tool brings back):
 # log.txt and one JSON per step.
+# Then, if the multiply-adds won: python -m benchmarks.pallas_verdict --grid
+#   OUT/pallas_fma.json --plan pallas/matmul=fma,state_elements=32 (and =256).
 #   bash benchmarks/gpu.sh     (device tool: command "bash benchmarks/gpu.sh", timeout_s 570)
 # A shorter call for the grid of shapes 'auto' reads: benchmarks/gpu_grid.sh.
 # Then, on any machine (JSON only): the issue's targets and the table
 # implementation='auto' reads (_fused/_plans.py, PALLAS_FASTER):
-#   python -m benchmarks.pallas_verdict OUT/pallas_results.json OUT/pallas_large.json \
-#       --commit SHA
+#   python -m benchmarks.pallas_verdict OUT/pallas_results.json --commit SHA
 source "$(dirname "$0")/gpu_common.sh" log.txt 560
 step environment
 { nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv
@@ -50,18 +54,19 @@ timeout $(limit 100) $PY -m benchmarks.run --rounds 5 --json "$out/gpu_results.j
   --impls '^(nr\.(LSTM|GRU)$|nr\.LSTM\[cudnn\]|nr\.RNN\((Opt|GRU)|nnx\.RNN\((Opt|GRU)|torch)' \
   2>&1 | tee -a "$log"
 step Pallas rows up to H = 256
-timeout $(limit 180) $PY -m benchmarks.run --rounds 5 --json "$out/pallas_results.json" \
+timeout $(limit 150) $PY -m benchmarks.run --rounds 5 --json "$out/pallas_results.json" \
   --shapes 1x1000x32x64,8x500x64x128,64x100x128x256 \
   --impls '^(nr\.(LSTM|GRU)(\[(pallas|xla)\])?$|torch)' 2>&1 | tee -a "$log"
-step cuDNN check
-timeout $(limit 45) $PY -m benchmarks.cudnn_check --json "$out/cudnn_check.json" 2>&1 \
-  | tee -a "$log"
+step Pallas products as multiply-adds
+timeout $(limit 95) $PY -m benchmarks.gpu_plans --jobs 12 --compile-timeout 60 --rounds 3 \
+  --variants pallas pallas/matmul=fma,state_elements=32 pallas/matmul=fma,state_elements=256 \
+  --shapes 1x1000x32x64,8x500x64x128,1x300x16x32,8x300x32x64 \
+  --json "$out/pallas_fma.json" 2>&1 | tee -a "$log"
 step Mosaic GPU probe
 timeout $(limit 60) $PY -m benchmarks.mosaic_probe --json "$out/mosaic_probe.json" 2>&1 \
   | tee -a "$log"
-step Pallas rows at H = 512, in the time left
-timeout $(limit 600) $PY -m benchmarks.run --rounds 5 --json "$out/pallas_large.json" \
-  --shapes 256x50x256x512 \
-  --impls '^(nr\.(LSTM|GRU)(\[(pallas|xla)\])?$|torch)' 2>&1 | tee -a "$log"
+step cuDNN check, in the time left
+timeout $(limit 45) $PY -m benchmarks.cudnn_check --json "$out/cudnn_check.json" 2>&1 \
+  | tee -a "$log"
 rm -f "$out"/*.tmp  # a JSON being written when its step was cut off (the whole one stays)
 step done

@@ -72,9 +72,12 @@ SHAPES = ((8, 500, 64, 128), (64, 100, 128, 256), (1, 1000, 32, 64), (256, 50, 2
 # (1-2 s a kernel to compile here).
 # 'pallas/prefetch=0': each step's loads issued in the step itself (the loads a step ahead are
 # the default since session 34).
+# 'pallas/matmul=fma,...': the products as multiply-adds in registers, no 16-row minimum; one
+# row a program (state_elements=32, up to any hidden size) or 4-8 (256 at hidden 64 / 32).
 PALLAS_VARIANTS = ('pallas', 'pallas/hold_bytes=0', 'pallas/hold_bytes=98304',
                    'pallas/num_warps=4', 'pallas/chunk=128,hold_bytes=131072',
-                   'pallas/unrolled_chunks=0', 'pallas/prefetch=0')
+                   'pallas/unrolled_chunks=0', 'pallas/prefetch=0',
+                   'pallas/matmul=fma,state_elements=32', 'pallas/matmul=fma,state_elements=256')
 
 
 def plans(cls, pallas=False):
@@ -97,14 +100,22 @@ def forced(plan: str):
     yield None
     return
   if plan.startswith('pallas'):
-    changes = plan.split('/')[1].split(',') if '/' in plan else []
-    with internal.pallas_settings(**{k: int(v) for k, v in (c.split('=') for c in changes)}):
+    with internal.pallas_settings(**parse_settings(plan.partition('/')[2])):
       yield None
     return
   inputs, unroll, back = plan.split('/')
   scan = internal.ScanPlan(inputs, prefetch=False, unroll=int(unroll))
   with internal.forced_plan(internal.Plan(scan, scan, backward_unroll=int(back))) as forced:
     yield forced
+
+
+def parse_settings(text: str) -> dict:
+  """``'chunk=32,matmul=fma'`` as ``internal.pallas_settings``' changes: integers
+  where the value is one, else the text."""
+  if not text:
+    return {}
+  return {k: int(v) if v.lstrip('-').isdigit() else v
+          for k, v in (item.split('=') for item in text.split(','))}
 
 
 def build(cls, shape, plan, **options):

@@ -223,6 +223,13 @@ def test_triton_resources_captures_the_kernels_triton_ir():
     with internal.pallas_settings(chunk=16, unrolled_chunks=unrolled):
       ir = triton_resources.triton_ir('GRU', 1, 3, 32, 'float32', None, False)
     assert [(t.count('tt.dot'), t.count('scf.for')) for t in ir.values()] == [(dots, loops)] * 2
+  # matmul='fma': no dot; each tile product a broadcast multiply and a sum over
+  # its 16 rows of W_h: h's one batch row (no padding to 16) broadcast over W_h's columns.
+  with internal.pallas_settings(matmul='fma'):
+    ir = triton_resources.triton_ir('GRU', 1, 3, 16, 'float32', None, False)
+  for text in ir.values():
+    assert 'tt.dot' not in text and text.count('"tt.reduce"') == 3
+    assert re.findall(r'tt\.broadcast .* -> tensor<(\w+)xf32>', text) == ['1x16x16'] * 3
 
 
 def _gpu_sh_commands(name='gpu.sh'):
@@ -257,9 +264,10 @@ def _limits_left(limit, *calls):
 def test_gpu_sh_selects_the_rows_it_says_and_fits_its_call(monkeypatch):
   """Its ``--impls`` regexes on a GPU's implementations: the suite without the
   Pallas rows, then the Pallas rows beside the scans and PyTorch (up to
-  ``H = 256``, then at ``H = 512``); the first five steps' limits within the
-  one 570 s device call, every step's limit cut to the budget left, which ends
-  within the call; and one JSON per step."""
+  ``H = 256``); the kernels' multiply-adds against their default at batch 1
+  and 8; the first five steps' limits within the one 570 s device call, every
+  step's limit cut to the budget left, which ends within the call; and one
+  JSON per step."""
   import re
   import shlex
 
@@ -274,7 +282,7 @@ def test_gpu_sh_selects_the_rows_it_says_and_fits_its_call(monkeypatch):
   assert selected == [
     ['nr.RNN(OptimizedLSTMCell)', 'nnx.RNN(OptimizedLSTMCell)', 'nr.RNN(GRUCell)',
      'nnx.RNN(GRUCell)', 'nr.LSTM', 'nr.GRU', 'nr.LSTM[cudnn]', 'torch.nn.LSTM', 'torch.nn.GRU'],
-    pallas_rows, pallas_rows]
+    pallas_rows]
   commands = _gpu_sh_commands()
   assert sum('timeout' in line for line in commands) == 6
   limits = [int(m) for line in commands for m in re.findall(r'\btimeout \$\(limit (\d+)\)', line)]
@@ -287,6 +295,18 @@ def test_gpu_sh_selects_the_rows_it_says_and_fits_its_call(monkeypatch):
   assert len(jsons) == len(set(jsons)) == 5
   assert any(line.startswith('timeout $(limit 60) $PY -m benchmarks.mosaic_probe --json')
              for line in commands)
+  plans, = [shlex.split(line.split('2>&1')[0]) for line in commands if 'gpu_plans' in line]
+  variants = plans[plans.index('--variants') + 1:][:3]
+  assert variants == ['pallas', 'pallas/matmul=fma,state_elements=32',
+                      'pallas/matmul=fma,state_elements=256']
+  shapes = [tuple(map(int, s.split('x'))) for s in plans[plans.index('--shapes') + 1].split(',')]
+  assert shapes[:2] == [(1, 1000, 32, 64), (8, 500, 64, 128)]  # issue 14's, first
+  from benchmarks import gpu_plans
+  from nnx_recurrent._fused import internal
+
+  for variant in variants[1:]:  # programs of 1-8 rows, not padded to 16
+    with gpu_plans.forced(variant):
+      assert {internal.pallas_padded_rows(b, h) for b, _, _, h in shapes} == {1, 8}
 
 
 def test_gpu_grid_sh_fits_its_call_and_times_what_it_says():

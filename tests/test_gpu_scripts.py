@@ -356,6 +356,10 @@ def test_gpu_plans_lists_and_default_plans():
     assert plan is None and internal.plan_for(nr.LSTM, 8, 512) == default
   with gpu_plans.forced('pallas') as plan, internal.pallas_settings() as inside:
     assert plan is None and inside == internal.PallasSettings()
+  with gpu_plans.forced('pallas/matmul=fma,state_elements=32'), \
+       internal.pallas_settings() as inside:
+    assert inside == internal.PallasSettings()._replace(matmul='fma', state_elements=32)
+    assert internal.pallas_padded_rows(3, 64) == 3  # programs of one row
 
 
 class Probe(nnx.Module):
@@ -547,10 +551,39 @@ def test_triton_resources_parses_its_arguments():
     for cls in ('LSTM', 'GRU')]
   assert triton_resources.parse_settings('') == {}
   assert triton_resources.parse_settings('chunk=32,num_warps=4') == dict(chunk=32, num_warps=4)
+  assert triton_resources.parse_settings('matmul=fma,hold_bytes=0') == dict(matmul='fma',
+                                                                           hold_bytes=0)
   assert triton_resources.case_name('LSTM', 8, 64, 128, 'bfloat16', 64, True) == \
     'LSTM_B8_I64_H128_bfloat16_proj64_packed'
   assert triton_resources.case_name('GRU', 1, 2, 3, 'float32', None, False) == \
     'GRU_B1_I2_H3_float32'
+
+
+def test_triton_compile_counts_one_pass_of_the_longest_loop():
+  """The compiler child's per-step counts: the PTX's longest loop (the kernels'
+  time loop, a loop inside it counted once), instructions only (no labels,
+  directives, comments), the barriers, shared loads and stores and ``mma`` in it."""
+  from benchmarks import _triton_compile
+
+  ptx = """
+  .reg .b32 %r<9>;
+  ld.global.b32 %r1, [%rd1];
+  bar.sync 0;
+$L__BB0_1:                      // =>This Inner Loop Header: Depth=1
+  ld.shared.b32 %r2, [%r1];     // a comment: bar.sync
+  mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%f1}, {%r1}, {%r2}, {%f2};
+$L__BB0_2:
+  st.shared.b32 [%r1], %r2;
+  bar.sync 0;
+  @%p1 bra $L__BB0_2;
+  ld.shared.v2.b32 {%r3, %r4}, [%r1];
+  barrier.sync 0;
+  @%p2 bra $L__BB0_1;
+  ret;
+"""
+  assert _triton_compile.loop_stats(ptx) == dict(instructions=8, barriers=2, shared_loads=2,
+                                                 shared_stores=1, mma=1)
+  assert _triton_compile.loop_stats('  ld.global.b32 %r1, [%rd1];\n  ret;') is None
 
 
 def fake_compiler(monkeypatch, shared):
@@ -756,7 +789,8 @@ def test_triton_compile_child_reports_each_file(monkeypatch, tmp_path, capsys):
   assert not (tmp_path / 'bad.ttgir').exists()
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert [{k: v for k, v in r.items() if k != 'seconds'} for r in rows] == [
-    dict(file='k_forward.ttir', ok=True, shared=4096, registers=168, spill_bytes=24),
+    dict(file='k_forward.ttir', ok=True, shared=4096, registers=168, spill_bytes=24,
+         loop=None),  # this PTX has no loop
     dict(file='bad.ttir', ok=False, error='RuntimeError: k.ttir:3:5: error: failed to legalize'
                                           ' | error: out of resource: shared memory')]
   assert all(isinstance(r['seconds'], float) for r in rows)

@@ -17,10 +17,11 @@
 #      picks them), 'auto' and PyTorch, at the three shapes up to H = 256
 #      (issue 14's record);
 #   4. the kernels' products as multiply-adds (PallasSettings.matmul='fma',
-#      session 35: no 16-row minimum, half the PTX instructions of a step at
-#      (1, ., 32, 64), never timed) in programs of 1 row or 4-8, against the
-#      kernels' default and the scans, at issue 14's two small shapes, then
-#      batch 1 and 8 at hidden 32 and 64, compiled in 12 threads;
+#      session 35, never timed), one batch row a program, in 8, 2 or 1 warps,
+#      against the kernels' default and the scans, at issue 14's two small
+#      shapes, then batch 1 and 8 at hidden 32 and 64, compiled in 12 threads.
+#      Compiled for sm_90a, a step in one warp at hidden 32 (two at 64) has 1-2
+#      barriers, where the dot form has 22 (RESULTS.md, "read off the PTX");
 #   5. benchmarks/mosaic_probe.py: the Mosaic GPU design of RESULTS.md ("Toward
 #      1.5x cuDNN"), an LSTM forward on wgmma, beside the Triton kernels'
 #      forward at issue 14's two small shapes. Never run on a GPU: it may fail
@@ -32,7 +33,7 @@
 # ${OUT:-out/gpu}, in at most 8 files (what the device tool brings back):
 # log.txt and one JSON per step.
 # Then, if the multiply-adds won: python -m benchmarks.pallas_verdict --grid
-#   OUT/pallas_fma.json --plan pallas/matmul=fma,state_elements=32 (and =256).
+#   OUT/pallas_fma.json --plan pallas/matmul=fma,state_elements=32,num_warps=1 (and the others).
 #   bash benchmarks/gpu.sh     (device tool: command "bash benchmarks/gpu.sh", timeout_s 570)
 # A shorter call for the grid of shapes 'auto' reads: benchmarks/gpu_grid.sh.
 # Then, on any machine (JSON only): the issue's targets and the table
@@ -59,7 +60,8 @@ timeout $(limit 150) $PY -m benchmarks.run --rounds 5 --json "$out/pallas_result
   --impls '^(nr\.(LSTM|GRU)(\[(pallas|xla)\])?$|torch)' 2>&1 | tee -a "$log"
 step Pallas products as multiply-adds
 timeout $(limit 95) $PY -m benchmarks.gpu_plans --jobs 12 --compile-timeout 60 --rounds 3 \
-  --variants pallas pallas/matmul=fma,state_elements=32 pallas/matmul=fma,state_elements=256 \
+  --variants pallas pallas/matmul=fma,state_elements=32 \
+  pallas/matmul=fma,state_elements=32,num_warps=2 pallas/matmul=fma,state_elements=32,num_warps=1 \
   --shapes 1x1000x32x64,8x500x64x128,1x300x16x32,8x300x32x64 \
   --json "$out/pallas_fma.json" 2>&1 | tee -a "$log"
 step Mosaic GPU probe

@@ -296,17 +296,18 @@ def test_gpu_sh_selects_the_rows_it_says_and_fits_its_call(monkeypatch):
   assert any(line.startswith('timeout $(limit 60) $PY -m benchmarks.mosaic_probe --json')
              for line in commands)
   plans, = [shlex.split(line.split('2>&1')[0]) for line in commands if 'gpu_plans' in line]
-  variants = plans[plans.index('--variants') + 1:][:3]
-  assert variants == ['pallas', 'pallas/matmul=fma,state_elements=32',
-                      'pallas/matmul=fma,state_elements=256']
+  variants = plans[plans.index('--variants') + 1:][:4]
+  assert variants == ['pallas'] + [f'pallas/matmul=fma,state_elements=32{warps}'
+                                   for warps in ('', ',num_warps=2', ',num_warps=1')]
   shapes = [tuple(map(int, s.split('x'))) for s in plans[plans.index('--shapes') + 1].split(',')]
   assert shapes[:2] == [(1, 1000, 32, 64), (8, 500, 64, 128)]  # issue 14's, first
   from benchmarks import gpu_plans
   from nnx_recurrent._fused import internal
 
-  for variant in variants[1:]:  # programs of 1-8 rows, not padded to 16
+  for variant in variants[1:]:  # programs of one row: batch 1 and 8 not padded to 16
     with gpu_plans.forced(variant):
       assert {internal.pallas_padded_rows(b, h) for b, _, _, h in shapes} == {1, 8}
+      assert internal.pallas_padded_rows(3, 64) == internal.pallas_padded_rows(3, 32) == 3
 
 
 def test_gpu_grid_sh_fits_its_call_and_times_what_it_says():

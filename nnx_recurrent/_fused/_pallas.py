@@ -116,8 +116,10 @@ class Settings(NamedTuple):
   a program at ``(1, ., 32, 64)``: a step of the LSTM's forward kernel is 282
   PTX instructions, 18 barriers and 12 shared-memory loads, against the
   ``dot``'s 573, 22 and 84 (its 16 rows, 15 of them padding, and the weight
-  tiles read from shared memory at each step); at ``H = 128`` 108 barriers
-  against 54. Not yet timed on a GPU (benchmarks/RESULTS.md, session 35)."""
+  tiles read from shared memory at each step); in 2 warps (``num_warps``),
+  534 instructions and 2 barriers (each thread sums a whole contraction), at
+  ``H = 32`` in one warp 334 and 1. From ``H = 128`` on, ``W_h`` spills
+  from registers. Not yet timed on a GPU (benchmarks/RESULTS.md, session 35)."""
   prefetch: bool = True
   """Each kernel loads the next step's inputs (the forward's input
   projections, the backward's residuals and output cotangents) before the

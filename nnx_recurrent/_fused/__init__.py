@@ -13,8 +13,10 @@ side, one per module, each choosing nothing:
 * ``_xla``: the scans and the ``jax.custom_vjp`` recurrence (the default);
 * ``_cudnn``: cuDNN through ``jax.experimental.rnn`` (LSTM, CUDA, opt-in);
 * ``_pallas``: one Pallas kernel per direction and pass (Triton on a GPU,
-  interpreted on the CPU; opt-in until measured on a GPU), the kernels
-  themselves in ``_pallas_kernels``;
+  interpreted on the CPU; ``'auto'`` runs it only where it measured faster on
+  a GPU, ``_plans.PALLAS_FASTER``), the kernels
+  themselves in ``_pallas_kernels``, their sizes and Triton parameters in
+  ``_pallas_settings``;
 * ``_core``: what the layers do (construction, the call, packed sequences,
   the projection's sizes) and the one place that picks a backend
   (``implementation``);

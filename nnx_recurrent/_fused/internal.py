@@ -61,8 +61,8 @@ import contextlib
 import jax
 import jax.numpy as jnp
 
-from nnx_recurrent._fused import _cudnn, _pallas, _plans
-from nnx_recurrent._fused._pallas import Settings as PallasSettings
+from nnx_recurrent._fused import _cudnn, _pallas, _pallas_settings, _plans
+from nnx_recurrent._fused._pallas_settings import Settings as PallasSettings
 from nnx_recurrent._fused._plans import TRANSPOSE_MIN_MACS, Plan, ScanPlan, cuda_backend
 from nnx_recurrent._fused._step_math import LSTMMath, dot, flat_dot_t, shift
 
@@ -154,9 +154,9 @@ def pallas_settings(**changes):
   yields the settings."""
   if changes.get('matmul', 'dot') not in ('dot', 'fma'):
     raise ValueError(f"pallas_settings: matmul must be 'dot' or 'fma', got {changes['matmul']!r}")
-  previous = _pallas._settings
-  _pallas._settings = previous._replace(**changes)
+  previous = _pallas_settings.current
+  _pallas_settings.current = previous._replace(**changes)
   try:
-    yield _pallas._settings
+    yield _pallas_settings.current
   finally:
-    _pallas._settings = previous
+    _pallas_settings.current = previous

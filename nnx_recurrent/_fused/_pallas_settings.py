@@ -1,0 +1,76 @@
+"""The Pallas kernels' sizes and Triton parameters (``implementation='pallas'``):
+:class:`Settings`, and the ones the kernels are traced with now
+(:data:`current`, which ``internal.pallas_settings`` changes for a
+measurement)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Settings(NamedTuple):
+  """The kernels' sizes and Triton parameters (``internal.pallas_settings``
+  changes them, for measurements). Chosen by compiling the kernels with Triton
+  for an H200 (``sm_90a``) on a CPU, ``benchmarks/triton_resources.py``, so
+  that shared memory (227 KiB a block) suffices and registers rarely spill at
+  the suite's shapes. Timed on an H200 at (8, 500, 64, 128) against five
+  variants (``benchmarks/gpu_plans.py --pallas``): 128-wide chunks with 128 KiB
+  held trained faster (0.88x / 0.90x the LSTM's / GRU's step with these) but
+  ran the forward slower (1.03x / 1.06x), the others were slower both ways
+  (benchmarks/RESULTS.md, "Pallas kernels on the H200"). Timed again at both
+  small shapes (session 34, "The H200 again"): the loads a step ahead were
+  faster at both (now the default); no other variant beat them at both (4
+  warps with them, 4 or 2 warps, ``num_stages=2``, which ran out of shared
+  memory at ``H = 128``, 128-wide chunks)."""
+
+  chunk: int = 64
+  """Column chunks of this width, weight tiles of this size squared."""
+  hold_bytes: int = 176 * 1024
+  """Bytes of recurrent weight tiles loaded once, before the time loop, and
+  held in shared memory across steps; the tiles beyond are loaded at each step
+  (from L2). The rest of the 227 KiB is for the tile staged per step, ``h``
+  and Triton's layout conversions."""
+  state_elements: int = 4096
+  """Rows per program: at most this over ``max(Hp, Pp)`` (the state is held in
+  registers: 32 rows at ``H = 128``, 16 from 256 on), and at most 64; at
+  least 16 with ``matmul='dot'``, one with ``'fma'``."""
+  unrolled_chunks: int = 4
+  """The kernels write out each hidden chunk's code (weight tiles then held
+  across steps) up to this many chunks of ``Hp``; with more (``H > 256`` at
+  chunk 64) they loop over the chunks, one chunk's code for all, and load every
+  weight tile at each step (at ``H = 512`` the budget above would hold 4% of
+  ``W_h``): written out there, each kernel took Triton 2-12 minutes to compile
+  on 2 cores, looped 5-17 s (``benchmarks/RESULTS.md``, "Pallas kernels")."""
+  num_warps: int = 8
+  num_stages: int = 1
+  """No software pipelining of the loop's loads: it would multi-buffer the
+  weight tiles loaded per step, in shared memory."""
+  matmul: str = 'dot'
+  """How the kernels multiply by the recurrent weights: ``'dot'``, Triton's
+  ``dot`` (tensor cores; a program has at least 16 rows, the batch padded to
+  them), or ``'fma'``, broadcast products summed over the contraction, run as
+  multiply-adds in registers, with no row minimum (with a small
+  ``state_elements``, one or a few batch rows a program, programs side by
+  side). Compiled for ``sm_90a`` (``benchmarks/triton_resources.py``), one row
+  a program at ``(1, ., 32, 64)``: a step of the LSTM's forward kernel is 282
+  PTX instructions, 18 barriers and 12 shared-memory loads, against the
+  ``dot``'s 573, 22 and 84 (its 16 rows, 15 of them padding, and the weight
+  tiles read from shared memory at each step); in 2 warps (``num_warps``),
+  534 instructions and 2 barriers (each thread sums a whole contraction), at
+  ``H = 32`` in one warp 334 and 1. From ``H = 128`` on, ``W_h`` spills
+  from registers. Not yet timed on a GPU (benchmarks/RESULTS.md, session 35)."""
+  prefetch: bool = True
+  """Each kernel loads the next step's inputs (the forward's input
+  projections, the backward's residuals and output cotangents) before the
+  current step's work and carries them over (written-out chunks only), so that
+  their latency overlaps it. ``num_stages > 1`` does not pipeline them in the
+  forward (Triton pipelines loads that feed a ``dot``), and it takes more
+  shared memory than a Hopper block has at ``H = 128``; seen in the kernels'
+  Triton GPU IR (``benchmarks/triton_resources.py --dump``). Compiled for
+  ``sm_90a``: no spill up to ``H = 128``, 0.6-1 KiB more at 256. On an H200
+  (2026-12-04, ``benchmarks/gpu_grid.sh``) the training step took 0.72-0.78x
+  the time without it at issue 14's two small shapes, the forward 0.78-0.94x;
+  at hidden 32 and batch 1-8, 0.71-0.87x and 0.77-1.04x."""
+
+
+current = Settings()

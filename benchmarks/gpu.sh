@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks in ONE device call (the device tool allows 600 s a
 # call and 15 minutes a session, start-up included; the first five steps'
-# limits add up to 525 s, every step ends by the call's budget, BUDGET_S = 560 s
+# limits add up to 530 s, every step ends by the call's budget, BUDGET_S = 560 s
 # from the start; session 34's two calls took 327 and 312 s, and a start about
 # 30 s):
 #   1. the fused layers' tests on the GPU: cuDNN, the XLA scans (the GPU plan,
@@ -32,13 +32,15 @@
 # its limit loses only what it had not finished. Everything lands in
 # ${OUT:-out/gpu}, in at most 8 files (what the device tool brings back):
 # log.txt and one JSON per step.
-# Then, if the multiply-adds won: python -m benchmarks.pallas_verdict --grid
-#   OUT/pallas_fma.json --plan pallas/matmul=fma,state_elements=32,num_warps=1 (and the others).
 #   bash benchmarks/gpu.sh     (device tool: command "bash benchmarks/gpu.sh", timeout_s 570)
 # A shorter call for the grid of shapes 'auto' reads: benchmarks/gpu_grid.sh.
 # Then, on any machine (JSON only): the issue's targets and the table
 # implementation='auto' reads (_fused/_plans.py, PALLAS_FASTER):
-#   python -m benchmarks.pallas_verdict OUT/pallas_results.json --commit SHA
+#   python -m benchmarks.pallas_verdict OUT/pallas_results.json --commit SHA \
+#       --sweep OUT/pallas_fma.json
+# which also sets step 4's variants against PyTorch at issue 14's shapes and
+# ranks them (the regions 'auto' would read with one: --grid
+# OUT/pallas_fma.json --plan VARIANT).
 source "$(dirname "$0")/gpu_common.sh" log.txt 560
 step environment
 { nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv
@@ -59,7 +61,7 @@ timeout $(limit 150) $PY -m benchmarks.run --rounds 5 --json "$out/pallas_result
   --shapes 1x1000x32x64,8x500x64x128,64x100x128x256 \
   --impls '^(nr\.(LSTM|GRU)(\[(pallas|xla)\])?$|torch)' 2>&1 | tee -a "$log"
 step Pallas products as multiply-adds
-timeout $(limit 95) $PY -m benchmarks.gpu_plans --jobs 12 --compile-timeout 60 --rounds 3 \
+timeout $(limit 100) $PY -m benchmarks.gpu_plans --jobs 12 --compile-timeout 70 --rounds 3 \
   --variants pallas pallas/matmul=fma,state_elements=32 \
   pallas/matmul=fma,state_elements=32,num_warps=2 pallas/matmul=fma,state_elements=32,num_warps=1 \
   --shapes 1x1000x32x64,8x500x64x128,1x300x16x32,8x300x32x64 \

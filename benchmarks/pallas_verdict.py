@@ -21,8 +21,12 @@ With ``--sweep`` (``pallas_sweep.json``, ``benchmarks/gpu_plans.py
 --pallas``) it also ranks the size variants by their training step, the
 geometric mean over the layers, against the default settings::
 
-  python -m benchmarks.pallas_verdict out/gpu/pallas_results.json out/gpu/pallas_large.json \\
-      [--sweep out/gpu/pallas_sweep.json] [--commit abc1234]
+  python -m benchmarks.pallas_verdict out/gpu/pallas_results.json \\
+      [--sweep out/gpu/pallas_fma.json] [--commit abc1234]
+
+and, with runs that timed PyTorch at the same shapes, each variant against
+PyTorch at batch 1-8 and whether it meets the issue's target there (session
+35: the multiply-adds, ``gpu.sh``'s ``pallas_fma.json``).
 
 With ``--grid`` (``benchmarks/gpu_plans.py --variants pallas`` over a grid of
 batch and hidden sizes; ``benchmarks/gpu_grid.sh``) the ``PALLAS_FASTER``
@@ -255,6 +259,30 @@ def sweep_ranking(sweep: dict) -> list[tuple[str, float, int]]:
   return sorted(ranking, key=lambda x: x[1])
 
 
+def sweep_vs_torch(sweep: dict, runs: list[dict]) -> str:
+  """Markdown: each variant of ``sweep`` (``gpu_plans`` rows) at a batch of at
+  most ``SMALL_BATCH``, against PyTorch's medians at the same shape in
+  ``runs`` (``benchmarks.run``'s ``results``; the last run with the shape),
+  and issue 14's target there. The two are separate steps of one device call:
+  each median is over its own rounds."""
+  torch = {}
+  for run in runs:
+    for r in run.get('results', []):
+      if r['impl'].startswith('torch.nn.') and not r.get('error'):
+        torch[tuple(r['shape']), r['impl'].removeprefix('torch.nn.')] = r
+  out = ['| shape (B,T,I,H) | layer | variant | fwd ms | train ms | fwd / PyTorch | '
+         'train / PyTorch | target met |', '|---|---|---|---|---|---|---|---|']
+  for r in sweep['rows']:
+    theirs = torch.get((tuple(r['shape']), r['layer']))
+    if 'error' in r or theirs is None or r['shape'][0] > SMALL_BATCH:
+      continue
+    fwd, train = r['fwd_ms'] / theirs['fwd_ms'], r['train_ms'] / theirs['train_ms']
+    met = 'yes' if fwd <= TORCH_FWD and train <= TORCH_TRAIN else 'no'
+    out.append(f'| {tuple(r["shape"])} | {r["layer"]} | {r["plan"]} | {r["fwd_ms"]:.2f} | '
+               f'{r["train_ms"]:.2f} | {fwd:.2f} | {train:.2f} | {met} |')
+  return '\n'.join(out) if len(out) > 2 else ''
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog='python -m benchmarks.pallas_verdict',
                               description=__doc__.splitlines()[0])
@@ -295,6 +323,12 @@ def main(argv=None) -> int:
     print('\nPallas size variants, training step over the default settings (geometric mean):')
     for plan, ratio, n in ranking:
       print(f'  {plan:40s} {ratio:.3f}x ({n} layer{"s" if n > 1 else ""})')
+    with open(args.sweep) as f:
+      against = sweep_vs_torch(json.load(f), runs)
+    if against:
+      print("\nEach variant against PyTorch (the runs' medians at the same shape), issue 14's "
+            f'target: train <= {TORCH_TRAIN}x, fwd <= {TORCH_FWD}x:\n')
+      print(against)
   return 0
 
 

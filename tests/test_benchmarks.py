@@ -654,6 +654,42 @@ def test_pallas_verdict_ranks_the_size_variants():
     ('pallas/a=1', pytest.approx(1.5 ** 0.5), 2)]
 
 
+def test_pallas_verdict_sets_each_variant_against_pytorch(tmp_path, capsys):
+  """``--sweep`` with runs: each variant at batch 1-8 over PyTorch's medians at
+  its shape (issue 14's target: train 1.5x, fwd 2x); failed variants, larger
+  batches and shapes PyTorch did not run are left out."""
+  from benchmarks import pallas_verdict
+
+  def torch_row(shape, layer, fwd, train, **extra):
+    return dict(shape=list(shape), impl=f'torch.nn.{layer}', fwd_ms=fwd, train_ms=train, **extra)
+
+  small, large = (1, 1000, 32, 64), (64, 100, 128, 256)
+  runs = [dict(results=[torch_row(small, 'LSTM', 1.0, 2.0), torch_row(large, 'LSTM', 1.0, 1.0),
+                        torch_row(small, 'GRU', 9.0, 9.0, error='boom'),
+                        dict(torch_row(small, 'LSTM', 5.0, 5.0), impl='nr.LSTM')])]
+
+  def row(shape, layer, plan, fwd, train, **extra):
+    return dict(shape=list(shape), layer=layer, plan=plan, fwd_ms=fwd, train_ms=train, **extra)
+
+  sweep = dict(rows=[row(small, 'LSTM', 'pallas', 3.0, 6.0),
+                     row(small, 'LSTM', 'pallas/matmul=fma', 1.5, 2.8),
+                     row(small, 'LSTM', 'pallas/x=1', None, None, error='failed'),
+                     row(small, 'GRU', 'pallas', 1.0, 1.0),  # PyTorch's GRU failed there
+                     row(large, 'LSTM', 'pallas', 0.5, 0.5)])
+  assert pallas_verdict.sweep_vs_torch(sweep, runs).splitlines()[2:] == [
+    '| (1, 1000, 32, 64) | LSTM | pallas | 3.00 | 6.00 | 3.00 | 3.00 | no |',
+    '| (1, 1000, 32, 64) | LSTM | pallas/matmul=fma | 1.50 | 2.80 | 1.50 | 1.40 | yes |']
+  assert pallas_verdict.sweep_vs_torch(sweep, []) == ''
+  path, sweep_path = tmp_path / 'run.json', tmp_path / 'sweep.json'
+  path.write_text(json.dumps(dict(_pallas_run(small, {
+    'nr.LSTM[pallas]': (3.0, 6.0), 'torch.nn.LSTM': (1.0, 2.0)}), results=runs[0]['results'])))
+  sweep_path.write_text(json.dumps(sweep))
+  assert pallas_verdict.main([str(path), '--sweep', str(sweep_path)]) == 0
+  out = capsys.readouterr().out
+  assert "Each variant against PyTorch (the runs' medians at the same shape)" in out
+  assert out.rstrip().endswith('| pallas/matmul=fma | 1.50 | 2.80 | 1.50 | 1.40 | yes |')
+
+
 # -- the runner's bookkeeping under a fake clock (mutation audit) ---------------------------
 class FakeClock:
   """``time.perf_counter`` for ``benchmarks.run``: only the fake runners move it."""

@@ -36,12 +36,12 @@ CUDA on the CPU (``internal.triton_lowering``), so Pallas' Triton lowering
 accepts the kernels (float32 and bfloat16, weights held or loaded per step,
 projected and packed); ``benchmarks/triton_resources.py`` compiles them
 further, with Triton's own compiler for an H200 (``sm_90a``), and reports their
-shared memory, registers and spills (the sizes in
-:class:`._pallas_settings.Settings` come from
-it). On an H200 (2026-12-04) the tests passed on the GPU, and the kernels took
-0.24-0.85x the scans' time at batch 1 and 8 (hidden 64 and 128) but 1.5-18x at
-batch 64 and 256 (hidden 256 and 512): ``implementation='auto'`` picks them only
-where measured faster (``_plans.PALLAS_FASTER``).
+shared memory, registers, spills and a step's instructions and barriers (the
+sizes in :class:`._pallas_settings.Settings` come from it). On an H200
+(2026-12-04) the tests passed on the GPU, and the kernels took 0.24-0.85x the
+scans' time at batch 1 and 8 (hidden 64 and 128) but 1.5-18x at batch 64 and
+256 (hidden 256 and 512): ``implementation='auto'`` picks them only where
+measured faster (``_plans.PALLAS_FASTER``).
 On NVIDIA GPUs jax 0.10 lowers a ``pallas_call`` through Mosaic GPU unless it
 gets Triton's compiler parameters; Mosaic GPU rejects these kernels (found by
 exporting for CUDA: "Only copies transferring a number of bytes divisible by

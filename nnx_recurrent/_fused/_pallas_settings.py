@@ -27,9 +27,10 @@ class Settings(NamedTuple):
   """Column chunks of this width, weight tiles of this size squared."""
   hold_bytes: int = 176 * 1024
   """Bytes of recurrent weight tiles loaded once, before the time loop, and
-  held in shared memory across steps; the tiles beyond are loaded at each step
-  (from L2). The rest of the 227 KiB is for the tile staged per step, ``h``
-  and Triton's layout conversions."""
+  held across steps (in shared memory with ``matmul='dot'``, in registers
+  with ``'fma'``); the tiles beyond are loaded at each step (from L2). The
+  rest of the 227 KiB is for the tile staged per step, ``h`` and Triton's
+  layout conversions."""
   state_elements: int = 4096
   """Rows per program: at most this over ``max(Hp, Pp)`` (the state is held in
   registers: 32 rows at ``H = 128``, 16 from 256 on), and at most 64; at

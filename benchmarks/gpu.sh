@@ -26,8 +26,9 @@
 #      1.5x cuDNN"), an LSTM forward on wgmma, beside the Triton kernels'
 #      forward at issue 14's two small shapes. Never run on a GPU: it may fail
 #      to compile or run; the step records the error and times the kernels;
-#   6. the cuDNN accuracy/timing check, in whatever time is left (the Pallas
-#      rows at H = 512 it replaces: 'auto' runs the scans from hidden 128 on).
+#   6. the cuDNN accuracy/timing check, in whatever time is left. (The Pallas
+#      rows at H = 512 that came last are gone: 'auto' runs the scans from
+#      hidden 128 on.)
 # Each step writes its JSON as it goes (after each shape), so a step cut off by
 # its limit loses only what it had not finished. Everything lands in
 # ${OUT:-out/gpu}, in at most 8 files (what the device tool brings back):

@@ -14,9 +14,10 @@ instructions, barriers (each exchange of values between warps through shared
 memory takes one or two) and shared-memory loads and stores. It says nothing
 of speed, but compares kernel forms: on 2026-12-04 the LSTM forward kernel's
 step at ``(1, ., 32, 64)`` was 573 instructions and 22 barriers with ``dot``,
-282 and 18 with ``--settings matmul=fma``. Triton here is the pip package, not the Triton that
-jaxlib bundles, so expect small differences on a GPU; it found the kernels'
-first form needing 520 KiB of shared memory and failing ``ptxas`` at
+282 and 18 with ``--settings matmul=fma``, 534 and 2 with
+``matmul=fma,num_warps=2``. Triton here is the pip package, not the Triton
+that jaxlib bundles, so expect small differences on a GPU; it found the
+kernels' first form needing 520 KiB of shared memory and failing ``ptxas`` at
 ``H = 512``, which led to their column chunks (``_fused/_pallas_kernels.py``).
 
 ``triton`` is a 1 GB package, kept out of the test environment: give its

@@ -106,7 +106,7 @@ def params(module: nnx.Module) -> dict[str, np.ndarray]:
 # 16-wide column chunks (so several chunks from hidden 17 on) with two tiles
 # held and the rest loaded at each step, ahead or not; a loop over the chunks
 # (as from H = 512 on a GPU); the products as multiply-adds (``matmul='fma'``),
-# in blocks of up to 64 rows or of one row per 16 columns (chunks of 16).
+# in blocks of up to 64 rows, or of one row with 16-wide chunks.
 PALLAS_SETTINGS = ({}, {'prefetch': False},
                    {'chunk': 16, 'hold_bytes': 2 * 16 * 16 * 4, 'prefetch': True},
                    {'chunk': 16, 'hold_bytes': 2 * 16 * 16 * 4, 'prefetch': False},

@@ -263,7 +263,8 @@ def test_kernels_lower_through_triton(cls, dtype, weights, packed, gpu, matmul, 
   then the LSTM projected). Told to (``internal.triton_lowering``), or (``gpu``)
   where jax's default backend is a GPU, and then with the next step's input
   projections loaded ahead (``PallasSettings.prefetch``). With
-  ``matmul='fma'`` the products are broadcast multiplies and sums, no ``dot``."""
+  ``matmul='fma'`` the products are broadcast multiplies and sums, no ``dot``,
+  and each program has one batch row."""
   proj = dict(proj_features=24) if packed and cls is nr.LSTM else {}
   layer = build(lambda: cls(I, 64, bidirectional=True, implementation='pallas', dtype=dtype,
                             rngs=nnx.Rngs(0), **proj))
@@ -279,7 +280,8 @@ def test_kernels_lower_through_triton(cls, dtype, weights, packed, gpu, matmul, 
   unchecked = [export.DisabledSafetyCheck.custom_call(triton)]
   x = jnp.ones((B, T, I))  # outside: no eager computation under jax 0.11's abstract GPU
   sizes = dict(chunk=32, hold_bytes=2**30 if weights == 'held' else 0,
-               unrolled_chunks=1 if weights == 'rolled' else 4, prefetch=gpu, matmul=matmul)
+               unrolled_chunks=1 if weights == 'rolled' else 4, prefetch=gpu, matmul=matmul,
+               state_elements=32 if matmul == 'fma' else 4096)  # fma: one row a program
   if gpu:
     lowering = internal._abstract_gpu()  # made while the CPU is the default backend
     monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
@@ -291,9 +293,11 @@ def test_kernels_lower_through_triton(cls, dtype, weights, packed, gpu, matmul, 
   calls = re.findall(r'stablehlo\.custom_call @([^(]+)\(.*grid_x = (\d+) : i32, grid_y = '
                      r'(\d+) : i32.*name = "(nr_\w+)"', exported.mlir_module())
   name = cls.__name__.lower()
-  # One launch per pass for both directions: a grid of (directions, batch blocks).
-  assert sorted(calls) == [(triton, '1', '2', f'nr_{name}_backward'),
-                           (triton, '1', '2', f'nr_{name}_forward')]
+  # One launch per pass for both directions: a grid of (batch blocks, directions);
+  # one block of 16 rows, or with the multiply-adds one block a row.
+  blocks = str(B) if matmul == 'fma' else '1'
+  assert sorted(calls) == [(triton, blocks, '2', f'nr_{name}_backward'),
+                           (triton, blocks, '2', f'nr_{name}_forward')]
 
 
 @pytest.mark.parametrize('cls', [nr.GRU])  # one table for both layers: the other's row below

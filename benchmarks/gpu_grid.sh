@@ -10,10 +10,15 @@
 #      free (hidden 256: 1, 2, 4 programs of 16 rows, 8.2, 9.0, 9.1 ms). So
 #      'pallas/state_elements=512' (at most 16 rows a program from hidden 32 on)
 #      against the default blocks (up to 64 rows);
-#   2. the grid 'auto' reads: 'pallas' against the scans (forward and training
-#      step) at batch 1-64 and hidden 32-256, 300 steps.
+#   2. the grid 'auto' reads, at hidden 32 and 64 (from 128 on, session 34's
+#      grid had the kernels slower than the scans at every batch, and the dot
+#      kernels have not changed since): 'pallas' and 'pallas/matmul=auto' (the
+#      multiply-adds, one row a program, session 35) against the scans
+#      (forward and training step) at batch 1-64, 300 steps.
 #   bash benchmarks/gpu_grid.sh   (device tool: command "bash benchmarks/gpu_grid.sh", timeout_s 430)
 # Then: python -m benchmarks.pallas_verdict --grid OUT/pallas_grid.json --commit SHA
+#   [--plan pallas/matmul=auto, if gpu.sh's step 4 found the multiply-adds faster: then
+#   matmul='auto' becomes the default and PALLAS_FASTER its regions]
 #   (and --plan pallas/state_elements=512 --grid OUT/pallas_blocks.json for
 #   the blocks, if they become the default)
 source "$(dirname "$0")/gpu_common.sh" grid_log.txt 400
@@ -27,13 +32,13 @@ timeout $(limit 100) $PY -m benchmarks.gpu_plans --variants pallas pallas/state_
   --shapes 32x300x16x32,64x300x16x32,32x300x32x64,64x300x32x64,32x300x64x128,64x300x64x128 \
   2>&1 | tee -a "$log"
 shapes=""
-for H in 32 64 128 256; do
+for H in 32 64; do
   for B in 1 4 8 16 32 64; do
     shapes="$shapes${shapes:+,}${B}x300x$(( H / 2 > 16 ? H / 2 : 16 ))x$H"
   done
 done
 step grid, in the time left
-timeout $(limit 600) $PY -m benchmarks.gpu_plans --variants pallas --jobs 12 \
+timeout $(limit 600) $PY -m benchmarks.gpu_plans --variants pallas pallas/matmul=auto --jobs 12 \
   --compile-timeout 150 --rounds 3 --shapes "$shapes" --json "$out/pallas_grid.json" 2>&1 \
   | tee -a "$log"
 rm -f "$out"/*.tmp

@@ -73,13 +73,14 @@ SHAPES = ((8, 500, 64, 128), (64, 100, 128, 256), (1, 1000, 32, 64), (256, 50, 2
 # 'pallas/prefetch=0': each step's loads issued in the step itself (the loads a step ahead are
 # the default since session 34).
 # 'pallas/matmul=fma,...': the products as multiply-adds in registers, no 16-row minimum, one
-# row a program (state_elements=32, up to any hidden size), in 8, 2 or 1 warps.
+# row a program (state_elements=32, up to any hidden size), in 8, 2 or 1 warps;
+# 'pallas/matmul=auto': those in 1 warp up to hidden 32, 2 up to 64, the dot beyond.
 PALLAS_VARIANTS = ('pallas', 'pallas/hold_bytes=0', 'pallas/hold_bytes=98304',
                    'pallas/num_warps=4', 'pallas/chunk=128,hold_bytes=131072',
                    'pallas/unrolled_chunks=0', 'pallas/prefetch=0',
                    'pallas/matmul=fma,state_elements=32',
                    'pallas/matmul=fma,state_elements=32,num_warps=2',
-                   'pallas/matmul=fma,state_elements=32,num_warps=1')
+                   'pallas/matmul=fma,state_elements=32,num_warps=1', 'pallas/matmul=auto')
 
 
 def plans(cls, pallas=False):

@@ -106,12 +106,14 @@ def params(module: nnx.Module) -> dict[str, np.ndarray]:
 # 16-wide column chunks (so several chunks from hidden 17 on) with two tiles
 # held and the rest loaded at each step, ahead or not; a loop over the chunks
 # (as from H = 512 on a GPU); the products as multiply-adds (``matmul='fma'``),
-# in blocks of up to 64 rows, or of one row with 16-wide chunks.
+# in blocks of up to 64 rows, or of one row with 16-wide chunks; or where they
+# fit registers, one row a program (``'auto'``).
 PALLAS_SETTINGS = ({}, {'prefetch': False},
                    {'chunk': 16, 'hold_bytes': 2 * 16 * 16 * 4, 'prefetch': True},
                    {'chunk': 16, 'hold_bytes': 2 * 16 * 16 * 4, 'prefetch': False},
                    {'chunk': 16, 'unrolled_chunks': 1},
-                   {'matmul': 'fma'}, {'matmul': 'fma', 'chunk': 16, 'state_elements': 16})
+                   {'matmul': 'fma'}, {'matmul': 'fma', 'chunk': 16, 'state_elements': 16},
+                   {'matmul': 'auto'})
 
 
 def scan_plan(case: Case, layer_cls: type, rows: int) -> contextlib.AbstractContextManager:

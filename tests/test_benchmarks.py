@@ -314,8 +314,9 @@ def test_gpu_grid_sh_fits_its_call_and_times_what_it_says():
   """``benchmarks/gpu_grid.sh`` (a second device call, ``timeout_s`` 430): its
   steps' limits within its budget, which ends before the call's; 16-row blocks
   against the default ones at batch 32 and 64 (where they differ), then in the
-  time left the grid of batch 1-64 x hidden 32-256, 'pallas' against the
-  scans, each compiled in threads with a compile timeout inside its step."""
+  time left the grid of batch 1-64 x hidden 32-64, 'pallas' and its
+  multiply-adds ('pallas/matmul=auto') against the scans, each compiled in
+  threads with a compile timeout inside its step."""
   import re
   import shlex
 
@@ -343,10 +344,10 @@ def test_gpu_grid_sh_fits_its_call_and_times_what_it_says():
   assert all(block(b, h) > 16 for b, _, _, h in shapes)  # the default: 32 or 64 rows a program
   with internal.pallas_settings(state_elements=512):  # the variant: 16, in 2 or 4 programs
     assert {block(b, h) for b, _, _, h in shapes} == {16}
-  assert grid[grid.index('--variants') + 1:][:2] == ['pallas', '--jobs']
+  assert grid[grid.index('--variants') + 1:][:3] == ['pallas', 'pallas/matmul=auto', '--jobs']
   assert grid[grid.index('--shapes') + 1] == '$shapes'
   loop = [line for line in commands if line.startswith(('for', '  for', 'shapes='))]
-  assert loop[:3] == ['shapes=""', 'for H in 32 64 128 256; do', '  for B in 1 4 8 16 32 64; do']
+  assert loop[:3] == ['shapes=""', 'for H in 32 64; do', '  for B in 1 4 8 16 32 64; do']
   jsons = [m for line in commands for m in re.findall(r'--json "([^"]+)"', line)]
   assert len(jsons) == len(set(jsons)) == 2
 

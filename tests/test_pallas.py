@@ -155,8 +155,9 @@ def test_pallas_settings_yield_the_changes_and_nest():
       assert now == outer
   with internal.pallas_settings() as now:
     assert now == default
-  with pytest.raises(ValueError, match="pallas_settings: matmul must be 'dot' or 'fma', "
-                     "got 'wgmma'"), internal.pallas_settings(matmul='wgmma'):
+  with pytest.raises(ValueError, match=re.escape(
+      "pallas_settings: matmul must be one of ('dot', 'fma', 'auto'), got 'wgmma'")), \
+       internal.pallas_settings(matmul='wgmma'):
     pass
 
 
@@ -298,6 +299,35 @@ def test_kernels_lower_through_triton(cls, dtype, weights, packed, gpu, matmul, 
   blocks = str(B) if matmul == 'fma' else '1'
   assert sorted(calls) == [(triton, blocks, '2', f'nr_{name}_backward'),
                            (triton, blocks, '2', f'nr_{name}_forward')]
+
+
+def test_matmul_auto_takes_the_multiply_adds_up_to_64_columns():
+  """``matmul='auto'``: the multiply-adds where ``W_h``'s gate blocks are at
+  most 64 wide, one batch row a program, in one warp up to 32 columns and two
+  up to 64 (whatever ``state_elements`` and ``num_warps`` say); beyond, the
+  ``dot`` with its 16-row blocks and the settings' warps. Read off the
+  training step exported for CUDA: a block of one row lowers only without a
+  ``dot`` (Triton's needs 16 rows)."""
+  def launches(hidden, **proj):
+    layer = build(lambda: nr.LSTM(I, hidden, implementation='pallas', rngs=nnx.Rngs(0), **proj))
+    graphdef, params = nnx.split(layer)
+
+    def loss(params, x):
+      return jnp.sum(nnx.merge(graphdef, params)(x, seq_lengths=LENGTHS) ** 2)
+
+    unchecked = [export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')]
+    with internal.triton_lowering():
+      exported = export.export(jax.jit(jax.grad(loss)), platforms=['cuda'],
+                               disabled_checks=unchecked)(params, jnp.ones((B, T, I)))
+    return sorted(re.findall(r'grid_x = (\d+) : i32.*num_warps = (\d+) : i32',
+                             exported.mlir_module()))
+
+  with internal.pallas_settings(matmul='auto', state_elements=4096, num_warps=4):
+    assert [internal.pallas_padded_rows(B, h) for h in (32, 64, 128)] == [B, B, 16]
+    assert launches(32) == [(str(B), '1')] * 2  # forward and backward kernels
+    assert launches(64) == [(str(B), '2')] * 2
+    assert launches(128) == [('1', '4')] * 2
+    assert launches(64, proj_features=100) == [('1', '4')] * 2  # h 100 wide: Pp = 128
 
 
 @pytest.mark.parametrize('cls', [nr.GRU])  # one table for both layers: the other's row below

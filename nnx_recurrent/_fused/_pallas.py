@@ -118,10 +118,14 @@ class _Layout:
     self.hp = _pow2(max(hidden, _MIN_HIDDEN))
     self.pp = _pow2(max(out, _MIN_HIDDEN))
     self.settings = settings = _pallas_settings.current
-    self.fma = settings.matmul == 'fma'
+    widest = max(self.hp, self.pp)
+    auto_fma = settings.matmul == 'auto' and widest <= _pallas_settings.FMA_MAX_WIDTH
+    self.fma = settings.matmul == 'fma' or auto_fma
     least = 1 if self.fma else _MIN_ROWS  # Triton's dot takes 16 rows or more
-    most = max(least, min(_MAX_BLOCK_ROWS, settings.state_elements // max(self.hp, self.pp)))
+    most = 1 if auto_fma else max(least, min(_MAX_BLOCK_ROWS, settings.state_elements // widest))
     self.block = min(_pow2(max(rows, least)), _pow2(most))
+    # 'auto''s multiply-adds: a thread sums a whole contraction (Settings.matmul)
+    self.num_warps = (1 if widest <= 32 else 2) if auto_fma else settings.num_warps
     self.padded_rows = max(1, -(-rows // self.block)) * self.block
     chunk = _pow2(max(settings.chunk, _MIN_HIDDEN))
     self.ch, self.cp = min(chunk, self.hp), min(chunk, self.pp)  # chunk widths
@@ -194,7 +198,7 @@ class _Layout:
     triton = _triton()
     if triton is None:
       return None
-    return triton.CompilerParams(num_warps=self.settings.num_warps,
+    return triton.CompilerParams(num_warps=self.num_warps,
                                  num_stages=self.settings.num_stages)
 
 

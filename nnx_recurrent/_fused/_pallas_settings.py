@@ -59,7 +59,12 @@ class Settings(NamedTuple):
   tiles read from shared memory at each step); in 2 warps (``num_warps``),
   534 instructions and 2 barriers (each thread sums a whole contraction), at
   ``H = 32`` in one warp 334 and 1. From ``H = 128`` on, ``W_h`` spills
-  from registers. Not yet timed on a GPU (benchmarks/RESULTS.md, session 35)."""
+  from registers. ``'auto'`` is that reading as a rule: the multiply-adds
+  where ``W_h``'s gate blocks are at most ``FMA_MAX_WIDTH`` wide (``Hp`` and
+  ``Pp``), one batch row a program, in one warp up to 32 columns and two up
+  to 64 (``state_elements`` and ``num_warps`` then do not apply), and
+  ``dot`` beyond. Not yet timed on a GPU (benchmarks/RESULTS.md, session
+  35): ``'dot'`` stays the default until it is."""
   prefetch: bool = True
   """Each kernel loads the next step's inputs (the forward's input
   projections, the backward's residuals and output cotangents) before the
@@ -73,5 +78,8 @@ class Settings(NamedTuple):
   the time without it at issue 14's two small shapes, the forward 0.78-0.94x;
   at hidden 32 and batch 1-8, 0.71-0.87x and 0.77-1.04x."""
 
+
+MATMULS = ('dot', 'fma', 'auto')  # the values of Settings.matmul
+FMA_MAX_WIDTH = 64  # matmul='auto': the multiply-adds up to this Hp and Pp
 
 current = Settings()

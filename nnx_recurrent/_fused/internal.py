@@ -152,8 +152,9 @@ def pallas_settings(**changes):
   ``state_elements``, ``unrolled_chunks``, ``num_warps``, ``num_stages``,
   ``prefetch``, ``matmul``);
   yields the settings."""
-  if changes.get('matmul', 'dot') not in ('dot', 'fma'):
-    raise ValueError(f"pallas_settings: matmul must be 'dot' or 'fma', got {changes['matmul']!r}")
+  if changes.get('matmul', 'dot') not in _pallas_settings.MATMULS:
+    raise ValueError(f'pallas_settings: matmul must be one of {_pallas_settings.MATMULS}, '
+                     f"got {changes['matmul']!r}")
   previous = _pallas_settings.current
   _pallas_settings.current = previous._replace(**changes)
   try:

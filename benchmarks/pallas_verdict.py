@@ -50,6 +50,7 @@ import argparse
 import json
 import math
 
+from benchmarks import gpu_plans
 from nnx_recurrent._fused import internal
 
 SMALL_BATCH = 8  # up to here: against PyTorch's cuDNN; above: against the scans
@@ -186,7 +187,9 @@ def grid_regions(grid: dict, commit: str, plan: str = 'pallas') -> str:
   and hidden size, each run of consecutive measured batch sizes where the
   kernels were faster (forward and training step) is one region, from its
   first measured batch to the rows that run the same kernels as its last
-  (:func:`same_kernel_rows`, short of the next measured batch): batches in
+  (:func:`same_kernel_rows` under the plan's settings: with one row a
+  program, ``matmul='auto'``, no more than its own; short of the next
+  measured batch): batches in
   between are taken to be faster too (at small batches both sides' step costs
   grow with the rows, the kernels' in steps at whole blocks); none at other
   hidden sizes."""
@@ -214,7 +217,8 @@ def grid_regions(grid: dict, commit: str, plan: str = 'pallas') -> str:
         ratios = ', '.join(f"{b}: {r['fwd_vs_default']:.2f}/{r['train_vs_default']:.2f}"
                            for b, _, r in group)
         t, i = group[0][2]['shape'][1:3]
-        last = min(same_kernel_rows(group[-1][0], h), m[0] - 1)
+        with gpu_plans.forced(plan):  # the blocks of the plan's kernels
+          last = min(same_kernel_rows(group[-1][0], h), m[0] - 1)
         found.append((f'T={t}, I={i}; batch: fwd/train x the scans {ratios} ({commit})',
                       layer, (group[0][0], last), h, device))
       group = []

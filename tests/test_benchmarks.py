@@ -554,6 +554,15 @@ def test_pallas_verdict_regions_from_a_grid(monkeypatch):
   assert namespace['PALLAS_FASTER'] == (region('LSTM', rows=(8, 16), hidden=(64, 64),
                                                device='H200'),)
   assert '| 16 | 0.90 / 0.80 |' in pallas_verdict.grid_table(ahead, 'pallas/prefetch=1')
+  # A region reaches the rows of the plan's own kernels: one row a program with the
+  # multiply-adds, so batch 8 is not widened to the 16 rows of the dot's blocks.
+  one_row = dict(grid, rows=grid['rows'] + [dict(r, plan='pallas/matmul=auto') for r in _grid({
+    ('LSTM', 1, 64): (0.5, 0.5), ('LSTM', 8, 64): (0.5, 0.5)})['rows'] if r['plan'] == 'pallas'])
+  namespace = dict(PallasRegion=_plans.PallasRegion)
+  exec(pallas_verdict.grid_regions(one_row, 'x', 'pallas/matmul=auto').replace(
+    'tuple[PallasRegion, ...]', 'tuple'), namespace)
+  assert namespace['PALLAS_FASTER'] == (region('LSTM', rows=(1, 8), hidden=(64, 64),
+                                               device='H200'),)
   assert pallas_verdict.grid_regions(_grid({('GRU', 1, 64): (1.0, 0.5)}), 'x') == \
     'PALLAS_FASTER: tuple[PallasRegion, ...] = ()  # faster nowhere'
   with pytest.raises(ValueError, match=r'expected a grid with its `device_kind`'):

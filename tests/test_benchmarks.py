@@ -525,11 +525,18 @@ def test_pallas_verdict_regions_from_a_grid(monkeypatch):
                 ('LSTM', 32, 64): (0.9, 0.9), ('LSTM', 64, 64): 'out of shared memory',
                 ('GRU', 1, 64): (0.9, 1.0), ('GRU', 4, 64): (0.5, 0.5),
                 ('GRU', 33, 256): (0.8, 0.9)})
+  def pasted(text):  # the printed entries, run as _plans would run them
+    namespace = dict(PallasRegion=_plans.PallasRegion)
+    exec(text.replace('tuple[PallasRegion, ...]', 'tuple'), namespace)
+    return namespace['PALLAS_FASTER']
+
+  def with_plan(plan, cells):  # the grid with another variant's rows
+    return dict(grid, rows=grid['rows'] + [dict(r, plan=plan) for r in _grid(cells)['rows']
+                                           if r['plan'] == 'pallas'])
+
   text = pallas_verdict.grid_regions(grid, 'abc1234')
-  namespace = dict(PallasRegion=_plans.PallasRegion)
-  exec(text.replace('tuple[PallasRegion, ...]', 'tuple'), namespace)
   region = _plans.PallasRegion
-  assert namespace['PALLAS_FASTER'] == (
+  assert pasted(text) == (
     region('GRU', rows=(4, 16), hidden=(64, 64), device='H200'),
     region('GRU', rows=(33, 48), hidden=(256, 256), device='H200'),  # 16-row blocks at H = 256
     region('LSTM', rows=(1, 15), hidden=(64, 64), device='H200'),  # batch 16 was slower
@@ -546,23 +553,17 @@ def test_pallas_verdict_regions_from_a_grid(monkeypatch):
   assert '| 16 | 1.10 / 0.90 |  |' in table and '| 64 | failed |  |' in table
   assert '| 33 |  | 0.80 / 0.90 |' in table
   # --plan: another variant's rows (here the loads ahead, faster at batch 16 too).
-  ahead = dict(grid, rows=grid['rows'] + [dict(r, plan='pallas/prefetch=1') for r in _grid({
-    ('LSTM', 8, 64): (0.5, 0.5), ('LSTM', 16, 64): (0.9, 0.8)})['rows'] if r['plan'] == 'pallas'])
-  namespace = dict(PallasRegion=_plans.PallasRegion)
-  exec(pallas_verdict.grid_regions(ahead, 'x', 'pallas/prefetch=1').replace(
-    'tuple[PallasRegion, ...]', 'tuple'), namespace)
-  assert namespace['PALLAS_FASTER'] == (region('LSTM', rows=(8, 16), hidden=(64, 64),
-                                               device='H200'),)
+  ahead = with_plan('pallas/prefetch=1', {('LSTM', 8, 64): (0.5, 0.5),
+                                          ('LSTM', 16, 64): (0.9, 0.8)})
+  assert pasted(pallas_verdict.grid_regions(ahead, 'x', 'pallas/prefetch=1')) == (
+    region('LSTM', rows=(8, 16), hidden=(64, 64), device='H200'),)
   assert '| 16 | 0.90 / 0.80 |' in pallas_verdict.grid_table(ahead, 'pallas/prefetch=1')
   # A region reaches the rows of the plan's own kernels: one row a program with the
   # multiply-adds, so batch 8 is not widened to the 16 rows of the dot's blocks.
-  one_row = dict(grid, rows=grid['rows'] + [dict(r, plan='pallas/matmul=auto') for r in _grid({
-    ('LSTM', 1, 64): (0.5, 0.5), ('LSTM', 8, 64): (0.5, 0.5)})['rows'] if r['plan'] == 'pallas'])
-  namespace = dict(PallasRegion=_plans.PallasRegion)
-  exec(pallas_verdict.grid_regions(one_row, 'x', 'pallas/matmul=auto').replace(
-    'tuple[PallasRegion, ...]', 'tuple'), namespace)
-  assert namespace['PALLAS_FASTER'] == (region('LSTM', rows=(1, 8), hidden=(64, 64),
-                                               device='H200'),)
+  one_row = with_plan('pallas/matmul=auto', {('LSTM', 1, 64): (0.5, 0.5),
+                                             ('LSTM', 8, 64): (0.5, 0.5)})
+  assert pasted(pallas_verdict.grid_regions(one_row, 'x', 'pallas/matmul=auto')) == (
+    region('LSTM', rows=(1, 8), hidden=(64, 64), device='H200'),)
   assert pallas_verdict.grid_regions(_grid({('GRU', 1, 64): (1.0, 0.5)}), 'x') == \
     'PALLAS_FASTER: tuple[PallasRegion, ...] = ()  # faster nowhere'
   with pytest.raises(ValueError, match=r'expected a grid with its `device_kind`'):

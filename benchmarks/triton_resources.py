@@ -125,8 +125,7 @@ def parse_shapes(text):
   return cases
 
 
-def parse_settings(text):
-  return gpu_plans.parse_settings(text)
+parse_settings = gpu_plans.parse_settings
 
 
 def main(argv=None):

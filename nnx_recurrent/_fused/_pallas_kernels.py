@@ -108,13 +108,17 @@ class _Tiles:
     # Nothing is held when a key is traced (a loop over chunks): no hashing.
     return self.held[key] if self.held and key in self.held else self._load(key)
 
+  def times(self, a, key, dtype):
+    """``a`` times tile ``key``, as the ``matmul`` setting multiplies (:func:`_dot`)."""
+    return _dot(a, self(*key), dtype, self.fma)
+
 
 def _column(pieces, tiles, lead, j, dtype):
   """Column chunk ``j`` of ``concat(pieces) @ W``: ``pieces`` are the column
   chunks of the left operand, ``tiles(*lead, i, j)`` the tiles of ``W``."""
   total = None
   for i, p in enumerate(pieces):
-    total = _add(total, _dot(p, tiles(*lead, i, j), dtype, tiles.fma))
+    total = _add(total, tiles.times(p, (*lead, i, j), dtype))
   return total
 
 
@@ -333,7 +337,7 @@ def backward_kernel(*all_refs: Any, lay, lstm: bool):
       for k, d in enumerate(stored):
         dg_ref[t, :, k, cols] = d.astype(dg_ref.dtype)
       for k in range(lay.gates):
-        dh_prev = tuple(_add(p, _dot(stored[k], wt(k, j, i), lay.state, lay.fma))
+        dh_prev = tuple(_add(p, wt.times(stored[k], (k, j, i), lay.state))
                         for i, p in enumerate(dh_prev))
       return _put(firsts, j, first), dh_prev
 

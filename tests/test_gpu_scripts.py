@@ -813,3 +813,109 @@ def test_gpu_plans_bidirectional_times_bidirectional_layers(tmp_path):
   single, _ = gpu_plans.build(nr.GRU, (2, 3, 4, 16), 'pallas')
   assert y.shape == (2, 3, 32)
   np.testing.assert_allclose(y[..., :16], np.asarray(single()), rtol=0, atol=1e-6)
+
+
+# -- benchmarks/step_profile.py --------------------------------------------------------------
+def test_step_profile_union_counts_overlaps_once():
+  from benchmarks import step_profile
+
+  assert step_profile.union_ns([]) == 0
+  # disjoint, nested (a while and its body), overlapping, touching
+  assert step_profile.union_ns([(0, 10), (20, 5)]) == 15
+  assert step_profile.union_ns([(0, 100), (10, 5), (50, 20)]) == 100
+  assert step_profile.union_ns([(30, 10), (0, 20), (10, 15)]) == 35  # 0-25, 30-40
+  assert step_profile.union_ns([(0, 10), (10, 10)]) == 20
+
+
+@pytest.mark.parametrize('name,kind', [
+  ('nr_lstm_forward', 'kernel'), ('nr_gru_backward [custom-call.4]', 'kernel'),
+  ('RNN_blockPersist_fwd_LSTM<float, float, float>', 'kernel'),
+  ('LSTM_elementwise_bp1<float, float, float>', 'kernel'),
+  ('sm90_xmma_gemm_f32f32_tf32f32_f32_tn_n_tilesize128x64x32 [dot.3]', 'gemm'),
+  ('cutlass_80_tensorop_s1688gemm_64x64_16x6_nn_align4', 'gemm'), ('aten::addmm', 'gemm'),
+  ('Memcpy DtoD (Device -> Device)', 'copy'), ('transpose_copy_fusion', 'copy'),
+  ('loop_add_fusion [add.5]', 'other'), ('input_reduce_fusion', 'other'),
+])
+def test_step_profile_classes_kernels_by_name(name, kind):
+  from benchmarks import step_profile
+
+  assert step_profile.kind(name) == kind
+
+
+def test_step_profile_summarises_per_call():
+  """Launches and microseconds per call, each kernel's share of the busy time
+  (the union of the kernels' intervals: an overlap counts once), the time by
+  class, the kernels sorted by time and cut to ``top``."""
+  from benchmarks import step_profile
+
+  us = 1000  # ns
+  events = []
+  for call in range(2):  # two calls: a forward kernel, a gemm overlapping it, two copies
+    t0 = call * 1000 * us
+    events += [('nr_lstm_forward', t0, 300 * us), ('sm90_xmma_gemm', t0 + 250 * us, 100 * us),
+               ('copy.1', t0 + 400 * us, 10 * us), ('copy.1', t0 + 420 * us, 30 * us)]
+  s = step_profile.summarise(events, calls=2, top=2)
+  assert s['busy_us'] == pytest.approx(390)  # 0-350 and 400-410, 420-450
+  assert s['launches'] == 4
+  assert s['kinds_us'] == pytest.approx(dict(kernel=300, gemm=100, copy=40, other=0))
+  assert [(o['name'], o['kind'], o['launches'], o['us']) for o in s['ops']] == [
+    ('nr_lstm_forward', 'kernel', 1, 300), ('sm90_xmma_gemm', 'gemm', 1, 100)]
+  assert s['ops'][0]['share'] == pytest.approx(300 / 390)
+
+
+def _fake_profile(planes):
+  event = lambda name, start, duration, **stats: types.SimpleNamespace(  # noqa: E731
+    name=name, start_ns=start, duration_ns=duration, stats=list(stats.items()))
+  return types.SimpleNamespace(planes=[
+    types.SimpleNamespace(name=name, lines=[
+      types.SimpleNamespace(name=line, events=[event(*e[:3], **e[3]) for e in evs])
+      for line, evs in lines.items()]) for name, lines in planes.items()]), event
+
+
+def test_step_profile_reads_the_gpu_streams_else_the_host_ops(monkeypatch):
+  """A GPU's kernels come from its plane's stream lines (named with their HLO op
+  where it differs), not its other lines nor the host's; without a device plane,
+  the host's events that carry an HLO op (XLA:CPU's thunks), said to be host
+  times on a GPU."""
+  from benchmarks import step_profile
+
+  profile, _ = _fake_profile({
+    '/host:CPU': {'python': [('jit_train', 0, 900, {})],
+                  'tf_XLA': [('fusion.1', 5, 10, dict(hlo_op='fusion.1')),
+                             ('ThunkExecutor::Execute', 0, 50, {})]},
+    '/device:GPU:0': {'Stream #13(compute)': [('nr_gru_forward', 100, 40,
+                                               dict(hlo_op='custom-call.2')),
+                                              ('loop_fusion', 150, 5, dict(hlo_op='loop_fusion'))],
+                      'Launch stats': [('ignored', 0, 1000, {})]}})
+  events, source = step_profile.device_events(profile)
+  assert events == [('nr_gru_forward [custom-call.2]', 100, 40), ('loop_fusion', 150, 5)]
+  assert source == '/device:GPU:0'
+  del profile.planes[1]
+  assert step_profile.device_events(profile) == ([('fusion.1', 5, 10)],
+                                                 'host threads (XLA:CPU thunks)')
+  monkeypatch.setattr(step_profile.jax, 'default_backend', lambda: 'gpu')
+  assert 'NO DEVICE PLANE' in step_profile.device_events(profile)[1]
+
+
+def test_step_profile_main_profiles_each_variant_and_pytorch(tmp_path, capsys):
+  """On the CPU, for real: the scans' forward and training step of a small LSTM,
+  and PyTorch's; per call, the scan's loop runs once and its body's ops once a
+  step (so the counts are divided by the calls profiled), a row per mode, in the
+  JSON as printed."""
+  from benchmarks import step_profile
+
+  path = tmp_path / 'profile.json'
+  assert step_profile.main(['--shapes', '2x12x8x16', '--layers', 'LSTM', '--variants',
+                            'default', '--torch', '--calls', '3', '--json', str(path)]) == 0
+  rows = json.loads(path.read_text())['rows']
+  assert [(r['layer'], r['variant'], r['mode']) for r in rows] == [
+    ('LSTM', 'default', 'forward'), ('LSTM', 'default', 'train'), ('LSTM', 'torch', 'forward'),
+    ('LSTM', 'torch', 'train')]
+  forward = rows[0]
+  launches = sorted({o['launches'] for o in forward['ops']})
+  assert launches[0] == 1 and launches[-1] == 12, forward['ops']
+  assert any(o['name'].startswith('while') and o['launches'] == 1 for o in forward['ops'])
+  assert all(r['wall_us'] > 0 and r['busy_us'] > 0 for r in rows)
+  assert any(o['name'] == 'aten::lstm' for o in rows[2]['ops'])
+  out = capsys.readouterr().out
+  assert '(2, 12, 8, 16) LSTM default forward: wall' in out

@@ -1,48 +1,59 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks in ONE device call (the device tool allows 600 s a
 # call and 15 minutes a session, start-up included; the first five steps'
-# limits add up to 530 s, every step ends by the call's budget, BUDGET_S = 560 s
-# from the start; session 34's two calls took 327 and 312 s, and a start about
-# 30 s):
+# limits add up to 480 s, every step ends by the call's budget, BUDGET_S = 540 s
+# from the start, so that a second call (benchmarks/gpu_grid.sh) fits in the
+# ~300 s left; session 34's two calls took 327 and 312 s, and a start about
+# 30 s). Issue 14's measurements first:
 #   1. the fused layers' tests on the GPU: cuDNN, the XLA scans (the GPU plan,
 #      every scan unrolled, since session 34) and the Pallas kernels compiled by
-#      Triton (their loads a step ahead, since session 34: never yet a test
-#      there). In 8 processes: test_pallas.py and test_fused.py alone ran past
-#      60 s in 4 on 2026-12-04;
-#   2. the benchmark suite without the Pallas rows (flax.nnx, PyTorch on cuDNN,
-#      the scans, cuDNN) at its four shapes: the table README.md shows, not
-#      re-run since the GPU plan;
-#   3. the Pallas rows (nr.LSTM[pallas], nr.GRU[pallas]) beside the scans
+#      Triton (their loads a step ahead since session 34, the multiply-adds
+#      since session 35: never yet a test there). In 8 processes: test_pallas.py
+#      and test_fused.py alone ran past 60 s in 4 on 2026-12-04;
+#   2. the Pallas rows (nr.LSTM[pallas], nr.GRU[pallas]) beside the scans
 #      forced (nr.LSTM[xla], nr.GRU[xla]: nr.LSTM is the kernels where 'auto'
 #      picks them), 'auto' and PyTorch, at the three shapes up to H = 256
 #      (issue 14's record);
-#   4. the kernels' products as multiply-adds (PallasSettings.matmul='fma',
+#   3. the kernels' products as multiply-adds (PallasSettings.matmul='fma',
 #      session 35, never timed), one batch row a program, in 8, 2 or 1 warps,
 #      against the kernels' default and the scans, at issue 14's two small
 #      shapes, then batch 1 and 8 at hidden 32 and 64, compiled in 12 threads.
 #      Compiled for sm_90a, a step in one warp at hidden 32 (two at 64) has 1-2
 #      barriers, where the dot form has 22 (RESULTS.md, "read off the PTX");
-#   5. benchmarks/mosaic_probe.py: the Mosaic GPU design of RESULTS.md ("Toward
-#      1.5x cuDNN"), an LSTM forward on wgmma, beside the Triton kernels'
-#      forward at issue 14's two small shapes. Never run on a GPU: it may fail
-#      to compile or run; the step records the error and times the kernels;
-#   6. the cuDNN accuracy/timing check, in whatever time is left. (The Pallas
-#      rows at H = 512 that came last are gone: 'auto' runs the scans from
-#      hidden 128 on.)
-# Each step writes its JSON as it goes (after each shape), so a step cut off by
-# its limit loses only what it had not finished. Everything lands in
-# ${OUT:-out/gpu}, in at most 8 files (what the device tool brings back):
-# log.txt and one JSON per step.
-#   bash benchmarks/gpu.sh     (device tool: command "bash benchmarks/gpu.sh", timeout_s 570)
-# A shorter call for the grid of shapes 'auto' reads: benchmarks/gpu_grid.sh.
+#   4. benchmarks/multiblock_probe.py (session 36): an LSTM step at hidden 64
+#      and 128 split over 1-8 blocks that exchange h through global memory
+#      behind a grid-wide barrier (FlashRNN's design for hidden 128, whose W_h
+#      no one block holds in float32), and one block holding W_h in float16
+#      (TF32's mantissa): us a step, each checked against an XLA scan;
+#   5. benchmarks/step_profile.py (session 36): where the kernels' forward and
+#      training step spend their time on the device (the forward and backward
+#      kernels, the matmuls, the XLA work between them), and cuDNN's, at issue
+#      14's two small shapes, from jax's and PyTorch's profilers;
+#   then, in the time left:
+#   6. the benchmark suite without the Pallas rows (flax.nnx, PyTorch on cuDNN,
+#      the scans, cuDNN) at its four shapes: the table README.md shows, not
+#      re-run since the GPU plan (it writes its JSON after each shape);
+#   7. benchmarks/mosaic_probe.py: the Mosaic GPU design of RESULTS.md ("Toward
+#      1.5x cuDNN"), an LSTM forward on wgmma in bfloat16, beside the Triton
+#      kernels' forward. Never run on a GPU: it may fail to compile or run;
+#      the step records the error and times the kernels;
+#   8. the cuDNN accuracy/timing check.
+# Each step writes its JSON as it goes, so a step cut off by its limit loses
+# only what it had not finished. Everything lands in ${OUT:-out/gpu}, in at most
+# 8 files (what the device tool brings back): log.txt and one JSON per step
+# (the tests write none).
+#   bash benchmarks/gpu.sh     (device tool: command "bash benchmarks/gpu.sh", timeout_s 560)
+# Then at once, while the machine is warm (it goes back after 30 s idle), the
+# second call with the budget the first left (its lease's budget_left_s, less
+# ~20 s): BUDGET_S=<that> bash benchmarks/gpu_grid.sh.
 # Then, on any machine (JSON only): the issue's targets and the table
 # implementation='auto' reads (_fused/_plans.py, PALLAS_FASTER):
 #   python -m benchmarks.pallas_verdict OUT/pallas_results.json --commit SHA \
 #       --sweep OUT/pallas_fma.json
-# which also sets step 4's variants against PyTorch at issue 14's shapes and
+# which also sets step 3's variants against PyTorch at issue 14's shapes and
 # ranks them (the regions 'auto' would read with one: --grid
 # OUT/pallas_fma.json --plan VARIANT).
-source "$(dirname "$0")/gpu_common.sh" log.txt 560
+source "$(dirname "$0")/gpu_common.sh" log.txt 540
 step environment
 { nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv
   git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -20
@@ -52,10 +63,6 @@ step tests
 # In full float32: they compare against float64 references at 1e-5.
 JAX_DEFAULT_MATMUL_PRECISION=highest timeout $(limit 120) $PY -m pytest -q -p no:cacheprovider -n 8 \
   tests/test_pallas.py tests/test_cudnn.py tests/test_fused.py tests/test_fused_padding.py \
-  2>&1 | tee -a "$log"
-step suite without the Pallas rows
-timeout $(limit 100) $PY -m benchmarks.run --rounds 5 --json "$out/gpu_results.json" \
-  --impls '^(nr\.(LSTM|GRU)$|nr\.LSTM\[cudnn\]|nr\.RNN\((Opt|GRU)|nnx\.RNN\((Opt|GRU)|torch)' \
   2>&1 | tee -a "$log"
 step Pallas rows up to H = 256
 timeout $(limit 150) $PY -m benchmarks.run --rounds 5 --json "$out/pallas_results.json" \
@@ -67,7 +74,18 @@ timeout $(limit 100) $PY -m benchmarks.gpu_plans --jobs 12 --compile-timeout 70 
   pallas/matmul=fma,state_elements=32,num_warps=2 pallas/matmul=fma,state_elements=32,num_warps=1 \
   --shapes 1x1000x32x64,8x500x64x128,1x300x16x32,8x300x32x64 \
   --json "$out/pallas_fma.json" 2>&1 | tee -a "$log"
-step Mosaic GPU probe
+step multi-block probe
+timeout $(limit 40) $PY -m benchmarks.multiblock_probe --json "$out/multiblock_probe.json" 2>&1 \
+  | tee -a "$log"
+step where the step spends its time
+timeout $(limit 70) $PY -m benchmarks.step_profile --shapes 1x1000x32x64,8x500x64x128 \
+  --variants pallas pallas/matmul=auto --torch --json "$out/step_profile.json" 2>&1 \
+  | tee -a "$log"
+step suite without the Pallas rows, in the time left
+timeout $(limit 100) $PY -m benchmarks.run --rounds 5 --json "$out/gpu_results.json" \
+  --impls '^(nr\.(LSTM|GRU)$|nr\.LSTM\[cudnn\]|nr\.RNN\((Opt|GRU)|nnx\.RNN\((Opt|GRU)|torch)' \
+  2>&1 | tee -a "$log"
+step Mosaic GPU probe, in the time left
 timeout $(limit 60) $PY -m benchmarks.mosaic_probe --json "$out/mosaic_probe.json" 2>&1 \
   | tee -a "$log"
 step cuDNN check, in the time left

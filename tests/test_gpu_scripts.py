@@ -708,11 +708,13 @@ def test_triton_resources_ir_follows_the_case(monkeypatch):
 
 # -- benchmarks/gpu.sh's calls ---------------------------------------------------------------
 def test_gpu_sh_arguments_reach_the_gpu_scripts(monkeypatch, tmp_path):
-  """``gpu.sh``'s own command lines for ``mosaic_probe`` and ``cudnn_check``, parsed by
-  the scripts: the probe at its shapes (a toy one here, on the CPU, where its kernel
-  does not compile: the row records the error and times the layer, interpreted), and
-  the cuDNN check on a CUDA GPU (faked below its argument parsing), each writing its
-  JSON."""
+  """``gpu.sh``'s own command lines for ``mosaic_probe``, ``multiblock_probe``,
+  ``step_profile`` and ``cudnn_check``, parsed by the scripts: the Mosaic probe at its
+  shapes (a toy one here, on the CPU, where its kernel does not compile: the row
+  records the error and times the layer, interpreted); every multi-block variant
+  (timing faked); the profile of both layers' kernels, their multiply-adds and
+  PyTorch at issue 14's two small shapes (profiling faked); and the cuDNN check on a
+  CUDA GPU (faked below its argument parsing), each writing its JSON."""
   import shlex
 
   from tests.test_benchmarks import _gpu_sh_commands
@@ -729,6 +731,27 @@ def test_gpu_sh_arguments_reach_the_gpu_scripts(monkeypatch, tmp_path):
   row, = json.loads((tmp_path / 'mosaic_probe.json').read_text())['rows']
   assert row['shape'] == [2, 3, 4, 64] and row['layer'] == 'nr.LSTM[pallas]'
   assert 'probe_error' in row and 'probe_ms' not in row and row['layer_ms'] > 0
+
+  from benchmarks import multiblock_probe, step_profile
+
+  timed = []
+  monkeypatch.setattr(multiblock_probe, 'timed', lambda v: timed.append(v) or dict(
+    variant=v.name, us_per_step=1.0, late=[0], max_abs_err=0.0))
+  assert multiblock_probe.main(argv('multiblock_probe')) == 0
+  assert timed == list(multiblock_probe.VARIANTS)
+  saved = json.loads((tmp_path / 'multiblock_probe.json').read_text())
+  assert [r['variant'] for r in saved['rows']] == [v.name for v in multiblock_probe.VARIANTS]
+
+  profiled = []
+  monkeypatch.setattr(step_profile, 'rows_for', lambda label, shape, *_: profiled.append(
+    (label, shape)) or [])
+  monkeypatch.setattr(step_profile, '_jax_pair', lambda *_: None)
+  monkeypatch.setattr(step_profile, '_torch_pair', lambda *_: None)
+  assert step_profile.main(argv('step_profile')) == 0
+  assert profiled == [((layer, variant), shape) for shape in ((1, 1000, 32, 64), (8, 500, 64, 128))
+                      for layer in ('LSTM', 'GRU')
+                      for variant in ('pallas', 'pallas/matmul=auto', 'torch')]
+  assert json.loads((tmp_path / 'step_profile.json').read_text())['rows'] == []
 
   monkeypatch.setattr(internal, 'cuda_backend', lambda: True)
   seen = []

@@ -159,6 +159,91 @@ def test_pallas_settings_yield_the_changes_and_nest():
       "pallas_settings: matmul must be one of ('dot', 'fma', 'auto'), got 'wgmma'")), \
        internal.pallas_settings(matmul='wgmma'):
     pass
+  with pytest.raises(ValueError, match=re.escape(
+      "pallas_settings: recurrent_weights must be one of ('float32', 'float16'), got "
+      "'bfloat16'")), internal.pallas_settings(recurrent_weights='bfloat16'):
+    pass
+
+
+class _Float16Product:
+  """A recurrent weight matrix for ``tests.reference``: ``h @ W`` with ``h`` and ``W``
+  rounded to float16 first, the product in float64."""
+  __array_ufunc__ = None  # NumPy defers ``h @ self`` to __rmatmul__
+
+  def __init__(self, w):
+    self.w = np.asarray(w, np.float16).astype(np.float64)
+
+  def __rmatmul__(self, h):
+    return np.asarray(h, np.float16).astype(np.float64) @ self.w
+
+
+def _numpy_float16_products(layer, x, carry0):
+  """``numpy_layers`` with every recurrent product's operands rounded to float16."""
+  out = []
+  for cell, c0, reverse in ((layer.forward[0], carry0[0][0], False),
+                            (layer.backward[0], carry0[0][1], True)):
+    p = ref.cell_params(cell)
+    for name in [k for k in p if k.startswith('W_h') and (p['kind'] == 'gru' or k != 'W_hr')]:
+      p[name] = _Float16Product(p[name])
+    out.append(ref.rnn(p, x, LENGTHS, c0, num_batch_dims=1, reverse=reverse, keep_order=True))
+  return ((out[0][0], out[1][0]),), np.concatenate([out[0][1], out[1][1]], axis=-1)
+
+
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_float16_recurrent_weights(cls):
+  """``PallasSettings.recurrent_weights='float16'``: the forward kernel's products
+  ``h W_h`` take ``h`` and ``W_h`` rounded to float16 (TF32's mantissa), at the
+  default precision: values against float64 NumPy with the same rounding (and
+  further from NumPy without it), lengths 5, 2 and 0, a random carry, both
+  directions; gradients against the float32 scans at the rounding's tolerance
+  (the backward kernel's products stay float32). At ``'highest'`` precision,
+  unset on the CPU (where that means float32), or with a projection, the
+  weights stay float32."""
+  hidden = 24  # three float16 roundings a row of h W_h; larger sums than H = 4
+  layer = build(lambda: cls(I, hidden, bidirectional=True, implementation='pallas',
+                            rngs=nnx.Rngs(61)), seed=61)
+  x = ref.normal((B, T, I), seed=62)
+  carry0 = random_carry(layer, seed=63)
+  with internal.pallas_settings(recurrent_weights='float16'):
+    # gpu.sh runs the tests at 'highest'; TF32 is the default on a GPU (where the input
+    # projections then round to TF32 too: a looser tolerance there)
+    with jax.default_matmul_precision('tensorfloat32'):
+      out, grads = values_and_grads(layer, x, carry0, run)
+    with jax.default_matmul_precision('highest'):
+      full, _ = values_and_grads(layer, x, carry0, run)
+  rounded = _numpy_float16_products(layer, x, carry0)
+  exact = numpy_layers(layer, x, LENGTHS, carry0)
+  cpu = jax.default_backend() == 'cpu'
+  assert_trees_close(out, rounded, atol=2e-6 if cpu else 2e-3)
+  if cpu:
+    assert max(np.abs(np.asarray(a) - b).max() for a, b in zip(
+      jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(exact))) > 1e-4
+    with internal.pallas_settings(recurrent_weights='float16'):  # unset: float32 on a CPU
+      unset, _ = values_and_grads(layer, x, carry0, run)
+    assert_trees_close(unset, exact, atol=2e-5)
+  assert_trees_close(full, exact, atol=2e-5)
+  _, grads_f = values_and_grads(with_implementation(layer, 'xla'), x, carry0, run)
+  assert_trees_close(grads, grads_f, atol=5e-3, rtol=5e-3)
+  if cls is nr.LSTM:
+    projected = make(cls, 1, True, seed=64, implementation='pallas', proj_features=3)
+    carry_p = random_carry(projected, seed=65)
+    with internal.pallas_settings(recurrent_weights='float16'):
+      out_p, _ = values_and_grads(projected, x, carry_p, run)
+    assert_trees_close(out_p, numpy_layers(projected, x, LENGTHS, carry_p), atol=2e-5)
+
+
+def test_float16_recurrent_weights_are_the_forward_kernels_only():
+  """Lowered for CUDA (Triton IR): with ``recurrent_weights='float16'`` the
+  forward kernel's ``dot``s take float16 operands, and the backward kernel has no
+  float16 at all (its gate gradients are unbounded); without it neither has."""
+  from benchmarks import triton_resources
+
+  with internal.pallas_settings(recurrent_weights='float16'):
+    half = triton_resources.triton_ir('GRU', 2, 3, 16, 'float32', None, False)
+  plain = triton_resources.triton_ir('GRU', 2, 3, 16, 'float32', None, False)
+  assert re.search(r'tt\.dot %\S+, %\S+, %\S+.*tensor<16x16xf16>', half['forward'])
+  assert 'xf16>' not in half['backward'] and half['backward'] == plain['backward']
+  assert 'xf16>' not in plain['forward']
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])

@@ -133,6 +133,12 @@ class _Layout:
     self.rolled = self.nh > settings.unrolled_chunks  # a loop over Hp's chunks
     self.state = jnp.promote_types(dtype, jnp.float32)  # the kernels' h, c and gate math
     self.interpret = not (_force_triton or jax.default_backend() == 'gpu')
+    config: Any = jax.config  # its flags are attributes set at runtime, unknown to the stubs
+    precision = config.jax_default_matmul_precision  # unset: TF32 on a GPU only
+    low = (not self.interpret if precision is None
+           else str(precision).lower() in _pallas_settings.LOW_PRECISIONS)
+    self.w16 = (settings.recurrent_weights == 'float16' and self.dtype == jnp.float32
+                and not proj and low)
 
   def pad_rows(self, a, axis: int):
     pad = [(0, 0)] * a.ndim
@@ -235,7 +241,8 @@ def _forward(cell_math, packed, params, xs, carry0, steps, save: bool):
     x = lay.pad_rows(xs.reshape(time, lay.rows, xs.shape[-1]), 1)
     w_i = lay.gate_blocks(w_i).reshape(w_i.shape[0], g * hp)
     xp = (dot(x, w_i) + lay.gate_blocks(b).reshape(1, 1, g * hp)).reshape(time, rows, g, hp)
-    inputs = [lay.steps(steps), (xp, 1), (_recurrent_weights(lay, w_h, False), None)]
+    w = _recurrent_weights(lay, w_h, False)
+    inputs = [lay.steps(steps), (xp, 1), (w.astype(jnp.float16) if lay.w16 else w, None)]
     if not lstm:
       inputs.append((lay.pad_to(extra, hp), None))
     elif lay.proj:

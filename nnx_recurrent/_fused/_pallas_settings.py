@@ -77,9 +77,28 @@ class Settings(NamedTuple):
   (2026-12-04, ``benchmarks/gpu_grid.sh``) the training step took 0.72-0.78x
   the time without it at issue 14's two small shapes, the forward 0.78-0.94x;
   at hidden 32 and batch 1-8, 0.71-0.87x and 0.77-1.04x."""
+  recurrent_weights: str = 'float32'
+  """``'float16'``: the forward kernel takes ``W_h`` (and ``h`` before each
+  product) in float16, where the layer computes in float32 at a matmul
+  precision of TF32 or less (``jax_default_matmul_precision`` unset on a GPU,
+  where that means TF32, or ``'tensorfloat32'`` or ``'bfloat16'`` anywhere)
+  and has no projection; else (and with ``'float32'``) the weights' own dtype. Float16
+  keeps TF32's 10 mantissa bits, so for values within float16's range (at most
+  65504; ``h`` is within 1, unless an initial carry is not) the products
+  round as TF32's do: over 500 steps of an LSTM at hidden 128 both differed
+  from float64 by 1.8e-4 at most (benchmarks/RESULTS.md, session 36). The
+  weights then take half the bytes, so ``hold_bytes`` holds twice as many: all
+  of an LSTM's ``W_h`` at hidden 128 (128 KiB), of which float32 holds 176 of
+  256 KiB and reads the rest from L2 at every step. The backward kernel keeps
+  float32: its gate gradients have no bounded range. Not yet timed on a GPU
+  (``benchmarks/gpu.sh``)."""
 
 
 MATMULS = ('dot', 'fma', 'auto')  # the values of Settings.matmul
+RECURRENT_WEIGHTS = ('float32', 'float16')  # the values of Settings.recurrent_weights
+# jax_default_matmul_precision values at which float32 products round to TF32 or less (unset:
+# on a GPU, or lowered for one, not on the CPU)
+LOW_PRECISIONS = ('default', 'fastest', 'tensorfloat32', 'bfloat16')
 FMA_MAX_WIDTH = 64  # matmul='auto': the multiply-adds up to this Hp and Pp
 
 current = Settings()

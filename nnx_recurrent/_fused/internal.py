@@ -150,11 +150,13 @@ def pallas_settings(**changes):
   """Inside the block the Pallas kernels are traced with ``changes`` to the
   current :class:`PallasSettings` (their names: ``chunk``, ``hold_bytes``,
   ``state_elements``, ``unrolled_chunks``, ``num_warps``, ``num_stages``,
-  ``prefetch``, ``matmul``);
+  ``prefetch``, ``matmul``, ``recurrent_weights``);
   yields the settings."""
-  if changes.get('matmul', 'dot') not in _pallas_settings.MATMULS:
-    raise ValueError(f'pallas_settings: matmul must be one of {_pallas_settings.MATMULS}, '
-                     f"got {changes['matmul']!r}")
+  for name, allowed in (('matmul', _pallas_settings.MATMULS),
+                        ('recurrent_weights', _pallas_settings.RECURRENT_WEIGHTS)):
+    if name in changes and changes[name] not in allowed:
+      raise ValueError(f'pallas_settings: {name} must be one of {allowed}, '
+                       f'got {changes[name]!r}')
   previous = _pallas_settings.current
   _pallas_settings.current = previous._replace(**changes)
   try:

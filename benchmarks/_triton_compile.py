@@ -23,9 +23,11 @@ def loop_stats(ptx: str) -> dict[str, int] | None:
   """What one pass through the PTX's longest loop holds (the kernels' time
   loop; a loop over column chunks inside it counts once): instructions,
   barriers (``bar.sync``: each exchange of values between warps through shared
-  memory takes one or two), shared-memory loads and stores, and tensor-core
-  ``mma`` instructions. A static count per thread, for comparing kernel forms
-  on a CPU, not a time; ``None`` without a loop."""
+  memory takes one or two), shared-memory loads (``ld.shared``; ``ldmatrix``,
+  which loads 16-bit ``mma`` operands, apart) and stores, global loads (from
+  L2 or memory) and tensor-core ``mma`` instructions. A static count per
+  thread, for comparing kernel forms on a CPU, not a time; ``None`` without a
+  loop."""
   lines = [line.split('//')[0].strip() for line in ptx.splitlines()]
   labels = {m.group(1): i for i, line in enumerate(lines)
             if (m := re.match(r'^(\$L__BB\d+_\d+):', line))}
@@ -43,6 +45,7 @@ def loop_stats(ptx: str) -> dict[str, int] | None:
 
   return dict(instructions=len(body), barriers=count(r'\bbar\.sync\b|\bbarrier\.sync\b'),
               shared_loads=count(r'\bld\.shared'), shared_stores=count(r'\bst\.shared'),
+              ldmatrix=count(r'\bldmatrix\.'), global_loads=count(r'\bld\.global'),
               mma=count(r'\b(?:w?mma|wgmma)\.'))
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks in ONE device call (the device tool allows 600 s a
 # call and 15 minutes a session, start-up included; the first five steps'
-# limits add up to 480 s, every step ends by the call's budget, BUDGET_S = 540 s
+# limits add up to 460 s, every step ends by the call's budget, BUDGET_S = 540 s
 # from the start, so that a second call (benchmarks/gpu_grid.sh) fits in the
 # ~300 s left; session 34's two calls took 327 and 312 s, and a start about
 # 30 s). Issue 14's measurements first:
@@ -12,14 +12,17 @@
 #      and test_fused.py alone ran past 60 s in 4 on 2026-12-04;
 #   2. the Pallas rows (nr.LSTM[pallas], nr.GRU[pallas]) beside the scans
 #      forced (nr.LSTM[xla], nr.GRU[xla]: nr.LSTM is the kernels where 'auto'
-#      picks them), 'auto' and PyTorch, at the three shapes up to H = 256
-#      (issue 14's record);
-#   3. the kernels' products as multiply-adds (PallasSettings.matmul='fma',
-#      session 35, never timed), one batch row a program, in 8, 2 or 1 warps,
-#      against the kernels' default and the scans, at issue 14's two small
-#      shapes, then batch 1 and 8 at hidden 32 and 64, compiled in 12 threads.
-#      Compiled for sm_90a, a step in one warp at hidden 32 (two at 64) has 1-2
-#      barriers, where the dot form has 22 (RESULTS.md, "read off the PTX");
+#      picks them), 'auto' and PyTorch, at issue 14's two small shapes (its
+#      record; at batch 64 and 256 'auto' runs the scans: step 6);
+#   3. two kernel forms never timed, against the kernels' default and the
+#      scans, at issue 14's two small shapes, then batch 1 and 8 at hidden 32
+#      and 64, compiled in 12 threads: the forward kernel's W_h in float16
+#      (PallasSettings.recurrent_weights, session 36: TF32's mantissa, all of
+#      W_h held at hidden 128; compiled for sm_90a, 40 shared loads a step
+#      where float32 has 296), and the products as multiply-adds
+#      (PallasSettings.matmul='fma', session 35), one batch row a program, in
+#      8, 2 or 1 warps (a step in one warp at hidden 32, two at 64, has 1-2
+#      barriers where the dot form has 22: RESULTS.md, "read off the PTX");
 #   4. benchmarks/multiblock_probe.py (session 36): an LSTM step at hidden 64
 #      and 128 split over 1-8 blocks that exchange h through global memory
 #      behind a grid-wide barrier (FlashRNN's design for hidden 128, whose W_h
@@ -28,7 +31,8 @@
 #   5. benchmarks/step_profile.py (session 36): where the kernels' forward and
 #      training step spend their time on the device (the forward and backward
 #      kernels, the matmuls, the XLA work between them), and cuDNN's, at issue
-#      14's two small shapes, from jax's and PyTorch's profilers;
+#      14's two small shapes, from jax's and PyTorch's profilers (the
+#      multiply-adds at hidden 64, the float16 weights at 128);
 #   then, in the time left:
 #   6. the benchmark suite without the Pallas rows (flax.nnx, PyTorch on cuDNN,
 #      the scans, cuDNN) at its four shapes: the table README.md shows, not
@@ -65,12 +69,12 @@ JAX_DEFAULT_MATMUL_PRECISION=highest timeout $(limit 120) $PY -m pytest -q -p no
   tests/test_pallas.py tests/test_cudnn.py tests/test_fused.py tests/test_fused_padding.py \
   2>&1 | tee -a "$log"
 step Pallas rows up to H = 256
-timeout $(limit 150) $PY -m benchmarks.run --rounds 5 --json "$out/pallas_results.json" \
-  --shapes 1x1000x32x64,8x500x64x128,64x100x128x256 \
+timeout $(limit 110) $PY -m benchmarks.run --rounds 5 --json "$out/pallas_results.json" \
+  --shapes 1x1000x32x64,8x500x64x128 \
   --impls '^(nr\.(LSTM|GRU)(\[(pallas|xla)\])?$|torch)' 2>&1 | tee -a "$log"
-step Pallas products as multiply-adds
-timeout $(limit 100) $PY -m benchmarks.gpu_plans --jobs 12 --compile-timeout 70 --rounds 3 \
-  --variants pallas pallas/matmul=fma,state_elements=32 \
+step Pallas float16 weights, products as multiply-adds
+timeout $(limit 120) $PY -m benchmarks.gpu_plans --jobs 12 --compile-timeout 85 --rounds 3 \
+  --variants pallas pallas/recurrent_weights=float16 pallas/matmul=fma,state_elements=32 \
   pallas/matmul=fma,state_elements=32,num_warps=2 pallas/matmul=fma,state_elements=32,num_warps=1 \
   --shapes 1x1000x32x64,8x500x64x128,1x300x16x32,8x300x32x64 \
   --json "$out/pallas_fma.json" 2>&1 | tee -a "$log"
@@ -79,7 +83,8 @@ timeout $(limit 40) $PY -m benchmarks.multiblock_probe --json "$out/multiblock_p
   | tee -a "$log"
 step where the step spends its time
 timeout $(limit 70) $PY -m benchmarks.step_profile --shapes 1x1000x32x64,8x500x64x128 \
-  --variants pallas pallas/matmul=auto --torch --json "$out/step_profile.json" 2>&1 \
+  --variants pallas pallas/matmul=auto@1x1000x32x64 pallas/recurrent_weights=float16@8x500x64x128 \
+  --torch --json "$out/step_profile.json" 2>&1 \
   | tee -a "$log"
 step suite without the Pallas rows, in the time left
 timeout $(limit 100) $PY -m benchmarks.run --rounds 5 --json "$out/gpu_results.json" \

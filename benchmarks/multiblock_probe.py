@@ -31,6 +31,7 @@ barrier itself runs only on a GPU::
 
   python -m benchmarks.multiblock_probe [--json out.json]             # on a GPU
   python -m benchmarks.multiblock_probe --static --triton-python PY   # a CPU: sm_90a counts
+  python -m benchmarks.multiblock_probe --rounding   # float16 against TF32 rounding (NumPy)
 
 On a GPU it times each variant (``VARIANTS``) and checks it against an XLA
 scan of the same step (``max_abs_err``, ``late``); ``--static`` compiles them
@@ -195,7 +196,32 @@ def xla_reference(xg, w_h, weights=jnp.float32):
 def numpy_reference(xg, w_h, weights=np.float64, h0=None):
   """Float64 NumPy: the recurrence the probe computes (``W_h`` and ``h`` rounded
   to ``weights`` before each product, as the kernel's ``dot`` takes them)."""
-  rounded = lambda a: np.asarray(a, weights).astype(np.float64)  # noqa: E731
+  return _rounded_reference(xg, w_h, lambda a: np.asarray(a, weights).astype(np.float64), h0)
+
+
+def tf32(a) -> np.ndarray:
+  """``a`` rounded to TF32 (10 explicit mantissa bits, to nearest, ties away from
+  zero, as ``cvt.rna.tf32.f32``), in float64."""
+  bits = np.asarray(a, np.float32).view(np.uint32).astype(np.uint64)
+  return ((bits + 0x1000) & 0xFFFFE000).astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def rounding_errors(hidden: int = 128, steps: int = STEPS, rows: int = 8, seed: int = 0) -> dict:
+  """How far an LSTM's outputs move from float64's when every recurrent product
+  takes ``h`` and ``W_h`` rounded to float32, TF32 or float16 (NumPy, the probe's
+  random inputs): ``{name: (max, mean) |y - y_float64|}``."""
+  xg, w_h = inputs(hidden, steps, rows, seed)
+  roundings = dict(float32=lambda a: np.asarray(a, np.float32).astype(np.float64), tf32=tf32,
+                   float16=lambda a: np.asarray(a, np.float16).astype(np.float64))
+  exact = numpy_reference(xg, w_h)
+  out = {}
+  for name, rounded in roundings.items():
+    d = np.abs(_rounded_reference(xg, w_h, rounded) - exact)
+    out[name] = (float(d.max()), float(d.mean()))
+  return out
+
+
+def _rounded_reference(xg, w_h, rounded, h0=None):
   xg, w = np.asarray(xg, np.float64), rounded(w_h)
   h = np.zeros(xg.shape[1:2] + xg.shape[3:]) if h0 is None else np.asarray(h0, np.float64)
   c = np.zeros_like(h)
@@ -294,9 +320,16 @@ def main(argv=None) -> int:
   p.add_argument('--static', action='store_true',
                  help='compile for an H200 with Triton (no GPU) instead of timing')
   p.add_argument('--triton-python', default=sys.executable)
+  p.add_argument('--rounding', action='store_true',
+                 help="NumPy only: an LSTM's outputs with h W_h rounded to float32, TF32 or "
+                      'float16, against float64 (hidden 128, 500 steps, 8 rows)')
   p.add_argument('--json')
   args = p.parse_args(argv)
   chosen = [v for v in VARIANTS if not args.variants or v.name in args.variants.split(',')]
+  if args.rounding:
+    for name, (worst, mean) in rounding_errors().items():
+      print(f'{name:8s} max |y - y_float64| {worst:.2e}  mean {mean:.2e}')
+    return 0
   if args.static:
     rows = static(chosen, args.triton_python)
   else:

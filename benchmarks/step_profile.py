@@ -21,7 +21,8 @@ trace back (``jax.profiler.ProfileData``) and prints, per call:
       [--variants default pallas pallas/matmul=auto] [--torch] [--json out.json]
 
 Variants are ``benchmarks.gpu_plans``' plans (``'default'`` is the scans as
-the layers plan them; ``'pallas[/SETTINGS]'`` the kernels); ``--torch`` adds
+the layers plan them; ``'pallas[/SETTINGS]'`` the kernels; ``PLAN@BxTxIxH``
+at that shape only); ``--torch`` adds
 ``torch.nn.LSTM`` / ``torch.nn.GRU`` (cuDNN on a GPU), profiled with
 ``torch.profiler``. On a CPU the kernels are XLA:CPU's thunks (host threads,
 nested: a ``while`` contains its body's ops, so the per-op times overlap;
@@ -215,7 +216,8 @@ def main(argv=None) -> int:
   p.add_argument('--shapes', default='1x1000x32x64,8x500x64x128')
   p.add_argument('--layers', default='LSTM,GRU')
   p.add_argument('--variants', nargs='+', default=['default', 'pallas'], metavar='PLAN',
-                 help="benchmarks.gpu_plans' plans: 'default' (the scans), 'pallas[/SETTINGS]'")
+                 help="benchmarks.gpu_plans' plans: 'default' (the scans), 'pallas[/SETTINGS]'; "
+                      "PLAN@BxTxIxH: at that shape only")
   p.add_argument('--torch', action='store_true', help='also torch.nn.LSTM / torch.nn.GRU')
   p.add_argument('--calls', type=int, default=5, help='calls profiled (and per wall sample)')
   p.add_argument('--json', metavar='PATH')
@@ -235,6 +237,9 @@ def main(argv=None) -> int:
   for shape in shapes:
     for layer in args.layers.split(','):
       for variant in args.variants:
+        variant, _, only = variant.partition('@')
+        if only and only != 'x'.join(map(str, shape)):
+          continue
         try:
           rows += rows_for((layer, variant), shape, _jax_pair(getattr(nr, layer), shape, variant),
                            args.calls, profile)

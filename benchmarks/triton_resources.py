@@ -150,7 +150,8 @@ def main(argv=None):
     tmp = args.dump or scratch
     print(f'settings: {settings._asdict()}', flush=True)
     print(f'{"kernel":52s} {"shared KiB":>10s} {"regs":>5s} {"spill B":>8s} {"compile s":>9s}'
-          f' {"step: instr":>11s} {"bar":>4s} {"ld.sh":>5s} {"st.sh":>5s}')
+          f' {"step: instr":>11s} {"bar":>4s} {"ld.sh":>5s} {"st.sh":>5s} {"ldmat":>5s}'
+          f' {"ld.gl":>5s}')
     for case in cases:
       name = case_name(*case)
       paths = []
@@ -178,7 +179,8 @@ def main(argv=None):
           flag = '' if r['fits'] else '  OVER THE 227 KiB LIMIT'
           loop = r.get('loop') or {}
           step = ' '.join(f'{loop.get(k, "-"):>{w}}' for k, w in (
-            ('instructions', 11), ('barriers', 4), ('shared_loads', 5), ('shared_stores', 5)))
+            ('instructions', 11), ('barriers', 4), ('shared_loads', 5), ('shared_stores', 5),
+            ('ldmatrix', 5), ('global_loads', 5)))
           print(f'{r["kernel"]:52s} {r["shared"] / 1024:10.0f} {r["registers"]:5d} '
                 f'{r["spill_bytes"]:8d} {r["seconds"]:9.1f} {step}{flag}', flush=True)
         else:

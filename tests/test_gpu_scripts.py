@@ -562,7 +562,8 @@ def test_triton_resources_parses_its_arguments():
 def test_triton_compile_counts_one_pass_of_the_longest_loop():
   """The compiler child's per-step counts: the PTX's longest loop (the kernels'
   time loop, a loop inside it counted once), instructions only (no labels,
-  directives, comments), the barriers, shared loads and stores and ``mma`` in it."""
+  directives, comments), the barriers, shared loads and stores, ``ldmatrix``, global
+  loads and ``mma`` in it."""
   from benchmarks import _triton_compile
 
   ptx = """
@@ -571,6 +572,8 @@ def test_triton_compile_counts_one_pass_of_the_longest_loop():
   bar.sync 0;
 $L__BB0_1:                      // =>This Inner Loop Header: Depth=1
   ld.shared.b32 %r2, [%r1];     // a comment: bar.sync
+  ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%r5, %r6, %r7, %r8}, [%r1];
+  ld.global.v4.b32 {%r5, %r6, %r7, %r8}, [%rd2];
   mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%f1}, {%r1}, {%r2}, {%f2};
 $L__BB0_2:
   st.shared.b32 [%r1], %r2;
@@ -581,8 +584,9 @@ $L__BB0_2:
   @%p2 bra $L__BB0_1;
   ret;
 """
-  assert _triton_compile.loop_stats(ptx) == dict(instructions=8, barriers=2, shared_loads=2,
-                                                 shared_stores=1, mma=1)
+  assert _triton_compile.loop_stats(ptx) == dict(instructions=10, barriers=2, shared_loads=2,
+                                                 shared_stores=1, ldmatrix=1, global_loads=1,
+                                                 mma=1)
   assert _triton_compile.loop_stats('  ld.global.b32 %r1, [%rd1];\n  ret;') is None
 
 
@@ -712,8 +716,9 @@ def test_gpu_sh_arguments_reach_the_gpu_scripts(monkeypatch, tmp_path):
   ``step_profile`` and ``cudnn_check``, parsed by the scripts: the Mosaic probe at its
   shapes (a toy one here, on the CPU, where its kernel does not compile: the row
   records the error and times the layer, interpreted); every multi-block variant
-  (timing faked); the profile of both layers' kernels, their multiply-adds and
-  PyTorch at issue 14's two small shapes (profiling faked); and the cuDNN check on a
+  (timing faked); the profile of both layers' kernels and PyTorch at issue 14's two
+  small shapes, with the multiply-adds at the first and the float16 weights at the
+  second (``PLAN@SHAPE``; profiling faked); and the cuDNN check on a
   CUDA GPU (faked below its argument parsing), each writing its JSON."""
   import shlex
 
@@ -748,9 +753,10 @@ def test_gpu_sh_arguments_reach_the_gpu_scripts(monkeypatch, tmp_path):
   monkeypatch.setattr(step_profile, '_jax_pair', lambda *_: None)
   monkeypatch.setattr(step_profile, '_torch_pair', lambda *_: None)
   assert step_profile.main(argv('step_profile')) == 0
-  assert profiled == [((layer, variant), shape) for shape in ((1, 1000, 32, 64), (8, 500, 64, 128))
-                      for layer in ('LSTM', 'GRU')
-                      for variant in ('pallas', 'pallas/matmul=auto', 'torch')]
+  small, large = (1, 1000, 32, 64), (8, 500, 64, 128)
+  assert profiled == [((layer, variant), shape) for shape, second in (
+    (small, 'pallas/matmul=auto'), (large, 'pallas/recurrent_weights=float16'))
+                      for layer in ('LSTM', 'GRU') for variant in ('pallas', second, 'torch')]
   assert json.loads((tmp_path / 'step_profile.json').read_text())['rows'] == []
 
   monkeypatch.setattr(internal, 'cuda_backend', lambda: True)

@@ -69,3 +69,19 @@ def test_every_variant_lowers_for_cuda():
     assert ('tt.atomic_rmw' in ir) == (v.blocks > 1), v
     assert ('isVolatile = true' in ir) == (v.blocks > 1), v
     assert ('tensor<16x' in ir and 'xf16>' in ir) == (v.weights == 'float16'), v
+
+
+def test_tf32_rounds_to_ten_mantissa_bits_ties_away():
+  one = 1.0
+  assert probe.tf32([one + 2**-11, -(one + 2**-11), one + 2**-12, one + 3 * 2**-12, 3.0]).tolist() \
+    == [one + 2**-10, -(one + 2**-10), one, one + 2**-10, 3.0]
+
+
+def test_rounding_errors_of_float16_products_are_tf32s():
+  """``--rounding`` (RESULTS.md, session 36): products of ``h`` and ``W_h`` rounded
+  to float16 move an LSTM's outputs about as far from float64 as TF32's do, and
+  both much further than float32's."""
+  errors = probe.rounding_errors(hidden=32, steps=40, rows=4)
+  assert errors['float32'][0] < 1e-6
+  assert 1e-6 < errors['tf32'][0] < 1e-2
+  assert 0.5 < errors['float16'][0] / errors['tf32'][0] < 2

@@ -38,6 +38,7 @@ from tests.test_fused import (
   numpy_layers,
   random_carry,
   values_and_grads,
+  weighted_loss,
 )
 from tests.test_fused_packing import IDS
 
@@ -196,7 +197,8 @@ def test_float16_recurrent_weights(cls):
   default precision: values against float64 NumPy with the same rounding (and
   further from NumPy without it), lengths 5, 2 and 0, a random carry, both
   directions; gradients against the float32 scans at the rounding's tolerance
-  (the backward kernel's products stay float32). At ``'highest'`` precision,
+  (the backward kernel's products ``dgates W_h^T`` in float16 too, each row
+  scaled into its range: see below). At ``'highest'`` precision,
   unset on the CPU (where that means float32), or with a projection, the
   weights stay float32."""
   hidden = 24  # three float16 roundings a row of h W_h; larger sums than H = 4
@@ -232,18 +234,57 @@ def test_float16_recurrent_weights(cls):
     assert_trees_close(out_p, numpy_layers(projected, x, LENGTHS, carry_p), atol=2e-5)
 
 
-def test_float16_recurrent_weights_are_the_forward_kernels_only():
-  """Lowered for CUDA (Triton IR): with ``recurrent_weights='float16'`` the
-  forward kernel's ``dot``s take float16 operands, and the backward kernel has no
-  float16 at all (its gate gradients are unbounded); without it neither has."""
+def test_float16_recurrent_weights_lower_as_float16_products():
+  """Lowered for CUDA (Triton IR): with ``recurrent_weights='float16'`` both
+  kernels' ``dot``s take float16 operands; without it neither kernel has any."""
   from benchmarks import triton_resources
 
   with internal.pallas_settings(recurrent_weights='float16'):
     half = triton_resources.triton_ir('GRU', 2, 3, 16, 'float32', None, False)
   plain = triton_resources.triton_ir('GRU', 2, 3, 16, 'float32', None, False)
-  assert re.search(r'tt\.dot %\S+, %\S+, %\S+.*tensor<16x16xf16>', half['forward'])
-  assert 'xf16>' not in half['backward'] and half['backward'] == plain['backward']
-  assert 'xf16>' not in plain['forward']
+  for kernel in ('forward', 'backward'):
+    assert re.search(r'tt\.dot %\S+, %\S+, %\S+.*tensor<16x16xf16>', half[kernel]), kernel
+    assert 'xf16>' not in plain[kernel], kernel
+
+
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_float16_backward_products_hold_gradients_of_any_size(cls):
+  """The backward kernel's float16 products ``dgates W_h^T`` scale each row of
+  the gate gradients by a power of two into float16's range and the products
+  back: a loss multiplied by 1e-12 or 1e12 (whose gate gradients, unscaled,
+  would flush to zero or overflow float16's 65504) has the gradients of the
+  float32 scans times the same factor, to the rounding's tolerance."""
+  layer = build(lambda: cls(I, 24, implementation='pallas', rngs=nnx.Rngs(66)), seed=66)
+  x = ref.normal((B, T, I), seed=67)
+  graphdef, params = nnx.split(layer)
+
+  @jax.jit
+  def grads(params, factor):
+    def loss(p, implementation):
+      m = with_implementation(nnx.merge(graphdef, p), implementation)
+      return weighted_loss(m(x, seq_lengths=LENGTHS)) * factor
+    return jax.grad(loss)(params, 'pallas'), jax.grad(loss)(params, 'xla')
+
+  for factor in (1e-12, 1.0, 1e12):
+    with internal.pallas_settings(recurrent_weights='float16'), \
+         jax.default_matmul_precision('tensorfloat32'):
+      half, full = grads(params, factor)
+    scaled = jax.tree_util.tree_map(lambda a, f=factor: np.asarray(a, np.float64) / f, (half, full))
+    assert_trees_close(*scaled, atol=5e-3, rtol=5e-3)
+    assert all(np.abs(a).max() > 1e-2 for a in jax.tree_util.tree_leaves(scaled[0]))
+
+
+def test_row_scale_is_each_rows_power_of_two():
+  """``_row_scale``: the power of two at or below each row's largest magnitude
+  over the pieces (exact, so dividing by it loses nothing), 1 for a zero row."""
+  from nnx_recurrent._fused import _pallas_kernels
+
+  a = jnp.array([[3.0, -0.5], [0.0, 0.0], [1e-30, 0.0], [-7e20, 1.0]], jnp.float32)
+  b = jnp.array([[-5.0, 0.0], [0.0, 0.0], [0.0, -3e-30], [0.0, 0.0]], jnp.float32)
+  got = np.asarray(_pallas_kernels._row_scale([a, b]))[:, 0]
+  want = [4.0, 1.0, 2.0 ** np.floor(np.log2(3e-30)), 2.0 ** np.floor(np.log2(7e20))]
+  np.testing.assert_array_equal(got, np.float32(want))
+  assert np.all(np.abs(np.asarray(jnp.concatenate([a, b], 1)) / got[:, None]) < 2)
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])

@@ -344,8 +344,9 @@ def _kernels_backward(cell_math, packed: bool, saved, cotangents) -> tuple[Any, 
   rows, hp, h = lay.padded_rows, lay.hp, lay.hidden
   with jax.named_scope(f'nr.{cell_math.name}/pallas_backward'):
     carries = jax.tree_util.tree_leaves(carry0)
+    w_t = _recurrent_weights(lay, params[2], True)
     inputs = [lay.steps(steps), (res, 1), (lay.rows_of(dys, 1), 1),
-              (_recurrent_weights(lay, params[2], True), None)]
+              (w_t.astype(jnp.float16) if lay.w16 else w_t, None)]
     if lay.proj:
       inputs.append((_projection(lay, params[3], True), None))
     inputs += [(lay.rows_of(d.astype(lay.state), 0), 0)

@@ -52,6 +52,7 @@ Triton's constraints (read from ``jax/_src/pallas/triton/lowering.py``, jax
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any
 
@@ -80,6 +81,18 @@ def _dot(a, b, dtype, fma: bool):
 
 def _add(total, term):
   return term if total is None else total + term
+
+
+def _row_scale(pieces):
+  """The power of two at or below each row's largest ``|value|`` over ``pieces``
+  (``(rows, 1)``; 1 for a row of zeros): dividing by it is exact and brings
+  the row within ``[-2, 2)``, where float16 has TF32's precision
+  (``Settings.recurrent_weights``)."""
+  top = jnp.max(functools.reduce(jnp.maximum, [jnp.abs(p) for p in pieces]), axis=1,
+                keepdims=True)
+  bits = jax.lax.bitcast_convert_type(top, jnp.int32) & 0x7F800000  # the exponent alone
+  power = jax.lax.bitcast_convert_type(bits, top.dtype)
+  return jnp.where(power > 0, power, jnp.ones_like(power))
 
 
 class _Tiles:
@@ -336,10 +349,21 @@ def backward_kernel(*all_refs: Any, lay, lstm: bool):
       stored = [jnp.where(valid, d, 0) for d in stored]
       for k, d in enumerate(stored):
         dg_ref[t, :, k, cols] = d.astype(dg_ref.dtype)
-      for k in range(lay.gates):
-        dh_prev = tuple(_add(p, wt.times(stored[k], (k, j, i), lay.state))
-                        for i, p in enumerate(dh_prev))
-      return _put(firsts, j, first), dh_prev
+      if not lay.w16:
+        for k in range(lay.gates):
+          dh_prev = tuple(_add(p, wt.times(stored[k], (k, j, i), lay.state))
+                          for i, p in enumerate(dh_prev))
+        return _put(firsts, j, first), dh_prev
+      # float16 operands: each row scaled into float16's range, the products scaled back
+      scale = _row_scale(stored[:lay.gates])
+      scaled = [stored[k] / scale for k in range(lay.gates)]
+      terms = []
+      for i in range(lay.np):
+        total = None
+        for k in range(lay.gates):
+          total = _add(total, wt.times(scaled[k], (k, j, i), lay.state))
+        terms.append(total * scale)
+      return _put(firsts, j, first), tuple(_add(p, q) for p, q in zip(dh_prev, terms))
 
     firsts, dh_prev = _over_chunks(lay, chunk, (_empty(lay, lay.nh, lay.ch),
                                                 _empty(lay, lay.np, lay.cp)))

@@ -16,12 +16,12 @@
 #      record; at batch 64 and 256 'auto' runs the scans: step 6);
 #   3. two kernel forms never timed, against the kernels' default and the
 #      scans, at issue 14's two small shapes, then batch 1 and 8 at hidden 32
-#      and 64, compiled in 12 threads: the forward kernel's W_h in float16
+#      and 64, compiled in 12 threads: the kernels' W_h in float16
 #      (PallasSettings.recurrent_weights, session 36: TF32's mantissa, all of
-#      W_h held at hidden 128; compiled for sm_90a, 40 shared loads a step
-#      where float32 has 296), and the products as multiply-adds
-#      (PallasSettings.matmul='fma', session 35), one batch row a program, in
-#      8, 2 or 1 warps (a step in one warp at hidden 32, two at 64, has 1-2
+#      W_h held at hidden 128; compiled for sm_90a, an LSTM step's 28 global
+#      loads become 8 forward, 32 become 12 backward), and the products as
+#      multiply-adds (PallasSettings.matmul='fma', session 35), one batch row a
+#      program, in 8, 2 or 1 warps (a step in one warp at hidden 32, two at 64, has 1-2
 #      barriers where the dot form has 22: RESULTS.md, "read off the PTX");
 #   4. benchmarks/multiblock_probe.py (session 36): an LSTM step at hidden 64
 #      and 128 split over 1-8 blocks that exchange h through global memory

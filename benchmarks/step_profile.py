@@ -24,7 +24,8 @@ Variants are ``benchmarks.gpu_plans``' plans (``'default'`` is the scans as
 the layers plan them; ``'pallas[/SETTINGS]'`` the kernels; ``PLAN@BxTxIxH``
 at that shape only); ``--torch`` adds
 ``torch.nn.LSTM`` / ``torch.nn.GRU`` (cuDNN on a GPU), profiled with
-``torch.profiler``. On a CPU the kernels are XLA:CPU's thunks (host threads,
+``torch.profiler`` after all of JAX's (both take CUPTI: a row that got no
+kernel says so in its source). On a CPU the kernels are XLA:CPU's thunks (host threads,
 nested: a ``while`` contains its body's ops, so the per-op times overlap;
 ``busy`` is still a union) and PyTorch's rows are its ``aten`` operators'
 self times: the CPU rows test the plumbing, the GPU rows are the measurement.
@@ -157,6 +158,8 @@ def torch_profile(fn, calls: int, cuda: bool) -> tuple[list, str]:
     start = int(e.time_range.start * 1e3)
     duration = int(e.time_range.elapsed_us() * 1e3) if cuda else int(e.self_cpu_time_total * 1e3)
     events.append((e.name, start, duration))
+  if cuda and not events:  # CUPTI held by another profiler (jax's, in this process)?
+    return events, 'torch.profiler: NO CUDA EVENTS'
   return events, 'torch.profiler ' + ('CUDA kernels' if cuda else 'CPU aten ops (self time)')
 
 
@@ -234,8 +237,9 @@ def main(argv=None) -> int:
       write_json(args.json, dict(device_kind=jax.devices()[0].device_kind, jax=jax.__version__,
                                  rows=rows))
 
+  layers = args.layers.split(',')
   for shape in shapes:
-    for layer in args.layers.split(','):
+    for layer in layers:
       for variant in args.variants:
         variant, _, only = variant.partition('@')
         if only and only != 'x'.join(map(str, shape)):
@@ -248,10 +252,12 @@ def main(argv=None) -> int:
                 f'{str(e).splitlines()[0][:300] if str(e) else ""}', flush=True)
           rows.append(dict(shape=list(shape), layer=layer, variant=variant, error=str(e)[:2000]))
         save()
-      if args.torch:
-        import torch
+  if args.torch:  # last: PyTorch's profiler may keep CUPTI, which jax's then would not get
+    import torch
 
-        prof = functools.partial(torch_profile, cuda=gpu and torch.cuda.is_available())
+    prof = functools.partial(torch_profile, cuda=gpu and torch.cuda.is_available())
+    for shape in shapes:
+      for layer in layers:
         rows += rows_for((layer, 'torch'), shape, _torch_pair(layer, shape), args.calls, prof)
         save()
   save()

@@ -718,7 +718,7 @@ def test_gpu_sh_arguments_reach_the_gpu_scripts(monkeypatch, tmp_path):
   records the error and times the layer, interpreted); every multi-block variant
   (timing faked); the profile of both layers' kernels and PyTorch at issue 14's two
   small shapes, with the multiply-adds at the first and the float16 weights at the
-  second (``PLAN@SHAPE``; profiling faked); and the cuDNN check on a
+  second (``PLAN@SHAPE``), PyTorch's last (profiling faked); and the cuDNN check on a
   CUDA GPU (faked below its argument parsing), each writing its JSON."""
   import shlex
 
@@ -756,7 +756,8 @@ def test_gpu_sh_arguments_reach_the_gpu_scripts(monkeypatch, tmp_path):
   small, large = (1, 1000, 32, 64), (8, 500, 64, 128)
   assert profiled == [((layer, variant), shape) for shape, second in (
     (small, 'pallas/matmul=auto'), (large, 'pallas/recurrent_weights=float16'))
-                      for layer in ('LSTM', 'GRU') for variant in ('pallas', second, 'torch')]
+                      for layer in ('LSTM', 'GRU') for variant in ('pallas', second)] + [
+    ((layer, 'torch'), shape) for shape in (small, large) for layer in ('LSTM', 'GRU')]
   assert json.loads((tmp_path / 'step_profile.json').read_text())['rows'] == []
 
   monkeypatch.setattr(internal, 'cuda_backend', lambda: True)

@@ -176,6 +176,12 @@ def wall_us(fn, calls: int, rounds: int = 3) -> float:
   return statistics.median(samples)
 
 
+def _torch_cuda() -> bool:
+  import torch
+
+  return torch.cuda.is_available()
+
+
 def _jax_pair(cls, shape, variant):
   from benchmarks import gpu_plans
 
@@ -253,9 +259,7 @@ def main(argv=None) -> int:
           rows.append(dict(shape=list(shape), layer=layer, variant=variant, error=str(e)[:2000]))
         save()
   if args.torch:  # last: PyTorch's profiler may keep CUPTI, which jax's then would not get
-    import torch
-
-    prof = functools.partial(torch_profile, cuda=gpu and torch.cuda.is_available())
+    prof = functools.partial(torch_profile, cuda=gpu and _torch_cuda())
     for shape in shapes:
       for layer in layers:
         rows += rows_for((layer, 'torch'), shape, _torch_pair(layer, shape), args.calls, prof)

@@ -752,6 +752,7 @@ def test_gpu_sh_arguments_reach_the_gpu_scripts(monkeypatch, tmp_path):
     (label, shape)) or [])
   monkeypatch.setattr(step_profile, '_jax_pair', lambda *_: None)
   monkeypatch.setattr(step_profile, '_torch_pair', lambda *_: None)
+  monkeypatch.setattr(step_profile, '_torch_cuda', lambda: False)  # no torch needed
   assert step_profile.main(argv('step_profile')) == 0
   small, large = (1, 1000, 32, 64), (8, 500, 64, 128)
   assert profiled == [((layer, variant), shape) for shape, second in (
@@ -932,6 +933,7 @@ def test_step_profile_main_profiles_each_variant_and_pytorch(tmp_path, capsys):
   and PyTorch's; per call, the scan's loop runs once and its body's ops once a
   step (so the counts are divided by the calls profiled), a row per mode, in the
   JSON as printed."""
+  pytest.importorskip('torch')
   from benchmarks import step_profile
 
   path = tmp_path / 'profile.json'

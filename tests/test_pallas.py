@@ -274,6 +274,26 @@ def test_float16_backward_products_hold_gradients_of_any_size(cls):
     assert all(np.abs(a).max() > 1e-2 for a in jax.tree_util.tree_leaves(scaled[0]))
 
 
+def test_float16_weights_in_a_loop_over_chunks_with_packed_sequences():
+  """The float16 weights where the kernels loop over column chunks (as from
+  hidden 512 on a GPU: tiles loaded at a traced index, each row's scale taken
+  chunk by chunk in the backward), with packed sequences: values and gradients
+  of a bidirectional GRU against the float32 scans at the rounding's tolerance."""
+  layer = build(lambda: nr.GRU(I, 40, bidirectional=True, implementation='pallas',
+                               rngs=nnx.Rngs(68)), seed=68)
+  x = ref.normal((B, IDS.shape[1], I), seed=69)
+  carry0 = random_carry(layer, seed=70)
+
+  def packed(m, x, c):
+    return m(x, initial_carry=c, segment_ids=IDS, return_carry=True)
+
+  with internal.pallas_settings(chunk=16, unrolled_chunks=1, recurrent_weights='float16'), \
+       jax.default_matmul_precision('tensorfloat32'):
+    half = values_and_grads(layer, x, carry0, packed)
+  full = values_and_grads(with_implementation(layer, 'xla'), x, carry0, packed)
+  assert_trees_close(half, full, atol=1e-2, rtol=1e-2)
+
+
 def test_row_scale_is_each_rows_power_of_two():
   """``_row_scale``: the power of two at or below each row's largest magnitude
   over the pieces (exact, so dividing by it loses nothing), 1 for a zero row."""

@@ -82,7 +82,8 @@ step multi-block probe
 timeout $(limit 40) $PY -m benchmarks.multiblock_probe --json "$out/multiblock_probe.json" 2>&1 \
   | tee -a "$log"
 step where the step spends its time
-timeout $(limit 70) $PY -m benchmarks.step_profile --shapes 1x1000x32x64,8x500x64x128 \
+timeout $(limit 70) $PY -m benchmarks.step_profile --jobs 12 --compile-timeout 40 \
+  --shapes 1x1000x32x64,8x500x64x128 \
   --variants pallas pallas/matmul=auto@1x1000x32x64 pallas/recurrent_weights=float16@8x500x64x128 \
   --torch --json "$out/step_profile.json" 2>&1 \
   | tee -a "$log"

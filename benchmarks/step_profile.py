@@ -18,7 +18,7 @@ trace back (``jax.profiler.ProfileData``) and prints, per call:
   transposes) or ``other`` (XLA's fusions, elementwise work)::
 
   python -m benchmarks.step_profile [--shapes 1x1000x32x64,8x500x64x128]
-      [--variants default pallas pallas/matmul=auto] [--torch] [--json out.json]
+      [--variants default pallas pallas/matmul=auto] [--torch] [--jobs 12] [--json out.json]
 
 Variants are ``benchmarks.gpu_plans``' plans (``'default'`` is the scans as
 the layers plan them; ``'pallas[/SETTINGS]'`` the kernels; ``PLAN@BxTxIxH``
@@ -182,10 +182,13 @@ def _torch_cuda() -> bool:
   return torch.cuda.is_available()
 
 
-def _jax_pair(cls, shape, variant):
+def _jax_pair(cls, shape, variant, ahead=None):
+  """The forward and training step, compiled (``ahead``: ``gpu_plans.compile_ahead``'s
+  futures, else now), each waiting for its result."""
   from benchmarks import gpu_plans
 
-  f, t = gpu_plans.build(cls, shape, variant)
+  key = (cls, shape, variant)
+  f, t = ahead[key].result() if ahead is not None else gpu_plans.build(*key)
   return (lambda: jax.block_until_ready(f())), (lambda: jax.block_until_ready(t()))
 
 
@@ -229,6 +232,10 @@ def main(argv=None) -> int:
                       "PLAN@BxTxIxH: at that shape only")
   p.add_argument('--torch', action='store_true', help='also torch.nn.LSTM / torch.nn.GRU')
   p.add_argument('--calls', type=int, default=5, help='calls profiled (and per wall sample)')
+  p.add_argument('--jobs', type=int, default=1,
+                 help="compile every variant first, in this many threads (gpu_plans')")
+  p.add_argument('--compile-timeout', type=float, metavar='S',
+                 help='with --jobs: profile what compiled within S seconds, report the rest')
   p.add_argument('--json', metavar='PATH')
   args = p.parse_args(argv)
   import nnx_recurrent as nr
@@ -244,20 +251,28 @@ def main(argv=None) -> int:
                                  rows=rows))
 
   layers = args.layers.split(',')
+  tasks = []
   for shape in shapes:
     for layer in layers:
       for variant in args.variants:
         variant, _, only = variant.partition('@')
-        if only and only != 'x'.join(map(str, shape)):
-          continue
-        try:
-          rows += rows_for((layer, variant), shape, _jax_pair(getattr(nr, layer), shape, variant),
-                           args.calls, profile)
-        except Exception as e:  # noqa: BLE001  (a variant that fails: reported, not fatal)
-          print(f'{shape} {layer} {variant}: FAILED {type(e).__name__}: '
-                f'{str(e).splitlines()[0][:300] if str(e) else ""}', flush=True)
-          rows.append(dict(shape=list(shape), layer=layer, variant=variant, error=str(e)[:2000]))
-        save()
+        if not only or only == 'x'.join(map(str, shape)):
+          tasks.append((getattr(nr, layer), shape, variant))
+  ahead = None
+  if args.jobs > 1:
+    from benchmarks import gpu_plans
+
+    ahead = gpu_plans.compile_ahead(tasks, args.jobs, args.compile_timeout)
+  for cls, shape, variant in tasks:
+    layer = cls.__name__
+    try:
+      rows += rows_for((layer, variant), shape, _jax_pair(cls, shape, variant, ahead),
+                       args.calls, profile)
+    except Exception as e:  # noqa: BLE001  (a variant that fails or did not compile in time)
+      print(f'{shape} {layer} {variant}: FAILED {type(e).__name__}: '
+            f'{str(e).splitlines()[0][:300] if str(e) else ""}', flush=True)
+      rows.append(dict(shape=list(shape), layer=layer, variant=variant, error=str(e)[:2000]))
+    save()
   if args.torch:  # last: PyTorch's profiler may keep CUPTI, which jax's then would not get
     prof = functools.partial(torch_profile, cuda=gpu and _torch_cuda())
     for shape in shapes:

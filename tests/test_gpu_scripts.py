@@ -750,6 +750,9 @@ def test_gpu_sh_arguments_reach_the_gpu_scripts(monkeypatch, tmp_path):
   profiled = []
   monkeypatch.setattr(step_profile, 'rows_for', lambda label, shape, *_: profiled.append(
     (label, shape)) or [])
+  compiled = []
+  monkeypatch.setattr(gpu_plans, 'compile_ahead', lambda tasks, jobs, timeout: compiled.append(
+    (tasks, jobs, timeout)) or {})
   monkeypatch.setattr(step_profile, '_jax_pair', lambda *_: None)
   monkeypatch.setattr(step_profile, '_torch_pair', lambda *_: None)
   monkeypatch.setattr(step_profile, '_torch_cuda', lambda: False)  # no torch needed
@@ -760,6 +763,10 @@ def test_gpu_sh_arguments_reach_the_gpu_scripts(monkeypatch, tmp_path):
                       for layer in ('LSTM', 'GRU') for variant in ('pallas', second)] + [
     ((layer, 'torch'), shape) for shape in (small, large) for layer in ('LSTM', 'GRU')]
   assert json.loads((tmp_path / 'step_profile.json').read_text())['rows'] == []
+  (tasks, jobs, timeout), = compiled  # every JAX variant compiled first, in threads
+  assert [(cls.__name__, variant, shape) for cls, shape, variant in tasks] == [
+    (layer, variant, shape) for (layer, variant), shape in profiled[:8]]
+  assert jobs > 1 and timeout < 70
 
   monkeypatch.setattr(internal, 'cuda_backend', lambda: True)
   seen = []

@@ -78,26 +78,26 @@ class Settings(NamedTuple):
   the time without it at issue 14's two small shapes, the forward 0.78-0.94x;
   at hidden 32 and batch 1-8, 0.71-0.87x and 0.77-1.04x."""
   recurrent_weights: str = 'float32'
-  """``'float16'``: the kernels take ``W_h`` in float16, and the forward's ``h``
-  and the backward's gate gradients before each product, where the layer
-  computes in float32 at a matmul
-  precision of TF32 or less (``jax_default_matmul_precision`` unset on a GPU,
-  where that means TF32, or ``'tensorfloat32'`` or ``'bfloat16'`` anywhere)
-  and has no projection; else (and with ``'float32'``) the weights' own dtype. Float16
-  keeps TF32's 10 mantissa bits, so for values within float16's range (at most
-  65504; ``h`` is within 1, unless an initial carry is not) the products
+  """``'float16'``: the kernels take ``W_h`` in float16, and round the other
+  operand of each product to float16 too (the forward's ``h``, the backward's
+  gate gradients), where the layer computes in float32 at a matmul precision
+  of TF32 or less (``jax_default_matmul_precision`` unset on a GPU, where that
+  means TF32, or ``'tensorfloat32'`` or ``'bfloat16'`` anywhere) and has no
+  projection; else (and with ``'float32'``) the weights keep their dtype.
+  Float16 has TF32's 10 mantissa bits, so for values within its range (at
+  most 65504: ``h`` is within 1, unless an initial carry is not) the products
   round as TF32's do: over 500 steps of an LSTM at hidden 128 both differed
   from float64 by 1.8e-4 at most (benchmarks/RESULTS.md, session 36). The
-  weights then take half the bytes, so ``hold_bytes`` holds twice as many: all
-  of an LSTM's ``W_h`` at hidden 128 (128 KiB), of which float32 holds 176 of
-  256 KiB and reads the rest from L2 at every step. The backward's gate
-  gradients have no bounded range: each row of them is divided by a power of
-  two, the one at or below its largest magnitude (exact), so that it lies
-  within 2, and the products are multiplied back; smaller entries lose no more
-  than TF32 would lose beside the largest. Compiled for ``sm_90a`` at
-  (8, ., 64, 128), a step of the LSTM's forward / backward kernel takes 1093 /
-  1080 instructions and 8 / 12 global loads, where float32 takes 1517 / 1350
-  and 28 / 32. Not yet timed on a GPU (``benchmarks/gpu.sh``)."""
+  weights take half the bytes, so ``hold_bytes`` holds twice as many: all of
+  an LSTM's ``W_h`` at hidden 128 (128 KiB), where float32 holds 176 of 256
+  KiB and reads the rest from L2 at every step. The backward's gate gradients
+  have no bounded range: each row of them is first divided by the power of two
+  at or below its largest magnitude (exact; the row then lies within 2), and
+  the products are multiplied back, so smaller entries lose no more than TF32
+  would lose beside the largest. Compiled for ``sm_90a`` at (8, ., 64, 128), a
+  step of the LSTM's forward / backward kernel takes 1093 / 1080 instructions
+  and 8 / 12 global loads, where float32 takes 1517 / 1350 and 28 / 32. Not
+  yet timed on a GPU (``benchmarks/gpu.sh``)."""
 
 
 MATMULS = ('dot', 'fma', 'auto')  # the values of Settings.matmul

@@ -56,7 +56,8 @@
 #       --sweep OUT/pallas_fma.json
 # which also sets step 3's variants against PyTorch at issue 14's shapes and
 # ranks them (the regions 'auto' would read with one: --grid
-# OUT/pallas_fma.json --plan VARIANT).
+# OUT/pallas_fma.json --plan VARIANT); and step 5's profile as one table:
+#   python -m benchmarks.step_profile --markdown OUT/step_profile.json
 source "$(dirname "$0")/gpu_common.sh" log.txt 540
 step environment
 { nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv

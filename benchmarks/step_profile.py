@@ -19,6 +19,7 @@ trace back (``jax.profiler.ProfileData``) and prints, per call:
 
   python -m benchmarks.step_profile [--shapes 1x1000x32x64,8x500x64x128]
       [--variants default pallas pallas/matmul=auto] [--torch] [--jobs 12] [--json out.json]
+  python -m benchmarks.step_profile --markdown out.json   # the saved rows as one table
 
 Variants are ``benchmarks.gpu_plans``' plans (``'default'`` is the scans as
 the layers plan them; ``'pallas[/SETTINGS]'`` the kernels; ``PLAN@BxTxIxH``
@@ -221,6 +222,25 @@ def format_row(row) -> str:
   return '\n'.join(lines)
 
 
+def markdown(rows: list[dict]) -> str:
+  """A saved profile's rows as one Markdown table (for RESULTS.md): per call, the
+  wall time, the busy time and the idle share of the wall, the time by class, and
+  the launches."""
+  out = ['| (B, T, I, H) | layer | variant | mode | wall us | busy us | idle | kernel us | '
+         'gemm us | copy us | other us | launches |', '|---|---|---|---|' + '---:|' * 8]
+  for r in rows:
+    if 'error' in r:
+      out.append(f"| {tuple(r['shape'])} | {r['layer']} | {r['variant']} | failed | "
+                 + ' |' * 8)
+      continue
+    k = r['kinds_us']
+    idle = 1 - r['busy_us'] / r['wall_us'] if r['wall_us'] else 0.0
+    out.append(f"| {tuple(r['shape'])} | {r['layer']} | {r['variant']} | {r['mode']} | "
+               f"{r['wall_us']:.0f} | {r['busy_us']:.0f} | {idle:.0%} | {k['kernel']:.0f} | "
+               f"{k['gemm']:.0f} | {k['copy']:.0f} | {k['other']:.0f} | {r['launches']:.0f} |")
+  return '\n'.join(out)
+
+
 def main(argv=None) -> int:
   from benchmarks import write_json
 
@@ -237,7 +257,15 @@ def main(argv=None) -> int:
   p.add_argument('--compile-timeout', type=float, metavar='S',
                  help='with --jobs: profile what compiled within S seconds, report the rest')
   p.add_argument('--json', metavar='PATH')
+  p.add_argument('--markdown', metavar='JSON',
+                 help="print a saved profile (--json's file) as a Markdown table, and stop")
   args = p.parse_args(argv)
+  if args.markdown:
+    import json
+
+    with open(args.markdown) as f:
+      print(markdown(json.load(f)['rows']))
+    return 0
   import nnx_recurrent as nr
 
   shapes = [tuple(int(v) for v in s.split('x')) for s in args.shapes.split(',')]

@@ -958,3 +958,8 @@ def test_step_profile_main_profiles_each_variant_and_pytorch(tmp_path, capsys):
   assert any(o['name'] == 'aten::lstm' for o in rows[2]['ops'])
   out = capsys.readouterr().out
   assert '(2, 12, 8, 16) LSTM default forward: wall' in out
+  assert step_profile.main(['--markdown', str(path)]) == 0  # the saved rows, one table
+  table = capsys.readouterr().out.splitlines()
+  assert len(table) == 2 + len(rows) and table[2].startswith('| (2, 12, 8, 16) | LSTM | default |')
+  f = rows[0]
+  assert table[2].split(' | ')[4:6] == [f"{f['wall_us']:.0f}", f"{f['busy_us']:.0f}"]

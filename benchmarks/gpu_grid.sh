@@ -10,7 +10,11 @@
 #      kernels have not changed since): 'pallas' and 'pallas/matmul=auto' (the
 #      multiply-adds, one row a program, session 35) against the scans
 #      (forward and training step) at batch 1-64, 300 steps;
-#   2. in the time left, 16-row blocks at batch 32 and 64: in session 34's grid
+#   2. hidden 128, batch 1-64: the float16 weights (recurrent_weights, session
+#      36: all of W_h held, where float32 reads a third of it from L2 at every
+#      step) against the default kernels and the scans, which won there in
+#      session 34;
+#   3. in the time left, 16-row blocks at batch 32 and 64: in session 34's grid
 #      a kernel program's step time grew with its rows (16 -> 32 rows: 1.7 ->
 #      3.5 ms forward at hidden 128, batch 16 and 32) while more programs ran
 #      side by side almost free (hidden 256: 1, 2, 4 programs of 16 rows, 8.2,
@@ -19,6 +23,7 @@
 #   BUDGET_S=<budget_left_s - 20> bash benchmarks/gpu_grid.sh
 #       (device tool: that command, timeout_s budget_left_s - 10)
 # Then: python -m benchmarks.pallas_verdict --grid OUT/pallas_grid.json --commit SHA
+#   (and --grid OUT/pallas_grid128.json --plan pallas/recurrent_weights=float16)
 #   [--plan pallas/matmul=auto, if gpu.sh's step 3 found the multiply-adds faster: then
 #   matmul='auto' becomes the default and PALLAS_FASTER its regions]
 #   (and --plan pallas/state_elements=512 --grid OUT/pallas_blocks.json for
@@ -35,9 +40,14 @@ for H in 32 64; do
   done
 done
 step grid
-timeout $(limit 200) $PY -m benchmarks.gpu_plans --variants pallas pallas/matmul=auto --jobs 12 \
-  --compile-timeout 130 --rounds 3 --shapes "$shapes" --json "$out/pallas_grid.json" 2>&1 \
+timeout $(limit 150) $PY -m benchmarks.gpu_plans --variants pallas pallas/matmul=auto --jobs 12 \
+  --compile-timeout 100 --rounds 3 --shapes "$shapes" --json "$out/pallas_grid.json" 2>&1 \
   | tee -a "$log"
+step float16 weights at hidden 128
+timeout $(limit 90) $PY -m benchmarks.gpu_plans --variants pallas pallas/recurrent_weights=float16 \
+  --jobs 12 --compile-timeout 50 --rounds 3 --json "$out/pallas_grid128.json" \
+  --shapes 1x300x64x128,4x300x64x128,8x300x64x128,16x300x64x128,32x300x64x128,64x300x64x128 \
+  2>&1 | tee -a "$log"
 step 16-row blocks, in the time left
 timeout $(limit 100) $PY -m benchmarks.gpu_plans --variants pallas pallas/state_elements=512 \
   --jobs 12 --compile-timeout 50 --rounds 3 --json "$out/pallas_blocks.json" \

@@ -316,9 +316,10 @@ def test_gpu_grid_sh_fits_its_call_and_times_what_it_says():
   """``benchmarks/gpu_grid.sh`` (a second device call, in what ``gpu.sh`` leaves
   of a session's 900 s): its first step's limit within its budget, which ends
   before the call's; the grid of batch 1-64 x hidden 32-64, 'pallas' and its
-  multiply-adds ('pallas/matmul=auto') against the scans, then in the time left
-  16-row blocks against the default ones at batch 32 and 64 (where they
-  differ), each compiled in threads with a compile timeout inside its step."""
+  multiply-adds ('pallas/matmul=auto') against the scans; the float16 weights
+  at hidden 128, batch 1-64; then in the time left 16-row blocks against the
+  default ones at batch 32 and 64 (where they differ), each compiled in threads
+  with a compile timeout inside its step."""
   import re
   import shlex
 
@@ -333,13 +334,16 @@ def test_gpu_grid_sh_fits_its_call_and_times_what_it_says():
   commands = _gpu_sh_commands('gpu_grid.sh')
   budget, limit = _budget_and_limit(commands)
   limits = [int(m) for line in commands for m in re.findall(r'\btimeout \$\(limit (\d+)\)', line)]
-  assert len(limits) == 2 and limits[0] + 60 <= budget <= 280  # the last: the time left
+  assert len(limits) == 3 and limits[0] + limits[1] + 30 <= budget <= 280  # the last: what is left
   gpu_sh_budget, _ = _budget_and_limit(_gpu_sh_commands())
   assert 30 + gpu_sh_budget + 20 + budget + 10 <= 900  # a start, both calls, their slack
   assert _limits_left(limit, 100)[0] in ('49', '50')
   lines = [line for line in commands if 'gpu_plans' in line]
-  grid, blocks = [shlex.split(line.split('2>&1')[0]) for line in lines]
-  for args in (blocks, grid):
+  grid, half, blocks = [shlex.split(line.split('2>&1')[0]) for line in lines]
+  assert half[half.index('--variants') + 1:][:2] == ['pallas', 'pallas/recurrent_weights=float16']
+  assert {tuple(map(int, s.split('x')))[::3] for s in half[half.index('--shapes') + 1].split(',')} \
+    == {(b, 128) for b in (1, 4, 8, 16, 32, 64)}
+  for args in (blocks, grid, half):
     assert int(args[args.index('--jobs') + 1]) > 1
     assert float(args[args.index('--compile-timeout') + 1]) < 200
   assert blocks[blocks.index('--variants') + 1:][:2] == ['pallas', 'pallas/state_elements=512']
@@ -353,7 +357,7 @@ def test_gpu_grid_sh_fits_its_call_and_times_what_it_says():
   loop = [line for line in commands if line.startswith(('for', '  for', 'shapes='))]
   assert loop[:3] == ['shapes=""', 'for H in 32 64; do', '  for B in 1 4 8 16 32 64; do']
   jsons = [m for line in commands for m in re.findall(r'--json "([^"]+)"', line)]
-  assert len(jsons) == len(set(jsons)) == 2
+  assert len(jsons) == len(set(jsons)) == 3
 
 
 def test_suite_json_keeps_the_shapes_done_when_cut_off(monkeypatch, tmp_path):

@@ -107,13 +107,15 @@ def params(module: nnx.Module) -> dict[str, np.ndarray]:
 # held and the rest loaded at each step, ahead or not; a loop over the chunks
 # (as from H = 512 on a GPU); the products as multiply-adds (``matmul='fma'``),
 # in blocks of up to 64 rows, or of one row with 16-wide chunks; or where they
-# fit registers, one row a program (``'auto'``).
+# fit registers, one row a program (``'auto'``); the backward's residuals rebuilt
+# by XLA from the outputs (``residuals='rebuilt'``), also in a loop over chunks.
 PALLAS_SETTINGS = ({}, {'prefetch': False},
                    {'chunk': 16, 'hold_bytes': 2 * 16 * 16 * 4, 'prefetch': True},
                    {'chunk': 16, 'hold_bytes': 2 * 16 * 16 * 4, 'prefetch': False},
                    {'chunk': 16, 'unrolled_chunks': 1},
                    {'matmul': 'fma'}, {'matmul': 'fma', 'chunk': 16, 'state_elements': 16},
-                   {'matmul': 'auto'})
+                   {'matmul': 'auto'}, {'residuals': 'rebuilt'},
+                   {'residuals': 'rebuilt', 'chunk': 16, 'unrolled_chunks': 1})
 
 
 def scan_plan(case: Case, layer_cls: type, rows: int) -> contextlib.AbstractContextManager:

@@ -110,6 +110,49 @@ def test_packed_sequences_and_projection(cls):
   check_plans_against_generic(layer, x, carry0, ['default'], padding=IDS == 0, segment_ids=IDS)
 
 
+@pytest.mark.parametrize('cls,proj', [(nr.LSTM, None), (nr.LSTM, 3), (nr.GRU, None)])
+@pytest.mark.parametrize('masks', ['lengths', 'packed'])
+def test_rebuilt_residuals(cls, proj, masks):
+  """``PallasSettings.residuals='rebuilt'``: the training forward kernel writes the
+  LSTM's ``c`` alone (the GRU's nothing) and XLA rebuilds the backward's residuals
+  from the outputs, the inputs and ``h W_h`` over all steps. Values and gradients of
+  a bidirectional layer against the generic composition, with lengths (0 and 1
+  among them) or packed sequences (a later segment's first step from zeros, the
+  row's first from the initial carry), the LSTM also projected; garbage at padding
+  (NaN, inf, 1e30) changes nothing."""
+  layer = make(cls, 1, True, seed=71, implementation='pallas',
+               **({} if proj is None else dict(proj_features=proj)))
+  if masks == 'packed':
+    x, kw, padding = ref.normal((B, IDS.shape[1], I), seed=72), dict(segment_ids=IDS), IDS == 0
+  else:
+    x, kw = ref.normal((B, T, I), seed=72), dict(seq_lengths=np.array([5, 1, 0], np.int32))
+    padding = np.arange(T)[None, :] >= kw['seq_lengths'][:, None]
+  with internal.pallas_settings(residuals='rebuilt'):
+    check_plans_against_generic(layer, x, random_carry(layer, seed=73), ['default'],
+                                padding=padding, **kw)
+
+
+def test_rebuilt_residuals_follow_what_the_forward_saved():
+  """The backward reads the residuals' form from what the forward saved, not from
+  the settings when it is traced: a VJP taken with ``residuals='rebuilt'`` and
+  applied outside it (and the other way round) still equals the scans' gradients."""
+  layer = make(nr.GRU, 1, False, seed=74, implementation='pallas')
+  x = ref.normal((B, T, I), seed=75)
+  graphdef, params = nnx.split(layer)
+
+  def forward(p, implementation):
+    return with_implementation(nnx.merge(graphdef, p), implementation)(x, seq_lengths=LENGTHS)
+
+  _, scans = jax.vjp(lambda p: forward(p, 'xla'), params)
+  y = forward(params, 'xla')
+  want = scans(jnp.ones_like(y))
+  for inside, outside in (('rebuilt', 'written'), ('written', 'rebuilt')):
+    with internal.pallas_settings(residuals=inside):
+      _, kernels = jax.vjp(lambda p: forward(p, 'pallas'), params)
+    with internal.pallas_settings(residuals=outside):
+      assert_trees_close(kernels(jnp.ones_like(y)), want)
+
+
 @pytest.mark.parametrize('mode', ['unrolled', 'rolled', 'prefetched', 'fma'])
 @pytest.mark.parametrize('cls,masks', [(nr.LSTM, dict(seq_lengths=LENGTHS)),
                                         (nr.GRU, dict(segment_ids=IDS))])
@@ -163,6 +206,10 @@ def test_pallas_settings_yield_the_changes_and_nest():
   with pytest.raises(ValueError, match=re.escape(
       "pallas_settings: recurrent_weights must be one of ('float32', 'float16'), got "
       "'bfloat16'")), internal.pallas_settings(recurrent_weights='bfloat16'):
+    pass
+  with pytest.raises(ValueError, match=re.escape(
+      "pallas_settings: residuals must be one of ('written', 'rebuilt'), got 'none'")), \
+       internal.pallas_settings(residuals='none'):
     pass
 
 
@@ -307,15 +354,18 @@ def test_row_scale_is_each_rows_power_of_two():
   assert np.all(np.abs(np.asarray(jnp.concatenate([a, b], 1)) / got[:, None]) < 2)
 
 
+@pytest.mark.parametrize('residuals', ['written', 'rebuilt'])
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
-def test_bfloat16_computation(cls):
-  """bfloat16 matmuls and residuals (float32 state in the kernel) against the
-  float32 XLA scans: values and gradients, at bfloat16's tolerance."""
+def test_bfloat16_computation(cls, residuals):
+  """bfloat16 matmuls and residuals (float32 state in the kernel; or the residuals
+  rebuilt by XLA from the bfloat16 outputs) against the float32 XLA scans: values
+  and gradients, at bfloat16's tolerance."""
   layer = make(cls, 1, False, seed=34, implementation='pallas', dtype=jnp.bfloat16)
   full = make(cls, 1, False, seed=34, implementation='xla')
   x = ref.normal((B, T, I), seed=35)
   carry0 = random_carry(layer, seed=36)
-  out, grads = values_and_grads(layer, x, carry0, run)
+  with internal.pallas_settings(residuals=residuals):
+    out, grads = values_and_grads(layer, x, carry0, run)
   assert out[1].dtype == jnp.bfloat16 and jax.tree_util.tree_leaves(out[0])[0].dtype == jnp.float32
   # The final carry is the computation dtype's, rounded (as the scans' bfloat16 carry is).
   final = np.asarray(out[0])

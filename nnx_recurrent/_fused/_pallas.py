@@ -64,7 +64,7 @@ from nnx_recurrent._fused._pallas_kernels import (
   backward_kernel,
   forward_kernel,
 )
-from nnx_recurrent._fused._step_math import LSTMMath, dot, grads_after_loop
+from nnx_recurrent._fused._step_math import LSTMMath, dot, grads_after_loop, rebuilt_residuals
 
 _MIN_ROWS = 16  # Triton's dot: at least 16 rows
 _MIN_HIDDEN = 16  # ... and contraction / output sizes of at least 16
@@ -139,6 +139,7 @@ class _Layout:
            else str(precision).lower() in _pallas_settings.LOW_PRECISIONS)
     self.w16 = (settings.recurrent_weights == 'float16' and self.dtype == jnp.float32
                 and not proj and low)
+    self.rebuild = settings.residuals == 'rebuilt'  # (the backward reads what the forward saved)
 
   def pad_rows(self, a, axis: int):
     pad = [(0, 0)] * a.ndim
@@ -252,15 +253,18 @@ def _forward(cell_math, packed, params, xs, carry0, steps, save: bool):
     widths = [hp, lay.pp] if lstm else [hp]
     outputs: list[_Block] = [(((time, rows, lay.pp), xs.dtype), 1)]
     outputs += [(((rows, w), lay.state), 0) for w in widths]
-    if save:
-      outputs.append((((time, rows, RESIDUALS, hp), xs.dtype), 1))
-    out = lay.call(functools.partial(forward_kernel, lay=lay, lstm=lstm, save=save),
+    # Settings.residuals='rebuilt': the LSTM's kernel writes c alone, the GRU's nothing
+    written = save and not (lay.rebuild and not lstm)
+    if written:
+      shape = (time, rows, hp) if lay.rebuild else (time, rows, RESIDUALS, hp)
+      outputs.append(((shape, xs.dtype), 1))
+    out = lay.call(functools.partial(forward_kernel, lay=lay, lstm=lstm, save=written),
                    f'nr_{cell_math.name.lower()}_forward', inputs, outputs)
     ys = lay.unpad(out[0], batch, 1, lay.out)
     finals = [lay.unpad(a, batch, 0, c.shape[-1]).astype(c.dtype)
               for a, c in zip(out[1:], carries)]
     final = tuple(finals) if lstm else finals[0]
-  return final, ys, (out[-1] if save else None)
+  return final, ys, (out[-1] if written else jnp.zeros((0,), xs.dtype) if save else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -343,6 +347,11 @@ def _kernels_backward(cell_math, packed: bool, saved, cotangents) -> tuple[Any, 
   lay = _layout(cell_math, params, xs, packed)
   rows, hp, h = lay.padded_rows, lay.hp, lay.hidden
   with jax.named_scope(f'nr.{cell_math.name}/pallas_backward'):
+    if res.ndim != 4:  # the forward saved c alone, or nothing (Settings.residuals)
+      c_prev = lay.unpad(res, batch, 1, h) if lstm else None
+      res = rebuilt_residuals(cell_math, params, xs, carry0, ys, c_prev,
+                              (steps > 0, steps == 2) if packed else None, lay.state)
+      res = lay.pad_rows(lay.pad_to(res.reshape(time, lay.rows, RESIDUALS, h), hp), 1)
     carries = jax.tree_util.tree_leaves(carry0)
     w_t = _recurrent_weights(lay, params[2], True)
     inputs = [lay.steps(steps), (res, 1), (lay.rows_of(dys, 1), 1),

@@ -287,7 +287,9 @@ def forward_kernel(*all_refs: Any, lay, lstm: bool, save: bool):
         new_h, r, z, n = GRUMath.gate_step(h_j, *xp, hp[0], hp[1], hn)
         new = (_put(new[0], j, new_h),)
         res = (r, z, n, hn, h_j)
-      if save:
+      if save and lay.rebuild:  # the LSTM's c alone, the rest rebuilt (Settings.residuals)
+        res_refs[0][t, :, cols] = res[-1].astype(res_refs[0].dtype)
+      elif save:
         for k, a in enumerate(res):
           res_refs[0][t, :, k, cols] = a.astype(res_refs[0].dtype)
       return new

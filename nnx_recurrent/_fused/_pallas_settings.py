@@ -98,9 +98,25 @@ class Settings(NamedTuple):
   step of the LSTM's forward / backward kernel takes 1093 / 1080 instructions
   and 8 / 12 global loads, where float32 takes 1517 / 1350 and 28 / 32. Not
   yet timed on a GPU (``benchmarks/gpu.sh``)."""
+  residuals: str = 'written'
+  """What the training forward kernel writes at each step for the backward:
+  ``'written'``, the activated gates and the carry entering the step (five
+  tiles: LSTM ``i, f, g, o, c``, GRU ``r, z, n, h W_hn + b_hn, h``);
+  ``'rebuilt'``, only the LSTM's ``c`` (the GRU nothing: its forward is the
+  inference kernel), and XLA rebuilds the five tiles between the kernels from
+  the outputs (the ``h`` entering each step), the inputs and one large matmul
+  ``h W_h`` over all steps, fully parallel. Each tile a step costs the kernel
+  a layout conversion for its store, two barriers, on a latency-bound step:
+  compiled for ``sm_90a`` at ``(1, ., 32, 64)`` the LSTM's training forward
+  takes 22 barriers a step, its inference forward 12, with ``'rebuilt'`` 14
+  (the GRU's 20, 10 and 10; at ``(8, ., 64, 128)`` 54, 34, 38 and 42, 22, 22).
+  The rebuilt gates come from the outputs, not the kernel's own sums, so on a
+  GPU they differ from the forward's by TF32's rounding. Not yet timed on a
+  GPU (``benchmarks/gpu.sh``)."""
 
 
 MATMULS = ('dot', 'fma', 'auto')  # the values of Settings.matmul
+RESIDUALS = ('written', 'rebuilt')  # the values of Settings.residuals
 RECURRENT_WEIGHTS = ('float32', 'float16')  # the values of Settings.recurrent_weights
 # jax_default_matmul_precision values at which float32 products round to TF32 or less (unset:
 # on a GPU, or lowered for one, not on the CPU)

@@ -36,6 +36,19 @@ def shift(first: Array, seq: Array) -> Array:
   return jnp.concatenate([first[None], seq], axis=0)[: seq.shape[0]]
 
 
+def h_entering(h0: Array, ys: Array, packed) -> Array:
+  """The ``h`` entering each step of a valid row part, from the outputs: ``ys[t - 1]``
+  where step ``t - 1`` was valid (always with seq_lengths), ``h0`` at the first.
+  ``packed``: ``(valid, reset)`` of packed rows, or ``None``: zeros at a later
+  segment's first step (``reset``), ``h0`` after the row's leading padding."""
+  h_prev = shift(h0, ys)
+  if packed is not None:
+    valid, reset = packed
+    h_prev = jnp.where(reset[..., None], jnp.zeros_like(h_prev), h_prev)
+    h_prev = jnp.where(_scan.earlier_valid(valid)[..., None], h_prev, h0[None])
+  return h_prev
+
+
 def flat_dot_t(a: Array, b: Array, transpose: bool = False) -> Array:
   """``sum over all leading axes of a^T b``: ``(..., m), (..., n) -> (m, n)``.
 
@@ -203,16 +216,7 @@ class LSTMMath:
     """``(dW_h, d xp, dW_hr)`` from the stacked outputs of the backward scan
     (``dW_hr`` is ``None`` without a projection)."""
     dz, dh = (d_all, None) if w_hr is None else d_all
-    # h entering step t is ys[t - 1] where step t - 1 was valid: always with
-    # seq_lengths. Packed rows: zeros at a later segment's first step
-    # (``reset``), h0 after the row's leading padding.
-    h0 = carry0[1]
-    h_prev = shift(h0, ys)
-    if packed is not None:
-      valid, reset = packed
-      h_prev = jnp.where(reset[..., None], jnp.zeros_like(h_prev), h_prev)
-      h_prev = jnp.where(_scan.earlier_valid(valid)[..., None], h_prev, h0[None])
-    dw_h = flat_dot_t(h_prev, dz, LSTMMath.transpose_dw)
+    dw_h = flat_dot_t(h_entering(carry0[1], ys, packed), dz, LSTMMath.transpose_dw)
     if w_hr is None:
       return dw_h, dz, None
     return dw_h, dz, flat_dot_t(LSTMMath.cell_outputs(res), dh, LSTMMath.transpose_dw)
@@ -288,6 +292,24 @@ class GRUMath:
     dxp = jnp.concatenate([dhp[..., : 2 * h], dan], axis=-1)
     db_hn = dhp[..., 2 * h:].reshape(-1, h).sum(axis=0)
     return dw_h, dxp, db_hn
+
+
+def rebuilt_residuals(cell_math, params, xs, carry0, ys, c_prev, packed, dtype):
+  """Every step's residuals as ``cell_math.step`` saves them (``(time, *batch,
+  5 H)`` in ``xs``' dtype, the math in ``dtype``), rebuilt after the forward
+  loop from its outputs: the ``h`` entering each step (:func:`h_entering`), its
+  product with ``W_h`` over all steps in one matmul, and the step math; the
+  LSTM's ``c`` entering each step is ``c_prev``, which the loop saved (the
+  Pallas kernels with ``Settings.residuals='rebuilt'``). ``packed``: ``(valid,
+  reset)`` of packed rows, or ``None``."""
+  w_i, b, w_h, extra = params
+  h_prev = h_entering(cell_math.h(carry0), ys, packed)
+  xp, hp, b = (a.astype(dtype) for a in (dot(xs, w_i), dot(h_prev, w_h), b))
+  if cell_math is LSTMMath:
+    _, res = LSTMMath.step((c_prev.astype(dtype), None), xp, hp, b, None, save=True)
+  else:
+    _, res = GRUMath.step(h_prev.astype(dtype), xp, hp, b, extra.astype(dtype), save=True)
+  return res.astype(xs.dtype)
 
 
 def grads_after_loop(cell_math, d_all, res, params, xs, carry0, ys, packed):

@@ -150,10 +150,11 @@ def pallas_settings(**changes):
   """Inside the block the Pallas kernels are traced with ``changes`` to the
   current :class:`PallasSettings` (their names: ``chunk``, ``hold_bytes``,
   ``state_elements``, ``unrolled_chunks``, ``num_warps``, ``num_stages``,
-  ``prefetch``, ``matmul``, ``recurrent_weights``);
+  ``prefetch``, ``matmul``, ``recurrent_weights``, ``residuals``);
   yields the settings."""
   for name, allowed in (('matmul', _pallas_settings.MATMULS),
-                        ('recurrent_weights', _pallas_settings.RECURRENT_WEIGHTS)):
+                        ('recurrent_weights', _pallas_settings.RECURRENT_WEIGHTS),
+                        ('residuals', _pallas_settings.RESIDUALS)):
     if name in changes and changes[name] not in allowed:
       raise ValueError(f'pallas_settings: {name} must be one of {allowed}, '
                        f'got {changes[name]!r}')

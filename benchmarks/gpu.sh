@@ -14,14 +14,19 @@
 #      forced (nr.LSTM[xla], nr.GRU[xla]: nr.LSTM is the kernels where 'auto'
 #      picks them), 'auto' and PyTorch, at issue 14's two small shapes (its
 #      record; at batch 64 and 256 'auto' runs the scans: step 6);
-#   3. two kernel forms never timed, against the kernels' default and the
+#   3. three kernel forms never timed, against the kernels' default and the
 #      scans, at issue 14's two small shapes, then batch 1 and 8 at hidden 32
-#      and 64, compiled in 12 threads: the kernels' W_h in float16
+#      and 64, compiled in 12 threads: the training forward writing the LSTM's
+#      c alone (the GRU's nothing) and XLA rebuilding the backward's residuals
+#      (PallasSettings.residuals='rebuilt', session 36: compiled for sm_90a a
+#      step's barriers 22 -> 14 at (1, ., 32, 64), 54 -> 38 at (8, ., 64, 128)
+#      for the LSTM, 20 -> 10 and 42 -> 22 for the GRU), alone and with the
+#      float16 weights; the kernels' W_h in float16
 #      (PallasSettings.recurrent_weights, session 36: TF32's mantissa, all of
 #      W_h held at hidden 128; compiled for sm_90a, an LSTM step's 28 global
 #      loads become 8 forward, 32 become 12 backward), and the products as
 #      multiply-adds (PallasSettings.matmul='fma', session 35), one batch row a
-#      program, in 8, 2 or 1 warps (a step in one warp at hidden 32, two at 64, has 1-2
+#      program, in 2 or 1 warps (a step in one warp at hidden 32, two at 64, has 1-2
 #      barriers where the dot form has 22: RESULTS.md, "read off the PTX");
 #   4. benchmarks/multiblock_probe.py (session 36): an LSTM step at hidden 64
 #      and 128 split over 1-8 blocks that exchange h through global memory
@@ -32,7 +37,8 @@
 #      training step spend their time on the device (the forward and backward
 #      kernels, the matmuls, the XLA work between them), and cuDNN's, at issue
 #      14's two small shapes, from jax's and PyTorch's profilers (the
-#      multiply-adds at hidden 64, the float16 weights at 128);
+#      residuals rebuilt at both, the multiply-adds at hidden 64, the float16
+#      weights at 128);
 #   then, in the time left:
 #   6. the benchmark suite without the Pallas rows (flax.nnx, PyTorch on cuDNN,
 #      the scans, cuDNN) at its four shapes: the table README.md shows, not
@@ -73,9 +79,10 @@ step Pallas rows up to H = 256
 timeout $(limit 110) $PY -m benchmarks.run --rounds 5 --json "$out/pallas_results.json" \
   --shapes 1x1000x32x64,8x500x64x128 \
   --impls '^(nr\.(LSTM|GRU)(\[(pallas|xla)\])?$|torch)' 2>&1 | tee -a "$log"
-step Pallas float16 weights, products as multiply-adds
+step Pallas residuals rebuilt, float16 weights, products as multiply-adds
 timeout $(limit 120) $PY -m benchmarks.gpu_plans --jobs 12 --compile-timeout 85 --rounds 3 \
-  --variants pallas pallas/recurrent_weights=float16 pallas/matmul=fma,state_elements=32 \
+  --variants pallas pallas/residuals=rebuilt pallas/residuals=rebuilt,recurrent_weights=float16 \
+  pallas/recurrent_weights=float16 \
   pallas/matmul=fma,state_elements=32,num_warps=2 pallas/matmul=fma,state_elements=32,num_warps=1 \
   --shapes 1x1000x32x64,8x500x64x128,1x300x16x32,8x300x32x64 \
   --json "$out/pallas_fma.json" 2>&1 | tee -a "$log"
@@ -85,7 +92,8 @@ timeout $(limit 40) $PY -m benchmarks.multiblock_probe --json "$out/multiblock_p
 step where the step spends its time
 timeout $(limit 70) $PY -m benchmarks.step_profile --jobs 12 --compile-timeout 40 \
   --shapes 1x1000x32x64,8x500x64x128 \
-  --variants pallas pallas/matmul=auto@1x1000x32x64 pallas/recurrent_weights=float16@8x500x64x128 \
+  --variants pallas pallas/residuals=rebuilt pallas/matmul=auto@1x1000x32x64 \
+  pallas/recurrent_weights=float16@8x500x64x128 \
   --torch --json "$out/step_profile.json" 2>&1 \
   | tee -a "$log"
 step suite without the Pallas rows, in the time left

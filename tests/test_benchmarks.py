@@ -264,8 +264,8 @@ def _limits_left(limit, *calls):
 def test_gpu_sh_selects_the_rows_it_says_and_fits_its_call(monkeypatch):
   """Its ``--impls`` regexes on a GPU's implementations: the Pallas rows beside
   the scans and PyTorch (issue 14's two small shapes), then (in the time left)
-  the suite without the Pallas rows; the kernels' float16 weights and
-  multiply-adds against their default at batch 1 and 8; issue 14's five steps'
+  the suite without the Pallas rows; the kernels' rebuilt residuals, float16
+  weights and multiply-adds against their default at batch 1 and 8; issue 14's five steps'
   limits within a 540 s budget (a 560 s device call, leaving a session's 900 s
   room for ``gpu_grid.sh``), every step's limit cut to the budget left, which
   ends within the call; and one JSON per
@@ -298,15 +298,17 @@ def test_gpu_sh_selects_the_rows_it_says_and_fits_its_call(monkeypatch):
   assert any(line.startswith('timeout $(limit 60) $PY -m benchmarks.mosaic_probe --json')
              for line in commands)
   plans, = [shlex.split(line.split('2>&1')[0]) for line in commands if 'gpu_plans' in line]
-  variants = plans[plans.index('--variants') + 1:][:5]
-  assert variants == ['pallas', 'pallas/recurrent_weights=float16'] + [
-    f'pallas/matmul=fma,state_elements=32{warps}' for warps in ('', ',num_warps=2', ',num_warps=1')]
+  variants = plans[plans.index('--variants') + 1:][:6]
+  assert variants == [
+    'pallas', 'pallas/residuals=rebuilt', 'pallas/residuals=rebuilt,recurrent_weights=float16',
+    'pallas/recurrent_weights=float16'] + [
+    f'pallas/matmul=fma,state_elements=32,num_warps={warps}' for warps in (2, 1)]
   shapes = [tuple(map(int, s.split('x'))) for s in plans[plans.index('--shapes') + 1].split(',')]
   assert shapes[:2] == [(1, 1000, 32, 64), (8, 500, 64, 128)]  # issue 14's, first
   from benchmarks import gpu_plans
   from nnx_recurrent._fused import internal
 
-  for variant in variants[2:]:  # programs of one row: batch 1 and 8 not padded to 16
+  for variant in variants[4:]:  # programs of one row: batch 1 and 8 not padded to 16
     with gpu_plans.forced(variant):
       assert {internal.pallas_padded_rows(b, h) for b, _, _, h in shapes} == {1, 8}
       assert internal.pallas_padded_rows(3, 64) == internal.pallas_padded_rows(3, 32) == 3

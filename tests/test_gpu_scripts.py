@@ -717,8 +717,9 @@ def test_gpu_sh_arguments_reach_the_gpu_scripts(monkeypatch, tmp_path):
   shapes (a toy one here, on the CPU, where its kernel does not compile: the row
   records the error and times the layer, interpreted); every multi-block variant
   (timing faked); the profile of both layers' kernels and PyTorch at issue 14's two
-  small shapes, with the multiply-adds at the first and the float16 weights at the
-  second (``PLAN@SHAPE``), PyTorch's last (profiling faked); and the cuDNN check on a
+  small shapes, with the residuals rebuilt at both, the multiply-adds at the first
+  and the float16 weights at the second (``PLAN@SHAPE``), PyTorch's last (profiling
+  faked); and the cuDNN check on a
   CUDA GPU (faked below its argument parsing), each writing its JSON."""
   import shlex
 
@@ -758,14 +759,15 @@ def test_gpu_sh_arguments_reach_the_gpu_scripts(monkeypatch, tmp_path):
   monkeypatch.setattr(step_profile, '_torch_cuda', lambda: False)  # no torch needed
   assert step_profile.main(argv('step_profile')) == 0
   small, large = (1, 1000, 32, 64), (8, 500, 64, 128)
-  assert profiled == [((layer, variant), shape) for shape, second in (
+  assert profiled == [((layer, variant), shape) for shape, third in (
     (small, 'pallas/matmul=auto'), (large, 'pallas/recurrent_weights=float16'))
-                      for layer in ('LSTM', 'GRU') for variant in ('pallas', second)] + [
+                      for layer in ('LSTM', 'GRU')
+                      for variant in ('pallas', 'pallas/residuals=rebuilt', third)] + [
     ((layer, 'torch'), shape) for shape in (small, large) for layer in ('LSTM', 'GRU')]
   assert json.loads((tmp_path / 'step_profile.json').read_text())['rows'] == []
   (tasks, jobs, timeout), = compiled  # every JAX variant compiled first, in threads
   assert [(cls.__name__, variant, shape) for cls, shape, variant in tasks] == [
-    (layer, variant, shape) for (layer, variant), shape in profiled[:8]]
+    (layer, variant, shape) for (layer, variant), shape in profiled[:12]]
   assert jobs > 1 and timeout < 70
 
   monkeypatch.setattr(internal, 'cuda_backend', lambda: True)

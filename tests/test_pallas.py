@@ -641,13 +641,16 @@ def test_a_jax_without_pallas_triton_backend(monkeypatch):
   assert uses_pallas()
 
 
-@pytest.mark.parametrize('cls,masks', [(nr.LSTM, 'lengths'), (nr.GRU, 'packed')])
-def test_second_order_equals_the_scans(cls, masks):
+@pytest.mark.parametrize('cls,masks,residuals', [(nr.LSTM, 'lengths', 'written'),
+                                                 (nr.GRU, 'packed', 'written'),
+                                                 (nr.GRU, 'lengths', 'rebuilt')])
+def test_second_order_equals_the_scans(cls, masks, residuals):
   """The kernels have no derivative of their own: the custom VJP's two passes
   are differentiated through the scans' passes. A gradient of a gradient (of
   the parameters, the inputs and the initial carry: MAML's kind) and
   ``jax.hessian`` (forward over reverse) equal the scans', one bidirectional
-  layer, lengths 5, 2 and 0 or packed segments, a random initial carry. The
+  layer, lengths 5, 2 and 0 or packed segments, a random initial carry; also
+  with the residuals rebuilt (the GRU's forward then saves an empty array). The
   scans' second order against finite differences: ``tests/test_fused.py``."""
   layer = make(cls, 1, True, seed=61, implementation='pallas')
   x = ref.normal((B, T, I), seed=62)
@@ -671,7 +674,8 @@ def test_second_order_equals_the_scans(cls, masks):
 
     return run(params, x, carry0)
 
-  got = second_order(layer)
+  with internal.pallas_settings(residuals=residuals):
+    got = second_order(layer)
   want = second_order(with_implementation(layer, 'xla'))
   assert_trees_close(got, want, atol=2e-5, rtol=2e-5)
   assert float(jnp.abs(got[1]).max()) > 1e-3  # the Hessian is not trivially zero

@@ -16,11 +16,12 @@
 #      record; at batch 64 and 256 'auto' runs the scans: step 6);
 #   3. three kernel forms never timed, against the kernels' default and the
 #      scans, at issue 14's two small shapes, then batch 1 and 8 at hidden 32
-#      and 64, compiled in 12 threads: the training forward writing the LSTM's
-#      c alone (the GRU's nothing) and XLA rebuilding the backward's residuals
-#      (PallasSettings.residuals='rebuilt', session 36: compiled for sm_90a a
-#      step's barriers 22 -> 14 at (1, ., 32, 64), 54 -> 38 at (8, ., 64, 128)
-#      for the LSTM, 20 -> 10 and 42 -> 22 for the GRU), alone and with the
+#      and 64, compiled in 12 threads: the kernels writing only the carries
+#      and XLA rebuilding residuals and gate gradients
+#      (PallasSettings.residuals='rebuilt', session 36: compiled for sm_90a the
+#      LSTM's forward / backward barriers a step 22 / 28 -> 14 / 24 at
+#      (1, ., 32, 64), 54 / 62 -> 38 / 54 at (8, ., 64, 128), the GRU's
+#      20 / 26 -> 10 / 20 and 42 / 54 -> 22 / 42), alone and with the
 #      float16 weights; the kernels' W_h in float16
 #      (PallasSettings.recurrent_weights, session 36: TF32's mantissa, all of
 #      W_h held at hidden 128; compiled for sm_90a, an LSTM step's 28 global

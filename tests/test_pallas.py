@@ -132,6 +132,36 @@ def test_rebuilt_residuals(cls, proj, masks):
                                 padding=padding, **kw)
 
 
+def test_rebuilt_gate_grads_are_the_formulas_and_zero_at_invalid_steps():
+  """``_step_math.rebuilt_gate_grads`` (the backward kernel's gate gradients
+  rebuilt from its ``dc`` and ``dh``): the LSTM's and GRU's gate-gradient
+  formulas in NumPy at valid steps, zeros at invalid ones, even where the
+  residuals there are NaN."""
+  from nnx_recurrent._fused import _step_math
+
+  rng = np.random.default_rng(76)
+  valid = np.array([[True, True], [True, False]])  # (time, batch)
+  for cls, n_seeds in ((_step_math.LSTMMath, 2), (_step_math.GRUMath, 1)):
+    res = rng.uniform(0.1, 0.9, size=(2, 2, 5, 3))
+    res[~valid] = np.nan
+    seeds = rng.normal(size=(2, 2, n_seeds, 3))
+    got = np.asarray(_step_math.rebuilt_gate_grads(cls, jnp.asarray(res), jnp.asarray(seeds),
+                                                    jnp.asarray(valid)))
+    a, b, c, d, e = np.moveaxis(res, -2, 0)
+    if n_seeds == 2:  # i, f, g, o, c_prev; dc, dh
+      dc, dh = np.moveaxis(seeds, -2, 0)
+      tc = np.tanh(b * e + a * c)
+      dct = dc + dh * d * (1 - tc ** 2)
+      want = [dct * c * a * (1 - a), dct * e * b * (1 - b), dct * a * (1 - c ** 2),
+              dh * tc * d * (1 - d)]
+    else:  # r, z, n, hn, h_prev; dh
+      dh = seeds[..., 0, :]
+      dan = dh * (1 - b) * (1 - c ** 2)
+      want = [dan * d * a * (1 - a), dh * (e - c) * b * (1 - b), dan * a, dan]
+    want = np.where(valid[..., None, None], np.stack(want, axis=-2), 0)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
 def test_rebuilt_residuals_follow_what_the_forward_saved():
   """The backward reads the residuals' form from what the forward saved, not from
   the settings when it is traced: a VJP taken with ``residuals='rebuilt'`` and

@@ -57,14 +57,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from nnx_recurrent._fused import _pallas_settings, _plans, _xla
+from nnx_recurrent._fused import _pallas_settings, _plans, _step_math, _xla
 from nnx_recurrent._fused._pallas_kernels import (
   GRADS,
   RESIDUALS,
   backward_kernel,
   forward_kernel,
 )
-from nnx_recurrent._fused._step_math import LSTMMath, dot, grads_after_loop, rebuilt_residuals
+from nnx_recurrent._fused._step_math import LSTMMath, dot, grads_after_loop
 
 _MIN_ROWS = 16  # Triton's dot: at least 16 rows
 _MIN_HIDDEN = 16  # ... and contraction / output sizes of at least 16
@@ -286,14 +286,17 @@ def recurrence(cell_math, packed, params, xs, carry0, steps):
 # derivatives of the passes. The kernels' residuals get a zero tangent: only
 # the backward pass reads them, and its derivative recomputes everything from
 # the call's inputs (so it needs none).
+def _step_masks(packed: bool, time: int, steps):
+  """``(valid, reset)`` of every step, ``(time, *batch)`` (``reset``: ``None``
+  without packed sequences)."""
+  if packed:
+    return steps > 0, steps == 2
+  return jnp.arange(time).reshape((-1,) + (1,) * steps.ndim) < steps[None], None
+
+
 def _scans(cell_math, packed: bool, params, xs, steps):
   """The XLA scans' plan and ``(valid, reset)`` masks for this call."""
-  if packed:
-    masks = (steps > 0, steps == 2)
-  else:
-    time = jnp.arange(xs.shape[0]).reshape((-1,) + (1,) * steps.ndim)
-    masks = (time < steps[None], None)
-  return _plans.plan_for_call(cell_math, params, xs), masks
+  return _plans.plan_for_call(cell_math, params, xs), _step_masks(packed, xs.shape[0], steps)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
@@ -349,8 +352,9 @@ def _kernels_backward(cell_math, packed: bool, saved, cotangents) -> tuple[Any, 
   with jax.named_scope(f'nr.{cell_math.name}/pallas_backward'):
     if res.ndim != 4:  # the forward saved c alone, or nothing (Settings.residuals)
       c_prev = lay.unpad(res, batch, 1, h) if lstm else None
-      res = rebuilt_residuals(cell_math, params, xs, carry0, ys, c_prev,
-                              (steps > 0, steps == 2) if packed else None, lay.state)
+      valid, reset = _step_masks(packed, time, steps)
+      res = _step_math.rebuilt_residuals(cell_math, params, xs, carry0, ys, c_prev,
+                                         (valid, reset) if packed else None, lay.state)
       res = lay.pad_rows(lay.pad_to(res.reshape(time, lay.rows, RESIDUALS, h), hp), 1)
     carries = jax.tree_util.tree_leaves(carry0)
     w_t = _recurrent_weights(lay, params[2], True)
@@ -361,13 +365,18 @@ def _kernels_backward(cell_math, packed: bool, saved, cotangents) -> tuple[Any, 
     inputs += [(lay.rows_of(d.astype(lay.state), 0), 0)
                for d in jax.tree_util.tree_leaves(dfinal)]
     widths = [hp, lay.pp] if lstm else [hp]
-    outputs: list[_Block] = [(((time, rows, GRADS, hp), xs.dtype), 1)]
+    grads = ((2 if lstm else 1) if lay.rebuild else GRADS)  # Settings.residuals
+    outputs: list[_Block] = [(((time, rows, grads, hp), xs.dtype), 1)]
     outputs += [(((rows, w), lay.state), 0) for w in widths]
     if lay.proj:  # each step's dh, for dW_hr
       outputs.append((((time, rows, lay.pp), lay.state), 1))
     out = lay.call(functools.partial(backward_kernel, lay=lay, lstm=lstm),
                    f'nr_{cell_math.name.lower()}_backward', inputs, outputs)
     dg = lay.unpad(out[0], batch, 1, h)  # (time, *batch, 4, H)
+    if lay.rebuild:  # from the gate math's dc and dh (Settings.residuals)
+      valid = _step_masks(packed, time, steps)[0]
+      dg = _step_math.rebuilt_gate_grads(cell_math, lay.unpad(res, batch, 1, h).astype(lay.state),
+                                         dg.astype(lay.state), valid).astype(xs.dtype)
     dcarry0_leaves = [lay.unpad(a, batch, 0, c.shape[-1]).astype(c.dtype)
                       for a, c in zip(out[1: 1 + len(carries)], carries)]
     dcarry0 = tuple(dcarry0_leaves) if lstm else dcarry0_leaves[0]

@@ -307,7 +307,8 @@ def forward_kernel(*all_refs: Any, lay, lstm: bool, save: bool):
 def backward_kernel(*all_refs: Any, lay, lstm: bool):
   """Inputs: steps, the residuals, ``d ys``, ``W_h^T``'s gate blocks ``(G, Hp,
   Pp)``, [projection: ``W_hr^T`` ``(Pp, Hp)``], the final carry's cotangent;
-  outputs: the gate gradients ``(time, rows, GRADS, Hp)``, the initial carry's
+  outputs: the gate gradients ``(time, rows, GRADS, Hp)`` (with ``residuals=
+  'rebuilt'`` what they come from, ``(time, rows, 2 or 1, Hp)``), the initial carry's
   cotangent, [projection: each step's ``dh``, for ``dW_hr``]."""
   refs = list(all_refs)
   n_carry = 2 if lstm else 1
@@ -344,12 +345,15 @@ def backward_kernel(*all_refs: Any, lay, lstm: bool):
       cols = pl.ds(j * lay.ch, lay.ch)
       res = [(res_ref[t, :, k, cols] if loaded is None else loaded[0][j][k]).astype(lay.state)
              for k in range(RESIDUALS)]
+      seeds = (_pick(dcarry[0], j), _pick(dm, j)) if lstm else (_pick(dm, j),)
       if lstm:  # d of i, f, g, o's pre-activations, dc_prev
-        *stored, first = LSTMMath.gate_step_bwd(*res, _pick(dcarry[0], j), _pick(dm, j))
+        *stored, first = LSTMMath.gate_step_bwd(*res, *seeds)
       else:  # d of r's, z's, of hn, of n's; dh_prev except via h W_h
-        *stored, first = GRUMath.gate_step_bwd(*res, _pick(dm, j))
+        *stored, first = GRUMath.gate_step_bwd(*res, *seeds)
       stored = [jnp.where(valid, d, 0) for d in stored]
-      for k, d in enumerate(stored):
+      # Settings.residuals='rebuilt': the gate math's dc and dh (the GRU's dh) instead of
+      # the gate gradients, which XLA rebuilds from them
+      for k, d in enumerate([jnp.where(valid, d, 0) for d in seeds] if lay.rebuild else stored):
         dg_ref[t, :, k, cols] = d.astype(dg_ref.dtype)
       if not lay.w16:
         for k in range(lay.gates):

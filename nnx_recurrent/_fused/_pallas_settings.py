@@ -99,20 +99,23 @@ class Settings(NamedTuple):
   and 8 / 12 global loads, where float32 takes 1517 / 1350 and 28 / 32. Not
   yet timed on a GPU (``benchmarks/gpu.sh``)."""
   residuals: str = 'written'
-  """What the training forward kernel writes at each step for the backward:
-  ``'written'``, the activated gates and the carry entering the step (five
-  tiles: LSTM ``i, f, g, o, c``, GRU ``r, z, n, h W_hn + b_hn, h``);
-  ``'rebuilt'``, only the LSTM's ``c`` (the GRU nothing: its forward is the
-  inference kernel), and XLA rebuilds the five tiles between the kernels from
-  the outputs (the ``h`` entering each step), the inputs and one large matmul
-  ``h W_h`` over all steps, fully parallel. Each tile a step costs the kernel
-  a layout conversion for its store, two barriers, on a latency-bound step:
-  compiled for ``sm_90a`` at ``(1, ., 32, 64)`` the LSTM's training forward
-  takes 22 barriers a step, its inference forward 12, with ``'rebuilt'`` 14
-  (the GRU's 20, 10 and 10; at ``(8, ., 64, 128)`` 54, 34, 38 and 42, 22, 22).
-  The rebuilt gates come from the outputs, not the kernel's own sums, so on a
-  GPU they differ from the forward's by TF32's rounding. Not yet timed on a
-  GPU (``benchmarks/gpu.sh``)."""
+  """What the kernels write at each step for the passes after them:
+  ``'written'``, the training forward the activated gates and the carry
+  entering the step (five tiles: LSTM ``i, f, g, o, c``, GRU ``r, z, n, h W_hn
+  + b_hn, h``) and the backward the four gate gradients; ``'rebuilt'``, the
+  forward only the LSTM's ``c`` (the GRU's nothing: its forward is the
+  inference kernel) and the backward only the ``dc`` and ``dh`` its gate math
+  starts from (the GRU's ``dh``), and XLA rebuilds the rest between and after
+  the kernels, fully parallel over all steps: the five tiles from the outputs
+  (the ``h`` entering each step), the inputs and one large matmul ``h W_h``;
+  the gate gradients from the residuals (``_step_math.rebuilt_residuals``,
+  ``rebuilt_gate_grads``). Each tile a step costs the kernel a layout
+  conversion for its store, two barriers, on a latency-bound step: compiled
+  for ``sm_90a`` at ``(1, ., 32, 64)``, the LSTM's training forward takes 22
+  barriers a step, 14 rebuilt (its inference forward 12), its backward 28 and
+  24; the GRU's 20 and 10, 26 and 20. The rebuilt gates come from the outputs,
+  not the kernel's own sums, so on a GPU they differ from the forward's by
+  TF32's rounding. Not yet timed on a GPU (``benchmarks/gpu.sh``)."""
 
 
 MATMULS = ('dot', 'fma', 'auto')  # the values of Settings.matmul

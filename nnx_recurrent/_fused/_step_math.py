@@ -312,6 +312,19 @@ def rebuilt_residuals(cell_math, params, xs, carry0, ys, c_prev, packed, dtype):
   return res.astype(xs.dtype)
 
 
+def rebuilt_gate_grads(cell_math, res, seeds, valid):
+  """The gate gradients of every step (``(time, *batch, 4, H)``: the LSTM's of
+  ``i, f, g, o``'s pre-activations, the GRU's of ``r``'s, ``z``'s, ``h W_hn``
+  and ``n``'s), zeros at invalid steps, from the residuals ``(time, *batch, 5,
+  H)`` and what a backward loop wrote instead of them (``seeds``, ``(time,
+  *batch, 2 or 1, H)``: the LSTM's ``dc`` and ``dh`` entering each step's gate
+  math, the GRU's ``dh``; the Pallas kernels with ``Settings.residuals=
+  'rebuilt'``)."""
+  parts = [res[..., k, :] for k in range(res.shape[-2])]
+  *grads, _ = cell_math.gate_step_bwd(*parts, *(seeds[..., k, :] for k in range(seeds.shape[-2])))
+  return jnp.where(valid[..., None, None], jnp.stack(grads[:4], axis=-2), 0)
+
+
 def grads_after_loop(cell_math, d_all, res, params, xs, carry0, ys, packed):
   """The gradients of the parameters and inputs from the stacked outputs of a
   backward recurrence (``d_all``, as ``cell_math.step_bwd`` stacks them), each

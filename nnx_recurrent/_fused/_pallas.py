@@ -139,7 +139,8 @@ class _Layout:
            else str(precision).lower() in _pallas_settings.LOW_PRECISIONS)
     self.w16 = (settings.recurrent_weights == 'float16' and self.dtype == jnp.float32
                 and not proj and low)
-    self.rebuild = settings.residuals == 'rebuilt'  # (the backward reads what the forward saved)
+    # Settings.residuals (a backward rebuilds the residuals by what its forward saved)
+    self.rebuild = settings.residuals == 'rebuilt'
 
   def pad_rows(self, a, axis: int):
     pad = [(0, 0)] * a.ndim
@@ -365,7 +366,7 @@ def _kernels_backward(cell_math, packed: bool, saved, cotangents) -> tuple[Any, 
     inputs += [(lay.rows_of(d.astype(lay.state), 0), 0)
                for d in jax.tree_util.tree_leaves(dfinal)]
     widths = [hp, lay.pp] if lstm else [hp]
-    grads = ((2 if lstm else 1) if lay.rebuild else GRADS)  # Settings.residuals
+    grads = (2 if lstm else 1) if lay.rebuild else GRADS  # Settings.residuals
     outputs: list[_Block] = [(((time, rows, grads, hp), xs.dtype), 1)]
     outputs += [(((rows, w), lay.state), 0) for w in widths]
     if lay.proj:  # each step's dh, for dW_hr

@@ -85,3 +85,18 @@ def test_rounding_errors_of_float16_products_are_tf32s():
   assert errors['float32'][0] < 1e-6
   assert 1e-6 < errors['tf32'][0] < 1e-2
   assert 0.5 < errors['float16'][0] / errors['tf32'][0] < 2
+
+
+def test_timed_reports_the_error_and_the_steps_given_up(monkeypatch):
+  """``timed`` (what a GPU run records for each variant), here in interpret mode:
+  one float16 block agrees with the XLA scan of the same rounding and gave up no
+  step; two blocks run one after the other give up every step of the first and
+  are far from the scan, which is what the record must show."""
+  import functools
+
+  monkeypatch.setattr(probe, 'lstm_steps', functools.partial(probe.lstm_steps, interpret=True))
+  one = probe.timed(probe.Variant(32, 1, 4, 'float16'), steps=6)
+  assert one['late'] == [0] and one['max_abs_err'] < 1e-5 and one['us_per_step'] > 0
+  assert (one['hidden'], one['blocks'], one['weights'], one['steps']) == (32, 1, 'float16', 6)
+  two = probe.timed(probe.Variant(32, 2), steps=3)
+  assert two['late'] == [3, 0] and two['max_abs_err'] > 1e-2

@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from benchmarks import median_ms
 
 BLOCK_ROWS = 16  # the batch as wgmma's N: 16 bfloat16 = one 32-byte swizzled row
 OPERAND = jnp.bfloat16
@@ -176,17 +176,6 @@ def lstm_forward(xw, w_h, *, lengths=None, carry=None, interpret: bool = False):
   return ys.transpose(0, 2, 1)[:, :batch], (state[0], state[1])
 
 
-def _median_ms(fn, *args, rounds: int, n: int = 20) -> float:
-  jax.block_until_ready(fn(*args))
-  samples = []
-  for _ in range(rounds):
-    t0 = time.perf_counter()
-    for _ in range(n):
-      jax.block_until_ready(fn(*args))
-    samples.append((time.perf_counter() - t0) / n * 1e3)
-  return statistics.median(samples)
-
-
 def main(argv=None) -> int:
   from flax import nnx
 
@@ -213,13 +202,13 @@ def main(argv=None) -> int:
     kernels = nnx.jit(lambda layer, x: layer(x))  # the layer's forward
     try:
       y_probe = probe(x, w_i, b, w_h).transpose(1, 0, 2)
-      row = dict(shape=[B, T, I, H], probe_ms=_median_ms(probe, x, w_i, b, w_h,
-                                                         rounds=args.rounds),
+      row = dict(shape=[B, T, I, H], probe_ms=median_ms(probe, x, w_i, b, w_h,
+                                                         rounds=args.rounds, n=20),
                  max_abs_diff=float(jnp.abs(y_probe - kernels(layer, x)).max()))
     except Exception as e:  # noqa: BLE001 - a probe: report what failed, time the rest
       row = dict(shape=[B, T, I, H], probe_error=f'{type(e).__name__}: {e}'[:2000])
     row['layer'] = f'nr.LSTM[{layer.implementation}]'
-    row['layer_ms'] = _median_ms(kernels, layer, x, rounds=args.rounds)
+    row['layer_ms'] = median_ms(kernels, layer, x, rounds=args.rounds, n=20)
     for key in ('probe_ms', 'layer_ms'):
       if key in row:
         row[key.replace('_ms', '_us_per_step')] = row[key] * 1e3 / T

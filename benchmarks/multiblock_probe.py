@@ -46,16 +46,16 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from benchmarks import median_ms
 
 ROWS = 16  # Triton's dot: at least 16 rows (batch 8 padded)
 STEPS = 500
@@ -244,17 +244,6 @@ def inputs(hidden: int, steps: int = STEPS, rows: int = ROWS, seed: int = 0):
   return jnp.asarray(xg), jnp.asarray(w_h)
 
 
-def _median_us_per_step(fn, steps: int, rounds: int = 5, n: int = 10) -> float:
-  jax.block_until_ready(fn())
-  samples = []
-  for _ in range(rounds):
-    t0 = time.perf_counter()
-    for _ in range(n):
-      jax.block_until_ready(fn())
-    samples.append((time.perf_counter() - t0) / n / steps * 1e6)
-  return statistics.median(samples)
-
-
 def timed(variant: Variant, steps: int = STEPS) -> dict:
   """One variant on the GPU: us a step, ``late``, and its largest difference from
   :func:`xla_reference`."""
@@ -265,7 +254,7 @@ def timed(variant: Variant, steps: int = STEPS) -> dict:
   ys, late = jax.block_until_ready(run(xg, w_h))
   want = jax.jit(functools.partial(xla_reference, weights=weights))(xg, w_h)
   return dict(variant=variant.name, **variant._asdict(), steps=steps, rows=ROWS,
-              us_per_step=_median_us_per_step(lambda: run(xg, w_h), steps),
+              us_per_step=median_ms(run, xg, w_h, rounds=5, n=10) * 1e3 / steps,
               late=[int(v) for v in np.asarray(late)],
               max_abs_err=float(jnp.max(jnp.abs(ys - want))))
 

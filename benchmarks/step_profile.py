@@ -38,25 +38,27 @@ import argparse
 import collections
 import functools
 import glob
+import json
 import re
-import statistics
 import tempfile
 
 import jax
 
+from benchmarks import median_ms, write_json
+
 KINDS = ('kernel', 'gemm', 'copy', 'other')
 _KERNEL = re.compile(r'^nr_|RNN|rnn_|LSTM|GRU|Persist', re.IGNORECASE)
 _GEMM = re.compile(r'gemm|cublas|cutlass|xmma|dot|matmul|\bmm\b|addmm|sgemm', re.IGNORECASE)
-_COPY = re.compile(r'memcpy|memset|copy|transpose|Memcpy|Memset', re.IGNORECASE)
+_COPY = re.compile(r'memcpy|memset|copy|transpose', re.IGNORECASE)
 
 
 def kind(name: str) -> str:
   """A kernel's class, from its name and HLO op (``'name [op]'``): see the module
   docstring."""
-  if _KERNEL.search(name) and not _GEMM.search(name):
-    return 'kernel'
   if _GEMM.search(name):
     return 'gemm'
+  if _KERNEL.search(name):
+    return 'kernel'
   if _COPY.search(name):
     return 'copy'
   return 'other'
@@ -164,19 +166,6 @@ def torch_profile(fn, calls: int, cuda: bool) -> tuple[list, str]:
   return events, 'torch.profiler ' + ('CUDA kernels' if cuda else 'CPU aten ops (self time)')
 
 
-def wall_us(fn, calls: int, rounds: int = 3) -> float:
-  import time
-
-  fn()
-  samples = []
-  for _ in range(rounds):
-    t0 = time.perf_counter()
-    for _ in range(calls):
-      fn()
-    samples.append((time.perf_counter() - t0) / calls * 1e6)
-  return statistics.median(samples)
-
-
 def _torch_cuda() -> bool:
   import torch
 
@@ -205,7 +194,7 @@ def rows_for(label, shape, pair, calls, prof) -> list[dict]:
   for mode, fn in zip(('forward', 'train'), pair):
     events, source = prof(fn, calls)
     row = dict(shape=list(shape), layer=label[0], variant=label[1], mode=mode, source=source,
-               wall_us=wall_us(fn, calls), **summarise(events, calls))
+               wall_us=median_ms(fn, rounds=3, n=calls) * 1e3, **summarise(events, calls))
     rows.append(row)
     print(format_row(row), flush=True)
   return rows
@@ -242,8 +231,6 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-  from benchmarks import write_json
-
   p = argparse.ArgumentParser(prog='python -m benchmarks.step_profile')
   p.add_argument('--shapes', default='1x1000x32x64,8x500x64x128')
   p.add_argument('--layers', default='LSTM,GRU')
@@ -261,8 +248,6 @@ def main(argv=None) -> int:
                  help="print a saved profile (--json's file) as a Markdown table, and stop")
   args = p.parse_args(argv)
   if args.markdown:
-    import json
-
     with open(args.markdown) as f:
       print(markdown(json.load(f)['rows']))
     return 0

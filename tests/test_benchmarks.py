@@ -947,3 +947,25 @@ def test_main_reports_from_json_files_without_measuring(monkeypatch, tmp_path, c
   assert [line.split(' | ')[1] for line in capsys.readouterr().out.splitlines()[2:]] == [
     'nr.GRU / nnx.RNN(GRUCell)', 'nr.LSTM / nnx.RNN(OptimizedLSTMCell)']
 
+
+
+def test_median_ms_warms_up_then_takes_the_median_of_sample_means(monkeypatch):
+  """``benchmarks.median_ms`` (the probes' and the step profile's timer): one
+  call to warm up, untimed; then each sample is ``n`` calls' mean, and the
+  median of the samples is returned, whatever a slow sample took."""
+  import types
+
+  import benchmarks
+
+  fake = FakeClock()
+  monkeypatch.setattr(benchmarks, 'time', types.SimpleNamespace(perf_counter=fake))
+  seconds = iter([9.0, 0.001, 0.003, 0.002, 0.002, 0.5, 0.5])  # warm-up, then 3 x 2 calls
+  calls = []
+
+  def fn(*args):
+    calls.append(args)
+    fake.now += next(seconds)
+    return args
+
+  assert benchmarks.median_ms(fn, 'x', rounds=3, n=2) == pytest.approx(2.0)  # (2, 2, 500)
+  assert calls == [('x',)] * 7

@@ -243,26 +243,44 @@ def test_pallas_settings_yield_the_changes_and_nest():
     pass
 
 
+def _power_at_or_below(a):
+  """The power of two at or below each entry of ``a >= 0`` (1 for 0), in NumPy."""
+  a = np.asarray(a, np.float64)
+  return np.where(a > 0, 2.0 ** np.floor(np.log2(np.where(a > 0, a, 1.0))), 1.0)
+
+
+def _float16_rounded(a, axis):
+  """``a`` rounded to float16 after dividing it (each slice along ``axis``; all of
+  it for ``None``) by the power of two at or below its largest magnitude, then
+  multiplied back."""
+  scale = _power_at_or_below(np.abs(np.asarray(a, np.float64)).max(axis=axis, keepdims=True))
+  return np.asarray(a / scale, np.float16).astype(np.float64) * scale
+
+
 class _Float16Product:
   """A recurrent weight matrix for ``tests.reference``: ``h @ W`` with ``h`` and ``W``
-  rounded to float16 first, the product in float64."""
+  rounded to float16 first, the product in float64. ``W`` (one gate's block) is
+  scaled into float16's range first, and with ``rows_scaled`` (an initial carry
+  beyond that range) ``h``'s rows too, at every step."""
   __array_ufunc__ = None  # NumPy defers ``h @ self`` to __rmatmul__
 
-  def __init__(self, w):
-    self.w = np.asarray(w, np.float16).astype(np.float64)
+  def __init__(self, w, rows_scaled: bool):
+    self.w, self.rows_scaled = _float16_rounded(w, None), rows_scaled
 
   def __rmatmul__(self, h):
+    if self.rows_scaled:
+      return _float16_rounded(h, -1) @ self.w
     return np.asarray(h, np.float16).astype(np.float64) @ self.w
 
 
-def _numpy_float16_products(layer, x, carry0):
+def _numpy_float16_products(layer, x, carry0, rows_scaled=False):
   """``numpy_layers`` with every recurrent product's operands rounded to float16."""
   out = []
   for cell, c0, reverse in ((layer.forward[0], carry0[0][0], False),
                             (layer.backward[0], carry0[0][1], True)):
     p = ref.cell_params(cell)
     for name in [k for k in p if k.startswith('W_h') and (p['kind'] == 'gru' or k != 'W_hr')]:
-      p[name] = _Float16Product(p[name])
+      p[name] = _Float16Product(p[name], rows_scaled)
     out.append(ref.rnn(p, x, LENGTHS, c0, num_batch_dims=1, reverse=reverse, keep_order=True))
   return ((out[0][0], out[1][0]),), np.concatenate([out[0][1], out[1][1]], axis=-1)
 
@@ -311,6 +329,42 @@ def test_float16_recurrent_weights(cls):
       out_p, _ = values_and_grads(projected, x, carry_p, run)
     assert_trees_close(out_p, numpy_layers(projected, x, LENGTHS, carry_p),
                        atol=2e-5 if cpu else 5e-3)
+
+
+@pytest.mark.parametrize('case', ['huge weights', 'tiny weights, huge carry'])
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_float16_recurrent_weights_beyond_float16s_range(cls, case):
+  """The float16 weights hold any float32 weights and initial carry: each gate's
+  block of ``W_h`` is scaled into float16's range (by a power of two), and where the
+  initial carry exceeds it (65504) so are ``h``'s rows, at every step of that
+  kernel program. Weights times 2**17 (over 65504) or times 2**-20 (float16
+  subnormals) with a carry times 2**20: values against float64 NumPy with the
+  same rounding, bidirectional, lengths 5, 2 and 0; gradients against the
+  float32 scans, each leaf to 5e-3 of its largest magnitude (an LSTM's ``h``
+  reaches the loss only through ``h W_h``: its gradient takes the backward's
+  scaled products alone)."""
+  layer = build(lambda: cls(I, 24, bidirectional=True, implementation='pallas',
+                            rngs=nnx.Rngs(71)), seed=71)
+  x = ref.normal((B, T, I), seed=72)
+  carry0 = random_carry(layer, seed=73)
+  weights, carry = (2.0 ** 17, 1.0) if case == 'huge weights' else (2.0 ** -20, 2.0 ** 20)
+  for cell in (layer.forward[0], layer.backward[0]):
+    cell.dense_h.kernel[...] = cell.dense_h.kernel[...] * weights
+  carry0 = jax.tree_util.tree_map(lambda a: a * carry, carry0)
+  with internal.pallas_settings(recurrent_weights='float16'), \
+       jax.default_matmul_precision('tensorfloat32'):
+    out, grads = values_and_grads(layer, x, carry0, run)
+  with np.errstate(over='ignore'):  # the huge weights' sigmoids: exp overflows to 1 / inf = 0
+    want = _numpy_float16_products(layer, x, carry0, rows_scaled=carry > 1)
+  assert_trees_close(out, want, atol=2e-6, rtol=2e-6)
+  _, full = values_and_grads(with_implementation(layer, 'xla'), x, carry0, run)
+  leaves, structure = jax.tree_util.tree_flatten_with_path(grads)
+  assert jax.tree_util.tree_structure(full) == structure
+  for (path, got), want in zip(leaves, jax.tree_util.tree_leaves(full)):
+    want = np.asarray(want)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=0,
+                               atol=5e-3 * np.abs(want).max() + 1e-30,
+                               err_msg=jax.tree_util.keystr(path))
 
 
 def test_float16_recurrent_weights_lower_as_float16_products():

@@ -63,6 +63,7 @@ from nnx_recurrent._fused._pallas_kernels import (
   RESIDUALS,
   backward_kernel,
   forward_kernel,
+  power_at_or_below,
 )
 from nnx_recurrent._fused._step_math import LSTMMath, dot, grads_after_loop
 
@@ -226,6 +227,21 @@ def _recurrent_weights(lay: _Layout, w_h, transpose: bool):
   return jnp.pad(w, [(0, 0), (0, shape[0] - w.shape[1]), (0, shape[1] - w.shape[2])])
 
 
+def _weight_inputs(lay: _Layout, w_h, transpose: bool) -> list[tuple[Any, int | None]]:
+  """The kernels' ``W_h`` (:func:`_recurrent_weights`); with ``lay.w16``
+  (``Settings.recurrent_weights``) in float16, each gate's block divided by the
+  power of two at or below its largest magnitude (exact; the block then lies
+  within 2, so float16's range holds any weights), followed by those powers
+  ``(G,)`` (padded with ones to a power of two), by which the kernels multiply the
+  products back."""
+  w = _recurrent_weights(lay, w_h, transpose)
+  if not lay.w16:
+    return [(w, None)]
+  scale = power_at_or_below(jnp.max(jnp.abs(w), axis=(1, 2)))
+  w16 = (w / scale[:, None, None]).astype(jnp.float16)
+  return [(w16, None), (jnp.pad(scale, (0, _pow2(lay.gates) - lay.gates), constant_values=1), None)]
+
+
 def _projection(lay: _Layout, w_hr, transpose: bool):
   """``W_hr`` ``(Hp, Pp)`` (or its transpose), zero-padded."""
   w = lay.pad_to(lay.pad_to(w_hr, lay.pp, 1), lay.hp, 0)
@@ -243,8 +259,7 @@ def _forward(cell_math, packed, params, xs, carry0, steps, save: bool):
     x = lay.pad_rows(xs.reshape(time, lay.rows, xs.shape[-1]), 1)
     w_i = lay.gate_blocks(w_i).reshape(w_i.shape[0], g * hp)
     xp = (dot(x, w_i) + lay.gate_blocks(b).reshape(1, 1, g * hp)).reshape(time, rows, g, hp)
-    w = _recurrent_weights(lay, w_h, False)
-    inputs = [lay.steps(steps), (xp, 1), (w.astype(jnp.float16) if lay.w16 else w, None)]
+    inputs = [lay.steps(steps), (xp, 1), *_weight_inputs(lay, w_h, False)]
     if not lstm:
       inputs.append((lay.pad_to(extra, hp), None))
     elif lay.proj:
@@ -358,9 +373,8 @@ def _kernels_backward(cell_math, packed: bool, saved, cotangents) -> tuple[Any, 
                                          (valid, reset) if packed else None, lay.state)
       res = lay.pad_rows(lay.pad_to(res.reshape(time, lay.rows, RESIDUALS, h), hp), 1)
     carries = jax.tree_util.tree_leaves(carry0)
-    w_t = _recurrent_weights(lay, params[2], True)
     inputs = [lay.steps(steps), (res, 1), (lay.rows_of(dys, 1), 1),
-              (w_t.astype(jnp.float16) if lay.w16 else w_t, None)]
+              *_weight_inputs(lay, params[2], True)]
     if lay.proj:
       inputs.append((_projection(lay, params[3], True), None))
     inputs += [(lay.rows_of(d.astype(lay.state), 0), 0)

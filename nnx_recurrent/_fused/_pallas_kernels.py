@@ -83,16 +83,47 @@ def _add(total, term):
   return term if total is None else total + term
 
 
+FLOAT16_MAX = 65504.0
+
+
+def power_at_or_below(top):
+  """The power of two at or below each of ``top``'s (non-negative float32)
+  entries, 1 where an entry is 0 (or subnormal): dividing by it is exact and
+  brings the entry within ``[1, 2)``."""
+  bits = jax.lax.bitcast_convert_type(top, jnp.int32) & 0x7F800000  # the exponent alone
+  power = jax.lax.bitcast_convert_type(bits, top.dtype)
+  return jnp.where(power > 0, power, jnp.ones_like(power))
+
+
 def _row_scale(pieces):
   """The power of two at or below each row's largest ``|value|`` over ``pieces``
   (``(rows, 1)``; 1 for a row of zeros): dividing by it is exact and brings
   the row within ``[-2, 2)``, where float16 has TF32's precision
   (``Settings.recurrent_weights``)."""
-  top = jnp.max(functools.reduce(jnp.maximum, [jnp.abs(p) for p in pieces]), axis=1,
-                keepdims=True)
-  bits = jax.lax.bitcast_convert_type(top, jnp.int32) & 0x7F800000  # the exponent alone
-  power = jax.lax.bitcast_convert_type(bits, top.dtype)
-  return jnp.where(power > 0, power, jnp.ones_like(power))
+  return power_at_or_below(jnp.max(functools.reduce(jnp.maximum, [jnp.abs(p) for p in pieces]),
+                                   axis=1, keepdims=True))
+
+
+def _float16_operand(h, fits):
+  """The forward's float16 products' left operand: ``h``'s pieces as they are
+  while ``fits`` (the initial carry was within float16's range, and so is every
+  later ``h``: an LSTM's within 1, a GRU's within the larger of 1 and the
+  initial carry's), else divided by :func:`_row_scale` at every step; and what
+  the products are multiplied by after (1, or that scale). ``fits`` is one value
+  for the program: a branch, not a select, so the scale costs nothing while it
+  holds."""
+  def scaled(pieces):
+    scale = _row_scale(pieces)
+    return tuple(p / scale for p in pieces), scale
+
+  return jax.lax.cond(fits, lambda pieces: (pieces, jnp.ones_like(pieces[0][:, :1])), scaled,
+                      tuple(h))
+
+
+def _gate_scales(ref, lay):
+  """The float16 weights' scales (``Settings.recurrent_weights``), one scalar a
+  gate, loaded once."""
+  return tuple(ref[k] for k in range(lay.gates))
 
 
 class _Tiles:
@@ -239,11 +270,13 @@ def _time_loop(lay, step, load, init):
 
 def forward_kernel(*all_refs: Any, lay, lstm: bool, save: bool):
   """Inputs: steps, ``x W_i + b`` ``(time, rows, G, Hp)``, ``W_h``'s gate blocks
-  ``(G, Pp, Hp)``, [GRU: ``b_hn``], [projection: ``W_hr`` ``(Hp, Pp)``], the
-  initial carry; outputs: ``ys``, the final carry, [the residuals]."""
+  ``(G, Pp, Hp)``, [float16 weights: each gate's scale ``(G,)``, padded], [GRU:
+  ``b_hn``], [projection: ``W_hr`` ``(Hp, Pp)``], the initial carry; outputs:
+  ``ys``, the final carry, [the residuals]."""
   refs = list(all_refs)
   steps_ref, xp_ref, w_ref = refs[:3]
   del refs[:3]
+  w_scale = _gate_scales(refs.pop(0), lay) if lay.w16 else None
   bhn_ref = None if lstm else refs.pop(0)
   wr_ref = refs.pop(0) if lay.proj else None
   n_carry = 2 if lstm else 1
@@ -256,6 +289,9 @@ def forward_kernel(*all_refs: Any, lay, lstm: bool, save: bool):
   b_hn = None if bhn_ref is None else tuple(
     bhn_ref[pl.ds(j * lay.ch, lay.ch)].astype(lay.state)[None, :] for j in range(lay.nh))
   carry0 = _load_carry(carry_refs, lay, lstm)
+  # float16 products: does h stay within float16's range? (see _float16_operand)
+  fits = None if not lay.w16 else functools.reduce(
+    jnp.maximum, [jnp.max(jnp.abs(p)) for p in carry0[-1]]) <= FLOAT16_MAX
 
   def load_xp(t):  # step t's input projections: per hidden chunk, per gate
     return tuple(tuple(xp_ref[t, :, k, pl.ds(j * lay.ch, lay.ch)] for k in range(lay.gates))
@@ -268,12 +304,15 @@ def forward_kernel(*all_refs: Any, lay, lstm: bool, save: bool):
     if reset is not None:  # a packed segment after the row's first starts from zeros
       carry = _select(reset, jax.tree_util.tree_map(jnp.zeros_like, carry), carry)
     h = carry[-1]
+    h_op, unscale = _float16_operand(h, fits) if lay.w16 else (h, None)
 
     def chunk(j, new):  # the gates of hidden chunk j: its new c and h (m) pieces
       cols = pl.ds(j * lay.ch, lay.ch)
       xp = [(xp_ref[t, :, k, cols] if xps is None else xps[j][k]).astype(lay.state)
             for k in range(lay.gates)]
-      hp = [_column(h, w, (k,), j, lay.state) for k in range(lay.gates)]
+      hp = [_column(h_op, w, (k,), j, lay.state) for k in range(lay.gates)]
+      if lay.w16:  # the float16 products scaled back, by gate and row
+        hp = [p * (w_scale[k] * unscale) for k, p in enumerate(hp)]
       if lstm:
         c = _pick(carry[0], j)
         i, f, o = (jax.nn.sigmoid(xp[k] + hp[k]) for k in (0, 1, 3))
@@ -306,7 +345,8 @@ def forward_kernel(*all_refs: Any, lay, lstm: bool, save: bool):
 
 def backward_kernel(*all_refs: Any, lay, lstm: bool):
   """Inputs: steps, the residuals, ``d ys``, ``W_h^T``'s gate blocks ``(G, Hp,
-  Pp)``, [projection: ``W_hr^T`` ``(Pp, Hp)``], the final carry's cotangent;
+  Pp)``, [float16 weights: each gate's scale ``(G,)``, padded], [projection:
+  ``W_hr^T`` ``(Pp, Hp)``], the final carry's cotangent;
   outputs: the gate gradients ``(time, rows, GRADS, Hp)`` (with ``residuals=
   'rebuilt'`` what they come from, ``(time, rows, 2 or 1, Hp)``), the initial carry's
   cotangent, [projection: each step's ``dh``, for ``dW_hr``]."""
@@ -314,6 +354,7 @@ def backward_kernel(*all_refs: Any, lay, lstm: bool):
   n_carry = 2 if lstm else 1
   steps_ref, res_ref, dys_ref, wt_ref = refs[:4]
   del refs[:4]
+  w_scale = _gate_scales(refs.pop(0), lay) if lay.w16 else None
   wrt_ref = refs.pop(0) if lay.proj else None
   dfinal_refs, refs = refs[:n_carry], refs[n_carry:]
   dg_ref, dcarry0_refs, dh_ref = refs[0], refs[1: 1 + n_carry], refs[1 + n_carry:]
@@ -360,9 +401,12 @@ def backward_kernel(*all_refs: Any, lay, lstm: bool):
           dh_prev = tuple(_add(p, wt.times(stored[k], (k, j, i), lay.state))
                           for i, p in enumerate(dh_prev))
         return _put(firsts, j, first), dh_prev
-      # float16 operands: each row scaled into float16's range, the products scaled back
-      scale = _row_scale(stored[:lay.gates])
-      scaled = [stored[k] / scale for k in range(lay.gates)]
+      # float16 operands: each gate's block of W_h^T was divided by its scale, so that
+      # gate's gradients are multiplied by it; then each row is scaled into float16's
+      # range, and the products scaled back
+      weighted = [stored[k] * w_scale[k] for k in range(lay.gates)]
+      scale = _row_scale(weighted)
+      scaled = [a / scale for a in weighted]
       terms = []
       for i in range(lay.np):
         total = None

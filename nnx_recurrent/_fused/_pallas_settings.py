@@ -84,10 +84,15 @@ class Settings(NamedTuple):
   of TF32 or less (``jax_default_matmul_precision`` unset on a GPU, where that
   means TF32, or ``'tensorfloat32'`` or ``'bfloat16'`` anywhere) and has no
   projection; else (and with ``'float32'``) the weights keep their dtype.
-  Float16 has TF32's 10 mantissa bits, so for values within its range (at
-  most 65504: ``h`` is within 1, unless an initial carry is not) the products
-  round as TF32's do: over 500 steps of an LSTM at hidden 128 both differed
-  from float64 by 1.8e-4 at most (benchmarks/RESULTS.md, session 36). The
+  Float16 has TF32's 10 mantissa bits, so for values within its range the
+  products round as TF32's do: over 500 steps of an LSTM at hidden 128 both
+  differed from float64 by 1.8e-4 at most (benchmarks/RESULTS.md, session 36).
+  Its range ends at 65504, so each gate's block of ``W_h`` is divided by the
+  power of two at or below its largest magnitude (exact) and the products
+  multiplied back; ``h`` stays within range (an LSTM's within 1, a GRU's within
+  the larger of 1 and the initial carry's) unless the initial carry exceeds
+  it, and then a kernel program scales each row of ``h`` likewise at every
+  step (a branch, untaken otherwise; session 37). The
   weights take half the bytes, so ``hold_bytes`` holds twice as many: all of
   an LSTM's ``W_h`` at hidden 128 (128 KiB), where float32 holds 176 of 256
   KiB and reads the rest from L2 at every step. The backward's gate gradients
@@ -95,9 +100,9 @@ class Settings(NamedTuple):
   at or below its largest magnitude (exact; the row then lies within 2), and
   the products are multiplied back, so smaller entries lose no more than TF32
   would lose beside the largest. Compiled for ``sm_90a`` at (8, ., 64, 128), a
-  step of the LSTM's forward / backward kernel takes 1093 / 1080 instructions
-  and 8 / 12 global loads, where float32 takes 1517 / 1350 and 28 / 32. Not
-  yet timed on a GPU (``benchmarks/gpu.sh``)."""
+  step of the LSTM's forward / backward kernel takes 1169 / 1112 instructions
+  (the untaken branch counted) and 8 / 12 global loads, where float32 takes
+  1517 / 1350 and 28 / 32. Not yet timed on a GPU (``benchmarks/gpu.sh``)."""
   residuals: str = 'written'
   """What the kernels write at each step for the passes after them:
   ``'written'``, the training forward the activated gates and the carry

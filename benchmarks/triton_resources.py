@@ -41,6 +41,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -96,6 +97,13 @@ def case_name(cls, batch, inputs, hidden, dtype, proj, packed):
 def triton_ir(cls, batch, inputs, hidden, dtype, proj, packed):
   """``{'forward': text, 'backward': text}``: the kernels of one direction's
   training step."""
+  return triton_kernels(cls, batch, inputs, hidden, dtype, proj, packed)[0]
+
+
+def triton_kernels(cls, batch, inputs, hidden, dtype, proj, packed):
+  """:func:`triton_ir`'s kernels and the warps they launch with, as the exported
+  calls say (the layout's: ``matmul='auto'`` picks its own, whatever the
+  ``num_warps`` setting)."""
   kw = dict(proj_features=proj) if proj else {}
   layer = getattr(nr, cls)(inputs, hidden, implementation='pallas', dtype=jnp.dtype(dtype),
                            rngs=nnx.Rngs(0), **kw)
@@ -110,11 +118,14 @@ def triton_ir(cls, batch, inputs, hidden, dtype, proj, packed):
   unchecked = [export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')]
   x = jnp.ones((batch, TIME, inputs))  # outside: no eager computation for an abstract GPU
   with _captured_triton_ir() as modules, internal.triton_lowering():
-    export.export(jax.jit(jax.grad(loss)), platforms=['cuda'], disabled_checks=unchecked)(
-      params, x)
+    exported = export.export(jax.jit(jax.grad(loss)), platforms=['cuda'],
+                             disabled_checks=unchecked)(params, x)
   if len(modules) != 2:
     raise RuntimeError(f'expected a forward and a backward kernel, captured {len(modules)}')
-  return dict(zip(('forward', 'backward'), modules))
+  warps = set(re.findall(r'num_warps = (\d+) : i32', exported.mlir_module()))
+  if len(warps) != 1:
+    raise RuntimeError(f'expected one num_warps for both kernels, found {sorted(warps)}')
+  return dict(zip(('forward', 'backward'), modules)), int(warps.pop())
 
 
 def parse_shapes(text):
@@ -151,16 +162,17 @@ def main(argv=None):
     print(f'settings: {settings._asdict()}', flush=True)
     print(f'{"kernel":52s} {"shared KiB":>10s} {"regs":>5s} {"spill B":>8s} {"compile s":>9s}'
           f' {"step: instr":>11s} {"bar":>4s} {"ld.sh":>5s} {"st.sh":>5s} {"ldmat":>5s}'
-          f' {"ld.gl":>5s}')
+          f' {"ld.gl":>5s} {"warps":>5s}')
     for case in cases:
       name = case_name(*case)
       paths = []
-      for kernel, text in triton_ir(*case).items():
+      kernels, warps = triton_kernels(*case)
+      for kernel, text in kernels.items():
         paths.append(os.path.join(tmp, f'{name}_{kernel}.ttir'))
         with open(paths[-1], 'w') as f:
           f.write(text)
       env = dict(os.environ, TRITON_CACHE_DIR=os.path.join(scratch, 'cache'))  # compiled afresh
-      done = subprocess.run([args.triton_python, child, str(settings.num_warps),
+      done = subprocess.run([args.triton_python, child, str(warps),
                              str(settings.num_stages), *paths], capture_output=True, text=True,
                             env=env)
       results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{')]
@@ -173,7 +185,7 @@ def main(argv=None):
                        error=f'no result: the compiler child exited with {done.returncode}: {tail}')
                   for path in paths[len(results):]]
       for r in results:
-        r['kernel'] = r.pop('file')[:-len('.ttir')]
+        r['kernel'], r['num_warps'] = r.pop('file')[:-len('.ttir')], warps
         r['fits'] = r['ok'] and r['shared'] <= SHARED_LIMIT
         if r['ok']:
           flag = '' if r['fits'] else '  OVER THE 227 KiB LIMIT'
@@ -182,7 +194,7 @@ def main(argv=None):
             ('instructions', 11), ('barriers', 4), ('shared_loads', 5), ('shared_stores', 5),
             ('ldmatrix', 5), ('global_loads', 5)))
           print(f'{r["kernel"]:52s} {r["shared"] / 1024:10.0f} {r["registers"]:5d} '
-                f'{r["spill_bytes"]:8d} {r["seconds"]:9.1f} {step}{flag}', flush=True)
+                f'{r["spill_bytes"]:8d} {r["seconds"]:9.1f} {step} {warps:5d}{flag}', flush=True)
         else:
           print(f'{r["kernel"]:52s} FAILED: {r["error"]}', flush=True)
       rows += results

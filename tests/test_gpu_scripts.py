@@ -591,11 +591,12 @@ $L__BB0_2:
 
 
 def fake_compiler(monkeypatch, shared):
-  """``triton_ir`` and the compiler child faked: the child answers for each file
+  """``triton_kernels`` (the LSTM's in 2 warps, the GRU's in 1) and the compiler
+  child faked: the child answers for each file
   ``shared[i]`` bytes of shared memory (``None``: a compiler error), after a line of
   noise. Returns its calls: (argv, the files' texts, Triton's cache directory)."""
-  monkeypatch.setattr(triton_resources, 'triton_ir',
-                      lambda *case: dict(forward=f'fwd {case}', backward=f'bwd {case}'))
+  monkeypatch.setattr(triton_resources, 'triton_kernels', lambda *case: (
+    dict(forward=f'fwd {case}', backward=f'bwd {case}'), 2 if case[0] == 'LSTM' else 1))
   shared, calls = iter(shared), []
 
   def run(argv, capture_output, text, env):
@@ -619,8 +620,8 @@ def fake_compiler(monkeypatch, shared):
 
 def test_triton_resources_main_reports_each_kernel(monkeypatch, tmp_path, capsys):
   """Per case, the forward and backward IR in two files for one child (the Python
-  given, the settings' warps and stages, a fresh Triton cache); 227 KiB exactly
-  fits, a byte more does not, a compiler error does not; exit 1 then."""
+  given, the kernels' own warps and the settings' stages, a fresh Triton cache);
+  227 KiB exactly fits, a byte more does not, a compiler error does not; exit 1 then."""
   limit = 227 * 1024
   calls = fake_compiler(monkeypatch, [limit, limit + 1, None, 1024])
   path = tmp_path / 'res.json'
@@ -630,15 +631,15 @@ def test_triton_resources_main_reports_each_kernel(monkeypatch, tmp_path, capsys
   cases = [(cls, 1, 2, 3, 'float32', None, False) for cls in ('LSTM', 'GRU')]
   assert [c[0][:4] for c in calls] == [
     ['/opt/triton/python', os.path.join(os.path.dirname(os.path.abspath(
-      triton_resources.__file__)), '_triton_compile.py'), '2', '3']] * 2
+      triton_resources.__file__)), '_triton_compile.py'), warps, '3'] for warps in '21']
   assert [c[1] for c in calls] == [[f'fwd {case}', f'bwd {case}'] for case in cases]
   assert all(c[2] == os.path.join(c[3], 'cache') for c in calls)
   saved = json.loads(path.read_text())
   assert (saved['settings']['num_warps'], saved['settings']['num_stages']) == (2, 3)
   assert saved['shared_limit'] == 232448
-  assert [(r['kernel'], r['fits']) for r in saved['kernels']] == [
-    ('LSTM_B1_I2_H3_float32_forward', True), ('LSTM_B1_I2_H3_float32_backward', False),
-    ('GRU_B1_I2_H3_float32_forward', False), ('GRU_B1_I2_H3_float32_backward', True)]
+  assert [(r['kernel'], r['fits'], r['num_warps']) for r in saved['kernels']] == [
+    ('LSTM_B1_I2_H3_float32_forward', True, 2), ('LSTM_B1_I2_H3_float32_backward', False, 2),
+    ('GRU_B1_I2_H3_float32_forward', False, 1), ('GRU_B1_I2_H3_float32_backward', True, 1)]
   assert saved['kernels'][2]['error'] == 'PTXASError: out of registers'
   out = capsys.readouterr().out
   assert 'LSTM_B1_I2_H3_float32_backward' in out and 'OVER THE 227 KiB LIMIT' in out
@@ -656,7 +657,8 @@ def test_triton_resources_main_reports_each_kernel(monkeypatch, tmp_path, capsys
 
 
 def test_triton_resources_main_reports_a_failed_child(monkeypatch):
-  monkeypatch.setattr(triton_resources, 'triton_ir', lambda *case: dict(forward='f', backward='b'))
+  monkeypatch.setattr(triton_resources, 'triton_kernels',
+                      lambda *case: (dict(forward='f', backward='b'), 8))
   monkeypatch.setattr(triton_resources, 'subprocess', types.SimpleNamespace(
     run=lambda *a, **kw: types.SimpleNamespace(stdout='', stderr='ModuleNotFoundError: triton',
                                                returncode=1)))
@@ -668,7 +670,8 @@ def test_triton_resources_a_child_that_dies_fails_the_rest(monkeypatch, tmp_path
   """The child prints a line per file as it compiles; one killed on a file (an LLVM
   ERROR aborts the process) leaves that file and the next without a line: they are
   failed kernels, not missing ones (before: left out, and the run exit 0)."""
-  monkeypatch.setattr(triton_resources, 'triton_ir', lambda *case: dict(forward='f', backward='b'))
+  monkeypatch.setattr(triton_resources, 'triton_kernels',
+                      lambda *case: (dict(forward='f', backward='b'), 8))
 
   def run(argv, **kwargs):
     first = json.dumps(dict(file=os.path.basename(argv[4]), ok=True, shared=1024, registers=40,
@@ -708,6 +711,21 @@ def test_triton_resources_ir_follows_the_case(monkeypatch):
     export=lambda *a, **kw: lambda *args: None))
   with pytest.raises(RuntimeError, match='expected a forward and a backward kernel, captured 0'):
     triton_resources.triton_ir('GRU', 1, 3, 16, 'float32', None, False)
+
+
+def test_triton_resources_compiles_with_the_kernels_own_warps():
+  """The warps each kernel is compiled with are those its exported call launches
+  with: the ``num_warps`` setting for the ``dot``, ``matmul='auto'``'s own (1 up
+  to 32 columns, 2 up to 64) whatever the setting (before, the setting's 8 for
+  all: the 'auto' kernels' static counts were of 8 warps)."""
+  def warps(hidden, **settings):
+    with internal.pallas_settings(**settings):
+      return triton_resources.triton_kernels('LSTM', 1, 3, hidden, 'float32', None, False)[1]
+
+  assert warps(16) == 8 and warps(16, num_warps=4) == 4
+  assert warps(16, matmul='auto', num_warps=4) == 1
+  assert warps(64, matmul='auto') == 2
+  assert warps(128, matmul='auto', num_warps=4) == 4  # the dot beyond 64
 
 
 # -- benchmarks/gpu.sh's calls ---------------------------------------------------------------

@@ -428,13 +428,13 @@ def test_float16_weights_in_a_loop_over_chunks_with_packed_sequences():
 
 
 def test_row_scale_is_each_rows_power_of_two():
-  """``_row_scale``: the power of two at or below each row's largest magnitude
+  """``_float16.row_scale``: the power of two at or below each row's largest magnitude
   over the pieces (exact, so dividing by it loses nothing), 1 for a zero row."""
-  from nnx_recurrent._fused import _pallas_kernels
+  from nnx_recurrent._fused import _float16
 
   a = jnp.array([[3.0, -0.5], [0.0, 0.0], [1e-30, 0.0], [-7e20, 1.0]], jnp.float32)
   b = jnp.array([[-5.0, 0.0], [0.0, 0.0], [0.0, -3e-30], [0.0, 0.0]], jnp.float32)
-  got = np.asarray(_pallas_kernels._row_scale([a, b]))[:, 0]
+  got = np.asarray(_float16.row_scale([a, b]))[:, 0]
   want = [4.0, 1.0, 2.0 ** np.floor(np.log2(3e-30)), 2.0 ** np.floor(np.log2(7e20))]
   np.testing.assert_array_equal(got, np.float32(want))
   assert np.all(np.abs(np.asarray(jnp.concatenate([a, b], 1)) / got[:, None]) < 2)

@@ -16,7 +16,7 @@ side, one per module, each choosing nothing:
   interpreted on the CPU; ``'auto'`` runs it only where it measured faster on
   a GPU, ``_plans.PALLAS_FASTER``), the kernels
   themselves in ``_pallas_kernels``, their sizes and Triton parameters in
-  ``_pallas_settings``;
+  ``_pallas_settings``, their float16 operands' scaling in ``_float16``;
 * ``_core``: what the layers do (construction, the call, packed sequences,
   the projection's sizes) and the one place that picks a backend
   (``implementation``);

@@ -57,13 +57,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from nnx_recurrent._fused import _pallas_settings, _plans, _step_math, _xla
+from nnx_recurrent._fused import _float16, _pallas_settings, _plans, _step_math, _xla
 from nnx_recurrent._fused._pallas_kernels import (
   GRADS,
   RESIDUALS,
   backward_kernel,
   forward_kernel,
-  power_at_or_below,
 )
 from nnx_recurrent._fused._step_math import LSTMMath, dot, grads_after_loop
 
@@ -228,17 +227,12 @@ def _recurrent_weights(lay: _Layout, w_h, transpose: bool):
 
 
 def _weight_inputs(lay: _Layout, w_h, transpose: bool) -> list[tuple[Any, int | None]]:
-  """The kernels' ``W_h`` (:func:`_recurrent_weights`); with ``lay.w16``
-  (``Settings.recurrent_weights``) in float16, each gate's block divided by the
-  power of two at or below its largest magnitude (exact; the block then lies
-  within 2, so float16's range holds any weights), followed by those powers
-  ``(G,)`` (padded with ones to a power of two), by which the kernels multiply the
-  products back."""
+  """The kernels' ``W_h`` (:func:`_recurrent_weights`); with ``lay.w16`` in
+  float16 and scaled, then the scales ``(G,)``, padded (:mod:`._float16`)."""
   w = _recurrent_weights(lay, w_h, transpose)
   if not lay.w16:
     return [(w, None)]
-  scale = power_at_or_below(jnp.max(jnp.abs(w), axis=(1, 2)))
-  w16 = (w / scale[:, None, None]).astype(jnp.float16)
+  w16, scale = _float16.scaled_weights(w)
   return [(w16, None), (jnp.pad(scale, (0, _pow2(lay.gates) - lay.gates), constant_values=1), None)]
 
 

@@ -52,7 +52,6 @@ Triton's constraints (read from ``jax/_src/pallas/triton/lowering.py``, jax
 
 from __future__ import annotations
 
-import functools
 import itertools
 from typing import Any
 
@@ -61,6 +60,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from nnx_recurrent._base import lstm_update
+from nnx_recurrent._fused import _float16
 from nnx_recurrent._fused._step_math import GRUMath, LSTMMath, identity
 
 RESIDUALS = 5  # per step: LSTM i, f, g, o, c_prev; GRU r, z, n, h W_hn + b_hn, h_prev
@@ -81,49 +81,6 @@ def _dot(a, b, dtype, fma: bool):
 
 def _add(total, term):
   return term if total is None else total + term
-
-
-FLOAT16_MAX = 65504.0
-
-
-def power_at_or_below(top):
-  """The power of two at or below each of ``top``'s (non-negative float32)
-  entries, 1 where an entry is 0 (or subnormal): dividing by it is exact and
-  brings the entry within ``[1, 2)``."""
-  bits = jax.lax.bitcast_convert_type(top, jnp.int32) & 0x7F800000  # the exponent alone
-  power = jax.lax.bitcast_convert_type(bits, top.dtype)
-  return jnp.where(power > 0, power, jnp.ones_like(power))
-
-
-def _row_scale(pieces):
-  """The power of two at or below each row's largest ``|value|`` over ``pieces``
-  (``(rows, 1)``; 1 for a row of zeros): dividing by it is exact and brings
-  the row within ``[-2, 2)``, where float16 has TF32's precision
-  (``Settings.recurrent_weights``)."""
-  return power_at_or_below(jnp.max(functools.reduce(jnp.maximum, [jnp.abs(p) for p in pieces]),
-                                   axis=1, keepdims=True))
-
-
-def _float16_operand(h, fits):
-  """The forward's float16 products' left operand: ``h``'s pieces as they are
-  while ``fits`` (the initial carry was within float16's range, and so is every
-  later ``h``: an LSTM's within 1, a GRU's within the larger of 1 and the
-  initial carry's), else divided by :func:`_row_scale` at every step; and what
-  the products are multiplied by after (1, or that scale). ``fits`` is one value
-  for the program: a branch, not a select, so the scale costs nothing while it
-  holds."""
-  def scaled(pieces):
-    scale = _row_scale(pieces)
-    return tuple(p / scale for p in pieces), scale
-
-  return jax.lax.cond(fits, lambda pieces: (pieces, jnp.ones_like(pieces[0][:, :1])), scaled,
-                      tuple(h))
-
-
-def _gate_scales(ref, lay):
-  """The float16 weights' scales (``Settings.recurrent_weights``), one scalar a
-  gate, loaded once."""
-  return tuple(ref[k] for k in range(lay.gates))
 
 
 class _Tiles:
@@ -276,7 +233,7 @@ def forward_kernel(*all_refs: Any, lay, lstm: bool, save: bool):
   refs = list(all_refs)
   steps_ref, xp_ref, w_ref = refs[:3]
   del refs[:3]
-  w_scale = _gate_scales(refs.pop(0), lay) if lay.w16 else None
+  w_scale = _float16.gate_scales(refs.pop(0), lay.gates) if lay.w16 else None
   bhn_ref = None if lstm else refs.pop(0)
   wr_ref = refs.pop(0) if lay.proj else None
   n_carry = 2 if lstm else 1
@@ -289,9 +246,7 @@ def forward_kernel(*all_refs: Any, lay, lstm: bool, save: bool):
   b_hn = None if bhn_ref is None else tuple(
     bhn_ref[pl.ds(j * lay.ch, lay.ch)].astype(lay.state)[None, :] for j in range(lay.nh))
   carry0 = _load_carry(carry_refs, lay, lstm)
-  # float16 products: does h stay within float16's range? (see _float16_operand)
-  fits = None if not lay.w16 else functools.reduce(
-    jnp.maximum, [jnp.max(jnp.abs(p)) for p in carry0[-1]]) <= FLOAT16_MAX
+  fits = _float16.fits(carry0[-1]) if lay.w16 else None  # h within float16's range
 
   def load_xp(t):  # step t's input projections: per hidden chunk, per gate
     return tuple(tuple(xp_ref[t, :, k, pl.ds(j * lay.ch, lay.ch)] for k in range(lay.gates))
@@ -304,7 +259,7 @@ def forward_kernel(*all_refs: Any, lay, lstm: bool, save: bool):
     if reset is not None:  # a packed segment after the row's first starts from zeros
       carry = _select(reset, jax.tree_util.tree_map(jnp.zeros_like, carry), carry)
     h = carry[-1]
-    h_op, unscale = _float16_operand(h, fits) if lay.w16 else (h, None)
+    h_op, unscale = _float16.operand(h, fits) if lay.w16 else (h, None)
 
     def chunk(j, new):  # the gates of hidden chunk j: its new c and h (m) pieces
       cols = pl.ds(j * lay.ch, lay.ch)
@@ -354,7 +309,7 @@ def backward_kernel(*all_refs: Any, lay, lstm: bool):
   n_carry = 2 if lstm else 1
   steps_ref, res_ref, dys_ref, wt_ref = refs[:4]
   del refs[:4]
-  w_scale = _gate_scales(refs.pop(0), lay) if lay.w16 else None
+  w_scale = _float16.gate_scales(refs.pop(0), lay.gates) if lay.w16 else None
   wrt_ref = refs.pop(0) if lay.proj else None
   dfinal_refs, refs = refs[:n_carry], refs[n_carry:]
   dg_ref, dcarry0_refs, dh_ref = refs[0], refs[1: 1 + n_carry], refs[1 + n_carry:]
@@ -405,7 +360,7 @@ def backward_kernel(*all_refs: Any, lay, lstm: bool):
       # gate's gradients are multiplied by it; then each row is scaled into float16's
       # range, and the products scaled back
       weighted = [stored[k] * w_scale[k] for k in range(lay.gates)]
-      scale = _row_scale(weighted)
+      scale = _float16.row_scale(weighted)
       scaled = [a / scale for a in weighted]
       terms = []
       for i in range(lay.np):

@@ -58,8 +58,11 @@ def gate_scales(ref, gates: int):
 
 def fits(carry_pieces):
   """Whether ``h`` stays within float16's range in a kernel program whose
-  initial ``h`` is ``carry_pieces`` (false for a NaN)."""
-  return functools.reduce(jnp.maximum, [jnp.max(jnp.abs(p)) for p in carry_pieces]) <= MAX
+  initial ``h`` is ``carry_pieces`` (false for a NaN). One axis at a time: jax
+  0.12's Triton lowering of a reduction over both axes of a ``(rows, chunk)``
+  value fails ("Length of sharding.spec (2) must be equal to aval's ndim (1)")."""
+  return functools.reduce(jnp.maximum, [jnp.max(jnp.max(jnp.abs(p), axis=1), axis=0)
+                                        for p in carry_pieces]) <= MAX
 
 
 def operand(h, within: bool):

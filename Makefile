@@ -23,7 +23,7 @@ TEST_WORKERS ?= 2
 TEST_PATHS := $(wildcard docs README.md) nnx_recurrent $(wildcard compat tests)
 PYTEST_ARGS = -q -n $(TEST_WORKERS) --dist worksteal --doctest-modules --doctest-glob='*.md' $(TEST_PATHS)
 
-.PHONY: venv install-test install-examples install-docs test test-newest demo bench fuzz triton-check docs clean
+.PHONY: venv install-test install-examples install-docs test test-newest test-gpu-jax demo bench fuzz triton-check docs clean
 
 venv: $(VENV)/.created
 
@@ -64,6 +64,27 @@ $(NEWEST_VENV)/.created:
 	test -x $(NEWEST_VENV)/bin/python || $(NEWEST_PYTHON) -m venv $(NEWEST_VENV)
 	$(NEWEST_VENV)/bin/python -m pip install --upgrade pip jax jaxlib flax numpy optax \
 	  orbax-checkpoint pytest pytest-xdist tqdm
+	touch $@
+
+# The Pallas kernels' tests, their lowering to Triton for CUDA included, on the jax and
+# flax of the lent GPU machine (benchmarks/RESULTS.md, "GPU"), for Python 3.12 or later
+# (NEWEST_PYTHON): a kernel that lowers on this machine's jax may not on that one (session
+# 37: jax 0.11.2 and 0.12 reject a reduction over both axes of a 2-D value, 0.10.2 takes
+# it). Remove $(GPU_JAX_VENV) after changing the versions.
+GPU_JAX ?= 0.11.2
+GPU_FLAX ?= 0.12.10
+GPU_JAX_VENV ?= .venv-gpu-jax
+GPU_JAX_TESTS := tests/test_pallas.py tests/test_gpu_scripts.py tests/test_multiblock_probe.py \
+	tests/test_mosaic_probe.py
+test-gpu-jax: $(GPU_JAX_VENV)/.created
+	$(GPU_JAX_VENV)/bin/python -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__)"
+	PYTHONPATH=$(CURDIR) $(GPU_JAX_VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) \
+	  -W ignore::DeprecationWarning $(GPU_JAX_TESTS)
+
+$(GPU_JAX_VENV)/.created:
+	test -x $(GPU_JAX_VENV)/bin/python || $(NEWEST_PYTHON) -m venv $(GPU_JAX_VENV)
+	$(GPU_JAX_VENV)/bin/python -m pip install --upgrade pip jax==$(GPU_JAX) jaxlib==$(GPU_JAX) \
+	  flax==$(GPU_FLAX) numpy optax pytest pytest-xdist
 	touch $@
 
 demo: install-examples

@@ -356,7 +356,9 @@ def test_float16_recurrent_weights_beyond_float16s_range(cls, case):
     out, grads = values_and_grads(layer, x, carry0, run)
   with np.errstate(over='ignore'):  # the huge weights' sigmoids: exp overflows to 1 / inf = 0
     want = _numpy_float16_products(layer, x, carry0, rows_scaled=carry > 1)
-  assert_trees_close(out, want, atol=2e-6, rtol=2e-6)
+  # on a GPU the input projections round to TF32 too (see above)
+  tolerance = 2e-6 if jax.default_backend() == 'cpu' else 5e-3
+  assert_trees_close(out, want, atol=tolerance, rtol=tolerance)
   _, full = values_and_grads(with_implementation(layer, 'xla'), x, carry0, run)
   leaves, structure = jax.tree_util.tree_flatten_with_path(grads)
   assert jax.tree_util.tree_structure(full) == structure

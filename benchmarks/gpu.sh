@@ -57,6 +57,8 @@
 # Then at once, while the machine is warm (it goes back after 30 s idle), the
 # second call with the budget the first left (its lease's budget_left_s, less
 # ~20 s): BUDGET_S=<that> bash benchmarks/gpu_grid.sh.
+# Before it, on the CPU after any change to the kernels: make test-gpu-jax (their tests and
+# CUDA lowering on the GPU machine's jax 0.11.2; session 37 found a lowering only 0.10.2 took).
 # Then, on any machine (JSON only): the targets and the table
 # implementation='auto' reads (_fused/_plans.py, PALLAS_FASTER):
 #   python -m benchmarks.pallas_verdict OUT/pallas_results.json --commit SHA \

@@ -195,9 +195,19 @@ def _masked_step(call, cell, carry, xs, extras):
   if reset_t is not None:
     carry = select(reset_t, reset_carry, carry, shared='old')  # a shared counter goes on
   new_carry, y = call(cell, carry, x_t, dropout_masks, rng_t)
-  # Cells may compute in a lower dtype than the carry is stored in.
-  new_carry = jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), new_carry, carry)
-  return keep_at_padding(valid_t, new_carry, carry, y)
+  return keep_at_padding(valid_t, in_dtypes_of(carry, new_carry), carry, y)
+
+
+def in_dtypes_of(carry: Any, new_carry: Any) -> Any:
+  """``new_carry`` in ``carry``'s dtypes: cells may compute in a lower dtype
+  than the carry is stored in."""
+  return jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), new_carry, carry)
+
+
+def plain_step(cell, carry, x_t):
+  """The step without padding or packing: the cell's, in the carry's dtypes."""
+  new_carry, y = cell(carry, x_t)
+  return in_dtypes_of(carry, new_carry), y
 
 
 def linen_step(cell, carry, xs, extras):
@@ -211,8 +221,7 @@ def linen_step(cell, carry, xs, extras):
   x_t, valid_t, _, _ = xs
   del extras
   running, last_valid = carry
-  new, y = cell(running, x_t)
-  new = jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), new, running)
+  new, y = plain_step(cell, running, x_t)
   return (new, select(valid_t, new, last_valid)), y
 
 
@@ -348,7 +357,8 @@ def needs_carry_rngs(cell) -> bool:
   """Whether a layer over ``cell`` must supply an RNG for its default carry.
 
   This package's cells need none (zeros) unless built with a ``carry_init``
-  and no stream of their own; any other cell's ``initialize_carry`` takes an
+  and no stream of their own, or with ``keep_rngs`` (whose stream flax.nnx's
+  ``RNN`` never draws from); any other cell's ``initialize_carry`` takes an
   RNG and may draw from it, so it gets one, as in flax.nnx.
   """
   if uses_base_initialize_carry(cell):

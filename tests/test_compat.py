@@ -158,7 +158,10 @@ def test_cell_init_and_apply_match_linen(name, kwargs, shape):
   intermediates = []  # their paths as created (jit's outputs have their keys sorted)
 
   def run(cell, v):
-    out = cell.apply(v, carry_t, x, capture_intermediates=True, mutable=['intermediates'])
+    # Every method's output, as flax's docs filter them: helpers a compat cell
+    # calls must not be recorded (they return modules, which jit refuses).
+    out = cell.apply(v, carry_t, x, capture_intermediates=lambda module, method: True,
+                     mutable=['intermediates'])
     intermediates.append(_paths(out[1]))
     return out
 
@@ -235,7 +238,10 @@ def test_rnn_matches_linen_over_layouts_directions_and_unroll():
   configs += [dict(seq_lengths=False), dict(reverse=True, seq_lengths=False),
               dict(reverse=True, keep_order=True, time_major=True, seq_lengths=False),
               # unroll goes to nn.scan as is: one value, which does not divide T
-              dict(reverse=True, keep_order=True, seq_lengths=True, unroll=2)]
+              dict(reverse=True, keep_order=True, seq_lengths=True, unroll=2),
+              # without return_carry the scan is flax.linen's own (no last valid carry)
+              dict(seq_lengths=True, return_carry=False),
+              dict(reverse=True, keep_order=True, seq_lengths=True, return_carry=False)]
 
   def run(x, lengths):
     v, v_o = theirs.init(jax.random.key(1), x), ours.init(jax.random.key(1), x)
@@ -243,6 +249,7 @@ def test_rnn_matches_linen_over_layouts_directions_and_unroll():
     for cfg in configs:
       cfg = dict(cfg)
       tm, unroll = cfg.get('time_major', False), cfg.pop('unroll', 1)
+      with_carry = cfg.pop('return_carry', True)
       use_sl = cfg.pop('seq_lengths')
       sl = lengths if use_sl else None
       # flax.linen's values depend neither on the layout (time_major only moves
@@ -254,15 +261,42 @@ def test_rnn_matches_linen_over_layouts_directions_and_unroll():
         refs[key] = theirs.apply(v, x, seq_lengths=sl, return_carry=True, reverse=key[0],
                                  keep_order=key[1])
       xx = x.swapaxes(0, 1) if tm else x
-      carry, y = ours.clone(unroll=unroll).apply(v, xx, seq_lengths=sl, return_carry=True, **cfg)
+      out = ours.clone(unroll=unroll).apply(v, xx, seq_lengths=sl, return_carry=with_carry,
+                                            **cfg)
+      carry, y = out if with_carry else (None, out)
       outs.append((refs[key], (carry, y.swapaxes(0, 1) if tm else y)))
     return v, v_o, outs
 
   v_t, v_o, outs = jax.jit(run)(x, LENGTHS)
   _assert_same_tree(v_o, v_t)
   for (c_t, y_t), (c_o, y_o) in outs:
-    _assert_close(c_o, c_t)  # the last valid carry, by carry selection
+    if c_o is not None:
+      _assert_close(c_o, c_t)  # the last valid carry, by carry selection
     np.testing.assert_allclose(y_o, y_t, atol=1e-6)  # padded steps included
+
+
+@pytest.mark.filterwarnings('ignore:shape requires ndarray:DeprecationWarning')  # as above
+@pytest.mark.parametrize('name', ['SimpleCell', 'GRUCell'])
+def test_rnn_tabulate_and_every_methods_intermediates_match_linen(name):
+  # Both see the scan body (flax.linen's scan_fn(cell, carry, x)) and every
+  # method the cell runs; a compat cell's helpers are none of them.
+  x = normal((B, T, IN))
+  det = dict(kernel_init=_det_init, recurrent_kernel_init=_det_init)
+  tables, outs = [], []
+  for lib in (nn, compat):
+    rnn = lib.RNN(getattr(lib, name)(H, **det), variable_axes={'intermediates': 0})
+    v = rnn.init(jax.random.key(1), x)
+    for kwargs in ({}, {'seq_lengths': LENGTHS}):
+      tables.append(rnn.tabulate(jax.random.key(1), x, show_repeated=True, **kwargs,
+                                 console_kwargs={'width': 200, 'force_terminal': False}))
+      apply = functools.partial(rnn.apply, capture_intermediates=lambda module, method: True,
+                                mutable=['intermediates'], **kwargs)
+      outs.append(jax.jit(apply)(v, x))
+  assert tables[2:] == tables[:2]
+  assert 'SimpleCell (scan_fn)' in tables[0] or 'GRUCell (scan_fn)' in tables[0]
+  for ours, theirs in zip(outs[2:], outs[:2]):
+    # (outputs, {'intermediates': {'cell': {'__call__', 'scan_fn', the Dense layers}}})
+    _assert_close(ours, theirs, atol=1e-6)
 
 
 def test_rnn_multiple_batch_axes_and_conv_cell_match_linen():

@@ -175,8 +175,7 @@ class _FusedBase(nnx.Module):
     """The one place that picks a layer's backend: 'xla', 'cudnn' or 'pallas'.
 
     'auto' is the XLA scans, but where the Pallas kernels measured faster on
-    this GPU (``_plans.PALLAS_FASTER``: batch 1-16 at hidden 64 and 8-16 at 128,
-    on an H200). Through
+    this GPU (``_plans.pallas_measured_faster``). Through
     jax.experimental.rnn, cuDNN measured slower than the scans on an H200 at
     three of the four benchmark shapes and at most 13% faster at the fourth
     (benchmarks/RESULTS.md, "GPU"): only 'cudnn' picks it.
@@ -274,7 +273,7 @@ class _FusedBase(nnx.Module):
         with jax.named_scope(f'nr.{self._math.name}/forward'):
           final, ys, _ = _xla.forward_scan(self._math, plan.primal, params, xs, carry_in,
                                            *masks)
-    final = jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), final, carry)
+    final = _scan.in_dtypes_of(carry, final)
     return final, ys
 
   def __call__(

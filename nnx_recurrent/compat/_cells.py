@@ -162,6 +162,9 @@ class _Cell(RNNCellBase):
                               {g.name: params[g.name] for g in layout.groups(sized)})
     return cell._call(carry, inputs, {}, keep_carry_dtype=False)  # flax.linen's carry dtype
 
+  # The helpers are @nn.nowrap: flax.linen wraps every other method, and
+  # capture_intermediates, tabulate and intercept_methods would see them.
+  @nn.nowrap
   def _sized_by(self, carry) -> _Cell:
     """This cell with flax.linen's hidden size: the carry's, not ``features``.
 
@@ -175,12 +178,14 @@ class _Cell(RNNCellBase):
       return self
     return self.clone(parent=None, features=int(shape[-1]))
 
+  @nn.nowrap
   def _linen_layer(self, sized: _Cell, group: _convert.Group) -> nn.Module:
     """The ``Dense`` flax.linen's cell runs for ``group`` (``Conv``, ``DenseParams``: overrides)."""
     return nn.Dense(sized.features, use_bias=group.bias_init is not None, dtype=self.dtype,
                     param_dtype=self.param_dtype, kernel_init=group.kernel_init,
                     bias_init=group.bias_init or _zeros, name=group.name)
 
+  @nn.nowrap
   def _check_checkpoint(self, sized: _Cell, layout, in_features: int,
                         input_shape: tuple[int, ...]) -> None:
     existing = meta.unbox(self.variables.get('params', {}))
@@ -341,6 +346,7 @@ class OptimizedLSTMCell(_GatedCell):
 
   _layout_name = 'OptimizedLSTMCell'
 
+  @nn.nowrap
   def _linen_layer(self, sized: _Cell, group: _convert.Group) -> nn.Module:
     # flax.linen's OptimizedLSTMCell only declares the parameters (and
     # returns them); it multiplies the concatenated kernels itself.
@@ -544,9 +550,11 @@ class ConvLSTMCell(_Cell):
     check_geometry('ConvLSTMCell', self.kernel_size, self.strides, self.padding)
     super().__post_init__()
 
+  @nn.nowrap
   def _sized_by(self, carry) -> _Cell:
     return self  # flax.linen's ConvLSTMCell sizes its convolutions by `features`
 
+  @nn.nowrap
   def _linen_layer(self, sized: _Cell, group: _convert.Group) -> nn.Module:
     # The hidden convolution as nnx_recurrent's: stride 1, shape-keeping padding.
     hidden = group.reads == 'hidden'

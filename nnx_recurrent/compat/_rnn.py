@@ -6,12 +6,13 @@
 so parameters (broadcast by default, without a time axis) and any other
 collections behave as they do there. Everything else is the core's: input
 validation and the time-major layout (``_scan.prepare``), per-row reversal
-(``_scan.reverse_indices`` / ``take_time``), and the step of the masked scan
-(``_scan.linen_step`` with ``seq_lengths``: the cell runs on through the
-padding and its outputs stay, as in flax.linen, while a second carry keeps each
-row's last valid one; ``_scan.step`` for packed sequences: carry selection and
-zero outputs at padding, segment resets), which is the function
-``flax.linen.scan`` runs.
+(``_scan.reverse_indices`` / ``take_time``), and the step of the scan, which
+``flax.linen.scan`` runs under flax.linen's name ``scan_fn``:
+``_scan.plain_step`` (the cell's step, as flax.linen's), ``_scan.linen_step``
+with ``seq_lengths`` and ``return_carry`` (the cell runs on through the padding
+and its outputs stay, as in flax.linen, while a second carry keeps each row's
+last valid one), ``_scan.step`` for packed sequences (carry selection and zero
+outputs at padding, segment resets).
 """
 
 from __future__ import annotations
@@ -39,6 +40,25 @@ class _Never:
 
 
 _NEVER = _Never()
+
+
+def _named_scan_fn(step: Callable) -> Callable:
+  """``step`` under flax.linen's name for its scan body, ``scan_fn``: the
+  method name ``capture_intermediates`` filters and records, and ``tabulate``
+  shows."""
+  def scan_fn(cell, carry, *xs):
+    return step(cell, carry, *xs)
+  return scan_fn
+
+
+# The scan bodies: flax.linen's own, (cell, carry, x) -> (carry, y), where the
+# returned carry is not a row's last valid one (no seq_lengths, or no
+# return_carry); with seq_lengths and return_carry, flax.linen's carry through
+# the padding and the last valid one beside it; carry selection and segment
+# resets for packed sequences.
+_PLAIN_SCAN_FN = _named_scan_fn(_scan.plain_step)
+_LINEN_SCAN_FN = _named_scan_fn(_scan.linen_step)
+_PACKED_SCAN_FN = _named_scan_fn(_scan.step)
 
 
 class RNN(nn.Module):
@@ -194,28 +214,33 @@ class RNN(nn.Module):
     xs, idx = _scan.processing_order(seq, reverse)
     # Under shard_map the carry varies like the inputs (flax.linen's fails there).
     initial_carry = _scan.vary_like(initial_carry, xs, *seq.masks)
-    # flax.linen's values at padding: the cell runs on, its outputs stay, and a
-    # second carry keeps each row's last valid one (the returned carry).
+    # flax.linen's values at padding: the cell runs on and its outputs stay;
+    # with return_carry a second carry keeps each row's last valid one.
     # Packed sequences (an extension) are masked as in nnx_recurrent.RNN,
     # garbage at padding included (no gradient reaches it).
-    linen = seq.masks.valid is not None and seq.masks.reset is None
-    if not linen:
+    packed = seq.masks.reset is not None
+    linen = seq.masks.valid is not None and not packed and return_carry
+    carry: Any = initial_carry
+    scan_args: tuple[Any, ...] = (xs,)
+    if linen:
+      carry = (initial_carry, initial_carry)
+      scan_args = ((xs, seq.masks.valid, None, None), None)
+    elif packed:
       xs = _scan.clean_padding(xs, seq.masks.valid)
-    carry = (initial_carry, initial_carry) if linen else initial_carry
-    reset_carry = _scan.segment_start(seq.masks, initial_carry, reset_carry, xs)
+      reset_carry = _scan.segment_start(seq.masks, initial_carry, reset_carry, xs)
+      scan_args = ((xs, seq.masks.valid, seq.masks.reset, None), (None, reset_carry))
     scan = nn.scan(
-      _scan.linen_step if linen else _scan.step,
+      _LINEN_SCAN_FN if linen else _PACKED_SCAN_FN if packed else _PLAIN_SCAN_FN,
       variable_axes=self.variable_axes,
       variable_broadcast=self.variable_broadcast,
       variable_carry=self.variable_carry,
       split_rngs=self.split_rngs,
-      in_axes=(0, nn.broadcast),
+      in_axes=0 if len(scan_args) == 1 else (0, nn.broadcast),
       out_axes=0,
       unroll=self.unroll,
     )
     try:
-      carry, ys = scan(self.cell, carry, (xs, seq.masks.valid, seq.masks.reset, None),
-                       (None, reset_carry))
+      carry, ys = scan(self.cell, carry, *scan_args)
     except _checks.CarrySizeError as e:  # the carry is the one given here
       if given_carry:
         _checks.fail('RNN', 'initial_carry', e.expected, e.got)

@@ -82,8 +82,12 @@ def _is_real(x: Any) -> bool:
 
 
 def check_rate(where: str, arg: str, rate: float) -> float:
-  """A rate in ``[0, 1)``: a Python or NumPy number, or a concrete 0-d array."""
-  if not _is_real(rate) or not 0.0 <= float(rate) < 1.0:
+  """A rate in ``[0, 1)``: a Python or NumPy number, or a concrete 0-d array;
+  a ``TypeError`` for anything else (a bool, a string, ``None``, a traced
+  value), a ``ValueError`` for a number out of range."""
+  if not _is_real(rate):
+    fail(where, arg, 'a float in [0, 1)', repr(rate), TypeError)
+  if not 0.0 <= float(rate) < 1.0:
     fail(where, arg, 'a float in [0, 1)', repr(rate))
   return float(rate)
 

@@ -201,8 +201,10 @@ def unpack_sequences(
   largest = int(vals[-1]) if vals.size else 0
   if num_sequences is None:
     num_sequences = largest
-  elif isinstance(num_sequences, bool) or not isinstance(num_sequences, (int, np.integer)) \
-      or num_sequences < largest:
+  elif isinstance(num_sequences, bool) or not isinstance(num_sequences, (int, np.integer)):
+    _checks.fail(where, 'num_sequences', f'an int of at least the largest id ({largest})',
+                 repr(num_sequences), TypeError)
+  elif num_sequences < largest:
     _checks.fail(where, 'num_sequences', f'an int of at least the largest id ({largest})',
                  repr(num_sequences))
   if num_sequences == 0:

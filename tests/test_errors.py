@@ -346,8 +346,16 @@ def test_rates_accept_numpy_and_jax_scalars():
   for rate in (np.float32(0.25), jnp.array(0.25), 0):
     cell = nr.LSTMCell(3, 4, dropout_rate=rate, rngs=nnx.Rngs(0))
     assert cell.dropout_rate == float(rate)
-  with pytest.raises(ValueError, match=m('`dropout_rate` expected a float in [0, 1)', 'got True')):
+  # Not a number: a TypeError (a number out of range: a ValueError, above).
+  with pytest.raises(TypeError, match=m('`dropout_rate` expected a float in [0, 1)', 'got True')):
     nr.LSTMCell(3, 4, dropout_rate=True, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match=m('GRU: `dropout_rate` expected a float in [0, 1)',
+                                        "got '0.1'")):
+    nr.GRU(3, 4, num_layers=2, dropout_rate='0.1', rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match=m('StackedRNN: `dropout_rate` expected a float in [0, 1)',
+                                        'got None')):
+    nr.StackedRNN(nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0))), dropout_rate=None,
+                  rngs=nnx.Rngs(0))
 
 
 def test_rates_and_epsilon_of_other_kinds():
@@ -358,16 +366,16 @@ def test_rates_and_epsilon_of_other_kinds():
   assert type(cell.dropout_rate) is float and cell.dropout_rate == 0.0
   cell = nr.LayerNormGRUCell(3, 4, epsilon=jnp.array(1), rngs=nnx.Rngs(0))
   assert type(cell.epsilon) is float and cell.epsilon == 1.0
-  with pytest.raises(ValueError, match=m('`dropout_rate` expected a float in [0, 1)',
-                                         'got Array(False, dtype=bool')):
+  with pytest.raises(TypeError, match=m('`dropout_rate` expected a float in [0, 1)',
+                                        'got Array(False, dtype=bool')):
     nr.LSTMCell(3, 4, dropout_rate=jnp.array(False), rngs=nnx.Rngs(0))
   with pytest.raises(TypeError, match=m('`epsilon` expected a positive float',
                                         'got Array(True, dtype=bool')):
     nr.LayerNormGRUCell(3, 4, epsilon=jnp.array(True), rngs=nnx.Rngs(0))
   # A traced value cannot be read on the host: a message naming the argument,
   # not jax's ConcretizationTypeError. Raised before any initializer is traced.
-  with pytest.raises(ValueError, match=m('LSTMCell: `dropout_rate` expected a float in [0, 1), '
-                                         'got JitTracer')):
+  with pytest.raises(TypeError, match=m('LSTMCell: `dropout_rate` expected a float in [0, 1), '
+                                        'got JitTracer')):
     jax.jit(lambda r: nr.LSTMCell(3, 4, dropout_rate=r, rngs=nnx.Rngs(0)) and 0)(0.25)
   with pytest.raises(TypeError, match=m('LayerNormGRUCell: `epsilon` expected a positive float, '
                                         'got JitTracer')):

@@ -340,6 +340,9 @@ def test_pack_unpack_errors():
   with pytest.raises(ValueError, match=r'`num_sequences` expected an int of at least the largest '
                      r'id \(2\), got 1'):
     nr.unpack_sequences(out, np.array([[1, 1, 2, 2], [0, 0, 0, 0]]), num_sequences=1)
-  with pytest.raises(ValueError, match=r'`num_sequences` expected an int of at least the largest '
+  # Not an int at all: a TypeError (a bool is not a count; nor is a string).
+  with pytest.raises(TypeError, match=r'`num_sequences` expected an int of at least the largest '
                      r'id \(1\), got True'):
     nr.unpack_sequences(out, np.array([[1, 1, 0, 0], [0, 0, 0, 0]]), num_sequences=True)
+  with pytest.raises(TypeError, match=r"`num_sequences` expected an int .*, got '2'"):
+    nr.unpack_sequences(out, np.array([[1, 1, 0, 0], [0, 0, 0, 0]]), num_sequences='2')

@@ -520,6 +520,14 @@ TO_TORCH_ERRORS = [
                            nr.RNN(nr.GRUCell(2 * H, H, rngs=r))), ValueError,
    r'expected layers with 2 direction\(s\) of hidden size 6, layer 1 taking 12 features, got '
    r'layer 1 with cells \(12->6\)'),
+  # PyTorch has one dropout rate between all its layers.
+  (lambda r: nr.StackedRNN(nr.LSTM(IN, H, num_layers=2, dropout_rate=0.5, rngs=r),
+                           nr.LSTM(H, H, rngs=r), dropout_rate=0.25, rngs=r), ValueError,
+   r"to_torch: `module` expected a StackedRNN with one dropout rate between all its layers, "
+   r"nested layers' included .*got dropout_rate the stack's 0.25, layers\[0\]'s 0.5"),
+  (lambda r: nr.StackedRNN(nr.GRU(IN, H, num_layers=2, dropout_rate=0.5, rngs=r),
+                           nr.GRU(H, H, num_layers=2, rngs=r)), ValueError,
+   r"got dropout_rate the stack's 0.0, layers\[0\]'s 0.5, layers\[1\]'s 0.0"),
   (lambda r: nnx.Linear(2, 3, rngs=r), TypeError,
    r'to_torch: `module` expected an nnx_recurrent cell'),
   (lambda r: nr.OptimizedLSTMCell(IN, H, proj_features=2, rngs=r), ValueError,
@@ -540,6 +548,20 @@ TO_TORCH_ERRORS = [
 def test_to_torch_errors(factory, error, match):
   with pytest.raises(error, match=match):
     nr.interop.to_torch(_abstract(factory))
+
+
+def test_to_torch_stack_dropout_is_the_rate_between_every_two_layers():
+  # Between a nested fused layer's own layers, and between the stack's.
+  cases = [
+    (lambda r: nr.StackedRNN(nr.LSTM(IN, H, num_layers=2, dropout_rate=0.5, rngs=r)), 2, 0.5),
+    (lambda r: nr.StackedRNN(nr.LSTM(IN, H, num_layers=2, dropout_rate=0.3, rngs=r),
+                             nr.LSTM(H, H, rngs=r), dropout_rate=0.3, rngs=r), 3, 0.3),
+    (lambda r: nr.StackedRNN(nr.GRU(IN, H, dropout_rate=0.7, rngs=r),  # one layer: never applied
+                             nr.GRU(H, H, rngs=r), dropout_rate=0.2, rngs=r), 2, 0.2),
+  ]
+  for factory, num_layers, dropout in cases:
+    exported = nr.interop.to_torch(factory(nnx.Rngs(0)))
+    assert (exported.num_layers, exported.dropout) == (num_layers, dropout)
 
 
 def test_to_torch_bias_is_a_bool():

@@ -427,9 +427,20 @@ def _layer_cells(module) -> tuple[list[list[Any]], bool, float]:
       _check_zero_start(r)
     return [[r.cell for r in rnns]], module.time_major, 0.0
   if isinstance(module, nr.StackedRNN):
-    # The stack passes its time_major to every layer.
-    cells = [row for layer in module.layers for row in _layer_cells(layer)[0]]
-    return cells, module.time_major, float(module.dropout_rate)
+    # The stack passes its time_major to every layer. PyTorch has one dropout
+    # rate between all its layers: the stack's between its layers, and a
+    # nested multi-layer layer's between its own, must agree.
+    parts = [_layer_cells(layer) for layer in module.layers]
+    rates = {f"the stack's {float(module.dropout_rate)}": float(module.dropout_rate)} \
+      if len(parts) > 1 else {}
+    rates.update({f"layers[{i}]'s {rate}": rate for i, (cells, _, rate) in enumerate(parts)
+                  if len(cells) > 1})
+    if len(set(rates.values())) > 1:
+      _checks.fail(where, 'module', 'a StackedRNN with one dropout rate between all its layers, '
+                   "nested layers' included (PyTorch's dropout is one rate)",
+                   'dropout_rate ' + ', '.join(rates))
+    cells = [row for layer_cells, _, _ in parts for row in layer_cells]
+    return cells, module.time_major, next(iter(rates.values()), float(module.dropout_rate))
   _checks.fail(where, 'module', 'an nnx_recurrent cell, RNN, Bidirectional, StackedRNN, '
                'LSTM or GRU', type(module).__name__, TypeError)
 
@@ -442,9 +453,11 @@ def to_torch(module: nnx.Module, *, bias: bool = True):
   ``nr.GRU`` and ``RNN`` / ``Bidirectional`` / ``StackedRNN`` layers of one
   cell family become ``torch.nn.LSTM`` / ``GRU`` / ``RNN`` with
   ``batch_first = not time_major`` and ``dropout`` = the stack's
-  ``dropout_rate``. The torch module is in training mode, as PyTorch creates
-  it, unless ``module`` is in eval mode (``.eval()``, or ``from_torch`` of an
-  eval-mode module), so a round trip keeps the mode.
+  ``dropout_rate`` (a ``ValueError`` where nested multi-layer ``nr.LSTM`` /
+  ``nr.GRU`` layers drop out at another rate between their own layers). The
+  torch module is in training mode, as PyTorch creates it, unless ``module``
+  is in eval mode (``.eval()``, or ``from_torch`` of an eval-mode module), so
+  a round trip keeps the mode.
 
   ``bias=False`` builds PyTorch's ``bias=False`` module, for a model imported
   from one (whose biases, zero, stayed zero): the round trip then gives back

@@ -165,10 +165,11 @@ class RNN(nnx.Module):
       ``initialize_carry``. Unlike flax, a stream is kept in the module's
       state only when the cell may draw from it: never for this package's
       cells (their zero carry needs none) unless built with a ``carry_init``
-      and no stream of their own (dropout, zoneout or ``keep_rngs`` give them
-      one, which their carry then draws from); always for other cells
-      (flax.nnx's own, or yours), whose ``initialize_carry(input_shape,
-      rngs)`` gets it as in flax.nnx.
+      and no stream of their own (dropout or zoneout give them one, which
+      their carry then draws from), or with ``keep_rngs`` (a stream that
+      flax.nnx's ``RNN`` never draws from: it passes its own); always for
+      other cells (flax.nnx's own, or yours), whose
+      ``initialize_carry(input_shape, rngs)`` gets it as in flax.nnx.
   """
 
   def __init__(self, cell, *, time_major: bool = False, return_carry: bool = False,

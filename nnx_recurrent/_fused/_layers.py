@@ -89,9 +89,9 @@ _LAYER_DOC = """
 
 _PALLAS_DOC = """one Pallas kernel per direction for the forward
       recurrence and one for the backward (Triton on a GPU; interpreted on the
-      CPU, for tests; a ``ValueError`` elsewhere). Compiled for an H200 by
-      Triton on a CPU (``make triton-check``) but not yet run or timed on a
-      GPU: ``'auto'`` does not pick it (see docs/performance.md)."""
+      CPU, for tests; a ``ValueError`` elsewhere). ``'auto'`` picks it on an
+      H200 at the batch and hidden sizes where it measured faster than the
+      scans, forward and training step (docs/performance.md lists them)."""
 
 
 class LSTM(_FusedBase):
@@ -137,7 +137,8 @@ class LSTM(_FusedBase):
     proj_kernel_init, proj_kernel_metadata: the cells' (initializer and
       metadata of ``W_hr``).""",
       carry='``(c, h)``', cell='OptimizedLSTMCell', implementation="""``'auto'``
-      (default) or ``'xla'``: the XLA scans, on every backend (on an H200,
+      (default): the XLA scans, but the Pallas kernels where they measured
+      faster (below); ``'xla'``: the XLA scans, on every backend (on an H200,
       cuDNN through ``jax.experimental.rnn`` took 1.24-1.43x their training
       step at three of the four benchmark shapes, 0.87-0.99x at batch 256);
       ``'cudnn'``: cuDNN via ``jax.experimental.rnn`` (CUDA GPU, float32 only,
@@ -214,9 +215,10 @@ class GRU(_FusedBase):
 """
     + _LAYER_DOC.format(
       out_features='``hidden_features``', cudnn_packed='', proj_args='', carry='``h``',
-      cell='GRUCell', implementation="""``'auto'`` or
-      ``'xla'``: the XLA scans (``jax.experimental.rnn`` has no cuDNN GRU);
-      ``'pallas'``: """ + _PALLAS_DOC)
+      cell='GRUCell', implementation="""``'auto'``
+      (default): the XLA scans, but the Pallas kernels where they measured
+      faster (below); ``'xla'``: the XLA scans (``jax.experimental.rnn`` has
+      no cuDNN GRU); ``'pallas'``: """ + _PALLAS_DOC)
   )
 
   _cell_type = GRUCell

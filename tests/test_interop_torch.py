@@ -8,6 +8,7 @@ final states, plain and packed (``pack_padded_sequence`` / ``pad_packed_sequence
 import importlib
 import re
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -319,6 +320,27 @@ def test_to_torch_warns_that_variational_dropout_is_left_out():
                                                     recurrent_dropout_rate=0.2)))
 
 
+def test_to_torch_warns_that_a_computation_dtype_is_left_out():
+  """PyTorch computes in its parameters' dtype: a model computing in another
+  would round otherwise in torch. The parameters carry over in their dtype."""
+  cases = [
+    (lambda r: nr.LSTM(IN, H, dtype=jnp.bfloat16, rngs=r), 'bfloat16 \\(parameters float32\\)',
+     torch.float32),
+    (lambda r: nr.RNN(nr.GRUCell(IN, H, dtype=jnp.float16, rngs=r)),
+     'float16 \\(parameters float32\\)', torch.float32),
+    (lambda r: nr.SimpleCell(IN, H, dtype=jnp.float32, param_dtype=jnp.bfloat16, rngs=r),
+     'float32 \\(parameters bfloat16\\)', torch.bfloat16),
+  ]
+  for factory, dtypes, torch_dtype in cases:
+    with pytest.warns(UserWarning, match="to_torch: PyTorch computes in its parameters' dtype; "
+                      f"the cells' dtype {dtypes} is not carried over"):
+      module = nr.interop.to_torch(factory(nnx.Rngs(0)))
+    assert {p.dtype for p in module.parameters()} == {torch_dtype}
+  with warnings.catch_warnings():  # a dtype equal to the parameters' is carried over
+    warnings.simplefilter('error')
+    nr.interop.to_torch(nr.LSTM(IN, H, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+
+
 @pytest.mark.parametrize('kind,num_layers,bidirectional', [
   ('RNN_tanh', 1, False), ('RNN_relu', 1, True), ('RNN_tanh', 2, False), ('LSTM', 1, False),
   ('GRU', 2, True)])
@@ -433,6 +455,16 @@ def test_from_torch_errors():
   with pytest.raises(TypeError, match=r'from_torch: `module` expected one of torch.nn.LSTM.*'
                                       r'got Linear'):
     nr.interop.from_torch(torch.nn.Linear(2, 3))
+  with pytest.raises(TypeError, match=r'from_torch: `rngs` expected an nnx.Rngs \(or None\), '
+                                      r'got int'):
+    nr.interop.from_torch(torch.nn.GRU(IN, H), rngs=0)
+  # The modules are built as any nnx module (then overwritten): a dropout stream alone is
+  # not enough, for a cell or a layer with dropout.
+  for module in (torch.nn.GRUCell(IN, H), torch.nn.LSTM(IN, H, num_layers=2, dropout=0.5)):
+    with pytest.raises(ValueError, match=r"from_torch: `rngs` expected an nnx.Rngs with a "
+                       r"'params' \(or default\) stream.*got streams \('dropout',\)"):
+      nr.interop.from_torch(module, rngs=nnx.Rngs(dropout=1))
+  nr.interop.from_torch(torch.nn.GRUCell(IN, H), rngs=nnx.Rngs(params=0))  # no dropout needed
 
 
 def test_torch_tensors_get_a_clear_error():

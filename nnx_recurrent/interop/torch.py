@@ -60,7 +60,9 @@ a cell alone converts, since a PyTorch cell takes its state from the caller).
 Cells without a PyTorch counterpart (MGU, the convolutional and the
 layer-normalized cells) raise ``TypeError``.
 Variational (per-cell) dropout has no PyTorch counterpart and is not carried
-over, with a warning (it does not change eval-mode outputs).
+over, with a warning (it does not change eval-mode outputs); nor is a
+computation ``dtype`` other than the parameters' (PyTorch computes in its
+parameters' dtype), with a warning.
 """
 
 from __future__ import annotations
@@ -248,8 +250,11 @@ def from_torch(module: Any, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
   Args:
     module: ``torch.nn.LSTM``, ``GRU``, ``RNN``, ``LSTMCell``, ``GRUCell`` or
       ``RNNCell``.
-    rngs: ``nnx.Rngs`` whose ``dropout`` stream drives the between-layer
-      dropout of layers with ``dropout > 0`` (default ``nnx.Rngs(0)``).
+    rngs: ``nnx.Rngs`` that builds the modules, as for any nnx module (a
+      ``params`` or default stream, whose keys the parameters' zero
+      initializers ignore: the weights are overwritten); its ``dropout``
+      stream seeds the between-layer dropout of layers with ``dropout > 0``
+      (default ``nnx.Rngs(0)``).
 
   Returns:
     The nnx module with the weights loaded.
@@ -260,6 +265,12 @@ def from_torch(module: Any, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
   torch = _import_torch()
   family, is_cell = _torch_family(torch, module)
   rngs = nnx.Rngs(0) if rngs is None else rngs
+  if not isinstance(rngs, nnx.Rngs):
+    _checks.fail('from_torch', 'rngs', 'an nnx.Rngs (or None)', type(rngs).__name__, TypeError)
+  if 'params' not in rngs and 'default' not in rngs:
+    _checks.fail('from_torch', 'rngs', "an nnx.Rngs with a 'params' (or default) stream: the "
+                 'modules are built as nnx modules are, then their parameters overwritten',
+                 f'streams {tuple(rngs)}')
   act = _torch_activation(module)
   w_ih = getattr(module, 'weight_ih' if is_cell else 'weight_ih_l0')
   # Zero initializers: every parameter is overwritten, so draw no random numbers.
@@ -325,15 +336,24 @@ def _check_no_zoneout(cell) -> None:
                  f'{type(cell).__name__} with zoneout_rate={cell.zoneout_rate}')
 
 
-def _warn_dropped_dropout(cells: list[Any]) -> None:
-  """Variational dropout has no PyTorch counterpart: dropped, with a warning
-  (as compat.from_nnx does), since the torch module then trains without it."""
+def _warn_what_is_dropped(cells: list[Any]) -> None:
+  """What has no PyTorch counterpart is dropped with a warning (as
+  compat.from_nnx does): variational dropout, since the torch module then
+  trains without it; and a computation dtype other than the parameters'
+  (PyTorch computes in its parameters' dtype), since its outputs then round
+  otherwise."""
   rates = sorted({(c.dropout_rate, c.recurrent_dropout_rate) for c in cells
                   if c.dropout_rate or c.recurrent_dropout_rate})
   if rates:
     _checks.warn('to_torch: PyTorch has no variational dropout; the cells\' dropout_rate / '
                  f'recurrent_dropout_rate {", ".join(f"{d} / {r}" for d, r in rates)} are not '
                  'carried over (the parameters and the eval-mode outputs are).')
+  dtypes = sorted({(jnp.dtype(c.dtype).name, jnp.dtype(c.param_dtype).name) for c in cells
+                   if c.dtype is not None and jnp.dtype(c.dtype) != jnp.dtype(c.param_dtype)})
+  if dtypes:
+    _checks.warn("to_torch: PyTorch computes in its parameters' dtype; the cells' dtype "
+                 f'{", ".join(f"{d} (parameters {p})" for d, p in dtypes)} is not carried '
+                 'over (the parameters are, in their dtype).')
 
 
 def _cell_family(cell: Any) -> tuple[_Family, str | None]:
@@ -498,7 +518,7 @@ def to_torch(module: nnx.Module, *, bias: bool = True):
     _checks.fail(where, 'bias', 'a bool', repr(bias), TypeError)
   if isinstance(module, nr.RNNCellBase):
     family, nonlinearity = _cell_family(module)
-    _warn_dropped_dropout([module])
+    _warn_what_is_dropped([module])
     if _proj_features(module):
       _checks.fail(where, 'module', 'a cell without proj_features (torch.nn.LSTMCell has no '
                    'projection; an nr.RNN over the cell converts to torch.nn.LSTM(proj_size))',
@@ -522,7 +542,7 @@ def to_torch(module: nnx.Module, *, bias: bool = True):
     _checks.fail(where, 'module', 'cells of one family (all LSTM, all GRU or all SimpleCell '
                  'with one activation)', sorted(str(f) for f in families))
   (name, nonlinearity), = families
-  _warn_dropped_dropout([c for row in cells for c in row])
+  _warn_what_is_dropped([c for row in cells for c in row])
   family = _FAMILIES[name]
   num_dirs, hidden = len(cells[0]), cells[0][0].hidden_features
   proj = _proj_features(cells[0][0])

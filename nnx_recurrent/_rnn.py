@@ -244,7 +244,9 @@ class RNN(nnx.Module):
     cell = self.cell
     seq = _scan.prepare(
       'RNN', inputs, num_feature_axes=cell.num_feature_axes,
-      in_features=getattr(cell, 'in_features', None), time_major=time_major,
+      # (no feature axis, no size to check: a cell of token ids names its vocabulary so)
+      in_features=getattr(cell, 'in_features', None) if cell.num_feature_axes else None,
+      time_major=time_major,
       seq_lengths=seq_lengths, segment_ids=segment_ids,
     )
     step_shape = tuple(seq.xs.shape[1:])
@@ -288,9 +290,14 @@ def _learned_carry(cell):
   if not (isinstance(spatial, tuple) and len(spatial) == cell.num_feature_axes - 1):
     spatial = (1,) * (cell.num_feature_axes - 1)
   step_shape = (1, *spatial, in_features)
-  return jax.tree_util.tree_map(
-    lambda leaf: nnx.Param(jnp.zeros(leaf.shape[-1:], leaf.dtype)),
-    _scan.carry_shapes(cell, step_shape))
+  shapes = _scan.carry_shapes(cell, step_shape)
+  for leaf in jax.tree_util.tree_leaves(shapes):
+    if not jnp.issubdtype(leaf.dtype, jnp.inexact):  # an integer counter has no gradient
+      _checks.fail('RNN', 'learn_initial_carry', 'a cell whose carry leaves are all floating '
+                   '(a learned carry is trained)', f'a carry leaf of dtype {leaf.dtype}',
+                   TypeError)
+  return jax.tree_util.tree_map(lambda leaf: nnx.Param(jnp.zeros(leaf.shape[-1:], leaf.dtype)),
+                                shapes)
 
 
 def _broadcast_carry(cell, learned, step_shape: tuple[int, ...]):

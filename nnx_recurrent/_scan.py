@@ -50,16 +50,29 @@ def _bcast(m: Array, x: Array) -> Array:
 
 
 def _per_row(mask: Array, x: Any) -> bool:
-  """Whether ``x`` has the batch axes of a ``(*batch)`` mask: a leaf with fewer
-  (a step counter shared by every row, a scalar per step) is not per row, so
-  no row's mask applies to it; it goes on as in flax, which masks nothing."""
-  return jnp.ndim(x) >= mask.ndim
+  """Whether ``x`` leads with the batch axes of a ``(*batch)`` mask (each of
+  the mask's size, or any size against a mask axis of 1: one row's length
+  shared by carry rows). A leaf without them (a step counter shared by every
+  row, a scalar per step, a ``(features,)`` leaf whose size is not the
+  batch's) is not per row, so no row's mask applies to it; it goes on as in
+  flax, which masks nothing."""
+  shape = jnp.shape(x)
+  return len(shape) >= mask.ndim and all(
+    m in (1, d) for m, d in zip(mask.shape, shape[:mask.ndim]))
 
 
 def select(mask: Array, new: Any, old: Any, shared: str = 'new') -> Any:
   """``where(mask, new, old)`` over matching pytrees, mask broadcast on the
   right; leaves without the batch axes (:func:`_per_row`) take ``new``, or
-  ``old`` with ``shared='old'``."""
+  ``old`` with ``shared='old'``. A ``new`` carry of other shapes than
+  ``old`` (a cell's step that lost an axis) is a ``TypeError`` naming them,
+  as the scan's own check would be without a mask."""
+  news, olds = jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old)
+  if len(news) != len(olds) or any(jnp.shape(n) != jnp.shape(o) for n, o in zip(news, olds)):
+    _checks.fail('RNN', 'cell', "a step that returns a carry of its carry's shapes "
+                 f'{[jnp.shape(o) for o in olds]}', f'{[jnp.shape(n) for n in news]}',
+                 TypeError)
+
   def one(n, o):
     if _per_row(mask, n):
       return jnp.where(_bcast(mask, n), n, o)
@@ -200,8 +213,21 @@ def _masked_step(call, cell, carry, xs, extras):
 
 def in_dtypes_of(carry: Any, new_carry: Any) -> Any:
   """``new_carry`` in ``carry``'s dtypes: cells may compute in a lower dtype
-  than the carry is stored in."""
-  return jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), new_carry, carry)
+  than the carry is stored in. Only within a kind (floating, integer, bool):
+  a floating leaf cast to an integer carry would cut the recurrence silently,
+  which the scan refuses (a ``TypeError`` naming the dtypes)."""
+  def one(n, o):
+    if _kind(jnp.result_type(n)) != _kind(o.dtype):
+      _checks.fail('RNN', 'cell', 'a step that returns a carry leaf of the kind of its carry '
+                   f'leaf ({o.dtype})', f'{jnp.result_type(n)}', TypeError)
+    return n.astype(o.dtype)
+  return jax.tree_util.tree_map(one, new_carry, carry)
+
+
+def _kind(dtype) -> Any:
+  """floating (bfloat16 included), complex, integer (signed or not), bool."""
+  return next((k for k in (jnp.floating, jnp.complexfloating, jnp.integer, jnp.bool_)
+               if jnp.issubdtype(dtype, k)), dtype)
 
 
 def plain_step(cell, carry, x_t):

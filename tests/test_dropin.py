@@ -1157,3 +1157,67 @@ def test_garbage_in_padding_changes_no_output_carry_or_gradient(mode):
       _close(gp_d, gp_c, atol=0)
       _close(gx_d, gx_c, atol=0)
       assert not np.asarray(gx_d)[~np.asarray(valid)].any(), name  # padding: zero gradient
+
+
+class _SharedLeafCell(nnx.Module):
+  """A carry leaf with feature axes but no batch axes: a per-feature step
+  count shared by every row (its size, H, is not the batch's)."""
+
+  num_feature_axes = 1
+
+  def __init__(self, rngs):
+    self.lin = nnx.Linear(IN, H, rngs=rngs)
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return {'h': jnp.zeros((*input_shape[:-1], H)), 'steps': jnp.zeros((H,))}
+
+  def __call__(self, carry, x):
+    h = jnp.tanh(self.lin(x) + carry['h'])
+    steps = carry['steps'] + 1
+    return {'h': h, 'steps': steps}, {'y': h, 'steps': steps}
+
+
+def test_a_carry_leaf_without_the_batch_axes_steps_through_padding_as_flax():
+  # It was masked by row (the leaf has as many axes as the lengths): a
+  # broadcasting error, or, with H == B, a per-feature counter frozen by a row.
+  x = _x()
+  lengths = jnp.array([5, 2, 4])
+
+  @nnx.jit
+  def run(ours, theirs):  # (flax.nnx's carry gather fails on such a leaf: its outputs only)
+    return ours(x, seq_lengths=lengths, return_carry=True), theirs(x, seq_lengths=lengths)
+
+  (c_o, y_o), y_t = run(nr.RNN(_SharedLeafCell(nnx.Rngs(0))),
+                        nnx.RNN(_SharedLeafCell(nnx.Rngs(0))))
+  # (batch-major outputs put time after the batch's one axis: (H, T), in both)
+  steps = np.broadcast_to(np.arange(1, T + 1), (H, T))
+  np.testing.assert_array_equal(y_o['steps'], steps)  # not zeroed at any row's padding
+  np.testing.assert_array_equal(y_t['steps'], steps)
+  np.testing.assert_array_equal(c_o['steps'], np.full(H, T))  # and stepped through it
+  valid = np.arange(T)[None, :, None] < np.asarray(lengths)[:, None, None]
+  _close(np.where(valid, y_o['y'], 0), np.where(valid, y_t['y'], 0), atol=1e-6)
+  np.testing.assert_array_equal(np.where(valid, 0, y_o['y']), 0)  # per-row leaves: zeros
+
+
+class _TokenCell(nnx.Module):
+  """Token ids in, no feature axis: ``in_features`` is the vocabulary's size."""
+
+  num_feature_axes = 0
+
+  def __init__(self, rngs):
+    self.in_features = 10
+    self.embed = nnx.Embed(10, H, rngs=rngs)
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return jnp.zeros((*input_shape, H))
+
+  def __call__(self, carry, ids):
+    h = jnp.tanh(self.embed(ids) + carry)
+    return h, h
+
+
+def test_a_cell_without_feature_axes_may_name_an_in_features_as_flax():
+  # Its last input axis is time: the cell's in_features was checked against it.
+  ids = jnp.array([[1, 2, 3, 4, 5], [9, 8, 7, 6, 5]])
+  ours, theirs = (lib.RNN(_TokenCell(nnx.Rngs(0))) for lib in (nr, nnx))
+  _close(nnx.jit(lambda a, b: (a(ids), b(ids)))(ours, theirs)[0], theirs(ids))

@@ -1223,3 +1223,47 @@ def test_a_flag_traced_by_a_transform_says_to_mark_it_static():
   with pytest.raises(TypeError, match=m('RNN: `return_carry` expected a bool', 'a traced value',
                                         'static_argnums')):
     Model().init(jax.random.key(0), jnp.ones((2, 5, 3)))
+
+
+class _CarryCell(nnx.Module):
+  """A cell whose step returns ``step(h)`` and whose carry is ``carry(shape)``."""
+
+  num_feature_axes = 1
+
+  def __init__(self, carry, step):
+    self.carry, self.step = carry, step
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return self.carry(input_shape)
+
+  def __call__(self, h, x):
+    new = self.step(h, x)
+    return new, new
+
+
+def test_a_step_that_changes_its_carry_gets_a_clear_error():
+  x, lengths = jnp.ones((2, 5, 3)), jnp.array([5, 2])
+  # A floating step cast to an integer carry (a mistaken initialize_carry) would
+  # cut the recurrence silently: flax.nnx's scan refuses it, and so do we.
+  ints = nr.RNN(_CarryCell(lambda s: jnp.zeros((*s[:-1], 4), jnp.int32),
+                           lambda h, x: jnp.tanh(h + x.sum(-1, keepdims=True))))
+  for kwargs in ({}, {'seq_lengths': lengths}):
+    with pytest.raises(TypeError, match=m('RNN: `cell` expected a step that returns a carry leaf '
+                                          'of the kind of its carry leaf (int32), got float32')):
+      ints(x, **kwargs)
+  # A step that loses the batch axis: with seq_lengths, the carry selection named
+  # nothing ("Incompatible shapes for broadcasting").
+  lossy = nr.RNN(_CarryCell(lambda s: jnp.zeros((*s[:-1], 4)), lambda h, x: h.sum(0) + 1))
+  with pytest.raises(TypeError, match=m("RNN: `cell` expected a step that returns a carry of "
+                                        "its carry's shapes [(2, 4)], got [(4,)]")):
+    lossy(x, seq_lengths=lengths)
+
+
+def test_a_learned_carry_needs_floating_carry_leaves():
+  cell = _CarryCell(lambda s: (jnp.zeros((*s[:-1], 4)), jnp.zeros((*s[:-1], 1), jnp.int32)),
+                    lambda c, x: (c[0] + x.sum(-1, keepdims=True), c[1] + 1))
+  cell.in_features = 3
+  with pytest.raises(TypeError, match=m('RNN: `learn_initial_carry` expected a cell whose carry '
+                                        'leaves are all floating (a learned carry is trained), '
+                                        'got a carry leaf of dtype int32')):
+    nr.RNN(cell, learn_initial_carry=True, rngs=nnx.Rngs(0))

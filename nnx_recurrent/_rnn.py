@@ -17,8 +17,9 @@ from nnx_recurrent._base import Array, Carry, RngsLike, RNNCellBase, has_carry_s
 
 
 def _check_cell(where: str, cell: Any) -> None:
-  # As flax.nnx: `initialize_carry` is needed only for a default carry.
-  if not (isinstance(cell, nnx.Module) and hasattr(cell, 'num_feature_axes')):
+  # As flax.nnx: `initialize_carry` is needed only for a default carry; any graph
+  # node (nnx.Pytree, which nnx.Module subclasses) scans.
+  if not (isinstance(cell, nnx.Pytree) and hasattr(cell, 'num_feature_axes')):
     _checks.fail(where, 'cell', 'an RNNCellBase (an nnx.Module with num_feature_axes and '
                  'initialize_carry)', type(cell).__name__, TypeError)
 

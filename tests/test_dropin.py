@@ -1221,3 +1221,29 @@ def test_a_cell_without_feature_axes_may_name_an_in_features_as_flax():
   ids = jnp.array([[1, 2, 3, 4, 5], [9, 8, 7, 6, 5]])
   ours, theirs = (lib.RNN(_TokenCell(nnx.Rngs(0))) for lib in (nr, nnx))
   _close(nnx.jit(lambda a, b: (a(ids), b(ids)))(ours, theirs)[0], theirs(ids))
+
+
+class _PytreeCell(nnx.Pytree):
+  """A cell on nnx.Pytree (nnx.Module's base), with a step counter."""
+
+  num_feature_axes = 1
+
+  def __init__(self, rngs):
+    self.lin = nnx.Linear(IN, H, rngs=rngs)
+    self.steps = nnx.Variable(jnp.array(0))
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return jnp.zeros((*input_shape[:-1], H))
+
+  def __call__(self, carry, x):
+    self.steps[...] += 1
+    h = jnp.tanh(self.lin(x) + carry)
+    return h, h
+
+
+def test_a_cell_on_nnx_pytree_runs_as_in_flax():
+  x = _x()
+  ours, theirs = (lib.RNN(_PytreeCell(nnx.Rngs(0))) for lib in (nr, nnx))
+  y_o, y_t = nnx.jit(lambda a, b: (a(x), b(x)))(ours, theirs)
+  _close(y_o, y_t)
+  assert int(ours.cell.steps[...]) == int(theirs.cell.steps[...]) == T  # the state advanced

@@ -1247,3 +1247,41 @@ def test_a_cell_on_nnx_pytree_runs_as_in_flax():
   y_o, y_t = nnx.jit(lambda a, b: (a(x), b(x)))(ours, theirs)
   _close(y_o, y_t)
   assert int(ours.cell.steps[...]) == int(theirs.cell.steps[...]) == T  # the state advanced
+
+
+@pytest.mark.parametrize('implementation', ['xla', 'pallas'])
+def test_fused_gru_without_bias_hn_is_a_stack_of_flax_nnx_grus(implementation):
+  # flax.nnx's GRUCell has no b_hn: nr.GRU(use_bias_hn=False) holds its parameters
+  # (nothing else) and computes, values and gradients, a stack of its layers.
+  x, lengths = _x(), jnp.array([5, 2, 3])
+  fused = nr.GRU(IN, H, num_layers=2, bidirectional=True, use_bias_hn=False,
+                 implementation=implementation, rngs=nnx.Rngs(0))
+  assert fused.use_bias_hn is False
+  assert not any('bias_hn' in str(path) for path, _ in nnx.to_flat_state(nnx.state(fused)))
+
+  def flax_layer(n_in, cells):
+    rnns = [nnx.RNN(nnx.GRUCell(n_in, H, rngs=nnx.Rngs(0))) for _ in cells]
+    for rnn, cell in zip(rnns, cells):
+      nnx.update(rnn.cell, nnx.state(cell, nnx.Param))  # the same paths and shapes
+    return nnx.Bidirectional(*rnns)
+
+  theirs = [flax_layer(IN, (fused.forward[0], fused.backward[0])),
+            flax_layer(2 * H, (fused.forward[1], fused.backward[1]))]
+  valid = (np.arange(T)[None] < np.asarray(lengths)[:, None])[..., None]
+
+  def loss(model, x):
+    y = model(x, seq_lengths=lengths) if isinstance(model, nr.GRU) else \
+      model[1](model[0](x, seq_lengths=lengths), seq_lengths=lengths)
+    return jnp.sum(jnp.where(valid, y, 0) ** 2), y
+
+  @nnx.jit
+  def run(fused, theirs):
+    return [nnx.grad(loss, argnums=(0, 1), has_aux=True)(m, x) for m in (fused, nnx.List(theirs))]
+
+  ((g_o, dx_o), y_o), ((g_t, dx_t), y_t) = run(fused, theirs)
+  _close(np.where(valid, y_o, 0), np.where(valid, y_t, 0), atol=1e-5)
+  _close(dx_o, dx_t, atol=1e-5)
+  for layer in range(2):
+    for ours, rnn in ((g_o['forward'][layer], g_t[layer]['forward_rnn']),
+                      (g_o['backward'][layer], g_t[layer]['backward_rnn'])):
+      _close(ours, rnn['cell'], atol=1e-5)  # the same parameter paths

@@ -1267,3 +1267,8 @@ def test_a_learned_carry_needs_floating_carry_leaves():
                                         'leaves are all floating (a learned carry is trained), '
                                         'got a carry leaf of dtype int32')):
     nr.RNN(cell, learn_initial_carry=True, rngs=nnx.Rngs(0))
+
+
+def test_fused_gru_use_bias_hn_is_a_bool():
+  with pytest.raises(TypeError, match=m("GRU: `use_bias_hn` expected a bool, got 'no'")):
+    nr.GRU(3, 4, use_bias_hn='no', rngs=nnx.Rngs(0))

@@ -214,7 +214,10 @@ class GRU(_FusedBase):
     ((2, 6, 4), 2, (2, 4))
 """
     + _LAYER_DOC.format(
-      out_features='``hidden_features``', cudnn_packed='', proj_args='', carry='``h``',
+      out_features='``hidden_features``', cudnn_packed='', carry='``h``', proj_args="""
+    use_bias_hn: the cells' (default ``True``: ``b_hn``, as PyTorch's, cuDNN's
+      and flax.linen's GRU; ``False``: none, flax.nnx's ``GRUCell`` exactly,
+      whose checkpoints then load with the same parameters).""",
       cell='GRUCell', implementation="""``'auto'``
       (default): the XLA scans, but the Pallas kernels where they measured
       faster (below); ``'xla'``: the XLA scans (``jax.experimental.rnn`` has
@@ -224,3 +227,39 @@ class GRU(_FusedBase):
   _cell_type = GRUCell
   _math = GRUMath
   _cudnn = False
+
+  def __init__(
+    self,
+    in_features: int,
+    hidden_features: int,
+    *,
+    use_bias_hn: bool = True,
+    num_layers: int = 1,
+    bidirectional: bool = False,
+    dropout_rate: float = 0.0,
+    time_major: bool = False,
+    return_carry: bool = False,
+    reverse: bool = False,
+    keep_order: bool = False,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    kernel_init: Initializer = default_kernel_init,
+    recurrent_kernel_init: Initializer = default_recurrent_kernel_init,
+    bias_init: Initializer = default_bias_init,
+    kernel_metadata: Mapping[str, Any] = _NO_METADATA,
+    recurrent_kernel_metadata: Mapping[str, Any] = _NO_METADATA,
+    bias_metadata: Mapping[str, Any] = _NO_METADATA,
+    implementation: str = 'auto',
+    rngs: nnx.Rngs,
+  ):
+    self.use_bias_hn = _checks.check_bool(type(self).__name__, 'use_bias_hn', use_bias_hn)
+    super().__init__(
+      in_features, hidden_features, num_layers=num_layers, bidirectional=bidirectional,
+      dropout_rate=dropout_rate, time_major=time_major, return_carry=return_carry,
+      reverse=reverse, keep_order=keep_order, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=kernel_init, recurrent_kernel_init=recurrent_kernel_init, bias_init=bias_init,
+      kernel_metadata=kernel_metadata, recurrent_kernel_metadata=recurrent_kernel_metadata,
+      bias_metadata=bias_metadata, implementation=implementation, rngs=rngs)
+
+  def _cell_options(self) -> Mapping[str, Any]:
+    return {'use_bias_hn': self.use_bias_hn}

@@ -238,9 +238,11 @@ class GRUMath:
 
   @staticmethod
   def params(cell):
-    """``(W_i, b_i, W_h, b_hn)`` of a :class:`GRUCell`."""
-    return (cell.dense_i.kernel[...], cell.dense_i.bias[...], cell.dense_h.kernel[...],
-            cell.bias_hn[...])
+    """``(W_i, b_i, W_h, b_hn)`` of a :class:`GRUCell` (``b_hn`` zeros
+    without one: ``use_bias_hn=False``)."""
+    b_hn = jnp.zeros((cell.hidden_features,), cell.param_dtype) if cell.bias_hn is None \
+      else cell.bias_hn[...]
+    return cell.dense_i.kernel[...], cell.dense_i.bias[...], cell.dense_h.kernel[...], b_hn
 
   @staticmethod
   def h(carry):

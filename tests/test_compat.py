@@ -293,7 +293,7 @@ def test_rnn_tabulate_and_every_methods_intermediates_match_linen(name):
                                 mutable=['intermediates'], **kwargs)
       outs.append(jax.jit(apply)(v, x))
   assert tables[2:] == tables[:2]
-  assert 'SimpleCell (scan_fn)' in tables[0] or 'GRUCell (scan_fn)' in tables[0]
+  assert f'{name} (scan_fn)' in tables[0]
   for ours, theirs in zip(outs[2:], outs[:2]):
     # (outputs, {'intermediates': {'cell': {'__call__', 'scan_fn', the Dense layers}}})
     _assert_close(ours, theirs, atol=1e-6)

@@ -142,7 +142,9 @@ class RNN(nnx.Module):
     unroll: scan steps unrolled per loop iteration; as in ``jax.lax.scan``,
       ``True`` (or ``0``) unrolls every step and ``False`` none.
     remat: rematerialise each step in the backward pass: training memory holds
-      only the carries, at the cost of recomputing each step once.
+      only the carries, at the cost of recomputing each step once. What the
+      step changes in the cell (Variables, plain attributes) persists as
+      without it.
     state_axes: as flax.nnx's: how the cell's state goes through the scan, a
       mapping from state filters to ``nnx.Carry`` (threaded from step to step:
       the default, ``{...: nnx.Carry}``), ``None`` (broadcast: changes are

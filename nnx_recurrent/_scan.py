@@ -157,23 +157,36 @@ def _remat_call_cell(cell, carry, x_t, dropout_masks, rng_t=None):
   per step (``nnx.remat`` returns every Variable, which made the scan store
   the parameters at every step: 17x the memory of no remat at all). Whether
   the cell wrote a parameter is known when the step is traced.
+
+  The step runs on a copy of the cell inside ``jax.checkpoint``; flax's
+  update context (the four splits and merges ``nnx.remat`` makes) carries
+  back what the step changed, plain attributes (``self.calls += 1``) and new
+  submodules included, as without ``remat``.
   """
-  graphdef, params, rest = graph_nnx.split(cell, nnx.Param, ...)
+  with nnx.update_context(_REMAT_TAG):
+    with nnx.split_context(_REMAT_TAG) as ctx:
+      graphdef, params, rest = ctx.split(cell, nnx.Param, ...)
 
-  def pure(params, rest, carry, x_t, dropout_masks, rng_t):
-    before = jax.tree_util.tree_leaves(params)  # the arrays (merge shares the Variables)
-    c = nnx.merge(graphdef, params, rest)
-    new_carry, y = _call_cell(c, carry, x_t, dropout_masks, rng_t)
-    _, new_params, new_rest = graph_nnx.split(c, nnx.Param, ...)
-    unchanged = all(a is b for a, b in zip(jax.tree_util.tree_leaves(new_params), before))
-    return new_carry, y, (None if unchanged else new_params), new_rest
+    def pure(params, rest, carry, x_t, dropout_masks, rng_t):
+      before = jax.tree_util.tree_leaves(params)  # the arrays (merge shares them)
+      with nnx.merge_context(_REMAT_TAG, inner=True) as ctx:
+        c = ctx.merge(graphdef, params, rest)
+      new_carry, y = _call_cell(c, carry, x_t, dropout_masks, rng_t)
+      with nnx.split_context(_REMAT_TAG) as ctx:
+        graphdef_out, new_params, new_rest = ctx.split(c, nnx.Param, ...)
+      unchanged = (jax.tree_util.tree_structure(new_params) == jax.tree_util.tree_structure(params)
+                   and all(a is b for a, b in zip(jax.tree_util.tree_leaves(new_params), before)))
+      # a GraphDef has no leaves: it comes out of the checkpoint as structure
+      return new_carry, y, graphdef_out, (None if unchanged else new_params), new_rest
 
-  new_carry, y, new_params, new_rest = jax.checkpoint(pure)(params, rest, carry, x_t,
-                                                            dropout_masks, rng_t)
-  nnx.update(cell, new_rest)
-  if new_params is not None:
-    nnx.update(cell, new_params)
+    new_carry, y, graphdef_out, new_params, new_rest = jax.checkpoint(pure)(
+      params, rest, carry, x_t, dropout_masks, rng_t)
+    with nnx.merge_context(_REMAT_TAG, inner=False) as ctx:
+      ctx.merge(graphdef_out, params if new_params is None else new_params, new_rest)
   return new_carry, y
+
+
+_REMAT_TAG = 'nnx_recurrent.remat'
 
 
 def keep_at_padding(valid_t: Array | None, new_carry: Any, carry: Any, y: Any):

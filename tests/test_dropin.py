@@ -352,6 +352,38 @@ def test_cell_state_and_rng_streams_persist_under_remat_as_in_flax():
   assert int(ours.cell.drop.rngs.count[...]) == count == T
 
 
+class AttributeCountingCell(nr.SimpleCell):
+  """Keeps plain Python attributes (not Variables) that its step changes."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.traces, self.seen = 0, None
+
+  def __call__(self, carry, x):
+    self.traces += 1  # once per trace: the scan traces the step once
+    self.seen = tuple(x.shape)
+    return super().__call__(carry, x)
+
+
+@pytest.mark.parametrize('remat', [False, True])
+def test_plain_attribute_changes_in_a_step_persist_as_in_flax(remat):
+  # flax.nnx's RNN (and nnx.remat) carry a step's attribute changes out of the
+  # scan; under remat the step runs on a copy inside jax.checkpoint.
+  x = _x()
+  runs = {}
+  for name, make in (('ours', lambda c: nr.RNN(c, remat=remat)), ('theirs', nnx.RNN)):
+    cell = AttributeCountingCell(IN, H, rngs=nnx.Rngs(0))
+    layer = make(cell)
+    y = layer(x, seq_lengths=LENGTHS)
+    grads = nnx.grad(lambda m: (m(x) ** 2).sum())(layer)
+    runs[name] = (y, cell.traces, cell.seen, nnx.state(grads, nnx.Param))
+  (y_o, traces_o, seen_o, g_o), (y_t, traces_t, seen_t, g_t) = runs['ours'], runs['theirs']
+  assert (traces_o, seen_o) == (traces_t, seen_t) == (2, (B, IN))
+  valid = (jnp.arange(T)[None] < LENGTHS[:, None])[..., None]
+  _close(y_o, jnp.where(valid, y_t, 0.0), atol=1e-6)  # ours: zeros at padding
+  _close(g_o, g_t, atol=1e-5)
+
+
 def _mode_layers():
   rngs = lambda: nnx.Rngs(0, dropout=1)  # noqa: E731
   return [

@@ -465,6 +465,18 @@ def test_from_torch_errors():
                        r"'params' \(or default\) stream.*got streams \('dropout',\)"):
       nr.interop.from_torch(module, rngs=nnx.Rngs(dropout=1))
   nr.interop.from_torch(torch.nn.GRUCell(IN, H), rngs=nnx.Rngs(params=0))  # no dropout needed
+  # A module built on torch's meta device (deferred initialisation) holds no values.
+  for module in (torch.nn.LSTM(IN, H, device='meta'), torch.nn.GRUCell(IN, H, device='meta')):
+    with pytest.raises(ValueError, match=r"from_torch: `module` expected a module whose "
+                       r"parameters hold values.*got parameters on torch's 'meta' device"):
+      nr.interop.from_torch(module)
+  # Materialised (to_empty, then a state_dict), it converts.
+  module = torch.nn.GRU(IN, H, device='meta').to_empty(device='cpu')
+  module.load_state_dict(torch.nn.GRU(IN, H).state_dict())
+  x = np.ones((T, B, IN), np.float32)
+  with torch.no_grad():
+    np.testing.assert_allclose(_call(nr.interop.from_torch(module), x),
+                               module(torch.from_numpy(x))[0].numpy(), atol=1e-6)
 
 
 def test_torch_tensors_get_a_clear_error():

@@ -271,6 +271,10 @@ def from_torch(module: Any, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
     _checks.fail('from_torch', 'rngs', "an nnx.Rngs with a 'params' (or default) stream: the "
                  'modules are built as nnx modules are, then their parameters overwritten',
                  f'streams {tuple(rngs)}')
+  if any(p.is_meta for p in module.parameters()):
+    _checks.fail('from_torch', 'module', 'a module whose parameters hold values',
+                 "parameters on torch's 'meta' device, which hold none (materialise them "
+                 "first: module.to_empty(device='cpu'), then load_state_dict)")
   act = _torch_activation(module)
   w_ih = getattr(module, 'weight_ih' if is_cell else 'weight_ih_l0')
   # Zero initializers: every parameter is overwritten, so draw no random numbers.

@@ -22,6 +22,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import errors as flax_errors
 
 # Frames in these directories are not the user's: a warning points past them.
 _INTERNAL_DIRS = tuple(os.path.dirname(str(m.__file__)) + os.sep
@@ -34,14 +35,39 @@ def fail(where: str, arg: str, expected: str, got: Any,
   raise exc(f'{where}: `{arg}` expected {expected}, got {got}.')
 
 
-class CarrySizeError(ValueError):
+class _LinenError(ValueError):
+  """A ``ValueError`` that is also a flax.linen error class (below): code that
+  catches flax.linen's error keeps catching compat's after the import swap.
+  The message is ours, without flax's link appended."""
+
+  def __init__(self, message: str):
+    Exception.__init__(self, message)  # not flax's __init__, which adds a link
+
+  def __reduce__(self):
+    return type(self), (str(self),)
+
+
+class ParamShapeError(_LinenError, flax_errors.ScopeParamShapeError):
+  """A compat parameter of another shape than the module's: flax.linen raises
+  ``flax.errors.ScopeParamShapeError`` there."""
+
+
+class ParamNotFoundError(_LinenError, flax_errors.ScopeParamNotFoundError):
+  """A compat parameter missing from the variables: flax.linen raises
+  ``flax.errors.ScopeParamNotFoundError`` there."""
+
+
+class CarrySizeError(ParamShapeError):
   """A carry whose size disagrees with the cell's parameters (compat's cells,
   as flax.linen's, take their size from the carry): an ``RNN`` given the
   carry re-raises it naming its own ``initial_carry``."""
 
   def __init__(self, where: str, expected: str, got: str):
     super().__init__(f'{where}: `carry` expected {expected}, got {got}.')
-    self.expected, self.got = expected, got
+    self.where, self.expected, self.got = where, expected, got
+
+  def __reduce__(self):
+    return type(self), (self.where, self.expected, self.got)
 
 
 def warn(message: str) -> None:

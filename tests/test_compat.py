@@ -89,6 +89,25 @@ def test_fields_and_defaults_are_linens(name):
     assert issubclass(getattr(compat, name), nn.RNNCellBase)
 
 
+def test_copies_of_compat_layers_run_as_flax_linens_do():
+  # copy.deepcopy and (cloud)pickle copy a Linen module's fields; the copy of
+  # cell_size's "not given" default must still read as not given.
+  import copy
+  import pickle
+
+  from nnx_recurrent.compat import _rnn
+
+  assert pickle.loads(pickle.dumps(_rnn._NEVER)) is _rnn._NEVER
+  assert copy.deepcopy(compat.RNN(compat.GRUCell(4))).cell_size is _rnn._NEVER
+  x = np.ones((2, 5, 3), np.float32)
+  key = jax.random.key(0)
+  ours = copy.deepcopy(compat.Bidirectional(compat.RNN(compat.GRUCell(4)),
+                                            compat.RNN(compat.LSTMCell(4))))
+  theirs = nn.Bidirectional(nn.RNN(nn.GRUCell(4)), nn.RNN(nn.LSTMCell(4)))
+  variables = theirs.init(key, x)
+  _assert_close(ours.apply(variables, x), theirs.apply(variables, x), atol=1e-6)
+
+
 def test_cell_size_gives_a_clear_error():
   with pytest.raises(TypeError, match=r'RNN: `cell_size` is no longer an argument.*'
                      r'RNN\(LSTMCell\(features=\.\.\.\)\)'):
@@ -1208,6 +1227,48 @@ def test_bad_input_errors():
     compat.RNN(nnx.eval_shape(lambda: nr.LSTMCell(IN, H, rngs=nnx.Rngs(0))))
   with pytest.raises(ValueError, match=r'Bidirectional: `initial_carry` expected a pair'):
     bi.apply(v_bi, xs, initial_carry=np.zeros((B, H), np.float32))
+
+
+def test_checkpoints_that_do_not_fit_raise_flax_linens_error_classes():
+  # Code that catches flax.linen's ScopeParamShapeError / ScopeParamNotFoundError
+  # (to re-initialise on a shape change) keeps catching compat's; they are
+  # ValueErrors with compat's message too.
+  import pickle
+
+  import flax
+
+  x = np.ones((B, T, IN), np.float32)
+  v = nn.RNN(nn.LSTMCell(H)).init(jax.random.key(1), x)
+
+  def without(*path):
+    p = flax.core.unfreeze(v)
+    group = functools.reduce(lambda d, k: d[k], path[:-1], p['params'])
+    del group[path[-1]]
+    return p
+
+  carry = (np.zeros((B, H + 2), np.float32),) * 2
+  cases = [  # (call, compat's message)
+    (lambda lib: lib.RNN(lib.LSTMCell(H + 4)).apply(v, x), r"`params` expected 'ii/kernel'"),
+    (lambda lib: lib.RNN(lib.LSTMCell(H)).apply(without('cell', 'ii'), x),
+     r"`params` expected the groups .* got missing \['ii'\]"),
+    (lambda lib: lib.RNN(lib.LSTMCell(H)).apply(without('cell', 'hi', 'bias'), x),
+     r"`params` expected 'hi' with leaves \['bias', 'kernel'\], got \['kernel'\]"),
+    (lambda lib: lib.RNN(lib.LSTMCell(H)).apply(v, np.ones((B, T, IN + 1), np.float32)),
+     r'`inputs` expected last axis of size 3'),
+    (lambda lib: lib.RNN(lib.LSTMCell(H)).apply(v, x, initial_carry=carry),
+     r'RNN: `initial_carry` expected a last axis of size 4'),
+    (lambda lib: lib.LSTMCell(H).apply({'params': v['params']['cell']}, carry, x[:, 0]),
+     r'LSTMCell: `carry` expected a last axis of size 4'),
+  ]
+  for call, message in cases:
+    with pytest.raises(flax.errors.FlaxError) as theirs:
+      call(nn)
+    with pytest.raises(type(theirs.value), match=message) as ours:
+      call(compat)
+    assert isinstance(ours.value, ValueError)
+    assert 'flax.readthedocs' not in str(ours.value)  # ours, without flax's link
+    copied = pickle.loads(pickle.dumps(ours.value))
+    assert type(copied) is type(ours.value) and str(copied) == str(ours.value)
 
 
 def test_migration_errors():

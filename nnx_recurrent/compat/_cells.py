@@ -197,7 +197,8 @@ class _Cell(RNNCellBase):
     if hasattr(kernel, 'shape') and len(kernel.shape) >= 2 and kernel.shape[-2] != in_features:
       _checks.fail(layout.name, 'inputs',
                    f"last axis of size {kernel.shape[-2]} (the parameter '{first}/kernel' "
-                   f'has shape {tuple(kernel.shape)})', f'shape {input_shape}')
+                   f'has shape {tuple(kernel.shape)})', f'shape {input_shape}',
+                   _checks.ParamShapeError)  # flax.linen's class: the kernel's shape
     if sized is not self:  # sized by the carry: a mismatch is the carry's
       name = next(g.name for g in layout.groups(sized) if g.reads == 'hidden')
       group = existing.get(name)

@@ -253,22 +253,25 @@ def check_params(where: str, layout: Layout, module: Any, params: Mapping, in_fe
   if not partial:
     missing = sorted(set(expected) - set(params))
     extra = [] if allow_extra else sorted(set(params) - set(expected))
-    if missing or extra:
+    if missing or extra:  # flax.linen's error class where one is missing
       _checks.fail(where, 'params', f'the groups {sorted(expected)} of a {layout.name}',
-                   f'missing {missing}, unexpected {extra}')
+                   f'missing {missing}, unexpected {extra}',
+                   _checks.ParamNotFoundError if missing else ValueError)
   for name, leaves in expected.items():
     group = params.get(name)
     if group is None:
       continue
     if not isinstance(group, Mapping) or set(group) != set(leaves):
       got = sorted(group) if isinstance(group, Mapping) else type(group).__name__
-      _checks.fail(where, 'params', f"'{name}' with leaves {sorted(leaves)}", got)
+      missing_leaf = not isinstance(group, Mapping) or not set(leaves) <= set(group)
+      _checks.fail(where, 'params', f"'{name}' with leaves {sorted(leaves)}", got,
+                   _checks.ParamNotFoundError if missing_leaf else ValueError)
     for leaf, shape in leaves.items():
       got_shape = tuple(getattr(group[leaf], 'shape', ()))
       if got_shape != tuple(shape):
         _checks.fail(where, 'params',
                      f"'{name}/{leaf}' of shape {tuple(shape)} ({_describe(module, in_features)})",
-                     f'shape {got_shape}')
+                     f'shape {got_shape}', _checks.ParamShapeError)
 
 
 def in_features_from(where: str, layout: Layout, module: Any, params: Mapping) -> int:

@@ -35,8 +35,20 @@ from nnx_recurrent.compat._cells import _Cell
 
 
 class _Never:
+  """The default of a field nobody may set: one object, through copies and pickles
+  (``copy.deepcopy`` and ``cloudpickle`` of a Linen module copy its fields)."""
+
   def __repr__(self) -> str:
     return '<not given>'
+
+  def __copy__(self) -> _Never:
+    return self
+
+  def __deepcopy__(self, memo) -> _Never:
+    return self
+
+  def __reduce__(self) -> str:
+    return '_NEVER'  # pickled by reference: the module's own object
 
 
 _NEVER = _Never()
@@ -243,7 +255,7 @@ class RNN(nn.Module):
       carry, ys = scan(self.cell, carry, *scan_args)
     except _checks.CarrySizeError as e:  # the carry is the one given here
       if given_carry:
-        _checks.fail('RNN', 'initial_carry', e.expected, e.got)
+        _checks.fail('RNN', 'initial_carry', e.expected, e.got, _checks.ParamShapeError)
       raise
     if linen:
       carry = carry[1]

@@ -70,6 +70,15 @@ class CarrySizeError(ParamShapeError):
     return type(self), (self.where, self.expected, self.got)
 
 
+def check_concrete(where: str, arg: str, tree: Any, fix: str,
+                   expected: str = 'arrays that hold values') -> None:
+  """A ``TypeError`` when ``tree`` holds abstract leaves (``jax.ShapeDtypeStruct``:
+  from ``jax.eval_shape`` or ``nnx.eval_shape``) where values are needed."""
+  if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree_util.tree_leaves(tree)):
+    fail(where, arg, expected, 'abstract leaves (jax.ShapeDtypeStruct, as jax.eval_shape / '
+         f'nnx.eval_shape give): {fix}', TypeError)
+
+
 def warn(message: str) -> None:
   """``warnings.warn`` pointing at the user's line: the first frame outside
   this package, flax and jax (an nnx module's constructor runs inside flax's

@@ -974,6 +974,53 @@ def test_to_nnx_unboxes_partitioned_params():
   _assert_close(compat.to_nnx(cell, boxed)(h, x), cell.apply(variables, h, x), atol=1e-6)
 
 
+def test_to_nnx_carries_partition_names_and_carry_init():
+  # nn.with_partitioning's names become the NNX parameters' out_sharding (the
+  # groups an NNX kernel joins share them); a carry_init sizes initialize_carry.
+  part = lambda init, names: nn.with_partitioning(init, names)  # noqa: E731
+  linen = nn.RNN(nn.GRUCell(H, kernel_init=part(nn.initializers.lecun_normal(), (None, 'model')),
+                            recurrent_kernel_init=part(nn.initializers.orthogonal(),
+                                                       ('model', None)),
+                            carry_init=nn.initializers.ones))
+  xs = normal((B, T, IN))
+  variables = linen.init(jax.random.key(0), xs)
+  rnn = compat.to_nnx(linen, variables)
+  specs = nnx.get_partition_spec(nnx.state(rnn.cell, nnx.Param))
+  linen_specs = nn.get_partition_spec(variables)['params']['cell']
+  assert specs['dense_i']['kernel'].get_value() == linen_specs['ir']['kernel'] == \
+    jax.sharding.PartitionSpec(None, 'model')
+  assert specs['dense_h']['kernel'].get_value() == jax.sharding.PartitionSpec('model', None)
+  assert specs['dense_i']['bias'].get_value() == jax.sharding.PartitionSpec()  # not boxed
+  # Linen's outputs, from its carry of ones (zeros give others).
+  _assert_close(rnn(xs), linen.apply(variables, xs), atol=1e-6)
+  np.testing.assert_array_equal(rnn.cell.initialize_carry((B, IN), rngs=nnx.Rngs(0)),
+                                np.ones((B, H)))
+  assert compat.from_nnx(rnn)[0].cell.carry_init is nn.initializers.ones  # and back
+  # Groups of other names joined into one NNX kernel: none, and a warning.
+  mixed = jax.tree.map(lambda a: a, variables, is_leaf=lambda a: isinstance(a, nn.Partitioned))
+  mixed['params']['cell']['iz']['kernel'] = nn.Partitioned(
+    nn.unbox(mixed['params']['cell']['iz']['kernel']), names=('data', None))
+  with pytest.warns(UserWarning, match=r"to_nnx: the flax.linen parameters \['ir/kernel', "
+                    r"'iz/kernel', 'in/kernel'\] have different partition names"):
+    rnn = compat.to_nnx(linen, mixed)
+  assert 'out_sharding' not in rnn.cell.dense_i.kernel.get_metadata()
+
+
+def test_conversions_of_abstract_parameters_say_how():
+  linen = nn.RNN(nn.GRUCell(H))
+  xs = np.ones((B, T, IN), np.float32)
+  abstract = jax.eval_shape(linen.init, jax.random.key(0), xs)  # an orbax restore target
+  with pytest.raises(TypeError, match=r'to_nnx: `variables` expected arrays that hold values, '
+                     r'got abstract leaves \(jax.ShapeDtypeStruct.*nnx.eval_shape\(lambda v: '):
+    compat.to_nnx(linen, abstract)
+  # What the message says to do works.
+  converted = nnx.eval_shape(lambda v: compat.to_nnx(linen, v), abstract)
+  assert converted.cell.dense_h.kernel.shape == (H, 3 * H)
+  with pytest.raises(TypeError, match=r'from_nnx: `module` expected a module whose parameters '
+                     r'hold values, got abstract leaves'):
+    compat.from_nnx(converted)
+
+
 def test_from_nnx_gru_without_bias_hn():
   cell = nr.GRUCell(IN, H, use_bias_hn=False, kernel_init=_det_init,
                     recurrent_kernel_init=_det_init, rngs=nnx.Rngs(0))

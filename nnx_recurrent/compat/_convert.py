@@ -332,6 +332,28 @@ def linen_to_nnx(layout: Layout, module: Any, params: Mapping) -> dict:
   return out
 
 
+def partition_names(where: str, layout: Layout, module: Any, boxed: Mapping) -> dict:
+  """``{nnx path: names}`` of the parameters whose flax.linen groups are
+  ``nn.Partitioned`` boxes (``nn.with_partitioning``), for the nnx
+  ``out_sharding`` metadata. A parameter concatenated from groups of other
+  names has none (a warning says so)."""
+  out = {}
+  for nnx_path, linen_paths in layout.rules(module):
+    names = {tuple(getattr(_get(boxed, p), 'names', None) or ()) for p in linen_paths}
+    if len(names) > 1:
+      _checks.warn(f'{where}: the flax.linen parameters {["/".join(p) for p in linen_paths]} '
+                   f'have different partition names {sorted(names, key=repr)}; the NNX parameter '
+                   f'{".".join(nnx_path)} that joins them is left without out_sharding.')
+    elif names != {()}:
+      out[nnx_path] = names.pop()
+  return out
+
+
+def variable(module: Any, path: Path) -> nnx.Variable:
+  """The Variable of ``module`` at a pure-dict ``path``."""
+  return functools.reduce(getattr, path, module)
+
+
 def nnx_to_linen(layout: Layout, module: Any, pure: Mapping) -> dict:
   """The nnx cell's pure param dict -> flax.linen cell params (inverse of the above)."""
   out: dict = {}

@@ -22,13 +22,19 @@ _KNOWN = ('LSTMCell, OptimizedLSTMCell, GRUCell, MGUCell, SimpleCell, ConvLSTMCe
           'Bidirectional')
 
 
-def _params_of(where: str, variables: Any) -> dict:
+def _params_of(where: str, variables: Any) -> tuple[dict, dict]:
+  """The checkpoint's parameters, unboxed, and as given (``nn.Partitioned`` boxes)."""
   if not isinstance(variables, Mapping):
     _checks.fail(where, 'variables', "a dict with a 'params' collection (what init returns)",
                  type(variables).__name__, TypeError)
   if set(variables) != {'params'}:
     _checks.fail(where, 'variables', "exactly one collection, 'params'", sorted(variables))
-  return meta.unbox(unfreeze(variables['params']))
+  boxed = unfreeze(variables['params'])
+  params = meta.unbox(boxed)
+  _checks.check_concrete(where, 'variables', params, 'restore them first, or convert '
+                         'abstractly: nnx.eval_shape(lambda v: compat.to_nnx(module, v), '
+                         'variables)')
+  return params, boxed
 
 
 def _sub(where: str, params: Mapping, name: str, owner: str) -> Mapping:
@@ -38,13 +44,20 @@ def _sub(where: str, params: Mapping, name: str, owner: str) -> Mapping:
   return params[name]
 
 
-def _to_nnx(module: Any, params: Mapping, where: str):
+def _to_nnx(module: Any, params: Mapping, where: str, boxed: Mapping):
   layout = _convert.layout_of(module)
   if layout is not None:
     in_features = _convert.in_features_from(f'{where} ({layout.name})', layout, module, params)
     module = _convert.sized_by_params(layout, module, params)
     _convert.check_params(f'{where} ({layout.name})', layout, module, params, in_features)
-    return _convert.build_nnx(layout, module, in_features, params)
+    cell = _convert.build_nnx(layout, module, in_features, params)
+    if module.carry_init is not nn.initializers.zeros:  # the default: the nnx cells' too
+      # As a constructor argument it warns (flax.nnx's deprecation); as
+      # flax.linen's it sizes initialize_carry (from_nnx carries it back).
+      cell.carry_init = module.carry_init
+    for path, names in _convert.partition_names(where, layout, module, boxed).items():
+      _convert.variable(cell, path).set_metadata(out_sharding=names)
+    return cell
   if isinstance(module, (RNN, nn.RNN)):
     per_step = any(in_filter(f, 'params') for f in module.variable_axes)
     if per_step or not in_filter(module.variable_broadcast, 'params'):
@@ -53,13 +66,14 @@ def _to_nnx(module: Any, params: Mapping, where: str):
                    'set of parameters across steps',
                    f'variable_axes={dict(module.variable_axes)}, '
                    f'variable_broadcast={module.variable_broadcast!r}')
-    cell = _to_nnx(module.cell, _sub(where, params, 'cell', 'RNN'), where)
+    cell = _to_nnx(module.cell, _sub(where, params, 'cell', 'RNN'), where, boxed['cell'])
     return _NnxRNN(cell, time_major=module.time_major, return_carry=module.return_carry,
                    reverse=module.reverse, keep_order=module.keep_order, unroll=module.unroll)
   if isinstance(module, (Bidirectional, nn.Bidirectional)):
+    fwd, bwd = (_to_nnx(getattr(module, name), _sub(where, params, name, 'Bidirectional'),
+                        where, boxed[name]) for name in ('forward_rnn', 'backward_rnn'))
     return _NnxBidirectional(
-      _to_nnx(module.forward_rnn, _sub(where, params, 'forward_rnn', 'Bidirectional'), where),
-      _to_nnx(module.backward_rnn, _sub(where, params, 'backward_rnn', 'Bidirectional'), where),
+      fwd, bwd,
       merge_fn=module.merge_fn, time_major=module.time_major, return_carry=module.return_carry,
     )
   _checks.fail(where, 'module', f'a flax.linen or compat {_KNOWN}', _checks.public_name(module),
@@ -78,9 +92,10 @@ def to_nnx(module: nn.Module, variables: Mapping[str, Any]):
   valid step (with ``seq_lengths``, ``nr.RNN`` gives zeros at padded steps
   where Linen's keeps computing, and a length-0 row's carry is the initial one).
 
-  Not carried over (NNX cells do not store them): ``kernel_init``-style
-  initializers (only used to create parameters) and ``carry_init`` (pass
-  ``carry_init=`` to ``initialize_carry``); of ``RNN``'s scan options
+  A cell's ``carry_init`` is carried over: the NNX cell's ``initialize_carry``
+  uses it (a random one draws from the NNX cell's ``rngs``, so its values are
+  not flax.linen's). Not carried over: ``kernel_init``-style initializers
+  (only used to create parameters); of ``RNN``'s scan options
   ``variable_axes``, ``variable_broadcast``, ``variable_carry`` and
   ``split_rngs`` (``unroll`` is).
 
@@ -110,7 +125,8 @@ def to_nnx(module: nn.Module, variables: Mapping[str, Any]):
     ValueError: the variables do not fit the module (names, shapes), or the
       RNN has per-step parameters.
   """
-  return _to_nnx(module, _params_of('to_nnx', variables), 'to_nnx')
+  params, boxed = _params_of('to_nnx', variables)
+  return _to_nnx(module, params, 'to_nnx', boxed)
 
 
 def _from_nnx(module: Any, where: str):
@@ -153,6 +169,9 @@ def _from_nnx(module: Any, where: str):
     kwargs['carry_init'] = module.carry_init
   cell = CELLS[layout.name](features=module.hidden_features, **kwargs)
   pure = nnx.to_pure_dict(nnx.state(module, nnx.Param))
+  _checks.check_concrete(where, 'module', pure, 'a module built by nnx.eval_shape holds no '
+                         'parameters to convert (restore or initialise them first)',
+                         'a module whose parameters hold values')
   if layout.name == 'GRUCell' and module.bias_hn is None:  # use_bias_hn=False: b_hn = 0
     pure['bias_hn'] = jnp.zeros(module.hidden_features, pure['dense_i']['bias'].dtype)
   return cell, _convert.nnx_to_linen(layout, cell, pure)

@@ -80,6 +80,7 @@ class DropoutMasks(NamedTuple):
 def _key_from(where: str, rngs: RngsLike, stream: str) -> Array:
   """One PRNG key from an ``Rngs`` (named stream), an ``RngStream`` or a key."""
   _checks.check_rngs(where, rngs, allow_none=False)
+  _checks.check_stream(where, rngs, stream, f'to draw {stream} keys from')
   if isinstance(rngs, nnx.Rngs):
     return rngs[stream]()
   if isinstance(rngs, nnx.RngStream):
@@ -93,6 +94,7 @@ def _keys_from(where: str, rngs: RngsLike, stream: str, n: int) -> list[Array]:
   key (an ``Rngs``'s named stream or an ``RngStream``); a raw key is split
   (flax.linen's convention; one key is used as it is)."""
   _checks.check_rngs(where, rngs, allow_none=False)
+  _checks.check_stream(where, rngs, stream, f'to draw {stream} keys from')
   if isinstance(rngs, nnx.Rngs):
     rngs = rngs[stream]
   if isinstance(rngs, nnx.RngStream):
@@ -241,9 +243,14 @@ class RNNCellBase(nnx.Module):
     # No PRNG state unless something random needs it (flax keeps a stream by
     # default, which breaks checkpoints: flax#4509): dropout, or flax.nnx's
     # deprecated keep_rngs (a stream for initialize_carry). One stream serves all.
-    if self.dropout_rate or self.recurrent_dropout_rate or self.zoneout_rate:
+    rates = {name: getattr(self, name) for name in
+             ('dropout_rate', 'recurrent_dropout_rate', 'zoneout_rate') if getattr(self, name)}
+    if rates:
+      _checks.check_stream(where, rngs, 'dropout', 'for ' + ', '.join(
+        f'{name}={rate}' for name, rate in rates.items()))
       self.rngs = rngs['dropout'].fork()
     elif keep_rngs:
+      _checks.check_stream(where, rngs, 'carry', 'for keep_rngs=True')
       self.rngs = rngs['carry'].fork()
       self._rngs_is_carry_stream = True  # flax.nnx's: initialize_carry draws from it
     else:

@@ -175,6 +175,17 @@ def check_rngs(where: str, rngs: Any, arg: str = 'rngs', allow_none: bool = True
          f'{" (or None)" if allow_none else ""}', type(rngs).__name__, TypeError)
 
 
+def check_stream(where: str, rngs: Any, stream: str, why: str) -> None:
+  """An ``nnx.Rngs`` that can draw ``stream``: its own, or its ``default``
+  one (flax's fallback). Without either flax raises a ``KeyError`` naming
+  neither the module nor the argument. Other sources (a stream, a key) pass."""
+  from flax import nnx
+
+  if isinstance(rngs, nnx.Rngs) and stream not in rngs and 'default' not in rngs:
+    fail(where, 'rngs', f"an nnx.Rngs with a '{stream}' (or 'default') stream {why}",
+         f'streams {tuple(rngs)}')
+
+
 # Strings nnx.Conv and flax.linen's Conv take: jax.lax's (any case) and flax's own
 # (upper case only: flax compares them as they are; 'CAUSAL' is for 1-D kernels).
 _LAX_PADDINGS = ('SAME', 'SAME_LOWER', 'VALID')

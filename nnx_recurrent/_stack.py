@@ -213,6 +213,9 @@ class StackedRNN(nnx.Module):
                        else _checks.check_bool('StackedRNN', 'time_major', time_major))
     self.return_carry = _checks.check_bool('StackedRNN', 'return_carry', return_carry)
     # No RNG state without dropout (flax#4509).
+    if self.dropout_rate:
+      _checks.check_stream('StackedRNN', rngs, 'dropout',
+                           f'for dropout_rate={self.dropout_rate}')
     self.dropout = nnx.data(nnx.Dropout(self.dropout_rate, rngs=rngs) if self.dropout_rate
                             else None)
 
@@ -257,6 +260,8 @@ class StackedRNN(nnx.Module):
       _checks.fail('StackedRNN', 'initial_carry',
                    f'a tuple of {n} carries (one per layer, None for the default)',
                    _checks.kind(initial_carry))
+    if self.dropout is not None and n > 1 and not self.dropout.deterministic:
+      _checks.check_stream('StackedRNN', rngs, 'dropout', 'for the dropout between layers')
     uses = _scan.per_use_rngs(rngs, 2 * n)  # the layers', then the dropouts' between them
     layer_rngs, dropout_rngs = uses[:n], uses[n:]
     dropout = self.dropout

@@ -1272,3 +1272,44 @@ def test_a_learned_carry_needs_floating_carry_leaves():
 def test_fused_gru_use_bias_hn_is_a_bool():
   with pytest.raises(TypeError, match=m("GRU: `use_bias_hn` expected a bool, got 'no'")):
     nr.GRU(3, 4, use_bias_hn='no', rngs=nnx.Rngs(0))
+
+
+def _two_grus(rngs):
+  return (nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0))), nr.RNN(nr.GRUCell(4, 4, rngs=nnx.Rngs(1))))
+
+
+@pytest.mark.parametrize('build, call, where, why', [
+  (lambda r: nr.LSTMCell(3, 4, dropout_rate=0.1, rngs=r), None,
+   'LSTMCell', "'dropout' (or 'default') stream for dropout_rate=0.1"),
+  (lambda r: nr.GRUCell(3, 4, zoneout_rate=0.2, recurrent_dropout_rate=0.1, rngs=r), None,
+   'GRUCell', "'dropout' (or 'default') stream for recurrent_dropout_rate=0.1, zoneout_rate=0.2"),
+  (lambda r: nr.LSTM(3, 4, num_layers=2, dropout_rate=0.5, rngs=r), None,
+   'LSTM', "'dropout' (or 'default') stream for dropout_rate=0.5"),
+  (lambda r: nr.StackedRNN(*_two_grus(r), dropout_rate=0.5, rngs=r), None,
+   'StackedRNN', "'dropout' (or 'default') stream for dropout_rate=0.5"),
+  # at call time, where a call's rngs replace the module's
+  (lambda r: nr.RNN(nr.LSTMCell(3, 4, zoneout_rate=0.1, rngs=nnx.Rngs(0))), 'rngs',
+   'LSTMCell', "'dropout' (or 'default') stream to draw dropout keys from"),
+  (lambda r: nr.GRU(3, 4, num_layers=2, dropout_rate=0.5, rngs=nnx.Rngs(0)), 'rngs',
+   'GRU', "'dropout' (or 'default') stream for the dropout between layers"),
+  (lambda r: nr.StackedRNN(*_two_grus(r), dropout_rate=0.5, rngs=nnx.Rngs(0)), 'rngs',
+   'StackedRNN', "'dropout' (or 'default') stream for the dropout between layers"),
+])
+def test_an_rngs_without_the_dropout_stream_is_named(build, call, where, why):
+  # flax raises a KeyError naming neither the module nor the argument (and the
+  # zoneout cell never asked for a 'dropout' stream by that name).
+  params_only = nnx.Rngs(params=0)
+  message = m(f'{where}: `rngs` expected an nnx.Rngs with a {why}', "got streams ('params',)")
+  if call is None:
+    with pytest.raises(ValueError, match=message):
+      build(params_only)
+    build(nnx.Rngs(default=0))  # flax's fallback stream serves, as in flax
+    return
+  module = build(nnx.Rngs(0))
+  with pytest.raises(ValueError, match=message):
+    module(X, rngs=params_only)
+  y_train = module(X, rngs=nnx.Rngs(default=3))  # the fallback stream serves
+  module.eval()  # no draws in evaluation mode: any rngs serve
+  y_eval = module(X, rngs=params_only)
+  np.testing.assert_array_equal(y_eval, module(X))
+  assert not np.allclose(y_train, y_eval)  # the training call did draw

@@ -111,6 +111,9 @@ class _FusedBase(nnx.Module):
     self.forward = nnx.List(forward)
     self.backward = nnx.List(backward) if self.bidirectional else nnx.data(None)
     # Between layers only; no PRNG state unless it is needed.
+    if self.dropout_rate:
+      _checks.check_stream(type(self).__name__, rngs, 'dropout',
+                           f'for dropout_rate={self.dropout_rate}')
     self.dropout = nnx.Dropout(self.dropout_rate, rngs=rngs if self.dropout_rate else None)
 
   def _cell_options(self) -> Mapping[str, Any]:
@@ -342,6 +345,8 @@ class _FusedBase(nnx.Module):
     xs = _scan.clean_padding(seq.xs, seq.masks.valid)  # as nr.RNN's scan does
     if reverse:  # each row (segment) from its last valid step to its first; padding stays
       xs = _scan.take_time(xs, idx)
+    if self.num_layers > 1 and self.dropout_rate and not self.dropout.deterministic:
+      _checks.check_stream(type(self).__name__, rngs, 'dropout', 'for the dropout between layers')
     dropout_rngs = _scan.per_use_rngs(rngs, self.num_layers - 1)  # one per gap between layers
     finals = []
     for layer in range(self.num_layers):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -313,19 +314,26 @@ def kind(x: Any) -> str:
 
 
 @contextlib.contextmanager
-def blame_entry(where: str, entry: str, layer: str, given: Any) -> Iterator[None]:
-  """Names the entry of a composite ``initial_carry`` (a stack's per-layer
-  tuple, a Bidirectional's pair) in the error a layer raises about its own
-  ``initial_carry``: ``StackedRNN: `initial_carry[1]`, the carry of layers[1]
-  (GRU): GRU: `initial_carry` expected ...``. ``given``: the entry (``None``,
-  the layer's default: nothing to blame)."""
+def blame_entry(where: str, entry: str, layer: str, given: Any,
+                passed: tuple[str, ...] = ('inputs', 'seq_lengths', 'segment_ids'),
+                ) -> Iterator[None]:
+  """Names the argument of a composite layer (a stack, a Bidirectional) in
+  the error an inner layer raises about what it was passed: the entry of a
+  composite ``initial_carry`` (``StackedRNN: `initial_carry[1]`, the carry of
+  layers[1] (GRU): GRU: `initial_carry` expected ...``; ``given``: the entry,
+  ``None`` for the layer's default: nothing to blame), and the ``passed``
+  arguments it hands on as they are (``Bidirectional: `seq_lengths`, passed
+  on to forward_rnn (RNN): RNN: `seq_lengths` expected ...``)."""
   try:
     yield
   except (TypeError, ValueError) as e:
-    if given is None or '`initial_carry`' not in str(e):
-      raise
     cls = TypeError if isinstance(e, TypeError) else ValueError
-    raise cls(f'{where}: `initial_carry{entry}`, the carry of {layer}: {e}') from None
+    if given is not None and '`initial_carry`' in str(e):
+      raise cls(f'{where}: `initial_carry{entry}`, the carry of {layer}: {e}') from None
+    arg = re.match(r'[\w.]+: `(\w+)`', str(e))
+    if arg and arg[1] in passed and not str(e).startswith(f'{where}:'):
+      raise cls(f'{where}: `{arg[1]}`, passed on to {layer}: {e}') from None
+    raise
 
 
 def carry_pair(where: str, initial_carry: Any) -> tuple[Any, Any]:

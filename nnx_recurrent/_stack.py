@@ -277,7 +277,8 @@ class StackedRNN(nnx.Module):
     carries = []
     for i, layer in enumerate(self.layers):
       with _checks.blame_entry('StackedRNN', f'[{i}]', f'layers[{i}] ({type(layer).__name__})',
-                               initial_carry[i]):
+                               initial_carry[i], passed=(
+                                 ('inputs',) if i == 0 else ()) + ('seq_lengths', 'segment_ids')):
         carry, x = layer(x, initial_carry=initial_carry[i], seq_lengths=seq_lengths,
                          segment_ids=segment_ids, return_carry=True, time_major=time_major,
                          rngs=layer_rngs[i])

@@ -1313,3 +1313,24 @@ def test_an_rngs_without_the_dropout_stream_is_named(build, call, where, why):
   y_eval = module(X, rngs=params_only)
   np.testing.assert_array_equal(y_eval, module(X))
   assert not np.allclose(y_train, y_eval)  # the training call did draw
+
+
+def test_composite_layers_name_the_argument_they_pass_on():
+  # An inner layer's error about what it was handed names the layer the user called.
+  r = nnx.Rngs(0)
+  bi = nr.Bidirectional(nr.RNN(nr.GRUCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(3, 4, rngs=r)))
+  stack = nr.StackedRNN(nr.LSTM(3, 4, rngs=r), nr.RNN(nr.LSTMCell(4, 4, rngs=r)))
+  for module, where, inner in ((bi, 'Bidirectional', 'forward_rnn (RNN): RNN'),
+                               (stack, 'StackedRNN', 'layers[0] (LSTM): LSTM')):
+    with pytest.raises(TypeError, match=m(f'{where}: `inputs`, passed on to {inner}: `inputs` '
+                                          'expected an array, got list.')):
+      module(X.tolist())
+    with pytest.raises(ValueError, match=m(f'{where}: `inputs`, passed on to {inner}: `inputs` '
+                                           'expected last axis of size 3')):
+      module(jnp.ones((2, 5, 4)))
+    with pytest.raises(ValueError, match=m(f'{where}: `seq_lengths`, passed on to {inner}: '
+                                           '`seq_lengths` expected non-negative lengths')):
+      module(X, seq_lengths=jnp.array([5, -1]))
+    with pytest.raises(ValueError, match=m(f'{where}: `segment_ids`, passed on to {inner}: '
+                                           '`segment_ids` expected an integer array')):
+      module(X, segment_ids=jnp.ones((2, 5)))

@@ -451,6 +451,7 @@ def test_a_float64_module_converts_to_float32_without_x64():
 
 
 # -- errors -----------------------------------------------------------------------
+@pytest.mark.filterwarnings('ignore:dropout option adds dropout after all but last')  # torch's
 def test_from_torch_errors():
   with pytest.raises(TypeError, match=r'from_torch: `module` expected one of torch.nn.LSTM.*'
                                       r'got Linear'):
@@ -465,6 +466,19 @@ def test_from_torch_errors():
                        r"'params' \(or default\) stream.*got streams \('dropout',\)"):
       nr.interop.from_torch(module, rngs=nnx.Rngs(dropout=1))
   nr.interop.from_torch(torch.nn.GRUCell(IN, H), rngs=nnx.Rngs(params=0))  # no dropout needed
+  # A layer with dropout between its layers needs a dropout (or default) stream too: flax's
+  # raw KeyError ("No RngStream named 'dropout'") before. nnx.Rngs(0) is a default stream.
+  for module in (torch.nn.LSTM(IN, H, num_layers=2, dropout=0.5),
+                 torch.nn.GRU(IN, H, dropout=0.25),  # nr.GRU keeps the rate with one layer
+                 torch.nn.RNN(IN, H, num_layers=2, dropout=0.5)):
+    with pytest.raises(ValueError, match=r"from_torch: `rngs` expected an nnx.Rngs with a "
+                       r"'dropout' \(or default\) stream: the module's dropout=0\.(5|25) "
+                       r"between layers draws from it, got streams \('params',\)"):
+      nr.interop.from_torch(module, rngs=nnx.Rngs(params=0))
+    for rngs in (nnx.Rngs(params=0, dropout=1), nnx.Rngs(1)):
+      nr.interop.from_torch(module, rngs=rngs)
+  # torch.nn.RNN of one layer becomes an nr.RNN, without dropout: no stream needed.
+  nr.interop.from_torch(torch.nn.RNN(IN, H, dropout=0.5), rngs=nnx.Rngs(params=0))
   # A module built on torch's meta device (deferred initialisation) holds no values.
   for module in (torch.nn.LSTM(IN, H, device='meta'), torch.nn.GRUCell(IN, H, device='meta')):
     with pytest.raises(ValueError, match=r"from_torch: `module` expected a module whose "

@@ -252,15 +252,18 @@ def from_torch(module: Any, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
       ``RNNCell``.
     rngs: ``nnx.Rngs`` that builds the modules, as for any nnx module (a
       ``params`` or default stream, whose keys the parameters' zero
-      initializers ignore: the weights are overwritten); its ``dropout``
-      stream seeds the between-layer dropout of layers with ``dropout > 0``
-      (default ``nnx.Rngs(0)``).
+      initializers ignore: the weights are overwritten); its ``dropout`` (or
+      default) stream seeds the between-layer dropout of layers with
+      ``dropout > 0`` (default ``nnx.Rngs(0)``).
 
   Returns:
     The nnx module with the weights loaded.
 
   Raises:
     TypeError: for any other module.
+    ValueError: for ``rngs`` without the streams above (a ``params`` or
+      default one; a ``dropout`` or default one where the module has
+      ``dropout > 0``), or a module on torch's ``meta`` device.
   """
   torch = _import_torch()
   family, is_cell = _torch_family(torch, module)
@@ -270,6 +273,15 @@ def from_torch(module: Any, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
   if 'params' not in rngs and 'default' not in rngs:
     _checks.fail('from_torch', 'rngs', "an nnx.Rngs with a 'params' (or default) stream: the "
                  'modules are built as nnx modules are, then their parameters overwritten',
+                 f'streams {tuple(rngs)}')
+  # A layer's dropout between its layers is an nnx.Dropout, which forks the stream when
+  # built: in a stack of torch.nn.RNN layers, and in the fused nr.LSTM / nr.GRU, which
+  # keep the rate (and build it) even with one layer, where it is never applied.
+  dropout = 0.0 if is_cell else float(module.dropout)
+  if dropout and (family.fused is not None or module.num_layers > 1) and not (
+      'dropout' in rngs or 'default' in rngs):
+    _checks.fail('from_torch', 'rngs', "an nnx.Rngs with a 'dropout' (or default) stream: the "
+                 f"module's dropout={dropout} between layers draws from it",
                  f'streams {tuple(rngs)}')
   if any(p.is_meta for p in module.parameters()):
     _checks.fail('from_torch', 'module', 'a module whose parameters hold values',

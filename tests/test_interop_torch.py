@@ -341,6 +341,29 @@ def test_to_torch_warns_that_a_computation_dtype_is_left_out():
     nr.interop.to_torch(nr.LSTM(IN, H, dtype=jnp.float32, rngs=nnx.Rngs(0)))
 
 
+def test_to_torch_refuses_parameters_of_several_dtypes():
+  """A PyTorch module has one dtype: built in the first layer's, it rounded
+  the others' parameters silently."""
+  cases = [
+    (lambda r: nr.StackedRNN(nr.RNN(nr.GRUCell(IN, H, param_dtype=jnp.bfloat16, rngs=r)),
+                             nr.RNN(nr.GRUCell(H, H, rngs=r))),
+     'layer 0 bfloat16, layer 1 float32'),
+    (lambda r: nr.Bidirectional(nr.RNN(nr.LSTMCell(IN, H, rngs=r)),
+                                nr.RNN(nr.LSTMCell(IN, H, param_dtype=jnp.float16, rngs=r))),
+     r'layer 0 float32, layer 0 \(backward\) float16'),
+  ]
+  for factory, got in cases:
+    with pytest.raises(ValueError, match=r'to_torch: `module` expected parameters of one dtype '
+                       rf'\(a PyTorch module has one\), got {got}\.'):
+      nr.interop.to_torch(factory(nnx.Rngs(0)))
+  # A cell whose parameter was given another dtype (set_value keeps the value's).
+  cell = nr.GRUCell(IN, H, rngs=nnx.Rngs(0))
+  cell.dense_h.kernel.set_value(cell.dense_h.kernel.get_value().astype(jnp.bfloat16))
+  with pytest.raises(ValueError, match=r'parameters of one dtype .*got GRUCell bfloat16 and '
+                     r'float32\.'):
+    nr.interop.to_torch(cell)
+
+
 @pytest.mark.parametrize('kind,num_layers,bidirectional', [
   ('RNN_tanh', 1, False), ('RNN_relu', 1, True), ('RNN_tanh', 2, False), ('LSTM', 1, False),
   ('GRU', 2, True)])

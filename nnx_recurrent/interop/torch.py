@@ -52,8 +52,9 @@ Not convertible (``ValueError``): to_torch of a projected LSTM cell alone
 (``torch.nn.LSTMCell`` has no projection: put it in an ``nr.RNN``) or of
 ``proj_features >= hidden_features`` (PyTorch requires ``proj_size <
 hidden_size``); cells whose ``gate_fn`` / ``activation_fn`` differ from
-PyTorch's fixed ones; ``SimpleCell(residual=True)``; a reversed ``nr.RNN``,
-``nr.LSTM`` or ``nr.GRU``; a ``Bidirectional`` with a custom ``merge_fn``;
+PyTorch's fixed ones; ``SimpleCell(residual=True)``; parameters of several
+dtypes (a PyTorch module has one); a reversed ``nr.RNN``, ``nr.LSTM`` or
+``nr.GRU``; a ``Bidirectional`` with a custom ``merge_fn``;
 cells with zoneout (it changes eval-mode outputs); layers that do not start
 from zeros as PyTorch's do (``learn_initial_carry``, a cell's ``carry_init``;
 a cell alone converts, since a PyTorch cell takes its state from the caller).
@@ -539,9 +540,10 @@ def to_torch(module: nnx.Module, *, bias: bool = True):
       _checks.fail(where, 'module', 'a cell without proj_features (torch.nn.LSTMCell has no '
                    'projection; an nr.RNN over the cell converts to torch.nn.LSTM(proj_size))',
                    f'{type(module).__name__} with proj_features={_proj_features(module)}')
-    dtype = _cell_params(module)['dense_i.kernel'].dtype
+    params = _cell_params(module)
+    dtype = _one_dtype({type(module).__name__: params})
     cell_kw = {} if nonlinearity is None else {'nonlinearity': nonlinearity}
-    weights = family.to_torch(_cell_params(module))
+    weights = family.to_torch(params)
     if not bias:
       _check_zero_biases(weights, type(module).__name__)
     result = getattr(torch.nn, family.torch_cell)(
@@ -577,6 +579,8 @@ def to_torch(module: nnx.Module, *, bias: bool = True):
     _checks.fail(where, 'module', "proj_features < hidden_features (PyTorch's proj_size < "
                  'hidden_size)', f'proj_features={proj}, hidden_features={hidden}')
   params = [[_cell_params(c) for c in row] for row in cells]
+  dtype = _one_dtype({f'layer {layer}' + (' (backward)' if d else ''): p
+                      for layer, row in enumerate(params) for d, p in enumerate(row)})
   if not bias:
     for layer, row in enumerate(params):
       for d, p in enumerate(row):
@@ -587,7 +591,7 @@ def to_torch(module: nnx.Module, *, bias: bool = True):
   result = getattr(torch.nn, family.torch_layer)(
     cells[0][0].in_features, hidden, num_layers=len(cells), batch_first=not time_major,
     dropout=dropout if len(cells) > 1 else 0.0, bidirectional=num_dirs == 2, bias=bias, **kw,
-    dtype=_torch_dtype(torch, params[0][0]['dense_i.kernel'].dtype))
+    dtype=_torch_dtype(torch, dtype))
   for layer, row in enumerate(params):
     for d, p in enumerate(row):
       suffix = f'_l{layer}' + ('_reverse' if d else '')
@@ -597,6 +601,17 @@ def to_torch(module: nnx.Module, *, bias: bool = True):
   if _in_eval_mode(module, [c for row in cells for c in row]):
     result.eval()
   return result
+
+
+def _one_dtype(params: dict[str, Params]) -> np.dtype:
+  """The one dtype of every parameter (``params``: by layer name): a PyTorch
+  module has one, and copying others into it would round them silently."""
+  dtypes = {name: sorted({np.dtype(v.dtype).name for v in p.values()})
+            for name, p in params.items()}
+  if len({d for names in dtypes.values() for d in names}) > 1:
+    _checks.fail('to_torch', 'module', 'parameters of one dtype (a PyTorch module has one)',
+                 ', '.join(f'{name} {" and ".join(d)}' for name, d in dtypes.items()))
+  return next(iter(next(iter(params.values())).values())).dtype
 
 
 def _in_eval_mode(module: nnx.Module, cells: list) -> bool:

@@ -5,9 +5,12 @@ converted (or original) nnx module on the same inputs and compares outputs and
 final states, plain and packed (``pack_padded_sequence`` / ``pad_packed_sequence``).
 """
 
+import copy
+import functools
 import importlib
 import re
 import sys
+import types
 import warnings
 
 import jax
@@ -629,6 +632,67 @@ TO_TORCH_ERRORS = [
 def test_to_torch_errors(factory, error, match):
   with pytest.raises(error, match=match):
     nr.interop.to_torch(_abstract(factory))
+
+
+def _rebuilt_by_value(fn):
+  """A ``jax.jit`` function as cloudpickle rebuilds it (JAX's functions do not
+  pickle by reference): a new wrapper from its pickled state, without the
+  original's ``__name__``, ``__module__`` or ``__wrapped__``, around a copy of
+  the Python function (same module, name and code)."""
+  state = fn.__getstate__()
+  inner = state['fun']
+  inner_copy = types.FunctionType(inner.__code__, inner.__globals__, inner.__name__,
+                                  inner.__defaults__, inner.__closure__)
+  inner_copy.__module__, inner_copy.__qualname__ = inner.__module__, inner.__qualname__
+  rebuilt = type(fn).__new__(type(fn))
+  rebuilt.__setstate__({**state, 'fun': inner_copy})
+  return rebuilt
+
+
+def test_to_torch_takes_jax_functions_rebuilt_by_value():
+  """A model through cloudpickle (multiprocessing, Ray) computes as before,
+  but its sigmoid / tanh / relu are copies of jax's: to_torch compared them
+  with ``is`` and refused the model, naming them ``<PjitFunction>``."""
+  sigmoid, tanh = _rebuilt_by_value(jax.nn.sigmoid), _rebuilt_by_value(jnp.tanh)
+  assert sigmoid is not jax.nn.sigmoid and not hasattr(sigmoid, '__name__')
+  relu = copy.copy(jax.nn.relu)  # a custom_jvp over a jit function
+  relu.fun = relu.__wrapped__ = _rebuilt_by_value(jax.nn.relu.fun)
+  for factory in (
+      lambda r: nr.RNN(nr.OptimizedLSTMCell(IN, H, gate_fn=sigmoid, activation_fn=tanh, rngs=r)),
+      lambda r: nr.RNN(nr.SimpleCell(IN, H, activation_fn=relu, rngs=r))):
+    model = random_module(lambda factory=factory: factory(nnx.Rngs(0)))
+    _check_against_torch(model, nr.interop.to_torch(model).eval())
+  cell = nr.interop.to_torch(nr.GRUCell(IN, H, gate_fn=sigmoid, activation_fn=tanh,
+                                        rngs=nnx.Rngs(0)))
+  assert type(cell).__name__ == 'GRUCell'
+  # Not another function: another of jax's rebuilt so, a user's sigmoid, one that only
+  # copies sigmoid's name and module (functools.wraps). The message names them.
+  @functools.wraps(jax.nn.sigmoid)
+  def doubled(x):
+    return 2 * jax.nn.sigmoid(x)
+
+  def my_sigmoid(x):
+    return 1 / (1 + jnp.exp(-x))
+
+  for gate_fn, name in [(_rebuilt_by_value(jax.nn.hard_sigmoid), 'hard_sigmoid'),
+                        (jax.jit(my_sigmoid), 'my_sigmoid'), (doubled, 'sigmoid')]:
+    with pytest.raises(ValueError, match=r'to_torch: `module` expected cells with gate_fn=sigmoid '
+                       rf'and activation_fn=tanh .*got GRUCell with {name}, tanh\.'):
+      nr.interop.to_torch(nr.GRUCell(IN, H, gate_fn=gate_fn, activation_fn=tanh,
+                                     rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match=r'expected a SimpleCell with activation_fn tanh or relu '
+                     r'and residual=False, got activation_fn=sigmoid, residual=False\.'):
+    nr.interop.to_torch(nr.SimpleCell(IN, H, activation_fn=sigmoid, rngs=nnx.Rngs(0)))
+
+
+def test_to_torch_after_cloudpickle():
+  # The real thing, where cloudpickle is installed (it is no dependency of the project).
+  cloudpickle = pytest.importorskip('cloudpickle')
+  model = nr.LSTM(IN, H, num_layers=2, rngs=nnx.Rngs(0))
+  model.eval()
+  unpickled = cloudpickle.loads(cloudpickle.dumps(model))
+  assert unpickled.forward[0].gate_fn is not jax.nn.sigmoid
+  _check_against_torch(unpickled, nr.interop.to_torch(unpickled))
 
 
 def test_to_torch_stack_dropout_is_the_rate_between_every_two_layers():

@@ -52,12 +52,14 @@ Not convertible (``ValueError``): to_torch of a projected LSTM cell alone
 (``torch.nn.LSTMCell`` has no projection: put it in an ``nr.RNN``) or of
 ``proj_features >= hidden_features`` (PyTorch requires ``proj_size <
 hidden_size``); cells whose ``gate_fn`` / ``activation_fn`` differ from
-PyTorch's fixed ones; ``SimpleCell(residual=True)``; parameters of several
-dtypes (a PyTorch module has one); a reversed ``nr.RNN``, ``nr.LSTM`` or
-``nr.GRU``; a ``Bidirectional`` with a custom ``merge_fn``;
-cells with zoneout (it changes eval-mode outputs); layers that do not start
-from zeros as PyTorch's do (``learn_initial_carry``, a cell's ``carry_init``;
-a cell alone converts, since a PyTorch cell takes its state from the caller).
+PyTorch's fixed ones (jax's functions: ``jax.nn.sigmoid``, ``jnp.tanh``,
+``jax.nn.relu``, or their copies that cloudpickle rebuilds, are the same);
+``SimpleCell(residual=True)``; parameters of several dtypes (a PyTorch module
+has one); a reversed ``nr.RNN``, ``nr.LSTM`` or ``nr.GRU``; a
+``Bidirectional`` with a custom ``merge_fn``; cells with zoneout (it changes
+eval-mode outputs); layers that do not start from zeros as PyTorch's do
+(``learn_initial_carry``, a cell's ``carry_init``; a cell alone converts,
+since a PyTorch cell takes its state from the caller).
 Cells without a PyTorch counterpart (MGU, the convolutional and the
 layer-normalized cells) raise ``TypeError``.
 Variational (per-cell) dropout has no PyTorch counterpart and is not carried
@@ -373,24 +375,68 @@ def _warn_what_is_dropped(cells: list[Any]) -> None:
                  'over (the parameters are, in their dtype).')
 
 
+_JIT_WRAPPER = type(jax.jit(lambda x: x))  # jaxlib's PjitFunction
+
+
+def _innermost(fn: Any) -> Any:
+  """The Python function under jax's wrappers: ``jax.custom_jvp``'s (``relu``)
+  and ``jax.jit``'s (``sigmoid``, ``tanh``), read from its pickled state: a
+  jit wrapper that cloudpickle rebuilt by value (JAX's functions do not pickle
+  by reference) has no ``__name__``, ``__module__`` or ``__wrapped__``."""
+  for _ in range(4):  # relu: custom_jvp over jit over the function
+    if isinstance(fn, jax.custom_jvp):
+      inner = fn.fun
+    elif isinstance(fn, _JIT_WRAPPER):
+      state = fn.__getstate__()
+      inner = state.get('fun') if isinstance(state, dict) else None
+    else:
+      return fn
+    if inner is None:
+      return fn
+    fn = inner
+  return fn
+
+
+def _same_function(fn: Any, ref: Callable) -> bool:
+  """Whether ``fn`` is jax's ``ref``: the same object, or under jax's wrappers
+  the same function, or one of jax's functions rebuilt by value (cloudpickle's
+  copies: same module, name and code). Another function that computes the same
+  (a user's sigmoid) is not, nor one that only copies the name (functools.wraps)."""
+  if fn is ref:
+    return True
+  a, b = _innermost(fn), _innermost(ref)
+  if a is b:
+    return True
+  key_a, key_b = ((getattr(f, '__module__', None), getattr(f, '__qualname__', None),
+                   getattr(f, '__code__', None)) for f in (a, b))
+  return None not in key_b and str(key_b[0]).split('.')[0] == 'jax' and key_a == key_b
+
+
+def _function_name(fn: Any) -> str:
+  """``fn``'s name for a message (``sigmoid``, also once rebuilt by cloudpickle),
+  its repr when it has none."""
+  name = getattr(fn, '__name__', None) or getattr(_innermost(fn), '__name__', None)
+  return name if isinstance(name, str) else repr(fn)
+
+
 def _cell_family(cell: Any) -> tuple[_Family, str | None]:
   """The family of an nnx cell and its torch ``nonlinearity`` (RNN family only)."""
   where = 'to_torch'
   _checks.check_computes_as_builtin(where, cell)
   if isinstance(cell, (nr.OptimizedLSTMCell, nr.LSTMCell, nr.GRUCell)):
-    if cell.gate_fn is not jax.nn.sigmoid or cell.activation_fn is not jax.nn.tanh:
+    if not (_same_function(cell.gate_fn, jax.nn.sigmoid)
+            and _same_function(cell.activation_fn, jax.nn.tanh)):
       _checks.fail(where, 'module', 'cells with gate_fn=sigmoid and activation_fn=tanh '
                    "(PyTorch's fixed nonlinearities)", f'{type(cell).__name__} with '
-                   f'{getattr(cell.gate_fn, "__name__", cell.gate_fn)}, '
-                   f'{getattr(cell.activation_fn, "__name__", cell.activation_fn)}')
+                   f'{_function_name(cell.gate_fn)}, {_function_name(cell.activation_fn)}')
     _check_no_zoneout(cell)
     return _FAMILIES['GRU' if isinstance(cell, nr.GRUCell) else 'LSTM'], None
   if isinstance(cell, nr.SimpleCell):
     _check_no_zoneout(cell)
-    names = [n for n, f in _ACTIVATIONS.items() if cell.activation_fn is f]
+    names = [n for n, f in _ACTIVATIONS.items() if _same_function(cell.activation_fn, f)]
     if not names or cell.residual:
       _checks.fail(where, 'module', 'a SimpleCell with activation_fn tanh or relu and '
-                   'residual=False', f'activation_fn={cell.activation_fn}, '
+                   'residual=False', f'activation_fn={_function_name(cell.activation_fn)}, '
                    f'residual={cell.residual}')
     return _FAMILIES['RNN'], names[0]
   _checks.fail(where, 'module', 'an OptimizedLSTMCell, LSTMCell, GRUCell or SimpleCell '

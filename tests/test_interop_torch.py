@@ -695,6 +695,20 @@ def test_to_torch_after_cloudpickle():
   _check_against_torch(unpickled, nr.interop.to_torch(unpickled))
 
 
+@pytest.mark.parametrize('factory', [
+  lambda r: nr.LSTM(IN, H, rngs=r),
+  lambda r: nr.Bidirectional(_gru_rnn(r), _gru_rnn(r)),
+  lambda r: nr.LSTMCell(IN, H, rngs=r),  # per-gate layers
+], ids=['LSTM', 'Bidirectional', 'LSTMCell'])
+def test_to_torch_refuses_abstract_parameters(factory):
+  # Checked after the structure (test_to_torch_errors): jax's raw "'ShapeDtypeStruct' object
+  # is not subscriptable" before.
+  with pytest.raises(TypeError, match=r'to_torch: `module` expected a module whose parameters '
+                     r'hold values, got abstract parameters \(jax.ShapeDtypeStruct\), e.g. from '
+                     r'nnx.eval_shape: restore or initialise them first\.'):
+    nr.interop.to_torch(_abstract(factory))
+
+
 def test_to_torch_stack_dropout_is_the_rate_between_every_two_layers():
   # Between a nested fused layer's own layers, and between the stack's.
   cases = [

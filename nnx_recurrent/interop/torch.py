@@ -445,6 +445,11 @@ def _cell_family(cell: Any) -> tuple[_Family, str | None]:
 
 def _cell_params(cell) -> Params:
   """The cell's parameters by path; ``LSTMCell``'s per-gate layers are concatenated."""
+  if any(isinstance(leaf, jax.ShapeDtypeStruct)
+         for leaf in jax.tree.leaves(nnx.state(cell, nnx.Param))):
+    _checks.fail('to_torch', 'module', 'a module whose parameters hold values',
+                 'abstract parameters (jax.ShapeDtypeStruct), e.g. from nnx.eval_shape: '
+                 'restore or initialise them first', TypeError)
   if isinstance(cell, nr.LSTMCell):
     def cat(names, attr):
       parts = [np.asarray(getattr(getattr(cell, n), attr)[...]) for n in names]
@@ -571,7 +576,8 @@ def to_torch(module: nnx.Module, *, bias: bool = True):
     The ``torch.nn`` module with the weights copied.
 
   Raises:
-    TypeError: for modules without a PyTorch counterpart.
+    TypeError: for modules without a PyTorch counterpart, or with abstract
+      parameters (``nnx.eval_shape``'s, which hold no values).
     ValueError: for options PyTorch lacks (see the module docstring), or
       ``bias=False`` with a non-zero bias.
   """

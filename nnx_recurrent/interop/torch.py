@@ -383,6 +383,7 @@ def _innermost(fn: Any) -> Any:
   and ``jax.jit``'s (``sigmoid``, ``tanh``), read from its pickled state: a
   jit wrapper that cloudpickle rebuilt by value (JAX's functions do not pickle
   by reference) has no ``__name__``, ``__module__`` or ``__wrapped__``."""
+  inner: Any
   for _ in range(4):  # relu: custom_jvp over jit over the function
     if isinstance(fn, jax.custom_jvp):
       inner = fn.fun
@@ -592,10 +593,10 @@ def to_torch(module: nnx.Module, *, bias: bool = True):
       _checks.fail(where, 'module', 'a cell without proj_features (torch.nn.LSTMCell has no '
                    'projection; an nr.RNN over the cell converts to torch.nn.LSTM(proj_size))',
                    f'{type(module).__name__} with proj_features={_proj_features(module)}')
-    params = _cell_params(module)
-    dtype = _one_dtype({type(module).__name__: params})
+    cell_params = _cell_params(module)
+    dtype = _one_dtype({type(module).__name__: cell_params})
     cell_kw = {} if nonlinearity is None else {'nonlinearity': nonlinearity}
-    weights = family.to_torch(params)
+    weights = family.to_torch(cell_params)
     if not bias:
       _check_zero_biases(weights, type(module).__name__)
     result = getattr(torch.nn, family.torch_cell)(

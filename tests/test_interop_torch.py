@@ -704,8 +704,9 @@ def test_to_torch_refuses_abstract_parameters(factory):
   # Checked after the structure (test_to_torch_errors): jax's raw "'ShapeDtypeStruct' object
   # is not subscriptable" before.
   with pytest.raises(TypeError, match=r'to_torch: `module` expected a module whose parameters '
-                     r'hold values, got abstract parameters \(jax.ShapeDtypeStruct\), e.g. from '
-                     r'nnx.eval_shape: restore or initialise them first\.'):
+                     r'hold values, got abstract leaves \(jax.ShapeDtypeStruct, as '
+                     r'jax.eval_shape / nnx.eval_shape give\): restore or initialise them '
+                     r'first\.'):
     nr.interop.to_torch(_abstract(factory))
 
 

@@ -446,11 +446,9 @@ def _cell_family(cell: Any) -> tuple[_Family, str | None]:
 
 def _cell_params(cell) -> Params:
   """The cell's parameters by path; ``LSTMCell``'s per-gate layers are concatenated."""
-  if any(isinstance(leaf, jax.ShapeDtypeStruct)
-         for leaf in jax.tree.leaves(nnx.state(cell, nnx.Param))):
-    _checks.fail('to_torch', 'module', 'a module whose parameters hold values',
-                 'abstract parameters (jax.ShapeDtypeStruct), e.g. from nnx.eval_shape: '
-                 'restore or initialise them first', TypeError)
+  _checks.check_concrete('to_torch', 'module', nnx.state(cell, nnx.Param),
+                         'restore or initialise them first',
+                         'a module whose parameters hold values')
   if isinstance(cell, nr.LSTMCell):
     def cat(names, attr):
       parts = [np.asarray(getattr(getattr(cell, n), attr)[...]) for n in names]

@@ -501,6 +501,12 @@ class RNNCellBase(nnx.Module):
     dropout_masks: DropoutMasks | None = options.get('dropout_masks')
     rngs: RngsLike = options.get('rngs')
     _checks.check_rngs(where, rngs)
+    if isinstance(inputs, list):  # nested lists of numbers, as flax's cells take them
+      try:
+        inputs = jnp.asarray(inputs)
+      except (TypeError, ValueError):
+        _checks.fail(where, 'inputs', 'an array or nested lists of numbers',
+                     'a list that makes no array (ragged, or not numbers)', TypeError)
     if not hasattr(inputs, 'shape') or not hasattr(inputs, 'dtype'):
       _checks.fail(where, 'inputs', 'an array (a cell is called as cell(carry, inputs))',
                    type(inputs).__name__, TypeError)

@@ -225,10 +225,15 @@ def check_padding(where: str, padding: Any, rank: int, arg: str = 'padding') -> 
 
 
 def check_positive_int(where: str, arg: str, value: Any) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    fail(where, arg, 'a positive int', repr(value),
-         TypeError if isinstance(value, bool) or not isinstance(value, (int, np.integer))
-         else ValueError)
+  """A size: a positive int (Python's, NumPy's, or a concrete 0-d integer
+  array, which flax takes too), returned as a Python int."""
+  is_int = not isinstance(value, bool) and (
+    isinstance(value, (int, np.integer)) or (hasattr(value, 'dtype') and hasattr(value, 'shape')
+                                             and tuple(value.shape) == ()
+                                             and jnp.issubdtype(value.dtype, jnp.integer)
+                                             and is_concrete(value)))
+  if not is_int or value < 1:
+    fail(where, arg, 'a positive int', repr(value), ValueError if is_int else TypeError)
   return int(value)
 
 

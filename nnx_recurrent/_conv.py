@@ -68,6 +68,8 @@ def check_geometry(where: str, kernel_size: Any, strides: Any,
   ``kernel_size`` 1 to 3 positive ints; ``strides`` ``None`` (1), one
   positive int or one per kernel axis; ``padding`` as flax's ``Conv`` takes it
   (:func:`_checks.check_padding`). Strides come back one per axis."""
+  if isinstance(kernel_size, (np.ndarray, jax.Array)) and kernel_size.ndim == 1:
+    kernel_size = tuple(kernel_size)  # flax's Conv takes a NumPy array of sizes too
   if not isinstance(kernel_size, (tuple, list)):
     _checks.fail(where, 'kernel_size', 'a sequence of 1 to 3 ints (one per spatial axis)',
                  repr(kernel_size) if isinstance(kernel_size, (int, float, str))

@@ -1334,3 +1334,48 @@ def test_composite_layers_name_the_argument_they_pass_on():
     with pytest.raises(ValueError, match=m(f'{where}: `segment_ids`, passed on to {inner}: '
                                            '`segment_ids` expected an integer array')):
       module(X, segment_ids=jnp.ones((2, 5)))
+
+
+def test_sizes_given_as_0d_arrays_are_taken_as_flax_takes_them():
+  # Sizes read off another array (jnp.array(4), x.shape as an array): flax takes
+  # them; ours keep a Python int (flax.nnx's keeps the array, in its state).
+  x = np.random.default_rng(0).normal(size=(2, 3)).astype(np.float32)
+  for size in (np.array(4), jnp.array(4), np.int64(4)):
+    ours = nr.LSTMCell(np.array(3), size, rngs=nnx.Rngs(0))
+    theirs = nnx.LSTMCell(3, 4, rngs=nnx.Rngs(0))
+    assert type(ours.in_features) is int and type(ours.hidden_features) is int
+    carry = (jnp.full((2, 4), 0.5), jnp.full((2, 4), -0.5))
+    np.testing.assert_allclose(ours(carry, x)[1], theirs(carry, x)[1], atol=1e-6)
+  assert nr.GRU(3, jnp.array(4), num_layers=jnp.array(2), rngs=nnx.Rngs(0)).num_layers == 2
+  # A kernel size as a NumPy array, as flax.linen's ConvLSTMCell takes it.
+  xs = np.ones((1, 5, 2), np.float32)
+  for lib in (nn, compat):
+    cell = lib.ConvLSTMCell(3, np.array([3]))
+    carry = cell.initialize_carry(jax.random.key(0), xs.shape)
+    variables = cell.init(jax.random.key(1), carry, xs)
+    if lib is nn:
+      expected = cell.apply(variables, carry, xs)
+    else:
+      np.testing.assert_allclose(cell.apply(variables, carry, xs)[1], expected[1], atol=1e-6)
+  assert nr.ConvLSTMCell(2, 3, np.array([3, 3]), rngs=nnx.Rngs(0)).kernel_size == (3, 3)
+  for bad, exc in ((jnp.array(0), ValueError), (jnp.array(2.0), TypeError),
+                   (jnp.array([3]), TypeError)):
+    with pytest.raises(exc, match=m('GRUCell: `in_features` expected a positive int, got ')):
+      nr.GRUCell(bad, 4, rngs=nnx.Rngs(0))
+
+
+def test_a_cell_takes_list_inputs_as_flax_cells_do():
+  # flax.nnx's cells read inputs with jnp.asarray (nnx.Linear); a tuple stays
+  # refused (a carry passed in the inputs' place: cell(inputs, carry)).
+  h = jnp.full((2, 4), 0.25)
+  x = [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
+  ours, theirs = nr.GRUCell(3, 4, rngs=nnx.Rngs(0)), nnx.GRUCell(3, 4, rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(ours(h, x)[1], theirs(h, x)[1], atol=1e-6)
+  np.testing.assert_allclose(ours(h, x)[1], ours(h, jnp.asarray(x))[1], atol=0)
+  for bad in ([[1.0, 2.0], [3.0]], [[None, 1.0, 2.0]]):
+    with pytest.raises(TypeError, match=m('GRUCell: `inputs` expected an array or nested lists '
+                                          'of numbers, got a list that makes no array')):
+      ours(h, bad)
+  with pytest.raises(TypeError, match=m('GRUCell: `inputs` expected an array (a cell is called '
+                                        'as cell(carry, inputs)), got tuple')):
+    ours(h, (jnp.ones((2, 3)),))

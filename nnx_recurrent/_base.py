@@ -296,7 +296,15 @@ class RNNCellBase(nnx.Module):
   def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of one step's output (and of ``h``, the carry's every array but a
     projected LSTM's ``c``, which has ``hidden_features``) for ``input_shape``."""
-    return self._output_shape(tuple(input_shape))
+    return self._output_shape(self._checked_query_shape('output_shape', input_shape))
+
+  def _checked_query_shape(self, method: str, input_shape: Any) -> tuple[int, ...]:
+    """``input_shape`` of a query method (:meth:`output_shape`,
+    :meth:`dropout_masks`): a shape whose feature axes the cell reads."""
+    where = f'{type(self).__name__}.{method}'
+    input_shape = _checks.check_shape(where, 'input_shape', input_shape)
+    self._check_input_shape(where, 'input_shape', input_shape)
+    return input_shape
 
   def _output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(input_shape[:-1]) + (self._hidden_features(),)
@@ -431,7 +439,8 @@ class RNNCellBase(nnx.Module):
       dtype: the masks' dtype (default, and for an integer ``dtype``, the
         cell's ``dtype``, else float32).
     """
-    return self._dropout_masks(tuple(input_shape), rngs, dtype)
+    return self._dropout_masks(self._checked_query_shape('dropout_masks', input_shape), rngs,
+                               dtype)
 
   def _dropout_masks(self, input_shape, rngs=None, dtype=None) -> DropoutMasks | None:
     rate_in = getattr(self, 'dropout_rate', 0.0)

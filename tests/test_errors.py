@@ -1379,3 +1379,24 @@ def test_a_cell_takes_list_inputs_as_flax_cells_do():
   with pytest.raises(TypeError, match=m('GRUCell: `inputs` expected an array (a cell is called '
                                         'as cell(carry, inputs)), got tuple')):
     ours(h, (jnp.ones((2, 3)),))
+
+
+def test_query_methods_check_their_input_shape():
+  lstm = nr.LSTMCell(3, 4, dropout_rate=0.1, rngs=nnx.Rngs(0))
+  conv = nr.ConvLSTMCell(2, 3, (3, 3), strides=2, rngs=nnx.Rngs(0))
+  for method in ('output_shape', 'dropout_masks'):
+    for bad, got in ((3, 'got 3.'), (None, 'got NoneType.')):
+      with pytest.raises(TypeError, match=m(f'LSTMCell.{method}: `input_shape` expected a tuple '
+                                            'of ints', got)):
+        getattr(lstm, method)(bad)
+    with pytest.raises(ValueError, match=m(f'LSTMCell.{method}: `input_shape` expected last axis '
+                                           "of size 3 (the cell's in_features), got shape (2, 5)")):
+      getattr(lstm, method)((2, 5))
+  with pytest.raises(ValueError, match=m('ConvLSTMCell.output_shape: `input_shape` expected at '
+                                         'least 3 feature axes, got shape (2, 2)')):
+    conv.output_shape((2, 2))
+  # What they answer: the step's output shape, and masks of the input's shape.
+  x = jnp.ones((1, 8, 8, 2))
+  assert conv.output_shape(x.shape) == conv(conv.initialize_carry(x.shape), x)[1].shape
+  assert lstm.output_shape([2, 3]) == (2, 4)
+  assert lstm.dropout_masks((2, 3)).input.shape == (2, 3)

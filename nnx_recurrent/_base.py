@@ -520,6 +520,7 @@ class RNNCellBase(nnx.Module):
       _checks.fail(where, 'inputs', 'an array (a cell is called as cell(carry, inputs))',
                    type(inputs).__name__, TypeError)
     _checks.check_not_foreign(where, 'inputs', inputs)
+    _checks.check_real_for(where, inputs, getattr(self, 'param_dtype', None))
     self._check_input_shape(where, 'inputs', tuple(inputs.shape))
     shapes = self._checked_carry_shapes(tuple(inputs.shape))
     carry = self._check_carry(where, carry, shapes)

@@ -176,6 +176,17 @@ def check_rngs(where: str, rngs: Any, arg: str = 'rngs', allow_none: bool = True
          f'{" (or None)" if allow_none else ""}', type(rngs).__name__, TypeError)
 
 
+def check_real_for(where: str, inputs: Any, param_dtype: Any) -> None:
+  """Real ``inputs`` for real parameters: a complex step of real parameters
+  gives a complex carry, which the carry's real dtype would cut to its real
+  part at every step (with a NumPy ComplexWarning at most)."""
+  if (param_dtype is not None and jnp.iscomplexobj(inputs)
+      and not jnp.issubdtype(param_dtype, jnp.complexfloating)):
+    fail(where, 'inputs', f'real inputs for parameters of dtype {jnp.dtype(param_dtype).name} '
+         "(a complex step's carry would lose its imaginary part; complex parameters take "
+         'complex inputs)', f'dtype {inputs.dtype}', TypeError)
+
+
 def check_stream(where: str, rngs: Any, stream: str, why: str) -> None:
   """An ``nnx.Rngs`` that can draw ``stream``: its own, or its ``default``
   one (flax's fallback). Without either flax raises a ``KeyError`` naming

@@ -1400,3 +1400,16 @@ def test_query_methods_check_their_input_shape():
   assert conv.output_shape(x.shape) == conv(conv.initialize_carry(x.shape), x)[1].shape
   assert lstm.output_shape([2, 3]) == (2, 4)
   assert lstm.dropout_masks((2, 3)).input.shape == (2, 3)
+
+
+def test_complex_inputs_need_complex_parameters():
+  # A real cell would keep only the real part of its complex carry at every step.
+  x = (jnp.ones((2, 5, 3)) * (1 + 1j)).astype(jnp.complex64)
+  with pytest.raises(TypeError, match=m('LSTMCell: `inputs` expected real inputs for parameters of '
+                                        'dtype float32', 'got dtype complex64.')):
+    nr.RNN(nr.LSTMCell(3, 4, rngs=nnx.Rngs(0)))(x)
+  # Complex parameters take them, as flax.nnx's.
+  ours = nr.RNN(nr.LSTMCell(3, 4, param_dtype=jnp.complex64, rngs=nnx.Rngs(0)))(x)
+  theirs = nnx.RNN(nnx.LSTMCell(3, 4, param_dtype=jnp.complex64, rngs=nnx.Rngs(0)))(x)
+  assert ours.dtype == jnp.complex64 and float(jnp.abs(ours.imag).max()) > 1e-3
+  np.testing.assert_allclose(ours, theirs, atol=1e-6)

@@ -352,14 +352,24 @@ def blame_entry(where: str, entry: str, layer: str, given: Any,
     raise
 
 
-def carry_pair(where: str, initial_carry: Any) -> tuple[Any, Any]:
+def carry_pair(where: str, initial_carry: Any, arg: str = 'initial_carry') -> tuple[Any, Any]:
   """A bidirectional layer's ``initial_carry``: ``(forward, backward)``, or
   ``(None, None)`` when it is ``None``."""
   if initial_carry is None:
     return None, None
   if not isinstance(initial_carry, (tuple, list)) or len(initial_carry) != 2:
-    fail(where, 'initial_carry', 'a pair (forward_carry, backward_carry)', kind(initial_carry))
+    fail(where, arg, 'a pair (forward_carry, backward_carry)', kind(initial_carry))
   return initial_carry[0], initial_carry[1]
+
+
+def structure(tree: Any) -> str:
+  """A carry's structure for a message, its arrays as ``array``: ``(array, None)``,
+  ``[array, array]`` (jax's ``PyTreeDef((*, None))`` says the same less plainly)."""
+  if isinstance(tree, (tuple, list)):
+    inner = ', '.join(map(structure, tree)) + (',' if type(tree) is tuple and len(tree) == 1
+                                               else '')
+    return f'({inner})' if isinstance(tree, tuple) else f'[{inner}]'
+  return 'None' if tree is None else 'array' if hasattr(tree, 'shape') else type(tree).__name__
 
 
 def public_name(obj: Any) -> str:

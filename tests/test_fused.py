@@ -763,8 +763,13 @@ def test_errors(cls):
   with pytest.raises(ValueError, match=rf'{name}: `seq_lengths` expected non-negative lengths, '
                      r'got minimum -1\.'):
     layer(jnp.ones((2, 5, 3)), seq_lengths=jnp.array([6, -1]))
-  with pytest.raises(ValueError, match=rf'{name}: `initial_carry` expected a pytree'):
-    layer(jnp.ones((2, 5, 3)), initial_carry=layer.forward[0].initialize_carry((2, 3)))
+  # One layer's carry for two: the LSTM's (c, h) reads as two layers' carries.
+  one_layer = layer.forward[0].initialize_carry((2, 3))
+  with pytest.raises(ValueError, match=(
+      r"LSTM: `initial_carry\[0\]` expected the cell's carry, a pair \(c, h\) of arrays, got array"
+      if cls is nr.LSTM else r'GRU: `initial_carry` expected a tuple of 2 carries \(one per '
+      r'layer, None for the default\), got ArrayImpl')):
+    layer(jnp.ones((2, 5, 3)), initial_carry=one_layer)
   reverse = rf'{name}: `reverse` expected False for a bidirectional layer \(it runs both ' \
             r'directions already\), got True'
   with pytest.raises(ValueError, match=reverse):

@@ -51,6 +51,7 @@ class _FusedBase(nnx.Module):
   _cell_type: type
   _math: Any
   _cudnn: bool  # has a cuDNN path (_cudnn.layer)
+  _carry_doc: str  # the cell's carry, for messages
 
   def __init__(
     self,
@@ -159,6 +160,50 @@ class _FusedBase(nnx.Module):
                  for cell in self._cells(layer)]
       per_layer.append(carries[0] if len(carries) == 1 else tuple(carries))
     return self._public_carry(per_layer)
+
+  def _initial_carry(self, where: str, initial_carry: Any, batch_shape: tuple[int, ...]) -> list:
+    """``initial_carry`` as the layers run it: one tuple per layer with one
+    carry per direction, each checked against the cell's default carry.
+
+    It takes what the equivalent ``RNN`` / ``Bidirectional`` / ``StackedRNN``
+    take (the class docstring): a list wherever a tuple goes (the per-layer
+    tuple, a direction pair, an LSTM's ``(c, h)``), and ``None`` for the whole
+    carry, a layer's or a direction's: that part's default (zeros).
+    """
+    default = self._default_carry(batch_shape)
+    n, single = self.num_layers, self.num_layers == 1 and not self.bidirectional
+    if single:
+      initial_carry, default = (initial_carry,), (default,)
+    elif initial_carry is not None and (
+        not isinstance(initial_carry, (tuple, list)) or len(initial_carry) != n):
+      _checks.fail(where, 'initial_carry', f'a tuple of {n} carr{"y" if n == 1 else "ies"} '
+                   '(one per layer, None for the default)', _checks.kind(initial_carry))
+    per_layer = []
+    for layer in range(n):
+      given = None if initial_carry is None else initial_carry[layer]
+      arg = 'initial_carry' if single else f'initial_carry[{layer}]'
+      if not self.bidirectional:
+        per_layer.append((self._cell_carry(where, arg, given, default[layer]),))
+        continue
+      pair = _checks.carry_pair(where, given, arg)
+      per_layer.append(tuple(self._cell_carry(where, f'{arg}[{d}]', pair[d], default[layer][d])
+                             for d in range(2)))
+    return per_layer
+
+  def _cell_carry(self, where: str, arg: str, given: Any, default: Any) -> Any:
+    """One direction's carry of one layer: ``given``, the cell's carry (a list
+    for a tuple, as ``RNN`` reads it), or ``default`` where ``None``."""
+    if given is None:
+      return default
+    if isinstance(given, list) and isinstance(default, tuple):
+      given = tuple(given)
+    for leaf in jax.tree_util.tree_leaves(given):
+      _checks.check_not_foreign(where, arg, leaf)
+    structure: Any = jax.tree_util.tree_structure(given)  # jax's PyTreeDef (untyped for mypy)
+    if structure != jax.tree_util.tree_structure(default):
+      _checks.fail(where, arg, f"the cell's carry, {self._carry_doc}", _checks.structure(given))
+    _checks.check_tree_matches(where, arg, given, default)
+    return given
 
   def _public_carry(self, per_layer: list):
     if self.num_layers == 1 and not self.bidirectional:
@@ -296,7 +341,8 @@ class _FusedBase(nnx.Module):
 
     Args:
       inputs: ``(*batch, time, in_features)`` (or time first).
-      initial_carry: in the structure described in the class docstring;
+      initial_carry: in the structure described in the class docstring
+        (lists for tuples, ``None`` for a layer's or a direction's zeros);
         default zeros.
       seq_lengths: integer ``(*batch)`` lengths; steps at or past a row's
         length are padding (zero outputs, carry unchanged; whatever the
@@ -327,14 +373,8 @@ class _FusedBase(nnx.Module):
     self._check_reverse(reverse)
     seq = _scan.prepare(where, inputs, num_feature_axes=1, in_features=self.in_features,
                         time_major=time_major, seq_lengths=seq_lengths, segment_ids=segment_ids)
-    if initial_carry is None:
-      initial_carry = self._default_carry(seq.batch_shape)
-    else:
-      expected = jax.eval_shape(lambda: self._default_carry(seq.batch_shape))
-      _checks.check_tree_matches(where, 'initial_carry', initial_carry, expected)
-    initial_carry = _scan.vary_like(initial_carry, seq.xs, *seq.masks)
-    if self.num_layers == 1 and not self.bidirectional:
-      initial_carry = (initial_carry,)
+    initial_carry = _scan.vary_like(self._initial_carry(where, initial_carry, seq.batch_shape),
+                                    seq.xs, *seq.masks)
     idx = None
     if self.bidirectional or reverse:
       idx = _scan.reverse_indices(seq.time, seq.batch_shape, seq.seq_lengths, seq.segment_ids)
@@ -352,9 +392,8 @@ class _FusedBase(nnx.Module):
     for layer in range(self.num_layers):
       if layer:
         xs = self.dropout(xs, rngs=dropout_rngs[layer - 1])
-      layer_carry = initial_carry[layer]
-      carries = tuple(layer_carry) if self.bidirectional else (layer_carry,)
-      final, xs = self._run_layer(layer, xs, carries, seq.masks, idx, seq.seq_lengths)
+      final, xs = self._run_layer(layer, xs, initial_carry[layer], seq.masks, idx,
+                                  seq.seq_lengths)
       finals.append(tuple(final) if self.bidirectional else final[0])
     if reverse and keep_order:
       xs = _scan.take_time(xs, idx)

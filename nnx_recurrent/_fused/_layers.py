@@ -54,6 +54,12 @@ _LAYER_DOC = """
   * otherwise: a tuple with one entry per layer; each entry is the cell's
     carry, or ``(carry_forward, carry_backward)`` when ``bidirectional``.
 
+  ``initial_carry`` takes what the equivalent ``RNN`` / ``Bidirectional`` /
+  ``StackedRNN`` (below) take: a list for any of these tuples, and ``None``
+  for a layer's entry or one direction's carry (that part's default, zeros).
+  Its arrays have the carry's shapes: as for ``nr.RNN``, a ``(1, H)`` or
+  ``(H,)`` carry for a batch of rows is a ``ValueError``.
+
   Parameters live in ordinary cells: ``forward`` is an ``nnx.List`` of one
   :class:`~nnx_recurrent.{cell}` per layer and ``backward`` the same for the
   backward direction (``None`` unless ``bidirectional``). Layer ``l > 0`` has
@@ -152,6 +158,7 @@ class LSTM(_FusedBase):
   _cell_type = OptimizedLSTMCell
   _math = LSTMMath
   _cudnn = True
+  _carry_doc = 'a pair (c, h) of arrays'
 
   def __init__(
     self,
@@ -227,6 +234,7 @@ class GRU(_FusedBase):
   _cell_type = GRUCell
   _math = GRUMath
   _cudnn = False
+  _carry_doc = 'an array h'
 
   def __init__(
     self,

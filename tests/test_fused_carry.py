@@ -1,0 +1,148 @@
+"""The ``initial_carry`` forms of the fused ``LSTM`` / ``GRU``: those of the equivalent stack.
+
+A fused layer computes what ``RNN`` / ``Bidirectional`` / ``StackedRNN`` over
+its cells compute (docs/bidirectional_and_stacks.md), so it takes the carries
+that stack takes, with the same values: lists for tuples, and ``None`` for a
+layer's or a direction's default carry; and it refuses what the stack refuses.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import nnx_recurrent as nr
+from tests import reference as ref
+from tests.test_fused import LENGTHS, B, H, I, T, assert_trees_close, call, make, random_carry
+
+CONFIGS = [(1, False), (1, True), (2, False), (2, True)]
+
+
+def equivalent(layer):
+  """The documented equivalent of ``layer`` over its own cells: ``RNN`` for one
+  one-direction layer, else a ``StackedRNN`` of ``RNN`` or ``Bidirectional``."""
+  if layer.num_layers == 1 and not layer.bidirectional:
+    return nr.RNN(layer.forward[0])
+  return nr.StackedRNN(*[
+    nr.Bidirectional(nr.RNN(layer.forward[k]), nr.RNN(layer.backward[k])) if layer.bidirectional
+    else nr.RNN(layer.forward[k]) for k in range(layer.num_layers)])
+
+
+def as_lists(tree):
+  """``tree`` with every tuple a list."""
+  if isinstance(tree, (tuple, list)):
+    return [as_lists(t) for t in tree]
+  return tree
+
+
+def forms(layer, carry):
+  """Carries the equivalent stack takes: the full tuple, lists, and ``None``
+  for each layer in turn and each direction in turn."""
+  out = {'tuple': carry, 'lists': as_lists(carry)}
+  if layer.num_layers == 1 and not layer.bidirectional:
+    return out
+  for k in range(layer.num_layers):
+    out[f'layer {k} None'] = carry[:k] + (None,) + carry[k + 1:]
+    if layer.bidirectional:
+      for d in range(2):
+        pair = (None, carry[k][1]) if d == 0 else [as_lists(carry[k][0]), None]
+        out[f'layer {k} direction {d} None'] = carry[:k] + (pair,) + carry[k + 1:]
+  return out
+
+
+def check_forms_against_the_stack(layer, x):
+  carry = random_carry(layer)
+  names = list(forms(layer, carry))
+
+  def run(m, x):
+    stack = equivalent(m)
+    kw = dict(seq_lengths=LENGTHS, return_carry=True)
+    return [(m(x, initial_carry=form, **kw), stack(x, initial_carry=form, **kw))
+            for form in forms(m, carry).values()]
+
+  for name, (got, want) in zip(names, call(layer, x, run=run)):
+    try:
+      assert_trees_close(got, want)
+    except AssertionError as e:
+      raise AssertionError(f'initial_carry form {name!r}') from e
+  return names
+
+
+@pytest.mark.parametrize('num_layers,bidirectional', CONFIGS)
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_initial_carry_forms_of_the_equivalent_stack(cls, num_layers, bidirectional):
+  """Lists and per-layer / per-direction ``None`` give what the stack gives
+  for them (which is the default carry in the ``None`` parts)."""
+  layer = make(cls, num_layers, bidirectional)
+  names = check_forms_against_the_stack(layer, ref.normal((B, T, I), seed=3))
+  assert len(names) == {(1, False): 2, (1, True): 5, (2, False): 4, (2, True): 8}[
+    num_layers, bidirectional]
+
+
+def test_initial_carry_forms_with_the_pallas_kernels():
+  """The same forms reach the Pallas kernels (interpret mode on the CPU: one
+  tiny bidirectional layer)."""
+  layer = make(nr.LSTM, 1, True, implementation='pallas')
+  check_forms_against_the_stack(layer, ref.normal((B, T, I), seed=3))
+
+
+def zeros(*shape):
+  return jnp.zeros(shape)
+
+
+@pytest.mark.parametrize('cls,num_layers,bidirectional,carry,message', [
+  # What the stack refuses too: leaves shaped for other rows (no broadcasting over
+  # the batch: nr.RNN and flax.nnx's RNN take none either), a cell's carry of
+  # another structure, a per-layer tuple of another length.
+  (nr.LSTM, 1, False, (zeros(1, H), zeros(1, H)),
+   r'^LSTM: `initial_carry` expected leaf shapes \[\(3, 4\), \(3, 4\)\], '
+   r'got \[\(1, 4\), \(1, 4\)\]\.'),
+  (nr.GRU, 1, False, zeros(H),
+   r'^GRU: `initial_carry` expected leaf shapes \[\(3, 4\)\], got \[\(4,\)\]\.'),
+  (nr.LSTM, 1, False, (zeros(B, H), None),
+   r"^LSTM: `initial_carry` expected the cell's carry, a pair \(c, h\) of arrays, "
+   r'got \(array, None\)\.'),
+  (nr.GRU, 1, False, [zeros(B, H)],
+   r"^GRU: `initial_carry` expected the cell's carry, an array h, got \[array\]\."),
+  (nr.GRU, 2, False, zeros(B, H),
+   r'^GRU: `initial_carry` expected a tuple of 2 carries \(one per layer, None for the '
+   r'default\), got ArrayImpl\.'),
+  (nr.LSTM, 1, True, (None, None),
+   r'^LSTM: `initial_carry` expected a tuple of 1 carry \(one per layer, None for the '
+   r'default\), got tuple of length 2\.'),
+  (nr.GRU, 2, True, ((zeros(B, H), zeros(B, H)), (zeros(B, H),)),
+   r'^GRU: `initial_carry\[1\]` expected a pair \(forward_carry, backward_carry\), '
+   r'got tuple of length 1\.'),
+  (nr.LSTM, 2, True, (None, (None, [zeros(B, H), zeros(B, H + 1)])),
+   r'^LSTM: `initial_carry\[1\]\[1\]` expected leaf shapes \[\(3, 4\), \(3, 4\)\], '
+   r'got \[\(3, 4\), \(3, 5\)\]\.'),
+])
+def test_initial_carry_refusals_are_the_stacks(cls, num_layers, bidirectional, carry, message):
+  """A carry the stack refuses is refused, naming the entry and its structure plainly."""
+  layer = make(cls, num_layers, bidirectional)
+  x = jnp.zeros((B, T, I))
+  for module, expected in ((layer, message), (equivalent(layer), '`initial_carry')):
+    with pytest.raises(ValueError, match=expected):
+      nnx.eval_shape(lambda m: m(x, initial_carry=carry), module)
+
+
+def test_a_carry_kept_in_another_library_is_named_in_its_entry():
+  torch = pytest.importorskip('torch')
+  layer = make(nr.GRU, 2)
+  with pytest.raises(TypeError, match=r'GRU: `initial_carry\[1\]` expected a JAX or NumPy array'):
+    layer(jnp.zeros((B, T, I)), initial_carry=(None, torch.zeros(B, H)))
+
+
+def test_packed_segments_with_a_layer_left_to_its_default():
+  """With ``segment_ids`` too: a layer given ``None`` starts each row's first
+  segment from zeros, as in the stack, the others from the carry given."""
+  layer = make(nr.GRU, 2)
+  ids = np.array([[1, 1, 2, 2, 2], [1, 1, 1, 1, 0], [0, 0, 0, 0, 0]])
+  form = (None, random_carry(layer)[1])
+
+  def run(m, x):
+    kw = dict(initial_carry=form, segment_ids=ids, return_carry=True)
+    return m(x, **kw), equivalent(m)(x, **kw)
+
+  got, want = call(layer, ref.normal((B, T, I), seed=4), run=run)
+  assert_trees_close(got, want)

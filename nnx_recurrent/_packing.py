@@ -165,15 +165,18 @@ def unpack_sequences(
       packed batch.
     segment_ids: ``(rows, time)`` integers as made by :func:`pack_sequences`
       (each positive id one contiguous span of one row, ``0`` padding).
-    num_sequences: how many sequences to return (default: the largest id);
-      sequences whose id does not occur (length 0) come back empty.
+    num_sequences: how many sequences to return (default: the largest id,
+      which must then be at most ``rows * time``, the number of positions:
+      with larger ids, from sequences numbered otherwise or many empty ones,
+      pass it); sequences whose id does not occur (length 0) come back empty.
 
   Returns:
     A list of ``(length, *features)`` arrays.
 
   Raises:
-    ValueError: mismatched shapes, or an id that is negative or not one
-      contiguous span of one row.
+    ValueError: mismatched shapes, an id that is negative or not one
+      contiguous span of one row, or, without ``num_sequences``, one above
+      ``rows * time``.
   """
   where = 'unpack_sequences'
   outputs = _checks.check_array(where, 'outputs', outputs)
@@ -200,6 +203,10 @@ def unpack_sequences(
                  '(ids from pack_sequences)', f'id {bad} in several spans')
   largest = int(vals[-1]) if vals.size else 0
   if num_sequences is None:
+    if largest > ids.size:  # one list entry per id up to the largest: keep it to the data's size
+      _checks.fail(where, 'segment_ids', f'ids of at most {ids.size}, the number of positions '
+                   '(rows * time), without num_sequences', f'id {largest} (pass num_sequences, '
+                   'or number the sequences 1..N as pack_sequences does)')
     num_sequences = largest
   elif isinstance(num_sequences, bool) or not isinstance(num_sequences, (int, np.integer)):
     _checks.fail(where, 'num_sequences', f'an int of at least the largest id ({largest})',

@@ -346,3 +346,30 @@ def test_pack_unpack_errors():
     nr.unpack_sequences(out, np.array([[1, 1, 0, 0], [0, 0, 0, 0]]), num_sequences=True)
   with pytest.raises(TypeError, match=r"`num_sequences` expected an int .*, got '2'"):
     nr.unpack_sequences(out, np.array([[1, 1, 0, 0], [0, 0, 0, 0]]), num_sequences='2')
+
+
+def test_unpack_without_num_sequences_takes_ids_up_to_the_number_of_positions():
+  """The default ``num_sequences`` is the largest id, one list entry per id up
+  to it: at most ``rows * time`` (the ids of as many sequences as there are
+  positions), so an id of 2**40 is a ValueError, not an 8 TiB allocation."""
+  out = np.arange(6, dtype=np.float32).reshape(2, 3, 1)
+  at_most = np.array([[6, 6, 0], [2, 0, 0]])  # 6 = rows * time
+  back = nr.unpack_sequences(out, at_most)
+  empty = out[0, :0]
+  want = [empty, out[1, :1], empty, empty, empty, out[0, :2]]  # ids 2 and 6 occur
+  assert len(back) == 6
+  for a, b in zip(back, want):
+    np.testing.assert_array_equal(a, b)
+  for largest in (7, 2**40):
+    above = np.array([[largest, largest, 0], [2, 0, 0]])
+    with pytest.raises(ValueError, match=r'^unpack_sequences: `segment_ids` expected ids of at '
+                       r'most 6, the number of positions \(rows \* time\), without '
+                       rf'num_sequences, got id {largest} \(pass num_sequences, or number the '
+                       r'sequences 1\.\.N as pack_sequences does\)\.$'):
+      nr.unpack_sequences(out, above)
+  # Given, num_sequences decides: many empty sequences packed before a short one.
+  x, ids = nr.pack_sequences([np.zeros((0, 1), np.float32)] * 3 + [np.ones((1, 1), np.float32)])
+  np.testing.assert_array_equal(ids, [[4]])
+  with pytest.raises(ValueError, match=r'ids of at most 1, .* got id 4 \(pass num_sequences'):
+    nr.unpack_sequences(x, ids)
+  assert [a.shape for a in nr.unpack_sequences(x, ids, num_sequences=4)] == [(0, 1)] * 3 + [(1, 1)]

@@ -108,7 +108,7 @@ def is_concrete(x: Any) -> bool:
   return True
 
 
-def _is_real(x: Any) -> bool:
+def is_real(x: Any) -> bool:
   """A Python or NumPy real number (not a bool), or a concrete 0-d floating or
   integer array (as a Python int is taken, ``jnp.array(0)`` is; a bool is not)."""
   dtype = getattr(x, 'dtype', None)
@@ -121,7 +121,7 @@ def check_rate(where: str, arg: str, rate: float) -> float:
   """A rate in ``[0, 1)``: a Python or NumPy number, or a concrete 0-d array;
   a ``TypeError`` for anything else (a bool, a string, ``None``, a traced
   value), a ``ValueError`` for a number out of range."""
-  if not _is_real(rate):
+  if not is_real(rate):
     fail(where, arg, 'a float in [0, 1)', repr(rate), TypeError)
   if not 0.0 <= float(rate) < 1.0:
     fail(where, arg, 'a float in [0, 1)', repr(rate))
@@ -132,7 +132,7 @@ def check_positive_float(where: str, arg: str, value: Any) -> float:
   """A finite number above 0 (``epsilon``): a Python or NumPy real, or a
   concrete 0-d floating or integer array; a ``TypeError`` for anything else (a bool, a
   string), a ``ValueError`` for a number out of range."""
-  if not _is_real(value):
+  if not is_real(value):
     fail(where, arg, 'a positive float', repr(value), TypeError)
   if not 0.0 < float(value) < float('inf'):
     fail(where, arg, 'a positive float', repr(value))

@@ -8,7 +8,9 @@ in the input pipeline, then feed the packed batch and its segment ids to
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +38,29 @@ def _first_fit(lengths: np.ndarray, max_length: int, sort_by_length: bool):
     row[i], offset[i] = r, max_length - free[r]
     free[r] -= n
   return row, offset, free.size
+
+
+def _check_pad_value(pad_value: Any, dtype: np.dtype) -> None:
+  """``pad_value`` is a real number that numeric sequences of ``dtype`` hold as
+  itself (a bool too for bool sequences). NumPy would raise its own error for
+  a string, overflow an int8, and turn NaN into an integer's minimum unasked."""
+  where, boolean = 'pack_sequences', jnp.issubdtype(dtype, jnp.bool_)
+  if not (boolean or jnp.issubdtype(dtype, jnp.number)):
+    return  # strings, objects: NumPy's rules
+  if not (_checks.is_real(pad_value) or (boolean and isinstance(pad_value, (bool, np.bool_)))):
+    _checks.fail(where, 'pad_value', f'a real number (the sequences are {dtype})',
+                 repr(pad_value), TypeError)
+  value = pad_value.item() if hasattr(pad_value, 'item') else pad_value
+  if jnp.issubdtype(dtype, jnp.inexact):  # NaN and inf are floats too; a finite value stays so
+    largest = float(jnp.finfo(dtype).max)
+    if (not isinstance(value, float) or math.isfinite(value)) and abs(value) > largest:
+      _checks.fail(where, 'pad_value', f'a number of magnitude at most {largest:g} (the '
+                   f'largest {dtype})', repr(pad_value))
+    return
+  low, high = (0, 1) if boolean else (int(jnp.iinfo(dtype).min), int(jnp.iinfo(dtype).max))
+  if (isinstance(value, float) and not value.is_integer()) or not low <= value <= high:
+    _checks.fail(where, 'pad_value', f'a whole number in [{low}, {high}] (the sequences are '
+                 f'{dtype})', repr(pad_value))
 
 
 def pack_sequences(
@@ -89,7 +114,9 @@ def pack_sequences(
       rows are all padding, too few is an error.
     sort_by_length: place the longest sequences first (first-fit decreasing,
       fewer rows); ``False`` places them in the given order.
-    pad_value: value of the padding positions.
+    pad_value: value of the padding positions: a real number that the
+      sequences' dtype holds (a whole number in its range for integer
+      sequences, no NaN; a number within a float dtype's range).
 
   Returns:
     ``(packed, segment_ids)``: ``packed`` is ``(rows, max_length, *features)``
@@ -97,8 +124,10 @@ def pack_sequences(
     ``(rows, max_length)``.
 
   Raises:
-    ValueError: no sequences, mismatched feature shapes, a sequence longer
-      than ``max_length``, or more rows needed than ``num_rows``.
+    TypeError: ``pad_value`` is not a real number.
+    ValueError: no sequences, a sequence without a time axis, mismatched
+      feature shapes, a sequence longer than ``max_length``, more rows needed
+      than ``num_rows``, or a ``pad_value`` the sequences' dtype does not hold.
   """
   where = 'pack_sequences'
   if isinstance(sequences, (np.ndarray, jax.Array)) or not isinstance(sequences, Sequence):
@@ -108,9 +137,14 @@ def pack_sequences(
   arrays = [np.asarray(s) for s in sequences]
   features = arrays[0].shape[1:]
   for i, a in enumerate(arrays):
-    if a.ndim < 1 or a.shape[1:] != features:
+    if a.ndim < 1:
+      _checks.fail(where, f'sequences[{i}]', 'an array with a time axis, shaped (length, '
+                   '*features)', f'shape {a.shape}')
+    if a.shape[1:] != features:
       _checks.fail(where, f'sequences[{i}]', f'shape (length, *{features}) like sequences[0]',
                    f'shape {a.shape}')
+  dtype = np.result_type(*arrays)
+  _check_pad_value(pad_value, dtype)
   lengths = np.array([a.shape[0] for a in arrays], np.int64)
   longest = int(lengths.max())
   if max_length is None:
@@ -126,7 +160,6 @@ def pack_sequences(
   if needed > num_rows:
     _checks.fail(where, 'num_rows', f'at least the {needed} rows the sequences need '
                  f'at max_length={max_length}', num_rows)
-  dtype = np.result_type(*arrays)
   packed = np.full((num_rows, max_length, *features), pad_value, dtype)
   ids = np.zeros((num_rows, max_length), np.int32)
   for i, a in enumerate(arrays):

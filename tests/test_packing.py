@@ -311,9 +311,12 @@ def test_pack_unpack_errors():
     nr.pack_sequences([])
   with pytest.raises(TypeError, match=r'`sequences` expected a list of arrays, got ndarray'):
     nr.pack_sequences(np.ones((2, 3)))
-  with pytest.raises(ValueError, match=r'`sequences\[1\]` expected shape \(length, \*\(\)\) '
-                     r'like sequences\[0\], got shape \(\)'):
-    nr.pack_sequences([np.arange(3), np.float32(1)])  # a scalar has no length
+  for scalar_first in (False, True):  # a scalar has no length, wherever it is
+    seqs_0d = [np.arange(3), np.float32(1)][::-1 if scalar_first else 1]
+    with pytest.raises(ValueError, match=rf'^pack_sequences: `sequences\[{1 - scalar_first}\]` '
+                       r'expected an array with a time axis, shaped \(length, \*features\), got '
+                       r'shape \(\)\.$'):
+      nr.pack_sequences(seqs_0d)
   with pytest.raises(ValueError, match=r'pack_sequences: `max_length` expected a positive int, '
                      r'got 0'):
     nr.pack_sequences([np.ones((0, 2))], max_length=0)  # fits, but no time axis of size 0
@@ -373,3 +376,36 @@ def test_unpack_without_num_sequences_takes_ids_up_to_the_number_of_positions():
   with pytest.raises(ValueError, match=r'ids of at most 1, .* got id 4 \(pass num_sequences'):
     nr.unpack_sequences(x, ids)
   assert [a.shape for a in nr.unpack_sequences(x, ids, num_sequences=4)] == [(0, 1)] * 3 + [(1, 1)]
+
+
+def test_pack_pad_value_is_a_number_the_sequences_dtype_holds():
+  ints8 = [np.arange(3, dtype=np.int8)]
+  for pad, seqs, want in [
+    (-1, ints8, [0, 1, 2, -1, -1]),
+    (np.float32(2.0), ints8, [0, 1, 2, 2, 2]),  # a whole float is the int
+    (2**63 - 1, [np.arange(3)], [0, 1, 2, 2**63 - 1, 2**63 - 1]),  # exactly, not via a float
+    (True, [np.array([False, True, False])], [False, True, False, True, True]),
+    (np.nan, [np.arange(3, dtype=np.float32)], [0, 1, 2, np.nan, np.nan]),
+    (jnp.array(-np.inf), [np.arange(3, dtype=np.float16)], [0, 1, 2, -np.inf, -np.inf]),
+  ]:
+    x, _ = nr.pack_sequences(seqs, max_length=5, pad_value=pad)
+    assert x.dtype == seqs[0].dtype
+    np.testing.assert_array_equal(x[0], np.array(want, seqs[0].dtype))
+  floats = [np.ones((2, 3), np.float32)]
+  for pad, seqs, exc, message in [
+    ('x', floats, TypeError, r"a real number \(the sequences are float32\), got 'x'"),
+    (None, floats, TypeError, r'a real number \(the sequences are float32\), got None'),
+    (np.ones(3), floats, TypeError, r'a real number .*, got array\(\[1\., 1\., 1\.\]\)'),
+    (True, ints8, TypeError, r'a real number \(the sequences are int8\), got True'),
+    (1000, ints8, ValueError, r'a whole number in \[-128, 127\] \(the sequences are int8\), '
+     r'got 1000'),
+    (np.nan, [np.arange(3)], ValueError, r'a whole number in \[-9223372036854775808, '
+     r'9223372036854775807\] \(the sequences are int64\), got nan'),
+    (0.5, [np.arange(3)], ValueError, r'a whole number in .*, got 0\.5'),
+    (2, [np.array([True])], ValueError, r'a whole number in \[0, 1\] \(the sequences are '
+     r'bool\), got 2'),
+    (1e5, [np.ones(2, np.float16)], ValueError, r'a number of magnitude at most 65504 \(the '
+     r'largest float16\), got 100000\.0'),
+  ]:
+    with pytest.raises(exc, match=rf'^pack_sequences: `pad_value` expected {message}\.$'):
+      nr.pack_sequences(seqs, max_length=5, pad_value=pad)

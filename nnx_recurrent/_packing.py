@@ -170,6 +170,9 @@ def pack_sequences(
   return packed, ids
 
 
+_UNPACK_MAX_IDS = 1 << 16  # list entries unpack_sequences makes without num_sequences
+
+
 def unpack_sequences(
   outputs: np.ndarray | jax.Array,
   segment_ids: np.ndarray | jax.Array,
@@ -199,9 +202,10 @@ def unpack_sequences(
     segment_ids: ``(rows, time)`` integers as made by :func:`pack_sequences`
       (each positive id one contiguous span of one row, ``0`` padding).
     num_sequences: how many sequences to return (default: the largest id,
-      which must then be at most ``rows * time``, the number of positions:
-      with larger ids, from sequences numbered otherwise or many empty ones,
-      pass it); sequences whose id does not occur (length 0) come back empty.
+      which must then be at most the larger of ``rows * time``, the number
+      of positions, and 65536: with larger ids, from sequences numbered
+      otherwise, pass it); sequences whose id does not occur (length 0) come
+      back empty.
 
   Returns:
     A list of ``(length, *features)`` arrays.
@@ -209,7 +213,7 @@ def unpack_sequences(
   Raises:
     ValueError: mismatched shapes, an id that is negative or not one
       contiguous span of one row, or, without ``num_sequences``, one above
-      ``rows * time``.
+      that bound.
   """
   where = 'unpack_sequences'
   outputs = _checks.check_array(where, 'outputs', outputs)
@@ -236,10 +240,16 @@ def unpack_sequences(
                  '(ids from pack_sequences)', f'id {bad} in several spans')
   largest = int(vals[-1]) if vals.size else 0
   if num_sequences is None:
-    if largest > ids.size:  # one list entry per id up to the largest: keep it to the data's size
-      _checks.fail(where, 'segment_ids', f'ids of at most {ids.size}, the number of positions '
-                   '(rows * time), without num_sequences', f'id {largest} (pass num_sequences, '
-                   'or number the sequences 1..N as pack_sequences does)')
+    # One list entry per id up to the largest: a bound on that list, so that
+    # an id from elsewhere (a document id, 2**40) is not a huge allocation.
+    # pack_sequences' ids pass: each of its sequences takes a position, but
+    # the empty ones, which it numbers too (a few of them).
+    bound = max(ids.size, _UNPACK_MAX_IDS)
+    if largest > bound:
+      _checks.fail(where, 'segment_ids', f'ids of at most {bound} without num_sequences (the '
+                   f'larger of the number of positions, rows * time, and {_UNPACK_MAX_IDS})',
+                   f'id {largest} (pass num_sequences, or number the sequences 1..N as '
+                   'pack_sequences does)')
     num_sequences = largest
   elif isinstance(num_sequences, bool) or not isinstance(num_sequences, (int, np.integer)):
     _checks.fail(where, 'num_sequences', f'an int of at least the largest id ({largest})',

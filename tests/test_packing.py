@@ -351,31 +351,34 @@ def test_pack_unpack_errors():
     nr.unpack_sequences(out, np.array([[1, 1, 0, 0], [0, 0, 0, 0]]), num_sequences='2')
 
 
-def test_unpack_without_num_sequences_takes_ids_up_to_the_number_of_positions():
+def test_unpack_without_num_sequences_takes_ids_up_to_a_bound():
   """The default ``num_sequences`` is the largest id, one list entry per id up
-  to it: at most ``rows * time`` (the ids of as many sequences as there are
-  positions), so an id of 2**40 is a ValueError, not an 8 TiB allocation."""
+  to it: at most the larger of ``rows * time`` and 65536, so an id of 2**40
+  is a ValueError, not an 8 TiB allocation; pack_sequences' own ids pass."""
   out = np.arange(6, dtype=np.float32).reshape(2, 3, 1)
-  at_most = np.array([[6, 6, 0], [2, 0, 0]])  # 6 = rows * time
-  back = nr.unpack_sequences(out, at_most)
+  some = np.array([[6, 6, 0], [2, 0, 0]])
+  back = nr.unpack_sequences(out, some)
   empty = out[0, :0]
   want = [empty, out[1, :1], empty, empty, empty, out[0, :2]]  # ids 2 and 6 occur
   assert len(back) == 6
   for a, b in zip(back, want):
     np.testing.assert_array_equal(a, b)
-  for largest in (7, 2**40):
+  assert len(nr.unpack_sequences(out, np.array([[2**16, 2**16, 0], [2, 0, 0]]))) == 2**16
+  for largest in (2**16 + 1, 2**40):
     above = np.array([[largest, largest, 0], [2, 0, 0]])
     with pytest.raises(ValueError, match=r'^unpack_sequences: `segment_ids` expected ids of at '
-                       r'most 6, the number of positions \(rows \* time\), without '
-                       rf'num_sequences, got id {largest} \(pass num_sequences, or number the '
-                       r'sequences 1\.\.N as pack_sequences does\)\.$'):
+                       r'most 65536 without num_sequences \(the larger of the number of '
+                       r'positions, rows \* time, and 65536\), got id '
+                       rf'{largest} \(pass num_sequences, or number the sequences 1\.\.N as '
+                       r'pack_sequences does\)\.$'):
       nr.unpack_sequences(out, above)
-  # Given, num_sequences decides: many empty sequences packed before a short one.
-  x, ids = nr.pack_sequences([np.zeros((0, 1), np.float32)] * 3 + [np.ones((1, 1), np.float32)])
+  # pack_sequences numbers empty sequences too: its round trip needs no num_sequences.
+  seqs = [np.zeros((0, 1), np.float32)] * 3 + [np.ones((1, 1), np.float32)]
+  x, ids = nr.pack_sequences(seqs)
   np.testing.assert_array_equal(ids, [[4]])
-  with pytest.raises(ValueError, match=r'ids of at most 1, .* got id 4 \(pass num_sequences'):
-    nr.unpack_sequences(x, ids)
-  assert [a.shape for a in nr.unpack_sequences(x, ids, num_sequences=4)] == [(0, 1)] * 3 + [(1, 1)]
+  back = nr.unpack_sequences(x, ids)
+  assert [a.shape for a in back] == [(0, 1)] * 3 + [(1, 1)]
+  np.testing.assert_array_equal(back[3], seqs[3])
 
 
 def test_pack_pad_value_is_a_number_the_sequences_dtype_holds():

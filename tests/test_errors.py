@@ -1408,6 +1408,11 @@ def test_complex_inputs_need_complex_parameters():
   with pytest.raises(TypeError, match=m('LSTMCell: `inputs` expected real inputs for parameters of '
                                         'dtype float32', 'got dtype complex64.')):
     nr.RNN(nr.LSTMCell(3, 4, rngs=nnx.Rngs(0)))(x)
+  for fused in (nr.LSTM(3, 4, rngs=nnx.Rngs(0)), nr.GRU(3, 4, bidirectional=True,
+                                                        rngs=nnx.Rngs(0))):
+    with pytest.raises(TypeError, match=m(f'{type(fused).__name__}: `inputs` expected real inputs '
+                                          'for parameters of dtype float32')):
+      fused(x)  # was: "RNN: `cell` expected a step that returns a carry leaf of the kind ..."
   # Complex parameters take them, as flax.nnx's.
   ours = nr.RNN(nr.LSTMCell(3, 4, param_dtype=jnp.complex64, rngs=nnx.Rngs(0)))(x)
   theirs = nnx.RNN(nnx.LSTMCell(3, 4, param_dtype=jnp.complex64, rngs=nnx.Rngs(0)))(x)

@@ -373,6 +373,7 @@ class _FusedBase(nnx.Module):
     self._check_reverse(reverse)
     seq = _scan.prepare(where, inputs, num_feature_axes=1, in_features=self.in_features,
                         time_major=time_major, seq_lengths=seq_lengths, segment_ids=segment_ids)
+    _checks.check_real_for(where, seq.xs, self.forward[0].param_dtype)
     initial_carry = _scan.vary_like(self._initial_carry(where, initial_carry, seq.batch_shape),
                                     seq.xs, *seq.masks)
     idx = None

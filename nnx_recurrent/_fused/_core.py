@@ -386,7 +386,8 @@ class _FusedBase(nnx.Module):
     xs = _scan.clean_padding(seq.xs, seq.masks.valid)  # as nr.RNN's scan does
     if reverse:  # each row (segment) from its last valid step to its first; padding stays
       xs = _scan.take_time(xs, idx)
-    if self.num_layers > 1 and self.dropout_rate and not self.dropout.deterministic:
+    training = not getattr(self.dropout, 'deterministic', False)
+    if self.num_layers > 1 and self.dropout_rate and training:
       _checks.check_stream(type(self).__name__, rngs, 'dropout', 'for the dropout between layers')
     dropout_rngs = _scan.per_use_rngs(rngs, self.num_layers - 1)  # one per gap between layers
     finals = []

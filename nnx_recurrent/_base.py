@@ -578,7 +578,8 @@ class RNNCellBase(nnx.Module):
     unpacks it); ``None``: not checked."""
     if shapes is None:
       return carry
-    dtype = getattr(self, 'param_dtype', jnp.float32)
+    # param_dtype=None: JAX's default float (float64 under x64), as flax takes it
+    dtype = jnp.result_type(getattr(self, 'param_dtype', jnp.float32) or float)
     leaves = [jax.ShapeDtypeStruct(shape, dtype) for shape in shapes]
     if isinstance(carry, list) and len(leaves) > 1:
       carry = tuple(carry)

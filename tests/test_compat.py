@@ -1385,3 +1385,12 @@ def test_compat_is_lazy_and_falls_through_to_linen():
   assert compat.RNN is not nn.RNN and set(compat.__all__) >= {'RNN', 'to_nnx', 'from_nnx'}
   with pytest.raises(AttributeError, match='nor has flax.linen'):
     compat.NoSuchThing  # noqa: B018
+
+
+def test_param_dtype_none_runs_as_in_linen():
+  x = normal((B, T, IN))
+  for name in ('LSTMCell', 'GRUCell', 'SimpleCell'):
+    theirs = nn.RNN(getattr(nn, name)(H, param_dtype=None))
+    variables = theirs.init(jax.random.key(0), x)
+    ours = compat.RNN(getattr(compat, name)(H, param_dtype=None))
+    _assert_close(ours.apply(variables, x), theirs.apply(variables, x), atol=1e-6)

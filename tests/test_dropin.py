@@ -97,6 +97,25 @@ def test_equal_rngs_give_flax_nnx_parameters_under_x64(param_dtype):
                                atol=1e-12 if param_dtype == jnp.float64 else 1e-5)
 
 
+@pytest.mark.parametrize('x64', [False, True])
+def test_param_dtype_none_is_jaxs_default_float_as_in_flax(x64):
+  # flax passes param_dtype=None on to its initializers: JAX's default float.
+  with jax.enable_x64(x64):
+    want = jnp.float64 if x64 else jnp.float32
+    x = _x().astype(want)  # (flax.nnx's RNN refuses float32 inputs under x64: a carry change)
+    for name in ('LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell'):
+      ours = nr.RNN(getattr(nr, name)(IN, H, param_dtype=None, rngs=nnx.Rngs(0)))
+      theirs = nnx.RNN(getattr(nnx, name)(IN, H, param_dtype=None, rngs=nnx.Rngs(0)))
+      if name == 'GRUCell':  # flax.nnx's GRUCell has no b_hn
+        ours.cell.bias_hn[...] = jnp.zeros_like(ours.cell.bias_hn[...])
+      y_o = ours(x)
+      if x64 and name == 'SimpleCell':  # flax.nnx's fails: its step's carry comes in float32
+        continue  # (its recurrent kernel is drawn in float32); ours keeps the carry's float64
+      y_t = theirs(x)
+      assert y_o.dtype == y_t.dtype == want, name
+      _close(y_o, y_t, atol=1e-6)
+
+
 def test_half_precision_recurrent_kernels_are_orthogonal_in_their_dtype():
   # flax's orthogonal has no bfloat16 QR on the CPU: computed in float32 and cast.
   kernel = nr.GRUCell(4, 4, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)).dense_h.kernel[...]

@@ -283,6 +283,10 @@ def check_shape(where: str, arg: str, shape: Any, hint: str = '') -> tuple[int, 
   dimensions, which stay as they are)."""
   if isinstance(shape, np.ndarray) and shape.ndim == 1 and np.issubdtype(shape.dtype, np.integer):
     shape = shape.tolist()  # a NumPy shape array (a jax.Array may be a PRNG key: refused)
+  negative = [isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d < 0
+              for d in shape] if isinstance(shape, (tuple, list)) else [False]
+  if any(negative) and all(n or _is_dim(d) for n, d in zip(negative, shape)):
+    fail(where, arg, f'a tuple of non-negative ints{" " + hint if hint else ""}', repr(shape))
   if not isinstance(shape, (tuple, list)) or not all(_is_dim(d) for d in shape):
     if hasattr(shape, 'dtype'):
       got = f'an array of dtype {shape.dtype}'

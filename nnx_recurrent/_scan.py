@@ -66,18 +66,24 @@ def select(mask: Array, new: Any, old: Any, shared: str = 'new') -> Any:
   right; leaves without the batch axes (:func:`_per_row`) take ``new``, or
   ``old`` with ``shared='old'``. A ``new`` carry of other shapes than
   ``old`` (a cell's step that lost an axis) is a ``TypeError`` naming them,
-  as the scan's own check would be without a mask."""
-  news, olds = jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old)
-  if len(news) != len(olds) or any(jnp.shape(n) != jnp.shape(o) for n, o in zip(news, olds)):
-    _checks.fail('RNN', 'cell', "a step that returns a carry of its carry's shapes "
-                 f'{[jnp.shape(o) for o in olds]}', f'{[jnp.shape(n) for n in news]}',
-                 TypeError)
+  instead of jax's scan error."""
+  check_carry_shapes(new, old)
 
   def one(n, o):
     if _per_row(mask, n):
       return jnp.where(_bcast(mask, n), n, o)
     return n if shared == 'new' else o
   return jax.tree_util.tree_map(one, new, old)
+
+
+def check_carry_shapes(new: Any, old: Any) -> None:
+  """A ``TypeError`` naming the shapes where a cell's step returned a carry of
+  other shapes than it was given (jax's scan error names the scan's body)."""
+  news, olds = jax.tree_util.tree_leaves(new), jax.tree_util.tree_leaves(old)
+  if len(news) != len(olds) or any(jnp.shape(n) != jnp.shape(o) for n, o in zip(news, olds)):
+    _checks.fail('RNN', 'cell', "a step that returns a carry of its carry's shapes "
+                 f'{[jnp.shape(o) for o in olds]}', f'{[jnp.shape(n) for n in news]}',
+                 TypeError)
 
 
 # -- building the masks ---------------------------------------------------------
@@ -228,7 +234,10 @@ def in_dtypes_of(carry: Any, new_carry: Any) -> Any:
   """``new_carry`` in ``carry``'s dtypes: cells may compute in a lower dtype
   than the carry is stored in. Only within a kind (floating, integer, bool):
   a floating leaf cast to an integer carry would cut the recurrence silently,
-  which the scan refuses (a ``TypeError`` naming the dtypes)."""
+  which the scan refuses (a ``TypeError`` naming the dtypes), as it refuses
+  other shapes (:func:`check_carry_shapes`)."""
+  check_carry_shapes(new_carry, carry)
+
   def one(n, o):
     if _kind(jnp.result_type(n)) != _kind(o.dtype):
       _checks.fail('RNN', 'cell', 'a step that returns a carry leaf of the kind of its carry '

@@ -569,14 +569,21 @@ def test_initialize_carry_takes_numpy_shapes_and_rngs_without_a_carry_stream(lst
   ((jax.random.key(0), (2, 3)), 'got an array of dtype key<fry>'),
   ((2,), 'got 2'),
   (((2.5, 3),), 'got (2.5, 3)'),
-  (((-1, 3),), 'got (-1, 3)'),
   (((True, 3),), 'got (True, 3)'),
   (((jnp.array(2.0), 3),), 'got (Array(2., dtype=float32'),  # a 0-d array: an integer one only
-], ids=['linen_order', 'int', 'float_dims', 'negative', 'bool', 'float_array'])
+], ids=['linen_order', 'int', 'float_dims', 'bool', 'float_array'])
 def test_initialize_carry_input_shape(lstm, args, got):
   with pytest.raises(TypeError, match=m('LSTMCell.initialize_carry: `input_shape` expected a '
                                         'tuple of ints', "flax.linen's (rng, input_shape)", got)):
     lstm.initialize_carry(*args)
+
+
+def test_a_negative_size_in_a_shape_is_a_value_error(lstm):
+  # The right kind (ints), a wrong value: a ValueError, as everywhere else.
+  for shape in ((-1, 3), [2, np.int64(-3)]):
+    with pytest.raises(ValueError, match=m('LSTMCell.initialize_carry: `input_shape` expected a '
+                                           'tuple of non-negative ints', f'got {shape!r}')):
+      lstm.initialize_carry(shape)
 
 
 def test_rnn_initial_carry_of_integers(lstm):
@@ -1252,11 +1259,12 @@ def test_a_step_that_changes_its_carry_gets_a_clear_error():
                                           'of the kind of its carry leaf (int32), got float32')):
       ints(x, **kwargs)
   # A step that loses the batch axis: with seq_lengths, the carry selection named
-  # nothing ("Incompatible shapes for broadcasting").
+  # nothing ("Incompatible shapes for broadcasting"); without, jax's scan named its body.
   lossy = nr.RNN(_CarryCell(lambda s: jnp.zeros((*s[:-1], 4)), lambda h, x: h.sum(0) + 1))
-  with pytest.raises(TypeError, match=m("RNN: `cell` expected a step that returns a carry of "
-                                        "its carry's shapes [(2, 4)], got [(4,)]")):
-    lossy(x, seq_lengths=lengths)
+  for kwargs in ({}, {'seq_lengths': lengths}):
+    with pytest.raises(TypeError, match=m("RNN: `cell` expected a step that returns a carry of "
+                                          "its carry's shapes [(2, 4)], got [(4,)]")):
+      lossy(x, **kwargs)
 
 
 def test_a_learned_carry_needs_floating_carry_leaves():

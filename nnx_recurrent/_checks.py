@@ -368,12 +368,23 @@ def carry_pair(where: str, initial_carry: Any, arg: str = 'initial_carry') -> tu
 
 def structure(tree: Any) -> str:
   """A carry's structure for a message, its arrays as ``array``: ``(array, None)``,
-  ``[array, array]`` (jax's ``PyTreeDef((*, None))`` says the same less plainly)."""
+  ``[array, array]``, ``{'h': array}``, ``Carry(c=array, h=array)`` (jax's
+  ``PyTreeDef((*, None))`` says the same less plainly; other containers keep
+  jax's form)."""
+  if isinstance(tree, tuple) and hasattr(tree, '_fields'):  # a NamedTuple
+    return (f'{type(tree).__name__}('
+            + ', '.join(f'{k}={structure(v)}' for k, v in zip(tree._fields, tree)) + ')')
   if isinstance(tree, (tuple, list)):
     inner = ', '.join(map(structure, tree)) + (',' if type(tree) is tuple and len(tree) == 1
                                                else '')
     return f'({inner})' if isinstance(tree, tuple) else f'[{inner}]'
-  return 'None' if tree is None else 'array' if hasattr(tree, 'shape') else type(tree).__name__
+  if isinstance(tree, dict):
+    return '{' + ', '.join(f'{k!r}: {structure(v)}' for k, v in tree.items()) + '}'
+  if tree is None:
+    return 'None'
+  if hasattr(tree, 'shape') or isinstance(tree, (int, float, complex, bool, np.generic)):
+    return 'array'
+  return str(jax.tree_util.tree_structure(tree))
 
 
 def public_name(obj: Any) -> str:
@@ -560,7 +571,8 @@ def check_tree_structure(where: str, arg: str, given: Any, expected: Any) -> Non
   g_def = jax.tree_util.tree_structure(given)
   e_def = jax.tree_util.tree_structure(expected)
   if g_def != e_def:
-    fail(where, arg, f'a pytree with structure {e_def}', f'structure {g_def}')
+    fail(where, arg, f'a pytree with structure {structure(expected)}',
+         f'structure {structure(given)}')
 
 
 def check_tree_matches(where: str, arg: str, given: Any, expected: Any,

@@ -486,8 +486,8 @@ def test_what_step_returns_is_checked_against_the_carry():
       return (c, h), h
 
   with pytest.raises(ValueError, match=r'ForgotTwoArrays.step: `new_carry` expected a pytree '
-                                       r'with structure PyTreeDef\(\*\), got structure '
-                                       r'PyTreeDef\(\(\*, \*\)\) \(the carry is num_carry_arrays '
+                                       r'with structure array, got structure '
+                                       r'\(array, array\) \(the carry is num_carry_arrays '
                                        r'= 1 array\(s\) of shapes \(2, 4\)'):
     nr.RNN(ForgotTwoArrays())(jnp.ones((2, 5, 3)))
 

@@ -886,7 +886,7 @@ def test_compat_rnn_linen_cell_initial_carry_structure():
 
   rnn = compat.RNN(nn.LSTMCell(4))
   with pytest.raises(ValueError, match=m('RNN: `initial_carry` expected a pytree with structure '
-                                         'PyTreeDef((*, *))', 'got structure PyTreeDef(*)')):
+                                         '(array, array)', 'got structure array.')):
     rnn.init(jax.random.key(0), X, initial_carry=jnp.zeros((2, 4)))
   # flax.linen's Dense cells take their size from the carry: a wider one runs.
   wide = (np.zeros((2, 6), np.float32),) * 2

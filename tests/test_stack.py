@@ -149,7 +149,7 @@ def test_a_wrong_carry_entry_is_named_by_its_index():
     stack(x, initial_carry=(zeros, None))
   with pytest.raises(ValueError, match=r'^Bidirectional: `initial_carry\[0\]`, the carry of '
                      r'forward_rnn \(RNN\): RNN: `initial_carry` expected a pytree with '
-                     r'structure PyTreeDef\(\(\*, \*\)\), got structure PyTreeDef\(\*\)'):
+                     r'structure \(array, array\), got structure array'):
     bi(x, initial_carry=(zeros, zeros))
   with pytest.raises(ValueError, match=r'^StackedRNN: `initial_carry\[0\]`, the carry of '
                      r'layers\[0\] \(Bidirectional\): Bidirectional: `initial_carry\[1\]`, '

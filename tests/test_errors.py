@@ -1,6 +1,7 @@
 """Bad input gets a ValueError/TypeError naming the argument, not an XLA trace."""
 
 import re
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -1426,3 +1427,28 @@ def test_complex_inputs_need_complex_parameters():
   theirs = nnx.RNN(nnx.LSTMCell(3, 4, param_dtype=jnp.complex64, rngs=nnx.Rngs(0)))(x)
   assert ours.dtype == jnp.complex64 and float(jnp.abs(ours.imag).max()) > 1e-3
   np.testing.assert_allclose(ours, theirs, atol=1e-6)
+
+
+
+class _State(NamedTuple):
+  c: jax.Array
+  h: jax.Array
+
+
+def test_carry_structures_read_plainly_in_messages():
+  # What the carry checks print for jax's PyTreeDef((*, *)).
+  from nnx_recurrent import _checks
+
+  a = jnp.zeros((2, 4))
+  assert _checks.structure((a, a)) == '(array, array)'
+  assert _checks.structure((a,)) == '(array,)'
+  assert _checks.structure([a, None]) == '[array, None]'
+  assert _checks.structure({'h': a, 'n': 1.0}) == "{'h': array, 'n': array}"
+  assert _checks.structure(_State(a, a)) == '_State(c=array, h=array)'
+  state = nnx.State({'h': a})  # another container: jax's own form
+  assert _checks.structure(state) == str(jax.tree_util.tree_structure(state))
+  cell = nr.LSTMCell(3, 4, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=m('LSTMCell: `carry` expected a pytree with structure '
+                                         '(array, array), got structure '
+                                         "{'c': array, 'h': array}.")):
+    cell({'c': a, 'h': a}, jnp.ones((2, 3)))

@@ -48,7 +48,8 @@ def test_modules_under_jit_on_a_mesh_of_8_devices():
   result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
                           timeout=300)
   assert result.returncode == 0, result.stdout + result.stderr
-  assert 'sharding checks passed: data parallel 11, model parallel 11, shard_map 3' in (
+  assert ('sharding checks passed: data parallel 11, model parallel 11, shard_map 3, '
+          'fused gradients 2') in (
     result.stdout), (
     result.stdout + result.stderr)
 
@@ -188,6 +189,33 @@ def check_shard_rows(x, lengths):
   assert {n for _, n in rows} == {B // 8} and len(rows) == 8, rows
 
 
+def check_fused_gradients_reduce(x, lengths):
+  """The fused layers' data-parallel gradient: each device contracts its rows and one
+  all-reduce sums the weight gradients, as nr.RNN's scan does; reshaping (time, batch)
+  into one axis gathered every row onto every device (8x the weight-gradient work)."""
+  mesh = Mesh(np.array(jax.devices()), ('data',))
+  batch = NamedSharding(mesh, P('data'))
+  checked = 0
+  for make in (lambda: nr.LSTM(IN, H, rngs=nnx.Rngs(0)),
+               lambda: nr.GRU(IN, H, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0))):
+    layer = random_module(make)
+    graphdef, state = nnx.split(layer)
+
+    def grads(state, x, lengths, graphdef=graphdef):
+      loss = lambda m: (m(x, seq_lengths=lengths) ** 2).sum()  # noqa: E731
+      return nnx.state(nnx.grad(loss)(nnx.merge(graphdef, state)), nnx.Param)
+
+    step = jax.jit(grads)
+    sharded = [jax.device_put(a, batch) for a in (x, lengths)]
+    program = step.lower(state, *sharded).compile().as_text()
+    assert 'all-gather' not in program and 'all-reduce' in program, program
+    jax.tree_util.tree_map(
+      lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=ATOL, rtol=0),
+      step(state, *sharded), step(state, x, lengths))  # and the one-device values
+    checked += 1
+  return checked
+
+
 def _main():
   assert jax.device_count() == 8, jax.devices()
   rng = np.random.default_rng(0)
@@ -219,7 +247,8 @@ def _main():
 
   # Data + model parallel: the same parameter values, placed as the cells'
   # sharding metadata says (the usual abstract-model recipe); the fused layers'
-  # cells take no metadata, so their kernels and biases are split by hand.
+  # kernels and biases are split by hand here (their metadata arguments are
+  # checked in test_fused).
   def shardings(abstract_state):
     specs = nnx.get_partition_spec(abstract_state)
     for name in ('lstm', 'gru'):
@@ -234,8 +263,9 @@ def _main():
   assert zoo['lstm'].forward[0].dense_h.kernel[...].sharding.spec == P(None, 'model')
   n_model = check(apply(zoo, *args), 'model parallel')
   check_shard_rows(x, lengths)
+  n_reduce = check_fused_gradients_reduce(x, lengths)
   print(f'sharding checks passed: data parallel {n_data}, model parallel {n_model}, '
-        f'shard_map {n_shard_map}')
+        f'shard_map {n_shard_map}, fused gradients {n_reduce}')
 
 
 if __name__ == '__main__':

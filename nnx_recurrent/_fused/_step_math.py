@@ -61,13 +61,38 @@ def flat_dot_t(a: Array, b: Array, transpose: bool = False) -> Array:
   Below ``_plans.TRANSPOSE_MIN_MACS`` the copy does not pay (and its scratch memory
   can push the step over glibc's 32 MiB mmap threshold, see
   ``benchmarks/RESULTS.md``).
+
+  With several devices the leading axes are contracted as they are, not
+  reshaped into one: merging time with a sharded batch axis cannot keep the
+  sharding, so a data-parallel step gathered the whole batch onto every
+  device (and each computed every weight gradient); in place, each device's
+  part is summed by one all-reduce. On one device the reshaped form stays:
+  XLA:CPU compiles the other with a transposed copy, a program not measured.
   """
+  if _sharded_leading_axes():
+    lead = tuple(range(a.ndim - 1))
+    return jax.lax.dot_general(a, b, ((lead, lead), ((), ())))
   a2 = a.reshape(-1, a.shape[-1])
   b2 = b.reshape(-1, b.shape[-1])
   macs = a2.shape[0] * a2.shape[1] * b2.shape[1]
   if transpose and isinstance(macs, int) and macs >= _plans.TRANSPOSE_MIN_MACS:
     return dot(jax.lax.optimization_barrier(a2.T), b2)
   return jax.lax.dot_general(a2, b2, (((0,), (0,)), ((), ())))
+
+
+def _sharded_leading_axes() -> bool:
+  """Whether the leading (time, batch) axes may be split over devices: with
+  more than one, reshaping them into one would gather them (:func:`flat_dot_t`)."""
+  return jax.device_count() > 1
+
+
+def sum_leading(x: Array) -> Array:
+  """``x`` summed over every axis but the last (a bias gradient over time and
+  batch); with several devices without reshaping them into one (see
+  :func:`flat_dot_t`)."""
+  if _sharded_leading_axes():
+    return x.sum(axis=tuple(range(x.ndim - 1)))
+  return x.reshape(-1, x.shape[-1]).sum(axis=0)
 
 
 # -- pointwise math of one step, forward and backward ---------------------------
@@ -292,7 +317,7 @@ class GRUMath:
     h = b_hn.shape[-1]
     dw_h = flat_dot_t(res[..., 4 * h:], dhp)
     dxp = jnp.concatenate([dhp[..., : 2 * h], dan], axis=-1)
-    db_hn = dhp[..., 2 * h:].reshape(-1, h).sum(axis=0)
+    db_hn = sum_leading(dhp[..., 2 * h:])
     return dw_h, dxp, db_hn
 
 
@@ -335,6 +360,6 @@ def grads_after_loop(cell_math, d_all, res, params, xs, carry0, ys, packed):
   w_i, _, _, extra = params
   dw_h, dxp, dextra = cell_math.grads(d_all, res, carry0, ys, extra, packed)
   dw_i = flat_dot_t(xs, dxp, cell_math.transpose_dw)
-  db = dxp.reshape(-1, dxp.shape[-1]).sum(axis=0)
+  db = sum_leading(dxp)
   dxs = dot(dxp, w_i.T)  # XLA drops it when the inputs need no gradient
   return (dw_i, db, dw_h, dextra), dxs

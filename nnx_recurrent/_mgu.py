@@ -20,6 +20,7 @@ from nnx_recurrent._base import (
   masked,
 )
 from nnx_recurrent._gru import _GatedUnit
+from nnx_recurrent._updates import mgu_update
 
 
 def _concat_init(*inits: Initializer) -> Initializer:
@@ -121,7 +122,5 @@ class MGUCell(_GatedUnit):
   def step(self, carry, inputs, recurrent_mask):
     h = carry
     (xf, xn), (hf,), hn = self._projections(inputs, masked(h, recurrent_mask))
-    f = self.gate_fn(xf + hf)
-    n = self.activation_fn(xn + (f * hn if self.reset_gate else hn))
-    new_h = (1.0 - f) * n + f * h
+    new_h = mgu_update(h, xf, xn, hf, hn, self.reset_gate, self.gate_fn, self.activation_fn)
     return new_h, new_h

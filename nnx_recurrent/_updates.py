@@ -1,5 +1,6 @@
-"""The GRU state update, shared by ``GRUCell``, ``LayerNormGRUCell``, ``ConvGRUCell``
-and the fused ``GRU``'s step math (XLA scans and Pallas kernels).
+"""The GRU state update, shared by ``GRUCell``, ``LayerNormGRUCell``, ``ConvGRUCell``,
+the fused ``GRU``'s step math (XLA scans and Pallas kernels) and compat's ``GRUCell``;
+the MGU's, shared by ``MGUCell`` and compat's ``MGUCell``.
 
 (The LSTM's is :func:`nnx_recurrent._base.lstm_update`.)
 """
@@ -24,3 +25,12 @@ def gru_update(h: Array, xr: Array, xz: Array, xn: Array, hr: Array, hz: Array, 
                gate_fn, activation_fn) -> Array:
   """``h'`` of :func:`gru_gates`."""
   return gru_gates(h, xr, xz, xn, hr, hz, hn, gate_fn, activation_fn)[0]
+
+
+def mgu_update(h: Array, xf: Array, xn: Array, hf: Array, hn: Array, reset_gate: bool,
+               gate_fn, activation_fn) -> Array:
+  """``h' = (1 - f) * n + f * h`` with ``f = gate(xf + hf)`` and ``n = act(xn + f * hn)``
+  (``act(xn + hn)`` without the reset gate); ``hn`` holds ``b_hn`` where there is one."""
+  f = gate_fn(xf + hf)
+  n = activation_fn(xn + (f * hn if reset_gate else hn))
+  return (1.0 - f) * n + f * h

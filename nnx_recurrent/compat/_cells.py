@@ -28,6 +28,7 @@ from flax.typing import Dtype, Initializer
 
 from nnx_recurrent import _checks
 from nnx_recurrent._conv import _shape_keeping, check_geometry
+from nnx_recurrent._updates import gru_update, mgu_update
 from nnx_recurrent.compat import _convert
 
 # flax.linen's stack of nn.intercept_methods interceptors (empty: none active).
@@ -152,11 +153,15 @@ class _Cell(RNNCellBase):
       return inspect.unwrap(getattr(nn, layout.name).__call__)(self, carry, inputs)
     # flax.linen's own layers, in its order, on what they read: they create the
     # parameters, and `capture_intermediates` and `tabulate` see them as in
-    # flax.linen. The step itself runs on the nnx cell (fused matmuls), so
-    # their outputs go unused and jit drops them.
+    # flax.linen.
     hidden = _hidden(carry)
-    for g in layout.groups(sized):
-      self._linen_layer(sized, g)(inputs if g.reads == 'input' else hidden)
+    outputs = {g.name: self._linen_layer(sized, g)(inputs if g.reads == 'input' else hidden)
+               for g in layout.groups(sized)}
+    step = self._step_on_layers(carry, outputs)
+    if step is not None:
+      return step
+    # The step runs on the nnx cell, whose matmuls are flax.linen's, so the
+    # layers' outputs go unused and jit drops them.
     params = self.variables['params']
     cell = _convert.build_nnx(layout, sized, in_features,
                               {g.name: params[g.name] for g in layout.groups(sized)})
@@ -164,6 +169,20 @@ class _Cell(RNNCellBase):
 
   # The helpers are @nn.nowrap: flax.linen wraps every other method, and
   # capture_intermediates, tabulate and intercept_methods would see them.
+  @nn.nowrap
+  def _step_on_layers(self, carry, outputs: dict[str, Any]):
+    """``(new_carry, output)`` from the flax.linen layers' ``outputs``, or ``None``
+    to run the step on the nnx cell.
+
+    Overridden where the nnx cell joins matmuls that flax.linen's cell runs gate
+    by gate (``GRUCell``, ``MGUCell``): XLA rounds one joined matmul and its
+    per-gate parts differently (up to 4e-6 in float32 gradients on a CPU), so
+    those cells combine flax.linen's own layer outputs with the nnx cell's
+    update formula, and give flax.linen's values bit for bit.
+    """
+    del carry, outputs
+    return None
+
   @nn.nowrap
   def _sized_by(self, carry) -> _Cell:
     """This cell with flax.linen's hidden size: the carry's, not ``features``.
@@ -357,7 +376,8 @@ class OptimizedLSTMCell(_GatedCell):
 
 
 class GRUCell(_GatedCell):
-  __doc__ = r"""GRU cell: ``flax.linen.GRUCell``, computed by ``nnx_recurrent.GRUCell``.
+  __doc__ = r"""GRU cell: ``flax.linen.GRUCell``, computed by ``nnx_recurrent.GRUCell``'s
+  update on flax.linen's per-gate layers (its values, bit for bit).
 
   .. math::
 
@@ -387,9 +407,17 @@ class GRUCell(_GatedCell):
 
   _layout_name = 'GRUCell'
 
+  @nn.nowrap
+  def _step_on_layers(self, carry, outputs):
+    o = outputs
+    new_h = gru_update(carry, o['ir'], o['iz'], o['in'], o['hr'], o['hz'], o['hn'],
+                       self.gate_fn, self.activation_fn)
+    return new_h, new_h
+
 
 class MGUCell(_Cell):
-  r"""Minimal gated unit: ``flax.linen.MGUCell``, computed by ``nnx_recurrent.MGUCell``.
+  r"""Minimal gated unit: ``flax.linen.MGUCell``, computed by ``nnx_recurrent.MGUCell``'s
+  update on flax.linen's per-gate layers (its values, bit for bit).
 
   .. math::
 
@@ -428,6 +456,13 @@ class MGUCell(_Cell):
   """
 
   _layout_name = 'MGUCell'
+
+  @nn.nowrap
+  def _step_on_layers(self, carry, outputs):
+    o = outputs
+    new_h = mgu_update(carry, o['if'], o['in'], o['hf'], o['hn'], self.reset_gate,
+                       self.gate_fn, self.activation_fn)
+    return new_h, new_h
 
   features: int
   gate_fn: Callable[..., Any] = nn.sigmoid

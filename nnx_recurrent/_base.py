@@ -112,11 +112,12 @@ def is_package_cell(cell: Any) -> bool:
 def overrides(cell: Any, name: str) -> bool:
   """Whether ``cell``'s class defines its own method ``name`` instead of
   :class:`RNNCellBase`'s. Wrappers made with ``functools.wraps`` are seen
-  through: ``nnx.tabulate`` wraps every public method of the classes it
-  traces, and the base's ``initialize_carry`` must still be known for what it
-  is there (else it is called as another library's, with an ``Rngs`` that
-  tabulate cannot print)."""
-  return inspect.unwrap(getattr(type(cell), name)) is not getattr(RNNCellBase, name)
+  through, the base's own (:func:`_checks.named_errors`) too: ``nnx.tabulate``
+  wraps every public method of the classes it traces, and the base's
+  ``initialize_carry`` must still be known for what it is there (else it is
+  called as another library's, with an ``Rngs`` that tabulate cannot print)."""
+  return (inspect.unwrap(getattr(type(cell), name))
+          is not inspect.unwrap(getattr(RNNCellBase, name)))
 
 
 def has_carry_stream(rngs: Any) -> TypeGuard[nnx.Rngs]:
@@ -197,6 +198,7 @@ class RNNCellBase(nnx.Module):
     # it traces and would list each step as a row.
     cls._step_impl = cls.step
 
+  @_checks.named_errors
   def __init__(
     self,
     in_features: int | None = None,
@@ -332,6 +334,7 @@ class RNNCellBase(nnx.Module):
         f'shape {tuple(shape)}',
       )
 
+  @_checks.named_errors
   def initialize_carry(
     self,
     input_shape: tuple[int, ...],
@@ -463,6 +466,7 @@ class RNNCellBase(nnx.Module):
       if rate_rec else None,
     )
 
+  @_checks.named_errors
   def __call__(self, carry: Carry, inputs: Array, **options: Any) -> tuple[Carry, Array]:
     """Runs one time step.
 
@@ -503,10 +507,11 @@ class RNNCellBase(nnx.Module):
     if not callable(step):
       _checks.fail(where, 'step', 'a method step(carry, inputs, recurrent_mask)',
                    type(step).__name__, TypeError)
-    unknown = sorted(set(options) - {'dropout_masks', 'rngs'})
+    unknown = [k for k in options if k not in ('dropout_masks', 'rngs')]
     if unknown:
-      _checks.fail(where, 'options', 'only the keywords dropout_masks and rngs', unknown,
-                   TypeError)
+      raise TypeError(_checks.unexpected_keyword(
+        f'{where}.__call__', unknown[0], ('dropout_masks', 'rngs'),
+        accepted="A cell's options are the keywords dropout_masks and rngs"))
     dropout_masks: DropoutMasks | None = options.get('dropout_masks')
     rngs: RngsLike = options.get('rngs')
     _checks.check_rngs(where, rngs)

@@ -5,19 +5,26 @@ object) whose message names the module, the argument, what was expected and
 what was received, e.g.::
 
     RNN: `inputs` expected last axis of size 32 (the cell's in_features), got shape (4, 7, 16).
+
+Arguments that do not bind (an unknown keyword, too many positional
+arguments) keep Python's message, naming the public class and its method,
+with a hint where one exists: :func:`named_errors`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
+import functools
+import inspect
 import numbers
 import os
 import re
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from types import FrameType
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 import flax
 import jax
@@ -617,3 +624,159 @@ def _shape_fits(given: tuple[int, ...], expected: tuple[int, ...],
     return len(given) >= len(expected) and all(
       g == e or e == 1 for g, e in zip(given[::-1], expected[::-1]))
   return all(g == e or 1 in (g, e) for g, e in zip(given[::-1], expected[::-1]))
+
+
+# -- arguments that do not bind -----------------------------------------------------------
+# Other libraries' names for our parameters, in one place. Each maps to pairs
+# (our parameter, the hint); the first pair whose parameter the method takes
+# gives the hint, and a method that takes none of them gets none (a hint names
+# only what exists). Checked against the signatures by tests/test_keyword_hints.py.
+_CARRY_ORDER = 'an LSTM carry is (c, h), c first'
+_OTHER_NAMES: dict[str, tuple[tuple[str, str], ...]] = {
+  # PyTorch's torch.nn.LSTM / GRU / RNN and their cells
+  'batch_first': (('time_major', "PyTorch's batch_first: inputs here are batch-major by default "
+                                 '(time_major=False, as batch_first=True); batch_first=False is '
+                                 'time_major=True'),),
+  'input_size': (('in_features', "PyTorch's input_size is in_features here"),),
+  'hidden_size': (('hidden_features', "PyTorch's hidden_size is hidden_features here"),),
+  'proj_size': (('proj_features', "PyTorch's proj_size is proj_features here"),),
+  'bias': (('use_bias', "PyTorch's bias is use_bias here"),
+           ('bias_init', "PyTorch's bias: there is no bias=False here; the biases start at zero "
+                         '(bias_init), and stay there when left out of the optimizer (see '
+                         'docs/migrating_from_pytorch.md)')),
+  'dropout': (('dropout_rate', "PyTorch's dropout is dropout_rate here"),),
+  'nonlinearity': (('activation_fn', "PyTorch's nonlinearity is activation_fn here, a function "
+                                     "(jax.nn.relu), not a string ('relu')"),),
+  'hx': (('initial_carry', f"PyTorch's hx is initial_carry here ({_CARRY_ORDER})"),
+         ('carry', "PyTorch's hx is the carry here, the first argument: new_carry, y = "
+                   'cell(carry, inputs)')),
+  'h_0': (('initial_carry', f"PyTorch's h_0 and c_0 are initial_carry here ({_CARRY_ORDER})"),),
+  'c_0': (('initial_carry', f"PyTorch's h_0 and c_0 are initial_carry here ({_CARRY_ORDER})"),),
+  'lengths': (('seq_lengths', "PyTorch's lengths (of pack_padded_sequence) are seq_lengths "
+                              'here'),),
+  # flax.linen's, given to the NNX modules
+  'features': (('hidden_features', "flax.linen's features is hidden_features here (an NNX cell "
+                                   'takes in_features too: it makes its parameters when built)'),),
+  'cell_size': (('cell', "flax.linen's cell_size: not needed here, the NNX cell knows its "
+                         'sizes'),),
+  **{name: (('state_axes', f"flax.linen's {name}: one mapping here, state_axes (flax.nnx's: "
+                           'state filters to nnx.Carry, None to broadcast, or an axis)'),)
+     for name in ('variable_axes', 'variable_broadcast', 'variable_carry')},
+  'split_rngs': (('broadcast_rngs', "flax.linen's split_rngs: here, as in flax.nnx, RNG "
+                                    'streams are split over the steps but those named in '
+                                    'broadcast_rngs'),),
+  'init_key': (('rngs', "flax.linen's init_key is rngs here"),),
+  'deterministic': (('rngs', 'Dropout is switched off by model.eval() (or nnx.view(model, '
+                             'deterministic=True)) here, not by an argument'),),
+}
+
+
+def keyword_hint(keyword: str, names: Collection[str], var_positional: str | None = None) -> str:
+  """A hint for an unknown ``keyword`` of a method that takes the keywords
+  ``names``: another library's name for one of them, a close match, or
+  (``var_positional``: the name of its ``*args``) positional arguments given as
+  a keyword. ``''`` when there is none."""
+  for ours, hint in _OTHER_NAMES.get(keyword, ()):
+    if ours in names:
+      return hint
+  if keyword == var_positional:
+    return f'Pass the {keyword} positionally, as *{keyword}'
+  close = difflib.get_close_matches(keyword, list(names), n=1)
+  return f"Did you mean '{close[0]}'?" if close else ''
+
+
+def unexpected_keyword(where: str, keyword: str, names: Collection[str],
+                       var_positional: str | None = None, accepted: str = '') -> str:
+  """Python's message for an unknown ``keyword`` of ``where`` (``LSTM.__call__``),
+  with :func:`keyword_hint`'s hint and ``accepted`` (what it takes) after it."""
+  return _with_hints(f"{where}() got an unexpected keyword argument '{keyword}'",
+                     keyword_hint(keyword, names, var_positional), accepted)
+
+
+def _with_hints(message: str, *hints: str) -> str:
+  """``message`` (Python's, without a full stop) and each non-empty hint
+  after it, as sentences."""
+  parts = [message, *filter(None, hints)]
+  if len(parts) == 1:
+    return message
+  return ' '.join(p if p.endswith(('?', '.')) else p + '.' for p in parts)
+
+
+F = TypeVar('F', bound=Callable[..., Any])
+
+
+def named_errors(method: F) -> F:
+  """Decorates a public method (``__init__``, ``__call__``...) so that
+  arguments that do not bind raise Python's ``TypeError`` naming the class the
+  method was called on (not a private base class: ``LSTM.__call__()``, not
+  ``_FusedBase.__call__()``), with a hint for an unknown keyword
+  (:func:`keyword_hint`) or for too many positional arguments (the
+  keyword-only ones).
+
+  The signature, docstring and ``help()`` stay the method's (``functools.wraps``);
+  a call that binds costs one Python call more. A ``TypeError`` raised inside
+  the method is not touched: one raised by binding has no frame below this
+  wrapper's (the method's frame never started), and is re-checked with
+  ``inspect.signature(...).bind``.
+  """
+  @functools.wraps(method)
+  def wrapper(self, *args, **kwargs):
+    try:
+      return method(self, *args, **kwargs)
+    except TypeError as e:
+      if e.__traceback__ is None or e.__traceback__.tb_next is not None:
+        raise  # raised inside the method
+      message = _binding_message(method, self, args, kwargs, str(e))
+      if message is None:
+        raise
+      raise TypeError(message) from None
+
+  return cast(F, wrapper)
+
+
+def _binding_message(method: Callable[..., Any], obj: Any, args: tuple[Any, ...],
+                     kwargs: dict[str, Any], python_message: str) -> str | None:
+  """The message for arguments of ``method`` that do not bind (``None`` when
+  they do: the ``TypeError`` came from elsewhere)."""
+  signature = inspect.signature(method)
+  try:
+    signature.bind(obj, *args, **kwargs)
+  except TypeError:
+    pass
+  else:
+    return None
+  where = f'{_caller_class(obj, method)}.{method.__name__}'
+  params = list(signature.parameters.values())[1:]  # self
+  kinds = inspect.Parameter
+  names = [p.name for p in params if p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)]
+  var_positional = next((p.name for p in params if p.kind is kinds.VAR_POSITIONAL), None)
+  has_var_keyword = any(p.kind is kinds.VAR_KEYWORD for p in params)
+  unknown = [k for k in kwargs if k not in names]
+  if unknown and not has_var_keyword:
+    return unexpected_keyword(where, unknown[0], names, var_positional)
+  # Python's message (it begins with the method's qualified name), renamed.
+  prefix = f'{method.__qualname__}()'
+  message = where + '()' + python_message[len(prefix):] if python_message.startswith(
+    prefix) else python_message
+  hints = [hint for k in unknown if (hint := keyword_hint(k, names))]  # into **kwargs
+  if 'positional argument' in message and 'were given' in message:
+    keyword_only = [p.name for p in params if p.kind is kinds.KEYWORD_ONLY]
+    if keyword_only:
+      hints.append('Its other arguments are keyword-only: ' + ', '.join(keyword_only) + (
+        " (PyTorch's layer(x, hx) is layer(x, initial_carry=hx) here)"
+        if 'initial_carry' in keyword_only else ''))
+  return _with_hints(message, *hints)
+
+
+def _caller_class(obj: Any, method: Callable[..., Any]) -> str:
+  """The name of the class whose method was called: the first class of
+  ``obj``'s that has ``method`` (a user's subclass that inherits it: the
+  user's class; one that overrides it and calls ``super()``: the base called),
+  passing over this package's private base classes."""
+  name = method.__name__
+  for cls in type(obj).__mro__:
+    fn = getattr(cls, name, None)
+    if fn is not None and inspect.unwrap(fn) is method and not (
+        cls.__name__.startswith('_') and cls.__module__.split('.')[0] == 'nnx_recurrent'):
+      return cls.__name__
+  return type(obj).__name__

@@ -102,6 +102,7 @@ class _ConvCell(RNNCellBase):
 
   num_parts: int
 
+  @_checks.named_errors
   def __init__(
     self,
     in_features: int,

@@ -81,6 +81,7 @@ class ConvGRUCell(_ConvCell):
 
   num_parts = 3
 
+  @_checks.named_errors
   def __init__(
     self,
     in_features: int,

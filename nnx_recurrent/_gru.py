@@ -144,6 +144,7 @@ class GRUCell(_GatedUnit):
 
   num_gates = 2
 
+  @_checks.named_errors
   def __init__(
     self,
     in_features: int,

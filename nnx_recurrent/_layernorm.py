@@ -41,6 +41,7 @@ class _LayerNormCell(RNNCellBase):
 
   num_parts: int
 
+  @_checks.named_errors
   def __init__(
     self,
     in_features: int,

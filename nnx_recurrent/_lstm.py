@@ -27,6 +27,7 @@ from nnx_recurrent._base import (
 class _LSTMBase(RNNCellBase):
   num_carry_arrays = 2
 
+  @_checks.named_errors
   def __init__(
     self,
     in_features: int,

@@ -78,6 +78,7 @@ class MGUCell(_GatedUnit):
 
   num_gates = 1
 
+  @_checks.named_errors
   def __init__(
     self,
     in_features: int,

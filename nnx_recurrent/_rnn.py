@@ -175,6 +175,7 @@ class RNN(nnx.Module):
       ``initialize_carry(input_shape, rngs)`` gets it as in flax.nnx.
   """
 
+  @_checks.named_errors
   def __init__(self, cell, *, time_major: bool = False, return_carry: bool = False,
                reverse: bool = False, keep_order: bool = False, unroll: int | bool = 1,
                remat: bool = False, state_axes: Any = None, broadcast_rngs: Any = None,
@@ -199,6 +200,7 @@ class RNN(nnx.Module):
     self.rngs = nnx.data(_carry_stream('RNN', rngs, _scan.needs_carry_rngs(cell)))
     self.initial_carry = nnx.data(_learned_carry(cell) if learn_initial_carry else None)
 
+  @_checks.named_errors
   def __call__(
     self,
     inputs: Array,
@@ -372,6 +374,7 @@ class Bidirectional(nnx.Module):
       ``RNN`` uses its own streams instead.
   """
 
+  @_checks.named_errors
   def __init__(self, forward_rnn, backward_rnn, *,
                merge_fn: Callable[[Array, Array], Array] = _concatenate,
                time_major: bool = False, return_carry: bool = False, rngs: Any = True):
@@ -426,6 +429,7 @@ class Bidirectional(nnx.Module):
     return all(isinstance(layer, RNN) and not _scan.draws_call_rngs(layer.cell)
                for layer in (self.forward_rnn, self.backward_rnn))
 
+  @_checks.named_errors
   def __call__(
     self,
     inputs: Array,

@@ -55,6 +55,7 @@ class SimpleCell(RNNCellBase):
       :class:`LSTMCell`.
   """
 
+  @_checks.named_errors
   def __init__(
     self,
     in_features: int,

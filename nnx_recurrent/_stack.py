@@ -188,6 +188,7 @@ class StackedRNN(nnx.Module):
       ``dropout_rate > 0``; may also be given at call time).
   """
 
+  @_checks.named_errors
   def __init__(self, *layers, dropout_rate: float = 0.0, time_major: bool | None = None,
                return_carry: bool = False, rngs: nnx.Rngs | None = None):
     if not layers:
@@ -219,6 +220,7 @@ class StackedRNN(nnx.Module):
     self.dropout = nnx.data(nnx.Dropout(self.dropout_rate, rngs=rngs) if self.dropout_rate
                             else None)
 
+  @_checks.named_errors
   def __call__(
     self,
     inputs: Array,

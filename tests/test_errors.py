@@ -55,8 +55,9 @@ def test_cell_last_axis_not_in_features(lstm):
 
 
 def test_cell_options_other_than_dropout_masks_and_rngs(lstm):
-  with pytest.raises(TypeError, match=m("LSTMCell: `options` expected only the keywords "
-                                        "dropout_masks and rngs, got ['mask']")):
+  with pytest.raises(TypeError, match=m("LSTMCell.__call__() got an unexpected keyword argument "
+                                        "'mask'. A cell's options are the keywords dropout_masks "
+                                        "and rngs.")):
     lstm(lstm.initialize_carry((2, 3)), jnp.ones((2, 3)), mask=None)
 
 

@@ -324,6 +324,7 @@ class _FusedBase(nnx.Module):
     final = _scan.in_dtypes_of(carry, final)
     return final, ys
 
+  @_checks.named_errors
   def __call__(
     self,
     inputs: Array,

@@ -160,6 +160,7 @@ class LSTM(_FusedBase):
   _cudnn = True
   _carry_doc = 'a pair (c, h) of arrays'
 
+  @_checks.named_errors
   def __init__(
     self,
     in_features: int,
@@ -236,6 +237,7 @@ class GRU(_FusedBase):
   _cudnn = False
   _carry_doc = 'an array h'
 
+  @_checks.named_errors
   def __init__(
     self,
     in_features: int,

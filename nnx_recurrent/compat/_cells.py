@@ -115,6 +115,7 @@ class _Cell(RNNCellBase):
         _checks.check_bool(where, flag, getattr(self, flag))
     super().__post_init__()
 
+  @_checks.named_errors  # names the cell, not _Cell
   @nn.compact
   def __call__(self, carry, inputs):
     """Runs one time step: ``(carry, inputs) -> (new_carry, output)``.
@@ -232,6 +233,7 @@ class _Cell(RNNCellBase):
     # checkpoint carries besides): flax.linen's cells ignore them, so do we.
     _convert.check_params(layout.name, layout, sized, existing, in_features, allow_extra=True)
 
+  @_checks.named_errors  # names the cell, not _Cell
   @nn.nowrap
   def initialize_carry(self, rng, input_shape: tuple[int, ...]):
     """Returns the initial carry for one step's input of shape ``input_shape``.

@@ -510,7 +510,7 @@ class RNNCellBase(nnx.Module):
     unknown = [k for k in options if k not in ('dropout_masks', 'rngs')]
     if unknown:
       raise TypeError(_checks.unexpected_keyword(
-        f'{where}.__call__', unknown[0], ('dropout_masks', 'rngs'),
+        f'{where}.__call__', unknown[0], ('carry', 'inputs', 'dropout_masks', 'rngs'),
         accepted="A cell's options are the keywords dropout_masks and rngs"))
     dropout_masks: DropoutMasks | None = options.get('dropout_masks')
     rngs: RngsLike = options.get('rngs')

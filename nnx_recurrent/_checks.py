@@ -644,7 +644,11 @@ _OTHER_NAMES: dict[str, tuple[tuple[str, str], ...]] = {
            ('bias_init', "PyTorch's bias: there is no bias=False here; the biases start at zero "
                          '(bias_init), and stay there when left out of the optimizer (see '
                          'docs/migrating_from_pytorch.md)')),
-  'dropout': (('dropout_rate', "PyTorch's dropout is dropout_rate here"),),
+  'dropout': (('recurrent_dropout_rate', "PyTorch's dropout, between layers, is dropout_rate of "
+                                         'nr.StackedRNN, nr.LSTM and nr.GRU; a cell\'s '
+                                         'dropout_rate and recurrent_dropout_rate are variational '
+                                         'dropout within the cell'),
+              ('dropout_rate', "PyTorch's dropout is dropout_rate here")),
   'nonlinearity': (('activation_fn', "PyTorch's nonlinearity is activation_fn here, a function "
                                      "(jax.nn.relu), not a string ('relu')"),),
   'hx': (('initial_carry', f"PyTorch's hx is initial_carry here ({_CARRY_ORDER})"),

@@ -157,6 +157,11 @@ def test_the_issues_examples():
   raises(["LSTMCell.__init__() got an unexpected keyword argument 'hidden_size'. PyTorch's "
           'hidden_size is hidden_features here.'],
          lambda: nr.LSTMCell(3, 4, rngs=nnx.Rngs(0), hidden_size=3))
+  # A cell has no dropout between layers: its own dropout is another thing.
+  raises(["GRUCell.__init__() got an unexpected keyword argument 'dropout'. PyTorch's dropout, "
+          'between layers, is dropout_rate of nr.StackedRNN, nr.LSTM and nr.GRU; a cell\'s '
+          'dropout_rate and recurrent_dropout_rate are variational dropout within the cell.'],
+         lambda: nr.GRUCell(3, 4, rngs=nnx.Rngs(0), dropout=0.1))
   raises(["RNN.__call__() got an unexpected keyword argument 'seq_length'. Did you mean "
           "'seq_lengths'?"], lambda: abstract(_rnn)(X, seq_length=None))
 

@@ -276,7 +276,7 @@ class RNN(nnx.Module):
       cell, initial_carry, xs, seq.masks, dropout_masks=dropout_masks,
       unroll=self.unroll, remat=self.remat, state_axes=self.state_axes,
       broadcast_rngs=self.broadcast_rngs, step_rngs=_scan.cell_step_rngs(cell, rngs, seq.time),
-      reset_carry=reset_carry,
+      reset_carry=reset_carry, num_feature_axes=cell.num_feature_axes,
     )
     ys = _scan.output_order(ys, seq, reverse, idx, keep_order, time_major)
     return (carry, ys) if return_carry else ys

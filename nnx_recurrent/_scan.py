@@ -124,7 +124,7 @@ def reverse_indices(time: int, batch_shape: tuple[int, ...], seq_lengths=None,
   t = jnp.arange(time).reshape((time,) + (1,) * len(batch_shape))
   if segment_ids is not None:
     valid, start_mask = _segment_masks(segment_ids)
-    tt = jnp.broadcast_to(t, segment_ids.shape)
+    tt = split_as(jnp.broadcast_to(t, segment_ids.shape), segment_ids)
     start = jax.lax.cummax(jnp.where(start_mask, tt, 0), axis=0)
     nxt = jnp.concatenate([segment_ids[1:], jnp.zeros_like(segment_ids[:1])], axis=0)
     end_mask = valid & (nxt != segment_ids)
@@ -317,6 +317,83 @@ def vary_like(carry: Any, *arrays: Any) -> Any:
   return jax.tree_util.tree_map(cast, carry) if axes else carry
 
 
+# -- explicit sharding mode ----------------------------------------------------------
+def explicit_spec(x: Any) -> tuple | None:
+  """The partition of ``x``'s axes over the *Explicit* axes of its mesh (JAX's
+  explicit sharding mode, "sharding in types"), one entry per axis, or ``None``
+  when no axis of ``x`` is split so: no mesh, a mesh of Auto axes (whose
+  shardings are not in the types) or inside ``jax.shard_map``. Only then does
+  anything below act, so the programs of every other mode are unchanged."""
+  spec = getattr(jax.typeof(x).sharding, 'spec', None)
+  if spec is None:
+    return None
+  spec = tuple(spec) + (None,) * (jnp.ndim(x) - len(spec))
+  return spec if any(s is not None for s in spec) else None
+
+
+def split_as(x: Array, like: Array) -> Array:
+  """``x`` split over the mesh as ``like`` (of ``x``'s shape) is in explicit sharding
+  mode, for the ops that take operands of one sharding only (``where``,
+  ``concatenate``); ``x`` itself otherwise (:func:`explicit_spec`)."""
+  spec = explicit_spec(like)
+  if spec is None or explicit_spec(x) == spec:
+    return x
+  return jax.sharding.reshard(x, jax.typeof(like).sharding)
+
+
+def explicit_mesh(x: Array) -> bool:
+  """Whether ``x`` is traced under a mesh with Explicit axes: the one
+  ``jax.set_mesh`` sets, or the mesh of ``x``'s own sharding in its type."""
+  meshes = (jax.sharding.get_abstract_mesh(), getattr(jax.typeof(x).sharding, 'mesh', None))
+  return any(jax.sharding.AxisType.Explicit in tuple(getattr(m, 'axis_types', ()) or ())
+             for m in meshes)
+
+
+def batch_sharding(xs: Array, num_batch_axes: int) -> tuple | None:
+  """Explicit sharding mode: the partition of time-major ``xs``'s batch axes
+  (``xs.shape[1:1 + num_batch_axes]``), or ``None`` where no batch axis is
+  split over an Explicit mesh axis (:func:`explicit_spec`)."""
+  spec = explicit_spec(xs)
+  if spec is None:
+    return None
+  batch = spec[1:1 + num_batch_axes]
+  return batch if any(s is not None for s in batch) else None
+
+
+def shard_like(carry: Any, xs: Array, num_batch_axes: int) -> Any:
+  """``carry``'s leaves that lead with the batch axes of time-major ``xs``,
+  split over them as ``xs`` is (explicit sharding mode); ``carry`` itself
+  otherwise (:func:`batch_sharding`).
+
+  Under an Explicit mesh a default zero carry is replicated while every
+  step's output is split over the batch like the inputs, and ``scan`` needs
+  its carry's type unchanged (flax.nnx's RNN fails there). A leaf's other
+  axes keep their own partition.
+  """
+  batch = batch_sharding(xs, num_batch_axes)
+  if batch is None:
+    return carry
+  shape = tuple(xs.shape[1:1 + num_batch_axes])
+  sharding = jax.typeof(xs).sharding
+
+  def one(c):
+    if tuple(jnp.shape(c)[:num_batch_axes]) != shape:
+      return c  # not per row (a shared counter): as it is
+    own = explicit_spec(c) or (None,) * jnp.ndim(c)
+    spec = batch + own[num_batch_axes:]
+    if explicit_spec(c) == spec:
+      return c
+    return jax.sharding.reshard(c, sharding.update(spec=jax.sharding.PartitionSpec(*spec)))
+  return jax.tree_util.tree_map(one, carry)
+
+
+def like_inputs(carry: Any, xs: Array, num_batch_axes: int, masks: StepMasks) -> Any:
+  """A carry typed as each step's carry will be: varying like the inputs
+  under ``shard_map`` (:func:`vary_like`), split over the batch like them under
+  an Explicit mesh (:func:`shard_like`)."""
+  return shard_like(vary_like(carry, xs, *masks), xs, num_batch_axes)
+
+
 def masked_scan(
   cell: nnx.Module,
   carry: Any,
@@ -330,6 +407,7 @@ def masked_scan(
   broadcast_rngs: Any = None,
   step_rngs: Array | None = None,
   reset_carry: Any = None,
+  num_feature_axes: int = 1,
 ) -> tuple[Any, Any]:
   """Scans ``cell`` over time-major ``xs`` with carry selection.
 
@@ -351,12 +429,14 @@ def masked_scan(
       ``rngs`` (this package's cells: zoneout), or ``None``.
     reset_carry: where the packed segments after a row's first start
       (``masks.reset``); default ``carry``.
+    num_feature_axes: the cell's: the axes of ``xs`` after time and the batch.
 
   Returns:
     ``(final_carry, ys)`` with ``ys`` time-major; ``ys`` is zero where not valid.
   """
-  carry = vary_like(carry, xs, *masks)  # shard_map's check_vma
-  reset_carry = segment_start(masks, carry, reset_carry, xs)
+  num_batch_axes = xs.ndim - 1 - num_feature_axes
+  carry = like_inputs(carry, xs, num_batch_axes, masks)  # shard_map, explicit sharding
+  reset_carry = segment_start(masks, carry, reset_carry, xs, num_batch_axes)
   xs = clean_padding(xs, masks.valid)
   step_fn = _remat_step if remat else step
   axes = nnx_state_axes(state_axes, broadcast_rngs)
@@ -370,16 +450,18 @@ def masked_scan(
                 (dropout_masks, reset_carry))
 
 
-def segment_start(masks: StepMasks, carry: Any, reset_carry: Any, xs: Array) -> Any:
+def segment_start(masks: StepMasks, carry: Any, reset_carry: Any, xs: Array,
+                  num_batch_axes: int) -> Any:
   """Where the packed segments after a row's first start: ``reset_carry``
   (default ``carry``, the scan's initial one) in the carry's dtypes, as the
-  steps cast what they return, and varying like ``xs`` under ``shard_map``;
-  ``None`` without packed sequences."""
+  steps cast what they return, and typed like ``xs`` (:func:`like_inputs`:
+  ``shard_map``, explicit sharding); ``None`` without packed sequences."""
   if masks.reset is None:
     return None
   if reset_carry is None:
     return carry
-  return jax.tree_util.tree_map(lambda r, c: r.astype(c.dtype), vary_like(reset_carry, xs), carry)
+  reset_carry = like_inputs(reset_carry, xs, num_batch_axes, StepMasks(None, None))
+  return jax.tree_util.tree_map(lambda r, c: r.astype(c.dtype), reset_carry, carry)
 
 
 def default_carry(cell, step_shape: tuple[int, ...], rngs: Any = None) -> Any:

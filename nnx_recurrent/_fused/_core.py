@@ -245,6 +245,11 @@ class _FusedBase(nnx.Module):
     elif _scan.varying_axes(xs):
       refusal = ("'auto' or 'xla' inside jax.shard_map with check_vma=True ('pallas' runs "
                  "there with check_vma=False)")
+    elif _scan.explicit_mesh(xs):
+      refusal = ("'auto' or 'xla' under a mesh of Explicit axes (jax.set_mesh with "
+                 "AxisType.Explicit: the Pallas kernels index unsharded arrays only); for "
+                 "'pallas' call the layer inside jax.shard_map over the batch, with "
+                 "check_vma=False")
     if chosen == 'pallas' and refusal is not None:
       _checks.fail(where, 'implementation', refusal, repr(chosen))
     if chosen == 'auto':
@@ -375,8 +380,8 @@ class _FusedBase(nnx.Module):
     seq = _scan.prepare(where, inputs, num_feature_axes=1, in_features=self.in_features,
                         time_major=time_major, seq_lengths=seq_lengths, segment_ids=segment_ids)
     _checks.check_real_for(where, seq.xs, self.forward[0].param_dtype)
-    initial_carry = _scan.vary_like(self._initial_carry(where, initial_carry, seq.batch_shape),
-                                    seq.xs, *seq.masks)
+    initial_carry = _scan.like_inputs(self._initial_carry(where, initial_carry, seq.batch_shape),
+                                      seq.xs, len(seq.batch_shape), seq.masks)
     idx = None
     if self.bidirectional or reverse:
       idx = _scan.reverse_indices(seq.time, seq.batch_shape, seq.seq_lengths, seq.segment_ids)

@@ -71,7 +71,7 @@ def flat_dot_t(a: Array, b: Array, transpose: bool = False) -> Array:
   """
   if _sharded_leading_axes():
     lead = tuple(range(a.ndim - 1))
-    return jax.lax.dot_general(a, b, ((lead, lead), ((), ())))
+    return jax.lax.dot_general(a, b, ((lead, lead), ((), ())), **_summed_over_mesh(a, b))
   a2 = a.reshape(-1, a.shape[-1])
   b2 = b.reshape(-1, b.shape[-1])
   macs = a2.shape[0] * a2.shape[1] * b2.shape[1]
@@ -84,6 +84,24 @@ def _sharded_leading_axes() -> bool:
   """Whether the leading (time, batch) axes may be split over devices: with
   more than one, reshaping them into one would gather them (:func:`flat_dot_t`)."""
   return jax.device_count() > 1
+
+
+def _summed_over_mesh(a: Array, b: Array) -> dict:
+  """Explicit sharding mode (:func:`_scan.explicit_spec`): the ``out_sharding``
+  of :func:`flat_dot_t`'s contraction of leading axes split over the mesh (the
+  batch, data parallel), which JAX will not guess: the result's axes keep
+  the partition of ``a``'s and ``b``'s last axes (replicated for replicated
+  parameters), the split leading axes summed by one all-reduce. ``{}``
+  otherwise: the same program as before."""
+  spec_a, spec_b = _scan.explicit_spec(a), _scan.explicit_spec(b)
+  if spec_a is None and spec_b is None:
+    return {}
+  m = spec_a[-1] if spec_a else None
+  n = spec_b[-1] if spec_b else None
+  if n is not None and n == m:  # one mesh axis cannot split both
+    n = None
+  sharding = jax.typeof(a if spec_a else b).sharding
+  return {'out_sharding': sharding.update(spec=jax.sharding.PartitionSpec(m, n))}
 
 
 def sum_leading(x: Array) -> Array:

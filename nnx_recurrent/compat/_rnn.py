@@ -224,8 +224,9 @@ class RNN(nn.Module):
       if expected is not None:
         _checks.check_tree_structure('RNN', 'initial_carry', initial_carry, expected)
     xs, idx = _scan.processing_order(seq, reverse)
-    # Under shard_map the carry varies like the inputs (flax.linen's fails there).
-    initial_carry = _scan.vary_like(initial_carry, xs, *seq.masks)
+    # Under shard_map the carry varies like the inputs, under an Explicit mesh it is
+    # split over the batch like them (flax.linen's fails in both).
+    initial_carry = _scan.like_inputs(initial_carry, xs, len(seq.batch_shape), seq.masks)
     # flax.linen's values at padding: the cell runs on and its outputs stay;
     # with return_carry a second carry keeps each row's last valid one.
     # Packed sequences (an extension) are masked as in nnx_recurrent.RNN,
@@ -239,7 +240,8 @@ class RNN(nn.Module):
       scan_args = ((xs, seq.masks.valid, None, None), None)
     elif packed:
       xs = _scan.clean_padding(xs, seq.masks.valid)
-      reset_carry = _scan.segment_start(seq.masks, initial_carry, reset_carry, xs)
+      reset_carry = _scan.segment_start(seq.masks, initial_carry, reset_carry, xs,
+                                        len(seq.batch_shape))
       scan_args = ((xs, seq.masks.valid, seq.masks.reset, None), (None, reset_carry))
     scan = nn.scan(
       _LINEN_SCAN_FN if linen else _PACKED_SCAN_FN if packed else _PLAIN_SCAN_FN,

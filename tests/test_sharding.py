@@ -39,19 +39,31 @@ DATA, MODEL = 4, 2
 ATOL = 1e-5
 
 
-def test_modules_under_jit_on_a_mesh_of_8_devices():
+def _run_script(*args: str) -> str:
+  """This file as a script on 8 simulated CPU devices, in a fresh interpreter: its stdout."""
   root = Path(__file__).resolve().parents[1]
   env = dict(os.environ)
   env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8')
   env['JAX_PLATFORMS'] = 'cpu'
   env['PYTHONPATH'] = str(root) + os.pathsep + env.get('PYTHONPATH', '')
-  result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                          timeout=300)
+  result = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True,
+                          text=True, timeout=300)
   assert result.returncode == 0, result.stdout + result.stderr
+  return result.stdout + result.stderr
+
+
+def test_modules_under_jit_on_a_mesh_of_8_devices():
+  output = _run_script()
   assert ('sharding checks passed: data parallel 11, model parallel 11, shard_map 3, '
-          'fused gradients 2') in (
-    result.stdout), (
-    result.stdout + result.stderr)
+          'fused gradients 2') in output, output
+
+
+def test_explicit_sharding_mode_on_a_mesh_of_8_devices():
+  # jax.set_mesh over a mesh of Explicit axes ("sharding in types", flax's sharding
+  # guides): the default carry takes the inputs' batch sharding (flax.nnx's RNN fails
+  # there: a replicated zero carry, batch-sharded step outputs); see _main_explicit.
+  output = _run_script('explicit')
+  assert 'explicit sharding checks passed: modules 10, flax.nnx 1, pallas 3' in output, output
 
 
 # -- the script (runs in the child process) -----------------------------------------
@@ -268,5 +280,172 @@ def _main():
         f'shard_map {n_shard_map}, fused gradients {n_reduce}')
 
 
+# -- explicit sharding mode ----------------------------------------------------------
+def _explicit_zoo():
+  """The sequence layers, each called with other options in :func:`_explicit_apply`."""
+  rngs = nnx.Rngs(0, dropout=1)
+  dropout = dict(dropout_rate=0.3, recurrent_dropout_rate=0.3)
+  return nnx.Dict(
+    rnn=nr.RNN(nr.LSTMCell(IN, H, rngs=rngs)),
+    packed=nr.RNN(nr.GRUCell(IN, H, rngs=rngs), reverse=True, keep_order=True),
+    dropout=nr.RNN(nr.OptimizedLSTMCell(IN, H, **dropout, rngs=rngs), remat=True),
+    learned=nr.RNN(nr.SimpleCell(IN, H, rngs=rngs), learn_initial_carry=True),
+    bidirectional=nr.Bidirectional(nr.RNN(nr.GRUCell(IN, H, rngs=rngs)),
+                                   nr.RNN(nr.LSTMCell(IN, H, rngs=rngs))),
+    stack=nr.StackedRNN(nr.RNN(nr.LSTMCell(IN, H, **dropout, rngs=rngs)),
+                        nr.RNN(nr.GRUCell(H, H, rngs=rngs)), dropout_rate=0.3, rngs=rngs),
+    lstm=nr.LSTM(IN, H, num_layers=2, bidirectional=True, dropout_rate=0.3,
+                 implementation='xla', rngs=rngs),
+    lstm_proj=nr.LSTM(IN, H, proj_features=3, reverse=True, rngs=rngs),
+    gru=nr.GRU(IN, H, num_layers=2, rngs=rngs),  # implementation='auto'
+  )
+
+
+def _explicit_apply(zoo, variables, x, lengths, segment_ids, h0):
+  """``(carry, outputs)`` of every layer (the default carry unless said), compat.RNN's
+  ``outputs``: padded, packed with a given carry and reversed, dropout in training
+  mode (the modules' own streams), learned carry, both directions, a stack with
+  dropout between layers, the fused layers with padding or packed sequences."""
+  out = {name: zoo[name](x, seq_lengths=lengths, return_carry=True)
+         for name in ('rnn', 'dropout', 'learned', 'bidirectional', 'stack', 'lstm', 'lstm_proj')}
+  out['packed'] = zoo['packed'](x, segment_ids=segment_ids, initial_carry=h0, return_carry=True)
+  out['gru'] = zoo['gru'](x, segment_ids=segment_ids, initial_carry=(h0, None),
+                          return_carry=True)
+  out['compat'] = compat.RNN(compat.GRUCell(H)).apply(variables, x, seq_lengths=lengths)
+  return out
+
+
+def _explicit_program():
+  """The outputs and carries of :func:`_explicit_apply`, and the gradients of the sum
+  of the squared outputs with respect to every parameter, compat's variables included."""
+  def run(state, graphdef, variables, x, lengths, segment_ids, h0):
+    def loss(zoo, variables):
+      out = _explicit_apply(zoo, variables, x, lengths, segment_ids, h0)
+      ys = [y for name, y in out.items() if name != 'compat'] + [(None, out['compat'])]
+      return sum(jax.numpy.sum(y ** 2) for _, y in ys), out
+    grads, out = nnx.grad(loss, argnums=(0, 1), has_aux=True)(nnx.merge(graphdef, state),
+                                                               variables)
+    return out, grads
+  return jax.jit(run, static_argnums=1)
+
+
+def _flax_nnx_lstm(cell, x, lengths):
+  """flax.nnx's RNN over an ``nnx.LSTMCell`` with ``cell``'s parameters, on one
+  device: ``(carry, outputs)`` and the gradient of the sum of the squared outputs,
+  both zero at padding."""
+  theirs = nnx.LSTMCell(IN, H, rngs=nnx.Rngs(0))
+  nnx.update(theirs, nnx.state(cell, nnx.Param))
+  graphdef, state = nnx.split(nnx.RNN(theirs))
+  valid = (np.arange(x.shape[1]) < lengths[:, None])[..., None]
+
+  @jax.jit
+  def run(state):
+    def loss(rnn):
+      carry, y = rnn(x, seq_lengths=lengths, return_carry=True)
+      y = y * valid  # flax.nnx's outputs at padding are the cell's, ours zeros
+      return jax.numpy.sum(y ** 2), (carry, y)
+    return nnx.grad(loss, has_aux=True)(nnx.merge(graphdef, state))
+  grads, out = run(state)
+  return out, grads['cell']
+
+
+def _specs(tree):
+  return [jax.typeof(a).sharding.spec for a in jax.tree_util.tree_leaves(tree)]
+
+
+def check_pallas_explicit(mesh, x):
+  """``implementation='pallas'`` under the Explicit mesh: a ValueError saying what to
+  use instead; its remedy, ``jax.shard_map`` over the batch with ``check_vma=False``,
+  equals one device; and ``'auto'`` never picks the kernels there, even where they
+  measured faster."""
+  import re
+
+  from nnx_recurrent._fused import _plans
+
+  layer = random_module(lambda: nr.LSTM(IN, H, implementation='pallas', rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(layer)
+  want = np.asarray(layer(x))
+  checked = 0
+  with jax.set_mesh(mesh):
+    xs = jax.device_put(x, P('data'))
+    try:
+      layer(xs)
+    except ValueError as e:
+      assert re.search(r"LSTM: `implementation` expected 'auto' or 'xla' under a mesh of "
+                       r'Explicit axes .*jax\.shard_map over the batch, with check_vma=False, '
+                       r"got 'pallas'", str(e)), str(e)
+      checked += 1
+    else:
+      raise AssertionError('pallas ran under an Explicit mesh')
+    run = jax.shard_map(lambda s, x: nnx.merge(graphdef, s)(x), in_specs=(P(), P('data')),
+                        out_specs=P('data'), check_vma=False)
+    np.testing.assert_allclose(np.asarray(jax.jit(run)(state, xs)), want, atol=ATOL, rtol=0,
+                               err_msg='pallas under shard_map')
+    checked += 1
+    faster, _plans.pallas_measured_faster = _plans.pallas_measured_faster, lambda *a: True
+    try:
+      layer.implementation = 'auto'  # the kernels would fail here (sharded refs)
+      np.testing.assert_allclose(np.asarray(layer(xs)), want, atol=ATOL, rtol=0,
+                                 err_msg="'auto' under the Explicit mesh")
+      checked += 1
+    finally:
+      _plans.pallas_measured_faster = faster
+  return checked
+
+
+def _main_explicit():
+  from jax.sharding import AxisType
+
+  assert jax.device_count() == 8, jax.devices()
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(B, T, IN)).astype(np.float32)
+  lengths = np.array([5, 1, 3, 5, 0, 2, 4, 5], np.int32)
+  segment_ids = np.array([[1, 1, 2, 2, 2], [1, 2, 3, 0, 0], [1] * 5, [0] * 5,
+                          [1, 1, 1, 2, 0], [3, 3, 1, 1, 1], [1, 2, 2, 2, 2], [2, 2, 2, 2, 0]],
+                         np.int32)
+  h0 = rng.normal(size=(B, H)).astype(np.float32)  # a given carry, replicated
+  zoo = random_module(_explicit_zoo)
+  variables = random_linen_variables(_linen_rnn(), x, seed=1)
+  graphdef, state = nnx.split(zoo)
+  program = _explicit_program()
+  args = (x, lengths, segment_ids, h0)
+  # Reference: the same parameters, no mesh.
+  ref_out, ref_grads = jax.tree_util.tree_map(
+    np.asarray, program(state, graphdef, variables, *args))
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    sharded = [jax.device_put(a, P('data')) for a in args]
+    state, variables = jax.device_put((state, variables), P())
+    out, grads = program(state, graphdef, variables, *sharded)
+  for name in ref_out:
+    got, want = jax.tree_util.tree_leaves(out[name]), jax.tree_util.tree_leaves(ref_out[name])
+    assert len(got) == len(want) > 0, name
+    for a, b in zip(got, want):
+      np.testing.assert_allclose(np.asarray(a), b, atol=ATOL, rtol=0, err_msg=name)
+    # Every output and carry leaf is split over the batch, one row per device.
+    for spec in _specs(out[name]):
+      assert spec[0] == 'data' and all(s is None for s in spec[1:]), (name, spec)
+  got, want = jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)
+  assert len(got) == len(want) > 40, len(got)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a), b, atol=1e-4, rtol=1e-5, err_msg='gradients')
+  for spec in _specs(grads):  # replicated, as the parameters are
+    assert all(s is None for s in spec), spec
+  # flax.nnx's RNN on one device, same parameters: nr.RNN's carry, outputs and gradients.
+  # (The carry of a length-0 row is the initial one here, not in flax.nnx:
+  # migrating_from_nnx.md.)
+  (flax_carry, flax_y), flax_grads = _flax_nnx_lstm(zoo['rnn'].cell, x, lengths)
+  rows = lengths > 0
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+    np.asarray(a)[rows], np.asarray(b)[rows], atol=ATOL, rtol=0, err_msg='flax.nnx'),
+    out['rnn'], (flax_carry, flax_y))
+  ours = grads[0]['rnn']['cell']
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+    np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-5, err_msg='flax.nnx gradients'),
+    ours, flax_grads)
+  n_pallas = check_pallas_explicit(mesh, x)
+  print(f'explicit sharding checks passed: modules {len(out)}, flax.nnx 1, pallas {n_pallas}')
+
+
 if __name__ == '__main__':
-  _main()
+  _main_explicit() if sys.argv[1:] == ['explicit'] else _main()

@@ -26,6 +26,7 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -64,6 +65,52 @@ def test_explicit_sharding_mode_on_a_mesh_of_8_devices():
   # there: a replicated zero carry, batch-sharded step outputs); see _main_explicit.
   output = _run_script('explicit')
   assert 'explicit sharding checks passed: modules 10, flax.nnx 1, pallas 3' in output, output
+
+
+def _explicit_mesh_here():
+  """An Explicit mesh of this process's devices (one, in the suite's process)."""
+  from jax.sharding import AxisType
+
+  return jax.make_mesh((jax.device_count(),), ('data',), axis_types=(AxisType.Explicit,))
+
+
+def test_explicit_mesh_of_one_device_fused_gradients_equal_no_mesh():
+  # A mesh axis of size 1 is in the types too: the fused layers' weight gradients
+  # contract (time, batch) in place there (JAX refuses to reshape the split axes).
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(B, T, IN)).astype(np.float32)
+  lengths = np.array([5, 1, 3, 5, 0, 2, 4, 5], np.int32)
+  for make in (lambda: nr.GRU(IN, H, bidirectional=True, rngs=nnx.Rngs(0)),
+               lambda: nr.LSTM(IN, H, proj_features=3, rngs=nnx.Rngs(0))):
+    graphdef, state = nnx.split(random_module(make))
+
+    @jax.jit
+    def grads(state, x, lengths, graphdef=graphdef):
+      def loss(layer):
+        carry, y = layer(x, seq_lengths=lengths, return_carry=True)
+        return (y ** 2).sum() + sum((c ** 2).sum() for c in jax.tree_util.tree_leaves(carry))
+      return nnx.grad(loss)(nnx.merge(graphdef, state))
+
+    want = grads(state, x, lengths)
+    with jax.set_mesh(_explicit_mesh_here()):
+      got = grads(state, *(jax.device_put(a, P('data')) for a in (x, lengths)))
+    assert len(jax.tree_util.tree_leaves(got)) >= 3
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+      np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5), got, want)
+
+
+def test_pallas_under_an_explicit_mesh_names_the_remedies():
+  layer = nr.GRU(IN, H, implementation='pallas', rngs=nnx.Rngs(0))
+  x = np.ones((B, T, IN), np.float32)
+  with jax.set_mesh(_explicit_mesh_here()):
+    xs = jax.device_put(x, P('data'))
+    with pytest.raises(ValueError, match=r"GRU: `implementation` expected 'auto' or 'xla' under "
+                       r'a mesh of Explicit axes \(jax\.set_mesh with AxisType\.Explicit.*'
+                       r'inside jax\.shard_map over the batch, with check_vma=False, got '
+                       r"'pallas'\."):
+      layer(xs)
+    with pytest.raises(ValueError, match='under a mesh of Explicit axes'):
+      nnx.jit(lambda layer, x: layer(x))(layer, x)  # replicated inputs too
 
 
 # -- the script (runs in the child process) -----------------------------------------

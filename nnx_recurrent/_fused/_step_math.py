@@ -69,7 +69,7 @@ def flat_dot_t(a: Array, b: Array, transpose: bool = False) -> Array:
   part is summed by one all-reduce. On one device the reshaped form stays:
   XLA:CPU compiles the other with a transposed copy, a program not measured.
   """
-  if _sharded_leading_axes():
+  if _sharded_leading_axes(a, b):
     lead = tuple(range(a.ndim - 1))
     return jax.lax.dot_general(a, b, ((lead, lead), ((), ())), **_summed_over_mesh(a, b))
   a2 = a.reshape(-1, a.shape[-1])
@@ -80,10 +80,11 @@ def flat_dot_t(a: Array, b: Array, transpose: bool = False) -> Array:
   return jax.lax.dot_general(a2, b2, (((0,), (0,)), ((), ())))
 
 
-def _sharded_leading_axes() -> bool:
+def _sharded_leading_axes(*arrays: Array) -> bool:
   """Whether the leading (time, batch) axes may be split over devices: with
-  more than one, reshaping them into one would gather them (:func:`flat_dot_t`)."""
-  return jax.device_count() > 1
+  more than one, reshaping them into one would gather them (:func:`flat_dot_t`);
+  in explicit sharding mode, where JAX refuses that reshape, on one device too."""
+  return jax.device_count() > 1 or any(_scan.explicit_spec(a) is not None for a in arrays)
 
 
 def _summed_over_mesh(a: Array, b: Array) -> dict:
@@ -108,7 +109,7 @@ def sum_leading(x: Array) -> Array:
   """``x`` summed over every axis but the last (a bias gradient over time and
   batch); with several devices without reshaping them into one (see
   :func:`flat_dot_t`)."""
-  if _sharded_leading_axes():
+  if _sharded_leading_axes(x):
     return x.sum(axis=tuple(range(x.ndim - 1)))
   return x.reshape(-1, x.shape[-1]).sum(axis=0)
 

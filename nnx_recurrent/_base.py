@@ -25,7 +25,7 @@ from flax.errors import TraceContextError
 from flax.nnx.nn import dtypes, initializers
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
-from nnx_recurrent import _checks
+from nnx_recurrent import _checks, _scan
 
 Array = jax.Array
 Carry = Any
@@ -629,7 +629,8 @@ class RNNCellBase(nnx.Module):
     else:
       rngs = rngs if rngs is not None else self.rngs
       keys = _keys_from(type(self).__name__, rngs, 'dropout', len(new_leaves))
-      mixed = [jnp.where(jax.random.bernoulli(k, rate, n.shape), o, n)
+      # (under an Explicit mesh the mask is split over the mesh as the carry is)
+      mixed = [jnp.where(_scan.split_as(jax.random.bernoulli(k, rate, n.shape), n), o, n)
                for k, (o, n) in zip(keys, pairs)]
     return treedef.unflatten(mixed)
 

@@ -336,7 +336,7 @@ def _explicit_zoo():
     rnn=nr.RNN(nr.LSTMCell(IN, H, rngs=rngs)),
     packed=nr.RNN(nr.GRUCell(IN, H, rngs=rngs), reverse=True, keep_order=True),
     dropout=nr.RNN(nr.OptimizedLSTMCell(IN, H, **dropout, rngs=rngs), remat=True),
-    learned=nr.RNN(nr.SimpleCell(IN, H, rngs=rngs), learn_initial_carry=True),
+    learned=nr.RNN(nr.SimpleCell(IN, H, zoneout_rate=0.3, rngs=rngs), learn_initial_carry=True),
     bidirectional=nr.Bidirectional(nr.RNN(nr.GRUCell(IN, H, rngs=rngs)),
                                    nr.RNN(nr.LSTMCell(IN, H, rngs=rngs))),
     stack=nr.StackedRNN(nr.RNN(nr.LSTMCell(IN, H, **dropout, rngs=rngs)),
@@ -351,7 +351,7 @@ def _explicit_zoo():
 def _explicit_apply(zoo, variables, x, lengths, segment_ids, h0):
   """``(carry, outputs)`` of every layer (the default carry unless said), compat.RNN's
   ``outputs``: padded, packed with a given carry and reversed, dropout in training
-  mode (the modules' own streams), learned carry, both directions, a stack with
+  mode (the modules' own streams), zoneout and a learned carry, both directions, a stack with
   dropout between layers, the fused layers with padding or packed sequences."""
   out = {name: zoo[name](x, seq_lengths=lengths, return_carry=True)
          for name in ('rnn', 'dropout', 'learned', 'bidirectional', 'stack', 'lstm', 'lstm_proj')}

@@ -15,6 +15,11 @@ the carry history. Packed sequences add a *reset*: at the first step of each
 segment but a row's first, the carry is replaced by the default initial carry
 (the row's first segment goes on from the carry the call starts from, so a
 chunk's carry passed on continues it).
+
+A carry enters the scans typed as each step's carry will be
+(:func:`like_inputs`): varying like the inputs inside ``jax.shard_map``, split
+over the batch like them under a mesh of Explicit axes (JAX's explicit
+sharding mode). Outside those two, nothing in the programs changes.
 """
 
 from __future__ import annotations

@@ -141,8 +141,10 @@ def _abstract_gpu():
     h200 = sharding.AbstractDevice(device_kind='NVIDIA H200', num_cores=None, platform='cuda')
   except TypeError:  # jax 0.10.0: no `platform`, and no abstract device needed
     return contextlib.nullcontext()
-  return sharding.use_abstract_mesh(sharding.AbstractMesh((1,), ('device',),
-                                                          abstract_device=h200))
+  # Auto axes: jax 0.12's AbstractMesh defaults to Explicit ones, under which
+  # the layers refuse 'pallas' (docs/checkpoints_and_sharding.md).
+  return sharding.use_abstract_mesh(sharding.AbstractMesh(
+    (1,), ('device',), axis_types=(sharding.AxisType.Auto,), abstract_device=h200))
 
 
 @contextlib.contextmanager

@@ -19,7 +19,11 @@ chunk's carry passed on continues it).
 A carry enters the scans typed as each step's carry will be
 (:func:`like_inputs`): varying like the inputs inside ``jax.shard_map``, split
 over the batch like them under a mesh of Explicit axes (JAX's explicit
-sharding mode). Outside those two, nothing in the programs changes.
+sharding mode); there, parameters split over a mesh axis (model parallel over
+the hidden axis) split each step's carry too, and the carry (a packed row's
+reset carry with it) takes the sharding one step of the cell gives it, traced
+abstractly (:func:`settle_carry`). Outside those two, nothing in the programs
+changes.
 """
 
 from __future__ import annotations
@@ -346,6 +350,76 @@ def split_as(x: Array, like: Array) -> Array:
   return jax.sharding.reshard(x, jax.typeof(like).sharding)
 
 
+def typed_as(x: Any, like: Any) -> Any:
+  """``x``'s leaves resharded as ``like``'s (of their ranks) are, in explicit
+  sharding mode where the two partitions differ (a carry, a cotangent or an
+  operand of ``concatenate`` whose sharding one step of a model split over an
+  Explicit axis changed); ``x`` itself otherwise, and always outside that mode
+  (:func:`explicit_spec` is ``None`` for both there)."""
+  def one(a, b):
+    if explicit_spec(a) == explicit_spec(b):
+      return a
+    return jax.sharding.reshard(a, jax.typeof(b).sharding)
+  return jax.tree_util.tree_map(one, x, like)
+
+
+def abstract_step_input(xs: Array) -> jax.ShapeDtypeStruct:
+  """One time step of time-major ``xs`` as an abstract value, typed as a slice
+  of ``xs`` is (its sharding without the time axis), for ``jax.eval_shape``;
+  also for an empty sequence (the scans trace their step there too)."""
+  sharding: Any = jax.typeof(xs).sharding
+  spec = getattr(sharding, 'spec', None)
+  if spec is not None:
+    sharding = sharding.update(spec=jax.sharding.PartitionSpec(*tuple(spec)[1:]))
+  return jax.ShapeDtypeStruct(xs.shape[1:], xs.dtype, sharding=sharding)
+
+
+def settle_carry(where: str, abstract_step: Any, carry: Any, rounds: int = 3) -> Any:
+  """Explicit sharding mode: ``carry`` resharded as one step returns it.
+
+  Parameters split over an Explicit mesh axis (model parallelism over the
+  hidden axis) make each step's carry split over that axis too, where the
+  initial carry is split over the batch only; ``scan`` needs the two types
+  equal. ``abstract_step(carry)`` traces one step (``jax.eval_shape``; the
+  shardings are in the types of its abstract outputs) and the carry takes the
+  new carry's shardings, until a step keeps them (the second look, for the
+  package's cells). A carry of other structure or shapes is left to the
+  scan's own checks. Call it in explicit sharding mode only
+  (:func:`explicit_mesh`): it traces the step once more.
+
+  Raises:
+    ValueError: a step whose carry's sharding still changes after ``rounds``
+      looks (``where`` names the layer).
+  """
+  structure: Any  # jax's PyTreeDef (untyped for mypy)
+  for _ in range(rounds):
+    new = abstract_step(carry)
+    olds, structure = jax.tree_util.tree_flatten(carry)
+    news = jax.tree_util.tree_leaves(new)
+    if jax.tree_util.tree_structure(new) != structure or any(
+        jnp.shape(o) != jnp.shape(n) for o, n in zip(olds, news)):
+      return carry  # not the carry the scan can take: its own checks say why
+    specs = [_full_spec(o) for o in olds], [_full_spec(n) for n in news]
+    if specs[0] == specs[1]:
+      return carry
+    carry = structure.unflatten(
+      o if a == b else jax.sharding.reshard(o, n.sharding)
+      for o, n, a, b in zip(olds, news, *specs))
+  _checks.fail(where, 'cell', 'a step that returns its carry split over the mesh as it was '
+               f'given (explicit sharding mode: the carry took the sharding of the step\'s '
+               f'output {rounds} times; keep it in the step, or split the parameters over mesh '
+               'axes of AxisType.Auto)', f'carry partitions {specs[0]} -> {specs[1]}')
+
+
+def _full_spec(x: Any) -> tuple | None:
+  """``x``'s partition in its type, one entry per axis (``None``: no sharding)."""
+  sharding = x.sharding if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x).sharding
+  spec = getattr(sharding, 'spec', None)
+  if spec is None:
+    return None
+  return tuple(spec) + (None,) * (jnp.ndim(x) - len(spec))
+
+
 def explicit_mesh(x: Array) -> bool:
   """Whether ``x`` is traced under a mesh with Explicit axes: the one
   ``jax.set_mesh`` sets, or the mesh of ``x``'s own sharding in its type."""
@@ -441,6 +515,9 @@ def masked_scan(
   """
   num_batch_axes = xs.ndim - 1 - num_feature_axes
   carry = like_inputs(carry, xs, num_batch_axes, masks)  # shard_map, explicit sharding
+  if explicit_mesh(xs):  # parameters split over the mesh split the carry too
+    carry = settle_carry('RNN', lambda c: _abstract_cell_step(cell, c, xs, dropout_masks,
+                                                             step_rngs), carry)
   reset_carry = segment_start(masks, carry, reset_carry, xs, num_batch_axes)
   xs = clean_padding(xs, masks.valid)
   step_fn = _remat_step if remat else step
@@ -455,6 +532,18 @@ def masked_scan(
                 (dropout_masks, reset_carry))
 
 
+def _abstract_cell_step(cell, carry: Any, xs: Array, dropout_masks: Any,
+                        step_rngs: Array | None) -> Any:
+  """The carry one step of ``cell`` returns, abstract (``nnx.eval_shape``: the
+  cell's parameters and streams do not change), for :func:`settle_carry`."""
+  x_t = abstract_step_input(xs)
+  rng_t = None if step_rngs is None else abstract_step_input(step_rngs)
+
+  def one_step(cell, carry, x_t, dropout_masks, rng_t):
+    return in_dtypes_of(carry, _call_cell(cell, carry, x_t, dropout_masks, rng_t)[0])
+  return nnx.eval_shape(one_step, cell, carry, x_t, dropout_masks, rng_t)
+
+
 def segment_start(masks: StepMasks, carry: Any, reset_carry: Any, xs: Array,
                   num_batch_axes: int) -> Any:
   """Where the packed segments after a row's first start: ``reset_carry``
@@ -466,7 +555,8 @@ def segment_start(masks: StepMasks, carry: Any, reset_carry: Any, xs: Array,
   if reset_carry is None:
     return carry
   reset_carry = like_inputs(reset_carry, xs, num_batch_axes, StepMasks(None, None))
-  return jax.tree_util.tree_map(lambda r, c: r.astype(c.dtype), reset_carry, carry)
+  # (explicit sharding mode: split over the mesh as the carry is, where() taking one)
+  return jax.tree_util.tree_map(lambda r, c: typed_as(r.astype(c.dtype), c), reset_carry, carry)
 
 
 def default_carry(cell, step_shape: tuple[int, ...], rngs: Any = None) -> Any:

@@ -320,6 +320,8 @@ class _FusedBase(nnx.Module):
       final, ys = _pallas.recurrence(self._math, reset is not None, params, xs, carry_in, steps)
     else:
       plan = _plans.plan_for_call(self._math, params, xs)
+      if _scan.explicit_mesh(xs):  # parameters split over the mesh split the carry too
+        carry_in = _xla.settled_carry(self._math, plan.primal, params, xs, carry_in)
       if plan.custom_vjp:
         final, ys = _xla.recurrence(self._math, plan, params, xs, carry_in, *masks)
       else:  # JAX differentiates the forward scan (its unused residuals are dropped)

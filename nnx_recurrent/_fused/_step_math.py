@@ -26,9 +26,20 @@ def row(v: Array, ndim: int) -> Array:
   return v.reshape((1,) * (ndim - 1) + (-1,))
 
 
-def dot(a: Array, b: Array) -> Array:
-  """``a @ b`` contracting the last axis of ``a`` with the first of ``b``."""
-  return jax.lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())))
+def dot(a: Array, b: Array, like: Array | None = None) -> Array:
+  """``a @ b`` contracting the last axis of ``a`` with the first of ``b``.
+
+  ``like``: where that axis is split over one Explicit mesh axis in both
+  (parameters split over a model axis, explicit sharding mode), JAX asks where
+  the sum goes; the product is then split as ``like`` is (of its rank: the
+  value it is added to). Unused otherwise: the same program as without it.
+  """
+  dims = (((a.ndim - 1,), (0,)), ((), ()))
+  if like is not None:
+    spec_a, spec_b = _scan.explicit_spec(a), _scan.explicit_spec(b)
+    if spec_a and spec_b and spec_a[-1] is not None and spec_a[-1] == spec_b[0]:
+      return jax.lax.dot_general(a, b, dims, out_sharding=jax.typeof(like).sharding)
+  return jax.lax.dot_general(a, b, dims)
 
 
 def shift(first: Array, seq: Array) -> Array:
@@ -49,7 +60,7 @@ def h_entering(h0: Array, ys: Array, packed) -> Array:
   return h_prev
 
 
-def flat_dot_t(a: Array, b: Array, transpose: bool = False) -> Array:
+def flat_dot_t(a: Array, b: Array, transpose: bool = False, like: Array | None = None) -> Array:
   """``sum over all leading axes of a^T b``: ``(..., m), (..., n) -> (m, n)``.
 
   With ``transpose``, a large one is computed as ``a^T`` materialised times
@@ -68,10 +79,12 @@ def flat_dot_t(a: Array, b: Array, transpose: bool = False) -> Array:
   device (and each computed every weight gradient); in place, each device's
   part is summed by one all-reduce. On one device the reshaped form stays:
   XLA:CPU compiles the other with a transposed copy, a program not measured.
+  ``like``: the parameter whose gradient this is, whose sharding the result
+  takes in explicit sharding mode (:func:`_summed_over_mesh`).
   """
   if _sharded_leading_axes(a, b):
     lead = tuple(range(a.ndim - 1))
-    return jax.lax.dot_general(a, b, ((lead, lead), ((), ())), **_summed_over_mesh(a, b))
+    return jax.lax.dot_general(a, b, ((lead, lead), ((), ())), **_summed_over_mesh(a, b, like))
   a2 = a.reshape(-1, a.shape[-1])
   b2 = b.reshape(-1, b.shape[-1])
   macs = a2.shape[0] * a2.shape[1] * b2.shape[1]
@@ -87,21 +100,25 @@ def _sharded_leading_axes(*arrays: Array) -> bool:
   return jax.device_count() > 1 or any(_scan.explicit_spec(a) is not None for a in arrays)
 
 
-def _summed_over_mesh(a: Array, b: Array) -> dict:
+def _summed_over_mesh(a: Array, b: Array, like: Array | None = None) -> dict:
   """Explicit sharding mode (:func:`_scan.explicit_spec`): the ``out_sharding``
   of :func:`flat_dot_t`'s contraction of leading axes split over the mesh (the
-  batch, data parallel), which JAX will not guess: the result's axes keep
-  the partition of ``a``'s and ``b``'s last axes (replicated for replicated
-  parameters), the split leading axes summed by one all-reduce. ``{}``
-  otherwise: the same program as before."""
+  batch, data parallel), which JAX will not guess, the split leading axes
+  summed by one all-reduce: the partition of the parameter ``like`` (its
+  gradient's; replicated for replicated parameters, split over a model axis
+  as the parameter is), else the partition of ``a``'s and ``b``'s last axes.
+  ``{}`` otherwise: the same program as before."""
   spec_a, spec_b = _scan.explicit_spec(a), _scan.explicit_spec(b)
   if spec_a is None and spec_b is None:
     return {}
+  sharding = jax.typeof(a if spec_a else b).sharding
+  if like is not None:
+    spec = _scan.explicit_spec(like) or (None,) * jnp.ndim(like)
+    return {'out_sharding': sharding.update(spec=jax.sharding.PartitionSpec(*spec))}
   m = spec_a[-1] if spec_a else None
   n = spec_b[-1] if spec_b else None
   if n is not None and n == m:  # one mesh axis cannot split both
     n = None
-  sharding = jax.typeof(a if spec_a else b).sharding
   return {'out_sharding': sharding.update(spec=jax.sharding.PartitionSpec(m, n))}
 
 
@@ -214,7 +231,9 @@ class LSTMMath:
     i, f, _, o = jnp.split(act, 4, axis=-1)
     # The cells' update (identity gate_fn: i, f, o are activated already).
     new_c, m = lstm_update(c, i, f, jnp.split(z, 4, axis=-1)[2], o, identity, jnp.tanh)
-    return (new_c, LSTMMath.project(m, w_hr)), jnp.concatenate([act, c], axis=-1)
+    # (c typed as act: explicit sharding mode before the carry takes the step's sharding)
+    return (new_c, LSTMMath.project(m, w_hr)), jnp.concatenate([act, _scan.typed_as(c, act)],
+                                                               axis=-1)
 
   @staticmethod
   def step_bwd(res_t, dcarry, dy_t, w_hr_t):
@@ -226,7 +245,7 @@ class LSTMMath:
     i, f, g, o, c_prev = jnp.split(res_t, 5, axis=-1)
     dc, dh = dcarry
     dh = dh + dy_t
-    dm = dh if w_hr_t is None else dot(dh, w_hr_t)
+    dm = dh if w_hr_t is None else dot(dh, w_hr_t, like=dc)
     tc = jnp.tanh(f * c_prev + i * g)
     dc = dc + dm * o * (1.0 - tc * tc)
     upstream = jnp.concatenate([dc * g, dc * c_prev, dc * i, dm * tc], axis=-1)
@@ -256,14 +275,16 @@ class LSTMMath:
     return o * jnp.tanh(f * c_prev + i * g)
 
   @staticmethod
-  def grads(d_all, res, carry0, ys, w_hr, packed):
+  def grads(d_all, res, carry0, ys, params, packed):
     """``(dW_h, d xp, dW_hr)`` from the stacked outputs of the backward scan
     (``dW_hr`` is ``None`` without a projection)."""
+    _, _, w_h, w_hr = params
     dz, dh = (d_all, None) if w_hr is None else d_all
-    dw_h = flat_dot_t(h_entering(carry0[1], ys, packed), dz, LSTMMath.transpose_dw)
+    dw_h = flat_dot_t(h_entering(carry0[1], ys, packed), dz, LSTMMath.transpose_dw, like=w_h)
     if w_hr is None:
       return dw_h, dz, None
-    return dw_h, dz, flat_dot_t(LSTMMath.cell_outputs(res), dh, LSTMMath.transpose_dw)
+    return dw_h, dz, flat_dot_t(LSTMMath.cell_outputs(res), dh, LSTMMath.transpose_dw,
+                                like=w_hr)
 
 
 class GRUMath:
@@ -301,7 +322,8 @@ class GRUMath:
     hr, hz, hn = jnp.split(hp_t, 3, axis=-1)
     hn = hn + row(b_hn, hn.ndim)
     new_h, r, z, n = GRUMath.gate_step(h, xr, xz, xn, hr, hz, hn)
-    return new_h, jnp.concatenate([r, z, n, hn, h], axis=-1)
+    # (h typed as r: explicit sharding mode before the carry takes the step's sharding)
+    return new_h, jnp.concatenate([r, z, n, hn, _scan.typed_as(h, r)], axis=-1)
 
   @staticmethod
   def gate_step(h, xr, xz, xn, hr, hz, hn):
@@ -330,11 +352,12 @@ class GRUMath:
     return dcarry + dh
 
   @staticmethod
-  def grads(d_all, res, carry0, ys, b_hn, packed):
+  def grads(d_all, res, carry0, ys, params, packed):
     del carry0, ys, packed  # h_prev is in the residuals
+    _, _, w_h, b_hn = params
     dhp, dan = d_all
     h = b_hn.shape[-1]
-    dw_h = flat_dot_t(res[..., 4 * h:], dhp)
+    dw_h = flat_dot_t(res[..., 4 * h:], dhp, like=w_h)
     dxp = jnp.concatenate([dhp[..., : 2 * h], dan], axis=-1)
     db_hn = sum_leading(dhp[..., 2 * h:])
     return dw_h, dxp, db_hn
@@ -376,9 +399,10 @@ def grads_after_loop(cell_math, d_all, res, params, xs, carry0, ys, packed):
   backward recurrence (``d_all``, as ``cell_math.step_bwd`` stacks them), each
   one large matmul over the whole sequence: ``((dW_i, db, dW_h, d extra), dxs)``.
   ``packed``: ``(valid, reset)`` of packed rows (``StepMasks``), or ``None``."""
-  w_i, _, _, extra = params
-  dw_h, dxp, dextra = cell_math.grads(d_all, res, carry0, ys, extra, packed)
-  dw_i = flat_dot_t(xs, dxp, cell_math.transpose_dw)
+  w_i = params[0]
+  dw_h, dxp, dextra = cell_math.grads(d_all, res, carry0, ys, params, packed)
+  dw_i = flat_dot_t(xs, dxp, cell_math.transpose_dw, like=w_i)
   db = sum_leading(dxp)
-  dxs = dot(dxp, w_i.T)  # XLA drops it when the inputs need no gradient
-  return (dw_i, db, dw_h, dextra), dxs
+  dxs = dot(dxp, w_i.T, like=xs)  # XLA drops it when the inputs need no gradient
+  # (explicit sharding mode: each gradient split over the mesh as its parameter is)
+  return _scan.typed_as((dw_i, db, dw_h, dextra), params), dxs

@@ -103,6 +103,26 @@ def forward_scan(cell_math, plan: ScanPlan, params, xs, carry0, valid, reset,
   ``valid`` / ``reset``: ``(time, *batch)`` booleans or ``None``; a ``reset``
   step (the first of a packed segment after the row's first) starts from zeros.
   """
+  seq, step = _forward_step(cell_math, plan, params, xs, save)
+  carry, (ys, res) = prefetch_scan(step, carry0, (seq, valid, reset), length=xs.shape[0],
+                                   reverse=False, unroll=plan.unroll, prefetch=plan.prefetch)
+  return carry, ys, res
+
+
+def settled_carry(cell_math, plan: ScanPlan, params, xs, carry0):
+  """``carry0`` split over the mesh as one step of :func:`forward_scan` returns it
+  (explicit sharding mode, :func:`_scan.settle_carry`: parameters split over an
+  Explicit model axis split the carry too), for a non-empty ``xs``."""
+  def one_step(carry, params, xs):
+    seq, step = _forward_step(cell_math, plan, params, xs, save=False)
+    return step(carry, (seq[0], None, None))[0]
+  return _scan.settle_carry(cell_math.name, lambda c: jax.eval_shape(one_step, c, params, xs),
+                            carry0)
+
+
+def _forward_step(cell_math, plan: ScanPlan, params, xs, save: bool):
+  """``(seq, step)``: what :func:`forward_scan` scans over (the inputs, or
+  their projections with ``plan.inputs == 'hoisted'``) and its step."""
   w_i, b, w_h, extra = params
   if plan.inputs == 'hoisted':  # every step's projection in one matmul
     seq = dot(xs, w_i)
@@ -113,6 +133,7 @@ def forward_scan(cell_math, plan: ScanPlan, params, xs, carry0, valid, reset,
     seq, w_joint = xs, cell_math.joint_weight(w_i, w_h)
 
     def preactivations(x_t, h):
+      h = _scan.typed_as(h, x_t)  # (explicit sharding mode: concatenate takes one sharding)
       return cell_math.split_joint(dot(jnp.concatenate([x_t, h], axis=-1), w_joint))
   else:
     seq = xs
@@ -128,10 +149,7 @@ def forward_scan(cell_math, plan: ScanPlan, params, xs, carry0, valid, reset,
                                     save)
     new_carry, y = _scan.keep_at_padding(v_t, new_carry, carry, cell_math.h(new_carry))
     return new_carry, (y, res)
-
-  carry, (ys, res) = prefetch_scan(step, carry0, (seq, valid, reset), length=xs.shape[0],
-                                   reverse=False, unroll=plan.unroll, prefetch=plan.prefetch)
-  return carry, ys, res
+  return seq, step
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -171,7 +189,8 @@ def _backward(cell_math, plan, saved, cotangents):
   def step(dcarry, inp):
     res_t, dy_t, v_t, r_t = inp
     d_direct, d_t, dhp = cell_math.step_bwd(res_t, dcarry, dy_t, extra_t)
-    d_prev = cell_math.add_h(d_direct, dot(dhp, w_h_t))
+    # (explicit sharding mode, W_h split over a model axis: summed over it as h is split)
+    d_prev = cell_math.add_h(d_direct, dot(dhp, w_h_t, like=cell_math.h(dcarry)))
     if v_t is not None:  # a padding step passed the carry through unchanged
       d_prev = _scan.select(v_t, d_prev, dcarry)
       d_t = jax.tree_util.tree_map(lambda d: _scan.select(v_t, d, jnp.zeros_like(d)), d_t)

@@ -16,6 +16,10 @@ Then the sequence layers under ``jax.shard_map`` over the batch (one row per
 device, ``check_vma`` on), forward and parameter gradients, and ``compat.RNN``
 against flax.linen. Last, ``examples/multihost.py``'s ``shard_rows`` with 8 devices in one
 process: the global batch is the process's rows, one eighth on each device.
+With the argument ``explicit``, every sequence layer under ``jax.set_mesh`` with
+Explicit axes (JAX's explicit sharding mode): data parallel with replicated
+parameters, then parameters split over an Explicit ``model`` axis, on a
+``(data, model)`` mesh and on ``model`` alone.
 """
 
 import os
@@ -62,9 +66,11 @@ def test_modules_under_jit_on_a_mesh_of_8_devices():
 def test_explicit_sharding_mode_on_a_mesh_of_8_devices():
   # jax.set_mesh over a mesh of Explicit axes ("sharding in types", flax's sharding
   # guides): the default carry takes the inputs' batch sharding (flax.nnx's RNN fails
-  # there: a replicated zero carry, batch-sharded step outputs); see _main_explicit.
+  # there: a replicated zero carry, batch-sharded step outputs), and with parameters
+  # split over a 'model' axis the sharding of each step's carry; see _main_explicit.
   output = _run_script('explicit')
-  assert 'explicit sharding checks passed: modules 10, flax.nnx 1, pallas 3' in output, output
+  assert ('explicit sharding checks passed: modules 10, flax.nnx 1, pallas 3, '
+          'model parallel 11') in output, output
 
 
 def _explicit_mesh_here():
@@ -111,6 +117,34 @@ def test_pallas_under_an_explicit_mesh_names_the_remedies():
       layer(xs)
     with pytest.raises(ValueError, match='under a mesh of Explicit axes'):
       nnx.jit(lambda layer, x: layer(x))(layer, x)  # replicated inputs too
+
+
+class _Restless(nnx.Module):
+  """A cell whose step moves its carry to the other axis of the mesh each time."""
+
+  num_feature_axes = 1
+
+  def __init__(self):
+    self.w = nnx.Param(np.eye(H, dtype=np.float32))
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return jax.numpy.zeros(input_shape[:-1] + (H,))
+
+  def __call__(self, h, x):
+    moved = P(None, 'data') if tuple(jax.typeof(h).sharding.spec)[:1] == ('data',) else P('data')
+    h = jax.sharding.reshard(jax.numpy.tanh(h @ self.w[...] + x.sum()), moved)
+    return h, h
+
+
+def test_explicit_mesh_a_step_that_never_keeps_its_carrys_sharding_is_a_value_error():
+  # Model-split parameters settle the carry in one more step (the 8-device script); a
+  # step that moves it every time gets the rule, not JAX's scan TypeError.
+  x = np.ones((B, T, IN), np.float32)
+  with jax.set_mesh(_explicit_mesh_here()):
+    with pytest.raises(ValueError, match=r"RNN: `cell` expected a step that returns its carry "
+                       r"split over the mesh as it was given.*AxisType\.Auto.*, got carry "
+                       r"partitions \[\('data', None\)\] -> \[\(None, 'data'\)\]"):
+      nr.RNN(_Restless())(jax.device_put(x, P('data')))
 
 
 # -- the script (runs in the child process) -----------------------------------------
@@ -328,23 +362,29 @@ def _main():
 
 
 # -- explicit sharding mode ----------------------------------------------------------
-def _explicit_zoo():
-  """The sequence layers, each called with other options in :func:`_explicit_apply`."""
+def _explicit_zoo(meta=None):
+  """The sequence layers, each called with other options in :func:`_explicit_apply`;
+  ``meta`` annotates every parameter but the projection's and the learned carry's
+  with sharding names (:func:`_metadata`: model parallel over the hidden axis)."""
   rngs = nnx.Rngs(0, dropout=1)
   dropout = dict(dropout_rate=0.3, recurrent_dropout_rate=0.3)
+  meta = meta or {}
   return nnx.Dict(
-    rnn=nr.RNN(nr.LSTMCell(IN, H, rngs=rngs)),
-    packed=nr.RNN(nr.GRUCell(IN, H, rngs=rngs), reverse=True, keep_order=True),
-    dropout=nr.RNN(nr.OptimizedLSTMCell(IN, H, **dropout, rngs=rngs), remat=True),
-    learned=nr.RNN(nr.SimpleCell(IN, H, zoneout_rate=0.3, rngs=rngs), learn_initial_carry=True),
-    bidirectional=nr.Bidirectional(nr.RNN(nr.GRUCell(IN, H, rngs=rngs)),
-                                   nr.RNN(nr.LSTMCell(IN, H, rngs=rngs))),
-    stack=nr.StackedRNN(nr.RNN(nr.LSTMCell(IN, H, **dropout, rngs=rngs)),
-                        nr.RNN(nr.GRUCell(H, H, rngs=rngs)), dropout_rate=0.3, rngs=rngs),
+    rnn=nr.RNN(nr.LSTMCell(IN, H, rngs=rngs, **meta)),
+    packed=nr.RNN(nr.GRUCell(IN, H, rngs=rngs, **meta), reverse=True, keep_order=True),
+    dropout=nr.RNN(nr.OptimizedLSTMCell(IN, H, **dropout, rngs=rngs, **meta), remat=True),
+    learned=nr.RNN(nr.SimpleCell(IN, H, zoneout_rate=0.3, rngs=rngs, **meta),
+                   learn_initial_carry=True),
+    bidirectional=nr.Bidirectional(nr.RNN(nr.GRUCell(IN, H, rngs=rngs, **meta)),
+                                   nr.RNN(nr.LSTMCell(IN, H, rngs=rngs, **meta))),
+    stack=nr.StackedRNN(nr.RNN(nr.LSTMCell(IN, H, **dropout, rngs=rngs, **meta)),
+                        nr.RNN(nr.GRUCell(H, H, rngs=rngs, **meta)), dropout_rate=0.3,
+                        rngs=rngs),
     lstm=nr.LSTM(IN, H, num_layers=2, bidirectional=True, dropout_rate=0.3,
-                 implementation='xla', rngs=rngs),
-    lstm_proj=nr.LSTM(IN, H, proj_features=3, reverse=True, rngs=rngs),
-    gru=nr.GRU(IN, H, num_layers=2, rngs=rngs),  # implementation='auto'
+                 implementation='xla', rngs=rngs, **meta),
+    # W_hr (H, 3) replicated: h is not split over 'model' where c is
+    lstm_proj=nr.LSTM(IN, H, proj_features=3, reverse=True, rngs=rngs, **meta),
+    gru=nr.GRU(IN, H, num_layers=2, rngs=rngs, **meta),  # implementation='auto'
   )
 
 
@@ -353,12 +393,12 @@ def _explicit_apply(zoo, variables, x, lengths, segment_ids, h0):
   the default carry unless said: padded, packed with a given carry and reversed,
   dropout in training mode (the modules' own streams), zoneout and a learned
   carry, both directions, a stack with dropout between layers, the fused layers
-  with padding or packed sequences."""
-  out = {name: zoo[name](x, seq_lengths=lengths, return_carry=True)
-         for name in ('rnn', 'dropout', 'learned', 'bidirectional', 'stack', 'lstm', 'lstm_proj')}
-  out['packed'] = zoo['packed'](x, segment_ids=segment_ids, initial_carry=h0, return_carry=True)
-  out['gru'] = zoo['gru'](x, segment_ids=segment_ids, initial_carry=(h0, None),
-                          return_carry=True)
+  with padding or packed sequences. Layers missing from ``zoo`` are left out."""
+  calls = {name: dict(seq_lengths=lengths)
+           for name in ('rnn', 'dropout', 'learned', 'bidirectional', 'stack', 'lstm', 'lstm_proj')}
+  calls['packed'] = dict(segment_ids=segment_ids, initial_carry=h0)
+  calls['gru'] = dict(segment_ids=segment_ids, initial_carry=(h0, None))
+  out = {name: zoo[name](x, return_carry=True, **kw) for name, kw in calls.items() if name in zoo}
   out['compat'] = compat.RNN(compat.GRUCell(H)).apply(variables, x, seq_lengths=lengths,
                                                      return_carry=True)
   return out
@@ -441,6 +481,60 @@ def check_pallas_explicit(mesh, x):
   return checked
 
 
+def _placed(mesh):
+  """``random_module``'s ``sharding``: every variable placed as its metadata says."""
+  return lambda abstract: jax.tree_util.tree_map(
+    lambda spec: NamedSharding(mesh, spec), nnx.get_partition_spec(abstract))
+
+
+def check_model_parallel_explicit(mesh, names, program, args, variables, ref_out, ref_grads,
+                                  ref_state):
+  """Parameters split over an Explicit ``model`` axis on their hidden (gate
+  columns) axis: every layer's carry takes the step's sharding, so outputs and
+  carries come out split over ``model`` too; values and gradients equal one
+  device's (the same parameter values, ``ref_state``); every gradient is split
+  as its parameter is. Inputs split over ``data`` where the mesh has it. The
+  layers ``names`` of :func:`_explicit_zoo`, in one program."""
+  rows = 'data' if 'data' in mesh.axis_names else None
+  with jax.set_mesh(mesh):
+    zoo = random_module(lambda: _explicit_zoo(_metadata()), sharding=_placed(mesh))
+    params = nnx.state(zoo, nnx.Param)
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ref_state),
+                    strict=True):  # the same parameter values
+      np.testing.assert_array_equal(np.asarray(a), b)
+    assert _specs(params['rnn']['cell']['hi']['kernel']) == [P(None, 'model')]
+    assert _specs(params['lstm']['forward'][1]['dense_h']['bias']) == [P('model')]
+    graphdef, state = nnx.split(nnx.Dict({name: zoo[name] for name in names}))
+    sharded = [jax.device_put(a, P(rows)) for a in args]
+    variables = jax.device_put(variables, P())
+    out, grads = program(state, graphdef, variables, *sharded)
+  assert set(out) == {*names, 'compat'}, set(out)
+  for name in out:
+    got, want = jax.tree_util.tree_leaves(out[name]), jax.tree_util.tree_leaves(ref_out[name])
+    assert len(got) == len(want) > 0, name
+    for a, b in zip(got, want):
+      np.testing.assert_allclose(np.asarray(a), b, atol=ATOL, rtol=0,
+                                 err_msg=f'{mesh.axis_names} {name}')
+    # The outputs and carries: rows as the inputs are, features over 'model'
+    # (but compat's, replicated parameters, and lstm_proj's: h projected by a replicated W_hr).
+    if name not in ('compat', 'lstm_proj'):
+      for spec in _specs(out[name]):
+        assert spec[0] == rows and spec[-1] == 'model', (name, spec)
+  pairs = [(grads[0][name], ref_grads[0][name]) for name in names] + [(grads[1], ref_grads[1])]
+  for got, want in pairs:
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+      np.testing.assert_allclose(np.asarray(a), b, atol=1e-4, rtol=1e-5,
+                                 err_msg=f'{mesh.axis_names} gradients')
+  # Every parameter's gradient split over the mesh as the parameter is.
+  for name in names:
+    got = [(jax.tree_util.keystr(k), jax.typeof(g).sharding.spec)
+           for k, g in jax.tree_util.tree_leaves_with_path(grads[0][name])]
+    want = [(jax.tree_util.keystr(k), jax.typeof(p).sharding.spec)
+            for k, p in jax.tree_util.tree_leaves_with_path(params[name])]
+    assert got == want and any('model' in s for _, s in want), (name, got, want)
+  return out, grads
+
+
 def _main_explicit():
   from jax.sharding import AxisType
 
@@ -492,7 +586,29 @@ def _main_explicit():
     np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-5, err_msg='flax.nnx gradients'),
     ours, flax_grads)
   n_pallas = check_pallas_explicit(mesh, x)
-  print(f'explicit sharding checks passed: modules {len(out)}, flax.nnx 1, pallas {n_pallas}')
+  # Model parallel over the hidden axis: a (data, model) mesh, then 'model' alone.
+  ref_state = jax.tree_util.tree_map(np.asarray, nnx.state(zoo, nnx.Param))
+  n_model = 0
+  # All layers on a (data, model) mesh; two on 'model' alone (inputs replicated).
+  everything = tuple(name for name in ref_out if name != 'compat')
+  for shape, axes, names in (((DATA, MODEL), ('data', 'model'), everything),
+                             ((MODEL,), ('model',), ('learned', 'gru'))):
+    mesh = jax.make_mesh(shape, axes, axis_types=(AxisType.Explicit,) * len(shape),
+                         devices=jax.devices()[:int(np.prod(shape))])
+    mp_out, mp_grads = check_model_parallel_explicit(mesh, names, program, args, variables,
+                                                     ref_out, ref_grads, ref_state)
+    n_model += len(names)
+    # flax.nnx's RNN on one device (above), nr.RNN's LSTM with its parameters split.
+    if 'rnn' in names:
+      jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+        np.asarray(a)[rows], np.asarray(b)[rows], atol=ATOL, rtol=0, err_msg='flax.nnx'),
+        mp_out['rnn'], (flax_carry, flax_y))
+      for a, b in zip(jax.tree_util.tree_leaves(mp_grads[0]['rnn']['cell']),
+                      jax.tree_util.tree_leaves(flax_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-5,
+                                   err_msg='flax.nnx gradients, model parallel')
+  print(f'explicit sharding checks passed: modules {len(out)}, flax.nnx 1, pallas {n_pallas}, '
+        f'model parallel {n_model}')
 
 
 if __name__ == '__main__':

@@ -119,6 +119,38 @@ def test_pallas_under_an_explicit_mesh_names_the_remedies():
       nnx.jit(lambda layer, x: layer(x))(layer, x)  # replicated inputs too
 
 
+def test_compat_rnn_under_an_explicit_model_axis_names_the_carry_it_needs():
+  """Linen parameters split over an Explicit ``model`` axis split each step's
+  carry over it: flax.linen's RNN fails with JAX's scan TypeError, compat's
+  with a ValueError naming ``initial_carry`` and the remedies; given a carry
+  split so, both run, to the same values as without a mesh."""
+  from jax.sharding import AxisType
+
+  mesh = jax.make_mesh((jax.device_count(), 1), ('data', 'model'),
+                       axis_types=(AxisType.Explicit, AxisType.Explicit))
+  x = np.random.default_rng(0).normal(size=(B, T, IN)).astype(np.float32)
+  variables = nn.RNN(nn.LSTMCell(H)).init(jax.random.key(1), x)
+  want = nn.RNN(nn.LSTMCell(H)).apply(variables, x)
+  with jax.set_mesh(mesh):
+    xs = jax.device_put(x, P('data'))
+    split = jax.tree.map(lambda a: jax.device_put(a, P(*(None,) * (a.ndim - 1), 'model')),
+                         variables)
+    with pytest.raises(TypeError, match='carry input and carry output must have equal types'):
+      jax.jit(nn.RNN(nn.LSTMCell(H)).apply)(split, xs)  # flax.linen's
+    with pytest.raises(ValueError, match=r'RNN: `initial_carry` expected a carry split over the '
+                       r'mesh as each step of the cell splits it \(explicit sharding mode.*'
+                       r'AxisType\.Auto, or use nnx_recurrent\.RNN.*got the default carry, split '
+                       r'over the batch only, which a step returns split otherwise'):
+      jax.jit(compat.RNN(compat.LSTMCell(H)).apply)(split, xs)
+
+    def given(v, x):
+      carry = jax.sharding.reshard(jax.numpy.zeros((B, H)), P('data', 'model'))
+      return compat.RNN(compat.LSTMCell(H)).apply(v, x, initial_carry=(carry, carry))
+    got = jax.jit(given)(split, xs)
+  assert tuple(jax.typeof(got).sharding.spec) == ('data', None, 'model')
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+
+
 class _Restless(nnx.Module):
   """A cell whose step moves its carry to the other axis of the mesh each time."""
 

@@ -259,10 +259,29 @@ class RNN(nn.Module):
       if given_carry:
         _checks.fail('RNN', 'initial_carry', e.expected, e.got, _checks.ParamShapeError)
       raise
+    except TypeError as e:
+      # Under an Explicit mesh, parameters split over a mesh axis split each
+      # step's carry too: flax.linen's RNN fails so, with JAX's scan message
+      # (nnx_recurrent.RNN settles the carry itself).
+      if not (_scan.explicit_mesh(xs) and _SCAN_CARRY_TYPES in str(e)):
+        raise
+      _checks.fail('RNN', 'initial_carry',
+                   'a carry split over the mesh as each step of the cell splits it (explicit '
+                   "sharding mode: parameters split over a mesh axis split the step's carry "
+                   'over it too, e.g. P(batch axis, model axis) for a kernel split over its '
+                   'columns; or split the parameters over mesh axes of AxisType.Auto, or '
+                   'use nnx_recurrent.RNN, which settles the carry itself)',
+                   ('the one given' if given_carry else 'the default carry, split over the '
+                    'batch only') + ", which a step returns split otherwise (JAX's scan: "
+                   f'"{_SCAN_CARRY_TYPES}")')
     if linen:
       carry = carry[1]
     ys = _scan.output_order(ys, seq, reverse, idx, keep_order, time_major)
     return (carry, ys) if return_carry else ys
+
+
+# The start of JAX's message for a scan whose step changes its carry's type.
+_SCAN_CARRY_TYPES = 'scan body function carry input and carry output must have equal types'
 
 
 def _carry_structure(cell: nn.Module, step_shape: tuple[int, ...]) -> Any:

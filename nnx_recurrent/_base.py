@@ -631,7 +631,7 @@ class RNNCellBase(nnx.Module):
       keys = _keys_from(type(self).__name__, rngs, 'dropout', len(new_leaves))
       # (under an Explicit mesh the mask and the old carry are split over the mesh
       # as the new carry is: where() takes one sharding)
-      mixed = [jnp.where(_scan.split_as(jax.random.bernoulli(k, rate, n.shape), n),
+      mixed = [jnp.where(_scan.typed_as(jax.random.bernoulli(k, rate, n.shape), n),
                          _scan.typed_as(o, n), n) for k, (o, n) in zip(keys, pairs)]
     return treedef.unflatten(mixed)
 

@@ -133,7 +133,7 @@ def reverse_indices(time: int, batch_shape: tuple[int, ...], seq_lengths=None,
   t = jnp.arange(time).reshape((time,) + (1,) * len(batch_shape))
   if segment_ids is not None:
     valid, start_mask = _segment_masks(segment_ids)
-    tt = split_as(jnp.broadcast_to(t, segment_ids.shape), segment_ids)
+    tt = typed_as(jnp.broadcast_to(t, segment_ids.shape), segment_ids)
     start = jax.lax.cummax(jnp.where(start_mask, tt, 0), axis=0)
     nxt = jnp.concatenate([segment_ids[1:], jnp.zeros_like(segment_ids[:1])], axis=0)
     end_mask = valid & (nxt != segment_ids)
@@ -340,21 +340,12 @@ def explicit_spec(x: Any) -> tuple | None:
   return spec if any(s is not None for s in spec) else None
 
 
-def split_as(x: Array, like: Array) -> Array:
-  """``x`` split over the mesh as ``like`` (of ``x``'s shape) is in explicit sharding
-  mode, for the ops that take operands of one sharding only (``where``,
-  ``concatenate``); ``x`` itself otherwise (:func:`explicit_spec`)."""
-  spec = explicit_spec(like)
-  if spec is None or explicit_spec(x) == spec:
-    return x
-  return jax.sharding.reshard(x, jax.typeof(like).sharding)
-
-
 def typed_as(x: Any, like: Any) -> Any:
   """``x``'s leaves resharded as ``like``'s (of their ranks) are, in explicit
-  sharding mode where the two partitions differ (a carry, a cotangent or an
-  operand of ``concatenate`` whose sharding one step of a model split over an
-  Explicit axis changed); ``x`` itself otherwise, and always outside that mode
+  sharding mode where the two partitions differ (an operand of ``where`` or
+  ``concatenate``, which take one sharding; a carry or a cotangent whose
+  sharding one step of a model split over an Explicit axis changed); ``x``
+  itself otherwise, and always outside that mode
   (:func:`explicit_spec` is ``None`` for both there)."""
   def one(a, b):
     if explicit_spec(a) == explicit_spec(b):

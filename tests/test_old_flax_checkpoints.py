@@ -1,0 +1,253 @@
+"""Checkpoints written by older flax releases load into compat and to_nnx unchanged.
+
+The fixtures in tests/data/old_flax (written by hand with flax 0.6.11, 0.7.5,
+0.8.5 and 0.10.7 themselves: tests/data/old_flax/make_fixtures.py) hold each
+release's parameters, inputs, initial carry, outputs and final carry for every
+cell that release has: scanned with the pre-``nn.RNN`` idiom ``nn.scan(Cell,
+variable_broadcast='params', split_rngs={'params': False}, in_axes=1,
+out_axes=1)``, in ``nn.RNN`` with ``seq_lengths``, and in ``nn.Bidirectional``.
+No old flax is needed here.
+
+The parameters are restored with ``flax.serialization.from_state_dict`` into
+the variables that compat's ``init`` creates (which raises on any renamed,
+missing or extra name) and must hold the same shapes and dtypes.
+
+Tolerance: ``ATOL`` = 1e-5, absolute, on float32 values of order 1. The old
+releases ran older XLA (jaxlib 0.4.13 to 0.6.2), whose float32 kernels for
+``tanh``, ``logistic`` and the small matmuls may round a few ulp (6e-8 each
+near 1) apart from today's; 5 recurrent steps carry that on. Measured: at most
+2.6e-7 over all fixtures, for compat and to_nnx alike, and today's flax.linen
+itself differs from the fixtures by as much (under XLA's default flags by
+exactly as much: there compat computes flax.linen's bits). 1e-5 leaves room
+for other XLA versions and CPUs and is far below what a changed parameter
+does: one element of one parameter changed by 1e-3 moves the outputs by
+1e-4 or more, and ``test_a_perturbed_parameter_is_noticed`` checks that any
+one leaf changed by 1e-2 moves them by more than 10x ``ATOL``.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+
+import flax.linen
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import serialization
+
+import nnx_recurrent as nr
+from nnx_recurrent import compat
+
+ATOL = 1e-5
+_DIR = os.path.join(os.path.dirname(__file__), 'data', 'old_flax')
+_FILES = sorted(glob.glob(os.path.join(_DIR, 'flax-*.msgpack')))
+
+
+@functools.cache
+def _fixture(path: str) -> dict:
+  with open(path, 'rb') as f:
+    return serialization.msgpack_restore(f.read())
+
+
+def _version(path: str) -> str:
+  return os.path.basename(path)[len('flax-'):-len('.msgpack')]
+
+
+CASES = [(_version(path), name) for path in _FILES for name in sorted(_fixture(path)['cases'])]
+_BY_VERSION = {_version(path): path for path in _FILES}
+
+
+def _case(version: str, name: str) -> dict:
+  return _fixture(_BY_VERSION[version])['cases'][name]
+
+
+def _unpack(carry):
+  """make_fixtures' ``{'0': c, '1': h}`` back to the tuple carry."""
+  if isinstance(carry, dict):
+    return tuple(_unpack(carry[str(i)]) for i in range(len(carry)))
+  return jnp.asarray(carry)
+
+
+def _make_cell(case: dict, nn=compat) -> functools.partial:
+  """The case's cell class of ``nn`` (compat, or flax.linen) with its fields
+  (``features`` is the one a pre-0.7 cell did not take)."""
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in case['cell_kwargs'].items()}
+  return functools.partial(getattr(nn, case['cell']), features=int(case['hidden']), **kwargs)
+
+
+def _cell(case: dict):
+  return _make_cell(case)()
+
+
+def _scan_name(case: dict) -> str:
+  """The automatic name flax.linen gives ``nn.scan(Cell)(...)`` inside ``@nn.compact``."""
+  return f"Scan{case['cell']}_0"
+
+
+class _ScanEncoder(compat.Module):
+  """The pre-nn.RNN idiom of the fixtures with compat's cell (``compat.scan`` is
+  flax.linen's)."""
+
+  make_cell: functools.partial
+
+  @compat.compact
+  def __call__(self, carry, x):
+    scanned = compat.scan(self.make_cell.func, variable_broadcast='params',
+                          split_rngs={'params': False}, in_axes=1, out_axes=1)
+    return scanned(**self.make_cell.keywords)(carry, x)
+
+
+class _RNNEncoder(compat.Module):
+  """The same checkpoint under ``compat.RNN``: a cell built in ``@nn.compact``
+  belongs to the enclosing module, so naming it as the old scanned module was
+  keeps every parameter where the old checkpoint has it."""
+
+  make_cell: functools.partial
+  cell_name: str
+
+  @compat.compact
+  def __call__(self, carry, x):
+    cell = self.make_cell(name=self.cell_name)
+    return compat.RNN(cell, return_carry=True)(x, initial_carry=carry)
+
+
+def _compat_module(case: dict, nn=compat):
+  """The case's module as written today with ``nn`` (compat, or flax.linen)."""
+  make_cell = _make_cell(case, nn)
+  if case['kind'] == 'scan':
+    return _ScanEncoder(make_cell)
+  if case['kind'] == 'rnn':
+    return nn.RNN(make_cell(), return_carry=True)
+  return nn.Bidirectional(nn.RNN(make_cell()), nn.RNN(make_cell()), return_carry=True)
+
+
+def _args(case: dict):
+  """(args, kwargs) of the case's call."""
+  x, carry0 = jnp.asarray(case['inputs']), _unpack(case['initial_carry'])
+  if case['kind'] == 'scan':
+    return (carry0, x), {}
+  return (x,), {'initial_carry': carry0, 'seq_lengths': jnp.asarray(case['seq_lengths'])}
+
+
+def _valid(case: dict) -> np.ndarray:
+  """(batch, time) True at the steps within ``seq_lengths`` (all for 'scan')."""
+  batch, time = case['inputs'].shape[:2]
+  lengths = case.get('seq_lengths', np.full(batch, time))
+  return np.arange(time)[None, :] < np.asarray(lengths)[:, None]
+
+
+def _max_diff(got, want, valid=None) -> float:
+  got, want = np.asarray(got), np.asarray(want)
+  assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape)
+  if valid is not None:  # (batch, time) against (batch, time, ...)
+    mask = valid.reshape(valid.shape + (1,) * (got.ndim - 2))
+    got, want = np.where(mask, got, 0), np.where(mask, want, 0)
+  return float(np.max(np.abs(got - want)))
+
+
+def _check(case: dict, carry, outputs, valid=None) -> float:
+  """The largest difference from the old release's outputs and carry; asserts ATOL."""
+  want_carry = _unpack(case['carry'])
+  assert jax.tree.structure(carry) == jax.tree.structure(want_carry)
+  diff = max([_max_diff(outputs, case['outputs'], valid)]
+             + [_max_diff(g, w) for g, w in zip(jax.tree.leaves(carry),
+                                                 jax.tree.leaves(want_carry))])
+  assert diff <= ATOL, f"{case['kind']}/{case['cell']}: {diff:.3g} from the old release's values"
+  return diff
+
+
+def _restored(module, case: dict) -> dict:
+  """The fixture's variables, restored into the tree compat's ``init`` creates."""
+  args, kwargs = _args(case)
+  target = jax.eval_shape(functools.partial(module.init, jax.random.key(0)), *args, **kwargs)
+  target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), flax.core.unfreeze(target))
+  restored = serialization.from_state_dict(target, case['variables'])  # raises on a new name
+  for t, r in zip(jax.tree.leaves(target), jax.tree.leaves(restored)):
+    assert t.shape == r.shape and t.dtype == r.dtype
+  return restored
+
+
+def test_fixtures_are_there():
+  assert [_version(p) for p in _FILES] == ['0.10.7', '0.6.11', '0.7.5', '0.8.5']
+  for path in _FILES:
+    versions = _fixture(path)['versions']
+    assert versions['flax'] == _version(path)
+    assert versions['flax'] != flax.__version__  # written by an older release
+  cells = {name.split('/')[1].split('-')[0] for _, name in CASES}
+  assert cells == {'LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'MGUCell', 'SimpleCell',
+                   'ConvLSTMCell'}
+
+
+@pytest.mark.parametrize('version,name', CASES)
+def test_compat_reproduces_old_release(version, name):
+  case = _case(version, name)
+  module = _compat_module(case)
+  variables = _restored(module, case)
+  args, kwargs = _args(case)
+  carry, outputs = module.apply(variables, *args, **kwargs)
+  _check(case, carry, outputs)  # padded steps included: compat computes them as flax.linen
+  # What differs from the old release is today's XLA rounding, not compat: today's
+  # flax.linen computes what compat does (the same bits under XLA's default flags;
+  # under this suite's XLA optimisation level 0, an MGUCell RNN with seq_lengths
+  # and return_carry differs from flax.linen's by up to 1.2e-7).
+  linen = _compat_module(case, flax.linen).apply(variables, *args, **kwargs)
+  for got, want in zip(jax.tree.leaves((carry, outputs)), jax.tree.leaves(linen)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize('version,name', [c for c in CASES if c[1].startswith('scan/')])
+def test_old_scan_checkpoint_under_compat_rnn(version, name):
+  """An old ``nn.scan(Cell)`` checkpoint, unchanged, under ``compat.RNN``: the cell
+  named as the scanned module was; or, standalone, the cell's params as ``'cell'``."""
+  case = _case(version, name)
+  args, _ = _args(case)
+  module = _RNNEncoder(_make_cell(case), _scan_name(case))
+  carry, outputs = module.apply(_restored(module, case), *args)
+  _check(case, carry, outputs)
+  rnn = compat.RNN(_cell(case), return_carry=True)
+  params = {'cell': case['variables']['params'][_scan_name(case)]}
+  carry, outputs = rnn.apply({'params': params}, args[1], initial_carry=args[0])
+  _check(case, carry, outputs)
+
+
+@pytest.mark.parametrize('version,name', CASES)
+def test_to_nnx_reproduces_old_release(version, name):
+  case = _case(version, name)
+  args, kwargs = _args(case)
+  if case['kind'] == 'scan':  # the scanned cell's own parameters, as a cell
+    cell = compat.to_nnx(_cell(case), {'params': case['variables']['params'][_scan_name(case)]})
+    assert type(cell) is getattr(nr, case['cell'])
+    carry, outputs = nr.RNN(cell, return_carry=True)(args[1], initial_carry=args[0])
+  else:
+    layer = compat.to_nnx(_compat_module(case), case['variables'])
+    carry, outputs = layer(*args, **kwargs)
+  # nr.RNN gives zeros at padded steps (flax.linen computes on): valid steps only.
+  _check(case, carry, outputs, valid=_valid(case))
+
+
+@pytest.mark.parametrize('version', sorted(_BY_VERSION))
+def test_a_perturbed_parameter_is_noticed(version):
+  """Each case can fail: any one parameter leaf changed by 1e-2 moves the old
+  release's outputs or carry far beyond ATOL (one case per cell and kind is
+  enough to show it; the others share the code)."""
+  cases = _fixture(_BY_VERSION[version])['cases']
+  for name in ('rnn/GRUCell', 'bidirectional/LSTMCell', 'scan/ConvLSTMCell'):
+    case = cases[name]
+    module = _compat_module(case)
+    variables = _restored(module, case)
+    args, kwargs = _args(case)
+    apply = jax.jit(lambda v, module=module, args=args, kwargs=kwargs:
+                    module.apply(v, *args, **kwargs))
+    paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(variables)]
+    for i, path in enumerate(paths):
+      leaves = jax.tree.leaves(variables)
+      leaves[i] = leaves[i] + 1e-2  # every element of one leaf
+      perturbed = jax.tree.unflatten(jax.tree.structure(variables), leaves)
+      carry, outputs = apply(perturbed)
+      diff = max(_max_diff(outputs, case['outputs']),
+                 *(_max_diff(g, w) for g, w in zip(jax.tree.leaves(carry),
+                                                    jax.tree.leaves(_unpack(case['carry'])))))
+      assert diff > 10 * ATOL, (name, jax.tree_util.keystr(path), diff)

@@ -183,6 +183,19 @@ def check_rngs(where: str, rngs: Any, arg: str = 'rngs', allow_none: bool = True
          f'{" (or None)" if allow_none else ""}', type(rngs).__name__, TypeError)
 
 
+def check_filter(where: str, arg: str, value: Any, expected: str) -> None:
+  """``value`` an nnx filter (a name, a Variable type, ``...``, ``None``, a
+  bool, a predicate, or a tuple or list of filters). Another object fails only
+  when the layer is first called, in flax's own check, whose message names
+  neither the argument nor the value (flax 0.12: "Invalid format specifier")."""
+  from flax.nnx import filterlib
+
+  try:
+    filterlib.to_predicate(value)
+  except (TypeError, ValueError):
+    fail(where, arg, expected, repr(value), TypeError)
+
+
 def check_real_for(where: str, inputs: Any, param_dtype: Any) -> None:
   """Real ``inputs`` for real parameters: a complex step of real parameters
   gives a complex carry, which the carry's real dtype would cut to its real

@@ -193,6 +193,14 @@ class RNN(nnx.Module):
     if state_axes is not None and not isinstance(state_axes, Mapping):
       _checks.fail('RNN', 'state_axes', 'None or a mapping from state filters to nnx.Carry, '
                    'None or an axis', type(state_axes).__name__, TypeError)
+    filter_doc = ('an nnx filter (a stream or Variable name, a Variable type, ..., None, a '
+                  'bool, a predicate, or a tuple of them)')
+    for key, axis in (state_axes or {}).items():
+      _checks.check_filter('RNN', 'state_axes', key, f'keys that are each {filter_doc}')
+      if not (axis is nnx.Carry or axis is None or isinstance(axis, (int, np.integer))):
+        _checks.fail('RNN', 'state_axes', 'values that are each nnx.Carry, None or an int '
+                     'axis', f'{axis!r} for the filter {key!r}', TypeError)
+    _checks.check_filter('RNN', 'broadcast_rngs', broadcast_rngs, filter_doc)
     # As flax.nnx's: an empty or no mapping is the whole state as a carry.
     whole_state: dict[Any, Any] = {...: nnx.Carry}
     self.state_axes = state_axes or nnx.StateAxes(whole_state)

@@ -1453,3 +1453,23 @@ def test_carry_structures_read_plainly_in_messages():
                                          '(array, array), got structure '
                                          "{'c': array, 'h': array}.")):
     cell({'c': a, 'h': a}, jnp.ones((2, 3)))
+
+
+def test_rnn_state_axes_and_broadcast_rngs_that_are_no_filters(lstm):
+  # flax checks them only at the first call, with a message that names neither
+  # the argument nor the value (flax 0.12: "Invalid format specifier '!r'").
+  filters = 'an nnx filter (a stream or Variable name'
+  with pytest.raises(TypeError, match=m('RNN: `broadcast_rngs` expected ' + filters,
+                                        '), got 3.')):
+    nr.RNN(lstm, broadcast_rngs=3)
+  with pytest.raises(TypeError, match=m('RNN: `state_axes` expected keys that are each '
+                                        + filters, '), got 3.')):
+    nr.RNN(lstm, state_axes={3: nnx.Carry})
+  with pytest.raises(TypeError, match=m('RNN: `state_axes` expected values that are each '
+                                        "nnx.Carry, None or an int axis, got 'carry' for the "
+                                        'filter Ellipsis.')):
+    nr.RNN(lstm, state_axes={...: 'carry'})
+  # What flax takes still builds: names, types, tuples, predicates, StateAxes.
+  nr.RNN(lstm, broadcast_rngs=('dropout', nnx.RngState))
+  nr.RNN(lstm, broadcast_rngs=lambda path, value: False)
+  nr.RNN(lstm, state_axes=nnx.StateAxes({nnx.Param: None, ...: nnx.Carry}))

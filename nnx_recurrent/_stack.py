@@ -293,7 +293,9 @@ class StackedRNN(nnx.Module):
 
   def _reverse(self, x, idx, time_major, seq_lengths, segment_ids, batch_dims=None):
     """Each row of ``x`` reversed within its valid part (an involution):
-    ``(x, idx, batch_dims)``, ``idx`` the per-row time indices."""
+    ``(x, idx, batch_dims)``, ``idx`` the per-row time indices. ``x`` is the
+    inputs, or with ``batch_dims`` the last layer's outputs: any pytree of
+    arrays, as ``RNN`` returns a cell's pytree of outputs."""
     if batch_dims is None:
       seq = _scan.prepare('StackedRNN', x, num_feature_axes=_reads_axes(self.layers[0]) or 1,
                           in_features=None,
@@ -302,5 +304,7 @@ class StackedRNN(nnx.Module):
       batch_dims = len(seq.batch_shape)
       xs, idx = _scan.processing_order(seq, True)
     else:
-      xs = _scan.take_time(jnp.moveaxis(x, 0 if time_major else batch_dims, 0), idx)
+      time_axis = 0 if time_major else batch_dims
+      xs = jax.tree_util.tree_map(lambda a: _scan.take_time(jnp.moveaxis(a, time_axis, 0), idx),
+                                  x)
     return _scan.restore_layout(xs, time_major, batch_dims), idx, batch_dims

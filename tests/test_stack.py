@@ -327,3 +327,28 @@ def test_a_cell_whose_output_is_a_readout_chains_by_its_output_width():
   _, want = reference.rnn(reference.cell_params(top.cell), np.concatenate(halves, -1), LENGTHS,
                           zeros, num_batch_dims=1)
   np.testing.assert_allclose(got, want, atol=ATOL)
+
+
+class _TwoOutputs(nr.RNNCellBase):
+  """A cell of the user's own whose output is a pair of arrays (``RNN`` returns pytrees)."""
+
+  def __init__(self, in_features, hidden_features, *, rngs):
+    super().__init__(in_features, hidden_features, rngs=rngs)
+    self.gru = nr.GRUCell(in_features, hidden_features, **_Z, rngs=rngs)
+
+  def step(self, carry, inputs, recurrent_mask):
+    h, _ = self.gru(carry, inputs)
+    return h, (h, 2 * h)
+
+
+def test_reverse_and_keep_order_put_a_pytree_of_outputs_back_in_input_order():
+  # The last layer's outputs are a pair: each goes back in input order, as in RNN.
+  cell = random_module(lambda: _TwoOutputs(IN, H, rngs=nnx.Rngs(0)))
+  stack, rnn = nr.StackedRNN(nr.RNN(cell)), nr.RNN(cell)
+  x = _x()
+  for kw in (dict(seq_lengths=LENGTHS), dict(segment_ids=IDS)):
+    got = stack(x, reverse=True, keep_order=True, **kw)
+    want = rnn(x, reverse=True, keep_order=True, **kw)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+      np.testing.assert_allclose(g, w, atol=ATOL)

@@ -642,6 +642,24 @@ def test_compat_construction_and_carry_arguments():
   with pytest.raises(TypeError, match=m('Bidirectional: `forward_rnn` expected an RNN module',
                                         'got GRUCell, a cell (wrap it: RNN(cell))')):
     compat.Bidirectional(compat.GRUCell(4), compat.RNN(compat.GRUCell(4)))
+  # flax.linen takes these and fails inside the call, naming neither argument nor layer.
+  with pytest.raises(TypeError, match=m("RNN: `unroll` expected a bool or a non-negative int, "
+                                        "got 'a'.")):
+    compat.RNN(compat.GRUCell(4), unroll='a')
+  with pytest.raises(ValueError, match=m('RNN: `unroll` expected a bool or a non-negative int, '
+                                         'got -1.')):
+    compat.RNN(compat.GRUCell(4), unroll=-1)
+  with pytest.raises(TypeError, match=m('Bidirectional: `merge_fn` expected a function '
+                                        "(forward_outputs, backward_outputs) -> outputs, got "
+                                        "'concatenate'.")):
+    compat.Bidirectional(compat.RNN(compat.GRUCell(4)), compat.RNN(compat.GRUCell(4)),
+                         merge_fn='concatenate')
+  linen_bi = compat.Bidirectional(nn.RNN(nn.GRUCell(4)), nn.RNN(nn.GRUCell(4)))
+  with pytest.raises(TypeError, match=m('Bidirectional: `segment_ids` expected None, since '
+                                        'forward_rnn (flax.linen.recurrent.RNN) takes no '
+                                        'segment_ids (packed sequences need compat.RNN layers), '
+                                        'got ids.')):
+    abstractly(lambda: linen_bi.init(jax.random.key(0), X, segment_ids=jnp.ones((2, 5), int)))
 
 
 # -- convolutional cells: padding -----------------------------------------------------

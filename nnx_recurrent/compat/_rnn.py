@@ -159,6 +159,9 @@ class RNN(nn.Module):
                    type(self.cell).__name__, TypeError)
     for flag in ('time_major', 'return_carry', 'reverse', 'keep_order'):
       _checks.check_bool('RNN', flag, getattr(self, flag))
+    # flax.linen passes it to jax's scan, whose error names no module (and for a
+    # string compares it with 0: "'<' not supported").
+    _checks.check_unroll('RNN', self.unroll)
     super().__post_init__()
 
   def __call__(
@@ -338,6 +341,9 @@ class Bidirectional(nn.Module):
           got += ', a cell (wrap it: RNN(cell))'
         _checks.fail('Bidirectional', arg, 'an RNN module (compat or flax.linen)', got,
                      TypeError)
+    if not callable(self.merge_fn):  # flax.linen calls it after both directions have run
+      _checks.fail('Bidirectional', 'merge_fn', 'a function (forward_outputs, '
+                   'backward_outputs) -> outputs', repr(self.merge_fn), TypeError)
     for flag in ('time_major', 'return_carry'):
       _checks.check_bool('Bidirectional', flag, getattr(self, flag))
     from nnx_recurrent._stack import _reads_axes, check_reads_axes
@@ -384,7 +390,13 @@ class Bidirectional(nn.Module):
       key_f, key_b = jax.random.split(init_key)
     carry_f, carry_b = _checks.carry_pair('Bidirectional', initial_carry)
     common: dict = dict(seq_lengths=seq_lengths, return_carry=True, time_major=time_major)
-    if segment_ids is not None:
+    if segment_ids is not None:  # flax.linen's RNN takes none: Python's error names no layer
+      for arg in ('forward_rnn', 'backward_rnn'):
+        layer = getattr(self, arg)
+        if not _scan.takes_keyword(layer.__call__, 'segment_ids'):
+          _checks.fail('Bidirectional', 'segment_ids', f'None, since {arg} '
+                       f'({_checks.public_name(layer)}) takes no segment_ids (packed '
+                       'sequences need compat.RNN layers)', 'ids', TypeError)
       common['segment_ids'] = segment_ids
     carry_f, out_f = self.forward_rnn(inputs, initial_carry=carry_f, init_key=key_f,
                                       reverse=False, **common)

@@ -3,6 +3,7 @@
 import re
 from typing import NamedTuple
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -1232,6 +1233,11 @@ def test_compat_to_nnx_checkpoint_group_that_is_no_mapping():
     compat.to_nnx(cell, {'params': {**params, 'ii': {'kernel': 3}}})
   with pytest.raises(ValueError, match=where + '.*' + m("got the groups ['hf', 'hg'")):
     compat.to_nnx(cell, {'params': {k: v for k, v in params.items() if k != 'ii'}})
+  # A group that is None (a checkpoint with a hole) is missing, not skipped.
+  with pytest.raises(flax.errors.ScopeParamNotFoundError,
+                     match=m("to_nnx (LSTMCell): `params` expected 'hf' with leaves ['bias', "
+                             "'kernel'], got NoneType.")):
+    compat.to_nnx(cell, {'params': {**params, 'hf': None}})
 
 
 

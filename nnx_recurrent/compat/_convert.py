@@ -239,28 +239,24 @@ def _describe(module: Any, in_features: int) -> str:
 
 
 def check_params(where: str, layout: Layout, module: Any, params: Mapping, in_features: int,
-                 *, partial: bool = False, allow_extra: bool = False) -> None:
+                 *, allow_extra: bool = False) -> None:
   """Checks linen ``params`` against the layout: names and shapes.
 
-  With ``partial`` only the groups present are checked (a cell being
-  initialised has created some of them); with ``allow_extra`` groups beyond
-  the layout's pass (a subclass's own submodules, as flax.linen allows).
+  With ``allow_extra`` groups beyond the layout's pass (a subclass's own
+  submodules, as flax.linen allows).
   """
   expected = expected_shapes(layout, module, in_features)
   if not isinstance(params, Mapping):
     _checks.fail(where, 'params', 'a mapping of parameter groups', type(params).__name__,
                  TypeError)
-  if not partial:
-    missing = sorted(set(expected) - set(params))
-    extra = [] if allow_extra else sorted(set(params) - set(expected))
-    if missing or extra:  # flax.linen's error class where one is missing
-      _checks.fail(where, 'params', f'the groups {sorted(expected)} of a {layout.name}',
-                   f'missing {missing}, unexpected {extra}',
-                   _checks.ParamNotFoundError if missing else ValueError)
+  missing = sorted(set(expected) - set(params))
+  extra = [] if allow_extra else sorted(set(params) - set(expected))
+  if missing or extra:  # flax.linen's error class where one is missing
+    _checks.fail(where, 'params', f'the groups {sorted(expected)} of a {layout.name}',
+                 f'missing {missing}, unexpected {extra}',
+                 _checks.ParamNotFoundError if missing else ValueError)
   for name, leaves in expected.items():
-    group = params.get(name)
-    if group is None:
-      continue
+    group = params[name]
     if not isinstance(group, Mapping) or set(group) != set(leaves):
       got = sorted(group) if isinstance(group, Mapping) else type(group).__name__
       missing_leaf = not isinstance(group, Mapping) or not set(leaves) <= set(group)

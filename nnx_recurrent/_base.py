@@ -297,7 +297,15 @@ class RNNCellBase(nnx.Module):
   # trace (``nnx.tabulate``) would otherwise turn the shape tuples into tracers.
   def output_shape(self, input_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of one step's output (and of ``h``, the carry's every array but a
-    projected LSTM's ``c``, which has ``hidden_features``) for ``input_shape``."""
+    projected LSTM's ``c``, which has ``hidden_features``) for ``input_shape``.
+
+    Args:
+      input_shape: one step's input shape ``(*batch, *features)``.
+
+    Returns:
+      ``(*batch, hidden_features)`` (``proj_features`` for a projected LSTM;
+      a convolutional cell's spatial axes as its input convolution gives them).
+    """
     return self._output_shape(self._checked_query_shape('output_shape', input_shape))
 
   def _checked_query_shape(self, method: str, input_shape: Any) -> tuple[int, ...]:

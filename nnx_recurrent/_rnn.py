@@ -521,6 +521,11 @@ def flip_sequences(inputs: Array, seq_lengths: Array | None, num_batch_dims: int
     num_batch_dims: number of batch axes.
     time_major: whether time is the first axis.
 
+  Returns:
+    ``inputs`` with each row's first ``seq_lengths`` steps in reverse order,
+    the rest (padding) where it was; the whole time axis reversed without
+    ``seq_lengths``.
+
   Raises:
     ValueError: a concrete negative length in ``seq_lengths``.
   """

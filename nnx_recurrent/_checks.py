@@ -171,6 +171,15 @@ def check_optional_bools(where: str, **flags: Any) -> None:
       check_bool(where, arg, value)
 
 
+def call_flags(where: str, module: Any, **flags: Any) -> tuple[Any, ...]:
+  """A layer's call-time overrides of its flags (``return_carry``,
+  ``time_major``...), checked (:func:`check_optional_bools`) and resolved, in
+  the order given: each one given, or where ``None`` the ``module``'s
+  attribute of that name."""
+  check_optional_bools(where, **flags)
+  return tuple(getattr(module, arg) if value is None else value for arg, value in flags.items())
+
+
 def check_rngs(where: str, rngs: Any, arg: str = 'rngs', allow_none: bool = True) -> None:
   """A call's PRNG source: an ``nnx.Rngs``, an ``nnx.RngStream`` or a PRNG key
   (with ``allow_none``, also ``None``: the module's own)."""

@@ -43,10 +43,6 @@ def _warn_if_step_options_dropped(cell: Any) -> None:
       f'super().__call__ to keep them.')
 
 
-def _first(*values):
-  return next(v for v in values if v is not None)
-
-
 def _carry_stream(where: str, rngs: Any, needed: bool) -> nnx.RngStream | None:
   """flax.nnx's ``rngs`` constructor argument of ``RNN`` / ``Bidirectional``.
 
@@ -248,12 +244,9 @@ class RNN(nnx.Module):
       ``outputs``, or ``(final_carry, outputs)`` with ``return_carry``.
     """
     _checks.check_rngs('RNN', rngs)
-    _checks.check_optional_bools('RNN', return_carry=return_carry, time_major=time_major,
-                                 reverse=reverse, keep_order=keep_order)
-    return_carry = _first(return_carry, self.return_carry)
-    time_major = _first(time_major, self.time_major)
-    reverse = _first(reverse, self.reverse)
-    keep_order = _first(keep_order, self.keep_order)
+    return_carry, time_major, reverse, keep_order = _checks.call_flags(
+      'RNN', self, return_carry=return_carry, time_major=time_major, reverse=reverse,
+      keep_order=keep_order)
     cell = self.cell
     seq = _scan.prepare(
       'RNN', inputs, num_feature_axes=cell.num_feature_axes,
@@ -465,10 +458,8 @@ class Bidirectional(nnx.Module):
     """
     del reverse, keep_order  # flax.nnx's signature; both directions are fixed
     _checks.check_rngs('Bidirectional', rngs)
-    _checks.check_optional_bools('Bidirectional', return_carry=return_carry,
-                                 time_major=time_major)
-    return_carry = _first(return_carry, self.return_carry)
-    time_major = _first(time_major, self.time_major)
+    return_carry, time_major = _checks.call_flags(
+      'Bidirectional', self, return_carry=return_carry, time_major=time_major)
     carry_f, carry_b = _checks.carry_pair('Bidirectional', initial_carry)
     common = dict(seq_lengths=seq_lengths, return_carry=True, time_major=time_major)
     if segment_ids is not None:  # a layer with flax.nnx's call (RNNBase) takes none

@@ -8,7 +8,7 @@ from flax import nnx
 
 from nnx_recurrent import _checks, _scan
 from nnx_recurrent._base import Array, Carry, RngsLike, RNNCellBase, is_package_cell
-from nnx_recurrent._rnn import RNN, Bidirectional, _concatenate, _first
+from nnx_recurrent._rnn import RNN, Bidirectional, _concatenate
 
 
 def _reads_axes(layer) -> int | None:
@@ -251,11 +251,10 @@ class StackedRNN(nnx.Module):
       ``outputs``, or ``(carries, outputs)`` with ``return_carry``.
     """
     _checks.check_rngs('StackedRNN', rngs)
-    _checks.check_optional_bools('StackedRNN', return_carry=return_carry, time_major=time_major,
-                                 reverse=reverse, keep_order=keep_order)
+    return_carry, time_major = _checks.call_flags(
+      'StackedRNN', self, return_carry=return_carry, time_major=time_major)
+    _checks.check_optional_bools('StackedRNN', reverse=reverse, keep_order=keep_order)
     n = len(self.layers)
-    return_carry = _first(return_carry, self.return_carry)
-    time_major = _first(time_major, self.time_major)
     if initial_carry is None:
       initial_carry = (None,) * n
     elif not isinstance(initial_carry, (tuple, list)) or len(initial_carry) != n:

@@ -36,7 +36,6 @@ from nnx_recurrent._base import (
   default_recurrent_kernel_init,
 )
 from nnx_recurrent._fused import _cudnn, _pallas, _plans, _xla
-from nnx_recurrent._rnn import _first
 
 IMPLEMENTATIONS = ('auto', 'xla', 'cudnn', 'pallas')
 
@@ -372,12 +371,9 @@ class _FusedBase(nnx.Module):
     _checks.check_rngs(where, rngs)
     # Before any array work: `implementation` may have been set since construction.
     self._check_options(self.implementation, packed=segment_ids is not None)
-    _checks.check_optional_bools(where, return_carry=return_carry, time_major=time_major,
-                                 reverse=reverse, keep_order=keep_order)
-    return_carry = _first(return_carry, self.return_carry)
-    time_major = _first(time_major, self.time_major)
-    reverse = _first(reverse, self.reverse)
-    keep_order = _first(keep_order, self.keep_order)
+    return_carry, time_major, reverse, keep_order = _checks.call_flags(
+      where, self, return_carry=return_carry, time_major=time_major, reverse=reverse,
+      keep_order=keep_order)
     self._check_reverse(reverse)
     seq = _scan.prepare(where, inputs, num_feature_axes=1, in_features=self.in_features,
                         time_major=time_major, seq_lengths=seq_lengths, segment_ids=segment_ids)

@@ -29,7 +29,7 @@ from flax.core.scope import CollectionFilter, PRNGSequenceFilter
 from flax.typing import InOutScanAxis
 
 from nnx_recurrent import _checks, _scan
-from nnx_recurrent._rnn import _concatenate, _first, merge_directions
+from nnx_recurrent._rnn import _concatenate, merge_directions
 from nnx_recurrent._rnn import flip_sequences as flip_sequences
 from nnx_recurrent.compat._cells import _Cell
 
@@ -194,12 +194,9 @@ class RNN(nn.Module):
     Returns:
       ``outputs``, or ``(carry, outputs)`` with ``return_carry``.
     """
-    _checks.check_optional_bools('RNN', return_carry=return_carry, time_major=time_major,
-                                 reverse=reverse, keep_order=keep_order)
-    return_carry = _first(return_carry, self.return_carry)
-    time_major = _first(time_major, self.time_major)
-    reverse = _first(reverse, self.reverse)
-    keep_order = _first(keep_order, self.keep_order)
+    return_carry, time_major, reverse, keep_order = _checks.call_flags(
+      'RNN', self, return_carry=return_carry, time_major=time_major, reverse=reverse,
+      keep_order=keep_order)
     seq = _scan.prepare('RNN', inputs, num_feature_axes=self.cell.num_feature_axes,
                         in_features=None, time_major=time_major, seq_lengths=seq_lengths,
                         segment_ids=segment_ids)
@@ -381,10 +378,8 @@ class Bidirectional(nn.Module):
     if self.forward_rnn is self.backward_rnn:  # flax.linen's warning, word for word
       logging.warning('forward_rnn and backward_rnn is the same object, so '
                       'they will share parameters.')
-    _checks.check_optional_bools('Bidirectional', return_carry=return_carry,
-                                 time_major=time_major)
-    time_major = _first(time_major, self.time_major)
-    return_carry = _first(return_carry, self.return_carry)
+    return_carry, time_major = _checks.call_flags(
+      'Bidirectional', self, return_carry=return_carry, time_major=time_major)
     key_f = key_b = None
     if init_key is not None:
       key_f, key_b = jax.random.split(init_key)

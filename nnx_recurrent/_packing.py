@@ -130,7 +130,9 @@ def pack_sequences(
       than ``num_rows``, or a ``pad_value`` the sequences' dtype does not hold.
   """
   where = 'pack_sequences'
-  if isinstance(sequences, (np.ndarray, jax.Array)) or not isinstance(sequences, Sequence):
+  # (a string is a Sequence too: of characters, each an array without a time axis)
+  if isinstance(sequences, (np.ndarray, jax.Array, str, bytes)) or not isinstance(
+      sequences, Sequence):
     _checks.fail(where, 'sequences', 'a list of arrays', type(sequences).__name__, TypeError)
   if not sequences:
     _checks.fail(where, 'sequences', 'at least one array', 'an empty sequence')

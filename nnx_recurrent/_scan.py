@@ -333,11 +333,8 @@ def explicit_spec(x: Any) -> tuple | None:
   when no axis of ``x`` is split so: no mesh, a mesh of Auto axes (whose
   shardings are not in the types) or inside ``jax.shard_map``. Only then does
   anything below act, so the programs of every other mode are unchanged."""
-  spec = getattr(jax.typeof(x).sharding, 'spec', None)
-  if spec is None:
-    return None
-  spec = tuple(spec) + (None,) * (jnp.ndim(x) - len(spec))
-  return spec if any(s is not None for s in spec) else None
+  spec = _full_spec(x)
+  return spec if spec is not None and any(s is not None for s in spec) else None
 
 
 def typed_as(x: Any, like: Any) -> Any:

@@ -463,11 +463,7 @@ class Bidirectional(nnx.Module):
     carry_f, carry_b = _checks.carry_pair('Bidirectional', initial_carry)
     common = dict(seq_lengths=seq_lengths, return_carry=True, time_major=time_major)
     if segment_ids is not None:  # a layer with flax.nnx's call (RNNBase) takes none
-      for arg, layer in (('forward_rnn', self.forward_rnn), ('backward_rnn', self.backward_rnn)):
-        if not _scan.takes_keyword(layer.__call__, 'segment_ids'):
-          _checks.fail('Bidirectional', 'segment_ids', f'None, since {arg} '
-                       f'({_checks.public_name(layer)}) takes no segment_ids (packed '
-                       "sequences need this package's layers)", 'ids', TypeError)
+      check_directions_take_segment_ids(self, "this package's layers")
       common['segment_ids'] = segment_ids
     rngs = rngs if rngs is not None else self.rngs
     if has_carry_stream(rngs) and self._carries_only():
@@ -485,6 +481,19 @@ class Bidirectional(nnx.Module):
                                          keep_order=True, rngs=rngs_b, **common)
     outputs = merge_directions('Bidirectional', self.merge_fn, out_f, out_b)
     return ((carry_f, carry_b), outputs) if return_carry else outputs
+
+
+def check_directions_take_segment_ids(bidirectional: Any, layers: str) -> None:
+  """A ``TypeError`` naming the direction of a ``Bidirectional`` (this
+  package's or compat's) whose call takes no ``segment_ids`` (flax's ``RNN``),
+  where Python's would name neither it nor the argument; ``layers``: what
+  packed sequences need."""
+  for arg in ('forward_rnn', 'backward_rnn'):
+    layer = getattr(bidirectional, arg)
+    if not _scan.takes_keyword(layer.__call__, 'segment_ids'):
+      _checks.fail('Bidirectional', 'segment_ids', f'None, since {arg} '
+                   f'({_checks.public_name(layer)}) takes no segment_ids (packed sequences '
+                   f'need {layers})', 'ids', TypeError)
 
 
 def flip_sequences(inputs: Array, seq_lengths: Array | None, num_batch_dims: int,

@@ -29,7 +29,7 @@ from flax.core.scope import CollectionFilter, PRNGSequenceFilter
 from flax.typing import InOutScanAxis
 
 from nnx_recurrent import _checks, _scan
-from nnx_recurrent._rnn import _concatenate, merge_directions
+from nnx_recurrent._rnn import _concatenate, check_directions_take_segment_ids, merge_directions
 from nnx_recurrent._rnn import flip_sequences as flip_sequences
 from nnx_recurrent.compat._cells import _Cell
 
@@ -385,13 +385,8 @@ class Bidirectional(nn.Module):
       key_f, key_b = jax.random.split(init_key)
     carry_f, carry_b = _checks.carry_pair('Bidirectional', initial_carry)
     common: dict = dict(seq_lengths=seq_lengths, return_carry=True, time_major=time_major)
-    if segment_ids is not None:  # flax.linen's RNN takes none: Python's error names no layer
-      for arg in ('forward_rnn', 'backward_rnn'):
-        layer = getattr(self, arg)
-        if not _scan.takes_keyword(layer.__call__, 'segment_ids'):
-          _checks.fail('Bidirectional', 'segment_ids', f'None, since {arg} '
-                       f'({_checks.public_name(layer)}) takes no segment_ids (packed '
-                       'sequences need compat.RNN layers)', 'ids', TypeError)
+    if segment_ids is not None:  # flax.linen's RNN takes none
+      check_directions_take_segment_ids(self, 'compat.RNN layers')
       common['segment_ids'] = segment_ids
     carry_f, out_f = self.forward_rnn(inputs, initial_carry=carry_f, init_key=key_f,
                                       reverse=False, **common)

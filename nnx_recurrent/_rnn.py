@@ -197,9 +197,11 @@ class RNN(nnx.Module):
         _checks.fail('RNN', 'state_axes', 'values that are each nnx.Carry, None or an int '
                      'axis', f'{axis!r} for the filter {key!r}', TypeError)
     _checks.check_filter('RNN', 'broadcast_rngs', broadcast_rngs, filter_doc)
-    # As flax.nnx's: an empty or no mapping is the whole state as a carry.
+    # As flax.nnx's: an empty or no mapping is the whole state as a carry. Kept as
+    # nnx.StateAxes: a plain dict attribute is a pytree, whose keys jax sorts, and
+    # filters of two kinds ({nnx.Param: None, ...: nnx.Carry}) do not sort.
     whole_state: dict[Any, Any] = {...: nnx.Carry}
-    self.state_axes = state_axes or nnx.StateAxes(whole_state)
+    self.state_axes = nnx.StateAxes(state_axes or whole_state)
     self.broadcast_rngs = broadcast_rngs
     self.rngs = nnx.data(_carry_stream('RNN', rngs, _scan.needs_carry_rngs(cell)))
     self.initial_carry = nnx.data(_learned_carry(cell) if learn_initial_carry else None)

@@ -371,6 +371,20 @@ def test_cell_state_and_rng_streams_persist_under_remat_as_in_flax():
   assert int(ours.cell.drop.rngs.count[...]) == count == T
 
 
+@pytest.mark.parametrize('state_axes, steps', [
+  ({nnx.Param: None, ...: nnx.Carry}, T),  # the counter is carried: it counts
+  ({nnx.Param: None, nnx.Variable: None, ...: nnx.Carry}, 0),  # broadcast: changes dropped
+])
+def test_state_axes_of_several_kinds_of_filter(state_axes, steps):
+  # A mapping whose filters are a type and ..., as flax.nnx's docs write them:
+  # flax.nnx's RNN (0.12) fails there, its dict attribute a pytree whose keys do not
+  # sort ("Comparator raised exception while sorting pytree dictionary keys").
+  cell = CountingDropoutCell(nnx.Rngs(0, dropout=1), rate=0.0)
+  y = nr.RNN(cell, state_axes=state_axes)(_x())
+  assert int(cell.steps[...]) == steps
+  _close(y, nr.RNN(CountingDropoutCell(nnx.Rngs(0, dropout=1), rate=0.0))(_x()))
+
+
 class AttributeCountingCell(nr.SimpleCell):
   """Keeps plain Python attributes (not Variables) that its step changes."""
 

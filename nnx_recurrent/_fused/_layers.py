@@ -66,7 +66,10 @@ _LAYER_DOC = """
   ``in_features = out_features * num_directions``. The layer computes
   exactly what ``RNN`` / ``Bidirectional`` stacked over these cells compute
   (up to float rounding), with dropout between layers (not after the last),
-  but faster: see the module docstring of ``nnx_recurrent._fused``.
+  but faster: see the module docstring of ``nnx_recurrent._fused``. One
+  difference: with a half-precision ``dtype`` the outputs come in ``dtype``
+  (half the memory), where ``RNN`` over the cell returns them in the carry's
+  dtype; the carry comes in ``param_dtype`` (docs/performance.md).
 
   Args:
     in_features: size of the last input axis.

@@ -19,9 +19,11 @@ process: the global batch is the process's rows, one eighth on each device.
 With the argument ``explicit``, every sequence layer under ``jax.set_mesh`` with
 Explicit axes (JAX's explicit sharding mode): data parallel with replicated
 parameters, then parameters split over an Explicit ``model`` axis, on a
-``(data, model)`` mesh and on ``model`` alone.
+``(data, model)`` mesh and on ``model`` alone; with ``compat-explicit``,
+``compat.RNN`` with its Linen parameters split so.
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -73,6 +75,13 @@ def test_explicit_sharding_mode_on_a_mesh_of_8_devices():
           'model parallel 11') in output, output
 
 
+def test_compat_rnn_model_parallel_under_explicit_axes_on_a_mesh_of_8_devices():
+  # compat.RNN settles its carry as nr.RNN does, whatever flax.linen.scan's options;
+  # see _main_compat_explicit.
+  output = _run_script('compat-explicit')
+  assert 'compat explicit checks passed: layers 12' in output, output
+
+
 def _explicit_mesh_here():
   """An Explicit mesh of this process's devices (one, in the suite's process)."""
   from jax.sharding import AxisType
@@ -119,36 +128,84 @@ def test_pallas_under_an_explicit_mesh_names_the_remedies():
       nnx.jit(lambda layer, x: layer(x))(layer, x)  # replicated inputs too
 
 
-def test_compat_rnn_under_an_explicit_model_axis_names_the_carry_it_needs():
+def _split_columns(variables):
+  """Linen variables with every leaf's last axis split over ``model`` (flax.linen's
+  ``nn.with_partitioning`` fails at init under Explicit axes: placed after init)."""
+  return jax.tree.map(lambda a: jax.device_put(a, P(*(None,) * (a.ndim - 1), 'model')),
+                      variables)
+
+
+def test_compat_rnn_under_an_explicit_model_axis_settles_the_carry():
   """Linen parameters split over an Explicit ``model`` axis split each step's
-  carry over it: flax.linen's RNN fails with JAX's scan TypeError, compat's
-  with a ValueError naming ``initial_carry`` and the remedies; given a carry
-  split so, both run, to the same values as without a mesh."""
+  carry over it: flax.linen's RNN fails with JAX's scan TypeError; compat's
+  carry, the default or one given replicated, takes the step's sharding, to
+  the values of no mesh."""
   from jax.sharding import AxisType
 
   mesh = jax.make_mesh((jax.device_count(), 1), ('data', 'model'),
                        axis_types=(AxisType.Explicit, AxisType.Explicit))
   x = np.random.default_rng(0).normal(size=(B, T, IN)).astype(np.float32)
-  variables = nn.RNN(nn.LSTMCell(H)).init(jax.random.key(1), x)
-  want = nn.RNN(nn.LSTMCell(H)).apply(variables, x)
+  variables = random_linen_variables(nn.RNN(nn.LSTMCell(H)), x, seed=1)
+  h0 = np.random.default_rng(1).normal(size=(B, H)).astype(np.float32)
+
+  def run(v, x, h0):
+    layer = compat.RNN(compat.LSTMCell(H), return_carry=True)
+    return layer.apply(v, x), layer.apply(v, x, initial_carry=(h0, h0))
+
+  want = jax.jit(run)(variables, x, h0)
   with jax.set_mesh(mesh):
-    xs = jax.device_put(x, P('data'))
-    split = jax.tree.map(lambda a: jax.device_put(a, P(*(None,) * (a.ndim - 1), 'model')),
-                         variables)
+    xs, split = jax.device_put(x, P('data')), _split_columns(variables)
     with pytest.raises(TypeError, match='carry input and carry output must have equal types'):
       jax.jit(nn.RNN(nn.LSTMCell(H)).apply)(split, xs)  # flax.linen's
-    with pytest.raises(ValueError, match=r'RNN: `initial_carry` expected a carry split over the '
-                       r'mesh as each step of the cell splits it \(explicit sharding mode.*'
-                       r'AxisType\.Auto, or use nnx_recurrent\.RNN.*got the default carry, split '
-                       r'over the batch only, which a step returns split otherwise'):
-      jax.jit(compat.RNN(compat.LSTMCell(H)).apply)(split, xs)
+    got = jax.jit(run)(split, xs, h0)
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+    spec = jax.typeof(a).sharding.spec
+    assert (spec[0], spec[-1]) == ('data', 'model'), spec  # rows and the hidden axis
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
 
-    def given(v, x):
-      carry = jax.sharding.reshard(jax.numpy.zeros((B, H)), P('data', 'model'))
-      return compat.RNN(compat.LSTMCell(H)).apply(v, x, initial_carry=(carry, carry))
-    got = jax.jit(given)(split, xs)
-  assert tuple(jax.typeof(got).sharding.spec) == ('data', None, 'model')
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+
+class _Totalling(nn.RNNCellBase):
+  """A Linen cell that adds each step's ``h`` summed over the batch to a carried
+  variable: split over ``model`` with ``h``, where it is given replicated."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, h, x):
+    h = jax.numpy.tanh(nn.Dense(self.features)(x) + h)
+    total = self.variable('totals', 'h', lambda: jax.numpy.zeros((self.features,)))
+    total.value = total.value + h.sum(0)
+    return h, h
+
+  def initialize_carry(self, rng, input_shape):
+    return jax.numpy.zeros(input_shape[:-1] + (self.features,))
+
+  @property
+  def num_feature_axes(self):
+    return 1
+
+
+def test_compat_rnn_a_variable_carry_a_step_splits_otherwise_is_a_value_error():
+  # The carry settles; a variable_carry collection is flax.linen's scan's, carried as it is.
+  from jax.sharding import AxisType
+
+  mesh = jax.make_mesh((jax.device_count(), 1), ('data', 'model'),
+                       axis_types=(AxisType.Explicit, AxisType.Explicit))
+  x = np.ones((B, T, IN), np.float32)
+  variables = {'params': {'cell': {'Dense_0': {'kernel': np.ones((IN, H), np.float32),
+                                               'bias': np.ones((H,), np.float32)}}},
+               'totals': {'cell': {'h': np.zeros((H,), np.float32)}}}
+  with jax.set_mesh(mesh):
+    split = {'params': _split_columns(variables['params']),
+             'totals': jax.device_put(variables['totals'], P())}
+    with pytest.raises(ValueError, match=r"RNN: `variable_carry` expected collections that each "
+                       r'step of the cell returns split over the mesh as they were given '
+                       r"\(explicit sharding mode.*got 'totals', whose variable a step returns "
+                       r"split otherwise \(JAX's scan: .*\['totals'\]\['h'\] has type "
+                       r'float32\[8\] but the corresponding output carry component has type '
+                       r'float32\[8@model\]'):
+      compat.RNN(_Totalling(H), variable_carry='totals').apply(
+        split, jax.device_put(x, P('data')), mutable=['totals'])
 
 
 class _Restless(nnx.Module):
@@ -643,5 +700,111 @@ def _main_explicit():
         f'model parallel {n_model}')
 
 
+# -- compat.RNN under an Explicit model axis (the child process) ------------------------
+class _Sowing(nn.RNNCellBase):
+  """A Linen cell that records each step's ``h`` (``sow``) and drops some of it,
+  drawing a mask per step from the ``dropout`` stream (split over the steps)."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, h, x):
+    h = jax.numpy.tanh(nn.Dense(self.features)(x) + nn.Dense(self.features, use_bias=False)(h))
+    keep = jax.random.bernoulli(self.make_rng('dropout'), 0.7, h.shape,
+                                out_sharding=jax.typeof(h).sharding)
+    h = jax.numpy.where(keep, h / 0.7, 0.0)
+    self.sow('intermediates', 'h', h)
+    return h, h
+
+  def initialize_carry(self, rng, input_shape):
+    return jax.numpy.zeros(input_shape[:-1] + (self.features,))
+
+  @property
+  def num_feature_axes(self):
+    return 1
+
+
+class _CompatZoo(nn.Module):
+  """compat.RNN over compat's LSTM and GRU cells, flax.linen's OptimizedLSTMCell
+  and :class:`_Sowing`, with flax.linen.scan's options, and compat.Bidirectional;
+  each layer's ``(carry, outputs)`` with the default carry."""
+
+  @nn.compact
+  def __call__(self, x, lengths, segment_ids):
+    rnn = functools.partial(compat.RNN, return_carry=True)
+    return dict(
+      lstm=rnn(compat.LSTMCell(H))(x, seq_lengths=lengths),
+      gru=rnn(compat.GRUCell(H), reverse=True, keep_order=True)(x, segment_ids=segment_ids),
+      linen=rnn(nn.OptimizedLSTMCell(H))(x, seq_lengths=lengths),
+      sowing=rnn(_Sowing(H), variable_axes={'intermediates': 0},
+                 split_rngs={'params': False, 'dropout': True})(x, seq_lengths=lengths),
+      per_step=rnn(compat.GRUCell(H), variable_axes={'params': 0}, variable_broadcast=False,
+                   split_rngs={'params': True})(x),
+      bidirectional=compat.Bidirectional(rnn(compat.GRUCell(H)), rnn(compat.LSTMCell(H)),
+                                         return_carry=True)(x, seq_lengths=lengths))
+
+
+def _every_method_of_rnn(module, method):
+  """``capture_intermediates``: what every method of compat's RNN returns (its
+  helpers are no methods of the module, with or without a mesh)."""
+  return isinstance(module, compat.RNN)
+
+
+def _main_compat_explicit():
+  """compat.RNN with its Linen parameters split over an Explicit ``model`` axis
+  (on their hidden axis, placed after init), inputs over ``data`` where the mesh
+  has it, the default carry: outputs, carries, the intermediates (sown, and
+  every RNN method's output) and the parameters' gradients equal the run without a
+  mesh on the same values; outputs and carries split over ``model``, as each
+  step splits them."""
+  from jax.sharding import AxisType
+
+  assert jax.device_count() == 8, jax.devices()
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(B, T, IN)).astype(np.float32)
+  lengths = np.array([5, 1, 3, 5, 0, 2, 4, 5], np.int32)
+  segment_ids = np.array([[1, 1, 2, 2, 2], [1, 2, 3, 0, 0], [1] * 5, [0] * 5,
+                          [1, 1, 1, 2, 0], [3, 3, 1, 1, 1], [1, 2, 2, 2, 2], [2, 2, 2, 2, 0]],
+                         np.int32)
+  args = (x, lengths, segment_ids)
+  params = random_linen_variables(_CompatZoo(), *args, seed=1)['params']
+
+  @jax.jit
+  def run(params, x, lengths, segment_ids):
+    def loss(params):
+      out, state = _CompatZoo().apply({'params': params}, x, lengths, segment_ids,
+                                      rngs={'dropout': jax.random.key(2)},
+                                      mutable=['intermediates'],
+                                      capture_intermediates=_every_method_of_rnn)
+      return sum(jax.numpy.sum(y ** 2) for _, y in out.values()), (out, state)
+    return jax.grad(loss, has_aux=True)(params)
+
+  want = jax.tree_util.tree_map(np.asarray, run(params, *args))
+  recorded = jax.tree_util.tree_leaves_with_path(want[1][1])  # sown, and every method's output
+  assert any("'h'" in jax.tree_util.keystr(path) for path, _ in recorded), recorded
+  checked = 0
+  for shape, axes in (((2, 4), ('data', 'model')), ((2,), ('model',))):
+    mesh = jax.make_mesh(shape, axes, axis_types=(AxisType.Explicit,) * len(shape),
+                         devices=jax.devices()[:int(np.prod(shape))])
+    rows = 'data' if 'data' in axes else None
+    with jax.set_mesh(mesh):
+      split = _split_columns(params)
+      got = run(split, *(jax.device_put(a, P(rows)) for a in args))
+    assert _specs(got[0]) == _specs(split)  # each gradient split as its parameter is
+    for a, b in zip(jax.tree_util.tree_leaves(got[1]), jax.tree_util.tree_leaves(want[1]),
+                    strict=True):  # outputs, carries, what was recorded
+      np.testing.assert_allclose(np.asarray(a), b, atol=1e-6, rtol=0, err_msg=str(axes))
+    for a, b in zip(jax.tree_util.tree_leaves(got[0]), jax.tree_util.tree_leaves(want[0]),
+                    strict=True):  # gradients: sums over rows and steps, in another order
+      np.testing.assert_allclose(np.asarray(a), b, atol=1e-6 * np.abs(b).max(), rtol=0,
+                                 err_msg=f'{axes} gradients')
+    for name, out in got[1][0].items():
+      for spec in _specs(out):  # (*batch, [time,] hidden): rows as the inputs, hidden over model
+        assert spec[0] == rows and spec[-1] == 'model', (axes, name, spec)
+    checked += len(got[1][0])
+  print(f'compat explicit checks passed: layers {checked}')
+
+
 if __name__ == '__main__':
-  _main_explicit() if sys.argv[1:] == ['explicit'] else _main()
+  {'explicit': _main_explicit, 'compat-explicit': _main_compat_explicit}.get(
+    ''.join(sys.argv[1:]), _main)()

@@ -17,7 +17,8 @@ outputs at padding, segment resets).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -164,6 +165,40 @@ class RNN(nn.Module):
     _checks.check_unroll('RNN', self.unroll)
     super().__post_init__()
 
+  @nn.nowrap  # a helper: no method of the module (capture_intermediates, tabulate)
+  def _lifted(self, fn: Callable, in_axes: Any = 0) -> Callable:
+    """``fn(cell, carry, *xs)`` scanned over time by ``flax.linen.scan`` with
+    this RNN's options."""
+    return nn.scan(fn, variable_axes=self.variable_axes,
+                   variable_broadcast=self.variable_broadcast,
+                   variable_carry=self.variable_carry, split_rngs=self.split_rngs,
+                   in_axes=in_axes, out_axes=0, unroll=self.unroll)
+
+  @nn.nowrap
+  def _settled(self, carry: Any, xs: jax.Array) -> Any:
+    """Explicit sharding mode: ``carry`` split over the mesh as a step of the
+    cell returns it (``_scan.settle_carry``). The step is traced abstractly
+    under this RNN's ``flax.linen.scan`` (so each step's view of the variables
+    and RNG streams is the real scan's: ``variable_axes``, ``split_rngs``), on
+    an unbound copy of the cell given its variables, every collection mutable
+    and every change discarded (what the step records or creates, the streams'
+    counts)."""
+    cell = self.cell.clone(parent=None)
+    variables = self.cell.variables
+    assert self.scope is not None  # called bound, from __call__
+    rngs = {name: rng.rng for name, rng in self.scope.rngs.items()}
+
+    def new_carry(cell, carry, x_t):  # the step's carry, out as ys (the carry kept)
+      new = _scan.plain_step(cell, carry, x_t)[0]
+      return _scan.typed_as(new, carry), new
+
+    def step(carry):
+      run = nn.apply(lambda cell, carry: self._lifted(new_carry)(cell, carry, xs)[1], cell,
+                     mutable=True)
+      stacked = jax.eval_shape(lambda carry: run(variables, carry, rngs=rngs)[0], carry)
+      return jax.tree_util.tree_map(_scan.abstract_step_input, stacked)
+    return _scan.settle_carry('RNN', step, carry)
+
   def __call__(
     self,
     inputs: jax.Array,
@@ -227,6 +262,10 @@ class RNN(nn.Module):
     # Under shard_map the carry varies like the inputs, under an Explicit mesh it is
     # split over the batch like them (flax.linen's fails in both).
     initial_carry = _scan.like_inputs(initial_carry, xs, len(seq.batch_shape), seq.masks)
+    explicit = _scan.explicit_mesh(xs)
+    if explicit:  # parameters split over the mesh split the carry too
+      with _named_errors(given_carry, self.variable_carry, explicit):
+        initial_carry = self._settled(initial_carry, xs)
     # flax.linen's values at padding: the cell runs on and its outputs stay;
     # with return_carry a second carry keeps each row's last valid one.
     # Packed sequences (an extension) are masked as in nnx_recurrent.RNN,
@@ -243,41 +282,43 @@ class RNN(nn.Module):
       reset_carry = _scan.segment_start(seq.masks, initial_carry, reset_carry, xs,
                                         len(seq.batch_shape))
       scan_args = ((xs, seq.masks.valid, seq.masks.reset, None), (None, reset_carry))
-    scan = nn.scan(
-      _LINEN_SCAN_FN if linen else _PACKED_SCAN_FN if packed else _PLAIN_SCAN_FN,
-      variable_axes=self.variable_axes,
-      variable_broadcast=self.variable_broadcast,
-      variable_carry=self.variable_carry,
-      split_rngs=self.split_rngs,
-      in_axes=0 if len(scan_args) == 1 else (0, nn.broadcast),
-      out_axes=0,
-      unroll=self.unroll,
-    )
-    try:
+    scan = self._lifted(_LINEN_SCAN_FN if linen else _PACKED_SCAN_FN if packed else _PLAIN_SCAN_FN,
+                        in_axes=0 if len(scan_args) == 1 else (0, nn.broadcast))
+    with _named_errors(given_carry, self.variable_carry, explicit):
       carry, ys = scan(self.cell, carry, *scan_args)
-    except _checks.CarrySizeError as e:  # the carry is the one given here
-      if given_carry:
-        _checks.fail('RNN', 'initial_carry', e.expected, e.got, _checks.ParamShapeError)
-      raise
-    except TypeError as e:
-      # Under an Explicit mesh, parameters split over a mesh axis split each
-      # step's carry too: flax.linen's RNN fails so, with JAX's scan message
-      # (nnx_recurrent.RNN settles the carry itself).
-      if not (_scan.explicit_mesh(xs) and _SCAN_CARRY_TYPES in str(e)):
-        raise
-      _checks.fail('RNN', 'initial_carry',
-                   'a carry split over the mesh as each step of the cell splits it (explicit '
-                   "sharding mode: parameters split over a mesh axis split the step's carry "
-                   'over it too, e.g. P(batch axis, model axis) for a kernel split over its '
-                   'columns; or split the parameters over mesh axes of AxisType.Auto, or '
-                   'use nnx_recurrent.RNN, which settles the carry itself)',
-                   ('the one given' if given_carry else 'the default carry, split over the '
-                    'batch only') + ", which a step returns split otherwise (JAX's scan: "
-                   f'"{_SCAN_CARRY_TYPES}")')
     if linen:
       carry = carry[1]
     ys = _scan.output_order(ys, seq, reverse, idx, keep_order, time_major)
     return (carry, ys) if return_carry else ys
+
+
+@contextlib.contextmanager
+def _named_errors(given_carry: bool, variable_carry: CollectionFilter,
+                  explicit: bool) -> Iterator[None]:
+  """Errors of the scan, and of the carry's settling (which traces a step), that
+  name an argument of ``RNN``: a carry of another size than the cell's
+  parameters names ``initial_carry`` where one is given; under an Explicit mesh
+  (``explicit``), JAX's scan ``TypeError`` for a collection in ``variable_carry``
+  that a step returns split otherwise than it was given names ``variable_carry``
+  (flax.linen's ``scan`` carries such a collection as it is; the carry itself
+  is settled, ``RNN._settled``)."""
+  try:
+    yield
+  except _checks.CarrySizeError as e:  # the carry is the one given here
+    if given_carry:
+      _checks.fail('RNN', 'initial_carry', e.expected, e.got, _checks.ParamShapeError)
+    raise
+  except TypeError as e:
+    if not (explicit and variable_carry and _SCAN_CARRY_TYPES in str(e)):
+      raise
+    which = next((line for line in str(e).splitlines() if 'carry component' in line), str(e))
+    _checks.fail('RNN', 'variable_carry',
+                 'collections that each step of the cell returns split over the mesh as they '
+                 'were given (explicit sharding mode: a variable computed from parameters split '
+                 'over a mesh axis is split over it too; keep its sharding in the step, or '
+                 'split the parameters over mesh axes of AxisType.Auto)',
+                 f"{variable_carry!r}, whose variable a step returns split otherwise (JAX's scan: "
+                 f'"{which}")')
 
 
 # The start of JAX's message for a scan whose step changes its carry's type.

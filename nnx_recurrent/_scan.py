@@ -399,6 +399,34 @@ def settle_carry(where: str, abstract_step: Any, carry: Any, rounds: int = 3) ->
                'axes of AxisType.Auto)', f'carry partitions {specs[0]} -> {specs[1]}')
 
 
+def check_gate_split(where: str, arg: str, hidden: Any, params: Any, got: str) -> None:
+  """Explicit sharding mode: a parameter whose last axis stacks a cell's gates
+  (a multiple of ``hidden`` wide: ``(in, 4 * hidden)`` for an LSTM's) split
+  over ``n`` devices splits each gate, hence each step's carry, over them too,
+  which JAX refuses where ``n`` does not divide ``hidden`` (an error from deep
+  in the step): then a ``ValueError`` naming ``arg`` (``got``: what it is).
+  Without an int ``hidden`` (a cell that does not say its size), nothing is
+  checked."""
+  if not isinstance(hidden, int) or isinstance(hidden, bool):
+    return
+  for p in jax.tree_util.tree_leaves(params):
+    spec = explicit_spec(p)
+    axes = () if spec is None else spec[-1]
+    axes = axes if isinstance(axes, tuple) else (axes,) if axes else ()
+    if not axes or jnp.shape(p)[-1] % hidden:
+      continue
+    mesh = jax.typeof(p).sharding.mesh
+    n = int(np.prod([mesh.shape[a] for a in axes]))
+    if hidden % n:
+      over = f'mesh axis {axes[0]!r}' if len(axes) == 1 else f'mesh axes {axes}'
+      _checks.fail(where, arg, f'a hidden size that is a multiple of {n} (explicit sharding '
+                   f'mode: a parameter of shape {tuple(jnp.shape(p))} is split over {over} '
+                   f'({n} devices) on its last axis, which holds the gates, {hidden} wide each: '
+                   "each gate and each step's carry would be split over those devices too; keep "
+                   f'that axis whole over {over}, or make the hidden size a multiple of {n})',
+                   got)
+
+
 def _full_spec(x: Any) -> tuple | None:
   """``x``'s partition in its type, one entry per axis (``None``: no sharding)."""
   sharding = x.sharding if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x).sharding
@@ -504,6 +532,9 @@ def masked_scan(
   num_batch_axes = xs.ndim - 1 - num_feature_axes
   carry = like_inputs(carry, xs, num_batch_axes, masks)  # shard_map, explicit sharding
   if explicit_mesh(xs):  # parameters split over the mesh split the carry too
+    hidden = getattr(cell, 'hidden_features', None)
+    check_gate_split('RNN', 'cell', hidden, nnx.state(cell, nnx.Param),
+                     f'{type(cell).__name__} of hidden_features {hidden}')
     carry = settle_carry('RNN', lambda c: _abstract_cell_step(cell, c, xs, dropout_masks,
                                                              step_rngs), carry)
   reset_carry = segment_start(masks, carry, reset_carry, xs, num_batch_axes)

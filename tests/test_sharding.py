@@ -20,7 +20,8 @@ With the argument ``explicit``, every sequence layer under ``jax.set_mesh`` with
 Explicit axes (JAX's explicit sharding mode): data parallel with replicated
 parameters, then parameters split over an Explicit ``model`` axis, on a
 ``(data, model)`` mesh and on ``model`` alone; with ``compat-explicit``,
-``compat.RNN`` with its Linen parameters split so.
+``compat.RNN`` with its Linen parameters split so; with ``uneven``, hidden sizes
+and batches a mesh axis does not divide.
 """
 
 import functools
@@ -80,6 +81,14 @@ def test_compat_rnn_model_parallel_under_explicit_axes_on_a_mesh_of_8_devices():
   # see _main_compat_explicit.
   output = _run_script('compat-explicit')
   assert 'compat explicit checks passed: layers 12' in output, output
+
+
+def test_explicit_sizes_a_mesh_axis_does_not_divide_on_a_mesh_of_8_devices():
+  # A hidden size the model axis does not divide, where the gates' columns split evenly:
+  # a ValueError naming it (JAX's error came from deep in the step); batches and hidden
+  # sizes JAX lets through run to the values of no mesh. See _main_uneven.
+  output = _run_script('uneven')
+  assert 'uneven explicit checks passed: refused 11, ran 18' in output, output
 
 
 def _explicit_mesh_here():
@@ -805,6 +814,149 @@ def _main_compat_explicit():
   print(f'compat explicit checks passed: layers {checked}')
 
 
+# -- sizes a mesh axis does not divide, explicit sharding mode (the child process) -----
+class _FusedLinen(nn.RNNCellBase):
+  """A Linen LSTM cell whose kernels stack the four gates: ``(in, 4 * features)``."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, carry, x):
+    c, h = carry
+    z = nn.Dense(4 * self.features)(x) + nn.Dense(4 * self.features, use_bias=False)(h)
+    i, f, g, o = jax.numpy.split(z, 4, axis=-1)
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jax.numpy.tanh(g)
+    h = jax.nn.sigmoid(o) * jax.numpy.tanh(c)
+    return (c, h), h
+
+  def initialize_carry(self, rng, input_shape):
+    zeros = jax.numpy.zeros(input_shape[:-1] + (self.features,))
+    return zeros, zeros
+
+  @property
+  def num_feature_axes(self):
+    return 1
+
+
+def _uneven_zoo(hidden, meta, lstm=True, gru=True):
+  """nr.RNN, Bidirectional and StackedRNN over cells whose kernels stack the gates
+  (OptimizedLSTMCell, then GRUCell, of those asked for), and the fused layers
+  asked for, 'xla' and 'auto'."""
+  rngs = nnx.Rngs(0)
+  kinds = [nr.OptimizedLSTMCell] * lstm + [nr.GRUCell] * gru
+  first, last = (lambda n_in, kind=kind: kind(n_in, hidden, rngs=rngs, **meta)
+                 for kind in (kinds[0], kinds[-1]))
+  fused = {f'{name}_{implementation}': layer(IN, hidden, implementation=implementation,
+                                            rngs=rngs, **meta)
+           for name, layer, wanted in (('lstm', nr.LSTM, lstm), ('gru', nr.GRU, gru)) if wanted
+           for implementation in ('xla', 'auto')}
+  return nnx.Dict(
+    rnn=nr.RNN(first(IN)),
+    bidirectional=nr.Bidirectional(nr.RNN(first(IN)), nr.RNN(last(IN))),
+    stack=nr.StackedRNN(nr.RNN(first(IN)), nr.RNN(last(hidden))),
+    **fused,
+  )
+
+
+def _uneven_apply(zoo, hidden, variables, x, lengths):
+  """``(carry, outputs)`` of every layer of ``zoo`` and of compat.RNN / Bidirectional
+  over the Linen ``variables`` (``{'lstm': ..., 'bidirectional': ...}``)."""
+  out = {name: layer(x, seq_lengths=lengths, return_carry=True) for name, layer in zoo.items()}
+  out['compat'] = compat.RNN(compat.LSTMCell(hidden), return_carry=True).apply(
+    variables['lstm'], x, seq_lengths=lengths)
+  out['compat_bidirectional'] = _compat_pair(hidden).apply(variables['bidirectional'], x,
+                                                           seq_lengths=lengths)
+  return out
+
+
+def _uneven_run(graphdef, hidden, state, variables, x, lengths):
+  return _uneven_apply(nnx.merge(graphdef, state), hidden, variables, x, lengths)
+
+
+def _compat_pair(hidden):
+  return compat.Bidirectional(compat.RNN(compat.GRUCell(hidden)),
+                              compat.RNN(compat.LSTMCell(hidden)), return_carry=True)
+
+
+def _main_uneven():
+  """Explicit sharding mode with a hidden size a mesh axis does not divide, or a
+  batch. Parameters stacking the gates on an axis the mesh splits evenly
+  (4 x 6 over 4 devices) while the hidden size is not (6) are a ValueError that
+  names the hidden size (JAX: a ShardingTypeError from the gates' split deep in
+  the step). Runs that JAX allows equal the run without a mesh: a batch of 3
+  replicated over ``data`` (JAX refuses to split it over 2 devices) with
+  parameters split over ``model``; a hidden size of 6 with parameters
+  replicated (JAX refuses to split a per-gate kernel's 6 columns over 4)."""
+  import re
+
+  from jax.sharding import AxisType
+
+  assert jax.device_count() == 8, jax.devices()
+  mesh = jax.make_mesh((2, 4), ('data', 'model'), axis_types=(AxisType.Explicit,) * 2)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(B, T, IN)).astype(np.float32)
+  lengths = np.array([5, 1, 3, 5, 0, 2, 4, 5], np.int32)
+  refused = 0
+  kernels = dict(kernel_metadata=_SHARDED, recurrent_kernel_metadata=_SHARDED)
+  for model, hidden, lstm, meta in ((4, 6, True, _metadata()),
+                                    (3, 4, False, kernels)):  # a GRU's 3 x 4 columns over 3
+    shape, axes = ((2, 4), ('data', 'model')) if model == 4 else ((3,), ('model',))
+    split_mesh = jax.make_mesh(shape, axes, axis_types=(AxisType.Explicit,) * len(shape),
+                               devices=jax.devices()[:int(np.prod(shape))])
+    with jax.set_mesh(split_mesh):
+      zoo = random_module(functools.partial(_uneven_zoo, hidden, meta, lstm, not lstm),
+                          sharding=_placed(split_mesh))
+      rows = jax.device_put(x, P('data' if 'data' in axes else None))
+      calls = {name: functools.partial(nnx.jit(lambda layer, x: layer(x)), layer)
+               for name, layer in zoo.items()}
+      if lstm:  # a Linen cell of yours whose kernels stack the gates
+        fused_linen = compat.RNN(_FusedLinen(hidden))
+        linen_params = _split_columns(random_linen_variables(fused_linen, x))
+        calls['compat'] = functools.partial(jax.jit(fused_linen.apply), linen_params)
+      for name, call in calls.items():
+        try:
+          call(rows)
+        except ValueError as e:
+          where, arg, got = (('LSTM' if lstm else 'GRU', 'hidden_features', str(hidden))
+                             if name.endswith(('_xla', '_auto')) else
+                             ('RNN', 'cell', f'_FusedLinen of features {hidden}')
+                             if name == 'compat' else
+                             ('RNN', 'cell', rf'\w+Cell of hidden_features {hidden}'))
+          pattern = (rf'{where}: `{arg}` expected a hidden size that is a multiple of {model} '
+                     r'\(explicit sharding mode: a parameter of shape \(.*\) is split over '
+                     rf"mesh axis 'model' \({model} devices\) on its last axis, which holds the "
+                     rf'gates, {hidden} wide each: .*, got {got}\.$')
+          assert re.search(pattern, str(e)), (name, str(e))
+          refused += 1
+        else:
+          raise AssertionError(f'{name} ran with hidden {hidden} split over {model} devices')
+  # What runs: 3 rows, replicated, with parameters split over 'model'; hidden 6 replicated.
+  ran = 0
+  for hidden, rows, meta in ((H, 3, _metadata()), (6, B, {})):
+    xs, ls = x[:rows], lengths[:rows]
+    variables = {'lstm': random_linen_variables(compat.RNN(compat.LSTMCell(hidden)), xs),
+                 'bidirectional': random_linen_variables(_compat_pair(hidden), xs)}
+    graphdef, state = nnx.split(random_module(functools.partial(_uneven_zoo, hidden, {})))
+    run = jax.jit(functools.partial(_uneven_run, graphdef, hidden))
+    want = jax.tree_util.tree_map(np.asarray, run(state, variables, xs, ls))
+    with jax.set_mesh(mesh):
+      zoo = random_module(functools.partial(_uneven_zoo, hidden, meta), sharding=_placed(mesh))
+      place = _split_columns if meta else functools.partial(jax.device_put, device=P())
+      split = place(variables)
+      spec_rows = P('data' if rows % 2 == 0 else None)
+      got = run(nnx.state(zoo), split, *(jax.device_put(a, spec_rows) for a in (xs, ls)))
+    for name in want:
+      for a, b in zip(jax.tree_util.tree_leaves(got[name]), jax.tree_util.tree_leaves(want[name]),
+                      strict=True):
+        np.testing.assert_allclose(np.asarray(a), b, atol=ATOL, rtol=0,
+                                   err_msg=f'{name}, hidden {hidden}, {rows} rows')
+        spec = jax.typeof(a).sharding.spec  # rows split or not, the hidden axis as the params
+        assert (spec[0], spec[-1]) == (spec_rows[0], 'model' if meta else None), (name, spec)
+      ran += 1
+  print(f'uneven explicit checks passed: refused {refused}, ran {ran}')
+
+
 if __name__ == '__main__':
-  {'explicit': _main_explicit, 'compat-explicit': _main_compat_explicit}.get(
+  {'explicit': _main_explicit, 'compat-explicit': _main_compat_explicit,
+   'uneven': _main_uneven}.get(
     ''.join(sys.argv[1:]), _main)()

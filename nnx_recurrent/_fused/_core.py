@@ -320,6 +320,8 @@ class _FusedBase(nnx.Module):
     else:
       plan = _plans.plan_for_call(self._math, params, xs)
       if _scan.explicit_mesh(xs):  # parameters split over the mesh split the carry too
+        _scan.check_gate_split(type(self).__name__, 'hidden_features', self.hidden_features,
+                               params, str(self.hidden_features))
         carry_in = _xla.settled_carry(self._math, plan.primal, params, xs, carry_in)
       if plan.custom_vjp:
         final, ys = _xla.recurrence(self._math, plan, params, xs, carry_in, *masks)

@@ -185,6 +185,9 @@ class RNN(nn.Module):
     counts)."""
     cell = self.cell.clone(parent=None)
     variables = self.cell.variables
+    features = getattr(cell, 'features', None)
+    _scan.check_gate_split('RNN', 'cell', features, variables.get('params'),
+                           f'{type(cell).__name__} of features {features}')
     assert self.scope is not None  # called bound, from __call__
     rngs = {name: rng.rng for name, rng in self.scope.rngs.items()}
 

@@ -173,18 +173,10 @@ def test_compat_rnn_under_an_explicit_model_axis_settles_the_carry():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
 
 
-class _Totalling(nn.RNNCellBase):
-  """A Linen cell that adds each step's ``h`` summed over the batch to a carried
-  variable: split over ``model`` with ``h``, where it is given replicated."""
+class _OneArrayCell(nn.RNNCellBase):
+  """A Linen test cell's carry: one ``(*batch, features)`` array of zeros."""
 
   features: int
-
-  @nn.compact
-  def __call__(self, h, x):
-    h = jax.numpy.tanh(nn.Dense(self.features)(x) + h)
-    total = self.variable('totals', 'h', lambda: jax.numpy.zeros((self.features,)))
-    total.value = total.value + h.sum(0)
-    return h, h
 
   def initialize_carry(self, rng, input_shape):
     return jax.numpy.zeros(input_shape[:-1] + (self.features,))
@@ -192,6 +184,18 @@ class _Totalling(nn.RNNCellBase):
   @property
   def num_feature_axes(self):
     return 1
+
+
+class _Totalling(_OneArrayCell):
+  """A Linen cell that adds each step's ``h`` summed over the batch to a carried
+  variable: split over ``model`` with ``h``, where it is given replicated."""
+
+  @nn.compact
+  def __call__(self, h, x):
+    h = jax.numpy.tanh(nn.Dense(self.features)(x) + h)
+    total = self.variable('totals', 'h', lambda: jax.numpy.zeros((self.features,)))
+    total.value = total.value + h.sum(0)
+    return h, h
 
 
 def test_compat_rnn_a_variable_carry_a_step_splits_otherwise_is_a_value_error():
@@ -710,11 +714,9 @@ def _main_explicit():
 
 
 # -- compat.RNN under an Explicit model axis (the child process) ------------------------
-class _Sowing(nn.RNNCellBase):
+class _Sowing(_OneArrayCell):
   """A Linen cell that records each step's ``h`` (``sow``) and drops some of it,
   drawing a mask per step from the ``dropout`` stream (split over the steps)."""
-
-  features: int
 
   @nn.compact
   def __call__(self, h, x):
@@ -724,13 +726,6 @@ class _Sowing(nn.RNNCellBase):
     h = jax.numpy.where(keep, h / 0.7, 0.0)
     self.sow('intermediates', 'h', h)
     return h, h
-
-  def initialize_carry(self, rng, input_shape):
-    return jax.numpy.zeros(input_shape[:-1] + (self.features,))
-
-  @property
-  def num_feature_axes(self):
-    return 1
 
 
 class _CompatZoo(nn.Module):

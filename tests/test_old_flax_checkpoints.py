@@ -28,8 +28,6 @@ one leaf changed by 1e-2 moves them by more than 10x ``ATOL``.
 from __future__ import annotations
 
 import functools
-import glob
-import os
 
 import flax.linen
 import jax
@@ -40,35 +38,11 @@ from flax import serialization
 
 import nnx_recurrent as nr
 from nnx_recurrent import compat
+from tests import _old_fixtures as old
 
 ATOL = 1e-5
-_DIR = os.path.join(os.path.dirname(__file__), 'data', 'old_flax')
-_FILES = sorted(glob.glob(os.path.join(_DIR, 'flax-*.msgpack')))
-
-
-@functools.cache
-def _fixture(path: str) -> dict:
-  with open(path, 'rb') as f:
-    return serialization.msgpack_restore(f.read())
-
-
-def _version(path: str) -> str:
-  return os.path.basename(path)[len('flax-'):-len('.msgpack')]
-
-
-CASES = [(_version(path), name) for path in _FILES for name in sorted(_fixture(path)['cases'])]
-_BY_VERSION = {_version(path): path for path in _FILES}
-
-
-def _case(version: str, name: str) -> dict:
-  return _fixture(_BY_VERSION[version])['cases'][name]
-
-
-def _unpack(carry):
-  """make_fixtures' ``{'0': c, '1': h}`` back to the tuple carry."""
-  if isinstance(carry, dict):
-    return tuple(_unpack(carry[str(i)]) for i in range(len(carry)))
-  return jnp.asarray(carry)
+OLD = old.Fixtures('old_flax')
+CASES = OLD.cases
 
 
 def _make_cell(case: dict, nn=compat) -> functools.partial:
@@ -126,7 +100,7 @@ def _compat_module(case: dict, nn=compat):
 
 def _args(case: dict):
   """(args, kwargs) of the case's call."""
-  x, carry0 = jnp.asarray(case['inputs']), _unpack(case['initial_carry'])
+  x, carry0 = jnp.asarray(case['inputs']), old.unpack(case['initial_carry'])
   if case['kind'] == 'scan':
     return (carry0, x), {}
   return (x,), {'initial_carry': carry0, 'seq_lengths': jnp.asarray(case['seq_lengths'])}
@@ -150,7 +124,7 @@ def _max_diff(got, want, valid=None) -> float:
 
 def _check(case: dict, carry, outputs, valid=None) -> float:
   """The largest difference from the old release's outputs and carry; asserts ATOL."""
-  want_carry = _unpack(case['carry'])
+  want_carry = old.unpack(case['carry'])
   assert jax.tree.structure(carry) == jax.tree.structure(want_carry)
   diff = max([_max_diff(outputs, case['outputs'], valid)]
              + [_max_diff(g, w) for g, w in zip(jax.tree.leaves(carry),
@@ -171,10 +145,10 @@ def _restored(module, case: dict) -> dict:
 
 
 def test_fixtures_are_there():
-  assert [_version(p) for p in _FILES] == ['0.10.7', '0.6.11', '0.7.5', '0.8.5']
-  for path in _FILES:
-    versions = _fixture(path)['versions']
-    assert versions['flax'] == _version(path)
+  assert [old.version(p) for p in OLD.files] == ['0.10.7', '0.6.11', '0.7.5', '0.8.5']
+  for path in OLD.files:
+    versions = old.load(path)['versions']
+    assert versions['flax'] == old.version(path)
     assert versions['flax'] != flax.__version__  # written by an older release
   cells = {name.split('/')[1].split('-')[0] for _, name in CASES}
   assert cells == {'LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'MGUCell', 'SimpleCell',
@@ -183,7 +157,7 @@ def test_fixtures_are_there():
 
 @pytest.mark.parametrize('version,name', CASES)
 def test_compat_reproduces_old_release(version, name):
-  case = _case(version, name)
+  case = OLD.case(version, name)
   module = _compat_module(case)
   variables = _restored(module, case)
   args, kwargs = _args(case)
@@ -202,7 +176,7 @@ def test_compat_reproduces_old_release(version, name):
 def test_old_scan_checkpoint_under_compat_rnn(version, name):
   """An old ``nn.scan(Cell)`` checkpoint, unchanged, under ``compat.RNN``: the cell
   named as the scanned module was; or, standalone, the cell's params as ``'cell'``."""
-  case = _case(version, name)
+  case = OLD.case(version, name)
   args, _ = _args(case)
   module = _RNNEncoder(_make_cell(case), _scan_name(case))
   carry, outputs = module.apply(_restored(module, case), *args)
@@ -215,7 +189,7 @@ def test_old_scan_checkpoint_under_compat_rnn(version, name):
 
 @pytest.mark.parametrize('version,name', CASES)
 def test_to_nnx_reproduces_old_release(version, name):
-  case = _case(version, name)
+  case = OLD.case(version, name)
   args, kwargs = _args(case)
   if case['kind'] == 'scan':  # the scanned cell's own parameters, as a cell
     cell = compat.to_nnx(_cell(case), {'params': case['variables']['params'][_scan_name(case)]})
@@ -228,12 +202,12 @@ def test_to_nnx_reproduces_old_release(version, name):
   _check(case, carry, outputs, valid=_valid(case))
 
 
-@pytest.mark.parametrize('version', sorted(_BY_VERSION))
+@pytest.mark.parametrize('version', sorted(OLD.by_version))
 def test_a_perturbed_parameter_is_noticed(version):
   """Each case can fail: any one parameter leaf changed by 1e-2 moves the old
   release's outputs or carry far beyond ATOL (one case per cell and kind is
   enough to show it; the others share the code)."""
-  cases = _fixture(_BY_VERSION[version])['cases']
+  cases = OLD.fixture(version)['cases']
   for name in ('rnn/GRUCell', 'bidirectional/LSTMCell', 'scan/ConvLSTMCell'):
     case = cases[name]
     module = _compat_module(case)
@@ -249,5 +223,5 @@ def test_a_perturbed_parameter_is_noticed(version):
       carry, outputs = apply(perturbed)
       diff = max(_max_diff(outputs, case['outputs']),
                  *(_max_diff(g, w) for g, w in zip(jax.tree.leaves(carry),
-                                                    jax.tree.leaves(_unpack(case['carry'])))))
+                                                    jax.tree.leaves(old.unpack(case['carry'])))))
       assert diff > 10 * ATOL, (name, jax.tree_util.keystr(path), diff)

@@ -52,8 +52,6 @@ fails the check (all 270, tried by hand), and
 
 from __future__ import annotations
 
-import functools
-import glob
 import os
 import warnings
 
@@ -62,43 +60,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx, serialization
+from flax import nnx
 from flax.nnx import traversals
 
 import nnx_recurrent as nr
+from tests import _old_fixtures as old
 
 ATOL = 1e-5
-_DIR = os.path.join(os.path.dirname(__file__), 'data', 'old_nnx')
-_FILES = sorted(glob.glob(os.path.join(_DIR, 'flax-*.msgpack')))
+OLD = old.Fixtures('old_nnx')
+CASES = OLD.cases
 # The releases whose checkpoints hold `Param(None)` biases / the 0.10 `Rngs`
 # layout (module docstring).
 _NONE_BIASES = {'0.10.0'}
 _RNGS_LAYOUT_0_10 = {'0.10.0', '0.10.7'}
-
-
-@functools.cache
-def _fixture(path: str) -> dict:
-  with open(path, 'rb') as f:
-    return serialization.msgpack_restore(f.read())
-
-
-def _version(path: str) -> str:
-  return os.path.basename(path)[len('flax-'):-len('.msgpack')]
-
-
-CASES = [(_version(path), name) for path in _FILES for name in sorted(_fixture(path)['cases'])]
-_BY_VERSION = {_version(path): path for path in _FILES}
-
-
-def _case(version: str, name: str) -> dict:
-  return _fixture(_BY_VERSION[version])['cases'][name]
-
-
-def _unpack(carry):
-  """make_nnx_fixtures' ``{'0': c, '1': h}`` back to the tuple carry."""
-  if isinstance(carry, dict):
-    return tuple(_unpack(carry[str(i)]) for i in range(len(carry)))
-  return np.asarray(carry)
 
 
 def _flat(pure: dict) -> dict:
@@ -112,7 +86,7 @@ def _typed(version: str, name: str, *types: str) -> dict:
   (make_nnx_fixtures stored their data). Not msgpack's NumPy arrays: they are
   read-only, and flax's ``RngStream`` (nr's with ``keep_rngs=True`` too)
   advances its count in place, which fails on one."""
-  fixture = _fixture(_BY_VERSION[version])
+  fixture = OLD.fixture(version)
   case = fixture['cases'][name]
   (impl,) = fixture['rng_key_impls']
   flat = {}
@@ -171,7 +145,7 @@ def _restore(model, pure: dict, what=nnx.Param) -> None:
 
 def _call(model, case: dict):
   x, lengths = case['inputs'], case['seq_lengths']
-  return model(x, initial_carry=_unpack(case['initial_carry']), seq_lengths=lengths)
+  return model(x, initial_carry=old.unpack(case['initial_carry']), seq_lengths=lengths)
 
 
 def _valid(case: dict) -> np.ndarray:
@@ -191,7 +165,7 @@ def _max_diff(got, want, valid=None) -> float:
 def _check(case: dict, carry, outputs, valid=None, want=None) -> float:
   """The largest difference from the old release's outputs and carry; asserts ATOL."""
   want = want or case
-  want_carry = _unpack(want['carry'])
+  want_carry = old.unpack(want['carry'])
   assert jax.tree.structure(carry) == jax.tree.structure(want_carry)
   diff = max([_max_diff(outputs, want['outputs'], valid)]
              + [_max_diff(g, w) for g, w in zip(jax.tree.leaves(carry),
@@ -205,15 +179,15 @@ def _param_specs(pure: dict) -> dict:
 
 
 def test_fixtures_are_there():
-  assert [_version(p) for p in _FILES] == ['0.10.0', '0.10.7', '0.11.2', '0.12.0']
-  for path in _FILES:
-    fixture = _fixture(path)
-    assert fixture['versions']['flax'] == _version(path)
+  assert [old.version(p) for p in OLD.files] == ['0.10.0', '0.10.7', '0.11.2', '0.12.0']
+  for path in OLD.files:
+    fixture = old.load(path)
+    assert fixture['versions']['flax'] == old.version(path)
     assert fixture['versions']['flax'] != flax.__version__  # written by an older release
     assert fixture['rng_key_impls'] == ['threefry2x32']
   cells = {name.split('/')[1].split('-')[0] for _, name in CASES}
   assert cells == {'LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell'}
-  assert sum(os.path.getsize(p) for p in _FILES) < 200_000
+  assert sum(os.path.getsize(p) for p in OLD.files) < 200_000
 
 
 @pytest.mark.parametrize('version,name', CASES)
@@ -221,7 +195,7 @@ def test_param_tree_is_nnx_recurrents_unchanged(version, name):
   """The checkpoint's parameters are nr's: the same paths (no renaming), shapes
   and dtypes, and today's flax.nnx's; flax 0.10.0's ``Param(None)`` biases
   aside, which neither module has."""
-  case = _case(version, name)
+  case = OLD.case(version, name)
   params = _params(version, name)
   ours = nnx.to_pure_dict(nnx.state(_model(case), nnx.Param))
   theirs = nnx.to_pure_dict(nnx.state(_model(case, nnx), nnx.Param))
@@ -243,7 +217,7 @@ def test_param_tree_is_nnx_recurrents_unchanged(version, name):
 
 @pytest.mark.parametrize('version,name', CASES)
 def test_nnx_recurrent_reproduces_old_release(version, name):
-  case = _case(version, name)
+  case = OLD.case(version, name)
   model = _model(case)
   _restore(model, _without_none_and_rng_state(_params(version, name)))
   carry, outputs = _call(model, case)
@@ -258,7 +232,7 @@ def test_nnx_recurrent_reproduces_old_release(version, name):
 def test_default_gru_cell_loads_with_bias_hn_at_zero(version, name):
   """nr's default GRUCell has one more parameter, ``bias_hn``; left at its
   initial zero, the old checkpoint's values come out."""
-  case = _case(version, name)
+  case = OLD.case(version, name)
   model = _model(case, use_bias_hn=True)
   state = nnx.state(model, nnx.Param)
   nnx.replace_by_pure_dict(state, _without_none_and_rng_state(_params(version, name)))
@@ -273,7 +247,7 @@ def test_whole_checkpoint_rng_state(version, name):
   """The whole state, RNG included: nr's layers keep no RNG state for nr's
   cells, so its ``rngs`` entries are refused; a ``keep_rngs=True`` cell's
   whole 0.11/0.12 state restores as it is (the layer keeps a stream for it)."""
-  case = _case(version, name)
+  case = OLD.case(version, name)
   whole = _whole(version, name)
   rng_paths = {p for p in _flat(whole) if 'rngs' in p}
   assert rng_paths  # every release keeps RNG state in these layers
@@ -297,7 +271,7 @@ def test_todays_flax_nnx_loads_the_same_checkpoint(version, name):
   """Today's flax.nnx from the same checkpoint: the old release's values on
   every step, padding included. The whole 0.11/0.12 state restores into it; a
   0.10 state's ``Rngs`` layout does not (nor its ``Param(None)``)."""
-  case = _case(version, name)
+  case = OLD.case(version, name)
   model = _model(case, nnx)
   whole = _whole(version, name)
   if version in _RNGS_LAYOUT_0_10:
@@ -311,14 +285,14 @@ def test_todays_flax_nnx_loads_the_same_checkpoint(version, name):
   _check(case, *model(case['inputs']), want=case['default_carry'])
 
 
-@pytest.mark.parametrize('version', sorted(_BY_VERSION))
+@pytest.mark.parametrize('version', sorted(OLD.by_version))
 def test_a_perturbed_parameter_is_noticed(version):
   """Each case can fail: any one parameter leaf changed by 1e-2 moves the old
   release's outputs or carry on the valid steps far beyond ATOL (one case per
   cell and kind is enough to show it; the others share the code)."""
   for name in ('rnn/GRUCell', 'bidirectional/LSTMCell', 'rnn/OptimizedLSTMCell',
                'rnn/SimpleCell-residual=True'):
-    case = _case(version, name)
+    case = OLD.case(version, name)
     model = _model(case)
     _restore(model, _without_none_and_rng_state(_params(version, name)))
     graphdef, params = nnx.split(model, nnx.Param)
@@ -330,5 +304,5 @@ def test_a_perturbed_parameter_is_noticed(version):
       carry, outputs = run(jax.tree.unflatten(treedef, perturbed))
       diff = max(_max_diff(outputs, case['outputs'], _valid(case)),
                  *(_max_diff(g, w) for g, w in zip(jax.tree.leaves(carry),
-                                                    jax.tree.leaves(_unpack(case['carry'])))))
+                                                    jax.tree.leaves(old.unpack(case['carry'])))))
       assert diff > 10 * ATOL, (name, i, diff)

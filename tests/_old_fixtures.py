@@ -50,11 +50,7 @@ class Fixtures:
 
 def unpack(carry):
   """A stored ``{'0': c, '1': h}`` back to the tuple carry, its arrays as msgpack
-  restored them: read-only float32 NumPy arrays. (test_old_flax_checkpoints
-  took ``jnp.asarray`` of them, test_old_nnx_checkpoints ``np.asarray``: no
-  dtype or value changes, and every case's calls that the two files check
-  against ATOL gave the same bits with either initial carry, under XLA's
-  default flags and the suite's.)"""
+  restored them (read-only float32 NumPy arrays, which every layer takes)."""
   if isinstance(carry, dict):
     return tuple(unpack(carry[str(i)]) for i in range(len(carry)))
   return np.asarray(carry)

@@ -602,10 +602,12 @@ class RNNCellBase(nnx.Module):
     except (TypeError, ValueError) as e:
       if arg == 'carry':
         raise
-      # A cell's own step: say what the carry should be and where that is set.
-      raise type(e)(f'{str(e)[:-1]} (the carry is num_carry_arrays = {len(shapes)} '
-                    f'array(s) of shapes {", ".join(map(str, shapes))}, as initialize_carry '
-                    'makes it).') from None
+      # A cell's own step: say what the carry should be and where that is set
+      # (the error itself, reworded: its class and Origin stay).
+      _checks.reword(e, f'{str(e)[:-1]} (the carry is num_carry_arrays = {len(shapes)} '
+                        f'array(s) of shapes {", ".join(map(str, shapes))}, as '
+                        'initialize_carry makes it).')
+      raise
     if arg == 'carry' and is_package_cell(self):
       # The last array is h, which the recurrent product reads: a scalar or a
       # narrower h broadcasts with the carry above, then fails in the product

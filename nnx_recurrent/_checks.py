@@ -19,12 +19,11 @@ import functools
 import inspect
 import numbers
 import os
-import re
 import sys
 import warnings
 from collections.abc import Callable, Collection, Iterator
 from types import FrameType
-from typing import Any, NoReturn, TypeVar, cast
+from typing import Any, NamedTuple, NoReturn, TypeVar, cast
 
 import flax
 import jax
@@ -37,10 +36,44 @@ _INTERNAL_DIRS = tuple(os.path.dirname(str(m.__file__)) + os.sep
                        for m in (sys.modules[__package__], flax, jax))
 
 
+class Origin(NamedTuple):
+  """Whom and what an error of this package's blames: the ``where`` and the
+  ``arg`` its message begins with (``RNN: `inputs` ...``). :func:`fail` sets
+  it on the error it raises (:func:`origin` reads it), and
+  :func:`blame_entry` decides from it, not from the message's text."""
+  where: str
+  arg: str
+
+
+_ORIGIN = '_nnx_recurrent_origin'  # the attribute: a name no other code's error has
+
+
+def origin(e: BaseException) -> Origin | None:
+  """What ``e`` blames, for an error this package raised (:func:`fail`);
+  ``None`` for another's (a user's cell, JAX, flax)."""
+  found = getattr(e, _ORIGIN, None)
+  return found if isinstance(found, Origin) else None
+
+
+def reword(e: BaseException, message: str, blames: Origin | None = None) -> None:
+  """Gives ``e`` (an error :func:`fail` raised) the ``message`` (and, given,
+  what it now ``blames``) in place, to be re-raised as it is: its class stays
+  (a subclass of flax's error too stays caught as one), and so do its other
+  attributes, its traceback and its notes. A class whose constructor takes
+  other arguments than the message is not called again (``CarrySizeError``;
+  its ``__reduce__`` pickles the message as it stands)."""
+  e.args = (message,)
+  if blames is not None:
+    setattr(e, _ORIGIN, blames)
+
+
 def fail(where: str, arg: str, expected: str, got: Any,
          exc: type[Exception] = ValueError) -> NoReturn:
-  """Raises ``exc`` with the project's one message template."""
-  raise exc(f'{where}: `{arg}` expected {expected}, got {got}.')
+  """Raises ``exc`` with the project's one message template, and its
+  :class:`Origin` (``where``, ``arg``) as an attribute (:func:`origin`)."""
+  error = exc(f'{where}: `{arg}` expected {expected}, got {got}.')
+  setattr(error, _ORIGIN, Origin(where, arg))
+  raise error
 
 
 class _LinenError(ValueError):
@@ -51,8 +84,13 @@ class _LinenError(ValueError):
   def __init__(self, message: str):
     Exception.__init__(self, message)  # not flax's __init__, which adds a link
 
+  def _init_args(self) -> tuple[Any, ...]:
+    return (str(self),)
+
   def __reduce__(self):
-    return type(self), (str(self),)
+    # Built from its constructor's arguments, then its state: the message as it
+    # stands (reword may have changed it) and its attributes (its Origin).
+    return type(self), self._init_args(), {**vars(self), 'args': self.args}
 
 
 class ParamShapeError(_LinenError, flax_errors.ScopeParamShapeError):
@@ -73,9 +111,10 @@ class CarrySizeError(ParamShapeError):
   def __init__(self, where: str, expected: str, got: str):
     super().__init__(f'{where}: `carry` expected {expected}, got {got}.')
     self.where, self.expected, self.got = where, expected, got
+    setattr(self, _ORIGIN, Origin(where, 'carry'))  # as fail's
 
-  def __reduce__(self):
-    return type(self), (self.where, self.expected, self.got)
+  def _init_args(self) -> tuple[Any, ...]:
+    return self.where, self.expected, self.got
 
 
 def check_concrete(where: str, arg: str, tree: Any, fix: str,
@@ -372,16 +411,27 @@ def blame_entry(where: str, entry: str, layer: str, given: Any,
   layers[1] (GRU): GRU: `initial_carry` expected ...``; ``given``: the entry,
   ``None`` for the layer's default: nothing to blame), and the ``passed``
   arguments it hands on as they are (``Bidirectional: `seq_lengths`, passed
-  on to forward_rnn (RNN): RNN: `seq_lengths` expected ...``)."""
+  on to forward_rnn (RNN): RNN: `seq_lengths` expected ...``).
+
+  Only this package's errors are reworded, as its :class:`Origin` says (not
+  from the message's text: a user cell's own ``ValueError`` that happens to
+  read ``RNN: `seq_lengths` ...`` passes as it is, as JAX's do). The error
+  is re-raised itself (:func:`reword`): its class stays (a ``ParamShapeError``
+  is still a ``flax.errors.ScopeParamShapeError``), and its new ``Origin``
+  blames the composite's argument, for a composite around this one to name
+  its own (a stack of Bidirectionals names both)."""
   try:
     yield
   except (TypeError, ValueError) as e:
-    cls = TypeError if isinstance(e, TypeError) else ValueError
-    if given is not None and '`initial_carry`' in str(e):
-      raise cls(f'{where}: `initial_carry{entry}`, the carry of {layer}: {e}') from None
-    arg = re.match(r'[\w.]+: `(\w+)`', str(e))
-    if arg and arg[1] in passed and not str(e).startswith(f'{where}:'):
-      raise cls(f'{where}: `{arg[1]}`, passed on to {layer}: {e}') from None
+    blamed = origin(e)
+    if blamed is None:
+      raise
+    if given is not None and blamed.arg.partition('[')[0] == 'initial_carry':
+      arg = f'initial_carry{entry}'
+      reword(e, f'{where}: `{arg}`, the carry of {layer}: {e}', Origin(where, arg))
+    elif blamed.arg in passed and blamed.where != where:
+      reword(e, f'{where}: `{blamed.arg}`, passed on to {layer}: {e}',
+             Origin(where, blamed.arg))
     raise
 
 

@@ -1,5 +1,6 @@
 """Bad input gets a ValueError/TypeError naming the argument, not an XLA trace."""
 
+import pickle
 import re
 from typing import NamedTuple
 
@@ -12,7 +13,7 @@ import pytest
 from flax import nnx
 
 import nnx_recurrent as nr
-from nnx_recurrent import compat
+from nnx_recurrent import _checks, compat
 from tests import reference as ref
 
 
@@ -1368,6 +1369,93 @@ def test_composite_layers_name_the_argument_they_pass_on():
     with pytest.raises(ValueError, match=m(f'{where}: `segment_ids`, passed on to {inner}: '
                                            '`segment_ids` expected an integer array')):
       module(X, segment_ids=jnp.ones((2, 5)))
+
+
+def _linen_rnn():
+  """compat's RNN over a GRUCell of 4 features, as an NNX layer (flax's bridge)."""
+  layer = nnx.bridge.ToNNX(compat.RNN(compat.GRUCell(features=4)), rngs=nnx.Rngs(0))
+  nnx.bridge.lazy_init(layer, X)
+  return layer
+
+
+def test_a_composite_keeps_the_class_of_the_error_it_names_its_argument_in():
+  # compat's RNN refuses a carry of another size than its parameters with flax's
+  # ScopeParamShapeError (a ParamShapeError): a Bidirectional around it, and a
+  # stack around that, prefix the message and keep the class (they raised a
+  # plain ValueError, which code catching flax's error did not catch).
+  bi = nr.Bidirectional(_linen_rnn(), _linen_rnn())
+  stack = nr.StackedRNN(bi, nr.RNN(nr.GRUCell(8, 4, rngs=nnx.Rngs(0))))
+  bad = jnp.zeros((2, 6))
+  inner = ('RNN: `initial_carry` expected a last axis of size 4 (the parameter '
+           "'hr/kernel' has shape (4, 4); flax.linen's cells take their size from the carry), "
+           'got size 6.')
+  for call, prefix in (
+      (lambda: bi(X, initial_carry=(None, bad)),
+       'Bidirectional: `initial_carry[1]`, the carry of backward_rnn (ToNNX): '),
+      (lambda: stack(X, initial_carry=((bad, None), None)),
+       'StackedRNN: `initial_carry[0]`, the carry of layers[0] (Bidirectional): '
+       'Bidirectional: `initial_carry[0]`, the carry of forward_rnn (ToNNX): ')):
+    try:
+      call()
+    except flax.errors.ScopeParamShapeError as e:
+      error = e
+    else:
+      raise AssertionError('no error')
+    assert type(error) is _checks.ParamShapeError and isinstance(error, ValueError)
+    assert str(error) == prefix + inner
+    copied = pickle.loads(pickle.dumps(error))  # the message as it stands, and the class
+    assert type(copied) is type(error) and str(copied) == str(error)
+    assert _checks.origin(copied) == _checks.origin(error)
+
+
+def test_a_composite_names_both_levels_of_an_argument_it_passes_on():
+  # A stack of Bidirectionals: the stack names its argument, then the pair its own.
+  r = nnx.Rngs(0)
+  bi = nr.Bidirectional(nr.RNN(nr.GRUCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(3, 4, rngs=r)))
+  stack = nr.StackedRNN(bi, nr.RNN(nr.GRUCell(8, 4, rngs=r)))
+  levels = ('StackedRNN: `{0}`, passed on to layers[0] (Bidirectional): Bidirectional: `{0}`, '
+            'passed on to forward_rnn (RNN): RNN: `{0}` expected ')
+  with pytest.raises(ValueError, match='^' + m(levels.format('seq_lengths')
+                                               + 'non-negative lengths, got minimum -1.')):
+    stack(X, seq_lengths=jnp.array([5, -1]))
+  with pytest.raises(TypeError, match='^' + m(levels.format('inputs') + 'an array, got list.')):
+    stack(X.tolist())
+  with pytest.raises(ValueError) as info:
+    stack(jnp.ones((2, 5, 4)))
+  assert _checks.origin(info.value) == _checks.Origin('StackedRNN', 'inputs')
+
+
+def test_a_composite_passes_on_an_error_of_a_cell_of_yours_as_it_is():
+  # The message reads as one of ours about an argument the pair passes on; it is
+  # the user's, and stays as raised (the pair rewrote it, taking it for ours).
+  raised = []
+
+  def step(h, x):
+    raised.append(ValueError('RNN: `seq_lengths` looks odd'))
+    raise raised[-1]
+
+  cell = _CarryCell(lambda s: jnp.zeros((*s[:-1], 4)), step)
+  bi = nr.Bidirectional(nr.RNN(cell), nr.RNN(cell))
+  for kwargs in ({}, {'seq_lengths': jnp.array([5, 2])}):
+    with pytest.raises(ValueError) as info:
+      bi(X, **kwargs)
+    assert info.value is raised[-1] and type(info.value) is ValueError
+    assert str(info.value) == 'RNN: `seq_lengths` looks odd'
+    assert _checks.origin(info.value) is None
+
+
+def test_a_reworded_error_of_ours_pickles_as_it_reads():
+  # CarrySizeError is built from its parts, not its message: a reworded one
+  # pickles with the message as it stands (and its Origin).
+  error = _checks.CarrySizeError('GRUCell', 'a last axis of size 4', 'size 6')
+  assert _checks.origin(error) == _checks.Origin('GRUCell', 'carry')
+  _checks.reword(error, 'RNN: `initial_carry`, the carry: ' + str(error),
+                 _checks.Origin('RNN', 'initial_carry'))
+  copied = pickle.loads(pickle.dumps(error))
+  assert type(copied) is _checks.CarrySizeError and str(copied) == str(error)
+  assert (copied.where, copied.expected, copied.got) == ('GRUCell', 'a last axis of size 4',
+                                                         'size 6')
+  assert _checks.origin(copied) == _checks.Origin('RNN', 'initial_carry')
 
 
 def test_sizes_given_as_0d_arrays_are_taken_as_flax_takes_them():

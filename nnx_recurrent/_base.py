@@ -225,7 +225,7 @@ class RNNCellBase(nnx.Module):
     self.in_features = _checks.check_positive_int(where, 'in_features', in_features)
     self.hidden_features = _checks.check_positive_int(where, 'hidden_features', hidden_features)
     if not isinstance(rngs, nnx.Rngs):
-      raise TypeError(f'{where}: `rngs` expected an nnx.Rngs, got {type(rngs).__name__}.')
+      _checks.fail(where, 'rngs', 'an nnx.Rngs', type(rngs).__name__, TypeError)
     self.dtype = _checks.check_dtype(where, 'dtype', dtype, allow_none=True)
     self.param_dtype = _checks.check_dtype(where, 'param_dtype', param_dtype)
     self.dropout_rate = _checks.check_rate(where, 'dropout_rate', dropout_rate)
@@ -404,10 +404,8 @@ class RNNCellBase(nnx.Module):
       if rngs is None:
         rngs = getattr(self, 'rngs', None)
       if rngs is None:
-        raise ValueError(
-          f'{name}.initialize_carry: `rngs` expected a PRNG source because `carry_init` '
-          'is given, got None.'
-        )
+        _checks.fail(f'{name}.initialize_carry', 'rngs',
+                     'a PRNG source because `carry_init` is given', 'None')
       leaves = [carry_init(k, shape, dtype)
                 for k, shape in zip(_keys_from(f'{name}.initialize_carry', rngs, 'carry', n),
                                     shapes)]
@@ -460,10 +458,8 @@ class RNNCellBase(nnx.Module):
       return None
     rngs = rngs if rngs is not None else getattr(self, 'rngs', None)
     if rngs is None:
-      raise ValueError(
-        f'{type(self).__name__}: `rngs` expected a PRNG source for dropout in training mode, '
-        'got None (pass rngs=nnx.Rngs(...) at construction or call time, or call .eval()).'
-      )
+      _checks.fail(type(self).__name__, 'rngs', 'a PRNG source for dropout in training mode',
+                   'None (pass rngs=nnx.Rngs(...) at construction or call time, or call .eval())')
     key_in, key_rec = jax.random.split(_key_from(type(self).__name__, rngs, 'dropout'))
     if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):  # integer inputs: not theirs
       dtype = jnp.result_type(getattr(self, 'dtype', None) or jnp.float32)

@@ -37,11 +37,12 @@ _orthogonal = initializers.orthogonal()
 
 def default_recurrent_kernel_init(key, shape, dtype=jnp.float32):
   """Orthogonal, as flax's ``initializers.orthogonal()``: computed in
-  ``dtype`` (float64 stays orthogonal to float64 precision); a half-precision
-  ``dtype`` in float32 and cast, since CPU QR has none (where flax fails)."""
-  if jnp.dtype(dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
-    return _orthogonal(key, shape, dtype)
-  return _orthogonal(key, shape, jnp.float32).astype(dtype)
+  ``dtype`` (float64 stays orthogonal to float64 precision, complex64 is
+  flax's complex orthogonal matrix); a real ``dtype`` of fewer than 32 bits
+  (float16, bfloat16) in float32 and cast, since QR has none (where flax fails)."""
+  if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+    return _orthogonal(key, shape, jnp.float32).astype(dtype)
+  return _orthogonal(key, shape, dtype)
 
 
 def modified_orthogonal(key, shape, dtype=jnp.float32):

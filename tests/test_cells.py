@@ -1,5 +1,7 @@
 """Cells against their NumPy formula, flax.linen and flax.nnx; ``initialize_carry``."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -135,6 +137,21 @@ def test_drop_in_for_flax_nnx_state(name, param_dtype):
     y_ours, y_theirs = (nnx.eval_shape(lambda cell, x: cell(carry, x)[1], cell, x)
                         for cell in (ours, theirs))
     assert y_ours.dtype == y_theirs.dtype, dtype
+
+
+@pytest.mark.parametrize('param_dtype', [jnp.complex64, jnp.float64])
+@pytest.mark.parametrize('name', [*FLAX_NNX, 'gru'])
+def test_complex_and_float64_parameters_are_flax_nnx_values(name, param_dtype):
+  # The orthogonal init is computed in the parameters' dtype, as flax's: a complex
+  # orthogonal matrix, not a real one cast (half precision alone goes through float32).
+  ours_cls, theirs_cls = FLAX_NNX.get(name, (functools.partial(nr.GRUCell, use_bias_hn=False),
+                                             nnx.GRUCell))
+  with jax.enable_x64(param_dtype == jnp.float64):
+    ours = ours_cls(3, 4, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    theirs = theirs_cls(3, 4, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+    assert _state_signature(ours) == _state_signature(theirs)
+    jax.tree_util.tree_map(np.testing.assert_array_equal,
+                           nnx.state(ours, nnx.Param), nnx.state(theirs, nnx.Param))
 
 
 @pytest.mark.parametrize('name', list(FLAX_NNX))

@@ -196,6 +196,30 @@ def test_cell_init_and_apply_match_linen(name, kwargs, shape):
     nn.tabulate(theirs, jax.random.key(2))(carry_t, x)
 
 
+@pytest.mark.parametrize('param_dtype', [jnp.float16, jnp.bfloat16, jnp.complex64])
+@pytest.mark.parametrize('name', ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'MGUCell',
+                                  'SimpleCell'])
+def test_cell_init_in_every_param_dtype(name, param_dtype):
+  # flax.linen's orthogonal init fails in half precision (QR has none: "Unsupported
+  # dtype"); compat's gives flax.linen's float32 values cast. Other dtypes: flax's own.
+  x = normal((B, IN))
+  carry = nn.LSTMCell(H).initialize_carry(jax.random.key(1), x.shape)
+  if name in ('GRUCell', 'MGUCell', 'SimpleCell'):
+    carry = carry[1]
+  half = jnp.dtype(param_dtype).itemsize == 2
+
+  def in_float32(key, shape, dtype):  # flax's orthogonal matrix, in float32, cast
+    return nn.initializers.orthogonal()(key, shape, jnp.float32).astype(dtype)
+  theirs = getattr(nn, name)(features=H, param_dtype=param_dtype,
+                             **dict(recurrent_kernel_init=in_float32) if half else {})
+  ours = getattr(compat, name)(features=H, param_dtype=param_dtype)
+  _assert_same_tree(ours.init(jax.random.key(2), carry, x),
+                    theirs.init(jax.random.key(2), carry, x))
+  if half:
+    with pytest.raises(NotImplementedError, match='Unsupported dtype'):
+      getattr(nn, name)(features=H, param_dtype=param_dtype).init(jax.random.key(2), carry, x)
+
+
 def _patch_inner_layers(next_fun, args, kwargs, context):
   """An interceptor as LoRA patches and fake quantization are: it changes what a
   cell's inner layers return (Dense and Conv outputs; DenseParams' kernels)."""

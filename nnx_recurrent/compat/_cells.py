@@ -26,7 +26,7 @@ from flax.linen import module as _linen_module
 from flax.linen.recurrent import DenseParams
 from flax.typing import Dtype, Initializer
 
-from nnx_recurrent import _checks
+from nnx_recurrent import _base, _checks
 from nnx_recurrent._conv import _shape_keeping, check_geometry
 from nnx_recurrent._updates import gru_update, mgu_update
 from nnx_recurrent.compat import _convert
@@ -39,6 +39,16 @@ default_kernel_init = nn.initializers.lecun_normal()
 default_recurrent_kernel_init = nn.initializers.orthogonal()
 default_bias_init = _zeros = nn.initializers.zeros_init()
 _ones = nn.initializers.ones_init()
+
+
+def _kernel_init(group: _convert.Group) -> Initializer:
+  """``group``'s kernel initializer; the default orthogonal one computes flax's
+  matrix in float32 and casts it for a float16 / bfloat16 ``param_dtype``, where
+  flax.linen's raises (QR has no half precision), and is flax's in every other
+  dtype (:func:`nnx_recurrent._base.default_recurrent_kernel_init`)."""
+  if group.kernel_init is default_recurrent_kernel_init:
+    return _base.default_recurrent_kernel_init
+  return group.kernel_init
 
 
 class RNNCellBase(nn.RNNCellBase):
@@ -202,7 +212,7 @@ class _Cell(RNNCellBase):
   def _linen_layer(self, sized: _Cell, group: _convert.Group) -> nn.Module:
     """The ``Dense`` flax.linen's cell runs for ``group`` (``Conv``, ``DenseParams``: overrides)."""
     return nn.Dense(sized.features, use_bias=group.bias_init is not None, dtype=self.dtype,
-                    param_dtype=self.param_dtype, kernel_init=group.kernel_init,
+                    param_dtype=self.param_dtype, kernel_init=_kernel_init(group),
                     bias_init=group.bias_init or _zeros, name=group.name)
 
   @nn.nowrap
@@ -373,7 +383,7 @@ class OptimizedLSTMCell(_GatedCell):
     # flax.linen's OptimizedLSTMCell only declares the parameters (and
     # returns them); it multiplies the concatenated kernels itself.
     return DenseParams(sized.features, use_bias=group.bias_init is not None,
-                       param_dtype=self.param_dtype, kernel_init=group.kernel_init,
+                       param_dtype=self.param_dtype, kernel_init=_kernel_init(group),
                        bias_init=self.bias_init, name=group.name)
 
 

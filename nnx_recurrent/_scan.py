@@ -535,8 +535,11 @@ def masked_scan(
     hidden = getattr(cell, 'hidden_features', None)
     check_gate_split('RNN', 'cell', hidden, nnx.state(cell, nnx.Param),
                      f'{type(cell).__name__} of hidden_features {hidden}')
-    carry = settle_carry('RNN', lambda c: _abstract_cell_step(cell, c, xs, dropout_masks,
-                                                             step_rngs), carry)
+    for _ in range(3):  # the carry and the cell's own state, until a step keeps both
+      carry = settle_carry('RNN', lambda c: _abstract_cell_step(cell, c, xs, dropout_masks,
+                                                               step_rngs), carry)
+      if not _settle_cell_state(cell, carry, xs, dropout_masks, step_rngs):
+        break
   reset_carry = segment_start(masks, carry, reset_carry, xs, num_batch_axes)
   xs = clean_padding(xs, masks.valid)
   step_fn = _remat_step if remat else step
@@ -561,6 +564,33 @@ def _abstract_cell_step(cell, carry: Any, xs: Array, dropout_masks: Any,
   def one_step(cell, carry, x_t, dropout_masks, rng_t):
     return in_dtypes_of(carry, _call_cell(cell, carry, x_t, dropout_masks, rng_t)[0])
   return nnx.eval_shape(one_step, cell, carry, x_t, dropout_masks, rng_t)
+
+
+def _settle_cell_state(cell, carry: Any, xs: Array, dropout_masks: Any,
+                       step_rngs: Array | None) -> bool:
+  """Explicit sharding mode: the cell's own Variables (its state, which the scan
+  carries as flax.nnx's ``RNN`` does: a running statistic, a counter) resharded
+  in place as one step leaves them, where the step changes their sharding (a
+  sum of a carry split over the ``model`` axis is split over it too, and the
+  scan would return it so); their values do not change. Whether any was."""
+  x_t = abstract_step_input(xs)
+  rng_t = None if step_rngs is None else abstract_step_input(step_rngs)
+
+  def one_step(cell, carry, x_t, dropout_masks, rng_t):
+    _call_cell(cell, carry, x_t, dropout_masks, rng_t)
+    return nnx.state(cell)
+  new = nnx.to_flat_state(nnx.eval_shape(one_step, cell, carry, x_t, dropout_masks, rng_t))
+  variables = dict(nnx.to_flat_state(nnx.state(cell)))
+  changed = False
+  for path, abstract in new:
+    variable = variables.get(path)
+    if variable is None or not isinstance(abstract.get_value(), jax.ShapeDtypeStruct):
+      continue
+    value, after = variable.get_value(), abstract.get_value()
+    if jnp.shape(value) == after.shape and _full_spec(value) != _full_spec(after):
+      variable.set_value(jax.sharding.reshard(value, after.sharding))
+      changed = True
+  return changed
 
 
 def segment_start(masks: StepMasks, carry: Any, reset_carry: Any, xs: Array,

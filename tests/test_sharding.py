@@ -221,6 +221,60 @@ def test_compat_rnn_a_variable_carry_a_step_splits_otherwise_is_a_value_error():
         split, jax.device_put(x, P('data')), mutable=['totals'])
 
 
+class _NnxTotalling(nnx.Module):
+  """An nnx cell that adds each step's ``h`` summed over the batch to its own
+  Variable: split over ``model`` with ``h`` (the parameters), given replicated."""
+
+  num_feature_axes = 1
+
+  def __init__(self, rngs):
+    self.dense = nnx.Linear(IN, H, rngs=rngs)
+    self.total = nnx.Variable(jax.numpy.zeros((H,)))
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return jax.numpy.zeros(input_shape[:-1] + (H,))
+
+  def __call__(self, h, x):
+    h = jax.numpy.tanh(self.dense(x) + h)
+    self.total[...] = self.total[...] + h.sum(0)
+    return h, h
+
+
+def test_explicit_mesh_a_cells_own_variable_takes_the_sharding_a_step_gives_it():
+  # The cell's state is carried through the scan (flax.nnx's RNN): a Variable a step
+  # returns split over `model` where it was given replicated is resharded before the
+  # scan, as the carry is; flax.nnx's RNN (and ours before) raised JAX's scan TypeError.
+  from jax.sharding import AxisType
+
+  mesh = jax.make_mesh((jax.device_count(), 1), ('data', 'model'),
+                       axis_types=(AxisType.Explicit, AxisType.Explicit))
+  x = np.random.default_rng(0).normal(size=(B, T, IN)).astype(np.float32)
+  run = nnx.jit(lambda cell, x: nr.RNN(cell)(x))
+  plain = _NnxTotalling(nnx.Rngs(0))
+  want = [run(plain, x), run(plain, x)]
+  # The same sums in NumPy: the total adds every step's h, call after call.
+  np.testing.assert_allclose(np.asarray(plain.total[...]),
+                             2 * np.asarray(want[0]).sum((0, 1)), rtol=1e-5)
+  with jax.set_mesh(mesh):
+    def split():
+      cell = _NnxTotalling(nnx.Rngs(0))
+      cell.dense.kernel.set_value(jax.device_put(cell.dense.kernel[...], P(None, 'model')))
+      cell.dense.bias.set_value(jax.device_put(cell.dense.bias[...], P('model')))
+      cell.total.set_value(jax.device_put(cell.total[...], P()))
+      return cell
+    xs = jax.device_put(x, P('data'))
+    theirs = split()
+    with pytest.raises(TypeError, match='carry input and carry output must have equal types'):
+      nnx.jit(lambda cell, x: nnx.RNN(cell, rngs=False)(x))(theirs, xs)  # flax.nnx's
+    cell = split()
+    got = [run(cell, xs), run(cell, xs)]
+    assert tuple(jax.typeof(cell.total[...]).sharding.spec) == ('model',)
+  for a, b in zip(got, want, strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+  np.testing.assert_allclose(np.asarray(cell.total[...]), np.asarray(plain.total[...]),
+                             rtol=1e-6, atol=1e-5)
+
+
 class _Restless(nnx.Module):
   """A cell whose step moves its carry to the other axis of the mesh each time."""
 

@@ -219,7 +219,7 @@ def call_flags(where: str, module: Any, **flags: Any) -> tuple[Any, ...]:
   return tuple(getattr(module, arg) if value is None else value for arg, value in flags.items())
 
 
-def check_rngs(where: str, rngs: Any, arg: str = 'rngs', allow_none: bool = True) -> None:
+def check_rngs(where: str, rngs: Any, allow_none: bool = True) -> None:
   """A call's PRNG source: an ``nnx.Rngs``, an ``nnx.RngStream`` or a PRNG key
   (with ``allow_none``, also ``None``: the module's own)."""
   from flax import nnx  # flax imports nothing of this package; kept local all the same
@@ -227,7 +227,7 @@ def check_rngs(where: str, rngs: Any, arg: str = 'rngs', allow_none: bool = True
   if rngs is None and allow_none:
     return
   if not isinstance(rngs, (nnx.Rngs, nnx.RngStream, jax.Array)):
-    fail(where, arg, 'an nnx.Rngs, nnx.RngStream or a PRNG key'
+    fail(where, 'rngs', 'an nnx.Rngs, nnx.RngStream or a PRNG key'
          f'{" (or None)" if allow_none else ""}', type(rngs).__name__, TypeError)
 
 
@@ -272,7 +272,7 @@ _LAX_PADDINGS = ('SAME', 'SAME_LOWER', 'VALID')
 _FLAX_PADDINGS = ('CIRCULAR', 'REFLECT', 'CAUSAL')
 
 
-def check_padding(where: str, padding: Any, rank: int, arg: str = 'padding') -> Any:
+def check_padding(where: str, padding: Any, rank: int) -> Any:
   """A convolution's ``padding`` as flax's ``Conv`` takes it, for a kernel of
   ``rank`` axes: one of its strings, an int, or ``rank`` entries each an int
   or a ``(low, high)`` tuple of ints. Returned as given."""
@@ -281,15 +281,15 @@ def check_padding(where: str, padding: Any, rank: int, arg: str = 'padding') -> 
               '(one per kernel axis)')
   if isinstance(padding, str):
     if padding.upper() not in _LAX_PADDINGS and padding not in _FLAX_PADDINGS:
-      fail(where, arg, expected, repr(padding))
+      fail(where, 'padding', expected, repr(padding))
     if padding == 'CAUSAL' and rank != 1:
-      fail(where, arg, f"a padding other than 'CAUSAL' for a kernel of {rank} axes (flax "
+      fail(where, 'padding', f"a padding other than 'CAUSAL' for a kernel of {rank} axes (flax "
            "implements 'CAUSAL' for 1-D convolutions only)", repr(padding))
     return padding
   if isinstance(padding, int) and not isinstance(padding, bool):
     return padding
   if not isinstance(padding, (tuple, list)):
-    fail(where, arg, expected, repr(padding) if padding is None or isinstance(padding, float)
+    fail(where, 'padding', expected, repr(padding) if padding is None or isinstance(padding, float)
          else type(padding).__name__, TypeError)
 
   def whole(p: Any) -> bool:
@@ -299,7 +299,7 @@ def check_padding(where: str, padding: Any, rank: int, arg: str = 'padding') -> 
     return whole(p) or (isinstance(p, tuple) and len(p) == 2 and all(map(whole, p)))
 
   if len(padding) != rank or not all(map(entry, padding)):
-    fail(where, arg, expected, repr(padding))
+    fail(where, 'padding', expected, repr(padding))
   return padding
 
 

@@ -13,10 +13,12 @@ import functools
 import glob
 import os
 
+import jax
 import numpy as np
 from flax import serialization
 
 _DATA = os.path.join(os.path.dirname(__file__), 'data')
+ATOL = 1e-5  # absolute, on float32 values of order 1 (the test files' docstrings)
 
 
 @functools.cache
@@ -54,3 +56,35 @@ def unpack(carry):
   if isinstance(carry, dict):
     return tuple(unpack(carry[str(i)]) for i in range(len(carry)))
   return np.asarray(carry)
+
+
+def valid(case: dict) -> np.ndarray:
+  """(batch, time) True at the steps within the case's ``seq_lengths`` (all
+  steps for a case without them: the ``nn.scan`` ones)."""
+  batch, time = case['inputs'].shape[:2]
+  lengths = case.get('seq_lengths', np.full(batch, time))
+  return np.arange(time)[None, :] < np.asarray(lengths)[:, None]
+
+
+def max_diff(got, want, valid=None) -> float:
+  """The largest ``|got - want|`` (same shape and dtype asserted), at the
+  ``valid`` ``(batch, time)`` steps only where given."""
+  got, want = np.asarray(got), np.asarray(want)
+  assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape)
+  if valid is not None:  # (batch, time) against (batch, time, ...)
+    mask = valid.reshape(valid.shape + (1,) * (got.ndim - 2))
+    got, want = np.where(mask, got, 0), np.where(mask, want, 0)
+  return float(np.max(np.abs(got - want)))
+
+
+def check(case: dict, carry, outputs, valid=None, want=None) -> float:
+  """The largest difference from the old release's outputs and carry (``want``'s,
+  default ``case``'s); asserts :data:`ATOL`."""
+  want = want or case
+  want_carry = unpack(want['carry'])
+  assert jax.tree.structure(carry) == jax.tree.structure(want_carry)
+  diff = max([max_diff(outputs, want['outputs'], valid)]
+             + [max_diff(g, w) for g, w in zip(jax.tree.leaves(carry),
+                                                jax.tree.leaves(want_carry))])
+  assert diff <= ATOL, f"{case['kind']}/{case['cell']}: {diff:.3g} from the old release's values"
+  return diff

@@ -40,7 +40,7 @@ import nnx_recurrent as nr
 from nnx_recurrent import compat
 from tests import _old_fixtures as old
 
-ATOL = 1e-5
+ATOL = old.ATOL
 OLD = old.Fixtures('old_flax')
 CASES = OLD.cases
 
@@ -106,31 +106,10 @@ def _args(case: dict):
   return (x,), {'initial_carry': carry0, 'seq_lengths': jnp.asarray(case['seq_lengths'])}
 
 
-def _valid(case: dict) -> np.ndarray:
-  """(batch, time) True at the steps within ``seq_lengths`` (all for 'scan')."""
-  batch, time = case['inputs'].shape[:2]
-  lengths = case.get('seq_lengths', np.full(batch, time))
-  return np.arange(time)[None, :] < np.asarray(lengths)[:, None]
 
 
-def _max_diff(got, want, valid=None) -> float:
-  got, want = np.asarray(got), np.asarray(want)
-  assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape)
-  if valid is not None:  # (batch, time) against (batch, time, ...)
-    mask = valid.reshape(valid.shape + (1,) * (got.ndim - 2))
-    got, want = np.where(mask, got, 0), np.where(mask, want, 0)
-  return float(np.max(np.abs(got - want)))
 
 
-def _check(case: dict, carry, outputs, valid=None) -> float:
-  """The largest difference from the old release's outputs and carry; asserts ATOL."""
-  want_carry = old.unpack(case['carry'])
-  assert jax.tree.structure(carry) == jax.tree.structure(want_carry)
-  diff = max([_max_diff(outputs, case['outputs'], valid)]
-             + [_max_diff(g, w) for g, w in zip(jax.tree.leaves(carry),
-                                                 jax.tree.leaves(want_carry))])
-  assert diff <= ATOL, f"{case['kind']}/{case['cell']}: {diff:.3g} from the old release's values"
-  return diff
 
 
 def _restored(module, case: dict) -> dict:
@@ -162,7 +141,7 @@ def test_compat_reproduces_old_release(version, name):
   variables = _restored(module, case)
   args, kwargs = _args(case)
   carry, outputs = module.apply(variables, *args, **kwargs)
-  _check(case, carry, outputs)  # padded steps included: compat computes them as flax.linen
+  old.check(case, carry, outputs)  # padded steps included: compat computes them as flax.linen
   # What differs from the old release is today's XLA rounding, not compat: today's
   # flax.linen computes what compat does (the same bits under XLA's default flags;
   # under this suite's XLA optimisation level 0, an MGUCell RNN with seq_lengths
@@ -180,11 +159,11 @@ def test_old_scan_checkpoint_under_compat_rnn(version, name):
   args, _ = _args(case)
   module = _RNNEncoder(_make_cell(case), _scan_name(case))
   carry, outputs = module.apply(_restored(module, case), *args)
-  _check(case, carry, outputs)
+  old.check(case, carry, outputs)
   rnn = compat.RNN(_cell(case), return_carry=True)
   params = {'cell': case['variables']['params'][_scan_name(case)]}
   carry, outputs = rnn.apply({'params': params}, args[1], initial_carry=args[0])
-  _check(case, carry, outputs)
+  old.check(case, carry, outputs)
 
 
 @pytest.mark.parametrize('version,name', CASES)
@@ -199,7 +178,7 @@ def test_to_nnx_reproduces_old_release(version, name):
     layer = compat.to_nnx(_compat_module(case), case['variables'])
     carry, outputs = layer(*args, **kwargs)
   # nr.RNN gives zeros at padded steps (flax.linen computes on): valid steps only.
-  _check(case, carry, outputs, valid=_valid(case))
+  old.check(case, carry, outputs, valid=old.valid(case))
 
 
 @pytest.mark.parametrize('version', sorted(OLD.by_version))
@@ -221,7 +200,7 @@ def test_a_perturbed_parameter_is_noticed(version):
       leaves[i] = leaves[i] + 1e-2  # every element of one leaf
       perturbed = jax.tree.unflatten(jax.tree.structure(variables), leaves)
       carry, outputs = apply(perturbed)
-      diff = max(_max_diff(outputs, case['outputs']),
-                 *(_max_diff(g, w) for g, w in zip(jax.tree.leaves(carry),
+      diff = max(old.max_diff(outputs, case['outputs']),
+                 *(old.max_diff(g, w) for g, w in zip(jax.tree.leaves(carry),
                                                     jax.tree.leaves(old.unpack(case['carry'])))))
       assert diff > 10 * ATOL, (name, jax.tree_util.keystr(path), diff)

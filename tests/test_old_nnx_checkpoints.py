@@ -66,7 +66,7 @@ from flax.nnx import traversals
 import nnx_recurrent as nr
 from tests import _old_fixtures as old
 
-ATOL = 1e-5
+ATOL = old.ATOL
 OLD = old.Fixtures('old_nnx')
 CASES = OLD.cases
 # The releases whose checkpoints hold `Param(None)` biases / the 0.10 `Rngs`
@@ -148,30 +148,10 @@ def _call(model, case: dict):
   return model(x, initial_carry=old.unpack(case['initial_carry']), seq_lengths=lengths)
 
 
-def _valid(case: dict) -> np.ndarray:
-  """(batch, time) True at the steps within ``seq_lengths``."""
-  time = case['inputs'].shape[1]
-  return np.arange(time)[None, :] < np.asarray(case['seq_lengths'])[:, None]
 
 
-def _max_diff(got, want, valid=None) -> float:
-  got, want = np.asarray(got), np.asarray(want)
-  assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape)
-  if valid is not None:  # (batch, time) against (batch, time, features)
-    got, want = np.where(valid[..., None], got, 0), np.where(valid[..., None], want, 0)
-  return float(np.max(np.abs(got - want)))
 
 
-def _check(case: dict, carry, outputs, valid=None, want=None) -> float:
-  """The largest difference from the old release's outputs and carry; asserts ATOL."""
-  want = want or case
-  want_carry = old.unpack(want['carry'])
-  assert jax.tree.structure(carry) == jax.tree.structure(want_carry)
-  diff = max([_max_diff(outputs, want['outputs'], valid)]
-             + [_max_diff(g, w) for g, w in zip(jax.tree.leaves(carry),
-                                                 jax.tree.leaves(want_carry))])
-  assert diff <= ATOL, f"{case['kind']}/{case['cell']}: {diff:.3g} from the old release's values"
-  return diff
 
 
 def _param_specs(pure: dict) -> dict:
@@ -221,11 +201,11 @@ def test_nnx_recurrent_reproduces_old_release(version, name):
   model = _model(case)
   _restore(model, _without_none_and_rng_state(_params(version, name)))
   carry, outputs = _call(model, case)
-  valid = _valid(case)
-  _check(case, carry, outputs, valid)
+  valid = old.valid(case)
+  old.check(case, carry, outputs, valid)
   assert (np.asarray(outputs)[~valid] == 0).all()  # nr.RNN: zeros at padded steps
   carry, outputs = model(case['inputs'])  # the default carry (zeros), no padding
-  _check(case, carry, outputs, want=case['default_carry'])
+  old.check(case, carry, outputs, want=case['default_carry'])
 
 
 @pytest.mark.parametrize('version,name', [c for c in CASES if 'GRUCell' in c[1]])
@@ -239,7 +219,7 @@ def test_default_gru_cell_loads_with_bias_hn_at_zero(version, name):
   nnx.update(model, state)
   assert {p[-1] for p, _ in nnx.to_flat_state(state)} >= {'bias_hn'}
   carry, outputs = _call(model, case)
-  _check(case, carry, outputs, _valid(case))
+  old.check(case, carry, outputs, old.valid(case))
 
 
 @pytest.mark.parametrize('version,name', CASES)
@@ -263,7 +243,7 @@ def test_whole_checkpoint_rng_state(version, name):
       nnx.replace_by_pure_dict(nnx.state(model), whole)
     _restore(model, _without_none_and_rng_state(whole), ...)
   carry, outputs = _call(model, case)
-  _check(case, carry, outputs, _valid(case))
+  old.check(case, carry, outputs, old.valid(case))
 
 
 @pytest.mark.parametrize('version,name', CASES)
@@ -281,8 +261,8 @@ def test_todays_flax_nnx_loads_the_same_checkpoint(version, name):
   else:
     _restore(model, whole, ...)
   carry, outputs = _call(model, case)
-  _check(case, carry, outputs)
-  _check(case, *model(case['inputs']), want=case['default_carry'])
+  old.check(case, carry, outputs)
+  old.check(case, *model(case['inputs']), want=case['default_carry'])
 
 
 @pytest.mark.parametrize('version', sorted(OLD.by_version))
@@ -302,7 +282,7 @@ def test_a_perturbed_parameter_is_noticed(version):
       perturbed = list(leaves)
       perturbed[i] = perturbed[i] + 1e-2  # every element of one leaf
       carry, outputs = run(jax.tree.unflatten(treedef, perturbed))
-      diff = max(_max_diff(outputs, case['outputs'], _valid(case)),
-                 *(_max_diff(g, w) for g, w in zip(jax.tree.leaves(carry),
+      diff = max(old.max_diff(outputs, case['outputs'], old.valid(case)),
+                 *(old.max_diff(g, w) for g, w in zip(jax.tree.leaves(carry),
                                                     jax.tree.leaves(old.unpack(case['carry'])))))
       assert diff > 10 * ATOL, (name, i, diff)

@@ -691,9 +691,9 @@ def check_model_parallel_explicit(mesh, names, program, args, variables, ref_out
   return out, grads
 
 
-def _main_explicit():
-  from jax.sharding import AxisType
-
+def _child_inputs():
+  """The explicit-mode children's generator (for what they draw next), inputs,
+  lengths (0 and 1 among them) and packed segment ids, on 8 devices."""
   assert jax.device_count() == 8, jax.devices()
   rng = np.random.default_rng(0)
   x = rng.normal(size=(B, T, IN)).astype(np.float32)
@@ -701,6 +701,13 @@ def _main_explicit():
   segment_ids = np.array([[1, 1, 2, 2, 2], [1, 2, 3, 0, 0], [1] * 5, [0] * 5,
                           [1, 1, 1, 2, 0], [3, 3, 1, 1, 1], [1, 2, 2, 2, 2], [2, 2, 2, 2, 0]],
                          np.int32)
+  return rng, x, lengths, segment_ids
+
+
+def _main_explicit():
+  from jax.sharding import AxisType
+
+  rng, x, lengths, segment_ids = _child_inputs()
   h0 = rng.normal(size=(B, H)).astype(np.float32)  # a given carry, replicated
   zoo = random_module(_explicit_zoo)
   variables = random_linen_variables(_linen_rnn(), x, seed=1)
@@ -817,13 +824,7 @@ def _main_compat_explicit():
   step splits them."""
   from jax.sharding import AxisType
 
-  assert jax.device_count() == 8, jax.devices()
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(B, T, IN)).astype(np.float32)
-  lengths = np.array([5, 1, 3, 5, 0, 2, 4, 5], np.int32)
-  segment_ids = np.array([[1, 1, 2, 2, 2], [1, 2, 3, 0, 0], [1] * 5, [0] * 5,
-                          [1, 1, 1, 2, 0], [3, 3, 1, 1, 1], [1, 2, 2, 2, 2], [2, 2, 2, 2, 0]],
-                         np.int32)
+  rng, x, lengths, segment_ids = _child_inputs()
   args = (x, lengths, segment_ids)
   params = random_linen_variables(_CompatZoo(), *args, seed=1)['params']
 

@@ -146,6 +146,10 @@ class RNN(nnx.Module):
       the default, ``{...: nnx.Carry}``), ``None`` (broadcast: changes are
       dropped) or an axis. With the default, every Variable the cell changes
       (a step counter, its own RNG streams) keeps its changes after the call.
+      Under a mesh of Explicit axes, a carried Variable that a step returns
+      split otherwise than it holds (a running mean of ``h``, split over a
+      ``model`` axis as ``h`` is) is resharded in place before the scan, its
+      value unchanged: after the call it has the step's sharding.
     broadcast_rngs: as flax.nnx's: a filter of RNG stream names (e.g.
       ``'recurrent_dropout'``) held fixed over the steps of one call, so that
       a cell's ``nnx.Dropout`` applies one mask to every step (variational

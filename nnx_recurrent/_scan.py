@@ -22,8 +22,9 @@ over the batch like them under a mesh of Explicit axes (JAX's explicit
 sharding mode); there, parameters split over a mesh axis (model parallel over
 the hidden axis) split each step's carry too, and the carry (a packed row's
 reset carry with it) takes the sharding one step of the cell gives it, traced
-abstractly (:func:`settle_carry`). Outside those two, nothing in the programs
-changes.
+abstractly (:func:`settle_carry`), and so do the cell's own Variables that the
+scan carries (:func:`settle_cell_state`). Outside those two, nothing in the
+programs changes.
 """
 
 from __future__ import annotations
@@ -379,24 +380,60 @@ def settle_carry(where: str, abstract_step: Any, carry: Any, rounds: int = 3) ->
     ValueError: a step whose carry's sharding still changes after ``rounds``
       looks (``where`` names the layer).
   """
+  return settle_state(where, lambda c, _: (abstract_step(c), {}), carry, {}, rounds)[0]
+
+
+def settle_state(where: str, abstract_step: Any, carry: Any, variables: dict[str, Any],
+                 rounds: int = 3) -> tuple[Any, dict[str, Any]]:
+  """:func:`settle_carry` for a carry and the values of the cell's own
+  Variables that the scan carries too (``variables``, by their paths:
+  ``cell.running_mean``): ``abstract_step(carry, variables)`` returns both
+  after one step, and both take its shardings until a step keeps them. A
+  Variable a step computes from parameters split over a mesh axis (a running
+  mean of ``h``) is split over it too, where it was given replicated.
+
+  Returns:
+    ``(carry, variables)``: each leaf the one given where its sharding stays,
+    else resharded (the values are the same).
+
+  Raises:
+    ValueError: a step whose carry's or Variables' shardings still change
+      after ``rounds`` looks, naming them.
+  """
+  state: Any = (carry, dict(variables))
   structure: Any  # jax's PyTreeDef (untyped for mypy)
   for _ in range(rounds):
-    new = abstract_step(carry)
-    olds, structure = jax.tree_util.tree_flatten(carry)
+    new = abstract_step(*state)
+    olds, structure = jax.tree_util.tree_flatten(state)
     news = jax.tree_util.tree_leaves(new)
     if jax.tree_util.tree_structure(new) != structure or any(
         jnp.shape(o) != jnp.shape(n) for o, n in zip(olds, news)):
-      return carry  # not the carry the scan can take: its own checks say why
+      return state  # not the state the scan can take: its own checks say why
     specs = [_full_spec(o) for o in olds], [_full_spec(n) for n in news]
     if specs[0] == specs[1]:
-      return carry
-    carry = structure.unflatten(
+      return state
+    last = state, new
+    state = structure.unflatten(
       o if a == b else jax.sharding.reshard(o, n.sharding)
       for o, n, a, b in zip(olds, news, *specs))
-  _checks.fail(where, 'cell', 'a step that returns its carry split over the mesh as it was '
-               f'given (explicit sharding mode: the carry took the sharding of the step\'s '
-               f'output {rounds} times; keep it in the step, or split the parameters over mesh '
-               'axes of AxisType.Auto)', f'carry partitions {specs[0]} -> {specs[1]}')
+  (carry, variables), (new_carry, new_variables) = last
+  before, after = ([_full_spec(c) for c in jax.tree_util.tree_leaves(c)]
+                   for c in (carry, new_carry))
+  changed = [f'carry partitions {before} -> {after}'] if before != after else []
+  changed += [f'{name} partitions {_full_spec(v)} -> {_full_spec(new_variables[name])}'
+              for name, v in variables.items() if _full_spec(v) != _full_spec(new_variables[name])]
+  what = ('its carry, and the Variables of the cell that the scan carries (state_axes), split '
+          'over the mesh as they were given (explicit sharding mode: they' if variables else
+          'its carry split over the mesh as it was given (explicit sharding mode: the carry')
+  _checks.fail(where, 'cell', f"a step that returns {what} took the sharding of the step's "
+               f'output {rounds} times; {EXPLICIT_REMEDY})', '; '.join(changed))
+
+
+# What to do where a step splits over a mesh axis what the scan carries from
+# step to step (nr.RNN's carry and the cell's Variables, compat.RNN's
+# variable_carry).
+EXPLICIT_REMEDY = ('keep its sharding in the step, or split the parameters over mesh axes of '
+                   'AxisType.Auto')
 
 
 def check_gate_split(where: str, arg: str, hidden: Any, params: Any, got: str) -> None:
@@ -530,20 +567,16 @@ def masked_scan(
     ``(final_carry, ys)`` with ``ys`` time-major; ``ys`` is zero where not valid.
   """
   num_batch_axes = xs.ndim - 1 - num_feature_axes
+  axes = nnx_state_axes(state_axes, broadcast_rngs)
   carry = like_inputs(carry, xs, num_batch_axes, masks)  # shard_map, explicit sharding
   if explicit_mesh(xs):  # parameters split over the mesh split the carry too
     hidden = getattr(cell, 'hidden_features', None)
     check_gate_split('RNN', 'cell', hidden, nnx.state(cell, nnx.Param),
                      f'{type(cell).__name__} of hidden_features {hidden}')
-    for _ in range(3):  # the carry and the cell's own state, until a step keeps both
-      carry = settle_carry('RNN', lambda c: _abstract_cell_step(cell, c, xs, dropout_masks,
-                                                               step_rngs), carry)
-      if not _settle_cell_state(cell, carry, xs, dropout_masks, step_rngs):
-        break
+    carry = settle_cell_state(cell, carry, axes, xs, dropout_masks, step_rngs)
   reset_carry = segment_start(masks, carry, reset_carry, xs, num_batch_axes)
   xs = clean_padding(xs, masks.valid)
   step_fn = _remat_step if remat else step
-  axes = nnx_state_axes(state_axes, broadcast_rngs)
   scan = graph_nnx.scan(step_fn, in_axes=(axes, nnx.Carry, 0, None), out_axes=(nnx.Carry, 0),
                         unroll=unroll)
   if broadcast_rngs is not None:
@@ -554,43 +587,62 @@ def masked_scan(
                 (dropout_masks, reset_carry))
 
 
-def _abstract_cell_step(cell, carry: Any, xs: Array, dropout_masks: Any,
-                        step_rngs: Array | None) -> Any:
-  """The carry one step of ``cell`` returns, abstract (``nnx.eval_shape``: the
-  cell's parameters and streams do not change), for :func:`settle_carry`."""
+def settle_cell_state(cell, carry: Any, axes: nnx.StateAxes, xs: Array, dropout_masks: Any,
+                      step_rngs: Array | None) -> Any:
+  """Explicit sharding mode: the carry, and the cell's own Variables that the
+  scan carries from step to step as flax.nnx's ``RNN`` does
+  (:func:`carried_variables`: a running statistic, a counter), split over the
+  mesh as one step of the cell returns them (:func:`settle_state`, one trace
+  of the step per look); returns the carry. A Variable whose sharding a step
+  changes (a running mean of ``h`` over the batch is split over a ``model``
+  axis as ``h`` is) is resharded *in place*, on the cell: its value does not
+  change, and the scan would return it so anyway."""
+  variables = carried_variables(cell, axes)
+  carry, settled = settle_state(
+    'RNN', lambda c, values: _abstract_cell_step(cell, axes, c, values, xs, dropout_masks,
+                                                 step_rngs),
+    carry, {name: v.get_raw_value() for name, v in variables.items()})
+  for name, variable in variables.items():
+    if settled[name] is not variable.get_raw_value():
+      variable.set_raw_value(settled[name])
+  return carry
+
+
+def carried_variables(cell, axes: nnx.StateAxes) -> dict[str, nnx.Variable]:
+  """The cell's Variables that hold an array and that ``axes`` carry from
+  step to step (``nnx.Carry``: by default all but the broadcast RNG streams;
+  a broadcast Variable's changes are dropped, so its sharding is left alone),
+  by their paths in the cell (``cell.running_mean``, ``cell.layers[0].count``)."""
+  def carried(path, variable):
+    try:
+      return axes.map_prefix(path, variable) is nnx.Carry
+    except ValueError:  # a Variable no filter takes: flax's scan says so
+      return False
+
+  return {_path_name(path): v for path, v in nnx.to_flat_state(graph_nnx.state(cell, carried))
+          if isinstance(v.get_raw_value(), jax.Array)}
+
+
+def _path_name(path: tuple) -> str:
+  return 'cell' + ''.join(f'[{p}]' if isinstance(p, int) else f'.{p}' for p in path)
+
+
+def _abstract_cell_step(cell, axes: nnx.StateAxes, carry: Any, variables: dict[str, Any],
+                        xs: Array, dropout_masks: Any, step_rngs: Array | None) -> Any:
+  """The carry and the carried Variables (:func:`carried_variables`, given
+  ``variables``' values) after one step of ``cell``, abstract
+  (``nnx.eval_shape``: the cell's Variables and streams do not change), for
+  :func:`settle_state`."""
   x_t = abstract_step_input(xs)
   rng_t = None if step_rngs is None else abstract_step_input(step_rngs)
 
-  def one_step(cell, carry, x_t, dropout_masks, rng_t):
-    return in_dtypes_of(carry, _call_cell(cell, carry, x_t, dropout_masks, rng_t)[0])
-  return nnx.eval_shape(one_step, cell, carry, x_t, dropout_masks, rng_t)
-
-
-def _settle_cell_state(cell, carry: Any, xs: Array, dropout_masks: Any,
-                       step_rngs: Array | None) -> bool:
-  """Explicit sharding mode: the cell's own Variables (its state, which the scan
-  carries as flax.nnx's ``RNN`` does: a running statistic, a counter) resharded
-  in place as one step leaves them, where the step changes their sharding (a
-  sum of a carry split over the ``model`` axis is split over it too, and the
-  scan would return it so); their values do not change. Whether any was."""
-  x_t = abstract_step_input(xs)
-  rng_t = None if step_rngs is None else abstract_step_input(step_rngs)
-
-  def one_step(cell, carry, x_t, dropout_masks, rng_t):
-    _call_cell(cell, carry, x_t, dropout_masks, rng_t)
-    return nnx.state(cell)
-  new = nnx.to_flat_state(nnx.eval_shape(one_step, cell, carry, x_t, dropout_masks, rng_t))
-  variables = dict(nnx.to_flat_state(nnx.state(cell)))
-  changed = False
-  for path, abstract in new:
-    variable = variables.get(path)
-    if variable is None or not isinstance(abstract.get_value(), jax.ShapeDtypeStruct):
-      continue
-    value, after = variable.get_value(), abstract.get_value()
-    if jnp.shape(value) == after.shape and _full_spec(value) != _full_spec(after):
-      variable.set_value(jax.sharding.reshard(value, after.sharding))
-      changed = True
-  return changed
+  def one_step(cell, carry, variables, x_t, dropout_masks, rng_t):
+    own = carried_variables(cell, axes)
+    for name, value in variables.items():
+      own[name].set_raw_value(value)
+    new_carry = in_dtypes_of(carry, _call_cell(cell, carry, x_t, dropout_masks, rng_t)[0])
+    return new_carry, {name: own[name].get_raw_value() for name in variables}
+  return nnx.eval_shape(one_step, cell, carry, variables, x_t, dropout_masks, rng_t)
 
 
 def segment_start(masks: StepMasks, carry: Any, reset_carry: Any, xs: Array,

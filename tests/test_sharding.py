@@ -275,6 +275,42 @@ def test_explicit_mesh_a_cells_own_variable_takes_the_sharding_a_step_gives_it()
                              rtol=1e-6, atol=1e-5)
 
 
+class _Fickle(_NnxTotalling):
+  """:class:`_NnxTotalling` whose step moves its total to the other sharding each time."""
+
+  def __call__(self, h, x):
+    replicated = all(s is None for s in jax.typeof(self.total[...]).sharding.spec)
+    h, y = super().__call__(h, x)
+    self.total[...] = jax.sharding.reshard(self.total[...], P('model') if replicated else P())
+    return h, y
+
+
+def test_explicit_mesh_a_cells_own_variable_is_settled_only_where_the_scan_carries_it():
+  # A Variable whose sharding a step never keeps: a ValueError naming it (JAX's scan
+  # TypeError before). One the scan broadcasts (state_axes None: its changes are
+  # dropped) keeps its sharding: nothing to settle.
+  from jax.sharding import AxisType
+
+  mesh = jax.make_mesh((jax.device_count(), 1), ('data', 'model'),
+                       axis_types=(AxisType.Explicit, AxisType.Explicit))
+  x = np.ones((B, T, IN), np.float32)
+  with jax.set_mesh(mesh):
+    xs = jax.device_put(x, P('data'))
+    with pytest.raises(ValueError, match=r"RNN: `cell` expected a step that returns its carry, "
+                       r'and the Variables of the cell that the scan carries \(state_axes\), '
+                       r'split over the mesh as they were given .*AxisType\.Auto\), got '
+                       r"cell\.total partitions \(None,\) -> \('model',\)\.$"):
+      nr.RNN(_Fickle(nnx.Rngs(0)))(xs)
+    cell = _NnxTotalling(nnx.Rngs(0))
+    cell.dense.kernel.set_value(jax.device_put(cell.dense.kernel[...], P(None, 'model')))
+    cell.total.set_value(jax.device_put(cell.total[...], P()))
+    nr.RNN(cell, state_axes={nnx.Param: None, ...: nnx.Carry})(xs)  # settled
+    assert tuple(jax.typeof(cell.total[...]).sharding.spec) == ('model',)
+    cell.total.set_value(jax.device_put(cell.total[...], P()))
+    nr.RNN(cell, state_axes={nnx.Variable: None})(xs)  # broadcast: left as it is
+    assert tuple(jax.typeof(cell.total[...]).sharding.spec) == (None,)
+
+
 class _Restless(nnx.Module):
   """A cell whose step moves its carry to the other axis of the mesh each time."""
 

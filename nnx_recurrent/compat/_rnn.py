@@ -318,8 +318,7 @@ def _named_errors(given_carry: bool, variable_carry: CollectionFilter,
     _checks.fail('RNN', 'variable_carry',
                  'collections that each step of the cell returns split over the mesh as they '
                  'were given (explicit sharding mode: a variable computed from parameters split '
-                 'over a mesh axis is split over it too; keep its sharding in the step, or '
-                 'split the parameters over mesh axes of AxisType.Auto)',
+                 f'over a mesh axis is split over it too; {_scan.EXPLICIT_REMEDY})',
                  f"{variable_carry!r}, whose variable a step returns split otherwise (JAX's scan: "
                  f'"{which}")')
 

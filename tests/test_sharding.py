@@ -73,7 +73,7 @@ def test_explicit_sharding_mode_on_a_mesh_of_8_devices():
   # split over a 'model' axis the sharding of each step's carry; see _main_explicit.
   output = _run_script('explicit')
   assert ('explicit sharding checks passed: modules 10, flax.nnx 1, pallas 3, '
-          'model parallel 11') in output, output
+          'model parallel 11, stateful 3') in output, output
 
 
 def test_compat_rnn_model_parallel_under_explicit_axes_on_a_mesh_of_8_devices():
@@ -727,6 +727,74 @@ def check_model_parallel_explicit(mesh, names, program, args, variables, ref_out
   return out, grads
 
 
+class _RunningMean(nr.RNNCellBase):
+  """A cell of yours that counts its steps and keeps a running mean of ``h`` over
+  the batch and the steps, two ``nnx.BatchStat`` carried through the scan
+  (flax.nnx's ``state_axes``): under an Explicit ``model`` axis each step splits
+  the mean over it as ``h`` is, where it was made replicated."""
+
+  def __init__(self, in_features, hidden_features, *, rngs, kernel_metadata=None,
+               recurrent_kernel_metadata=None, bias_metadata=None):
+    super().__init__(in_features, hidden_features, rngs=rngs)
+    self.dense_i = nnx.Linear(in_features, hidden_features, kernel_metadata=kernel_metadata or {},
+                              bias_metadata=bias_metadata or {}, rngs=rngs)
+    self.dense_h = nnx.Linear(hidden_features, hidden_features, use_bias=False,
+                              kernel_metadata=recurrent_kernel_metadata or {}, rngs=rngs)
+    self.steps = nnx.BatchStat(jax.numpy.zeros((), jax.numpy.int32))
+    self.mean = nnx.BatchStat(jax.numpy.zeros((hidden_features,)))
+
+  def step(self, carry, inputs, recurrent_mask):
+    h = jax.numpy.tanh(self.dense_i(inputs) + self.dense_h(carry))
+    self.steps[...] += 1
+    self.mean[...] += (h.mean(0) - self.mean[...]) / self.steps[...]
+    return h, h
+
+
+def _stateful_zoo(meta=None):
+  """nr.RNN (with remat), Bidirectional and StackedRNN over :class:`_RunningMean`."""
+  rngs, meta = nnx.Rngs(0), meta or {}
+  cell = functools.partial(_RunningMean, hidden_features=H, rngs=rngs, **meta)
+  return nnx.Dict(rnn=nr.RNN(cell(IN), remat=True),
+                  bidirectional=nr.Bidirectional(nr.RNN(cell(IN)), nr.RNN(cell(IN))),
+                  stack=nr.StackedRNN(nr.RNN(cell(IN)), nr.RNN(cell(H))))
+
+
+def check_stateful_explicit(mesh, x, lengths):
+  """A cell's own Variables carried through the scan, which each step splits over
+  ``model`` (a running mean of ``h``) where they were made replicated: RNN,
+  Bidirectional and StackedRNN reshard them on the cell before the scan (JAX's
+  scan TypeError before). Outputs, carries, gradients and the Variables after
+  the call (on the modules: ``nnx.jit`` hands them back) equal the same model's
+  without a mesh; each mean comes back split over ``model``, the step counts
+  replicated, and every gradient split as its parameter is."""
+  @nnx.jit
+  def run(zoo, x, lengths):
+    def loss(zoo):
+      out = {name: layer(x, seq_lengths=lengths, return_carry=True) for name, layer in zoo.items()}
+      return sum(jax.numpy.sum(y ** 2) for _, y in out.values()), out
+    return nnx.grad(loss, has_aux=True)(zoo)
+
+  def called(zoo, x, lengths):  # (gradients, outputs and carries), the Variables after
+    grads, out = run(zoo, x, lengths)
+    return nnx.to_pure_dict(grads), out, nnx.to_pure_dict(nnx.state(zoo, nnx.BatchStat))
+
+  ref = random_module(_stateful_zoo)
+  want = jax.tree_util.tree_map(np.asarray, called(ref, x, lengths))
+  with jax.set_mesh(mesh):
+    zoo = random_module(lambda: _stateful_zoo(_metadata()), sharding=_placed(mesh))
+    stats = nnx.state(zoo, nnx.BatchStat)
+    assert all(s is None for spec in _specs(stats) for s in spec), _specs(stats)  # replicated
+    got = called(zoo, *(jax.device_put(a, P('data')) for a in (x, lengths)))
+  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+    np.testing.assert_allclose(np.asarray(a), b, atol=1e-4, rtol=1e-5, err_msg='stateful')
+  for path, v in jax.tree_util.tree_leaves_with_path(got[2]):  # the cells' Variables, after
+    spec = tuple(jax.typeof(v).sharding.spec)
+    assert spec == (('model',) if 'mean' in jax.tree_util.keystr(path) else ()), (path, spec)
+  assert len(got[2]) == 3 and _specs(got[0]) == _specs(nnx.state(zoo, nnx.Param)), _specs(got[0])
+  return len(zoo)
+
+
 def _child_inputs():
   """The explicit-mode children's generator (for what they draw next), inputs,
   lengths (0 and 1 among them) and packed segment ids, on 8 devices."""
@@ -799,6 +867,7 @@ def _main_explicit():
     n_model += len(names)
     # flax.nnx's RNN on one device (above), nr.RNN's LSTM with its parameters split.
     if 'rnn' in names:
+      n_stateful = check_stateful_explicit(mesh, x, lengths)  # a cell's own Variables
       jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
         np.asarray(a)[rows], np.asarray(b)[rows], atol=ATOL, rtol=0, err_msg='flax.nnx'),
         mp_out['rnn'], (flax_carry, flax_y))
@@ -807,7 +876,7 @@ def _main_explicit():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-5,
                                    err_msg='flax.nnx gradients, model parallel')
   print(f'explicit sharding checks passed: modules {len(out)}, flax.nnx 1, pallas {n_pallas}, '
-        f'model parallel {n_model}')
+        f'model parallel {n_model}, stateful {n_stateful}')
 
 
 # -- compat.RNN under an Explicit model axis (the child process) ------------------------

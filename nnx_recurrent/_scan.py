@@ -14,7 +14,11 @@ out of the scan is the one after each row's last valid step without storing
 the carry history. Packed sequences add a *reset*: at the first step of each
 segment but a row's first, the carry is replaced by the default initial carry
 (the row's first segment goes on from the carry the call starts from, so a
-chunk's carry passed on continues it).
+chunk's carry passed on continues it). Leaves of the carry and of the
+outputs that the rows share (a step counter, a ``(features,)`` statistic) go
+on at padding and resets, as in flax; which they are the cell says where it
+can (:class:`Rows`, :func:`cell_rows`), their shapes where it cannot
+(:func:`_per_row`).
 
 A carry enters the scans typed as each step's carry will be
 (:func:`like_inputs`): varying like the inputs inside ``jax.shard_map``, split
@@ -29,7 +33,9 @@ programs changes.
 
 from __future__ import annotations
 
+import functools
 import inspect
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -65,25 +71,82 @@ def _per_row(mask: Array, x: Any) -> bool:
   shared by carry rows). A leaf without them (a step counter shared by every
   row, a scalar per step, a ``(features,)`` leaf whose size is not the
   batch's) is not per row, so no row's mask applies to it; it goes on as in
-  flax, which masks nothing."""
+  flax, which masks nothing. One that only happens to lead with the batch's
+  sizes is told apart where the cell says so (:class:`Rows`)."""
   shape = jnp.shape(x)
   return len(shape) >= mask.ndim and all(
     m in (1, d) for m, d in zip(mask.shape, shape[:mask.ndim]))
 
 
-def select(mask: Array, new: Any, old: Any, shared: str = 'new') -> Any:
+class Rows(NamedTuple):
+  """Which leaves of the carry (``carry``) and of a step's outputs (``out``)
+  hold the batch's rows, as the cell builds them: each a tree of bools of the
+  carry's (the outputs') structure, from :func:`leaf_rows`. ``None`` (the
+  default, and wherever the cell cannot say) leaves it to the leaves' shapes
+  (:func:`_per_row`); a ``False`` marks a leaf shared by the rows whose
+  leading size only happens to be the batch's (a ``(features,)`` statistic
+  with as many features as rows), which then goes on as a leaf without the
+  batch axes does. A ``True`` changes nothing: the shapes still decide."""
+
+  carry: Any = None
+  out: Any = None
+
+  @classmethod
+  def marking(cls, carry: Any, out: Any = None) -> Rows:
+    """``Rows`` of the trees of bools ``carry`` and ``out`` (:func:`leaf_rows`)
+    that mark a leaf shared; one of all ``True`` says no more than the
+    shapes do, and is dropped (``None``)."""
+    def marks(rows):
+      return None if rows is None or all(jax.tree_util.tree_leaves(rows)) else rows
+    return cls(marks(carry), marks(out))
+
+
+def leaf_rows(probe: Callable[[tuple[int, ...]], Any], batch_shape: tuple[int, ...]) -> Any:
+  """For :class:`Rows`: a tree of bools of ``probe``'s structure, ``True``
+  where a leaf leads with the batch axes. ``probe(batch)`` is an abstract
+  tree built for a batch of shape ``batch`` (the cell's ``initialize_carry``,
+  one step's outputs, traced abstractly); it is built at ``batch_shape`` and
+  at every batch axis one larger, and a leaf leads with the batch axes where
+  it does in both (a leaf of the batch's size by chance keeps its size).
+  ``None`` without batch axes, and where ``probe`` fails or builds trees of
+  two structures: the leaves' shapes decide there, as before."""
+  if not batch_shape:
+    return None
+  grown = tuple(b + 1 for b in batch_shape)
+  try:
+    at, plus = probe(batch_shape), probe(grown)
+  except Exception:  # noqa: BLE001 -- only a yes or no: the shapes decide instead
+    return None
+  treedef: Any = jax.tree_util.tree_structure(at)  # jax's PyTreeDef (untyped for mypy)
+  if jax.tree_util.tree_structure(plus) != treedef:
+    return None
+  n = len(batch_shape)
+  return treedef.unflatten(
+    tuple(jnp.shape(a)[:n]) == batch_shape and tuple(jnp.shape(b)[:n]) == grown
+    for a, b in zip(jax.tree_util.tree_leaves(at), jax.tree_util.tree_leaves(plus)))
+
+
+def _rows_for(rows: Any, tree: Any) -> Any:
+  """``rows`` where it has ``tree``'s structure, else ``None`` (the shapes decide)."""
+  structure: Any = jax.tree_util.tree_structure(tree)  # jax's PyTreeDef (untyped for mypy)
+  return None if rows is None or jax.tree_util.tree_structure(rows) != structure else rows
+
+
+def select(mask: Array, new: Any, old: Any, shared: str = 'new', rows: Any = None) -> Any:
   """``where(mask, new, old)`` over matching pytrees, mask broadcast on the
-  right; leaves without the batch axes (:func:`_per_row`) take ``new``, or
-  ``old`` with ``shared='old'``. A ``new`` carry of other shapes than
-  ``old`` (a cell's step that lost an axis) is a ``TypeError`` naming them,
-  instead of jax's scan error."""
+  right; leaves without the batch axes (:func:`_per_row`), or marked shared
+  in ``rows`` (:attr:`Rows.carry`), take ``new``, or ``old`` with
+  ``shared='old'``. A ``new`` carry of other shapes than ``old`` (a cell's
+  step that lost an axis) is a ``TypeError`` naming them, instead of jax's
+  scan error."""
   check_carry_shapes(new, old)
 
-  def one(n, o):
-    if _per_row(mask, n):
+  def one(n, o, row=True):
+    if row and _per_row(mask, n):
       return jnp.where(_bcast(mask, n), n, o)
     return n if shared == 'new' else o
-  return jax.tree_util.tree_map(one, new, old)
+  rows = _rows_for(rows, new)
+  return jax.tree_util.tree_map(one, new, old, *(() if rows is None else (rows,)))
 
 
 def check_carry_shapes(new: Any, old: Any) -> None:
@@ -205,14 +268,19 @@ def _remat_call_cell(cell, carry, x_t, dropout_masks, rng_t=None):
 _REMAT_TAG = 'nnx_recurrent.remat'
 
 
-def keep_at_padding(valid_t: Array | None, new_carry: Any, carry: Any, y: Any):
+def keep_at_padding(valid_t: Array | None, new_carry: Any, carry: Any, y: Any,
+                    rows: Rows = Rows()):
   """Carry selection at one step: ``(carry, zeros)`` where ``valid_t`` is
-  False, ``(new_carry, y)`` where it is True (everywhere when ``None``)."""
+  False, ``(new_carry, y)`` where it is True (everywhere when ``None``);
+  leaves without the batch axes, or marked shared in ``rows``, go on."""
   if valid_t is None:
     return new_carry, y
-  y = jax.tree_util.tree_map(
-    lambda a: jnp.where(_bcast(valid_t, a), a, 0) if _per_row(valid_t, a) else a, y)
-  return select(valid_t, new_carry, carry), y
+
+  def zero(a, row=True):
+    return jnp.where(_bcast(valid_t, a), a, 0) if row and _per_row(valid_t, a) else a
+  out = _rows_for(rows.out, y)
+  y = jax.tree_util.tree_map(zero, y, *(() if out is None else (out,)))
+  return select(valid_t, new_carry, carry, rows=rows.carry), y
 
 
 def step(cell, carry, xs, extras):
@@ -231,13 +299,29 @@ def _remat_step(cell, carry, xs, extras):
   return _masked_step(_remat_call_cell, cell, carry, xs, extras)
 
 
-def _masked_step(call, cell, carry, xs, extras):
+def _masked_step(call, cell, carry, xs, extras, rows: Rows = Rows()):
   x_t, valid_t, reset_t, rng_t = xs
   dropout_masks, reset_carry = extras
-  if reset_t is not None:
-    carry = select(reset_t, reset_carry, carry, shared='old')  # a shared counter goes on
+  if reset_t is not None:  # a shared counter goes on
+    carry = select(reset_t, reset_carry, carry, shared='old', rows=rows.carry)
   new_carry, y = call(cell, carry, x_t, dropout_masks, rng_t)
-  return keep_at_padding(valid_t, in_dtypes_of(carry, new_carry), carry, y)
+  return keep_at_padding(valid_t, in_dtypes_of(carry, new_carry), carry, y, rows)
+
+
+def with_rows(step_fn: Callable, rows: Rows) -> Callable:
+  """``step_fn`` (:func:`step`, :func:`linen_step`), a scan's body
+  ``(cell, carry, xs, extras)``, masking by ``rows`` (:class:`Rows`);
+  ``step_fn`` itself where they say nothing (the shapes decide). (The scans
+  bind their bodies' signatures: one with a ``rows`` parameter would take
+  one more argument.)"""
+  if rows.carry is None and rows.out is None:
+    return step_fn
+  by_rows = _BY_ROWS[step_fn]
+
+  def body(cell, carry, xs, extras):
+    return by_rows(cell, carry, xs, extras, rows)
+  body.__name__ = body.__qualname__ = step_fn.__name__
+  return body
 
 
 def in_dtypes_of(carry: Any, new_carry: Any) -> Any:
@@ -273,14 +357,26 @@ def linen_step(cell, carry, xs, extras):
 
   ``carry`` is ``(running, last_valid)``: ``running`` is flax.linen's carry,
   which goes on through the padding; ``last_valid`` is selected as in
-  :func:`step`, so the final carry is each row's last valid one without a
-  carry history.
+  :func:`step` (leaves shared by the rows, :class:`Rows`, go on), so the
+  final carry is each row's last valid one without a carry history.
   """
+  return _linen_step(cell, carry, xs, extras)
+
+
+def _linen_step(cell, carry, xs, extras, rows: Rows = Rows()):
   x_t, valid_t, _, _ = xs
   del extras
   running, last_valid = carry
   new, y = plain_step(cell, running, x_t)
-  return (new, select(valid_t, new, last_valid)), y
+  return (new, select(valid_t, new, last_valid, rows=rows.carry)), y
+
+
+# The steps with carry selection, as they take Rows (with_rows).
+_BY_ROWS: dict[Callable, Callable] = {
+  step: functools.partial(_masked_step, _call_cell),
+  _remat_step: functools.partial(_masked_step, _remat_call_cell),
+  linen_step: _linen_step,
+}
 
 
 def clean_padding(xs: Array, valid: Array | None) -> Array:
@@ -492,10 +588,11 @@ def batch_sharding(xs: Array, num_batch_axes: int) -> tuple | None:
   return batch if any(s is not None for s in batch) else None
 
 
-def shard_like(carry: Any, xs: Array, num_batch_axes: int) -> Any:
-  """``carry``'s leaves that lead with the batch axes of time-major ``xs``,
-  split over them as ``xs`` is (explicit sharding mode); ``carry`` itself
-  otherwise (:func:`batch_sharding`).
+def shard_like(carry: Any, xs: Array, num_batch_axes: int, rows: Any = None) -> Any:
+  """``carry``'s leaves that lead with the batch axes of time-major ``xs``
+  (and are not marked shared in ``rows``, :attr:`Rows.carry`), split over
+  them as ``xs`` is (explicit sharding mode); ``carry`` itself otherwise
+  (:func:`batch_sharding`).
 
   Under an Explicit mesh a default zero carry is replicated while every
   step's output is split over the batch like the inputs, and ``scan`` needs
@@ -508,22 +605,24 @@ def shard_like(carry: Any, xs: Array, num_batch_axes: int) -> Any:
   shape = tuple(xs.shape[1:1 + num_batch_axes])
   sharding = jax.typeof(xs).sharding
 
-  def one(c):
-    if tuple(jnp.shape(c)[:num_batch_axes]) != shape:
+  def one(c, row=True):
+    if not row or tuple(jnp.shape(c)[:num_batch_axes]) != shape:
       return c  # not per row (a shared counter): as it is
     own = explicit_spec(c) or (None,) * jnp.ndim(c)
     spec = batch + own[num_batch_axes:]
     if explicit_spec(c) == spec:
       return c
     return jax.sharding.reshard(c, sharding.update(spec=jax.sharding.PartitionSpec(*spec)))
-  return jax.tree_util.tree_map(one, carry)
+  rows = _rows_for(rows, carry)
+  return jax.tree_util.tree_map(one, carry, *(() if rows is None else (rows,)))
 
 
-def like_inputs(carry: Any, xs: Array, num_batch_axes: int, masks: StepMasks) -> Any:
+def like_inputs(carry: Any, xs: Array, num_batch_axes: int, masks: StepMasks,
+                rows: Any = None) -> Any:
   """A carry typed as each step's carry will be: varying like the inputs
   under ``shard_map`` (:func:`vary_like`), split over the batch like them under
-  an Explicit mesh (:func:`shard_like`)."""
-  return shard_like(vary_like(carry, xs, *masks), xs, num_batch_axes)
+  an Explicit mesh (:func:`shard_like`; ``rows``: :attr:`Rows.carry`)."""
+  return shard_like(vary_like(carry, xs, *masks), xs, num_batch_axes, rows)
 
 
 def masked_scan(
@@ -568,15 +667,16 @@ def masked_scan(
   """
   num_batch_axes = xs.ndim - 1 - num_feature_axes
   axes = nnx_state_axes(state_axes, broadcast_rngs)
-  carry = like_inputs(carry, xs, num_batch_axes, masks)  # shard_map, explicit sharding
+  rows = cell_rows(cell, xs, masks, num_feature_axes)  # the leaves shared by the rows
+  carry = like_inputs(carry, xs, num_batch_axes, masks, rows.carry)  # shard_map, explicit sharding
   if explicit_mesh(xs):  # parameters split over the mesh split the carry too
     hidden = getattr(cell, 'hidden_features', None)
     check_gate_split('RNN', 'cell', hidden, nnx.state(cell, nnx.Param),
                      f'{type(cell).__name__} of hidden_features {hidden}')
     carry = settle_cell_state(cell, carry, axes, xs, dropout_masks, step_rngs)
-  reset_carry = segment_start(masks, carry, reset_carry, xs, num_batch_axes)
+  reset_carry = segment_start(masks, carry, reset_carry, xs, num_batch_axes, rows.carry)
   xs = clean_padding(xs, masks.valid)
-  step_fn = _remat_step if remat else step
+  step_fn = with_rows(_remat_step if remat else step, rows)
   scan = graph_nnx.scan(step_fn, in_axes=(axes, nnx.Carry, 0, None), out_axes=(nnx.Carry, 0),
                         unroll=unroll)
   if broadcast_rngs is not None:
@@ -645,17 +745,55 @@ def _abstract_cell_step(cell, axes: nnx.StateAxes, carry: Any, variables: dict[s
   return nnx.eval_shape(one_step, cell, carry, variables, x_t, dropout_masks, rng_t)
 
 
+def cell_rows(cell, xs: Array, masks: StepMasks, num_feature_axes: int) -> Rows:
+  """:class:`Rows` of an nnx cell over time-major ``xs``: its default carry
+  and the outputs of one step from it, built abstractly (``nnx.eval_shape``,
+  on a copy of the cell: no Variable of it changes and none of its streams
+  advances; ``initialize_carry`` gets a fresh ``nnx.Rngs``) at two batch
+  shapes (:func:`leaf_rows`). Where the step cannot be traced so, the carry
+  alone; where ``initialize_carry`` cannot, nothing (the shapes decide).
+  Only with padding or packing, whose masks are all that ``Rows`` informs,
+  and not for this package's cells, whose carries and outputs all lead with
+  the batch axes: trace time only, nothing in the program changes but the
+  masking of leaves marked shared."""
+  from nnx_recurrent._base import is_package_cell
+
+  if (masks.valid is None and masks.reset is None) or is_package_cell(cell) \
+      or not hasattr(cell, 'initialize_carry'):
+    return Rows()
+  features = tuple(xs.shape[xs.ndim - num_feature_axes:])
+  batch = tuple(xs.shape[1:xs.ndim - num_feature_axes])
+
+  def default(cell, shape):
+    if uses_base_initialize_carry(cell):
+      return cell._initialize_carry(shape, jax.random.key(0), nnx.initializers.zeros_init())
+    return cell.initialize_carry(shape, nnx.Rngs(0))
+
+  def carry_and_outputs(batch):
+    def one(cell):
+      carry = default(cell, (*batch, *features))
+      return carry, _call_cell(cell, carry, jnp.zeros((*batch, *features), xs.dtype), None)[1]
+    return graph_nnx.eval_shape(one, cell)
+
+  both = leaf_rows(carry_and_outputs, batch)
+  if both is not None:
+    return Rows.marking(*both)
+  return Rows.marking(leaf_rows(lambda batch: graph_nnx.eval_shape(
+    lambda cell: default(cell, (*batch, *features)), cell), batch))
+
+
 def segment_start(masks: StepMasks, carry: Any, reset_carry: Any, xs: Array,
-                  num_batch_axes: int) -> Any:
+                  num_batch_axes: int, rows: Any = None) -> Any:
   """Where the packed segments after a row's first start: ``reset_carry``
   (default ``carry``, the scan's initial one) in the carry's dtypes, as the
   steps cast what they return, and typed like ``xs`` (:func:`like_inputs`:
-  ``shard_map``, explicit sharding); ``None`` without packed sequences."""
+  ``shard_map``, explicit sharding; ``rows``: :attr:`Rows.carry`); ``None``
+  without packed sequences."""
   if masks.reset is None:
     return None
   if reset_carry is None:
     return carry
-  reset_carry = like_inputs(reset_carry, xs, num_batch_axes, StepMasks(None, None))
+  reset_carry = like_inputs(reset_carry, xs, num_batch_axes, StepMasks(None, None), rows)
   # (explicit sharding mode: split over the mesh as the carry is, where() taking one)
   return jax.tree_util.tree_map(lambda r, c: typed_as(r.astype(c.dtype), c), reset_carry, carry)
 

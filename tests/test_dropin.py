@@ -1264,6 +1264,195 @@ def test_a_carry_leaf_without_the_batch_axes_steps_through_padding_as_flax():
   np.testing.assert_array_equal(np.where(valid, 0, y_o['y']), 0)  # per-row leaves: zeros
 
 
+class _SharedStepsCell(nnx.Module):
+  """A per-row ``h`` and a carry leaf shared by the rows, ``steps``, of shape
+  ``(size,)``: a per-feature step count that every row's ``h`` reads, an
+  output too. Its size may be the batch's by chance."""
+
+  num_feature_axes = 1
+
+  def __init__(self, rngs, size):
+    self.lin = nnx.Linear(IN, H, rngs=rngs)
+    self.size = size
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return {'h': jnp.zeros((*input_shape[:-1], H)), 'steps': jnp.zeros((self.size,))}
+
+  def __call__(self, carry, x):
+    steps = carry['steps'] + 1
+    h = jnp.tanh(self.lin(x) + carry['h'] + 0.1 * steps.mean())
+    return {**carry, 'h': h, 'steps': steps}, {'y': h, 'steps': steps}  # (more leaves go on)
+
+
+def _shared_steps_by_hand(cell, x, lengths, carry):
+  """The documented masking, step by step in Python: at a row's padding its
+  ``h`` keeps the last valid one and its outputs are zero; ``steps``, shared
+  by the rows, goes on at every step (as in flax.nnx, which masks nothing).
+  Batch-major outputs, as ``RNN`` returns them (``steps``: ``(size, T)``)."""
+  ys, steps = [], []
+  for t in range(x.shape[-2]):
+    valid = (t < lengths)[..., None]
+    new, y = cell(carry, jnp.where(valid, x[..., t, :], 0))
+    carry = {'h': jnp.where(valid, new['h'], carry['h']), 'steps': new['steps']}
+    ys.append(jnp.where(valid, y['y'], 0))
+    steps.append(y['steps'])
+  return carry, {'y': jnp.stack(ys, -2), 'steps': jnp.stack(steps, -1)}
+
+
+@pytest.mark.parametrize('size', [B, B + 1])
+def test_a_shared_carry_leaf_of_the_batchs_size_steps_through_padding(size):
+  # Of the batch's size, the leaf was taken for one per row (its leading axis has
+  # the batch's size) and each of its entries frozen at that row's padding; now the
+  # cell's initialize_carry, traced at two batch sizes, says it has no batch axis.
+  # (B + 1: a size the shapes told apart already.)
+  x, lengths = _x(), jnp.array([5, 2, 0])
+  cell = _SharedStepsCell(nnx.Rngs(0), size)
+  start = cell.initialize_carry(x.shape[:1] + x.shape[2:])
+  ours, theirs = nr.RNN(cell), nnx.RNN(nnx.clone(cell))
+
+  @nnx.jit
+  def run(ours, theirs, x):
+    return ours(x, seq_lengths=lengths, return_carry=True), theirs(x, seq_lengths=lengths)
+
+  (carry, y), y_t = run(ours, theirs, x)
+  carry_h, y_h = _shared_steps_by_hand(cell, x, lengths, start)
+  _close(carry, carry_h)
+  _close(y, y_h)
+  np.testing.assert_array_equal(carry['steps'], np.full(size, T))
+  np.testing.assert_array_equal(y['steps'], np.broadcast_to(np.arange(1, T + 1), (size, T)))
+  # flax.nnx's outputs where the rows are valid, and its shared output everywhere
+  # (flax.nnx's carry gather takes entry i of the leaf at row i's last step).
+  valid = (np.arange(T)[None] < np.asarray(lengths)[:, None])[..., None]
+  _close(y['y'], np.where(valid, y_t['y'], 0))
+  _close(y['steps'], y_t['steps'])
+
+
+def test_a_shared_carry_leaf_of_the_batchs_size_where_rows_are_told_apart():
+  """A carry given (the probe's structure), packed sequences, batch size 1 (whose
+  one length the shapes applied to any leaf), two batch axes (the leaf of the
+  first's size), a size that is the batch's under nnx.vmap and over chunks under
+  nnx.scan, reversed, remat, and in a Bidirectional: the shared leaf steps at
+  every step, the rows' leaves as by hand."""
+  x, lengths = _x(), jnp.array([5, 2, 0])
+  cell = _SharedStepsCell(nnx.Rngs(0), B)
+  rnn = nr.RNN(cell)
+  # An initial carry given: the shared leaf goes on from it.
+  start = {'h': _x((B, H), seed=1), 'steps': jnp.full((B,), 2.0)}
+  carry, y = nnx.jit(lambda rnn, x, c: rnn(x, initial_carry=c, seq_lengths=lengths,
+                                           return_carry=True))(rnn, x, start)
+  _close((carry, y), _shared_steps_by_hand(cell, x, lengths, start))
+  np.testing.assert_array_equal(carry['steps'], np.full(B, T + 2))
+  # Packed sequences: never reset, never frozen.
+  seg = jnp.array([[1, 1, 2, 2, 2], [1, 2, 0, 0, 0], [0, 0, 0, 0, 0]])
+  carry, y = rnn(x, segment_ids=seg, return_carry=True)
+  np.testing.assert_array_equal(carry['steps'], np.full(B, T))
+  np.testing.assert_array_equal(y['steps'], np.broadcast_to(np.arange(1, T + 1), (B, T)))
+  # Batch size 1: any leaf led with the batch's one axis; two batch axes, (2, B),
+  # with a shared leaf of size 2 (time-major: batch-major moves time after both
+  # batch axes, which a (2,) output per step has not).
+  for x2, lengths2, size in ((x[:1], lengths[1:2], 4), (_x((2, B, T, IN)), jnp.array(
+      [[5, 2, 0], [1, 3, 4]]), 2)):
+    cell2 = _SharedStepsCell(nnx.Rngs(0), size)
+    carry, y = nr.RNN(cell2, time_major=True)(jnp.moveaxis(x2, -2, 0), seq_lengths=lengths2,
+                                              return_carry=True)
+    carry_h, y_h = _shared_steps_by_hand(cell2, x2, lengths2,
+                                         cell2.initialize_carry(x2.shape[:-2] + (IN,)))
+    _close((carry, y['y']), (carry_h, jnp.moveaxis(y_h['y'], -2, 0)))
+    np.testing.assert_array_equal(carry['steps'], np.full(size, T))
+    np.testing.assert_array_equal(y['steps'], np.broadcast_to(np.arange(1, T + 1)[:, None],
+                                                              (T, size)))
+  # nnx.vmap over an ensemble axis: the batch inside is B, the leaf's size.
+  xs = _x((2, B, T, IN))
+  carry, y = nnx.vmap(lambda rnn, x: rnn(x, seq_lengths=lengths, return_carry=True),
+                      in_axes=(None, 0))(rnn, xs)
+  for i in range(2):
+    _close(jax.tree.map(lambda a, i=i: a[i], (carry, y)),
+           _shared_steps_by_hand(cell, xs[i], lengths, cell.initialize_carry((B, IN))),
+           atol=1e-5)
+  # nnx.scan over two chunks of the sequence, the carry passed on.
+  def chunk(rnn, c, x):
+    return rnn(x, initial_carry=c, seq_lengths=lengths, return_carry=True)
+  carry, y = nnx.scan(chunk, in_axes=(None, nnx.Carry, 0), out_axes=(nnx.Carry, 0))(
+    rnn, cell.initialize_carry((B, IN)), xs)
+  c_h, y0 = _shared_steps_by_hand(cell, xs[0], lengths, cell.initialize_carry((B, IN)))
+  c_h, y1 = _shared_steps_by_hand(cell, xs[1], lengths, c_h)
+  _close((carry, y), (c_h, jax.tree.map(lambda a, b: jnp.stack([a, b]), y0, y1)), atol=1e-5)
+  np.testing.assert_array_equal(carry['steps'], np.full(B, 2 * T))
+  # Reversed, rematerialised, and both directions of a Bidirectional.
+  for layer in (nr.RNN(cell, reverse=True, keep_order=True), nr.RNN(cell, remat=True)):
+    carry, _ = layer(x, seq_lengths=lengths, return_carry=True)
+    np.testing.assert_array_equal(carry['steps'], np.full(B, T))
+  (c_f, c_b), y = nr.Bidirectional(nr.RNN(cell), nr.RNN(cell), merge_fn=lambda a, b: (a, b))(
+    x, seq_lengths=lengths, return_carry=True)
+  for c in (c_f, c_b):
+    np.testing.assert_array_equal(c['steps'], np.full(B, T))
+
+
+class _ProbedCell(_SharedStepsCell):
+  """``initialize_carry`` draws from the ``rngs`` given and from the cell's own
+  stream and counts its calls in a Variable; the step counts its own."""
+
+  def __init__(self, rngs, size):
+    super().__init__(rngs, size)
+    self.noise = nnx.Rngs(carry=5)
+    self.inits = nnx.Variable(jnp.array(0))
+    self.calls = nnx.Variable(jnp.array(0))
+
+  def initialize_carry(self, input_shape, rngs=None):
+    self.inits[...] += 1
+    carry = super().initialize_carry(input_shape)
+    h = jax.random.normal(rngs(), carry['h'].shape) + jax.random.normal(self.noise.carry(), ())
+    return {**carry, 'h': h}
+
+  def __call__(self, carry, x):
+    self.calls[...] += 1
+    return super().__call__(carry, x)
+
+
+def test_finding_the_shared_carry_leaves_advances_no_stream_and_changes_no_variable():
+  # The cell's initialize_carry and one step are traced on a copy, at two batch
+  # sizes: after each call, the cell's and the layer's state are flax.nnx's.
+  x, lengths = _x(), jnp.array([5, 2, 0])
+  ours, theirs = (lib.RNN(_ProbedCell(nnx.Rngs(0), B), rngs=nnx.Rngs(carry=3))
+                  for lib in (nr, nnx))
+  start = {'h': jnp.ones((B, H)), 'steps': jnp.zeros((B,))}
+  for run in (lambda rnn, **kw: rnn(x, seq_lengths=lengths, return_carry=True, **kw),
+              nnx.jit(lambda rnn, **kw: rnn(x, seq_lengths=lengths, return_carry=True, **kw))):
+    for kw in ({}, {'initial_carry': start}):
+      calls, inits = int(ours.cell.calls[...]), int(ours.cell.inits[...])
+      carry, _ = run(ours, **kw)
+      run(theirs, **kw)
+      np.testing.assert_array_equal(carry['steps'], np.full(B, T))
+      _close(nnx.state(ours), nnx.state(theirs), atol=1e-5)
+      assert int(ours.cell.calls[...]) == calls + T
+      assert int(ours.cell.inits[...]) == inits + (0 if kw else 1)
+  assert int(ours.cell.noise.carry.count[...]) == 2  # two default carries, one draw each
+  assert int(ours.rngs.count[...]) == 2
+
+
+class _UnprobedCell(_SharedStepsCell):
+  """An ``initialize_carry`` that cannot be traced at another batch size (it
+  wants its own), or none at all: the leaves' shapes decide, as before."""
+
+  def initialize_carry(self, input_shape, rngs=None):
+    if input_shape[0] != B:
+      raise ValueError('a batch of 3 only')
+    return super().initialize_carry(input_shape)
+
+
+def test_without_a_usable_initialize_carry_the_shapes_decide():
+  x, lengths = _x(), jnp.array([5, 2, 0])
+  carry, _ = nr.RNN(_UnprobedCell(nnx.Rngs(0), B + 1))(x, seq_lengths=lengths, return_carry=True)
+  np.testing.assert_array_equal(carry['steps'], np.full(B + 1, T))  # no batch axis by its shape
+  carry, _ = nr.RNN(_UnprobedCell(nnx.Rngs(0), B))(x, seq_lengths=lengths, return_carry=True)
+  np.testing.assert_array_equal(carry['steps'], lengths)  # by its shape, one entry per row
+  # A carry of another structure than initialize_carry's: by the shapes too.
+  cell = _SharedStepsCell(nnx.Rngs(0), B)
+  given = {'h': jnp.zeros((B, H)), 'steps': jnp.zeros((B,)), 'extra': jnp.zeros((B,))}
+  carry, _ = nr.RNN(cell)(x, initial_carry=given, seq_lengths=lengths, return_carry=True)
+  np.testing.assert_array_equal(carry['steps'], lengths)
+
+
 class _TokenCell(nnx.Module):
   """Token ids in, no feature axis: ``in_features`` is the vocabulary's size."""
 

@@ -73,7 +73,7 @@ def test_explicit_sharding_mode_on_a_mesh_of_8_devices():
   # split over a 'model' axis the sharding of each step's carry; see _main_explicit.
   output = _run_script('explicit')
   assert ('explicit sharding checks passed: modules 10, flax.nnx 1, pallas 3, '
-          'model parallel 11, stateful 3') in output, output
+          'model parallel 11, stateful 3, shared leaves 2') in output, output
 
 
 def test_compat_rnn_model_parallel_under_explicit_axes_on_a_mesh_of_8_devices():
@@ -875,8 +875,56 @@ def _main_explicit():
                       jax.tree_util.tree_leaves(flax_grads), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-5,
                                    err_msg='flax.nnx gradients, model parallel')
+  n_shared = check_shared_leaf_explicit(x, lengths, segment_ids)
   print(f'explicit sharding checks passed: modules {len(out)}, flax.nnx 1, pallas {n_pallas}, '
-        f'model parallel {n_model}, stateful {n_stateful}')
+        f'model parallel {n_model}, stateful {n_stateful}, shared leaves {n_shared}')
+
+
+class _SharedSteps(nnx.Module):
+  """A per-row ``h`` and a carry leaf shared by the rows: a step count of
+  shape ``(B,)``, the batch's size by chance, that every row's ``h`` reads."""
+
+  num_feature_axes = 1
+
+  def __init__(self):
+    self.w = nnx.Param(np.full((IN, H), 0.1, np.float32))
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return jax.numpy.zeros(input_shape[:-1] + (H,)), jax.numpy.zeros((B,))
+
+  def __call__(self, carry, x):
+    h, steps = carry
+    h = jax.numpy.tanh(x @ self.w[...] + h + 0.1 * steps.mean())
+    return (h, steps + 1), h
+
+
+def check_shared_leaf_explicit(x, lengths, segment_ids):
+  """nr.RNN over a cell with a carry leaf shared by the rows of the batch's
+  size, with lengths and packed, on an Explicit ``data`` axis of 8: the values
+  of no mesh, the leaf stepped at every step and replicated (not split over
+  the batch as a row's leaf is)."""
+  from jax.sharding import AxisType
+
+  rnn = nr.RNN(_SharedSteps())
+
+  @nnx.jit
+  def program(rnn, x, lengths, segment_ids):
+    return [rnn(x, seq_lengths=lengths, return_carry=True),
+            rnn(x, segment_ids=segment_ids, return_carry=True)]
+
+  want = program(rnn, x, lengths, segment_ids)
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    got = program(rnn, *(jax.device_put(a, P('data')) for a in (x, lengths, segment_ids)))
+  for (carry, y), (carry_want, y_want) in zip(got, want, strict=True):
+    for a, b in zip(jax.tree_util.tree_leaves((carry, y)),
+                    jax.tree_util.tree_leaves((carry_want, y_want)), strict=True):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=ATOL, rtol=0)
+    h, steps = carry
+    np.testing.assert_array_equal(np.asarray(steps), np.full(B, T))
+    assert tuple(jax.typeof(h).sharding.spec)[:1] == ('data',), jax.typeof(h).sharding
+    assert all(s is None for s in jax.typeof(steps).sharding.spec), jax.typeof(steps).sharding
+  return len(got)
 
 
 # -- compat.RNN under an Explicit model axis (the child process) ------------------------

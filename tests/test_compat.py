@@ -518,6 +518,47 @@ def test_a_carry_leaf_shared_by_the_rows_runs_with_seq_lengths_as_linen():
   _assert_close(h[:2], np.asarray(y_t)[[0, 1], [5, 3]])
 
 
+class _SharedStepsCell(nn.RNNCellBase):
+  """A per-row ``h`` and a carry leaf shared by the rows, ``steps``, of shape
+  ``(shared,)``: a per-feature step count that every row's ``h`` reads. Its
+  size may be the batch's by chance."""
+
+  shared: int
+
+  @nn.compact
+  def __call__(self, carry, x):
+    h, steps = carry
+    steps = steps + 1
+    h = nn.tanh(nn.Dense(5)(jnp.concatenate([x, h], -1)) + 0.1 * steps.mean())
+    return (h, steps), h
+
+  def initialize_carry(self, rng, input_shape):
+    return jnp.zeros(input_shape[:-1] + (5,)), jnp.zeros((self.shared,))
+
+  @property
+  def num_feature_axes(self):
+    return 1
+
+
+@pytest.mark.parametrize('shared', [3, 4])
+def test_a_shared_carry_leaf_of_the_batchs_size_steps_through_padding_as_linen(shared):
+  """Of the batch's size (3), the leaf was taken for one per row and each of its
+  entries frozen at that row's padding in the last valid carry (flax.linen's
+  gather takes entry i at row i's last step); the cell's ``initialize_carry``,
+  traced at two batch sizes, tells it apart. (4: told apart by its shape.)"""
+  x, seq_lengths = normal((3, 6, 4)), jnp.array([6, 4, 0])
+  v = random_linen_variables(nn.RNN(_SharedStepsCell(shared)), x)
+  y_t = nn.RNN(_SharedStepsCell(shared)).apply(v, x, seq_lengths=seq_lengths)
+  seg = jnp.array([[1, 1, 2, 2, 2, 2], [1, 2, 2, 0, 0, 0], [0] * 6])
+  ours = compat.RNN(_SharedStepsCell(shared), return_carry=True)
+  ((h, steps), y), ((_, steps_packed), _) = jax.jit(lambda v: (
+    ours.apply(v, x, seq_lengths=seq_lengths), ours.apply(v, x, segment_ids=seg)))(v)
+  _assert_close(y, y_t)  # padding included, as flax.linen's
+  np.testing.assert_array_equal(steps, np.full(shared, 6))
+  _assert_close(h[:2], np.asarray(y_t)[[0, 1], [5, 3]])
+  np.testing.assert_array_equal(steps_packed, np.full(shared, 6))  # never reset, never frozen
+
+
 # Two modes, with every option and (the linen base) with none: the other directions
 # and layouts are the cell-agnostic scan's (each of them:
 # test_rnn_matches_linen_over_layouts_directions_and_unroll). compat.RNNCellBase is

@@ -73,7 +73,7 @@ def test_explicit_sharding_mode_on_a_mesh_of_8_devices():
   # split over a 'model' axis the sharding of each step's carry; see _main_explicit.
   output = _run_script('explicit')
   assert ('explicit sharding checks passed: modules 10, flax.nnx 1, pallas 3, '
-          'model parallel 11, stateful 3, shared leaves 2') in output, output
+          'model parallel 11, stateful 3, shared leaves 4') in output, output
 
 
 def test_compat_rnn_model_parallel_under_explicit_axes_on_a_mesh_of_8_devices():
@@ -898,19 +898,40 @@ class _SharedSteps(nnx.Module):
     return (h, steps + 1), h
 
 
+class _LinenSharedSteps(nn.RNNCellBase):
+  """:class:`_SharedSteps` in Linen."""
+
+  @nn.compact
+  def __call__(self, carry, x):
+    h, steps = carry
+    h = jax.numpy.tanh(nn.Dense(H)(x) + h + 0.1 * steps.mean())
+    return (h, steps + 1), h
+
+  def initialize_carry(self, rng, input_shape):
+    return jax.numpy.zeros(input_shape[:-1] + (H,)), jax.numpy.zeros((B,))
+
+  @property
+  def num_feature_axes(self):
+    return 1
+
+
 def check_shared_leaf_explicit(x, lengths, segment_ids):
-  """nr.RNN over a cell with a carry leaf shared by the rows of the batch's
-  size, with lengths and packed, on an Explicit ``data`` axis of 8: the values
-  of no mesh, the leaf stepped at every step and replicated (not split over
-  the batch as a row's leaf is)."""
+  """nr.RNN and compat.RNN over a cell with a carry leaf shared by the rows
+  of the batch's size, with lengths and packed, on an Explicit ``data`` axis
+  of 8: the values of no mesh, the leaf stepped at every step and replicated
+  (not split over the batch as a row's leaf is)."""
   from jax.sharding import AxisType
 
   rnn = nr.RNN(_SharedSteps())
+  linen = compat.RNN(_LinenSharedSteps(), return_carry=True)
+  variables = random_linen_variables(linen, x, seed=2)
 
   @nnx.jit
   def program(rnn, x, lengths, segment_ids):
     return [rnn(x, seq_lengths=lengths, return_carry=True),
-            rnn(x, segment_ids=segment_ids, return_carry=True)]
+            rnn(x, segment_ids=segment_ids, return_carry=True),
+            linen.apply(variables, x, seq_lengths=lengths),
+            linen.apply(variables, x, segment_ids=segment_ids)]
 
   want = program(rnn, x, lengths, segment_ids)
   mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Explicit,))

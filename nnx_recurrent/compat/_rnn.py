@@ -30,6 +30,7 @@ from flax.core.scope import CollectionFilter, PRNGSequenceFilter
 from flax.typing import InOutScanAxis
 
 from nnx_recurrent import _checks, _scan
+from nnx_recurrent._base import is_package_cell
 from nnx_recurrent._rnn import _concatenate, check_directions_take_segment_ids, merge_directions
 from nnx_recurrent._rnn import flip_sequences as flip_sequences
 from nnx_recurrent.compat._cells import _Cell
@@ -262,19 +263,21 @@ class RNN(nn.Module):
       if expected is not None:
         _checks.check_tree_structure('RNN', 'initial_carry', initial_carry, expected)
     xs, idx = _scan.processing_order(seq, reverse)
-    # Under shard_map the carry varies like the inputs, under an Explicit mesh it is
-    # split over the batch like them (flax.linen's fails in both).
-    initial_carry = _scan.like_inputs(initial_carry, xs, len(seq.batch_shape), seq.masks)
-    explicit = _scan.explicit_mesh(xs)
-    if explicit:  # parameters split over the mesh split the carry too
-      with _named_errors(given_carry, self.variable_carry, explicit):
-        initial_carry = self._settled(initial_carry, xs)
     # flax.linen's values at padding: the cell runs on and its outputs stay;
     # with return_carry a second carry keeps each row's last valid one.
     # Packed sequences (an extension) are masked as in nnx_recurrent.RNN,
     # garbage at padding included (no gradient reaches it).
     packed = seq.masks.reset is not None
     linen = seq.masks.valid is not None and not packed and return_carry
+    rows = _carry_rows(self.cell, seq) if linen or packed else _scan.Rows()
+    # Under shard_map the carry varies like the inputs, under an Explicit mesh it is
+    # split over the batch like them (flax.linen's fails in both).
+    initial_carry = _scan.like_inputs(initial_carry, xs, len(seq.batch_shape), seq.masks,
+                                      rows.carry)
+    explicit = _scan.explicit_mesh(xs)
+    if explicit:  # parameters split over the mesh split the carry too
+      with _named_errors(given_carry, self.variable_carry, explicit):
+        initial_carry = self._settled(initial_carry, xs)
     carry: Any = initial_carry
     scan_args: tuple[Any, ...] = (xs,)
     if linen:
@@ -283,10 +286,12 @@ class RNN(nn.Module):
     elif packed:
       xs = _scan.clean_padding(xs, seq.masks.valid)
       reset_carry = _scan.segment_start(seq.masks, initial_carry, reset_carry, xs,
-                                        len(seq.batch_shape))
+                                        len(seq.batch_shape), rows.carry)
       scan_args = ((xs, seq.masks.valid, seq.masks.reset, None), (None, reset_carry))
-    scan = self._lifted(_LINEN_SCAN_FN if linen else _PACKED_SCAN_FN if packed else _PLAIN_SCAN_FN,
-                        in_axes=0 if len(scan_args) == 1 else (0, nn.broadcast))
+    scan_fn = _LINEN_SCAN_FN if linen else _PACKED_SCAN_FN if packed else _PLAIN_SCAN_FN
+    if rows.carry is not None:  # carry leaves shared by the rows
+      scan_fn = _named_scan_fn(_scan.with_rows(_scan.linen_step if linen else _scan.step, rows))
+    scan = self._lifted(scan_fn, in_axes=0 if len(scan_args) == 1 else (0, nn.broadcast))
     with _named_errors(given_carry, self.variable_carry, explicit):
       carry, ys = scan(self.cell, carry, *scan_args)
     if linen:
@@ -328,14 +333,34 @@ _SCAN_CARRY_TYPES = 'scan body function carry input and carry output must have e
 
 
 def _carry_structure(cell: nn.Module, step_shape: tuple[int, ...]) -> Any:
-  """The abstract carry of a cell's ``initialize_carry`` (``jax.eval_shape``,
-  on an unbound copy, so no variable is read or made), or ``None`` when it
-  cannot be had so: then the carry is not checked."""
+  """The abstract carry of a cell's ``initialize_carry`` (:func:`_abstract_carry`),
+  or ``None`` when it cannot be had so: then the carry is not checked."""
   try:
-    unbound = cell.clone(parent=None)
-    return jax.eval_shape(lambda: unbound.initialize_carry(jax.random.key(0), step_shape))
+    return _abstract_carry(cell, step_shape)
   except Exception:  # any failure only means: nothing to check against
     return None
+
+
+def _abstract_carry(cell: nn.Module, step_shape: tuple[int, ...]) -> Any:
+  """The abstract carry of a cell's ``initialize_carry`` (``jax.eval_shape``,
+  on an unbound copy, so no variable is read or made and no RNG stream of the
+  module's advances: its key is made inside)."""
+  unbound = cell.clone(parent=None)
+  return jax.eval_shape(lambda: unbound.initialize_carry(jax.random.key(0), step_shape))
+
+
+def _carry_rows(cell: nn.Module, seq: _scan.Sequence) -> _scan.Rows:
+  """``_scan.Rows`` of a cell's carry: the leaves of its ``initialize_carry``
+  that lead with the batch axes, as ``nnx_recurrent.RNN`` finds them
+  (``_scan.leaf_rows``), so that a leaf shared by the rows whose size only
+  happens to be the batch's goes on through the padding. Not for this
+  package's cells (every leaf leads with the batch axes), and not for the
+  outputs: those of packed sequences are zeroed at padding by their shapes."""
+  if is_package_cell(cell):
+    return _scan.Rows()
+  features = seq.xs.shape[1 + len(seq.batch_shape):]
+  return _scan.Rows.marking(_scan.leaf_rows(
+    lambda batch: _abstract_carry(cell, (*batch, *features)), seq.batch_shape))
 
 
 class Bidirectional(nn.Module):

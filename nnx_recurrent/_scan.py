@@ -505,7 +505,10 @@ def settle_state(where: str, abstract_step: Any, carry: Any, variables: dict[str
     if jax.tree_util.tree_structure(new) != structure or any(
         jnp.shape(o) != jnp.shape(n) for o, n in zip(olds, news)):
       return state  # not the state the scan can take: its own checks say why
-    specs = [_full_spec(o) for o in olds], [_full_spec(n) for n in news]
+    # (a leaf without a mesh in its type, such as a shared leaf made outside the
+    # mesh, reads as replicated)
+    specs = [_full_spec(o) or (None,) * jnp.ndim(o) for o in olds], \
+      [_full_spec(n) or (None,) * jnp.ndim(n) for n in news]
     if specs[0] == specs[1]:
       return state
     last = state, new

@@ -1040,12 +1040,25 @@ def output_order(ys: Any, seq: Sequence, reverse: bool, idx: Array | None, keep_
   """Scan outputs back to input order (``reverse`` with ``keep_order``; ``idx``
   from :func:`processing_order`) and to the caller's layout."""
   if reverse and keep_order:
-    ys = jax.tree_util.tree_map(lambda y: take_time(y, idx), ys)
+    def back(y):
+      # A leaf without the batch axes (a per-step scalar) has no one input
+      # order when each row reverses by its own length.
+      if idx is not None and not _per_row(idx[0], y[0]):
+        _checks.fail('RNN', 'cell', 'per-step outputs that lead with the batch axes '
+                     f'{seq.batch_shape} when keep_order=True restores each row\'s own '
+                     'order (reverse with seq_lengths or segment_ids)',
+                     f'an output leaf of per-step shape {tuple(y.shape[1:])}')
+      return take_time(y, idx)
+    ys = jax.tree_util.tree_map(back, ys)
   return restore_layout(ys, time_major, len(seq.batch_shape))
 
 
 def restore_layout(ys: Any, time_major: bool, num_batch_dims: int) -> Any:
-  """Moves the time axis of time-major outputs back to the caller's layout."""
+  """Moves the time axis of time-major outputs back to the caller's layout:
+  after the batch axes, as flax does to every leaf. A leaf with no room for
+  them (a per-step scalar, where flax's ``moveaxis`` raises "axis out of
+  bounds") has no batch axes to follow, and keeps time first."""
   if time_major:
     return ys
-  return jax.tree_util.tree_map(lambda y: jnp.moveaxis(y, 0, num_batch_dims), ys)
+  return jax.tree_util.tree_map(
+    lambda y: y if y.ndim <= num_batch_dims else jnp.moveaxis(y, 0, num_batch_dims), ys)

@@ -336,3 +336,90 @@ def test_narrow_integer_lengths_on_a_long_time_axis():
   narrow, wide = jnp.asarray(wide.astype(np.uint8)), jnp.asarray(wide)
   np.testing.assert_array_equal(*nnx.jit(lambda rnn: [rnn(x, seq_lengths=narrow),
                                                       rnn(x, seq_lengths=wide)])(rnn))
+
+
+# -- per-step outputs without the batch axes ------------------------------------
+class _ScalarPerStepCell(nnx.Module):
+  """A tanh cell that also returns one scalar per step, shared by every row
+  (the sum of ``h``): an output leaf with no batch axes."""
+
+  num_feature_axes = 1
+
+  def __init__(self, w):
+    self.w = nnx.Param(jnp.asarray(w))
+
+  def __call__(self, h, x):
+    h = jnp.tanh(x @ self.w[...] + h)
+    return h, (h, jnp.sum(h))
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return jnp.zeros((*input_shape[:-1], self.w.shape[1]))
+
+
+class _LinenScalarPerStepCell(nn.RNNCellBase):
+  features: int = 4
+
+  @nn.compact
+  def __call__(self, h, x):
+    w = self.param('w', nn.initializers.normal(0.5), (x.shape[-1], self.features))
+    h = jnp.tanh(x @ w + h)
+    return h, (h, jnp.sum(h))
+
+  def initialize_carry(self, rng, input_shape):
+    return jnp.zeros((*input_shape[:-1], self.features))
+
+  @property
+  def num_feature_axes(self):
+    return 1
+
+
+def _scalar_per_step_reference(w, x, reverse):
+  """NumPy: batch-first ``x`` (*batch, time, 3) -> h (*batch, time, 4) and
+  the per-step sums (time,), in input order."""
+  xs = np.moveaxis(np.asarray(x, np.float64), -2, 0)
+  order = range(len(xs))[::-1] if reverse else range(len(xs))
+  h, hs, sums = np.zeros(xs.shape[1:-1] + (w.shape[1],)), [None] * len(xs), [0.0] * len(xs)
+  for t in order:
+    h = np.tanh(xs[t] @ w + h)
+    hs[t], sums[t] = h, h.sum()
+  return np.moveaxis(np.stack(hs), 0, -2), np.asarray(sums)
+
+
+@pytest.mark.parametrize('batch', [(2,), (2, 3)])
+@pytest.mark.parametrize('reverse', [False, True])
+def test_a_per_step_scalar_output_keeps_time_first(batch, reverse):
+  # flax.nnx and flax.linen move time after the batch axes in every output
+  # leaf and raise 'axis 1 is out of bounds' for a per-step scalar, which has none.
+  x = _inputs((3,), False, batch=batch)
+  w = np.asarray(ref.normal((3, 4), seed=3, scale=0.5), np.float64)
+  want_h, want_sums = _scalar_per_step_reference(w, x, reverse)
+  cell = _LinenScalarPerStepCell()
+  linen_rnn = nr.compat.RNN(cell, reverse=reverse, keep_order=True)
+  for run in (lambda: nr.RNN(_ScalarPerStepCell(w), reverse=reverse, keep_order=True)(x),
+              lambda: linen_rnn.apply({'params': {'cell': {'w': jnp.asarray(w)}}}, x)):
+    h, sums = run()
+    assert sums.shape == (TIME,)
+    _close(h, want_h)
+    _close(sums, want_sums)
+
+
+def test_a_per_step_scalar_has_no_order_when_rows_reverse_by_length():
+  w = np.asarray(ref.normal((3, 4), seed=3, scale=0.5))
+  x = _inputs((3,), False)
+  lengths = jnp.asarray(LENGTHS)
+  with pytest.raises(ValueError, match=r"`cell` expected per-step outputs that lead with the "
+                     r"batch axes \(2, 3\) when keep_order=True .* got an output leaf of "
+                     r"per-step shape \(\)"):
+    nr.RNN(_ScalarPerStepCell(w), reverse=True, keep_order=True)(x, seq_lengths=lengths)
+  # In processing order there is nothing to restore: the sums come back. At a
+  # row's padding the cell sees zero inputs and its kept carry.
+  _, sums = nr.RNN(_ScalarPerStepCell(w), reverse=True)(x, seq_lengths=lengths)
+  xs, w = np.asarray(x, np.float64).reshape(-1, TIME, 3), np.asarray(w, np.float64)
+  want = np.zeros(TIME)
+  for row, n in zip(xs, LENGTHS.reshape(-1)):
+    h = np.zeros(4)
+    for t in range(TIME):
+      out = np.tanh((row[n - 1 - t] if t < n else np.zeros(3)) @ w + h)
+      h = out if t < n else h
+      want[t] += out.sum()
+  _close(sums, want)

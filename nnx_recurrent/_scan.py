@@ -33,9 +33,10 @@ programs changes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -563,6 +564,32 @@ def check_gate_split(where: str, arg: str, hidden: Any, params: Any, got: str) -
                    got)
 
 
+@contextlib.contextmanager
+def gates_checked(where: str, arg: str, hidden: Any, params: Any, got: str, *,
+                  known: bool) -> Iterator[None]:
+  """Around the abstract trace of a step in explicit sharding mode, the gate
+  split of :func:`check_gate_split`: before it for this package's cells
+  (``known``: their parameters stack the gates on the last axis), and for
+  any other cell only where the trace fails with an error not of this
+  package, whose cause it then names (``raise ... from`` JAX's): a parameter
+  of another cell whose last axis is a multiple of the hidden size need not
+  hold gates, and a cell that runs is never refused."""
+  if known:
+    check_gate_split(where, arg, hidden, params, got)
+    yield
+    return
+  try:
+    yield
+  except Exception as e:
+    if _checks.origin(e) is not None:
+      raise
+    try:
+      check_gate_split(where, arg, hidden, params, got)
+    except ValueError as gates:
+      raise gates from e
+    raise
+
+
 def _full_spec(x: Any) -> tuple | None:
   """``x``'s partition in its type, one entry per axis (``None``: no sharding)."""
   sharding = x.sharding if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x).sharding
@@ -673,10 +700,13 @@ def masked_scan(
   rows = cell_rows(cell, xs, masks, num_feature_axes)  # the leaves shared by the rows
   carry = like_inputs(carry, xs, num_batch_axes, masks, rows.carry)  # shard_map, explicit sharding
   if explicit_mesh(xs):  # parameters split over the mesh split the carry too
+    from nnx_recurrent._base import is_package_cell
+
     hidden = getattr(cell, 'hidden_features', None)
-    check_gate_split('RNN', 'cell', hidden, nnx.state(cell, nnx.Param),
-                     f'{type(cell).__name__} of hidden_features {hidden}')
-    carry = settle_cell_state(cell, carry, axes, xs, dropout_masks, step_rngs)
+    with gates_checked('RNN', 'cell', hidden, nnx.state(cell, nnx.Param),
+                       f'{type(cell).__name__} of hidden_features {hidden}',
+                       known=is_package_cell(cell)):
+      carry = settle_cell_state(cell, carry, axes, xs, dropout_masks, step_rngs)
   reset_carry = segment_start(masks, carry, reset_carry, xs, num_batch_axes, rows.carry)
   xs = clean_padding(xs, masks.valid)
   step_fn = with_rows(_remat_step if remat else step, rows)

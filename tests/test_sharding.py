@@ -32,6 +32,7 @@ from pathlib import Path
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -88,7 +89,7 @@ def test_explicit_sizes_a_mesh_axis_does_not_divide_on_a_mesh_of_8_devices():
   # a ValueError naming it (JAX's error came from deep in the step); batches and hidden
   # sizes JAX lets through run to the values of no mesh. See _main_uneven.
   output = _run_script('uneven')
-  assert 'uneven explicit checks passed: refused 11, ran 18' in output, output
+  assert 'uneven explicit checks passed: refused 12, ran 19' in output, output
 
 
 def _explicit_mesh_here():
@@ -1102,6 +1103,34 @@ def _compat_pair(hidden):
                               compat.RNN(compat.LSTMCell(hidden)), return_carry=True)
 
 
+class _UserLSTMCell(nr.OptimizedLSTMCell):
+  """A user's subclass (not this package's cell): the gate split is named
+  only where the step's trace fails, from JAX's error."""
+
+
+class _Projected(nnx.Module):
+  """A tanh cell with an output projection ``(hidden, 2 * hidden)``: a parameter
+  whose last axis is a multiple of the hidden size but holds no gates. Split
+  over more devices than divide the hidden size, it still runs (the carry
+  stays whole)."""
+
+  num_feature_axes = 1
+
+  def __init__(self, hidden, proj_metadata, rngs):
+    init = nnx.initializers.normal(0.5)
+    self.hidden_features = hidden
+    self.w = nnx.Param(init(rngs.params(), (IN, hidden)))
+    self.u = nnx.Param(init(rngs.params(), (hidden, hidden)))
+    self.proj = nnx.Param(init(rngs.params(), (hidden, 2 * hidden)), **proj_metadata)
+
+  def __call__(self, h, x):
+    h = jnp.tanh(x @ self.w[...] + h @ self.u[...])
+    return h, h @ self.proj[...]
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return jnp.zeros((*input_shape[:-1], self.hidden_features))
+
+
 def _main_uneven():
   """Explicit sharding mode with a hidden size a mesh axis does not divide, or a
   batch. Parameters stacking the gates on an axis the mesh splits evenly
@@ -1133,7 +1162,11 @@ def _main_uneven():
       rows = jax.device_put(x, P('data' if 'data' in axes else None))
       calls = {name: functools.partial(nnx.jit(lambda layer, x: layer(x)), layer)
                for name, layer in zoo.items()}
-      if lstm:  # a Linen cell of yours whose kernels stack the gates
+      if lstm:  # cells of yours whose kernels stack the gates, nnx and Linen
+        user_cell = functools.partial(_UserLSTMCell, IN, hidden, **meta)
+        user = random_module(lambda cell=user_cell: nr.RNN(cell(rngs=nnx.Rngs(0))),
+                             sharding=_placed(split_mesh))
+        calls['user_cell'] = functools.partial(nnx.jit(lambda layer, x: layer(x)), user)
         fused_linen = compat.RNN(_FusedLinen(hidden))
         linen_params = _split_columns(random_linen_variables(fused_linen, x))
         calls['compat'] = functools.partial(jax.jit(fused_linen.apply), linen_params)
@@ -1177,6 +1210,21 @@ def _main_uneven():
         spec = jax.typeof(a).sharding.spec  # rows split or not, the hidden axis as the params
         assert (spec[0], spec[-1]) == (spec_rows[0], 'model' if meta else None), (name, spec)
       ran += 1
+  # A parameter of another cell whose last axis is a multiple of the hidden
+  # size (6) need not hold gates: split over 4 devices, the cell runs.
+  def factory(meta=None):
+    return nr.RNN(_Projected(6, meta or {}, nnx.Rngs(0)), return_carry=True)
+  graphdef, state = nnx.split(random_module(factory))
+  run = jax.jit(lambda state, x, lengths: nnx.merge(graphdef, state)(x, seq_lengths=lengths))
+  want = run(state, x, lengths)
+  with jax.set_mesh(mesh):
+    placed = random_module(functools.partial(factory, {'out_sharding': (None, 'model')}),
+                           sharding=_placed(mesh))
+    got = run(nnx.state(placed), *(jax.device_put(a, P('data')) for a in (x, lengths)))
+  assert jax.typeof(nnx.state(placed)['cell']['proj'][...]).sharding.spec[-1] == 'model'
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=ATOL, rtol=0)
+  ran += 1
   print(f'uneven explicit checks passed: refused {refused}, ran {ran}')
 
 

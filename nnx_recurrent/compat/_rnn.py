@@ -187,8 +187,6 @@ class RNN(nn.Module):
     cell = self.cell.clone(parent=None)
     variables = self.cell.variables
     features = getattr(cell, 'features', None)
-    _scan.check_gate_split('RNN', 'cell', features, variables.get('params'),
-                           f'{type(cell).__name__} of features {features}')
     assert self.scope is not None  # called bound, from __call__
     rngs = {name: rng.rng for name, rng in self.scope.rngs.items()}
 
@@ -201,7 +199,10 @@ class RNN(nn.Module):
                      mutable=True)
       stacked = jax.eval_shape(lambda carry: run(variables, carry, rngs=rngs)[0], carry)
       return jax.tree_util.tree_map(_scan.abstract_step_input, stacked)
-    return _scan.settle_carry('RNN', step, carry)
+    with _scan.gates_checked('RNN', 'cell', features, variables.get('params'),
+                             f'{type(cell).__name__} of features {features}',
+                             known=is_package_cell(cell)):
+      return _scan.settle_carry('RNN', step, carry)
 
   def __call__(
     self,

@@ -784,7 +784,9 @@ def cell_rows(cell, xs: Array, masks: StepMasks, num_feature_axes: int) -> Rows:
   on a copy of the cell: no Variable of it changes and none of its streams
   advances; ``initialize_carry`` gets a fresh ``nnx.Rngs``) at two batch
   shapes (:func:`leaf_rows`). Where the step cannot be traced so, the carry
-  alone; where ``initialize_carry`` cannot, nothing (the shapes decide).
+  alone; where ``initialize_carry`` cannot, or the step runs at the batch's
+  sizes but not at the larger ones (a carry of a batch size fixed in the
+  cell), nothing (the shapes decide).
   Only with padding or packing, whose masks are all that ``Rows`` informs,
   and not for this package's cells, whose carries and outputs all lead with
   the batch axes: trace time only, nothing in the program changes but the
@@ -811,8 +813,14 @@ def cell_rows(cell, xs: Array, masks: StepMasks, num_feature_axes: int) -> Rows:
   both = leaf_rows(carry_and_outputs, batch)
   if both is not None:
     return Rows.marking(*both)
-  return Rows.marking(leaf_rows(lambda batch: graph_nnx.eval_shape(
-    lambda cell: default(cell, (*batch, *features)), cell), batch))
+  try:
+    carry_and_outputs(batch)
+  except Exception:  # noqa: BLE001 -- the step cannot be traced so: the carry alone
+    return Rows.marking(leaf_rows(lambda batch: graph_nnx.eval_shape(
+      lambda cell: default(cell, (*batch, *features)), cell), batch))
+  # It runs at the batch's sizes only (a carry built at a batch size fixed in
+  # the cell): a leaf that does not grow is the batch's, not shared.
+  return Rows()
 
 
 def segment_start(masks: StepMasks, carry: Any, reset_carry: Any, xs: Array,

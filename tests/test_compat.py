@@ -561,6 +561,62 @@ def test_a_shared_carry_leaf_of_the_batchs_size_steps_through_padding_as_linen(s
   np.testing.assert_array_equal(steps_packed, np.full(shared, 6))  # never reset, never frozen
 
 
+class _FixedBatchCell(nn.RNNCellBase):
+  """A carry built at a batch size fixed in the cell (``initialize_carry``
+  ignores the batch it is given): its step runs at that size only."""
+
+  batch: int
+
+  @nn.compact
+  def __call__(self, h, x):
+    h = nn.tanh(nn.Dense(5)(jnp.concatenate([x, h], -1)))
+    return h, h
+
+  def initialize_carry(self, rng, input_shape):
+    return jnp.zeros((self.batch, 5))
+
+  @property
+  def num_feature_axes(self):
+    return 1
+
+
+def test_a_carry_of_a_batch_size_fixed_in_the_cell_is_the_rows_as_linen():
+  """Its ``initialize_carry`` does not grow with the batch, as a shared leaf's
+  does not: it was taken for one, and the last valid carry went on through
+  each row's padding. The step fails at a larger batch: the rows' carry."""
+  x, seq_lengths = normal((3, 6, 4)), jnp.array([6, 4, 0])
+  v = random_linen_variables(nn.RNN(_FixedBatchCell(3)), x)
+  theirs, ours = (lib.RNN(_FixedBatchCell(3), return_carry=True) for lib in (nn, compat))
+  (c_t, y_t), (c_o, y_o) = jax.jit(lambda v: (theirs.apply(v, x, seq_lengths=seq_lengths),
+                                              ours.apply(v, x, seq_lengths=seq_lengths)))(v)
+  _assert_close(y_o, y_t)
+  _assert_close(c_o[:2], np.asarray(y_t)[[0, 1], [5, 3]])
+  _assert_close(c_o[:2], c_t[:2])  # (flax.linen's length-0 row gathers index -1)
+
+
+class _EmittedStepsCell(_SharedStepsCell):
+  """:class:`_SharedStepsCell` that also outputs its shared ``steps``."""
+
+  @nn.compact
+  def __call__(self, carry, x):
+    (h, steps), y = super().__call__(carry, x)
+    return (h, steps), (y, steps)
+
+
+def test_a_shared_output_of_the_batchs_size_is_not_zeroed_in_packed_rows():
+  """Packed sequences zero the rows' outputs at padding; a shared output leaf
+  of the batch's size (3) was zeroed as if per row: the probe of one step
+  tells it apart, as nr.RNN's does."""
+  x = normal((3, 6, 4))
+  seg = jnp.array([[1, 1, 2, 2, 2, 0], [1, 2, 2, 0, 0, 0], [0] * 6])
+  layer = compat.RNN(_EmittedStepsCell(3))
+  v = random_linen_variables(layer, x)
+  y, steps = jax.jit(lambda v: layer.apply(v, x, segment_ids=seg))(v)
+  np.testing.assert_array_equal(steps, np.broadcast_to(np.arange(1, 7), (3, 6)))  # (3, T)
+  assert not np.asarray(y)[np.asarray(seg) == 0].any()  # the rows' outputs: zeros
+  assert np.asarray(y)[np.asarray(seg) != 0].all()
+
+
 # Two modes, with every option and (the linen base) with none: the other directions
 # and layouts are the cell-agnostic scan's (each of them:
 # test_rnn_matches_linen_over_layouts_directions_and_unroll). compat.RNNCellBase is

@@ -1453,6 +1453,40 @@ def test_without_a_usable_initialize_carry_the_shapes_decide():
   np.testing.assert_array_equal(carry['steps'], lengths)
 
 
+class _FixedBatchCell(nnx.Module):
+  """A carry built at a batch size fixed in the cell (``initialize_carry``
+  ignores the batch it is given): its step runs at that size only."""
+
+  num_feature_axes = 1
+
+  def __init__(self, rngs, batch):
+    self.lin = nnx.Linear(IN, H, rngs=rngs)
+    self.batch = batch
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return jnp.zeros((self.batch, H))
+
+  def __call__(self, carry, x):
+    h = jnp.tanh(self.lin(x) + carry)
+    return h, h
+
+
+def test_a_carry_of_a_batch_size_fixed_in_the_cell_is_the_rows():
+  # Traced at a larger batch its carry does not grow, as a shared leaf's does
+  # not: it was taken for one, so each row's carry went on through its padding.
+  # The step fails at the larger batch: the carry is the batch's, as its shape says.
+  x, lengths = _x(), jnp.array([5, 2, 0])
+  ours, theirs = (lib.RNN(_FixedBatchCell(nnx.Rngs(0), B)) for lib in (nr, nnx))
+  (c_o, y_o), (c_t, y_t) = nnx.jit(lambda a, b: (
+    a(x, seq_lengths=lengths, return_carry=True),
+    b(x, seq_lengths=lengths, return_carry=True)))(ours, theirs)
+  valid = (np.arange(T)[None] < np.asarray(lengths)[:, None])[..., None]
+  _close(y_o, np.where(valid, y_t, 0))
+  _close(c_o[:2], c_t[:2])  # each row's last valid h (flax.nnx's gather)
+  _close(c_o[:2], np.asarray(y_t)[[0, 1], [4, 1]])
+  np.testing.assert_array_equal(c_o[2], 0)  # length 0: the initial carry
+
+
 class _TokenCell(nnx.Module):
   """Token ids in, no feature axis: ``in_features`` is the vocabulary's size."""
 

@@ -290,7 +290,7 @@ class RNN(nn.Module):
                                         len(seq.batch_shape), rows.carry)
       scan_args = ((xs, seq.masks.valid, seq.masks.reset, None), (None, reset_carry))
     scan_fn = _LINEN_SCAN_FN if linen else _PACKED_SCAN_FN if packed else _PLAIN_SCAN_FN
-    if rows.carry is not None:  # carry leaves shared by the rows
+    if rows.carry is not None or rows.out is not None:  # leaves shared by the rows
       scan_fn = _named_scan_fn(_scan.with_rows(_scan.linen_step if linen else _scan.step, rows))
     scan = self._lifted(scan_fn, in_axes=0 if len(scan_args) == 1 else (0, nn.broadcast))
     with _named_errors(given_carry, self.variable_carry, explicit):
@@ -351,17 +351,38 @@ def _abstract_carry(cell: nn.Module, step_shape: tuple[int, ...]) -> Any:
 
 
 def _carry_rows(cell: nn.Module, seq: _scan.Sequence) -> _scan.Rows:
-  """``_scan.Rows`` of a cell's carry: the leaves of its ``initialize_carry``
-  that lead with the batch axes, as ``nnx_recurrent.RNN`` finds them
-  (``_scan.leaf_rows``), so that a leaf shared by the rows whose size only
-  happens to be the batch's goes on through the padding. Not for this
-  package's cells (every leaf leads with the batch axes), and not for the
-  outputs: those of packed sequences are zeroed at padding by their shapes."""
+  """``_scan.Rows`` of a cell: the leaves of its ``initialize_carry``, and of
+  one step's outputs from that carry, that lead with the batch axes, as
+  ``nnx_recurrent.RNN`` finds them (``_scan.leaf_rows``; the step is the
+  unbound cell's ``init_with_output``, under ``jax.eval_shape``: no variable
+  of the module is read or made), so that a leaf shared by the rows whose
+  size only happens to be the batch's goes on through the padding. Where the
+  step cannot be traced so, the carry alone; where the step runs at the
+  batch's sizes only (a carry built at a batch size fixed in the cell), or
+  ``initialize_carry`` cannot be traced, nothing: the shapes decide. Not for
+  this package's cells (every leaf leads with the batch axes)."""
   if is_package_cell(cell):
     return _scan.Rows()
   features = seq.xs.shape[1 + len(seq.batch_shape):]
-  return _scan.Rows.marking(_scan.leaf_rows(
-    lambda batch: _abstract_carry(cell, (*batch, *features)), seq.batch_shape))
+  unbound = cell.clone(parent=None)
+
+  def carry_and_outputs(batch):
+    def one():
+      carry = unbound.initialize_carry(jax.random.key(0), (*batch, *features))
+      x = jax.numpy.zeros((*batch, *features), seq.xs.dtype)
+      (_, y), _ = unbound.init_with_output(jax.random.key(1), carry, x)
+      return carry, y
+    return jax.eval_shape(one)
+
+  both = _scan.leaf_rows(carry_and_outputs, seq.batch_shape)
+  if both is not None:
+    return _scan.Rows.marking(*both)
+  try:
+    carry_and_outputs(seq.batch_shape)
+  except Exception:  # noqa: BLE001 -- the step cannot be traced so: the carry alone
+    return _scan.Rows.marking(_scan.leaf_rows(
+      lambda batch: _abstract_carry(cell, (*batch, *features)), seq.batch_shape))
+  return _scan.Rows()  # it runs at the batch's sizes only: no leaf is shared by chance
 
 
 class Bidirectional(nn.Module):

@@ -783,10 +783,7 @@ def cell_rows(cell, xs: Array, masks: StepMasks, num_feature_axes: int) -> Rows:
   and the outputs of one step from it, built abstractly (``nnx.eval_shape``,
   on a copy of the cell: no Variable of it changes and none of its streams
   advances; ``initialize_carry`` gets a fresh ``nnx.Rngs``) at two batch
-  shapes (:func:`leaf_rows`). Where the step cannot be traced so, the carry
-  alone; where ``initialize_carry`` cannot, or the step runs at the batch's
-  sizes but not at the larger ones (a carry of a batch size fixed in the
-  cell), nothing (the shapes decide).
+  shapes (:func:`probed_rows`: where they cannot say, the shapes decide).
   Only with padding or packing, whose masks are all that ``Rows`` informs,
   and not for this package's cells, whose carries and outputs all lead with
   the batch axes: trace time only, nothing in the program changes but the
@@ -810,16 +807,27 @@ def cell_rows(cell, xs: Array, masks: StepMasks, num_feature_axes: int) -> Rows:
       return carry, _call_cell(cell, carry, jnp.zeros((*batch, *features), xs.dtype), None)[1]
     return graph_nnx.eval_shape(one, cell)
 
-  both = leaf_rows(carry_and_outputs, batch)
+  return probed_rows(carry_and_outputs, lambda batch: graph_nnx.eval_shape(
+    lambda cell: default(cell, (*batch, *features)), cell), batch)
+
+
+def probed_rows(carry_and_outputs: Callable[[tuple[int, ...]], Any],
+                carry_alone: Callable[[tuple[int, ...]], Any],
+                batch_shape: tuple[int, ...]) -> Rows:
+  """:class:`Rows` from a cell's probes (:func:`leaf_rows`): ``carry_and_outputs``
+  (its default carry and one step's outputs from it, abstractly, at a batch
+  shape) at ``batch_shape`` and one larger. Where the step cannot be traced
+  so, ``carry_alone`` (the default carry). Where the step runs at
+  ``batch_shape`` but not at the larger (a carry built at a batch size fixed
+  in the cell, which does not grow as a shared leaf does not), or
+  ``initialize_carry`` cannot be traced, nothing: the shapes decide."""
+  both = leaf_rows(carry_and_outputs, batch_shape)
   if both is not None:
     return Rows.marking(*both)
   try:
-    carry_and_outputs(batch)
+    carry_and_outputs(batch_shape)
   except Exception:  # noqa: BLE001 -- the step cannot be traced so: the carry alone
-    return Rows.marking(leaf_rows(lambda batch: graph_nnx.eval_shape(
-      lambda cell: default(cell, (*batch, *features)), cell), batch))
-  # It runs at the batch's sizes only (a carry built at a batch size fixed in
-  # the cell): a leaf that does not grow is the batch's, not shared.
+    return Rows.marking(leaf_rows(carry_alone, batch_shape))
   return Rows()
 
 

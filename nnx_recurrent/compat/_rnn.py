@@ -353,13 +353,10 @@ def _abstract_carry(cell: nn.Module, step_shape: tuple[int, ...]) -> Any:
 def _carry_rows(cell: nn.Module, seq: _scan.Sequence) -> _scan.Rows:
   """``_scan.Rows`` of a cell: the leaves of its ``initialize_carry``, and of
   one step's outputs from that carry, that lead with the batch axes, as
-  ``nnx_recurrent.RNN`` finds them (``_scan.leaf_rows``; the step is the
+  ``nnx_recurrent.RNN`` finds them (``_scan.probed_rows``; the step is the
   unbound cell's ``init_with_output``, under ``jax.eval_shape``: no variable
   of the module is read or made), so that a leaf shared by the rows whose
-  size only happens to be the batch's goes on through the padding. Where the
-  step cannot be traced so, the carry alone; where the step runs at the
-  batch's sizes only (a carry built at a batch size fixed in the cell), or
-  ``initialize_carry`` cannot be traced, nothing: the shapes decide. Not for
+  size only happens to be the batch's goes on through the padding. Not for
   this package's cells (every leaf leads with the batch axes)."""
   if is_package_cell(cell):
     return _scan.Rows()
@@ -374,15 +371,9 @@ def _carry_rows(cell: nn.Module, seq: _scan.Sequence) -> _scan.Rows:
       return carry, y
     return jax.eval_shape(one)
 
-  both = _scan.leaf_rows(carry_and_outputs, seq.batch_shape)
-  if both is not None:
-    return _scan.Rows.marking(*both)
-  try:
-    carry_and_outputs(seq.batch_shape)
-  except Exception:  # noqa: BLE001 -- the step cannot be traced so: the carry alone
-    return _scan.Rows.marking(_scan.leaf_rows(
-      lambda batch: _abstract_carry(cell, (*batch, *features)), seq.batch_shape))
-  return _scan.Rows()  # it runs at the batch's sizes only: no leaf is shared by chance
+  return _scan.probed_rows(carry_and_outputs,
+                           lambda batch: _abstract_carry(cell, (*batch, *features)),
+                           seq.batch_shape)
 
 
 class Bidirectional(nn.Module):

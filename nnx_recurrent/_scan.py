@@ -1091,8 +1091,9 @@ def output_order(ys: Any, seq: Sequence, reverse: bool, idx: Array | None, keep_
       # order when each row reverses by its own length.
       if idx is not None and not _per_row(idx[0], y[0]):
         _checks.fail('RNN', 'cell', 'per-step outputs that lead with the batch axes '
-                     f'{seq.batch_shape} when keep_order=True restores each row\'s own '
-                     'order (reverse with seq_lengths or segment_ids)',
+                     f'{seq.batch_shape} when keep_order=True (as in a Bidirectional\'s '
+                     'backward direction) restores each row\'s own order (reverse with '
+                     'seq_lengths or segment_ids)',
                      f'an output leaf of per-step shape {tuple(y.shape[1:])}')
       return take_time(y, idx)
     ys = jax.tree_util.tree_map(back, ys)

@@ -411,6 +411,10 @@ def test_a_per_step_scalar_has_no_order_when_rows_reverse_by_length():
                      r"batch axes \(2, 3\) when keep_order=True .* got an output leaf of "
                      r"per-step shape \(\)"):
     nr.RNN(_ScalarPerStepCell(w), reverse=True, keep_order=True)(x, seq_lengths=lengths)
+  with pytest.raises(ValueError, match=r"when keep_order=True \(as in a Bidirectional's "
+                     r"backward direction\)"):
+    nr.Bidirectional(nr.RNN(_ScalarPerStepCell(w)), nr.RNN(_ScalarPerStepCell(w)),
+                     merge_fn=lambda a, b: (a, b))(x, seq_lengths=lengths)
   # In processing order there is nothing to restore: the sums come back. At a
   # row's padding the cell sees zero inputs and its kept carry.
   _, sums = nr.RNN(_ScalarPerStepCell(w), reverse=True)(x, seq_lengths=lengths)

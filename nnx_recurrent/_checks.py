@@ -411,7 +411,10 @@ def blame_entry(where: str, entry: str, layer: str, given: Any,
   layers[1] (GRU): GRU: `initial_carry` expected ...``; ``given``: the entry,
   ``None`` for the layer's default: nothing to blame), and the ``passed``
   arguments it hands on as they are (``Bidirectional: `seq_lengths`, passed
-  on to forward_rnn (RNN): RNN: `seq_lengths` expected ...``).
+  on to forward_rnn (RNN): RNN: `seq_lengths` expected ...``); any other
+  error of an inner layer says which layer raised it (``StackedRNN: in
+  layers[1] (RNN): RNN: `cell` expected ...``), its ``Origin`` kept, so each
+  composite around it adds its own step of the path.
 
   Only this package's errors are reworded, as its :class:`Origin` says (not
   from the message's text: a user cell's own ``ValueError`` that happens to
@@ -432,6 +435,8 @@ def blame_entry(where: str, entry: str, layer: str, given: Any,
     elif blamed.arg in passed and blamed.where != where:
       reword(e, f'{where}: `{blamed.arg}`, passed on to {layer}: {e}',
              Origin(where, blamed.arg))
+    elif blamed.where != where:  # the inner layer's own (its cell, what it was given inside)
+      reword(e, f'{where}: in {layer}: {e}', blamed)
     raise
 
 

@@ -1425,6 +1425,25 @@ def test_a_composite_names_both_levels_of_an_argument_it_passes_on():
   assert _checks.origin(info.value) == _checks.Origin('StackedRNN', 'inputs')
 
 
+def test_a_composite_says_which_inner_layer_raised_an_error_about_its_own_cell():
+  # An error of ours about an inner layer's own argument (its cell) passed on as
+  # raised: in a stack of Bidirectionals, which direction of which layer?
+  r = nnx.Rngs(0)
+  ints = _CarryCell(lambda s: jnp.zeros((*s[:-1], 4), jnp.int32),
+                    lambda h, x: jnp.tanh(h + x.sum(-1, keepdims=True)))
+  bi = nr.Bidirectional(nr.RNN(nr.GRUCell(3, 4, rngs=r)), nr.RNN(ints))
+  stack = nr.StackedRNN(nr.RNN(nr.GRUCell(3, 3, rngs=r)), bi)
+  inner = ('RNN: `cell` expected a step that returns a carry leaf of the kind of its carry '
+           'leaf (int32), got float32.')
+  for module, prefix in (
+      (bi, 'Bidirectional: in backward_rnn (RNN): '),
+      (stack, 'StackedRNN: in layers[1] (Bidirectional): Bidirectional: in backward_rnn (RNN): ')):
+    with pytest.raises(TypeError) as info:
+      module(X)
+    assert str(info.value) == prefix + inner
+    assert _checks.origin(info.value) == _checks.Origin('RNN', 'cell')  # the cell's, still
+
+
 def test_a_composite_passes_on_an_error_of_a_cell_of_yours_as_it_is():
   # The message reads as one of ours about an argument the pair passes on; it is
   # the user's, and stays as raised (the pair rewrote it, taking it for ours).

@@ -279,13 +279,14 @@ class RNN(nnx.Module):
                      else _scan.default_carry(cell, step_shape, carry_rngs))
     xs, idx = _scan.processing_order(seq, reverse)
     dropout_masks = _scan.cell_dropout_masks(cell, step_shape, rngs, xs.dtype)
+    rows = _scan.cell_rows(cell, xs, seq.masks, cell.num_feature_axes)  # leaves of the rows
     carry, ys = _scan.masked_scan(
       cell, initial_carry, xs, seq.masks, dropout_masks=dropout_masks,
       unroll=self.unroll, remat=self.remat, state_axes=self.state_axes,
       broadcast_rngs=self.broadcast_rngs, step_rngs=_scan.cell_step_rngs(cell, rngs, seq.time),
-      reset_carry=reset_carry, num_feature_axes=cell.num_feature_axes,
+      reset_carry=reset_carry, num_feature_axes=cell.num_feature_axes, rows=rows,
     )
-    ys = _scan.output_order(ys, seq, reverse, idx, keep_order, time_major)
+    ys = _scan.output_order(ys, seq, reverse, idx, keep_order, time_major, rows.out)
     return (carry, ys) if return_carry else ys
 
 

@@ -669,6 +669,7 @@ def masked_scan(
   step_rngs: Array | None = None,
   reset_carry: Any = None,
   num_feature_axes: int = 1,
+  rows: Rows | None = None,
 ) -> tuple[Any, Any]:
   """Scans ``cell`` over time-major ``xs`` with carry selection.
 
@@ -691,13 +692,16 @@ def masked_scan(
     reset_carry: where the packed segments after a row's first start
       (``masks.reset``); default ``carry``.
     num_feature_axes: the cell's: the axes of ``xs`` after time and the batch.
+    rows: the leaves that hold the rows (:class:`Rows`); default the cell's
+      (:func:`cell_rows`).
 
   Returns:
     ``(final_carry, ys)`` with ``ys`` time-major; ``ys`` is zero where not valid.
   """
   num_batch_axes = xs.ndim - 1 - num_feature_axes
   axes = nnx_state_axes(state_axes, broadcast_rngs)
-  rows = cell_rows(cell, xs, masks, num_feature_axes)  # the leaves shared by the rows
+  if rows is None:  # the leaves shared by the rows
+    rows = cell_rows(cell, xs, masks, num_feature_axes)
   carry = like_inputs(carry, xs, num_batch_axes, masks, rows.carry)  # shard_map, explicit sharding
   if explicit_mesh(xs):  # parameters split over the mesh split the carry too
     from nnx_recurrent._base import is_package_cell
@@ -1082,21 +1086,24 @@ def processing_order(seq: Sequence, reverse: bool) -> tuple[Array, Array | None]
 
 
 def output_order(ys: Any, seq: Sequence, reverse: bool, idx: Array | None, keep_order: bool,
-                 time_major: bool) -> Any:
+                 time_major: bool, rows: Any = None) -> Any:
   """Scan outputs back to input order (``reverse`` with ``keep_order``; ``idx``
-  from :func:`processing_order`) and to the caller's layout."""
+  from :func:`processing_order`) and to the caller's layout. ``rows``: the
+  outputs' :attr:`Rows.out` (``None``: their shapes say which are the rows')."""
   if reverse and keep_order:
-    def back(y):
-      # A leaf without the batch axes (a per-step scalar) has no one input
-      # order when each row reverses by its own length.
-      if idx is not None and not _per_row(idx[0], y[0]):
+    def back(y, row=True):
+      # A leaf without the batch axes (a per-step scalar, a shared leaf of the
+      # batch's size by chance) has no one input order when each row reverses
+      # by its own length.
+      if idx is not None and not (row and _per_row(idx[0], y[0])):
         _checks.fail('RNN', 'cell', 'per-step outputs that lead with the batch axes '
                      f'{seq.batch_shape} when keep_order=True (as in a Bidirectional\'s '
                      'backward direction) restores each row\'s own order (reverse with '
                      'seq_lengths or segment_ids)',
                      f'an output leaf of per-step shape {tuple(y.shape[1:])}')
       return take_time(y, idx)
-    ys = jax.tree_util.tree_map(back, ys)
+    rows = _rows_for(rows, ys)
+    ys = jax.tree_util.tree_map(back, ys, *(() if rows is None else (rows,)))
   return restore_layout(ys, time_major, len(seq.batch_shape))
 
 

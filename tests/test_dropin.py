@@ -1378,14 +1378,39 @@ def test_a_shared_carry_leaf_of_the_batchs_size_where_rows_are_told_apart():
   c_h, y1 = _shared_steps_by_hand(cell, xs[1], lengths, c_h)
   _close((carry, y), (c_h, jax.tree.map(lambda a, b: jnp.stack([a, b]), y0, y1)), atol=1e-5)
   np.testing.assert_array_equal(carry['steps'], np.full(B, 2 * T))
-  # Reversed, rematerialised, and both directions of a Bidirectional.
-  for layer in (nr.RNN(cell, reverse=True, keep_order=True), nr.RNN(cell, remat=True)):
+  # Reversed (outputs in processing order: the shared one has no input order,
+  # test_a_shared_output_leaf_has_no_one_order_when_rows_reverse_by_length),
+  # rematerialised, and both directions of a Bidirectional over a cell whose
+  # outputs are the rows' alone.
+  for layer in (nr.RNN(cell, reverse=True), nr.RNN(cell, remat=True)):
     carry, _ = layer(x, seq_lengths=lengths, return_carry=True)
     np.testing.assert_array_equal(carry['steps'], np.full(B, T))
-  (c_f, c_b), y = nr.Bidirectional(nr.RNN(cell), nr.RNN(cell), merge_fn=lambda a, b: (a, b))(
+  rows_only = _RowOutputsCell(nnx.Rngs(0), B)
+  (c_f, c_b), y = nr.Bidirectional(nr.RNN(rows_only), nr.RNN(rows_only))(
     x, seq_lengths=lengths, return_carry=True)
   for c in (c_f, c_b):
     np.testing.assert_array_equal(c['steps'], np.full(B, T))
+
+
+class _RowOutputsCell(_SharedStepsCell):
+  """:class:`_SharedStepsCell` whose outputs are the rows' ``h`` alone."""
+
+  def __call__(self, carry, x):
+    carry, y = super().__call__(carry, x)
+    return carry, y['y']
+
+
+@pytest.mark.parametrize('size', [B, B + 1])
+def test_a_shared_output_leaf_has_no_one_order_when_rows_reverse_by_length(size):
+  # keep_order puts each row's outputs back in its own order; a shared leaf of
+  # the batch's size had entry i put back by row i's reversal (flax.nnx's too).
+  x, lengths = _x(), jnp.array([5, 2, 0])
+  rnn = nr.RNN(_SharedStepsCell(nnx.Rngs(0), size), reverse=True, keep_order=True)
+  with pytest.raises(ValueError, match=m(f'got an output leaf of per-step shape ({size},).')):
+    rnn(x, seq_lengths=lengths)
+  # A plain flip without lengths: processing step t counted t + 1, at input position T - 1 - t.
+  y = rnn(x)
+  np.testing.assert_array_equal(y['steps'], np.broadcast_to(np.arange(T, 0, -1), (size, T)))
 
 
 class _ProbedCell(_SharedStepsCell):

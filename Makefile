@@ -94,7 +94,7 @@ bench: install-test
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 # Differential fuzzing against flax.nnx, flax.linen, PyTorch and step-by-step
-# loops (fuzz/): not in `make test`; 200 cases of each of the seven families take
+# loops (fuzz/): not in `make test`; 200 cases of each of the eight families take
 # about 75 minutes on 2 cores (estimated from each family's campaign; reduced
 # precision and convolutional cases cost more). A failure prints the command
 # that replays its case.

@@ -31,8 +31,11 @@ and every Variable of the cell after each call), ``linen``
 ``torch`` (nr.LSTM / nr.GRU against torch.nn.LSTM / GRU, through
 ``nnx_recurrent.interop.torch``; the Pallas kernels in interpret mode too,
 their sizes and the scans' plan drawn as for ``nnx``)
-and ``errors`` (bad arguments get a ``ValueError`` or ``TypeError`` naming
-the argument). The deliberate
+``errors`` (bad arguments get a ``ValueError`` or ``TypeError`` naming
+the argument) and ``carry`` (a user's cell with carry leaves shared by the
+rows -- a step counter, a vector of the batch's size or not -- and per-step
+scalar outputs, dict or tuple carries, one or two batch axes, in nr.RNN
+against a NumPy loop of the documented masking and layout). The deliberate
 differences from flax (docs/migrating_from_nnx.md, compat/README.md) are
 compared with what the docs promise instead: zeros at padding, the initial
 carry for a row of length 0, each row's own carry with several batch axes.

@@ -12,7 +12,7 @@ import sys
 
 from fuzz._core import case_seed, run_cases
 
-FAMILIES = ['nnx', 'layers', 'streaming', 'state', 'linen', 'torch', 'errors']
+FAMILIES = ['nnx', 'layers', 'streaming', 'state', 'linen', 'torch', 'errors', 'carry']
 
 
 def family(name: str):

@@ -34,8 +34,9 @@ their sizes and the scans' plan drawn as for ``nnx``)
 ``errors`` (bad arguments get a ``ValueError`` or ``TypeError`` naming
 the argument) and ``carry`` (a user's cell with carry leaves shared by the
 rows -- a step counter, a vector of the batch's size or not -- and per-step
-scalar outputs, dict or tuple carries, one or two batch axes, in nr.RNN
-against a NumPy loop of the documented masking and layout). The deliberate
+scalar outputs, dict or tuple carries, one or two batch axes, in nr.RNN and
+in compat.RNN (written in Linen) against a NumPy loop of the documented
+masking and layout). The deliberate
 differences from flax (docs/migrating_from_nnx.md, compat/README.md) are
 compared with what the docs promise instead: zeros at padding, the initial
 carry for a row of length 0, each row's own carry with several batch axes.

@@ -1,6 +1,7 @@
-"""A user's cell with odd carries and outputs in nr.RNN, against a NumPy loop
-of the documented semantics (docs/migrating_from_nnx.md: "Batch-first outputs",
-and "Three behaviours differ", item 1).
+"""A user's cell with odd carries and outputs in nr.RNN and compat.RNN, against
+a NumPy loop of the documented semantics (docs/migrating_from_nnx.md:
+"Batch-first outputs", and "Three behaviours differ", item 1;
+docs/migrating_from_linen.md for compat.RNN).
 
 The cell is a tanh RNN whose carry may also hold leaves shared by the rows: a
 step counter of shape ``()`` and a ``(F,)`` vector (a running mean of every
@@ -17,13 +18,19 @@ rows' outputs back in input order, and an output leaf shared by the rows has
 no one order when rows reverse by their own lengths: the layer must raise a
 ``ValueError`` naming ``cell`` there. Batch-first outputs get time after the
 batch axes, a leaf with no room for them (``ndim <= batch axes``) keeping time
-first.
+first. compat.RNN runs the same cell written in Linen, to flax.linen's values
+at padding (the cell runs on over the padding as given, its outputs stay, the
+carry returned keeps each row's last valid ``h`` and the shared leaves' last);
+there keep_order with lengths is not drawn over shared outputs (flax.linen
+puts a shared leaf of the batch's size back in each row's order by its shape).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -34,17 +41,14 @@ from fuzz._core import Case, Mismatch
 KEYS = ('h', 'n', 's')  # the carry's leaves, in the order a tuple carry holds them
 
 
-class OddCell(nnx.Module):
-  """``h' = tanh(x W + h U + b + 0.1 n + 0.1 mean(s))``; ``n' = n + 1`` and
-  ``s' = 0.5 s + mean(h')`` shared by the rows, where the cell has them."""
+class Shape(NamedTuple):
+  """What the cell carries and outputs besides ``h``, and its carry's form."""
 
-  num_feature_axes = 1
-
-  def __init__(self, w, u, b, *, form: str, counter: bool, shared: int, total: bool,
-               emit_shared: bool):
-    self.w, self.u, self.b = (nnx.Param(jnp.asarray(a)) for a in (w, u, b))
-    self.form, self.counter, self.shared = form, counter, shared
-    self.total, self.emit_shared = total, emit_shared
+  form: str  # 'dict' or 'tuple'
+  counter: bool  # a () step counter n
+  shared: int  # the size F of the shared vector s (0: none)
+  total: bool  # a per-step scalar output, sum(h')
+  emit_shared: bool  # s' as an output
 
   def pack(self, leaves: dict) -> Any:
     return leaves if self.form == 'dict' else tuple(leaves[k] for k in KEYS if k in leaves)
@@ -55,21 +59,23 @@ class OddCell(nnx.Module):
     return dict(zip([k for k in KEYS if k == 'h' or (k == 'n' and self.counter)
                      or (k == 's' and self.shared)], carry))
 
-  def initialize_carry(self, input_shape, rngs=None):
-    leaves = {'h': jnp.zeros((*input_shape[:-1], self.u.shape[0]))}
+  def carry(self, batch: tuple[int, ...], hidden: int) -> Any:
+    leaves = {'h': jnp.zeros((*batch, hidden))}
     if self.counter:
       leaves['n'] = jnp.zeros(())
     if self.shared:
       leaves['s'] = jnp.zeros((self.shared,))
     return self.pack(leaves)
 
-  def __call__(self, carry, x):
+  def step(self, w, u, b, carry, x):
+    """``h' = tanh(x W + h U + b + 0.1 n + 0.1 mean(s))``; ``n' = n + 1`` and
+    ``s' = 0.5 s + mean(h')`` shared by the rows, where the cell has them."""
     c = self.unpack(carry)
     drive = 0.1 * c['n'] if self.counter else 0.0
     if self.shared:
       drive = drive + 0.1 * c['s'].mean()
-    pre = x @ self.w[...] + c['h'] @ self.u[...]
-    h = jnp.tanh(pre + jnp.broadcast_to(self.b[...], pre.shape) + drive)  # (no rank promotion)
+    pre = x @ w + c['h'] @ u
+    h = jnp.tanh(pre + jnp.broadcast_to(b, pre.shape) + drive)  # (no rank promotion)
     new = {'h': h}
     if self.counter:
       new['n'] = c['n'] + 1
@@ -81,6 +87,43 @@ class OddCell(nnx.Module):
     if self.emit_shared and self.shared:
       out['s'] = new['s']
     return self.pack(new), out
+
+
+class OddCell(nnx.Module):
+  """The cell in flax.nnx's style."""
+
+  num_feature_axes = 1
+
+  def __init__(self, w, u, b, shape: Shape):
+    self.w, self.u, self.b = (nnx.Param(jnp.asarray(a)) for a in (w, u, b))
+    self.shape = shape
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return self.shape.carry(tuple(input_shape[:-1]), self.u.shape[0])
+
+  def __call__(self, carry, x):
+    return self.shape.step(self.w[...], self.u[...], self.b[...], carry, x)
+
+
+class LinenOddCell(nn.RNNCellBase):
+  """The cell in flax.linen's style, for compat.RNN."""
+
+  hidden: int
+  shape: Shape
+
+  @nn.compact
+  def __call__(self, carry, x):
+    w = self.param('w', nn.initializers.zeros_init(), (x.shape[-1], self.hidden))
+    u = self.param('u', nn.initializers.zeros_init(), (self.hidden, self.hidden))
+    b = self.param('b', nn.initializers.zeros_init(), (self.hidden,))
+    return self.shape.step(w, u, b, carry, x)
+
+  def initialize_carry(self, rng, input_shape):
+    return self.shape.carry(tuple(input_shape[:-1]), self.hidden)
+
+  @property
+  def num_feature_axes(self) -> int:
+    return 1
 
 
 def _step(p: dict, c: dict, x: np.ndarray) -> tuple[dict, dict]:
@@ -99,10 +142,14 @@ def _step(p: dict, c: dict, x: np.ndarray) -> tuple[dict, dict]:
 
 
 def reference(p: dict, xs: np.ndarray, lengths: np.ndarray | None, carry: dict, *,
-              reverse: bool, keep_order: bool, outputs: tuple[str, ...]) -> tuple[dict, dict]:
+              reverse: bool, keep_order: bool, outputs: tuple[str, ...],
+              linen: bool = False) -> tuple[dict, dict]:
   """``(carry, outputs)`` for time-major ``xs`` ``(T, *batch, IN)``; outputs
   time-major, in processing order unless ``keep_order`` (shared leaves only
-  flipped: the caller skips lengths with them)."""
+  flipped: the caller skips lengths with them). ``linen``: flax.linen's
+  values at padding, as compat.RNN gives them with ``return_carry``: the cell
+  runs on over the padding as given and its outputs stay, and the carry
+  returned keeps each row's last valid ``h``."""
   time, batch = xs.shape[0], xs.shape[1:-1]
   t = np.arange(time).reshape((time,) + (1,) * len(batch))
   full = np.broadcast_to(np.full(batch, time) if lengths is None else lengths, batch)
@@ -110,14 +157,17 @@ def reference(p: dict, xs: np.ndarray, lengths: np.ndarray | None, carry: dict, 
     else np.broadcast_to(t, (time, *batch))
   valid = t < full  # processing order: each row's valid steps first
   taken = np.take_along_axis(xs, idx[..., None], axis=0)
-  taken = np.where(valid[..., None], taken, 0.0)
+  if not linen:
+    taken = np.where(valid[..., None], taken, 0.0)
   ys: dict[str, list] = {k: [] for k in outputs}
+  running = carry
   for step in range(time):
     v = valid[step][..., None]
-    new, out = _step(p, carry, taken[step])
+    new, out = _step(p, running, taken[step])
     carry = {**new, 'h': np.where(v, new['h'], carry['h'])}
+    running = new if linen else carry
     for k in outputs:
-      ys[k].append(np.where(v, out[k], 0.0) if k == 'h' else out[k])
+      ys[k].append(np.where(v, out[k], 0.0) if k == 'h' and not linen else out[k])
   stacked = {k: np.stack(v) for k, v in ys.items()}
   if reverse and keep_order:
     stacked = {k: (np.take_along_axis(y, idx[..., None], axis=0) if k == 'h'
@@ -126,65 +176,78 @@ def reference(p: dict, xs: np.ndarray, lengths: np.ndarray | None, carry: dict, 
 
 
 def run(case: Case) -> None:
+  layer = case.pick('layer', ['nr', 'compat'])
   nb = case.pick('batch_axes', [1, 2])
   batch = tuple(case.integer(f'batch_{i}', 1, 4) for i in range(nb))
   time, in_f = case.integer('time', 1, 6), case.integer('in', 1, 3)
   hid = case.integer('hidden', 1, 4)
-  form = case.pick('form', ['dict', 'tuple'])
-  counter = case.pick('counter', [False, True])
   shared = case.pick('shared', [0, batch[0], batch[0] + 1, 2])
-  total = case.pick('total', [False, True])
-  emit_shared = bool(shared) and case.pick('emit_shared', [False, True])
+  shape = Shape(form=case.pick('form', ['dict', 'tuple']),
+                counter=case.pick('counter', [False, True]), shared=shared,
+                total=case.pick('total', [False, True]),
+                emit_shared=bool(shared) and case.pick('emit_shared', [False, True]))
   time_major, reverse = case.pick('time_major', [False, True]), case.pick('reverse', [False, True])
   keep_order = reverse and case.pick('keep_order', [False, True])
   with_lengths = case.pick('lengths', [False, True])
   given = case.pick('initial_carry', [False, True])
   jit = case.pick('jit', [False, True])
+  outputs = ('h',) + ('total',) * shape.total + ('s',) * shape.emit_shared
+  shared_out = len(outputs) > 1
+  if layer == 'compat' and reverse and keep_order and with_lengths and shared_out:
+    # flax.linen's: a shared output is put back in each row's order by its
+    # shape (entry i by row i's, where its size is the batch's), or fails.
+    keep_order = False
 
   p = {'w': case.normal((in_f, hid), 0.5), 'u': case.normal((hid, hid), 0.5),
        'b': case.normal((hid,), 0.1)}
-  cell = OddCell(p['w'], p['u'], p['b'], form=form, counter=counter, shared=shared,
-                 total=total, emit_shared=emit_shared)
   xs = case.normal((time, *batch, in_f))
   lengths = case.rng.integers(0, time + 1, batch).astype(np.int32) if with_lengths else None
   start = {'h': np.zeros((*batch, hid), np.float32)}
-  if counter:
+  if shape.counter:
     start['n'] = np.zeros((), np.float32)
   if shared:
     start['s'] = np.zeros((shared,), np.float32)
   if given:
     start = {k: case.normal(np.shape(v), 0.5) for k, v in start.items()}
 
-  rnn = nr.RNN(cell, time_major=time_major, reverse=reverse, keep_order=keep_order,
-               return_carry=True)
-  x = xs if time_major else np.moveaxis(xs, 0, nb)
+  x = jnp.asarray(xs if time_major else np.moveaxis(xs, 0, nb))
   kwargs: dict[str, Any] = {}
   if lengths is not None:
     kwargs['seq_lengths'] = jnp.asarray(lengths)
   if given:
-    kwargs['initial_carry'] = cell.pack({k: jnp.asarray(v) for k, v in start.items()})
+    kwargs['initial_carry'] = shape.pack({k: jnp.asarray(v) for k, v in start.items()})
+  options = dict(time_major=time_major, reverse=reverse, keep_order=keep_order,
+                 return_carry=True)
+  if layer == 'nr':
+    module = nr.RNN(OddCell(p['w'], p['u'], p['b'], shape), **options)
 
-  def call(rnn, x, kwargs):
-    return rnn(x, **kwargs)
-  call = nnx.jit(call) if jit else call
+    def call(module, x, kwargs):
+      return module(x, **kwargs)
+    call = nnx.jit(call) if jit else call
+  else:
+    module = nr.compat.RNN(LinenOddCell(hid, shape), **options)
+    variables = {'params': {'cell': {k: jnp.asarray(v) for k, v in p.items()}}}
 
-  outputs = ('h',) + ('total',) * total + ('s',) * emit_shared
-  shared_out = total or emit_shared
+    def call(module, x, kwargs):
+      return module.apply(variables, x, **kwargs)
+    call = jax.jit(call, static_argnums=0) if jit else call
+
   if reverse and keep_order and lengths is not None and shared_out:
     try:
-      call(rnn, jnp.asarray(x), kwargs)
+      call(module, x, kwargs)
     except ValueError as e:
       if 'RNN: `cell` expected per-step outputs that lead with the batch axes' not in str(e):
         raise Mismatch(f'keep_order over a shared output leaf: another ValueError: {e}') from e
       return
     raise Mismatch('keep_order over a shared output leaf with lengths ran (no one order)')
 
-  carry, ys = call(rnn, jnp.asarray(x), kwargs)
+  carry, ys = call(module, x, kwargs)
   p64 = {k: np.asarray(v, np.float64) for k, v in p.items()}
   want_carry, want_ys = reference(p64, np.asarray(xs, np.float64), lengths,
                                   {k: np.asarray(v, np.float64) for k, v in start.items()},
-                                  reverse=reverse, keep_order=keep_order, outputs=outputs)
+                                  reverse=reverse, keep_order=keep_order, outputs=outputs,
+                                  linen=layer == 'compat')
   if not time_major:  # time after the batch axes, where a leaf has room for them
     want_ys = {k: y if y.ndim <= nb else np.moveaxis(y, 0, nb) for k, y in want_ys.items()}
-  case.close('carry', cell.unpack(carry), want_carry)
+  case.close('carry', shape.unpack(carry), want_carry)
   case.close('outputs', ys, want_ys)

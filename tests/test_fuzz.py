@@ -43,17 +43,23 @@ def test_families_run_clean(family):
 def test_user_cells_with_odd_carries_against_numpy_run_clean():
   # Both ways through the probe: a shared vector of the batch's size, with lengths.
   force = dict(batch_axes=1, batch_0=3, shared=3, lengths=True, time=5)
-  for forced in ({}, force):
+  for forced in ({}, {**force, 'layer': 'nr'}, {**force, 'layer': 'compat'}):
     report = _core.run_cases('carry', carry_family.run, _seeds(3), force=forced)
     assert report['failures'] == [], report['failures']
     assert max(report['largest_abs_error'].values()) < 1e-4, report
 
 
-def test_a_shared_carry_leaf_taken_for_a_rows_is_found(monkeypatch):
+@pytest.mark.parametrize('layer', ['nr', 'compat'])
+def test_a_shared_carry_leaf_taken_for_a_rows_is_found(monkeypatch, layer):
   """Without the probe (every leaf judged by its shape), a shared ``(3,)`` leaf
   in a batch of 3 is frozen at each row's padding: the reference finds it."""
-  force = dict(batch_axes=1, batch_0=3, shared=3, lengths=True, time=5, reverse=False)
-  monkeypatch.setattr(_scan, 'cell_rows', lambda *args: _scan.Rows())
+  force = dict(layer=layer, batch_axes=1, batch_0=3, shared=3, lengths=True, time=5,
+               reverse=False)
+  if layer == 'nr':
+    monkeypatch.setattr(_scan, 'cell_rows', lambda *args: _scan.Rows())
+  else:
+    from nnx_recurrent.compat import _rnn
+    monkeypatch.setattr(_rnn, '_carry_rows', lambda *args: _scan.Rows())
   report = _core.run_cases('carry', carry_family.run, _seeds(3), force=force)
   assert report['failures'], report
   assert all('Mismatch' in f['error'] for f in report['failures']), report['failures']

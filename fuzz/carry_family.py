@@ -7,22 +7,26 @@ The cell is a tanh RNN whose carry may also hold leaves shared by the rows: a
 step counter of shape ``()`` and a ``(F,)`` vector (a running mean of every
 row's ``h``) whose size is drawn, the batch's leading size included, where
 only the probe of the cell's ``initialize_carry`` and one step (traced at two
-batch sizes) tells it from a row's leaf. Its outputs may add a scalar per step
-(the sum of ``h`` over every row) and the shared vector. Carries come as a
-dict or a tuple, given or the default. The reference runs the whole batch at
-every step as the layer does: at a row's padding the cell sees zero inputs and
-the row's kept carry; the rows' leaves keep their carry there and their
-outputs are zero; shared leaves go on at every step and are never zeroed.
-Reversed runs reverse each row within its length; ``keep_order`` puts the
-rows' outputs back in input order, and an output leaf shared by the rows has
-no one order when rows reverse by their own lengths: the layer must raise a
-``ValueError`` naming ``cell`` there. Batch-first outputs get time after the
-batch axes, a leaf with no room for them (``ndim <= batch axes``) keeping time
-first. compat.RNN runs the same cell written in Linen, to flax.linen's values
-at padding (the cell runs on over the padding as given, its outputs stay, the
-carry returned keeps each row's last valid ``h`` and the shared leaves' last);
-there keep_order with lengths is not drawn over shared outputs (flax.linen
-puts a shared leaf of the batch's size back in each row's order by its shape).
+batch sizes) tells it from a row's leaf; the counter is float32 or int32 (the
+carry returned keeps the dtypes). Its outputs may add a scalar per step (the
+sum of ``h`` over every row) and the shared vector. Carries come as a dict or
+a tuple, given or the default; the carry is returned or not. nr.RNN gets NaN
+in the padding at times: it must reach no output or carry. The reference runs
+the whole batch at every step as the layer does: at a row's padding the cell
+sees zero inputs and the row's kept carry; the rows' leaves keep their carry
+there and their outputs are zero; shared leaves go on at every step and are
+never zeroed. Reversed runs reverse each row within its length; ``keep_order``
+puts the rows' outputs back in input order, and an output leaf shared by the
+rows has no one order when rows reverse by their own lengths: the layer must
+raise a ``ValueError`` naming ``cell`` there. Batch-first outputs get time
+after the batch axes, a leaf with no room for them (``ndim <= batch axes``)
+keeping time first; the output shapes are checked against that rule on its own
+too. compat.RNN runs the same cell written in Linen, to flax.linen's values at
+padding (the cell runs on over the padding as given, its outputs stay, the
+carry returned keeps each row's last valid ``h`` and the shared leaves' last;
+without ``return_carry`` nothing is masked, the same outputs); there
+keep_order with lengths is not drawn over shared outputs (flax.linen puts a
+shared leaf of the batch's size back in each row's order by its shape).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class Shape(NamedTuple):
 
   form: str  # 'dict' or 'tuple'
   counter: bool  # a () step counter n
+  count_dtype: str  # the counter's dtype, 'float32' or 'int32'
   shared: int  # the size F of the shared vector s (0: none)
   total: bool  # a per-step scalar output, sum(h')
   emit_shared: bool  # s' as an output
@@ -62,7 +67,7 @@ class Shape(NamedTuple):
   def carry(self, batch: tuple[int, ...], hidden: int) -> Any:
     leaves = {'h': jnp.zeros((*batch, hidden))}
     if self.counter:
-      leaves['n'] = jnp.zeros(())
+      leaves['n'] = jnp.zeros((), self.count_dtype)
     if self.shared:
       leaves['s'] = jnp.zeros((self.shared,))
     return self.pack(leaves)
@@ -183,7 +188,7 @@ def run(case: Case) -> None:
   hid = case.integer('hidden', 1, 4)
   shared = case.pick('shared', [0, batch[0], batch[0] + 1, 2])
   shape = Shape(form=case.pick('form', ['dict', 'tuple']),
-                counter=case.pick('counter', [False, True]), shared=shared,
+                counter=case.pick('counter', [False, True]), count_dtype='float32', shared=shared,
                 total=case.pick('total', [False, True]),
                 emit_shared=bool(shared) and case.pick('emit_shared', [False, True]))
   time_major, reverse = case.pick('time_major', [False, True]), case.pick('reverse', [False, True])
@@ -191,6 +196,12 @@ def run(case: Case) -> None:
   with_lengths = case.pick('lengths', [False, True])
   given = case.pick('initial_carry', [False, True])
   jit = case.pick('jit', [False, True])
+  return_carry = case.pick('return_carry', [False, True])
+  if shape.counter:
+    shape = shape._replace(count_dtype=case.pick('count_dtype', ['float32', 'int32']))
+  # nr.RNN: the padding's values never reach the cell, NaN included (compat
+  # runs the cell on them, as flax.linen: NaN would reach its outputs).
+  nan_padding = layer == 'nr' and with_lengths and case.pick('nan_padding', [False, True])
   outputs = ('h',) + ('total',) * shape.total + ('s',) * shape.emit_shared
   shared_out = len(outputs) > 1
   if layer == 'compat' and reverse and keep_order and with_lengths and shared_out:
@@ -202,13 +213,17 @@ def run(case: Case) -> None:
        'b': case.normal((hid,), 0.1)}
   xs = case.normal((time, *batch, in_f))
   lengths = case.rng.integers(0, time + 1, batch).astype(np.int32) if with_lengths else None
+  if nan_padding:
+    pad = np.arange(time).reshape((time,) + (1,) * nb) >= lengths
+    xs = np.where(pad[..., None], np.nan, xs).astype(np.float32)
   start = {'h': np.zeros((*batch, hid), np.float32)}
   if shape.counter:
-    start['n'] = np.zeros((), np.float32)
+    start['n'] = np.zeros((), shape.count_dtype)
   if shared:
     start['s'] = np.zeros((shared,), np.float32)
   if given:
-    start = {k: case.normal(np.shape(v), 0.5) for k, v in start.items()}
+    start = {k: (case.rng.integers(-3, 4, np.shape(v)).astype(v.dtype) if k == 'n'
+                 else case.normal(np.shape(v), 0.5)) for k, v in start.items()}
 
   x = jnp.asarray(xs if time_major else np.moveaxis(xs, 0, nb))
   kwargs: dict[str, Any] = {}
@@ -217,7 +232,7 @@ def run(case: Case) -> None:
   if given:
     kwargs['initial_carry'] = shape.pack({k: jnp.asarray(v) for k, v in start.items()})
   options = dict(time_major=time_major, reverse=reverse, keep_order=keep_order,
-                 return_carry=True)
+                 return_carry=return_carry)
   if layer == 'nr':
     module = nr.RNN(OddCell(p['w'], p['u'], p['b'], shape), **options)
 
@@ -241,7 +256,17 @@ def run(case: Case) -> None:
       return
     raise Mismatch('keep_order over a shared output leaf with lengths ran (no one order)')
 
-  carry, ys = call(module, x, kwargs)
+  result = call(module, x, kwargs)
+  carry, ys = result if return_carry else (None, result)
+  # The layout rule on its own: time after the batch axes where a leaf has
+  # more axes than them, else first ((time,) for the per-step scalar).
+  hidden_shape = (time, *batch, hid) if time_major else (*batch, time, hid)
+  layout = {'h': hidden_shape, 'total': (time,),
+            's': (time, shared) if time_major or nb > 1 else (shared, time)}
+  got_shapes = {k: tuple(np.shape(y)) for k, y in ys.items()}
+  want_shapes = {k: layout[k] for k in outputs}
+  if got_shapes != want_shapes:
+    raise Mismatch(f'output shapes {got_shapes} != {want_shapes}')
   p64 = {k: np.asarray(v, np.float64) for k, v in p.items()}
   want_carry, want_ys = reference(p64, np.asarray(xs, np.float64), lengths,
                                   {k: np.asarray(v, np.float64) for k, v in start.items()},
@@ -249,5 +274,7 @@ def run(case: Case) -> None:
                                   linen=layer == 'compat')
   if not time_major:  # time after the batch axes, where a leaf has room for them
     want_ys = {k: y if y.ndim <= nb else np.moveaxis(y, 0, nb) for k, y in want_ys.items()}
-  case.close('carry', shape.unpack(carry), want_carry)
+  if return_carry:
+    case.same_dtypes('carry dtypes', shape.unpack(carry), start)  # the cell keeps them
+    case.close('carry', shape.unpack(carry), want_carry)
   case.close('outputs', ys, want_ys)

@@ -54,7 +54,7 @@ def test_a_shared_carry_leaf_taken_for_a_rows_is_found(monkeypatch, layer):
   """Without the probe (every leaf judged by its shape), a shared ``(3,)`` leaf
   in a batch of 3 is frozen at each row's padding: the reference finds it."""
   force = dict(layer=layer, batch_axes=1, batch_0=3, shared=3, lengths=True, time=5,
-               reverse=False)
+               reverse=False, return_carry=True)  # (compat masks only then)
   if layer == 'nr':
     monkeypatch.setattr(_scan, 'cell_rows', lambda *args: _scan.Rows())
   else:

@@ -171,7 +171,7 @@ def test_compat_packed_against_linen_loops_runs_clean(low):
 
 def test_a_carry_leaking_into_the_next_segment_is_found(monkeypatch):
   # No resets: a row's later segments go on from the carry of the one before.
-  monkeypatch.setattr(_scan, 'segments_to_masks', lambda ids: _scan.StepMasks(
+  monkeypatch.setattr(_scan._layout, 'segments_to_masks', lambda ids: _scan.StepMasks(
     ids != 0, jnp.zeros_like(ids, bool)))
   force = {**SMALL, 'batch0': 3, 'time': 6, 'top.kind': 'rnn'}
   report = _core.run_cases('layers', layers_family.run, _seeds(2), force=force)
@@ -191,7 +191,7 @@ def test_stateful_user_cells_against_flax_nnx_run_clean():
 def test_a_dropout_stream_not_held_over_the_steps_is_found(monkeypatch):
   # broadcast_rngs ignored: the cell's nnx.Dropout draws a new mask at every
   # step where flax.nnx holds one per call.
-  monkeypatch.setattr(_scan, 'nnx_state_axes', lambda state_axes=None, broadcast_rngs=None:
+  monkeypatch.setattr(_scan._core, 'nnx_state_axes', lambda state_axes=None, broadcast_rngs=None:
                       nnx.StateAxes(state_axes or {...: nnx.Carry}))
   force = dict(dropout_rate=0.5, broadcast_rngs=True, bidirectional=False, call='eager',
                batch_axes=1, time=4)
@@ -350,7 +350,8 @@ def test_convolutional_layers_against_step_loops_run_clean():
 
 def test_a_mask_broadcast_over_one_feature_axis_is_found_by_convolutional_cases(monkeypatch):
   # Masks given one trailing axis: right for vector features, wrong for (h, w, c).
-  monkeypatch.setattr(_scan, '_bcast', lambda m, x: m[..., None])
+  for module in (_scan._masking, _scan._steps, _scan._layout):
+    monkeypatch.setattr(module, 'bcast', lambda m, x: m[..., None])
   force = {**CONV, 'top.kind': 'rnn'}
   assert len(_core.run_cases('layers', layers_family.run, _seeds(2), force=force)['failures']) \
       == 2

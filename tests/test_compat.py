@@ -617,6 +617,49 @@ def test_a_shared_output_of_the_batchs_size_is_not_zeroed_in_packed_rows():
   assert np.asarray(y)[np.asarray(seg) != 0].all()
 
 
+@pytest.mark.parametrize('time_major', [False, True])
+@pytest.mark.parametrize('return_carry', [False, True])
+def test_a_shared_output_of_the_batchs_size_is_reordered_by_shape_as_linen(time_major,
+                                                                          return_carry):
+  """reverse=True, keep_order=True with per-row lengths: a shared output leaf
+  (``steps``, ``(3,)`` for a batch of 3) has no one input order; flax.linen's
+  ``flip_sequences`` reorders it by its shape, entry ``i`` by row ``i``'s
+  length, and compat gives its values and gradients (nr.RNN raises instead).
+  Of another size, flax.linen fails in a broadcast; compat's ValueError names
+  the cell."""
+  x, seq_lengths = normal((3, 6, 4)), jnp.array([6, 3, 1])
+  x = x.swapaxes(0, 1) if time_major else x
+  options = dict(reverse=True, keep_order=True, return_carry=return_carry,
+                 time_major=time_major)
+  theirs, ours = (lib.RNN(_EmittedStepsCell(3), **options) for lib in (nn, compat))
+  v = random_linen_variables(theirs, x, seq_lengths=seq_lengths)
+
+  def outputs(layer, v):
+    out = layer.apply(v, x, seq_lengths=seq_lengths)
+    return out[1] if return_carry else out  # the carry of a shared leaf differs (above)
+
+  def loss(layer, v):
+    y, steps = outputs(layer, v)
+    return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.sin(steps))
+
+  (y_t, steps_t), (y_o, steps_o), g_t, g_o = jax.jit(lambda v: (
+    outputs(theirs, v), outputs(ours, v), jax.grad(functools.partial(loss, theirs))(v),
+    jax.grad(functools.partial(loss, ours))(v)))(v)
+  _assert_same_tree((y_o, steps_o), (y_t, steps_t))
+  assert steps_o.shape == ((6, 3) if time_major else (3, 6))
+  # entry i of the step count put back in row i's order: not one order for all
+  by_entry = np.asarray(steps_o if time_major else steps_o.T)  # (time, 3)
+  np.testing.assert_array_equal(by_entry[:, 1], [3, 2, 1, 6, 5, 4])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g_o, g_t)
+  ours_4 = compat.RNN(_EmittedStepsCell(4), **options)
+  with pytest.raises(ValueError, match=r'RNN: `cell` expected per-step outputs that lead '
+                     r'with the batch axes \(3,\).*per-step shape \(4,\)'):
+    ours_4.apply(random_linen_variables(ours_4, x), x, seq_lengths=seq_lengths)
+  with pytest.raises(ValueError):  # flax.linen: "Incompatible shapes for broadcasting"
+    nn.RNN(_EmittedStepsCell(4), **options).apply(
+      random_linen_variables(ours_4, x), x, seq_lengths=seq_lengths)
+
+
 # Two modes, with every option and (the linen base) with none: the other directions
 # and layouts are the cell-agnostic scan's (each of them:
 # test_rnn_matches_linen_over_layouts_directions_and_unroll). compat.RNNCellBase is

@@ -897,6 +897,53 @@ def test_seq_lengths_of_shape_one_broadcast_as_in_linen():
                                     for ns in (compat, nn)])(variables)
   _assert_close(ours, theirs)
 
+def test_a_scalar_length_runs_reversed_where_linen_fails():
+  """One length for every row as a scalar: flax.linen takes it where it gathers
+  the carry, but its ``flip_sequences`` raises (``axis 1 is out of bounds``)
+  with ``reverse``; compat gives flax.linen's values for that length in every row."""
+  x = normal((B, T, IN))
+  kw = dict(return_carry=True, reverse=True, keep_order=True)
+  variables = nn.RNN(nn.GRUCell(H), **kw).init(jax.random.key(0), x)
+  ours = compat.RNN(compat.GRUCell(H), **kw).apply(variables, x, seq_lengths=jnp.array(3))
+  theirs = nn.RNN(nn.GRUCell(H), **kw).apply(variables, x, seq_lengths=jnp.full((B,), 3))
+  _assert_close(ours, theirs)
+  with pytest.raises(ValueError, match='out of bounds'):
+    nn.RNN(nn.GRUCell(H), **kw).apply(variables, x, seq_lengths=jnp.array(3))
+
+
+class _CastCarryCell(nn.RNNCellBase):
+  """flax.linen's ``LSTMCell`` whose new carry is cast to the given carry's dtype."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, carry, x):
+    new, y = nn.LSTMCell(self.features, name='cell')(carry, x)
+    return jax.tree.map(lambda n, c: n.astype(c.dtype), new, carry), y
+
+  @property
+  def num_feature_axes(self):
+    return 1
+
+
+def test_an_initial_carry_of_another_float_dtype_runs_in_it_where_linen_fails():
+  """A bfloat16 ``initial_carry`` for a float32 cell: flax.linen's scan raises a
+  TypeError (the carry comes back float32); compat casts each step's carry to
+  the dtype given, as a flax.linen cell that casts it does."""
+  x = normal((B, T, IN))
+  h0 = (normal((B, H), seed=3).astype(jnp.bfloat16), normal((B, H), seed=4).astype(jnp.bfloat16))
+  v = random_linen_variables(nn.RNN(nn.LSTMCell(H)), x)
+  ours = compat.RNN(compat.LSTMCell(H), return_carry=True).apply(
+    v, x, initial_carry=h0, seq_lengths=LENGTHS)
+  nested = {'params': {'cell': {'cell': v['params']['cell']}}}
+  theirs = nn.RNN(_CastCarryCell(H), return_carry=True).apply(
+    nested, x, initial_carry=h0, seq_lengths=LENGTHS)
+  _assert_same_tree(ours[0], theirs[0])
+  _assert_close(ours[1], theirs[1])
+  with pytest.raises(TypeError, match='must have equal types'):
+    nn.RNN(nn.LSTMCell(H), return_carry=True).apply(v, x, initial_carry=h0)
+
+
 # -- Bidirectional -----------------------------------------------------------------
 def test_bidirectional_same_rnn_twice_logs_linens_warning(caplog):
   x = np.ones((B, T, IN), np.float32)

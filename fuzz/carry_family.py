@@ -25,8 +25,11 @@ too. compat.RNN runs the same cell written in Linen, to flax.linen's values at
 padding (the cell runs on over the padding as given, its outputs stay, the
 carry returned keeps each row's last valid ``h`` and the shared leaves' last;
 without ``return_carry`` nothing is masked, the same outputs); there
-keep_order with lengths is not drawn over shared outputs (flax.linen puts a
-shared leaf of the batch's size back in each row's order by its shape).
+keep_order with lengths over shared outputs follows flax.linen's
+``flip_sequences``, which reorders a leaf by its shape: the shared vector, of
+one batch axis whose size is its own (or 1), has entry ``i`` put back by row
+``i``'s length (by the one row's), and any other shared output (the scalar per
+step, another size, two batch axes) must raise the ``ValueError``.
 """
 
 from __future__ import annotations
@@ -148,13 +151,15 @@ def _step(p: dict, c: dict, x: np.ndarray) -> tuple[dict, dict]:
 
 def reference(p: dict, xs: np.ndarray, lengths: np.ndarray | None, carry: dict, *,
               reverse: bool, keep_order: bool, outputs: tuple[str, ...],
-              linen: bool = False) -> tuple[dict, dict]:
+              linen: bool = False, shared_by_shape: bool = False) -> tuple[dict, dict]:
   """``(carry, outputs)`` for time-major ``xs`` ``(T, *batch, IN)``; outputs
   time-major, in processing order unless ``keep_order`` (shared leaves only
   flipped: the caller skips lengths with them). ``linen``: flax.linen's
   values at padding, as compat.RNN gives them with ``return_carry``: the cell
   runs on over the padding as given and its outputs stay, and the carry
-  returned keeps each row's last valid ``h``."""
+  returned keeps each row's last valid ``h``. ``shared_by_shape``: the shared
+  vector's outputs put back by flax.linen's rule, entry ``i`` of ``(F,)`` by
+  row ``i``'s reversal (one batch axis of size ``F`` or 1)."""
   time, batch = xs.shape[0], xs.shape[1:-1]
   t = np.arange(time).reshape((time,) + (1,) * len(batch))
   full = np.broadcast_to(np.full(batch, time) if lengths is None else lengths, batch)
@@ -175,8 +180,13 @@ def reference(p: dict, xs: np.ndarray, lengths: np.ndarray | None, carry: dict, 
       ys[k].append(np.where(v, out[k], 0.0) if k == 'h' and not linen else out[k])
   stacked = {k: np.stack(v) for k, v in ys.items()}
   if reverse and keep_order:
-    stacked = {k: (np.take_along_axis(y, idx[..., None], axis=0) if k == 'h'
-                   else y[::-1]) for k, y in stacked.items()}
+    def back(k, y):
+      if k == 'h':
+        return np.take_along_axis(y, idx[..., None], axis=0)
+      if k == 's' and shared_by_shape:  # (T, F) by (T, B): B == F, or B == 1
+        return np.take_along_axis(y, np.broadcast_to(idx, y.shape), axis=0)
+      return y[::-1]
+    stacked = {k: back(k, y) for k, y in stacked.items()}
   return carry, stacked
 
 
@@ -204,10 +214,11 @@ def run(case: Case) -> None:
   nan_padding = layer == 'nr' and with_lengths and case.pick('nan_padding', [False, True])
   outputs = ('h',) + ('total',) * shape.total + ('s',) * shape.emit_shared
   shared_out = len(outputs) > 1
-  if layer == 'compat' and reverse and keep_order and with_lengths and shared_out:
-    # flax.linen's: a shared output is put back in each row's order by its
-    # shape (entry i by row i's, where its size is the batch's), or fails.
-    keep_order = False
+  # compat, as flax.linen: with keep_order over lengths, a shared output is put
+  # back in each row's order by its shape (entry i by row i's, where its size
+  # is the batch's one axis, or that axis is 1); any other fails.
+  by_shape = (layer == 'compat' and reverse and keep_order and with_lengths
+              and outputs == ('h', 's') and nb == 1 and batch[0] in (1, shared))
 
   p = {'w': case.normal((in_f, hid), 0.5), 'u': case.normal((hid, hid), 0.5),
        'b': case.normal((hid,), 0.1)}
@@ -247,7 +258,7 @@ def run(case: Case) -> None:
       return module.apply(variables, x, **kwargs)
     call = jax.jit(call, static_argnums=0) if jit else call
 
-  if reverse and keep_order and lengths is not None and shared_out:
+  if reverse and keep_order and lengths is not None and shared_out and not by_shape:
     try:
       call(module, x, kwargs)
     except ValueError as e:
@@ -271,7 +282,7 @@ def run(case: Case) -> None:
   want_carry, want_ys = reference(p64, np.asarray(xs, np.float64), lengths,
                                   {k: np.asarray(v, np.float64) for k, v in start.items()},
                                   reverse=reverse, keep_order=keep_order, outputs=outputs,
-                                  linen=layer == 'compat')
+                                  linen=layer == 'compat', shared_by_shape=by_shape)
   if not time_major:  # time after the batch axes, where a leaf has room for them
     want_ys = {k: y if y.ndim <= nb else np.moveaxis(y, 0, nb) for k, y in want_ys.items()}
   if return_carry:

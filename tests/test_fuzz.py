@@ -43,7 +43,11 @@ def test_families_run_clean(family):
 def test_user_cells_with_odd_carries_against_numpy_run_clean():
   # Both ways through the probe: a shared vector of the batch's size, with lengths.
   force = dict(batch_axes=1, batch_0=3, shared=3, lengths=True, time=5)
-  for forced in ({}, {**force, 'layer': 'nr'}, {**force, 'layer': 'compat'}):
+  # compat's keep_order over the shared vector of the batch's size: reordered by
+  # its shape, as flax.linen's flip_sequences does.
+  by_shape = {**force, 'layer': 'compat', 'reverse': True, 'keep_order': True, 'total': False,
+              'emit_shared': True}
+  for forced in ({}, {**force, 'layer': 'nr'}, {**force, 'layer': 'compat'}, by_shape):
     report = _core.run_cases('carry', carry_family.run, _seeds(3), force=forced)
     assert report['failures'] == [], report['failures']
     assert max(report['largest_abs_error'].values()) < 1e-4, report

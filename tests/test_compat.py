@@ -944,6 +944,27 @@ def test_an_initial_carry_of_another_float_dtype_runs_in_it_where_linen_fails():
     nn.RNN(nn.LSTMCell(H), return_carry=True).apply(v, x, initial_carry=h0)
 
 
+def test_call_flags_given_as_concrete_arrays_run_as_in_linen():
+  """flax.linen reads a call's flags with ``if``: a concrete boolean array (a
+  flag computed with jnp, a ``np.bool_``) runs there; compat raised a TypeError."""
+  x = normal((B, T, IN))
+  flags = dict(reverse=jnp.array(True), keep_order=jnp.array(True),
+               return_carry=jnp.asarray(True), time_major=jnp.array(False))
+  variables = nn.RNN(nn.GRUCell(H)).init(jax.random.key(0), x)
+  theirs = nn.RNN(nn.GRUCell(H)).apply(variables, x, seq_lengths=LENGTHS, **flags)
+  ours = compat.RNN(compat.GRUCell(H)).apply(variables, x, seq_lengths=LENGTHS, **flags)
+  _assert_close(ours, theirs)
+  bi = {'params': {'forward_rnn': variables['params'], 'backward_rnn': variables['params']}}
+  bi_flags = dict(return_carry=jnp.array(True), time_major=jnp.array(False))
+  theirs = nn.Bidirectional(nn.RNN(nn.GRUCell(H)), nn.RNN(nn.GRUCell(H))).apply(
+    bi, x, seq_lengths=LENGTHS, **bi_flags)
+  ours = compat.Bidirectional(compat.RNN(compat.GRUCell(H)), compat.RNN(compat.GRUCell(H))).apply(
+    bi, x, seq_lengths=LENGTHS, **bi_flags)
+  _assert_close(ours, theirs)
+  with pytest.raises(TypeError, match=r'RNN: `reverse` expected a bool, got ArrayImpl'):
+    compat.RNN(compat.GRUCell(H)).apply(variables, x, reverse=jnp.array([True, False]))
+
+
 # -- Bidirectional -----------------------------------------------------------------
 def test_bidirectional_same_rnn_twice_logs_linens_warning(caplog):
   x = np.ones((B, T, IN), np.float32)

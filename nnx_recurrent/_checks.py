@@ -186,12 +186,16 @@ def check_positive_float(where: str, arg: str, value: Any) -> float:
 
 
 def check_bool(where: str, arg: str, value: Any) -> bool:
-  """A flag: a Python ``bool``, a NumPy ``bool_``, or the integer 0 or 1 (flags
-  written the C way, which flax takes), returned as ``bool``.
+  """A flag: a Python ``bool``, a NumPy ``bool_``, a concrete boolean array of
+  shape ``()`` (``jnp.array(True)``), or the integer 0 or 1 (flags written the
+  C way, which flax takes), returned as ``bool``.
 
   Anything else is refused rather than read as truthy (``reverse='no'``, or
   the old ``RNN(cell, 64)`` whose size flax.linen reads as ``time_major``).
   """
+  if (isinstance(value, (jax.Array, np.ndarray)) and value.shape == ()
+      and value.dtype == np.bool_ and is_concrete(value)):
+    return bool(value)  # a flag computed with jnp, which flax reads with `if`
   is_int = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
   if not (isinstance(value, (bool, np.bool_)) or (is_int and value in (0, 1))):
     got = (repr(value) if isinstance(value, (str, int, float)) or value is None

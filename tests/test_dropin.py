@@ -1599,3 +1599,18 @@ def test_fused_gru_without_bias_hn_is_a_stack_of_flax_nnx_grus(implementation):
     for ours, rnn in ((g_o['forward'][layer], g_t[layer]['forward_rnn']),
                       (g_o['backward'][layer], g_t[layer]['backward_rnn'])):
       _close(ours, rnn['cell'], atol=1e-5)  # the same parameter paths
+
+
+@pytest.mark.parametrize('flag', ['reverse', 'keep_order', 'time_major', 'return_carry'])
+def test_a_flag_computed_with_jnp_is_read_as_flax_nnx_reads_it(flag):
+  """``reverse=jnp.array(True)`` runs as ``True``, as flax.nnx's ``if`` reads it;
+  a traced flag is still the TypeError naming it."""
+  theirs = nnx.RNN(nnx.GRUCell(IN, H, rngs=nnx.Rngs(0)))
+  ours = nr.RNN(nr.GRUCell(IN, H, use_bias_hn=False, rngs=nnx.Rngs(0)))
+  flags = dict(reverse=True) if flag == 'keep_order' else {}
+  x = _x()
+  got = ours(x, **flags, **{flag: jnp.array(True)})
+  want = theirs(x, **flags, **{flag: True})
+  _close(got, want)
+  with pytest.raises(TypeError, match=m(f'`{flag}` expected a bool', 'traced')):
+    jax.jit(lambda x, f: ours(x, **{flag: f}))(x, jnp.array(True))

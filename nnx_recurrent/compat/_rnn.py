@@ -235,8 +235,8 @@ class RNN(nn.Module):
       ``outputs``, or ``(carry, outputs)`` with ``return_carry``.
     """
     return_carry, time_major, reverse, keep_order = _checks.call_flags(
-      'RNN', self, **_read_flags(return_carry=return_carry, time_major=time_major,
-                                 reverse=reverse, keep_order=keep_order))
+      'RNN', self, return_carry=return_carry, time_major=time_major, reverse=reverse,
+      keep_order=keep_order)
     seq = _scan.prepare('RNN', inputs, num_feature_axes=self.cell.num_feature_axes,
                         in_features=None, time_major=time_major, seq_lengths=seq_lengths,
                         segment_ids=segment_ids)
@@ -299,19 +299,6 @@ class RNN(nn.Module):
       carry = carry[1]
     ys = _scan.output_order(ys, seq, reverse, idx, keep_order, time_major)
     return (carry, ys) if return_carry else ys
-
-
-def _read_flags(**flags: Any) -> dict[str, Any]:
-  """A call's flags as flax.linen reads them, with ``if``: a concrete array of
-  one boolean (``jnp.array(True)``, a flag computed with jnp) is that bool.
-  Anything else is left to :func:`_checks.call_flags`, which refuses what is
-  no bool (a traced flag, an array of several, a string)."""
-  def read(value: Any) -> Any:
-    if (isinstance(value, (jax.Array, np.ndarray)) and value.shape == ()
-        and value.dtype == np.bool_ and _checks.is_concrete(value)):
-      return bool(value)
-    return value
-  return {arg: read(value) for arg, value in flags.items()}
 
 
 @contextlib.contextmanager
@@ -473,7 +460,7 @@ class Bidirectional(nn.Module):
       logging.warning('forward_rnn and backward_rnn is the same object, so '
                       'they will share parameters.')
     return_carry, time_major = _checks.call_flags(
-      'Bidirectional', self, **_read_flags(return_carry=return_carry, time_major=time_major))
+      'Bidirectional', self, return_carry=return_carry, time_major=time_major)
     key_f = key_b = None
     if init_key is not None:
       key_f, key_b = jax.random.split(init_key)

@@ -897,6 +897,7 @@ def test_seq_lengths_of_shape_one_broadcast_as_in_linen():
                                     for ns in (compat, nn)])(variables)
   _assert_close(ours, theirs)
 
+
 def test_a_scalar_length_runs_reversed_where_linen_fails():
   """One length for every row as a scalar: flax.linen takes it where it gathers
   the carry, but its ``flip_sequences`` raises (``axis 1 is out of bounds``)

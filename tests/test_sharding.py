@@ -147,7 +147,8 @@ def _split_columns(variables):
 
 def test_compat_rnn_under_an_explicit_model_axis_settles_the_carry():
   """Linen parameters split over an Explicit ``model`` axis split each step's
-  carry over it: flax.linen's RNN fails with JAX's scan TypeError; compat's
+  carry over it: flax.linen's RNN fails with JAX's scan TypeError (unless given
+  a carry split as its steps split it); compat's
   carry, the default or one given replicated, takes the step's sharding, to
   the values of no mesh."""
   from jax.sharding import AxisType
@@ -167,7 +168,13 @@ def test_compat_rnn_under_an_explicit_model_axis_settles_the_carry():
     xs, split = jax.device_put(x, P('data')), _split_columns(variables)
     with pytest.raises(TypeError, match='carry input and carry output must have equal types'):
       jax.jit(nn.RNN(nn.LSTMCell(H)).apply)(split, xs)  # flax.linen's
+    # flax.linen runs given a carry split exactly as its steps split it (the docs say so).
+    linen_given = jax.jit(nn.RNN(nn.LSTMCell(H), return_carry=True).apply)(
+        split, xs, initial_carry=(jax.device_put(h0, P('data', 'model')),) * 2)
     got = jax.jit(run)(split, xs, h0)
+  for a, b in zip(jax.tree_util.tree_leaves(linen_given), jax.tree_util.tree_leaves(want[1]),
+                  strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
   for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
     spec = jax.typeof(a).sharding.spec
     assert (spec[0], spec[-1]) == ('data', 'model'), spec  # rows and the hidden axis

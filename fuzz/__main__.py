@@ -62,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     report = run_cases(name, run, seeds, progress=lambda line: print(line, flush=True),
                        force=force)
     reports.append(report)
-    errors = ', '.join(f'{k} {v:.2g}' for k, v in report['largest_abs_error'].items())
+    # The share of the tolerance (atol + rtol * |theirs|) reads the same for values of
+    # any size: gradients over long streams reach 1e5, and their differences 10 or more.
+    shares = report['largest_tolerance_share']
+    errors = ', '.join(f'{k} {v:.2g} ({shares[k]:.2g} of the tolerance)'
+                       for k, v in report['largest_abs_error'].items())
     errors = f'; largest |ours - theirs|: {errors}' if errors else ''
     print(f"{name}: {report['cases']} cases, {len(report['failures'])} failures, "
           f"{report['seconds']} s{errors}", flush=True)

@@ -26,6 +26,7 @@ class Case:
   rng: np.random.Generator
   config: dict[str, Any] = field(default_factory=dict)
   errors: dict[str, float] = field(default_factory=dict)
+  shares: dict[str, float] = field(default_factory=dict)
   force: dict[str, Any] = field(default_factory=dict)
 
   def pick(self, name: str, options: Any) -> Any:
@@ -46,7 +47,9 @@ class Case:
   def close(self, what: str, ours: Any, theirs: Any, atol: float = 1e-5,
             rtol: float = 1e-5) -> None:
     """Compares two pytrees leaf by leaf (structure, shapes, values within
-    ``atol + rtol * |theirs|``); records the largest absolute difference."""
+    ``atol + rtol * |theirs|``); records the largest absolute difference and
+    the largest share of the tolerance used (``|ours - theirs|`` over the
+    tolerance: what reads whether a difference is large for values that large)."""
     ours_def, theirs_def = jax.tree.structure(ours), jax.tree.structure(theirs)
     if ours_def != theirs_def:
       raise Mismatch(f'{what}: structure {ours_def} != {theirs_def}')
@@ -58,9 +61,13 @@ class Case:
         continue
       if not np.isfinite(o).all():
         raise Mismatch(f'{what}[{i}]: non-finite values {o[~np.isfinite(o)][:3]}')
-      diff = float(np.max(np.abs(o - t)))
+      gap, tolerance = np.abs(o - t), atol + rtol * np.abs(t)
+      diff = float(np.max(gap))
       self.errors[what] = max(self.errors.get(what, 0.0), diff)
-      if not np.all(np.abs(o - t) <= atol + rtol * np.abs(t)):
+      share = float(np.max(np.divide(gap, tolerance, out=np.where(gap > 0, np.inf, 0.0),
+                                     where=tolerance > 0)))
+      self.shares[what] = max(self.shares.get(what, 0.0), share)
+      if not np.all(gap <= tolerance):
         raise Mismatch(f'{what}[{i}]: max |ours - theirs| = {diff:.3g} '
                        f'(atol {atol:g}, rtol {rtol:g})')
 
@@ -84,10 +91,12 @@ def run_cases(name: str, family: Family, seeds: list[int],
               progress: Callable[[str], None] | None = None,
               force: dict[str, Any] | None = None) -> dict[str, Any]:
   """Runs ``family`` on each seed; returns the family's report: the case
-  count, the largest error per compared quantity, each failure, the time.
+  count, the largest error per compared quantity (absolute, and as a share of
+  the tolerance), each failure, the time.
   ``force``: choices made instead of drawn (see :class:`Case`)."""
   start = time.perf_counter()
   largest: dict[str, float] = {}
+  shares: dict[str, float] = {}
   failures = []
   for i, seed in enumerate(seeds):
     case = Case(seed, np.random.default_rng(seed), force=dict(force or {}))
@@ -99,9 +108,12 @@ def run_cases(name: str, family: Family, seeds: list[int],
                        'where': traceback.format_exc(limit=-3)[-1500:]})
     for what, err in case.errors.items():
       largest[what] = max(largest.get(what, 0.0), err)
+    for what, share in case.shares.items():
+      shares[what] = max(shares.get(what, 0.0), share)
     if progress is not None and (i + 1) % 25 == 0:
       progress(f'{name}: {i + 1}/{len(seeds)} cases, {len(failures)} failures')
     jax.clear_caches() if (i + 1) % 50 == 0 else None  # compiled programs pile up
   return {'family': name, 'cases': len(seeds), 'failures': failures,
           'largest_abs_error': dict(sorted(largest.items())),
+          'largest_tolerance_share': dict(sorted(shares.items())),
           'seconds': round(time.perf_counter() - start, 1)}

@@ -38,6 +38,25 @@ def test_families_run_clean(family):
   if family is not errors_family:  # the differential families compared numbers
     assert report['largest_abs_error'], report
     assert max(report['largest_abs_error'].values()) < 1e-4
+    assert report['largest_tolerance_share'].keys() == report['largest_abs_error'].keys()
+    assert max(report['largest_tolerance_share'].values()) <= 1
+
+
+def test_a_difference_is_recorded_as_a_share_of_its_tolerance():
+  # What the report prints beside |ours - theirs|: large gradients have large differences.
+  case = _core.Case(0, np.random.default_rng(0))
+  case.close('big', [np.float32(1e5 + 0.5)], [np.float32(1e5)], atol=0.0, rtol=1e-5)
+  case.close('small', [np.array([1.0, 2.0], np.float32)], [np.array([1.0, 2.0], np.float32)])
+  case.close('exact', [np.zeros(2)], [np.zeros(2)], atol=0.0, rtol=0.0)
+  assert case.errors == {'big': 0.5, 'small': 0.0, 'exact': 0.0}
+  np.testing.assert_allclose(case.shares['big'], 0.5, rtol=1e-6)  # 0.5 of 1e5 * 1e-5 = 1
+  assert case.shares['small'] == 0.0 and case.shares['exact'] == 0.0
+  with pytest.raises(_core.Mismatch, match=r'max \|ours - theirs\| = 0.5'):
+    case.close('big', [np.float32(1e5 + 0.5)], [np.float32(1e5)], atol=0.0, rtol=1e-6)
+  np.testing.assert_allclose(case.shares['big'], 5.0, rtol=1e-6)  # recorded, then refused
+  with pytest.raises(_core.Mismatch):
+    case.close('exact', [np.ones(1)], [np.zeros(1)], atol=0.0, rtol=0.0)
+  assert case.shares['exact'] == np.inf
 
 
 def test_user_cells_with_odd_carries_against_numpy_run_clean():
@@ -232,6 +251,7 @@ def test_a_wrong_output_is_found_and_replays(monkeypatch):
   assert len(report['failures']) == 2
   failure = report['failures'][0]
   assert failure['error'].startswith('Mismatch: ') and 'step' in failure['error']
+  assert max(report['largest_tolerance_share'].values()) > 1  # recorded for failed cases too
   assert 'cell' in failure['config'] and 'hidden' in failure['config']
   replay = _core.run_cases('nnx', nnx_family.cell_case, [failure['seed']], force=plain)
   assert replay['failures'][0]['config'] == failure['config']  # the same case again

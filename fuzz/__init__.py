@@ -40,4 +40,5 @@ masking and layout). The deliberate
 differences from flax (docs/migrating_from_nnx.md, compat/README.md) are
 compared with what the docs promise instead: zeros at padding, the initial
 carry for a row of length 0, each row's own carry with several batch axes.
+The campaigns run and what they found: fuzz/README.md.
 """

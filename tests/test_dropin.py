@@ -1614,3 +1614,48 @@ def test_a_flag_computed_with_jnp_is_read_as_flax_nnx_reads_it(flag):
   _close(got, want)
   with pytest.raises(TypeError, match=m(f'`{flag}` expected a bool', 'traced')):
     jax.jit(lambda x, f: ours(x, **{flag: f}))(x, jnp.array(True))
+
+
+class _SowingCell(nnx.LSTMCell):
+  """A flax.nnx cell that sows its output at each step (``Module.sow``)."""
+
+  def __call__(self, carry, x):
+    carry, h = super().__call__(carry, x)
+    self.sow(nnx.Intermediate, 'h', h)
+    return carry, h
+
+
+# flax deprecates sow outside nnx.capture; it still stores the value.
+@pytest.mark.filterwarnings('ignore:Using .Module.sow\\(\\). outside:DeprecationWarning')
+def test_values_sown_at_each_step_stack_over_time_as_in_flax():
+  # state_axes giving nnx.Intermediate an axis: the scan stacks each step's sown value,
+  # (time, batch, features), in flax.nnx's RNN and ours, plain and under nnx.capture.
+  # Valid steps hold flax.nnx's values; padded ones the step on zeros from the kept
+  # carry (flax.nnx's: the step on the padded inputs, NaN here), from a loop of the cell.
+  x, lengths = np.asarray(_x()), np.array([5, 2, 0])
+  x_nan = np.where(np.arange(T)[None, :, None] < lengths[:, None, None], x, np.nan)
+  axes = nnx.StateAxes({nnx.Intermediate: 0, ...: nnx.Carry})
+  cell = _SowingCell(IN, H, rngs=nnx.Rngs(0))
+  runs = {}
+  for name, layer in (('flax', nnx.RNN), ('ours', nr.RNN)):
+    rnn = layer(nnx.clone(cell), state_axes=axes)
+    rnn(jnp.asarray(x_nan), seq_lengths=jnp.asarray(lengths))
+    (plain,) = nnx.state(rnn, nnx.Intermediate)['cell']['h'].get_value()
+    _, sown = nnx.capture(layer(nnx.clone(cell), state_axes=axes), nnx.Intermediate)(
+        jnp.asarray(x_nan), seq_lengths=jnp.asarray(lengths))
+    (captured,) = sown['cell']['h'].get_value()
+    assert plain.shape == captured.shape == (T, B, H)
+    runs[name] = np.asarray(plain), np.asarray(captured)
+  carry, loop = cell.initialize_carry((B, IN), nnx.Rngs(0)), []
+  for t in range(T):  # the cell alone, on zeros at padding, the carry kept there
+    valid = jnp.asarray(t < lengths)[:, None]
+    new, h = cell(carry, jnp.where(valid, jnp.asarray(x[:, t]), 0.0))
+    carry = jax.tree.map(lambda n, o, v=valid: jnp.where(v, n, o), new, carry)
+    loop.append(np.asarray(h))
+  loop = np.stack(loop)
+  valid = np.arange(T)[:, None] < lengths[None, :]
+  for flax_sown in runs['flax']:
+    np.testing.assert_allclose(flax_sown[valid], loop[valid], atol=1e-6, rtol=0)
+    assert np.isnan(flax_sown[~valid]).all()
+  for ours in runs['ours']:
+    np.testing.assert_allclose(ours, loop, atol=1e-6, rtol=0)

@@ -321,3 +321,45 @@ def _abstract_cell_step(cell, axes: nnx.StateAxes, carry: Any, variables: dict[s
     new_carry = in_dtypes_of(carry, call_cell(cell, carry, x_t, dropout_masks, rng_t)[0])
     return new_carry, {name: own[name].get_raw_value() for name in variables}
   return nnx.eval_shape(one_step, cell, carry, variables, x_t, dropout_masks, rng_t)
+
+
+def added_state(cell, carry: Any, xs: Array, dropout_masks: Any,
+                step_rngs: Array | None) -> list[str]:
+  """What one step of ``cell`` adds to its state, traced on a copy
+  (``nnx.eval_shape``): new Variables (``cell.h (Intermediate)``, a value
+  ``Module.sow`` stores) and new entries in a Variable that holds a tree
+  (``nnx.capture``'s). The scan carries the state from step to step, so its
+  structure cannot grow; JAX's error says only that two structures differ.
+  Empty where the step adds nothing, or where the trace fails."""
+  x_t = abstract_step_input(xs)
+  rng_t = None if step_rngs is None else abstract_step_input(step_rngs)
+  found: list[str] = []
+
+  def one_step(cell, carry, x_t, dropout_masks, rng_t):
+    before = _state_entries(cell)
+    call_cell(cell, carry, x_t, dropout_masks, rng_t)
+    after = _state_entries(cell)
+    # A new Variable by its path; a new leaf inside a Variable that was there.
+    found.extend(f'{name} ({kind})' for name, (kind, owner) in after.items()
+                 if name not in before and (owner == name or owner in before))
+
+  try:
+    nnx.eval_shape(one_step, cell, carry, x_t, dropout_masks, rng_t)
+  except Exception:  # noqa: BLE001 -- the scan's own error stands
+    return []
+  return found
+
+
+def _state_entries(cell) -> dict[str, tuple[str, str]]:
+  """The cell's Variables by path (``cell.h``) and, inside a Variable holding
+  a tree, that tree's leaves (``cell.__captures__['h']``), each with its
+  Variable's type and path."""
+  entries = {}
+  for path, variable in nnx.to_flat_state(graph_nnx.state(cell)):
+    name, kind = _path_name(path), type(variable).__name__
+    entries[name] = (kind, name)
+    value = variable.get_raw_value()
+    if not isinstance(value, jax.Array):
+      for inner, _ in jax.tree_util.tree_leaves_with_path(value):
+        entries[name + jax.tree_util.keystr(inner)] = (kind, name)
+  return entries

@@ -12,7 +12,8 @@ from flax import nnx
 # refuses the StateAxes that thread the cell's state through the scan.
 from flax.nnx import compat as graph_nnx
 
-from nnx_recurrent._scan._cell import nnx_state_axes, settle_cell_state
+from nnx_recurrent import _checks
+from nnx_recurrent._scan._cell import added_state, nnx_state_axes, settle_cell_state
 from nnx_recurrent._scan._masking import Rows, StepMasks, clean_padding
 from nnx_recurrent._scan._sharding import explicit_mesh, gates_checked, like_inputs, typed_as
 from nnx_recurrent._scan._steps import remat_step, step, with_rows
@@ -84,8 +85,25 @@ def masked_scan(
     # One split per call: the broadcast streams give new randomness each call.
     scan = graph_nnx.split_rngs(splits=1, only=broadcast_rngs, squeeze=True)(scan)
   with jax.named_scope(f'nr.RNN/{type(cell).__name__}'):  # for profiles and HLO dumps
-    return scan(cell, carry, (xs, masks.valid, masks.reset, step_rngs),
-                (dropout_masks, reset_carry))
+    try:
+      return scan(cell, carry, (xs, masks.valid, masks.reset, step_rngs),
+                  (dropout_masks, reset_carry))
+    except TypeError as e:  # JAX's: the carried state changed its structure
+      if _checks.origin(e) is not None:
+        raise
+      added = added_state(cell, carry, xs, dropout_masks, step_rngs)
+      if not added:
+        raise
+      try:
+        # A TypeError, as JAX's (flax.nnx's RNN fails there with it): code catching it
+        # catches ours.
+        _checks.fail('RNN', 'cell', 'a step that adds nothing to the state the scan carries '
+                     'from step to step (to stack a value sown at each step over time, give '
+                     'its type an axis: state_axes=nnx.StateAxes({nnx.Intermediate: 0, ...: '
+                     'nnx.Carry}); or return it in the step\'s output)',
+                     f'{", ".join(added)} added by one step', TypeError)
+      except TypeError as ours:
+        raise ours from e
 
 
 def segment_start(masks: StepMasks, carry: Any, reset_carry: Any, xs: Array,

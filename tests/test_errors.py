@@ -1616,6 +1616,7 @@ class _Sowing(nnx.LSTMCell):
 
 
 @pytest.mark.filterwarnings('ignore:Using .Module.sow\\(\\). outside:DeprecationWarning')
+@pytest.mark.filterwarnings('ignore:\\s*Using .Module.perturb\\(\\). outside:DeprecationWarning')
 def test_a_cell_sowing_at_each_step_is_a_type_error_naming_what_it_added():
   # The scan carries the cell's state, whose structure a sow grows: flax.nnx's RNN fails
   # with JAX's TypeError ("... the same pytree structure ..."); ours is a TypeError too
@@ -1635,6 +1636,17 @@ def test_a_cell_sowing_at_each_step_is_a_type_error_naming_what_it_added():
   with pytest.raises(TypeError, match=re.escape(expected) + r"cell\.__captures__.*'h'.* "
                      r'\(Intermediate\) added by one step\.'):
     nnx.capture(nr.RNN(_Sowing(3, 5, rngs=nnx.Rngs(0))), nnx.Intermediate)(x)
+  # Another Variable type (nnx.perturb's): the fix names it.
+
+  class Perturbing(nnx.LSTMCell):
+    def __call__(self, carry, x):
+      carry, h = super().__call__(carry, x)
+      return carry, self.perturb('dh', h)
+
+  with pytest.raises(TypeError, match=re.escape(
+      'state_axes=nnx.StateAxes({nnx.Perturbation: 0, ...: nnx.Carry}); or return it in the '
+      "step's output), got cell.dh (Perturbation) added by one step.")):
+    nr.RNN(Perturbing(3, 5, rngs=nnx.Rngs(0)))(x)
   # In a composite, the path to the layer.
   pair = nr.Bidirectional(nr.RNN(nr.LSTMCell(3, 5, rngs=nnx.Rngs(0))),
                           nr.RNN(_Sowing(3, 5, rngs=nnx.Rngs(0))))

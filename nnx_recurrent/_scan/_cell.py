@@ -324,23 +324,24 @@ def _abstract_cell_step(cell, axes: nnx.StateAxes, carry: Any, variables: dict[s
 
 
 def added_state(cell, carry: Any, xs: Array, dropout_masks: Any,
-                step_rngs: Array | None) -> list[str]:
+                step_rngs: Array | None) -> list[tuple[str, str]]:
   """What one step of ``cell`` adds to its state, traced on a copy
-  (``nnx.eval_shape``): new Variables (``cell.h (Intermediate)``, a value
+  (``nnx.eval_shape``), as ``(path, Variable type)``: new Variables
+  (``('cell.h', 'Intermediate')``, a value
   ``Module.sow`` stores) and new entries in a Variable that holds a tree
   (``nnx.capture``'s). The scan carries the state from step to step, so its
   structure cannot grow; JAX's error says only that two structures differ.
   Empty where the step adds nothing, or where the trace fails."""
   x_t = abstract_step_input(xs)
   rng_t = None if step_rngs is None else abstract_step_input(step_rngs)
-  found: list[str] = []
+  found: list[tuple[str, str]] = []
 
   def one_step(cell, carry, x_t, dropout_masks, rng_t):
     before = _state_entries(cell)
     call_cell(cell, carry, x_t, dropout_masks, rng_t)
     after = _state_entries(cell)
     # A new Variable by its path; a new leaf inside a Variable that was there.
-    found.extend(f'{name} ({kind})' for name, (kind, owner) in after.items()
+    found.extend((name, kind) for name, (kind, owner) in after.items()
                  if name not in before and (owner == name or owner in before))
 
   try:

@@ -519,6 +519,38 @@ def test_from_torch_errors():
                                module(torch.from_numpy(x))[0].numpy(), atol=1e-6)
 
 
+class _Compiled(torch.nn.Module):
+  """torch.compile's wrapper as from_torch sees it (an nn.Module holding the
+  module as ``_orig_mod``), without importing torch._dynamo (1.8 s)."""
+
+  def __init__(self, module):
+    super().__init__()
+    self._orig_mod = module
+
+
+def test_from_torch_names_what_to_pass_for_a_wrapper_or_a_state_dict():
+  # The docs' "Checkpoints": the module, not a state_dict; a wrapper's module.
+  # "got OptimizedModule" / "got OrderedDict" before, naming no way forward.
+  module = torch.nn.LSTM(IN, H)
+  expected = r'from_torch: `module` expected one of torch.nn.LSTM, .*torch.nn.RNNCell, got '
+  for wrapper, got in [(_Compiled(module), r'_Compiled, a wrapper: pass the LSTM it wraps, its '
+                        r'\._orig_mod\.'),
+                       (torch.nn.DataParallel(module), r'DataParallel, a wrapper: pass the LSTM '
+                        r'it wraps, its \.module\.'),
+                       (module.state_dict(), r"OrderedDict, a state_dict: load it into the "
+                        r"torch module first \(module.load_state_dict, a wrapper's key prefix "
+                        r"stripped\) and pass the module\.")]:
+    with pytest.raises(TypeError, match=expected + got):
+      nr.interop.from_torch(wrapper)
+  # Nothing convertible inside: no hint.
+  with pytest.raises(TypeError, match=expected + r'DataParallel\.$'):
+    nr.interop.from_torch(torch.nn.DataParallel(torch.nn.Linear(2, 3)))
+  # The wrapped module converts.
+  x = _inputs(False)
+  np.testing.assert_allclose(_call(nr.interop.from_torch(torch.nn.DataParallel(module).module), x),
+                             _torch_run(module, x)[0], atol=ATOL, rtol=0)
+
+
 def test_torch_tensors_get_a_clear_error():
   model = nr.interop.from_torch(torch.nn.GRU(IN, H, batch_first=True))
   x = _inputs(True)

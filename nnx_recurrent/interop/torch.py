@@ -70,7 +70,7 @@ parameters' dtype), with a warning.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -207,7 +207,24 @@ def _torch_family(torch, module) -> tuple[_Family, bool]:
       return family, True
   names = ', '.join(f'torch.nn.{n}' for f in _FAMILIES.values()
                     for n in (f.torch_layer, f.torch_cell))
-  _checks.fail('from_torch', 'module', f'one of {names}', type(module).__name__, TypeError)
+  _checks.fail('from_torch', 'module', f'one of {names}',
+               type(module).__name__ + _not_a_module_hint(torch, module), TypeError)
+
+
+def _not_a_module_hint(torch, module) -> str:
+  """What to pass instead of a wrapper around a convertible module
+  (``torch.compile``'s ``_orig_mod``, ``DataParallel``'s ``module``) or of a
+  ``state_dict``; ``''`` for anything else."""
+  classes = tuple(getattr(torch.nn, n) for f in _FAMILIES.values()
+                  for n in (f.torch_layer, f.torch_cell))
+  for attr in ('_orig_mod', 'module'):  # torch.compile's; DataParallel's, DDP's
+    inner = getattr(module, attr, None)
+    if isinstance(inner, classes):
+      return f', a wrapper: pass the {type(inner).__name__} it wraps, its .{attr}'
+  if isinstance(module, Mapping) and any('weight_ih' in str(k) for k in module):
+    return (", a state_dict: load it into the torch module first (module.load_state_dict, a "
+            "wrapper's key prefix stripped) and pass the module")
+  return ''
 
 
 def _torch_activation(module) -> Callable:
@@ -263,7 +280,8 @@ def from_torch(module: Any, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
     The nnx module with the weights loaded.
 
   Raises:
-    TypeError: for any other module.
+    TypeError: for any other module (for a wrapper of one, ``torch.compile``'s
+      or ``DataParallel``'s, or a ``state_dict``, saying what to pass).
     ValueError: for ``rngs`` without the streams above (a ``params`` or
       default one; a ``dropout`` or default one where the module has
       ``dropout > 0``), or a module on torch's ``meta`` device.

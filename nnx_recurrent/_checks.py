@@ -525,6 +525,11 @@ def check_not_foreign(where: str, arg: str, x: Any) -> None:
   deep inside numpy/JAX (``Cannot interpret 'torch.int64' as a data type``)."""
   cls = type(x)
   if cls.__module__.split('.')[0] in ('torch', 'tensorflow'):
+    if cls.__name__ == 'PackedSequence':  # torch.nn.utils.rnn's, a tuple without a shape
+      fail(where, arg, "a JAX or NumPy array (PyTorch's PackedSequence is the padded array "
+           'with seq_lengths=lengths here: padded, lengths = pad_packed_sequence(packed, '
+           'batch_first=...), then padded.numpy(), lengths.numpy())',
+           f'{cls.__module__}.{cls.__name__}', TypeError)
     fail(where, arg, 'a JAX or NumPy array (convert a tensor first, e.g. x.numpy())',
          f'{cls.__module__}.{cls.__name__}', TypeError)
 
@@ -532,9 +537,9 @@ def check_not_foreign(where: str, arg: str, x: Any) -> None:
 def check_array(where: str, arg: str, x: Any) -> jax.Array:
   """An array of numbers (or bools): a string or object array, or PRNG keys,
   are a ``TypeError`` naming ``arg`` here, not jax's when it first computes."""
+  check_not_foreign(where, arg, x)
   if not hasattr(x, 'shape') or not hasattr(x, 'dtype'):
     fail(where, arg, 'an array', type(x).__name__, TypeError)
-  check_not_foreign(where, arg, x)
   if not _numeric_dtype(x.dtype):
     fail(where, arg, 'an array of numbers', f'dtype {x.dtype}', TypeError)
   return x

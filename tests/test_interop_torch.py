@@ -575,6 +575,31 @@ def test_torch_tensors_get_a_clear_error():
     lstm.cell((h0, h0), x[:, 0])
 
 
+def test_a_packed_sequence_gets_a_clear_error():
+  # A PackedSequence (a tuple, no shape) was "expected an array, got PackedSequence";
+  # the message now says what replaces it, and the recipe gives PyTorch's outputs.
+  module = _torch_layer('GRU', 1, True, True)
+  model = nr.interop.from_torch(module)
+  x = _inputs(True)
+  packed = torch_rnn.pack_padded_sequence(torch.from_numpy(x), torch.from_numpy(LENGTHS),
+                                          batch_first=True, enforce_sorted=False)
+  message = (r"expected a JAX or NumPy array \(PyTorch's PackedSequence is the padded array "
+             r'with seq_lengths=lengths here: padded, lengths = pad_packed_sequence\(packed, '
+             r'batch_first=...\), then padded.numpy\(\), lengths.numpy\(\)\), got '
+             r'torch.nn.utils.rnn.PackedSequence\.')
+  with pytest.raises(TypeError, match='GRU: `inputs` ' + message):
+    model(packed)
+  with pytest.raises(TypeError, match='GRU: `seq_lengths` ' + message):
+    model(x, seq_lengths=packed)
+  stack = nr.interop.from_torch(_torch_layer('RNN_tanh', 2, False, True))
+  with pytest.raises(TypeError, match=r'StackedRNN: `inputs`, passed on to layers\[0\] \(RNN\): '
+                     'RNN: `inputs` ' + message):
+    stack(packed)
+  padded, lengths = torch_rnn.pad_packed_sequence(packed, batch_first=True)
+  ours = _run(model, padded.numpy(), jnp.asarray(lengths.numpy(), jnp.int32))
+  _assert_same(ours, _torch_run(module, x, LENGTHS))
+
+
 def _abstract(factory):
   """The module without parameter values (to_torch checks structure before values)."""
   return nnx.eval_shape(lambda: factory(nnx.Rngs(0)))

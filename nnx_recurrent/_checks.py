@@ -444,6 +444,76 @@ def blame_entry(where: str, entry: str, layer: str, given: Any,
     raise
 
 
+def torch_rows(layer: Any) -> int | None:
+  """The ``num_layers * num_directions`` of PyTorch's layer equivalent to
+  ``layer`` (the leading axis of its ``h_0``): an ``RNN`` 1, a
+  ``Bidirectional`` of two 2, a fused layer its own, a stack their sum;
+  ``None`` for a layer of another kind."""
+  if hasattr(layer, 'layers'):  # StackedRNN
+    rows = [torch_rows(inner) for inner in layer.layers]
+    return None if None in rows else sum(rows)  # type: ignore[arg-type]
+  if hasattr(layer, 'forward_rnn'):  # Bidirectional
+    pair = [torch_rows(layer.forward_rnn), torch_rows(layer.backward_rnn)]
+    return 2 if pair == [1, 1] else None
+  if hasattr(layer, 'num_layers') and hasattr(layer, 'bidirectional'):  # nr.LSTM / nr.GRU
+    return layer.num_layers * (2 if layer.bidirectional else 1)
+  if hasattr(layer, 'cell'):  # RNN over a cell reading one feature axis, as PyTorch's
+    return 1 if getattr(layer.cell, 'num_feature_axes', 1) == 1 else None
+  return None
+
+
+def batch_shape_of(inputs: Any, time_major: bool) -> tuple[int, ...] | None:
+  """The batch axes of a sequence layer's ``inputs`` with one feature axis
+  (``None`` for an input without a shape, or without a time axis)."""
+  shape = tuple(getattr(inputs, 'shape', ()))
+  n = len(shape) - 2
+  if n < 0:
+    return None
+  return shape[1:1 + n] if time_major else shape[:n]
+
+
+def torch_carry_hint(given: Any, layer: Any, batch_shape: tuple[int, ...] | None) -> str:
+  """A hint for an ``initial_carry`` of ``layer`` laid out as PyTorch's:
+  ``h_0``, or a pair ``(h_0, c_0)``, arrays of shape ``(rows, *batch_shape,
+  features)``, ``rows`` the layer's :func:`torch_rows`; ``''`` for any other
+  carry, or where ``batch_shape`` is unknown (``None``)."""
+  rows = torch_rows(layer)
+  leaves = list(given) if isinstance(given, (tuple, list)) and len(given) == 2 else [given]
+  shapes = [tuple(getattr(leaf, 'shape', None) or ()) for leaf in leaves]
+  if not rows or batch_shape is None or not all(
+      len(s) == len(batch_shape) + 2 and s[:-1] == (rows, *batch_shape) for s in shapes):
+    return ''
+  if rows == 1:
+    how = "index it, h_0[0] (an LSTM's carry is (c_0[0], h_0[0]), c first)"
+  elif hasattr(layer, 'forward_rnn'):
+    how = ("a (forward, backward) pair, (h_0[0], h_0[1]) (an LSTM's direction d is (c_0[d], "
+           'h_0[d]), c first)')
+  else:
+    how = ("a tuple over layers of each layer's carry (a bidirectional layer's a (forward, "
+           'backward) pair), layer l direction d being h_0[l * num_directions + d] (an '
+           "LSTM's (c_0[...], h_0[...]), c first)")
+  return (f"PyTorch's h_0 / c_0, (num_layers * num_directions, batch, hidden) = {shapes[0]}, "
+          f'are not a carry here: {how}; see "The carry" in docs/migrating_from_pytorch.md.')
+
+
+@contextlib.contextmanager
+def hint_torch_carry(given: Any, layer: Any,
+                     batch_shape: tuple[int, ...] | None) -> Iterator[None]:
+  """Adds :func:`torch_carry_hint` to this package's error about
+  ``initial_carry`` (or an entry of it) raised inside, when ``given`` has
+  PyTorch's layout."""
+  try:
+    yield
+  except (TypeError, ValueError) as e:
+    blamed = origin(e)
+    if (blamed is not None and blamed.arg.partition('[')[0] == 'initial_carry'
+        and "PyTorch's h_0" not in str(e)):
+      hint = torch_carry_hint(given, layer, batch_shape)
+      if hint:
+        reword(e, f'{e} {hint}')
+    raise
+
+
 def carry_pair(where: str, initial_carry: Any, arg: str = 'initial_carry') -> tuple[Any, Any]:
   """A bidirectional layer's ``initial_carry``: ``(forward, backward)``, or
   ``(None, None)`` when it is ``None``."""

@@ -467,7 +467,9 @@ class Bidirectional(nnx.Module):
     _checks.check_rngs('Bidirectional', rngs)
     return_carry, time_major = _checks.call_flags(
       'Bidirectional', self, return_carry=return_carry, time_major=time_major)
-    carry_f, carry_b = _checks.carry_pair('Bidirectional', initial_carry)
+    batch_shape = _checks.batch_shape_of(inputs, time_major)  # for a hint on PyTorch's h_0
+    with _checks.hint_torch_carry(initial_carry, self, batch_shape):
+      carry_f, carry_b = _checks.carry_pair('Bidirectional', initial_carry)
     common = dict(seq_lengths=seq_lengths, return_carry=True, time_major=time_major)
     if segment_ids is not None:  # a layer with flax.nnx's call (RNNBase) takes none
       check_directions_take_segment_ids(self, "this package's layers")
@@ -478,14 +480,15 @@ class Bidirectional(nnx.Module):
     rngs_f = rngs_b = rngs
     if isinstance(rngs, jax.Array):  # one key would give both directions the same masks
       rngs_f, rngs_b = jax.random.split(rngs)
-    with _checks.blame_entry('Bidirectional', '[0]',
-                             f'forward_rnn ({type(self.forward_rnn).__name__})', carry_f):
-      carry_f, out_f = self.forward_rnn(inputs, initial_carry=carry_f, reverse=False,
-                                        rngs=rngs_f, **common)
-    with _checks.blame_entry('Bidirectional', '[1]',
-                             f'backward_rnn ({type(self.backward_rnn).__name__})', carry_b):
-      carry_b, out_b = self.backward_rnn(inputs, initial_carry=carry_b, reverse=True,
-                                         keep_order=True, rngs=rngs_b, **common)
+    with _checks.hint_torch_carry(initial_carry, self, batch_shape):
+      with _checks.blame_entry('Bidirectional', '[0]',
+                               f'forward_rnn ({type(self.forward_rnn).__name__})', carry_f):
+        carry_f, out_f = self.forward_rnn(inputs, initial_carry=carry_f, reverse=False,
+                                          rngs=rngs_f, **common)
+      with _checks.blame_entry('Bidirectional', '[1]',
+                               f'backward_rnn ({type(self.backward_rnn).__name__})', carry_b):
+        carry_b, out_b = self.backward_rnn(inputs, initial_carry=carry_b, reverse=True,
+                                           keep_order=True, rngs=rngs_b, **common)
     outputs = merge_directions('Bidirectional', self.merge_fn, out_f, out_b)
     return ((carry_f, carry_b), outputs) if return_carry else outputs
 

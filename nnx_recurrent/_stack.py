@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -255,12 +257,17 @@ class StackedRNN(nnx.Module):
       'StackedRNN', self, return_carry=return_carry, time_major=time_major)
     _checks.check_optional_bools('StackedRNN', reverse=reverse, keep_order=keep_order)
     n = len(self.layers)
+    # An initial_carry in PyTorch's layout, (num_layers * num_directions, batch,
+    # hidden) arrays, gets a hint on how to give it here.
+    torch_hint = functools.partial(_checks.hint_torch_carry, initial_carry, self,
+                                   _checks.batch_shape_of(inputs, time_major))
     if initial_carry is None:
       initial_carry = (None,) * n
     elif not isinstance(initial_carry, (tuple, list)) or len(initial_carry) != n:
-      _checks.fail('StackedRNN', 'initial_carry',
-                   f'a tuple of {n} carries (one per layer, None for the default)',
-                   _checks.kind(initial_carry))
+      with torch_hint():
+        _checks.fail('StackedRNN', 'initial_carry',
+                     f'a tuple of {n} carries (one per layer, None for the default)',
+                     _checks.kind(initial_carry))
     if self.dropout is not None and n > 1 and not self.dropout.deterministic:
       _checks.check_stream('StackedRNN', rngs, 'dropout', 'for the dropout between layers')
     uses = _scan.per_use_rngs(rngs, 2 * n)  # the layers', then the dropouts' between them
@@ -277,9 +284,9 @@ class StackedRNN(nnx.Module):
       x, idx, batch_dims = self._reverse(inputs, None, time_major, seq_lengths, segment_ids)
     carries = []
     for i, layer in enumerate(self.layers):
-      with _checks.blame_entry('StackedRNN', f'[{i}]', f'layers[{i}] ({type(layer).__name__})',
-                               initial_carry[i], passed=(
-                                 ('inputs',) if i == 0 else ()) + ('seq_lengths', 'segment_ids')):
+      with torch_hint(), _checks.blame_entry(
+          'StackedRNN', f'[{i}]', f'layers[{i}] ({type(layer).__name__})', initial_carry[i],
+          passed=(('inputs',) if i == 0 else ()) + ('seq_lengths', 'segment_ids')):
         carry, x = layer(x, initial_carry=initial_carry[i], seq_lengths=seq_lengths,
                          segment_ids=segment_ids, return_carry=True, time_major=time_major,
                          rngs=layer_rngs[i])

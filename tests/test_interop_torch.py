@@ -600,6 +600,50 @@ def test_a_packed_sequence_gets_a_clear_error():
   _assert_same(ours, _torch_run(module, x, LENGTHS))
 
 
+@pytest.mark.parametrize('kind,num_layers,bidirectional,got,how', [
+  ('GRU', 1, False, r'leaf shapes \[\(3, 6\)\], got \[\(1, 3, 6\)\]', r'index it, h_0\[0\]'),
+  ('LSTM', 2, True, r'a pair \(forward_carry, backward_carry\), got ndarray',
+   r"a tuple over layers .*h_0\[l \* num_directions \+ d\] \(an LSTM's \(c_0\[...\], "
+   r'h_0\[...\]\), c first\)'),
+  ('RNN_tanh', 1, True, r'a pair \(forward_carry, backward_carry\), got ndarray',
+   r'a \(forward, backward\) pair, \(h_0\[0\], h_0\[1\]\)'),
+  ('RNN_relu', 2, False, r'a tuple of 2 carries \(one per layer, None for the default\), got '
+   r'ndarray', r'a tuple over layers'),
+], ids=['GRU', 'LSTM 2 layers bidirectional', 'RNN bidirectional', 'RNN 2 layers'])
+def test_a_carry_in_torchs_layout_gets_a_hint(kind, num_layers, bidirectional, got, how):
+  # PyTorch's stacked (num_layers * num_directions, batch, hidden) h_0 / c_0: the error said
+  # what it expected, not how to get there from PyTorch's; the hint's recipe gives its numbers.
+  module = _torch_layer(kind, num_layers, bidirectional, True).eval()
+  model = nr.interop.from_torch(module)
+  rows = num_layers * (1 + bidirectional)
+  x = _inputs(True)
+  rng = np.random.default_rng(2)
+  h0, c0 = (rng.normal(size=(rows, B, H)).astype(np.float32) for _ in range(2))
+  lstm = kind == 'LSTM'
+  where = {'GRU': 'GRU', 'LSTM': 'LSTM'}.get(kind, 'StackedRNN' if num_layers > 1
+                                               else 'Bidirectional')
+  entry = r'\[0\]' if lstm else ''
+  with pytest.raises(ValueError, match=rf'{where}: `initial_carry{entry}` expected {got}\. '
+                     r"PyTorch's h_0 / c_0, \(num_layers \* num_directions, batch, hidden\) = "
+                     rf'\({rows}, 3, 6\), are not a carry here: {how}.*; see "The carry" in '
+                     r'docs/migrating_from_pytorch.md\.$'):
+    model(x, initial_carry=(h0, c0) if lstm else h0)
+  per_row = [(c, h) for c, h in zip(c0, h0)] if lstm else list(h0)
+  if rows == 1:
+    carry = per_row[0]
+  elif where == 'Bidirectional':
+    carry = tuple(per_row)
+  else:
+    d = 1 + bidirectional
+    layers = [per_row[d * i:d * (i + 1)] for i in range(num_layers)]
+    carry = tuple(tuple(pair) if bidirectional else pair[0] for pair in layers)
+  with torch.no_grad():
+    y_t, _ = module(torch.from_numpy(x), (torch.from_numpy(h0), torch.from_numpy(c0)) if lstm
+                    else torch.from_numpy(h0))
+  y = nnx.jit(lambda model, x, carry: model(x, initial_carry=carry))(model, x, carry)
+  np.testing.assert_allclose(y, _np(y_t), atol=ATOL, rtol=0)
+
+
 def _abstract(factory):
   """The module without parameter values (to_torch checks structure before values)."""
   return nnx.eval_shape(lambda: factory(nnx.Rngs(0)))

@@ -380,8 +380,9 @@ class _FusedBase(nnx.Module):
     seq = _scan.prepare(where, inputs, num_feature_axes=1, in_features=self.in_features,
                         time_major=time_major, seq_lengths=seq_lengths, segment_ids=segment_ids)
     _checks.check_real_for(where, seq.xs, self.forward[0].param_dtype)
-    initial_carry = _scan.like_inputs(self._initial_carry(where, initial_carry, seq.batch_shape),
-                                      seq.xs, len(seq.batch_shape), seq.masks)
+    with _checks.hint_torch_carry(initial_carry, self, seq.batch_shape):
+      per_layer = self._initial_carry(where, initial_carry, seq.batch_shape)
+    initial_carry = _scan.like_inputs(per_layer, seq.xs, len(seq.batch_shape), seq.masks)
     idx = None
     if self.bidirectional or reverse:
       idx = _scan.reverse_indices(seq.time, seq.batch_shape, seq.seq_lengths, seq.segment_ids)

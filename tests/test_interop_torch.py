@@ -551,6 +551,42 @@ def test_from_torch_names_what_to_pass_for_a_wrapper_or_a_state_dict():
                              _torch_run(module, x)[0], atol=ATOL, rtol=0)
 
 
+def test_from_torch_refuses_a_subclass_that_redefines_forward():
+  # Converted silently before, computing the built-in GRU: outputs off by 0.75 here.
+  class ScaledGRU(torch.nn.GRU):
+    def forward(self, x, hx=None):
+      y, h = super().forward(x, hx)
+      return 2 * y, h
+
+  class GRUWithoutBias(torch.nn.GRU):  # only other defaults: converts
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, bias=False, **kwargs)
+
+  class ClippedCell(torch.nn.RNNCell):
+    def forward(self, x, hx=None):
+      return super().forward(x, hx).clamp(-0.5, 0.5)
+
+  for module, name, base in [(ScaledGRU(IN, H), 'ScaledGRU', 'GRU'),
+                             (ClippedCell(IN, H), 'ClippedCell', 'RNNCell')]:
+    with pytest.raises(TypeError, match=rf'from_torch: `module` expected a torch.nn.{base} '
+                       r"computing as the built-in one \(.*load the module's state_dict into a "
+                       rf'torch.nn.{base} of the same options\), got {name}, a subclass that '
+                       r'redefines forward\.'):
+      nr.interop.from_torch(module)
+  torch.manual_seed(0)
+  module = GRUWithoutBias(IN, H)
+  x = _inputs(False)
+  np.testing.assert_allclose(_call(nr.interop.from_torch(module), x), _torch_run(module, x)[0],
+                             atol=ATOL, rtol=0)
+  # The way out the message gives: the weights in a plain module.
+  scaled = ScaledGRU(IN, H)
+  plain = torch.nn.GRU(IN, H)
+  plain.load_state_dict(scaled.state_dict())
+  with torch.no_grad():
+    want = scaled(torch.from_numpy(x))[0].numpy() / 2
+  np.testing.assert_allclose(_call(nr.interop.from_torch(plain), x), want, atol=ATOL, rtol=0)
+
+
 def test_torch_tensors_get_a_clear_error():
   model = nr.interop.from_torch(torch.nn.GRU(IN, H, batch_first=True))
   x = _inputs(True)

@@ -61,7 +61,9 @@ eval-mode outputs); layers that do not start from zeros as PyTorch's do
 (``learn_initial_carry``, a cell's ``carry_init``; a cell alone converts,
 since a PyTorch cell takes its state from the caller).
 Cells without a PyTorch counterpart (MGU, the convolutional and the
-layer-normalized cells) raise ``TypeError``.
+layer-normalized cells) raise ``TypeError``; so does from_torch of a subclass
+of a torch module that redefines ``forward`` (the conversion computes the
+built-in one).
 Variational (per-cell) dropout has no PyTorch counterpart and is not carried
 over, with a warning (it does not change eval-mode outputs); nor is a
 computation ``dtype`` other than the parameters' (PyTorch computes in its
@@ -201,14 +203,27 @@ def _torch_weights(module, suffix: str = '') -> TorchWeights:
 def _torch_family(torch, module) -> tuple[_Family, bool]:
   """The family of a torch module, and whether it is a cell."""
   for family in _FAMILIES.values():
-    if isinstance(module, getattr(torch.nn, family.torch_layer)):
-      return family, False
-    if isinstance(module, getattr(torch.nn, family.torch_cell)):
-      return family, True
+    for name, is_cell in ((family.torch_layer, False), (family.torch_cell, True)):
+      base = getattr(torch.nn, name)
+      if isinstance(module, base):
+        _check_torch_forward(module, base)
+        return family, is_cell
   names = ', '.join(f'torch.nn.{n}' for f in _FAMILIES.values()
                     for n in (f.torch_layer, f.torch_cell))
   _checks.fail('from_torch', 'module', f'one of {names}',
                type(module).__name__ + _not_a_module_hint(torch, module), TypeError)
+
+
+def _check_torch_forward(module, base) -> None:
+  """Refuses a subclass of ``base`` (``torch.nn.GRU``...) that redefines
+  ``forward``: the conversion copies the weights into the built-in
+  computation, which would then differ from the module's."""
+  if type(module).forward is not base.forward:
+    _checks.fail('from_torch', 'module', f'a torch.nn.{base.__name__} computing as the built-in '
+                 'one (a subclass may change __init__ or add members; the converted module '
+                 "computes the built-in forward: to convert the weights alone, load the module's "
+                 f'state_dict into a torch.nn.{base.__name__} of the same options)',
+                 f'{type(module).__name__}, a subclass that redefines forward', TypeError)
 
 
 def _not_a_module_hint(torch, module) -> str:
@@ -281,7 +296,8 @@ def from_torch(module: Any, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
 
   Raises:
     TypeError: for any other module (for a wrapper of one, ``torch.compile``'s
-      or ``DataParallel``'s, or a ``state_dict``, saying what to pass).
+      or ``DataParallel``'s, or a ``state_dict``, saying what to pass), and
+      for a subclass of one that redefines ``forward``.
     ValueError: for ``rngs`` without the streams above (a ``params`` or
       default one; a ``dropout`` or default one where the module has
       ``dropout > 0``), or a module on torch's ``meta`` device.

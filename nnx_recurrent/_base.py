@@ -329,6 +329,22 @@ class RNNCellBase(nnx.Module):
       )
     return hidden
 
+  def _check_not_swapped(self, where: str, carry: Any, shape: tuple[int, ...]) -> None:
+    """Names PyTorch's argument order, ``cell(input, hx)``, where an array
+    carry has the cell's input size and the inputs its hidden size: the
+    arguments were swapped (with ``in_features == hidden_features`` nothing
+    tells)."""
+    in_features = getattr(self, 'in_features', None)
+    hidden = {getattr(self, 'hidden_features', None), getattr(self, 'proj_features', None)}
+    carry_shape = tuple(getattr(carry, 'shape', ()))
+    if (self.num_feature_axes == 1 and isinstance(in_features, int) and shape
+        and shape[-1] != in_features and shape[-1] in hidden and carry_shape
+        and carry_shape[-1] == in_features):
+      _checks.fail(where, 'inputs', f"last axis of size {in_features} (the cell's in_features; "
+                   "a cell is called as cell(carry, inputs), PyTorch's cell(input, hx) the "
+                   'other way round)', f'shape {shape}, with a carry of shape {carry_shape}, '
+                   "the inputs' size")
+
   def _check_input_shape(self, where: str, arg: str, shape: tuple[int, ...],
                          sizes: bool = True) -> None:
     nfa = self.num_feature_axes
@@ -531,6 +547,7 @@ class RNNCellBase(nnx.Module):
                    type(inputs).__name__, TypeError)
     _checks.check_not_foreign(where, 'inputs', inputs)
     _checks.check_real_for(where, inputs, getattr(self, 'param_dtype', None))
+    self._check_not_swapped(where, carry, tuple(inputs.shape))
     self._check_input_shape(where, 'inputs', tuple(inputs.shape))
     shapes = self._checked_carry_shapes(tuple(inputs.shape))
     carry = self._check_carry(where, carry, shapes)

@@ -166,6 +166,36 @@ def test_from_torch_cell(kind, bias):
       np.testing.assert_allclose(np.asarray(carry[0]), _np(state[1]), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize('name', ['GRUCell', 'RNNCell', 'LSTMCell'])
+def test_a_cell_called_in_torchs_order_says_so(name):
+  # PyTorch's h = cell(x, h) here: "expected last axis of size 4 (the cell's
+  # in_features), got shape (3, 6)" named no order. The order here gives torch's numbers.
+  torch.manual_seed(0)
+  module = getattr(torch.nn, name)(IN, H)
+  cell = nr.interop.from_torch(module)
+  x, (h, c) = _inputs(True)[:, 0], _rand_carry()
+  swapped = (x, (h, c)) if name == 'LSTMCell' else (x, h)  # torch's order
+  with pytest.raises((ValueError, TypeError), match=r'a cell is called as cell\(carry, inputs\)'):
+    cell(*swapped)
+  if name != 'LSTMCell':  # an LSTM's tuple as inputs: "expected an array (a cell ...)"
+    with pytest.raises(ValueError, match=rf"{type(cell).__name__}: `inputs` expected last axis "
+                       rf"of size {IN} \(the cell's in_features; a cell is called as "
+                       r"cell\(carry, inputs\), PyTorch's cell\(input, hx\) the other way "
+                       rf"round\), got shape \({B}, {H}\), with a carry of shape \({B}, {IN}\), "
+                       r"the inputs' size\."):
+      cell(*swapped)
+  carry = (jnp.asarray(c), jnp.asarray(h)) if name == 'LSTMCell' else jnp.asarray(h)
+  _, y = _call(cell, carry, jnp.asarray(x))
+  with torch.no_grad():
+    state = module(torch.from_numpy(x), (torch.from_numpy(h), torch.from_numpy(c))
+                   if name == 'LSTMCell' else torch.from_numpy(h))
+  np.testing.assert_allclose(y, _np(state[0] if name == 'LSTMCell' else state), atol=ATOL, rtol=0)
+  # The LSTM cell with a bare array carry and h as inputs: the swap, named.
+  if name == 'LSTMCell':
+    with pytest.raises(ValueError, match=r"PyTorch's cell\(input, hx\) the other way round"):
+      cell(x, h)
+
+
 # -- to_torch ---------------------------------------------------------------------
 def _cell(kind, n_in, rngs, **kw):
   if kind == 'RNN_relu':

@@ -617,6 +617,25 @@ def test_from_torch_refuses_a_subclass_that_redefines_forward():
   np.testing.assert_allclose(_call(nr.interop.from_torch(plain), x), want, atol=ATOL, rtol=0)
 
 
+def test_from_torch_warns_that_forward_hooks_are_left_out():
+  # A hook that changes the outputs changed PyTorch's numbers, silently not these.
+  torch.manual_seed(0)
+  module = torch.nn.GRU(IN, H)
+  x = _inputs(False)
+  want = _torch_run(module, x)[0]
+  module.register_forward_hook(lambda mod, args, out: (3 * out[0], out[1]))
+  module.register_forward_pre_hook(lambda mod, args: args)
+  assert np.abs(_torch_run(module, x)[0] - 3 * want).max() < ATOL
+  with pytest.warns(UserWarning, match=r"from_torch: the module's 1 forward pre-hook\(s\) and 1 "
+                    r'forward hook\(s\) are not carried over \(the converted module computes its '
+                    r'forward alone'):
+    model = nr.interop.from_torch(module)
+  np.testing.assert_allclose(_call(model, x), want, atol=ATOL, rtol=0)  # the hookless forward
+  with warnings.catch_warnings():  # none without hooks
+    warnings.simplefilter('error')
+    nr.interop.from_torch(torch.nn.GRU(IN, H))
+
+
 def test_torch_tensors_get_a_clear_error():
   model = nr.interop.from_torch(torch.nn.GRU(IN, H, batch_first=True))
   x = _inputs(True)

@@ -63,7 +63,8 @@ since a PyTorch cell takes its state from the caller).
 Cells without a PyTorch counterpart (MGU, the convolutional and the
 layer-normalized cells) raise ``TypeError``; so does from_torch of a subclass
 of a torch module that redefines ``forward`` (the conversion computes the
-built-in one).
+built-in one). A torch module's forward hooks are not carried over, with a
+warning.
 Variational (per-cell) dropout has no PyTorch counterpart and is not carried
 over, with a warning (it does not change eval-mode outputs); nor is a
 computation ``dtype`` other than the parameters' (PyTorch computes in its
@@ -226,6 +227,18 @@ def _check_torch_forward(module, base) -> None:
                  f'{type(module).__name__}, a subclass that redefines forward', TypeError)
 
 
+def _warn_of_hooks(module) -> None:
+  """A forward hook (or pre-hook) may change the module's inputs or outputs:
+  the converted module computes its forward alone, so say it is left out."""
+  hooks = [f'{len(d)} {name}' for name, d in (
+    ('forward pre-hook(s)', getattr(module, '_forward_pre_hooks', {})),
+    ('forward hook(s)', getattr(module, '_forward_hooks', {}))) if d]
+  if hooks:
+    _checks.warn(f"from_torch: the module's {' and '.join(hooks)} are not carried over (the "
+                 'converted module computes its forward alone: a hook that changes its inputs '
+                 "or outputs changes PyTorch's numbers, not these).")
+
+
 def _not_a_module_hint(torch, module) -> str:
   """What to pass instead of a wrapper around a convertible module
   (``torch.compile``'s ``_orig_mod``, ``DataParallel``'s ``module``) or of a
@@ -324,6 +337,7 @@ def from_torch(module: Any, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
     _checks.fail('from_torch', 'module', 'a module whose parameters hold values',
                  "parameters on torch's 'meta' device, which hold none (materialise them "
                  "first: module.to_empty(device='cpu'), then load_state_dict)")
+  _warn_of_hooks(module)
   act = _torch_activation(module)
   w_ih = getattr(module, 'weight_ih' if is_cell else 'weight_ih_l0')
   # Zero initializers: every parameter is overwritten, so draw no random numbers.

@@ -760,6 +760,9 @@ def check_tree_matches(where: str, arg: str, given: Any, expected: Any,
       shapes = [tuple(leaf.shape) for leaf in e_leaves]
       wanted = (f'leaf shapes {shapes} (or shapes they broadcast to)' if broadcast == 'given'
                 else f'leaf shapes {"that broadcast with " if broadcast else ""}{shapes}')
+      if len(shapes) == 2 and shapes[0] != shapes[1] and got == shapes[::-1]:
+        # A projected LSTM's (h, c), PyTorch's order (PyTorch's cells take (h_0, c_0)).
+        wanted += f" ({_CARRY_ORDER}; PyTorch's (h_0, c_0) is the other way round)"
       fail(where, arg, wanted, f'{got}')
   for g, e in zip(g_leaves, e_leaves):
     if (hasattr(g, 'dtype') and jnp.issubdtype(e.dtype, jnp.inexact)

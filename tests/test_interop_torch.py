@@ -729,6 +729,27 @@ def test_a_carry_in_torchs_layout_gets_a_hint(kind, num_layers, bidirectional, g
   np.testing.assert_allclose(y, _np(y_t), atol=ATOL, rtol=0)
 
 
+def test_a_projected_lstm_carry_in_torchs_order_gets_a_hint():
+  # With proj_size, h and c differ in shape: PyTorch's (h_0, c_0) order is named; the
+  # carry (c, h) then gives PyTorch's numbers.
+  torch.manual_seed(3)
+  module = torch.nn.LSTM(IN, H, proj_size=P, batch_first=True).eval()
+  model = nr.interop.from_torch(module)
+  x = _inputs(True)
+  rng = np.random.default_rng(4)
+  h0, c0 = rng.normal(size=(1, B, P)).astype(np.float32), rng.normal(size=(1, B, H)).astype(
+      np.float32)
+  with pytest.raises(ValueError, match=re.escape(
+      f'LSTM: `initial_carry` expected leaf shapes [({B}, {H}), ({B}, {P})] (an LSTM carry is '
+      "(c, h), c first; PyTorch's (h_0, c_0) is the other way round), got "
+      f'[({B}, {P}), ({B}, {H})].')):
+    model(x, initial_carry=(h0[0], c0[0]))
+  with torch.no_grad():
+    y_t, _ = module(torch.from_numpy(x), (torch.from_numpy(h0), torch.from_numpy(c0)))
+  np.testing.assert_allclose(model(x, initial_carry=(c0[0], h0[0])), _np(y_t), atol=ATOL,
+                             rtol=0)
+
+
 def _abstract(factory):
   """The module without parameter values (to_torch checks structure before values)."""
   return nnx.eval_shape(lambda: factory(nnx.Rngs(0)))

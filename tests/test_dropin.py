@@ -21,6 +21,7 @@ import pytest
 from flax import nnx
 
 import nnx_recurrent as nr
+from tests.user_cells import SowingCell
 
 B, T, IN, H = 3, 5, 4, 6
 LENGTHS = jnp.array([5, 2, 0])
@@ -1616,15 +1617,6 @@ def test_a_flag_computed_with_jnp_is_read_as_flax_nnx_reads_it(flag):
     jax.jit(lambda x, f: ours(x, **{flag: f}))(x, jnp.array(True))
 
 
-class _SowingCell(nnx.LSTMCell):
-  """A flax.nnx cell that sows its output at each step (``Module.sow``)."""
-
-  def __call__(self, carry, x):
-    carry, h = super().__call__(carry, x)
-    self.sow(nnx.Intermediate, 'h', h)
-    return carry, h
-
-
 # flax deprecates sow outside nnx.capture; it still stores the value.
 @pytest.mark.filterwarnings('ignore:Using .Module.sow\\(\\). outside:DeprecationWarning')
 def test_values_sown_at_each_step_stack_over_time_as_in_flax():
@@ -1635,7 +1627,7 @@ def test_values_sown_at_each_step_stack_over_time_as_in_flax():
   x, lengths = np.asarray(_x()), np.array([5, 2, 0])
   x_nan = np.where(np.arange(T)[None, :, None] < lengths[:, None, None], x, np.nan)
   axes = nnx.StateAxes({nnx.Intermediate: 0, ...: nnx.Carry})
-  cell = _SowingCell(IN, H, rngs=nnx.Rngs(0))
+  cell = SowingCell(IN, H, rngs=nnx.Rngs(0))
   runs = {}
   for name, layer in (('flax', nnx.RNN), ('ours', nr.RNN)):
     rnn = layer(nnx.clone(cell), state_axes=axes)

@@ -15,6 +15,7 @@ from flax import nnx
 import nnx_recurrent as nr
 from nnx_recurrent import _checks, compat
 from tests import reference as ref
+from tests.user_cells import SowingCell
 
 
 # Random parameters from NumPy: no initializer to compile (the values do not matter here).
@@ -1606,15 +1607,6 @@ def test_rnn_state_axes_and_broadcast_rngs_that_are_no_filters(lstm):
   nr.RNN(lstm, state_axes=nnx.StateAxes({nnx.Param: None, ...: nnx.Carry}))
 
 
-class _Sowing(nnx.LSTMCell):
-  """A flax.nnx cell that sows its output at each step (``Module.sow``)."""
-
-  def __call__(self, carry, x):
-    carry, h = super().__call__(carry, x)
-    self.sow(nnx.Intermediate, 'h', h)
-    return carry, h
-
-
 @pytest.mark.filterwarnings('ignore:Using .Module.sow\\(\\). outside:DeprecationWarning')
 @pytest.mark.filterwarnings('ignore:\\s*Using .Module.perturb\\(\\). outside:DeprecationWarning')
 def test_a_cell_sowing_at_each_step_is_a_type_error_naming_what_it_added():
@@ -1623,19 +1615,19 @@ def test_a_cell_sowing_at_each_step_is_a_type_error_naming_what_it_added():
   # (code catching that one catches it), naming the Variable and what to do instead.
   x, lengths = jnp.ones((2, 4, 3)), jnp.array([4, 2])
   with pytest.raises(TypeError, match='same pytree structure'):
-    nnx.RNN(_Sowing(3, 5, rngs=nnx.Rngs(0)))(x, seq_lengths=lengths)
+    nnx.RNN(SowingCell(3, 5, rngs=nnx.Rngs(0)))(x, seq_lengths=lengths)
   expected = ('RNN: `cell` expected a step that adds nothing to the state the scan carries '
               'from step to step (to stack a value sown at each step over time, give its type '
               'an axis: state_axes=nnx.StateAxes({nnx.Intermediate: 0, ...: nnx.Carry}); or '
               "return it in the step's output), got ")
   with pytest.raises(TypeError, match=re.escape(expected + 'cell.h (Intermediate) added by '
                                                 'one step.')) as info:
-    nr.RNN(_Sowing(3, 5, rngs=nnx.Rngs(0)))(x, seq_lengths=lengths)
+    nr.RNN(SowingCell(3, 5, rngs=nnx.Rngs(0)))(x, seq_lengths=lengths)
   assert 'same pytree structure' in str(info.value.__cause__)  # JAX's, kept as the cause
   # Under nnx.capture the value goes into a Variable that holds a tree.
   with pytest.raises(TypeError, match=re.escape(expected) + r"cell\.__captures__.*'h'.* "
                      r'\(Intermediate\) added by one step\.'):
-    nnx.capture(nr.RNN(_Sowing(3, 5, rngs=nnx.Rngs(0))), nnx.Intermediate)(x)
+    nnx.capture(nr.RNN(SowingCell(3, 5, rngs=nnx.Rngs(0))), nnx.Intermediate)(x)
   # Another Variable type (nnx.perturb's): the fix names it.
 
   class Perturbing(nnx.LSTMCell):
@@ -1649,7 +1641,7 @@ def test_a_cell_sowing_at_each_step_is_a_type_error_naming_what_it_added():
     nr.RNN(Perturbing(3, 5, rngs=nnx.Rngs(0)))(x)
   # In a composite, the path to the layer.
   pair = nr.Bidirectional(nr.RNN(nr.LSTMCell(3, 5, rngs=nnx.Rngs(0))),
-                          nr.RNN(_Sowing(3, 5, rngs=nnx.Rngs(0))))
+                          nr.RNN(SowingCell(3, 5, rngs=nnx.Rngs(0))))
   with pytest.raises(TypeError, match=re.escape('Bidirectional: in backward_rnn (RNN): '
                                                 + expected + 'cell.h (Intermediate)')):
     pair(x)

@@ -326,12 +326,12 @@ def _abstract_cell_step(cell, axes: nnx.StateAxes, carry: Any, variables: dict[s
 def added_state(cell, carry: Any, xs: Array, dropout_masks: Any,
                 step_rngs: Array | None) -> list[tuple[str, str]]:
   """What one step of ``cell`` adds to its state, traced on a copy
-  (``nnx.eval_shape``), as ``(path, Variable type)``: new Variables
-  (``('cell.h', 'Intermediate')``, a value
-  ``Module.sow`` stores) and new entries in a Variable that holds a tree
-  (``nnx.capture``'s). The scan carries the state from step to step, so its
-  structure cannot grow; JAX's error says only that two structures differ.
-  Empty where the step adds nothing, or where the trace fails."""
+  (``nnx.eval_shape``), as ``(path, Variable type)`` pairs: new Variables
+  (``('cell.h', 'Intermediate')``: a value ``Module.sow`` stores) and new
+  entries in a Variable that holds a tree (``nnx.capture``'s). The scan
+  carries the state from step to step, so its structure cannot grow; JAX's
+  error says only that two structures differ. Empty where the step adds
+  nothing, or where the trace fails."""
   x_t = abstract_step_input(xs)
   rng_t = None if step_rngs is None else abstract_step_input(step_rngs)
   found: list[tuple[str, str]] = []

@@ -97,13 +97,13 @@ def masked_scan(
       try:
         # A TypeError, as JAX's (flax.nnx's RNN fails there with it): code catching it
         # catches ours.
-        kind = added[0][1]
-        kind = f'nnx.{kind}' if getattr(nnx, kind, None) is not None else kind
+        first = added[0][1]
+        first = f'nnx.{first}' if getattr(nnx, first, None) is not None else first
         _checks.fail('RNN', 'cell', 'a step that adds nothing to the state the scan carries '
                      'from step to step (to stack a value sown at each step over time, give '
-                     f'its type an axis: state_axes=nnx.StateAxes({{{kind}: 0, ...: '
+                     f'its type an axis: state_axes=nnx.StateAxes({{{first}: 0, ...: '
                      'nnx.Carry}); or return it in the step\'s output)',
-                     ', '.join(f'{name} ({kind})' for name, kind in added)
+                     ', '.join(f'{path} ({kind})' for path, kind in added)
                      + ' added by one step', TypeError)
       except TypeError as ours:
         raise ours from e

@@ -60,6 +60,7 @@ test: install-test
 # needs Python 3.12 or later), in its own environment, without the PyTorch tests
 # (PyPI's torch==2.13.0 is the CUDA build). Remove $(NEWEST_VENV) to take newer releases;
 # with pyenv: make test-newest NEWEST_PYTHON=$$(pyenv root)/versions/3.12.1/bin/python3.12
+# (Python 3.13 passes too: NEWEST_PYTHON=.../3.13.0/bin/python3.13 NEWEST_VENV=.venv-313)
 NEWEST_PYTHON ?= python3.12
 NEWEST_VENV ?= .venv-newest
 NO_TORCH := --ignore=tests/test_interop_torch.py --ignore=docs/migrating_from_pytorch.md \

@@ -6,6 +6,7 @@ that stack takes, with the same values: lists for tuples, and ``None`` for a
 layer's or a direction's default carry; and it refuses what the stack refuses.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -146,3 +147,28 @@ def test_packed_segments_with_a_layer_left_to_its_default():
 
   got, want = call(layer, ref.normal((B, T, I), seed=4), run=run)
   assert_trees_close(got, want)
+
+
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_beams_over_shared_inputs_are_refused_with_the_way_round(cls):
+  """A carry of beams, ``(beams, batch, hidden)`` over ``(batch, time, features)``
+  inputs (what nr.RNN broadcasts, as flax.nnx does), is refused, saying so; the
+  way the message gives (the inputs repeated per beam) gives each beam's run of
+  the NumPy reference."""
+  layer, beams = make(cls), 2
+  beam_carry = random_carry(layer, batch_shape=(beams, B))
+  x = ref.normal((B, T, I), seed=3)
+  with pytest.raises(ValueError, match=r'`initial_carry` expected leaf shapes .*one carry row '
+                                       r'per input row: the fused layers take no beams over '
+                                       r'shared inputs.*without seq_lengths, use nr.RNN'):
+    layer(x, initial_carry=beam_carry, seq_lengths=LENGTHS)
+  flat = jax.tree_util.tree_map(lambda c: c.reshape((beams * B, H)), beam_carry)
+  carry, y = layer(jnp.tile(x, (beams, 1, 1)), initial_carry=flat,
+                   seq_lengths=np.tile(LENGTHS, beams), return_carry=True)
+  for k in range(beams):
+    want_carry, want_y = ref.rnn(ref.cell_params(layer.forward[0]), x, LENGTHS,
+                                 jax.tree_util.tree_map(lambda c, k=k: c[k], beam_carry),
+                                 num_batch_dims=1)
+    rows = slice(k * B, (k + 1) * B)
+    np.testing.assert_allclose(y[rows], want_y, rtol=1e-5, atol=1e-5)
+    assert_trees_close(jax.tree_util.tree_map(lambda c, rows=rows: c[rows], carry), want_carry)

@@ -46,6 +46,17 @@ def _avals(tree) -> tuple:
   return structure, [(jnp.shape(a), jnp.result_type(a)) for a in leaves]
 
 
+def _beams(given: Any, default: Any, torch_rows: int | None) -> bool:
+  """Whether every leaf of ``given`` is its ``default`` leaf with leading axes
+  added (a carry of beams over shared inputs, which ``nr.RNN`` broadcasts),
+  other than one axis of ``torch_rows`` (PyTorch's ``h_0``, which
+  :func:`_checks.hint_torch_carry` names)."""
+  pairs = list(zip(jax.tree_util.tree_leaves(given), jax.tree_util.tree_leaves(default)))
+  return bool(pairs) and all(
+    jnp.ndim(g) > jnp.ndim(d) and tuple(jnp.shape(g)[-jnp.ndim(d):]) == tuple(jnp.shape(d))
+    and tuple(jnp.shape(g)[:-jnp.ndim(d)]) != (torch_rows,) for g, d in pairs)
+
+
 class _FusedBase(nnx.Module):
   _cell_type: type
   _math: Any
@@ -201,7 +212,15 @@ class _FusedBase(nnx.Module):
     structure: Any = jax.tree_util.tree_structure(given)  # jax's PyTreeDef (untyped for mypy)
     if structure != jax.tree_util.tree_structure(default):
       _checks.fail(where, arg, f"the cell's carry, {self._carry_doc}", _checks.structure(given))
-    _checks.check_tree_matches(where, arg, given, default)
+    try:
+      _checks.check_tree_matches(where, arg, given, default)
+    except ValueError as e:
+      if _beams(given, default, _checks.torch_rows(self)):
+        _checks.reword(e, f'{str(e)[:-1]} (one carry row per input row: the fused layers take '
+                          'no beams over shared inputs, a carry with leading axes the inputs '
+                          'lack; repeat the inputs per beam, or, without seq_lengths, use '
+                          'nr.RNN, which broadcasts them as flax.nnx does).')
+      raise
     return given
 
   def _public_carry(self, per_layer: list):

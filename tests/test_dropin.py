@@ -465,6 +465,55 @@ def test_layers_in_tree_mode_as_in_graph_mode(mode):
   _close(nnx.state(grads, nnx.Param), expected_grads)  # tree mode's grads come as a module
 
 
+def test_plain_jax_transforms_take_the_layers_as_pytrees_as_flax():
+  """flax Modules are pytrees (flax_pytree_module): plain jax.jit takes nr.RNN
+  and Bidirectional as flax.nnx's, with its values on the valid steps (NaN in
+  the padding reaches nothing), and jax.grad gives nnx.grad's gradients.
+  flax.nnx's RNN holds a uint32 RNG key, which jax.grad refuses; ours holds
+  none without dropout."""
+  valid = (jnp.arange(T)[None, :] < LENGTHS[:, None])[..., None]
+  x = jnp.where(valid, _x(), jnp.nan)
+  x_finite = jnp.where(valid, _x(), 1e3)  # flax.nnx's gradients take NaN from NaN padding
+
+  def layers(lib):
+    cell = lambda: lib.LSTMCell(IN, H, rngs=nnx.Rngs(0))  # noqa: E731
+    return lib.RNN(cell()), lib.Bidirectional(lib.RNN(cell()), lib.RNN(cell()))
+
+  def loss(m, x=x):
+    return (jnp.where(valid, m(x, seq_lengths=LENGTHS), 0.0) ** 2).sum()
+
+  for ours, theirs in zip(layers(nr), layers(nnx)):
+    y = jax.jit(lambda m: m(x, seq_lengths=LENGTHS))(ours)
+    want = jax.jit(lambda m: m(x, seq_lengths=LENGTHS))(theirs)
+    _close(jnp.where(valid, y, 0.0), jnp.where(valid, want, 0.0))
+    assert not jnp.any(jnp.where(valid, 0.0, y))  # zeros at padding
+    grads = jax.grad(loss)(ours)
+    assert isinstance(grads, type(ours))
+    want_grads = nnx.grad(lambda m: loss(m, x_finite))(theirs)
+    _close(nnx.state(grads, nnx.Param), nnx.state(want_grads, nnx.Param), atol=1e-5)
+  with pytest.raises(TypeError, match='grad requires real- or complex-valued inputs'):
+    jax.grad(loss)(layers(nnx)[0])
+
+
+@pytest.mark.skipif(not hasattr(nnx, 'with_vars'), reason="flax without nnx.with_vars")
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_fused_layers_run_with_array_refs_under_jax_jit(cls):
+  """flax's array refs (nnx.with_vars(model, ref=True)): under plain jax.jit a
+  fused layer gives its values, and its dropout stream advances through the
+  refs as under nnx.jit (two calls, two masks, the same two)."""
+  def layer():
+    return cls(IN, H, num_layers=2, dropout_rate=0.5, rngs=nnx.Rngs(0, dropout=1))
+
+  x, call = _x(), lambda m, x: m(x, seq_lengths=LENGTHS)  # noqa: E731
+  with_refs, plain = nnx.with_vars(layer(), ref=True), layer()
+  got = [jax.jit(call)(with_refs, x) for _ in range(2)]
+  want = [nnx.jit(call)(plain, x) for _ in range(2)]
+  _close(got, want)
+  assert not np.allclose(want[0], want[1])  # the stream advanced between the calls
+  _close(nnx.state(nnx.with_vars(with_refs, ref=False), nnx.RngState),
+         nnx.state(plain, nnx.RngState))
+
+
 def test_a_scalar_seq_lengths_is_every_rows_length_as_in_flax():
   x = _x()
   ours = nr.RNN(nr.LSTMCell(IN, H, rngs=nnx.Rngs(0)), return_carry=True)

@@ -495,23 +495,88 @@ def test_plain_jax_transforms_take_the_layers_as_pytrees_as_flax():
     jax.grad(loss)(layers(nnx)[0])
 
 
-@pytest.mark.skipif(not hasattr(nnx, 'with_vars'), reason="flax without nnx.with_vars")
-@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
-def test_fused_layers_run_with_array_refs_under_jax_jit(cls):
-  """flax's array refs (nnx.with_vars(model, ref=True)): under plain jax.jit a
-  fused layer gives its values, and its dropout stream advances through the
-  refs as under nnx.jit (two calls, two masks, the same two)."""
-  def layer():
-    return cls(IN, H, num_layers=2, dropout_rate=0.5, rngs=nnx.Rngs(0, dropout=1))
+class _StepCountingCell(nnx.Module):
+  """A flax.nnx-style cell that counts its steps in a Variable of its own."""
 
+  def __init__(self, rngs):
+    self.cell = nnx.GRUCell(IN, H, rngs=rngs)
+    self.steps = nnx.Variable(jnp.zeros((), jnp.int32))
+    self.num_feature_axes = 1
+
+  def __call__(self, carry, x):
+    self.steps[...] += 1
+    return self.cell(carry, x)
+
+  def initialize_carry(self, shape, rngs=None):
+    return self.cell.initialize_carry(shape, rngs)
+
+
+_REF_LAYERS = {
+  'RNN': lambda: nr.RNN(nr.LSTMCell(IN, H, dropout_rate=0.5, zoneout_rate=0.2,
+                                    rngs=nnx.Rngs(0, dropout=1))),
+  'counting cell': lambda: nr.RNN(_StepCountingCell(nnx.Rngs(0))),
+  'Bidirectional': lambda: nr.Bidirectional(
+    nr.RNN(nr.GRUCell(IN, H, recurrent_dropout_rate=0.5, rngs=nnx.Rngs(0, dropout=1))),
+    nr.RNN(_StepCountingCell(nnx.Rngs(1)))),
+  'StackedRNN': lambda: nr.StackedRNN(nr.RNN(nr.SimpleCell(IN, H, rngs=nnx.Rngs(0))),
+                                      nr.RNN(nr.GRUCell(H, H, rngs=nnx.Rngs(1))),
+                                      dropout_rate=0.5, rngs=nnx.Rngs(2)),
+  'LSTM': lambda: nr.LSTM(IN, H, num_layers=2, dropout_rate=0.5, rngs=nnx.Rngs(0, dropout=1)),
+  'GRU': lambda: nr.GRU(IN, H, num_layers=2, dropout_rate=0.5, rngs=nnx.Rngs(0, dropout=1)),
+}
+
+
+@pytest.mark.skipif(not hasattr(nnx, 'with_vars'), reason="flax without nnx.with_vars")
+@pytest.mark.parametrize('name', list(_REF_LAYERS))
+def test_layers_run_with_array_refs_under_jax_jit(name):
+  """flax's array refs (nnx.with_vars(model, ref=True); flax.nnx's RNN fails
+  there): under plain jax.jit a layer gives what it gives under nnx.jit, and
+  what its cells change (a step counter, dropout and zoneout streams) persists
+  through the refs as under nnx.jit: two calls, the same two outputs, the same
+  state after."""
   x, call = _x(), lambda m, x: m(x, seq_lengths=LENGTHS)  # noqa: E731
-  with_refs, plain = nnx.with_vars(layer(), ref=True), layer()
+  with_refs, plain = nnx.with_vars(_REF_LAYERS[name](), ref=True), _REF_LAYERS[name]()
   got = [jax.jit(call)(with_refs, x) for _ in range(2)]
   want = [nnx.jit(call)(plain, x) for _ in range(2)]
   _close(got, want)
-  assert not np.allclose(want[0], want[1])  # the stream advanced between the calls
-  _close(nnx.state(nnx.with_vars(with_refs, ref=False), nnx.RngState),
-         nnx.state(plain, nnx.RngState))
+  assert not np.allclose(want[0], want[1]) or name == 'counting cell'  # streams advanced
+  after = nnx.state(nnx.with_vars(with_refs, ref=False))
+  _close(after, nnx.state(plain))
+  counters = [int(v[...]) for path, v in nnx.iter_graph(with_refs)
+              if isinstance(v, nnx.Variable) and path[-1] == 'steps']
+  assert counters == ([2 * T] if 'cell' in name or name == 'Bidirectional' else [])
+
+
+def test_a_cell_of_hijax_variables_runs_and_keeps_its_state():
+  """flax's hijax Variables (nnx.with_vars(model, hijax=True); flax.nnx's RNN
+  fails there), called eagerly: the outputs and the counter of the plain layer."""
+  with_hijax = nnx.with_vars(_REF_LAYERS['counting cell'](), hijax=True)
+  plain = _REF_LAYERS['counting cell']()
+  _close(with_hijax(_x(), seq_lengths=LENGTHS), plain(_x(), seq_lengths=LENGTHS))
+  assert int(with_hijax.cell.steps[...]) == int(plain.cell.steps[...]) == T
+
+
+@pytest.mark.skipif(not hasattr(nnx, 'with_vars'), reason="flax without nnx.with_vars")
+@pytest.mark.filterwarnings('ignore:Using .Module.sow\\(\\). outside:DeprecationWarning')
+def test_values_sown_at_each_step_reach_a_cell_of_array_refs():
+  """A sowing cell (state_axes stacking its values over time) with array refs,
+  called eagerly, plainly and under nnx.capture: the stacked values are the
+  cell's, as without refs."""
+  axes = nnx.StateAxes({nnx.Intermediate: 0, ...: nnx.Carry})
+
+  def layer(refs):
+    rnn = nr.RNN(SowingCell(IN, H, rngs=nnx.Rngs(0)), state_axes=axes)
+    return nnx.with_vars(rnn, ref=True) if refs else rnn
+
+  with_refs, plain = layer(True), layer(False)
+  _close(with_refs(_x(), seq_lengths=LENGTHS), plain(_x(), seq_lengths=LENGTHS))
+  sown = nnx.state(with_refs, nnx.Intermediate)
+  assert jax.tree.leaves(sown)[0].shape == (T, B, H)
+  _close(sown, nnx.state(plain, nnx.Intermediate))
+  captured = [nnx.capture(layer(refs), nnx.Intermediate)(_x(), seq_lengths=LENGTHS)[1]
+              for refs in (True, False)]
+  assert jax.tree.leaves(captured[0])[0].shape == (T, B, H)
+  _close(*captured)
 
 
 def test_a_scalar_seq_lengths_is_every_rows_length_as_in_flax():

@@ -323,6 +323,38 @@ def _abstract_cell_step(cell, axes: nnx.StateAxes, carry: Any, variables: dict[s
   return nnx.eval_shape(one_step, cell, carry, variables, x_t, dropout_masks, rng_t)
 
 
+def _variables(node) -> dict[Any, nnx.Variable]:
+  return {path: v for path, v in nnx.iter_graph(node) if isinstance(v, nnx.Variable)}
+
+
+def with_plain_variables(cell) -> tuple[Any, Callable[[], None]] | None:
+  """flax's array refs (``nnx.with_vars(model, ref=True)``) and hijax
+  Variables, which flax's scan does not carry yet: a copy of ``cell`` with
+  plain Variables, to scan, and the function that then writes what the scan
+  changed back into the cell's own Variables (through their refs under
+  ``jax.jit``); ``None`` for a cell without them."""
+  if not any(getattr(v, 'ref', False) is True or getattr(v, 'hijax', False) is True
+             for v in _variables(cell).values()):
+    return None
+  plain = nnx.with_vars(cell, ref=False, hijax=False)
+  before = {path: v.get_raw_value() for path, v in _variables(plain).items()}
+
+  def write_back() -> None:
+    own, added = _variables(cell), []
+    for path, v in _variables(plain).items():
+      if path not in own:  # a value sown at each step (state_axes): the cell's, as without refs
+        added.append((path, v))
+      elif (value := v.get_raw_value()) is not before.get(path):
+        if isinstance(value, jax.Array):
+          own[path][...] = value  # into the ref, under jax.jit too
+        else:  # a tree (nnx.capture's): the Variable takes it whole
+          own[path].set_value(value)
+    if added:
+      nnx.update(cell, nnx.from_flat_state(added))
+
+  return plain, write_back
+
+
 def added_state(cell, carry: Any, xs: Array, dropout_masks: Any,
                 step_rngs: Array | None) -> list[tuple[str, str]]:
   """What one step of ``cell`` adds to its state, traced on a copy

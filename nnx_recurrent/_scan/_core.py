@@ -13,7 +13,12 @@ from flax import nnx
 from flax.nnx import compat as graph_nnx
 
 from nnx_recurrent import _checks
-from nnx_recurrent._scan._cell import added_state, nnx_state_axes, settle_cell_state
+from nnx_recurrent._scan._cell import (
+  added_state,
+  nnx_state_axes,
+  settle_cell_state,
+  with_plain_variables,
+)
 from nnx_recurrent._scan._masking import Rows, StepMasks, clean_padding
 from nnx_recurrent._scan._sharding import explicit_mesh, gates_checked, like_inputs, typed_as
 from nnx_recurrent._scan._steps import remat_step, step, with_rows
@@ -43,6 +48,9 @@ def masked_scan(
   (:func:`nnx_state_axes`): Variables the cell changes and its RNG streams
   persist after the call. At padding the cell sees zeros
   (:func:`clean_padding`), so garbage there reaches no output or gradient.
+  A cell of flax's array refs or hijax Variables, which flax's scan does not
+  carry, is scanned as a copy of plain Variables whose changes are then
+  written back (:func:`with_plain_variables`).
 
   Args:
     cell: any cell: ``cell(carry, x_t) -> (carry, y_t)``.
@@ -65,6 +73,14 @@ def masked_scan(
   Returns:
     ``(final_carry, ys)`` with ``ys`` time-major; ``ys`` is zero where not valid.
   """
+  plain = with_plain_variables(cell)
+  if plain is not None:  # flax's array refs and hijax Variables: scan a plain copy
+    result = masked_scan(plain[0], carry, xs, masks, dropout_masks=dropout_masks, unroll=unroll,
+                         remat=remat, state_axes=state_axes, broadcast_rngs=broadcast_rngs,
+                         step_rngs=step_rngs, reset_carry=reset_carry,
+                         num_feature_axes=num_feature_axes, rows=rows)
+    plain[1]()
+    return result
   num_batch_axes = xs.ndim - 1 - num_feature_axes
   axes = nnx_state_axes(state_axes, broadcast_rngs)
   carry = like_inputs(carry, xs, num_batch_axes, masks, rows.carry)  # shard_map, explicit sharding

@@ -467,32 +467,31 @@ def test_layers_in_tree_mode_as_in_graph_mode(mode):
 
 def test_plain_jax_transforms_take_the_layers_as_pytrees_as_flax():
   """flax Modules are pytrees (flax_pytree_module): plain jax.jit takes nr.RNN
-  and Bidirectional as flax.nnx's, with its values on the valid steps (NaN in
-  the padding reaches nothing), and jax.grad gives nnx.grad's gradients.
+  as flax.nnx's, with its values on the valid steps (NaN in the padding
+  reaches nothing), and jax.grad gives nnx.grad's gradients.
   flax.nnx's RNN holds a uint32 RNG key, which jax.grad refuses; ours holds
   none without dropout."""
   valid = (jnp.arange(T)[None, :] < LENGTHS[:, None])[..., None]
   x = jnp.where(valid, _x(), jnp.nan)
   x_finite = jnp.where(valid, _x(), 1e3)  # flax.nnx's gradients take NaN from NaN padding
 
-  def layers(lib):
-    cell = lambda: lib.LSTMCell(IN, H, rngs=nnx.Rngs(0))  # noqa: E731
-    return lib.RNN(cell()), lib.Bidirectional(lib.RNN(cell()), lib.RNN(cell()))
+  def layer(lib):
+    return lib.RNN(lib.LSTMCell(IN, H, rngs=nnx.Rngs(0)))
 
   def loss(m, x=x):
     return (jnp.where(valid, m(x, seq_lengths=LENGTHS), 0.0) ** 2).sum()
 
-  for ours, theirs in zip(layers(nr), layers(nnx)):
-    y = jax.jit(lambda m: m(x, seq_lengths=LENGTHS))(ours)
-    want = jax.jit(lambda m: m(x, seq_lengths=LENGTHS))(theirs)
-    _close(jnp.where(valid, y, 0.0), jnp.where(valid, want, 0.0))
-    assert not jnp.any(jnp.where(valid, 0.0, y))  # zeros at padding
-    grads = jax.grad(loss)(ours)
-    assert isinstance(grads, type(ours))
-    want_grads = nnx.grad(lambda m: loss(m, x_finite))(theirs)
-    _close(nnx.state(grads, nnx.Param), nnx.state(want_grads, nnx.Param), atol=1e-5)
+  ours, theirs = layer(nr), layer(nnx)
+  y = jax.jit(lambda m: m(x, seq_lengths=LENGTHS))(ours)
+  want = jax.jit(lambda m: m(x, seq_lengths=LENGTHS))(theirs)
+  _close(jnp.where(valid, y, 0.0), jnp.where(valid, want, 0.0))
+  assert not jnp.any(jnp.where(valid, 0.0, y))  # zeros at padding
+  grads = jax.grad(loss)(ours)
+  assert isinstance(grads, nr.RNN)
+  want_grads = nnx.grad(lambda m: loss(m, x_finite))(theirs)
+  _close(nnx.state(grads, nnx.Param), nnx.state(want_grads, nnx.Param), atol=1e-5)
   with pytest.raises(TypeError, match='grad requires real- or complex-valued inputs'):
-    jax.grad(loss)(layers(nnx)[0])
+    jax.grad(loss)(theirs)
 
 
 class _StepCountingCell(nnx.Module):

@@ -626,14 +626,27 @@ def test_from_torch_warns_that_forward_hooks_are_left_out():
   module.register_forward_hook(lambda mod, args, out: (3 * out[0], out[1]))
   module.register_forward_pre_hook(lambda mod, args: args)
   assert np.abs(_torch_run(module, x)[0] - 3 * want).max() < ATOL
-  with pytest.warns(UserWarning, match=r"from_torch: the module's 1 forward pre-hook\(s\) and 1 "
-                    r'forward hook\(s\) are not carried over \(the converted module computes its '
-                    r'forward alone'):
+  with pytest.warns(UserWarning, match=r"from_torch: the 1 module's forward pre-hook\(s\) and 1 "
+                    r"module's forward hook\(s\) are not carried over \(the converted module "
+                    r'computes its forward alone'):
     model = nr.interop.from_torch(module)
   np.testing.assert_allclose(_call(model, x), want, atol=ATOL, rtol=0)  # the hookless forward
   with warnings.catch_warnings():  # none without hooks
     warnings.simplefilter('error')
     nr.interop.from_torch(torch.nn.GRU(IN, H))
+  # A hook on every module (register_module_forward_hook) changes this one's numbers too.
+  plain = torch.nn.GRU(IN, H)
+  hookless = _torch_run(plain, x)[0]
+  handle = torch.nn.modules.module.register_module_forward_hook(
+    lambda mod, args, out: (3 * out[0], out[1]) if isinstance(mod, torch.nn.GRU) else out)
+  try:
+    assert np.abs(_torch_run(plain, x)[0] - 3 * hookless).max() < 3 * ATOL
+    with pytest.warns(UserWarning, match=r'from_torch: the 1 global forward hook\(s\) are not '
+                      r'carried over'):
+      model = nr.interop.from_torch(plain)
+  finally:
+    handle.remove()
+  np.testing.assert_allclose(_call(model, x), hookless, atol=ATOL, rtol=0)
 
 
 def test_torch_tensors_get_a_clear_error():

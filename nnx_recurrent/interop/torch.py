@@ -63,7 +63,8 @@ since a PyTorch cell takes its state from the caller).
 Cells without a PyTorch counterpart (MGU, the convolutional and the
 layer-normalized cells) raise ``TypeError``; so does from_torch of a subclass
 of a torch module that redefines ``forward`` (the conversion computes the
-built-in one). A torch module's forward hooks are not carried over, with a
+built-in one). A torch module's forward hooks, and those registered for every
+module (``register_module_forward_hook``), are not carried over, with a
 warning.
 Variational (per-cell) dropout has no PyTorch counterpart and is not carried
 over, with a warning (it does not change eval-mode outputs); nor is a
@@ -227,14 +228,18 @@ def _check_torch_forward(module, base) -> None:
                  f'{type(module).__name__}, a subclass that redefines forward', TypeError)
 
 
-def _warn_of_hooks(module) -> None:
+def _warn_of_hooks(torch, module) -> None:
   """A forward hook (or pre-hook) may change the module's inputs or outputs:
-  the converted module computes its forward alone, so say it is left out."""
+  the converted module computes its forward alone, so say it is left out.
+  The hooks of every module (``register_module_forward_hook``) too."""
+  registry = getattr(getattr(torch.nn.modules, 'module', None), '__dict__', {})
   hooks = [f'{len(d)} {name}' for name, d in (
-    ('forward pre-hook(s)', getattr(module, '_forward_pre_hooks', {})),
-    ('forward hook(s)', getattr(module, '_forward_hooks', {}))) if d]
+    ("module's forward pre-hook(s)", getattr(module, '_forward_pre_hooks', {})),
+    ("module's forward hook(s)", getattr(module, '_forward_hooks', {})),
+    ('global forward pre-hook(s)', registry.get('_global_forward_pre_hooks', {})),
+    ('global forward hook(s)', registry.get('_global_forward_hooks', {}))) if d]
   if hooks:
-    _checks.warn(f"from_torch: the module's {' and '.join(hooks)} are not carried over (the "
+    _checks.warn(f"from_torch: the {' and '.join(hooks)} are not carried over (the "
                  'converted module computes its forward alone: a hook that changes its inputs '
                  "or outputs changes PyTorch's numbers, not these).")
 
@@ -337,7 +342,7 @@ def from_torch(module: Any, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
     _checks.fail('from_torch', 'module', 'a module whose parameters hold values',
                  "parameters on torch's 'meta' device, which hold none (materialise them "
                  "first: module.to_empty(device='cpu'), then load_state_dict)")
-  _warn_of_hooks(module)
+  _warn_of_hooks(torch, module)
   act = _torch_activation(module)
   w_ih = getattr(module, 'weight_ih' if is_cell else 'weight_ih_l0')
   # Zero initializers: every parameter is overwritten, so draw no random numbers.

@@ -578,6 +578,24 @@ def test_values_sown_at_each_step_reach_a_cell_of_array_refs():
   _close(*captured)
 
 
+def test_a_carry_of_one_beam_warns_and_runs_as_in_flax():
+  """A carry with a leading axis of size 1 the inputs lack (PyTorch's one-layer
+  h_0 looks so) broadcasts as one beam in flax.nnx; ours gives flax.nnx's
+  outputs and carry, and a warning (none for more beams)."""
+  x, carry = _x(), _x((1, B, H), seed=1)
+  ours, theirs = (lib.RNN(lib.SimpleCell(IN, H, rngs=nnx.Rngs(0))) for lib in (nr, nnx))
+  with jax.numpy_rank_promotion('allow'):  # (B, H) + (1, B, H), in both
+    with pytest.warns(UserWarning, match=r'RNN: `initial_carry` has leading axes of size 1 that '
+                                         r'the inputs lack .*as in flax.nnx'):
+      got = ours(x, initial_carry=carry, return_carry=True)
+    want = theirs(x, initial_carry=carry, return_carry=True)
+    with warnings.catch_warnings():
+      warnings.simplefilter('error')
+      ours(x, initial_carry=jnp.concatenate([carry, carry]))
+  assert got[1].shape == (1, T, B, H)  # flax's moveaxis of (time, 1, batch, H)
+  _close(got, want)
+
+
 def test_a_scalar_seq_lengths_is_every_rows_length_as_in_flax():
   x = _x()
   ours = nr.RNN(nr.LSTMCell(IN, H, rngs=nnx.Rngs(0)), return_carry=True)

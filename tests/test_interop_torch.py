@@ -742,6 +742,26 @@ def test_a_carry_in_torchs_layout_gets_a_hint(kind, num_layers, bidirectional, g
   np.testing.assert_allclose(y, _np(y_t), atol=ATOL, rtol=0)
 
 
+def test_a_one_layer_h0_of_torchs_layout_warns_where_it_broadcasts():
+  # A one-layer torch.nn.RNN converts to nr.RNN, which runs a (1, batch, hidden) h_0 as one
+  # beam (flax.nnx's semantics: outputs (1, time, batch, hidden)); the warning says so, and
+  # its way, h_0[0], gives PyTorch's numbers.
+  module = _torch_layer('RNN_tanh', 1, False, True).eval()
+  model = nr.interop.from_torch(module)
+  x, h0 = _inputs(True), np.random.default_rng(2).normal(size=(1, B, H)).astype(np.float32)
+  with jax.numpy_rank_promotion('allow'), pytest.warns(  # (B, H) + (1, B, H)
+      UserWarning, match=r"RNN: `initial_carry` has leading axes of size 1 that the inputs lack "
+                         r"\(leaf shapes \[\(1, 3, 6\)\], the cell's \[\(3, 6\)\]\).*PyTorch's h_0 "
+                         r"of shape \(1, batch, hidden\) is h_0\[0\] here\."):
+    beams = model(x, initial_carry=h0)
+  with torch.no_grad():
+    want = _np(module(torch.from_numpy(x), torch.from_numpy(h0))[0])
+  np.testing.assert_allclose(np.swapaxes(beams[0], 0, 1), want, atol=ATOL, rtol=0)  # that run
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    np.testing.assert_allclose(model(x, initial_carry=h0[0]), want, atol=ATOL, rtol=0)
+
+
 def test_a_projected_lstm_carry_in_torchs_order_gets_a_hint():
   # With proj_size, h and c differ in shape: PyTorch's (h_0, c_0) order is named; the
   # carry (c, h) then gives PyTorch's numbers.

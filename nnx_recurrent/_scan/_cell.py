@@ -195,7 +195,8 @@ def initial_carry(where: str, cell, initial_carry: Any, step_shape: tuple[int, .
   integer counter) passes when one step of the cell, traced, keeps it. A
   carry the cell's broadcasts to (beams over shared inputs) passes too, as in
   flax.nnx; with more leading axes it runs unmasked only (``masked``: padding
-  or packing, whose per-row masks would align with the wrong axes).
+  or packing, whose per-row masks would align with the wrong axes), and with
+  leading axes of size 1 only it warns (PyTorch's one-layer ``h_0``).
   """
   if initial_carry is None:
     if not hasattr(cell, 'initialize_carry'):
@@ -218,11 +219,19 @@ def initial_carry(where: str, cell, initial_carry: Any, step_shape: tuple[int, .
         raise
       return initial_carry  # the step's carry, which initialize_carry does not describe
     given, wanted = (jax.tree_util.tree_leaves(t) for t in (initial_carry, expected))
-    if masked and any(jnp.ndim(g) > len(e.shape) for g, e in zip(given, wanted)):
+    extra = [tuple(jnp.shape(g))[:jnp.ndim(g) - len(e.shape)] for g, e in zip(given, wanted)]
+    if masked and any(extra):
       _checks.fail(where, 'initial_carry', f'leaf shapes {[e.shape for e in wanted]} with '
                    'seq_lengths or segment_ids (a carry with more leading axes than the '
                    'inputs, beams say, runs without them)',
                    f'{[tuple(jnp.shape(g)) for g in given]}')
+    if any(extra) and all(set(axes) <= {1} for axes in extra):
+      # PyTorch's h_0 of one layer, (1, batch, hidden), broadcasts as one beam.
+      _checks.warn(f'{where}: `initial_carry` has leading axes of size 1 that the inputs lack '
+                   f'(leaf shapes {[tuple(jnp.shape(g)) for g in given]}, the cell\'s '
+                   f'{[e.shape for e in wanted]}): they broadcast as beams over the inputs, as '
+                   "in flax.nnx, and lead the outputs' shape too. PyTorch's h_0 of shape (1, "
+                   'batch, hidden) is h_0[0] here.')
   return initial_carry
 
 

@@ -11,7 +11,9 @@ copies built from the same seeds and the same options (``reverse``,
 ``state_axes``, ``seq_lengths``; nr's ``remat`` too), and are called twice in a row, eagerly,
 under ``nnx.jit`` or inside ``nnx.grad``. After each call the outputs, the
 carries, the gradients and *every Variable of the cells* (counter, running
-mean, RNG counts and keys) must be flax.nnx's.
+mean, RNG counts and keys) must be flax.nnx's. nr's layers are also called
+over flax's array refs (``nnx.with_vars(model, ref=True)``) under plain
+``jax.jit``, where flax.nnx's fail, against flax.nnx's under ``nnx.jit``.
 
 Where nr differs on purpose (docs/migrating_from_nnx.md): outputs at padding
 are zero and a length-0 row returns its initial carry, and the cell sees
@@ -128,18 +130,22 @@ def run(case: Case) -> None:
     y = jnp.moveaxis(y, time_axis, len(batch))
     return jnp.sum(jnp.where(valid[..., None], y * w, 0)), (carry, y)
 
-  how = case.pick('call', ['eager', 'jit', 'grad'])
+  how = case.pick('call', ['eager', 'jit', 'grad', 'refs'])
+  step_ours = None
   if how == 'grad':
     step = nnx.grad(loss, has_aux=True)
-  elif how == 'jit':
+  elif how in ('jit', 'refs'):
     step = nnx.jit(lambda model, x: loss(model, x)[1])
+    if how == 'refs':  # flax's array refs under plain jax.jit (flax.nnx's RNN fails there)
+      ours = nnx.with_vars(ours, ref=True)
+      step_ours = jax.jit(lambda model, x: loss(model, x)[1])
   else:
     step = lambda model, x: loss(model, x)[1]  # noqa: E731
   directions = lambda model: ([model.forward_rnn.cell, model.backward_rnn.cell]  # noqa: E731
                               if bidirectional else [model.cell])
   for call in range(2):
     x = jnp.asarray(case.normal((time, *batch, in_f) if time_major else (*batch, time, in_f)))
-    out_ours, out_theirs = step(ours, x), step(theirs, x)
+    out_ours, out_theirs = (step_ours or step)(ours, x), step(theirs, x)
     if how == 'grad':
       case.close(f'call {call}: parameter gradients', nnx.to_pure_dict(out_ours[0]),
                  nnx.to_pure_dict(out_theirs[0]), atol=1e-4, rtol=1e-4)

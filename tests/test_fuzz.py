@@ -211,6 +211,21 @@ def test_stateful_user_cells_against_flax_nnx_run_clean():
   assert report['largest_abs_error']['call 1: cell 0 state'] < 1e-6  # compared, to rounding
 
 
+def test_a_cell_over_array_refs_runs_clean_and_lost_state_is_found(monkeypatch):
+  # nr's layers over flax's array refs under plain jax.jit, against flax.nnx's
+  # under nnx.jit; then the plain copy's changes not written back: the counter
+  # and the dropout stream stay where they were.
+  force = dict(counter=True, dropout_rate=0.5, call='refs', batch_axes=1, time=3)
+  report = _core.run_cases('state', state_family.run, _seeds(1), force=force)
+  assert report['failures'] == [], report
+  real = _scan._core.with_plain_variables
+  monkeypatch.setattr(_scan._core, 'with_plain_variables',
+                      lambda cell: None if (p := real(cell)) is None else (p[0], lambda: None))
+  report = _core.run_cases('state', state_family.run, _seeds(1), force=force)
+  assert len(report['failures']) == 1, report
+  assert report['failures'][0]['error'].startswith('Mismatch: call 0: cell 0 state')
+
+
 def test_a_dropout_stream_not_held_over_the_steps_is_found(monkeypatch):
   # broadcast_rngs ignored: the cell's nnx.Dropout draws a new mask at every
   # step where flax.nnx holds one per call.

@@ -546,6 +546,7 @@ def test_layers_run_with_array_refs_under_jax_jit(name):
   assert counters == ([2 * T] if 'cell' in name or name == 'Bidirectional' else [])
 
 
+@pytest.mark.skipif(not hasattr(nnx, 'with_vars'), reason="flax without nnx.with_vars")
 def test_a_cell_of_hijax_variables_runs_and_keeps_its_state():
   """flax's hijax Variables (nnx.with_vars(model, hijax=True); flax.nnx's RNN
   fails there), called eagerly: the outputs and the counter of the plain layer."""

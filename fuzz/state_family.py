@@ -137,7 +137,7 @@ def run(case: Case) -> None:
   elif how in ('jit', 'refs'):
     step = nnx.jit(lambda model, x: loss(model, x)[1])
     if how == 'refs':  # flax's array refs under plain jax.jit (flax.nnx's RNN fails there)
-      ours = nnx.with_vars(ours, ref=True)
+      ours = (getattr(nnx, 'with_vars', None) or nnx.vars_as)(ours, ref=True)  # 0.12.7: vars_as
       step_ours = jax.jit(lambda model, x: loss(model, x)[1])
   else:
     step = lambda model, x: loss(model, x)[1]  # noqa: E731

@@ -494,6 +494,10 @@ def test_plain_jax_transforms_take_the_layers_as_pytrees_as_flax():
     jax.grad(loss)(theirs)
 
 
+# flax's Variable modes (array refs, hijax); flax 0.12.7 names it vars_as.
+_with_vars = getattr(nnx, 'with_vars', None) or nnx.vars_as
+
+
 class _StepCountingCell(nnx.Module):
   """A flax.nnx-style cell that counts its steps in a Variable of its own."""
 
@@ -525,7 +529,6 @@ _REF_LAYERS = {
 }
 
 
-@pytest.mark.skipif(not hasattr(nnx, 'with_vars'), reason="flax without nnx.with_vars")
 @pytest.mark.parametrize('name', list(_REF_LAYERS))
 def test_layers_run_with_array_refs_under_jax_jit(name):
   """flax's array refs (nnx.with_vars(model, ref=True); flax.nnx's RNN fails
@@ -534,29 +537,27 @@ def test_layers_run_with_array_refs_under_jax_jit(name):
   through the refs as under nnx.jit: two calls, the same two outputs, the same
   state after."""
   x, call = _x(), lambda m, x: m(x, seq_lengths=LENGTHS)  # noqa: E731
-  with_refs, plain = nnx.with_vars(_REF_LAYERS[name](), ref=True), _REF_LAYERS[name]()
+  with_refs, plain = _with_vars(_REF_LAYERS[name](), ref=True), _REF_LAYERS[name]()
   got = [jax.jit(call)(with_refs, x) for _ in range(2)]
   want = [nnx.jit(call)(plain, x) for _ in range(2)]
   _close(got, want)
   assert not np.allclose(want[0], want[1]) or name == 'counting cell'  # streams advanced
-  after = nnx.state(nnx.with_vars(with_refs, ref=False))
+  after = nnx.state(_with_vars(with_refs, ref=False))
   _close(after, nnx.state(plain))
   counters = [int(v[...]) for path, v in nnx.iter_graph(with_refs)
               if isinstance(v, nnx.Variable) and path[-1] == 'steps']
   assert counters == ([2 * T] if 'cell' in name or name == 'Bidirectional' else [])
 
 
-@pytest.mark.skipif(not hasattr(nnx, 'with_vars'), reason="flax without nnx.with_vars")
 def test_a_cell_of_hijax_variables_runs_and_keeps_its_state():
   """flax's hijax Variables (nnx.with_vars(model, hijax=True); flax.nnx's RNN
   fails there), called eagerly: the outputs and the counter of the plain layer."""
-  with_hijax = nnx.with_vars(_REF_LAYERS['counting cell'](), hijax=True)
+  with_hijax = _with_vars(_REF_LAYERS['counting cell'](), hijax=True)
   plain = _REF_LAYERS['counting cell']()
   _close(with_hijax(_x(), seq_lengths=LENGTHS), plain(_x(), seq_lengths=LENGTHS))
   assert int(with_hijax.cell.steps[...]) == int(plain.cell.steps[...]) == T
 
 
-@pytest.mark.skipif(not hasattr(nnx, 'with_vars'), reason="flax without nnx.with_vars")
 @pytest.mark.filterwarnings('ignore:Using .Module.sow\\(\\). outside:DeprecationWarning')
 def test_values_sown_at_each_step_reach_a_cell_of_array_refs():
   """A sowing cell (state_axes stacking its values over time) with array refs,
@@ -566,7 +567,7 @@ def test_values_sown_at_each_step_reach_a_cell_of_array_refs():
 
   def layer(refs):
     rnn = nr.RNN(SowingCell(IN, H, rngs=nnx.Rngs(0)), state_axes=axes)
-    return nnx.with_vars(rnn, ref=True) if refs else rnn
+    return _with_vars(rnn, ref=True) if refs else rnn
 
   with_refs, plain = layer(True), layer(False)
   _close(with_refs(_x(), seq_lengths=LENGTHS), plain(_x(), seq_lengths=LENGTHS))

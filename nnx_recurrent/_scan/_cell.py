@@ -345,7 +345,8 @@ def with_plain_variables(cell) -> tuple[Any, Callable[[], None]] | None:
   if not any(getattr(v, 'ref', False) is True or getattr(v, 'hijax', False) is True
              for v in _variables(cell).values()):
     return None
-  plain = nnx.with_vars(cell, ref=False, hijax=False)
+  with_vars = getattr(nnx, 'with_vars', None) or nnx.vars_as  # flax 0.12.7: vars_as
+  plain = with_vars(cell, ref=False, hijax=False)
   before = {path: v.get_raw_value() for path, v in _variables(plain).items()}
 
   def write_back() -> None:

@@ -7,6 +7,7 @@ not run.
 """
 
 import inspect
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -52,7 +53,10 @@ html_static_path = ['_static']
 html_theme_options = {'description': 'Recurrent layers for Flax NNX', 'page_width': '1100px'}
 
 
-BENCHMARK_RECORDS = ('RESULTS.md', 'PACKING.md', 'REMAT.md')  # in benchmarks/
+BENCHMARK_RECORDS = ('RESULTS.md', 'PACKING.md', 'REMAT.md', 'HISTORY.md')  # in benchmarks/
+# RESULTS.md links to sections of HISTORY.md (its archive) by GitHub's heading anchors; on the
+# one generated page those links become references to labels set before HISTORY.md's headings.
+LINKED_RECORD = 'HISTORY.md'
 
 
 def _demote_headings(text: str) -> str:
@@ -65,10 +69,33 @@ def _demote_headings(text: str) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def _slug(title: str) -> str:
+  """GitHub's (and MyST's) anchor for a heading."""
+  return re.sub(r'[^\w\- ]', '', title.strip().lower()).replace(' ', '-')
+
+
+def _label_headings(text: str, prefix: str) -> str:
+  """Puts a MyST label ``(prefix-<anchor>)=`` before each heading outside code fences."""
+  lines, fenced = [], False
+  for line in text.splitlines():
+    if line.lstrip().startswith('```'):
+      fenced = not fenced
+    if not fenced and line.startswith('#'):
+      lines.append(f'({prefix}-{_slug(line.lstrip("#"))})=')
+    lines.append(line)
+  return '\n'.join(lines) + '\n'
+
+
+def _link_record(text: str, name: str, prefix: str, top: str) -> str:
+  """``](NAME#anchor)`` -> ``](prefix-anchor)`` and ``](NAME)`` -> ``](top)``."""
+  text = re.sub(rf'\]\({re.escape(name)}#([\w-]+)\)', rf']({prefix}-\1)', text)
+  return text.replace(f']({name})', f']({top})')
+
+
 def _benchmark_page(app) -> None:
   """Writes ``_build/generated/benchmarks.md``, which performance.md includes.
 
-  It holds the records in benchmarks/ (RESULTS.md, PACKING.md, REMAT.md) and
+  It holds the records in benchmarks/ (RESULTS.md, PACKING.md, REMAT.md, HISTORY.md) and
   the plots next to them when the benchmarks have been run and recorded, and a
   note saying how to run them otherwise, so the site builds either way.
   """
@@ -78,10 +105,18 @@ def _benchmark_page(app) -> None:
   parts = []
   for png in sorted(bench.glob('*.png')):
     shutil.copy(png, out / png.name)
+  prefix, top = 'record-' + _slug(Path(LINKED_RECORD).stem), None
   for name in BENCHMARK_RECORDS:
     if (bench / name).exists():
-      parts.append(_demote_headings((bench / name).read_text()))
+      record = (bench / name).read_text()
+      if name == LINKED_RECORD:
+        title = next(line for line in record.splitlines() if line.startswith('#'))
+        top = f'{prefix}-{_slug(title.lstrip("#"))}'
+        record = _label_headings(record, prefix)
+      parts.append(_demote_headings(record))
   text = '\n'.join(parts)
+  if top:
+    text = _link_record(text, LINKED_RECORD, prefix, top)
   for png in sorted(bench.glob('*.png')):
     if png.name not in text:
       text += f'\n![{png.stem}]({png.name})\n'

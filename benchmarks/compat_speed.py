@@ -7,7 +7,7 @@ Usage (``PYTHONPATH`` at the commit to measure; LABEL only names the printout)::
 For each cell and shape ``(B, T, I, H)``: the jitted ``jax.value_and_grad`` of
 ``mean(RNN(cell).apply(variables, x) ** 2)`` with the same flax.linen
 variables, both modules timed in 7 interleaved rounds; the medians in ms and
-their ratio. benchmarks/RESULTS.md ("Session 40") has the numbers.
+their ratio. benchmarks/HISTORY.md ("Session 40") has the numbers.
 """
 
 import sys

@@ -28,7 +28,7 @@
 #      loads become 8 forward, 32 become 12 backward), and the products as
 #      multiply-adds (PallasSettings.matmul='fma', session 35), one batch row a
 #      program, in 2 or 1 warps (a step in one warp at hidden 32, two at 64, has 1-2
-#      barriers where the dot form has 22: RESULTS.md, "read off the PTX");
+#      barriers where the dot form has 22: HISTORY.md, "read off the PTX");
 #   4. benchmarks/multiblock_probe.py (session 36): an LSTM step at hidden 64
 #      and 128 split over 1-8 blocks that exchange h through global memory
 #      behind a grid-wide barrier (FlashRNN's design for hidden 128, whose W_h
@@ -44,7 +44,7 @@
 #   6. the benchmark suite without the Pallas rows (flax.nnx, PyTorch on cuDNN,
 #      the scans, cuDNN) at its four shapes: the table README.md shows, not
 #      re-run since the GPU plan (it writes its JSON after each shape);
-#   7. benchmarks/mosaic_probe.py: the Mosaic GPU design of RESULTS.md ("Toward
+#   7. benchmarks/mosaic_probe.py: the Mosaic GPU design of HISTORY.md ("Toward
 #      1.5x cuDNN"), an LSTM forward on wgmma in bfloat16, beside the Triton
 #      kernels' forward. Never run on a GPU: it may fail to compile or run;
 #      the step records the error and times the kernels;

@@ -1,10 +1,10 @@
 """A Mosaic GPU probe for issue 14: how long one LSTM step takes when the
-recurrence runs on Hopper's ``wgmma`` (benchmarks/RESULTS.md, "Toward 1.5x
+recurrence runs on Hopper's ``wgmma`` (benchmarks/HISTORY.md, "Toward 1.5x
 cuDNN").
 
 The Triton kernels (``implementation='pallas'``) spend a step on layout
 conversions that Triton chooses (2.1 us a forward step at (1, ., 32, 64) on an
-H200, against cuDNN's 0.67). This probe is the design RESULTS.md describes,
+H200, against cuDNN's 0.67). This probe is the design HISTORY.md describes,
 reduced to the forward pass of one LSTM direction without a gradient (the
 initial carry, lengths by carry selection, zeros at padding, the final carry),
 batch up to 16: one warpgroup runs the time loop; the recurrent

@@ -6,8 +6,8 @@ An LSTM's ``W_h`` at hidden 128 in float32 is 256 KiB: more than a block's
 shared memory (227 KiB) and as much as an SM's register file. The Triton
 kernels (``implementation='pallas'``) hold 176 KiB of it and read the rest
 from L2 at every step: 5.3 us a forward step at (8, 500, 64, 128) on an H200,
-where cuDNN took 2.8 (benchmarks/RESULTS.md, session 34). This probe is the
-design RESULTS.md names for that shape, reduced to an LSTM's forward
+where cuDNN took 2.8 (benchmarks/HISTORY.md, session 34). This probe is the
+design HISTORY.md names for that shape, reduced to an LSTM's forward
 recurrence from zeros without lengths (its input projections given):
 
 * ``blocks`` programs, each holding the columns ``[k n, (k + 1) n)`` of every

@@ -2,7 +2,7 @@
 
 ``benchmarks.run`` and ``benchmarks.gpu_plans`` time whole calls. On a GPU at
 batch 1-8 the Pallas kernels' training step took 2.2-2.8x PyTorch's cuDNN step
-(benchmarks/RESULTS.md, session 34), and how that splits between the forward
+(benchmarks/HISTORY.md, session 34), and how that splits between the forward
 kernel, the backward kernel and the XLA work around them (the input
 projections, the weight gradients, pads and transposes) was never measured.
 This script profiles a few calls of each (``jax.profiler.trace``), reads the

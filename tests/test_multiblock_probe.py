@@ -78,7 +78,7 @@ def test_tf32_rounds_to_ten_mantissa_bits_ties_away():
 
 
 def test_rounding_errors_of_float16_products_are_tf32s():
-  """``--rounding`` (RESULTS.md, session 36): products of ``h`` and ``W_h`` rounded
+  """``--rounding`` (HISTORY.md, session 36): products of ``h`` and ``W_h`` rounded
   to float16 move an LSTM's outputs about as far from float64 as TF32's do, and
   both much further than float32's."""
   errors = probe.rounding_errors(hidden=32, steps=40, rows=4)

@@ -17,7 +17,7 @@ class Settings(NamedTuple):
   variants (``benchmarks/gpu_plans.py --pallas``): 128-wide chunks with 128 KiB
   held trained faster (0.88x / 0.90x the LSTM's / GRU's step with these) but
   ran the forward slower (1.03x / 1.06x), the others were slower both ways
-  (benchmarks/RESULTS.md, "Pallas kernels on the H200"). Timed again at both
+  (benchmarks/HISTORY.md, "Pallas kernels on the H200"). Timed again at both
   small shapes (session 34, "The H200 again"): the loads a step ahead were
   faster at both (now the default); no other variant beat them at both (4
   warps with them, 4 or 2 warps, ``num_stages=2``, which ran out of shared
@@ -41,7 +41,7 @@ class Settings(NamedTuple):
   chunk 64) they loop over the chunks, one chunk's code for all, and load every
   weight tile at each step (at ``H = 512`` the budget above would hold 4% of
   ``W_h``): written out there, each kernel took Triton 2-12 minutes to compile
-  on 2 cores, looped 5-17 s (``benchmarks/RESULTS.md``, "Pallas kernels")."""
+  on 2 cores, looped 5-17 s (``benchmarks/HISTORY.md``, "Pallas kernels")."""
   num_warps: int = 8
   num_stages: int = 1
   """No software pipelining of the loop's loads: it would multi-buffer the
@@ -63,7 +63,7 @@ class Settings(NamedTuple):
   where ``W_h``'s gate blocks are at most ``FMA_MAX_WIDTH`` wide (``Hp`` and
   ``Pp``), one batch row a program, in one warp up to 32 columns and two up
   to 64 (``state_elements`` and ``num_warps`` then do not apply), and
-  ``dot`` beyond. Not yet timed on a GPU (benchmarks/RESULTS.md, session
+  ``dot`` beyond. Not yet timed on a GPU (benchmarks/HISTORY.md, session
   35): ``'dot'`` stays the default until it is."""
   prefetch: bool = True
   """Each kernel loads the next step's inputs (the forward's input
@@ -86,7 +86,7 @@ class Settings(NamedTuple):
   projection; else (and with ``'float32'``) the weights keep their dtype.
   Float16 has TF32's 10 mantissa bits, so for values within its range the
   products round as TF32's do: over 500 steps of an LSTM at hidden 128 both
-  differed from float64 by 1.8e-4 at most (benchmarks/RESULTS.md, session 36).
+  differed from float64 by 1.8e-4 at most (benchmarks/HISTORY.md, session 36).
   Its range ends at 65504, so each gate's block of ``W_h`` is divided by the
   power of two at or below its largest magnitude (exact) and the products
   multiplied back; ``h`` stays within range (an LSTM's within 1, a GRU's within

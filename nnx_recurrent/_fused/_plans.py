@@ -80,7 +80,7 @@ import jax
 #   rows on (there 0.68 / 0.99 ms against 0.82 / 1.12 unrolled 8 at 64 / 256
 #   rows, where the GRU's took 0.97 / 0.93 against 0.82 / 0.95). On
 #   an H200 (2026-12-04, `benchmarks/gpu_plans.py` at the suite's four shapes,
-#   benchmarks/RESULTS.md, "The H200 again"), against the CPU's plans
+#   benchmarks/HISTORY.md, "The H200 again"), against the CPU's plans
 #   there: training step 0.49-0.55x at (8, 500, 64, 128), 0.66-0.69x at (64, 100,
 #   128, 256), 0.65-0.77x at (1, 1000, 32, 64), 0.84-0.86x at (256, 50, 256,
 #   512); forward 0.47-0.65x. Each is within 6% of the best of the 9 (LSTM)
@@ -179,7 +179,7 @@ class PallasRegion(NamedTuple):
 # measured faster than the XLA scans, forward and training step, on an H200
 # (2026-12-04, the second call of `bash benchmarks/gpu_grid.sh` at e639280: the
 # kernels with their loads a step ahead, the scans with the GPU plan above; 300
-# steps, batch 1-64 x hidden 32-256; benchmarks/RESULTS.md, "The H200
+# steps, batch 1-64 x hidden 32-256; benchmarks/HISTORY.md, "The H200
 # again"), printed by `python -m benchmarks.pallas_verdict --grid
 # out/gpu/pallas_grid.json --commit <sha>`. Each region is one hidden size and
 # a run of consecutive batch sizes measured faster, up to the rows that run the

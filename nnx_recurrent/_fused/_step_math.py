@@ -71,7 +71,7 @@ def flat_dot_t(a: Array, b: Array, transpose: bool = False, like: Array | None =
   training step got 1.02-1.03x slower, so its math class does not ask for it.
   Below ``_plans.TRANSPOSE_MIN_MACS`` the copy does not pay (and its scratch memory
   can push the step over glibc's 32 MiB mmap threshold, see
-  ``benchmarks/RESULTS.md``).
+  ``benchmarks/HISTORY.md``).
 
   With several devices the leading axes are contracted as they are, not
   reshaped into one: merging time with a sharded batch axis cannot keep the

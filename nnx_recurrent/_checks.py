@@ -436,10 +436,10 @@ def blame_entry(where: str, entry: str, layer: str, given: Any,
     if given is not None and blamed.arg.partition('[')[0] == 'initial_carry':
       arg = f'initial_carry{entry}'
       reword(e, f'{where}: `{arg}`, the carry of {layer}: {e}', Origin(where, arg))
-    elif blamed.arg in passed and blamed.where != where:
+    elif blamed.arg in passed:  # `where` too: a layer of the composite's own class
       reword(e, f'{where}: `{blamed.arg}`, passed on to {layer}: {e}',
              Origin(where, blamed.arg))
-    elif blamed.where != where:  # the inner layer's own (its cell, what it was given inside)
+    else:  # the inner layer's own (its cell, what it was given inside)
       reword(e, f'{where}: in {layer}: {e}', blamed)
     raise
 

@@ -1645,3 +1645,77 @@ def test_a_cell_sowing_at_each_step_is_a_type_error_naming_what_it_added():
   with pytest.raises(TypeError, match=re.escape('Bidirectional: in backward_rnn (RNN): '
                                                 + expected + 'cell.h (Intermediate)')):
     pair(x)
+
+
+# -- gaps found by mutation testing of _checks ---------------------------------------------
+def test_nested_stacks_name_each_level_of_what_they_pass_on():
+  # A stack inside a stack: the outer one named no step of its own ("StackedRNN:
+  # `inputs`, passed on to layers[0] (RNN)", the inner stack's layers[0]), as it
+  # does around a layer of another class (a Bidirectional: test above).
+  r = nnx.Rngs(0)
+  inner = nr.StackedRNN(nr.RNN(nr.GRUCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(4, 4, rngs=r)))
+  outer = nr.StackedRNN(inner, nr.RNN(nr.GRUCell(4, 4, rngs=r)))
+  levels = ('StackedRNN: `{0}`, passed on to layers[0] (StackedRNN): StackedRNN: `{0}`, passed '
+            'on to layers[0] (RNN): RNN: `{0}` expected ')
+  with pytest.raises(ValueError, match='^' + m(levels.format('inputs') + 'last axis of size 3')):
+    outer(jnp.ones((2, 5, 7)))
+  with pytest.raises(ValueError, match='^' + m(levels.format('seq_lengths')
+                                               + 'non-negative lengths, got minimum -1.')):
+    outer(X, seq_lengths=jnp.array([5, -1]))
+  # The inner stack's own argument: which layer raised it.
+  dropping = nr.StackedRNN(nr.RNN(nr.GRUCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(4, 4, rngs=r)),
+                           dropout_rate=0.5)
+  with pytest.raises(ValueError, match='^' + m('StackedRNN: in layers[0] (StackedRNN): '
+                                               'StackedRNN: `rngs` expected a PRNG source')):
+    nr.StackedRNN(dropping, nr.RNN(nr.GRUCell(4, 4, rngs=r)))(X)
+
+
+class _NoInitializeCarry(nnx.Module):
+  """A cell as flax.nnx allows it, without initialize_carry: its carry must be given."""
+
+  num_feature_axes = 1
+
+  def __call__(self, h, x):
+    return h, h
+
+
+def test_a_composite_given_no_carry_blames_no_entry_of_it():
+  # No initial_carry given: the error is the inner layer's own, not about an entry
+  # of an argument the user did not pass (`initial_carry[0]`, the carry of ...).
+  for module, prefix in (
+      (nr.StackedRNN(nr.RNN(_NoInitializeCarry())), 'StackedRNN: in layers[0] (RNN): '),
+      (nr.Bidirectional(nr.RNN(_NoInitializeCarry()), nr.RNN(_NoInitializeCarry())),
+       'Bidirectional: in forward_rnn (RNN): ')):
+    with pytest.raises(ValueError) as info:
+      module(X)
+    assert str(info.value) == prefix + (
+      'RNN: `initial_carry` expected a carry, since the cell _NoInitializeCarry has no '
+      'initialize_carry to build one, got None.')
+    assert _checks.origin(info.value) == _checks.Origin('RNN', 'initial_carry')
+
+
+def test_a_flag_given_as_a_0d_array_of_numbers_is_refused():
+  # jnp.array(True) is a flag, as flax reads it; a 0-d array of another number is
+  # not, as its Python number (2, 0.5) is not (it was read as truthy).
+  for value, got in ((jnp.array(2), 'ArrayImpl'), (np.array(0.5), 'ndarray')):
+    with pytest.raises(TypeError, match=m('RNN: `reverse` expected a bool, got ' + got)):
+      abstractly(lambda value=value: nr.RNN(_cell(), reverse=value))
+
+
+def test_a_dropout_mask_for_other_features_is_refused():
+  cell = nr.LSTMCell(3, 4, dropout_rate=0.5, rngs=nnx.Rngs(0))
+  x = X[:, 0]
+  masks = cell.dropout_masks(x.shape)._replace(input=jnp.ones((2, 2)))
+  with pytest.raises(ValueError, match=m("LSTMCell: `dropout_masks.input` expected an array that "
+                                         "broadcasts to the inputs' shape (2, 3), got shape "
+                                         '(2, 2).')):
+    cell(cell.initialize_carry(x.shape), x, dropout_masks=masks)
+
+
+def test_boolean_segment_ids_get_no_hint_about_lengths(lstm):
+  # The "lengths, not a mask: mask.sum(-1)" hint is for seq_lengths; segment ids
+  # are no lengths.
+  with pytest.raises(ValueError, match=m('RNN: `segment_ids` expected an integer array of shape '
+                                         '(*batch, time), got dtype bool.')) as info:
+    nr.RNN(lstm)(X, segment_ids=jnp.ones((2, 5), bool))
+  assert 'mask' not in str(info.value)

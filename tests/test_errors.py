@@ -1705,11 +1705,14 @@ def test_a_flag_given_as_a_0d_array_of_numbers_is_refused():
 def test_a_dropout_mask_for_other_features_is_refused():
   cell = nr.LSTMCell(3, 4, dropout_rate=0.5, rngs=nnx.Rngs(0))
   x = X[:, 0]
-  masks = cell.dropout_masks(x.shape)._replace(input=jnp.ones((2, 2)))
-  with pytest.raises(ValueError, match=m("LSTMCell: `dropout_masks.input` expected an array that "
-                                         "broadcasts to the inputs' shape (2, 3), got shape "
-                                         '(2, 2).')):
-    cell(cell.initialize_carry(x.shape), x, dropout_masks=masks)
+  # (2, 2): a mask for 2 features of 3; (2,): one value per row, which NumPy's
+  # broadcasting aligns with the features (the last axis), not the rows.
+  for shape in ((2, 2), (2,)):
+    masks = cell.dropout_masks(x.shape)._replace(input=jnp.ones(shape))
+    with pytest.raises(ValueError, match=m("LSTMCell: `dropout_masks.input` expected an array "
+                                           "that broadcasts to the inputs' shape (2, 3), got "
+                                           f'shape {shape}.')):
+      cell(cell.initialize_carry(x.shape), x, dropout_masks=masks)
 
 
 def test_boolean_segment_ids_get_no_hint_about_lengths(lstm):

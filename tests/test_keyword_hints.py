@@ -435,3 +435,24 @@ def test_nnx_tabulate_and_the_base_methods_still_recognised():
   assert not overrides(cell, 'initialize_carry') and not overrides(cell, '__call__')
   table = nnx.tabulate(nr.RNN(cell), X)
   assert 'LSTMCell' in table
+
+
+# -- gaps found by mutation testing of _checks ---------------------------------------------
+def test_pytorchs_c_0_gets_the_initial_carry_hint():
+  lstm = abstract(lambda: nr.LSTM(3, 4, rngs=nnx.Rngs(0)))
+  h = jnp.zeros((1, 2, 4))
+  for keyword in ('h_0', 'c_0'):
+    raises([f"LSTM.__call__() got an unexpected keyword argument '{keyword}'. PyTorch's h_0 and "
+            'c_0 are initial_carry here (an LSTM carry is (c, h), c first).'],
+           lambda keyword=keyword: lstm(X, **{keyword: h}))
+
+
+def test_a_private_base_class_is_never_named():
+  # A super() call that skips the public class lands in a private base's method:
+  # the class the user built is named, not _ConvCell (raises() checks that).
+  class Skips(nr.ConvGRUCell):
+    def __init__(self, *, rngs):
+      super(nr.ConvGRUCell, self).__init__(2, 3, (3,), rngs=rngs, hidden_size=3)
+
+  raises(["Skips.__init__() got an unexpected keyword argument 'hidden_size'. PyTorch's "
+          'hidden_size is hidden_features here.'], lambda: Skips(rngs=nnx.Rngs(0)))

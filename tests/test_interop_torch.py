@@ -649,6 +649,27 @@ def test_from_torch_warns_that_forward_hooks_are_left_out():
   np.testing.assert_allclose(_call(model, x), hookless, atol=ATOL, rtol=0)
 
 
+def test_from_torch_counts_each_kind_of_hook_it_leaves_out():
+  # Two hooks of the module's and a pre-hook of every module's: each counted, each named.
+  module = torch.nn.GRUCell(IN, H)
+  for _ in range(2):
+    module.register_forward_hook(lambda mod, args, out: out)
+  handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda mod, args: args)
+  try:
+    with pytest.warns(UserWarning, match=r"^from_torch: the 2 module's forward hook\(s\) and 1 "
+                      r'global forward pre-hook\(s\) are not carried over'):
+      nr.interop.from_torch(module)
+  finally:
+    handle.remove()
+
+
+def test_from_torch_gives_the_state_dict_hint_to_a_state_dict_only():
+  # Another mapping (a config, say) is no state_dict: no advice to load it.
+  with pytest.raises(TypeError, match=r'from_torch: `module` expected one of torch.nn.LSTM, .*'
+                                      r'torch.nn.RNNCell, got dict\.$'):
+    nr.interop.from_torch({'hidden_size': H, 'num_layers': 2})
+
+
 def test_torch_tensors_get_a_clear_error():
   model = nr.interop.from_torch(torch.nn.GRU(IN, H, batch_first=True))
   x = _inputs(True)
@@ -740,6 +761,16 @@ def test_a_carry_in_torchs_layout_gets_a_hint(kind, num_layers, bidirectional, g
                     else torch.from_numpy(h0))
   y = nnx.jit(lambda model, x, carry: model(x, initial_carry=carry))(model, x, carry)
   np.testing.assert_allclose(y, _np(y_t), atol=ATOL, rtol=0)
+
+
+def test_no_torch_layout_hint_for_a_pair_of_multi_layer_directions():
+  # PyTorch has no layer of this layout (its bidirectional layers pair the directions
+  # layer by layer): a (2, batch, hidden) carry gets no recipe for PyTorch's h_0.
+  r = nnx.Rngs(0)
+  bi = nr.Bidirectional(nr.GRU(IN, H, num_layers=2, rngs=r), nr.GRU(IN, H, num_layers=2, rngs=r))
+  with pytest.raises(ValueError, match=r'^Bidirectional: `initial_carry` expected a pair '
+                                       r'\(forward_carry, backward_carry\), got ndarray\.$'):
+    bi(_inputs(True), initial_carry=np.zeros((2, B, H), np.float32))
 
 
 def test_a_one_layer_h0_of_torchs_layout_warns_where_it_broadcasts():

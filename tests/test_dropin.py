@@ -565,6 +565,102 @@ def test_values_sown_at_each_step_reach_a_cell_of_array_refs():
   _close(*captured)
 
 
+def test_broadcast_rngs_reach_a_cell_of_array_refs_as_flax():
+  """A broadcast stream (one dropout mask per call) in a cell of array refs,
+  under plain jax.jit: flax.nnx's RNN's outputs over the plain cell, call
+  after call, and its step counter."""
+  kw = dict(stream='recurrent_dropout')
+  ours = _with_vars(nr.RNN(CountingDropoutCell(nnx.Rngs(0, recurrent_dropout=1), **kw),
+                           broadcast_rngs='recurrent_dropout'), ref=True)
+  theirs = nnx.RNN(_flax_cell(nnx.Rngs(0, recurrent_dropout=1), **kw),
+                   broadcast_rngs='recurrent_dropout')
+  x = jnp.ones((B, T, IN))
+  for _ in range(2):
+    y_o, y_t = jax.jit(lambda m: m(x))(ours), nnx.jit(lambda m: m(x))(theirs)
+    _close(y_o, y_t)
+    zeros = np.asarray(y_o == 0)
+    assert (zeros == zeros[:, :1]).all() and zeros.any()  # one mask for every step
+  assert int(ours.cell.steps[...]) == int(theirs.cell.steps[...]) == 2 * T
+
+
+def test_packed_segments_in_a_cell_of_array_refs_start_from_the_default_carry():
+  """segment_ids with an initial_carry, in a cell of array refs under plain
+  jax.jit: a row's first segment goes on from the carry given, the next from
+  zeros; flax.nnx's RNN run on each segment alone gives the same numbers."""
+  cell = nnx.SimpleCell(IN, H, rngs=nnx.Rngs(0))
+  x, h0 = _x(), _x((B, H), seed=1)
+  ids = jnp.array([[1, 1, 2, 2, 2], [1, 2, 2, 2, 0], [1, 1, 1, 1, 1]])
+  ours = _with_vars(nr.RNN(nnx.clone(cell)), ref=True)
+  got = jax.jit(lambda m: m(x, segment_ids=ids, initial_carry=h0))(ours)
+  theirs = nnx.RNN(cell)
+  for row, cut in enumerate((2, 1, 5)):
+    first = theirs(x[row:row + 1, :cut], initial_carry=h0[row:row + 1])
+    _close(got[row:row + 1, :cut], first, atol=1e-5)
+    if cut < T:
+      length = int((ids[row] == 2).sum())
+      _close(got[row:row + 1, cut:cut + length], theirs(x[row:row + 1, cut:cut + length]),
+             atol=1e-5)
+
+
+def test_a_shared_carry_leaf_in_a_cell_of_array_refs_steps_through_padding():
+  """A carry leaf the rows share (of the batch's size), in a cell of array
+  refs under plain jax.jit: the documented masking, step by step in Python."""
+  x, lengths = _x(), jnp.array([5, 2, 0])
+  cell = _SharedStepsCell(nnx.Rngs(0), B)
+  start = cell.initialize_carry(x.shape[:1] + x.shape[2:])
+  ours = _with_vars(nr.RNN(nnx.clone(cell)), ref=True)
+  got = jax.jit(lambda m: m(x, seq_lengths=lengths, return_carry=True))(ours)
+  _close(got, _shared_steps_by_hand(cell, x, lengths, start), atol=1e-6)
+
+
+def test_a_calls_key_reaches_a_cell_of_array_refs():
+  """A call's key (variational dropout and zoneout keys drawn from it) for a
+  cell of array refs under plain jax.jit: the outputs and final carry of the
+  plain layer under nnx.jit (zoneout is this package's alone)."""
+  def make():
+    return nr.RNN(nr.LSTMCell(IN, H, dropout_rate=0.5, zoneout_rate=0.5, rngs=nnx.Rngs(0)))
+
+  def call(m, x, key):
+    return m(x, seq_lengths=LENGTHS, return_carry=True, rngs=key)
+
+  x = _x()
+  got = jax.jit(call)(_with_vars(make(), ref=True), x, jax.random.key(3))
+  want = nnx.jit(call)(make(), x, jax.random.key(3))
+  _close(got, want)
+  assert not np.allclose(nnx.jit(call)(make(), x, jax.random.key(4))[1], want[1])  # it mattered
+
+
+class _TreeStatsCell(nnx.Module):
+  """flax.nnx's SimpleCell and one Variable holding a tree: a step count and
+  the outputs' running sum (a hijax Variable may hold a tree; an array ref not)."""
+
+  num_feature_axes = 1
+
+  def __init__(self, rngs):
+    self.cell = nnx.SimpleCell(IN, H, rngs=rngs)
+    self.stats = nnx.Variable({'steps': jnp.zeros((), jnp.int32), 'sum': jnp.zeros((H,))})
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return self.cell.initialize_carry(input_shape, rngs)
+
+  def __call__(self, h, x):
+    h, y = self.cell(h, x)
+    stats = self.stats.get_value()
+    self.stats.set_value({'steps': stats['steps'] + 1, 'sum': stats['sum'] + y.sum(0)})
+    return h, y
+
+
+def test_a_hijax_variable_holding_a_tree_keeps_what_the_steps_wrote():
+  """A hijax Variable holding a tree (flax.nnx's RNN fails over hijax
+  Variables): the outputs and the tree flax.nnx's RNN leaves in the plain cell."""
+  x = _x()
+  ours = _with_vars(nr.RNN(_TreeStatsCell(nnx.Rngs(0))), hijax=True)
+  theirs = nnx.RNN(_TreeStatsCell(nnx.Rngs(0)))
+  _close(ours(x), theirs(x), atol=1e-6)
+  _close(ours.cell.stats.get_value(), theirs.cell.stats.get_value(), atol=1e-5)
+  assert int(ours.cell.stats.get_value()['steps']) == T
+
+
 def test_a_carry_of_one_beam_warns_and_runs_as_in_flax():
   """A carry with a leading axis of size 1 the inputs lack (PyTorch's one-layer
   h_0 looks so) broadcasts as one beam in flax.nnx; ours gives flax.nnx's

@@ -661,6 +661,45 @@ def test_a_hijax_variable_holding_a_tree_keeps_what_the_steps_wrote():
   assert int(ours.cell.stats.get_value()['steps']) == T
 
 
+class _Sown(nnx.Intermediate):
+  """A user's own Variable type for sown values (not one of flax's)."""
+
+
+class _SowingOwnTypeCell(nnx.LSTMCell):
+  def __call__(self, carry, x):
+    carry, h = super().__call__(carry, x)
+    self.sow(_Sown, 'h', h)
+    return carry, h
+
+
+class _TypeErrorCell(nnx.LSTMCell):
+  """A cell whose step has a bug that raises a TypeError."""
+
+  def __call__(self, carry, x):
+    raise TypeError('the step of _TypeErrorCell has a bug')
+
+
+@pytest.mark.filterwarnings('ignore:Using .Module.sow\\(\\). outside:DeprecationWarning')
+def test_a_type_error_of_a_step_or_a_sown_value_of_a_users_type_as_flax():
+  """A TypeError a cell's step raises is raised as flax.nnx's RNN raises it
+  (not taken for a sown value); a value sown under a user's own Variable type
+  is named in the fix as the user's code names it, not as nnx's, and the
+  fix's state_axes then stacks it over time as in flax.nnx."""
+  x = _x()
+  for lib in (nnx, nr):
+    with pytest.raises(TypeError, match='^the step of _TypeErrorCell has a bug'):
+      lib.RNN(_TypeErrorCell(IN, H, rngs=nnx.Rngs(0)))(x)
+  with pytest.raises(TypeError, match=re.escape(
+      "state_axes=nnx.StateAxes({_Sown: 0, ...: nnx.Carry}); or return it in the step's "
+      'output), got cell.h (_Sown) added by one step.')):
+    nr.RNN(_SowingOwnTypeCell(IN, H, rngs=nnx.Rngs(0)))(x)
+  axes = nnx.StateAxes({_Sown: 0, ...: nnx.Carry})
+  ours, theirs = (lib.RNN(_SowingOwnTypeCell(IN, H, rngs=nnx.Rngs(0)), state_axes=axes)
+                  for lib in (nr, nnx))
+  _close(ours(x), theirs(x))
+  _close(nnx.state(ours, _Sown), nnx.state(theirs, _Sown))
+
+
 def test_a_carry_of_one_beam_warns_and_runs_as_in_flax():
   """A carry with a leading axis of size 1 the inputs lack (PyTorch's one-layer
   h_0 looks so) broadcasts as one beam in flax.nnx; ours gives flax.nnx's

@@ -714,8 +714,21 @@ def test_a_carry_of_one_beam_warns_and_runs_as_in_flax():
     with warnings.catch_warnings():
       warnings.simplefilter('error')
       ours(x, initial_carry=jnp.concatenate([carry, carry]))
+      ours(x, initial_carry=carry[0])  # no beam axis: nothing to say
   assert got[1].shape == (1, T, B, H)  # flax's moveaxis of (time, 1, batch, H)
   _close(got, want)
+
+
+def test_a_carry_of_beams_with_a_leaf_of_one_runs_as_in_flax_without_a_warning():
+  """A carry whose leaves have beams, two for ``h``, and one leading axis of
+  size 1 for a leaf the rows share (its shapes kept by the step): beams given
+  on purpose, nothing to warn of; flax.nnx's outputs and carry."""
+  x = _x()
+  carry = {'h': _x((2, B, H), seed=1), 'steps': jnp.zeros((1, H))}
+  ours, theirs = (lib.RNN(_SharedLeafCell(nnx.Rngs(0)), return_carry=True) for lib in (nr, nnx))
+  with jax.numpy_rank_promotion('allow'), warnings.catch_warnings():
+    warnings.simplefilter('error')
+    _close(ours(x, initial_carry=carry), theirs(x, initial_carry=carry))
 
 
 def test_a_scalar_seq_lengths_is_every_rows_length_as_in_flax():

@@ -283,6 +283,40 @@ def test_explicit_mesh_a_cells_own_variable_takes_the_sharding_a_step_gives_it()
                              rtol=1e-6, atol=1e-5)
 
 
+def test_arrays_on_an_explicit_mesh_without_set_mesh_settle_the_cells_variable():
+  """No jax.set_mesh: the mesh of Explicit axes is known only from the arrays'
+  own shardings (their types). The cell's Variable settles as under set_mesh
+  (flax.nnx's RNN: JAX's scan TypeError); the outputs and the total are those
+  of no mesh, the total every step's h summed (NumPy)."""
+  from jax.sharding import AxisType
+
+  mesh = jax.make_mesh((jax.device_count(), 1), ('data', 'model'),
+                       axis_types=(AxisType.Explicit, AxisType.Explicit))
+  x = np.random.default_rng(0).normal(size=(B, T, IN)).astype(np.float32)
+  run = nnx.jit(lambda cell, x: nr.RNN(cell)(x))
+  plain = _NnxTotalling(nnx.Rngs(0))
+  want = run(plain, x)
+  np.testing.assert_allclose(np.asarray(plain.total[...]), np.asarray(want).sum((0, 1)),
+                             rtol=1e-5, atol=1e-5)
+
+  def split():
+    cell = _NnxTotalling(nnx.Rngs(0))
+    for v, spec in ((cell.dense.kernel, P(None, 'model')), (cell.dense.bias, P('model')),
+                    (cell.total, P())):
+      v.set_value(jax.device_put(v[...], NamedSharding(mesh, spec)))
+    return cell
+
+  xs = jax.device_put(x, NamedSharding(mesh, P('data')))
+  with pytest.raises(TypeError, match='carry input and carry output must have equal types'):
+    nnx.jit(lambda cell, x: nnx.RNN(cell, rngs=False)(x))(split(), xs)  # flax.nnx's
+  cell = split()
+  got = run(cell, xs)
+  assert tuple(jax.typeof(cell.total[...]).sharding.spec) == ('model',)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)
+  np.testing.assert_allclose(np.asarray(cell.total[...]), np.asarray(plain.total[...]),
+                             rtol=1e-6, atol=1e-5)
+
+
 class _Fickle(_NnxTotalling):
   """:class:`_NnxTotalling` whose step moves its total to the other sharding each time."""
 

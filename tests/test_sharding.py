@@ -317,6 +317,26 @@ def test_arrays_on_an_explicit_mesh_without_set_mesh_settle_the_cells_variable()
                              rtol=1e-6, atol=1e-5)
 
 
+def test_explicit_mesh_a_given_carry_keeps_its_split_of_the_hidden_axis():
+  """A carry given split over ``model`` on its hidden axis takes the inputs'
+  batch split and keeps its own: the final carry and the outputs split over
+  both; the values of flax.nnx's RNN without a mesh."""
+  from jax.sharding import AxisType
+
+  mesh = jax.make_mesh((jax.device_count(), 1), ('data', 'model'),
+                       axis_types=(AxisType.Explicit, AxisType.Explicit))
+  x = np.random.default_rng(0).normal(size=(B, T, IN)).astype(np.float32)
+  h0 = np.random.default_rng(1).normal(size=(B, H)).astype(np.float32)
+  cell = nnx.GRUCell(IN, H, rngs=nnx.Rngs(0))  # h' = (1 - z) n + z h: h's split stays
+  want = nnx.RNN(nnx.clone(cell), return_carry=True)(x, initial_carry=h0)
+  with jax.set_mesh(mesh):
+    got = nnx.jit(lambda layer, x, h0: layer(x, initial_carry=h0, return_carry=True))(
+        nr.RNN(cell), jax.device_put(x, P('data')), jax.device_put(h0, P(None, 'model')))
+  for a, b, spec in zip(got, want, (('data', 'model'), ('data', None, 'model')), strict=True):
+    assert tuple(jax.typeof(a).sharding.spec) == spec
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+
+
 class _Fickle(_NnxTotalling):
   """:class:`_NnxTotalling` whose step moves its total to the other sharding each time."""
 

@@ -337,6 +337,46 @@ def test_explicit_mesh_a_given_carry_keeps_its_split_of_the_hidden_axis():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
 
 
+class _PerStep(nnx.Variable):
+  """A per-step stack, which ``state_axes`` scans over its first axis."""
+
+
+class _PerStepGain(nnx.Module):
+  """flax.nnx's SimpleCell whose output a per-step gain scales (one slice of
+  ``gain`` a step, as ``nnx.scan`` gives it)."""
+
+  num_feature_axes = 1
+
+  def __init__(self, rngs):
+    self.cell = nnx.SimpleCell(IN, H, rngs=rngs)
+    self.gain = _PerStep(jax.numpy.arange(1.0, T + 1)[:, None] * jax.numpy.ones((T, H)))
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return jax.numpy.zeros(input_shape[:-1] + (H,))
+
+  def __call__(self, h, x):
+    h, y = self.cell(h, x)
+    return h, y * self.gain[...][None]  # (H,): this step's slice
+
+
+def test_explicit_mesh_a_variable_scanned_per_step_runs_as_without_a_mesh():
+  """``state_axes`` giving a Variable type an int axis under an Explicit mesh:
+  the step traced to settle the carry's sharding sees one slice of it, as the
+  scan's steps do (it saw the whole stack: a broadcasting TypeError from the
+  step, where no mesh ran); flax.nnx's RNN's outputs without a mesh."""
+  from jax.sharding import AxisType
+
+  mesh = jax.make_mesh((jax.device_count(), 1), ('data', 'model'),
+                       axis_types=(AxisType.Explicit, AxisType.Explicit))
+  x = np.random.default_rng(0).normal(size=(B, T, IN)).astype(np.float32)
+  axes = nnx.StateAxes({_PerStep: 0, ...: nnx.Carry})
+  want = nnx.RNN(_PerStepGain(nnx.Rngs(0)), state_axes=axes)(x)
+  with jax.set_mesh(mesh):
+    got = nr.RNN(_PerStepGain(nnx.Rngs(0)), state_axes=axes)(jax.device_put(x, P('data')))
+  assert tuple(jax.typeof(got).sharding.spec)[0] == 'data'
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)
+
+
 class _Fickle(_NnxTotalling):
   """:class:`_NnxTotalling` whose step moves its total to the other sharding each time."""
 

@@ -319,17 +319,36 @@ def _abstract_cell_step(cell, axes: nnx.StateAxes, carry: Any, variables: dict[s
   """The carry and the carried Variables (:func:`carried_variables`, given
   ``variables``' values) after one step of ``cell``, abstract
   (``nnx.eval_shape``: the cell's Variables and streams do not change), for
-  :func:`settle_state`."""
+  :func:`settle_state`. A Variable that ``axes`` scan over an int axis is one
+  slice there, as in the scan's steps."""
   x_t = abstract_step_input(xs)
   rng_t = None if step_rngs is None else abstract_step_input(step_rngs)
 
   def one_step(cell, carry, variables, x_t, dropout_masks, rng_t):
+    for variable, axis in _scanned_variables(cell, axes):  # one step's slice, as the scan's
+      variable.set_raw_value(jax.lax.index_in_dim(variable.get_raw_value(), 0, axis, False))
     own = carried_variables(cell, axes)
     for name, value in variables.items():
       own[name].set_raw_value(value)
     new_carry = in_dtypes_of(carry, call_cell(cell, carry, x_t, dropout_masks, rng_t)[0])
     return new_carry, {name: own[name].get_raw_value() for name in variables}
   return nnx.eval_shape(one_step, cell, carry, variables, x_t, dropout_masks, rng_t)
+
+
+def _scanned_variables(cell, axes: nnx.StateAxes) -> list[tuple[nnx.Variable, int]]:
+  """The cell's Variables that ``axes`` scan over an int axis (a per-step
+  stack: the scan gives each step one slice), with that axis."""
+  def axis(path, variable):
+    try:
+      return axes.map_prefix(path, variable)
+    except ValueError:  # a Variable no filter takes: flax's scan says so
+      return None
+
+  def scanned(path, variable):
+    return isinstance(axis(path, variable), int)
+
+  return [(v, axis(path, v)) for path, v in nnx.to_flat_state(graph_nnx.state(cell, scanned))
+          if isinstance(v.get_raw_value(), jax.Array)]
 
 
 def _variables(node) -> dict[Any, nnx.Variable]:

@@ -441,6 +441,34 @@ def test_explicit_mesh_a_step_that_never_keeps_its_carrys_sharding_is_a_value_er
       nr.RNN(_Restless())(jax.device_put(x, P('data')))
 
 
+class _Growing(nnx.Module):
+  """A cell whose own Variable grows at each step (a count kept as a log)."""
+
+  num_feature_axes = 1
+
+  def __init__(self):
+    self.seen = nnx.Variable(jax.numpy.zeros((0,)))
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return jax.numpy.zeros(input_shape[:-1] + (H,))
+
+  def __call__(self, h, x):
+    self.seen.set_value(jax.numpy.concatenate([self.seen.get_value(), jax.numpy.ones((1,))]))
+    return h, h
+
+
+def test_explicit_mesh_a_variable_changing_its_shape_is_jaxs_error_as_without():
+  # Settling the sharding of the cell's Variables leaves one of other shapes to the
+  # scan, whose TypeError (flax.nnx's RNN's too) says the carried state changed.
+  x = np.ones((B, T, IN), np.float32)
+  for run in (lambda: nr.RNN(_Growing())(x), lambda: nnx.RNN(_Growing())(x)):
+    with pytest.raises(TypeError, match=r'carry input and carry output must have equal types'):
+      run()
+  with jax.set_mesh(_explicit_mesh_here()):
+    with pytest.raises(TypeError, match=r'carry input and carry output must have equal types'):
+      nr.RNN(_Growing())(jax.device_put(x, P('data')))
+
+
 # -- the script (runs in the child process) -----------------------------------------
 _SHARDED = {'out_sharding': (None, 'model')}  # kernels: split the (gates * hidden) columns
 

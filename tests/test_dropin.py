@@ -700,6 +700,30 @@ def test_a_type_error_of_a_step_or_a_sown_value_of_a_users_type_as_flax():
   _close(nnx.state(ours, _Sown), nnx.state(theirs, _Sown))
 
 
+class _SowingInAList(nnx.Module):
+  """A cell stepping through a sowing cell it holds in a list."""
+
+  num_feature_axes = 1
+
+  def __init__(self, rngs):
+    self.layers = nnx.List([SowingCell(IN, H, rngs=rngs)])
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return self.layers[0].initialize_carry(input_shape, rngs)
+
+  def __call__(self, carry, x):
+    return self.layers[0](carry, x)
+
+
+@pytest.mark.filterwarnings('ignore:Using .Module.sow\\(\\). outside:DeprecationWarning')
+def test_a_value_sown_in_a_list_is_named_by_its_index():
+  """The sowing error names the value as Python reaches it, ``cell.layers[0].h``."""
+  with pytest.raises(TypeError, match=re.escape(
+      "or return it in the step's output), got cell.layers[0].h (Intermediate) added by one "
+      'step.')):
+    nr.RNN(_SowingInAList(nnx.Rngs(0)))(_x())
+
+
 def test_a_carry_of_one_beam_warns_and_runs_as_in_flax():
   """A carry with a leading axis of size 1 the inputs lack (PyTorch's one-layer
   h_0 looks so) broadcasts as one beam in flax.nnx; ours gives flax.nnx's

@@ -377,6 +377,37 @@ def test_explicit_mesh_a_variable_scanned_per_step_runs_as_without_a_mesh():
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)
 
 
+def test_explicit_mesh_packed_rows_with_a_shared_carry_leaf_of_the_batchs_size():
+  """Packed segments from a carry given, under an Explicit mesh, with a carry
+  leaf the rows share whose size is the batch's (tests/test_dropin.py's
+  _SharedStepsCell): the reset carry's shared leaf is not split over the
+  batch. A Python loop of the cell: at a row's later segment's start ``h``
+  restarts from zeros, ``steps`` goes on; at padding ``h`` is kept, ``y`` zero."""
+  from tests.test_dropin import _SharedStepsCell
+
+  batch, ids = 3, np.array([[1, 1, 2, 2, 2], [1, 2, 2, 2, 0], [1, 1, 1, 1, 1]], np.int32)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(batch, T, 4)).astype(np.float32)  # the cell's IN and H: 4, 6
+  carry = {'h': rng.normal(size=(batch, 6)).astype(np.float32),
+           'steps': np.arange(batch, dtype=np.float32)}
+  cell = _SharedStepsCell(nnx.Rngs(0), batch)
+  h, steps, ys = jax.numpy.asarray(carry['h']), jax.numpy.asarray(carry['steps']), []
+  for t in range(T):
+    valid = (ids[:, t] > 0)[:, None]
+    reset = (t > 0) & (ids[:, t] > 0) & (ids[:, t] != ids[:, t - 1])
+    h = jax.numpy.where(reset[:, None], 0.0, h)
+    new, y = cell({'h': h, 'steps': steps}, jax.numpy.where(valid, x[:, t], 0.0))
+    h, steps = jax.numpy.where(valid, new['h'], h), new['steps']
+    ys.append(jax.numpy.where(valid, y['y'], 0.0))
+  with jax.set_mesh(_explicit_mesh_here()):
+    got = nnx.jit(lambda m, x, ids: m(x, segment_ids=ids, initial_carry=carry, return_carry=True))(
+        nr.RNN(cell), *(jax.device_put(a, P('data')) for a in (x, ids)))
+  (c, y) = got
+  np.testing.assert_allclose(np.asarray(c['h']), np.asarray(h), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(np.asarray(c['steps']), np.asarray(steps), atol=0, rtol=0)
+  np.testing.assert_allclose(np.asarray(y['y']), np.stack(ys, 1), atol=1e-5, rtol=0)
+
+
 class _Fickle(_NnxTotalling):
   """:class:`_NnxTotalling` whose step moves its total to the other sharding each time."""
 

@@ -1658,3 +1658,30 @@ def test_param_dtype_none_runs_as_in_linen():
     variables = theirs.init(jax.random.key(0), x)
     ours = compat.RNN(getattr(compat, name)(H, param_dtype=None))
     _assert_close(ours.apply(variables, x), theirs.apply(variables, x), atol=1e-6)
+
+
+# -- found by mutation testing (s47) -------------------------------------------------
+class _WrappedLSTM(nn.RNNCellBase):
+  """A user's cell around a compat ``LSTMCell(H)``, its carry sized by ``features``."""
+  features: int
+
+  @nn.compact
+  def __call__(self, carry, x):
+    return compat.LSTMCell(H, name='lstm')(carry, x)
+
+  @nn.nowrap
+  def initialize_carry(self, rng, input_shape):
+    return compat.LSTMCell(self.features, parent=None).initialize_carry(rng, input_shape)
+
+  @property
+  def num_feature_axes(self):
+    return 1
+
+
+def test_a_carry_size_error_without_a_given_carry_names_the_cell_not_initial_carry():
+  xs = np.ones((B, T, IN), np.float32)
+  variables = compat.RNN(_WrappedLSTM(H)).init(jax.random.key(0), xs)
+  with pytest.raises(ValueError, match=r"^LSTMCell: `carry` expected a last axis of size "
+                     rf"{H} \(the parameter 'h\w/kernel' has shape \({H}, {H}\);.*got size "
+                     rf'{H + 1}\.'):
+    compat.RNN(_WrappedLSTM(H + 1)).apply(variables, xs)

@@ -1685,3 +1685,11 @@ def test_a_carry_size_error_without_a_given_carry_names_the_cell_not_initial_car
                      rf"{H} \(the parameter 'h\w/kernel' has shape \({H}, {H}\);.*got size "
                      rf'{H + 1}\.'):
     compat.RNN(_WrappedLSTM(H + 1)).apply(variables, xs)
+
+
+def test_initialize_carry_refuses_a_bool_for_a_seed():
+  # flax.linen hands a one-array carry's rng to carry_init as given (the zeros
+  # ignore it); a seed passes here too, a bool is no seed.
+  with pytest.raises(TypeError, match=r'GRUCell.initialize_carry: `rng` expected a PRNG key '
+                     r'\(jax.random.key\(seed\)\) or None, got True\.'):
+    compat.GRUCell(H).initialize_carry(True, (B, IN))

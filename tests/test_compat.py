@@ -1693,3 +1693,26 @@ def test_initialize_carry_refuses_a_bool_for_a_seed():
   with pytest.raises(TypeError, match=r'GRUCell.initialize_carry: `rng` expected a PRNG key '
                      r'\(jax.random.key\(seed\)\) or None, got True\.'):
     compat.GRUCell(H).initialize_carry(True, (B, IN))
+
+
+def test_conv_lstm_valid_padding_keeps_the_state_shape_in_the_hidden_conv():
+  # flax.linen pads the hidden convolution as the input one and fails with
+  # 'VALID'; compat's pads it to keep the state's shape ('SAME'): flax.linen's
+  # Conv layers on the same parameters, and the cell's math in NumPy.
+  cell = compat.ConvLSTMCell(2, (3,), padding='VALID')
+  x = normal((B, 7, IN))
+  c0, h0 = (normal((B, 5, 2), seed=s) for s in (1, 2))
+  variables = random_linen_variables(cell, (c0, h0), x)
+  (c, h), y = jax.jit(cell.apply)(variables, (c0, h0), x)
+  p = variables['params']
+  from_h = nn.Conv(8, (3,), padding='SAME').apply({'params': p['hh']}, h0)
+  gates = nn.Conv(8, (3,), padding='VALID').apply({'params': p['ih']}, x) + from_h
+  # the hidden convolution flax.linen's capture_intermediates records is that one
+  _, state = cell.apply(variables, (c0, h0), x, capture_intermediates=True)
+  np.testing.assert_allclose(state['intermediates']['hh']['__call__'][0], from_h, atol=1e-6)
+  i, g, f, o = np.split(np.asarray(gates, np.float64), 4, axis=-1)
+  sigmoid = lambda z: 1 / (1 + np.exp(-z))
+  c_ref = sigmoid(f + 1) * np.asarray(c0) + sigmoid(i) * np.tanh(g)
+  h_ref = sigmoid(o) * np.tanh(c_ref)
+  for got, want in ((c, c_ref), (h, h_ref), (y, h_ref)):
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)

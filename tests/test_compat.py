@@ -1716,3 +1716,19 @@ def test_conv_lstm_valid_padding_keeps_the_state_shape_in_the_hidden_conv():
   h_ref = sigmoid(o) * np.tanh(c_ref)
   for got, want in ((c, c_ref), (h, h_ref), (y, h_ref)):
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
+
+
+def test_to_nnx_refuses_an_extra_leaf_and_a_kernel_without_two_axes():
+  # A conversion drops nothing silently: a leaf the cell does not have is refused.
+  import flax
+
+  x = np.ones((B, T, IN), np.float32)
+  variables = flax.core.unfreeze(nn.RNN(nn.LSTMCell(H)).init(jax.random.key(0), x))
+  variables['params']['cell']['ii']['bias'] = np.ones(H, np.float32)
+  with pytest.raises(ValueError, match=r"to_nnx \(LSTMCell\): `params` expected 'ii' with "
+                     r"leaves \['kernel'\], got \['bias', 'kernel'\]\."):
+    compat.to_nnx(nn.RNN(nn.LSTMCell(H)), variables)
+  flat = {'params': {'ii': {'kernel': np.ones(H, np.float32)}}}
+  with pytest.raises(ValueError, match=r"to_nnx \(LSTMCell\): `params` expected 'ii/kernel' "
+                     rf'with at least 2 axes, got shape \({H},\)\.'):
+    compat.to_nnx(nn.LSTMCell(H), flat)

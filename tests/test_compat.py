@@ -1732,3 +1732,14 @@ def test_to_nnx_refuses_an_extra_leaf_and_a_kernel_without_two_axes():
   with pytest.raises(ValueError, match=r"to_nnx \(LSTMCell\): `params` expected 'ii/kernel' "
                      rf'with at least 2 axes, got shape \({H},\)\.'):
     compat.to_nnx(nn.LSTMCell(H), flat)
+
+
+def test_to_nnx_gives_no_out_sharding_to_parameters_without_partition_names():
+  # As nnx_recurrent's own cells: an empty out_sharding would read as a rank-0 spec.
+  x = np.ones((B, IN), np.float32)
+  linen = nn.GRUCell(H)
+  variables = linen.init(jax.random.key(0), linen.initialize_carry(jax.random.key(1), x.shape), x)
+  cell = compat.to_nnx(linen, variables)
+  metadata = [v.get_metadata().get('out_sharding')
+              for _, v in nnx.iter_graph(cell) if isinstance(v, nnx.Param)]
+  assert len(metadata) == 4 and metadata == [None] * 4

@@ -1393,16 +1393,17 @@ def test_bidirectional_keeps_flax_stream_when_one_direction_draws():
     _close(got, want, atol=1e-5)
 
 
-def test_bidirectional_with_a_dropout_direction_runs_each_rnn_as_alone():
-  """One direction's cell draws its carry, the other its dropout masks, from
-  the call's RNG: with rngs=True the Bidirectional keeps no stream (one shared
-  by both would feed them one sequence of masks), so each direction runs as
-  its RNN alone does, from its own streams."""
+@pytest.mark.parametrize('rate', ['dropout_rate', 'recurrent_dropout_rate', 'zoneout_rate'])
+def test_bidirectional_with_a_dropout_direction_runs_each_rnn_as_alone(rate):
+  """One direction's cell draws its carry, the other its dropout masks (or
+  zoneout keys), from the call's RNG: with rngs=True the Bidirectional keeps
+  no stream (one shared by both would feed them one sequence of masks), so
+  each direction runs as its RNN alone does, from its own streams."""
   def build():
     with warnings.catch_warnings():
       warnings.simplefilter('ignore')
       return nr.Bidirectional(
-        nr.RNN(nr.GRUCell(IN, H, dropout_rate=0.5, rngs=nnx.Rngs(0))),
+        nr.RNN(nr.GRUCell(IN, H, **{rate: 0.5}, rngs=nnx.Rngs(0))),
         nr.RNN(nr.GRUCell(IN, H, carry_init=RANDOM_CARRY, rngs=nnx.Rngs(1))))
 
   x = _x()

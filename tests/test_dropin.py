@@ -1770,6 +1770,67 @@ def test_without_a_usable_initialize_carry_the_shapes_decide():
   np.testing.assert_array_equal(carry['steps'], lengths)
 
 
+class _PositionCell(_RowOutputsCell):
+  """:class:`_RowOutputsCell` with a step position ``pos`` in the carry that
+  indexes a table: given as an integer, as its ``initialize_carry`` (written
+  for float carries) does not build it, so the step cannot be traced from
+  that carry, which still says which leaves are the rows'."""
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return {**super().initialize_carry(input_shape), 'pos': jnp.zeros(())}
+
+  def __call__(self, carry, x):
+    shift = jnp.sin(jnp.arange(T, dtype=jnp.float32))[carry['pos']]
+    new, y = super().__call__({'h': carry['h'] + shift, 'steps': carry['steps']}, x)
+    return {**new, 'pos': carry['pos'] + 1}, y
+
+
+def test_a_shared_carry_leaf_steps_through_padding_where_only_the_carry_can_be_probed():
+  # The step cannot be traced from the default carry: initialize_carry alone,
+  # traced at two batch sizes, says that steps (of the batch's size) is shared.
+  x, lengths = _x(), jnp.array([5, 2, 0])
+  cell = _PositionCell(nnx.Rngs(0), B)
+  start = {'h': jnp.zeros((B, H)), 'steps': jnp.zeros((B,)), 'pos': jnp.array(0)}
+  carry, y = nr.RNN(cell)(x, initial_carry=start, seq_lengths=lengths, return_carry=True)
+  c, ys = start, []  # by hand: h keeps its last valid value, steps and pos go on
+  for t in range(T):
+    valid = (t < lengths)[:, None]
+    new, y_t = cell(c, jnp.where(valid, x[:, t], 0))
+    c = {**new, 'h': jnp.where(valid, new['h'], c['h'])}
+    ys.append(jnp.where(valid, y_t, 0))
+  _close(carry, c)
+  _close(y, jnp.stack(ys, 1))
+  np.testing.assert_array_equal(carry['steps'], np.full(B, T))
+
+
+class _SharedSteps2dCell(nnx.Module):
+  """:class:`_SharedStepsCell` over two feature axes ``(2, IN)``, flattened
+  for it; its shared ``steps`` of the batch's size."""
+
+  num_feature_axes = 2
+
+  def __init__(self, rngs):
+    self.inner = _SharedStepsCell(rngs, B)
+    self.inner.lin = nnx.Linear(2 * IN, H, rngs=rngs)
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return self.inner.initialize_carry((*input_shape[:-2], 2 * IN))
+
+  def __call__(self, carry, x):
+    return self.inner(carry, x.reshape(*x.shape[:-2], 2 * IN))
+
+
+def test_a_shared_carry_leaf_over_two_feature_axes_steps_through_padding():
+  # The cell's carry and step are probed with both of its feature axes.
+  x, lengths = _x((B, T, 2, IN)), jnp.array([5, 2, 0])
+  cell = _SharedSteps2dCell(nnx.Rngs(0))
+  carry, y = nr.RNN(cell)(x, seq_lengths=lengths, return_carry=True)
+  carry_h, y_h = _shared_steps_by_hand(cell.inner, x.reshape(B, T, 2 * IN), lengths,
+                                       cell.initialize_carry((B, 2, IN)))
+  _close(carry, carry_h)
+  _close(y, y_h)
+
+
 class _FixedBatchCell(nnx.Module):
   """A carry built at a batch size fixed in the cell (``initialize_carry``
   ignores the batch it is given): its step runs at that size only."""

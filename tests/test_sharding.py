@@ -1346,6 +1346,8 @@ def _main_uneven():
           assert re.search(pattern, str(e)), (name, str(e))
           if name in ('user_cell', 'compat'):  # refused only once the step failed:
             assert e.__cause__ is not None, name  # JAX's error, kept as the cause
+          else:  # this package's: refused before the step is traced
+            assert e.__cause__ is None, name
           refused += 1
         else:
           raise AssertionError(f'{name} ran with hidden {hidden} split over {model} devices')

@@ -883,6 +883,10 @@ def test_flax_nnx_cell_initial_carry_checked_against_its_initialize_carry():
   with pytest.raises(ValueError, match=m('RNN: `initial_carry` expected a pytree with structure '
                                          '(array, array)', 'got structure [array, array].')):
     nr.RNN(cell)(X, initial_carry=[jnp.zeros((2, 4))] * 2)
+  # One row for a batch of 2: the step takes it, but returns 2 (flax.nnx: jax's scan error).
+  with pytest.raises(ValueError, match=m('RNN: `initial_carry` expected leaf shapes '
+                                         '[(2, 4), (2, 4)]', 'got [(1, 4), (1, 4)].')):
+    nr.RNN(cell)(X, initial_carry=(jnp.zeros((1, 4)),) * 2)
   # A carry that fits runs, and the check draws nothing from the cell's streams.
   with pytest.warns(UserWarning, match='keep_rngs argument is deprecated'):
     kept = nnx.LSTMCell(3, 4, keep_rngs=True, rngs=nnx.Rngs(0))

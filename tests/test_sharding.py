@@ -89,7 +89,7 @@ def test_explicit_sizes_a_mesh_axis_does_not_divide_on_a_mesh_of_8_devices():
   # a ValueError naming it (JAX's error came from deep in the step); batches and hidden
   # sizes JAX lets through run to the values of no mesh. See _main_uneven.
   output = _run_script('uneven')
-  assert 'uneven explicit checks passed: refused 12, ran 19' in output, output
+  assert 'uneven explicit checks passed: refused 12, ran 20' in output, output
 
 
 def _explicit_mesh_here():
@@ -1412,6 +1412,18 @@ def _main_uneven():
   assert jax.typeof(nnx.state(placed)['cell']['proj'][...]).sharding.spec[-1] == 'model'
   for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=ATOL, rtol=0)
+  ran += 1
+  # A fused LSTM's projection (hidden, proj_features) holds no gates: its last axis
+  # (4) split over 4 devices, which do not divide the hidden size (6), it runs.
+  graphdef, state = nnx.split(random_module(
+    lambda: nr.LSTM(IN, 6, proj_features=4, rngs=nnx.Rngs(0))))
+  run = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+  want = run(state, x)
+  with jax.set_mesh(mesh):
+    placed = jax.tree_util.tree_map_with_path(lambda path, a: jax.device_put(
+      a, P(None, 'model') if 'proj' in jax.tree_util.keystr(path) else P()), state)
+    got = run(placed, jax.device_put(x, P('data')))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=ATOL, rtol=0)
   ran += 1
   print(f'uneven explicit checks passed: refused {refused}, ran {ran}')
 

@@ -500,9 +500,12 @@ def test_explicit_mesh_a_variable_changing_its_shape_is_jaxs_error_as_without():
       nr.RNN(_Growing())(jax.device_put(x, P('data')))
 
 
-def test_shard_map_a_given_carry_that_varies_over_the_batch_as_flax():
-  # Inside jax.shard_map (check_vma) a carry computed from the rows already varies
-  # over the mesh axis the inputs vary over (one device's here: still in the types).
+@pytest.mark.parametrize('given', [True, False])
+def test_shard_map_a_carry_that_varies_or_not_over_the_batch_as_flax(given):
+  # Inside jax.shard_map (check_vma), over one device's mesh (still in the types):
+  # a carry computed from the rows already varies over the mesh axis the inputs
+  # vary over; without one, inputs replicated and lengths split over the mesh,
+  # each step's carry varies with the lengths, where the default one did not.
   mesh = Mesh(np.array(jax.devices()[:1]), ('data',))
   rng = np.random.default_rng(0)
   x = rng.normal(size=(B, T, IN)).astype(np.float32)
@@ -512,11 +515,12 @@ def test_shard_map_a_given_carry_that_varies_over_the_batch_as_flax():
 
   def run(layer, x, lengths):
     h0 = jnp.tanh(x[:, 0, :1]) * jnp.ones((1, H))
-    return layer(x, initial_carry=(h0, h0), seq_lengths=lengths)
+    return layer(x, initial_carry=(h0, h0) if given else None, seq_lengths=lengths)
 
   (carry, y) = jax.jit(jax.shard_map(
     lambda s, x, lengths: run(nnx.merge(graphdef, s), x, lengths), mesh=mesh,
-    in_specs=(P(), P('data'), P('data')), out_specs=P('data')))(state, x, lengths)
+    in_specs=(P(), P('data') if given else P(), P('data')), out_specs=P('data')))(
+      state, x, lengths)
   carry_t, y_t = run(nnx.RNN(cell, return_carry=True), x, lengths)
   valid = (np.arange(T)[None] < lengths[:, None])[..., None]
   np.testing.assert_allclose(y, np.where(valid, y_t, 0), atol=ATOL, rtol=0)

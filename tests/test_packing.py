@@ -219,6 +219,15 @@ def test_segment_id_errors():
     bi(x, segment_ids=IDS == 1)
 
 
+
+def test_an_empty_packed_batch_returns_the_given_carry():
+  # No step (time 0) and no segment id: nothing to check the ids' minimum of.
+  h0 = jnp.arange(2 * H, dtype=jnp.float32).reshape(2, H)
+  carry, y = _rnn('SimpleCell')(jnp.ones((2, 0, IN)), initial_carry=h0,
+                                segment_ids=np.zeros((2, 0), np.int32), return_carry=True)
+  np.testing.assert_array_equal(carry, h0)
+  assert y.shape == (2, 0, H)
+
 # -- pack_sequences / unpack_sequences ------------------------------------------
 def test_pack_first_fit_layout():
   seqs = [np.full((n, 2), i, np.float32) for i, n in enumerate((2, 5, 3, 1, 4))]

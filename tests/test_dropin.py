@@ -1803,6 +1803,31 @@ def test_a_shared_carry_leaf_steps_through_padding_where_only_the_carry_can_be_p
   np.testing.assert_array_equal(carry['steps'], np.full(B, T))
 
 
+class _ScalarStepsCell(_NoInitCell):
+  """No initialize_carry (the shapes decide): a scalar step count in the carry."""
+
+  def __call__(self, carry, x):
+    h, steps = carry
+    new, y = super().__call__(h, x)
+    return (new, steps + 1), y
+
+
+def test_a_scalar_carry_leaf_steps_through_padding_where_the_shapes_decide():
+  x, lengths = _x(), jnp.array([5, 2, 0])
+  cell = _ScalarStepsCell(nnx.Rngs(0))
+  start = (jnp.ones((B, H)), jnp.array(0))
+  carry, y = nr.RNN(cell)(x, initial_carry=start, seq_lengths=lengths, return_carry=True)
+  c, ys = start, []  # by hand: h keeps its last valid value, the count goes on
+  for t in range(T):
+    valid = (t < lengths)[:, None]
+    (h, steps), y_t = cell(c, jnp.where(valid, x[:, t], 0))
+    c = (jnp.where(valid, h, c[0]), steps)
+    ys.append(jnp.where(valid, y_t, 0))
+  _close(carry, c)
+  _close(y, jnp.stack(ys, 1))
+  assert int(carry[1]) == T
+
+
 class _SharedSteps2dCell(nnx.Module):
   """:class:`_SharedStepsCell` over two feature axes ``(2, IN)``, flattened
   for it; its shared ``steps`` of the batch's size."""

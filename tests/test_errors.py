@@ -1301,6 +1301,12 @@ def test_a_step_that_changes_its_carry_gets_a_clear_error():
     with pytest.raises(TypeError, match=m("RNN: `cell` expected a step that returns a carry of "
                                           "its carry's shapes [(2, 4)], got [(4,)]")):
       lossy(x, **kwargs)
+  # A step that adds a leaf of the same shape: one more, named as such.
+  grown = nr.RNN(_CarryCell(lambda s: (jnp.zeros((*s[:-1], 4)),), lambda h, x: (h[0], h[0])))
+  for kwargs in ({}, {'seq_lengths': lengths}):
+    with pytest.raises(TypeError, match=m("RNN: `cell` expected a step that returns a carry of "
+                                          "its carry's shapes [(2, 4)], got [(2, 4), (2, 4)]")):
+      grown(x, **kwargs)
 
 
 def test_a_learned_carry_needs_floating_carry_leaves():

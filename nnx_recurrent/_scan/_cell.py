@@ -300,14 +300,23 @@ def carried_variables(cell, axes: nnx.StateAxes) -> dict[str, nnx.Variable]:
   step to step (``nnx.Carry``: by default all but the broadcast RNG streams;
   a broadcast Variable's changes are dropped, so its sharding is left alone),
   by their paths in the cell (``cell.running_mean``, ``cell.layers[0].count``)."""
-  def carried(path, variable):
-    try:
-      return axes.map_prefix(path, variable) is nnx.Carry
-    except ValueError:  # a Variable no filter takes: flax's scan says so
-      return False
+  return {_path_name(path): v
+          for path, v, _ in _array_variables(cell, axes, lambda axis: axis is nnx.Carry)}
 
-  return {_path_name(path): v for path, v in nnx.to_flat_state(graph_nnx.state(cell, carried))
-          if isinstance(v.get_raw_value(), jax.Array)}
+
+def _array_variables(cell, axes: nnx.StateAxes, keep) -> list[tuple[tuple, nnx.Variable, Any]]:
+  """``(path, Variable, axis)`` of the cell's Variables that hold an array and
+  whose axis in ``axes`` (``None`` where no filter takes it: flax's scan says
+  so) ``keep`` accepts."""
+  def axis(path, variable):
+    try:
+      return axes.map_prefix(path, variable)
+    except ValueError:
+      return None
+
+  state = graph_nnx.state(cell, lambda path, variable: keep(axis(path, variable)))
+  return [(path, v, axis(path, v)) for path, v in nnx.to_flat_state(state)
+          if isinstance(v.get_raw_value(), jax.Array)]
 
 
 def _path_name(path: tuple) -> str:
@@ -338,17 +347,8 @@ def _abstract_cell_step(cell, axes: nnx.StateAxes, carry: Any, variables: dict[s
 def _scanned_variables(cell, axes: nnx.StateAxes) -> list[tuple[nnx.Variable, int]]:
   """The cell's Variables that ``axes`` scan over an int axis (a per-step
   stack: the scan gives each step one slice), with that axis."""
-  def axis(path, variable):
-    try:
-      return axes.map_prefix(path, variable)
-    except ValueError:  # a Variable no filter takes: flax's scan says so
-      return None
-
-  def scanned(path, variable):
-    return isinstance(axis(path, variable), int)
-
-  return [(v, axis(path, v)) for path, v in nnx.to_flat_state(graph_nnx.state(cell, scanned))
-          if isinstance(v.get_raw_value(), jax.Array)]
+  return [(v, axis) for _, v, axis in
+          _array_variables(cell, axes, lambda axis: isinstance(axis, int))]
 
 
 def _variables(node) -> dict[Any, nnx.Variable]:

@@ -173,6 +173,24 @@ def test_drop_in_for_flax_nnx_outputs(name):
   _assert_tree_close(got, want, atol=1e-6, rtol=1e-6)
 
 
+def test_a_step_by_hand_keeps_a_bfloat16_carry_under_float32_computation():
+  # bfloat16 parameters stepped in float32: the new carry is rounded back to the carry's
+  # bfloat16, so that jax.lax.scan over the cell keeps its carry type. Reference: the NumPy
+  # step in float64, its carry rounded to bfloat16 after each step.
+  cell = ref.build(lambda: nr.GRUCell(3, 4, dtype=jnp.float32, param_dtype=jnp.bfloat16,
+                                      rngs=nnx.Rngs(0)))
+  xs = ref.normal((5, 2, 3), seed=3)  # (time, batch, features)
+  carry0 = cell.initialize_carry((2, 3))
+  h, _ = nnx.jit(lambda cell: jax.lax.scan(cell, carry0, xs))(cell)
+  p = ref.cell_params(cell)
+  want = np.zeros((2, 4))
+  for x in np.asarray(xs):
+    want, _ = ref.step(p, want, x)
+    want = np.asarray(jnp.asarray(want, jnp.bfloat16), np.float64)
+  assert h.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(h, np.float64), want, atol=2e-2)
+
+
 # -- initialize_carry -----------------------------------------------------------
 @pytest.mark.parametrize('param_dtype', [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize('name', ['simple', 'lstm', 'gru', 'mgu', 'conv_lstm_2d'])

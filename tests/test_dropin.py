@@ -1101,6 +1101,31 @@ def test_unroll_takes_a_bool_and_zero_as_flax(unroll):
     nr.RNN(nr.LSTMCell(IN, H, rngs=rngs_o), unroll=-1)
 
 
+def _scan_unrolls(module, x):
+  """The ``unroll`` of each ``scan`` in the program of ``module(x)``."""
+  graphdef, state = nnx.split(module)
+  jaxpr = jax.make_jaxpr(lambda state, x: nnx.merge(graphdef, state)(x))(state, x)
+
+  def walk(j):
+    for e in j.eqns:
+      if e.primitive.name == 'scan':
+        yield e.params['unroll']
+      for v in e.params.values():
+        sub = getattr(v, 'jaxpr', v)
+        if hasattr(sub, 'eqns'):
+          yield from walk(sub)
+
+  return list(walk(jaxpr.jaxpr))
+
+
+def test_unroll_reaches_the_scan_as_in_flax():
+  # unroll changes no number (the test above): the scan's own parameter shows it arrives.
+  x = _x()
+  ours = nr.RNN(nr.GRUCell(IN, H, rngs=nnx.Rngs(0)), unroll=3)
+  theirs = nnx.RNN(nnx.GRUCell(IN, H, rngs=nnx.Rngs(0)), unroll=3)
+  assert _scan_unrolls(ours, x) == _scan_unrolls(theirs, x) == [3]
+
+
 class _NoInitCell(nnx.Module):
   """A cell as flax.nnx allows it: no initialize_carry, so the call passes the carry."""
 

@@ -278,6 +278,18 @@ def test_bidirectional_fixes_each_directions_order_as_flax():
   _close(y, np.concatenate([ref_yf, ref_yb], axis=-1))
 
 
+def test_bidirectional_time_major_at_call_overrides_the_attribute():
+  bi, fwd, bwd, features = _bidirectional()  # built batch-major
+  lengths = np.array([4, 0, 2], np.int32)
+  x = _inputs(features, True, batch=(3,), time=4)  # (time, batch, features)
+  y = nnx.jit(lambda bi, x: bi(x, seq_lengths=jnp.asarray(lengths), time_major=True))(bi, x)
+  common = dict(num_batch_dims=1, time_major=True)
+  _, ref_yf = ref.rnn(ref.cell_params(fwd), x, lengths, (np.zeros((3, 4)),) * 2, **common)
+  _, ref_yb = ref.rnn(ref.cell_params(bwd), x, lengths, np.zeros((3, 4)), reverse=True,
+                      keep_order=True, **common)
+  _close(y, np.concatenate([ref_yf, ref_yb], axis=-1))
+
+
 # -- flip_sequences -------------------------------------------------------------
 @pytest.mark.parametrize('with_lengths', [False, True])
 @pytest.mark.parametrize('time_major', [False, True])

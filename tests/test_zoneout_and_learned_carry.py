@@ -266,6 +266,20 @@ def test_learned_carry_is_the_default_carry_for_rows_segments_and_empty_rows():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), given, plain)
 
 
+def test_learned_carry_is_a_parameter_of_the_cells_param_dtype():
+  # A bfloat16 cell's learned carry is a bfloat16 parameter like its kernels (trained and
+  # checkpointed as they are), and a length-0 row returns its value as it is.
+  cell = nr.GRUCell(3, 4, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  rnn = nr.RNN(cell, learn_initial_carry=True, return_carry=True)
+  kernels = {v.dtype for v in jax.tree.leaves(nnx.state(cell, nnx.Param))}
+  assert kernels == {jnp.dtype(jnp.bfloat16)}
+  assert rnn.initial_carry[...].dtype == jnp.bfloat16
+  h0 = jnp.asarray(ref.normal((4,), 2), jnp.bfloat16)
+  rnn.initial_carry[...] = h0
+  h, _ = rnn(ref.normal((B, T, 3), 1).astype(jnp.bfloat16), seq_lengths=jnp.array([T, 1, 0]))
+  np.testing.assert_array_equal(np.asarray(h[2], np.float32), np.asarray(h0, np.float32))
+
+
 def test_learned_carry_gradient_and_training():
   rnn = _lstm_rnn()
   x = ref.normal((B, T, 3), 1)

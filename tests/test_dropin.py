@@ -1795,6 +1795,34 @@ def test_without_a_usable_initialize_carry_the_shapes_decide():
   np.testing.assert_array_equal(carry['steps'], lengths)
 
 
+class _RowTupleCell(_NoInitCell):
+  """A carry of one ``(H,)`` leaf per row, a tuple over the batch: its
+  structure is the batch size's, so ``initialize_carry`` traced at two batch
+  sizes builds two structures and says nothing of which leaves are the rows'."""
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return tuple(jnp.zeros(H) for _ in range(input_shape[0]))
+
+  def __call__(self, carry, x):
+    new = tuple(super(_RowTupleCell, self).__call__(h, x[i])[0] for i, h in enumerate(carry))
+    return new, jnp.stack(new)
+
+
+def test_a_carry_whose_structure_is_the_batch_sizes_is_masked_by_its_shapes():
+  # One row: its length applies to every leaf (by the shapes), which keeps its last
+  # valid value. (The two probes' leaves, paired one by one across their structures,
+  # took the row's leaf and its output for leaves shared by the rows: stepped on.)
+  x, length = _x((1, T, IN)), 2
+  cell = _RowTupleCell(nnx.Rngs(0))
+  carry, y = nr.RNN(cell)(x, seq_lengths=jnp.array([length]), return_carry=True)
+  c, ys = cell.initialize_carry((1, IN)), []  # by hand: the valid steps, then zeros
+  for t in range(length):
+    c, y_t = cell(c, x[:, t])
+    ys.append(y_t)
+  _close(carry, c)
+  _close(y, jnp.stack(ys + [jnp.zeros((1, H))] * (T - length), 1))
+
+
 class _PositionCell(_RowOutputsCell):
   """:class:`_RowOutputsCell` with a step position ``pos`` in the carry that
   indexes a table: given as an integer, as its ``initialize_carry`` (written

@@ -57,7 +57,8 @@ def _torch_run(module: Any, x: np.ndarray, lengths: np.ndarray | None, state: An
 def _carry(model: Any, x: np.ndarray, state: list[np.ndarray], lstm: bool) -> Any:
   """PyTorch's stacked ``(h0, c0)`` as our carry: leaves in layer-major,
   direction-minor order, an LSTM cell's carry being ``(c, h)``."""
-  structure = jax.tree.structure(model(jnp.asarray(x), return_carry=True)[0])
+  structure = jax.tree.structure(nnx.eval_shape(lambda m, x: m(x, return_carry=True)[0], model,
+                                                jnp.asarray(x)))
   h0 = list(state[0])
   leaves = [a for pair in zip(state[1], h0) for a in pair] if lstm else h0
   return jax.tree.unflatten(structure, [jnp.asarray(a) for a in leaves])

@@ -1,8 +1,9 @@
 """Every module under ``jax.jit`` on a mesh of 8 simulated CPU devices.
 
 ``--xla_force_host_platform_device_count=8`` must be set before JAX starts, so
-the test runs this file as a script in a fresh interpreter. The script builds
-one of every module, runs it unsharded on one device (the reference), then
+the tests run this file as a script in a fresh interpreter, naming the checks
+to run. With ``jit``, the script builds one of every module, runs it unsharded
+on one device (the reference), then
 
 * data parallel: inputs sharded over the batch on the ``data`` axis of a
   ``(data, model) = (4, 2)`` mesh, parameters replicated;
@@ -16,7 +17,7 @@ Then the sequence layers under ``jax.shard_map`` over the batch (one row per
 device, ``check_vma`` on), forward and parameter gradients, and ``compat.RNN``
 against flax.linen. Last, ``examples/multihost.py``'s ``shard_rows`` with 8 devices in one
 process: the global batch is the process's rows, one eighth on each device.
-With the argument ``explicit``, every sequence layer under ``jax.set_mesh`` with
+With ``explicit``, every sequence layer under ``jax.set_mesh`` with
 Explicit axes (JAX's explicit sharding mode): data parallel with replicated
 parameters, then parameters split over an Explicit ``model`` axis, on a
 ``(data, model)`` mesh and on ``model`` alone; with ``compat-explicit``,
@@ -48,23 +49,33 @@ DATA, MODEL = 4, 2
 ATOL = 1e-5
 
 
-def _run_script(*args: str) -> str:
-  """This file as a script on 8 simulated CPU devices, in a fresh interpreter: its stdout."""
+def _run_script(*checks: str) -> str:
+  """This file as a script on 8 simulated CPU devices, in a fresh interpreter, running
+  ``checks`` (names of ``__main__``'s table) in turn: its stdout and stderr."""
   root = Path(__file__).resolve().parents[1]
   env = dict(os.environ)
   env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8')
   env['JAX_PLATFORMS'] = 'cpu'
   env['PYTHONPATH'] = str(root) + os.pathsep + env.get('PYTHONPATH', '')
-  result = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True,
+  result = subprocess.run([sys.executable, __file__, *checks], env=env, capture_output=True,
                           text=True, timeout=300)
   assert result.returncode == 0, result.stdout + result.stderr
   return result.stdout + result.stderr
 
 
-def test_modules_under_jit_on_a_mesh_of_8_devices():
-  output = _run_script()
-  assert ('sharding checks passed: data parallel 11, model parallel 11, shard_map 3, '
-          'fused gradients 2') in output, output
+def test_modules_under_jit_compat_and_uneven_sizes_on_a_mesh_of_8_devices():
+  # Three children's checks in one interpreter (each a fresh one costs 2.5 s):
+  # every module under jax.jit (see _main); compat.RNN settles its carry under
+  # an Explicit model axis as nr.RNN does, whatever flax.linen.scan's options
+  # (_main_compat_explicit); a hidden size the model axis does not divide, where
+  # the gates' columns split evenly: a ValueError naming it (JAX's error came
+  # from deep in the step), and the batches and hidden sizes JAX lets through
+  # run to the values of no mesh (_main_uneven).
+  output = _run_script('jit', 'compat-explicit', 'uneven')
+  for line in ('sharding checks passed: data parallel 11, model parallel 11, shard_map 3, '
+               'fused gradients 2', 'compat explicit checks passed: layers 12',
+               'uneven explicit checks passed: refused 12, ran 20'):
+    assert line in output, output
 
 
 def test_explicit_sharding_mode_on_a_mesh_of_8_devices():
@@ -75,21 +86,6 @@ def test_explicit_sharding_mode_on_a_mesh_of_8_devices():
   output = _run_script('explicit')
   assert ('explicit sharding checks passed: modules 10, flax.nnx 1, pallas 3, '
           'model parallel 11, stateful 3, shared leaves 4') in output, output
-
-
-def test_compat_rnn_model_parallel_under_explicit_axes_on_a_mesh_of_8_devices():
-  # compat.RNN settles its carry as nr.RNN does, whatever flax.linen.scan's options;
-  # see _main_compat_explicit.
-  output = _run_script('compat-explicit')
-  assert 'compat explicit checks passed: layers 12' in output, output
-
-
-def test_explicit_sizes_a_mesh_axis_does_not_divide_on_a_mesh_of_8_devices():
-  # A hidden size the model axis does not divide, where the gates' columns split evenly:
-  # a ValueError naming it (JAX's error came from deep in the step); batches and hidden
-  # sizes JAX lets through run to the values of no mesh. See _main_uneven.
-  output = _run_script('uneven')
-  assert 'uneven explicit checks passed: refused 12, ran 20' in output, output
 
 
 def _explicit_mesh_here():
@@ -1433,6 +1429,8 @@ def _main_uneven():
 
 
 if __name__ == '__main__':
-  {'explicit': _main_explicit, 'compat-explicit': _main_compat_explicit,
-   'uneven': _main_uneven}.get(
-    ''.join(sys.argv[1:]), _main)()
+  # The checks named on the command line, in order, in this one interpreter.
+  mains = {'jit': _main, 'explicit': _main_explicit, 'compat-explicit': _main_compat_explicit,
+           'uneven': _main_uneven}
+  for name in sys.argv[1:]:
+    mains[name]()

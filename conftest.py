@@ -56,12 +56,14 @@ def _share_mlir_contexts(modules_per_context: int = 500) -> None:
   """One MLIR context for many lowerings instead of a new one for each.
 
   JAX lowers every program (each eager operation too) into a fresh MLIR
-  context and spends 6 ms making it (dialects loaded and registered), a
-  tenth of lowering and compiling the suite's tiny programs. A context holds
-  any number of modules; what it keeps after a module is gone is the types
-  and attributes it interned, so it is replaced after ``modules_per_context``
-  lowerings. The programs lowered are the same; users' processes keep JAX's
-  behaviour. Skipped where this JAX has no ``make_ir_context``.
+  context and spends 6 ms making it (dialects loaded and registered): 600
+  eager operations of new shapes took 11.9 s, 9.3 s with one context, and
+  the suite's processes needed twice the memory (benchmarks/RESULTS.md,
+  "Test-suite time"). A context holds any number of modules; what it keeps
+  after a module is gone is the types and attributes it interned, so it is
+  replaced after ``modules_per_context`` lowerings. The programs lowered are
+  the same; users' processes keep JAX's behaviour. Skipped where this JAX has
+  no ``make_ir_context``.
   """
   if os.environ.get('NNX_RECURRENT_TEST_FRESH_MLIR_CONTEXTS'):
     return

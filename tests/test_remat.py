@@ -76,16 +76,22 @@ def test_remat_gives_the_same_gradients(case):
     np.testing.assert_allclose(g_remat[1], g_ref, rtol=1e-5, atol=1e-6)
 
 
-def _temp_bytes(remat, time, batch=8, hidden=256):
-  """Scratch memory of the compiled training step (compiled only, never run)."""
-  cell = nr.OptimizedLSTMCell(hidden, hidden, **_Z, rngs=nnx.Rngs(0))
-  graph, state = nnx.split(nr.RNN(cell, remat=remat))
+def _temp_bytes(remat, time, batch=8, hidden=256, cell=None, padded=False):
+  """Scratch memory of the compiled training step (compiled only, never run) of an
+  RNN over ``cell(hidden, rngs)`` (default an ``OptimizedLSTMCell``), with
+  ``seq_lengths`` if ``padded``."""
+  cell = cell or (lambda hidden, rngs: nr.OptimizedLSTMCell(hidden, hidden, **_Z, rngs=rngs))
+  graph, params, rest = nnx.split(nr.RNN(cell(hidden, nnx.Rngs(0)), remat=remat),
+                                  nnx.Param, ...)
 
-  def loss(state, x):
-    return jnp.sum(nnx.merge(graph, state)(x) ** 2)
+  def loss(params, x, *lengths):
+    kw = dict(seq_lengths=lengths[0]) if lengths else {}
+    return jnp.sum(nnx.merge(graph, params, rest)(x, **kw) ** 2)
 
-  x = jax.ShapeDtypeStruct((batch, time, hidden), jnp.float32)
-  compiled = jax.jit(jax.grad(loss)).lower(state, x).compile()
+  args = [jax.ShapeDtypeStruct((batch, time, hidden), jnp.float32)]
+  if padded:
+    args.append(jax.ShapeDtypeStruct((batch,), jnp.int32))
+  compiled = jax.jit(jax.grad(loss)).lower(params, *args).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
 
@@ -116,17 +122,6 @@ class _CountingLSTM(nnx.Module):
 
 def test_remat_memory_of_a_users_cell_with_a_shared_carry_leaf_under_padding():
   # The body that masks by the cell's rows is rematerialised too.
-  def temp_bytes(remat, time=64, batch=4, hidden=32):
-    graph, params, rest = nnx.split(nr.RNN(_CountingLSTM(hidden, nnx.Rngs(0)), remat=remat),
-                                    nnx.Param, ...)
-
-    def loss(params, x, lengths):
-      return jnp.sum(nnx.merge(graph, params, rest)(x, seq_lengths=lengths) ** 2)
-
-    x = jax.ShapeDtypeStruct((batch, time, hidden), jnp.float32)
-    lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    compiled = jax.jit(jax.grad(loss)).lower(params, x, lengths).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
-
-  plain, remat = temp_bytes(False), temp_bytes(True)
+  plain, remat = (_temp_bytes(r, 64, batch=4, hidden=32, cell=_CountingLSTM, padded=True)
+                  for r in (False, True))
   assert remat <= 0.6 * plain, (remat, plain, remat / plain)

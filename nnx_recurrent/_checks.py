@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import errors as flax_errors
+from flax import nnx
 
 # Frames in these directories are not the user's: a warning points past them.
 _INTERNAL_DIRS = tuple(os.path.dirname(str(m.__file__)) + os.sep
@@ -834,14 +835,16 @@ _OTHER_NAMES: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
-def keyword_hint(keyword: str, names: Collection[str], var_positional: str | None = None) -> str:
+def keyword_hint(keyword: str, names: Collection[str], var_positional: str | None = None,
+                 lstm_carry: bool = True) -> str:
   """A hint for an unknown ``keyword`` of a method that takes the keywords
   ``names``: another library's name for one of them, a close match, or
   (``var_positional``: the name of its ``*args``) positional arguments given as
-  a keyword. ``''`` when there is none."""
+  a keyword. ``''`` when there is none. ``lstm_carry``: whether the object may
+  carry an LSTM's ``(c, h)`` (the hints for PyTorch's ``hx`` then give its order)."""
   for ours, hint in _OTHER_NAMES.get(keyword, ()):
     if ours in names:
-      return hint
+      return hint if lstm_carry else hint.replace(f' ({_CARRY_ORDER})', '')
   if keyword == var_positional:
     return f'Pass the {keyword} positionally, as *{keyword}'
   close = difflib.get_close_matches(keyword, list(names), n=1)
@@ -849,11 +852,25 @@ def keyword_hint(keyword: str, names: Collection[str], var_positional: str | Non
 
 
 def unexpected_keyword(where: str, keyword: str, names: Collection[str],
-                       var_positional: str | None = None, accepted: str = '') -> str:
+                       var_positional: str | None = None, accepted: str = '',
+                       lstm_carry: bool = True) -> str:
   """Python's message for an unknown ``keyword`` of ``where`` (``LSTM.__call__``),
   with :func:`keyword_hint`'s hint and ``accepted`` (what it takes) after it."""
   return _with_hints(f"{where}() got an unexpected keyword argument '{keyword}'",
-                     keyword_hint(keyword, names, var_positional), accepted)
+                     keyword_hint(keyword, names, var_positional, lstm_carry), accepted)
+
+
+def _may_carry_lstm(obj: Any) -> bool:
+  """Whether ``obj``'s carry may be an LSTM's ``(c, h)``: it is, or holds, a
+  cell of two carry arrays (this package's LSTM cells, flax.nnx's), or is no
+  NNX module (a compat module: its cell is not built yet)."""
+  from flax.nnx.nn import recurrent as flax_recurrent
+
+  if not isinstance(obj, nnx.Module):
+    return True
+  flax_lstms = (flax_recurrent.LSTMCell, flax_recurrent.OptimizedLSTMCell)
+  return any(getattr(type(node), 'num_carry_arrays', 1) == 2 or isinstance(node, flax_lstms)
+             for _, node in nnx.iter_graph(obj))
 
 
 def _with_hints(message: str, *hints: str) -> str:
@@ -915,13 +932,15 @@ def _binding_message(method: Callable[..., Any], obj: Any, args: tuple[Any, ...]
   var_positional = next((p.name for p in params if p.kind is kinds.VAR_POSITIONAL), None)
   has_var_keyword = any(p.kind is kinds.VAR_KEYWORD for p in params)
   unknown = [k for k in kwargs if k not in names]
+  lstm_carry = _may_carry_lstm(obj)
   if unknown and not has_var_keyword:
-    return unexpected_keyword(where, unknown[0], names, var_positional)
+    return unexpected_keyword(where, unknown[0], names, var_positional, lstm_carry=lstm_carry)
   # Python's message (it begins with the method's qualified name), renamed.
   prefix = f'{method.__qualname__}()'
   message = where + '()' + python_message[len(prefix):] if python_message.startswith(
     prefix) else python_message
-  hints = [hint for k in unknown if (hint := keyword_hint(k, names))]  # into **kwargs
+  hints = [hint for k in unknown  # into **kwargs
+           if (hint := keyword_hint(k, names, lstm_carry=lstm_carry))]
   if 'positional argument' in message and 'were given' in message:
     keyword_only = [p.name for p in params if p.kind is kinds.KEYWORD_ONLY]
     if keyword_only:

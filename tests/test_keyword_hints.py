@@ -119,8 +119,9 @@ CALL_TYPO = {
 CALL_TORCH = {
   **{name: ('hx', "PyTorch's hx is the carry here, the first argument: new_carry, y = "
                   'cell(carry, inputs).') for name in CELLS},
-  **{name: ('hx', "PyTorch's hx is initial_carry here (an LSTM carry is (c, h), c first).")
-     for name in LAYERS},
+  # The carry's order only where the layer carries an LSTM's (c, h): these layers run GRUs.
+  **{name: ('hx', "PyTorch's hx is initial_carry here.") for name in LAYERS},
+  'LSTM': ('hx', "PyTorch's hx is initial_carry here (an LSTM carry is (c, h), c first)."),
   'RNN': ('lengths', "PyTorch's lengths (of pack_padded_sequence) are seq_lengths here."),
 }
 
@@ -445,6 +446,35 @@ def test_pytorchs_c_0_gets_the_initial_carry_hint():
     raises([f"LSTM.__call__() got an unexpected keyword argument '{keyword}'. PyTorch's h_0 and "
             'c_0 are initial_carry here (an LSTM carry is (c, h), c first).'],
            lambda keyword=keyword: lstm(X, **{keyword: h}))
+
+
+def test_the_lstm_carry_order_is_given_where_the_layer_carries_an_lstms():
+  # PyTorch's hx to a layer of LSTM cells (this package's, flax.nnx's, convolutional,
+  # layer-normed, nested in a stack): the hint gives the order (c, h); to a layer of GRUs it
+  # would only mislead, and ends at the name.
+  order = "PyTorch's hx is initial_carry here (an LSTM carry is (c, h), c first)."
+  plain = "PyTorch's hx is initial_carry here."
+  def rnn(cell, in_features=3):
+    return nr.RNN(cell(in_features, 4, rngs=nnx.Rngs(0)))
+
+  cases = [
+    (lambda: rnn(nnx.LSTMCell), 'RNN', order),
+    (lambda: rnn(nnx.GRUCell), 'RNN', plain),
+    (lambda: nr.StackedRNN(rnn(nr.GRUCell), rnn(nr.LayerNormLSTMCell, 4)), 'StackedRNN', order),
+    (lambda: nr.Bidirectional(rnn(nr.MGUCell), rnn(nr.MGUCell)), 'Bidirectional', plain),
+    (lambda: nr.GRU(3, 4, num_layers=2, rngs=nnx.Rngs(0)), 'GRU', plain),
+  ]
+  for build, name, hint in cases:
+    message = raises([f"{name}.__call__() got an unexpected keyword argument 'hx'. {hint}"],
+                     lambda build=build: abstract(build)(X, hx=None))
+    assert ('(c, h)' in message) == (hint == order), message
+  conv = nr.RNN(nr.ConvLSTMCell(3, 4, (3,), rngs=nnx.Rngs(0)))
+  raises(["RNN.__call__() got an unexpected keyword argument 'h_0'. PyTorch's h_0 and c_0 are "
+          'initial_carry here (an LSTM carry is (c, h), c first).'],
+         lambda: conv(jnp.ones((2, 5, 6, 3)), h_0=None))
+  gru = abstract(lambda: nr.GRU(3, 4, rngs=nnx.Rngs(0)))
+  raises(["GRU.__call__() got an unexpected keyword argument 'h_0'. PyTorch's h_0 and c_0 are "
+          'initial_carry here.'], lambda: gru(X, h_0=None))
 
 
 def test_a_private_base_class_is_never_named():

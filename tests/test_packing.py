@@ -401,6 +401,12 @@ def test_pack_pad_value_is_a_number_the_sequences_dtype_holds():
     (True, [np.array([False, True, False])], [False, True, False, True, True]),
     (np.nan, [np.arange(3, dtype=np.float32)], [0, 1, 2, np.nan, np.nan]),
     (jnp.array(-np.inf), [np.arange(3, dtype=np.float16)], [0, 1, 2, -np.inf, -np.inf]),
+    # The ends of each dtype's range are in it: the default 0 of uint8 tokens and of bool
+    # masks, int8's minimum, float16's largest finite value.
+    (0, [np.array([3, 1, 2], np.uint8)], [3, 1, 2, 0, 0]),
+    (False, [np.array([True, True, True])], [True, True, True, False, False]),
+    (-128, ints8, [0, 1, 2, -128, -128]),
+    (-65504.0, [np.arange(3, dtype=np.float16)], [0, 1, 2, -65504, -65504]),
   ]:
     x, _ = nr.pack_sequences(seqs, max_length=5, pad_value=pad)
     assert x.dtype == seqs[0].dtype
@@ -420,6 +426,8 @@ def test_pack_pad_value_is_a_number_the_sequences_dtype_holds():
      r'bool\), got 2'),
     (1e5, [np.ones(2, np.float16)], ValueError, r'a number of magnitude at most 65504 \(the '
      r'largest float16\), got 100000\.0'),
+    (10**400, floats, ValueError, r'a number of magnitude at most 3\.40282e\+38 \(the largest '
+     r'float32\), got 1000\d+'),  # an int no float holds: not Python's OverflowError
   ]:
     with pytest.raises(exc, match=rf'^pack_sequences: `pad_value` expected {message}\.$'):
       nr.pack_sequences(seqs, max_length=5, pad_value=pad)

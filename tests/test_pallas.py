@@ -331,14 +331,18 @@ def test_float16_recurrent_weights(cls):
                        atol=2e-5 if cpu else 5e-3)
 
 
-@pytest.mark.parametrize('case', ['huge weights', 'tiny weights, huge carry'])
+@pytest.mark.parametrize('case', ['huge weights', 'tiny weights, huge carry',
+                                  'gates apart, negative carry'])
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
 def test_float16_recurrent_weights_beyond_float16s_range(cls, case):
   """The float16 weights hold any float32 weights and initial carry: each gate's
   block of ``W_h`` is scaled into float16's range (by a power of two), and where the
   initial carry exceeds it (65504) so are ``h``'s rows, at every step of that
   kernel program. Weights times 2**17 (over 65504) or times 2**-20 (float16
-  subnormals) with a carry times 2**20: values against float64 NumPy with the
+  subnormals) with a carry times 2**20; or each gate's block times its own power
+  of two (2**-18, 2**-17, ...: each gate its own scale) with every carry entry in
+  -65536..-65520 (beyond 65504 by less than float16's last step, and below zero
+  only): values against float64 NumPy with the
   same rounding, bidirectional, lengths 5, 2 and 0; gradients against the
   float32 scans, each leaf to 5e-3 of its largest magnitude (an LSTM's ``h``
   reaches the loss only through ``h W_h``: its gradient takes the backward's
@@ -347,10 +351,20 @@ def test_float16_recurrent_weights_beyond_float16s_range(cls, case):
                             rngs=nnx.Rngs(71)), seed=71)
   x = ref.normal((B, T, I), seed=72)
   carry0 = random_carry(layer, seed=73)
-  weights, carry = (2.0 ** 17, 1.0) if case == 'huge weights' else (2.0 ** -20, 2.0 ** 20)
-  for cell in (layer.forward[0], layer.backward[0]):
-    cell.dense_h.kernel[...] = cell.dense_h.kernel[...] * weights
-  carry0 = jax.tree_util.tree_map(lambda a: a * carry, carry0)
+  if case == 'gates apart, negative carry':
+    for cell in (layer.forward[0], layer.backward[0]):
+      kernel = np.asarray(cell.dense_h.kernel[...])
+      gates = kernel.shape[1] // 24
+      cell.dense_h.kernel[...] = jnp.asarray(kernel * np.repeat(
+        2.0 ** (np.arange(gates) - 18), 24), kernel.dtype)
+    carry0 = jax.tree_util.tree_map(
+      lambda a: -65520.0 - 16 * jnp.abs(jnp.tanh(a)), carry0)
+    carry = 65536.0
+  else:
+    weights, carry = (2.0 ** 17, 1.0) if case == 'huge weights' else (2.0 ** -20, 2.0 ** 20)
+    for cell in (layer.forward[0], layer.backward[0]):
+      cell.dense_h.kernel[...] = cell.dense_h.kernel[...] * weights
+    carry0 = jax.tree_util.tree_map(lambda a: a * carry, carry0)
   with internal.pallas_settings(recurrent_weights='float16'), \
        jax.default_matmul_precision('tensorfloat32'):
     out, grads = values_and_grads(layer, x, carry0, run)

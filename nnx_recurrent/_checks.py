@@ -485,14 +485,16 @@ def torch_carry_hint(given: Any, layer: Any, batch_shape: tuple[int, ...] | None
       len(s) == len(batch_shape) + 2 and s[:-1] == (rows, *batch_shape) for s in shapes):
     return ''
   if rows == 1:
-    how = "index it, h_0[0] (an LSTM's carry is (c_0[0], h_0[0]), c first)"
+    how, lstm = 'index it, h_0[0]', "an LSTM's carry is (c_0[0], h_0[0]), c first"
   elif hasattr(layer, 'forward_rnn'):
-    how = ("a (forward, backward) pair, (h_0[0], h_0[1]) (an LSTM's direction d is (c_0[d], "
-           'h_0[d]), c first)')
+    how = 'a (forward, backward) pair, (h_0[0], h_0[1])'
+    lstm = "an LSTM's direction d is (c_0[d], h_0[d]), c first"
   else:
     how = ("a tuple over layers of each layer's carry (a bidirectional layer's a (forward, "
-           'backward) pair), layer l direction d being h_0[l * num_directions + d] (an '
-           "LSTM's (c_0[...], h_0[...]), c first)")
+           'backward) pair), layer l direction d being h_0[l * num_directions + d]')
+    lstm = "an LSTM's (c_0[...], h_0[...]), c first"
+  if _may_carry_lstm(layer):  # the order of an LSTM's carry, where the layer holds one
+    how += f' ({lstm})'
   return (f"PyTorch's h_0 / c_0, (num_layers * num_directions, batch, hidden) = {shapes[0]}, "
           f'are not a carry here: {how}; see "The carry" in docs/migrating_from_pytorch.md.')
 

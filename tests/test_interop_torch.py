@@ -745,8 +745,9 @@ def test_a_carry_in_torchs_layout_gets_a_hint(kind, num_layers, bidirectional, g
   with pytest.raises(ValueError, match=rf'{where}: `initial_carry{entry}` expected {got}\. '
                      r"PyTorch's h_0 / c_0, \(num_layers \* num_directions, batch, hidden\) = "
                      rf'\({rows}, 3, 6\), are not a carry here: {how}.*; see "The carry" in '
-                     r'docs/migrating_from_pytorch.md\.$'):
+                     r'docs/migrating_from_pytorch.md\.$') as info:
     model(x, initial_carry=(h0, c0) if lstm else h0)
+  assert ('c first' in str(info.value)) == lstm  # the LSTM's carry order for LSTMs alone
   per_row = [(c, h) for c, h in zip(c0, h0)] if lstm else list(h0)
   if rows == 1:
     carry = per_row[0]

@@ -255,15 +255,22 @@ def test_to_torch_cell(kind):
 
 
 def test_gru_cell_without_bias_hn_exports_with_zero_b_hn():
-  cell = random_module(lambda: nr.GRUCell(IN, H, use_bias_hn=False, rngs=nnx.Rngs(0)))
-  module = nr.interop.to_torch(cell)
-  np.testing.assert_array_equal(_np(module.bias_hh)[2 * H:], 0)
+  # In the parameters' dtype too: zeros of another dtype for b_hn would make a
+  # bfloat16 cell one "of several dtypes", refused.
   h, _ = _rand_carry()
   x = _inputs(True)[:, 0]
-  with torch.no_grad():
-    expected = _np(module(torch.from_numpy(x), torch.from_numpy(h)))
-  np.testing.assert_allclose(np.asarray(_call(cell, jnp.asarray(h), jnp.asarray(x))[1]), expected,
-                             atol=ATOL, rtol=0)
+  for dtype, atol in ((jnp.float32, ATOL), (jnp.bfloat16, 2e-2)):
+    cell = random_module(lambda dtype=dtype: nr.GRUCell(IN, H, use_bias_hn=False,
+                                                        param_dtype=dtype, rngs=nnx.Rngs(0)))
+    module = nr.interop.to_torch(cell)
+    torch_dtype = getattr(torch, jnp.dtype(dtype).name)
+    assert {p.dtype for p in module.parameters()} == {torch_dtype}
+    np.testing.assert_array_equal(_np(module.bias_hh.float())[2 * H:], 0)
+    with torch.no_grad():
+      expected = module(torch.from_numpy(x).to(torch_dtype),
+                        torch.from_numpy(h).to(torch_dtype)).float().numpy()
+    y = _call(cell, jnp.asarray(h, dtype), jnp.asarray(x, dtype))[1]
+    np.testing.assert_allclose(np.asarray(y, np.float32), expected, atol=atol, rtol=0)
 
 
 def test_round_trip_keeps_parameters():
@@ -372,6 +379,8 @@ def test_to_torch_warns_that_a_computation_dtype_is_left_out():
   with warnings.catch_warnings():  # a dtype equal to the parameters' is carried over
     warnings.simplefilter('error')
     nr.interop.to_torch(nr.LSTM(IN, H, dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    # ...and so is the default, dtype=None (the parameters'): no "dtype float64" warning.
+    nr.interop.to_torch(random_module(lambda: nr.GRU(IN, H, rngs=nnx.Rngs(0))))
 
 
 def test_to_torch_refuses_parameters_of_several_dtypes():
@@ -420,16 +429,28 @@ def test_to_torch_keeps_eval_mode():
   x = _inputs(True)
   np.testing.assert_allclose(_torch_run(exported, x)[0], np.asarray(_call(model, x)), atol=ATOL,
                              rtol=0)
+  # Without between-layer dropout the mode is the cells': eval mode only when all of them are.
+  bi = random_module(lambda: _bidirectional('GRUCell', IN, nnx.Rngs(0)))
+  bi.forward_rnn.eval()
+  assert nr.interop.to_torch(bi).training  # the backward direction still trains
+  bi.eval()
+  assert not nr.interop.to_torch(bi).training
 
 
-@pytest.mark.parametrize('make', [
-  lambda: torch.nn.GRU(IN, H, num_layers=2, bidirectional=True, bias=False),
-  lambda: torch.nn.LSTM(IN, H, proj_size=2, bias=False, batch_first=True),
-  lambda: torch.nn.RNN(IN, H, nonlinearity='relu', bias=False),
-  lambda: torch.nn.LSTMCell(IN, H, bias=False),
-  lambda: torch.nn.GRUCell(IN, H, bias=False),
-])
-def test_bias_false_round_trip(make):
+@pytest.mark.parametrize('make,bias_of,where', [
+  # bias_of(model): a bias made non-zero; where: the error names its owner and torch name.
+  (lambda: torch.nn.GRU(IN, H, num_layers=2, bidirectional=True, bias=False),
+   lambda m: m.backward[1].bias_hn, 'layer 1 (backward) has a non-zero bias_hh'),
+  (lambda: torch.nn.LSTM(IN, H, proj_size=2, bias=False, batch_first=True),
+   lambda m: m.forward[0].dense_h.bias, 'layer 0 has a non-zero bias_ih'),
+  (lambda: torch.nn.RNN(IN, H, nonlinearity='relu', bias=False),
+   lambda m: m.cell.dense_i.bias, 'layer 0 has a non-zero bias_ih'),
+  (lambda: torch.nn.LSTMCell(IN, H, bias=False),
+   lambda m: m.dense_h.bias, 'OptimizedLSTMCell has a non-zero bias_ih'),
+  (lambda: torch.nn.GRUCell(IN, H, bias=False),
+   lambda m: m.bias_hn, 'GRUCell has a non-zero bias_hh'),
+], ids=['GRU', 'LSTM proj_size', 'RNN', 'LSTMCell', 'GRUCell'])
+def test_bias_false_round_trip(make, bias_of, where):
   torch.manual_seed(0)
   module = make()
   model = nr.interop.from_torch(module)
@@ -440,12 +461,12 @@ def test_bias_false_round_trip(make):
     np.testing.assert_array_equal(_np(ours[k]), _np(theirs[k]), err_msg=k)
   module.load_state_dict(ours)
   # A bias that is not zero (a trained one) cannot be dropped silently.
-  first = next(p for path, p in nnx.to_flat_state(nnx.state(model, nnx.Param))
-               if str(path[-1]).startswith('bias'))
-  first.set_value(first.get_value() + 0.5)
-  with pytest.raises(ValueError, match=r'to_torch: `bias` expected True: .* has a non-zero '
-                     r'bias_(ih|hh) \(bias=False exports only modules whose biases are all '
-                     r'zero\), got False \(largest \|bias_(ih|hh)\| = 0.5\)'):
+  bias = bias_of(model)
+  bias.set_value(bias.get_value() + 0.5)
+  name = where[-7:]
+  with pytest.raises(ValueError, match=re.escape(
+      f'to_torch: `bias` expected True: {where} (bias=False exports only modules whose biases '
+      f'are all zero), got False (largest |{name}| = 0.5).')):
     nr.interop.to_torch(model, bias=False)
 
 
@@ -990,6 +1011,8 @@ def test_to_torch_stack_dropout_is_the_rate_between_every_two_layers():
                              nr.LSTM(H, H, rngs=r), dropout_rate=0.3, rngs=r), 3, 0.3),
     (lambda r: nr.StackedRNN(nr.GRU(IN, H, dropout_rate=0.7, rngs=r),  # one layer: never applied
                              nr.GRU(H, H, rngs=r), dropout_rate=0.2, rngs=r), 2, 0.2),
+    # One layer in all: no dropout (PyTorch's would be unused, and warns that it is).
+    (lambda r: nr.GRU(IN, H, dropout_rate=0.25, rngs=r), 1, 0.0),
   ]
   for factory, num_layers, dropout in cases:
     exported = nr.interop.to_torch(factory(nnx.Rngs(0)))

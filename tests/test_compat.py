@@ -112,11 +112,14 @@ def test_cell_size_gives_a_clear_error():
   with pytest.raises(TypeError, match=r'RNN: `cell_size` is no longer an argument.*'
                      r'RNN\(LSTMCell\(features=\.\.\.\)\)'):
     compat.RNN(compat.LSTMCell(4), cell_size=4)
-  for size in (2, 64):  # positional, as in the old signature; or a bad time_major
+  # positional, as in the old signature; or a bad time_major; a NumPy int (a size
+  # read from a config array) too
+  for size in (2, 64, np.int64(64)):
     for args, kw in [((size,), {}), ((), {'time_major': size})]:
-      with pytest.raises(TypeError, match=rf'RNN: `time_major` expected a bool, got {size} '
-                         rf'\(RNN\(cell, {size}\), the old call with a cell size, sets '
-                         r'time_major: `cell_size` is no longer an argument\); the cell holds'):
+      with pytest.raises(TypeError, match=rf'RNN: `time_major` expected a bool, got '
+                         rf'{re.escape(repr(size))} \(RNN\(cell, {re.escape(repr(size))}\), '
+                         r'the old call with a cell size, sets time_major: `cell_size` is no '
+                         r'longer an argument\); the cell holds'):
         compat.RNN(compat.LSTMCell(4), *args, **kw)
   # flax.linen's own positional fields: RNN(cell, time_major, return_carry).
   x = np.ones((5, 2, 3), np.float32)
@@ -321,6 +324,27 @@ def test_rnn_matches_linen_over_layouts_directions_and_unroll():
     if c_o is not None:
       _assert_close(c_o, c_t)  # the last valid carry, by carry selection
     np.testing.assert_allclose(y_o, y_t, atol=1e-6)  # padded steps included
+  # The values cannot tell unroll: it reaches the scan as flax.linen's does (traced only).
+  assert _scan_unrolls(ours.clone(unroll=2), v_t, x, LENGTHS) == [2]
+  assert _scan_unrolls(theirs.clone(unroll=2), v_t, x, LENGTHS) == [2]
+
+
+def _scan_unrolls(module, variables, x, seq_lengths):
+  """The ``unroll`` of every scan in the program of ``module.apply``."""
+  def unrolls(jaxpr):
+    found = []
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'scan':
+        found.append(eqn.params['unroll'])
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (tuple, list)) else (param,):
+          inner = getattr(sub, 'jaxpr', sub)  # a ClosedJaxpr's, or a Jaxpr
+          if hasattr(inner, 'eqns'):
+            found += unrolls(inner)
+    return found
+
+  return unrolls(jax.make_jaxpr(lambda v, x: module.apply(
+    v, x, seq_lengths=seq_lengths, return_carry=True))(variables, x).jaxpr)
 
 
 @pytest.mark.parametrize('name', ['GRUCell', 'MGUCell'])
@@ -603,18 +627,49 @@ class _EmittedStepsCell(_SharedStepsCell):
     return (h, steps), (y, steps)
 
 
+class _TokenCell(nn.RNNCellBase):
+  """Token ids in (integer inputs, exactly two batch axes, as its einsum
+  reads them); out a per-row ``h`` and a parameter of the batch's shape
+  ``(2, 3)``, shared by the rows (a per-position bias). Its carry, ``h``
+  alone, has no shared leaf."""
+
+  @nn.compact
+  def __call__(self, h, x):
+    e = nn.Embed(7, 5)(x[..., 0])
+    h = jnp.tanh(jnp.einsum('abe,ef->abf', e, self.param('w', NORMAL, (5, 5))) + h)
+    return h, (h, self.param('bias', NORMAL, (2, 3)))
+
+  def initialize_carry(self, rng, input_shape):
+    return jnp.zeros(input_shape[:-1] + (5,))
+
+  @property
+  def num_feature_axes(self):
+    return 1
+
+
 def test_a_shared_output_of_the_batchs_size_is_not_zeroed_in_packed_rows():
   """Packed sequences zero the rows' outputs at padding; a shared output leaf
   of the batch's size (3) was zeroed as if per row: the probe of one step
-  tells it apart, as nr.RNN's does."""
+  tells it apart, as nr.RNN's does: a probe of the cell's own inputs' dtype
+  and feature axes, whatever its carry (the token cell's has no shared leaf)."""
   x = normal((3, 6, 4))
   seg = jnp.array([[1, 1, 2, 2, 2, 0], [1, 2, 2, 0, 0, 0], [0] * 6])
   layer = compat.RNN(_EmittedStepsCell(3))
   v = random_linen_variables(layer, x)
-  y, steps = jax.jit(lambda v: layer.apply(v, x, segment_ids=seg))(v)
+  tokens = np.random.default_rng(0).integers(0, 7, (2, 3, 6, 1))
+  lengths = np.array([[6, 4, 0], [1, 5, 3]])
+  tok_seg = (np.arange(6) < lengths[..., None]).astype(np.int32)  # one segment a row
+  v_tok = random_linen_variables(nn.RNN(_TokenCell()), tokens)
+  (y, steps), (y_tok, bias), (y_ref, bias_ref) = _numpy(jax.jit(lambda v, v_tok: (
+    layer.apply(v, x, segment_ids=seg), compat.RNN(_TokenCell()).apply(
+      v_tok, tokens, segment_ids=tok_seg), nn.RNN(_TokenCell()).apply(v_tok, tokens)))(v, v_tok))
   np.testing.assert_array_equal(steps, np.broadcast_to(np.arange(1, 7), (3, 6)))  # (3, T)
-  assert not np.asarray(y)[np.asarray(seg) == 0].any()  # the rows' outputs: zeros
-  assert np.asarray(y)[np.asarray(seg) != 0].all()
+  assert not y[np.asarray(seg) == 0].any()  # the rows' outputs: zeros
+  assert y[np.asarray(seg) != 0].all()
+  # flax.linen's (it masks nothing): the shared leaf at every step, the rows' valid steps
+  _assert_same_tree(bias, bias_ref)
+  np.testing.assert_allclose(y_tok[tok_seg == 1], y_ref[tok_seg == 1], atol=1e-6)
+  assert not y_tok[tok_seg == 0].any()
 
 
 @pytest.mark.parametrize('time_major', [False, True])
@@ -826,24 +881,27 @@ def test_rnn_segment_ids_extension_matches_linen_per_segment():
 
 def test_rnn_segment_ids_initial_carry_starts_each_rows_first_segment_only():
   # As nr.RNN: the first segment of a row goes on from initial_carry (a chunk's
-  # carry passed on), the later ones start from initialize_carry (zeros).
+  # carry passed on), the later ones start from initialize_carry, with init_key
+  # (flax.linen's cell's own carry for that key, row by row).
   x = normal((2, 6, IN))
   ids = jnp.array([[1, 1, 1, 2, 2, 0], [0, 3, 3, 3, 4, 4]])
   c0 = np.asarray(normal((2, H), seed=2))
-  theirs, ours = nn.RNN(nn.GRUCell(H), return_carry=True), compat.RNN(compat.GRUCell(H))
+  theirs = nn.RNN(nn.GRUCell(H), return_carry=True)
+  ours = compat.RNN(compat.GRUCell(H, carry_init=NORMAL))
   v = random_linen_variables(theirs, x)
-  zeros = np.zeros((1, H), np.float32)
-  segments = {0: ((0, 3, c0[:1]), (3, 5, zeros)), 1: ((1, 4, c0[1:]), (4, 6, zeros))}
+  segments = {0: ((0, 3), (3, 5)), 1: ((1, 4), (4, 6))}  # each row's first and second
 
   @jax.jit
   def run(v, x, c0):
-    return ours.apply(v, x, segment_ids=ids, initial_carry=c0, return_carry=True), {
-      row: [theirs.apply(v, x[row:row + 1, lo:hi], initial_carry=start)
-            for lo, hi, start in segs] for row, segs in segments.items()}
+    fresh = nn.GRUCell(H, carry_init=NORMAL).initialize_carry(jax.random.key(7), (2, IN))
+    return ours.apply(v, x, segment_ids=ids, initial_carry=c0, return_carry=True,
+                      init_key=jax.random.key(7)), {
+      row: [theirs.apply(v, x[row:row + 1, lo:hi], initial_carry=start[row:row + 1])
+            for (lo, hi), start in zip(segs, (c0, fresh))] for row, segs in segments.items()}
 
   (carry, y), refs = _numpy(run(v, x, c0))
   for row, segs in segments.items():
-    for (lo, hi, _), (_, want) in zip(segs, refs[row]):
+    for (lo, hi), (_, want) in zip(segs, refs[row]):
       np.testing.assert_allclose(y[row, lo:hi], want[0], atol=1e-6)
     np.testing.assert_allclose(carry[row], refs[row][-1][0][0], atol=1e-6)  # the last segment's
   assert float(np.abs(y[0, 5]).max()) == 0.0 and float(np.abs(y[1, 0]).max()) == 0.0
@@ -975,6 +1033,11 @@ def test_bidirectional_same_rnn_twice_logs_linens_warning(caplog):
     jax.eval_shape(lambda rnn=rnn, ns=ns: ns.Bidirectional(rnn, rnn).init(jax.random.key(0), x))
     assert [r.getMessage() for r in caplog.records if r.levelname == 'WARNING'] == [
       'forward_rnn and backward_rnn is the same object, so they will share parameters.'], ns
+    # two equal RNNs that are two objects: no warning (flax.linen compares with `is`)
+    caplog.clear()
+    jax.eval_shape(lambda ns=ns: ns.Bidirectional(ns.RNN(ns.GRUCell(H)), ns.RNN(ns.GRUCell(H)))
+                   .init(jax.random.key(0), x))
+    assert not [r for r in caplog.records if r.levelname == 'WARNING'], ns
 
 
 def test_bidirectional_matches_linen():
@@ -986,9 +1049,10 @@ def test_bidirectional_matches_linen():
   # test_rnn_multiple_batch_axes_and_conv_cell_match_linen).
   cell_kw = dict(carry_init=NORMAL, kernel_init=_det_init, recurrent_kernel_init=_det_init)
 
+  # The forward RNN's own reverse=True: flax.linen's Bidirectional runs it forwards.
   def make(ns, rnn):
-    return ns.Bidirectional(rnn(ns.LSTMCell(H, **cell_kw)), rnn(ns.GRUCell(H, **cell_kw)),
-                            merge_fn=merge)
+    return ns.Bidirectional(rnn(ns.LSTMCell(H, **cell_kw), reverse=True),
+                            rnn(ns.GRUCell(H, **cell_kw)), merge_fn=merge)
 
   theirs, ours = make(nn, nn.RNN), make(compat, compat.RNN)
   # compat's Bidirectional over flax.linen RNNs, too: with every option and with
@@ -997,7 +1061,7 @@ def test_bidirectional_matches_linen():
   # reading them, and RNN's own time_major x seq_lengths combinations are checked
   # in test_rnn_matches_linen_over_layouts_directions_and_unroll (batch-major with
   # seq_lengths, through Bidirectional: test_to_nnx_and_from_nnx_rnn_and_bidirectional).
-  mixed = compat.Bidirectional(nn.RNN(nn.LSTMCell(H, **cell_kw)),
+  mixed = compat.Bidirectional(nn.RNN(nn.LSTMCell(H, **cell_kw), reverse=True),
                                nn.RNN(nn.GRUCell(H, **cell_kw)), merge_fn=merge)
   configs = [(False, False), (True, True)]  # time_major, seq_lengths (and initial_carry)
   carries = ((normal((B, H), seed=1), normal((B, H), seed=2)), normal((B, H), seed=3))

@@ -645,6 +645,9 @@ def test_compat_construction_and_carry_arguments():
   with pytest.raises(TypeError, match=m('Bidirectional: `forward_rnn` expected an RNN module',
                                         'got GRUCell, a cell (wrap it: RNN(cell))')):
     compat.Bidirectional(compat.GRUCell(4), compat.RNN(compat.GRUCell(4)))
+  with pytest.raises(TypeError, match=m('Bidirectional: `backward_rnn` expected an RNN module '
+                                        '(compat or flax.linen), got int.')):
+    compat.Bidirectional(compat.RNN(compat.GRUCell(4)), 4)  # flax.linen fails at the call
   # flax.linen takes these and fails inside the call, naming neither argument nor layer.
   with pytest.raises(TypeError, match=m("RNN: `unroll` expected a bool or a non-negative int, "
                                         "got 'a'.")):
@@ -1090,6 +1093,8 @@ def test_boolean_flags_refuse_what_is_no_bool(make, where, flag):
   (lambda v: compat.RNN(compat.GRUCell(4), keep_order=v), 'RNN', 'keep_order'),
   (lambda v: compat.Bidirectional(compat.RNN(compat.GRUCell(4)), compat.RNN(compat.GRUCell(4)),
                                   time_major=v), 'Bidirectional', 'time_major'),
+  (lambda v: compat.Bidirectional(compat.RNN(compat.GRUCell(4)), compat.RNN(compat.GRUCell(4)),
+                                  return_carry=v), 'Bidirectional', 'return_carry'),
   (lambda v: jax.eval_shape(lambda: compat.RNN(compat.GRUCell(4)).init(
     jax.random.key(0), X, keep_order=v)), 'RNN', 'keep_order'),
 ], ids=lambda x: x if isinstance(x, str) else None)

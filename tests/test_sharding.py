@@ -223,6 +223,51 @@ def test_compat_rnn_a_variable_carry_a_step_splits_otherwise_is_a_value_error():
                        r'float32\[8@model\]'):
       compat.RNN(_Totalling(H), variable_carry='totals').apply(
         split, jax.device_put(x, P('data')), mutable=['totals'])
+  # Without a mesh, a collection a step returns of another type (an int total
+  # given, a float returned) is JAX's scan TypeError, as in flax.linen.
+  ints = {**variables, 'totals': {'cell': {'h': np.zeros((H,), np.int32)}}}
+  for lib in (nn, compat):
+    with pytest.raises(TypeError, match='scan body function carry input and carry output must '
+                       'have equal types'):
+      jax.eval_shape(lambda lib=lib: lib.RNN(_Totalling(H), variable_carry='totals').apply(
+        ints, x, mutable=['totals']))
+
+
+class _RowSteps(nn.RNNCellBase):
+  """A Linen cell carrying ``h`` and each row's step count, which no step
+  mixes with the inputs (it keeps the sharding it is given)."""
+
+  @nn.compact
+  def __call__(self, carry, x):
+    h, steps = carry
+    h = jax.numpy.tanh(nn.Dense(H)(jax.numpy.concatenate([x, h], -1)))
+    return (h, steps + 1), h
+
+  def initialize_carry(self, rng, input_shape):
+    return jax.numpy.zeros(input_shape[:-1] + (H,)), jax.numpy.zeros(input_shape[:-1], np.int32)
+
+  @property
+  def num_feature_axes(self):
+    return 1
+
+
+def test_compat_rnn_explicit_mesh_splits_the_carry_over_every_batch_axis():
+  # Two batch axes, the inputs split over the second: the default carry takes their
+  # split over both before a step is traced (the step concatenates x and h, which
+  # Explicit mode refuses split otherwise), the step count too (a step keeps its
+  # split); flax.linen's values on the batch flattened, without a mesh.
+  x = np.random.default_rng(0).normal(size=(2, 3, T, IN)).astype(np.float32)
+  variables = random_linen_variables(nn.RNN(_RowSteps()), x[0])
+  (h_want, _), y_want = nn.RNN(_RowSteps(), return_carry=True).apply(variables,
+                                                                     x.reshape(6, T, IN))
+  with jax.set_mesh(_explicit_mesh_here()):
+    (h, steps), y = jax.jit(compat.RNN(_RowSteps(), return_carry=True).apply)(
+      variables, jax.device_put(x, P(None, 'data')))
+  for a in (h, steps, y):
+    assert tuple(jax.typeof(a).sharding.spec)[:2] == (None, 'data')
+  np.testing.assert_array_equal(np.asarray(steps), np.full((2, 3), T))
+  np.testing.assert_allclose(np.asarray(h).reshape(6, H), h_want, atol=1e-6, rtol=0)
+  np.testing.assert_allclose(np.asarray(y).reshape(6, T, H), y_want, atol=1e-6, rtol=0)
 
 
 class _NnxTotalling(nnx.Module):

@@ -27,7 +27,7 @@ from nnx_recurrent._base import _NO_METADATA, Array, RNNCellBase, default_promot
 default_conv_kernel_init = initializers.lecun_normal()
 default_conv_bias_init = initializers.zeros_init()
 
-_SHAPE_KEEPING = ('SAME', 'CIRCULAR', 'REFLECT', 'CAUSAL')
+_SHAPE_KEEPING = ('SAME', 'SAME_LOWER', 'CIRCULAR', 'REFLECT', 'CAUSAL')
 
 
 def _pairs(padding: int | Sequence[int | Sequence[int]], rank: int
@@ -39,7 +39,9 @@ def _pairs(padding: int | Sequence[int | Sequence[int]], rank: int
 
 
 def _shape_keeping(padding: PaddingLike, kernel_size: tuple[int, ...]) -> PaddingLike:
-  """``padding`` if a stride-1 convolution with it keeps the spatial shape, else ``'SAME'``."""
+  """``padding`` if a stride-1 convolution with it keeps the spatial shape, else ``'SAME'``
+  (``'SAME_LOWER'`` kept too: it pads an even kernel on the other side, as flax.linen's
+  ConvLSTMCell, which gives both convolutions ``padding``)."""
   if isinstance(padding, str):
     return padding if padding.upper() in _SHAPE_KEEPING else 'SAME'
   if all(lo + hi == k - 1 for (lo, hi), k in zip(_pairs(padding, len(kernel_size)),

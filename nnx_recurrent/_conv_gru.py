@@ -38,8 +38,8 @@ class ConvGRUCell(_ConvCell):
   Strides, padding and shapes are :class:`ConvLSTMCell`'s: ``ih`` takes
   ``strides`` and ``padding``; ``hh`` has stride 1 so the state keeps its
   spatial shape, and ``padding`` where that keeps the shape at stride 1
-  (``'SAME'``, ``'CIRCULAR'``, ``'REFLECT'``, ``'CAUSAL'``, or explicit pads
-  summing to ``kernel_size - 1``), ``'SAME'`` otherwise. With
+  (``'SAME'``, ``'SAME_LOWER'``, ``'CIRCULAR'``, ``'REFLECT'``, ``'CAUSAL'``, or
+  explicit pads summing to ``kernel_size - 1``), ``'SAME'`` otherwise. With
   ``padding='CIRCULAR'`` (and stride 1) the cell is translation-equivariant:
   rolling the input along a spatial axis rolls the carry and the output.
   Inputs are ``(*batch, *spatial, in_features)`` with ``len(kernel_size)``

@@ -29,8 +29,8 @@ class ConvLSTMCell(_ConvCell):
   ``strides`` and ``padding``; the hidden-to-hidden convolution ``hh`` uses
   stride 1 so the state keeps its spatial shape (flax.linen applies the
   strides to both and crashes for strides > 1), and ``padding`` too where it
-  keeps the shape at stride 1 (``'SAME'``, ``'CIRCULAR'``, ``'REFLECT'``,
-  ``'CAUSAL'``, or explicit pads summing to ``kernel_size - 1``; as in
+  keeps the shape at stride 1 (``'SAME'``, ``'SAME_LOWER'``, ``'CIRCULAR'``,
+  ``'REFLECT'``, ``'CAUSAL'``, or explicit pads summing to ``kernel_size - 1``; as in
   flax.linen), ``'SAME'`` otherwise (``'VALID'``, where flax.linen crashes). Gate
   order in the kernels is ``i, g, f, o``. Inputs are
   ``(*batch, *spatial, in_features)`` with ``len(kernel_size)`` spatial axes,

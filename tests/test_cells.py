@@ -323,6 +323,21 @@ def test_conv_lstm_hidden_padding(padding, hh_padding, width):
   assert c.shape == (2, width, 3)  # the input conv's output width
 
 
+def test_conv_lstm_same_lower_padding_matches_flax_linen():
+  """``'SAME_LOWER'`` keeps the shape at stride 1, so the hidden convolution takes it too,
+  as flax.linen's ConvLSTMCell (an even kernel is padded on the low side, not the high
+  side as by ``'SAME'``); lower case, as lax takes it. Reference: flax.linen's cell on
+  the same parameters."""
+  cell = ref.build(lambda: nr.ConvLSTMCell(2, 3, (2, 3), padding='same_lower',
+                                           rngs=nnx.Rngs(0)))
+  x = ref.normal((2, 4, 5, 2), seed=1)
+  carry = ref.random_carry(cell, x.shape)
+  linen = nn.ConvLSTMCell(features=3, kernel_size=(2, 3), padding='same_lower')
+  variables = {'params': nnx.to_pure_dict(nnx.state(cell, nnx.Param))}
+  got, want = nnx.jit(lambda cell: (cell(carry, x), linen.apply(variables, carry, x)))(cell)
+  _assert_tree_close(got, want)
+
+
 @pytest.mark.parametrize('cls', [nr.ConvLSTMCell, nr.ConvGRUCell])
 def test_conv_input_gradient_with_padding_beyond_the_kernel(cls):
   """XLA:CPU's input gradient of a convolution whose low padding reaches the

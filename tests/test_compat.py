@@ -149,7 +149,9 @@ CELLS = [
   ('SimpleCell', {'residual': True}, (B, IN)),
   ('SimpleCell', {'param_dtype': jnp.bfloat16, 'recurrent_kernel_init': NORMAL}, (B, IN)),
   ('ConvLSTMCell', {'kernel_size': (3, 3)}, (B, 5, 5, IN)),
-  ('ConvLSTMCell', {'kernel_size': (3,), 'use_bias': False}, (B, 6, IN)),
+  # 'SAME_LOWER' keeps the shape: flax.linen pads the hidden convolution so too
+  ('ConvLSTMCell', {'kernel_size': (2,), 'use_bias': False, 'padding': 'SAME_LOWER'},
+   (B, 6, IN)),
   # flax.linen pads the hidden convolution like the input one
   ('ConvLSTMCell', {'kernel_size': (3,), 'padding': 'CIRCULAR'}, (B, 6, IN)),
   ('ConvLSTMCell', {'kernel_size': (2, 3), 'padding': ((1, 0), (0, 2))}, (B, 4, 5, IN)),

@@ -556,8 +556,8 @@ class ConvLSTMCell(_Cell):
   stride 1, so the state keeps its shape (flax.linen applies ``strides`` to it
   too, which fails for ``strides > 1``); with strides the carry has the input
   convolution's output shape. It uses ``padding`` where a stride-1 convolution
-  with it keeps the shape (``'SAME'``, ``'CIRCULAR'``, ``'REFLECT'``,
-  ``'CAUSAL'``, explicit pads summing to ``kernel_size - 1``), else ``'SAME'``.
+  with it keeps the shape (``'SAME'``, ``'SAME_LOWER'``, ``'CIRCULAR'``,
+  ``'REFLECT'``, ``'CAUSAL'``, explicit pads summing to ``kernel_size - 1``), else ``'SAME'``.
   With stride 1 the two are the same.
 
   Example::

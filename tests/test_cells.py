@@ -114,11 +114,18 @@ def _state_signature(module):
   return {path: (type(v), v[...].shape, v[...].dtype) for path, v in flat}
 
 
+def _metadata(module):
+  return {path: v.get_metadata() for path, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
 @pytest.mark.parametrize('param_dtype', [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize('name', list(FLAX_NNX))
 def test_drop_in_for_flax_nnx_state(name, param_dtype):
   ours_cls, theirs_cls = FLAX_NNX[name]
-  kw = dict(param_dtype=param_dtype)
+  # A random bias init and the three metadata, each of its own: each reaches its parameters.
+  kw = dict(param_dtype=param_dtype, bias_init=nnx.initializers.normal(1.0),
+            kernel_metadata={'tag': 'k'}, recurrent_kernel_metadata={'tag': 'rk'},
+            bias_metadata={'tag': 'b'})
   if param_dtype == jnp.bfloat16 and name != 'lstm':
     # flax.nnx's SimpleCell and OptimizedLSTMCell use a plain orthogonal init:
     # no bfloat16 QR on CPU (its LSTMCell and ours compute it in float32).
@@ -126,6 +133,7 @@ def test_drop_in_for_flax_nnx_state(name, param_dtype):
   ours = ours_cls(3, 4, **kw, rngs=nnx.Rngs(0))
   theirs = theirs_cls(3, 4, **kw, rngs=nnx.Rngs(0))
   assert _state_signature(ours) == _state_signature(theirs)
+  assert _metadata(ours) == _metadata(theirs)
   # Same creation order and initializers: equal Rngs give equal parameters.
   jax.tree_util.tree_map(np.testing.assert_array_equal,
                          nnx.state(ours, nnx.Param), nnx.state(theirs, nnx.Param))
@@ -154,9 +162,11 @@ def test_complex_and_float64_parameters_are_flax_nnx_values(name, param_dtype):
                            nnx.state(ours, nnx.Param), nnx.state(theirs, nnx.Param))
 
 
-@pytest.mark.parametrize('name', list(FLAX_NNX))
+@pytest.mark.parametrize('name', [*FLAX_NNX, 'simple_soft_sign_residual'])
 def test_drop_in_for_flax_nnx_outputs(name):
-  ours_cls, theirs_cls = FLAX_NNX[name]
+  options = dict(activation_fn=nnx.soft_sign, residual=True)  # the last case's
+  ours_cls, theirs_cls = FLAX_NNX.get(name, (functools.partial(nr.SimpleCell, **options),
+                                             functools.partial(nnx.SimpleCell, **options)))
   # Random parameters, built without running initializers.
   theirs = ref.build(lambda: theirs_cls(3, 4, rngs=nnx.Rngs(1)), seed=5)
   ours = nnx.eval_shape(lambda: ours_cls(3, 4, rngs=nnx.Rngs(0)))
@@ -297,6 +307,7 @@ def test_prng_state_only_with_dropout():
   ('VALID', 'SAME', 4), ('CIRCULAR', 'CIRCULAR', 6), (((2, 0),), ((2, 0),), 6),
   (((1, 0),), 'SAME', 5), ('CAUSAL', 'CAUSAL', 6), ('REFLECT', 'REFLECT', 6),
   (((4, 1),), 'SAME', 9),  # beyond the kernel: the cell pads the inputs itself (below)
+  (3, 'SAME', 10),  # an int: that many points on both sides, beyond the kernel too
 ])
 def test_conv_lstm_hidden_padding(padding, hh_padding, width):
   """The hidden conv takes ``padding`` where it keeps the state's shape, else 'SAME'.
@@ -338,8 +349,12 @@ def test_conv_lstm_same_lower_padding_matches_flax_linen():
   _assert_tree_close(got, want)
 
 
-@pytest.mark.parametrize('cls', [nr.ConvLSTMCell, nr.ConvGRUCell])
-def test_conv_input_gradient_with_padding_beyond_the_kernel(cls):
+# 1 point in, 2 out; in 2-D one axis beyond the kernel is enough for the cells' own pads.
+@pytest.mark.parametrize('cls, kernel, padding, spatial, out', [
+  (nr.ConvLSTMCell, (2,), ((2, 0),), (1,), (2,)),
+  (nr.ConvGRUCell, (2, 1), ((2, 0), (0, 0)), (1, 1), (2, 1)),
+])
+def test_conv_input_gradient_with_padding_beyond_the_kernel(cls, kernel, padding, spatial, out):
   """XLA:CPU's input gradient of a convolution whose low padding reaches the
   kernel's size reads memory it never wrote (jax 0.10.2: different values at
   every call, up to 1e30); the cells pad such inputs themselves.
@@ -347,10 +362,10 @@ def test_conv_input_gradient_with_padding_beyond_the_kernel(cls):
   Reference: central differences of the step (its values are checked against
   flax.linen's ``Conv`` above), over an RNN unrolled in one program.
   """
-  cell = ref.build(lambda: cls(2, 3, (2,), padding=((2, 0),), rngs=nnx.Rngs(0)))
+  cell = ref.build(lambda: cls(2, 3, kernel, padding=padding, rngs=nnx.Rngs(0)))
   rnn = nr.RNN(cell, unroll=True)
-  x = np.asarray(ref.normal((2, 3, 1, 2), seed=1), np.float32)  # 1 point in, 2 out
-  w = ref.normal((2, 3, 2, 3), seed=2)
+  x = np.asarray(ref.normal((2, 3, *spatial, 2), seed=1), np.float32)
+  w = ref.normal((2, 3, *out, 3), seed=2)
 
   def loss(rnn, x):
     return jnp.sum(rnn(x) * w)
@@ -358,7 +373,7 @@ def test_conv_input_gradient_with_padding_beyond_the_kernel(cls):
   @nnx.jit  # every perturbed input as a row of a second batch axis, in one program
   def differences(rnn):
     eye = np.eye(x.size, dtype=np.float32).reshape(-1, *x.shape) * 1e-2
-    up, down = (jnp.sum(rnn(x[None] + sign * eye) * w[None], axis=(1, 2, 3, 4))
+    up, down = (jnp.sum(rnn(x[None] + sign * eye) * w[None], axis=tuple(range(1, w.ndim + 1)))
                 for sign in (1, -1))
     return ((up - down) / 2e-2).reshape(x.shape)
 

@@ -275,20 +275,39 @@ def test_promote_dtype_is_used_as_in_flax():
   theirs = nnx.OptimizedLSTMCell(IN, H, promote_dtype=promote, rngs=nnx.Rngs(0))
   plain = nr.OptimizedLSTMCell(IN, H, rngs=nnx.Rngs(0))
   carry, x = ours.initialize_carry((B, IN)), _x((B, IN))
+  # A convolutional cell's two convolutions take it too; reference: flax's nnx.Conv with
+  # it, on the cell's parameters, and the GRU formula.
+  conv = nnx.eval_shape(lambda: nr.ConvGRUCell(IN, H, (3,), promote_dtype=promote,
+                                                rngs=nnx.Rngs(0)))
+  rng = np.random.default_rng(1)  # random parameters without an initializer to compile
+  nnx.update(conv, jax.tree.map(lambda a: jnp.asarray(0.5 * rng.normal(size=a.shape), a.dtype),
+                                nnx.state(conv, nnx.Param)))
+  ih, hh = (nnx.eval_shape(lambda n=n: nnx.Conv(n, 3 * H, (3,), promote_dtype=promote,
+                                                rngs=nnx.Rngs(0))) for n in (IN, H))
+  nnx.update(ih, nnx.state(conv.ih))
+  nnx.update(hh, nnx.state(conv.hh))
+  xc = _x((B, 5, IN))
+  hc = jnp.asarray(rng.normal(size=(B, 5, H)), jnp.float32)
   counts = []
 
   @nnx.jit  # one program; promote runs (and counts) as the trace calls the cells
-  def steps(ours, theirs, plain):
+  def steps(ours, theirs, plain, conv, ih, hh):
     out_o = ours(carry, x)
     counts.append(len(calls))
     out_t = theirs(carry, x)
     counts.append(len(calls))
-    return out_o, out_t, plain(carry, x)
+    out_c = conv(hc, xc)
+    counts.append(len(calls))
+    (xr, xz, xn), (hr, hz, hn) = (jnp.split(a, 3, axis=-1) for a in (ih(xc), hh(hc)))
+    r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
+    want_c = (1 - z) * jnp.tanh(xn + r * hn) + z * hc
+    return out_o, out_t, plain(carry, x), out_c, want_c
 
-  out_o, out_t, out_p = steps(ours, theirs, plain)
-  assert counts == [2, 4]  # both dense layers promote through it, in each library
+  out_o, out_t, out_p, out_c, want_c = steps(ours, theirs, plain, conv, ih, hh)
+  assert counts == [2, 4, 6]  # both dense layers (convolutions) promote through it
   _close(out_o, out_t, atol=0)
   assert not np.allclose(out_o[1], out_p[1], atol=1e-4)  # it mattered
+  _close(out_c[1], want_c, atol=1e-6)
 
 
 # -- 3. a stateful cell: its state goes through the scan as in flax.nnx -----------------

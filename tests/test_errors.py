@@ -871,6 +871,13 @@ def test_nnx_conv_strides_of_the_wrong_kind():
   with pytest.raises(TypeError, match=m('ConvGRUCell: `strides` expected None, an int or 2 ints',
                                         "got '2'")):
     nr.ConvGRUCell(2, 3, (3, 3), strides='2', rngs=nnx.Rngs(0))
+  # A bool is no int here (as for every size); too few strides are refused, as too many are.
+  with pytest.raises(TypeError, match=m('ConvGRUCell: `strides` expected None, an int or 2 ints '
+                                        '(one per kernel axis), got True.')):
+    nr.ConvGRUCell(2, 3, (3, 3), strides=True, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=m('ConvGRUCell: `strides` expected 2 ints (one per kernel '
+                                         'axis), got (2,).')):
+    nr.ConvGRUCell(2, 3, (3, 3), strides=(2,), rngs=nnx.Rngs(0))
 
 
 # -- initial_carry of other libraries' cells --------------------------------------------

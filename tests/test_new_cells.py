@@ -451,11 +451,17 @@ def test_initializers_dtypes_and_metadata_reach_their_parameters():
   np.testing.assert_array_equal(lstm.ln_c.bias[...], 0.0)
   np.testing.assert_array_equal(lstm.dense_h.kernel[...], 0.25)
   conv = nr.ConvGRUCell(2, 3, (3,), kernel_init=nnx.initializers.constant(0.5), bias_init=init,
-                        recurrent_kernel_init=init, rngs=nnx.Rngs(0))
-  np.testing.assert_array_equal(conv.ih.kernel[...], 0.5)
-  np.testing.assert_array_equal(conv.hh.kernel[...], 0.25)
-  np.testing.assert_array_equal(conv.ih.bias[...], 0.25)
-  np.testing.assert_array_equal(conv.hh.bias[...], 0.25)
+                        recurrent_kernel_init=init, param_dtype=jnp.bfloat16,
+                        kernel_metadata={'tag': 'k'}, recurrent_kernel_metadata={'tag': 'rk'},
+                        bias_metadata={'tag': 'b'}, rngs=nnx.Rngs(0))
+  for v, want in ((conv.ih.kernel, 0.5), (conv.hh.kernel, 0.25), (conv.ih.bias, 0.25),
+                  (conv.hh.bias, 0.25)):
+    assert v[...].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(v[...], np.float32), want)
+  assert {path: v.get_metadata().get('tag') for path, v in
+          nnx.to_flat_state(nnx.state(conv, nnx.Param))} == {
+    ('ih', 'kernel'): 'k', ('hh', 'kernel'): 'rk', ('ih', 'bias'): 'b', ('hh', 'bias'): 'b'}
+  assert conv.initialize_carry((2, 5, 2)).dtype == jnp.bfloat16
 
 
 def test_no_prng_state_without_dropout_and_carry_options():

@@ -388,7 +388,7 @@ def _padding(case: Case, name: str, kernel: tuple[int, ...], spatial: tuple[int,
   (its strings, an int, ``(low, high)`` pairs), that leaves every spatial axis
   at least one point; ``keep_shape``: one that keeps the spatial shape at
   stride 1 (a Bidirectional's directions must give outputs of one shape)."""
-  forms = ['SAME', 'SAME', 'CIRCULAR', 'REFLECT', 'int', 'pairs']
+  forms = ['SAME', 'SAME', 'SAME_LOWER', 'CIRCULAR', 'REFLECT', 'int', 'pairs']
   forms += ['CAUSAL'] if len(kernel) == 1 else []
   forms += [] if keep_shape else ['VALID']
   form = case.pick(f'{name}.padding', forms)

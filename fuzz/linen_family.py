@@ -97,7 +97,7 @@ def _draw_cell(case: Case) -> tuple[str, dict[str, Any], tuple[int, ...]]:
   rank = case.integer('spatial_axes', 1, 2)
   spatial = tuple(case.integer(f'spatial{i}', 1, 4) for i in range(rank))
   kernel = tuple(case.integer(f'kernel{i}', 1, 3) for i in range(rank))
-  padding: Any = case.pick('padding', ['SAME', 'CIRCULAR', 'REFLECT', 'int', 'pairs']
+  padding: Any = case.pick('padding', ['SAME', 'SAME_LOWER', 'CIRCULAR', 'REFLECT', 'int', 'pairs']
                            + (['CAUSAL'] if rank == 1 else []))
   if padding == 'int':  # 2p = k - 1 on every axis, else 'SAME'
     padding = kernel[0] // 2 if len(set(kernel)) == 1 and kernel[0] % 2 else 'SAME'

@@ -140,13 +140,31 @@ def test_cell_size_gives_a_clear_error():
 # (SimpleCell, a strided ConvLSTMCell, user cells): one program costs less there.
 B, T, IN, H = 3, 5, 3, 4
 LENGTHS = jnp.array([5, 2, 1])
+
+
+@dataclasses.dataclass
+class _ScaledTanh:
+  """A user's activation that is a dataclass instance: it defines equality, so
+  it has no hash. compat caches the NNX cell it builds per configuration and
+  must build this one uncached (``_convert.build_nnx``)."""
+
+  scale: float
+
+  def __call__(self, x):
+    return jnp.tanh(self.scale * x)
+
+
+# Other nonlinearities than the defaults (every cell must use the ones it is
+# given, as flax.linen's do): the LSTM cells pass them to the NNX cell, GRUCell
+# and MGUCell to their update on the per-gate layers.
+OTHER_FNS = {'gate_fn': nn.hard_sigmoid, 'activation_fn': nn.soft_sign}
 CELLS = [
   ('LSTMCell', {}, (B, IN)),
-  ('OptimizedLSTMCell', {'bias_init': NORMAL}, (B, IN)),
-  ('GRUCell', {}, (B, IN)),
+  ('OptimizedLSTMCell', {'bias_init': NORMAL, **OTHER_FNS}, (B, IN)),
+  ('GRUCell', OTHER_FNS, (B, IN)),
   ('MGUCell', {}, (B, IN)),
-  ('MGUCell', {'reset_gate': False, 'dtype': jnp.bfloat16}, (B, IN)),
-  ('SimpleCell', {'residual': True}, (B, IN)),
+  ('MGUCell', {'reset_gate': False, 'dtype': jnp.bfloat16, **OTHER_FNS}, (B, IN)),
+  ('SimpleCell', {'residual': True, 'activation_fn': _ScaledTanh(0.5)}, (B, IN)),
   ('SimpleCell', {'param_dtype': jnp.bfloat16, 'recurrent_kernel_init': NORMAL}, (B, IN)),
   ('ConvLSTMCell', {'kernel_size': (3, 3)}, (B, 5, 5, IN)),
   # 'SAME_LOWER' keeps the shape: flax.linen pads the hidden convolution so too
@@ -1179,6 +1197,12 @@ def test_a_one_array_carry_takes_a_seed_as_linen(name):
   for rng in (0, None):
     _assert_same_tree(getattr(compat, name)(H, carry_init=ones).initialize_carry(rng, (B, IN)),
                       getattr(nn, name)(H, carry_init=ones).initialize_carry(rng, (B, IN)))
+    # ...and a random one fails on it with jax's error, as flax.linen's does
+    # (no key of compat's own stands in for it)
+    with pytest.raises(TypeError) as theirs:
+      getattr(nn, name)(H, carry_init=NORMAL).initialize_carry(rng, (B, IN))
+    with pytest.raises(TypeError, match=re.escape(str(theirs.value))):
+      getattr(compat, name)(H, carry_init=NORMAL).initialize_carry(rng, (B, IN))
   theirs, ours = nn.RNN(getattr(nn, name)(H)), compat.RNN(getattr(compat, name)(H))
   v = random_linen_variables(theirs, x, init_key=0)
   _assert_close(*jax.jit(lambda v: (ours.apply(v, x, init_key=0),
@@ -1302,6 +1326,15 @@ def test_to_nnx_unboxes_partitioned_params():
   boxed = jax.tree.map(lambda a: nn.Partitioned(a, names=(None,) * a.ndim), variables)
   assert isinstance(boxed['params']['hr']['kernel'], nn.Partitioned)
   _assert_close(compat.to_nnx(cell, boxed)(h, x), cell.apply(variables, h, x), atol=1e-6)
+  # A compat cell whose initializers box their parameters: flax.linen's boxes
+  # (names included) at init, and flax.linen's values from them.
+  part = nn.with_partitioning(_det_init, (None, 'model'))
+  theirs, ours = (lib.SimpleCell(H, kernel_init=part, recurrent_kernel_init=part)
+                  for lib in (nn, compat))
+  v_t = theirs.init(jax.random.key(0), h, x)
+  assert isinstance(v_t['params']['h']['kernel'], nn.Partitioned)
+  _assert_same_tree(ours.init(jax.random.key(0), h, x), v_t)
+  _assert_same_tree(ours.apply(v_t, h, x), theirs.apply(v_t, h, x))
 
 
 def test_to_nnx_carries_partition_names_and_carry_init():
@@ -1574,6 +1607,14 @@ def test_bad_input_errors():
   with pytest.raises(ValueError, match=r'LSTMCell: `carry` expected leaf shapes that broadcast '
                      r'with \[\(3, 4\), '):
     lstm.apply(variables, (carry[0][:, :3], carry[1]), x)  # c and h disagree
+  # ConvLSTMCell sizes its convolutions by `features`, as flax.linen's, not by
+  # the carry (flax.linen's fails in jax: 'mul got incompatible shapes').
+  wide = (np.zeros((B, 6, H + 2), np.float32),) * 2
+  with pytest.raises(ValueError, match=re.escape(
+      f'ConvLSTMCell: `carry` expected leaf shapes that broadcast with [({B}, 6, {H}), '
+      f'({B}, 6, {H})], got [({B}, 6, {H + 2}), ({B}, 6, {H + 2})].')):
+    jax.eval_shape(lambda: compat.ConvLSTMCell(H, (3,)).init(
+      jax.random.key(0), wide, np.ones((B, 6, IN), np.float32)))
   with pytest.raises(ValueError, match=r"LSTMCell: `inputs` expected last axis of size 3 \(the "
                      r"parameter 'ii/kernel' has shape \(3, 4\)\), got shape \(3, 5\)"):
     lstm.apply(variables, carry, np.ones((B, 5), np.float32))

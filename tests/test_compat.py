@@ -26,6 +26,7 @@ from flax.linen.recurrent import DenseParams
 import nnx_recurrent as nr
 from nnx_recurrent import compat
 from tests.fresh_import import fresh_package
+from tests.jaxprs import equations
 from tests.random_params import random_linen_variables, random_module
 from tests.reference import normal
 
@@ -351,20 +352,9 @@ def test_rnn_matches_linen_over_layouts_directions_and_unroll():
 
 def _scan_unrolls(module, variables, x, seq_lengths):
   """The ``unroll`` of every scan in the program of ``module.apply``."""
-  def unrolls(jaxpr):
-    found = []
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == 'scan':
-        found.append(eqn.params['unroll'])
-      for param in eqn.params.values():
-        for sub in param if isinstance(param, (tuple, list)) else (param,):
-          inner = getattr(sub, 'jaxpr', sub)  # a ClosedJaxpr's, or a Jaxpr
-          if hasattr(inner, 'eqns'):
-            found += unrolls(inner)
-    return found
-
-  return unrolls(jax.make_jaxpr(lambda v, x: module.apply(
-    v, x, seq_lengths=seq_lengths, return_carry=True))(variables, x).jaxpr)
+  jaxpr = jax.make_jaxpr(lambda v, x: module.apply(
+    v, x, seq_lengths=seq_lengths, return_carry=True))(variables, x).jaxpr
+  return [e.params['unroll'] for e in equations(jaxpr) if e.primitive.name == 'scan']
 
 
 @pytest.mark.parametrize('name', ['GRUCell', 'MGUCell'])

@@ -21,6 +21,7 @@ import pytest
 from flax import nnx
 
 import nnx_recurrent as nr
+from tests.jaxprs import equations
 from tests.user_cells import SowingCell
 
 B, T, IN, H = 3, 5, 4, 6
@@ -1123,18 +1124,8 @@ def test_unroll_takes_a_bool_and_zero_as_flax(unroll):
 def _scan_unrolls(module, x):
   """The ``unroll`` of each ``scan`` in the program of ``module(x)``."""
   graphdef, state = nnx.split(module)
-  jaxpr = jax.make_jaxpr(lambda state, x: nnx.merge(graphdef, state)(x))(state, x)
-
-  def walk(j):
-    for e in j.eqns:
-      if e.primitive.name == 'scan':
-        yield e.params['unroll']
-      for v in e.params.values():
-        sub = getattr(v, 'jaxpr', v)
-        if hasattr(sub, 'eqns'):
-          yield from walk(sub)
-
-  return list(walk(jaxpr.jaxpr))
+  jaxpr = jax.make_jaxpr(lambda state, x: nnx.merge(graphdef, state)(x))(state, x).jaxpr
+  return [e.params['unroll'] for e in equations(jaxpr) if e.primitive.name == 'scan']
 
 
 def test_unroll_reaches_the_scan_as_in_flax():

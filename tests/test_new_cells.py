@@ -426,19 +426,21 @@ def test_parameter_layout(make, expected):
   assert _param_shapes(nnx.eval_shape(lambda: make(nnx.Rngs(0)))) == expected
 
 
+def _tags(module) -> dict:
+  """The ``'tag'`` metadata of each of ``module``'s parameters, by path."""
+  return {path: v.get_metadata().get('tag')
+          for path, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
 def test_initializers_dtypes_and_metadata_reach_their_parameters():
   cell = nnx.eval_shape(lambda: nr.LayerNormGRUCell(
     3, 4, param_dtype=jnp.bfloat16, kernel_metadata={'tag': 'k'},
     recurrent_kernel_metadata={'tag': 'rk'}, bias_metadata={'tag': 'b'},
     scale_metadata={'tag': 's'}, rngs=nnx.Rngs(0)))
-  tags = {path: v.get_metadata().get('tag') for path, v in
-          nnx.to_flat_state(nnx.state(cell, nnx.Param))}
-  assert tags == {('dense_i', 'kernel'): 'k', ('dense_h', 'kernel'): 'rk', ('bias',): 'b',
+  assert _tags(cell) == {('dense_i', 'kernel'): 'k', ('dense_h', 'kernel'): 'rk', ('bias',): 'b',
                   ('bias_hn',): 'b', ('ln_i', 'scale'): 's', ('ln_h', 'scale'): 's'}
-  lstm_tags = {path: v.get_metadata().get('tag') for path, v in nnx.to_flat_state(nnx.state(
-    nnx.eval_shape(lambda: nr.LayerNormLSTMCell(3, 4, bias_metadata={'tag': 'b'},
-                                                scale_metadata={'tag': 's'}, rngs=nnx.Rngs(0))),
-    nnx.Param))}
+  lstm_tags = _tags(nnx.eval_shape(lambda: nr.LayerNormLSTMCell(
+    3, 4, bias_metadata={'tag': 'b'}, scale_metadata={'tag': 's'}, rngs=nnx.Rngs(0))))
   assert lstm_tags[('ln_c', 'scale')] == 's' and lstm_tags[('ln_c', 'bias')] == 'b'
   assert {v.get_value().dtype for _, v in nnx.to_flat_state(nnx.state(cell, nnx.Param))} == {
     jnp.dtype(jnp.bfloat16)}
@@ -458,8 +460,7 @@ def test_initializers_dtypes_and_metadata_reach_their_parameters():
                   (conv.hh.bias, 0.25)):
     assert v[...].dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(v[...], np.float32), want)
-  assert {path: v.get_metadata().get('tag') for path, v in
-          nnx.to_flat_state(nnx.state(conv, nnx.Param))} == {
+  assert _tags(conv) == {
     ('ih', 'kernel'): 'k', ('hh', 'kernel'): 'rk', ('ih', 'bias'): 'b', ('hh', 'bias'): 'b'}
   assert conv.initialize_carry((2, 5, 2)).dtype == jnp.bfloat16
 

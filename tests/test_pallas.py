@@ -23,6 +23,7 @@ from jax import export
 import nnx_recurrent as nr
 from nnx_recurrent._fused import _plans, internal
 from tests import reference as ref
+from tests.jaxprs import equations
 from tests.test_fused import (
   LENGTHS,
   B,
@@ -816,17 +817,9 @@ def test_pallas_with_a_symbolic_batch_says_to_use_the_scans():
 
 def _kernel_rows(layer, x):
   """The batch rows the layer's first Pallas kernel runs (its lengths input)."""
-  def find(jaxpr):
-    for e in jaxpr.eqns:
-      if e.primitive.name == 'pallas_call':
-        return e.invars[0].aval.shape[0]
-      for p in e.params.values():
-        inner = getattr(p, 'jaxpr', p)  # a ClosedJaxpr's jaxpr, or a Jaxpr
-        if hasattr(inner, 'eqns') and (found := find(inner)) is not None:
-          return found
-    return None
-
-  return find(jax.make_jaxpr(lambda x: layer(x))(x).jaxpr)
+  jaxpr = jax.make_jaxpr(lambda x: layer(x))(x).jaxpr
+  return next((e.invars[0].aval.shape[0] for e in equations(jaxpr)
+               if e.primitive.name == 'pallas_call'), None)
 
 
 @pytest.mark.parametrize('rows,hidden,padded', [(1, 16, 16), (16, 16, 16), (17, 16, 32),

@@ -21,6 +21,7 @@ from jax.test_util import check_grads
 import nnx_recurrent as nr
 from nnx_recurrent._fused import _plans, _xla, internal
 from tests import reference as ref
+from tests.jaxprs import equations
 
 B, T, I, H = 3, 5, 3, 4
 LENGTHS = np.array([5, 2, 0], np.int32)
@@ -295,6 +296,25 @@ def test_weight_gradients_through_materialised_transposes(cls, monkeypatch):
   check_against_generic(layer, x, random_carry(layer, seed=12), LENGTHS)
 
 
+def test_flat_dot_t_materialises_the_transpose_from_its_threshold(monkeypatch):
+  """``flat_dot_t(a, b, transpose)`` is the sum over the leading axes of ``a^T
+  b`` (NumPy's einsum); the transpose is materialised (an
+  ``optimization_barrier`` keeps XLA from folding it into the dot) with
+  ``transpose`` from ``TRANSPOSE_MIN_MACS`` multiply-adds on, not below them
+  nor without ``transpose``: a speed choice (the test above forces it for the
+  layers), read off the program."""
+  a, b = ref.normal((2, 3, 4), seed=30), ref.normal((2, 3, 5), seed=31)
+  want = np.einsum('tbm,tbn->mn', np.asarray(a, np.float64), np.asarray(b, np.float64))
+  macs = 2 * 3 * 4 * 5
+  for threshold, transpose, materialised in ((macs, True, True), (macs + 1, True, False),
+                                             (0, False, False)):
+    monkeypatch.setattr(_plans, 'TRANSPOSE_MIN_MACS', threshold)
+    jaxpr = jax.make_jaxpr(lambda a, b, t=transpose: internal.flat_dot_t(a, b, t))(a, b)
+    assert ('optimization_barrier' in str(jaxpr)) is materialised, (threshold, transpose)
+    np.testing.assert_allclose(np.asarray(internal.flat_dot_t(a, b, transpose)), want,
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('length', [6, 5])
 @pytest.mark.parametrize('reverse', [False, True])
 def test_prefetch_scan_in_pairs_is_lax_scan(length, reverse):
@@ -414,6 +434,54 @@ def test_forced_plans_nest_and_restore():
   with pytest.raises(ZeroDivisionError), internal.forced_plan(PATHS['loop']):
     1 / 0
   assert internal.plan_for(nr.LSTM, B, 4 * H) == default
+
+
+def traced_scans(layer, x, in_features, hidden):
+  """How the scans of ``layer(x)`` ran, read off ONE traced program of its
+  output and, under a gradient, of its forward and backward: ``[forward,
+  train, (length, unroll)]``, each forward as a ``ScanPlan`` (the inputs from
+  the widths its body's matmuls contract: ``in_features + hidden`` joint,
+  ``hidden`` alone after a hoisted projection, each apart in the loop;
+  prefetching from a dynamic slice of the sequence in its body)."""
+  graphdef, state = nnx.split(layer)
+  inputs = {(in_features + hidden,): 'joint', (hidden,): 'hoisted',
+            (in_features, hidden): 'loop'}
+  run = lambda x: nnx.merge(graphdef, state)(x)  # noqa: E731
+  # (make_jaxpr keeps a function's trace: a new function each call, read while tracing)
+  jaxpr = jax.make_jaxpr(lambda x: (run(x), jax.grad(lambda x: run(x).sum())(x)))(x)
+  found = []
+  for eqn in equations(jaxpr.jaxpr):
+    if eqn.primitive.name == 'scan':
+      body = list(equations(eqn.params['jaxpr'].jaxpr))
+      widths = tuple(sorted(e.invars[0].aval.shape[-1] for e in body
+                            if e.primitive.name == 'dot_general'))
+      found.append((eqn.params['length'], eqn.params['unroll']) if eqn.params['reverse']
+                   else _S(inputs[widths], any(e.primitive.name == 'dynamic_slice' for e in body),
+                           eqn.params['unroll']))
+  return found
+
+
+def test_the_plan_reaches_the_scans(monkeypatch):
+  """A plan changes no value (the tests of every path above) but how the scans
+  run: the forward scans, without a gradient and under one, compute their gate
+  pre-activations, prefetch and unroll as the plan says, and the backward scan
+  unrolls and runs two steps per iteration (half the iterations) as it says;
+  a call's measured plan is the one for its rows (all batch axes) and gate
+  width (gates times hidden: 2 rows of 4 * 128 columns are not a tiny step)."""
+  layer = build(lambda: nr.LSTM(I, H, rngs=nnx.Rngs(0)))
+  x = jnp.ones((B, 6, I))
+  for plan in (_P(_S('joint', False, 3), _S('hoisted', True, 2), backward_pairs=True),
+               _P(_S('hoisted', True, 1), _S('loop', False, 1), backward_unroll=4)):
+    with internal.forced_plan(plan):
+      scans = traced_scans(layer, x, I, H)
+    assert scans == [plan.primal, plan.train,
+                     (3 if plan.backward_pairs else 6, plan.backward_unroll)], plan
+  monkeypatch.setattr(_plans, 'gpu_backend', lambda: False)  # the CPU's plans, on any machine
+  hoisted = _S('hoisted', True, 1)
+  params = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in ((I, 512), (512,), (128, 512))]
+  xs = jax.ShapeDtypeStruct((6, 2, 1, I), jnp.float32)  # (time, *batch, features): 2 rows
+  assert _plans.plan_for_call(nr.LSTM._math, [*params, None], xs) == internal.plan_for(
+    nr.LSTM, 2, 4 * 128) == _P(hoisted, hoisted)
 
 
 def test_large_gru_batch_matches_generic(monkeypatch):

@@ -120,6 +120,36 @@ def test_explicit_mesh_of_one_device_fused_gradients_equal_no_mesh():
       np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5), got, want)
 
 
+def test_explicit_mesh_replicated_inputs_and_a_split_carry_differentiate_as_nr_rnn():
+  # Inputs replicated and the initial carry split over the batch: the fused
+  # layers' hand-written backward gave the inputs' gradient the batch's split,
+  # and JAX refused it ("Custom VJP bwd rule must produce an output with the same
+  # type"), where nr.RNN over the same cell, differentiated by JAX, ran. Each
+  # gradient is typed as nr.RNN's (the inputs' replicated, the carry's split), and
+  # equals it.
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(B, 2, IN)).astype(np.float32)
+  carry0 = rng.normal(size=(B, H)).astype(np.float32)
+  graphdef, state = nnx.split(random_module(lambda: nr.GRU(IN, H, rngs=nnx.Rngs(0))))
+
+  @jax.jit
+  def grads(state, x, carry0):
+    def loss(state, x, c, generic):  # (nr.RNN's nnx.scan: the parameters traced here too)
+      layer = nnx.merge(graphdef, state)
+      return ((nr.RNN(layer.forward[0]) if generic else layer)(x, initial_carry=c) ** 2).sum()
+    return [jax.grad(loss, argnums=(0, 1, 2))(state, x, carry0, generic)
+            for generic in (False, True)]
+
+  with jax.set_mesh(_explicit_mesh_here()):
+    fused, generic = grads(state, jax.device_put(x, P()),
+                           jax.device_put(carry0, P('data')))
+    specs = [[tuple(jax.typeof(a).sharding.spec) for a in jax.tree_util.tree_leaves(g)]
+             for g in (fused, generic)]  # the parameters', the inputs', the carry's
+  assert specs[0] == specs[1] and specs[0][-2:] == [(None,) * 3, ('data', None)]
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+    np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5), fused, generic)
+
+
 def test_pallas_under_an_explicit_mesh_names_the_remedies():
   layer = nr.GRU(IN, H, implementation='pallas', rngs=nnx.Rngs(0))
   x = np.ones((B, T, IN), np.float32)

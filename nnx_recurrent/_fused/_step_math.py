@@ -404,5 +404,6 @@ def grads_after_loop(cell_math, d_all, res, params, xs, carry0, ys, packed):
   dw_i = flat_dot_t(xs, dxp, cell_math.transpose_dw, like=w_i)
   db = sum_leading(dxp)
   dxs = dot(dxp, w_i.T, like=xs)  # XLA drops it when the inputs need no gradient
-  # (explicit sharding mode: each gradient split over the mesh as its parameter is)
-  return _scan.typed_as((dw_i, db, dw_h, dextra), params), dxs
+  # (explicit sharding mode: each gradient split over the mesh as its parameter is, and
+  # the inputs' as they are: replicated inputs with a carry split over the batch)
+  return _scan.typed_as((dw_i, db, dw_h, dextra), params), _scan.typed_as(dxs, xs)

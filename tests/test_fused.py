@@ -912,5 +912,8 @@ def test_scans_are_named_for_profiles(cls):
   text = names(layer)
   for scope in ('forward', 'backward'):
     assert f'nr.{cls.__name__}/{scope}' in text
+  graph, state = nnx.split(layer)  # the forward without a gradient (its own scan) too
+  primal = jax.jit(lambda s: nnx.merge(graph, s)(x)).lower(state).as_text(debug_info=True)
+  assert f'nr.{cls.__name__}/forward' in primal
   text = names(rnn)
   assert 'nr.RNN/LSTMCell' in text and 'nr.LSTMCell/dot' in text

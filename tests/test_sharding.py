@@ -150,6 +150,38 @@ def test_explicit_mesh_replicated_inputs_and_a_split_carry_differentiate_as_nr_r
     np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5), fused, generic)
 
 
+def test_explicit_model_axis_splitting_the_projection_differentiates_as_nr_rnn():
+  # The LSTM's projection split over an Explicit model axis on its output (proj)
+  # axis, as its other kernels are on theirs (a (1, 1) mesh: the split is in the
+  # types): the backward's dh W_hr^T contracts that axis in both, and JAX asks
+  # where the sum goes (the step's `like`). The main script's zoo keeps W_hr
+  # replicated. Gradients typed as and equal to nr.RNN's over the cell.
+  from jax.sharding import AxisType
+
+  split = {'out_sharding': (None, 'model')}
+  mesh = jax.make_mesh((1, 1), ('data', 'model'), axis_types=(AxisType.Explicit,) * 2)
+  x = np.random.default_rng(2).normal(size=(2, 2, IN)).astype(np.float32)
+  with jax.set_mesh(mesh):
+    graphdef, state = nnx.split(random_module(lambda: nr.LSTM(
+      IN, H, proj_features=4, kernel_metadata=split, recurrent_kernel_metadata=split,
+      bias_metadata={'out_sharding': ('model',)}, proj_kernel_metadata=split,
+      rngs=nnx.Rngs(0)), sharding=_placed(mesh)))
+
+    @jax.jit
+    def grads(state, x):
+      def loss(state, x, generic):
+        layer = nnx.merge(graphdef, state)
+        return ((nr.RNN(layer.forward[0]) if generic else layer)(x) ** 2).sum()
+      return [jax.grad(loss, argnums=(0, 1))(state, x, generic) for generic in (False, True)]
+
+    fused, generic = grads(state, jax.device_put(x, P('data')))
+    specs = [[jax.typeof(a).sharding.spec for a in jax.tree_util.tree_leaves(g)]
+             for g in (fused, generic)]
+  assert specs[0] == specs[1] and specs[0].count(P(None, 'model')) == 3, specs
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+    np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5), fused, generic)
+
+
 def test_pallas_under_an_explicit_mesh_names_the_remedies():
   layer = nr.GRU(IN, H, implementation='pallas', rngs=nnx.Rngs(0))
   x = np.ones((B, T, IN), np.float32)

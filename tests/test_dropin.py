@@ -22,6 +22,7 @@ from flax import nnx
 
 import nnx_recurrent as nr
 from tests.jaxprs import equations
+from tests.random_params import random_module
 from tests.user_cells import SowingCell
 
 B, T, IN, H = 3, 5, 4, 6
@@ -2002,6 +2003,21 @@ def test_a_cell_on_nnx_pytree_runs_as_in_flax():
   y_o, y_t = nnx.jit(lambda a, b: (a(x), b(x)))(ours, theirs)
   _close(y_o, y_t)
   assert int(ours.cell.steps[...]) == int(theirs.cell.steps[...]) == T  # the state advanced
+
+
+def test_fused_bfloat16_gru_without_bias_hn_computes_in_bfloat16_as_flax():
+  # bfloat16 parameters and inputs, no b_hn: the layer computes in
+  # bfloat16, as flax.nnx's GRU over the same parameters does (the zeros standing
+  # in for b_hn take part in the layer's dtype promotion: of the parameters' dtype).
+  x = _x().astype(jnp.bfloat16)
+  fused = random_module(lambda: nr.GRU(IN, H, use_bias_hn=False, param_dtype=jnp.bfloat16,
+                                       rngs=nnx.Rngs(0)))
+  theirs = random_module(lambda: nnx.RNN(nnx.GRUCell(IN, H, param_dtype=jnp.bfloat16,
+                                                     rngs=nnx.Rngs(0))))
+  nnx.update(theirs.cell, nnx.state(fused.forward[0], nnx.Param))  # the same paths
+  y_o, y_t = nnx.jit(lambda a, b: (a(x), b(x)))(fused, theirs)
+  assert y_o.dtype == y_t.dtype == jnp.bfloat16
+  _close(y_o, y_t, atol=2e-2)
 
 
 @pytest.mark.parametrize('implementation', ['xla', 'pallas'])

@@ -272,6 +272,69 @@ def test_layer_norm_of_a_large_cell_state_with_a_small_spread():
   np.testing.assert_allclose(h, h_ref, atol=5e-3)
 
 
+def test_default_epsilon_scales_and_biases_are_flax_layer_norms():
+  """The defaults written out, not read from the cell: epsilon 1e-6 (nnx.LayerNorm's), unit
+  scales, zero biases. Inputs of 1e-3 give ``W_i x`` a variance near epsilon, so it shows."""
+  carry = (ref.normal((2, 4), seed=15), ref.normal((2, 4), seed=16))
+  x = ref.normal((2, 3), seed=14, scale=1e-3)
+  w_i, w_h = ref.normal((3, 16), seed=19), ref.normal((4, 16), seed=20, scale=0.5)
+  given = lambda w: lambda key, shape, dtype: w  # noqa: E731  (no initializer to compile)
+  cell = nr.LayerNormLSTMCell(3, 4, kernel_init=given(w_i), recurrent_kernel_init=given(w_h),
+                              rngs=nnx.Rngs(0))
+  new_carry, _ = nnx.jit(lambda cell: cell(carry, x))(cell)
+  ones, zeros = np.ones, np.zeros
+  p = dict(kind='lnlstm', eps=1e-6, W_i=np.asarray(w_i, np.float64),
+           W_h=np.asarray(w_h, np.float64), g_i=ones(16), g_h=ones(16), b=zeros(16),
+           g_c=ones(4), b_c=zeros(4))
+  carry_np = tuple(np.asarray(a, np.float64) for a in carry)
+  want, _ = ref.step(p, carry_np, np.asarray(x))
+  _close(new_carry, want)
+  other_eps, _ = ref.step(dict(p, eps=1e-5), carry_np, np.asarray(x))
+  assert np.abs(other_eps[1] - want[1]).max() > 1e-2
+
+
+def _promote_through_bfloat16(arrays, dtype=None, **kwargs):
+  return tuple(None if a is None else jnp.asarray(a, jnp.bfloat16) for a in arrays)
+
+
+def test_dtype_and_promote_dtype_reach_the_dense_layers_and_the_norms():
+  """``dtype=bfloat16``, and a promote_dtype that rounds through bfloat16. Reference: flax's
+  nnx.Linear and nnx.LayerNorm given the same option, on the cell's parameters, and the GRU
+  formula (the biases added in the norms' output dtype, as the cell documents)."""
+  h, x = ref.normal((2, 4), seed=17), ref.normal((2, 3), seed=18)
+  cases = []
+  for kw in (dict(dtype=jnp.bfloat16), dict(promote_dtype=_promote_through_bfloat16)):
+    cell, _ = _make('ln_gru', **kw)
+    layers = {  # built without initializers; the cell's parameters below
+      'dense_i': lambda kw=kw: nnx.Linear(3, 12, use_bias=False, **kw, rngs=nnx.Rngs(0)),
+      'dense_h': lambda kw=kw: nnx.Linear(4, 12, use_bias=False, **kw, rngs=nnx.Rngs(0)),
+      'ln_i': lambda kw=kw: nnx.LayerNorm(12, use_bias=False, use_fast_variance=False, **kw,
+                                          rngs=nnx.Rngs(0)),
+      'ln_h': lambda kw=kw: nnx.LayerNorm(12, use_bias=False, use_fast_variance=False, **kw,
+                                          rngs=nnx.Rngs(0))}
+    layers = {name: nnx.eval_shape(make) for name, make in layers.items()}
+    for name, layer in layers.items():
+      nnx.update(layer, nnx.state(getattr(cell, name), nnx.Param))
+    cases.append((cell, layers))
+
+  @nnx.jit  # both cases in one program
+  def steps(cases):
+    out = []
+    for cell, f in cases:
+      xs = f['ln_i'](f['dense_i'](x))
+      xr, xz, xn = jnp.split(xs + cell.bias[...].astype(xs.dtype)[None], 3, axis=-1)
+      hr, hz, hn = jnp.split(f['ln_h'](f['dense_h'](h)), 3, axis=-1)
+      r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
+      hn = hn + cell.bias_hn[...].astype(hn.dtype)[None]
+      out.append((cell(h, x)[1], (1 - z) * jnp.tanh(xn + r * hn) + z * h))
+    return out
+
+  for (cell, _), (got, want) in zip(cases, steps(cases)):
+    _close(got, want, atol=1e-6, rtol=0)
+    in_float64, _ = ref.step(ref.cell_params(cell), np.asarray(h, np.float64), np.asarray(x))
+    assert np.abs(np.asarray(got, np.float64) - in_float64).max() > 1e-3  # bfloat16 mattered
+
+
 @pytest.mark.parametrize('name', ['ln_lstm', 'ln_gru'])
 def test_outputs_do_not_depend_on_the_scale_of_the_inputs(name):
   """With ``epsilon=1e-10`` (``a² var(W_i x) >> epsilon`` for these inputs and scales), inputs
@@ -446,11 +509,13 @@ def test_initializers_dtypes_and_metadata_reach_their_parameters():
     jnp.dtype(jnp.bfloat16)}
   init = nnx.initializers.constant(0.25)
   lstm = nr.LayerNormLSTMCell(3, 4, bias_init=init, scale_init=nnx.initializers.constant(2.0),
-                              kernel_init=init, recurrent_kernel_init=init, rngs=nnx.Rngs(0))
+                              kernel_init=nnx.initializers.constant(0.5),
+                              recurrent_kernel_init=init, rngs=nnx.Rngs(0))
   np.testing.assert_array_equal(lstm.bias[...], 0.25)
   for ln in (lstm.ln_i, lstm.ln_h, lstm.ln_c):
     np.testing.assert_array_equal(ln.scale[...], 2.0)
   np.testing.assert_array_equal(lstm.ln_c.bias[...], 0.0)
+  np.testing.assert_array_equal(lstm.dense_i.kernel[...], 0.5)
   np.testing.assert_array_equal(lstm.dense_h.kernel[...], 0.25)
   conv = nr.ConvGRUCell(2, 3, (3,), kernel_init=nnx.initializers.constant(0.5), bias_init=init,
                         recurrent_kernel_init=init, param_dtype=jnp.bfloat16,

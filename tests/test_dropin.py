@@ -259,6 +259,32 @@ def test_gru_without_bias_hn_is_flax_nnx_gru_in_state_and_training():
     nr.GRUCell(IN, H, use_bias_hn='no', rngs=nnx.Rngs(0))
 
 
+def test_gru_metadata_and_promote_dtype_reach_the_same_places_as_flax_nnx_grus():
+  # Each metadata of its own, and a promote_dtype that rounds through bfloat16: flax.nnx's
+  # GRUCell is the reference for where each lands (every parameter, both dense layers).
+  def promote(arrays, dtype=None, **kwargs):
+    return tuple(None if a is None else jnp.asarray(a, jnp.bfloat16) for a in arrays)
+
+  kw = dict(kernel_metadata={'tag': 'k'}, recurrent_kernel_metadata={'tag': 'rk'},
+            bias_metadata={'tag': 'b'})
+  ours, theirs, plain = (nnx.eval_shape(make) for make in (  # no initializer compiles
+    lambda: nr.GRUCell(IN, H, use_bias_hn=False, promote_dtype=promote, **kw, rngs=nnx.Rngs(0)),
+    lambda: nnx.GRUCell(IN, H, promote_dtype=promote, **kw, rngs=nnx.Rngs(0)),
+    lambda: nr.GRUCell(IN, H, use_bias_hn=False, **kw, rngs=nnx.Rngs(0))))
+  assert {p: v.get_metadata() for p, v in nnx.to_flat_state(nnx.state(ours, nnx.Param))} == {
+    p: v.get_metadata() for p, v in nnx.to_flat_state(nnx.state(theirs, nnx.Param))}
+  rng = np.random.default_rng(2)  # random parameters (biases included), the same in all three
+  params = jax.tree.map(lambda a: jnp.asarray(0.5 * rng.normal(size=a.shape), a.dtype),
+                        nnx.state(ours, nnx.Param))
+  for cell in (ours, theirs, plain):
+    nnx.update(cell, params)
+  h, x = _x((B, H), seed=1), _x((B, IN))
+  got, want, unpromoted = nnx.jit(lambda cells: [c(h, x)[1] for c in cells])(
+    (ours, theirs, plain))
+  _close(got, want, atol=0)
+  assert not np.allclose(got, unpromoted, atol=1e-4)  # it mattered
+
+
 def test_cells_without_keep_rngs_hold_no_prng_state():
   for name in ('LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell', 'MGUCell'):
     cell = nnx.eval_shape(lambda name=name: getattr(nr, name)(IN, H, rngs=nnx.Rngs(0),

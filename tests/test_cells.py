@@ -183,6 +183,19 @@ def test_drop_in_for_flax_nnx_outputs(name):
   _assert_tree_close(got, want, atol=1e-6, rtol=1e-6)
 
 
+def test_gru_gate_and_activation_functions_are_the_ones_given_as_in_flax_nnx():
+  # hard_sigmoid gates and a soft_sign activation; reference: flax.nnx's GRUCell given the
+  # same (random parameters; inputs beyond hard_sigmoid's linear part). The LSTM cells':
+  # tests/test_compat.py (compat's OptimizedLSTMCell steps ours against flax.linen's).
+  fns = dict(gate_fn=nnx.hard_sigmoid, activation_fn=nnx.soft_sign)
+  theirs = ref.build(lambda: nnx.GRUCell(3, 4, **fns, rngs=nnx.Rngs(1)), seed=6)
+  ours = nnx.eval_shape(lambda: nr.GRUCell(3, 4, use_bias_hn=False, **fns, rngs=nnx.Rngs(0)))
+  nnx.update(ours, nnx.state(theirs, nnx.Param))
+  h, x = ref.random_carry(ours, (2, 3)), ref.normal((2, 3), seed=7, scale=3.0)
+  got, want = nnx.jit(lambda ours, theirs: (ours(h, x), theirs(h, x)))(ours, theirs)
+  _assert_tree_close(got, want, atol=1e-6, rtol=1e-6)
+
+
 def test_a_step_by_hand_keeps_a_bfloat16_carry_under_float32_computation():
   # bfloat16 parameters stepped in float32: the new carry is rounded back to the carry's
   # bfloat16, so that jax.lax.scan over the cell keeps its carry type. Reference: the NumPy

@@ -155,7 +155,7 @@ def test_bidirectional_and_stacked_conv_gru():
   _close((c_bi, c_top), ((crop(c_f), crop(c_b)), crop(c_t)))
 
 
-@pytest.mark.parametrize('name', ['ln_lstm', 'conv_gru_1d_s2'])
+@pytest.mark.parametrize('name', ['ln_lstm', 'ln_gru', 'conv_gru_1d_s2'])
 def test_gate_and_activation_functions_are_the_ones_given(name):
   """``gate_fn=hard_sigmoid``, ``activation_fn=soft_sign``: one step against the NumPy formula
   with the same functions (written in NumPy)."""

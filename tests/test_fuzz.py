@@ -389,7 +389,7 @@ def test_convolutional_layers_against_step_loops_run_clean():
 
 def test_a_mask_broadcast_over_one_feature_axis_is_found_by_convolutional_cases(monkeypatch):
   # Masks given one trailing axis: right for vector features, wrong for (h, w, c).
-  for module in (_scan._masking, _scan._steps, _scan._layout):
+  for module in (_scan._masking, _scan._layout):  # (masked_where reads _masking's)
     monkeypatch.setattr(module, 'bcast', lambda m, x: m[..., None])
   force = {**CONV, 'top.kind': 'rnn'}
   assert len(_core.run_cases('layers', layers_family.run, _seeds(2), force=force)['failures']) \

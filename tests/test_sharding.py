@@ -182,6 +182,110 @@ def test_explicit_model_axis_splitting_the_projection_differentiates_as_nr_rnn()
     np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5), fused, generic)
 
 
+def _data_model_mesh_here():
+  """A ``(data, model)`` mesh of Explicit axes on one of this process's devices."""
+  from jax.sharding import AxisType
+
+  return jax.make_mesh((1, 1), ('data', 'model'), devices=jax.devices()[:1],
+                       axis_types=(AxisType.Explicit, AxisType.Explicit))
+
+
+def _flax_nnx_run(cell_type, hidden, params, x, **kw):
+  """flax.nnx's RNN over ``cell_type`` given ``params`` (nr's cell's), on one
+  device without a mesh: ``(carry, outputs)`` zeroed at padding (ours are zeros
+  there, flax.nnx's the cell's) and the gradients of the sum of their squares
+  with respect to the cell's parameters and ``x``."""
+  theirs = cell_type(x.shape[-1], hidden, rngs=nnx.Rngs(0))
+  nnx.update(theirs, params)
+  lengths = kw.get('seq_lengths')
+  valid = np.ones(x.shape[:2], bool) if lengths is None else (
+    np.arange(x.shape[1]) < np.asarray(lengths)[:, None])
+
+  def loss(cell, x):
+    carry, y = nnx.RNN(cell)(x, return_carry=True, **kw)
+    y = y * valid[..., None]
+    return sum((a ** 2).sum() for a in jax.tree_util.tree_leaves((carry, y))), (carry, y)
+  grads, out = nnx.jit(nnx.grad(loss, argnums=(0, 1), has_aux=True))(theirs, x)
+  return out, grads
+
+
+def _explicit_run(layer, x, placement, **kw):
+  """``layer``'s ``(carry, outputs)`` and the gradients of the sum of their squares
+  with respect to its parameters and ``x``, on :func:`_data_model_mesh_here` with
+  ``x`` and each of ``kw`` placed by ``placement`` (name -> spec); and the
+  gradients' specs with their arguments' (which must match)."""
+  graphdef, state = nnx.split(layer)
+
+  @jax.jit
+  def run(state, x, kw):
+    def loss(layer, x):
+      out = layer(x, return_carry=True, **kw)
+      return sum((a ** 2).sum() for a in jax.tree_util.tree_leaves(out)), out
+    return nnx.grad(loss, argnums=(0, 1), has_aux=True)(nnx.merge(graphdef, state), x)
+
+  with jax.set_mesh(_data_model_mesh_here()):
+    x = jax.device_put(x, placement['x'])
+    kw = {k: jax.device_put(v, placement[k]) for k, v in kw.items()}
+    grads, out = run(state, x, kw)
+    specs = [[tuple(jax.typeof(a).sharding.spec) for a in jax.tree_util.tree_leaves(t)]
+             for t in (grads[1], x)]
+  return out, grads, specs
+
+
+def _close(got, want, atol=1e-5):
+  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize('case', ['hidden 1', 'one row, unroll 2',
+                                  'lengths split, inputs replicated'])
+def test_explicit_mesh_corners_of_nr_rnn_run_as_flax_nnx_without_a_mesh(case):
+  # Each of these failed inside JAX before (a ShardingTypeError or a cotangent's
+  # type): a mask of a carry's shape (a feature axis of size 1) split otherwise
+  # than the carry; the two loops JAX runs for an unroll that leaves a remainder,
+  # whose outputs it types apart where an axis of size 1 is split; the rows
+  # reversed by lengths split over the batch beside inputs replicated.
+  rng = np.random.default_rng(3)
+  batch, hidden, features, time, unroll = 2, 4, 3, 3, 1
+  split = {'x': P('data'), 'seq_lengths': P('data')}
+  if case == 'hidden 1':
+    hidden, split['seq_lengths'] = 1, P()
+  elif case == 'one row, unroll 2':
+    batch, unroll = 1, 2
+  else:
+    split['x'] = P()
+  x = rng.normal(size=(batch, time, features)).astype(np.float32)
+  lengths = np.array([3, 1][:batch], np.int32)
+  cell = random_module(lambda: nr.LSTMCell(features, hidden, rngs=nnx.Rngs(0)))
+  reverse = case == 'lengths split, inputs replicated'
+  params = jax.tree_util.tree_map(np.asarray, nnx.state(cell, nnx.Param))
+  if reverse:  # flax.nnx reverses each row within its length as we do
+    want, want_grads = _flax_nnx_run(nnx.LSTMCell, hidden, params, x, seq_lengths=lengths,
+                                     reverse=True, keep_order=True)
+  else:
+    want, want_grads = _flax_nnx_run(nnx.LSTMCell, hidden, params, x, seq_lengths=lengths)
+  layer = nr.RNN(cell, unroll=unroll, reverse=reverse, keep_order=reverse)
+  out, grads, (got_specs, x_specs) = _explicit_run(layer, x, split, seq_lengths=lengths)
+  _close(out, want)
+  _close(grads[0]['cell'], want_grads[0], atol=1e-4)
+  _close(grads[1], want_grads[1], atol=1e-4)
+  assert got_specs == x_specs  # the inputs' gradient typed as the inputs
+
+
+def test_explicit_mesh_one_row_through_the_fused_lstm_runs_as_flax_nnx_without_a_mesh():
+  # The fused scan plan's unroll leaves a remainder at one row over three steps:
+  # JAX's two loops typed the row axis apart (a ShardingTypeError before).
+  x = np.random.default_rng(4).normal(size=(1, 3, IN)).astype(np.float32)
+  layer = random_module(lambda: nr.LSTM(IN, H, rngs=nnx.Rngs(0)))
+  params = jax.tree_util.tree_map(np.asarray, nnx.state(layer.forward[0], nnx.Param))
+  want, want_grads = _flax_nnx_run(nnx.OptimizedLSTMCell, H, params, x)
+  out, grads, (got_specs, x_specs) = _explicit_run(layer, x, {'x': P('data')})
+  _close(out, want)
+  _close(grads[0]['forward'][0], want_grads[0], atol=1e-4)
+  _close(grads[1], want_grads[1], atol=1e-4)
+  assert got_specs == x_specs
+
+
 def test_pallas_under_an_explicit_mesh_names_the_remedies():
   layer = nr.GRU(IN, H, implementation='pallas', rngs=nnx.Rngs(0))
   x = np.ones((B, T, IN), np.float32)

@@ -55,8 +55,8 @@ def h_entering(h0: Array, ys: Array, packed) -> Array:
   h_prev = shift(h0, ys)
   if packed is not None:
     valid, reset = packed
-    h_prev = jnp.where(reset[..., None], jnp.zeros_like(h_prev), h_prev)
-    h_prev = jnp.where(_scan.earlier_valid(valid)[..., None], h_prev, h0[None])
+    h_prev = _scan.masked_where(reset, jnp.zeros_like(h_prev), h_prev)
+    h_prev = _scan.masked_where(_scan.earlier_valid(valid), h_prev, h0[None])
   return h_prev
 
 

@@ -52,6 +52,8 @@ def prefetch_scan(step, carry, xs, *, length: int, reverse: bool, unroll: int,
   the previous one, so the loop's own operations (the carried slices' copies,
   the index) are paid once per two steps; ``unroll`` is then not used.
   """
+  # (explicit sharding mode: an unroll that leaves a remainder, one that does not)
+  unroll = _scan.scan_unroll(unroll, length, jax.tree_util.tree_leaves((xs, carry))[0])
   if not prefetch:
     return jax.lax.scan(step, carry, xs, reverse=reverse, unroll=unroll)
   if pairs and length % 2 == 0:

@@ -70,6 +70,7 @@ from nnx_recurrent._scan._masking import (  # noqa: F401 -- the engine's names
   StepMasks,
   clean_padding,
   earlier_valid,
+  masked_where,
   select,
 )
 from nnx_recurrent._scan._sharding import (  # noqa: F401 -- the engine's names
@@ -80,6 +81,7 @@ from nnx_recurrent._scan._sharding import (  # noqa: F401 -- the engine's names
   explicit_spec,
   gates_checked,
   like_inputs,
+  scan_unroll,
   settle_carry,
   typed_as,
   vary_like,

@@ -20,7 +20,13 @@ from nnx_recurrent._scan._cell import (
   with_plain_variables,
 )
 from nnx_recurrent._scan._masking import Rows, StepMasks, clean_padding
-from nnx_recurrent._scan._sharding import explicit_mesh, gates_checked, like_inputs, typed_as
+from nnx_recurrent._scan._sharding import (
+  explicit_mesh,
+  gates_checked,
+  like_inputs,
+  scan_unroll,
+  typed_as,
+)
 from nnx_recurrent._scan._steps import remat_step, step, with_rows
 
 Array = jax.Array
@@ -96,7 +102,7 @@ def masked_scan(
   xs = clean_padding(xs, masks.valid)
   step_fn = with_rows(remat_step if remat else step, rows)
   scan = graph_nnx.scan(step_fn, in_axes=(axes, nnx.Carry, 0, None), out_axes=(nnx.Carry, 0),
-                        unroll=unroll)
+                        unroll=scan_unroll(unroll, xs.shape[0], xs))
   if broadcast_rngs is not None:
     # One split per call: the broadcast streams give new randomness each call.
     scan = graph_nnx.split_rngs(splits=1, only=broadcast_rngs, squeeze=True)(scan)

@@ -24,7 +24,7 @@ from nnx_recurrent._scan._masking import (
   segment_masks,
   segments_to_masks,
 )
-from nnx_recurrent._scan._sharding import typed_as
+from nnx_recurrent._scan._sharding import rows_typed_as, typed_as
 
 Array = jax.Array
 
@@ -95,6 +95,7 @@ def prepare(where: str, inputs: Any, *, num_feature_axes: int, in_features: int 
     # One length for every row (a scalar, or any shape that broadcasts) is
     # broadcast to the batch, as flax broadcasts it.
     seq_lengths = _checks.check_seq_lengths(where, seq_lengths, batch_shape)
+    seq_lengths = rows_typed_as(seq_lengths, xs, len(batch_shape))  # (explicit sharding)
     masks = StepMasks(lengths_to_valid(seq_lengths, time), None)
   if segment_ids is not None:
     layout = '(time, *batch)' if time_major else '(*batch, time)'
@@ -108,6 +109,7 @@ def prepare(where: str, inputs: Any, *, num_feature_axes: int, in_features: int 
         _checks.fail(where, 'segment_ids', 'non-negative ids (0 = padding)', f'minimum {lowest}')
     if not time_major:
       segment_ids = jnp.moveaxis(segment_ids, -1, 0)
+    segment_ids = rows_typed_as(segment_ids, xs, len(batch_shape), lead=1)
     masks = segments_to_masks(segment_ids)
   return Sequence(xs, batch_shape, time, masks, seq_lengths, segment_ids)
 

@@ -33,6 +33,45 @@ def bcast(m: Array, x: Array) -> Array:
   return m.reshape(m.shape + (1,) * (x.ndim - m.ndim))
 
 
+def masked_where(mask: Array, x: Array, y: Any) -> Array:
+  """``jnp.where(mask, x, y)`` with a ``(*batch)`` mask broadcast on the right.
+
+  In explicit sharding mode the operands are first split alike where the mask
+  already has ``x``'s shape (a feature axis of size 1): ``where`` takes one
+  sharding there, where it merges the two itself for a mask it broadcasts
+  (lengths replicated and the rows split, or the other way: each axis split
+  as the operand that splits it). Every other program is unchanged."""
+  m = bcast(mask, x)
+  if m.shape == jnp.shape(x):
+    sharding = _merged_sharding(m, x)
+    if sharding is not None:
+      m, x = _resharded(m, sharding), _resharded(x, sharding)
+      y = _resharded(y, sharding) if jnp.shape(y) == jnp.shape(x) else y
+  return jnp.where(m, x, y)
+
+
+def _spec(a: Any) -> tuple | None:
+  s = getattr(jax.typeof(a).sharding, 'spec', None)
+  return None if s is None else tuple(s) + (None,) * (jnp.ndim(a) - len(s))
+
+
+def _merged_sharding(a: Array, b: Array) -> Any:
+  """Each axis split as whichever of ``a`` and ``b`` splits it, on the mesh of
+  the one that splits an axis (``None`` where neither does)."""
+  sa, sb = _spec(a), _spec(b)
+  if sa is None or sb is None:
+    return None
+  merged = tuple(p if p is not None else q for p, q in zip(sa, sb))
+  if all(p is None for p in merged):
+    return None
+  split = a if any(p is not None for p in sa) else b
+  return jax.typeof(split).sharding.update(spec=jax.sharding.PartitionSpec(*merged))
+
+
+def _resharded(a: Any, sharding: Any) -> Any:
+  return a if _spec(a) == tuple(sharding.spec) else jax.sharding.reshard(a, sharding)
+
+
 def per_row(mask: Array, x: Any) -> bool:
   """Whether ``x`` leads with the batch axes of a ``(*batch)`` mask (each of
   the mask's size, or any size against a mask axis of 1: one row's length
@@ -111,7 +150,7 @@ def select(mask: Array, new: Any, old: Any, shared: str = 'new', rows: Any = Non
 
   def one(n, o, row=True):
     if row and per_row(mask, n):
-      return jnp.where(bcast(mask, n), n, o)
+      return masked_where(mask, n, o)
     return n if shared == 'new' else o
   rows = rows_for(rows, new)
   return jax.tree_util.tree_map(one, new, old, *(() if rows is None else (rows,)))
@@ -160,4 +199,4 @@ def clean_padding(xs: Array, valid: Array | None) -> Array:
   """
   if valid is None:
     return xs
-  return jnp.where(bcast(valid, xs), xs, jnp.zeros((), xs.dtype))
+  return masked_where(valid, xs, jnp.zeros((), xs.dtype))

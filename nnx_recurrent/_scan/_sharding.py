@@ -223,6 +223,40 @@ def full_spec(x: Any) -> tuple | None:
   return tuple(spec) + (None,) * (jnp.ndim(x) - len(spec))
 
 
+def rows_typed_as(a: Any, xs: Array, num_batch_axes: int, lead: int = 0) -> Any:
+  """``a`` (``seq_lengths`` ``(*batch)``, or time-major ``segment_ids`` with
+  ``lead=1``) split over the mesh as the rows of time-major ``xs`` are, in
+  explicit sharding mode where the two differ (lengths replicated beside rows
+  split, or the other way): the rows' sharding is the inputs', so the masks,
+  the carry and every output take it. ``a`` itself in every other mode."""
+  if a is None or (explicit_spec(xs) is None and explicit_spec(a) is None):
+    return a
+  spec = full_spec(xs)
+  assert spec is not None  # explicit_spec of one of the two
+  want = spec[1 - lead:1 + num_batch_axes]
+  if full_spec(a) == want:
+    return a
+  like = xs if explicit_spec(xs) is not None else a
+  return jax.sharding.reshard(a, jax.typeof(like).sharding.update(
+    spec=jax.sharding.PartitionSpec(*want)))
+
+
+def scan_unroll(unroll: int | bool, length: int, x: Any) -> int | bool:
+  """``unroll`` for a scan of ``length`` steps over ``x`` (time-major, or any
+  array the scan reads), but where ``x`` is traced under a mesh of Explicit axes
+  and ``unroll`` leaves a remainder (``length % unroll``), the largest divisor
+  of ``length`` below it. JAX's scan runs a remainder as a second loop and
+  concatenates the two loops' outputs, whose types differ where an axis of
+  size 1 is split over a mesh axis (of size 1: one row over a ``data`` axis, a
+  hidden size of 1 per device over ``model``): a ``ShardingTypeError`` from
+  its concatenate (jax 0.10 to 0.12.1). ``unroll`` itself in every other mode."""
+  if isinstance(unroll, bool) or unroll <= 1 or length <= unroll or length % unroll == 0:
+    return unroll
+  if not explicit_mesh(x):
+    return unroll
+  return max(d for d in range(1, unroll + 1) if length % d == 0)
+
+
 def explicit_mesh(x: Array) -> bool:
   """Whether ``x`` is traced under a mesh with Explicit axes: the one
   ``jax.set_mesh`` sets, or the mesh of ``x``'s own sharding in its type."""

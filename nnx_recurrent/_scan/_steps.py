@@ -17,7 +17,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nnx_recurrent import _checks
-from nnx_recurrent._scan._masking import Rows, bcast, check_carry_shapes, per_row, rows_for, select
+from nnx_recurrent._scan._masking import (
+  Rows,
+  check_carry_shapes,
+  masked_where,
+  per_row,
+  rows_for,
+  select,
+)
 
 Array = jax.Array
 
@@ -83,7 +90,7 @@ def keep_at_padding(valid_t: Array | None, new_carry: Any, carry: Any, y: Any,
     return new_carry, y
 
   def zero(a, row=True):
-    return jnp.where(bcast(valid_t, a), a, 0) if row and per_row(valid_t, a) else a
+    return masked_where(valid_t, a, 0) if row and per_row(valid_t, a) else a
   out = rows_for(rows.out, y)
   y = jax.tree_util.tree_map(zero, y, *(() if out is None else (out,)))
   return select(valid_t, new_carry, carry, rows=rows.carry), y

@@ -167,13 +167,15 @@ class RNN(nn.Module):
     super().__post_init__()
 
   @nn.nowrap  # a helper: no method of the module (capture_intermediates, tabulate)
-  def _lifted(self, fn: Callable, in_axes: Any = 0) -> Callable:
+  def _lifted(self, fn: Callable, xs: jax.Array, in_axes: Any = 0) -> Callable:
     """``fn(cell, carry, *xs)`` scanned over time by ``flax.linen.scan`` with
-    this RNN's options."""
+    this RNN's options (time-major ``xs``: ``unroll`` where it leaves a
+    remainder under an Explicit mesh, ``_scan.scan_unroll``)."""
     return nn.scan(fn, variable_axes=self.variable_axes,
                    variable_broadcast=self.variable_broadcast,
                    variable_carry=self.variable_carry, split_rngs=self.split_rngs,
-                   in_axes=in_axes, out_axes=0, unroll=self.unroll)
+                   in_axes=in_axes, out_axes=0,
+                   unroll=_scan.scan_unroll(self.unroll, xs.shape[0], xs))
 
   @nn.nowrap
   def _settled(self, carry: Any, xs: jax.Array) -> Any:
@@ -195,7 +197,7 @@ class RNN(nn.Module):
       return _scan.typed_as(new, carry), new
 
     def step(carry):
-      run = nn.apply(lambda cell, carry: self._lifted(new_carry)(cell, carry, xs)[1], cell,
+      run = nn.apply(lambda cell, carry: self._lifted(new_carry, xs)(cell, carry, xs)[1], cell,
                      mutable=True)
       stacked = jax.eval_shape(lambda carry: run(variables, carry, rngs=rngs)[0], carry)
       return jax.tree_util.tree_map(_scan.abstract_step_input, stacked)
@@ -292,7 +294,7 @@ class RNN(nn.Module):
     scan_fn = _LINEN_SCAN_FN if linen else _PACKED_SCAN_FN if packed else _PLAIN_SCAN_FN
     if rows.carry is not None or rows.out is not None:  # leaves shared by the rows
       scan_fn = _named_scan_fn(_scan.with_rows(_scan.linen_step if linen else _scan.step, rows))
-    scan = self._lifted(scan_fn, in_axes=0 if len(scan_args) == 1 else (0, nn.broadcast))
+    scan = self._lifted(scan_fn, xs, in_axes=0 if len(scan_args) == 1 else (0, nn.broadcast))
     with _named_errors(given_carry, self.variable_carry, explicit):
       carry, ys = scan(self.cell, carry, *scan_args)
     if linen:

@@ -12,7 +12,8 @@ import sys
 
 from fuzz._core import case_seed, run_cases
 
-FAMILIES = ['nnx', 'layers', 'streaming', 'state', 'linen', 'torch', 'errors', 'carry']
+FAMILIES = ['nnx', 'layers', 'streaming', 'state', 'linen', 'torch', 'errors', 'carry',
+            'explicit']
 
 
 def family(name: str):

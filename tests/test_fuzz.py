@@ -14,6 +14,7 @@ from fuzz import (
   _core,
   carry_family,
   errors_family,
+  explicit_family,
   layers_family,
   linen_family,
   nnx_family,
@@ -454,3 +455,33 @@ def test_dropout_masks_not_applied_per_row_are_found(monkeypatch, bug):
   report = _core.run_cases('layers', layers_family.run, _seeds(2), force=DROPOUT)
   assert len(report['failures']) == 2, report
   assert all(f['error'].startswith('Mismatch: outputs (segments)') for f in report['failures'])
+
+
+# Two cases the explicit family drew (seeds and choices as drawn) whose mask had
+# the carry's shape (a hidden size of 1, split over a 'model' axis of size 1)
+# split otherwise than the carry: ShardingTypeError from where() inside JAX before
+# _scan.masked_where; the fused GRU (both directions, packed, a given carry) and
+# compat.RNN (packed, reversed, dropout on).
+_MASK_SPLIT_CASES = [
+  (1571595088, dict(layer='gru', rows_per_device=1, time=4, features=2, hidden_per_device=1,
+                    layers=1, bidirectional=True, split_parameters=True, masks='segment_ids',
+                    initial_carry='rows', inputs='rows', masks_placed='rows')),
+  (2954317433, dict(layer='compat', cell0='LSTMCell', rows_per_device=1, time=1, features=1,
+                    hidden_per_device=1, split_parameters=True, masks='segment_ids',
+                    reverse=True, initial_carry='rows', inputs='rows', masks_placed='rows')),
+]
+
+
+def test_explicit_family_runs_clean_and_finds_a_mask_split_otherwise_than_the_carry(monkeypatch):
+  for seed, force in _MASK_SPLIT_CASES:
+    report = _core.run_cases('explicit', explicit_family.run, [seed], force=force)
+    assert report['failures'] == [], report['failures']
+    assert set(report['largest_abs_error']) == {'gradients', 'outputs and carry'}
+
+  def plain(mask, x, y):  # where()'s operands as they come
+    return jnp.where(_scan._masking.bcast(mask, x), x, y)
+  for module in (_scan, _scan._masking, _scan._steps):
+    monkeypatch.setattr(module, 'masked_where', plain)
+  seed, force = _MASK_SPLIT_CASES[1]
+  failures = _core.run_cases('explicit', explicit_family.run, [seed], force=force)['failures']
+  assert len(failures) == 1 and 'ShardingTypeError' in failures[0]['error'], failures

@@ -293,6 +293,21 @@ def test_mgu_forget_bias_init():
   assert np.abs(b_if - b_in).max() > 0.1
 
 
+def test_the_gru_b_hn_key_is_not_the_next_key_of_the_params_stream():
+  # flax.nnx's GRUCell has no b_hn: its key is taken beside the params stream,
+  # which stays as flax.nnx's, and is not that stream's next key (else the next
+  # layer built from the same Rngs would draw a parameter with b_hn's key).
+  init, zeros = jax.nn.initializers.normal(1.0), jax.nn.initializers.zeros  # no QR to compile
+  kw = dict(kernel_init=zeros, recurrent_kernel_init=zeros, bias_init=init)
+  ours, theirs = nnx.Rngs(0), nnx.Rngs(0)
+  cell = nr.GRUCell(2, 3, **kw, rngs=ours)
+  nnx.GRUCell(2, 3, **kw, rngs=theirs)
+  following = ours.params()
+  np.testing.assert_array_equal(jax.random.key_data(following),
+                                jax.random.key_data(theirs.params()))
+  assert np.abs(np.asarray(cell.bias_hn[...]) - np.asarray(init(following, (3,)))).min() > 1e-6
+
+
 # -- no PRNG state by default ---------------------------------------------------
 def _rng_variables(module):
   flat = nnx.to_flat_state(nnx.state(module))
@@ -587,6 +602,14 @@ def test_what_step_returns_is_checked_against_the_carry():
   with pytest.raises(TypeError, match=r'OnlyCarry.step: `return value` expected a pair '
                                       r'\(new_carry, output\), got ArrayImpl'):
     OnlyCarry()(jnp.zeros((2, 4)), jnp.ones((2, 3)))
+
+  class ThreeValues(WrongWidth):  # a step that also returns the gates, say
+    def step(self, carry, inputs, recurrent_mask):
+      return carry, carry, inputs
+
+  with pytest.raises(TypeError, match=r'ThreeValues.step: `return value` expected a pair '
+                                      r'\(new_carry, output\), got tuple of length 3'):
+    ThreeValues()(jnp.zeros((2, 4)), jnp.ones((2, 3)))
 
 
 @pytest.mark.parametrize('value, error', [(0, ValueError), (2.0, TypeError), (True, TypeError)])

@@ -135,6 +135,9 @@ def test_masks_come_in_the_requested_or_the_cells_float_dtype():
     assert set(np.unique(np.asarray(masks.input, np.float32))) <= {
       0.0, float(jnp.asarray(1 / 0.75, want))}  # 1 / (1 - rate) rounded to the dtype
     assert set(np.unique(np.asarray(masks.recurrent, np.float32))) <= {0.0, 2.0}
+  # A complex one (complex inputs, which complex cells take): that too.
+  assert [mk.dtype for mk in cell.dropout_masks((B, IN), key, jnp.complex64)] == [
+    jnp.dtype(jnp.complex64)] * 2
 
 
 def test_a_bfloat16_cell_with_dropout_steps_in_bfloat16_as_flax():
@@ -334,6 +337,20 @@ def test_training_calls_differ_and_the_stream_advances():
   np.testing.assert_array_equal(r1, r2)
   assert count() == c1
   assert np.abs(np.asarray(r1) - a).max() > 1e-3
+
+
+def test_the_cells_stream_is_the_dropout_stream_forked_as_nnx_dropouts():
+  # As nnx.Dropout(rate, rngs=rngs): the cell forks the `dropout` stream (not
+  # `params`, nor the stream itself, which later layers draw from), and leaves
+  # the Rngs's stream where nnx.Dropout leaves it.
+  ours, theirs = nnx.Rngs(params=0, dropout=1), nnx.Rngs(params=0, dropout=1)
+  cell = CELLS['GRUCell'](dropout_rate=0.3, rngs=ours)
+  flax_dropout = nnx.Dropout(0.3, rngs=theirs)
+  key_data = lambda stream: np.asarray(jax.random.key_data(stream.key[...]))  # noqa: E731
+  np.testing.assert_array_equal(key_data(cell.rngs), key_data(flax_dropout.rngs))
+  assert int(cell.rngs.count[...]) == int(flax_dropout.rngs.count[...]) == 0
+  np.testing.assert_array_equal(jax.random.key_data(ours.dropout()),
+                                jax.random.key_data(theirs.dropout()))
 
 
 def test_gradients_finite_under_jit():

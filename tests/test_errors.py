@@ -284,7 +284,8 @@ def test_bad_constructor_args(ctor, exc, msg):
     abstractly(ctor)  # no initializer runs: the arguments are checked in Python alike
 
 
-@pytest.mark.parametrize('option', [dict(zoneout_rate=0.2), dict(keep_rngs=True)])
+@pytest.mark.parametrize('option', [dict(zoneout_rate=0.2), dict(keep_rngs=True),
+                                    dict(param_dtype=jnp.bfloat16)])
 def test_a_subclass_giving_options_without_sizes_is_refused(option):
   # Only a bare super().__init__() is a cell in flax's style; any option needs the sizes.
   class Cell(nr.RNNCellBase):
@@ -1547,6 +1548,16 @@ def test_a_cell_takes_list_inputs_as_flax_cells_do():
   with pytest.raises(TypeError, match=m('GRUCell: `inputs` expected an array (a cell is called '
                                         'as cell(carry, inputs)), got tuple')):
     ours(h, (jnp.ones((2, 3)),))
+
+
+def test_inputs_of_the_hidden_size_with_the_right_carry_are_not_called_swapped():
+  # The PyTorch-order message needs a carry of the input size too; inputs of the
+  # hidden size beside a right carry are wrong inputs, named as such.
+  cell = nr.GRUCell(3, 4, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=re.escape(
+      "GRUCell: `inputs` expected last axis of size 3 (the cell's in_features), "
+      'got shape (2, 4).')):
+    cell(jnp.zeros((2, 4)), jnp.zeros((2, 4)))
 
 
 def test_query_methods_check_their_input_shape():

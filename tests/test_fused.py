@@ -890,6 +890,14 @@ def test_constructor_signatures_are_spelled_out():
   for params in (lstm, gru):
     assert not [n for n in params if n.startswith('_')]
     assert not [p for p in params.values() if p.kind is p.VAR_KEYWORD]
+  # What a layer passes to its cells defaults as the cells' own options do: its
+  # default cells are those of nr.RNN over the default cell.
+  for params, cell in ((lstm, nr.OptimizedLSTMCell), (gru, nr.GRUCell)):
+    cells = inspect.signature(cell.__init__).parameters
+    passed = set(params) & set(cells) - {'self', 'in_features', 'hidden_features', 'rngs',
+                                         'dropout_rate'}  # the layer's: between layers
+    assert {'kernel_init', 'recurrent_kernel_init', 'bias_init', 'dtype', 'param_dtype'} <= passed
+    assert {n: params[n].default for n in passed} == {n: cells[n].default for n in passed}
   for layer in (nr.LSTM, nr.GRU):
     with pytest.raises(TypeError, match=rf'{layer.__name__}\.__init__\(\) got an unexpected '
                        'keyword .*foo'):

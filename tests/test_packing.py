@@ -5,6 +5,8 @@ The references: every segment run alone — through the NumPy formula of the cel
 per row (``seq_lengths``, itself checked against NumPy elsewhere).
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -214,6 +216,9 @@ def test_segment_id_errors():
     rnn(x, segment_ids=IDS.astype(np.float32))
   with pytest.raises(ValueError, match=r'`segment_ids` expected non-negative .* got minimum -7'):
     rnn(x, segment_ids=-IDS)
+  with pytest.raises(ValueError, match=re.escape(  # the boundary: -1 is no padding either
+      'RNN: `segment_ids` expected non-negative ids (0 = padding), got minimum -1.')):
+    rnn(x, segment_ids=IDS - 1)
   bi = nr.Bidirectional(_rnn('LSTMCell'), _rnn('GRUCell'))
   with pytest.raises(ValueError, match=r'`segment_ids` expected an integer array'):
     bi(x, segment_ids=IDS == 1)

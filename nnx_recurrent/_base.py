@@ -570,9 +570,11 @@ class RNNCellBase(nnx.Module):
     new_carry = self._check_carry(f'{where}.step', new_carry, shapes, 'new_carry')
     if getattr(self, 'zoneout_rate', 0.0):
       new_carry = self._zoneout(carry, new_carry, rngs)
-    if keep_carry_dtype and shapes is not None:
+    if keep_carry_dtype and (shapes is not None or jax.tree_util.tree_structure(new_carry)
+                             == jax.tree_util.tree_structure(carry)):
       # As over RNN's steps, so that a cell stepped by hand equals RNN and a
-      # lax.scan over it keeps its carry type (a Python number leaf: as computed).
+      # lax.scan over it keeps its carry type (a Python number leaf: as computed);
+      # a carry of a cell's own initialize_carry too, where the step keeps its structure.
       new_carry = jax.tree_util.tree_map(
         lambda n, o: n.astype(o.dtype) if hasattr(o, 'dtype') else n, new_carry, carry)
     return new_carry, y

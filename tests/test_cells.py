@@ -214,6 +214,34 @@ def test_a_step_by_hand_keeps_a_bfloat16_carry_under_float32_computation():
   np.testing.assert_allclose(np.asarray(h, np.float64), want, atol=2e-2)
 
 
+def test_a_cell_with_its_own_initialize_carry_keeps_its_carrys_dtype_by_hand():
+  # A cell on the base class with an initialize_carry of its own (its carry is
+  # not checked) that steps in bfloat16: the new carry comes back in the
+  # carry's float32, as over RNN's steps, so jax.lax.scan over the cell runs
+  # (it raised: carry input float32, output bfloat16). Reference: NumPy,
+  # rounding each step's carry to bfloat16 as the step does.
+  class Decay(nr.RNNCellBase):
+    def __init__(self):
+      super().__init__(3, 4, rngs=nnx.Rngs(0))
+
+    def initialize_carry(self, input_shape, rngs=None):
+      return jnp.zeros((*input_shape[:-1], 4), jnp.float32)
+
+    def step(self, carry, inputs, recurrent_mask):
+      h = (0.5 * carry + inputs.sum(-1, keepdims=True)).astype(jnp.bfloat16)
+      return h, h
+
+  cell = Decay()
+  xs = ref.normal((5, 2, 3), seed=3)  # (time, batch, features)
+  h, ys = nnx.jit(lambda cell: jax.lax.scan(cell, cell.initialize_carry((2, 3)), xs))(cell)
+  want = np.zeros((2, 4))
+  for x in np.asarray(xs, np.float64):
+    want = np.asarray(jnp.asarray(0.5 * want + x.sum(-1, keepdims=True), jnp.bfloat16),
+                      np.float64)
+  assert h.dtype == jnp.float32 and ys.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(h, np.float64), want, rtol=1e-2)
+
+
 # -- initialize_carry -----------------------------------------------------------
 @pytest.mark.parametrize('param_dtype', [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize('name', ['simple', 'lstm', 'gru', 'mgu', 'conv_lstm_2d'])

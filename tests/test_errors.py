@@ -1553,7 +1553,7 @@ def test_a_cell_takes_list_inputs_as_flax_cells_do():
 def test_inputs_of_the_hidden_size_with_the_right_carry_are_not_called_swapped():
   # The PyTorch-order message needs a carry of the input size too; inputs of the
   # hidden size beside a right carry are wrong inputs, named as such.
-  cell = nr.GRUCell(3, 4, rngs=nnx.Rngs(0))
+  cell = nnx.eval_shape(lambda: nr.GRUCell(3, 4, rngs=nnx.Rngs(0)))  # checked before any math
   with pytest.raises(ValueError, match=re.escape(
       "GRUCell: `inputs` expected last axis of size 3 (the cell's in_features), "
       'got shape (2, 4).')):

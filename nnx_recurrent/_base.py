@@ -570,8 +570,9 @@ class RNNCellBase(nnx.Module):
     new_carry = self._check_carry(f'{where}.step', new_carry, shapes, 'new_carry')
     if getattr(self, 'zoneout_rate', 0.0):
       new_carry = self._zoneout(carry, new_carry, rngs)
-    if keep_carry_dtype and (shapes is not None or jax.tree_util.tree_structure(new_carry)
-                             == jax.tree_util.tree_structure(carry)):
+    structure: Any = jax.tree_util.tree_structure(new_carry)  # jax's PyTreeDef (untyped for mypy)
+    kept = shapes is not None or structure == jax.tree_util.tree_structure(carry)
+    if keep_carry_dtype and kept:
       # As over RNN's steps, so that a cell stepped by hand equals RNN and a
       # lax.scan over it keeps its carry type (a Python number leaf: as computed);
       # a carry of a cell's own initialize_carry too, where the step keeps its structure.

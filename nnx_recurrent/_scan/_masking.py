@@ -33,6 +33,15 @@ def bcast(m: Array, x: Array) -> Array:
   return m.reshape(m.shape + (1,) * (x.ndim - m.ndim))
 
 
+def full_spec(x: Any) -> tuple | None:
+  """``x``'s partition in its type, one entry per axis (``None``: no sharding)."""
+  sharding = x.sharding if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x).sharding
+  spec = getattr(sharding, 'spec', None)
+  if spec is None:
+    return None
+  return tuple(spec) + (None,) * (jnp.ndim(x) - len(spec))
+
+
 def masked_where(mask: Array, x: Array, y: Any) -> Array:
   """``jnp.where(mask, x, y)`` with a ``(*batch)`` mask broadcast on the right.
 
@@ -50,15 +59,10 @@ def masked_where(mask: Array, x: Array, y: Any) -> Array:
   return jnp.where(m, x, y)
 
 
-def _spec(a: Any) -> tuple | None:
-  s = getattr(jax.typeof(a).sharding, 'spec', None)
-  return None if s is None else tuple(s) + (None,) * (jnp.ndim(a) - len(s))
-
-
 def _merged_sharding(a: Array, b: Array) -> Any:
   """Each axis split as whichever of ``a`` and ``b`` splits it, on the mesh of
   the one that splits an axis (``None`` where neither does)."""
-  sa, sb = _spec(a), _spec(b)
+  sa, sb = full_spec(a), full_spec(b)
   if sa is None or sb is None:
     return None
   merged = tuple(p if p is not None else q for p, q in zip(sa, sb))
@@ -69,7 +73,7 @@ def _merged_sharding(a: Array, b: Array) -> Any:
 
 
 def _resharded(a: Any, sharding: Any) -> Any:
-  return a if _spec(a) == tuple(sharding.spec) else jax.sharding.reshard(a, sharding)
+  return a if full_spec(a) == tuple(sharding.spec) else jax.sharding.reshard(a, sharding)
 
 
 def per_row(mask: Array, x: Any) -> bool:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nnx_recurrent import _checks
-from nnx_recurrent._scan._masking import StepMasks, rows_for
+from nnx_recurrent._scan._masking import StepMasks, full_spec, rows_for
 
 Array = jax.Array
 
@@ -212,15 +212,6 @@ def gates_checked(where: str, arg: str, hidden: Any, params: Any, got: str, *,
     except ValueError as gates:
       raise gates from e
     raise
-
-
-def full_spec(x: Any) -> tuple | None:
-  """``x``'s partition in its type, one entry per axis (``None``: no sharding)."""
-  sharding = x.sharding if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x).sharding
-  spec = getattr(sharding, 'spec', None)
-  if spec is None:
-    return None
-  return tuple(spec) + (None,) * (jnp.ndim(x) - len(spec))
 
 
 def rows_typed_as(a: Any, xs: Array, num_batch_axes: int, lead: int = 0) -> Any:

@@ -2038,8 +2038,9 @@ def test_fused_bfloat16_gru_without_bias_hn_computes_in_bfloat16_as_flax():
   x = _x().astype(jnp.bfloat16)
   fused = random_module(lambda: nr.GRU(IN, H, use_bias_hn=False, param_dtype=jnp.bfloat16,
                                        rngs=nnx.Rngs(0)))
-  theirs = random_module(lambda: nnx.RNN(nnx.GRUCell(IN, H, param_dtype=jnp.bfloat16,
-                                                     rngs=nnx.Rngs(0))))
+  theirs = random_module(lambda: nnx.RNN(nnx.GRUCell(  # (no QR in bfloat16 on jax 0.12)
+    IN, H, param_dtype=jnp.bfloat16, recurrent_kernel_init=nnx.initializers.zeros_init(),
+    rngs=nnx.Rngs(0))))
   nnx.update(theirs.cell, nnx.state(fused.forward[0], nnx.Param))  # the same paths
   y_o, y_t = nnx.jit(lambda a, b: (a(x), b(x)))(fused, theirs)
   assert y_o.dtype == y_t.dtype == jnp.bfloat16

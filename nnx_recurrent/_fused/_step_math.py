@@ -358,7 +358,9 @@ class GRUMath:
     dhp, dan = d_all
     h = b_hn.shape[-1]
     dw_h = flat_dot_t(res[..., 4 * h:], dhp, like=w_h)
-    dxp = jnp.concatenate([dhp[..., : 2 * h], dan], axis=-1)
+    # (explicit sharding mode: dan typed as dhp, which jax 0.12 can type apart at a
+    # hidden size of 1 split over a mesh axis of size 1)
+    dxp = jnp.concatenate([dhp[..., : 2 * h], _scan.typed_as(dan, dhp)], axis=-1)
     db_hn = sum_leading(dhp[..., 2 * h:])
     return dw_h, dxp, db_hn
 

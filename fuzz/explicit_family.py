@@ -44,6 +44,7 @@ import nnx_recurrent as nr
 from fuzz._common import draw_segments
 from fuzz._core import Case, Mismatch
 from nnx_recurrent import compat
+from nnx_recurrent._scan._masking import full_spec
 
 CELLS = ('LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell', 'MGUCell')
 KINDS = ('rnn', 'bidirectional', 'stack', 'lstm', 'gru', 'compat')
@@ -91,13 +92,8 @@ def _build(case: Case, kind: str, features: int, hidden: int, split: bool) -> nn
   return nr.GRU(features, hidden, **fused)
 
 
-def _spec(ndim: int, *lead: str | None) -> P:
-  return P(*lead, *([None] * (ndim - len(lead))))
-
-
-def _types(tree: Any) -> list[tuple]:
-  return [tuple(jax.typeof(a).sharding.spec) + (None,) * (a.ndim - len(jax.typeof(a).sharding.spec))
-          for a in jax.tree.leaves(tree)]
+def _types(tree: Any) -> list[tuple | None]:
+  return [full_spec(a) for a in jax.tree.leaves(tree)]
 
 
 def run(case: Case) -> None:
@@ -174,14 +170,14 @@ def run(case: Case) -> None:
       placed = jax.tree.unflatten(treedef, [
         jax.device_put(v, s.sharding)
         for v, s in zip(jax.tree.leaves(params), leaves, strict=True)])
-    xs = jax.device_put(x, _spec(3, 'data' if x_rows == 'rows' else None))
-    placed_kw = {k: jax.device_put(v, _spec(v.ndim, 'data' if mask_rows == 'rows' else None))
+    xs = jax.device_put(x, P('data' if x_rows == 'rows' else None))
+    placed_kw = {k: jax.device_put(v, P('data' if mask_rows == 'rows' else None))
                  for k, v in kw.items()}
 
     def place(a):
       if given == 'rows and hidden' and a.shape[-1] % model == 0:
         return jax.device_put(a, P('data', *([None] * (a.ndim - 2)), 'model'))
-      return jax.device_put(a, _spec(a.ndim, None if given == 'replicated' else 'data'))
+      return jax.device_put(a, P(None if given == 'replicated' else 'data'))
 
     placed_carry = None if carry is None else jax.tree.map(place, carry)
     out, grads = program_for(mesh_graphdef)(placed, placed_rest, xs, placed_carry, placed_kw)

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.experimental import rnn
 
 import nnx_recurrent as nr
-from nnx_recurrent._fused import internal
+from nnx_recurrent._fused import _cudnn, internal
 from tests import reference as ref
 from tests import test_fused
 from tests.test_fused import (
@@ -169,24 +169,92 @@ def test_implementation_set_after_construction_is_checked_at_the_call(fake_gpu):
 
 def test_unsupported_on_gpu_errors(fake_gpu):
   """Raised while tracing: traced only, nothing compiles. The two precisions
-  cuDNN has (TF32 on or off) run."""
-  for dtype in (jnp.bfloat16, jnp.float16):
-    layer = make(implementation='cudnn', dtype=dtype)
-    with pytest.raises(ValueError, match=r'cuDNN runs float32 only, and the computation dtype '
-                                         rf'is {jnp.dtype(dtype).name}\), got .cudnn.'):
-      jax.eval_shape(layer, jnp.ones((2, 5, 3)))
+  cuDNN has (TF32 on or off) run, by each of their names."""
+  for dtype in (jnp.bfloat16, jnp.float16, jnp.float64):
+    with jax.enable_x64(dtype == jnp.float64):
+      layer = make(implementation='cudnn', dtype=dtype)
+      with pytest.raises(ValueError, match=r'cuDNN runs float32 only, and the computation dtype '
+                                           rf'is {jnp.dtype(dtype).name}\), got .cudnn.'):
+        jax.eval_shape(layer, jnp.ones((2, 5, 3)))
   layer = make(implementation='cudnn')
-  # A dot-algorithm preset too: jax.experimental.rnn would run it as TF32.
-  for precision in ('bfloat16', 'F32_F32_F32'):
+  # 'default' is bfloat16 to jax.experimental.rnn (NotImplementedError there); a
+  # dot-algorithm preset it would run as TF32.
+  for precision in ('bfloat16', 'default', 'F32_F32_F32'):
     with jax.default_matmul_precision(precision):
       with pytest.raises(ValueError, match=rf"cuDNN has no matmul precision '{precision}' "
                                            r'\(jax_default_matmul_precision\)\), got .cudnn.'):
         jax.eval_shape(layer, jnp.ones((2, 5, 3)))
   assert not fake_gpu
-  for precision in ('tensorfloat32', 'highest'):
+  for precision in ('high', 'tensorfloat32', 'highest', 'float32'):
     with jax.default_matmul_precision(precision):
       jax.eval_shape(layer, jnp.ones((2, 5, 3)))
-  assert len(fake_gpu) == 2
+  assert len(fake_gpu) == 4
+
+
+def test_a_cuda_backend_passes_the_check(monkeypatch):
+  """Without ``internal.fake_cuda``: the check asks ``cuda_backend`` (here made
+  to say yes; the cuDNN call is still the reference's)."""
+  calls = []
+  monkeypatch.setattr(_cudnn, 'cuda_backend', lambda: True)
+  monkeypatch.setattr(_cudnn, '_substitute', lambda *a, **kw: calls.append(kw) or
+                      reference_lstm(*a, **kw))
+  jax.eval_shape(make(implementation='cudnn'), jnp.ones((B, T, I)))  # traced only
+  assert len(calls) == 1
+
+
+def test_every_operand_of_the_call_is_float32_and_the_carry_keeps_its_dtype():
+  """bfloat16 parameters, inputs and carry with ``dtype=float32``, and int64
+  lengths (x64): cuDNN gets float32 operands and int32 lengths (lstm_ref, the
+  stand-in, would promote the rest itself); values and dtypes as the scans give."""
+  operands = []
+
+  def lstm(*args, **kw):
+    operands.append(tuple(a.dtype for a in args))
+    return reference_lstm(*args, **kw)
+
+  bf16 = jnp.bfloat16
+  with jax.enable_x64(True), internal.fake_cuda(lstm):
+    layer = make(1, True, implementation='cudnn', param_dtype=bf16, dtype=jnp.float32)
+    x = ref.normal((B, T, I), seed=7).astype(bf16)
+    carry0 = jax.tree_util.tree_map(lambda a: a.astype(bf16), random_carry(layer))
+    lengths = jnp.asarray(LENGTHS, jnp.int64)
+
+    def both(m, x):  # one compilation: cuDNN (by its reference) and the scans
+      outs = [m(x, initial_carry=carry0, return_carry=True, seq_lengths=s)
+              for s in (None, lengths)]
+      m.implementation = 'xla'
+      return outs, [m(x, initial_carry=carry0, return_carry=True, seq_lengths=s)
+                    for s in (None, lengths)]
+
+    got, want = call(layer, x, run=both)
+  assert operands == [(jnp.float32,) * 4 + (jnp.int32,)] * 2
+  assert jax.tree_util.tree_map(lambda a: a.dtype, got) == \
+    jax.tree_util.tree_map(lambda a: a.dtype, want)
+  assert_trees_close(jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), got),
+                     jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), want))
+
+
+def test_the_call_reads_and_writes_row_major_arrays_and_cotangents(fake_gpu):
+  """``_cudnn._row_major``: the operands ``x, h0, c0``, the results ``y, h_n,
+  c_n`` and, in the VJP, the cotangents of all six are constrained to row-major
+  memory. On the CPU no value depends on it; on a GPU, cuDNN read a transposed
+  layout without it (jax-ml/jax#19177; test_real_cudnn_matches_generic)."""
+  from tests.jaxprs import equations
+
+  layer = make(1, True, implementation='cudnn')
+  graphdef, params = nnx.split(layer)
+
+  def loss(params, x, carry):
+    return test_fused.weighted_loss(nnx.merge(graphdef, params)(
+      x, initial_carry=carry, return_carry=True, seq_lengths=jnp.asarray(LENGTHS)))
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(
+    params, jnp.ones((B, T, I)), random_carry(layer))
+  constraints = [e for e in equations(jaxpr.jaxpr) if e.primitive.name == 'layout_constraint']
+  shapes = sorted(tuple(e.invars[0].aval.shape) for e in constraints)
+  # x and dx, y and dy; h0, c0, h_n, c_n and their cotangents
+  assert shapes == sorted([(B, T, I)] * 2 + [(B, T, 2 * H)] * 2 + [(2, B, H)] * 8)
+  assert {e.params['layout'].major_to_minor for e in constraints} == {(0, 1, 2)}
 
 
 def test_vmap_error():

@@ -104,15 +104,18 @@ bench: install-test
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 # Differential fuzzing against flax.nnx, flax.linen, PyTorch and step-by-step
-# loops (fuzz/): not in `make test`; 200 cases of each of the eight families take
-# about 75 minutes on 2 cores (estimated from each family's campaign; reduced
-# precision and convolutional cases cost more). A failure prints the command
-# that replays its case.
+# loops (fuzz/): not in `make test`; 200 cases of each of the nine families take
+# well over an hour on 2 cores (estimated from each family's campaign; reduced
+# precision, convolutional and 8-device cases cost more). A failure prints the
+# command that replays its case. On 8 simulated CPU devices, so that the
+# `explicit` family draws (data, model) meshes (on one device its mesh is (1, 1));
+# the other families run on the first device as on one.
 FUZZ_FAMILY ?= all
 FUZZ_CASES ?= 200
 FUZZ_SEED ?= 0
 fuzz: install-test
-	$(PY) -m fuzz --family $(FUZZ_FAMILY) --cases $(FUZZ_CASES) --seed $(FUZZ_SEED) --out out/fuzz.json
+	XLA_FLAGS="$$XLA_FLAGS --xla_force_host_platform_device_count=8" \
+	  $(PY) -m fuzz --family $(FUZZ_FAMILY) --cases $(FUZZ_CASES) --seed $(FUZZ_SEED) --out out/fuzz.json
 
 # The Pallas kernels compiled by Triton for an H200, without a GPU: shared
 # memory, registers, spills (benchmarks/triton_resources.py).

@@ -28,6 +28,17 @@ def _shell_word(item: str) -> str:
   return f'"{item}"' if not set('"$`\\!') & set(item) else shlex.quote(item)
 
 
+def _devices_prefix() -> str:
+  """The ``XLA_FLAGS`` that give a replay this process's simulated CPU devices: the
+  ``explicit`` family draws its mesh from the devices there are."""
+  import jax
+
+  n = jax.device_count()
+  if n == 1 or jax.devices()[0].platform != 'cpu':
+    return ''
+  return f'XLA_FLAGS=--xla_force_host_platform_device_count={n} '
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog='python -m fuzz', description=__doc__)
   parser.add_argument('--family', choices=[*FAMILIES, 'all'], default='all')
@@ -73,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['seconds']} s{errors}", flush=True)
     # The forced choices are part of the case: the replay forces them too.
     forced = ''.join(f' --force {_shell_word(item)}' for item in args.force)
+    devices = _devices_prefix() if name == 'explicit' else ''
     for failure in report['failures']:
-      print(f"  replay: python -m fuzz --family {name} --replay {failure['seed']}{forced}\n"
+      print(f"  replay: {devices}python -m fuzz --family {name} --replay {failure['seed']}"
+            f"{forced}\n"
             f"    {failure['error']}\n    config: {failure['config']}")
   if args.out:
     os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)

@@ -485,3 +485,27 @@ def test_explicit_family_runs_clean_and_finds_a_mask_split_otherwise_than_the_ca
   seed, force = _MASK_SPLIT_CASES[1]
   failures = _core.run_cases('explicit', explicit_family.run, [seed], force=force)['failures']
   assert len(failures) == 1 and 'ShardingTypeError' in failures[0]['error'], failures
+
+
+def test_an_explicit_replay_names_the_simulated_devices_its_mesh_was_drawn_from(monkeypatch,
+                                                                                 capsys):
+  # The family draws its mesh from the devices there are: a replay of a case
+  # found on 8 simulated CPU devices needs them again (make fuzz runs on 8).
+  from fuzz import __main__ as fuzz_main
+
+  class Cpu:
+    platform = 'cpu'
+
+  monkeypatch.setattr(jax, 'device_count', lambda: 8)
+  monkeypatch.setattr(jax, 'devices', lambda: [Cpu()] * 8)
+  monkeypatch.setattr(fuzz_main, 'run_cases', lambda name, run, seeds, **kw: dict(
+    cases=1, failures=[dict(seed=seeds[0], error='E', config={})], seconds=0,
+    largest_abs_error={}, largest_tolerance_share={}))
+  for family, prefix in (('explicit', 'XLA_FLAGS=--xla_force_host_platform_device_count=8 '),
+                         ('carry', '')):
+    assert main(['--family', family, '--cases', '1', '--seed', '3']) == 1
+    printed = capsys.readouterr().out
+    assert f'  replay: {prefix}python -m fuzz --family {family} --replay ' in printed, printed
+  Cpu.platform = 'gpu'  # GPUs: the flag adds no devices
+  assert main(['--family', 'explicit', '--cases', '1', '--seed', '3']) == 1
+  assert '  replay: python -m fuzz --family explicit' in capsys.readouterr().out

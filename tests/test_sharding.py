@@ -272,6 +272,51 @@ def test_explicit_mesh_corners_of_nr_rnn_run_as_flax_nnx_without_a_mesh(case):
   assert got_specs == x_specs  # the inputs' gradient typed as the inputs
 
 
+def _scan_unrolls(f, state, x, mesh=None):
+  """The ``unroll`` of every scan in ``f(state, x)``'s program, traced (nothing
+  runs) with ``x`` split over ``mesh``'s first axis (an abstract mesh: no devices)."""
+  from tests.jaxprs import equations
+
+  if mesh is None:
+    jaxpr = jax.make_jaxpr(f)(state, x)
+  else:
+    with jax.sharding.use_abstract_mesh(mesh):
+      rows = NamedSharding(mesh, P(None, mesh.axis_names[0]))
+      jaxpr = jax.make_jaxpr(f)(state, jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rows))
+  return [e.params['unroll'] for e in equations(jaxpr.jaxpr) if e.primitive.name == 'scan']
+
+
+def test_an_unroll_leaving_a_remainder_is_cut_only_on_meshes_with_an_explicit_axis_of_size_1():
+  # JAX types its remainder loop's outputs apart only where an array axis of
+  # size 1 is split, which only a mesh axis of size 1 can split: elsewhere the
+  # scans keep the unroll asked for (3 steps, unroll 2), as without a mesh.
+  from jax.sharding import AbstractMesh, AxisType
+
+  x = np.ones((3, 4, IN), np.float32)  # time-major: the rows split
+  rnn = nr.RNN(nr.LSTMCell(IN, H, rngs=nnx.Rngs(0)), unroll=2, time_major=True)
+  linen = compat.RNN(compat.GRUCell(H), unroll=2, time_major=True)
+  variables = linen.init(jax.random.key(0), x)
+  fused = nr.GRU(IN, H, rngs=nnx.Rngs(0))
+  (g_rnn, s_rnn), (g_fused, s_fused) = nnx.split(rnn), nnx.split(fused)
+  layers = {'nr.RNN': (lambda s, x: nnx.merge(g_rnn, s)(x), s_rnn),
+            'compat.RNN': (lambda s, x: linen.apply(s, x), variables),
+            'nr.GRU': (lambda s, x: nnx.merge(g_fused, s)(x, time_major=True), s_fused)}
+  explicit, auto = AxisType.Explicit, AxisType.Auto
+  for name, (f, state) in layers.items():
+    plain = _scan_unrolls(f, state, x)
+    for shape, names, kinds, cut in (((4,), ('data',), (explicit,), False),
+                                     ((2, 2), ('data', 'model'), (explicit,) * 2, False),
+                                     ((4,), ('data',), (auto,), False),
+                                     ((4, 1), ('data', 'model'), (explicit,) * 2, True),
+                                     ((1,), ('data',), (explicit,), True)):
+      got = _scan_unrolls(f, state, x, AbstractMesh(shape, names, axis_types=kinds))
+      if cut:
+        assert all(u == 1 or 3 % u == 0 for u in got), (name, shape, got)
+      else:
+        assert got == plain, (name, shape, kinds, got, plain)
+  assert all(2 in _scan_unrolls(*layers[name], x) for name in ('nr.RNN', 'compat.RNN'))
+
+
 def test_explicit_mesh_one_row_through_the_fused_lstm_runs_as_flax_nnx_without_a_mesh():
   # The fused scan plan's unroll leaves a remainder at one row over three steps:
   # JAX's two loops typed the row axis apart (a ShardingTypeError before).

@@ -234,26 +234,35 @@ def rows_typed_as(a: Any, xs: Array, num_batch_axes: int, lead: int = 0) -> Any:
 
 def scan_unroll(unroll: int | bool, length: int, x: Any) -> int | bool:
   """``unroll`` for a scan of ``length`` steps over ``x`` (time-major, or any
-  array the scan reads), but where ``x`` is traced under a mesh of Explicit axes
-  and ``unroll`` leaves a remainder (``length % unroll``), the largest divisor
-  of ``length`` below it. JAX's scan runs a remainder as a second loop and
-  concatenates the two loops' outputs, whose types differ where an axis of
-  size 1 is split over a mesh axis (of size 1: one row over a ``data`` axis, a
-  hidden size of 1 per device over ``model``): a ``ShardingTypeError`` from
-  its concatenate (jax 0.10 to 0.12.1). ``unroll`` itself in every other mode."""
+  array the scan reads), but where ``x`` is traced under a mesh with an Explicit
+  axis of size 1 and ``unroll`` leaves a remainder (``length % unroll``), the
+  largest divisor of ``length`` below it. JAX's scan runs a remainder as a
+  second loop and concatenates the two loops' outputs, whose types differ where
+  an array axis of size 1 is split over a mesh axis (one row over a ``data``
+  axis of size 1, a hidden size of 1 over a ``model`` axis of size 1): a
+  ``ShardingTypeError`` from its concatenate (jax 0.10 to 0.12.1). An axis of
+  size 1 splits evenly over mesh axes of size 1 only, so on meshes without
+  those ``unroll`` stays, as in every other mode."""
   if isinstance(unroll, bool) or unroll <= 1 or length <= unroll or length % unroll == 0:
     return unroll
-  if not explicit_mesh(x):
+  if not any(size == 1 and kind == jax.sharding.AxisType.Explicit
+             for mesh in _meshes(x)
+             for size, kind in zip(mesh.axis_sizes, mesh.axis_types, strict=True)):
     return unroll
   return max(d for d in range(1, unroll + 1) if length % d == 0)
+
+
+def _meshes(x: Array) -> tuple:
+  """The meshes ``x`` is traced under: the one ``jax.set_mesh`` sets (empty
+  without one), and the mesh of ``x``'s own sharding in its type, if any."""
+  mesh = getattr(jax.typeof(x).sharding, 'mesh', None)
+  return (jax.sharding.get_abstract_mesh(), *([mesh] if mesh is not None else []))
 
 
 def explicit_mesh(x: Array) -> bool:
   """Whether ``x`` is traced under a mesh with Explicit axes: the one
   ``jax.set_mesh`` sets, or the mesh of ``x``'s own sharding in its type."""
-  meshes = (jax.sharding.get_abstract_mesh(), getattr(jax.typeof(x).sharding, 'mesh', None))
-  return any(jax.sharding.AxisType.Explicit in tuple(getattr(m, 'axis_types', ()) or ())
-             for m in meshes)
+  return any(jax.sharding.AxisType.Explicit in tuple(m.axis_types or ()) for m in _meshes(x))
 
 
 def batch_sharding(xs: Array, num_batch_axes: int) -> tuple | None:

@@ -169,8 +169,8 @@ class RNN(nn.Module):
   @nn.nowrap  # a helper: no method of the module (capture_intermediates, tabulate)
   def _lifted(self, fn: Callable, xs: jax.Array, in_axes: Any = 0) -> Callable:
     """``fn(cell, carry, *xs)`` scanned over time by ``flax.linen.scan`` with
-    this RNN's options (time-major ``xs``: ``unroll`` where it leaves a
-    remainder under an Explicit mesh, ``_scan.scan_unroll``)."""
+    this RNN's options (time-major ``xs``: ``unroll`` cut where it leaves a
+    remainder under a mesh with an Explicit axis of size 1, ``_scan.scan_unroll``)."""
     return nn.scan(fn, variable_axes=self.variable_axes,
                    variable_broadcast=self.variable_broadcast,
                    variable_carry=self.variable_carry, split_rngs=self.split_rngs,

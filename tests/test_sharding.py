@@ -331,6 +331,141 @@ def test_explicit_mesh_one_row_through_the_fused_lstm_runs_as_flax_nnx_without_a
   assert got_specs == x_specs
 
 
+@pytest.mark.parametrize('placed', ['mask split, operands replicated',
+                                    'mask replicated, operand split over model',
+                                    'mask split, x over model, y replicated'])
+def test_explicit_mesh_masked_where_splits_a_mask_and_operands_of_its_shape_alike(placed):
+  # _scan.masked_where directly: where() under Explicit axes takes one sharding for a
+  # mask of the operand's shape (a feature axis of size 1) beside a second operand of
+  # that shape: each axis split as whichever of the mask and x splits it, y resharded
+  # to it. Through the layers the mask's rows already follow the inputs' (rows_typed_as)
+  # and only a hidden axis of size 1 split over model differs; a mask split where x is
+  # not, and y resharded, no layer reaches today. np.where's values.
+  from nnx_recurrent._scan import masked_where
+
+  mask_spec, x_spec, y_spec, want_spec = {
+    'mask split, operands replicated': (P('data'), P(), P(), ('data', None)),
+    'mask replicated, operand split over model': (P(), P('data', 'model'), P(),
+                                                  ('data', 'model')),
+    'mask split, x over model, y replicated': (P('data'), P(None, 'model'), P(),
+                                               ('data', 'model')),
+  }[placed]
+  rng = np.random.default_rng(5)
+  mask = np.array([True, False, True])
+  x, y = (rng.normal(size=(3, 1)).astype(np.float32) for _ in range(2))
+  with jax.set_mesh(_data_model_mesh_here()):
+    got = jax.jit(masked_where)(*(jax.device_put(a, s) for a, s in
+                                  ((mask, mask_spec), (x, x_spec), (y, y_spec))))
+    assert tuple(jax.typeof(got).sharding.spec) == want_spec
+  np.testing.assert_array_equal(np.asarray(got), np.where(mask[:, None], x, y))
+
+
+def test_explicit_mesh_segment_ids_split_beside_replicated_inputs_run_as_without_a_mesh():
+  # Packed segment ids split over the batch beside replicated inputs (the lengths'
+  # corner above, for segment_ids): the ids take the inputs' rows, so the masks and
+  # the carry do (the scan's carry changed its type at the first step before). The
+  # same layer without a mesh.
+  x = np.random.default_rng(6).normal(size=(2, 4, 3)).astype(np.float32)
+  ids = np.array([[1, 1, 2, 0], [1, 2, 2, 3]], np.int32)
+  layer = random_module(lambda: nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0))))
+  run = nnx.jit(lambda layer, x, ids: layer(x, segment_ids=ids, return_carry=True))
+  want = run(layer, x, ids)
+  with jax.set_mesh(_data_model_mesh_here()):
+    got = run(layer, jax.device_put(x, P()), jax.device_put(ids, P('data')))
+    specs = [tuple(jax.typeof(a).sharding.spec) for a in jax.tree_util.tree_leaves(got)]
+  assert specs == [(None, None), (None, None, None)]  # the carry and outputs: the inputs' rows
+  _close(got, want, atol=1e-6)
+
+
+def test_explicit_mesh_packed_lstm_of_hidden_1_split_over_model_differentiates_as_without():
+  # The fused LSTM's backward rebuilds the h entering each step from packed rows: its
+  # masks (the segments' resets, the rows' earlier valid steps) have h's shape at a
+  # hidden size of 1, which the model axis splits (where() took them unsplit: a
+  # ShardingTypeError before _scan.masked_where there). One step, so that h0 itself
+  # is of that shape too. The same layer without a mesh, gradients included.
+  x = np.random.default_rng(7).normal(size=(2, 1, IN)).astype(np.float32)
+  ids = np.array([[1], [0]], np.int32)
+  split = {'out_sharding': (None, 'model')}
+  mesh = _data_model_mesh_here()
+  with jax.set_mesh(mesh):
+    layer = random_module(lambda: nr.LSTM(
+      IN, 1, kernel_metadata=split, recurrent_kernel_metadata=split,
+      bias_metadata={'out_sharding': ('model',)}, rngs=nnx.Rngs(0)), sharding=_placed(mesh))
+  plain = nr.LSTM(IN, 1, rngs=nnx.Rngs(0))
+  nnx.update(plain, jax.tree_util.tree_map(np.asarray, nnx.state(layer, nnx.Param)))
+
+  @nnx.jit
+  def run(layer, x, ids):
+    def loss(layer, x):
+      out = layer(x, segment_ids=ids, return_carry=True)
+      return sum((a ** 2).sum() for a in jax.tree_util.tree_leaves(out)), out
+    return nnx.grad(loss, argnums=(0, 1), has_aux=True)(layer, x)
+
+  want = run(plain, x, ids)
+  with jax.set_mesh(mesh):
+    got = run(layer, *(jax.device_put(a, P('data')) for a in (x, ids)))
+  _close(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize('split', ['inputs', 'lengths'])
+def test_arrays_on_an_explicit_mesh_without_set_mesh_lengths_placed_apart_from_inputs(split):
+  # No jax.set_mesh: only one of the inputs and the lengths carries the Explicit mesh in
+  # its type, the other (a NumPy array) none. The lengths take the inputs' rows on the
+  # mesh of whichever has one (a mesh-less sharding named 'data': JAX's error). The
+  # same layer without a mesh.
+  from jax.sharding import AxisType
+
+  mesh = jax.make_mesh((1, 1), ('data', 'model'), devices=jax.devices()[:1],
+                       axis_types=(AxisType.Explicit, AxisType.Explicit))
+  x = np.random.default_rng(8).normal(size=(2, 3, IN)).astype(np.float32)
+  lengths = np.array([3, 1], np.int32)
+  layer = random_module(lambda: nr.RNN(nr.LSTMCell(IN, H, rngs=nnx.Rngs(0))))
+  run = nnx.jit(lambda layer, x, lengths: layer(x, seq_lengths=lengths, return_carry=True))
+  want = run(layer, x, lengths)
+  args = ((jax.device_put(x, NamedSharding(mesh, P('data'))), lengths) if split == 'inputs' else
+          (x, jax.device_put(lengths, NamedSharding(mesh, P('data')))))
+  _close(run(layer, *args), want, atol=1e-6)
+
+
+def test_compat_rnn_one_row_with_an_unroll_leaving_a_remainder_runs_as_flax_linen():
+  # compat.RNN's flax.linen.scan with unroll 2 over 3 steps of one row under an Explicit
+  # mesh: JAX's remainder loop typed the row axis apart (a ShardingTypeError), as nr.RNN's
+  # did; the unroll takes the largest divisor of the length (of the time axis: 4 features
+  # would keep unroll 2). flax.linen's RNN without a mesh.
+  x = np.random.default_rng(9).normal(size=(1, 3, IN)).astype(np.float32)
+  variables = random_linen_variables(nn.RNN(nn.LSTMCell(H)), x, seed=1)
+  want = jax.jit(nn.RNN(nn.LSTMCell(H), return_carry=True).apply)(variables, x)
+  with jax.set_mesh(_data_model_mesh_here()):
+    got = jax.jit(compat.RNN(compat.LSTMCell(H), return_carry=True, unroll=2).apply)(
+      variables, jax.device_put(x, P('data')))
+  _close(got, want, atol=1e-6)
+
+
+def test_explicit_mesh_an_unroll_leaving_a_remainder_takes_the_largest_divisor():
+  # nr.RNN's scan over 6 steps given unroll 4: under an Explicit mesh the largest
+  # divisor of 6 not above 4 (3, not 1: the loop stays unrolled), without one 4 itself.
+  def unrolls(x):
+    jaxpr = jax.make_jaxpr(lambda state, x: nnx.merge(graphdef, state)(x))(state, x).jaxpr
+    return [e.params['unroll'] for e in _equations(jaxpr) if e.primitive.name == 'scan']
+
+  x = np.zeros((1, 6, IN), np.float32)
+  graphdef, state = nnx.split(nr.RNN(nr.SimpleCell(IN, H, rngs=nnx.Rngs(0)), unroll=4))
+  assert unrolls(x) == [4]
+  with jax.set_mesh(_data_model_mesh_here()):
+    assert unrolls(jax.device_put(x, P('data'))) == [3]
+
+
+def _equations(jaxpr):
+  """Every equation of ``jaxpr`` and of the jaxprs in its equations' parameters."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else (param,):
+        inner = getattr(sub, 'jaxpr', sub)
+        if hasattr(inner, 'eqns'):
+          yield from _equations(inner)
+
+
 def test_pallas_under_an_explicit_mesh_names_the_remedies():
   layer = nr.GRU(IN, H, implementation='pallas', rngs=nnx.Rngs(0))
   x = np.ones((B, T, IN), np.float32)

@@ -242,6 +242,34 @@ def test_a_cell_with_its_own_initialize_carry_keeps_its_carrys_dtype_by_hand():
   np.testing.assert_allclose(np.asarray(h, np.float64), want, rtol=1e-2)
 
 
+
+def test_a_cell_with_its_own_initialize_carry_whose_step_makes_a_new_carry_returns_it():
+  # The dtype cast above applies where the step keeps the carry's structure; a step
+  # that makes a carry of its own from another (here from None: it starts one) returns
+  # it as computed (matching it against the carry given raised). The next step, of the
+  # structure it made, keeps its dtypes. NumPy: the running sum of the inputs.
+  class Lazy(nr.RNNCellBase):
+    def __init__(self):
+      super().__init__(3, 4, rngs=nnx.Rngs(0))
+
+    def initialize_carry(self, input_shape, rngs=None):
+      zeros = jnp.zeros((*input_shape[:-1], 4), jnp.float32)
+      return zeros, zeros
+
+    def step(self, carry, inputs, recurrent_mask):
+      c = jnp.zeros((*inputs.shape[:-1], 4), jnp.float32) if carry is None else carry[0]
+      c = c + inputs.sum(-1, keepdims=True)
+      return (c, c.astype(jnp.bfloat16)), c.astype(jnp.bfloat16)
+
+  cell = Lazy()
+  xs = np.asarray(ref.normal((2, 2, 3), seed=4))  # (time, batch, features)
+  carry, _ = cell(None, xs[0])
+  assert carry[1].dtype == jnp.bfloat16  # as computed
+  carry, y = cell((carry[0], carry[1].astype(jnp.float32)), xs[1])
+  assert [a.dtype for a in carry] == [jnp.float32, jnp.float32] and y.dtype == jnp.bfloat16
+  want = np.broadcast_to(xs.astype(np.float64).sum((0, 2))[:, None], (2, 4))
+  np.testing.assert_allclose(np.asarray(carry[0], np.float64), want, rtol=1e-5, atol=1e-5)
+
 # -- initialize_carry -----------------------------------------------------------
 @pytest.mark.parametrize('param_dtype', [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize('name', ['simple', 'lstm', 'gru', 'mgu', 'conv_lstm_2d'])

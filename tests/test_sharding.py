@@ -306,7 +306,7 @@ def test_an_unroll_leaving_a_remainder_is_cut_only_on_meshes_with_an_explicit_ax
     plain = _scan_unrolls(f, state, x)
     for shape, names, kinds, cut in (((4,), ('data',), (explicit,), False),
                                      ((2, 2), ('data', 'model'), (explicit,) * 2, False),
-                                     ((4,), ('data',), (auto,), False),
+                                     ((4, 1), ('data', 'model'), (auto,) * 2, False),
                                      ((4, 1), ('data', 'model'), (explicit,) * 2, True),
                                      ((1,), ('data',), (explicit,), True)):
       got = _scan_unrolls(f, state, x, AbstractMesh(shape, names, axis_types=kinds))

@@ -242,7 +242,6 @@ def test_a_cell_with_its_own_initialize_carry_keeps_its_carrys_dtype_by_hand():
   np.testing.assert_allclose(np.asarray(h, np.float64), want, rtol=1e-2)
 
 
-
 def test_a_cell_with_its_own_initialize_carry_whose_step_makes_a_new_carry_returns_it():
   # The dtype cast above applies where the step keeps the carry's structure; a step
   # that makes a carry of its own from another (here from None: it starts one) returns
@@ -269,6 +268,7 @@ def test_a_cell_with_its_own_initialize_carry_whose_step_makes_a_new_carry_retur
   assert [a.dtype for a in carry] == [jnp.float32, jnp.float32] and y.dtype == jnp.bfloat16
   want = np.broadcast_to(xs.astype(np.float64).sum((0, 2))[:, None], (2, 4))
   np.testing.assert_allclose(np.asarray(carry[0], np.float64), want, rtol=1e-5, atol=1e-5)
+
 
 # -- initialize_carry -----------------------------------------------------------
 @pytest.mark.parametrize('param_dtype', [jnp.float32, jnp.bfloat16])

@@ -8,9 +8,10 @@ times) and ``GRU`` of one or two layers and one or two directions,
 ``compat.RNN`` over a compat cell; ``unroll`` for these two), lengths or
 packed segment ids or neither, ``reverse`` with or without ``keep_order``,
 dropout in training mode, a given
-initial carry or the default; and where each argument lives: the inputs, the
-lengths (or ids) and a given carry each replicated or split over the mesh's
-``data`` axis, the parameters replicated or split over ``model`` on their hidden
+initial carry or the default, one or two batch axes; and where each argument
+lives: the inputs, the lengths (or ids) and a given carry each replicated or
+split over the mesh's ``data`` axis (on the first batch axis or the second), the
+parameters replicated or split over ``model`` on their hidden
 (gate columns) axis (a given carry then split over ``model`` too at times).
 
 Compared: outputs, the carry returned, and the gradients of a loss of both
@@ -121,12 +122,20 @@ def run(case: Case) -> None:
   x_rows = case.pick('inputs', ['replicated', 'rows'])
   mask_rows = case.pick('masks_placed', ['replicated', 'rows'])
 
-  x = case.normal((batch, time, features))
+  # A second batch axis at times, the rows split over 'data' on either of the two.
+  rows_axis = case.pick('split_batch_axis', [0, 0, 0, 1])
+  batch_shape = (batch,) if rows_axis == 0 else (case.integer('first_batch_axis', 1, 2), batch)
+  if rows_axis == 0 and case.pick('second_batch_axis', [None, None, 1, 2]):
+    batch_shape = (batch, case.config['second_batch_axis'])
+  rows = P(*[None] * rows_axis, 'data')
+
+  x = case.normal((*batch_shape, time, features))
   kw: dict[str, Any] = {}
   if masks == 'seq_lengths':
-    kw['seq_lengths'] = case.rng.integers(0, time + 1, size=batch).astype(np.int32)
+    kw['seq_lengths'] = case.rng.integers(0, time + 1, size=batch_shape).astype(np.int32)
   elif masks == 'segment_ids':
-    kw['segment_ids'], _ = draw_segments(case, batch, time)
+    ids, _ = draw_segments(case, int(np.prod(batch_shape)), time)
+    kw['segment_ids'] = ids.reshape(*batch_shape, time)
 
   if kind == 'compat':
     cell = {'LSTMCell': compat.LSTMCell, 'OptimizedLSTMCell': compat.OptimizedLSTMCell,
@@ -170,14 +179,14 @@ def run(case: Case) -> None:
       placed = jax.tree.unflatten(treedef, [
         jax.device_put(v, s.sharding)
         for v, s in zip(jax.tree.leaves(params), leaves, strict=True)])
-    xs = jax.device_put(x, P('data' if x_rows == 'rows' else None))
-    placed_kw = {k: jax.device_put(v, P('data' if mask_rows == 'rows' else None))
+    xs = jax.device_put(x, rows if x_rows == 'rows' else P())
+    placed_kw = {k: jax.device_put(v, rows if mask_rows == 'rows' else P())
                  for k, v in kw.items()}
 
-    def place(a):
+    def place(a):  # a carry leaf: (*batch_shape, ..., hidden)
       if given == 'rows and hidden' and a.shape[-1] % model == 0:
-        return jax.device_put(a, P('data', *([None] * (a.ndim - 2)), 'model'))
-      return jax.device_put(a, P(None if given == 'replicated' else 'data'))
+        return jax.device_put(a, P(*rows, *([None] * (a.ndim - len(rows) - 1)), 'model'))
+      return jax.device_put(a, P() if given == 'replicated' else rows)
 
     placed_carry = None if carry is None else jax.tree.map(place, carry)
     out, grads = program_for(mesh_graphdef)(placed, placed_rest, xs, placed_carry, placed_kw)

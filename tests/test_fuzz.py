@@ -465,10 +465,12 @@ def test_dropout_masks_not_applied_per_row_are_found(monkeypatch, bug):
 _MASK_SPLIT_CASES = [
   (1571595088, dict(layer='gru', rows_per_device=1, time=4, features=2, hidden_per_device=1,
                     layers=1, bidirectional=True, split_parameters=True, masks='segment_ids',
-                    initial_carry='rows', inputs='rows', masks_placed='rows')),
+                    initial_carry='rows', inputs='rows', masks_placed='rows',
+                    split_batch_axis=0, second_batch_axis=None)),
   (2954317433, dict(layer='compat', cell0='LSTMCell', rows_per_device=1, time=1, features=1,
                     hidden_per_device=1, split_parameters=True, masks='segment_ids',
-                    reverse=True, initial_carry='rows', inputs='rows', masks_placed='rows')),
+                    reverse=True, initial_carry='rows', inputs='rows', masks_placed='rows',
+                    split_batch_axis=0, second_batch_axis=None)),
 ]
 
 

@@ -36,7 +36,16 @@ the argument) and ``carry`` (a user's cell with carry leaves shared by the
 rows -- a step counter, a vector of the batch's size or not -- and per-step
 scalar outputs, dict or tuple carries, one or two batch axes, in nr.RNN and
 in compat.RNN (written in Linen) against a NumPy loop of the documented
-masking and layout). The deliberate
+masking and layout), ``explicit`` (every sequence layer under a mesh of
+Explicit axes, inputs, masks, carry and parameters each split or not, against
+the same layer without a mesh: values, gradients and their types) and
+``transforms`` (nr.RNN and nr.Bidirectional, over this package's cells or a
+user's stateful one, and the fused nr.LSTM / nr.GRU, under flax.nnx's transforms -- ensembles by
+``nnx.split_rngs`` + ``nnx.vmap``, ``nnx.vmap`` over the inputs, layers in turn
+by ``nnx.scan``, ``nnx.remat``, ``nnx.cond``, ``nnx.fori_loop``, ``nnx.jit``,
+``nnx.grad`` -- in graph mode, tree mode or without graph updates, against
+flax.nnx's RNN under the same transforms: outputs, gradients and every
+Variable after each call). The deliberate
 differences from flax (docs/migrating_from_nnx.md, compat/README.md) are
 compared with what the docs promise instead: zeros at padding, the initial
 carry for a row of length 0, each row's own carry with several batch axes.

@@ -3,6 +3,7 @@ cases clean, and the harness catches a planted bug with a seed that replays it.
 The campaigns themselves run outside the suite (``make fuzz``)."""
 
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from fuzz import (
   nnx_family,
   state_family,
   streaming_family,
+  transforms_family,
 )
 from fuzz.__main__ import main
 from nnx_recurrent import _base, _checks, _conv, _scan, _stack
@@ -511,3 +513,42 @@ def test_an_explicit_replay_names_the_simulated_devices_its_mesh_was_drawn_from(
   Cpu.platform = 'gpu'  # GPUs: the flag adds no devices
   assert main(['--family', 'explicit', '--cases', '1', '--seed', '3']) == 1
   assert '  replay: python -m fuzz --family explicit' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('force', [
+  # An ensemble (nnx.split_rngs + nnx.vmap) of a user's stateful cell (a counter, its
+  # own dropout stream), called in flax's tree mode;
+  dict(transform='ensemble', mode='tree', cell='user', members=2, shared_inputs=False,
+       dropout_rate=0.3, counter=True, running_mean=False),
+  # two fused bidirectional GRUs called in turn by nnx.scan, with lengths.
+  dict(transform='scan_layers', mode='graph', cell='GRU', implementation='xla', members=2,
+       bidirectional=True, seq_lengths=True)], ids=['ensemble', 'scan_layers'])
+def test_layers_under_flax_transforms_run_clean(force):
+  # Inside nnx.grad, against flax.nnx's RNN under the same transforms: outputs,
+  # carries, gradients and every Variable (each member's RNG key and count) after
+  # each of two calls.
+  report = _core.run_cases('transforms', transforms_family.run, _seeds(1),
+                           force=dict(force, grad=True))
+  assert report['failures'] == [], report['failures']
+  errors = report['largest_abs_error']
+  assert {'call 1: parameter gradients', 'call 1: Variables', 'call 1: outputs at valid steps'} \
+      <= errors.keys(), errors
+  assert max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.skipif(not hasattr(nnx, 'set_graph_mode'), reason='flax without tree mode')
+def test_a_scan_that_tree_mode_refuses_is_found(monkeypatch):
+  # flax.nnx's RNN scans with flax's graph-mode transforms (flax.nnx.compat), which
+  # thread a cell's state by StateAxes in tree mode too; plain nnx.scan refuses
+  # StateAxes there, so a scan core "simplified" to it fails only in tree mode.
+  monkeypatch.setattr(_scan._core, 'graph_nnx', types.SimpleNamespace(
+    scan=nnx.scan, split_rngs=nnx.split_rngs))
+  force = dict(transform='jit', mode='tree', cell='user', counter=True, grad=False)
+  failures = _core.run_cases('transforms', transforms_family.run, _seeds(1), force=force)[
+    'failures']
+  assert len(failures) == 1, failures
+  assert failures[0]['error'].startswith(
+    'AssertionError: call 0: only nr raised: ValueError: `in_axes` cannot contain `StateAxes`')
+  force['mode'] = 'graph'  # where nnx.scan takes StateAxes: the same case runs clean
+  assert _core.run_cases('transforms', transforms_family.run, _seeds(1), force=force)[
+    'failures'] == []

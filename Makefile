@@ -104,7 +104,7 @@ bench: install-test
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 # Differential fuzzing against flax.nnx, flax.linen, PyTorch and step-by-step
-# loops (fuzz/): not in `make test`; 200 cases of each of the ten families take
+# loops (fuzz/): not in `make test`; 200 cases of each of the eleven families take
 # well over an hour on 2 cores (estimated from each family's campaign; reduced
 # precision, convolutional and 8-device cases cost more). A failure prints the
 # command that replays its case. On 8 simulated CPU devices, so that the

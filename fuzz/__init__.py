@@ -45,7 +45,10 @@ user's stateful one, and the fused nr.LSTM / nr.GRU, under flax.nnx's transforms
 by ``nnx.scan``, ``nnx.remat``, ``nnx.cond``, ``nnx.fori_loop``, ``nnx.jit``,
 ``nnx.grad`` -- in graph mode, tree mode or without graph updates, against
 flax.nnx's RNN under the same transforms: outputs, gradients and every
-Variable after each call). The deliberate
+Variable after each call) and ``linen_transforms`` (compat.RNN and
+compat.Bidirectional in a Linen model lifted by ``nn.jit``, ``nn.vmap``,
+``nn.scan`` or ``nn.remat``, against the same model over flax.linen's names).
+The deliberate
 differences from flax (docs/migrating_from_nnx.md, compat/README.md) are
 compared with what the docs promise instead: zeros at padding, the initial
 carry for a row of length 0, each row's own carry with several batch axes.

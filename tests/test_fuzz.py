@@ -18,13 +18,14 @@ from fuzz import (
   explicit_family,
   layers_family,
   linen_family,
+  linen_transforms_family,
   nnx_family,
   state_family,
   streaming_family,
   transforms_family,
 )
 from fuzz.__main__ import main
-from nnx_recurrent import _base, _checks, _conv, _scan, _stack
+from nnx_recurrent import _base, _checks, _conv, _scan, _stack, compat
 from nnx_recurrent.compat import _convert
 
 
@@ -552,3 +553,33 @@ def test_a_scan_that_tree_mode_refuses_is_found(monkeypatch):
   force['mode'] = 'graph'  # where nnx.scan takes StateAxes: the same case runs clean
   assert _core.run_cases('transforms', transforms_family.run, _seeds(1), force=force)[
     'failures'] == []
+
+
+_LINEN_TRANSFORM_CASES = {
+  # an ensemble of bidirectional layers (nn.vmap, the params RNG split), one batch each;
+  'ensemble': dict(transform='ensemble', bidirectional=True, members=2, shared_inputs=False,
+                   call='grad'),
+  # GRU layers in turn by nn.scan, with lengths (0 among them).
+  'scan_layers': dict(transform='scan_layers', cell='GRUCell', members=2, seq_lengths=True,
+                      call='grad')}
+
+
+@pytest.mark.parametrize('name', list(_LINEN_TRANSFORM_CASES))
+def test_compat_under_linen_transforms_runs_clean(name):
+  # compat.RNN / Bidirectional lifted by flax.linen's transforms, against flax.linen's:
+  # the variables, outputs, carries and parameter gradients.
+  report = _core.run_cases('linen_transforms', linen_transforms_family.run, _seeds(1),
+                           force=_LINEN_TRANSFORM_CASES[name])
+  assert report['failures'] == [], report['failures']
+  assert set(report['largest_abs_error']) == {'init', 'outputs', 'carry (rows of length > 0)',
+                                              'parameter gradients'}
+  assert max(report['largest_abs_error'].values()) < 1e-5
+
+
+def test_a_wrong_output_under_linen_transforms_is_found(monkeypatch):
+  real = compat.RNN.__call__
+  monkeypatch.setattr(compat.RNN, '__call__', lambda self, *a, **k: jax.tree.map(
+    lambda t: t + 1e-3, real(self, *a, **k)))
+  failures = _core.run_cases('linen_transforms', linen_transforms_family.run, _seeds(1),
+                             force=_LINEN_TRANSFORM_CASES['ensemble'])['failures']
+  assert len(failures) == 1 and failures[0]['error'].startswith('Mismatch: outputs'), failures

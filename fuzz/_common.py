@@ -68,6 +68,42 @@ class Precision:
     case.close(what, ours, theirs, 8 * eps * scale, 0.0)
 
 
+STREAM = 'dropout'  # UserCell's own dropout stream
+
+
+class UserCell(nnx.Module):
+  """A stateful cell in flax.nnx's style, as users write them: flax.nnx's
+  ``GRUCell`` with, each optional, a step counter (an ``nnx.Variable``), its
+  own ``nnx.Dropout`` on the ``STREAM`` stream, and a running mean of its
+  inputs (an ``nnx.BatchStat``) fed back into them. Built from an ``nnx.Rngs``
+  (``nnx.split_rngs`` gives each member of an ensemble its own)."""
+
+  def __init__(self, in_features: int, hidden: int, *, rngs: nnx.Rngs, rate: float,
+               count: bool, track: bool):
+    self.in_features, self.hidden = in_features, hidden
+    self.core = nnx.GRUCell(in_features, hidden, rngs=rngs)
+    self.steps = nnx.Variable(jnp.zeros((), jnp.int32)) if count else None
+    self.seen = nnx.BatchStat(jnp.zeros((in_features,))) if track else None
+    self.drop = nnx.Dropout(rate, rng_collection=STREAM, rngs=rngs) if rate else None
+
+  @property
+  def num_feature_axes(self) -> int:
+    return 1
+
+  def initialize_carry(self, input_shape: tuple[int, ...], rngs: Any = None) -> jax.Array:
+    del rngs
+    return jnp.zeros((*input_shape[:-1], self.hidden))
+
+  def __call__(self, carry: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    if self.steps is not None:
+      self.steps[...] += 1
+    if self.seen is not None:
+      self.seen[...] = 0.5 * self.seen[...] + 0.5 * x.mean(axis=tuple(range(x.ndim - 1)))
+      x = x + jnp.broadcast_to(self.seen[...], x.shape)
+    carry, y = self.core(carry, x)
+    return carry, (self.drop(y) if self.drop is not None else y)
+
+
 def wrap_cells(tree: Any) -> Any:
   """An RNN's (or Bidirectional's) parameters for the same RNN over wrapped
   cells: each ``'cell'`` entry one level deeper (``{'cell': {'cell': ...}}``)."""

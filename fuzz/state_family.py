@@ -33,39 +33,8 @@ import numpy as np
 from flax import nnx
 
 import nnx_recurrent as nr
+from fuzz._common import STREAM, UserCell
 from fuzz._core import Case
-
-STREAM = 'dropout'
-
-
-class UserCell(nnx.Module):
-  """A stateful cell in flax.nnx's style."""
-
-  def __init__(self, in_features: int, hidden: int, *, seed: int, rate: float, count: bool,
-               track: bool):
-    rngs = nnx.Rngs(seed, **{STREAM: seed + 1})
-    self.in_features, self.hidden = in_features, hidden
-    self.core = nnx.GRUCell(in_features, hidden, rngs=rngs)
-    self.steps = nnx.Variable(jnp.zeros((), jnp.int32)) if count else None
-    self.seen = nnx.BatchStat(jnp.zeros((in_features,))) if track else None
-    self.drop = nnx.Dropout(rate, rng_collection=STREAM, rngs=rngs) if rate else None
-
-  @property
-  def num_feature_axes(self) -> int:
-    return 1
-
-  def initialize_carry(self, input_shape: tuple[int, ...], rngs: Any = None) -> jax.Array:
-    del rngs
-    return jnp.zeros((*input_shape[:-1], self.hidden))
-
-  def __call__(self, carry: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    if self.steps is not None:
-      self.steps[...] += 1
-    if self.seen is not None:
-      self.seen[...] = 0.5 * self.seen[...] + 0.5 * x.mean(axis=tuple(range(x.ndim - 1)))
-      x = x + jnp.broadcast_to(self.seen[...], x.shape)
-    carry, y = self.core(carry, x)
-    return carry, (self.drop(y) if self.drop is not None else y)
 
 
 def _state(module: Any) -> dict[str, np.ndarray]:
@@ -103,7 +72,8 @@ def run(case: Case) -> None:
   remat = {'remat': True} if case.pick('remat', [False, True]) else {}
 
   def build(library: Any) -> Any:
-    cells = [UserCell(in_f, hidden, seed=10 * seed + d, rate=rate, count=count, track=track)
+    cells = [UserCell(in_f, hidden, rngs=nnx.Rngs(10 * seed + d, **{STREAM: 10 * seed + d + 1}),
+                      rate=rate, count=count, track=track)
              for d in range(1 + bidirectional)]
     extra = remat if library is nr else {}
     rnns = [library.RNN(cell, **({} if bidirectional else kw), **rnn_kw, **extra)

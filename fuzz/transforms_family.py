@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 
 import nnx_recurrent as nr
-from fuzz._common import garbage
+from fuzz._common import STREAM, UserCell, garbage
 from fuzz._core import Case
 
 CELLS = ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell', 'user', 'LSTM', 'GRU']
@@ -55,40 +55,9 @@ CELLS = ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell', 'user', 'LSTM
 # whose RNN they are, given its parameters.
 FUSED = {'LSTM': 'OptimizedLSTMCell', 'GRU': 'GRUCell'}
 TRANSFORMS = ['jit', 'ensemble', 'vmap_inputs', 'scan_layers', 'remat', 'cond', 'fori_loop']
-STREAM = 'dropout'
 # flax.nnx's modes, each the function that sets it off: graph mode (the default),
 # tree mode, graph mode without graph updates.
 MODES = {'graph': None, 'tree': 'set_graph_mode', 'no_graph_updates': 'set_graph_updates'}
-
-
-class UserCell(nnx.Module):
-  """A stateful cell in flax.nnx's style, built from an ``nnx.Rngs`` (so that
-  ``nnx.split_rngs`` gives each member of an ensemble its own)."""
-
-  def __init__(self, in_features: int, hidden: int, *, rngs: nnx.Rngs, rate: float,
-               count: bool, track: bool):
-    self.in_features, self.hidden = in_features, hidden
-    self.core = nnx.GRUCell(in_features, hidden, rngs=rngs)
-    self.steps = nnx.Variable(jnp.zeros((), jnp.int32)) if count else None
-    self.seen = nnx.BatchStat(jnp.zeros((in_features,))) if track else None
-    self.drop = nnx.Dropout(rate, rng_collection=STREAM, rngs=rngs) if rate else None
-
-  @property
-  def num_feature_axes(self) -> int:
-    return 1
-
-  def initialize_carry(self, input_shape: tuple[int, ...], rngs: Any = None) -> jax.Array:
-    del rngs
-    return jnp.zeros((*input_shape[:-1], self.hidden))
-
-  def __call__(self, carry: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    if self.steps is not None:
-      self.steps[...] += 1
-    if self.seen is not None:
-      self.seen[...] = 0.5 * self.seen[...] + 0.5 * x.mean(axis=tuple(range(x.ndim - 1)))
-      x = x + jnp.broadcast_to(self.seen[...], x.shape)
-    carry, y = self.core(carry, x)
-    return carry, (self.drop(y) if self.drop is not None else y)
 
 
 def _as_flax(tree: dict, bidirectional: bool) -> dict:

@@ -104,6 +104,14 @@ class UserCell(nnx.Module):
     return carry, (self.drop(y) if self.drop is not None else y)
 
 
+def on_paths_of(tree: Any, reference: Any) -> Any:
+  """``tree`` (a pure dict: parameters, gradients) on the paths ``reference`` has:
+  flax.nnx's cells' parameters, leaving out nr.GRUCell's ``bias_hn``."""
+  if isinstance(tree, dict):
+    return {k: on_paths_of(tree[k], v) for k, v in reference.items()}
+  return tree
+
+
 def wrap_cells(tree: Any) -> Any:
   """An RNN's (or Bidirectional's) parameters for the same RNN over wrapped
   cells: each ``'cell'`` entry one level deeper (``{'cell': {'cell': ...}}``)."""

@@ -39,6 +39,7 @@ from fuzz._common import (
   draw_pallas_settings,
   draw_precision,
   garbage,
+  on_paths_of,
   params,
   reference_inputs,
   scan_plan,
@@ -86,8 +87,8 @@ def _cells(case: Case, in_features: int, hidden: int, seed: int,
     nnx.update(low, jax.tree.map(lambda a: a.astype(precision.param_dtype),
                                  nnx.state(high, nnx.Param)))
   reference = nnx.to_pure_dict(nnx.state(low_theirs, nnx.Param))
-  case.same_dtypes(f'{kind} parameters',
-                   _common(nnx.to_pure_dict(nnx.state(low_ours, nnx.Param)), reference), reference)
+  mine = on_paths_of(nnx.to_pure_dict(nnx.state(low_ours, nnx.Param)), reference)
+  case.same_dtypes(f'{kind} parameters', mine, reference)
   return low_ours, low_theirs
 
 
@@ -109,13 +110,6 @@ class CastBack(nnx.Module):
   def __call__(self, carry: Any, x: Any) -> tuple[Any, Any]:
     new_carry, y = self.cell(carry, x)
     return jax.tree.map(lambda n, o: n.astype(o.dtype), new_carry, carry), y
-
-
-def _common(grads: Any, reference: Any) -> Any:
-  """``grads`` on the parameters flax.nnx's cells have (bias_hn aside)."""
-  if isinstance(grads, dict):
-    return {k: _common(grads[k], v) for k, v in reference.items()}
-  return grads
 
 
 def _random_carry(case: Case, cell: Any, shape: tuple[int, ...]) -> Any:
@@ -254,7 +248,7 @@ def rnn_case(case: Case, bidirectional: bool) -> None:
            precision)
   reference = nnx.to_pure_dict(grad_theirs)
   reference = unwrap_cells(reference) if wrapped else reference
-  precision.close(case, 'parameter gradients', _common(nnx.to_pure_dict(grad_ours), reference),
+  precision.close(case, 'parameter gradients', on_paths_of(nnx.to_pure_dict(grad_ours), reference),
                   reference, atol=1e-4, rtol=1e-4, sums=True)
 
 
@@ -346,7 +340,7 @@ def fused_case(case: Case) -> None:
     rnns = ([reference[l]['forward_rnn'], reference[l]['backward_rnn']] if bidirectional
             else [reference[l]])
     for name, rnn in zip(['forward', 'backward'], rnns):
-      case.close(f'{name} layer {l} gradients', _common(mine[name][l], rnn['cell']),
+      case.close(f'{name} layer {l} gradients', on_paths_of(mine[name][l], rnn['cell']),
                  rnn['cell'], atol=1e-4, rtol=1e-4)
 
 

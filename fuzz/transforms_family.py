@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 
 import nnx_recurrent as nr
-from fuzz._common import STREAM, UserCell, garbage
+from fuzz._common import STREAM, UserCell, garbage, on_paths_of
 from fuzz._core import Case
 
 CELLS = ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell', 'user', 'LSTM', 'GRU']
@@ -84,14 +84,15 @@ def _flat_state(module: Any, fused: bool, bidirectional: bool) -> dict[str, np.n
 
 
 def _compare_state(case: Case, what: str, ours: Any, theirs: Any, fused: bool,
-                   bidirectional: bool) -> None:
+                   bidirectional: bool, own_cell: bool) -> None:
   """The Variables both modules have, by path; the paths only one has must be
-  nr.GRUCell's ``bias_hn`` or (nr keeps no stream where its carry draws none)
-  flax.nnx's RNN's own ``rngs``."""
+  nr.GRUCell's ``bias_hn`` or flax.nnx's RNN's own ``rngs``, which nr keeps
+  only where the carry may draw from it: not for this package's cells (nor the
+  fused layers), but for a user's ``own_cell`` (docs/migrating_from_nnx.md)."""
   mine = _flat_state(ours, fused, bidirectional)
   reference = _flat_state(theirs, False, bidirectional)
   extra = [p for p in mine if p not in reference and not p.endswith('bias_hn')]
-  missing = [p for p in reference if p not in mine and '/rngs/' not in f'/{p}']
+  missing = [p for p in reference if p not in mine and (own_cell or '/rngs/' not in f'/{p}')]
   if extra or missing:
     raise AssertionError(f'{what}: Variables only in nr {extra}, only in flax.nnx {missing}')
   common = sorted(set(mine) & set(reference))
@@ -117,13 +118,6 @@ def _same_error(case: Case, what: str, ours: Any, theirs: Any) -> None:
 
 def _unindexed(error: Exception) -> str:
   return re.sub(r'\[\d+\]', '[i]', str(error))
-
-
-def _common(grads: Any, reference: Any) -> Any:
-  """``grads`` on the paths ``reference`` has (``bias_hn`` aside)."""
-  if isinstance(grads, dict):
-    return {k: _common(grads[k], v) for k, v in reference.items()}
-  return grads
 
 
 def run(case: Case) -> None:
@@ -193,7 +187,7 @@ def run(case: Case) -> None:
     rnns = [theirs.forward_rnn, theirs.backward_rnn] if bidirectional else [theirs]
     for direction, rnn in zip([ours.forward, ours.backward], rnns):
       nnx.update(direction[0], nnx.state(rnn.cell, nnx.Param))
-  _compare_state(case, 'built', ours, theirs, fused, bidirectional)
+  _compare_state(case, 'built', ours, theirs, fused, bidirectional, kind == 'user')
 
   lengths = None
   if case.pick('seq_lengths', [False, True]):
@@ -201,7 +195,7 @@ def run(case: Case) -> None:
                case.rng.choice([0, 1, time, *range(time + 1)], size=(batch,))).astype(np.int32)
     case.config['lengths'] = lengths.tolist()
   valid = np.ones((batch, time), bool) if lengths is None else np.arange(time) < lengths[:, None]
-  rows = valid[:, 0] if time else np.zeros(batch, bool)
+  rows = valid[:, 0]  # the rows of length > 0
   call_kw = {} if lengths is None else {'seq_lengths': jnp.asarray(lengths)}
 
   def apply(model: Any, x: jax.Array) -> tuple[Any, jax.Array]:
@@ -295,7 +289,8 @@ def run(case: Case) -> None:
       g_ours, g_theirs = (nnx.to_pure_dict(g if isinstance(g, nnx.State) else
                                            nnx.state(g, nnx.Param)) for g in (g_ours, g_theirs))
       g_ours = _as_flax(g_ours, bidirectional) if fused else g_ours
-      case.close(f'call {call}: parameter gradients', _common(g_ours, g_theirs), g_theirs,
+      case.close(f'call {call}: parameter gradients', on_paths_of(g_ours, g_theirs), g_theirs,
                  atol=1e-4, rtol=1e-4)
-    _compare_state(case, f'call {call}: Variables', ours, theirs, fused, bidirectional)
+    _compare_state(case, f'call {call}: Variables', ours, theirs, fused, bidirectional,
+                   kind == 'user')
 

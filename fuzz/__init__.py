@@ -40,17 +40,17 @@ masking and layout), ``explicit`` (every sequence layer under a mesh of
 Explicit axes, inputs, masks, carry and parameters each split or not, against
 the same layer without a mesh: values, gradients and their types) and
 ``transforms`` (nr.RNN and nr.Bidirectional, over this package's cells or a
-user's stateful one, and the fused nr.LSTM / nr.GRU, under flax.nnx's transforms -- ensembles by
-``nnx.split_rngs`` + ``nnx.vmap``, ``nnx.vmap`` over the inputs, layers in turn
-by ``nnx.scan``, ``nnx.remat``, ``nnx.cond``, ``nnx.fori_loop``, ``nnx.jit``,
-``nnx.grad`` -- in graph mode, tree mode or without graph updates, against
-flax.nnx's RNN under the same transforms: outputs, gradients and every
-Variable after each call) and ``linen_transforms`` (compat.RNN and
-compat.Bidirectional in a Linen model lifted by ``nn.jit``, ``nn.vmap``,
-``nn.scan`` or ``nn.remat``, against the same model over flax.linen's names).
-The deliberate
-differences from flax (docs/migrating_from_nnx.md, compat/README.md) are
-compared with what the docs promise instead: zeros at padding, the initial
-carry for a row of length 0, each row's own carry with several batch axes.
+user's stateful one, nr.StackedRNN of them, and the fused nr.LSTM / nr.GRU,
+under flax.nnx's transforms -- ensembles by ``nnx.split_rngs`` +
+``nnx.vmap``, ``nnx.vmap`` over the inputs, layers in turn by ``nnx.scan``,
+``nnx.remat``, ``nnx.cond``, ``nnx.fori_loop``, ``nnx.jit``, ``nnx.grad`` --
+in graph mode, tree mode or without graph updates, against flax.nnx's RNN
+under the same transforms: outputs, gradients and every Variable after each
+call) and ``linen_transforms`` (compat.RNN and compat.Bidirectional in a
+Linen model lifted by ``nn.jit``, ``nn.vmap``, ``nn.scan`` or ``nn.remat``,
+against the same model over flax.linen's names). The deliberate differences
+from flax (docs/migrating_from_nnx.md, compat/README.md) are compared with
+what the docs promise instead: zeros at padding, the initial carry for a row
+of length 0, each row's own carry with several batch axes.
 The campaigns run and what they found: fuzz/README.md.
 """

@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
   for name in names:
     try:
       run = family(name)
-    except ImportError as e:  # torch is an extra
+    except ModuleNotFoundError as e:  # torch is an extra; any other import error is a bug
+      if (e.name or '').split('.')[0] != 'torch':
+        raise
       print(f'{name}: skipped ({e})')
       continue
     seeds = ([args.replay] if args.replay is not None

@@ -1,7 +1,7 @@
-"""nr.RNN, nr.Bidirectional and the fused nr.LSTM / nr.GRU under flax.nnx's
-transforms, against flax.nnx's RNN and Bidirectional under the same
-transforms: drop-in where users put recurrent layers (ensembles, layers
-scanned over, decoders looped).
+"""nr.RNN, nr.Bidirectional, nr.StackedRNN of them and the fused nr.LSTM /
+nr.GRU under flax.nnx's transforms, against flax.nnx's RNN and Bidirectional
+(called in turn for a stack) under the same transforms: drop-in where users
+put recurrent layers (ensembles, layers scanned over, decoders looped).
 
 A case builds both layers from the same ``nnx.Rngs`` (the same parameters:
 this package's cells initialise as flax.nnx's; a fused layer of one layer is
@@ -58,6 +58,21 @@ TRANSFORMS = ['jit', 'ensemble', 'vmap_inputs', 'scan_layers', 'remat', 'cond', 
 # flax.nnx's modes, each the function that sets it off: graph mode (the default),
 # tree mode, graph mode without graph updates.
 MODES = {'graph': None, 'tree': 'set_graph_mode', 'no_graph_updates': 'set_graph_updates'}
+
+
+class Stack(nnx.Module):
+  """flax.nnx's RNNs (or Bidirectionals) called in turn, each on the outputs of
+  the last: what ``nr.StackedRNN`` of them computes, its carries a tuple."""
+
+  def __init__(self, *layers: Any):
+    self.layers = nnx.List(layers)
+
+  def __call__(self, x: jax.Array, **kw: Any) -> tuple[tuple[Any, ...], jax.Array]:
+    carries = []
+    for layer in self.layers:
+      carry, x = layer(x, **kw)
+      carries.append(carry)
+    return tuple(carries), x
 
 
 def _as_flax(tree: dict, bidirectional: bool) -> dict:
@@ -141,8 +156,10 @@ def run(case: Case) -> None:
     count, track = bool(case.pick('counter', [False, True])), bool(case.pick('running_mean',
                                                                               [False, True]))
   use_bias_hn = bool(case.pick('use_bias_hn', [False, True])) if kind == 'GRUCell' else False
+  # two layers in nr.StackedRNN, against flax.nnx's called in turn (Stack)
+  stacked = not fused and bool(case.pick('stacked', [False, False, True]))
   order: dict[str, Any] = {}
-  if not bidirectional:
+  if not bidirectional and not stacked:
     order = dict(reverse=bool(case.pick('reverse', [False, True])),
                  keep_order=bool(case.pick('keep_order', [False, True])))
   kw: dict[str, Any] = dict(time_major=time_major, return_carry=True)
@@ -160,20 +177,25 @@ def run(case: Case) -> None:
       return getattr(nr, kind)(in_f, hidden, bidirectional=bidirectional, **kw, **order,
                                implementation=implementation, rngs=rngs)
 
-    def cell() -> Any:
+    def cell(features: int) -> Any:
       if fused:
-        return getattr(nnx, FUSED[kind])(in_f, hidden, rngs=rngs)
+        return getattr(nnx, FUSED[kind])(features, hidden, rngs=rngs)
       if kind == 'user':
-        return UserCell(in_f, hidden, rngs=rngs, rate=rate, count=count, track=track)
+        return UserCell(features, hidden, rngs=rngs, rate=rate, count=count, track=track)
       extra = {'use_bias_hn': use_bias_hn} if library is nr and kind == 'GRUCell' else {}
-      return getattr(library, kind)(in_f, hidden, **extra, rngs=rngs)
+      return getattr(library, kind)(features, hidden, **extra, rngs=rngs)
 
-    own = {'rngs': rngs} if layer_rngs == 'Rngs' else {}
-    cells = [cell() for _ in range(d)]
-    extra = remat if library is nr else {}
-    rnns = [library.RNN(c, **({} if bidirectional else kw), **rnn_kw, **extra, **own)
-            for c in cells]
-    return library.Bidirectional(*rnns, **kw, **own) if bidirectional else rnns[0]
+    def layer(features: int) -> Any:
+      own = {'rngs': rngs} if layer_rngs == 'Rngs' else {}
+      extra = remat if library is nr else {}
+      rnns = [library.RNN(cell(features), **({} if bidirectional else kw), **rnn_kw, **extra,
+                          **own) for _ in range(d)]
+      return library.Bidirectional(*rnns, **kw, **own) if bidirectional else rnns[0]
+
+    if not stacked:
+      return layer(in_f)
+    layers = layer(in_f), layer(d * hidden)
+    return nr.StackedRNN(*layers, **kw) if library is nr else Stack(*layers)
 
   def make(library: Any) -> Any:
     rngs = nnx.Rngs(seed, **{STREAM: seed + 1})

@@ -517,10 +517,10 @@ def test_an_explicit_replay_names_the_simulated_devices_its_mesh_was_drawn_from(
 
 
 @pytest.mark.parametrize('force', [
-  # An ensemble (nnx.split_rngs + nnx.vmap) of a user's stateful cell (a counter, its
-  # own dropout stream), called in flax's tree mode;
+  # An ensemble (nnx.split_rngs + nnx.vmap) of StackedRNNs over a user's stateful cell
+  # (a counter, its own dropout stream), called in flax's tree mode;
   dict(transform='ensemble', mode='tree', cell='user', members=2, shared_inputs=False,
-       dropout_rate=0.3, counter=True, running_mean=False),
+       dropout_rate=0.3, counter=True, running_mean=False, stacked=True),
   # two fused bidirectional GRUs called in turn by nnx.scan, with lengths.
   dict(transform='scan_layers', mode='graph', cell='GRU', implementation='xla', members=2,
        bidirectional=True, seq_lengths=True)], ids=['ensemble', 'scan_layers'])
@@ -583,3 +583,27 @@ def test_a_wrong_output_under_linen_transforms_is_found(monkeypatch):
   failures = _core.run_cases('linen_transforms', linen_transforms_family.run, _seeds(1),
                              force=_LINEN_TRANSFORM_CASES['ensemble'])['failures']
   assert len(failures) == 1 and failures[0]['error'].startswith('Mismatch: outputs'), failures
+
+
+def test_only_a_missing_torch_skips_a_family(monkeypatch, capsys):
+  # torch is an extra: without it the torch family is skipped; any other import
+  # error of a family (a name it imports that is gone) fails the run.
+  from fuzz import __main__ as fuzz_main
+
+  def missing(module):
+    def family(name):
+      raise ModuleNotFoundError(f"No module named '{module}'", name=module)
+    return family
+
+  monkeypatch.setattr(fuzz_main, 'family', missing('torch'))
+  assert main(['--family', 'torch', '--cases', '1']) == 0
+  assert "torch: skipped (No module named 'torch')" in capsys.readouterr().out
+  monkeypatch.setattr(fuzz_main, 'family', missing('fuzz.gone'))
+  with pytest.raises(ModuleNotFoundError, match='fuzz.gone'):
+    main(['--family', 'carry', '--cases', '1'])
+
+  def broken(name):
+    raise ImportError("cannot import name 'on_paths_of' from 'fuzz._common'")
+  monkeypatch.setattr(fuzz_main, 'family', broken)
+  with pytest.raises(ImportError, match='on_paths_of'):
+    main(['--family', 'transforms', '--cases', '1'])

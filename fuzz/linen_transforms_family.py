@@ -106,7 +106,9 @@ def run(case: Case) -> None:
     return (out[1], out[0]) if how == 'scan_layers' else out  # (carry, outputs)
 
   rows = np.ones(batch, bool) if lengths is None else lengths > 0
-  w = None
+  call = case.pick('call', ['eager', 'jit', 'grad'])
+  if call == 'grad':  # the loss's weights, of the outputs' shape
+    w = case.normal(jax.eval_shape(lambda p: apply(theirs, p)[1], variables['params']).shape)
 
   def loss(m: Any, params: Any) -> tuple[jax.Array, tuple[Any, jax.Array]]:
     carry, y = apply(m, params)
@@ -115,12 +117,9 @@ def run(case: Case) -> None:
       total += jnp.sum(jnp.where(rows[:, None], c, 0))  # rows of length 0 aside
     return total, (carry, y)
 
-  call = case.pick('call', ['eager', 'jit', 'grad'])
   results = []
   for m in (ours, theirs):
     if call == 'grad':
-      if w is None:
-        w = jnp.asarray(case.normal(np.shape(apply(theirs, variables['params'])[1])))
       grads, out = jax.jit(jax.grad(lambda p, m=m: loss(m, p), has_aux=True))(
         variables['params'])
       results.append((grads, out))

@@ -112,6 +112,16 @@ def on_paths_of(tree: Any, reference: Any) -> Any:
   return tree
 
 
+def by_path(tree: Any, prefix: str = '') -> dict[str, np.ndarray]:
+  """A pure dict's leaves (``nnx.to_pure_dict``: a module's Variables) by path,
+  ``'a/b/c'``, as NumPy arrays (RNG keys as their data)."""
+  if isinstance(tree, dict):
+    return {k: v for key, sub in tree.items() for k, v in by_path(sub, f'{prefix}{key}/').items()}
+  if jax.dtypes.issubdtype(tree.dtype, jax.dtypes.prng_key):
+    tree = jax.random.key_data(tree)
+  return {prefix[:-1]: np.asarray(tree)}
+
+
 def wrap_cells(tree: Any) -> Any:
   """An RNN's (or Bidirectional's) parameters for the same RNN over wrapped
   cells: each ``'cell'`` entry one level deeper (``{'cell': {'cell': ...}}``)."""

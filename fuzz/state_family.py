@@ -33,19 +33,8 @@ import numpy as np
 from flax import nnx
 
 import nnx_recurrent as nr
-from fuzz._common import STREAM, UserCell
+from fuzz._common import STREAM, UserCell, by_path
 from fuzz._core import Case
-
-
-def _state(module: Any) -> dict[str, np.ndarray]:
-  """Every Variable of ``module`` by path (RNG keys as their data)."""
-  out = {}
-  for path, v in nnx.to_flat_state(nnx.state(module)):
-    value = v[...]
-    if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
-      value = jax.random.key_data(value)
-    out['/'.join(map(str, path))] = np.asarray(value)
-  return out
 
 
 def run(case: Case) -> None:
@@ -129,4 +118,5 @@ def run(case: Case) -> None:
                jax.tree.map(lambda a: np.asarray(a)[rows], c_ours),
                jax.tree.map(lambda a: np.asarray(a)[rows], c_theirs))
     for d, (mine, reference) in enumerate(zip(directions(ours), directions(theirs))):
-      case.close(f'call {call}: cell {d} state', _state(mine), _state(reference))
+      states = [by_path(nnx.to_pure_dict(nnx.state(m))) for m in (mine, reference)]
+      case.close(f'call {call}: cell {d} state', *states)

@@ -47,7 +47,7 @@ import numpy as np
 from flax import nnx
 
 import nnx_recurrent as nr
-from fuzz._common import STREAM, UserCell, garbage, on_paths_of
+from fuzz._common import STREAM, UserCell, by_path, garbage, on_paths_of
 from fuzz._core import Case
 
 CELLS = ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell', 'user', 'LSTM', 'GRU']
@@ -83,19 +83,10 @@ def _as_flax(tree: dict, bidirectional: bool) -> dict:
           'backward_rnn': {'cell': tree['backward'][0]}}
 
 
-def _flat(tree: Any, prefix: str = '') -> dict[str, np.ndarray]:
-  """A pure dict's leaves by path (RNG keys as their data)."""
-  if isinstance(tree, dict):
-    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f'{prefix}{key}/').items()}
-  if jax.dtypes.issubdtype(tree.dtype, jax.dtypes.prng_key):
-    tree = jax.random.key_data(tree)
-  return {prefix[:-1]: np.asarray(tree)}
-
-
 def _flat_state(module: Any, fused: bool, bidirectional: bool) -> dict[str, np.ndarray]:
   """Every Variable of ``module`` by path, a fused layer's at flax.nnx's paths."""
   state = nnx.to_pure_dict(nnx.state(module))
-  return _flat(_as_flax(state, bidirectional) if fused else state)
+  return by_path(_as_flax(state, bidirectional) if fused else state)
 
 
 def _compare_state(case: Case, what: str, ours: Any, theirs: Any, fused: bool,

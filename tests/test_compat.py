@@ -13,6 +13,7 @@ import importlib
 import itertools
 import re
 import sys
+import warnings
 from collections.abc import Mapping
 
 import flax.linen as nn
@@ -1263,12 +1264,14 @@ def test_scanned_rnn_rl_pattern_matches_linen():
 def test_to_nnx_from_linen_cell(name, kwargs, shape):
   linen_cell = getattr(nn, name)(features=H, **kwargs)
   x = normal(shape)
-  carry = linen_cell.initialize_carry(jax.random.key(1), x.shape)
-  carry = jax.tree.map(lambda c: c + 0.5, carry)  # a non-zero state
+  zeros = linen_cell.initialize_carry(jax.random.key(1), x.shape)
+  carry = jax.tree.map(lambda c: c + 0.5, zeros)  # a non-zero state
   variables = linen_cell.init(jax.random.key(2), carry, x)
   cell = compat.to_nnx(linen_cell, variables)
   assert type(cell) is getattr(nr, name)
   assert (cell.in_features, cell.hidden_features) == (IN, H)
+  # flax.linen's zero carry, which needs no RNG in NNX either
+  _assert_same_tree(cell.initialize_carry(x.shape), zeros)
   new_carry, y = linen_cell.apply(variables, carry, x)
   # nr's cells keep the carry's dtype (flax.linen's returns it as computed:
   # float32 for bfloat16 parameters).
@@ -1337,7 +1340,9 @@ def test_to_nnx_carries_partition_names_and_carry_init():
                             carry_init=nn.initializers.ones))
   xs = normal((B, T, IN))
   variables = linen.init(jax.random.key(0), xs)
-  rnn = compat.to_nnx(linen, variables)
+  with warnings.catch_warnings():  # none of flax.nnx's deprecations (sharding_names, ...)
+    warnings.simplefilter('error')
+    rnn = compat.to_nnx(linen, variables)
   specs = nnx.get_partition_spec(nnx.state(rnn.cell, nnx.Param))
   linen_specs = nn.get_partition_spec(variables)['params']['cell']
   assert specs['dense_i']['kernel'].get_value() == linen_specs['ir']['kernel'] == \
@@ -1382,6 +1387,40 @@ def test_from_nnx_gru_without_bias_hn():
   x = normal((B, IN))
   h = jnp.full((B, H), 0.5)
   _assert_close(nn.GRUCell(H).apply(variables, h, x), cell(h, x), atol=1e-6)
+
+
+# The NNX cells' fields that flax.linen's have too, other than the defaults
+# (and a GRUCell without bias_hn in bfloat16: flax.linen's bias dtype).
+FIELD_CASES = [
+  ('LSTMCell', {**OTHER_FNS, 'param_dtype': jnp.bfloat16}, {}, (B, IN)),
+  ('GRUCell', {**OTHER_FNS, 'dtype': jnp.bfloat16, 'param_dtype': jnp.bfloat16},
+   {'use_bias_hn': False}, (B, IN)),
+  ('MGUCell', {'reset_gate': False, **OTHER_FNS}, {}, (B, IN)),
+  ('SimpleCell', {'residual': True, 'activation_fn': nn.soft_sign}, {}, (B, IN)),
+  ('ConvLSTMCell', {'kernel_size': (3,), 'padding': 'CIRCULAR'}, {}, (B, 6, IN)),
+]
+
+
+@pytest.mark.parametrize('name,fields,nnx_only,shape', FIELD_CASES)
+def test_from_nnx_gives_the_cell_flax_linen_builds_with_those_fields(name, fields, nnx_only,
+                                                                      shape):
+  cell = random_module(lambda: getattr(nr, name)(IN, H, **fields, **nnx_only,
+                                                 rngs=nnx.Rngs(0)))
+  layer, variables = compat.from_nnx(cell)
+  theirs = getattr(nn, name)(H, **fields)
+  x = normal(shape)
+  carry = jax.tree.map(lambda c: c + 0.5, theirs.initialize_carry(jax.random.key(0), x.shape))
+  # flax.linen's parameter names, shapes and dtypes for those fields, in the
+  # variables and in what the layer's init creates.
+  spec = lambda tree: jax.tree.map(lambda a: (a.shape, a.dtype), tree)  # noqa: E731
+  want = spec(jax.eval_shape(theirs.init, jax.random.key(0), carry, x))
+  assert spec(variables) == want
+  assert spec(jax.eval_shape(layer.init, jax.random.key(0), carry, x)) == want
+  # flax.linen's outputs (dtypes included) on those variables.
+  got, expected = jax.jit(lambda v: (layer.apply(v, carry, x), theirs.apply(v, carry, x)))(
+    variables)
+  assert spec(got) == spec(expected)
+  _assert_close(got, expected, atol=1e-6)
 
 
 def test_from_nnx_refuses_a_cell_subclass_that_computes_otherwise():
@@ -1725,12 +1764,20 @@ def test_migration_errors():
   with pytest.raises(ValueError, match=r"to_nnx: `variables` expected 'cell' in the parameters "
                      r"of the RNN, got \['hn', 'hr', 'hz', 'in', 'ir', 'iz'\]"):
     compat.to_nnx(nn.RNN(cell), variables)  # the cell's checkpoint for an RNN
+  with pytest.raises(ValueError, match=r"to_nnx: `variables` expected 'cell' in the parameters "
+                     r'of the RNN, got NoneType\.'):
+    compat.to_nnx(nn.RNN(cell), {'params': None})  # a checkpoint with a hole
+  with pytest.raises(TypeError, match=r"to_nnx: `variables` expected a dict with a 'params' "
+                     r'collection \(what init returns\), got NoneType\.'):
+    compat.to_nnx(cell, None)
   with pytest.raises(TypeError, match=r'from_nnx: `module` expected an nnx_recurrent LSTMCell, '
                      r'.*got flax.nnx.nn.linear.Linear'):
     compat.from_nnx(nnx.eval_shape(lambda: nnx.Linear(IN, H, rngs=nnx.Rngs(0))))
   with pytest.raises(TypeError, match=r'got nr.LSTM \(a fused layer: convert its cells, '
                      r'layer.forward\[i\] and layer.backward\[i\]\)'):
     compat.from_nnx(nnx.eval_shape(lambda: nr.LSTM(IN, H, rngs=nnx.Rngs(0))))
+  with pytest.raises(TypeError, match=r'got nr.GRU \(a fused layer: convert its cells'):
+    compat.from_nnx(nnx.eval_shape(lambda: nr.GRU(IN, H, rngs=nnx.Rngs(0))))
 
 
 # -- the import surface ------------------------------------------------------------

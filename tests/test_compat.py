@@ -14,7 +14,8 @@ import itertools
 import re
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -1887,3 +1888,38 @@ def test_to_nnx_gives_no_out_sharding_to_parameters_without_partition_names():
   metadata = [v.get_metadata().get('out_sharding')
               for _, v in nnx.iter_graph(cell) if isinstance(v, nnx.Param)]
   assert len(metadata) == 4 and metadata == [None] * 4
+
+
+# -- found by a mutation audit of compat/_migrate.py (s55) ---------------------------
+def test_to_nnx_refuses_a_subclass_that_computes_otherwise():
+  # The NNX module computes the built-in class's math: a Linen subclass that
+  # redefines a method would convert silently into other numbers.
+  x, h = normal((B, IN)), jnp.full((B, H), 0.5)
+  for lib in (nn, compat):
+    class Damped(lib.GRUCell):
+      def __call__(self, carry, inputs):
+        new_h, y = super().__call__(carry, inputs)
+        return 0.8 * new_h, 0.8 * y
+
+    class Doubled(lib.RNN):
+      def __call__(self, inputs, **kwargs):
+        return 2 * super().__call__(inputs, **kwargs)
+
+    class Tagged(lib.GRUCell):  # a field more, another default: computes as the built-in
+      tag: str = 'encoder'
+      activation_fn: Callable[..., Any] = nn.soft_sign
+
+    variables = random_linen_variables(Damped(H), h, x)
+    rnn_vars = {'params': {'cell': variables['params']}}
+    for module, got, params in [(Damped(H), 'Damped', variables),
+                                (lib.RNN(Damped(H)), 'Damped', rnn_vars),
+                                (Doubled(lib.GRUCell(H)), 'Doubled', rnn_vars)]:
+      builtin = 'RNN' if got == 'Doubled' else 'GRUCell'
+      builtin = f'compat.{builtin}' if lib is compat else f'flax.linen.recurrent.{builtin}'
+      with pytest.raises(TypeError, match=re.escape(
+          f'to_nnx: `module` expected {builtin} computing as the built-in one (a subclass may '
+          'add fields or members: the conversion builds the built-in computation), got '
+          f'{got}, a subclass that redefines __call__.')):
+        compat.to_nnx(module, params)
+    tagged = compat.to_nnx(Tagged(H), variables)
+    _assert_close(tagged(h, x), nn.GRUCell(H, activation_fn=nn.soft_sign).apply(variables, h, x))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,7 +45,38 @@ def _sub(where: str, params: Mapping, name: str, owner: str) -> Mapping:
   return params[name]
 
 
+# What flax.linen's dataclass transform puts in every Module subclass's body.
+_LINEN_PLUMBING = frozenset({
+  '__dataclass_fields__', '__dataclass_params__', '__eq__', '__hash__', '__match_args__',
+  '__post_init__', '_compact_name_scope_methods', '_parent_ref', '_state', 'name', 'parent',
+  'scope',
+})
+
+
+def _check_computes_as_builtin(where: str, module: Any) -> None:
+  """Refuses a subclass of a flax.linen or compat module that redefines a
+  method (``__call__``, ``initialize_carry``, ...): the conversion builds the
+  built-in module's computation. New fields and members, and other field
+  defaults, are fine (the fields' values are read off the instance)."""
+  cls = type(module)
+  known = {*CELLS.values(), *(getattr(nn, name) for name in CELLS), RNN, nn.RNN,
+           Bidirectional, nn.Bidirectional}
+  builtin = next((k for k in cls.__mro__ if k in known), None)
+  if builtin is None or builtin is cls:
+    return  # not one of these (refused as such by the caller), or the built-in one
+  fields = {f.name for f in dataclasses.fields(builtin)}
+  redefined = sorted({name for k in cls.__mro__[:cls.__mro__.index(builtin)] for name in vars(k)
+                      if name not in fields and name not in _LINEN_PLUMBING
+                      and name not in _checks._CLASS_PLUMBING and hasattr(builtin, name)})
+  if redefined:
+    _checks.fail(where, 'module', f'{_checks.public_class_name(builtin)} computing as the '
+                 'built-in one (a subclass may add fields or members: the conversion builds '
+                 'the built-in computation)',
+                 f'{cls.__name__}, a subclass that redefines {", ".join(redefined)}', TypeError)
+
+
 def _to_nnx(module: Any, params: Mapping, where: str, boxed: Mapping):
+  _check_computes_as_builtin(where, module)
   layout = _convert.layout_of(module)
   if layout is not None:
     in_features = _convert.in_features_from(f'{where} ({layout.name})', layout, module, params)
@@ -121,7 +153,10 @@ def to_nnx(module: nn.Module, variables: Mapping[str, Any]):
     An ``nnx_recurrent`` cell, ``RNN`` or ``Bidirectional``.
 
   Raises:
-    TypeError: ``module`` is not a recurrent module this knows.
+    TypeError: ``module`` is not a recurrent module this knows, or is a
+      subclass of one that redefines a method (``__call__``,
+      ``initialize_carry``, ...): the NNX module would compute the built-in
+      one. A subclass's new fields and members, and other defaults, convert.
     ValueError: the variables do not fit the module (names, shapes), or the
       RNN has per-step parameters.
   """

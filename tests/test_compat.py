@@ -1354,7 +1354,11 @@ def test_to_nnx_carries_partition_names_and_carry_init():
   _assert_close(rnn(xs), linen.apply(variables, xs), atol=1e-6)
   np.testing.assert_array_equal(rnn.cell.initialize_carry((B, IN), rngs=nnx.Rngs(0)),
                                 np.ones((B, H)))
-  assert compat.from_nnx(rnn)[0].cell.carry_init is nn.initializers.ones  # and back
+  layer, back = compat.from_nnx(rnn)  # and back: the carry_init and the boxes, names included
+  assert layer.cell.carry_init is nn.initializers.ones
+  _assert_same_tree(back, variables)
+  assert nn.get_partition_spec(back) == nn.get_partition_spec(variables)
+  _assert_close(layer.apply(back, xs), linen.apply(variables, xs), atol=1e-6)
   # Groups of other names joined into one NNX kernel: none, and a warning.
   mixed = jax.tree.map(lambda a: a, variables, is_leaf=lambda a: isinstance(a, nn.Partitioned))
   mixed['params']['cell']['iz']['kernel'] = nn.Partitioned(

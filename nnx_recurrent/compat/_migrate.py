@@ -209,7 +209,15 @@ def _from_nnx(module: Any, where: str):
                          'a module whose parameters hold values')
   if layout.name == 'GRUCell' and module.bias_hn is None:  # use_bias_hn=False: b_hn = 0
     pure['bias_hn'] = jnp.zeros(module.hidden_features, pure['dense_i']['bias'].dtype)
-  return cell, _convert.nnx_to_linen(layout, cell, pure)
+  params = _convert.nnx_to_linen(layout, cell, pure)
+  for nnx_path, linen_paths in layout.rules(cell):  # out_sharding: nn.Partitioned's names
+    variable = _convert.variable(module, nnx_path)  # None: a GRUCell's absent bias_hn
+    metadata = variable.get_metadata() if isinstance(variable, nnx.Variable) else {}
+    if metadata.get('out_sharding'):  # the parts of a joined kernel share its names
+      for group, leaf in linen_paths:
+        params[group][leaf] = nn.Partitioned.from_nnx_metadata(
+          {**metadata, 'value': params[group][leaf]})
+  return cell, params
 
 
 def from_nnx(module: nnx.Module) -> tuple[nn.Module, dict]:
@@ -220,8 +228,10 @@ def from_nnx(module: nnx.Module) -> tuple[nn.Module, dict]:
   Linen's ``RNN`` keeps its outputs there, ``nr.RNN`` gives zeros), and
   ``variables`` also load into flax.linen's own module of that name
   (``flax.linen.LSTMCell`` for a ``LSTMCell``, ...). A cell's ``carry_init``
-  is carried over; dropout rates (Linen cells have none; a warning says so)
-  and ``RNN.remat`` are not; initializers are the defaults.
+  is carried over, and so are its parameters' ``out_sharding`` names, as
+  ``nn.Partitioned`` boxes (``nn.with_partitioning``'s); dropout rates (Linen
+  cells have none; a warning says so) and ``RNN.remat`` are not; initializers
+  are the defaults.
 
   Example::
 

@@ -887,6 +887,165 @@ def test_explicit_mesh_a_variable_changing_its_shape_is_jaxs_error_as_without():
       nr.RNN(_Growing())(jax.device_put(x, P('data')))
 
 
+class _Broadening(nnx.Module):
+  """A cell whose own total, a scalar, becomes a ``(features,)`` vector at the
+  first step (``h`` summed over the rows, broadcast into it): a state of another
+  shape each step, split over ``model`` with ``h``."""
+
+  num_feature_axes = 1
+
+  def __init__(self):
+    self.w = nnx.Param(np.ones((IN, H), np.float32))
+    self.total = nnx.Variable(jax.numpy.zeros(()))
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return jax.numpy.zeros(input_shape[:-1] + (H,))
+
+  def __call__(self, h, x):
+    h = jax.numpy.tanh(x @ self.w[...] + h)
+    self.total.set_value(self.total.get_value() + h.sum(0))
+    return h, h
+
+
+def test_explicit_mesh_a_variable_changing_its_rank_and_split_is_jaxs_error_as_without():
+  # A Variable whose shape and sharding a step both change (a scalar made a vector split
+  # over `model`) is left to the scan, as one of other shapes alone is (above): its
+  # TypeError, as flax.nnx's and as without a mesh, not a reshard to the step's rank.
+  x = np.ones((B, T, IN), np.float32)
+  for run in (lambda: nr.RNN(_Broadening())(x), lambda: nnx.RNN(_Broadening())(x)):
+    with pytest.raises(TypeError, match=r'carry input and carry output must have equal types'):
+      run()
+  with jax.set_mesh(_data_model_mesh_here()):
+    cell = _Broadening()
+    cell.w.set_value(jax.device_put(cell.w[...], P(None, 'model')))
+    with pytest.raises(TypeError, match=r'carry input and carry output must have equal types'):
+      nr.RNN(cell)(jax.device_put(x, P('data')))
+
+
+class _Delayed(nnx.Module):
+  """A carry of ``h`` and the ``h`` before it: ``h`` takes the split of the
+  parameters at the first step, the ``h`` before it only at the second."""
+
+  num_feature_axes = 1
+
+  def __init__(self, rngs):
+    self.w = nnx.Param(jax.random.normal(rngs.params(), (IN, H)) / 2)
+    self.u = nnx.Param(jax.random.normal(rngs.params(), (H, H)) / 2)
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return (jax.numpy.zeros(input_shape[:-1] + (H,)),) * 2
+
+  def __call__(self, carry, x):
+    h, _ = carry
+    new = jax.numpy.tanh(x @ self.w[...] + h @ self.u[...])
+    return (new, h), new + h
+
+
+class _LinenDelayed(nn.RNNCellBase):
+  """:class:`_Delayed` in flax.linen."""
+
+  @nn.compact
+  def __call__(self, carry, x):
+    h, _ = carry
+    new = jax.numpy.tanh(nn.Dense(H, use_bias=False)(x) + nn.Dense(H, use_bias=False)(h))
+    return (new, h), new + h
+
+  def initialize_carry(self, rng, input_shape):
+    return (jax.numpy.zeros(input_shape[:-1] + (H,)),) * 2
+
+  @property
+  def num_feature_axes(self):
+    return 1
+
+
+def test_explicit_mesh_a_carry_that_settles_in_two_steps_runs_as_without_a_mesh():
+  # Parameters split over `model`: the carry's h takes that split at one step, the h
+  # before it at the next (the package's cells settle in one). nr.RNN and compat.RNN
+  # settle both (flax.nnx's RNN: JAX's scan TypeError); flax.nnx's and flax.linen's
+  # RNN without a mesh give the values.
+  x = np.random.default_rng(10).normal(size=(B, T, IN)).astype(np.float32)
+  cell = _Delayed(nnx.Rngs(0))
+  want = nnx.RNN(nnx.clone(cell), return_carry=True)(x)
+  variables = random_linen_variables(nn.RNN(_LinenDelayed()), x)
+  linen_want = nn.RNN(_LinenDelayed(), return_carry=True).apply(variables, x)
+  with jax.set_mesh(_data_model_mesh_here()):
+    xs = jax.device_put(x, P('data'))
+    for v in (cell.w, cell.u):
+      v.set_value(jax.device_put(v[...], P(None, 'model')))
+    with pytest.raises(TypeError, match='carry input and carry output must have equal types'):
+      nnx.jit(lambda cell, x: nnx.RNN(cell, rngs=False)(x))(nnx.clone(cell), xs)  # flax.nnx's
+    got = nnx.jit(lambda cell, x: nr.RNN(cell, return_carry=True)(x))(cell, xs)
+    linen_got = jax.jit(compat.RNN(_LinenDelayed(), return_carry=True).apply)(
+      _split_columns(variables), xs)
+  for out, ref in ((got, want), (linen_got, linen_want)):
+    assert [tuple(jax.typeof(a).sharding.spec) for a in jax.tree_util.tree_leaves(out)] == [
+      ('data', 'model'), ('data', 'model'), ('data', None, 'model')]
+    _close(out, ref, atol=1e-6)
+
+
+def _traced_on(mesh, make, spec_of, x_spec):
+  """``make()``'s layer called on ``(B, T, IN)`` inputs placed by ``x_spec``, traced
+  (nothing runs) on the abstract ``mesh`` with each of its variables placed by
+  ``spec_of(array)``: the outputs' abstract value."""
+  graphdef, state = nnx.split(make())
+  with jax.sharding.use_abstract_mesh(mesh):
+    state = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(
+      a.shape, a.dtype, sharding=NamedSharding(mesh, spec_of(a))), state)
+    x = jax.ShapeDtypeStruct((B, T, IN), np.float32, sharding=NamedSharding(mesh, x_spec))
+    return jax.make_jaxpr(lambda state, x: nnx.merge(graphdef, state)(x))(state, x).out_avals
+
+
+class _Summing(nnx.Module):
+  """A cell of yours whose parameter's last axis is four times its hidden size,
+  which its step sums away: the carry it returns lost its hidden axis."""
+
+  num_feature_axes = 1
+
+  def __init__(self, hidden):
+    self.hidden_features = hidden
+    self.w = nnx.Param(np.ones((IN, 4 * hidden), np.float32))
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return jax.numpy.zeros(input_shape[:-1] + (self.hidden_features,))
+
+  def __call__(self, h, x):
+    h = (x @ self.w[...]).sum(-1)
+    return h, h
+
+
+def test_explicit_gates_split_over_two_mesh_axes_name_both_traced_on_an_abstract_mesh():
+  # The gates' columns split over two mesh axes at once, (m1, m2): 4 devices, which
+  # do not divide a hidden size of 6, where 24 columns split evenly: the ValueError
+  # counts the devices of both axes, for nr.RNN's cell and the fused layer (JAX's
+  # error came from deep in the step); a hidden size of 8 runs. A cell of yours whose
+  # step fails with this package's own error (a carry that lost its axis) keeps it:
+  # the gates are named only where JAX's error is all there is. Traced only.
+  from jax.sharding import AbstractMesh, AxisType
+
+  mesh = AbstractMesh((2, 2, 2), ('data', 'm1', 'm2'), axis_types=(AxisType.Explicit,) * 3)
+
+  def gates(hidden):  # every array whose last axis stacks the 4 gates split over (m1, m2)
+    return lambda a: (P(*(None,) * (a.ndim - 1), ('m1', 'm2')) if a.ndim and
+                      a.shape[-1] == 4 * hidden else P())
+
+  for hidden in (6, 8):
+    for name, make in (('RNN', lambda hidden=hidden: nr.RNN(nr.OptimizedLSTMCell(
+                          IN, hidden, rngs=nnx.Rngs(0)))),
+                       ('LSTM', lambda hidden=hidden: nr.LSTM(IN, hidden, rngs=nnx.Rngs(0)))):
+      if hidden == 8:
+        out, = _traced_on(mesh, make, gates(hidden), P('data'))
+        assert tuple(out.sharding.spec) == ('data', None, ('m1', 'm2')), (name, out)
+        continue
+      arg = 'cell' if name == 'RNN' else 'hidden_features'
+      with pytest.raises(ValueError, match=rf"{name}: `{arg}` expected a hidden size that is a "
+                         r"multiple of 4 \(.*split over mesh axes \('m1', 'm2'\) \(4 devices\) "
+                         r'on its last axis, which holds the gates, 6 wide each'):
+        _traced_on(mesh, make, gates(hidden), P('data'))
+  with pytest.raises(TypeError, match=r"RNN: `cell` expected a step that returns a carry of its "
+                     r"carry's shapes \[\(8, 6\)\], got \[\(8,\)\]"):
+    _traced_on(mesh, lambda: nr.RNN(_Summing(6)), gates(6), P('data'))
+
+
 @pytest.mark.parametrize('given', [True, False])
 def test_shard_map_a_carry_that_varies_or_not_over_the_batch_as_flax(given):
   # Inside jax.shard_map (check_vma), over one device's mesh (still in the types):

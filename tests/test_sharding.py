@@ -983,6 +983,97 @@ def test_explicit_mesh_a_carry_that_settles_in_two_steps_runs_as_without_a_mesh(
     _close(out, ref, atol=1e-6)
 
 
+class _Scaled(nnx.Module):
+  """A per-row ``h``, a per-feature scale the rows share, ``(H,)``, of the
+  batch's size here (``B == H``), which every row's ``h`` is multiplied by,
+  and a step count (a scalar)."""
+
+  num_feature_axes = 1
+
+  def __init__(self, rngs):
+    self.w = nnx.Param(jax.random.normal(rngs.params(), (IN, H)) / 2)
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return {'h': jax.numpy.zeros(input_shape[:-1] + (H,)), 'scale': jax.numpy.ones((H,)),
+            'steps': jax.numpy.zeros(())}
+
+  def __call__(self, c, x):
+    h = jax.numpy.tanh(x @ self.w[...] + c['h'] * c['scale'][None])
+    return {'h': h, 'scale': c['scale'] * 0.9, 'steps': c['steps'] + 1}, h
+
+
+class _LinenScaled(nn.RNNCellBase):
+  """:class:`_Scaled` in flax.linen."""
+
+  @nn.compact
+  def __call__(self, c, x):
+    h = jax.numpy.tanh(nn.Dense(H)(x) + c['h'] * c['scale'][None])
+    return {'h': h, 'scale': c['scale'] * 0.9, 'steps': c['steps'] + 1}, h
+
+  def initialize_carry(self, rng, input_shape):
+    return {'h': jax.numpy.zeros(input_shape[:-1] + (H,)), 'scale': jax.numpy.ones((H,)),
+            'steps': jax.numpy.zeros(())}
+
+  @property
+  def num_feature_axes(self):
+    return 1
+
+
+class _CountingGiven(nnx.Module):
+  """A cell without ``initialize_carry`` (its carry is given): ``h`` and a step
+  count, a scalar."""
+
+  num_feature_axes = 1
+
+  def __init__(self, rngs):
+    self.w = nnx.Param(jax.random.normal(rngs.params(), (IN, H)) / 2)
+
+  def __call__(self, c, x):
+    h = jax.numpy.tanh(x @ self.w[...] + c['h'])
+    return {'h': h, 'steps': c['steps'] + 1}, h * c['steps']
+
+
+def test_explicit_mesh_carry_leaves_the_rows_share_stay_whole_with_or_without_padding():
+  # The default carry is split over the batch as the inputs are, but not a leaf the rows
+  # share: a per-feature scale of the batch's size by chance, split over `data` too,
+  # met each row's h split over `data` on its feature axis (JAX's ShardingTypeError
+  # "illegally sharded result" without seq_lengths; with them the cell's rows were
+  # known); a scalar step count. The same layers without a mesh, flax.nnx's and
+  # flax.linen's RNN; the shared leaves replicated, h and the outputs split.
+  assert B == H
+  x = np.random.default_rng(11).normal(size=(B, T, IN)).astype(np.float32)
+  lengths = np.array([5, 1, 3, 5, 0, 2, 4, 5], np.int32)
+  ids = np.array([[1, 1, 2, 2, 2], [1, 2, 3, 0, 0]] * 4, np.int32)
+  layer = nr.RNN(_Scaled(nnx.Rngs(0)), return_carry=True)
+  variables = random_linen_variables(nn.RNN(_LinenScaled()), x)
+  linen = compat.RNN(_LinenScaled(), return_carry=True)
+  run = nnx.jit(lambda layer, x, kw: layer(x, **kw))
+  linen_run = jax.jit(lambda v, x, kw: linen.apply(v, x, **kw))
+  cases = [{}, {'seq_lengths': lengths}, {'segment_ids': ids}]
+  want = [run(layer, x, kw) for kw in cases]
+  linen_want = [linen_run(variables, x, kw) for kw in cases]
+  _close(want[0], nnx.RNN(nnx.clone(layer.cell), return_carry=True)(x), atol=1e-6)
+  _close(linen_want[0], nn.RNN(_LinenScaled(), return_carry=True).apply(variables, x), atol=1e-6)
+  with jax.set_mesh(_explicit_mesh_here()):
+    got = [run(layer, *jax.device_put((x, kw), P('data'))) for kw in cases]
+    linen_got = [linen_run(variables, *jax.device_put((x, kw), P('data'))) for kw in cases]
+  for out, ref in zip(got + linen_got, want + linen_want, strict=True):
+    carry, y = out
+    assert {k: tuple(jax.typeof(a).sharding.spec) for k, a in carry.items()} == {
+      'h': ('data', None), 'scale': (None,), 'steps': ()}
+    assert tuple(jax.typeof(y).sharding.spec) == ('data', None, None)
+    _close(out, ref, atol=1e-6)
+  # No initialize_carry to probe: the shapes decide, and a scalar has no rows.
+  cell = _CountingGiven(nnx.Rngs(0))
+  carry = {'h': np.zeros((B, H), np.float32), 'steps': np.float32(0)}
+  want = nnx.RNN(nnx.clone(cell), return_carry=True)(x, initial_carry=carry)
+  with jax.set_mesh(_explicit_mesh_here()):
+    got = nnx.jit(lambda layer, x: layer(x, initial_carry=carry))(
+      nr.RNN(cell, return_carry=True), jax.device_put(x, P('data')))
+    assert tuple(jax.typeof(got[0]['steps']).sharding.spec) == ()
+  _close(got, want, atol=1e-6)
+
+
 def _traced_on(mesh, make, spec_of, x_spec):
   """``make()``'s layer called on ``(B, T, IN)`` inputs placed by ``x_spec``, traced
   (nothing runs) on the abstract ``mesh`` with each of its variables placed by

@@ -83,6 +83,7 @@ from nnx_recurrent._scan._sharding import (  # noqa: F401 -- the engine's names
   like_inputs,
   scan_unroll,
   settle_carry,
+  splits_rows,
   typed_as,
   vary_like,
   varying_axes,

@@ -25,7 +25,7 @@ from flax.nnx import compat as graph_nnx
 
 from nnx_recurrent import _checks
 from nnx_recurrent._scan._masking import Rows, StepMasks, leaf_rows
-from nnx_recurrent._scan._sharding import abstract_step_input, settle_state
+from nnx_recurrent._scan._sharding import abstract_step_input, settle_state, splits_rows
 from nnx_recurrent._scan._steps import call_cell, in_dtypes_of
 
 Array = jax.Array
@@ -46,16 +46,18 @@ def cell_rows(cell, xs: Array, masks: StepMasks, num_feature_axes: int) -> Rows:
   advances; ``initialize_carry`` gets a fresh ``nnx.Rngs``) at two batch
   shapes (:func:`probed_rows`: where they cannot say, the shapes decide).
   Only with padding or packing, whose masks are all that ``Rows`` informs,
-  and not for this package's cells, whose carries and outputs all lead with
-  the batch axes: trace time only, nothing in the program changes but the
-  masking of leaves marked shared."""
+  or where the carry is split over the rows as the inputs are (explicit
+  sharding mode, :func:`splits_rows`: a leaf marked shared is not), and not
+  for this package's cells, whose carries and outputs all lead with the
+  batch axes: trace time only, nothing in the program changes but the
+  masking and the sharding of leaves marked shared."""
   from nnx_recurrent._base import is_package_cell
 
-  if (masks.valid is None and masks.reset is None) or is_package_cell(cell) \
-      or not hasattr(cell, 'initialize_carry'):
-    return Rows()
   features = tuple(xs.shape[xs.ndim - num_feature_axes:])
   batch = tuple(xs.shape[1:xs.ndim - num_feature_axes])
+  if (masks.valid is None and masks.reset is None and not splits_rows(xs, len(batch))) \
+      or is_package_cell(cell) or not hasattr(cell, 'initialize_carry'):
+    return Rows()
 
   def default(cell, shape):
     if uses_base_initialize_carry(cell):

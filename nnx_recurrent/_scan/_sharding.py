@@ -276,6 +276,14 @@ def batch_sharding(xs: Array, num_batch_axes: int) -> tuple | None:
   return batch if any(s is not None for s in batch) else None
 
 
+def splits_rows(xs: Array, num_batch_axes: int) -> bool:
+  """Whether :func:`shard_like` splits a carry's rows as time-major ``xs``'s
+  batch axes are split (explicit sharding mode): then a carry leaf that the
+  rows share but whose size is the batch's by chance must be told apart
+  (:class:`Rows`), with or without padding."""
+  return batch_sharding(xs, num_batch_axes) is not None
+
+
 def shard_like(carry: Any, xs: Array, num_batch_axes: int, rows: Any = None) -> Any:
   """``carry``'s leaves that lead with the batch axes of time-major ``xs``
   (and are not marked shared in ``rows``, :attr:`Rows.carry`), split over

@@ -272,11 +272,16 @@ class RNN(nn.Module):
     # garbage at padding included (no gradient reaches it).
     packed = seq.masks.reset is not None
     linen = seq.masks.valid is not None and not packed and return_carry
-    rows = _carry_rows(self.cell, seq) if linen or packed else _scan.Rows()
+    # The leaves of the rows: for the masks, and under an Explicit mesh splitting the
+    # rows for the carry's split (a leaf the rows share is not split, padding or not).
+    split_rows = _scan.splits_rows(xs, len(seq.batch_shape))
+    rows = (_carry_rows(self.cell, seq) if linen or packed or split_rows else _scan.Rows())
     # Under shard_map the carry varies like the inputs, under an Explicit mesh it is
     # split over the batch like them (flax.linen's fails in both).
     initial_carry = _scan.like_inputs(initial_carry, xs, len(seq.batch_shape), seq.masks,
                                       rows.carry)
+    if not (linen or packed):
+      rows = _scan.Rows()  # the plain scan masks nothing
     explicit = _scan.explicit_mesh(xs)
     if explicit:  # parameters split over the mesh split the carry too
       with _named_errors(given_carry, self.variable_carry, explicit):

@@ -30,6 +30,15 @@ keep_order with lengths over shared outputs follows flax.linen's
 one batch axis whose size is its own (or 1), has entry ``i`` put back by row
 ``i``'s length (by the one row's), and any other shared output (the scalar per
 step, another size, two batch axes) must raise the ``ValueError``.
+
+At times on a mesh of one Explicit ``data`` axis over this process's devices
+(docs/checkpoints_and_sharding.md), the first batch axis that many times
+longer and split over it (the inputs, lengths and a given ``h``; a given
+shared leaf replicated): the same values, and every leaf of a row's (``h``,
+carried and output) split over ``data`` on that axis and on no other, every
+shared leaf (the counter, the shared vector, the per-step scalar) whole, with
+or without padding. (compat's shared vector reordered as rows, above, is
+a gather by the rows' lengths and may be split as they are.)
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 import nnx_recurrent as nr
 from fuzz._core import Case, Mismatch
@@ -194,6 +205,13 @@ def run(case: Case) -> None:
   layer = case.pick('layer', ['nr', 'compat'])
   nb = case.pick('batch_axes', [1, 2])
   batch = tuple(case.integer(f'batch_{i}', 1, 4) for i in range(nb))
+  # An Explicit 'data' axis over this process's devices at times, splitting the
+  # first batch axis (so that many times more rows): the shared leaves stay whole.
+  mesh = None
+  if case.pick('mesh', [False, False, True]):
+    n = jax.device_count()
+    mesh = jax.make_mesh((n,), ('data',), axis_types=(AxisType.Explicit,))
+    batch = (n * batch[0], *batch[1:])
   time, in_f = case.integer('time', 1, 6), case.integer('in', 1, 3)
   hid = case.integer('hidden', 1, 4)
   shared = case.pick('shared', [0, batch[0], batch[0] + 1, 2])
@@ -267,8 +285,33 @@ def run(case: Case) -> None:
       return
     raise Mismatch('keep_order over a shared output leaf with lengths ran (no one order)')
 
-  result = call(module, x, kwargs)
+  if mesh is not None:  # the rows split over 'data'; the carry's shared leaves replicated
+    with jax.set_mesh(mesh):
+      x = jax.device_put(x, P(*[None] * time_major, 'data'))
+      kwargs = {k: jax.device_put(v, P('data')) if k == 'seq_lengths' else v
+                for k, v in kwargs.items()}
+      if given:
+        kwargs['initial_carry'] = shape.pack({k: jax.device_put(v, P('data') if k == 'h' else P())
+                                              for k, v in shape.unpack(kwargs['initial_carry'])
+                                              .items()})
+      result = call(module, x, kwargs)
+  else:
+    result = call(module, x, kwargs)
   carry, ys = result if return_carry else (None, result)
+  if mesh is not None:  # a row's leaves split over 'data' on their first batch axis, no other
+    rows_at = {'h': int(time_major), 'total': None, 's': None}
+    # (but compat's shared vector reordered by its shape as rows, flax.linen's
+    # flip_sequences: a gather by the rows' lengths, split as they are)
+    placed = {f'output {k}': (y, rows_at[k]) for k, y in ys.items()
+              if not (by_shape and k == 's')}
+    if return_carry:
+      placed.update({f'carry {k}': (c, 0 if k == 'h' else None)
+                     for k, c in shape.unpack(carry).items()})
+    for what, (a, at) in placed.items():
+      spec = tuple(jax.typeof(a).sharding.spec) + (None,) * np.ndim(a)
+      want = tuple('data' if i == at else None for i in range(np.ndim(a)))
+      if spec[:np.ndim(a)] != want:
+        raise Mismatch(f'{what} split as {spec[:np.ndim(a)]}, not {want}')
   # The layout rule on its own: time after the batch axes where a leaf has
   # more axes than them, else first ((time,) for the per-step scalar).
   hidden_shape = (time, *batch, hid) if time_major else (*batch, time, hid)

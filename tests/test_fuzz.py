@@ -3,6 +3,7 @@ cases clean, and the harness catches a planted bug with a seed that replays it.
 The campaigns themselves run outside the suite (``make fuzz``)."""
 
 import json
+import re
 import types
 
 import jax
@@ -90,6 +91,27 @@ def test_a_shared_carry_leaf_taken_for_a_rows_is_found(monkeypatch, layer):
   report = _core.run_cases('carry', carry_family.run, _seeds(3), force=force)
   assert report['failures'], report
   assert all('Mismatch' in f['error'] for f in report['failures']), report['failures']
+
+
+def test_odd_carries_under_an_explicit_mesh_run_clean_and_a_split_shared_leaf_is_found(
+    monkeypatch):
+  """On an Explicit ``data`` axis (one device here), a shared ``(3,)`` leaf in a
+  batch of 3 without lengths stays whole; told apart only with padding (the
+  scan core before session 55), it came back split over ``data``."""
+  force = dict(mesh=True, batch_axes=1, batch_0=3, shared=3, lengths=False, return_carry=True)
+  for layer in ('nr', 'compat'):
+    report = _core.run_cases('carry', carry_family.run, _seeds(2), force={**force, 'layer': layer})
+    assert report['failures'] == [], report['failures']
+  from nnx_recurrent._scan import _cell
+
+  monkeypatch.setattr(_cell, 'splits_rows', lambda *args: False)  # nr.RNN's
+  monkeypatch.setattr(_scan, 'splits_rows', lambda *args: False)  # compat.RNN's
+  for layer in ('nr', 'compat'):
+    failures = _core.run_cases('carry', carry_family.run, _seeds(2),
+                               force={**force, 'layer': layer})['failures']
+    assert len(failures) == 2 and all(
+      re.search(r"Mismatch: (carry|output) s split as .*'data'", f['error'])
+      for f in failures), failures
 
 
 def test_fused_layers_against_flax_stacks_run_clean():

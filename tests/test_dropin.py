@@ -1265,6 +1265,40 @@ def test_an_initial_carry_its_cells_initialize_carry_does_not_describe():
     ours(_x(), initial_carry=(jnp.ones((B, H + 1)), jnp.zeros((B,), jnp.int32)))
 
 
+def test_a_given_carry_whose_step_changes_its_structure_or_shapes_is_refused():
+  """A carry that fails the check passes only when one step keeps it: a list
+  the step returns as a tuple, or a leaf the step broadcasts to the cell's
+  shape, is refused with the check's message (flax.nnx's scan fails with
+  JAX's carry-type TypeError)."""
+  x, cell = _x(), _CountingCell(nnx.Rngs(0))
+  h, steps = jnp.ones((B, H)), jnp.zeros((B,), jnp.int32)
+  with pytest.raises(ValueError, match='pytree structure'):  # flax's own
+    nnx.RNN(cell)(x, initial_carry=[h, steps])
+  with pytest.raises(ValueError, match=m('RNN: `initial_carry` expected a pytree with structure',
+                                         'got structure')):
+    nr.RNN(cell)(x, initial_carry=[h, steps])
+  # One row of h for every row: the step broadcasts it to the batch's rows.
+  cell = _AddingCell(nnx.Rngs(0))
+  with pytest.raises(TypeError, match='carry input and carry output'):
+    nnx.RNN(cell)(x, initial_carry=h[:1])
+  with pytest.raises(ValueError, match=m('RNN: `initial_carry` expected leaf shapes',
+                                         f'got [(1, {H})]')):
+    nr.RNN(cell)(x, initial_carry=h[:1])
+
+
+class _AddingCell(_NoInitCell):
+  """flax's style: ``h`` added to the input's projection (so it broadcasts)."""
+
+  def __init__(self, rngs):
+    self.linear = nnx.Linear(IN, H, rngs=rngs)
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return jnp.zeros((*input_shape[:-1], H))
+
+  def __call__(self, h, x):
+    h = jnp.tanh(self.linear(x) + h)
+    return h, h
+
 class _SharedCounterCell(nnx.Module):
   """flax.nnx's style, with a carry leaf shared by every row (a step counter of
   shape ``()``); with ``scalar_output``, a per-step output of shape ``()``

@@ -224,6 +224,15 @@ def test_initial_carry_wrong_shapes(lstm):
     nr.RNN(gru)(X, initial_carry=0.5)
 
 
+def test_initial_carry_of_integers_for_a_float_carry(lstm):
+  """An integer carry for this package's float one is refused up front, not
+  truncated at each step (flax.nnx's scan fails on the dtypes with a
+  TypeError too)."""
+  with pytest.raises(TypeError, match=m("RNN: `initial_carry` expected floating leaves (dtype "
+                                        "float32), got dtypes ['int32', 'int32']")):
+    nr.RNN(lstm)(X, initial_carry=(jnp.zeros((2, 4), jnp.int32),) * 2)
+
+
 def test_bidirectional_initial_carry_not_a_pair(lstm):
   bi = nr.Bidirectional(nr.RNN(lstm), nr.RNN(ref.build(lambda: nr.GRUCell(3, 4, rngs=nnx.Rngs(1)))))
   with pytest.raises(ValueError, match=m('Bidirectional: `initial_carry` expected a pair')):

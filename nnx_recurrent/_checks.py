@@ -574,22 +574,33 @@ _CLASS_PLUMBING = frozenset({
 })
 
 
-def check_computes_as_builtin(where: str, module: Any) -> None:
+def check_computes_as_builtin(where: str, module: Any, builtins: Any = None,
+                              ignore: frozenset = frozenset(),
+                              allowed: str = 'a subclass may change __init__ or add members: '
+                              'the conversion rebuilds the built-in computation') -> None:
   """Refuses a subclass of one of this package's modules that redefines
   anything of it (``step``, ``__call__``, a class attribute), as converters to
   other libraries must: they rebuild what the built-in class computes. A new
-  ``__init__`` (other defaults) and new members are fine."""
+  ``__init__`` (other defaults) and new members are fine. ``builtins``: the
+  classes to check against instead (flax.linen's and compat's, for ``to_nnx``),
+  with the names in ``ignore`` (their dataclass fields and plumbing) fine too;
+  ``allowed`` says what a subclass may do."""
   cls = type(module)
-  builtin = next((k for k in cls.__mro__ if k.__module__.split('.')[0] == 'nnx_recurrent'), None)
-  if builtin is None or builtin is cls or builtin.__name__ == 'RNNCellBase':
-    return  # not ours, ours, or a cell of the user's own (refused as such by the caller)
+  if builtins is None:
+    builtin = next((k for k in cls.__mro__ if k.__module__.split('.')[0] == 'nnx_recurrent'),
+                   None)
+    if builtin is not None and builtin.__name__ == 'RNNCellBase':
+      return  # a cell of the user's own (refused as such by the caller)
+  else:
+    builtin = next((k for k in cls.__mro__ if k in builtins), None)
+  if builtin is None or builtin is cls:
+    return  # not one of these (refused as such by the caller), or the built-in one
   redefined = sorted({name for k in cls.__mro__[:cls.__mro__.index(builtin)] for name in vars(k)
-                      if name not in _CLASS_PLUMBING and not name.startswith('_pytree__')
-                      and hasattr(builtin, name)})
+                      if name not in _CLASS_PLUMBING and name not in ignore
+                      and not name.startswith('_pytree__') and hasattr(builtin, name)})
   if redefined:
-    fail(where, 'module', f'{public_class_name(builtin)} computing as the built-in one (a '
-         'subclass may change __init__ or add members: the conversion rebuilds the built-in '
-         'computation)', f'{cls.__name__}, a subclass that redefines {", ".join(redefined)}',
+    fail(where, 'module', f'{public_class_name(builtin)} computing as the built-in one '
+         f'({allowed})', f'{cls.__name__}, a subclass that redefines {", ".join(redefined)}',
          TypeError)
 
 

@@ -58,21 +58,14 @@ def _check_computes_as_builtin(where: str, module: Any) -> None:
   method (``__call__``, ``initialize_carry``, ...): the conversion builds the
   built-in module's computation. New fields and members, and other field
   defaults, are fine (the fields' values are read off the instance)."""
-  cls = type(module)
-  known = {*CELLS.values(), *(getattr(nn, name) for name in CELLS), RNN, nn.RNN,
-           Bidirectional, nn.Bidirectional}
-  builtin = next((k for k in cls.__mro__ if k in known), None)
-  if builtin is None or builtin is cls:
-    return  # not one of these (refused as such by the caller), or the built-in one
-  fields = {f.name for f in dataclasses.fields(builtin)}
-  redefined = sorted({name for k in cls.__mro__[:cls.__mro__.index(builtin)] for name in vars(k)
-                      if name not in fields and name not in _LINEN_PLUMBING
-                      and name not in _checks._CLASS_PLUMBING and hasattr(builtin, name)})
-  if redefined:
-    _checks.fail(where, 'module', f'{_checks.public_class_name(builtin)} computing as the '
-                 'built-in one (a subclass may add fields or members: the conversion builds '
-                 'the built-in computation)',
-                 f'{cls.__name__}, a subclass that redefines {", ".join(redefined)}', TypeError)
+  builtins = {*CELLS.values(), *(getattr(nn, name) for name in CELLS), RNN, nn.RNN,
+              Bidirectional, nn.Bidirectional}
+  builtin = next((k for k in type(module).__mro__ if k in builtins), None)
+  fields = frozenset(f.name for f in dataclasses.fields(builtin)) if builtin else frozenset()
+  _checks.check_computes_as_builtin(
+    where, module, builtins, ignore=fields | _LINEN_PLUMBING,
+    allowed='a subclass may add fields or members: the conversion builds the built-in '
+    'computation')
 
 
 def _to_nnx(module: Any, params: Mapping, where: str, boxed: Mapping):

@@ -267,9 +267,14 @@ class RNN(nnx.Module):
     reset_from_default = initial_carry is not None and seq.masks.reset is not None
     if initial_carry is None and self.initial_carry is not None:
       initial_carry = _broadcast_carry(cell, self.initial_carry, step_shape)
-    carry_rngs = _call_carry_rngs(
-      rngs, self.rngs,
-      (initial_carry is None or reset_from_default) and _scan.needs_carry_rngs(cell))
+    needs_rngs = (initial_carry is None or reset_from_default) and _scan.needs_carry_rngs(cell)
+    carry_rngs = _call_carry_rngs(rngs, self.rngs, needs_rngs)
+    if needs_rngs and carry_rngs is None and _scan.uses_base_initialize_carry(cell) \
+        and getattr(cell, 'rngs', None) is None:  # a random carry_init, no stream anywhere
+      _checks.fail('RNN', 'rngs', "an nnx.Rngs or nnx.RngStream in the call: the cell's "
+                   'carry_init draws the initial carry, and this RNN keeps no stream (built '
+                   'with rngs=False, or before the cell was given its carry_init; flax.nnx '
+                   "keeps one always, docs/migrating_from_nnx.md)", 'None')
     initial_carry = _scan.initial_carry('RNN', cell, initial_carry, step_shape, carry_rngs,
                                         seq.xs.dtype, masked=seq.masks.valid is not None)
     reset_carry = None

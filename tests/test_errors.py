@@ -1768,3 +1768,26 @@ def test_boolean_segment_ids_get_no_hint_about_lengths(lstm):
                                          '(*batch, time), got dtype bool.')) as info:
     nr.RNN(lstm)(X, segment_ids=jnp.ones((2, 5), bool))
   assert 'mask' not in str(info.value)
+
+
+def test_a_carry_init_given_after_the_rnn_was_built_asks_for_the_calls_rngs():
+  # flax.nnx's RNN always keeps a carry stream; nr.RNN keeps one only for a cell
+  # that needs it when the RNN is built (docs/migrating_from_nnx.md). A carry_init
+  # given later: a ValueError naming the call's `rngs`, which then draws it.
+  cell = nr.LSTMCell(3, 4, rngs=nnx.Rngs(0))
+  rnn = nr.RNN(cell)
+  theirs = nnx.RNN(nnx.LSTMCell(3, 4, rngs=nnx.Rngs(5)))
+  nnx.update(theirs.cell, nnx.state(cell, nnx.Param))
+  cell.carry_init = theirs.cell.carry_init = nnx.initializers.ones
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 3)), jnp.float32)
+  with pytest.raises(ValueError, match=m(
+      "RNN: `rngs` expected an nnx.Rngs or nnx.RngStream in the call: the cell's carry_init "
+      'draws the initial carry, and this RNN keeps no stream (built with rngs=False, or before '
+      'the cell was given its carry_init; flax.nnx keeps one always, '
+      'docs/migrating_from_nnx.md), got None.')):
+    rnn(x)
+  np.testing.assert_allclose(rnn(x, rngs=nnx.Rngs(1)), theirs(x), atol=1e-6)
+  with pytest.warns(UserWarning, match='carry_init is provided in __init__'):  # (flax's too)
+    built_with = nr.LSTMCell(3, 4, carry_init=nnx.initializers.ones, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=m("RNN: `rngs` expected an nnx.Rngs")):
+    nr.RNN(built_with, rngs=False)(x)

@@ -51,6 +51,7 @@ from nnx_recurrent._scan._cell import (  # noqa: F401 -- the engine's names
   probed_rows,
   takes_keyword,
   takes_step_options,
+  uses_base_initialize_carry,
 )
 from nnx_recurrent._scan._core import (  # noqa: F401 -- the engine's names
   masked_scan,

@@ -1299,6 +1299,7 @@ class _AddingCell(_NoInitCell):
     h = jnp.tanh(self.linear(x) + h)
     return h, h
 
+
 class _SharedCounterCell(nnx.Module):
   """flax.nnx's style, with a carry leaf shared by every row (a step counter of
   shape ``()``); with ``scalar_output``, a per-step output of shape ``()``

@@ -7,6 +7,7 @@ the converter, against flax.linen's output).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import importlib
@@ -1367,9 +1368,49 @@ def test_to_nnx_carries_partition_names_and_carry_init():
   mixed['params']['cell']['iz']['kernel'] = nn.Partitioned(
     nn.unbox(mixed['params']['cell']['iz']['kernel']), names=('data', None))
   with pytest.warns(UserWarning, match=r"to_nnx: the flax.linen parameters \['ir/kernel', "
-                    r"'iz/kernel', 'in/kernel'\] have different partition names"):
+                    r"'iz/kernel', 'in/kernel'\] have different partitioning \[\"Partitioned\("
+                    r"mesh=None, out_sharding=\('data', None\)\)\", \"Partitioned\(mesh=None, "
+                    r"out_sharding=\(None, 'model'\)\)\"\]; the NNX parameter dense_i.kernel "
+                    r"that joins them is left without out_sharding\."):
     rnn = compat.to_nnx(linen, mixed)
   assert 'out_sharding' not in rnn.cell.dense_i.kernel.get_metadata()
+
+
+def test_to_nnx_keeps_logical_partitioning_rules_and_the_box_as_flax_bridge_does():
+  # nn.with_logical_partitioning's boxes (logical names, the box's own rules):
+  # the NNX parameters get what flax's own bridge (nnx.bridge.to_nnx_var) gives
+  # them, so nnx.get_partition_spec maps the names through the rules as
+  # flax.linen's nn.logical_to_mesh_axes does; from_nnx gives the same boxes back.
+  # (flax's LogicallyPartitioned.to_nnx_metadata pops `names` off the box itself:
+  # the checkpoint must survive the conversion.)
+  from flax.nnx.bridge import variables as bridge
+  P = jax.sharding.PartitionSpec
+  rules = (('embed', None), ('mlp', 'model'))
+  init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), ('embed', 'mlp'),
+                                      rules=rules)
+  linen = nn.RNN(nn.OptimizedLSTMCell(H, kernel_init=init))
+  xs = normal((B, T, IN))
+  variables = linen.init(jax.random.key(0), xs)
+  box = variables['params']['cell']['ii']['kernel']
+  assert isinstance(box, nn.LogicallyPartitioned)
+  with nnx.use_eager_sharding(False):  # the bridge shards at once, on a mesh
+    theirs = bridge.to_nnx_var('params', copy.copy(box)).get_metadata()
+  theirs['eager_sharding'] = True  # ours is made eagerly, outside any mesh
+  rnn = compat.to_nnx(linen, variables)
+  assert box.names == ('embed', 'mlp')  # the checkpoint's box is untouched
+  assert rnn.cell.dense_i.kernel.get_metadata() == theirs
+  assert theirs['linen_meta_type'] is nn.LogicallyPartitioned and theirs['sharding_rules'] == rules
+  specs = nnx.get_partition_spec(nnx.state(rnn.cell, nnx.Param))
+  linen_spec = nn.logical_to_mesh_axes(('embed', 'mlp'), rules)
+  assert specs['dense_i']['kernel'].get_value() == linen_spec == P(None, 'model')
+  assert specs['dense_h']['kernel'].get_value() == P()  # not boxed
+  _assert_close(rnn(xs), linen.apply(variables, xs), atol=1e-6)
+  layer, back = compat.from_nnx(rnn)
+  _assert_same_tree(back, variables)
+  got = back['params']['cell']['ii']['kernel']
+  assert type(got) is nn.LogicallyPartitioned and (got.names, got.rules, got.mesh) == (
+    box.names, box.rules, box.mesh)
+  _assert_close(layer.apply(back, xs), linen.apply(variables, xs), atol=1e-6)
 
 
 def test_conversions_of_abstract_parameters_say_how():

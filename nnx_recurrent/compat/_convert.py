@@ -39,6 +39,8 @@ values exactly.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -328,21 +330,64 @@ def linen_to_nnx(layout: Layout, module: Any, params: Mapping) -> dict:
   return out
 
 
-def partition_names(where: str, layout: Layout, module: Any, boxed: Mapping) -> dict:
-  """``{nnx path: names}`` of the parameters whose flax.linen groups are
-  ``nn.Partitioned`` boxes (``nn.with_partitioning``), for the nnx
-  ``out_sharding`` metadata. A parameter concatenated from groups of other
-  names has none (a warning says so)."""
+def _box_metadata(box: Any) -> dict | None:
+  """A Linen box's (``nn.Partitioned``, ``nn.LogicallyPartitioned``, any
+  ``meta.AxisMetadata``) metadata as an ``nnx.Variable`` holds it: what flax's
+  own bridge (``nnx.bridge.to_nnx_var``) keeps, names as ``out_sharding``,
+  rules as ``sharding_rules``, the mesh, and ``linen_meta_type``, the box's
+  class, for the way back. ``None`` for an unboxed array."""
+  if not isinstance(box, meta.AxisMetadata):
+    return None
+  # A copy: flax's LogicallyPartitioned.to_nnx_metadata pops `names` off the box itself.
+  box = copy.copy(box)
+  metadata = dict(box.to_nnx_metadata() if hasattr(box, 'to_nnx_metadata') else vars(box))
+  metadata.pop('value', None)
+  return {**metadata, 'linen_meta_type': type(box)}
+
+
+def partition_metadata(where: str, layout: Layout, module: Any, boxed: Mapping) -> dict:
+  """``{nnx path: metadata}`` of the parameters whose flax.linen groups are
+  boxes (``nn.with_partitioning``'s ``nn.Partitioned``,
+  ``nn.with_logical_partitioning``'s ``nn.LogicallyPartitioned``), for the nnx
+  Variable (:func:`_box_metadata`). A parameter joined from groups boxed
+  otherwise (other names, rules, mesh or box) has none (a warning says so)."""
   out = {}
   for nnx_path, linen_paths in layout.rules(module):
-    names = {tuple(getattr(_get(boxed, p), 'names', None) or ()) for p in linen_paths}
-    if len(names) > 1:
+    found = [_box_metadata(_get(boxed, p)) for p in linen_paths]
+    if all(m is None for m in found):
+      continue
+    if any(m != found[0] for m in found):
+      described = sorted({_describe_box(m) for m in found})
       _checks.warn(f'{where}: the flax.linen parameters {["/".join(p) for p in linen_paths]} '
-                   f'have different partition names {sorted(names, key=repr)}; the NNX parameter '
+                   f'have different partitioning {described}; the NNX parameter '
                    f'{".".join(nnx_path)} that joins them is left without out_sharding.')
-    elif names != {()}:
-      out[nnx_path] = names.pop()
+    else:
+      out[nnx_path] = found[0]
   return out
+
+
+def _describe_box(metadata: dict | None) -> str:
+  if metadata is None:
+    return 'unboxed'
+  fields = ', '.join(f'{k}={v!r}' for k, v in metadata.items() if k != 'linen_meta_type')
+  return f'{metadata["linen_meta_type"].__name__}({fields})'
+
+
+def linen_box(metadata: Mapping, value: Any) -> Any:
+  """The Linen box of an NNX parameter ``value`` with Variable ``metadata``
+  (the inverse of :func:`_box_metadata`, as flax's ``nnx.bridge.to_linen_var``):
+  the box ``linen_meta_type`` names; ``nn.Partitioned`` for an NNX-born
+  ``out_sharding``; the bare value without either."""
+  metadata = dict(metadata)
+  box = metadata.pop('linen_meta_type', None)
+  if box is None:
+    if not metadata.get('out_sharding'):
+      return value
+    box = nn.Partitioned
+  if hasattr(box, 'from_nnx_metadata'):
+    return box.from_nnx_metadata({**metadata, 'value': value})
+  fields = {f.name for f in dataclasses.fields(box)}
+  return box(**{k: v for k, v in metadata.items() if k in fields}, value=value)
 
 
 def variable(module: Any, path: Path) -> nnx.Variable:

@@ -80,8 +80,8 @@ def _to_nnx(module: Any, params: Mapping, where: str, boxed: Mapping):
       # As a constructor argument it warns (flax.nnx's deprecation); as
       # flax.linen's it sizes initialize_carry (from_nnx carries it back).
       cell.carry_init = module.carry_init
-    for path, names in _convert.partition_names(where, layout, module, boxed).items():
-      _convert.variable(cell, path).set_metadata(out_sharding=names)
+    for path, metadata in _convert.partition_metadata(where, layout, module, boxed).items():
+      _convert.variable(cell, path).set_metadata(**metadata)
     return cell
   if isinstance(module, (RNN, nn.RNN)):
     per_step = any(in_filter(f, 'params') for f in module.variable_axes)
@@ -117,7 +117,10 @@ def to_nnx(module: nn.Module, variables: Mapping[str, Any]):
   valid step (with ``seq_lengths``, ``nr.RNN`` gives zeros at padded steps
   where Linen's keeps computing, and a length-0 row's carry is the initial one).
 
-  A cell's ``carry_init`` is carried over: the NNX cell's ``initialize_carry``
+  A parameter's Linen box (``nn.with_partitioning``, ``nn.with_logical_partitioning``)
+  becomes its metadata as in flax's own bridge: ``out_sharding`` (the names),
+  ``sharding_rules``, ``mesh`` and the box's class. A cell's ``carry_init`` is
+  carried over: the NNX cell's ``initialize_carry``
   uses it (a random one draws from the NNX cell's ``rngs``, so its values are
   not flax.linen's). Not carried over: ``kernel_init``-style initializers
   (only used to create parameters); of ``RNN``'s scan options
@@ -203,13 +206,11 @@ def _from_nnx(module: Any, where: str):
   if layout.name == 'GRUCell' and module.bias_hn is None:  # use_bias_hn=False: b_hn = 0
     pure['bias_hn'] = jnp.zeros(module.hidden_features, pure['dense_i']['bias'].dtype)
   params = _convert.nnx_to_linen(layout, cell, pure)
-  for nnx_path, linen_paths in layout.rules(cell):  # out_sharding: nn.Partitioned's names
+  for nnx_path, linen_paths in layout.rules(cell):  # the Linen boxes (nn.Partitioned, ...)
     variable = _convert.variable(module, nnx_path)  # None: a GRUCell's absent bias_hn
     metadata = variable.get_metadata() if isinstance(variable, nnx.Variable) else {}
-    if metadata.get('out_sharding'):  # the parts of a joined kernel share its names
-      for group, leaf in linen_paths:
-        params[group][leaf] = nn.Partitioned.from_nnx_metadata(
-          {**metadata, 'value': params[group][leaf]})
+    for group, leaf in linen_paths:  # the parts of a joined kernel share its box
+      params[group][leaf] = _convert.linen_box(metadata, params[group][leaf])
   return cell, params
 
 
@@ -221,8 +222,9 @@ def from_nnx(module: nnx.Module) -> tuple[nn.Module, dict]:
   Linen's ``RNN`` keeps its outputs there, ``nr.RNN`` gives zeros), and
   ``variables`` also load into flax.linen's own module of that name
   (``flax.linen.LSTMCell`` for a ``LSTMCell``, ...). A cell's ``carry_init``
-  is carried over, and so are its parameters' ``out_sharding`` names, as
-  ``nn.Partitioned`` boxes (``nn.with_partitioning``'s); dropout rates (Linen
+  is carried over, and so is its parameters' partitioning: the boxes
+  :func:`to_nnx` read (``nn.Partitioned``, ``nn.LogicallyPartitioned`` with its
+  rules and mesh), ``nn.Partitioned`` for ``out_sharding`` set in NNX; dropout rates (Linen
   cells have none; a warning says so) and ``RNN.remat`` are not; initializers
   are the defaults.
 

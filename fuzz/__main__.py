@@ -13,7 +13,7 @@ import sys
 from fuzz._core import case_seed, run_cases
 
 FAMILIES = ['nnx', 'layers', 'streaming', 'state', 'linen', 'torch', 'errors', 'carry',
-            'explicit', 'transforms', 'linen_transforms']
+            'explicit', 'transforms', 'linen_transforms', 'migrate']
 
 
 def family(name: str):

@@ -191,6 +191,24 @@ def draw_pallas_settings(case: Case) -> dict[str, Any]:
   return case.pick('pallas_settings', PALLAS_SETTINGS)
 
 
+def draw_conv_lstm(case: Case) -> tuple[dict[str, Any], tuple[int, ...]]:
+  """A ``ConvLSTMCell``'s ``kernel_size`` and ``padding``, and the spatial
+  shape of its steps: 1 or 2 axes of 1-4 points, kernels of 1-3 and a padding
+  flax.linen's cell runs (its hidden convolution takes the same padding, so
+  one that keeps the shape at stride 1, in each form its ``Conv`` takes)."""
+  rank = case.integer('spatial_axes', 1, 2)
+  spatial = tuple(case.integer(f'spatial{i}', 1, 4) for i in range(rank))
+  kernel = tuple(case.integer(f'kernel{i}', 1, 3) for i in range(rank))
+  padding: Any = case.pick('padding', ['SAME', 'SAME_LOWER', 'CIRCULAR', 'REFLECT', 'int', 'pairs']
+                           + (['CAUSAL'] if rank == 1 else []))
+  if padding == 'int':  # 2p = k - 1 on every axis, else 'SAME'
+    padding = kernel[0] // 2 if len(set(kernel)) == 1 and kernel[0] % 2 else 'SAME'
+  elif padding == 'pairs':
+    lows = [case.integer(f'padding{i}_low', 0, k - 1) for i, k in enumerate(kernel)]
+    padding = tuple((lo, k - 1 - lo) for lo, k in zip(lows, kernel))
+  return dict(kernel_size=kernel, padding=padding), spatial
+
+
 def draw_lengths(case: Case, batch: tuple[int, ...], time: int) -> np.ndarray | None:
   """``None``, or lengths in ``[0, time + 2]`` of the batch shape or of shape
   ``(1,)`` (broadcast to the batch, as flax broadcasts it); lengths of 0, 1

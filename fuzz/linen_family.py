@@ -30,6 +30,7 @@ from flax.linen import recurrent as linen_recurrent
 from fuzz._common import (
   Precision,
   as_rows,
+  draw_conv_lstm,
   draw_lengths,
   draw_precision,
   draw_segments,
@@ -87,24 +88,12 @@ def _model(lib: Any, kind: str, hidden: int, bidirectional: bool, kw: dict[str, 
 
 def _draw_cell(case: Case) -> tuple[str, dict[str, Any], tuple[int, ...]]:
   """A cell kind, its keyword arguments past the size, and the spatial shape
-  of its steps: ``()`` for the vector cells; for ``ConvLSTMCell``, 1 or 2
-  axes of 1-4 points, kernels of 1-3 and a padding flax.linen's cell runs
-  (its hidden convolution takes the same padding, so one that keeps the
-  shape at stride 1, in each form its ``Conv`` takes)."""
+  of its steps: ``()`` for the vector cells; for ``ConvLSTMCell``,
+  ``draw_conv_lstm``'s."""
   kind = case.pick('cell', [*CELLS, 'ConvLSTMCell'])
   if kind != 'ConvLSTMCell':
     return kind, {}, ()
-  rank = case.integer('spatial_axes', 1, 2)
-  spatial = tuple(case.integer(f'spatial{i}', 1, 4) for i in range(rank))
-  kernel = tuple(case.integer(f'kernel{i}', 1, 3) for i in range(rank))
-  padding: Any = case.pick('padding', ['SAME', 'SAME_LOWER', 'CIRCULAR', 'REFLECT', 'int', 'pairs']
-                           + (['CAUSAL'] if rank == 1 else []))
-  if padding == 'int':  # 2p = k - 1 on every axis, else 'SAME'
-    padding = kernel[0] // 2 if len(set(kernel)) == 1 and kernel[0] % 2 else 'SAME'
-  elif padding == 'pairs':
-    lows = [case.integer(f'padding{i}_low', 0, k - 1) for i, k in enumerate(kernel)]
-    padding = tuple((lo, k - 1 - lo) for lo, k in zip(lows, kernel))
-  return kind, dict(kernel_size=kernel, padding=padding), spatial
+  return (kind, *draw_conv_lstm(case))
 
 
 def _dtypes(precision: Precision) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import json
 import re
 import types
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +21,7 @@ from fuzz import (
   layers_family,
   linen_family,
   linen_transforms_family,
+  migrate_family,
   nnx_family,
   state_family,
   streaming_family,
@@ -27,22 +29,23 @@ from fuzz import (
 )
 from fuzz.__main__ import main
 from nnx_recurrent import _base, _checks, _conv, _scan, _stack, compat
-from nnx_recurrent.compat import _convert
+from nnx_recurrent.compat import _convert, _migrate
 
 
 def _seeds(n, seed=0):
   return [_core.case_seed(seed, i) for i in range(n)]
 
 
-@pytest.mark.parametrize('family', [nnx_family, linen_family, errors_family],
-                         ids=['nnx', 'linen', 'errors'])
+@pytest.mark.parametrize('family', [nnx_family, linen_family, errors_family, migrate_family],
+                         ids=['nnx', 'linen', 'errors', 'migrate'])
 def test_families_run_clean(family):
   report = _core.run_cases('smoke', family.run, _seeds(3))
   assert report['cases'] == 3
   assert report['failures'] == []
   if family is not errors_family:  # the differential families compared numbers
     assert report['largest_abs_error'], report
-    assert max(report['largest_abs_error'].values()) < 1e-4
+    # (In reduced precision, '... [bfloat16]', the share below is what reads.)
+    assert max(v for k, v in report['largest_abs_error'].items() if '[' not in k) < 1e-4
     assert report['largest_tolerance_share'].keys() == report['largest_abs_error'].keys()
     assert max(report['largest_tolerance_share'].values()) <= 1
 
@@ -629,3 +632,37 @@ def test_only_a_missing_torch_skips_a_family(monkeypatch, capsys):
   monkeypatch.setattr(fuzz_main, 'family', broken)
   with pytest.raises(ImportError, match='on_paths_of'):
     main(['--family', 'transforms', '--cases', '1'])
+
+
+# compat.to_nnx / from_nnx against flax.linen: a flax.linen RNN of GRUCells gating
+# with hard_sigmoid, its kernels partitioned (nn.with_partitioning); or a user's
+# subclass of the cell that redefines __call__, which to_nnx must refuse.
+MIGRATE = dict(cell='GRUCell', cell_class='flax', layer='rnn', low_precision=False,
+               gate_fn='hard_sigmoid', partition_names=('data', 'model'), batch_axes=1,
+               seq_lengths=False)
+
+
+@pytest.mark.parametrize('bug,expected', [
+  ('gate_fn dropped', 'Mismatch: outputs at valid steps'),
+  ('partition boxes dropped', 'Mismatch: from_nnx variables: structure'),
+  ('a redefined __call__ converted', 'AssertionError: to_nnx converted a subclass')])
+def test_a_conversion_bug_is_found_by_the_migrate_family(monkeypatch, bug, expected):
+  force = dict(MIGRATE, cell_class='redefines') if 'redefined' in bug else MIGRATE
+  report = _core.run_cases('migrate', migrate_family.run, _seeds(2), force=force)
+  assert report['failures'] == [], report['failures']
+  if bug == 'gate_fn dropped':  # the NNX cell (and from_nnx's) built with the default
+    layout = _convert.LAYOUTS['GRUCell']
+    monkeypatch.setitem(_convert.LAYOUTS, 'GRUCell', layout._replace(
+      math_fields=tuple(f for f in layout.math_fields if f != 'gate_fn')))
+  elif bug == 'partition boxes dropped':  # from_nnx: the names not made boxes again
+    monkeypatch.setattr(nn.Partitioned, 'from_nnx_metadata',
+                        classmethod(lambda cls, metadata: metadata['value']))
+  else:  # session 55's bug: the subclass's method not looked at
+    monkeypatch.setattr(_migrate, '_check_computes_as_builtin', lambda where, module: None)
+  _convert._abstract_cached.cache_clear()  # no NNX cell structure built before the plant
+  try:
+    failures = _core.run_cases('migrate', migrate_family.run, _seeds(2), force=force)['failures']
+  finally:
+    _convert._abstract_cached.cache_clear()
+  assert len(failures) == 2, failures
+  assert all(f['error'].startswith(expected) for f in failures), failures

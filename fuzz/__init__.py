@@ -46,9 +46,13 @@ under flax.nnx's transforms -- ensembles by ``nnx.split_rngs`` +
 ``nnx.remat``, ``nnx.cond``, ``nnx.fori_loop``, ``nnx.jit``, ``nnx.grad`` --
 in graph mode, tree mode or without graph updates, against flax.nnx's RNN
 under the same transforms: outputs, gradients and every Variable after each
-call) and ``linen_transforms`` (compat.RNN and compat.Bidirectional in a
+call), ``linen_transforms`` (compat.RNN and compat.Bidirectional in a
 Linen model lifted by ``nn.jit``, ``nn.vmap``, ``nn.scan`` or ``nn.remat``,
-against the same model over flax.linen's names). The deliberate differences
+against the same model over flax.linen's names) and ``migrate``
+(``compat.to_nnx`` / ``compat.from_nnx`` on genuine flax.linen cells, RNNs
+and Bidirectionals, their fields, dtypes and partitioned parameters drawn,
+against flax.linen's ``apply`` on the same checkpoint: outputs, carries,
+gradients, and the round trip's variables exactly). The deliberate differences
 from flax (docs/migrating_from_nnx.md, compat/README.md) are compared with
 what the docs promise instead: zeros at padding, the initial carry for a row
 of length 0, each row's own carry with several batch axes.

@@ -239,9 +239,7 @@ def run(case: Case) -> None:
 
 def cell_checks(case: Case, module: Any, ours: Any, variables: Any, precision: Precision,
                 carry: Any, x: np.ndarray) -> None:
-  carry = jax.tree.map(lambda a, b: a.astype(b.dtype), carry,
-                       module.initialize_carry(jax.random.key(0), x.shape))
-  x = jnp.asarray(x, precision.inputs)
+  x = jnp.asarray(x, precision.inputs)  # (the carry in the cell's dtype: random_carry)
   out_shape = jax.eval_shape(module.apply, variables, carry, x)
   w = [jnp.asarray(case.normal(a.shape)) for a in jax.tree.leaves(out_shape)]
 

@@ -2,6 +2,7 @@
 cases clean, and the harness catches a planted bug with a seed that replays it.
 The campaigns themselves run outside the suite (``make fuzz``)."""
 
+import functools
 import json
 import re
 import types
@@ -635,34 +636,44 @@ def test_only_a_missing_torch_skips_a_family(monkeypatch, capsys):
 
 
 # compat.to_nnx / from_nnx against flax.linen: a flax.linen RNN of GRUCells gating
-# with hard_sigmoid, its kernels partitioned (nn.with_partitioning); or a user's
-# subclass of the cell that redefines __call__, which to_nnx must refuse.
+# with hard_sigmoid, its kernels boxed by nn.with_logical_partitioning with rules; or
+# a user's subclass of the cell that redefines __call__, which to_nnx must refuse.
+# One seed each: the forced case shows every plant; each force's clean run once.
 MIGRATE = dict(cell='GRUCell', cell_class='flax', layer='rnn', low_precision=False,
-               gate_fn='hard_sigmoid', partition_names=('data', 'model'), batch_axes=1,
-               seq_lengths=False)
+               gate_fn='hard_sigmoid', partition_names=('data', 'model'),
+               partition_box='logical rules', batch_axes=1, seq_lengths=False)
+
+
+@functools.cache
+def _migrate_runs_clean(cell_class):
+  force = dict(MIGRATE, cell_class=cell_class)
+  return _core.run_cases('migrate', migrate_family.run, _seeds(1), force=force)['failures']
 
 
 @pytest.mark.parametrize('bug,expected', [
   ('gate_fn dropped', 'Mismatch: outputs at valid steps'),
   ('partition boxes dropped', 'Mismatch: from_nnx variables: structure'),
+  ('logical rules dropped', 'Mismatch: from_nnx variables: structure'),
   ('a redefined __call__ converted', 'AssertionError: to_nnx converted a subclass')])
 def test_a_conversion_bug_is_found_by_the_migrate_family(monkeypatch, bug, expected):
-  force = dict(MIGRATE, cell_class='redefines') if 'redefined' in bug else MIGRATE
-  report = _core.run_cases('migrate', migrate_family.run, _seeds(2), force=force)
-  assert report['failures'] == [], report['failures']
+  cell_class = 'redefines' if 'redefined' in bug else 'flax'
+  assert _migrate_runs_clean(cell_class) == []
   if bug == 'gate_fn dropped':  # the NNX cell (and from_nnx's) built with the default
     layout = _convert.LAYOUTS['GRUCell']
     monkeypatch.setitem(_convert.LAYOUTS, 'GRUCell', layout._replace(
       math_fields=tuple(f for f in layout.math_fields if f != 'gate_fn')))
-  elif bug == 'partition boxes dropped':  # from_nnx: the names not made boxes again
-    monkeypatch.setattr(nn.Partitioned, 'from_nnx_metadata',
-                        classmethod(lambda cls, metadata: metadata['value']))
+  elif bug == 'partition boxes dropped':  # from_nnx: the parameters not boxed again
+    monkeypatch.setattr(_convert, 'linen_box', lambda metadata, value: value)
+  elif bug == 'logical rules dropped':  # session 56's bug: to_nnx kept the names only
+    monkeypatch.setattr(_convert, '_box_metadata', lambda box: (
+      {'out_sharding': box.names} if isinstance(box, nn.meta.AxisMetadata) else None))
   else:  # session 55's bug: the subclass's method not looked at
     monkeypatch.setattr(_migrate, '_check_computes_as_builtin', lambda where, module: None)
   _convert._abstract_cached.cache_clear()  # no NNX cell structure built before the plant
   try:
-    failures = _core.run_cases('migrate', migrate_family.run, _seeds(2), force=force)['failures']
+    failures = _core.run_cases('migrate', migrate_family.run, _seeds(1),
+                               force=dict(MIGRATE, cell_class=cell_class))['failures']
   finally:
     _convert._abstract_cached.cache_clear()
-  assert len(failures) == 2, failures
+  assert len(failures) == 1, failures
   assert all(f['error'].startswith(expected) for f in failures), failures

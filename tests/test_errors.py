@@ -1329,6 +1329,13 @@ def test_a_step_that_changes_its_carry_gets_a_clear_error():
     with pytest.raises(TypeError, match=m("RNN: `cell` expected a step that returns a carry of "
                                           "its carry's shapes [(2, 4)], got [(2, 4), (2, 4)]")):
       grown(x, **kwargs)
+  # A complex step for a real carry: the cast back to float32 would drop the
+  # imaginary part at every step silently (complex is a kind of its own).
+  real = nr.RNN(_CarryCell(lambda s: jnp.zeros((*s[:-1], 4)),
+                           lambda h, x: h * (1 + 1j) + x.sum(-1, keepdims=True)))
+  with pytest.raises(TypeError, match=m('RNN: `cell` expected a step that returns a carry leaf '
+                                        'of the kind of its carry leaf (float32), got complex64')):
+    real(x)
 
 
 def test_a_learned_carry_needs_floating_carry_leaves():

@@ -439,3 +439,35 @@ def test_a_per_step_scalar_has_no_order_when_rows_reverse_by_length():
       h = out if t < n else h
       want[t] += out.sum()
   _close(sums, want)
+
+
+# -- gaps found by mutation testing of _scan/_core, _steps, _masking -----------------------
+class _TokenCell(nnx.Module):
+  """A cell over integer token ids (one feature axis of size 1): an embedding."""
+
+  num_feature_axes = 1
+
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(10, 4, rngs=rngs)
+    self.lin = nnx.Linear(4, 4, rngs=rngs)
+
+  def initialize_carry(self, input_shape, rngs=None):
+    return jnp.zeros((*input_shape[:-1], 4))
+
+  def __call__(self, h, x):
+    h = jnp.tanh(self.embed(x[..., 0]) + self.lin(h))
+    return h, h
+
+
+def test_integer_inputs_stay_integers_at_padding():
+  # The zeros the cell sees at padding are of the inputs' dtype: token ids stay
+  # integers (an embedding refuses floats). Reference: flax.nnx's RNN (lengths
+  # from 1: its carry for an empty row is the last step's).
+  lengths = np.array([5, 2, 1])
+  x = np.random.default_rng(0).integers(1, 10, size=(3, 5, 1)).astype(np.int32)
+  cell = _TokenCell(nnx.Rngs(0))
+  carry, ys = nr.RNN(cell)(x, seq_lengths=lengths, return_carry=True)
+  carry_t, ys_t = nnx.RNN(nnx.clone(cell), return_carry=True)(x, seq_lengths=lengths)
+  valid = (np.arange(5)[None] < lengths[:, None])[..., None]
+  np.testing.assert_allclose(ys, np.where(valid, ys_t, 0), atol=1e-6)
+  np.testing.assert_allclose(carry, carry_t, atol=1e-6)

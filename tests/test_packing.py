@@ -436,3 +436,15 @@ def test_pack_pad_value_is_a_number_the_sequences_dtype_holds():
   ]:
     with pytest.raises(exc, match=rf'^pack_sequences: `pad_value` expected {message}\.$'):
       nr.pack_sequences(seqs, max_length=5, pad_value=pad)
+
+
+def test_a_negative_id_under_jit_is_one_more_segment():
+  # Documented: under jit a negative id is not caught and acts as one more segment
+  # (not as padding). Reference: flax.nnx's RNN over each segment alone.
+  cell = nnx.GRUCell(3, 4, rngs=nnx.Rngs(0))
+  x = np.random.default_rng(0).normal(size=(1, 5, 3)).astype(np.float32)
+  ids = np.array([[1, 1, -1, -1, -1]], np.int32)
+  ys = nnx.jit(lambda rnn, x, ids: rnn(x, segment_ids=ids))(nr.RNN(nnx.clone(cell)), x, ids)
+  theirs = nnx.RNN(cell)
+  np.testing.assert_allclose(ys, np.concatenate([theirs(x[:, :2]), theirs(x[:, 2:])], 1),
+                             atol=1e-6)

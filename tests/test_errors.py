@@ -137,6 +137,10 @@ def test_boolean_seq_lengths_say_they_are_not_a_mask(lstm):
         'dtype bool.')):
       call(mask[:, 0])
     np.testing.assert_allclose(call(mask.sum(-1)), call(None), atol=1e-6)  # all True: in full
+  # The hint is for booleans: lengths of another dtype that is no integer get none.
+  with pytest.raises(TypeError, match=m('RNN: `seq_lengths` expected an integer array of shape '
+                                        'batch shape, got dtype complex64.')):
+    nr.RNN(lstm)(X, seq_lengths=np.array([5, 2], np.complex64))
 
 
 @pytest.mark.parametrize('lengths, got', [([1.0, 2.5], '[2.5]'), ([np.nan, 2.0], '[nan]'),
@@ -599,6 +603,10 @@ def test_a_negative_size_in_a_shape_is_a_value_error(lstm):
     with pytest.raises(ValueError, match=m('LSTMCell.initialize_carry: `input_shape` expected a '
                                            'tuple of non-negative ints', f'got {shape!r}')):
       lstm.initialize_carry(shape)
+  # A negative beside an entry that is no int: the wrong kind, a TypeError.
+  with pytest.raises(TypeError, match=m('LSTMCell.initialize_carry: `input_shape` expected a '
+                                        'tuple of ints (', "got (-1, 'a').")):
+    lstm.initialize_carry((-1, 'a'))
 
 
 def test_rnn_initial_carry_of_integers(lstm):
@@ -1433,12 +1441,14 @@ def test_a_composite_keeps_the_class_of_the_error_it_names_its_argument_in():
   inner = ('RNN: `initial_carry` expected a last axis of size 4 (the parameter '
            "'hr/kernel' has shape (4, 4); flax.linen's cells take their size from the carry), "
            'got size 6.')
-  for call, prefix in (
+  for call, prefix, blames in (
       (lambda: bi(X, initial_carry=(None, bad)),
-       'Bidirectional: `initial_carry[1]`, the carry of backward_rnn (ToNNX): '),
+       'Bidirectional: `initial_carry[1]`, the carry of backward_rnn (ToNNX): ',
+       ('Bidirectional', 'initial_carry[1]')),
       (lambda: stack(X, initial_carry=((bad, None), None)),
        'StackedRNN: `initial_carry[0]`, the carry of layers[0] (Bidirectional): '
-       'Bidirectional: `initial_carry[0]`, the carry of forward_rnn (ToNNX): ')):
+       'Bidirectional: `initial_carry[0]`, the carry of forward_rnn (ToNNX): ',
+       ('StackedRNN', 'initial_carry[0]'))):
     try:
       call()
     except flax.errors.ScopeParamShapeError as e:
@@ -1447,6 +1457,7 @@ def test_a_composite_keeps_the_class_of_the_error_it_names_its_argument_in():
       raise AssertionError('no error')
     assert type(error) is _checks.ParamShapeError and isinstance(error, ValueError)
     assert str(error) == prefix + inner
+    assert _checks.origin(error) == _checks.Origin(*blames)  # the outermost entry
     copied = pickle.loads(pickle.dumps(error))  # the message as it stands, and the class
     assert type(copied) is type(error) and str(copied) == str(error)
     assert _checks.origin(copied) == _checks.origin(error)
@@ -1753,6 +1764,25 @@ def test_a_flag_given_as_a_0d_array_of_numbers_is_refused():
   for value, got in ((jnp.array(2), 'ArrayImpl'), (np.array(0.5), 'ndarray')):
     with pytest.raises(TypeError, match=m('RNN: `reverse` expected a bool, got ' + got)):
       abstractly(lambda value=value: nr.RNN(_cell(), reverse=value))
+
+
+def test_a_flag_given_as_a_0d_bool_array_is_the_bool_flax_reads():
+  # flax reads a flag with `if flag`: a 0-d boolean array, NumPy's as jnp's, is
+  # that bool. One of more axes is no flag (of one element it was read as
+  # truthy; of several, bool() of it is jax's or NumPy's error, naming nothing).
+  for value in (np.array(True), np.array(False), jnp.array(True)):
+    assert nr.RNN(_cell(), reverse=value).reverse is bool(value)
+  for value, got in ((jnp.array([True]), 'ArrayImpl'), (np.array([True, False]), 'ndarray')):
+    with pytest.raises(TypeError, match=m(f'RNN: `reverse` expected a bool, got {got}.')):
+      abstractly(lambda value=value: nr.RNN(_cell(), reverse=value))
+
+
+def test_a_traced_size_is_refused_naming_the_argument():
+  # A size traced by jax.jit cannot be read on the host: our message, not jax's
+  # ConcretizationTypeError (which names no argument), as for a traced rate.
+  with pytest.raises(TypeError, match=m('GRUCell: `hidden_features` expected a positive int, '
+                                        'got JitTracer')):
+    jax.jit(lambda n: nr.GRUCell(3, n, rngs=nnx.Rngs(0)) and 0)(4)
 
 
 def test_a_dropout_mask_for_other_features_is_refused():

@@ -132,8 +132,9 @@ def test_an_unknown_call_keyword_names_the_class_and_hints(name, kind):
   keyword, hint = (CALL_TYPO if kind == 'typo' else CALL_TORCH)[name]
   message = raises([f"{name}.__call__() got an unexpected keyword argument '{keyword}'. {hint}"],
                    lambda: _call(name, **{keyword: None}))
-  if name in CELLS:  # the cell's options: what it takes
-    assert message.endswith("A cell's options are the keywords dropout_masks and rngs.")
+  if name in CELLS:  # the cell's options: what it takes, a sentence after the hint
+    assert message == (f"{name}.__call__() got an unexpected keyword argument '{keyword}'. "
+                       f"{hint} A cell's options are the keywords dropout_masks and rngs.")
 
 
 def test_the_issues_examples():
@@ -235,6 +236,23 @@ def test_other_binding_errors_name_the_public_class():
           'positionally, as *layers.'], lambda: nr.StackedRNN(layers=[_rnn()]))
 
 
+def test_the_keyword_only_hints_are_for_too_many_positional_arguments_alone():
+  # A missing argument is Python's message as it is (the undecorated method's);
+  # the PyTorch recipe layer(x, initial_carry=hx) is for a method taking initial_carry.
+  with pytest.raises(TypeError) as python:
+    inspect.unwrap(nr.LSTMCell.__init__)(object(), 3, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError) as ours:
+    nr.LSTMCell(3, rngs=nnx.Rngs(0))
+  # (Python names the class that defines the method, a private base: ours the one called.)
+  assert str(ours.value) == 'LSTMCell.__init__' + str(python.value).split('.__init__', 1)[1]
+  assert ours.value.__cause__ is None and ours.value.__suppress_context__  # no chained copy
+  message = raises(['ConvLSTMCell.__init__() takes 4 positional arguments but 5 positional '
+                    'arguments (and 1 keyword-only argument) were given. Its other arguments '
+                    'are keyword-only: strides, '],
+                   lambda: nr.ConvLSTMCell(3, 4, (3,), 1, rngs=nnx.Rngs(0)))
+  assert 'initial_carry' not in message and "PyTorch's" not in message
+
+
 def test_user_subclasses_get_their_own_class_named_or_pythons_message():
   class Inherits(nr.LSTMCell):  # the constructor is LSTMCell's: the user's class is named
     pass
@@ -242,6 +260,13 @@ def test_user_subclasses_get_their_own_class_named_or_pythons_message():
   raises(["Inherits.__init__() got an unexpected keyword argument 'hidden_size'. PyTorch's "
           'hidden_size is hidden_features here.'],
          lambda: Inherits(3, 4, rngs=nnx.Rngs(0), hidden_size=4))
+
+  class _Mine(nr.LSTMCell):  # a user's class of a private name: named, as Python names it
+    pass
+
+  with pytest.raises(TypeError, match=m("_Mine.__init__() got an unexpected keyword argument "
+                                        "'hidden_size'. PyTorch's hidden_size is")):
+    _Mine(3, 4, rngs=nnx.Rngs(0), hidden_size=4)
 
   class Own(nr.LSTMCell):  # its own signature: Python's message about it, untouched
     def __init__(self, size, *, rngs, extra=0):

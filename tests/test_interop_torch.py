@@ -785,6 +785,48 @@ def test_a_carry_in_torchs_layout_gets_a_hint(kind, num_layers, bidirectional, g
   np.testing.assert_allclose(y, _np(y_t), atol=ATOL, rtol=0)
 
 
+def test_a_carry_in_torchs_layout_gets_a_hint_for_time_major_inputs():
+  # PyTorch's batch_first=False: inputs (time, batch, features); h_0 is
+  # (num_layers, batch, hidden) all the same. The stack reads the batch off the
+  # inputs' second axis (time 5, batch 3 here); the carry the hint gives is PyTorch's.
+  module = _torch_layer('RNN_relu', 2, False, False).eval()
+  model = nr.interop.from_torch(module)
+  x = _inputs(False)
+  h0 = np.random.default_rng(2).normal(size=(2, B, H)).astype(np.float32)
+  with pytest.raises(ValueError, match=r'^StackedRNN: `initial_carry` expected a tuple of 2 '
+                     r"carries .*\. PyTorch's h_0 / c_0, \(num_layers \* num_directions, batch, "
+                     r'hidden\) = \(2, 3, 6\), are not a carry here: a tuple over layers'):
+    model(x, initial_carry=h0)
+  with torch.no_grad():
+    y_t, _ = module(torch.from_numpy(x), torch.from_numpy(h0))
+  np.testing.assert_allclose(model(x, initial_carry=(h0[0], h0[1])), _np(y_t), atol=ATOL, rtol=0)
+
+
+def test_a_list_h0_c0_gets_the_hint_of_the_pair():
+  # [h_0, c_0], a list, is PyTorch's pair as the tuple is.
+  module = _torch_layer('LSTM', 1, False, True).eval()
+  model = nr.interop.from_torch(module)
+  h0, c0 = np.zeros((2, 1, B, H), np.float32)
+  with pytest.raises(ValueError, match=r"^LSTM: `initial_carry.*PyTorch's h_0 / c_0, .* = "
+                     r'\(1, 3, 6\), are not a carry here: index it, h_0\[0\]'):
+    model(_inputs(True), initial_carry=[h0, c0])
+
+
+def test_no_torch_layout_hint_for_a_stack_of_a_layer_of_another_kind():
+  # An RNN over a convolutional cell, a pair of multi-layer directions: no PyTorch
+  # layer is either, and a stack holding one gets no recipe for PyTorch's h_0,
+  # whatever its other layers.
+  r = nnx.Rngs(0)
+  conv = nr.RNN(nr.ConvLSTMCell(IN, H, (3,), rngs=r))
+  bi = nr.Bidirectional(nr.GRU(H, H, num_layers=2, rngs=r), nr.GRU(H, H, num_layers=2, rngs=r))
+  h0 = np.zeros((1, B, H), np.float32)
+  for stack in (nr.StackedRNN(conv), nr.StackedRNN(nr.RNN(nr.GRUCell(IN, H, rngs=r)), bi)):
+    n = len(stack.layers)
+    with pytest.raises(ValueError, match=rf'^StackedRNN: `initial_carry` expected a tuple of {n} '
+                       r'carries \(one per layer, None for the default\), got ndarray\.$'):
+      stack(_inputs(True), initial_carry=h0)
+
+
 def test_no_torch_layout_hint_for_a_pair_of_multi_layer_directions():
   # PyTorch has no layer of this layout (its bidirectional layers pair the directions
   # layer by layer): a (2, batch, hidden) carry gets no recipe for PyTorch's h_0.
@@ -856,6 +898,18 @@ class _LoggedRNN(nr.RNN):
     return super().__call__(*args, **kwargs)
 
 
+class _OwnCell(nr.RNNCellBase):
+  """A cell of the user's own: h + inputs' projection."""
+
+  def __init__(self, in_features, hidden_features, *, rngs):
+    super().__init__(in_features, hidden_features, rngs=rngs)
+    self.linear = nnx.Linear(in_features, hidden_features, rngs=rngs)
+
+  def step(self, carry, inputs, recurrent_mask):
+    h = carry + self.linear(inputs)
+    return h, h
+
+
 TO_TORCH_ERRORS = [
   (lambda r: _DampedGRU(IN, H, rngs=r), TypeError,
    r'to_torch: `module` expected nr.GRUCell computing as the built-in one \(a subclass may '
@@ -907,6 +961,11 @@ TO_TORCH_ERRORS = [
    r"got dropout_rate the stack's 0.0, layers\[0\]'s 0.5, layers\[1\]'s 0.0"),
   (lambda r: nnx.Linear(2, 3, rngs=r), TypeError,
    r'to_torch: `module` expected an nnx_recurrent cell'),
+  # A cell of the user's own (its step its own): not a built-in cell, not a
+  # built-in that computes otherwise.
+  (lambda r: nr.RNN(_OwnCell(IN, H, rngs=r)), TypeError,
+   r'^to_torch: `module` expected an OptimizedLSTMCell, LSTMCell, GRUCell or SimpleCell '
+   r'\(or a layer of them\), got _OwnCell\.$'),
   (lambda r: nr.OptimizedLSTMCell(IN, H, proj_features=2, rngs=r), ValueError,
    r'to_torch: `module` expected a cell without proj_features \(torch.nn.LSTMCell has no '
    r'projection; .*got OptimizedLSTMCell with proj_features=2'),

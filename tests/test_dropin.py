@@ -1157,10 +1157,13 @@ def _scan_unrolls(module, x):
 
 def test_unroll_reaches_the_scan_as_in_flax():
   # unroll changes no number (the test above): the scan's own parameter shows it arrives.
+  # True unrolls every step (jax's scan reads it so, not as the int 1); a NumPy
+  # int (a size read off an array) is an int, as jax's scan takes it.
   x = _x()
-  ours = nr.RNN(nr.GRUCell(IN, H, rngs=nnx.Rngs(0)), unroll=3)
-  theirs = nnx.RNN(nnx.GRUCell(IN, H, rngs=nnx.Rngs(0)), unroll=3)
-  assert _scan_unrolls(ours, x) == _scan_unrolls(theirs, x) == [3]
+  for unroll, expected in ((3, 3), (True, x.shape[1]), (np.int64(2), 2)):
+    ours = nr.RNN(nr.GRUCell(IN, H, rngs=nnx.Rngs(0)), unroll=unroll)
+    theirs = nnx.RNN(nnx.GRUCell(IN, H, rngs=nnx.Rngs(0)), unroll=unroll)
+    assert _scan_unrolls(ours, x) == _scan_unrolls(theirs, x) == [expected]
 
 
 class _NoInitCell(nnx.Module):

@@ -356,7 +356,7 @@ def check_shape(where: str, arg: str, shape: Any, hint: str = '') -> tuple[int, 
   dimensions, which stay as they are)."""
   if isinstance(shape, np.ndarray) and shape.ndim == 1 and np.issubdtype(shape.dtype, np.integer):
     shape = shape.tolist()  # a NumPy shape array (a jax.Array may be a PRNG key: refused)
-  negative = [isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d < 0
+  negative = [(_int_value(d) or 0) < 0
               for d in shape] if isinstance(shape, (tuple, list)) else [False]
   if any(negative) and all(n or _is_dim(d) for n, d in zip(negative, shape)):
     fail(where, arg, f'a tuple of non-negative ints{" " + hint if hint else ""}', repr(shape))
@@ -386,17 +386,24 @@ def check_dtype(where: str, arg: str, dtype: Any, allow_none: bool = False) -> A
   return dtype
 
 
-def _is_dim(d: Any) -> bool:
-  """A non-negative int: Python's, NumPy's or a concrete 0-d integer array."""
+def _int_value(d: Any) -> int | None:
+  """``d`` as a Python int when it is an int (Python's, NumPy's or a concrete
+  0-d integer array; not a bool), else ``None``."""
   if isinstance(d, bool):
-    return False
-  if jax.export.is_symbolic_dim(d):  # jax.export's shape polymorphism: non-negative by construction
-    return True
+    return None
   if not isinstance(d, (int, np.integer)):
     if not (hasattr(d, 'dtype') and tuple(getattr(d, 'shape', (1,))) == ()
             and jnp.issubdtype(d.dtype, jnp.integer) and is_concrete(d)):
-      return False
-  return int(d) >= 0
+      return None
+  return int(d)
+
+
+def _is_dim(d: Any) -> bool:
+  """A non-negative int: Python's, NumPy's or a concrete 0-d integer array."""
+  if jax.export.is_symbolic_dim(d):  # jax.export's shape polymorphism: non-negative by construction
+    return True
+  value = _int_value(d)
+  return value is not None and value >= 0
 
 
 def kind(x: Any) -> str:

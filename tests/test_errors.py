@@ -598,8 +598,10 @@ def test_initialize_carry_input_shape(lstm, args, got):
 
 
 def test_a_negative_size_in_a_shape_is_a_value_error(lstm):
-  # The right kind (ints), a wrong value: a ValueError, as everywhere else.
-  for shape in ((-1, 3), [2, np.int64(-3)]):
+  # The right kind (ints), a wrong value: a ValueError, as everywhere else; a 0-d
+  # integer array is an int there too, as jnp.array(3) is taken (it was a TypeError
+  # saying "expected a tuple of ints" of a tuple of ints).
+  for shape in ((-1, 3), [2, np.int64(-3)], (2, jnp.array(-1)), (np.array(-2), 3)):
     with pytest.raises(ValueError, match=m('LSTMCell.initialize_carry: `input_shape` expected a '
                                            'tuple of non-negative ints', f'got {shape!r}')):
       lstm.initialize_carry(shape)

@@ -234,6 +234,9 @@ def test_other_binding_errors_name_the_public_class():
           "mean 'carry_init'?"], lambda: cell.initialize_carry((2, 3), carry_int=None))
   raises(["StackedRNN.__init__() got an unexpected keyword argument 'layers'. Pass the layers "
           'positionally, as *layers.'], lambda: nr.StackedRNN(layers=[_rnn()]))
+  # A looser typo (difflib's ratio 0.71) still finds its argument.
+  raises(["RNN.__call__() got an unexpected keyword argument 'seqlen'. Did you mean "
+          "'seq_lengths'?"], lambda: abstract(BUILDERS['RNN'])(X, seqlen=None))
 
 
 def test_the_keyword_only_hints_are_for_too_many_positional_arguments_alone():

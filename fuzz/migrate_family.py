@@ -2,7 +2,8 @@
 checkpoints load unchanged".
 
 Each case draws a genuine flax.linen module -- a bare cell, an ``RNN`` or a
-``Bidirectional`` (its ``merge_fn`` concatenation or a sum) -- of any cell
+``Bidirectional`` (its ``merge_fn`` concatenation or a sum; at times its
+backward direction another kind of cell) -- of any cell
 ``to_nnx`` takes, its fields drawn (``gate_fn`` / ``activation_fn``, dtypes,
 ``reset_gate``, ``residual``, ``carry_init``, ``ConvLSTMCell``'s ``kernel_size``,
 ``padding``, ``strides``, ``use_bias``, kernels and biases boxed by
@@ -201,16 +202,22 @@ def run(case: Case) -> None:
   if layer == 'bidirectional':
     layer_kw['merge_fn'] = {'concatenate': nn.Bidirectional.merge_fn, 'sum': summed}[
       case.pick('merge_fn', ['concatenate', 'sum'])]
+  # at times a backward direction of another kind (flax.linen's, its defaults)
+  other = layer == 'bidirectional' and kind != 'ConvLSTMCell' and case.pick(
+    'backward_cell', ['same', 'same', *(c for c in CELLS if c != 'ConvLSTMCell')])
 
   def make(wrap: Any = None, **dtypes: Any) -> Any:
-    def cell() -> Any:
-      made = cls(hidden, **kw, **dtypes)
+    def cell(backward: bool = False) -> Any:
+      if backward and other and other != 'same':
+        made = getattr(nn, other)(hidden, **dtypes)
+      else:
+        made = cls(hidden, **kw, **dtypes)
       return made if wrap is None else wrap(made)
     if layer == 'cell':
       return cell()
     if layer == 'rnn':
       return lib.RNN(cell(), **layer_kw)
-    return lib.Bidirectional(lib.RNN(cell()), lib.RNN(cell()), **layer_kw)
+    return lib.Bidirectional(lib.RNN(cell()), lib.RNN(cell(backward=True)), **layer_kw)
 
   step = (*spatial, in_f)
   key = jax.random.key(case.integer('init_seed', 0, 9))

@@ -573,6 +573,24 @@ def test_cell_call_in_pytorch_argument_order(lstm):
     lstm(X[:, 0], lstm.initialize_carry((2, 3)))
 
 
+def test_the_pytorch_carry_hint_is_for_initial_carry_errors_only():
+  # PyTorch's (h_0, c_0) of a bidirectional LSTM, (2, batch, hidden) each, passes
+  # Bidirectional's pair check; an error about another argument raised in the
+  # directions (here seq_lengths) gets no recipe for h_0, the carry's own error does.
+  B, T, IN, H = 3, 4, 2, 5
+  bi = nr.Bidirectional(*(nr.RNN(nr.LSTMCell(IN, H, rngs=nnx.Rngs(i))) for i in range(2)))
+  h0 = c0 = np.zeros((2, B, H), np.float32)
+  x = np.ones((B, T, IN), np.float32)
+  with pytest.raises(ValueError, match=m('Bidirectional: `seq_lengths`, passed on to forward_rnn '
+                                         '(RNN): RNN: `seq_lengths` expected shape batch shape = '
+                                         '(3,), got shape (4,).')) as info:
+    bi(x, initial_carry=(h0, c0), seq_lengths=np.arange(1, 5))
+  assert str(info.value).endswith('got shape (4,).')
+  with pytest.raises(ValueError, match=m('Bidirectional: `initial_carry[0]`, the carry of '
+                                         "forward_rnn (RNN)", "PyTorch's h_0 / c_0")):
+    bi(x, initial_carry=(h0, c0))
+
+
 def test_initialize_carry_takes_numpy_shapes_and_rngs_without_a_carry_stream(lstm):
   want = lstm.initialize_carry((2, 3))
   for shape in (np.array([2, 3]), (jnp.array(2), np.int64(3))):

@@ -1413,6 +1413,30 @@ def test_to_nnx_keeps_logical_partitioning_rules_and_the_box_as_flax_bridge_does
   _assert_close(layer.apply(back, xs), linen.apply(variables, xs), atol=1e-6)
 
 
+
+def test_from_nnx_gives_sharding_rules_of_nnx_parameters_a_logical_box():
+  # An NNX parameter of logical names with its own sharding_rules (built under a
+  # mesh: eager sharding) comes back as nn.LogicallyPartitioned with those rules,
+  # so flax.linen maps the names to mesh axes as nnx.get_partition_spec does;
+  # nn.Partitioned would read the logical names as mesh axes.
+  P = jax.sharding.PartitionSpec
+  rules = (('embed', None), ('mlp', 'model'))
+  init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ('embed', 'mlp'),
+                               sharding_rules=rules)
+  with jax.set_mesh(jax.make_mesh((1,), ('model',))):
+    cell = nr.GRUCell(IN, H, kernel_init=init, rngs=nnx.Rngs(0))
+  spec = nnx.get_partition_spec(nnx.state(cell, nnx.Param))['dense_i']['kernel'].get_value()
+  assert spec == P(None, 'model')
+  layer, variables = compat.from_nnx(cell)
+  for group in ('ir', 'iz', 'in'):
+    box = variables['params'][group]['kernel']
+    assert type(box) is nn.LogicallyPartitioned and (box.names, box.rules) == (
+      ('embed', 'mlp'), rules)
+    assert nn.logical_to_mesh_axes(box.names, box.rules) == spec
+  assert isinstance(variables['params']['hr']['kernel'], jax.Array)  # not boxed in NNX
+  x, h = normal((B, IN)), jnp.full((B, H), 0.5)
+  _assert_close(nn.GRUCell(H).apply(variables, h, x), cell(h, x), atol=1e-6)
+
 def test_conversions_of_abstract_parameters_say_how():
   linen = nn.RNN(nn.GRUCell(H))
   xs = np.ones((B, T, IN), np.float32)

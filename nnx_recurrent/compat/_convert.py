@@ -376,14 +376,16 @@ def _describe_box(metadata: dict | None) -> str:
 def linen_box(metadata: Mapping, value: Any) -> Any:
   """The Linen box of an NNX parameter ``value`` with Variable ``metadata``
   (the inverse of :func:`_box_metadata`, as flax's ``nnx.bridge.to_linen_var``):
-  the box ``linen_meta_type`` names; ``nn.Partitioned`` for an NNX-born
-  ``out_sharding``; the bare value without either."""
+  the box ``linen_meta_type`` names; for an NNX-born ``out_sharding``,
+  ``nn.LogicallyPartitioned`` where ``sharding_rules`` map its names (as
+  ``nnx.get_partition_spec`` maps them), else ``nn.Partitioned``; the bare
+  value without either."""
   metadata = dict(metadata)
   box = metadata.pop('linen_meta_type', None)
   if box is None:
     if not metadata.get('out_sharding'):
       return value
-    box = nn.Partitioned
+    box = nn.LogicallyPartitioned if metadata.get('sharding_rules') else nn.Partitioned
   if hasattr(box, 'from_nnx_metadata'):
     return box.from_nnx_metadata({**metadata, 'value': value})
   fields = {f.name for f in dataclasses.fields(box)}

@@ -224,7 +224,8 @@ def from_nnx(module: nnx.Module) -> tuple[nn.Module, dict]:
   (``flax.linen.LSTMCell`` for a ``LSTMCell``, ...). A cell's ``carry_init``
   is carried over, and so is its parameters' partitioning: the boxes
   :func:`to_nnx` read (``nn.Partitioned``, ``nn.LogicallyPartitioned`` with its
-  rules and mesh), ``nn.Partitioned`` for ``out_sharding`` set in NNX; dropout rates (Linen
+  rules and mesh); for ``out_sharding`` set in NNX, ``nn.LogicallyPartitioned``
+  where ``sharding_rules`` map its names, else ``nn.Partitioned``; dropout rates (Linen
   cells have none; a warning says so) and ``RNN.remat`` are not; initializers
   are the defaults.
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from flax.core import meta
 from flax.linen.recurrent import DenseParams
 
 import nnx_recurrent as nr
@@ -1413,6 +1414,43 @@ def test_to_nnx_keeps_logical_partitioning_rules_and_the_box_as_flax_bridge_does
   _assert_close(layer.apply(back, xs), linen.apply(variables, xs), atol=1e-6)
 
 
+
+
+def test_a_users_own_linen_box_survives_the_round_trip():
+  # Any meta.AxisMetadata box, not only flax's two partitioning ones: its fields
+  # become the NNX parameter's metadata (as in flax's nnx.bridge.to_nnx_var) and
+  # from_nnx rebuilds the box from them; flax.linen's values in between.
+  from flax import struct
+
+  @struct.dataclass
+  class Tagged(meta.AxisMetadata):
+    value: Any
+    tag: str = struct.field(pytree_node=False, default='')
+
+    def unbox(self):
+      return self.value
+
+    def replace_boxed(self, val):
+      return self.replace(value=val)
+
+    def add_axis(self, index, params):
+      return self
+
+    def remove_axis(self, index, params):
+      return self
+
+  linen = nn.RNN(nn.GRUCell(H))
+  xs = normal((B, T, IN))
+  boxed = jax.tree.map(lambda a: Tagged(a, tag='layer0'), linen.init(jax.random.key(0), xs))
+  rnn = compat.to_nnx(linen, boxed)
+  metadata = rnn.cell.dense_h.kernel.get_metadata()
+  assert (metadata['tag'], metadata['linen_meta_type']) == ('layer0', Tagged)
+  assert 'out_sharding' not in metadata
+  _assert_close(rnn(xs), linen.apply(boxed, xs), atol=1e-6)
+  layer, back = compat.from_nnx(rnn)
+  _assert_same_tree(back, boxed)  # the Tagged boxes, tag included (static: the structure)
+  assert back['params']['cell']['hr']['kernel'].tag == 'layer0'
+  _assert_close(layer.apply(back, xs), linen.apply(boxed, xs), atol=1e-6)
 
 def test_from_nnx_gives_sharding_rules_of_nnx_parameters_a_logical_box():
   # An NNX parameter of logical names with its own sharding_rules (built under a

@@ -13,9 +13,16 @@ backward direction another kind of cell) -- of any cell
 flax.linen ``RNN`` over compat cells too), or of a user's subclass of the cell
 that adds a field and changes the defaults (it converts) or that redefines
 ``__call__`` (``to_nnx`` must refuse it with a ``TypeError`` naming
-``module``). flax.linen's ``init`` with a drawn key, every parameter then
+``module``), or an ``RNN`` with parameters per step (``variable_axes={'params': 0}``:
+refused with a ``ValueError`` naming ``module``). A bare Dense cell's ``features`` is at
+times not its checkpoint's (flax.linen computes with the carry's size; the NNX cell
+must be sized by the parameters: its ``initialize_carry`` is the checkpoint's).
+flax.linen's ``init`` with a drawn key, every parameter then
 moved off its initial value (a trained checkpoint: no zero biases), cast to
-the drawn ``param_dtype``, gives the variables; then ``to_nnx``. Checks:
+the drawn ``param_dtype``, gives the variables; at times the first of a
+joined kernel's groups is then unboxed (``to_nnx`` must warn once per such cell
+and leave the NNX kernel without ``out_sharding``; ``from_nnx`` gives every group
+back unboxed). Then ``to_nnx``. Checks:
 
 1. The NNX module against ``module.apply(variables, ...)``: outputs at valid
    steps and the final carry of rows of length > 0 within the tolerance; what
@@ -35,8 +42,9 @@ the drawn ``param_dtype``, gives the variables; then ``to_nnx``. Checks:
    it returns gives flax.linen's values (padding included; compat's own
    deliberate differences: a length-0 row's carry, each row's carry with two
    batch axes).
-4. Any raise of ``to_nnx`` / ``from_nnx`` on these modules fails the case, but
-   the documented ``TypeError`` for a redefined method.
+4. Any raise or warning of ``to_nnx`` / ``from_nnx`` on these modules fails the
+   case, but the documented ``TypeError`` for a redefined method, ``ValueError`` for
+   parameters per step and warning for groups boxed apart.
 
 Where flax.linen's scan refuses a cell whose step changes the carry's dtype,
 the reference is its RNN over the cell wrapped in ``CastBack`` (as ``linen``).
@@ -75,6 +83,9 @@ CELLS = ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell', 'MGUCell', 'C
 FNS = {'sigmoid': nn.sigmoid, 'hard_sigmoid': nn.hard_sigmoid, 'tanh': nn.tanh,
        'soft_sign': nn.soft_sign, 'relu': nn.relu}
 GATES = [name for name in FNS if name != 'relu']
+# flax.linen's per-gate input kernels that one NNX kernel joins (``dense_i``'s).
+JOINED = {'OptimizedLSTMCell': ('ii', 'if', 'ig', 'io'), 'GRUCell': ('ir', 'iz', 'in'),
+          'MGUCell': ('if', 'in')}
 
 
 def summed(a: Any, b: Any) -> Any:
@@ -151,16 +162,38 @@ def _dtypes(precision: Precision) -> dict[str, Any]:
   return {} if precision.plain else dict(dtype=precision.dtype, param_dtype=precision.param_dtype)
 
 
-def _convert(what: str, fn: Any, *args: Any) -> Any:
-  """``fn(*args)``; any raise or warning is a failure (none is documented for these
-  modules)."""
+def _convert(what: str, fn: Any, *args: Any, warns: int = 0) -> Any:
+  """``fn(*args)``; any raise is a failure, and any warning but ``warns`` of the
+  documented one for groups of a joined parameter boxed apart (none other is
+  documented for these modules)."""
   try:
-    with warnings.catch_warnings():
-      warnings.simplefilter('error')
-      return fn(*args)
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter('always')
+      out = fn(*args)
   except Exception as e:
     raise AssertionError(f'{what} raised on a module flax.linen runs: '
                          f'{type(e).__name__}: {e}') from e
+  said = [str(w.message) for w in caught]
+  if len(said) != warns or not all('have different partitioning' in m for m in said):
+    raise AssertionError(f'{what} warned {said}; expected {warns} warning(s) of '
+                         'parameters with different partitioning')
+  return out
+
+
+def _unbox_groups(tree: Any, groups: tuple[str, ...], leaf: str,
+                  first_only: bool) -> tuple[Any, int]:
+  """A copy of the variables with the ``leaf`` of every cell's ``groups`` (the first
+  only, or all of them) unboxed (the cells: the dicts holding all of ``groups``), and
+  how many cells' first group was boxed."""
+  if not isinstance(tree, dict):
+    return tree, 0
+  pairs = {k: _unbox_groups(v, groups, leaf, first_only) for k, v in tree.items()}
+  out, boxed = {k: v for k, (v, _) in pairs.items()}, sum(n for _, n in pairs.values())
+  if all(isinstance(out.get(g), dict) and leaf in out[g] for g in groups):
+    boxed += isinstance(out[groups[0]][leaf], meta.AxisMetadata)
+    for g in groups[:1] if first_only else groups:
+      out[g] = {**out[g], leaf: meta.unbox(out[g][leaf])}
+  return out, boxed
 
 
 def _same_variables(case: Case, back: Any, variables: Any) -> None:
@@ -187,15 +220,28 @@ def run(case: Case) -> None:
   layer = case.pick('layer', ['cell', 'rnn', 'rnn', 'bidirectional'])
   lib = compat if how == 'compat' and case.pick('rnn_lib', ['compat', 'flax']) == 'compat' else nn
   in_f, hidden = case.integer('in_features', 1, 5), case.integer('hidden', 1, 6)
+  # A bare Dense cell whose `features` is not its checkpoint's: flax.linen's compute
+  # with the carry's size (`features` sizes initialize_carry only); to_nnx sizes the
+  # NNX cell by the parameters.
+  features = hidden + (layer == 'cell' and kind != 'ConvLSTMCell'
+                       and case.pick('features_off', [0, 0, 0, 0, 0, 1, 2]))
   low = 0 if layer == 'cell' and kind != 'ConvLSTMCell' else 1
   batch = tuple(case.integer(f'batch{i}', 1, 3)
                 for i in range(case.pick('batch_axes', [low, 1, 1, 1, 2])))
   precision = draw_precision(case)
   layer_kw: dict[str, Any] = {}
+  # An RNN with a set of parameters per step: to_nnx must refuse it (a ValueError).
+  # (Not of boxed parameters: flax.linen's RNN has no scan metadata_params to name
+  # their new axis.)
+  per_step = layer == 'rnn' and not case.config.get('partition_names') and case.pick(
+    'params_per_step', [False] * 11 + [True])
   if layer == 'rnn':
     layer_kw = dict(reverse=case.pick('reverse', [False, True]),
                     keep_order=case.pick('keep_order', [False, True]),
                     unroll=case.pick('unroll', [1, 1, 2, 3]))
+    if per_step:
+      layer_kw.update(variable_axes={'params': 0}, variable_broadcast=False,
+                      split_rngs={'params': True})
   if layer != 'cell':
     layer_kw.update(time_major=case.pick('time_major', [False, True]),
                     return_carry=case.pick('return_carry', [True, True, False]))
@@ -206,12 +252,12 @@ def run(case: Case) -> None:
   other = layer == 'bidirectional' and kind != 'ConvLSTMCell' and case.pick(
     'backward_cell', ['same', 'same', *(c for c in CELLS if c != 'ConvLSTMCell')])
 
-  def make(wrap: Any = None, **dtypes: Any) -> Any:
+  def make(wrap: Any = None, size: int = hidden, **dtypes: Any) -> Any:
     def cell(backward: bool = False) -> Any:
       if backward and other and other != 'same':
         made = getattr(nn, other)(hidden, **dtypes)
       else:
-        made = cls(hidden, **kw, **dtypes)
+        made = cls(size, **kw, **dtypes)
       return made if wrap is None else wrap(made)
     if layer == 'cell':
       return cell()
@@ -221,9 +267,10 @@ def run(case: Case) -> None:
 
   step = (*spatial, in_f)
   key = jax.random.key(case.integer('init_seed', 0, 9))
-  module = make(**_dtypes(precision))
-  cells = [module] if layer == 'cell' else [module.cell] if layer == 'rnn' else \
-      [module.forward_rnn.cell, module.backward_rnn.cell]
+  module = make(size=features, **_dtypes(precision))
+  sized = make(**_dtypes(precision))  # the checkpoint's features
+  cells = [sized] if layer == 'cell' else [sized.cell] if layer == 'rnn' else \
+      [sized.forward_rnn.cell, sized.backward_rnn.cell]
 
   def initial(shape: tuple[int, ...]) -> Any:  # the cells' own initial carries
     carries = [c.initialize_carry(jax.random.key(0), shape) for c in cells]
@@ -245,25 +292,54 @@ def run(case: Case) -> None:
   variables = jax.jit(make().init)(key, *init_args)
   variables = jax.tree.map(lambda a: (a + case.normal(a.shape, 0.3)).astype(precision.param_dtype),
                            variables)
-  if how == 'redefines':  # documented: a TypeError naming `module`
+  if per_step:  # documented: a ValueError naming `module`
     try:
       compat.to_nnx(module, variables)
+    except ValueError as e:
+      if not str(e).startswith("to_nnx: `module` expected an RNN whose 'params' are "
+                               'broadcast over time'):
+        raise
+      case.config['to_nnx'] = 'refused'
+      return
+    raise AssertionError('to_nnx converted an RNN with parameters per step')
+  # At times the first of a joined kernel's groups unboxed in the checkpoint (boxes
+  # edited by hand, a checkpoint of older code): to_nnx warns once per such cell and
+  # leaves the joined NNX kernel without partitioning; from_nnx gives all its
+  # groups back unboxed.
+  warns, expected = 0, variables
+  if kind in JOINED and 'partition_names' in case.config and case.config['partition_names'] \
+      and case.pick('boxes_apart', [False, False, False, True]):
+    variables, warns = _unbox_groups(variables, JOINED[kind], 'kernel', first_only=True)
+    expected, _ = _unbox_groups(variables, JOINED[kind], 'kernel', first_only=False)
+  if how == 'redefines':  # documented: a TypeError naming `module`
+    try:
+      with warnings.catch_warnings():  # (a wrong conversion's warnings: boxes apart)
+        warnings.simplefilter('ignore')
+        compat.to_nnx(module, variables)
     except TypeError as e:
       if not str(e).startswith('to_nnx: `module` expected') or 'redefines __call__' not in str(e):
         raise
       case.config['to_nnx'] = 'refused'
       return
     raise AssertionError('to_nnx converted a subclass that redefines __call__')
-  ours = _convert('to_nnx', compat.to_nnx, module, variables)
+  ours = _convert('to_nnx', compat.to_nnx, module, variables, warns=warns)
+  if warns:
+    for path, var in nnx.graph.iter_graph(ours):
+      if isinstance(var, nnx.Param) and path[-2:] == ('dense_i', 'kernel') \
+          and 'out_sharding' in var.get_metadata():
+        raise Mismatch(f'{path}: a kernel joined from groups boxed apart has out_sharding')
   if layer == 'cell':
-    cell_checks(case, module, ours, variables, precision, carry, x)
+    case.close('initialize_carry (the checkpoint\'s features)',
+               ours.initialize_carry((*batch, *step), rngs=nnx.Rngs(0)),
+               sized.initialize_carry(jax.random.key(0), (*batch, *step)), atol=0, rtol=0)
+    cell_checks(case, module, ours, variables, expected, precision, carry, x)
   else:
-    rnn_checks(case, module, ours, variables, precision, x, batch, step, layer_kw, make,
-               initial, random_carry)
+    rnn_checks(case, module, ours, variables, expected, precision, x, batch, step, layer_kw,
+               make, initial, random_carry)
 
 
-def cell_checks(case: Case, module: Any, ours: Any, variables: Any, precision: Precision,
-                carry: Any, x: np.ndarray) -> None:
+def cell_checks(case: Case, module: Any, ours: Any, variables: Any, expected: Any,
+                precision: Precision, carry: Any, x: np.ndarray) -> None:
   x = jnp.asarray(x, precision.inputs)  # (the carry in the cell's dtype: random_carry)
   out_shape = jax.eval_shape(module.apply, variables, carry, x)
   w = [jnp.asarray(case.normal(a.shape)) for a in jax.tree.leaves(out_shape)]
@@ -282,13 +358,13 @@ def cell_checks(case: Case, module: Any, ours: Any, variables: Any, precision: P
   precision.close(case, 'parameter gradients', _linen_grads(case, ours, g_ours),
                   meta.unbox(g_theirs), atol=1e-4, rtol=1e-4, sums=True)
   layer, back = _convert('from_nnx', compat.from_nnx, ours)
-  _same_variables(case, back, variables)
+  _same_variables(case, back, expected)
   precision.close(case, 'from_nnx module (compat) step', jax.jit(layer.apply)(back, carry, x),
                   jax.jit(module.apply)(variables, carry, x))
 
 
-def rnn_checks(case: Case, module: Any, ours: Any, variables: Any, precision: Precision,
-               x: np.ndarray, batch: tuple[int, ...], step: tuple[int, ...],
+def rnn_checks(case: Case, module: Any, ours: Any, variables: Any, expected: Any,
+               precision: Precision, x: np.ndarray, batch: tuple[int, ...], step: tuple[int, ...],
                layer_kw: dict[str, Any], make: Any, initial: Any, random_carry: Any) -> None:
   time_major, return_carry = layer_kw['time_major'], layer_kw['return_carry']
   time_axis, lead = (0, 1) if time_major else (len(batch), 0)
@@ -357,7 +433,7 @@ def rnn_checks(case: Case, module: Any, ours: Any, variables: Any, precision: Pr
                   atol=1e-4, rtol=1e-4, sums=True)
   # 3: back to flax.linen's variables, and compat's module over them.
   layer, back = _convert('from_nnx', compat.from_nnx, ours)
-  _same_variables(case, back, variables)
+  _same_variables(case, back, expected)
   c_back, y_back = results(jax.jit(lambda v: layer.apply(v, jnp.asarray(x), initial_carry=carry,
                                                          **ours_kw))(back))
   precision.close(case, 'from_nnx module (compat): outputs (padding included)', y_back,

@@ -636,12 +636,14 @@ def test_only_a_missing_torch_skips_a_family(monkeypatch, capsys):
 
 
 # compat.to_nnx / from_nnx against flax.linen: a flax.linen RNN of GRUCells gating
-# with hard_sigmoid, its kernels boxed by nn.with_logical_partitioning with rules; or
-# a user's subclass of the cell that redefines __call__, which to_nnx must refuse.
+# with hard_sigmoid, its kernels boxed by nn.with_logical_partitioning with rules but
+# the first input kernel unboxed (to_nnx warns, the joined kernel has no sharding);
+# or a user's subclass of the cell that redefines __call__, which to_nnx must refuse.
 # One seed each: the forced case shows every plant; each force's clean run once.
 MIGRATE = dict(cell='GRUCell', cell_class='flax', layer='rnn', low_precision=False,
                gate_fn='hard_sigmoid', partition_names=('data', 'model'),
-               partition_box='logical rules', batch_axes=1, seq_lengths=False)
+               partition_box='logical rules', batch_axes=1, seq_lengths=False,
+               params_per_step=False, boxes_apart=True)
 
 
 @functools.cache
@@ -654,6 +656,7 @@ def _migrate_runs_clean(cell_class):
   ('gate_fn dropped', 'Mismatch: outputs at valid steps'),
   ('partition boxes dropped', 'Mismatch: from_nnx variables: structure'),
   ('logical rules dropped', 'Mismatch: from_nnx variables: structure'),
+  ('the joined kernel warning lost', 'AssertionError: to_nnx warned []'),
   ('a redefined __call__ converted', 'AssertionError: to_nnx converted a subclass')])
 def test_a_conversion_bug_is_found_by_the_migrate_family(monkeypatch, bug, expected):
   cell_class = 'redefines' if 'redefined' in bug else 'flax'
@@ -664,9 +667,12 @@ def test_a_conversion_bug_is_found_by_the_migrate_family(monkeypatch, bug, expec
       math_fields=tuple(f for f in layout.math_fields if f != 'gate_fn')))
   elif bug == 'partition boxes dropped':  # from_nnx: the parameters not boxed again
     monkeypatch.setattr(_convert, 'linen_box', lambda metadata, value: value)
+  elif bug == 'the joined kernel warning lost':
+    monkeypatch.setattr(_checks, 'warn', lambda *args, **kwargs: None)
   elif bug == 'logical rules dropped':  # session 56's bug: to_nnx kept the names only
     monkeypatch.setattr(_convert, '_box_metadata', lambda box: (
-      {'out_sharding': box.names} if isinstance(box, nn.meta.AxisMetadata) else None))
+      {'out_sharding': box.names, 'linen_meta_type': nn.Partitioned}
+      if isinstance(box, nn.meta.AxisMetadata) else None))
   else:  # session 55's bug: the subclass's method not looked at
     monkeypatch.setattr(_migrate, '_check_computes_as_builtin', lambda where, module: None)
   _convert._abstract_cached.cache_clear()  # no NNX cell structure built before the plant

@@ -219,6 +219,9 @@ def unpack_sequences(
   """
   where = 'unpack_sequences'
   outputs = _checks.check_array(where, 'outputs', outputs)
+  if outputs.ndim < 2:
+    _checks.fail(where, 'outputs', 'at least 2 axes (rows, time, *features)',
+                 f'shape {tuple(outputs.shape)}')
   if not _checks.is_concrete(segment_ids):
     _checks.fail(where, 'segment_ids', 'concrete values (it splits on the host: call it outside '
                  'jax.jit)', 'a traced array', TypeError)

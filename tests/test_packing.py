@@ -356,6 +356,13 @@ def test_pack_unpack_errors():
   with pytest.raises(ValueError, match=r'`segment_ids` expected shape \(rows, time\) = '
                      r'\(2, 4\) .* got shape \(4, 2\)'):
     nr.unpack_sequences(out, np.zeros((4, 2), np.int32))
+  # Outputs without a time axis: named as such (not "expected shape (rows, time) = (4,), got
+  # shape (4,)", the first two axes of a 1-D array read as (rows, time)).
+  for flat in (np.zeros(4), np.zeros(())):
+    with pytest.raises(ValueError, match=re.escape(
+        'unpack_sequences: `outputs` expected at least 2 axes (rows, time, *features), got '
+        f'shape {flat.shape}.')):
+      nr.unpack_sequences(flat, np.ones(flat.shape, np.int32))
   with pytest.raises(ValueError, match=r'`num_sequences` expected an int of at least the largest '
                      r'id \(2\), got 1'):
     nr.unpack_sequences(out, np.array([[1, 1, 2, 2], [0, 0, 0, 0]]), num_sequences=1)

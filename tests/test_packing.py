@@ -327,6 +327,8 @@ def test_pack_unpack_errors():
     nr.pack_sequences(np.ones((2, 3)))
   with pytest.raises(TypeError, match=r'`sequences` expected a list of arrays, got str'):
     nr.pack_sequences('abc')  # a Sequence of characters
+  with pytest.raises(TypeError, match=r'`sequences` expected a list of arrays, got bytes'):
+    nr.pack_sequences(b'abc')  # a Sequence of ints
   for scalar_first in (False, True):  # a scalar has no length, wherever it is
     seqs_0d = [np.arange(3), np.float32(1)][::-1 if scalar_first else 1]
     with pytest.raises(ValueError, match=rf'^pack_sequences: `sequences\[{1 - scalar_first}\]` '

@@ -250,6 +250,19 @@ def test_pack_first_fit_layout():
                                       [0, 0, 0, 0, 0, 0]])
 
 
+def test_pack_sequences_of_equal_length_keep_their_given_order():
+  # First-fit decreasing with a stable sort: among equal lengths the given order
+  # decides, the same layout everywhere (NumPy's default argsort, an introsort,
+  # reorders these ties). Lengths 2 go two a row, then the 1s fill the last row.
+  lengths = [2, 2, 1, 2, 2, 1, 2, 2, 1, 2, 2]
+  _, ids = nr.pack_sequences([np.zeros(n) for n in lengths], max_length=4)
+  np.testing.assert_array_equal(ids, [[1, 1, 2, 2],
+                                      [4, 4, 5, 5],
+                                      [7, 7, 8, 8],
+                                      [10, 10, 11, 11],
+                                      [3, 6, 9, 0]])
+
+
 def test_pack_unpack_round_trip():
   rng = np.random.default_rng(0)
   lengths = list(rng.integers(0, 12, size=40)) + [12, 0]

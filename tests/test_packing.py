@@ -410,6 +410,17 @@ def test_unpack_without_num_sequences_takes_ids_up_to_a_bound():
                        rf'{largest} \(pass num_sequences, or number the sequences 1\.\.N as '
                        r'pack_sequences does\)\.$'):
       nr.unpack_sequences(out, above)
+  # More positions than 65536: ids up to their number pass, one above it does not.
+  many = np.zeros((2, 2**15 + 2), np.int32)
+  many[1, -2:] = many.size  # 65540
+  values = np.arange(many.size, dtype=np.float32).reshape(*many.shape, 1)
+  back = nr.unpack_sequences(values, many)
+  assert len(back) == many.size and all(a.shape == (0, 1) for a in back[:-1])
+  np.testing.assert_array_equal(back[-1], [[many.size - 2], [many.size - 1]])
+  many[1, -2:] = many.size + 1
+  with pytest.raises(ValueError, match=r'`segment_ids` expected ids of at most 65540 without '
+                     r'num_sequences .*, got id 65541 '):
+    nr.unpack_sequences(values, many)
   # pack_sequences numbers empty sequences too: its round trip needs no num_sequences.
   seqs = [np.zeros((0, 1), np.float32)] * 3 + [np.ones((1, 1), np.float32)]
   x, ids = nr.pack_sequences(seqs)

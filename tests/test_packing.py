@@ -445,6 +445,11 @@ def test_pack_pad_value_is_a_number_the_sequences_dtype_holds():
     (False, [np.array([True, True, True])], [True, True, True, False, False]),
     (-128, ints8, [0, 1, 2, -128, -128]),
     (-65504.0, [np.arange(3, dtype=np.float16)], [0, 1, 2, -65504, -65504]),
+    # A NumPy bool for bool sequences; complex sequences take a real pad (finfo's range);
+    # strings are NumPy's business.
+    (np.bool_(True), [np.array([False, False, False])], [False, False, False, True, True]),
+    (-1, [np.arange(3, dtype=np.complex64) * 1j], [0, 1j, 2j, -1, -1]),
+    ('', [np.array(['a', 'b', 'c'])], ['a', 'b', 'c', '', '']),
   ]:
     x, _ = nr.pack_sequences(seqs, max_length=5, pad_value=pad)
     assert x.dtype == seqs[0].dtype

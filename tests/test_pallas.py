@@ -341,7 +341,9 @@ def test_float16_recurrent_weights_beyond_float16s_range(cls, case):
   initial carry exceeds it (65504) so are ``h``'s rows, at every step of that
   kernel program. Weights times 2**17 (over 65504) or times 2**-20 (float16
   subnormals) with a carry times 2**20; or each gate's block times its own power
-  of two (2**-18, 2**-17, ...: each gate its own scale) with every carry entry in
+  of two (2**-18, 2**-17, ..., the last gate's 2**14 further up: with one scale for
+  all gates, the first gates' blocks would be float16 subnormals, rounded to a
+  few bits, and the values fail) with every carry entry in
   -65536..-65520 (beyond 65504 by less than float16's last step, and below zero
   only): values against float64 NumPy with the
   same rounding, bidirectional, lengths 5, 2 and 0; gradients against the
@@ -357,7 +359,7 @@ def test_float16_recurrent_weights_beyond_float16s_range(cls, case):
       kernel = np.asarray(cell.dense_h.kernel[...])
       gates = kernel.shape[1] // 24
       cell.dense_h.kernel[...] = jnp.asarray(kernel * np.repeat(
-        2.0 ** (np.arange(gates) - 18), 24), kernel.dtype)
+        2.0 ** (np.arange(gates) - 18 + 14 * (np.arange(gates) == gates - 1)), 24), kernel.dtype)
     carry0 = jax.tree_util.tree_map(
       lambda a: -65520.0 - 16 * jnp.abs(jnp.tanh(a)), carry0)
     carry = 65536.0

@@ -232,6 +232,10 @@ def test_an_empty_packed_batch_returns_the_given_carry():
                                 segment_ids=np.zeros((2, 0), np.int32), return_carry=True)
   np.testing.assert_array_equal(carry, h0)
   assert y.shape == (2, 0, H)
+  # unpack_sequences of it: no id occurs (nor any minimum to check), every sequence is empty.
+  assert nr.unpack_sequences(y, np.zeros((2, 0), np.int32)) == []
+  back = nr.unpack_sequences(y, np.zeros((2, 0), np.int32), num_sequences=2)
+  assert [(type(b), b.shape) for b in back] == [(type(y), (0, H))] * 2
 
 # -- pack_sequences / unpack_sequences ------------------------------------------
 def test_pack_first_fit_layout():

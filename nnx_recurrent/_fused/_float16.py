@@ -14,7 +14,9 @@ within 2 (exact), and the product is multiplied back.
 
 A value smaller than ``2**-14`` of the largest it is scaled with becomes a
 float16 subnormal: it loses at most ``2**-25`` of that largest, where TF32
-loses up to ``2**-11`` of the largest on the largest itself.
+loses up to ``2**-11`` of the largest on the largest itself. The backward's
+rows span every gate: a gate whose gradients are that much below another's in
+the row keeps only that absolute precision (docs/performance.md).
 """
 
 from __future__ import annotations

@@ -708,6 +708,24 @@ def test_float64_initial_carry_computes_in_float64(cls):
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_float64_inputs_compute_in_float64(cls):
+  """Under x64 float64 inputs into a float32 layer compute in float64, as
+  nnx.Linear promotes them in the cells' own steps: float64 outputs equal to
+  nr.RNN's over the cell, the carry kept in float32 as nr.RNN keeps it (the
+  computation dtype read off the parameters and carry alone gave float32
+  outputs)."""
+  with jax.enable_x64(True):
+    layer = make(cls)
+    x = jnp.asarray(np.asarray(ref.normal((B, T, I), seed=1), np.float64))
+    got, want = call(layer, x, run=lambda m, x: (
+      m(x, seq_lengths=LENGTHS, return_carry=True),
+      nr.RNN(m.forward[0])(x, seq_lengths=LENGTHS, return_carry=True)))
+  assert got[1].dtype == want[1].dtype == jnp.float64
+  assert {a.dtype for a in jax.tree_util.tree_leaves(got[0])} == {jnp.dtype(jnp.float32)}
+  assert_trees_close(got, want, atol=1e-7, rtol=1e-7)
+
+
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
 def test_single_layer_carry_is_the_cells(cls):
   """One unidirectional layer: the carry of ``nr.RNN`` over the cell, time step 1 and 0
   (one compilation); with 0 steps the carry passes through, its gradient too."""
@@ -750,7 +768,8 @@ def test_parameter_layout():
 def test_dropout_between_layers(cls):
   """Two layers in training mode: the same key drops the same units, and drops
   some; in eval mode (set inside: read while tracing) the generic composition.
-  One layer: nothing between layers, so training mode changes nothing. One
+  One layer: nothing between layers, so training mode changes nothing, and
+  a call's rngs without a dropout stream serve (nothing draws). One
   compilation."""
   x = ref.normal((B, T, I), seed=1)
 
@@ -759,15 +778,17 @@ def test_dropout_between_layers(cls):
     plain = generic(layer, x)[1]
     train_a, train_b = (layer(x, rngs=nnx.Rngs(dropout=3)) for _ in range(2))
     single_train, single_plain = single(x, rngs=nnx.Rngs(dropout=3)), nr.RNN(single.forward[0])(x)
+    single_no_stream = single(x, rngs=nnx.Rngs(params=3))
     layer.eval()
-    return plain, train_a, train_b, layer(x), single_train, single_plain
+    return plain, train_a, train_b, layer(x), single_train, single_plain, single_no_stream
 
-  plain, train_a, train_b, evaluated, single_train, single_plain = call(
+  plain, train_a, train_b, evaluated, single_train, single_plain, single_no_stream = call(
     (make(cls, 2, dropout_rate=0.5), make(cls, 1, dropout_rate=0.5)), x, run=run)
   np.testing.assert_array_equal(np.asarray(train_a), np.asarray(train_b))
   assert not np.allclose(np.asarray(train_a), np.asarray(plain), atol=1e-3)
   np.testing.assert_allclose(np.asarray(evaluated), np.asarray(plain), atol=1e-5)
   np.testing.assert_allclose(np.asarray(single_train), np.asarray(single_plain), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(single_no_stream), np.asarray(single_plain), atol=1e-5)
 
 
 def test_a_raw_key_gives_each_gap_between_layers_its_own_mask():

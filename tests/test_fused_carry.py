@@ -132,6 +132,11 @@ def test_a_carry_kept_in_another_library_is_named_in_its_entry():
   layer = make(nr.GRU, 2)
   with pytest.raises(TypeError, match=r'GRU: `initial_carry\[1\]` expected a JAX or NumPy array'):
     layer(jnp.zeros((B, T, I)), initial_carry=(None, torch.zeros(B, H)))
+  # A tensor where the LSTM's (c, h) goes: the tensor named, not the structure.
+  with pytest.raises(TypeError, match=r'LSTM: `initial_carry` expected a JAX or NumPy array '
+                                      r'\(convert a tensor first, e\.g\. x\.numpy\(\)\), '
+                                      r'got torch\.Tensor'):
+    make(nr.LSTM)(jnp.zeros((B, T, I)), initial_carry=torch.zeros(B, H))
 
 
 def test_packed_segments_with_a_layer_left_to_its_default():

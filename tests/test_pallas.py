@@ -21,7 +21,7 @@ from flax import nnx
 from jax import export
 
 import nnx_recurrent as nr
-from nnx_recurrent._fused import _plans, internal
+from nnx_recurrent._fused import _pallas, _plans, internal
 from tests import reference as ref
 from tests.jaxprs import equations
 from tests.test_fused import (
@@ -647,6 +647,9 @@ def test_auto_picks_pallas_only_where_measured_faster(cls, monkeypatch):
   region = _plans.PallasRegion(cls.__name__, rows=(B, B), hidden=(H, H), device='')
   monkeypatch.setattr(_plans, 'PALLAS_FASTER', (region,))
   assert uses_pallas(make(cls))
+  with monkeypatch.context() as patch:  # a jax without Pallas' Triton: the scans, no error
+    patch.setattr(_pallas, 'unsupported', lambda: "lowers through Pallas' Triton backend, ...")
+    assert not uses_pallas(make(cls))
   assert uses_pallas(make(cls), jnp.ones((1, B, T, I)))  # B rows over two batch axes
   assert not uses_pallas(make(cls), jnp.ones((B, 2, T, I)))
   assert not uses_pallas(make(cls, implementation='xla'))

@@ -526,6 +526,20 @@ def test_reverse_matches_generic(cls, num_layers, keep_order):
   assert_trees_close(call(layer, x, initial_carry=carry0, seq_lengths=LENGTHS), out[1])
 
 
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_constructor_flags_are_the_calls_defaults(cls):
+  """``reverse``, ``keep_order``, ``time_major`` and ``return_carry`` given to
+  the constructor (each class passes its own on) are what ``nr.RNN`` over the
+  cell does with them: time-major rows run from their last valid step, the
+  outputs in input order, and the carry returned."""
+  layer = make(cls, reverse=True, keep_order=True, time_major=True, return_carry=True)
+  x = ref.normal((T, B, I), seed=27)
+  got, want = call(layer, x, run=lambda m, x: (m(x, seq_lengths=LENGTHS), nr.RNN(
+    m.forward[0], reverse=True, keep_order=True, time_major=True, return_carry=True)(
+      x, seq_lengths=LENGTHS)))
+  assert_trees_close(got, want)
+
+
 def cell_grads(grads, *path):
   """The gradient leaves of the cells under ``path`` in an ``nnx.State``."""
   for key in path:

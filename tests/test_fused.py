@@ -833,6 +833,9 @@ def test_a_raw_key_gives_each_gap_between_layers_its_own_mask():
   assert 0.3 < first.mean() < 0.7 and 0.3 < second.mean() < 0.7
   assert 0.3 < (first == second).mean() < 0.7  # independent masks
   np.testing.assert_array_equal(again, first)  # the same key, the same masks
+  for mask, key in zip((first, second), jax.random.split(jax.random.key(0), 2)):
+    # the key split in two, flax's nnx.Dropout drawing from each part
+    np.testing.assert_array_equal(mask, nnx.Dropout(0.5)(jnp.ones(mask.shape), rngs=key) == 0)
 
 
 def test_bfloat16_computation():

@@ -762,8 +762,11 @@ def test_single_layer_carry_is_the_cells(cls):
 
 
 def test_parameter_layout():
-  lstm = nnx.eval_shape(lambda: nr.LSTM(3, 4, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0)))
+  lstm = nnx.eval_shape(lambda: nr.LSTM(3, 4, num_layers=2, bidirectional=True,
+                                        param_dtype=jnp.float16, rngs=nnx.Rngs(0)))
   assert isinstance(lstm.forward[1], nr.OptimizedLSTMCell)
+  assert {p.dtype for p in jax.tree_util.tree_leaves(nnx.state(lstm, nnx.Param))} == {
+    jnp.dtype(jnp.float16)}
   assert lstm.forward[0].dense_i.kernel.shape == (3, 16)
   assert lstm.backward[1].dense_i.kernel.shape == (8, 16)
   assert lstm.forward[1].dense_h.bias.shape == (16,)

@@ -1083,6 +1083,36 @@ def test_call_rngs_draw_the_carry_as_flax():
          theirs(x, rngs=nnx.Rngs(carry=7), return_carry=True), atol=1e-5)
 
 
+
+@pytest.mark.parametrize('carry_init', [None, RANDOM_CARRY])
+def test_rnn_built_without_a_stream_leaves_a_keep_rngs_cells_carry_to_its_own_stream(carry_init):
+  """flax.nnx's ``RNN(rngs=False)`` passes ``initialize_carry`` no RNG, so a
+  ``keep_rngs`` cell draws its carry (random, or zeros) from its own stream:
+  ours runs it so and draws the same numbers, where it must not ask for the
+  call's ``rngs``."""
+  x = _x()
+
+  def build(lib):
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')
+      return lib.RNN(lib.LSTMCell(IN, H, keep_rngs=True, carry_init=carry_init,
+                                  rngs=nnx.Rngs(0)), rngs=False, return_carry=True)
+
+  ours, theirs = build(nr), build(nnx)
+  call = nnx.jit(lambda ours, theirs: (ours(x), theirs(x)))  # both in one program
+  for _ in range(2):  # the cells' streams advance alike
+    _close(*call(ours, theirs), atol=1e-5)
+  _close(nnx.state(ours, nnx.RngState), nnx.state(theirs, nnx.RngState), atol=0)
+
+
+def test_rnn_built_without_a_stream_runs_a_user_cell_whose_carry_needs_none():
+  """A user's cell whose ``initialize_carry`` takes ``rngs`` and draws nothing
+  runs under ``RNN(rngs=False)`` with no RNG at the call, as in flax.nnx."""
+  x = _x()
+  ours = nr.RNN(CountingDropoutCell(nnx.Rngs(0), rate=0.0), rngs=False)
+  theirs = nnx.RNN(CountingDropoutCell(nnx.Rngs(0), rate=0.0), rngs=False)
+  _close(ours(x), theirs(x), atol=1e-5)
+
 def _count(rngs, stream='default'):
   return int(rngs[stream].count[...])
 

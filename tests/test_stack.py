@@ -255,18 +255,21 @@ def test_reverse_and_keep_order_with_a_fused_first_layer():
   np.testing.assert_allclose(kept, in_order, atol=ATOL)
 
 
-def test_reverse_and_keep_order_with_two_batch_axes():
-  # Two batch axes, batch-major: each row reversed within its length, put back in input
-  # order, as the NumPy reference runs each row alone.
+@pytest.mark.parametrize('time_major', [False, True])
+def test_reverse_and_keep_order_with_two_batch_axes(time_major):
+  # Two batch axes, batch-major or time-major: each row reversed within its length, put
+  # back in input order (along the time axis of the caller's layout), as the NumPy
+  # reference runs each row alone.
   cell, features = reference.make_cell('gru')
   lengths = np.array([[0, 1, 5], [3, 5, 2]], np.int32)
   x = reference.normal((2, 3, 5, *features), seed=2)
   stack = nr.StackedRNN(nr.RNN(cell))
+  x_in = jnp.moveaxis(x, 2, 0) if time_major else x
   y = nnx.jit(lambda stack, x: stack(x, seq_lengths=jnp.asarray(lengths), reverse=True,
-                                     keep_order=True))(stack, x)
+                                     keep_order=True, time_major=time_major))(stack, x_in)
   _, want = reference.rnn(reference.cell_params(cell), x, lengths, np.zeros((2, 3, 4)),
                           num_batch_dims=2, reverse=True, keep_order=True)
-  np.testing.assert_allclose(y, want, atol=ATOL)
+  np.testing.assert_allclose(jnp.moveaxis(y, 0, 2) if time_major else y, want, atol=ATOL)
 
 
 def test_a_key_at_call_time_gives_each_gap_its_own_mask():

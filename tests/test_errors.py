@@ -591,6 +591,22 @@ def test_the_pytorch_carry_hint_is_for_initial_carry_errors_only():
     bi(x, initial_carry=(h0, c0))
 
 
+def test_pytorch_h0_c0_given_to_a_stack_of_two_lstm_layers_get_the_hint_at_the_entry():
+  # (h_0, c_0) of a 2-layer PyTorch LSTM, (2, batch, hidden) each, passes the stack's
+  # count of carries (one per layer); the first layer's error names its entry and
+  # gets the recipe for h_0, each layer's (c_0[l], h_0[l]).
+  B, T, IN, H = 3, 4, 2, 5
+  stack = nr.StackedRNN(nr.RNN(nr.LSTMCell(IN, H, rngs=nnx.Rngs(0))),
+                        nr.RNN(nr.LSTMCell(H, H, rngs=nnx.Rngs(1))))
+  h0 = c0 = np.zeros((2, B, H), np.float32)
+  with pytest.raises(ValueError, match=m(
+      'StackedRNN: `initial_carry[0]`, the carry of layers[0] (RNN): RNN: `initial_carry` '
+      "expected a pytree with structure (array, array), got structure array. PyTorch's h_0 / "
+      'c_0, (num_layers * num_directions, batch, hidden) = (2, 3, 5), are not a carry here: '
+      "a tuple over layers", "(an LSTM's (c_0[...], h_0[...]), c first)")):
+    stack(np.ones((B, T, IN), np.float32), initial_carry=(h0, c0))
+
+
 def test_initialize_carry_takes_numpy_shapes_and_rngs_without_a_carry_stream(lstm):
   want = lstm.initialize_carry((2, 3))
   for shape in (np.array([2, 3]), (jnp.array(2), np.int64(3))):
@@ -1689,6 +1705,11 @@ def test_rnn_state_axes_and_broadcast_rngs_that_are_no_filters(lstm):
   nr.RNN(lstm, broadcast_rngs=('dropout', nnx.RngState))
   nr.RNN(lstm, broadcast_rngs=lambda path, value: False)
   nr.RNN(lstm, state_axes=nnx.StateAxes({nnx.Param: None, ...: nnx.Carry}))
+  nr.RNN(lstm, state_axes={nnx.Param: np.int64(0), ...: nnx.Carry})  # an axis NumPy's int
+  with pytest.raises(TypeError, match=m('RNN: `state_axes` expected None or a mapping from '
+                                        'state filters to nnx.Carry, None or an axis, got '
+                                        'list.')):
+    nr.RNN(lstm, state_axes=[nnx.Param, nnx.Carry])
 
 
 @pytest.mark.filterwarnings('ignore:Using .Module.sow\\(\\). outside:DeprecationWarning')
@@ -1848,3 +1869,14 @@ def test_a_carry_init_given_after_the_rnn_was_built_asks_for_the_calls_rngs():
     built_with = nr.LSTMCell(3, 4, carry_init=nnx.initializers.ones, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=m("RNN: `rngs` expected an nnx.Rngs")):
     nr.RNN(built_with, rngs=False)(x)
+  # Packed: an initial_carry given for each row's first segment, the later segments
+  # start from the default carry, which then draws too: the same ValueError, and
+  # with the call's rngs a later segment runs as flax.nnx's RNN on it alone.
+  packed = nr.RNN(built_with, rngs=False)
+  ids, zeros = jnp.array([[1, 1, 2, 2, 2], [1, 1, 1, 1, 1]]), (jnp.zeros((2, 4)),) * 2
+  with pytest.raises(ValueError, match=m("RNN: `rngs` expected an nnx.Rngs or nnx.RngStream "
+                                         "in the call: the cell's carry_init")):
+    packed(x, initial_carry=zeros, segment_ids=ids)
+  nnx.update(theirs.cell, nnx.state(built_with, nnx.Param))
+  np.testing.assert_allclose(packed(x, initial_carry=zeros, segment_ids=ids,
+                                    rngs=nnx.Rngs(1))[:1, 2:], theirs(x[:1, 2:]), atol=1e-6)

@@ -14,6 +14,7 @@ import inspect
 import re
 import warnings
 
+import flax.errors
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -1112,6 +1113,75 @@ def test_rnn_built_without_a_stream_runs_a_user_cell_whose_carry_needs_none():
   ours = nr.RNN(CountingDropoutCell(nnx.Rngs(0), rate=0.0), rngs=False)
   theirs = nnx.RNN(CountingDropoutCell(nnx.Rngs(0), rate=0.0), rngs=False)
   _close(ours(x), theirs(x), atol=1e-5)
+
+
+def test_packed_segments_without_an_initial_carry_start_from_the_calls_one_random_carry():
+  """A random ``carry_init``, no ``initial_carry``: every packed segment starts
+  from the call's default carry, drawn once as flax.nnx's ``RNN`` draws it
+  for one unpacked sequence (the same keys, no more)."""
+  seg = _x((1, 3, IN))
+  x, ids = jnp.concatenate([seg, seg], axis=1), jnp.array([[1, 1, 1, 2, 2, 2]])
+
+  def build(lib):
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')
+      return lib.RNN(lib.LSTMCell(IN, H, carry_init=RANDOM_CARRY, rngs=nnx.Rngs(0)),
+                     rngs=nnx.Rngs(5))
+
+  ours, theirs = build(nr), build(nnx)
+  y, y_t = nnx.jit(lambda ours, theirs: (ours(x, segment_ids=ids), theirs(seg)))(ours, theirs)
+  _close(y, jnp.concatenate([y_t, y_t], axis=1), atol=1e-5)
+  assert int(ours.rngs.count[...]) == int(theirs.rngs.count[...]) == 2  # c and h
+
+
+def test_call_rngs_closed_over_by_jit_fail_for_a_random_carry_as_flax():
+  """An ``nnx.Rngs`` a jitted function closes over cannot be drawn in its
+  trace: for a carry that draws from it, flax's ``TraceContextError``, as
+  flax.nnx's ``RNN`` raises (not a message that no RNG was given)."""
+  x = _x()
+  for lib in (nr, nnx):
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')
+      rnn = lib.RNN(lib.LSTMCell(IN, H, carry_init=RANDOM_CARRY, rngs=nnx.Rngs(0)), rngs=False)
+    closed = nnx.Rngs(carry=3)
+    with pytest.raises(flax.errors.TraceContextError, match='from a different trace level'):
+      nnx.jit(lambda rnn: rnn(x, rngs=closed))(rnn)  # noqa: B023 -- called at once
+
+
+def test_bidirectional_keeps_a_given_stream_when_a_direction_draws_dropout():
+  """With a direction drawing dropout from the call's RNG, ``rngs=True`` keeps
+  no stream (each RNN uses its own), but a stream given is kept and drawn."""
+  stream = nnx.RngStream(11, tag='carry')
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    bi = nr.Bidirectional(
+      nr.RNN(nr.GRUCell(IN, H, dropout_rate=0.5, rngs=nnx.Rngs(0))),
+      nr.RNN(nr.GRUCell(IN, H, carry_init=RANDOM_CARRY, rngs=nnx.Rngs(1))), rngs=stream)
+  assert bi.rngs is stream
+  x = _x()
+  nnx.jit(lambda bi: bi(x))(bi)  # (nnx.jit carries the stream's update out)
+  assert int(stream.count[...]) > 0
+
+
+def test_bidirectional_passes_call_rngs_whole_to_directions_that_draw_dropout():
+  """An ``nnx.Rngs`` given at the call, one direction drawing dropout from it:
+  both directions get the ``Rngs`` itself (dropout from its ``dropout``
+  stream), in turn, as each RNN alone given it; not its ``carry`` stream."""
+  def build():
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')
+      return nr.Bidirectional(
+        nr.RNN(nr.GRUCell(IN, H, dropout_rate=0.5, rngs=nnx.Rngs(0))),
+        nr.RNN(nr.GRUCell(IN, H, carry_init=RANDOM_CARRY, rngs=nnx.Rngs(1))))
+
+  x = _x()
+  bi, alone = build(), build()
+  rngs_bi, rngs_alone = nnx.Rngs(dropout=1, carry=2), nnx.Rngs(dropout=1, carry=2)
+  y = bi(x, rngs=rngs_bi)
+  y_f = alone.forward_rnn(x, rngs=rngs_alone)
+  y_b = alone.backward_rnn(x, reverse=True, keep_order=True, rngs=rngs_alone)
+  _close(y, jnp.concatenate([y_f, y_b], axis=-1), atol=1e-6)
+  assert _count(rngs_bi, 'dropout') == _count(rngs_alone, 'dropout') > 0
 
 def _count(rngs, stream='default'):
   return int(rngs[stream].count[...])

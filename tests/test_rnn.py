@@ -248,6 +248,20 @@ def test_bidirectional_merge_fn_and_defaults():
   _close(y, ref_yf - 2.0 * ref_yb)
 
 
+def test_bidirectional_directions_of_different_hidden_sizes_concatenate():
+  # The default merge concatenates on the last axis only: a forward GRU of 4 units and
+  # a backward one of 2 give 6 features, as the NumPy reference of each direction.
+  fwd, features = ref.make_cell('gru', seed=0)
+  bwd = ref.build(lambda: nr.GRUCell(features[-1], 2, rngs=nnx.Rngs(1)), 7)
+  lengths = np.array([4, 0, 2], np.int32)
+  x = _inputs(features, False, batch=(3,), time=4)
+  y = jitted(nr.Bidirectional(nr.RNN(fwd), nr.RNN(bwd)), x, None, jnp.asarray(lengths))
+  _, ref_yf = ref.rnn(ref.cell_params(fwd), x, lengths, np.zeros((3, 4)), num_batch_dims=1)
+  _, ref_yb = ref.rnn(ref.cell_params(bwd), x, lengths, np.zeros((3, 2)), num_batch_dims=1,
+                      reverse=True, keep_order=True)
+  _close(y, np.concatenate([ref_yf, ref_yb], axis=-1))
+
+
 def test_bidirectional_with_one_rnn_twice_warns_and_shares_it():
   rnn = nr.RNN(ref.make_cell('gru')[0])
   with pytest.warns(UserWarning, match='`forward_rnn` and `backward_rnn` are the same object'):

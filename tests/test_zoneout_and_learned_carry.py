@@ -280,6 +280,30 @@ def test_learned_carry_is_a_parameter_of_the_cells_param_dtype():
   np.testing.assert_array_equal(np.asarray(h[2], np.float32), np.asarray(h0, np.float32))
 
 
+def test_a_learned_carry_held_in_another_dtype_starts_the_cells_carry_in_its_own():
+  # A learned carry loaded in bfloat16 (a half-precision checkpoint) beside a float32
+  # cell: the carry a length-0 row returns is its value, in the cell's float32.
+  rnn = nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0)), learn_initial_carry=True, return_carry=True)
+  h0 = jnp.asarray(ref.normal((4,), 2), jnp.bfloat16)
+  rnn.initial_carry = nnx.Param(h0)
+  h, _ = rnn(ref.normal((B, T, 3), 1), seq_lengths=jnp.array([T, 1, 0]))
+  assert h.dtype == jnp.float32
+  np.testing.assert_array_equal(h[2], np.asarray(h0, np.float32))
+
+
+def test_a_complex_cell_learns_a_complex_initial_carry():
+  # Complex parameters take complex inputs and carry complex values: the learned carry
+  # is a complex parameter (inexact, trained as any), which a length-0 row returns.
+  rnn = nr.RNN(nr.SimpleCell(3, 4, dtype=jnp.complex64, param_dtype=jnp.complex64,
+                             rngs=nnx.Rngs(0)),
+               learn_initial_carry=True, return_carry=True)
+  assert rnn.initial_carry[...].dtype == jnp.complex64
+  h0 = jnp.asarray(ref.normal((4,), 2) + 1j * ref.normal((4,), 3), jnp.complex64)
+  rnn.initial_carry[...] = h0
+  h, _ = rnn(ref.normal((B, T, 3), 1).astype(jnp.complex64), seq_lengths=jnp.array([T, 1, 0]))
+  np.testing.assert_array_equal(h[2], h0)
+
+
 def test_learned_carry_gradient_and_training():
   rnn = _lstm_rnn()
   x = ref.normal((B, T, 3), 1)

@@ -798,9 +798,16 @@ def _conv(r, in_features=3, axes=1):
   (lambda r: nr.Bidirectional(_conv(r), nr.GRU(3, 4, rngs=r)),
    m('`backward_rnn` expected a layer reading steps of 2 feature axes', 'got nr.GRU, which '
      'reads 1 feature axis.')),
+  (lambda r: nr.StackedRNN(nr.RNN(nr.GRUCell(3, 4, rngs=r)),
+                           nr.Bidirectional(_conv(r, 4), _conv(r, 4))),
+   m('`layers[1]` expected a layer reading steps of 1 feature axis', 'got nr.Bidirectional, '
+     'which reads 2 feature axes.')),
+  (lambda r: nr.StackedRNN(nr.RNN(nnx.GRUCell(3, 4, rngs=r)), _conv(r, 4)),
+   m('`layers[1]` expected a layer reading steps of 1 feature axis (the outputs of layers[0], '
+     'RNN), got nr.RNN of ConvLSTMCell, which reads 2 feature axes.')),
 ], ids=['conv_then_cell', 'conv_then_fused', 'cell_then_conv', 'conv1d_then_conv2d',
         'bidirectional_conv_then_cell', 'directions_conv_cell', 'directions_flax_conv',
-        'directions_conv_fused'])
+        'directions_conv_fused', 'cell_then_bidirectional_conv', 'flax_cell_then_conv'])
 def test_layers_given_steps_of_another_number_of_feature_axes(ctor, msg):
   with pytest.raises(ValueError, match=msg):
     abstractly(lambda: ctor(nnx.Rngs(0)))
@@ -822,16 +829,16 @@ def test_a_users_cell_may_give_steps_of_fewer_feature_axes_than_it_reads():
   # A flax-style cell reading (points, channels) and giving a running sum of
   # the flattened step; then a running sum of those: (t + 1) (t + 2) / 2.
   class FlatSum(nr.RNNCellBase):
-    def __init__(self, axes):
+    def __init__(self, axes, size=6):
       super().__init__()
-      self.axes = axes
+      self.axes, self.size = axes, size
 
     def __call__(self, carry, inputs):
       new = carry + inputs.reshape(*inputs.shape[:inputs.ndim - self.axes], -1)
       return new, new
 
     def initialize_carry(self, input_shape, rngs=None):
-      return jnp.zeros(input_shape[:len(input_shape) - self.axes] + (6,))
+      return jnp.zeros(input_shape[:len(input_shape) - self.axes] + (self.size,))
 
     @property
     def num_feature_axes(self):
@@ -841,6 +848,24 @@ def test_a_users_cell_may_give_steps_of_fewer_feature_axes_than_it_reads():
   t = np.arange(4)
   np.testing.assert_array_equal(y, np.broadcast_to(((t + 1) * (t + 2) / 2)[None, :, None],
                                                    (2, 4, 6)))
+  # Nested, beside this package's layers: a stack reads what its first layer reads and
+  # gives what its last gives (unknown after the user's cell), and a Bidirectional with
+  # its own merge_fn gives what it merges to: each stack builds, and runs as its layers
+  # composed by hand.
+  r = nnx.Rngs(0)
+  conv, back = _conv(r, 3), _conv(r, 3)
+  flat, gru = nr.RNN(FlatSum(2, 8)), nr.RNN(nr.GRUCell(8, 4, rngs=r))
+  flat_sum = lambda a, b: (a + b).reshape(*a.shape[:-2], -1)  # noqa: E731
+  stacks = [nr.StackedRNN(nr.StackedRNN(conv, flat), gru),
+            nr.StackedRNN(conv, nr.StackedRNN(flat, gru)),
+            nr.StackedRNN(nr.Bidirectional(conv, back, merge_fn=flat_sum), gru)]
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 2, 3)), jnp.float32)
+  got, by_hand = nnx.jit(lambda stacks, conv, back, flat, gru: (
+    [stack(x) for stack in stacks],
+    [gru(flat(conv(x)))] * 2 + [gru(flat_sum(conv(x), back(x, reverse=True, keep_order=True)))]
+  ))(stacks, conv, back, flat, gru)
+  for g, w in zip(got, by_hand):
+    np.testing.assert_allclose(g, w, atol=1e-6)
 
   # A flax.nnx cell that leaves num_feature_axes to its base class (which
   # raises NotImplementedError) in flax.nnx's RNN: built, and failing when
@@ -1216,6 +1241,8 @@ def _stacked_layers_that_do_not_chain():
     ((nr.RNN(nr.LSTMCell(3, 4, proj_features=2, rngs=r)), nr.RNN(nr.GRUCell(2, 5, rngs=r)),
       nr.RNN(nr.GRUCell(4, 5, rngs=r))), 2, 5, 'the output size of layers[1], RNN',
      'RNN with in_features 4'),
+    ((_conv(r), _conv(r, in_features=5)), 1, 4, 'the output size of layers[0], RNN',
+     'RNN with in_features 5'),  # a convolutional layer's channels: its hidden_features
   ]:
     with pytest.raises(ValueError, match=m(f'StackedRNN: `layers[{i}]` expected a layer reading '
                                            f'{size} features ({source})', f'got {got}.')):
@@ -1261,6 +1288,18 @@ def test_stacked_layers_of_unknown_sizes_are_left_to_the_call():
   # Built and called abstractly (traced): the sizes meet in the calls.
   abstractly(build_and_call)
   assert shapes == [(2, 5, 5)] * 2
+  abstractly(_unknown_sizes_that_do_not_meet)
+
+
+def _unknown_sizes_that_do_not_meet():
+  # The second layer's inputs are the first one's outputs, not the stack's inputs: the
+  # error names the layer, not the `inputs` the stack was given.
+  r = nnx.Rngs(0)
+  stack = nr.StackedRNN(nr.RNN(nnx.GRUCell(3, 4, rngs=r)), nr.RNN(nr.GRUCell(5, 5, rngs=r)))
+  with pytest.raises(ValueError, match=m('StackedRNN: in layers[1] (RNN): RNN: `inputs` expected '
+                                         "last axis of size 5 (the cell's in_features), got "
+                                         'shape (2, 5, 4).')):
+    stack(X)
 
 
 def test_bidirectional_directions_that_read_different_sizes():

@@ -116,6 +116,7 @@ LAYER_CASES = [
   ('GRU', 3, False, True, False, 0.5),
   ('RNN_tanh', 2, True, True, True, 0.0),
   ('RNN_tanh', 1, True, False, True, 0.0),  # one nr.Bidirectional, time-major
+  ('RNN_tanh', 1, False, False, True, 0.0),  # torch.nn.RNN's defaults: one nr.RNN, time-major
   ('RNN_relu', 3, False, False, False, 0.5),
 ]
 

@@ -946,6 +946,14 @@ TO_TORCH_ERRORS = [
    ValueError, r'expected a Bidirectional with the default merge_fn'),
   (lambda r: nr.Bidirectional(_gru_rnn(r), nr.RNN(nr.OptimizedLSTMCell(IN, H, rngs=r))),
    ValueError, r'expected cells of one family'),
+  # torch.nn.RNN has one nonlinearity: tanh and relu directions are two families.
+  (lambda r: nr.Bidirectional(nr.RNN(nr.SimpleCell(IN, H, rngs=r)),
+                              nr.RNN(nr.SimpleCell(IN, H, activation_fn=jax.nn.relu, rngs=r))),
+   ValueError, r'expected cells of one family \(all LSTM, all GRU or all SimpleCell with one '
+   r'activation\), got \["\(\'RNN\', \'relu\'\)", "\(\'RNN\', \'tanh\'\)"\]\.'),
+  # Directions that are fused layers, not nr.RNNs (Bidirectional takes them).
+  (lambda r: nr.Bidirectional(nr.GRU(IN, H, rngs=r), nr.GRU(IN, H, rngs=r)), TypeError,
+   r'^to_torch: `module` expected a Bidirectional of two nr.RNN layers, got GRU, GRU\.$'),
   (lambda r: nr.Bidirectional(_gru_rnn(r), _gru_rnn(r, H + 1)), ValueError,
    r'expected layers with 2 direction\(s\) of hidden size 6'),
   (lambda r: nr.StackedRNN(nr.Bidirectional(_gru_rnn(r), _gru_rnn(r)),

@@ -436,6 +436,13 @@ def test_to_torch_keeps_eval_mode():
   assert nr.interop.to_torch(bi).training  # the backward direction still trains
   bi.eval()
   assert not nr.interop.to_torch(bi).training
+  # With between-layer dropout, the mode is that dropout's (PyTorch's training flag
+  # switches only it), whatever the cells'.
+  for part, training in (('dropout', False), ('cells', True)):
+    gru = nr.GRU(IN, H, num_layers=2, dropout_rate=0.5, rngs=nnx.Rngs(0))
+    for m in [gru.dropout] if part == 'dropout' else [*gru.forward]:
+      m.eval()
+    assert nr.interop.to_torch(gru).training is training, part
 
 
 @pytest.mark.parametrize('make,bias_of,where', [

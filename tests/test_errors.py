@@ -1320,7 +1320,10 @@ def _bidirectional_directions_that_read_different_sizes():
 @pytest.mark.parametrize('rng, got', [
   (0, 'got 0 (a seed: pass jax.random.key(0)).'), ('key', "got 'key'."),
   (jnp.zeros(2), 'got an array of dtype float32 and shape (2,).'),
-], ids=['int', 'str', 'float_array'])
+  # A NumPy integer is a seed too; raw key data has an axis (a 0-d uint32 is none).
+  (np.int32(3), 'got np.int32(3) (a seed: pass jax.random.key(3)).'),
+  (np.array(5, np.uint32), 'got an array of dtype uint32 and shape ().'),
+], ids=['int', 'str', 'float_array', 'numpy_int', 'uint32_scalar'])
 def test_compat_initialize_carry_rng_that_is_no_key(rng, got):
   # flax.linen splits the rng whatever the carry_init, and fails in jax alike
   # ('invalid PRNG key data').

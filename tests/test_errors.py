@@ -934,6 +934,16 @@ def test_compat_conv_geometry(kw, exc, msg):
     compat.ConvLSTMCell(4, **kw)
 
 
+def test_compat_cell_step_names_inputs_with_too_few_feature_axes():
+  # A ConvLSTMCell of one spatial axis reads (*batch, width, channels): one step's
+  # input of one axis is refused by name (not an index error of the convolution).
+  cell = compat.ConvLSTMCell(4, (3,))
+  carry = cell.initialize_carry(jax.random.key(0), (2, 5, 3))
+  with pytest.raises(ValueError, match=m('ConvLSTMCell: `inputs` expected at least 2 feature '
+                                         'axes, got shape (3,).')):
+    cell.init(jax.random.key(0), carry, jnp.ones((3,)))
+
+
 def test_compat_conv_takes_what_linen_takes():
   from nnx_recurrent import compat
 

@@ -364,6 +364,20 @@ def _scan_unrolls(module, variables, x, seq_lengths):
   return [e.params['unroll'] for e in equations(jaxpr) if e.primitive.name == 'scan']
 
 
+def test_rnn_runs_the_scan_with_the_unroll_flax_linen_gives_it():
+  """The values of every unroll are the same, so the program says it: the time
+  loop of compat.RNN(unroll=u) is a scan of unroll u, as flax.linen's."""
+  x = jnp.ones((B, T, IN))
+  v = jax.eval_shape(lambda: nn.RNN(nn.GRUCell(H)).init(jax.random.key(0), x))  # traced only
+
+  def unrolls(rnn):
+    jaxpr = jax.make_jaxpr(lambda v: rnn.apply(v, x))(v).jaxpr
+    return [e.params['unroll'] for e in equations(jaxpr) if e.primitive.name == 'scan']
+
+  assert unrolls(compat.RNN(compat.GRUCell(H), unroll=2)) == [2]
+  assert unrolls(nn.RNN(nn.GRUCell(H), unroll=2)) == [2]
+
+
 @pytest.mark.parametrize('name', ['GRUCell', 'MGUCell'])
 def test_gru_and_mgu_rnns_train_on_linens_values_bit_for_bit(name):
   """The nnx cells join the gates' matmuls, which XLA rounds unlike flax.linen's

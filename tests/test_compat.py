@@ -1016,6 +1016,20 @@ class _CastCarryCell(nn.RNNCellBase):
     return 1
 
 
+@pytest.mark.parametrize('name', ['SimpleCell', 'LSTMCell'])
+def test_a_cell_step_promotes_a_bfloat16_carry_as_linen(name):
+  """One step of a cell (outside RNN) on a bfloat16 carry with float32 parameters
+  returns flax.linen's carry: promoted to float32, of its values."""
+  x = normal((B, IN))
+  h = normal((B, H)).astype(jnp.bfloat16)
+  carry = (h, h) if name == 'LSTMCell' else h
+  theirs, ours = getattr(nn, name)(H), getattr(compat, name)(H)
+  v = theirs.init(jax.random.key(0), carry, x)
+  (c_t, y_t), (c_o, y_o) = theirs.apply(v, carry, x), ours.apply(v, carry, x)
+  assert {a.dtype for a in jax.tree.leaves((c_t, y_t, c_o, y_o))} == {jnp.dtype('float32')}
+  _assert_close((c_o, y_o), (c_t, y_t))
+
+
 def test_an_initial_carry_of_another_float_dtype_runs_in_it_where_linen_fails():
   """A bfloat16 ``initial_carry`` for a float32 cell: flax.linen's scan raises a
   TypeError (the carry comes back float32); compat casts each step's carry to

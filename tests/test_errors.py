@@ -944,6 +944,28 @@ def test_compat_cell_step_names_inputs_with_too_few_feature_axes():
     cell.init(jax.random.key(0), carry, jnp.ones((3,)))
 
 
+def test_compat_conv_cell_keeps_its_features_against_a_carry_of_another_size():
+  # flax.linen's ConvLSTMCell sizes its convolutions by `features`, not by the
+  # carry (its Dense cells take the carry's size): a carry of 6 channels for a
+  # cell of 4 is named (flax.linen fails in jax: 'mul got incompatible shapes').
+  x = jnp.ones((2, 5, 3))
+  carry = compat.ConvLSTMCell(6, (3,)).initialize_carry(jax.random.key(0), x.shape)
+  with pytest.raises(ValueError, match=m('ConvLSTMCell: `carry` expected leaf shapes that '
+                                         'broadcast with [(2, 5, 4), (2, 5, 4)], got '
+                                         '[(2, 5, 6), (2, 5, 6)].')):
+    compat.ConvLSTMCell(4, (3,)).init(jax.random.key(0), carry, x)
+
+
+def test_compat_cell_applied_without_variables_raises_linens_error():
+  x = jnp.ones((2, 3))
+  carry = compat.LSTMCell(4).initialize_carry(jax.random.key(0), x.shape)
+  for ns in (nn, compat):  # flax.linen's error, word for word
+    with pytest.raises(flax.errors.ScopeCollectionNotFound,
+                       match=m('Tried to access "kernel" from collection "params" in "/ii" but '
+                               'the collection is empty.')):
+      ns.LSTMCell(4).apply({}, carry, x)
+
+
 def test_compat_conv_takes_what_linen_takes():
   from nnx_recurrent import compat
 

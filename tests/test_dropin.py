@@ -1084,7 +1084,6 @@ def test_call_rngs_draw_the_carry_as_flax():
          theirs(x, rngs=nnx.Rngs(carry=7), return_carry=True), atol=1e-5)
 
 
-
 @pytest.mark.parametrize('carry_init', [None, RANDOM_CARRY])
 def test_rnn_built_without_a_stream_leaves_a_keep_rngs_cells_carry_to_its_own_stream(carry_init):
   """flax.nnx's ``RNN(rngs=False)`` passes ``initialize_carry`` no RNG, so a
@@ -1182,6 +1181,7 @@ def test_bidirectional_passes_call_rngs_whole_to_directions_that_draw_dropout():
   y_b = alone.backward_rnn(x, reverse=True, keep_order=True, rngs=rngs_alone)
   _close(y, jnp.concatenate([y_f, y_b], axis=-1), atol=1e-6)
   assert _count(rngs_bi, 'dropout') == _count(rngs_alone, 'dropout') > 0
+
 
 def _count(rngs, stream='default'):
   return int(rngs[stream].count[...])

@@ -52,6 +52,7 @@ the reference is its RNN over the cell wrapped in ``CastBack`` (as ``linen``).
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Any
 
@@ -180,6 +181,22 @@ def _convert(what: str, fn: Any, *args: Any, warns: int = 0) -> Any:
   return out
 
 
+def _refused(case: Case, module: Any, variables: Any, error: type[Exception], expected: str,
+             what: str) -> None:
+  """``to_nnx`` must refuse ``module`` with ``error``, its message
+  ``to_nnx: `module` `` then ``expected`` (a regular expression)."""
+  try:
+    with warnings.catch_warnings():  # (a wrong conversion's warnings: boxes apart)
+      warnings.simplefilter('ignore')
+      compat.to_nnx(module, variables)
+  except error as e:
+    if not re.match(f'to_nnx: `module` {expected}', str(e), re.DOTALL):
+      raise
+    case.config['to_nnx'] = 'refused'
+    return
+  raise AssertionError(f'to_nnx converted {what}')
+
+
 def _unbox_groups(tree: Any, groups: tuple[str, ...], leaf: str,
                   first_only: bool) -> tuple[Any, int]:
   """A copy of the variables with the ``leaf`` of every cell's ``groups`` (the first
@@ -293,15 +310,8 @@ def run(case: Case) -> None:
   variables = jax.tree.map(lambda a: (a + case.normal(a.shape, 0.3)).astype(precision.param_dtype),
                            variables)
   if per_step:  # documented: a ValueError naming `module`
-    try:
-      compat.to_nnx(module, variables)
-    except ValueError as e:
-      if not str(e).startswith("to_nnx: `module` expected an RNN whose 'params' are "
-                               'broadcast over time'):
-        raise
-      case.config['to_nnx'] = 'refused'
-      return
-    raise AssertionError('to_nnx converted an RNN with parameters per step')
+    return _refused(case, module, variables, ValueError, "expected an RNN whose 'params' are "
+                    'broadcast over time', 'an RNN with parameters per step')
   # At times the first of a joined kernel's groups unboxed in the checkpoint (boxes
   # edited by hand, a checkpoint of older code): to_nnx warns once per such cell and
   # leaves the joined NNX kernel without partitioning; from_nnx gives all its
@@ -312,16 +322,8 @@ def run(case: Case) -> None:
     variables, warns = _unbox_groups(variables, JOINED[kind], 'kernel', first_only=True)
     expected, _ = _unbox_groups(variables, JOINED[kind], 'kernel', first_only=False)
   if how == 'redefines':  # documented: a TypeError naming `module`
-    try:
-      with warnings.catch_warnings():  # (a wrong conversion's warnings: boxes apart)
-        warnings.simplefilter('ignore')
-        compat.to_nnx(module, variables)
-    except TypeError as e:
-      if not str(e).startswith('to_nnx: `module` expected') or 'redefines __call__' not in str(e):
-        raise
-      case.config['to_nnx'] = 'refused'
-      return
-    raise AssertionError('to_nnx converted a subclass that redefines __call__')
+    return _refused(case, module, variables, TypeError, 'expected .*redefines __call__',
+                    'a subclass that redefines __call__')
   ours = _convert('to_nnx', compat.to_nnx, module, variables, warns=warns)
   if warns:
     for path, var in nnx.graph.iter_graph(ours):

@@ -11,6 +11,7 @@ padding: ``tests/test_fused_padding.py`` (and here with packed sequences).
 """
 
 import contextlib
+import functools
 import re
 
 import jax
@@ -51,6 +52,32 @@ def run(m, x, c):
 def with_implementation(layer, implementation):
   layer.implementation = implementation
   return layer
+
+
+@functools.cache
+def _values_and_grads_program(graphdef, settings):
+  """The jitted function of ``values_and_grads(layer, x, carry, run)`` for layers
+  of ``graphdef`` (structure, sizes, implementation), traced with the Pallas
+  ``settings`` (jax keys its own cache on the matmul precision): one compilation
+  for the tests whose layers differ in values only (the float16 and bfloat16
+  tests below)."""
+  @jax.jit
+  def program(params, x, carry):
+    f = lambda params, x, carry: run(nnx.merge(graphdef, params), x, carry)  # noqa: E731
+    out, vjp = jax.vjp(f, params, x, carry)
+    _, loss_vjp = jax.vjp(weighted_loss, out)
+    return out, vjp(loss_vjp(jnp.ones(()))[0])
+
+  return program
+
+
+def shared_values_and_grads(layer, x, carry):
+  """``values_and_grads(layer, x, carry, run)`` (``tests/test_fused.py``), its
+  program compiled once per layer structure, Pallas settings and matmul
+  precision (:func:`_values_and_grads_program`)."""
+  graphdef, params = nnx.split(layer)
+  with internal.pallas_settings() as settings:
+    return _values_and_grads_program(graphdef, settings)(params, x, carry)
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
@@ -306,9 +333,9 @@ def test_float16_recurrent_weights(cls):
     # gpu.sh runs the tests at 'highest'; TF32 is the default on a GPU (where the input
     # projections then round to TF32 too: a looser tolerance there)
     with jax.default_matmul_precision('tensorfloat32'):
-      out, grads = values_and_grads(layer, x, carry0, run)
+      out, grads = shared_values_and_grads(layer, x, carry0)
     with jax.default_matmul_precision('highest'):
-      full, _ = values_and_grads(layer, x, carry0, run)
+      full, _ = shared_values_and_grads(layer, x, carry0)
   rounded = _numpy_float16_products(layer, x, carry0)
   exact = numpy_layers(layer, x, LENGTHS, carry0)
   cpu = jax.default_backend() == 'cpu'
@@ -317,17 +344,17 @@ def test_float16_recurrent_weights(cls):
     assert max(np.abs(np.asarray(a) - b).max() for a, b in zip(
       jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(exact))) > 1e-4
     with internal.pallas_settings(recurrent_weights='float16'):  # unset: float32 on a CPU
-      unset, _ = values_and_grads(layer, x, carry0, run)
+      unset, _ = shared_values_and_grads(layer, x, carry0)
     assert_trees_close(unset, exact, atol=2e-5)
   assert_trees_close(full, exact, atol=2e-5)
-  _, grads_f = values_and_grads(with_implementation(layer, 'xla'), x, carry0, run)
+  _, grads_f = shared_values_and_grads(with_implementation(layer, 'xla'), x, carry0)
   assert_trees_close(grads, grads_f, atol=5e-3, rtol=5e-3)
   if cls is nr.LSTM:
     projected = make(cls, 1, True, seed=64, implementation='pallas', proj_features=3)
     carry_p = random_carry(projected, seed=65)
     with internal.pallas_settings(recurrent_weights='float16'), \
          jax.default_matmul_precision('tensorfloat32'):  # the projection alone keeps float32
-      out_p, _ = values_and_grads(projected, x, carry_p, run)
+      out_p, _ = shared_values_and_grads(projected, x, carry_p)
     assert_trees_close(out_p, numpy_layers(projected, x, LENGTHS, carry_p),
                        atol=2e-5 if cpu else 5e-3)
 
@@ -370,13 +397,13 @@ def test_float16_recurrent_weights_beyond_float16s_range(cls, case):
     carry0 = jax.tree_util.tree_map(lambda a: a * carry, carry0)
   with internal.pallas_settings(recurrent_weights='float16'), \
        jax.default_matmul_precision('tensorfloat32'):
-    out, grads = values_and_grads(layer, x, carry0, run)
+    out, grads = shared_values_and_grads(layer, x, carry0)
   with np.errstate(over='ignore'):  # the huge weights' sigmoids: exp overflows to 1 / inf = 0
     want = _numpy_float16_products(layer, x, carry0, rows_scaled=carry > 1)
   # on a GPU the input projections round to TF32 too (see above)
   tolerance = 2e-6 if jax.default_backend() == 'cpu' else 5e-3
   assert_trees_close(out, want, atol=tolerance, rtol=tolerance)
-  _, full = values_and_grads(with_implementation(layer, 'xla'), x, carry0, run)
+  _, full = shared_values_and_grads(with_implementation(layer, 'xla'), x, carry0)
   leaves, structure = jax.tree_util.tree_flatten_with_path(grads)
   assert jax.tree_util.tree_structure(full) == structure
   for (path, got), want in zip(leaves, jax.tree_util.tree_leaves(full)):
@@ -470,12 +497,12 @@ def test_bfloat16_computation(cls, residuals):
   x = ref.normal((B, T, I), seed=35)
   carry0 = random_carry(layer, seed=36)
   with internal.pallas_settings(residuals=residuals):
-    out, grads = values_and_grads(layer, x, carry0, run)
+    out, grads = shared_values_and_grads(layer, x, carry0)
   assert out[1].dtype == jnp.bfloat16 and jax.tree_util.tree_leaves(out[0])[0].dtype == jnp.float32
   # The final carry is the computation dtype's, rounded (as the scans' bfloat16 carry is).
   final = np.asarray(out[0])
   np.testing.assert_array_equal(final, final.astype(jnp.bfloat16).astype(np.float32))
-  out_f, grads_f = values_and_grads(full, x, carry0, run)
+  out_f, grads_f = shared_values_and_grads(full, x, carry0)
   out = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), out)
   grads = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), grads)
   assert_trees_close(out, out_f, atol=3e-2, rtol=3e-2)

@@ -138,8 +138,12 @@ def test_packed_sequences_and_projection(cls):
   check_plans_against_generic(layer, x, carry0, ['default'], padding=IDS == 0, segment_ids=IDS)
 
 
-@pytest.mark.parametrize('cls,proj', [(nr.LSTM, None), (nr.LSTM, 3), (nr.GRU, None)])
-@pytest.mark.parametrize('masks', ['lengths', 'packed'])
+# The LSTM unprojected with lengths, projected with packed sequences (as written:
+# test_matches_xla_and_numpy, test_packed_sequences_and_projection): the masks'
+# code (_step_masks, _step_math.h_entering) is the layers' and the projection's
+# alike, and the GRU takes both masks.
+@pytest.mark.parametrize('cls,proj,masks', [(nr.LSTM, None, 'lengths'), (nr.LSTM, 3, 'packed'),
+                                            (nr.GRU, None, 'lengths'), (nr.GRU, None, 'packed')])
 def test_rebuilt_residuals(cls, proj, masks):
   """``PallasSettings.residuals='rebuilt'``: the training forward kernel writes the
   LSTM's ``c`` alone (the GRU's nothing) and XLA rebuilds the backward's residuals

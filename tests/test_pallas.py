@@ -222,7 +222,10 @@ def test_rebuilt_residuals_follow_what_the_forward_saved():
       assert_trees_close(apply(kernels, y), want)
 
 
-@pytest.mark.parametrize('mode', ['unrolled', 'rolled', 'prefetched', 'fma'])
+# The loads a step ahead (PallasSettings.prefetch, the default) with several chunks:
+# in 'fma' (the products' code is the same with 'dot' and 'fma' loads, and the
+# 'dot' products in several chunks are 'unrolled''s and 'rolled''s).
+@pytest.mark.parametrize('mode', ['unrolled', 'rolled', 'fma'])
 @pytest.mark.parametrize('cls,masks', [(nr.LSTM, dict(seq_lengths=LENGTHS)),
                                         (nr.GRU, dict(segment_ids=IDS))])
 def test_column_chunks_and_partly_held_weights(cls, masks, mode):
@@ -233,12 +236,13 @@ def test_column_chunks_and_partly_held_weights(cls, masks, mode):
   and weight tiles partly held across steps and partly loaded at each step
   (the budget ends inside a gate's block); or ``rolled``, as from ``H = 512``
   on a GPU: a loop over the chunks (each piece of the state picked and put by
-  the loop's index), no weight held; or ``prefetched``: the forward kernel
-  loads each step's input projections (every chunk's, every gate's) during the
-  step before (``PallasSettings.prefetch``); or ``fma``: the products as
-  broadcast multiplies summed over the contraction (``PallasSettings.matmul``),
-  one batch row a program (a grid over the rows, no padding to 16). Values and
-  gradients against the
+  the loop's index), no weight held; or ``fma``: the products as broadcast
+  multiplies summed over the contraction (``PallasSettings.matmul``), one
+  batch row a program (a grid over the rows, no padding to 16), and the
+  kernels loading each step's inputs (every chunk's, every gate's: the
+  forward's input projections, the backward's residuals and output
+  cotangents) during the step before (``PallasSettings.prefetch``; off in the
+  other two). Values and gradients against the
   generic composition (float32 sums in another order over 40 columns: to
   3e-5), lengths (0 and 1 among them) or packed sequences. One direction: the
   backward one runs the same kernels on each row reversed (both directions:
@@ -249,9 +253,10 @@ def test_column_chunks_and_partly_held_weights(cls, masks, mode):
   x = ref.normal((B, IDS.shape[1], I), seed=52)
   padding = IDS == 0 if 'segment_ids' in masks else np.arange(x.shape[1]) >= LENGTHS[:, None]
   fma = dict(matmul='fma', state_elements=16) if mode == 'fma' else {}
-  with internal.pallas_settings(chunk=16, hold_bytes=5 * 16 * 16 * 4,  # 5 of 16 or 12 tiles
+  # W_h's tiles: the LSTM's 4 gates x 2 x 4 (and W_hr's 4 x 2), the GRU's 3 x 2 x 2
+  with internal.pallas_settings(chunk=16, hold_bytes=5 * 16 * 16 * 4,  # 5 of 32 or 12 tiles
                                 unrolled_chunks=1 if mode == 'rolled' else 4,
-                                prefetch=mode in ('prefetched', 'fma'), **fma):
+                                prefetch=mode == 'fma', **fma):
     if fma:
       assert internal.pallas_padded_rows(B, hidden) == B
     check_plans_against_generic(layer, x, random_carry(layer, seed=53), ['default'],

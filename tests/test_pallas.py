@@ -222,9 +222,9 @@ def test_rebuilt_residuals_follow_what_the_forward_saved():
       assert_trees_close(apply(kernels, y), want)
 
 
-# The loads a step ahead (PallasSettings.prefetch, the default) with several chunks:
-# in 'fma' (the products' code is the same with 'dot' and 'fma' loads, and the
-# 'dot' products in several chunks are 'unrolled''s and 'rolled''s).
+# The loads a step ahead (PallasSettings.prefetch, the default) in several chunks run
+# in 'fma': they are the same code whichever products follow ('dot' or 'fma'), and
+# the 'dot' products in several chunks run in 'unrolled' and 'rolled'.
 @pytest.mark.parametrize('mode', ['unrolled', 'rolled', 'fma'])
 @pytest.mark.parametrize('cls,masks', [(nr.LSTM, dict(seq_lengths=LENGTHS)),
                                         (nr.GRU, dict(segment_ids=IDS))])

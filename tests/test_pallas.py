@@ -55,12 +55,14 @@ def with_implementation(layer, implementation):
 
 
 @functools.cache
-def _values_and_grads_program(graphdef, settings):
+def _values_and_grads_program(graphdef, settings, force_triton):
   """The jitted function of ``values_and_grads(layer, x, carry, run)`` for layers
   of ``graphdef`` (structure, sizes, implementation), traced with the Pallas
-  ``settings`` (jax keys its own cache on the matmul precision): one compilation
-  for the tests whose layers differ in values only (the float16 and bfloat16
-  tests below)."""
+  ``settings`` and ``internal.triton_lowering``'s flag (jax keys its own cache on
+  the matmul precision): one compilation for the tests whose layers differ in
+  values only (the float16 and bfloat16 tests below)."""
+  del force_triton  # a key only: read while tracing
+
   @jax.jit
   def program(params, x, carry):
     f = lambda params, x, carry: run(nnx.merge(graphdef, params), x, carry)  # noqa: E731
@@ -77,7 +79,7 @@ def shared_values_and_grads(layer, x, carry):
   precision (:func:`_values_and_grads_program`)."""
   graphdef, params = nnx.split(layer)
   with internal.pallas_settings() as settings:
-    return _values_and_grads_program(graphdef, settings)(params, x, carry)
+    return _values_and_grads_program(graphdef, settings, _pallas._force_triton)(params, x, carry)
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])

@@ -1169,6 +1169,14 @@ def test_shard_map_a_carry_that_varies_or_not_over_the_batch_as_flax(given):
 _SHARDED = {'out_sharding': (None, 'model')}  # kernels: split the (gates * hidden) columns
 
 
+def _unplaced(abstract_state):
+  """``random_module``'s ``sharding`` for a module without a mesh: ``None``, the
+  default device, as without one (``jax.device_put`` moves the NumPy values
+  there; ``jnp.asarray`` compiles a program per new parameter shape, this JAX's
+  ``lax.stage``: 39 of the two children's programs)."""
+  return None
+
+
 def _metadata():
   return dict(kernel_metadata=_SHARDED, recurrent_kernel_metadata=_SHARDED,
               bias_metadata={'out_sharding': ('model',)})
@@ -1309,7 +1317,7 @@ def check_fused_gradients_reduce(x, lengths):
   checked = 0
   for make in (lambda: nr.LSTM(IN, H, rngs=nnx.Rngs(0)),
                lambda: nr.GRU(IN, H, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0))):
-    layer = random_module(make)
+    layer = random_module(make, sharding=_unplaced)
     graphdef, state = nnx.split(layer)
 
     def grads(state, x, lengths, graphdef=graphdef):
@@ -1336,7 +1344,7 @@ def _main():
   apply = nnx.jit(_apply)
 
   # Reference: one device, nothing sharded.
-  zoo = random_module(lambda: _zoo({}))
+  zoo = random_module(lambda: _zoo({}), sharding=_unplaced)
   ref, ref_grads, linen, variables = jax.tree_util.tree_map(
     np.asarray, reference(zoo, x, conv_x, lengths))
 
@@ -1439,7 +1447,9 @@ def _flax_nnx_lstm(cell, x, lengths):
   """flax.nnx's RNN over an ``nnx.LSTMCell`` with ``cell``'s parameters, on one
   device: ``(carry, outputs)`` and the gradient of the sum of the squared outputs,
   both zero at padding."""
-  theirs = nnx.LSTMCell(IN, H, rngs=nnx.Rngs(0))
+  # (built abstractly: its initializers, run eagerly, compile one program per
+  # parameter shape, and every parameter is overwritten by ``cell``'s)
+  theirs = random_module(lambda: nnx.LSTMCell(IN, H, rngs=nnx.Rngs(0)), sharding=_unplaced)
   nnx.update(theirs, nnx.state(cell, nnx.Param))
   graphdef, state = nnx.split(nnx.RNN(theirs))
   valid = (np.arange(x.shape[1]) < lengths[:, None])[..., None]
@@ -1468,14 +1478,19 @@ def check_pallas_explicit(mesh, x):
 
   from nnx_recurrent._fused import _plans
 
-  layer = random_module(lambda: nr.LSTM(IN, H, implementation='pallas', rngs=nnx.Rngs(0)))
+  layer = random_module(lambda: nr.LSTM(IN, H, implementation='pallas', rngs=nnx.Rngs(0)),
+                        sharding=_unplaced)
   graphdef, state = nnx.split(layer)
-  want = np.asarray(layer(x))
+  # Each call under nnx.jit: one program, where the eager calls compiled one per
+  # operation (the interpreted kernels' many); the layer's implementation is
+  # chosen (or refused) as it is traced, as it was when called eagerly.
+  call = nnx.jit(lambda layer, x: layer(x))
+  want = np.asarray(call(layer, x))
   checked = 0
   with jax.set_mesh(mesh):
     xs = jax.device_put(x, P('data'))
     try:
-      layer(xs)
+      call(layer, xs)
     except ValueError as e:
       assert re.search(r"LSTM: `implementation` expected 'auto' or 'xla' under a mesh of "
                        r'Explicit axes .*jax\.shard_map over the batch, with check_vma=False, '
@@ -1491,7 +1506,7 @@ def check_pallas_explicit(mesh, x):
     faster, _plans.pallas_measured_faster = _plans.pallas_measured_faster, lambda *a: True
     try:
       layer.implementation = 'auto'  # the kernels would fail here (sharded refs)
-      np.testing.assert_allclose(np.asarray(layer(xs)), want, atol=ATOL, rtol=0,
+      np.testing.assert_allclose(np.asarray(call(layer, xs)), want, atol=ATOL, rtol=0,
                                  err_msg="'auto' under the Explicit mesh")
       checked += 1
     finally:
@@ -1604,7 +1619,7 @@ def check_stateful_explicit(mesh, x, lengths):
     grads, out = run(zoo, x, lengths)
     return nnx.to_pure_dict(grads), out, nnx.to_pure_dict(nnx.state(zoo, nnx.BatchStat))
 
-  ref = random_module(_stateful_zoo)
+  ref = random_module(_stateful_zoo, sharding=_unplaced)
   want = jax.tree_util.tree_map(np.asarray, called(ref, x, lengths))
   with jax.set_mesh(mesh):
     zoo = random_module(lambda: _stateful_zoo(_metadata()), sharding=_placed(mesh))
@@ -1639,7 +1654,7 @@ def _main_explicit():
 
   rng, x, lengths, segment_ids = _child_inputs()
   h0 = rng.normal(size=(B, H)).astype(np.float32)  # a given carry, replicated
-  zoo = random_module(_explicit_zoo)
+  zoo = random_module(_explicit_zoo, sharding=_unplaced)
   variables = random_linen_variables(_linen_rnn(), x, seed=1)
   graphdef, state = nnx.split(zoo)
   program = _explicit_program()
@@ -2022,7 +2037,8 @@ def _main_uneven():
     xs, ls = x[:rows], lengths[:rows]
     variables = {'lstm': random_linen_variables(compat.RNN(compat.LSTMCell(hidden)), xs),
                  'bidirectional': random_linen_variables(_compat_pair(hidden), xs)}
-    graphdef, state = nnx.split(random_module(functools.partial(_uneven_zoo, hidden, {})))
+    graphdef, state = nnx.split(random_module(functools.partial(_uneven_zoo, hidden, {}),
+                                              sharding=_unplaced))
     run = jax.jit(functools.partial(_uneven_run, graphdef, hidden))
     want = jax.tree_util.tree_map(np.asarray, run(state, variables, xs, ls))
     with jax.set_mesh(mesh):
@@ -2043,7 +2059,7 @@ def _main_uneven():
   # size (6) need not hold gates: split over 4 devices, the cell runs.
   def factory(meta=None):
     return nr.RNN(_Projected(6, meta or {}, nnx.Rngs(0)), return_carry=True)
-  graphdef, state = nnx.split(random_module(factory))
+  graphdef, state = nnx.split(random_module(factory, sharding=_unplaced))
   run = jax.jit(lambda state, x, lengths: nnx.merge(graphdef, state)(x, seq_lengths=lengths))
   want = run(state, x, lengths)
   with jax.set_mesh(mesh):
@@ -2057,7 +2073,7 @@ def _main_uneven():
   # A fused LSTM's projection (hidden, proj_features) holds no gates: its last axis
   # (4) split over 4 devices, which do not divide the hidden size (6), it runs.
   graphdef, state = nnx.split(random_module(
-    lambda: nr.LSTM(IN, 6, proj_features=4, rngs=nnx.Rngs(0))))
+    lambda: nr.LSTM(IN, 6, proj_features=4, rngs=nnx.Rngs(0)), sharding=_unplaced))
   run = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
   want = run(state, x)
   with jax.set_mesh(mesh):
@@ -2070,6 +2086,11 @@ def _main_uneven():
 
 
 if __name__ == '__main__':
+  # One MLIR context for many lowerings, as conftest.py gives the suite's own
+  # processes (a fresh one per program and eager operation costs 6 ms each).
+  from conftest import _share_mlir_contexts
+
+  _share_mlir_contexts()
   # The checks named on the command line, in order, in this one interpreter.
   mains = {'jit': _main, 'explicit': _main_explicit, 'compat-explicit': _main_compat_explicit,
            'uneven': _main_uneven}

@@ -38,8 +38,8 @@ def random_module(factory: Callable[[], nnx.Module], seed: int = 0, scale: float
   values = jax.tree_util.tree_map(fill, state)
   if sharding is not None:
     values = jax.device_put(values, sharding(state))
-  else:
-    values = jax.tree_util.tree_map(jnp.asarray, values)
+  else:  # not jnp.asarray: that compiles a program (jit(stage)) per shape and dtype
+    values = jax.device_put(values)
   return nnx.merge(graphdef, values)
 
 
@@ -63,7 +63,7 @@ def randomize_params(module: nnx.Module, seed: int = 0, scale: float = 0.5) -> n
   """Overwrites every ``nnx.Param`` of ``module`` (biases too) with normal(0, ``scale``) values
   drawn by NumPy from ``seed``, in place, and returns the module."""
   rng = np.random.default_rng(seed)
-  nnx.update(module, jax.tree_util.tree_map(
-    lambda v: jnp.asarray(scale * rng.normal(size=v.shape), v.dtype),
-    nnx.state(module, nnx.Param)))
+  nnx.update(module, jax.device_put(jax.tree_util.tree_map(  # no compile (see random_module)
+    lambda v: np.asarray(scale * rng.normal(size=v.shape), v.dtype),
+    nnx.state(module, nnx.Param))))
   return module

@@ -90,10 +90,14 @@ GRU_PATHS = ['loop', 'hoisted', 'autodiff', 'gpu']
 @pytest.mark.parametrize('cls,paths', [(nr.LSTM, LSTM_PATHS), (nr.GRU, GRU_PATHS)])
 def test_garbage_padding_is_inert(cls, paths):
   """Every XLA plan but the default (compiled together, with the generic
-  composition, which they match in values and gradients), one bidirectional
-  layer, lengths 5, 1 and 0 (the inputs are zeroed at padding before any
-  backend runs: one layer is where garbage would enter)."""
-  layer = make(cls, 1, True)
+  composition, which they match in values and gradients), one layer of one
+  direction, lengths 5, 1 and 0 (the inputs are zeroed at padding before any
+  backend runs: one layer is where garbage would enter; a plan sets how one
+  direction's scan runs, and the backward direction of a bidirectional layer
+  is that scan over each row's valid part reversed, the padding where it was:
+  with garbage on the default plan in
+  ``tests/test_fused.py::test_matches_generic_values_and_grads[2-bi-lengths-*]``)."""
+  layer = make(cls)
   x = ref.normal((B, T, I), seed=3)
   padding = np.arange(T)[None, :] >= LENGTHS[:, None]
   check_plans_against_generic(layer, x, random_carry(layer, seed=4), paths, padding,

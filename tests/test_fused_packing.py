@@ -49,16 +49,18 @@ def np_tree(tree):
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
 def test_every_plan_matches_generic_and_separate_runs(cls):
-  """Bidirectional (the LSTM projected), every plan: values and gradients
+  """Every plan (the LSTM projected): values and gradients
   against the generic composition, garbage at padding inert; two layers on the
   default plan (the second reads the first's outputs, zero at padding, and
-  starts its segments from its own initial carry), one on the others (a plan
-  only sets how one direction's scan runs; the layers around it are the same
-  code). The outputs of each segment and the final carries (two layers) are
+  starts its segments from its own initial carry), one layer of one direction
+  on the others (a plan only sets how one direction's scan runs; the layers
+  around it, and the backward direction's segments reversed within their
+  spans around that scan, are the same code, checked here on the default
+  plan). The outputs of each segment and the final carries (two layers) are
   those of the segments run alone (as the rows of a padded batch, from their
   row's initial carry or zeros) in float64 NumPy (``tests.reference``)."""
   proj = dict(proj_features=P) if cls is nr.LSTM else {}
-  layer, one = make(cls, 2, True, seed=41, **proj), make(cls, 1, True, seed=44, **proj)
+  layer, one = make(cls, 2, True, seed=41, **proj), make(cls, seed=44, **proj)
   x = ref.normal((B, T, I), seed=42)
   carry0 = random_carry(layer, seed=43)
   results = check_plans_against_generic(layer, x, carry0, ['default'], padding=IDS == 0,

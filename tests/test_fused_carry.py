@@ -16,7 +16,17 @@ import nnx_recurrent as nr
 from tests import reference as ref
 from tests.test_fused import LENGTHS, B, H, I, T, assert_trees_close, call, make, random_carry
 
-CONFIGS = [(1, False), (1, True), (2, False), (2, True)]
+# Each configuration (num_layers, bidirectional) once. The forms are read by
+# the layers' shared code (_FusedBase._initial_carry and _cell_carry) before
+# any step runs; the cells differ in their carry: the LSTM's (c, h) is a tuple
+# too (a list in the 'lists' form, at every level), the GRU's an array. The
+# LSTM in every configuration but one bidirectional layer (two run the same
+# loop once per layer); the GRU in that one, which has every kind of form
+# (lists, the layer's None, each direction's None). The GRU's given carries in
+# two bidirectional layers: tests/test_fused.py::
+# test_matches_generic_values_and_grads[2-bi-lengths-GRU]; one of two GRU
+# layers left to its default: test_packed_segments_with_a_layer_left_to_its_default.
+CASES = [(nr.LSTM, 1, False), (nr.LSTM, 2, False), (nr.LSTM, 2, True), (nr.GRU, 1, True)]
 
 
 def equivalent(layer):
@@ -69,8 +79,7 @@ def check_forms_against_the_stack(layer, x):
   return names
 
 
-@pytest.mark.parametrize('num_layers,bidirectional', CONFIGS)
-@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+@pytest.mark.parametrize('cls,num_layers,bidirectional', CASES)
 def test_initial_carry_forms_of_the_equivalent_stack(cls, num_layers, bidirectional):
   """Lists and per-layer / per-direction ``None`` give what the stack gives
   for them (which is the default carry in the ``None`` parts)."""

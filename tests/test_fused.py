@@ -488,9 +488,10 @@ def test_the_plan_reaches_the_scans(monkeypatch):
 def test_large_gru_batch_matches_generic(monkeypatch):
   """Two batch axes of 2 x 64 rows: the plan is JAX's differentiation (garbage
   at padding inert). The CPU's choice, on any machine (a GPU keeps the custom
-  VJP)."""
+  VJP). One direction: the plan sets how a direction's scan runs (several
+  batch axes in a bidirectional layer: test_time_major_and_several_batch_axes)."""
   monkeypatch.setattr(_plans, 'cpu_backend', lambda: True)
-  layer = make(nr.GRU, 1, True, seed=13)
+  layer = make(nr.GRU, seed=13)
   assert internal.plan_for(nr.GRU, 2 * 64, 3 * H).custom_vjp is False
   x = ref.normal((2, 64, T, I), seed=14)
   lengths = np.random.default_rng(15).integers(0, T + 1, (2, 64))

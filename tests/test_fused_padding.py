@@ -88,7 +88,7 @@ LSTM_PATHS = ['loop', 'hoisted', 'unrolled', 'joint', 'autodiff', 'gpu']
 # garbage at padding, one direction, against the generic composition: the plan
 # the GRU takes by itself at 2 x 64 rows, tests/test_fused.py::
 # test_large_gru_batch_matches_generic (the same check, more rows).
-GRU_PATHS = ['loop', 'hoisted', 'gpu']
+GRU_PATHS = ['loop', 'hoisted', 'unrolled', 'gpu']
 
 
 @pytest.mark.parametrize('cls,paths', [(nr.LSTM, LSTM_PATHS), (nr.GRU, GRU_PATHS)])

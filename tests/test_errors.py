@@ -1456,6 +1456,20 @@ def test_a_step_that_changes_its_carry_gets_a_clear_error():
     real(x)
 
 
+def test_a_signed_step_for_an_unsigned_carry_is_cast_back_as_one_kind():
+  # Integers are one kind, signed or not: a uint32 step counter that a step
+  # moves by an int32 (uint32 + int32 is int32 here) goes on in uint32, as a
+  # lower-precision float step goes on in its carry's dtype.
+  x, lengths = jnp.ones((2, 5, 3)), np.array([5, 2])
+  counter = nr.RNN(_CarryCell(lambda s: jnp.zeros((*s[:-1], 1), jnp.uint32),
+                              lambda h, x: h + jnp.int32(1)), return_carry=True)
+  carry, ys = counter(x, seq_lengths=lengths)
+  assert carry.dtype == jnp.uint32
+  np.testing.assert_array_equal(carry[:, 0], lengths)
+  want = np.where(np.arange(5) < lengths[:, None], np.arange(1, 6), 0)
+  np.testing.assert_array_equal(ys[..., 0], want)
+
+
 def test_a_learned_carry_needs_floating_carry_leaves():
   cell = _CarryCell(lambda s: (jnp.zeros((*s[:-1], 4)), jnp.zeros((*s[:-1], 1), jnp.int32)),
                     lambda c, x: (c[0] + x.sum(-1, keepdims=True), c[1] + 1))

@@ -1169,14 +1169,6 @@ def test_shard_map_a_carry_that_varies_or_not_over_the_batch_as_flax(given):
 _SHARDED = {'out_sharding': (None, 'model')}  # kernels: split the (gates * hidden) columns
 
 
-def _unplaced(abstract_state):
-  """``random_module``'s ``sharding`` for a module without a mesh: ``None``, the
-  default device, as without one (``jax.device_put`` moves the NumPy values
-  there; ``jnp.asarray`` compiles a program per new parameter shape, this JAX's
-  ``lax.stage``: 39 of the two children's programs)."""
-  return None
-
-
 def _metadata():
   return dict(kernel_metadata=_SHARDED, recurrent_kernel_metadata=_SHARDED,
               bias_metadata={'out_sharding': ('model',)})
@@ -1317,7 +1309,7 @@ def check_fused_gradients_reduce(x, lengths):
   checked = 0
   for make in (lambda: nr.LSTM(IN, H, rngs=nnx.Rngs(0)),
                lambda: nr.GRU(IN, H, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0))):
-    layer = random_module(make, sharding=_unplaced)
+    layer = random_module(make)
     graphdef, state = nnx.split(layer)
 
     def grads(state, x, lengths, graphdef=graphdef):
@@ -1344,7 +1336,7 @@ def _main():
   apply = nnx.jit(_apply)
 
   # Reference: one device, nothing sharded.
-  zoo = random_module(lambda: _zoo({}), sharding=_unplaced)
+  zoo = random_module(lambda: _zoo({}))
   ref, ref_grads, linen, variables = jax.tree_util.tree_map(
     np.asarray, reference(zoo, x, conv_x, lengths))
 
@@ -1449,7 +1441,7 @@ def _flax_nnx_lstm(cell, x, lengths):
   both zero at padding."""
   # (built abstractly: its initializers, run eagerly, compile one program per
   # parameter shape, and every parameter is overwritten by ``cell``'s)
-  theirs = random_module(lambda: nnx.LSTMCell(IN, H, rngs=nnx.Rngs(0)), sharding=_unplaced)
+  theirs = random_module(lambda: nnx.LSTMCell(IN, H, rngs=nnx.Rngs(0)))
   nnx.update(theirs, nnx.state(cell, nnx.Param))
   graphdef, state = nnx.split(nnx.RNN(theirs))
   valid = (np.arange(x.shape[1]) < lengths[:, None])[..., None]
@@ -1478,8 +1470,7 @@ def check_pallas_explicit(mesh, x):
 
   from nnx_recurrent._fused import _plans
 
-  layer = random_module(lambda: nr.LSTM(IN, H, implementation='pallas', rngs=nnx.Rngs(0)),
-                        sharding=_unplaced)
+  layer = random_module(lambda: nr.LSTM(IN, H, implementation='pallas', rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(layer)
   # Each call under nnx.jit: one program, where the eager calls compiled one per
   # operation (the interpreted kernels' many); the layer's implementation is
@@ -1619,7 +1610,7 @@ def check_stateful_explicit(mesh, x, lengths):
     grads, out = run(zoo, x, lengths)
     return nnx.to_pure_dict(grads), out, nnx.to_pure_dict(nnx.state(zoo, nnx.BatchStat))
 
-  ref = random_module(_stateful_zoo, sharding=_unplaced)
+  ref = random_module(_stateful_zoo)
   want = jax.tree_util.tree_map(np.asarray, called(ref, x, lengths))
   with jax.set_mesh(mesh):
     zoo = random_module(lambda: _stateful_zoo(_metadata()), sharding=_placed(mesh))
@@ -1654,7 +1645,7 @@ def _main_explicit():
 
   rng, x, lengths, segment_ids = _child_inputs()
   h0 = rng.normal(size=(B, H)).astype(np.float32)  # a given carry, replicated
-  zoo = random_module(_explicit_zoo, sharding=_unplaced)
+  zoo = random_module(_explicit_zoo)
   variables = random_linen_variables(_linen_rnn(), x, seed=1)
   graphdef, state = nnx.split(zoo)
   program = _explicit_program()
@@ -2037,8 +2028,7 @@ def _main_uneven():
     xs, ls = x[:rows], lengths[:rows]
     variables = {'lstm': random_linen_variables(compat.RNN(compat.LSTMCell(hidden)), xs),
                  'bidirectional': random_linen_variables(_compat_pair(hidden), xs)}
-    graphdef, state = nnx.split(random_module(functools.partial(_uneven_zoo, hidden, {}),
-                                              sharding=_unplaced))
+    graphdef, state = nnx.split(random_module(functools.partial(_uneven_zoo, hidden, {})))
     run = jax.jit(functools.partial(_uneven_run, graphdef, hidden))
     want = jax.tree_util.tree_map(np.asarray, run(state, variables, xs, ls))
     with jax.set_mesh(mesh):
@@ -2059,7 +2049,7 @@ def _main_uneven():
   # size (6) need not hold gates: split over 4 devices, the cell runs.
   def factory(meta=None):
     return nr.RNN(_Projected(6, meta or {}, nnx.Rngs(0)), return_carry=True)
-  graphdef, state = nnx.split(random_module(factory, sharding=_unplaced))
+  graphdef, state = nnx.split(random_module(factory))
   run = jax.jit(lambda state, x, lengths: nnx.merge(graphdef, state)(x, seq_lengths=lengths))
   want = run(state, x, lengths)
   with jax.set_mesh(mesh):
@@ -2073,7 +2063,7 @@ def _main_uneven():
   # A fused LSTM's projection (hidden, proj_features) holds no gates: its last axis
   # (4) split over 4 devices, which do not divide the hidden size (6), it runs.
   graphdef, state = nnx.split(random_module(
-    lambda: nr.LSTM(IN, 6, proj_features=4, rngs=nnx.Rngs(0)), sharding=_unplaced))
+    lambda: nr.LSTM(IN, 6, proj_features=4, rngs=nnx.Rngs(0))))
   run = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
   want = run(state, x)
   with jax.set_mesh(mesh):

@@ -141,6 +141,17 @@ def assert_trees_close(a, b, atol=1e-5, rtol=1e-5):
                                err_msg=f'leaf {jax.tree_util.keystr(path)}')
 
 
+def value_and_grads_of(graphdef, run, params, x, carry):
+  """``run(nnx.merge(graphdef, params), x, carry)`` and the gradients of a
+  weighted loss of it with respect to ``(params, x, carry)`` (to be traced)."""
+  def f(params, x, carry):
+    return run(nnx.merge(graphdef, params), x, carry)
+
+  out, vjp = jax.vjp(f, params, x, carry)
+  _, loss_vjp = jax.vjp(weighted_loss, out)
+  return out, vjp(loss_vjp(jnp.ones(()))[0])
+
+
 def values_and_grads(layer, x, carry, run, *more_runs):
   """``run(layer, x, carry)`` and the gradients of a weighted loss of it, jitted;
   with ``more_runs``, a list of those for each run, all in ONE compilation."""
@@ -148,15 +159,7 @@ def values_and_grads(layer, x, carry, run, *more_runs):
 
   @jax.jit
   def every_run(params, x, carry):
-    results = []
-    for r in (run, *more_runs):
-      def f(params, x, carry, r=r):
-        return r(nnx.merge(graphdef, params), x, carry)
-
-      out, vjp = jax.vjp(f, params, x, carry)
-      _, loss_vjp = jax.vjp(weighted_loss, out)
-      results.append((out, vjp(loss_vjp(jnp.ones(()))[0])))
-    return results
+    return [value_and_grads_of(graphdef, r, params, x, carry) for r in (run, *more_runs)]
 
   results = every_run(params, x, carry)
   return results if more_runs else results[0]

@@ -39,6 +39,7 @@ from tests.test_fused import (
   make,
   numpy_layers,
   random_carry,
+  value_and_grads_of,
   values_and_grads,
   weighted_loss,
 )
@@ -62,15 +63,7 @@ def _values_and_grads_program(graphdef, settings, force_triton):
   the matmul precision): one compilation for the tests whose layers differ in
   values only (the float16 and bfloat16 tests below)."""
   del force_triton  # a key only: read while tracing
-
-  @jax.jit
-  def program(params, x, carry):
-    f = lambda params, x, carry: run(nnx.merge(graphdef, params), x, carry)  # noqa: E731
-    out, vjp = jax.vjp(f, params, x, carry)
-    _, loss_vjp = jax.vjp(weighted_loss, out)
-    return out, vjp(loss_vjp(jnp.ones(()))[0])
-
-  return program
+  return jax.jit(functools.partial(value_and_grads_of, graphdef, run))
 
 
 def shared_values_and_grads(layer, x, carry):

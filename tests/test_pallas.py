@@ -870,11 +870,12 @@ def _kernel_rows(layer, x):
 
 
 @pytest.mark.parametrize('rows,hidden,padded', [(1, 16, 16), (16, 16, 16), (17, 16, 32),
-                                                (3, 256, 16), (33, 256, 48)])
+                                                (129, 16, 192), (3, 256, 16), (33, 256, 48)])
 def test_pallas_padded_rows_are_the_rows_the_kernels_run(rows, hidden, padded):
   """``internal.pallas_padded_rows``, by which ``benchmarks/pallas_verdict`` widens a
   measured region, is the batch the kernels actually run: 16-row blocks up to
-  64 rows, fewer rows a block from ``H = 256`` on (the state is held on chip)."""
+  64 rows, blocks of 64 rows beyond (129 rows: 3 blocks, not a block of 256), fewer
+  rows a block from ``H = 256`` on (the state is held on chip)."""
   layer = build(lambda: nr.GRU(I, hidden, implementation='pallas', rngs=nnx.Rngs(0)))
   assert internal.pallas_padded_rows(rows, hidden) == padded
   assert _kernel_rows(layer, jnp.ones((rows, 2, I))) == padded

@@ -808,8 +808,9 @@ def test_second_order_equals_the_scans(cls, masks, residuals):
   def second_order(layer):
     graphdef, params = nnx.split(layer)
 
-    def loss(params, x, carry):
-      return jnp.sum(jnp.tanh(nnx.merge(graphdef, params)(x, initial_carry=carry, **kw)) ** 2)
+    def loss(params, x, carry):  # the outputs and the final carry (the forward's JVP of both)
+      final, y = nnx.merge(graphdef, params)(x, initial_carry=carry, return_carry=True, **kw)
+      return sum(jnp.sum(jnp.tanh(a) ** 2) for a in jax.tree_util.tree_leaves((final, y)))
 
     def gradient_norm(params, x, carry):
       grads = jax.grad(loss, argnums=(0, 1, 2))(params, x, carry)

@@ -644,7 +644,8 @@ def test_matmul_auto_takes_the_multiply_adds_up_to_64_columns():
   """``matmul='auto'``: the multiply-adds where ``W_h``'s gate blocks are at
   most 64 wide, one batch row a program, in one warp up to 32 columns and two
   up to 64 (whatever ``state_elements`` and ``num_warps`` say); beyond, the
-  ``dot`` with its 16-row blocks and the settings' warps. Read off the
+  ``dot`` with its 16-row blocks and the settings' warps (and either way the
+  settings' ``num_stages``). Read off the
   training step exported for CUDA: a block of one row lowers only without a
   ``dot`` (Triton's needs 16 rows)."""
   def launches(hidden, **proj):
@@ -659,10 +660,11 @@ def test_matmul_auto_takes_the_multiply_adds_up_to_64_columns():
     with internal.triton_lowering():
       exported = export.export(jax.jit(jax.grad(loss)), platforms=['cuda'],
                                disabled_checks=unchecked)(params, x)
-    return sorted(re.findall(r'grid_x = (\d+) : i32.*num_warps = (\d+) : i32',
+    return sorted(re.findall(r'grid_x = (\d+) : i32.*num_stages = 2 : i32, num_warps = (\d+) : i32',
                              exported.mlir_module()))
 
-  with internal.pallas_settings(matmul='auto', state_elements=4096, num_warps=4):
+  # num_stages: the setting's, in every call
+  with internal.pallas_settings(matmul='auto', state_elements=4096, num_warps=4, num_stages=2):
     assert [internal.pallas_padded_rows(B, h) for h in (32, 64, 128)] == [B, B, 16]
     assert launches(32) == [(str(B), '1')] * 2  # forward and backward kernels
     assert launches(64) == [(str(B), '2')] * 2

@@ -260,6 +260,10 @@ def test_column_chunks_and_partly_held_weights(cls, masks, mode):
 
 def test_pallas_settings_yield_the_changes_and_nest():
   default = internal.PallasSettings()
+  # the defaults _pallas_settings.Settings documents (measured on an H200; Triton's limits)
+  assert default._asdict() == dict(
+    chunk=64, hold_bytes=176 * 1024, state_elements=4096, unrolled_chunks=4, num_warps=8,
+    num_stages=1, matmul='dot', prefetch=True, recurrent_weights='float32', residuals='written')
   with internal.pallas_settings(chunk=16) as outer:
     assert outer == default._replace(chunk=16)
     with internal.pallas_settings(num_warps=2) as inner:

@@ -217,6 +217,28 @@ def test_rebuilt_residuals_follow_what_the_forward_saved():
       assert_trees_close(apply(kernels, y), want)
 
 
+def test_what_the_training_forward_kernel_writes_follows_the_residuals_setting():
+  """Under a gradient the forward kernel writes, besides the outputs and the final
+  carry, five residual tiles a step with ``residuals='written'`` (``(time, rows,
+  5, Hp)``), the LSTM's ``c`` alone with ``'rebuilt'`` (``(time, rows, Hp)``) and
+  the GRU nothing (its inference kernel). Read off the traced training step (the
+  values of both forms are equal: ``test_rebuilt_residuals``), whose two kernels
+  are named in a profile as ``docs/performance.md`` says (``nr.LSTM/pallas_forward``,
+  ``nr.LSTM/pallas_backward``)."""
+  x = jnp.ones((B, T, I))
+  for cls, residuals, written in ((nr.LSTM, 'written', [(T, 16, 5, 16)]),
+                                  (nr.LSTM, 'rebuilt', [(T, 16, 16)]),
+                                  (nr.GRU, 'written', [(T, 16, 5, 16)]), (nr.GRU, 'rebuilt', [])):
+    graphdef, params = nnx.split(make(cls, implementation='pallas'))
+    with internal.pallas_settings(residuals=residuals):
+      jaxpr = jax.make_jaxpr(jax.grad(lambda p, g=graphdef: jnp.sum(nnx.merge(g, p)(x))))(params)
+    forward, backward = [e for e in equations(jaxpr.jaxpr) if e.primitive.name == 'pallas_call']
+    for e, scope in ((forward, 'pallas_forward'), (backward, 'pallas_backward')):
+      assert str(e.source_info.name_stack).startswith(f'nr.{cls.__name__}/{scope}/')
+    carries = 2 if cls is nr.LSTM else 1  # after the outputs (time, rows, Pp)
+    assert [v.aval.shape for v in forward.outvars[1 + carries:]] == written, (cls, residuals)
+
+
 # The loads a step ahead (PallasSettings.prefetch, the default) in several chunks run
 # in 'fma': they are the same code whichever products follow ('dot' or 'fma'), and
 # the 'dot' products in several chunks run in 'unrolled' and 'rolled'.

@@ -450,6 +450,29 @@ def test_float16_recurrent_weights_beyond_float16s_range(cls, case):
                                err_msg=jax.tree_util.keystr(path))
 
 
+def test_float16_recurrent_weights_only_where_the_layer_computes_in_float32():
+  """``recurrent_weights='float16'`` at a matmul precision of TF32 or less
+  (``'tensorfloat32'``, ``'bfloat16'``, ``'default'``): a float32
+  layer's training step holds float16 arrays (the weights, the products'
+  operands), a bfloat16 layer's none (its weights keep their dtype). Read off
+  the traced step (the values: the tests above)."""
+  x = jnp.ones((B, T, I))
+
+  def float16_arrays(dtype, precision):
+    graphdef, params = nnx.split(make(nr.GRU, implementation='pallas', dtype=dtype))
+
+    def loss(p):
+      return jnp.sum(nnx.merge(graphdef, p)(x).astype(jnp.float32))
+
+    with internal.pallas_settings(recurrent_weights='float16'), \
+         jax.default_matmul_precision(precision):
+      return len(re.findall(r'(?<![b\w])f16\[', str(jax.make_jaxpr(jax.grad(loss))(params))))
+
+  for precision in ('tensorfloat32', 'bfloat16', 'default'):
+    assert float16_arrays(jnp.float32, precision) > 0, precision
+  assert float16_arrays(jnp.bfloat16, 'tensorfloat32') == 0
+
+
 def test_float16_recurrent_weights_lower_as_float16_products():
   """Lowered for CUDA (Triton IR): with ``recurrent_weights='float16'`` both
   kernels' ``dot``s take float16 operands; without it neither kernel has any."""

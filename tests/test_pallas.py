@@ -551,16 +551,20 @@ def test_row_scale_is_each_rows_power_of_two():
 def test_bfloat16_computation(cls, residuals):
   """bfloat16 matmuls and residuals (float32 state in the kernel; or the residuals
   rebuilt by XLA from the bfloat16 outputs) against the float32 XLA scans: values
-  and gradients, at bfloat16's tolerance."""
+  and gradients, at bfloat16's tolerance. The initial carry in float32 or (with
+  the residuals rebuilt: either carry dtype goes with either form) in bfloat16:
+  the final carry and the carry's gradient in its dtype."""
   layer = make(cls, 1, False, seed=34, implementation='pallas', dtype=jnp.bfloat16)
   full = make(cls, 1, False, seed=34, implementation='xla')
   x = ref.normal((B, T, I), seed=35)
-  carry0 = random_carry(layer, seed=36)
+  carry_dtype = jnp.dtype(jnp.float32 if residuals == 'written' else jnp.bfloat16)
+  carry0 = jax.tree_util.tree_map(lambda a: a.astype(carry_dtype), random_carry(layer, seed=36))
   with internal.pallas_settings(residuals=residuals):
     out, grads = shared_values_and_grads(layer, x, carry0)
-  assert out[1].dtype == jnp.bfloat16 and jax.tree_util.tree_leaves(out[0])[0].dtype == jnp.float32
+  assert out[1].dtype == jnp.bfloat16
+  assert {a.dtype for a in jax.tree_util.tree_leaves((out[0], grads[2]))} == {carry_dtype}
   # The final carry is the computation dtype's, rounded (as the scans' bfloat16 carry is).
-  final = np.asarray(out[0])
+  final = np.asarray(out[0], np.float32)
   np.testing.assert_array_equal(final, final.astype(jnp.bfloat16).astype(np.float32))
   out_f, grads_f = shared_values_and_grads(full, x, carry0)
   out = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), out)

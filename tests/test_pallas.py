@@ -224,19 +224,29 @@ def test_what_the_training_forward_kernel_writes_follows_the_residuals_setting()
   the GRU nothing (its inference kernel). Read off the traced training step (the
   values of both forms are equal: ``test_rebuilt_residuals``), whose two kernels
   are named in a profile as ``docs/performance.md`` says (``nr.LSTM/pallas_forward``,
-  ``nr.LSTM/pallas_backward``)."""
+  ``nr.LSTM/pallas_backward``). A projected LSTM (40 to 20) pads ``c`` to 64
+  columns and ``h`` and the outputs to 32 only (``Hp``, ``Pp``)."""
   x = jnp.ones((B, T, I))
+
+  def forward_outputs(layer, residuals):
+    graphdef, params = nnx.split(layer)
+    with internal.pallas_settings(residuals=residuals):
+      jaxpr = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(x))))(params)
+    forward, backward = [e for e in equations(jaxpr.jaxpr) if e.primitive.name == 'pallas_call']
+    for e, scope in ((forward, 'pallas_forward'), (backward, 'pallas_backward')):
+      assert str(e.source_info.name_stack).startswith(f'nr.{type(layer).__name__}/{scope}/')
+    return [v.aval.shape for v in forward.outvars]
+
   for cls, residuals, written in ((nr.LSTM, 'written', [(T, 16, 5, 16)]),
                                   (nr.LSTM, 'rebuilt', [(T, 16, 16)]),
                                   (nr.GRU, 'written', [(T, 16, 5, 16)]), (nr.GRU, 'rebuilt', [])):
-    graphdef, params = nnx.split(make(cls, implementation='pallas'))
-    with internal.pallas_settings(residuals=residuals):
-      jaxpr = jax.make_jaxpr(jax.grad(lambda p, g=graphdef: jnp.sum(nnx.merge(g, p)(x))))(params)
-    forward, backward = [e for e in equations(jaxpr.jaxpr) if e.primitive.name == 'pallas_call']
-    for e, scope in ((forward, 'pallas_forward'), (backward, 'pallas_backward')):
-      assert str(e.source_info.name_stack).startswith(f'nr.{cls.__name__}/{scope}/')
-    carries = 2 if cls is nr.LSTM else 1  # after the outputs (time, rows, Pp)
-    assert [v.aval.shape for v in forward.outvars[1 + carries:]] == written, (cls, residuals)
+    carries = [(16, 16)] * (2 if cls is nr.LSTM else 1)  # (rows, Hp), LSTM (c, h)
+    assert forward_outputs(make(cls, implementation='pallas'), residuals) == [
+      (T, 16, 16), *carries, *written], (cls, residuals)
+  projected = build(lambda: nr.LSTM(I, 40, proj_features=20, implementation='pallas',
+                                    rngs=nnx.Rngs(0)))
+  assert forward_outputs(projected, 'written') == [(T, 16, 32), (16, 64), (16, 32),
+                                                   (T, 16, 5, 64)]
 
 
 # The loads a step ahead (PallasSettings.prefetch, the default) in several chunks run

@@ -225,7 +225,8 @@ def test_what_the_training_forward_kernel_writes_follows_the_residuals_setting()
   values of both forms are equal: ``test_rebuilt_residuals``), whose two kernels
   are named in a profile as ``docs/performance.md`` says (``nr.LSTM/pallas_forward``,
   ``nr.LSTM/pallas_backward``). A projected LSTM (40 to 20) pads ``c`` to 64
-  columns and ``h`` and the outputs to 32 only (``Hp``, ``Pp``)."""
+  columns and ``h`` and the outputs to 32 only (``Hp``, ``Pp``). Without a
+  gradient the forward kernel writes no residuals."""
   x = jnp.ones((B, T, I))
 
   def forward_outputs(layer, residuals):
@@ -247,6 +248,9 @@ def test_what_the_training_forward_kernel_writes_follows_the_residuals_setting()
                                     rngs=nnx.Rngs(0)))
   assert forward_outputs(projected, 'written') == [(T, 16, 32), (16, 64), (16, 32),
                                                    (T, 16, 5, 64)]
+  inference, = [e for e in equations(jax.make_jaxpr(projected)(x).jaxpr)
+                if e.primitive.name == 'pallas_call']
+  assert [v.aval.shape for v in inference.outvars] == [(T, 16, 32), (16, 64), (16, 32)]
 
 
 # The loads a step ahead (PallasSettings.prefetch, the default) in several chunks run

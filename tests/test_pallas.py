@@ -277,15 +277,20 @@ def test_column_chunks_and_partly_held_weights(cls, masks, mode):
   generic composition (float32 sums in another order over 40 columns: to
   3e-5), lengths (0 and 1 among them) or packed sequences. One direction: the
   backward one runs the same kernels on each row reversed (both directions:
-  the tests above)."""
-  hidden, proj = (40, dict(proj_features=20)) if cls is nr.LSTM else (20, {})
+  the tests above). The rolled LSTM runs 32-wide chunks and a projection to
+  12: ``c`` in two chunks 32 wide, ``h`` in one 16 wide, tiles of ``W_h`` and
+  ``W_hr`` of two widths (16 x 32, 32 x 16)."""
+  two_widths = mode == 'rolled' and cls is nr.LSTM  # chunks of c and of h of two widths
+  hidden, proj = (40, dict(proj_features=12 if two_widths else 20)) if cls is nr.LSTM \
+    else (20, {})
   layer = build(lambda: cls(I, hidden, implementation='pallas', rngs=nnx.Rngs(51), **proj),
                 seed=51)
   x = ref.normal((B, IDS.shape[1], I), seed=52)
   padding = IDS == 0 if 'segment_ids' in masks else np.arange(x.shape[1]) >= LENGTHS[:, None]
   fma = dict(matmul='fma', state_elements=16) if mode == 'fma' else {}
   # W_h's tiles: the LSTM's 4 gates x 2 x 4 (and W_hr's 4 x 2), the GRU's 3 x 2 x 2
-  with internal.pallas_settings(chunk=16, hold_bytes=5 * 16 * 16 * 4,  # 5 of 32 or 12 tiles
+  with internal.pallas_settings(chunk=32 if two_widths else 16,
+                                hold_bytes=5 * 16 * 16 * 4,  # 5 of 32 or 12 tiles
                                 unrolled_chunks=1 if mode == 'rolled' else 4,
                                 prefetch=mode == 'fma', **fma):
     if fma:

@@ -299,6 +299,42 @@ def test_column_chunks_and_partly_held_weights(cls, masks, mode):
                                 padding=padding, tol=3e-5, **masks)
 
 
+def test_weight_tiles_are_held_across_steps_up_to_hold_bytes_and_loaded_at_each_step_beyond():
+  """``PallasSettings.hold_bytes``: each kernel loads the first weight tiles
+  that fit the budget once, before its time loop, and loads the others at
+  each step (one load per use); the budget is shared by ``W_h`` and the
+  projection's ``W_hr``, in that order. Read off the kernels' programs (the
+  values are the same either way: above): an LSTM of hidden 40 projected to 20
+  in 16-wide chunks has 32 tiles of ``W_h`` (4 gates x 2 x 4) and 8 of
+  ``W_hr``; a budget of exactly 34 tiles holds all of ``W_h`` and 2 of
+  ``W_hr``, in the forward kernel and in the backward (``W_h^T``, ``W_hr^T``)."""
+  layer = build(lambda: nr.LSTM(I, 40, proj_features=20, implementation='pallas',
+                                rngs=nnx.Rngs(0)))
+  graphdef, params = nnx.split(layer)
+
+  def loss(params):
+    return jnp.sum(nnx.merge(graphdef, params)(jnp.ones((B, T, I))))
+
+  with internal.pallas_settings(chunk=16, hold_bytes=34 * 16 * 16 * 4):
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+  loads = {}
+  for kernel_call in [e for e in equations(jaxpr) if e.primitive.name == 'pallas_call']:
+    kernel = kernel_call.params['jaxpr']
+    name = kernel_call.params['name']  # W_h, W_hr after the steps (and residuals, d ys)
+    weights = kernel.invars[2:4] if name.endswith('forward') else kernel.invars[3:5]
+    loop, = [e for e in kernel.eqns if e.primitive.name == 'scan']  # the time loop
+    body = loop.params['jaxpr'].jaxpr
+    for weight, label in zip(weights, ('W_h', 'W_hr')):
+      inside = [v for v, outer in zip(body.invars, loop.invars) if outer is weight]
+      loads[name, label] = (
+        sum(e.primitive.name == 'get' and e.invars[0] is weight for e in kernel.eqns),
+        sum(e.primitive.name == 'get' and e.invars[0] in inside for e in equations(body)))
+  # (loaded before the loop, loaded in the loop's body)
+  assert loads == {(f'nr_lstm_{kernel}', label): count
+                   for kernel in ('forward', 'backward')
+                   for label, count in (('W_h', (32, 0)), ('W_hr', (2, 6)))}
+
+
 def test_pallas_settings_yield_the_changes_and_nest():
   default = internal.PallasSettings()
   # the defaults _pallas_settings.Settings documents (measured on an H200; Triton's limits)

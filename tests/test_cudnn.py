@@ -119,13 +119,31 @@ def test_auto_and_xla_use_the_scans(fake_gpu):
   assert len(fake_gpu) == 1
 
 
-def test_fake_cuda_restores_what_it_replaced(fake_gpu):
-  """A nested ``internal.fake_cuda`` leaves the outer one's substitute in place."""
+def test_fake_cuda_restores_what_it_replaced(fake_gpu, monkeypatch):
+  """A nested ``internal.fake_cuda`` without a function runs jax's own
+  ``rnn.lstm`` inside it (here a stand-in that records its calls), and leaves
+  the outer one's substitute in place after it, also when left by an exception."""
+  jax_lstm = []
+
+  def recorded(x, h0, c0, weights, lengths, *, num_layers, dropout, **kw):
+    jax_lstm.append(kw)
+    return reference_lstm(x, h0, c0, weights, lengths, **kw)
+
+  monkeypatch.setattr(rnn, 'lstm', recorded)
   layer = make(implementation='cudnn')
+
+  def trace():  # a new function each time: jax caches a function's trace
+    jax.eval_shape(lambda x: layer(x), jnp.ones((B, T, I)))
+
   with internal.fake_cuda():
-    pass
-  jax.eval_shape(layer, jnp.ones((B, T, I)))
+    trace()
+  assert len(jax_lstm) == 1 and not fake_gpu
+  trace()
   assert len(fake_gpu) == 1
+  with pytest.raises(ZeroDivisionError), internal.fake_cuda():
+    1 / 0
+  trace()
+  assert len(fake_gpu) == 2 and len(jax_lstm) == 1
 
 
 @pytest.mark.skipif(ON_GPU, reason='checks the CPU message')

@@ -349,6 +349,10 @@ def test_pallas_settings_yield_the_changes_and_nest():
       assert now == outer
   with internal.pallas_settings() as now:
     assert now == default
+  with pytest.raises(ZeroDivisionError), internal.pallas_settings(chunk=32):
+    1 / 0
+  with internal.pallas_settings() as now:  # restored when left by an exception too
+    assert now == default
   with pytest.raises(ValueError, match=re.escape(
       "pallas_settings: matmul must be one of ('dot', 'fma', 'auto'), got 'wgmma'")), \
        internal.pallas_settings(matmul='wgmma'):
@@ -845,15 +849,32 @@ def test_errors(cls, monkeypatch):
 
 
 def test_triton_lowering_nests_and_asks_for_an_abstract_gpu_only_without_one(monkeypatch):
-  """A nested ``internal.triton_lowering`` leaves the outer one in force; on a
-  GPU no abstract device is needed (the kernels lower for the GPU there)."""
+  """A nested ``internal.triton_lowering`` leaves the outer one in force, and
+  leaving it (also by an exception) ends it. Without a GPU it lowers for an
+  abstract H200 (a one-device mesh of Auto axes: under Explicit ones the
+  layers refuse 'pallas'; jax 0.10.0 has no abstract platform and needs
+  none); on a GPU no abstract device is needed (the kernels lower for the GPU
+  there)."""
   from nnx_recurrent._fused import _pallas
 
   with internal.triton_lowering():
     with internal.triton_lowering():
       pass
     assert _pallas._force_triton
+    mesh = jax.sharding.get_abstract_mesh()
   assert not _pallas._force_triton
+  with pytest.raises(ZeroDivisionError), internal.triton_lowering():
+    1 / 0
+  assert not _pallas._force_triton
+  try:
+    jax.sharding.AbstractDevice(device_kind='NVIDIA H200', num_cores=None, platform='cuda')
+  except TypeError:  # jax 0.10.0
+    pass
+  else:
+    if jax.default_backend() != 'gpu':
+      assert (mesh.abstract_device.device_kind, mesh.abstract_device.platform) == \
+        ('NVIDIA H200', 'cuda')
+      assert tuple(mesh.axis_types) == (jax.sharding.AxisType.Auto,)
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   assert isinstance(internal._abstract_gpu(), contextlib.nullcontext)
 

@@ -700,8 +700,8 @@ def test_batch_blocks_and_batch_axes():
 
 @pytest.mark.parametrize('cls,dtype,weights,packed,gpu,matmul', [
   (nr.GRU, jnp.float32, 'held', False, True, 'dot'),
-  (nr.LSTM, jnp.bfloat16, 'loaded', True, False, 'dot'),
-  (nr.LSTM, jnp.float32, 'rolled', True, False, 'dot'),
+  (nr.LSTM, jnp.float32, 'loaded', True, False, 'dot'),
+  (nr.LSTM, jnp.bfloat16, 'rolled', True, False, 'dot'),  # the loop's state pieces: float32
   (nr.LSTM, jnp.float32, 'held', False, False, 'fma')])
 def test_kernels_lower_through_triton(cls, dtype, weights, packed, gpu, matmul, monkeypatch):
   """Without a GPU: the training step exported for CUDA holds the kernels

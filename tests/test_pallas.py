@@ -409,13 +409,22 @@ def _numpy_float16_products(layer, x, carry0, rows_scaled=False):
   return ((out[0][0], out[1][0]),), np.concatenate([out[0][1], out[1][1]], axis=-1)
 
 
+def _float16_weights(cls):
+  """The float16 weights' settings in the two tests below, which share their
+  compiled programs: the LSTM's products as multiply-adds (``matmul='fma'``,
+  whose operands round as the ``dot``'s do), the GRU's as ``dot``s."""
+  return internal.pallas_settings(recurrent_weights='float16',
+                                  matmul='fma' if cls is nr.LSTM else 'dot')
+
+
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
 def test_float16_recurrent_weights(cls):
   """``PallasSettings.recurrent_weights='float16'``: the forward kernel's products
   ``h W_h`` take ``h`` and ``W_h`` rounded to float16 (TF32's mantissa), at TF32
   precision: values against float64 NumPy with the same rounding (and
   further from NumPy without it), lengths 5, 2 and 0, a random carry, both
-  directions; gradients against the float32 scans at the rounding's tolerance
+  directions (the LSTM's products as multiply-adds: ``_float16_weights``);
+  gradients against the float32 scans at the rounding's tolerance
   (the backward kernel's products ``dgates W_h^T`` in float16 too, each row
   scaled into its range: see below). At ``'highest'`` precision,
   unset on the CPU (where that means float32), or with a projection, the
@@ -425,7 +434,7 @@ def test_float16_recurrent_weights(cls):
                             rngs=nnx.Rngs(61)), seed=61)
   x = ref.normal((B, T, I), seed=62)
   carry0 = random_carry(layer, seed=63)
-  with internal.pallas_settings(recurrent_weights='float16'):
+  with _float16_weights(cls):
     # gpu.sh runs the tests at 'highest'; TF32 is the default on a GPU (where the input
     # projections then round to TF32 too: a looser tolerance there)
     with jax.default_matmul_precision('tensorfloat32'):
@@ -491,8 +500,7 @@ def test_float16_recurrent_weights_beyond_float16s_range(cls, case):
     for cell in (layer.forward[0], layer.backward[0]):
       cell.dense_h.kernel[...] = cell.dense_h.kernel[...] * weights
     carry0 = jax.tree_util.tree_map(lambda a: a * carry, carry0)
-  with internal.pallas_settings(recurrent_weights='float16'), \
-       jax.default_matmul_precision('tensorfloat32'):
+  with _float16_weights(cls), jax.default_matmul_precision('tensorfloat32'):
     out, grads = shared_values_and_grads(layer, x, carry0)
   with np.errstate(over='ignore'):  # the huge weights' sigmoids: exp overflows to 1 / inf = 0
     want = _numpy_float16_products(layer, x, carry0, rows_scaled=carry > 1)

@@ -473,7 +473,7 @@ def test_float16_recurrent_weights_beyond_float16s_range(cls, case):
   block of ``W_h`` is scaled into float16's range (by a power of two), and where the
   initial carry exceeds it (65504) so are ``h``'s rows, at every step of that
   kernel program. Weights times 2**17 (over 65504) or times 2**-20 (float16
-  subnormals) with a carry times 2**20; or each gate's block times its own power
+  subnormals) with ``h`` times 2**20 (an LSTM's ``c`` not); or each gate's block times its own power
   of two (2**-18, 2**-17, ..., the last gate's 2**14 further up: with one scale for
   all gates, the first gates' blocks would be float16 subnormals, rounded to a
   few bits, and the values fail) with every carry entry in
@@ -500,7 +500,9 @@ def test_float16_recurrent_weights_beyond_float16s_range(cls, case):
     weights, carry = (2.0 ** 17, 1.0) if case == 'huge weights' else (2.0 ** -20, 2.0 ** 20)
     for cell in (layer.forward[0], layer.backward[0]):
       cell.dense_h.kernel[...] = cell.dense_h.kernel[...] * weights
-    carry0 = jax.tree_util.tree_map(lambda a: a * carry, carry0)
+    # h times 2**20, an LSTM's c not (the kernels judge h's range by h, not by c)
+    carry0 = tuple(tuple((c[0], c[1] * carry) if cls is nr.LSTM else c * carry for c in both)
+                   for both in carry0)
   with _float16_weights(cls), jax.default_matmul_precision('tensorfloat32'):
     out, grads = shared_values_and_grads(layer, x, carry0)
   with np.errstate(over='ignore'):  # the huge weights' sigmoids: exp overflows to 1 / inf = 0

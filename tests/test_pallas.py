@@ -8,6 +8,10 @@ themselves tested against the generic ``RNN`` composition) and the values
 against the float64 NumPy formulas of ``tests.reference``; packed sequences
 and the LSTM projection against the generic ``RNN`` composition. Garbage at
 padding: ``tests/test_fused_padding.py`` (and here with packed sequences).
+Where a kernel could read past a buffer (the loads a step ahead, a loop over
+chunks), the tests run under Pallas' checking interpreter
+(``internal.checked_interpreter``), which raises on such a read where the plain
+one clamps it.
 """
 
 import contextlib
@@ -82,14 +86,19 @@ def test_matches_xla_and_numpy(cls):
   NumPy; garbage at padding (NaN, inf, 1e30) changes no value and no gradient.
   One layer: a second runs the same kernels (the input projection is XLA's,
   outside them) on the first's outputs, zero at padding as checked here; the
-  layers around the kernels are the scans' (two layers: ``tests/test_fused.py``)."""
+  layers around the kernels are the scans' (two layers: ``tests/test_fused.py``).
+  Under Pallas' checking interpreter (``internal.checked_interpreter``): no
+  kernel reads outside a buffer (the loads a step ahead, both kernels', stop at
+  the last step: the plain interpreter clamps such a read, a GPU reads past
+  the sequence), and every output element is written (they start as NaN)."""
   layer = make(cls, 1, True, seed=31, implementation='pallas')
   x = ref.normal((B, T, I), seed=32)
   carry0 = random_carry(layer, seed=33)
   padding = np.arange(T)[None, :] >= LENGTHS[:, None]
-  (out, _), = check_plans_against_generic(  # one compilation
-    layer, x, carry0, ['default'], padding, seq_lengths=LENGTHS,
-    reference=lambda m, x, c: run(with_implementation(m, 'xla'), x, c)).values()
+  with internal.checked_interpreter():
+    (out, _), = check_plans_against_generic(  # one compilation
+      layer, x, carry0, ['default'], padding, seq_lengths=LENGTHS,
+      reference=lambda m, x, c: run(with_implementation(m, 'xla'), x, c)).values()
   assert_trees_close(out, numpy_layers(layer, x, LENGTHS, carry0), atol=2e-5)
   assert not np.asarray(out[1][2]).any()  # the length-0 row: zero outputs, initial carry
   assert_trees_close(jax.tree_util.tree_map(lambda a: a[2], out[0]),
@@ -279,7 +288,9 @@ def test_column_chunks_and_partly_held_weights(cls, masks, mode):
   backward one runs the same kernels on each row reversed (both directions:
   the tests above). The rolled LSTM runs 32-wide chunks and a projection to
   12: ``c`` in two chunks 32 wide, ``h`` in one 16 wide, tiles of ``W_h`` and
-  ``W_hr`` of two widths (16 x 32, 32 x 16)."""
+  ``W_hr`` of two widths (16 x 32, 32 x 16), under Pallas' checking
+  interpreter: no read outside a buffer by the loop's index (a read past the
+  last chunk is clamped by the plain interpreter, and its piece put nowhere)."""
   two_widths = mode == 'rolled' and cls is nr.LSTM  # chunks of c and of h of two widths
   hidden, proj = (40, dict(proj_features=12 if two_widths else 20)) if cls is nr.LSTM \
     else (20, {})
@@ -289,10 +300,11 @@ def test_column_chunks_and_partly_held_weights(cls, masks, mode):
   padding = IDS == 0 if 'segment_ids' in masks else np.arange(x.shape[1]) >= LENGTHS[:, None]
   fma = dict(matmul='fma', state_elements=16) if mode == 'fma' else {}
   # W_h's tiles: the LSTM's 4 gates x 2 x 4 (and W_hr's 4 x 2), the GRU's 3 x 2 x 2
-  with internal.pallas_settings(chunk=32 if two_widths else 16,
-                                hold_bytes=5 * 16 * 16 * 4,  # 5 of 32 or 12 tiles
-                                unrolled_chunks=1 if mode == 'rolled' else 4,
-                                prefetch=mode == 'fma', **fma):
+  checked = internal.checked_interpreter() if two_widths else contextlib.nullcontext()
+  with checked, internal.pallas_settings(chunk=32 if two_widths else 16,
+                                         hold_bytes=5 * 16 * 16 * 4,  # 5 of 32 or 12 tiles
+                                         unrolled_chunks=1 if mode == 'rolled' else 4,
+                                         prefetch=mode == 'fma', **fma):
     if fma:
       assert internal.pallas_padded_rows(B, hidden) == B
     check_plans_against_generic(layer, x, random_carry(layer, seed=53), ['default'],
@@ -888,6 +900,42 @@ def test_triton_lowering_nests_and_asks_for_an_abstract_gpu_only_without_one(mon
       assert tuple(mesh.axis_types) == (jax.sharding.AxisType.Auto,)
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   assert isinstance(internal._abstract_gpu(), contextlib.nullcontext)
+
+
+def test_checked_interpreter_nests_and_applies_only_where_the_kernels_are_interpreted():
+  """Inside ``internal.checked_interpreter`` (nested too) the interpreted
+  kernels' calls (``pallas_call``) take Pallas' checking interpreter, which raises on
+  a read outside a buffer and starts outputs as NaN (no Triton parameters:
+  that interpreter takes none); outside it (left by an exception too) the plain
+  one, ``interpret=True``; under ``triton_lowering`` none (read off the traced
+  programs)."""
+  from jax.experimental.pallas import tpu as pltpu
+
+  layer = make(nr.GRU, 1, False, seed=61, implementation='pallas')
+  x = jnp.ones((B, T, I))
+
+  def calls():
+    jaxpr = jax.make_jaxpr(lambda x: run(layer, x, None))(x).jaxpr
+    return [e.params for e in equations(jaxpr) if e.primitive.name == 'pallas_call']
+
+  def interpreters():
+    return [p['interpret'] for p in calls()]
+
+  with internal.checked_interpreter():
+    with internal.checked_interpreter():
+      pass
+    (checked,) = calls()
+    with internal.triton_lowering():
+      lowered = interpreters()
+  params = checked['interpret']
+  assert isinstance(params, pltpu.InterpretParams), params
+  assert (params.out_of_bounds_reads, params.uninitialized_memory) == ('raise', 'nan')
+  assert checked['compiler_params'] in (None, {}), checked['compiler_params']
+  assert lowered == [False]
+  assert interpreters() == [True]
+  with pytest.raises(ZeroDivisionError), internal.checked_interpreter():
+    1 / 0
+  assert interpreters() == [True]
 
 
 def test_a_jax_without_pallas_triton_backend(monkeypatch):

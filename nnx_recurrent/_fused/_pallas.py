@@ -75,6 +75,17 @@ _MAX_BLOCK_ROWS = 64  # more rows: a grid over batch blocks
 # Set by ``internal.triton_lowering``: the kernels lower for a GPU (Triton)
 # even when the default backend is the CPU, for ``jax.export`` to 'cuda'.
 _force_triton = False
+# Set by ``internal.checked_interpreter``: interpreted kernels run under Pallas'
+# checking interpreter, not ``interpret=True``.
+_checked_interpret = False
+
+
+def _checking_interpreter():
+  """Pallas' TPU interpreter (these kernels use nothing of a GPU's), which
+  raises on a read outside a buffer (``interpret=True`` clamps it; a GPU reads
+  what lies there) and starts outputs as NaN. Each access is a callback."""
+  from jax.experimental.pallas import tpu as pltpu
+  return pltpu.InterpretParams(out_of_bounds_reads='raise', uninitialized_memory='nan')
 
 
 def _triton():
@@ -133,6 +144,7 @@ class _Layout:
     self.rolled = self.nh > settings.unrolled_chunks  # a loop over Hp's chunks
     self.state = jnp.promote_types(dtype, jnp.float32)  # the kernels' h, c and gate math
     self.interpret = not (_force_triton or jax.default_backend() == 'gpu')
+    self.checked = self.interpret and _checked_interpret
     config: Any = jax.config  # its flags are attributes set at runtime, unknown to the stubs
     precision = config.jax_default_matmul_precision  # unset: TF32 on a GPU only
     low = (not self.interpret if precision is None
@@ -194,7 +206,7 @@ class _Layout:
       grid=(self.padded_rows // self.block,),
       in_specs=[spec(a.shape, axis) for a, axis in inputs],
       out_specs=[spec(shape, axis) for (shape, _), axis in outputs],
-      interpret=self.interpret,
+      interpret=_checking_interpreter() if self.checked else self.interpret,
       name=name,
       compiler_params=self._compiler_params(),
     )(*(a for a, _ in inputs))
@@ -202,9 +214,9 @@ class _Layout:
   def _compiler_params(self):
     """Triton's parameters, which select the Triton lowering (see above); none
     when interpreted with a jax that has no Triton backend (``unsupported``
-    refuses a GPU then)."""
+    refuses a GPU then) or by the checking interpreter."""
     triton = _triton()
-    if triton is None:
+    if triton is None or self.checked:
       return None
     return triton.CompilerParams(num_warps=self.num_warps,
                                  num_stages=self.settings.num_stages)

@@ -33,11 +33,16 @@ through its modules' private helpers. It offers exactly:
 * ``triton_lowering()``: a context manager under which the Pallas kernels
   (``implementation='pallas'``) lower for a GPU through Triton even when the
   default backend is the CPU, so that ``jax.export(..., platforms=['cuda'])``
-  checks their Triton lowering on a machine without a GPU (the tests).
+  checks their Triton lowering on a machine without a GPU (the tests);
+* ``checked_interpreter()``: a context manager under which the Pallas kernels,
+  where they are interpreted (on the CPU), run under Pallas' checking
+  interpreter: a read outside a buffer raises an ``IndexError`` (the plain
+  interpreter clamps it; a GPU reads whatever lies there) and outputs start as
+  NaN, so that what a kernel never writes shows (the tests).
 
-The plan, the cuDNN substitute, the Pallas settings and the Triton lowering are
-read while a layer is traced: trace (``jax.jit(...).lower``, or call) inside
-the ``with`` block.
+The plan, the cuDNN substitute, the Pallas settings, the Triton lowering and the
+checking interpreter are read while a layer is traced: trace
+(``jax.jit(...).lower``, or call) inside the ``with`` block.
 None of the context managers is thread-safe.
 
 Example::
@@ -69,7 +74,7 @@ from nnx_recurrent._fused._step_math import LSTMMath, dot, flat_dot_t, shift
 __all__ = [
   'dot', 'shift', 'flat_dot_t', 'TRANSPOSE_MIN_MACS', 'ScanPlan', 'Plan', 'plan_for',
   'gpu_plan', 'forced_plan', 'cuda_backend', 'fake_cuda', 'triton_lowering', 'pallas_settings',
-  'PallasSettings', 'pallas_padded_rows',
+  'PallasSettings', 'pallas_padded_rows', 'checked_interpreter',
 ]
 
 
@@ -131,6 +136,21 @@ def triton_lowering():
       yield
   finally:
     _pallas._force_triton = previous
+
+
+@contextlib.contextmanager
+def checked_interpreter():
+  """Inside the block the Pallas kernels, where they are interpreted (not
+  on a GPU, nor under :func:`triton_lowering`), run under Pallas' checking
+  interpreter: a read outside a buffer raises an ``IndexError``, and outputs
+  start as NaN. Not for float64 kernels (``jax_enable_x64``): under jax
+  0.10.2 a callback of the checking interpreter returns float32 where float64
+  is expected, and fails ("Incorrect output dtype")."""
+  previous, _pallas._checked_interpret = _pallas._checked_interpret, True
+  try:
+    yield
+  finally:
+    _pallas._checked_interpret = previous
 
 
 def _abstract_gpu():

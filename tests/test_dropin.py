@@ -1776,6 +1776,7 @@ class _SharedStepsCell(nnx.Module):
     return {**carry, 'h': h, 'steps': steps}, {'y': h, 'steps': steps}  # (more leaves go on)
 
 
+@nnx.jit  # the loop's steps in one program per shape (op by op, each op compiled its own)
 def _shared_steps_by_hand(cell, x, lengths, carry):
   """The documented masking, step by step in Python: at a row's padding its
   ``h`` keeps the last valid one and its outputs are zero; ``steps``, shared

@@ -845,10 +845,11 @@ def test_seq_lengths_that_broadcast_to_the_batch_as_in_flax():
   # Lengths of shape () and (2, 1) for batch (2, 3) time-major, (1,) for batch (4,) batch-major.
   xs = jnp.arange(4 * 2 * 3).reshape(4, 2, 3)
   cases = ((jnp.array(3), 2, True), (jnp.array([2]), 1, False), (jnp.array([[3], [1]]), 2, True))
-  for lengths, nb, tm in cases:
+  for lengths, nb, tm in cases:  # each flip in one program (op by op, each op compiled its own)
     with jax.numpy_rank_promotion('allow'):  # flax's flip promotes the lengths' rank
-      want = nnx_flip(xs, lengths, nb, tm)
-    np.testing.assert_array_equal(nr.flip_sequences(xs, lengths, nb, tm), want)
+      want = jax.jit(nnx_flip, static_argnums=(2, 3))(xs, lengths, nb, tm)
+    np.testing.assert_array_equal(
+      jax.jit(nr.flip_sequences, static_argnums=(2, 3))(xs, lengths, nb, tm), want)
 
 
 def test_a_flax_cell_computing_in_a_lower_dtype_keeps_the_carrys_dtype():

@@ -112,10 +112,10 @@ def test_param_dtype_none_is_jaxs_default_float_as_in_flax(x64):
       theirs = nnx.RNN(getattr(nnx, name)(IN, H, param_dtype=None, rngs=nnx.Rngs(0)))
       if name == 'GRUCell':  # flax.nnx's GRUCell has no b_hn
         ours.cell.bias_hn[...] = jnp.zeros_like(ours.cell.bias_hn[...])
-      y_o = ours(x)
       if x64 and name == 'SimpleCell':  # flax.nnx's fails: its step's carry comes in float32
-        continue  # (its recurrent kernel is drawn in float32); ours keeps the carry's float64
-      y_t = theirs(x)
+        nnx.jit(lambda m: m(x))(ours)  # (its recurrent kernel is drawn in float32); ours
+        continue  # keeps the carry's float64
+      y_o, y_t = nnx.jit(lambda a, b: (a(x), b(x)))(ours, theirs)  # both in one program
       assert y_o.dtype == y_t.dtype == want, name
       _close(y_o, y_t, atol=1e-6)
 

@@ -1845,9 +1845,35 @@ def test_a_shared_carry_leaf_of_the_batchs_size_where_rows_are_told_apart():
                                            return_carry=True))(rnn, x, start)
   _close((carry, y), _shared_steps_by_hand(cell, x, lengths, start))
   np.testing.assert_array_equal(carry['steps'], np.full(B, T + 2))
-  # Packed sequences: never reset, never frozen.
+  # The other layers' calls, in one program (op by op, each eager op compiled its
+  # own; the lengths and segment ids closed over: constants, as given eagerly):
+  # packed sequences; nnx.vmap over an ensemble axis (the batch inside is B, the
+  # leaf's size); nnx.scan over two chunks of the sequence, the carry passed on;
+  # reversed (outputs in processing order: the shared one has no input order,
+  # test_a_shared_output_leaf_has_no_one_order_when_rows_reverse_by_length),
+  # rematerialised, and both directions of a Bidirectional over a cell whose
+  # outputs are the rows' alone.
   seg = jnp.array([[1, 1, 2, 2, 2], [1, 2, 0, 0, 0], [0, 0, 0, 0, 0]])
-  carry, y = rnn(x, segment_ids=seg, return_carry=True)
+  xs = _x((2, B, T, IN))
+  rows_only = _RowOutputsCell(nnx.Rngs(0), B)
+  others = (nr.RNN(cell, reverse=True), nr.RNN(cell, remat=True),
+            nr.Bidirectional(nr.RNN(rows_only), nr.RNN(rows_only)))
+
+  def chunk(rnn, c, x):
+    return rnn(x, initial_carry=c, seq_lengths=lengths, return_carry=True)
+
+  @nnx.jit
+  def runs(rnn, others):
+    return (rnn(x, segment_ids=seg, return_carry=True),
+            nnx.vmap(lambda rnn, x: rnn(x, seq_lengths=lengths, return_carry=True),
+                     in_axes=(None, 0))(rnn, xs),
+            nnx.scan(chunk, in_axes=(None, nnx.Carry, 0), out_axes=(nnx.Carry, 0))(
+              rnn, rnn.cell.initialize_carry((B, IN)), xs),
+            [layer(x, seq_lengths=lengths, return_carry=True)[0] for layer in others])
+
+  packed, vmapped, scanned, (reversed_, remat, (c_f, c_b)) = runs(rnn, others)
+  # Packed sequences: never reset, never frozen.
+  carry, y = packed
   np.testing.assert_array_equal(carry['steps'], np.full(B, T))
   np.testing.assert_array_equal(y['steps'], np.broadcast_to(np.arange(1, T + 1), (B, T)))
   # Batch size 1: any leaf led with the batch's one axis; two batch axes, (2, B),
@@ -1856,42 +1882,28 @@ def test_a_shared_carry_leaf_of_the_batchs_size_where_rows_are_told_apart():
   for x2, lengths2, size in ((x[:1], lengths[1:2], 4), (_x((2, B, T, IN)), jnp.array(
       [[5, 2, 0], [1, 3, 4]]), 2)):
     cell2 = _SharedStepsCell(nnx.Rngs(0), size)
-    carry, y = nr.RNN(cell2, time_major=True)(jnp.moveaxis(x2, -2, 0), seq_lengths=lengths2,
-                                              return_carry=True)
+    carry, y = nnx.jit(lambda rnn, x, n=lengths2: rnn(x, seq_lengths=n, return_carry=True))(
+      nr.RNN(cell2, time_major=True), jnp.moveaxis(x2, -2, 0))  # one program, n concrete
     carry_h, y_h = _shared_steps_by_hand(cell2, x2, lengths2,
                                          cell2.initialize_carry(x2.shape[:-2] + (IN,)))
     _close((carry, y['y']), (carry_h, jnp.moveaxis(y_h['y'], -2, 0)))
     np.testing.assert_array_equal(carry['steps'], np.full(size, T))
     np.testing.assert_array_equal(y['steps'], np.broadcast_to(np.arange(1, T + 1)[:, None],
                                                               (T, size)))
-  # nnx.vmap over an ensemble axis: the batch inside is B, the leaf's size.
-  xs = _x((2, B, T, IN))
-  carry, y = nnx.vmap(lambda rnn, x: rnn(x, seq_lengths=lengths, return_carry=True),
-                      in_axes=(None, 0))(rnn, xs)
+  # nnx.vmap: each ensemble member as by hand.
+  carry, y = vmapped
   for i in range(2):
     _close(jax.tree.map(lambda a, i=i: a[i], (carry, y)),
            _shared_steps_by_hand(cell, xs[i], lengths, cell.initialize_carry((B, IN))),
            atol=1e-5)
-  # nnx.scan over two chunks of the sequence, the carry passed on.
-  def chunk(rnn, c, x):
-    return rnn(x, initial_carry=c, seq_lengths=lengths, return_carry=True)
-  carry, y = nnx.scan(chunk, in_axes=(None, nnx.Carry, 0), out_axes=(nnx.Carry, 0))(
-    rnn, cell.initialize_carry((B, IN)), xs)
+  # nnx.scan: the two chunks as by hand, the second from the first's carry.
+  carry, y = scanned
   c_h, y0 = _shared_steps_by_hand(cell, xs[0], lengths, cell.initialize_carry((B, IN)))
   c_h, y1 = _shared_steps_by_hand(cell, xs[1], lengths, c_h)
   _close((carry, y), (c_h, jax.tree.map(lambda a, b: jnp.stack([a, b]), y0, y1)), atol=1e-5)
   np.testing.assert_array_equal(carry['steps'], np.full(B, 2 * T))
-  # Reversed (outputs in processing order: the shared one has no input order,
-  # test_a_shared_output_leaf_has_no_one_order_when_rows_reverse_by_length),
-  # rematerialised, and both directions of a Bidirectional over a cell whose
-  # outputs are the rows' alone.
-  for layer in (nr.RNN(cell, reverse=True), nr.RNN(cell, remat=True)):
-    carry, _ = layer(x, seq_lengths=lengths, return_carry=True)
-    np.testing.assert_array_equal(carry['steps'], np.full(B, T))
-  rows_only = _RowOutputsCell(nnx.Rngs(0), B)
-  (c_f, c_b), y = nr.Bidirectional(nr.RNN(rows_only), nr.RNN(rows_only))(
-    x, seq_lengths=lengths, return_carry=True)
-  for c in (c_f, c_b):
+  # Reversed, remat, and the Bidirectional's two directions.
+  for c in (reversed_, remat, c_f, c_b):
     np.testing.assert_array_equal(c['steps'], np.full(B, T))
 
 

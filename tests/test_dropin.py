@@ -642,14 +642,19 @@ def test_packed_segments_in_a_cell_of_array_refs_start_from_the_default_carry():
   ids = jnp.array([[1, 1, 2, 2, 2], [1, 2, 2, 2, 0], [1, 1, 1, 1, 1]])
   ours = _with_vars(nr.RNN(nnx.clone(cell)), ref=True)
   got = jax.jit(lambda m: m(x, segment_ids=ids, initial_carry=h0))(ours)
-  theirs = nnx.RNN(cell)
-  for row, cut in enumerate((2, 1, 5)):
-    first = theirs(x[row:row + 1, :cut], initial_carry=h0[row:row + 1])
+  cuts, seconds = (2, 1, 5), [int((np.asarray(ids[row]) == 2).sum()) for row in range(B)]
+
+  @nnx.jit  # flax.nnx's runs on each segment alone, in one program
+  def references(theirs):
+    return [(theirs(x[row:row + 1, :cut], initial_carry=h0[row:row + 1]),
+             theirs(x[row:row + 1, cut:cut + length]) if cut < T else None)
+            for row, (cut, length) in enumerate(zip(cuts, seconds))]
+
+  for row, (first, second) in enumerate(references(nnx.RNN(cell))):
+    cut, length = cuts[row], seconds[row]
     _close(got[row:row + 1, :cut], first, atol=1e-5)
     if cut < T:
-      length = int((ids[row] == 2).sum())
-      _close(got[row:row + 1, cut:cut + length], theirs(x[row:row + 1, cut:cut + length]),
-             atol=1e-5)
+      _close(got[row:row + 1, cut:cut + length], second, atol=1e-5)
 
 
 def test_a_shared_carry_leaf_in_a_cell_of_array_refs_steps_through_padding():
@@ -2013,12 +2018,18 @@ def test_a_carry_whose_structure_is_the_batch_sizes_is_masked_by_its_shapes():
   x, length = _x((1, T, IN)), 2
   cell = _RowTupleCell(nnx.Rngs(0))
   carry, y = nr.RNN(cell)(x, seq_lengths=jnp.array([length]), return_carry=True)
-  c, ys = cell.initialize_carry((1, IN)), []  # by hand: the valid steps, then zeros
-  for t in range(length):
-    c, y_t = cell(c, x[:, t])
-    ys.append(y_t)
+
+  @nnx.jit  # by hand, in one program: the valid steps, then zeros
+  def by_hand(cell):
+    c, ys = cell.initialize_carry((1, IN)), []
+    for t in range(length):
+      c, y_t = cell(c, x[:, t])
+      ys.append(y_t)
+    return c, jnp.stack(ys + [jnp.zeros((1, H))] * (T - length), 1)
+
+  c, ys = by_hand(cell)
   _close(carry, c)
-  _close(y, jnp.stack(ys + [jnp.zeros((1, H))] * (T - length), 1))
+  _close(y, ys)
 
 
 class _PositionCell(_RowOutputsCell):
@@ -2043,14 +2054,20 @@ def test_a_shared_carry_leaf_steps_through_padding_where_only_the_carry_can_be_p
   cell = _PositionCell(nnx.Rngs(0), B)
   start = {'h': jnp.zeros((B, H)), 'steps': jnp.zeros((B,)), 'pos': jnp.array(0)}
   carry, y = nr.RNN(cell)(x, initial_carry=start, seq_lengths=lengths, return_carry=True)
-  c, ys = start, []  # by hand: h keeps its last valid value, steps and pos go on
-  for t in range(T):
-    valid = (t < lengths)[:, None]
-    new, y_t = cell(c, jnp.where(valid, x[:, t], 0))
-    c = {**new, 'h': jnp.where(valid, new['h'], c['h'])}
-    ys.append(jnp.where(valid, y_t, 0))
+
+  @nnx.jit  # by hand, in one program: h keeps its last valid value, steps and pos go on
+  def by_hand(cell):
+    c, ys = start, []
+    for t in range(T):
+      valid = (t < lengths)[:, None]
+      new, y_t = cell(c, jnp.where(valid, x[:, t], 0))
+      c = {**new, 'h': jnp.where(valid, new['h'], c['h'])}
+      ys.append(jnp.where(valid, y_t, 0))
+    return c, jnp.stack(ys, 1)
+
+  c, ys = by_hand(cell)
   _close(carry, c)
-  _close(y, jnp.stack(ys, 1))
+  _close(y, ys)
   np.testing.assert_array_equal(carry['steps'], np.full(B, T))
 
 

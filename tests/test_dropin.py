@@ -519,9 +519,10 @@ def test_plain_jax_transforms_take_the_layers_as_pytrees_as_flax():
   reaches nothing), and jax.grad gives nnx.grad's gradients.
   flax.nnx's RNN holds a uint32 RNG key, which jax.grad refuses; ours holds
   none without dropout."""
-  valid = (jnp.arange(T)[None, :] < LENGTHS[:, None])[..., None]
-  x = jnp.where(valid, _x(), jnp.nan)
-  x_finite = jnp.where(valid, _x(), 1e3)  # flax.nnx's gradients take NaN from NaN padding
+  # (The inputs and masks made by NumPy, the gradients under jit: no program per eager op.)
+  valid = (np.arange(T)[None, :] < np.asarray(LENGTHS)[:, None])[..., None]
+  x = jnp.asarray(np.where(valid, _x(), np.nan))
+  x_finite = jnp.asarray(np.where(valid, _x(), 1e3))  # flax.nnx's gradients take NaN from it
 
   def layer(lib):
     return lib.RNN(lib.LSTMCell(IN, H, rngs=nnx.Rngs(0)))
@@ -532,11 +533,11 @@ def test_plain_jax_transforms_take_the_layers_as_pytrees_as_flax():
   ours, theirs = layer(nr), layer(nnx)
   y = jax.jit(lambda m: m(x, seq_lengths=LENGTHS))(ours)
   want = jax.jit(lambda m: m(x, seq_lengths=LENGTHS))(theirs)
-  _close(jnp.where(valid, y, 0.0), jnp.where(valid, want, 0.0))
-  assert not jnp.any(jnp.where(valid, 0.0, y))  # zeros at padding
-  grads = jax.grad(loss)(ours)
+  _close(np.where(valid, y, 0.0), np.where(valid, want, 0.0))
+  assert not np.any(np.where(valid, 0.0, y))  # zeros at padding
+  grads = jax.jit(jax.grad(loss))(ours)
   assert isinstance(grads, nr.RNN)
-  want_grads = nnx.grad(lambda m: loss(m, x_finite))(theirs)
+  want_grads = nnx.jit(nnx.grad(lambda m: loss(m, x_finite)))(theirs)
   _close(nnx.state(grads, nnx.Param), nnx.state(want_grads, nnx.Param), atol=1e-5)
   with pytest.raises(TypeError, match='grad requires real- or complex-valued inputs'):
     jax.grad(loss)(theirs)

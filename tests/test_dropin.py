@@ -1446,31 +1446,33 @@ def test_a_carry_leaf_shared_by_the_rows_runs_with_seq_lengths_as_flax():
   scan carry-type error, and zeroed a time-major ``()`` output into ``(B,)``.)"""
   x = _x()
   ours, theirs = nr.RNN(_SharedCounterCell(nnx.Rngs(0))), nnx.RNN(_SharedCounterCell(nnx.Rngs(0)))
-  valid = (jnp.arange(T)[None] < LENGTHS[:, None])[..., None]
+  valid = (np.arange(T)[None] < np.asarray(LENGTHS)[:, None])[..., None]
+  xt = jnp.swapaxes(x, 0, 1)
+  seg = jnp.array([[1, 1, 2, 2, 2], [1, 2, 0, 0, 0], [0, 0, 0, 0, 0]])
+  start = (jnp.zeros((B, H)), 2)  # the counter given as a Python number (closed over: as given)
 
-  @nnx.jit
-  def runs(ours, theirs, x):
-    return ours(x, seq_lengths=LENGTHS, return_carry=True), theirs(x, seq_lengths=LENGTHS)
+  @nnx.jit  # every call in one program (the lengths and segment ids: constants, as given)
+  def runs(ours, theirs, ours_tm, theirs_tm):
+    return (ours(x, seq_lengths=LENGTHS, return_carry=True), theirs(x, seq_lengths=LENGTHS),
+            (ours_tm(xt, seq_lengths=LENGTHS), theirs_tm(xt)),
+            ours(x, segment_ids=seg, return_carry=True)[0][1],
+            (ours(x, initial_carry=start, return_carry=True),
+             theirs(x, initial_carry=start, return_carry=True)))
 
-  ((h, t), y), y_t = runs(ours, theirs, x)
-  _close(y, jnp.where(valid, y_t, 0))
+  ((h, t), y), y_t, (ys, ys_t), t_packed, ((carry_o, y_o), (carry_t, y_t2)) = runs(
+    ours, theirs, *(lib.RNN(_SharedCounterCell(nnx.Rngs(0), True), time_major=True)
+                    for lib in (nr, nnx)))
+  _close(y, np.where(valid, y_t, 0))
   assert t.shape == () and int(t) == T
   _close(h[0], y_t[0, -1])  # full row: its last step
   # Time-major: a () output per step stays (T,), as flax.nnx returns it.
-  ys = nr.RNN(_SharedCounterCell(nnx.Rngs(0), True), time_major=True)(
-    jnp.swapaxes(x, 0, 1), seq_lengths=LENGTHS)
-  ys_t = nnx.RNN(_SharedCounterCell(nnx.Rngs(0), True), time_major=True)(jnp.swapaxes(x, 0, 1))
   assert ys[1].shape == ys_t[1].shape == (T,)
-  _close(ys[0], jnp.where(jnp.swapaxes(valid, 0, 1), ys_t[0], 0))
+  _close(ys[0], np.where(np.swapaxes(valid, 0, 1), ys_t[0], 0))
   # Packed sequences: the counter is not reset at segment starts.
-  seg = jnp.array([[1, 1, 2, 2, 2], [1, 2, 0, 0, 0], [0, 0, 0, 0, 0]])
-  _, t_packed = nr.RNN(_SharedCounterCell(nnx.Rngs(0)))(x, segment_ids=seg, return_carry=True)[0]
   assert int(t_packed) == T
   # The counter given as a Python number, as flax.nnx takes it (a leaf of shape ()).
-  start = (jnp.zeros((B, H)), 2)
-  (_, t_o), y_o = ours(x, initial_carry=start, return_carry=True)
-  (_, t_t), y_t = theirs(x, initial_carry=start, return_carry=True)
-  _close(y_o, y_t)
+  (_, t_o), (_, t_t) = carry_o, carry_t
+  _close(y_o, y_t2)
   assert int(t_o) == int(t_t) == T + 2 and t_o.dtype == t_t.dtype
 
 

@@ -1058,17 +1058,19 @@ def test_call_flags_given_as_concrete_arrays_run_as_in_linen():
   x = normal((B, T, IN))
   flags = dict(reverse=jnp.array(True), keep_order=jnp.array(True),
                return_carry=jnp.asarray(True), time_major=jnp.array(False))
-  variables = nn.RNN(nn.GRUCell(H)).init(jax.random.key(0), x)
-  theirs = nn.RNN(nn.GRUCell(H)).apply(variables, x, seq_lengths=LENGTHS, **flags)
-  ours = compat.RNN(compat.GRUCell(H)).apply(variables, x, seq_lengths=LENGTHS, **flags)
-  _assert_close(ours, theirs)
+  variables = random_linen_variables(nn.RNN(nn.GRUCell(H)), x)  # nothing to compile
   bi = {'params': {'forward_rnn': variables['params'], 'backward_rnn': variables['params']}}
   bi_flags = dict(return_carry=jnp.array(True), time_major=jnp.array(False))
-  theirs = nn.Bidirectional(nn.RNN(nn.GRUCell(H)), nn.RNN(nn.GRUCell(H))).apply(
-    bi, x, seq_lengths=LENGTHS, **bi_flags)
-  ours = compat.Bidirectional(compat.RNN(compat.GRUCell(H)), compat.RNN(compat.GRUCell(H))).apply(
-    bi, x, seq_lengths=LENGTHS, **bi_flags)
-  _assert_close(ours, theirs)
+
+  @jax.jit  # every apply in one program; the flags closed over: concrete, as given eagerly
+  def applies(variables, bi):
+    return [[lib.RNN(lib.GRUCell(H)).apply(variables, x, seq_lengths=LENGTHS, **flags)
+             for lib in (compat, nn)],
+            [lib.Bidirectional(lib.RNN(lib.GRUCell(H)), lib.RNN(lib.GRUCell(H))).apply(
+              bi, x, seq_lengths=LENGTHS, **bi_flags) for lib in (compat, nn)]]
+
+  for ours, theirs in applies(variables, bi):
+    _assert_close(ours, theirs)
   with pytest.raises(TypeError, match=r'RNN: `reverse` expected a bool, got ArrayImpl'):
     compat.RNN(compat.GRUCell(H)).apply(variables, x, reverse=jnp.array([True, False]))
 
@@ -1942,11 +1944,16 @@ def test_compat_is_lazy_and_falls_through_to_linen():
 
 def test_param_dtype_none_runs_as_in_linen():
   x = normal((B, T, IN))
-  for name in ('LSTMCell', 'GRUCell', 'SimpleCell'):
-    theirs = nn.RNN(getattr(nn, name)(H, param_dtype=None))
-    variables = theirs.init(jax.random.key(0), x)
-    ours = compat.RNN(getattr(compat, name)(H, param_dtype=None))
-    _assert_close(ours.apply(variables, x), theirs.apply(variables, x), atol=1e-6)
+  names = ('LSTMCell', 'GRUCell', 'SimpleCell')
+  theirs = [nn.RNN(getattr(nn, name)(H, param_dtype=None)) for name in names]
+  ours = [compat.RNN(getattr(compat, name)(H, param_dtype=None)) for name in names]
+  # flax.linen's variables (their shapes and dtypes) filled by NumPy: nothing to compile.
+  variables = [random_linen_variables(rnn, x) for rnn in theirs]
+  # Every apply in one program (eagerly each scan and op compiled its own).
+  outs = jax.jit(lambda vs: [(o.apply(v, x), t.apply(v, x))
+                             for o, t, v in zip(ours, theirs, vs)])(variables)
+  for out_o, out_t in outs:
+    _assert_close(out_o, out_t, atol=1e-6)
 
 
 # -- found by mutation testing (s47) -------------------------------------------------

@@ -982,7 +982,7 @@ def test_seq_lengths_of_shape_one_broadcast_as_in_linen():
   # flax.linen broadcasts lengths of shape (1,) over the batch (carry gather and flips).
   x = normal((B, T, IN))
   kw = dict(return_carry=True, reverse=True, keep_order=True)
-  variables = nn.RNN(nn.GRUCell(H), **kw).init(jax.random.key(0), x)
+  variables = random_linen_variables(nn.RNN(nn.GRUCell(H), **kw), x)  # nothing to compile
   one = jnp.array([3])
   ours, theirs = jax.jit(lambda v: [ns.RNN(ns.GRUCell(H), **kw).apply(v, x, seq_lengths=one)
                                     for ns in (compat, nn)])(variables)
@@ -1835,7 +1835,7 @@ def test_checkpoints_that_do_not_fit_raise_flax_linens_error_classes():
   import flax
 
   x = np.ones((B, T, IN), np.float32)
-  v = nn.RNN(nn.LSTMCell(H)).init(jax.random.key(1), x)
+  v = random_linen_variables(nn.RNN(nn.LSTMCell(H)), x)  # the shapes matter: nothing to compile
 
   def without(*path):
     p = flax.core.unfreeze(v)
@@ -1979,7 +1979,7 @@ class _WrappedLSTM(nn.RNNCellBase):
 
 def test_a_carry_size_error_without_a_given_carry_names_the_cell_not_initial_carry():
   xs = np.ones((B, T, IN), np.float32)
-  variables = compat.RNN(_WrappedLSTM(H)).init(jax.random.key(0), xs)
+  variables = random_linen_variables(compat.RNN(_WrappedLSTM(H)), xs)  # (shapes: no compile)
   with pytest.raises(ValueError, match=r"^LSTMCell: `carry` expected a last axis of size "
                      rf"{H} \(the parameter 'h\w/kernel' has shape \({H}, {H}\);.*got size "
                      rf'{H + 1}\.'):
@@ -2022,7 +2022,7 @@ def test_to_nnx_refuses_an_extra_leaf_and_a_kernel_without_two_axes():
   import flax
 
   x = np.ones((B, T, IN), np.float32)
-  variables = flax.core.unfreeze(nn.RNN(nn.LSTMCell(H)).init(jax.random.key(0), x))
+  variables = flax.core.unfreeze(random_linen_variables(nn.RNN(nn.LSTMCell(H)), x))  # shapes
   variables['params']['cell']['ii']['bias'] = np.ones(H, np.float32)
   with pytest.raises(ValueError, match=r"to_nnx \(LSTMCell\): `params` expected 'ii' with "
                      r"leaves \['kernel'\], got \['bias', 'kernel'\]\."):

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import serialization
+from flax import nnx, serialization
 
 import nnx_recurrent as nr
 from nnx_recurrent import compat
@@ -45,11 +45,18 @@ OLD = old.Fixtures('old_flax')
 CASES = OLD.cases
 
 
+def _config(case: dict) -> tuple:
+  """What a case's modules are built from (hashable): the fixtures of different
+  releases share it where they hold the same cell and kind."""
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in case['cell_kwargs'].items()}
+  return case['kind'], case['cell'], int(case['hidden']), tuple(sorted(kwargs.items()))
+
+
 def _make_cell(case: dict, nn=compat) -> functools.partial:
   """The case's cell class of ``nn`` (compat, or flax.linen) with its fields
   (``features`` is the one a pre-0.7 cell did not take)."""
-  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in case['cell_kwargs'].items()}
-  return functools.partial(getattr(nn, case['cell']), features=int(case['hidden']), **kwargs)
+  _, cell, hidden, kwargs = _config(case)
+  return functools.partial(getattr(nn, cell), features=hidden, **dict(kwargs))
 
 
 def _cell(case: dict):
@@ -89,13 +96,43 @@ class _RNNEncoder(compat.Module):
 
 
 def _compat_module(case: dict, nn=compat):
-  """The case's module as written today with ``nn`` (compat, or flax.linen)."""
-  make_cell = _make_cell(case, nn)
-  if case['kind'] == 'scan':
+  """The case's module as written today with ``nn`` (compat, or flax.linen); one
+  object per configuration (:func:`_module`), so that :func:`_apply` compiles
+  it once for every release's fixture of that cell and kind."""
+  return _module(_config(case), nn, 'case')
+
+
+@functools.cache
+def _module(config: tuple, nn, role: str):
+  """The module of ``role`` for a configuration: ``'case'``, the case's module;
+  ``'rnn_encoder'``, the scan case's checkpoint under ``_RNNEncoder``;
+  ``'rnn'``, its cell standalone in ``compat.RNN``."""
+  kind, cell, hidden, kwargs = config
+  make_cell = functools.partial(getattr(nn, cell), features=hidden, **dict(kwargs))
+  if role == 'rnn_encoder':
+    return _RNNEncoder(make_cell, _scan_name({'cell': cell}))
+  if role == 'rnn':
+    return compat.RNN(make_cell(), return_carry=True)
+  if kind == 'scan':
     return _ScanEncoder(make_cell)
-  if case['kind'] == 'rnn':
+  if kind == 'rnn':
     return nn.RNN(make_cell(), return_carry=True)
   return nn.Bidirectional(nn.RNN(make_cell()), nn.RNN(make_cell()), return_carry=True)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(module, variables, args, kwargs):
+  """``module.apply`` under ``jit``: eager, each call's ``scan`` compiles a program
+  of its own; jitted, a module (:func:`_module`) compiles once for its inputs'
+  shapes, which every release's fixture of a cell and kind shares."""
+  return module.apply(variables, *args, **kwargs)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _nnx_call(graphdef, state, args, kwargs):
+  """An NNX layer's call under ``jit``, compiled once per graph and shapes (as
+  :func:`_apply`)."""
+  return nnx.merge(graphdef, state)(*args, **kwargs)
 
 
 def _args(case: dict):
@@ -115,12 +152,28 @@ def _args(case: dict):
 def _restored(module, case: dict) -> dict:
   """The fixture's variables, restored into the tree compat's ``init`` creates."""
   args, kwargs = _args(case)
-  target = jax.eval_shape(functools.partial(module.init, jax.random.key(0)), *args, **kwargs)
-  target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), flax.core.unfreeze(target))
+  target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                        _init_shapes(module, _spec((args, kwargs))))
   restored = serialization.from_state_dict(target, case['variables'])  # raises on a new name
   for t, r in zip(jax.tree.leaves(target), jax.tree.leaves(restored)):
     assert t.shape == r.shape and t.dtype == r.dtype
   return restored
+
+
+def _spec(tree) -> tuple:
+  """A hashable (structure, leaves' shapes and dtypes) of ``tree``."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple((np.shape(x), np.result_type(x).name) for x in leaves)
+
+
+@functools.cache
+def _init_shapes(module, spec: tuple) -> dict:
+  """The shapes and dtypes of the variables compat's ``init`` creates for inputs
+  of ``spec`` (:func:`_spec`); traced once per module and inputs' shapes."""
+  treedef, leaves = spec
+  args, kwargs = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(*x) for x in leaves])
+  return flax.core.unfreeze(
+    jax.eval_shape(functools.partial(module.init, jax.random.key(0)), *args, **kwargs))
 
 
 def test_fixtures_are_there():
@@ -140,13 +193,14 @@ def test_compat_reproduces_old_release(version, name):
   module = _compat_module(case)
   variables = _restored(module, case)
   args, kwargs = _args(case)
-  carry, outputs = module.apply(variables, *args, **kwargs)
+  carry, outputs = _apply(module, variables, args, kwargs)
   old.check(case, carry, outputs)  # padded steps included: compat computes them as flax.linen
   # What differs from the old release is today's XLA rounding, not compat: today's
   # flax.linen computes what compat does (the same bits under XLA's default flags;
   # under this suite's XLA optimisation level 0, an MGUCell RNN with seq_lengths
-  # and return_carry differs from flax.linen's by up to 1.2e-7).
-  linen = _compat_module(case, flax.linen).apply(variables, *args, **kwargs)
+  # and return_carry differs from flax.linen's by up to 1.5e-7, jitted as here
+  # or eager alike).
+  linen = _apply(_compat_module(case, flax.linen), variables, args, kwargs)
   for got, want in zip(jax.tree.leaves((carry, outputs)), jax.tree.leaves(linen)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)
 
@@ -157,12 +211,12 @@ def test_old_scan_checkpoint_under_compat_rnn(version, name):
   named as the scanned module was; or, standalone, the cell's params as ``'cell'``."""
   case = OLD.case(version, name)
   args, _ = _args(case)
-  module = _RNNEncoder(_make_cell(case), _scan_name(case))
-  carry, outputs = module.apply(_restored(module, case), *args)
+  module = _module(_config(case), compat, 'rnn_encoder')
+  carry, outputs = _apply(module, _restored(module, case), args, {})
   old.check(case, carry, outputs)
-  rnn = compat.RNN(_cell(case), return_carry=True)
+  rnn = _module(_config(case), compat, 'rnn')  # compat.RNN(cell, return_carry=True)
   params = {'cell': case['variables']['params'][_scan_name(case)]}
-  carry, outputs = rnn.apply({'params': params}, args[1], initial_carry=args[0])
+  carry, outputs = _apply(rnn, {'params': params}, (args[1],), {'initial_carry': args[0]})
   old.check(case, carry, outputs)
 
 
@@ -173,10 +227,11 @@ def test_to_nnx_reproduces_old_release(version, name):
   if case['kind'] == 'scan':  # the scanned cell's own parameters, as a cell
     cell = compat.to_nnx(_cell(case), {'params': case['variables']['params'][_scan_name(case)]})
     assert type(cell) is getattr(nr, case['cell'])
-    carry, outputs = nr.RNN(cell, return_carry=True)(args[1], initial_carry=args[0])
+    carry, outputs = _nnx_call(*nnx.split(nr.RNN(cell, return_carry=True)), (args[1],),
+                               {'initial_carry': args[0]})
   else:
     layer = compat.to_nnx(_compat_module(case), case['variables'])
-    carry, outputs = layer(*args, **kwargs)
+    carry, outputs = _nnx_call(*nnx.split(layer), args, kwargs)
   # nr.RNN gives zeros at padded steps (flax.linen computes on): valid steps only.
   old.check(case, carry, outputs, valid=old.valid(case))
 
@@ -192,14 +247,12 @@ def test_a_perturbed_parameter_is_noticed(version):
     module = _compat_module(case)
     variables = _restored(module, case)
     args, kwargs = _args(case)
-    apply = jax.jit(lambda v, module=module, args=args, kwargs=kwargs:
-                    module.apply(v, *args, **kwargs))
     paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(variables)]
     for i, path in enumerate(paths):
       leaves = jax.tree.leaves(variables)
       leaves[i] = leaves[i] + 1e-2  # every element of one leaf
       perturbed = jax.tree.unflatten(jax.tree.structure(variables), leaves)
-      carry, outputs = apply(perturbed)
+      carry, outputs = _apply(module, perturbed, args, kwargs)
       diff = max(old.max_diff(outputs, case['outputs']),
                  *(old.max_diff(g, w) for g, w in zip(jax.tree.leaves(carry),
                                                     jax.tree.leaves(old.unpack(case['carry'])))))

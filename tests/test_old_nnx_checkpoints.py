@@ -52,6 +52,7 @@ fails the check (all 270, tried by hand), and
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -145,7 +146,25 @@ def _restore(model, pure: dict, what=nnx.Param) -> None:
 
 def _call(model, case: dict):
   x, lengths = case['inputs'], case['seq_lengths']
-  return model(x, initial_carry=old.unpack(case['initial_carry']), seq_lengths=lengths)
+  return _jitted(model, x, initial_carry=old.unpack(case['initial_carry']), seq_lengths=lengths)
+
+
+def _jitted(model, *args, **kwargs):
+  """``model(*args, **kwargs)`` under ``jit`` (its state written back, as an eager
+  call's): eager, each call's scan compiles a program of its own; jitted, one
+  compiles per graph and inputs' shapes, which every release's checkpoint of a
+  cell and kind shares."""
+  graphdef, *states = nnx.split(model, nnx.Param, ...)
+  outputs, state = _run(graphdef, tuple(states), args, kwargs)
+  nnx.update(model, state)
+  return outputs
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _run(graphdef, states: tuple, args: tuple, kwargs: dict):
+  """The call of :func:`_jitted`: ``states`` is ``(params, the rest)``."""
+  model = nnx.merge(graphdef, *states)
+  return model(*args, **kwargs), nnx.state(model)
 
 
 
@@ -204,7 +223,7 @@ def test_nnx_recurrent_reproduces_old_release(version, name):
   valid = old.valid(case)
   old.check(case, carry, outputs, valid)
   assert (np.asarray(outputs)[~valid] == 0).all()  # nr.RNN: zeros at padded steps
-  carry, outputs = model(case['inputs'])  # the default carry (zeros), no padding
+  carry, outputs = _jitted(model, case['inputs'])  # the default carry (zeros), no padding
   old.check(case, carry, outputs, want=case['default_carry'])
 
 
@@ -262,7 +281,7 @@ def test_todays_flax_nnx_loads_the_same_checkpoint(version, name):
     _restore(model, whole, ...)
   carry, outputs = _call(model, case)
   old.check(case, carry, outputs)
-  old.check(case, *model(case['inputs']), want=case['default_carry'])
+  old.check(case, *_jitted(model, case['inputs']), want=case['default_carry'])
 
 
 @pytest.mark.parametrize('version', sorted(OLD.by_version))
@@ -275,13 +294,16 @@ def test_a_perturbed_parameter_is_noticed(version):
     case = OLD.case(version, name)
     model = _model(case)
     _restore(model, _without_none_and_rng_state(_params(version, name)))
-    graphdef, params = nnx.split(model, nnx.Param)
-    run = jax.jit(lambda p, graphdef=graphdef, case=case: _call(nnx.merge(graphdef, p), case))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    args = (case['inputs'],)
+    kwargs = {'initial_carry': old.unpack(case['initial_carry']),
+              'seq_lengths': case['seq_lengths']}  # _call's (the program _call compiles)
     leaves, treedef = jax.tree.flatten(params)
     for i in range(len(leaves)):
       perturbed = list(leaves)
       perturbed[i] = perturbed[i] + 1e-2  # every element of one leaf
-      carry, outputs = run(jax.tree.unflatten(treedef, perturbed))
+      (carry, outputs), _ = _run(graphdef, (jax.tree.unflatten(treedef, perturbed), rest),
+                                 args, kwargs)
       diff = max(old.max_diff(outputs, case['outputs'], old.valid(case)),
                  *(old.max_diff(g, w) for g, w in zip(jax.tree.leaves(carry),
                                                     jax.tree.leaves(old.unpack(case['carry'])))))

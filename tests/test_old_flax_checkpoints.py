@@ -163,7 +163,7 @@ def _restored(module, case: dict) -> dict:
 def _spec(tree) -> tuple:
   """A hashable (structure, leaves' shapes and dtypes) of ``tree``."""
   leaves, treedef = jax.tree.flatten(tree)
-  return treedef, tuple((np.shape(x), np.result_type(x).name) for x in leaves)
+  return treedef, tuple((np.shape(x), np.asarray(x).dtype.name) for x in leaves)
 
 
 @functools.cache

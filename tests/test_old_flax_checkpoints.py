@@ -52,20 +52,22 @@ def _config(case: dict) -> tuple:
   return case['kind'], case['cell'], int(case['hidden']), tuple(sorted(kwargs.items()))
 
 
-def _make_cell(case: dict, nn=compat) -> functools.partial:
-  """The case's cell class of ``nn`` (compat, or flax.linen) with its fields
-  (``features`` is the one a pre-0.7 cell did not take)."""
-  _, cell, hidden, kwargs = _config(case)
+def _make_cell(config: tuple, nn=compat) -> functools.partial:
+  """The cell class of ``nn`` (compat, or flax.linen) of a configuration
+  (:func:`_config`) with its fields (``features`` is the one a pre-0.7 cell did
+  not take)."""
+  _, cell, hidden, kwargs = config
   return functools.partial(getattr(nn, cell), features=hidden, **dict(kwargs))
 
 
 def _cell(case: dict):
-  return _make_cell(case)()
+  return _make_cell(_config(case))()
 
 
-def _scan_name(case: dict) -> str:
-  """The automatic name flax.linen gives ``nn.scan(Cell)(...)`` inside ``@nn.compact``."""
-  return f"Scan{case['cell']}_0"
+def _scan_name(cell: str) -> str:
+  """The automatic name flax.linen gives ``nn.scan(Cell)(...)`` inside ``@nn.compact``
+  (``cell``: the cell class's name)."""
+  return f"Scan{cell}_0"
 
 
 class _ScanEncoder(compat.Module):
@@ -107,10 +109,10 @@ def _module(config: tuple, nn, role: str):
   """The module of ``role`` for a configuration: ``'case'``, the case's module;
   ``'rnn_encoder'``, the scan case's checkpoint under ``_RNNEncoder``;
   ``'rnn'``, its cell standalone in ``compat.RNN``."""
-  kind, cell, hidden, kwargs = config
-  make_cell = functools.partial(getattr(nn, cell), features=hidden, **dict(kwargs))
+  kind, cell = config[:2]
+  make_cell = _make_cell(config, nn)
   if role == 'rnn_encoder':
-    return _RNNEncoder(make_cell, _scan_name({'cell': cell}))
+    return _RNNEncoder(make_cell, _scan_name(cell))
   if role == 'rnn':
     return compat.RNN(make_cell(), return_carry=True)
   if kind == 'scan':
@@ -215,7 +217,7 @@ def test_old_scan_checkpoint_under_compat_rnn(version, name):
   carry, outputs = _apply(module, _restored(module, case), args, {})
   old.check(case, carry, outputs)
   rnn = _module(_config(case), compat, 'rnn')  # compat.RNN(cell, return_carry=True)
-  params = {'cell': case['variables']['params'][_scan_name(case)]}
+  params = {'cell': case['variables']['params'][_scan_name(case['cell'])]}
   carry, outputs = _apply(rnn, {'params': params}, (args[1],), {'initial_carry': args[0]})
   old.check(case, carry, outputs)
 
@@ -225,7 +227,8 @@ def test_to_nnx_reproduces_old_release(version, name):
   case = OLD.case(version, name)
   args, kwargs = _args(case)
   if case['kind'] == 'scan':  # the scanned cell's own parameters, as a cell
-    cell = compat.to_nnx(_cell(case), {'params': case['variables']['params'][_scan_name(case)]})
+    params = case['variables']['params'][_scan_name(case['cell'])]
+    cell = compat.to_nnx(_cell(case), {'params': params})
     assert type(cell) is getattr(nr, case['cell'])
     carry, outputs = _nnx_call(*nnx.split(nr.RNN(cell, return_carry=True)), (args[1],),
                                {'initial_carry': args[0]})

@@ -1054,8 +1054,8 @@ def test_to_torch_takes_jax_functions_rebuilt_by_value():
 
 
 def test_to_torch_after_cloudpickle():
-  # The real thing, where cloudpickle is installed (it is no dependency of the project).
-  cloudpickle = pytest.importorskip('cloudpickle')
+  # The real thing (cloudpickle is in the test extras, not a dependency of the package).
+  import cloudpickle
   model = nr.LSTM(IN, H, num_layers=2, rngs=nnx.Rngs(0))
   model.eval()
   unpickled = cloudpickle.loads(cloudpickle.dumps(model))

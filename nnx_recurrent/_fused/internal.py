@@ -144,9 +144,10 @@ def checked_interpreter():
   on a GPU, nor under :func:`triton_lowering`), run under Pallas' checking
   interpreter: a read outside a buffer raises an ``IndexError``, and outputs
   start as NaN. Not for float64 kernels under the ``jax.enable_x64`` context
-  manager, whose setting is the calling thread's: with jax 0.10.2 and 0.12.1 a
-  callback of the checking interpreter then returns float32 where float64 is
-  expected ("Incorrect output dtype"); with x64 set globally they run."""
+  manager, whose setting is the calling thread's: XLA:CPU may run a program on
+  a thread of its own, where jax (0.10.2 and 0.12.1) converts the checking
+  interpreter's float64 results to float32 ("Incorrect output dtype";
+  UPSTREAM.md). With x64 set globally they run."""
   previous, _pallas._checked_interpret = _pallas._checked_interpret, True
   try:
     yield

@@ -603,6 +603,58 @@ def test_a_cell_of_hijax_variables_runs_and_keeps_its_state():
   assert int(with_hijax.cell.steps[...]) == int(plain.cell.steps[...]) == T
 
 
+def _flax_writes_hijax_back_under_jit() -> bool:
+  """Whether flax lets plain ``jax.jit`` change a hijax Variable (0.12.8 writes
+  the change back; 0.12.12 raises ImmutableVariableError: 'use ref=True')."""
+  v = nnx.Variable(jnp.zeros((), jnp.int32), hijax=True)
+
+  def increment(v):
+    v[...] += 1
+
+  try:
+    jax.jit(increment)(v)
+  except flax.errors.ImmutableVariableError:
+    return False
+  return int(v[...]) == 1
+
+
+@pytest.mark.parametrize('name', ['counting cell', 'Bidirectional', 'LSTM'])
+def test_layers_with_hijax_variables_under_jax_jit_follow_flaxs_rule(name):
+  """hijax Variables under plain jax.jit (flax.nnx's RNN fails over hijax
+  Variables), by flax's own rule for a Variable changed under jit: where flax
+  writes it back (0.12.8), a layer gives what it gives under nnx.jit and what
+  its cells change (a user cell's counter, dropout streams) persists, as with
+  array refs; where flax refuses (0.12.12), the layer raises flax's error."""
+  x, call = _x(), lambda m, x: m(x, seq_lengths=LENGTHS)  # noqa: E731
+  with_hijax, plain = _with_vars(_REF_LAYERS[name](), hijax=True), _REF_LAYERS[name]()
+  got_call = jax.jit(call)
+  if not _flax_writes_hijax_back_under_jit():
+    with pytest.raises(flax.errors.ImmutableVariableError, match='use ref=True'):
+      got_call(with_hijax, x)
+    return
+  want_call = nnx.jit(call)
+  got = [got_call(with_hijax, x) for _ in range(2)]
+  want = [want_call(plain, x) for _ in range(2)]
+  _close(got, want)
+  assert not np.allclose(want[0], want[1])  # the streams advanced
+  _close(nnx.state(_with_vars(with_hijax, hijax=False)), nnx.state(plain))
+  counters = [int(v[...]) for path, v in nnx.iter_graph(with_hijax)
+              if isinstance(v, nnx.Variable) and path[-1] == 'steps']
+  assert counters == ([] if name == 'LSTM' else [2 * T])
+
+
+def test_layers_with_nothing_to_change_run_with_hijax_variables_under_jax_jit():
+  """Without dropout or a cell's own state nothing is written, so every flax
+  release runs hijax layers under plain jax.jit: the outputs of nnx.jit over
+  the plain layers, the parameters untouched."""
+  x, call = _x(), lambda m, x: m(x, seq_lengths=LENGTHS)  # noqa: E731
+  for make in (lambda: nr.RNN(nr.GRUCell(IN, H, rngs=nnx.Rngs(0))),
+               lambda: nr.LSTM(IN, H, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0))):
+    with_hijax, plain = _with_vars(make(), hijax=True), make()
+    _close(jax.jit(call)(with_hijax, x), nnx.jit(call)(plain, x))
+    _close(nnx.state(_with_vars(with_hijax, hijax=False)), nnx.state(plain))
+
+
 @pytest.mark.filterwarnings('ignore:Using .Module.sow\\(\\). outside:DeprecationWarning')
 def test_values_sown_at_each_step_reach_a_cell_of_array_refs():
   """A sowing cell (state_axes stacking its values over time) with array refs,

@@ -580,16 +580,22 @@ def test_layers_run_with_array_refs_under_jax_jit(name):
   cell's own nnx.Dropout stream) persists
   through the refs as under nnx.jit: two calls, the same two outputs, the same
   state after."""
+  _check_as_under_nnx_jit(name, 'ref')
+
+
+def _check_as_under_nnx_jit(name: str, mode: str) -> None:
+  """``_REF_LAYERS[name]`` with its Variables in ``mode`` ('ref' or 'hijax'),
+  called twice under plain jax.jit, against the plain layer under nnx.jit: the
+  same two outputs, the same state after, its step counters at ``2 * T``."""
   x, call = _x(), lambda m, x: m(x, seq_lengths=LENGTHS)  # noqa: E731
-  with_refs, plain = _with_vars(_REF_LAYERS[name](), ref=True), _REF_LAYERS[name]()
+  wrapped, plain = _with_vars(_REF_LAYERS[name](), **{mode: True}), _REF_LAYERS[name]()
   got_call, want_call = jax.jit(call), nnx.jit(call)  # each compiled once, called twice
-  got = [got_call(with_refs, x) for _ in range(2)]
+  got = [got_call(wrapped, x) for _ in range(2)]
   want = [want_call(plain, x) for _ in range(2)]
   _close(got, want)
   assert not np.allclose(want[0], want[1])  # the streams advanced
-  after = nnx.state(_with_vars(with_refs, ref=False))
-  _close(after, nnx.state(plain))
-  counters = [int(v[...]) for path, v in nnx.iter_graph(with_refs)
+  _close(nnx.state(_with_vars(wrapped, **{mode: False})), nnx.state(plain))
+  counters = [int(v[...]) for path, v in nnx.iter_graph(wrapped)
               if isinstance(v, nnx.Variable) and path[-1] == 'steps']
   assert counters == ([2 * T] if 'cell' in name or name == 'Bidirectional' else [])
 
@@ -625,22 +631,12 @@ def test_layers_with_hijax_variables_under_jax_jit_follow_flaxs_rule(name):
   writes it back (0.12.8), a layer gives what it gives under nnx.jit and what
   its cells change (a user cell's counter, dropout streams) persists, as with
   array refs; where flax refuses (0.12.12), the layer raises flax's error."""
-  x, call = _x(), lambda m, x: m(x, seq_lengths=LENGTHS)  # noqa: E731
-  with_hijax, plain = _with_vars(_REF_LAYERS[name](), hijax=True), _REF_LAYERS[name]()
-  got_call = jax.jit(call)
-  if not _flax_writes_hijax_back_under_jit():
+  if _flax_writes_hijax_back_under_jit():
+    _check_as_under_nnx_jit(name, 'hijax')
+  else:
+    with_hijax = _with_vars(_REF_LAYERS[name](), hijax=True)
     with pytest.raises(flax.errors.ImmutableVariableError, match='use ref=True'):
-      got_call(with_hijax, x)
-    return
-  want_call = nnx.jit(call)
-  got = [got_call(with_hijax, x) for _ in range(2)]
-  want = [want_call(plain, x) for _ in range(2)]
-  _close(got, want)
-  assert not np.allclose(want[0], want[1])  # the streams advanced
-  _close(nnx.state(_with_vars(with_hijax, hijax=False)), nnx.state(plain))
-  counters = [int(v[...]) for path, v in nnx.iter_graph(with_hijax)
-              if isinstance(v, nnx.Variable) and path[-1] == 'steps']
-  assert counters == ([] if name == 'LSTM' else [2 * T])
+      jax.jit(lambda m, x: m(x, seq_lengths=LENGTHS))(with_hijax, _x())
 
 
 def test_layers_with_nothing_to_change_run_with_hijax_variables_under_jax_jit():

@@ -651,6 +651,30 @@ def test_layers_with_nothing_to_change_run_with_hijax_variables_under_jax_jit():
     _close(nnx.state(_with_vars(with_hijax, hijax=False)), nnx.state(plain))
 
 
+def test_jax_grad_over_hijax_layers_follows_flax():
+  """jax.grad over a model of hijax Variables: where flax differentiates them
+  (0.12.12, nnx.Linear's), the gradients nnx.grad gives for the plain layers;
+  where it cannot (0.12.8), the layers fail as nnx.Linear does."""
+  x = _x()
+  loss = lambda m: (m(x, seq_lengths=LENGTHS) ** 2).sum()  # noqa: E731
+  try:
+    linear = _with_vars(nnx.Linear(IN, H, rngs=nnx.Rngs(0)), hijax=True)
+    jax.grad(lambda m: m(x).sum())(linear)
+    flax_differentiates = True
+  except NotImplementedError as error:
+    flax_differentiates, message = False, str(error)
+  for make in (lambda: nr.RNN(nr.GRUCell(IN, H, rngs=nnx.Rngs(0))),
+               lambda: nr.LSTM(IN, H, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0))):
+    with_hijax, plain = _with_vars(make(), hijax=True), make()
+    if not flax_differentiates:
+      with pytest.raises(NotImplementedError, match=re.escape(message)):
+        jax.grad(loss)(with_hijax)
+      continue
+    got = _with_vars(jax.jit(jax.grad(loss))(with_hijax), hijax=False)
+    want = nnx.jit(nnx.grad(loss))(plain)
+    _close(nnx.state(got, nnx.Param), nnx.state(want, nnx.Param), atol=1e-5)
+
+
 @pytest.mark.filterwarnings('ignore:Using .Module.sow\\(\\). outside:DeprecationWarning')
 def test_values_sown_at_each_step_reach_a_cell_of_array_refs():
   """A sowing cell (state_axes stacking its values over time) with array refs,

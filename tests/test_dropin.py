@@ -609,6 +609,7 @@ def test_a_cell_of_hijax_variables_runs_and_keeps_its_state():
   assert int(with_hijax.cell.steps[...]) == int(plain.cell.steps[...]) == T
 
 
+@functools.cache
 def _flax_writes_hijax_back_under_jit() -> bool:
   """Whether flax lets plain ``jax.jit`` change a hijax Variable (0.12.8 writes
   the change back; 0.12.12 raises ImmutableVariableError: 'use ref=True')."""

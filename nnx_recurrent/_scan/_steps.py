@@ -181,6 +181,13 @@ def _linen_step(cell, carry, xs, extras, rows: Rows = Rows()):
   del extras
   running, last_valid = carry
   new, y = plain_step(cell, running, x_t)
+  # A copy before the selection: in the backward pass JAX sums a value's
+  # cotangents from its last use to its first, so `new`'s (an LSTM's `h` is
+  # also its `y`) become (next step + returned carry) + output, in flax.linen's
+  # order (its scan returns the carry first, then the carry and `y` stacked).
+  # Without it the sum is (next step + output) + returned carry, which rounds
+  # the gradients apart where both the carry and the outputs feed the loss.
+  y = jax.tree_util.tree_map(jnp.copy, y)
   return (new, select(valid_t, new, last_valid, rows=rows.carry)), y
 
 

@@ -1017,6 +1017,18 @@ def test_seq_lengths_of_shape_one_broadcast_as_in_linen():
   _assert_close(ours, theirs)
 
 
+def test_lengths_not_of_the_batch_shape_are_refused_where_linen_ignores_them():
+  # Forwards without return_carry flax.linen reads no lengths, so it runs on lengths of
+  # any shape; compat checks them (docs/migrating_from_linen.md, "on purpose").
+  x = normal((2, T, IN))
+  variables = random_linen_variables(nn.RNN(nn.GRUCell(H)), x)
+  lengths = jnp.array([1, 2, 3])
+  assert nn.RNN(nn.GRUCell(H)).apply(variables, x, seq_lengths=lengths).shape == (2, T, H)
+  with pytest.raises(ValueError, match=re.escape('RNN: `seq_lengths` expected shape batch shape '
+                                                 '= (2,), got shape (3,)')):
+    compat.RNN(compat.GRUCell(H)).apply(variables, x, seq_lengths=lengths)
+
+
 def test_a_scalar_length_runs_reversed_where_linen_fails():
   """One length for every row as a scalar: flax.linen takes it where it gathers
   the carry, but its ``flip_sequences`` raises (``axis 1 is out of bounds``)

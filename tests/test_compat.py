@@ -1029,6 +1029,19 @@ def test_lengths_not_of_the_batch_shape_are_refused_where_linen_ignores_them():
     compat.RNN(compat.GRUCell(H)).apply(variables, x, seq_lengths=lengths)
 
 
+@pytest.mark.parametrize('name', ['LSTMCell', 'OptimizedLSTMCell'])
+def test_an_lstm_carry_of_zeros_takes_no_key_where_linen_fails(name):
+  # flax.linen's LSTM cells split the key before calling carry_init, so None fails
+  # there even for zeros (its one-array cells take None:
+  # test_cell_patterns_that_flax_linen_accepts).
+  with pytest.raises(TypeError, match='unexpected PRNG key type'):
+    getattr(nn, name)(H).initialize_carry(None, (B, IN))
+  c, h = getattr(compat, name)(H).initialize_carry(None, (B, IN))
+  for leaf in (c, h):
+    np.testing.assert_array_equal(leaf, np.zeros((B, H), np.float32))
+    assert leaf.dtype == jnp.float32
+
+
 def test_a_scalar_length_runs_reversed_where_linen_fails():
   """One length for every row as a scalar: flax.linen takes it where it gathers
   the carry, but its ``flip_sequences`` raises (``axis 1 is out of bounds``)

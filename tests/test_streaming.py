@@ -206,19 +206,18 @@ def test_a_cell_stepped_by_hand_keeps_its_carry_dtype(make):
 
 
 def _rounding_loop(p, x, lengths, carry0, rnd):
-  """The NumPy reference row by row, the carry rounded by ``rnd`` after every
-  valid step (the outputs are not): a cell over a low-precision carry stepped
-  by hand. ``(carry, outputs)``, zeros at padding."""
-  carries, outs = [], []
+  """:func:`reference.rnn` with the carry rounded by ``rnd`` after every valid
+  step (the outputs are not): a cell over a low-precision carry stepped by
+  hand. ``(carry leaves, outputs)``, zeros at padding."""
+  carries, outs = [], np.zeros(x.shape[:2] + (H,))
   for b, n in enumerate(lengths):
     carry = tuple(np.asarray(c[b], np.float64) for c in carry0)
-    ys = np.zeros((x.shape[1], H))
+    carry = carry if len(carry) > 1 else carry[0]
     for t in range(n):
-      carry, ys[t] = ref.step(p, carry if len(carry) > 1 else carry[0], np.asarray(x[b, t]))
-      carry = tuple(rnd(c) for c in (carry if isinstance(carry, tuple) else (carry,)))
-    carries.append(carry)
-    outs.append(ys)
-  return tuple(np.stack(c) for c in zip(*carries)), np.stack(outs)
+      carry, outs[b, t] = ref.step(p, carry, np.asarray(x[b, t]))
+      carry = jax.tree.map(rnd, carry)
+    carries.append(jax.tree.leaves(carry))
+  return [np.stack(c) for c in zip(*carries)], outs
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
@@ -254,9 +253,10 @@ def test_a_low_precision_initial_carry_into_a_float32_layer(cls):
   want_carry, want_y = _rounding_loop(p, x, LENGTHS, carry0, rnd)
   np.testing.assert_allclose(rnn_y, want_y, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.float32(a), b, atol=1e-5),
-               jax.tree.leaves(rnn_carry), list(want_carry))
-  plain_carry, plain_y = _rounding_loop(p, x, LENGTHS, carry0, lambda a: a)
+               jax.tree.leaves(rnn_carry), want_carry)
+  plain_carry, plain_y = ref.rnn(p, x, LENGTHS, carry0 if n_carry == 2 else carry0[0],
+                                 num_batch_dims=1)
   np.testing.assert_allclose(fused_y, plain_y, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.float32(a), rnd(b), atol=1e-5),
-               jax.tree.leaves(fused_carry), list(plain_carry))
+               jax.tree.leaves(fused_carry), jax.tree.leaves(plain_carry))
   assert np.abs(want_y - plain_y).max() > 1e-4  # the two behaviours are told apart

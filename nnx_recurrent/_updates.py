@@ -30,7 +30,9 @@ def gru_update(h: Array, xr: Array, xz: Array, xn: Array, hr: Array, hz: Array, 
 def mgu_update(h: Array, xf: Array, xn: Array, hf: Array, hn: Array, reset_gate: bool,
                gate_fn, activation_fn) -> Array:
   """``h' = (1 - f) * n + f * h`` with ``f = gate(xf + hf)`` and ``n = act(xn + f * hn)``
-  (``act(xn + hn)`` without the reset gate); ``hn`` holds ``b_hn`` where there is one."""
+  (``act(xn + hn)`` without the reset gate); ``hn`` holds ``b_hn`` where there is one.
+  ``hn * f`` as flax.linen writes it: the same values as ``f * hn``, but their
+  derivatives' derivatives sum their terms in the operands' order."""
   f = gate_fn(xf + hf)
-  n = activation_fn(xn + (f * hn if reset_gate else hn))
+  n = activation_fn(xn + (hn * f if reset_gate else hn))
   return (1.0 - f) * n + f * h

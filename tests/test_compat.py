@@ -425,6 +425,25 @@ def test_gradients_through_the_returned_carry_and_the_outputs_are_linens_bit_for
   _assert_same_tree(got, want)
 
 
+def test_mgu_second_order_is_linens_bit_for_bit():
+  # flax.linen's MGUCell writes ``hn * f``; ``f * hn`` has the same values and
+  # gradients, but a Hessian sums the product rule's terms in the operands' order
+  # (1.2e-7 apart over three steps: a helper's probe, session 61).
+  x = normal((B, 3, IN))
+  theirs, ours = nn.RNN(nn.MGUCell(H)), compat.RNN(compat.MGUCell(H))
+  variables = theirs.init(jax.random.key(1), x)
+
+  def loss(module, kernel):
+    cell = variables['params']['cell']
+    params = {**cell, 'in': {**cell['in'], 'kernel': kernel}}
+    return jnp.sum(jnp.sin(module.apply({'params': {'cell': params}}, x)))
+
+  # Eager: under the suite's XLA flags the jitted Hessians agree either way.
+  kernel = variables['params']['cell']['in']['kernel']
+  got, want = [jax.hessian(functools.partial(loss, m))(kernel) for m in (ours, theirs)]
+  np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.filterwarnings('ignore:shape requires ndarray:DeprecationWarning')  # as above
 @pytest.mark.parametrize('name', ['SimpleCell', 'GRUCell', 'MGUCell'])
 def test_rnn_tabulate_and_every_methods_intermediates_match_linen(name):

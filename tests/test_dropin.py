@@ -640,13 +640,19 @@ def test_layers_with_hijax_variables_under_jax_jit_follow_flaxs_rule(name):
       jax.jit(lambda m, x: m(x, seq_lengths=LENGTHS))(with_hijax, _x())
 
 
+# Layers without dropout or a cell's own state: a call changes no Variable.
+_STATELESS_LAYERS = (
+  lambda: nr.RNN(nr.GRUCell(IN, H, rngs=nnx.Rngs(0))),
+  lambda: nr.LSTM(IN, H, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0)),
+)
+
+
 def test_layers_with_nothing_to_change_run_with_hijax_variables_under_jax_jit():
   """Without dropout or a cell's own state nothing is written, so every flax
   release runs hijax layers under plain jax.jit: the outputs of nnx.jit over
   the plain layers, the parameters untouched."""
   x, call = _x(), lambda m, x: m(x, seq_lengths=LENGTHS)  # noqa: E731
-  for make in (lambda: nr.RNN(nr.GRUCell(IN, H, rngs=nnx.Rngs(0))),
-               lambda: nr.LSTM(IN, H, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0))):
+  for make in _STATELESS_LAYERS:
     with_hijax, plain = _with_vars(make(), hijax=True), make()
     _close(jax.jit(call)(with_hijax, x), nnx.jit(call)(plain, x))
     _close(nnx.state(_with_vars(with_hijax, hijax=False)), nnx.state(plain))
@@ -664,8 +670,7 @@ def test_jax_grad_over_hijax_layers_follows_flax():
     flax_differentiates = True
   except NotImplementedError as error:
     flax_differentiates, message = False, str(error)
-  for make in (lambda: nr.RNN(nr.GRUCell(IN, H, rngs=nnx.Rngs(0))),
-               lambda: nr.LSTM(IN, H, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0))):
+  for make in _STATELESS_LAYERS:
     with_hijax, plain = _with_vars(make(), hijax=True), make()
     if not flax_differentiates:
       with pytest.raises(NotImplementedError, match=re.escape(message)):

@@ -779,7 +779,7 @@ def check_tree_matches(where: str, arg: str, given: Any, expected: Any,
         shape is None or not _shape_fits(tuple(shape), tuple(e.shape), broadcast)):
       got = [tuple(getattr(leaf, 'shape', ())) for leaf in g_leaves]
       shapes = [tuple(leaf.shape) for leaf in e_leaves]
-      wanted = (f'leaf shapes {shapes} (or shapes they broadcast to)' if broadcast == 'given'
+      wanted = (f'leaf shapes {shapes} (or larger shapes they broadcast to)' if broadcast == 'given'
                 else f'leaf shapes {"that broadcast with " if broadcast else ""}{shapes}')
       if len(shapes) == 2 and shapes[0] != shapes[1] and got == shapes[::-1]:
         # A projected LSTM's (h, c), PyTorch's order (PyTorch's cells take (h_0, c_0)).

@@ -1879,7 +1879,7 @@ def test_bad_input_errors():
   # refuses the step's carry of another shape with a TypeError naming nothing.
   for small, got in [(1.0, r'\(\)'), (np.zeros((H,), np.float32), rf'\({H},\)')]:
     with pytest.raises(ValueError, match=r'RNN: `initial_carry` expected leaf shapes '
-                       rf'\[\({B}, {H}\), \({B}, {H}\)\] \(or shapes they broadcast to\), '
+                       rf'\[\({B}, {H}\), \({B}, {H}\)\] \(or larger shapes they broadcast to\), '
                        rf'got \[\({B}, {H}\), {got}\]'):
       rnn.apply(v_rnn, xs, initial_carry=(carry[0], small))
   # A narrower carry sizes flax.linen's cell (it takes its size from the carry):

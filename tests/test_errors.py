@@ -215,16 +215,16 @@ def test_initial_carry_wrong_shapes(lstm):
   # A carry may have more rows than the inputs (beams), not fewer: one row for a
   # batch of 2 would change the carry's shape after the first step.
   with pytest.raises(ValueError, match=m('`initial_carry` expected leaf shapes [(2, 4), (2, 4)] '
-                                         '(or shapes they broadcast to), got [(1, 4), (1, 4)]')):
+                                         '(or larger shapes they broadcast to), got [(1, 4), (1, 4)]')):
     nr.RNN(lstm)(X, initial_carry=(jnp.zeros((1, 4)),) * 2)
   # A Python number for a leaf: it broadcasts, but the step's carry would not
   # keep its shape (flax.nnx fails in the scan or in a dot_general then).
   with pytest.raises(ValueError, match=m('`initial_carry` expected leaf shapes [(2, 4), (2, 4)] '
-                                         '(or shapes they broadcast to), got [(), (2, 4)]')):
+                                         '(or larger shapes they broadcast to), got [(), (2, 4)]')):
     nr.RNN(lstm)(X, initial_carry=(1.0, jnp.zeros((2, 4))))
   gru = ref.build(lambda: nr.GRUCell(3, 4, rngs=nnx.Rngs(1)))
   with pytest.raises(ValueError, match=m('`initial_carry` expected leaf shapes [(2, 4)] '
-                                         '(or shapes they broadcast to), got [()]')):
+                                         '(or larger shapes they broadcast to), got [()]')):
     nr.RNN(gru)(X, initial_carry=0.5)
 
 

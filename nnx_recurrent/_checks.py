@@ -662,7 +662,14 @@ def check_integer_array(where: str, arg: str, x: Any, shape: tuple[int, ...], sh
          dtype_error)
   if tuple(x.shape) != tuple(shape):
     fail(where, arg, f'shape {shape_doc} = {tuple(shape)}', f'shape {tuple(x.shape)}')
-  return jnp.asarray(x)
+  # NumPy stays NumPy: jax would narrow int64 to int32 (x64 off), wrapping values
+  # beyond int32's range before the caller reads them (as_int32, ids_as_jax).
+  return x if on_host(x) else jnp.asarray(x)
+
+
+def on_host(x: Any) -> bool:
+  """A NumPy array or scalar: its values are read on the host, as given."""
+  return isinstance(x, (np.ndarray, np.generic))
 
 
 def numeric_array(where: str, arg: str, x: Any, expected: str) -> Any:
@@ -725,7 +732,8 @@ def check_seq_lengths(where: str, seq_lengths: Any, batch_shape: tuple[int, ...]
       s in (1, b) for s, b in zip(shape[::-1], batch_shape[::-1])):
     # Lengths that broadcast to the batch (a scalar or shape (1,): every row's),
     # as flax.nnx and flax.linen broadcast them.
-    seq_lengths = jnp.broadcast_to(jnp.asarray(seq_lengths), batch_shape)
+    xp = np if on_host(seq_lengths) else jnp  # NumPy's int64 unnarrowed (as_int32)
+    seq_lengths = xp.broadcast_to(xp.asarray(seq_lengths), batch_shape)
   seq_lengths = check_integer_array(where, 'seq_lengths', seq_lengths, batch_shape,
                                     'batch shape')
   if is_concrete(seq_lengths) and seq_lengths.size:
@@ -739,13 +747,28 @@ def as_int32(lengths: Any) -> Any:
   """Integer lengths as ``int32``, which holds every time index: the lengths'
   own dtype may not (``clip(uint8 lengths, 0, 300)`` wraps 300 to 44); wider
   ones are first capped at int32's maximum (unchecked values above ``time``
-  act as ``time``)."""
+  act as ``time``). NumPy's are capped on the host: jax would narrow int64
+  to int32 first (x64 off), wrapping a length of 2**32 to 0."""
   dtype = jnp.dtype(lengths.dtype)
   if dtype == jnp.int32:
-    return lengths
+    return jnp.asarray(lengths)
   if dtype.itemsize >= 4:
-    lengths = jnp.minimum(lengths, np.array(np.iinfo(np.int32).max).astype(dtype))
+    xp = np if on_host(lengths) else jnp
+    lengths = xp.minimum(lengths, np.array(np.iinfo(np.int32).max).astype(dtype))
   return jnp.asarray(lengths).astype(jnp.int32)
+
+
+def ids_as_jax(ids: Any) -> Any:
+  """Checked (non-negative) segment ids as a jax array. NumPy ids beyond
+  int32's range (document ids, 2**40) are relabelled on the host by rank: jax
+  would narrow int64 to int32 (x64 off), wrapping 2**40 + 7 to 7 (merging two
+  segments) and 2**40 to 0 (padding). The scans read only which ids are 0 and
+  which neighbours are equal, which ranks keep (0 stays 0); ids in range keep
+  their values."""
+  if on_host(ids) and ids.size and int(ids.max()) > np.iinfo(np.int32).max:
+    values, ranks = np.unique(ids, return_inverse=True)
+    ids = (ranks.reshape(ids.shape) + (values[0] != 0)).astype(np.int32)
+  return jnp.asarray(ids)
 
 
 def check_tree_structure(where: str, arg: str, given: Any, expected: Any) -> None:

@@ -158,6 +158,10 @@ def test_negative_seq_lengths_refused_when_concrete(lstm):
   with pytest.raises(ValueError, match=m('RNN: `seq_lengths` expected non-negative lengths, '
                                          'got minimum -1.')):
     nr.RNN(lstm)(X, seq_lengths=jnp.array([-1, 9]))
+  # NumPy's int64 is read on the host: jax would wrap -2**40 to 0, a valid length.
+  with pytest.raises(ValueError, match=m('RNN: `seq_lengths` expected non-negative lengths, '
+                                         'got minimum -1099511627776.')):
+    nr.RNN(lstm)(X, seq_lengths=np.array([-2**40, 9], np.int64))
 
 
 @pytest.mark.parametrize('reverse, keep_order', [(False, False), (True, False), (True, True)])

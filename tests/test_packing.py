@@ -130,6 +130,37 @@ def test_packed_equals_segments_run_alone(name):
                                      atol=ATOL)
 
 
+def test_numpy_int64_ids_beyond_int32_stay_distinct():
+  # jax narrows NumPy's int64 to int32 (x64 off): 2**40 + 7 would wrap to 7 (one
+  # segment with the 7s after it) and 2**40, 2**41 to 0 (padding). NumPy ids are
+  # relabelled on the host first. An RNN and the fused GRU against the NumPy
+  # reference of each segment alone, in every mode, outputs and carry.
+  big = 2**40
+  ids = np.array([[big + 7] * 3 + [7] * 3, [0, big, big, 2 * big, 2 * big, 0]], np.int64)
+  rnn = _rnn('GRUCell')
+  gru = random_module(lambda: nr.GRU(IN, H, rngs=nnx.Rngs(0)))
+  x = _inputs(rnn.cell, *ids.shape)
+  # The ids are constants of the trace, as given: one compilation.
+  got = nnx.jit(lambda rnn, gru: [m(x, segment_ids=ids, reverse=rev, keep_order=keep,
+                                    return_carry=True)
+                                  for m in (rnn, gru) for rev, keep in MODES])(rnn, gru)
+  segments = [(0, 0, 3), (0, 3, 6), (1, 1, 3), (1, 3, 5)]
+  assert _segments(ids) == segments
+  for k, cell in enumerate((rnn.cell, gru.forward[0])):
+    p = reference.cell_params(cell)
+    for m, (reverse, keep_order) in enumerate(MODES):
+      carry, ys = map(np.asarray, got[k * len(MODES) + m])
+      last = {}
+      for r, s, e in segments:
+        c, want = reference.run_sequence(p, np.zeros(H), x[r, s:e][::-1] if reverse else x[r, s:e])
+        np.testing.assert_allclose(ys[r, s:e], np.stack(want[::-1] if keep_order else want),
+                                   atol=ATOL)
+        last[r] = c
+      np.testing.assert_array_equal(ys[ids == 0], 0)
+      for r, c in last.items():  # the carry: the end of each row's last segment
+        np.testing.assert_allclose(carry[r], c, atol=ATOL)
+
+
 def test_a_lower_precision_initial_carry_keeps_its_dtype_across_segment_resets():
   # A bfloat16 carry for a float32 cell: the later segments restart from the
   # default (float32) carry cast to the carry's dtype, as each step rounds it.
@@ -219,6 +250,9 @@ def test_segment_id_errors():
   with pytest.raises(ValueError, match=re.escape(  # the boundary: -1 is no padding either
       'RNN: `segment_ids` expected non-negative ids (0 = padding), got minimum -1.')):
     rnn(x, segment_ids=IDS - 1)
+  with pytest.raises(ValueError, match=re.escape(  # NumPy's int64 read before jax wraps it to 1
+      'RNN: `segment_ids` expected non-negative ids (0 = padding), got minimum -1099511627775.')):
+    rnn(x, segment_ids=np.where(IDS == 1, 1 - 2**40, IDS.astype(np.int64)))
   bi = nr.Bidirectional(_rnn('LSTMCell'), _rnn('GRUCell'))
   with pytest.raises(ValueError, match=r'`segment_ids` expected an integer array'):
     bi(x, segment_ids=IDS == 1)

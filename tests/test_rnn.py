@@ -364,6 +364,26 @@ def test_narrow_integer_lengths_on_a_long_time_axis():
                                                       rnn(x, seq_lengths=wide)])(rnn))
 
 
+def test_numpy_int64_lengths_beyond_int32_act_as_the_time_axis():
+  # jax narrows NumPy's int64 to int32 (x64 off), wrapping 2**32 to 0, 2**32 + 2
+  # to 2 and int64's maximum to -1: NumPy lengths are capped on the host first.
+  # An RNN and the fused GRU against the NumPy reference, outputs and carry.
+  time = 3
+  big = [2**32, 2**32 + 2, 2**40, np.iinfo(np.int64).max, 2]  # the last row: 2 steps
+  x = _inputs((3,), False, batch=(len(big),), time=time)
+  rnn = nr.RNN(ref.make_cell('gru')[0])
+  gru = ref.build(lambda: nr.GRU(3, 4, rngs=nnx.Rngs(0)))
+  lengths = [np.array(big, dtype) for dtype in (np.int64, np.uint64)]
+  # The lengths are constants of the trace, as given: one compilation.
+  got = nnx.jit(lambda rnn, gru: [m(x, seq_lengths=n, return_carry=True)
+                                  for m in (rnn, gru) for n in lengths])(rnn, gru)
+  for k, cell in enumerate((rnn.cell, gru.forward[0])):
+    want = ref.rnn(ref.cell_params(cell), x, [time] * 4 + [2], np.zeros((len(big), 4)),
+                   num_batch_dims=1)
+    for n in range(len(lengths)):
+      _close(got[2 * k + n], want)
+
+
 # -- per-step outputs without the batch axes ------------------------------------
 class _ScalarPerStepCell(nnx.Module):
   """A tanh cell that also returns one scalar per step, shared by every row

@@ -107,6 +107,7 @@ def prepare(where: str, inputs: Any, *, num_feature_axes: int, in_features: int 
       lowest = int(np.asarray(segment_ids).min())  # on the host: no compiled reduction
       if lowest < 0:
         _checks.fail(where, 'segment_ids', 'non-negative ids (0 = padding)', f'minimum {lowest}')
+    segment_ids = _checks.ids_as_jax(segment_ids)  # NumPy's int64 read before jax narrows it
     if not time_major:
       segment_ids = jnp.moveaxis(segment_ids, -1, 0)
     segment_ids = rows_typed_as(segment_ids, xs, len(batch_shape), lead=1)

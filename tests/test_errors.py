@@ -219,7 +219,8 @@ def test_initial_carry_wrong_shapes(lstm):
   # A carry may have more rows than the inputs (beams), not fewer: one row for a
   # batch of 2 would change the carry's shape after the first step.
   with pytest.raises(ValueError, match=m('`initial_carry` expected leaf shapes [(2, 4), (2, 4)] '
-                                         '(or larger shapes they broadcast to), got [(1, 4), (1, 4)]')):
+                                         '(or larger shapes they broadcast to), '
+                                         'got [(1, 4), (1, 4)]')):
     nr.RNN(lstm)(X, initial_carry=(jnp.zeros((1, 4)),) * 2)
   # A Python number for a leaf: it broadcasts, but the step's carry would not
   # keep its shape (flax.nnx fails in the scan or in a dot_general then).

@@ -121,6 +121,16 @@ def overrides(cell: Any, name: str) -> bool:
           is not inspect.unwrap(getattr(RNNCellBase, name)))
 
 
+def in_flax_style(cell: Any) -> bool:
+  """Whether ``cell`` is written in flax.nnx's style: it overrides
+  ``__call__`` and has no ``step`` (its own or a base cell's), so this base's
+  machinery is not what it runs. Its ``dropout_rate``, ``zoneout_rate`` or
+  ``deterministic`` attributes are its own business, as under flax.nnx's
+  ``RNNCellBase``: no per-sequence dropout masks or step keys are passed to it
+  and ``nnx.view`` leaves its ``deterministic`` alone."""
+  return overrides(cell, '__call__') and not overrides(cell, 'step')
+
+
 def has_carry_stream(rngs: Any) -> TypeGuard[nnx.Rngs]:
   """Whether ``rngs`` is an ``nnx.Rngs`` that ``rngs.carry`` can draw from (its
   ``carry`` stream, else its ``default`` one)."""
@@ -444,10 +454,13 @@ class RNNCellBase(nnx.Module):
   def set_view(self, deterministic: bool | None = None):
     """Used by ``nnx.view(model, deterministic=...)``, as for ``nnx.Dropout``.
 
+    A cell in flax.nnx's style (its own ``__call__``, no ``step``) keeps its
+    own ``deterministic``, as flax.nnx's base has no ``set_view``.
+
     Args:
       deterministic: if True, disables variational dropout.
     """
-    if deterministic is not None:
+    if deterministic is not None and not in_flax_style(self):
       self.deterministic = deterministic
 
   def dropout_masks(

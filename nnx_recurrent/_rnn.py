@@ -13,7 +13,14 @@ from flax import nnx
 from flax.errors import TraceContextError
 
 from nnx_recurrent import _checks, _scan
-from nnx_recurrent._base import Array, Carry, RngsLike, RNNCellBase, has_carry_stream
+from nnx_recurrent._base import (
+  Array,
+  Carry,
+  RngsLike,
+  RNNCellBase,
+  has_carry_stream,
+  in_flax_style,
+)
 
 
 def _check_cell(where: str, cell: Any) -> None:
@@ -29,7 +36,8 @@ def _warn_if_step_options_dropped(cell: Any) -> None:
   ``**options`` still has dropout or zoneout, but ``RNN`` cannot hand it the
   per-sequence masks or a call's RNG (:func:`_scan.takes_step_options`): say
   so once, when the layer is built, rather than change the masks silently."""
-  if not isinstance(cell, RNNCellBase) or _scan.takes_step_options(cell):
+  if (not isinstance(cell, RNNCellBase) or in_flax_style(cell)
+      or _scan.takes_step_options(cell)):
     return
   rates = [f'{r}={getattr(cell, r)}' for r in ('dropout_rate', 'recurrent_dropout_rate',
                                                'zoneout_rate') if getattr(cell, r, 0.0)]
@@ -88,6 +96,30 @@ def _call_carry_rngs(rngs: Any, stored: Any, needed: bool):
       return _carry_fork(rngs)
     return None
   return rngs
+
+
+class _DeclinedStream:
+  """What an RNN that keeps no stream (its cell's carry needed none when it
+  was built) hands the ``initialize_carry`` of a cell put in since: flax.nnx
+  hands it the stream it always keeps, so a carry that ignores it runs as
+  there, and one that draws from it raises a ``ValueError`` saying what to do
+  (``None`` would change such a carry silently)."""
+
+  def __init__(self, cell_name: str):
+    self._cell_name = cell_name
+
+  def _fail(self, *args: Any, **kwargs: Any) -> Any:
+    _checks.fail('RNN', 'rngs', "an nnx.Rngs or nnx.RngStream in the call: the cell's "
+                 f'initialize_carry ({self._cell_name}) draws from one, and this RNN keeps no '
+                 'stream (built around a cell whose carry needed none; flax.nnx keeps one '
+                 'always, docs/migrating_from_nnx.md)', 'none')
+
+  __call__ = __getitem__ = _fail
+
+  def __getattr__(self, name: str) -> Any:
+    if name.startswith('__'):  # copy, pickle and friends look for protocols
+      raise AttributeError(name)
+    return self._fail()
 
 
 class RNN(nnx.Module):
@@ -208,6 +240,10 @@ class RNN(nnx.Module):
     self.state_axes = nnx.StateAxes(state_axes or whole_state)
     self.broadcast_rngs = broadcast_rngs
     self.rngs = nnx.data(_carry_stream('RNN', rngs, _scan.needs_carry_rngs(cell)))
+    # Where flax.nnx would hold a stream and this RNN keeps none (its cell's
+    # carry needed none): a cell put in later whose carry draws one is refused
+    # at the call, not handed None where flax.nnx hands it a stream.
+    self._declined_stream = rngs is not False and self.rngs is None
     self.initial_carry = nnx.data(_learned_carry(cell) if learn_initial_carry else None)
 
   @_checks.named_errors
@@ -269,12 +305,15 @@ class RNN(nnx.Module):
       initial_carry = _broadcast_carry(cell, self.initial_carry, step_shape)
     needs_rngs = (initial_carry is None or reset_from_default) and _scan.needs_carry_rngs(cell)
     carry_rngs = _call_carry_rngs(rngs, self.rngs, needs_rngs)
-    if needs_rngs and carry_rngs is None and _scan.uses_base_initialize_carry(cell) \
-        and getattr(cell, 'rngs', None) is None:  # a random carry_init, no stream anywhere
-      _checks.fail('RNN', 'rngs', "an nnx.Rngs or nnx.RngStream in the call: the cell's "
-                   'carry_init draws the initial carry, and this RNN keeps no stream (built '
-                   'with rngs=False, or before the cell was given its carry_init; flax.nnx '
-                   "keeps one always, docs/migrating_from_nnx.md)", 'None')
+    if needs_rngs and carry_rngs is None:
+      if _scan.uses_base_initialize_carry(cell) and getattr(cell, 'rngs', None) is None:
+        # a random carry_init, no stream anywhere
+        _checks.fail('RNN', 'rngs', "an nnx.Rngs or nnx.RngStream in the call: the cell's "
+                     'carry_init draws the initial carry, and this RNN keeps no stream (built '
+                     'with rngs=False, or before the cell was given its carry_init; flax.nnx '
+                     "keeps one always, docs/migrating_from_nnx.md)", 'None')
+      if getattr(self, '_declined_stream', False):
+        carry_rngs = _DeclinedStream(type(cell).__name__)
     initial_carry = _scan.initial_carry('RNN', cell, initial_carry, step_shape, carry_rngs,
                                         seq.xs.dtype, masked=seq.masks.valid is not None)
     reset_carry = None

@@ -368,9 +368,9 @@ class CountingDropoutCell(nnx.Module):
     return carry, self.drop(y)
 
 
-def _flax_cell(rngs, **kw):
+def _flax_cell(rngs, cls=None, **kw):
   """The same cell class over flax.nnx's own OptimizedLSTMCell (equal params)."""
-  cell = CountingDropoutCell(rngs, **kw)
+  cell = (cls or CountingDropoutCell)(rngs, **kw)
   theirs = nnx.OptimizedLSTMCell(IN, H, rngs=nnx.Rngs(0))
   nnx.update(theirs, nnx.state(cell.cell, nnx.Param))
   cell.cell = theirs
@@ -424,6 +424,60 @@ def test_cell_state_and_rng_streams_persist_under_remat_as_in_flax():
   _close(nnx.jit(lambda ours: ours(x))(ours), y_t)
   assert int(ours.cell.steps[...]) == steps == T
   assert int(ours.cell.drop.rngs.count[...]) == count == T
+
+
+def _own_dropout_cell(base, seen):
+  """A cell in flax.nnx's style on ``base`` (either library's RNNCellBase)
+  whose attributes are named like this package's options: its own
+  ``dropout_rate``, ``zoneout_rate``, ``deterministic`` and stream, and a
+  ``__call__`` that takes ``**kwargs`` (their names go into ``seen``)."""
+
+  class OwnDropoutCell(base):
+    num_feature_axes = 1
+
+    def __init__(self, rngs):
+      self.lin = nnx.Linear(IN + H, H, rngs=rngs)
+      self.dropout_rate = self.zoneout_rate = 0.5
+      self.deterministic = False
+      self.rngs = rngs
+
+    def initialize_carry(self, input_shape, rngs=None):
+      return jnp.zeros((*input_shape[:-1], H))
+
+    def __call__(self, carry, x, **kwargs):
+      seen.extend(kwargs)
+      h = jnp.tanh(self.lin(jnp.concatenate([x, carry], -1)))
+      if not self.deterministic:
+        keep = jax.random.bernoulli(self.rngs.dropout(), 1 - self.dropout_rate, h.shape)
+        h = jnp.where(keep, h / (1 - self.dropout_rate), 0.0)
+      return h, h
+
+  class WithoutKwargs(OwnDropoutCell):
+    def __call__(self, carry, x):
+      return super().__call__(carry, x)
+
+  return OwnDropoutCell(nnx.Rngs(0, dropout=1)), WithoutKwargs(nnx.Rngs(0, dropout=1))
+
+
+def test_a_flax_style_cells_own_dropout_attributes_are_its_own_as_in_flax():
+  # Neither this package's dropout masks nor a step's key reach a cell that
+  # only shares the attributes' names, **kwargs or not, and nnx.view leaves its
+  # own `deterministic` alone (flax.nnx's RNNCellBase has no set_view).
+  seen, runs = [], {}
+  for ns in (nnx, nr):
+    cell, without_kwargs = _own_dropout_cell(ns.RNNCellBase, seen)
+    with warnings.catch_warnings():
+      warnings.simplefilter('error')  # nor a warning that RNN cannot pass them
+      rnn, _ = ns.RNN(cell), ns.RNN(without_kwargs)
+    call_rngs = nnx.Rngs(2)
+    ys = [rnn(_x(), rngs=call_rngs) for _ in range(2)]
+    model = nnx.Sequential(rnn, nnx.Dropout(0.1, rngs=nnx.Rngs(3)))
+    view = nnx.view(model, deterministic=True)
+    runs[ns] = (ys, int(cell.rngs.dropout.count[...]), int(call_rngs.default.count[...]),
+                view.layers[0].cell.deterministic)
+  assert not seen
+  _close(runs[nr][0], runs[nnx][0], atol=0)
+  assert runs[nr][1:] == runs[nnx][1:] == (2 * T, 2, False)
 
 
 @pytest.mark.parametrize('state_axes, steps', [
@@ -1216,6 +1270,37 @@ def test_rnn_built_without_a_stream_runs_a_user_cell_whose_carry_needs_none():
   ours = nr.RNN(CountingDropoutCell(nnx.Rngs(0), rate=0.0), rngs=False)
   theirs = nnx.RNN(CountingDropoutCell(nnx.Rngs(0), rate=0.0), rngs=False)
   _close(ours(x), theirs(x), atol=1e-5)
+
+
+class _RandomCarryCell(CountingDropoutCell):
+  """flax.nnx's style: a random initial carry from the RNG it is handed."""
+
+  def initialize_carry(self, input_shape, rngs):
+    return (jax.random.uniform(rngs(), (*input_shape[:-1], H)),) * 2
+
+
+@pytest.mark.parametrize('cell_type', [CountingDropoutCell, _RandomCarryCell])
+def test_a_cell_put_into_an_rnn_that_kept_no_stream(cell_type):
+  """An RNN built around a cell whose carry needs no RNG keeps no stream
+  (flax.nnx keeps one always). A user's cell put in its place later gets
+  one from the call; without it, a carry that draws nothing runs as in
+  flax.nnx, and one that draws is a ValueError, never a carry built from
+  ``None``."""
+  x = _x()
+  layers = {}
+  for lib in (nr, nnx):
+    layer = lib.RNN(lib.GRUCell(IN, H, rngs=nnx.Rngs(0)))
+    layer.cell = (cell_type(nnx.Rngs(0), rate=0.0) if lib is nr
+                  else _flax_cell(nnx.Rngs(0), cell_type, rate=0.0))
+    layers[lib] = layer
+  _close(layers[nr](x, rngs=nnx.Rngs(7)), layers[nnx](x, rngs=nnx.Rngs(7)))
+  if cell_type is CountingDropoutCell:
+    _close(layers[nr](x), layers[nnx](x))
+  else:
+    with pytest.raises(ValueError, match=m("RNN: `rngs` expected an nnx.Rngs or nnx.RngStream "
+                                           "in the call: the cell's initialize_carry "
+                                           '(_RandomCarryCell) draws from one', 'got none')):
+      layers[nr](x)
 
 
 def test_packed_segments_without_an_initial_carry_start_from_the_calls_one_random_carry():

@@ -128,13 +128,15 @@ def needs_carry_rngs(cell) -> bool:
 
 def takes_step_options(cell) -> bool:
   """Whether the cell steps through :class:`RNNCellBase`'s ``__call__`` (or an
-  override that takes ``**options`` on): only such a cell gets this package's
-  per-call options (``dropout_masks``, a step's zoneout key). Another cell's
-  ``dropout_rate`` or ``zoneout_rate`` attribute is its own business, as in
-  flax.nnx, whose ``RNN`` calls every cell as ``cell(carry, x)``."""
-  from nnx_recurrent._base import RNNCellBase, overrides
+  override that takes ``**options`` on, in a cell with a ``step``): only such
+  a cell gets this package's per-call options (``dropout_masks``, a step's
+  zoneout key). Another cell's ``dropout_rate`` or ``zoneout_rate``
+  attribute is its own business, as in flax.nnx, whose ``RNN`` calls every
+  cell as ``cell(carry, x)``: a cell in flax.nnx's style on this base
+  (:func:`~nnx_recurrent._base.in_flax_style`) too, ``**kwargs`` or not."""
+  from nnx_recurrent._base import RNNCellBase, in_flax_style, overrides
 
-  if not isinstance(cell, RNNCellBase):
+  if not isinstance(cell, RNNCellBase) or in_flax_style(cell):
     return False
   return not overrides(cell, '__call__') or takes_keyword(type(cell).__call__)
 

@@ -40,7 +40,7 @@ def default_recurrent_kernel_init(key, shape, dtype=jnp.float32):
   ``dtype`` (float64 stays orthogonal to float64 precision, complex64 is
   flax's complex orthogonal matrix); a real ``dtype`` of fewer than 32 bits
   (float16, bfloat16) in float32 and cast, since QR has none (where flax fails)."""
-  if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+  if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
     return _orthogonal(key, shape, jnp.float32).astype(dtype)
   return _orthogonal(key, shape, dtype)
 
@@ -589,8 +589,7 @@ class RNNCellBase(nnx.Module):
       # As over RNN's steps, so that a cell stepped by hand equals RNN and a
       # lax.scan over it keeps its carry type (a Python number leaf: as computed);
       # a carry of a cell's own initialize_carry too, where the step keeps its structure.
-      new_carry = jax.tree_util.tree_map(
-        lambda n, o: n.astype(o.dtype) if hasattr(o, 'dtype') else n, new_carry, carry)
+      new_carry = jax.tree_util.tree_map(_in_dtype_of, new_carry, carry)
     return new_carry, y
 
   def _check_dropout_masks(self, where: str, masks: Any, input_shape: tuple[int, ...]) -> None:
@@ -702,6 +701,15 @@ class RNNCellBase(nnx.Module):
     )
 
   _step_impl = step
+
+
+def _in_dtype_of(new: Any, old: Any) -> Any:
+  """``new`` in ``old``'s dtype as JAX holds it (a NumPy float64 leaf without
+  x64 is float32: no truncation warning), or as computed where ``old`` has
+  no dtype (a Python number)."""
+  if not hasattr(old, 'dtype'):
+    return new
+  return new.astype(jax.dtypes.canonicalize_dtype(old.dtype, allow_extended_dtype=True))
 
 
 def add_bias(z: Array, param: nnx.Param | None) -> Array:

@@ -108,8 +108,10 @@ def test_param_dtype_none_is_jaxs_default_float_as_in_flax(x64):
     want = jnp.float64 if x64 else jnp.float32
     x = _x().astype(want)  # (flax.nnx's RNN refuses float32 inputs under x64: a carry change)
     names = ('LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'SimpleCell')
-    ours = [nr.RNN(getattr(nr, name)(IN, H, param_dtype=None, rngs=nnx.Rngs(0)))
-            for name in names]
+    with warnings.catch_warnings():
+      warnings.simplefilter('error')  # as flax's: no warning (NumPy's on finfo(None))
+      ours = [nr.RNN(getattr(nr, name)(IN, H, param_dtype=None, rngs=nnx.Rngs(0)))
+              for name in names]
     theirs = [nnx.RNN(getattr(nnx, name)(IN, H, param_dtype=None, rngs=nnx.Rngs(0)))
               for name in names]
     gru = ours[names.index('GRUCell')].cell  # flax.nnx's GRUCell has no b_hn
@@ -124,6 +126,22 @@ def test_param_dtype_none_is_jaxs_default_float_as_in_flax(x64):
         continue
       assert y_o.dtype == y_t.dtype == want, name
       _close(y_o, y_t, atol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['LSTMCell', 'SimpleCell'])
+def test_a_numpy_float64_carry_steps_as_in_flax_without_a_warning(name):
+  # Without x64 JAX holds a NumPy float64 carry as float32; the step returns
+  # that, as flax's does, with no warning about a float64 it cannot make.
+  rng = np.random.default_rng(1)
+  carry = rng.standard_normal((B, H))
+  carry = (carry, carry[::-1].copy()) if name == 'LSTMCell' else carry
+  x = rng.standard_normal((B, IN)).astype(np.float32)
+  ours, theirs = (getattr(lib, name)(IN, H, rngs=nnx.Rngs(0)) for lib in (nr, nnx))
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    out = ours(carry, x)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(out))
+  _close(out, theirs(carry, x))
 
 
 def test_half_precision_recurrent_kernels_are_orthogonal_in_their_dtype():

@@ -241,8 +241,8 @@ class RNN(nnx.Module):
     self.broadcast_rngs = broadcast_rngs
     self.rngs = nnx.data(_carry_stream('RNN', rngs, _scan.needs_carry_rngs(cell)))
     # Where flax.nnx would hold a stream and this RNN keeps none (its cell's
-    # carry needed none): a cell put in later whose carry draws one is refused
-    # at the call, not handed None where flax.nnx hands it a stream.
+    # carry needed none), a cell put in later is handed a _DeclinedStream, not
+    # None: its carry runs if it draws nothing, else a ValueError says why.
     self._declined_stream = rngs is not False and self.rngs is None
     self.initial_carry = nnx.data(_learned_carry(cell) if learn_initial_carry else None)
 

@@ -208,6 +208,14 @@ class RNNCellBase(nnx.Module):
     # methods internally: ``nnx.tabulate`` wraps public methods on the classes
     # it traces and would list each step as a row.
     cls._step_impl = cls.step
+    # flax's nnx.capture(..., method_outputs=...) records the methods in a
+    # class's own __dict__ only; flax's cells each define __call__ and
+    # initialize_carry, which this package's inherit: each of its classes
+    # holds them itself (the same functions), so that their outputs are recorded.
+    if cls.__module__.split('.')[0] == 'nnx_recurrent':
+      for name in ('__call__', 'initialize_carry'):
+        if name not in cls.__dict__:
+          setattr(cls, name, next(k.__dict__[name] for k in cls.__mro__ if name in k.__dict__))
 
   @_checks.named_errors
   def __init__(

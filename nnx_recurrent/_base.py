@@ -121,6 +121,12 @@ def overrides(cell: Any, name: str) -> bool:
           is not inspect.unwrap(getattr(RNNCellBase, name)))
 
 
+class MissingCellMethodError(TypeError, NotImplementedError):
+  """A cell lacks what :class:`RNNCellBase` needs from it. A ``TypeError``, and
+  a ``NotImplementedError`` as flax.nnx's ``RNNCellBase`` raises in its
+  place."""
+
+
 def in_flax_style(cell: Any) -> bool:
   """Whether ``cell`` is written in flax.nnx's style: it overrides
   ``__call__`` and has no ``step`` (its own or a base cell's), so this base's
@@ -341,8 +347,18 @@ class RNNCellBase(nnx.Module):
   def _hidden_features(self) -> int:
     hidden = getattr(self, 'hidden_features', None)
     if hidden is None:
-      raise TypeError(
-        f'{type(self).__name__}: the cell has no `hidden_features`; its constructor must call '
+      name = type(self).__name__
+      if in_flax_style(self):
+        # flax.nnx's base raises NotImplementedError here: code that catches
+        # it keeps working, and so does code that catches our TypeError.
+        raise MissingCellMethodError(
+          f'{name} overrides __call__ but not initialize_carry: define '
+          'initialize_carry(input_shape, rngs=None, carry_init=None), as flax.nnx\'s '
+          'RNNCellBase requires, or give the cell its sizes with '
+          'super().__init__(in_features, hidden_features, rngs=rngs, ...).'
+        )
+      raise MissingCellMethodError(
+        f'{name}: the cell has no `hidden_features`; its constructor must call '
         'super().__init__(in_features, hidden_features, rngs=rngs, ...) (or set them).'
       )
     return hidden

@@ -1297,6 +1297,30 @@ class _RandomCarryCell(CountingDropoutCell):
     return (jax.random.uniform(rngs(), (*input_shape[:-1], H)),) * 2
 
 
+def test_a_flax_style_cell_without_initialize_carry_fails_as_in_flax():
+  """A cell that overrides __call__ and leaves initialize_carry to the base:
+  flax.nnx's base raises NotImplementedError from initialize_carry and from
+  the RNN that needs it; ours raises one too (and a TypeError, our rule for
+  a wrong cell), saying what to define."""
+  def make(lib):
+    class NoCarry(lib.RNNCellBase):
+      def __call__(self, carry, inputs):
+        return carry + inputs, carry + inputs
+    return NoCarry()
+
+  x = jnp.ones((2, 4, 3))
+  message = ("NoCarry overrides __call__ but not initialize_carry: define "
+             "initialize_carry(input_shape, rngs=None, carry_init=None), as flax.nnx's "
+             "RNNCellBase requires")
+  for lib in (nnx, nr):
+    for call in (lambda c: c.initialize_carry((2, 3)), lambda c, lib=lib: lib.RNN(c)(x)):
+      with pytest.raises(NotImplementedError) as raised:
+        call(make(lib))
+      if lib is nr:
+        assert isinstance(raised.value, TypeError)
+        assert str(raised.value).startswith(message)
+
+
 @pytest.mark.parametrize('cell_type', [CountingDropoutCell, _RandomCarryCell])
 def test_a_cell_put_into_an_rnn_that_kept_no_stream(cell_type):
   """An RNN built around a cell whose carry needs no RNG keeps no stream

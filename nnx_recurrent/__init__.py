@@ -8,6 +8,7 @@ sequence with masked carry selection; :class:`Bidirectional` runs two RNNs.
 
 from nnx_recurrent._base import DropoutMasks as DropoutMasks
 from nnx_recurrent._base import RNNCellBase as RNNCellBase
+from nnx_recurrent._base import modified_orthogonal as modified_orthogonal
 from nnx_recurrent._conv_gru import ConvGRUCell as ConvGRUCell
 from nnx_recurrent._conv_lstm import ConvLSTMCell as ConvLSTMCell
 from nnx_recurrent._fused import GRU as GRU
@@ -22,6 +23,7 @@ from nnx_recurrent._packing import pack_sequences as pack_sequences
 from nnx_recurrent._packing import unpack_sequences as unpack_sequences
 from nnx_recurrent._rnn import RNN as RNN
 from nnx_recurrent._rnn import Bidirectional as Bidirectional
+from nnx_recurrent._rnn import RNNBase as RNNBase
 from nnx_recurrent._rnn import flip_sequences as flip_sequences
 from nnx_recurrent._simple import SimpleCell as SimpleCell
 from nnx_recurrent._stack import StackedRNN as StackedRNN
@@ -41,10 +43,12 @@ __all__ = [
   'LayerNormGRUCell',
   'DropoutMasks',
   'RNN',
+  'RNNBase',
   'Bidirectional',
   'LSTM',
   'GRU',
   'flip_sequences',
+  'modified_orthogonal',
   'StackedRNN',
   'pack_sequences',
   'unpack_sequences',

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -385,6 +385,27 @@ def merge_directions(where: str, merge_fn: Callable[[Array, Array], Array], out_
                      f'({shape}) (the default merge_fn concatenates them on it; pass a merge_fn '
                      'for outputs of other shapes)', f'outputs of shape {tuple(b.shape)}')
   return jax.tree_util.tree_map(merge_fn, out_f, out_b)
+
+
+class RNNBase(Protocol):
+  """What :class:`Bidirectional` needs of each direction: a sequence layer
+  with flax.nnx's call, as ``flax.nnx.nn.recurrent.RNNBase`` states it (a
+  type for annotations; :class:`RNN`, :class:`StackedRNN`, :class:`LSTM`,
+  :class:`GRU` and flax.nnx's ``RNN`` have it). This package's layers also
+  take ``segment_ids``."""
+
+  def __call__(
+    self,
+    inputs: Array,
+    *,
+    initial_carry: Carry | None = None,
+    rngs: RngsLike = None,
+    seq_lengths: Array | None = None,
+    return_carry: bool | None = None,
+    time_major: bool | None = None,
+    reverse: bool | None = None,
+    keep_order: bool | None = None,
+  ) -> Any: ...
 
 
 class Bidirectional(nnx.Module):

@@ -81,6 +81,35 @@ def test_signatures_accept_every_flax_nnx_parameter(name):
         assert o[arg].default == p.default, (name, method, arg, o[arg].default, p.default)
 
 
+def test_flax_nnx_recurrent_modules_public_names_are_ours():
+  """`from flax.nnx.nn.recurrent import X` becomes `from nnx_recurrent import X`
+  for every public class and function defined there; RNNBase states the same
+  call, which each of our sequence layers takes, and modified_orthogonal
+  draws flax's values."""
+  import flax.nnx.nn.recurrent as flax_recurrent
+  names = [n for n, v in vars(flax_recurrent).items()
+           if not n.startswith('_') and (inspect.isclass(v) or inspect.isfunction(v))
+           and v.__module__ == flax_recurrent.__name__]
+  assert {'RNNBase', 'modified_orthogonal', 'RNN'} <= set(names)
+  assert [n for n in names if n not in nr.__all__] == []
+  want = _params(flax_recurrent.RNNBase.__call__)
+  got = _params(nr.RNNBase.__call__)
+  assert [(n, p.kind, p.default) for n, p in got.items()] == [
+    (n, p.kind, p.default) for n, p in want.items()]
+  for layer in (nr.RNN, nr.Bidirectional, nr.StackedRNN, nr.LSTM, nr.GRU):
+    takes = _params(layer.__call__)
+    for name, p in want.items():
+      empty = inspect.Parameter.empty  # a default where flax has one (its value may be ours)
+      assert name in takes and (takes[name].default is empty) == (p.default is empty), (layer, name)
+      assert name == 'inputs' or takes[name].kind is inspect.Parameter.KEYWORD_ONLY, (layer, name)
+  for shape, dtype in [((4, 12), jnp.float32), ((5, 3), jnp.bfloat16), ((3, 3), jnp.float16)]:
+    key = jax.random.key(3)
+    got, want = nr.modified_orthogonal(key, shape, dtype), flax_recurrent.modified_orthogonal(
+      key, shape, dtype)
+    assert got.dtype == want.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 # -- 2. cell options: carry_init, promote_dtype, keep_rngs -------------------------------
 @pytest.mark.parametrize('param_dtype', [jnp.float32, jnp.float64])
 def test_equal_rngs_give_flax_nnx_parameters_under_x64(param_dtype):

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import functools
 import importlib
+import inspect
 import itertools
 import re
 import sys
@@ -92,6 +93,20 @@ def test_fields_and_defaults_are_linens(name):
   assert issubclass(getattr(compat, name), nn.Module)
   if name.endswith('Cell'):
     assert issubclass(getattr(compat, name), nn.RNNCellBase)
+
+
+def test_every_public_name_of_flax_linens_recurrent_module_imports_from_compat():
+  # `from flax.linen.recurrent import X` becomes `from nnx_recurrent.compat import X`;
+  # DenseParams and RNNBase (flax.linen exports neither) are that module's own.
+  import flax.linen.recurrent as linen_recurrent
+  names = [n for n, v in vars(linen_recurrent).items()
+           if not n.startswith('_') and (inspect.isclass(v) or inspect.isfunction(v))
+           and v.__module__ == linen_recurrent.__name__]
+  assert {'DenseParams', 'RNNBase', 'RNN'} <= set(names)
+  from nnx_recurrent.compat import DenseParams, RNNBase  # noqa: F401 (as users import them)
+  assert [n for n in names if not hasattr(compat, n)] == []
+  assert compat.DenseParams is linen_recurrent.DenseParams
+  assert compat.RNNBase is linen_recurrent.RNNBase
 
 
 def test_copies_of_compat_layers_run_as_flax_linens_do():

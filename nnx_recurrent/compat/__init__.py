@@ -12,12 +12,17 @@ signatures and parameters (same names, shapes, dtypes and initial values for
 the same key), whose math runs on the nnx_recurrent cells and scan core. Every
 other attribute (``nn.Module``, ``nn.compact``, ``nn.Dense``,
 ``nn.transforms.scan``, ...) is looked up in ``flax.linen``, so code written
-against ``flax.linen`` runs unchanged.
+against ``flax.linen`` runs unchanged. ``DenseParams`` and ``RNNBase`` are
+``flax.linen.recurrent``'s own, so every public name of that module imports
+from here too.
 
 :func:`to_nnx` and :func:`from_nnx` move modules and their parameters between
 Linen and NNX; the parameter conversions are tabulated in
 :mod:`nnx_recurrent.compat._convert`.
 """
+
+from flax.linen.recurrent import DenseParams as DenseParams
+from flax.linen.recurrent import RNNBase as RNNBase
 
 from nnx_recurrent.compat._cells import ConvLSTMCell as ConvLSTMCell
 from nnx_recurrent.compat._cells import GRUCell as GRUCell

@@ -1,0 +1,90 @@
+"""The distributions `pip wheel .` and `python -m build --sdist` make from the checkout.
+
+Built by setuptools' own PEP 517 hooks in a child process, from a copy of the files the
+build reads (the checkout's build/ and egg-info stay untouched), and compared with the
+package's files on disk.
+"""
+
+import importlib.metadata
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _setuptools_version():
+  try:
+    return tuple(int(p) for p in importlib.metadata.version('setuptools').split('.')[:2])
+  except (importlib.metadata.PackageNotFoundError, ValueError):
+    return None
+
+
+@pytest.fixture(scope='module')
+def distributions(tmp_path_factory):
+  version = _setuptools_version()
+  if version is None or version < (77, 0):  # pyproject's build-system: setuptools>=77
+    pytest.skip(f'needs setuptools>=77 in this environment, found {version}')
+  src = tmp_path_factory.mktemp('src')
+  ignore = shutil.ignore_patterns('__pycache__', '*.pyc')
+  for name in ('pyproject.toml', 'README.md', 'LICENSE', 'MANIFEST.in'):
+    if (ROOT / name).exists():
+      shutil.copy(ROOT / name, src / name)
+  for name in ('nnx_recurrent', 'tests'):
+    shutil.copytree(ROOT / name, src / name, ignore=ignore)
+  out = tmp_path_factory.mktemp('dist')
+  names = []
+  for hook in ('build_sdist', 'build_wheel'):  # one process each: setuptools keeps state
+    code = f'import sys; from setuptools import build_meta; print(build_meta.{hook}(sys.argv[1]))'
+    done = subprocess.run([sys.executable, '-c', code, str(out)], cwd=src, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    names.append(done.stdout.splitlines()[-1])  # setuptools logs to stdout before it
+  sdist_name, wheel_name = names
+  with tarfile.open(out / sdist_name) as tar:
+    sdist = {m.name.partition('/')[2] for m in tar.getmembers() if m.isfile()}
+  with zipfile.ZipFile(out / wheel_name) as whl:
+    wheel = set(whl.namelist())
+    metadata = whl.read(next(n for n in wheel if n.endswith('.dist-info/METADATA'))).decode()
+  return sdist, wheel, metadata
+
+
+def _package_files():
+  files = set()
+  for parent, dirs, names in os.walk(ROOT / 'nnx_recurrent'):
+    dirs[:] = [d for d in dirs if d != '__pycache__']
+    rel = pathlib.Path(parent).relative_to(ROOT)
+    files |= {(rel / n).as_posix() for n in names if n.endswith('.py') or n == 'py.typed'}
+  return files
+
+
+def test_wheel_holds_every_module_and_py_typed(distributions):
+  _, wheel, _ = distributions
+  package = {n for n in wheel if n.startswith('nnx_recurrent/')}
+  assert package == _package_files()
+  assert 'nnx_recurrent/py.typed' in package
+  assert not {n for n in wheel if n.partition('/')[0] not in ('nnx_recurrent',)
+              and '.dist-info/' not in n}
+
+
+def test_wheel_requires_only_jax_jaxlib_flax_numpy(distributions):
+  _, _, metadata = distributions
+  required = sorted(line.split(':', 1)[1].strip() for line in metadata.splitlines()
+                    if line.startswith('Requires-Dist:') and 'extra ==' not in line)
+  assert required == ['flax>=0.12.7', 'jax>=0.10', 'jaxlib>=0.10', 'numpy>=2.0']
+  assert 'Requires-Python: >=3.11' in metadata
+
+
+def test_sdist_holds_the_library_and_no_partial_test_suite(distributions):
+  # setuptools adds tests/test*.py to an sdist by default; without tests/reference.py,
+  # conftest.py, the fixtures and examples/ they fail to import (MANIFEST.in prunes them).
+  sdist, _, _ = distributions
+  assert not {n for n in sdist if n.startswith('tests/')}
+  assert {n for n in sdist if n.startswith('nnx_recurrent/')} == _package_files()
+  assert {'README.md', 'LICENSE', 'pyproject.toml', 'PKG-INFO'} <= sdist

@@ -53,6 +53,7 @@ import nnx_recurrent as nr
 MAX_LEN = 29
 NUM_CHANNELS = 12
 NUM_CLASSES = 9
+NUM_TRAIN = 270  # training utterances; an epoch is NUM_TRAIN // batch_size steps
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -77,6 +78,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   if not 0 <= args.warmup_epochs < args.epochs:
     p.error(f'--warmup-epochs must be in [0, --epochs) = [0, {args.epochs}), '
             f'got {args.warmup_epochs}')
+  if not 1 <= args.batch_size <= NUM_TRAIN:
+    p.error(f'--batch-size must be in [1, {NUM_TRAIN}] (the training set), got {args.batch_size}')
+  if not 0 <= args.dropout < 1:
+    p.error(f'--dropout must be in [0, 1), got {args.dropout}')
   return args
 
 

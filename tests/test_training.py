@@ -187,3 +187,18 @@ def test_demo_refuses_warmup_not_below_epochs(capsys):
     demo.parse_args(['--epochs', '3'])
   assert '--warmup-epochs must be in [0, --epochs) = [0, 3), got 3' in capsys.readouterr().err
   assert demo.parse_args(['--epochs', '4', '--warmup-epochs', '1']).warmup_epochs == 1
+
+
+@pytest.mark.parametrize('argv, message', [
+  (['--batch-size', '0'], '--batch-size must be in [1, 270] (the training set), got 0'),
+  (['--batch-size', '271'], '--batch-size must be in [1, 270] (the training set), got 271'),
+  (['--dropout', '1.5'], '--dropout must be in [0, 1), got 1.5'),
+])
+def test_demo_refuses_batch_size_and_dropout_out_of_range(capsys, argv, message):
+  # Before: a ZeroDivisionError (0), optax's "positive decay_steps" (above 270: no step per
+  # epoch), or a silent run at dropout 1.5.
+  demo = pytest.importorskip('examples.japanese_vowels')  # needs the examples extra
+  with pytest.raises(SystemExit):
+    demo.parse_args(argv)
+  assert message in capsys.readouterr().err
+  assert demo.parse_args(['--batch-size', '270', '--dropout', '0']).batch_size == 270

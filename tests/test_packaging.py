@@ -8,6 +8,7 @@ package's files on disk.
 import importlib.metadata
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -77,7 +78,8 @@ def test_wheel_requires_only_jax_jaxlib_flax_numpy(distributions):
   _, _, metadata = distributions
   required = sorted(line.split(':', 1)[1].strip() for line in metadata.splitlines()
                     if line.startswith('Requires-Dist:') and 'extra ==' not in line)
-  assert required == ['flax>=0.12.7', 'jax>=0.10', 'jaxlib>=0.10', 'numpy>=2.0']
+  names = sorted(re.split(r'[<>=!~;\[ ]', r, maxsplit=1)[0].lower() for r in required)
+  assert names == ['flax', 'jax', 'jaxlib', 'numpy'], required
   assert 'Requires-Python: >=3.11' in metadata
 
 

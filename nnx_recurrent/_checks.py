@@ -648,11 +648,11 @@ def check_integer_array(where: str, arg: str, x: Any, shape: tuple[int, ...], sh
   """Checks an integer array (``seq_lengths``, ``segment_ids``) and its shape."""
   check_not_foreign(where, arg, x)
   if not hasattr(x, 'shape') or not hasattr(x, 'dtype'):
-    try:
-      x = np.asarray(x)
-    except (TypeError, ValueError):  # a ragged list: numpy's message names nothing
+    converted = sequence_as_array(x)
+    if converted is None:  # a ragged list: numpy's message names nothing
       fail(where, arg, f'an integer array of shape {shape_doc}', f'a ragged {kind(x)}',
            dtype_error)
+    x = converted
   if not jnp.issubdtype(x.dtype, jnp.integer):
     # A boolean mask given as lengths: flax reads each row's True/False as a
     # length of 1/0, which is never what was meant.
@@ -672,6 +672,22 @@ def on_host(x: Any) -> bool:
   return isinstance(x, (np.ndarray, np.generic))
 
 
+def sequence_as_array(x: Any) -> Any:
+  """A list, tuple or number as the array it spells, or ``None`` (a ragged
+  list). NumPy's array; jax's where it holds traced values (a list of lengths
+  passed to a ``jit``ted function arrives as a list of tracers, which NumPy
+  cannot read), so that such a list means under ``jit`` what it means outside."""
+  try:
+    return np.asarray(x)
+  except (TypeError, ValueError):
+    if not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(x)):
+      return None
+  try:
+    return jnp.asarray(x)
+  except (TypeError, ValueError):  # ragged
+    return None
+
+
 def numeric_array(where: str, arg: str, x: Any, expected: str) -> Any:
   """``x`` as an array of numbers (or bools, for the dtype check that follows):
   an array as it is, a list or a Python number through ``np.asarray`` (so a
@@ -680,10 +696,7 @@ def numeric_array(where: str, arg: str, x: Any, expected: str) -> Any:
   any jax operation fails on them."""
   check_not_foreign(where, arg, x)
   if not (hasattr(x, 'shape') and hasattr(x, 'dtype')):
-    try:
-      converted = np.asarray(x)
-    except (TypeError, ValueError):  # a ragged list
-      converted = None
+    converted = sequence_as_array(x)  # None for a ragged list
     if converted is None or converted.dtype == object or not (
         np.issubdtype(converted.dtype, np.number) or converted.dtype == np.bool_):
       fail(where, arg, expected, repr(x) if isinstance(x, str) else kind(x), TypeError)

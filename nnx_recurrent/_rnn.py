@@ -598,8 +598,9 @@ def flip_sequences(inputs: Array, seq_lengths: Array | None, num_batch_dims: int
 
   Returns:
     ``inputs`` with each row's first ``seq_lengths`` steps in reverse order,
-    the rest (padding) where it was; the whole time axis reversed without
-    ``seq_lengths``.
+    the rest (padding) after them, itself reversed, as in flax (the row
+    ``[a, b, p, q, r]`` of length 2 becomes ``[b, a, r, q, p]``); the whole
+    time axis reversed without ``seq_lengths``.
 
   Raises:
     ValueError: a concrete negative length in ``seq_lengths``.

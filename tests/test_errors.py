@@ -1103,6 +1103,44 @@ def test_seq_lengths_list_is_the_array_it_spells(lstm):
     rnn(X, seq_lengths=[5.0, 2.5])
 
 
+def test_lists_passed_to_jit_are_the_arrays_they_spell(lstm):
+  # A list given to a jitted function arrives as a list of tracers, which NumPy
+  # cannot read: it raised "expected an integer array ..., got list of length 2"
+  # (for segment_ids "a ragged list") where the same list runs outside jit.
+  x = ref.normal((2, 5, 3))
+  p = ref.cell_params(lstm)
+  zeros = (np.zeros((2, 4)), np.zeros((2, 4)))
+  rnn = nr.RNN(lstm, return_carry=True)
+  lengths_ref = np.array([5, 2])
+  carry_ref, y_ref = ref.rnn(p, x, lengths_ref, zeros, num_batch_dims=1)
+  run = nnx.jit(lambda rnn, lengths: rnn(x, seq_lengths=lengths))
+  for lengths in ([5, 2], [5.0, 2.0], (5, 2)):
+    carry, y = run(rnn, lengths)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    for got, want in zip(carry, carry_ref):
+      np.testing.assert_allclose(got, want, atol=1e-5)
+  flipped = jax.jit(lambda lengths: nr.flip_sequences(x, lengths, num_batch_dims=1,
+                                                      time_major=False))([5, 2])
+  want = np.asarray(x)[[[0], [1]], [[4, 3, 2, 1, 0], [1, 0, 4, 3, 2]]]  # flax's order
+  np.testing.assert_array_equal(flipped, want)
+  # Packed: row 0 holds two segments (3 and 2 steps), row 1 one of 2 and padding.
+  ids = [[1, 1, 1, 2, 2], [3, 3, 0, 0, 0]]
+  y = nnx.jit(lambda rnn, ids: rnn(x, segment_ids=ids))(rnn, ids)[1]
+  one = lambda row: (np.zeros((1, 4)), np.zeros((1, 4)))  # noqa: E731
+  parts = [ref.rnn(p, x[r:r + 1, a:b], None, one(r), num_batch_dims=1)[1][0]
+           for r, a, b in ((0, 0, 3), (0, 3, 5), (1, 0, 2))]
+  y_ref = np.zeros((2, 5, 4))
+  y_ref[0] = np.concatenate(parts[:2])
+  y_ref[1, :2] = parts[2]
+  np.testing.assert_allclose(y, y_ref, atol=1e-5)
+  with pytest.raises(TypeError, match=m('RNN: `seq_lengths` expected an integer array of shape '
+                                        'batch shape', 'got list of length 2.')):
+    nnx.jit(lambda rnn, n: rnn(x, seq_lengths=[n, [2]]))(rnn, 5)  # ragged, traced
+  with pytest.raises(ValueError, match=m('RNN: `seq_lengths` expected shape batch shape = '
+                                         '(2,), got shape (3,).')):
+    run(rnn, [5, 2, 1])
+
+
 def test_fused_initial_carry_leaves_must_have_the_carry_shapes():
   # The fused layers take no broadcasting carry (flax.nnx's LSTM neither): a
   # number for a leaf is refused, as a leaf of another shape.

@@ -368,7 +368,8 @@ def test_compat_keeps_flax_linens_messages_without_private_names():
 
 # -- the mechanism leaves everything else as it was ------------------------------------
 METHODS = [(name, method) for name in nr.__all__ if isinstance(getattr(nr, name), type)
-           and name != 'DropoutMasks' for method in ('__init__', '__call__', 'initialize_carry')
+           and issubclass(getattr(nr, name), nnx.Module)  # not DropoutMasks, RNNBase (a Protocol)
+           for method in ('__init__', '__call__', 'initialize_carry')
            if method in dir(getattr(nr, name))]
 
 

@@ -9,6 +9,7 @@ float64 NumPy, one row at a time on its unpadded part.
 import contextlib
 import inspect
 import types
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -861,6 +862,30 @@ def test_bfloat16_computation(cls):
   no_step = jax.eval_shape(lambda x: layer(x, return_carry=True), x[:, :0])  # as with steps
   assert no_step[1].dtype == jnp.bfloat16
   assert {a.dtype for a in jax.tree_util.tree_leaves(no_step[0])} == float32
+
+
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+@pytest.mark.parametrize('implementation', ['xla', 'pallas'])
+@pytest.mark.parametrize('packed', [False, True], ids=['lengths', 'packed'])
+def test_a_numpy_float64_initial_carry_runs_without_a_warning(cls, implementation, packed):
+  # Without x64 JAX holds a NumPy float64 carry as float32: the returned carry
+  # is float32, with no warning about a float64 it cannot make (as nr.RNN's
+  # and flax.nnx's cells give none).
+  if jax.config.jax_enable_x64:
+    pytest.skip('a float64 carry is float64 under x64')
+  layer = make(cls, implementation=implementation)
+  x = ref.normal((B, T, I), seed=1)
+  carry0 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), random_carry(layer))
+  masks = (dict(segment_ids=jnp.ones((B, T), jnp.int32)) if packed
+           else dict(seq_lengths=jnp.asarray(LENGTHS)))
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    carry, y = layer(x, initial_carry=carry0, return_carry=True, **masks)
+  assert {a.dtype for a in jax.tree_util.tree_leaves(carry)} == {jnp.dtype(jnp.float32)}
+  lengths = np.full(B, T) if packed else LENGTHS
+  want_carry, want_y = ref.rnn(ref.cell_params(layer.forward[0]), x, lengths, carry0,
+                               num_batch_dims=1)
+  assert_trees_close((carry, y), (want_carry, want_y))
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])

@@ -6,6 +6,7 @@ per row (``seq_lengths``, itself checked against NumPy elsewhere).
 """
 
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -180,6 +181,33 @@ def test_a_lower_precision_initial_carry_keeps_its_dtype_across_segment_resets()
       h = bf16(new)
   np.testing.assert_array_equal(np.asarray(ys)[IDS == 0], 0)
   np.testing.assert_allclose(np.asarray(carry, np.float64)[1], h, atol=2e-2)
+
+
+@pytest.mark.parametrize('name', ['LSTMCell', 'GRUCell'])
+def test_a_numpy_float64_initial_carry_runs_packed_without_a_warning(name):
+  # Without x64 JAX holds a NumPy float64 carry as float32: the later segments
+  # restart from zeros in that dtype, with no warning about a float64 it
+  # cannot make (as without segment_ids).
+  if jax.config.jax_enable_x64:
+    pytest.skip('a float64 carry is float64 under x64')
+  rnn = _rnn(name)
+  x = _inputs(rnn.cell, *IDS.shape)
+  rng = np.random.default_rng(5)
+  carry0 = jax.tree_util.tree_map(lambda _: rng.normal(size=(IDS.shape[0], H)),
+                                  rnn.cell.initialize_carry(x[:, 0].shape))
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    carry, ys = rnn(x, initial_carry=carry0, segment_ids=IDS, return_carry=True)
+  assert {a.dtype for a in jax.tree_util.tree_leaves(carry)} == {jnp.dtype(jnp.float32)}
+  p = reference.cell_params(rnn.cell)
+  for r, s, e in _segments(IDS):
+    c = _start_carry(carry0, IDS, r, s)
+    for t in range(s, e):
+      c, y = reference.step(p, c, x[r, t])
+      np.testing.assert_allclose(ys[r, t], y, atol=ATOL)
+  np.testing.assert_array_equal(np.asarray(ys)[IDS == 0], 0)
+  np.testing.assert_allclose(np.asarray(jax.tree_util.tree_leaves(carry)[-1])[1],
+                             jax.tree_util.tree_leaves(c)[-1], atol=ATOL)
 
 
 def test_consecutive_equal_ids_form_one_segment():

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from nnx_recurrent import _scan
 from nnx_recurrent._base import Array
 from nnx_recurrent._fused._plans import cuda_backend
 from nnx_recurrent._fused._step_math import LSTMMath
@@ -118,7 +119,7 @@ def layer(cells, xs: Array, carries, seq_lengths: Array | None, dtype):
     c_n = jnp.where(empty[None, :, None], c0, c_n)
     h_n = jnp.where(empty[None, :, None], h0, h_n)
   ys = jnp.swapaxes(y, 0, 1).reshape(time, *batch, y.shape[-1])
-  finals = [(c_n[d].reshape(*batch, hidden).astype(c.dtype),
-             h_n[d].reshape(*batch, hidden).astype(h.dtype))
+  finals = [(c_n[d].reshape(*batch, hidden).astype(_scan.held_dtype(c)),
+             h_n[d].reshape(*batch, hidden).astype(_scan.held_dtype(h)))
             for d, (c, h) in enumerate(carries)]
   return finals, ys

@@ -90,6 +90,7 @@ from nnx_recurrent._scan._sharding import (  # noqa: F401 -- the engine's names
   varying_axes,
 )
 from nnx_recurrent._scan._steps import (  # noqa: F401 -- the engine's names
+  held_dtype,
   in_dtypes_of,
   keep_at_padding,
   linen_step,

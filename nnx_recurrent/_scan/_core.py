@@ -27,7 +27,7 @@ from nnx_recurrent._scan._sharding import (
   scan_unroll,
   typed_as,
 )
-from nnx_recurrent._scan._steps import remat_step, step, with_rows
+from nnx_recurrent._scan._steps import held_dtype, remat_step, step, with_rows
 
 Array = jax.Array
 
@@ -144,4 +144,5 @@ def segment_start(masks: StepMasks, carry: Any, reset_carry: Any, xs: Array,
     return carry
   reset_carry = like_inputs(reset_carry, xs, num_batch_axes, StepMasks(None, None), rows)
   # (explicit sharding mode: split over the mesh as the carry is, where() taking one)
-  return jax.tree_util.tree_map(lambda r, c: typed_as(r.astype(c.dtype), c), reset_carry, carry)
+  return jax.tree_util.tree_map(lambda r, c: typed_as(r.astype(held_dtype(c)), c), reset_carry,
+                                carry)

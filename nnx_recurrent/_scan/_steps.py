@@ -149,8 +149,15 @@ def in_dtypes_of(carry: Any, new_carry: Any) -> Any:
     if _kind(jnp.result_type(n)) != _kind(o.dtype):
       _checks.fail('RNN', 'cell', 'a step that returns a carry leaf of the kind of its carry '
                    f'leaf ({o.dtype})', f'{jnp.result_type(n)}', TypeError)
-    return n.astype(o.dtype)
+    return n.astype(held_dtype(o))
   return jax.tree_util.tree_map(one, new_carry, carry)
+
+
+def held_dtype(leaf: Any) -> Any:
+  """``leaf``'s dtype as JAX holds it: a NumPy float64 carry given without
+  ``jax_enable_x64`` is float32 (an ``astype(float64)`` would warn that it
+  truncates, where flax.nnx gives no warning)."""
+  return jax.dtypes.canonicalize_dtype(leaf.dtype, allow_extended_dtype=True)
 
 
 def _kind(dtype) -> Any:

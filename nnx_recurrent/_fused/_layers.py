@@ -69,7 +69,10 @@ _LAYER_DOC = """
   but faster: see the module docstring of ``nnx_recurrent._fused``. One
   difference: with a half-precision ``dtype`` the outputs come in ``dtype``
   (half the memory), where ``RNN`` over the cell returns them in the carry's
-  dtype; the carry comes in ``param_dtype`` (docs/performance.md).
+  dtype; the carry comes in ``param_dtype`` (docs/performance.md). Another:
+  the layer differentiates in reverse mode only (``jax.grad``, ``jax.vjp``,
+  second order by ``jax.hessian``); ``jax.jvp`` and ``jax.jacfwd`` raise JAX's
+  ``custom_vjp`` error: for forward mode use ``RNN`` over the same cells.
 
   Args:
     in_features: size of the last input axis.

@@ -733,7 +733,7 @@ def _in_dtype_of(new: Any, old: Any) -> Any:
   no dtype (a Python number)."""
   if not hasattr(old, 'dtype'):
     return new
-  return new.astype(jax.dtypes.canonicalize_dtype(old.dtype, allow_extended_dtype=True))
+  return new.astype(_scan.held_dtype(old))
 
 
 def add_bias(z: Array, param: nnx.Param | None) -> Array:

@@ -41,7 +41,11 @@ autodoc_member_order = 'bysource'
 autodoc_typehints = 'description'
 # Defaults as written in the source (``nnx.sigmoid``, not ``<PjitFunction ...>``).
 autodoc_preserve_defaults = True
-autodoc_default_options = {'members': True, 'show-inheritance': False}
+# No default 'members': with one, Sphinx ignores a directive's own ``:members:`` list
+# (sphinx-doc/sphinx#9709) and documents every member, and 'show-inheritance': False
+# counts as the flag given (private bases such as ``_Cell`` were shown); api.md names
+# what each entry documents.
+autodoc_default_options: dict = {}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 # Attributes sections as fields: flax.linen modules (compat) also get their dataclass

@@ -458,11 +458,14 @@ class MGUCell(_Cell):
     features: number of output features: the size of the carry
       ``initialize_carry`` makes (a step takes its size from the carry it is
       given, as in flax.linen).
-    gate_fn, activation_fn: nonlinearities (default sigmoid, tanh).
-    kernel_init, recurrent_kernel_init: kernel initializers (lecun normal, orthogonal).
+    gate_fn: gate nonlinearity (default sigmoid).
+    activation_fn: candidate nonlinearity (default tanh).
+    kernel_init: initializer of the input kernels (default lecun normal).
+    recurrent_kernel_init: initializer of the hidden kernels (default orthogonal).
     forget_bias_init: initializer of ``b_if`` (default ones).
     activation_bias_init: initializer of ``b_in`` and ``b_hn`` (default zeros).
-    dtype, param_dtype: computation dtype (inferred) and parameter dtype (float32).
+    dtype: computation dtype (default: inferred from inputs and params).
+    param_dtype: parameter and carry dtype (default float32).
     carry_init: initializer of the carry (default zeros).
     reset_gate: apply ``f`` to the hidden candidate term (default True).
   """
@@ -515,9 +518,11 @@ class SimpleCell(_Cell):
       ``initialize_carry`` makes (a step takes its size from the carry it is
       given, as in flax.linen).
     activation_fn: nonlinearity (default tanh).
-    kernel_init, recurrent_kernel_init, bias_init: initializers (lecun normal,
-      orthogonal, zeros).
-    dtype, param_dtype: computation dtype (inferred) and parameter dtype (float32).
+    kernel_init: initializer of the input kernel (default lecun normal).
+    recurrent_kernel_init: initializer of the hidden kernel (default orthogonal).
+    bias_init: initializer of the bias (default zeros).
+    dtype: computation dtype (default: inferred from inputs and params).
+    param_dtype: parameter and carry dtype (default float32).
     carry_init: initializer of the carry (default zeros).
     residual: pre-activation residual connection (default False).
   """
@@ -577,7 +582,8 @@ class ConvLSTMCell(_Cell):
     strides: strides of the input convolution (default 1).
     padding: padding of the input convolution (default ``'SAME'``).
     use_bias: add biases (default True).
-    dtype, param_dtype: computation dtype (inferred) and parameter dtype (float32).
+    dtype: computation dtype (default: inferred from inputs and params).
+    param_dtype: parameter and carry dtype (default float32).
     carry_init: initializer of the carry (default zeros).
   """
 

@@ -120,8 +120,10 @@ class RNN(nn.Module):
       (padding stays at the end); outputs in processing order.
     keep_order: with ``reverse``, return outputs in input order.
     unroll: scan iterations unrolled per loop iteration.
-    variable_axes, variable_broadcast, variable_carry, split_rngs: forwarded
-      to ``flax.linen.scan``.
+    variable_axes: forwarded to ``flax.linen.scan``.
+    variable_broadcast: forwarded to ``flax.linen.scan``.
+    variable_carry: forwarded to ``flax.linen.scan``.
+    split_rngs: forwarded to ``flax.linen.scan``.
     cell_size: removed; passing it raises ``TypeError``, as does an int above
       1 in ``time_major``'s place (the old signature's second positional
       argument; flax.linen takes it for ``time_major``).
@@ -406,9 +408,11 @@ class Bidirectional(nn.Module):
     ((2, 5, 8), (2, 4))
 
   Attributes:
-    forward_rnn, backward_rnn: ``RNN`` modules (compat or flax.linen).
+    forward_rnn: the forward ``RNN`` module (compat or flax.linen).
+    backward_rnn: the backward ``RNN`` module (compat or flax.linen).
     merge_fn: ``(forward_outputs, backward_outputs) -> outputs``.
-    time_major, return_carry: defaults for the call.
+    time_major: default for the call.
+    return_carry: default for the call.
   """
 
   forward_rnn: Any

@@ -415,7 +415,7 @@ class RNNCellBase(nnx.Module):
         ``carry_init`` given at construction, else zeros (which need no RNG).
 
     Returns:
-      The carry: one array of shape ``output_shape(input_shape)``, or a tuple
+      The carry, one array of shape ``output_shape(input_shape)`` or a tuple
       of arrays (``(c, h)`` for LSTM cells; with ``proj_features``, ``c`` has
       ``hidden_features`` and ``h`` ``proj_features``), in ``param_dtype``.
     """

@@ -119,7 +119,7 @@ def pack_sequences(
       sequences, no NaN; a number within a float dtype's range).
 
   Returns:
-    ``(packed, segment_ids)``: ``packed`` is ``(rows, max_length, *features)``
+    ``(packed, segment_ids)``, where ``packed`` is ``(rows, max_length, *features)``
     in the sequences' common dtype; ``segment_ids`` is int32
     ``(rows, max_length)``.
 

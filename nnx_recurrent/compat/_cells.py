@@ -257,7 +257,7 @@ class _Cell(RNNCellBase):
         flax.linen, ``()`` stands for one unbatched vector step.
 
     Returns:
-      The carry, in ``param_dtype``: ``(c, h)`` for LSTM cells, else ``h``.
+      The carry in ``param_dtype``, ``(c, h)`` for LSTM cells, else ``h``.
     """
     if not isinstance(self, _Cell):  # the class-method call of flax < 0.7.1
       _checks.fail('initialize_carry', 'self', 'a cell instance: the old class-method call '

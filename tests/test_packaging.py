@@ -90,3 +90,35 @@ def test_sdist_holds_the_library_and_no_partial_test_suite(distributions):
   assert not {n for n in sdist if n.startswith('tests/')}
   assert {n for n in sdist if n.startswith('nnx_recurrent/')} == _package_files()
   assert {'README.md', 'LICENSE', 'pyproject.toml', 'PKG-INFO'} <= sdist
+
+
+def _api_page_entries():
+  """(module, name) of every autoclass/autofunction entry on docs/api.md, and the names
+  an automodule entry's :members: list gives."""
+  entries, module, automodule = set(), None, None
+  for line in (ROOT / 'docs' / 'api.md').read_text().splitlines():
+    if m := re.match(r'\.\. currentmodule:: (\S+)', line):
+      module, automodule = m.group(1), None
+    elif m := re.match(r'\.\. auto(?:class|function):: (\S+)', line):
+      entries.add((module, m.group(1)))
+    elif m := re.match(r'\.\. automodule:: (\S+)', line):
+      automodule = m.group(1)
+    elif (m := re.match(r'\s+:members: (.+)', line)) and automodule:
+      entries.update((automodule, n.strip()) for n in m.group(1).split(','))
+  return entries
+
+
+def test_the_api_page_documents_every_public_name():
+  # The page lists its entries by name (no automodule :members: sweep, which showed
+  # jax's sigmoid docstring as compat.MGUCell.gate_fn): a name added to __all__ must
+  # be added there.
+  import nnx_recurrent
+  import nnx_recurrent.interop
+  from nnx_recurrent import compat
+
+  entries = _api_page_entries()
+  for module in (nnx_recurrent, compat, nnx_recurrent.interop):
+    missing = [n for n in module.__all__ if (module.__name__, n) not in entries]
+    assert not missing, f'docs/api.md has no entry for {module.__name__}: {missing}'
+  stale = [(m, n) for m, n in entries if not hasattr(sys.modules[m], n)]
+  assert not stale, f'docs/api.md documents names that do not exist: {stale}'

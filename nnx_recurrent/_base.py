@@ -16,7 +16,7 @@ import contextlib
 import inspect
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, ClassVar, NamedTuple, TypeGuard
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -393,33 +393,39 @@ class RNNCellBase(nnx.Module):
         f'shape {tuple(shape)}',
       )
 
-  @_checks.named_errors
-  def initialize_carry(
-    self,
-    input_shape: tuple[int, ...],
-    rngs: RngsLike = None,
-    carry_init: Initializer | None = None,
-  ) -> Carry:
-    """Returns the initial carry for one step's input of shape ``input_shape``.
+  if TYPE_CHECKING:  # flax.nnx's signature, so that a subclass may override it as
+    # flax.nnx's (rngs: Rngs | RngStream | None); this package's cells take a key too: Cell.
+    def initialize_carry(self, input_shape: tuple[int, ...],
+                         rngs: nnx.Rngs | nnx.RngStream | None = None,
+                         carry_init: Initializer | None = None) -> Carry: ...
+  else:
+    @_checks.named_errors
+    def initialize_carry(
+      self,
+      input_shape: tuple[int, ...],
+      rngs: RngsLike = None,
+      carry_init: Initializer | None = None,
+    ) -> Carry:
+      """Returns the initial carry for one step's input of shape ``input_shape``.
 
-    Args:
-      input_shape: shape of one step's input, without the time axis:
-        ``(*batch, *features)``; only the number of feature axes is read, not
-        their sizes. As in flax, ``()`` stands for one unbatched vector step.
-      rngs: only needed with a random ``carry_init``: an ``nnx.Rngs`` (its
-        ``carry`` stream is called once per carry array, as flax.nnx does), an
-        ``nnx.RngStream`` (likewise) or a PRNG key (split, one per array, as
-        flax.linen does). Default: the cell's own stream, if it keeps one
-        (``keep_rngs`` or dropout).
-      carry_init: an initializer ``(key, shape, dtype) -> array``; default the
-        ``carry_init`` given at construction, else zeros (which need no RNG).
+      Args:
+        input_shape: shape of one step's input, without the time axis:
+          ``(*batch, *features)``; only the number of feature axes is read, not
+          their sizes. As in flax, ``()`` stands for one unbatched vector step.
+        rngs: only needed with a random ``carry_init``: an ``nnx.Rngs`` (its
+          ``carry`` stream is called once per carry array, as flax.nnx does), an
+          ``nnx.RngStream`` (likewise) or a PRNG key (split, one per array, as
+          flax.linen does). Default: the cell's own stream, if it keeps one
+          (``keep_rngs`` or dropout).
+        carry_init: an initializer ``(key, shape, dtype) -> array``; default the
+          ``carry_init`` given at construction, else zeros (which need no RNG).
 
-    Returns:
-      The carry, one array of shape ``output_shape(input_shape)`` or a tuple
-      of arrays (``(c, h)`` for LSTM cells; with ``proj_features``, ``c`` has
-      ``hidden_features`` and ``h`` ``proj_features``), in ``param_dtype``.
-    """
-    return self._initialize_carry(input_shape, rngs, carry_init)
+      Returns:
+        The carry, one array of shape ``output_shape(input_shape)`` or a tuple
+        of arrays (``(c, h)`` for LSTM cells; with ``proj_features``, ``c`` has
+        ``hidden_features`` and ``h`` ``proj_features``), in ``param_dtype``.
+      """
+      return self._initialize_carry(input_shape, rngs, carry_init)
 
   def _initialize_carry(self, input_shape, rngs=None, carry_init=None) -> Carry:
     name = type(self).__name__
@@ -524,33 +530,37 @@ class RNNCellBase(nnx.Module):
       if rate_rec else None,
     )
 
-  @_checks.named_errors
-  def __call__(self, carry: Carry, inputs: Array, **options: Any) -> tuple[Carry, Array]:
-    """Runs one time step.
+  if TYPE_CHECKING:  # flax.nnx's signature, so that a subclass may override it as
+    # flax.nnx's, without **options; this package's cells take the options: Cell.
+    def __call__(self, carry: Carry, inputs: Array) -> tuple[Carry, Array]: ...
+  else:
+    @_checks.named_errors
+    def __call__(self, carry: Carry, inputs: Array, **options: Any) -> tuple[Carry, Array]:
+      """Runs one time step.
 
-    The signature is flax.nnx's ``(carry, inputs)``, with the options as
-    ``**options``: flax's transforms take a cell itself (``nnx.scan(cell,
-    in_axes=(nnx.Carry, 0), ...)``, ``nnx.vmap(cell)``) only when it has no
-    keyword-only arguments with defaults.
+      The signature is flax.nnx's ``(carry, inputs)``, with the options as
+      ``**options``: flax's transforms take a cell itself (``nnx.scan(cell,
+      in_axes=(nnx.Carry, 0), ...)``, ``nnx.vmap(cell)``) only when it has no
+      keyword-only arguments with defaults.
 
-    Args:
-      carry: the state, as returned by :meth:`initialize_carry`.
-      inputs: one step's input ``(*batch, *features)``.
-      **options: keywords only. ``dropout_masks``: masks from
-        :meth:`dropout_masks` (what ``RNN`` passes so that every step shares
-        them); sampled afresh when absent and dropout is on. ``rngs``:
-        overrides the construction-time dropout RNG (variational dropout
-        masks when sampled here, and zoneout).
+      Args:
+        carry: the state, as returned by :meth:`initialize_carry`.
+        inputs: one step's input ``(*batch, *features)``.
+        **options: keywords only. ``dropout_masks``: masks from
+          :meth:`dropout_masks` (what ``RNN`` passes so that every step shares
+          them); sampled afresh when absent and dropout is on. ``rngs``:
+          overrides the construction-time dropout RNG (variational dropout
+          masks when sampled here, and zoneout).
 
-    Returns:
-      ``(new_carry, output)``; the new carry in the dtypes of ``carry`` (a
-      bfloat16 carry of bfloat16 parameters, computed in float32, is rounded
-      back), as over ``RNN``'s steps.
+      Returns:
+        ``(new_carry, output)``; the new carry in the dtypes of ``carry`` (a
+        bfloat16 carry of bfloat16 parameters, computed in float32, is rounded
+        back), as over ``RNN``'s steps.
 
-    Raises:
-      TypeError: an option other than ``dropout_masks`` and ``rngs``.
-    """
-    return self._call(carry, inputs, options, keep_carry_dtype=True)
+      Raises:
+        TypeError: an option other than ``dropout_masks`` and ``rngs``.
+      """
+      return self._call(carry, inputs, options, keep_carry_dtype=True)
 
   def _call(self, carry: Carry, inputs: Array, options: dict[str, Any],
             keep_carry_dtype: bool) -> tuple[Carry, Array]:
@@ -725,6 +735,20 @@ class RNNCellBase(nnx.Module):
     )
 
   _step_impl = step
+
+
+if TYPE_CHECKING:
+  class Cell(RNNCellBase):
+    """This package's cells as type checkers see them: ``RNNCellBase`` presents
+    flax.nnx's signatures (which a flax-style subclass overrides); the
+    package's cells take the options and a PRNG key for ``rngs``."""
+
+    def __call__(self, carry: Carry, inputs: Array, **options: Any) -> tuple[Carry, Array]: ...
+
+    def initialize_carry(self, input_shape: tuple[int, ...], rngs: RngsLike = None,
+                         carry_init: Initializer | None = None) -> Carry: ...
+else:
+  Cell = RNNCellBase  # the same class at run time
 
 
 def _in_dtype_of(new: Any, old: Any) -> Any:

@@ -21,7 +21,7 @@ from flax.nnx.nn import initializers
 from flax.typing import Dtype, Initializer, PaddingLike, PromoteDtypeFn
 
 from nnx_recurrent import _checks
-from nnx_recurrent._base import _NO_METADATA, Array, RNNCellBase, default_promote_dtype
+from nnx_recurrent._base import _NO_METADATA, Array, Cell, default_promote_dtype
 
 # nnx.Conv's own defaults (and flax.linen's ConvLSTMCell's), for both convolutions.
 default_conv_kernel_init = initializers.lecun_normal()
@@ -95,7 +95,7 @@ def check_geometry(where: str, kernel_size: Any, strides: Any,
   return kernel, strides, _checks.check_padding(where, padding, n)
 
 
-class _ConvCell(RNNCellBase):
+class _ConvCell(Cell):
   """A cell whose dense layers are the convolutions ``ih`` (input) and ``hh`` (hidden).
 
   Subclasses set ``num_parts`` (gates plus candidate: 4 for the LSTM, 3 for the

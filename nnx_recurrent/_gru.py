@@ -12,7 +12,7 @@ from flax.typing import Dtype, Initializer, PromoteDtypeFn
 from nnx_recurrent import _checks
 from nnx_recurrent._base import (
   _NO_METADATA,
-  RNNCellBase,
+  Cell,
   add_bias,
   default_bias_init,
   default_kernel_init,
@@ -24,7 +24,7 @@ from nnx_recurrent._base import (
 from nnx_recurrent._updates import gru_update
 
 
-class _GatedUnit(RNNCellBase):
+class _GatedUnit(Cell):
   """Cells of the form ``n = act(W_in x + b_in + r * (W_hn h + b_hn))``.
 
   ``num_gates`` sigmoid gates plus the candidate share one input matmul

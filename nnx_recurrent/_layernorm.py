@@ -22,7 +22,7 @@ from nnx_recurrent import _checks
 from nnx_recurrent._base import (
   _NO_METADATA,
   Array,
-  RNNCellBase,
+  Cell,
   add_bias,
   default_bias_init,
   default_kernel_init,
@@ -35,7 +35,7 @@ from nnx_recurrent._updates import gru_update
 default_scale_init = initializers.ones_init()
 
 
-class _LayerNormCell(RNNCellBase):
+class _LayerNormCell(Cell):
   """``LN(W_i x; scale) + b`` and ``LN(W_h h; scale)``, each over its ``num_parts * hidden``
   units jointly; subclasses set ``num_parts`` and add what their formula needs."""
 

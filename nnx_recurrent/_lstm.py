@@ -13,7 +13,7 @@ from nnx_recurrent import _checks
 from nnx_recurrent._base import (
   _NO_METADATA,
   Array,
-  RNNCellBase,
+  Cell,
   default_bias_init,
   default_kernel_init,
   default_promote_dtype,
@@ -24,7 +24,7 @@ from nnx_recurrent._base import (
 )
 
 
-class _LSTMBase(RNNCellBase):
+class _LSTMBase(Cell):
   num_carry_arrays = 2
 
   @_checks.named_errors

@@ -12,7 +12,7 @@ from flax.typing import Dtype, Initializer, PromoteDtypeFn
 from nnx_recurrent import _checks
 from nnx_recurrent._base import (
   _NO_METADATA,
-  RNNCellBase,
+  Cell,
   default_bias_init,
   default_kernel_init,
   default_promote_dtype,
@@ -21,7 +21,7 @@ from nnx_recurrent._base import (
 )
 
 
-class SimpleCell(RNNCellBase):
+class SimpleCell(Cell):
   r"""Simple (Elman) recurrent cell.
 
   .. math::

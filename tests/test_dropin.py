@@ -2594,3 +2594,34 @@ def test_values_sown_at_each_step_stack_over_time_as_in_flax():
     assert np.isnan(flax_sown[~valid]).all()
   for ours in runs['ours']:
     np.testing.assert_allclose(ours, loop, atol=1e-6, rtol=0)
+
+
+def test_typed_cells_as_flax_nnx_users_write_them_run_as_flax_nnx():
+  """tests/typed_cells.py: the annotated cells that `make test`'s mypy checks (a
+  flax.nnx-style override of __call__ and initialize_carry failed the override
+  check against our base) also run: through nr.RNN as through flax.nnx's RNN at
+  the valid steps, and this package's options (a key for the carry, dropout
+  masks) give flax.nnx's LSTM step on the masked input and carry."""
+  from tests import typed_cells
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 5, 3)).astype(np.float32))
+  lengths = jnp.array([5, 3])
+  got = typed_cells.run(x, lengths)
+  flax_style, step_cell = got['cells']
+  valid = (np.arange(5)[None, :] < np.asarray(lengths)[:, None])[..., None]
+  want = nnx.RNN(flax_style)(x, seq_lengths=lengths)
+  np.testing.assert_allclose(np.where(valid, got['flax_style'], 0.0), np.where(valid, want, 0.0),
+                             atol=1e-6, rtol=0)
+  nnx.update(flax_style.dense, nnx.state(step_cell.dense))
+  want = nnx.RNN(flax_style)(x, seq_lengths=lengths)
+  np.testing.assert_allclose(np.where(valid, got['step'], 0.0), np.where(valid, want, 0.0),
+                             atol=1e-6, rtol=0)
+  # The LSTM step: the carry of ones (keyed), inputs and h under the masks, in flax.nnx.
+  lstm = nr.LSTMCell(3, 4, rngs=nnx.Rngs(0), dropout_rate=0.5)
+  masks = lstm.dropout_masks((2, 3), rngs=jax.random.key(2))
+  flax_lstm = nnx.LSTMCell(3, 4, rngs=nnx.Rngs(0))
+  nnx.update(flax_lstm, nnx.state(lstm, nnx.Param))
+  assert masks.recurrent is None and masks.input is not None
+  _, want = flax_lstm((jnp.ones((2, 4)), jnp.ones((2, 4))), x[:, 0] * masks.input)
+  np.testing.assert_allclose(got['lstm_step'], want, atol=1e-6, rtol=0)

@@ -312,6 +312,56 @@ def test_interceptors_on_the_inner_layers_reach_the_step_as_in_linen(name, kwarg
     _assert_close(rnns[1], rnns[0], atol=1e-5)
 
 
+
+@pytest.mark.parametrize('name', ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'MGUCell',
+                                  'SimpleCell'])
+def test_half_precision_parameters_initialise_under_an_interceptor_too(name):
+  # compat initialises a bfloat16 cell where flax.linen's orthogonal init raises
+  # (test_cell_init_in_every_param_dtype), with an interceptor active too: as
+  # flax.linen's cell given that init in float32, cast, under the same interceptor.
+  x = normal((B, IN))
+  carry = nn.LSTMCell(H).initialize_carry(jax.random.key(1), x.shape)
+  if name in ('GRUCell', 'MGUCell', 'SimpleCell'):
+    carry = carry[1]
+  theirs = getattr(nn, name)(features=H, param_dtype=jnp.bfloat16,
+                             recurrent_kernel_init=_orthogonal_in_float32)
+  ours = getattr(compat, name)(features=H, param_dtype=jnp.bfloat16)
+  with nn.intercept_methods(_patch_inner_layers):
+    (out_t, v_t), (out_o, v_o) = (cell.init_with_output(jax.random.key(2), carry, x)
+                                  for cell in (theirs, ours))
+  _assert_same_tree(v_o, v_t)
+  _assert_same_tree(out_o, out_t)
+
+
+def test_conv_lstm_strides_and_valid_padding_run_under_an_interceptor_too():
+  # The input convolution strides or pads 'VALID', the hidden one keeps the
+  # state's shape (stride 1, 'SAME'), with an interceptor patching both as
+  # well: flax.linen's Conv layers and ConvLSTMCell formula, by hand.
+  x, xs = normal((B, 7, 7, IN)), normal((B, T, 7, 7, IN), seed=3)
+  for geometry, out_shape in (({'strides': (2, 2)}, (4, 4)), ({'padding': 'VALID'}, (5, 5))):
+    cell = compat.ConvLSTMCell(H, kernel_size=(3, 3), **geometry)
+    carry = jax.tree.map(lambda a: a + 0.3, cell.initialize_carry(jax.random.key(1), x.shape))
+    assert carry[0].shape == (B, *out_shape, H)
+    with nn.intercept_methods(_patch_inner_layers):
+      (new_carry, y), variables = cell.init_with_output(jax.random.key(2), carry, x)
+      ys = compat.RNN(cell).apply({'params': {'cell': variables['params']}}, xs)
+    params = variables['params']
+
+    def step(carry, x, params=params, geometry=geometry):
+      ih = 0.5 * nn.Conv(4 * H, (3, 3), **geometry).apply({'params': params['ih']}, x)
+      hh = 0.5 * nn.Conv(4 * H, (3, 3)).apply({'params': params['hh']}, carry[1])
+      i, g, f, o = jnp.split(ih + hh, 4, axis=-1)
+      c = nn.sigmoid(f + 1) * carry[0] + nn.sigmoid(i) * jnp.tanh(g)
+      h = nn.sigmoid(o) * jnp.tanh(c)
+      return (c, h), h
+
+    _assert_close((new_carry, y), step(carry, x))
+    state, expected = jax.tree.map(jnp.zeros_like, carry), []
+    for t in range(T):
+      state, h = step(state, xs[:, t])
+      expected.append(h)
+    _assert_close(ys, jnp.stack(expected, axis=1), atol=1e-5)
+
 # -- RNN ----------------------------------------------------------------------------
 def test_rnn_matches_linen_over_layouts_directions_and_unroll():
   x = normal((B, T, IN))
@@ -1953,6 +2003,7 @@ def test_checkpoints_that_do_not_fit_raise_flax_linens_error_classes():
     assert 'flax.readthedocs' not in str(ours.value)  # ours, without flax's link
     copied = pickle.loads(pickle.dumps(ours.value))
     assert type(copied) is type(ours.value) and str(copied) == str(ours.value)
+
 
 
 def test_migration_errors():

@@ -13,7 +13,6 @@ nnx_recurrent cells.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 from flax.linen import module as _linen_module
+from flax.linen.dtypes import promote_dtype
 from flax.linen.recurrent import DenseParams
 from flax.typing import Dtype, Initializer
 
@@ -158,16 +158,19 @@ class _Cell(RNNCellBase):
       carry = tuple(carry)  # flax.linen unpacks lists too
     # Leaves that broadcast pass, as in flax.linen (a learned (features,) h0).
     _checks.check_tree_matches(where, 'carry', carry, expected, broadcast=True)
-    if len(_INTERCEPTORS):
-      # Under nn.intercept_methods (LoRA patches, fake quantization, tabulate)
-      # what the inner layers return is the step's input: flax.linen's own step.
-      return inspect.unwrap(getattr(nn, layout.name).__call__)(self, carry, inputs)
     # flax.linen's own layers, in its order, on what they read: they create the
-    # parameters, and `capture_intermediates` and `tabulate` see them as in
-    # flax.linen.
+    # parameters, and `capture_intermediates`, `tabulate` and
+    # `nn.intercept_methods` see them as in flax.linen.
     hidden = _hidden(carry)
     outputs = {g.name: self._linen_layer(sized, g)(inputs if g.reads == 'input' else hidden)
                for g in layout.groups(sized)}
+    if len(_INTERCEPTORS):
+      # Under nn.intercept_methods (LoRA patches, fake quantization) what the
+      # inner layers return is the step's input: flax.linen's step formula on
+      # them. These layers, not flax.linen's step's own, so that what compat
+      # runs beyond flax.linen (a ConvLSTMCell's strides, half-precision
+      # parameters' initial values) still runs under an interceptor.
+      return self._intercepted_step(carry, inputs, outputs)
     step = self._step_on_layers(carry, outputs)
     if step is not None:
       return step
@@ -193,6 +196,15 @@ class _Cell(RNNCellBase):
     """
     del carry, outputs
     return None
+
+  @nn.nowrap
+  def _intercepted_step(self, carry, inputs, outputs: dict[str, Any]):
+    """``(new_carry, output)`` under ``nn.intercept_methods``: flax.linen's
+    cell's step on the flax.linen layers' ``outputs`` (what interceptors may
+    have changed), operation for operation. ``GRUCell`` and ``MGUCell`` step so
+    always (:meth:`_step_on_layers`); the others write flax.linen's formula."""
+    del inputs
+    return self._step_on_layers(carry, outputs)
 
   @nn.nowrap
   def _sized_by(self, carry) -> _Cell:
@@ -352,6 +364,19 @@ class LSTMCell(_GatedCell):
 
   _layout_name = 'LSTMCell'
 
+  @nn.nowrap
+  def _intercepted_step(self, carry, inputs, outputs):
+    # flax.linen's LSTMCell.__call__, on its layers' outputs.
+    c, _ = carry
+    o = outputs
+    i = self.gate_fn(o['ii'] + o['hi'])
+    f = self.gate_fn(o['if'] + o['hf'])
+    g = self.activation_fn(o['ig'] + o['hg'])
+    out = self.gate_fn(o['io'] + o['ho'])
+    new_c = f * c + i * g
+    new_h = out * self.activation_fn(new_c)
+    return (new_c, new_h), new_h
+
 
 class OptimizedLSTMCell(_GatedCell):
   __doc__ = r"""LSTM cell with fused matmuls: ``flax.linen.OptimizedLSTMCell``.
@@ -377,6 +402,40 @@ class OptimizedLSTMCell(_GatedCell):
 """ + _COMMON_ATTRS
 
   _layout_name = 'OptimizedLSTMCell'
+
+  @nn.nowrap
+  def _intercepted_step(self, carry, inputs, outputs):
+    # flax.linen's OptimizedLSTMCell.__call__, on its DenseParams' (kernel, bias).
+    c, h = carry
+    gates = ('i', 'f', 'g', 'o')
+    dense_h = self._concat_dense(h, {k: outputs[f'h{k}'] for k in gates}, use_bias=True)
+    dense_i = self._concat_dense(inputs, {k: outputs[f'i{k}'] for k in gates}, use_bias=False)
+    i = self.gate_fn(dense_h['i'] + dense_i['i'])
+    f = self.gate_fn(dense_h['f'] + dense_i['f'])
+    g = self.activation_fn(dense_h['g'] + dense_i['g'])
+    o = self.gate_fn(dense_h['o'] + dense_i['o'])
+    new_c = f * c + i * g
+    new_h = o * self.activation_fn(new_c)
+    return (new_c, new_h), new_h
+
+  @nn.nowrap
+  def _concat_dense(self, inputs, params: dict[str, Any], use_bias: bool) -> dict[str, Any]:
+    """flax.linen's ``OptimizedLSTMCell`` ``_concat_dense``: the gates' kernels
+    (and biases) joined, one matmul, split back per gate."""
+    kernels = [kernel for kernel, _ in params.values()]
+    kernel = jnp.concatenate(kernels, axis=-1)
+    bias = None
+    if use_bias:
+      biases = [b for _, b in params.values()]
+      if any(b is None for b in biases):
+        raise ValueError('bias is None but use_bias is True.')  # flax.linen's words
+      bias = jnp.concatenate(biases, axis=-1)
+    inputs, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    y = jnp.dot(inputs, kernel)
+    if bias is not None:
+      y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    ys = jnp.split(y, np.cumsum([k.shape[-1] for k in kernels[:-1]]), axis=-1)
+    return dict(zip(params.keys(), ys))
 
   @nn.nowrap
   def _linen_layer(self, sized: _Cell, group: _convert.Group) -> nn.Module:
@@ -529,6 +588,15 @@ class SimpleCell(_Cell):
 
   _layout_name = 'SimpleCell'
 
+  @nn.nowrap
+  def _intercepted_step(self, carry, inputs, outputs):
+    # flax.linen's SimpleCell.__call__, on its layers' outputs.
+    new_carry = outputs['i'] + outputs['h']
+    if self.residual:
+      new_carry += carry
+    new_carry = self.activation_fn(new_carry)
+    return new_carry, new_carry
+
   features: int
   activation_fn: Callable[..., Any] = nn.tanh
   kernel_init: Initializer = default_kernel_init
@@ -588,6 +656,18 @@ class ConvLSTMCell(_Cell):
   """
 
   _layout_name = 'ConvLSTMCell'
+
+  @nn.nowrap
+  def _intercepted_step(self, carry, inputs, outputs):
+    # flax.linen's ConvLSTMCell.__call__, on its convolutions' outputs (the
+    # hidden one of stride 1 and shape-keeping padding, as in every step here).
+    c, _ = carry
+    gates = outputs['ih'] + outputs['hh']
+    i, g, f, o = jnp.split(gates, indices_or_sections=4, axis=-1)
+    f = nn.sigmoid(f + 1)
+    new_c = f * c + nn.sigmoid(i) * jnp.tanh(g)
+    new_h = nn.sigmoid(o) * jnp.tanh(new_c)
+    return (new_c, new_h), new_h
 
   features: int
   kernel_size: Sequence[int]

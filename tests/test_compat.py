@@ -2006,6 +2006,32 @@ def test_checkpoints_that_do_not_fit_raise_flax_linens_error_classes():
 
 
 
+def test_params_a_checkpoint_lacks_are_created_where_params_are_mutable_as_in_linen():
+  # flax.linen's layers create what a partial checkpoint lacks, a group or a
+  # bias, when `params` is mutable (and check the shapes of what is there).
+  import flax
+
+  x = np.ones((B, T, IN), np.float32)
+  v = random_linen_variables(nn.RNN(nn.LSTMCell(H)), x)
+  partial = flax.core.unfreeze(v)
+  del partial['params']['cell']['ii'], partial['params']['cell']['hf']['bias']
+  mgu = random_linen_variables(nn.RNN(nn.MGUCell(H, reset_gate=False)), x)  # 'hn': no bias
+
+  @jax.jit
+  def run():
+    kw = dict(mutable=['params'], rngs={'params': jax.random.key(3)})
+    return [(lib.RNN(lib.LSTMCell(H), return_carry=True).apply(partial, x, **kw),
+             lib.RNN(lib.MGUCell(H)).apply(mgu, x, **kw)) for lib in (nn, compat)]
+
+  theirs, ours = run()
+  _assert_same_tree(ours, theirs)
+  wrong = flax.core.unfreeze(partial)
+  wrong['params']['cell']['hi']['kernel'] = np.ones((H + 1, H), np.float32)
+  for lib in (nn, compat):
+    with pytest.raises(flax.errors.ScopeParamShapeError, match='hi'):
+      lib.RNN(lib.LSTMCell(H)).apply(wrong, x, mutable=['params'],
+                                    rngs={'params': jax.random.key(3)})
+
 def test_migration_errors():
   x = np.ones((B, IN), np.float32)
   cell = nn.GRUCell(H)

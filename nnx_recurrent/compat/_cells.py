@@ -253,7 +253,10 @@ class _Cell(RNNCellBase):
           'carry)', f'size {sized.features}')
     # Groups beyond the cell's own are a subclass's submodules (or entries a
     # checkpoint carries besides): flax.linen's cells ignore them, so do we.
-    _convert.check_params(layout.name, layout, sized, existing, in_features, allow_extra=True)
+    # Where `params` is mutable, flax.linen's layers create the groups a
+    # checkpoint lacks (a partial one), as in flax.linen: only those present are checked.
+    _convert.check_params(layout.name, layout, sized, existing, in_features, allow_extra=True,
+                          allow_missing=self.is_mutable_collection('params'))
 
   @_checks.named_errors  # names the cell, not _Cell
   @nn.nowrap

@@ -241,30 +241,38 @@ def _describe(module: Any, in_features: int) -> str:
 
 
 def check_params(where: str, layout: Layout, module: Any, params: Mapping, in_features: int,
-                 *, allow_extra: bool = False) -> None:
+                 *, allow_extra: bool = False, allow_missing: bool = False) -> None:
   """Checks linen ``params`` against the layout: names and shapes.
 
   With ``allow_extra`` groups beyond the layout's pass (a subclass's own
-  submodules, as flax.linen allows).
+  submodules, as flax.linen allows); with ``allow_missing`` missing groups and
+  leaves pass (a cell applied with ``params`` mutable: its layers create them,
+  as flax.linen's do), and those present are checked.
   """
   expected = expected_shapes(layout, module, in_features)
   if not isinstance(params, Mapping):
     _checks.fail(where, 'params', 'a mapping of parameter groups', type(params).__name__,
                  TypeError)
-  missing = sorted(set(expected) - set(params))
+  missing = [] if allow_missing else sorted(set(expected) - set(params))
   extra = [] if allow_extra else sorted(set(params) - set(expected))
   if missing or extra:  # flax.linen's error class where one is missing
     _checks.fail(where, 'params', f'the groups {sorted(expected)} of a {layout.name}',
                  f'missing {missing}, unexpected {extra}',
                  _checks.ParamNotFoundError if missing else ValueError)
   for name, leaves in expected.items():
+    if name not in params:  # allowed missing
+      continue
     group = params[name]
-    if not isinstance(group, Mapping) or set(group) != set(leaves):
+    complete = isinstance(group, Mapping) and (
+      set(group) <= set(leaves) if allow_missing else set(group) == set(leaves))
+    if not complete:
       got = sorted(group) if isinstance(group, Mapping) else type(group).__name__
       missing_leaf = not isinstance(group, Mapping) or not set(leaves) <= set(group)
       _checks.fail(where, 'params', f"'{name}' with leaves {sorted(leaves)}", got,
                    _checks.ParamNotFoundError if missing_leaf else ValueError)
     for leaf, shape in leaves.items():
+      if leaf not in group:  # allowed missing
+        continue
       got_shape = tuple(getattr(group[leaf], 'shape', ()))
       if got_shape != tuple(shape):
         _checks.fail(where, 'params',

@@ -370,14 +370,10 @@ class LSTMCell(_GatedCell):
   @nn.nowrap
   def _intercepted_step(self, carry, inputs, outputs):
     # flax.linen's LSTMCell.__call__, on its layers' outputs.
-    c, _ = carry
     o = outputs
-    i = self.gate_fn(o['ii'] + o['hi'])
-    f = self.gate_fn(o['if'] + o['hf'])
-    g = self.activation_fn(o['ig'] + o['hg'])
-    out = self.gate_fn(o['io'] + o['ho'])
-    new_c = f * c + i * g
-    new_h = out * self.activation_fn(new_c)
+    new_c, new_h = _base.lstm_update(carry[0], o['ii'] + o['hi'], o['if'] + o['hf'],
+                                     o['ig'] + o['hg'], o['io'] + o['ho'], self.gate_fn,
+                                     self.activation_fn)
     return (new_c, new_h), new_h
 
 
@@ -413,12 +409,8 @@ class OptimizedLSTMCell(_GatedCell):
     gates = ('i', 'f', 'g', 'o')
     dense_h = self._concat_dense(h, {k: outputs[f'h{k}'] for k in gates}, use_bias=True)
     dense_i = self._concat_dense(inputs, {k: outputs[f'i{k}'] for k in gates}, use_bias=False)
-    i = self.gate_fn(dense_h['i'] + dense_i['i'])
-    f = self.gate_fn(dense_h['f'] + dense_i['f'])
-    g = self.activation_fn(dense_h['g'] + dense_i['g'])
-    o = self.gate_fn(dense_h['o'] + dense_i['o'])
-    new_c = f * c + i * g
-    new_h = o * self.activation_fn(new_c)
+    new_c, new_h = _base.lstm_update(c, *(dense_h[k] + dense_i[k] for k in gates),
+                                     self.gate_fn, self.activation_fn)
     return (new_c, new_h), new_h
 
   @nn.nowrap
@@ -664,12 +656,8 @@ class ConvLSTMCell(_Cell):
   def _intercepted_step(self, carry, inputs, outputs):
     # flax.linen's ConvLSTMCell.__call__, on its convolutions' outputs (the
     # hidden one of stride 1 and shape-keeping padding, as in every step here).
-    c, _ = carry
-    gates = outputs['ih'] + outputs['hh']
-    i, g, f, o = jnp.split(gates, indices_or_sections=4, axis=-1)
-    f = nn.sigmoid(f + 1)
-    new_c = f * c + nn.sigmoid(i) * jnp.tanh(g)
-    new_h = nn.sigmoid(o) * jnp.tanh(new_c)
+    i, g, f, o = jnp.split(outputs['ih'] + outputs['hh'], indices_or_sections=4, axis=-1)
+    new_c, new_h = _base.lstm_update(carry[0], i, f + 1, g, o, nn.sigmoid, jnp.tanh)
     return (new_c, new_h), new_h
 
   features: int

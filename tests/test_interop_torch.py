@@ -564,6 +564,16 @@ def test_from_torch_errors():
       nr.interop.from_torch(module, rngs=rngs)
   # torch.nn.RNN of one layer becomes an nr.RNN, without dropout: no stream needed.
   nr.interop.from_torch(torch.nn.RNN(IN, H, dropout=0.5), rngs=nnx.Rngs(params=0))
+  # PyTorch takes dropout=1, dropout_rate is below 1: "GRU: `dropout_rate` expected a float
+  # in [0, 1), got 1.0." before, naming an argument the caller never passed.
+  for module in (torch.nn.GRU(IN, H, num_layers=2, dropout=1.0),
+                 torch.nn.LSTM(IN, H, dropout=1.0),  # nr.LSTM keeps the rate with one layer
+                 torch.nn.RNN(IN, H, num_layers=2, dropout=1.0)):
+    with pytest.raises(ValueError, match=r"from_torch: `module` expected dropout < 1 \(the "
+                       r"converted dropout_rate is in \[0, 1\).*got (GRU|LSTM|RNN) with "
+                       r"dropout=1\.0\.$"):
+      nr.interop.from_torch(module)
+  nr.interop.from_torch(torch.nn.RNN(IN, H, dropout=1.0))  # one nr.RNN: no dropout to keep
   # A module built on torch's meta device (deferred initialisation) holds no values.
   for module in (torch.nn.LSTM(IN, H, device='meta'), torch.nn.GRUCell(IN, H, device='meta')):
     with pytest.raises(ValueError, match=r"from_torch: `module` expected a module whose "
@@ -608,6 +618,29 @@ def test_from_torch_names_what_to_pass_for_a_wrapper_or_a_state_dict():
   x = _inputs(False)
   np.testing.assert_allclose(_call(nr.interop.from_torch(torch.nn.DataParallel(module).module), x),
                              _torch_run(module, x)[0], atol=ATOL, rtol=0)
+
+
+def test_from_torch_tells_torch_nn_classes_from_others_of_their_name():
+  # "expected one of torch.nn.LSTM, ..., got LSTM." before, for torch.ao's quantizable
+  # (and quantized) LSTM, which is no torch.nn.LSTM; and no hint for a TorchScript GRU.
+  from torch.ao.nn.quantizable import LSTM as QuantizableLSTM
+  expected = r'from_torch: `module` expected one of torch.nn.LSTM, .*torch.nn.RNNCell, got '
+  with pytest.raises(TypeError, match=expected + r'torch\.ao\.nn\.quantizable\.modules\.rnn\.'
+                     r'LSTM, not a subclass of torch\.nn\.LSTM\.$'):
+    nr.interop.from_torch(QuantizableLSTM(IN, H))
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', DeprecationWarning)  # torch.jit.script's
+    original = torch.nn.GRU(IN, H)
+    scripted = torch.jit.script(original)
+  with pytest.raises(TypeError, match=expected + r'RecursiveScriptModule, a TorchScript GRU: '
+                     r'load its state_dict\(\) into a torch\.nn\.GRU of the same options'):
+    nr.interop.from_torch(scripted)
+  # As the message says: its state_dict in a torch.nn.GRU converts.
+  module = torch.nn.GRU(IN, H)
+  module.load_state_dict(scripted.state_dict())
+  x = _inputs(False)
+  np.testing.assert_allclose(_call(nr.interop.from_torch(module), x),
+                             _torch_run(original, x)[0], atol=ATOL, rtol=0)
 
 
 def test_from_torch_refuses_a_subclass_that_redefines_forward():

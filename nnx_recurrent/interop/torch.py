@@ -48,8 +48,10 @@ LSTM projections (PyTorch's ``proj_size``, this package's ``proj_features``)
 convert in both directions for layers: ``torch.nn.LSTM(..., proj_size=P)``
 is ``nr.LSTM(..., proj_features=P)`` (any ``num_layers``, bidirectional).
 
-Not convertible (``ValueError``): to_torch of a projected LSTM cell alone
-(``torch.nn.LSTMCell`` has no projection: put it in an ``nr.RNN``) or of
+Not convertible (``ValueError``): from_torch of ``dropout=1`` (``dropout_rate`` is
+below 1; a one-layer ``torch.nn.RNN`` converts, without dropout); to_torch of a
+projected LSTM cell alone (``torch.nn.LSTMCell`` has no projection: put it in an
+``nr.RNN``) or of
 ``proj_features >= hidden_features`` (PyTorch requires ``proj_size <
 hidden_size``); cells whose ``gate_fn`` / ``activation_fn`` differ from
 PyTorch's fixed ones (jax's functions: ``jax.nn.sigmoid``, ``jnp.tanh``,
@@ -213,7 +215,17 @@ def _torch_family(torch, module) -> tuple[_Family, bool]:
   names = ', '.join(f'torch.nn.{n}' for f in _FAMILIES.values()
                     for n in (f.torch_layer, f.torch_cell))
   _checks.fail('from_torch', 'module', f'one of {names}',
-               type(module).__name__ + _not_a_module_hint(torch, module), TypeError)
+               _type_name(torch, module) + _not_a_module_hint(torch, module), TypeError)
+
+
+def _type_name(torch, module) -> str:
+  """``module``'s class name for a message; qualified where it is one of torch.nn's
+  names without being that class (``torch.ao``'s quantized or quantizable
+  ``LSTM``), which "expected torch.nn.LSTM, got LSTM" would not tell apart."""
+  cls = type(module)
+  if any(cls.__name__ in (f.torch_layer, f.torch_cell) for f in _FAMILIES.values()):
+    return f'{cls.__module__}.{cls.__qualname__}, not a subclass of torch.nn.{cls.__name__}'
+  return cls.__name__
 
 
 def _check_torch_forward(module, base) -> None:
@@ -254,6 +266,11 @@ def _not_a_module_hint(torch, module) -> str:
     inner = getattr(module, attr, None)
     if isinstance(inner, classes):
       return f', a wrapper: pass the {type(inner).__name__} it wraps, its .{attr}'
+  original = getattr(module, 'original_name', None)  # TorchScript's: the scripted class's name
+  if isinstance(module, torch.jit.ScriptModule) and original in {
+      n for f in _FAMILIES.values() for n in (f.torch_layer, f.torch_cell)}:
+    return (f', a TorchScript {original}: load its state_dict() into a torch.nn.{original} '
+            'of the same options and pass that')
   if isinstance(module, Mapping) and any('weight_ih' in str(k) for k in module):
     return (", a state_dict: load it into the torch module first (module.load_state_dict, a "
             "wrapper's key prefix stripped) and pass the module")
@@ -314,7 +331,8 @@ def from_torch(module: Any, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
 
   Raises:
     TypeError: for any other module (for a wrapper of one, ``torch.compile``'s
-      or ``DataParallel``'s, or a ``state_dict``, saying what to pass), and
+      or ``DataParallel``'s, a TorchScript one, or a ``state_dict``, saying what
+      to pass), and
       for a subclass of one that redefines ``forward``.
     ValueError: for ``rngs`` without the streams above (a ``params`` or
       default one; a ``dropout`` or default one where the module has
@@ -333,8 +351,12 @@ def from_torch(module: Any, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
   # built: in a stack of torch.nn.RNN layers, and in the fused nr.LSTM / nr.GRU, which
   # keep the rate (and build it) even with one layer, where it is never applied.
   dropout = 0.0 if is_cell else float(module.dropout)
-  if dropout and (family.fused is not None or module.num_layers > 1) and not (
-      'dropout' in rngs or 'default' in rngs):
+  keeps_dropout = not is_cell and (family.fused is not None or module.num_layers > 1)
+  if keeps_dropout and dropout >= 1.0:  # PyTorch takes 1; dropout_rate is below 1
+    _checks.fail('from_torch', 'module', 'dropout < 1 (the converted dropout_rate is in '
+                 "[0, 1); PyTorch's dropout=1 zeroes the inputs of every layer but the first)",
+                 f'{type(module).__name__} with dropout={dropout}')
+  if dropout and keeps_dropout and not ('dropout' in rngs or 'default' in rngs):
     _checks.fail('from_torch', 'rngs', "an nnx.Rngs with a 'dropout' (or default) stream: the "
                  f"module's dropout={dropout} between layers draws from it",
                  f'streams {tuple(rngs)}')

@@ -711,6 +711,40 @@ def test_from_torch_warns_that_forward_hooks_are_left_out():
   np.testing.assert_allclose(_call(model, x), hookless, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize('reparametrize', ['weight_norm', 'prune'])
+def test_from_torch_converts_the_weights_weight_norm_and_pruning_compute(reparametrize):
+  # torch.nn.utils.weight_norm and prune recompute the weight in a forward pre-hook. A
+  # checkpoint loaded into such a module leaves the weight attribute at its old value
+  # until the next forward: from_torch copied that stale weight before (outputs off by
+  # about 0.1 here), with the warning for hooks that change inputs or outputs.
+  from torch.nn.utils import prune
+
+  def make(seed):
+    torch.manual_seed(seed)
+    module = torch.nn.LSTM(IN, H, num_layers=2, proj_size=2)
+    for name in ('weight_hh_l1', 'weight_hr_l0'):
+      if reparametrize == 'weight_norm':
+        with warnings.catch_warnings():
+          warnings.simplefilter('ignore', FutureWarning)  # torch's deprecation
+          torch.nn.utils.weight_norm(module, name)
+      else:
+        prune.l1_unstructured(module, name, amount=0.5)
+    return module
+
+  trained = make(0)
+  with torch.no_grad():
+    for p in trained.parameters():
+      p.add_(0.5 * torch.randn_like(p))
+  module = make(1)
+  module.load_state_dict(trained.state_dict())
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    model = nr.interop.from_torch(module)
+  x = _inputs(False)
+  np.testing.assert_allclose(_call(model, x), _torch_run(module, x)[0], atol=ATOL, rtol=0)
+  assert not [str(w.message) for w in caught]  # these hooks are carried over: no warning
+
+
 def test_from_torch_counts_each_kind_of_hook_it_leaves_out():
   # Two hooks of the module's and a pre-hook of every module's: each counted, each named.
   module = torch.nn.GRUCell(IN, H)

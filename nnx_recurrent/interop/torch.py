@@ -67,7 +67,8 @@ layer-normalized cells) raise ``TypeError``; so does from_torch of a subclass
 of a torch module that redefines ``forward`` (the conversion computes the
 built-in one). A torch module's forward hooks, and those registered for every
 module (``register_module_forward_hook``), are not carried over, with a
-warning.
+warning; but for the pre-hooks of ``torch.nn.utils.weight_norm`` and ``prune``,
+whose weights convert as the next forward computes them.
 Variational (per-cell) dropout has no PyTorch counterpart and is not carried
 over, with a warning (it does not change eval-mode outputs); nor is a
 computation ``dtype`` other than the parameters' (PyTorch computes in its
@@ -76,6 +77,7 @@ parameters' dtype), with a warning.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -192,13 +194,49 @@ def _load(cell: nr.RNNCellBase, params: Params) -> nr.RNNCellBase:
   return cell
 
 
+def _hook_classes() -> tuple[type, ...]:
+  """The pre-hook classes of ``torch.nn.utils.weight_norm`` and ``prune``, of those
+  modules that are loaded (a hook of one that is not cannot exist): by module, as
+  ``torch.nn.utils.weight_norm`` is the function, not its module."""
+  names = (('torch.nn.utils.weight_norm', 'WeightNorm'), ('torch.nn.utils.prune',
+                                                          'BasePruningMethod'))
+  return tuple(getattr(sys.modules[m], c) for m, c in names if m in sys.modules)
+
+
+def _weight_hooks(module) -> dict[str, Callable[[], Any]]:
+  """The tensors that a forward pre-hook of ``torch.nn.utils.weight_norm`` or of
+  ``torch.nn.utils.prune`` recomputes, by name, each with a function that gives its
+  value as the next forward sees it. Such a hook writes the tensor at every forward:
+  until then (a checkpoint's ``weight_g`` / ``weight_orig`` just loaded) the
+  attribute holds the value of the last forward, or of the hook's registration."""
+  computed = {}
+  for hook in getattr(module, '_forward_pre_hooks', {}).values():  # in order: the last wins
+    if not isinstance(hook, _hook_classes()):
+      continue
+    if hasattr(hook, 'compute_weight'):  # WeightNorm
+      computed[hook.name] = lambda hook=hook: hook.compute_weight(module)
+    else:  # a pruning method, or a PruningContainer of several
+      computed[hook._tensor_name] = lambda hook=hook: hook.apply_mask(module)
+  return computed
+
+
+def _tensor(module, name: str):
+  """``module``'s tensor ``name`` as its forward computes with it (see
+  :func:`_weight_hooks`), ``None`` where it has none (``bias=False``)."""
+  compute = _weight_hooks(module).get(name)
+  if compute is None:
+    return getattr(module, name, None)
+  with _import_torch().no_grad():
+    return compute()
+
+
 def _torch_weights(module, suffix: str = '') -> TorchWeights:
   """``(w_ih, w_hh, b_ih, b_hh)`` of a torch cell (``suffix=''``) or one layer of a
   torch layer (``suffix='_l0'``, ``'_l1_reverse'``, ...); zeros when ``bias=False``."""
-  w_ih = _numpy(getattr(module, f'weight_ih{suffix}'))
-  w_hh = _numpy(getattr(module, f'weight_hh{suffix}'))
-  b_ih = getattr(module, f'bias_ih{suffix}', None)
-  b_hh = getattr(module, f'bias_hh{suffix}', None)
+  w_ih = _numpy(_tensor(module, f'weight_ih{suffix}'))
+  w_hh = _numpy(_tensor(module, f'weight_hh{suffix}'))
+  b_ih = _tensor(module, f'bias_ih{suffix}')
+  b_hh = _tensor(module, f'bias_hh{suffix}')
   zeros = np.zeros(w_ih.shape[:1], w_ih.dtype)
   return (w_ih, w_hh, zeros if b_ih is None else _numpy(b_ih),
           zeros if b_hh is None else _numpy(b_hh))
@@ -243,10 +281,14 @@ def _check_torch_forward(module, base) -> None:
 def _warn_of_hooks(torch, module) -> None:
   """A forward hook (or pre-hook) may change the module's inputs or outputs:
   the converted module computes its forward alone, so say it is left out.
-  The hooks of every module (``register_module_forward_hook``) too."""
+  The hooks of every module (``register_module_forward_hook``) too. Not the
+  pre-hooks of weight_norm and pruning, whose weights are converted as they
+  compute them (:func:`_weight_hooks`)."""
   registry = getattr(getattr(torch.nn.modules, 'module', None), '__dict__', {})
+  pre_hooks = [h for h in getattr(module, '_forward_pre_hooks', {}).values()
+               if not isinstance(h, _hook_classes())]
   hooks = [f'{len(d)} {name}' for name, d in (
-    ("module's forward pre-hook(s)", getattr(module, '_forward_pre_hooks', {})),
+    ("module's forward pre-hook(s)", pre_hooks),
     ("module's forward hook(s)", getattr(module, '_forward_hooks', {})),
     ('global forward pre-hook(s)', registry.get('_global_forward_pre_hooks', {})),
     ('global forward hook(s)', registry.get('_global_forward_hooks', {}))) if d]
@@ -366,7 +408,7 @@ def from_torch(module: Any, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
                  "first: module.to_empty(device='cpu'), then load_state_dict)")
   _warn_of_hooks(torch, module)
   act = _torch_activation(module)
-  w_ih = getattr(module, 'weight_ih' if is_cell else 'weight_ih_l0')
+  w_ih = _tensor(module, 'weight_ih' if is_cell else 'weight_ih_l0')
   # Zero initializers: every parameter is overwritten, so draw no random numbers.
   zeros = nnx.initializers.zeros_init()
   kw = dict(kernel_init=zeros, recurrent_kernel_init=zeros, bias_init=zeros,
@@ -395,7 +437,7 @@ def _from_torch_layer(family: _Family, module, act, kw) -> nnx.Module:
     suffix = f'_l{layer}{dirs[d]}'
     p = family.to_nnx(*_torch_weights(module, suffix))
     if proj:
-      p.update(_proj_to_nnx(_numpy(getattr(module, f'weight_hr{suffix}'))))
+      p.update(_proj_to_nnx(_numpy(_tensor(module, f'weight_hr{suffix}'))))
     return p
 
   if family.fused is not None:

@@ -253,10 +253,10 @@ def _torch_family(torch, module) -> tuple[_Family, bool]:
   names = ', '.join(f'torch.nn.{n}' for f in _FAMILIES.values()
                     for n in (f.torch_layer, f.torch_cell))
   _checks.fail('from_torch', 'module', f'one of {names}',
-               _type_name(torch, module) + _not_a_module_hint(torch, module), TypeError)
+               _type_name(module) + _not_a_module_hint(torch, module), TypeError)
 
 
-def _type_name(torch, module) -> str:
+def _type_name(module) -> str:
   """``module``'s class name for a message; qualified where it is one of torch.nn's
   names without being that class (``torch.ao``'s quantized or quantizable
   ``LSTM``), which "expected torch.nn.LSTM, got LSTM" would not tell apart."""
@@ -300,8 +300,8 @@ def _warn_of_hooks(torch, module) -> None:
 
 def _not_a_module_hint(torch, module) -> str:
   """What to pass instead of a wrapper around a convertible module
-  (``torch.compile``'s ``_orig_mod``, ``DataParallel``'s ``module``) or of a
-  ``state_dict``; ``''`` for anything else."""
+  (``torch.compile``'s ``_orig_mod``, ``DataParallel``'s ``module``), a TorchScript
+  one or a ``state_dict``; ``''`` for anything else."""
   classes = tuple(getattr(torch.nn, n) for f in _FAMILIES.values()
                   for n in (f.torch_layer, f.torch_cell))
   for attr in ('_orig_mod', 'module'):  # torch.compile's; DataParallel's, DDP's
@@ -374,8 +374,7 @@ def from_torch(module: Any, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
   Raises:
     TypeError: for any other module (for a wrapper of one, ``torch.compile``'s
       or ``DataParallel``'s, a TorchScript one, or a ``state_dict``, saying what
-      to pass), and
-      for a subclass of one that redefines ``forward``.
+      to pass), and for a subclass of one that redefines ``forward``.
     ValueError: for ``rngs`` without the streams above (a ``params`` or
       default one; a ``dropout`` or default one where the module has
       ``dropout > 0``), or a module on torch's ``meta`` device.

@@ -711,12 +711,13 @@ def test_from_torch_warns_that_forward_hooks_are_left_out():
   np.testing.assert_allclose(_call(model, x), hookless, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize('reparametrize', ['weight_norm', 'prune'])
+@pytest.mark.parametrize('reparametrize', ['weight_norm', 'prune', 'parametrizations'])
 def test_from_torch_converts_the_weights_weight_norm_and_pruning_compute(reparametrize):
   # torch.nn.utils.weight_norm and prune recompute the weight in a forward pre-hook. A
   # checkpoint loaded into such a module leaves the weight attribute at its old value
   # until the next forward: from_torch copied that stale weight before (outputs off by
   # about 0.1 here), with the warning for hooks that change inputs or outputs.
+  # torch.nn.utils.parametrizations compute the weight when it is read (no hook).
   from torch.nn.utils import prune
 
   def make(seed):
@@ -727,6 +728,8 @@ def test_from_torch_converts_the_weights_weight_norm_and_pruning_compute(reparam
         with warnings.catch_warnings():
           warnings.simplefilter('ignore', FutureWarning)  # torch's deprecation
           torch.nn.utils.weight_norm(module, name)
+      elif reparametrize == 'parametrizations':
+        torch.nn.utils.parametrizations.weight_norm(module, name)
       else:
         prune.l1_unstructured(module, name, amount=0.5)
     return module

@@ -51,9 +51,8 @@ is ``nr.LSTM(..., proj_features=P)`` (any ``num_layers``, bidirectional).
 Not convertible (``ValueError``): from_torch of ``dropout=1`` (``dropout_rate`` is
 below 1; a one-layer ``torch.nn.RNN`` converts, without dropout); to_torch of a
 projected LSTM cell alone (``torch.nn.LSTMCell`` has no projection: put it in an
-``nr.RNN``) or of
-``proj_features >= hidden_features`` (PyTorch requires ``proj_size <
-hidden_size``); cells whose ``gate_fn`` / ``activation_fn`` differ from
+``nr.RNN``) or of ``proj_features >= hidden_features`` (PyTorch requires
+``proj_size < hidden_size``); cells whose ``gate_fn`` / ``activation_fn`` differ from
 PyTorch's fixed ones (jax's functions: ``jax.nn.sigmoid``, ``jnp.tanh``,
 ``jax.nn.relu``, or their copies that cloudpickle rebuilds, are the same);
 ``SimpleCell(residual=True)``; parameters of several dtypes (a PyTorch module

@@ -234,7 +234,7 @@ def initial_carry(where: str, cell, initial_carry: Any, step_shape: tuple[int, .
       _checks.warn(f'{where}: `initial_carry` has leading axes of size 1 that the inputs lack '
                    f'(leaf shapes {[tuple(jnp.shape(g)) for g in given]}, the cell\'s '
                    f'{[e.shape for e in wanted]}): they broadcast as beams over the inputs, as '
-                   "in flax.nnx, and lead the outputs' shape too. PyTorch's h_0 of shape (1, "
+                   "in flax.nnx, and stay in the outputs' shape too. PyTorch's h_0 of shape (1, "
                    'batch, hidden) is h_0[0] here.')
   return initial_carry
 

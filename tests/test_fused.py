@@ -923,6 +923,39 @@ def test_errors(cls):
                                                                    reverse=True)
 
 
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_cells_changed_by_lora_surgery_are_refused_not_run_as_built(cls):
+  """The layer reads its cells' kernels and runs its own step: a cell whose
+  projection nnx's LoRA surgery swapped for an ``nnx.LoRALinear`` (which
+  ``RNN`` over the cell runs, as flax.nnx's does) is a TypeError naming it,
+  not run silently without its adapter (zero gradient for the LoRA weights)."""
+  name, cell = cls.__name__, cls._cell_type.__name__
+  layer = cls(3, 4, num_layers=2, bidirectional=True, rngs=nnx.Rngs(0))
+  x = jnp.ones((2, 5, 3))
+  layer(x)  # as built
+  target = layer.backward[1]
+  plain = nnx.clone(target)
+  lora = nnx.LoRALinear(4, target.dense_h.out_features, lora_rank=2,
+                        use_bias=target.dense_h.bias is not None, rngs=nnx.Rngs(1))
+  nnx.update(lora, nnx.state(target.dense_h))  # the same kernel (and bias), and an adapter:
+  lora.lora.lora_b[...] = jnp.ones_like(lora.lora.lora_b[...])
+  target.dense_h = lora
+  h = jnp.ones((2, 5, 8))
+  assert not np.allclose(nr.RNN(target)(h), nr.RNN(plain)(h))  # which RNN runs
+  expected = (rf"{name}: `backward\[1\]` expected the layer's own {cell}, of nnx.Linear "
+              r'projections \(the layer reads their parameters .* e\.g\. by LoRA, as '
+              r'nr\.StackedRNN of nr\.RNN or nr\.Bidirectional over them\), got ')
+  with pytest.raises(TypeError, match=expected + f'{cell} with dense_h of type LoRALinear.'):
+    layer(x)
+  with pytest.raises(TypeError, match=expected + f'{cell} with dense_h of type LoRALinear.'):
+    nnx.jit(lambda m, x: m(x))(layer, x)
+  layer.backward[1] = nr.LSTMCell(8, 4, rngs=nnx.Rngs(0)) if cls is nr.LSTM \
+    else nr.MGUCell(8, 4, rngs=nnx.Rngs(0))
+  other = 'LSTMCell' if cls is nr.LSTM else 'MGUCell'
+  with pytest.raises(TypeError, match=expected + f'cell type {other}.'):
+    layer(x)
+
+
 @pytest.mark.parametrize('layer', [nr.LSTM, nr.GRU])
 def test_parameter_metadata_and_initializers_reach_every_cell(layer):
   """kernel/recurrent/bias (and the LSTM's projection) metadata (e.g. sharding

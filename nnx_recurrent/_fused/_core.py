@@ -163,6 +163,36 @@ class _FusedBase(nnx.Module):
     backward = self.backward
     return [self.forward[layer]] + ([backward[layer]] if backward is not None else [])
 
+  def _check_cells(self) -> None:
+    """Each cell is one this layer could have built: it reads the cells'
+    kernels and biases and runs its own step, so a cell changed since (its
+    projections swapped for ``nnx.LoRALinear`` by LoRA surgery, another cell
+    type, a submodule added) would be run as the built-in one, silently: a
+    ``TypeError`` names it instead."""
+    cell_type = self._cell_type.__name__
+    for direction in ('forward', 'backward'):
+      cells = getattr(self, direction)
+      for layer in range(self.num_layers if cells is not None else 0):
+        cell = cells[layer]
+        if type(cell) is not self._cell_type:
+          got = f'cell type {type(cell).__name__}'
+        else:
+          linears = ['dense_i', 'dense_h'] + (['proj'] if getattr(cell, 'proj_features', None)
+                                              else [])
+          changed = [f'{attr} of type {type(getattr(cell, attr, None)).__name__}'
+                     for attr in linears if type(getattr(cell, attr, None)) is not nnx.Linear]
+          changed += [f'{attr} ({type(value).__name__}) added'
+                      for attr, value in vars(cell).items()
+                      if isinstance(value, nnx.Module) and attr not in linears]
+          if not changed:
+            continue
+          got = f'{cell_type} with {", ".join(changed)}'
+        _checks.fail(type(self).__name__, f'{direction}[{layer}]',
+                     f"the layer's own {cell_type}, of nnx.Linear projections (the layer reads "
+                     'their parameters and runs its own fused step; run cells changed '
+                     'otherwise, e.g. by LoRA, as nr.StackedRNN of nr.RNN or nr.Bidirectional '
+                     'over them)', got, TypeError)
+
   def _default_carry(self, batch_shape: tuple[int, ...]):
     per_layer = []
     for layer in range(self.num_layers):
@@ -390,8 +420,10 @@ class _FusedBase(nnx.Module):
     """
     where = type(self).__name__
     _checks.check_rngs(where, rngs)
-    # Before any array work: `implementation` may have been set since construction.
+    # Before any array work: `implementation` may have been set since construction,
+    # and the cells changed.
     self._check_options(self.implementation, packed=segment_ids is not None)
+    self._check_cells()
     return_carry, time_major, reverse, keep_order = _checks.call_flags(
       where, self, return_carry=return_carry, time_major=time_major, reverse=reverse,
       keep_order=keep_order)

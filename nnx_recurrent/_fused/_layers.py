@@ -66,7 +66,11 @@ _LAYER_DOC = """
   ``in_features = out_features * num_directions``. The layer computes
   exactly what ``RNN`` / ``Bidirectional`` stacked over these cells compute
   (up to float rounding), with dropout between layers (not after the last),
-  but faster: see the module docstring of ``nnx_recurrent._fused``. One
+  but faster: see the module docstring of ``nnx_recurrent._fused``. It reads
+  the cells' parameters and runs its own step, so a cell changed since (put
+  in of another type, or with a projection swapped, as nnx's LoRA surgery
+  swaps an ``nnx.Linear`` for an ``nnx.LoRALinear``) is a ``TypeError`` at
+  the call: run such cells with ``RNN`` / ``Bidirectional``. One
   difference: with a half-precision ``dtype`` the outputs come in ``dtype``
   (half the memory), where ``RNN`` over the cell returns them in the carry's
   dtype; the carry comes in ``param_dtype`` (docs/performance.md). Another:

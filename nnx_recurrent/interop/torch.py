@@ -76,6 +76,7 @@ parameters' dtype), with a warning.
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -208,14 +209,14 @@ def _weight_hooks(module) -> dict[str, Callable[[], Any]]:
   value as the next forward sees it. Such a hook writes the tensor at every forward:
   until then (a checkpoint's ``weight_g`` / ``weight_orig`` just loaded) the
   attribute holds the value of the last forward, or of the hook's registration."""
-  computed = {}
-  for hook in getattr(module, '_forward_pre_hooks', {}).values():  # in order: the last wins
-    if not isinstance(hook, _hook_classes()):
-      continue
+  computed: dict[str, Callable[[], Any]] = {}
+  hooks: list[Any] = [h for h in getattr(module, '_forward_pre_hooks', {}).values()
+                      if isinstance(h, _hook_classes())]
+  for hook in hooks:  # in order: the last wins
     if hasattr(hook, 'compute_weight'):  # WeightNorm
-      computed[hook.name] = lambda hook=hook: hook.compute_weight(module)
+      computed[hook.name] = functools.partial(hook.compute_weight, module)
     else:  # a pruning method, or a PruningContainer of several
-      computed[hook._tensor_name] = lambda hook=hook: hook.apply_mask(module)
+      computed[hook._tensor_name] = functools.partial(hook.apply_mask, module)
   return computed
 
 

@@ -110,6 +110,30 @@ def is_package_cell(cell: Any) -> bool:
   return type(cell).__module__.split('.')[0] == 'nnx_recurrent'
 
 
+# The flax classes this package's cells are built of (projections, convolutions, norms).
+_BUILT_OF = (nnx.Linear, nnx.Conv, nnx.LayerNorm)
+
+
+def swapped_submodules(cell: Any) -> list[str]:
+  """The submodules of one of this package's cells that are not of the flax
+  classes it builds, ``['dense_h of type LoRALinear']`` after nnx's LoRA
+  surgery: what reads the cell's parameters instead of running its
+  submodules (the fused layers, ``to_torch``, ``compat.from_nnx``) would run
+  the built-in computation and leave them out silently, so it refuses them."""
+  return [f'{name} of type {type(value).__name__}' for name, value in vars(cell).items()
+          if isinstance(value, nnx.Module) and type(value) not in _BUILT_OF]
+
+
+def check_not_swapped(where: str, cell: Any) -> None:
+  """A conversion's ``module`` argument: a ``TypeError`` for a cell with
+  :func:`swapped_submodules` (the conversion reads the built ones' parameters)."""
+  swapped = swapped_submodules(cell)
+  if swapped:
+    _checks.fail(where, 'module', 'cells of the nnx.Linear projections they build (the '
+                 'conversion reads their parameters; an adapter such as LoRA\'s would be '
+                 'left out)', f'{type(cell).__name__} with {", ".join(swapped)}', TypeError)
+
+
 def overrides(cell: Any, name: str) -> bool:
   """Whether ``cell``'s class defines its own method ``name`` instead of
   :class:`RNNCellBase`'s. Wrappers made with ``functools.wraps`` are seen

@@ -34,6 +34,7 @@ from tests.fresh_import import fresh_package
 from tests.jaxprs import equations
 from tests.random_params import random_linen_variables, random_module
 from tests.reference import normal
+from tests.user_cells import lora_swapped
 
 NORMAL = nn.initializers.normal(1.0)
 
@@ -2241,3 +2242,13 @@ def test_to_nnx_refuses_a_subclass_that_computes_otherwise():
         compat.to_nnx(module, params)
     tagged = compat.to_nnx(Tagged(H), variables)
     _assert_close(tagged(h, x), nn.GRUCell(H, activation_fn=nn.soft_sign).apply(variables, h, x))
+
+
+def test_from_nnx_refuses_a_cell_whose_projection_lora_surgery_swapped():
+  # from_nnx reads the cell's parameters: an nnx.LoRALinear's adapter would be left
+  # out (flax.linen's cell without it: outputs 0.18 off, silently).
+  for cell in (nr.GRUCell(IN, H, rngs=nnx.Rngs(0)), nr.MGUCell(IN, H, rngs=nnx.Rngs(0))):
+    name = type(cell).__name__
+    with pytest.raises(TypeError, match=r'from_nnx: `module` expected cells of the nnx.Linear '
+                       rf'projections they build .*, got {name} with dense_h of type LoRALinear\.'):
+      compat.from_nnx(nr.RNN(lora_swapped(cell)))

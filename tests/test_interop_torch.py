@@ -22,6 +22,7 @@ from flax import nnx
 import nnx_recurrent as nr
 from tests.fresh_import import fresh_package
 from tests.random_params import random_module
+from tests.user_cells import lora_swapped
 
 torch = pytest.importorskip('torch')
 from torch.nn.utils import rnn as torch_rnn  # noqa: E402
@@ -1213,3 +1214,23 @@ def test_torch_tensors_get_a_clear_error_where_checked_alone(call, where, arg):
       f'{where}: `{arg}` expected a JAX or NumPy array (convert a tensor first, e.g. '
       'x.numpy()), got torch.Tensor.')):
     call(cell, jnp.ones((2, 5, 3)))
+
+
+def test_to_torch_refuses_cells_whose_projections_lora_surgery_swapped():
+  """to_torch reads the cells' kernels: a projection nnx's LoRA surgery swapped for an
+  nnx.LoRALinear (which nr.RNN runs, as flax.nnx's RNN does) is a TypeError naming
+  it, not a torch module without the adapter (outputs 0.18 off, silently)."""
+  x = jnp.ones((2, 5, IN))
+  for make in (lambda: nr.RNN(nr.OptimizedLSTMCell(IN, H, rngs=nnx.Rngs(0))),
+               lambda: nr.RNN(nr.SimpleCell(IN, H, rngs=nnx.Rngs(0)))):
+    plain, swapped = make(), make()
+    lora_swapped(swapped.cell)
+    assert not np.allclose(swapped(x), plain(x))  # the adapter changes what nr.RNN computes
+    name = type(swapped.cell).__name__
+    with pytest.raises(TypeError, match=r'to_torch: `module` expected cells of the nnx.Linear '
+                       rf'projections they build .*, got {name} with dense_h of type LoRALinear\.'):
+      nr.interop.to_torch(swapped)
+  fused = nr.GRU(IN, H, num_layers=2, rngs=nnx.Rngs(0))
+  lora_swapped(fused.forward[1], 'dense_i')
+  with pytest.raises(TypeError, match=r'GRUCell with dense_i of type LoRALinear\.'):
+    nr.interop.to_torch(fused)

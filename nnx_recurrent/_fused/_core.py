@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer
 
-from nnx_recurrent import _checks, _scan
+from nnx_recurrent import _base, _checks, _scan
 from nnx_recurrent._base import (
   _NO_METADATA,
   Array,
@@ -179,11 +179,8 @@ class _FusedBase(nnx.Module):
         else:
           linears = ['dense_i', 'dense_h'] + (['proj'] if getattr(cell, 'proj_features', None)
                                               else [])
-          changed = [f'{attr} of type {type(getattr(cell, attr, None)).__name__}'
-                     for attr in linears if type(getattr(cell, attr, None)) is not nnx.Linear]
-          changed += [f'{attr} ({type(value).__name__}) added'
-                      for attr, value in vars(cell).items()
-                      if isinstance(value, nnx.Module) and attr not in linears]
+          changed = _base.swapped_submodules(cell)
+          changed += [f'{attr} missing' for attr in linears if attr not in vars(cell)]
           if not changed:
             continue
           got = f'{cell_type} with {", ".join(changed)}'

@@ -12,7 +12,7 @@ from flax import nnx
 from flax.core import meta, unfreeze
 from flax.core.scope import in_filter
 
-from nnx_recurrent import _checks
+from nnx_recurrent import _base, _checks
 from nnx_recurrent._rnn import RNN as _NnxRNN
 from nnx_recurrent._rnn import Bidirectional as _NnxBidirectional
 from nnx_recurrent.compat import _convert
@@ -182,6 +182,7 @@ def _from_nnx(module: Any, where: str):
     if got in ('nr.LSTM', 'nr.GRU'):
       got += " (a fused layer: convert its cells, layer.forward[i] and layer.backward[i])"
     _checks.fail(where, 'module', f'an nnx_recurrent {_KNOWN}', got, TypeError)
+  _base.check_not_swapped(where, module)
   # What flax.linen's cells cannot compute is refused; dropout (no-op in
   # evaluation) is dropped with a warning; carry_init is a compat field.
   if getattr(module, 'zoneout_rate', 0.0):
@@ -256,7 +257,8 @@ def from_nnx(module: nnx.Module) -> tuple[nn.Module, dict]:
     ``(compat_module, {'params': ...})``.
 
   Raises:
-    TypeError: ``module`` is not one of those.
+    TypeError: ``module`` is not one of those, or a cell whose ``nnx.Linear``
+      projection was swapped (nnx's LoRA surgery: an adapter would be left out).
     ValueError: it computes what flax.linen cannot: a cell with
       ``zoneout_rate`` or ``proj_features``, an RNN with ``learn_initial_carry``.
   """

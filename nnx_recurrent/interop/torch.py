@@ -62,7 +62,9 @@ eval-mode outputs); layers that do not start from zeros as PyTorch's do
 (``learn_initial_carry``, a cell's ``carry_init``; a cell alone converts,
 since a PyTorch cell takes its state from the caller).
 Cells without a PyTorch counterpart (MGU, the convolutional and the
-layer-normalized cells) raise ``TypeError``; so does from_torch of a subclass
+layer-normalized cells) raise ``TypeError``; so do to_torch of a cell whose
+``nnx.Linear`` projection was swapped (nnx's LoRA surgery: an
+``nnx.LoRALinear``'s adapter would be left out) and from_torch of a subclass
 of a torch module that redefines ``forward`` (the conversion computes the
 built-in one). A torch module's forward hooks, and those registered for every
 module (``register_module_forward_hook``), are not carried over, with a
@@ -87,7 +89,7 @@ import numpy as np
 from flax import nnx
 
 import nnx_recurrent as nr
-from nnx_recurrent import _checks, _rnn
+from nnx_recurrent import _base, _checks, _rnn
 
 Params = dict[str, np.ndarray]  # 'dense_i.kernel' -> value
 TorchWeights = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # w_ih, w_hh, b_ih, b_hh
@@ -540,6 +542,7 @@ def _cell_family(cell: Any) -> tuple[_Family, str | None]:
   """The family of an nnx cell and its torch ``nonlinearity`` (RNN family only)."""
   where = 'to_torch'
   _checks.check_computes_as_builtin(where, cell)
+  _base.check_not_swapped(where, cell)
   if isinstance(cell, (nr.OptimizedLSTMCell, nr.LSTMCell, nr.GRUCell)):
     if not (_same_function(cell.gate_fn, jax.nn.sigmoid)
             and _same_function(cell.activation_fn, jax.nn.tanh)):

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer
 
-from nnx_recurrent import _base, _checks, _scan
+from nnx_recurrent import _checks, _scan
 from nnx_recurrent._base import (
   _NO_METADATA,
   Array,
@@ -34,6 +34,7 @@ from nnx_recurrent._base import (
   default_bias_init,
   default_kernel_init,
   default_recurrent_kernel_init,
+  swapped_submodules,
 )
 from nnx_recurrent._fused import _cudnn, _pallas, _plans, _xla
 
@@ -165,25 +166,19 @@ class _FusedBase(nnx.Module):
 
   def _check_cells(self) -> None:
     """Each cell is one this layer could have built: it reads the cells'
-    kernels and biases and runs its own step, so a cell changed since (its
-    projections swapped for ``nnx.LoRALinear`` by LoRA surgery, another cell
-    type, a submodule added) would be run as the built-in one, silently: a
-    ``TypeError`` names it instead."""
+    kernels and biases and runs its own step, so a cell changed since (another
+    cell type, or a projection swapped for ``nnx.LoRALinear`` by LoRA surgery:
+    :func:`_base.swapped_submodules`) would be run as the built-in one,
+    silently: a ``TypeError`` names it instead."""
     cell_type = self._cell_type.__name__
-    for direction in ('forward', 'backward'):
-      cells = getattr(self, direction)
-      for layer in range(self.num_layers if cells is not None else 0):
-        cell = cells[layer]
+    for layer in range(self.num_layers):
+      for direction, cell in zip(('forward', 'backward'), self._cells(layer)):
         if type(cell) is not self._cell_type:
           got = f'cell type {type(cell).__name__}'
+        elif swapped := swapped_submodules(cell):
+          got = f'{cell_type} with {", ".join(swapped)}'
         else:
-          linears = ['dense_i', 'dense_h'] + (['proj'] if getattr(cell, 'proj_features', None)
-                                              else [])
-          changed = _base.swapped_submodules(cell)
-          changed += [f'{attr} missing' for attr in linears if attr not in vars(cell)]
-          if not changed:
-            continue
-          got = f'{cell_type} with {", ".join(changed)}'
+          continue
         _checks.fail(type(self).__name__, f'{direction}[{layer}]',
                      f"the layer's own {cell_type}, of nnx.Linear projections (the layer reads "
                      'their parameters and runs its own fused step; run cells changed '

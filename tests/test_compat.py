@@ -313,7 +313,6 @@ def test_interceptors_on_the_inner_layers_reach_the_step_as_in_linen(name, kwarg
     _assert_close(rnns[1], rnns[0], atol=1e-5)
 
 
-
 @pytest.mark.parametrize('name', ['LSTMCell', 'OptimizedLSTMCell', 'GRUCell', 'MGUCell',
                                   'SimpleCell'])
 def test_half_precision_parameters_initialise_under_an_interceptor_too(name):
@@ -362,6 +361,7 @@ def test_conv_lstm_strides_and_valid_padding_run_under_an_interceptor_too():
       state, h = step(state, xs[:, t])
       expected.append(h)
     _assert_close(ys, jnp.stack(expected, axis=1), atol=1e-5)
+
 
 # -- RNN ----------------------------------------------------------------------------
 def test_rnn_matches_linen_over_layouts_directions_and_unroll():
@@ -2006,7 +2006,6 @@ def test_checkpoints_that_do_not_fit_raise_flax_linens_error_classes():
     assert type(copied) is type(ours.value) and str(copied) == str(ours.value)
 
 
-
 def test_params_a_checkpoint_lacks_are_created_where_params_are_mutable_as_in_linen():
   # flax.linen's layers create what a partial checkpoint lacks, a group or a
   # bias, when `params` is mutable (and check the shapes of what is there).
@@ -2032,6 +2031,7 @@ def test_params_a_checkpoint_lacks_are_created_where_params_are_mutable_as_in_li
     with pytest.raises(flax.errors.ScopeParamShapeError, match='hi'):
       lib.RNN(lib.LSTMCell(H)).apply(wrong, x, mutable=['params'],
                                     rngs={'params': jax.random.key(3)})
+
 
 def test_migration_errors():
   x = np.ones((B, IN), np.float32)

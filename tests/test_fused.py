@@ -23,6 +23,7 @@ import nnx_recurrent as nr
 from nnx_recurrent._fused import _plans, _xla, internal
 from tests import reference as ref
 from tests.jaxprs import equations
+from tests.user_cells import lora_swapped
 
 B, T, I, H = 3, 5, 3, 4
 LENGTHS = np.array([5, 2, 0], np.int32)
@@ -935,11 +936,7 @@ def test_cells_changed_by_lora_surgery_are_refused_not_run_as_built(cls):
   layer(x)  # as built
   target = layer.backward[1]
   plain = nnx.clone(target)
-  lora = nnx.LoRALinear(4, target.dense_h.out_features, lora_rank=2,
-                        use_bias=target.dense_h.bias is not None, rngs=nnx.Rngs(1))
-  nnx.update(lora, nnx.state(target.dense_h))  # the same kernel (and bias), and an adapter:
-  lora.lora.lora_b[...] = jnp.ones_like(lora.lora.lora_b[...])
-  target.dense_h = lora
+  lora_swapped(target)  # the same kernel (and bias), and an adapter
   h = jnp.ones((2, 5, 8))
   assert not np.allclose(nr.RNN(target)(h), nr.RNN(plain)(h))  # which RNN runs
   expected = (rf"{name}: `backward\[1\]` expected the layer's own {cell}, of nnx.Linear "

@@ -15,6 +15,7 @@ import inspect
 import itertools
 import re
 import sys
+import types
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -108,6 +109,29 @@ def test_every_public_name_of_flax_linens_recurrent_module_imports_from_compat()
   assert [n for n in names if not hasattr(compat, n)] == []
   assert compat.DenseParams is linen_recurrent.DenseParams
   assert compat.RNNBase is linen_recurrent.RNNBase
+
+
+def test_the_typed_linen_user_file_runs_as_with_flax_linen():
+  """tests/typed_linen_user.py, which `make test`'s mypy checks (flax.linen's names
+  were `Any` to type checkers through compat), gives flax.linen's variables and
+  outputs: the same source with `import flax.linen as nn` is the reference."""
+  from tests import typed_linen_user
+  source = inspect.getsource(typed_linen_user)
+  swapped = source.replace('from nnx_recurrent import compat as nn', 'import flax.linen as nn')
+  assert swapped != source
+  reference = types.ModuleType('typed_linen_user_flax')  # dataclasses look it up
+  sys.modules[reference.__name__] = reference
+  try:
+    exec(compile(swapped, 'typed_linen_user_flax.py', 'exec'), reference.__dict__)
+  finally:
+    del sys.modules[reference.__name__]
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 10, size=(2, 5)))
+  lengths = jnp.array([5, 2])
+  variables, out = typed_linen_user.run(tokens, lengths)
+  want_variables, want = reference.run(tokens, lengths)
+  assert jax.tree.structure(variables) == jax.tree.structure(want_variables)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), variables, want_variables)
+  np.testing.assert_allclose(out, want, atol=1e-6, rtol=0)
 
 
 def test_copies_of_compat_layers_run_as_flax_linens_do():

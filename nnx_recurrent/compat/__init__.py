@@ -21,6 +21,8 @@ Linen and NNX; the parameter conversions are tabulated in
 :mod:`nnx_recurrent.compat._convert`.
 """
 
+from typing import TYPE_CHECKING
+
 from flax.linen.recurrent import DenseParams as DenseParams
 from flax.linen.recurrent import RNNBase as RNNBase
 
@@ -36,6 +38,12 @@ from nnx_recurrent.compat._migrate import to_nnx as to_nnx
 from nnx_recurrent.compat._rnn import RNN as RNN
 from nnx_recurrent.compat._rnn import Bidirectional as Bidirectional
 from nnx_recurrent.compat._rnn import flip_sequences as flip_sequences
+
+if TYPE_CHECKING:
+  # Type checkers see every other name as flax.linen's (the module's __getattr__ below
+  # returns it at run time), so `nn.Module`, `nn.compact`, `nn.Dense` are typed as with
+  # flax.linen, not `Any`; the names imported above keep this package's types.
+  from flax.linen import *  # type: ignore[assignment]  # noqa: F403
 
 __all__ = [
   'RNNCellBase',

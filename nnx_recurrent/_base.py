@@ -592,10 +592,11 @@ class RNNCellBase(nnx.Module):
     the dtypes the step computed (flax.linen's cells, for compat)."""
     where = type(self).__name__
     step = type(self)._step_impl
-    if step is RNNCellBase.step:  # none when the class was made: one assigned since?
-      step = inspect.unwrap(type(self).step)
-      if step is RNNCellBase.step:
-        RNNCellBase.step(self, carry, inputs, None)  # raises: neither step nor __call__
+    current = inspect.unwrap(type(self).step)  # (through nnx.tabulate's wrapper)
+    if current is not inspect.unwrap(step):  # one assigned since the class was made (a patch)
+      step = current
+    if step is RNNCellBase.step:
+      RNNCellBase.step(self, carry, inputs, None)  # raises: neither step nor __call__
     if not callable(step):
       _checks.fail(where, 'step', 'a method step(carry, inputs, recurrent_mask)',
                    type(step).__name__, TypeError)

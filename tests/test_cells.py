@@ -625,6 +625,25 @@ def test_step_from_a_mixin_or_assigned_later_is_the_cells_step():
   np.testing.assert_array_equal(Late()(jnp.zeros((2, 4)), jnp.ones((2, 3)))[0], 1.0)
 
 
+def test_a_step_replaced_since_the_class_was_made_is_the_cells_step(monkeypatch):
+  # As Python looks a method up at each call: a patched step (mock.patch.object, a
+  # reassignment) of a class that had one runs, on the class or on a base class.
+  class Sub(nr.GRUCell):
+    pass
+
+  cell = Sub(3, 4, rngs=nnx.Rngs(0))
+  carry, x = jnp.zeros((2, 4)), jnp.ones((2, 3))
+  with monkeypatch.context() as m:
+    m.setattr(Sub, 'step', lambda self, carry, inputs, mask: (carry + 1, carry + 2))
+    np.testing.assert_array_equal(cell(carry, x)[1], 2.0)
+    np.testing.assert_array_equal(nr.RNN(cell)(jnp.ones((2, 5, 3)))[:, -1], 6.0)
+  with monkeypatch.context() as m:
+    m.setattr(nr.GRUCell, 'step', lambda self, carry, inputs, mask: (carry + 1, carry + 3))
+    np.testing.assert_array_equal(cell(carry, x)[1], 3.0)
+  h = np.asarray(cell(carry, x)[1])  # unpatched again: the GRU's step
+  assert np.all(np.abs(h) < 1) and np.any(h != 0)
+
+
 def test_what_step_returns_is_checked_against_the_carry():
   class ForgotTwoArrays(nr.RNNCellBase):  # a (c, h) carry without num_carry_arrays = 2
     def __init__(self):

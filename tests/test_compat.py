@@ -1926,6 +1926,26 @@ def test_to_nnx_and_from_nnx_rnn_and_bidirectional():
   _assert_close(r_b, r_t)
 
 
+def test_a_linen_bidirectional_with_its_default_merge_converts_to_the_default_merge():
+  # flax.linen's default merge_fn is its own concatenation: converted, it is the
+  # package's default, which StackedRNN's size check and to_torch know (to_torch
+  # refused it as 'a custom merge_fn', naming _concatenate).
+  x = np.asarray(normal((B, T, IN)), np.float32)
+  linen_bi = nn.Bidirectional(nn.RNN(nn.GRUCell(H)), nn.RNN(nn.GRUCell(H)))
+  variables = random_linen_variables(linen_bi, x)
+  bi = compat.to_nnx(linen_bi, variables)
+  with pytest.raises(ValueError, match=rf'StackedRNN: `layers\[1\]` expected a layer reading '
+                                       rf'{2 * H} features'):
+    nr.StackedRNN(bi, nr.RNN(nr.GRUCell(2 * H + 1, H, rngs=nnx.Rngs(0))))
+  torch = pytest.importorskip('torch')
+  from nnx_recurrent.interop import to_torch
+
+  module = to_torch(bi)
+  with torch.no_grad():
+    y = module(torch.tensor(x))[0].numpy()
+  np.testing.assert_allclose(y, linen_bi.apply(variables, x), atol=1e-5)
+
+
 # -- bad input ---------------------------------------------------------------------
 def test_bad_input_errors():
   x, xs = np.ones((B, IN), np.float32), np.ones((B, T, IN), np.float32)

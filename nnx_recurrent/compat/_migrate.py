@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
+import flax.linen.recurrent as linen_recurrent
 import jax.numpy as jnp
 from flax import nnx
 from flax.core import meta, unfreeze
@@ -15,6 +16,7 @@ from flax.core.scope import in_filter
 from nnx_recurrent import _base, _checks
 from nnx_recurrent._rnn import RNN as _NnxRNN
 from nnx_recurrent._rnn import Bidirectional as _NnxBidirectional
+from nnx_recurrent._rnn import _concatenate
 from nnx_recurrent.compat import _convert
 from nnx_recurrent.compat._cells import CELLS
 from nnx_recurrent.compat._rnn import RNN, Bidirectional
@@ -97,9 +99,14 @@ def _to_nnx(module: Any, params: Mapping, where: str, boxed: Mapping):
   if isinstance(module, (Bidirectional, nn.Bidirectional)):
     fwd, bwd = (_to_nnx(getattr(module, name), _sub(where, params, name, 'Bidirectional'),
                         where, boxed[name]) for name in ('forward_rnn', 'backward_rnn'))
+    # flax.linen's default merge is its own concatenation: the package's default is
+    # the same function, which to_torch, StackedRNN's size checks and the merge's
+    # shape check know as the default.
+    merge_fn = _concatenate if module.merge_fn is linen_recurrent._concatenate \
+      else module.merge_fn
     return _NnxBidirectional(
       fwd, bwd,
-      merge_fn=module.merge_fn, time_major=module.time_major, return_carry=module.return_carry,
+      merge_fn=merge_fn, time_major=module.time_major, return_carry=module.return_carry,
     )
   _checks.fail(where, 'module', f'a flax.linen or compat {_KNOWN}', _checks.public_name(module),
                TypeError)
@@ -130,6 +137,7 @@ def to_nnx(module: nn.Module, variables: Mapping[str, Any]):
   Example::
 
     >>> import flax.linen as nn
+import flax.linen.recurrent as linen_recurrent
     >>> import jax, jax.numpy as jnp
     >>> from nnx_recurrent import compat
     >>> x = jnp.ones((2, 5, 3))
@@ -233,6 +241,7 @@ def from_nnx(module: nnx.Module) -> tuple[nn.Module, dict]:
   Example::
 
     >>> import flax.linen as nn
+import flax.linen.recurrent as linen_recurrent
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
     >>> import nnx_recurrent as nr

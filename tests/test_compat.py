@@ -2152,6 +2152,11 @@ def test_compat_is_lazy_and_falls_through_to_linen():
   assert compat.RNN is not nn.RNN and set(compat.__all__) >= {'RNN', 'to_nnx', 'from_nnx'}
   with pytest.raises(AttributeError, match='nor has flax.linen'):
     compat.NoSuchThing  # noqa: B018
+  # dir() (IPython's and Jupyter's completion) lists what resolves: flax.linen's names too.
+  listed = dir(compat)
+  assert {'Dense', 'Module', 'compact', 'transforms', 'RNN', 'to_nnx'} <= set(listed)
+  assert {n for n in dir(nn) if not n.startswith('__')} <= set(listed)
+  assert [n for n in listed if not hasattr(compat, n)] == []
 
 
 def test_param_dtype_none_runs_as_in_linen():

@@ -73,3 +73,10 @@ def __getattr__(name: str):
     raise AttributeError(
       f'module {__name__!r} has no attribute {name!r} (nor has flax.linen)'
     ) from None
+
+
+def __dir__() -> list[str]:
+  # dir() and completion (IPython, Jupyter) list flax.linen's names too: they resolve here.
+  import flax.linen
+
+  return sorted(set(globals()) | {n for n in dir(flax.linen) if not n.startswith('__')})

@@ -231,9 +231,28 @@ def check_rngs(where: str, rngs: Any, allow_none: bool = True) -> None:
 
   if rngs is None and allow_none:
     return
+  expected = f'an nnx.Rngs, nnx.RngStream or a PRNG key{" (or None)" if allow_none else ""}'
   if not isinstance(rngs, (nnx.Rngs, nnx.RngStream, jax.Array)):
-    fail(where, 'rngs', 'an nnx.Rngs, nnx.RngStream or a PRNG key'
-         f'{" (or None)" if allow_none else ""}', type(rngs).__name__, TypeError)
+    fail(where, 'rngs', expected, type(rngs).__name__, TypeError)
+  if isinstance(rngs, jax.Array):
+    # Another array would reach jax.random.split / fold_in inside the scan, whose
+    # message ("invalid PRNG key data") names neither the module nor the argument.
+    shape = tuple(rngs.shape)
+    if jax.dtypes.issubdtype(rngs.dtype, jax.dtypes.prng_key):
+      if shape != ():
+        fail(where, 'rngs', f'{expected}: one key, of shape () (a call splits it, one per use)',
+             f'a key array of shape {shape}')
+    elif not (rngs.dtype == np.uint32 and shape == _raw_key_shape()):
+      fail(where, 'rngs', f"{expected}: jax.random.key(seed), or jax.random.PRNGKey(seed)'s "
+           f'uint32 data of shape {_raw_key_shape()}',
+           f'an array of dtype {rngs.dtype} and shape {shape}', TypeError)
+
+
+@functools.lru_cache(maxsize=1)
+def _raw_key_shape() -> tuple[int, ...]:
+  """The shape of a raw key (``jax.random.PRNGKey``'s uint32 data) of JAX's
+  default PRNG implementation: ``(2,)`` for threefry."""
+  return tuple(jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape)
 
 
 def check_filter(where: str, arg: str, value: Any, expected: str) -> None:

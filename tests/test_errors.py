@@ -1174,6 +1174,32 @@ def test_call_rngs_of_the_wrong_kind_name_the_module(call, where, got):
     call(cell, 'a')
 
 
+@pytest.mark.parametrize('call, where', [
+  (lambda c, r: nr.RNN(c)(X, rngs=r), 'RNN'),
+  (lambda c, r: c(c.initialize_carry((2, 3)), X[:, 0], rngs=r), 'LSTMCell'),
+  (lambda c, r: c.initialize_carry((2, 3), rngs=r), 'LSTMCell.initialize_carry'),
+  (lambda c, r: nr.LSTM(3, 4, num_layers=2, dropout_rate=0.5, rngs=nnx.Rngs(0))(X, rngs=r),
+   'LSTM'),
+  (lambda c, r: nnx.jit(lambda c, r: nr.RNN(c)(X, rngs=r))(c, r), 'RNN'),  # traced: by dtype
+], ids=['rnn', 'cell', 'initialize_carry', 'lstm', 'rnn-jit'])
+def test_call_rngs_arrays_that_are_not_one_key_name_the_module(call, where):
+  # Any jax.Array passed as "a PRNG key": jax.random.split / fold_in raised inside the
+  # scan before ("JAX encountered invalid PRNG key data", "split accepts a single key").
+  cell = nr.LSTMCell(3, 4, dropout_rate=0.5, rngs=nnx.Rngs(0))
+  for array, got in ((jnp.ones(3), 'dtype float32 and shape (3,)'),
+                     (jnp.array(0), 'dtype int32 and shape ()')):
+    with pytest.raises(TypeError, match=m(f'{where}: `rngs` {_RNGS}: jax.random.key(seed), or '
+                                          "jax.random.PRNGKey(seed)'s uint32 data of shape (2,), "
+                                          f'got an array of {got}.')):
+      call(cell, array)
+  with pytest.raises(ValueError, match=m(f'{where}: `rngs` {_RNGS}: one key, of shape () (a '
+                                         'call splits it, one per use), got a key array of '
+                                         'shape (2,).')):
+    call(cell, jax.random.split(jax.random.key(0), 2))
+  for key in (jax.random.key(1), jax.random.PRNGKey(1)):  # a typed key and a raw one
+    call(cell, key)
+
+
 def test_zoneout_set_after_construction_without_a_stream_names_rngs(lstm):
   # A cell built without a rate keeps no stream; a zoneout rate set later in
   # training mode needs a call's rngs: a TypeError naming them, not an assert.

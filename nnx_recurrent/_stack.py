@@ -215,6 +215,11 @@ class StackedRNN(nnx.Module):
     self.time_major = (layers[0].time_major if time_major is None
                        else _checks.check_bool('StackedRNN', 'time_major', time_major))
     self.return_carry = _checks.check_bool('StackedRNN', 'return_carry', return_carry)
+    if rngs is not None and not isinstance(rngs, (nnx.Rngs, nnx.RngStream)):
+      # nnx.Dropout's own message names neither the stack nor the argument
+      _checks.fail('StackedRNN', 'rngs', 'None, an nnx.Rngs or an nnx.RngStream (the source of '
+                   'the dropout between layers; a PRNG key may be given at call time)',
+                   type(rngs).__name__, TypeError)
     # No RNG state without dropout (flax#4509).
     if self.dropout_rate:
       _checks.check_stream('StackedRNN', rngs, 'dropout',

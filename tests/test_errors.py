@@ -1200,6 +1200,17 @@ def test_call_rngs_arrays_that_are_not_one_key_name_the_module(call, where):
     call(cell, key)
 
 
+def test_stacked_rngs_of_the_wrong_kind_at_construction():
+  # nnx.Dropout's TypeError ("rngs must be a Rngs, RngStream or None") named neither.
+  layers = (nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0))), nr.RNN(nr.GRUCell(4, 4, rngs=nnx.Rngs(1))))
+  for rngs, got in ((3, 'int'), (jax.random.key(0), 'PRNGKeyArray')):
+    for rate in (0.0, 0.5):
+      with pytest.raises(TypeError, match=m('StackedRNN: `rngs` expected None, an nnx.Rngs or an '
+                                            'nnx.RngStream', f'got {got}.')):
+        nr.StackedRNN(*layers, dropout_rate=rate, rngs=rngs)
+  nr.StackedRNN(*layers, dropout_rate=0.5, rngs=nnx.Rngs(0).dropout)(X)  # a stream is taken
+
+
 def test_zoneout_set_after_construction_without_a_stream_names_rngs(lstm):
   # A cell built without a rate keeps no stream; a zoneout rate set later in
   # training mode needs a call's rngs: a TypeError naming them, not an assert.

@@ -589,6 +589,20 @@ def test_from_torch_errors():
                                module(torch.from_numpy(x))[0].numpy(), atol=1e-6)
 
 
+def test_from_torch_weights_replaced_by_others_of_another_shape():
+  # The sizes come from input_size / hidden_size / proj_size, the values from the tensors:
+  # a weight replaced after construction hit an AssertionError (no argument, no hint).
+  for module, name in ((torch.nn.LSTM(IN, H), 'weight_ih_l0'), (torch.nn.GRUCell(IN, H),
+                       'weight_hh'), (torch.nn.LSTM(IN, H, proj_size=2), 'weight_hr_l0')):
+    rows, cols = getattr(module, name).shape
+    setattr(module, name, torch.nn.Parameter(torch.zeros(rows, cols + 2)))
+    with pytest.raises(ValueError, match=r"^from_torch: `module` expected weights of the shapes "
+                       r"its input_size, hidden_size \(and proj_size\) give: .* of shape .*, got "
+                       rf"shape \({cols + 2}, \d+\) \(a weight replaced after the module was "
+                       r"built\?\)\.$"):
+      nr.interop.from_torch(module)
+
+
 class _Compiled(torch.nn.Module):
   """torch.compile's wrapper as from_torch sees it (an nn.Module holding the
   module as ``_orig_mod``), without importing torch._dynamo (1.8 s)."""

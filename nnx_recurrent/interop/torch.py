@@ -190,8 +190,14 @@ def _variable(module: nnx.Module, path: str) -> nnx.Variable:
 def _load(cell: nr.RNNCellBase, params: Params) -> nr.RNNCellBase:
   for path, value in params.items():
     var = _variable(cell, path)
-    if tuple(var.shape) != tuple(value.shape):  # pragma: no cover - sizes come from torch
-      raise AssertionError(f'{path}: {var.shape} != {value.shape}')
+    if tuple(var.shape) != tuple(value.shape):
+      # The sizes come from the module's input_size / hidden_size / proj_size, its
+      # weights from its tensors: they differ where a weight was replaced after the
+      # module was built (torch's own forward then fails as well).
+      _checks.fail('from_torch', 'module', 'weights of the shapes its input_size, hidden_size '
+                   f'(and proj_size) give: {path} of shape {tuple(var.shape)} (this '
+                   "package's layout)",
+                   f'shape {tuple(value.shape)} (a weight replaced after the module was built?)')
     var[...] = jnp.asarray(np.asarray(value, var.dtype))
   return cell
 

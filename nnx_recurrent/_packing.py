@@ -136,7 +136,19 @@ def pack_sequences(
     _checks.fail(where, 'sequences', 'a list of arrays', type(sequences).__name__, TypeError)
   if not sequences:
     _checks.fail(where, 'sequences', 'at least one array', 'an empty sequence')
-  arrays = [np.asarray(s) for s in sequences]
+  arrays = []
+  for i, s in enumerate(sequences):
+    if not _checks.is_concrete(s):
+      _checks.fail(where, f'sequences[{i}]', 'concrete values (it packs on the host with NumPy: '
+                   'call it outside jax.jit, in the input pipeline)',
+                   'a traced array' if isinstance(s, jax.core.Tracer)
+                   else "an array on other processes' devices", TypeError)
+    try:
+      arrays.append(np.asarray(s))
+    except ValueError:  # nested lists of uneven lengths
+      _checks.fail(where, f'sequences[{i}]', 'an array, or nested lists of even lengths, shaped '
+                   '(length, *features)', f'a {type(s).__name__} of uneven lengths, which NumPy '
+                   'cannot make one array of')
   features = arrays[0].shape[1:]
   for i, a in enumerate(arrays):
     if a.ndim < 1:

@@ -414,6 +414,16 @@ def test_pack_unpack_errors():
                        r'expected an array with a time axis, shaped \(length, \*features\), got '
                        r'shape \(\)\.$'):
       nr.pack_sequences(seqs_0d)
+  # Nested lists of uneven lengths, and traced arrays: NumPy's and jax's own errors
+  # ("inhomogeneous shape", TracerArrayConversionError) named no argument before.
+  with pytest.raises(ValueError, match=r'^pack_sequences: `sequences\[1\]` expected an array, or '
+                     r'nested lists of even lengths, shaped \(length, \*features\), got a list of '
+                     r'uneven lengths, which NumPy cannot make one array of\.$'):
+    nr.pack_sequences([[[1.0, 2.0]], [[1.0, 2.0], [3.0]]])
+  with pytest.raises(TypeError, match=r'^pack_sequences: `sequences\[0\]` expected concrete '
+                     r'values \(it packs on the host.*call it outside jax.jit.*got a traced '
+                     r'array\.'):  # (jax appends its traceback note)
+    jax.jit(lambda a: nr.pack_sequences([a])[0])(jnp.ones((3, 2)))
   with pytest.raises(ValueError, match=r'pack_sequences: `max_length` expected a positive int, '
                      r'got 0'):
     nr.pack_sequences([np.ones((0, 2))], max_length=0)  # fits, but no time axis of size 0

@@ -137,7 +137,6 @@ def to_nnx(module: nn.Module, variables: Mapping[str, Any]):
   Example::
 
     >>> import flax.linen as nn
-import flax.linen.recurrent as linen_recurrent
     >>> import jax, jax.numpy as jnp
     >>> from nnx_recurrent import compat
     >>> x = jnp.ones((2, 5, 3))
@@ -241,7 +240,6 @@ def from_nnx(module: nnx.Module) -> tuple[nn.Module, dict]:
   Example::
 
     >>> import flax.linen as nn
-import flax.linen.recurrent as linen_recurrent
     >>> import jax, jax.numpy as jnp
     >>> from flax import nnx
     >>> import nnx_recurrent as nr

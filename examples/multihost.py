@@ -89,12 +89,19 @@ def data_mesh() -> Mesh:
 
 def replicate(mesh: Mesh, *modules: nnx.Module) -> None:
   """Makes every array of each module's state one global array replicated on all devices
-  (in place). Every process holds the same values: the modules are built from one seed."""
+  (in place). Every process holds the same values: the modules are built from one seed.
+  A PRNG key (a dropout stream's ``RngKey``), which NumPy cannot hold, goes over as its
+  key data."""
   replicated = NamedSharding(mesh, P())
+
+  def global_array(a: jax.Array) -> jax.Array:
+    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(global_array(jax.random.key_data(a)),
+                                      impl=jax.random.key_impl(a))
+    return jax.make_array_from_process_local_data(replicated, np.asarray(a))
+
   for module in modules:
-    state = nnx.state(module)
-    nnx.update(module, jax.tree.map(
-      lambda a: jax.make_array_from_process_local_data(replicated, np.asarray(a)), state))
+    nnx.update(module, jax.tree.map(global_array, nnx.state(module)))
 
 
 def shard_rows(mesh: Mesh, *local: np.ndarray) -> list[jax.Array]:

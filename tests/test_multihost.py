@@ -161,6 +161,42 @@ def test_classifier_loss_and_accuracy_against_numpy():
   assert float(acc) == pytest.approx(2 / 3)
 
 
+def test_replicate_carries_a_dropout_streams_key_over():
+  """``replicate`` on modules with dropout: the ``RngKey`` of the dropout stream (which
+  NumPy cannot hold: a TypeError before) becomes a replicated key array like every other
+  leaf, with the key data, counts and parameters it had."""
+  import jax
+  from flax import nnx
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  import nnx_recurrent as nr
+  from examples import multihost
+
+  mesh = multihost.data_mesh()
+  layers = (nr.LSTM(1, 4, num_layers=2, dropout_rate=0.3, rngs=nnx.Rngs(0, dropout=7)),
+            nr.RNN(nr.GRUCell(1, 4, zoneout_rate=0.2, rngs=nnx.Rngs(1, dropout=8))))
+
+  def values(module):
+    return {path: np.asarray(jax.random.key_data(v[...])
+                             if jax.dtypes.issubdtype(v[...].dtype, jax.dtypes.prng_key)
+                             else v[...])
+            for path, v in nnx.to_flat_state(nnx.state(module))}
+
+  before = [values(m) for m in layers]
+  assert all(any(isinstance(v, nnx.RngKey) for _, v in nnx.to_flat_state(nnx.state(m)))
+             for m in layers)
+  multihost.replicate(mesh, *layers)
+  for module, want in zip(layers, before):
+    state = nnx.to_flat_state(nnx.state(module))
+    for _, v in state:
+      assert v[...].sharding.is_equivalent_to(NamedSharding(mesh, P()), v[...].ndim), v
+    got = values(module)
+    assert got.keys() == want.keys()
+    for path in want:
+      np.testing.assert_array_equal(got[path], want[path], err_msg=str(path))
+
+
 def test_main_trains_on_its_share_and_tests_on_a_new_seed(monkeypatch, capsys):
   """``main`` in one process (no ``jax.distributed``), the training step and accuracy faked:
   the batches it draws, the steps it logs, Adam at the default learning rate, the test batch

@@ -775,6 +775,40 @@ def test_kernels_lower_through_triton(cls, dtype, weights, packed, gpu, matmul, 
                            (triton, blocks, '2', f'nr_{name}_forward')]
 
 
+@pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
+def test_kernels_placed_on_the_cpu_of_a_gpu_machine_run_interpreted(cls, monkeypatch):
+  """jax's default backend a GPU, the computation lowered for the CPU (as under
+  ``jax.default_device(cpu)`` or with CPU-committed arguments on a GPU
+  machine): the kernels run interpreted there, values and gradients, where
+  the kernels lowered for Triton failed ("Only interpret mode is supported on
+  CPU backend"); the program exported for CUDA holds Triton calls only."""
+  layer = make(cls, 1, True, seed=41, implementation='pallas')
+  x = ref.normal((B, T, I), seed=42)
+  carry0 = random_carry(layer, seed=43)
+  graphdef, params = nnx.split(layer)
+
+  def loss(params, x):
+    carry, y = run(nnx.merge(graphdef, params), x, carry0)
+    return jnp.sum(y ** 2) + sum(jnp.sum(c) for c in jax.tree_util.tree_leaves(carry))
+
+  want = jax.value_and_grad(loss)(params, x)  # interpreted: the CPU is the default backend
+  abstract_gpu = internal._abstract_gpu()  # made while the CPU is the default backend
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  with jax.default_device(jax.devices('cpu')[0]):
+    out = jax.jit(lambda p, x: run(nnx.merge(graphdef, p), x, carry0))(params, x)
+    got = jax.jit(jax.value_and_grad(loss))(params, x)
+  assert_trees_close(out, numpy_layers(layer, x, LENGTHS, carry0), atol=2e-5)
+  assert_trees_close(got, want, atol=1e-5)
+  triton = '__gpu$xla.gpu.triton'
+  with abstract_gpu:
+    exported = export.export(jax.jit(jax.grad(loss)), platforms=['cuda'], disabled_checks=[
+      export.DisabledSafetyCheck.custom_call(triton)])(params, x)
+  calls = re.findall(r'stablehlo\.custom_call @([^(]+)\(.*name = "(nr_\w+)"',
+                     exported.mlir_module())
+  name = cls.__name__.lower()
+  assert sorted(calls) == [(triton, f'nr_{name}_backward'), (triton, f'nr_{name}_forward')]
+
+
 def test_matmul_auto_takes_the_multiply_adds_up_to_64_columns():
   """``matmul='auto'``: the multiply-adds where ``W_h``'s gate blocks are at
   most 64 wide, one batch row a program, in one warp up to 32 columns and two
@@ -811,7 +845,8 @@ def test_matmul_auto_takes_the_multiply_adds_up_to_64_columns():
 def test_auto_picks_pallas_only_where_measured_faster(cls, monkeypatch):
   """The one table (``_plans.PALLAS_FASTER``, replaced here by a test region); a
   region's rows are those of all batch axes, bounds included; only on a CUDA
-  GPU whose device kind names the region's device."""
+  GPU whose device kind names the region's device, and not under
+  ``jax.default_device(cpu)``."""
   def uses_pallas(layer, x=jnp.ones((B, T, I))):
     return 'pallas_call' in str(jax.make_jaxpr(lambda x: layer(x))(x))
 
@@ -822,6 +857,8 @@ def test_auto_picks_pallas_only_where_measured_faster(cls, monkeypatch):
   region = _plans.PallasRegion(cls.__name__, rows=(B, B), hidden=(H, H), device='')
   monkeypatch.setattr(_plans, 'PALLAS_FASTER', (region,))
   assert uses_pallas(make(cls))
+  with jax.default_device(jax.devices('cpu')[0]):  # placed on a GPU machine's CPU: the scans
+    assert not uses_pallas(make(cls))
   with monkeypatch.context() as patch:  # a jax without Pallas' Triton: the scans, no error
     patch.setattr(_pallas, 'unsupported', lambda: "lowers through Pallas' Triton backend, ...")
     assert not uses_pallas(make(cls))

@@ -200,16 +200,27 @@ class _Layout:
       return pl.BlockSpec(shape, lambda b: tuple(b if k == row_axis else 0
                                                   for k in range(len(shape))))
 
-    return pl.pallas_call(
-      kernel,
-      out_shape=[jax.ShapeDtypeStruct(shape, dtype) for (shape, dtype), _ in outputs],
-      grid=(self.padded_rows // self.block,),
-      in_specs=[spec(a.shape, axis) for a, axis in inputs],
-      out_specs=[spec(shape, axis) for (shape, _), axis in outputs],
-      interpret=_checking_interpreter() if self.checked else self.interpret,
-      name=name,
-      compiler_params=self._compiler_params(),
-    )(*(a for a, _ in inputs))
+    def run(interpret, *arrays):
+      return pl.pallas_call(
+        kernel,
+        out_shape=[jax.ShapeDtypeStruct(shape, dtype) for (shape, dtype), _ in outputs],
+        grid=(self.padded_rows // self.block,),
+        in_specs=[spec(a.shape, axis) for a, axis in inputs],
+        out_specs=[spec(shape, axis) for (shape, _), axis in outputs],
+        interpret=interpret,
+        name=name,
+        compiler_params=self._compiler_params(),
+      )(*arrays)
+
+    arrays = [a for a, _ in inputs]
+    if self.interpret or _force_triton:
+      return run(_checking_interpreter() if self.checked else self.interpret, *arrays)
+    # The default backend is a GPU, but the computation may be placed on the CPU
+    # (jax.default_device, CPU-committed arguments), where a kernel lowered for
+    # Triton fails ("Only interpret mode is supported on CPU backend"): interpreted
+    # there. Only the branch of the platform lowered for is compiled.
+    return jax.lax.platform_dependent(*arrays, cuda=functools.partial(run, False),
+                                      default=functools.partial(run, True))
 
   def _compiler_params(self):
     """Triton's parameters, which select the Triton lowering (see above); none

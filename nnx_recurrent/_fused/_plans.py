@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 
@@ -210,6 +210,8 @@ def pallas_measured_faster(cell_math, rows: int, hidden: int) -> bool:
   """Whether ``implementation='auto'`` runs a layer with the Pallas kernels."""
   if not PALLAS_FASTER or not cuda_backend() or not isinstance(rows, int):
     return False  # a symbolic batch (jax.export) has no measured rows
+  if placed_on_cpu():  # the kernels would run interpreted there
+    return False
   kind = jax.devices()[0].device_kind
   return any(r.layer == cell_math.name and r.rows[0] <= rows <= r.rows[1]
              and r.hidden[0] <= hidden <= r.hidden[1] and r.device in kind
@@ -217,6 +219,14 @@ def pallas_measured_faster(cell_math, rows: int, hidden: int) -> bool:
 
 
 # -- the machine ----------------------------------------------------------------
+def placed_on_cpu() -> bool:
+  """True inside ``jax.default_device(cpu)`` (on a GPU machine: computations
+  placed on the CPU; jit's cache keys on the default device)."""
+  config: Any = jax.config  # its flags are attributes set at runtime, unknown to the stubs
+  device = config.jax_default_device  # a Device, a platform name, or None
+  return getattr(device, 'platform', device) == 'cpu'
+
+
 @functools.cache
 def cpu_backend() -> bool:
   """True when JAX's default backend is the CPU (``plan``'s measurements)."""

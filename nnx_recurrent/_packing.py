@@ -20,24 +20,34 @@ from nnx_recurrent import _checks
 
 
 def _first_fit(lengths: np.ndarray, max_length: int, sort_by_length: bool):
-  """Greedy first-fit bin packing: ``(row, offset)`` of every sequence."""
+  """Greedy first-fit bin packing: ``(row, offset)`` of every sequence, and the
+  rows used.
+
+  The lowest row with room is found in a max tree over the rows' free space
+  (rows not yet opened are empty, so the first of them opens next): O(log n)
+  a sequence, where scanning every open row was quadratic (80k sequences a
+  row each: 2.3 s, 4x per doubling).
+  """
   order = np.argsort(-lengths, kind='stable') if sort_by_length else np.arange(len(lengths))
-  free = np.zeros(0, np.int64)  # free space left in each opened row
+  size = 1 << max(int(np.count_nonzero(lengths)) - 1, 0).bit_length()  # leaves: one a row
+  free = [max_length] * (2 * size)  # the most free space of any row below each node
   row = np.full(len(lengths), -1, np.int64)
   offset = np.zeros(len(lengths), np.int64)
-  for i in order:
-    n = lengths[i]
+  rows = 0
+  for i in order.tolist():
+    n = int(lengths[i])
     if n == 0:
       continue
-    fits = np.flatnonzero(free >= n)
-    if fits.size:
-      r = fits[0]
-    else:
-      r = free.size
-      free = np.append(free, max_length)
-    row[i], offset[i] = r, max_length - free[r]
-    free[r] -= n
-  return row, offset, free.size
+    k = 1
+    while k < size:  # down to the leftmost leaf with room (the root has room: n <= max_length)
+      k = 2 * k if free[2 * k] >= n else 2 * k + 1
+    row[i], offset[i] = k - size, max_length - free[k]
+    rows = max(rows, k - size + 1)
+    free[k] -= n
+    while k > 1:
+      k //= 2
+      free[k] = max(free[2 * k], free[2 * k + 1])
+  return row, offset, rows
 
 
 def _check_pad_value(pad_value: Any, dtype: np.dtype) -> None:

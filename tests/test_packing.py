@@ -316,6 +316,35 @@ def test_pack_first_fit_layout():
                                       [0, 0, 0, 0, 0, 0]])
 
 
+@pytest.mark.parametrize('sort_by_length', [True, False])
+def test_pack_places_every_sequence_in_the_first_row_with_room(sort_by_length):
+  """The layout against first-fit written plainly (each sequence in the lowest
+  row with room, a new row when none has): many rows, near-full ones, empty
+  sequences."""
+  rng = np.random.default_rng(5)
+  for lengths, max_length in ((rng.integers(0, 9, size=300), 8),
+                              (rng.integers(40, 51, size=200), 50),
+                              (rng.integers(0, 30, size=500), 64)):
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort_by_length \
+      else range(len(lengths))
+    free: list[int] = []
+    want = np.zeros((0, max_length), np.int32)
+    for i in order:
+      n = int(lengths[i])
+      if n == 0:
+        continue
+      r = next((r for r, f in enumerate(free) if f >= n), len(free))
+      if r == len(free):
+        free.append(max_length)
+        want = np.concatenate([want, np.zeros((1, max_length), np.int32)])
+      start = max_length - free[r]
+      want[r, start:start + n] = i + 1
+      free[r] -= n
+    _, ids = nr.pack_sequences([np.zeros(n) for n in lengths], max_length=max_length,
+                               sort_by_length=sort_by_length)
+    np.testing.assert_array_equal(ids, want)
+
+
 def test_pack_sequences_of_equal_length_keep_their_given_order():
   # First-fit decreasing with a stable sort: among equal lengths the given order
   # decides, the same layout everywhere (NumPy's default argsort, an introsort,

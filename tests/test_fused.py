@@ -381,6 +381,22 @@ def test_plan_follows_the_measured_choices(monkeypatch):
     assert plan(cls, rows, tiny_step) == _P(loop, loop), cls
 
 
+def test_a_gpu_machine_plans_computations_placed_on_its_cpu_as_the_cpu(monkeypatch):
+  """Under ``jax.default_device(cpu)`` on a GPU machine the scans take the CPU's
+  measured plans (the GRU differentiated by JAX from 128 rows on included),
+  not the GPU's unrolled ones."""
+  plan = internal.plan_for
+  rows = (1, 16, _plans.GRU_AUTODIFF_MIN_ROWS)
+  cpu = {(cls, r): plan(cls, r, 1) for cls in (nr.LSTM, nr.GRU) for r in rows}
+  assert plan(nr.GRU, _plans.GRU_AUTODIFF_MIN_ROWS, 1).custom_vjp is False
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(_plans, 'cpu_backend', lambda: False)  # cached per process: as on a GPU
+  assert all(plan(cls, r, 1) == PATHS['gpu'] or plan(cls, r, 1).primal.unroll == 4
+             for cls, r in cpu)
+  with jax.default_device(jax.devices('cpu')[0]):
+    assert {key: plan(*key, 1) for key in cpu} == cpu
+
+
 def test_plan_on_a_gpu_unrolls_every_scan(monkeypatch):
   """On a GPU (``_plans`` says what was measured): the input projections
   hoisted and every scan unrolled ``GPU_UNROLL`` times, the backward one too,

@@ -129,7 +129,7 @@ def plan(cell_math, rows: int, gate_width: int) -> Plan:
   if not isinstance(rows, int):  # a symbolic batch (jax.export): no measured choice applies
     return Plan(primal=loop, train=loop)
   if cell_math.autodiff_min_rows is not None and rows >= cell_math.autodiff_min_rows \
-      and cpu_backend():
+      and (cpu_backend() or placed_on_cpu()):
     return Plan(primal=loop, train=loop, custom_vjp=False)
   if gpu_backend():
     return gpu_plan(cell_math, rows)
@@ -234,10 +234,11 @@ def cpu_backend() -> bool:
 
 
 def gpu_backend() -> bool:
-  """True when JAX's default backend is a GPU (``plan``'s GPU measurements).
-  Not cached: read at trace time only, it follows a patched
-  ``jax.default_backend`` (the tests' lowering for CUDA on a CPU)."""
-  return jax.default_backend() == 'gpu'
+  """True when JAX's default backend is a GPU (``plan``'s GPU measurements),
+  unless ``jax.default_device`` places the computation on the CPU (then the
+  CPU's measurements apply). Not cached: read at trace time only, it follows a
+  patched ``jax.default_backend`` (the tests' lowering for CUDA on a CPU)."""
+  return jax.default_backend() == 'gpu' and not placed_on_cpu()
 
 
 @functools.cache

@@ -283,6 +283,11 @@ class StackedRNN(nnx.Module):
       _checks.fail('StackedRNN', 'rngs', 'a PRNG source for the dropout between layers in '
                    'training mode', 'None (pass rngs=nnx.Rngs(...) at construction or call '
                    'time, or call .eval())')
+    # The dropout between layers draws its mask time first, as the fused layers
+    # do: a valid step's mask then depends neither on how much padding follows
+    # (more steps) nor on time_major.
+    axes = _reads_axes(self.layers[0])
+    time_axis = 0 if time_major else max(jnp.ndim(inputs) - 1 - (1 if axes is None else axes), 0)
     idx = None
     x = inputs
     if reverse:
@@ -297,7 +302,8 @@ class StackedRNN(nnx.Module):
                          rngs=layer_rngs[i])
       carries.append(carry)
       if dropout is not None and i < n - 1:
-        x = jax.tree_util.tree_map(lambda a, r=dropout_rngs[i], d=dropout: d(a, rngs=r), x)
+        x = jax.tree_util.tree_map(
+          lambda a, r=dropout_rngs[i], d=dropout: _dropout_time_first(d, a, r, time_axis), x)
     if reverse and keep_order:
       x, _, _ = self._reverse(x, idx, time_major, seq_lengths, segment_ids, batch_dims)
     return (tuple(carries), x) if return_carry else x
@@ -319,3 +325,10 @@ class StackedRNN(nnx.Module):
       xs = jax.tree_util.tree_map(lambda a: _scan.take_time(jnp.moveaxis(a, time_axis, 0), idx),
                                   x)
     return _scan.restore_layout(xs, time_major, batch_dims), idx, batch_dims
+
+
+def _dropout_time_first(dropout: nnx.Dropout, a: Array, rngs: RngsLike, time_axis: int) -> Array:
+  """``dropout(a)`` with the mask drawn for ``a``'s time axis first."""
+  if not time_axis or a.ndim <= time_axis:
+    return dropout(a, rngs=rngs)
+  return jnp.moveaxis(dropout(jnp.moveaxis(a, time_axis, 0), rngs=rngs), 0, time_axis)

@@ -113,6 +113,33 @@ def test_dropout_between_layers_only():
   np.testing.assert_array_equal(plain(stack), x)
 
 
+@pytest.mark.parametrize('conv', [False, True])
+def test_dropout_between_layers_ignores_padding_after_and_the_layout(conv):
+  # One key, the same valid steps: padded steps appended, time_major, or the
+  # batch as two axes do not change the between-layer dropout mask of a valid
+  # step (as with the fused layers, which draw it time first).
+  rngs = nnx.Rngs(0, dropout=1)
+  if conv:  # outputs with a spatial axis: (batch, time, 3, features)
+    layers = [nr.RNN(nr.ConvGRUCell(2, 2, (2,), rngs=rngs)) for _ in range(2)]
+    feat = (3, 2)
+  else:
+    layers = [nr.RNN(nr.GRUCell(IN, H, rngs=rngs)), nr.RNN(nr.GRUCell(H, H, rngs=rngs))]
+    feat = (IN,)
+  stack = nr.StackedRNN(*layers, dropout_rate=0.5, rngs=rngs)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, T, *feat)), jnp.float32)
+  lengths = jnp.array([6, 2, 5, 0])
+  key = jax.random.key(3)
+  y = stack(x, seq_lengths=lengths, rngs=key)
+  padded = jnp.concatenate([x, jnp.ones((4, 3, *feat))], axis=1)
+  np.testing.assert_array_equal(stack(padded, seq_lengths=lengths, rngs=key)[:, :T], y)
+  y_tm = stack(jnp.swapaxes(x, 0, 1), seq_lengths=lengths, rngs=key, time_major=True)
+  np.testing.assert_array_equal(jnp.swapaxes(y_tm, 0, 1), y)
+  y_2 = stack(x.reshape(2, 2, T, *feat), seq_lengths=lengths.reshape(2, 2), rngs=key)
+  np.testing.assert_array_equal(y_2.reshape(y.shape), y)
+  stack.eval()
+  assert not np.allclose(stack(x, seq_lengths=lengths), y)  # there was dropout
+
+
 def test_errors():
   stack = _stack()
   x = _x()

@@ -283,11 +283,6 @@ class StackedRNN(nnx.Module):
       _checks.fail('StackedRNN', 'rngs', 'a PRNG source for the dropout between layers in '
                    'training mode', 'None (pass rngs=nnx.Rngs(...) at construction or call '
                    'time, or call .eval())')
-    # The dropout between layers draws its mask time first, as the fused layers
-    # do: a valid step's mask then depends neither on how much padding follows
-    # (more steps) nor on time_major.
-    axes = _reads_axes(self.layers[0])
-    time_axis = 0 if time_major else max(jnp.ndim(inputs) - 1 - (1 if axes is None else axes), 0)
     idx = None
     x = inputs
     if reverse:
@@ -302,8 +297,15 @@ class StackedRNN(nnx.Module):
                          rngs=layer_rngs[i])
       carries.append(carry)
       if dropout is not None and i < n - 1:
+        # The dropout between layers draws its mask time first, as the fused layers
+        # do: a valid step's mask then depends neither on how much padding follows
+        # (more steps) nor on time_major. (After the first layer has checked inputs;
+        # inputs of several arrays, for a cell of one's own: as drawn, unmoved.)
+        axes, leaves = _reads_axes(self.layers[0]), jax.tree_util.tree_leaves(inputs)
+        time_axis = 0 if time_major or len(leaves) != 1 else max(
+          jnp.ndim(leaves[0]) - 1 - (1 if axes is None else axes), 0)
         x = jax.tree_util.tree_map(
-          lambda a, r=dropout_rngs[i], d=dropout: _dropout_time_first(d, a, r, time_axis), x)
+          lambda a, r=dropout_rngs[i], d=dropout, t=time_axis: _dropout_time_first(d, a, r, t), x)
     if reverse and keep_order:
       x, _, _ = self._reverse(x, idx, time_major, seq_lengths, segment_ids, batch_dims)
     return (tuple(carries), x) if return_carry else x

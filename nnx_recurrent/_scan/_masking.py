@@ -54,8 +54,8 @@ def masked_where(mask: Array, x: Array, y: Any) -> Array:
   A mask that is broadcast is broadcast again in the backward pass
   (:func:`_broadcast_where`), not saved: inside a scan's step a saved one is
   a ``(time, *batch, *features)`` array of booleans."""
-  if jnp.shape(mask) + (1,) * (jnp.ndim(x) - jnp.ndim(mask)) == jnp.shape(x):
-    m = bcast(mask, x)
+  m = bcast(mask, x)
+  if m.shape == jnp.shape(x):
     sharding = _merged_sharding(m, x)
     if sharding is not None:
       m, x = _resharded(m, sharding), _resharded(x, sharding)

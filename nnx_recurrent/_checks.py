@@ -342,9 +342,10 @@ def check_positive_int(where: str, arg: str, value: Any) -> int:
 
 def check_unroll(where: str, unroll: Any) -> int | bool:
   """``jax.lax.scan``'s ``unroll``: a bool, or an int >= 0 (``True`` and ``0``
-  unroll every step)."""
-  if isinstance(unroll, bool):
-    return unroll
+  unroll every step). A NumPy bool (a flag read off an array or a config) is the
+  bool it holds: jax's scan would read ``np.True_`` as the int 1, unrolling nothing."""
+  if isinstance(unroll, (bool, np.bool_)):
+    return bool(unroll)
   if not isinstance(unroll, (int, np.integer)) or unroll < 0:
     fail(where, 'unroll', 'a bool or a non-negative int', repr(unroll),
          ValueError if isinstance(unroll, (int, np.integer)) else TypeError)

@@ -466,6 +466,9 @@ def test_rnn_runs_the_scan_with_the_unroll_flax_linen_gives_it():
 
   assert unrolls(compat.RNN(compat.GRUCell(H), unroll=2)) == [2]
   assert unrolls(nn.RNN(nn.GRUCell(H), unroll=2)) == [2]
+  # A NumPy bool is the bool it holds, as in nr.RNN (flax.linen passes np.True_ on
+  # and jax's scan reads it as the int 1; no number changes).
+  assert unrolls(compat.RNN(compat.GRUCell(H), unroll=np.bool_(True))) == [T]
 
 
 @pytest.mark.parametrize('name', ['GRUCell', 'MGUCell'])

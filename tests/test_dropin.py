@@ -1524,6 +1524,12 @@ def test_unroll_reaches_the_scan_as_in_flax():
     ours = nr.RNN(nr.GRUCell(IN, H, rngs=nnx.Rngs(0)), unroll=unroll)
     theirs = nnx.RNN(nnx.GRUCell(IN, H, rngs=nnx.Rngs(0)), unroll=unroll)
     assert _scan_unrolls(ours, x) == _scan_unrolls(theirs, x) == [expected]
+  # A NumPy bool is taken as the bool it holds (flax.nnx passes np.True_ on, and
+  # jax's scan reads it as the int 1, unrolling nothing; a deliberate difference
+  # that changes no number).
+  for unroll, expected in ((np.bool_(True), x.shape[1]), (np.bool_(False), 1)):
+    ours = nr.RNN(nr.GRUCell(IN, H, rngs=nnx.Rngs(0)), unroll=unroll)
+    assert _scan_unrolls(ours, x) == [expected]
 
 
 class _NoInitCell(nnx.Module):

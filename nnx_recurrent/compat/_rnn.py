@@ -177,7 +177,8 @@ class RNN(nn.Module):
                    variable_broadcast=self.variable_broadcast,
                    variable_carry=self.variable_carry, split_rngs=self.split_rngs,
                    in_axes=in_axes, out_axes=0,
-                   unroll=_scan.scan_unroll(self.unroll, xs.shape[0], xs))
+                   unroll=_scan.scan_unroll(_checks.check_unroll('RNN', self.unroll),
+                                           xs.shape[0], xs))
 
   @nn.nowrap
   def _settled(self, carry: Any, xs: jax.Array) -> Any:

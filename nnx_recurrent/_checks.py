@@ -981,13 +981,48 @@ def named_errors(method: F) -> F:
       return method(self, *args, **kwargs)
     except TypeError as e:
       if e.__traceback__ is None or e.__traceback__.tb_next is not None:
-        raise  # raised inside the method
+        # raised inside the method: JAX's or flax's own error, unless a
+        # variable is still abstract (then JAX's names no variable)
+        abstract = _abstract_variable(self)
+        if abstract is None:
+          raise
+        raise TypeError(_abstract_message(_caller_class(self, method), method.__name__,
+                                          abstract)) from e
       message = _binding_message(method, self, args, kwargs, str(e))
       if message is None:
         raise
       raise TypeError(message) from None
 
   return cast(F, wrapper)
+
+
+def _abstract_variable(obj: Any) -> str | None:
+  """The path (``'cell.bias_hn'``) of the first of ``obj``'s variables that
+  holds a ``jax.ShapeDtypeStruct`` (an entry of a module made under
+  ``nnx.eval_shape`` that nothing restored or updated), or ``None``. Read
+  only after a ``TypeError``: a call costs nothing more."""
+  if not isinstance(obj, nnx.Module):
+    return None
+  try:
+    for path, node in nnx.iter_graph(obj):
+      if isinstance(node, nnx.Variable) and isinstance(
+          node.get_raw_value() if hasattr(node, 'get_raw_value') else node.raw_value,
+          jax.ShapeDtypeStruct):
+        return '.'.join(map(str, path))
+  except Exception:  # a graph nnx cannot walk: leave the original error
+    return None
+  return None
+
+
+def _abstract_message(cls: str, method: str, path: str) -> str:
+  hint = (' A checkpoint of flax.nnx\'s GRUCell has no `bias_hn`: build '
+          'nr.GRUCell(..., use_bias_hn=False), or restore the rest into a concrete module, '
+          'whose bias_hn stays at zero (docs/migrating_from_nnx.md)'
+          if path.rsplit('.', 1)[-1] == 'bias_hn' else '')
+  return (f'{cls}.{method}: the variable `{path}` holds a jax.ShapeDtypeStruct, not an '
+          'array: the module was made abstract (nnx.eval_shape) and that entry was not '
+          'restored or updated since (a partial restore from a checkpoint that lacks '
+          f'it).{hint}')
 
 
 def _binding_message(method: Callable[..., Any], obj: Any, args: tuple[Any, ...],

@@ -2048,3 +2048,26 @@ def test_a_carry_init_given_after_the_rnn_was_built_asks_for_the_calls_rngs():
   nnx.update(theirs.cell, nnx.state(built_with, nnx.Param))
   np.testing.assert_allclose(packed(x, initial_carry=zeros, segment_ids=ids,
                                     rngs=nnx.Rngs(1))[:1, 2:], theirs(x[:1, 2:]), atol=1e-6)
+
+
+def test_a_variable_left_abstract_by_a_partial_restore_is_named():
+  # A flax.nnx GRU checkpoint has no bias_hn: restored into an abstract default
+  # nr.GRUCell (orbax's partial_restore, as nnx.update here), bias_hn stays a
+  # ShapeDtypeStruct, and JAX's error named no variable ("Argument 'args[0]' of
+  # shape float32[4] ... is not a valid JAX type").
+  theirs = nnx.RNN(nnx.GRUCell(3, 4, rngs=nnx.Rngs(0)))
+  ours = nnx.eval_shape(lambda: nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(1))))
+  nnx.update(ours, nnx.state(theirs, nnx.Param))
+  x = jnp.ones((2, 5, 3))
+  with pytest.raises(TypeError, match=m(
+      'RNN.__call__: the variable `cell.bias_hn` holds a jax.ShapeDtypeStruct, not an array',
+      "A checkpoint of flax.nnx's GRUCell has no `bias_hn`: build "
+      'nr.GRUCell(..., use_bias_hn=False)')):
+    ours(x)
+  fused = nnx.eval_shape(lambda: nr.LSTM(3, 4, num_layers=2, rngs=nnx.Rngs(0)))
+  with pytest.raises(TypeError, match=m('LSTM.__call__: the variable `forward.0.',
+                                        'holds a jax.ShapeDtypeStruct')):
+    fused(x)
+  # Restored in full, the same modules run (and the message is only read on an error).
+  nnx.update(ours, {'cell': {'bias_hn': nnx.Param(jnp.zeros(4))}})
+  np.testing.assert_allclose(ours(x), theirs(x), atol=1e-6)

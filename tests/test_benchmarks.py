@@ -969,3 +969,36 @@ def test_median_ms_warms_up_then_takes_the_median_of_sample_means(monkeypatch):
 
   assert benchmarks.median_ms(fn, 'x', rounds=3, n=2) == pytest.approx(2.0)  # (2, 2, 500)
   assert calls == [('x',)] * 7
+
+
+def test_programs_compares_hlo_without_source_locations_and_names(tmp_path, capsys):
+  from benchmarks import programs
+  module = ('HloModule m\n\nFileNames\n1 "/tree/a.py"\n\nStackFrames\n1 {file_location_id=1}\n\n'
+            '%fused.3 (p: f32[2]) -> f32[2] {\n  %p = f32[2] parameter(0)\n'
+            '  ROOT %tanh.7 = f32[2] tanh(%p), metadata={op_name="jit(f)/tanh" '
+            'source_file="/tree/a.py" source_line=3}, stack_frame_id=1\n}\n')
+  moved = module.replace('/tree/', '/other/').replace('source_line=3', 'source_line=9')
+  assert programs.normalize_hlo(module) == programs.normalize_hlo(moved)
+  assert 'tree' not in programs.normalize_hlo(module)
+  assert 'tanh(%p)' in programs.normalize_hlo(module)
+  renamed = programs.normalize_hlo(module).replace('%tanh.7', '%tanh.9')
+  assert renamed != programs.normalize_hlo(module)
+  assert programs.canonical_names(renamed) == programs.canonical_names(
+    programs.normalize_hlo(module))
+  # Two dumps of one tree compare equal; a renamed value reads '~', another op 'X'.
+  a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+  for out in (a, b):
+    summary = programs.dump(out, ((2, 3, 4, 5),), match=r'^nr\.GRU@.*@seq_lengths@fwd$',
+                            log=lambda _: None)
+  (name,) = summary
+  assert name == 'nr.GRU@2x3x4x5@seq_lengths@fwd' and summary[name]['temp_bytes'] >= 0
+  assert programs.compare(a, b) == [(name, '===')]
+  hlo = tmp_path / 'b' / f'{name}.hlo'
+  text = hlo.read_text()
+  value = re.search(r'%([\w.\-]+) = ', text).group(1)  # the first value defined
+  hlo.write_text(re.sub(rf'%{re.escape(value)}(?![\w.\-])', f'%{value}_renamed', text))
+  assert programs.compare(a, b) == [(name, '==~')]
+  hlo.write_text(text.replace(' tanh(', ' logistic(', 1))
+  assert programs.compare(a, b) == [(name, '==X')]
+  assert programs.main(['--compare', a, b]) == 1
+  assert f'==X  {name}' in capsys.readouterr().out

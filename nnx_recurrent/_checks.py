@@ -981,9 +981,9 @@ def named_errors(method: F) -> F:
       return method(self, *args, **kwargs)
     except TypeError as e:
       if e.__traceback__ is None or e.__traceback__.tb_next is not None:
-        # raised inside the method: JAX's or flax's own error, unless a
-        # variable is still abstract (then JAX's names no variable)
-        abstract = _abstract_variable(self)
+        # raised inside the method: left as it is, but for JAX's or flax's
+        # error about a variable still abstract, which names no variable
+        abstract = _abstract_variable(self) if 'ShapeDtypeStruct' in str(e) else None
         if abstract is None:
           raise
         raise TypeError(_abstract_message(_caller_class(self, method), method.__name__,

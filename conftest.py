@@ -1,5 +1,6 @@
 """Test-session settings shared by every test and doctest (tests/, compat/, docs/, the package)."""
 
+import gc
 import os
 import subprocess
 import sys
@@ -52,6 +53,19 @@ if 'jax' in sys.modules:  # imported already (a plugin): the environment is read
   sys.modules['jax'].config.update('jax_numpy_rank_promotion', 'raise')
 
 
+# Python's cyclic garbage collector, at its default thresholds (700, 10, 10),
+# collects the young generation every 700 net allocations and the whole heap
+# every hundred of those, and tracing and lowering allocate millions of objects:
+# in a process running test_fuzz, test_compat and test_errors (173 s of CPU) it
+# took 8.6 s, 6.3 s of them in full collections over a heap that holds jax,
+# flax, torch and every compiled program. With a larger young generation and the
+# objects that exist once the tests are collected (the imported modules) frozen
+# out of every later collection (pytest_collection_finish), 3.3 s, and the same
+# peak memory (benchmarks/RESULTS.md, "Test-suite time"). Only when unreachable
+# cycles are freed changes; no test reads that.
+gc.set_threshold(10_000, 10, 10)
+
+
 def _share_mlir_contexts(modules_per_context: int = 500) -> None:
   """One MLIR context for many lowerings instead of a new one for each.
 
@@ -88,6 +102,13 @@ def pytest_configure(config):
   # controlling process of an xdist run imports no jax).
   if hasattr(config, 'workerinput') or not getattr(config.option, 'numprocesses', None):
     _share_mlir_contexts()
+
+
+def pytest_collection_finish(session):
+  # What the imports and the collection made lives to the end of the session:
+  # collected once, then left out of the collections that follow.
+  gc.collect()
+  gc.freeze()
 
 
 @pytest.hookimpl(trylast=True)

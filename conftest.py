@@ -56,14 +56,15 @@ if 'jax' in sys.modules:  # imported already (a plugin): the environment is read
 # Python's cyclic garbage collector, at its default thresholds (700, 10, 10),
 # collects the young generation every 700 net allocations and the whole heap
 # every hundred of those, and tracing and lowering allocate millions of objects:
-# in a process running test_fuzz, test_compat and test_errors (173 s of CPU) it
-# took 8.6 s, 6.3 s of them in full collections over a heap that holds jax,
+# in a process running test_pallas, test_dropin and test_cells (118 s of CPU)
+# it took 7.0 s, 5.4 s of them in full collections over a heap that holds jax,
 # flax, torch and every compiled program. With a larger young generation and the
 # objects that exist once the tests are collected (the imported modules) frozen
-# out of every later collection (pytest_collection_finish), 3.3 s, and the same
-# peak memory (benchmarks/RESULTS.md, "Test-suite time"). Only when unreachable
-# cycles are freed changes; no test reads that.
-gc.set_threshold(10_000, 10, 10)
+# out of every later collection (pytest_collection_finish), 1.5 s, and the same
+# peak memory (benchmarks/RESULTS.md, "Test-suite time"); most of what is left
+# is freeing what the collections find (compiled programs among it). Only when
+# unreachable cycles are freed changes; no test reads that.
+gc.set_threshold(50_000, 20, 10)
 
 
 def _share_mlir_contexts(modules_per_context: int = 500) -> None:

@@ -259,6 +259,24 @@ def test_several_batch_axes_and_jit():
     np.testing.assert_allclose(flat[r, s:e], ref, atol=ATOL)
 
 
+def test_packed_runs_under_strict_dtype_promotion():
+  # jax_numpy_dtype_promotion='strict' refuses implicit promotions; the
+  # segment masks compared an int32 count with the bool mask (bool > int32).
+  rnn = _rnn('GRUCell')
+  lstm = nr.LSTM(IN, H, implementation='xla', rngs=nnx.Rngs(0))
+  x = _inputs(rnn.cell, *IDS.shape)
+  with jax.numpy_dtype_promotion('strict'):
+    ys = rnn(x, segment_ids=IDS)
+    # The fused layer's hand-written backward reads the masks again.
+    grads = nnx.grad(lambda m, x: m(x, segment_ids=IDS).sum(), argnums=1)(lstm, x)
+  p = reference.cell_params(rnn.cell)
+  for r, s, e in _segments(IDS):
+    ref = np.stack(reference.run_sequence(p, np.zeros(H), x[r, s:e])[1])
+    np.testing.assert_allclose(np.asarray(ys)[r, s:e], ref, atol=ATOL)
+  np.testing.assert_array_equal(np.asarray(grads)[IDS == 0], 0)
+  assert np.isfinite(np.asarray(grads)).all() and np.abs(np.asarray(grads)[IDS != 0]).max() > 0
+
+
 def test_segment_id_errors():
   rnn = _rnn('SimpleCell')
   x = jnp.ones((2, 9, IN))

@@ -203,8 +203,10 @@ def segments_to_masks(segment_ids: Array) -> StepMasks:
 
 
 def earlier_valid(valid: Array) -> Array:
-  """``(time, *batch)``: whether a valid step came before step ``t`` in the row."""
-  return jnp.cumsum(valid, axis=0, dtype=jnp.int32) > valid
+  """``(time, *batch)``: whether a valid step came before step ``t`` in the row.
+  Both sides int32: comparing the count with the bool mask itself is a
+  promotion that ``jax_numpy_dtype_promotion='strict'`` refuses."""
+  return jnp.cumsum(valid, axis=0, dtype=jnp.int32) > valid.astype(jnp.int32)
 
 
 def segment_masks(segment_ids: Array) -> tuple[Array, Array]:

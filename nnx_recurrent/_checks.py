@@ -1005,9 +1005,8 @@ def _abstract_variable(obj: Any) -> str | None:
     return None
   try:
     for path, node in nnx.iter_graph(obj):
-      if isinstance(node, nnx.Variable) and isinstance(
-          node.get_raw_value() if hasattr(node, 'get_raw_value') else node.raw_value,
-          jax.ShapeDtypeStruct):
+      if isinstance(node, nnx.Variable) and isinstance(node.get_raw_value(),
+                                                       jax.ShapeDtypeStruct):
         return '.'.join(map(str, path))
   except Exception:  # a graph nnx cannot walk: leave the original error
     return None

@@ -16,7 +16,12 @@ one clamps it.
 
 import contextlib
 import functools
+import os
 import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -895,6 +900,42 @@ def test_auto_picks_pallas_only_where_measured_faster(cls, monkeypatch):
   monkeypatch.setattr(_plans, 'PALLAS_FASTER', (region,))
   monkeypatch.setattr(_plans, 'cuda_backend', lambda: False)  # the CPU: the table is a GPU's
   assert not uses_pallas(make(cls))
+
+
+def test_a_first_pallas_call_makes_no_jitted_function_trace_again():
+  # jax 0.12's Pallas imported its fuser on a kernel's first lowering, and the
+  # fuser registers a configuration option that jit's cache keys include: a
+  # function jitted before it, and the layer's own jitted caller on its second
+  # call, traced and compiled again (on a GPU, a training step's compile twice).
+  # The package imports it. A fresh interpreter: this one has lowered kernels.
+  # (jax 0.10's fuser registers nothing: fails without the import on jax 0.12.)
+  code = textwrap.dedent("""
+    import jax, jax.numpy as jnp
+    from flax import nnx
+    import nnx_recurrent as nr
+    traces = {'before': 0, 'layer': 0}
+    @jax.jit
+    def before(x):
+      traces['before'] += 1
+      return x * 2
+    x = jnp.ones((1, 2, 16))
+    before(x)
+    layer = nr.GRU(16, 16, implementation='pallas', rngs=nnx.Rngs(0))
+    @nnx.jit
+    def call(layer, x):
+      traces['layer'] += 1
+      return layer(x)
+    for _ in range(3):
+      call(layer, x)
+      before(x)
+    print(traces)
+  """)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.pathsep.join(
+    [str(Path(__file__).resolve().parents[1]), os.environ.get('PYTHONPATH', '')]))
+  done = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert done.stdout.split('\n')[-2] == "{'before': 1, 'layer': 1}", done.stdout
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])

@@ -66,6 +66,17 @@ from nnx_recurrent._fused._pallas_kernels import (
 )
 from nnx_recurrent._fused._step_math import LSTMMath, dot, grads_after_loop
 
+# Pallas (jax 0.12) imports its fuser on a kernel's first lowering (interpreted,
+# at least), and the fuser registers a configuration option that jit's cache
+# keys include: every function jitted before that (the layer's own jitted
+# caller, on its second call, too) missed its cache once, traced and compiled
+# again. Imported with the package (10 ms), the option is there before anything
+# is jitted. (jax 0.10's fuser registers none, and takes 50 ms.)
+try:
+  from jax.experimental.pallas import fuser as _fuser  # noqa: F401
+except ImportError:  # a jax without it: nothing to register
+  pass
+
 _MIN_ROWS = 16  # Triton's dot: at least 16 rows
 _MIN_HIDDEN = 16  # ... and contraction / output sizes of at least 16
 

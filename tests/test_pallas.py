@@ -935,7 +935,7 @@ def test_a_first_pallas_call_makes_no_jitted_function_trace_again():
   done = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
                         timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
-  assert done.stdout.split('\n')[-2] == "{'before': 1, 'layer': 1}", done.stdout
+  assert done.stdout.splitlines()[-1] == "{'before': 1, 'layer': 1}", done.stdout
 
 
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])

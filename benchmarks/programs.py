@@ -90,9 +90,10 @@ def _mask(kind: str, B: int, T: int) -> Any:
   return jnp.asarray(ids)
 
 
-def programs(shapes) -> Iterator[tuple[str, Callable, tuple]]:
-  """``(name, fn, args)`` for every program, built as ``benchmarks/run.py``'s
-  ``_nnx_builder`` builds its steps (the mask, if any, a jit argument)."""
+def programs(shapes, match: str | None = None) -> Iterator[tuple[str, Callable, tuple]]:
+  """``(name, fn, args)`` for every program whose name ``match`` (a regex)
+  searches, built as ``benchmarks/run.py``'s ``_nnx_builder`` builds its steps
+  (the mask, if any, a jit argument); no other layer is built."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -107,6 +108,11 @@ def programs(shapes) -> Iterator[tuple[str, Callable, tuple]]:
   todo += [(name, make, shapes[0]) for name, make in cells.items()]
   for name, make, (B, T, I, H) in todo:
     for mask in MASKS:
+      key = f'{name}@{B}x{T}x{I}x{H}@{mask}'
+      wanted = [step for step in ('fwd', 'train')
+                if not match or re.search(match, f'{key}@{step}')]
+      if not wanted:
+        continue
       graphdef, params, rest = nnx.split(make(I, H, nnx.Rngs(0)), nnx.Param, ...)
       x = jax.random.normal(jax.random.key(1), (B, T, I), jnp.float32)
       extra = None if mask == 'plain' else _mask(mask, B, T)
@@ -118,9 +124,9 @@ def programs(shapes) -> Iterator[tuple[str, Callable, tuple]]:
       def train(p, rest, x, extra, call=call):
         return jax.value_and_grad(lambda p: jnp.mean(call(p, rest, x, extra) ** 2))(p)
 
-      key = f'{name}@{B}x{T}x{I}x{H}@{mask}'
-      yield f'{key}@fwd', call, (params, rest, x, extra)
-      yield f'{key}@train', train, (params, rest, x, extra)
+      for step, fn in (('fwd', call), ('train', train)):
+        if step in wanted:
+          yield f'{key}@{step}', fn, (params, rest, x, extra)
 
 
 def dump(out: str, shapes, match: str | None = None, log=print) -> dict:
@@ -128,9 +134,7 @@ def dump(out: str, shapes, match: str | None = None, log=print) -> dict:
   import jax
   os.makedirs(out, exist_ok=True)
   summary = {}
-  for name, fn, args in programs(shapes):
-    if match and not re.search(match, name):
-      continue
+  for name, fn, args in programs(shapes, match):
     lowered = jax.jit(fn).lower(*args)
     compiled = lowered.compile()
     memory = compiled.memory_analysis()

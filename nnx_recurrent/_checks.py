@@ -155,6 +155,15 @@ def is_concrete(x: Any) -> bool:
   return True
 
 
+def host_values(x: Any) -> np.ndarray:
+  """The values of a concrete array (:func:`is_concrete`) as NumPy's, fetched
+  by ``jax.device_get``: an explicit transfer, which
+  ``jax.transfer_guard_device_to_host('disallow')`` lets through, where
+  NumPy's read of a device array is an implicit one that it refuses (flax's
+  eager calls read no values, so code under that guard runs with flax)."""
+  return np.asarray(jax.device_get(x))
+
+
 def is_real(x: Any) -> bool:
   """A Python or NumPy real number (not a bool), or a concrete 0-d floating or
   integer array (as a Python int is taken, ``jnp.array(0)`` is; a bool is not)."""
@@ -740,7 +749,7 @@ def whole_lengths(where: str, seq_lengths: Any) -> Any:
   if not jnp.issubdtype(dtype, jnp.floating):
     return seq_lengths
   if is_concrete(seq_lengths):
-    host = np.asarray(seq_lengths)
+    host = host_values(seq_lengths)
     bad = host[~np.isfinite(host) | (host != np.round(host))]
     if bad.size:
       fail(where, 'seq_lengths', 'whole numbers (an integer array, or floats such as the sum '
@@ -770,7 +779,7 @@ def check_seq_lengths(where: str, seq_lengths: Any, batch_shape: tuple[int, ...]
   seq_lengths = check_integer_array(where, 'seq_lengths', seq_lengths, batch_shape,
                                     'batch shape')
   if is_concrete(seq_lengths) and seq_lengths.size:
-    lowest = int(np.asarray(seq_lengths).min())  # on the host: jnp would compile a reduction
+    lowest = int(host_values(seq_lengths).min())  # on the host: jnp would compile a reduction
     if lowest < 0:
       fail(where, 'seq_lengths', 'non-negative lengths', f'minimum {lowest}')
   return as_int32(seq_lengths)

@@ -905,6 +905,31 @@ def test_a_numpy_float64_initial_carry_runs_without_a_warning(cls, implementatio
   assert_trees_close((carry, y), (want_carry, want_y))
 
 
+def test_eager_calls_read_device_lengths_and_ids_by_explicit_transfers():
+  # The concrete checks (a negative length, float lengths that are whole
+  # numbers, a negative id) read device values with jax.device_get, which
+  # jax.transfer_guard_device_to_host('disallow') allows: NumPy's implicit read
+  # raised there on a GPU, where flax's eager calls (which read nothing) run.
+  # On a CPU the guard refuses nothing; gpu.sh runs this file on the GPU.
+  x = ref.normal((B, T, I), seed=3)
+  layers = {'fused': make(nr.LSTM), 'rnn': nr.RNN(nr.GRUCell(I, H, rngs=nnx.Rngs(0)))}
+  masks = [dict(seq_lengths=jnp.asarray(LENGTHS)),  # ints, floats (whole numbers), ids
+           dict(seq_lengths=jnp.asarray(LENGTHS, jnp.float32)),
+           dict(segment_ids=jnp.asarray(np.arange(T) < LENGTHS[:, None], jnp.int32))]
+  for name, layer in layers.items():
+    cell = layer.forward[0] if name == 'fused' else layer.cell
+    carry0 = jax.tree_util.tree_map(np.asarray, cell.initialize_carry((B, I)))
+    want = ref.rnn(ref.cell_params(cell), x, LENGTHS, carry0, num_batch_dims=1)
+    for mask in masks:
+      with jax.transfer_guard_device_to_host('disallow'):
+        got = layer(x, return_carry=True, **mask)
+      assert_trees_close(got, want)
+      with jax.transfer_guard_device_to_host('disallow'), pytest.raises(
+          ValueError, match='non-negative'):
+        bad = {k: v.at[0].set(-1) for k, v in mask.items()}
+        layer(x, **bad)
+
+
 @pytest.mark.parametrize('cls', [nr.LSTM, nr.GRU])
 def test_errors(cls):
   name = cls.__name__

@@ -12,7 +12,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from nnx_recurrent import _checks
 from nnx_recurrent._scan._masking import (
@@ -104,7 +103,7 @@ def prepare(where: str, inputs: Any, *, num_feature_axes: int, in_features: int 
     segment_ids = _checks.check_integer_array(where, 'segment_ids', segment_ids, shape, layout,
                                               dtype_error=ValueError)
     if _checks.is_concrete(segment_ids) and segment_ids.size:
-      lowest = int(np.asarray(segment_ids).min())  # on the host: no compiled reduction
+      lowest = int(_checks.host_values(segment_ids).min())  # on the host: no compiled reduction
       if lowest < 0:
         _checks.fail(where, 'segment_ids', 'non-negative ids (0 = padding)', f'minimum {lowest}')
     segment_ids = _checks.ids_as_jax(segment_ids)  # NumPy's int64 read before jax narrows it

@@ -2631,3 +2631,25 @@ def test_typed_cells_as_flax_nnx_users_write_them_run_as_flax_nnx():
   assert masks.recurrent is None and masks.input is not None
   _, want = flax_lstm((jnp.ones((2, 4)), jnp.ones((2, 4))), x[:, 0] * masks.input)
   np.testing.assert_allclose(got['lstm_step'], want, atol=1e-6, rtol=0)
+
+
+def test_typed_user_calls_run_with_the_carry_types_they_state():
+  """tests/typed_user_calls.py, which `make test`'s mypy checks: the cells' carries are
+  what the annotations there state (flax.nnx's: a pair of arrays for the LSTM cells,
+  an array for the others; they were Any to type checkers)."""
+  from tests import typed_user_calls
+
+  x = jnp.ones((2, 3))
+  (c, h), y = typed_user_calls.cell_carries(x)
+  assert all(isinstance(a, jax.Array) for a in (c, h, y))
+  for cell in (nr.LSTMCell(3, 4, rngs=nnx.Rngs(0)), nr.OptimizedLSTMCell(3, 4, rngs=nnx.Rngs(0)),
+               nr.LayerNormLSTMCell(3, 4, rngs=nnx.Rngs(0))):
+    carry = cell.initialize_carry(x.shape)
+    (c, h), y = new = cell(carry, x)
+    assert type(carry) is tuple and type(new) is tuple and type(new[0]) is tuple
+    assert all(isinstance(a, jax.Array) for a in (*carry, c, h, y))
+  for one in (nr.GRUCell(3, 4, rngs=nnx.Rngs(0)), nr.SimpleCell(3, 4, rngs=nnx.Rngs(0)),
+              nr.MGUCell(3, 4, rngs=nnx.Rngs(0)), nr.LayerNormGRUCell(3, 4, rngs=nnx.Rngs(0))):
+    h0 = one.initialize_carry(x.shape)
+    new = one(h0, x)
+    assert type(new) is tuple and all(isinstance(a, jax.Array) for a in (h0, *new))

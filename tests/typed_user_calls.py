@@ -1,0 +1,36 @@
+"""Calls written as users write them, with annotations: `make test`'s mypy checks this
+file (pyproject.toml, [tool.mypy] files), and test_dropin runs it.
+
+Each ``assert_type`` states what a user's type checker must infer: the carries of
+flax.nnx's cells as flax.nnx annotates them (not ``Any``).
+"""
+
+from typing import assert_type
+
+import jax
+from flax import nnx
+
+import nnx_recurrent as nr
+
+
+def cell_carries(x: jax.Array) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+  """Each cell's carry and step as flax.nnx's cells annotate them."""
+  Pair = tuple[jax.Array, jax.Array]
+  lstm = nr.LSTMCell(3, 4, rngs=nnx.Rngs(0))
+  carry = assert_type(lstm.initialize_carry(x.shape), Pair)
+  assert_type(lstm(carry, x), tuple[Pair, jax.Array])
+  for pair_cell in (nr.OptimizedLSTMCell(3, 4, rngs=nnx.Rngs(0)),
+                    nr.LayerNormLSTMCell(3, 4, rngs=nnx.Rngs(0))):
+    assert_type(pair_cell(pair_cell.initialize_carry(x.shape), x), tuple[Pair, jax.Array])
+  for cell in (nr.GRUCell(3, 4, rngs=nnx.Rngs(0)), nr.SimpleCell(3, 4, rngs=nnx.Rngs(0)),
+               nr.MGUCell(3, 4, rngs=nnx.Rngs(0)), nr.LayerNormGRUCell(3, 4, rngs=nnx.Rngs(0))):
+    h = assert_type(cell.initialize_carry(x.shape), jax.Array)
+    assert_type(cell(h, x), tuple[jax.Array, jax.Array])
+  image = jax.numpy.ones((2, 5, 5, 3))
+  conv_lstm = nr.ConvLSTMCell(3, 4, kernel_size=(3, 3), rngs=nnx.Rngs(0))
+  assert_type(conv_lstm(conv_lstm.initialize_carry(image.shape), image), tuple[Pair, jax.Array])
+  conv_gru = nr.ConvGRUCell(3, 4, kernel_size=(3, 3), rngs=nnx.Rngs(0))
+  assert_type(conv_gru(conv_gru.initialize_carry(image.shape), image),
+              tuple[jax.Array, jax.Array])
+  (c, h), y = lstm(carry, x, rngs=jax.random.key(0))  # the options: this package's cells
+  return (c, h), y

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypeGuard
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.errors import TraceContextError
 from flax.nnx.nn import dtypes, initializers
@@ -28,6 +29,9 @@ from flax.typing import Dtype, Initializer, PromoteDtypeFn
 from nnx_recurrent import _checks, _scan
 
 Array = jax.Array
+# The sequence layers' inputs, lengths and ids: NumPy arrays too (pack_sequences returns
+# them; the docs pass them), as their calls take them.
+ArrayOrNumPy = jax.Array | np.ndarray
 Carry = Any
 RngsLike = nnx.Rngs | nnx.RngStream | jax.Array | None
 

@@ -15,6 +15,7 @@ from flax.errors import TraceContextError
 from nnx_recurrent import _checks, _scan
 from nnx_recurrent._base import (
   Array,
+  ArrayOrNumPy,
   Carry,
   RngsLike,
   RNNCellBase,
@@ -249,11 +250,11 @@ class RNN(nnx.Module):
   @_checks.named_errors
   def __call__(
     self,
-    inputs: Array,
+    inputs: ArrayOrNumPy,
     *,
     initial_carry: Carry | None = None,
-    seq_lengths: Array | None = None,
-    segment_ids: Array | None = None,
+    seq_lengths: ArrayOrNumPy | None = None,
+    segment_ids: ArrayOrNumPy | None = None,
     return_carry: bool | None = None,
     time_major: bool | None = None,
     reverse: bool | None = None,
@@ -505,11 +506,11 @@ class Bidirectional(nnx.Module):
   @_checks.named_errors
   def __call__(
     self,
-    inputs: Array,
+    inputs: ArrayOrNumPy,
     *,
     initial_carry: tuple[Carry, Carry] | None = None,
-    seq_lengths: Array | None = None,
-    segment_ids: Array | None = None,
+    seq_lengths: ArrayOrNumPy | None = None,
+    segment_ids: ArrayOrNumPy | None = None,
     return_carry: bool | None = None,
     time_major: bool | None = None,
     rngs: RngsLike = None,

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nnx_recurrent import _checks, _scan
-from nnx_recurrent._base import Array, Carry, RngsLike, RNNCellBase, is_package_cell
+from nnx_recurrent._base import Array, ArrayOrNumPy, Carry, RngsLike, RNNCellBase, is_package_cell
 from nnx_recurrent._rnn import RNN, Bidirectional, _concatenate
 
 
@@ -230,11 +230,11 @@ class StackedRNN(nnx.Module):
   @_checks.named_errors
   def __call__(
     self,
-    inputs: Array,
+    inputs: ArrayOrNumPy,
     *,
     initial_carry: tuple[Carry | None, ...] | None = None,
-    seq_lengths: Array | None = None,
-    segment_ids: Array | None = None,
+    seq_lengths: ArrayOrNumPy | None = None,
+    segment_ids: ArrayOrNumPy | None = None,
     return_carry: bool | None = None,
     time_major: bool | None = None,
     rngs: RngsLike = None,

@@ -2653,3 +2653,8 @@ def test_typed_user_calls_run_with_the_carry_types_they_state():
     h0 = one.initialize_carry(x.shape)
     new = one(h0, x)
     assert type(new) is tuple and all(isinstance(a, jax.Array) for a in (h0, *new))
+  # NumPy inputs, lengths and ids (pack_sequences'): each layer, as with jax arrays.
+  seqs = [np.ones((n, 3), np.float32) for n in (5, 2, 3)]
+  got = typed_user_calls.numpy_sequences(seqs)
+  layers = [(2, 6, 4), (2, 6, 8), (2, 6, 4)]  # LSTM, Bidirectional, StackedRNN
+  assert [np.shape(y) for y in got] == [(5, 4), (2, 4), (3, 4), *layers, (2, 6, 4), *layers]

@@ -2,12 +2,14 @@
 file (pyproject.toml, [tool.mypy] files), and test_dropin runs it.
 
 Each ``assert_type`` states what a user's type checker must infer: the carries of
-flax.nnx's cells as flax.nnx annotates them (not ``Any``).
+flax.nnx's cells as flax.nnx annotates them (not ``Any``); NumPy arrays (what
+``pack_sequences`` returns, what the docs pass) accepted by the sequence layers.
 """
 
-from typing import assert_type
+from typing import Any, assert_type
 
 import jax
+import numpy as np
 from flax import nnx
 
 import nnx_recurrent as nr
@@ -34,3 +36,21 @@ def cell_carries(x: jax.Array) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
               tuple[jax.Array, jax.Array])
   (c, h), y = lstm(carry, x, rngs=jax.random.key(0))  # the options: this package's cells
   return (c, h), y
+
+
+def numpy_sequences(seqs: list[np.ndarray]) -> list[Any]:
+  """NumPy inputs, lengths and ids, as pack_sequences returns them and the docs pass them."""
+  x, ids = nr.pack_sequences(seqs, max_length=6)
+  lengths = np.array([len(s) for s in seqs[:2]])
+  rnn = nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0)))
+  lstm = nr.LSTM(3, 4, rngs=nnx.Rngs(0))
+  bi = nr.Bidirectional(nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0))),
+                        nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(1))))
+  stack = nr.StackedRNN(nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0))), nr.LSTM(4, 4, rngs=nnx.Rngs(0)))
+  padded = np.zeros((2, 6, 3), np.float32)
+  return [
+    *nr.unpack_sequences(rnn(x, segment_ids=ids), ids),
+    lstm(x, segment_ids=ids), bi(x, segment_ids=ids), stack(x, segment_ids=ids),
+    rnn(padded, seq_lengths=lengths), lstm(padded, seq_lengths=lengths),
+    bi(padded, seq_lengths=lengths), stack(padded, seq_lengths=lengths),
+  ]

@@ -30,6 +30,7 @@ from nnx_recurrent import _checks, _scan
 from nnx_recurrent._base import (
   _NO_METADATA,
   Array,
+  ArrayOrNumPy,
   RngsLike,
   default_bias_init,
   default_kernel_init,
@@ -376,11 +377,11 @@ class _FusedBase(nnx.Module):
   @_checks.named_errors
   def __call__(
     self,
-    inputs: Array,
+    inputs: ArrayOrNumPy,
     *,
     initial_carry: Any = None,
-    seq_lengths: Array | None = None,
-    segment_ids: Array | None = None,
+    seq_lengths: ArrayOrNumPy | None = None,
+    segment_ids: ArrayOrNumPy | None = None,
     return_carry: bool | None = None,
     time_major: bool | None = None,
     reverse: bool | None = None,

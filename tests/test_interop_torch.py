@@ -1248,3 +1248,16 @@ def test_to_torch_refuses_cells_whose_projections_lora_surgery_swapped():
   lora_swapped(fused.forward[1], 'dense_i')
   with pytest.raises(TypeError, match=r'GRUCell with dense_i of type LoRALinear\.'):
     nr.interop.to_torch(fused)
+
+
+def test_typed_user_calls_from_torch_layer_runs():
+  """tests/typed_user_calls.py's from_torch user (mypy reads from_torch's result as Any,
+  not nnx.Module, which has no num_layers): the converted LSTM's outputs, its layers."""
+  from tests import typed_user_calls
+
+  torch_lstm = torch.nn.LSTM(3, 4, num_layers=2, batch_first=True)
+  x = np.random.default_rng(0).normal(size=(2, 5, 3)).astype(np.float32)
+  y, num_layers = typed_user_calls.from_torch_layer(torch_lstm, x)
+  want, _ = torch_lstm(torch.from_numpy(x))
+  np.testing.assert_allclose(y, want.detach().numpy(), atol=1e-5)
+  assert num_layers == 2

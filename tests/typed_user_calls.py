@@ -3,7 +3,8 @@ file (pyproject.toml, [tool.mypy] files), and test_dropin runs it.
 
 Each ``assert_type`` states what a user's type checker must infer: the carries of
 flax.nnx's cells as flax.nnx annotates them (not ``Any``); NumPy arrays (what
-``pack_sequences`` returns, what the docs pass) accepted by the sequence layers.
+``pack_sequences`` returns, what the docs pass) accepted by the sequence layers;
+``from_torch``'s result used as the layer it is.
 """
 
 from typing import Any, assert_type
@@ -54,3 +55,12 @@ def numpy_sequences(seqs: list[np.ndarray]) -> list[Any]:
     rnn(padded, seq_lengths=lengths), lstm(padded, seq_lengths=lengths),
     bi(padded, seq_lengths=lengths), stack(padded, seq_lengths=lengths),
   ]
+
+
+def from_torch_layer(torch_lstm: Any, x: np.ndarray) -> tuple[Any, int]:
+  """from_torch's result is called and read as the layer it converts to (the docs)."""
+  from nnx_recurrent.interop import from_torch
+
+  lstm = from_torch(torch_lstm)
+  carry, y = lstm(x, return_carry=True)
+  return y, lstm.num_layers

@@ -335,7 +335,7 @@ def _torch_activation(module) -> Callable:
 
 
 # -- from_torch -------------------------------------------------------------------
-def from_torch(module: Any, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
+def from_torch(module: Any, *, rngs: nnx.Rngs | None = None) -> Any:
   """Returns the nnx_recurrent module equivalent to a PyTorch recurrent module.
 
   The weights are copied (see the module docstring for the table); the result
@@ -377,7 +377,9 @@ def from_torch(module: Any, *, rngs: nnx.Rngs | None = None) -> nnx.Module:
       ``dropout > 0`` (default ``nnx.Rngs(0)``).
 
   Returns:
-    The nnx module with the weights loaded.
+    The nnx module with the weights loaded, of the class the table gives for
+    ``module``'s (typed ``Any``: an ``nnx.Module`` has none of the layers' attributes
+    and calls, such as ``num_layers``, for type checkers).
 
   Raises:
     TypeError: for any other module (for a wrapper of one, ``torch.compile``'s

@@ -2658,3 +2658,6 @@ def test_typed_user_calls_run_with_the_carry_types_they_state():
   got = typed_user_calls.numpy_sequences(seqs)
   layers = [(2, 6, 4), (2, 6, 8), (2, 6, 4)]  # LSTM, Bidirectional, StackedRNN
   assert [np.shape(y) for y in got] == [(5, 4), (2, 4), (3, 4), *layers, (2, 6, 4), *layers]
+  # compat's LSTM cells: a (c, h) tuple, as the annotation (flax.linen's) states.
+  (c, h), y = typed_user_calls.linen_carries(jax.random.key(0), x)
+  assert all(isinstance(a, jax.Array) for a in (c, h, y))

@@ -4,7 +4,8 @@ file (pyproject.toml, [tool.mypy] files), and test_dropin runs it.
 Each ``assert_type`` states what a user's type checker must infer: the carries of
 flax.nnx's cells as flax.nnx annotates them (not ``Any``); NumPy arrays (what
 ``pack_sequences`` returns, what the docs pass) accepted by the sequence layers;
-``from_torch``'s result used as the layer it is.
+``from_torch``'s result used as the layer it is; compat's LSTM cells' carries as
+flax.linen annotates them.
 """
 
 from typing import Any, assert_type
@@ -64,3 +65,27 @@ def from_torch_layer(torch_lstm: Any, x: np.ndarray) -> tuple[Any, int]:
   lstm = from_torch(torch_lstm)
   carry, y = lstm(x, return_carry=True)
   return y, lstm.num_layers
+
+
+def linen_carries(key: jax.Array, x: jax.Array) -> Any:
+  """compat's LSTM cells as flax.linen annotates them (its Array: jax.Array or Any)."""
+  from flax.typing import Array as LinenArray
+
+  from nnx_recurrent import compat
+
+  LinenPair = tuple[LinenArray, LinenArray]
+  carry = assert_type(compat.LSTMCell(4).initialize_carry(key, x.shape), LinenPair)
+  cell = compat.OptimizedLSTMCell(4)
+  assert_type(cell.initialize_carry(key, x.shape), LinenPair)
+  variables = cell.init(key, carry, x)
+  return cell.apply(variables, carry, x)
+
+
+def linen_step(cell: Any, carry: Any, x: jax.Array) -> Any:
+  """Type-checked only (a Linen cell is called inside a module's method): the step's types."""
+  from flax.typing import Array as LinenArray
+
+  from nnx_recurrent import compat
+
+  optimized: compat.OptimizedLSTMCell = cell
+  return assert_type(optimized(carry, x), tuple[tuple[LinenArray, LinenArray], LinenArray])

@@ -14,7 +14,7 @@ nnx_recurrent cells.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
@@ -24,7 +24,7 @@ from flax.core import meta
 from flax.linen import module as _linen_module
 from flax.linen.dtypes import promote_dtype
 from flax.linen.recurrent import DenseParams
-from flax.typing import Dtype, Initializer
+from flax.typing import Array, Dtype, Initializer
 
 from nnx_recurrent import _base, _checks
 from nnx_recurrent._conv import _shape_keeping, check_geometry
@@ -367,6 +367,9 @@ class LSTMCell(_GatedCell):
 
   _layout_name = 'LSTMCell'
 
+  if TYPE_CHECKING:  # flax.linen's annotations (its Array: jax.Array or Any), not Any
+    def initialize_carry(self, rng: Any, input_shape: tuple[int, ...]) -> tuple[Array, Array]: ...
+
   @nn.nowrap
   def _intercepted_step(self, carry, inputs, outputs):
     # flax.linen's LSTMCell.__call__, on its layers' outputs.
@@ -401,6 +404,12 @@ class OptimizedLSTMCell(_GatedCell):
 """ + _COMMON_ATTRS
 
   _layout_name = 'OptimizedLSTMCell'
+
+  if TYPE_CHECKING:  # flax.linen's annotations (its Array: jax.Array or Any), not Any
+    def initialize_carry(self, rng: Any, input_shape: tuple[int, ...]) -> tuple[Array, Array]: ...
+
+    def __call__(self, carry: tuple[Array, Array],
+                 inputs: Array) -> tuple[tuple[Array, Array], Array]: ...
 
   @nn.nowrap
   def _intercepted_step(self, carry, inputs, outputs):

@@ -6,6 +6,8 @@ sequence with masked carry selection; :class:`Bidirectional` runs two RNNs.
 ``nnx_recurrent.interop`` converts PyTorch modules (imports torch on use).
 """
 
+from typing import TYPE_CHECKING
+
 from nnx_recurrent._base import DropoutMasks as DropoutMasks
 from nnx_recurrent._base import RNNCellBase as RNNCellBase
 from nnx_recurrent._base import modified_orthogonal as modified_orthogonal
@@ -27,6 +29,12 @@ from nnx_recurrent._rnn import RNNBase as RNNBase
 from nnx_recurrent._rnn import flip_sequences as flip_sequences
 from nnx_recurrent._simple import SimpleCell as SimpleCell
 from nnx_recurrent._stack import StackedRNN as StackedRNN
+
+if TYPE_CHECKING:
+  # Loaded on first use at run time (__getattr__ below); type checkers see the modules
+  # (through __getattr__ alone, `nr.compat` and `nr.interop` were Any to a user's checker).
+  from nnx_recurrent import compat as compat
+  from nnx_recurrent import interop as interop
 
 __version__ = '0.1.0'
 

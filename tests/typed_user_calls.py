@@ -4,6 +4,7 @@ file (pyproject.toml, [tool.mypy] files), and test_dropin runs it.
 Each ``assert_type`` states what a user's type checker must infer: the carries of
 flax.nnx's cells as flax.nnx annotates them (not ``Any``); NumPy arrays (what
 ``pack_sequences`` returns, what the docs pass) accepted by the sequence layers;
+``nr.interop`` and ``nr.compat`` as modules (not ``Any``), and
 ``from_torch``'s result used as the layer it is; compat's LSTM cells' carries as
 flax.linen annotates them.
 """
@@ -58,11 +59,14 @@ def numpy_sequences(seqs: list[np.ndarray]) -> list[Any]:
   ]
 
 
+def submodules() -> tuple[str, str]:
+  """``nr.interop`` and ``nr.compat`` (loaded on first use) are modules to type checkers."""
+  return assert_type(nr.interop.__name__, str), assert_type(nr.compat.__name__, str)
+
+
 def from_torch_layer(torch_lstm: Any, x: np.ndarray) -> tuple[Any, int]:
   """from_torch's result is called and read as the layer it converts to (the docs)."""
-  from nnx_recurrent.interop import from_torch
-
-  lstm = from_torch(torch_lstm)
+  lstm = nr.interop.from_torch(torch_lstm)
   carry, y = lstm(x, return_carry=True)
   return y, lstm.num_layers
 

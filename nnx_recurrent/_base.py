@@ -776,8 +776,27 @@ if TYPE_CHECKING:
 
     def initialize_carry(self, input_shape: tuple[int, ...], rngs: RngsLike = None,
                          carry_init: Initializer | None = None) -> Carry: ...
+
+  class HCell(Cell):
+    """A cell whose carry is one array ``h``, annotated as flax.nnx's GRU and
+    simple cells are (``Cell``'s carry is ``Any``)."""
+
+    def __call__(self, carry: Carry, inputs: Array, **options: Any) -> tuple[Array, Array]: ...
+
+    def initialize_carry(self, input_shape: tuple[int, ...], rngs: RngsLike = None,
+                         carry_init: Initializer | None = None) -> Array: ...
+
+  class CHCell(Cell):
+    """A cell whose carry is the pair ``(c, h)``, annotated as flax.nnx's LSTM
+    cells are."""
+
+    def __call__(self, carry: Carry, inputs: Array,
+                 **options: Any) -> tuple[tuple[Array, Array], Array]: ...
+
+    def initialize_carry(self, input_shape: tuple[int, ...], rngs: RngsLike = None,
+                         carry_init: Initializer | None = None) -> tuple[Array, Array]: ...
 else:
-  Cell = RNNCellBase  # the same class at run time
+  Cell = HCell = CHCell = RNNCellBase  # the same class at run time
 
 
 def _in_dtype_of(new: Any, old: Any) -> Any:

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer, PaddingLike, PromoteDtypeFn
 
 from nnx_recurrent import _checks
-from nnx_recurrent._base import _NO_METADATA, Array, Carry, RngsLike, default_promote_dtype, masked
+from nnx_recurrent._base import _NO_METADATA, HCell, default_promote_dtype, masked
 from nnx_recurrent._conv import _ConvCell, default_conv_bias_init, default_conv_kernel_init
 from nnx_recurrent._updates import gru_update
 
 
-class ConvGRUCell(_ConvCell):
+class ConvGRUCell(_ConvCell, HCell):
   r"""Convolutional GRU cell: :class:`GRUCell` with convolutions for the dense layers.
 
   .. math::
@@ -121,12 +121,6 @@ class ConvGRUCell(_ConvCell):
     )
     self.gate_fn = gate_fn
     self.activation_fn = activation_fn
-
-  if TYPE_CHECKING:  # the carry h as flax.nnx's GRU and simple cells annotate it (the base's: Any)
-    def __call__(self, carry: Carry, inputs: Array, **options: Any) -> tuple[Array, Array]: ...
-
-    def initialize_carry(self, input_shape: tuple[int, ...], rngs: RngsLike = None,
-                         carry_init: Initializer | None = None) -> Array: ...
 
   def step(self, carry, inputs, recurrent_mask):
     h = carry

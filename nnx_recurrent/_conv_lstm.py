@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 import jax.numpy as jnp
 from flax import nnx
-from flax.typing import Initializer
 
 from nnx_recurrent._base import (
-  Array,
-  Carry,
-  RngsLike,
+  CHCell,
   lstm_update,
   masked,
 )
 from nnx_recurrent._conv import _ConvCell
 
 
-class ConvLSTMCell(_ConvCell):
+class ConvLSTMCell(_ConvCell, CHCell):
   r"""Convolutional LSTM cell (Shi et al., 2015), flax.linen's formulation.
 
   .. math::
@@ -76,13 +71,6 @@ class ConvLSTMCell(_ConvCell):
 
   num_carry_arrays = 2
   num_parts = 4
-
-  if TYPE_CHECKING:  # the (c, h) carry as flax.nnx's LSTM cells annotate it (the base's: Any)
-    def __call__(self, carry: Carry, inputs: Array,
-                 **options: Any) -> tuple[tuple[Array, Array], Array]: ...
-
-    def initialize_carry(self, input_shape: tuple[int, ...], rngs: RngsLike = None,
-                         carry_init: Initializer | None = None) -> tuple[Array, Array]: ...
 
   def step(self, carry, inputs, recurrent_mask):
     c, h = carry

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
@@ -12,10 +12,7 @@ from flax.typing import Dtype, Initializer, PromoteDtypeFn
 from nnx_recurrent import _checks
 from nnx_recurrent._base import (
   _NO_METADATA,
-  Array,
-  Carry,
-  Cell,
-  RngsLike,
+  HCell,
   add_bias,
   default_bias_init,
   default_kernel_init,
@@ -27,7 +24,7 @@ from nnx_recurrent._base import (
 from nnx_recurrent._updates import gru_update
 
 
-class _GatedUnit(Cell):
+class _GatedUnit(HCell):
   """Cells of the form ``n = act(W_in x + b_in + r * (W_hn h + b_hn))``.
 
   ``num_gates`` sigmoid gates plus the candidate share one input matmul
@@ -185,12 +182,6 @@ class GRUCell(_GatedUnit):
       carry_init=carry_init, promote_dtype=promote_dtype, keep_rngs=keep_rngs,
       zoneout_rate=zoneout_rate,
     )
-
-  if TYPE_CHECKING:  # the carry h as flax.nnx's GRU and simple cells annotate it (the base's: Any)
-    def __call__(self, carry: Carry, inputs: Array, **options: Any) -> tuple[Array, Array]: ...
-
-    def initialize_carry(self, input_shape: tuple[int, ...], rngs: RngsLike = None,
-                         carry_init: Initializer | None = None) -> Array: ...
 
   def step(self, carry, inputs, recurrent_mask):
     h = carry

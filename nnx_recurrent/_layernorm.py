@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
@@ -22,9 +22,9 @@ from nnx_recurrent import _checks
 from nnx_recurrent._base import (
   _NO_METADATA,
   Array,
-  Carry,
   Cell,
-  RngsLike,
+  CHCell,
+  HCell,
   add_bias,
   default_bias_init,
   default_kernel_init,
@@ -183,7 +183,7 @@ _ARGS = """
 """
 
 
-class LayerNormLSTMCell(_LayerNormCell):
+class LayerNormLSTMCell(_LayerNormCell, CHCell):
   __doc__ = (
     r"""Layer-normalized LSTM cell (Ba et al., 2016, "Layer Normalization", section 3.1).
 
@@ -235,13 +235,6 @@ class LayerNormLSTMCell(_LayerNormCell):
   def _more_params(self, make_norm, make_bias):
     self.ln_c = make_norm(self.hidden_features, use_bias=self.use_bias)
 
-  if TYPE_CHECKING:  # the (c, h) carry as flax.nnx's LSTM cells annotate it (the base's: Any)
-    def __call__(self, carry: Carry, inputs: Array,
-                 **options: Any) -> tuple[tuple[Array, Array], Array]: ...
-
-    def initialize_carry(self, input_shape: tuple[int, ...], rngs: RngsLike = None,
-                         carry_init: Initializer | None = None) -> tuple[Array, Array]: ...
-
   def step(self, carry, inputs, recurrent_mask):
     c, h = carry
     xs, hs = self._normalized(inputs, masked(h, recurrent_mask))
@@ -251,7 +244,7 @@ class LayerNormLSTMCell(_LayerNormCell):
     return (new_c, new_h), new_h
 
 
-class LayerNormGRUCell(_LayerNormCell):
+class LayerNormGRUCell(_LayerNormCell, HCell):
   __doc__ = (
     r"""Layer-normalized GRU cell: Ba et al.'s layer norms (2016) on :class:`GRUCell`.
 
@@ -301,12 +294,6 @@ class LayerNormGRUCell(_LayerNormCell):
 
   def _more_params(self, make_norm, make_bias):
     self.bias_hn = make_bias(self.hidden_features)
-
-  if TYPE_CHECKING:  # the carry h as flax.nnx's GRU and simple cells annotate it (the base's: Any)
-    def __call__(self, carry: Carry, inputs: Array, **options: Any) -> tuple[Array, Array]: ...
-
-    def initialize_carry(self, input_shape: tuple[int, ...], rngs: RngsLike = None,
-                         carry_init: Initializer | None = None) -> Array: ...
 
   def step(self, carry, inputs, recurrent_mask):
     h = carry

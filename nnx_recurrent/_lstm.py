@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
@@ -13,9 +13,7 @@ from nnx_recurrent import _checks
 from nnx_recurrent._base import (
   _NO_METADATA,
   Array,
-  Carry,
-  Cell,
-  RngsLike,
+  CHCell,
   default_bias_init,
   default_kernel_init,
   default_promote_dtype,
@@ -26,7 +24,7 @@ from nnx_recurrent._base import (
 )
 
 
-class _LSTMBase(Cell):
+class _LSTMBase(CHCell):
   num_carry_arrays = 2
 
   @_checks.named_errors
@@ -96,13 +94,6 @@ class _LSTMBase(Cell):
 
   def _gates(self, inputs: Array, h: Array) -> tuple[Array, Array, Array, Array]:
     raise NotImplementedError
-
-  if TYPE_CHECKING:  # the (c, h) carry as flax.nnx's LSTM cells annotate it (the base's: Any)
-    def __call__(self, carry: Carry, inputs: Array,
-                 **options: Any) -> tuple[tuple[Array, Array], Array]: ...
-
-    def initialize_carry(self, input_shape: tuple[int, ...], rngs: RngsLike = None,
-                         carry_init: Initializer | None = None) -> tuple[Array, Array]: ...
 
   def step(self, carry, inputs, recurrent_mask):
     c, h = carry

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +14,6 @@ from flax.typing import Dtype, Initializer, PromoteDtypeFn
 from nnx_recurrent import _checks
 from nnx_recurrent._base import (
   _NO_METADATA,
-  Array,
-  Carry,
-  RngsLike,
   default_kernel_init,
   default_promote_dtype,
   default_recurrent_kernel_init,
@@ -122,12 +119,6 @@ class MGUCell(_GatedUnit):
       carry_init=carry_init, promote_dtype=promote_dtype, keep_rngs=keep_rngs,
       zoneout_rate=zoneout_rate,
     )
-
-  if TYPE_CHECKING:  # the carry h as flax.nnx's GRU and simple cells annotate it (the base's: Any)
-    def __call__(self, carry: Carry, inputs: Array, **options: Any) -> tuple[Array, Array]: ...
-
-    def initialize_carry(self, input_shape: tuple[int, ...], rngs: RngsLike = None,
-                         carry_init: Initializer | None = None) -> Array: ...
 
   def step(self, carry, inputs, recurrent_mask):
     h = carry

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
@@ -12,10 +12,7 @@ from flax.typing import Dtype, Initializer, PromoteDtypeFn
 from nnx_recurrent import _checks
 from nnx_recurrent._base import (
   _NO_METADATA,
-  Array,
-  Carry,
-  Cell,
-  RngsLike,
+  HCell,
   default_bias_init,
   default_kernel_init,
   default_promote_dtype,
@@ -24,7 +21,7 @@ from nnx_recurrent._base import (
 )
 
 
-class SimpleCell(Cell):
+class SimpleCell(HCell):
   r"""Simple (Elman) recurrent cell.
 
   .. math::
@@ -103,12 +100,6 @@ class SimpleCell(Cell):
       bias_init=bias_init, kernel_metadata=kernel_metadata, bias_metadata=bias_metadata,
       rngs=rngs,
     )
-
-  if TYPE_CHECKING:  # the carry h as flax.nnx's GRU and simple cells annotate it (the base's: Any)
-    def __call__(self, carry: Carry, inputs: Array, **options: Any) -> tuple[Array, Array]: ...
-
-    def initialize_carry(self, input_shape: tuple[int, ...], rngs: RngsLike = None,
-                         carry_init: Initializer | None = None) -> Array: ...
 
   def step(self, carry, inputs, recurrent_mask):
     pre = self.dense_i(inputs) + self.dense_h(masked(carry, recurrent_mask))

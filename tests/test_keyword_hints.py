@@ -399,8 +399,9 @@ def test_signatures_docstrings_and_help_are_the_methods_own(name, method):
 def test_signatures_are_exactly_as_before():
   # Spelled out: what tests/test_dropin.py and the docs rely on.
   assert str(inspect.signature(nr.LSTM.__call__)) == (
-    "(self, inputs: 'Array', *, initial_carry: 'Any' = None, seq_lengths: 'Array | None' = None, "
-    "segment_ids: 'Array | None' = None, return_carry: 'bool | None' = None, time_major: "
+    "(self, inputs: 'ArrayOrNumPy', *, initial_carry: 'Any' = None, seq_lengths: "
+    "'ArrayOrNumPy | None' = None, segment_ids: 'ArrayOrNumPy | None' = None, "
+    "return_carry: 'bool | None' = None, time_major: "
     "'bool | None' = None, reverse: 'bool | None' = None, keep_order: 'bool | None' = None, "
     "rngs: 'RngsLike' = None)")
   assert str(inspect.signature(nr.LSTMCell.__call__)) == (

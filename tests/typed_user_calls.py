@@ -50,7 +50,7 @@ def numpy_sequences(seqs: list[np.ndarray]) -> list[Any]:
   bi = nr.Bidirectional(nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0))),
                         nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(1))))
   stack = nr.StackedRNN(nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0))), nr.LSTM(4, 4, rngs=nnx.Rngs(0)))
-  padded = np.zeros((2, 6, 3), np.float32)
+  padded = np.ones((2, 6, 3), np.float32)
   return [
     *nr.unpack_sequences(rnn(x, segment_ids=ids), ids),
     lstm(x, segment_ids=ids), bi(x, segment_ids=ids), stack(x, segment_ids=ids),

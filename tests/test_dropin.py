@@ -2653,22 +2653,17 @@ def test_typed_user_calls_run_with_the_carry_types_they_state():
     h0 = one.initialize_carry(x.shape)
     new = one(h0, x)
     assert type(new) is tuple and all(isinstance(a, jax.Array) for a in (h0, *new))
-  # NumPy inputs, lengths and ids (pack_sequences'): each layer's values as with jax
-  # arrays, the same layers built alike.
+  # NumPy inputs, lengths and ids (pack_sequences'): each layer's values as on jax arrays.
   rng = np.random.default_rng(0)
   seqs = [rng.normal(size=(n, 3)).astype(np.float32) for n in (5, 2, 3)]
-  got = typed_user_calls.numpy_sequences(seqs)
-  x, ids = nr.pack_sequences(seqs, max_length=6)
-  x, ids, lengths = jnp.asarray(x), jnp.asarray(ids), jnp.asarray([5, 2])
-  rnn = nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0)))
-  lstm = nr.LSTM(3, 4, rngs=nnx.Rngs(0))
-  bi = nr.Bidirectional(nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0))),
-                        nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(1))))
-  stack = nr.StackedRNN(nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0))), nr.LSTM(4, 4, rngs=nnx.Rngs(0)))
-  padded = jnp.ones((2, 6, 3))
-  want = [*nr.unpack_sequences(rnn(x, segment_ids=ids), ids),
-          *(layer(x, segment_ids=ids) for layer in (lstm, bi, stack)),
-          *(layer(padded, seq_lengths=lengths) for layer in (rnn, lstm, bi, stack))]
+  layers = typed_user_calls.sequence_layers()
+  got = typed_user_calls.numpy_sequences(seqs, layers)
+  xs, ids = (jnp.asarray(a) for a in nr.pack_sequences(seqs, max_length=6))
+  padded, lengths = jnp.ones((2, 6, 3)), jnp.asarray([5, 2])
+  rnn = layers[0]
+  want = [*nr.unpack_sequences(rnn(xs, segment_ids=ids), ids),
+          *(layer(xs, segment_ids=ids) for layer in layers[1:]),
+          *(layer(padded, seq_lengths=lengths) for layer in layers)]
   assert len(got) == len(want) == 10
   for a, b in zip(got, want, strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)

@@ -41,15 +41,21 @@ def cell_carries(x: jax.Array) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
   return (c, h), y
 
 
-def numpy_sequences(seqs: list[np.ndarray]) -> list[Any]:
+def sequence_layers() -> tuple[nr.RNN, nr.LSTM, nr.Bidirectional, nr.StackedRNN]:
+  """A layer of each kind, for :func:`numpy_sequences`."""
+  return (nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0))), nr.LSTM(3, 4, rngs=nnx.Rngs(0)),
+          nr.Bidirectional(nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0))),
+                           nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(1)))),
+          nr.StackedRNN(nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0))),
+                        nr.LSTM(4, 4, rngs=nnx.Rngs(0))))
+
+
+def numpy_sequences(seqs: list[np.ndarray],
+                    layers: tuple[nr.RNN, nr.LSTM, nr.Bidirectional, nr.StackedRNN]) -> list[Any]:
   """NumPy inputs, lengths and ids, as pack_sequences returns them and the docs pass them."""
   x, ids = nr.pack_sequences(seqs, max_length=6)
   lengths = np.array([len(s) for s in seqs[:2]])
-  rnn = nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0)))
-  lstm = nr.LSTM(3, 4, rngs=nnx.Rngs(0))
-  bi = nr.Bidirectional(nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0))),
-                        nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(1))))
-  stack = nr.StackedRNN(nr.RNN(nr.GRUCell(3, 4, rngs=nnx.Rngs(0))), nr.LSTM(4, 4, rngs=nnx.Rngs(0)))
+  rnn, lstm, bi, stack = layers
   padded = np.ones((2, 6, 3), np.float32)
   return [
     *nr.unpack_sequences(rnn(x, segment_ids=ids), ids),
